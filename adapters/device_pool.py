@@ -1,0 +1,135 @@
+"""Adapter pages in device memory.
+
+One page is one rank row of every targeted module: ``a_store[(layer, kind)][page] = A[k]`` and
+``b_store[(layer, kind)][page] = s * B[:, k]``. An adapter of rank r owns r pages (any r pages,
+not necessarily adjacent), so small ranks never occupy a max-rank slot (S-LoRA's unified paging
+at rank granularity). Adapters pinned by running requests are never evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .loader import LoRALayout, LoRAWeights
+
+AdapterKey = tuple[str, int]  # (adapter_id, version)
+
+
+def select_victims(lru_order: list[tuple[AdapterKey, int]], pinned: set[AdapterKey], pages_needed: int) -> list[AdapterKey] | None:
+    """Eviction policy: least recently used unpinned adapters first, until ``pages_needed`` pages
+    are freed. ``lru_order`` is [(key, pages)] oldest first. Returns None when that is impossible."""
+    victims, freed = [], 0
+    for key, pages in lru_order:
+        if freed >= pages_needed:
+            break
+        if key not in pinned:
+            victims.append(key)
+            freed += pages
+    return victims if freed >= pages_needed else None
+
+
+@dataclass
+class Resident:
+    pages: torch.Tensor  # [rank] page ids
+    pins: int = 0
+
+
+class DevicePool:
+    def __init__(self, layout: LoRALayout, num_pages: int, max_adapters: int, dtype, device):
+        self.num_pages = num_pages
+        self.max_adapters = max_adapters
+        self.stores = {
+            (layer, kind): (
+                torch.zeros(num_pages, in_f, dtype=dtype, device=device),
+                torch.zeros(num_pages, out_f, dtype=dtype, device=device),
+            )
+            for layer in range(layout.num_layers)
+            for kind, (in_f, out_f) in layout.shapes.items()
+        }
+        self.device = device
+        self._free_pages = list(range(num_pages))
+        self._resident: OrderedDict[AdapterKey, Resident] = OrderedDict()  # LRU order, oldest first
+        self.evictions = 0
+        self.on_evict = None  # instrumentation hook: called with the key of each evicted adapter
+
+    @property
+    def resident_keys(self) -> list[AdapterKey]:
+        return list(self._resident)
+
+    @property
+    def used_bytes(self) -> int:
+        per_page = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size() for a, b in self.stores.values())
+        return (self.num_pages - len(self._free_pages)) * per_page
+
+    def pages_of(self, key: AdapterKey) -> torch.Tensor | None:
+        res = self._resident.get(key)
+        return None if res is None else res.pages
+
+    def pinned(self) -> set[AdapterKey]:
+        return {k for k, r in self._resident.items() if r.pins}
+
+    def pin(self, key: AdapterKey) -> torch.Tensor:
+        res = self._resident[key]
+        res.pins += 1
+        self._resident.move_to_end(key)
+        return res.pages
+
+    def unpin(self, key: AdapterKey) -> None:
+        res = self._resident[key]
+        assert res.pins > 0, f"unpin of unpinned adapter {key}"
+        res.pins -= 1
+
+    def pin_count(self, key: AdapterKey) -> int:
+        res = self._resident.get(key)
+        return 0 if res is None else res.pins
+
+    def can_fit(self, rank: int) -> bool:
+        """Whether ``rank`` pages can be had now, evicting unpinned adapters if needed."""
+        return self._plan_room(rank) is not None
+
+    def _plan_room(self, rank: int) -> list[AdapterKey] | None:
+        lru = [(k, r.pages.numel()) for k, r in self._resident.items()]
+        pinned = self.pinned()
+        need_pages = max(0, rank - len(self._free_pages))
+        victims = select_victims(lru, pinned, need_pages)
+        if victims is None:
+            return None
+        if len(self._resident) - len(victims) >= self.max_adapters:
+            extra = [k for k, _ in lru if k not in pinned and k not in victims]
+            if not extra:
+                return None
+            victims.append(extra[0])
+        return victims
+
+    def load(self, key: AdapterKey, weights: LoRAWeights) -> torch.Tensor | None:
+        """Copy an adapter into free pages, evicting LRU unpinned adapters. None when all pinned."""
+        if key in self._resident:
+            return self._resident[key].pages
+        victims = self._plan_room(weights.rank)
+        if victims is None:
+            return None
+        for victim in victims:
+            self.evict(victim)
+        pages = torch.tensor([self._free_pages.pop() for _ in range(weights.rank)], device=self.device)
+        for module, (a_store, b_store) in self.stores.items():
+            a, b = weights.a.get(module), weights.b.get(module)
+            if a is None:  # not targeted by this adapter: zero rows so stale pages add nothing
+                a_store.index_fill_(0, pages, 0)
+                b_store.index_fill_(0, pages, 0)
+            else:
+                a_store.index_copy_(0, pages, a.to(self.device, non_blocking=True))
+                b_store.index_copy_(0, pages, b.to(self.device, non_blocking=True))
+        self._resident[key] = Resident(pages)
+        return pages
+
+    def evict(self, key: AdapterKey) -> None:
+        res = self._resident[key]
+        assert res.pins == 0, f"evicting pinned adapter {key}"
+        del self._resident[key]
+        self._free_pages.extend(res.pages.tolist())
+        self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(key)

@@ -1,0 +1,43 @@
+"""LRU of adapters loaded into host memory."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .loader import LoRAWeights
+
+
+class HostCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[object, LoRAWeights] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key) -> LoRAWeights | None:
+        w = self._items.get(key)
+        if w is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return w
+
+    def put(self, key, weights: LoRAWeights) -> None:
+        self._items[key] = weights
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+            self.evictions += 1
+
+    def discard(self, key) -> None:
+        self._items.pop(key, None)
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self._items.values())

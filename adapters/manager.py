@@ -1,0 +1,135 @@
+"""Adapter memory across three tiers: disk -> host LRU -> device pages.
+
+Disk reads run on a background thread, so a cold adapter never stalls the step loop; the engine
+asks ``poll`` which adapters are ready and admits only requests whose adapter is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from .device_pool import AdapterKey, DevicePool
+from .errors import AdapterInvalid
+from .host_cache import HostCache
+from .loader import load_adapter
+from .registry import AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Readiness(Enum):
+    READY = "ready"  # in host or device memory: admission can copy it in
+    LOADING = "loading"
+    FAILED = "failed"
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)
+
+
+class AdapterManager:
+    def __init__(self, registry: AdapterRegistry, host: HostCache, pool: DevicePool, dtype: torch.dtype):
+        self.registry = registry
+        self.host = host
+        self.pool = pool
+        self.dtype = dtype
+        self._paths: dict[AdapterKey, object] = {}
+        self._pending: dict[AdapterKey, Future] = {}
+        self._failed: dict[AdapterKey, str] = {}
+        self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io")
+        self.device_stats = TierStats()
+        self.host_stats = TierStats()
+        self._pin_memory = torch.device(pool.device).type == "cuda"
+
+    def resolve(self, adapter_id: str) -> AdapterKey:
+        entry = self.registry.get(adapter_id)
+        entry.requests_served += 1
+        self._paths[entry.key] = entry.path
+        return entry.key
+
+    def _read(self, key: AdapterKey):
+        start = time.perf_counter()
+        weights = load_adapter(self._paths[key], self.registry.layout, self.registry.max_rank, self.dtype)
+        if self._pin_memory:
+            weights = weights.pin_memory()
+        return weights, time.perf_counter() - start
+
+    def _on_read(self, key: AdapterKey, fut: Future) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+            try:
+                weights, seconds = fut.result()
+            except AdapterInvalid as e:
+                self._failed[key] = str(e)
+                return
+            except Exception as e:  # noqa: BLE001 - any read fault fails this adapter alone
+                log.exception("loading adapter %s failed", key)
+                self._failed[key] = f"adapter {key[0]!r} could not be loaded: {e}"
+                return
+            self.host.put(key, weights)
+            self.host_stats.load_seconds.append(seconds)
+
+    def readiness(self, key: AdapterKey) -> Readiness:
+        """Start a disk read if the adapter is in neither memory tier (prefetch)."""
+        if self.pool.pages_of(key) is not None:
+            return Readiness.READY
+        with self._lock:
+            if key in self._failed:
+                return Readiness.FAILED
+            if key in self.host:
+                return Readiness.READY
+            if key not in self._pending:
+                self.host_stats.misses += 1
+                fut = self._io.submit(self._read, key)
+                self._pending[key] = fut
+                fut.add_done_callback(lambda f, k=key: self._on_read(k, f))
+            return Readiness.LOADING
+
+    def failure(self, key: AdapterKey) -> str | None:
+        with self._lock:
+            return self._failed.get(key)
+
+    def forget_failure(self, key: AdapterKey) -> None:
+        """Let a later request retry the read (the files may have been fixed)."""
+        with self._lock:
+            self._failed.pop(key, None)
+
+    def acquire(self, key: AdapterKey) -> tuple[torch.Tensor, float] | None:
+        """Pin the adapter in device memory (copying it in if needed). Returns (pages, seconds
+        spent copying) or None while every page is pinned by running requests."""
+        pages = self.pool.pages_of(key)
+        seconds = 0.0
+        if pages is None:
+            with self._lock:
+                weights = self.host.get(key)
+            if weights is None:
+                return None
+            self.device_stats.misses += 1
+            start = time.perf_counter()
+            pages = self.pool.load(key, weights)
+            if pages is None:
+                return None
+            seconds = time.perf_counter() - start
+            self.device_stats.load_seconds.append(seconds)
+        else:
+            self.device_stats.hits += 1
+        self.pool.pin(key)
+        return pages, seconds
+
+    def release(self, key: AdapterKey) -> None:
+        self.pool.unpin(key)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for loramux.v1 (`make proto`)."""

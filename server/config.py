@@ -1,0 +1,82 @@
+"""One validated, frozen configuration. The CLI builds it; nothing below reads argv or env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+LOG_FORMATS = ("text", "json")
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "loramux"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = None  # HF model folder, or a .gguf file; None: the embedded SmolLM2-135M-Instruct
+    cache_dir: Path = field(default_factory=default_cache_dir)  # converted default model lives here
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400  # 0: no metrics endpoint
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    max_batch_size: int = 32
+    max_tokens_per_step: int = 512  # prefill chunking: a step never runs more tokens than this
+    max_adapters_per_step: int | None = None  # None: max_device_adapters
+    max_lora_rank: int = 64
+    max_device_adapters: int = 16
+    max_host_adapters: int = 64
+    max_model_len: int = 1024  # prompt + output; sizes each KV slot
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 1024
+    max_queued_requests: int = 1024
+    max_stop_sequences: int = 8
+    max_stop_length: int = 64
+    adapters: tuple[tuple[str, str], ...] = ()  # (id, path) registered at start-up
+    adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
+    adapter_roots: tuple[str, ...] = ()  # runtime registration must resolve inside one of these
+    op_backend: str = "auto"
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __post_init__(self):
+        def positive(name):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+
+        for name in ("max_batch_size", "max_tokens_per_step", "max_lora_rank", "max_device_adapters",
+                     "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
+                     "max_queued_requests"):
+            positive(name)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.max_host_adapters < self.max_device_adapters:
+            raise ValueError(
+                f"max-host-adapters ({self.max_host_adapters}) must be >= max-device-adapters ({self.max_device_adapters})"
+            )
+        if self.max_tokens_per_step < self.max_batch_size:
+            raise ValueError(
+                f"max-tokens-per-step ({self.max_tokens_per_step}) must be >= max-batch-size ({self.max_batch_size}) "
+                "so that every running sequence decodes each step"
+            )
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default-max-new-tokens must be <= max-new-tokens-limit")
+        if self.max_adapters_per_step is not None and not 0 < self.max_adapters_per_step <= self.max_device_adapters:
+            raise ValueError("max-adapters-per-step must be in [1, max-device-adapters]")
+        for port_name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, port_name) < 65536:
+                raise ValueError(f"{port_name.replace('_', '-')} must be in [0, 65535]")
+
+    @property
+    def adapters_per_step(self) -> int:
+        return self.max_adapters_per_step or self.max_device_adapters
+
+    @property
+    def device_pages(self) -> int:
+        """Device page budget: room for max_device_adapters adapters of max_lora_rank."""
+        return self.max_device_adapters * self.max_lora_rank

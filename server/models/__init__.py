@@ -1,0 +1,25 @@
+"""Per-family serving models. Each builds from a loaded Hugging Face model."""
+
+from __future__ import annotations
+
+from .llama import LlamaForServing
+
+# HF architecture name -> serving model class. Llama, Mistral and Qwen2 share one decoder.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": LlamaForServing,
+    "MistralForCausalLM": LlamaForServing,
+    "Qwen2ForCausalLM": LlamaForServing,
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def serving_model_class(architecture: str):
+    try:
+        return SUPPORTED_ARCHITECTURES[architecture]
+    except KeyError:
+        raise UnsupportedModel(
+            f"architecture {architecture!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        ) from None

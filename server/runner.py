@@ -1,0 +1,91 @@
+"""Owns the frozen model and its KV cache; runs one flat batch per step under inference_mode."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import SlotKVCache
+from .models.batch import PrefillSeq, StepBatch
+from .ops import merge_plans, plan_segments, plan_tokens
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    slot: int
+    token_ids: list[int]  # tokens to feed this step: a prefill chunk, or the last sampled token
+    start_pos: int  # position of token_ids[0]
+    pages: torch.Tensor | None  # adapter pages; None: base model
+    adapter: Hashable | None  # the adapter's key, for grouping rows by adapter
+    decode: bool
+    needs_logits: bool  # the chunk ends the prompt, or it is a decode
+
+
+class ModelRunner:
+    def __init__(self, model, kv: SlotKVCache, apply_lora, device: torch.device):
+        self.model = model
+        self.kv = kv
+        self.apply_lora = apply_lora
+        self.device = device
+
+    def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int]]:
+        """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);
+        then decode tokens (BGMV). Returns the batch and, for each logits row, its item index."""
+        prefill = sorted((i for i, it in enumerate(items) if not it.decode),
+                         key=lambda i: (items[i].adapter is None, str(items[i].adapter)))
+        decode = [i for i, it in enumerate(items) if it.decode]
+        ids, positions, slots, prefill_seqs, seg_starts, seg_pages, logits_rows, order = [], [], [], [], [0], [], [], []
+        for i in prefill:
+            it = items[i]
+            n = len(it.token_ids)
+            prefill_seqs.append(PrefillSeq(it.slot, len(ids), n, it.start_pos))
+            ids.extend(it.token_ids)
+            positions.extend(range(it.start_pos, it.start_pos + n))
+            slots.extend([it.slot] * n)
+            seg_starts.append(len(ids))
+            seg_pages.append(it.pages)
+            if it.needs_logits:
+                logits_rows.append(len(ids) - 1)
+                order.append(i)
+        num_prefill = len(ids)
+        token_adapter = [-1] * num_prefill
+        adapter_pages: list[torch.Tensor] = []
+        adapter_index: dict[Hashable, int] = {}
+        for i in decode:
+            it = items[i]
+            if it.adapter is None:
+                token_adapter.append(-1)
+            else:
+                if it.adapter not in adapter_index:
+                    adapter_index[it.adapter] = len(adapter_pages)
+                    adapter_pages.append(it.pages)
+                token_adapter.append(adapter_index[it.adapter])
+            logits_rows.append(len(ids))
+            order.append(i)
+            ids.append(it.token_ids[0])
+            positions.append(it.start_pos)
+            slots.append(it.slot)
+        dev = self.device
+        lora = merge_plans(plan_segments(seg_starts, seg_pages, dev), plan_tokens(token_adapter, adapter_pages, dev))
+        decode_slots = [items[i].slot for i in decode]
+        batch = StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            prefill=tuple(prefill_seqs),
+            num_prefill_rows=num_prefill,
+            decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=dev),
+            decode_lengths=torch.tensor([items[i].start_pos + 1 for i in decode], dtype=torch.long, device=dev),
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            lora=lora,
+        )
+        return batch, order
+
+    @torch.inference_mode()
+    def step(self, items: list[WorkItem]) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns logits [N, vocab] (float32, on CPU) and the item index of each row."""
+        batch, order = self.build_batch(items)
+        logits = self.model(batch, self.kv, self.apply_lora)
+        return logits.cpu(), order

@@ -1,0 +1,109 @@
+"""Builders for tiny random-weight models and PEFT adapters. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Once upon a time there was a little server that batched many adapters together.",
+    "The quick brown fox jumps over the lazy dog. Ünïcödé wörds, 東京 and emoji 🚀 too.",
+    "LoRA adds a low-rank update B A to a frozen weight W, scaled by alpha over r.",
+] * 20
+
+
+def build_tokenizer(out: Path, vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None,
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_llama(out: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-layer random Llama with grouped-query attention, saved with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    cfg = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=None, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Mixed ranks, targets (list and regex), rsLoRA, rank/alpha patterns, layers_to_transform.
+ADAPTER_VARIANTS = {
+    "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all-r8": dict(r=8, lora_alpha=16, target_modules=ALL_PROJ),
+    "all-r16-rslora": dict(r=16, lora_alpha=8, target_modules=ALL_PROJ, use_rslora=True),
+    "attn-r64": dict(r=64, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "pattern-r16": dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, rank_pattern={"v_proj": 4, "down_proj": 8},
+                        alpha_pattern={"q_proj": 64}),
+    "regex-mlp-r8": dict(r=8, lora_alpha=4, target_modules=r".*\.mlp\.(gate|up|down)_proj"),
+    "layer1-r4": dict(r=4, lora_alpha=4, target_modules=["q_proj", "o_proj"], layers_to_transform=[1]),
+}
+
+
+def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter with random non-zero A and B, saved as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
+                  **gen_kwargs) -> list[list[int]]:
+    """Each prompt generated alone (batch of one), greedy, float32: the oracle."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               do_sample=False, **gen_kwargs)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
