@@ -54,10 +54,22 @@ class AdapterManager:
         self._pin_memory = torch.device(pool.device).type == "cuda"
 
     def resolve(self, adapter_id: str) -> AdapterKey:
+        """The current version of a registered adapter, for a new request."""
         entry = self.registry.get(adapter_id)
         entry.requests_served += 1
         self._paths[entry.key] = entry.path
         return entry.key
+
+    def preload(self, entry) -> None:
+        """Start reading a just-registered adapter into host memory."""
+        self._paths[entry.key] = entry.path
+        self.readiness(entry.key)
+
+    def tier(self, key: AdapterKey) -> str:
+        if self.pool.pages_of(key) is not None:
+            return "device"
+        with self._lock:
+            return "host" if key in self.host else "disk"
 
     def _read(self, key: AdapterKey):
         start = time.perf_counter()

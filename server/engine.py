@@ -77,16 +77,19 @@ class RequestStream:
         self._engine = engine
         self._seq = seq
         self.request_id = seq.request.request_id
+        self._ended = False  # set by the final event or the error, never by engine-thread state
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> TokenEvent:
-        if self._seq.done and self._seq.queue.empty():
+        if self._ended:
             raise StopAsyncIteration
         item = await self._seq.queue.get()
         if isinstance(item, BaseException):
+            self._ended = True
             raise item
+        self._ended = item.finish_reason is not None
         return item
 
     def cancel(self) -> None:

@@ -1,0 +1,50 @@
+"""asyncio client, the same calls as :class:`LoraMuxClient` as coroutines and async iterators."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from ..v1 import loramux_pb2 as pb
+from ..v1 import loramux_pb2_grpc as pb_grpc
+from .types import Adapter, Generation, ServerInfo, StreamChunk, generate_request
+
+
+class AsyncLoraMuxClient:
+    def __init__(self, target: str = "127.0.0.1:50051", channel: grpc.aio.Channel | None = None):
+        self.channel = channel or grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.LoraMuxStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def generate(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Generation:
+        return Generation.from_pb(await self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout))
+
+    async def generate_stream(self, prompt=None, *, timeout: float | None = None, **kwargs) -> AsyncIterator[StreamChunk]:
+        call = self.stub.GenerateStream(generate_request(prompt, **kwargs), timeout=timeout)
+        try:
+            async for msg in call:
+                yield StreamChunk.from_pb(msg)
+        finally:
+            call.cancel()
+
+    async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False) -> Adapter:
+        return Adapter.from_pb(await self.stub.RegisterAdapter(
+            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload)))
+
+    async def unregister_adapter(self, adapter_id: str) -> None:
+        await self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id))
+
+    async def list_adapters(self) -> list[Adapter]:
+        return [Adapter.from_pb(a) for a in (await self.stub.ListAdapters(pb.ListAdaptersRequest())).adapters]
+
+    async def server_info(self) -> ServerInfo:
+        return ServerInfo.from_pb(await self.stub.GetServerInfo(pb.GetServerInfoRequest()))

@@ -1,0 +1,94 @@
+"""Client commands of the ``loramux`` CLI: generate, adapters, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from .client import LoraMuxClient
+from .types import Sampling
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def add_client_commands(sub) -> None:
+    def with_server(p):
+        p.add_argument("--server", default=DEFAULT_SERVER, help=f"HOST:PORT of the server (default {DEFAULT_SERVER})")
+        return p
+
+    g = with_server(sub.add_parser("generate", help="stream a completion to the terminal"))
+    g.add_argument("prompt")
+    g.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--raw", action="store_true", help="send a plain prompt even when the model has a chat template")
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("adapters", help="list, register or unregister adapters")
+    asub = a.add_subparsers(dest="action", required=True)
+    with_server(asub.add_parser("list", help="list registered adapters")).set_defaults(func=cmd_adapters_list)
+    r = with_server(asub.add_parser("register", help="register a PEFT adapter directory"))
+    r.add_argument("adapter_id")
+    r.add_argument("path")
+    r.add_argument("--replace", action="store_true", help="swap an existing id to new weights")
+    r.add_argument("--preload", action="store_true", help="load into host memory now")
+    r.set_defaults(func=cmd_adapters_register)
+    u = with_server(asub.add_parser("unregister", help="remove an adapter"))
+    u.add_argument("adapter_id")
+    u.set_defaults(func=cmd_adapters_unregister)
+
+    with_server(sub.add_parser("info", help="show the server's model and limits")).set_defaults(func=cmd_info)
+
+
+def cmd_generate(args) -> int:
+    with LoraMuxClient(args.server) as client:
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        use_chat = not args.raw and client.server_info().has_chat_template
+        prompt_kwargs = {"messages": [("user", args.prompt)]} if use_chat else {"prompt": args.prompt}
+        for chunk in client.generate_stream(adapter_id=args.adapter, sampling=sampling, **prompt_kwargs):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_adapters_list(args) -> int:
+    with LoraMuxClient(args.server) as client:
+        adapters = client.list_adapters()
+    if not adapters:
+        print("no adapters registered")
+    for a in adapters:
+        print(f"{a.adapter_id}\trank={a.rank}\ttier={a.tier}\tserved={a.requests_served}\t{a.path}")
+    return 0
+
+
+def cmd_adapters_register(args) -> int:
+    with LoraMuxClient(args.server) as client:
+        a = client.register_adapter(args.adapter_id, args.path, replace=args.replace, preload=args.preload)
+    print(f"registered {a.adapter_id} (rank {a.rank}, targets {','.join(a.target_modules)})")
+    return 0
+
+
+def cmd_adapters_unregister(args) -> int:
+    with LoraMuxClient(args.server) as client:
+        client.unregister_adapter(args.adapter_id)
+    print(f"unregistered {args.adapter_id}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    with LoraMuxClient(args.server) as client:
+        info = client.server_info()
+    for k, v in info.__dict__.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1

@@ -1,0 +1,120 @@
+"""Plain dataclasses returned by the clients (no protobuf objects leak out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..v1 import loramux_pb2 as pb
+
+FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop"}
+TIER_NAMES = {pb.ADAPTER_TIER_DISK: "disk", pb.ADAPTER_TIER_HOST: "host", pb.ADAPTER_TIER_DEVICE: "device"}
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_seconds: float
+    adapter_load_seconds: float
+    time_to_first_token_seconds: float
+    total_seconds: float
+
+    @classmethod
+    def from_pb(cls, t: pb.Timing) -> Timing:
+        return cls(t.queue_seconds, t.adapter_load_seconds, t.time_to_first_token_seconds, t.total_seconds)
+
+
+@dataclass(frozen=True)
+class Generation:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "length" | "eos" | "stop"
+    prompt_tokens: int
+    completion_tokens: int
+    timing: Timing
+
+    @classmethod
+    def from_pb(cls, r: pb.GenerateResponse) -> Generation:
+        return cls(r.request_id, r.text, list(r.token_ids), FINISH_NAMES.get(r.finish_reason),
+                   r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing))
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    request_id: str
+    token_id: int
+    text: str
+    finish_reason: str | None = None  # last chunk only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timing: Timing | None = None
+
+    @classmethod
+    def from_pb(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
+        last = r.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        return cls(r.request_id, r.token_id, r.text, FINISH_NAMES.get(r.finish_reason),
+                   r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing) if last else None)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    adapter_id: str
+    path: str
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    tier: str
+    requests_served: int
+
+    @classmethod
+    def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
+        return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
+                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    model: str
+    device: str
+    dtype: str
+    max_lora_rank: int
+    max_device_adapters: int
+    max_host_adapters: int
+    max_batch_size: int
+    max_model_len: int
+    registered_adapters: int
+    has_chat_template: bool
+
+    @classmethod
+    def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:
+        return cls(**{f: getattr(s, f) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Client-side sampling options; None leaves the server's default."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def to_pb(self) -> pb.SamplingParams:
+        fields = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("stop", "stop_token_ids")}
+        return pb.SamplingParams(stop=self.stop, stop_token_ids=self.stop_token_ids, **fields)
+
+
+def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, messages=None,
+                     sampling: Sampling | None = None, request_id: str = "") -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id, adapter_id=adapter_id or "", prompt=prompt or "",
+        prompt_token_ids=prompt_token_ids or [],
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
+        sampling=(sampling or Sampling()).to_pb(),
+    )

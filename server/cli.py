@@ -1,0 +1,128 @@
+"""``loramux``: serve, prepare-model, and the client commands. argv -> one ServerConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ServerConfig, default_cache_dir
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record):
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _adapter_pair(text: str) -> tuple[str, str]:
+    adapter_id, sep, path = text.partition("=")
+    if not sep or not adapter_id or not path:
+        raise argparse.ArgumentTypeError(f"expected ID=PATH, got {text!r}")
+    return adapter_id, path
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig.__dataclass_fields__
+    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where converted models are cached")
+    p.add_argument("--host", default=d["host"].default)
+    p.add_argument("--port", type=int, default=d["port"].default)
+    p.add_argument("--metrics-host", default=d["metrics_host"].default)
+    p.add_argument("--metrics-port", type=int, default=d["metrics_port"].default, help="0 disables /metrics")
+    p.add_argument("--device", default=d["device"].default, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=d["dtype"].default, choices=("auto", "float16", "bfloat16", "float32"))
+    for name, help_text in (
+        ("max_batch_size", "sequences decoded together (also the number of KV slots)"),
+        ("max_tokens_per_step", "token budget of one step; long prompts are prefilled in chunks"),
+        ("max_adapters_per_step", "distinct adapters in one step (default: max-device-adapters)"),
+        ("max_lora_rank", "largest adapter rank accepted"),
+        ("max_device_adapters", "adapters resident in device memory"),
+        ("max_host_adapters", "adapters cached in host memory"),
+        ("max_model_len", "prompt + new tokens per request"),
+        ("default_max_new_tokens", "max_new_tokens when a request leaves it unset"),
+        ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
+        ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),
+        ("max_stop_sequences", "stop strings per request"),
+        ("max_stop_length", "characters per stop string"),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default, help=help_text)
+    p.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="ID=PATH",
+                   help="register an adapter at start-up (repeatable)")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="register each subdirectory of DIR under its name (repeatable)")
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="runtime registration must resolve inside one of these (repeatable)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=("text", "json"))
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model=args.model, cache_dir=args.cache_dir, host=args.host, port=args.port,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port, device=args.device, dtype=args.dtype,
+        max_batch_size=args.max_batch_size, max_tokens_per_step=args.max_tokens_per_step,
+        max_adapters_per_step=args.max_adapters_per_step, max_lora_rank=args.max_lora_rank,
+        max_device_adapters=args.max_device_adapters, max_host_adapters=args.max_host_adapters,
+        max_model_len=args.max_model_len, default_max_new_tokens=args.default_max_new_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit, max_queued_requests=args.max_queued_requests,
+        max_stop_sequences=args.max_stop_sequences, max_stop_length=args.max_stop_length,
+        adapters=tuple(args.adapter), adapter_dirs=tuple(args.adapter_dir), adapter_roots=tuple(args.adapter_root),
+        log_level=args.log_level, log_format=args.log_format,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..clients.cli import add_client_commands
+
+    parser = argparse.ArgumentParser(prog="loramux", description="Multi-adapter LoRA inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    add_serve_arguments(serve)
+    prep = sub.add_parser("prepare-model", help="convert the embedded default model to safetensors once")
+    prep.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    add_client_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            config = config_from_args(args)
+        except ValueError as e:
+            print(f"loramux serve: {e}", file=sys.stderr)
+            return 2
+        setup_logging(config.log_level, config.log_format)
+        from .app import serve
+
+        serve(config, drain_timeout=args.drain_timeout)
+        return 0
+    if args.command == "prepare-model":
+        setup_logging("INFO", "text")
+        from .model_loader import resolve_model_dir
+
+        path, name = resolve_model_dir(ServerConfig(cache_dir=args.cache_dir))
+        print(f"{name} ready at {path}")
+        return 0
+    from ..clients.cli import run_client_command
+
+    return run_client_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

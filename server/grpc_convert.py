@@ -1,0 +1,81 @@
+"""The one place where protobuf messages and domain types meet."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+from ..adapters.registry import RegisteredAdapter
+from ..v1 import loramux_pb2 as pb
+from .errors import RequestInvalid
+from .requests import GenerationRequest, Timing, TokenEvent
+from .sampling import SamplingParams
+
+TIER_PB = {"disk": pb.ADAPTER_TIER_DISK, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
+MAX_REQUEST_ID = 128
+
+
+def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> SamplingParams:
+    temperature = s.temperature if s.HasField("temperature") else 0.0
+    if math.isnan(temperature) or math.isinf(temperature):
+        raise RequestInvalid(f"temperature must be a finite number in [0, 100], got {temperature}")
+    return SamplingParams(
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else default_max_new_tokens,
+        temperature=temperature,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+    )
+
+
+def request_from_pb(req: pb.GenerateRequest, prompt_ids: list[int], default_max_new_tokens: int,
+                    time_remaining: float | None) -> GenerationRequest:
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise RequestInvalid(f"request_id is {len(req.request_id)} characters; the limit is {MAX_REQUEST_ID}")
+    return GenerationRequest(
+        request_id=req.request_id or uuid.uuid4().hex,
+        prompt_token_ids=tuple(prompt_ids),
+        sampling=sampling_from_pb(req.sampling, default_max_new_tokens),
+        adapter_id=req.adapter_id or None,
+        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+    )
+
+
+def timing_to_pb(t: Timing | None) -> pb.Timing:
+    if t is None:
+        return pb.Timing()
+    return pb.Timing(queue_seconds=t.queue_seconds, adapter_load_seconds=t.adapter_load_seconds,
+                     time_to_first_token_seconds=t.time_to_first_token_seconds, total_seconds=t.total_seconds)
+
+
+def stream_event_to_pb(ev: TokenEvent) -> pb.GenerateStreamResponse:
+    msg = pb.GenerateStreamResponse(request_id=ev.request_id, token_id=ev.token_id, text=ev.text)
+    if ev.finish_reason is not None:
+        msg.finish_reason = ev.finish_reason.value
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens))
+        msg.timing.CopyFrom(timing_to_pb(ev.timing))
+    return msg
+
+
+def response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
+    last = events[-1]
+    return pb.GenerateResponse(
+        request_id=last.request_id, text="".join(e.text for e in events), token_ids=[e.token_id for e in events],
+        finish_reason=last.finish_reason.value,
+        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        timing=timing_to_pb(last.timing),
+    )
+
+
+def adapter_to_pb(entry: RegisteredAdapter, tier: str) -> pb.AdapterInfo:
+    spec = entry.manifest.spec
+    return pb.AdapterInfo(
+        adapter_id=entry.adapter_id, path=str(entry.path), rank=entry.manifest.rank, lora_alpha=spec.lora_alpha,
+        target_modules=spec.target_names, size_bytes=entry.manifest.size_bytes, tier=TIER_PB[tier],
+        requests_served=entry.requests_served,
+    )

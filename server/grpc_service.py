@@ -1,0 +1,122 @@
+"""The LoraMux servicer: convert -> domain call -> convert. No torch, no business logic."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from ..v1 import loramux_pb2 as pb
+from ..v1 import loramux_pb2_grpc as pb_grpc
+from . import __version__
+from .errors import EngineUnavailable, status_name
+from .grpc_convert import adapter_to_pb, request_from_pb, response_to_pb, stream_event_to_pb
+
+log = logging.getLogger(__name__)
+
+
+async def _abort(context, error: BaseException):
+    code = status_name(error)
+    if code == "INTERNAL":
+        log.error("internal error: %r", error)
+    await context.abort(getattr(grpc.StatusCode, code), str(error) or type(error).__name__)
+
+
+def unary(method):
+    """Map domain exceptions to their status codes (one table: errors.STATUS_BY_ERROR)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as e:  # noqa: BLE001 - every error leaves through the one table
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            await _abort(context, e)
+
+    return wrapper
+
+
+def streaming(method):
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            await _abort(context, e)
+
+    return wrapper
+
+
+class LoraMuxServicer(pb_grpc.LoraMuxServicer):
+    def __init__(self, config):
+        self.config = config
+        self.built = None  # set once the model has loaded
+        self.renderer = None
+
+    def attach(self, built, renderer) -> None:
+        self.built, self.renderer = built, renderer
+
+    def _ready(self):
+        if self.built is None:
+            raise EngineUnavailable("the model is still loading; retry when health reports SERVING")
+        return self.built
+
+    def _submit(self, request: pb.GenerateRequest, context):
+        built = self._ready()
+        ids = self.renderer.render(request.prompt, list(request.prompt_token_ids),
+                                   [(m.role, m.content) for m in request.messages])
+        req = request_from_pb(request, ids, self.config.default_max_new_tokens, context.time_remaining())
+        return built.engine.submit(req)
+
+    @unary
+    async def Generate(self, request, context):
+        stream = self._submit(request, context)
+        try:
+            return response_to_pb([ev async for ev in stream])
+        finally:
+            stream.cancel()  # no-op when finished; frees resources when the RPC was cancelled
+
+    @streaming
+    async def GenerateStream(self, request, context):
+        stream = self._submit(request, context)
+        try:
+            async for ev in stream:
+                yield stream_event_to_pb(ev)
+        finally:
+            stream.cancel()
+
+    @unary
+    async def RegisterAdapter(self, request, context):
+        built = self._ready()
+        entry = built.registry.register(request.adapter_id, request.path, replace=request.replace)
+        if request.preload:
+            built.manager.preload(entry)
+        return adapter_to_pb(entry, built.manager.tier(entry.key))
+
+    @unary
+    async def UnregisterAdapter(self, request, context):
+        self._ready().registry.unregister(request.adapter_id)
+        return pb.UnregisterAdapterResponse()
+
+    @unary
+    async def ListAdapters(self, request, context):
+        built = self._ready()
+        return pb.ListAdaptersResponse(
+            adapters=[adapter_to_pb(e, built.manager.tier(e.key)) for e in built.registry.list()]
+        )
+
+    @unary
+    async def GetServerInfo(self, request, context):
+        built, c = self._ready(), self.config
+        return pb.ServerInfo(
+            version=__version__, model=built.loaded.name, device=str(built.loaded.device),
+            dtype=str(built.loaded.dtype).removeprefix("torch."), max_lora_rank=c.max_lora_rank,
+            max_device_adapters=c.max_device_adapters, max_host_adapters=c.max_host_adapters,
+            max_batch_size=c.max_batch_size, max_model_len=c.max_model_len,
+            registered_adapters=len(built.registry), has_chat_template=self.renderer.has_chat_template,
+        )
