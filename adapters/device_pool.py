@@ -50,6 +50,8 @@ class DevicePool:
             for kind, (in_f, out_f) in layout.shapes.items()
         }
         self.device = device
+        self.page_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
+                              for a, b in self.stores.values())
         self._free_pages = list(range(num_pages))
         self._resident: OrderedDict[AdapterKey, Resident] = OrderedDict()  # LRU order, oldest first
         self.evictions = 0
@@ -61,8 +63,7 @@ class DevicePool:
 
     @property
     def used_bytes(self) -> int:
-        per_page = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size() for a, b in self.stores.values())
-        return (self.num_pages - len(self._free_pages)) * per_page
+        return (self.num_pages - len(self._free_pages)) * self.page_bytes
 
     def pages_of(self, key: AdapterKey) -> torch.Tensor | None:
         res = self._resident.get(key)

@@ -11,12 +11,11 @@ class HostCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._items: OrderedDict[object, LoRAWeights] = OrderedDict()
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.evictions = 0  # misses are disk reads, counted by the manager
 
     def get(self, key) -> LoRAWeights | None:
         w = self._items.get(key)
         if w is None:
-            self.misses += 1
             return None
         self.hits += 1
         self._items.move_to_end(key)

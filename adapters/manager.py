@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -30,12 +30,11 @@ class Readiness(Enum):
     FAILED = "failed"
 
 
-@dataclass
-class TierStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)
+@dataclass(frozen=True)
+class TierCounters:
+    hits: int
+    misses: int
+    evictions: int
 
 
 class AdapterManager:
@@ -49,8 +48,8 @@ class AdapterManager:
         self._failed: dict[AdapterKey, str] = {}
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io")
-        self.device_stats = TierStats()
-        self.host_stats = TierStats()
+        self._device_hits = self._device_misses = self._host_misses = 0
+        self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self._pin_memory = torch.device(pool.device).type == "cuda"
 
     def resolve(self, adapter_id: str) -> AdapterKey:
@@ -91,7 +90,8 @@ class AdapterManager:
                 self._failed[key] = f"adapter {key[0]!r} could not be loaded: {e}"
                 return
             self.host.put(key, weights)
-            self.host_stats.load_seconds.append(seconds)
+        if self.on_load is not None:
+            self.on_load("host", seconds)
 
     def readiness(self, key: AdapterKey) -> Readiness:
         """Start a disk read if the adapter is in neither memory tier (prefetch)."""
@@ -103,7 +103,7 @@ class AdapterManager:
             if key in self.host:
                 return Readiness.READY
             if key not in self._pending:
-                self.host_stats.misses += 1
+                self._host_misses += 1
                 fut = self._io.submit(self._read, key)
                 self._pending[key] = fut
                 fut.add_done_callback(lambda f, k=key: self._on_read(k, f))
@@ -128,17 +128,29 @@ class AdapterManager:
                 weights = self.host.get(key)
             if weights is None:
                 return None
-            self.device_stats.misses += 1
             start = time.perf_counter()
             pages = self.pool.load(key, weights)
             if pages is None:
                 return None
+            self._device_misses += 1
             seconds = time.perf_counter() - start
-            self.device_stats.load_seconds.append(seconds)
+            if self.on_load is not None:
+                self.on_load("device", seconds)
         else:
-            self.device_stats.hits += 1
+            self._device_hits += 1
         self.pool.pin(key)
         return pages, seconds
+
+    def tier_counters(self) -> dict[str, TierCounters]:
+        with self._lock:
+            host = TierCounters(self.host.hits, self._host_misses, self.host.evictions)
+        return {"host": host, "device": TierCounters(self._device_hits, self._device_misses, self.pool.evictions)}
+
+    def resident(self) -> dict[str, tuple[int, int]]:
+        """tier -> (adapters, bytes) resident now."""
+        with self._lock:
+            host = (len(self.host), self.host.nbytes)
+        return {"host": host, "device": (len(self.pool.resident_keys), self.pool.used_bytes)}
 
     def release(self, key: AdapterKey) -> None:
         self.pool.unpin(key)

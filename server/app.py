@@ -26,6 +26,7 @@ class App:
         self.health = health.aio.HealthServicer()
         self.servicer = LoraMuxServicer(config)
         self.built = None
+        self._metrics_server = None
         self._stopping = asyncio.Event()
         self._signals = 0
         loramux_pb2_grpc.add_LoraMuxServicer_to_server(self.servicer, self.server)
@@ -53,10 +54,22 @@ class App:
         from .prompts import PromptRenderer
 
         self.built = await asyncio.get_running_loop().run_in_executor(None, build_engine, self.config)
+        self._start_metrics()
         self.built.engine.start()
         self.servicer.attach(self.built, PromptRenderer(self.built.tokenizer))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: serving %s on %s:%d", self.built.loaded.name, self.config.host, self.config.port)
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        from .metrics import Metrics
+
+        metrics = Metrics(self.built, self.config.metrics_top_adapters)
+        if self.config.metrics_port:
+            self._metrics_server, _ = start_http_server(self.config.metrics_port, self.config.metrics_host,
+                                                        registry=metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
 
     def on_signal(self) -> None:
         self._signals += 1
@@ -78,6 +91,8 @@ class App:
         await self.server.stop(grace=1.0)
         if self.built is not None:
             self.built.engine.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
 
     async def run(self, drain_timeout: float = 30.0) -> None:
         await self.start()

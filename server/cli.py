@@ -43,6 +43,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=d["port"].default)
     p.add_argument("--metrics-host", default=d["metrics_host"].default)
     p.add_argument("--metrics-port", type=int, default=d["metrics_port"].default, help="0 disables /metrics")
+    p.add_argument("--metrics-top-adapters", type=int, default=d["metrics_top_adapters"].default,
+                   help="adapters with their own metrics label; the rest are counted as adapter=\"other\"")
     p.add_argument("--device", default=d["device"].default, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=d["dtype"].default, choices=("auto", "float16", "bfloat16", "float32"))
     for name, help_text in (
@@ -74,7 +76,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=args.model, cache_dir=args.cache_dir, host=args.host, port=args.port,
-        metrics_host=args.metrics_host, metrics_port=args.metrics_port, device=args.device, dtype=args.dtype,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        metrics_top_adapters=args.metrics_top_adapters, device=args.device, dtype=args.dtype,
         max_batch_size=args.max_batch_size, max_tokens_per_step=args.max_tokens_per_step,
         max_adapters_per_step=args.max_adapters_per_step, max_lora_rank=args.max_lora_rank,
         max_device_adapters=args.max_device_adapters, max_host_adapters=args.max_host_adapters,

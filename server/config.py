@@ -21,6 +21,7 @@ class ServerConfig:
     port: int = 50051
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # 0: no metrics endpoint
+    metrics_top_adapters: int = 20  # adapters with their own label; the rest count as adapter="other"
     device: str = "auto"  # auto: CUDA when present, else CPU
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
     max_batch_size: int = 32
@@ -47,7 +48,7 @@ class ServerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
-        for name in ("max_batch_size", "max_tokens_per_step", "max_lora_rank", "max_device_adapters",
+        for name in ("metrics_top_adapters", "max_batch_size", "max_tokens_per_step", "max_lora_rank", "max_device_adapters",
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_queued_requests"):
             positive(name)

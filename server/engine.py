@@ -28,6 +28,7 @@ from .errors import (
     RequestDeadlineExceeded,
     RequestFailed,
     RequestInvalid,
+    status_name,
 )
 from .requests import FinishReason, GenerationRequest, Timing, TokenEvent
 from .runner import ModelRunner, WorkItem
@@ -37,6 +38,28 @@ from .scheduler import Budgets, SeqView, schedule
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
 LOADING_POLL_S = 0.002
+
+
+@dataclass(frozen=True)
+class StepStats:
+    num_seqs: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_adapters: int  # distinct adapters in the step
+    seconds: float
+
+
+class EngineObserver:
+    """Receives engine events on the engine thread; metrics and logs subclass it. Keep it cheap."""
+
+    def step(self, stats: StepStats) -> None:
+        pass
+
+    def token(self, seq: Sequence, gap_seconds: float | None) -> None:
+        """A token was sampled; ``gap_seconds`` since the sequence's previous token (None: first)."""
+
+    def finish(self, seq: Sequence, status: str, error: BaseException | None) -> None:
+        """The sequence left, with a gRPC-style status name ("OK", "CANCELLED", ...)."""
 
 
 @dataclass(eq=False)
@@ -58,6 +81,7 @@ class Sequence:
     emitted: int = 0  # chars of ``text`` already sent
     admitted_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
     adapter_load_seconds: float = 0.0
     done: bool = False
     cancel_reason: BaseException | None = field(default=None)
@@ -92,8 +116,8 @@ class RequestStream:
         self._ended = item.finish_reason is not None
         return item
 
-    def cancel(self) -> None:
-        self._engine.cancel(self._seq)
+    def cancel(self, reason: BaseException | None = None) -> None:
+        self._engine.cancel(self._seq, reason)
 
 
 class Engine:
@@ -116,8 +140,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
-        self.on_step = None  # observer hook: called with (batch_size, num_tokens, seconds)
-        self.on_finish = None  # observer hook: called with (sequence, status name)
+        self.observers: list[EngineObserver] = []
 
     # ---- public API (any thread / asyncio loop) ----
     def start(self) -> None:
@@ -141,6 +164,12 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         """(running, waiting); a snapshot for gauges and tests."""
         return len(self._running), len(self._waiting)
+
+    def adapter_ids(self) -> tuple[set[str], set[str]]:
+        """(adapters of running requests, adapters of waiting requests); a snapshot."""
+        def ids(seqs):
+            return {s.request.adapter_id for s in list(seqs) if s.request.adapter_id}
+        return ids(self._running), ids(self._waiting)
 
     def validate(self, req: GenerationRequest) -> None:
         c, p = self.config, req.sampling
@@ -286,13 +315,24 @@ class Engine:
         tokens = sample(logits, [s.sampler for s in sampled], seen)
         for seq, token in zip(sampled, tokens, strict=True):
             self._on_token(seq, token)
-        if self.on_step is not None:
-            self.on_step(len(work), sum(n for _, n in work), time.perf_counter() - t0)
+        if self.observers:
+            decode_tokens = sum(1 for it in items if it.decode)
+            stats = StepStats(
+                num_seqs=len(items), num_prefill_tokens=sum(n for _, n in work) - decode_tokens,
+                num_decode_tokens=decode_tokens, num_adapters=len({it.adapter for it in items} - {None}),
+                seconds=time.perf_counter() - t0,
+            )
+            for obs in self.observers:
+                obs.step(stats)
         return True
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         now = time.monotonic()
+        gap = None if seq.last_token_at is None else now - seq.last_token_at
         seq.first_token_at = seq.first_token_at or now
+        seq.last_token_at = now
+        for obs in self.observers:
+            obs.token(seq, gap)
         seq.ids.append(token)
         p = seq.sampler.params
         finish = None
@@ -351,8 +391,9 @@ class Engine:
             self._emit(seq, TokenEvent(
                 seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, self._timing(seq),
             ))
-        if self.on_finish is not None:
-            self.on_finish(seq, "ok" if error is None else type(error).__name__)
+        status = "OK" if error is None else status_name(error)
+        for obs in self.observers:
+            obs.finish(seq, status, error)
 
     @staticmethod
     def _emit(seq: Sequence, item) -> None:

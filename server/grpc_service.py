@@ -10,7 +10,7 @@ import grpc
 from ..v1 import loramux_pb2 as pb
 from ..v1 import loramux_pb2_grpc as pb_grpc
 from . import __version__
-from .errors import EngineUnavailable, status_name
+from .errors import EngineUnavailable, RequestDeadlineExceeded, status_name
 from .grpc_convert import adapter_to_pb, request_from_pb, response_to_pb, stream_event_to_pb
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,20 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         req = request_from_pb(request, ids, self.config.default_max_new_tokens, context.time_remaining())
         return built.engine.submit(req)
 
+    @staticmethod
+    def _release(stream, context) -> None:
+        """No-op when the request finished; otherwise the RPC was cancelled or timed out."""
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        stream.cancel(RequestDeadlineExceeded("the request's deadline expired") if expired else None)
+
     @unary
     async def Generate(self, request, context):
         stream = self._submit(request, context)
         try:
             return response_to_pb([ev async for ev in stream])
         finally:
-            stream.cancel()  # no-op when finished; frees resources when the RPC was cancelled
+            self._release(stream, context)
 
     @streaming
     async def GenerateStream(self, request, context):
@@ -88,7 +95,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             async for ev in stream:
                 yield stream_event_to_pb(ev)
         finally:
-            stream.cancel()
+            self._release(stream, context)
 
     @unary
     async def RegisterAdapter(self, request, context):

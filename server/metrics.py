@@ -1,0 +1,137 @@
+"""Every Prometheus object in one place, on a registry of our own (no global state).
+
+Counters and histograms are fed by engine events (an EngineObserver); gauges and the adapter-tier
+counters are read from live state at scrape time by a collector, so they can never drift.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .engine import EngineObserver, Sequence, StepStats
+
+log = logging.getLogger("loramux.requests")
+OTHER = "other"
+# CPU decode steps take tens of milliseconds, GPU steps a few: buckets span both.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOAD_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class AdapterLabels:
+    """Bounded label set: the first ``top`` adapters to be used get their own series (and keep it,
+    so counters stay monotonic); every other adapter is counted under adapter="other"."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self._labelled: set[str] = set()
+
+    def __call__(self, adapter_id: str | None) -> str:
+        name = adapter_id or "base"
+        if name in self._labelled:
+            return name
+        if len(self._labelled) < self.top:
+            self._labelled.add(name)
+            return name
+        return OTHER
+
+
+class Metrics(EngineObserver):
+    def __init__(self, built, top_adapters: int, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.built = built
+        self.labels = AdapterLabels(top_adapters)
+        r = self.registry
+        self.requests = Counter("loramux_requests", "Finished requests by status", ["status", "adapter"], registry=r)
+        self.prompt_tokens = Counter("loramux_prompt_tokens", "Prompt tokens of finished requests", ["adapter"], registry=r)
+        self.generated_tokens = Counter("loramux_generated_tokens", "Generated tokens", ["adapter"], registry=r)
+        self.request_duration = Histogram("loramux_request_duration_seconds", "Arrival to last token",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("loramux_queue_duration_seconds", "Arrival to joining the batch",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loramux_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loramux_inter_token_latency_seconds", "Time between a request's tokens",
+                             buckets=STEP_BUCKETS, registry=r)
+        self.batch_size = Histogram("loramux_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.step_duration = Histogram("loramux_step_duration_seconds", "Engine step time", buckets=STEP_BUCKETS,
+                                       registry=r)
+        self.adapter_load = Histogram("loramux_adapter_load_seconds", "Adapter load time into a tier", ["tier"],
+                                      buckets=LOAD_BUCKETS, registry=r)
+        r.register(_LiveCollector(built))
+        built.engine.observers.append(self)
+        built.manager.on_load = lambda tier, s: self.adapter_load.labels(tier).observe(s)
+
+    def step(self, stats: StepStats) -> None:
+        self.batch_size.observe(stats.num_seqs)
+        self.step_duration.observe(stats.seconds)
+
+    def token(self, seq: Sequence, gap_seconds: float | None) -> None:
+        if gap_seconds is not None:
+            self.itl.observe(gap_seconds)
+
+    def finish(self, seq: Sequence, status: str, error: BaseException | None) -> None:
+        adapter = self.labels(seq.request.adapter_id)
+        self.requests.labels(status, adapter).inc()
+        self.prompt_tokens.labels(adapter).inc(seq.num_prompt)
+        self.generated_tokens.labels(adapter).inc(seq.num_generated)
+        now = seq.last_token_at or seq.admitted_at or seq.arrival
+        self.request_duration.observe(max(0.0, now - seq.arrival))
+        if seq.admitted_at is not None:
+            self.queue_duration.observe(seq.admitted_at - seq.arrival)
+        if seq.first_token_at is not None:
+            self.ttft.observe(seq.first_token_at - seq.arrival)
+        log.info(
+            "request %s adapter=%s status=%s prompt_tokens=%d completion_tokens=%d", seq.request.request_id,
+            seq.request.adapter_id or "-", status, seq.num_prompt, seq.num_generated,
+            extra={"fields": {
+                "request_id": seq.request.request_id, "adapter": seq.request.adapter_id, "status": status,
+                "prompt_tokens": seq.num_prompt, "completion_tokens": seq.num_generated,
+                "queue_seconds": (seq.admitted_at - seq.arrival) if seq.admitted_at else None,
+                "time_to_first_token_seconds": (seq.first_token_at - seq.arrival) if seq.first_token_at else None,
+                "total_seconds": now - seq.arrival, "error": str(error) if error else None,
+            }},
+        )
+
+
+class _LiveCollector:
+    """Gauges and tier counters read from engine and adapter state at scrape time."""
+
+    def __init__(self, built):
+        self.built = built
+
+    def collect(self):
+        engine, manager = self.built.engine, self.built.manager
+        running, waiting = engine.adapter_ids()
+        num_running, num_waiting = engine.counts()
+        yield GaugeMetricFamily("loramux_running_requests", "Requests in the batch", value=num_running)
+        yield GaugeMetricFamily("loramux_waiting_requests", "Requests queued", value=num_waiting)
+        yield GaugeMetricFamily("loramux_kv_cache_usage_ratio", "Used fraction of KV cache positions",
+                                value=engine.runner.kv.usage_ratio())
+        counters = manager.tier_counters()
+        for name, attr, doc in (("hits", "hits", "found in the tier"), ("misses", "misses", "not found in the tier"),
+                                ("evictions", "evictions", "evicted from the tier")):
+            fam = CounterMetricFamily(f"loramux_adapter_cache_{name}", f"Adapter lookups {doc}", labels=["tier"])
+            for tier, c in counters.items():
+                fam.add_metric([tier], getattr(c, attr))
+            yield fam
+        resident = manager.resident()
+        count = GaugeMetricFamily("loramux_adapters_resident", "Adapters resident per tier", labels=["tier"])
+        size = GaugeMetricFamily("loramux_adapter_memory_bytes", "Adapter bytes resident per tier", labels=["tier"])
+        for tier, (n, nbytes) in resident.items():
+            count.add_metric([tier], n)
+            size.add_metric([tier], nbytes)
+        yield count
+        yield size
+        labels = {"running_lora_adapters": ",".join(sorted(running)), "waiting_lora_adapters": ",".join(sorted(waiting)),
+                  "max_lora": str(manager.pool.max_adapters)}
+        # The same series under the name the Gateway API Inference Extension reads from vLLM.
+        for name in ("loramux_lora_requests_info", "vllm:lora_requests_info"):
+            fam = GaugeMetricFamily(name, "Running and waiting LoRA adapters (adapter affinity)", labels=list(labels))
+            fam.add_metric(list(labels.values()), time.time())  # as vLLM: the newest series wins
+            yield fam

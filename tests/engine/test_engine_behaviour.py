@@ -1,0 +1,151 @@
+"""Engine behaviour through its Python API: seeds, stops, EOS, cancellation, validation."""
+
+import asyncio
+
+import pytest
+from loramux.server.builder import build_engine
+from loramux.server.config import ServerConfig
+from loramux.server.engine import EngineObserver
+from loramux.server.errors import QueueFull, RequestCancelled, RequestInvalid
+from loramux.server.requests import FinishReason, GenerationRequest
+from loramux.server.sampling import SamplingParams
+
+PROMPT = (10, 20, 30, 40, 50)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama, tiny_adapters):
+    config = ServerConfig(model=str(tiny_llama), max_batch_size=8, max_tokens_per_step=32, max_model_len=128,
+                          max_queued_requests=16, adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
+    b = build_engine(config)
+    b.engine.start()
+    yield b
+    b.engine.stop()
+
+
+def collect(engine, *reqs):
+    async def main():
+        async def one(r):
+            return [ev async for ev in engine.submit(r)]
+        return await asyncio.gather(*(one(r) for r in reqs))
+    return asyncio.run(main())
+
+
+def req(rid, params, adapter=None, prompt=PROMPT):
+    return GenerationRequest(rid, tuple(prompt), params, adapter)
+
+
+def test_same_seed_same_tokens_whatever_the_batch(built):
+    params = SamplingParams(12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = collect(built.engine, req("a", params, "all-r8"))[0]
+    noise = [req(f"n{i}", SamplingParams(12, temperature=1.0, ignore_eos=True), a, prompt=(3 + i,) * (5 + i))
+             for i, a in enumerate([None, "attn-r4", "all-r8", "attn-r64"])]
+    crowded = collect(built.engine, *noise, req("b", params, "all-r8"))[-1]
+    assert [e.token_id for e in alone] == [e.token_id for e in crowded]
+    other_seed = collect(built.engine, req("c", SamplingParams(12, temperature=0.9, seed=99, ignore_eos=True), "all-r8"))[0]
+    assert [e.token_id for e in other_seed] != [e.token_id for e in alone]
+
+
+def test_stop_token_ids_and_max_new_tokens(built):
+    greedy = collect(built.engine, req("g", SamplingParams(10, ignore_eos=True)))[0]
+    ids = [e.token_id for e in greedy]
+    assert len(ids) == 10 and greedy[-1].finish_reason is FinishReason.LENGTH
+    assert all(e.finish_reason is None for e in greedy[:-1])
+    stopped = collect(built.engine, req("s", SamplingParams(10, stop_token_ids=(ids[3],), ignore_eos=True)))[0]
+    assert [e.token_id for e in stopped] == ids[: ids.index(ids[3]) + 1]
+    assert stopped[-1].finish_reason is FinishReason.STOP
+
+
+def test_stop_string_cuts_text_and_is_never_streamed(built):
+    events = collect(built.engine, req("t", SamplingParams(24, ignore_eos=True)))[0]
+    text = "".join(e.text for e in events)
+    stop = text[6:9]
+    assert stop and stop in text
+    cut = collect(built.engine, req("u", SamplingParams(24, stop=(stop,), ignore_eos=True)))[0]
+    got = "".join(e.text for e in cut)
+    assert got == text[: text.index(stop)]
+    assert cut[-1].finish_reason is FinishReason.STOP
+    assert cut[-1].completion_tokens == len(cut)
+
+
+def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
+    ids = [e.token_id for e in collect(built.engine, req("e", SamplingParams(12, ignore_eos=True)))[0]]
+    eos = ids[5]  # a token greedy decoding is known to produce: treat it as EOS
+    monkeypatch.setattr(built.engine, "eos_token_ids", {eos})
+    ended = collect(built.engine, req("e2", SamplingParams(12)))[0]
+    assert [e.token_id for e in ended] == ids[: ids.index(eos) + 1]
+    assert ended[-1].finish_reason is FinishReason.EOS
+    ignored = collect(built.engine, req("e3", SamplingParams(12, ignore_eos=True)))[0]
+    assert [e.token_id for e in ignored] == ids
+
+
+def test_usage_and_timing_on_the_last_event(built):
+    events = collect(built.engine, req("m", SamplingParams(5, ignore_eos=True), "attn-r4"))[0]
+    last = events[-1]
+    assert (last.prompt_tokens, last.completion_tokens) == (len(PROMPT), 5)
+    t = last.timing
+    assert 0 <= t.queue_seconds <= t.time_to_first_token_seconds <= t.total_seconds
+
+
+def test_cancel_frees_slot_and_pin_within_one_step(built):
+    engine = built.engine
+    steps = []
+    recorder = EngineObserver()
+    recorder.step = steps.append
+
+    async def main():
+        stream = engine.submit(req("x", SamplingParams(100, ignore_eos=True), "all-r16-rslora"))
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                engine.observers.append(recorder)
+                stream.cancel()
+        return got
+
+    with pytest.raises(RequestCancelled):
+        asyncio.run(main())
+    engine.observers.remove(recorder)
+    assert len(steps) <= 1  # freed at the next loop turn: at most the step already under way
+    assert engine.counts() == (0, 0)
+    assert engine.runner.kv.num_free_slots == engine.runner.kv.num_slots
+    assert engine.runner.kv.usage_ratio() == 0
+    assert not engine.adapters.pool.pinned()
+
+
+@pytest.mark.parametrize("params, prompt, match", [
+    (SamplingParams(10), (), "empty"),
+    (SamplingParams(10), (10**6,), "vocabulary"),
+    (SamplingParams(0), PROMPT, "max_new_tokens"),
+    (SamplingParams(126), PROMPT, "max_model_len 128"),
+    (SamplingParams(5, temperature=float("nan")), PROMPT, "temperature"),
+    (SamplingParams(5, temperature=101.0), PROMPT, "temperature"),
+    (SamplingParams(5, top_p=0.0), PROMPT, "top_p"),
+    (SamplingParams(5, repetition_penalty=0.0), PROMPT, "repetition_penalty"),
+    (SamplingParams(5, stop=("",)), PROMPT, "stop strings"),
+    (SamplingParams(5, stop=("a",) * 9), PROMPT, "limit is 8"),
+])
+def test_invalid_requests_are_refused_before_any_work(built, params, prompt, match):
+    with pytest.raises(RequestInvalid, match=match):
+        built.engine.validate(GenerationRequest("v", prompt, params))
+
+
+def test_queue_bound_is_atomic(built):
+    engine = built.engine
+
+    async def main():
+        streams, refused = [], 0
+        for i in range(40):
+            try:
+                streams.append(engine.submit(req(f"q{i}", SamplingParams(4, ignore_eos=True))))
+            except QueueFull as e:
+                assert "16" in str(e)
+                refused += 1
+        for s in streams:
+            async for _ in s:
+                pass
+        return len(streams), refused
+
+    accepted, refused = asyncio.run(main())
+    assert (accepted, refused) == (16, 24)
+    assert engine.num_in_flight == 0

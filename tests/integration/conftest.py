@@ -1,0 +1,23 @@
+import pytest
+
+from server import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("root")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tiny_adapters, adapter_root, tmp_path_factory):
+    adapters_dir = next(iter(tiny_adapters.values())).parent
+    proc = ServerProcess(
+        ["--model", str(tiny_llama), "--adapter-dir", str(adapters_dir), "--adapter-root", str(adapter_root),
+         "--max-batch-size", "8", "--max-model-len", "256", "--max-queued-requests", "12",
+         "--default-max-new-tokens", "16", "--max-tokens-per-step", "64", "--metrics-top-adapters", "5",
+         "--max-device-adapters", "4", "--max-host-adapters", "8"],
+        tmp_path_factory.mktemp("logs") / "server.log",
+    )
+    proc.health_seen = proc.wait_ready()
+    yield proc
+    proc.stop()

@@ -1,0 +1,89 @@
+"""Start the real server as a subprocess on free loopback ports and talk to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loramux.clients.client import LoraMuxClient
+
+SERVICE = "loramux.v1.LoraMux"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "loramux.server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port), *args]
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.channel = grpc.insecure_channel(self.target)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.client = LoraMuxClient(channel=self.channel)
+
+    def health_status(self, service: str = SERVICE):
+        try:
+            return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+        except grpc.RpcError:
+            return None
+
+    def wait_until(self, status, timeout: float = 120.0, service: str = SERVICE) -> list:
+        """Poll health until ``status``; return every distinct status seen on the way."""
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            s = self.health_status(service)
+            if s is not None and (not seen or seen[-1] != s):
+                seen.append(s)
+            if s == status:
+                return seen
+            time.sleep(0.02)
+        raise TimeoutError(f"health never reached {status}; saw {seen}\n{self.log()}")
+
+    def wait_ready(self):
+        return self.wait_until(health_pb2.HealthCheckResponse.SERVING)
+
+    def metrics(self) -> dict[str, float]:
+        """Parse /metrics into {"name{labels}": value} (labels as printed)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

@@ -1,0 +1,240 @@
+"""Every RPC against the real server subprocess, through the Python clients."""
+
+import asyncio
+import json
+import shutil
+import time
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from helpers import peft_generate
+from loramux.clients.aio import AsyncLoraMuxClient
+from loramux.clients.types import Sampling
+
+PROMPT_IDS = [12, 40, 77, 5, 91, 33]
+GREEDY = Sampling(max_new_tokens=12, ignore_eos=True)
+
+
+def code_of(call, *args, **kwargs):
+    with pytest.raises(grpc.RpcError) as e:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__next__"):
+            list(result)
+    return e.value.code(), e.value.details()
+
+
+def total(metrics, name, **labels):
+    """Sum a family's series whose labels include ``labels`` (adapter labels may be "other")."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in metrics.items() if k.startswith(name + "{") and all(w in k for w in want))
+
+
+def wait_idle(server, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m["loramux_running_requests"] == 0 and m["loramux_waiting_requests"] == 0:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"server not idle: {server.metrics()}")
+
+
+def test_health_reports_loading_then_serving(server):
+    NOT_SERVING, SERVING = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
+    assert server.health_seen == [NOT_SERVING, SERVING]
+    assert server.health_status("") == SERVING  # liveness
+
+
+def test_server_info_and_adapters(server, tiny_adapters):
+    info = server.client.server_info()
+    assert info.model == "tiny-llama" and info.device == "cpu" and info.dtype == "float32"
+    assert (info.max_batch_size, info.max_model_len, info.max_device_adapters) == (8, 256, 4)
+    assert info.registered_adapters == len(tiny_adapters) and info.has_chat_template
+    listed = {a.adapter_id: a for a in server.client.list_adapters()}
+    assert set(listed) == set(tiny_adapters)
+    assert listed["attn-r64"].rank == 64 and set(listed["attn-r4"].target_modules) == {"q_proj", "v_proj"}
+    assert listed["pattern-r16"].rank == 16
+
+
+def test_stream_equals_unary_and_matches_peft(server, tiny_llama, tiny_adapters):
+    for adapter in ["", "all-r16-rslora", "pattern-r16"]:
+        unary = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter, sampling=GREEDY)
+        chunks = list(server.client.generate_stream(prompt_token_ids=PROMPT_IDS, adapter_id=adapter, sampling=GREEDY))
+        assert [c.token_id for c in chunks] == unary.token_ids
+        assert "".join(c.text for c in chunks) == unary.text
+        assert chunks[-1].finish_reason == unary.finish_reason == "length"
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        assert (unary.prompt_tokens, unary.completion_tokens) == (len(PROMPT_IDS), 12)
+        expected = peft_generate(tiny_llama, tiny_adapters.get(adapter), [PROMPT_IDS], 12, eos_token_id=None)[0]
+        assert unary.token_ids == expected
+        assert unary.timing.total_seconds >= unary.timing.time_to_first_token_seconds > 0
+
+
+def test_text_prompt_and_chat_messages(server, tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    r = server.client.generate("Once upon a time", sampling=Sampling(max_new_tokens=4))
+    assert r.prompt_tokens == len(tok("Once upon a time")["input_ids"])
+    msgs = [("system", "Be brief."), ("user", "The quick brown fox")]
+    r = server.client.generate(messages=msgs, sampling=Sampling(max_new_tokens=4))
+    rendered = tok.apply_chat_template([{"role": a, "content": b} for a, b in msgs], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"]
+    assert r.prompt_tokens == len(rendered) > 20
+
+
+def test_concurrent_async_clients_mixing_adapters(server, tiny_adapters):
+    async def main():
+        async with AsyncLoraMuxClient(server.target) as c:
+            names = ["", *tiny_adapters]
+            return await asyncio.gather(*(c.generate(prompt_token_ids=PROMPT_IDS, adapter_id=names[i % len(names)],
+                                                     sampling=GREEDY) for i in range(12)))
+    results = asyncio.run(main())
+    solo = {a: server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=a, sampling=GREEDY).token_ids
+            for a in ["", *tiny_adapters]}
+    names = ["", *tiny_adapters]
+    for i, r in enumerate(results):
+        assert r.token_ids == solo[names[i % len(names)]]
+
+
+def test_cancel_mid_stream_frees_everything(server):
+    before = server.metrics()
+    stream = server.client.generate_stream(prompt_token_ids=PROMPT_IDS, adapter_id="all-r8",
+                                           sampling=Sampling(max_new_tokens=200, ignore_eos=True))
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()  # cancels the RPC
+    after = wait_idle(server)
+    cancelled = total(after, "loramux_requests_total", status="CANCELLED")
+    assert cancelled == total(before, "loramux_requests_total", status="CANCELLED") + 1
+    assert after["loramux_kv_cache_usage_ratio"] == 0
+
+
+def test_deadline_exceeded_stops_the_work(server):
+    before = server.metrics()
+    code, _ = code_of(server.client.generate, prompt_token_ids=PROMPT_IDS,
+                      sampling=Sampling(max_new_tokens=240, ignore_eos=True), timeout=0.2)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    after = wait_idle(server)
+    expired = total(after, "loramux_requests_total", status="DEADLINE_EXCEEDED")
+    assert expired == total(before, "loramux_requests_total", status="DEADLINE_EXCEEDED") + 1
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(prompt=""), "empty"),
+    (dict(prompt="hi", prompt_token_ids=[1, 2]), "exactly one"),
+    (dict(prompt_token_ids=[10**6]), "vocabulary"),
+    (dict(messages=[("wizard", "hi")]), "role"),
+    (dict(prompt="hi", sampling=Sampling(temperature=float("nan"))), "temperature"),
+    (dict(prompt="hi", sampling=Sampling(top_p=1.5)), "top_p"),
+    (dict(prompt="hi", sampling=Sampling(max_new_tokens=300)), "max_new_tokens"),
+    (dict(prompt="hi", sampling=Sampling(stop=["x"] * 9)), "limit is 8"),
+    (dict(prompt_token_ids=[5] * 250, sampling=Sampling(max_new_tokens=10)), "max_model_len 256"),
+])
+def test_invalid_argument(server, kwargs, needle):
+    code, details = code_of(server.client.generate, **kwargs)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details
+
+
+def test_not_found(server):
+    code, details = code_of(server.client.generate, prompt="hi", adapter_id="nope")
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+    assert code_of(server.client.unregister_adapter, "nope")[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_register_replace_unregister(server, tiny_llama, tiny_adapters, adapter_root):
+    path = shutil.copytree(tiny_adapters["attn-r4"], adapter_root / "mine")
+    a = server.client.register_adapter("team/mine:v1", str(path), preload=True)
+    assert a.rank == 4 and a.tier in ("disk", "host")
+    assert code_of(server.client.register_adapter, "team/mine:v1", str(path))[0] == grpc.StatusCode.ALREADY_EXISTS
+    first = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="team/mine:v1", sampling=GREEDY)
+    assert first.token_ids == server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4",
+                                                     sampling=GREEDY).token_ids
+    other = shutil.copytree(tiny_adapters["all-r8"], adapter_root / "mine2")
+    server.client.register_adapter("team/mine:v1", str(other), replace=True)
+    swapped = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="team/mine:v1", sampling=GREEDY)
+    assert swapped.token_ids == server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="all-r8",
+                                                       sampling=GREEDY).token_ids
+    assert {a.adapter_id: a for a in server.client.list_adapters()}["team/mine:v1"].tier == "device"
+    server.client.unregister_adapter("team/mine:v1")
+    assert code_of(server.client.generate, prompt="hi", adapter_id="team/mine:v1")[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_permission_denied_outside_roots_and_through_symlinks(server, tiny_adapters, adapter_root):
+    code, details = code_of(server.client.register_adapter, "x", str(tiny_adapters["attn-r4"]))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "adapter root" in details
+    link = adapter_root / "escape"
+    link.symlink_to(tiny_adapters["attn-r4"])
+    assert code_of(server.client.register_adapter, "x", str(link))[0] == grpc.StatusCode.PERMISSION_DENIED
+    missing = code_of(server.client.register_adapter, "x", "/does/not/exist")
+    assert missing[0] == grpc.StatusCode.PERMISSION_DENIED and missing[1] == details  # no existence oracle
+    assert code_of(server.client.register_adapter, "../x", str(adapter_root))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_failed_precondition_for_unloadable_adapters(server, tiny_adapters, adapter_root):
+    dora = shutil.copytree(tiny_adapters["attn-r4"], adapter_root / "dora")
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    code, details = code_of(server.client.register_adapter, "dora", str(dora))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "use_dora" in details
+
+
+def test_resource_exhausted_when_the_queue_is_full(server):
+    async def main():
+        async with AsyncLoraMuxClient(server.target) as c:
+            calls = [c.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(max_new_tokens=200, ignore_eos=True))
+                     for _ in range(30)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+    results = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+    assert "12" in errors[0].details()
+    assert sum(not isinstance(r, Exception) for r in results) >= 12
+    wait_idle(server)
+
+
+def test_reflection_lists_the_services(server):
+    db = ProtoReflectionDescriptorDatabase(server.channel)
+    services = set(db.get_services())
+    assert {"loramux.v1.LoraMux", "grpc.health.v1.Health"} <= services
+    service = DescriptorPool(db).FindServiceByName("loramux.v1.LoraMux")
+    assert {m.name for m in service.methods} == {
+        "Generate", "GenerateStream", "RegisterAdapter", "UnregisterAdapter", "ListAdapters", "GetServerInfo"}
+
+
+def test_metrics_count_requests_tokens_and_affinity(server):
+    before = server.metrics()
+    for _ in range(3):
+        server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r64", sampling=GREEDY)
+    after = wait_idle(server)
+    ok = total(after, "loramux_requests_total", status="OK") - total(before, "loramux_requests_total", status="OK")
+    assert ok == 3
+    gen = total(after, "loramux_generated_tokens_total") - total(before, "loramux_generated_tokens_total")
+    assert gen == 36
+    assert after["loramux_request_duration_seconds_count"] - before["loramux_request_duration_seconds_count"] == 3
+    affinity = [k for k in after if k.startswith("vllm:lora_requests_info{")]
+    assert affinity and 'max_lora="4"' in affinity[0]
+
+
+def test_drain_on_sigterm(tiny_llama, tmp_path):
+    from server import ServerProcess
+
+    proc = ServerProcess(["--model", str(tiny_llama), "--drain-timeout", "30"], tmp_path / "drain.log")
+    try:
+        proc.wait_ready()
+        long = proc.client.generate_stream(prompt_token_ids=PROMPT_IDS,
+                                           sampling=Sampling(max_new_tokens=150, ignore_eos=True))
+        first = next(long)
+        proc.terminate()
+        proc.wait_until(health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        code, details = code_of(proc.client.generate, prompt="hi")
+        assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
+        rest = list(long)
+        assert len(rest) + 1 == 150 and rest[-1].finish_reason == "length" and first.finish_reason is None
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.stop()
