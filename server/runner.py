@@ -35,7 +35,9 @@ class ModelRunner:
         then decode tokens (BGMV). Returns the batch and, for each logits row, its item index."""
         prefill = sorted((i for i, it in enumerate(items) if not it.decode),
                          key=lambda i: (items[i].adapter is None, str(items[i].adapter)))
-        decode = [i for i, it in enumerate(items) if it.decode]
+        # decode rows with adapters first, by rank, so that each BGMV group's rows are one slice
+        decode = sorted((i for i, it in enumerate(items) if it.decode),
+                        key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel()))
         ids, positions, slots, prefill_seqs, seg_starts, seg_pages, logits_rows, order = [], [], [], [], [0], [], [], []
         for i in prefill:
             it = items[i]

@@ -14,9 +14,10 @@ BACKENDS = ("torch",)
 
 
 def select_backend(name: str = "auto") -> ApplyLoRA:
-    """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend."""
+    """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend. Each call makes a
+    new instance: instances own scratch buffers and are not shared across threads."""
     if name in ("auto", "torch"):
-        return torch_ops.apply_lora
+        return torch_ops.TorchLoRA()
     raise ValueError(f"unknown LoRA op backend {name!r}; choose one of {BACKENDS}")
 
 

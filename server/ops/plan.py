@@ -19,11 +19,19 @@ import torch
 
 @dataclass(frozen=True)
 class RankGroup:
+    """Rows that use adapters of one rank, in one of two forms:
+
+    - segments (SGMV): ``rows`` ordered so that each adapter's rows are adjacent, ``pages``
+      [U * rank] adapter-major, ``group_ends`` [U] int32 cumulative row counts per adapter;
+    - per-row (BGMV): ``rows`` ascending, ``pages`` [n * rank] row-major (each row's adapter
+      pages), ``group_ends`` None.
+    """
+
     rank: int
-    rows: torch.Tensor  # [n] token rows, ordered so that each adapter's rows are adjacent
+    rows: torch.Tensor  # [n] token rows
     contiguous: bool  # rows == arange(rows[0], rows[0] + n): slice instead of gather
-    group_ends: torch.Tensor  # [U] int32, cumulative row counts per adapter (grouped-mm offsets)
-    pages: torch.Tensor  # [U * rank] page ids, adapter-major
+    pages: torch.Tensor
+    group_ends: torch.Tensor | None
 
     @property
     def num_rows(self) -> int:
@@ -41,16 +49,14 @@ class LoRAPlan:
         return not self.groups
 
 
-def _group(rank: int, rows: list[int], adapters: list[tuple[int, torch.Tensor]], device) -> RankGroup:
-    # adapters: [(row_count, pages [rank])] in row order
-    counts = torch.tensor([c for c, _ in adapters], dtype=torch.int32)
+def _group(rank: int, rows: list[int], pages: list[torch.Tensor], counts: list[int] | None, device) -> RankGroup:
     first = rows[0]
     return RankGroup(
         rank=rank,
         rows=torch.tensor(rows, dtype=torch.long, device=device),
         contiguous=rows == list(range(first, first + len(rows))),
-        group_ends=counts.cumsum(0, dtype=torch.int32).to(device),
-        pages=torch.cat([p for _, p in adapters]).to(device),
+        pages=torch.cat(pages).to(device),
+        group_ends=None if counts is None else torch.tensor(counts).cumsum(0, dtype=torch.int32).to(device),
     )
 
 
@@ -62,31 +68,29 @@ def plan_segments(
 
     seg_starts: [S + 1] python ints, non-decreasing; empty segments are allowed.
     """
-    by_rank: dict[int, tuple[list[int], list[tuple[int, torch.Tensor]]]] = {}
+    by_rank: dict[int, tuple[list[int], list[torch.Tensor], list[int]]] = {}
     for s, pages in enumerate(seg_pages):
         lo, hi = seg_starts[s], seg_starts[s + 1]
         if pages is None or hi == lo:
             continue
-        rows, adapters = by_rank.setdefault(pages.numel(), ([], []))
+        rows, group_pages, counts = by_rank.setdefault(pages.numel(), ([], [], []))
         rows.extend(range(lo, hi))
-        adapters.append((hi - lo, pages))
-    return LoRAPlan(tuple(_group(r, rows, ads, device) for r, (rows, ads) in sorted(by_rank.items())))
+        group_pages.append(pages)
+        counts.append(hi - lo)
+    return LoRAPlan(tuple(_group(r, *g, device) for r, g in sorted(by_rank.items())))
 
 
 def plan_tokens(token_adapter: list[int], adapter_pages: list[torch.Tensor], device=None) -> LoRAPlan:
     """BGMV form: row ``i`` uses adapter ``token_adapter[i]`` (an index into ``adapter_pages``),
     or no adapter when it is ``-1``. Rows of one adapter need not be adjacent."""
-    by_adapter: dict[int, list[int]] = {}
+    by_rank: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
     for row, a in enumerate(token_adapter):
         if a >= 0:
-            by_adapter.setdefault(a, []).append(row)
-    by_rank: dict[int, tuple[list[int], list[tuple[int, torch.Tensor]]]] = {}
-    for a, rows_of_a in by_adapter.items():
-        pages = adapter_pages[a]
-        rows, adapters = by_rank.setdefault(pages.numel(), ([], []))
-        rows.extend(rows_of_a)
-        adapters.append((len(rows_of_a), pages))
-    return LoRAPlan(tuple(_group(r, rows, ads, device) for r, (rows, ads) in sorted(by_rank.items())))
+            pages = adapter_pages[a]
+            rows, row_pages = by_rank.setdefault(pages.numel(), ([], []))
+            rows.append(row)
+            row_pages.append(pages)
+    return LoRAPlan(tuple(_group(r, rows, pages, None, device) for r, (rows, pages) in sorted(by_rank.items())))
 
 
 def merge_plans(*plans: LoRAPlan) -> LoRAPlan:

@@ -1,12 +1,19 @@
-"""Fast pure-torch batched LoRA: one grouped matmul pair per rank present in the batch.
+"""Fast pure-torch batched LoRA on preallocated scratch buffers.
 
-Each distinct adapter's pages are gathered once per call (not once per token), so a popular
-adapter shared by many rows costs the same weight traffic as one row.
+- Per-row groups (BGMV, decode): each row's A pages are gathered and one batched matmul gives
+  ``v = x_i @ A_i.T``; the expand ``d_i = sum_j v_ij * b_store[P_ij]`` is a weighted embedding-bag
+  that reads B's pages straight from the store, with no copy.
+- Segment groups (SGMV, prefill): each distinct adapter's pages are gathered once, then a grouped
+  matmul runs each adapter's rows against its weights.
+
+Scratch buffers grow to the largest batch seen and are reused: a fresh multi-megabyte buffer per
+call costs more in page faults than the matmul itself on a CPU.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .plan import LoRAPlan, RankGroup
 
@@ -25,36 +32,54 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torc
     return out
 
 
-def _apply_group(y: torch.Tensor, x: torch.Tensor, a_store, b_store, g: RankGroup) -> None:
-    num_adapters = g.group_ends.numel()
-    if g.contiguous:
-        lo = int(g.rows[0])
-        xs = x[lo : lo + g.num_rows]
-    else:
-        xs = x.index_select(0, g.rows)
-    a = a_store.index_select(0, g.pages).view(num_adapters, g.rank, -1).transpose(1, 2)  # [U, in, r]
-    b = b_store.index_select(0, g.pages).view(num_adapters, g.rank, -1)  # [U, r, out]
-    delta = _grouped(_grouped(xs, a, g.group_ends), b, g.group_ends)  # [n, out]
-    if g.contiguous:
-        y[lo : lo + g.num_rows] += delta
-    else:
-        y.index_add_(0, g.rows, delta)
+class TorchLoRA:
+    """``apply_lora(y, x, a_store, b_store, plan)``, holding its own scratch buffers."""
 
+    def __init__(self):
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
-def apply_lora(y: torch.Tensor, x: torch.Tensor, a_store, b_store, plan: LoRAPlan) -> None:
-    """y[i] += (x[i] @ a_store[P_i].T) @ b_store[P_i] for every row i the plan assigns pages P_i.
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        key = (name, like.dtype, like.device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._scratch[key] = buf
+        return buf[:numel].view(shape)
 
-    y: [T, out] (updated in place), x: [T, in], a_store: [num_pages, in], b_store: [num_pages, out].
-    """
-    for g in plan.groups:
-        _apply_group(y, x, a_store, b_store, g)
+    def _gather(self, name: str, store: torch.Tensor, pages: torch.Tensor, lead: int, rank: int) -> torch.Tensor:
+        out = self._buffer(name, (pages.numel(), store.shape[1]), store)
+        torch.index_select(store, 0, pages, out=out)
+        return out.view(lead, rank, store.shape[1])
 
+    def _apply_group(self, y, x, a_store, b_store, g: RankGroup) -> None:
+        n = g.num_rows
+        if g.contiguous:
+            lo = int(g.rows[0])
+            xs = x[lo : lo + n]
+        else:
+            xs = x.index_select(0, g.rows)
+        if g.group_ends is None:  # BGMV: one adapter per row
+            a = self._gather("a", a_store, g.pages, n, g.rank)  # [n, r, in]
+            v = torch.bmm(xs[:, None, :], a.transpose(1, 2), out=self._buffer("v", (n, 1, g.rank), x))  # [n, 1, r]
+            delta = F.embedding_bag(g.pages.view(n, g.rank), b_store, per_sample_weights=v.view(n, g.rank),
+                                    mode="sum")  # [n, out]
+        else:  # SGMV: one adapter per run of rows
+            num_adapters = g.group_ends.numel()
+            a = self._gather("a", a_store, g.pages, num_adapters, g.rank).transpose(1, 2)  # [U, in, r]
+            b = self._gather("b", b_store, g.pages, num_adapters, g.rank)  # [U, r, out]
+            delta = _grouped(_grouped(xs, a, g.group_ends), b, g.group_ends)  # [n, out]
+        if g.contiguous:
+            y[lo : lo + n] += delta
+        else:
+            y.index_add_(0, g.rows, delta)
 
-def sgmv(y, x, a_store, b_store, plan: LoRAPlan) -> None:
-    """Segment form (prefill): the plan comes from ``plan_segments``; see ``sgmv_reference``."""
-    apply_lora(y, x, a_store, b_store, plan)
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, a_store, b_store, plan: LoRAPlan) -> None:
+        """y[i] += (x[i] @ a_store[P_i].T) @ b_store[P_i] for every row i the plan assigns pages P_i.
 
-
-def bgmv(y, x, a_store, b_store, plan: LoRAPlan) -> None:
-    """Per-token gather form (decode): the plan comes from ``plan_tokens``; see ``bgmv_reference``."""
-    apply_lora(y, x, a_store, b_store, plan)
+        y: [T, out] (updated in place), x: [T, in], a_store: [num_pages, in], b_store: [num_pages, out].
+        """
+        for g in plan.groups:
+            self._apply_group(y, x, a_store, b_store, g)

@@ -98,8 +98,9 @@ def test_rank_groups_use_each_adapters_own_rank():
     plan = plan_tokens([0, 1, 2, 0, -1], pages)
     by_rank = {g.rank: g for g in plan.groups}
     assert set(by_rank) == {4, 64}
-    assert by_rank[4].pages.numel() == 8 and by_rank[64].pages.numel() == 64
-    assert by_rank[4].rows.tolist() == [0, 3, 2]
+    # per-row form: each row carries its own adapter's pages, at that adapter's rank
+    assert by_rank[4].pages.numel() == 3 * 4 and by_rank[64].pages.numel() == 64
+    assert by_rank[4].rows.tolist() == [0, 2, 3]
 
 
 def test_all_base_batch_does_no_work():
