@@ -93,8 +93,9 @@ class AdapterManager:
         if self.on_load is not None:
             self.on_load("host", seconds)
 
-    def readiness(self, key: AdapterKey) -> Readiness:
-        """Start a disk read if the adapter is in neither memory tier (prefetch)."""
+    def readiness(self, key: AdapterKey, prefetch: bool = True) -> Readiness:
+        """Where the adapter stands; with ``prefetch``, start a disk read if it is in neither
+        memory tier."""
         if self.pool.pages_of(key) is not None:
             return Readiness.READY
         with self._lock:
@@ -102,7 +103,7 @@ class AdapterManager:
                 return Readiness.FAILED
             if key in self.host:
                 return Readiness.READY
-            if key not in self._pending:
+            if key not in self._pending and prefetch:
                 self._host_misses += 1
                 fut = self._io.submit(self._read, key)
                 self._pending[key] = fut

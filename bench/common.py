@@ -1,41 +1,16 @@
-"""Shared pieces of the benchmarks: synthetic PEFT-format adapters and engine timing."""
+"""Shared pieces of the benchmarks: engine timing and request sets."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 from loramux.server.engine import EngineObserver, StepStats
 from loramux.server.requests import GenerationRequest
 from loramux.server.sampling import SamplingParams
-
-ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def write_peft_adapter(out: Path, layout, rank: int, seed: int, targets=ALL_PROJ, alpha: float | None = None) -> Path:
-    """A PEFT-format LoRA adapter with random A and B for every module of ``layout`` in ``targets``."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, (_, kind) in layout.modules.items():
-        if kind in targets:
-            fin, fout = layout.shapes[kind]
-            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fin, generator=gen) / fin**0.5
-            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=gen) * 0.01
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank, "target_modules": list(targets),
-        "bias": "none", "lora_dropout": 0.0,
-    }))
-    return out
 
 
 class StepRecorder(EngineObserver):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median, random_prompts, run_batch, write_peft_adapter  # noqa: E402
-
+from common import median, random_prompts, run_batch  # noqa: E402
+from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> int:
     loaded = load_model(config)
     with tempfile.TemporaryDirectory() as tmp:
         layout = serving_model_class(loaded.hf_model.config.architectures[0])(loaded.hf_model, 8).lora_layout()
-        adapters = tuple((f"a{i}", str(write_peft_adapter(Path(tmp) / f"a{i}", layout, args.rank, seed=i)))
+        adapters = tuple((f"a{i}", str(write_random_adapter(Path(tmp) / f"a{i}", layout, args.rank, seed=i)))
                          for i in range(n))
         built = build_engine(ServerConfig(**{**config.__dict__, "adapters": adapters}), loaded)
         engine = built.engine

@@ -261,9 +261,13 @@ class Engine:
                 self._finish(seq, error=RequestDeadlineExceeded("the request's deadline expired"))
 
     def _poll_adapters(self) -> tuple[set, bool]:
+        """Readiness of the waiting requests' adapters. Only the first few distinct adapters in
+        queue order are prefetched, so a long queue of cold adapters cannot thrash the host cache."""
         ready, loading = set(), False
-        for key in {s.adapter for s in self._waiting if s.adapter is not None}:
-            state = self.adapters.readiness(key)
+        keys = list(dict.fromkeys(s.adapter for s in self._waiting if s.adapter is not None))
+        prefetch_depth = max(1, self.adapters.host.capacity // 2)
+        for i, key in enumerate(keys):
+            state = self.adapters.readiness(key, prefetch=i < prefetch_depth)
             if state is Readiness.READY:
                 ready.add(key)
             elif state is Readiness.LOADING:

@@ -1,0 +1,35 @@
+"""Random PEFT-format LoRA adapters for a base model's layout, for benchmarks and tests.
+
+The files are exactly what PEFT saves (``adapter_config.json`` + ``adapter_model.safetensors``
+with ``base_model.model.<module>.lora_{A,B}.weight``), so PEFT loads them too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .loader import LoRALayout
+
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_adapter(out: Path, layout: LoRALayout, rank: int, seed: int, targets=ALL_PROJ,
+                         alpha: float | None = None, b_scale: float = 0.01) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (_, kind) in layout.modules.items():
+        if kind in targets:
+            fin, fout = layout.shapes[kind]
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fin, generator=gen) / fin**0.5
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=gen) * b_scale
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank, "target_modules": list(targets),
+        "bias": "none", "lora_dropout": 0.0,
+    }))
+    return out

@@ -1,0 +1,152 @@
+"""Adapter paging across disk, host and device: small caches give the same tokens as large ones."""
+
+import asyncio
+import random
+
+import pytest
+from helpers import peft_generate
+
+from loramux.adapters.errors import AdapterInvalid, AdapterNotFound
+from loramux.adapters.synthetic import write_random_adapter
+from loramux.server.builder import build_engine
+from loramux.server.config import ServerConfig
+from loramux.server.requests import GenerationRequest
+from loramux.server.sampling import SamplingParams
+
+NUM_ADAPTERS = 40
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def many_adapters(tiny_llama, tmp_path_factory):
+    from loramux.server.model_loader import load_model
+    from loramux.server.models import serving_model_class
+
+    loaded = load_model(ServerConfig(model=str(tiny_llama)))
+    layout = serving_model_class("LlamaForCausalLM")(loaded.hf_model, 8).lora_layout()
+    root = tmp_path_factory.mktemp("many")
+    ranks = [4, 8, 16]
+    return {f"m{i}": write_random_adapter(root / f"m{i}", layout, ranks[i % 3], seed=100 + i, b_scale=0.5)
+            for i in range(NUM_ADAPTERS)}
+
+
+def engine_for(tiny_llama, adapters, device, host, **kw):
+    cfg = ServerConfig(model=str(tiny_llama), max_batch_size=16, max_tokens_per_step=64, max_model_len=64,
+                       max_device_adapters=device, max_host_adapters=host, max_lora_rank=16,
+                       max_queued_requests=512, adapters=tuple((n, str(p)) for n, p in adapters.items()), **kw)
+    built = build_engine(cfg)
+    built.engine.start()
+    return built
+
+
+async def _generate(engine, reqs):
+    async def one(r):
+        try:
+            return [ev.token_id async for ev in engine.submit(r)]
+        except Exception as e:  # noqa: BLE001 - the test inspects per-request failures
+            return e
+    return await asyncio.gather(*(one(r) for r in reqs))
+
+
+def generate(engine, reqs):
+    return asyncio.run(_generate(engine, reqs))
+
+
+def workload(n, names, seed=0):
+    rng = random.Random(seed)
+    return [GenerationRequest(f"w{i}", tuple(rng.randrange(3, 300) for _ in range(rng.randint(3, 12))),
+                              SamplingParams(MAX_NEW, ignore_eos=True), rng.choice(names)) for i in range(n)]
+
+
+def test_small_caches_page_adapters_with_identical_outputs(tiny_llama, many_adapters):
+    reqs = workload(200, [None, *many_adapters])
+    big = engine_for(tiny_llama, many_adapters, device=NUM_ADAPTERS, host=NUM_ADAPTERS)
+    try:
+        expected = generate(big.engine, reqs)
+    finally:
+        big.engine.stop()
+    small = engine_for(tiny_llama, many_adapters, device=4, host=8)
+    pool = small.manager.pool
+    violations = []
+    pool.on_evict = lambda key: violations.append(key) if pool.pin_count(key) else None
+    try:
+        got = generate(small.engine, reqs)
+        counters = small.manager.tier_counters()
+    finally:
+        small.engine.stop()
+    assert got == expected
+    assert counters["device"].evictions > 0 and counters["host"].evictions > 0
+    assert counters["host"].misses >= NUM_ADAPTERS  # every adapter was read from disk at least once
+    assert violations == []  # no pinned adapter was ever evicted
+    assert not pool.pinned()
+    # A sample matches PEFT too.
+    for r, out in list(zip(reqs, got, strict=True))[:6]:
+        ref = peft_generate(tiny_llama, many_adapters.get(r.adapter_id), [list(r.prompt_token_ids)], MAX_NEW,
+                            eos_token_id=None)[0]
+        assert out == ref
+
+
+def test_pinned_adapters_are_never_evicted_and_requests_wait_for_pages(tiny_llama, many_adapters):
+    """Device room for 2 adapters, 6 adapters wanted at once: the rest wait, none fails."""
+    built = engine_for(tiny_llama, many_adapters, device=2, host=4, max_adapters_per_step=2)
+    try:
+        names = list(many_adapters)[:6]
+        reqs = [GenerationRequest(f"p{i}", (5, 6, 7), SamplingParams(MAX_NEW, ignore_eos=True), names[i % 6])
+                for i in range(24)]
+        pool = built.manager.pool
+        violations = []
+        pool.on_evict = lambda key: violations.append(key) if pool.pin_count(key) else None
+        out = generate(built.engine, reqs)
+    finally:
+        built.engine.stop()
+    assert all(isinstance(o, list) and len(o) == MAX_NEW for o in out)
+    assert violations == [] and pool.evictions > 0
+
+
+def test_corrupted_adapter_fails_only_its_requests(tiny_llama, many_adapters, tmp_path):
+    import shutil
+
+    victim = shutil.copytree(many_adapters["m1"], tmp_path / "victim")
+    adapters = {**{k: many_adapters[k] for k in ("m0", "m2")}, "victim": victim}
+    built = engine_for(tiny_llama, adapters, device=2, host=2)
+    try:
+        weights = victim / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])  # truncated after registration
+        reqs = [GenerationRequest(f"c{i}", (5, 6, 7), SamplingParams(MAX_NEW, ignore_eos=True), a)
+                for i, a in enumerate(["m0", "victim", None, "m2", "victim", "m0"])]
+        out = generate(built.engine, reqs)
+    finally:
+        built.engine.stop()
+    for r, o in zip(reqs, out, strict=True):
+        if r.adapter_id == "victim":
+            assert isinstance(o, AdapterInvalid) and ("truncated" in str(o) or "offsets" in str(o))
+        else:
+            assert isinstance(o, list) and len(o) == MAX_NEW
+
+
+def test_unregister_and_replace_under_load(tiny_llama, many_adapters):
+    built = engine_for(tiny_llama, {"x": many_adapters["m3"]}, device=4, host=4)
+    engine, registry = built.engine, built.registry
+    registry.roots = (many_adapters["m4"].parent,)
+    prompt, long = (9, 8, 7), SamplingParams(40, ignore_eos=True)
+    try:
+        old_ref = generate(engine, [GenerationRequest("r0", prompt, long, "x")])[0]
+        registry.register("y", many_adapters["m4"])
+        new_ref = generate(engine, [GenerationRequest("r1", prompt, long, "y")])[0]
+
+        async def scenario():
+            running = [asyncio.create_task(_generate(engine, [GenerationRequest(f"o{i}", prompt, long, "x")]))
+                       for i in range(3)]
+            await asyncio.sleep(0.05)  # they are decoding on the old weights
+            registry.register("x", many_adapters["m4"], replace=True)
+            swapped = await _generate(engine, [GenerationRequest("n", prompt, long, "x")])
+            registry.unregister("x")
+            with pytest.raises(AdapterNotFound):
+                engine.submit(GenerationRequest("gone", prompt, long, "x"))
+            return [(await t)[0] for t in running], swapped[0]
+
+        old_runs, swapped = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert all(o == old_ref for o in old_runs)  # running requests finished on the old weights
+    assert swapped == new_ref  # new requests got the new weights
