@@ -83,6 +83,9 @@ class DevicePool:
         assert res.pins > 0, f"unpin of unpinned adapter {key}"
         res.pins -= 1
 
+    def total_pins(self) -> int:
+        return sum(r.pins for r in list(self._resident.values()))
+
     def pin_count(self, key: AdapterKey) -> int:
         res = self._resident.get(key)
         return 0 if res is None else res.pins

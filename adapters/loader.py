@@ -6,6 +6,7 @@ is truncated later would kill the process with SIGBUS.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
@@ -165,33 +166,66 @@ def _modules_from_shapes(
     return ranks
 
 
-def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int) -> AdapterManifest:
-    """Validate config and safetensors header; the weights themselves are not read."""
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Only with --allow-pickle, and even then weights_only: no code runs while unpickling."""
+    data = _read_file(path)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any refusal of the unpickler is the adapter's fault
+        raise AdapterInvalid(f"{path.name} cannot be read safely: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterInvalid(f"{path.name} must hold a dict of tensors")
+    return state
+
+
+def _weights_file(adapter_dir: Path, allow_pickle: bool) -> Path:
+    path = adapter_dir / WEIGHTS_NAME
+    if path.exists():
+        return path
+    pickled = adapter_dir / PICKLE_WEIGHTS_NAME
+    if pickled.exists():
+        if allow_pickle:
+            return pickled
+        raise AdapterInvalid(f"{PICKLE_WEIGHTS_NAME} is pickle-based and refused (start the server with "
+                             f"--allow-pickle to accept it); convert it to {WEIGHTS_NAME}")
+    raise AdapterInvalid(f"{WEIGHTS_NAME} is missing from the adapter directory")
+
+
+def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
+                    allow_pickle: bool = False) -> AdapterManifest:
+    """Validate config and safetensors header; the weights themselves are not read (a pickle file,
+    accepted only with ``allow_pickle``, has no header and is read with weights_only)."""
     adapter_dir = Path(adapter_dir)
     spec = read_adapter_config(adapter_dir)
-    path = adapter_dir / WEIGHTS_NAME
-    if not path.exists():
-        if (adapter_dir / PICKLE_WEIGHTS_NAME).exists():
-            raise AdapterInvalid(f"{PICKLE_WEIGHTS_NAME} is pickle-based and refused; convert it to {WEIGHTS_NAME}")
-        raise AdapterInvalid(f"{WEIGHTS_NAME} is missing from the adapter directory")
-    header = _header_only(path)
-    ranks = _modules_from_shapes({k: v["shape"] for k, v in header.items()}, spec, layout, max_rank)
+    path = _weights_file(adapter_dir, allow_pickle)
+    if path.name == PICKLE_WEIGHTS_NAME:
+        shapes = {k: list(v.shape) for k, v in _read_pickle(path).items()}
+    else:
+        shapes = {k: v["shape"] for k, v in _header_only(path).items()}
+    ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
     rank = max(ranks.values())
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
     return AdapterManifest(spec, rank, ranks, rank * per_page * element_size)
 
 
-def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype) -> LoRAWeights:
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.name == PICKLE_WEIGHTS_NAME:
+        return _read_pickle(path)
+    data = _read_file(path)
+    read_safetensors_header(data, len(data))
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise AdapterInvalid(f"{WEIGHTS_NAME} cannot be decoded: {e}") from None
+
+
+def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
+                 allow_pickle: bool = False) -> LoRAWeights:
     """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``."""
     adapter_dir = Path(adapter_dir)
     spec = read_adapter_config(adapter_dir)
-    data = _read_file(adapter_dir / WEIGHTS_NAME)
-    header = read_safetensors_header(data, len(data))
-    ranks = _modules_from_shapes({k: v["shape"] for k, v in header.items()}, spec, layout, max_rank)
-    try:
-        tensors = load_safetensors_bytes(data)
-    except Exception as e:  # safetensors raises its own error types
-        raise AdapterInvalid(f"{WEIGHTS_NAME} cannot be decoded: {e}") from None
+    tensors = _read_tensors(_weights_file(adapter_dir, allow_pickle))
+    ranks = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)

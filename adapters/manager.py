@@ -72,7 +72,8 @@ class AdapterManager:
 
     def _read(self, key: AdapterKey):
         start = time.perf_counter()
-        weights = load_adapter(self._paths[key], self.registry.layout, self.registry.max_rank, self.dtype)
+        reg = self.registry
+        weights = load_adapter(self._paths[key], reg.layout, reg.max_rank, self.dtype, reg.allow_pickle)
         if self._pin_memory:
             weights = weights.pin_memory()
         return weights, time.perf_counter() - start

@@ -39,8 +39,10 @@ class RegisteredAdapter:
 
 
 class AdapterRegistry:
-    def __init__(self, layout: LoRALayout, max_rank: int, element_size: int, roots: tuple[Path, ...] = ()):
+    def __init__(self, layout: LoRALayout, max_rank: int, element_size: int, roots: tuple[Path, ...] = (),
+                 allow_pickle: bool = False):
         self.layout = layout
+        self.allow_pickle = allow_pickle
         self.max_rank = max_rank
         self.element_size = element_size
         self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
@@ -64,7 +66,7 @@ class AdapterRegistry:
         with self._lock:
             if adapter_id in self._adapters and not replace:
                 raise AdapterExists(f"adapter {adapter_id!r} is already registered; set replace to swap its weights")
-        manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size)
+        manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle)
         with self._lock:
             if adapter_id in self._adapters and not replace:
                 raise AdapterExists(f"adapter {adapter_id!r} is already registered; set replace to swap its weights")

@@ -18,7 +18,7 @@ ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 def write_random_adapter(out: Path, layout: LoRALayout, rank: int, seed: int, targets=ALL_PROJ,
-                         alpha: float | None = None, b_scale: float = 0.01) -> Path:
+                         alpha: float | None = None, b_scale: float = 0.01, dtype=torch.float32) -> Path:
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (_, kind) in layout.modules.items():
@@ -27,7 +27,7 @@ def write_random_adapter(out: Path, layout: LoRALayout, rank: int, seed: int, ta
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fin, generator=gen) / fin**0.5
             tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=gen) * b_scale
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors")
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank, "target_modules": list(targets),
         "bias": "none", "lora_dropout": 0.0,

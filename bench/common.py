@@ -63,3 +63,11 @@ def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[
 
 def median(xs):
     return statistics.median(xs)
+
+
+def percentile(xs, q: float) -> float:
+    """Nearest-rank percentile; NaN for an empty list."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]

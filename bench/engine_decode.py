@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median, random_prompts, run_batch  # noqa: E402
 from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
 from loramux.server.models import serving_model_class  # noqa: E402
+
+from common import median, random_prompts, run_batch  # noqa: E402
 
 
 def main() -> int:
@@ -36,7 +37,8 @@ def main() -> int:
 
     n = args.requests
     config = ServerConfig(model=args.model, max_batch_size=n, max_tokens_per_step=max(512, n),
-                          max_model_len=args.prompt_len + args.new_tokens + 8, max_lora_rank=args.rank,
+                          max_model_len=args.prompt_len + args.new_tokens + 8, default_max_new_tokens=args.new_tokens,
+                          max_lora_rank=args.rank,
                           max_device_adapters=n, max_host_adapters=n, metrics_port=0)
     loaded = load_model(config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,12 +8,32 @@ import grpc
 
 from ..v1 import loramux_pb2 as pb
 from ..v1 import loramux_pb2_grpc as pb_grpc
-from .types import Adapter, Generation, ServerInfo, StreamChunk, generate_request
+from .types import Adapter, Generation, ServerInfo, StreamChunk, Tls, generate_request
+
+
+class _TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
 
 
 class AsyncLoraMuxClient:
-    def __init__(self, target: str = "127.0.0.1:50051", channel: grpc.aio.Channel | None = None):
-        self.channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(self, target: str = "127.0.0.1:50051", channel: grpc.aio.Channel | None = None,
+                 token: str | None = None, tls: Tls | None = None):
+        """``token`` is sent as ``authorization: Bearer <token>``; ``tls`` makes the channel secure."""
+        if channel is None:
+            interceptors = [_TokenInterceptor(token)] if token else None
+            channel = (grpc.aio.secure_channel(target, tls.credentials(), interceptors=interceptors) if tls
+                       else grpc.aio.insecure_channel(target, interceptors=interceptors))
+        self.channel = channel
         self.stub = pb_grpc.LoraMuxStub(self.channel)
 
     async def close(self) -> None:

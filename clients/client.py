@@ -8,13 +8,35 @@ import grpc
 
 from ..v1 import loramux_pb2 as pb
 from ..v1 import loramux_pb2_grpc as pb_grpc
-from .types import Adapter, Generation, ServerInfo, StreamChunk, generate_request
+from .types import Adapter, Generation, ServerInfo, StreamChunk, Tls, generate_request
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def _with_token(channel, token: str):
+    return grpc.intercept_channel(channel, _TokenInterceptor(token))
 
 
 class LoraMuxClient:
-    def __init__(self, target: str = "127.0.0.1:50051", channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(target)
-        self.stub = pb_grpc.LoraMuxStub(self.channel)
+    def __init__(self, target: str = "127.0.0.1:50051", channel: grpc.Channel | None = None,
+                 token: str | None = None, tls: Tls | None = None):
+        """``token`` is sent as ``authorization: Bearer <token>``; ``tls`` makes the channel secure."""
+        if channel is None:
+            channel = grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
+        self.channel = channel
+        self.stub = pb_grpc.LoraMuxStub(_with_token(self.channel, token) if token else self.channel)
 
     def close(self) -> None:
         self.channel.close()

@@ -92,6 +92,20 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """TLS for the channel: the server's CA, and a client certificate for mutual TLS."""
+
+    ca_cert: bytes | None = None  # PEM; None: the system roots
+    client_cert: bytes | None = None  # PEM, with client_key, for mutual TLS
+    client_key: bytes | None = None
+
+    def credentials(self):
+        import grpc
+
+        return grpc.ssl_channel_credentials(self.ca_cert, self.client_key, self.client_cert)
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Client-side sampling options; None leaves the server's default."""
 

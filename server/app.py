@@ -1,28 +1,46 @@
-"""Builds the gRPC server around the engine: health, reflection, signals and drain."""
+"""Builds the gRPC server around the engine: auth, TLS, health, reflection, signals and drain."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..v1 import loramux_pb2, loramux_pb2_grpc
+from .auth import AuthInterceptor
 from .config import ServerConfig
 from .grpc_service import LoraMuxServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = loramux_pb2.DESCRIPTOR.services_by_name["LoraMux"].full_name  # "loramux.v1.LoraMux"
 DRAIN_POLL_S = 0.05
+FATAL_POLL_S = 0.05
+EXIT_FATAL = 3
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None:
+        return None
+    pair = [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+    if config.tls_client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(pair, root_certificates=Path(config.tls_client_ca).read_bytes(),
+                                       require_client_auth=True)
 
 
 class App:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        interceptors = []
+        if config.auth_token or config.admin_token:
+            interceptors.append(AuthInterceptor(config.auth_token, config.admin_token))
+        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         self.servicer = LoraMuxServicer(config)
         self.built = None
@@ -40,13 +58,15 @@ class App:
         await self.health.set(SERVICE_NAME, status)
 
     async def start(self) -> int:
-        port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        creds = server_credentials(self.config)
+        port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         if port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+            raise OSError(f"cannot bind {address}")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # liveness
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)  # readiness: model loading
         await self.server.start()
-        log.info("listening on %s:%d (model loading)", self.config.host, port)
+        log.info("listening on %s:%d%s (model loading)", self.config.host, port, " with TLS" if creds else "")
         return port
 
     async def load(self) -> None:
@@ -66,17 +86,27 @@ class App:
         from .metrics import Metrics
 
         metrics = Metrics(self.built, self.config.metrics_top_adapters)
-        if self.config.metrics_port:
-            self._metrics_server, _ = start_http_server(self.config.metrics_port, self.config.metrics_host,
-                                                        registry=metrics.registry)
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
+        self.servicer.on_rejected = metrics.rejected
+        c = self.config
+        if c.metrics_port:
+            tls = {}
+            if c.tls_cert:
+                tls = dict(certfile=c.tls_cert, keyfile=c.tls_key, client_cafile=c.tls_client_ca,
+                           client_auth_required=c.tls_client_ca is not None)
+            self._metrics_server, _ = start_http_server(c.metrics_port, c.metrics_host, registry=metrics.registry, **tls)
+            log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", c.metrics_host, c.metrics_port)
 
     def on_signal(self) -> None:
         self._signals += 1
         if self._signals > 1:
             log.warning("second signal: exiting now")
-            raise SystemExit(1)
+            os._exit(1)
         self._stopping.set()
+
+    async def _watch_engine(self) -> None:
+        """A fatal engine fault: every request has already failed; stop serving and exit non-zero."""
+        while self.built is None or self.built.engine.fatal_error is None:
+            await asyncio.sleep(FATAL_POLL_S)
 
     async def drain(self, timeout: float) -> None:
         """Readiness off, refuse new requests, let running ones finish (up to timeout), stop."""
@@ -94,25 +124,32 @@ class App:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
 
-    async def run(self, drain_timeout: float = 30.0) -> None:
+    async def run(self) -> int:
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal)
         loader = asyncio.create_task(self.load())
         stop = asyncio.create_task(self._stopping.wait())
+        fatal = asyncio.create_task(self._watch_engine())
         done, _ = await asyncio.wait({loader, stop}, return_when=asyncio.FIRST_COMPLETED)
         if loader in done:
             loader.result()  # a failed load raises here and the process exits non-zero
-            await stop
-        log.info("draining: up to %.0f s for running requests", drain_timeout)
-        await self.drain(drain_timeout)
+            done, _ = await asyncio.wait({stop, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        fatal.cancel()
+        if fatal in done:
+            log.critical("fatal engine error: %r; stopping", self.built.engine.fatal_error)
+            await self.drain(0.0)
+            return EXIT_FATAL
+        log.info("draining: up to %.0f s for running requests", self.config.drain_timeout)
+        await self.drain(self.config.drain_timeout)
         log.info("stopped")
+        return 0
 
 
-async def _serve(config: ServerConfig, drain_timeout: float) -> None:
-    await App(config).run(drain_timeout)  # grpc.aio objects must be made inside the running loop
+async def _serve(config: ServerConfig) -> int:
+    return await App(config).run()  # grpc.aio objects must be made inside the running loop
 
 
-def serve(config: ServerConfig, drain_timeout: float = 30.0) -> None:
-    asyncio.run(_serve(config, drain_timeout))
+def serve(config: ServerConfig) -> int:
+    return asyncio.run(_serve(config))

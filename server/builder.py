@@ -13,7 +13,7 @@ from ..adapters.host_cache import HostCache
 from ..adapters.manager import AdapterManager
 from ..adapters.registry import AdapterRegistry
 from .config import ServerConfig
-from .engine import Engine
+from .engine import Engine, fault_injector
 from .kv_cache import SlotKVCache
 from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
@@ -55,7 +55,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     pool = DevicePool(layout, config.device_pages, config.max_device_adapters, loaded.dtype, loaded.device)
     model.bind_lora_stores(pool.stores)
     element_size = torch.empty(0, dtype=loaded.dtype).element_size()
-    registry = AdapterRegistry(layout, config.max_lora_rank, element_size, tuple(Path(r) for r in config.adapter_roots))
+    registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
+                               tuple(Path(r) for r in config.adapter_roots), config.allow_pickle)
     for adapter_id, path in config.adapters:
         registry.register(adapter_id, path, trusted=True)
     for folder in config.adapter_dirs:
@@ -64,6 +65,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype)
     runner = ModelRunner(model, kv, select_backend(config.op_backend), loaded.device)
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
+    if config.inject_fault:
+        engine.fault_hook = fault_injector(config.inject_fault)
     log.info(
         "model %s on %s (%s): KV cache %.0f MiB for %d slots x %d tokens; adapter pool %.0f MiB "
         "(%d pages: %d adapters of rank <= %d); %d adapters registered",

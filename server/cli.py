@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +57,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("max_device_adapters", "adapters resident in device memory"),
         ("max_host_adapters", "adapters cached in host memory"),
         ("max_model_len", "prompt + new tokens per request"),
+        ("max_input_tokens", "longest prompt accepted (default: max-model-len - 1)"),
+        ("max_total_tokens", "prompt + max_new_tokens accepted (default: max-model-len)"),
         ("default_max_new_tokens", "max_new_tokens when a request leaves it unset"),
         ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
         ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),
@@ -68,25 +72,30 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="register each subdirectory of DIR under its name (repeatable)")
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
                    help="runtime registration must resolve inside one of these (repeatable)")
+    p.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="enable RegisterAdapter/UnregisterAdapter (also enabled by --admin-token)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept adapter_model.bin, read with torch.load(weights_only=True)")
+    p.add_argument("--auth-token", default=os.environ.get("LORAMUX_AUTH_TOKEN"),
+                   help="require 'authorization: Bearer TOKEN' on LoraMux RPCs (env LORAMUX_AUTH_TOKEN)")
+    p.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),
+                   help="require this token on RegisterAdapter/UnregisterAdapter (env LORAMUX_ADMIN_TOKEN)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve gRPC and /metrics over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mTLS)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get on SIGTERM")
+    p.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # tests only
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(
-        model=args.model, cache_dir=args.cache_dir, host=args.host, port=args.port,
-        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        metrics_top_adapters=args.metrics_top_adapters, device=args.device, dtype=args.dtype,
-        max_batch_size=args.max_batch_size, max_tokens_per_step=args.max_tokens_per_step,
-        max_adapters_per_step=args.max_adapters_per_step, max_lora_rank=args.max_lora_rank,
-        max_device_adapters=args.max_device_adapters, max_host_adapters=args.max_host_adapters,
-        max_model_len=args.max_model_len, default_max_new_tokens=args.default_max_new_tokens,
-        max_new_tokens_limit=args.max_new_tokens_limit, max_queued_requests=args.max_queued_requests,
-        max_stop_sequences=args.max_stop_sequences, max_stop_length=args.max_stop_length,
-        adapters=tuple(args.adapter), adapter_dirs=tuple(args.adapter_dir), adapter_roots=tuple(args.adapter_root),
-        log_level=args.log_level, log_format=args.log_format,
-    )
+    """Every serve flag whose dest names a ServerConfig field becomes that field."""
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(adapters=tuple(args.adapter), adapter_dirs=tuple(args.adapter_dir),
+                  adapter_roots=tuple(args.adapter_root))
+    return ServerConfig(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level, config.log_format)
         from .app import serve
 
-        serve(config, drain_timeout=args.drain_timeout)
-        return 0
+        return serve(config)
     if args.command == "prepare-model":
         setup_logging("INFO", "text")
         from .model_loader import resolve_model_dir

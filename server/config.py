@@ -31,6 +31,8 @@ class ServerConfig:
     max_device_adapters: int = 16
     max_host_adapters: int = 64
     max_model_len: int = 1024  # prompt + output; sizes each KV slot
+    max_input_tokens: int | None = None  # None: max_model_len - 1
+    max_total_tokens: int | None = None  # prompt + max_new_tokens; None: max_model_len
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
     max_queued_requests: int = 1024
@@ -39,6 +41,15 @@ class ServerConfig:
     adapters: tuple[tuple[str, str], ...] = ()  # (id, path) registered at start-up
     adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
     adapter_roots: tuple[str, ...] = ()  # runtime registration must resolve inside one of these
+    allow_runtime_adapters: bool = False  # RegisterAdapter/UnregisterAdapter (also enabled by admin_token)
+    allow_pickle: bool = False  # accept adapter_model.bin, read with torch.load(weights_only=True)
+    auth_token: str | None = None  # required as "authorization: Bearer <token>" on LoraMux RPCs
+    admin_token: str | None = None  # required on RegisterAdapter/UnregisterAdapter instead
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: client certificates signed by this CA are required
+    drain_timeout: float = 30.0  # seconds running requests get after SIGTERM
+    inject_fault: str | None = None  # testing hook: "request:<id>" or "fatal:<id>"
     op_backend: str = "auto"
     log_level: str = "INFO"
     log_format: str = "text"
@@ -67,11 +78,38 @@ class ServerConfig:
             )
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default-max-new-tokens must be <= max-new-tokens-limit")
+        if self.default_max_new_tokens >= self.max_model_len:
+            raise ValueError(
+                f"default-max-new-tokens ({self.default_max_new_tokens}) must be < max-model-len ({self.max_model_len}), "
+                "or every request that leaves max_new_tokens unset is refused"
+            )
         if self.max_adapters_per_step is not None and not 0 < self.max_adapters_per_step <= self.max_device_adapters:
             raise ValueError("max-adapters-per-step must be in [1, max-device-adapters]")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls-cert and tls-key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls-client-ca needs tls-cert and tls-key")
+        if self.max_input_tokens is not None and not 0 < self.max_input_tokens < self.max_model_len:
+            raise ValueError(f"max-input-tokens must be in [1, max-model-len ({self.max_model_len}))")
+        if self.max_total_tokens is not None and not 1 < self.max_total_tokens <= self.max_model_len:
+            raise ValueError(f"max-total-tokens must be in [2, max-model-len ({self.max_model_len})]")
+        if self.inject_fault is not None and self.inject_fault.partition(":")[0] not in ("request", "fatal"):
+            raise ValueError("inject-fault must be request:<id> or fatal:<id>")
         for port_name in ("port", "metrics_port"):
             if not 0 <= getattr(self, port_name) < 65536:
                 raise ValueError(f"{port_name.replace('_', '-')} must be in [0, 65535]")
+
+    @property
+    def input_token_limit(self) -> int:
+        return self.max_input_tokens or self.max_model_len - 1
+
+    @property
+    def total_token_limit(self) -> int:
+        return self.max_total_tokens or self.max_model_len
+
+    @property
+    def runtime_adapters_enabled(self) -> bool:
+        return self.allow_runtime_adapters or self.admin_token is not None
 
     @property
     def adapters_per_step(self) -> int:

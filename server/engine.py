@@ -141,6 +141,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.observers: list[EngineObserver] = []
+        self.fault_hook = None  # tests only: callable(seq) run before each token is handled
 
     # ---- public API (any thread / asyncio loop) ----
     def start(self) -> None:
@@ -181,9 +182,12 @@ class Engine:
             raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if not 0 < p.max_new_tokens <= c.max_new_tokens_limit:
             raise RequestInvalid(f"max_new_tokens must be in [1, {c.max_new_tokens_limit}], got {p.max_new_tokens}")
-        if n + p.max_new_tokens > c.max_model_len:
+        if n > c.input_token_limit:
+            raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit}")
+        if n + p.max_new_tokens > c.total_token_limit:
+            limit = "max_total_tokens" if c.max_total_tokens else "max_model_len"
             raise RequestInvalid(
-                f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds max_model_len {c.max_model_len}"
+                f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds {limit} {c.total_token_limit}"
             )
         if not (0.0 <= p.temperature <= 100.0):  # also false for NaN
             raise RequestInvalid(f"temperature must be in [0, 100], got {p.temperature}")
@@ -318,7 +322,13 @@ class Engine:
         seen = [torch.tensor(s.ids) if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
         tokens = sample(logits, [s.sampler for s in sampled], seen)
         for seq, token in zip(sampled, tokens, strict=True):
-            self._on_token(seq, token)
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(seq)
+                self._on_token(seq, token)
+            except Exception as e:  # a fault in one request's processing fails that request alone
+                log.exception("request %s failed", seq.request.request_id)
+                self._finish(seq, error=RequestFailed(f"internal error in request {seq.request.request_id}: {e}"))
         if self.observers:
             decode_tokens = sum(1 for it in items if it.decode)
             stats = StepStats(
@@ -405,6 +415,24 @@ class Engine:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
+
+
+class InjectedFatalFault(BaseException):
+    """Escapes the per-request guard on purpose: it stands for a fault of the engine itself."""
+
+
+def fault_injector(spec: str):
+    """``request:<id>`` fails that request's token handling; ``fatal:<id>`` kills the engine loop
+    when that request produces a token. For reliability tests only (``--inject-fault``)."""
+    kind, _, request_id = spec.partition(":")
+
+    def hook(seq: Sequence) -> None:
+        if seq.request.request_id == request_id:
+            if kind == "fatal":
+                raise InjectedFatalFault(f"injected fatal fault at request {request_id}")
+            raise RuntimeError(f"injected fault in request {request_id}")
+
+    return hook
 
 
 def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:

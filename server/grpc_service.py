@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from ..adapters.errors import AdapterPathDenied
 from ..v1 import loramux_pb2 as pb
 from ..v1 import loramux_pb2_grpc as pb_grpc
 from . import __version__
@@ -21,6 +22,7 @@ async def _abort(context, error: BaseException):
     if code == "INTERNAL":
         log.error("internal error: %r", error)
     await context.abort(getattr(grpc.StatusCode, code), str(error) or type(error).__name__)
+
 
 
 def unary(method):
@@ -57,6 +59,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         self.config = config
         self.built = None  # set once the model has loaded
         self.renderer = None
+        self.on_rejected = None  # callable(status, adapter_id) for requests the engine never saw
 
     def attach(self, built, renderer) -> None:
         self.built, self.renderer = built, renderer
@@ -67,11 +70,16 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         return self.built
 
     def _submit(self, request: pb.GenerateRequest, context):
-        built = self._ready()
-        ids = self.renderer.render(request.prompt, list(request.prompt_token_ids),
-                                   [(m.role, m.content) for m in request.messages])
-        req = request_from_pb(request, ids, self.config.default_max_new_tokens, context.time_remaining())
-        return built.engine.submit(req)
+        try:
+            built = self._ready()
+            ids = self.renderer.render(request.prompt, list(request.prompt_token_ids),
+                                       [(m.role, m.content) for m in request.messages])
+            req = request_from_pb(request, ids, self.config.default_max_new_tokens, context.time_remaining())
+            return built.engine.submit(req)
+        except Exception as e:  # refused before the engine saw it: the metrics still count it
+            if self.on_rejected is not None:
+                self.on_rejected(status_name(e), request.adapter_id or None)
+            raise
 
     @staticmethod
     def _release(stream, context) -> None:
@@ -97,8 +105,16 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         finally:
             self._release(stream, context)
 
+    def _check_runtime_adapters(self) -> None:
+        if not self.config.runtime_adapters_enabled:
+            raise AdapterPathDenied(
+                "runtime adapter registration is disabled; start the server with --allow-runtime-adapters "
+                "or --admin-token"
+            )
+
     @unary
     async def RegisterAdapter(self, request, context):
+        self._check_runtime_adapters()
         built = self._ready()
         entry = built.registry.register(request.adapter_id, request.path, replace=request.replace)
         if request.preload:
@@ -107,6 +123,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
 
     @unary
     async def UnregisterAdapter(self, request, context):
+        self._check_runtime_adapters()
         self._ready().registry.unregister(request.adapter_id)
         return pb.UnregisterAdapterResponse()
 

@@ -67,6 +67,11 @@ class Metrics(EngineObserver):
         built.engine.observers.append(self)
         built.manager.on_load = lambda tier, s: self.adapter_load.labels(tier).observe(s)
 
+    def rejected(self, status: str, adapter_id: str | None) -> None:
+        """A request refused before admission (bad argument, unknown adapter, full queue...)."""
+        # an unknown id must not take one of the bounded label slots
+        self.requests.labels(status, OTHER if status == "NOT_FOUND" else self.labels(adapter_id)).inc()
+
     def step(self, stats: StepStats) -> None:
         self.batch_size.observe(stats.num_seqs)
         self.step_duration.observe(stats.seconds)
@@ -113,6 +118,8 @@ class _LiveCollector:
         yield GaugeMetricFamily("loramux_waiting_requests", "Requests queued", value=num_waiting)
         yield GaugeMetricFamily("loramux_kv_cache_usage_ratio", "Used fraction of KV cache positions",
                                 value=engine.runner.kv.usage_ratio())
+        yield GaugeMetricFamily("loramux_adapter_pins", "Adapter pins held by running requests",
+                                value=manager.pool.total_pins())
         counters = manager.tier_counters()
         for name, attr, doc in (("hits", "hits", "found in the tier"), ("misses", "misses", "not found in the tier"),
                                 ("evictions", "evictions", "evicted from the tier")):

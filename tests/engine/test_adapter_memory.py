@@ -4,7 +4,6 @@ import asyncio
 import random
 
 import pytest
-from helpers import peft_generate
 
 from loramux.adapters.errors import AdapterInvalid, AdapterNotFound
 from loramux.adapters.synthetic import write_random_adapter
@@ -12,6 +11,8 @@ from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.requests import GenerationRequest
 from loramux.server.sampling import SamplingParams
+
+from helpers import peft_generate
 
 NUM_ADAPTERS = 40
 MAX_NEW = 8
@@ -31,7 +32,7 @@ def many_adapters(tiny_llama, tmp_path_factory):
 
 
 def engine_for(tiny_llama, adapters, device, host, **kw):
-    cfg = ServerConfig(model=str(tiny_llama), max_batch_size=16, max_tokens_per_step=64, max_model_len=64,
+    cfg = ServerConfig(model=str(tiny_llama), max_batch_size=16, max_tokens_per_step=64, max_model_len=64, default_max_new_tokens=16,
                        max_device_adapters=device, max_host_adapters=host, max_lora_rank=16,
                        max_queued_requests=512, adapters=tuple((n, str(p)) for n, p in adapters.items()), **kw)
     built = build_engine(cfg)

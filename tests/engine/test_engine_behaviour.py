@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
@@ -15,7 +16,7 @@ PROMPT = (10, 20, 30, 40, 50)
 
 @pytest.fixture(scope="module")
 def built(tiny_llama, tiny_adapters):
-    config = ServerConfig(model=str(tiny_llama), max_batch_size=8, max_tokens_per_step=32, max_model_len=128,
+    config = ServerConfig(model=str(tiny_llama), max_batch_size=8, max_tokens_per_step=32, max_model_len=128, default_max_new_tokens=16,
                           max_queued_requests=16, adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
     b = build_engine(config)
     b.engine.start()
@@ -149,3 +150,28 @@ def test_queue_bound_is_atomic(built):
     accepted, refused = asyncio.run(main())
     assert (accepted, refused) == (16, 24)
     assert engine.num_in_flight == 0
+
+
+def test_deadline_expires_while_queued(tiny_llama):
+    import time
+
+    from loramux.server.errors import RequestDeadlineExceeded
+
+    built = build_engine(ServerConfig(model=str(tiny_llama), max_batch_size=1, max_model_len=256, default_max_new_tokens=16))
+    built.engine.start()
+
+    async def main():
+        long = built.engine.submit(req("long", SamplingParams(200, ignore_eos=True)))
+        first = await long.__anext__()  # the only slot is now busy
+        queued = built.engine.submit(GenerationRequest("late", PROMPT, SamplingParams(5), None,
+                                                       deadline=time.monotonic() + 0.05))
+        with pytest.raises(RequestDeadlineExceeded):
+            await queued.__anext__()
+        rest = [e async for e in long]
+        return first, rest
+
+    try:
+        first, rest = asyncio.run(main())
+    finally:
+        built.engine.stop()
+    assert len(rest) + 1 == 200

@@ -5,12 +5,14 @@ import asyncio
 import random
 
 import pytest
-from helpers import peft_generate
+
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
 from loramux.server.requests import GenerationRequest
 from loramux.server.sampling import SamplingParams
+
+from helpers import peft_generate
 
 NUM_REQUESTS = 32
 MAX_NEW = 16
@@ -49,7 +51,7 @@ async def run_staggered(engine, requests):
 @pytest.fixture(scope="module")
 def engine_with_adapters(tiny_llama, tiny_adapters):
     config = ServerConfig(
-        model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96,
+        model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
         max_device_adapters=len(tiny_adapters), max_host_adapters=len(tiny_adapters),
         adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()),
     )

@@ -10,9 +10,11 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from helpers import peft_generate
+
 from loramux.clients.aio import AsyncLoraMuxClient
 from loramux.clients.types import Sampling
+
+from helpers import peft_generate
 
 PROMPT_IDS = [12, 40, 77, 5, 91, 33]
 GREEDY = Sampling(max_new_tokens=12, ignore_eos=True)

@@ -5,11 +5,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from loramux.adapters.config import parse_adapter_config
 from loramux.adapters.errors import AdapterInvalid
 from loramux.adapters.loader import LoRALayout, inspect_adapter, load_adapter
 from loramux.adapters.registry import validate_adapter_id
-from safetensors.torch import save_file
 
 LAYOUT = LoRALayout(
     modules={f"model.layers.{i}.self_attn.{k}": (i, k) for i in range(2) for k in ("q_proj", "v_proj")},

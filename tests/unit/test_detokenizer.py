@@ -1,7 +1,8 @@
 """Incremental detokenization never splits a multi-byte character."""
 
-from helpers import build_tokenizer
 from loramux.server.detokenizer import IncrementalDetokenizer
+
+from helpers import build_tokenizer
 
 
 def test_streamed_text_equals_full_decode_and_never_holds_broken_characters(tmp_path):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from loramux.server.ops import plan_segments, plan_tokens, select_backend
 from loramux.server.ops.reference import bgmv_reference, sgmv_reference
 

@@ -3,17 +3,18 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
 from loramux.server.sampling import (
     SamplerState,
     SamplingParams,
     apply_repetition_penalty,
     filter_top_k_top_p,
     sample,
-)
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 

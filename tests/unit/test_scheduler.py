@@ -2,6 +2,7 @@
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from loramux.server.scheduler import Budgets, SeqView, schedule
 
 B = Budgets(max_batch_size=4, max_tokens_per_step=16, max_adapters_per_step=2)
