@@ -34,6 +34,7 @@ def select_victims(lru_order: list[tuple[AdapterKey, int]], pinned: set[AdapterK
 @dataclass
 class Resident:
     pages: torch.Tensor  # [rank] page ids
+    kinds: frozenset[str]  # module kinds the adapter targets; other kinds' pages are never read
     pins: int = 0
 
 
@@ -118,16 +119,22 @@ class DevicePool:
         for victim in victims:
             self.evict(victim)
         pages = torch.tensor([self._free_pages.pop() for _ in range(weights.rank)], device=self.device)
-        for module, (a_store, b_store) in self.stores.items():
-            a, b = weights.a.get(module), weights.b.get(module)
-            if a is None:  # not targeted by this adapter: zero rows so stale pages add nothing
+        kinds = frozenset(kind for _, kind in weights.a)
+        for (layer, kind), (a_store, b_store) in self.stores.items():
+            if kind not in kinds:
+                continue  # never read: the step's plan for this kind leaves the adapter out
+            a, b = weights.a.get((layer, kind)), weights.b.get((layer, kind))
+            if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
                 a_store.index_fill_(0, pages, 0)
                 b_store.index_fill_(0, pages, 0)
             else:
                 a_store.index_copy_(0, pages, a.to(self.device, non_blocking=True))
                 b_store.index_copy_(0, pages, b.to(self.device, non_blocking=True))
-        self._resident[key] = Resident(pages)
+        self._resident[key] = Resident(pages, kinds)
         return pages
+
+    def kinds_of(self, key: AdapterKey) -> frozenset[str]:
+        return self._resident[key].kinds
 
     def evict(self, key: AdapterKey) -> None:
         res = self._resident[key]

@@ -22,7 +22,7 @@ from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
-from loramux.server.models import serving_model_class  # noqa: E402
+from loramux.server.models import lora_layout  # noqa: E402
 from loramux.server.requests import GenerationRequest  # noqa: E402
 from loramux.server.sampling import SamplingParams  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> int:
                           default_max_new_tokens=args.new_tokens,
                           max_device_adapters=32, max_host_adapters=128, metrics_port=0)
     loaded = load_model(config)
-    layout = serving_model_class(loaded.hf_model.config.architectures[0])(loaded.hf_model, 8).lora_layout()
+    layout = lora_layout(loaded.hf_model.config)
     t = time.perf_counter()
     adapters = make_adapters(args.cache, layout, args.adapters)
     print(f"{len(adapters)} adapters ready in {time.perf_counter() - t:.0f} s ({args.cache})")

@@ -19,7 +19,7 @@ from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
-from loramux.server.models import serving_model_class  # noqa: E402
+from loramux.server.models import lora_layout  # noqa: E402
 
 from common import median, random_prompts, run_batch  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> int:
                           max_device_adapters=n, max_host_adapters=n, metrics_port=0)
     loaded = load_model(config)
     with tempfile.TemporaryDirectory() as tmp:
-        layout = serving_model_class(loaded.hf_model.config.architectures[0])(loaded.hf_model, 8).lora_layout()
+        layout = lora_layout(loaded.hf_model.config)
         adapters = tuple((f"a{i}", str(write_random_adapter(Path(tmp) / f"a{i}", layout, args.rank, seed=i)))
                          for i in range(n))
         built = build_engine(ServerConfig(**{**config.__dict__, "adapters": adapters}), loaded)

@@ -76,6 +76,7 @@ class Sequence:
     num_computed: int = 0
     slot: int | None = None
     pages: torch.Tensor | None = None
+    kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
     pinned: bool = False
     text: str = ""  # all generated text so far (stop strings cut it)
     emitted: int = 0  # chars of ``text`` already sent
@@ -289,6 +290,7 @@ class Engine:
             if got is None:
                 return False  # every page pinned: wait for running requests to leave
             seq.pages, seq.adapter_load_seconds = got
+            seq.kinds = self.adapters.pool.kinds_of(seq.adapter)
             seq.pinned = True
         seq.slot = self.runner.kv.allocate()
         seq.admitted_at = time.monotonic()
@@ -312,6 +314,7 @@ class Engine:
             items.append(WorkItem(
                 slot=seq.slot, token_ids=seq.ids[start : start + n], start_pos=start, pages=seq.pages,
                 adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.num_prompt,
+                kinds=seq.kinds,
             ))
         t0 = time.perf_counter()
         logits, order = self.runner.step(items)

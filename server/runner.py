@@ -21,6 +21,10 @@ class WorkItem:
     adapter: Hashable | None  # the adapter's key, for grouping rows by adapter
     decode: bool
     needs_logits: bool  # the chunk ends the prompt, or it is a decode
+    kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
+
+    def uses(self, kind: str) -> bool:
+        return self.pages is not None and kind in self.kinds
 
 
 class ModelRunner:
@@ -29,6 +33,32 @@ class ModelRunner:
         self.kv = kv
         self.apply_lora = apply_lora
         self.device = device
+        self.kinds = model.lora_layout().kinds
+
+    def _plans(self, items, prefill: list[int], seg_starts: list[int], decode: list[int], num_prefill: int):
+        """kind -> LoRAPlan with only the rows whose adapter targets that kind. Kinds that select
+        the same rows share one plan, so all-projection adapters build a single plan."""
+        by_pattern, plans = {}, {}
+        for kind in self.kinds:
+            pattern = tuple(items[i].uses(kind) for i in (*prefill, *decode))
+            if pattern not in by_pattern:
+                seg_pages = [items[i].pages if items[i].uses(kind) else None for i in prefill]
+                token_adapter = [-1] * num_prefill
+                adapter_pages: list[torch.Tensor] = []
+                index: dict[Hashable, int] = {}
+                for i in decode:
+                    it = items[i]
+                    if not it.uses(kind):
+                        token_adapter.append(-1)
+                        continue
+                    if it.adapter not in index:
+                        index[it.adapter] = len(adapter_pages)
+                        adapter_pages.append(it.pages)
+                    token_adapter.append(index[it.adapter])
+                by_pattern[pattern] = merge_plans(plan_segments(seg_starts, seg_pages, self.device),
+                                                  plan_tokens(token_adapter, adapter_pages, self.device))
+            plans[kind] = by_pattern[pattern]
+        return plans
 
     def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);
@@ -38,7 +68,7 @@ class ModelRunner:
         # decode rows with adapters first, by rank, so that each BGMV group's rows are one slice
         decode = sorted((i for i, it in enumerate(items) if it.decode),
                         key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel()))
-        ids, positions, slots, prefill_seqs, seg_starts, seg_pages, logits_rows, order = [], [], [], [], [0], [], [], []
+        ids, positions, slots, prefill_seqs, seg_starts, logits_rows, order = [], [], [], [], [0], [], []
         for i in prefill:
             it = items[i]
             n = len(it.token_ids)
@@ -47,41 +77,28 @@ class ModelRunner:
             positions.extend(range(it.start_pos, it.start_pos + n))
             slots.extend([it.slot] * n)
             seg_starts.append(len(ids))
-            seg_pages.append(it.pages)
             if it.needs_logits:
                 logits_rows.append(len(ids) - 1)
                 order.append(i)
         num_prefill = len(ids)
-        token_adapter = [-1] * num_prefill
-        adapter_pages: list[torch.Tensor] = []
-        adapter_index: dict[Hashable, int] = {}
         for i in decode:
             it = items[i]
-            if it.adapter is None:
-                token_adapter.append(-1)
-            else:
-                if it.adapter not in adapter_index:
-                    adapter_index[it.adapter] = len(adapter_pages)
-                    adapter_pages.append(it.pages)
-                token_adapter.append(adapter_index[it.adapter])
             logits_rows.append(len(ids))
             order.append(i)
             ids.append(it.token_ids[0])
             positions.append(it.start_pos)
             slots.append(it.slot)
         dev = self.device
-        lora = merge_plans(plan_segments(seg_starts, seg_pages, dev), plan_tokens(token_adapter, adapter_pages, dev))
-        decode_slots = [items[i].slot for i in decode]
         batch = StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slots=torch.tensor(slots, dtype=torch.long, device=dev),
             prefill=tuple(prefill_seqs),
             num_prefill_rows=num_prefill,
-            decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=dev),
+            decode_slots=torch.tensor([items[i].slot for i in decode], dtype=torch.long, device=dev),
             decode_lengths=torch.tensor([items[i].start_pos + 1 for i in decode], dtype=torch.long, device=dev),
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            lora=lora,
+            lora=self._plans(items, prefill, seg_starts, decode, num_prefill),
         )
         return batch, order
 

@@ -107,3 +107,12 @@ def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def tiny_layout(model_dir: Path):
+    """The LoRA layout of a saved model, from its config alone."""
+    from transformers import AutoConfig
+
+    from loramux.server.models import lora_layout
+
+    return lora_layout(AutoConfig.from_pretrained(model_dir))

@@ -23,3 +23,9 @@ def serving_model_class(architecture: str):
         raise UnsupportedModel(
             f"architecture {architecture!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
         ) from None
+
+
+def lora_layout(hf_config):
+    """The LoRA layout of a model from its Hugging Face config (no weights loaded)."""
+    architecture = hf_config.architectures[0] if hf_config.architectures else ""
+    return serving_model_class(architecture).layout_from_config(hf_config)

@@ -30,4 +30,4 @@ class StepBatch:
     decode_slots: torch.Tensor  # [D]
     decode_lengths: torch.Tensor  # [D] context length after this step, this token included
     logits_rows: torch.Tensor  # [N] rows whose next-token logits are needed
-    lora: LoRAPlan
+    lora: dict[str, LoRAPlan]  # module kind -> rows (and pages) of the adapters that target it

@@ -52,10 +52,11 @@ class FusedLoRALinear(nn.Module):
         self.layer = layer
         self.stores: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # per kind: (a_store, b_store)
 
-    def forward(self, x: torch.Tensor, plan: LoRAPlan, apply_lora) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plans: dict[str, LoRAPlan], apply_lora) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if not plan.empty:
-            for sl, (a_store, b_store) in zip(self.slices, self.stores, strict=True):
+        for kind, sl, (a_store, b_store) in zip(self.kinds, self.slices, self.stores, strict=True):
+            plan = plans[kind]
+            if not plan.empty:
                 apply_lora(y[:, sl], x, a_store, b_store, plan)
         return y
 
@@ -162,16 +163,22 @@ class LlamaForServing(nn.Module):
         hd = self.layers[0].head_dim
         self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, hd)
 
+    @staticmethod
+    def layout_from_config(config) -> LoRALayout:
+        """LoRA targets and their (in, out) from the HF config alone: no weights needed."""
+        hidden, inter = config.hidden_size, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+                  "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+        modules = {
+            f"model.layers.{i}.{'mlp' if kind in (*MLP_UP_KINDS, 'down_proj') else 'self_attn'}.{kind}": (i, kind)
+            for i in range(config.num_hidden_layers) for kind in LORA_KINDS
+        }
+        return LoRALayout(modules, shapes, config.num_hidden_layers)
+
     def lora_layout(self) -> LoRALayout:
-        modules: dict[str, tuple[int, str]] = {}
-        shapes: dict[str, tuple[int, int]] = {}
-        for i, layer in enumerate(self.layers):
-            for fused in layer.lora_modules():
-                for kind, sl in zip(fused.kinds, fused.slices, strict=True):
-                    group = "self_attn" if kind in (*ATTN_KINDS, "o_proj") else "mlp"
-                    modules[f"model.layers.{i}.{group}.{kind}"] = (i, kind)
-                    shapes[kind] = (fused.weight.shape[1], sl.stop - sl.start)
-        return LoRALayout(modules, shapes, len(self.layers))
+        return self.layout_from_config(self.config)
 
     def bind_lora_stores(self, stores: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
         for i, layer in enumerate(self.layers):

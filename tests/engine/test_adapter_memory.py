@@ -12,7 +12,7 @@ from loramux.server.config import ServerConfig
 from loramux.server.requests import GenerationRequest
 from loramux.server.sampling import SamplingParams
 
-from helpers import peft_generate
+from helpers import peft_generate, tiny_layout
 
 NUM_ADAPTERS = 40
 MAX_NEW = 8
@@ -20,11 +20,7 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def many_adapters(tiny_llama, tmp_path_factory):
-    from loramux.server.model_loader import load_model
-    from loramux.server.models import serving_model_class
-
-    loaded = load_model(ServerConfig(model=str(tiny_llama)))
-    layout = serving_model_class("LlamaForCausalLM")(loaded.hf_model, 8).lora_layout()
+    layout = tiny_layout(tiny_llama)
     root = tmp_path_factory.mktemp("many")
     ranks = [4, 8, 16]
     return {f"m{i}": write_random_adapter(root / f"m{i}", layout, ranks[i % 3], seed=100 + i, b_scale=0.5)

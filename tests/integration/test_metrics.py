@@ -12,6 +12,7 @@ import pytest
 from loramux.adapters.synthetic import write_random_adapter
 from loramux.clients.types import Sampling
 
+from helpers import tiny_layout
 from server import ServerProcess
 from test_grpc import PROMPT_IDS, total, wait_idle
 
@@ -20,12 +21,7 @@ NUM_ADAPTERS = 100
 
 @pytest.fixture(scope="module")
 def metrics_server(tiny_llama, tmp_path_factory):
-    from loramux.server.config import ServerConfig
-    from loramux.server.model_loader import load_model
-    from loramux.server.models import serving_model_class
-
-    loaded = load_model(ServerConfig(model=str(tiny_llama)))
-    layout = serving_model_class("LlamaForCausalLM")(loaded.hf_model, 8).lora_layout()
+    layout = tiny_layout(tiny_llama)
     adapters = tmp_path_factory.mktemp("hundred")
     for i in range(NUM_ADAPTERS):
         write_random_adapter(adapters / f"a{i:03d}", layout, 4, seed=i, targets=("q_proj", "v_proj"))
