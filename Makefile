@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PROTO := proto/loramux/v1/loramux.proto
 
-.PHONY: install test serve proto lint bench bench-quick clean
+DEMO := demo-adapters
+
+.PHONY: install test serve proto lint bench bench-quick demo-adapters clean
 
 $(PY):
 	$(shell command -v $(PYTHON) >/dev/null 2>&1 && echo $(PYTHON) || echo python3) -m venv $(VENV)
@@ -22,7 +24,10 @@ test:
 	$(PY) -m pytest -q
 
 serve:
-	$(VENV)/bin/loramux serve $(ARGS)
+	$(VENV)/bin/loramux serve $(if $(wildcard $(DEMO)/*/adapter_model.safetensors),--adapter-dir $(DEMO)) $(ARGS)
+
+demo-adapters:
+	$(PY) -m loramux.adapters.demo --out $(DEMO)
 
 proto:
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)

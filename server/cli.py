@@ -107,8 +107,63 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     prep = sub.add_parser("prepare-model", help="convert the embedded default model to safetensors once")
     prep.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    train = sub.add_parser("train", help="train a LoRA adapter with peft (base model frozen)")
+    train.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    train.add_argument("--data", type=Path, required=True, help="JSONL of prompt/completion, messages or text")
+    train.add_argument("--out", type=Path, required=True, help="where the PEFT adapter is written")
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=float, default=16.0)
+    train.add_argument("--dropout", type=float, default=0.05)
+    train.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--max-length", type=int, default=256, help="longest example in tokens")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    merge = sub.add_parser("merge", help="merge an adapter into a full model folder")
+    merge.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    merge.add_argument("--adapter", type=Path, required=True)
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     add_client_commands(sub)
     return parser
+
+
+def _model_dir(args) -> Path:
+    from .model_loader import resolve_model_dir
+
+    return resolve_model_dir(ServerConfig(model=args.model, cache_dir=args.cache_dir))[0]
+
+
+def cmd_train(args) -> int:
+    from ..adapters.train import DataError, TrainConfig, train
+
+    cfg = TrainConfig(
+        model_dir=_model_dir(args), data=args.data, out=args.out, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, targets=tuple(t for t in args.targets.split(",") if t), steps=args.steps,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
+    )
+    try:
+        summary = train(cfg)
+    except DataError as e:
+        print(f"loramux train: {e}", file=sys.stderr)
+        return 2
+    print(f"trained {summary['steps']} steps on {summary['examples']} examples in {summary['seconds']:.0f} s: "
+          f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; adapter in {args.out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from ..adapters.merge import merge
+
+    out = merge(_model_dir(args), args.adapter, args.out)
+    print(f"merged {args.adapter} into {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         from .app import serve
 
         return serve(config)
+    if args.command in ("train", "merge"):
+        setup_logging("INFO", "text")
+        return cmd_train(args) if args.command == "train" else cmd_merge(args)
     if args.command == "prepare-model":
         setup_logging("INFO", "text")
         from .model_loader import resolve_model_dir

@@ -1,0 +1,110 @@
+"""loramux train and merge on a tiny random model."""
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from loramux.adapters.merge import merge
+from loramux.adapters.train import DataError, TrainConfig, load_examples, train
+from loramux.server.builder import build_engine
+from loramux.server.cli import main
+from loramux.server.config import ServerConfig
+from loramux.server.requests import GenerationRequest
+from loramux.server.sampling import SamplingParams
+
+from helpers import peft_generate
+
+EXAMPLES = [{"prompt": f"Q: {w}?\nA:", "completion": f" {w.upper()} {w[::-1]}"}
+            for w in ["fox", "dog", "cat", "server", "batch", "adapter", "low", "rank", "token", "queue"]]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in EXAMPLES) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "adapter"
+    cfg = TrainConfig(model_dir=tiny_llama, data=data_file, out=out, rank=8, alpha=16, dropout=0.0, steps=30,
+                      lr=5e-3, batch_size=4, max_length=64, targets=("q_proj", "v_proj", "gate_proj"),
+                      checkpoint_every=10)
+    return out, train(cfg)
+
+
+def test_thirty_steps_lower_the_loss(trained):
+    out, summary = trained
+    assert summary["steps"] == 30 and summary["final_loss"] < 0.7 * summary["first_loss"]
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+
+
+def test_trained_adapter_serves_like_peft(trained, tiny_llama):
+    out, _ = trained
+    prompt = [5, 17, 33, 60]
+    expected = peft_generate(tiny_llama, out, [prompt], 10, eos_token_id=None)[0]
+    built = build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=16,
+                                      adapters=(("trained", str(out)),)))
+    built.engine.start()
+
+    async def run():
+        req = GenerationRequest("t", tuple(prompt), SamplingParams(10, ignore_eos=True), "trained")
+        return [e.token_id async for e in built.engine.submit(req)]
+
+    try:
+        assert asyncio.run(run()) == expected
+    finally:
+        built.engine.stop()
+
+
+def test_merge_matches_peft_merge_and_unload(trained, tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = trained
+    merged_dir = merge(tiny_llama, out, tmp_path / "merged")
+    ours = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, out).merge_and_unload().eval()
+    x = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+    assert (merged_dir / "tokenizer.json").exists()
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained, tiny_llama, data_file):
+    out, _ = trained
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-20"]
+    cfg = TrainConfig(model_dir=tiny_llama, data=data_file, out=out, rank=8, alpha=16, dropout=0.0, steps=24,
+                      lr=5e-3, batch_size=4, max_length=64, targets=("q_proj", "v_proj", "gate_proj"),
+                      checkpoint_every=10, resume=True)
+    assert train(cfg)["steps"] == 24
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("", "no examples"),
+    ('{"prompt": "a", "completion": "b"}\n{not json\n', ":2: not valid JSON"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', ":2: 'prompt' and 'completion'"),
+    ('{"prompt": "a", "completion": "' + "long " * 80 + '"}\n', ":1: "),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "must end with an assistant turn"),
+])
+def test_bad_data_names_the_line(tiny_llama, tmp_path, content, needle):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=needle.replace("[", r"\[")):
+        load_examples(path, AutoTokenizer.from_pretrained(tiny_llama), max_length=64)
+
+
+def test_cli_reports_bad_data_with_the_line(tiny_llama, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "' + "word " * 100 + '"}\n')
+    rc = main(["train", "--model", str(tiny_llama), "--data", str(path), "--out", str(tmp_path / "o"),
+               "--max-length", "32"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1:" in err and "--max-length is 32" in err
