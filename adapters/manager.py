@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -44,7 +44,7 @@ class AdapterManager:
         self.pool = pool
         self.dtype = dtype
         self._paths: dict[AdapterKey, object] = {}
-        self._pending: dict[AdapterKey, Future] = {}
+        self._pending: set[AdapterKey] = set()  # disk reads queued or running
         self._failed: dict[AdapterKey, str] = {}
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io")
@@ -70,28 +70,28 @@ class AdapterManager:
         with self._lock:
             return "host" if key in self.host else "disk"
 
-    def _read(self, key: AdapterKey):
+    def _read_into_host(self, key: AdapterKey) -> None:
+        """Runs on the I/O thread: disk -> host tier, recording success or failure itself."""
         start = time.perf_counter()
         reg = self.registry
-        weights = load_adapter(self._paths[key], reg.layout, reg.max_rank, self.dtype, reg.allow_pickle)
-        if self._pin_memory:
-            weights = weights.pin_memory()
-        return weights, time.perf_counter() - start
-
-    def _on_read(self, key: AdapterKey, fut: Future) -> None:
+        try:
+            weights = load_adapter(self._paths[key], reg.layout, reg.max_rank, self.dtype, reg.allow_pickle)
+            if self._pin_memory:
+                weights = weights.pin_memory()
+            error = None
+        except AdapterInvalid as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - any read fault fails this adapter alone
+            log.exception("loading adapter %s failed", key)
+            error = f"adapter {key[0]!r} could not be loaded: {e}"
+        seconds = time.perf_counter() - start
         with self._lock:
-            self._pending.pop(key, None)
-            try:
-                weights, seconds = fut.result()
-            except AdapterInvalid as e:
-                self._failed[key] = str(e)
-                return
-            except Exception as e:  # noqa: BLE001 - any read fault fails this adapter alone
-                log.exception("loading adapter %s failed", key)
-                self._failed[key] = f"adapter {key[0]!r} could not be loaded: {e}"
-                return
-            self.host.put(key, weights)
-        if self.on_load is not None:
+            self._pending.discard(key)
+            if error is None:
+                self.host.put(key, weights)
+            else:
+                self._failed[key] = error
+        if error is None and self.on_load is not None:
             self.on_load("host", seconds)
 
     def readiness(self, key: AdapterKey, prefetch: bool = True) -> Readiness:
@@ -106,9 +106,8 @@ class AdapterManager:
                 return Readiness.READY
             if key not in self._pending and prefetch:
                 self._host_misses += 1
-                fut = self._io.submit(self._read, key)
-                self._pending[key] = fut
-                fut.add_done_callback(lambda f, k=key: self._on_read(k, f))
+                self._pending.add(key)
+                self._io.submit(self._read_into_host, key)
             return Readiness.LOADING
 
     def failure(self, key: AdapterKey) -> str | None:

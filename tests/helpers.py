@@ -55,6 +55,58 @@ def build_llama(out: Path, seed: int = 0, **overrides) -> Path:
     return out
 
 
+def _family_config(family: str, vocab: int, eos: int, pad: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, eos_token_id=eos, pad_token_id=pad, bos_token_id=None,
+                  initializer_range=0.2, tie_word_embeddings=False)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512)
+    if family == "mistral":  # a tiny sliding window so that prompts longer than it exercise it
+        return tf.MistralConfig(**common, **llama_like, sliding_window=6, architectures=["MistralForCausalLM"])
+    if family == "qwen2":  # q/k/v biases
+        return tf.Qwen2Config(**common, **llama_like, use_sliding_window=False, architectures=["Qwen2ForCausalLM"])
+    if family == "gpt2":
+        return tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                             architectures=["GPT2LMHeadModel"])
+    if family == "gpt_neo":  # alternating global / local (window 5) attention
+        return tf.GPTNeoConfig(**common, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                               attention_types=[[["global", "local"], 1]], window_size=5,
+                               max_position_embeddings=512, architectures=["GPTNeoForCausalLM"])
+    if family == "bloom":
+        return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
+    raise ValueError(family)
+
+
+def build_family_model(family: str, out: Path, seed: int = 0) -> Path:
+    """A 2-layer random model of ``family``, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id))
+    model.eval().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# The target-module names users train on, per family (mixed ranks and targets).
+FAMILY_ADAPTERS = {
+    "mistral": {"qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                "all-r16": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"])},
+    "qwen2": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+              "mlp-r4-rslora": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                    use_rslora=True)},
+    "gpt2": {"c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
+             "all-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)},
+    "gpt_neo": {"qvo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "out_proj"]),
+                "mlp-r4": dict(r=4, lora_alpha=4, target_modules=["c_fc", "c_proj"])},
+    "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
+              "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
+}
+
+
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Mixed ranks, targets (list and regex), rsLoRA, rank/alpha patterns, layers_to_transform.

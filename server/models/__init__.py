@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .bloom import BloomForServing
+from .gpt2 import GPT2ForServing
+from .gpt_neo import GPTNeoForServing
 from .llama import LlamaForServing
 
 # HF architecture name -> serving model class. Llama, Mistral and Qwen2 share one decoder.
@@ -9,6 +12,9 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
     "Qwen2ForCausalLM": LlamaForServing,
+    "GPT2LMHeadModel": GPT2ForServing,
+    "GPTNeoForCausalLM": GPTNeoForServing,
+    "BloomForCausalLM": BloomForServing,
 }
 
 

@@ -87,15 +87,17 @@ class FlatAttention(nn.Module):
         self.sliding_window = sliding_window
         self.register_buffer("slopes", slopes, persistent=False)
 
-    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> torch.Tensor:
-        """Bool [.., q, k] mask, or an additive float mask when ALiBi is on ([.., H, q, k])."""
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype, head_dim_at: int) -> torch.Tensor:
+        """q_pos [q, 1], k_pos [1, k] -> bool mask [q, k], or with ALiBi an additive float mask with a
+        head dimension inserted at ``head_dim_at`` (0: [H, q, k] for prefill; 1: [q, H, k] for decode)."""
         allowed = k_pos <= q_pos
         if self.sliding_window is not None:
             allowed &= k_pos > q_pos - self.sliding_window
         if self.slopes is None:
             return allowed
-        bias = self.slopes.to(dtype)[:, None, None] * k_pos.to(dtype)  # [H, 1, k] broadcast over queries
-        return bias.masked_fill(~allowed.unsqueeze(-3), float("-inf"))
+        bias = self.slopes.to(dtype)[:, None] * k_pos.to(dtype)  # [H, k]: constant over queries
+        bias, allowed = bias.unsqueeze(1 - head_dim_at), allowed.unsqueeze(head_dim_at)
+        return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=bias.device))
 
     def forward(self, q, k, v, batch: StepBatch, kv: SlotKVCache) -> torch.Tensor:
         k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]  # [slots, kv_heads, max_len, hd]
@@ -109,7 +111,7 @@ class FlatAttention(nn.Module):
             ctx = seq.start_pos + seq.num_tokens
             rows = slice(seq.row_start, seq.row_start + seq.num_tokens)
             q_pos = torch.arange(seq.start_pos, ctx, device=q.device)[:, None]
-            mask = self._mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype)
+            mask = self._mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype, head_dim_at=0)
             o = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1)[None], k_cache[seq.slot : seq.slot + 1, :, :ctx],
                 v_cache[seq.slot : seq.slot + 1, :, :ctx], attn_mask=mask, scale=self.scale, enable_gqa=gqa,
@@ -125,7 +127,7 @@ class FlatAttention(nn.Module):
             lengths = torch.ones(span, dtype=torch.long, device=q.device)
             lengths[batch.decode_slots] = batch.decode_lengths
             k_pos = torch.arange(ctx, device=q.device)[None, :]
-            mask = self._mask((lengths - 1)[:, None], k_pos, q.dtype)  # [span, ctx] or [span, H, ctx]
+            mask = self._mask((lengths - 1)[:, None], k_pos, q.dtype, head_dim_at=1)  # [span, ctx] | [span, H, ctx]
             mask = mask[:, None, None, :] if self.slopes is None else mask[:, :, None, :]
             o = F.scaled_dot_product_attention(
                 qd, k_cache[:span, :, :ctx], v_cache[:span, :, :ctx], attn_mask=mask, scale=self.scale,

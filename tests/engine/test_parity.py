@@ -23,13 +23,13 @@ def make_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(3, 40))] for _ in range(n)]
 
 
-async def run_staggered(engine, requests):
+async def run_staggered(engine, requests, max_new=MAX_NEW):
     """Submit in waves of 4; each wave waits until the previous wave has produced 2 tokens each,
     so every later wave joins a batch that is decoding."""
     outs, started = {}, {}
 
     async def one(i, adapter, prompt):
-        stream = engine.submit(GenerationRequest(f"r{i}", tuple(prompt), SamplingParams(MAX_NEW, ignore_eos=True), adapter))
+        stream = engine.submit(GenerationRequest(f"r{i}", tuple(prompt), SamplingParams(max_new, ignore_eos=True), adapter))
         toks = []
         async for ev in stream:
             toks.append(ev.token_id)
@@ -43,7 +43,15 @@ async def run_staggered(engine, requests):
         for i in batch:
             started[i] = asyncio.Event()
             tasks.append(asyncio.create_task(one(i, *requests[i])))
-        await asyncio.gather(*(started[i].wait() for i in batch))
+        waits = {asyncio.create_task(started[i].wait()) for i in batch}
+        while waits:  # until this wave decodes; a failed request fails the test now, not after a hang
+            done, _ = await asyncio.wait(waits | {t for t in tasks if not t.done()},
+                                         return_when=asyncio.FIRST_COMPLETED, timeout=60)
+            assert done, "a wave never started decoding"
+            for t in tasks:
+                if t.done() and t.exception() is not None:
+                    raise t.exception()
+            waits -= done
     await asyncio.gather(*tasks)
     return outs
 

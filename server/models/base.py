@@ -1,0 +1,53 @@
+"""What every serving model shares: the forward skeleton, the LoRA layout and store binding.
+
+A family subclass sets ``layers`` (each with ``lora_modules()``), ``final_norm``, ``lm_head`` and
+``kv_spec``, implements ``embed(batch)``, and lists its LoRA targets in ``lora_targets(config)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...adapters.loader import LoRALayout
+from ..kv_cache import SlotKVCache
+from .batch import StepBatch
+
+
+class ServingModel(nn.Module):
+    config: object
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    kv_spec: tuple[int, int, int]  # (layers, kv heads, head dim)
+
+    @staticmethod
+    def lora_targets(config) -> dict[str, tuple[str, int, int]]:
+        """kind -> (module name template with {i} for the layer, in_features, out_features)."""
+        raise NotImplementedError
+
+    @classmethod
+    def layout_from_config(cls, config) -> LoRALayout:
+        """LoRA targets and their (in, out) from the HF config alone: no weights needed."""
+        targets = cls.lora_targets(config)
+        modules = {template.format(i=i): (i, kind)
+                   for i in range(config.num_hidden_layers) for kind, (template, _, _) in targets.items()}
+        return LoRALayout(modules, {k: (fin, fout) for k, (_, fin, fout) in targets.items()}, config.num_hidden_layers)
+
+    def lora_layout(self) -> LoRALayout:
+        return self.layout_from_config(self.config)
+
+    def bind_lora_stores(self, stores: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for i, layer in enumerate(self.layers):
+            for fused in layer.lora_modules():
+                fused.stores = tuple(stores[(i, kind)] for kind in fused.kinds)
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: StepBatch, kv: SlotKVCache, apply_lora) -> torch.Tensor:
+        h = self.embed(batch)  # [T, hidden]
+        for layer in self.layers:
+            h = layer(h, batch, kv, apply_lora)
+        h = self.final_norm(h[batch.logits_rows])
+        return self.lm_head(h).float()  # [N, vocab]

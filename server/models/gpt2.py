@@ -1,0 +1,60 @@
+"""GPT-2 over a flat token batch: learned positions, LayerNorm, and Conv1D projections (weights
+stored [in, out], PEFT's ``fan_in_fan_out``) with q|k|v fused in ``c_attn``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .base import ServingModel
+from .batch import StepBatch
+from .layers import FlatAttention, FusedLoRALinear
+
+
+class GPT2Layer(nn.Module):
+    def __init__(self, block, config, layer: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
+        self.c_attn = FusedLoRALinear.from_conv1d(block.attn.c_attn, "c_attn", layer)
+        self.attn_proj = FusedLoRALinear.from_conv1d(block.attn.c_proj, "attn.c_proj", layer)
+        self.c_fc = FusedLoRALinear.from_conv1d(block.mlp.c_fc, "c_fc", layer)
+        self.mlp_proj = FusedLoRALinear.from_conv1d(block.mlp.c_proj, "mlp.c_proj", layer)
+        self.act = ACT2FN[config.activation_function]
+        heads = config.num_attention_heads
+        self.head_shape = (heads, config.hidden_size // heads)
+        scale = self.head_shape[1] ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer + 1)
+        self.attention = FlatAttention(layer, heads, heads, self.head_shape[1], scale=scale)
+
+    def lora_modules(self):
+        return [self.c_attn, self.attn_proj, self.c_fc, self.mlp_proj]
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        T = h.shape[0]
+        q, k, v = self.c_attn(self.ln_1(h), batch.lora, apply_lora).view(T, 3, *self.head_shape).unbind(1)
+        h = h + self.attn_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+        return h + self.mlp_proj(self.act(self.c_fc(self.ln_2(h), batch.lora, apply_lora)), batch.lora, apply_lora)
+
+
+class GPT2ForServing(ServingModel):
+    def __init__(self, hf_model, max_model_len: int):
+        super().__init__()
+        config = self.config = hf_model.config
+        t = hf_model.transformer
+        self.wte, self.wpe, self.final_norm, self.lm_head = t.wte, t.wpe, t.ln_f, hf_model.lm_head
+        self.layers = nn.ModuleList(GPT2Layer(block, config, i) for i, block in enumerate(t.h))
+        heads = config.num_attention_heads
+        self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
+
+    @staticmethod
+    def lora_targets(config):
+        d = config.hidden_size
+        inner = config.n_inner or 4 * d
+        p = "transformer.h.{i}."
+        return {"c_attn": (p + "attn.c_attn", d, 3 * d), "attn.c_proj": (p + "attn.c_proj", d, d),
+                "c_fc": (p + "mlp.c_fc", d, inner), "mlp.c_proj": (p + "mlp.c_proj", inner, d)}
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.wte(batch.input_ids) + self.wpe(batch.positions)

@@ -1,0 +1,61 @@
+"""GPT-Neo over a flat token batch: learned positions, unscaled attention (no 1/sqrt(d)), and
+layers that alternate global attention with a local sliding window (``attention_layers``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .base import ServingModel
+from .batch import StepBatch
+from .layers import FlatAttention, FusedLoRALinear
+
+ATTN_KINDS = ("q_proj", "k_proj", "v_proj")
+
+
+class GPTNeoLayer(nn.Module):
+    def __init__(self, block, config, layer: int):
+        super().__init__()
+        attn = block.attn.attention
+        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
+        self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer)
+        self.out_proj = FusedLoRALinear.from_linears([attn.out_proj], ("out_proj",), layer)
+        self.c_fc = FusedLoRALinear.from_linears([block.mlp.c_fc], ("c_fc",), layer)
+        self.c_proj = FusedLoRALinear.from_linears([block.mlp.c_proj], ("c_proj",), layer)
+        self.act = ACT2FN[config.activation_function]
+        heads = config.num_attention_heads
+        self.head_shape = (heads, config.hidden_size // heads)
+        window = config.window_size if config.attention_layers[layer] == "local" else None
+        self.attention = FlatAttention(layer, heads, heads, self.head_shape[1], scale=1.0, sliding_window=window)
+
+    def lora_modules(self):
+        return [self.qkv, self.out_proj, self.c_fc, self.c_proj]
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        T = h.shape[0]
+        q, k, v = self.qkv(self.ln_1(h), batch.lora, apply_lora).view(T, 3, *self.head_shape).unbind(1)
+        h = h + self.out_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+        return h + self.c_proj(self.act(self.c_fc(self.ln_2(h), batch.lora, apply_lora)), batch.lora, apply_lora)
+
+
+class GPTNeoForServing(ServingModel):
+    def __init__(self, hf_model, max_model_len: int):
+        super().__init__()
+        config = self.config = hf_model.config
+        t = hf_model.transformer
+        self.wte, self.wpe, self.final_norm, self.lm_head = t.wte, t.wpe, t.ln_f, hf_model.lm_head
+        self.layers = nn.ModuleList(GPTNeoLayer(block, config, i) for i, block in enumerate(t.h))
+        heads = config.num_attention_heads
+        self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
+
+    @staticmethod
+    def lora_targets(config):
+        d = config.hidden_size
+        inner = config.intermediate_size or 4 * d
+        a, m = "transformer.h.{i}.attn.attention.", "transformer.h.{i}.mlp."
+        return {"q_proj": (a + "q_proj", d, d), "k_proj": (a + "k_proj", d, d), "v_proj": (a + "v_proj", d, d),
+                "out_proj": (a + "out_proj", d, d), "c_fc": (m + "c_fc", d, inner), "c_proj": (m + "c_proj", inner, d)}
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.wte(batch.input_ids) + self.wpe(batch.positions)

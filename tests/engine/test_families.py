@@ -1,0 +1,42 @@
+"""Every supported family passes the staggered-join parity test against PEFT (float32, CPU)."""
+
+import asyncio
+
+import pytest
+
+from loramux.server.builder import build_engine
+from loramux.server.config import ServerConfig
+from loramux.server.models import UnsupportedModel, serving_model_class
+
+from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate
+from test_parity import make_prompts, run_staggered
+
+MAX_NEW = 12
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_ADAPTERS))
+def test_family_matches_peft_with_staggered_joins(family, tmp_path):
+    model = build_family_model(family, tmp_path / "model")
+    adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
+                for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
+    built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_tokens_per_step=20, max_model_len=80,
+                                      default_max_new_tokens=16, adapters=tuple((n, str(p)) for n, p in adapters.items())))
+    engine = built.engine
+    engine.start()
+    names = [None, *adapters]
+    prompts = make_prompts(engine.vocab_size, 12, seed=3)
+    requests = [(names[i % len(names)], prompts[i]) for i in range(12)]
+    try:
+        outs = asyncio.run(run_staggered(engine, requests, MAX_NEW))
+    finally:
+        engine.stop()
+    for name in names:
+        idx = [i for i, (n, _) in enumerate(requests) if n == name]
+        expected = peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW, eos_token_id=None)
+        for i, exp in zip(idx, expected, strict=True):
+            assert outs[i] == exp, f"{family} request {i} adapter {name}"
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    with pytest.raises(UnsupportedModel, match="BloomForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM"):
+        serving_model_class("FalconForCausalLM")
