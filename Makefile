@@ -7,7 +7,7 @@ PROTO := proto/loramux/v1/loramux.proto
 
 DEMO := demo-adapters
 
-.PHONY: install test serve proto lint bench bench-quick demo-adapters clean
+.PHONY: install test serve proto lint bench bench-decode bench-paging demo-adapters clean
 
 $(PY):
 	$(shell command -v $(PYTHON) >/dev/null 2>&1 && echo $(PYTHON) || echo python3) -m venv $(VENV)
@@ -35,8 +35,15 @@ proto:
 lint:
 	$(VENV)/bin/ruff check server adapters clients tests bench
 
+# `make bench` runs the side-by-side comparison (about 15 min); `make bench ARGS=--quick` a 2-minute one.
 bench:
+	$(PY) bench/compare.py $(ARGS)
+
+bench-decode:
 	$(PY) bench/engine_decode.py $(ARGS)
+
+bench-paging:
+	$(PY) bench/adapter_paging.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -8,6 +8,7 @@ at rank granularity). Adapters pinned by running requests are never evicted.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ class Resident:
 
 
 class DevicePool:
+    """Thread-safe: the engine thread pins, unpins and evicts; the adapter I/O thread may copy an
+    adapter into free pages. A copy runs outside the lock into pages reserved for it, and the
+    adapter becomes visible (resident) only once its pages are written."""
+
     def __init__(self, layout: LoRALayout, num_pages: int, max_adapters: int, dtype, device):
         self.num_pages = num_pages
         self.max_adapters = max_adapters
@@ -53,94 +58,115 @@ class DevicePool:
         self.device = device
         self.page_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
                               for a, b in self.stores.values())
+        self._lock = threading.RLock()
         self._free_pages = list(range(num_pages))
         self._resident: OrderedDict[AdapterKey, Resident] = OrderedDict()  # LRU order, oldest first
+        self._copying: set[AdapterKey] = set()  # pages reserved, copy in flight
         self.evictions = 0
         self.on_evict = None  # instrumentation hook: called with the key of each evicted adapter
 
     @property
     def resident_keys(self) -> list[AdapterKey]:
-        return list(self._resident)
+        with self._lock:
+            return list(self._resident)
 
     @property
     def used_bytes(self) -> int:
         return (self.num_pages - len(self._free_pages)) * self.page_bytes
 
     def pages_of(self, key: AdapterKey) -> torch.Tensor | None:
-        res = self._resident.get(key)
-        return None if res is None else res.pages
+        with self._lock:
+            res = self._resident.get(key)
+            return None if res is None else res.pages
+
+    def kinds_of(self, key: AdapterKey) -> frozenset[str]:
+        with self._lock:
+            return self._resident[key].kinds
 
     def pinned(self) -> set[AdapterKey]:
-        return {k for k, r in self._resident.items() if r.pins}
+        with self._lock:
+            return {k for k, r in self._resident.items() if r.pins}
 
     def pin(self, key: AdapterKey) -> torch.Tensor:
-        res = self._resident[key]
-        res.pins += 1
-        self._resident.move_to_end(key)
-        return res.pages
+        with self._lock:
+            res = self._resident[key]
+            res.pins += 1
+            self._resident.move_to_end(key)
+            return res.pages
 
     def unpin(self, key: AdapterKey) -> None:
-        res = self._resident[key]
-        assert res.pins > 0, f"unpin of unpinned adapter {key}"
-        res.pins -= 1
+        with self._lock:
+            res = self._resident[key]
+            assert res.pins > 0, f"unpin of unpinned adapter {key}"
+            res.pins -= 1
 
     def total_pins(self) -> int:
-        return sum(r.pins for r in list(self._resident.values()))
+        with self._lock:
+            return sum(r.pins for r in self._resident.values())
 
     def pin_count(self, key: AdapterKey) -> int:
-        res = self._resident.get(key)
-        return 0 if res is None else res.pins
+        with self._lock:
+            res = self._resident.get(key)
+            return 0 if res is None else res.pins
 
-    def can_fit(self, rank: int) -> bool:
-        """Whether ``rank`` pages can be had now, evicting unpinned adapters if needed."""
-        return self._plan_room(rank) is not None
-
-    def _plan_room(self, rank: int) -> list[AdapterKey] | None:
+    def _plan_room(self, rank: int, evict: bool) -> list[AdapterKey] | None:
+        """Victims to evict so that ``rank`` pages and one adapter slot are free; None: impossible
+        now (or eviction needed but not allowed)."""
         lru = [(k, r.pages.numel()) for k, r in self._resident.items()]
-        pinned = self.pinned()
-        need_pages = max(0, rank - len(self._free_pages))
-        victims = select_victims(lru, pinned, need_pages)
+        pinned = {k for k, r in self._resident.items() if r.pins}
+        victims = select_victims(lru, pinned, max(0, rank - len(self._free_pages)))
         if victims is None:
             return None
-        if len(self._resident) - len(victims) >= self.max_adapters:
+        if len(self._resident) + len(self._copying) - len(victims) >= self.max_adapters:
             extra = [k for k, _ in lru if k not in pinned and k not in victims]
             if not extra:
                 return None
             victims.append(extra[0])
-        return victims
+        return victims if evict or not victims else None
 
-    def load(self, key: AdapterKey, weights: LoRAWeights) -> torch.Tensor | None:
-        """Copy an adapter into free pages, evicting LRU unpinned adapters. None when all pinned."""
-        if key in self._resident:
-            return self._resident[key].pages
-        victims = self._plan_room(weights.rank)
-        if victims is None:
-            return None
-        for victim in victims:
-            self.evict(victim)
-        pages = torch.tensor([self._free_pages.pop() for _ in range(weights.rank)], device=self.device)
+    def load(self, key: AdapterKey, weights: LoRAWeights, evict: bool = True) -> torch.Tensor | None:
+        """Copy an adapter into free pages (evicting LRU unpinned adapters if ``evict``). Returns its
+        pages, or None when there is no room now or another thread is copying it in."""
+        with self._lock:
+            if key in self._resident:
+                return self._resident[key].pages
+            if key in self._copying:
+                return None
+            victims = self._plan_room(weights.rank, evict)
+            if victims is None:
+                return None
+            for victim in victims:
+                self.evict(victim)
+            pages = torch.tensor([self._free_pages.pop() for _ in range(weights.rank)], device=self.device)
+            self._copying.add(key)
         kinds = frozenset(kind for _, kind in weights.a)
-        for (layer, kind), (a_store, b_store) in self.stores.items():
-            if kind not in kinds:
-                continue  # never read: the step's plan for this kind leaves the adapter out
-            a, b = weights.a.get((layer, kind)), weights.b.get((layer, kind))
-            if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
-                a_store.index_fill_(0, pages, 0)
-                b_store.index_fill_(0, pages, 0)
-            else:
-                a_store.index_copy_(0, pages, a.to(self.device, non_blocking=True))
-                b_store.index_copy_(0, pages, b.to(self.device, non_blocking=True))
-        self._resident[key] = Resident(pages, kinds)
+        try:
+            for (layer, kind), (a_store, b_store) in self.stores.items():
+                if kind not in kinds:
+                    continue  # never read: the step's plan for this kind leaves the adapter out
+                a, b = weights.a.get((layer, kind)), weights.b.get((layer, kind))
+                if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
+                    a_store.index_fill_(0, pages, 0)
+                    b_store.index_fill_(0, pages, 0)
+                else:
+                    a_store.index_copy_(0, pages, a.to(self.device, non_blocking=True))
+                    b_store.index_copy_(0, pages, b.to(self.device, non_blocking=True))
+        except BaseException:
+            with self._lock:
+                self._copying.discard(key)
+                self._free_pages.extend(pages.tolist())
+            raise
+        with self._lock:
+            self._copying.discard(key)
+            self._resident[key] = Resident(pages, kinds)
         return pages
 
-    def kinds_of(self, key: AdapterKey) -> frozenset[str]:
-        return self._resident[key].kinds
-
     def evict(self, key: AdapterKey) -> None:
-        res = self._resident[key]
-        assert res.pins == 0, f"evicting pinned adapter {key}"
-        del self._resident[key]
-        self._free_pages.extend(res.pages.tolist())
-        self.evictions += 1
-        if self.on_evict is not None:
-            self.on_evict(key)
+        with self._lock:
+            res = self._resident[key]
+            assert res.pins == 0, f"evicting pinned adapter {key}"
+            if self.on_evict is not None:  # before the pages are freed: it can still see the pin count
+                self.on_evict(key)
+            del self._resident[key]
+            self._free_pages.extend(res.pages.tolist())
+            self.evictions += 1

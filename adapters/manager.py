@@ -49,6 +49,7 @@ class AdapterManager:
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io")
         self._device_hits = self._device_misses = self._host_misses = 0
+        self._resident_since: dict[AdapterKey, float] = {}
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self._pin_memory = torch.device(pool.device).type == "cuda"
 
@@ -91,8 +92,17 @@ class AdapterManager:
                 self.host.put(key, weights)
             else:
                 self._failed[key] = error
-        if error is None and self.on_load is not None:
+        if error is not None:
+            return
+        if self.on_load is not None:
             self.on_load("host", seconds)
+        # Copy into free device pages now, off the step loop; without eviction, since only the
+        # engine thread knows which adapters the next step needs. Admission then finds it resident.
+        start = time.perf_counter()
+        if self.pool.load(key, weights, evict=False) is not None:
+            self._resident_since[key] = time.monotonic()
+            if self.on_load is not None:
+                self.on_load("device", time.perf_counter() - start)
 
     def readiness(self, key: AdapterKey, prefetch: bool = True) -> Readiness:
         """Where the adapter stands; with ``prefetch``, start a disk read if it is in neither
@@ -119,11 +129,14 @@ class AdapterManager:
         with self._lock:
             self._failed.pop(key, None)
 
-    def acquire(self, key: AdapterKey) -> tuple[torch.Tensor, float] | None:
-        """Pin the adapter in device memory (copying it in if needed). Returns (pages, seconds
-        spent copying) or None while every page is pinned by running requests."""
+    def resident_since(self, key: AdapterKey) -> float:
+        """time.monotonic() when the adapter last became device-resident."""
+        return self._resident_since.get(key, 0.0)
+
+    def acquire(self, key: AdapterKey) -> torch.Tensor | None:
+        """Pin the adapter in device memory, copying it in (evicting LRU unpinned adapters) if the
+        I/O thread has not already. None while every page is pinned or a copy is in flight."""
         pages = self.pool.pages_of(key)
-        seconds = 0.0
         if pages is None:
             with self._lock:
                 weights = self.host.get(key)
@@ -134,13 +147,13 @@ class AdapterManager:
             if pages is None:
                 return None
             self._device_misses += 1
-            seconds = time.perf_counter() - start
+            self._resident_since[key] = time.monotonic()
             if self.on_load is not None:
-                self.on_load("device", seconds)
+                self.on_load("device", time.perf_counter() - start)
         else:
             self._device_hits += 1
         self.pool.pin(key)
-        return pages, seconds
+        return pages
 
     def tier_counters(self) -> dict[str, TierCounters]:
         with self._lock:

@@ -7,6 +7,7 @@ import sys
 
 import grpc
 
+from .bench import add_bench_command
 from .client import LoraMuxClient
 from .types import Sampling
 
@@ -40,6 +41,7 @@ def add_client_commands(sub) -> None:
     u.set_defaults(func=cmd_adapters_unregister)
 
     with_server(sub.add_parser("info", help="show the server's model and limits")).set_defaults(func=cmd_info)
+    add_bench_command(sub, with_server)
 
 
 def cmd_generate(args) -> int:

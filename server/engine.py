@@ -84,6 +84,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     adapter_load_seconds: float = 0.0
+    cold_adapter: bool = False  # the adapter was not device-resident when the request arrived
     done: bool = False
     cancel_reason: BaseException | None = field(default=None)
 
@@ -210,6 +211,7 @@ class Engine:
             raise EngineUnavailable("the server is draining or stopped and accepts no new requests")
         self.validate(req)
         adapter = self.adapters.resolve(req.adapter_id) if req.adapter_id else None
+        cold = adapter is not None and self.adapters.tier(adapter) != "device"
         with self._admission_lock:  # atomic reservation: never more than the bound accepted
             if self._accepted >= self.config.max_queued_requests:
                 raise QueueFull(f"the queue is full: {self.config.max_queued_requests} requests in flight")
@@ -219,6 +221,7 @@ class Engine:
             request=req, adapter=adapter, sampler=SamplerState.create(req.sampling, "cpu"),
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
+            cold_adapter=cold,
         )
         self._inbox.append(("add", seq))
         self._wake.set()
@@ -286,10 +289,11 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> bool:
         if seq.adapter is not None:
-            got = self.adapters.acquire(seq.adapter)
-            if got is None:
-                return False  # every page pinned: wait for running requests to leave
-            seq.pages, seq.adapter_load_seconds = got
+            seq.pages = self.adapters.acquire(seq.adapter)
+            if seq.pages is None:
+                return False  # every page pinned (or a copy in flight): wait for the next step
+            if seq.cold_adapter:  # how long this request waited for its adapter to load
+                seq.adapter_load_seconds = max(0.0, self.adapters.resident_since(seq.adapter) - seq.arrival)
             seq.kinds = self.adapters.pool.kinds_of(seq.adapter)
             seq.pinned = True
         seq.slot = self.runner.kv.allocate()

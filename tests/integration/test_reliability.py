@@ -390,3 +390,73 @@ def test_second_sigterm_exits_at_once(tiny_llama, tmp_path):
         assert time.monotonic() - t0 < 5
     finally:
         proc.stop()
+
+
+def _mutate_config(**change):
+    def apply(path):
+        import json
+
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg.update(change)
+        (path / "adapter_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return apply
+
+
+def _mutate_weights(fn):
+    def apply(path):
+        from safetensors.torch import load_file, save_file
+
+        save_file(fn(load_file(path / "adapter_model.safetensors")), path / "adapter_model.safetensors")
+    return apply
+
+
+def _raw(fn):
+    def apply(path):
+        f = path / "adapter_model.safetensors"
+        f.write_bytes(fn(f.read_bytes()))
+    return apply
+
+
+BAD_ADAPTERS = {
+    "config-not-json": (lambda p: (p / "adapter_config.json").write_text("{nope"), "not valid JSON"),
+    "no-r": (_mutate_config(r=None), "'r'"),
+    "no-alpha": (_mutate_config(lora_alpha=None), "lora_alpha"),
+    "no-targets": (_mutate_config(target_modules=None), "target_modules"),
+    "dora": (_mutate_config(use_dora=True), "use_dora"),
+    "modules-to-save": (_mutate_config(modules_to_save=["lm_head"]), "modules_to_save"),
+    "unknown-target": (_mutate_config(target_modules=["q_proj", "wizard_proj"]), "wizard_proj"),
+    "rank-too-big": (_mutate_weights(lambda t: {k: torch.cat([v] * 20, dim=0 if "lora_A" in k else 1)
+                                                  for k, v in t.items()}), "--max-lora-rank is 64"),
+    "wrong-shape": (_mutate_weights(lambda t: {k: v[:, :-1].contiguous() if "lora_A" in k else v for k, v in t.items()}),
+                    "do not fit"),
+    "header-truncated": (_raw(lambda b: b[:20]), "truncated"),
+    "header-oversized": (_raw(lambda b: (2**40).to_bytes(8, "little") + b[8:]), "limit"),
+    "bad-offsets": (_raw(lambda b: b[:-64]), "offsets"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ADAPTERS))
+def test_bad_adapters_are_refused_with_a_clear_message(rserver, tiny_adapters, name):
+    import shutil
+
+    mutate, needle = BAD_ADAPTERS[name]
+    path = shutil.copytree(tiny_adapters["attn-r4"], rserver.root / f"bad-{name}")
+    mutate(path)
+    with Canary(rserver) as canary:
+        code, details = code_of(rserver.client.register_adapter, f"bad-{name}", str(path))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and needle in details, details
+    assert f"bad-{name}" not in {a.adapter_id for a in rserver.client.list_adapters()}
+    assert_recovered(rserver, canary)
+
+
+def test_nan_weights_fail_their_requests_and_nothing_is_cached(rserver, tiny_adapters):
+    import shutil
+
+    path = shutil.copytree(tiny_adapters["attn-r4"], rserver.root / "nan")
+    _mutate_weights(lambda t: {k: v * float("nan") if "lora_B" in k else v for k, v in t.items()})(path)
+    rserver.client.register_adapter("nan", str(path))  # the header is fine; the values are read at load
+    with Canary(rserver) as canary:
+        code, details = code_of(rserver.client.generate, prompt_token_ids=PROMPT_IDS, adapter_id="nan")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "NaN" in details
+    assert {a.adapter_id: a for a in rserver.client.list_adapters()}["nan"].tier == "disk"
+    assert_recovered(rserver, canary)
