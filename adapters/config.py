@@ -46,10 +46,6 @@ class AdapterSpec:
         alpha = float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
-    def expected_rank(self, module_name: str) -> int:
-        key = get_pattern_key(self.rank_pattern, module_name)
-        return int(self.rank_pattern[key]) if key is not None else self.r
-
     @property
     def target_names(self) -> list[str]:
         return [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)

@@ -28,9 +28,6 @@ class HostCache:
             self._items.popitem(last=False)
             self.evictions += 1
 
-    def discard(self, key) -> None:
-        self._items.pop(key, None)
-
     def __contains__(self, key) -> bool:
         return key in self._items
 

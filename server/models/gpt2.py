@@ -9,33 +9,23 @@ from transformers.activations import ACT2FN
 
 from .base import ServingModel
 from .batch import StepBatch
-from .layers import FlatAttention, FusedLoRALinear
+from .layers import FlatAttention, FusedLoRALinear, PreLNBlock
 
 
-class GPT2Layer(nn.Module):
-    def __init__(self, block, config, layer: int):
-        super().__init__()
-        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
-        self.c_attn = FusedLoRALinear.from_conv1d(block.attn.c_attn, "c_attn", layer)
-        self.attn_proj = FusedLoRALinear.from_conv1d(block.attn.c_proj, "attn.c_proj", layer)
-        self.c_fc = FusedLoRALinear.from_conv1d(block.mlp.c_fc, "c_fc", layer)
-        self.mlp_proj = FusedLoRALinear.from_conv1d(block.mlp.c_proj, "mlp.c_proj", layer)
-        self.act = ACT2FN[config.activation_function]
-        heads = config.num_attention_heads
-        self.head_shape = (heads, config.hidden_size // heads)
-        scale = self.head_shape[1] ** -0.5 if config.scale_attn_weights else 1.0
-        if config.scale_attn_by_inverse_layer_idx:
-            scale /= float(layer + 1)
-        self.attention = FlatAttention(layer, heads, heads, self.head_shape[1], scale=scale)
-
-    def lora_modules(self):
-        return [self.c_attn, self.attn_proj, self.c_fc, self.mlp_proj]
-
-    def forward(self, h, batch: StepBatch, kv, apply_lora):
-        T = h.shape[0]
-        q, k, v = self.c_attn(self.ln_1(h), batch.lora, apply_lora).view(T, 3, *self.head_shape).unbind(1)
-        h = h + self.attn_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
-        return h + self.mlp_proj(self.act(self.c_fc(self.ln_2(h), batch.lora, apply_lora)), batch.lora, apply_lora)
+def gpt2_block(block, config, layer: int) -> PreLNBlock:
+    heads = config.num_attention_heads
+    head_dim = config.hidden_size // heads
+    scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
+    if config.scale_attn_by_inverse_layer_idx:
+        scale /= float(layer + 1)
+    return PreLNBlock(
+        block.ln_1, block.ln_2,
+        FusedLoRALinear.from_conv1d(block.attn.c_attn, "c_attn", layer),
+        FusedLoRALinear.from_conv1d(block.attn.c_proj, "attn.c_proj", layer),
+        FusedLoRALinear.from_conv1d(block.mlp.c_fc, "c_fc", layer),
+        FusedLoRALinear.from_conv1d(block.mlp.c_proj, "mlp.c_proj", layer),
+        ACT2FN[config.activation_function], FlatAttention(layer, heads, heads, head_dim, scale=scale),
+    )
 
 
 class GPT2ForServing(ServingModel):
@@ -44,7 +34,7 @@ class GPT2ForServing(ServingModel):
         config = self.config = hf_model.config
         t = hf_model.transformer
         self.wte, self.wpe, self.final_norm, self.lm_head = t.wte, t.wpe, t.ln_f, hf_model.lm_head
-        self.layers = nn.ModuleList(GPT2Layer(block, config, i) for i, block in enumerate(t.h))
+        self.layers = nn.ModuleList(gpt2_block(block, config, i) for i, block in enumerate(t.h))
         heads = config.num_attention_heads
         self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
 

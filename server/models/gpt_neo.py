@@ -9,34 +9,24 @@ from transformers.activations import ACT2FN
 
 from .base import ServingModel
 from .batch import StepBatch
-from .layers import FlatAttention, FusedLoRALinear
+from .layers import FlatAttention, FusedLoRALinear, PreLNBlock
 
 ATTN_KINDS = ("q_proj", "k_proj", "v_proj")
 
 
-class GPTNeoLayer(nn.Module):
-    def __init__(self, block, config, layer: int):
-        super().__init__()
-        attn = block.attn.attention
-        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
-        self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer)
-        self.out_proj = FusedLoRALinear.from_linears([attn.out_proj], ("out_proj",), layer)
-        self.c_fc = FusedLoRALinear.from_linears([block.mlp.c_fc], ("c_fc",), layer)
-        self.c_proj = FusedLoRALinear.from_linears([block.mlp.c_proj], ("c_proj",), layer)
-        self.act = ACT2FN[config.activation_function]
-        heads = config.num_attention_heads
-        self.head_shape = (heads, config.hidden_size // heads)
-        window = config.window_size if config.attention_layers[layer] == "local" else None
-        self.attention = FlatAttention(layer, heads, heads, self.head_shape[1], scale=1.0, sliding_window=window)
-
-    def lora_modules(self):
-        return [self.qkv, self.out_proj, self.c_fc, self.c_proj]
-
-    def forward(self, h, batch: StepBatch, kv, apply_lora):
-        T = h.shape[0]
-        q, k, v = self.qkv(self.ln_1(h), batch.lora, apply_lora).view(T, 3, *self.head_shape).unbind(1)
-        h = h + self.out_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
-        return h + self.c_proj(self.act(self.c_fc(self.ln_2(h), batch.lora, apply_lora)), batch.lora, apply_lora)
+def gpt_neo_block(block, config, layer: int) -> PreLNBlock:
+    attn = block.attn.attention
+    heads = config.num_attention_heads
+    window = config.window_size if config.attention_layers[layer] == "local" else None
+    return PreLNBlock(
+        block.ln_1, block.ln_2,
+        FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer),
+        FusedLoRALinear.from_linears([attn.out_proj], ("out_proj",), layer),
+        FusedLoRALinear.from_linears([block.mlp.c_fc], ("c_fc",), layer),
+        FusedLoRALinear.from_linears([block.mlp.c_proj], ("c_proj",), layer),
+        ACT2FN[config.activation_function],
+        FlatAttention(layer, heads, heads, config.hidden_size // heads, scale=1.0, sliding_window=window),
+    )
 
 
 class GPTNeoForServing(ServingModel):
@@ -45,7 +35,7 @@ class GPTNeoForServing(ServingModel):
         config = self.config = hf_model.config
         t = hf_model.transformer
         self.wte, self.wpe, self.final_norm, self.lm_head = t.wte, t.wpe, t.ln_f, hf_model.lm_head
-        self.layers = nn.ModuleList(GPTNeoLayer(block, config, i) for i, block in enumerate(t.h))
+        self.layers = nn.ModuleList(gpt_neo_block(block, config, i) for i, block in enumerate(t.h))
         heads = config.num_attention_heads
         self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
 

@@ -135,3 +135,25 @@ class FlatAttention(nn.Module):
             )
             out[batch.num_prefill_rows :] = o[batch.decode_slots].reshape(num_decode, size)
         return out
+
+
+class PreLNBlock(nn.Module):
+    """A GPT-style pre-LayerNorm block with a fused q|k|v projection and a two-layer MLP:
+        h += out(attn(qkv(ln_1(h))));  h += proj(act(fc(ln_2(h))))
+    Shared by GPT-2 and GPT-Neo, which differ only in module names, Conv1D weights and attention."""
+
+    def __init__(self, ln_1, ln_2, qkv: FusedLoRALinear, out: FusedLoRALinear, fc: FusedLoRALinear,
+                 proj: FusedLoRALinear, act, attention: FlatAttention):
+        super().__init__()
+        self.ln_1, self.ln_2, self.qkv, self.out, self.fc, self.proj = ln_1, ln_2, qkv, out, fc, proj
+        self.act, self.attention = act, attention
+        self.head_shape = (attention.num_heads, attention.head_dim)
+
+    def lora_modules(self) -> list[FusedLoRALinear]:
+        return [self.qkv, self.out, self.fc, self.proj]
+
+    def forward(self, h, batch: StepBatch, kv: SlotKVCache, apply_lora):
+        T = h.shape[0]
+        q, k, v = self.qkv(self.ln_1(h), batch.lora, apply_lora).view(T, 3, *self.head_shape).unbind(1)
+        h = h + self.out(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+        return h + self.proj(self.act(self.fc(self.ln_2(h), batch.lora, apply_lora)), batch.lora, apply_lora)
