@@ -30,15 +30,15 @@ from server import ServerProcess
 from test_grpc import PROMPT_IDS, code_of, wait_idle
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-CANARY_ADAPTERS = ("", "attn-r4", "all-r8")
+CANARY_ADAPTERS = ("", "attn-r4", "all-r8")  # every server these tests start registers them
 
 
 class Canary(threading.Thread):
     """Greedy requests in a loop; each must succeed with its baseline output."""
 
-    def __init__(self, server):
+    def __init__(self, server, token=None):
         super().__init__(daemon=True)
-        self.client = LoraMuxClient(server.target)
+        self.client = LoraMuxClient(server.target, token=token)
         self.sampling = Sampling(max_new_tokens=6, ignore_eos=True)
         self.baseline = {a: self._one(a) for a in CANARY_ADAPTERS}
         self.failures, self.count = [], 0
@@ -227,7 +227,8 @@ def secured(tiny_llama, tiny_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("sroot")
     proc = ServerProcess(
         ["--model", str(tiny_llama), "--adapter-root", str(root), "--allow-pickle", "--auth-token", "user-secret",
-         "--admin-token", "admin-secret", "--max-queued-requests", "8", "--max-batch-size", "4"],
+         "--admin-token", "admin-secret", "--max-queued-requests", "8", "--max-batch-size", "4",
+         "--adapter", f"attn-r4={tiny_adapters['attn-r4']}", "--adapter", f"all-r8={tiny_adapters['all-r8']}"],
         tmp_path_factory.mktemp("slogs") / "server.log",
     )
     proc.wait_ready()
@@ -239,11 +240,17 @@ def secured(tiny_llama, tiny_adapters, tmp_path_factory):
 
 
 def test_auth_tokens(secured):
+    with Canary(secured, token="user-secret") as canary:
+        check_auth(secured)
+    assert_recovered(secured, canary)
+
+
+def check_auth(secured):
     assert code_of(secured.client.generate, prompt="hi")[0] == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(LoraMuxClient(secured.target, token="nope").generate, prompt="hi")[0] == \
         grpc.StatusCode.PERMISSION_DENIED
     assert secured.user.generate(prompt="hi", sampling=Sampling(max_new_tokens=2)).completion_tokens >= 1
-    assert secured.user.list_adapters() == []  # the user token opens the read RPCs
+    assert {a.adapter_id for a in secured.user.list_adapters()} == {"attn-r4", "all-r8"}  # reads need the user token
     assert code_of(secured.client.server_info)[0] == grpc.StatusCode.UNAUTHENTICATED
     # registration needs the admin token, and the user token is not enough
     assert code_of(secured.user.register_adapter, "a", str(secured.root))[0] == grpc.StatusCode.PERMISSION_DENIED
@@ -253,6 +260,12 @@ def test_auth_tokens(secured):
 
 
 def test_weights_only_pickle_with_allow_pickle(secured, tiny_adapters, tmp_path):
+    with Canary(secured, token="user-secret") as canary:
+        check_pickle(secured, tiny_adapters, tmp_path)
+    assert_recovered(secured, canary)
+
+
+def check_pickle(secured, tiny_adapters, tmp_path):
     import shutil
 
     from safetensors.torch import load_file
