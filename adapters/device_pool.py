@@ -124,21 +124,22 @@ class DevicePool:
             victims.append(extra[0])
         return victims if evict or not victims else None
 
-    def load(self, key: AdapterKey, weights: LoRAWeights, evict: bool = True) -> torch.Tensor | None:
-        """Copy an adapter into free pages (evicting LRU unpinned adapters if ``evict``). Returns its
-        pages, or None when there is no room now or another thread is copying it in."""
+    def reserve(self, key: AdapterKey, rank: int, evict: bool) -> torch.Tensor | None:
+        """Set aside ``rank`` pages for ``key`` (evicting LRU unpinned adapters if ``evict``), for
+        ``fill`` to write. None: resident or already reserved, or no room now."""
         with self._lock:
-            if key in self._resident:
-                return self._resident[key].pages
-            if key in self._copying:
+            if key in self._resident or key in self._copying:
                 return None
-            victims = self._plan_room(weights.rank, evict)
+            victims = self._plan_room(rank, evict)
             if victims is None:
                 return None
             for victim in victims:
                 self.evict(victim)
-            pages = torch.tensor([self._free_pages.pop() for _ in range(weights.rank)], device=self.device)
             self._copying.add(key)
+            return torch.tensor([self._free_pages.pop() for _ in range(rank)], device=self.device)
+
+    def fill(self, key: AdapterKey, pages: torch.Tensor, weights: LoRAWeights) -> None:
+        """Write reserved pages (outside the lock: no running request reads them), then publish."""
         kinds = frozenset(kind for _, kind in weights.a)
         try:
             for (layer, kind), (a_store, b_store) in self.stores.items():
@@ -159,7 +160,6 @@ class DevicePool:
         with self._lock:
             self._copying.discard(key)
             self._resident[key] = Resident(pages, kinds)
-        return pages
 
     def evict(self, key: AdapterKey) -> None:
         with self._lock:

@@ -96,13 +96,11 @@ class AdapterManager:
             return
         if self.on_load is not None:
             self.on_load("host", seconds)
-        # Copy into free device pages now, off the step loop; without eviction, since only the
-        # engine thread knows which adapters the next step needs. Admission then finds it resident.
-        start = time.perf_counter()
-        if self.pool.load(key, weights, evict=False) is not None:
-            self._resident_since[key] = time.monotonic()
-            if self.on_load is not None:
-                self.on_load("device", time.perf_counter() - start)
+        # Copy into free device pages now, without eviction: only the engine thread knows which
+        # adapters the next step needs. Admission then finds it resident.
+        pages = self.pool.reserve(key, weights.rank, evict=False)
+        if pages is not None:
+            self._fill(key, pages, weights)
 
     def readiness(self, key: AdapterKey, prefetch: bool = True) -> Readiness:
         """Where the adapter stands; with ``prefetch``, start a disk read if it is in neither
@@ -133,25 +131,29 @@ class AdapterManager:
         """time.monotonic() when the adapter last became device-resident."""
         return self._resident_since.get(key, 0.0)
 
+    def _fill(self, key: AdapterKey, pages: torch.Tensor, weights) -> None:
+        """I/O thread: the host-to-device copy, kept off the step loop."""
+        start = time.perf_counter()
+        self.pool.fill(key, pages, weights)
+        self._resident_since[key] = time.monotonic()
+        if self.on_load is not None:
+            self.on_load("device", time.perf_counter() - start)
+
     def acquire(self, key: AdapterKey) -> torch.Tensor | None:
-        """Pin the adapter in device memory, copying it in (evicting LRU unpinned adapters) if the
-        I/O thread has not already. None while every page is pinned or a copy is in flight."""
+        """Pin a device-resident adapter and return its pages. Otherwise reserve pages for it
+        (evicting LRU unpinned adapters), hand the copy to the I/O thread and return None: the
+        request is admitted at a later step, and the running batch never waits for a copy."""
         pages = self.pool.pages_of(key)
         if pages is None:
             with self._lock:
                 weights = self.host.get(key)
-            if weights is None:
-                return None
-            start = time.perf_counter()
-            pages = self.pool.load(key, weights)
-            if pages is None:
-                return None
-            self._device_misses += 1
-            self._resident_since[key] = time.monotonic()
-            if self.on_load is not None:
-                self.on_load("device", time.perf_counter() - start)
-        else:
-            self._device_hits += 1
+            if weights is not None:
+                reserved = self.pool.reserve(key, weights.rank, evict=True)
+                if reserved is not None:
+                    self._device_misses += 1
+                    self._io.submit(self._fill, key, reserved, weights)
+            return None
+        self._device_hits += 1
         self.pool.pin(key)
         return pages
 

@@ -147,3 +147,28 @@ def test_unregister_and_replace_under_load(tiny_llama, many_adapters):
         engine.stop()
     assert all(o == old_ref for o in old_runs)  # running requests finished on the old weights
     assert swapped == new_ref  # new requests got the new weights
+
+
+def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
+    """Host-to-device copies happen on the adapter I/O thread, never on the step loop."""
+    import threading
+
+    built = engine_for(tiny_llama, many_adapters, device=2, host=4)
+    pool = built.manager.pool
+    fill_threads = []
+    original = pool.fill
+
+    def recording_fill(*args):
+        fill_threads.append(threading.current_thread().name)
+        return original(*args)
+
+    pool.fill = recording_fill
+    try:
+        reqs = [GenerationRequest(f"d{i}", (5, 6, 7), SamplingParams(4, ignore_eos=True), f"m{i % 6}")
+                for i in range(12)]
+        out = generate(built.engine, reqs)
+    finally:
+        built.engine.stop()
+    assert all(isinstance(o, list) and len(o) == 4 for o in out)
+    assert pool.evictions > 0 and len(fill_threads) >= 6
+    assert all(name.startswith("adapter-io") for name in fill_threads)
