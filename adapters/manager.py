@@ -1,7 +1,9 @@
 """Adapter memory across three tiers: disk -> host LRU -> device pages.
 
-Disk reads run on a background thread, so a cold adapter never stalls the step loop; the engine
-asks ``poll`` which adapters are ready and admits only requests whose adapter is.
+Disk reads and host-to-device copies run on one background I/O thread, so a cold adapter never
+stalls the step loop. The engine asks ``readiness`` (which also prefetches) and ``acquire`` (which
+pins a resident adapter, or reserves pages and queues its copy), and admits a request only once its
+adapter is resident.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Readiness(Enum):
-    READY = "ready"  # in host or device memory: admission can copy it in
+    READY = "ready"  # in host or device memory: acquire pins it, or queues its copy in
     LOADING = "loading"
     FAILED = "failed"
 

@@ -36,9 +36,9 @@ CANARY_ADAPTERS = ("", "attn-r4", "all-r8")  # every server these tests start re
 class Canary(threading.Thread):
     """Greedy requests in a loop; each must succeed with its baseline output."""
 
-    def __init__(self, server, token=None):
+    def __init__(self, server, token=None, tls=None):
         super().__init__(daemon=True)
-        self.client = LoraMuxClient(server.target, token=token)
+        self.client = LoraMuxClient(server.target, token=token, tls=tls)
         self.sampling = Sampling(max_new_tokens=6, ignore_eos=True)
         self.baseline = {a: self._one(a) for a in CANARY_ADAPTERS}
         self.failures, self.count = [], 0
@@ -327,12 +327,13 @@ def test_runtime_registration_is_off_by_default(tiny_llama, tmp_path):
         proc.stop()
 
 
-def test_tls_and_mutual_tls(tiny_llama, tmp_path):
+def test_tls_and_mutual_tls(tiny_llama, tiny_adapters, tmp_path):
     from certs import make_certs
 
     c = make_certs(tmp_path)
     proc = ServerProcess(["--model", str(tiny_llama), "--tls-cert", str(c["server"]), "--tls-key", str(c["server_key"]),
-                          "--tls-client-ca", str(c["ca"])], tmp_path / "log")
+                          "--tls-client-ca", str(c["ca"]), "--adapter", f"attn-r4={tiny_adapters['attn-r4']}",
+                          "--adapter", f"all-r8={tiny_adapters['all-r8']}"], tmp_path / "log")
     try:
         mtls = Tls(c["ca"].read_bytes(), c["client"].read_bytes(), c["client_key"].read_bytes())
         client = LoraMuxClient(proc.target, tls=mtls)
@@ -345,6 +346,8 @@ def test_tls_and_mutual_tls(tiny_llama, tmp_path):
                 assert time.monotonic() < deadline, proc.log()
                 time.sleep(0.2)
         assert client.generate(prompt="hi", sampling=Sampling(max_new_tokens=2)).completion_tokens >= 1
+        canary = Canary(proc, tls=mtls)
+        canary.start()
         no_cert = LoraMuxClient(proc.target, tls=Tls(c["ca"].read_bytes()))
         assert code_of(no_cert.generate, prompt="hi", timeout=5)[0] == grpc.StatusCode.UNAVAILABLE
         plain = LoraMuxClient(proc.target)
@@ -355,6 +358,8 @@ def test_tls_and_mutual_tls(tiny_llama, tmp_path):
         ctx.load_cert_chain(str(c["client"]), str(c["client_key"]))
         body = urllib.request.urlopen(f"https://127.0.0.1:{proc.metrics_port}/metrics", context=ctx, timeout=5).read()
         assert b"loramux_requests_total" in body
+        canary.__exit__()
+        assert canary.count > 0 and canary.failures == []
     finally:
         proc.stop()
 
