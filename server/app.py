@@ -71,9 +71,11 @@ class App:
 
     async def load(self) -> None:
         from .builder import build_engine  # torch and transformers load here, after the port is open
+        from .metrics import RequestLog
         from .prompts import PromptRenderer
 
         self.built = await asyncio.get_running_loop().run_in_executor(None, build_engine, self.config)
+        self.built.engine.observers.append(RequestLog())
         self._start_metrics()
         self.built.engine.start()
         self.servicer.attach(self.built, PromptRenderer(self.built.tokenizer))

@@ -58,8 +58,9 @@ class EngineObserver:
     def token(self, seq: Sequence, gap_seconds: float | None) -> None:
         """A token was sampled; ``gap_seconds`` since the sequence's previous token (None: first)."""
 
-    def finish(self, seq: Sequence, status: str, error: BaseException | None) -> None:
-        """The sequence left, with a gRPC-style status name ("OK", "CANCELLED", ...)."""
+    def finish(self, seq: Sequence, status: str, error: BaseException | None, timing: Timing) -> None:
+        """The sequence left, with a gRPC-style status name ("OK", "CANCELLED", ...) and the same
+        timing its response carries."""
 
 
 @dataclass(eq=False)
@@ -405,16 +406,17 @@ class Engine:
             seq.pinned = False
         with self._admission_lock:
             self._accepted -= 1
+        timing = self._timing(seq)
         if error is not None:
             self._emit(seq, error)
         else:
             token, delta, reason = last
             self._emit(seq, TokenEvent(
-                seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, self._timing(seq),
+                seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, timing,
             ))
         status = "OK" if error is None else status_name(error)
         for obs in self.observers:
-            obs.finish(seq, status, error)
+            obs.finish(seq, status, error, timing)
 
     @staticmethod
     def _emit(seq: Sequence, item) -> None:

@@ -6,6 +6,7 @@ counters are read from live state at scrape time by a collector, so they can nev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .engine import EngineObserver, Sequence, StepStats
+from .requests import Timing
 
 log = logging.getLogger("loramux.requests")
 OTHER = "other"
@@ -80,26 +82,30 @@ class Metrics(EngineObserver):
         if gap_seconds is not None:
             self.itl.observe(gap_seconds)
 
-    def finish(self, seq: Sequence, status: str, error: BaseException | None) -> None:
+    def finish(self, seq: Sequence, status: str, error: BaseException | None, timing: Timing) -> None:
         adapter = self.labels(seq.request.adapter_id)
         self.requests.labels(status, adapter).inc()
         self.prompt_tokens.labels(adapter).inc(seq.num_prompt)
         self.generated_tokens.labels(adapter).inc(seq.num_generated)
-        now = seq.last_token_at or seq.admitted_at or seq.arrival
-        self.request_duration.observe(max(0.0, now - seq.arrival))
+        self.request_duration.observe(timing.total_seconds)
         if seq.admitted_at is not None:
-            self.queue_duration.observe(seq.admitted_at - seq.arrival)
+            self.queue_duration.observe(timing.queue_seconds)
         if seq.first_token_at is not None:
-            self.ttft.observe(seq.first_token_at - seq.arrival)
+            self.ttft.observe(timing.time_to_first_token_seconds)
+
+
+class RequestLog(EngineObserver):
+    """One structured log line per finished request, with the timing its response carries."""
+
+    def finish(self, seq: Sequence, status: str, error: BaseException | None, timing: Timing) -> None:
+        req = seq.request
         log.info(
-            "request %s adapter=%s status=%s prompt_tokens=%d completion_tokens=%d", seq.request.request_id,
-            seq.request.adapter_id or "-", status, seq.num_prompt, seq.num_generated,
+            "request %s adapter=%s status=%s prompt_tokens=%d completion_tokens=%d total_seconds=%.3f",
+            req.request_id, req.adapter_id or "-", status, seq.num_prompt, seq.num_generated, timing.total_seconds,
             extra={"fields": {
-                "request_id": seq.request.request_id, "adapter": seq.request.adapter_id, "status": status,
+                "request_id": req.request_id, "adapter": req.adapter_id, "status": status,
                 "prompt_tokens": seq.num_prompt, "completion_tokens": seq.num_generated,
-                "queue_seconds": (seq.admitted_at - seq.arrival) if seq.admitted_at else None,
-                "time_to_first_token_seconds": (seq.first_token_at - seq.arrival) if seq.first_token_at else None,
-                "total_seconds": now - seq.arrival, "error": str(error) if error else None,
+                **dataclasses.asdict(timing), "error": str(error) if error else None,
             }},
         )
 

@@ -29,7 +29,7 @@ class RankGroup:
 
     rank: int
     rows: torch.Tensor  # [n] token rows
-    contiguous: bool  # rows == arange(rows[0], rows[0] + n): slice instead of gather
+    row_start: int | None  # rows == arange(row_start, row_start + n): slice instead of gather
     pages: torch.Tensor
     group_ends: torch.Tensor | None
 
@@ -54,7 +54,7 @@ def _group(rank: int, rows: list[int], pages: list[torch.Tensor], counts: list[i
     return RankGroup(
         rank=rank,
         rows=torch.tensor(rows, dtype=torch.long, device=device),
-        contiguous=rows == list(range(first, first + len(rows))),
+        row_start=first if rows == list(range(first, first + len(rows))) else None,
         pages=torch.cat(pages).to(device),
         group_ends=None if counts is None else torch.tensor(counts).cumsum(0, dtype=torch.int32).to(device),
     )

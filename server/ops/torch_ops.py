@@ -55,12 +55,8 @@ class TorchLoRA:
         return out.view(lead, rank, store.shape[1])
 
     def _apply_group(self, y, x, a_store, b_store, g: RankGroup) -> None:
-        n = g.num_rows
-        if g.contiguous:
-            lo = int(g.rows[0])
-            xs = x[lo : lo + n]
-        else:
-            xs = x.index_select(0, g.rows)
+        n, lo = g.num_rows, g.row_start
+        xs = x[lo : lo + n] if lo is not None else x.index_select(0, g.rows)
         if g.group_ends is None:  # BGMV: one adapter per row
             a = self._gather("a", a_store, g.pages, n, g.rank)  # [n, r, in]
             v = torch.bmm(xs[:, None, :], a.transpose(1, 2), out=self._buffer("v", (n, 1, g.rank), x))  # [n, 1, r]
@@ -71,7 +67,7 @@ class TorchLoRA:
             a = self._gather("a", a_store, g.pages, num_adapters, g.rank).transpose(1, 2)  # [U, in, r]
             b = self._gather("b", b_store, g.pages, num_adapters, g.rank)  # [U, r, out]
             delta = _grouped(_grouped(xs, a, g.group_ends), b, g.group_ends)  # [n, out]
-        if g.contiguous:
+        if lo is not None:
             y[lo : lo + n] += delta
         else:
             y.index_add_(0, g.rows, delta)
