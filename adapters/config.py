@@ -50,11 +50,13 @@ class AdapterSpec:
     def target_names(self) -> list[str]:
         return [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
 
-    def targets_module(self, module_name: str) -> bool:
-        """PEFT's target rule: a regex must match the full name; a list entry matches a suffix."""
+    def unmatched_targets(self, module_names) -> list[str]:
+        """The targets that match none of ``module_names``, by PEFT's rule: a regex must match a
+        full name; a list entry must equal a name or end it at a dot boundary."""
+        names = list(module_names)
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module_name) is not None
-        return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+            return [] if any(re.fullmatch(self.target_modules, n) for n in names) else [self.target_modules]
+        return [t for t in self.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 def _refuse(field_name: str, why: str) -> AdapterInvalid:

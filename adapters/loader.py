@@ -138,13 +138,12 @@ def _modules_from_shapes(
         found.setdefault(m["module"], {})[m["ab"]] = list(shape)
     if not found:
         raise AdapterInvalid("the adapter holds no LoRA weights")
-    for target in spec.target_names:
-        if not any(spec.targets_module(name) and (isinstance(spec.target_modules, str) or name.endswith(target))
-                   for name in layout.modules):
-            raise AdapterInvalid(
-                f"adapter_config.json field 'target_modules': {target!r} matches no supported module of this "
-                f"model; supported: {sorted(layout.kinds)}"
-            )
+    unmatched = spec.unmatched_targets(layout.modules)
+    if unmatched:
+        raise AdapterInvalid(
+            f"adapter_config.json field 'target_modules': {unmatched[0]!r} matches no supported module of this "
+            f"model; supported: {sorted(layout.kinds)}"
+        )
     ranks = {}
     for module, ab in sorted(found.items()):
         if module not in layout.modules:

@@ -211,12 +211,17 @@ class Engine:
         if not self._accepting or self.fatal_error is not None:
             raise EngineUnavailable("the server is draining or stopped and accepts no new requests")
         self.validate(req)
-        adapter = self.adapters.resolve(req.adapter_id) if req.adapter_id else None
-        cold = adapter is not None and self.adapters.tier(adapter) != "device"
         with self._admission_lock:  # atomic reservation: never more than the bound accepted
             if self._accepted >= self.config.max_queued_requests:
                 raise QueueFull(f"the queue is full: {self.config.max_queued_requests} requests in flight")
             self._accepted += 1
+        try:  # resolving counts the request as served: only once it holds a place
+            adapter = self.adapters.resolve(req.adapter_id) if req.adapter_id else None
+        except BaseException:
+            with self._admission_lock:
+                self._accepted -= 1
+            raise
+        cold = adapter is not None and self.adapters.tier(adapter) != "device"
         loop = asyncio.get_running_loop()
         seq = Sequence(
             request=req, adapter=adapter, sampler=SamplerState.create(req.sampling, "cpu"),

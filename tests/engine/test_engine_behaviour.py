@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from loramux.adapters.errors import AdapterNotFound
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
@@ -175,3 +176,26 @@ def test_deadline_expires_while_queued(tiny_llama):
     finally:
         built.engine.stop()
     assert len(rest) + 1 == 200
+
+
+def test_refused_requests_are_not_counted_as_served(built):
+    """requests_served counts accepted requests: not those refused for a full queue or an unknown id."""
+    engine, entry = built.engine, built.registry.get("attn-r4")
+
+    async def main():
+        served_before = entry.requests_served
+        streams = [engine.submit(req(f"f{i}", SamplingParams(30, ignore_eos=True))) for i in range(16)]
+        with pytest.raises(QueueFull):
+            engine.submit(req("over", SamplingParams(4), "attn-r4"))
+        assert entry.requests_served == served_before
+        for s in streams:
+            async for _ in s:
+                pass
+        with pytest.raises(AdapterNotFound):
+            engine.submit(req("nope", SamplingParams(4), "no-such-adapter"))
+        assert engine.num_in_flight == 0  # the refused request released its place
+        async for _ in engine.submit(req("ok", SamplingParams(2), "attn-r4")):
+            pass
+        assert entry.requests_served == served_before + 1
+
+    asyncio.run(main())

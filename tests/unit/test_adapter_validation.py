@@ -108,3 +108,10 @@ def test_adapter_ids_are_checked(bad):
 def test_good_adapter_ids_pass():
     for good in ["a", "team/cust-1:v2", "A.b_c-d", "x" * 128]:
         validate_adapter_id(good)
+
+
+def test_list_targets_match_at_a_dot_boundary_only(tmp_path):
+    """PEFT's rule: "proj" is not a suffix match for "q_proj"."""
+    path = write_adapter(tmp_path / "suffix", config={**BASE, "target_modules": ["q_proj", "proj"]})
+    with pytest.raises(AdapterInvalid, match="'proj' matches no supported module"):
+        inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
