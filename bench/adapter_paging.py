@@ -19,14 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
+from loramux.clients.bench import percentile  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
 from loramux.server.requests import GenerationRequest  # noqa: E402
 from loramux.server.sampling import SamplingParams  # noqa: E402
-
-from common import percentile  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "v_proj")

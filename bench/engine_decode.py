@@ -11,6 +11,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -21,7 +22,7 @@ from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
 
-from common import median, random_prompts, run_batch  # noqa: E402
+from common import random_prompts, run_batch  # noqa: E402
 
 
 def main() -> int:

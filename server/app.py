@@ -20,7 +20,6 @@ from .grpc_service import LoraMuxServicer
 log = logging.getLogger(__name__)
 SERVICE_NAME = loramux_pb2.DESCRIPTOR.services_by_name["LoraMux"].full_name  # "loramux.v1.LoraMux"
 DRAIN_POLL_S = 0.05
-FATAL_POLL_S = 0.05
 EXIT_FATAL = 3
 
 
@@ -46,6 +45,7 @@ class App:
         self.built = None
         self._metrics_server = None
         self._stopping = asyncio.Event()
+        self._fatal = asyncio.Event()
         self._signals = 0
         loramux_pb2_grpc.add_LoraMuxServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -74,8 +74,10 @@ class App:
         from .metrics import RequestLog
         from .prompts import PromptRenderer
 
-        self.built = await asyncio.get_running_loop().run_in_executor(None, build_engine, self.config)
+        loop = asyncio.get_running_loop()
+        self.built = await loop.run_in_executor(None, build_engine, self.config)
         self.built.engine.observers.append(RequestLog())
+        self.built.engine.on_fatal = lambda error: self._on_fatal(loop)
         self._start_metrics()
         self.built.engine.start()
         self.servicer.attach(self.built, PromptRenderer(self.built.tokenizer))
@@ -105,10 +107,12 @@ class App:
             os._exit(1)
         self._stopping.set()
 
-    async def _watch_engine(self) -> None:
-        """A fatal engine fault: every request has already failed; stop serving and exit non-zero."""
-        while self.built is None or self.built.engine.fatal_error is None:
-            await asyncio.sleep(FATAL_POLL_S)
+    def _on_fatal(self, loop) -> None:
+        """Engine thread, on a fatal fault: readiness off (waited for, so that no client sees a
+        failed request while health still says SERVING), then stop and exit non-zero."""
+        not_serving = self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        asyncio.run_coroutine_threadsafe(not_serving, loop).result(timeout=5)
+        loop.call_soon_threadsafe(self._fatal.set)
 
     async def drain(self, timeout: float) -> None:
         """Readiness off, refuse new requests, let running ones finish (up to timeout), stop."""
@@ -133,7 +137,7 @@ class App:
             loop.add_signal_handler(sig, self.on_signal)
         loader = asyncio.create_task(self.load())
         stop = asyncio.create_task(self._stopping.wait())
-        fatal = asyncio.create_task(self._watch_engine())
+        fatal = asyncio.create_task(self._fatal.wait())
         done, _ = await asyncio.wait({loader, stop}, return_when=asyncio.FIRST_COMPLETED)
         if loader in done:
             loader.result()  # a failed load raises here and the process exits non-zero

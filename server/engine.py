@@ -145,6 +145,7 @@ class Engine:
         self.fatal_error: BaseException | None = None
         self.observers: list[EngineObserver] = []
         self.fault_hook = None  # tests only: callable(seq) run before each token is handled
+        self.on_fatal = None  # callable(error), on the engine thread, before in-flight requests fail
 
     # ---- public API (any thread / asyncio loop) ----
     def start(self) -> None:
@@ -252,6 +253,11 @@ class Engine:
         except BaseException as e:  # a fault of the engine itself: fail everyone, promptly
             log.exception("fatal engine error")
             self.fatal_error = e
+            if self.on_fatal is not None:  # e.g. health turns NOT_SERVING before anyone sees a failure
+                try:
+                    self.on_fatal(e)
+                except Exception:  # noqa: BLE001 - failing the requests below matters more
+                    log.exception("on_fatal hook failed")
             for seq in [*self._running, *self._waiting]:
                 self._finish(seq, error=RequestFailed(f"engine failure: {e}"))
             while self._inbox:
