@@ -97,6 +97,8 @@ class ModelRunner:
             num_prefill_rows=num_prefill,
             decode_slots=torch.tensor([items[i].slot for i in decode], dtype=torch.long, device=dev),
             decode_lengths=torch.tensor([items[i].start_pos + 1 for i in decode], dtype=torch.long, device=dev),
+            decode_span=max((items[i].slot for i in decode), default=-1) + 1,
+            decode_ctx=max((items[i].start_pos + 1 for i in decode), default=0),
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             lora=self._plans(items, prefill, seg_starts, decode, num_prefill),
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,5 +29,8 @@ class StepBatch:
     num_prefill_rows: int
     decode_slots: torch.Tensor  # [D]
     decode_lengths: torch.Tensor  # [D] context length after this step, this token included
+    decode_span: int  # max decode slot + 1: decode attention runs over a view of slots [0, span)
+    decode_ctx: int  # longest decode context
     logits_rows: torch.Tensor  # [N] rows whose next-token logits are needed
     lora: dict[str, LoRAPlan]  # module kind -> rows (and pages) of the adapters that target it
+    masks: dict = field(default_factory=dict)  # attention masks built once per step, shared by layers

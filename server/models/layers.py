@@ -99,6 +99,20 @@ class FlatAttention(nn.Module):
         bias, allowed = bias.unsqueeze(1 - head_dim_at), allowed.unsqueeze(head_dim_at)
         return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=bias.device))
 
+    def _decode_mask(self, batch: StepBatch, dtype) -> torch.Tensor:
+        """[span, 1 or H, 1, ctx]; built once per step for each (window, ALiBi) and shared by layers."""
+        key = ("decode", self.sliding_window, None if self.slopes is None else id(self.slopes))
+        mask = batch.masks.get(key)
+        if mask is None:
+            device = batch.decode_slots.device
+            lengths = torch.ones(batch.decode_span, dtype=torch.long, device=device)  # idle slots see key 0
+            lengths[batch.decode_slots] = batch.decode_lengths
+            k_pos = torch.arange(batch.decode_ctx, device=device)[None, :]
+            mask = self._mask((lengths - 1)[:, None], k_pos, dtype, head_dim_at=1)  # [span, ctx] | [span, H, ctx]
+            mask = mask[:, None, None, :] if self.slopes is None else mask[:, :, None, :]
+            batch.masks[key] = mask
+        return mask
+
     def forward(self, q, k, v, batch: StepBatch, kv: SlotKVCache) -> torch.Tensor:
         k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]  # [slots, kv_heads, max_len, hd]
         k_cache[batch.slots, :, batch.positions] = k
@@ -110,8 +124,12 @@ class FlatAttention(nn.Module):
             # queries [1, H, n, hd] over the slot's keys [1, KV, ctx, hd]
             ctx = seq.start_pos + seq.num_tokens
             rows = slice(seq.row_start, seq.row_start + seq.num_tokens)
-            q_pos = torch.arange(seq.start_pos, ctx, device=q.device)[:, None]
-            mask = self._mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype, head_dim_at=0)
+            key = ("prefill", seq.row_start, self.sliding_window, None if self.slopes is None else id(self.slopes))
+            mask = batch.masks.get(key)
+            if mask is None:  # once per step and chunk, shared by layers
+                q_pos = torch.arange(seq.start_pos, ctx, device=q.device)[:, None]
+                mask = self._mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype, head_dim_at=0)
+                batch.masks[key] = mask
             o = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1)[None], k_cache[seq.slot : seq.slot + 1, :, :ctx],
                 v_cache[seq.slot : seq.slot + 1, :, :ctx], attn_mask=mask, scale=self.scale, enable_gqa=gqa,
@@ -119,19 +137,13 @@ class FlatAttention(nn.Module):
             out[rows] = o[0].transpose(0, 1).reshape(seq.num_tokens, size)
         num_decode = batch.decode_slots.numel()
         if num_decode:
-            # All decode rows in one call over a view of slots [0, max slot]: no KV copy.
-            span = int(batch.decode_slots.max()) + 1
-            ctx = int(batch.decode_lengths.max())
+            # All decode rows in one call over a view of slots [0, span): no KV copy.
+            span, ctx = batch.decode_span, batch.decode_ctx
             qd = q.new_zeros(span, self.num_heads, 1, self.head_dim)
             qd[batch.decode_slots] = q[batch.num_prefill_rows :, :, None]
-            lengths = torch.ones(span, dtype=torch.long, device=q.device)
-            lengths[batch.decode_slots] = batch.decode_lengths
-            k_pos = torch.arange(ctx, device=q.device)[None, :]
-            mask = self._mask((lengths - 1)[:, None], k_pos, q.dtype, head_dim_at=1)  # [span, ctx] | [span, H, ctx]
-            mask = mask[:, None, None, :] if self.slopes is None else mask[:, :, None, :]
             o = F.scaled_dot_product_attention(
-                qd, k_cache[:span, :, :ctx], v_cache[:span, :, :ctx], attn_mask=mask, scale=self.scale,
-                enable_gqa=gqa,
+                qd, k_cache[:span, :, :ctx], v_cache[:span, :, :ctx], attn_mask=self._decode_mask(batch, q.dtype),
+                scale=self.scale, enable_gqa=gqa,
             )
             out[batch.num_prefill_rows :] = o[batch.decode_slots].reshape(num_decode, size)
         return out
