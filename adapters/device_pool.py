@@ -8,6 +8,7 @@ at rank granularity). Adapters pinned by running requests are never evicted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ def select_victims(lru_order: list[tuple[AdapterKey, int]], pinned: set[AdapterK
 
 @dataclass
 class Resident:
-    pages: torch.Tensor  # [rank] page ids
+    pages: torch.Tensor  # [rank] page ids, on the host: plans upload them with the step's metadata
     kinds: frozenset[str]  # module kinds the adapter targets; other kinds' pages are never read
     pins: int = 0
 
@@ -56,6 +57,11 @@ class DevicePool:
             for kind, (in_f, out_f) in layout.shapes.items()
         }
         self.device = device
+        # On CUDA, copies run on their own stream, overlapping the engine's compute stream.
+        self._copy_stream = None
+        if torch.device(device).type == "cuda":
+            self._copy_stream = torch.cuda.Stream(device)
+            torch.cuda.synchronize(device)  # the zeroed stores exist before the copy stream writes into them
         self.page_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
                               for a, b in self.stores.values())
         self._lock = threading.RLock()
@@ -136,22 +142,29 @@ class DevicePool:
             for victim in victims:
                 self.evict(victim)
             self._copying.add(key)
-            return torch.tensor([self._free_pages.pop() for _ in range(rank)], device=self.device)
+            return torch.tensor([self._free_pages.pop() for _ in range(rank)])
 
     def fill(self, key: AdapterKey, pages: torch.Tensor, weights: LoRAWeights) -> None:
-        """Write reserved pages (outside the lock: no running request reads them), then publish."""
+        """Write reserved pages (outside the lock: no running request reads them), then publish.
+        On CUDA the copies (from pinned host memory) run on the pool's copy stream, and the adapter
+        is published only once that stream has finished them."""
         kinds = frozenset(kind for _, kind in weights.a)
+        stream = contextlib.nullcontext() if self._copy_stream is None else torch.cuda.stream(self._copy_stream)
         try:
-            for (layer, kind), (a_store, b_store) in self.stores.items():
-                if kind not in kinds:
-                    continue  # never read: the step's plan for this kind leaves the adapter out
-                a, b = weights.a.get((layer, kind)), weights.b.get((layer, kind))
-                if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
-                    a_store.index_fill_(0, pages, 0)
-                    b_store.index_fill_(0, pages, 0)
-                else:
-                    a_store.index_copy_(0, pages, a.to(self.device, non_blocking=True))
-                    b_store.index_copy_(0, pages, b.to(self.device, non_blocking=True))
+            with stream:
+                index = pages.to(self.device)
+                for (layer, kind), (a_store, b_store) in self.stores.items():
+                    if kind not in kinds:
+                        continue  # never read: the step's plan for this kind leaves the adapter out
+                    a, b = weights.a.get((layer, kind)), weights.b.get((layer, kind))
+                    if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
+                        a_store.index_fill_(0, index, 0)
+                        b_store.index_fill_(0, index, 0)
+                    else:
+                        a_store.index_copy_(0, index, a.to(self.device, non_blocking=True))
+                        b_store.index_copy_(0, index, b.to(self.device, non_blocking=True))
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
         except BaseException:
             with self._lock:
                 self._copying.discard(key)

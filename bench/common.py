@@ -28,10 +28,12 @@ class StepRecorder(EngineObserver):
 
 @dataclass
 class RunResult:
+    tokens: int
     tokens_per_s: float
     decode_tokens_per_s: float
     ttft: list[float]
     wall_s: float
+    steps: int
 
 
 async def _run(engine, requests):
@@ -51,8 +53,8 @@ def run_batch(engine, prompts, adapters, max_new_tokens: int) -> RunResult:
     wall = time.perf_counter() - t0
     engine.observers.remove(rec)
     generated = sum(len(o) for o in outs)
-    return RunResult(generated / wall, rec.decode_throughput(),
-                     [o[-1].timing.time_to_first_token_seconds for o in outs], wall)
+    return RunResult(generated, generated / wall, rec.decode_throughput(),
+                     [o[-1].timing.time_to_first_token_seconds for o in outs], wall, len(rec.steps))
 
 
 def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:

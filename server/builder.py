@@ -63,7 +63,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
             registry.register(sub.name, sub, trusted=True)
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype)
-    runner = ModelRunner(model, kv, select_backend(config.op_backend), loaded.device)
+    runner = ModelRunner(model, kv, select_backend(config.op_backend, loaded.device), loaded.device)
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
     if config.inject_fault:
         engine.fault_hook = fault_injector(config.inject_fault)

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ServerConfig, default_cache_dir
+from .config import DTYPES, OP_BACKENDS, ServerConfig, default_cache_dir
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,7 +48,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-top-adapters", type=int, default=d["metrics_top_adapters"].default,
                    help="adapters with their own metrics label; the rest are counted as adapter=\"other\"")
     p.add_argument("--device", default=d["device"].default, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default=d["dtype"].default, choices=("auto", "float16", "bfloat16", "float32"))
+    p.add_argument("--dtype", default=d["dtype"].default, choices=DTYPES)
+    p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
+                   help="LoRA kernels: auto = Triton on CUDA when installed, else torch")
     for name, help_text in (
         ("max_batch_size", "sequences decoded together (also the number of KV slots)"),
         ("max_tokens_per_step", "token budget of one step; long prompts are prefilled in chunks"),

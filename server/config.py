@@ -7,6 +7,7 @@ from pathlib import Path
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_FORMATS = ("text", "json")
+OP_BACKENDS = ("auto", "torch", "triton")  # server.ops.BACKENDS, kept import-free here
 
 
 def default_cache_dir() -> Path:
@@ -50,7 +51,7 @@ class ServerConfig:
     tls_client_ca: str | None = None  # mutual TLS: client certificates signed by this CA are required
     drain_timeout: float = 30.0  # seconds running requests get after SIGTERM
     inject_fault: str | None = None  # testing hook: "request:<id>" or "fatal:<id>"
-    op_backend: str = "auto"
+    op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA when installed), torch, triton
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -65,6 +66,8 @@ class ServerConfig:
             positive(name)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.op_backend not in OP_BACKENDS:
+            raise ValueError(f"op-backend must be one of {OP_BACKENDS}, got {self.op_backend!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.max_host_adapters < self.max_device_adapters:

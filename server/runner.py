@@ -9,7 +9,7 @@ import torch
 
 from .kv_cache import SlotKVCache
 from .models.batch import PrefillSeq, StepBatch
-from .ops import merge_plans, plan_segments, plan_tokens
+from .ops import merge_plans, plan_segments, plan_tokens, to_device
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class WorkItem:
 
     def uses(self, kind: str) -> bool:
         return self.pages is not None and kind in self.kinds
+
+
+def _longs(values: list[int], device) -> torch.Tensor:
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 class ModelRunner:
@@ -90,16 +94,16 @@ class ModelRunner:
             slots.append(it.slot)
         dev = self.device
         batch = StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            input_ids=_longs(ids, dev),
+            positions=_longs(positions, dev),
+            slots=_longs(slots, dev),
             prefill=tuple(prefill_seqs),
             num_prefill_rows=num_prefill,
-            decode_slots=torch.tensor([items[i].slot for i in decode], dtype=torch.long, device=dev),
-            decode_lengths=torch.tensor([items[i].start_pos + 1 for i in decode], dtype=torch.long, device=dev),
+            decode_slots=_longs([items[i].slot for i in decode], dev),
+            decode_lengths=_longs([items[i].start_pos + 1 for i in decode], dev),
             decode_span=max((items[i].slot for i in decode), default=-1) + 1,
             decode_ctx=max((items[i].start_pos + 1 for i in decode), default=0),
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            logits_rows=_longs(logits_rows, dev),
             lora=self._plans(items, prefill, seg_starts, decode, num_prefill),
         )
         return batch, order

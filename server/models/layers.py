@@ -97,7 +97,7 @@ class FlatAttention(nn.Module):
             return allowed
         bias = self.slopes.to(dtype)[:, None] * k_pos.to(dtype)  # [H, k]: constant over queries
         bias, allowed = bias.unsqueeze(1 - head_dim_at), allowed.unsqueeze(head_dim_at)
-        return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=bias.device))
+        return torch.where(allowed, bias, float("-inf"))
 
     def _decode_mask(self, batch: StepBatch, dtype) -> torch.Tensor:
         """[span, 1 or H, 1, ctx]; built once per step for each (window, ALiBi) and shared by layers."""

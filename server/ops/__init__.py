@@ -3,22 +3,44 @@ GPU kernel can be added without touching the model layers."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 
+import torch
+
 from . import torch_ops
-from .plan import LoRAPlan, RankGroup, merge_plans, plan_segments, plan_tokens
+from .plan import LoRAPlan, RankGroup, merge_plans, plan_segments, plan_tokens, to_device
 
 ApplyLoRA = Callable[..., None]
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "triton")
 
 
-def select_backend(name: str = "auto") -> ApplyLoRA:
-    """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend. Each call makes a
-    new instance: instances own scratch buffers and are not shared across threads."""
-    if name in ("auto", "torch"):
+def triton_available(device: torch.device | str) -> bool:
+    """Triton runs on CUDA devices, or anywhere under its interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> ApplyLoRA:
+    """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend on ``device``.
+    ``auto`` picks the Triton kernels on CUDA when Triton is installed, else the torch ops. Each call
+    makes a new instance: instances own scratch buffers and are not shared across threads."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown LoRA op backend {name!r}; choose one of {BACKENDS}")
+    use_triton = name == "triton" or (name == "auto" and torch.device(device).type == "cuda"
+                                      and triton_available(device))
+    if not use_triton:
         return torch_ops.TorchLoRA()
-    raise ValueError(f"unknown LoRA op backend {name!r}; choose one of {BACKENDS}")
+    if not triton_available(device):
+        raise ValueError(f"op backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1); "
+                         f"device is {torch.device(device)}")
+    from . import triton_ops  # imported late: triton reads TRITON_INTERPRET when the kernels are defined
+
+    return triton_ops.TritonLoRA()
 
 
-__all__ = ["LoRAPlan", "RankGroup", "plan_segments", "plan_tokens", "merge_plans", "select_backend"]
+__all__ = ["LoRAPlan", "RankGroup", "plan_segments", "plan_tokens", "merge_plans", "select_backend",
+           "to_device", "triton_available"]

@@ -12,7 +12,7 @@ cost nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,10 +32,15 @@ class RankGroup:
     row_start: int | None  # rows == arange(row_start, row_start + n): slice instead of gather
     pages: torch.Tensor
     group_ends: torch.Tensor | None
+    max_rows_per_adapter: int = 1  # longest segment (SGMV), known on the host for kernel grids
 
     @property
     def num_rows(self) -> int:
         return self.rows.numel()
+
+    def to(self, device) -> RankGroup:
+        ends = None if self.group_ends is None else self.group_ends.to(device)
+        return replace(self, rows=self.rows.to(device), pages=self.pages.to(device), group_ends=ends)
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,27 @@ class LoRAPlan:
     def empty(self) -> bool:
         return not self.groups
 
+    def to(self, device) -> LoRAPlan:
+        return LoRAPlan(tuple(g.to(device) for g in self.groups))
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host-built step metadata onto ``device`` without a host synchronisation: on CUDA through
+    pinned memory and an asynchronous copy (a copy from pageable memory waits for the stream)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
 
 def _group(rank: int, rows: list[int], pages: list[torch.Tensor], counts: list[int] | None, device) -> RankGroup:
     first = rows[0]
     return RankGroup(
         rank=rank,
-        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        rows=to_device(torch.tensor(rows, dtype=torch.long), device),
         row_start=first if rows == list(range(first, first + len(rows))) else None,
-        pages=torch.cat(pages).to(device),
-        group_ends=None if counts is None else torch.tensor(counts).cumsum(0, dtype=torch.int32).to(device),
+        pages=to_device(torch.cat(pages), device),
+        group_ends=None if counts is None else to_device(torch.tensor(counts).cumsum(0, dtype=torch.int32), device),
+        max_rows_per_adapter=1 if counts is None else max(counts),
     )
 
 

@@ -1,5 +1,6 @@
 """Token-for-token parity with PEFT: 32 greedy requests over 7 adapters and the base model,
-joining a running batch at staggered times, with chunked prefill (float32, CPU)."""
+joining a running batch at staggered times, with chunked prefill (float32, CPU), once with each op
+backend (the Triton kernels run in Triton's interpreter when there is no GPU)."""
 
 import asyncio
 import random
@@ -9,6 +10,7 @@ import pytest
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
+from loramux.server.ops import triton_available
 from loramux.server.requests import GenerationRequest
 from loramux.server.sampling import SamplingParams
 
@@ -56,14 +58,18 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
     return outs
 
 
-@pytest.fixture(scope="module")
-def engine_with_adapters(tiny_llama, tiny_adapters):
+@pytest.fixture(scope="module", params=["torch", "triton"])
+def engine_with_adapters(request, tiny_llama, tiny_adapters):
+    if request.param == "triton" and not triton_available("cpu"):
+        pytest.skip("triton is not installed")
     config = ServerConfig(
+        op_backend=request.param,
         model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
         max_device_adapters=len(tiny_adapters), max_host_adapters=len(tiny_adapters),
         adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()),
     )
     built = build_engine(config)
+    assert type(built.engine.runner.apply_lora).__name__ == {"torch": "TorchLoRA", "triton": "TritonLoRA"}[request.param]
     built.engine.start()
     yield built
     built.engine.stop()

@@ -1,14 +1,17 @@
-"""Fast LoRA ops against the pure-torch reference loops."""
+"""Fast LoRA ops, every backend, against the pure-torch reference loops. Without a GPU the Triton
+kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
 
-from loramux.server.ops import plan_segments, plan_tokens, select_backend
+from loramux.server.ops import plan_segments, plan_tokens, select_backend, triton_available
 from loramux.server.ops.reference import bgmv_reference, sgmv_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 IN, OUT = 48, 80
-apply_lora = select_backend("auto")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(DEVICE),
+                                                                       reason="triton is not installed"))]
 
 
 def _store(num_pages, dtype, gen):
@@ -46,10 +49,18 @@ def _assert_close(fast, ref, dtype):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def run_fast(backend, y, x, a, b, plan):
+    """Apply ``backend`` on DEVICE to copies of the CPU tensors and return y on the CPU."""
+    out = y.to(DEVICE)
+    select_backend(backend, DEVICE)(out, x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), plan.to(DEVICE))
+    return out.cpu()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf", "identical"])
 @pytest.mark.parametrize("base_every", [0, 3])
-def test_bgmv_matches_reference(dtype, popularity, base_every):
+def test_bgmv_matches_reference(backend, dtype, popularity, base_every):
     gen = torch.Generator().manual_seed(0)
     ranks = [4, 8, 16, 64, 8, 16]
     pages = _adapter_pages(ranks, gen)
@@ -60,9 +71,9 @@ def test_bgmv_matches_reference(dtype, popularity, base_every):
         token_adapter = [-1 if i % base_every == 0 else t for i, t in enumerate(token_adapter)]
     x = torch.randn(num_tokens, IN, generator=gen).to(dtype)
     y0 = torch.randn(num_tokens, OUT, generator=gen).to(dtype)
-    ref, fast = y0.clone().float(), y0.clone()
+    ref = y0.clone().float()
     bgmv_reference(ref, x.float(), a.float(), b.float(), token_adapter, pages)
-    apply_lora(fast, x, a, b, plan_tokens(token_adapter, pages))
+    fast = run_fast(backend, y0, x, a, b, plan_tokens(token_adapter, pages))
     _assert_close(fast, ref, dtype)
     # base rows are untouched, bit for bit
     for i, t in enumerate(token_adapter):
@@ -70,8 +81,9 @@ def test_bgmv_matches_reference(dtype, popularity, base_every):
             assert torch.equal(fast[i], y0[i])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sgmv_matches_reference_with_empty_and_base_segments(dtype):
+def test_sgmv_matches_reference_with_empty_and_base_segments(backend, dtype):
     gen = torch.Generator().manual_seed(1)
     ranks = [64, 4, 16, 8, 16]
     pages = _adapter_pages(ranks, gen)
@@ -83,10 +95,10 @@ def test_sgmv_matches_reference_with_empty_and_base_segments(dtype):
         seg_starts.append(seg_starts[-1] + n)
     x = torch.randn(seg_starts[-1], IN, generator=gen).to(dtype)
     y0 = torch.randn(seg_starts[-1], OUT, generator=gen).to(dtype)
-    ref, fast = y0.clone().float(), y0.clone()
+    ref = y0.clone().float()
     sgmv_reference(ref, x.float(), a.float(), b.float(), seg_starts, seg_pages)
     plan = plan_segments(seg_starts, seg_pages)
-    apply_lora(fast, x, a, b, plan)
+    fast = run_fast(backend, y0, x, a, b, plan)
     _assert_close(fast, ref, dtype)
     # the rank-4 and rank-8 segments are empty, so only ranks 16 and 64 do work
     assert sorted(g.rank for g in plan.groups) == [16, 64]
@@ -104,16 +116,61 @@ def test_rank_groups_use_each_adapters_own_rank():
     assert by_rank[4].rows.tolist() == [0, 2, 3]
 
 
-def test_all_base_batch_does_no_work():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_base_batch_does_no_work(backend):
     plan_t = plan_tokens([-1, -1, -1], [])
     plan_s = plan_segments([0, 4, 4], [None, None])
     assert plan_t.empty and plan_s.empty
     y = torch.randn(3, OUT)
-    before = y.clone()
-    apply_lora(y, torch.randn(3, IN), torch.empty(0, IN), torch.empty(0, OUT), plan_t)
-    assert torch.equal(y, before)
+    for plan in (plan_t, plan_s):
+        assert torch.equal(run_fast(backend, y, torch.randn(3, IN), torch.empty(0, IN), torch.empty(0, OUT), plan), y)
 
 
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="torch"):
         select_backend("cuda-magic")
+
+
+def test_auto_backend_is_torch_on_cpu():
+    assert type(select_backend("auto", "cpu")).__name__ == "TorchLoRA"
+
+
+# Shapes the engine produces, at the hidden sizes of real models (SmolLM2-135M, Llama-3.2-1B,
+# Llama-2-7B): decode batches of 1 to 256 (batch 1 splits the kernel's reduction), ranks 4 to 128,
+# and prefill segments longer than a kernel row block next to empty ones.
+ENGINE_SHAPES = {
+    "decode-1-llama7b-q": ("bgmv", [1], 4096, 4096, [128]),
+    "decode-7-llama1b-down": ("bgmv", [7], 8192, 2048, [8, 16]),
+    "decode-33-llama1b-up": ("bgmv", [33], 2048, 8192, [16, 64]),
+    "decode-256-smollm-k": ("bgmv", [256], 576, 192, [4, 8, 16, 32, 64, 128]),
+    "prefill-smollm-up": ("sgmv", [40, 0, 1, 17, 0, 100, 3], 576, 1536, [4, 8, 16, 32, 64, 128]),
+    "prefill-llama7b-o": ("sgmv", [70, 0, 33], 4096, 4096, [16, 128, 8]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ENGINE_SHAPES)
+def test_engine_shapes_match_reference(backend, shape):
+    form, lengths, in_features, out_features, ranks = ENGINE_SHAPES[shape]
+    dtypes = DTYPES if DEVICE == "cuda" else [torch.float32]  # the interpreter is slow: one dtype on CPU
+    gen = torch.Generator().manual_seed(3)
+    pages = _adapter_pages(ranks, gen)
+    for dtype in dtypes:
+        a = (torch.randn(sum(ranks), in_features, generator=gen) / in_features**0.5).to(dtype)
+        b = (torch.randn(sum(ranks), out_features, generator=gen) / 4).to(dtype)
+        num_rows = sum(lengths)
+        x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
+        y0 = torch.randn(num_rows, out_features, generator=gen).to(dtype)
+        ref = y0.clone().float()
+        if form == "bgmv":
+            token_adapter = [i % len(ranks) for i in range(num_rows)]
+            bgmv_reference(ref, x.float(), a.float(), b.float(), token_adapter, pages)
+            plan = plan_tokens(token_adapter, pages)
+        else:
+            seg_starts = [0]
+            for n in lengths:
+                seg_starts.append(seg_starts[-1] + n)
+            seg_pages = [pages[s % len(ranks)] for s in range(len(lengths))]
+            sgmv_reference(ref, x.float(), a.float(), b.float(), seg_starts, seg_pages)
+            plan = plan_segments(seg_starts, seg_pages)
+        _assert_close(run_fast(backend, y0, x, a, b, plan), ref, dtype)

@@ -1,0 +1,247 @@
+"""GPU benchmark: loramux's kernels against the base model alone and against PEFT's mixed batch.
+
+For each model (the default SmolLM2-135M and a random-weight Llama of about 1B parameters, shaped
+like Llama-3.2-1B), all in one run:
+- decode throughput at batch 1, 32 and 256: the base model alone; one distinct adapter per request
+  through loramux (rank 16 on all seven projections); PEFT's mixed batch (``adapter_names=``) with
+  the same number of distinct adapters;
+- 1000 registered adapters with Zipf(1.0) popularity against the same requests over 8 adapters
+  (device capacity 64 adapters, so the 1000 page through it);
+- host synchronisations per decode step, counted by ``torch.cuda.set_sync_debug_mode``.
+Targets: mixed/base >= 0.9 at batch 32; loramux/PEFT >= 10 at batch 256; 1000/8 >= 0.9.
+Sized for about 8 minutes on one H200. ``--quick`` runs a tiny version anywhere (the CPU smoke test).
+
+    python bench/gpu.py [--json bench/reports/gpu.json] [--models default,llama-1b] [--quick --model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from adapter_paging import zipf_choices  # noqa: E402
+
+from loramux.adapters.synthetic import ALL_PROJ, write_random_adapter  # noqa: E402
+from loramux.server.builder import build_engine  # noqa: E402
+from loramux.server.config import ServerConfig  # noqa: E402
+from loramux.server.model_loader import load_model, resolve_model_dir  # noqa: E402
+from loramux.server.models import lora_layout  # noqa: E402
+
+from common import random_prompts, run_batch  # noqa: E402
+
+RANK = 16
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0)
+TARGETS = {"mixed/base at batch 32": 0.9, "loramux/PEFT at batch 256": 10.0, "1000/8 adapters": 0.9}
+
+
+def build_random_llama(out: Path, tokenizer, device: torch.device, dtype) -> Path:
+    """A Llama-3.2-1B-shaped model with random weights and the default model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"], **LLAMA_1B)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_adapters(root: Path, layout, distinct: int, ids: int) -> list[tuple[str, str]]:
+    """``ids`` registered adapters whose files cycle over ``distinct`` random ones (symlinks): each id
+    is still its own entry, with its own pages, in loramux's caches."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(distinct):
+        path = root / f"file-{i:03d}"
+        if not (path / "adapter_model.safetensors").exists():
+            write_random_adapter(path, layout, RANK, seed=i, dtype=torch.float16)
+        files.append(path)
+    out = []
+    for i in range(ids):
+        link = root / f"a{i:04d}"
+        if not link.exists():
+            link.symlink_to(files[i % distinct].resolve())
+        out.append((link.name, str(link)))
+    return out
+
+
+def count_host_syncs(engine, prompts, adapters, new_tokens: int) -> float | None:
+    """Host synchronisations per engine step (CUDA only): copying the logits out for sampling should
+    be the only one."""
+    if engine.runner.device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = run_batch(engine, prompts, adapters, new_tokens)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    return len(syncs) / max(1, result.steps)
+
+
+def peft_decode(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, device, dtype) -> float:
+    """PEFT's mixed batch: ``batch`` requests over ``batch`` distinct adapters, decode tokens/s
+    (a one-token generate is subtracted, as prefill)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(ALL_PROJ), init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="a0")
+    for i in range(1, batch):
+        model.add_adapter(f"a{i}", config)
+    model.eval()
+    vocab = base.config.vocab_size
+    ids = torch.tensor(random_prompts(vocab, batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+    names = [f"a{i}" for i in range(batch)]
+
+    def generate(n):
+        sync()
+        t = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - t
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        generate(2)  # warm-up
+        prefill = generate(1)
+        total = generate(new_tokens)
+    return batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def zipf_run(config, loaded, adapters, picks, prompts, new_tokens: int, batch: int) -> float:
+    """Closed loop: ``batch`` requests in flight, each naming adapter ``picks[i]``; tokens/s overall."""
+    built = build_engine(ServerConfig(**{**config.__dict__, "adapters": tuple(adapters)}), loaded)
+    built.engine.start()
+    try:
+        ids = [adapters[p][0] for p in picks]
+        run_batch(built.engine, prompts[:batch], ids[:batch], 2)  # warm-up
+        start = time.perf_counter()
+        tokens = 0
+        for lo in range(0, len(picks), batch):
+            result = run_batch(built.engine, prompts[lo: lo + batch], ids[lo: lo + batch], new_tokens)
+            tokens += result.tokens
+        return tokens / (time.perf_counter() - start)
+    finally:
+        built.engine.stop()
+
+
+def bench_model(name: str, model: str | None, args, work: Path) -> dict:
+    sizes = args.batch_sizes
+    max_batch = max(sizes)
+    config = ServerConfig(model=model, device=args.device, max_batch_size=max_batch,
+                          max_tokens_per_step=max(2048, max_batch), max_model_len=args.prompt_len + args.new_tokens + 8,
+                          default_max_new_tokens=args.new_tokens, max_lora_rank=RANK,
+                          max_device_adapters=max(max_batch, args.zipf_capacity),
+                          max_host_adapters=max(max_batch, args.zipf_capacity) * 2, metrics_port=0)
+    loaded = load_model(config)
+    layout = lora_layout(loaded.hf_model.config)
+    adapters = write_adapters(work / f"adapters-{name}", layout, args.distinct_files, max(max_batch, args.zipf_adapters))
+    vocab = loaded.hf_model.config.vocab_size
+    prompts = random_prompts(vocab, max(max_batch, args.zipf_requests), args.prompt_len)
+    report = {"model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype), "batches": {}}
+
+    built = build_engine(ServerConfig(**{**config.__dict__, "adapters": tuple(adapters[:max_batch])}), loaded)
+    engine = built.engine
+    report["op_backend"] = type(engine.runner.apply_lora).__name__
+    engine.start()
+    try:
+        for batch in sizes:
+            ids = [a for a, _ in adapters[:batch]]
+            run_batch(engine, prompts[:batch], ids, 2)  # warm-up: compile kernels, make adapters resident
+            base, mixed = [], []
+            for _ in range(args.rounds):  # interleaved, so drift hits both alike
+                base.append(run_batch(engine, prompts[:batch], [None] * batch, args.new_tokens).decode_tokens_per_s)
+                mixed.append(run_batch(engine, prompts[:batch], ids, args.new_tokens).decode_tokens_per_s)
+            row = {"base_tok_s": max(base), "mixed_tok_s": max(mixed)}
+            row["mixed/base"] = row["mixed_tok_s"] / row["base_tok_s"]
+            row["peft_mixed_tok_s"] = peft_decode(resolve_model_dir(config)[0], batch, args.prompt_len,
+                                                  args.peft_new_tokens, loaded.device, loaded.dtype)
+            row["loramux/PEFT"] = row["mixed_tok_s"] / row["peft_mixed_tok_s"]
+            report["batches"][str(batch)] = row
+            print(f"  {name} batch {batch:4d}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
+        report["host_syncs_per_step"] = count_host_syncs(
+            engine, prompts[:sizes[-1]], [a for a, _ in adapters[:sizes[-1]]], 8)
+    finally:
+        engine.stop()
+
+    rng = random.Random(0)
+    zipf = zipf_choices(args.zipf_adapters, args.zipf_requests, 1.0, rng)
+    zipf_config = ServerConfig(**{**config.__dict__, "max_device_adapters": args.zipf_capacity,
+                                  "max_host_adapters": args.zipf_capacity * 2, "max_batch_size": args.zipf_batch})
+    many = zipf_run(zipf_config, loaded, adapters[:args.zipf_adapters], zipf, prompts, args.new_tokens, args.zipf_batch)
+    few = zipf_run(zipf_config, loaded, adapters[:8], [p % 8 for p in zipf], prompts, args.new_tokens, args.zipf_batch)
+    report["zipf"] = {"adapters": args.zipf_adapters, "requests": args.zipf_requests, "batch": args.zipf_batch,
+                      "device_capacity": args.zipf_capacity, "many_tok_s": many, "eight_tok_s": few,
+                      "1000/8": many / few}
+    print(f"  {name} zipf: {args.zipf_adapters} adapters {many:.1f} tok/s, 8 adapters {few:.1f} tok/s, "
+          f"ratio {many / few:.3f}", flush=True)
+    del loaded
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="default,llama-1b", help="comma-separated: default, llama-1b")
+    ap.add_argument("--model", default=None, help="with --quick: the model folder to use instead of both")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script end to end, anywhere")
+    ap.add_argument("--work", type=Path, default=None, help="where models and adapter files are written")
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "gpu.json")
+    args = ap.parse_args()
+    quick = args.quick
+    args.batch_sizes = (1, 4) if quick else (1, 32, 256)
+    args.rounds, args.prompt_len = (1, 8) if quick else (2, 64)
+    args.new_tokens, args.peft_new_tokens = (4, 3) if quick else (64, 16)
+    args.distinct_files = 4 if quick else 32
+    args.zipf_adapters, args.zipf_requests, args.zipf_batch, args.zipf_capacity = (
+        (16, 8, 4, 8) if quick else (1000, 1024, 128, 64))
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="loramux-gpu-bench-"))
+    started = time.perf_counter()
+    report = {"quick": quick, "torch": torch.__version__, "targets": TARGETS, "models": {}}
+    if torch.cuda.is_available():
+        report["gpu"] = torch.cuda.get_device_name()
+    if args.model:
+        models = [("model", args.model)]
+    else:
+        models = [(m, None) for m in args.models.split(",")]
+    for name, path in models:
+        if name == "llama-1b":
+            loaded = load_model(ServerConfig(device=args.device))  # for its tokenizer, device and dtype
+            path = str(build_random_llama(work / "llama-1b", loaded.tokenizer, loaded.device, loaded.dtype))
+            del loaded
+        print(f"{name}:", flush=True)
+        report["models"][name] = bench_model(name, path, args, work)
+    report["wall_s"] = time.perf_counter() - started
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"report: {args.json} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
