@@ -17,6 +17,7 @@ from enum import Enum
 
 import torch
 
+from ..server.torch_threads import in_passing_thread
 from .device_pool import AdapterKey, DevicePool
 from .errors import AdapterInvalid
 from .host_cache import HostCache
@@ -73,6 +74,7 @@ class AdapterManager:
         with self._lock:
             return "host" if key in self.host else "disk"
 
+    @in_passing_thread
     def _read_into_host(self, key: AdapterKey) -> None:
         """Runs on the I/O thread: disk -> host tier, recording success or failure itself."""
         start = time.perf_counter()
@@ -133,6 +135,7 @@ class AdapterManager:
         """time.monotonic() when the adapter last became device-resident."""
         return self._resident_since.get(key, 0.0)
 
+    @in_passing_thread
     def _fill(self, key: AdapterKey, pages: torch.Tensor, weights) -> None:
         """I/O thread: the host-to-device copy, kept off the step loop."""
         start = time.perf_counter()

@@ -19,6 +19,7 @@ from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
 from .ops import select_backend
 from .runner import ModelRunner
+from .torch_threads import in_passing_thread
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+@in_passing_thread
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
     loaded = loaded or load_model(config)
     hf = loaded.hf_model

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ServerConfig
+from .torch_threads import in_passing_thread
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+@in_passing_thread
 def load_model(config: ServerConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -13,6 +13,7 @@ cost nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -37,6 +38,11 @@ class RankGroup:
     @property
     def num_rows(self) -> int:
         return self.rows.numel()
+
+    @cached_property
+    def row_offsets(self) -> torch.Tensor:
+        """[n] start of each row's pages in ``pages`` (per-row form); computed once per step."""
+        return torch.arange(0, self.pages.numel(), self.rank, device=self.pages.device)
 
     def to(self, device) -> RankGroup:
         ends = None if self.group_ends is None else self.group_ends.to(device)
