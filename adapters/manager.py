@@ -17,7 +17,7 @@ from enum import Enum
 
 import torch
 
-from ..server.torch_threads import in_passing_thread
+from ..server.torch_threads import serial_openmp
 from .device_pool import AdapterKey, DevicePool
 from .errors import AdapterInvalid
 from .host_cache import HostCache
@@ -50,7 +50,8 @@ class AdapterManager:
         self._pending: set[AdapterKey] = set()  # disk reads queued or running
         self._failed: dict[AdapterKey, str] = {}
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io")
+        # serial torch ops: an OpenMP team here would slow every engine step (server/torch_threads.py)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io", initializer=serial_openmp)
         self._device_hits = self._device_misses = self._host_misses = 0
         self._resident_since: dict[AdapterKey, float] = {}
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
@@ -74,7 +75,6 @@ class AdapterManager:
         with self._lock:
             return "host" if key in self.host else "disk"
 
-    @in_passing_thread
     def _read_into_host(self, key: AdapterKey) -> None:
         """Runs on the I/O thread: disk -> host tier, recording success or failure itself."""
         start = time.perf_counter()
@@ -135,7 +135,6 @@ class AdapterManager:
         """time.monotonic() when the adapter last became device-resident."""
         return self._resident_since.get(key, 0.0)
 
-    @in_passing_thread
     def _fill(self, key: AdapterKey, pages: torch.Tensor, weights) -> None:
         """I/O thread: the host-to-device copy, kept off the step loop."""
         start = time.perf_counter()

@@ -33,8 +33,9 @@ _SPLIT_K_ROWS = 64
 
 @triton.jit
 def _bgmv_shrink(x_ptr, a_ptr, v_ptr, rows_ptr, pages_ptr, in_features, k_per_split, stride_x, stride_a,
-                 RANK: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """v[i, :] += x[rows[i], K_s] @ a[pages_i, K_s].T for reduction slice K_s = program_id(1)."""
+                 RANK: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """v[i, :] (+)= x[rows[i], K_s] @ a[pages_i, K_s].T for reduction slice K_s = program_id(1);
+    with SPLIT the slices add up atomically into a zeroed v, else each program stores its row."""
     i = tl.program_id(0)
     k_lo = tl.program_id(1) * k_per_split
     row = tl.load(rows_ptr + i)
@@ -49,7 +50,10 @@ def _bgmv_shrink(x_ptr, a_ptr, v_ptr, rows_ptr, pages_ptr, in_features, k_per_sp
         a = tl.load(a_ptr + pages[:, None] * stride_a + k[None, :], mask=r_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)
         acc += tl.sum(a * x[None, :], axis=1)
-    tl.atomic_add(v_ptr + i * RANK + r, acc, mask=r_mask)
+    if SPLIT:
+        tl.atomic_add(v_ptr + i * RANK + r, acc, mask=r_mask)
+    else:
+        tl.store(v_ptr + i * RANK + r, acc, mask=r_mask)
 
 
 @triton.jit
@@ -140,14 +144,14 @@ class TritonLoRA:
         precision = "ieee" if a_store.dtype == torch.float32 else "tf32"
         if g.group_ends is None:
             block = _BGMV_TILE // r_block  # low ranks take wider tiles: fewer, fuller programs
-            v = torch.zeros(n, rank, dtype=torch.float32, device=x.device)
             split = 1
             if n < _SPLIT_K_ROWS and in_features >= _SPLIT_K_MIN_INPUT:
                 split = min(triton.cdiv(in_features, block), triton.cdiv(_SPLIT_K_ROWS, n))
             k_per_split = triton.cdiv(triton.cdiv(in_features, split), block) * block
             split = triton.cdiv(in_features, k_per_split)
+            v = (torch.zeros if split > 1 else torch.empty)(n, rank, dtype=torch.float32, device=x.device)
             _bgmv_shrink[(n, split)](x, a_store, v, g.rows, g.pages, in_features, k_per_split, x.stride(0),
-                                     a_store.stride(0), RANK=rank, R_BLOCK=r_block, BLOCK_K=block)
+                                     a_store.stride(0), RANK=rank, R_BLOCK=r_block, BLOCK_K=block, SPLIT=split > 1)
             _bgmv_expand[(n, triton.cdiv(out_features, block))](
                 v, b_store, y, g.rows, g.pages, out_features, y.stride(0), b_store.stride(0),
                 RANK=rank, R_BLOCK=r_block, BLOCK_N=block)

@@ -11,6 +11,7 @@ from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.requests import GenerationRequest
 from loramux.server.sampling import SamplingParams
+from loramux.server.torch_threads import openmp_library
 
 from helpers import peft_generate, tiny_layout
 
@@ -150,8 +151,11 @@ def test_unregister_and_replace_under_load(tiny_llama, many_adapters):
 
 
 def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
-    """Host-to-device copies happen on the adapter I/O thread, never on the step loop."""
+    """Host-to-device copies happen on the adapter I/O thread, never on the step loop, and that
+    thread runs its torch ops serially (no OpenMP team to slow the engine's)."""
     import threading
+
+    import torch
 
     built = engine_for(tiny_llama, many_adapters, device=2, host=4)
     pool = built.manager.pool
@@ -159,7 +163,7 @@ def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
     original = pool.fill
 
     def recording_fill(*args):
-        fill_threads.append(threading.current_thread().name)
+        fill_threads.append((threading.current_thread().name, torch.get_num_threads()))
         return original(*args)
 
     pool.fill = recording_fill
@@ -171,4 +175,6 @@ def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
         built.engine.stop()
     assert all(isinstance(o, list) and len(o) == 4 for o in out)
     assert pool.evictions > 0 and len(fill_threads) >= 6
-    assert all(name.startswith("adapter-io") for name in fill_threads)
+    assert all(name.startswith("adapter-io") for name, _ in fill_threads)
+    if openmp_library() is not None:
+        assert {threads for _, threads in fill_threads} == {1}

@@ -1,10 +1,12 @@
-"""One-off torch work runs in a thread that ends, so the engine thread keeps the only OpenMP team."""
+"""One-off torch work runs in a thread that ends, and the adapter I/O thread runs torch serially, so
+the engine thread keeps the only OpenMP team."""
 
 import threading
 
 import pytest
+import torch
 
-from loramux.server.torch_threads import in_passing_thread
+from loramux.server.torch_threads import in_passing_thread, openmp_library, serial_openmp
 
 
 def test_runs_in_a_thread_that_has_ended_and_returns_its_result():
@@ -31,10 +33,25 @@ def test_exceptions_reach_the_caller():
         fails()
 
 
-def test_model_loading_building_and_adapter_io_are_wrapped():
-    from loramux.adapters.manager import AdapterManager
+def test_model_loading_and_building_run_in_passing_threads():
     from loramux.server.builder import build_engine
     from loramux.server.model_loader import load_model
 
-    for fn in (load_model, build_engine, AdapterManager._read_into_host, AdapterManager._fill):
+    for fn in (load_model, build_engine):
         assert fn.__wrapped__ is not None, fn
+
+
+@pytest.mark.skipif(openmp_library() is None, reason="torch does not use libgomp here")
+def test_serial_openmp_changes_only_the_calling_thread():
+    before = torch.get_num_threads()
+    seen = []
+
+    def worker():
+        serial_openmp()
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [1]
+    assert torch.get_num_threads() == before
