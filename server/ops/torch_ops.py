@@ -32,10 +32,13 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torc
 
 
 class TorchLoRA:
-    """``apply_lora(y, x, a_store, b_store, plan)``, holding its own scratch buffers."""
+    """``apply_lora(y, x, a_store, b_store, plan)``, holding its own scratch buffers. With a
+    ``bgmv_kernel`` (the fused C++ one, ``cpu_kernel.load_bgmv()``), per-row groups on the CPU
+    go to it instead of the gather/bmm/bag sequence."""
 
-    def __init__(self):
+    def __init__(self, bgmv_kernel=None):
         self._scratch: dict[tuple, torch.Tensor] = {}
+        self._bgmv_kernel = bgmv_kernel
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = 1
@@ -54,6 +57,9 @@ class TorchLoRA:
         return out.view(lead, rank, store.shape[1])
 
     def _apply_group(self, y, x, a_store, b_store, g: RankGroup) -> None:
+        if g.group_ends is None and self._bgmv_kernel is not None and x.device.type == "cpu":
+            self._bgmv_kernel(y, x, a_store, b_store, g.rows, g.pages, g.rank)
+            return
         n, lo = g.num_rows, g.row_start
         xs = x[lo : lo + n] if lo is not None else x.index_select(0, g.rows)
         if g.group_ends is None:  # BGMV: one adapter per row

@@ -11,6 +11,7 @@ from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
 from loramux.server.ops import triton_available
+from loramux.server.ops.cpu_kernel import load_bgmv
 from loramux.server.requests import GenerationRequest
 from loramux.server.sampling import SamplingParams
 
@@ -58,10 +59,12 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
     return outs
 
 
-@pytest.fixture(scope="module", params=["torch", "triton"])
+@pytest.fixture(scope="module", params=["torch", "cpp", "triton"])
 def engine_with_adapters(request, tiny_llama, tiny_adapters):
     if request.param == "triton" and not triton_available("cpu"):
         pytest.skip("triton is not installed")
+    if request.param == "cpp" and load_bgmv() is None:
+        pytest.skip("no C++ compiler for the kernel")
     config = ServerConfig(
         op_backend=request.param,
         model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
@@ -69,7 +72,11 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters):
         adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()),
     )
     built = build_engine(config)
-    assert type(built.engine.runner.apply_lora).__name__ == {"torch": "TorchLoRA", "triton": "TritonLoRA"}[request.param]
+    op = built.engine.runner.apply_lora
+    if request.param == "triton":
+        assert type(op).__name__ == "TritonLoRA"
+    else:  # the C++ kernel serves decode rows only when asked for
+        assert type(op).__name__ == "TorchLoRA" and (op._bgmv_kernel is not None) == (request.param == "cpp")
     built.engine.start()
     yield built
     built.engine.stop()

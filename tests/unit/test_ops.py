@@ -5,13 +5,17 @@ import pytest
 import torch
 
 from loramux.server.ops import plan_segments, plan_tokens, select_backend, triton_available
+from loramux.server.ops.cpu_kernel import load_bgmv
 from loramux.server.ops.reference import bgmv_reference, sgmv_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 IN, OUT = 48, 80
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(DEVICE),
-                                                                       reason="triton is not installed"))]
+BACKENDS = [
+    "torch",
+    pytest.param("cpp", marks=pytest.mark.skipif(load_bgmv() is None, reason="no C++ compiler for the kernel")),
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")),
+]
 
 
 def _store(num_pages, dtype, gen):
@@ -131,8 +135,10 @@ def test_unknown_backend_is_refused():
         select_backend("cuda-magic")
 
 
-def test_auto_backend_is_torch_on_cpu():
-    assert type(select_backend("auto", "cpu")).__name__ == "TorchLoRA"
+def test_auto_backend_on_cpu_is_the_torch_ops_with_the_cpp_kernel_when_it_builds():
+    op = select_backend("auto", "cpu")
+    assert type(op).__name__ == "TorchLoRA"
+    assert op._bgmv_kernel is load_bgmv()
 
 
 # Shapes the engine produces, at the hidden sizes of real models (SmolLM2-135M, Llama-3.2-1B,
