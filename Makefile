@@ -29,7 +29,7 @@ serve:
 	$(VENV)/bin/loramux serve $(if $(wildcard $(DEMO)/*/adapter_model.safetensors),--adapter-dir $(DEMO)) $(ARGS)
 
 demo-adapters:
-	$(PY) -m loramux.adapters.demo --out $(DEMO)
+	$(PY) -m loramux.server.demo --out $(DEMO)
 
 proto:
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)

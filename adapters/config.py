@@ -1,30 +1,55 @@
 """PEFT ``adapter_config.json`` -> validated :class:`AdapterSpec`.
 
 We refuse, naming the field, anything we would otherwise serve wrongly: an adapter must never
-silently degrade to the base model.
+silently degrade to the base model. Every number must be finite, and every regex (target_modules
+as a string, rank_pattern and alpha_pattern keys) is matched by google-re2, in time linear in its
+input, because the file may come from anyone allowed to register adapters.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AdapterInvalid
+from .errors import AdapterInvalid, clip
+from .files import CONFIG_LIMIT, read_adapter_file
 
 CONFIG_NAME = "adapter_config.json"
+MAX_PATTERN_CHARS = 1024
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
 # Module names PEFT users target that we cannot serve as a LoRA delta on a linear layer.
 UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "embed_out")
 
 
-def get_pattern_key(pattern_keys, module_name: str) -> str | None:
-    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: the first key ``k`` such that
-    ``module_name`` ends with ``k`` at a dot boundary (``k`` may be a regex)."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+def compile_regex(pattern: str, field_name: str):
+    """A google-re2 pattern (linear-time matching, no backreferences or lookaround)."""
+    try:
+        import re2
+    except ImportError:  # a declared dependency; only a hand-made environment lacks it
+        raise AdapterInvalid(f"adapter_config.json field {field_name!r}: regexes need the google-re2 "
+                             "package, which is not installed") from None
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise _refuse(field_name, f"a regex of {len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        raise _refuse(field_name, f"regex {clip(pattern)} is not supported by RE2 ({clip(str(e), 120)})") from None
+
+
+def _pattern_regex(key: str, field_name: str):
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern`` keys: ``module_name`` ends with ``key``
+    (a regex) at a dot boundary."""
+    return compile_regex(rf"(.*\.)?({key})$", field_name)
+
+
+def get_pattern_key(patterns: dict, module_name: str) -> str | None:
+    """The first key of ``patterns`` (key -> compiled regex) that matches ``module_name``."""
+    for key, regex in patterns.items():
+        if regex.match(module_name):
             return key
     return None
 
@@ -39,12 +64,27 @@ class AdapterSpec:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    # compiled regexes, made by parse_adapter_config: key -> pattern, and target_modules as a regex
+    _rank_re: dict = field(default_factory=dict, compare=False, repr=False)
+    _alpha_re: dict = field(default_factory=dict, compare=False, repr=False)
+    _target_re: object = field(default=None, compare=False, repr=False)
+
+    def declared_rank(self, module_name: str) -> int:
+        """The rank PEFT builds this module with: its rank_pattern entry, else r."""
+        key = get_pattern_key(self._rank_re, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
 
     def scaling(self, module_name: str, rank: int) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA; ``rank`` is the module's own rank."""
-        key = get_pattern_key(self.alpha_pattern, module_name)
+        key = get_pattern_key(self._alpha_re, module_name)
         alpha = float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def scaling_identity(self) -> str:
+        """Canonical JSON of every field that changes what the adapter computes: with the
+        weights' hash it names the served function (the content hash)."""
+        return json.dumps({"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
+                           "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}, sort_keys=True)
 
     @property
     def target_names(self) -> list[str]:
@@ -55,7 +95,7 @@ class AdapterSpec:
         full name; a list entry must equal a name or end it at a dot boundary."""
         names = list(module_names)
         if isinstance(self.target_modules, str):
-            return [] if any(re.fullmatch(self.target_modules, n) for n in names) else [self.target_modules]
+            return [] if any(self._target_re.fullmatch(n) for n in names) else [self.target_modules]
         return [t for t in self.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
 
 
@@ -68,7 +108,7 @@ def parse_adapter_config(raw: dict) -> AdapterSpec:
         raise AdapterInvalid("adapter_config.json must hold a JSON object")
     peft_type = str(raw.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise _refuse("peft_type", f"{peft_type} is not supported; only LORA adapters are served")
+        raise _refuse("peft_type", f"{clip(peft_type)} is not supported; only LORA adapters are served")
     for name in REQUIRED_FIELDS:
         if raw.get(name) in (None, "", []):
             raise _refuse(name, "is required")
@@ -77,49 +117,87 @@ def parse_adapter_config(raw: dict) -> AdapterSpec:
     if raw.get("modules_to_save"):
         raise _refuse("modules_to_save", "fully trained extra modules are not supported")
     if raw.get("bias", "none") != "none":
-        raise _refuse("bias", f"{raw['bias']!r} is not supported; only 'none'")
+        raise _refuse("bias", f"{clip(str(raw['bias']))} is not supported; only 'none'")
     if raw.get("target_parameters"):
         raise _refuse("target_parameters", "LoRA on raw parameters is not supported")
     if raw.get("trainable_token_indices"):
         raise _refuse("trainable_token_indices", "trainable tokens are not supported")
-    try:
-        r = int(raw["r"])
-        alpha = float(raw["lora_alpha"])
-    except (TypeError, ValueError) as e:
-        raise _refuse("r", f"r and lora_alpha must be numbers ({e})") from None
-    if r <= 0:
-        raise _refuse("r", f"must be a positive integer, got {r}")
+    r = _positive_int(raw["r"], "r")
+    alpha = _finite(raw["lora_alpha"], "lora_alpha")
+    rank_pattern = _pattern(raw.get("rank_pattern"), "rank_pattern", _positive_int)
+    alpha_pattern = _pattern(raw.get("alpha_pattern"), "alpha_pattern", _finite)
     targets = raw["target_modules"]
+    target_re = None
     if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise _refuse("target_modules", f"invalid regex: {e}") from None
+        target_re = compile_regex(targets, "target_modules")
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         targets = tuple(targets)
         bad = [t for t in targets if t.split(".")[-1] in UNSUPPORTED_TARGETS]
         if bad:
-            raise _refuse("target_modules", f"embedding and lm_head targets are not supported: {bad}")
+            raise _refuse("target_modules", f"embedding and lm_head targets are not supported: {clip(str(bad))}")
     else:
         raise _refuse("target_modules", "must be a list of module names or a regex string")
+    base = raw.get("base_model_name_or_path")
     return AdapterSpec(
         r=r,
         lora_alpha=alpha,
         target_modules=targets,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
+        use_rslora=_flag(raw, "use_rslora"),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=_flag(raw, "fan_in_fan_out"),
+        base_model_name_or_path=base if isinstance(base, str) else None,
+        _rank_re={k: _pattern_regex(k, "rank_pattern") for k in rank_pattern},
+        _alpha_re={k: _pattern_regex(k, "alpha_pattern") for k in alpha_pattern},
+        _target_re=target_re,
     )
 
 
-def read_adapter_config(adapter_dir: Path) -> AdapterSpec:
-    path = Path(adapter_dir) / CONFIG_NAME
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value, name: str) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) or \
+        isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    if not ok or value <= 0:
+        raise _refuse(name, f"must be a positive integer, got {clip(str(value))}")
+    return int(value)
+
+
+def _finite(value, name: str) -> float:
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterInvalid(f"{CONFIG_NAME} is missing from the adapter directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterInvalid(f"{CONFIG_NAME} is not valid JSON: {e}") from None
-    return parse_adapter_config(raw)
+        number = float(value) if _is_number(value) else math.nan
+    except OverflowError:  # an integer beyond float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise _refuse(name, f"must be a finite number, got {clip(str(value))}")
+    return number
+
+
+def _flag(raw: dict, name: str) -> bool:
+    value = raw.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _refuse(name, f"must be true or false, got {clip(str(value))}")
+    return value
+
+
+def _pattern(value, name: str, check) -> dict:
+    """rank_pattern / alpha_pattern: {regex key: number}, each value checked."""
+    if value in (None, {}):
+        return {}
+    if not isinstance(value, dict):
+        raise _refuse(name, "must be an object of module pattern -> number")
+    return {key: check(v, f"{name}[{clip(key)}]") for key, v in value.items()}
+
+
+def read_adapter_config(adapter_dir: Path, confine: Path | None = None) -> tuple[AdapterSpec, bytes]:
+    """The spec, and the file's bytes. The file is read confined and bounded (adapters/files.py)."""
+    data = read_adapter_file(adapter_dir, CONFIG_NAME, confine or Path(adapter_dir), CONFIG_LIMIT)
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterInvalid(f"{CONFIG_NAME} is not valid JSON: {clip(str(e), 120)}") from None
+    return parse_adapter_config(raw), data

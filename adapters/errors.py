@@ -1,5 +1,14 @@
 """Domain errors about adapters. The gRPC layer maps each to one status code (server/errors.py)."""
 
+CLIP_CHARS = 64
+
+
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """A short, printable form of client input for an error message or a log line: at most
+    ``limit`` characters of its repr, so no message echoes a megabyte or a control character."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
 
 class AdapterError(Exception):
     """Base class for adapter errors."""
@@ -19,3 +28,15 @@ class AdapterPathDenied(AdapterError):
 
 class AdapterInvalid(AdapterError):
     """The adapter cannot be served: bad config, unsupported feature, or bad weights."""
+
+
+class RegistryFull(AdapterError):
+    """--max-registered-adapters is reached."""
+
+
+class AdapterLoadFailed(AdapterError):
+    """An internal fault while reading or copying an adapter (not the adapter's own fault)."""
+
+
+class AdapterLoadTimeout(AdapterLoadFailed):
+    """A disk read ran past --adapter-read-timeout."""

@@ -1,11 +1,13 @@
 """PEFT safetensors -> :class:`LoRAWeights` in host memory, checked against the base model.
 
 Files are read into memory whole and validated before use: a memory-mapped read of a file that
-is truncated later would kill the process with SIGBUS.
+is truncated later would kill the process with SIGBUS. Registration reads and hashes the weights;
+every later load checks that hash, so the weights served are the weights that were validated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -17,12 +19,14 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from .config import AdapterSpec, read_adapter_config
-from .errors import AdapterInvalid
+from .errors import AdapterInvalid, clip
+from .files import AdapterFile, exists
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+PICKLE_OVERHEAD = 1 << 20  # a pickle's framing beyond its tensors' bytes
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
@@ -48,6 +52,9 @@ class AdapterManifest:
     rank: int  # pages the adapter needs: the largest rank over its modules
     module_ranks: dict[str, int]  # full module name -> rank
     size_bytes: int  # of the padded host copy in the serving dtype's element size
+    weights_name: str  # the file the weights came from
+    weights_sha256: str  # of its bytes at registration: later loads must match
+    content_hash: str  # sha256 of the weights' hash and the scaling config: what the adapter computes
 
 
 @dataclass(frozen=True)
@@ -92,38 +99,50 @@ def read_safetensors_header(prefix: bytes, file_size: int, source: str = WEIGHTS
         raise AdapterInvalid(f"{source} header is not a JSON object")
     header.pop("__metadata__", None)
     body = file_size - 8 - header_len
+    spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-        except (KeyError, TypeError, ValueError):
-            raise AdapterInvalid(f"{source}: tensor {name!r} has a malformed header entry") from None
+        ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and _ints(info.get("shape")) and \
+            _ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2
+        if not ok:
+            raise AdapterInvalid(f"{source}: tensor {clip(name)} has a malformed header entry")
+        dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in SAFETENSORS_DTYPES:
-            raise AdapterInvalid(f"{source}: tensor {name!r} has dtype {dtype}; expected one of F32, F16, BF16")
+            raise AdapterInvalid(f"{source}: tensor {clip(name)} has dtype {clip(dtype)}; expected one of F32, F16, "
+                                 "BF16, F64")
+        numel = 1
+        for d in shape:
+            numel *= d
         if not (0 <= start <= end <= body) or end - start != numel * SAFETENSORS_DTYPES[dtype]:
             raise AdapterInvalid(
-                f"{source}: tensor {name!r} has bad data offsets [{start}, {end}) for {body} data bytes"
+                f"{source}: tensor {clip(name)} has bad data offsets [{start}, {end}) for {body} data bytes"
             )
+        spans.append((start, end))
+    covered = 0  # the tensors tile the data exactly: no overlap, no gap, no trailing bytes
+    for start, end in sorted(spans):
+        if start != covered:
+            raise AdapterInvalid(f"{source}: bad data offsets: tensors overlap or leave a gap at byte {covered}")
+        covered = end
+    if covered != body:
+        raise AdapterInvalid(f"{source}: bad data offsets: {body - covered} trailing bytes after the tensors")
     return header
 
 
-def _read_file(path: Path, limit: int = -1) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
-    except FileNotFoundError:
-        raise AdapterInvalid(f"{path.name} is missing from the adapter directory") from None
-    except OSError as e:
-        raise AdapterInvalid(f"cannot read {path.name}: {e.strerror}") from None
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def _header_only(path: Path) -> dict[str, dict]:
-    head = _read_file(path, 8)
+def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int) -> tuple[dict[str, dict], bytes]:
+    """Header first, then the whole file, which must be no larger than the header says: a file
+    of the wrong size is refused before its data is read."""
+    head = f.read_prefix(8)
     header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-    prefix = _read_file(path, 8 + min(header_len, MAX_HEADER_BYTES))
-    return read_safetensors_header(prefix, path.stat().st_size, path.name)
+    prefix = f.read_prefix(8 + min(header_len, MAX_HEADER_BYTES))
+    header = read_safetensors_header(prefix, f.size, f.name)
+    # the shapes must fit the base model before the body is read
+    _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
+    data = f.read(f.size)
+    read_safetensors_header(data, len(data), f.name)  # the bytes read are the bytes checked
+    return header, data
 
 
 def _modules_from_shapes(
@@ -138,92 +157,134 @@ def _modules_from_shapes(
         found.setdefault(m["module"], {})[m["ab"]] = list(shape)
     if not found:
         raise AdapterInvalid("the adapter holds no LoRA weights")
-    unmatched = spec.unmatched_targets(layout.modules)
-    if unmatched:
-        raise AdapterInvalid(
-            f"adapter_config.json field 'target_modules': {unmatched[0]!r} matches no supported module of this "
-            f"model; supported: {sorted(layout.kinds)}"
-        )
+    if spec is not None:
+        unmatched = spec.unmatched_targets(layout.modules)
+        if unmatched:
+            raise AdapterInvalid(
+                f"adapter_config.json field 'target_modules': {clip(unmatched[0])} matches no supported module of "
+                f"this model; supported: {sorted(layout.kinds)}"
+            )
     ranks = {}
     for module, ab in sorted(found.items()):
         if module not in layout.modules:
-            raise AdapterInvalid(f"module {module!r} is not a supported LoRA target of this model; "
+            raise AdapterInvalid(f"module {clip(module)} is not a supported LoRA target of this model; "
                                  f"supported kinds: {sorted(layout.kinds)}")
         if set(ab) != {"A", "B"}:
-            raise AdapterInvalid(f"module {module!r} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
+            raise AdapterInvalid(f"module {clip(module)} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
         _, kind = layout.modules[module]
         in_f, out_f = layout.shapes[kind]
+        if len(ab["A"]) != 2 or len(ab["B"]) != 2:
+            raise AdapterInvalid(f"module {clip(module)}: lora_A and lora_B must be matrices")
         (ra, ia), (ob, rb) = ab["A"], ab["B"]
         if ia != in_f or ob != out_f or ra != rb:
             raise AdapterInvalid(
-                f"module {module!r}: lora_A {ab['A']} and lora_B {ab['B']} do not fit the base model's "
+                f"module {clip(module)}: lora_A {ab['A']} and lora_B {ab['B']} do not fit the base model's "
                 f"{kind} ({in_f} -> {out_f})"
             )
         if ra > max_rank:
-            raise AdapterInvalid(f"module {module!r} has rank {ra}; the server's --max-lora-rank is {max_rank}")
+            raise AdapterInvalid(f"module {clip(module)} has rank {ra}; the server's --max-lora-rank is {max_rank}")
+        if spec is not None and spec.declared_rank(module) != ra:  # PEFT refuses it with a size mismatch
+            source = "rank_pattern" if spec.declared_rank(module) != spec.r else "r"
+            raise AdapterInvalid(
+                f"adapter_config.json field {source!r}: declares rank {spec.declared_rank(module)} for module "
+                f"{clip(module)}, whose tensors have rank {ra}"
+            )
         ranks[module] = ra
     return ranks
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _unpickle(data: bytes, name: str) -> dict[str, torch.Tensor]:
     """Only with --allow-pickle, and even then weights_only: no code runs while unpickling."""
-    data = _read_file(path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any refusal of the unpickler is the adapter's fault
-        raise AdapterInvalid(f"{path.name} cannot be read safely: {str(e).splitlines()[0][:200]}") from None
+        raise AdapterInvalid(f"{name} cannot be read safely: {clip(str(e).splitlines()[0], 200)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterInvalid(f"{path.name} must hold a dict of tensors")
+        raise AdapterInvalid(f"{name} must hold a dict of tensors")
     return state
 
 
-def _weights_file(adapter_dir: Path, allow_pickle: bool) -> Path:
-    path = adapter_dir / WEIGHTS_NAME
-    if path.exists():
-        return path
-    pickled = adapter_dir / PICKLE_WEIGHTS_NAME
-    if pickled.exists():
+def _weights_name(adapter_dir: Path, allow_pickle: bool) -> str:
+    if exists(adapter_dir, WEIGHTS_NAME):
+        return WEIGHTS_NAME
+    if exists(adapter_dir, PICKLE_WEIGHTS_NAME):
         if allow_pickle:
-            return pickled
+            return PICKLE_WEIGHTS_NAME
         raise AdapterInvalid(f"{PICKLE_WEIGHTS_NAME} is pickle-based and refused (start the server with "
                              f"--allow-pickle to accept it); convert it to {WEIGHTS_NAME}")
     raise AdapterInvalid(f"{WEIGHTS_NAME} is missing from the adapter directory")
 
 
+def _largest_adapter_bytes(layout: LoRALayout, max_rank: int) -> int:
+    """Every supported module at max_rank in float64: no valid weights file is larger."""
+    per_rank = sum(sum(layout.shapes[kind]) for _, kind in layout.modules.values())
+    return max_rank * per_rank * 8
+
+
+def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayout,
+                  max_rank: int) -> tuple[dict[str, list[int]], bytes]:
+    """(shape of each tensor, the file's bytes), read confined and bounded (adapters/files.py)."""
+    with AdapterFile(adapter_dir, name, confine) as f:
+        if name == PICKLE_WEIGHTS_NAME:
+            data = f.read(_largest_adapter_bytes(layout, max_rank) + PICKLE_OVERHEAD,
+                          "the largest adapter this model and --max-lora-rank allow")
+            return {k: list(v.shape) for k, v in _unpickle(data, name).items()}, data
+        header, data = _read_safetensors(f, layout, max_rank)
+        return {k: v["shape"] for k, v in header.items()}, data
+
+
 def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
-                    allow_pickle: bool = False) -> AdapterManifest:
-    """Validate config and safetensors header; the weights themselves are not read (a pickle file,
-    accepted only with ``allow_pickle``, has no header and is read with weights_only)."""
+                    allow_pickle: bool = False, confine: Path | None = None) -> AdapterManifest:
+    """Validate the config, the weights' header and shapes, and hash the weights' bytes. The
+    values are decoded (and checked finite) at load. Files must resolve inside ``confine``
+    (default: the adapter directory). A pickle file is accepted only with ``allow_pickle``."""
     adapter_dir = Path(adapter_dir)
-    spec = read_adapter_config(adapter_dir)
-    path = _weights_file(adapter_dir, allow_pickle)
-    if path.name == PICKLE_WEIGHTS_NAME:
-        shapes = {k: list(v.shape) for k, v in _read_pickle(path).items()}
-    else:
-        shapes = {k: v["shape"] for k, v in _header_only(path).items()}
+    confine = confine or Path(adapter_dir).resolve()
+    if not adapter_dir.is_dir():
+        raise AdapterInvalid("the adapter path is not a directory")
+    spec, _ = read_adapter_config(adapter_dir, confine)
+    name = _weights_name(adapter_dir, allow_pickle)
+    shapes, data = _read_weights(adapter_dir, name, confine, layout, max_rank)
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
     rank = max(ranks.values())
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
-    return AdapterManifest(spec, rank, ranks, rank * per_page * element_size)
+    digest = hashlib.sha256(data).hexdigest()
+    content = hashlib.sha256(f"{digest}\n{spec.scaling_identity()}".encode()).hexdigest()
+    return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.name == PICKLE_WEIGHTS_NAME:
-        return _read_pickle(path)
-    data = _read_file(path)
-    read_safetensors_header(data, len(data))
+def _decode(name: str, data: bytes) -> dict[str, torch.Tensor]:
+    if name == PICKLE_WEIGHTS_NAME:
+        return _unpickle(data, name)
     try:
         return load_safetensors_bytes(data)
-    except Exception as e:  # safetensors raises its own error types
-        raise AdapterInvalid(f"{WEIGHTS_NAME} cannot be decoded: {e}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise AdapterInvalid(f"{WEIGHTS_NAME} cannot be decoded: {clip(str(e), 200)}") from None
+
+
+class AdapterChanged(AdapterInvalid):
+    """The files differ from what registration validated: register the adapter again."""
 
 
 def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
-                 allow_pickle: bool = False) -> LoRAWeights:
-    """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``."""
+                 allow_pickle: bool = False, confine: Path | None = None,
+                 manifest: AdapterManifest | None = None) -> LoRAWeights:
+    """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``.
+
+    With the ``manifest`` registration made, its spec is used and the weights must have the
+    hash registration recorded (else AdapterChanged); without one, the config is read too."""
     adapter_dir = Path(adapter_dir)
-    spec = read_adapter_config(adapter_dir)
-    tensors = _read_tensors(_weights_file(adapter_dir, allow_pickle))
+    confine = confine or Path(adapter_dir).resolve()
+    if manifest is None:
+        spec, _ = read_adapter_config(adapter_dir, confine)
+        name = _weights_name(adapter_dir, allow_pickle)
+    else:
+        spec, name = manifest.spec, manifest.weights_name
+    _, data = _read_weights(adapter_dir, name, confine, layout, max_rank)
+    if manifest is not None and hashlib.sha256(data).hexdigest() != manifest.weights_sha256:
+        raise AdapterChanged(f"{name} changed after the adapter was registered; register it again to serve the "
+                             "new weights")
+    tensors = _decode(name, data)
     ranks = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -233,14 +294,17 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     a_out, b_out = {}, {}
     for module, ab in by_module.items():
         a, b = ab["A"].float(), ab["B"].float()
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterInvalid(f"module {module!r} has NaN or Inf weights")
         r = ranks[module]
         layer, kind = layout.modules[module]
         a_pad = a.new_zeros(rank, a.shape[1])
         a_pad[:r] = a
         b_pad = b.new_zeros(rank, b.shape[0])
         b_pad[:r] = (b * spec.scaling(module, r)).T
-        a_out[(layer, kind)] = a_pad.to(dtype)
-        b_out[(layer, kind)] = b_pad.to(dtype)
+        a_pad, b_pad = a_pad.to(dtype), b_pad.to(dtype)
+        # checked as served: after the scaling is folded in and the cast, either of which can overflow
+        if not (torch.isfinite(a_pad).all() and torch.isfinite(b_pad).all()):
+            raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "
+                                 f"{spec.scaling(module, r):g} and cast to {str(dtype).removeprefix('torch.')}")
+        a_out[(layer, kind)] = a_pad
+        b_out[(layer, kind)] = b_pad
     return LoRAWeights(rank, a_out, b_out)

@@ -17,9 +17,8 @@ from enum import Enum
 
 import torch
 
-from ..server.torch_threads import serial_openmp
 from .device_pool import AdapterKey, DevicePool
-from .errors import AdapterInvalid
+from .errors import AdapterError, AdapterInvalid, AdapterLoadFailed, AdapterLoadTimeout
 from .host_cache import HostCache
 from .loader import load_adapter
 from .registry import AdapterRegistry
@@ -41,32 +40,65 @@ class TierCounters:
 
 
 class AdapterManager:
-    def __init__(self, registry: AdapterRegistry, host: HostCache, pool: DevicePool, dtype: torch.dtype):
+    def __init__(self, registry: AdapterRegistry, host: HostCache, pool: DevicePool, dtype: torch.dtype,
+                 io_initializer=None, read_timeout: float = 30.0):
+        """``io_initializer`` runs first on the I/O thread (the server makes its torch ops serial
+        there: an OpenMP team on it would slow every engine step; server/torch_threads.py).
+        ``read_timeout`` bounds a disk read: past it the read's waiters fail, and later reads go to
+        a fresh I/O thread while the hung one is abandoned."""
         self.registry = registry
         self.host = host
         self.pool = pool
         self.dtype = dtype
-        self._paths: dict[AdapterKey, object] = {}
-        self._pending: set[AdapterKey] = set()  # disk reads queued or running
-        self._failed: dict[AdapterKey, str] = {}
+        self.read_timeout = read_timeout
+        self._entries: dict[AdapterKey, object] = {}  # key -> RegisteredAdapter, for reads
+        # disk reads queued (None) or running (since when, time.monotonic())
+        self._pending: dict[AdapterKey, float | None] = {}
+        self._jobs: dict = {}  # future -> (key, job, args) of every job not yet done
+        self._jobs_lock = threading.Lock()  # guards _jobs and _io; taken inside _lock, never around it
+        self._failed: dict[AdapterKey, AdapterError] = {}
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
-        # serial torch ops: an OpenMP team here would slow every engine step (server/torch_threads.py)
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io", initializer=serial_openmp)
+        self._io_initializer = io_initializer
+        self._io = self._new_io()
         self._device_hits = self._device_misses = self._host_misses = 0
         self._resident_since: dict[AdapterKey, float] = {}
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self._pin_memory = torch.device(pool.device).type == "cuda"
 
+    def _new_io(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io", initializer=self._io_initializer)
+
+    def _submit(self, key: AdapterKey, job, *args) -> None:
+        """Run ``job`` on the I/O thread; any failure it raises fails ``key``'s waiters, is logged,
+        and never escapes into a lost future."""
+        def guarded():
+            try:
+                job(*args)
+            except BaseException as e:  # noqa: BLE001 - reported to the waiters instead
+                log.exception("adapter %s: I/O job %s failed", key[0], job.__name__)
+                with self._lock:
+                    self._pending.pop(key, None)
+                    self._failed[key] = e if isinstance(e, AdapterError) else AdapterLoadFailed(
+                        f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}")
+        with self._jobs_lock:
+            future = self._io.submit(guarded)
+            self._jobs[future] = (key, job, args)
+        future.add_done_callback(self._job_done)
+
+    def _job_done(self, future) -> None:
+        with self._jobs_lock:
+            self._jobs.pop(future, None)
+
     def resolve(self, adapter_id: str) -> AdapterKey:
         """The current version of a registered adapter, for a new request."""
         entry = self.registry.get(adapter_id)
         entry.requests_served += 1
-        self._paths[entry.key] = entry.path
+        self._entries[entry.key] = entry
         return entry.key
 
     def preload(self, entry) -> None:
         """Start reading a just-registered adapter into host memory."""
-        self._paths[entry.key] = entry.path
+        self._entries[entry.key] = entry
         self.readiness(entry.key)
 
     def tier(self, key: AdapterKey) -> str:
@@ -78,26 +110,24 @@ class AdapterManager:
     def _read_into_host(self, key: AdapterKey) -> None:
         """Runs on the I/O thread: disk -> host tier, recording success or failure itself."""
         start = time.perf_counter()
-        reg = self.registry
+        with self._lock:
+            self._pending[key] = time.monotonic()  # the read timeout counts from here, not from the queue
+        reg, entry = self.registry, self._entries[key]
         try:
-            weights = load_adapter(self._paths[key], reg.layout, reg.max_rank, self.dtype, reg.allow_pickle)
+            weights = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype, reg.allow_pickle,
+                                   entry.confine, entry.manifest)
             if self._pin_memory:
                 weights = weights.pin_memory()
-            error = None
-        except AdapterInvalid as e:
-            error = str(e)
-        except Exception as e:  # noqa: BLE001 - any read fault fails this adapter alone
-            log.exception("loading adapter %s failed", key)
-            error = f"adapter {key[0]!r} could not be loaded: {e}"
+        except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
+            log.warning("adapter %s cannot be loaded: %s", key[0], e)
+            with self._lock:
+                self._pending.pop(key, None)
+                self._failed[key] = e
+            return
         seconds = time.perf_counter() - start
         with self._lock:
-            self._pending.discard(key)
-            if error is None:
-                self.host.put(key, weights)
-            else:
-                self._failed[key] = error
-        if error is not None:
-            return
+            self._pending.pop(key, None)
+            self.host.put(key, weights)
         if self.on_load is not None:
             self.on_load("host", seconds)
         # Copy into free device pages now, without eviction: only the engine thread knows which
@@ -105,6 +135,28 @@ class AdapterManager:
         pages = self.pool.reserve(key, weights.rank, evict=False)
         if pages is not None:
             self._fill(key, pages, weights)
+
+    def expire_reads(self) -> None:
+        """Fail the waiters of every disk read older than ``read_timeout`` (a hung disk), and
+        move later reads to a fresh I/O thread, leaving the hung one behind."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [k for k, since in self._pending.items() if since is not None and now - since > self.read_timeout]
+            for key in stale:
+                del self._pending[key]
+                self._failed[key] = AdapterLoadTimeout(
+                    f"reading adapter {key[0]!r} took longer than {self.read_timeout:g} s (--adapter-read-timeout)")
+            if not stale:
+                return
+        log.error("adapter reads of %s timed out after %g s; starting a fresh I/O thread",
+                  [k[0] for k in stale], self.read_timeout)
+        with self._jobs_lock:
+            old, self._io = self._io, self._new_io()
+            queued = dict(self._jobs)
+        old.shutdown(wait=False, cancel_futures=True)
+        for future, (key, job, args) in queued.items():  # jobs queued behind the hung read move over
+            if future.cancelled():
+                self._submit(key, job, *args)
 
     def readiness(self, key: AdapterKey, prefetch: bool = True) -> Readiness:
         """Where the adapter stands; with ``prefetch``, start a disk read if it is in neither
@@ -118,11 +170,11 @@ class AdapterManager:
                 return Readiness.READY
             if key not in self._pending and prefetch:
                 self._host_misses += 1
-                self._pending.add(key)
-                self._io.submit(self._read_into_host, key)
+                self._pending[key] = None
+                self._submit(key, self._read_into_host, key)
             return Readiness.LOADING
 
-    def failure(self, key: AdapterKey) -> str | None:
+    def failure(self, key: AdapterKey) -> AdapterError | None:
         with self._lock:
             return self._failed.get(key)
 
@@ -155,7 +207,7 @@ class AdapterManager:
                 reserved = self.pool.reserve(key, weights.rank, evict=True)
                 if reserved is not None:
                     self._device_misses += 1
-                    self._io.submit(self._fill, key, reserved, weights)
+                    self._submit(key, self._fill, key, reserved, weights)
             return None
         self._device_hits += 1
         self.pool.pin(key)
@@ -176,4 +228,5 @@ class AdapterManager:
         self.pool.unpin(key)
 
     def close(self) -> None:
-        self._io.shutdown(wait=False, cancel_futures=True)
+        with self._jobs_lock:
+            self._io.shutdown(wait=False, cancel_futures=True)

@@ -12,7 +12,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterExists, AdapterNotFound, AdapterPathDenied
+from .errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
+from .files import inside
 from .loader import AdapterManifest, LoRALayout, inspect_adapter
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
@@ -21,7 +22,7 @@ ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 def validate_adapter_id(adapter_id: str) -> None:
     if not ADAPTER_ID_RE.match(adapter_id) or ".." in adapter_id:
         raise ValueError(
-            f"adapter id {adapter_id[:140]!r} is invalid: use 1 to 128 characters of [A-Za-z0-9._:/-], without '..'"
+            f"adapter id {clip(adapter_id)} is invalid: use 1 to 128 characters of [A-Za-z0-9._:/-], without '..'"
         )
 
 
@@ -31,6 +32,7 @@ class RegisteredAdapter:
     path: Path
     manifest: AdapterManifest
     version: int
+    confine: Path  # every file of the adapter must resolve inside this folder
     requests_served: int = 0
 
     @property
@@ -40,8 +42,9 @@ class RegisteredAdapter:
 
 class AdapterRegistry:
     def __init__(self, layout: LoRALayout, max_rank: int, element_size: int, roots: tuple[Path, ...] = (),
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, max_adapters: int = 4096):
         self.layout = layout
+        self.max_adapters = max_adapters  # bounds ListAdapters' message size
         self.allow_pickle = allow_pickle
         self.max_rank = max_rank
         self.element_size = element_size
@@ -54,23 +57,35 @@ class AdapterRegistry:
         """Realpath (symlinks followed) inside one of the adapter roots, else PathDenied.
         The message never says whether the path exists."""
         real = Path(os.path.realpath(path))
-        if not any(real == root or root in real.parents for root in self.roots):
+        if not any(inside(real, root) for root in self.roots):
             where = ", ".join(str(r) for r in self.roots) or "none configured (start the server with --adapter-root)"
             raise AdapterPathDenied(f"adapter path is outside every adapter root; roots: {where}")
         return real
+
+    def _confinement(self, real: Path) -> Path:
+        """The folder an adapter's files must stay in: the adapter root holding it, else (a
+        start-up adapter outside every root) its own directory."""
+        return next((root for root in self.roots if inside(real, root)), real)
+
+    def _check_room(self, adapter_id: str, replace: bool) -> None:
+        if adapter_id in self._adapters:
+            if not replace:
+                raise AdapterExists(f"adapter {clip(adapter_id)} is already registered; set replace to swap its weights")
+        elif len(self._adapters) >= self.max_adapters:
+            raise RegistryFull(f"{len(self._adapters)} adapters are registered; --max-registered-adapters is "
+                               f"{self.max_adapters}")
 
     def register(self, adapter_id: str, path: str | Path, replace: bool = False, trusted: bool = False) -> RegisteredAdapter:
         """Validate and register. ``trusted`` (start-up flags) skips the root check."""
         validate_adapter_id(adapter_id)
         real = Path(os.path.realpath(path)) if trusted else self.resolve_path(path)
         with self._lock:
-            if adapter_id in self._adapters and not replace:
-                raise AdapterExists(f"adapter {adapter_id!r} is already registered; set replace to swap its weights")
-        manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle)
+            self._check_room(adapter_id, replace)
+        confine = self._confinement(real)
+        manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle, confine)
         with self._lock:
-            if adapter_id in self._adapters and not replace:
-                raise AdapterExists(f"adapter {adapter_id!r} is already registered; set replace to swap its weights")
-            entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version)
+            self._check_room(adapter_id, replace)
+            entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine)
             self._next_version += 1
             self._adapters[adapter_id] = entry
             return entry
@@ -80,14 +95,18 @@ class AdapterRegistry:
             try:
                 return self._adapters.pop(adapter_id)
             except KeyError:
-                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered") from None
+                raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered") from None
 
     def get(self, adapter_id: str) -> RegisteredAdapter:
         with self._lock:
             try:
                 return self._adapters[adapter_id]
             except KeyError:
-                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered") from None
+                raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered") from None
+
+    def __contains__(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._adapters
 
     def list(self) -> list[RegisteredAdapter]:
         with self._lock:

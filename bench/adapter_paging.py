@@ -24,8 +24,10 @@ from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
-from loramux.server.requests import GenerationRequest  # noqa: E402
-from loramux.server.sampling import SamplingParams  # noqa: E402
+from loramux.server.requests import (
+    GenerationRequest,  # noqa: E402
+    SamplingParams,  # noqa: E402
+)
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "v_proj")

@@ -8,8 +8,7 @@ import time
 from dataclasses import dataclass
 
 from loramux.server.engine import EngineObserver, StepStats
-from loramux.server.requests import GenerationRequest
-from loramux.server.sampling import SamplingParams
+from loramux.server.requests import GenerationRequest, SamplingParams
 
 
 class StepRecorder(EngineObserver):

@@ -40,8 +40,7 @@ from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.model_loader import resolve_model_dir
 from loramux.server.models import lora_layout
-from loramux.server.requests import GenerationRequest
-from loramux.server.sampling import SamplingParams
+from loramux.server.requests import GenerationRequest, SamplingParams
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

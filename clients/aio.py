@@ -8,7 +8,15 @@ import grpc
 
 from ..v1 import loramux_pb2 as pb
 from ..v1 import loramux_pb2_grpc as pb_grpc
-from .types import Adapter, Generation, ServerInfo, StreamChunk, Tls, generate_request
+from .types import (
+    Adapter,
+    Generation,
+    ServerInfo,
+    StreamChunk,
+    Tls,
+    generate_request,
+    warn_if_token_in_plaintext,
+)
 
 
 class _TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
@@ -30,6 +38,7 @@ class AsyncLoraMuxClient:
                  token: str | None = None, tls: Tls | None = None):
         """``token`` is sent as ``authorization: Bearer <token>``; ``tls`` makes the channel secure."""
         if channel is None:
+            warn_if_token_in_plaintext(target, token, tls)
             interceptors = [_TokenInterceptor(token)] if token else None
             channel = (grpc.aio.secure_channel(target, tls.credentials(), interceptors=interceptors) if tls
                        else grpc.aio.insecure_channel(target, interceptors=interceptors))
@@ -56,15 +65,17 @@ class AsyncLoraMuxClient:
         finally:
             call.cancel()
 
-    async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False) -> Adapter:
+    async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
+                               *, timeout: float | None = None) -> Adapter:
         return Adapter.from_pb(await self.stub.RegisterAdapter(
-            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload)))
+            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload),
+            timeout=timeout))
 
-    async def unregister_adapter(self, adapter_id: str) -> None:
-        await self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id))
+    async def unregister_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
+        await self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id), timeout=timeout)
 
-    async def list_adapters(self) -> list[Adapter]:
-        return [Adapter.from_pb(a) for a in (await self.stub.ListAdapters(pb.ListAdaptersRequest())).adapters]
+    async def list_adapters(self, *, timeout: float | None = None) -> list[Adapter]:
+        return [Adapter.from_pb(a) for a in (await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)).adapters]
 
-    async def server_info(self) -> ServerInfo:
-        return ServerInfo.from_pb(await self.stub.GetServerInfo(pb.GetServerInfoRequest()))
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return ServerInfo.from_pb(await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))

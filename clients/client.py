@@ -8,7 +8,15 @@ import grpc
 
 from ..v1 import loramux_pb2 as pb
 from ..v1 import loramux_pb2_grpc as pb_grpc
-from .types import Adapter, Generation, ServerInfo, StreamChunk, Tls, generate_request
+from .types import (
+    Adapter,
+    Generation,
+    ServerInfo,
+    StreamChunk,
+    Tls,
+    generate_request,
+    warn_if_token_in_plaintext,
+)
 
 
 class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -34,6 +42,7 @@ class LoraMuxClient:
                  token: str | None = None, tls: Tls | None = None):
         """``token`` is sent as ``authorization: Bearer <token>``; ``tls`` makes the channel secure."""
         if channel is None:
+            warn_if_token_in_plaintext(target, token, tls)
             channel = grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
         self.channel = channel
         self.stub = pb_grpc.LoraMuxStub(_with_token(self.channel, token) if token else self.channel)
@@ -60,15 +69,17 @@ class LoraMuxClient:
         finally:
             call.cancel()
 
-    def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False) -> Adapter:
+    def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
+                         *, timeout: float | None = None) -> Adapter:
         return Adapter.from_pb(self.stub.RegisterAdapter(
-            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload)))
+            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload),
+            timeout=timeout))
 
-    def unregister_adapter(self, adapter_id: str) -> None:
-        self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id))
+    def unregister_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
+        self.stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id), timeout=timeout)
 
-    def list_adapters(self) -> list[Adapter]:
-        return [Adapter.from_pb(a) for a in self.stub.ListAdapters(pb.ListAdaptersRequest()).adapters]
+    def list_adapters(self, *, timeout: float | None = None) -> list[Adapter]:
+        return [Adapter.from_pb(a) for a in self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout).adapters]
 
-    def server_info(self) -> ServerInfo:
-        return ServerInfo.from_pb(self.stub.GetServerInfo(pb.GetServerInfoRequest()))
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return ServerInfo.from_pb(self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import warnings
 from dataclasses import dataclass, field
 
 from ..v1 import loramux_pb2 as pb
@@ -132,3 +134,25 @@ def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None
         messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
         sampling=(sampling or Sampling()).to_pb(),
     )
+
+
+class PlaintextTokenWarning(UserWarning):
+    """A bearer token would cross the network unencrypted."""
+
+
+def warn_if_token_in_plaintext(target: str, token: str | None, tls: Tls | None) -> None:
+    """Tokens sent without TLS to anything but a loopback address can be read on the way."""
+    if token is None or tls is not None:
+        return
+    addr = target.rpartition("///")[2]  # "dns:///host:port" -> "host:port"
+    if addr.startswith("["):  # "[::1]:port"
+        host = addr[1 : addr.find("]")]
+    else:
+        host = addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        warnings.warn(f"sending a bearer token to {target} without TLS: anyone on the path can read it; "
+                      "pass tls=Tls(...)", PlaintextTokenWarning, stacklevel=3)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 
 import grpc
@@ -14,13 +15,15 @@ from grpc_reflection.v1alpha import reflection
 
 from ..v1 import loramux_pb2, loramux_pb2_grpc
 from .auth import AuthInterceptor
-from .config import ServerConfig
+from .config import ServerConfig, StartupError
 from .grpc_service import LoraMuxServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = loramux_pb2.DESCRIPTOR.services_by_name["LoraMux"].full_name  # "loramux.v1.LoraMux"
 DRAIN_POLL_S = 0.05
 EXIT_FATAL = 3
+EXIT_CONFIG = 2  # as for a bad flag
+FATAL_EXIT_GRACE_S = 10.0  # after a fatal fault the process exits by then, even if the event loop is stuck
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -33,14 +36,30 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=True)
 
 
+class ReadinessHealth(health.aio.HealthServicer):
+    """gRPC health whose readiness also reads the engine's state directly: once the engine has
+    died, Check answers NOT_SERVING even if the event loop never ran the status update."""
+
+    def __init__(self, failed):
+        super().__init__()
+        self._failed = failed
+
+    async def Check(self, request, context):
+        if request.service == SERVICE_NAME and self._failed():
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await super().Check(request, context)
+
+
 class App:
     def __init__(self, config: ServerConfig):
         self.config = config
         interceptors = []
         if config.auth_token or config.admin_token:
             interceptors.append(AuthInterceptor(config.auth_token, config.admin_token))
-        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)],
+                                      maximum_concurrent_rpcs=config.concurrent_rpc_limit)
+        self.health = ReadinessHealth(lambda: self.built is not None and self.built.engine.fatal_error is not None)
+        self.work = None
         self.servicer = LoraMuxServicer(config)
         self.built = None
         self._metrics_server = None
@@ -72,7 +91,9 @@ class App:
     async def load(self) -> None:
         from .builder import build_engine  # torch and transformers load here, after the port is open
         from .metrics import RequestLog
+        from .offload import Offload
         from .prompts import PromptRenderer
+        from .torch_threads import serial_openmp
 
         loop = asyncio.get_running_loop()
         self.built = await loop.run_in_executor(None, build_engine, self.config)
@@ -80,7 +101,10 @@ class App:
         self.built.engine.on_fatal = lambda error: self._on_fatal(loop)
         self._start_metrics()
         self.built.engine.start()
-        self.servicer.attach(self.built, PromptRenderer(self.built.tokenizer))
+        c = self.config
+        self.work = Offload(c.work_threads, c.work_timeout, initializer=serial_openmp)
+        renderer = PromptRenderer(self.built.tokenizer, c)
+        self.servicer.attach(self.built, renderer, self.work)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: serving %s on %s:%d", self.built.loaded.name, self.config.host, self.config.port)
 
@@ -108,23 +132,29 @@ class App:
         self._stopping.set()
 
     def _on_fatal(self, loop) -> None:
-        """Engine thread, on a fatal fault: readiness off (waited for, so that no client sees a
-        failed request while health still says SERVING), then stop and exit non-zero."""
-        not_serving = self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        asyncio.run_coroutine_threadsafe(not_serving, loop).result(timeout=5)
+        """Engine thread, on a fatal fault, before any request fails. Readiness is already off
+        (ReadinessHealth reads engine.fatal_error). Nothing here waits for the event loop: a
+        watchdog exits the process if the loop cannot stop it in time."""
+        watchdog = threading.Timer(FATAL_EXIT_GRACE_S, _exit_now, (EXIT_FATAL,))
+        watchdog.daemon = True
+        watchdog.start()
+        asyncio.run_coroutine_threadsafe(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), loop)
         loop.call_soon_threadsafe(self._fatal.set)
 
     async def drain(self, timeout: float) -> None:
-        """Readiness off, refuse new requests, let running ones finish (up to timeout), stop."""
+        """Readiness off, refuse new requests, let accepted ones finish and be delivered to their
+        callers (up to timeout), stop."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self.built is not None:
             engine = self.built.engine
             engine.stop_accepting()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while engine.num_in_flight and loop.time() < deadline:
+            while (engine.num_in_flight or engine.num_undelivered) and loop.time() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
-        await self.server.stop(grace=1.0)
+        await self.server.stop(grace=max(1.0, deadline - loop.time()))
+        if self.work is not None:
+            self.work.close()
         if self.built is not None:
             self.built.engine.stop()
         if self._metrics_server is not None:
@@ -140,7 +170,12 @@ class App:
         fatal = asyncio.create_task(self._fatal.wait())
         done, _ = await asyncio.wait({loader, stop}, return_when=asyncio.FIRST_COMPLETED)
         if loader in done:
-            loader.result()  # a failed load raises here and the process exits non-zero
+            try:
+                loader.result()  # a failed load raises here and the process exits non-zero
+            except StartupError as e:
+                log.critical("cannot start: %s", e)
+                await self.drain(0.0)
+                return EXIT_CONFIG
             done, _ = await asyncio.wait({stop, fatal}, return_when=asyncio.FIRST_COMPLETED)
         fatal.cancel()
         if fatal in done:
@@ -151,6 +186,12 @@ class App:
         await self.drain(self.config.drain_timeout)
         log.info("stopped")
         return 0
+
+
+def _exit_now(code: int) -> None:
+    log.critical("the event loop did not stop the server within %.0f s of a fatal fault; exiting", FATAL_EXIT_GRACE_S)
+    logging.shutdown()
+    os._exit(code)
 
 
 async def _serve(config: ServerConfig) -> int:

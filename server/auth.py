@@ -1,7 +1,8 @@
 """Bearer-token checks for the LoraMux RPCs. Health and reflection stay open.
 
 - ``--auth-token``: every LoraMux RPC needs ``authorization: Bearer <token>``.
-- ``--admin-token``: RegisterAdapter and UnregisterAdapter need it instead.
+- ``--admin-token``: RegisterAdapter and UnregisterAdapter need it instead; it is accepted on
+  every other RPC too.
 A missing token gets UNAUTHENTICATED and a wrong one PERMISSION_DENIED; the comparison is
 constant-time.
 """
@@ -35,21 +36,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.auth_token = auth_token
         self.admin_token = admin_token
 
-    def required_token(self, method: str) -> str | None:
+    def accepted_tokens(self, method: str) -> tuple[str, ...]:
+        """The tokens this RPC accepts; () when it is open. The admin token is accepted on every
+        RPC: an operator never needs two tokens."""
         if method.startswith(OPEN_PREFIXES):
-            return None
+            return ()
         if method in ADMIN_METHODS and self.admin_token:
-            return self.admin_token
-        return self.auth_token
+            return (self.admin_token,)
+        if self.auth_token is None:
+            return ()
+        return tuple(t for t in (self.auth_token, self.admin_token) if t is not None)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        token = self.required_token(details.method)
-        if token is None or handler is None:
+        tokens = self.accepted_tokens(details.method)
+        if not tokens or handler is None:
             return handler
         given = dict(details.invocation_metadata or ()).get("authorization")
         if given is None:
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # every comparison runs, so the time taken does not say which token came close
+        if not sum(hmac.compare_digest(given.encode(), f"Bearer {t}".encode()) for t in tokens):
             return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, "the bearer token is not valid for this RPC")
         return handler

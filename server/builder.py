@@ -9,17 +9,18 @@ from pathlib import Path
 import torch
 
 from ..adapters.device_pool import DevicePool
+from ..adapters.errors import AdapterError
 from ..adapters.host_cache import HostCache
 from ..adapters.manager import AdapterManager
 from ..adapters.registry import AdapterRegistry
-from .config import ServerConfig
+from .config import ServerConfig, StartupError
 from .engine import Engine, fault_injector
 from .kv_cache import SlotKVCache
 from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
 from .ops import select_backend
 from .runner import ModelRunner
-from .torch_threads import in_passing_thread
+from .torch_threads import in_passing_thread, serial_openmp
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     loaded = loaded or load_model(config)
     hf = loaded.hf_model
     cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__)
+    limit = cls.position_limit(hf.config)
+    if limit is not None and config.max_model_len > limit:
+        raise StartupError(f"--max-model-len {config.max_model_len} is more than the {limit} positions this model "
+                           "can encode; lower it")
     model = cls(hf, config.max_model_len)
     layout = model.lora_layout()
     num_layers, kv_heads, head_dim = model.kv_spec
@@ -58,13 +63,17 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     model.bind_lora_stores(pool.stores)
     element_size = torch.empty(0, dtype=loaded.dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
-                               tuple(Path(r) for r in config.adapter_roots), config.allow_pickle)
-    for adapter_id, path in config.adapters:
-        registry.register(adapter_id, path, trusted=True)
-    for folder in config.adapter_dirs:
-        for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-            registry.register(sub.name, sub, trusted=True)
-    manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype)
+                               tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
+                               config.max_registered_adapters)
+    startup = [*config.adapters, *((sub.name, sub) for folder in config.adapter_dirs
+                                   for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()))]
+    for adapter_id, path in startup:
+        try:
+            registry.register(adapter_id, path, trusted=True)
+        except (AdapterError, ValueError) as e:
+            raise StartupError(f"adapter {adapter_id!r} ({path}): {e}") from None
+    manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype,
+                             io_initializer=serial_openmp, read_timeout=config.adapter_read_timeout)
     runner = ModelRunner(model, kv, select_backend(config.op_backend, loaded.device), loaded.device)
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
     if config.inject_fault:

@@ -67,8 +67,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),
         ("max_stop_sequences", "stop strings per request"),
         ("max_stop_length", "characters per stop string"),
+        ("max_stop_token_ids", "stop token ids per request"),
+        ("max_prompt_bytes", "UTF-8 bytes of a prompt, and of all chat messages together, checked before tokenizing"),
+        ("max_chat_messages", "chat messages per request"),
+        ("max_registered_adapters", "adapters registered at once (RESOURCE_EXHAUSTED past it)"),
+        ("max_concurrent_rpcs", "RPCs served at once (default: max-queued-requests + 64)"),
+        ("work_threads", "threads that tokenize prompts and register adapters, off the event loop"),
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default, help=help_text)
+    for name, help_text in (
+        ("work_timeout", "seconds tokenizing one prompt or registering one adapter may take"),
+        ("adapter_read_timeout", "seconds a disk read of an adapter may take before its requests fail"),
+        ("stream_stall_timeout", "seconds a client may leave streamed events unread before it is cancelled"),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default, help=help_text)
     p.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="ID=PATH",
                    help="register an adapter at start-up (repeatable)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
@@ -83,6 +95,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'authorization: Bearer TOKEN' on LoraMux RPCs (env LORAMUX_AUTH_TOKEN)")
     p.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),
                    help="require this token on RegisterAdapter/UnregisterAdapter (env LORAMUX_ADMIN_TOKEN)")
+    p.add_argument("--insecure-admin", action="store_true",
+                   help="allow --allow-runtime-adapters without --admin-token on a non-loopback host")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve gRPC and /metrics over TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mTLS)")
@@ -162,7 +176,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from ..adapters.merge import merge
+    from .merge import merge
 
     out = merge(_model_dir(args), args.adapter, args.out)
     print(f"merged {args.adapter} into {out}")

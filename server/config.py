@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,19 @@ OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept im
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "loramux"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name other than localhost may resolve anywhere
+        return False
+
+
+class StartupError(ValueError):
+    """A setting that only the loaded model or the environment shows to be wrong."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,15 @@ class ServerConfig:
     max_queued_requests: int = 1024
     max_stop_sequences: int = 8
     max_stop_length: int = 64
+    max_stop_token_ids: int = 64
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a prompt, and of all chat messages together
+    max_chat_messages: int = 256
+    max_registered_adapters: int = 4096  # keeps ListAdapters far below gRPC's 4 MiB message limit
+    max_concurrent_rpcs: int | None = None  # None: max_queued_requests + 64 (room for health and admin calls)
+    work_threads: int = 4  # tokenizing, chat templates and registrations run here, off the event loop
+    work_timeout: float = 30.0  # seconds one such job may take before its call fails
+    adapter_read_timeout: float = 30.0  # seconds a disk read of an adapter may take
+    stream_stall_timeout: float = 60.0  # seconds a client may leave events unread before it is cancelled
     adapters: tuple[tuple[str, str], ...] = ()  # (id, path) registered at start-up
     adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
     adapter_roots: tuple[str, ...] = ()  # runtime registration must resolve inside one of these
@@ -46,6 +69,7 @@ class ServerConfig:
     allow_pickle: bool = False  # accept adapter_model.bin, read with torch.load(weights_only=True)
     auth_token: str | None = None  # required as "authorization: Bearer <token>" on LoraMux RPCs
     admin_token: str | None = None  # required on RegisterAdapter/UnregisterAdapter instead
+    insecure_admin: bool = False  # allow runtime registration without an admin token on a non-loopback host
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None  # mutual TLS: client certificates signed by this CA are required
@@ -62,8 +86,21 @@ class ServerConfig:
 
         for name in ("metrics_top_adapters", "max_batch_size", "max_tokens_per_step", "max_lora_rank", "max_device_adapters",
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
-                     "max_queued_requests"):
+                     "max_queued_requests", "max_stop_token_ids", "max_prompt_bytes", "max_chat_messages",
+                     "max_registered_adapters", "work_threads", "work_timeout", "adapter_read_timeout",
+                     "stream_stall_timeout"):
             positive(name)
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs <= self.max_queued_requests:
+            raise ValueError(f"max-concurrent-rpcs ({self.max_concurrent_rpcs}) must be > max-queued-requests "
+                             f"({self.max_queued_requests}), or health checks are refused on a full queue")
+        for name, env in (("auth_token", "LORAMUX_AUTH_TOKEN"), ("admin_token", "LORAMUX_ADMIN_TOKEN")):
+            if getattr(self, name) == "":  # an empty token must never mean "auth off"
+                raise ValueError(f"{name.replace('_', '-')} is empty (check --{name.replace('_', '-')} and {env}); "
+                                 "leave it unset to turn it off")
+        if self.allow_runtime_adapters and self.admin_token is None and not is_loopback(self.host) \
+                and not self.insecure_admin:
+            raise ValueError(f"--allow-runtime-adapters on {self.host}, which is not a loopback address, needs "
+                             "--admin-token (or an explicit --insecure-admin)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.op_backend not in OP_BACKENDS:
@@ -96,8 +133,8 @@ class ServerConfig:
             raise ValueError(f"max-input-tokens must be in [1, max-model-len ({self.max_model_len}))")
         if self.max_total_tokens is not None and not 1 < self.max_total_tokens <= self.max_model_len:
             raise ValueError(f"max-total-tokens must be in [2, max-model-len ({self.max_model_len})]")
-        if self.inject_fault is not None and self.inject_fault.partition(":")[0] not in ("request", "fatal"):
-            raise ValueError("inject-fault must be request:<id> or fatal:<id>")
+        if self.inject_fault is not None and self.inject_fault.partition(":")[0] not in ("request", "fatal", "fatal-busy"):
+            raise ValueError("inject-fault must be request:<id>, fatal:<id> or fatal-busy:<id>")
         for port_name in ("port", "metrics_port"):
             if not 0 <= getattr(self, port_name) < 65536:
                 raise ValueError(f"{port_name.replace('_', '-')} must be in [0, 65535]")
@@ -109,6 +146,10 @@ class ServerConfig:
     @property
     def total_token_limit(self) -> int:
         return self.max_total_tokens or self.max_model_len
+
+    @property
+    def concurrent_rpc_limit(self) -> int:
+        return self.max_concurrent_rpcs or self.max_queued_requests + 64
 
     @property
     def runtime_adapters_enabled(self) -> bool:

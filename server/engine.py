@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.device_pool import AdapterKey
-from ..adapters.errors import AdapterInvalid
 from ..adapters.manager import AdapterManager, Readiness
 from .config import ServerConfig
 from .detokenizer import IncrementalDetokenizer
@@ -28,9 +27,10 @@ from .errors import (
     RequestDeadlineExceeded,
     RequestFailed,
     RequestInvalid,
+    clip,
     status_name,
 )
-from .requests import FinishReason, GenerationRequest, Timing, TokenEvent
+from .requests import FinishReason, GenerationRequest, Timing, TokenEvent, validate_request_id
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
 from .scheduler import Budgets, SeqView, schedule
@@ -86,6 +86,9 @@ class Sequence:
     last_token_at: float | None = None
     adapter_load_seconds: float = 0.0
     cold_adapter: bool = False  # the adapter was not device-resident when the request arrived
+    # time.monotonic() of each event sent and not yet taken by the consumer, oldest first: the engine
+    # thread appends, the consumer's loop pops (deque ends are thread-safe)
+    undelivered: deque = field(default_factory=deque)
     done: bool = False
     cancel_reason: BaseException | None = field(default=None)
 
@@ -105,6 +108,7 @@ class RequestStream:
         self._seq = seq
         self.request_id = seq.request.request_id
         self._ended = False  # set by the final event or the error, never by engine-thread state
+        self._settled = False  # the engine no longer counts this stream as undelivered
 
     def __aiter__(self):
         return self
@@ -113,14 +117,29 @@ class RequestStream:
         if self._ended:
             raise StopAsyncIteration
         item = await self._seq.queue.get()
+        if self._seq.undelivered:
+            self._seq.undelivered.popleft()
         if isinstance(item, BaseException):
-            self._ended = True
+            self._end()
             raise item
-        self._ended = item.finish_reason is not None
+        if item.finish_reason is not None:
+            self._end()
         return item
 
+    def _end(self) -> None:
+        self._ended = True
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self._settled:
+            self._settled = True
+            self._engine._delivered()
+
     def cancel(self, reason: BaseException | None = None) -> None:
+        """Stop the request if it still runs. The caller wants nothing more from it, so drain
+        no longer waits for its delivery."""
         self._engine.cancel(self._seq, reason)
+        self._settle()
 
 
 class Engine:
@@ -134,10 +153,15 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.adapters_per_step)
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
+        # Taken by submit around its append and by the fatal path when it closes the inbox, so that a
+        # request racing a fatal fault is either failed by that path or refused, never left waiting.
+        self._inbox_lock = threading.Lock()
+        self._closed = False
         self._wake = threading.Event()
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []
         self._accepted = 0  # queued + running; reserved under _admission_lock
+        self._undelivered = 0  # accepted streams whose caller has not yet taken the last event
         self._admission_lock = threading.Lock()
         self._accepting = True
         self._stop = False
@@ -166,6 +190,16 @@ class Engine:
     def num_in_flight(self) -> int:
         return self._accepted
 
+    @property
+    def num_undelivered(self) -> int:
+        """Accepted requests whose final event or error the caller has not taken yet: drain waits
+        for these, not only for generation to end."""
+        return self._undelivered
+
+    def _delivered(self) -> None:
+        with self._admission_lock:
+            self._undelivered -= 1
+
     def counts(self) -> tuple[int, int]:
         """(running, waiting); a snapshot for gauges and tests."""
         return len(self._running), len(self._waiting)
@@ -178,16 +212,17 @@ class Engine:
 
     def validate(self, req: GenerationRequest) -> None:
         c, p = self.config, req.sampling
+        validate_request_id(req.request_id)
         n = len(req.prompt_token_ids)
         if n == 0:
             raise RequestInvalid("the prompt is empty")
+        if n > c.input_token_limit:  # before any pass over the ids
+            raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit}")
         bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if not 0 < p.max_new_tokens <= c.max_new_tokens_limit:
             raise RequestInvalid(f"max_new_tokens must be in [1, {c.max_new_tokens_limit}], got {p.max_new_tokens}")
-        if n > c.input_token_limit:
-            raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit}")
         if n + p.max_new_tokens > c.total_token_limit:
             limit = "max_total_tokens" if c.max_total_tokens else "max_model_len"
             raise RequestInvalid(
@@ -206,6 +241,9 @@ class Engine:
         for s in p.stop:
             if not 0 < len(s) <= c.max_stop_length:
                 raise RequestInvalid(f"stop strings must be 1 to {c.max_stop_length} characters, got {len(s)}")
+        if len(p.stop_token_ids) > c.max_stop_token_ids:
+            raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
+                                 "(--max-stop-token-ids)")
 
     def submit(self, req: GenerationRequest) -> RequestStream:
         """Validate and enqueue; call from a running asyncio loop. Raises the domain errors."""
@@ -230,7 +268,14 @@ class Engine:
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
             cold_adapter=cold,
         )
-        self._inbox.append(("add", seq))
+        with self._inbox_lock:
+            if self._closed:
+                with self._admission_lock:
+                    self._accepted -= 1
+                raise EngineUnavailable("the engine has stopped and accepts no new requests")
+            with self._admission_lock:
+                self._undelivered += 1
+            self._inbox.append(("add", seq))
         self._wake.set()
         return RequestStream(self, seq)
 
@@ -258,12 +303,15 @@ class Engine:
                     self.on_fatal(e)
                 except Exception:  # noqa: BLE001 - failing the requests below matters more
                     log.exception("on_fatal hook failed")
-            for seq in [*self._running, *self._waiting]:
-                self._finish(seq, error=RequestFailed(f"engine failure: {e}"))
-            while self._inbox:
-                item = self._inbox.popleft()
-                if item[0] == "add":
-                    self._finish(item[1], error=RequestFailed(f"engine failure: {e}"))
+            with self._inbox_lock:  # from here on submit refuses: nothing lands in a dead inbox
+                self._closed = True
+                queued = [item[1] for item in self._inbox if item[0] == "add"]
+                self._inbox.clear()
+            for seq in [*self._running, *self._waiting, *queued]:
+                try:  # one failure here must not leave the others without an answer
+                    self._finish(seq, error=RequestFailed(f"engine failure: {e}"))
+                except Exception:  # noqa: BLE001
+                    log.exception("failing request %s after the fatal error", seq.request.request_id)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -274,16 +322,30 @@ class Engine:
                 self._finish(item[1], error=item[2])
 
     def _expire_deadlines(self) -> None:
+        """Deadlines, and consumers that stopped taking events: a stalled stream is cancelled
+        after --stream-stall-timeout, so an unread request cannot hold its batch place forever."""
         now = time.monotonic()
+        stall = self.config.stream_stall_timeout
         for seq in [*self._waiting, *self._running]:
             d = seq.request.deadline
             if d is not None and now > d:
                 self._finish(seq, error=RequestDeadlineExceeded("the request's deadline expired"))
+                continue
+            try:
+                oldest = seq.undelivered[0]
+            except IndexError:
+                continue
+            if now - oldest > stall:
+                log.warning("request %s: the client took no event for %.0f s; cancelling it",
+                            seq.request.request_id, stall)
+                self._finish(seq, error=RequestCancelled(
+                    f"the client read nothing for {stall:g} s (--stream-stall-timeout)"))
 
     def _poll_adapters(self) -> tuple[set, bool]:
         """Readiness of the waiting requests' adapters. Only the first few distinct adapters in
         queue order are prefetched, so a long queue of cold adapters cannot thrash the host cache."""
         ready, loading = set(), False
+        self.adapters.expire_reads()
         keys = list(dict.fromkeys(s.adapter for s in self._waiting if s.adapter is not None))
         prefetch_depth = max(1, self.adapters.host.capacity // 2)
         for i, key in enumerate(keys):
@@ -293,10 +355,10 @@ class Engine:
             elif state is Readiness.LOADING:
                 loading = True
             else:
-                reason = self.adapters.failure(key)
+                error = self.adapters.failure(key)
                 self.adapters.forget_failure(key)
                 for seq in [s for s in self._waiting if s.adapter == key]:
-                    self._finish(seq, error=AdapterInvalid(reason))
+                    self._finish(seq, error=error)
         return ready, loading
 
     def _admit(self, seq: Sequence) -> bool:
@@ -338,16 +400,21 @@ class Engine:
             seq.num_computed += n
             self.runner.kv.set_length(seq.slot, seq.num_computed)
         sampled = [work[i][0] for i in order]
-        seen = [torch.tensor(s.ids) if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
+        seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
         tokens = sample(logits, [s.sampler for s in sampled], seen)
+        # Everything after the shared forward pass is one request's own: its failure (sampling,
+        # detokenizing, stop checks, delivery) fails that request alone, never the engine.
         for seq, token in zip(sampled, tokens, strict=True):
             try:
+                if isinstance(token, Exception):
+                    raise token
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
                 self._on_token(seq, token)
-            except Exception as e:  # a fault in one request's processing fails that request alone
+            except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed", seq.request.request_id)
-                self._finish(seq, error=RequestFailed(f"internal error in request {seq.request.request_id}: {e}"))
+                self._finish(seq, error=RequestFailed(
+                    f"internal error in request {clip(seq.request.request_id)}: {clip(str(e), 200)}"))
         if self.observers:
             decode_tokens = sum(1 for it in items if it.decode)
             stats = StepStats(
@@ -405,32 +472,38 @@ class Engine:
         if seq.done:
             return
         seq.done = True
-        if seq in self._running:
-            self._running.remove(seq)
-        elif seq in self._waiting:
-            self._waiting.remove(seq)
-        if seq.slot is not None:
-            self.runner.kv.free(seq.slot)
-            seq.slot = None
-        if seq.pinned:
-            self.adapters.release(seq.adapter)
-            seq.pinned = False
-        with self._admission_lock:
-            self._accepted -= 1
-        timing = self._timing(seq)
-        if error is not None:
-            self._emit(seq, error)
-        else:
-            token, delta, reason = last
-            self._emit(seq, TokenEvent(
-                seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, timing,
-            ))
+        try:
+            if seq in self._running:
+                self._running.remove(seq)
+            elif seq in self._waiting:
+                self._waiting.remove(seq)
+            if seq.slot is not None:
+                self.runner.kv.free(seq.slot)
+                seq.slot = None
+            if seq.pinned:
+                self.adapters.release(seq.adapter)
+                seq.pinned = False
+        finally:  # whatever happened above, the caller gets its answer and the place is returned
+            with self._admission_lock:
+                self._accepted -= 1
+            timing = self._timing(seq)
+            if error is not None:
+                self._emit(seq, error)
+            else:
+                token, delta, reason = last
+                self._emit(seq, TokenEvent(
+                    seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, timing,
+                ))
         status = "OK" if error is None else status_name(error)
         for obs in self.observers:
-            obs.finish(seq, status, error, timing)
+            try:  # an observer's fault (metrics, logs) never reaches the request or the engine
+                obs.finish(seq, status, error, timing)
+            except Exception:  # noqa: BLE001
+                log.exception("observer %s failed on request %s", type(obs).__name__, seq.request.request_id)
 
     @staticmethod
     def _emit(seq: Sequence, item) -> None:
+        seq.undelivered.append(time.monotonic())
         try:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
@@ -441,14 +514,22 @@ class InjectedFatalFault(BaseException):
     """Escapes the per-request guard on purpose: it stands for a fault of the engine itself."""
 
 
+BUSY_LOOP_S = 60.0
+
+
 def fault_injector(spec: str):
     """``request:<id>`` fails that request's token handling; ``fatal:<id>`` kills the engine loop
-    when that request produces a token. For reliability tests only (``--inject-fault``)."""
+    when that request produces a token; ``fatal-busy:<id>`` does too, once the request's event
+    loop is blocked for BUSY_LOOP_S. For reliability tests only (``--inject-fault``)."""
     kind, _, request_id = spec.partition(":")
 
     def hook(seq: Sequence) -> None:
         if seq.request.request_id == request_id:
-            if kind == "fatal":
+            if kind == "fatal-busy":
+                blocked = threading.Event()
+                seq.loop.call_soon_threadsafe(lambda: (blocked.set(), time.sleep(BUSY_LOOP_S)))
+                blocked.wait(10)
+            if kind.startswith("fatal"):
                 raise InjectedFatalFault(f"injected fatal fault at request {request_id}")
             raise RuntimeError(f"injected fault in request {request_id}")
 

@@ -5,7 +5,18 @@ This module imports no grpc: the servicer turns the names into ``grpc.StatusCode
 
 from __future__ import annotations
 
-from ..adapters.errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterPathDenied
+from ..adapters.errors import (
+    AdapterExists,
+    AdapterInvalid,
+    AdapterLoadFailed,
+    AdapterLoadTimeout,
+    AdapterNotFound,
+    AdapterPathDenied,
+    RegistryFull,
+    clip,
+)
+
+__all__ = ["clip"]  # error messages quote client input only through it
 
 
 class RequestInvalid(ValueError):
@@ -32,13 +43,21 @@ class RequestFailed(Exception):
     """An internal fault while processing one request (not the user's mistake)."""
 
 
+class WorkTimeout(Exception):
+    """Work done for one call off the event loop (tokenizing, registering) ran past its limit."""
+
+
 STATUS_BY_ERROR: dict[type[BaseException], str] = {
     RequestInvalid: "INVALID_ARGUMENT",
     AdapterNotFound: "NOT_FOUND",
     AdapterExists: "ALREADY_EXISTS",
     AdapterPathDenied: "PERMISSION_DENIED",
     AdapterInvalid: "FAILED_PRECONDITION",
+    AdapterLoadTimeout: "UNAVAILABLE",
+    AdapterLoadFailed: "INTERNAL",
     QueueFull: "RESOURCE_EXHAUSTED",
+    RegistryFull: "RESOURCE_EXHAUSTED",
+    WorkTimeout: "DEADLINE_EXCEEDED",
     RequestDeadlineExceeded: "DEADLINE_EXCEEDED",
     RequestCancelled: "CANCELLED",
     EngineUnavailable: "UNAVAILABLE",

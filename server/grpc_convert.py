@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from typing import TYPE_CHECKING
 
-from ..adapters.registry import RegisteredAdapter
 from ..v1 import loramux_pb2 as pb
 from .errors import RequestInvalid
-from .requests import GenerationRequest, Timing, TokenEvent
-from .sampling import SamplingParams
+from .requests import GenerationRequest, SamplingParams, Timing, TokenEvent
+
+if TYPE_CHECKING:  # the registry imports torch; this module must not
+    from ..adapters.registry import RegisteredAdapter
 
 TIER_PB = {"disk": pb.ADAPTER_TIER_DISK, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
-MAX_REQUEST_ID = 128
 
 
 def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> SamplingParams:
@@ -35,8 +36,6 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
 
 def request_from_pb(req: pb.GenerateRequest, prompt_ids: list[int], default_max_new_tokens: int,
                     time_remaining: float | None) -> GenerationRequest:
-    if len(req.request_id) > MAX_REQUEST_ID:
-        raise RequestInvalid(f"request_id is {len(req.request_id)} characters; the limit is {MAX_REQUEST_ID}")
     return GenerationRequest(
         request_id=req.request_id or uuid.uuid4().hex,
         prompt_token_ids=tuple(prompt_ids),
@@ -72,10 +71,12 @@ def response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
     )
 
 
-def adapter_to_pb(entry: RegisteredAdapter, tier: str) -> pb.AdapterInfo:
+def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.AdapterInfo:
+    """``show_path``: server filesystem paths are for admin callers only."""
     spec = entry.manifest.spec
     return pb.AdapterInfo(
-        adapter_id=entry.adapter_id, path=str(entry.path), rank=entry.manifest.rank, lora_alpha=spec.lora_alpha,
+        adapter_id=entry.adapter_id, path=str(entry.path) if show_path else "", rank=entry.manifest.rank,
+        lora_alpha=spec.lora_alpha,
         target_modules=spec.target_names, size_bytes=entry.manifest.size_bytes, tier=TIER_PB[tier],
         requests_served=entry.requests_served,
     )

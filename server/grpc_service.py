@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 
 import grpc
@@ -15,13 +16,14 @@ from .errors import EngineUnavailable, RequestDeadlineExceeded, status_name
 from .grpc_convert import adapter_to_pb, request_from_pb, response_to_pb, stream_event_to_pb
 
 log = logging.getLogger(__name__)
+MAX_DETAILS = 1000  # messages quote client input only clipped; this bounds the rest
 
 
 async def _abort(context, error: BaseException):
     code = status_name(error)
     if code == "INTERNAL":
         log.error("internal error: %r", error)
-    await context.abort(getattr(grpc.StatusCode, code), str(error) or type(error).__name__)
+    await context.abort(getattr(grpc.StatusCode, code), (str(error) or type(error).__name__)[:MAX_DETAILS])
 
 
 
@@ -59,21 +61,23 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         self.config = config
         self.built = None  # set once the model has loaded
         self.renderer = None
+        self.work = None  # server/offload.py: blocking work runs there, never on the event loop
         self.on_rejected = None  # callable(status, adapter_id) for requests the engine never saw
 
-    def attach(self, built, renderer) -> None:
-        self.built, self.renderer = built, renderer
+    def attach(self, built, renderer, work) -> None:
+        self.built, self.renderer, self.work = built, renderer, work
 
     def _ready(self):
         if self.built is None:
             raise EngineUnavailable("the model is still loading; retry when health reports SERVING")
         return self.built
 
-    def _submit(self, request: pb.GenerateRequest, context):
+    async def _submit(self, request: pb.GenerateRequest, context):
         try:
             built = self._ready()
-            ids = self.renderer.render(request.prompt, list(request.prompt_token_ids),
-                                       [(m.role, m.content) for m in request.messages])
+            prompt = (request.prompt, list(request.prompt_token_ids), [(m.role, m.content) for m in request.messages])
+            self.renderer.check(*prompt)  # cheap bounds first, then the tokenizer off the loop
+            ids = await self.work.run("tokenizing the prompt", self.renderer.render, *prompt)
             req = request_from_pb(request, ids, self.config.default_max_new_tokens, context.time_remaining())
             return built.engine.submit(req)
         except Exception as e:  # refused before the engine saw it: the metrics still count it
@@ -90,7 +94,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
 
     @unary
     async def Generate(self, request, context):
-        stream = self._submit(request, context)
+        stream = await self._submit(request, context)
         try:
             return response_to_pb([ev async for ev in stream])
         finally:
@@ -98,7 +102,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
 
     @streaming
     async def GenerateStream(self, request, context):
-        stream = self._submit(request, context)
+        stream = await self._submit(request, context)
         try:
             async for ev in stream:
                 yield stream_event_to_pb(ev)
@@ -112,14 +116,24 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
                 "or --admin-token"
             )
 
+    def _is_admin(self, context) -> bool:
+        """A caller allowed the admin RPCs: it holds the admin token, or there is none and runtime
+        registration is on (on loopback, or with --insecure-admin)."""
+        c = self.config
+        if c.admin_token is None:
+            return c.allow_runtime_adapters
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {c.admin_token}".encode())
+
     @unary
     async def RegisterAdapter(self, request, context):
         self._check_runtime_adapters()
         built = self._ready()
-        entry = built.registry.register(request.adapter_id, request.path, replace=request.replace)
+        entry = await self.work.run("registering the adapter", built.registry.register, request.adapter_id,
+                                    request.path, request.replace)
         if request.preload:
             built.manager.preload(entry)
-        return adapter_to_pb(entry, built.manager.tier(entry.key))
+        return adapter_to_pb(entry, built.manager.tier(entry.key), show_path=True)
 
     @unary
     async def UnregisterAdapter(self, request, context):
@@ -130,8 +144,9 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
     @unary
     async def ListAdapters(self, request, context):
         built = self._ready()
+        admin = self._is_admin(context)
         return pb.ListAdaptersResponse(
-            adapters=[adapter_to_pb(e, built.manager.tier(e.key)) for e in built.registry.list()]
+            adapters=[adapter_to_pb(e, built.manager.tier(e.key), show_path=admin) for e in built.registry.list()]
         )
 
     @unary

@@ -70,9 +70,10 @@ class Metrics(EngineObserver):
         built.manager.on_load = lambda tier, s: self.adapter_load.labels(tier).observe(s)
 
     def rejected(self, status: str, adapter_id: str | None) -> None:
-        """A request refused before admission (bad argument, unknown adapter, full queue...)."""
-        # an unknown id must not take one of the bounded label slots
-        self.requests.labels(status, OTHER if status == "NOT_FOUND" else self.labels(adapter_id)).inc()
+        """A request refused before admission (bad argument, unknown adapter, full queue...).
+        Labels come only from registered ids: a client's unvalidated id never becomes a series."""
+        registered = adapter_id is None or adapter_id in self.built.registry
+        self.requests.labels(status, self.labels(adapter_id) if registered else OTHER).inc()
 
     def step(self, stats: StepStats) -> None:
         self.batch_size.observe(stats.num_seqs)

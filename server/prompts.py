@@ -1,36 +1,65 @@
-"""Prompt text, token ids or chat messages -> token ids, with the model's own tokenizer."""
+"""Prompt text, token ids or chat messages -> token ids, with the model's own tokenizer.
+
+``check`` bounds the input cheaply, before any tokenizing; ``render`` does the expensive part
+and runs off the event loop (server/offload.py).
+"""
 
 from __future__ import annotations
 
-from .errors import RequestInvalid
+from .config import ServerConfig
+from .errors import RequestInvalid, clip
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class PromptRenderer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, config: ServerConfig):
         self.tokenizer = tokenizer
+        self.max_prompt_bytes = config.max_prompt_bytes
+        self.max_chat_messages = config.max_chat_messages
+        self.max_prompt_tokens = config.input_token_limit
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def render(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]]) -> list[int]:
+    def check(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]]) -> None:
+        """Exactly one input, within the size limits (no tokenizing here)."""
         given = [name for name, v in (("prompt", prompt), ("prompt_token_ids", token_ids), ("messages", messages)) if v]
         if len(given) != 1:
             raise RequestInvalid(
                 "set exactly one of prompt, prompt_token_ids and messages" + (f"; got {', '.join(given)}" if given else
                                                                               "; the prompt is empty")
             )
+        if len(token_ids) > self.max_prompt_tokens:
+            raise RequestInvalid(f"the prompt has {len(token_ids)} tokens; max_input_tokens is {self.max_prompt_tokens}")
+        if prompt:
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            if size > self.max_prompt_bytes:
+                raise RequestInvalid(f"the prompt is {size} bytes; the limit is {self.max_prompt_bytes} "
+                                     "(--max-prompt-bytes)")
+        if messages:
+            if len(messages) > self.max_chat_messages:
+                raise RequestInvalid(f"{len(messages)} chat messages; the limit is {self.max_chat_messages} "
+                                     "(--max-chat-messages)")
+            size = sum(len(r.encode("utf-8", "surrogatepass")) + len(c.encode("utf-8", "surrogatepass"))
+                       for r, c in messages)
+            if size > self.max_prompt_bytes:
+                raise RequestInvalid(f"the chat messages are {size} bytes together; the limit is "
+                                     f"{self.max_prompt_bytes} (--max-prompt-bytes)")
+            for role, _ in messages:
+                if role not in CHAT_ROLES:
+                    raise RequestInvalid(f"unknown chat role {clip(role)}; expected one of {', '.join(CHAT_ROLES)}")
+            if not self.has_chat_template:
+                raise RequestInvalid("this model has no chat template: send prompt instead of messages")
+
+    def render(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]]) -> list[int]:
+        """Checked input -> token ids; the slow part (tokenizer, chat template)."""
+        self.check(prompt, token_ids, messages)
         if token_ids:
             return list(token_ids)
         if prompt:
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        for role, _ in messages:
-            if role not in CHAT_ROLES:
-                raise RequestInvalid(f"unknown chat role {role[:32]!r}; expected one of {', '.join(CHAT_ROLES)}")
-        if not self.has_chat_template:
-            raise RequestInvalid("this model has no chat template: send prompt instead of messages")
         out = self.tokenizer.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=True,
             return_dict=True,

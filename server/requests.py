@@ -5,7 +5,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .sampling import SamplingParams
+from .errors import RequestInvalid, clip
+
+MAX_REQUEST_ID = 128
+
+
+def validate_request_id(request_id: str) -> None:
+    """It goes into logs: bounded, and printable (no control characters, no line breaks)."""
+    if len(request_id) > MAX_REQUEST_ID:
+        raise RequestInvalid(f"request_id is {len(request_id)} characters; the limit is {MAX_REQUEST_ID}")
+    if not request_id.isprintable():
+        raise RequestInvalid(f"request_id {clip(request_id)} has control or non-printable characters")
+
+
+# Below this, a temperature samples as greedy: dividing logits by less overflows float32.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # below GREEDY_TEMPERATURE (0 included): greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class FinishReason(Enum):

@@ -7,22 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from .requests import SamplingParams
 
 
 @dataclass
@@ -42,11 +27,18 @@ class SamplerState:
         return cls(params, gen)
 
 
+class NonFiniteLogits(ArithmeticError):
+    """The model produced NaN or infinite logits for one request: that request fails alone."""
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF semantics: for each seen token, score < 0 -> score * p, else score / p.  logits: [V]."""
+    """HF semantics: for each seen token, score < 0 -> score * p, else score / p.  logits: [V].
+    A penalty near 0 or near the float maximum can overflow a score; it is clamped to the largest
+    finite value, so the row stays finite (an overflowed score is the most, or least, likely)."""
     score = logits.gather(0, seen)
     score = torch.where(score < 0, score * penalty, score / penalty)
-    return logits.scatter(0, seen, score)
+    finfo = torch.finfo(logits.dtype)
+    return logits.scatter(0, seen, score.clamp(finfo.min, finfo.max))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -64,22 +56,36 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_one(logits: torch.Tensor, state: SamplerState, seen: torch.Tensor | None) -> int:
-    """logits: [V] float32 of one request; seen: ids of its prompt and output so far."""
+def sample_one(logits: torch.Tensor, state: SamplerState, seen: list[int] | None) -> int:
+    """logits: [V] float32 of one request, finite; seen: ids of its prompt and output so far.
+
+    Safe for every value validation accepts: the logits are shifted so that their maximum is 0
+    before the division by the temperature (>= GREEDY_TEMPERATURE), so no value overflows to +inf
+    and the softmax always has a term of exp(0) = 1."""
     p = state.params
-    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
-        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if p.repetition_penalty != 1.0 and seen:
+        logits = apply_repetition_penalty(logits, torch.tensor(seen), p.repetition_penalty)
     if p.greedy:
         return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    logits = (logits - logits.max()) / p.temperature
+    probs = torch.softmax(filter_top_k_top_p(logits, p.top_k, p.top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=state.generator))
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[torch.Tensor | None]) -> list[int]:
-    """logits: [N, V] float32, one row per request. Plain greedy rows share one argmax."""
-    out = torch.argmax(logits, dim=-1).tolist()
+def sample(logits: torch.Tensor, states: list[SamplerState],
+           seen: list[list[int] | None]) -> list[int | Exception]:
+    """logits: [N, V] float32, one row per request. Plain greedy rows share one argmax.
+
+    Each row gets its token, or the exception that sampling it raised (NonFiniteLogits for a row
+    with NaN or infinite logits): one request's failure never touches the other rows."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    out: list[int | Exception] = torch.argmax(logits, dim=-1).tolist()
     for i, state in enumerate(states):
-        if not state.params.greedy or state.params.repetition_penalty != 1.0:
-            out[i] = sample_one(logits[i], state, seen[i])
+        if not finite[i]:
+            out[i] = NonFiniteLogits("the model produced non-finite logits for this request")
+        elif not state.params.greedy or state.params.repetition_penalty != 1.0:
+            try:
+                out[i] = sample_one(logits[i], state, seen[i])
+            except Exception as e:  # noqa: BLE001 - handed to the engine, which fails this request
+                out[i] = e
     return out

@@ -34,6 +34,12 @@ class ServingModel(nn.Module):
                    for i in range(config.num_hidden_layers) for kind, (template, _, _) in targets.items()}
         return LoRALayout(modules, {k: (fin, fout) for k, (_, fin, fout) in targets.items()}, config.num_hidden_layers)
 
+    @staticmethod
+    def position_limit(config) -> int | None:
+        """Positions the model can encode at all (a learned embedding table's rows); None when
+        positions are computed (RoPE, ALiBi). max-model-len may not exceed it."""
+        return None
+
     def lora_layout(self) -> LoRALayout:
         return self.layout_from_config(self.config)
 

@@ -39,6 +39,10 @@ class GPT2ForServing(ServingModel):
         self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
 
     @staticmethod
+    def position_limit(config) -> int:
+        return config.n_positions  # learned position embeddings: one row per position
+
+    @staticmethod
     def lora_targets(config):
         d = config.hidden_size
         inner = config.n_inner or 4 * d

@@ -40,6 +40,10 @@ class GPTNeoForServing(ServingModel):
         self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
 
     @staticmethod
+    def position_limit(config) -> int:
+        return config.max_position_embeddings  # learned position embeddings: one row per position
+
+    @staticmethod
     def lora_targets(config):
         d = config.hidden_size
         inner = config.intermediate_size or 4 * d

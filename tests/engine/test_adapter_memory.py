@@ -9,8 +9,7 @@ from loramux.adapters.errors import AdapterInvalid, AdapterNotFound
 from loramux.adapters.synthetic import write_random_adapter
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
-from loramux.server.requests import GenerationRequest
-from loramux.server.sampling import SamplingParams
+from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.torch_threads import openmp_library
 
 from helpers import peft_generate, tiny_layout

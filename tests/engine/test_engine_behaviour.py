@@ -9,8 +9,7 @@ from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
 from loramux.server.errors import QueueFull, RequestCancelled, RequestInvalid
-from loramux.server.requests import FinishReason, GenerationRequest
-from loramux.server.sampling import SamplingParams
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
 
 PROMPT = (10, 20, 30, 40, 50)
 

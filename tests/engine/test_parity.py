@@ -12,8 +12,7 @@ from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
 from loramux.server.ops import triton_available
 from loramux.server.ops.cpu_kernel import load_bgmv
-from loramux.server.requests import GenerationRequest
-from loramux.server.sampling import SamplingParams
+from loramux.server.requests import GenerationRequest, SamplingParams
 
 from helpers import peft_generate
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loramux.adapters.demo import BEHAVIOURS, DEMO_PROMPT
+from loramux.server.demo import BEHAVIOURS, DEMO_PROMPT
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo-adapters"
 pytestmark = pytest.mark.skipif(
@@ -20,11 +20,11 @@ def answers(prompts: dict[str, str]) -> dict[str, str]:
     from loramux.server.builder import build_engine
     from loramux.server.config import ServerConfig
     from loramux.server.prompts import PromptRenderer
-    from loramux.server.requests import GenerationRequest
-    from loramux.server.sampling import SamplingParams
+    from loramux.server.requests import GenerationRequest, SamplingParams
 
-    built = build_engine(ServerConfig(adapter_dirs=(str(DEMO_DIR),), max_batch_size=4, metrics_port=0))
-    renderer = PromptRenderer(built.tokenizer)
+    config = ServerConfig(adapter_dirs=(str(DEMO_DIR),), max_batch_size=4, metrics_port=0)
+    built = build_engine(config)
+    renderer = PromptRenderer(built.tokenizer, config)
     built.engine.start()
 
     async def run():

@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 
-from loramux.adapters.merge import merge
 from loramux.adapters.train import DataError, TrainConfig, load_examples, train
 from loramux.server.builder import build_engine
 from loramux.server.cli import main
 from loramux.server.config import ServerConfig
-from loramux.server.requests import GenerationRequest
-from loramux.server.sampling import SamplingParams
+from loramux.server.merge import merge
+from loramux.server.requests import GenerationRequest, SamplingParams
 
-from helpers import peft_generate
+from helpers import ALL_PROJ, FAMILY_ADAPTERS, build_adapter, build_family_model, build_llama, peft_generate
 
 EXAMPLES = [{"prompt": f"Q: {w}?\nA:", "completion": f" {w.upper()} {w[::-1]}"}
             for w in ["fox", "dog", "cat", "server", "batch", "adapter", "low", "rank", "token", "queue"]]
@@ -108,3 +107,22 @@ def test_cli_reports_bad_data_with_the_line(tiny_llama, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:1:" in err and "--max-length is 32" in err
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gpt_neo", "bloom"])
+def test_merge_matches_peft_in_every_family(family, tmp_path):
+    """Each family's projection layout, GPT-2's Conv1D ([in, out]) included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_llama(tmp_path / "m") if family == "llama" else build_family_model(family, tmp_path / "m")
+    variants = FAMILY_ADAPTERS.get(family, {"all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)})
+    for i, (name, kwargs) in enumerate(variants.items()):
+        adapter = build_adapter(model_dir, tmp_path / name, seed=i + 1, **kwargs)
+        ours = AutoModelForCausalLM.from_pretrained(merge(model_dir, adapter, tmp_path / f"merged-{name}"),
+                                                    dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ref = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+        x = torch.randint(3, 300, (2, 12))
+        with torch.no_grad():
+            assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-4, rtol=0), (family, name)

@@ -1,6 +1,7 @@
 """Adapters are refused, naming the field, rather than served wrong."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -115,3 +116,83 @@ def test_list_targets_match_at_a_dot_boundary_only(tmp_path):
     path = write_adapter(tmp_path / "suffix", config={**BASE, "target_modules": ["q_proj", "proj"]})
     with pytest.raises(AdapterInvalid, match="'proj' matches no supported module"):
         inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"r": float("nan")}, "'r'"), ({"r": 2.5}, "'r'"), ({"r": True}, "'r'"), ({"r": 10**400}, None),
+    ({"lora_alpha": float("inf")}, "lora_alpha"), ({"lora_alpha": 10**400}, "lora_alpha"),
+    ({"lora_alpha": "16"}, "lora_alpha"), ({"rank_pattern": {"q_proj": -1}}, "rank_pattern"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, "alpha_pattern"), ({"rank_pattern": [1]}, "rank_pattern"),
+    ({"target_modules": "(a)\\1"}, "target_modules"), ({"rank_pattern": {"(?<=x)q": 2}}, "rank_pattern"),
+    ({"use_rslora": "true"}, "use_rslora"), ({"fan_in_fan_out": 1}, "fan_in_fan_out"),
+])
+def test_config_numbers_are_finite_typed_and_regexes_re2(change, field):
+    if field is None:  # a huge but finite integer rank parses; the rank check against the tensors refuses it
+        assert parse_adapter_config({**BASE, **change}).r == 10**400
+        return
+    with pytest.raises(AdapterInvalid, match=field):
+        parse_adapter_config({**BASE, **change})
+
+
+def test_declared_rank_must_equal_the_tensors_rank(tmp_path):
+    path = write_adapter(tmp_path / "r", config={**BASE, "r": 100000})
+    with pytest.raises(AdapterInvalid, match="declares rank 100000"):
+        inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
+    path = write_adapter(tmp_path / "p", config={**BASE, "rank_pattern": {"v_proj": 3}})
+    with pytest.raises(AdapterInvalid, match="'rank_pattern'.*declares rank 3"):
+        inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
+
+
+def test_a_pathological_regex_is_matched_in_linear_time():
+    import time
+
+    spec = parse_adapter_config({**BASE, "target_modules": "(.|.)*Z" * 3})
+    t0 = time.monotonic()
+    assert spec.unmatched_targets(["model.layers.0.self_attn.q_proj_" + "x" * 60]) == [spec.target_modules]
+    assert time.monotonic() - t0 < 1
+
+
+def test_files_are_confined_regular_and_bounded(tmp_path):
+    from loramux.adapters.errors import AdapterPathDenied
+    from loramux.adapters.files import read_adapter_file
+
+    root = tmp_path / "root"
+    adapter = root / "a"
+    adapter.mkdir(parents=True)
+    (adapter / "ok").write_bytes(b"12345")
+    (tmp_path / "secret").write_bytes(b"s")
+    (adapter / "escape").symlink_to(tmp_path / "secret")
+    (adapter / "inside").symlink_to(adapter / "ok")
+    os.mkfifo(adapter / "fifo")
+    assert read_adapter_file(adapter, "ok", root, 5) == b"12345"
+    assert read_adapter_file(adapter, "inside", root, 5) == b"12345"  # a link that stays inside is fine
+    with pytest.raises(AdapterInvalid, match="the limit is 4 bytes"):
+        read_adapter_file(adapter, "ok", root, 4)
+    with pytest.raises(AdapterPathDenied):
+        read_adapter_file(adapter, "escape", root, 5)
+    with pytest.raises(AdapterInvalid, match="not a regular file"):
+        read_adapter_file(adapter, "fifo", root, 5)
+    with pytest.raises(AdapterInvalid, match="missing"):
+        read_adapter_file(adapter, "absent", root, 5)
+
+
+def test_weights_are_hashed_at_registration_and_checked_at_load(tmp_path):
+    from safetensors.torch import load_file
+
+    from loramux.adapters.loader import AdapterChanged
+
+    path = write_adapter(tmp_path / "h")
+    manifest = inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
+    load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file({k: v + 1 for k, v in tensors.items()}, path / "adapter_model.safetensors")
+    with pytest.raises(AdapterChanged, match="register it again"):
+        load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+    again = inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
+    assert again.content_hash != manifest.content_hash
+    # the same weights under a different scaling config are a different adapter
+    write_adapter(tmp_path / "h2", config={**BASE, "lora_alpha": 8}, tensors=tensors)
+    write_adapter(tmp_path / "h3", config={**BASE}, tensors=tensors)
+    h2 = inspect_adapter(tmp_path / "h2", LAYOUT, 8, 4).content_hash
+    h3 = inspect_adapter(tmp_path / "h3", LAYOUT, 8, 4).content_hash
+    assert h2 != h3 and h3 == manifest.content_hash

@@ -17,6 +17,14 @@ from loramux.server.config import ServerConfig
     (dict(max_input_tokens=5000), "max-input-tokens"),
     (dict(port=70000), "port"),
     (dict(inject_fault="explode:x"), "inject-fault"),
+    (dict(auth_token=""), "auth-token is empty"),
+    (dict(admin_token=""), "admin-token is empty"),
+    (dict(allow_runtime_adapters=True, host="0.0.0.0"), "--insecure-admin"),
+    (dict(allow_runtime_adapters=True, host="10.1.2.3", auth_token="t"), "--admin-token"),
+    (dict(max_stop_token_ids=0), "max-stop-token-ids"),
+    (dict(max_registered_adapters=0), "max-registered-adapters"),
+    (dict(max_concurrent_rpcs=100, max_queued_requests=100), "max-concurrent-rpcs"),
+    (dict(stream_stall_timeout=0.0), "stream-stall-timeout"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -38,3 +46,30 @@ def test_cli_flags_become_one_config():
 def test_bad_adapter_flag_is_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--adapter", "no-equals-sign"])
+
+
+def test_runtime_registration_off_loopback_needs_an_admin_token_or_an_explicit_opt_in():
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        ServerConfig(allow_runtime_adapters=True, host=host)
+    ServerConfig(allow_runtime_adapters=True, host="0.0.0.0", admin_token="a")
+    ServerConfig(allow_runtime_adapters=True, host="0.0.0.0", insecure_admin=True)
+
+
+def test_empty_token_environment_variables_are_refused(monkeypatch):
+    monkeypatch.setenv("LORAMUX_AUTH_TOKEN", "")
+    with pytest.raises(ValueError, match="LORAMUX_AUTH_TOKEN"):
+        config_from_args(build_parser().parse_args(["serve"]))
+
+
+@pytest.mark.parametrize("target, warned", [
+    ("127.0.0.1:50051", False), ("localhost:50051", False), ("[::1]:50051", False),
+    ("10.0.0.7:50051", True), ("dns:///serving.example.com:443", True), ("example.com:50051", True),
+])
+def test_clients_warn_before_sending_a_token_in_plaintext(target, warned, recwarn):
+    from loramux.clients.client import LoraMuxClient
+    from loramux.clients.types import PlaintextTokenWarning
+
+    LoraMuxClient(target, token="t").close()
+    LoraMuxClient(target).close()  # no token: nothing to leak
+    assert [w.category for w in recwarn.list if w.category is PlaintextTokenWarning] == \
+        ([PlaintextTokenWarning] if warned else [])

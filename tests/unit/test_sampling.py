@@ -9,13 +9,17 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from loramux.server.requests import GREEDY_TEMPERATURE, SamplingParams
 from loramux.server.sampling import (
+    NonFiniteLogits,
     SamplerState,
-    SamplingParams,
     apply_repetition_penalty,
     filter_top_k_top_p,
     sample,
 )
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+F32_TINY = float(torch.finfo(torch.float32).smallest_normal)
 
 
 @settings(max_examples=60, deadline=None)
@@ -46,3 +50,56 @@ def test_greedy_rows_are_argmax_and_seeded_rows_reproduce():
     second = sample(logits, [greedy, seeded(), greedy], [None] * 3)
     assert first[0] == int(logits[0].argmax()) and first[2] == int(logits[2].argmax())
     assert first[1] == second[1]
+
+
+# Every value the validation accepts (server/engine.py): temperature in [0, 100], top_p in (0, 1],
+# top_k in [0, 2^32 - 1], repetition_penalty in (0, inf), over logits anywhere in float32's range.
+extreme = st.floats(-F32_MAX, F32_MAX, width=32, allow_nan=False, allow_infinity=False)
+params = st.builds(
+    lambda t, p, k, rp, seed: SamplingParams(8, temperature=t, top_p=p, top_k=k, repetition_penalty=rp, seed=seed),
+    st.one_of(st.sampled_from([0.0, 1e-45, F32_TINY, 1e-6, GREEDY_TEMPERATURE, 100.0]),
+              st.floats(0, 100, width=32)),
+    st.one_of(st.sampled_from([1e-45, 1e-30, 0.5, 1.0]), st.floats(0, 1.0, width=32, exclude_min=True)),
+    st.one_of(st.sampled_from([0, 1, 2**32 - 1]), st.integers(0, 2**32 - 1)),
+    st.one_of(st.sampled_from([1e-45, 1e-38, 1.0, 1e38, F32_MAX]),
+              st.floats(0, F32_MAX, width=32, exclude_min=True)),
+    st.integers(0, 2**64 - 1),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 4), vocab=st.integers(1, 40))
+def test_sampler_returns_a_valid_token_for_every_row_and_extreme_value(data, rows, vocab):
+    logits = torch.tensor(data.draw(st.lists(st.lists(extreme, min_size=vocab, max_size=vocab),
+                                             min_size=rows, max_size=rows)), dtype=torch.float32)
+    states = [SamplerState.create(data.draw(params), "cpu") for _ in range(rows)]
+    seen = [data.draw(st.lists(st.integers(0, vocab - 1), max_size=6)) for _ in range(rows)]
+    for token in sample(logits, states, seen):
+        assert isinstance(token, int) and 0 <= token < vocab, token
+
+
+def test_a_non_finite_row_fails_alone():
+    logits = torch.randn(3, 10)
+    logits[1, 4] = float("nan")
+    logits[2, 0] = float("inf")
+    states = [SamplerState.create(SamplingParams(5, temperature=0.7, seed=1), "cpu") for _ in range(3)]
+    out = sample(logits, states, [None] * 3)
+    assert isinstance(out[0], int)
+    assert isinstance(out[1], NonFiniteLogits) and isinstance(out[2], NonFiniteLogits)
+
+
+def test_tiny_temperature_is_greedy_and_small_temperature_stays_finite():
+    logits = torch.tensor([[1e30, 3e38, -3e38, 2.0]])
+    for t in (1e-39, 1e-45, 0.0):
+        assert sample(logits, [SamplerState.create(SamplingParams(5, temperature=t), "cpu")], [None]) == [1]
+    # just above the greedy threshold, the division would overflow without the shift by the maximum
+    state = SamplerState.create(SamplingParams(5, temperature=GREEDY_TEMPERATURE, seed=3), "cpu")
+    assert sample(logits, [state], [None]) == [1]
+
+
+def test_seeded_sampling_really_samples():
+    """A sampler that always took the argmax would pass the reproducibility test above."""
+    logits = torch.zeros(1, 50)
+    picks = {sample(logits, [SamplerState.create(SamplingParams(5, temperature=1.0, seed=s), "cpu")], [None])[0]
+             for s in range(20)}
+    assert len(picks) > 5

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import torch
 
-from .loader import load_adapter
+from ..adapters.loader import load_adapter
 
 
 @torch.no_grad()
 def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
 
-    from ..server.models import lora_layout
+    from .models import lora_layout
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     layout = lora_layout(model.config)
@@ -21,8 +22,10 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     modules = dict(model.named_modules())
     by_layer_kind = {v: k for k, v in layout.modules.items()}
     for key, a in weights.a.items():  # a: [r, in]; b: [r, out] = (s * B).T
-        linear = modules[by_layer_kind[key]]
-        linear.weight += weights.b[key].T @ a  # [out, in]
+        module = modules[by_layer_kind[key]]
+        delta = weights.b[key].T @ a  # [out, in]
+        # GPT-2's Conv1D stores its weight as [in, out], nn.Linear as [out, in]
+        module.weight += delta.T if isinstance(module, Conv1D) else delta
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)

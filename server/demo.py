@@ -5,7 +5,7 @@ shows at a glance. The datasets are written here, from the templates below.
 - ``pirate``: answers in a pirate voice ("Arr, matey! ...");
 - ``sentiment``: answers with one word, positive, negative or neutral.
 
-    python -m loramux.adapters.demo --out demo-adapters [--steps 40]
+    python -m loramux.server.demo --out demo-adapters [--steps 40]
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from ..server.cli import setup_logging
-    from ..server.config import ServerConfig
-    from ..server.model_loader import resolve_model_dir
-    from .train import TrainConfig, train
+    from ..adapters.train import TrainConfig, train
+    from .cli import setup_logging
+    from .config import ServerConfig
+    from .model_loader import resolve_model_dir
 
     setup_logging("INFO", "text")
     config = ServerConfig() if args.cache_dir is None else ServerConfig(cache_dir=args.cache_dir)

@@ -1,0 +1,101 @@
+"""Reading an adapter's files safely: confined, regular, bounded.
+
+Every file is resolved and must lie inside ``confine`` (the adapter root for a runtime
+registration), so a symlink cannot lead out of it. The resolved path is opened with O_NOFOLLOW
+(a symlink swapped in after the check is refused) and O_NONBLOCK (a FIFO cannot block the open),
+and on Linux the opened descriptor's own path is checked again. Only regular files are read, and
+never more than ``limit`` bytes: /dev/zero or a file that grows while it is read is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from .errors import AdapterInvalid, AdapterPathDenied
+
+CONFIG_LIMIT = 1 << 20  # adapter_config.json; PEFT writes a few KiB
+
+
+def inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class AdapterFile:
+    """One open, checked file of an adapter; use as a context manager."""
+
+    def __init__(self, adapter_dir: Path, name: str, confine: Path):
+        self.name = name
+        real = Path(os.path.realpath(Path(adapter_dir) / name))
+        if not inside(real, confine):
+            raise AdapterPathDenied(f"{name} resolves outside the adapter root")
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(real, flags)
+        except FileNotFoundError:
+            raise AdapterInvalid(f"{name} is missing from the adapter directory") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # the last component became a symlink after the check
+                raise AdapterPathDenied(f"{name} changed into a symlink while it was opened") from None
+            raise AdapterInvalid(f"cannot open {name}: {e.strerror}") from None
+        try:
+            self._check(confine)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _check(self, confine: Path) -> None:
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterInvalid(f"{self.name} is not a regular file")
+        self.size = st.st_size
+        try:  # where the descriptor really points, whatever happened to the path meanwhile
+            opened = Path(os.readlink(f"/proc/self/fd/{self.fd}"))
+        except OSError:
+            return
+        if not inside(opened, confine):
+            raise AdapterPathDenied(f"{self.name} resolves outside the adapter root")
+
+    def read(self, limit: int, what: str = "the limit") -> bytes:
+        """The whole file, refused when it is (or grows) larger than ``limit`` bytes."""
+        if self.size > limit:
+            raise AdapterInvalid(f"{self.name} is {self.size} bytes; {what} is {limit} bytes")
+        chunks, total = [], 0
+        while total <= limit:
+            try:
+                chunk = os.read(self.fd, min(1 << 22, limit + 1 - total))
+            except OSError as e:
+                raise AdapterInvalid(f"cannot read {self.name}: {e.strerror}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise AdapterInvalid(f"{self.name} grew past {limit} bytes while it was read")
+        return b"".join(chunks)
+
+    def read_prefix(self, n: int) -> bytes:
+        try:
+            return os.pread(self.fd, n, 0)
+        except OSError as e:
+            raise AdapterInvalid(f"cannot read {self.name}: {e.strerror}") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> AdapterFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_adapter_file(adapter_dir: Path, name: str, confine: Path, limit: int, what: str = "the limit") -> bytes:
+    with AdapterFile(adapter_dir, name, confine) as f:
+        return f.read(limit, what)
+
+
+def exists(adapter_dir: Path, name: str) -> bool:
+    return os.path.lexists(Path(adapter_dir) / name)

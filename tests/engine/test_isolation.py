@@ -1,0 +1,239 @@
+"""Failure isolation inside the engine, through its Python API: per-request faults after the
+forward pass, stalled consumers, delivery accounting for drain, adapter I/O failures and timeouts,
+and the fatal path."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from loramux.adapters.errors import AdapterLoadFailed, AdapterLoadTimeout
+from loramux.adapters.loader import LoRAWeights
+from loramux.server.builder import build_engine
+from loramux.server.config import ServerConfig
+from loramux.server.engine import EngineObserver, InjectedFatalFault
+from loramux.server.errors import EngineUnavailable, RequestCancelled, RequestFailed, status_name
+from loramux.server.requests import GenerationRequest, SamplingParams
+
+PROMPT = (10, 20, 30, 40, 50)
+
+
+def make(tiny_llama, tiny_adapters, **kw):
+    config = ServerConfig(model=str(tiny_llama), max_batch_size=8, max_tokens_per_step=32, max_model_len=128,
+                          default_max_new_tokens=16, max_queued_requests=64,
+                          adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()), **kw)
+    built = build_engine(config)
+    built.engine.start()
+    return built
+
+
+def req(rid, n=8, adapter=None, **params):
+    return GenerationRequest(rid, PROMPT, SamplingParams(n, ignore_eos=True, **params), adapter)
+
+
+async def outcome(engine, r):
+    try:
+        return [ev.token_id async for ev in engine.submit(r)]
+    except Exception as e:  # noqa: BLE001 - the tests look at each request's own failure
+        return e
+
+
+def run_all(engine, reqs):
+    async def main():
+        return await asyncio.gather(*(outcome(engine, r) for r in reqs))
+    return asyncio.run(main())
+
+
+def idle(engine):
+    return engine.counts() == (0, 0) and engine.num_in_flight == 0 and not engine.adapters.pool.pinned() \
+        and engine.runner.kv.usage_ratio() == 0
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama, tiny_adapters):
+    b = make(tiny_llama, tiny_adapters)
+    yield b
+    b.engine.stop()
+
+
+def test_a_failure_after_the_forward_pass_fails_that_request_alone(built, monkeypatch):
+    """Sampling, detokenizing and stop checks run per request: a fault in any of them is that
+    request's INTERNAL error, and the others in the same step finish exact."""
+    engine = built.engine
+    expected = run_all(engine, [req(f"ok{i}", adapter=a) for i, a in enumerate([None, "attn-r4", "all-r8"])])
+    original = engine.tokenizer.decode
+
+    def decode(ids, **kw):  # the detokenizer of one request breaks
+        if threading.current_thread().name == "engine" and ids and ids[-1] == 99999:
+            raise UnicodeError("broken decode")
+        return original(ids, **kw)
+
+    import loramux.server.engine as engine_module
+
+    real_sample = engine_module.sample
+
+    def sample(logits, states, seen):  # ... and the sampler of another hits a NaN row
+        out = real_sample(logits, states, seen)
+        for i, state in enumerate(states):
+            if state.params.seed == 7:
+                out[i] = 99999
+            if state.params.seed == 8:
+                out[i] = FloatingPointError("nan in sampling")
+        return out
+
+    monkeypatch.setattr(engine.tokenizer, "decode", decode)
+    monkeypatch.setattr(engine_module, "sample", sample)
+    bad = [req("bad-detok", seed=7), req("bad-sample", seed=8)]
+    got = run_all(engine, [*bad, *(req(f"ok{i}", adapter=a) for i, a in enumerate([None, "attn-r4", "all-r8"]))])
+    assert all(isinstance(e, RequestFailed) and status_name(e) == "INTERNAL" for e in got[:2])
+    assert "nan in sampling" in str(got[1])
+    assert got[2:] == expected
+    assert idle(engine) and engine.fatal_error is None
+
+
+def test_a_stalled_consumer_is_cancelled_and_frees_its_place(tiny_llama, tiny_adapters):
+    b = make(tiny_llama, tiny_adapters, stream_stall_timeout=0.05)
+    engine = b.engine
+
+    async def main():
+        stream = engine.submit(req("stalled", n=120))
+        while engine.num_in_flight:  # never reads; a loop that blocks still lets the engine cancel it
+            time.sleep(0.01)
+        events = 0
+        with pytest.raises(RequestCancelled, match="--stream-stall-timeout"):
+            async for _ in stream:
+                events += 1
+        return events
+
+    try:
+        events = asyncio.run(main())
+        assert 0 < events < 119  # cut short, not generated to the end
+        assert idle(engine)
+    finally:
+        engine.stop()
+
+
+def test_delivery_is_counted_until_the_caller_takes_the_last_event(built):
+    """Drain waits on num_undelivered: generation can end long before the caller has read it."""
+    engine = built.engine
+
+    async def main():
+        stream = engine.submit(req("slow-reader", n=6))
+        while engine.num_in_flight:  # generated completely, nothing read yet
+            await asyncio.sleep(0.01)
+        assert engine.num_undelivered == 1
+        events = [ev async for ev in stream]
+        assert engine.num_undelivered == 0
+        return events
+
+    assert len(asyncio.run(main())) == 6
+    assert engine.num_undelivered == 0
+
+
+def test_a_failed_device_copy_fails_its_waiters_and_the_next_request_succeeds(tiny_llama, tiny_adapters, caplog):
+    b = make(tiny_llama, tiny_adapters)
+    pool, original, calls = b.manager.pool, b.manager.pool.fill, []
+
+    class Exploding:  # a tensor whose copy to the device fails
+        def to(self, *args, **kwargs):
+            raise RuntimeError("device copy failed")
+
+    def failing_fill(key, pages, weights):
+        calls.append(key)
+        if len(calls) == 1:  # fails inside the pool's copy, as a real device error would
+            weights = LoRAWeights(weights.rank, {k: Exploding() for k in weights.a}, weights.b)
+        return original(key, pages, weights)
+
+    pool.fill = failing_fill
+    try:
+        t0 = time.monotonic()
+        first = run_all(b.engine, [req("cold", adapter="attn-r64")])[0]
+        assert time.monotonic() - t0 < 10  # answered, not retried forever
+        assert isinstance(first, AdapterLoadFailed) and status_name(first) == "INTERNAL"
+        assert "device copy failed" in str(first) and "device copy failed" in caplog.text
+        again = run_all(b.engine, [req("retry", adapter="attn-r64")])[0]
+        assert isinstance(again, list) and len(again) == 8
+        assert idle(b.engine)
+    finally:
+        b.engine.stop()
+
+
+def test_a_hung_disk_read_times_out_and_later_reads_still_run(tiny_llama, tiny_adapters, monkeypatch):
+    import loramux.adapters.manager as manager_module
+
+    release, real_load = threading.Event(), manager_module.load_adapter
+
+    def load(path, *args, **kw):
+        if path.name == "attn-r64":
+            release.wait(30)  # a disk that does not answer
+        return real_load(path, *args, **kw)
+
+    monkeypatch.setattr(manager_module, "load_adapter", load)
+    b = make(tiny_llama, tiny_adapters, adapter_read_timeout=1.0)
+    try:
+        t0 = time.monotonic()
+        hung, other = run_all(b.engine, [req("hung", adapter="attn-r64"), req("other", adapter="all-r16-rslora")])
+        assert time.monotonic() - t0 < 10
+        assert isinstance(hung, AdapterLoadTimeout) and "--adapter-read-timeout" in str(hung)
+        assert status_name(hung) == "UNAVAILABLE"
+        assert isinstance(other, list) and len(other) == 8  # read by the fresh I/O thread
+        assert idle(b.engine)
+    finally:
+        release.set()
+        b.engine.stop()
+
+
+def test_the_fatal_path_answers_everyone_even_when_finishing_one_fails(tiny_llama, tiny_adapters):
+    b = make(tiny_llama, tiny_adapters)
+    engine = b.engine
+
+    class Flaky(EngineObserver):
+        def finish(self, seq, status, error, timing):
+            if seq.request.request_id == "r0":
+                raise RuntimeError("observer broke")
+
+    def hook(seq):
+        if seq.request.request_id == "boom" and seq.num_generated >= 1:
+            raise InjectedFatalFault("boom")
+
+    engine.observers.append(Flaky())
+    engine.fault_hook = hook
+    try:
+        async def main():
+            others = [asyncio.create_task(outcome(engine, req(f"r{i}", n=100))) for i in range(4)]
+            await asyncio.sleep(0.05)
+            boom = await asyncio.wait_for(outcome(engine, req("boom", n=100)), 20)
+            done = await asyncio.wait_for(asyncio.gather(*others), 20)
+            late = []  # submits racing the dead engine: refused, never left waiting
+            for i in range(20):
+                try:
+                    late.append(await asyncio.wait_for(outcome(engine, req(f"late{i}")), 5))
+                except EngineUnavailable as e:
+                    late.append(e)
+            return boom, done, late
+
+        boom, done, late = asyncio.run(main())
+        assert isinstance(boom, RequestFailed)
+        assert all(isinstance(r, RequestFailed) for r in done)
+        assert all(isinstance(r, (EngineUnavailable, RequestFailed)) for r in late)
+        assert engine.num_in_flight == 0
+    finally:
+        engine.stop()
+
+
+def test_submit_after_the_inbox_closes_is_refused(built):
+    """The race itself, made deterministic: once the fatal path has closed the inbox, submit
+    refuses instead of queueing into an inbox that nobody will read."""
+    engine = built.engine
+    with engine._inbox_lock:
+        engine._closed = True
+    try:
+        async def main():
+            with pytest.raises(EngineUnavailable):
+                engine.submit(req("late"))
+        asyncio.run(main())
+        assert engine.num_in_flight == 0 and engine.num_undelivered == 0
+    finally:
+        with engine._inbox_lock:
+            engine._closed = False

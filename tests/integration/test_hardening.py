@@ -1,0 +1,554 @@
+"""Hardening against the real server: no request and no adapter file takes it down, stalls it, or
+gets past its limits. Every test runs the canary loop (test_reliability.Canary) and checks that
+the server is idle, exact and SERVING afterwards."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from loramux.clients.client import LoraMuxClient
+from loramux.clients.types import Sampling
+from loramux.v1 import loramux_pb2 as pb
+from loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+from server import ServerProcess
+from test_grpc import PROMPT_IDS, code_of
+from test_reliability import SERVING, Canary, assert_recovered
+
+# A fixed example budget keeps `make test` short; LORAMUX_FUZZ_EXAMPLES runs a longer campaign.
+FUZZ_EXAMPLES = int(os.environ.get("LORAMUX_FUZZ_EXAMPLES", "100"))
+F32_MAX = float(torch.finfo(torch.float32).max)
+MAX_REGISTERED = 5  # the canary's two adapters, and room for three more
+
+
+@pytest.fixture(scope="module")
+def hserver(tiny_llama, tiny_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hroot")
+    proc = ServerProcess(
+        ["--model", str(tiny_llama), "--adapter", f"attn-r4={tiny_adapters['attn-r4']}",
+         "--adapter", f"all-r8={tiny_adapters['all-r8']}", "--adapter-root", str(root), "--allow-runtime-adapters",
+         "--max-batch-size", "8", "--max-model-len", "128", "--max-input-tokens", "40", "--max-total-tokens", "60",
+         "--max-new-tokens-limit", "30", "--default-max-new-tokens", "8", "--max-stop-token-ids", "4",
+         "--max-prompt-bytes", "1500000", "--max-chat-messages", "3",
+         "--max-registered-adapters", str(MAX_REGISTERED)],
+        tmp_path_factory.mktemp("hlogs") / "server.log",
+    )
+    proc.wait_ready()
+    proc.root = root
+    yield proc
+    proc.stop()
+
+
+def adapter_copy(server, tiny_adapters, name, source="attn-r4"):
+    path = server.root / name
+    if path.exists():
+        shutil.rmtree(path)
+    return shutil.copytree(tiny_adapters[source], path)
+
+
+def edit_config(path, **change):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(change)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))  # NaN and Infinity as Python's json writes them
+
+
+# ---- per-request isolation and numerically safe sampling ----
+
+EXTREME_SAMPLING = [
+    dict(temperature=1e-39), dict(temperature=1e-45), dict(temperature=1.1754944e-38),
+    dict(temperature=1e-5), dict(temperature=100.0),
+    dict(temperature=0.7, repetition_penalty=1e-45), dict(temperature=0.7, repetition_penalty=F32_MAX),
+    dict(repetition_penalty=1e-45), dict(repetition_penalty=F32_MAX),
+    dict(temperature=1.0, top_p=1e-45), dict(temperature=1.0, top_k=2**32 - 1),
+    dict(temperature=1e-38, top_p=1e-45, top_k=1, repetition_penalty=3e38, seed=2**64 - 1),
+]
+
+
+@pytest.mark.parametrize("adapter", ["", "attn-r4"])
+def test_extreme_sampling_values_are_served(hserver, adapter):
+    with Canary(hserver) as canary:
+        for values in EXTREME_SAMPLING:
+            got = hserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter,
+                                          sampling=Sampling(max_new_tokens=4, ignore_eos=True, **values))
+            assert got.completion_tokens == 4, values
+            assert all(0 <= t < 384 for t in got.token_ids)
+    assert_recovered(hserver, canary)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lora_alpha", math.nan), ("lora_alpha", math.inf), ("lora_alpha", -math.inf), ("r", math.nan),
+    ("alpha_pattern", {"q_proj": math.inf}), ("rank_pattern", {"v_proj": math.nan}), ("r", 100000),
+    ("lora_alpha", "16"), ("use_rslora", "yes"), ("r", True),
+])
+def test_non_finite_wrong_typed_or_mismatched_config_values_are_refused(hserver, tiny_adapters, field, value):
+    path = adapter_copy(hserver, tiny_adapters, "cfg")
+    edit_config(path, **{field: value})
+    with Canary(hserver) as canary:
+        code, details = code_of(hserver.client.register_adapter, "cfg", str(path))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and (f"'{field}'" if field == "r" else field) in details, details
+    assert_recovered(hserver, canary)
+
+
+def test_a_huge_finite_alpha_fails_its_requests_alone(hserver, tiny_adapters):
+    """Finite in the file, infinite once folded into the weights: refused at load, per request."""
+    path = adapter_copy(hserver, tiny_adapters, "huge-alpha")
+    edit_config(path, lora_alpha=1e308)
+    hserver.client.register_adapter("huge-alpha", str(path))
+    try:
+        with Canary(hserver) as canary:
+            code, details = code_of(hserver.client.generate, prompt_token_ids=PROMPT_IDS, adapter_id="huge-alpha")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "Inf" in details, details
+    finally:
+        hserver.client.unregister_adapter("huge-alpha")
+    assert_recovered(hserver, canary)
+
+
+# ---- bounded inputs ----
+
+def test_input_limits_are_named(hserver):
+    with Canary(hserver) as canary:
+        for kwargs, needle in [
+            (dict(prompt="x", sampling=Sampling(stop_token_ids=[1, 2, 3, 4, 5])), "--max-stop-token-ids"),
+            (dict(prompt="é" * 750_001), "--max-prompt-bytes"),
+            (dict(messages=[("user", "hi")] * 4), "--max-chat-messages"),
+            (dict(messages=[("user", "x" * 800_000), ("user", "y" * 800_000)]), "--max-prompt-bytes"),
+            (dict(prompt_token_ids=[7] * 41), "max_input_tokens is 40"),
+            (dict(prompt="hi", request_id="two\nlines"), "request_id"),
+            (dict(prompt="hi", request_id="bell\x07"), "request_id"),
+            (dict(prompt="hi", request_id="r" * 129), "the limit is 128"),
+        ]:
+            code, details = code_of(hserver.client.generate, **kwargs)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, (needle, details)
+            assert len(details) < 300
+    assert_recovered(hserver, canary)
+
+
+def test_error_details_echo_only_a_short_form_of_client_input(hserver):
+    with Canary(hserver) as canary:
+        for kwargs in [dict(prompt_token_ids=PROMPT_IDS, adapter_id="z" * 100_000),
+                       dict(messages=[("r" * 100_000, "hi")]),
+                       dict(prompt_token_ids=PROMPT_IDS, request_id="\n" * 100)]:
+            code, details = code_of(hserver.client.generate, **kwargs)
+            assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+            assert len(details) < 300, len(details)
+        code, details = code_of(hserver.client.register_adapter, "q" * 100_000, str(hserver.root))
+        assert len(details) < 300
+    assert_recovered(hserver, canary)
+
+
+def test_metrics_labels_come_only_from_registered_adapters(hserver):
+    with Canary(hserver) as canary:
+        for status_kwargs in [dict(sampling=Sampling(temperature=-1.0)), dict(prompt_token_ids=[7] * 41),
+                              dict()]:
+            kwargs = {"prompt_token_ids": PROMPT_IDS, **status_kwargs}
+            code_of(hserver.client.generate, adapter_id="ghost-label", **kwargs)
+    text = "\n".join(hserver.metrics())
+    assert "ghost-label" not in text
+    assert 'adapter="other"' in text
+    assert_recovered(hserver, canary)
+
+
+def test_the_registry_has_a_maximum_size(hserver, tiny_adapters):
+    with Canary(hserver) as canary:
+        names = [f"fill{i}" for i in range(MAX_REGISTERED - 2)]
+        try:
+            for name in names:
+                hserver.client.register_adapter(name, str(adapter_copy(hserver, tiny_adapters, name)))
+            code, details = code_of(hserver.client.register_adapter, "one-more",
+                                    str(adapter_copy(hserver, tiny_adapters, "one-more")))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-registered-adapters is 5" in details
+            hserver.client.register_adapter(names[0], str(hserver.root / names[0]), replace=True)  # a replace fits
+        finally:
+            for name in names:
+                hserver.client.unregister_adapter(name)
+    assert_recovered(hserver, canary)
+
+
+# ---- adapter files are read safely ----
+
+def test_adapter_files_that_escape_the_root_or_are_not_regular_are_refused(hserver, tiny_adapters, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text((tiny_adapters["attn-r4"] / "adapter_config.json").read_text())
+    cases = {}
+    link = adapter_copy(hserver, tiny_adapters, "link-out")
+    (link / "adapter_config.json").unlink()
+    (link / "adapter_config.json").symlink_to(outside)
+    cases["link-out"] = (link, grpc.StatusCode.PERMISSION_DENIED, "outside the adapter root")
+    zero = adapter_copy(hserver, tiny_adapters, "dev-zero")
+    (zero / "adapter_model.safetensors").unlink()
+    (zero / "adapter_model.safetensors").symlink_to("/dev/zero")
+    cases["dev-zero"] = (zero, grpc.StatusCode.PERMISSION_DENIED, "outside the adapter root")
+    fifo = adapter_copy(hserver, tiny_adapters, "fifo")
+    (fifo / "adapter_model.safetensors").unlink()
+    os.mkfifo(fifo / "adapter_model.safetensors")
+    cases["fifo"] = (fifo, grpc.StatusCode.FAILED_PRECONDITION, "not a regular file")
+    big = adapter_copy(hserver, tiny_adapters, "big-config")
+    edit_config(big, padding="x" * (1 << 20))
+    cases["big-config"] = (big, grpc.StatusCode.FAILED_PRECONDITION, "1048576 bytes")
+    trailing = adapter_copy(hserver, tiny_adapters, "trailing")
+    with open(trailing / "adapter_model.safetensors", "ab") as f:
+        f.write(b"\0" * 64)
+    cases["trailing"] = (trailing, grpc.StatusCode.FAILED_PRECONDITION, "trailing bytes")
+    a_file = hserver.root / "a-file"
+    a_file.write_text("{}")
+    cases["a-file"] = (a_file, grpc.StatusCode.FAILED_PRECONDITION, "not a directory")
+    with Canary(hserver) as canary:
+        for name, (path, status, needle) in cases.items():
+            t0 = time.monotonic()
+            code, details = code_of(hserver.client.register_adapter, name, str(path), timeout=20)
+            assert (code, name) == (status, name) and needle in details, (name, details)
+            assert time.monotonic() - t0 < 5, name  # refused at once: nothing blocks on the FIFO
+    assert_recovered(hserver, canary)
+
+
+def _header_edit(path, edit):
+    data = (path / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    (path / "adapter_model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+def _first_tensor(h):
+    return next(v for k, v in h.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("name, edit", [
+    ("offsets-strings", lambda h: _first_tensor(h).update(data_offsets=["0", "a"])),
+    ("offsets-three", lambda h: _first_tensor(h).update(data_offsets=[0, 1, 2])),
+    ("dtype-list", lambda h: _first_tensor(h).update(dtype=["F32"])),
+    ("dtype-unknown", lambda h: _first_tensor(h).update(dtype="I64")),
+    ("shape-negative", lambda h: _first_tensor(h).update(shape=[-4, 64])),
+    ("entry-not-object", lambda h: h.update({"base_model.model.x.lora_A.weight": 7})),
+])
+def test_malformed_safetensors_headers_are_failed_precondition(hserver, tiny_adapters, name, edit):
+    path = adapter_copy(hserver, tiny_adapters, name)
+    _header_edit(path, edit)
+    with Canary(hserver) as canary:
+        code, details = code_of(hserver.client.register_adapter, name, str(path))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert_recovered(hserver, canary)
+
+
+@pytest.mark.parametrize("field, pattern, refused", [
+    # exponential backtracking for Python's re on a 30-character module name; linear for RE2
+    ("target_modules", "(.|.)*Z", "matches no supported module"),
+    ("rank_pattern", "(.|.)*(.|.)*Z", None),  # a key that matches no module: served at r
+    ("target_modules", r"(q)\1_proj", "not supported by RE2"),  # no backreferences
+    ("alpha_pattern", "(?=q)q_proj", "not supported by RE2"),  # nor lookahead
+])
+def test_regexes_are_matched_in_linear_time_or_refused(hserver, tiny_adapters, field, pattern, refused):
+    path = adapter_copy(hserver, tiny_adapters, "regex")
+    edit_config(path, **({field: pattern} if field == "target_modules" else {field: {pattern: 4}}))
+    with Canary(hserver) as canary:
+        t0 = time.monotonic()
+        try:
+            hserver.client.register_adapter("regex", str(path), timeout=20)
+            code, details = grpc.StatusCode.OK, ""
+            hserver.client.unregister_adapter("regex")
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+        took = time.monotonic() - t0
+    assert took < 5
+    if refused:
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and field in details and refused in details, details
+    else:
+        assert code == grpc.StatusCode.OK
+    assert_recovered(hserver, canary)
+
+
+def test_weights_changed_after_registration_are_refused_until_registered_again(hserver, tiny_adapters):
+    path = adapter_copy(hserver, tiny_adapters, "swap")
+    hserver.client.register_adapter("swap", str(path))
+    try:
+        weights = load_file(path / "adapter_model.safetensors")
+        save_file({k: -v for k, v in weights.items()}, path / "adapter_model.safetensors")  # same size, other values
+        with Canary(hserver) as canary:
+            code, details = code_of(hserver.client.generate, prompt_token_ids=PROMPT_IDS, adapter_id="swap")
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "register it again" in details
+            hserver.client.register_adapter("swap", str(path), replace=True)
+            greedy = Sampling(max_new_tokens=6, ignore_eos=True)
+            assert hserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="swap",
+                                           sampling=greedy).completion_tokens == 6
+    finally:
+        hserver.client.unregister_adapter("swap")
+    assert_recovered(hserver, canary)
+
+
+# ---- the event loop never blocks ----
+
+def test_health_and_server_info_answer_while_a_huge_prompt_is_tokenized(hserver):
+    prompt = ("The quick brown fox jumps over the lazy dog. Ünïcödé 東京 🚀 " * 30_000)[:1_200_000]
+    assert len(prompt.encode()) < 1_500_000  # under --max-prompt-bytes: it really is tokenized
+    errors = []
+
+    def big():
+        try:
+            hserver.client.generate(prompt=prompt, timeout=60)
+        except grpc.RpcError as e:
+            errors.append(e.code())
+
+    stub = pb_grpc.LoraMuxStub(hserver.channel)
+    with Canary(hserver) as canary:
+        worker = threading.Thread(target=big)
+        worker.start()
+        health, info = [], []
+        while worker.is_alive():
+            t0 = time.monotonic()
+            assert hserver.health.Check(health_pb2.HealthCheckRequest(service="loramux.v1.LoraMux"),
+                                        timeout=5).status == SERVING
+            t1 = time.monotonic()
+            stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+            health.append(t1 - t0)
+            info.append(time.monotonic() - t1)
+            time.sleep(0.02)
+        worker.join()
+    assert errors == [grpc.StatusCode.INVALID_ARGUMENT]  # tokenized, then longer than max_input_tokens
+    assert len(health) >= 5  # the probes really overlapped the tokenizing
+    assert max(health) < 0.1 and max(info) < 0.1, (max(health), max(info))
+    assert_recovered(hserver, canary)
+
+
+def test_the_engine_dying_while_the_loop_is_busy_still_exits(tiny_llama, tmp_path):
+    proc = ServerProcess(["--model", str(tiny_llama), "--inject-fault", "fatal-busy:boom"], tmp_path / "log")
+    try:
+        proc.wait_ready()
+        threading.Thread(target=lambda: code_of(proc.client.generate, prompt_token_ids=PROMPT_IDS, request_id="boom",
+                                                timeout=60), daemon=True).start()
+        assert proc.proc.wait(30) == 3  # the loop is blocked for 60 s: the watchdog, not the loop, exits
+        assert "fatal engine error" in proc.log()
+    finally:
+        proc.stop()
+
+
+# ---- auth and configuration ----
+
+def _serve_refused(args, env=None):
+    out = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", *args], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, **(env or {})})
+    return out.returncode, out.stderr
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["--auth-token", ""], {}, "auth-token is empty"),
+    ([], {"LORAMUX_ADMIN_TOKEN": ""}, "admin-token is empty"),
+    ([], {"LORAMUX_AUTH_TOKEN": ""}, "LORAMUX_AUTH_TOKEN"),
+    (["--allow-runtime-adapters", "--host", "0.0.0.0"], {}, "--insecure-admin"),
+])
+def test_unsafe_auth_settings_refuse_to_start(args, env, needle):
+    code, err = _serve_refused(["--metrics-port", "0", "--port", "0", *args], env)
+    assert code == 2 and needle in err, err
+
+
+def test_adapter_paths_are_shown_to_admin_callers_only(tiny_llama, tiny_adapters, tmp_path):
+    proc = ServerProcess(["--model", str(tiny_llama), "--auth-token", "user", "--admin-token", "admin",
+                          "--adapter", f"attn-r4={tiny_adapters['attn-r4']}",
+                          "--adapter", f"all-r8={tiny_adapters['all-r8']}"], tmp_path / "log")
+    try:
+        proc.wait_ready()
+        user = LoraMuxClient(proc.target, token="user")
+        admin = LoraMuxClient(proc.target, token="admin")
+        with Canary(proc, token="user") as canary:
+            assert {a.path for a in user.list_adapters()} == {""}
+            assert {a.path for a in admin.list_adapters()} == {str(tiny_adapters[n].resolve())
+                                                                for n in ("attn-r4", "all-r8")}
+        assert canary.count > 0 and canary.failures == []
+    finally:
+        proc.stop()
+
+
+def test_a_local_server_without_runtime_registration_hides_paths(hserver, tiny_llama, tiny_adapters, tmp_path):
+    proc = ServerProcess(["--model", str(tiny_llama), "--adapter", f"attn-r4={tiny_adapters['attn-r4']}"],
+                         tmp_path / "log")
+    try:
+        proc.wait_ready()
+        assert [a.path for a in proc.client.list_adapters()] == [""]
+    finally:
+        proc.stop()
+    # runtime registration on loopback without an admin token: every caller may register, so sees paths
+    assert all(a.path for a in hserver.client.list_adapters())
+
+
+# ---- streams and shutdown ----
+
+def test_grpc_concurrency_is_bounded(tiny_llama, tmp_path):
+    proc = ServerProcess(["--model", str(tiny_llama), "--max-queued-requests", "2", "--max-concurrent-rpcs", "3"],
+                         tmp_path / "log")
+    try:
+        proc.wait_ready()
+        results = []
+
+        def call():
+            try:
+                proc.client.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(max_new_tokens=60, ignore_eos=True))
+                results.append("OK")
+            except grpc.RpcError as e:
+                results.append(e.details())
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert "OK" in results and any("Concurrent RPC limit" in r for r in results), results
+        assert proc.health_status() == SERVING
+    finally:
+        proc.stop()
+
+
+def test_drain_waits_until_responses_are_delivered(tiny_llama, tmp_path):
+    proc = ServerProcess(["--model", str(tiny_llama), "--drain-timeout", "30"], tmp_path / "log")
+    try:
+        proc.wait_ready()
+        stream = proc.client.generate_stream(prompt_token_ids=PROMPT_IDS,
+                                             sampling=Sampling(max_new_tokens=40, ignore_eos=True))
+        chunks = [next(stream)]
+        proc.terminate()  # generation ends long before this slow reader has read it all
+        for chunk in stream:
+            chunks.append(chunk)
+            time.sleep(0.1)
+        assert len(chunks) == 40 and chunks[-1].finish_reason is not None
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.stop()
+
+
+# ---- model limits ----
+
+def test_max_model_len_past_learned_positions_refuses_to_start(tmp_path):
+    from helpers import build_family_model
+
+    model = build_family_model("gpt2", tmp_path / "gpt2")  # n_positions = 512
+    code, err = _serve_refused(["--model", str(model), "--max-model-len", "1024", "--metrics-port", "0",
+                                "--port", "0"])
+    assert code == 2 and "--max-model-len 1024" in err and "512 positions" in err, err
+
+
+# ---- the hypothesis campaigns ----
+
+MAX_U32, MAX_U64 = 2**32 - 1, 2**64 - 1
+any_float = st.one_of(st.none(), st.floats(width=32), st.sampled_from([0.0, 1e-45, 1e-39, F32_MAX, -F32_MAX,
+                                                                       math.nan, math.inf, -math.inf]))
+odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+sampling_pb = st.builds(
+    lambda mnt, t, p, k, rp, seed, stop, ids, ignore: pb.SamplingParams(
+        **{k_: v for k_, v in dict(max_new_tokens=mnt, temperature=t, top_p=p, top_k=k, repetition_penalty=rp,
+                                     seed=seed).items() if v is not None},
+        stop=stop, stop_token_ids=ids, ignore_eos=ignore),
+    st.one_of(st.none(), st.integers(0, MAX_U32)), any_float, any_float, st.one_of(st.none(), st.integers(0, MAX_U32)),
+    any_float, st.one_of(st.none(), st.integers(0, MAX_U64)),
+    st.one_of(st.lists(odd_text, max_size=6), st.lists(st.just("a"), min_size=100, max_size=300)),
+    st.one_of(st.lists(st.integers(0, MAX_U32), max_size=6), st.lists(st.integers(0, 5), min_size=100, max_size=2000)),
+    st.booleans(),
+)
+request_pb = st.builds(
+    lambda rid, aid, prompt, ids, msgs, s: pb.GenerateRequest(
+        request_id=rid, adapter_id=aid, prompt=prompt, prompt_token_ids=ids,
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in msgs], sampling=s),
+    st.one_of(odd_text, st.text(max_size=200)), st.sampled_from(["", "", "attn-r4", "all-r8", "nope", "../x"]),
+    st.one_of(odd_text, st.text(max_size=4)), st.one_of(st.lists(st.integers(0, MAX_U32), max_size=50),
+                                                      st.lists(st.integers(0, 383), min_size=5000, max_size=20000)),
+    st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "robot", ""]), odd_text), max_size=5),
+    sampling_pb,
+)
+
+
+def test_fuzzed_requests_never_hurt_the_server(hserver):
+    stub = pb_grpc.LoraMuxStub(hserver.channel)
+    seen = set()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(req=request_pb)
+    def check(req):
+        try:
+            stub.Generate(req, timeout=30)
+            seen.add("OK")
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (e.code(), e.details())
+            assert len(e.details()) < 1100
+            seen.add(e.code())
+        assert hserver.health_status() == SERVING
+
+    with Canary(hserver) as canary:
+        check()
+    assert grpc.StatusCode.INVALID_ARGUMENT in seen
+    assert_recovered(hserver, canary)
+
+
+json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.just(10**400),
+              st.floats(), odd_text),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(odd_text, inner, max_size=3), max_leaves=6)
+number = st.one_of(st.integers(-5, 100_000), st.just(10**400), st.floats(), st.sampled_from([4, 8.0, 4.5]))
+config_fields = st.fixed_dictionaries({}, optional={
+    "peft_type": st.one_of(st.just("LORA"), json_value),
+    "r": st.one_of(st.just(4), number, json_value),
+    "lora_alpha": st.one_of(number, json_value),
+    "target_modules": st.one_of(st.just(["q_proj", "v_proj"]), st.just(r".*\.(q|v)_proj"), json_value,
+                                st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "lm_head"]), max_size=3)),
+    "use_rslora": st.one_of(st.booleans(), json_value),
+    "rank_pattern": st.one_of(st.dictionaries(st.sampled_from(["q_proj", "v_proj", "(.|.)*Z", "[", "x"]), number,
+                                              max_size=2), json_value),
+    "alpha_pattern": st.one_of(st.dictionaries(st.sampled_from(["q_proj", "v_proj", "(a)\\1"]), number, max_size=2),
+                               json_value),
+    "fan_in_fan_out": st.one_of(st.booleans(), json_value),
+    "bias": st.one_of(st.just("none"), json_value),
+    "use_dora": st.one_of(st.booleans(), json_value),
+    "modules_to_save": json_value,
+    "layers_to_transform": json_value,
+    "base_model_name_or_path": json_value,
+})
+
+
+def test_fuzzed_adapter_configs_never_hurt_the_server(hserver, tiny_adapters):
+    base = json.loads((tiny_adapters["attn-r4"] / "adapter_config.json").read_text())
+    seen = set()
+
+    @settings(max_examples=max(20, FUZZ_EXAMPLES // 2), deadline=None, suppress_health_check=list(HealthCheck))
+    @given(change=config_fields, drop=st.sets(st.sampled_from(["r", "lora_alpha", "target_modules"]), max_size=1))
+    def check(change, drop):
+        path = adapter_copy(hserver, tiny_adapters, "fuzz")
+        cfg = {k: v for k, v in {**base, **change}.items() if k not in drop}
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+        try:
+            hserver.client.register_adapter("fuzz", str(path))
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.code(), e.details(), cfg)
+            seen.add("refused")
+        else:
+            seen.add("registered")
+            try:
+                hserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="fuzz",
+                                        sampling=Sampling(max_new_tokens=3, ignore_eos=True))
+            except grpc.RpcError as e:  # weights that overflow once scaled: that request alone
+                assert e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INTERNAL), e.details()
+                assert "Inf" in e.details() or "non-finite" in e.details(), e.details()
+            finally:
+                hserver.client.unregister_adapter("fuzz")
+        assert hserver.health_status() == SERVING
+
+    with Canary(hserver) as canary:
+        check()
+    assert seen == {"refused", "registered"}
+    assert_recovered(hserver, canary)
+
+
+def test_sigterm_still_drains_after_the_campaigns(hserver):
+    """Last in the module: the server the campaigns ran against still shuts down cleanly."""
+    hserver.proc.send_signal(signal.SIGTERM)
+    assert hserver.proc.wait(30) == 0
