@@ -7,7 +7,7 @@ PROTO := proto/loramux/v1/loramux.proto
 
 DEMO := demo-adapters
 
-.PHONY: install test serve proto lint bench bench-decode bench-paging bench-gpu demo-adapters clean
+.PHONY: install test serve proto lint bench bench-decode bench-paging bench-gpu gpu-check gpu-assets demo-adapters clean
 
 $(PY):
 	$(shell command -v $(PYTHON) >/dev/null 2>&1 && echo $(PYTHON) || echo python3) -m venv $(VENV)
@@ -47,9 +47,20 @@ bench-decode:
 bench-paging:
 	$(PY) bench/adapter_paging.py $(ARGS)
 
-# On one GPU, about 8 minutes: Triton kernels vs the base model and PEFT at batch 1/32/256, 1000 adapters.
+# On one GPU, a few minutes a model: Triton kernels vs the base model and PEFT at batch 1/32/256, 1000 adapters.
 bench-gpu:
 	$(PY) bench/gpu.py --json bench/reports/gpu.json $(ARGS)
+
+# On the GPU machine: its system python (no registry there), the project installed without its
+# dependencies, no CPU kernel. STAGE=env|ops|parity|bench|profile runs one stage; results go to $$OUT.
+# Run `make gpu-assets` on the CPU side first and carry bench/gpu-assets (the tokenizer).
+GPU_PYTHON ?= python3
+gpu-check:
+	LORAMUX_NO_CPU_KERNEL=1 $(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	LORAMUX_NO_CPU_KERNEL=1 $(GPU_PYTHON) bench/gpu_check.py --stage $(or $(STAGE),all) $(ARGS)
+
+gpu-assets:
+	$(PY) bench/gpu_check.py --export-tokenizer bench/gpu-assets/tokenizer
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

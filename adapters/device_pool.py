@@ -70,6 +70,9 @@ class DevicePool:
         self._copying: set[AdapterKey] = set()  # pages reserved, copy in flight
         self.evictions = 0
         self.on_evict = None  # instrumentation hook: called with the key of each evicted adapter
+        # CUDA: recorded on the evicting (compute) stream; a copy into freed pages waits on it, so it
+        # never overwrites pages that kernels already queued on the compute stream still read.
+        self._evicted = None
 
     @property
     def resident_keys(self) -> list[AdapterKey]:
@@ -152,6 +155,8 @@ class DevicePool:
         stream = contextlib.nullcontext() if self._copy_stream is None else torch.cuda.stream(self._copy_stream)
         try:
             with stream:
+                if self._copy_stream is not None and self._evicted is not None:
+                    self._copy_stream.wait_event(self._evicted)
                 index = pages.to(self.device)
                 for (layer, kind), (a_store, b_store) in self.stores.items():
                     if kind not in kinds:
@@ -183,3 +188,6 @@ class DevicePool:
             del self._resident[key]
             self._free_pages.extend(res.pages.tolist())
             self.evictions += 1
+            if self._copy_stream is not None:
+                self._evicted = torch.cuda.Event()
+                self._evicted.record()  # on the caller's current stream: the one that ran the reads

@@ -73,12 +73,22 @@ class LoRAWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
-    def pin_memory(self) -> LoRAWeights:
-        return LoRAWeights(
-            self.rank,
-            {k: v.pin_memory() for k, v in self.a.items()},
-            {k: v.pin_memory() for k, v in self.b.items()},
-        )
+    def pin_memory(self, pin: bool = True) -> LoRAWeights:
+        """A copy in one flat pinned buffer (one allocation, not one per tensor: pinning is slow).
+        ``pin=False`` lays out the same flat copy unpinned (for hosts without an accelerator)."""
+        tensors = [*self.a.values(), *self.b.values()]
+        if not tensors:
+            return self
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, pin_memory=pin)
+        views, at = [], 0
+        for t in tensors:
+            view = flat[at : at + t.numel()].view(t.shape)
+            view.copy_(t)
+            views.append(view)
+            at += t.numel()
+        a = dict(zip(self.a, views[: len(self.a)], strict=True))
+        b = dict(zip(self.b, views[len(self.a) :], strict=True))
+        return LoRAWeights(self.rank, a, b)
 
 
 def read_safetensors_header(prefix: bytes, file_size: int, source: str = WEIGHTS_NAME) -> dict[str, dict]:

@@ -55,7 +55,9 @@ class AdapterManager:
         # disk reads queued (None) or running (since when, time.monotonic())
         self._pending: dict[AdapterKey, float | None] = {}
         self._jobs: dict = {}  # future -> (key, job, args) of every job not yet done
-        self._jobs_lock = threading.Lock()  # guards _jobs and _io; taken inside _lock, never around it
+        # guards _jobs and _io; taken inside _lock, never around it, and never held while a future is
+        # cancelled or completed (its done-callback takes it)
+        self._jobs_lock = threading.Lock()
         self._failed: dict[AdapterKey, AdapterError] = {}
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
         self._io_initializer = io_initializer
@@ -93,6 +95,7 @@ class AdapterManager:
         """The current version of a registered adapter, for a new request."""
         entry = self.registry.get(adapter_id)
         entry.requests_served += 1
+        entry.last_used = time.monotonic()
         self._entries[entry.key] = entry
         return entry.key
 
@@ -229,4 +232,5 @@ class AdapterManager:
 
     def close(self) -> None:
         with self._jobs_lock:
-            self._io.shutdown(wait=False, cancel_futures=True)
+            io = self._io
+        io.shutdown(wait=False, cancel_futures=True)  # outside the lock: cancelling runs _job_done

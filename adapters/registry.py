@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class RegisteredAdapter:
     version: int
     confine: Path  # every file of the adapter must resolve inside this folder
     requests_served: int = 0
+    dynamic: bool = False  # registered on first use (--dynamic-adapters): may be unregistered for room
+    last_used: float = 0.0  # time.monotonic() of the last request accepted for it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -75,8 +78,10 @@ class AdapterRegistry:
             raise RegistryFull(f"{len(self._adapters)} adapters are registered; --max-registered-adapters is "
                                f"{self.max_adapters}")
 
-    def register(self, adapter_id: str, path: str | Path, replace: bool = False, trusted: bool = False) -> RegisteredAdapter:
-        """Validate and register. ``trusted`` (start-up flags) skips the root check."""
+    def register(self, adapter_id: str, path: str | Path, replace: bool = False, trusted: bool = False,
+                 dynamic: bool = False) -> RegisteredAdapter:
+        """Validate and register. ``trusted`` (start-up flags) skips the root check; ``dynamic``
+        marks a registration made on first use, which evict_lru_dynamic may undo."""
         validate_adapter_id(adapter_id)
         real = Path(os.path.realpath(path)) if trusted else self.resolve_path(path)
         with self._lock:
@@ -85,7 +90,8 @@ class AdapterRegistry:
         manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle, confine)
         with self._lock:
             self._check_room(adapter_id, replace)
-            entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine)
+            entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine, dynamic=dynamic,
+                                      last_used=time.monotonic())
             self._next_version += 1
             self._adapters[adapter_id] = entry
             return entry
@@ -103,6 +109,16 @@ class AdapterRegistry:
                 return self._adapters[adapter_id]
             except KeyError:
                 raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered") from None
+
+    def evict_lru_dynamic(self, in_use: set[str]) -> RegisteredAdapter | None:
+        """Unregister the least recently used dynamic registration not in ``in_use``; None if none."""
+        with self._lock:
+            candidates = [e for e in self._adapters.values() if e.dynamic and e.adapter_id not in in_use]
+            if not candidates:
+                return None
+            victim = min(candidates, key=lambda e: e.last_used)
+            del self._adapters[victim.adapter_id]
+            return victim
 
     def __contains__(self, adapter_id: str) -> bool:
         with self._lock:

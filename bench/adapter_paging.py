@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
-from loramux.clients.bench import percentile  # noqa: E402
+from loramux.clients.stats import percentile, zipf_choices  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
@@ -42,13 +42,6 @@ def make_adapters(root: Path, layout, n: int) -> list[tuple[str, str]]:
             write_random_adapter(path, layout, RANKS[i % len(RANKS)], seed=i, targets=TARGETS, dtype=torch.float16)
         out.append((f"adapter-{i:04d}", str(path)))
     return out
-
-
-def zipf_choices(n_items: int, n_draws: int, alpha: float, rng: random.Random) -> list[int]:
-    weights = [1.0 / (k + 1) ** alpha for k in range(n_items)]
-    order = list(range(n_items))
-    rng.shuffle(order)  # popularity is not tied to rank
-    return [order[i] for i in rng.choices(range(n_items), weights=weights, k=n_draws)]
 
 
 async def run_open_loop(engine, requests, arrivals):

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: engine timing and request sets."""
+"""Shared pieces of the benchmarks: engine timing, request sets and statistics. Nothing here
+imports grpc or the generated stubs, so the GPU benchmark runs where they are not installed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from loramux.clients.stats import percentile, zipf_choices
 from loramux.server.engine import EngineObserver, StepStats
 from loramux.server.requests import GenerationRequest, SamplingParams
 
@@ -61,3 +63,6 @@ def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
+
+
+__all__ = ["RunResult", "StepRecorder", "percentile", "random_prompts", "run_batch", "zipf_choices"]

@@ -5,7 +5,8 @@ seven projections, 32 distinct adapters unless a row says otherwise).
 Rows: 1 loramux over gRPC, mixed adapters; 2 the same requests on the base model only;
 3 loramux's in-process engine (no gRPC); 4 PEFT, one mixed-adapter batch (adapter_names);
 5 PEFT, one adapter at a time (set_adapter); 6 transformers' continuous batching (generate_batch,
-base model); 7 loramux with 1..1000 registered adapters (device capacity 32, Zipf 1.0).
+base model); 7 loramux with 1..1000 registered adapters (device capacity 32, Zipf 1.0); 8 row 1's
+requests through the OpenAI-compatible HTTP API (streamed completions) instead of gRPC.
 
     python bench/compare.py [--quick] [--model DIR] [--out bench/results]
 """
@@ -55,13 +56,15 @@ class Server:
     """The real server as a subprocess, ready when its readiness health check says SERVING."""
 
     def __init__(self, model_dir: Path, extra: list[str], log: Path):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.http_base = f"http://127.0.0.1:{self.http_port}/v1"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), *extra], stdout=self._log, stderr=subprocess.STDOUT)
+             "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *extra],
+            stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -78,9 +81,10 @@ class Server:
         self._log.close()
 
 
-def load_row(server: Server, spec: LoadSpec) -> dict:
+def load_row(server: Server, spec: LoadSpec, api: str = "grpc") -> dict:
     before = scrape_adapter_cache(server.metrics_url)
-    records, wall = asyncio.run(run_load(server.target, spec, progress=False))
+    target = server.http_base if api == "openai" else server.target
+    records, wall = asyncio.run(run_load(target, spec, progress=False, api=api))
     return summarize(records, wall, before, scrape_adapter_cache(server.metrics_url))
 
 
@@ -263,6 +267,14 @@ def main() -> int:
         load_row(server, spec)  # warm-up: adapters resident, allocator warm
         rows["1 loramux gRPC, mixed adapters"] = load_row(server, spec)
         rows["2 loramux gRPC, base model only"] = load_row(server, LoadSpec(**{**spec.__dict__, "adapters": ()}))
+        load_row(server, spec, api="openai")  # warm-up of the HTTP path
+        # HTTP against gRPC: interleaved rounds, the best of each, so that drift hits both alike
+        http, grpc_runs = [], [rows["1 loramux gRPC, mixed adapters"]]
+        for _ in range(2):
+            http.append(load_row(server, spec, api="openai"))
+            grpc_runs.append(load_row(server, spec))
+        rows["8 loramux HTTP (OpenAI API), mixed"] = max(http, key=lambda r: r["tokens_per_s"])
+        best_grpc = max(r["tokens_per_s"] for r in grpc_runs)
         sweep = []
         for c in ((1, n_req) if quick else (1, 8, 32)):
             r = load_row(server, LoadSpec(**{**spec.__dict__, "concurrency": c}))
@@ -295,6 +307,7 @@ def main() -> int:
         "row1/row5 (target >= 10)": tps["1"] / tps["5"], "row2/row6 (target >= 2)": tps["2"] / tps["6"],
         f"{scale_points[-1]} adapters / 8 adapters (target >= 0.9)": at[scale_points[-1]] / at[8],
         "row1/row3 (target >= 0.9)": tps["1"] / tps["3"],
+        "row8/row1, HTTP/gRPC, best of interleaved rounds (target >= 0.9)": tps["8"] / best_grpc,
     }
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -1,7 +1,8 @@
 """GPU benchmark: loramux's kernels against the base model alone and against PEFT's mixed batch.
 
-For each model (the default SmolLM2-135M and a random-weight Llama of about 1B parameters, shaped
-like Llama-3.2-1B), all in one run:
+For each model, built in place with random weights (throughput does not depend on them): one shaped
+like the default SmolLM2-135M, and one of about 1B parameters shaped like Llama-3.2-1B, both with
+the SmolLM2 tokenizer (``--tokenizer DIR``; default: the one of the locally prepared default model):
 - decode throughput at batch 1, 32 and 256: the base model alone; one distinct adapter per request
   through loramux (rank 16 on all seven projections); PEFT's mixed batch (``adapter_names=``) with
   the same number of distinct adapters;
@@ -9,9 +10,13 @@ like Llama-3.2-1B), all in one run:
   (device capacity 64 adapters, so the 1000 page through it);
 - host synchronisations per decode step, counted by ``torch.cuda.set_sync_debug_mode``.
 Targets: mixed/base >= 0.9 at batch 32; loramux/PEFT >= 10 at batch 256; 1000/8 >= 0.9.
-Sized for about 8 minutes on one H200. ``--quick`` runs a tiny version anywhere (the CPU smoke test).
+PEFT gets one model with all its adapters per base model, reused across batch sizes, and 4 new
+tokens per row. Sized for a few minutes per model on one H200; ``--models`` runs one base model per
+command. ``--quick`` runs a tiny version anywhere (the CPU smoke test). Imports neither grpc nor the
+generated stubs, so it runs on a host without them.
 
-    python bench/gpu.py [--json bench/reports/gpu.json] [--models default,llama-1b] [--quick --model DIR]
+    python bench/gpu.py [--json bench/reports/gpu.json] [--models default,llama-1b] [--tokenizer DIR]
+                        [--quick --model DIR]
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from adapter_paging import zipf_choices  # noqa: E402
 
 from loramux.adapters.synthetic import ALL_PROJ, write_random_adapter  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
@@ -36,22 +40,26 @@ from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model, resolve_model_dir  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
 
-from common import random_prompts, run_batch  # noqa: E402
+from common import random_prompts, run_batch, zipf_choices  # noqa: E402
 
 RANK = 16
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0)
+SHAPES = {
+    "default": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),  # SmolLM2-135M
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),  # Llama-3.2-1B
+}
 TARGETS = {"mixed/base at batch 32": 0.9, "loramux/PEFT at batch 256": 10.0, "1000/8 adapters": 0.9}
 
 
-def build_random_llama(out: Path, tokenizer, device: torch.device, dtype) -> Path:
-    """A Llama-3.2-1B-shaped model with random weights and the default model's tokenizer."""
+def build_random_llama(out: Path, shape: dict, tokenizer, device: torch.device, dtype) -> Path:
+    """A Llama-architecture model of ``shape`` with random weights and ``tokenizer``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (out / "config.json").exists():
         return out
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"], **LLAMA_1B)
+                         eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"], **shape)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
     model.save_pretrained(out, safe_serialization=True)
@@ -94,40 +102,47 @@ def count_host_syncs(engine, prompts, adapters, new_tokens: int) -> float | None
     return len(syncs) / max(1, result.steps)
 
 
-def peft_decode(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, device, dtype) -> float:
-    """PEFT's mixed batch: ``batch`` requests over ``batch`` distinct adapters, decode tokens/s
-    (a one-token generate is subtracted, as prefill)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+class PeftMixed:
+    """PEFT's mixed batch (``adapter_names=``): one model with ``count`` adapters, built once per base
+    model and reused for every batch size."""
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(ALL_PROJ), init_lora_weights=False)
-    model = get_peft_model(base, config, adapter_name="a0")
-    for i in range(1, batch):
-        model.add_adapter(f"a{i}", config)
-    model.eval()
-    vocab = base.config.vocab_size
-    ids = torch.tensor(random_prompts(vocab, batch, prompt_len), device=device)
-    mask = torch.ones_like(ids)
-    names = [f"a{i}" for i in range(batch)]
+    def __init__(self, model_dir: Path, count: int, device, dtype):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
 
-    def generate(n):
-        sync()
-        t = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
-        sync()
-        return time.perf_counter() - t
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(ALL_PROJ), init_lora_weights=False)
+        self.model = get_peft_model(base, config, adapter_name="a0")
+        for i in range(1, count):
+            self.model.add_adapter(f"a{i}", config)
+        self.model.eval()
+        self.vocab, self.device = base.config.vocab_size, device
 
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+    def decode(self, batch: int, prompt_len: int, new_tokens: int) -> float:
+        """Decode tokens/s for ``batch`` requests over ``batch`` distinct adapters (a one-token
+        generate is subtracted, as prefill)."""
+        ids = torch.tensor(random_prompts(self.vocab, batch, prompt_len), device=self.device)
+        mask = torch.ones_like(ids)
+        names = [f"a{i}" for i in range(batch)]
 
-    with torch.no_grad():
-        generate(2)  # warm-up
-        prefill = generate(1)
-        total = generate(new_tokens)
-    return batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+        def generate(n):
+            sync(self.device)
+            t = time.perf_counter()
+            self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False, pad_token_id=0)
+            sync(self.device)
+            return time.perf_counter() - t
+
+        with torch.no_grad():
+            generate(2)  # warm-up
+            prefill = generate(1)
+            total = generate(new_tokens)
+        return batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def zipf_run(config, loaded, adapters, picks, prompts, new_tokens: int, batch: int) -> float:
@@ -165,6 +180,7 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     built = build_engine(ServerConfig(**{**config.__dict__, "adapters": tuple(adapters[:max_batch])}), loaded)
     engine = built.engine
     report["op_backend"] = type(engine.runner.apply_lora).__name__
+    peft = PeftMixed(resolve_model_dir(config)[0], max_batch, loaded.device, loaded.dtype)
     engine.start()
     try:
         for batch in sizes:
@@ -176,8 +192,7 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
                 mixed.append(run_batch(engine, prompts[:batch], ids, args.new_tokens).decode_tokens_per_s)
             row = {"base_tok_s": max(base), "mixed_tok_s": max(mixed)}
             row["mixed/base"] = row["mixed_tok_s"] / row["base_tok_s"]
-            row["peft_mixed_tok_s"] = peft_decode(resolve_model_dir(config)[0], batch, args.prompt_len,
-                                                  args.peft_new_tokens, loaded.device, loaded.dtype)
+            row["peft_mixed_tok_s"] = peft.decode(batch, args.prompt_len, args.peft_new_tokens)
             row["loramux/PEFT"] = row["mixed_tok_s"] / row["peft_mixed_tok_s"]
             report["batches"][str(batch)] = row
             print(f"  {name} batch {batch:4d}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
@@ -185,6 +200,7 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
             engine, prompts[:sizes[-1]], [a for a, _ in adapters[:sizes[-1]]], 8)
     finally:
         engine.stop()
+        del peft
 
     rng = random.Random(0)
     zipf = zipf_choices(args.zipf_adapters, args.zipf_requests, 1.0, rng)
@@ -203,11 +219,26 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     return report
 
 
+def load_tokenizer(folder: Path | None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder or resolve_model_dir(ServerConfig())[0])
+
+
+def device_dtype(name: str) -> tuple[torch.device, torch.dtype]:
+    from loramux.server.model_loader import resolve_device, resolve_dtype
+
+    device = resolve_device(name)
+    return device, resolve_dtype("auto", device)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="default,llama-1b", help="comma-separated: default, llama-1b")
     ap.add_argument("--model", default=None, help="with --quick: the model folder to use instead of both")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a tokenizer folder for the built models (default: the prepared default model's)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script end to end, anywhere")
     ap.add_argument("--work", type=Path, default=None, help="where models and adapter files are written")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "gpu.json")
@@ -215,7 +246,7 @@ def main() -> int:
     quick = args.quick
     args.batch_sizes = (1, 4) if quick else (1, 32, 256)
     args.rounds, args.prompt_len = (1, 8) if quick else (2, 64)
-    args.new_tokens, args.peft_new_tokens = (4, 3) if quick else (64, 16)
+    args.new_tokens, args.peft_new_tokens = (4, 3) if quick else (64, 4)
     args.distinct_files = 4 if quick else 32
     args.zipf_adapters, args.zipf_requests, args.zipf_batch, args.zipf_capacity = (
         (16, 8, 4, 8) if quick else (1000, 1024, 128, 64))
@@ -230,10 +261,10 @@ def main() -> int:
     else:
         models = [(m, None) for m in args.models.split(",")]
     for name, path in models:
-        if name == "llama-1b":
-            loaded = load_model(ServerConfig(device=args.device))  # for its tokenizer, device and dtype
-            path = str(build_random_llama(work / "llama-1b", loaded.tokenizer, loaded.device, loaded.dtype))
-            del loaded
+        if path is None:
+            if name not in SHAPES:
+                raise SystemExit(f"unknown model {name!r}; choose from {sorted(SHAPES)}")
+            path = str(build_random_llama(work / name, SHAPES[name], load_tokenizer(args.tokenizer), *device_dtype(args.device)))
         print(f"{name}:", flush=True)
         report["models"][name] = bench_model(name, path, args, work)
     report["wall_s"] = time.perf_counter() - started

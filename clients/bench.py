@@ -4,7 +4,8 @@ Closed loop (a fixed number of requests in flight) or open loop (Poisson arrival
 N adapters whose popularity is distinct, uniform, Zipf(alpha) or identical (Punica's and S-LoRA's
 settings), with prompt and output lengths drawn from ranges. Reports throughput, time to first
 token, inter-token latency, per-adapter fairness, the adapter cache hit rate (from /metrics) and
-errors by status.
+errors by status. ``--api openai`` sends the same request set through the OpenAI-compatible HTTP API
+(streamed completions, with the official ``openai`` package), so both front-ends are measured alike.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import grpc
 
 from ..v1 import loramux_pb2 as pb
 from .aio import AsyncLoraMuxClient
+from .stats import percentile
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,51 @@ async def _one(client: AsyncLoraMuxClient, req: pb.GenerateRequest, t0: float) -
     return rec
 
 
+class OpenAIDriver:
+    """The same requests as streamed /v1/completions calls; a chunk is a token event, and the
+    token count comes from the final usage."""
+
+    def __init__(self, base_url: str, token: str | None):
+        try:
+            from openai import AsyncOpenAI
+        except ImportError:  # pragma: no cover - a test dependency, optional for users
+            raise SystemExit("loramux bench --api openai needs the openai package: pip install openai") from None
+        self.client = AsyncOpenAI(base_url=base_url, api_key=token or "none", max_retries=0, timeout=600)
+        self.base_model = None
+
+    async def start(self) -> None:
+        models = (await self.client.models.list()).data
+        self.base_model = next(m.id for m in models if m.parent is None)
+
+    async def one(self, req: pb.GenerateRequest, t0: float) -> Record:
+        import openai
+
+        rec = Record(req.adapter_id, arrival=time.perf_counter() - t0)
+        start = last = time.perf_counter()
+        try:
+            stream = await self.client.completions.create(
+                model=req.adapter_id or self.base_model, prompt=list(req.prompt_token_ids),
+                max_tokens=req.sampling.max_new_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.usage is not None:
+                    rec.tokens = chunk.usage.completion_tokens
+                    continue
+                if rec.ttft is None:
+                    rec.ttft = now - start
+                else:
+                    rec.itl.append(now - last)
+                last = now
+            rec.total = time.perf_counter() - start
+        except openai.APIStatusError as e:
+            rec.status = f"HTTP_{e.status_code}"
+        return rec
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 class Progress:
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
@@ -110,43 +157,51 @@ class Progress:
             sys.stderr.flush()
 
 
-async def run_load(target: str, spec: LoadSpec, token: str | None = None, progress: bool = True) -> tuple[list[Record], float]:
+async def run_load(target: str, spec: LoadSpec, token: str | None = None, progress: bool = True,
+                   api: str = "grpc") -> tuple[list[Record], float]:
+    """Run ``spec`` against ``target``: a gRPC address, or with ``api="openai"`` an HTTP base URL
+    (``http://host:8000/v1``)."""
     requests = make_requests(spec)
     bar = Progress(len(requests), progress)
+    if api == "openai":
+        driver = OpenAIDriver(target, token)
+        await driver.start()
+        try:
+            return await _drive(driver.one, requests, spec, bar)
+        finally:
+            await driver.close()
     async with AsyncLoraMuxClient(target, token=token) as client:
-        t0 = time.perf_counter()
-        if spec.concurrency:
-            queue = list(reversed(requests))
-            records: list[Record] = []
+        return await _drive(lambda req, t0: _one(client, req, t0), requests, spec, bar)
 
-            async def worker():
-                while queue:
-                    records.append(await _one(client, queue.pop(), t0))
-                    bar.tick()
 
-            await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
-        else:
-            rng = random.Random(spec.seed + 1)
-            at, arrivals = 0.0, []
-            for _ in requests:
-                at += rng.expovariate(spec.rate)
-                arrivals.append(at)
+async def _drive(one, requests, spec: LoadSpec, bar: Progress) -> tuple[list[Record], float]:
+    """Closed or open loop over ``requests``; ``one(request, t0)`` sends one and records it."""
+    t0 = time.perf_counter()
+    if spec.concurrency:
+        queue = list(reversed(requests))
+        records: list[Record] = []
 
-            async def timed(req, when):
-                await asyncio.sleep(max(0.0, t0 + when - time.perf_counter()))
-                rec = await _one(client, req, t0)
+        async def worker():
+            while queue:
+                records.append(await one(queue.pop(), t0))
                 bar.tick()
-                return rec
 
-            records = list(await asyncio.gather(*(timed(r, a) for r, a in zip(requests, arrivals, strict=True))))
-        return records, time.perf_counter() - t0
+        await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+    else:
+        rng = random.Random(spec.seed + 1)
+        at, arrivals = 0.0, []
+        for _ in requests:
+            at += rng.expovariate(spec.rate)
+            arrivals.append(at)
 
+        async def timed(req, when):
+            await asyncio.sleep(max(0.0, t0 + when - time.perf_counter()))
+            rec = await one(req, t0)
+            bar.tick()
+            return rec
 
-def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
+        records = list(await asyncio.gather(*(timed(r, a) for r, a in zip(requests, arrivals, strict=True))))
+    return records, time.perf_counter() - t0
 
 
 def scrape_adapter_cache(metrics_url: str | None) -> dict[str, float]:
@@ -212,6 +267,9 @@ def add_bench_command(sub, with_server) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--metrics-url", default=None, help="e.g. http://127.0.0.1:9400/metrics, for the cache hit rate")
     b.add_argument("--token", default=None, help="bearer token")
+    b.add_argument("--api", choices=("grpc", "openai"), default="grpc",
+                   help="the front-end to load: gRPC (--server) or the OpenAI HTTP API (--base-url)")
+    b.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="with --api openai: the HTTP API's base URL")
     b.add_argument("--json", default=None, help="write the report here")
     b.set_defaults(func=cmd_bench)
 
@@ -228,7 +286,8 @@ def cmd_bench(args) -> int:
         prompt_len=_range(args.prompt_len), output_len=_range(args.output_len), seed=args.seed,
     )
     before = scrape_adapter_cache(args.metrics_url)
-    records, wall = asyncio.run(run_load(args.server, spec, token=args.token))
+    target = args.base_url if args.api == "openai" else args.server
+    records, wall = asyncio.run(run_load(target, spec, token=args.token, api=args.api))
     report = summarize(records, wall, before, scrape_adapter_cache(args.metrics_url) if args.metrics_url else None)
     report["spec"] = asdict(spec)
     print(format_report("loramux", report))

@@ -25,6 +25,19 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A generated token's raw logprob and its top alternatives [(token_id, logprob)]."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def from_pb(cls, lp: pb.TokenLogprob) -> Logprob:
+        return cls(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+
+
+@dataclass(frozen=True)
 class Generation:
     request_id: str
     text: str
@@ -33,11 +46,13 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     timing: Timing
+    logprobs: list[Logprob] = field(default_factory=list)  # when Sampling.logprobs was set
 
     @classmethod
     def from_pb(cls, r: pb.GenerateResponse) -> Generation:
         return cls(r.request_id, r.text, list(r.token_ids), FINISH_NAMES.get(r.finish_reason),
-                   r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing))
+                   r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing),
+                   [Logprob.from_pb(lp) for lp in r.logprobs])
 
 
 @dataclass(frozen=True)
@@ -49,12 +64,14 @@ class StreamChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timing: Timing | None = None
+    logprob: Logprob | None = None  # when Sampling.logprobs was set
 
     @classmethod
     def from_pb(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
         last = r.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         return cls(r.request_id, r.token_id, r.text, FINISH_NAMES.get(r.finish_reason),
-                   r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing) if last else None)
+                   r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing) if last else None,
+                   Logprob.from_pb(r.logprob) if r.HasField("logprob") else None)
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives with each token's raw logprob (0 to 20)
 
     def to_pb(self) -> pb.SamplingParams:
         fields = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("stop", "stop_token_ids")}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import ssl
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from ..v1 import loramux_pb2, loramux_pb2_grpc
 from .auth import AuthInterceptor
 from .config import ServerConfig, StartupError
 from .grpc_service import LoraMuxServicer
+from .service import Service
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = loramux_pb2.DESCRIPTOR.services_by_name["LoraMux"].full_name  # "loramux.v1.LoraMux"
@@ -60,9 +63,13 @@ class App:
                                       maximum_concurrent_rpcs=config.concurrent_rpc_limit)
         self.health = ReadinessHealth(lambda: self.built is not None and self.built.engine.fatal_error is not None)
         self.work = None
-        self.servicer = LoraMuxServicer(config)
+        self.service = Service(config)
+        self.servicer = LoraMuxServicer(self.service)
         self.built = None
+        self.metrics = None
         self._metrics_server = None
+        self._http = None  # uvicorn server, when --http-port is set
+        self._http_task = None
         self._stopping = asyncio.Event()
         self._fatal = asyncio.Event()
         self._signals = 0
@@ -86,7 +93,47 @@ class App:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)  # readiness: model loading
         await self.server.start()
         log.info("listening on %s:%d%s (model loading)", self.config.host, port, " with TLS" if creds else "")
+        if self.config.http_port:
+            await self._start_http()
         return port
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible API on the same event loop; FastAPI and uvicorn load only here."""
+        import uvicorn
+
+        from .http_api import build_app
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # the App owns SIGTERM/SIGINT and drains both front-ends
+                yield
+
+        c = self.config
+        tls = {}
+        if c.tls_cert:
+            tls = dict(ssl_certfile=c.tls_cert, ssl_keyfile=c.tls_key)
+            if c.tls_client_ca:
+                tls.update(ssl_ca_certs=c.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        config = uvicorn.Config(build_app(self.service, self._metrics_text), host=c.http_bind_host, port=c.http_port,
+                                lifespan="off", access_log=False, log_config=None, log_level="warning",
+                                timeout_graceful_shutdown=max(1, int(c.drain_timeout)), **tls)
+        self._http = Server(config)
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                try:
+                    self._http_task.result()
+                except SystemExit:  # uvicorn's way of saying it could not bind
+                    pass
+                raise OSError(f"cannot serve HTTP on {c.http_bind_host}:{c.http_port}")
+            await asyncio.sleep(0.01)
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if tls else "http", c.http_bind_host,
+                 c.http_port)
+
+    def _metrics_text(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return (generate_latest(self.metrics.registry) if self.metrics else b""), CONTENT_TYPE_LATEST
 
     async def load(self) -> None:
         from .builder import build_engine  # torch and transformers load here, after the port is open
@@ -104,7 +151,10 @@ class App:
         c = self.config
         self.work = Offload(c.work_threads, c.work_timeout, initializer=serial_openmp)
         renderer = PromptRenderer(self.built.tokenizer, c)
-        self.servicer.attach(self.built, renderer, self.work)
+        self.service.attach(self.built, renderer, self.work)
+        if c.dynamic_adapters:
+            log.warning("--dynamic-adapters: any inference caller may register adapters found under %s",
+                        ", ".join(c.adapter_roots))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: serving %s on %s:%d", self.built.loaded.name, self.config.host, self.config.port)
 
@@ -113,8 +163,9 @@ class App:
 
         from .metrics import Metrics
 
-        metrics = Metrics(self.built, self.config.metrics_top_adapters)
-        self.servicer.on_rejected = metrics.rejected
+        metrics = self.metrics = Metrics(self.built, self.config.metrics_top_adapters)
+        self.service.on_rejected = metrics.rejected
+        self.service.on_dynamic = metrics.dynamic
         c = self.config
         if c.metrics_port:
             tls = {}
@@ -153,6 +204,9 @@ class App:
             while (engine.num_in_flight or engine.num_undelivered) and loop.time() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
         await self.server.stop(grace=max(1.0, deadline - loop.time()))
+        if self._http is not None:
+            self._http.should_exit = True
+            await self._http_task
         if self.work is not None:
             self.work.close()
         if self.built is not None:

@@ -72,9 +72,14 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             registry.register(adapter_id, path, trusted=True)
         except (AdapterError, ValueError) as e:
             raise StartupError(f"adapter {adapter_id!r} ({path}): {e}") from None
+    # On a CPU host the I/O thread's torch ops run serially, so the engine keeps the only OpenMP team;
+    # on a CUDA host the engine runs no parallel CPU ops, and the I/O thread needs its threads.
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype,
-                             io_initializer=serial_openmp, read_timeout=config.adapter_read_timeout)
+                             io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
+                             read_timeout=config.adapter_read_timeout)
     runner = ModelRunner(model, kv, select_backend(config.op_backend, loaded.device), loaded.device)
+    if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
+        runner.apply_lora.warm_up(config.max_lora_rank, pool.stores, loaded.device)  # compiles now, not mid-step
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
     if config.inject_fault:
         engine.fault_hook = fault_injector(config.inject_fault)

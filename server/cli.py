@@ -43,6 +43,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where converted models are cached")
     p.add_argument("--host", default=d["host"].default)
     p.add_argument("--port", type=int, default=d["port"].default)
+    p.add_argument("--http-port", type=int, default=d["http_port"].default,
+                   help="the OpenAI-compatible HTTP API (also /health and /metrics); 0 turns it off")
+    p.add_argument("--http-host", default=None, help="HTTP address (default: --host)")
+    p.add_argument("--max-http-body-bytes", type=int, default=d["max_http_body_bytes"].default,
+                   help="HTTP request bodies over this are refused (413) before parsing")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's name in both APIs (OpenAI's model field; default: the model's own)")
     p.add_argument("--metrics-host", default=d["metrics_host"].default)
     p.add_argument("--metrics-port", type=int, default=d["metrics_port"].default, help="0 disables /metrics")
     p.add_argument("--metrics-top-adapters", type=int, default=d["metrics_top_adapters"].default,
@@ -89,6 +96,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="runtime registration must resolve inside one of these (repeatable)")
     p.add_argument("--allow-runtime-adapters", action="store_true",
                    help="enable RegisterAdapter/UnregisterAdapter (also enabled by --admin-token)")
+    p.add_argument("--dynamic-adapters", action="store_true",
+                   help="a request naming an unregistered adapter id registers ADAPTER_ROOT/ID on first use")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept adapter_model.bin, read with torch.load(weights_only=True)")
     p.add_argument("--auth-token", default=os.environ.get("LORAMUX_AUTH_TOKEN"),

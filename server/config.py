@@ -34,11 +34,15 @@ class ServerConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)  # converted default model lives here
     host: str = "127.0.0.1"
     port: int = 50051
+    http_host: str | None = None  # None: the gRPC host
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off (FastAPI and uvicorn are not imported)
+    max_http_body_bytes: int = 8 << 20  # HTTP request bodies are refused (413) past this, before parsing
+    served_model_name: str | None = None  # the base model's name in both APIs; None: the loaded model's
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # 0: no metrics endpoint
     metrics_top_adapters: int = 20  # adapters with their own label; the rest count as adapter="other"
     device: str = "auto"  # auto: CUDA when present, else CPU
-    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on CUDA where supported (else float16), float32 on CPU
     max_batch_size: int = 32
     max_tokens_per_step: int = 512  # prefill chunking: a step never runs more tokens than this
     max_adapters_per_step: int | None = None  # None: max_device_adapters
@@ -66,6 +70,7 @@ class ServerConfig:
     adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
     adapter_roots: tuple[str, ...] = ()  # runtime registration must resolve inside one of these
     allow_runtime_adapters: bool = False  # RegisterAdapter/UnregisterAdapter (also enabled by admin_token)
+    dynamic_adapters: bool = False  # a request for an unregistered id registers ADAPTER_ROOT/ID on first use
     allow_pickle: bool = False  # accept adapter_model.bin, read with torch.load(weights_only=True)
     auth_token: str | None = None  # required as "authorization: Bearer <token>" on LoraMux RPCs
     admin_token: str | None = None  # required on RegisterAdapter/UnregisterAdapter instead
@@ -88,7 +93,7 @@ class ServerConfig:
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_queued_requests", "max_stop_token_ids", "max_prompt_bytes", "max_chat_messages",
                      "max_registered_adapters", "work_threads", "work_timeout", "adapter_read_timeout",
-                     "stream_stall_timeout"):
+                     "stream_stall_timeout", "max_http_body_bytes"):
             positive(name)
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs <= self.max_queued_requests:
             raise ValueError(f"max-concurrent-rpcs ({self.max_concurrent_rpcs}) must be > max-queued-requests "
@@ -135,7 +140,11 @@ class ServerConfig:
             raise ValueError(f"max-total-tokens must be in [2, max-model-len ({self.max_model_len})]")
         if self.inject_fault is not None and self.inject_fault.partition(":")[0] not in ("request", "fatal", "fatal-busy"):
             raise ValueError("inject-fault must be request:<id>, fatal:<id> or fatal-busy:<id>")
-        for port_name in ("port", "metrics_port"):
+        if self.dynamic_adapters and not self.adapter_roots:
+            raise ValueError("--dynamic-adapters needs at least one --adapter-root to find adapters in")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served-model-name is empty")
+        for port_name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, port_name) < 65536:
                 raise ValueError(f"{port_name.replace('_', '-')} must be in [0, 65535]")
 
@@ -146,6 +155,10 @@ class ServerConfig:
     @property
     def total_token_limit(self) -> int:
         return self.max_total_tokens or self.max_model_len
+
+    @property
+    def http_bind_host(self) -> str:
+        return self.http_host or self.host
 
     @property
     def concurrent_rpc_limit(self) -> int:

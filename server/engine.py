@@ -30,7 +30,15 @@ from .errors import (
     clip,
     status_name,
 )
-from .requests import FinishReason, GenerationRequest, Timing, TokenEvent, validate_request_id
+from .requests import (
+    MAX_LOGPROBS,
+    FinishReason,
+    GenerationRequest,
+    Timing,
+    TokenEvent,
+    TokenLogprob,
+    validate_request_id,
+)
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
 from .scheduler import Budgets, SeqView, schedule
@@ -187,6 +195,10 @@ class Engine:
         self._accepting = False
 
     @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
     def num_in_flight(self) -> int:
         return self._accepted
 
@@ -241,6 +253,8 @@ class Engine:
         for s in p.stop:
             if not 0 < len(s) <= c.max_stop_length:
                 raise RequestInvalid(f"stop strings must be 1 to {c.max_stop_length} characters, got {len(s)}")
+        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+            raise RequestInvalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
         if len(p.stop_token_ids) > c.max_stop_token_ids:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
                                  "(--max-stop-token-ids)")
@@ -285,14 +299,21 @@ class Engine:
             self._wake.set()
 
     # ---- the step loop (engine thread only) ----
+    def run_once(self) -> tuple[bool, bool]:
+        """One turn of the step loop on the caller's thread: (a step ran, an adapter is loading).
+        The engine thread calls it in a loop; a profiler or a test may call it instead, on an
+        engine that was never started."""
+        self._drain_inbox()
+        self._expire_deadlines()
+        ready, loading = self._poll_adapters()
+        return self._step(ready), loading
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         try:
             while not self._stop:
-                self._drain_inbox()
-                self._expire_deadlines()
-                ready, loading = self._poll_adapters()
-                if not self._step(ready):
+                stepped, loading = self.run_once()
+                if not stepped:
                     self._wake.wait(LOADING_POLL_S if loading else IDLE_WAIT_S)
                     self._wake.clear()
         except BaseException as e:  # a fault of the engine itself: fail everyone, promptly
@@ -402,15 +423,16 @@ class Engine:
         sampled = [work[i][0] for i in order]
         seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
         tokens = sample(logits, [s.sampler for s in sampled], seen)
+        logprobs = token_logprobs(logits, sampled, tokens)
         # Everything after the shared forward pass is one request's own: its failure (sampling,
         # detokenizing, stop checks, delivery) fails that request alone, never the engine.
-        for seq, token in zip(sampled, tokens, strict=True):
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             try:
                 if isinstance(token, Exception):
                     raise token
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
-                self._on_token(seq, token)
+                self._on_token(seq, token, logprob)
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed", seq.request.request_id)
                 self._finish(seq, error=RequestFailed(
@@ -426,7 +448,7 @@ class Engine:
                 obs.step(stats)
         return True
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()
         gap = None if seq.last_token_at is None else now - seq.last_token_at
         seq.first_token_at = seq.first_token_at or now
@@ -453,9 +475,9 @@ class Engine:
         delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
         seq.emitted = max(seq.emitted, end)
         if finish is None:
-            self._emit(seq, TokenEvent(seq.request.request_id, token, delta))
+            self._emit(seq, TokenEvent(seq.request.request_id, token, delta, logprob=logprob))
         else:
-            self._finish(seq, last=(token, delta, finish))
+            self._finish(seq, last=(token, delta, finish, logprob))
 
     def _timing(self, seq: Sequence) -> Timing:
         now = time.monotonic()
@@ -490,9 +512,10 @@ class Engine:
             if error is not None:
                 self._emit(seq, error)
             else:
-                token, delta, reason = last
+                token, delta, reason, logprob = last
                 self._emit(seq, TokenEvent(
                     seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, timing,
+                    logprob,
                 ))
         status = "OK" if error is None else status_name(error)
         for obs in self.observers:
@@ -508,6 +531,24 @@ class Engine:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list) -> list[TokenLogprob | None]:
+    """Raw logprobs of the sampled tokens, for the rows whose request asked (no work for the
+    others): log_softmax of the model's logits [N, V], before any sampling transform."""
+    want = [i for i, s in enumerate(seqs) if s.sampler.params.logprobs is not None and isinstance(tokens[i], int)]
+    out: list[TokenLogprob | None] = [None] * len(seqs)
+    if not want:
+        return out
+    logp = torch.log_softmax(logits[want], dim=-1)  # [W, V]
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in want], device=logp.device))[:, 0].tolist()
+    k = max(seqs[i].sampler.params.logprobs for i in want)
+    top_lp, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    for j, i in enumerate(want):
+        n = seqs[i].sampler.params.logprobs
+        out[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_ids[j][:n], top_lp[j][:n], strict=True)))
+    return out
 
 
 class InjectedFatalFault(BaseException):

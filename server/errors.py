@@ -20,7 +20,12 @@ __all__ = ["clip"]  # error messages quote client input only through it
 
 
 class RequestInvalid(ValueError):
-    """A bad field in a request; the message names the field and the limit."""
+    """A bad field in a request; the message names the field and the limit. ``param``: the
+    field's name where the API reports it (OpenAI's error.param)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFull(Exception):
@@ -63,6 +68,19 @@ STATUS_BY_ERROR: dict[type[BaseException], str] = {
     EngineUnavailable: "UNAVAILABLE",
     RequestFailed: "INTERNAL",
 }
+
+
+# The same table for HTTP: OpenAI-style clients raise their own exception per status.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+}
+# OpenAI's error.type for each HTTP status.
+HTTP_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                   429: "rate_limit_error", 499: "cancelled", 500: "internal_server_error",
+                   503: "service_unavailable", 504: "timeout"}
 
 
 def status_name(error: BaseException) -> str:

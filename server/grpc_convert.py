@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import time
-import uuid
 from typing import TYPE_CHECKING
 
 from ..v1 import loramux_pb2 as pb
-from .errors import RequestInvalid
-from .requests import GenerationRequest, SamplingParams, Timing, TokenEvent
+from .requests import SamplingParams, Timing, TokenEvent, TokenLogprob
+from .service import Prompt
 
 if TYPE_CHECKING:  # the registry imports torch; this module must not
     from ..adapters.registry import RegisteredAdapter
@@ -18,12 +15,10 @@ TIER_PB = {"disk": pb.ADAPTER_TIER_DISK, "host": pb.ADAPTER_TIER_HOST, "device":
 
 
 def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> SamplingParams:
-    temperature = s.temperature if s.HasField("temperature") else 0.0
-    if math.isnan(temperature) or math.isinf(temperature):
-        raise RequestInvalid(f"temperature must be a finite number in [0, 100], got {temperature}")
+    """Unset fields take the server's defaults; values are validated by the engine."""
     return SamplingParams(
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else default_max_new_tokens,
-        temperature=temperature,
+        temperature=s.temperature if s.HasField("temperature") else 0.0,
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         top_k=s.top_k if s.HasField("top_k") else 0,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
@@ -31,18 +26,12 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
         stop=tuple(s.stop),
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
     )
 
 
-def request_from_pb(req: pb.GenerateRequest, prompt_ids: list[int], default_max_new_tokens: int,
-                    time_remaining: float | None) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=req.request_id or uuid.uuid4().hex,
-        prompt_token_ids=tuple(prompt_ids),
-        sampling=sampling_from_pb(req.sampling, default_max_new_tokens),
-        adapter_id=req.adapter_id or None,
-        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
-    )
+def prompt_from_pb(req: pb.GenerateRequest) -> Prompt:
+    return Prompt(req.prompt, tuple(req.prompt_token_ids), tuple((m.role, m.content) for m in req.messages))
 
 
 def timing_to_pb(t: Timing | None) -> pb.Timing:
@@ -52,8 +41,15 @@ def timing_to_pb(t: Timing | None) -> pb.Timing:
                      time_to_first_token_seconds=t.time_to_first_token_seconds, total_seconds=t.total_seconds)
 
 
+def logprob_to_pb(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
 def stream_event_to_pb(ev: TokenEvent) -> pb.GenerateStreamResponse:
     msg = pb.GenerateStreamResponse(request_id=ev.request_id, token_id=ev.token_id, text=ev.text)
+    if ev.logprob is not None:
+        msg.logprob.CopyFrom(logprob_to_pb(ev.logprob))
     if ev.finish_reason is not None:
         msg.finish_reason = ev.finish_reason.value
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens))
@@ -68,6 +64,7 @@ def response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
         finish_reason=last.finish_reason.value,
         usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
         timing=timing_to_pb(last.timing),
+        logprobs=[logprob_to_pb(e.logprob) for e in events if e.logprob is not None],
     )
 
 

@@ -65,6 +65,9 @@ class Metrics(EngineObserver):
                                        registry=r)
         self.adapter_load = Histogram("loramux_adapter_load_seconds", "Adapter load time into a tier", ["tier"],
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.dynamic_adapters = Counter(
+            "loramux_dynamic_adapters", "Adapters registered on first use (--dynamic-adapters), by event: registered, "
+            "evicted (unregistered to make room), failed", ["event"], registry=r)
         r.register(_LiveCollector(built))
         built.engine.observers.append(self)
         built.manager.on_load = lambda tier, s: self.adapter_load.labels(tier).observe(s)
@@ -74,6 +77,9 @@ class Metrics(EngineObserver):
         Labels come only from registered ids: a client's unvalidated id never becomes a series."""
         registered = adapter_id is None or adapter_id in self.built.registry
         self.requests.labels(status, self.labels(adapter_id) if registered else OTHER).inc()
+
+    def dynamic(self, event: str) -> None:
+        self.dynamic_adapters.labels(event).inc()
 
     def step(self, stats: StepStats) -> None:
         self.batch_size.observe(stats.num_seqs)
@@ -116,15 +122,24 @@ class _LiveCollector:
 
     def __init__(self, built):
         self.built = built
+        self._lora_state = None  # (running, waiting) adapter sets at the last change
+        self._lora_changed_at = time.time()
 
     def collect(self):
         engine, manager = self.built.engine, self.built.manager
         running, waiting = engine.adapter_ids()
         num_running, num_waiting = engine.counts()
+        kv = engine.runner.kv
         yield GaugeMetricFamily("loramux_running_requests", "Requests in the batch", value=num_running)
         yield GaugeMetricFamily("loramux_waiting_requests", "Requests queued", value=num_waiting)
         yield GaugeMetricFamily("loramux_kv_cache_usage_ratio", "Used fraction of KV cache positions",
-                                value=engine.runner.kv.usage_ratio())
+                                value=kv.usage_ratio())
+        # The names the Gateway API Inference Extension's endpoint picker reads (its model-server
+        # protocol). KV usage there is occupied slots over all slots: what limits admission today.
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the batch", value=num_running)
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued", value=num_waiting)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Occupied fraction of KV cache slots (0-1)",
+                                value=1.0 - kv.num_free_slots / kv.num_slots)
         yield GaugeMetricFamily("loramux_adapter_pins", "Adapter pins held by running requests",
                                 value=manager.pool.total_pins())
         counters = manager.tier_counters()
@@ -144,8 +159,12 @@ class _LiveCollector:
         yield size
         labels = {"running_lora_adapters": ",".join(sorted(running)), "waiting_lora_adapters": ",".join(sorted(waiting)),
                   "max_lora": str(manager.pool.max_adapters)}
+        state = (labels["running_lora_adapters"], labels["waiting_lora_adapters"])
+        if state != self._lora_state:  # the value is when the adapter sets last changed, as the protocol says
+            self._lora_state, self._lora_changed_at = state, time.time()
         # The same series under the name the Gateway API Inference Extension reads from vLLM.
         for name in ("loramux_lora_requests_info", "vllm:lora_requests_info"):
-            fam = GaugeMetricFamily(name, "Running and waiting LoRA adapters (adapter affinity)", labels=list(labels))
-            fam.add_metric(list(labels.values()), time.time())  # as vLLM: the newest series wins
+            fam = GaugeMetricFamily(name, "Running and waiting LoRA adapters (adapter affinity); the value is the "
+                                    "time they last changed", labels=list(labels))
+            fam.add_metric(list(labels.values()), self._lora_changed_at)
             yield fam

@@ -33,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives to return with each token's logprob; None: no logprobs
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +63,19 @@ class Timing:
     total_seconds: float = 0.0
 
 
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's raw logprob (log-softmax of the model's logits, before temperature,
+    penalties and top-k/top-p), and the most likely alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     request_id: str
@@ -71,3 +85,4 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timing: Timing | None = None  # last event only
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs

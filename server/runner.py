@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .kv_cache import SlotKVCache
 from .models.batch import PrefillSeq, StepBatch
-from .ops import merge_plans, plan_segments, plan_tokens, to_device
+from .ops import LoRAPlan, merge_plans, plan_segments, plan_tokens
+from .ops.plan import upload
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,27 @@ class WorkItem:
         return self.pages is not None and kind in self.kinds
 
 
-def _longs(values: list[int], device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=torch.long), device)
+def _longs(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+STEP_FIELDS = ("input_ids", "positions", "slots", "decode_slots", "decode_lengths", "logits_rows")
+
+
+def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
+    """A host-built step's metadata (batch fields and every plan's rows, pages and segment ends)
+    onto ``device`` in one copy (ops/plan.py ``upload``). Plans that kinds share stay shared."""
+    plans = list({id(p): p for p in batch.lora.values()}.values())
+    groups = [g for p in plans for g in p.groups]
+    host = [getattr(batch, f) for f in STEP_FIELDS]
+    for g in groups:
+        host += [g.rows, g.pages] + ([] if g.group_ends is None else [g.group_ends])
+    moved = iter(upload(host, device, pin))
+    fields = {f: next(moved) for f in STEP_FIELDS}
+    new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
+                                 group_ends=None if g.group_ends is None else next(moved)) for g in groups}
+    new_plans = {id(p): LoRAPlan(tuple(new_groups[id(g)] for g in p.groups)) for p in plans}
+    return replace(batch, **fields, lora={kind: new_plans[id(p)] for kind, p in batch.lora.items()})
 
 
 class ModelRunner:
@@ -59,8 +79,8 @@ class ModelRunner:
                         index[it.adapter] = len(adapter_pages)
                         adapter_pages.append(it.pages)
                     token_adapter.append(index[it.adapter])
-                by_pattern[pattern] = merge_plans(plan_segments(seg_starts, seg_pages, self.device),
-                                                  plan_tokens(token_adapter, adapter_pages, self.device))
+                by_pattern[pattern] = merge_plans(plan_segments(seg_starts, seg_pages),
+                                                  plan_tokens(token_adapter, adapter_pages))
             plans[kind] = by_pattern[pattern]
         return plans
 
@@ -92,25 +112,27 @@ class ModelRunner:
             ids.append(it.token_ids[0])
             positions.append(it.start_pos)
             slots.append(it.slot)
-        dev = self.device
         batch = StepBatch(
-            input_ids=_longs(ids, dev),
-            positions=_longs(positions, dev),
-            slots=_longs(slots, dev),
+            input_ids=_longs(ids),
+            positions=_longs(positions),
+            slots=_longs(slots),
             prefill=tuple(prefill_seqs),
             num_prefill_rows=num_prefill,
-            decode_slots=_longs([items[i].slot for i in decode], dev),
-            decode_lengths=_longs([items[i].start_pos + 1 for i in decode], dev),
+            decode_slots=_longs([items[i].slot for i in decode]),
+            decode_lengths=_longs([items[i].start_pos + 1 for i in decode]),
             decode_span=max((items[i].slot for i in decode), default=-1) + 1,
             decode_ctx=max((items[i].start_pos + 1 for i in decode), default=0),
-            logits_rows=_longs(logits_rows, dev),
+            logits_rows=_longs(logits_rows),
             lora=self._plans(items, prefill, seg_starts, decode, num_prefill),
         )
+        if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
+            batch = upload_step(batch, self.device)
         return batch, order
 
     @torch.inference_mode()
     def step(self, items: list[WorkItem]) -> tuple[torch.Tensor, list[int]]:
-        """Run one step. Returns logits [N, vocab] (float32, on CPU) and the item index of each row."""
+        """Run one step. Returns logits [N, vocab] (float32, on the model's device: sampling takes only
+        token ids off it) and the item index of each row."""
         batch, order = self.build_batch(items)
         logits = self.model(batch, self.kv, self.apply_lora)
-        return logits.cpu(), order
+        return logits, order

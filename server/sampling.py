@@ -74,18 +74,23 @@ def sample_one(logits: torch.Tensor, state: SamplerState, seen: list[int] | None
 
 def sample(logits: torch.Tensor, states: list[SamplerState],
            seen: list[list[int] | None]) -> list[int | Exception]:
-    """logits: [N, V] float32, one row per request. Plain greedy rows share one argmax.
+    """logits: [N, V] float32, one row per request, on any device. Plain greedy rows share one
+    argmax where the logits are: only token ids (and the finite flags) leave the device, in one
+    copy; the rows that sample or take penalties come to the host together, in one more.
 
     Each row gets its token, or the exception that sampling it raised (NonFiniteLogits for a row
     with NaN or infinite logits): one request's failure never touches the other rows."""
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
-    out: list[int | Exception] = torch.argmax(logits, dim=-1).tolist()
-    for i, state in enumerate(states):
-        if not finite[i]:
+    greedy, finite = torch.stack([torch.argmax(logits, dim=-1), torch.isfinite(logits).all(dim=-1).long()]).tolist()
+    out: list[int | Exception] = greedy
+    host_rows = [i for i, s in enumerate(states)
+                 if finite[i] and (not s.params.greedy or s.params.repetition_penalty != 1.0)]
+    host = logits[host_rows].cpu() if host_rows else None  # generators live on the host
+    for j, i in enumerate(host_rows):
+        try:
+            out[i] = sample_one(host[j], states[i], seen[i])
+        except Exception as e:  # noqa: BLE001 - handed to the engine, which fails this request
+            out[i] = e
+    for i, ok in enumerate(finite):
+        if not ok:
             out[i] = NonFiniteLogits("the model produced non-finite logits for this request")
-        elif not state.params.greedy or state.params.repetition_penalty != 1.0:
-            try:
-                out[i] = sample_one(logits[i], state, seen[i])
-            except Exception as e:  # noqa: BLE001 - handed to the engine, which fails this request
-                out[i] = e
     return out

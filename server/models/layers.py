@@ -95,7 +95,8 @@ class FlatAttention(nn.Module):
             allowed &= k_pos > q_pos - self.sliding_window
         if self.slopes is None:
             return allowed
-        bias = self.slopes.to(dtype)[:, None] * k_pos.to(dtype)  # [H, k]: constant over queries
+        # [H, k], constant over queries; built in float32, rounded once to the compute dtype
+        bias = (self.slopes.float()[:, None] * k_pos.float()).to(dtype)
         bias, allowed = bias.unsqueeze(1 - head_dim_at), allowed.unsqueeze(head_dim_at)
         return torch.where(allowed, bias, float("-inf"))
 

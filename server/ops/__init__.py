@@ -33,6 +33,8 @@ def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> Ap
     if name not in BACKENDS:
         raise ValueError(f"unknown LoRA op backend {name!r}; choose one of {BACKENDS}")
     on_cuda = torch.device(device).type == "cuda"
+    if name == "cpp" and on_cuda:
+        raise ValueError("op backend 'cpp' is the CPU kernel; on a CUDA device use 'triton' (or 'auto')")
     if name == "cpp" or (name == "auto" and not on_cuda):
         from .cpu_kernel import load_bgmv  # imported late: `python -m` runs that module to build it
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,16 @@ void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, to
 '''
 
 
+NO_KERNEL_ENV = "LORAMUX_NO_CPU_KERNEL"  # "1": never build it (GPU hosts, where it would waste minutes)
+
+
 @functools.cache
 def load_bgmv():
-    """The compiled ``bgmv(y, x, a_store, b_store, rows, pages, rank)``, or None if it cannot be built."""
+    """The compiled ``bgmv(y, x, a_store, b_store, rows, pages, rank)``, or None if it cannot be
+    built or ``LORAMUX_NO_CPU_KERNEL=1`` says not to."""
+    if os.environ.get(NO_KERNEL_ENV) == "1":
+        log.info("%s=1: the C++ BGMV kernel is not built; the torch ops serve", NO_KERNEL_ENV)
+        return None
     try:
         from torch.utils.cpp_extension import load_inline
 

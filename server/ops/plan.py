@@ -63,6 +63,25 @@ class LoRAPlan:
         return LoRAPlan(tuple(g.to(device) for g in self.groups))
 
 
+def upload(tensors: list[torch.Tensor], device, pin: bool = True) -> list[torch.Tensor]:
+    """Host integer tensors -> the same values on ``device`` in one host-to-device copy: packed as
+    int64 into one buffer (pinned, so the copy is asynchronous and the host never waits), then
+    viewed back apart on the device, each cast back to its own dtype there."""
+    sizes = [t.numel() for t in tensors]
+    flat = torch.empty(sum(sizes), dtype=torch.long, pin_memory=pin)
+    at = 0
+    for t, n in zip(tensors, sizes, strict=True):
+        flat[at : at + n].copy_(t.reshape(-1))
+        at += n
+    flat = flat.to(device, non_blocking=pin)
+    out, at = [], 0
+    for t, n in zip(tensors, sizes, strict=True):
+        view = flat[at : at + n].view(t.shape)
+        out.append(view if t.dtype == torch.long else view.to(t.dtype))
+        at += n
+    return out
+
+
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """Host-built step metadata onto ``device`` without a host synchronisation: on CUDA through
     pinned memory and an asynchronous copy (a copy from pageable memory waits for the stream)."""

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
@@ -60,12 +61,13 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
 
 @pytest.fixture(scope="module", params=["torch", "cpp", "triton"])
 def engine_with_adapters(request, tiny_llama, tiny_adapters):
-    if request.param == "triton" and not triton_available("cpu"):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if request.param == "triton" and not triton_available(device):
         pytest.skip("triton is not installed")
-    if request.param == "cpp" and load_bgmv() is None:
-        pytest.skip("no C++ compiler for the kernel")
+    if request.param == "cpp" and (device != "cpu" or load_bgmv() is None):
+        pytest.skip("the C++ kernel is for the CPU, and needs a compiler")
     config = ServerConfig(
-        op_backend=request.param,
+        op_backend=request.param, dtype="float32",  # exact parity: float32 on every device
         model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
         max_device_adapters=len(tiny_adapters), max_host_adapters=len(tiny_adapters),
         adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()),

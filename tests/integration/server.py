@@ -27,10 +27,11 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.base_url = f"http://127.0.0.1:{self.http_port}/v1"
         cmd = [sys.executable, "-m", "loramux.server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port), *args]
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *args]
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
@@ -71,6 +72,12 @@ class ServerProcess:
                 key, _, value = line.rpartition(" ")
                 out[key] = float(value)
         return out
+
+    def openai(self, token: str = "none", **kwargs):
+        """The official OpenAI client, pointed at this server's HTTP API."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=token, max_retries=0, timeout=60, **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -339,7 +339,7 @@ def test_the_engine_dying_while_the_loop_is_busy_still_exits(tiny_llama, tmp_pat
 # ---- auth and configuration ----
 
 def _serve_refused(args, env=None):
-    out = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", *args], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--http-port", "0", *args], capture_output=True,
                          text=True, timeout=60, env={**os.environ, **(env or {})})
     return out.returncode, out.stderr
 

@@ -1,7 +1,9 @@
-"""`bench/gpu.py --quick` end to end on a tiny model (on the CPU here): the report is well formed.
-The real run, on a GPU, is `make bench-gpu`; its numbers live in BENCHMARKS.md."""
+"""`make gpu-check` end to end on the CPU (`--quick`, tiny model): every stage runs and reports,
+and the GPU benchmark's report is well formed. The real run is on a GPU; its numbers live in
+BENCHMARKS.md."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,19 +11,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quick_gpu_benchmark_writes_a_well_formed_report(tiny_llama, tmp_path):
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu.py"), "--quick", "--model", str(tiny_llama),
-                           "--work", str(tmp_path / "work"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+def test_quick_gpu_check_runs_every_stage_and_writes_its_reports(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--quick", "--model", str(tiny_llama),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "LORAMUX_NO_CPU_KERNEL": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    model = report["models"]["model"]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stages"]) == ["env", "ops", "parity", "bench", "profile"]
+    assert all(stage["ok"] for stage in report["stages"].values())
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] and env["stubs"] == "import"
+    assert "passed" in (out / "ops.log").read_text() and "passed" in (out / "parity.log").read_text()
+    profile = (out / "profile.txt").read_text()
+    assert "one decode step at batch 4" in profile and "aten::" in profile
+    bench = json.loads((out / "bench-model.json").read_text())
+    model = bench["models"]["model"]
     assert list(model["batches"]) == ["1", "4"]
     for row in model["batches"].values():
         for key in ("base_tok_s", "mixed_tok_s", "peft_mixed_tok_s", "mixed/base", "loramux/PEFT"):
             assert row[key] > 0, key
     assert model["zipf"]["many_tok_s"] > 0 and model["zipf"]["eight_tok_s"] > 0
-    assert model["zipf"]["adapters"] == 16
-    assert report["quick"] is True and set(report["targets"]) == {
+    assert bench["quick"] is True and set(bench["targets"]) == {
         "mixed/base at batch 32", "loramux/PEFT at batch 256", "1000/8 adapters"}
+
+
+def test_the_gpu_benchmark_imports_no_grpc():
+    code = ("import sys; sys.path.insert(0, 'bench'); import gpu, common; "
+            "bad = {'grpc', 'loramux.v1.loramux_pb2'} & set(sys.modules); print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

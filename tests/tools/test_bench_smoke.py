@@ -16,12 +16,12 @@ def test_quick_benchmark_writes_a_well_formed_report(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
-    assert [name.split()[0] for name in rows] == ["1", "2", "3", "4", "5", "6", "7", "7", "7"]
+    assert [name.split()[0] for name in rows] == ["1", "2", "8", "3", "4", "5", "6", "7", "7", "7"]
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0, name
         assert row["errors"] in ({}, 0), name
     assert [s["adapters"] for s in report["scaling"]] == [1, 8, 64]
-    assert len(report["ratios"]) == 6 and all(v > 0 for v in report["ratios"].values())
+    assert len(report["ratios"]) == 7 and all(v > 0 for v in report["ratios"].values())
     assert report["quick"] is True and report["machine"]["cores"] >= 1
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

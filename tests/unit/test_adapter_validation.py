@@ -196,3 +196,15 @@ def test_weights_are_hashed_at_registration_and_checked_at_load(tmp_path):
     h2 = inspect_adapter(tmp_path / "h2", LAYOUT, 8, 4).content_hash
     h3 = inspect_adapter(tmp_path / "h3", LAYOUT, 8, 4).content_hash
     assert h2 != h3 and h3 == manifest.content_hash
+
+
+def test_pinned_copies_live_in_one_flat_buffer():
+    from loramux.adapters.loader import LoRAWeights
+
+    gen = torch.Generator().manual_seed(0)
+    w = LoRAWeights(2, {(i, "q"): torch.randn(2, 8, generator=gen) for i in range(3)},
+                    {(i, "q"): torch.randn(2, 4, generator=gen) for i in range(3)})
+    flat = w.pin_memory(pin=torch.cuda.is_available())  # pinning needs an accelerator; the layout does not
+    storages = {t.untyped_storage().data_ptr() for t in (*flat.a.values(), *flat.b.values())}
+    assert len(storages) == 1
+    assert all(torch.equal(flat.a[k], w.a[k]) and torch.equal(flat.b[k], w.b[k]) for k in w.a)

@@ -1,0 +1,203 @@
+"""`make gpu-check`: everything a first GPU session needs to learn, as one script in stages.
+
+A GPU is lent rarely and briefly, so this runs on the GPU machine's own Python (no registry, no
+network: `make gpu-check` installs the project with --no-deps), sized for at most 5 minutes on one
+H200, and writes everything it learns under --out (the device tool's $OUT):
+
+  env      versions, the GPU, what imports (env.json)
+  ops      the native op tests: Triton kernels against the reference (ops.log)
+  parity   the engine's token-exact PEFT parity tests on CUDA (parity.log)
+  bench    bench/gpu.py on the SmolLM2-shaped and 1B-shaped models (bench-*.json, bench-*.log)
+  profile  a torch profiler summary of one decode step at batch 32 (profile.txt)
+
+Each stage runs alone with --stage NAME; a failed stage is recorded and the next one still runs.
+--quick runs every stage in a tiny form anywhere (the CPU test of this script).
+
+    python bench/gpu_check.py [--stage all|env|ops|parity|bench|profile] [--out DIR] [--quick --model DIR]
+    python bench/gpu_check.py --export-tokenizer bench/gpu-assets/tokenizer   # on the CPU side, once
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("env", "ops", "parity", "bench", "profile")
+ASSETS = ROOT / "bench" / "gpu-assets"
+
+
+def stage_env(args, out: Path) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    bf16=torch.cuda.is_bf16_supported(), capability=list(torch.cuda.get_device_capability()))
+    for module in ("triton", "transformers", "peft", "grpc", "google.protobuf", "prometheus_client", "re2",
+                   "fastapi", "uvicorn", "pytest", "hypothesis"):
+        try:
+            imported = __import__(module, fromlist=["__version__"])
+            info[module] = getattr(imported, "__version__", "present")
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            info[module] = f"missing: {type(e).__name__}: {e}"
+    try:  # the generated stubs carry version guards for grpcio and protobuf
+        from loramux.v1 import loramux_pb2, loramux_pb2_grpc  # noqa: F401
+
+        info["stubs"] = "import"
+    except Exception as e:  # noqa: BLE001
+        info["stubs"] = f"fail: {type(e).__name__}: {e}"
+    (out / "env.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _pytest(args, out: Path, name: str, target: str, quick_filter: str) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target, "--timeout", "600",
+           "--junitxml", str(out / f"{name}.xml")]
+    if args.quick:
+        cmd += ["-k", quick_filter]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    return {"returncode": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
+
+
+def stage_ops(args, out: Path) -> dict:
+    return _pytest(args, out, "ops", "tests/unit/test_ops.py", "bgmv_matches_reference and dtype0 and torch")
+
+
+def stage_parity(args, out: Path) -> dict:
+    return _pytest(args, out, "parity", "tests/engine/test_parity.py", "staggered and torch")
+
+
+def stage_bench(args, out: Path) -> dict:
+    runs = [("model", ["--quick", "--model", str(args.model)])] if args.quick else \
+        [(m, ["--models", m]) for m in ("default", "llama-1b")]  # one base model per process: memory is freed
+    results = {}
+    for name, extra in runs:
+        tokenizer = ["--tokenizer", str(ASSETS / "tokenizer")] if (ASSETS / "tokenizer").exists() else []
+        cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), *extra, *tokenizer, "--json",
+               str(out / f"bench-{name}.json"), "--work", str(out / "work")]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        (out / f"bench-{name}.log").write_text(proc.stdout + proc.stderr)
+        results[name] = {"returncode": proc.returncode, "tail": proc.stdout.strip().splitlines()[-6:]}
+    return {"runs": results, "returncode": max(r["returncode"] for r in results.values())}
+
+
+def stage_profile(args, out: Path) -> dict:
+    """One decode step at batch 32 (4 in --quick) over distinct adapters, under the profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from loramux.server.builder import build_engine
+    from loramux.server.config import ServerConfig
+    from loramux.server.models import lora_layout
+    from loramux.server.requests import GenerationRequest, SamplingParams
+
+    from common import StepRecorder, random_prompts
+    from gpu import RANK, SHAPES, build_random_llama, device_dtype, load_tokenizer, write_adapters
+
+    batch = 4 if args.quick else 32
+    if args.quick:
+        model = str(args.model)
+    else:
+        tokenizer = load_tokenizer(ASSETS / "tokenizer" if (ASSETS / "tokenizer").exists() else None)
+        model = str(build_random_llama(out / "work" / "default", SHAPES["default"], tokenizer, *device_dtype("auto")))
+    config = ServerConfig(model=model, max_batch_size=batch, max_tokens_per_step=max(512, batch), max_model_len=128,
+                          default_max_new_tokens=8, max_lora_rank=RANK, max_device_adapters=batch,
+                          max_host_adapters=2 * batch, metrics_port=0)
+    from loramux.server.model_loader import load_model
+
+    loaded = load_model(config)
+    adapters = write_adapters(out / "work" / "profile-adapters", lora_layout(loaded.hf_model.config), 4, batch)
+    built = build_engine(ServerConfig(**{**config.__dict__, "adapters": tuple(adapters)}), loaded)
+    engine = built.engine  # never started: this thread runs its steps, so the profiler sees them
+    prompts = random_prompts(loaded.hf_model.config.vocab_size, batch, 16)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+    async def run():
+        streams = [engine.submit(GenerationRequest(f"p{i}", tuple(p), SamplingParams(64, ignore_eos=True), a))
+                   for i, (p, (a, _)) in enumerate(zip(prompts, adapters, strict=True))]
+        deadline, steps = time.monotonic() + 300, StepRecorder()
+        engine.observers.append(steps)
+        while sum(1 for st in steps.steps if st.num_decode_tokens == batch) < 2:
+            engine.run_once()  # adapter loads, prefill, and two full decode steps to warm everything
+            assert time.monotonic() < deadline, "the profiled batch never started decoding"
+            await asyncio.sleep(0)
+        engine.observers.remove(steps)
+        with profile(activities=activities) as prof:
+            engine.run_once()  # the one decode step at this batch size
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        for stream in streams:
+            stream.cancel()
+        engine.run_once()
+        return prof
+
+    try:
+        with torch.inference_mode():
+            prof = asyncio.run(run())
+    finally:
+        engine.stop()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    (out / "profile.txt").write_text(f"one decode step at batch {batch}\n{table}\n")
+    return {"batch": batch, "rows": table.count("\n")}
+
+
+def export_tokenizer(dest: Path) -> None:
+    """The default model's tokenizer (a few MiB) for the GPU machine, which has no model package."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.config import ServerConfig
+    from loramux.server.model_loader import resolve_model_dir
+
+    AutoTokenizer.from_pretrained(resolve_model_dir(ServerConfig())[0]).save_pretrained(dest)
+    print(f"tokenizer in {dest}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="all", choices=("all", *STAGES))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results" / "gpu-check"))
+    ap.add_argument("--quick", action="store_true", help="every stage in a tiny form, anywhere (needs --model)")
+    ap.add_argument("--model", type=Path, default=None, help="with --quick: a small model folder")
+    ap.add_argument("--export-tokenizer", type=Path, default=None, help="write the default tokenizer here and exit")
+    args = ap.parse_args()
+    if args.export_tokenizer:
+        export_tokenizer(args.export_tokenizer)
+        return 0
+    if args.quick and args.model is None:
+        ap.error("--quick needs --model")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    report, started = {"quick": args.quick, "stages": {}}, time.perf_counter()
+    for name in stages:
+        t0 = time.perf_counter()
+        try:
+            result = {"ok": True, **globals()[f"stage_{name}"](args, args.out)}
+        except Exception as e:  # noqa: BLE001 - record it and go on: the device time is precious
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        report["stages"][name] = result
+        print(f"[{name}] {result['seconds']} s: {json.dumps(result)[:400]}", flush=True)
+        (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    failed = [n for n, r in report["stages"].items() if not r["ok"] or r.get("returncode", 0)]
+    print(f"gpu-check: {len(stages) - len(failed)}/{len(stages)} stages passed in {report['seconds']} s; "
+          f"report in {args.out / 'report.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

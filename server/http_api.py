@@ -1,0 +1,217 @@
+"""The OpenAI-compatible HTTP API: FastAPI on uvicorn, in the gRPC server's process and event loop.
+
+As thin as the gRPC servicer: each route converts JSON to Service calls (server/service.py) and
+back. Errors leave through the one status table (errors.HTTP_STATUS) in OpenAI's error shape, so
+the official clients raise their own exception types. Imported only when --http-port is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, status_name
+from .openai_schema import (
+    ChatCompletionRequest,
+    ChunkMaker,
+    CompletionRequest,
+    TokenText,
+    chat_response,
+    completion_response,
+    model_card,
+)
+from .service import Service, bearer_refusal, user_tokens
+
+log = logging.getLogger(__name__)
+MIN_LOGPROB = -9999.0  # JSON has no -Infinity: a token of probability 0 reports this, as vLLM does
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def errors_as_responses(route):
+    """Every domain error leaves a route through the one table (errors.HTTP_STATUS)."""
+
+    @functools.wraps(route)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except BodyTooLarge:
+            raise  # BodyLimit answers 413
+        except Exception as e:  # noqa: BLE001
+            return error_response(*_error_of(e))
+
+    return wrapper
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": HTTP_ERROR_TYPE.get(status, "error"), "param": param,
+                      "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(status, message, param))
+
+
+def _error_of(e: BaseException) -> tuple[int, str, str | None]:
+    name = status_name(e)
+    if name == "INTERNAL":
+        log.error("internal error: %r", e)
+    return HTTP_STATUS[name], (str(e) or type(e).__name__)[:1000], getattr(e, "param", None)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str)
+
+
+def _clamp_logprobs(obj):
+    """Replace -inf (and NaN) logprobs with MIN_LOGPROB, anywhere in a response."""
+    if isinstance(obj, dict):
+        return {k: _clamp_logprobs(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clamp_logprobs(v) for v in obj]
+    if isinstance(obj, float) and not (obj >= MIN_LOGPROB):
+        return MIN_LOGPROB
+    return obj
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with 413 before it is
+    parsed, whether the client declares its length or streams it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, f"the request body is over {self.limit} bytes (--max-http-body-bytes)")
+        await response(scope, receive, send)
+
+
+def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
+    config = service.config
+    app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
+    tokens = user_tokens(config)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
+
+    async def authorized(request: Request) -> None:
+        """The same bearer tokens as gRPC: --auth-token, and the admin token on every route."""
+        refusal = bearer_refusal(request.headers.get("authorization"), tokens)
+        if refusal == "UNAUTHENTICATED":
+            raise _HttpError(401, "missing 'Authorization: Bearer <token>' header")
+        if refusal == "PERMISSION_DENIED":
+            raise _HttpError(403, "the bearer token is not valid")
+
+    @app.exception_handler(_HttpError)
+    async def http_error(request, exc: _HttpError):
+        return error_response(exc.status, exc.message)
+
+    @app.get("/health")
+    async def health():
+        if service.healthy:
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "not ready: the model is loading, or the server is draining or stopped")
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = metrics_text()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @errors_as_responses
+    async def models():
+        base, created = service.model_name, int(service.started_at)
+        return {"object": "list", "data": [model_card(base, None, created)] +
+                [model_card(entry.adapter_id, base, created) for entry, _ in service.adapters()]}
+
+    def adapter_of(model: str) -> str | None:
+        return None if model == service.model_name else model
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @errors_as_responses
+    async def completions(body: CompletionRequest):
+        prompt, sampling = body.to_domain()
+        stream = await service.generate(prompt, sampling, adapter_of(body.model))
+        return await respond(stream, body, "completion", sampling.logprobs is not None)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @errors_as_responses
+    async def chat_completions(body: ChatCompletionRequest):
+        prompt, sampling = body.to_domain(config.default_max_new_tokens)
+        stream = await service.generate(prompt, sampling, adapter_of(body.model))
+        return await respond(stream, body, "chat", sampling.logprobs is not None)
+
+    async def respond(stream, body, kind: str, with_logprobs: bool):
+        text_of = TokenText(service.ready().tokenizer)
+        clamp = _clamp_logprobs if with_logprobs else (lambda obj: obj)
+        if not body.stream:
+            try:
+                events = [ev async for ev in stream]
+            finally:
+                stream.cancel()  # a no-op once finished
+            make = chat_response if kind == "chat" else completion_response
+            return JSONResponse(clamp(make(body.model, events, text_of)))
+        chunks = ChunkMaker(kind, body.model, text_of)
+
+        async def sse():
+            try:
+                first = chunks.first()
+                if first is not None:
+                    yield f"data: {_json(first)}\n\n"
+                last = None
+                async for ev in stream:
+                    chunk = chunks.event(ev)
+                    if chunk is not None:
+                        yield f"data: {_json(clamp(chunk))}\n\n"
+                    last = ev
+                if body.include_usage and last is not None:
+                    yield f"data: {_json(chunks.usage(last))}\n\n"
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+                yield f"data: {_json(error_body(*_error_of(e)))}\n\n"
+            finally:
+                stream.cancel()  # the client went away (Starlette cancels this generator) or we are done
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return BodyLimit(app, config.max_http_body_bytes)
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message

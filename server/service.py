@@ -1,0 +1,196 @@
+"""The one domain API that both front-ends call: gRPC (grpc_service.py) and HTTP (http_api.py).
+
+Each front-end only converts its wire format to these calls and back; validation, the error
+table, prompt rendering off the event loop, dynamic adapter registration and the metrics of
+refused requests live here once. No grpc, no HTTP framework and no torch are imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..adapters.errors import AdapterNotFound, AdapterPathDenied, RegistryFull, clip
+from ..adapters.files import inside
+from .config import ServerConfig
+from .errors import EngineUnavailable, status_name
+from .requests import GenerationRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def bearer_refusal(given: str | None, tokens: tuple[str, ...]) -> str | None:
+    """The status a call with header ``given`` gets when ``tokens`` are accepted: None (allowed),
+    UNAUTHENTICATED (no token) or PERMISSION_DENIED (a wrong one). Every comparison runs, in
+    constant time, so the time taken does not say which token came close."""
+    if not tokens:
+        return None
+    if not given:
+        return "UNAUTHENTICATED"
+    matches = sum(hmac.compare_digest(given.encode(), f"Bearer {t}".encode()) for t in tokens)
+    return None if matches else "PERMISSION_DENIED"
+
+
+def user_tokens(config: ServerConfig) -> tuple[str, ...]:
+    """Tokens accepted on the inference and read calls: --auth-token, and the admin token too."""
+    return tuple(t for t in (config.auth_token, config.admin_token) if t is not None) if config.auth_token else ()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Exactly one of the three forms is set."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content)
+
+
+class Service:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.built = None  # set once the model has loaded
+        self.renderer = None
+        self.work = None  # server/offload.py: blocking work runs there, never on the event loop
+        self.on_rejected = None  # callable(status, adapter_id) for requests the engine never saw
+        self.on_dynamic = None  # callable(event): "registered", "evicted", "failed"
+        self._dynamic: dict[str, asyncio.Future] = {}  # adapter id -> its one registration in progress
+
+    def attach(self, built, renderer, work) -> None:
+        self.built, self.renderer, self.work = built, renderer, work
+        self.started_at = time.time()
+
+    def ready(self):
+        if self.built is None:
+            raise EngineUnavailable("the model is still loading; retry when health reports SERVING")
+        return self.built
+
+    @property
+    def model_name(self) -> str:
+        """The base model's public name: --served-model-name, else the loaded model's."""
+        return self.config.served_model_name or self.ready().loaded.name
+
+    # ---- generation ----
+    async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
+                       request_id: str | None = None, time_remaining: float | None = None):
+        """Validate, render the prompt off the loop and submit; returns the engine's RequestStream."""
+        try:
+            built = self.ready()
+            parts = (prompt.text, list(prompt.token_ids), list(prompt.messages))
+            self.renderer.check(*parts)  # cheap bounds first, then the tokenizer off the loop
+            if adapter_id:
+                await self._ensure_registered(adapter_id)
+            ids = await self.work.run("tokenizing the prompt", self.renderer.render, *parts)
+            req = GenerationRequest(
+                request_id=request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
+                adapter_id=adapter_id or None,
+                deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+            )
+            return built.engine.submit(req)
+        except Exception as e:  # refused before the engine saw it: the metrics still count it
+            if self.on_rejected is not None:
+                self.on_rejected(status_name(e), adapter_id or None)
+            raise
+
+    # ---- dynamic adapters (--dynamic-adapters) ----
+    async def _ensure_registered(self, adapter_id: str) -> None:
+        """With --dynamic-adapters, an unknown id that names ROOT/ID under an --adapter-root is
+        registered on first use. Concurrent first requests share one registration."""
+        registry = self.built.registry
+        if not self.config.dynamic_adapters or adapter_id in registry:
+            return
+        pending = self._dynamic.get(adapter_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.work.run("registering the adapter", self._register_dynamic,
+                                                          adapter_id))
+            self._dynamic[adapter_id] = pending
+            pending.add_done_callback(lambda _: self._dynamic.pop(adapter_id, None))
+        await asyncio.shield(pending)
+
+    def _dynamic_path(self, adapter_id: str) -> Path:
+        """ROOT/ID under the first adapter root that holds it. An id that leads out of a root
+        (``..``, an absolute path, a symlink) is PERMISSION_DENIED, whether or not it exists."""
+        for root in self.built.registry.roots:
+            candidate = root / adapter_id
+            if not inside(Path(os.path.realpath(candidate)), root):
+                raise AdapterPathDenied(f"adapter {clip(adapter_id)} leads outside the adapter root")
+            if os.path.lexists(candidate):
+                return candidate
+        raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered, and no --adapter-root holds it")
+
+    def _register_dynamic(self, adapter_id: str):
+        """Worker thread: register ROOT/ID, making room by unregistering the least recently used
+        dynamic registration that no request is using; none: RESOURCE_EXHAUSTED."""
+        built = self.built
+        try:
+            path = self._dynamic_path(adapter_id)
+            while True:
+                try:
+                    entry = built.registry.register(adapter_id, path, dynamic=True)
+                    break
+                except RegistryFull:
+                    running, waiting = built.engine.adapter_ids()
+                    evicted = built.registry.evict_lru_dynamic(running | waiting)
+                    if evicted is None:
+                        raise RegistryFull(
+                            f"{len(built.registry)} adapters are registered (--max-registered-adapters) and every "
+                            "dynamically registered one is in use") from None
+                    log.info("dynamic adapter %s unregistered to make room for %s", evicted.adapter_id, adapter_id)
+                    self._count("evicted")
+        except Exception:
+            self._count("failed")
+            raise
+        log.info("dynamic adapter %s registered from %s (content hash %s)", adapter_id, path,
+                 entry.manifest.content_hash[:16])
+        self._count("registered")
+        return entry
+
+    def _count(self, event: str) -> None:
+        if self.on_dynamic is not None:
+            self.on_dynamic(event)
+
+    # ---- adapter administration ----
+    def check_runtime_adapters(self) -> None:
+        if not self.config.runtime_adapters_enabled:
+            raise AdapterPathDenied(
+                "runtime adapter registration is disabled; start the server with --allow-runtime-adapters "
+                "or --admin-token"
+            )
+
+    async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False):
+        self.check_runtime_adapters()
+        built = self.ready()
+        entry = await self.work.run("registering the adapter", built.registry.register, adapter_id, path, replace)
+        if preload:
+            built.manager.preload(entry)
+        return entry
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        self.check_runtime_adapters()
+        self.ready().registry.unregister(adapter_id)
+
+    def adapters(self) -> list[tuple[object, str]]:
+        """Every registered adapter with its tier, sorted by id."""
+        built = self.ready()
+        return [(e, built.manager.tier(e.key)) for e in built.registry.list()]
+
+    def tier(self, entry) -> str:
+        return self.ready().manager.tier(entry.key)
+
+    def is_admin(self, authorization: str | None) -> bool:
+        """A caller allowed the admin calls: it holds the admin token, or there is none and runtime
+        registration is on (on loopback, or with --insecure-admin)."""
+        c = self.config
+        if c.admin_token is None:
+            return c.allow_runtime_adapters
+        return hmac.compare_digest((authorization or "").encode(), f"Bearer {c.admin_token}".encode())
+
+    @property
+    def healthy(self) -> bool:
+        """Readiness: loaded, not draining, engine alive."""
+        return self.built is not None and self.built.engine.fatal_error is None and self.built.engine.accepting
