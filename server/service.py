@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters.errors import AdapterNotFound, AdapterPathDenied, RegistryFull, clip
+from ..adapters.errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
 from ..adapters.files import inside
 from .config import ServerConfig
 from .errors import EngineUnavailable, status_name
@@ -60,6 +60,7 @@ class Service:
         self.on_rejected = None  # callable(status, adapter_id) for requests the engine never saw
         self.on_dynamic = None  # callable(event): "registered", "evicted", "failed"
         self._dynamic: dict[str, asyncio.Future] = {}  # adapter id -> its one registration in progress
+        self.started_at = 0.0  # time.time() when the model became ready: the models' "created"
 
     def attach(self, built, renderer, work) -> None:
         self.built, self.renderer, self.work = built, renderer, work
@@ -133,6 +134,8 @@ class Service:
                 try:
                     entry = built.registry.register(adapter_id, path, dynamic=True)
                     break
+                except AdapterExists:  # registered meanwhile (RegisterAdapter): serve that one
+                    return built.registry.get(adapter_id)
                 except RegistryFull:
                     running, waiting = built.engine.adapter_ids()
                     evicted = built.registry.evict_lru_dynamic(running | waiting)
