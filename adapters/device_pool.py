@@ -171,13 +171,17 @@ class DevicePool:
             if self._copy_stream is not None:
                 self._copy_stream.synchronize()
         except BaseException:
-            with self._lock:
-                self._copying.discard(key)
-                self._free_pages.extend(pages.tolist())
+            self.cancel(key, pages)
             raise
         with self._lock:
             self._copying.discard(key)
             self._resident[key] = Resident(pages, kinds)
+
+    def cancel(self, key: AdapterKey, pages: torch.Tensor) -> None:
+        """Give back pages reserved for ``key`` whose copy will not happen."""
+        with self._lock:
+            self._copying.discard(key)
+            self._free_pages.extend(pages.tolist())
 
     def evict(self, key: AdapterKey) -> None:
         with self._lock:

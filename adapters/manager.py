@@ -65,6 +65,8 @@ class AdapterManager:
         self._device_hits = self._device_misses = self._host_misses = 0
         self._resident_since: dict[AdapterKey, float] = {}
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
+        self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
+        self.closing = threading.Event()  # set by close(): a fault hook that hangs a read returns then
         self._pin_memory = torch.device(pool.device).type == "cuda"
 
     def _new_io(self) -> ThreadPoolExecutor:
@@ -116,6 +118,8 @@ class AdapterManager:
         with self._lock:
             self._pending[key] = time.monotonic()  # the read timeout counts from here, not from the queue
         reg, entry = self.registry, self._entries[key]
+        if self.fault_hook is not None:
+            self.fault_hook("read", key[0])
         try:
             weights = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype, reg.allow_pickle,
                                    entry.confine, entry.manifest)
@@ -193,6 +197,12 @@ class AdapterManager:
     def _fill(self, key: AdapterKey, pages: torch.Tensor, weights) -> None:
         """I/O thread: the host-to-device copy, kept off the step loop."""
         start = time.perf_counter()
+        if self.fault_hook is not None:
+            try:
+                self.fault_hook("copy", key[0])
+            except BaseException:
+                self.pool.cancel(key, pages)
+                raise
         self.pool.fill(key, pages, weights)
         self._resident_since[key] = time.monotonic()
         if self.on_load is not None:
@@ -231,6 +241,7 @@ class AdapterManager:
         self.pool.unpin(key)
 
     def close(self) -> None:
+        self.closing.set()
         with self._jobs_lock:
             io = self._io
         io.shutdown(wait=False, cancel_futures=True)  # outside the lock: cancelling runs _job_done

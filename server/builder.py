@@ -14,7 +14,7 @@ from ..adapters.host_cache import HostCache
 from ..adapters.manager import AdapterManager
 from ..adapters.registry import AdapterRegistry
 from .config import ServerConfig, StartupError
-from .engine import Engine, fault_injector
+from .engine import Engine, adapter_fault_injector, fault_injector
 from .kv_cache import SlotKVCache
 from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
@@ -81,7 +81,9 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         runner.apply_lora.warm_up(config.max_lora_rank, pool.stores, loaded.device)  # compiles now, not mid-step
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
-    if config.inject_fault:
+    if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
+        manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)
+    elif config.inject_fault:
         engine.fault_hook = fault_injector(config.inject_fault)
     log.info(
         "model %s on %s (%s): KV cache %.0f MiB for %d slots x %d tokens; adapter pool %.0f MiB "

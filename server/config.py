@@ -79,7 +79,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # mutual TLS: client certificates signed by this CA are required
     drain_timeout: float = 30.0  # seconds running requests get after SIGTERM
-    inject_fault: str | None = None  # testing hook: "request:<id>" or "fatal:<id>"
+    inject_fault: str | None = None  # testing hook: request:, fatal:, fatal-busy:<request id>; hang-read:, copy-fail:<adapter id>
     op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
     log_level: str = "INFO"
     log_format: str = "text"
@@ -138,8 +138,9 @@ class ServerConfig:
             raise ValueError(f"max-input-tokens must be in [1, max-model-len ({self.max_model_len}))")
         if self.max_total_tokens is not None and not 1 < self.max_total_tokens <= self.max_model_len:
             raise ValueError(f"max-total-tokens must be in [2, max-model-len ({self.max_model_len})]")
-        if self.inject_fault is not None and self.inject_fault.partition(":")[0] not in ("request", "fatal", "fatal-busy"):
-            raise ValueError("inject-fault must be request:<id>, fatal:<id> or fatal-busy:<id>")
+        fault_kinds = ("request", "fatal", "fatal-busy", "hang-read", "copy-fail")
+        if self.inject_fault is not None and self.inject_fault.partition(":")[0] not in fault_kinds:
+            raise ValueError(f"inject-fault must be KIND:<id> with KIND one of {fault_kinds}")
         if self.dynamic_adapters and not self.adapter_roots:
             raise ValueError("--dynamic-adapters needs at least one --adapter-root to find adapters in")
         if self.served_model_name is not None and not self.served_model_name.strip():

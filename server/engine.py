@@ -577,6 +577,25 @@ def fault_injector(spec: str):
     return hook
 
 
+def adapter_fault_injector(spec: str, closing: threading.Event):
+    """``hang-read:<adapter id>`` makes that adapter's disk reads hang until the server closes (a
+    disk that does not answer); ``copy-fail:<adapter id>`` fails its first device copy. For
+    reliability tests only (``--inject-fault``)."""
+    kind, _, adapter_id = spec.partition(":")
+    failed = []
+
+    def hook(stage: str, key_id: str) -> None:
+        if key_id != adapter_id:
+            return
+        if kind == "hang-read" and stage == "read":
+            closing.wait()
+        if kind == "copy-fail" and stage == "copy" and not failed:
+            failed.append(key_id)
+            raise RuntimeError(f"injected device copy failure for adapter {adapter_id}")
+
+    return hook
+
+
 def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of ``text`` that could still grow into a stop string."""
     best = 0

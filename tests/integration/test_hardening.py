@@ -336,6 +336,50 @@ def test_the_engine_dying_while_the_loop_is_busy_still_exits(tiny_llama, tmp_pat
         proc.stop()
 
 
+# ---- adapter I/O faults, through the server ----
+
+def _io_fault_server(tiny_llama, tiny_adapters, tmp_path, fault):
+    proc = ServerProcess(["--model", str(tiny_llama), "--adapter", f"attn-r4={tiny_adapters['attn-r4']}",
+                          "--adapter", f"all-r8={tiny_adapters['all-r8']}",
+                          "--adapter", f"attn-r64={tiny_adapters['attn-r64']}", "--adapter-read-timeout", "1",
+                          "--inject-fault", fault], tmp_path / "log")
+    proc.wait_ready()
+    return proc
+
+
+def test_a_hung_disk_read_fails_its_requests_and_nothing_else(tiny_llama, tiny_adapters, tmp_path):
+    proc = _io_fault_server(tiny_llama, tiny_adapters, tmp_path, "hang-read:attn-r64")
+    try:
+        with Canary(proc) as canary:
+            t0 = time.monotonic()
+            code, details = code_of(proc.client.generate, prompt_token_ids=PROMPT_IDS, adapter_id="attn-r64",
+                                    timeout=30)
+            assert time.monotonic() - t0 < 10
+        assert code == grpc.StatusCode.UNAVAILABLE and "--adapter-read-timeout" in details
+        assert "timed out" in proc.log()
+        assert_recovered(proc, canary)
+        proc.terminate()
+        assert proc.proc.wait(30) == 0  # the hung read does not hold the exit
+    finally:
+        proc.stop()
+
+
+def test_a_failed_device_copy_fails_its_requests_and_the_next_one_succeeds(tiny_llama, tiny_adapters, tmp_path):
+    proc = _io_fault_server(tiny_llama, tiny_adapters, tmp_path, "copy-fail:attn-r64")
+    try:
+        with Canary(proc) as canary:
+            code, details = code_of(proc.client.generate, prompt_token_ids=PROMPT_IDS, adapter_id="attn-r64",
+                                    timeout=30)
+            assert code == grpc.StatusCode.INTERNAL and "device copy failure" in details
+            again = proc.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r64",
+                                         sampling=Sampling(max_new_tokens=4, ignore_eos=True), timeout=30)
+            assert again.completion_tokens == 4
+        assert "I/O job _fill failed" in proc.log() or "I/O job _read_into_host failed" in proc.log()
+        assert_recovered(proc, canary)
+    finally:
+        proc.stop()
+
+
 # ---- auth and configuration ----
 
 def _serve_refused(args, env=None):
