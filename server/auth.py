@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 
-from .service import bearer_refusal
+from .service import bearer_refusal, user_tokens
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_METHODS = frozenset({"/loramux.v1.LoraMux/RegisterAdapter", "/loramux.v1.LoraMux/UnregisterAdapter"})
@@ -33,8 +33,8 @@ def _deny(handler, code: grpc.StatusCode, message: str):
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, auth_token: str | None, admin_token: str | None):
-        self.auth_token = auth_token
         self.admin_token = admin_token
+        self.user_tokens = user_tokens(auth_token, admin_token)
 
     def accepted_tokens(self, method: str) -> tuple[str, ...]:
         """The tokens this RPC accepts; () when it is open. The admin token is accepted on every
@@ -43,9 +43,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return ()
         if method in ADMIN_METHODS and self.admin_token:
             return (self.admin_token,)
-        if self.auth_token is None:
-            return ()
-        return tuple(t for t in (self.auth_token, self.admin_token) if t is not None)
+        return self.user_tokens
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

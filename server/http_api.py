@@ -120,7 +120,7 @@ class BodyLimit:
 def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     config = service.config
     app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
-    tokens = user_tokens(config)
+    tokens = user_tokens(config.auth_token, config.admin_token)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):

@@ -54,8 +54,7 @@ class PromptRenderer:
                 raise RequestInvalid("this model has no chat template: send prompt instead of messages")
 
     def render(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]]) -> list[int]:
-        """Checked input -> token ids; the slow part (tokenizer, chat template)."""
-        self.check(prompt, token_ids, messages)
+        """Input that ``check`` passed -> token ids: the slow part (tokenizer, chat template)."""
         if token_ids:
             return list(token_ids)
         if prompt:

@@ -37,9 +37,10 @@ def bearer_refusal(given: str | None, tokens: tuple[str, ...]) -> str | None:
     return None if matches else "PERMISSION_DENIED"
 
 
-def user_tokens(config: ServerConfig) -> tuple[str, ...]:
-    """Tokens accepted on the inference and read calls: --auth-token, and the admin token too."""
-    return tuple(t for t in (config.auth_token, config.admin_token) if t is not None) if config.auth_token else ()
+def user_tokens(auth_token: str | None, admin_token: str | None) -> tuple[str, ...]:
+    """Tokens accepted on the inference and read calls: --auth-token, and the admin token too;
+    () when --auth-token is unset (those calls are open)."""
+    return tuple(t for t in (auth_token, admin_token) if t is not None) if auth_token else ()
 
 
 @dataclass(frozen=True)
