@@ -1,9 +1,9 @@
 """Adapter memory across three tiers: disk -> host LRU -> device pages.
 
 Disk reads and host-to-device copies run on one background I/O thread, so a cold adapter never
-stalls the step loop. The engine asks ``readiness`` (which also prefetches) and ``acquire`` (which
-pins a resident adapter, or reserves pages and queues its copy), and admits a request only once its
-adapter is resident.
+stalls the step loop. The engine asks ``readiness`` (which also prefetches), ``stage``s the device copy of an adapter
+that is in host memory, and ``pin``s an adapter only once it is device-resident, so that pinning
+never fails.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Readiness(Enum):
-    READY = "ready"  # in host or device memory: acquire pins it, or queues its copy in
+    READY = "ready"  # device-resident: pin() succeeds
     LOADING = "loading"
     FAILED = "failed"
 
@@ -166,16 +166,14 @@ class AdapterManager:
                 self._submit(key, job, *args)
 
     def readiness(self, key: AdapterKey, prefetch: bool = True) -> Readiness:
-        """Where the adapter stands; with ``prefetch``, start a disk read if it is in neither
-        memory tier."""
+        """Where the adapter stands: READY only once its device copy is complete. With
+        ``prefetch``, start a disk read if it is in neither memory tier."""
         if self.pool.pages_of(key) is not None:
             return Readiness.READY
         with self._lock:
             if key in self._failed:
                 return Readiness.FAILED
-            if key in self.host:
-                return Readiness.READY
-            if key not in self._pending and prefetch:
+            if key not in self.host and key not in self._pending and prefetch:
                 self._host_misses += 1
                 self._pending[key] = None
                 self._submit(key, self._read_into_host, key)
@@ -208,23 +206,31 @@ class AdapterManager:
         if self.on_load is not None:
             self.on_load("device", time.perf_counter() - start)
 
-    def acquire(self, key: AdapterKey) -> torch.Tensor | None:
-        """Pin a device-resident adapter and return its pages. Otherwise reserve pages for it
-        (evicting LRU unpinned adapters), hand the copy to the I/O thread and return None: the
-        request is admitted at a later step, and the running batch never waits for a copy."""
-        pages = self.pool.pages_of(key)
-        if pages is None:
-            with self._lock:
-                weights = self.host.get(key)
-            if weights is not None:
-                reserved = self.pool.reserve(key, weights.rank, evict=True)
-                if reserved is not None:
-                    self._device_misses += 1
-                    self._submit(key, self._fill, key, reserved, weights)
-            return None
+    def stage(self, key: AdapterKey) -> None:
+        """Start the device copy of an adapter that is in host memory and not yet on the device:
+        reserve pages (evicting LRU unpinned adapters) and hand the copy to the I/O thread. The
+        running batch never waits for a copy; the adapter turns READY when it lands."""
+        if self.pool.pages_of(key) is not None:
+            return
+        with self._jobs_lock:  # a job of this adapter still runs: its outcome (even a failure) comes first
+            if any(k == key for k, _, _ in self._jobs.values()):
+                return
+        with self._lock:
+            weights = None if key in self._failed else self.host.get(key)
+        if weights is not None:
+            reserved = self.pool.reserve(key, weights.rank, evict=True)
+            if reserved is not None:
+                self._device_misses += 1
+                self._submit(key, self._fill, key, reserved, weights)
+
+    def pin(self, key: AdapterKey) -> torch.Tensor:
+        """Pin a READY (device-resident) adapter for one request and return its pages."""
         self._device_hits += 1
-        self.pool.pin(key)
-        return pages
+        return self.pool.pin(key)
+
+    def content_hash(self, key: AdapterKey) -> str:
+        """What the adapter computes (weights and scaling): the prefix cache's key for it."""
+        return self._entries[key].manifest.content_hash
 
     def tier_counters(self) -> dict[str, TierCounters]:
         with self._lock:

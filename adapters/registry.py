@@ -6,6 +6,7 @@ Each (re)registration gets a new version, so ``replace`` is atomic: requests alr
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -18,6 +19,8 @@ from .files import inside
 from .loader import AdapterManifest, LoRALayout, inspect_adapter
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+log = logging.getLogger(__name__)
 
 
 def validate_adapter_id(adapter_id: str) -> None:
@@ -94,7 +97,8 @@ class AdapterRegistry:
                                       last_used=time.monotonic())
             self._next_version += 1
             self._adapters[adapter_id] = entry
-            return entry
+        log.info("adapter %s registered: rank %d, content hash %s", adapter_id, manifest.rank, manifest.content_hash)
+        return entry
 
     def unregister(self, adapter_id: str) -> RegisteredAdapter:
         with self._lock:

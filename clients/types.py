@@ -47,12 +47,13 @@ class Generation:
     completion_tokens: int
     timing: Timing
     logprobs: list[Logprob] = field(default_factory=list)  # when Sampling.logprobs was set
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @classmethod
     def from_pb(cls, r: pb.GenerateResponse) -> Generation:
         return cls(r.request_id, r.text, list(r.token_ids), FINISH_NAMES.get(r.finish_reason),
                    r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing),
-                   [Logprob.from_pb(lp) for lp in r.logprobs])
+                   [Logprob.from_pb(lp) for lp in r.logprobs], r.usage.cached_prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,14 @@ class StreamChunk:
     completion_tokens: int = 0
     timing: Timing | None = None
     logprob: Logprob | None = None  # when Sampling.logprobs was set
+    cached_prompt_tokens: int = 0  # last chunk only
 
     @classmethod
     def from_pb(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
         last = r.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         return cls(r.request_id, r.token_id, r.text, FINISH_NAMES.get(r.finish_reason),
                    r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing) if last else None,
-                   Logprob.from_pb(r.logprob) if r.HasField("logprob") else None)
+                   Logprob.from_pb(r.logprob) if r.HasField("logprob") else None, r.usage.cached_prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,12 @@ class Adapter:
     size_bytes: int
     tier: str
     requests_served: int
+    content_hash: str = ""  # the weights' identity: equal files, equal hash
 
     @classmethod
     def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
         return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
-                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served)
+                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class ServerInfo:
     max_model_len: int
     registered_adapters: int
     has_chat_template: bool
+    kv_block_size: int = 0
+    kv_cache_tokens: int = 0
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:

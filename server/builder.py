@@ -15,10 +15,11 @@ from ..adapters.manager import AdapterManager
 from ..adapters.registry import AdapterRegistry
 from .config import ServerConfig, StartupError
 from .engine import Engine, adapter_fault_injector, fault_injector
-from .kv_cache import SlotKVCache
+from .kv_cache import PagedKVCache
 from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
 from .ops import select_backend
+from .ops.attention import select_decode_attention
 from .runner import ModelRunner
 from .torch_threads import in_passing_thread, serial_openmp
 
@@ -35,6 +36,23 @@ class Built:
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
+
+
+CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on the CPU: at most 1 GiB ...
+CUDA_KV_FRACTION = 0.8  # ... and on CUDA this share of the device memory still free after the model and adapters
+
+
+def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device) -> int:
+    """--kv-cache-tokens, or a default sized from memory: on CUDA CUDA_KV_FRACTION of the free
+    device memory; on the CPU CPU_KV_BUDGET_BYTES, but no more than max-batch-size sequences of
+    max-model-len tokens (the most a full batch can hold) and no less than one such sequence."""
+    if config.kv_cache_tokens is not None:
+        return config.kv_cache_tokens
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_KV_FRACTION) // bytes_per_token
+    longest = -(-config.max_model_len // config.kv_block_size) * config.kv_block_size  # in whole blocks
+    return max(config.max_model_len, min(CPU_KV_BUDGET_BYTES // bytes_per_token, config.max_batch_size * longest))
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
@@ -57,9 +75,14 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     model = cls(hf, config.max_model_len)
     layout = model.lora_layout()
     num_layers, kv_heads, head_dim = model.kv_spec
-    kv = SlotKVCache(num_layers, config.max_batch_size, kv_heads, config.max_model_len, head_dim,
-                     loaded.dtype, loaded.device)
     pool = DevicePool(layout, config.device_pages, config.max_device_adapters, loaded.dtype, loaded.device)
+    per_token = PagedKVCache.bytes_per_token(num_layers, kv_heads, head_dim, loaded.dtype)
+    tokens = kv_pool_tokens(config, per_token, loaded.device)
+    if tokens < config.max_model_len:
+        raise StartupError(f"the KV pool would hold {tokens} tokens, fewer than --max-model-len {config.max_model_len}; "
+                           "free memory, lower --max-model-len or set --kv-cache-tokens")
+    kv = PagedKVCache(num_layers, -(-tokens // config.kv_block_size), config.kv_block_size, kv_heads, head_dim,
+                      loaded.dtype, loaded.device, select_decode_attention(config.op_backend, loaded.device))
     model.bind_lora_stores(pool.stores)
     element_size = torch.empty(0, dtype=loaded.dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
@@ -84,12 +107,12 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
         manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)
     elif config.inject_fault:
-        engine.fault_hook = fault_injector(config.inject_fault)
+        engine.output.fault_hook = fault_injector(config.inject_fault)
     log.info(
-        "model %s on %s (%s): KV cache %.0f MiB for %d slots x %d tokens; adapter pool %.0f MiB "
-        "(%d pages: %d adapters of rank <= %d); %d adapters registered",
-        loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), kv.nbytes / 2**20,
-        config.max_batch_size, config.max_model_len,
+        "model %s on %s (%s): KV cache %d blocks x %d tokens = %d tokens, %.0f MiB (prefix caching %s); "
+        "adapter pool %.0f MiB (%d pages: %d adapters of rank <= %d); %d adapters registered",
+        loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), kv.num_blocks, kv.block_size,
+        kv.num_blocks * kv.block_size, kv.nbytes / 2**20, "on" if config.prefix_caching else "off",
         sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pool.stores.values()) / 2**20,
         config.device_pages, config.max_device_adapters, config.max_lora_rank, len(registry),
     )

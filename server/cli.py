@@ -60,7 +60,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")
     for name, help_text in (
-        ("max_batch_size", "sequences decoded together (also the number of KV slots)"),
+        ("max_batch_size", "sequences in one step (reserves no memory: the KV pool is --kv-cache-tokens)"),
         ("max_tokens_per_step", "token budget of one step; long prompts are prefilled in chunks"),
         ("max_adapters_per_step", "distinct adapters in one step (default: max-device-adapters)"),
         ("max_lora_rank", "largest adapter rank accepted"),
@@ -69,6 +69,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("max_model_len", "prompt + new tokens per request"),
         ("max_input_tokens", "longest prompt accepted (default: max-model-len - 1)"),
         ("max_total_tokens", "prompt + max_new_tokens accepted (default: max-model-len)"),
+        ("kv_block_size", "tokens per KV cache block"),
         ("default_max_new_tokens", "max_new_tokens when a request leaves it unset"),
         ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
         ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),
@@ -88,6 +89,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("stream_stall_timeout", "seconds a client may leave streamed events unread before it is cancelled"),
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default, help=help_text)
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool capacity in tokens (default: 90%% of free device memory after the model on CUDA, "
+                        "on the CPU min(1 GiB of KV, max-batch-size x max-model-len tokens))")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn off prefix caching (reuse of KV blocks between requests with the same weights)")
     p.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="ID=PATH",
                    help="register an adapter at start-up (repeatable)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",

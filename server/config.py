@@ -49,9 +49,12 @@ class ServerConfig:
     max_lora_rank: int = 64
     max_device_adapters: int = 16
     max_host_adapters: int = 64
-    max_model_len: int = 1024  # prompt + output; sizes each KV slot
+    max_model_len: int = 1024  # prompt + output of one request
     max_input_tokens: int | None = None  # None: max_model_len - 1
     max_total_tokens: int | None = None  # prompt + max_new_tokens; None: max_model_len
+    kv_block_size: int = 16  # tokens per KV block
+    kv_cache_tokens: int | None = None  # KV pool capacity; None: sized from memory (see kv_pool_tokens)
+    prefix_caching: bool = True
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
     max_queued_requests: int = 1024
@@ -93,7 +96,7 @@ class ServerConfig:
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_queued_requests", "max_stop_token_ids", "max_prompt_bytes", "max_chat_messages",
                      "max_registered_adapters", "work_threads", "work_timeout", "adapter_read_timeout",
-                     "stream_stall_timeout", "max_http_body_bytes"):
+                     "stream_stall_timeout", "max_http_body_bytes", "kv_block_size"):
             positive(name)
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs <= self.max_queued_requests:
             raise ValueError(f"max-concurrent-rpcs ({self.max_concurrent_rpcs}) must be > max-queued-requests "
@@ -121,6 +124,9 @@ class ServerConfig:
                 f"max-tokens-per-step ({self.max_tokens_per_step}) must be >= max-batch-size ({self.max_batch_size}) "
                 "so that every running sequence decodes each step"
             )
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(f"kv-cache-tokens ({self.kv_cache_tokens}) must be >= max-model-len ({self.max_model_len}): "
+                             "one request of the longest length must fit the KV pool")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default-max-new-tokens must be <= max-new-tokens-limit")
         if self.default_max_new_tokens >= self.max_model_len:

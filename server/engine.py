@@ -2,7 +2,7 @@
 
 The loop runs on its own thread (torch releases the GIL inside ops); callers on an asyncio loop
 get each token through a per-request queue. Every exit path of a sequence goes through
-``_finish``, which frees its KV slot and unpins its adapter, so nothing leaks on cancel or error.
+``_finish``, which frees its KV blocks and unpins its adapter, so nothing leaks on cancel or error.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..adapters.device_pool import AdapterKey
-from ..adapters.manager import AdapterManager, Readiness
+from ..adapters.manager import AdapterManager
+from .adapter_admission import AdapterAdmission
+from .block_manager import NO_HIT, BlockManager, block_keys, blocks_for
 from .config import ServerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import (
@@ -27,24 +28,19 @@ from .errors import (
     RequestDeadlineExceeded,
     RequestFailed,
     RequestInvalid,
-    clip,
     status_name,
 )
-from .requests import (
-    MAX_LOGPROBS,
-    FinishReason,
-    GenerationRequest,
-    Timing,
-    TokenEvent,
-    TokenLogprob,
-    validate_request_id,
-)
+from .output_processor import Finished, OutputProcessor
+from .requests import MAX_LOGPROBS, GenerationRequest, Timing, TokenEvent, TokenLogprob, validate_request_id
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
 from .scheduler import Budgets, SeqView, schedule
+from .sequence import RequestStream, Sequence
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
+WATERMARK = 0.01  # share of KV blocks admission keeps free for the running sequences' growth
+BASE_IDENTITY = b"base"  # no adapter's identity can equal it: theirs are b"lora:" + a sha256
 LOADING_POLL_S = 0.002
 
 
@@ -71,85 +67,6 @@ class EngineObserver:
         timing its response carries."""
 
 
-@dataclass(eq=False)
-class Sequence:
-    request: GenerationRequest
-    adapter: AdapterKey | None
-    sampler: SamplerState
-    detok: IncrementalDetokenizer
-    queue: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    ids: list[int]
-    num_prompt: int
-    arrival: float
-    num_computed: int = 0
-    slot: int | None = None
-    pages: torch.Tensor | None = None
-    kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
-    pinned: bool = False
-    text: str = ""  # all generated text so far (stop strings cut it)
-    emitted: int = 0  # chars of ``text`` already sent
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    adapter_load_seconds: float = 0.0
-    cold_adapter: bool = False  # the adapter was not device-resident when the request arrived
-    # time.monotonic() of each event sent and not yet taken by the consumer, oldest first: the engine
-    # thread appends, the consumer's loop pops (deque ends are thread-safe)
-    undelivered: deque = field(default_factory=deque)
-    done: bool = False
-    cancel_reason: BaseException | None = field(default=None)
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.ids) - self.num_prompt
-
-    def view(self) -> SeqView:
-        return SeqView(self, self.adapter, self.num_prompt, self.num_computed)
-
-
-class RequestStream:
-    """Async iterator of a request's TokenEvents. Closing it early cancels the request."""
-
-    def __init__(self, engine: Engine, seq: Sequence):
-        self._engine = engine
-        self._seq = seq
-        self.request_id = seq.request.request_id
-        self._ended = False  # set by the final event or the error, never by engine-thread state
-        self._settled = False  # the engine no longer counts this stream as undelivered
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        item = await self._seq.queue.get()
-        if self._seq.undelivered:
-            self._seq.undelivered.popleft()
-        if isinstance(item, BaseException):
-            self._end()
-            raise item
-        if item.finish_reason is not None:
-            self._end()
-        return item
-
-    def _end(self) -> None:
-        self._ended = True
-        self._settle()
-
-    def _settle(self) -> None:
-        if not self._settled:
-            self._settled = True
-            self._engine._delivered()
-
-    def cancel(self, reason: BaseException | None = None) -> None:
-        """Stop the request if it still runs. The caller wants nothing more from it, so drain
-        no longer waits for its delivery."""
-        self._engine.cancel(self._seq, reason)
-        self._settle()
-
-
 class Engine:
     def __init__(self, config: ServerConfig, runner: ModelRunner, tokenizer, adapters: AdapterManager,
                  vocab_size: int, eos_token_ids: set[int]):
@@ -158,7 +75,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.vocab_size = vocab_size
-        self.eos_token_ids = eos_token_ids
+        self.admission = AdapterAdmission(adapters)
+        kv = runner.kv
+        self.blocks = BlockManager(kv.num_blocks, kv.block_size, config.prefix_caching)
+        # admission leaves this many blocks free for running sequences to grow into (none when idle)
+        self.watermark_blocks = max(1, int(WATERMARK * kv.num_blocks)) if kv.num_blocks > 1 else 0
+        self.prefix_queried_tokens = 0  # counters read by the metrics collector
+        self.prefix_hit_tokens = 0
+        self.num_preemptions = 0
         self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.adapters_per_step)
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
         # Taken by submit around its append and by the fatal path when it closes the inbox, so that a
@@ -176,7 +100,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.observers: list[EngineObserver] = []
-        self.fault_hook = None  # tests only: callable(seq) run before each token is handled
+        self.output = OutputProcessor(eos_token_ids, self.observers)
         self.on_fatal = None  # callable(error), on the engine thread, before in-flight requests fail
 
     # ---- public API (any thread / asyncio loop) ----
@@ -240,6 +164,11 @@ class Engine:
             raise RequestInvalid(
                 f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds {limit} {c.total_token_limit}"
             )
+        need = blocks_for(n + p.max_new_tokens, self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise RequestInvalid(
+                f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) needs {need} KV blocks; the pool holds "
+                f"{self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens (--kv-cache-tokens)")
         if not (0.0 <= p.temperature <= 100.0):  # also false for NaN
             raise RequestInvalid(f"temperature must be in [0, 100], got {p.temperature}")
         if not (0.0 < p.top_p <= 1.0):
@@ -277,7 +206,7 @@ class Engine:
         cold = adapter is not None and self.adapters.tier(adapter) != "device"
         loop = asyncio.get_running_loop()
         seq = Sequence(
-            request=req, adapter=adapter, sampler=SamplerState.create(req.sampling, "cpu"),
+            request=req, adapter=adapter, identity=self._identity(adapter), sampler=SamplerState.create(req.sampling, "cpu"),
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
             cold_adapter=cold,
@@ -292,6 +221,11 @@ class Engine:
             self._inbox.append(("add", seq))
         self._wake.set()
         return RequestStream(self, seq)
+
+    def _identity(self, adapter) -> bytes:
+        """The prefix cache's namespace: the content hash of the weights that compute the KV, never
+        the adapter id, so a replaced adapter cannot hit its old KV and equal files share it."""
+        return BASE_IDENTITY if adapter is None else b"lora:" + self.adapters.content_hash(adapter).encode()
 
     def cancel(self, seq: Sequence, reason: BaseException | None = None) -> None:
         if not seq.done:
@@ -363,80 +297,100 @@ class Engine:
                     f"the client read nothing for {stall:g} s (--stream-stall-timeout)"))
 
     def _poll_adapters(self) -> tuple[set, bool]:
-        """Readiness of the waiting requests' adapters. Only the first few distinct adapters in
-        queue order are prefetched, so a long queue of cold adapters cannot thrash the host cache."""
-        ready, loading = set(), False
-        self.adapters.expire_reads()
-        keys = list(dict.fromkeys(s.adapter for s in self._waiting if s.adapter is not None))
-        prefetch_depth = max(1, self.adapters.host.capacity // 2)
-        for i, key in enumerate(keys):
-            state = self.adapters.readiness(key, prefetch=i < prefetch_depth)
-            if state is Readiness.READY:
-                ready.add(key)
-            elif state is Readiness.LOADING:
-                loading = True
-            else:
-                error = self.adapters.failure(key)
-                self.adapters.forget_failure(key)
-                for seq in [s for s in self._waiting if s.adapter == key]:
-                    self._finish(seq, error=error)
+        ready, loading, failed = self.admission.poll(self._waiting)
+        for key, error in failed:
+            for seq in [s for s in self._waiting if s.adapter == key]:
+                self._finish(seq, error=error)
         return ready, loading
 
-    def _admit(self, seq: Sequence) -> bool:
-        if seq.adapter is not None:
-            seq.pages = self.adapters.acquire(seq.adapter)
-            if seq.pages is None:
-                return False  # every page pinned (or a copy in flight): wait for the next step
-            if seq.cold_adapter:  # how long this request waited for its adapter to load
-                seq.adapter_load_seconds = max(0.0, self.adapters.resident_since(seq.adapter) - seq.arrival)
-            seq.kinds = self.adapters.pool.kinds_of(seq.adapter)
-            seq.pinned = True
-        seq.slot = self.runner.kv.allocate()
-        seq.admitted_at = time.monotonic()
+    def _views(self) -> tuple[list[SeqView], list[SeqView]]:
+        """What the scheduler sees. Waiting requests near the head look up their prefix in the
+        cache; the hit is kept on the sequence, and admission takes exactly that hit."""
+        waiting = []
+        for i, seq in enumerate(self._waiting):
+            seq.hit = NO_HIT
+            if self.blocks.prefix_caching and i < self.budgets.max_batch_size:
+                if seq.prompt_keys is None:
+                    seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], self.blocks.block_size)
+                seq.hit = self.blocks.lookup(seq.prompt_keys)
+            cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size) if seq.hit.blocks else 0
+            waiting.append(SeqView(seq, seq.adapter, seq.prefill_len, 0, num_cached=cached,
+                                   hit_blocks=len(seq.hit.blocks), hit_free=seq.hit.num_free))
+        running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
+                           self.blocks.num_freeable(seq)) for seq in self._running]
+        return waiting, running
+
+    def _admit(self, seq: Sequence) -> None:
+        self.admission.pin(seq)
+        self.blocks.admit(seq, seq.hit, seq.prompt_keys or ())
+        cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size) if seq.hit.blocks else 0
+        seq.num_computed = cached
+        if self.blocks.prefix_caching:
+            self.prefix_queried_tokens += seq.prefill_len
+            self.prefix_hit_tokens += cached
+        if seq.admitted_at is None:  # the first admission; a preempted request keeps its first numbers
+            seq.admitted_at = time.monotonic()
+            seq.num_cached = min(cached, seq.num_prompt)
         self._waiting.remove(seq)
         self._running.append(seq)
-        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give the sequence's blocks back; it is recomputed later from all its tokens so far (its
+        full blocks stay cached, so the recompute usually hits them)."""
+        self.blocks.free(seq)
+        self.admission.release(seq)
+        self._running.remove(seq)
+        seq.num_computed = 0
+        seq.prefill_len = len(seq.ids)
+        seq.prompt_keys = None
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        log.info("request %s preempted: the KV pool is full (it will be recomputed from %d tokens)",
+                 seq.request.request_id, seq.prefill_len)
 
     def _step(self, ready: set) -> bool:
-        decision = schedule(
-            [s.view() for s in self._waiting], [s.view() for s in self._running],
-            self.budgets, self.runner.kv.num_free_slots, ready,
-        )
-        blocked = {seq for seq in decision.admitted if not self._admit(seq)}
-        work = [(seq, n) for seq, n in decision.work if seq not in blocked]
+        """schedule -> admit -> runner.step -> sample -> process outputs."""
+        waiting, running = self._views()
+        decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
+                            self.watermark_blocks)
+        for seq in decision.preempted:
+            self._preempt(seq)
+        self._waiting[:0] = decision.preempted  # back to the head of the queue, in admission order
+        for seq in decision.admitted:  # final: ready adapters pin, and the scheduler counted the blocks
+            self._admit(seq)
+        self.admission.stage(self._waiting, ready, self.budgets.max_adapters_per_step)
+        work = list(decision.work)
         if not work:
             return False
         items = []
         for seq, n in work:
-            decode = seq.num_computed >= seq.num_prompt
             start = seq.num_computed
+            self.blocks.allocate(seq, start + n)
+            decode = start >= seq.prefill_len
             items.append(WorkItem(
-                slot=seq.slot, token_ids=seq.ids[start : start + n], start_pos=start, pages=seq.pages,
-                adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.num_prompt,
+                token_ids=seq.ids[start : start + n], start_pos=start,
+                slots=self.blocks.slot_mapping(seq, start, n), blocks=self.blocks.table(seq), pages=seq.pages,
+                adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.prefill_len,
                 kinds=seq.kinds,
             ))
         t0 = time.perf_counter()
         logits, order = self.runner.step(items)
         for seq, n in work:
             seq.num_computed += n
-            self.runner.kv.set_length(seq.slot, seq.num_computed)
+            self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
         sampled = [work[i][0] for i in order]
         seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
         tokens = sample(logits, [s.sampler for s in sampled], seen)
         logprobs = token_logprobs(logits, sampled, tokens)
         # Everything after the shared forward pass is one request's own: its failure (sampling,
         # detokenizing, stop checks, delivery) fails that request alone, never the engine.
-        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            try:
-                if isinstance(token, Exception):
-                    raise token
-                if self.fault_hook is not None:
-                    self.fault_hook(seq)
-                self._on_token(seq, token, logprob)
-            except Exception as e:  # noqa: BLE001
-                log.exception("request %s failed", seq.request.request_id)
-                self._finish(seq, error=RequestFailed(
-                    f"internal error in request {clip(seq.request.request_id)}: {clip(str(e), 200)}"))
+        for seq, outcome in self.output.process(sampled, tokens, logprobs):
+            if isinstance(outcome, TokenEvent):
+                self._emit(seq, outcome)
+            elif isinstance(outcome, Finished):
+                self._finish(seq, last=outcome)
+            else:
+                self._finish(seq, error=outcome)
         if self.observers:
             decode_tokens = sum(1 for it in items if it.decode)
             stats = StepStats(
@@ -448,37 +402,6 @@ class Engine:
                 obs.step(stats)
         return True
 
-    def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
-        now = time.monotonic()
-        gap = None if seq.last_token_at is None else now - seq.last_token_at
-        seq.first_token_at = seq.first_token_at or now
-        seq.last_token_at = now
-        for obs in self.observers:
-            obs.token(seq, gap)
-        seq.ids.append(token)
-        p = seq.sampler.params
-        finish = None
-        if token in p.stop_token_ids:
-            finish = FinishReason.STOP
-        elif token in self.eos_token_ids and not p.ignore_eos:
-            finish = FinishReason.EOS
-        elif seq.num_generated >= p.max_new_tokens:
-            finish = FinishReason.LENGTH
-        seq.text += seq.detok.add(token) if finish is None else seq.detok.add(token) + seq.detok.flush()
-        if p.stop:
-            scan_from = max(0, seq.emitted - max(map(len, p.stop)))
-            hits = [i for i in (seq.text.find(s, scan_from) for s in p.stop) if i >= 0]
-            if hits:
-                seq.text = seq.text[: min(hits)]
-                finish = FinishReason.STOP
-        end = len(seq.text) if finish is not None else len(seq.text) - _stop_holdback(seq.text, p.stop)
-        delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
-        seq.emitted = max(seq.emitted, end)
-        if finish is None:
-            self._emit(seq, TokenEvent(seq.request.request_id, token, delta, logprob=logprob))
-        else:
-            self._finish(seq, last=(token, delta, finish, logprob))
-
     def _timing(self, seq: Sequence) -> Timing:
         now = time.monotonic()
         admitted = seq.admitted_at or now
@@ -489,8 +412,9 @@ class Engine:
             total_seconds=now - seq.arrival,
         )
 
-    def _finish(self, seq: Sequence, last=None, error: BaseException | None = None) -> None:
-        """The one exit path: release slot and pin, send the final event or the error."""
+    def _finish(self, seq: Sequence, last: Finished | None = None, error: BaseException | None = None) -> None:
+        """The one exit path: release KV and pin, record the finish with the observers, then send
+        the final event or the error (so whoever sees the answer can already see its log line)."""
         if seq.done:
             return
         seq.done = True
@@ -499,30 +423,25 @@ class Engine:
                 self._running.remove(seq)
             elif seq in self._waiting:
                 self._waiting.remove(seq)
-            if seq.slot is not None:
-                self.runner.kv.free(seq.slot)
-                seq.slot = None
-            if seq.pinned:
-                self.adapters.release(seq.adapter)
-                seq.pinned = False
+            self.blocks.free(seq)
+            self.admission.release(seq)
         finally:  # whatever happened above, the caller gets its answer and the place is returned
             with self._admission_lock:
                 self._accepted -= 1
             timing = self._timing(seq)
+            status = "OK" if error is None else status_name(error)
+            for obs in self.observers:
+                try:  # an observer's fault (metrics, logs) never reaches the request or the engine
+                    obs.finish(seq, status, error, timing)
+                except Exception:  # noqa: BLE001
+                    log.exception("observer %s failed on request %s", type(obs).__name__, seq.request.request_id)
             if error is not None:
                 self._emit(seq, error)
             else:
-                token, delta, reason, logprob = last
                 self._emit(seq, TokenEvent(
-                    seq.request.request_id, token, delta, reason, seq.num_prompt, seq.num_generated, timing,
-                    logprob,
+                    seq.request.request_id, last.token, last.delta, last.reason, seq.num_prompt, seq.num_generated,
+                    timing, last.logprob, seq.num_cached,
                 ))
-        status = "OK" if error is None else status_name(error)
-        for obs in self.observers:
-            try:  # an observer's fault (metrics, logs) never reaches the request or the engine
-                obs.finish(seq, status, error, timing)
-            except Exception:  # noqa: BLE001
-                log.exception("observer %s failed on request %s", type(obs).__name__, seq.request.request_id)
 
     @staticmethod
     def _emit(seq: Sequence, item) -> None:
@@ -594,14 +513,3 @@ def adapter_fault_injector(spec: str, closing: threading.Event):
             raise RuntimeError(f"injected device copy failure for adapter {adapter_id}")
 
     return hook
-
-
-def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

@@ -46,13 +46,18 @@ def logprob_to_pb(lp: TokenLogprob) -> pb.TokenLogprob:
                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
+def usage_to_pb(last: TokenEvent) -> pb.Usage:
+    return pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                    cached_prompt_tokens=last.cached_prompt_tokens)
+
+
 def stream_event_to_pb(ev: TokenEvent) -> pb.GenerateStreamResponse:
     msg = pb.GenerateStreamResponse(request_id=ev.request_id, token_id=ev.token_id, text=ev.text)
     if ev.logprob is not None:
         msg.logprob.CopyFrom(logprob_to_pb(ev.logprob))
     if ev.finish_reason is not None:
         msg.finish_reason = ev.finish_reason.value
-        msg.usage.CopyFrom(pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens))
+        msg.usage.CopyFrom(usage_to_pb(ev))
         msg.timing.CopyFrom(timing_to_pb(ev.timing))
     return msg
 
@@ -62,7 +67,7 @@ def response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=last.request_id, text="".join(e.text for e in events), token_ids=[e.token_id for e in events],
         finish_reason=last.finish_reason.value,
-        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        usage=usage_to_pb(last),
         timing=timing_to_pb(last.timing),
         logprobs=[logprob_to_pb(e.logprob) for e in events if e.logprob is not None],
     )
@@ -75,5 +80,5 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
         adapter_id=entry.adapter_id, path=str(entry.path) if show_path else "", rank=entry.manifest.rank,
         lora_alpha=spec.lora_alpha,
         target_modules=spec.target_names, size_bytes=entry.manifest.size_bytes, tier=TIER_PB[tier],
-        requests_served=entry.requests_served,
+        requests_served=entry.requests_served, content_hash=entry.manifest.content_hash,
     )

@@ -1,45 +1,37 @@
-"""Slot-based KV cache: each running sequence owns one slot of ``max_model_len`` positions.
+"""Block-paged KV memory: per layer, K and V as ``[num_blocks + 1, block_size, kv_heads, head_dim]``.
 
-Memory is fixed at start-up (``num_slots * max_model_len`` positions per layer). A sequence that
-joins takes a free slot and one that leaves frees it: nothing is copied, and earlier tokens are
-never recomputed.
+Which block holds which tokens is the ``BlockManager``'s business; this class only owns the
+tensors. The extra last block is the sink: positions that must not be stored (they are already in
+an immutable cached block) are written there, and nothing reads it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .ops.attention import paged_decode_torch
 
-class SlotKVCache:
-    def __init__(self, num_layers, num_slots, num_kv_heads, max_len, head_dim, dtype, device):
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device, decode_attention=paged_decode_torch):
+        # zeros, not empty: the padded fallback reads whole blocks, and 0 * NaN would leak into its output
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_slots = num_slots
-        self.max_len = max_len
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out the lowest slot first
-        self._used_tokens = [0] * num_slots
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.decode_attention = decode_attention  # ops/attention.py: the C++, Triton or torch kernel
 
-    @property
-    def num_free_slots(self) -> int:
-        return len(self._free)
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free KV slot")  # the scheduler never over-admits
-        return self._free.pop()
-
-    def free(self, slot: int) -> None:
-        self._used_tokens[slot] = 0
-        self._free.append(slot)
-        self._free.sort(reverse=True)  # keep handing out low slots: decode attention spans [0, max slot]
-
-    def set_length(self, slot: int, length: int) -> None:
-        self._used_tokens[slot] = length
-
-    def usage_ratio(self) -> float:
-        return sum(self._used_tokens) / (self.num_slots * self.max_len)
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K/V [T, kv_heads, hd] at flat slots [T] (block * block_size + offset)."""
+        self.k[layer].view(-1, *k.shape[1:])[slots] = k
+        self.v[layer].view(-1, *v.shape[1:])[slots] = v

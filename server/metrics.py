@@ -129,17 +129,23 @@ class _LiveCollector:
         engine, manager = self.built.engine, self.built.manager
         running, waiting = engine.adapter_ids()
         num_running, num_waiting = engine.counts()
-        kv = engine.runner.kv
+        kv_usage = engine.blocks.usage()
         yield GaugeMetricFamily("loramux_running_requests", "Requests in the batch", value=num_running)
         yield GaugeMetricFamily("loramux_waiting_requests", "Requests queued", value=num_waiting)
-        yield GaugeMetricFamily("loramux_kv_cache_usage_ratio", "Used fraction of KV cache positions",
-                                value=kv.usage_ratio())
+        yield GaugeMetricFamily("loramux_kv_cache_usage_ratio", "Share of KV blocks held by running requests "
+                                "(cached blocks nothing references count as free)", value=kv_usage)
+        yield CounterMetricFamily("loramux_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+                                  value=engine.prefix_queried_tokens)
+        yield CounterMetricFamily("loramux_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                  value=engine.prefix_hit_tokens)
+        yield CounterMetricFamily("loramux_preemptions", "Running requests preempted because the KV pool was full",
+                                  value=engine.num_preemptions)
         # The names the Gateway API Inference Extension's endpoint picker reads (its model-server
-        # protocol). KV usage there is occupied slots over all slots: what limits admission today.
+        # protocol), with the same KV definition as loramux_kv_cache_usage_ratio.
         yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the batch", value=num_running)
         yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued", value=num_waiting)
-        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Occupied fraction of KV cache slots (0-1)",
-                                value=1.0 - kv.num_free_slots / kv.num_slots)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Share of KV blocks held by running requests (0-1)",
+                                value=kv_usage)
         yield GaugeMetricFamily("loramux_adapter_pins", "Adapter pins held by running requests",
                                 value=manager.pool.total_pins())
         counters = manager.tier_counters()

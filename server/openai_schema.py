@@ -150,7 +150,8 @@ def new_id(prefix: str) -> str:
 
 def usage(last: TokenEvent) -> dict:
     return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+            "total_tokens": last.prompt_tokens + last.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": last.cached_prompt_tokens}}
 
 
 class TokenText:

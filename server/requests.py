@@ -86,3 +86,4 @@ class TokenEvent:
     completion_tokens: int = 0
     timing: Timing | None = None  # last event only
     logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    cached_prompt_tokens: int = 0  # last event only: prompt tokens served from the prefix cache

@@ -7,17 +7,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .kv_cache import SlotKVCache
-from .models.batch import PrefillSeq, StepBatch
+from .attention_metadata import build_attention_metadata
+from .kv_cache import PagedKVCache
+from .models.batch import StepBatch
 from .ops import LoRAPlan, merge_plans, plan_segments, plan_tokens
 from .ops.plan import upload
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    slot: int
     token_ids: list[int]  # tokens to feed this step: a prefill chunk, or the last sampled token
     start_pos: int  # position of token_ids[0]
+    slots: list[int]  # where each token's K/V is written (block * block_size + offset)
+    blocks: list[int]  # the sequence's block table, covering at least start_pos + len(token_ids)
     pages: torch.Tensor | None  # adapter pages; None: base model
     adapter: Hashable | None  # the adapter's key, for grouping rows by adapter
     decode: bool
@@ -32,7 +34,8 @@ def _longs(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
 
 
-STEP_FIELDS = ("input_ids", "positions", "slots", "decode_slots", "decode_lengths", "logits_rows")
+STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "prefill_blocks", "decode_tables", "decode_lengths",
+               "logits_rows")
 
 
 def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
@@ -52,7 +55,7 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model, kv: SlotKVCache, apply_lora, device: torch.device):
+    def __init__(self, model, kv: PagedKVCache, apply_lora, device: torch.device):
         self.model = model
         self.kv = kv
         self.apply_lora = apply_lora
@@ -92,36 +95,31 @@ class ModelRunner:
         # decode rows with adapters first, by rank, so that each BGMV group's rows are one slice
         decode = sorted((i for i, it in enumerate(items) if it.decode),
                         key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel()))
-        ids, positions, slots, prefill_seqs, seg_starts, logits_rows, order = [], [], [], [], [0], [], []
+        ids, seg_starts, logits_rows, order = [], [0], [], []
         for i in prefill:
             it = items[i]
-            n = len(it.token_ids)
-            prefill_seqs.append(PrefillSeq(it.slot, len(ids), n, it.start_pos))
             ids.extend(it.token_ids)
-            positions.extend(range(it.start_pos, it.start_pos + n))
-            slots.extend([it.slot] * n)
             seg_starts.append(len(ids))
             if it.needs_logits:
                 logits_rows.append(len(ids) - 1)
                 order.append(i)
         num_prefill = len(ids)
         for i in decode:
-            it = items[i]
             logits_rows.append(len(ids))
             order.append(i)
-            ids.append(it.token_ids[0])
-            positions.append(it.start_pos)
-            slots.append(it.slot)
+            ids.append(items[i].token_ids[0])
+        meta = build_attention_metadata([items[i] for i in prefill], [items[i] for i in decode],
+                                        self.kv.block_size, self.kv.num_blocks)
         batch = StepBatch(
             input_ids=_longs(ids),
-            positions=_longs(positions),
-            slots=_longs(slots),
-            prefill=tuple(prefill_seqs),
+            positions=_longs(meta.positions),
+            slot_mapping=_longs(meta.slot_mapping),
+            prefill=meta.prefill,
+            prefill_blocks=meta.prefill_blocks,
             num_prefill_rows=num_prefill,
-            decode_slots=_longs([items[i].slot for i in decode]),
-            decode_lengths=_longs([items[i].start_pos + 1 for i in decode]),
-            decode_span=max((items[i].slot for i in decode), default=-1) + 1,
-            decode_ctx=max((items[i].start_pos + 1 for i in decode), default=0),
+            decode_tables=meta.decode_tables,
+            decode_lengths=meta.decode_lengths,
+            decode_ctx=meta.decode_ctx,
             logits_rows=_longs(logits_rows),
             lora=self._plans(items, prefill, seg_starts, decode, num_prefill),
         )

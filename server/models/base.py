@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...adapters.loader import LoRALayout
-from ..kv_cache import SlotKVCache
+from ..kv_cache import PagedKVCache
 from .batch import StepBatch
 
 
@@ -51,7 +51,7 @@ class ServingModel(nn.Module):
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, batch: StepBatch, kv: SlotKVCache, apply_lora) -> torch.Tensor:
+    def forward(self, batch: StepBatch, kv: PagedKVCache, apply_lora) -> torch.Tensor:
         h = self.embed(batch)  # [T, hidden]
         for layer in self.layers:
             h = layer(h, batch, kv, apply_lora)

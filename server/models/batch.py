@@ -11,25 +11,27 @@ from ..ops import LoRAPlan
 
 @dataclass(frozen=True)
 class PrefillSeq:
-    slot: int
     row_start: int  # first row of this chunk in the flat batch
     num_tokens: int  # chunk length
     start_pos: int  # position of the chunk's first token (tokens before it are cached)
+    block_start: int  # its blocks are prefill_blocks[block_start : block_start + num_blocks]
+    num_blocks: int  # blocks covering positions [0, start_pos + num_tokens)
 
 
 @dataclass(frozen=True)
 class StepBatch:
     """Rows ``[0, num_prefill_rows)`` are prefill chunks (one contiguous run per sequence);
-    rows ``[num_prefill_rows, T)`` are decode tokens, one per sequence."""
+    rows ``[num_prefill_rows, T)`` are decode tokens, one per sequence. The attention metadata is
+    built once per step (attention_metadata.py) and read by every layer."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    slots: torch.Tensor  # [T] KV slot of each row
+    slot_mapping: torch.Tensor  # [T] where each row's K/V is written: block * block_size + offset
     prefill: tuple[PrefillSeq, ...]
+    prefill_blocks: torch.Tensor  # [sum of num_blocks] the prefill chunks' block tables, concatenated
     num_prefill_rows: int
-    decode_slots: torch.Tensor  # [D]
+    decode_tables: torch.Tensor  # [D, max blocks] block table of each decode row (padded with the sink)
     decode_lengths: torch.Tensor  # [D] context length after this step, this token included
-    decode_span: int  # max decode slot + 1: decode attention runs over a view of slots [0, span)
     decode_ctx: int  # longest decode context
     logits_rows: torch.Tensor  # [N] rows whose next-token logits are needed
     lora: dict[str, LoRAPlan]  # module kind -> rows (and pages) of the adapters that target it

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kv_cache import SlotKVCache
+from ..kv_cache import PagedKVCache
 from ..ops import LoRAPlan
+from ..ops.attention import causal_mask, gather_context
 from .batch import StepBatch
 
 
@@ -72,11 +73,13 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 class FlatAttention(nn.Module):
-    """Causal attention of a flat batch against the slot KV cache of one layer.
+    """Causal attention of a flat batch against one layer of the block-paged KV cache.
 
     q: [T, H, hd], k, v: [T, KV, hd] (new tokens, already position-encoded) -> [T, H * hd].
     Options: ``scale`` (None: hd^-0.5), a ``sliding_window`` (keys q_pos - window < k_pos <= q_pos),
     and ALiBi ``slopes`` [H] (score += slope_h * k_pos; constant per query row, as BLOOM adds it).
+    The new K/V are written first; prefill chunks then run SDPA over exactly their own blocks, and
+    all decode rows go through the cache's decode kernel in one call (ops/attention.py).
     """
 
     def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
@@ -85,68 +88,38 @@ class FlatAttention(nn.Module):
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
-        self.register_buffer("slopes", slopes, persistent=False)
+        self.register_buffer("slopes", None if slopes is None else slopes.float(), persistent=False)
 
-    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype, head_dim_at: int) -> torch.Tensor:
-        """q_pos [q, 1], k_pos [1, k] -> bool mask [q, k], or with ALiBi an additive float mask with a
-        head dimension inserted at ``head_dim_at`` (0: [H, q, k] for prefill; 1: [q, H, k] for decode)."""
-        allowed = k_pos <= q_pos
-        if self.sliding_window is not None:
-            allowed &= k_pos > q_pos - self.sliding_window
-        if self.slopes is None:
-            return allowed
-        # [H, k], constant over queries; built in float32, rounded once to the compute dtype
-        bias = (self.slopes.float()[:, None] * k_pos.float()).to(dtype)
-        bias, allowed = bias.unsqueeze(1 - head_dim_at), allowed.unsqueeze(head_dim_at)
-        return torch.where(allowed, bias, float("-inf"))
-
-    def _decode_mask(self, batch: StepBatch, dtype) -> torch.Tensor:
-        """[span, 1 or H, 1, ctx]; built once per step for each (window, ALiBi) and shared by layers."""
-        key = ("decode", self.sliding_window, None if self.slopes is None else id(self.slopes))
-        mask = batch.masks.get(key)
-        if mask is None:
-            device = batch.decode_slots.device
-            lengths = torch.ones(batch.decode_span, dtype=torch.long, device=device)  # idle slots see key 0
-            lengths[batch.decode_slots] = batch.decode_lengths
-            k_pos = torch.arange(batch.decode_ctx, device=device)[None, :]
-            mask = self._mask((lengths - 1)[:, None], k_pos, dtype, head_dim_at=1)  # [span, ctx] | [span, H, ctx]
-            mask = mask[:, None, None, :] if self.slopes is None else mask[:, :, None, :]
-            batch.masks[key] = mask
-        return mask
-
-    def forward(self, q, k, v, batch: StepBatch, kv: SlotKVCache) -> torch.Tensor:
-        k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]  # [slots, kv_heads, max_len, hd]
-        k_cache[batch.slots, :, batch.positions] = k
-        v_cache[batch.slots, :, batch.positions] = v
+    def forward(self, q, k, v, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
+        kv.write(self.layer, batch.slot_mapping, k, v)
+        k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]  # [blocks + 1, block_size, KV, hd]
         size = self.num_heads * self.head_dim
         gqa = self.num_heads != self.num_kv_heads
+        slopes = None if self.slopes is None else self.slopes.float()
         out = q.new_empty(q.shape[0], size)
         for seq in batch.prefill:
-            # queries [1, H, n, hd] over the slot's keys [1, KV, ctx, hd]
+            # queries [1, H, n, hd] over the sequence's keys [1, KV, ctx, hd]
             ctx = seq.start_pos + seq.num_tokens
             rows = slice(seq.row_start, seq.row_start + seq.num_tokens)
-            key = ("prefill", seq.row_start, self.sliding_window, None if self.slopes is None else id(self.slopes))
+            blocks = batch.prefill_blocks[seq.block_start : seq.block_start + seq.num_blocks]
+            key = ("prefill", seq.row_start, self.sliding_window, None if slopes is None else id(self.slopes))
             mask = batch.masks.get(key)
             if mask is None:  # once per step and chunk, shared by layers
                 q_pos = torch.arange(seq.start_pos, ctx, device=q.device)[:, None]
-                mask = self._mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype, head_dim_at=0)
+                mask = causal_mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype, self.sliding_window,
+                                   slopes, head_dim_at=0)
                 batch.masks[key] = mask
             o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1)[None], k_cache[seq.slot : seq.slot + 1, :, :ctx],
-                v_cache[seq.slot : seq.slot + 1, :, :ctx], attn_mask=mask, scale=self.scale, enable_gqa=gqa,
+                q[rows].transpose(0, 1)[None], gather_context(k_cache, blocks, ctx)[None],
+                gather_context(v_cache, blocks, ctx)[None], attn_mask=mask, scale=self.scale, enable_gqa=gqa,
             )
             out[rows] = o[0].transpose(0, 1).reshape(seq.num_tokens, size)
-        num_decode = batch.decode_slots.numel()
+        num_decode = batch.decode_lengths.numel()
         if num_decode:
-            # All decode rows in one call over a view of slots [0, span): no KV copy.
-            span, ctx = batch.decode_span, batch.decode_ctx
-            qd = q.new_zeros(span, self.num_heads, 1, self.head_dim)
-            qd[batch.decode_slots] = q[batch.num_prefill_rows :, :, None]
-            o = F.scaled_dot_product_attention(
-                qd, k_cache[:span, :, :ctx], v_cache[:span, :, :ctx], attn_mask=self._decode_mask(batch, q.dtype),
-                scale=self.scale, enable_gqa=gqa,
-            )
-            out[batch.num_prefill_rows :] = o[batch.decode_slots].reshape(num_decode, size)
+            o = kv.decode_attention(q[batch.num_prefill_rows :], k_cache, v_cache, batch.decode_tables,
+                                    batch.decode_lengths, batch.decode_ctx, self.scale, self.sliding_window, slopes,
+                                    batch.masks)
+            out[batch.num_prefill_rows :] = o.reshape(num_decode, size)
         return out
 
 
@@ -165,7 +138,7 @@ class PreLNBlock(nn.Module):
     def lora_modules(self) -> list[FusedLoRALinear]:
         return [self.qkv, self.out, self.fc, self.proj]
 
-    def forward(self, h, batch: StepBatch, kv: SlotKVCache, apply_lora):
+    def forward(self, h, batch: StepBatch, kv: PagedKVCache, apply_lora):
         T = h.shape[0]
         q, k, v = self.qkv(self.ln_1(h), batch.lora, apply_lora).view(T, 3, *self.head_shape).unbind(1)
         h = h + self.out(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)

@@ -1,11 +1,15 @@
-"""A fused CPU BGMV kernel (C++, compiled on first use with torch's cpp_extension).
+"""CPU kernels (C++, compiled on first use with torch's cpp_extension): a fused BGMV for the LoRA
+decode rows, and decode attention over block-paged KV.
 
 The torch ops gather each decode row's A pages into a buffer, shrink with ``bmm`` and expand with
 ``embedding_bag``: three passes and their call overhead, 200+ times a step. This kernel does one
 pass per row over the row's pages where the page store keeps them: ``v = A_P x``, then
 ``y += v B_P``, accumulating in float32. On a 2-core VM it runs a decode step's 210 calls over 32
 distinct adapters in about 20 ms against 47 ms for the torch ops. Pages go four at a time, so
-the shrink keeps four independent sums and the expand touches its accumulator once per four pages. It needs a C++ compiler; without one, ``load_bgmv`` returns None and the torch ops serve.
+the shrink keeps four independent sums and the expand touches its accumulator once per four pages.
+``paged_decode`` reads each decode row's keys and values in place through its block table (no
+padded copy), one (row, head) per task. They need a C++ compiler; without one, ``load_kernels``
+returns None and the torch ops serve.
 ``python -m loramux.server.ops.cpu_kernel`` builds it ahead of time (``make install`` does).
 """
 
@@ -20,6 +24,8 @@ log = logging.getLogger(__name__)
 SOURCE = r'''
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 // Per row i, with pages P = pages[i*rank : (i+1)*rank]:
@@ -92,6 +98,71 @@ void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, to
                         y.stride(0), x.stride(0), a.stride(0), b.stride(0));
   });
 }
+// Decode attention over block-paged KV, for each row i (position p = lengths[i] - 1) and head h:
+//   s_j = scale * q[i,h] . k[j] + slope_h * j  for j in [max(0, p - window + 1), p]  (window 0: from 0)
+//   out[i,h] = sum_j softmax(s)_j v[j],   key j at block tables[i, j / bs], offset j % bs
+// k, v: [NB, bs, KV, hd]; q, out: [D, H, hd]. Float32 softmax and sums; (row, head) pairs in parallel.
+template <typename T>
+static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lengths,
+                       const float* slopes, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t bs, int64_t mb,
+                       float scale, int64_t window, int64_t max_len) {
+  const int64_t group = H / KV, token_stride = KV * hd, block_stride = bs * KV * hd;
+  at::parallel_for(0, D * H, 1, [&](int64_t lo_task, int64_t hi_task) {
+    std::vector<float> s(max_len), qf(hd), acc(hd);
+    for (int64_t task = lo_task; task < hi_task; ++task) {
+      const int64_t i = task / H, h = task % H, kvh = h / group;
+      const int64_t len = lengths[i];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const T* qi = q + (i * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) qf[d] = static_cast<float>(qi[d]);
+      const float slope = slopes ? slopes[h] : 0.f;
+      float mx = -INFINITY;
+      for (int64_t j = lo; j < len; ++j) {
+        const T* kj = k + tables[i * mb + j / bs] * block_stride + (j % bs) * token_stride + kvh * hd;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < hd; ++d) dot += qf[d] * static_cast<float>(kj[d]);
+        const float sj = scale * dot + slope * static_cast<float>(j);
+        s[j - lo] = sj;
+        mx = std::max(mx, sj);
+      }
+      float sum = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float* ac = acc.data();
+      for (int64_t j = lo; j < len; ++j) {
+        const float w = std::exp(s[j - lo] - mx);
+        sum += w;
+        const T* vj = v + tables[i * mb + j / bs] * block_stride + (j % bs) * token_stride + kvh * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) ac[d] += w * static_cast<float>(vj[d]);
+      }
+      T* oi = out + (i * H + h) * hd;
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < hd; ++d) oi[d] = static_cast<T>(ac[d] * inv);
+    }
+  });
+}
+
+void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
+                  torch::Tensor lengths, double scale, int64_t window, torch::Tensor slopes) {
+  TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && out.is_contiguous() && k.is_contiguous() &&
+              v.is_contiguous() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type(), "paged_decode: contiguous CPU tensors of one dtype");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && tables.is_contiguous() &&
+              lengths.is_contiguous() && tables.dim() == 2 && tables.size(0) == q.size(0),
+              "paged_decode: int64 tables [D, MB] and lengths [D]");
+  TORCH_CHECK(slopes.numel() == 0 || (slopes.scalar_type() == at::kFloat && slopes.numel() == q.size(1)),
+              "paged_decode: float32 slopes [H] or empty");
+  const int64_t D = q.size(0);
+  if (D == 0) return;
+  const int64_t max_len = lengths.max().item<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
+    paged_rows<scalar_t>(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                         v.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                         slopes.numel() ? slopes.data_ptr<float>() : nullptr, D, q.size(1), k.size(2), q.size(2),
+                         k.size(1), tables.size(1), static_cast<float>(scale), window, max_len);
+  });
+}
 '''
 
 
@@ -99,23 +170,28 @@ NO_KERNEL_ENV = "LORAMUX_NO_CPU_KERNEL"  # "1": never build it (GPU hosts, where
 
 
 @functools.cache
-def load_bgmv():
-    """The compiled ``bgmv(y, x, a_store, b_store, rows, pages, rank)``, or None if it cannot be
-    built or ``LORAMUX_NO_CPU_KERNEL=1`` says not to."""
+def load_kernels():
+    """The compiled module (``bgmv``, ``paged_decode``), or None if it cannot be built or
+    ``LORAMUX_NO_CPU_KERNEL=1`` says not to."""
     if os.environ.get(NO_KERNEL_ENV) == "1":
-        log.info("%s=1: the C++ BGMV kernel is not built; the torch ops serve", NO_KERNEL_ENV)
+        log.info("%s=1: the C++ CPU kernels are not built; the torch ops serve", NO_KERNEL_ENV)
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
-        module = load_inline("loramux_bgmv", cpp_sources=SOURCE, functions=["bgmv"],
-                             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        return load_inline("loramux_cpu", cpp_sources=SOURCE, functions=["bgmv", "paged_decode"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: the torch ops still work
-        log.warning("the C++ BGMV kernel could not be built (%s); decode uses the torch ops", exc)
+        log.warning("the C++ CPU kernels could not be built (%s); the torch ops serve", exc)
         return None
-    return module.bgmv
+
+
+def load_bgmv():
+    """The compiled ``bgmv(y, x, a_store, b_store, rows, pages, rank)``, or None."""
+    module = load_kernels()
+    return None if module is None else module.bgmv
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    print("C++ BGMV kernel:", "ready" if load_bgmv() is not None else "unavailable (torch ops will be used)")
+    print("C++ CPU kernels:", "ready" if load_kernels() is not None else "unavailable (torch ops will be used)")

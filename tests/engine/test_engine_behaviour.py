@@ -72,7 +72,7 @@ def test_stop_string_cuts_text_and_is_never_streamed(built):
 def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
     ids = [e.token_id for e in collect(built.engine, req("e", SamplingParams(12, ignore_eos=True)))[0]]
     eos = ids[5]  # a token greedy decoding is known to produce: treat it as EOS
-    monkeypatch.setattr(built.engine, "eos_token_ids", {eos})
+    monkeypatch.setattr(built.engine.output, "eos_token_ids", {eos})
     ended = collect(built.engine, req("e2", SamplingParams(12)))[0]
     assert [e.token_id for e in ended] == ids[: ids.index(eos) + 1]
     assert ended[-1].finish_reason is FinishReason.EOS
@@ -109,8 +109,8 @@ def test_cancel_frees_slot_and_pin_within_one_step(built):
     engine.observers.remove(recorder)
     assert len(steps) <= 1  # freed at the next loop turn: at most the step already under way
     assert engine.counts() == (0, 0)
-    assert engine.runner.kv.num_free_slots == engine.runner.kv.num_slots
-    assert engine.runner.kv.usage_ratio() == 0
+    engine.blocks.check()
+    assert engine.blocks.num_held == 0 and engine.blocks.usage() == 0
     assert not engine.adapters.pool.pinned()
 
 

@@ -14,20 +14,27 @@ from test_parity import make_prompts, run_staggered
 MAX_NEW = 12
 
 
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
 @pytest.mark.parametrize("family", sorted(FAMILY_ADAPTERS))
-def test_family_matches_peft_with_staggered_joins(family, tmp_path):
+def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
+    """Half of the prompts repeat an earlier prompt's first 9 tokens with the same adapter, so that
+    with caching on, later requests hit blocks of 4 (sliding windows and ALiBi included)."""
     model = build_family_model(family, tmp_path / "model")
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
                 for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_tokens_per_step=20, max_model_len=80,
-                                      default_max_new_tokens=16, adapters=tuple((n, str(p)) for n, p in adapters.items())))
+                                      default_max_new_tokens=16, adapters=tuple((n, str(p)) for n, p in adapters.items()),
+                                      kv_block_size=4, prefix_caching=caching))
     engine = built.engine
     engine.start()
     names = [None, *adapters]
     prompts = make_prompts(engine.vocab_size, 12, seed=3)
+    for i in range(len(names) * 2, 12):  # same adapter as request i - 2 * len(names), which ran earlier
+        prompts[i] = prompts[i - 2 * len(names)][:9] + prompts[i]
     requests = [(names[i % len(names)], prompts[i]) for i in range(12)]
     try:
         outs = asyncio.run(run_staggered(engine, requests, MAX_NEW))
+        assert (engine.prefix_hit_tokens > 0) == caching
     finally:
         engine.stop()
     for name in names:

@@ -47,7 +47,7 @@ def run_all(engine, reqs):
 
 def idle(engine):
     return engine.counts() == (0, 0) and engine.num_in_flight == 0 and not engine.adapters.pool.pinned() \
-        and engine.runner.kv.usage_ratio() == 0
+        and engine.blocks.num_held == 0
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_the_fatal_path_answers_everyone_even_when_finishing_one_fails(tiny_llam
             raise InjectedFatalFault("boom")
 
     engine.observers.append(Flaky())
-    engine.fault_hook = hook
+    engine.output.fault_hook = hook
     try:
         async def main():
             others = [asyncio.create_task(outcome(engine, req(f"r{i}", n=100))) for i in range(4)]

@@ -62,12 +62,13 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
 @pytest.fixture(scope="module", params=["torch", "cpp", "triton"])
 def engine_with_adapters(request, tiny_llama, tiny_adapters):
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = request.param
     if request.param == "triton" and not triton_available(device):
         pytest.skip("triton is not installed")
-    if request.param == "cpp" and (device != "cpu" or load_bgmv() is None):
+    if backend == "cpp" and (device != "cpu" or load_bgmv() is None):
         pytest.skip("the C++ kernel is for the CPU, and needs a compiler")
     config = ServerConfig(
-        op_backend=request.param, dtype="float32",  # exact parity: float32 on every device
+        op_backend=backend, dtype="float32",  # exact parity: float32 on every device
         model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
         max_device_adapters=len(tiny_adapters), max_host_adapters=len(tiny_adapters),
         adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()),
@@ -77,7 +78,7 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters):
     if request.param == "triton":
         assert type(op).__name__ == "TritonLoRA"
     else:  # the C++ kernel serves decode rows only when asked for
-        assert type(op).__name__ == "TorchLoRA" and (op._bgmv_kernel is not None) == (request.param == "cpp")
+        assert type(op).__name__ == "TorchLoRA" and (op._bgmv_kernel is not None) == (backend == "cpp")
     built.engine.start()
     yield built
     built.engine.stop()
@@ -108,5 +109,6 @@ def test_staggered_mixed_adapters_match_peft_token_for_token(engine_with_adapter
             assert len(exp) == MAX_NEW
             assert outs[i] == exp, f"request {i} adapter {name}: {outs[i]} != {exp}"
     assert engine.counts() == (0, 0)
-    assert engine.runner.kv.num_free_slots == engine.runner.kv.num_slots
+    engine.blocks.check()
+    assert engine.blocks.num_held == 0
     assert not engine.adapters.pool.pinned()

@@ -59,6 +59,25 @@ def test_server_info_and_adapters(server, tiny_adapters):
     assert set(listed) == set(tiny_adapters)
     assert listed["attn-r64"].rank == 64 and set(listed["attn-r4"].target_modules) == {"q_proj", "v_proj"}
     assert listed["pattern-r16"].rank == 16
+    assert len({a.content_hash for a in listed.values()}) == len(listed)
+    assert all(len(a.content_hash) == 64 for a in listed.values())
+    # the KV pool: --kv-cache-tokens unset, so 8 sequences of 256 tokens fit the CPU budget
+    assert (info.kv_block_size, info.kv_cache_tokens) == (16, 8 * 256)
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(server):
+    prompt = list(range(40, 90))  # 3 full blocks of 16
+    before = server.metrics()
+    first = server.client.generate(prompt_token_ids=prompt, adapter_id="attn-r4", sampling=GREEDY)
+    again = list(server.client.generate_stream(prompt_token_ids=prompt, adapter_id="attn-r4", sampling=GREEDY))
+    other = server.client.generate(prompt_token_ids=prompt, adapter_id="all-r8", sampling=GREEDY)
+    assert (first.cached_prompt_tokens, again[-1].cached_prompt_tokens, other.cached_prompt_tokens) == (0, 48, 0)
+    assert [c.token_id for c in again] == first.token_ids
+    after = wait_idle(server)
+    assert after["loramux_prefix_cache_hit_tokens_total"] - before["loramux_prefix_cache_hit_tokens_total"] == 48
+    assert after["loramux_prefix_cache_queried_tokens_total"] - before["loramux_prefix_cache_queried_tokens_total"] \
+        == 3 * len(prompt)
+    assert after["loramux_preemptions_total"] == 0 and after["loramux_kv_cache_usage_ratio"] == 0
 
 
 def test_stream_equals_unary_and_matches_peft(server, tiny_llama, tiny_adapters):

@@ -303,3 +303,13 @@ def test_drain_turns_http_health_unavailable(tiny_llama, tmp_path):
         assert proc.proc.wait(30) == 0
     finally:
         proc.stop()
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(oserver):
+    model = oserver.client.server_info().model
+    prompt = list(range(100, 140))  # 2 full blocks of 16 and 8 tokens
+    first = oserver.oa.completions.create(model=model, prompt=prompt, **GREEDY)
+    again = oserver.oa.completions.create(model=model, prompt=prompt, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    assert again.choices[0].text == first.choices[0].text

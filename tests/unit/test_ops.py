@@ -219,11 +219,12 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
     other = plan_tokens([-1] * 5 + [0, -1], pages)
     longs = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     batch = StepBatch(input_ids=longs(5, 6, 7, 8, 9, 10, 11), positions=longs(0, 1, 2, 0, 1, 7, 9),
-                      slots=longs(0, 0, 0, 1, 1, 2, 3), prefill=(), num_prefill_rows=5, decode_slots=longs(2, 3),
-                      decode_lengths=longs(8, 10), decode_span=4, decode_ctx=10, logits_rows=longs(2, 4, 5, 6),
-                      lora={"q": shared, "k": shared, "v": other})
+                      slot_mapping=longs(0, 1, 2, 16, 17, 39, 57), prefill=(), prefill_blocks=longs(0, 1),
+                      num_prefill_rows=5, decode_tables=longs(2, 4, 3, 5).view(2, 2), decode_lengths=longs(8, 10),
+                      decode_ctx=10, logits_rows=longs(2, 4, 5, 6), lora={"q": shared, "k": shared, "v": other})
     moved = upload_step(batch, "cpu", pin=False)
-    for name in ("input_ids", "positions", "slots", "decode_slots", "decode_lengths", "logits_rows"):
+    for name in ("input_ids", "positions", "slot_mapping", "prefill_blocks", "decode_tables", "decode_lengths",
+                 "logits_rows"):
         assert torch.equal(getattr(moved, name), getattr(batch, name))
     assert moved.lora["q"] is moved.lora["k"] and moved.lora["q"] is not moved.lora["v"]  # sharing kept
     storages = set()

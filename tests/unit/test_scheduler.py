@@ -3,44 +3,52 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loramux.server.block_manager import NO_HIT, BlockManager, blocks_for
 from loramux.server.scheduler import Budgets, SeqView, schedule
 
 B = Budgets(max_batch_size=4, max_tokens_per_step=16, max_adapters_per_step=2)
+BIG = 1000  # a block size no test sequence outgrows: one block per sequence, like the old slots
 
 
-def seq(i, adapter=None, prompt=8, computed=0):
-    return SeqView(i, adapter, prompt, computed)
+def seq(i, adapter=None, prompt=8, computed=0, held=None):
+    """``held``: a running sequence holds its one block (default: when it has computed tokens)."""
+    held = computed > 0 if held is None else held
+    return SeqView(i, adapter, prompt, computed, num_blocks=int(held), num_freeable=int(held))
+
+
+def slots(waiting, running, budgets, free, ready):
+    return schedule(waiting, running, budgets, free, BIG, ready)
 
 
 def test_decodes_first_then_prefill_chunks_then_admissions():
     running = [seq("p", prompt=30, computed=10), seq("d1", computed=8), seq("d2", computed=9)]
     waiting = [seq("w1", prompt=5)]
-    d = schedule(waiting, running, B, free_slots=2, ready_adapters=set())
+    d = slots(waiting, running, B, 2, set())
     assert d.work[:2] == (("d1", 1), ("d2", 1))
     assert d.work[2] == ("p", 14)  # the rest of the token budget
     assert d.admitted == ()  # no tokens left this step
 
 
 def test_join_and_leave():
-    d = schedule([seq("a"), seq("b")], [], B, free_slots=4, ready_adapters=set())
+    d = slots([seq("a"), seq("b")], [], B, 4, set())
     assert d.admitted == ("a", "b") and dict(d.work) == {"a": 8, "b": 8}
     # next step both decode and a new one joins
-    d = schedule([seq("c")], [seq("a", computed=8), seq("b", computed=8)], B, 2, set())
+    d = slots([seq("c")], [seq("a", computed=8), seq("b", computed=8)], B, 2, set())
     assert dict(d.work) == {"a": 1, "b": 1, "c": 8} and d.admitted == ("c",)
     # "a" left: its slot is free again for "d"
-    d = schedule([seq("d")], [seq("b", computed=9), seq("c", computed=8)], B, 2, set())
+    d = slots([seq("d")], [seq("b", computed=9), seq("c", computed=8)], B, 2, set())
     assert d.admitted == ("d",)
 
 
-def test_batch_size_and_slots_bound_admission():
+def test_batch_size_and_free_blocks_bound_admission():
     waiting = [seq(i, prompt=1) for i in range(10)]
-    assert len(schedule(waiting, [], B, 10, set()).admitted) == 4
-    assert len(schedule(waiting, [], B, 2, set()).admitted) == 2
+    assert len(slots(waiting, [], B, 10, set()).admitted) == 4
+    assert len(slots(waiting, [], B, 2, set()).admitted) == 2
 
 
 def test_adapter_budget_and_loading_adapters_are_passed_over():
     waiting = [seq("cold", "x", 2), seq("a1", "a", 2), seq("b1", "b", 2), seq("c1", "c", 2), seq("a2", "a", 2)]
-    d = schedule(waiting, [], B, 8, ready_adapters={"a", "b", "c"})
+    d = slots(waiting, [], B, 8, {"a", "b", "c"})
     # "cold" is loading and passed over; a and b fill the 2-adapter budget; c blocks what follows it
     assert d.admitted == ("a1", "b1")
 
@@ -49,7 +57,7 @@ def test_a_blocked_request_is_not_overtaken():
     """FIFO: a request blocked by the adapter budget stops later ones from jumping ahead forever."""
     running = [seq("r1", "a", computed=8), seq("r2", "b", computed=8)]
     waiting = [seq("c1", "c", 2), seq("a2", "a", 2)]
-    d = schedule(waiting, running, B, 2, {"a", "b", "c"})
+    d = slots(waiting, running, B, 2, {"a", "b", "c"})
     assert d.admitted == ()
 
 
@@ -62,12 +70,12 @@ def test_a_blocked_request_is_not_overtaken():
 )
 def test_every_budget_is_respected(running, waiting, tokens, free):
     budgets = Budgets(4, tokens, 2)
-    run = [seq(f"r{i}", a, p, min(c, p)) for i, (a, p, c) in enumerate(running)]
+    run = [seq(f"r{i}", a, p, min(c, p), held=True) for i, (a, p, c) in enumerate(running)]
     # the engine never runs more adapters than the budget
     if len({s.adapter for s in run} - {None}) > 2:
         run = [s for s in run if s.adapter in (None, "a", "b")]
     wait = [seq(f"w{i}", a, p) for i, (a, p) in enumerate(waiting)]
-    d = schedule(wait, run, budgets, free, {"a", "b", "c", "d"})
+    d = slots(wait, run, budgets, free, {"a", "b", "c", "d"})
     assert sum(n for _, n in d.work) <= tokens
     assert all(n > 0 for _, n in d.work)
     assert len(run) + len(d.admitted) <= 4
@@ -80,3 +88,96 @@ def test_every_budget_is_respected(running, waiting, tokens, free):
         assert {s.seq_id for s in decodes} <= {i for i, _ in d.work}
     # admissions are a prefix of the waiting order among ready requests
     assert list(d.admitted) == [s.seq_id for s in wait[: len(d.admitted)]]
+
+
+def test_admission_counts_blocks_and_keeps_a_watermark():
+    waiting = [SeqView("w1", None, 40, 0), SeqView("w2", None, 40, 0)]
+    d = schedule(waiting, [], Budgets(4, 100, 2), free_blocks=6, block_size=16, ready_adapters=set(), watermark=1)
+    assert d.admitted == ("w1",)  # 3 blocks each; the second would leave 0 < watermark
+    d = schedule(waiting[:1], [], Budgets(4, 100, 2), free_blocks=3, block_size=16, ready_adapters=set(),
+                 watermark=1)
+    assert d.admitted == ("w1",)  # an empty batch ignores the watermark: the pool is all it has
+
+
+def test_a_prefix_hit_skips_its_blocks_and_its_tokens():
+    hit = SeqView("w", None, 40, 0, num_cached=32, hit_blocks=2, hit_free=2)
+    d = schedule([hit], [], B, free_blocks=3, block_size=16, ready_adapters=set())
+    assert d.work == (("w", 8),)  # prefill starts at the first uncached token
+    d = schedule([hit], [], B, free_blocks=2, block_size=16, ready_adapters=set())
+    assert d.admitted == ()  # 1 new block + 2 unreferenced cached blocks taken = 3 > 2
+
+
+def test_the_most_recently_admitted_sequence_is_preempted():
+    running = [SeqView("old", None, 16, 16, num_blocks=1, num_freeable=1),
+               SeqView("mid", None, 16, 20, num_blocks=2, num_freeable=2),
+               SeqView("new", None, 16, 17, num_blocks=2, num_freeable=2)]
+    d = schedule([SeqView("w", None, 4, 0)], running, B, free_blocks=0, block_size=16, ready_adapters=set())
+    # "old" needs a new block for position 16: "new" goes; "mid" and "new" fit in what it freed
+    assert d.preempted == ("new",)
+    assert dict(d.work) == {"old": 1, "mid": 1} and d.admitted == ()  # nothing joins while preempting
+
+
+def test_a_prefill_chunk_shrinks_to_the_free_blocks():
+    running = [SeqView("p", None, 100, 16, num_blocks=1, num_freeable=1)]
+    d = schedule([], running, Budgets(4, 64, 2), free_blocks=2, block_size=16, ready_adapters=set())
+    assert d.work == (("p", 32),) and d.preempted == ()
+
+
+def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4):
+    """The engine's loop in miniature (block manager + policy). Returns (requests, completed ids,
+    preemptions); checks the block manager's invariants after every step."""
+    blocks = BlockManager(num_blocks, bs, prefix_caching=False)
+    pending = [{"id": i, "prompt": p, "new": n, "arrive": t, "prefill": p, "computed": 0, "generated": 0}
+               for i, (p, n, t) in enumerate(reqs) if blocks_for(p + n, bs) <= num_blocks]  # admission refuses the rest
+    waiting, running, done, preemptions = [], [], set(), 0
+    for step in range(3000):
+        waiting += [r for r in pending if r["arrive"] == step]
+        if not waiting and not running and len(done) == len(pending):
+            break
+        views = [SeqView(r["id"], None, r["prefill"], r["computed"], len(blocks.table(r["id"])),
+                         blocks.num_freeable(r["id"])) for r in running]
+        d = schedule([SeqView(r["id"], None, r["prefill"], 0) for r in waiting], views,
+                     Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs, set(), watermark=1)
+        by_id = {r["id"]: r for r in [*waiting, *running]}
+        for i in d.preempted:  # recomputed later from all its tokens so far
+            r = by_id[i]
+            blocks.free(i)
+            running.remove(r)
+            r["prefill"], r["computed"] = r["prompt"] + r["generated"], 0
+            preemptions += 1
+        waiting[:0] = [by_id[i] for i in d.preempted]
+        for i in d.admitted:
+            waiting.remove(by_id[i])
+            running.append(by_id[i])
+            blocks.admit(i, NO_HIT, ())
+        for i, n in d.work:
+            r = by_id[i]
+            blocks.allocate(i, r["computed"] + n)  # never refused: the decision is final
+            r["computed"] += n
+            if r["computed"] == r["prompt"] + r["generated"]:  # every known token is in: one is sampled
+                r["generated"] += 1
+                if r["generated"] == r["new"]:
+                    blocks.free(i)
+                    running.remove(r)
+                    done.add(i)
+        blocks.check()
+    assert blocks.num_held == 0 and blocks.num_free == num_blocks
+    return pending, done, preemptions
+
+
+def test_a_small_pool_preempts_and_still_completes_everything():
+    pending, done, preemptions = simulate([(6, 20, 0)] * 6, num_blocks=12, max_batch=6, max_tokens=32)
+    assert preemptions > 0 and done == {r["id"] for r in pending}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 24), st.integers(0, 6)), min_size=1, max_size=10),
+    num_blocks=st.integers(4, 12),
+    budgets=st.tuples(st.integers(1, 5), st.integers(5, 48)),
+)
+def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets):
+    """Requests arrive over time into a pool small enough to force preemptions; every one finishes
+    in bounded steps, with every block back."""
+    pending, done, _ = simulate(reqs, num_blocks, *budgets)
+    assert done == {r["id"] for r in pending}, "a request never completed"

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\xd8\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.loramux.v1.TopLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"y\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14\x61\x64\x61pter_load_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xea\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\xee\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12)\n\x07logprob\x18\x07 \x01(\x0b\x32\x18.loramux.v1.TokenLogprob\"\\\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0f\n\x07preload\x18\x04 \x01(\x08\"\xbd\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12%\n\x04tier\x18\x07 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\x81\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x06 \x01(\r\x12\x19\n\x11max_host_adapters\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x1b\n\x13registered_adapters\x18\n \x01(\r\x12\x19\n\x11has_chat_template\x18\x0b \x01(\x08*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\xf5\x03\n\x07LoraMux\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12N\n\x0fRegisterAdapter\x12\".loramux.v1.RegisterAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12`\n\x11UnregisterAdapter\x12$.loramux.v1.UnregisterAdapterRequest\x1a%.loramux.v1.UnregisterAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12I\n\rGetServerInfo\x12 .loramux.v1.GetServerInfoRequest\x1a\x16.loramux.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\xd8\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.loramux.v1.TopLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"y\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14\x61\x64\x61pter_load_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xea\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\xee\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12)\n\x07logprob\x18\x07 \x01(\x0b\x32\x18.loramux.v1.TokenLogprob\"\\\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0f\n\x07preload\x18\x04 \x01(\x08\"\xd3\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12%\n\x04tier\x18\x07 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\t \x01(\t\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\xb1\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x06 \x01(\r\x12\x19\n\x11max_host_adapters\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x1b\n\x13registered_adapters\x18\n \x01(\r\x12\x19\n\x11has_chat_template\x18\x0b \x01(\x08\x12\x15\n\rkv_block_size\x18\x0c \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\r \x01(\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\xf5\x03\n\x07LoraMux\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12N\n\x0fRegisterAdapter\x12\".loramux.v1.RegisterAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12`\n\x11UnregisterAdapter\x12$.loramux.v1.UnregisterAdapterRequest\x1a%.loramux.v1.UnregisterAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12I\n\rGetServerInfo\x12 .loramux.v1.GetServerInfoRequest\x1a\x16.loramux.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.loramux_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2158
-  _globals['_FINISHREASON']._serialized_end=2276
-  _globals['_ADAPTERTIER']._serialized_start=2278
-  _globals['_ADAPTERTIER']._serialized_end=2392
+  _globals['_FINISHREASON']._serialized_start=2258
+  _globals['_FINISHREASON']._serialized_end=2376
+  _globals['_ADAPTERTIER']._serialized_start=2378
+  _globals['_ADAPTERTIER']._serialized_end=2492
   _globals['_SAMPLINGPARAMS']._serialized_start=41
   _globals['_SAMPLINGPARAMS']._serialized_end=385
   _globals['_TOPLOGPROB']._serialized_start=387
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=571
   _globals['_GENERATEREQUEST']._serialized_end=759
   _globals['_USAGE']._serialized_start=761
-  _globals['_USAGE']._serialized_end=818
-  _globals['_TIMING']._serialized_start=820
-  _globals['_TIMING']._serialized_end=941
-  _globals['_GENERATERESPONSE']._serialized_start=944
-  _globals['_GENERATERESPONSE']._serialized_end=1178
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1181
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1419
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1421
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1513
-  _globals['_ADAPTERINFO']._serialized_start=1516
-  _globals['_ADAPTERINFO']._serialized_end=1705
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1707
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1753
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1755
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1782
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1784
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1805
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1807
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1872
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1874
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1896
-  _globals['_SERVERINFO']._serialized_start=1899
-  _globals['_SERVERINFO']._serialized_end=2156
-  _globals['_LORAMUX']._serialized_start=2395
-  _globals['_LORAMUX']._serialized_end=2896
+  _globals['_USAGE']._serialized_end=848
+  _globals['_TIMING']._serialized_start=850
+  _globals['_TIMING']._serialized_end=971
+  _globals['_GENERATERESPONSE']._serialized_start=974
+  _globals['_GENERATERESPONSE']._serialized_end=1208
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1211
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1449
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1451
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1543
+  _globals['_ADAPTERINFO']._serialized_start=1546
+  _globals['_ADAPTERINFO']._serialized_end=1757
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1759
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1805
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1807
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1834
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1836
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1857
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1859
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1924
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1926
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1948
+  _globals['_SERVERINFO']._serialized_start=1951
+  _globals['_SERVERINFO']._serialized_end=2256
+  _globals['_LORAMUX']._serialized_start=2495
+  _globals['_LORAMUX']._serialized_end=2996
 # @@protoc_insertion_point(module_scope)

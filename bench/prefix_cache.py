@@ -1,0 +1,139 @@
+"""Paged KV and prefix caching, measured side by side in one run (default model, in-process engine).
+
+1. TTFT: 8 adapters, each with its own 512-token system prompt; 64 requests (8 per adapter, a
+   short distinct question each) from 8 closed-loop clients. Prefix caching on vs off; target: p50
+   TTFT at least 3x lower with it on.
+2. Concurrency at equal KV memory: requests of 100 prompt + 100 new tokens, --max-model-len 2048,
+   --max-batch-size 256. The pool gets the memory the old design reserved for SLOTS sequences
+   (SLOTS x 2048 tokens); the peak number of running sequences holding KV is compared with SLOTS.
+   Target: at least 8x.
+
+    python bench/prefix_cache.py [--slots 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
+from loramux.server.builder import build_engine  # noqa: E402
+from loramux.server.config import ServerConfig  # noqa: E402
+from loramux.server.engine import EngineObserver  # noqa: E402
+from loramux.server.model_loader import load_model  # noqa: E402
+from loramux.server.models import lora_layout  # noqa: E402
+from loramux.server.requests import GenerationRequest, SamplingParams  # noqa: E402
+
+from common import random_prompts, run_batch  # noqa: E402
+
+
+def ttft_run(engine, adapters, systems, questions, clients: int, max_new: int) -> list[float]:
+    """Each client sends its requests one after another; returns every request's TTFT."""
+    jobs = [(adapters[i % len(adapters)], systems[i % len(adapters)] + questions[i]) for i in range(len(questions))]
+    per_client = [jobs[c::clients] for c in range(clients)]
+
+    async def client(c, mine):
+        out = []
+        for j, (adapter, prompt) in enumerate(mine):
+            req = GenerationRequest(f"c{c}-{j}", tuple(prompt), SamplingParams(max_new, ignore_eos=True), adapter)
+            events = [ev async for ev in engine.submit(req)]
+            out.append(events[-1].timing.time_to_first_token_seconds)
+        return out
+
+    async def main():
+        return await asyncio.gather(*(client(c, m) for c, m in enumerate(per_client)))
+
+    return [t for ts in asyncio.run(main()) for t in ts]
+
+
+class PeakRunning(EngineObserver):
+    def __init__(self, engine):
+        self.engine, self.peak = engine, 0
+
+    def step(self, stats) -> None:
+        self.peak = max(self.peak, self.engine.counts()[0])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--system-len", type=int, default=512)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=16, help="old-design slots whose memory the pool gets")
+    ap.add_argument("--concurrency-requests", type=int, default=256)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    base = ServerConfig(model=args.model, max_batch_size=32, max_tokens_per_step=512, max_model_len=1024,
+                        default_max_new_tokens=8, max_lora_rank=16, max_device_adapters=args.adapters,
+                        max_host_adapters=args.adapters, metrics_port=0)
+    loaded = load_model(base)
+    vocab = loaded.hf_model.config.vocab_size
+    rng = random.Random(0)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = lora_layout(loaded.hf_model.config)
+        adapters = tuple((f"t{i}", str(write_random_adapter(Path(tmp) / f"t{i}", layout, 16, seed=i)))
+                         for i in range(args.adapters))
+        ids = [a for a, _ in adapters]
+        systems = random_prompts(vocab, args.adapters, args.system_len, seed=1)
+        questions = [[rng.randrange(100, vocab) for _ in range(rng.randint(8, 24))] for _ in range(args.requests)]
+        ttft = {}
+        for caching in (False, True):
+            built = build_engine(ServerConfig(**{**base.__dict__, "adapters": adapters, "prefix_caching": caching}),
+                                 loaded)
+            engine = built.engine
+            engine.start()
+            run_batch(engine, random_prompts(vocab, 4, 32, seed=9), ids[:4], 2)  # warm-up (no shared prefix)
+            t0 = time.perf_counter()
+            ttft[caching] = ttft_run(engine, ids, systems, questions, args.clients, 8)
+            wall = time.perf_counter() - t0
+            hits = engine.prefix_hit_tokens / max(1, engine.prefix_queried_tokens)
+            engine.stop()
+            print(f"prefix caching {'on ' if caching else 'off'}: TTFT p50 {median(ttft[caching]) * 1e3:7.1f} ms, "
+                  f"{args.requests} requests in {wall:.1f} s, prompt tokens from the cache {hits:.0%}")
+        ratio = median(ttft[False]) / median(ttft[True])
+        print(f"  TTFT p50 off / on          {ratio:.2f}x   (target >= 3)")
+        results["ttft_p50_off_s"], results["ttft_p50_on_s"], results["ttft_ratio"] = (
+            median(ttft[False]), median(ttft[True]), ratio)
+
+        max_len = 2048
+        tokens = args.slots * max_len
+        config = ServerConfig(**{**base.__dict__, "adapters": (), "max_model_len": max_len, "max_batch_size": 256,
+                                 "max_tokens_per_step": 2048, "default_max_new_tokens": 100,
+                                 "kv_cache_tokens": tokens})
+        built = build_engine(config, loaded)
+        engine = built.engine
+        peak = PeakRunning(engine)
+        engine.observers.append(peak)
+        engine.start()
+        t0 = time.perf_counter()
+        run_batch(engine, random_prompts(vocab, args.concurrency_requests, 100, seed=5),
+                  [None] * args.concurrency_requests, 100)
+        wall = time.perf_counter() - t0
+        preemptions = engine.num_preemptions
+        engine.stop()
+        print(f"KV memory of {args.slots} slots x {max_len} tokens = {tokens} tokens "
+              f"({built.engine.runner.kv.nbytes / 2**20:.0f} MiB):")
+        print(f"  peak running sequences     {peak.peak} (old design: {args.slots}); "
+              f"{args.concurrency_requests} requests in {wall:.1f} s, {preemptions} preemptions")
+        print(f"  concurrency paged / slots  {peak.peak / args.slots:.2f}x   (target >= 8)")
+        results.update(slots=args.slots, peak_running=peak.peak, concurrency_ratio=peak.peak / args.slots,
+                       preemptions=preemptions)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""One step's attention metadata, built on the host once for all layers: positions, where each
+row's K/V is written, and the block tables that prefill chunks and decode rows read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.batch import PrefillSeq
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    positions: list[int]
+    slot_mapping: list[int]
+    prefill: tuple[PrefillSeq, ...]
+    prefill_blocks: torch.Tensor
+    decode_tables: torch.Tensor
+    decode_lengths: torch.Tensor
+    decode_ctx: int
+
+
+def build_attention_metadata(prefill_items, decode_items, block_size: int, sink: int) -> AttentionMetadata:
+    """``*_items``: WorkItems in row order (prefill chunks, then decode rows). Each item carries
+    its write slots and its block table."""
+    positions, slots, chunks, blocks = [], [], [], []
+    row = 0
+    for it in prefill_items:
+        n = len(it.token_ids)
+        nb = -(-(it.start_pos + n) // block_size)
+        chunks.append(PrefillSeq(row, n, it.start_pos, len(blocks), nb))
+        blocks.extend(it.blocks[:nb])
+        positions.extend(range(it.start_pos, it.start_pos + n))
+        slots.extend(it.slots)
+        row += n
+    width = max((len(it.blocks) for it in decode_items), default=0)
+    tables = torch.tensor([[*it.blocks, *[sink] * (width - len(it.blocks))] for it in decode_items],
+                          dtype=torch.long).view(len(decode_items), width)
+    for it in decode_items:
+        positions.append(it.start_pos)
+        slots.extend(it.slots)
+    lengths = [it.start_pos + 1 for it in decode_items]
+    return AttentionMetadata(positions, slots, tuple(chunks), torch.tensor(blocks, dtype=torch.long), tables,
+                             torch.tensor(lengths, dtype=torch.long), max(lengths, default=0))

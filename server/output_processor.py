@@ -1,0 +1,94 @@
+"""Sampled tokens -> detokenized text -> stop checks -> one outcome per request.
+
+Each row is handled on its own: a fault in one request's sampling, detokenizing or stop check
+becomes that request's error, never the batch's (the hardening rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .errors import RequestFailed, clip
+from .requests import FinishReason, TokenEvent, TokenLogprob
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request's last token: the engine records the finish, then sends it."""
+
+    token: int
+    delta: str
+    reason: FinishReason
+    logprob: TokenLogprob | None
+
+
+Outcome = TokenEvent | Finished | RequestFailed
+
+
+class OutputProcessor:
+    def __init__(self, eos_token_ids: set[int], observers: list, fault_hook=None):
+        self.eos_token_ids = eos_token_ids
+        self.observers = observers  # shared with the engine: observers added later are seen
+        self.fault_hook = fault_hook  # tests only: callable(seq) run before each token is handled
+
+    def process(self, seqs: list[Sequence], tokens: list, logprobs: list) -> list[tuple[Sequence, Outcome]]:
+        """One outcome per row: ``tokens[i]`` is the row's token or the exception sampling raised."""
+        out = []
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if self.fault_hook is not None:
+                    self.fault_hook(seq)
+                out.append((seq, self.on_token(seq, token, logprob)))
+            except Exception as e:  # noqa: BLE001
+                log.exception("request %s failed", seq.request.request_id)
+                out.append((seq, RequestFailed(
+                    f"internal error in request {clip(seq.request.request_id)}: {clip(str(e), 200)}")))
+        return out
+
+    def on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> TokenEvent | Finished:
+        now = time.monotonic()
+        gap = None if seq.last_token_at is None else now - seq.last_token_at
+        seq.first_token_at = seq.first_token_at or now
+        seq.last_token_at = now
+        for obs in self.observers:
+            obs.token(seq, gap)
+        seq.ids.append(token)
+        p = seq.sampler.params
+        finish = None
+        if token in p.stop_token_ids:
+            finish = FinishReason.STOP
+        elif token in self.eos_token_ids and not p.ignore_eos:
+            finish = FinishReason.EOS
+        elif seq.num_generated >= p.max_new_tokens:
+            finish = FinishReason.LENGTH
+        seq.text += seq.detok.add(token) if finish is None else seq.detok.add(token) + seq.detok.flush()
+        if p.stop:
+            scan_from = max(0, seq.emitted - max(map(len, p.stop)))
+            hits = [i for i in (seq.text.find(s, scan_from) for s in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                finish = FinishReason.STOP
+        end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, p.stop)
+        delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
+        seq.emitted = max(seq.emitted, end)
+        if finish is None:
+            return TokenEvent(seq.request.request_id, token, delta, logprob=logprob)
+        return Finished(token, delta, finish, logprob)
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

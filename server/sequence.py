@@ -1,0 +1,99 @@
+"""One request inside the engine (``Sequence``) and the caller's view of it (``RequestStream``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.device_pool import AdapterKey
+from .block_manager import NO_HIT, PrefixHit
+from .detokenizer import IncrementalDetokenizer
+from .requests import GenerationRequest, TokenEvent
+from .sampling import SamplerState
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    adapter: AdapterKey | None
+    identity: bytes  # what computes this sequence's KV: the prefix cache's namespace for it
+    sampler: SamplerState
+    detok: IncrementalDetokenizer
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    ids: list[int]
+    num_prompt: int
+    arrival: float
+    num_computed: int = 0  # tokens whose KV is in the cache
+    prefill_len: int = 0  # tokens to prefill before decoding: the prompt, or after a preemption all ids
+    num_cached: int = 0  # prompt tokens served from the prefix cache
+    pages: torch.Tensor | None = None
+    kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
+    pinned: bool = False
+    text: str = ""  # all generated text so far (stop strings cut it)
+    emitted: int = 0  # chars of ``text`` already sent
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    adapter_load_seconds: float = 0.0
+    cold_adapter: bool = False  # the adapter was not device-resident when the request arrived
+    num_preemptions: int = 0
+    prompt_keys: list[bytes] | None = None  # prefix-cache keys of ids[:prefill_len]'s full blocks
+    hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
+    # time.monotonic() of each event sent and not yet taken by the consumer, oldest first: the engine
+    # thread appends, the consumer's loop pops (deque ends are thread-safe)
+    undelivered: deque = field(default_factory=deque)
+    done: bool = False
+    cancel_reason: BaseException | None = field(default=None)
+
+    def __post_init__(self):
+        self.prefill_len = self.prefill_len or self.num_prompt
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.ids) - self.num_prompt
+
+
+class RequestStream:
+    """Async iterator of a request's TokenEvents. Closing it early cancels the request."""
+
+    def __init__(self, engine, seq: Sequence):
+        self._engine = engine
+        self._seq = seq
+        self.request_id = seq.request.request_id
+        self._ended = False  # set by the final event or the error, never by engine-thread state
+        self._settled = False  # the engine no longer counts this stream as undelivered
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._seq.queue.get()
+        if self._seq.undelivered:
+            self._seq.undelivered.popleft()
+        if isinstance(item, BaseException):
+            self._end()
+            raise item
+        if item.finish_reason is not None:
+            self._end()
+        return item
+
+    def _end(self) -> None:
+        self._ended = True
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self._settled:
+            self._settled = True
+            self._engine._delivered()
+
+    def cancel(self, reason: BaseException | None = None) -> None:
+        """Stop the request if it still runs. The caller wants nothing more from it, so drain
+        no longer waits for its delivery."""
+        self._engine.cancel(self._seq, reason)
+        self._settle()

@@ -1,0 +1,88 @@
+"""Attention over block-paged KV, every path against the pure-torch oracle: the decode kernels
+(C++, Triton in its interpreter, the torch gather) and prefill's gather + SDPA, with GQA, sliding
+windows, ALiBi, scattered block tables and several dtypes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loramux.server.ops import triton_available
+from loramux.server.ops.attention import (
+    _cpp_decode,
+    causal_mask,
+    cpp_decode,
+    gather_context,
+    paged_attention_reference,
+    paged_decode_torch,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+CASES = [  # (heads, kv heads, head dim, block size, window, alibi)
+    (4, 4, 16, 4, None, False),
+    (8, 2, 16, 16, None, False),  # grouped-query attention
+    (4, 2, 8, 4, 5, False),  # sliding window (GPT-Neo's local layers, Mistral)
+    (4, 4, 16, 8, None, True),  # ALiBi (BLOOM)
+    (6, 6, 12, 4, 3, True),  # a head dim that is not a power of two
+]
+
+
+def _decoders():
+    out = [("torch", paged_decode_torch)]
+    if DEVICE == "cpu" and _cpp_decode() is not None:
+        out.append(("cpp", cpp_decode))
+    if triton_available(DEVICE):
+        from loramux.server.ops.triton_attention import paged_decode_triton
+
+        out.append(("triton", paged_decode_triton))
+    return out
+
+
+def _pool(num_blocks, bs, kv, hd, dtype, gen):
+    k = torch.randn(num_blocks + 1, bs, kv, hd, generator=gen).to(dtype)
+    v = torch.randn(num_blocks + 1, bs, kv, hd, generator=gen).to(dtype)
+    return k.to(DEVICE), v.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_decode_kernels_match_the_oracle(case, dtype):
+    H, KV, hd, bs, window, alibi = case
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    k, v = _pool(24, bs, KV, hd, dtype, gen)
+    lengths = torch.tensor([1, bs, bs + 1, 3 * bs + 2, 5 * bs, 7])
+    max_blocks = -(-int(lengths.max()) // bs)
+    # scattered, shuffled tables padded with the sink: no row's blocks are contiguous
+    tables = torch.stack([torch.randperm(24, generator=gen)[:max_blocks] for _ in lengths])
+    for i, n in enumerate(lengths.tolist()):
+        tables[i, -(-n // bs):] = 24
+    q = (torch.randn(len(lengths), H, hd, generator=gen) / hd**0.25).to(dtype).to(DEVICE)
+    slopes = (torch.rand(H, generator=gen) * 0.5).to(DEVICE) if alibi else None
+    tables, lengths = tables.to(DEVICE), lengths.to(DEVICE)
+    expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, slopes).float()
+    for name, decode in _decoders():
+        got = decode(q, k, v, tables, lengths, int(lengths.max()), 0.3, window, slopes, {})
+        assert torch.allclose(got.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_chunks_over_their_blocks_match_the_oracle(case):
+    """A chunk that starts after cached tokens (a prefix hit, or chunked prefill) attends to the
+    cached keys and to its own, causally."""
+    H, KV, hd, bs, window, alibi = case
+    gen = torch.Generator().manual_seed(7)
+    k, v = _pool(16, bs, KV, hd, torch.float32, gen)
+    blocks = torch.randperm(16, generator=gen)[:5].to(DEVICE)
+    start, n = 2 * bs + 1, bs + 2  # positions [start, start + n)
+    ctx = start + n
+    q = torch.randn(n, H, hd, generator=gen).to(DEVICE)
+    slopes = (torch.rand(H, generator=gen) * 0.5).to(DEVICE) if alibi else None
+    q_pos = torch.arange(start, ctx, device=DEVICE)
+    mask = causal_mask(q_pos[:, None], torch.arange(ctx, device=DEVICE)[None, :], q.dtype, window, slopes,
+                       head_dim_at=0)
+    got = F.scaled_dot_product_attention(q.transpose(0, 1)[None], gather_context(k, blocks, ctx)[None],
+                                         gather_context(v, blocks, ctx)[None], attn_mask=mask, scale=0.3,
+                                         enable_gqa=H != KV)[0].transpose(0, 1)
+    tables = blocks[None].expand(n, -1)
+    expected = paged_attention_reference(q, k, v, tables, q_pos, 0.3, window, slopes)
+    assert torch.allclose(got, expected, atol=2e-5, rtol=2e-5)
