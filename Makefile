@@ -7,7 +7,7 @@ PROTO := proto/loramux/v1/loramux.proto
 
 DEMO := demo-adapters
 
-.PHONY: install test serve proto lint bench bench-decode bench-paging bench-prefix bench-gpu gpu-check gpu-assets demo-adapters clean
+.PHONY: install test serve proto lint bench bench-decode bench-paging bench-prefix bench-fairness bench-gpu gpu-check gpu-assets demo-adapters clean
 
 $(PY):
 	$(shell command -v $(PYTHON) >/dev/null 2>&1 && echo $(PYTHON) || echo python3) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-paging:
 
 bench-prefix:
 	$(PY) bench/prefix_cache.py $(ARGS)
+
+bench-fairness:
+	$(PY) bench/fairness.py $(ARGS)
 
 # On one GPU, a few minutes a model: Triton kernels vs the base model and PEFT at batch 1/32/256, 1000 adapters.
 bench-gpu:

@@ -64,6 +64,7 @@ class AdapterManager:
         self._io = self._new_io()
         self._device_hits = self._device_misses = self._host_misses = 0
         self._resident_since: dict[AdapterKey, float] = {}
+        self.notify = None  # callable(), after each read or copy ends (either way): wakes the step loop
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
         self.closing = threading.Event()  # set by close(): a fault hook that hangs a read returns then
@@ -84,6 +85,9 @@ class AdapterManager:
                     self._pending.pop(key, None)
                     self._failed[key] = e if isinstance(e, AdapterError) else AdapterLoadFailed(
                         f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}")
+            finally:
+                if self.notify is not None:
+                    self.notify()
         with self._jobs_lock:
             future = self._io.submit(guarded)
             self._jobs[future] = (key, job, args)

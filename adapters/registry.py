@@ -40,6 +40,7 @@ class RegisteredAdapter:
     requests_served: int = 0
     dynamic: bool = False  # registered on first use (--dynamic-adapters): may be unregistered for room
     last_used: float = 0.0  # time.monotonic() of the last request accepted for it
+    weight: float = 1.0  # fair-scheduling share: its requests' service counts 1/weight per token
 
     @property
     def key(self) -> tuple[str, int]:
@@ -82,10 +83,12 @@ class AdapterRegistry:
                                f"{self.max_adapters}")
 
     def register(self, adapter_id: str, path: str | Path, replace: bool = False, trusted: bool = False,
-                 dynamic: bool = False) -> RegisteredAdapter:
+                 dynamic: bool = False, weight: float = 1.0) -> RegisteredAdapter:
         """Validate and register. ``trusted`` (start-up flags) skips the root check; ``dynamic``
         marks a registration made on first use, which evict_lru_dynamic may undo."""
         validate_adapter_id(adapter_id)
+        if not (0.0 < weight < float("inf")):  # also false for NaN
+            raise ValueError(f"weight must be finite and > 0, got {weight}")  # a bad argument, like a bad id
         real = Path(os.path.realpath(path)) if trusted else self.resolve_path(path)
         with self._lock:
             self._check_room(adapter_id, replace)
@@ -94,7 +97,7 @@ class AdapterRegistry:
         with self._lock:
             self._check_room(adapter_id, replace)
             entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine, dynamic=dynamic,
-                                      last_used=time.monotonic())
+                                      last_used=time.monotonic(), weight=weight)
             self._next_version += 1
             self._adapters[adapter_id] = entry
         log.info("adapter %s registered: rank %d, content hash %s", adapter_id, manifest.rank, manifest.content_hash)
@@ -106,6 +109,10 @@ class AdapterRegistry:
                 return self._adapters.pop(adapter_id)
             except KeyError:
                 raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered") from None
+
+    def lookup(self, adapter_id: str) -> RegisteredAdapter | None:
+        with self._lock:
+            return self._adapters.get(adapter_id)
 
     def get(self, adapter_id: str) -> RegisteredAdapter:
         with self._lock:

@@ -66,9 +66,10 @@ class AsyncLoraMuxClient:
             call.cancel()
 
     async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
+                               weight: float | None = None,
                                *, timeout: float | None = None) -> Adapter:
         return Adapter.from_pb(await self.stub.RegisterAdapter(
-            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload),
+            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload, weight=weight),
             timeout=timeout))
 
     async def unregister_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:

@@ -87,11 +87,12 @@ class Adapter:
     tier: str
     requests_served: int
     content_hash: str = ""  # the weights' identity: equal files, equal hash
+    weight: float = 1.0  # fair-scheduling share
 
     @classmethod
     def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
         return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
-                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash)
+                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool capacity in tokens (default: 90%% of free device memory after the model on CUDA, "
                         "on the CPU min(1 GiB of KV, max-batch-size x max-model-len tokens))")
+    p.add_argument("--scheduling", default=d["scheduling"].default, choices=("fair", "fifo"),
+                   help="admission order: fair (the adapter with the least service received first, weighted "
+                        "tokens; arrival order within an adapter) or fifo (arrival order)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="turn off prefix caching (reuse of KV blocks between requests with the same weights)")
     p.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="ID=PATH",

@@ -9,6 +9,7 @@ from pathlib import Path
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
+SCHEDULING = ("fair", "fifo")
 
 
 def default_cache_dir() -> Path:
@@ -55,6 +56,7 @@ class ServerConfig:
     kv_block_size: int = 16  # tokens per KV block
     kv_cache_tokens: int | None = None  # KV pool capacity; None: sized from memory (see kv_pool_tokens)
     prefix_caching: bool = True
+    scheduling: str = "fair"  # admission order: fair (least service per adapter first) or fifo
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
     max_queued_requests: int = 1024
@@ -111,6 +113,8 @@ class ServerConfig:
                              "--admin-token (or an explicit --insecure-admin)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
         if self.op_backend not in OP_BACKENDS:
             raise ValueError(f"op-backend must be one of {OP_BACKENDS}, got {self.op_backend!r}")
         if self.log_format not in LOG_FORMATS:

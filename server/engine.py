@@ -34,14 +34,13 @@ from .output_processor import Finished, OutputProcessor
 from .requests import MAX_LOGPROBS, GenerationRequest, Timing, TokenEvent, TokenLogprob, validate_request_id
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
-from .scheduler import Budgets, SeqView, schedule
+from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, schedule
 from .sequence import RequestStream, Sequence
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
 WATERMARK = 0.01  # share of KV blocks admission keeps free for the running sequences' growth
 BASE_IDENTITY = b"base"  # no adapter's identity can equal it: theirs are b"lora:" + a sha256
-LOADING_POLL_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -83,6 +82,7 @@ class Engine:
         self.prefix_queried_tokens = 0  # counters read by the metrics collector
         self.prefix_hit_tokens = 0
         self.num_preemptions = 0
+        self.service: dict[str | None, float] = {}  # fair scheduling: weighted tokens served per tenant
         self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.adapters_per_step)
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
         # Taken by submit around its append and by the fatal path when it closes the inbox, so that a
@@ -90,6 +90,7 @@ class Engine:
         self._inbox_lock = threading.Lock()
         self._closed = False
         self._wake = threading.Event()
+        adapters.notify = self._wake.set  # a finished disk read or device copy wakes the step loop
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []
         self._accepted = 0  # queued + running; reserved under _admission_lock
@@ -247,8 +248,8 @@ class Engine:
         try:
             while not self._stop:
                 stepped, loading = self.run_once()
-                if not stepped:
-                    self._wake.wait(LOADING_POLL_S if loading else IDLE_WAIT_S)
+                if not stepped:  # woken by a new request, a cancel, or an adapter read or copy finishing
+                    self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
         except BaseException as e:  # a fault of the engine itself: fail everyone, promptly
             log.exception("fatal engine error")
@@ -272,6 +273,7 @@ class Engine:
         while self._inbox:
             item = self._inbox.popleft()
             if item[0] == "add":
+                self._join(item[1])
                 self._waiting.append(item[1])
             elif not item[1].done:
                 self._finish(item[1], error=item[2])
@@ -296,6 +298,25 @@ class Engine:
                 self._finish(seq, error=RequestCancelled(
                     f"the client read nothing for {stall:g} s (--stream-stall-timeout)"))
 
+    def _join(self, seq: Sequence) -> None:
+        """A tenant that had nothing queued or running joins at the least service of the active
+        ones, so idle time is not banked (VTC's counter lift)."""
+        tenant = seq.request.adapter_id or None
+        active = {s.request.adapter_id or None for s in (*self._waiting, *self._running)}
+        if tenant in active:
+            return
+        floor = min((self.service.get(t, 0.0) for t in active), default=None)
+        if floor is None:  # nothing active: every counter starts again from 0
+            self.service.clear()
+            return
+        self.service[tenant] = max(self.service.get(tenant, 0.0), floor)
+
+    def _weight(self, tenant: str | None) -> float:
+        if tenant is None:
+            return 1.0
+        entry = self.adapters.registry.lookup(tenant)
+        return 1.0 if entry is None else entry.weight
+
     def _poll_adapters(self) -> tuple[set, bool]:
         ready, loading, failed = self.admission.poll(self._waiting)
         for key, error in failed:
@@ -315,9 +336,11 @@ class Engine:
                 seq.hit = self.blocks.lookup(seq.prompt_keys)
             cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size) if seq.hit.blocks else 0
             waiting.append(SeqView(seq, seq.adapter, seq.prefill_len, 0, num_cached=cached,
-                                   hit_blocks=len(seq.hit.blocks), hit_free=seq.hit.num_free))
+                                   hit_blocks=len(seq.hit.blocks), hit_free=seq.hit.num_free,
+                                   tenant=seq.request.adapter_id or None))
         running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
-                           self.blocks.num_freeable(seq)) for seq in self._running]
+                           self.blocks.num_freeable(seq), tenant=seq.request.adapter_id or None)
+                   for seq in self._running]
         return waiting, running
 
     def _admit(self, seq: Sequence) -> None:
@@ -345,14 +368,17 @@ class Engine:
         seq.prompt_keys = None
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        log.info("request %s preempted: the KV pool is full (it will be recomputed from %d tokens)",
-                 seq.request.request_id, seq.prefill_len)
+        log.info("request %s preempted, for KV memory or another adapter's fair share (it will be recomputed "
+                 "from %d tokens)", seq.request.request_id, seq.prefill_len)
 
     def _step(self, ready: set) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
         waiting, running = self._views()
+        fairness = None
+        if self.config.scheduling == "fair":
+            fairness = Fairness(self.service, {v.tenant: self._weight(v.tenant) for v in waiting})
         decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
-                            self.watermark_blocks)
+                            self.watermark_blocks, fairness)
         for seq in decision.preempted:
             self._preempt(seq)
         self._waiting[:0] = decision.preempted  # back to the head of the queue, in admission order
@@ -376,6 +402,9 @@ class Engine:
         t0 = time.perf_counter()
         logits, order = self.runner.step(items)
         for seq, n in work:
+            tenant = seq.request.adapter_id or None
+            weight = DECODE_WEIGHT if seq.num_computed >= seq.prefill_len else PREFILL_WEIGHT
+            self.service[tenant] = self.service.get(tenant, 0.0) + weight * n / self._weight(tenant)
             seq.num_computed += n
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
         sampled = [work[i][0] for i in order]

@@ -80,5 +80,5 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
         adapter_id=entry.adapter_id, path=str(entry.path) if show_path else "", rank=entry.manifest.rank,
         lora_alpha=spec.lora_alpha,
         target_modules=spec.target_names, size_bytes=entry.manifest.size_bytes, tier=TIER_PB[tier],
-        requests_served=entry.requests_served, content_hash=entry.manifest.content_hash,
+        requests_served=entry.requests_served, content_hash=entry.manifest.content_hash, weight=entry.weight,
     )

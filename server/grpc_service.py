@@ -92,7 +92,9 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
 
     @unary
     async def RegisterAdapter(self, request, context):
-        entry = await self.service.register_adapter(request.adapter_id, request.path, request.replace, request.preload)
+        weight = request.weight if request.HasField("weight") else 1.0
+        entry = await self.service.register_adapter(request.adapter_id, request.path, request.replace, request.preload,
+                                                    weight)
         return adapter_to_pb(entry, self.service.tier(entry), show_path=True)
 
     @unary

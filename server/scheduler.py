@@ -7,19 +7,27 @@ Rules, in order:
    running sequence is preempted (possibly the one asking): its blocks return to the pool and it
    is recomputed later. The oldest running sequence can always progress, because every other one
    can be preempted for it and a request that cannot fit the pool alone is refused at admission.
-3. Waiting requests are admitted in arrival order while the batch size, the token budget, the free
-   blocks (less a watermark, unless the batch is empty) and the distinct-adapter budget allow. A
-   request whose adapter is not ready is passed over (it never blocks others); any other blocked
-   request stops admission, so no request is starved by later arrivals. Nothing is admitted in a
-   step that preempts.
+3. Waiting requests are admitted while the batch size, the token budget, the free blocks (less a
+   watermark, unless the batch is empty) and the distinct-adapter budget allow. Which one next:
+   - fifo: the earliest arrival;
+   - fair (the Virtual Token Counter of Sheng et al., OSDI 2024): the head of the tenant (adapter)
+     with the least service received, in weighted tokens (see ``Fairness``), tenants below their
+     share of the batch (max-batch-size over the tenants with requests) first; within a tenant,
+     arrival order. When the batch is full, a waiting tenant below its share takes slots from
+     tenants above theirs that have had more service, by preemption (``fair_victims``).
+   A request blocked for a reason of its own (its adapter is not ready, or a new adapter would pass
+   the distinct-adapter budget) is skipped with the rest of its tenant for this step; others go
+   ahead. One that does not fit the free blocks stops admission, on purpose, so that long prompts
+   are not starved by short ones. Nothing is admitted in a step that preempts.
 
 The decision is final: the engine carries it out without refusing any of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from .block_manager import blocks_for
 
@@ -44,10 +52,24 @@ class SeqView:
     num_cached: int = 0  # prefix-cache hit tokens: prefill starts there (waiting)
     hit_blocks: int = 0  # blocks of that hit (waiting)
     hit_free: int = 0  # of those, unreferenced ones: taking them uses pool capacity (waiting)
+    tenant: Hashable | None = None  # whose fair share this request draws on (its adapter id)
 
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < self.prefill_len
+
+
+PREFILL_WEIGHT = 1.0  # service a tenant receives per prompt token computed ...
+DECODE_WEIGHT = 2.0  # ... and per token generated (VTC's w_p and w_q: decode steps cost more per token)
+
+
+@dataclass(frozen=True)
+class Fairness:
+    """Fair admission's inputs: each tenant's service received so far (weighted tokens, already
+    divided by its weight) and the weights (default 1). An active tenant with no entry has 0."""
+
+    service: Mapping[Hashable, float] = field(default_factory=dict)
+    weights: Mapping[Hashable, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,16 +87,18 @@ def schedule(
     block_size: int,
     ready_adapters: set,
     watermark: int = 0,
+    fairness: Fairness | None = None,
 ) -> Decision:
+    """``fairness``: None admits in arrival order (fifo); otherwise by least service (fair)."""
     tokens_left = budgets.max_tokens_per_step
     free = free_blocks
     active = list(running)  # admission order; victims come off the end
     charged: dict[Hashable, tuple[int, int]] = {}  # seq_id -> (tokens, new blocks) given this step
     preempted: list[Hashable] = []
 
-    def preempt_last() -> SeqView:
+    def preempt(index: int = -1) -> SeqView:
         nonlocal tokens_left, free
-        victim = active.pop()
+        victim = active.pop(index)
         tokens, blocks = charged.pop(victim.seq_id, (0, 0))
         tokens_left += tokens
         free += blocks + victim.num_freeable
@@ -95,29 +119,44 @@ def schedule(
                 if fits > 0:
                     want, need = fits, free
             while need > free:
-                if preempt_last() is seq:
+                if preempt() is seq:
                     break
             if active and i < len(active) and active[i] is seq:
                 charged[seq.seq_id] = (want, need)
                 tokens_left -= want
                 free -= need
                 i += 1
+    if fairness and not preempted and len(active) >= budgets.max_batch_size:
+        for victim in fair_victims(waiting, active, budgets, fairness, ready_adapters):
+            preempt(active.index(victim))
     work = [(s.seq_id, charged[s.seq_id][0]) for phase in (False, True) for s in active
             if s.in_prefill == phase and s.seq_id in charged]
     if preempted:
-        return Decision(tuple(work), (), tuple(reversed(preempted)))
+        order = {s.seq_id: i for i, s in enumerate(running)}
+        return Decision(tuple(work), (), tuple(sorted(preempted, key=order.__getitem__)))
 
     adapters = {s.adapter for s in active if s.adapter is not None}
     batch = len(active)
+    queues: dict[Hashable, deque[tuple[int, SeqView]]] = {}  # tenant -> its waiting requests, in order
+    for order, seq in enumerate(waiting):
+        queues.setdefault(seq.tenant, deque()).append((order, seq))
+    service = dict(fairness.service) if fairness else {}
+    counts: dict[Hashable, int] = {}
+    for s in active:
+        counts[s.tenant] = counts.get(s.tenant, 0) + 1
+    share = max(1, budgets.max_batch_size // max(1, len(set(counts) | set(queues))))
     admitted: list[Hashable] = []
-    for seq in waiting:
-        if seq.adapter is not None and seq.adapter not in ready_adapters:
-            continue  # still loading: others go ahead
+    while queues and batch < budgets.max_batch_size and tokens_left > 0:
+        if fairness:  # tenants below their share of the batch first (slots freed for them stay theirs)
+            tenant = min(queues, key=lambda t: (counts.get(t, 0) >= share, service.get(t, 0.0), queues[t][0][0]))
+        else:
+            tenant = min(queues, key=lambda t: queues[t][0][0])
+        seq = queues[tenant][0][1]
         new_adapter = seq.adapter is not None and seq.adapter not in adapters
-        if batch >= budgets.max_batch_size or tokens_left == 0 or (
-            new_adapter and len(adapters) >= budgets.max_adapters_per_step
-        ):
-            break
+        if (seq.adapter is not None and seq.adapter not in ready_adapters) or (
+                new_adapter and len(adapters) >= budgets.max_adapters_per_step):
+            del queues[tenant]  # its own reason: the rest of its tenant waits too, others go ahead
+            continue
         start = max(seq.num_computed, seq.num_cached)
         n = min(seq.prefill_len - start, tokens_left)
         need = blocks_for(start + n, block_size) - seq.hit_blocks + seq.hit_free
@@ -130,5 +169,50 @@ def schedule(
         batch += 1
         if seq.adapter is not None:
             adapters.add(seq.adapter)
+        counts[tenant] = counts.get(tenant, 0) + 1
+        if fairness:
+            service[tenant] = service.get(tenant, 0.0) + PREFILL_WEIGHT * n / fairness.weights.get(tenant, 1.0)
+        queues[tenant].popleft()
+        if not queues[tenant]:
+            del queues[tenant]
     return Decision(tuple(work), tuple(admitted))
 
+
+def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Budgets, fairness: Fairness,
+                 ready_adapters: set) -> list[SeqView]:
+    """With a full batch, the running requests to preempt so that waiting tenants get their share.
+
+    The share is max-batch-size over the tenants with requests (running or ready to run). A waiting
+    tenant below its share takes slots, least-served tenant first, from the tenants above their
+    share that have received more service than it, most-served first, their most recently admitted
+    request first. A tenant below its share is never preempted, so this cannot thrash, and the
+    victims are recomputed later like any preempted request."""
+    def service(t):
+        return fairness.service.get(t, 0.0)
+
+    counts: dict[Hashable, int] = {}
+    for s in active:
+        counts[s.tenant] = counts.get(s.tenant, 0) + 1
+    adapters = {s.adapter for s in active if s.adapter is not None}
+    queued: dict[Hashable, int] = {}
+    for seq in waiting:
+        if seq.adapter is None or seq.adapter in ready_adapters:
+            queued[seq.tenant] = queued.get(seq.tenant, 0) + 1
+    share = max(1, budgets.max_batch_size // len(set(counts) | set(queued)))
+    victims: list[SeqView] = []
+    for tenant in sorted(queued, key=service):
+        adapter = next(s.adapter for s in waiting if s.tenant == tenant)
+        if adapter is not None and adapter not in adapters and len(adapters) >= budgets.max_adapters_per_step:
+            continue  # it could not join this step's adapters anyway
+        want = min(share - counts.get(tenant, 0), queued[tenant])
+        while want > 0:
+            over = [u for u, n in counts.items() if n > share and service(u) > service(tenant)]
+            if not over:
+                break
+            donor = max(over, key=service)
+            victim = next(s for s in reversed(active) if s.tenant == donor and s not in victims)
+            victims.append(victim)
+            counts[donor] -= 1
+            counts[tenant] = counts.get(tenant, 0) + 1
+            want -= 1
+    return victims

@@ -8,6 +8,7 @@ refused requests live here once. No grpc, no HTTP framework and no torch are imp
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import os
@@ -166,10 +167,12 @@ class Service:
                 "or --admin-token"
             )
 
-    async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False):
+    async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
+                               weight: float = 1.0):
         self.check_runtime_adapters()
         built = self.ready()
-        entry = await self.work.run("registering the adapter", built.registry.register, adapter_id, path, replace)
+        entry = await self.work.run("registering the adapter", functools.partial(
+            built.registry.register, adapter_id, path, replace, weight=weight))
         if preload:
             built.manager.preload(entry)
         return entry

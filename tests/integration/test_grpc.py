@@ -175,14 +175,18 @@ def test_not_found(server):
 
 def test_register_replace_unregister(server, tiny_llama, tiny_adapters, adapter_root):
     path = shutil.copytree(tiny_adapters["attn-r4"], adapter_root / "mine")
-    a = server.client.register_adapter("team/mine:v1", str(path), preload=True)
-    assert a.rank == 4 and a.tier in ("disk", "host")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        code, details = code_of(server.client.register_adapter, "team/mine:v1", str(path), weight=bad)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "weight must be finite and > 0" in details
+    a = server.client.register_adapter("team/mine:v1", str(path), preload=True, weight=2.5)
+    assert a.rank == 4 and a.tier in ("disk", "host") and a.weight == 2.5
+    assert a.content_hash == {x.adapter_id: x for x in server.client.list_adapters()}["attn-r4"].content_hash
     assert code_of(server.client.register_adapter, "team/mine:v1", str(path))[0] == grpc.StatusCode.ALREADY_EXISTS
     first = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="team/mine:v1", sampling=GREEDY)
     assert first.token_ids == server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4",
                                                      sampling=GREEDY).token_ids
     other = shutil.copytree(tiny_adapters["all-r8"], adapter_root / "mine2")
-    server.client.register_adapter("team/mine:v1", str(other), replace=True)
+    assert server.client.register_adapter("team/mine:v1", str(other), replace=True).weight == 1.0  # unset: 1
     swapped = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="team/mine:v1", sampling=GREEDY)
     assert swapped.token_ids == server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="all-r8",
                                                        sampling=GREEDY).token_ids

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -320,7 +321,10 @@ def test_health_and_server_info_answer_while_a_huge_prompt_is_tokenized(hserver)
         worker.join()
     assert errors == [grpc.StatusCode.INVALID_ARGUMENT]  # tokenized, then longer than max_input_tokens
     assert len(health) >= 5  # the probes really overlapped the tokenizing
-    assert max(health) < 0.1 and max(info) < 0.1, (max(health), max(info))
+    # A loop blocked by the tokenizing would hold a probe for its whole duration (seconds); a
+    # loaded 2-core CI machine can add a scheduling hiccup to any single probe, hence the medians.
+    assert max(health) < 0.5 and max(info) < 0.5, (max(health), max(info))
+    assert statistics.median(health) < 0.1 and statistics.median(info) < 0.1
     assert_recovered(hserver, canary)
 
 

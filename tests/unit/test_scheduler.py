@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.block_manager import NO_HIT, BlockManager, blocks_for
-from loramux.server.scheduler import Budgets, SeqView, schedule
+from loramux.server.scheduler import Budgets, Fairness, SeqView, schedule
 
 B = Budgets(max_batch_size=4, max_tokens_per_step=16, max_adapters_per_step=2)
 BIG = 1000  # a block size no test sequence outgrows: one block per sequence, like the old slots
@@ -13,11 +13,11 @@ BIG = 1000  # a block size no test sequence outgrows: one block per sequence, li
 def seq(i, adapter=None, prompt=8, computed=0, held=None):
     """``held``: a running sequence holds its one block (default: when it has computed tokens)."""
     held = computed > 0 if held is None else held
-    return SeqView(i, adapter, prompt, computed, num_blocks=int(held), num_freeable=int(held))
+    return SeqView(i, adapter, prompt, computed, num_blocks=int(held), num_freeable=int(held), tenant=adapter)
 
 
-def slots(waiting, running, budgets, free, ready):
-    return schedule(waiting, running, budgets, free, BIG, ready)
+def slots(waiting, running, budgets, free, ready, fairness=None):
+    return schedule(waiting, running, budgets, free, BIG, ready, fairness=fairness)
 
 
 def test_decodes_first_then_prefill_chunks_then_admissions():
@@ -49,16 +49,31 @@ def test_batch_size_and_free_blocks_bound_admission():
 def test_adapter_budget_and_loading_adapters_are_passed_over():
     waiting = [seq("cold", "x", 2), seq("a1", "a", 2), seq("b1", "b", 2), seq("c1", "c", 2), seq("a2", "a", 2)]
     d = slots(waiting, [], B, 8, {"a", "b", "c"})
-    # "cold" is loading and passed over; a and b fill the 2-adapter budget; c blocks what follows it
-    assert d.admitted == ("a1", "b1")
+    # "cold" is loading and passed over; a and b fill the 2-adapter budget; c is skipped, not a wall
+    assert d.admitted == ("a1", "b1", "a2")
 
 
-def test_a_blocked_request_is_not_overtaken():
-    """FIFO: a request blocked by the adapter budget stops later ones from jumping ahead forever."""
-    running = [seq("r1", "a", computed=8), seq("r2", "b", computed=8)]
-    waiting = [seq("c1", "c", 2), seq("a2", "a", 2)]
-    d = slots(waiting, running, B, 2, {"a", "b", "c"})
+def test_a_request_that_does_not_fit_the_free_blocks_stops_admission():
+    """On purpose: a long prompt is not overtaken forever by the short ones behind it."""
+    waiting = [SeqView("long", None, 40, 0), SeqView("short", None, 4, 0)]
+    d = schedule(waiting, [], Budgets(4, 64, 2), free_blocks=2, block_size=16, ready_adapters=set())
     assert d.admitted == ()
+
+
+def test_fair_admission_serves_the_tenant_with_the_least_service():
+    flood = [seq(f"f{i}", "flood", 2) for i in range(6)]
+    light = [seq("l1", "light", 2), seq("l2", "light", 2)]
+    budgets = Budgets(max_batch_size=3, max_tokens_per_step=64, max_adapters_per_step=4)
+    fifo = slots(flood + light, [], budgets, 8, {"flood", "light"})
+    assert fifo.admitted == ("f0", "f1", "f2")
+    fair = slots(flood + light, [], budgets, 8, {"flood", "light"}, Fairness({"flood": 100.0}))
+    # light is behind on service, but first each tenant gets its share of the batch (3 // 2 = 1)
+    assert fair.admitted == ("l1", "f0", "l2")
+    even = slots(flood + light, [], budgets, 8, {"flood", "light"}, Fairness())
+    assert even.admitted == ("f0", "l1", "f1")  # equal service: ties go by arrival; each admission costs tokens
+    weighted = slots(flood + light, [], budgets, 8, {"flood", "light"},
+                     Fairness({"flood": 4.0, "light": 1.0}, {"light": 0.25}))
+    assert weighted.admitted == ("l1", "f0", "f1")  # a weight of 1/4 makes light's tokens count 4x
 
 
 @settings(max_examples=300, deadline=None)
@@ -86,8 +101,16 @@ def test_every_budget_is_respected(running, waiting, tokens, free):
     decodes = [s for s in run if not s.in_prefill]
     if len(decodes) <= tokens:
         assert {s.seq_id for s in decodes} <= {i for i, _ in d.work}
-    # admissions are a prefix of the waiting order among ready requests
-    assert list(d.admitted) == [s.seq_id for s in wait[: len(d.admitted)]]
+    # within a tenant, admissions follow arrival order; a request is overtaken by a later one only
+    # when its adapter would pass the distinct-adapter budget
+    step_adapters = {chosen[i].adapter for i, _ in d.work} - {None}
+    for t in {s.tenant for s in wait}:
+        mine = [s.seq_id for s in wait if s.tenant == t]
+        assert [i for i in d.admitted if chosen[i].tenant == t] == mine[: sum(chosen[i].tenant == t for i in d.admitted)]
+    if d.admitted:
+        last = max(wait.index(chosen[i]) for i in d.admitted)
+        for s in wait[:last]:
+            assert s.seq_id in d.admitted or (s.adapter not in step_adapters and len(step_adapters) == 2)
 
 
 def test_admission_counts_blocks_and_keeps_a_watermark():
@@ -123,9 +146,26 @@ def test_a_prefill_chunk_shrinks_to_the_free_blocks():
     assert d.work == (("p", 32),) and d.preempted == ()
 
 
-def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4):
-    """The engine's loop in miniature (block manager + policy). Returns (requests, completed ids,
+def test_a_full_batch_gives_a_waiting_tenant_its_share_by_preempting_the_most_served():
+    running = [seq(f"f{i}", "flood", computed=8) for i in range(4)]
+    waiting = [seq("l1", "light", 2), seq("l2", "light", 2), seq("l3", "light", 2)]
+    budgets = Budgets(max_batch_size=4, max_tokens_per_step=64, max_adapters_per_step=4)
+    served = Fairness({"flood": 50.0, "light": 10.0})
+    d = slots(waiting, running, budgets, 8, {"flood", "light"}, served)
+    assert d.preempted == ("f2", "f3") and d.admitted == ()  # a share of 2 each; the newest flood requests go
+    assert dict(d.work) == {"f0": 1, "f1": 1}
+    assert slots(waiting, running, budgets, 8, {"flood", "light"}).preempted == ()  # fifo never does
+    behind = Fairness({"flood": 5.0, "light": 10.0})  # light has had more service: it waits its turn
+    assert slots(waiting, running, budgets, 8, {"flood", "light"}, behind).preempted == ()
+    at_share = [*running[:2], seq("l0", "light", computed=8), seq("l9", "light", computed=8)]
+    assert slots(waiting, at_share, budgets, 8, {"flood", "light"}, served).preempted == ()
+
+
+def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False):
+    """The engine's loop in miniature (block manager + policy; with ``fair``, three tenants and
+    their service counted as the engine counts it). Returns (requests, completed ids,
     preemptions); checks the block manager's invariants after every step."""
+    service = {}
     blocks = BlockManager(num_blocks, bs, prefix_caching=False)
     pending = [{"id": i, "prompt": p, "new": n, "arrive": t, "prefill": p, "computed": 0, "generated": 0}
                for i, (p, n, t) in enumerate(reqs) if blocks_for(p + n, bs) <= num_blocks]  # admission refuses the rest
@@ -135,9 +175,10 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4):
         if not waiting and not running and len(done) == len(pending):
             break
         views = [SeqView(r["id"], None, r["prefill"], r["computed"], len(blocks.table(r["id"])),
-                         blocks.num_freeable(r["id"])) for r in running]
-        d = schedule([SeqView(r["id"], None, r["prefill"], 0) for r in waiting], views,
-                     Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs, set(), watermark=1)
+                         blocks.num_freeable(r["id"]), tenant=r["id"] % 3) for r in running]
+        d = schedule([SeqView(r["id"], None, r["prefill"], 0, tenant=r["id"] % 3) for r in waiting], views,
+                     Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs, set(), watermark=1,
+                     fairness=Fairness(service) if fair else None)
         by_id = {r["id"]: r for r in [*waiting, *running]}
         for i in d.preempted:  # recomputed later from all its tokens so far
             r = by_id[i]
@@ -153,6 +194,8 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4):
         for i, n in d.work:
             r = by_id[i]
             blocks.allocate(i, r["computed"] + n)  # never refused: the decision is final
+            decode = r["computed"] >= r["prefill"]
+            service[i % 3] = service.get(i % 3, 0.0) + n * (2.0 if decode else 1.0)
             r["computed"] += n
             if r["computed"] == r["prompt"] + r["generated"]:  # every known token is in: one is sampled
                 r["generated"] += 1
@@ -175,9 +218,10 @@ def test_a_small_pool_preempts_and_still_completes_everything():
     reqs=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 24), st.integers(0, 6)), min_size=1, max_size=10),
     num_blocks=st.integers(4, 12),
     budgets=st.tuples(st.integers(1, 5), st.integers(5, 48)),
+    fair=st.booleans(),
 )
-def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets):
-    """Requests arrive over time into a pool small enough to force preemptions; every one finishes
-    in bounded steps, with every block back."""
-    pending, done, _ = simulate(reqs, num_blocks, *budgets)
+def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets, fair):
+    """Requests arrive over time into a pool small enough to force preemptions, under fifo or fair
+    admission; every one finishes in bounded steps, with every block back."""
+    pending, done, _ = simulate(reqs, num_blocks, *budgets, fair=fair)
     assert done == {r["id"] for r in pending}, "a request never completed"

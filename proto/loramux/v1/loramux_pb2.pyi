@@ -154,19 +154,21 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path", "replace", "preload")
+    __slots__ = ("adapter_id", "path", "replace", "preload", "weight")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     PRELOAD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     replace: bool
     preload: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., preload: _Optional[bool] = ...) -> None: ...
+    weight: float
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., preload: _Optional[bool] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash")
+    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash", "weight")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +178,7 @@ class AdapterInfo(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     rank: int
@@ -185,7 +188,8 @@ class AdapterInfo(_message.Message):
     tier: AdapterTier
     requests_served: int
     content_hash: str
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ...) -> None: ...
+    weight: float
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class UnregisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)
