@@ -1,4 +1,8 @@
-"""The step loop: schedule -> runner.step -> sample -> deliver token events.
+"""The step loop: schedule -> admit -> runner.step -> sample -> process outputs -> deliver events.
+
+The parts: scheduler.py (pure policy), block_manager.py (KV blocks, prefix cache),
+adapter_admission.py (readiness, pins), runner.py with attention_metadata.py (the model step),
+output_processor.py (tokens -> text -> stops), sequence.py (a request's state and its stream).
 
 The loop runs on its own thread (torch releases the GIL inside ops); callers on an asyncio loop
 get each token through a per-request queue. Every exit path of a sequence goes through
