@@ -1,4 +1,4 @@
-"""Token-for-token parity with PEFT: 32 greedy requests over 7 adapters and the base model,
+"""Token-for-token parity with PEFT: 24 greedy requests over 7 adapters and the base model,
 joining a running batch at staggered times, with chunked prefill (float32, CPU), once with each op
 backend (the Triton kernels run in Triton's interpreter when there is no GPU)."""
 
@@ -17,7 +17,7 @@ from loramux.server.requests import GenerationRequest, SamplingParams
 
 from helpers import peft_generate
 
-NUM_REQUESTS = 32
+NUM_REQUESTS = 24  # three per adapter and for the base model: six waves joining a decoding batch
 MAX_NEW = 16
 
 
