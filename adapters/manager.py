@@ -232,6 +232,10 @@ class AdapterManager:
         self._device_hits += 1
         return self.pool.pin(key)
 
+    def weight(self, key: AdapterKey) -> float:
+        """The adapter's fair-scheduling weight, as registered."""
+        return self._entries[key].weight
+
     def content_hash(self, key: AdapterKey) -> str:
         """What the adapter computes (weights and scaling): the prefix cache's key for it."""
         return self._entries[key].manifest.content_hash

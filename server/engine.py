@@ -211,7 +211,8 @@ class Engine:
         cold = adapter is not None and self.adapters.tier(adapter) != "device"
         loop = asyncio.get_running_loop()
         seq = Sequence(
-            request=req, adapter=adapter, identity=self._identity(adapter), sampler=SamplerState.create(req.sampling, "cpu"),
+            request=req, adapter=adapter, identity=self._identity(adapter),
+            weight=1.0 if adapter is None else self.adapters.weight(adapter), sampler=SamplerState.create(req.sampling, "cpu"),
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
             cold_adapter=cold,
@@ -305,8 +306,8 @@ class Engine:
     def _join(self, seq: Sequence) -> None:
         """A tenant that had nothing queued or running joins at the least service of the active
         ones, so idle time is not banked (VTC's counter lift)."""
-        tenant = seq.request.adapter_id or None
-        active = {s.request.adapter_id or None for s in (*self._waiting, *self._running)}
+        tenant = seq.tenant
+        active = {s.tenant for s in (*self._waiting, *self._running)}
         if tenant in active:
             return
         floor = min((self.service.get(t, 0.0) for t in active), default=None)
@@ -314,12 +315,6 @@ class Engine:
             self.service.clear()
             return
         self.service[tenant] = max(self.service.get(tenant, 0.0), floor)
-
-    def _weight(self, tenant: str | None) -> float:
-        if tenant is None:
-            return 1.0
-        entry = self.adapters.registry.lookup(tenant)
-        return 1.0 if entry is None else entry.weight
 
     def _poll_adapters(self) -> tuple[set, bool]:
         ready, loading, failed = self.admission.poll(self._waiting)
@@ -338,19 +333,18 @@ class Engine:
                 if seq.prompt_keys is None:
                     seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], self.blocks.block_size)
                 seq.hit = self.blocks.lookup(seq.prompt_keys)
-            cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size) if seq.hit.blocks else 0
+            cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size)
             waiting.append(SeqView(seq, seq.adapter, seq.prefill_len, 0, num_cached=cached,
-                                   hit_blocks=len(seq.hit.blocks), hit_free=seq.hit.num_free,
-                                   tenant=seq.request.adapter_id or None))
+                                   hit_blocks=len(seq.hit.blocks), hit_free=seq.hit.num_free, tenant=seq.tenant))
         running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
-                           self.blocks.num_freeable(seq), tenant=seq.request.adapter_id or None)
+                           self.blocks.num_freeable(seq), tenant=seq.tenant)
                    for seq in self._running]
         return waiting, running
 
     def _admit(self, seq: Sequence) -> None:
         self.admission.pin(seq)
         self.blocks.admit(seq, seq.hit, seq.prompt_keys or ())
-        cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size) if seq.hit.blocks else 0
+        cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size)
         seq.num_computed = cached
         if self.blocks.prefix_caching:
             self.prefix_queried_tokens += seq.prefill_len
@@ -380,7 +374,7 @@ class Engine:
         waiting, running = self._views()
         fairness = None
         if self.config.scheduling == "fair":
-            fairness = Fairness(self.service, {v.tenant: self._weight(v.tenant) for v in waiting})
+            fairness = Fairness(self.service, {s.tenant: s.weight for s in self._waiting})
         decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
                             self.watermark_blocks, fairness)
         for seq in decision.preempted:
@@ -406,9 +400,8 @@ class Engine:
         t0 = time.perf_counter()
         logits, order = self.runner.step(items)
         for seq, n in work:
-            tenant = seq.request.adapter_id or None
-            weight = DECODE_WEIGHT if seq.num_computed >= seq.prefill_len else PREFILL_WEIGHT
-            self.service[tenant] = self.service.get(tenant, 0.0) + weight * n / self._weight(tenant)
+            per_token = DECODE_WEIGHT if seq.num_computed >= seq.prefill_len else PREFILL_WEIGHT
+            self.service[seq.tenant] = self.service.get(seq.tenant, 0.0) + per_token * n / seq.weight
             seq.num_computed += n
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
         sampled = [work[i][0] for i in order]

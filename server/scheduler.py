@@ -141,10 +141,8 @@ def schedule(
     for order, seq in enumerate(waiting):
         queues.setdefault(seq.tenant, deque()).append((order, seq))
     service = dict(fairness.service) if fairness else {}
-    counts: dict[Hashable, int] = {}
-    for s in active:
-        counts[s.tenant] = counts.get(s.tenant, 0) + 1
-    share = max(1, budgets.max_batch_size // max(1, len(set(counts) | set(queues))))
+    counts = _running_per_tenant(active)
+    share = _share(budgets, counts, queues)
     admitted: list[Hashable] = []
     while queues and batch < budgets.max_batch_size and tokens_left > 0:
         if fairness:  # tenants below their share of the batch first (slots freed for them stay theirs)
@@ -190,15 +188,13 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
     def service(t):
         return fairness.service.get(t, 0.0)
 
-    counts: dict[Hashable, int] = {}
-    for s in active:
-        counts[s.tenant] = counts.get(s.tenant, 0) + 1
+    counts = _running_per_tenant(active)
     adapters = {s.adapter for s in active if s.adapter is not None}
     queued: dict[Hashable, int] = {}
     for seq in waiting:
         if seq.adapter is None or seq.adapter in ready_adapters:
             queued[seq.tenant] = queued.get(seq.tenant, 0) + 1
-    share = max(1, budgets.max_batch_size // len(set(counts) | set(queued)))
+    share = _share(budgets, counts, queued)
     victims: list[SeqView] = []
     for tenant in sorted(queued, key=service):
         adapter = next(s.adapter for s in waiting if s.tenant == tenant)
@@ -216,3 +212,15 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
             counts[tenant] = counts.get(tenant, 0) + 1
             want -= 1
     return victims
+
+
+def _running_per_tenant(active: Sequence[SeqView]) -> dict[Hashable, int]:
+    counts: dict[Hashable, int] = {}
+    for s in active:
+        counts[s.tenant] = counts.get(s.tenant, 0) + 1
+    return counts
+
+
+def _share(budgets: Budgets, running: Mapping[Hashable, int], waiting_tenants) -> int:
+    """A tenant's share of the batch: max-batch-size over the tenants with requests."""
+    return max(1, budgets.max_batch_size // max(1, len(set(running) | set(waiting_tenants))))

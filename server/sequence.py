@@ -20,6 +20,7 @@ class Sequence:
     request: GenerationRequest
     adapter: AdapterKey | None
     identity: bytes  # what computes this sequence's KV: the prefix cache's namespace for it
+    weight: float  # its adapter's fair-scheduling weight, fixed at arrival (1 for the base model)
     sampler: SamplerState
     detok: IncrementalDetokenizer
     queue: asyncio.Queue
@@ -51,6 +52,11 @@ class Sequence:
 
     def __post_init__(self):
         self.prefill_len = self.prefill_len or self.num_prompt
+
+    @property
+    def tenant(self) -> str | None:
+        """Whose fair share it draws on: its adapter id, or None for the base model."""
+        return self.request.adapter_id or None
 
     @property
     def num_generated(self) -> int:
