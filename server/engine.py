@@ -439,28 +439,30 @@ class Engine:
         )
 
     def _finish(self, seq: Sequence, last: Finished | None = None, error: BaseException | None = None) -> None:
-        """The one exit path: release KV and pin, record the finish with the observers, then send
-        the final event or the error (so whoever sees the answer can already see its log line)."""
+        """The one exit path: record the finish with the observers, release KV and pin, leave the
+        queues, then send the final event or the error. The order keeps a concurrent scrape
+        consistent: once a request no longer counts as running, its finish is counted and its
+        blocks are free; and whoever sees the answer can already see its log line."""
         if seq.done:
             return
         seq.done = True
+        status = "OK" if error is None else status_name(error)
+        timing = self._timing(seq)
         try:
-            if seq in self._running:
-                self._running.remove(seq)
-            elif seq in self._waiting:
-                self._waiting.remove(seq)
-            self.blocks.free(seq)
-            self.admission.release(seq)
-        finally:  # whatever happened above, the caller gets its answer and the place is returned
-            with self._admission_lock:
-                self._accepted -= 1
-            timing = self._timing(seq)
-            status = "OK" if error is None else status_name(error)
             for obs in self.observers:
                 try:  # an observer's fault (metrics, logs) never reaches the request or the engine
                     obs.finish(seq, status, error, timing)
                 except Exception:  # noqa: BLE001
                     log.exception("observer %s failed on request %s", type(obs).__name__, seq.request.request_id)
+            self.blocks.free(seq)
+            self.admission.release(seq)
+        finally:  # whatever happened above, the caller gets its answer and the place is returned
+            if seq in self._running:
+                self._running.remove(seq)
+            elif seq in self._waiting:
+                self._waiting.remove(seq)
+            with self._admission_lock:
+                self._accepted -= 1
             if error is not None:
                 self._emit(seq, error)
             else:
