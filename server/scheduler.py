@@ -18,7 +18,8 @@ Rules, in order:
    A request blocked for a reason of its own (its adapter is not ready, or a new adapter would pass
    the distinct-adapter budget) is skipped with the rest of its tenant for this step; others go
    ahead. One that does not fit the free blocks stops admission, on purpose, so that long prompts
-   are not starved by short ones. Nothing is admitted in a step that preempts.
+   are not starved by short ones. Nothing is admitted in a step that preempts for KV memory; a
+   step that preempts for a fair share admits the tenant it made room for at once.
 
 The decision is final: the engine carries it out without refusing any of it.
 """
@@ -36,7 +37,10 @@ from .block_manager import blocks_for
 class Budgets:
     max_batch_size: int
     max_tokens_per_step: int
-    max_adapters_per_step: int
+    max_adapters_per_step: int | None = None  # None: adapters are bounded by device pages (ready = resident)
+
+    def adapter_cap_reached(self, adapters) -> bool:
+        return self.max_adapters_per_step is not None and len(adapters) >= self.max_adapters_per_step
 
 
 @dataclass(frozen=True)
@@ -126,14 +130,16 @@ def schedule(
                 tokens_left -= want
                 free -= need
                 i += 1
-    if fairness and not preempted and len(active) >= budgets.max_batch_size:
+    kv_pressure = bool(preempted)
+    if fairness and not kv_pressure and len(active) >= budgets.max_batch_size:
         for victim in fair_victims(waiting, active, budgets, fairness, ready_adapters):
             preempt(active.index(victim))
     work = [(s.seq_id, charged[s.seq_id][0]) for phase in (False, True) for s in active
             if s.in_prefill == phase and s.seq_id in charged]
-    if preempted:
-        order = {s.seq_id: i for i, s in enumerate(running)}
-        return Decision(tuple(work), (), tuple(sorted(preempted, key=order.__getitem__)))
+    order = {s.seq_id: i for i, s in enumerate(running)}
+    preempted.sort(key=order.__getitem__)
+    if kv_pressure:
+        return Decision(tuple(work), (), tuple(preempted))
 
     adapters = {s.adapter for s in active if s.adapter is not None}
     batch = len(active)
@@ -152,7 +158,7 @@ def schedule(
         seq = queues[tenant][0][1]
         new_adapter = seq.adapter is not None and seq.adapter not in adapters
         if (seq.adapter is not None and seq.adapter not in ready_adapters) or (
-                new_adapter and len(adapters) >= budgets.max_adapters_per_step):
+                new_adapter and budgets.adapter_cap_reached(adapters)):
             del queues[tenant]  # its own reason: the rest of its tenant waits too, others go ahead
             continue
         start = max(seq.num_computed, seq.num_cached)
@@ -173,7 +179,7 @@ def schedule(
         queues[tenant].popleft()
         if not queues[tenant]:
             del queues[tenant]
-    return Decision(tuple(work), tuple(admitted))
+    return Decision(tuple(work), tuple(admitted), tuple(preempted))
 
 
 def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Budgets, fairness: Fairness,
@@ -198,7 +204,7 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
     victims: list[SeqView] = []
     for tenant in sorted(queued, key=service):
         adapter = next(s.adapter for s in waiting if s.tenant == tenant)
-        if adapter is not None and adapter not in adapters and len(adapters) >= budgets.max_adapters_per_step:
+        if adapter is not None and adapter not in adapters and budgets.adapter_cap_reached(adapters):
             continue  # it could not join this step's adapters anyway
         want = min(share - counts.get(tenant, 0), queued[tenant])
         while want > 0:
@@ -212,6 +218,26 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
             counts[tenant] = counts.get(tenant, 0) + 1
             want -= 1
     return victims
+
+
+def adapter_order(waiting: Sequence, fairness: Fairness | None) -> list[Hashable]:
+    """The distinct adapters of ``waiting`` (anything with ``adapter`` and ``tenant``, in arrival
+    order) in the order admission will want them, for prefetching: fifo, by first arrival; fair,
+    tenants by least service received, ties by first arrival. The base model is left out."""
+    first: dict[Hashable, int] = {}
+    by_tenant: dict[Hashable, list[Hashable]] = {}
+    for i, seq in enumerate(waiting):
+        if seq.adapter is None:
+            continue
+        first.setdefault(seq.tenant, i)
+        keys = by_tenant.setdefault(seq.tenant, [])
+        if seq.adapter not in keys:  # a replaced adapter's requests hold two versions
+            keys.append(seq.adapter)
+    if fairness:
+        tenants = sorted(first, key=lambda t: (fairness.service.get(t, 0.0), first[t]))
+    else:
+        tenants = list(first)
+    return [key for t in tenants for key in by_tenant[t]]
 
 
 def _running_per_tenant(active: Sequence[SeqView]) -> dict[Hashable, int]:

@@ -152,8 +152,9 @@ def test_a_full_batch_gives_a_waiting_tenant_its_share_by_preempting_the_most_se
     budgets = Budgets(max_batch_size=4, max_tokens_per_step=64, max_adapters_per_step=4)
     served = Fairness({"flood": 50.0, "light": 10.0})
     d = slots(waiting, running, budgets, 8, {"flood", "light"}, served)
-    assert d.preempted == ("f2", "f3") and d.admitted == ()  # a share of 2 each; the newest flood requests go
-    assert dict(d.work) == {"f0": 1, "f1": 1}
+    # a share of 2 each; the newest flood requests go, and light takes their places in the same step
+    assert d.preempted == ("f2", "f3") and d.admitted == ("l1", "l2")
+    assert dict(d.work) == {"f0": 1, "f1": 1, "l1": 2, "l2": 2}
     assert slots(waiting, running, budgets, 8, {"flood", "light"}).preempted == ()  # fifo never does
     behind = Fairness({"flood": 5.0, "light": 10.0})  # light has had more service: it waits its turn
     assert slots(waiting, running, budgets, 8, {"flood", "light"}, behind).preempted == ()
