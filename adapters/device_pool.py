@@ -3,7 +3,8 @@
 One page is one rank row of every targeted module: ``a_store[(layer, kind)][page] = A[k]`` and
 ``b_store[(layer, kind)][page] = s * B[:, k]``. An adapter of rank r owns r pages (any r pages,
 not necessarily adjacent), so small ranks never occupy a max-rank slot (S-LoRA's unified paging
-at rank granularity). Adapters pinned by running requests are never evicted.
+at rank granularity), and residency is bounded by pages alone, not by a count of adapters.
+Adapters pinned by running requests, and adapters kept resident, are never evicted.
 """
 
 from __future__ import annotations
@@ -11,25 +12,35 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .loader import LoRALayout, LoRAWeights
+from .reloads import ReloadTracker
 
 AdapterKey = tuple[str, int]  # (adapter_id, version)
 
 
-def select_victims(lru_order: list[tuple[AdapterKey, int]], pinned: set[AdapterKey], pages_needed: int) -> list[AdapterKey] | None:
-    """Eviction policy: least recently used unpinned adapters first, until ``pages_needed`` pages
-    are freed. ``lru_order`` is [(key, pages)] oldest first. Returns None when that is impossible."""
+def select_victims(lru_order: list[tuple[AdapterKey, int]], pinned: set[AdapterKey], pages_needed: int,
+                   needed: Mapping[AdapterKey, int] | None = None,
+                   protected: set[AdapterKey] = frozenset()) -> list[AdapterKey] | None:
+    """Eviction policy: the adapters to evict so that ``pages_needed`` pages come free, or None
+    when that is impossible. ``lru_order`` is [(key, pages)] oldest first; pinned and protected
+    adapters are never taken. Adapters no queued request needs go first, least recently used
+    first; then those ``needed`` (key -> place in the serving order of the first request that
+    needs it) latest first, since the request furthest back can best wait for a reload."""
+    needed = needed or {}
+    candidates = [(k, p) for k, p in lru_order if k not in pinned and k not in protected]
+    unneeded = [(k, p) for k, p in candidates if k not in needed]
+    later = sorted(((k, p) for k, p in candidates if k in needed), key=lambda kp: -needed[kp[0]])
     victims, freed = [], 0
-    for key, pages in lru_order:
+    for key, pages in (*unneeded, *later):
         if freed >= pages_needed:
             break
-        if key not in pinned:
-            victims.append(key)
-            freed += pages
+        victims.append(key)
+        freed += pages
     return victims if freed >= pages_needed else None
 
 
@@ -45,9 +56,8 @@ class DevicePool:
     adapter into free pages. A copy runs outside the lock into pages reserved for it, and the
     adapter becomes visible (resident) only once its pages are written."""
 
-    def __init__(self, layout: LoRALayout, num_pages: int, max_adapters: int, dtype, device):
+    def __init__(self, layout: LoRALayout, num_pages: int, dtype, device):
         self.num_pages = num_pages
-        self.max_adapters = max_adapters
         self.stores = {
             (layer, kind): (
                 torch.zeros(num_pages, in_f, dtype=dtype, device=device),
@@ -68,6 +78,8 @@ class DevicePool:
         self._free_pages = list(range(num_pages))
         self._resident: OrderedDict[AdapterKey, Resident] = OrderedDict()  # LRU order, oldest first
         self._copying: set[AdapterKey] = set()  # pages reserved, copy in flight
+        self._kept: set[AdapterKey] = set()  # kept resident on request: never evicted
+        self.reloads = ReloadTracker()
         self.evictions = 0
         self.on_evict = None  # instrumentation hook: called with the key of each evicted adapter
         # CUDA: recorded on the evicting (compute) stream; a copy into freed pages waits on it, so it
@@ -96,6 +108,20 @@ class DevicePool:
         with self._lock:
             return {k for k, r in self._resident.items() if r.pins}
 
+    def keep(self, key: AdapterKey) -> None:
+        """Never evict this adapter once resident (it still pages in like any other)."""
+        with self._lock:
+            self._kept.add(key)
+
+    def unkeep(self, key: AdapterKey) -> None:
+        with self._lock:
+            self._kept.discard(key)
+
+    @property
+    def free_pages(self) -> int:
+        with self._lock:
+            return len(self._free_pages)
+
     def pin(self, key: AdapterKey) -> torch.Tensor:
         with self._lock:
             res = self._resident[key]
@@ -118,32 +144,25 @@ class DevicePool:
             res = self._resident.get(key)
             return 0 if res is None else res.pins
 
-    def _plan_room(self, rank: int, evict: bool) -> list[AdapterKey] | None:
-        """Victims to evict so that ``rank`` pages and one adapter slot are free; None: impossible
-        now (or eviction needed but not allowed)."""
-        lru = [(k, r.pages.numel()) for k, r in self._resident.items()]
-        pinned = {k for k, r in self._resident.items() if r.pins}
-        victims = select_victims(lru, pinned, max(0, rank - len(self._free_pages)))
-        if victims is None:
-            return None
-        if len(self._resident) + len(self._copying) - len(victims) >= self.max_adapters:
-            extra = [k for k, _ in lru if k not in pinned and k not in victims]
-            if not extra:
-                return None
-            victims.append(extra[0])
-        return victims if evict or not victims else None
-
-    def reserve(self, key: AdapterKey, rank: int, evict: bool) -> torch.Tensor | None:
-        """Set aside ``rank`` pages for ``key`` (evicting LRU unpinned adapters if ``evict``), for
-        ``fill`` to write. None: resident or already reserved, or no room now."""
+    def reserve(self, key: AdapterKey, rank: int, evict: bool, needed: Mapping[AdapterKey, int] | None = None,
+                protected: set[AdapterKey] = frozenset()) -> torch.Tensor | None:
+        """Set aside ``rank`` pages for ``key`` for ``fill`` to write, evicting if ``evict`` (by
+        ``select_victims``, never a pinned, kept or ``protected`` adapter). None: resident or
+        already reserved, or no room now."""
         with self._lock:
             if key in self._resident or key in self._copying:
                 return None
-            victims = self._plan_room(rank, evict)
-            if victims is None:
-                return None
-            for victim in victims:
-                self.evict(victim)
+            short = rank - len(self._free_pages)
+            if short > 0:
+                if not evict:
+                    return None
+                lru = [(k, r.pages.numel()) for k, r in self._resident.items()]
+                pinned = {k for k, r in self._resident.items() if r.pins} | self._kept
+                victims = select_victims(lru, pinned, short, needed, protected)
+                if victims is None:
+                    return None
+                for victim in victims:
+                    self.evict(victim)
             self._copying.add(key)
             return torch.tensor([self._free_pages.pop() for _ in range(rank)])
 
@@ -176,6 +195,7 @@ class DevicePool:
         with self._lock:
             self._copying.discard(key)
             self._resident[key] = Resident(pages, kinds)
+            self.reloads.loaded(key)
 
     def cancel(self, key: AdapterKey, pages: torch.Tensor) -> None:
         """Give back pages reserved for ``key`` whose copy will not happen."""
@@ -186,12 +206,13 @@ class DevicePool:
     def evict(self, key: AdapterKey) -> None:
         with self._lock:
             res = self._resident[key]
-            assert res.pins == 0, f"evicting pinned adapter {key}"
+            assert res.pins == 0 and key not in self._kept, f"evicting pinned or kept adapter {key}"
             if self.on_evict is not None:  # before the pages are freed: it can still see the pin count
                 self.on_evict(key)
             del self._resident[key]
             self._free_pages.extend(res.pages.tolist())
             self.evictions += 1
+            self.reloads.evicted(key)
             if self._copy_stream is not None:
                 self._evicted = torch.cuda.Event()
                 self._evicted.record()  # on the caller's current stream: the one that ran the reads

@@ -34,6 +34,10 @@ class RegistryFull(AdapterError):
     """--max-registered-adapters is reached."""
 
 
+class AdapterNoRoom(AdapterError):
+    """Keeping the adapter resident would leave device pages too few for the others."""
+
+
 class AdapterLoadFailed(AdapterError):
     """An internal fault while reading or copying an adapter (not the adapter's own fault)."""
 

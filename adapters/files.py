@@ -58,23 +58,36 @@ class AdapterFile:
         if not inside(opened, confine):
             raise AdapterPathDenied(f"{self.name} resolves outside the adapter root")
 
-    def read(self, limit: int, what: str = "the limit") -> bytes:
-        """The whole file, refused when it is (or grows) larger than ``limit`` bytes."""
+    def read(self, limit: int, what: str = "the limit") -> bytearray:
+        """The whole file, refused when it is (or grows) larger than ``limit`` bytes. Read into
+        one writable buffer, so tensors can view it without a copy."""
         if self.size > limit:
             raise AdapterInvalid(f"{self.name} is {self.size} bytes; {what} is {limit} bytes")
-        chunks, total = [], 0
-        while total <= limit:
+        buf = bytearray(self.size + 1)  # the spare byte finds a file that grew
+        total = 0
+        while True:
+            if total == len(buf):
+                if total > limit:
+                    break
+                buf.extend(bytes(min(1 << 22, limit + 1 - total)))
             try:
-                chunk = os.read(self.fd, min(1 << 22, limit + 1 - total))
+                with memoryview(buf) as view:
+                    n = os.readv(self.fd, [view[total:]])
             except OSError as e:
                 raise AdapterInvalid(f"cannot read {self.name}: {e.strerror}") from None
-            if not chunk:
+            if n == 0:
                 break
-            chunks.append(chunk)
-            total += len(chunk)
+            total += n
         if total > limit:
             raise AdapterInvalid(f"{self.name} grew past {limit} bytes while it was read")
-        return b"".join(chunks)
+        del buf[total:]
+        return buf
+
+    def identity(self) -> tuple[int, ...]:
+        """(device, inode, size, mtime, ctime) of the open file now. Any write to the file sets its
+        ctime to the current time, and no call sets ctime back."""
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def read_prefix(self, n: int) -> bytes:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from .loader import LoRAWeights
+from .reloads import ReloadTracker
 
 
 class HostCache:
@@ -12,6 +13,7 @@ class HostCache:
         self.capacity = capacity
         self._items: OrderedDict[object, LoRAWeights] = OrderedDict()
         self.hits = self.evictions = 0  # misses are disk reads, counted by the manager
+        self.reloads = ReloadTracker()
 
     def get(self, key) -> LoRAWeights | None:
         w = self._items.get(key)
@@ -22,11 +24,14 @@ class HostCache:
         return w
 
     def put(self, key, weights: LoRAWeights) -> None:
+        if key not in self._items:
+            self.reloads.loaded(key)
         self._items[key] = weights
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            evicted, _ = self._items.popitem(last=False)
             self.evictions += 1
+            self.reloads.evicted(evicted)
 
     def __contains__(self, key) -> bool:
         return key in self._items

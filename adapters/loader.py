@@ -2,7 +2,10 @@
 
 Files are read into memory whole and validated before use: a memory-mapped read of a file that
 is truncated later would kill the process with SIGBUS. Registration reads and hashes the weights;
-every later load checks that hash, so the weights served are the weights that were validated.
+every later load checks that hash, so the weights served are the weights that were validated. A
+load of a file whose (device, inode, size, mtime, ctime) are those it had when hashed skips the
+hash: any write sets ctime to the current time. A file hashed within RACY_NS of its last change
+is hashed at every load, since a write in the same clock tick could leave its ctime as it was.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import io
 import json
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 
 from .config import AdapterSpec, read_adapter_config
 from .errors import AdapterInvalid, clip
@@ -27,6 +30,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 PICKLE_OVERHEAD = 1 << 20  # a pickle's framing beyond its tensors' bytes
+RACY_NS = 2_000_000_000  # a file changed less than this before it was hashed is hashed at every load
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
@@ -55,6 +59,10 @@ class AdapterManifest:
     weights_name: str  # the file the weights came from
     weights_sha256: str  # of its bytes at registration: later loads must match
     content_hash: str  # sha256 of the weights' hash and the scaling config: what the adapter computes
+    # the weights file's (device, inode, size, mtime, ctime) when hashed; a load of the file with
+    # the same identity skips the hash (any write changes ctime). None: written too recently to
+    # tell, so every load hashes.
+    weights_identity: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,27 +76,37 @@ class LoRAWeights:
     rank: int
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
+    flat: torch.Tensor | None = None  # one buffer all of a and b view, in ``serving_order``
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
-    def pin_memory(self, pin: bool = True) -> LoRAWeights:
-        """A copy in one flat pinned buffer (one allocation, not one per tensor: pinning is slow).
-        ``pin=False`` lays out the same flat copy unpinned (for hosts without an accelerator)."""
-        tensors = [*self.a.values(), *self.b.values()]
-        if not tensors:
-            return self
-        flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, pin_memory=pin)
-        views, at = [], 0
-        for t in tensors:
-            view = flat[at : at + t.numel()].view(t.shape)
-            view.copy_(t)
-            views.append(view)
-            at += t.numel()
-        a = dict(zip(self.a, views[: len(self.a)], strict=True))
-        b = dict(zip(self.b, views[len(self.a) :], strict=True))
-        return LoRAWeights(self.rank, a, b)
+    @classmethod
+    def over(cls, flat: torch.Tensor, modules: list[tuple[int, str]], rank: int, layout: LoRALayout) -> LoRAWeights:
+        """Views of ``flat``: per module in ``modules`` order, A [rank, in] then B [rank, out]."""
+        a, b, at = {}, {}, 0
+        for key in modules:
+            in_f, out_f = layout.shapes[key[1]]
+            a[key] = flat[at : at + rank * in_f].view(rank, in_f)
+            at += rank * in_f
+            b[key] = flat[at : at + rank * out_f].view(rank, out_f)
+            at += rank * out_f
+        if at != flat.numel():
+            raise ValueError(f"a flat adapter buffer of {flat.numel()} values for a layout of {at}")
+        return cls(rank, a, b, flat)
+
+    def nonfinite_module(self) -> tuple[int, str] | None:
+        """The first module holding a NaN or an Inf, or None. The sum of finite values is finite
+        unless it overflows, so one fast reduction clears almost every adapter."""
+        if self.flat is not None and torch.isfinite(self.flat.sum()):
+            return None
+        return next((k for k in self.a if not (torch.isfinite(self.a[k]).all() and torch.isfinite(self.b[k]).all())),
+                    None)
+
+
+def flat_numel(modules: list[tuple[int, str]], rank: int, layout: LoRALayout) -> int:
+    return rank * sum(sum(layout.shapes[kind]) for _, kind in modules)
 
 
 def read_safetensors_header(prefix: bytes, file_size: int, source: str = WEIGHTS_NAME) -> dict[str, dict]:
@@ -141,17 +159,19 @@ def _ints(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int) -> tuple[dict[str, dict], bytes]:
+def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int) -> tuple[dict[str, dict], bytearray]:
     """Header first, then the whole file, which must be no larger than the header says: a file
     of the wrong size is refused before its data is read."""
     head = f.read_prefix(8)
     header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
     prefix = f.read_prefix(8 + min(header_len, MAX_HEADER_BYTES))
     header = read_safetensors_header(prefix, f.size, f.name)
+    prefix = prefix[: 8 + header_len]
     # the shapes must fit the base model before the body is read
     _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
     data = f.read(f.size)
-    read_safetensors_header(data, len(data), f.name)  # the bytes read are the bytes checked
+    if len(data) != f.size or data[: len(prefix)] != prefix:  # the bytes read are the bytes checked
+        raise AdapterInvalid(f"{f.name} changed while it was read")
     return header, data
 
 
@@ -232,15 +252,16 @@ def _largest_adapter_bytes(layout: LoRALayout, max_rank: int) -> int:
 
 
 def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayout,
-                  max_rank: int) -> tuple[dict[str, list[int]], bytes]:
-    """(shape of each tensor, the file's bytes), read confined and bounded (adapters/files.py)."""
+                  max_rank: int) -> tuple[dict[str, dict] | None, bytearray, tuple[int, ...]]:
+    """(the safetensors header, None for a pickle file; the file's bytes; the file's identity
+    once read), read confined and bounded (adapters/files.py)."""
     with AdapterFile(adapter_dir, name, confine) as f:
         if name == PICKLE_WEIGHTS_NAME:
-            data = f.read(_largest_adapter_bytes(layout, max_rank) + PICKLE_OVERHEAD,
-                          "the largest adapter this model and --max-lora-rank allow")
-            return {k: list(v.shape) for k, v in _unpickle(data, name).items()}, data
-        header, data = _read_safetensors(f, layout, max_rank)
-        return {k: v["shape"] for k, v in header.items()}, data
+            header, data = None, f.read(_largest_adapter_bytes(layout, max_rank) + PICKLE_OVERHEAD,
+                                        "the largest adapter this model and --max-lora-rank allow")
+        else:
+            header, data = _read_safetensors(f, layout, max_rank)
+        return header, data, f.identity()
 
 
 def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
@@ -254,22 +275,40 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
         raise AdapterInvalid("the adapter path is not a directory")
     spec, _ = read_adapter_config(adapter_dir, confine)
     name = _weights_name(adapter_dir, allow_pickle)
-    shapes, data = _read_weights(adapter_dir, name, confine, layout, max_rank)
+    header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank)
+    if time.time_ns() - identity[-1] < RACY_NS:  # a write in this clock tick could leave the same ctime
+        identity = None
+    if header is None:
+        shapes = {k: list(v.shape) for k, v in _unpickle(data, name).items()}
+    else:
+        shapes = {k: v["shape"] for k, v in header.items()}
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
     rank = max(ranks.values())
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
     digest = hashlib.sha256(data).hexdigest()
     content = hashlib.sha256(f"{digest}\n{spec.scaling_identity()}".encode()).hexdigest()
-    return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content)
+    return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content, identity)
 
 
-def _decode(name: str, data: bytes) -> dict[str, torch.Tensor]:
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _decode(name: str, data: bytearray, header: dict[str, dict] | None) -> dict[str, torch.Tensor]:
+    """Tensors over the file's bytes, without copying them (safetensors: views at the checked
+    offsets of a little-endian body), or unpickled (only with --allow-pickle)."""
     if name == PICKLE_WEIGHTS_NAME:
         return _unpickle(data, name)
-    try:
-        return load_safetensors_bytes(data)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise AdapterInvalid(f"{WEIGHTS_NAME} cannot be decoded: {clip(str(e), 200)}") from None
+    body = 8 + struct.unpack("<Q", data[:8])[0]
+    buffer = memoryview(data)
+    out = {}
+    for key, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = TORCH_DTYPES[info["dtype"]]
+        if start == end:
+            out[key] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        out[key] = torch.frombuffer(buffer[body + start : body + end], dtype=dtype).view(info["shape"])
+    return out
 
 
 class AdapterChanged(AdapterInvalid):
@@ -278,11 +317,14 @@ class AdapterChanged(AdapterInvalid):
 
 def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
                  allow_pickle: bool = False, confine: Path | None = None,
-                 manifest: AdapterManifest | None = None) -> LoRAWeights:
+                 manifest: AdapterManifest | None = None, pin_memory: bool = False) -> LoRAWeights:
     """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``.
 
-    With the ``manifest`` registration made, its spec is used and the weights must have the
-    hash registration recorded (else AdapterChanged); without one, the config is read too."""
+    One pass from the file's bytes into the serving layout: every module's A and (s * B).T are
+    written, cast, into one flat buffer (pinned with ``pin_memory``, for copies to an
+    accelerator), and one check over that buffer proves every served value finite. With the
+    ``manifest`` registration made, its spec is used and the weights must have the hash
+    registration recorded (else AdapterChanged); without one, the config is read too."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if manifest is None:
@@ -290,31 +332,40 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         name = _weights_name(adapter_dir, allow_pickle)
     else:
         spec, name = manifest.spec, manifest.weights_name
-    _, data = _read_weights(adapter_dir, name, confine, layout, max_rank)
-    if manifest is not None and hashlib.sha256(data).hexdigest() != manifest.weights_sha256:
+    header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank)
+    unchanged = manifest is not None and identity == manifest.weights_identity
+    if manifest is not None and not unchanged and hashlib.sha256(data).hexdigest() != manifest.weights_sha256:
         raise AdapterChanged(f"{name} changed after the adapter was registered; register it again to serve the "
                              "new weights")
-    tensors = _decode(name, data)
+    tensors = _decode(name, data, header)
     ranks = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         by_module.setdefault(m["module"], {})[m["ab"]] = t
     rank = max(ranks.values())
-    a_out, b_out = {}, {}
-    for module, ab in by_module.items():
-        a, b = ab["A"].float(), ab["B"].float()
-        r = ranks[module]
-        layer, kind = layout.modules[module]
-        a_pad = a.new_zeros(rank, a.shape[1])
-        a_pad[:r] = a
-        b_pad = b.new_zeros(rank, b.shape[0])
-        b_pad[:r] = (b * spec.scaling(module, r)).T
-        a_pad, b_pad = a_pad.to(dtype), b_pad.to(dtype)
-        # checked as served: after the scaling is folded in and the cast, either of which can overflow
-        if not (torch.isfinite(a_pad).all() and torch.isfinite(b_pad).all()):
-            raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "
-                                 f"{spec.scaling(module, r):g} and cast to {str(dtype).removeprefix('torch.')}")
-        a_out[(layer, kind)] = a_pad
-        b_out[(layer, kind)] = b_pad
-    return LoRAWeights(rank, a_out, b_out)
+    names = {layout.modules[m]: m for m in by_module}
+    modules = sorted(names)
+    weights = LoRAWeights.over(torch.empty(flat_numel(modules, rank, layout), dtype=dtype, pin_memory=pin_memory),
+                               modules, rank, layout)
+    for key in modules:
+        module = names[key]
+        a_dst, b_dst = weights.a[key], weights.b[key]
+        r, s = ranks[module], spec.scaling(module, ranks[module])
+        a_dst[:r].copy_(by_module[module]["A"])
+        b_src = by_module[module]["B"].T
+        if dtype == torch.float32:  # cast, then scale: the same float32 arithmetic as scaling first
+            b_dst[:r].copy_(b_src)
+            if s != 1.0:
+                b_dst[:r].mul_(s)
+        else:  # scale in float32, round once
+            b_dst[:r].copy_(b_src.float() * s)
+        if r < rank:
+            a_dst[r:].zero_()
+            b_dst[r:].zero_()
+    bad = weights.nonfinite_module()  # checked as served: the scaling or the cast can overflow
+    if bad is not None:
+        module = names[bad]
+        raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "
+                             f"{spec.scaling(module, ranks[module]):g} and cast to {str(dtype).removeprefix('torch.')}")
+    return weights

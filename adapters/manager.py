@@ -17,8 +17,9 @@ from enum import Enum
 
 import torch
 
+from .converted_cache import ConvertedCache
 from .device_pool import AdapterKey, DevicePool
-from .errors import AdapterError, AdapterInvalid, AdapterLoadFailed, AdapterLoadTimeout
+from .errors import AdapterError, AdapterInvalid, AdapterLoadFailed, AdapterLoadTimeout, AdapterNoRoom, clip
 from .host_cache import HostCache
 from .loader import load_adapter
 from .registry import AdapterRegistry
@@ -37,20 +38,23 @@ class TierCounters:
     hits: int
     misses: int
     evictions: int
+    reloads: int  # loads within RELOAD_WINDOW_S of the same adapter's eviction from the tier
 
 
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, host: HostCache, pool: DevicePool, dtype: torch.dtype,
-                 io_initializer=None, read_timeout: float = 30.0):
+                 io_initializer=None, read_timeout: float = 30.0, converted: ConvertedCache | None = None):
         """``io_initializer`` runs first on the I/O thread (the server makes its torch ops serial
         there: an OpenMP team on it would slow every engine step; server/torch_threads.py).
         ``read_timeout`` bounds a disk read: past it the read's waiters fail, and later reads go to
-        a fresh I/O thread while the hung one is abandoned."""
+        a fresh I/O thread while the hung one is abandoned. ``converted``: where converted adapters
+        are kept between loads (--adapter-cache-dir), if anywhere."""
         self.registry = registry
         self.host = host
         self.pool = pool
         self.dtype = dtype
         self.read_timeout = read_timeout
+        self.converted = converted
         self._entries: dict[AdapterKey, object] = {}  # key -> RegisteredAdapter, for reads
         # disk reads queued (None) or running (since when, time.monotonic())
         self._pending: dict[AdapterKey, float | None] = {}
@@ -64,6 +68,7 @@ class AdapterManager:
         self._io = self._new_io()
         self._device_hits = self._device_misses = self._host_misses = 0
         self._resident_since: dict[AdapterKey, float] = {}
+        self._kept: dict[str, tuple[AdapterKey, int]] = {}  # adapter id -> (key, pages): kept resident
         self.notify = None  # callable(), after each read or copy ends (either way): wakes the step loop
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
@@ -124,11 +129,14 @@ class AdapterManager:
         reg, entry = self.registry, self._entries[key]
         if self.fault_hook is not None:
             self.fault_hook("read", key[0])
+        content_hash, converted = entry.manifest.content_hash, None
         try:
-            weights = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype, reg.allow_pickle,
-                                   entry.confine, entry.manifest)
-            if self._pin_memory:
-                weights = weights.pin_memory()
+            weights = None if self.converted is None else self.converted.read(content_hash, self.dtype,
+                                                                               self._pin_memory)
+            if weights is None:
+                weights = converted = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype,
+                                                   reg.allow_pickle, entry.confine, entry.manifest,
+                                                   pin_memory=self._pin_memory)
         except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
             log.warning("adapter %s cannot be loaded: %s", key[0], e)
             with self._lock:
@@ -146,6 +154,8 @@ class AdapterManager:
         pages = self.pool.reserve(key, weights.rank, evict=False)
         if pages is not None:
             self._fill(key, pages, weights)
+        if converted is not None and self.converted is not None:  # last: nothing waits for it
+            self.converted.write(content_hash, self.dtype, converted)
 
     def expire_reads(self) -> None:
         """Fail the waiters of every disk read older than ``read_timeout`` (a hung disk), and
@@ -210,22 +220,62 @@ class AdapterManager:
         if self.on_load is not None:
             self.on_load("device", time.perf_counter() - start)
 
-    def stage(self, key: AdapterKey) -> None:
+    def stage(self, key: AdapterKey, needed: dict | None = None, protected: set = frozenset()) -> bool | None:
         """Start the device copy of an adapter that is in host memory and not yet on the device:
-        reserve pages (evicting LRU unpinned adapters) and hand the copy to the I/O thread. The
-        running batch never waits for a copy; the adapter turns READY when it lands."""
+        reserve pages (evicting by ``select_victims`` with ``needed`` and ``protected``) and hand
+        the copy to the I/O thread. The running batch never waits for a copy; the adapter turns
+        READY when it lands. True: a copy started; False: no room now; None: nothing to do (not
+        in host memory, resident, or a job of it still runs)."""
         if self.pool.pages_of(key) is not None:
-            return
+            return None
         with self._jobs_lock:  # a job of this adapter still runs: its outcome (even a failure) comes first
             if any(k == key for k, _, _ in self._jobs.values()):
-                return
+                return None
         with self._lock:
             weights = None if key in self._failed else self.host.get(key)
-        if weights is not None:
-            reserved = self.pool.reserve(key, weights.rank, evict=True)
-            if reserved is not None:
-                self._device_misses += 1
-                self._submit(key, self._fill, key, reserved, weights)
+        if weights is None:
+            return None
+        reserved = self.pool.reserve(key, weights.rank, True, needed, protected)
+        if reserved is None:
+            return False
+        self._device_misses += 1
+        self._submit(key, self._fill, key, reserved, weights)
+        return True
+
+    def on_register(self, entry) -> None:
+        """Registration's commit hook (under the registry's lock): keep the new version resident
+        if it asks, after checking that the kept adapters leave pages for at least one adapter of
+        --max-lora-rank; a version replaced by this one is no longer kept. Raises AdapterNoRoom."""
+        with self._lock:
+            if entry.keep_resident:
+                held = sum(rank for adapter_id, (_, rank) in self._kept.items() if adapter_id != entry.adapter_id)
+                room = self.pool.num_pages - self.registry.max_rank
+                if held + entry.manifest.rank > room:
+                    raise AdapterNoRoom(
+                        f"keeping adapter {clip(entry.adapter_id)} resident needs {entry.manifest.rank} device pages; "
+                        f"kept adapters hold {held} of the {self.pool.num_pages} pages, and {self.registry.max_rank} "
+                        "(one adapter of --max-lora-rank) must stay free for the others")
+            old = self._kept.pop(entry.adapter_id, None)
+            if entry.keep_resident:
+                self._kept[entry.adapter_id] = (entry.key, entry.manifest.rank)
+        if old is not None:
+            self.pool.unkeep(old[0])
+        if entry.keep_resident:
+            self.pool.keep(entry.key)
+            self.preload(entry)
+
+    def on_unregister(self, adapter_id: str) -> None:
+        with self._lock:
+            old = self._kept.pop(adapter_id, None)
+        if old is not None:
+            self.pool.unkeep(old[0])
+
+    def kept(self) -> list[AdapterKey]:
+        with self._lock:
+            return [key for key, _ in self._kept.values()]
+
+    def num_kept(self) -> int:
+        return len(self._kept)
 
     def pin(self, key: AdapterKey) -> torch.Tensor:
         """Pin a READY (device-resident) adapter for one request and return its pages."""
@@ -242,8 +292,9 @@ class AdapterManager:
 
     def tier_counters(self) -> dict[str, TierCounters]:
         with self._lock:
-            host = TierCounters(self.host.hits, self._host_misses, self.host.evictions)
-        return {"host": host, "device": TierCounters(self._device_hits, self._device_misses, self.pool.evictions)}
+            host = TierCounters(self.host.hits, self._host_misses, self.host.evictions, self.host.reloads.count)
+        device = TierCounters(self._device_hits, self._device_misses, self.pool.evictions, self.pool.reloads.count)
+        return {"host": host, "device": device}
 
     def resident(self) -> dict[str, tuple[int, int]]:
         """tier -> (adapters, bytes) resident now."""

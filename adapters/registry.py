@@ -41,6 +41,7 @@ class RegisteredAdapter:
     dynamic: bool = False  # registered on first use (--dynamic-adapters): may be unregistered for room
     last_used: float = 0.0  # time.monotonic() of the last request accepted for it
     weight: float = 1.0  # fair-scheduling share: its requests' service counts 1/weight per token
+    keep_resident: bool = False  # never evicted from the device once there
 
     @property
     def key(self) -> tuple[str, int]:
@@ -83,9 +84,12 @@ class AdapterRegistry:
                                f"{self.max_adapters}")
 
     def register(self, adapter_id: str, path: str | Path, replace: bool = False, trusted: bool = False,
-                 dynamic: bool = False, weight: float = 1.0) -> RegisteredAdapter:
+                 dynamic: bool = False, weight: float = 1.0, keep_resident: bool = False,
+                 on_commit=None) -> RegisteredAdapter:
         """Validate and register. ``trusted`` (start-up flags) skips the root check; ``dynamic``
-        marks a registration made on first use, which evict_lru_dynamic may undo."""
+        marks a registration made on first use, which evict_lru_dynamic may undo. ``on_commit``
+        (callable(entry)) runs under the registry's lock just before the entry replaces any old
+        one; if it raises, nothing is registered."""
         validate_adapter_id(adapter_id)
         if not (0.0 < weight < float("inf")):  # also false for NaN
             raise ValueError(f"weight must be finite and > 0, got {weight}")  # a bad argument, like a bad id
@@ -97,7 +101,9 @@ class AdapterRegistry:
         with self._lock:
             self._check_room(adapter_id, replace)
             entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine, dynamic=dynamic,
-                                      last_used=time.monotonic(), weight=weight)
+                                      last_used=time.monotonic(), weight=weight, keep_resident=keep_resident)
+            if on_commit is not None:
+                on_commit(entry)
             self._next_version += 1
             self._adapters[adapter_id] = entry
         log.info("adapter %s registered: rank %d, content hash %s", adapter_id, manifest.rank, manifest.content_hash)

@@ -4,9 +4,12 @@ imports grpc or the generated stubs, so the GPU benchmark runs where they are no
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from loramux.clients.stats import percentile, zipf_choices
 from loramux.server.engine import EngineObserver, StepStats
@@ -66,3 +69,16 @@ def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[
 
 
 __all__ = ["RunResult", "StepRecorder", "percentile", "random_prompts", "run_batch", "zipf_choices"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name, with its widest x86 vector ISA, for benchmark reports."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "")
+    return f"{model}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")

@@ -1,6 +1,7 @@
 """Fairness between adapters: one adapter floods the server, a light one sends a few requests just
-after. Light p99 TTFT against its TTFT alone, and the flood's throughput against the flood alone,
-under --scheduling fifo and fair, in one run (default model, in-process engine).
+after. Light p99 TTFT against its TTFT alone, and the flood's throughput against the flood alone
+(medians of --repeats alternated runs), under --scheduling fifo and fair, in one run (default
+model, in-process engine).
 
 Targets (issue #17): the light adapter's p99 TTFT <= 2x alone; the flood's throughput drops < 5%.
 
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +60,8 @@ def main() -> int:
     ap.add_argument("--flood-factor", type=int, default=10, help="flood requests = this x batch")
     ap.add_argument("--light", type=int, default=3)
     ap.add_argument("--delay", type=float, default=0.5, help="seconds after the flood the light requests come")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="flood-alone and mixed runs, alternated; medians are reported (this VM is noisy)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -81,9 +85,14 @@ def main() -> int:
             engine = built.engine
             engine.start()
             scenario(engine, flood[:4], light[:1], 0.0)  # warm-up: both adapters resident
-            alone, _ = scenario(engine, [], light, 0.0)
-            _, flood_alone = scenario(engine, flood, [], 0.0)
-            mixed, flood_mixed = scenario(engine, flood, light, args.delay)
+            alone, floods_alone, floods_mixed, mixed = [], [], [], []
+            for _ in range(args.repeats):  # alternated, so drift on the machine hits both sides alike
+                alone += scenario(engine, [], light, 0.0)[0]
+                floods_alone.append(scenario(engine, flood, [], 0.0)[1])
+                ttfts, tok_s = scenario(engine, flood, light, args.delay)
+                mixed += ttfts
+                floods_mixed.append(tok_s)
+            flood_alone, flood_mixed = statistics.median(floods_alone), statistics.median(floods_mixed)
             engine.stop()
             p99_alone, p99 = percentile(alone, 99), percentile(mixed, 99)
             results[policy] = dict(light_p99_alone_s=p99_alone, light_p99_s=p99, ttft_ratio=p99 / p99_alone,

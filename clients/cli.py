@@ -35,6 +35,8 @@ def add_client_commands(sub) -> None:
     r.add_argument("path")
     r.add_argument("--replace", action="store_true", help="swap an existing id to new weights")
     r.add_argument("--preload", action="store_true", help="load into host memory now")
+    r.add_argument("--weight", type=float, default=None, help="fair-scheduling share (default 1)")
+    r.add_argument("--keep-resident", action="store_true", help="keep in device memory, never evicted")
     r.set_defaults(func=cmd_adapters_register)
     u = with_server(asub.add_parser("unregister", help="remove an adapter"))
     u.add_argument("adapter_id")
@@ -62,13 +64,15 @@ def cmd_adapters_list(args) -> int:
     if not adapters:
         print("no adapters registered")
     for a in adapters:
-        print(f"{a.adapter_id}\trank={a.rank}\ttier={a.tier}\tserved={a.requests_served}\t{a.path}")
+        kept = "\tkept" if a.keep_resident else ""
+        print(f"{a.adapter_id}\trank={a.rank}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{a.path}")
     return 0
 
 
 def cmd_adapters_register(args) -> int:
     with LoraMuxClient(args.server) as client:
-        a = client.register_adapter(args.adapter_id, args.path, replace=args.replace, preload=args.preload)
+        a = client.register_adapter(args.adapter_id, args.path, replace=args.replace, preload=args.preload,
+                                    weight=args.weight, keep_resident=args.keep_resident)
     print(f"registered {a.adapter_id} (rank {a.rank}, targets {','.join(a.target_modules)})")
     return 0
 

@@ -70,10 +70,11 @@ class LoraMuxClient:
             call.cancel()
 
     def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
-                         weight: float | None = None,
+                         weight: float | None = None, keep_resident: bool = False,
                          *, timeout: float | None = None) -> Adapter:
         return Adapter.from_pb(self.stub.RegisterAdapter(
-            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload, weight=weight),
+            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload, weight=weight,
+                                      keep_resident=keep_resident),
             timeout=timeout))
 
     def unregister_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:

@@ -88,11 +88,12 @@ class Adapter:
     requests_served: int
     content_hash: str = ""  # the weights' identity: equal files, equal hash
     weight: float = 1.0  # fair-scheduling share
+    keep_resident: bool = False  # kept in device memory, never evicted
 
     @classmethod
     def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
         return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
-                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight)
+                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight, a.keep_resident)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class ServerInfo:
     has_chat_template: bool
     kv_block_size: int = 0
     kv_cache_tokens: int = 0
+    adapter_pages: int = 0  # device adapter pool: an adapter of rank r takes r pages
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:

@@ -1,8 +1,9 @@
 """Adapter admission: which waiting requests' adapters can run now, and their pins.
 
 An adapter is ready only once its device copy is complete, so the scheduler's decision is final:
-pinning a ready adapter cannot fail. Copies of adapters that are only in host memory start after
-the step's pins are taken, so a copy never evicts an adapter the step is about to use.
+pinning a ready adapter cannot fail. Reads and copies look ahead in the scheduler's order (fair
+order under fair scheduling), within a window. Copies start after the step's pins are taken, so a
+copy never evicts an adapter the step is about to use.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ class AdapterAdmission:
     def __init__(self, adapters: AdapterManager):
         self.adapters = adapters
 
-    def poll(self, waiting: list[Sequence]) -> tuple[set, bool, list]:
-        """(ready adapter keys, some adapter is loading, [(key, error)] of adapters that failed).
-        Only the first few distinct adapters in queue order are prefetched, so that a long queue of
-        cold adapters cannot thrash the host cache."""
+    def window(self) -> int:
+        """How many adapters ahead are read and staged: half the host tier, so that look-ahead
+        cannot evict from host memory the adapters it has just read."""
+        return max(1, self.adapters.host.capacity // 2)
+
+    def poll(self, order: list) -> tuple[set, bool, list]:
+        """(ready adapter keys, some adapter is loading, [(key, error)] of adapters that failed),
+        for the waiting requests' adapters in the scheduler's ``order`` (``adapter_order``). Only
+        the first ``window()`` are read from disk, so a long queue of cold adapters cannot
+        thrash the host cache."""
         ready, loading, failed = set(), False, []
         self.adapters.expire_reads()
-        keys = list(dict.fromkeys(s.adapter for s in waiting if s.adapter is not None))
-        prefetch_depth = max(1, self.adapters.host.capacity // 2)
-        for i, key in enumerate(keys):
-            state = self.adapters.readiness(key, prefetch=i < prefetch_depth)
+        depth = self.window()
+        for i, key in enumerate(order):
+            state = self.adapters.readiness(key, prefetch=i < depth)
             if state is Readiness.READY:
                 ready.add(key)
             elif state is Readiness.LOADING:
@@ -44,14 +50,23 @@ class AdapterAdmission:
         seq.kinds = self.adapters.pool.kinds_of(seq.adapter)
         seq.pinned = True
 
-    def stage(self, waiting: list[Sequence], ready: set, limit: int) -> None:
-        """Start device copies for the first ``limit`` not-ready adapters of the queue that are in
-        host memory (the distinct-adapter budget of one step: more would evict each other)."""
-        keys = [k for k in dict.fromkeys(s.adapter for s in waiting if s.adapter is not None and not s.done)
-                if k not in ready]
-        for key in keys[:limit]:
-            self.adapters.stage(key)
-
+    def stage(self, order: list, ready: set) -> None:
+        """Start device copies for the adapters in the look-ahead window that are in host memory
+        and not resident, in ``order``. Each may evict adapters no queued request needs, then
+        those needed only by requests behind it; never one pinned, kept, or needed ahead of it.
+        Once one cannot be placed, those behind it take only free pages or unneeded adapters, so
+        that they never evict what will be wanted sooner."""
+        kept = [k for k in self.adapters.kept() if self.adapters.readiness(k) is not Readiness.READY]
+        order = [*kept, *order]  # kept adapters first: pinned on the device from when they land
+        window = order[: len(kept) + self.window()]
+        needed = {key: i for i, key in reversed(list(enumerate(order)))}
+        blocked = False
+        for i, key in enumerate(window):
+            if key in ready:
+                continue
+            protected = set(needed) if blocked else set(window[:i])
+            placed = self.adapters.stage(key, needed, protected)
+            blocked = blocked or placed is False
     def release(self, seq: Sequence) -> None:
         if seq.pinned:
             self.adapters.release(seq.adapter)

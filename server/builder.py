@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.converted_cache import ConvertedCache
 from ..adapters.device_pool import DevicePool
 from ..adapters.errors import AdapterError
 from ..adapters.host_cache import HostCache
@@ -75,7 +76,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     model = cls(hf, config.max_model_len)
     layout = model.lora_layout()
     num_layers, kv_heads, head_dim = model.kv_spec
-    pool = DevicePool(layout, config.device_pages, config.max_device_adapters, loaded.dtype, loaded.device)
+    pool = DevicePool(layout, config.device_pages, loaded.dtype, loaded.device)
     per_token = PagedKVCache.bytes_per_token(num_layers, kv_heads, head_dim, loaded.dtype)
     tokens = kv_pool_tokens(config, per_token, loaded.device)
     if tokens < config.max_model_len:
@@ -97,9 +98,22 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             raise StartupError(f"adapter {adapter_id!r} ({path}): {e}") from None
     # On a CPU host the I/O thread's torch ops run serially, so the engine keeps the only OpenMP team;
     # on a CUDA host the engine runs no parallel CPU ops, and the I/O thread needs its threads.
+    try:
+        converted = ConvertedCache(Path(config.adapter_cache_dir), layout) if config.adapter_cache_dir else None
+    except OSError as e:
+        raise StartupError(f"--adapter-cache-dir {config.adapter_cache_dir}: {e}") from None
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype,
                              io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
-                             read_timeout=config.adapter_read_timeout)
+                             read_timeout=config.adapter_read_timeout, converted=converted)
+    for adapter_id in config.keep_resident:
+        entry = registry.lookup(adapter_id)
+        if entry is None:
+            raise StartupError(f"--keep-resident {adapter_id!r}: no such start-up adapter (--adapter, --adapter-dir)")
+        entry.keep_resident = True
+        try:
+            manager.on_register(entry)
+        except AdapterError as e:
+            raise StartupError(f"--keep-resident {adapter_id!r}: {e}") from None
     runner = ModelRunner(model, kv, select_backend(config.op_backend, loaded.device), loaded.device)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         runner.apply_lora.warm_up(config.max_lora_rank, pool.stores, loaded.device)  # compiles now, not mid-step
@@ -110,10 +124,11 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         engine.output.fault_hook = fault_injector(config.inject_fault)
     log.info(
         "model %s on %s (%s): KV cache %d blocks x %d tokens = %d tokens, %.0f MiB (prefix caching %s); "
-        "adapter pool %.0f MiB (%d pages: %d adapters of rank <= %d); %d adapters registered",
+        "adapter pool %.0f MiB (%d pages, one per rank row: %d adapters of rank %d, more of smaller ranks); "
+        "%d adapters registered, %d kept resident",
         loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), kv.num_blocks, kv.block_size,
         kv.num_blocks * kv.block_size, kv.nbytes / 2**20, "on" if config.prefix_caching else "off",
         sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pool.stores.values()) / 2**20,
-        config.device_pages, config.max_device_adapters, config.max_lora_rank, len(registry),
+        config.device_pages, config.max_device_adapters, config.max_lora_rank, len(registry), manager.num_kept(),
     )
     return Built(engine, registry, manager, loaded)

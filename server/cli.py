@@ -62,9 +62,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     for name, help_text in (
         ("max_batch_size", "sequences in one step (reserves no memory: the KV pool is --kv-cache-tokens)"),
         ("max_tokens_per_step", "token budget of one step; long prompts are prefilled in chunks"),
-        ("max_adapters_per_step", "distinct adapters in one step (default: max-device-adapters)"),
+        ("max_adapters_per_step", "cap on distinct adapters in one step (default: none; free device pages bound it)"),
         ("max_lora_rank", "largest adapter rank accepted"),
-        ("max_device_adapters", "adapters resident in device memory"),
+        ("max_device_adapters", "sizes the device adapter pool: this many adapters of max-lora-rank, more of "
+                                "smaller ranks (one page per rank row)"),
         ("max_host_adapters", "adapters cached in host memory"),
         ("max_model_len", "prompt + new tokens per request"),
         ("max_input_tokens", "longest prompt accepted (default: max-model-len - 1)"),
@@ -90,7 +91,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default, help=help_text)
     p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV pool capacity in tokens (default: 90%% of free device memory after the model on CUDA, "
+                   help="KV pool capacity in tokens (default: 80%% of free device memory after the model on CUDA, "
                         "on the CPU min(1 GiB of KV, max-batch-size x max-model-len tokens))")
     p.add_argument("--scheduling", default=d["scheduling"].default, choices=("fair", "fifo"),
                    help="admission order: fair (the adapter with the least service received first, weighted "
@@ -101,6 +102,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="register an adapter at start-up (repeatable)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                    help="register each subdirectory of DIR under its name (repeatable)")
+    p.add_argument("--keep-resident", action="append", default=[], metavar="ID",
+                   help="keep this start-up adapter in device memory, never evicted (repeatable; the kept ones "
+                        "must leave pages for one adapter of --max-lora-rank)")
+    p.add_argument("--adapter-cache-dir", default=None, metavar="DIR",
+                   help="keep each adapter converted to the serving layout here (a folder the server owns), so "
+                        "reloads read it instead of converting the PEFT file again")
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
                    help="runtime registration must resolve inside one of these (repeatable)")
     p.add_argument("--allow-runtime-adapters", action="store_true",
@@ -129,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     names = {f.name for f in dataclasses.fields(ServerConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(adapters=tuple(args.adapter), adapter_dirs=tuple(args.adapter_dir),
-                  adapter_roots=tuple(args.adapter_root))
+                  adapter_roots=tuple(args.adapter_root), keep_resident=tuple(args.keep_resident))
     return ServerConfig(**values)
 
 

@@ -46,7 +46,7 @@ class ServerConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA where supported (else float16), float32 on CPU
     max_batch_size: int = 32
     max_tokens_per_step: int = 512  # prefill chunking: a step never runs more tokens than this
-    max_adapters_per_step: int | None = None  # None: max_device_adapters
+    max_adapters_per_step: int | None = None  # None: bounded only by free device adapter pages
     max_lora_rank: int = 64
     max_device_adapters: int = 16
     max_host_adapters: int = 64
@@ -73,6 +73,8 @@ class ServerConfig:
     stream_stall_timeout: float = 60.0  # seconds a client may leave events unread before it is cancelled
     adapters: tuple[tuple[str, str], ...] = ()  # (id, path) registered at start-up
     adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
+    keep_resident: tuple[str, ...] = ()  # start-up adapter ids never evicted from the device
+    adapter_cache_dir: str | None = None  # converted adapters kept here between loads; None: none kept
     adapter_roots: tuple[str, ...] = ()  # runtime registration must resolve inside one of these
     allow_runtime_adapters: bool = False  # RegisterAdapter/UnregisterAdapter (also enabled by admin_token)
     dynamic_adapters: bool = False  # a request for an unregistered id registers ADAPTER_ROOT/ID on first use
@@ -138,8 +140,8 @@ class ServerConfig:
                 f"default-max-new-tokens ({self.default_max_new_tokens}) must be < max-model-len ({self.max_model_len}), "
                 "or every request that leaves max_new_tokens unset is refused"
             )
-        if self.max_adapters_per_step is not None and not 0 < self.max_adapters_per_step <= self.max_device_adapters:
-            raise ValueError("max-adapters-per-step must be in [1, max-device-adapters]")
+        if self.max_adapters_per_step is not None and self.max_adapters_per_step < 1:
+            raise ValueError("max-adapters-per-step must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls-cert and tls-key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -180,10 +182,7 @@ class ServerConfig:
         return self.allow_runtime_adapters or self.admin_token is not None
 
     @property
-    def adapters_per_step(self) -> int:
-        return self.max_adapters_per_step or self.max_device_adapters
-
-    @property
     def device_pages(self) -> int:
-        """Device page budget: room for max_device_adapters adapters of max_lora_rank."""
+        """Device page budget: room for max_device_adapters adapters of max_lora_rank, and for more
+        of smaller ranks (one page per rank row)."""
         return self.max_device_adapters * self.max_lora_rank

@@ -38,7 +38,7 @@ from .output_processor import Finished, OutputProcessor
 from .requests import MAX_LOGPROBS, GenerationRequest, Timing, TokenEvent, TokenLogprob, validate_request_id
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
-from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, schedule
+from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, adapter_order, schedule
 from .sequence import RequestStream, Sequence
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Engine:
         self.prefix_hit_tokens = 0
         self.num_preemptions = 0
         self.service: dict[str | None, float] = {}  # fair scheduling: weighted tokens served per tenant
-        self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.adapters_per_step)
+        self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.max_adapters_per_step)
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
         # Taken by submit around its append and by the fatal path when it closes the inbox, so that a
         # request racing a fatal fault is either failed by that path or refused, never left waiting.
@@ -316,8 +316,13 @@ class Engine:
             return
         self.service[tenant] = max(self.service.get(tenant, 0.0), floor)
 
+    def _fairness(self) -> Fairness | None:
+        if self.config.scheduling != "fair":
+            return None
+        return Fairness(self.service, {s.tenant: s.weight for s in self._waiting})
+
     def _poll_adapters(self) -> tuple[set, bool]:
-        ready, loading, failed = self.admission.poll(self._waiting)
+        ready, loading, failed = self.admission.poll(adapter_order(self._waiting, self._fairness()))
         for key, error in failed:
             for seq in [s for s in self._waiting if s.adapter == key]:
                 self._finish(seq, error=error)
@@ -372,9 +377,7 @@ class Engine:
     def _step(self, ready: set) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
         waiting, running = self._views()
-        fairness = None
-        if self.config.scheduling == "fair":
-            fairness = Fairness(self.service, {s.tenant: s.weight for s in self._waiting})
+        fairness = self._fairness()
         decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
                             self.watermark_blocks, fairness)
         for seq in decision.preempted:
@@ -382,7 +385,7 @@ class Engine:
         self._waiting[:0] = decision.preempted  # back to the head of the queue, in admission order
         for seq in decision.admitted:  # final: ready adapters pin, and the scheduler counted the blocks
             self._admit(seq)
-        self.admission.stage(self._waiting, ready, self.budgets.max_adapters_per_step)
+        self.admission.stage(adapter_order([s for s in self._waiting if not s.done], fairness), ready)
         work = list(decision.work)
         if not work:
             return False

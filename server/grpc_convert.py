@@ -81,4 +81,5 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
         lora_alpha=spec.lora_alpha,
         target_modules=spec.target_names, size_bytes=entry.manifest.size_bytes, tier=TIER_PB[tier],
         requests_served=entry.requests_served, content_hash=entry.manifest.content_hash, weight=entry.weight,
+        keep_resident=entry.keep_resident,
     )

@@ -94,7 +94,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
     async def RegisterAdapter(self, request, context):
         weight = request.weight if request.HasField("weight") else 1.0
         entry = await self.service.register_adapter(request.adapter_id, request.path, request.replace, request.preload,
-                                                    weight)
+                                                    weight, request.keep_resident)
         return adapter_to_pb(entry, self.service.tier(entry), show_path=True)
 
     @unary
@@ -120,4 +120,5 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             registered_adapters=len(built.registry), has_chat_template=service.renderer.has_chat_template,
             kv_block_size=built.engine.blocks.block_size,
             kv_cache_tokens=built.engine.blocks.num_blocks * built.engine.blocks.block_size,
+            adapter_pages=built.manager.pool.num_pages,
         )

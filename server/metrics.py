@@ -13,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..adapters.reloads import RELOAD_WINDOW_S
 from .engine import EngineObserver, Sequence, StepStats
 from .requests import Timing
 
@@ -155,6 +156,13 @@ class _LiveCollector:
             for tier, c in counters.items():
                 fam.add_metric([tier], getattr(c, attr))
             yield fam
+        reloads = CounterMetricFamily("loramux_adapter_reloads", "Adapters loaded into the tier again within "
+                                      f"{RELOAD_WINDOW_S:g} s of their eviction from it (thrash)", labels=["tier"])
+        for tier, c in counters.items():
+            reloads.add_metric([tier], c.reloads)
+        yield reloads
+        yield GaugeMetricFamily("loramux_adapters_kept_resident", "Registered adapters kept resident on request "
+                                "(keep_resident, --keep-resident)", value=manager.num_kept())
         resident = manager.resident()
         count = GaugeMetricFamily("loramux_adapters_resident", "Adapters resident per tier", labels=["tier"])
         size = GaugeMetricFamily("loramux_adapter_memory_bytes", "Adapter bytes resident per tier", labels=["tier"])
@@ -164,7 +172,7 @@ class _LiveCollector:
         yield count
         yield size
         labels = {"running_lora_adapters": ",".join(sorted(running)), "waiting_lora_adapters": ",".join(sorted(waiting)),
-                  "max_lora": str(manager.pool.max_adapters)}
+                  "max_lora": str(engine.config.max_adapters_per_step or engine.config.max_device_adapters)}
         state = (labels["running_lora_adapters"], labels["waiting_lora_adapters"])
         if state != self._lora_state:  # the value is when the adapter sets last changed, as the protocol says
             self._lora_state, self._lora_changed_at = state, time.time()

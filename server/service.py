@@ -168,18 +168,21 @@ class Service:
             )
 
     async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
-                               weight: float = 1.0):
+                               weight: float = 1.0, keep_resident: bool = False):
         self.check_runtime_adapters()
         built = self.ready()
         entry = await self.work.run("registering the adapter", functools.partial(
-            built.registry.register, adapter_id, path, replace, weight=weight))
+            built.registry.register, adapter_id, path, replace, weight=weight, keep_resident=keep_resident,
+            on_commit=built.manager.on_register))
         if preload:
             built.manager.preload(entry)
         return entry
 
     def unregister_adapter(self, adapter_id: str) -> None:
         self.check_runtime_adapters()
-        self.ready().registry.unregister(adapter_id)
+        built = self.ready()
+        built.registry.unregister(adapter_id)
+        built.manager.on_unregister(adapter_id)
 
     def adapters(self) -> list[tuple[object, str]]:
         """Every registered adapter with its tier, sorted by id."""

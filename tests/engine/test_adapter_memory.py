@@ -55,14 +55,15 @@ def workload(n, names, seed=0):
                               SamplingParams(MAX_NEW, ignore_eos=True), rng.choice(names)) for i in range(n)]
 
 
-def test_small_caches_page_adapters_with_identical_outputs(tiny_llama, many_adapters):
+def test_small_caches_page_adapters_with_identical_outputs(tiny_llama, many_adapters, tmp_path):
+    """The small server keeps converted adapters (--adapter-cache-dir): its reloads read those."""
     reqs = workload(200, [None, *many_adapters])
     big = engine_for(tiny_llama, many_adapters, device=NUM_ADAPTERS, host=NUM_ADAPTERS)
     try:
         expected = generate(big.engine, reqs)
     finally:
         big.engine.stop()
-    small = engine_for(tiny_llama, many_adapters, device=4, host=8)
+    small = engine_for(tiny_llama, many_adapters, device=4, host=8, adapter_cache_dir=str(tmp_path / "converted"))
     pool = small.manager.pool
     violations = []
     pool.on_evict = lambda key: violations.append(key) if pool.pin_count(key) else None
@@ -73,7 +74,9 @@ def test_small_caches_page_adapters_with_identical_outputs(tiny_llama, many_adap
         small.engine.stop()
     assert got == expected
     assert counters["device"].evictions > 0 and counters["host"].evictions > 0
+    assert counters["device"].reloads <= counters["device"].evictions
     assert counters["host"].misses >= NUM_ADAPTERS  # every adapter was read from disk at least once
+    assert len(list((tmp_path / "converted").glob("*.lmxa"))) == NUM_ADAPTERS  # each converted once, kept
     assert violations == []  # no pinned adapter was ever evicted
     assert not pool.pinned()
     # A sample matches PEFT too.

@@ -54,6 +54,7 @@ def test_server_info_and_adapters(server, tiny_adapters):
     info = server.client.server_info()
     assert info.model == "tiny-llama" and info.device == "cpu" and info.dtype == "float32"
     assert (info.max_batch_size, info.max_model_len, info.max_device_adapters) == (8, 256, 4)
+    assert info.adapter_pages == 4 * info.max_lora_rank
     assert info.registered_adapters == len(tiny_adapters) and info.has_chat_template
     listed = {a.adapter_id: a for a in server.client.list_adapters()}
     assert set(listed) == set(tiny_adapters)
@@ -196,6 +197,38 @@ def test_register_replace_unregister(server, tiny_llama, tiny_adapters, adapter_
     assert {a.adapter_id: a for a in server.client.list_adapters()}["team/mine:v1"].tier == "device"
     server.client.unregister_adapter("team/mine:v1")
     assert code_of(server.client.generate, prompt="hi", adapter_id="team/mine:v1")[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_keep_resident_holds_adapters_on_the_device_and_refuses_past_the_room(server, tiny_adapters, adapter_root):
+    """A pool of 4 x 64 pages: kept adapters may hold 256 - 64 (room for one of --max-lora-rank)."""
+    path = shutil.copytree(tiny_adapters["attn-r64"], adapter_root / "kept64")
+    kept = ["kept/a", "kept/b", "kept/c"]
+    try:
+        for adapter_id in kept:
+            assert server.client.register_adapter(adapter_id, str(path), keep_resident=True).keep_resident
+        code, details = code_of(server.client.register_adapter, "kept/d", str(path), keep_resident=True)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "192 of the 256 pages" in details, details
+        assert "kept/d" not in {a.adapter_id for a in server.client.list_adapters()}  # nothing registered
+        assert server.metrics()["loramux_adapters_kept_resident"] == 3
+        deadline = time.monotonic() + 20
+        while {a.tier for a in server.client.list_adapters() if a.adapter_id in kept} != {"device"}:
+            assert time.monotonic() < deadline, "kept adapters never became device-resident"
+            time.sleep(0.05)
+        # Every other adapter now pages through the 64 pages left; the kept ones stay.
+        others = [a for a in tiny_adapters if a != "attn-r64"] + ["attn-r64"]
+        for adapter_id in others:
+            server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter_id, sampling=GREEDY)
+        listed = {a.adapter_id: a for a in server.client.list_adapters()}
+        assert all(listed[a].tier == "device" and listed[a].keep_resident for a in kept)
+        assert sum(listed[a].tier == "device" for a in tiny_adapters) < len(tiny_adapters)  # they were paged
+        out = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="kept/a", sampling=GREEDY)
+        assert out.token_ids == server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r64",
+                                                       sampling=GREEDY).token_ids
+    finally:
+        for adapter_id in kept:
+            server.client.unregister_adapter(adapter_id)
+    m = wait_idle(server)
+    assert m["loramux_adapters_kept_resident"] == 0 and m["loramux_adapter_pins"] == 0
 
 
 def test_permission_denied_outside_roots_and_through_symlinks(server, tiny_adapters, adapter_root):

@@ -64,6 +64,8 @@ def test_counters_and_histograms_move_exactly(metrics_server):
     assert after['loramux_adapters_resident{tier="device"}'] >= 2
     assert after['loramux_adapter_memory_bytes{tier="device"}'] > 0
     assert after['loramux_adapter_load_seconds_count{tier="host"}'] >= 2
+    assert moved("loramux_adapter_reloads_total") == 0  # nothing was evicted
+    assert {'loramux_adapter_reloads_total{tier="host"}', 'loramux_adapter_reloads_total{tier="device"}'} <= set(after)
 
 
 def test_rejected_requests_are_counted(metrics_server):

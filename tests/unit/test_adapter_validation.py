@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import struct
 
 import pytest
 import torch
@@ -198,13 +199,81 @@ def test_weights_are_hashed_at_registration_and_checked_at_load(tmp_path):
     assert h2 != h3 and h3 == manifest.content_hash
 
 
-def test_pinned_copies_live_in_one_flat_buffer():
-    from loramux.adapters.loader import LoRAWeights
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_load_is_one_flat_buffer_in_the_serving_layout(tmp_path, dtype):
+    """Mixed ranks (padded to the largest), per-module alpha, fp16 file: A and (s * B).T, cast."""
+    config = {**BASE, "r": 2, "rank_pattern": {"v_proj": 1}, "alpha_pattern": {"layers.1.self_attn.q_proj": 7}}
     gen = torch.Generator().manual_seed(0)
-    w = LoRAWeights(2, {(i, "q"): torch.randn(2, 8, generator=gen) for i in range(3)},
-                    {(i, "q"): torch.randn(2, 4, generator=gen) for i in range(3)})
-    flat = w.pin_memory(pin=torch.cuda.is_available())  # pinning needs an accelerator; the layout does not
-    storages = {t.untyped_storage().data_ptr() for t in (*flat.a.values(), *flat.b.values())}
-    assert len(storages) == 1
-    assert all(torch.equal(flat.a[k], w.a[k]) and torch.equal(flat.b[k], w.b[k]) for k in w.a)
+    tensors = {}
+    for i in range(2):
+        for k, (fin, fout) in LAYOUT.shapes.items():
+            r = 1 if k == "v_proj" else 2
+            pre = f"base_model.model.model.layers.{i}.self_attn.{k}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(r, fin, generator=gen).half()
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, r, generator=gen).half()
+    path = write_adapter(tmp_path / "flat", config=config, tensors=tensors)
+    w = load_adapter(path, LAYOUT, 8, dtype)
+    spec = parse_adapter_config(config)
+    assert w.rank == 2 and len({t.untyped_storage().data_ptr() for t in (*w.a.values(), *w.b.values())}) == 1
+    for (layer, kind), a in w.a.items():
+        module = f"model.layers.{layer}.self_attn.{kind}"
+        r = 1 if kind == "v_proj" else 2
+        a_ref = torch.zeros(2, LAYOUT.shapes[kind][0])
+        a_ref[:r] = tensors[f"base_model.model.{module}.lora_A.weight"].float()
+        b_ref = torch.zeros(2, LAYOUT.shapes[kind][1])
+        b_ref[:r] = (tensors[f"base_model.model.{module}.lora_B.weight"].float() * spec.scaling(module, r)).T
+        assert torch.equal(a, a_ref.to(dtype)) and torch.equal(w.b[(layer, kind)], b_ref.to(dtype)), module
+
+
+def test_an_untouched_file_is_not_hashed_again(tmp_path, monkeypatch):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from loramux.adapters import loader
+
+    path = write_adapter(tmp_path / "same")
+    assert inspect_adapter(path, LAYOUT, 8, 4).weights_identity is None  # written just now: hashed at every load
+    monkeypatch.setattr(loader, "RACY_NS", 0)  # as if the file had been written long ago
+    manifest = inspect_adapter(path, LAYOUT, 8, 4)
+    hashed, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda data: hashed.append(1) or sha256(data))
+    load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+    assert hashed == []
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten with the same bytes: hashed, and accepted
+    load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+    assert hashed == [1]
+    save_file({k: v * 2 for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(loader.AdapterChanged):
+        load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+
+
+def test_converted_adapters_round_trip_and_damaged_files_are_dropped(tmp_path):
+    from loramux.adapters.converted_cache import ConvertedCache
+
+    path = write_adapter(tmp_path / "c", config={**BASE, "rank_pattern": {"v_proj": 1}},
+                         tensors={f"base_model.model.model.layers.{i}.self_attn.{k}.lora_{ab}.weight":
+                                  torch.randn(*((r, fin) if ab == "A" else (fout, r)))
+                                  for i in range(2) for k, (fin, fout), r in
+                                  [("q_proj", LAYOUT.shapes["q_proj"], 2), ("v_proj", LAYOUT.shapes["v_proj"], 1)]
+                                  for ab in "AB"})
+    manifest = inspect_adapter(path, LAYOUT, 8, 4)
+    loaded = load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+    cache = ConvertedCache(tmp_path / "converted", LAYOUT)
+    assert cache.read(manifest.content_hash, torch.float32) is None
+    cache.write(manifest.content_hash, torch.float32, loaded)
+    assert [p.name for p in cache.folder.iterdir()] == [cache.path(manifest.content_hash, torch.float32).name]
+    back = cache.read(manifest.content_hash, torch.float32)
+    assert back.rank == loaded.rank and list(back.a) == list(loaded.a)
+    assert all(torch.equal(back.a[k], loaded.a[k]) and torch.equal(back.b[k], loaded.b[k]) for k in loaded.a)
+    assert cache.read(manifest.content_hash, torch.bfloat16) is None  # another dtype is another file
+    file = cache.path(manifest.content_hash, torch.float32)
+    good = file.read_bytes()
+    nan = bytearray(good)
+    nan[-4:] = struct.pack("<f", float("nan"))
+    for damaged in (good[:-4], good[:7], b"junk" + good[4:], bytes(nan)):
+        file.write_bytes(damaged)
+        assert cache.read(manifest.content_hash, torch.float32) is None and not file.exists()
+    other = ConvertedCache(tmp_path / "converted", LoRALayout(LAYOUT.modules, {"q_proj": (8, 8), "v_proj": (8, 2)}, 2))
+    assert other.path(manifest.content_hash, torch.float32) != file  # another model's layout, another file

@@ -154,21 +154,23 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path", "replace", "preload", "weight")
+    __slots__ = ("adapter_id", "path", "replace", "preload", "weight", "keep_resident")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     PRELOAD_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     replace: bool
     preload: bool
     weight: float
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., preload: _Optional[bool] = ..., weight: _Optional[float] = ...) -> None: ...
+    keep_resident: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., preload: _Optional[bool] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash", "weight")
+    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash", "weight", "keep_resident")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +181,7 @@ class AdapterInfo(_message.Message):
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     rank: int
@@ -189,7 +192,8 @@ class AdapterInfo(_message.Message):
     requests_served: int
     content_hash: str
     weight: float
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+    keep_resident: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ...) -> None: ...
 
 class UnregisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)
@@ -216,7 +220,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "device", "dtype", "max_lora_rank", "max_device_adapters", "max_host_adapters", "max_batch_size", "max_model_len", "registered_adapters", "has_chat_template", "kv_block_size", "kv_cache_tokens")
+    __slots__ = ("version", "model", "device", "dtype", "max_lora_rank", "max_device_adapters", "max_host_adapters", "max_batch_size", "max_model_len", "registered_adapters", "has_chat_template", "kv_block_size", "kv_cache_tokens", "adapter_pages")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +234,7 @@ class ServerInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PAGES_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     device: str
@@ -243,4 +248,5 @@ class ServerInfo(_message.Message):
     has_chat_template: bool
     kv_block_size: int
     kv_cache_tokens: int
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., registered_adapters: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+    adapter_pages: int
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., registered_adapters: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ...) -> None: ...

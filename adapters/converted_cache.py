@@ -1,0 +1,117 @@
+"""Converted adapters on disk (--adapter-cache-dir): one file per content hash, serving dtype and
+model layout, holding the adapter's flat host buffer exactly as loads produce it. A reload reads
+that buffer straight into (pinned) memory instead of converting the PEFT file again.
+
+File: b"LMXA", uint32 header length, a JSON header (content hash, dtype, rank, module order,
+value count), zero padding to ALIGN, then the values. Files are written to a temporary name and
+renamed into place, so a reader sees a whole file or none; they are read, not memory-mapped (a
+mapped file truncated under the server kills it with SIGBUS). A file that does not match its
+name, its size or its header, or holds a non-finite value, is removed and the adapter converted
+again. The folder belongs to the server: nothing else should write there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .loader import LoRALayout, LoRAWeights, flat_numel
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LMXA"
+ALIGN = 64
+MAX_HEADER = 1 << 20
+
+
+class ConvertedCache:
+    def __init__(self, folder: Path, layout: LoRALayout):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.layout = layout
+        shape = json.dumps([sorted(layout.modules.values()), sorted(layout.shapes.items())]).encode()
+        self._layout_id = hashlib.sha256(shape).hexdigest()[:16]
+
+    def path(self, content_hash: str, dtype: torch.dtype) -> Path:
+        return self.folder / f"{content_hash}-{str(dtype).removeprefix('torch.')}-{self._layout_id}.lmxa"
+
+    def read(self, content_hash: str, dtype: torch.dtype, pin_memory: bool = False) -> LoRAWeights | None:
+        """The converted adapter, or None when there is no usable file for it."""
+        path = self.path(content_hash, dtype)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("converted adapter %s cannot be opened: %s", path.name, e)
+            return None
+        try:
+            return self._read(fd, content_hash, dtype, pin_memory)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            log.warning("converted adapter %s is unusable (%s); removing it", path.name, e)
+            path.unlink(missing_ok=True)
+            return None
+        finally:
+            os.close(fd)
+
+    def _read(self, fd: int, content_hash: str, dtype: torch.dtype, pin_memory: bool) -> LoRAWeights:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) != 8 or head[:4] != MAGIC:
+            raise ValueError("not a converted adapter file")
+        (header_len,) = struct.unpack("<I", head[4:])
+        if header_len > MAX_HEADER:
+            raise ValueError(f"header of {header_len} bytes")
+        header = json.loads(os.pread(fd, header_len, 8))
+        modules = [(int(layer), str(kind)) for layer, kind in header["modules"]]
+        rank, numel = int(header["rank"]), int(header["numel"])
+        if header["content_hash"] != content_hash or header["dtype"] != str(dtype):
+            raise ValueError("its header names another adapter or dtype")
+        if numel != flat_numel(modules, rank, self.layout) or any(m not in self.layout.shapes for _, m in modules):
+            raise ValueError("its modules do not fit this model")
+        start = _aligned(8 + header_len)
+        flat = torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
+        if size != start + flat.numel() * flat.element_size():
+            raise ValueError(f"{size} bytes, not the {start + flat.numel() * flat.element_size()} its header says")
+        view = memoryview(flat.view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], start + done)
+            if n == 0:
+                raise ValueError("truncated")
+            done += n
+        weights = LoRAWeights.over(flat, modules, rank, self.layout)
+        if weights.nonfinite_module() is not None:
+            raise ValueError("a non-finite value")
+        return weights
+
+    def write(self, content_hash: str, dtype: torch.dtype, weights: LoRAWeights) -> None:
+        """Store a converted adapter (temporary file, fsync, rename); a failure is logged only."""
+        header = json.dumps({"content_hash": content_hash, "dtype": str(dtype), "rank": weights.rank,
+                             "modules": list(weights.a), "numel": weights.flat.numel()}).encode()
+        head = MAGIC + struct.pack("<I", len(header)) + header
+        head += bytes(_aligned(len(head)) - len(head))
+        tmp = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".tmp-", delete=False) as f:
+                tmp = Path(f.name)
+                f.write(head)
+                f.write(memoryview(weights.flat.view(torch.uint8).numpy()))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(content_hash, dtype))
+        except OSError as e:
+            log.warning("could not store the converted adapter %s: %s", content_hash[:12], e)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN

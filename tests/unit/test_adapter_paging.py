@@ -1,0 +1,145 @@
+"""Adapter paging policies without a model: eviction, page-bounded residency, kept adapters,
+reload accounting, look-ahead order and staging."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramux.adapters.device_pool import DevicePool, select_victims
+from loramux.adapters.loader import LoRALayout, LoRAWeights
+from loramux.adapters.reloads import ReloadTracker
+from loramux.server.adapter_admission import AdapterAdmission
+from loramux.server.scheduler import Fairness, SeqView, adapter_order
+
+LAYOUT = LoRALayout(modules={"l0.q": (0, "q"), "l0.v": (0, "v")}, shapes={"q": (8, 8), "v": (8, 4)}, num_layers=1)
+
+
+def weights(rank: int, value: float = 1.0) -> LoRAWeights:
+    return LoRAWeights(rank, {(0, "q"): torch.full((rank, 8), value)}, {(0, "q"): torch.full((rank, 8), value)})
+
+
+def load(pool: DevicePool, key, rank: int, evict: bool = True, **kw) -> bool:
+    pages = pool.reserve(key, rank, evict, **kw)
+    if pages is None:
+        return False
+    pool.fill(key, pages, weights(rank))
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=10),
+    data=st.data(),
+)
+def test_victims_are_never_pinned_or_protected_and_unneeded_ones_go_first(sizes, data):
+    keys = list(range(len(sizes)))
+    lru = list(zip(keys, sizes, strict=True))
+    pinned = set(data.draw(st.sets(st.sampled_from(keys))))
+    protected = set(data.draw(st.sets(st.sampled_from(keys))))
+    needed = {k: data.draw(st.integers(0, 20)) for k in data.draw(st.sets(st.sampled_from(keys)))}
+    want = data.draw(st.integers(1, sum(sizes) + 2))
+    victims = select_victims(lru, pinned, want, needed, protected)
+    free_to_take = [(k, p) for k, p in lru if k not in pinned | protected]
+    if sum(p for _, p in free_to_take) < want:
+        assert victims is None
+        return
+    assert victims is not None and not set(victims) & (pinned | protected)
+    assert sum(sizes[k] for k in victims) >= want
+    assert sum(sizes[k] for k in victims[:-1]) < want  # no more than it takes
+    kinds = [k in needed for k in victims]
+    assert kinds == sorted(kinds)  # every unneeded victim before any needed one
+    unneeded = [k for k in victims if k not in needed]
+    assert unneeded == [k for k, _ in free_to_take if k not in needed][: len(unneeded)]  # least recently used
+    later = [needed[k] for k in victims if k in needed]
+    assert later == sorted(later, reverse=True)  # the one wanted furthest back goes first
+
+
+def test_residency_is_bounded_by_pages_not_by_a_count():
+    pool = DevicePool(LAYOUT, num_pages=16 * 32, dtype=torch.float32, device="cpu")  # 16 adapters of rank 32
+    for i in range(64):
+        assert load(pool, ("small", i), 8, evict=False)
+    assert len(pool.resident_keys) == 64 and pool.free_pages == 0 and pool.evictions == 0
+    assert not load(pool, ("one more", 0), 8, evict=False)
+    assert load(pool, ("one more", 0), 8)  # by evicting the least recently used
+    assert ("small", 0) not in pool.resident_keys and pool.evictions == 1
+
+
+def test_kept_and_pinned_adapters_are_never_evicted():
+    pool = DevicePool(LAYOUT, num_pages=12, dtype=torch.float32, device="cpu")
+    pool.keep("kept")
+    assert load(pool, "kept", 4) and load(pool, "pinned", 4) and load(pool, "free", 4)
+    pool.pin("pinned")
+    assert pool.reserve("new", 8, evict=True) is None  # only "free" (4 pages) may go
+    assert load(pool, "new", 4) and set(pool.resident_keys) == {"kept", "pinned", "new"}
+    pool.unkeep("kept")
+    assert load(pool, "other", 4) and "kept" not in pool.resident_keys  # evictable once no longer kept
+
+
+def test_a_load_soon_after_an_eviction_is_a_reload():
+    now = [0.0]
+    tracker = ReloadTracker(window=60.0, clock=lambda: now[0])
+    assert not tracker.loaded("a")  # a first load
+    tracker.evicted("a")
+    now[0] = 59.0
+    assert tracker.loaded("a") and tracker.count == 1
+    tracker.evicted("a")
+    now[0] = 120.0
+    assert not tracker.loaded("a") and tracker.count == 1  # more than a minute later: not thrash
+    tracker.evicted("b")
+    now[0] = 200.0
+    tracker.evicted("c")  # forgets "b", older than the window
+    assert list(tracker._evicted) == ["c"]
+
+
+def test_the_device_tier_counts_reloads():
+    pool = DevicePool(LAYOUT, num_pages=4, dtype=torch.float32, device="cpu")
+    assert load(pool, "a", 4) and load(pool, "b", 4) and load(pool, "a", 4)
+    assert pool.reloads.count == 1 and pool.evictions == 2
+
+
+def view(i, adapter):
+    return SeqView(i, adapter, 4, 0, tenant=adapter)
+
+
+def test_adapters_are_wanted_in_admission_order():
+    waiting = [view(0, "a"), view(1, None), view(2, "b"), view(3, "a"), view(4, "c")]
+    assert adapter_order(waiting, None) == ["a", "b", "c"]  # fifo: first arrival
+    served = Fairness({"a": 30.0, "b": 10.0})  # "c" joined with no service yet
+    assert adapter_order(waiting, served) == ["c", "b", "a"]
+    assert adapter_order(waiting, Fairness({})) == ["a", "b", "c"]  # ties: first arrival
+
+
+class FakeManager:
+    """What AdapterAdmission.stage asks of the adapter manager, recorded."""
+
+    def __init__(self, room: set, kept=()):
+        self.room = room  # keys a copy can start for
+        self.calls = []
+        self._kept = list(kept)
+        self.host = type("Host", (), {"capacity": 8})()
+
+    def kept(self):
+        return self._kept
+
+    def readiness(self, key):
+        return None
+
+    def stage(self, key, needed, protected):
+        self.calls.append((key, set(protected)))
+        return key in self.room
+
+
+def test_staging_never_evicts_what_is_wanted_sooner():
+    manager = FakeManager(room={"a", "c", "d"})
+    order = ["r", "a", "b", "c", "d", "e", "f"]  # "r" is ready; the window is host capacity / 2 = 4
+    AdapterAdmission(manager).stage(order, ready={"r"})
+    calls = dict(manager.calls)
+    assert list(calls) == ["a", "b", "c"]  # in order, within the window
+    assert calls["a"] == {"r"} and calls["b"] == {"r", "a"}
+    assert calls["c"] == set(order)  # behind a blocked one: it may take only unneeded adapters' pages
+
+
+def test_kept_adapters_are_staged_first():
+    manager = FakeManager(room={"k", "a"}, kept=["k"])
+    AdapterAdmission(manager).stage(["a"], ready=set())
+    assert manager.calls == [("k", set()), ("a", {"k"})]
