@@ -107,7 +107,7 @@ class ConvertedCache:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path(content_hash, dtype))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - the adapter is loaded; only the cache entry is lost
             log.warning("could not store the converted adapter %s: %s", content_hash[:12], e)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
 from loramux.clients.stats import percentile, zipf_choices  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
@@ -39,9 +38,9 @@ from loramux.server.requests import (
     GenerationRequest,  # noqa: E402
     SamplingParams,  # noqa: E402
 )
-from loramux.server.torch_threads import serial_openmp  # noqa: E402
+from loramux.server.torch_threads import in_passing_thread, serial_openmp  # noqa: E402
 
-from common import cpu_name  # noqa: E402
+from common import cpu_name, write_adapter  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "v_proj")
@@ -78,6 +77,7 @@ def host_load_ms(load, repeats: int = 40) -> float:
         return pool.submit(timed).result()
 
 
+@in_passing_thread
 def measure_host_loads(layout, dtype) -> dict:
     """Disk to a host copy ready for pages: this loader converting the PEFT file, the same from a
     converted file (--adapter-cache-dir), and the loader of BASELINE_REV."""
@@ -89,7 +89,7 @@ def measure_host_loads(layout, dtype) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         old = baseline_loader(tmp)
-        paths = {name: write_random_adapter(tmp / name.replace("/", "").replace(" ", "-"), layout, 16, seed=0,
+        paths = {name: write_adapter(tmp / name.replace("/", "").replace(" ", "-"), layout, 16, seed=0,
                                             targets=targets)
                  for name, targets in (("q/v", TARGETS), ("all projections", ALL_PROJ))}
         time.sleep(2.1)  # files older than loader.RACY_NS, as adapters are when a server loads them
@@ -120,7 +120,7 @@ def make_adapters(root: Path, layout, n: int) -> list[tuple[str, str]]:
     for i in range(n):
         path = root / f"adapter-{i:04d}"
         if not (path / "adapter_model.safetensors").exists():
-            write_random_adapter(path, layout, RANKS[i % len(RANKS)], seed=i, targets=TARGETS, dtype=torch.float16)
+            write_adapter(path, layout, RANKS[i % len(RANKS)], seed=i, targets=TARGETS, dtype=torch.float16)
         out.append((f"adapter-{i:04d}", str(path)))
     return out
 

@@ -7,13 +7,22 @@ import asyncio
 import os
 import platform
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from loramux.adapters.synthetic import write_random_adapter
 from loramux.clients.stats import percentile, zipf_choices
 from loramux.server.engine import EngineObserver, StepStats
 from loramux.server.requests import GenerationRequest, SamplingParams
+from loramux.server.torch_threads import in_passing_thread
+
+# One-off torch work runs in a passing thread: an OpenMP team left on the main thread would slow
+# the engine thread's ops for the rest of the run (server/torch_threads.py).
+write_adapter = in_passing_thread(write_random_adapter)
 
 
 class StepRecorder(EngineObserver):
@@ -29,6 +38,14 @@ class StepRecorder(EngineObserver):
         seconds = sum(s.seconds for s in decode)
         return sum(s.num_decode_tokens for s in decode) / seconds if seconds else float("nan")
 
+    def decode_step_seconds(self) -> float:
+        """Median time of the decode-only steps with the most rows (the full batch)."""
+        decode = [s for s in self.steps if s.num_prefill_tokens == 0]
+        if not decode:
+            return float("nan")
+        full = max(s.num_decode_tokens for s in decode)
+        return statistics.median(s.seconds for s in decode if s.num_decode_tokens == full)
+
 
 @dataclass
 class RunResult:
@@ -38,6 +55,7 @@ class RunResult:
     ttft: list[float]
     wall_s: float
     steps: int
+    decode_step_s: float = float("nan")
 
 
 async def _run(engine, requests):
@@ -58,7 +76,8 @@ def run_batch(engine, prompts, adapters, max_new_tokens: int) -> RunResult:
     engine.observers.remove(rec)
     generated = sum(len(o) for o in outs)
     return RunResult(generated, generated / wall, rec.decode_throughput(),
-                     [o[-1].timing.time_to_first_token_seconds for o in outs], wall, len(rec.steps))
+                     [o[-1].timing.time_to_first_token_seconds for o in outs], wall, len(rec.steps),
+                     rec.decode_step_seconds())
 
 
 def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -82,3 +101,20 @@ def cpu_name() -> str:
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     isa = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "")
     return f"{model}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")
+
+
+@in_passing_thread
+def build_random_llama(out: Path, shape: dict, tokenizer, device: torch.device, dtype) -> Path:
+    """A Llama-architecture model of ``shape`` with random weights and ``tokenizer`` (``shape`` may
+    set a smaller vocab_size than the tokenizer's: the model then emits only the first ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    config = LlamaConfig(**{"vocab_size": len(tokenizer), "max_position_embeddings": 4096, "bos_token_id": None,
+                            "eos_token_id": tokenizer.eos_token_id, "architectures": ["LlamaForCausalLM"], **shape})
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

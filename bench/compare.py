@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from loramux.adapters.synthetic import write_random_adapter
 from loramux.clients.bench import (
     LoadSpec,
     format_report,
@@ -42,6 +41,9 @@ from loramux.server.config import ServerConfig
 from loramux.server.model_loader import resolve_model_dir
 from loramux.server.models import lora_layout
 from loramux.server.requests import GenerationRequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_adapter  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -188,7 +190,7 @@ def make_adapters(root: Path, layout, count: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         if not (root / f"a{i:02d}" / "adapter_model.safetensors").exists():
-            write_random_adapter(root / f"a{i:02d}", layout, 16, seed=i, targets=TARGETS)
+            write_adapter(root / f"a{i:02d}", layout, 16, seed=i, targets=TARGETS)
     return root
 
 

@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
 from loramux.server.requests import GenerationRequest, SamplingParams  # noqa: E402
 
-from common import percentile, random_prompts  # noqa: E402
+from common import percentile, random_prompts, write_adapter  # noqa: E402
 
 
 async def one(engine, request_id, adapter, prompt, max_new):
@@ -62,6 +61,7 @@ def main() -> int:
     ap.add_argument("--delay", type=float, default=0.5, help="seconds after the flood the light requests come")
     ap.add_argument("--repeats", type=int, default=2,
                     help="flood-alone and mixed runs, alternated; medians are reported (this VM is noisy)")
+    ap.add_argument("--policies", nargs="+", default=["fifo", "fair"], choices=["fifo", "fair"])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -78,9 +78,9 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         layout = lora_layout(loaded.hf_model.config)
-        adapters = tuple((name, str(write_random_adapter(Path(tmp) / name, layout, 16, seed=i)))
+        adapters = tuple((name, str(write_adapter(Path(tmp) / name, layout, 16, seed=i)))
                          for i, name in enumerate(("flood", "light")))
-        for policy in ("fifo", "fair"):
+        for policy in args.policies:
             built = build_engine(ServerConfig(**{**base.__dict__, "adapters": adapters, "scheduling": policy}), loaded)
             engine = built.engine
             engine.start()

@@ -34,13 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from loramux.adapters.synthetic import ALL_PROJ, write_random_adapter  # noqa: E402
+from loramux.adapters.synthetic import ALL_PROJ  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.model_loader import load_model, resolve_model_dir  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
 
-from common import random_prompts, run_batch, zipf_choices  # noqa: E402
+from common import build_random_llama, random_prompts, run_batch, write_adapter, zipf_choices  # noqa: E402
 
 RANK = 16
 SHAPES = {
@@ -52,21 +52,6 @@ SHAPES = {
 TARGETS = {"mixed/base at batch 32": 0.9, "loramux/PEFT at batch 256": 10.0, "1000/8 adapters": 0.9}
 
 
-def build_random_llama(out: Path, shape: dict, tokenizer, device: torch.device, dtype) -> Path:
-    """A Llama-architecture model of ``shape`` with random weights and ``tokenizer``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (out / "config.json").exists():
-        return out
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"], **shape)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def write_adapters(root: Path, layout, distinct: int, ids: int) -> list[tuple[str, str]]:
     """``ids`` registered adapters whose files cycle over ``distinct`` random ones (symlinks): each id
     is still its own entry, with its own pages, in loramux's caches."""
@@ -75,7 +60,7 @@ def write_adapters(root: Path, layout, distinct: int, ids: int) -> list[tuple[st
     for i in range(distinct):
         path = root / f"file-{i:03d}"
         if not (path / "adapter_model.safetensors").exists():
-            write_random_adapter(path, layout, RANK, seed=i, dtype=torch.float16)
+            write_adapter(path, layout, RANK, seed=i, dtype=torch.float16)
         files.append(path)
     out = []
     for i in range(ids):

@@ -24,7 +24,6 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loramux.adapters.synthetic import write_random_adapter  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.engine import EngineObserver  # noqa: E402
@@ -32,7 +31,7 @@ from loramux.server.model_loader import load_model  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
 from loramux.server.requests import GenerationRequest, SamplingParams  # noqa: E402
 
-from common import random_prompts, run_batch  # noqa: E402
+from common import random_prompts, run_batch, write_adapter  # noqa: E402
 
 
 def ttft_run(engine, adapters, systems, questions, clients: int, max_new: int) -> list[float]:
@@ -83,7 +82,7 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         layout = lora_layout(loaded.hf_model.config)
-        adapters = tuple((f"t{i}", str(write_random_adapter(Path(tmp) / f"t{i}", layout, 16, seed=i)))
+        adapters = tuple((f"t{i}", str(write_adapter(Path(tmp) / f"t{i}", layout, 16, seed=i)))
                          for i in range(args.adapters))
         ids = [a for a, _ in adapters]
         systems = random_prompts(vocab, args.adapters, args.system_len, seed=1)

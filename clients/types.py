@@ -112,6 +112,8 @@ class ServerInfo:
     kv_block_size: int = 0
     kv_cache_tokens: int = 0
     adapter_pages: int = 0  # device adapter pool: an adapter of rank r takes r pages
+    op_backend: str = ""  # LoRA ops in use: torch, cpp or triton
+    cpu_isa: str = ""  # the host CPU's vector ISA, e.g. AVX2, AVX512
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:

@@ -57,7 +57,7 @@ class AdapterAdmission:
         Once one cannot be placed, those behind it take only free pages or unneeded adapters, so
         that they never evict what will be wanted sooner."""
         kept = [k for k in self.adapters.kept() if self.adapters.readiness(k) is not Readiness.READY]
-        order = [*kept, *order]  # kept adapters first: pinned on the device from when they land
+        order = [*kept, *order]  # kept adapters first: once they land they stay
         window = order[: len(kept) + self.window()]
         needed = {key: i for i, key in reversed(list(enumerate(order)))}
         blocked = False
@@ -67,6 +67,7 @@ class AdapterAdmission:
             protected = set(needed) if blocked else set(window[:i])
             placed = self.adapters.stage(key, needed, protected)
             blocked = blocked or placed is False
+
     def release(self, seq: Sequence) -> None:
         if seq.pinned:
             self.adapters.release(seq.adapter)

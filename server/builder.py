@@ -19,7 +19,7 @@ from .engine import Engine, adapter_fault_injector, fault_injector
 from .kv_cache import PagedKVCache
 from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
-from .ops import select_backend
+from .ops import cpu_isa, select_backend
 from .ops.attention import select_decode_attention
 from .runner import ModelRunner
 from .torch_threads import in_passing_thread, serial_openmp
@@ -33,6 +33,8 @@ class Built:
     registry: AdapterRegistry
     manager: AdapterManager
     loaded: LoadedModel
+    op_backend: str  # the LoRA ops in use: torch, cpp or triton
+    cpu_isa: str  # the CPU's vector ISA as torch dispatches it
 
     @property
     def tokenizer(self):
@@ -125,10 +127,11 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     log.info(
         "model %s on %s (%s): KV cache %d blocks x %d tokens = %d tokens, %.0f MiB (prefix caching %s); "
         "adapter pool %.0f MiB (%d pages, one per rank row: %d adapters of rank %d, more of smaller ranks); "
-        "%d adapters registered, %d kept resident",
+        "%d adapters registered, %d kept resident; LoRA ops %s, CPU ISA %s",
         loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), kv.num_blocks, kv.block_size,
         kv.num_blocks * kv.block_size, kv.nbytes / 2**20, "on" if config.prefix_caching else "off",
         sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pool.stores.values()) / 2**20,
         config.device_pages, config.max_device_adapters, config.max_lora_rank, len(registry), manager.num_kept(),
+        runner.apply_lora.name, cpu_isa(),
     )
-    return Built(engine, registry, manager, loaded)
+    return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa())

@@ -120,5 +120,5 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             registered_adapters=len(built.registry), has_chat_template=service.renderer.has_chat_template,
             kv_block_size=built.engine.blocks.block_size,
             kv_cache_tokens=built.engine.blocks.num_blocks * built.engine.blocks.block_size,
-            adapter_pages=built.manager.pool.num_pages,
+            adapter_pages=built.manager.pool.num_pages, op_backend=built.op_backend, cpu_isa=built.cpu_isa,
         )

@@ -14,7 +14,7 @@ Rules, in order:
      with the least service received, in weighted tokens (see ``Fairness``), tenants below their
      share of the batch (max-batch-size over the tenants with requests) first; within a tenant,
      arrival order. When the batch is full, a waiting tenant below its share takes slots from
-     tenants above theirs that have had more service, by preemption (``fair_victims``).
+     tenants above theirs that have had at least as much service, by preemption (``fair_victims``).
    A request blocked for a reason of its own (its adapter is not ready, or a new adapter would pass
    the distinct-adapter budget) is skipped with the rest of its tenant for this step; others go
    ahead. One that does not fit the free blocks stops admission, on purpose, so that long prompts
@@ -188,7 +188,7 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
 
     The share is max-batch-size over the tenants with requests (running or ready to run). A waiting
     tenant below its share takes slots, least-served tenant first, from the tenants above their
-    share that have received more service than it, most-served first, their most recently admitted
+    share that have received at least as much service, most-served first, their most recently admitted
     request first. A tenant below its share is never preempted, so this cannot thrash, and the
     victims are recomputed later like any preempted request."""
     def service(t):
@@ -208,7 +208,7 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
             continue  # it could not join this step's adapters anyway
         want = min(share - counts.get(tenant, 0), queued[tenant])
         while want > 0:
-            over = [u for u, n in counts.items() if n > share and service(u) > service(tenant)]
+            over = [u for u, n in counts.items() if n > share and service(u) >= service(tenant)]
             if not over:
                 break
             donor = max(over, key=service)

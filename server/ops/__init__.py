@@ -24,6 +24,11 @@ def triton_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cpu_isa() -> str:
+    """The vector ISA torch's CPU kernels dispatch to here (e.g. AVX2, AVX512, DEFAULT)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> ApplyLoRA:
     """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend on ``device``:
     ``torch`` (torch ops only), ``cpp`` (torch ops, decode rows through the fused C++ kernel on the
@@ -52,5 +57,5 @@ def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> Ap
     return triton_ops.TritonLoRA()
 
 
-__all__ = ["LoRAPlan", "RankGroup", "plan_segments", "plan_tokens", "merge_plans", "select_backend",
+__all__ = ["cpu_isa", "LoRAPlan", "RankGroup", "plan_segments", "plan_tokens", "merge_plans", "select_backend",
            "to_device", "triton_available"]

@@ -40,6 +40,11 @@ class TorchLoRA:
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._bgmv_kernel = bgmv_kernel
 
+    @property
+    def name(self) -> str:
+        """The backend in use, as --op-backend names it."""
+        return "torch" if self._bgmv_kernel is None else "cpp"
+
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = 1
         for d in shape:

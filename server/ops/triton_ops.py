@@ -137,6 +137,8 @@ def _rank_block(rank: int) -> int:
 class TritonLoRA:
     """``apply_lora(y, x, a_store, b_store, plan)`` with Triton kernels; same contract as TorchLoRA."""
 
+    name = "triton"
+
     def _apply_group(self, y, x, a_store, b_store, g: RankGroup) -> None:
         n, rank = g.num_rows, g.rank
         in_features, out_features = x.shape[1], y.shape[1]

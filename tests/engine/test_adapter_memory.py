@@ -180,3 +180,29 @@ def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
     assert all(name.startswith("adapter-io") for name, _ in fill_threads)
     if openmp_library() is not None:
         assert {threads for _, threads in fill_threads} == {1}
+
+
+def test_keep_resident_at_start_up(tiny_llama, many_adapters):
+    """--keep-resident: a start-up adapter stays on the device while others page through; an
+    unknown id, or more kept pages than leave room for one max-rank adapter, fail start-up."""
+    from loramux.server.config import StartupError
+
+    with pytest.raises(StartupError, match="no such start-up adapter"):
+        engine_for(tiny_llama, {"m0": many_adapters["m0"]}, device=2, host=2, keep_resident=("nope",))
+    big = {n: many_adapters[n] for n in ("m2", "m5")}  # rank 16 each: the pool holds 2 x 16 pages
+    with pytest.raises(StartupError, match="must stay free"):
+        engine_for(tiny_llama, big, device=2, host=2, keep_resident=("m2", "m5"))
+    names = [f"m{i}" for i in range(8)]
+    built = engine_for(tiny_llama, {n: many_adapters[n] for n in names}, device=2, host=4, keep_resident=("m1",))
+    try:
+        pool = built.manager.pool
+        reqs = [GenerationRequest(f"k{i}", (5, 6, 7), SamplingParams(MAX_NEW, ignore_eos=True), names[i % 8])
+                for i in range(24)]
+        evicted = []
+        pool.on_evict = evicted.append
+        out = generate(built.engine, reqs)
+    finally:
+        built.engine.stop()
+    assert all(isinstance(o, list) and len(o) == MAX_NEW for o in out)
+    assert evicted and all(key[0] != "m1" for key in evicted)  # others paged; the kept one never left
+    assert ("m1", built.registry.get("m1").version) in pool.resident_keys and built.manager.num_kept() == 1

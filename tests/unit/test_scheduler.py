@@ -156,6 +156,8 @@ def test_a_full_batch_gives_a_waiting_tenant_its_share_by_preempting_the_most_se
     assert d.preempted == ("f2", "f3") and d.admitted == ("l1", "l2")
     assert dict(d.work) == {"f0": 1, "f1": 1, "l1": 2, "l2": 2}
     assert slots(waiting, running, budgets, 8, {"flood", "light"}).preempted == ()  # fifo never does
+    level = Fairness({"flood": 10.0, "light": 10.0})  # a newcomer joins level with the others: it gets its share
+    assert slots(waiting, running, budgets, 8, {"flood", "light"}, level).preempted == ("f2", "f3")
     behind = Fairness({"flood": 5.0, "light": 10.0})  # light has had more service: it waits its turn
     assert slots(waiting, running, budgets, 8, {"flood", "light"}, behind).preempted == ()
     at_share = [*running[:2], seq("l0", "light", computed=8), seq("l9", "light", computed=8)]
