@@ -76,7 +76,7 @@ class LoRAWeights:
     rank: int
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
-    flat: torch.Tensor | None = None  # one buffer all of a and b view, in ``serving_order``
+    flat: torch.Tensor | None = None  # the one buffer a and b view (see ``over``), if they share one
 
     @property
     def nbytes(self) -> int:
