@@ -245,8 +245,9 @@ class Engine:
         engine that was never started."""
         self._drain_inbox()
         self._expire_deadlines()
-        ready, loading = self._poll_adapters()
-        return self._step(ready), loading
+        fairness = self._fairness()  # one view of the service per turn, for look-ahead and admission
+        ready, loading = self._poll_adapters(fairness)
+        return self._step(ready, fairness), loading
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -321,8 +322,8 @@ class Engine:
             return None
         return Fairness(self.service, {s.tenant: s.weight for s in self._waiting})
 
-    def _poll_adapters(self) -> tuple[set, bool]:
-        ready, loading, failed = self.admission.poll(adapter_order(self._waiting, self._fairness()))
+    def _poll_adapters(self, fairness: Fairness | None) -> tuple[set, bool]:
+        ready, loading, failed = self.admission.poll(adapter_order(self._waiting, fairness))
         for key, error in failed:
             for seq in [s for s in self._waiting if s.adapter == key]:
                 self._finish(seq, error=error)
@@ -374,10 +375,9 @@ class Engine:
         log.info("request %s preempted, for KV memory or another adapter's fair share (it will be recomputed "
                  "from %d tokens)", seq.request.request_id, seq.prefill_len)
 
-    def _step(self, ready: set) -> bool:
+    def _step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
         waiting, running = self._views()
-        fairness = self._fairness()
         decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
                             self.watermark_blocks, fairness)
         for seq in decision.preempted:
