@@ -385,7 +385,7 @@ class Engine:
         self._waiting[:0] = decision.preempted  # back to the head of the queue, in admission order
         for seq in decision.admitted:  # final: ready adapters pin, and the scheduler counted the blocks
             self._admit(seq)
-        self.admission.stage(adapter_order([s for s in self._waiting if not s.done], fairness), ready)
+        self.admission.stage(adapter_order(self._waiting, fairness), ready)  # _finish removes finished ones
         work = list(decision.work)
         if not work:
             return False
