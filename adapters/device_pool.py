@@ -58,14 +58,23 @@ class DevicePool:
 
     def __init__(self, layout: LoRALayout, num_pages: int, dtype, device):
         self.num_pages = num_pages
-        self.stores = {
-            (layer, kind): (
-                torch.zeros(num_pages, in_f, dtype=dtype, device=device),
-                torch.zeros(num_pages, out_f, dtype=dtype, device=device),
-            )
-            for layer in range(layout.num_layers)
-            for kind, (in_f, out_f) in layout.shapes.items()
-        }
+        # Kinds that share an input share a store: a page holds their A rows side by side
+        # ([P, m, in]) and their B rows end to end ([P, sum of outs]), so one call shrinks them
+        # all in one pass over the input. ``stores`` views each kind's part of its group's store.
+        self.fused_stores: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stores: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in range(layout.num_layers):
+            for group in layout.groups:
+                in_f = {layout.shapes[k][0] for k in group}
+                assert len(in_f) == 1, f"fused kinds {group} must share their input size"
+                outs = [layout.shapes[k][1] for k in group]
+                a_store = torch.zeros(num_pages, len(group), in_f.pop(), dtype=dtype, device=device)
+                b_store = torch.zeros(num_pages, sum(outs), dtype=dtype, device=device)
+                self.fused_stores[(layer, group)] = (a_store, b_store)
+                lo = 0
+                for j, (kind, out_f) in enumerate(zip(group, outs, strict=True)):
+                    self.stores[(layer, kind)] = (a_store[:, j], b_store[:, lo : lo + out_f])
+                    lo += out_f
         self.device = device
         # On CUDA, copies run on their own stream, overlapping the engine's compute stream.
         self._copy_stream = None

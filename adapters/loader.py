@@ -36,16 +36,30 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 
 @dataclass(frozen=True)
 class LoRALayout:
-    """What the base model offers to LoRA: full module name -> (layer index, module kind), and
-    the (in_features, out_features) of each kind."""
+    """What the base model offers to LoRA: full module name -> (layer index, module kind), the
+    (in_features, out_features) of each kind, and the kinds the model computes as one fused linear
+    over one input (q|k|v, gate|up): their adapter pages are stored side by side, so that one LoRA
+    call shrinks them together."""
 
     modules: dict[str, tuple[int, str]]
     shapes: dict[str, tuple[int, int]]
     num_layers: int
+    fused: tuple[tuple[str, ...], ...] = ()
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.shapes)
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """Every kind once, in a group of the kinds sharing its input (alone if it is in none)."""
+        fused = {k: g for g in self.fused for k in g}
+        out: list[tuple[str, ...]] = []
+        for kind in self.kinds:
+            group = fused.get(kind, (kind,))
+            if group not in out:
+                out.append(group)
+        return tuple(out)
 
 
 @dataclass(frozen=True)

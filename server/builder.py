@@ -21,6 +21,7 @@ from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
 from .ops import cpu_isa, select_backend
 from .ops.attention import select_decode_attention
+from .ops.cpu_kernel import load_kernels
 from .runner import ModelRunner
 from .torch_threads import in_passing_thread, serial_openmp
 
@@ -86,7 +87,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                            "free memory, lower --max-model-len or set --kv-cache-tokens")
     kv = PagedKVCache(num_layers, -(-tokens // config.kv_block_size), config.kv_block_size, kv_heads, head_dim,
                       loaded.dtype, loaded.device, select_decode_attention(config.op_backend, loaded.device))
-    model.bind_lora_stores(pool.stores)
+    model.bind_lora_stores(pool.fused_stores)
     element_size = torch.empty(0, dtype=loaded.dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
                                tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
@@ -118,12 +119,15 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             raise StartupError(f"--keep-resident {adapter_id!r}: {e}") from None
     runner = ModelRunner(model, kv, select_backend(config.op_backend, loaded.device), loaded.device)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
-        runner.apply_lora.warm_up(config.max_lora_rank, pool.stores, loaded.device)  # compiles now, not mid-step
+        runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
     if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
         manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)
     elif config.inject_fault:
         engine.output.fault_hook = fault_injector(config.inject_fault)
+    ops_name = runner.apply_lora.name
+    if ops_name == "cpp":
+        ops_name += f" ({load_kernels().variant} build)"
     log.info(
         "model %s on %s (%s): KV cache %d blocks x %d tokens = %d tokens, %.0f MiB (prefix caching %s); "
         "adapter pool %.0f MiB (%d pages, one per rank row: %d adapters of rank %d, more of smaller ranks); "
@@ -132,6 +136,6 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         kv.num_blocks * kv.block_size, kv.nbytes / 2**20, "on" if config.prefix_caching else "off",
         sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pool.stores.values()) / 2**20,
         config.device_pages, config.max_device_adapters, config.max_lora_rank, len(registry), manager.num_kept(),
-        runner.apply_lora.name, cpu_isa(),
+        ops_name, cpu_isa(),
     )
     return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa())

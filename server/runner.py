@@ -10,7 +10,7 @@ import torch
 from .attention_metadata import build_attention_metadata
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch
-from .ops import LoRAPlan, merge_plans, plan_segments, plan_tokens
+from .ops import LoRAPlan, LoRAPlans, merge_plans, plan_segments, plan_tokens
 from .ops.plan import upload
 
 
@@ -40,8 +40,8 @@ STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "prefill_blocks", "deco
 
 def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     """A host-built step's metadata (batch fields and every plan's rows, pages and segment ends)
-    onto ``device`` in one copy (ops/plan.py ``upload``). Plans that kinds share stay shared."""
-    plans = list({id(p): p for p in batch.lora.values()}.values())
+    onto ``device`` in one copy (ops/plan.py ``upload``). Plans that linears share stay shared."""
+    plans = list({id(p): p for entries in batch.lora.values() for _, p in entries}.values())
     groups = [g for p in plans for g in p.groups]
     host = [getattr(batch, f) for f in STEP_FIELDS]
     for g in groups:
@@ -51,7 +51,8 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
                                  group_ends=None if g.group_ends is None else next(moved)) for g in groups}
     new_plans = {id(p): LoRAPlan(tuple(new_groups[id(g)] for g in p.groups)) for p in plans}
-    return replace(batch, **fields, lora={kind: new_plans[id(p)] for kind, p in batch.lora.items()})
+    lora = {kinds: tuple((used, new_plans[id(p)]) for used, p in entries) for kinds, entries in batch.lora.items()}
+    return replace(batch, **fields, lora=lora)
 
 
 class ModelRunner:
@@ -60,32 +61,45 @@ class ModelRunner:
         self.kv = kv
         self.apply_lora = apply_lora
         self.device = device
-        self.kinds = model.lora_layout().kinds
+        self.groups = model.lora_layout().groups
 
-    def _plans(self, items, prefill: list[int], seg_starts: list[int], decode: list[int], num_prefill: int):
-        """kind -> LoRAPlan with only the rows whose adapter targets that kind. Kinds that select
-        the same rows share one plan, so all-projection adapters build a single plan."""
-        by_pattern, plans = {}, {}
-        for kind in self.kinds:
-            pattern = tuple(items[i].uses(kind) for i in (*prefill, *decode))
-            if pattern not in by_pattern:
-                seg_pages = [items[i].pages if items[i].uses(kind) else None for i in prefill]
-                token_adapter = [-1] * num_prefill
-                adapter_pages: list[torch.Tensor] = []
-                index: dict[Hashable, int] = {}
-                for i in decode:
-                    it = items[i]
-                    if not it.uses(kind):
-                        token_adapter.append(-1)
-                        continue
-                    if it.adapter not in index:
-                        index[it.adapter] = len(adapter_pages)
-                        adapter_pages.append(it.pages)
-                    token_adapter.append(index[it.adapter])
-                by_pattern[pattern] = merge_plans(plan_segments(seg_starts, seg_pages),
-                                                  plan_tokens(token_adapter, adapter_pages))
-            plans[kind] = by_pattern[pattern]
+    def _plans(self, items, prefill: list[int], seg_starts: list[int], decode: list[int],
+               num_prefill: int) -> LoRAPlans:
+        """Per fused linear, one plan for each set of its kinds that the step's adapters target
+        (usually one: q|k|v all, or q and v). Equal row selections share one plan, so
+        all-projection adapters build a single plan for the whole step."""
+        order = (*prefill, *decode)
+        by_rows: dict[frozenset[int], LoRAPlan] = {}
+        plans: LoRAPlans = {}
+        for group in self.groups:
+            used_by = {i: tuple(j for j, kind in enumerate(group) if items[i].uses(kind)) for i in order}
+            entries = []
+            for used in sorted(set(used_by.values()) - {()}):
+                rows = frozenset(i for i in order if used_by[i] == used)
+                if rows not in by_rows:
+                    by_rows[rows] = self._plan(items, prefill, seg_starts, decode, num_prefill, rows)
+                entries.append((used, by_rows[rows]))
+            if entries:
+                plans[group] = tuple(entries)
         return plans
+
+    @staticmethod
+    def _plan(items, prefill, seg_starts, decode, num_prefill: int, selected: frozenset[int]) -> LoRAPlan:
+        """The plan of the ``selected`` items: prefill chunks as SGMV segments, decode rows as BGMV."""
+        seg_pages = [items[i].pages if i in selected else None for i in prefill]
+        token_adapter = [-1] * num_prefill
+        adapter_pages: list[torch.Tensor] = []
+        index: dict[Hashable, int] = {}
+        for i in decode:
+            it = items[i]
+            if i not in selected:
+                token_adapter.append(-1)
+                continue
+            if it.adapter not in index:
+                index[it.adapter] = len(adapter_pages)
+                adapter_pages.append(it.pages)
+            token_adapter.append(index[it.adapter])
+        return merge_plans(plan_segments(seg_starts, seg_pages), plan_tokens(token_adapter, adapter_pages))
 
     def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);

@@ -20,6 +20,7 @@ class ServingModel(nn.Module):
     final_norm: nn.Module
     lm_head: nn.Module
     kv_spec: tuple[int, int, int]  # (layers, kv heads, head dim)
+    FUSED_KINDS: tuple[tuple[str, ...], ...] = ()  # kinds computed as one linear over one input
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -32,7 +33,8 @@ class ServingModel(nn.Module):
         targets = cls.lora_targets(config)
         modules = {template.format(i=i): (i, kind)
                    for i in range(config.num_hidden_layers) for kind, (template, _, _) in targets.items()}
-        return LoRALayout(modules, {k: (fin, fout) for k, (_, fin, fout) in targets.items()}, config.num_hidden_layers)
+        return LoRALayout(modules, {k: (fin, fout) for k, (_, fin, fout) in targets.items()}, config.num_hidden_layers,
+                          cls.FUSED_KINDS)
 
     @staticmethod
     def position_limit(config) -> int | None:
@@ -43,10 +45,11 @@ class ServingModel(nn.Module):
     def lora_layout(self) -> LoRALayout:
         return self.layout_from_config(self.config)
 
-    def bind_lora_stores(self, stores: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def bind_lora_stores(self, stores: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """stores: (layer, kinds of a fused linear) -> (a_store [P, m, in], b_store [P, sum of outs])."""
         for i, layer in enumerate(self.layers):
             for fused in layer.lora_modules():
-                fused.stores = tuple(stores[(i, kind)] for kind in fused.kinds)
+                fused.a_store, fused.b_store = stores[(i, fused.kinds)]
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops import LoRAPlan
+from ..ops import LoRAPlans
 
 
 @dataclass(frozen=True)
@@ -34,5 +34,5 @@ class StepBatch:
     decode_lengths: torch.Tensor  # [D] context length after this step, this token included
     decode_ctx: int  # longest decode context
     logits_rows: torch.Tensor  # [N] rows whose next-token logits are needed
-    lora: dict[str, LoRAPlan]  # module kind -> rows (and pages) of the adapters that target it
+    lora: LoRAPlans  # fused kinds -> ((indices of the kinds used, rows and pages of the adapters using them), ...)
     masks: dict = field(default_factory=dict)  # attention masks built once per step, shared by layers

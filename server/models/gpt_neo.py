@@ -30,6 +30,8 @@ def gpt_neo_block(block, config, layer: int) -> PreLNBlock:
 
 
 class GPTNeoForServing(ServingModel):
+    FUSED_KINDS = (ATTN_KINDS,)
+
     def __init__(self, hf_model, max_model_len: int):
         super().__init__()
         config = self.config = hf_model.config

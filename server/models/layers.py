@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv_cache import PagedKVCache
-from ..ops import LoRAPlan
+from ..ops import LoRAPlans
 from ..ops.attention import causal_mask, gather_context
 from .batch import StepBatch
 
@@ -34,10 +34,13 @@ class FusedLoRALinear(nn.Module):
         bounds = [0]
         for w in weights:
             bounds.append(bounds[-1] + w.shape[0])
-        self.slices = tuple(slice(bounds[i], bounds[i + 1]) for i in range(len(weights)))
+        self.bounds = tuple(bounds)  # output columns of kind j: bounds[j]:bounds[j + 1]
         self.kinds = kinds
         self.layer = layer
-        self.stores: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # per kind: (a_store, b_store)
+        # the adapter pages of these kinds (bound by ``ServingModel.bind_lora_stores``):
+        # a_store [P, len(kinds), in], b_store [P, bounds[-1]]
+        self.a_store: torch.Tensor | None = None
+        self.b_store: torch.Tensor | None = None
 
     @classmethod
     def from_linears(cls, linears: list[nn.Linear], kinds: tuple[str, ...], layer: int) -> FusedLoRALinear:
@@ -49,14 +52,15 @@ class FusedLoRALinear(nn.Module):
         return cls([conv.weight.T.contiguous()], [conv.bias], (kind,), layer)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {k: (self.weight.shape[1], sl.stop - sl.start) for k, sl in zip(self.kinds, self.slices, strict=True)}
+        b = self.bounds
+        return {k: (self.weight.shape[1], b[j + 1] - b[j]) for j, k in enumerate(self.kinds)}
 
-    def forward(self, x: torch.Tensor, plans: dict[str, LoRAPlan], apply_lora) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plans: LoRAPlans, apply_lora) -> torch.Tensor:
+        """One LoRA call per set of these kinds that the step's adapters target (usually one):
+        each shrinks its kinds together, in one pass over x."""
         y = F.linear(x, self.weight, self.bias)
-        for kind, sl, (a_store, b_store) in zip(self.kinds, self.slices, self.stores, strict=True):
-            plan = plans[kind]
-            if not plan.empty:
-                apply_lora(y[:, sl], x, a_store, b_store, plan)
+        for used, plan in plans.get(self.kinds, ()):
+            apply_lora(y, x, self.a_store, self.b_store, plan, self.bounds, used)
         return y
 
 

@@ -77,6 +77,8 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaForServing(ServingModel):
+    FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
+
     def __init__(self, hf_model, max_model_len: int):
         super().__init__()
         config = self.config = hf_model.config

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from . import torch_ops
-from .plan import LoRAPlan, RankGroup, merge_plans, plan_segments, plan_tokens, to_device
+from .plan import LoRAPlan, LoRAPlans, RankGroup, merge_plans, plan_segments, plan_tokens, to_device
 
 ApplyLoRA = Callable[..., None]
 
@@ -30,9 +30,9 @@ def cpu_isa() -> str:
 
 
 def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> ApplyLoRA:
-    """Return ``apply_lora(y, x, a_store, b_store, plan)`` for the named backend on ``device``:
-    ``torch`` (torch ops only), ``cpp`` (torch ops, decode rows through the fused C++ kernel on the
-    CPU), ``triton`` (Triton kernels). ``auto``: Triton on CUDA when installed; on the CPU the C++
+    """Return ``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None)`` for the named
+    backend on ``device``: ``torch`` (torch ops only), ``cpp`` (the C++ CPU kernel, built at
+    install), ``triton`` (Triton kernels). ``auto``: Triton on CUDA when installed; on the CPU the C++
     kernel when it builds, else the torch ops. Each call makes a new instance: instances own
     scratch buffers and are not shared across threads."""
     if name not in BACKENDS:
@@ -41,11 +41,12 @@ def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> Ap
     if name == "cpp" and on_cuda:
         raise ValueError("op backend 'cpp' is the CPU kernel; on a CUDA device use 'triton' (or 'auto')")
     if name == "cpp" or (name == "auto" and not on_cuda):
-        from .cpu_kernel import load_bgmv  # imported late: `python -m` runs that module to build it
+        from .cpu_kernel import load_lora_kernel  # imported late: `python -m` runs that module
 
-        kernel = load_bgmv()
+        kernel = load_lora_kernel()
         if kernel is None and name == "cpp":
-            raise ValueError("op backend 'cpp' needs a C++ compiler to build its kernel (see the log); use 'torch'")
+            raise ValueError("op backend 'cpp' needs the C++ CPU kernel, which was not built for this CPU "
+                             "(see `make install` and the log); use 'torch'")
         return torch_ops.TorchLoRA(kernel)
     if name == "torch" or (name == "auto" and not triton_available(device)):
         return torch_ops.TorchLoRA()
@@ -57,5 +58,5 @@ def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> Ap
     return triton_ops.TritonLoRA()
 
 
-__all__ = ["cpu_isa", "LoRAPlan", "RankGroup", "plan_segments", "plan_tokens", "merge_plans", "select_backend",
+__all__ = ["cpu_isa", "LoRAPlan", "LoRAPlans", "RankGroup", "plan_segments", "plan_tokens", "merge_plans", "select_backend",
            "to_device", "triton_available"]

@@ -63,6 +63,13 @@ class LoRAPlan:
         return LoRAPlan(tuple(g.to(device) for g in self.groups))
 
 
+# The LoRA work of one step, per fused linear (keyed by its kinds, e.g. ("q_proj", "k_proj",
+# "v_proj")): one (used, plan) entry per set of those kinds that the step's adapters target, where
+# ``used`` holds the indices of the kinds in the key and ``plan`` the rows and pages of the adapters
+# targeting exactly those. A fused linear absent from the dict has no LoRA work this step.
+LoRAPlans = dict[tuple[str, ...], tuple[tuple[tuple[int, ...], LoRAPlan], ...]]
+
+
 def upload(tensors: list[torch.Tensor], device, pin: bool = True) -> list[torch.Tensor]:
     """Host integer tensors -> the same values on ``device`` in one host-to-device copy: packed as
     int64 into one buffer (pinned, so the copy is asynchronous and the host never waits), then

@@ -1,10 +1,11 @@
 """Fast pure-torch batched LoRA on preallocated scratch buffers.
 
-- Per-row groups (BGMV, decode): each row's A pages are gathered and one batched matmul gives
-  ``v = x_i @ A_i.T``; the expand ``d_i = sum_j v_ij * b_store[P_ij]`` is a weighted embedding-bag
-  that reads B's pages straight from the store, with no copy.
+- Per-row groups (BGMV, decode): each row's A pages (of every kind of a fused linear it uses) are
+  gathered and one batched matmul gives ``v = x_i @ A_i.T``; the expand
+  ``d_i = sum_j v_ij * b_store[P_ij]`` is a weighted embedding-bag that reads B's pages straight
+  from the store when one kind owns it, else a batched matmul per kind over the gathered pages.
 - Segment groups (SGMV, prefill): each distinct adapter's pages are gathered once, then a grouped
-  matmul runs each adapter's rows against its weights.
+  matmul runs each adapter's rows against its weights (one for the shrink of all used kinds).
 
 Scratch buffers grow to the largest batch seen and are reused: a fresh multi-megabyte buffer per
 call costs more in page faults than the matmul itself on a CPU.
@@ -19,9 +20,15 @@ from .plan import LoRAPlan, RankGroup
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    """What ``torch._grouped_mm`` accepts: 16-byte aligned data and non-unit strides."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+
+
 def _grouped(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """out[rows of group u] = x[rows of group u] @ w[u];  x: [n, k], w: [U, k, m] -> [n, m]."""
-    if _HAS_GROUPED_MM and x.dtype == w.dtype:
+    if _HAS_GROUPED_MM and x.dtype == w.dtype and _aligned(x) and _aligned(w):
         return torch._grouped_mm(x, w, offs=group_ends)
     out = x.new_empty(x.shape[0], w.shape[-1])
     start = 0
@@ -31,19 +38,30 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torc
     return out
 
 
-class TorchLoRA:
-    """``apply_lora(y, x, a_store, b_store, plan)``, holding its own scratch buffers. With a
-    ``bgmv_kernel`` (the fused C++ one, ``cpu_kernel.load_bgmv()``), per-row groups on the CPU
-    go to it instead of the gather/bmm/bag sequence."""
+def fused_args(y: torch.Tensor, a_store: torch.Tensor, bounds, used):
+    """The fused form of a call: a_store [P, m, in] (a [P, in] store is one kind), the output
+    column bounds of the m kinds (default: all of y), and the kinds used (default: all)."""
+    if a_store.dim() == 2:
+        a_store = a_store[:, None, :]
+    bounds = (0, y.shape[1]) if bounds is None else tuple(bounds)
+    used = tuple(range(a_store.shape[1])) if used is None else tuple(used)
+    return a_store, bounds, used
 
-    def __init__(self, bgmv_kernel=None):
+
+class TorchLoRA:
+    """``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None)``, holding its own scratch
+    buffers. With the C++ ``lora_kernel`` (``cpu_kernel.load_lora_kernel()``), every group on the
+    CPU goes to it instead of the gather/bmm/bag sequence."""
+
+    def __init__(self, lora_kernel=None):
         self._scratch: dict[tuple, torch.Tensor] = {}
-        self._bgmv_kernel = bgmv_kernel
+        self._kernel = lora_kernel
+        self._empty = torch.empty(0, dtype=torch.int32)
 
     @property
     def name(self) -> str:
         """The backend in use, as --op-backend names it."""
-        return "torch" if self._bgmv_kernel is None else "cpp"
+        return "torch" if self._kernel is None else "cpp"
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = 1
@@ -56,37 +74,63 @@ class TorchLoRA:
             self._scratch[key] = buf
         return buf[:numel].view(shape)
 
-    def _gather(self, name: str, store: torch.Tensor, pages: torch.Tensor, lead: int, rank: int) -> torch.Tensor:
-        out = self._buffer(name, (pages.numel(), store.shape[1]), store)
+    def _gather(self, name: str, store: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+        out = self._buffer(name, (pages.numel(), *store.shape[1:]), store)
         torch.index_select(store, 0, pages, out=out)
-        return out.view(lead, rank, store.shape[1])
+        return out
 
-    def _apply_group(self, y, x, a_store, b_store, g: RankGroup) -> None:
-        if g.group_ends is None and self._bgmv_kernel is not None and x.device.type == "cpu":
-            self._bgmv_kernel(y, x, a_store, b_store, g.rows, g.pages, g.rank)
+    def _shrink(self, x, a_store, g: RankGroup, used) -> torch.Tensor:
+        """v [n, s, rank]: every used kind's shrink in one matmul over x's rows (s = len(used))."""
+        n, s, rank = g.num_rows, len(used), g.rank
+        lo = g.row_start
+        xs = x[lo : lo + n] if lo is not None else x.index_select(0, g.rows)
+        a = self._gather("a", a_store, g.pages)  # [pages, m, in]
+        if s < a_store.shape[1]:
+            a = a[:, list(used)]
+        if g.group_ends is None:  # BGMV: row i's own pages
+            a = a.view(n, rank * s, -1)  # rows (k, t)
+            v = torch.bmm(xs[:, None, :], a.transpose(1, 2), out=self._buffer("v", (n, 1, rank * s), x))
+        else:  # SGMV: one weight per adapter, over its run of rows
+            a = a.reshape(g.group_ends.numel(), rank * s, -1).transpose(1, 2)  # [U, in, rank * s]
+            v = _grouped(xs, a, g.group_ends)
+        return v.view(n, rank, s).transpose(1, 2)  # [n, s, rank]
+
+    def _apply_group(self, y, x, a_store, b_store, g: RankGroup, bounds, used) -> None:
+        if self._kernel is not None and x.device.type == "cpu":
+            ends = self._empty if g.group_ends is None else g.group_ends
+            self._kernel(y, x, a_store, b_store, g.rows, g.pages, ends, g.rank, bounds, used)
             return
         n, lo = g.num_rows, g.row_start
-        xs = x[lo : lo + n] if lo is not None else x.index_select(0, g.rows)
-        if g.group_ends is None:  # BGMV: one adapter per row
-            a = self._gather("a", a_store, g.pages, n, g.rank)  # [n, r, in]
-            v = torch.bmm(xs[:, None, :], a.transpose(1, 2), out=self._buffer("v", (n, 1, g.rank), x))  # [n, 1, r]
-            # torch.embedding_bag, not F.embedding_bag: this runs 200+ times a step, and the functional
-            # wrapper's checks and offsets cost more than the bag itself at decode sizes
-            delta = torch.embedding_bag(b_store, g.pages, g.row_offsets, False, 0, False, v.view(-1))[0]  # [n, out]
-        else:  # SGMV: one adapter per run of rows
-            num_adapters = g.group_ends.numel()
-            a = self._gather("a", a_store, g.pages, num_adapters, g.rank).transpose(1, 2)  # [U, in, r]
-            b = self._gather("b", b_store, g.pages, num_adapters, g.rank)  # [U, r, out]
-            delta = _grouped(_grouped(xs, a, g.group_ends), b, g.group_ends)  # [n, out]
-        if lo is not None:
-            y[lo : lo + n].add_(delta)  # not ``+=``: that writes the slice back with a second copy
-        else:
-            y.index_add_(0, g.rows, delta)
+        v = self._shrink(x, a_store, g, used)
+        whole = bounds == (0, b_store.shape[1])  # one kind owns the store: BGMV reads it in place
+        if g.group_ends is not None or not whole:
+            lead = n if g.group_ends is None else g.group_ends.numel()
+            b_pages = self._gather("b", b_store, g.pages).view(lead, g.rank, -1)  # [n or U, rank, out]
+        for t, j in enumerate(used):
+            c0, c1 = bounds[j], bounds[j + 1]
+            vt = v[:, t].contiguous()  # [n, rank]
+            if g.group_ends is not None:
+                delta = _grouped(vt, b_pages[:, :, c0:c1], g.group_ends)
+            elif whole:  # d_i = sum_k v_ik * b[P_ik]
+                # torch.embedding_bag, not F.embedding_bag: at decode sizes the functional wrapper's
+                # checks cost more than the bag itself
+                delta = torch.embedding_bag(b_store, g.pages, g.row_offsets, False, 0, False, vt.view(-1))[0]
+            else:
+                delta = torch.bmm(vt[:, None, :], b_pages[:, :, c0:c1]).squeeze(1)
+            if lo is not None:
+                y[lo : lo + n, c0:c1].add_(delta)  # not ``+=``: that writes the slice back with a second copy
+            else:
+                y[:, c0:c1].index_add_(0, g.rows, delta)
 
-    def __call__(self, y: torch.Tensor, x: torch.Tensor, a_store, b_store, plan: LoRAPlan) -> None:
-        """y[i] += (x[i] @ a_store[P_i].T) @ b_store[P_i] for every row i the plan assigns pages P_i.
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, a_store, b_store, plan: LoRAPlan, bounds=None,
+                 used=None) -> None:
+        """For every row i the plan assigns pages P_i and each used kind j, with C_j the columns
+        bounds[j]:bounds[j + 1]:  y[i, C_j] += (x[i] @ a_store[P_i, j].T) @ b_store[P_i, C_j].
 
-        y: [T, out] (updated in place), x: [T, in], a_store: [num_pages, in], b_store: [num_pages, out].
+        y: [T, out] (updated in place), x: [T, in], a_store: [num_pages, m, in] (or [num_pages, in]:
+        m = 1), b_store: [num_pages, out]; bounds: m + 1 column offsets (default (0, out)); used:
+        indices of the kinds these rows use (default all m).
         """
+        a_store, bounds, used = fused_args(y, a_store, bounds, used)
         for g in plan.groups:
-            self._apply_group(y, x, a_store, b_store, g)
+            self._apply_group(y, x, a_store, b_store, g, bounds, used)

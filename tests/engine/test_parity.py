@@ -12,7 +12,7 @@ from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.engine import EngineObserver
 from loramux.server.ops import triton_available
-from loramux.server.ops.cpu_kernel import load_bgmv
+from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.requests import GenerationRequest, SamplingParams
 
 from helpers import peft_generate
@@ -65,7 +65,7 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters):
     backend = request.param
     if request.param == "triton" and not triton_available(device):
         pytest.skip("triton is not installed")
-    if backend == "cpp" and (device != "cpu" or load_bgmv() is None):
+    if backend == "cpp" and (device != "cpu" or load_lora_kernel() is None):
         pytest.skip("the C++ kernel is for the CPU, and needs a compiler")
     config = ServerConfig(
         op_backend=backend, dtype="float32",  # exact parity: float32 on every device
@@ -78,7 +78,7 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters):
     if request.param == "triton":
         assert type(op).__name__ == "TritonLoRA"
     else:  # the C++ kernel serves decode rows only when asked for
-        assert type(op).__name__ == "TorchLoRA" and (op._bgmv_kernel is not None) == (backend == "cpp")
+        assert type(op).__name__ == "TorchLoRA" and (op._kernel is not None) == (backend == "cpp")
     built.engine.start()
     yield built
     built.engine.stop()

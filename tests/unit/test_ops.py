@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loramux.server.ops import plan_segments, plan_tokens, select_backend, triton_available
-from loramux.server.ops.cpu_kernel import load_bgmv
+from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.ops.reference import bgmv_reference, sgmv_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
@@ -19,7 +19,7 @@ def _backend_available(request):
     """Skip a backend this host cannot run. Decided per test, not at collection, so collecting on a
     GPU host never builds the CPU kernel."""
     backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
-    if backend == "cpp" and (DEVICE != "cpu" or load_bgmv() is None):
+    if backend == "cpp" and (DEVICE != "cpu" or load_lora_kernel() is None):
         pytest.skip("the C++ kernel is for the CPU, and needs a compiler (or LORAMUX_NO_CPU_KERNEL is set)")
     if backend == "triton" and not triton_available(DEVICE):
         pytest.skip("triton is not installed")
@@ -115,6 +115,55 @@ def test_sgmv_matches_reference_with_empty_and_base_segments(backend, dtype):
     assert sorted(g.rank for g in plan.groups) == [16, 64]
 
 
+FUSED_OUTS = (40, 16, 24)  # q | k | v of unequal widths, as under grouped-query attention
+
+
+def _fused_reference(ref, x, a, b, bounds, used, form, rows_spec, pages):
+    """The oracle of a fused call: the per-module reference once per used kind, on its columns."""
+    for j in used:
+        cols = slice(bounds[j], bounds[j + 1])
+        out = ref[:, cols].clone()
+        if form == "bgmv":
+            bgmv_reference(out, x, a[:, j], b[:, cols], rows_spec, pages)
+        else:
+            sgmv_reference(out, x, a[:, j], b[:, cols], *rows_spec)
+        ref[:, cols] = out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["bgmv", "sgmv"])
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)])
+def test_fused_kinds_match_the_per_module_reference(backend, dtype, form, used):
+    """One call for the kinds sharing an input (a_store [P, m, in]): each used kind's columns get
+    its own LoRA, the other kinds' columns are untouched bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    ranks = [4, 16, 7, 32]
+    pages = _adapter_pages(ranks, gen)
+    bounds = (0, FUSED_OUTS[0], FUSED_OUTS[0] + FUSED_OUTS[1], sum(FUSED_OUTS))
+    a = (torch.randn(sum(ranks), 3, IN, generator=gen) / IN**0.5).to(dtype)
+    b = (torch.randn(sum(ranks), bounds[-1], generator=gen) / 4).to(dtype)
+    if form == "bgmv":
+        token_adapter = [-1 if i % 5 == 0 else i % len(ranks) for i in range(23)]
+        rows_spec, plan, n = token_adapter, plan_tokens(token_adapter, pages), len(token_adapter)
+    else:
+        lengths, seg_pages = [6, 0, 11, 1, 4], [pages[0], pages[1], pages[3], None, pages[2]]
+        seg_starts = [0]
+        for length in lengths:
+            seg_starts.append(seg_starts[-1] + length)
+        rows_spec, plan, n = (seg_starts, seg_pages), plan_segments(seg_starts, seg_pages), seg_starts[-1]
+    x = torch.randn(n, IN, generator=gen).to(dtype)
+    y0 = torch.randn(n, bounds[-1], generator=gen).to(dtype)
+    ref = y0.clone().float()
+    _fused_reference(ref, x.float(), a.float(), b.float(), bounds, used, form, rows_spec, pages)
+    out = y0.to(DEVICE)
+    select_backend(backend, DEVICE)(out, x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), plan.to(DEVICE), bounds, used)
+    fast = out.cpu()
+    _assert_close(fast, ref, dtype)
+    for j in set(range(3)) - set(used):
+        assert torch.equal(fast[:, bounds[j] : bounds[j + 1]], y0[:, bounds[j] : bounds[j + 1]])
+
+
 def test_rank_groups_use_each_adapters_own_rank():
     """Mixed ranks are grouped by rank: no adapter is padded to the batch's maximum rank."""
     gen = torch.Generator().manual_seed(2)
@@ -145,7 +194,7 @@ def test_unknown_backend_is_refused():
 def test_auto_backend_on_cpu_is_the_torch_ops_with_the_cpp_kernel_when_it_builds():
     op = select_backend("auto", "cpu")
     assert type(op).__name__ == "TorchLoRA"
-    assert op._bgmv_kernel is load_bgmv()
+    assert op._kernel is load_lora_kernel()
 
 
 # Shapes the engine produces, at the hidden sizes of real models (SmolLM2-135M, Llama-3.2-1B,
@@ -158,35 +207,47 @@ ENGINE_SHAPES = {
     "decode-256-smollm-k": ("bgmv", [256], 576, 192, [4, 8, 16, 32, 64, 128]),
     "prefill-smollm-up": ("sgmv", [40, 0, 1, 17, 0, 100, 3], 576, 1536, [4, 8, 16, 32, 64, 128]),
     "prefill-llama7b-o": ("sgmv", [70, 0, 33], 4096, 4096, [16, 128, 8]),
+    # fused linears: q|k|v and gate|up, one call each
+    "decode-32-smollm-qkv": ("bgmv", [32], 576, (576, 192, 192), [4, 8, 16, 32, 64, 128]),
+    "decode-3-llama1b-gate-up": ("bgmv", [3], 2048, (8192, 8192), [16, 8]),
+    "prefill-smollm-qkv": ("sgmv", [40, 0, 1, 17, 0, 100, 3], 576, (576, 192, 192), [4, 8, 16, 32, 64, 128]),
+    "prefill-smollm-gate-up": ("sgmv", [33, 5], 576, (1536, 1536), [16, 64]),
 }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", ENGINE_SHAPES)
 def test_engine_shapes_match_reference(backend, shape):
-    form, lengths, in_features, out_features, ranks = ENGINE_SHAPES[shape]
+    form, lengths, in_features, outs, ranks = ENGINE_SHAPES[shape]
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    bounds = [0]
+    for width in outs:
+        bounds.append(bounds[-1] + width)
+    used = tuple(range(len(outs)))
     dtypes = DTYPES if DEVICE == "cuda" else [torch.float32]  # the interpreter is slow: one dtype on CPU
     gen = torch.Generator().manual_seed(3)
     pages = _adapter_pages(ranks, gen)
     for dtype in dtypes:
-        a = (torch.randn(sum(ranks), in_features, generator=gen) / in_features**0.5).to(dtype)
-        b = (torch.randn(sum(ranks), out_features, generator=gen) / 4).to(dtype)
+        a = (torch.randn(sum(ranks), len(outs), in_features, generator=gen) / in_features**0.5).to(dtype)
+        b = (torch.randn(sum(ranks), bounds[-1], generator=gen) / 4).to(dtype)
         num_rows = sum(lengths)
         x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
-        y0 = torch.randn(num_rows, out_features, generator=gen).to(dtype)
+        y0 = torch.randn(num_rows, bounds[-1], generator=gen).to(dtype)
         ref = y0.clone().float()
         if form == "bgmv":
-            token_adapter = [i % len(ranks) for i in range(num_rows)]
-            bgmv_reference(ref, x.float(), a.float(), b.float(), token_adapter, pages)
-            plan = plan_tokens(token_adapter, pages)
+            rows_spec = [i % len(ranks) for i in range(num_rows)]
+            plan = plan_tokens(rows_spec, pages)
         else:
             seg_starts = [0]
             for n in lengths:
                 seg_starts.append(seg_starts[-1] + n)
-            seg_pages = [pages[s % len(ranks)] for s in range(len(lengths))]
-            sgmv_reference(ref, x.float(), a.float(), b.float(), seg_starts, seg_pages)
-            plan = plan_segments(seg_starts, seg_pages)
-        _assert_close(run_fast(backend, y0, x, a, b, plan), ref, dtype)
+            rows_spec = (seg_starts, [pages[s % len(ranks)] for s in range(len(lengths))])
+            plan = plan_segments(*rows_spec)
+        _fused_reference(ref, x.float(), a.float(), b.float(), bounds, used, form, rows_spec, pages)
+        out = y0.to(DEVICE)
+        select_backend(backend, DEVICE)(out, x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), plan.to(DEVICE),
+                                        tuple(bounds), used)
+        _assert_close(out.cpu(), ref, dtype)
 
 
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
@@ -194,17 +255,19 @@ def test_triton_warm_up_runs_every_rank_block_and_leaves_the_stores_alone():
     from loramux.server.ops.triton_ops import TritonLoRA
 
     gen = torch.Generator().manual_seed(0)
-    stores = {(0, "q"): _store(24, torch.float32, gen), (0, "v"): (torch.randn(24, 16, generator=gen),
-                                                                   torch.randn(24, 8, generator=gen))}
+    stores = {(0, ("q", "k")): (torch.randn(24, 2, IN, generator=gen), torch.randn(24, OUT, generator=gen)),
+              (0, ("o",)): (torch.randn(24, 1, 16, generator=gen), torch.randn(24, 8, generator=gen))}
     stores = {k: (a.to(DEVICE), b.to(DEVICE)) for k, (a, b) in stores.items()}
     before = {k: (a.clone(), b.clone()) for k, (a, b) in stores.items()}
     op, calls = TritonLoRA(), []
     original = op._apply_group
-    op._apply_group = lambda y, x, a, b, g: (calls.append((g.rank, x.shape[0], g.group_ends is None)),
-                                           original(y, x, a, b, g))
+    op._apply_group = lambda y, x, a, b, g, meta, bounds, used: (
+        calls.append((g.rank, x.shape[0], g.group_ends is None, a.shape[1], len(used))),
+        original(y, x, a, b, g, meta, bounds, used))
     op.warm_up(20, stores, DEVICE)
-    assert {rank for rank, _, _ in calls} == {16, 20}  # rank blocks 16 and 32
-    assert {(rows, bgmv) for _, rows, bgmv in calls} == {(1, True), (64, True), (2, False)}
+    assert {c[0] for c in calls} == {16, 20}  # rank blocks 16 and 32
+    assert {c[1:3] for c in calls} == {(1, True), (64, True), (2, False)}
+    assert {c[3:] for c in calls} == {(2, 1), (2, 2), (1, 1)}  # every number of used kinds per store
     assert all(torch.equal(a, before[k][0]) and torch.equal(b, before[k][1]) for k, (a, b) in stores.items())
 
 
@@ -221,15 +284,18 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
     batch = StepBatch(input_ids=longs(5, 6, 7, 8, 9, 10, 11), positions=longs(0, 1, 2, 0, 1, 7, 9),
                       slot_mapping=longs(0, 1, 2, 16, 17, 39, 57), prefill=(), prefill_blocks=longs(0, 1),
                       num_prefill_rows=5, decode_tables=longs(2, 4, 3, 5).view(2, 2), decode_lengths=longs(8, 10),
-                      decode_ctx=10, logits_rows=longs(2, 4, 5, 6), lora={"q": shared, "k": shared, "v": other})
+                      decode_ctx=10, logits_rows=longs(2, 4, 5, 6),
+                      lora={("q", "k"): (((0, 1), shared),), ("v",): (((0,), other),), ("o",): (((0,), shared),)})
     moved = upload_step(batch, "cpu", pin=False)
     for name in ("input_ids", "positions", "slot_mapping", "prefill_blocks", "decode_tables", "decode_lengths",
                  "logits_rows"):
         assert torch.equal(getattr(moved, name), getattr(batch, name))
-    assert moved.lora["q"] is moved.lora["k"] and moved.lora["q"] is not moved.lora["v"]  # sharing kept
+    plan = {kinds: entries[0][1] for kinds, entries in moved.lora.items()}
+    assert plan[("q", "k")] is plan[("o",)] and plan[("q", "k")] is not plan[("v",)]  # sharing kept
+    assert [used for used, _ in moved.lora[("q", "k")]] == [(0, 1)]
     storages = set()
-    for kind in "qkv":
-        for old, new in zip(batch.lora[kind].groups, moved.lora[kind].groups, strict=True):
+    for kinds in batch.lora:
+        for old, new in zip(batch.lora[kinds][0][1].groups, moved.lora[kinds][0][1].groups, strict=True):
             assert torch.equal(new.rows, old.rows) and torch.equal(new.pages, old.pages)
             assert (new.group_ends is None) == (old.group_ends is None)
             if old.group_ends is not None:

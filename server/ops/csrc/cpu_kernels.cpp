@@ -1,0 +1,195 @@
+// loramux's CPU kernels, built into the package by `make install` (setup.py): one module per ISA
+// variant (portable baseline, AVX2, AVX-512; NEON on aarch64), chosen at run time.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// Batched LoRA over the page store for the kinds of one fused linear (q|k|v, gate|up, or one).
+// For each position i, with token row r = rows[i] and rank-row pages P = pages of i's adapter, for
+// each used kind j (t-th of `used`), with columns C_j = [bounds[j], bounds[j+1]):
+//   v[t, k] = x[r] . a[P[k], j, :]                 (shrink: every used kind in one pass over the pages)
+//   y[r, C_j] += sum_k v[t, k] * b[P[k], C_j]       (expand: straight into that kind's columns)
+// Per-row form (BGMV, ends empty): position i's pages are pages[i*rank : (i+1)*rank].
+// Segment form (SGMV): positions are grouped by adapter, ends[u] = cumulative positions of adapters
+// 0..u, and adapter u's pages are pages[u*rank : (u+1)*rank]; a thread's positions are contiguous, so
+// an adapter's pages stay in cache across its rows.
+// Accumulates in float32; positions are split across torch's intra-op threads.
+template <typename T>
+static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* rows, const int64_t* pages,
+                      const int32_t* ends, int64_t num_ends, int64_t n, int64_t rank, int64_t in,
+                      const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sy, int64_t sx,
+                      int64_t sa_page, int64_t sa_kind, int64_t sb) {
+  const int64_t nu = static_cast<int64_t>(used.size());
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> v(nu * rank), acc(bounds.back());
+    float* ac = acc.data();
+    int64_t u = 0;  // segment form: the adapter of position lo, then advanced with i
+    if (num_ends) u = std::upper_bound(ends, ends + num_ends, static_cast<int32_t>(lo)) - ends;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (num_ends) while (ends[u] <= i) ++u;
+      const int64_t* p = pages + (num_ends ? u : i) * rank;
+      const T* xi = x + rows[i] * sx;
+      // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
+      // so the reads run through each page once, in order.
+      int64_t k = 0;
+      for (; k + 4 <= rank; k += 4) {  // four pages at a time: four independent sums, x read once per kind
+        const T *a0 = a + p[k] * sa_page, *a1 = a + p[k + 1] * sa_page, *a2 = a + p[k + 2] * sa_page,
+                *a3 = a + p[k + 3] * sa_page;
+        for (int64_t t = 0; t < nu; ++t) {
+          const int64_t off = used[t] * sa_kind;
+          const T *r0 = a0 + off, *r1 = a1 + off, *r2 = a2 + off, *r3 = a3 + off;
+          float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+          for (int64_t c = 0; c < in; ++c) {
+            const float xc = static_cast<float>(xi[c]);
+            s0 += xc * static_cast<float>(r0[c]);
+            s1 += xc * static_cast<float>(r1[c]);
+            s2 += xc * static_cast<float>(r2[c]);
+            s3 += xc * static_cast<float>(r3[c]);
+          }
+          float* vt = v.data() + t * rank + k;
+          vt[0] = s0; vt[1] = s1; vt[2] = s2; vt[3] = s3;
+        }
+      }
+      for (; k < rank; ++k) {
+        for (int64_t t = 0; t < nu; ++t) {
+          const T* ak = a + p[k] * sa_page + used[t] * sa_kind;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t c = 0; c < in; ++c) s += static_cast<float>(xi[c]) * static_cast<float>(ak[c]);
+          v[t * rank + k] = s;
+        }
+      }
+      // Expand, pages outermost too: each page's B row is read once, front to back, into the
+      // float32 accumulators of the used kinds' columns.
+      for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
+      k = 0;
+      for (; k + 4 <= rank; k += 4) {  // four pages per pass over the accumulator
+        const T *b0 = b + p[k] * sb, *b1 = b + p[k + 1] * sb, *b2 = b + p[k + 2] * sb, *b3 = b + p[k + 3] * sb;
+        for (int64_t t = 0; t < nu; ++t) {
+          const int64_t c0 = bounds[used[t]], c1 = bounds[used[t] + 1];
+          const float* vt = v.data() + t * rank + k;
+          const float v0 = vt[0], v1 = vt[1], v2 = vt[2], v3 = vt[3];
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c)
+            ac[c] += v0 * static_cast<float>(b0[c]) + v1 * static_cast<float>(b1[c]) + v2 * static_cast<float>(b2[c]) +
+                     v3 * static_cast<float>(b3[c]);
+        }
+      }
+      for (; k < rank; ++k) {
+        const T* bk = b + p[k] * sb;
+        for (int64_t t = 0; t < nu; ++t) {
+          const float vk = v[t * rank + k];
+#pragma omp simd
+          for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c) ac[c] += vk * static_cast<float>(bk[c]);
+        }
+      }
+      T* yi = y + rows[i] * sy;
+      for (int64_t t = 0; t < nu; ++t) {
+#pragma omp simd
+        for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c)
+          yi[c] = static_cast<T>(static_cast<float>(yi[c]) + ac[c]);
+      }
+    }
+  });
+}
+
+// y: [T, bounds[-1]], x: [T, in], a: [P, m, in], b: [P, bounds[-1]]; rows [n] int64; pages int64
+// ([n * rank] per row, or [U * rank] per adapter with ends [U] int32); used: kind indices in [0, m).
+void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor rows, torch::Tensor pages,
+          torch::Tensor ends, int64_t rank, std::vector<int64_t> bounds, std::vector<int64_t> used) {
+  TORCH_CHECK(y.device().is_cpu() && x.scalar_type() == y.scalar_type() && a.scalar_type() == x.scalar_type() &&
+              b.scalar_type() == x.scalar_type(), "lora: CPU tensors of one dtype");
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 3 && b.dim() == 2, "lora: y, x, b 2-D and a [P, m, in]");
+  TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1 && a.stride(2) == 1 && b.stride(1) == 1, "lora: unit-stride rows");
+  TORCH_CHECK(a.size(2) == x.size(1) && static_cast<int64_t>(bounds.size()) == a.size(1) + 1 &&
+              bounds.back() <= y.size(1) && bounds.back() <= b.size(1), "lora: shapes disagree with bounds");
+  for (int64_t j : used) TORCH_CHECK(j >= 0 && j < a.size(1), "lora: used kind out of range");
+  const int64_t n = rows.numel(), num_ends = ends.numel();
+  TORCH_CHECK(rows.scalar_type() == at::kLong && pages.scalar_type() == at::kLong && rows.is_contiguous() &&
+              pages.is_contiguous(), "lora: int64 rows and pages");
+  TORCH_CHECK(num_ends == 0 ? pages.numel() == n * rank
+                            : (ends.scalar_type() == at::kInt && ends.is_contiguous() && pages.numel() == num_ends * rank &&
+                               ends[num_ends - 1].item<int32_t>() == n),
+              "lora: pages [n * rank] per row, or [U * rank] with int32 ends [U] ending at n");
+  if (n == 0 || used.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora", [&] {
+    lora_rows<scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                        rows.data_ptr<int64_t>(), pages.data_ptr<int64_t>(),
+                        num_ends ? ends.data_ptr<int32_t>() : nullptr, num_ends, n, rank, x.size(1), bounds, used,
+                        y.stride(0), x.stride(0), a.stride(0), a.stride(1), b.stride(0));
+  });
+}
+
+// Decode attention over block-paged KV, for each row i (position p = lengths[i] - 1) and head h:
+//   s_j = scale * q[i,h] . k[j] + slope_h * j  for j in [max(0, p - window + 1), p]  (window 0: from 0)
+//   out[i,h] = sum_j softmax(s)_j v[j],   key j at block tables[i, j / bs], offset j % bs
+// k, v: [NB, bs, KV, hd]; q, out: [D, H, hd]. Float32 softmax and sums; (row, head) pairs in parallel.
+template <typename T>
+static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lengths,
+                       const float* slopes, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t bs, int64_t mb,
+                       float scale, int64_t window, int64_t max_len) {
+  const int64_t group = H / KV, token_stride = KV * hd, block_stride = bs * KV * hd;
+  at::parallel_for(0, D * H, 1, [&](int64_t lo_task, int64_t hi_task) {
+    std::vector<float> s(max_len), qf(hd), acc(hd);
+    for (int64_t task = lo_task; task < hi_task; ++task) {
+      const int64_t i = task / H, h = task % H, kvh = h / group;
+      const int64_t len = lengths[i];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const T* qi = q + (i * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) qf[d] = static_cast<float>(qi[d]);
+      const float slope = slopes ? slopes[h] : 0.f;
+      float mx = -INFINITY;
+      for (int64_t j = lo; j < len; ++j) {
+        const T* kj = k + tables[i * mb + j / bs] * block_stride + (j % bs) * token_stride + kvh * hd;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < hd; ++d) dot += qf[d] * static_cast<float>(kj[d]);
+        const float sj = scale * dot + slope * static_cast<float>(j);
+        s[j - lo] = sj;
+        mx = std::max(mx, sj);
+      }
+      float sum = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float* ac = acc.data();
+      for (int64_t j = lo; j < len; ++j) {
+        const float w = std::exp(s[j - lo] - mx);
+        sum += w;
+        const T* vj = v + tables[i * mb + j / bs] * block_stride + (j % bs) * token_stride + kvh * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) ac[d] += w * static_cast<float>(vj[d]);
+      }
+      T* oi = out + (i * H + h) * hd;
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < hd; ++d) oi[d] = static_cast<T>(ac[d] * inv);
+    }
+  });
+}
+
+void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
+                  torch::Tensor lengths, double scale, int64_t window, torch::Tensor slopes) {
+  TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && out.is_contiguous() && k.is_contiguous() &&
+              v.is_contiguous() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type(), "paged_decode: contiguous CPU tensors of one dtype");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && tables.is_contiguous() &&
+              lengths.is_contiguous() && tables.dim() == 2 && tables.size(0) == q.size(0),
+              "paged_decode: int64 tables [D, MB] and lengths [D]");
+  TORCH_CHECK(slopes.numel() == 0 || (slopes.scalar_type() == at::kFloat && slopes.numel() == q.size(1)),
+              "paged_decode: float32 slopes [H] or empty");
+  const int64_t D = q.size(0);
+  if (D == 0) return;
+  const int64_t max_len = lengths.max().item<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
+    paged_rows<scalar_t>(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                         v.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                         slopes.numel() ? slopes.data_ptr<float>() : nullptr, D, q.size(1), k.size(2), q.size(2),
+                         k.size(1), tables.size(1), static_cast<float>(scale), window, max_len);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora", &lora, "batched LoRA over the page store (BGMV rows or SGMV segments), fused kinds");
+  m.def("paged_decode", &paged_decode, "decode attention over block-paged KV");
+}
