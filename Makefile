@@ -7,7 +7,7 @@ PROTO := proto/loramux/v1/loramux.proto
 
 DEMO := demo-adapters
 
-.PHONY: install test serve proto lint bench bench-decode bench-paging bench-prefix bench-fairness bench-gpu gpu-check gpu-assets demo-adapters clean
+.PHONY: install test serve proto lint bench bench-decode bench-breakdown bench-paging bench-prefix bench-fairness bench-gpu gpu-check gpu-assets demo-adapters clean
 
 $(PY):
 	$(shell command -v $(PYTHON) >/dev/null 2>&1 && echo $(PYTHON) || echo python3) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench:
 
 bench-decode:
 	$(PY) bench/engine_decode.py $(ARGS)
+
+bench-breakdown:
+	$(PY) bench/step_breakdown.py $(ARGS)
 
 bench-paging:
 	$(PY) bench/adapter_paging.py $(ARGS)

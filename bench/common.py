@@ -38,6 +38,12 @@ class StepRecorder(EngineObserver):
         seconds = sum(s.seconds for s in decode)
         return sum(s.num_decode_tokens for s in decode) / seconds if seconds else float("nan")
 
+    def prefill_throughput(self) -> float:
+        """Prompt tokens per second over the steps that prefill only (no decode rows in them)."""
+        prefill = [s for s in self.steps if s.num_prefill_tokens and not s.num_decode_tokens]
+        seconds = sum(s.seconds for s in prefill)
+        return sum(s.num_prefill_tokens for s in prefill) / seconds if seconds else float("nan")
+
     def decode_step_seconds(self) -> float:
         """Median time of the decode-only steps with the most rows (the full batch)."""
         decode = [s for s in self.steps if s.num_prefill_tokens == 0]
@@ -56,9 +62,10 @@ class RunResult:
     wall_s: float
     steps: int
     decode_step_s: float = float("nan")
+    prefill_tokens_per_s: float = float("nan")
 
 
-async def _run(engine, requests):
+async def run_requests(engine, requests):
     async def one(req):
         return [ev async for ev in engine.submit(req)]
     return await asyncio.gather(*(one(r) for r in requests))
@@ -71,13 +78,13 @@ def run_batch(engine, prompts, adapters, max_new_tokens: int) -> RunResult:
     reqs = [GenerationRequest(f"b{i}", tuple(p), SamplingParams(max_new_tokens, ignore_eos=True), a)
             for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
     t0 = time.perf_counter()
-    outs = asyncio.run(_run(engine, reqs))
+    outs = asyncio.run(run_requests(engine, reqs))
     wall = time.perf_counter() - t0
     engine.observers.remove(rec)
     generated = sum(len(o) for o in outs)
     return RunResult(generated, generated / wall, rec.decode_throughput(),
                      [o[-1].timing.time_to_first_token_seconds for o in outs], wall, len(rec.steps),
-                     rec.decode_step_seconds())
+                     rec.decode_step_seconds(), rec.prefill_throughput())
 
 
 def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:

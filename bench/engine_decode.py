@@ -8,7 +8,11 @@ adapter in the batch), measured with the same threads in the same run. The LoRA 
 mixed decode step time minus the base one. Targets: overhead <= 1.3x the floor (issue #18), and
 mixed/base decode throughput >= 0.85.
 
-    python bench/engine_decode.py [--models default small] [--rounds 3] [--new-tokens 64] [--json out.json]
+Prefill is measured the same way, side by side: 32 prompts of 256 tokens over the same 32
+adapters against the base model (prefill-only steps; target mixed/base >= 0.9).
+
+    python bench/engine_decode.py [--models default small] [--rounds 3] [--new-tokens 64] [--prefill-len 256]
+                                  [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ def read_floor_seconds(nbytes: int, rounds: int = 7) -> float:
 def bench_model(model: str | None, args, tmp: Path) -> dict:
     n = args.requests
     config = ServerConfig(model=model, max_batch_size=n, max_tokens_per_step=max(512, n),
-                          max_model_len=args.prompt_len + args.new_tokens + 8, default_max_new_tokens=args.new_tokens,
-                          max_lora_rank=args.rank, max_device_adapters=n, max_host_adapters=n, metrics_port=0)
+                          max_model_len=max(args.prompt_len + args.new_tokens, args.prefill_len) + 8,
+                          default_max_new_tokens=args.new_tokens, max_lora_rank=args.rank, max_device_adapters=n,
+                          max_host_adapters=n, metrics_port=0,
+                          prefix_caching=False)  # rounds repeat their prompts: each must prefill in full
     loaded = load_model(config)
     layout = lora_layout(loaded.hf_model.config)
     adapters = tuple((f"a{i}", str(write_adapter(tmp / f"{loaded.name}-a{i}", layout, args.rank, seed=i)))
@@ -68,10 +74,14 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         ids = [a for a, _ in adapters]
         run_batch(engine, prompts[:4], ids[:4], 4)  # warm-up: first-touch of pages, allocator
         run_batch(engine, prompts, ids, 2)  # every adapter resident before timing
-        base, mixed = [], []
+        long_prompts = random_prompts(loaded.hf_model.config.vocab_size, n, args.prefill_len, seed=1)
+        base, mixed, prefill_base, prefill_mixed = [], [], [], []
         for _ in range(args.rounds):  # interleaved, so drift hits both alike
             base.append(run_batch(engine, prompts, [None] * n, args.new_tokens))
             mixed.append(run_batch(engine, prompts, ids, args.new_tokens))
+            if args.prefill_len:
+                prefill_base.append(run_batch(engine, long_prompts, [None] * n, 1))
+                prefill_mixed.append(run_batch(engine, long_prompts, ids, 1))
     finally:
         engine.stop()
     step_base = median(r.decode_step_s for r in base)
@@ -88,6 +98,11 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         "base_step_ms": step_base * 1e3, "mixed_step_ms": step_mixed * 1e3,
         "lora_overhead_ms": (step_mixed - step_base) * 1e3, "adapter_bytes_per_step": adapter_bytes,
         "floor_ms": floor * 1e3, "overhead_over_floor": (step_mixed - step_base) / floor,
+        "prefill_len": args.prefill_len,
+        "base_prefill_tokens_per_s": median(r.prefill_tokens_per_s for r in prefill_base) if prefill_base else None,
+        "mixed_prefill_tokens_per_s": median(r.prefill_tokens_per_s for r in prefill_mixed) if prefill_mixed else None,
+        "prefill_ratio": (median(r.prefill_tokens_per_s for r in prefill_mixed)
+                          / median(r.prefill_tokens_per_s for r in prefill_base)) if prefill_base else None,
     }
 
 
@@ -99,6 +114,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefill-len", type=int, default=256, help="prompt length of the prefill comparison (0: skip)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -125,6 +141,10 @@ def main() -> int:
                   f"{r['lora_overhead_ms']:6.1f} ms against a floor of {r['floor_ms']:5.1f} ms "
                   f"({r['adapter_bytes_per_step'] / 2**20:.0f} MiB read once) = {r['overhead_over_floor']:.2f}x "
                   "(target <= 1.3)")
+            if r["prefill_ratio"] is not None:
+                print(f"  prefill tokens/s ({r['requests']} prompts of {r['prefill_len']}): base "
+                      f"{r['base_prefill_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
+                      f"{r['mixed_prefill_tokens_per_s']:7.1f}, ratio {r['prefill_ratio']:.3f} (target >= 0.9)")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "results": results}, indent=2))
     return 0

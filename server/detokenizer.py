@@ -1,13 +1,17 @@
-"""Incremental detokenization that never splits a multi-byte character.
+"""Incremental detokenization that never splits a multi-byte character, at one decode per token.
 
-Each step decodes a short window of tokens and emits only what the new token added; while the
-window ends in an incomplete UTF-8 sequence (U+FFFD) nothing is emitted.
+Each step decodes the window from ``prefix_offset`` (a few tokens of context, so that a leading
+space is not lost) to the new token, and emits what it adds to the window's text before the token
+(kept from the previous step, not decoded again). While the window ends in an incomplete UTF-8
+sequence (U+FFFD) nothing is emitted. The window slides forward once it holds ``WINDOW`` tokens,
+so a decode never grows with the output.
 """
 
 from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
-CONTEXT_TOKENS = 5  # prompt tokens decoded as context so a leading space is not lost
+CONTEXT_TOKENS = 5  # tokens decoded as context so a leading space is not lost
+WINDOW = 32  # tokens a window may hold before it slides (one extra decode each time)
 
 
 class IncrementalDetokenizer:
@@ -16,6 +20,7 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(self.ids) - CONTEXT_TOKENS, 0)
         self.read_offset = len(self.ids)
+        self.prefix_text = self._decode(self.ids[self.prefix_offset :])  # text of [prefix_offset, read_offset)
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -23,16 +28,22 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append a token; return the text it completes (maybe empty)."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         text = self._decode(self.ids[self.prefix_offset :])
-        if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix) :]
-        return ""
+        if len(text) <= len(self.prefix_text) or text.endswith(REPLACEMENT):
+            return ""
+        new = text[len(self.prefix_text) :]
+        self.read_offset = len(self.ids)
+        if self.read_offset - self.prefix_offset > WINDOW:
+            self.prefix_offset = self.read_offset - CONTEXT_TOKENS
+            self.prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        else:
+            self.prefix_text = text
+        return new
 
     def flush(self) -> str:
         """At the end of a request: whatever is still held back, replacement chars included."""
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         text = self._decode(self.ids[self.prefix_offset :])
+        new = text[len(self.prefix_text) :]
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix) :]
+        self.prefix_text = ""
+        return new

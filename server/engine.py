@@ -212,7 +212,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         seq = Sequence(
             request=req, adapter=adapter, identity=self._identity(adapter),
-            weight=1.0 if adapter is None else self.adapters.weight(adapter), sampler=SamplerState.create(req.sampling, "cpu"),
+            weight=1.0 if adapter is None else self.adapters.weight(adapter),
+            sampler=SamplerState.create(req.sampling, self.runner.device),  # its generator where the logits are
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
             cold_adapter=cold,

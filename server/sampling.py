@@ -31,66 +31,167 @@ class NonFiniteLogits(ArithmeticError):
     """The model produced NaN or infinite logits for one request: that request fails alone."""
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF semantics: for each seen token, score < 0 -> score * p, else score / p.  logits: [V].
-    A penalty near 0 or near the float maximum can overflow a score; it is clamped to the largest
-    finite value, so the row stays finite (an overflowed score is the most, or least, likely)."""
-    score = logits.gather(0, seen)
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty, inplace: bool = False) -> torch.Tensor:
+    """HF semantics: for each seen token, score < 0 -> score * p, else score / p.
+
+    logits: [V] or [M, V]; seen: [S] or [M, S] token ids (a row may repeat one to pad);
+    penalty: a float, or [M] per row (1 leaves a row as it is). A penalty near 0 or near the
+    float maximum can overflow a score; it is clamped to the largest finite value, so the row stays
+    finite (an overflowed score is the most, or least, likely)."""
+    if torch.is_tensor(penalty) and penalty.dim() == 1:
+        penalty = penalty[:, None]
+    score = logits.gather(-1, seen)
     score = torch.where(score < 0, score * penalty, score / penalty)
     finfo = torch.finfo(logits.dtype)
-    return logits.scatter(0, seen, score.clamp(finfo.min, finfo.max))
+    score = score.clamp(finfo.min, finfo.max)
+    return logits.scatter_(-1, seen, score) if inplace else logits.scatter(-1, seen, score)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | list[int], top_p: float | list[float]) -> torch.Tensor:
     """Mask to -inf every token outside the top k, then outside the smallest set whose
-    probability reaches top_p (always keeping the most likely token).  logits: [V]."""
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= 1 - top_p
-        remove[-1] = False
-        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    return logits
+    probability reaches top_p (always keeping the most likely token).
+
+    logits: [V] or [M, V]; top_k: an int or one per row (0 or >= V: no top-k); top_p: a float or
+    one per row (1: no top-p). Which filters run is decided from these host values; the filtering
+    itself is one set of tensor ops for the whole batch, with per-row parameter tensors."""
+    squeeze = logits.dim() == 1
+    z = logits[None] if squeeze else logits
+    rows, vocab = z.shape
+    ks = [min(k, vocab) or vocab for k in (top_k if isinstance(top_k, list) else [top_k] * rows)]
+    ps = top_p if isinstance(top_p, list) else [top_p] * rows
+    if min(ks) < vocab:
+        k_max = max(k for k in ks if k < vocab)  # rows without top-k read a column they then ignore
+        k = torch.tensor([min(k, k_max) for k in ks], device=z.device)
+        kth = torch.topk(z, k_max, dim=-1).values.gather(-1, (k - 1)[:, None])  # [M, 1]
+        filtered = torch.tensor([k < vocab for k in ks], device=z.device)
+        z = z.masked_fill((z < kth) & filtered[:, None], float("-inf"))
+    if min(ps) < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=False)
+        cum = sorted_z.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - torch.tensor(ps, dtype=z.dtype, device=z.device))[:, None]
+        remove[:, -1] = False
+        z = z.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return z[0] if squeeze else z
 
 
-def sample_one(logits: torch.Tensor, state: SamplerState, seen: list[int] | None) -> int:
-    """logits: [V] float32 of one request, finite; seen: ids of its prompt and output so far.
-
-    Safe for every value validation accepts: the logits are shifted so that their maximum is 0
-    before the division by the temperature (>= GREEDY_TEMPERATURE), so no value overflows to +inf
-    and the softmax always has a term of exp(0) = 1."""
-    p = state.params
-    if p.repetition_penalty != 1.0 and seen:
-        logits = apply_repetition_penalty(logits, torch.tensor(seen), p.repetition_penalty)
-    if p.greedy:
-        return int(torch.argmax(logits))
-    logits = (logits - logits.max()) / p.temperature
-    probs = torch.softmax(filter_top_k_top_p(logits, p.top_k, p.top_p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=state.generator))
+def _padded_seen(seen: list[list[int] | None], device) -> torch.Tensor:
+    """[M, S] token ids, each row padded by repeating its first id (0 for a row with none: its
+    penalty is 1, so the pad changes nothing)."""
+    width = max((len(s) for s in seen if s), default=1)
+    return torch.tensor([(s + [s[0]] * (width - len(s))) if s else [0] * width for s in seen], dtype=torch.long,
+                        device=device)
 
 
+def _draw(probs: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """probs: [m, L] (rows need not sum to 1) -> [m] column indices, each row drawn from its own
+    generator by inverting its cumulative distribution at one uniform: the row's draw uses one
+    random number whatever L and the batch, so a seeded row reproduces anywhere."""
+    u = torch.cat([torch.rand(1, generator=s.generator, device=probs.device) for s in states])  # the only per-row op
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(u[:, None] * total, total.nextafter(torch.zeros_like(total)))  # strictly inside the mass
+    return torch.searchsorted(cdf, x, right=True).view(-1)  # right: a token of zero probability is never drawn
+
+
+def _top_p_remove(z: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """For logits sorted ascending along the last dim: HF's top-p, the tokens to drop (the largest
+    set whose probability stays <= 1 - top_p, never the most likely token)."""
+    remove = z.softmax(-1).cumsum(-1) <= (1 - torch.tensor(top_p, dtype=z.dtype, device=z.device))[:, None]
+    remove[:, -1] = False
+    return remove
+
+
+def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> torch.Tensor:
+    """Rows with 0 < top_k < V: everything runs on the [m, max k] top candidates (sorted
+    descending), not the vocabulary. Of tokens tied at the k-th value, topk's first k are kept."""
+    ks = [p.top_k for p in params]
+    vals, idx = logits.topk(max(ks), dim=-1)  # [m, K], descending
+    temperature = torch.tensor([p.temperature for p in params], dtype=vals.dtype, device=vals.device)
+    z = (vals - vals[:, :1]) / temperature[:, None]
+    k = torch.tensor(ks, device=vals.device)
+    z = z.masked_fill(torch.arange(z.shape[1], device=z.device)[None, :] >= k[:, None], float("-inf"))
+    if min(p.top_p for p in params) < 1.0:
+        ascending = z.flip(-1)
+        z = ascending.masked_fill(_top_p_remove(ascending, [p.top_p for p in params]), float("-inf")).flip(-1)
+    return idx.gather(-1, _draw(z.softmax(-1), states)[:, None]).view(-1)
+
+
+def _sample_full(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> torch.Tensor:
+    """Rows without top-k: temperature and top-p over the whole vocabulary."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    z = (logits - logits.max(-1, keepdim=True).values) / temperature[:, None]
+    z = filter_top_k_top_p(z, 0, [p.top_p for p in params])
+    return _draw(z.softmax(-1), states)
+
+
+def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int] | None]) -> torch.Tensor:
+    """logits: [M, V] float32, finite, on any device (penalties are applied to it in place) ->
+    [M] token ids on that device.
+
+    Penalties, temperature, top-k and top-p are batched tensor ops over per-row parameter tensors;
+    rows with a top-k work on their top candidates only. Each sampling row draws with one uniform
+    from its own generator (``_draw``), so a seeded row gives the same token whatever else is in
+    the batch. Safe for every value validation accepts: the logits are shifted so that their
+    maximum is 0 before the division by the temperature (>= GREEDY_TEMPERATURE), so no value
+    overflows to +inf and the softmax always has a term of exp(0) = 1."""
+    device, vocab = logits.device, logits.shape[1]
+    params = [s.params for s in states]
+    penalty = [p.repetition_penalty if seen[i] else 1.0 for i, p in enumerate(params)]
+    if any(x != 1.0 for x in penalty):
+        logits = apply_repetition_penalty(logits, _padded_seen(seen, device),
+                                          torch.tensor(penalty, dtype=logits.dtype, device=device), inplace=True)
+    out = torch.empty(len(states), dtype=torch.long, device=device)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    top_k = [i for i, p in enumerate(params) if not p.greedy and 0 < p.top_k < vocab]
+    full = [i for i, p in enumerate(params) if not p.greedy and not 0 < p.top_k < vocab]
+    if greedy:
+        out[greedy] = logits[greedy].argmax(-1)
+    for rows, fn in ((top_k, _sample_top_k), (full, _sample_full)):
+        if len(rows) == len(states):  # one kind of row (the usual case): no copy of the logits
+            return fn(logits, params, states)
+        if rows:
+            out[rows] = fn(logits[rows], [params[i] for i in rows], [states[i] for i in rows])
+    return out
+
+
+@torch.inference_mode()  # the logits are the model's inference tensors; the sampling works on them in place
 def sample(logits: torch.Tensor, states: list[SamplerState],
            seen: list[list[int] | None]) -> list[int | Exception]:
-    """logits: [N, V] float32, one row per request, on any device. Plain greedy rows share one
-    argmax where the logits are: only token ids (and the finite flags) leave the device, in one
-    copy; the rows that sample or take penalties come to the host together, in one more.
+    """logits: [N, V] float32, one row per request, on any device. Everything runs where the
+    logits are; only the token ids and the rows' finite flags leave, in one copy.
 
     Each row gets its token, or the exception that sampling it raised (NonFiniteLogits for a row
     with NaN or infinite logits): one request's failure never touches the other rows."""
-    greedy, finite = torch.stack([torch.argmax(logits, dim=-1), torch.isfinite(logits).all(dim=-1).long()]).tolist()
-    out: list[int | Exception] = greedy
-    host_rows = [i for i, s in enumerate(states)
-                 if finite[i] and (not s.params.greedy or s.params.repetition_penalty != 1.0)]
-    host = logits[host_rows].cpu() if host_rows else None  # generators live on the host
-    for j, i in enumerate(host_rows):
+    low, high = torch.aminmax(logits, dim=-1)  # one pass; a NaN anywhere makes both NaN
+    finite = low.isfinite() & high.isfinite()
+    work = [i for i, s in enumerate(states) if not s.params.greedy or s.params.repetition_penalty != 1.0]
+    plain = sorted(set(range(len(states))) - set(work))
+    tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
+    if len(plain) == len(states):  # plain greedy rows: one shared argmax
+        tokens = logits.argmax(-1)
+    elif plain:
+        tokens[plain] = logits[plain].argmax(-1)
+    failed: dict[int, Exception] = {}
+    if work:
+        index = torch.tensor(work, device=logits.device)
+        penalised = any(states[i].params.repetition_penalty != 1.0 and seen[i] for i in work)
+        # The logits stay the model's for the logprobs, so penalties work on a copy; without them,
+        # when every row samples, the sampling reads the logits themselves.
+        sub = logits if len(work) == len(states) and not penalised else logits.index_select(0, index)
+        sub.masked_fill_(~finite[index, None], 0.0)  # a non-finite row is sampled harmlessly as zeros, then failed
         try:
-            out[i] = sample_one(host[j], states[i], seen[i])
-        except Exception as e:  # noqa: BLE001 - handed to the engine, which fails this request
-            out[i] = e
-    for i, ok in enumerate(finite):
-        if not ok:
+            tokens[index] = sample_rows(sub, [states[i] for i in work], [seen[i] for i in work])
+        except Exception:  # noqa: BLE001 - find the row that failed; the others still get tokens
+            for j, i in enumerate(work):
+                try:
+                    tokens[i] = sample_rows(sub[j : j + 1], [states[i]], [seen[i]])[0]
+                except Exception as e:  # noqa: BLE001 - handed to the engine, which fails this request
+                    failed[i] = e
+    ids, ok = torch.stack([tokens, finite.long()]).tolist()
+    out: list[int | Exception] = ids
+    for i, e in failed.items():
+        out[i] = e
+    for i, good in enumerate(ok):
+        if not good:
             out[i] = NonFiniteLogits("the model produced non-finite logits for this request")
     return out

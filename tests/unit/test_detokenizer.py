@@ -16,3 +16,27 @@ def test_streamed_text_equals_full_decode_and_never_holds_broken_characters(tmp_
     assert "".join(pieces) == tok.decode(rest)
     # Byte-level BPE splits 🚀 over several tokens: some steps must have held text back.
     assert any(p == "" for p in pieces[:-1])
+
+
+def test_one_decode_per_token_and_a_window_that_slides(tmp_path):
+    """A long output streams exactly, with at most one decode per token (plus one per slide of the
+    window), each over a bounded number of tokens."""
+    from loramux.server import detokenizer
+
+    tok = build_tokenizer(tmp_path)
+    rest = tok(" ".join(["Ünïcödé 🚀 wörds 東京"] * 30))["input_ids"]
+    calls = []
+    original = tok.decode
+
+    def counting(ids, **kw):
+        calls.append(len(ids))
+        return original(ids, **kw)
+
+    tok.decode = counting
+    detok = IncrementalDetokenizer(tok, [5, 6, 7])
+    pieces = [detok.add(t) for t in rest] + [detok.flush()]
+    tok.decode = original
+    assert "".join(pieces) == tok.decode(rest)
+    slides = len(rest) // (detokenizer.WINDOW - detokenizer.CONTEXT_TOKENS) + 1
+    assert len(calls) <= 1 + len(rest) + 1 + slides  # start, one per token, flush, slides
+    assert max(calls) <= detokenizer.WINDOW + 8  # a window plus the tokens held back inside one character

@@ -103,3 +103,90 @@ def test_seeded_sampling_really_samples():
     picks = {sample(logits, [SamplerState.create(SamplingParams(5, temperature=1.0, seed=s), "cpu")], [None])[0]
              for s in range(20)}
     assert len(picks) > 5
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), ks=st.lists(st.integers(0, 70), min_size=1, max_size=5),
+       ps=st.lists(st.floats(0.05, 1.0), min_size=5, max_size=5))
+def test_batched_filters_with_per_row_parameters_match_hf_row_by_row(seed, ks, ps):
+    """One batched call with each row's own top-k and top-p equals HF's warpers applied to each
+    row with its parameters (k of 0 or past the vocabulary, and p of 1, filter nothing)."""
+    logits = torch.randn(len(ks), 64, generator=torch.Generator().manual_seed(seed)) * 3
+    ps = ps[: len(ks)]
+    ours = filter_top_k_top_p(logits, ks, ps)
+    for i, (k, p) in enumerate(zip(ks, ps, strict=True)):
+        ref = logits[i : i + 1].clone()
+        if 0 < k < 64:
+            ref = TopKLogitsWarper(k)(None, ref)
+        if p < 1.0:
+            ref = TopPLogitsWarper(p)(None, ref)
+        assert torch.equal(torch.isinf(ours[i]), torch.isinf(ref[0])), (k, p)
+
+
+def test_batched_repetition_penalty_matches_hf_row_by_row():
+    logits = torch.randn(3, 50)
+    seen = [[1, 4, 4, 9, 30], [7], [2, 3]]
+    penalty = [1.3, 0.5, 1.0]
+    width = max(map(len, seen))
+    padded = torch.tensor([s + [s[0]] * (width - len(s)) for s in seen])
+    ours = apply_repetition_penalty(logits, padded, torch.tensor(penalty))
+    for i in range(3):
+        ref = RepetitionPenaltyLogitsProcessor(penalty[i])(torch.tensor([seen[i]]), logits[i : i + 1].clone())
+        assert torch.allclose(ours[i], ref[0])
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_its_batch():
+    """Each sampling row draws from its own generator: the rows around it, and its place in the
+    batch, change nothing."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=gen)
+    params = SamplingParams(5, temperature=1.3, top_p=0.9, top_k=40, repetition_penalty=1.2, seed=11)
+    seen = [3, 17, 17, 250]
+    alone = sample(logits[2:3], [SamplerState.create(params, "cpu")], [seen])[0]
+    others = [SamplerState.create(SamplingParams(5, temperature=0.8, seed=s), "cpu") for s in range(5)]
+    batch = sample(logits, [others[0], others[1], SamplerState.create(params, "cpu"), others[2], others[3], others[4]],
+                   [None, None, seen, None, None, None])
+    assert batch[2] == alone
+    assert sample(logits[1:3], [others[0], SamplerState.create(params, "cpu")], [[5], seen])[1] == alone
+
+
+def test_only_token_ids_leave_the_logits_device():
+    """Nothing of size [rows, vocab] is copied out: the only host copy is the ids and finite flags."""
+    from torch.overrides import TorchFunctionMode
+
+    copies = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.to):
+                copies.append((func.__name__, args[0].numel()))
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(8, 500)
+    logits[5, 3] = float("nan")
+    states = [SamplerState.create(SamplingParams(5, temperature=t, top_p=0.8, top_k=k, repetition_penalty=rp, seed=i),
+                                  "cpu")
+              for i, (t, k, rp) in enumerate([(0, 0, 1.0), (0.7, 5, 1.0), (0, 0, 1.3), (1.0, 0, 0.9)] * 2)]
+    with Watch():
+        out = sample(logits, states, [[1, 2, 3]] * 8)
+    assert isinstance(out[5], NonFiniteLogits) and all(isinstance(t, int) for i, t in enumerate(out) if i != 5)
+    assert copies == [("tolist", 2 * 8)]
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    """Drawn tokens follow softmax(logits / T) restricted by top-k and top-p: 4000 seeded draws of
+    each kind of row (top-k path and whole-vocabulary path), within 3 points of the exact
+    probabilities, and never a token the filters removed."""
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = probs.log()[None].repeat(2, 1)
+    counts = {0: torch.zeros(6), 1: torch.zeros(6)}
+    for seed in range(4000):
+        states = [SamplerState.create(SamplingParams(5, temperature=1.0, top_k=4, seed=seed), "cpu"),
+                  SamplerState.create(SamplingParams(5, temperature=1.0, top_p=0.85, seed=seed), "cpu")]
+        for row, token in enumerate(sample(logits, states, [None, None])):
+            counts[row][token] += 1
+    top_k = probs[:4] / probs[:4].sum()  # top-k 4
+    top_p = probs[:4] / probs[:4].sum()  # top-p 0.85: 0.4 + 0.25 + 0.15 + 0.1 is the least set reaching it
+    assert counts[0][4:].sum() == 0 and counts[1][4:].sum() == 0
+    assert (counts[0][:4] / 4000 - top_k).abs().max() < 0.03
+    assert (counts[1][:4] / 4000 - top_p).abs().max() < 0.03
