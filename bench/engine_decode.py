@@ -41,6 +41,14 @@ SMALL = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidde
              num_key_value_heads=8, tie_word_embeddings=True)  # about 25M parameters
 
 
+def build_small_llama(tmp: Path) -> str:
+    """The 25M Llama (random weights, the default model's tokenizer), written under ``tmp``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(ServerConfig())[0])
+    return str(build_random_llama(tmp / "small-llama", SMALL, tokenizer, torch.device("cpu"), torch.float32))
+
+
 @in_passing_thread  # a thread of its own, with as many threads as the engine's, leaving no team behind
 def read_floor_seconds(nbytes: int, rounds: int = 7) -> float:
     """Least time to read ``nbytes`` once (a float32 sum over a buffer far larger than the
@@ -124,13 +132,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for which in args.models:
-            model = args.model
-            if which == "small":
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(ServerConfig())[0])
-                model = str(build_random_llama(tmp / "small-llama", SMALL, tokenizer, torch.device("cpu"),
-                                               torch.float32))
+            model = build_small_llama(tmp) if which == "small" else args.model
             r = bench_model(model, args, tmp)
             results.append(r)
             print(f"model {r['model']} ({r['parameters'] / 1e6:.0f}M parameters), {r['requests']} requests, "

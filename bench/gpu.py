@@ -72,8 +72,8 @@ def write_adapters(root: Path, layout, distinct: int, ids: int) -> list[tuple[st
 
 
 def count_host_syncs(engine, prompts, adapters, new_tokens: int) -> float | None:
-    """Host synchronisations per engine step (CUDA only): copying the logits out for sampling should
-    be the only one."""
+    """Host synchronisations per engine step (CUDA only): copying the sampled token ids out should be
+    the only one."""
     if engine.runner.device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:

@@ -28,13 +28,13 @@ import loramux.server.engine as engine_module  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.engine import EngineObserver, StepStats  # noqa: E402
-from loramux.server.model_loader import load_model, resolve_model_dir  # noqa: E402
+from loramux.server.model_loader import load_model  # noqa: E402
 from loramux.server.models import lora_layout  # noqa: E402
 from loramux.server.ops import cpu_isa  # noqa: E402
 from loramux.server.requests import GenerationRequest, SamplingParams  # noqa: E402
 
-from common import build_random_llama, cpu_name, random_prompts, run_requests, write_adapter  # noqa: E402
-from engine_decode import SMALL  # noqa: E402
+from common import cpu_name, random_prompts, run_requests, write_adapter  # noqa: E402
+from engine_decode import build_small_llama  # noqa: E402
 
 BASELINE_REV = "074fd0b"  # before batched on-device sampling and one decode per token (issue #18)
 REPO = Path(__file__).resolve().parent.parent
@@ -97,24 +97,49 @@ class PhaseTimer(EngineObserver):
         self.current = dict.fromkeys(PHASES, 0.0)
 
 
+class StepProfiler:
+    """torch.profiler around each engine step, on the engine thread (a profiler started on another
+    thread does not see its ops), summed over the steps: op -> (self CPU seconds, calls)."""
+
+    def __init__(self, engine):
+        self.engine, self.inner = engine, engine._step
+        self.ops: dict[str, list[float]] = {}
+        self.steps = 0
+        engine._step = self._step
+
+    def _step(self, *args, **kwargs):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = self.inner(*args, **kwargs)
+        self.steps += 1
+        for e in prof.key_averages():
+            total = self.ops.setdefault(e.key, [0.0, 0])
+            total[0] += e.self_cpu_time_total / 1e6
+            total[1] += e.count
+        return result
+
+    def close(self) -> list[tuple[str, float, float]]:
+        """Top ops: (name, self CPU ms per step, calls per step)."""
+        del self.engine._step  # back to the class's method
+        top = sorted(self.ops.items(), key=lambda kv: -kv[1][0])[:12]
+        return [(name, sec * 1e3 / self.steps, calls / self.steps) for name, (sec, calls) in top]
+
+
 def run(engine, prompts, adapters, new_tokens, profile: bool):
-    """The requests once; returns the phase timer and, with ``profile``, torch.profiler's table."""
+    """The requests once; returns the phase timer and, with ``profile``, the top ops per step."""
     timer = PhaseTimer(engine, len(prompts))
     engine.observers.append(timer)
+    profiler = StepProfiler(engine) if profile else None
     params = SamplingParams(new_tokens, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1,
                             stop=("zq-never-zq",), ignore_eos=True)
     reqs = [GenerationRequest(f"s{i}", tuple(p), params, a)
             for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
     try:
-        if not profile:
-            asyncio.run(run_requests(engine, reqs))
-            return timer, None
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            asyncio.run(run_requests(engine, reqs))
-        return timer, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        asyncio.run(run_requests(engine, reqs))
     finally:
         engine.observers.remove(timer)
         timer.unwrap()
+        top = profiler.close() if profiler else None
+    return timer, top
 
 
 def bench_model(model, args, tmp: Path) -> dict:
@@ -137,11 +162,13 @@ def bench_model(model, args, tmp: Path) -> dict:
     steps: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     tables = {}
     try:
-        for round_ in range(args.rounds + 1):  # round 0 warms up
+        # round 0 warms up; a profiled round comes last and is left out of the timings
+        for round_ in range(args.rounds + 1 + args.profile):
+            profiled = round_ > args.rounds
             for name, (sample, detok) in variants.items():
                 engine_module.sample, engine_module.IncrementalDetokenizer = sample, detok
-                timer, table = run(engine, prompts, ids, args.new_tokens, args.profile and round_ == args.rounds)
-                if round_:
+                timer, table = run(engine, prompts, ids, args.new_tokens, profiled)
+                if round_ and not profiled:
                     steps[name] += timer.steps
                 if table is not None:
                     tables[name] = table
@@ -172,13 +199,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for which in args.models:
-            model = None
-            if which == "small":
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(ServerConfig())[0])
-                model = str(build_random_llama(tmp / "small-llama", SMALL, tokenizer, torch.device("cpu"),
-                                               torch.float32))
+            model = build_small_llama(tmp) if which == "small" else None
             r = bench_model(model, args, tmp)
             reports.append(r)
             print(f"model {r['model']}, {r['requests']} sampling requests over as many adapters; ms per decode step "
@@ -188,8 +209,10 @@ def main() -> int:
             for name, row in r["variants"].items():
                 print(f"  {name:10s} {row['step_ms']:7.1f} {row['forward_ms']:8.1f} {row['sample_ms']:7.2f} "
                       f"{row['logprobs_ms']:8.2f} {row['output_ms']:7.2f} {row['rest_ms']:6.1f}")
-            for name, table in r["profiles"].items():
-                print(f"  torch.profiler, {name}, top ops by self CPU time:\n{table}")
+            for name, top in r["profiles"].items():
+                print(f"  torch.profiler, {name}: top ops by self CPU time, ms and calls per step")
+                for op, ms, calls in top:
+                    print(f"    {op:40s} {ms:8.2f} {calls:7.1f}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "results": reports}, indent=2))
     return 0
