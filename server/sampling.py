@@ -47,31 +47,27 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty, 
     return logits.scatter_(-1, seen, score) if inplace else logits.scatter(-1, seen, score)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int | list[int], top_p: float | list[float]) -> torch.Tensor:
-    """Mask to -inf every token outside the top k, then outside the smallest set whose
-    probability reaches top_p (always keeping the most likely token).
+def top_k_candidates(logits: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's top-k on the candidates only: logits [M, V], top_k one per row in [1, V) ->
+    (values [M, K] sorted descending, -inf past each row's k; their token ids [M, K]), K the
+    largest k. Of tokens tied at the k-th value, torch.topk's first k are kept."""
+    values, ids = logits.topk(max(top_k), dim=-1)
+    k = torch.tensor(top_k, device=logits.device)
+    past = torch.arange(values.shape[1], device=logits.device)[None, :] >= k[:, None]
+    return values.masked_fill(past, float("-inf")), ids
 
-    logits: [V] or [M, V]; top_k: an int or one per row (0 or >= V: no top-k); top_p: a float or
-    one per row (1: no top-p). Which filters run is decided from these host values; the filtering
-    itself is one set of tensor ops for the whole batch, with per-row parameter tensors."""
-    squeeze = logits.dim() == 1
-    z = logits[None] if squeeze else logits
-    rows, vocab = z.shape
-    ks = [min(k, vocab) or vocab for k in (top_k if isinstance(top_k, list) else [top_k] * rows)]
-    ps = top_p if isinstance(top_p, list) else [top_p] * rows
-    if min(ks) < vocab:
-        k_max = max(k for k in ks if k < vocab)  # rows without top-k read a column they then ignore
-        k = torch.tensor([min(k, k_max) for k in ks], device=z.device)
-        kth = torch.topk(z, k_max, dim=-1).values.gather(-1, (k - 1)[:, None])  # [M, 1]
-        filtered = torch.tensor([k < vocab for k in ks], device=z.device)
-        z = z.masked_fill((z < kth) & filtered[:, None], float("-inf"))
-    if min(ps) < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=False)
-        cum = sorted_z.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - torch.tensor(ps, dtype=z.dtype, device=z.device))[:, None]
-        remove[:, -1] = False
-        z = z.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    return z[0] if squeeze else z
+
+def filter_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """HF's top-p: mask to -inf every token outside the smallest set whose probability reaches
+    top_p (always keeping the most likely one). logits: [M, L] (a vocabulary or candidates);
+    top_p: one per row (1: keep all). One set of tensor ops over per-row parameters."""
+    if min(top_p) >= 1.0:
+        return logits
+    sorted_z, order = torch.sort(logits, dim=-1, descending=False)
+    cum = sorted_z.softmax(-1).cumsum(-1)
+    remove = cum <= (1 - torch.tensor(top_p, dtype=logits.dtype, device=logits.device))[:, None]
+    remove[:, -1] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
 def _padded_seen(seen: list[list[int] | None], device) -> torch.Tensor:
@@ -93,35 +89,20 @@ def _draw(probs: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     return torch.searchsorted(cdf, x, right=True).view(-1)  # right: a token of zero probability is never drawn
 
 
-def _top_p_remove(z: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    """For logits sorted ascending along the last dim: HF's top-p, the tokens to drop (the largest
-    set whose probability stays <= 1 - top_p, never the most likely token)."""
-    remove = z.softmax(-1).cumsum(-1) <= (1 - torch.tensor(top_p, dtype=z.dtype, device=z.device))[:, None]
-    remove[:, -1] = False
-    return remove
-
-
 def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> torch.Tensor:
-    """Rows with 0 < top_k < V: everything runs on the [m, max k] top candidates (sorted
-    descending), not the vocabulary. Of tokens tied at the k-th value, topk's first k are kept."""
-    ks = [p.top_k for p in params]
-    vals, idx = logits.topk(max(ks), dim=-1)  # [m, K], descending
-    temperature = torch.tensor([p.temperature for p in params], dtype=vals.dtype, device=vals.device)
-    z = (vals - vals[:, :1]) / temperature[:, None]
-    k = torch.tensor(ks, device=vals.device)
-    z = z.masked_fill(torch.arange(z.shape[1], device=z.device)[None, :] >= k[:, None], float("-inf"))
-    if min(p.top_p for p in params) < 1.0:
-        ascending = z.flip(-1)
-        z = ascending.masked_fill(_top_p_remove(ascending, [p.top_p for p in params]), float("-inf")).flip(-1)
-    return idx.gather(-1, _draw(z.softmax(-1), states)[:, None]).view(-1)
+    """Rows with 0 < top_k < V: temperature, top-p and the draw run on their [m, max k]
+    candidates, not the vocabulary (the shift by the maximum and the division keep their order)."""
+    values, ids = top_k_candidates(logits, [p.top_k for p in params])
+    temperature = torch.tensor([p.temperature for p in params], dtype=values.dtype, device=values.device)
+    z = filter_top_p((values - values[:, :1]) / temperature[:, None], [p.top_p for p in params])
+    return ids.gather(-1, _draw(z.softmax(-1), states)[:, None]).view(-1)
 
 
 def _sample_full(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> torch.Tensor:
     """Rows without top-k: temperature and top-p over the whole vocabulary."""
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
     z = (logits - logits.max(-1, keepdim=True).values) / temperature[:, None]
-    z = filter_top_k_top_p(z, 0, [p.top_p for p in params])
-    return _draw(z.softmax(-1), states)
+    return _draw(filter_top_p(z, [p.top_p for p in params]).softmax(-1), states)
 
 
 def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int] | None]) -> torch.Tensor:

@@ -14,12 +14,29 @@ from loramux.server.sampling import (
     NonFiniteLogits,
     SamplerState,
     apply_repetition_penalty,
-    filter_top_k_top_p,
+    filter_top_p,
     sample,
+    top_k_candidates,
 )
 
 F32_MAX = float(torch.finfo(torch.float32).max)
 F32_TINY = float(torch.finfo(torch.float32).smallest_normal)
+
+
+def top_k_top_p(logits, ks, ps):
+    """The serving filters on [M, V]: top-k candidates (rows with 0 < k < V), then top-p; scattered
+    back over the vocabulary with -inf for every token they drop."""
+    vocab = logits.shape[1]
+    out = torch.full_like(logits, float("-inf"))
+    for i, k in enumerate(ks):  # the harness loops; the filters are batched
+        if not 0 < k < vocab:
+            out[i] = filter_top_p(logits[i : i + 1], [ps[i]])[0]
+    rows = [i for i, k in enumerate(ks) if 0 < k < vocab]
+    if rows:
+        values, ids = top_k_candidates(logits[rows], [ks[i] for i in rows])
+        kept = filter_top_p(values, [ps[i] for i in rows])
+        out[rows] = out[rows].scatter(-1, ids, kept)
+    return out
 
 
 @settings(max_examples=60, deadline=None)
@@ -31,8 +48,8 @@ def test_top_k_top_p_match_hf(seed, top_k, top_p):
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1.0:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    ours = filter_top_k_top_p(logits[0], top_k, top_p)
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref[0]))
+    ours = top_k_top_p(logits, [top_k], [top_p])
+    assert torch.equal(torch.isinf(ours[0]), torch.isinf(ref[0]))
 
 
 def test_repetition_penalty_matches_hf():
@@ -106,18 +123,17 @@ def test_seeded_sampling_really_samples():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10**6), ks=st.lists(st.integers(0, 70), min_size=1, max_size=5),
+@given(seed=st.integers(0, 10**6), ks=st.lists(st.integers(1, 63), min_size=1, max_size=5),
        ps=st.lists(st.floats(0.05, 1.0), min_size=5, max_size=5))
 def test_batched_filters_with_per_row_parameters_match_hf_row_by_row(seed, ks, ps):
-    """One batched call with each row's own top-k and top-p equals HF's warpers applied to each
-    row with its parameters (k of 0 or past the vocabulary, and p of 1, filter nothing)."""
+    """One batched top-k and one batched top-p over rows of different parameters equal HF's
+    warpers applied to each row with its own (p of 1 filters nothing)."""
     logits = torch.randn(len(ks), 64, generator=torch.Generator().manual_seed(seed)) * 3
     ps = ps[: len(ks)]
-    ours = filter_top_k_top_p(logits, ks, ps)
+    values, ids = top_k_candidates(logits, ks)
+    ours = torch.full_like(logits, float("-inf")).scatter(-1, ids, filter_top_p(values, ps))
     for i, (k, p) in enumerate(zip(ks, ps, strict=True)):
-        ref = logits[i : i + 1].clone()
-        if 0 < k < 64:
-            ref = TopKLogitsWarper(k)(None, ref)
+        ref = TopKLogitsWarper(k)(None, logits[i : i + 1].clone())
         if p < 1.0:
             ref = TopPLogitsWarper(p)(None, ref)
         assert torch.equal(torch.isinf(ours[i]), torch.isinf(ref[0])), (k, p)
