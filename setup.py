@@ -44,7 +44,8 @@ def cpu_extensions():
     machine = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
     variants = VARIANTS.get(machine, {"baseline": []})
     extensions = [CppExtension(f"loramux.server.ops._cpu_{name}", [SOURCE],
-                               extra_compile_args=["-O3", "-fopenmp", *flags], extra_link_args=["-fopenmp"])
+                               # -g0 and a stripped link: Python's default CFLAGS carry -g, 11 MB a variant
+                               extra_compile_args=["-O3", "-g0", "-fopenmp", *flags], extra_link_args=["-fopenmp", "-s"])
                   for name, flags in variants.items()]
     return extensions, {"build_ext": TolerantBuild.with_options(use_ninja=True)}
 

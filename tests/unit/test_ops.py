@@ -210,7 +210,7 @@ ENGINE_SHAPES = {
     # fused linears: q|k|v and gate|up, one call each
     "decode-32-smollm-qkv": ("bgmv", [32], 576, (576, 192, 192), [4, 8, 16, 32, 64, 128]),
     "decode-3-llama1b-gate-up": ("bgmv", [3], 2048, (8192, 8192), [16, 8]),
-    "prefill-smollm-qkv": ("sgmv", [40, 0, 1, 17, 0, 100, 3], 576, (576, 192, 192), [4, 8, 16, 32, 64, 128]),
+    "prefill-smollm-qkv": ("sgmv", [40, 0, 1, 17, 0, 100, 3], 576, (576, 192, 192), [4, 16, 128]),
     "prefill-smollm-gate-up": ("sgmv", [33, 5], 576, (1536, 1536), [16, 64]),
 }
 

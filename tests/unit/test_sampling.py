@@ -190,13 +190,13 @@ def test_only_token_ids_leave_the_logits_device():
 
 
 def test_sampled_frequencies_follow_the_filtered_distribution():
-    """Drawn tokens follow softmax(logits / T) restricted by top-k and top-p: 4000 seeded draws of
-    each kind of row (top-k path and whole-vocabulary path), within 3 points of the exact
-    probabilities, and never a token the filters removed."""
+    """Drawn tokens follow softmax(logits / T) restricted by top-k and top-p: 2000 seeded draws of
+    each kind of row (top-k path and whole-vocabulary path), within 4 points of the exact
+    probabilities (over 3 standard deviations), and never a token the filters removed."""
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     logits = probs.log()[None].repeat(2, 1)
     counts = {0: torch.zeros(6), 1: torch.zeros(6)}
-    for seed in range(4000):
+    for seed in range(2000):
         states = [SamplerState.create(SamplingParams(5, temperature=1.0, top_k=4, seed=seed), "cpu"),
                   SamplerState.create(SamplingParams(5, temperature=1.0, top_p=0.85, seed=seed), "cpu")]
         for row, token in enumerate(sample(logits, states, [None, None])):
@@ -204,5 +204,5 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     top_k = probs[:4] / probs[:4].sum()  # top-k 4
     top_p = probs[:4] / probs[:4].sum()  # top-p 0.85: 0.4 + 0.25 + 0.15 + 0.1 is the least set reaching it
     assert counts[0][4:].sum() == 0 and counts[1][4:].sum() == 0
-    assert (counts[0][:4] / 4000 - top_k).abs().max() < 0.03
-    assert (counts[1][:4] / 4000 - top_p).abs().max() < 0.03
+    assert (counts[0][:4] / 2000 - top_k).abs().max() < 0.04
+    assert (counts[1][:4] / 2000 - top_p).abs().max() < 0.04
