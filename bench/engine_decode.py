@@ -49,6 +49,16 @@ def build_small_llama(tmp: Path) -> str:
     return str(build_random_llama(tmp / "small-llama", SMALL, tokenizer, torch.device("cpu"), torch.float32))
 
 
+def each_model(args, bench):
+    """Print the CPU, then yield ``bench(model, args, tmp)`` for each of ``args.models`` ("default":
+    ``args.model``, or the embedded one; "small": the 25M Llama, built on the fly under ``tmp``)."""
+    print(f"CPU: {cpu_name()}; torch dispatches {cpu_isa()}; {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for which in args.models:
+            yield bench(build_small_llama(tmp) if which == "small" else getattr(args, "model", None), args, tmp)
+
+
 @in_passing_thread  # a thread of its own, with as many threads as the engine's, leaving no team behind
 def read_floor_seconds(nbytes: int, rounds: int = 7) -> float:
     """Least time to read ``nbytes`` once (a float32 sum over a buffer far larger than the
@@ -127,26 +137,21 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    print(f"CPU: {cpu_name()}; torch dispatches {cpu_isa()}; {torch.get_num_threads()} threads")
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for which in args.models:
-            model = build_small_llama(tmp) if which == "small" else args.model
-            r = bench_model(model, args, tmp)
-            results.append(r)
-            print(f"model {r['model']} ({r['parameters'] / 1e6:.0f}M parameters), {r['requests']} requests, "
-                  f"median of {r['rounds']}:")
-            print(f"  decode tokens/s: base {r['base_decode_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
-                  f"{r['mixed_decode_tokens_per_s']:7.1f}, ratio {r['ratio']:.3f} (target >= 0.85)")
-            print(f"  step: base {r['base_step_ms']:6.1f} ms, mixed {r['mixed_step_ms']:6.1f} ms; LoRA overhead "
-                  f"{r['lora_overhead_ms']:6.1f} ms against a floor of {r['floor_ms']:5.1f} ms "
-                  f"({r['adapter_bytes_per_step'] / 2**20:.0f} MiB read once) = {r['overhead_over_floor']:.2f}x "
-                  "(target <= 1.3)")
-            if r["prefill_ratio"] is not None:
-                print(f"  prefill tokens/s ({r['requests']} prompts of {r['prefill_len']}): base "
-                      f"{r['base_prefill_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
-                      f"{r['mixed_prefill_tokens_per_s']:7.1f}, ratio {r['prefill_ratio']:.3f} (target >= 0.9)")
+    for r in each_model(args, bench_model):
+        results.append(r)
+        print(f"model {r['model']} ({r['parameters'] / 1e6:.0f}M parameters), {r['requests']} requests, "
+              f"median of {r['rounds']}:")
+        print(f"  decode tokens/s: base {r['base_decode_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
+              f"{r['mixed_decode_tokens_per_s']:7.1f}, ratio {r['ratio']:.3f} (target >= 0.85)")
+        print(f"  step: base {r['base_step_ms']:6.1f} ms, mixed {r['mixed_step_ms']:6.1f} ms; LoRA overhead "
+              f"{r['lora_overhead_ms']:6.1f} ms against a floor of {r['floor_ms']:5.1f} ms "
+              f"({r['adapter_bytes_per_step'] / 2**20:.0f} MiB read once) = {r['overhead_over_floor']:.2f}x "
+              "(target <= 1.3)")
+        if r["prefill_ratio"] is not None:
+            print(f"  prefill tokens/s ({r['requests']} prompts of {r['prefill_len']}): base "
+                  f"{r['base_prefill_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
+                  f"{r['mixed_prefill_tokens_per_s']:7.1f}, ratio {r['prefill_ratio']:.3f} (target >= 0.9)")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "results": results}, indent=2))
     return 0

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -34,7 +33,7 @@ from loramux.server.ops import cpu_isa  # noqa: E402
 from loramux.server.requests import GenerationRequest, SamplingParams  # noqa: E402
 
 from common import cpu_name, random_prompts, run_requests, write_adapter  # noqa: E402
-from engine_decode import build_small_llama  # noqa: E402
+from engine_decode import each_model  # noqa: E402
 
 BASELINE_REV = "074fd0b"  # before batched on-device sampling and one decode per token (issue #18)
 REPO = Path(__file__).resolve().parent.parent
@@ -194,25 +193,20 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    print(f"CPU: {cpu_name()}; torch dispatches {cpu_isa()}; {torch.get_num_threads()} threads")
     reports = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for which in args.models:
-            model = build_small_llama(tmp) if which == "small" else None
-            r = bench_model(model, args, tmp)
-            reports.append(r)
-            print(f"model {r['model']}, {r['requests']} sampling requests over as many adapters; ms per decode step "
-                  f"(medians over {args.rounds} rounds' full-batch decode steps; 'rest': events and bookkeeping):")
-            print(f"  {'variant':10s} {'step':>7s} {'forward':>8s} {'sample':>7s} {'logprobs':>8s} {'output':>7s} "
-                  f"{'rest':>6s}")
-            for name, row in r["variants"].items():
-                print(f"  {name:10s} {row['step_ms']:7.1f} {row['forward_ms']:8.1f} {row['sample_ms']:7.2f} "
-                      f"{row['logprobs_ms']:8.2f} {row['output_ms']:7.2f} {row['rest_ms']:6.1f}")
-            for name, top in r["profiles"].items():
-                print(f"  torch.profiler, {name}: top ops by self CPU time, ms and calls per step")
-                for op, ms, calls in top:
-                    print(f"    {op:40s} {ms:8.2f} {calls:7.1f}")
+    for r in each_model(args, bench_model):
+        reports.append(r)
+        print(f"model {r['model']}, {r['requests']} sampling requests over as many adapters; ms per decode step "
+              f"(medians over {args.rounds} rounds' full-batch decode steps; 'rest': events and bookkeeping):")
+        print(f"  {'variant':10s} {'step':>7s} {'forward':>8s} {'sample':>7s} {'logprobs':>8s} {'output':>7s} "
+              f"{'rest':>6s}")
+        for name, row in r["variants"].items():
+            print(f"  {name:10s} {row['step_ms']:7.1f} {row['forward_ms']:8.1f} {row['sample_ms']:7.2f} "
+                  f"{row['logprobs_ms']:8.2f} {row['output_ms']:7.2f} {row['rest_ms']:6.1f}")
+        for name, top in r["profiles"].items():
+            print(f"  torch.profiler, {name}: top ops by self CPU time, ms and calls per step")
+            for op, ms, calls in top:
+                print(f"    {op:40s} {ms:8.2f} {calls:7.1f}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "results": reports}, indent=2))
     return 0
