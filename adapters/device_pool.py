@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import huge_pages
 from .loader import LoRALayout, LoRAWeights
 from .reloads import ReloadTracker
 
@@ -68,8 +69,8 @@ class DevicePool:
                 in_f = {layout.shapes[k][0] for k in group}
                 assert len(in_f) == 1, f"fused kinds {group} must share their input size"
                 outs = [layout.shapes[k][1] for k in group]
-                a_store = torch.zeros(num_pages, len(group), in_f.pop(), dtype=dtype, device=device)
-                b_store = torch.zeros(num_pages, sum(outs), dtype=dtype, device=device)
+                a_store = huge_pages.zeros((num_pages, len(group), in_f.pop()), dtype, device)
+                b_store = huge_pages.zeros((num_pages, sum(outs)), dtype, device)
                 self.fused_stores[(layer, group)] = (a_store, b_store)
                 lo = 0
                 for j, (kind, out_f) in enumerate(zip(group, outs, strict=True)):
