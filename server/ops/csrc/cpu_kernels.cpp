@@ -4,7 +4,101 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+// Segment rows come in runs of one adapter: TILE of them at a time (float32, the CPU's serving
+// dtype) read each A and B value once from cache for all TILE rows, with the sums in registers;
+// one row at a time, a prefill step is bound by the loads and the FMA latency, not the arithmetic.
+//   v[r, t, k] = x[rows[r]] . a[p[k], used[t], :]           for r < TILE
+//   y[rows[r], C_t] += sum_k v[r, t, k] * b[p[k], C_t]
+constexpr int64_t TILE = 4;
+
+// Eight floats in one vector register of any target (GCC vector extension: AVX, two SSE or two
+// NEON registers); alignment 4, so loads and stores through it may be unaligned.
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+
+// The float32 expand of a tile: y[r, c0:c1] += sum_k v_r[k] * b[p[k], c0:c1] for the TILE rows,
+// sixteen columns at a time with all TILE x 16 sums in registers across the pages, so the only
+// memory traffic is each B value once and each y value once.
+static void expand_tile_f32(float* const y[TILE], const float* b, const int64_t* p, int64_t rank, int64_t sb,
+                            const float* const v[TILE], int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + 16 <= c1; c += 16) {
+    f32x8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+    for (int64_t k = 0; k < rank; ++k) {
+      const float* bk = b + p[k] * sb + c;
+      const f32x8 e0 = *reinterpret_cast<const f32x8*>(bk), e1 = *reinterpret_cast<const f32x8*>(bk + 8);
+      const float w0 = v[0][k], w1 = v[1][k], w2 = v[2][k], w3 = v[3][k];
+      a00 += w0 * e0; a01 += w0 * e1;
+      a10 += w1 * e0; a11 += w1 * e1;
+      a20 += w2 * e0; a21 += w2 * e1;
+      a30 += w3 * e0; a31 += w3 * e1;
+    }
+    const f32x8 sums[TILE][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    for (int64_t r = 0; r < TILE; ++r) {
+      f32x8* out = reinterpret_cast<f32x8*>(y[r] + c);
+      out[0] += sums[r][0];
+      out[1] += sums[r][1];
+    }
+  }
+  for (; c < c1; ++c) {
+    for (int64_t r = 0; r < TILE; ++r) {
+      float d = 0.f;
+      for (int64_t k = 0; k < rank; ++k) d += v[r][k] * b[p[k] * sb + c];
+      y[r][c] += d;
+    }
+  }
+}
+
+static void lora_tile(float* y, const float* x, const float* a, const float* b, const int64_t* rows, const int64_t* p,
+                      int64_t rank, int64_t in, const std::vector<int64_t>& bounds, const std::vector<int64_t>& used,
+                      int64_t sy, int64_t sx, int64_t sa_page, int64_t sa_kind, int64_t sb, float* v) {
+  const int64_t nu = static_cast<int64_t>(used.size());
+  const float *x0 = x + rows[0] * sx, *x1 = x + rows[1] * sx, *x2 = x + rows[2] * sx, *x3 = x + rows[3] * sx;
+  // shrink, two pages at a time: eight independent sums (four would wait on the FMA latency)
+  const int64_t step = nu * rank;
+  for (int64_t t = 0; t < nu; ++t) {
+    const int64_t off = used[t] * sa_kind;
+    int64_t k = 0;
+    for (; k + 2 <= rank; k += 2) {
+      const float *r0 = a + p[k] * sa_page + off, *r1 = a + p[k + 1] * sa_page + off;
+      float s00 = 0.f, s01 = 0.f, s10 = 0.f, s11 = 0.f, s20 = 0.f, s21 = 0.f, s30 = 0.f, s31 = 0.f;
+#pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
+      for (int64_t c = 0; c < in; ++c) {
+        const float e0 = r0[c], e1 = r1[c], z0 = x0[c], z1 = x1[c], z2 = x2[c], z3 = x3[c];
+        s00 += e0 * z0; s01 += e1 * z0;
+        s10 += e0 * z1; s11 += e1 * z1;
+        s20 += e0 * z2; s21 += e1 * z2;
+        s30 += e0 * z3; s31 += e1 * z3;
+      }
+      float* vt = v + t * rank + k;
+      vt[0] = s00; vt[1] = s01;
+      vt[step] = s10; vt[step + 1] = s11;
+      vt[2 * step] = s20; vt[2 * step + 1] = s21;
+      vt[3 * step] = s30; vt[3 * step + 1] = s31;
+    }
+    for (; k < rank; ++k) {
+      const float* r0 = a + p[k] * sa_page + off;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t c = 0; c < in; ++c) {
+        const float e = r0[c];
+        s0 += e * x0[c];
+        s1 += e * x1[c];
+        s2 += e * x2[c];
+        s3 += e * x3[c];
+      }
+      float* vt = v + t * rank + k;
+      vt[0] = s0; vt[step] = s1; vt[2 * step] = s2; vt[3 * step] = s3;
+    }
+  }
+  float* const ys[TILE] = {y + rows[0] * sy, y + rows[1] * sy, y + rows[2] * sy, y + rows[3] * sy};
+  for (int64_t t = 0; t < nu; ++t) {
+    const float* const vs[TILE] = {v + t * rank, v + step + t * rank, v + 2 * step + t * rank, v + 3 * step + t * rank};
+    expand_tile_f32(ys, b, p, rank, sb, vs, bounds[used[t]], bounds[used[t] + 1]);
+  }
+}
 
 // Batched LoRA over the page store for the kinds of one fused linear (q|k|v, gate|up, or one).
 // For each position i, with token row r = rows[i] and rank-row pages P = pages of i's adapter, for
@@ -14,7 +108,7 @@
 // Per-row form (BGMV, ends empty): position i's pages are pages[i*rank : (i+1)*rank].
 // Segment form (SGMV): positions are grouped by adapter, ends[u] = cumulative positions of adapters
 // 0..u, and adapter u's pages are pages[u*rank : (u+1)*rank]; a thread's positions are contiguous, so
-// an adapter's pages stay in cache across its rows.
+// an adapter's pages stay in cache across its rows, which go TILE at a time (lora_tile).
 // Accumulates in float32; positions are split across torch's intra-op threads.
 template <typename T>
 static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* rows, const int64_t* pages,
@@ -23,13 +117,20 @@ static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* r
                       int64_t sa_page, int64_t sa_kind, int64_t sb) {
   const int64_t nu = static_cast<int64_t>(used.size());
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> v(nu * rank), acc(bounds.back());
+    std::vector<float> v(TILE * nu * rank), acc(bounds.back());
     float* ac = acc.data();
     int64_t u = 0;  // segment form: the adapter of position lo, then advanced with i
     if (num_ends) u = std::upper_bound(ends, ends + num_ends, static_cast<int32_t>(lo)) - ends;
     for (int64_t i = lo; i < hi; ++i) {
       if (num_ends) while (ends[u] <= i) ++u;
       const int64_t* p = pages + (num_ends ? u : i) * rank;
+      if constexpr (std::is_same_v<T, float>) {
+        if (num_ends && i + TILE <= std::min<int64_t>(hi, ends[u])) {  // TILE rows of one adapter
+          lora_tile(y, x, a, b, rows + i, p, rank, in, bounds, used, sy, sx, sa_page, sa_kind, sb, v.data());
+          i += TILE - 1;
+          continue;
+        }
+      }
       const T* xi = x + rows[i] * sx;
       // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
       // so the reads run through each page once, in order.
