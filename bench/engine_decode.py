@@ -5,13 +5,13 @@ on the fly), where per-call overhead dominates.
 
 The floor is the time to read one decode step's distinct adapter bytes once (every page of every
 adapter in the batch), measured with the same threads in the same run: a sum over as many bytes on
-the same (huge) pages, its median read right after each round. The LoRA overhead is the mixed
-decode step time minus the base one (medians over each run's full-batch decode steps); each round
-is divided by its own floor, and the median of those quotients is reported. On a shared VM whose
-speed drifts by more than the whole overhead between runs, that quotient is noise, so each round
-also runs the mixed batch once more with the LoRA op skipped on every other step: adjacent steps,
-a few hundred ms apart, differ by the LoRA work alone, and the median of those paired differences
-over the floor is the overhead the target is judged on. Targets: overhead <= 1.3x the floor (issue #18), and
+the same (huge) pages. The LoRA overhead is the mixed decode step time minus the base one (medians
+over each run's full-batch decode steps). On a shared VM whose speed drifts by more than the whole
+overhead between runs of a few seconds, that difference is noise, so each round also runs the
+mixed batch once more with the LoRA op skipped on every other step, and the floor read on the
+engine thread after each step: adjacent steps, a few hundred ms apart, differ by the LoRA work
+alone, and the median over pairs of (difference / floor read next to it) is the quotient the
+target is judged on. Targets: overhead <= 1.3x the floor (issue #18), and
 mixed/base decode throughput >= 0.85.
 
 Prefill is measured the same way, side by side: 32 prompts of 256 tokens over the same 32
@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
@@ -67,18 +68,6 @@ def each_model(args, bench):
             yield bench(build_small_llama(tmp) if which == "small" else getattr(args, "model", None), args, tmp)
 
 
-@in_passing_thread  # a thread of its own, with as many threads as the engine's, leaving no team behind
-def read_floor_seconds(buf: torch.Tensor, reads: int = 9) -> float:
-    """Median time to read ``buf`` once (a sum), with torch's threads: what a step that touches
-    that many distinct adapter bytes cannot beat, under the machine's conditions of the moment."""
-    times = []
-    for _ in range(reads):
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
-    return median(times)
-
-
 @in_passing_thread
 def floor_buffer(nbytes: int) -> torch.Tensor:
     """A float32 buffer of ``nbytes``, written now (so page faults stay out of the timing), on the
@@ -86,35 +75,52 @@ def floor_buffer(nbytes: int) -> torch.Tensor:
     return huge_pages.zeros((max(1, nbytes // 4),), torch.float32, "cpu").fill_(1.0)
 
 
+def read_seconds(buf: torch.Tensor) -> float:
+    """Time to read ``buf`` once (a sum) with this thread's torch threads."""
+    t = time.perf_counter()
+    buf.sum()
+    return time.perf_counter() - t
+
+
+@dataclass
+class Pair:
+    overhead: float  # the LoRA step's seconds minus its neighbour's without
+    floor: float  # seconds to read the floor buffer, next to them (median of the two reads)
+
+
 class AlternatingLoRA(EngineObserver):
     """Stands in for the runner's LoRA op and skips it on every other step, so that adjacent
-    steps of one run (a few hundred ms apart) differ by the LoRA work alone. The VM's speed drifts
-    by more than the whole overhead between runs of a few seconds; adjacent steps share it. The
-    skipped steps' tokens are wrong, which a timing run does not read."""
+    steps of one run (a few hundred ms apart) differ by the LoRA work alone; after each such step,
+    on the engine thread (the engine's own threads), it reads the floor buffer once. The VM's speed
+    drifts by more than the whole overhead between runs of a few seconds; adjacent steps and the
+    reads between them share it. The skipped steps' tokens are wrong, which a timing run does not
+    read."""
 
-    def __init__(self, op, full_batch: int):
-        self.op, self.full_batch, self.on = op, full_batch, True
-        self.steps: list[tuple[bool, float]] = []  # (LoRA computed, seconds) of full-batch decode steps
+    def __init__(self, op, full_batch: int, floor_buf: torch.Tensor | None = None):
+        self.op, self.full_batch, self.floor_buf, self.on = op, full_batch, floor_buf, True
+        # (LoRA computed, seconds, floor read after it) of each full-batch decode step
+        self.steps: list[tuple[bool, float, float]] = []
 
     def __call__(self, *args, **kwargs):
         if self.on:
             self.op(*args, **kwargs)
 
-    def step(self, stats: StepStats) -> None:
+    def step(self, stats: StepStats) -> None:  # called after the step's time was taken
         if stats.num_prefill_tokens == 0 and stats.num_decode_tokens == self.full_batch:
-            self.steps.append((self.on, stats.seconds))
+            floor = read_seconds(self.floor_buf) if self.floor_buf is not None else float("nan")
+            self.steps.append((self.on, stats.seconds, floor))
         self.on = not self.on
 
-    def paired_overheads(self) -> list[float]:
-        """Each LoRA step's time minus its neighbour's without (pairs of adjacent recorded steps)."""
+    def pairs(self) -> list[Pair]:
+        """Adjacent recorded steps, one with LoRA and one without."""
         s = self.steps
-        return [(a[1] - b[1]) if a[0] else (b[1] - a[1]) for a, b in zip(s[:-1:2], s[1::2], strict=True)
-                if a[0] != b[0]]
+        return [Pair(a[1] - b[1] if a[0] else b[1] - a[1], (a[2] + b[2]) / 2)
+                for a, b in zip(s[:-1:2], s[1::2], strict=True) if a[0] != b[0]]
 
 
-def paired_run(engine, prompts, ids, new_tokens: int) -> list[float]:
+def paired_run(engine, prompts, ids, new_tokens: int, floor_buf: torch.Tensor) -> list[Pair]:
     runner = engine.runner
-    alt = AlternatingLoRA(runner.apply_lora, len(prompts))
+    alt = AlternatingLoRA(runner.apply_lora, len(prompts), floor_buf)
     runner.apply_lora = alt
     engine.observers.append(alt)
     try:
@@ -122,7 +128,7 @@ def paired_run(engine, prompts, ids, new_tokens: int) -> list[float]:
     finally:
         engine.observers.remove(alt)
         runner.apply_lora = alt.op
-    return alt.paired_overheads()
+    return alt.pairs()
 
 
 def bench_model(model: str | None, args, tmp: Path) -> dict:
@@ -147,25 +153,19 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         long_prompts = random_prompts(loaded.hf_model.config.vocab_size, n, args.prefill_len, seed=1)
         adapter_bytes = n * args.rank * built.manager.pool.page_bytes  # every page of every adapter in the step
         floor_buf = floor_buffer(adapter_bytes)
-        base, mixed, floors, paired, prefill_base, prefill_mixed = [], [], [], [], [], []
+        base, mixed, pairs, prefill_base, prefill_mixed = [], [], [], [], []
         for _ in range(args.rounds):  # interleaved, so drift hits both alike
             base.append(run_batch(engine, prompts, [None] * n, args.new_tokens))
             mixed.append(run_batch(engine, prompts, ids, args.new_tokens))
-            floors.append(read_floor_seconds(floor_buf))
-            paired += paired_run(engine, prompts, ids, args.new_tokens)
+            pairs += paired_run(engine, prompts, ids, args.new_tokens, floor_buf)
             if args.prefill_len:
                 prefill_base.append(run_batch(engine, long_prompts, [None] * n, 1))
                 prefill_mixed.append(run_batch(engine, long_prompts, ids, 1))
     finally:
         engine.stop()
-    # Each round's overhead against the floor read right after it: the VM's speed drifts by more
-    # than the overhead between rounds, so rounds are compared within themselves, then the median
-    # taken.
-    quotients = sorted((m.decode_step_s - b.decode_step_s) / f for b, m, f in zip(base, mixed, floors, strict=True))
     step_base = median(r.decode_step_s for r in base)
     step_mixed = median(r.decode_step_s for r in mixed)
-    floor = median(floors)
-    paired_overhead = median(paired)
+    floor = median(p.floor for p in pairs)
     params = sum(p.numel() for p in loaded.hf_model.parameters())
     return {
         "model": loaded.name, "parameters": params, "requests": n, "distinct_adapters": n, "rank": args.rank,
@@ -175,10 +175,9 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         "ratio": median(r.decode_tokens_per_s for r in mixed) / median(r.decode_tokens_per_s for r in base),
         "base_step_ms": step_base * 1e3, "mixed_step_ms": step_mixed * 1e3,
         "lora_overhead_ms": (step_mixed - step_base) * 1e3, "adapter_bytes_per_step": adapter_bytes,
-        "floor_ms": floor * 1e3, "overhead_over_floor": median(quotients),
-        "overhead_over_floor_per_round": quotients,
-        "paired_lora_overhead_ms": paired_overhead * 1e3, "paired_pairs": len(paired),
-        "paired_overhead_over_floor": paired_overhead / floor,
+        "floor_ms": floor * 1e3, "overhead_over_floor": (step_mixed - step_base) / floor,
+        "paired_lora_overhead_ms": median(p.overhead for p in pairs) * 1e3, "paired_pairs": len(pairs),
+        "paired_overhead_over_floor": median(p.overhead / p.floor for p in pairs),
         "prefill_len": args.prefill_len,
         "base_prefill_tokens_per_s": median(r.prefill_tokens_per_s for r in prefill_base) if prefill_base else None,
         "mixed_prefill_tokens_per_s": median(r.prefill_tokens_per_s for r in prefill_mixed) if prefill_mixed else None,
@@ -209,12 +208,10 @@ def main() -> int:
               f"{r['mixed_decode_tokens_per_s']:7.1f}, ratio {r['ratio']:.3f} (target >= 0.85)")
         print(f"  step: base {r['base_step_ms']:6.1f} ms, mixed {r['mixed_step_ms']:6.1f} ms; LoRA overhead "
               f"{r['lora_overhead_ms']:6.1f} ms against a floor of {r['floor_ms']:5.1f} ms "
-              f"({r['adapter_bytes_per_step'] / 2**20:.0f} MiB read once)")
-        q = r["overhead_over_floor_per_round"]
-        print(f"  overhead / floor, median of the rounds' own quotients: {r['overhead_over_floor']:.2f}x "
-              f"(rounds {q[0]:.2f}..{q[-1]:.2f}; target <= 1.3)")
-        print(f"  paired steps (LoRA on and off in adjacent steps of one run, median of {r['paired_pairs']} pairs): "
-              f"overhead {r['paired_lora_overhead_ms']:5.1f} ms = {r['paired_overhead_over_floor']:.2f}x the floor")
+              f"({r['adapter_bytes_per_step'] / 2**20:.0f} MiB read once) = {r['overhead_over_floor']:.2f}x")
+        print(f"  paired steps (LoRA on and off in adjacent steps of one run, the floor read between them; median "
+              f"of {r['paired_pairs']} pairs): overhead {r['paired_lora_overhead_ms']:5.1f} ms, "
+              f"{r['paired_overhead_over_floor']:.2f}x its floor (target <= 1.3)")
         if r["prefill_ratio"] is not None:
             print(f"  prefill tokens/s ({r['requests']} prompts of {r['prefill_len']}): base "
                   f"{r['base_prefill_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
