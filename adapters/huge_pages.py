@@ -41,7 +41,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     of at least one huge page. The result is a view that starts on a 2 MiB boundary; the padding
     before it is never touched, so it costs address space, not memory."""
     device = torch.device(device)
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     madvise = _madvise()
     if device.type != "cpu" or nbytes < HUGE_PAGE or madvise is None:
         return torch.zeros(shape, dtype=dtype, device=device)
