@@ -51,7 +51,7 @@ def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
 
     lora = importlib.import_module(f"loramux.server.ops._cpu_{variant}").lora
     gen = torch.Generator().manual_seed(5)
-    rank, in_f = 7, 37  # rank and widths off every vector, tile and page-pair multiple
+    rank, in_f = 15, 37  # 8 + 4 + 3 pages a decode pass; rank and widths off every vector and tile multiple
     bounds = (0, 40, 56, 79)  # q | k | v of 40, 16 and 23 columns
     a = (torch.randn(4 * rank, 3, in_f, generator=gen) / in_f**0.5).to(dtype)
     b = (torch.randn(4 * rank, 79, generator=gen) / 4).to(dtype)
