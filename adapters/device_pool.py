@@ -64,18 +64,23 @@ class DevicePool:
         # all in one pass over the input. ``stores`` views each kind's part of its group's store.
         self.fused_stores: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
         self.stores: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        shapes = {}
         for layer in range(layout.num_layers):
             for group in layout.groups:
                 in_f = {layout.shapes[k][0] for k in group}
                 assert len(in_f) == 1, f"fused kinds {group} must share their input size"
                 outs = [layout.shapes[k][1] for k in group]
-                a_store = huge_pages.zeros((num_pages, len(group), in_f.pop()), dtype, device)
-                b_store = huge_pages.zeros((num_pages, sum(outs)), dtype, device)
-                self.fused_stores[(layer, group)] = (a_store, b_store)
-                lo = 0
-                for j, (kind, out_f) in enumerate(zip(group, outs, strict=True)):
-                    self.stores[(layer, kind)] = (a_store[:, j], b_store[:, lo : lo + out_f])
-                    lo += out_f
+                shapes[(layer, group)] = ((num_pages, len(group), in_f.pop()), (num_pages, sum(outs)))
+        # one arena, on huge pages whole: a decode row reads its pages in runs of a few KB
+        flat = huge_pages.zeros_many([s for pair in shapes.values() for s in pair], dtype, device)
+        for i, (layer, group) in enumerate(shapes):
+            a_store, b_store = flat[2 * i], flat[2 * i + 1]
+            self.fused_stores[(layer, group)] = (a_store, b_store)
+            lo = 0
+            for j, kind in enumerate(group):
+                out_f = layout.shapes[kind][1]
+                self.stores[(layer, kind)] = (a_store[:, j], b_store[:, lo : lo + out_f])
+                lo += out_f
         self.device = device
         # On CUDA, copies run on their own stream, overlapping the engine's compute stream.
         self._copy_stream = None

@@ -5,7 +5,8 @@ With 4 KiB pages, every 4 KiB of such a run costs a TLB miss; with 2 MiB pages a
 The kernel's decode LoRA pass over one step's adapter pages runs about 5% faster on them
 (BENCHMARKS.md). The memory is advised (``madvise(MADV_HUGEPAGE)``) before its first touch, so
 that the kernel maps it in 2 MiB pages as it is zeroed. Where that is not possible (another OS,
-a device tensor, a small one, THP disabled) the result is an ordinary zeroed tensor.
+a device tensor, a small one, THP disabled) the result is an ordinary zeroed tensor. Many stores,
+each under 2 MiB, go on huge pages as views of one arena (``zeros_many``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ def _madvise():
     fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     fn.restype = ctypes.c_int
     return fn
+
+
+def zeros_many(shapes: list[tuple[int, ...]], dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """Zeroed tensors of ``shapes``, as views of one ``zeros`` arena on the host (each starting on
+    a 64-byte boundary), so that tensors under 2 MiB, and the tails of larger ones, are on huge
+    pages too: advised one by one, a pool's 120 stores had 58% of their bytes on them. Separate
+    tensors on a device, where the arena would buy nothing."""
+    if torch.device(device).type != "cpu":
+        return [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+    align = max(1, 64 // dtype.itemsize)
+    offsets, total = [], 0
+    for shape in shapes:
+        offsets.append(total)
+        total += -(-math.prod(shape) // align) * align
+    arena = zeros((total,), dtype, device)
+    return [arena[o : o + math.prod(shape)].view(shape) for o, shape in zip(offsets, shapes, strict=True)]
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:

@@ -18,8 +18,8 @@ class PagedKVCache:
                  dtype: torch.dtype, device, decode_attention=paged_decode_torch):
         # zeros, not empty: the padded fallback reads whole blocks, and 0 * NaN would leak into its output
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-        self.k = [huge_pages.zeros(shape, dtype, device) for _ in range(num_layers)]
-        self.v = [huge_pages.zeros(shape, dtype, device) for _ in range(num_layers)]
+        kv = huge_pages.zeros_many([shape] * (2 * num_layers), dtype, device)
+        self.k, self.v = kv[:num_layers], kv[num_layers:]
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.decode_attention = decode_attention  # ops/attention.py: the C++, Triton or torch kernel

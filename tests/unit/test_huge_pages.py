@@ -35,3 +35,28 @@ def test_stores_of_the_pool_and_kv_cache_use_it():
         assert kv.k[0].data_ptr() % huge_pages.HUGE_PAGE == 0
     kv.write(0, torch.tensor([3]), torch.ones(1, 8, 64), torch.ones(1, 8, 64))
     assert kv.k[0].view(-1, 8, 64)[3].eq(1).all() and kv.k[0].sum().item() == 8 * 64
+
+
+def test_zeros_many_gives_disjoint_zeroed_views_of_one_arena():
+    shapes = [(3, 5), (512, 3, 576), (7,), (700, 3)]
+    ts = huge_pages.zeros_many(shapes, torch.float32, "cpu")
+    assert [t.shape for t in ts] == [torch.Size(s) for s in shapes]
+    assert all(t.is_contiguous() and t.data_ptr() % 64 == 0 and not t.any() for t in ts)
+    assert len({t.untyped_storage().data_ptr() for t in ts}) == 1  # one allocation
+    for i, t in enumerate(ts):  # disjoint: writing one leaves the others zero
+        t.fill_(i + 1)
+    assert [t.unique().tolist() for t in ts] == [[1.0], [2.0], [3.0], [4.0]]
+    if sys.platform.startswith("linux"):
+        assert ts[0].data_ptr() % huge_pages.HUGE_PAGE == 0
+
+
+def test_a_pools_stores_share_one_arena():
+    from loramux.adapters.device_pool import DevicePool
+    from loramux.adapters.loader import LoRALayout
+
+    layout = LoRALayout(modules={}, shapes={"q_proj": (64, 64), "v_proj": (64, 32), "down_proj": (128, 64)},
+                        num_layers=2, fused=(("q_proj", "v_proj"),))
+    pool = DevicePool(layout, 40, torch.float32, "cpu")
+    stores = [t for pair in pool.fused_stores.values() for t in pair]
+    assert len(stores) == 8 and len({t.untyped_storage().data_ptr() for t in stores}) == 1
+    assert not any(t.any() for t in stores)
