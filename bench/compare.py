@@ -293,6 +293,7 @@ def main() -> int:
     rows["4 PEFT, one mixed batch"], rows["5 PEFT, one adapter at a time"] = peft_rows(
         model_dir, adapter_dirs, requests, new_tokens)
     rows["6 transformers generate_batch, base"] = generate_batch_row(model_dir, requests, new_tokens)
+
     def scale_row(n: int) -> dict:
         """Zipf(1.0) over n registered adapters on a fresh server (every first use is a cold load)."""
         folder = scaled_dir(work, distinct, n)

@@ -190,7 +190,7 @@ static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* r
       const T* xi = x + rows[i] * sx;
       // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
       // so the reads run through each page once, in order; eight pages at a time keep eight reads
-      // in flight (four left the decode pass at about 1.3x a plain read of the same bytes).
+      // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md).
       int64_t k = 0;
       for (; k + 8 <= rank; k += 8) shrink_pages<8>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
       for (; k + 4 <= rank; k += 4) shrink_pages<4>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
