@@ -40,8 +40,8 @@ def _madvise():
 def zeros_many(shapes: list[tuple[int, ...]], dtype: torch.dtype, device) -> list[torch.Tensor]:
     """Zeroed tensors of ``shapes``, as views of one ``zeros`` arena on the host (each starting on
     a 64-byte boundary), so that tensors under 2 MiB, and the tails of larger ones, are on huge
-    pages too: advised one by one, the default model's 120 page stores had 58% of their bytes on them. Separate
-    tensors on a device, where the arena would buy nothing."""
+    pages too: advised one by one, the default model's 120 page stores had 58% of their bytes on
+    them. Separate tensors on a device, where the arena would buy nothing."""
     if torch.device(device).type != "cpu":
         return [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
     align = max(1, 64 // dtype.itemsize)

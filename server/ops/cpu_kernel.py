@@ -3,7 +3,7 @@ attention over block-paged KV.
 
 ``lora`` serves both forms of a plan group. Per decode row (BGMV) it reads the row's pages where
 the page store keeps them, once: ``v = A_P x`` for every kind of a fused linear in one pass over
-the pages (q|k|v, gate|up), then ``y[:, C_j] += v_j B_P[:, C_j]`` straight into each kind's
+the pages, eight at a time (q|k|v, gate|up), then ``y[:, C_j] += v_j B_P[:, C_j]`` straight into each kind's
 columns, accumulating in float32. Prefill segments (SGMV) keep a thread's rows contiguous, so
 that each adapter's pages stay in cache across its rows, and in float32 go four rows of one
 adapter at a time: each page value read once for the four, the sums in vector registers. The torch ops'
