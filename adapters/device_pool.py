@@ -57,8 +57,11 @@ class DevicePool:
     adapter into free pages. A copy runs outside the lock into pages reserved for it, and the
     adapter becomes visible (resident) only once its pages are written."""
 
-    def __init__(self, layout: LoRALayout, num_pages: int, dtype, device):
+    def __init__(self, layout: LoRALayout, num_pages: int, dtype, device, copy_rows=None):
+        """``copy_rows``: the C++ ``copy_rows`` (server/ops/cpu_kernel.py), which fills a host
+        pool's pages of every store in one call; None: two torch ops per store."""
         self.num_pages = num_pages
+        self._copy_rows = copy_rows if torch.device(device).type == "cpu" else None
         # Kinds that share an input share a store: a page holds their A rows side by side
         # ([P, m, in]) and their B rows end to end ([P, sum of outs]), so one call shrinks them
         # all in one pass over the input. ``stores`` views each kind's part of its group's store.
@@ -192,6 +195,7 @@ class DevicePool:
                 if self._copy_stream is not None and self._evicted is not None:
                     self._copy_stream.wait_event(self._evicted)
                 index = pages.to(self.device)
+                dst, src = [], []  # for copy_rows
                 for (layer, kind), (a_store, b_store) in self.stores.items():
                     if kind not in kinds:
                         continue  # never read: the step's plan for this kind leaves the adapter out
@@ -199,9 +203,14 @@ class DevicePool:
                     if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
                         a_store.index_fill_(0, index, 0)
                         b_store.index_fill_(0, index, 0)
+                    elif self._copy_rows is not None:
+                        dst += (a_store, b_store)
+                        src += (a.contiguous(), b.contiguous())
                     else:
                         a_store.index_copy_(0, index, a.to(self.device, non_blocking=True))
                         b_store.index_copy_(0, index, b.to(self.device, non_blocking=True))
+                if dst:
+                    self._copy_rows(dst, src, index)
             if self._copy_stream is not None:
                 self._copy_stream.synchronize()
         except BaseException:

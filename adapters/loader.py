@@ -331,14 +331,16 @@ class AdapterChanged(AdapterInvalid):
 
 def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
                  allow_pickle: bool = False, confine: Path | None = None,
-                 manifest: AdapterManifest | None = None, pin_memory: bool = False) -> LoRAWeights:
+                 manifest: AdapterManifest | None = None, pin_memory: bool = False, convert=None) -> LoRAWeights:
     """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``.
 
     One pass from the file's bytes into the serving layout: every module's A and (s * B).T are
     written, cast, into one flat buffer (pinned with ``pin_memory``, for copies to an
     accelerator), and one check over that buffer proves every served value finite. With the
     ``manifest`` registration made, its spec is used and the weights must have the hash
-    registration recorded (else AdapterChanged); without one, the config is read too."""
+    registration recorded (else AdapterChanged); without one, the config is read too. ``convert``:
+    the C++ ``convert_adapter`` (server/ops/cpu_kernel.py), which does that pass in one call and
+    reports finiteness as it writes; without it, a few torch ops per module do it (the same values)."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if manifest is None:
@@ -352,7 +354,10 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         raise AdapterChanged(f"{name} changed after the adapter was registered; register it again to serve the "
                              "new weights")
     tensors = _decode(name, data, header)
-    ranks = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
+    if manifest is not None:  # the bytes registration checked (same identity or same hash): its ranks hold
+        ranks = manifest.module_ranks
+    else:
+        ranks = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
@@ -362,22 +367,29 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     modules = sorted(names)
     weights = LoRAWeights.over(torch.empty(flat_numel(modules, rank, layout), dtype=dtype, pin_memory=pin_memory),
                                modules, rank, layout)
-    for key in modules:
-        module = names[key]
-        a_dst, b_dst = weights.a[key], weights.b[key]
-        r, s = ranks[module], spec.scaling(module, ranks[module])
-        a_dst[:r].copy_(by_module[module]["A"])
-        b_src = by_module[module]["B"].T
-        if dtype == torch.float32:  # cast, then scale: the same float32 arithmetic as scaling first
-            b_dst[:r].copy_(b_src)
-            if s != 1.0:
-                b_dst[:r].mul_(s)
-        else:  # scale in float32, round once
-            b_dst[:r].copy_(b_src.float() * s)
-        if r < rank:
-            a_dst[r:].zero_()
-            b_dst[r:].zero_()
-    bad = weights.nonfinite_module()  # checked as served: the scaling or the cast can overflow
+    scales = [spec.scaling(names[key], ranks[names[key]]) for key in modules]
+    if convert is not None:
+        finite = convert(weights.flat, [by_module[names[k]]["A"].contiguous() for k in modules],
+                         [by_module[names[k]]["B"].contiguous() for k in modules],
+                         [weights.a[k].storage_offset() - weights.flat.storage_offset() for k in modules], scales, rank)
+    else:
+        for key, s in zip(modules, scales, strict=True):
+            module = names[key]
+            a_dst, b_dst, r = weights.a[key], weights.b[key], ranks[module]
+            a_dst[:r].copy_(by_module[module]["A"])
+            b_src = by_module[module]["B"].T
+            if dtype == torch.float32:  # cast, then scale: the same float32 arithmetic as scaling first
+                b_dst[:r].copy_(b_src)
+                if s != 1.0:
+                    b_dst[:r].mul_(s)
+            else:  # scale in float32, round once
+                b_dst[:r].copy_(b_src.float() * s)
+            if r < rank:
+                a_dst[r:].zero_()
+                b_dst[r:].zero_()
+        finite = None
+    # checked as served: the scaling or the cast can overflow
+    bad = None if finite else weights.nonfinite_module()
     if bad is not None:
         module = names[bad]
         raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "

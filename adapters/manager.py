@@ -43,18 +43,21 @@ class TierCounters:
 
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, host: HostCache, pool: DevicePool, dtype: torch.dtype,
-                 io_initializer=None, read_timeout: float = 30.0, converted: ConvertedCache | None = None):
+                 io_initializer=None, read_timeout: float = 30.0, converted: ConvertedCache | None = None,
+                 convert=None):
         """``io_initializer`` runs first on the I/O thread (the server makes its torch ops serial
         there: an OpenMP team on it would slow every engine step; server/torch_threads.py).
         ``read_timeout`` bounds a disk read: past it the read's waiters fail, and later reads go to
         a fresh I/O thread while the hung one is abandoned. ``converted``: where converted adapters
-        are kept between loads (--adapter-cache-dir), if anywhere."""
+        are kept between loads (--adapter-cache-dir), if anywhere. ``convert``: the C++ converter
+        for ``load_adapter``, or None (torch ops)."""
         self.registry = registry
         self.host = host
         self.pool = pool
         self.dtype = dtype
         self.read_timeout = read_timeout
         self.converted = converted
+        self.convert = convert
         self._entries: dict[AdapterKey, object] = {}  # key -> RegisteredAdapter, for reads
         # disk reads queued (None) or running (since when, time.monotonic())
         self._pending: dict[AdapterKey, float | None] = {}
@@ -136,7 +139,7 @@ class AdapterManager:
             if weights is None:
                 weights = converted = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype,
                                                    reg.allow_pickle, entry.confine, entry.manifest,
-                                                   pin_memory=self._pin_memory)
+                                                   pin_memory=self._pin_memory, convert=self.convert)
         except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
             log.warning("adapter %s cannot be loaded: %s", key[0], e)
             with self._lock:

@@ -79,7 +79,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     model = cls(hf, config.max_model_len)
     layout = model.lora_layout()
     num_layers, kv_heads, head_dim = model.kv_spec
-    pool = DevicePool(layout, config.device_pages, loaded.dtype, loaded.device)
+    kernels = load_kernels()  # its converter and row copy load adapters in one call each (None: torch ops)
+    pool = DevicePool(layout, config.device_pages, loaded.dtype, loaded.device, getattr(kernels, "copy_rows", None))
     per_token = PagedKVCache.bytes_per_token(num_layers, kv_heads, head_dim, loaded.dtype)
     tokens = kv_pool_tokens(config, per_token, loaded.device)
     if tokens < config.max_model_len:
@@ -107,7 +108,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         raise StartupError(f"--adapter-cache-dir {config.adapter_cache_dir}: {e}") from None
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype,
                              io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
-                             read_timeout=config.adapter_read_timeout, converted=converted)
+                             read_timeout=config.adapter_read_timeout, converted=converted,
+                             convert=getattr(kernels, "convert_adapter", None))
     for adapter_id in config.keep_resident:
         entry = registry.lookup(adapter_id)
         if entry is None:
@@ -127,7 +129,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         engine.output.fault_hook = fault_injector(config.inject_fault)
     ops_name = runner.apply_lora.name
     if ops_name == "cpp":
-        ops_name += f" ({load_kernels().variant} build)"
+        ops_name += f" ({kernels.variant} build)"
     log.info(
         "model %s on %s (%s): KV cache %d blocks x %d tokens = %d tokens, %.0f MiB (prefix caching %s); "
         "adapter pool %.0f MiB (%d pages, one per rank row: %d adapters of rank %d, more of smaller ranks); "

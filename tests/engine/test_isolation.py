@@ -135,9 +135,11 @@ def test_a_failed_device_copy_fails_its_waiters_and_the_next_request_succeeds(ti
     b = make(tiny_llama, tiny_adapters)
     pool, original, calls = b.manager.pool, b.manager.pool.fill, []
 
-    class Exploding:  # a tensor whose copy to the device fails
+    class Exploding:  # a tensor whose copy into the pages fails (by torch ops: .to; by the C++ row copy: .contiguous)
         def to(self, *args, **kwargs):
             raise RuntimeError("device copy failed")
+
+        contiguous = to
 
     def failing_fill(key, pages, weights):
         calls.append(key)

@@ -1,6 +1,7 @@
 """Adapter paging policies without a model: eviction, page-bounded residency, kept adapters,
 reload accounting, look-ahead order and staging."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +10,7 @@ from loramux.adapters.device_pool import DevicePool, select_victims
 from loramux.adapters.loader import LoRALayout, LoRAWeights
 from loramux.adapters.reloads import ReloadTracker
 from loramux.server.adapter_admission import AdapterAdmission
+from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.scheduler import Fairness, SeqView, adapter_order
 
 LAYOUT = LoRALayout(modules={"l0.q": (0, "q"), "l0.v": (0, "v")}, shapes={"q": (8, 8), "v": (8, 4)}, num_layers=1)
@@ -62,6 +64,24 @@ def test_residency_is_bounded_by_pages_not_by_a_count():
     assert not load(pool, ("one more", 0), 8, evict=False)
     assert load(pool, ("one more", 0), 8)  # by evicting the least recently used
     assert ("small", 0) not in pool.resident_keys and pool.evictions == 1
+
+
+@pytest.mark.skipif(load_kernels() is None, reason="no C++ kernel is built")
+def test_a_fill_by_the_cpp_row_copy_equals_the_torch_ops():
+    """Fused stores (q|k|v share one), a kind missing from a layer (zero rows), a second adapter."""
+    layout = LoRALayout(modules={f"l{i}.{k}": (i, k) for i in range(2) for k in ("q", "k", "v")},
+                        shapes={"q": (8, 8), "k": (8, 4), "v": (8, 4)}, num_layers=2, fused=(("q", "k", "v"),))
+    gen = torch.Generator().manual_seed(0)
+    pools = [DevicePool(layout, 10, torch.float32, "cpu"),
+             DevicePool(layout, 10, torch.float32, "cpu", copy_rows=load_kernels().copy_rows)]
+    for key, rank in ((("a", 0), 3), (("b", 0), 4)):
+        present = [m for m in layout.modules.values() if m != (1, "v")]
+        w = LoRAWeights(rank, {m: torch.randn(rank, 8, generator=gen) for m in present},
+                        {m: torch.randn(rank, layout.shapes[m[1]][1], generator=gen) for m in present})
+        for pool in pools:
+            pool.fill(key, pool.reserve(key, rank, evict=False), w)
+    for (a0, b0), (a1, b1) in zip(pools[0].fused_stores.values(), pools[1].fused_stores.values(), strict=True):
+        assert torch.equal(a0, a1) and torch.equal(b0, b1)
 
 
 def test_kept_and_pinned_adapters_are_never_evicted():

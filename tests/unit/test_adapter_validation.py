@@ -13,6 +13,7 @@ from loramux.adapters.config import parse_adapter_config
 from loramux.adapters.errors import AdapterInvalid
 from loramux.adapters.loader import LoRALayout, inspect_adapter, load_adapter
 from loramux.adapters.registry import validate_adapter_id
+from loramux.server.ops.cpu_kernel import load_kernels
 
 LAYOUT = LoRALayout(
     modules={f"model.layers.{i}.self_attn.{k}": (i, k) for i in range(2) for k in ("q_proj", "v_proj")},
@@ -83,15 +84,23 @@ def test_bad_adapters_are_refused_at_registration(tmp_path, mutate, match):
         inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
 
 
-def test_nan_weights_are_refused_at_load(tmp_path):
+# the two ways a load converts: torch ops, and the C++ converter where it is built
+CONVERTERS = [None, *([load_kernels().convert_adapter] if load_kernels() is not None else [])]
+
+
+@pytest.mark.parametrize("convert", CONVERTERS, ids=lambda c: "cpp" if c else "torch")
+@pytest.mark.parametrize("bad, dtype", [(float("nan"), torch.float32), (1e30, torch.float16)])
+def test_nonfinite_weights_are_refused_at_load(tmp_path, convert, bad, dtype):
+    """A NaN in the file, or a value the cast to the serving dtype overflows, names its module."""
     tensors = {}
     for k, (fin, fout) in LAYOUT.shapes.items():
-        tensors[f"base_model.model.model.layers.0.self_attn.{k}.lora_A.weight"] = torch.full((2, fin), float("nan"))
+        tensors[f"base_model.model.model.layers.0.self_attn.{k}.lora_A.weight"] = torch.randn(2, fin)
         tensors[f"base_model.model.model.layers.0.self_attn.{k}.lora_B.weight"] = torch.randn(fout, 2)
+    tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"][3, 1] = bad
     path = write_adapter(tmp_path / "nan", tensors=tensors)
     inspect_adapter(path, LAYOUT, 8, 4)  # the header is fine
-    with pytest.raises(AdapterInvalid, match="NaN"):
-        load_adapter(path, LAYOUT, 8, torch.float32)
+    with pytest.raises(AdapterInvalid, match="layers.0.self_attn.v_proj' has NaN or Inf"):
+        load_adapter(path, LAYOUT, 8, dtype, convert=convert)
 
 
 def test_pickle_weights_are_refused(tmp_path):
@@ -199,8 +208,9 @@ def test_weights_are_hashed_at_registration_and_checked_at_load(tmp_path):
     assert h2 != h3 and h3 == manifest.content_hash
 
 
+@pytest.mark.parametrize("convert", CONVERTERS, ids=lambda c: "cpp" if c else "torch")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_load_is_one_flat_buffer_in_the_serving_layout(tmp_path, dtype):
+def test_a_load_is_one_flat_buffer_in_the_serving_layout(tmp_path, dtype, convert):
     """Mixed ranks (padded to the largest), per-module alpha, fp16 file: A and (s * B).T, cast."""
     config = {**BASE, "r": 2, "rank_pattern": {"v_proj": 1}, "alpha_pattern": {"layers.1.self_attn.q_proj": 7}}
     gen = torch.Generator().manual_seed(0)
@@ -212,7 +222,7 @@ def test_a_load_is_one_flat_buffer_in_the_serving_layout(tmp_path, dtype):
             tensors[f"{pre}.lora_A.weight"] = torch.randn(r, fin, generator=gen).half()
             tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, r, generator=gen).half()
     path = write_adapter(tmp_path / "flat", config=config, tensors=tensors)
-    w = load_adapter(path, LAYOUT, 8, dtype)
+    w = load_adapter(path, LAYOUT, 8, dtype, convert=convert)
     spec = parse_adapter_config(config)
     assert w.rank == 2 and len({t.untyped_storage().data_ptr() for t in (*w.a.values(), *w.b.values())}) == 1
     for (layer, kind), a in w.a.items():

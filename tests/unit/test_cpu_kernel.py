@@ -77,3 +77,61 @@ def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
         lora(y, x, a, b, g.rows, g.pages, ends, rank, list(bounds), [0, 2])
         tol = 1e-5 if dtype == torch.float32 else 5e-2
         assert (y.float() - ref).abs().max() <= tol * ref.abs().max().clamp(min=1)
+
+
+@pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
+@pytest.mark.parametrize("variant", variants_for(platform.machine(), torch.backends.cpu.get_cpu_capability()))
+@pytest.mark.parametrize("dst", [torch.float32, torch.float16, torch.bfloat16])
+def test_convert_adapter_writes_the_serving_layout_exactly(variant, dst):
+    """A and (s * B).T, cast (B to float32 first, then scaled, then rounded once), padded with zero
+    rows to the rank, at each module's offset, from every file dtype; nothing outside is touched.
+    It reports a NaN or Inf it writes, including an overflow of the scaling or of the cast."""
+    import importlib
+
+    convert = importlib.import_module(f"loramux.server.ops._cpu_{variant}").convert_adapter
+    gen = torch.Generator().manual_seed(3)
+    rank, shapes = 5, [(37, 70, 5), (70, 19, 3), (8, 129, 1)]  # (in, out, r): off every vector and block width
+    for src in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        a = [torch.randn(r, i, generator=gen, dtype=torch.float64).to(src) for i, o, r in shapes]
+        b = [torch.randn(o, r, generator=gen, dtype=torch.float64).to(src) for i, o, r in shapes]
+        scales = [0.3, 1.0, 7.25]
+        offsets, at = [], 3  # a gap before each module, which must keep its sentinel
+        for i, o, _ in shapes:
+            offsets.append(at)
+            at += rank * (i + o) + 3
+        flat = torch.full((at,), -5.0, dtype=dst)
+        assert convert(flat, a, b, offsets, scales, rank)
+        expected = torch.full((at,), -5.0, dtype=dst)
+        for (i, o, r), ai, bi, s, off in zip(shapes, a, b, scales, offsets, strict=True):
+            a_ref, b_ref = torch.zeros(rank, i, dtype=dst), torch.zeros(rank, o, dtype=dst)
+            a_ref[:r] = ai.to(dst)
+            b_ref[:r] = (bi.float() * s).T.to(dst)
+            expected[off : off + rank * (i + o)] = torch.cat([a_ref.flatten(), b_ref.flatten()])
+        assert torch.equal(flat, expected), src
+    for bad_a, bad_b, s in ((float("nan"), 1.0, 1.0), (1.0, float("-inf"), 1.0), (1.0, 3e38, 2.0), (1.0, 7e4, 1.0)):
+        a, b = torch.ones(2, 16), torch.ones(9, 2)
+        a[1, 15], b[8, 0] = bad_a, bad_b
+        finite = convert(torch.empty(2 * 25, dtype=dst), [a], [b], [0], [s], 2)
+        overflows = bad_b == 7e4 and dst == torch.float16  # past float16's 65504 only
+        assert finite == (bad_b == 7e4 and not overflows), (bad_a, bad_b, s)
+
+
+@pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
+@pytest.mark.parametrize("variant", variants_for(platform.machine(), torch.backends.cpu.get_cpu_capability()))
+def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
+    import importlib
+
+    copy_rows = importlib.import_module(f"loramux.server.ops._cpu_{variant}").copy_rows
+    gen = torch.Generator().manual_seed(4)
+    store = torch.randn(9, 2, 13, generator=gen)  # a fused store: kind j's rows are store[:, j], row stride 26
+    wide = torch.randn(9, 30, generator=gen).to(torch.bfloat16)
+    index = torch.tensor([7, 0, 4])
+    src = [torch.randn(3, 13, generator=gen), torch.randn(3, 13, generator=gen), torch.randn(3, 17).to(torch.bfloat16)]
+    expected = [store.clone(), wide.clone()]
+    expected[0][:, 0].index_copy_(0, index, src[0])
+    expected[0][:, 1].index_copy_(0, index, src[1])
+    expected[1][:, 5:22].index_copy_(0, index, src[2])
+    copy_rows([store[:, 0], store[:, 1], wide[:, 5:22]], src, index)
+    assert torch.equal(store, expected[0]) and torch.equal(wide, expected[1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        copy_rows([store[:, 0]], [src[0]], torch.tensor([1, 9, 2]))

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -305,7 +306,105 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
   });
 }
 
+// One module of an adapter into the serving layout (adapters/loader.py, LoRAWeights.over), cast to D:
+//   dst[0 : R*in]         = A [r, in], then zero rows r..R-1                               ([R, in])
+//   dst[R*in : R*(in+out)] = (s * B).T: float(B[o, k]) * s, rounded to D once, then zero rows  ([R, out])
+// (the torch path's arithmetic: cast B to float32, then scale). B's columns are read in blocks of
+// 64 rows of B, whose cache lines stay in L1 while each of the r output rows is written in order.
+// Returns false if a written value is not finite (NaN or Inf in the file, or an overflow).
+template <typename D, typename S>
+static bool convert_module(D* dst, const S* a, const S* b, int64_t r, int64_t R, int64_t in, int64_t out, float s) {
+  float chk = 0.f;  // x - x is 0 for every finite x and NaN otherwise: one vectorisable sum checks all
+  for (int64_t k = 0; k < r; ++k) {
+#pragma omp simd reduction(+ : chk)
+    for (int64_t c = 0; c < in; ++c) {
+      const D v = static_cast<D>(a[k * in + c]);
+      dst[k * in + c] = v;
+      chk += static_cast<float>(v) - static_cast<float>(v);
+    }
+  }
+  std::fill(dst + r * in, dst + R * in, static_cast<D>(0.f));
+  D* bt = dst + R * in;
+  constexpr int64_t BLOCK = 64;
+  for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
+    const int64_t o1 = std::min(out, o0 + BLOCK);
+    for (int64_t k = 0; k < r; ++k) {
+#pragma omp simd reduction(+ : chk)
+      for (int64_t o = o0; o < o1; ++o) {
+        const D v = static_cast<D>(static_cast<float>(b[o * r + k]) * s);
+        bt[k * out + o] = v;
+        chk += static_cast<float>(v) - static_cast<float>(v);
+      }
+    }
+  }
+  std::fill(bt + r * out, bt + R * out, static_cast<D>(0.f));
+  return chk == 0.f;
+}
+
+// An adapter's modules into one flat buffer (float32, float16 or bfloat16), module i at offsets[i]
+// with a[i] [r_i, in_i] and b[i] [out_i, r_i] (float32, float64, float16 or bfloat16, contiguous),
+// scaling scales[i], padded to `rank` rows: one call instead of a few small torch ops per module.
+// Returns whether every value written is finite.
+bool convert_adapter(torch::Tensor flat, std::vector<torch::Tensor> a, std::vector<torch::Tensor> b,
+                     std::vector<int64_t> offsets, std::vector<double> scales, int64_t rank) {
+  TORCH_CHECK(flat.device().is_cpu() && flat.is_contiguous() && flat.dim() == 1, "convert_adapter: a flat CPU buffer");
+  TORCH_CHECK(a.size() == b.size() && a.size() == offsets.size() && a.size() == scales.size(),
+              "convert_adapter: one A, B, offset and scaling per module");
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].device().is_cpu() && b[i].device().is_cpu() && a[i].is_contiguous() && b[i].is_contiguous() &&
+                a[i].dim() == 2 && b[i].dim() == 2 && b[i].scalar_type() == a[i].scalar_type(),
+                "convert_adapter: contiguous 2-D CPU A and B of one dtype");
+    const int64_t r = a[i].size(0), in = a[i].size(1), out = b[i].size(0);
+    TORCH_CHECK(b[i].size(1) == r && r <= rank && offsets[i] >= 0 && offsets[i] + rank * (in + out) <= flat.numel(),
+                "convert_adapter: A [r, in] and B [out, r] with r <= rank, inside the buffer");
+  }
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "convert_adapter", [&] {
+    using D = scalar_t;
+    D* base = flat.data_ptr<D>();
+    for (size_t i = 0; i < a.size(); ++i) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[i].scalar_type(), "convert_adapter_src", [&] {
+        finite &= convert_module<D, scalar_t>(base + offsets[i], a[i].data_ptr<scalar_t>(), b[i].data_ptr<scalar_t>(),
+                                              a[i].size(0), rank, a[i].size(1), b[i].size(0),
+                                              static_cast<float>(scales[i]));
+      });
+    }
+  });
+  return finite;
+}
+
+// An adapter's rows into its pages, for each pair i: dst[i][index[k], :] = src[i][k, :], with dst [P, w]
+// of any row stride (a kind's slice of a fused page store) and src [r, w] contiguous, of one dtype:
+// the device pool's fill on the host, one call for every store instead of two torch ops each.
+void copy_rows(std::vector<torch::Tensor> dst, std::vector<torch::Tensor> src, torch::Tensor index) {
+  TORCH_CHECK(dst.size() == src.size(), "copy_rows: one source per destination");
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 1,
+              "copy_rows: int64 page indices");
+  const int64_t r = index.numel();
+  const int64_t* ix = index.data_ptr<int64_t>();
+  for (size_t i = 0; i < dst.size(); ++i) {
+    TORCH_CHECK(dst[i].device().is_cpu() && src[i].device().is_cpu() && dst[i].dim() == 2 && src[i].dim() == 2 &&
+                dst[i].scalar_type() == src[i].scalar_type() && dst[i].stride(1) == 1 && src[i].is_contiguous() &&
+                src[i].size(0) == r && src[i].size(1) == dst[i].size(1),
+                "copy_rows: dst [P, w] with unit column stride, src [len(index), w] contiguous, one dtype");
+    for (int64_t k = 0; k < r; ++k)
+      TORCH_CHECK(ix[k] >= 0 && ix[k] < dst[i].size(0), "copy_rows: page index out of range");
+  }
+  for (size_t i = 0; i < dst.size(); ++i) {
+    const int64_t elt = dst[i].element_size(), row = dst[i].size(1) * elt, sd = dst[i].stride(0) * elt;
+    char* d = static_cast<char*>(dst[i].data_ptr());
+    const char* s = static_cast<const char*>(src[i].data_ptr());
+    for (int64_t k = 0; k < r; ++k) std::memcpy(d + ix[k] * sd, s + k * row, row);
+  }
+}
+
+// Each releases the GIL while it runs, as torch's own ops do: the engine thread's kernels let the
+// adapter I/O thread's Python run, and a conversion on the I/O thread does not stall the engine.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora", &lora, "batched LoRA over the page store (BGMV rows or SGMV segments), fused kinds");
-  m.def("paged_decode", &paged_decode, "decode attention over block-paged KV");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("lora", &lora, "batched LoRA over the page store (BGMV rows or SGMV segments), fused kinds", release());
+  m.def("paged_decode", &paged_decode, "decode attention over block-paged KV", release());
+  m.def("convert_adapter", &convert_adapter, "an adapter's A and scaled B.T into the serving layout, checked finite",
+        release());
+  m.def("copy_rows", &copy_rows, "an adapter's rows into its pages of every store", release());
 }
