@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (``csrc/cpu_kernels.cpp``): batched LoRA over the page store, and decode
-attention over block-paged KV.
+"""The C++ CPU kernels (``csrc/cpu_kernels.cpp``): batched LoRA over the page store, decode
+attention over block-paged KV, and the two host-side steps of an adapter load.
 
 ``lora`` serves both forms of a plan group. Per decode row (BGMV) it reads the row's pages where
 the page store keeps them, once: ``v = A_P x`` for every kind of a fused linear in one pass over
@@ -9,7 +9,9 @@ that each adapter's pages stay in cache across its rows, and in float32 go four 
 adapter at a time: each page value read once for the four, the sums in vector registers. The torch ops'
 gather, ``bmm`` and ``embedding_bag`` take three passes and their call overhead per kind.
 ``paged_decode`` reads each decode row's keys and values in place through its block table (no
-padded copy), one (row, head) per task.
+padded copy), one (row, head) per task. ``convert_adapter`` writes a loaded adapter's modules
+into the serving layout in one call (adapters/loader.py), and ``copy_rows`` an adapter's rows
+into its pages of every store of a host pool (adapters/device_pool.py). Each releases the GIL.
 
 They are compiled when the package is installed (setup.py), once per ISA variant: a portable
 baseline, AVX2 and AVX-512 on x86-64, NEON on aarch64. ``load_kernels`` imports the widest
@@ -47,7 +49,8 @@ def variants_for(machine: str, capability: str) -> list[str]:
 
 @functools.cache
 def load_kernels():
-    """The compiled module (``lora``, ``paged_decode``, and ``variant``: which build), or None if
+    """The compiled module (``lora``, ``paged_decode``, ``convert_adapter``, ``copy_rows``, and
+    ``variant``: which build), or None if
     none was built for this CPU or ``LORAMUX_NO_CPU_KERNEL=1`` says not to use it."""
     if os.environ.get(NO_KERNEL_ENV) == "1":
         log.info("%s=1: the C++ CPU kernels are not used; the torch ops serve", NO_KERNEL_ENV)

@@ -1,6 +1,7 @@
 """The packaged C++ CPU kernel: built per ISA variant at install, the widest this CPU runs loaded."""
 
 import ast
+import importlib
 import os
 import platform
 from pathlib import Path
@@ -12,6 +13,13 @@ from loramux.server.ops import cpu_kernel
 from loramux.server.ops.cpu_kernel import NO_KERNEL_ENV, VARIANTS, load_kernels, variants_for
 
 ROOT = Path(__file__).resolve().parents[2]
+needs_kernel = pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
+each_variant = pytest.mark.parametrize("variant", variants_for(platform.machine(),
+                                                               torch.backends.cpu.get_cpu_capability()))
+
+
+def variant_module(variant: str):
+    return importlib.import_module(f"loramux.server.ops._cpu_{variant}")
 
 
 def test_variants_are_chosen_by_what_the_cpu_runs():
@@ -29,7 +37,7 @@ def test_setup_builds_the_variants_the_loader_looks_for():
     assert {m: set(v) for m, v in built.items()} == {m: {name for name, _ in v} for m, v in VARIANTS.items()}
 
 
-@pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
+@needs_kernel
 def test_install_built_every_variant_of_this_machine_into_the_package_and_the_widest_loads():
     folder = Path(cpu_kernel.__file__).parent
     machine = platform.machine().lower()
@@ -38,18 +46,16 @@ def test_install_built_every_variant_of_this_machine_into_the_package_and_the_wi
     assert load_kernels().variant == variants_for(machine, torch.backends.cpu.get_cpu_capability())[0]
 
 
-@pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
-@pytest.mark.parametrize("variant", variants_for(platform.machine(), torch.backends.cpu.get_cpu_capability()))
+@needs_kernel
+@each_variant
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
     """Not only the widest: a CPU without AVX2 loads the baseline build, whose vector code differs.
     Segments of 4+ rows take the tiled path (float32), shorter ones and decode rows the per-row one."""
-    import importlib
-
     from loramux.server.ops import plan_segments, plan_tokens
     from loramux.server.ops.reference import bgmv_reference, sgmv_reference
 
-    lora = importlib.import_module(f"loramux.server.ops._cpu_{variant}").lora
+    lora = variant_module(variant).lora
     gen = torch.Generator().manual_seed(5)
     rank, in_f = 15, 37  # 8 + 4 + 3 pages a decode pass; rank and widths off every vector and tile multiple
     bounds = (0, 40, 56, 79)  # q | k | v of 40, 16 and 23 columns
@@ -79,16 +85,14 @@ def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
         assert (y.float() - ref).abs().max() <= tol * ref.abs().max().clamp(min=1)
 
 
-@pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
-@pytest.mark.parametrize("variant", variants_for(platform.machine(), torch.backends.cpu.get_cpu_capability()))
+@needs_kernel
+@each_variant
 @pytest.mark.parametrize("dst", [torch.float32, torch.float16, torch.bfloat16])
 def test_convert_adapter_writes_the_serving_layout_exactly(variant, dst):
     """A and (s * B).T, cast (B to float32 first, then scaled, then rounded once), padded with zero
     rows to the rank, at each module's offset, from every file dtype; nothing outside is touched.
     It reports a NaN or Inf it writes, including an overflow of the scaling or of the cast."""
-    import importlib
-
-    convert = importlib.import_module(f"loramux.server.ops._cpu_{variant}").convert_adapter
+    convert = variant_module(variant).convert_adapter
     gen = torch.Generator().manual_seed(3)
     rank, shapes = 5, [(37, 70, 5), (70, 19, 3), (8, 129, 1)]  # (in, out, r): off every vector and block width
     for src in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -116,12 +120,10 @@ def test_convert_adapter_writes_the_serving_layout_exactly(variant, dst):
         assert finite == (bad_b == 7e4 and not overflows), (bad_a, bad_b, s)
 
 
-@pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
-@pytest.mark.parametrize("variant", variants_for(platform.machine(), torch.backends.cpu.get_cpu_capability()))
+@needs_kernel
+@each_variant
 def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
-    import importlib
-
-    copy_rows = importlib.import_module(f"loramux.server.ops._cpu_{variant}").copy_rows
+    copy_rows = variant_module(variant).copy_rows
     gen = torch.Generator().manual_seed(4)
     store = torch.randn(9, 2, 13, generator=gen)  # a fused store: kind j's rows are store[:, j], row stride 26
     wide = torch.randn(9, 30, generator=gen).to(torch.bfloat16)
