@@ -42,8 +42,10 @@ class ConvertedCache:
     def path(self, content_hash: str, dtype: torch.dtype) -> Path:
         return self.folder / f"{content_hash}-{str(dtype).removeprefix('torch.')}-{self._layout_id}.lmxa"
 
-    def read(self, content_hash: str, dtype: torch.dtype, pin_memory: bool = False) -> LoRAWeights | None:
-        """The converted adapter, or None when there is no usable file for it."""
+    def read(self, content_hash: str, dtype: torch.dtype, pin_memory: bool = False,
+             out: torch.Tensor | None = None) -> LoRAWeights | None:
+        """The converted adapter, or None when there is no usable file for it. ``out``: a buffer to
+        read into, as ``load_adapter``'s."""
         path = self.path(content_hash, dtype)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
@@ -53,7 +55,7 @@ class ConvertedCache:
             log.warning("converted adapter %s cannot be opened: %s", path.name, e)
             return None
         try:
-            return self._read(fd, content_hash, dtype, pin_memory)
+            return self._read(fd, content_hash, dtype, pin_memory, out)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             log.warning("converted adapter %s is unusable (%s); removing it", path.name, e)
             path.unlink(missing_ok=True)
@@ -61,7 +63,8 @@ class ConvertedCache:
         finally:
             os.close(fd)
 
-    def _read(self, fd: int, content_hash: str, dtype: torch.dtype, pin_memory: bool) -> LoRAWeights:
+    def _read(self, fd: int, content_hash: str, dtype: torch.dtype, pin_memory: bool,
+              out: torch.Tensor | None) -> LoRAWeights:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 8, 0)
         if len(head) != 8 or head[:4] != MAGIC:
@@ -77,7 +80,10 @@ class ConvertedCache:
         if numel != flat_numel(modules, rank, self.layout) or any(m not in self.layout.shapes for _, m in modules):
             raise ValueError("its modules do not fit this model")
         start = _aligned(8 + header_len)
-        flat = torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
+        if out is not None and out.dtype == dtype and out.is_contiguous() and out.numel() >= numel:
+            flat = out.view(-1)[:numel]
+        else:
+            flat = torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
         if size != start + flat.numel() * flat.element_size():
             raise ValueError(f"{size} bytes, not the {start + flat.numel() * flat.element_size()} its header says")
         view = memoryview(flat.view(torch.uint8).numpy())

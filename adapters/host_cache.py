@@ -33,6 +33,10 @@ class HostCache:
             self.evictions += 1
             self.reloads.evicted(evicted)
 
+    def discard(self, key) -> LoRAWeights | None:
+        """Drop an entry that moved elsewhere (not an eviction); it is returned, if it was here."""
+        return self._items.pop(key, None)
+
     def __contains__(self, key) -> bool:
         return key in self._items
 

@@ -110,6 +110,22 @@ class LoRAWeights:
             raise ValueError(f"a flat adapter buffer of {flat.numel()} values for a layout of {at}")
         return cls(rank, a, b, flat)
 
+    def clone(self, into: torch.Tensor | None = None) -> LoRAWeights:
+        """A copy in a buffer of its own (one copy of ``flat``, the same views into it): a new one,
+        or the front of ``into`` (a 1-D buffer of ``flat``'s dtype, at least as long)."""
+        if into is None:
+            flat = self.flat.clone()
+        else:
+            flat = into[: self.flat.numel()]
+            flat.copy_(self.flat)
+        base = self.flat.storage_offset()
+
+        def view(t: torch.Tensor) -> torch.Tensor:
+            at = t.storage_offset() - base
+            return flat[at : at + t.numel()].view(t.shape)
+        return LoRAWeights(self.rank, {k: view(t) for k, t in self.a.items()}, {k: view(t) for k, t in self.b.items()},
+                           flat)
+
     def nonfinite_module(self) -> tuple[int, str] | None:
         """The first module holding a NaN or an Inf, or None. The sum of finite values is finite
         unless it overflows, so one fast reduction clears almost every adapter."""
@@ -331,7 +347,8 @@ class AdapterChanged(AdapterInvalid):
 
 def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
                  allow_pickle: bool = False, confine: Path | None = None,
-                 manifest: AdapterManifest | None = None, pin_memory: bool = False, convert=None) -> LoRAWeights:
+                 manifest: AdapterManifest | None = None, pin_memory: bool = False, convert=None,
+                 out: torch.Tensor | None = None) -> LoRAWeights:
     """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``.
 
     One pass from the file's bytes into the serving layout: every module's A and (s * B).T are
@@ -340,7 +357,9 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     ``manifest`` registration made, its spec is used and the weights must have the hash
     registration recorded (else AdapterChanged); without one, the config is read too. ``convert``:
     the C++ ``convert_adapter`` (server/ops/cpu_kernel.py), which does that pass in one call and
-    reports finiteness as it writes; without it, a few torch ops per module do it (the same values)."""
+    reports finiteness as it writes; without it, a few torch ops per module do it (the same values).
+    ``out``: a buffer of ``dtype`` to write into (its front), reused from load to load, in place of
+    a new one; the result views it until it is written again."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if manifest is None:
@@ -365,8 +384,14 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     rank = max(ranks.values())
     names = {layout.modules[m]: m for m in by_module}
     modules = sorted(names)
-    weights = LoRAWeights.over(torch.empty(flat_numel(modules, rank, layout), dtype=dtype, pin_memory=pin_memory),
-                               modules, rank, layout)
+    numel = flat_numel(modules, rank, layout)
+    if out is None:
+        flat = torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
+    elif out.dtype != dtype or out.dim() != 1 or not out.is_contiguous() or out.numel() < numel:
+        raise ValueError(f"out must be a contiguous 1-D {dtype} buffer of at least {numel} values")
+    else:
+        flat = out[:numel]
+    weights = LoRAWeights.over(flat, modules, rank, layout)
     scales = [spec.scaling(names[key], ranks[names[key]]) for key in modules]
     if convert is not None:
         finite = convert(weights.flat, [by_module[names[k]]["A"].contiguous() for k in modules],

@@ -4,6 +4,15 @@ Disk reads and host-to-device copies run on one background I/O thread, so a cold
 stalls the step loop. The engine asks ``readiness`` (which also prefetches), ``stage``s the device copy of an adapter
 that is in host memory, and ``pin``s an adapter only once it is device-resident, so that pinning
 never fails.
+
+On a CPU the device pages are host memory too, so the tiers are exclusive there: an adapter in
+device pages keeps no second copy in the host tier (which holds the adapters read ahead of room
+for them), and a device eviction sends it back to disk. A read converts into a buffer the I/O
+thread reuses, and only an adapter bound for the host tier gets memory of its own: fresh memory
+costs more than the conversion (each new 4 KiB page faults; on the benchmark VM a rank-64 q/v
+adapter's 15 MB took 25-60 ms to touch against 11 ms to convert, BENCHMARKS.md), and the I/O
+thread's time is taken from the engine on a small CPU. A host copy that leaves for the device
+leaves its buffer for the next one.
 """
 
 from __future__ import annotations
@@ -77,6 +86,9 @@ class AdapterManager:
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
         self.closing = threading.Event()  # set by close(): a fault hook that hangs a read returns then
         self._pin_memory = torch.device(pool.device).type == "cuda"
+        self._exclusive = torch.device(pool.device).type == "cpu"  # see the module's docstring
+        self._local = threading.local()  # per I/O thread: the conversion buffer it reuses
+        self._spare: list[torch.Tensor] = []  # CPU: buffers of host copies that moved to the device
 
     def _new_io(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io", initializer=self._io_initializer)
@@ -133,13 +145,14 @@ class AdapterManager:
         if self.fault_hook is not None:
             self.fault_hook("read", key[0])
         content_hash, converted = entry.manifest.content_hash, None
+        out = self._scratch() if self._exclusive else None
         try:
             weights = None if self.converted is None else self.converted.read(content_hash, self.dtype,
-                                                                               self._pin_memory)
+                                                                               self._pin_memory, out)
             if weights is None:
                 weights = converted = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype,
                                                    reg.allow_pickle, entry.confine, entry.manifest,
-                                                   pin_memory=self._pin_memory, convert=self.convert)
+                                                   pin_memory=self._pin_memory, convert=self.convert, out=out)
         except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
             log.warning("adapter %s cannot be loaded: %s", key[0], e)
             with self._lock:
@@ -147,18 +160,42 @@ class AdapterManager:
                 self._failed[key] = e
             return
         seconds = time.perf_counter() - start
-        with self._lock:
-            self._pending.pop(key, None)
-            self.host.put(key, weights)
         if self.on_load is not None:
             self.on_load("host", seconds)
         # Copy into free device pages now, without eviction: only the engine thread knows which
         # adapters the next step needs. Admission then finds it resident.
         pages = self.pool.reserve(key, weights.rank, evict=False)
-        if pages is not None:
+        if pages is not None and self._exclusive:  # resident from here on: no host copy
             self._fill(key, pages, weights)
+            with self._lock:
+                self._pending.pop(key, None)
+        else:
+            host_copy = self._host_copy(weights) if self._exclusive else weights
+            with self._lock:
+                self._pending.pop(key, None)
+                self.host.put(key, host_copy)
+            if pages is not None:
+                self._fill(key, pages, weights)
         if converted is not None and self.converted is not None:  # last: nothing waits for it
             self.converted.write(content_hash, self.dtype, converted)
+
+    def _host_copy(self, weights):
+        """(CPU) ``weights`` in a buffer of their own: the smallest spare that holds them, else new
+        memory. The copy runs outside the lock, which the engine thread takes every step."""
+        with self._lock:
+            fits = [i for i, buf in enumerate(self._spare) if buf.numel() >= weights.flat.numel()]
+            buf = self._spare.pop(min(fits, key=lambda i: self._spare[i].numel())) if fits else None
+        return weights.clone(into=buf)
+
+    def _scratch(self) -> torch.Tensor:
+        """This I/O thread's conversion buffer: room for any adapter this model and --max-lora-rank
+        allow (untouched memory beyond what the largest read so far wrote costs address space only)."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None:
+            layout = self.registry.layout
+            numel = self.registry.max_rank * sum(sum(layout.shapes[kind]) for _, kind in layout.modules.values())
+            buf = self._local.scratch = torch.empty(numel, dtype=self.dtype)
+        return buf
 
     def expire_reads(self) -> None:
         """Fail the waiters of every disk read older than ``read_timeout`` (a hung disk), and
@@ -242,8 +279,17 @@ class AdapterManager:
         if reserved is None:
             return False
         self._device_misses += 1
-        self._submit(key, self._fill, key, reserved, weights)
+        self._submit(key, self._stage_copy, key, reserved, weights)
         return True
+
+    def _stage_copy(self, key: AdapterKey, pages: torch.Tensor, weights) -> None:
+        """I/O thread: a staged host-to-device copy; on a CPU the host copy then goes (exclusive tiers)."""
+        self._fill(key, pages, weights)
+        if self._exclusive:
+            with self._lock:
+                if self.host.discard(key) is not None and len(self._spare) + len(self.host) < self.host.capacity:
+                    flat = weights.flat
+                    self._spare.append(flat if flat._base is None else flat._base)
 
     def on_register(self, entry) -> None:
         """Registration's commit hook (under the registry's lock): keep the new version resident

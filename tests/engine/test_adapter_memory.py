@@ -73,7 +73,8 @@ def test_small_caches_page_adapters_with_identical_outputs(tiny_llama, many_adap
     finally:
         small.engine.stop()
     assert got == expected
-    assert counters["device"].evictions > 0 and counters["host"].evictions > 0
+    assert counters["device"].evictions > 0
+    assert not any(key in small.manager.host for key in pool.resident_keys)  # CPU tiers are exclusive
     assert counters["device"].reloads <= counters["device"].evictions
     assert counters["host"].misses >= NUM_ADAPTERS  # every adapter was read from disk at least once
     assert len(list((tmp_path / "converted").glob("*.lmxa"))) == NUM_ADAPTERS  # each converted once, kept

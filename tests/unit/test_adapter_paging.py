@@ -163,3 +163,66 @@ def test_kept_adapters_are_staged_first():
     manager = FakeManager(room={"k", "a"}, kept=["k"])
     AdapterAdmission(manager).stage(["a"], ready=set())
     assert manager.calls == [("k", set()), ("a", {"k"})]
+
+
+def test_cpu_tiers_are_exclusive_and_reads_reuse_one_buffer(tmp_path):
+    """On a CPU an adapter read with device room goes straight into pages, without a host copy; one
+    read ahead of room waits in the host tier in memory of its own, and leaves it, and its buffer for
+    the next, when staged. The I/O thread converts every read into the same buffer, and no resident
+    adapter's pages change."""
+    import threading
+
+    from loramux.adapters.host_cache import HostCache
+    from loramux.adapters.loader import load_adapter
+    from loramux.adapters.manager import AdapterManager, Readiness
+    from loramux.adapters.registry import AdapterRegistry
+    from loramux.adapters.synthetic import write_random_adapter
+
+    layout = LoRALayout(modules={"model.layers.0.self_attn.q_proj": (0, "q_proj"),
+                                 "model.layers.0.self_attn.v_proj": (0, "v_proj")},
+                        shapes={"q_proj": (8, 8), "v_proj": (8, 4)}, num_layers=1)
+    registry = AdapterRegistry(layout, 4, 4)
+    paths = {n: write_random_adapter(tmp_path / n, layout, 4, seed=i, targets=("q_proj", "v_proj"))
+             for i, n in enumerate("abcd")}
+    for n, p in paths.items():
+        registry.register(n, p, trusted=True)
+    pool = DevicePool(layout, 8, torch.float32, "cpu")  # room for two of rank 4
+    manager = AdapterManager(registry, HostCache(4), pool, torch.float32)
+    done = threading.Event()
+    manager.notify = done.set
+
+    def read(name):
+        key = manager.resolve(name)
+        done.clear()
+        assert manager.readiness(key) is Readiness.LOADING
+        assert done.wait(10)
+        return key
+
+    def rows(key):
+        pages = pool.pages_of(key)
+        return {k: (a[pages].clone(), b[pages].clone()) for k, (a, b) in pool.stores.items()}
+
+    try:
+        a, b = read("a"), read("b")
+        assert manager.tier(a) == manager.tier(b) == "device" and len(manager.host) == 0
+
+        def check(key, name):
+            expected = load_adapter(paths[name], layout, 4, torch.float32)
+            for module, (ra, rb) in rows(key).items():
+                assert torch.equal(ra, expected.a[module]) and torch.equal(rb, expected.b[module])
+        check(a, "a")  # b's read reused the buffer a was converted in
+        check(b, "b")
+        c = read("c")  # no room: read ahead into the host tier, in a buffer of its own
+        c_buffer = manager.host.get(c).flat.data_ptr()
+        assert manager.tier(c) == "host" and c_buffer != manager._scratch().data_ptr()
+        done.clear()
+        assert manager.stage(c, needed={}, protected={b}) is True  # evicts a
+        assert done.wait(10)
+        assert manager.tier(c) == "device" and manager.tier(a) == "disk" and c not in manager.host
+        check(b, "b")
+        check(c, "c")
+        d = read("d")  # read ahead in the buffer c's host copy left
+        assert manager.tier(d) == "host" and manager.host.get(d).flat.data_ptr() == c_buffer
+        assert manager.readiness(a) is Readiness.LOADING  # back from disk
+    finally:
+        manager.close()
