@@ -10,8 +10,8 @@ device pages keeps no second copy in the host tier (which holds the adapters rea
 for them), and a device eviction sends it back to disk. A read converts into a buffer the I/O
 thread reuses, and only an adapter bound for the host tier gets memory of its own: fresh memory
 costs more than the conversion (each new 4 KiB page faults; on the benchmark VM a rank-64 q/v
-adapter's 15 MB took 25-60 ms to touch against 11 ms to convert, BENCHMARKS.md), and the I/O
-thread's time is taken from the engine on a small CPU. A host copy that leaves for the device
+adapter took 23-89 ms to convert into buffers that were kept, 11.5 ms into a reused one,
+BENCHMARKS.md), and the I/O thread's time is taken from the engine on a small CPU. A host copy that leaves for the device
 leaves its buffer for the next one.
 """
 

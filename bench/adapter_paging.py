@@ -6,7 +6,7 @@ First, host-tier load time (disk to a host copy ready for pages, warm page cache
 q/v and a rank-16 all-projection adapter of the model, by this loader and by the loader of
 BASELINE_REV (read from git history, side by side in this run). Target: >= 4x faster.
 
-    python bench/adapter_paging.py [--adapters 1000] [--requests 192] [--rate 40] [--repeats 2] [--json out.json]
+    python bench/adapter_paging.py [--adapters 1000] [--requests 192] [--rate 40] [--repeats 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -149,6 +151,7 @@ def run(config, loaded, adapters, picks, prompts, arrivals, max_new):
                 for i, (a, p) in enumerate(zip(picks, prompts, strict=True))]
         outs, wall = asyncio.run(run_open_loop(built.engine, reqs, arrivals))
         counters = built.manager.tier_counters()
+        io_cpu = thread_cpu_seconds("adapter-io")
     finally:
         built.engine.stop()
     last = [o[-1] for o in outs]
@@ -159,8 +162,22 @@ def run(config, loaded, adapters, picks, prompts, arrivals, max_new):
         "ttft_cold_p50": percentile(cold, 50), "ttft_warm_p50": percentile(warm, 50),
         "ttft_cold_p90": percentile(cold, 90), "ttft_warm_p90": percentile(warm, 90),
         "cold_requests": len(cold), "device_evictions": counters["device"].evictions,
-        "host_misses": counters["host"].misses,
+        "host_misses": counters["host"].misses, "io_thread_cpu_s": io_cpu,
     }
+
+
+def thread_cpu_seconds(prefix: str) -> float:
+    """CPU seconds so far of this process's threads whose names start with ``prefix`` (Linux; 0 elsewhere)."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith(prefix) and thread.native_id is not None:
+            try:
+                stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+            except OSError:
+                continue
+            user, system = stat[stat.rindex(")") + 2 :].split()[11:13]
+            total += (int(user) + int(system)) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def main() -> int:
@@ -171,7 +188,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=40.0, help="Poisson arrival rate, requests/s (saturating)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "adapters")
-    ap.add_argument("--repeats", type=int, default=2, help="alternated pairs of runs; the median ratio is reported")
+    ap.add_argument("--repeats", type=int, default=4, help="alternated pairs of runs; the median ratio is reported")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -204,7 +221,8 @@ def main() -> int:
     print(f"model {loaded.name}; {args.requests} requests, Poisson {args.rate}/s, Zipf(1.0), device capacity 32")
     for many, resident in pairs:
         print(f"  {args.adapters} adapters: {many['tokens_per_s']:7.1f} tok/s ({many['cold_requests']} cold requests, "
-              f"{many['device_evictions']} device evictions, {many['host_misses']} disk reads); 8 resident: "
+              f"{many['device_evictions']} device evictions, {many['host_misses']} disk reads, adapter I/O thread "
+              f"{many['io_thread_cpu_s']:.1f} s CPU); 8 resident: "
               f"{resident['tokens_per_s']:7.1f} tok/s; ratio {many['tokens_per_s'] / resident['tokens_per_s']:.3f}")
         print(f"    TTFT p50 cold {many['ttft_cold_p50']:.3f} s vs warm {many['ttft_warm_p50']:.3f} s; "
               f"p90 cold {many['ttft_cold_p90']:.3f} s vs warm {many['ttft_warm_p90']:.3f} s")
