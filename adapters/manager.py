@@ -11,8 +11,8 @@ for them), and a device eviction sends it back to disk. A read converts into a b
 thread reuses, and only an adapter bound for the host tier gets memory of its own: fresh memory
 costs more than the conversion (each new 4 KiB page faults; on the benchmark VM a rank-64 q/v
 adapter took 23-89 ms to convert into buffers that were kept, 11.5 ms into a reused one,
-BENCHMARKS.md), and the I/O thread's time is taken from the engine on a small CPU. A host copy that leaves for the device
-leaves its buffer for the next one.
+BENCHMARKS.md), and the I/O thread's time is taken from the engine on a small CPU. A host copy
+that leaves for the device leaves its buffer for the next one.
 """
 
 from __future__ import annotations
