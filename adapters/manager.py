@@ -30,7 +30,7 @@ from .converted_cache import ConvertedCache
 from .device_pool import AdapterKey, DevicePool
 from .errors import AdapterError, AdapterInvalid, AdapterLoadFailed, AdapterLoadTimeout, AdapterNoRoom, clip
 from .host_cache import HostCache
-from .loader import load_adapter
+from .loader import flat_numel, load_adapter
 from .registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class AdapterManager:
         buf = getattr(self._local, "scratch", None)
         if buf is None:
             layout = self.registry.layout
-            numel = self.registry.max_rank * sum(sum(layout.shapes[kind]) for _, kind in layout.modules.values())
+            numel = flat_numel(list(layout.modules.values()), self.registry.max_rank, layout)
             buf = self._local.scratch = torch.empty(numel, dtype=self.dtype)
         return buf
 
