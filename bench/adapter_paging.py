@@ -7,6 +7,7 @@ q/v and a rank-16 all-projection adapter of the model, by this loader and by the
 BASELINE_REV (read from git history, side by side in this run). Target: >= 4x faster.
 
     python bench/adapter_paging.py [--adapters 1000] [--requests 192] [--rate 40] [--repeats 4] [--json out.json]
+        [--ranks 8,16,32,64] [--max-device-adapters 32] [--max-host-adapters 128]
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ def measure_host_loads(layout, dtype) -> dict:
     return out
 
 
-def make_adapters(root: Path, layout, n: int) -> list[tuple[str, str]]:
-    """Written once and reused: ``root`` keeps them between runs."""
+def make_adapters(root: Path, layout, n: int, ranks=RANKS) -> list[tuple[str, str]]:
+    """Written once and reused: ``root`` keeps them between runs (a folder per set of ranks)."""
+    if ranks != RANKS:
+        root = root / ("ranks-" + "-".join(map(str, ranks)))
     out = []
     for i in range(n):
         path = root / f"adapter-{i:04d}"
         if not (path / "adapter_model.safetensors").exists():
-            write_adapter(path, layout, RANKS[i % len(RANKS)], seed=i, targets=TARGETS, dtype=torch.float16)
+            write_adapter(path, layout, ranks[i % len(ranks)], seed=i, targets=TARGETS, dtype=torch.float16)
         out.append((f"adapter-{i:04d}", str(path)))
     return out
 
@@ -190,17 +193,21 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "adapters")
     ap.add_argument("--repeats", type=int, default=4, help="alternated pairs of runs; the median ratio is reported")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--ranks", default=",".join(map(str, RANKS)), help="adapter ranks, in turn (q/v adapters)")
+    ap.add_argument("--max-device-adapters", type=int, default=32, help="the device tier, in adapters of --max-lora-rank 64")
+    ap.add_argument("--max-host-adapters", type=int, default=128)
     args = ap.parse_args()
+    ranks = tuple(int(r) for r in args.ranks.split(","))
 
     config = ServerConfig(model=args.model, max_batch_size=32, max_model_len=160, max_lora_rank=64,
-                          default_max_new_tokens=args.new_tokens,
-                          max_device_adapters=32, max_host_adapters=128, metrics_port=0)
+                          default_max_new_tokens=args.new_tokens, max_device_adapters=args.max_device_adapters,
+                          max_host_adapters=args.max_host_adapters, metrics_port=0)
     loaded = load_model(config)
     layout = lora_layout(loaded.hf_model.config)
     print(f"model {loaded.name}, {loaded.dtype}; CPU: {cpu_name()}")
     loads = measure_host_loads(layout, loaded.dtype)
     t = time.perf_counter()
-    adapters = make_adapters(args.cache, layout, args.adapters)
+    adapters = make_adapters(args.cache, layout, args.adapters, ranks)
     print(f"{len(adapters)} adapters ready in {time.perf_counter() - t:.0f} s ({args.cache})")
     rng = random.Random(0)
     vocab = loaded.hf_model.config.vocab_size
@@ -210,7 +217,7 @@ def main() -> int:
         at += rng.expovariate(args.rate)
         arrivals.append(at)
     picks = zipf_choices(args.adapters, args.requests, 1.0, rng)
-    # The same request sequence folded onto 8 adapters (one of each rank, twice), all resident.
+    # The same request sequence folded onto 8 adapters (the ranks in turn), all resident.
     few = [a for a in adapters[:8]]
     pairs = []
     for _ in range(args.repeats):  # alternated: the VM's speed drifts between runs of a minute or two
@@ -218,7 +225,8 @@ def main() -> int:
                       run(config, loaded, few, [p % 8 for p in picks], prompts, arrivals, args.new_tokens)))
     ratios = [many["tokens_per_s"] / resident["tokens_per_s"] for many, resident in pairs]
     ratio = statistics.median(ratios)
-    print(f"model {loaded.name}; {args.requests} requests, Poisson {args.rate}/s, Zipf(1.0), device capacity 32")
+    print(f"model {loaded.name}; {args.requests} requests, Poisson {args.rate}/s, Zipf(1.0), ranks {args.ranks}, "
+          f"device tier {args.max_device_adapters} x rank 64, host tier {args.max_host_adapters}")
     for many, resident in pairs:
         print(f"  {args.adapters} adapters: {many['tokens_per_s']:7.1f} tok/s ({many['cold_requests']} cold requests, "
               f"{many['device_evictions']} device evictions, {many['host_misses']} disk reads, adapter I/O thread "
@@ -230,7 +238,9 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"runs": [{"many": m, "resident": r} for m, r in pairs], "ratio": ratio,
                                          "ratios": ratios, "host_loads": loads, "adapters": args.adapters,
-                                         "requests": args.requests}, indent=2))
+                                         "requests": args.requests, "ranks": ranks,
+                                         "max_device_adapters": args.max_device_adapters,
+                                         "max_host_adapters": args.max_host_adapters}, indent=2))
     return 0
 
 
