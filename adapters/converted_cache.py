@@ -8,6 +8,10 @@ renamed into place, so a reader sees a whole file or none; they are read, not me
 mapped file truncated under the server kills it with SIGBUS). A file that does not match its
 name, its size or its header, or holds a non-finite value, is removed and the adapter converted
 again. The folder belongs to the server: nothing else should write there.
+
+The folder is bounded (``max_bytes``, --adapter-cache-max-gib): past it, the least recently used
+files go, by last read or write (kept as each file's mtime, so the order outlives a restart).
+Temporary files that a crashed write left behind are removed at start-up.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -29,18 +36,49 @@ log = logging.getLogger(__name__)
 MAGIC = b"LMXA"
 ALIGN = 64
 MAX_HEADER = 1 << 20
+STALE_TEMP_S = 3600.0  # a temporary file this old is a write that died, not one in progress
+SUFFIX = ".lmxa"
 
 
 class ConvertedCache:
-    def __init__(self, folder: Path, layout: LoRALayout):
+    def __init__(self, folder: Path, layout: LoRALayout, max_bytes: int | None = None):
+        """``max_bytes``: the folder's bound (None: unbounded)."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.layout = layout
+        self.max_bytes = max_bytes
         shape = json.dumps([sorted(layout.modules.values()), sorted(layout.shapes.items())]).encode()
         self._layout_id = hashlib.sha256(shape).hexdigest()[:16]
+        self._lock = threading.Lock()
+        self._files: dict[str, int] = {}  # name -> bytes, least recently used first
+        self._bytes = 0
+        self._scan()
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def _scan(self) -> None:
+        found = []
+        for entry in os.scandir(self.folder):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if entry.name.startswith(".tmp-"):
+                if time.time() - st.st_mtime > STALE_TEMP_S:
+                    Path(entry.path).unlink(missing_ok=True)
+            elif entry.name.endswith(SUFFIX):
+                found.append((st.st_mtime_ns, entry.name, st.st_size))
+        with self._lock:
+            for _, name, size in sorted(found):
+                self._add(name, size)
+            self._prune()
 
     def path(self, content_hash: str, dtype: torch.dtype) -> Path:
-        return self.folder / f"{content_hash}-{str(dtype).removeprefix('torch.')}-{self._layout_id}.lmxa"
+        return self.folder / f"{content_hash}-{str(dtype).removeprefix('torch.')}-{self._layout_id}{SUFFIX}"
 
     def read(self, content_hash: str, dtype: torch.dtype, pin_memory: bool = False,
              out: torch.Tensor | None = None) -> LoRAWeights | None:
@@ -55,13 +93,17 @@ class ConvertedCache:
             log.warning("converted adapter %s cannot be opened: %s", path.name, e)
             return None
         try:
-            return self._read(fd, content_hash, dtype, pin_memory, out)
+            weights = self._read(fd, content_hash, dtype, pin_memory, out)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             log.warning("converted adapter %s is unusable (%s); removing it", path.name, e)
             path.unlink(missing_ok=True)
+            with self._lock:
+                self._drop(path.name)
             return None
         finally:
             os.close(fd)
+        self._used(path)
+        return weights
 
     def _read(self, fd: int, content_hash: str, dtype: torch.dtype, pin_memory: bool,
               out: torch.Tensor | None) -> LoRAWeights:
@@ -99,11 +141,18 @@ class ConvertedCache:
         return weights
 
     def write(self, content_hash: str, dtype: torch.dtype, weights: LoRAWeights) -> None:
-        """Store a converted adapter (temporary file, fsync, rename); a failure is logged only."""
+        """Store a converted adapter (temporary file, fsync, rename), then prune the folder to its
+        bound; a failure is logged only, and a file larger than the whole bound is not stored."""
         header = json.dumps({"content_hash": content_hash, "dtype": str(dtype), "rank": weights.rank,
                              "modules": list(weights.a), "numel": weights.flat.numel()}).encode()
         head = MAGIC + struct.pack("<I", len(header)) + header
         head += bytes(_aligned(len(head)) - len(head))
+        size = len(head) + weights.flat.numel() * weights.flat.element_size()
+        if self.max_bytes is not None and size > self.max_bytes:
+            log.info("converted adapter %s (%d bytes) is larger than --adapter-cache-max-gib; not stored",
+                     content_hash[:12], size)
+            return
+        path = self.path(content_hash, dtype)
         tmp = None
         try:
             with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".tmp-", delete=False) as f:
@@ -112,11 +161,49 @@ class ConvertedCache:
                 f.write(memoryview(weights.flat.view(torch.uint8).numpy()))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path(content_hash, dtype))
+            os.replace(tmp, path)
         except Exception as e:  # noqa: BLE001 - the adapter is loaded; only the cache entry is lost
             log.warning("could not store the converted adapter %s: %s", content_hash[:12], e)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+            return
+        with self._lock:
+            self._drop(path.name)
+            self._add(path.name, size)
+            self._prune()
+
+    def _used(self, path: Path) -> None:
+        """A read: the file becomes the most recently used, here and in its mtime."""
+        with self._lock:
+            size = self._drop(path.name)
+            if size is not None:
+                self._add(path.name, size)
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # pruned meanwhile; the read itself went through its open descriptor
+
+    def _add(self, name: str, size: int) -> None:
+        self._files[name] = size
+        self._bytes += size
+
+    def _drop(self, name: str) -> int | None:
+        size = self._files.pop(name, None)
+        if size is not None:
+            self._bytes -= size
+        return size
+
+    def _prune(self) -> None:
+        """Least recently used files out until the folder is within its bound (lock held)."""
+        removed = 0
+        while self.max_bytes is not None and self._bytes > self.max_bytes and self._files:
+            name = next(iter(self._files))
+            self._drop(name)
+            (self.folder / name).unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("adapter cache: removed %d least recently used converted adapters (%d bytes kept, bound %d)",
+                     removed, self._bytes, self.max_bytes)
 
 
 def _aligned(n: int) -> int:

@@ -103,7 +103,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     # On a CPU host the I/O thread's torch ops run serially, so the engine keeps the only OpenMP team;
     # on a CUDA host the engine runs no parallel CPU ops, and the I/O thread needs its threads.
     try:
-        converted = ConvertedCache(Path(config.adapter_cache_dir), layout) if config.adapter_cache_dir else None
+        converted = ConvertedCache(Path(config.adapter_cache_dir), layout, int(config.adapter_cache_max_gib * 2**30)) \
+            if config.adapter_cache_dir else None
     except OSError as e:
         raise StartupError(f"--adapter-cache-dir {config.adapter_cache_dir}: {e}") from None
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype,

@@ -108,6 +108,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-cache-dir", default=None, metavar="DIR",
                    help="keep each adapter converted to the serving layout here (a folder the server owns), so "
                         "reloads read it instead of converting the PEFT file again")
+    p.add_argument("--adapter-cache-max-gib", type=float, default=d["adapter_cache_max_gib"].default,
+                   help="bound of --adapter-cache-dir in GiB: past it the least recently used files are removed")
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
                    help="runtime registration must resolve inside one of these (repeatable)")
     p.add_argument("--allow-runtime-adapters", action="store_true",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class ServerConfig:
     adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
     keep_resident: tuple[str, ...] = ()  # start-up adapter ids never evicted from the device
     adapter_cache_dir: str | None = None  # converted adapters kept here between loads; None: none kept
+    adapter_cache_max_gib: float = 10.0  # that folder's bound; least recently used files go past it
     adapter_roots: tuple[str, ...] = ()  # runtime registration must resolve inside one of these
     allow_runtime_adapters: bool = False  # RegisterAdapter/UnregisterAdapter (also enabled by admin_token)
     dynamic_adapters: bool = False  # a request for an unregistered id registers ADAPTER_ROOT/ID on first use
@@ -93,15 +95,17 @@ class ServerConfig:
 
     def __post_init__(self):
         def positive(name):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
         for name in ("metrics_top_adapters", "max_batch_size", "max_tokens_per_step", "max_lora_rank", "max_device_adapters",
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_queued_requests", "max_stop_token_ids", "max_prompt_bytes", "max_chat_messages",
                      "max_registered_adapters", "work_threads", "work_timeout", "adapter_read_timeout",
-                     "stream_stall_timeout", "max_http_body_bytes", "kv_block_size"):
+                     "stream_stall_timeout", "max_http_body_bytes", "kv_block_size", "adapter_cache_max_gib"):
             positive(name)
+        if not math.isfinite(self.adapter_cache_max_gib):
+            raise ValueError(f"adapter-cache-max-gib must be finite, got {self.adapter_cache_max_gib}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs <= self.max_queued_requests:
             raise ValueError(f"max-concurrent-rpcs ({self.max_concurrent_rpcs}) must be > max-queued-requests "
                              f"({self.max_queued_requests}), or health checks are refused on a full queue")

@@ -287,3 +287,39 @@ def test_converted_adapters_round_trip_and_damaged_files_are_dropped(tmp_path):
         assert cache.read(manifest.content_hash, torch.float32) is None and not file.exists()
     other = ConvertedCache(tmp_path / "converted", LoRALayout(LAYOUT.modules, {"q_proj": (8, 8), "v_proj": (8, 2)}, 2))
     assert other.path(manifest.content_hash, torch.float32) != file  # another model's layout, another file
+
+
+def test_the_converted_cache_keeps_to_its_bound_least_recently_used_first(tmp_path):
+    from loramux.adapters.converted_cache import STALE_TEMP_S, ConvertedCache
+
+    path = write_adapter(tmp_path / "c")
+    manifest = inspect_adapter(path, LAYOUT, 8, 4)
+    weights = load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+    folder = tmp_path / "converted"
+    probe = ConvertedCache(folder, LAYOUT)
+    probe.write("probe", torch.float32, weights)
+    size = probe.size_bytes
+    probe.path("probe", torch.float32).unlink()
+    cache = ConvertedCache(folder, LAYOUT, max_bytes=int(2.5 * size))  # room for two files
+    assert cache.size_bytes == 0  # the unlinked file is not counted
+    cache.write("h1", torch.float32, weights)
+    cache.write("h2", torch.float32, weights)
+    assert cache.read("h1", torch.float32) is not None  # h1 is now more recently used than h2
+    cache.write("h3", torch.float32, weights)
+    kept = {p.name for p in folder.iterdir()}
+    assert kept == {cache.path(h, torch.float32).name for h in ("h1", "h3")} and cache.size_bytes == 2 * size
+    assert cache.read("h2", torch.float32) is None
+    # A restart keeps the order (mtimes), counts what is there and clears a dead write's temporary file.
+    os.utime(cache.path("h1", torch.float32), ns=(1, 1))
+    dead, live = folder / ".tmp-dead", folder / ".tmp-live"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    os.utime(dead, (os.path.getmtime(dead) - 2 * STALE_TEMP_S,) * 2)
+    again = ConvertedCache(folder, LAYOUT, max_bytes=int(1.5 * size))
+    assert again.size_bytes == size and not dead.exists() and live.exists()
+    assert again.read("h1", torch.float32) is None and again.read("h3", torch.float32) is not None
+    # A bound below one file empties the folder at start-up, and such a file is not stored.
+    tiny = ConvertedCache(folder, LAYOUT, max_bytes=size - 1)
+    assert tiny.size_bytes == 0 and not cache.path("h3", torch.float32).exists()
+    tiny.write("h4", torch.float32, weights)
+    assert not tiny.path("h4", torch.float32).exists()

@@ -25,6 +25,9 @@ from loramux.server.config import ServerConfig
     (dict(max_registered_adapters=0), "max-registered-adapters"),
     (dict(max_concurrent_rpcs=100, max_queued_requests=100), "max-concurrent-rpcs"),
     (dict(stream_stall_timeout=0.0), "stream-stall-timeout"),
+    (dict(work_timeout=float("nan")), "work-timeout"),
+    (dict(adapter_cache_max_gib=0.0), "adapter-cache-max-gib"),
+    (dict(adapter_cache_max_gib=float("inf")), "adapter-cache-max-gib"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
