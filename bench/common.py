@@ -92,8 +92,6 @@ def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
-
-
 __all__ = ["RunResult", "StepRecorder", "percentile", "random_prompts", "run_batch", "zipf_choices"]
 
 

@@ -182,16 +182,15 @@ def generate_batch_row(model_dir, requests, new_tokens: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
-    kw = {}
-    try:  # transformers >= 5.x; older ones take no such config and keep their own sizing
+    try:  # transformers 5.x; older ones take no such config and keep their own sizing
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    except ImportError:
-        pass
-    else:
+
         page = ContinuousBatchingConfig.page_size
-        blocks = 2 * sum(-(-(len(r.prompt_token_ids) + new_tokens) // page) for r in requests)  # room past its safety margin
-        kw["continuous_batching_config"] = ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=512,
-                                                                    max_requests_per_batch=32)
+        blocks = 2 * sum(-(-(len(r.prompt_token_ids) + new_tokens) // page) for r in requests)  # past its safety margin
+        kw = {"continuous_batching_config": ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=512,
+                                                                     max_requests_per_batch=32)}
+    except (ImportError, AttributeError, TypeError):
+        kw = {}
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate_batch(inputs=[list(r.prompt_token_ids) for r in requests], generation_config=cfg, **kw)
