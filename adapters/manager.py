@@ -75,6 +75,7 @@ class AdapterManager:
         # cancelled or completed (its done-callback takes it)
         self._jobs_lock = threading.Lock()
         self._failed: dict[AdapterKey, AdapterError] = {}
+        self._failed_at: dict[AdapterKey, float] = {}  # time.monotonic() of each failure
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
         self._io_initializer = io_initializer
         self._io = self._new_io()
@@ -103,8 +104,8 @@ class AdapterManager:
                 log.exception("adapter %s: I/O job %s failed", key[0], job.__name__)
                 with self._lock:
                     self._pending.pop(key, None)
-                    self._failed[key] = e if isinstance(e, AdapterError) else AdapterLoadFailed(
-                        f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}")
+                    self._fail(key, e if isinstance(e, AdapterError) else AdapterLoadFailed(
+                        f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}"))
             finally:
                 if self.notify is not None:
                     self.notify()
@@ -157,7 +158,7 @@ class AdapterManager:
             log.warning("adapter %s cannot be loaded: %s", key[0], e)
             with self._lock:
                 self._pending.pop(key, None)
-                self._failed[key] = e
+                self._fail(key, e)
             return
         seconds = time.perf_counter() - start
         if self.on_load is not None:
@@ -205,8 +206,8 @@ class AdapterManager:
             stale = [k for k, since in self._pending.items() if since is not None and now - since > self.read_timeout]
             for key in stale:
                 del self._pending[key]
-                self._failed[key] = AdapterLoadTimeout(
-                    f"reading adapter {key[0]!r} took longer than {self.read_timeout:g} s (--adapter-read-timeout)")
+                self._fail(key, AdapterLoadTimeout(
+                    f"reading adapter {key[0]!r} took longer than {self.read_timeout:g} s (--adapter-read-timeout)"))
             if not stale:
                 return
         log.error("adapter reads of %s timed out after %g s; starting a fresh I/O thread",
@@ -237,10 +238,21 @@ class AdapterManager:
         with self._lock:
             return self._failed.get(key)
 
+    def failed_since(self, key: AdapterKey) -> float | None:
+        """time.monotonic() of the adapter's recorded failure, or None."""
+        with self._lock:
+            return self._failed_at.get(key)
+
     def forget_failure(self, key: AdapterKey) -> None:
         """Let a later request retry the read (the files may have been fixed)."""
         with self._lock:
             self._failed.pop(key, None)
+            self._failed_at.pop(key, None)
+
+    def _fail(self, key: AdapterKey, error: AdapterError) -> None:
+        """Record a failed read or copy (lock held): its waiters fail with ``error``."""
+        self._failed[key] = error
+        self._failed_at[key] = time.monotonic()
 
     def resident_since(self, key: AdapterKey) -> float:
         """time.monotonic() when the adapter last became device-resident."""

@@ -8,8 +8,15 @@ copy never evicts an adapter the step is about to use.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from ..adapters.manager import AdapterManager, Readiness
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+KEPT_RETRY_S = 10.0  # a kept adapter whose read or copy failed is tried again this long after
 
 
 class AdapterAdmission:
@@ -56,6 +63,12 @@ class AdapterAdmission:
         those needed only by requests behind it; never one pinned, kept, or needed ahead of it.
         Once one cannot be placed, those behind it take only free pages or unneeded adapters, so
         that they never evict what will be wanted sooner."""
+        now = time.monotonic()
+        for key in self.adapters.kept():  # no request may ask for it soon: retry it on a timer
+            since = self.adapters.failed_since(key)
+            if since is not None and now - since >= KEPT_RETRY_S:
+                log.info("kept adapter %s failed to load %.0f s ago; trying again", key[0], now - since)
+                self.adapters.forget_failure(key)
         kept = [k for k in self.adapters.kept() if self.adapters.readiness(k) is not Readiness.READY]
         order = [*kept, *order]  # kept adapters first: once they land they stay
         window = order[: len(kept) + self.window()]

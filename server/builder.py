@@ -111,6 +111,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                              io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
                              read_timeout=config.adapter_read_timeout, converted=converted,
                              convert=getattr(kernels, "convert_adapter", None))
+    if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
+        manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)  # before kept reads start
     for adapter_id in config.keep_resident:
         entry = registry.lookup(adapter_id)
         if entry is None:
@@ -124,9 +126,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
-    if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
-        manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)
-    elif config.inject_fault:
+    if config.inject_fault and manager.fault_hook is None:
         engine.output.fault_hook = fault_injector(config.inject_fault)
     ops_name = runner.apply_lora.name
     if ops_name == "cpp":

@@ -207,3 +207,27 @@ def test_keep_resident_at_start_up(tiny_llama, many_adapters):
     assert all(isinstance(o, list) and len(o) == MAX_NEW for o in out)
     assert evicted and all(key[0] != "m1" for key in evicted)  # others paged; the kept one never left
     assert ("m1", built.registry.get("m1").version) in pool.resident_keys and built.manager.num_kept() == 1
+
+
+def test_a_kept_adapter_whose_copy_failed_is_tried_again(tiny_llama, many_adapters, monkeypatch, caplog):
+    """A kept adapter whose first device copy fails at start-up is tried again on a timer and
+    lands, without a request having to fail first."""
+    import time
+
+    from loramux.server import adapter_admission
+
+    monkeypatch.setattr(adapter_admission, "KEPT_RETRY_S", 0.2)
+    caplog.set_level("INFO", logger="loramux.server.adapter_admission")
+    built = engine_for(tiny_llama, {"k": many_adapters["m1"]}, device=2, host=2, keep_resident=("k",),
+                       inject_fault="copy-fail:k")
+    try:
+        key = built.manager.resolve("k")
+        deadline = time.monotonic() + 20
+        while built.manager.pool.pages_of(key) is None:
+            assert time.monotonic() < deadline, "the kept adapter never landed"
+            time.sleep(0.02)
+        out = generate(built.engine, [GenerationRequest("r", (5, 6, 7), SamplingParams(MAX_NEW, ignore_eos=True), "k")])
+    finally:
+        built.engine.stop()
+    assert "kept adapter k failed to load" in caplog.text  # it did fail once, and was retried
+    assert isinstance(out[0], list) and len(out[0]) == MAX_NEW

@@ -132,14 +132,21 @@ def test_adapters_are_wanted_in_admission_order():
 class FakeManager:
     """What AdapterAdmission.stage asks of the adapter manager, recorded."""
 
-    def __init__(self, room: set, kept=()):
+    def __init__(self, room: set, kept=(), failed=None):
         self.room = room  # keys a copy can start for
         self.calls = []
         self._kept = list(kept)
+        self.failed = dict(failed or {})  # key -> time.monotonic() of its failure
         self.host = type("Host", (), {"capacity": 8})()
 
     def kept(self):
         return self._kept
+
+    def failed_since(self, key):
+        return self.failed.get(key)
+
+    def forget_failure(self, key):
+        self.failed.pop(key, None)
 
     def readiness(self, key):
         return None
@@ -163,6 +170,20 @@ def test_kept_adapters_are_staged_first():
     manager = FakeManager(room={"k", "a"}, kept=["k"])
     AdapterAdmission(manager).stage(["a"], ready=set())
     assert manager.calls == [("k", set()), ("a", {"k"})]
+
+
+def test_a_kept_adapter_that_failed_is_tried_again_after_a_while():
+    """No request may ask for a kept adapter soon, so its failure is forgotten on a timer, not left
+    for the next request to inherit; a fresh failure (or another adapter's) is left alone."""
+    import time
+
+    from loramux.server.adapter_admission import KEPT_RETRY_S
+
+    now = time.monotonic()
+    manager = FakeManager(room=set(), kept=[("old",), ("new",)],
+                          failed={("old",): now - KEPT_RETRY_S - 1, ("new",): now, ("other",): now - 1000})
+    AdapterAdmission(manager).stage([], ready=set())
+    assert set(manager.failed) == {("new",), ("other",)}
 
 
 def test_cpu_tiers_are_exclusive_and_reads_reuse_one_buffer(tmp_path):
