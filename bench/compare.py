@@ -92,14 +92,15 @@ def load_row(server: Server, spec: LoadSpec, api: str = "grpc") -> dict:
     return summarize(records, wall, before, scrape_adapter_cache(server.metrics_url))
 
 
-def engine_row(model_dir, adapters, requests) -> dict:
-    """The requests once to warm up (adapters resident, allocator warm), as row 1's server gets, then timed."""
+def engine_row(model_dir, adapters, requests, warm_up) -> dict:
+    """``warm_up`` first (adapters resident, allocator warm), as row 1's server gets, then ``requests``
+    timed. Other prompts warm up, so that the timed prompts are not in the prefix cache."""
     built = build_engine(ServerConfig(model=str(model_dir), adapter_dirs=(str(adapters),), max_batch_size=32,
                                       max_model_len=256, default_max_new_tokens=16, max_lora_rank=16,
                                       max_device_adapters=32, max_host_adapters=32, metrics_port=0))
     built.engine.start()
 
-    async def run(tag: str):
+    async def run(tag: str, requests):
         async def one(r):
             start, first, n = time.perf_counter(), None, 0
             async for _ in built.engine.submit(GenerationRequest(
@@ -113,8 +114,8 @@ def engine_row(model_dir, adapters, requests) -> dict:
         return out, time.perf_counter() - t0
 
     try:
-        asyncio.run(run("warm-up"))
-        out, wall = asyncio.run(run("timed"))
+        asyncio.run(run("warm-up", warm_up))
+        out, wall = asyncio.run(run("timed", requests))
     finally:
         built.engine.stop()
     return row_from(wall, sum(n for _, n in out), [t for t, _ in out], len(out))
@@ -285,7 +286,8 @@ def main() -> int:
               "--max-lora-rank", "16", "--max-device-adapters", "32", "--max-host-adapters", "64"]
     server = Server(model_dir, [*common, "--adapter-dir", str(distinct)], work / "server.log")
     try:
-        load_row(server, spec)  # warm-up: adapters resident, allocator warm
+        warm = LoadSpec(**{**spec.__dict__, "seed": spec.seed + 1})  # same adapters, other prompts:
+        load_row(server, warm)  # warm-up (adapters resident, allocator warm), not the prefix cache
         rows["1 loramux gRPC, mixed adapters"] = load_row(server, spec)
         rows["2 loramux gRPC, base model only"] = load_row(server, LoadSpec(**{**spec.__dict__, "adapters": ()}))
         load_row(server, spec, api="openai")  # warm-up of the HTTP path
@@ -302,7 +304,7 @@ def main() -> int:
             sweep.append({"concurrency": c, **{k: r[k] for k in ("ttft_p50", "ttft_p90", "tokens_per_s")}})
     finally:
         server.stop()
-    rows["3 loramux in-process engine, mixed"] = engine_row(model_dir, distinct, requests)
+    rows["3 loramux in-process engine, mixed"] = engine_row(model_dir, distinct, requests, make_requests(warm))
     adapter_dirs = {p.name: p for p in sorted(distinct.iterdir())}
     rows["4 PEFT, one mixed batch"], rows["5 PEFT, one adapter at a time"] = peft_rows(
         model_dir, adapter_dirs, requests, new_tokens)
