@@ -62,14 +62,16 @@ class AdapterAdmission:
         and not resident, in ``order``. Each may evict adapters no queued request needs, then
         those needed only by requests behind it; never one pinned, kept, or needed ahead of it.
         Once one cannot be placed, those behind it take only free pages or unneeded adapters, so
-        that they never evict what will be wanted sooner."""
-        now = time.monotonic()
-        for key in self.adapters.kept():  # no request may ask for it soon: retry it on a timer
+        that they never evict what will be wanted sooner. Kept adapters come first, and one whose
+        read or copy failed is tried again KEPT_RETRY_S later."""
+        now, kept = time.monotonic(), []
+        for key in self.adapters.kept():
             since = self.adapters.failed_since(key)
-            if since is not None and now - since >= KEPT_RETRY_S:
+            if since is not None and now - since >= KEPT_RETRY_S:  # no request may ask for it soon
                 log.info("kept adapter %s failed to load %.0f s ago; trying again", key[0], now - since)
                 self.adapters.forget_failure(key)
-        kept = [k for k in self.adapters.kept() if self.adapters.readiness(k) is not Readiness.READY]
+            if self.adapters.readiness(key) is not Readiness.READY:
+                kept.append(key)
         order = [*kept, *order]  # kept adapters first: once they land they stay
         window = order[: len(kept) + self.window()]
         needed = {key: i for i, key in reversed(list(enumerate(order)))}
