@@ -74,8 +74,7 @@ class AdapterManager:
         # guards _jobs and _io; taken inside _lock, never around it, and never held while a future is
         # cancelled or completed (its done-callback takes it)
         self._jobs_lock = threading.Lock()
-        self._failed: dict[AdapterKey, AdapterError] = {}
-        self._failed_at: dict[AdapterKey, float] = {}  # time.monotonic() of each failure
+        self._failed: dict[AdapterKey, tuple[AdapterError, float]] = {}  # (error, time.monotonic() of it)
         self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
         self._io_initializer = io_initializer
         self._io = self._new_io()
@@ -236,23 +235,23 @@ class AdapterManager:
 
     def failure(self, key: AdapterKey) -> AdapterError | None:
         with self._lock:
-            return self._failed.get(key)
+            failed = self._failed.get(key)
+            return None if failed is None else failed[0]
 
     def failed_since(self, key: AdapterKey) -> float | None:
         """time.monotonic() of the adapter's recorded failure, or None."""
         with self._lock:
-            return self._failed_at.get(key)
+            failed = self._failed.get(key)
+            return None if failed is None else failed[1]
 
     def forget_failure(self, key: AdapterKey) -> None:
         """Let a later request retry the read (the files may have been fixed)."""
         with self._lock:
             self._failed.pop(key, None)
-            self._failed_at.pop(key, None)
 
     def _fail(self, key: AdapterKey, error: AdapterError) -> None:
         """Record a failed read or copy (lock held): its waiters fail with ``error``."""
-        self._failed[key] = error
-        self._failed_at[key] = time.monotonic()
+        self._failed[key] = (error, time.monotonic())
 
     def resident_since(self, key: AdapterKey) -> float:
         """time.monotonic() when the adapter last became device-resident."""
