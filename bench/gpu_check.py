@@ -10,10 +10,13 @@ H200, and writes everything it learns under --out (the device tool's $OUT):
   bench    bench/gpu.py on the SmolLM2-shaped and 1B-shaped models (bench-*.json, bench-*.log)
   profile  a torch profiler summary of one decode step at batch 32 (profile.txt)
 
-Each stage runs alone with --stage NAME; a failed stage is recorded and the next one still runs.
---quick runs every stage in a tiny form anywhere (the CPU test of this script).
+Each stage runs in a process of its own, within a time budget (STAGE_S; QUICK_STAGE_S with
+--quick; --stage-budget S for all): a failed or hung stage is recorded, with every thread's stack
+for a hang, and the next one still runs. --stage NAME runs one. --quick runs every stage in a
+tiny form anywhere (the CPU test of this script).
 
-    python bench/gpu_check.py [--stage all|env|ops|parity|bench|profile] [--out DIR] [--quick --model DIR]
+    python bench/gpu_check.py [--stage all|env|ops|parity|bench|profile] [--out DIR] [--stage-budget S]
+                              [--quick --model DIR]
     python bench/gpu_check.py --export-tokenizer bench/gpu-assets/tokenizer   # on the CPU side, once
 """
 
@@ -21,17 +24,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "ops", "parity", "bench", "profile")
 ASSETS = ROOT / "bench" / "gpu-assets"
+# Caps, not estimates: one hung stage plus the others' usual time stays in the device's 600 s a call
+STAGE_S = {"env": 60, "ops": 120, "parity": 120, "bench": 420, "profile": 120}
+QUICK_STAGE_S = 90  # each stage with --quick; all five take 20-40 s on a 2-core CPU
 
 
 def stage_env(args, out: Path) -> dict:
@@ -60,14 +68,30 @@ def stage_env(args, out: Path) -> dict:
     return info
 
 
+def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, str]:
+    """Run ``cmd`` with a time limit; (its return code or None on a timeout, its stdout). Its
+    output goes to ``log`` either way."""
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        code, stdout, stderr = None, _text(e.stdout), _text(e.stderr) + f"\n[killed after {timeout:.0f} s]\n"
+    log.write_text(stdout + stderr)
+    return code, stdout
+
+
+def _text(out: bytes | str | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
 def _pytest(args, out: Path, name: str, target: str, quick_filter: str) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target, "--timeout", "600",
-           "--junitxml", str(out / f"{name}.xml")]
+    # pytest-timeout prints every thread's stack for a test that hangs, before the stage runs out
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target,
+           "--timeout", str(max(1, int(args.budget - 20))), "--junitxml", str(out / f"{name}.xml")]
     if args.quick:
         cmd += ["-k", quick_filter]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    return {"returncode": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
+    code, stdout = _run(cmd, out / f"{name}.log", max(1.0, args.budget - 10))
+    return {"returncode": code, "summary": (stdout.strip().splitlines() or [""])[-1]}
 
 
 def stage_ops(args, out: Path) -> dict:
@@ -81,15 +105,15 @@ def stage_parity(args, out: Path) -> dict:
 def stage_bench(args, out: Path) -> dict:
     runs = [("model", ["--quick", "--model", str(args.model)])] if args.quick else \
         [(m, ["--models", m]) for m in ("default", "llama-1b")]  # one base model per process: memory is freed
-    results = {}
+    results, deadline = {}, time.monotonic() + args.budget - 10
     for name, extra in runs:
         tokenizer = ["--tokenizer", str(ASSETS / "tokenizer")] if (ASSETS / "tokenizer").exists() else []
         cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), *extra, *tokenizer, "--json",
                str(out / f"bench-{name}.json"), "--work", str(out / "work")]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        (out / f"bench-{name}.log").write_text(proc.stdout + proc.stderr)
-        results[name] = {"returncode": proc.returncode, "tail": proc.stdout.strip().splitlines()[-6:]}
-    return {"runs": results, "returncode": max(r["returncode"] for r in results.values())}
+        code, stdout = _run(cmd, out / f"bench-{name}.log", max(1.0, deadline - time.monotonic()))
+        results[name] = {"returncode": code, "tail": stdout.strip().splitlines()[-6:]}
+    codes = [r["returncode"] for r in results.values()]
+    return {"runs": results, "returncode": None if None in codes else max(codes)}
 
 
 def stage_profile(args, out: Path) -> dict:
@@ -124,15 +148,23 @@ def stage_profile(args, out: Path) -> dict:
     prompts = random_prompts(loaded.hf_model.config.vocab_size, batch, 16)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
 
+    async def drain(stream):
+        async for _ in stream:
+            pass
+
     async def run():
         streams = [engine.submit(GenerationRequest(f"p{i}", tuple(p), SamplingParams(64, ignore_eos=True), a))
                    for i, (p, (a, _)) in enumerate(zip(prompts, adapters, strict=True))]
-        deadline, steps = time.monotonic() + 300, StepRecorder()
+        readers = [asyncio.create_task(drain(s)) for s in streams]
+        deadline, steps = time.monotonic() + args.budget / 2, StepRecorder()
         engine.observers.append(steps)
         while sum(1 for st in steps.steps if st.num_decode_tokens == batch) < 2:
             engine.run_once()  # adapter loads, prefill, and two full decode steps to warm everything
-            assert time.monotonic() < deadline, "the profiled batch never started decoding"
             await asyncio.sleep(0)
+            failed = next((r for r in readers if r.done() and r.exception() is not None), None)
+            if failed is not None:  # a failed request never decodes: say why now, not at the deadline
+                raise failed.exception()
+            assert time.monotonic() < deadline, "the profiled batch never started decoding"
         engine.observers.remove(steps)
         with profile(activities=activities) as prof:
             engine.run_once()  # the one decode step at this batch size
@@ -141,6 +173,9 @@ def stage_profile(args, out: Path) -> dict:
         for stream in streams:
             stream.cancel()
         engine.run_once()
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         return prof
 
     try:
@@ -165,6 +200,34 @@ def export_tokenizer(dest: Path) -> None:
     print(f"tokenizer in {dest}")
 
 
+def run_stage(name: str, args) -> dict:
+    """One stage in a child process, within its budget; its result, or why there is none."""
+    budget = args.stage_budget or (QUICK_STAGE_S if args.quick else STAGE_S[name])
+    cmd = [sys.executable, __file__, "--stage", name, "--out", str(args.out), "--in-process", "--budget", str(budget)]
+    if args.quick:
+        cmd += ["--quick", "--model", str(args.model)]
+    result_file = args.out / f"{name}.result.json"
+    result_file.unlink(missing_ok=True)
+    code, _ = _run(cmd, args.out / f"{name}.stage.log", budget + 10)
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    how = "was killed" if code is None else f"exited with {code}"
+    return {"ok": False, "error": f"no result: the stage's process {how} (budget {budget:g} s); "
+                                  f"its output, and every thread's stack if it ran out of time, in {name}.stage.log"}
+
+
+def run_in_process(name: str, args) -> None:
+    """The child's side: run the stage; a stage that outlives its budget prints every thread's
+    stack and exits, so a hang says where it is."""
+    faulthandler.dump_traceback_later(args.budget, exit=True)
+    try:
+        result = {"ok": True, **globals()[f"stage_{name}"](args, args.out)}
+    except Exception as e:  # noqa: BLE001 - record it and go on: the device time is precious
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    (args.out / f"{name}.result.json").write_text(json.dumps(result))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", default="all", choices=("all", *STAGES))
@@ -172,6 +235,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="every stage in a tiny form, anywhere (needs --model)")
     ap.add_argument("--model", type=Path, default=None, help="with --quick: a small model folder")
     ap.add_argument("--export-tokenizer", type=Path, default=None, help="write the default tokenizer here and exit")
+    ap.add_argument("--stage-budget", type=float, default=None,
+                    help="seconds each stage may take (default: STAGE_S, or QUICK_STAGE_S with --quick)")
+    ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # a stage's own process
+    ap.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.export_tokenizer:
         export_tokenizer(args.export_tokenizer)
@@ -179,21 +246,21 @@ def main() -> int:
     if args.quick and args.model is None:
         ap.error("--quick needs --model")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.in_process:
+        run_in_process(args.stage, args)
+        return 0
     stages = STAGES if args.stage == "all" else (args.stage,)
     report, started = {"quick": args.quick, "stages": {}}, time.perf_counter()
     for name in stages:
         t0 = time.perf_counter()
-        try:
-            result = {"ok": True, **globals()[f"stage_{name}"](args, args.out)}
-        except Exception as e:  # noqa: BLE001 - record it and go on: the device time is precious
-            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        result = run_stage(name, args)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report["stages"][name] = result
         print(f"[{name}] {result['seconds']} s: {json.dumps(result)[:400]}", flush=True)
         (args.out / "report.json").write_text(json.dumps(report, indent=2))
     report["seconds"] = round(time.perf_counter() - started, 1)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    failed = [n for n, r in report["stages"].items() if not r["ok"] or r.get("returncode", 0)]
+    failed = [n for n, r in report["stages"].items() if not r["ok"] or r.get("returncode", 0) != 0]
     print(f"gpu-check: {len(stages) - len(failed)}/{len(stages)} stages passed in {report['seconds']} s; "
           f"report in {args.out / 'report.json'}")
     return 1 if failed else 0
