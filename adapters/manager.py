@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -67,7 +68,9 @@ class AdapterManager:
         self.read_timeout = read_timeout
         self.converted = converted
         self.convert = convert
-        self._entries: dict[AdapterKey, object] = {}  # key -> RegisteredAdapter, for reads
+        # key -> RegisteredAdapter, for reads; weak: a version lives while it is registered or a
+        # request holds it (resolve's caller keeps it), so unregistered and replaced ones go
+        self._entries: weakref.WeakValueDictionary[AdapterKey, object] = weakref.WeakValueDictionary()
         # disk reads queued (None) or running (since when, time.monotonic())
         self._pending: dict[AdapterKey, float | None] = {}
         self._jobs: dict = {}  # future -> (key, job, args) of every job not yet done
@@ -117,13 +120,14 @@ class AdapterManager:
         with self._jobs_lock:
             self._jobs.pop(future, None)
 
-    def resolve(self, adapter_id: str) -> AdapterKey:
-        """The current version of a registered adapter, for a new request."""
+    def resolve(self, adapter_id: str):
+        """The current version of a registered adapter, for a new request: its RegisteredAdapter,
+        which the request holds for as long as it may need the adapter read."""
         entry = self.registry.get(adapter_id)
         entry.requests_served += 1
         entry.last_used = time.monotonic()
         self._entries[entry.key] = entry
-        return entry.key
+        return entry
 
     def preload(self, entry) -> None:
         """Start reading a just-registered adapter into host memory."""
@@ -141,7 +145,11 @@ class AdapterManager:
         start = time.perf_counter()
         with self._lock:
             self._pending[key] = time.monotonic()  # the read timeout counts from here, not from the queue
-        reg, entry = self.registry, self._entries[key]
+        reg, entry = self.registry, self._entries.get(key)
+        if entry is None:  # unregistered or replaced, and no request holds it any more
+            with self._lock:
+                self._pending.pop(key, None)
+            return
         if self.fault_hook is not None:
             self.fault_hook("read", key[0])
         content_hash, converted = entry.manifest.content_hash, None
@@ -250,8 +258,18 @@ class AdapterManager:
             self._failed.pop(key, None)
 
     def _fail(self, key: AdapterKey, error: AdapterError) -> None:
-        """Record a failed read or copy (lock held): its waiters fail with ``error``."""
+        """Record a failed read or copy (lock held): its waiters fail with ``error``. Its traceback
+        (logged already) goes: its frames would keep the adapter's entry, and this record, alive."""
+        error.__traceback__ = error.__context__ = error.__cause__ = None
         self._failed[key] = (error, time.monotonic())
+        self._forget_gone(self._failed)
+
+    def _forget_gone(self, records: dict) -> None:
+        """Drop ``records`` of adapter versions that nothing holds any more, once they outnumber
+        the live ones (amortised: a server that registers and drops adapters for weeks stays flat)."""
+        if len(records) > 2 * len(self._entries) + 16:
+            for key in [k for k in list(records) if k not in self._entries]:
+                records.pop(key, None)
 
     def resident_since(self, key: AdapterKey) -> float:
         """time.monotonic() when the adapter last became device-resident."""
@@ -268,6 +286,7 @@ class AdapterManager:
                 raise
         self.pool.fill(key, pages, weights)
         self._resident_since[key] = time.monotonic()
+        self._forget_gone(self._resident_since)
         if self.on_load is not None:
             self.on_load("device", time.perf_counter() - start)
 
@@ -341,14 +360,6 @@ class AdapterManager:
         """Pin a READY (device-resident) adapter for one request and return its pages."""
         self._device_hits += 1
         return self.pool.pin(key)
-
-    def weight(self, key: AdapterKey) -> float:
-        """The adapter's fair-scheduling weight, as registered."""
-        return self._entries[key].weight
-
-    def content_hash(self, key: AdapterKey) -> str:
-        """What the adapter computes (weights and scaling): the prefix cache's key for it."""
-        return self._entries[key].manifest.content_hash
 
     def tier_counters(self) -> dict[str, TierCounters]:
         with self._lock:

@@ -203,16 +203,17 @@ class Engine:
                 raise QueueFull(f"the queue is full: {self.config.max_queued_requests} requests in flight")
             self._accepted += 1
         try:  # resolving counts the request as served: only once it holds a place
-            adapter = self.adapters.resolve(req.adapter_id) if req.adapter_id else None
+            entry = self.adapters.resolve(req.adapter_id) if req.adapter_id else None
         except BaseException:
             with self._admission_lock:
                 self._accepted -= 1
             raise
+        adapter = None if entry is None else entry.key
         cold = adapter is not None and self.adapters.tier(adapter) != "device"
         loop = asyncio.get_running_loop()
         seq = Sequence(
-            request=req, adapter=adapter, identity=self._identity(adapter),
-            weight=1.0 if adapter is None else self.adapters.weight(adapter),
+            request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry),
+            weight=1.0 if entry is None else entry.weight,
             sampler=SamplerState.create(req.sampling, self.runner.device),  # its generator where the logits are
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
@@ -229,10 +230,11 @@ class Engine:
         self._wake.set()
         return RequestStream(self, seq)
 
-    def _identity(self, adapter) -> bytes:
+    @staticmethod
+    def _identity(entry) -> bytes:
         """The prefix cache's namespace: the content hash of the weights that compute the KV, never
         the adapter id, so a replaced adapter cannot hit its old KV and equal files share it."""
-        return BASE_IDENTITY if adapter is None else b"lora:" + self.adapters.content_hash(adapter).encode()
+        return BASE_IDENTITY if entry is None else b"lora:" + entry.manifest.content_hash.encode()
 
     def cancel(self, seq: Sequence, reason: BaseException | None = None) -> None:
         if not seq.done:

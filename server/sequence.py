@@ -19,6 +19,7 @@ from .sampling import SamplerState
 class Sequence:
     request: GenerationRequest
     adapter: AdapterKey | None
+    adapter_entry: object | None  # its RegisteredAdapter: held, so the version stays readable while it waits
     identity: bytes  # what computes this sequence's KV: the prefix cache's namespace for it
     weight: float  # its adapter's fair-scheduling weight, fixed at arrival (1 for the base model)
     sampler: SamplerState

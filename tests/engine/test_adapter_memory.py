@@ -221,7 +221,7 @@ def test_a_kept_adapter_whose_copy_failed_is_tried_again(tiny_llama, many_adapte
     built = engine_for(tiny_llama, {"k": many_adapters["m1"]}, device=2, host=2, keep_resident=("k",),
                        inject_fault="copy-fail:k")
     try:
-        key = built.manager.resolve("k")
+        key = built.manager.resolve("k").key
         deadline = time.monotonic() + 20
         while built.manager.pool.pages_of(key) is None:
             assert time.monotonic() < deadline, "the kept adapter never landed"

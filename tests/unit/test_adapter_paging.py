@@ -213,7 +213,7 @@ def test_cpu_tiers_are_exclusive_and_reads_reuse_one_buffer(tmp_path):
     manager.notify = done.set
 
     def read(name):
-        key = manager.resolve(name)
+        key = manager.resolve(name).key
         done.clear()
         assert manager.readiness(key) is Readiness.LOADING
         assert done.wait(10)
@@ -246,4 +246,62 @@ def test_cpu_tiers_are_exclusive_and_reads_reuse_one_buffer(tmp_path):
         read("a")  # back from disk, read ahead in the buffer c's host copy left
         assert manager.tier(a) == "host" and manager.host.get(a).flat.data_ptr() == host_c.flat.data_ptr()
     finally:
+        manager.close()
+
+
+def test_versions_nothing_holds_leave_no_records_behind(tmp_path):
+    """A server that replaces and drops adapters for weeks keeps no record of old versions: an
+    entry lives while its version is registered or a request holds it, and read, copy and
+    failure records of versions gone are dropped. A version a request still holds is read."""
+    import gc
+    import logging
+    import threading
+
+    from loramux.adapters.host_cache import HostCache
+    from loramux.adapters.manager import AdapterManager, Readiness
+    from loramux.adapters.registry import AdapterRegistry
+    from loramux.adapters.synthetic import write_random_adapter
+
+    layout = LoRALayout(modules={"model.layers.0.self_attn.q_proj": (0, "q_proj")}, shapes={"q_proj": (8, 8)},
+                        num_layers=1)
+    registry = AdapterRegistry(layout, 4, 4)
+    path = write_random_adapter(tmp_path / "x", layout, 4, seed=0, targets=("q_proj",))
+    manager = AdapterManager(registry, HostCache(4), DevicePool(layout, 8, torch.float32, "cpu"), torch.float32)
+    done = threading.Event()
+    manager.notify = done.set
+
+    def fault(stage, adapter_id):
+        if adapter_id == "bad":
+            raise OSError("injected")
+    manager.fault_hook = fault
+
+    def load(name):
+        entry = manager.resolve(name)
+        done.clear()
+        assert manager.readiness(entry.key) is Readiness.LOADING
+        assert done.wait(10)
+        return entry
+
+    logger, quiet = logging.getLogger("loramux.adapters.manager"), logging.NullHandler()
+    logger.propagate = False  # pytest's log capture would keep each failure's frames, and its entry
+    logger.addHandler(quiet)
+    try:
+        for _ in range(40):
+            for name in ("x", "bad"):
+                registry.register(name, path, replace=True, trusted=True)
+                load(name)
+        registry.register("x", path, replace=True, trusted=True)
+        held = manager.resolve("x")  # a request holds this version through its unregistering
+        registry.unregister("x")
+        registry.unregister("bad")
+        gc.collect()
+        assert list(manager._entries) == [held.key]
+        done.clear()
+        assert manager.readiness(held.key) is Readiness.LOADING and done.wait(10)
+        assert manager.tier(held.key) in ("host", "device")
+        for records in (manager._failed, manager._resident_since):  # at most 2 live versions: x and bad
+            assert len(records) <= 2 * 2 + 17, len(records)
+    finally:
+        logger.propagate = True
+        logger.removeHandler(quiet)
         manager.close()
