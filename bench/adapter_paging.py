@@ -196,12 +196,13 @@ def main() -> int:
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)), help="adapter ranks, in turn (q/v adapters)")
     ap.add_argument("--max-device-adapters", type=int, default=32, help="the device tier, in adapters of --max-lora-rank 64")
     ap.add_argument("--max-host-adapters", type=int, default=128)
+    ap.add_argument("--lora-dtype", default="auto", help="the server's --lora-dtype, for both sides of each pair")
     args = ap.parse_args()
     ranks = tuple(int(r) for r in args.ranks.split(","))
 
     config = ServerConfig(model=args.model, max_batch_size=32, max_model_len=160, max_lora_rank=64,
                           default_max_new_tokens=args.new_tokens, max_device_adapters=args.max_device_adapters,
-                          max_host_adapters=args.max_host_adapters, metrics_port=0)
+                          max_host_adapters=args.max_host_adapters, metrics_port=0, lora_dtype=args.lora_dtype)
     loaded = load_model(config)
     layout = lora_layout(loaded.hf_model.config)
     print(f"model {loaded.name}, {loaded.dtype}; CPU: {cpu_name()}")
@@ -226,7 +227,8 @@ def main() -> int:
     ratios = [many["tokens_per_s"] / resident["tokens_per_s"] for many, resident in pairs]
     ratio = statistics.median(ratios)
     print(f"model {loaded.name}; {args.requests} requests, Poisson {args.rate}/s, Zipf(1.0), ranks {args.ranks}, "
-          f"device tier {args.max_device_adapters} x rank 64, host tier {args.max_host_adapters}")
+          f"device tier {args.max_device_adapters} x rank 64, host tier {args.max_host_adapters}, "
+          f"--lora-dtype {args.lora_dtype}")
     for many, resident in pairs:
         print(f"  {args.adapters} adapters: {many['tokens_per_s']:7.1f} tok/s ({many['cold_requests']} cold requests, "
               f"{many['device_evictions']} device evictions, {many['host_misses']} disk reads, adapter I/O thread "
@@ -237,7 +239,7 @@ def main() -> int:
     print(f"  ratio, median of {len(pairs)} alternated pairs: {ratio:.3f} (target >= 0.95)")
     if args.json:
         args.json.write_text(json.dumps({"runs": [{"many": m, "resident": r} for m, r in pairs], "ratio": ratio,
-                                         "ratios": ratios, "host_loads": loads, "adapters": args.adapters,
+                                         "ratios": ratios, "host_loads": loads, "adapters": args.adapters, "lora_dtype": args.lora_dtype,
                                          "requests": args.requests, "ranks": ranks,
                                          "max_device_adapters": args.max_device_adapters,
                                          "max_host_adapters": args.max_host_adapters}, indent=2))

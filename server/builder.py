@@ -67,6 +67,20 @@ def eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+def lora_page_dtype(config: ServerConfig, loaded: LoadedModel, ops: str) -> torch.dtype:
+    """--lora-dtype: the model's (auto), or float16 / bfloat16 pages under a float32 model on a CPU,
+    which the C++ kernel and the torch ops widen to float32 value by value."""
+    if config.lora_dtype == "auto":
+        return loaded.dtype
+    dtype = getattr(torch, config.lora_dtype)
+    if dtype != loaded.dtype and (loaded.device.type != "cpu" or loaded.dtype != torch.float32 or ops == "triton"):
+        raise StartupError(
+            f"--lora-dtype {config.lora_dtype} differs from the model's {str(loaded.dtype).removeprefix('torch.')} on "
+            f"{loaded.device} with the {ops} ops: adapter pages in another dtype are served on a CPU under a float32 "
+            "model by the cpp or torch ops only; use --lora-dtype auto")
+    return dtype
+
+
 @in_passing_thread
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
     loaded = loaded or load_model(config)
@@ -80,7 +94,9 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     layout = model.lora_layout()
     num_layers, kv_heads, head_dim = model.kv_spec
     kernels = load_kernels()  # its converter and row copy load adapters in one call each (None: torch ops)
-    pool = DevicePool(layout, config.device_pages, loaded.dtype, loaded.device, getattr(kernels, "copy_rows", None))
+    apply_lora = select_backend(config.op_backend, loaded.device)
+    page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
+    pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))
     per_token = PagedKVCache.bytes_per_token(num_layers, kv_heads, head_dim, loaded.dtype)
     tokens = kv_pool_tokens(config, per_token, loaded.device)
     if tokens < config.max_model_len:
@@ -89,7 +105,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     kv = PagedKVCache(num_layers, -(-tokens // config.kv_block_size), config.kv_block_size, kv_heads, head_dim,
                       loaded.dtype, loaded.device, select_decode_attention(config.op_backend, loaded.device))
     model.bind_lora_stores(pool.fused_stores)
-    element_size = torch.empty(0, dtype=loaded.dtype).element_size()
+    element_size = torch.empty(0, dtype=page_dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
                                tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
                                config.max_registered_adapters)
@@ -107,7 +123,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             if config.adapter_cache_dir else None
     except OSError as e:
         raise StartupError(f"--adapter-cache-dir {config.adapter_cache_dir}: {e}") from None
-    manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, loaded.dtype,
+    manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, page_dtype,
                              io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
                              read_timeout=config.adapter_read_timeout, converted=converted,
                              convert=getattr(kernels, "convert_adapter", None))
@@ -122,7 +138,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             manager.on_register(entry)
         except AdapterError as e:
             raise StartupError(f"--keep-resident {adapter_id!r}: {e}") from None
-    runner = ModelRunner(model, kv, select_backend(config.op_backend, loaded.device), loaded.device)
+    runner = ModelRunner(model, kv, apply_lora, loaded.device)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
@@ -133,11 +149,12 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         ops_name += f" ({kernels.variant} build)"
     log.info(
         "model %s on %s (%s): KV cache %d blocks x %d tokens = %d tokens, %.0f MiB (prefix caching %s); "
-        "adapter pool %.0f MiB (%d pages, one per rank row: %d adapters of rank %d, more of smaller ranks); "
+        "adapter pool %.0f MiB of %s (%d pages, one per rank row: %d adapters of rank %d, more of smaller ranks); "
         "%d adapters registered, %d kept resident; LoRA ops %s, CPU ISA %s",
         loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), kv.num_blocks, kv.block_size,
         kv.num_blocks * kv.block_size, kv.nbytes / 2**20, "on" if config.prefix_caching else "off",
         sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pool.stores.values()) / 2**20,
+        str(page_dtype).removeprefix("torch."),
         config.device_pages, config.max_device_adapters, config.max_lora_rank, len(registry), manager.num_kept(),
         ops_name, cpu_isa(),
     )

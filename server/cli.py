@@ -56,6 +56,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapters with their own metrics label; the rest are counted as adapter=\"other\"")
     p.add_argument("--device", default=d["device"].default, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=d["dtype"].default, choices=DTYPES)
+    p.add_argument("--lora-dtype", default=d["lora_dtype"].default, choices=DTYPES,
+                   help="adapter pages' dtype (auto: the model's). On a CPU, float16 or bfloat16 pages under a "
+                        "float32 model halve the adapter bytes each step reads; each value is widened exactly, so "
+                        "an adapter stored in that dtype computes as in float32 when its scaling is a power of two")
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")

@@ -45,6 +45,7 @@ class ServerConfig:
     metrics_top_adapters: int = 20  # adapters with their own label; the rest count as adapter="other"
     device: str = "auto"  # auto: CUDA when present, else CPU
     dtype: str = "auto"  # auto: bfloat16 on CUDA where supported (else float16), float32 on CPU
+    lora_dtype: str = "auto"  # adapter pages' dtype; auto: the model's. CPU: float16/bfloat16 halve the bytes read
     max_batch_size: int = 32
     max_tokens_per_step: int = 512  # prefill chunking: a step never runs more tokens than this
     max_adapters_per_step: int | None = None  # None: bounded only by free device adapter pages
@@ -119,6 +120,8 @@ class ServerConfig:
                              "--admin-token (or an explicit --insecure-admin)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.lora_dtype not in DTYPES:
+            raise ValueError(f"lora-dtype must be one of {DTYPES}, got {self.lora_dtype!r}")
         if self.scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
         if self.op_backend not in OP_BACKENDS:

@@ -74,9 +74,14 @@ class TorchLoRA:
             self._scratch[key] = buf
         return buf[:numel].view(shape)
 
-    def _gather(self, name: str, store: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    def _gather(self, name: str, store: torch.Tensor, pages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """store[pages], in ``like``'s dtype (--lora-dtype pages narrower than the activations widen here)."""
         out = self._buffer(name, (pages.numel(), *store.shape[1:]), store)
         torch.index_select(store, 0, pages, out=out)
+        if out.dtype != like.dtype:
+            wide = self._buffer(name + "-wide", out.shape, like)
+            wide.copy_(out)
+            return wide
         return out
 
     def _shrink(self, x, a_store, g: RankGroup, used) -> torch.Tensor:
@@ -84,7 +89,7 @@ class TorchLoRA:
         n, s, rank = g.num_rows, len(used), g.rank
         lo = g.row_start
         xs = x[lo : lo + n] if lo is not None else x.index_select(0, g.rows)
-        a = self._gather("a", a_store, g.pages)  # [pages, m, in]
+        a = self._gather("a", a_store, g.pages, x)  # [pages, m, in]
         if s < a_store.shape[1]:
             a = a[:, list(used)]
         if g.group_ends is None:  # BGMV: row i's own pages
@@ -102,10 +107,11 @@ class TorchLoRA:
             return
         n, lo = g.num_rows, g.row_start
         v = self._shrink(x, a_store, g, used)
-        whole = bounds == (0, b_store.shape[1])  # one kind owns the store: BGMV reads it in place
+        # one kind owns the store: BGMV reads it in place (in the activations' dtype only)
+        whole = bounds == (0, b_store.shape[1]) and b_store.dtype == x.dtype
         if g.group_ends is not None or not whole:
             lead = n if g.group_ends is None else g.group_ends.numel()
-            b_pages = self._gather("b", b_store, g.pages).view(lead, g.rank, -1)  # [n or U, rank, out]
+            b_pages = self._gather("b", b_store, g.pages, x).view(lead, g.rank, -1)  # [n or U, rank, out]
         for t, j in enumerate(used):
             c0, c1 = bounds[j], bounds[j + 1]
             vt = v[:, t].contiguous()  # [n, rank]

@@ -4,6 +4,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from loramux.adapters.errors import AdapterInvalid, AdapterNotFound
 from loramux.adapters.synthetic import write_random_adapter
@@ -181,6 +182,27 @@ def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
     assert all(name.startswith("adapter-io") for name, _ in fill_threads)
     if openmp_library() is not None:
         assert {threads for _, threads in fill_threads} == {1}
+
+
+def test_adapter_pages_in_another_dtype_than_the_model_are_a_cpu_float32_option(tiny_llama, many_adapters):
+    """--lora-dtype: float16 or bfloat16 pages under a float32 model on a CPU (pool, host copies and
+    the registry's sizes in that dtype); any other mix is refused at start-up, naming the flag."""
+    from loramux.server.config import StartupError
+    from loramux.server.ops import triton_available
+
+    adapters = {"m0": many_adapters["m0"]}
+    with pytest.raises(StartupError, match="--lora-dtype float16 differs from the model's bfloat16"):
+        engine_for(tiny_llama, adapters, device=2, host=2, dtype="bfloat16", lora_dtype="float16")
+    if triton_available("cpu"):
+        with pytest.raises(StartupError, match="with the triton ops"):
+            engine_for(tiny_llama, adapters, device=2, host=2, op_backend="triton", lora_dtype="bfloat16")
+    built = engine_for(tiny_llama, adapters, device=2, host=2, lora_dtype="float16")
+    try:
+        assert {a.dtype for pair in built.manager.pool.stores.values() for a in pair} == {torch.float16}
+        out = generate(built.engine, [GenerationRequest("h", (5, 6, 7), SamplingParams(4, ignore_eos=True), "m0")])
+        assert len(out[0]) == 4 and built.registry.element_size == 2
+    finally:
+        built.engine.stop()
 
 
 def test_keep_resident_at_start_up(tiny_llama, many_adapters):

@@ -1,12 +1,16 @@
 """Token-for-token parity with PEFT: 24 greedy requests over 7 adapters and the base model, joining
 a running batch at staggered times, with chunked prefill (float32, CPU), once with each op backend
-(the Triton kernels run in Triton's interpreter when there is no GPU, on 12 requests)."""
+(the Triton kernels run in Triton's interpreter when there is no GPU, on 12 requests), and with
+float16 and bfloat16 adapter pages (--lora-dtype) for adapters stored in those dtypes."""
 
 import asyncio
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
@@ -60,33 +64,54 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
     return outs
 
 
-@pytest.fixture(scope="module", params=["torch", "cpp", "triton"])
-def engine_with_adapters(request, tiny_llama, tiny_adapters):
+def narrow_copies(adapters: dict[str, Path], root: Path, dtype: torch.dtype) -> dict[str, Path]:
+    """The adapters saved in ``dtype``, as PEFT saves an adapter trained in it."""
+    out = {}
+    for name, path in adapters.items():
+        (root / name).mkdir(parents=True)
+        shutil.copy(path / "adapter_config.json", root / name)
+        tensors = load_file(path / "adapter_model.safetensors")
+        save_file({k: v.to(dtype) for k, v in tensors.items()}, root / name / "adapter_model.safetensors")
+        out[name] = root / name
+    return out
+
+
+# backend, or backend-DTYPE: adapter pages in DTYPE (--lora-dtype) for adapters stored in it, whose
+# scalings are all powers of two: exact against PEFT, as float32 pages are
+@pytest.fixture(scope="module", params=["torch", "cpp", "triton", "cpp-float16", "torch-bfloat16"])
+def engine_with_adapters(request, tiny_llama, tiny_adapters, tmp_path_factory):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = request.param
-    if request.param == "triton" and not triton_available(device):
+    backend, _, lora_dtype = request.param.partition("-")
+    if backend == "triton" and not triton_available(device):
         pytest.skip("triton is not installed")
     if backend == "cpp" and (device != "cpu" or load_lora_kernel() is None):
         pytest.skip("the C++ kernel is for the CPU, and needs a compiler")
+    if lora_dtype and device != "cpu":
+        pytest.skip("pages narrower than the model are a CPU option")
+    adapters = tiny_adapters if not lora_dtype else \
+        narrow_copies(tiny_adapters, tmp_path_factory.mktemp(lora_dtype), getattr(torch, lora_dtype))
     config = ServerConfig(
         op_backend=backend, dtype="float32",  # exact parity: float32 on every device
+        lora_dtype=lora_dtype or "auto",
         model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
-        max_device_adapters=len(tiny_adapters), max_host_adapters=len(tiny_adapters),
-        adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()),
+        max_device_adapters=len(adapters), max_host_adapters=len(adapters),
+        adapters=tuple((n, str(p)) for n, p in adapters.items()),
     )
     built = build_engine(config)
     op = built.engine.runner.apply_lora
-    if request.param == "triton":
+    if backend == "triton":
         assert type(op).__name__ == "TritonLoRA"
     else:  # the C++ kernel serves decode rows only when asked for
         assert type(op).__name__ == "TorchLoRA" and (op._kernel is not None) == (backend == "cpp")
+    assert all(a.dtype == getattr(torch, lora_dtype or "float32") for a, _ in built.manager.pool.stores.values())
     built.engine.start()
-    yield built
+    yield built, adapters
     built.engine.stop()
 
 
-def test_staggered_mixed_adapters_match_peft_token_for_token(engine_with_adapters, tiny_llama, tiny_adapters):
-    engine = engine_with_adapters.engine
+def test_staggered_mixed_adapters_match_peft_token_for_token(engine_with_adapters, tiny_llama):
+    built, tiny_adapters = engine_with_adapters
+    engine = built.engine
     names = [None, *tiny_adapters]
     interpreted = type(engine.runner.apply_lora).__name__ == "TritonLoRA" and engine.runner.device.type == "cpu"
     n = INTERPRETED_REQUESTS if interpreted else NUM_REQUESTS

@@ -28,6 +28,7 @@ from loramux.server.config import ServerConfig
     (dict(work_timeout=float("nan")), "work-timeout"),
     (dict(adapter_cache_max_gib=0.0), "adapter-cache-max-gib"),
     (dict(adapter_cache_max_gib=float("inf")), "adapter-cache-max-gib"),
+    (dict(lora_dtype="float64"), "lora-dtype must be one of"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -38,9 +39,11 @@ def test_cli_flags_become_one_config():
     args = build_parser().parse_args([
         "serve", "--port", "6000", "--max-batch-size", "8", "--adapter", "a=/x/a", "--adapter", "b=/x/b",
         "--adapter-root", "/x", "--auth-token", "t", "--max-total-tokens", "900", "--allow-runtime-adapters",
+        "--lora-dtype", "float16",
     ])
     c = config_from_args(args)
     assert (c.port, c.max_batch_size, c.auth_token, c.max_total_tokens) == (6000, 8, "t", 900)
+    assert c.lora_dtype == "float16" and ServerConfig().lora_dtype == "auto"
     assert c.adapters == (("a", "/x/a"), ("b", "/x/b")) and c.adapter_roots == ("/x",)
     assert c.runtime_adapters_enabled and ServerConfig(admin_token="x").runtime_adapters_enabled
     assert not ServerConfig().runtime_adapters_enabled

@@ -87,6 +87,36 @@ def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
 
 @needs_kernel
 @each_variant
+@pytest.mark.parametrize("page_dtype", [torch.float16, torch.bfloat16])
+def test_every_variant_widens_narrow_pages_exactly(variant, page_dtype):
+    """--lora-dtype float16/bfloat16 under float32 activations: each build (the baseline without
+    F16C too) gives what it gives on the pages widened to float32, to float32 rounding (the
+    compiler may vectorise the sums in another order), on the tiled prefill path (segments of 4+
+    rows), the per-row one, and decode rows."""
+    from loramux.server.ops import plan_segments, plan_tokens
+
+    lora = variant_module(variant).lora
+    gen = torch.Generator().manual_seed(6)
+    rank, in_f = 15, 37
+    bounds = [0, 40, 56, 79]
+    a = (torch.randn(4 * rank, 3, in_f, generator=gen) / in_f**0.5).to(page_dtype)
+    b = (torch.randn(4 * rank, 79, generator=gen) / 4).to(page_dtype)
+    pages = [torch.randperm(4 * rank, generator=gen)[:rank] for _ in range(3)]
+    plans = [plan_segments([0, 9, 10, 10, 17], [pages[0], pages[1], None, pages[2]]),
+             plan_tokens([0, 2, -1, 1, 0, 2, 2], pages)]
+    for plan in plans:
+        g = plan.groups[0]
+        n = 17 if g.group_ends is not None else 7
+        x, y = torch.randn(n, in_f, generator=gen), torch.randn(n, 79, generator=gen)
+        ends = g.group_ends if g.group_ends is not None else torch.empty(0, dtype=torch.int32)
+        narrow, wide = y.clone(), y.clone()
+        lora(narrow, x, a, b, g.rows, g.pages, ends, rank, bounds, [0, 2])
+        lora(wide, x, a.float(), b.float(), g.rows, g.pages, ends, rank, bounds, [0, 2])
+        assert (narrow - wide).abs().max() <= 1e-6 * wide.abs().max() and not torch.equal(narrow, y)
+
+
+@needs_kernel
+@each_variant
 @pytest.mark.parametrize("dst", [torch.float32, torch.float16, torch.bfloat16])
 def test_convert_adapter_writes_the_serving_layout_exactly(variant, dst):
     """A and (s * B).T, cast (B to float32 first, then scaled, then rounded once), padded with zero

@@ -215,38 +215,43 @@ ENGINE_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", ENGINE_SHAPES)
-def test_engine_shapes_match_reference(backend, shape):
+def _engine_case(shape, gen, page_dtype, dtype):
+    """One call of an ENGINE_SHAPES case: (y0, x, a, b, plan, bounds, used, its float32 reference)."""
     form, lengths, in_features, outs, ranks = ENGINE_SHAPES[shape]
     outs = outs if isinstance(outs, tuple) else (outs,)
     bounds = [0]
     for width in outs:
         bounds.append(bounds[-1] + width)
     used = tuple(range(len(outs)))
+    pages = _adapter_pages(ranks, gen)
+    a = (torch.randn(sum(ranks), len(outs), in_features, generator=gen) / in_features**0.5).to(page_dtype)
+    b = (torch.randn(sum(ranks), bounds[-1], generator=gen) / 4).to(page_dtype)
+    num_rows = sum(lengths)
+    x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
+    y0 = torch.randn(num_rows, bounds[-1], generator=gen).to(dtype)
+    if form == "bgmv":
+        rows_spec = [i % len(ranks) for i in range(num_rows)]
+        plan = plan_tokens(rows_spec, pages)
+    else:
+        seg_starts = [0]
+        for n in lengths:
+            seg_starts.append(seg_starts[-1] + n)
+        rows_spec = (seg_starts, [pages[s % len(ranks)] for s in range(len(lengths))])
+        plan = plan_segments(*rows_spec)
+    ref = y0.clone().float()
+    _fused_reference(ref, x.float(), a.float(), b.float(), bounds, used, form, rows_spec, pages)
+    return y0, x, a, b, plan, tuple(bounds), used, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ENGINE_SHAPES)
+def test_engine_shapes_match_reference(backend, shape):
     dtypes = DTYPES if DEVICE == "cuda" else [torch.float32]  # the interpreter is slow: one dtype on CPU
     gen = torch.Generator().manual_seed(3)
-    pages = _adapter_pages(ranks, gen)
     for dtype in dtypes:
-        a = (torch.randn(sum(ranks), len(outs), in_features, generator=gen) / in_features**0.5).to(dtype)
-        b = (torch.randn(sum(ranks), bounds[-1], generator=gen) / 4).to(dtype)
-        num_rows = sum(lengths)
-        x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
-        y0 = torch.randn(num_rows, bounds[-1], generator=gen).to(dtype)
-        ref = y0.clone().float()
-        if form == "bgmv":
-            rows_spec = [i % len(ranks) for i in range(num_rows)]
-            plan = plan_tokens(rows_spec, pages)
-        else:
-            seg_starts = [0]
-            for n in lengths:
-                seg_starts.append(seg_starts[-1] + n)
-            rows_spec = (seg_starts, [pages[s % len(ranks)] for s in range(len(lengths))])
-            plan = plan_segments(*rows_spec)
-        _fused_reference(ref, x.float(), a.float(), b.float(), bounds, used, form, rows_spec, pages)
+        y0, x, a, b, plan, bounds, used, ref = _engine_case(shape, gen, dtype, dtype)
         out = y0.to(DEVICE)
-        select_backend(backend, DEVICE)(out, x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), plan.to(DEVICE),
-                                        tuple(bounds), used)
+        select_backend(backend, DEVICE)(out, x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), plan.to(DEVICE), bounds, used)
         _assert_close(out.cpu(), ref, dtype)
 
 
@@ -304,3 +309,31 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
                                                                           old.max_rows_per_adapter)
             storages |= {new.rows.untyped_storage().data_ptr(), new.pages.untyped_storage().data_ptr()}
     assert storages == {moved.input_ids.untyped_storage().data_ptr()}  # one buffer: one copy
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("page_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", ENGINE_SHAPES)
+def test_narrow_pages_under_float32_activations_compute_as_their_widened_values(backend, page_dtype, shape):
+    """--lora-dtype float16/bfloat16 on a CPU: pages narrower than the float32 activations are
+    widened value by value, so each backend gives what it gives on the widened pages, to float32
+    rounding, at every shape the engine produces; and both match the reference."""
+    y0, x, a, b, plan, bounds, used, ref = _engine_case(shape, torch.Generator().manual_seed(5), page_dtype,
+                                                        torch.float32)
+    op = select_backend(backend, "cpu")
+    narrow, wide = y0.clone(), y0.clone()
+    op(narrow, x, a, b, plan, bounds, used)
+    op(wide, x, a.float(), b.float(), plan, bounds, used)
+    _assert_close(narrow, wide, torch.float32)
+    _assert_close(narrow, ref, torch.float32)
+
+
+def test_the_cpp_kernel_refuses_mixed_dtypes_it_does_not_serve():
+    kernel = load_lora_kernel()
+    if kernel is None:
+        pytest.skip("the C++ kernel was not built")
+    y, x = torch.zeros(1, 8, dtype=torch.float16), torch.zeros(1, 8, dtype=torch.float16)
+    a, b = torch.zeros(4, 1, 8), torch.zeros(4, 8)  # float32 pages under float16 activations
+    with pytest.raises(RuntimeError, match="float16 / bfloat16 pages under float32 activations"):
+        kernel(y, x, a, b, torch.zeros(1, dtype=torch.long), torch.arange(4), torch.empty(0, dtype=torch.int32), 4,
+               [0, 8], [0])

@@ -7,6 +7,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 // Segment rows come in runs of one adapter: TILE of them at a time (float32, the CPU's serving
 // dtype) read each A and B value once from cache for all TILE rows, with the sums in registers;
@@ -18,6 +21,47 @@ constexpr int64_t TILE = 4;
 // Eight floats in one vector register of any target (GCC vector extension: AVX, two SSE or two
 // NEON registers); alignment 4, so loads and stores through it may be unaligned.
 typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
+
+// Page values (--lora-dtype): float32, or float16 / bfloat16 pages under float32 activations, each
+// value widened exactly to float32, so the sums are the float32 kernel's on the widened pages.
+// bfloat16 widens by a shift, which GCC vectorises inside the sums. float16 it does not (one
+// scalar vcvtph2ps a value): a row's or an adapter's float16 pages are widened first, eight values
+// at a time (F16C in the AVX2 and AVX-512 builds), into a buffer that stays in cache.
+static inline float to_f32(float v) { return v; }
+static inline float to_f32(_Float16 v) { return static_cast<float>(v); }
+static inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+static inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+static inline float to_f32(double v) { return static_cast<float>(v); }
+
+// Eight page values as float32 (through a reference: a vector return value would change the
+// baseline build's ABI).
+static inline void load8(f32x8& out, const _Float16* p) {
+#if defined(__F16C__)
+  const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&out, &w, sizeof out);
+#else  // branch-free on the bits, as c10's fp16_ieee_to_fp32_value
+  const u32x8 w = __builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16;
+  const u32x8 sign = w & 0x80000000u, two_w = w + w;
+  const u32x8 normal_bits = (two_w >> 4) + (0xE0u << 23), subnormal_bits = (two_w >> 17) | (126u << 23);
+  f32x8 normal, subnormal;
+  std::memcpy(&normal, &normal_bits, sizeof normal);
+  std::memcpy(&subnormal, &subnormal_bits, sizeof subnormal);
+  normal *= 0x1.0p-112f;
+  subnormal -= 0.5f;
+  u32x8 n, s;
+  std::memcpy(&n, &normal, sizeof n);
+  std::memcpy(&s, &subnormal, sizeof s);
+  const u32x8 small = (u32x8)(two_w < (1u << 27));  // all ones in the lanes of a subnormal or zero
+  const u32x8 r = sign | (small & s) | (~small & n);
+  std::memcpy(&out, &r, sizeof out);
+#endif
+}
+static inline void load8(f32x8& out, const c10::BFloat16* p) {
+  const u32x8 w = __builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16;
+  std::memcpy(&out, &w, sizeof out);
+}
 
 // The float32 expand of a tile: y[r, c0:c1] += sum_k v_r[k] * b[p[k], c0:c1] for the TILE rows,
 // sixteen columns at a time with all TILE x 16 sums in registers across the pages, so the only
@@ -104,28 +148,28 @@ static void lora_tile(float* y, const float* x, const float* a, const float* b, 
 // One row's shrink over pages k..k+W-1 (W = 1, 4 or 8), every used kind:
 //   v[t * rank + k + w] = x . a[p[k + w], used[t], :]
 // W independent sums and W reads in flight, x read once for all of them.
-template <int W, typename T>
-static inline void shrink_pages(float* v, const T* x, const T* a, const int64_t* p, int64_t k, int64_t rank,
+template <int W, typename T, typename P>
+static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t* p, int64_t k, int64_t rank,
                                 int64_t in, const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind) {
   static_assert(W == 1 || W == 4 || W == 8);
   for (size_t t = 0; t < used.size(); ++t) {
-    const T* r[8];
+    const P* r[8];
     for (int w = 0; w < W; ++w) r[w] = a + p[k + w] * sa_page + used[t] * sa_kind;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
     for (int64_t c = 0; c < in; ++c) {
-      const float xc = static_cast<float>(x[c]);
-      s0 += xc * static_cast<float>(r[0][c]);
+      const float xc = to_f32(x[c]);
+      s0 += xc * to_f32(r[0][c]);
       if constexpr (W > 1) {
-        s1 += xc * static_cast<float>(r[1][c]);
-        s2 += xc * static_cast<float>(r[2][c]);
-        s3 += xc * static_cast<float>(r[3][c]);
+        s1 += xc * to_f32(r[1][c]);
+        s2 += xc * to_f32(r[2][c]);
+        s3 += xc * to_f32(r[3][c]);
       }
       if constexpr (W > 4) {
-        s4 += xc * static_cast<float>(r[4][c]);
-        s5 += xc * static_cast<float>(r[5][c]);
-        s6 += xc * static_cast<float>(r[6][c]);
-        s7 += xc * static_cast<float>(r[7][c]);
+        s4 += xc * to_f32(r[4][c]);
+        s5 += xc * to_f32(r[5][c]);
+        s6 += xc * to_f32(r[6][c]);
+        s7 += xc * to_f32(r[7][c]);
       }
     }
     const float s[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
@@ -135,25 +179,49 @@ static inline void shrink_pages(float* v, const T* x, const T* a, const int64_t*
 
 // One row's expand over pages k..k+W-1 into float32 accumulators, every used kind's columns C_t:
 //   ac[C_t] += sum_w v[t * rank + k + w] * b[p[k + w], C_t]
-template <int W, typename T>
-static inline void expand_pages(float* ac, const float* v, const T* b, const int64_t* p, int64_t k, int64_t rank,
+template <int W, typename P>
+static inline void expand_pages(float* ac, const float* v, const P* b, const int64_t* p, int64_t k, int64_t rank,
                                 const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sb) {
   static_assert(W == 1 || W == 4 || W == 8);
-  const T* r[8];
+  const P* r[8];
   for (int w = 0; w < W; ++w) r[w] = b + p[k + w] * sb;
   for (size_t t = 0; t < used.size(); ++t) {
     float u[8] = {};
     std::copy(v + t * rank + k, v + t * rank + k + W, u);
 #pragma omp simd
     for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c) {
-      float d = u[0] * static_cast<float>(r[0][c]);
+      float d = u[0] * to_f32(r[0][c]);
       if constexpr (W > 1)
-        d += u[1] * static_cast<float>(r[1][c]) + u[2] * static_cast<float>(r[2][c]) + u[3] * static_cast<float>(r[3][c]);
+        d += u[1] * to_f32(r[1][c]) + u[2] * to_f32(r[2][c]) + u[3] * to_f32(r[3][c]);
       if constexpr (W > 4)
-        d += (u[4] * static_cast<float>(r[4][c]) + u[5] * static_cast<float>(r[5][c])) +
-             (u[6] * static_cast<float>(r[6][c]) + u[7] * static_cast<float>(r[7][c]));
+        d += (u[4] * to_f32(r[4][c]) + u[5] * to_f32(r[5][c])) + (u[6] * to_f32(r[6][c]) + u[7] * to_f32(r[7][c]));
       ac[c] += d;
     }
+  }
+}
+
+// out[0:n] = in[0:n] as float32, eight values at a time.
+template <typename P>
+static inline void widen(float* out, const P* in, int64_t n) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    f32x8 w;
+    load8(w, in + c);
+    std::memcpy(out + c, &w, sizeof w);
+  }
+  for (; c < n; ++c) out[c] = to_f32(in[c]);
+}
+
+// An adapter's pages p[0..rank) of A (each sa_page values) and of B (the first `width` of each
+// row of sb) widened to float32 in `wide`: A's rows first, then B's, at the same strides.
+template <typename P>
+static void widen_pages(std::vector<float>& wide, const P* a, const P* b, const int64_t* p, int64_t rank,
+                        int64_t sa_page, int64_t sb, int64_t width) {
+  wide.resize(rank * (sa_page + sb));
+  float *wa = wide.data(), *wb = wa + rank * sa_page;
+  for (int64_t k = 0; k < rank; ++k) {
+    widen(wa + k * sa_page, a + p[k] * sa_page, sa_page);
+    widen(wb + k * sb, b + p[k] * sb, width);
   }
 }
 
@@ -166,16 +234,20 @@ static inline void expand_pages(float* ac, const float* v, const T* b, const int
 // Segment form (SGMV): positions are grouped by adapter, ends[u] = cumulative positions of adapters
 // 0..u, and adapter u's pages are pages[u*rank : (u+1)*rank]; a thread's positions are contiguous, so
 // an adapter's pages stay in cache across its rows, which go TILE at a time (lora_tile).
-// Accumulates in float32; positions are split across torch's intra-op threads.
-template <typename T>
-static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* rows, const int64_t* pages,
+// Accumulates in float32; positions are split across torch's intra-op threads. T: the activations'
+// type; P: the pages' (T, or float16 / bfloat16 under float32 activations).
+template <typename T, typename P>
+static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* rows, const int64_t* pages,
                       const int32_t* ends, int64_t num_ends, int64_t n, int64_t rank, int64_t in,
                       const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sy, int64_t sx,
                       int64_t sa_page, int64_t sa_kind, int64_t sb) {
   const int64_t nu = static_cast<int64_t>(used.size());
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> v(TILE * nu * rank), acc(bounds.back());
+    std::vector<float> v(TILE * nu * rank), acc(bounds.back()), wide;
     float* ac = acc.data();
+    std::vector<int64_t> local(rank);  // the widened pages' indices: 0 .. rank - 1
+    for (int64_t k = 0; k < rank; ++k) local[k] = k;
+    int64_t wide_u = -1;  // the adapter whose pages `wide` holds
     int64_t u = 0;  // segment form: the adapter of position lo, then advanced with i
     if (num_ends) u = std::upper_bound(ends, ends + num_ends, static_cast<int32_t>(lo)) - ends;
     for (int64_t i = lo; i < hi; ++i) {
@@ -183,7 +255,16 @@ static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* r
       const int64_t* p = pages + (num_ends ? u : i) * rank;
       if constexpr (std::is_same_v<T, float>) {
         if (num_ends && i + TILE <= std::min<int64_t>(hi, ends[u])) {  // TILE rows of one adapter
-          lora_tile(y, x, a, b, rows + i, p, rank, in, bounds, used, sy, sx, sa_page, sa_kind, sb, v.data());
+          if constexpr (std::is_same_v<P, float>) {
+            lora_tile(y, x, a, b, rows + i, p, rank, in, bounds, used, sy, sx, sa_page, sa_kind, sb, v.data());
+          } else {  // narrow pages: widened once per adapter (its rows re-read them from cache)
+            if (wide_u != u) {
+              widen_pages(wide, a, b, p, rank, sa_page, sb, bounds.back());
+              wide_u = u;
+            }
+            lora_tile(y, x, wide.data(), wide.data() + rank * sa_page, rows + i, local.data(), rank, in, bounds, used,
+                      sy, sx, sa_page, sa_kind, sb, v.data());
+          }
           i += TILE - 1;
           continue;
         }
@@ -192,22 +273,35 @@ static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* r
       // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
       // so the reads run through each page once, in order; eight pages at a time keep eight reads
       // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md).
-      int64_t k = 0;
-      for (; k + 8 <= rank; k += 8) shrink_pages<8>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
-      for (; k + 4 <= rank; k += 4) shrink_pages<4>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
-      for (; k < rank; ++k) shrink_pages<1>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
       // Expand, pages outermost too: each page's B row is read once, front to back, into the
       // float32 accumulators of the used kinds' columns.
-      for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
-      k = 0;
-      for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v.data(), b, p, k, rank, bounds, used, sb);
-      for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v.data(), b, p, k, rank, bounds, used, sb);
-      for (; k < rank; ++k) expand_pages<1>(ac, v.data(), b, p, k, rank, bounds, used, sb);
+      auto shrink_expand = [&](const auto* pa, const auto* pb, const int64_t* pp) {
+        int64_t k = 0;
+        for (; k + 8 <= rank; k += 8) shrink_pages<8>(v.data(), xi, pa, pp, k, rank, in, used, sa_page, sa_kind);
+        for (; k + 4 <= rank; k += 4) shrink_pages<4>(v.data(), xi, pa, pp, k, rank, in, used, sa_page, sa_kind);
+        for (; k < rank; ++k) shrink_pages<1>(v.data(), xi, pa, pp, k, rank, in, used, sa_page, sa_kind);
+        for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
+        k = 0;
+        for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v.data(), pb, pp, k, rank, bounds, used, sb);
+        for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v.data(), pb, pp, k, rank, bounds, used, sb);
+        for (; k < rank; ++k) expand_pages<1>(ac, v.data(), pb, pp, k, rank, bounds, used, sb);
+      };
+      if constexpr (std::is_same_v<P, _Float16>) {
+        // GCC vectorises no float16 conversion inside the sums: widen the row's pages first (F16C,
+        // eight at a time) into a buffer that stays in L2, and sum over that
+        if (!num_ends || wide_u != u) {
+          widen_pages(wide, a, b, p, rank, sa_page, sb, bounds.back());
+          wide_u = num_ends ? u : -1;
+        }
+        shrink_expand(wide.data(), wide.data() + rank * sa_page, local.data());
+      } else {
+        shrink_expand(a, b, p);
+      }
       T* yi = y + rows[i] * sy;
       for (int64_t t = 0; t < nu; ++t) {
 #pragma omp simd
         for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c)
-          yi[c] = static_cast<T>(static_cast<float>(yi[c]) + ac[c]);
+          yi[c] = static_cast<T>(to_f32(yi[c]) + ac[c]);
       }
     }
   });
@@ -217,8 +311,11 @@ static void lora_rows(T* y, const T* x, const T* a, const T* b, const int64_t* r
 // ([n * rank] per row, or [U * rank] per adapter with ends [U] int32); used: kind indices in [0, m).
 void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor rows, torch::Tensor pages,
           torch::Tensor ends, int64_t rank, std::vector<int64_t> bounds, std::vector<int64_t> used) {
-  TORCH_CHECK(y.device().is_cpu() && x.scalar_type() == y.scalar_type() && a.scalar_type() == x.scalar_type() &&
-              b.scalar_type() == x.scalar_type(), "lora: CPU tensors of one dtype");
+  const bool narrow_pages = x.scalar_type() == at::kFloat &&
+                            (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16);
+  TORCH_CHECK(y.device().is_cpu() && x.scalar_type() == y.scalar_type() && b.scalar_type() == a.scalar_type() &&
+              (a.scalar_type() == x.scalar_type() || narrow_pages),
+              "lora: CPU tensors of one dtype, or float16 / bfloat16 pages under float32 activations");
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 3 && b.dim() == 2, "lora: y, x, b 2-D and a [P, m, in]");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1 && a.stride(2) == 1 && b.stride(1) == 1, "lora: unit-stride rows");
   TORCH_CHECK(a.size(2) == x.size(1) && static_cast<int64_t>(bounds.size()) == a.size(1) + 1 &&
@@ -232,12 +329,21 @@ void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, to
                                ends[num_ends - 1].item<int32_t>() == n),
               "lora: pages [n * rank] per row, or [U * rank] with int32 ends [U] ending at n");
   if (n == 0 || used.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora", [&] {
-    lora_rows<scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
-                        rows.data_ptr<int64_t>(), pages.data_ptr<int64_t>(),
-                        num_ends ? ends.data_ptr<int32_t>() : nullptr, num_ends, n, rank, x.size(1), bounds, used,
-                        y.stride(0), x.stride(0), a.stride(0), a.stride(1), b.stride(0));
-  });
+  auto run = [&](auto* y_, auto* x_, auto* a_, auto* b_) {
+    lora_rows(y_, x_, a_, b_, rows.data_ptr<int64_t>(), pages.data_ptr<int64_t>(),
+              num_ends ? ends.data_ptr<int32_t>() : nullptr, num_ends, n, rank, x.size(1), bounds, used, y.stride(0),
+              x.stride(0), a.stride(0), a.stride(1), b.stride(0));
+  };
+  if (narrow_pages && a.scalar_type() == at::kHalf) {  // as GCC's _Float16, which F16C converts
+    run(y.data_ptr<float>(), x.data_ptr<float>(), reinterpret_cast<const _Float16*>(a.data_ptr<at::Half>()),
+        reinterpret_cast<const _Float16*>(b.data_ptr<at::Half>()));
+  } else if (narrow_pages) {
+    run(y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<at::BFloat16>(), b.data_ptr<at::BFloat16>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora", [&] {
+      run(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>());
+    });
+  }
 }
 
 // Decode attention over block-paged KV, for each row i (position p = lengths[i] - 1) and head h:
