@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -45,7 +44,7 @@ from loramux.server.models import lora_layout
 from loramux.server.requests import GenerationRequest, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_adapter  # noqa: E402
+from common import cpu_name, write_adapter  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -92,12 +91,13 @@ def load_row(server: Server, spec: LoadSpec, api: str = "grpc") -> dict:
     return summarize(records, wall, before, scrape_adapter_cache(server.metrics_url))
 
 
-def engine_row(model_dir, adapters, requests, warm_up) -> dict:
+def engine_row(model_dir, adapters, requests, warm_up, lora_dtype: str = "auto") -> dict:
     """``warm_up`` first (adapters resident, allocator warm), as row 1's server gets, then ``requests``
     timed. Other prompts warm up, so that the timed prompts are not in the prefix cache."""
     built = build_engine(ServerConfig(model=str(model_dir), adapter_dirs=(str(adapters),), max_batch_size=32,
                                       max_model_len=256, default_max_new_tokens=16, max_lora_rank=16,
-                                      max_device_adapters=32, max_host_adapters=32, metrics_port=0))
+                                      max_device_adapters=32, max_host_adapters=32, metrics_port=0,
+                                      lora_dtype=lora_dtype))
     built.engine.start()
 
     async def run(tag: str, requests):
@@ -262,6 +262,7 @@ def main() -> int:
     ap.add_argument("--scale-repeats", type=int, default=None,
                     help="pairs of row 7's 8- and last-adapter runs whose quotients give the median (default 3; 1 --quick)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--lora-dtype", default="auto", help="loramux's --lora-dtype in rows 1, 3, 7 and 8")
     args = ap.parse_args()
 
     quick = args.quick
@@ -283,7 +284,8 @@ def main() -> int:
     requests = make_requests(spec)
     rows, t_start = {}, time.perf_counter()
     common = ["--max-batch-size", "32", "--max-model-len", "256", "--default-max-new-tokens", "16",
-              "--max-lora-rank", "16", "--max-device-adapters", "32", "--max-host-adapters", "64"]
+              "--max-lora-rank", "16", "--max-device-adapters", "32", "--max-host-adapters", "64",
+              "--lora-dtype", args.lora_dtype]
     server = Server(model_dir, [*common, "--adapter-dir", str(distinct)], work / "server.log")
     try:
         warm = LoadSpec(**{**spec.__dict__, "seed": spec.seed + 1})  # same adapters, other prompts:
@@ -304,7 +306,8 @@ def main() -> int:
             sweep.append({"concurrency": c, **{k: r[k] for k in ("ttft_p50", "ttft_p90", "tokens_per_s")}})
     finally:
         server.stop()
-    rows["3 loramux in-process engine, mixed"] = engine_row(model_dir, distinct, requests, make_requests(warm))
+    rows["3 loramux in-process engine, mixed"] = engine_row(model_dir, distinct, requests, make_requests(warm),
+                                                            args.lora_dtype)
     adapter_dirs = {p.name: p for p in sorted(distinct.iterdir())}
     rows["4 PEFT, one mixed batch"], rows["5 PEFT, one adapter at a time"] = peft_rows(
         model_dir, adapter_dirs, requests, new_tokens)
@@ -345,9 +348,10 @@ def main() -> int:
         "row1/row3 (target >= 0.9)": tps["1"] / tps["3"],
         "row8/row1, HTTP/gRPC, best of interleaved rounds (target >= 0.9)": tps["8"] / best_grpc,
     }
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "model": model_dir.name, "quick": quick, "requests": n_req, "new_tokens": new_tokens,
+              "model": model_dir.name, "quick": quick, "lora_dtype": args.lora_dtype, "requests": n_req,
+              "new_tokens": new_tokens,
               "prompt_tokens": prompt_len, "rows": rows, "scaling": scaling, "load_sweep": sweep, "ratios": ratios,
               "scale_ratios": scale_ratios,
               "seconds": time.perf_counter() - t_start}
