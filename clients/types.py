@@ -114,6 +114,7 @@ class ServerInfo:
     adapter_pages: int = 0  # device adapter pool: an adapter of rank r takes r pages
     op_backend: str = ""  # LoRA ops in use: torch, cpp or triton
     cpu_isa: str = ""  # the host CPU's vector ISA, e.g. AVX2, AVX512
+    lora_dtype: str = ""  # adapter pages' dtype (--lora-dtype), e.g. float32, bfloat16
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:
