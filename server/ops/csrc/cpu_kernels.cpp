@@ -27,8 +27,8 @@ typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
 // Page values (--lora-dtype): float32, or float16 / bfloat16 pages under float32 activations, each
 // value widened exactly to float32, so the sums are the float32 kernel's on the widened pages.
 // bfloat16 widens by a shift, which GCC vectorises inside the sums. float16 it does not (one
-// scalar vcvtph2ps a value): a row's or an adapter's float16 pages are widened first, eight values
-// at a time (F16C in the AVX2 and AVX-512 builds), into a buffer that stays in cache.
+// scalar vcvtph2ps a value), so float16 rows convert eight lanes at a time by hand (load8: F16C
+// in the AVX2 and AVX-512 builds), and a prefill segment widens its adapter's pages once.
 static inline float to_f32(float v) { return v; }
 static inline float to_f32(_Float16 v) { return static_cast<float>(v); }
 static inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -155,6 +155,26 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
   for (size_t t = 0; t < used.size(); ++t) {
     const P* r[8];
     for (int w = 0; w < W; ++w) r[w] = a + p[k + w] * sa_page + used[t] * sa_kind;
+    if constexpr (std::is_same_v<P, _Float16>) {  // eight lanes at a time: F16C converts, the sums stay float32
+      static_assert(std::is_same_v<T, float>);
+      f32x8 acc[W] = {};
+      int64_t c = 0;
+      for (; c + 8 <= in; c += 8) {
+        const f32x8 xc = *reinterpret_cast<const f32x8*>(x + c);
+        for (int w = 0; w < W; ++w) {
+          f32x8 e;
+          load8(e, r[w] + c);
+          acc[w] += xc * e;
+        }
+      }
+      for (int w = 0; w < W; ++w) {
+        float sum = 0.f;
+        for (int l = 0; l < 8; ++l) sum += acc[w][l];
+        for (int64_t d = c; d < in; ++d) sum += x[d] * to_f32(r[w][d]);
+        v[t * rank + k + w] = sum;
+      }
+      continue;
+    }
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
     for (int64_t c = 0; c < in; ++c) {
@@ -188,6 +208,22 @@ static inline void expand_pages(float* ac, const float* v, const P* b, const int
   for (size_t t = 0; t < used.size(); ++t) {
     float u[8] = {};
     std::copy(v + t * rank + k, v + t * rank + k + W, u);
+    if constexpr (std::is_same_v<P, _Float16>) {  // eight lanes at a time, as in shrink_pages
+      int64_t c = bounds[used[t]];
+      const int64_t end = bounds[used[t] + 1];
+      for (; c + 8 <= end; c += 8) {
+        f32x8 d = {};
+        for (int w = 0; w < W; ++w) {
+          f32x8 e;
+          load8(e, r[w] + c);
+          d += u[w] * e;
+        }
+        *reinterpret_cast<f32x8*>(ac + c) += d;
+      }
+      for (; c < end; ++c)
+        for (int w = 0; w < W; ++w) ac[c] += u[w] * to_f32(r[w][c]);
+      continue;
+    }
 #pragma omp simd
     for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c) {
       float d = u[0] * to_f32(r[0][c]);
@@ -273,30 +309,17 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
       // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
       // so the reads run through each page once, in order; eight pages at a time keep eight reads
       // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md).
+      int64_t k = 0;
+      for (; k + 8 <= rank; k += 8) shrink_pages<8>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
+      for (; k + 4 <= rank; k += 4) shrink_pages<4>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
+      for (; k < rank; ++k) shrink_pages<1>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
       // Expand, pages outermost too: each page's B row is read once, front to back, into the
       // float32 accumulators of the used kinds' columns.
-      auto shrink_expand = [&](const auto* pa, const auto* pb, const int64_t* pp) {
-        int64_t k = 0;
-        for (; k + 8 <= rank; k += 8) shrink_pages<8>(v.data(), xi, pa, pp, k, rank, in, used, sa_page, sa_kind);
-        for (; k + 4 <= rank; k += 4) shrink_pages<4>(v.data(), xi, pa, pp, k, rank, in, used, sa_page, sa_kind);
-        for (; k < rank; ++k) shrink_pages<1>(v.data(), xi, pa, pp, k, rank, in, used, sa_page, sa_kind);
-        for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
-        k = 0;
-        for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v.data(), pb, pp, k, rank, bounds, used, sb);
-        for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v.data(), pb, pp, k, rank, bounds, used, sb);
-        for (; k < rank; ++k) expand_pages<1>(ac, v.data(), pb, pp, k, rank, bounds, used, sb);
-      };
-      if constexpr (std::is_same_v<P, _Float16>) {
-        // GCC vectorises no float16 conversion inside the sums: widen the row's pages first (F16C,
-        // eight at a time) into a buffer that stays in L2, and sum over that
-        if (!num_ends || wide_u != u) {
-          widen_pages(wide, a, b, p, rank, sa_page, sb, bounds.back());
-          wide_u = num_ends ? u : -1;
-        }
-        shrink_expand(wide.data(), wide.data() + rank * sa_page, local.data());
-      } else {
-        shrink_expand(a, b, p);
-      }
+      for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
+      k = 0;
+      for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v.data(), b, p, k, rank, bounds, used, sb);
+      for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v.data(), b, p, k, rank, bounds, used, sb);
+      for (; k < rank; ++k) expand_pages<1>(ac, v.data(), b, p, k, rank, bounds, used, sb);
       T* yi = y + rows[i] * sy;
       for (int64_t t = 0; t < nu; ++t) {
 #pragma omp simd
