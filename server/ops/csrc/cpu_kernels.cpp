@@ -25,7 +25,8 @@ typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
 
 // Page values (--lora-dtype): float32, or float16 / bfloat16 pages under float32 activations, each
-// value widened exactly to float32, so the sums are the float32 kernel's on the widened pages.
+// value widened exactly to float32 and every sum kept in float32 (in another order than the
+// float32 kernel's where the vector code differs: equal to float32 rounding).
 // bfloat16 widens by a shift, which GCC vectorises inside the sums. float16 it does not (one
 // scalar vcvtph2ps a value), so float16 rows convert eight lanes at a time by hand (load8: F16C
 // in the AVX2 and AVX-512 builds), and a prefill segment widens its adapter's pages once.
