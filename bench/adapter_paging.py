@@ -205,8 +205,9 @@ def main() -> int:
                           max_host_adapters=args.max_host_adapters, metrics_port=0, lora_dtype=args.lora_dtype)
     loaded = load_model(config)
     layout = lora_layout(loaded.hf_model.config)
-    print(f"model {loaded.name}, {loaded.dtype}; CPU: {cpu_name()}")
-    loads = measure_host_loads(layout, loaded.dtype)
+    page_dtype = loaded.dtype if args.lora_dtype == "auto" else getattr(torch, args.lora_dtype)
+    print(f"model {loaded.name}, {loaded.dtype}, adapter pages {page_dtype}; CPU: {cpu_name()}")
+    loads = measure_host_loads(layout, page_dtype)  # loads convert into the pages' dtype
     t = time.perf_counter()
     adapters = make_adapters(args.cache, layout, args.adapters, ranks)
     print(f"{len(adapters)} adapters ready in {time.perf_counter() - t:.0f} s ({args.cache})")
