@@ -2,14 +2,16 @@
 machine, one model (default SmolLM2-135M-Instruct) and one request set (rank-16 adapters on all
 seven projections, 32 distinct adapters unless a row says otherwise).
 
-Rows: 1 loramux over gRPC, mixed adapters; 2 the same requests on the base model only;
+Rows: 1 loramux over gRPC, mixed adapters; 2 the same requests on the base model only (each the
+median of --passes passes, interleaved, with prompts of their own);
 3 loramux's in-process engine (no gRPC); 4 PEFT, one mixed-adapter batch (adapter_names);
 5 PEFT, one adapter at a time (set_adapter); 6 transformers' continuous batching (generate_batch,
 base model); 7 loramux with 1..1000 registered adapters (device capacity 32, Zipf 1.0; the 1000/8
 quotient is the median of --scale-repeats alternated pairs of fresh servers); 8 row 1's requests
 through the OpenAI-compatible HTTP API (streamed completions) instead of gRPC.
 
-    python bench/compare.py [--quick] [--model DIR] [--scale-repeats N] [--out bench/results]
+    python bench/compare.py [--quick] [--model DIR] [--scale-repeats N] [--passes N] [--lora-dtype D]
+                            [--out bench/results]
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class Server:
         self.proc.terminate()
         self.proc.wait(60)
         self._log.close()
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput (an odd count: a real run, its latencies with it)."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
 
 
 def load_row(server: Server, spec: LoadSpec, api: str = "grpc") -> dict:
@@ -263,10 +270,13 @@ def main() -> int:
                     help="pairs of row 7's 8- and last-adapter runs whose quotients give the median (default 3; 1 --quick)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--lora-dtype", default="auto", help="loramux's --lora-dtype in rows 1, 3, 7 and 8")
+    ap.add_argument("--passes", type=int, default=None,
+                    help="interleaved passes of rows 1 and 2, the median of each reported (default 3; 1 --quick)")
     args = ap.parse_args()
 
     quick = args.quick
     args.scale_repeats = args.scale_repeats or (1 if quick else 3)
+    args.passes = args.passes or (1 if quick else 3)
     n_req, new_tokens, prompt_len = (8, 8, 16) if quick else (32, 32, 32)
     scale_points = (1, 8, 64) if quick else (1, 8, 64, 512, 1000)
     model_dir = resolve_model_dir(ServerConfig(model=args.model))[0]
@@ -290,11 +300,18 @@ def main() -> int:
     try:
         warm = LoadSpec(**{**spec.__dict__, "seed": spec.seed + 1})  # same adapters, other prompts:
         load_row(server, warm)  # warm-up (adapters resident, allocator warm), not the prefix cache
-        rows["1 loramux gRPC, mixed adapters"] = load_row(server, spec)
-        rows["2 loramux gRPC, base model only"] = load_row(server, LoadSpec(**{**spec.__dict__, "adapters": ()}))
+        # Rows 1 and 2 drive four ratios: interleaved passes, each row's median pass. Each pass has
+        # prompts of its own (same lengths), so no pass is served from an earlier one's prefix cache.
+        ones, twos = [], []
+        for i in range(args.passes):
+            fresh = LoadSpec(**{**spec.__dict__, "seed": spec.seed + (0 if i == 0 else 100 + i)})
+            ones.append(load_row(server, fresh))
+            twos.append(load_row(server, LoadSpec(**{**fresh.__dict__, "adapters": ()})))
+        rows["1 loramux gRPC, mixed adapters"] = median_run(ones)
+        rows["2 loramux gRPC, base model only"] = median_run(twos)
         load_row(server, spec, api="openai")  # warm-up of the HTTP path
         # HTTP against gRPC: interleaved rounds, the best of each, so that drift hits both alike
-        http, grpc_runs = [], [rows["1 loramux gRPC, mixed adapters"]]
+        http, grpc_runs = [], [ones[0]]  # the pass with spec's own prompts, as HTTP's rounds send
         for _ in range(2):
             http.append(load_row(server, spec, api="openai"))
             grpc_runs.append(load_row(server, spec))
