@@ -240,7 +240,8 @@ def main() -> int:
     print(f"  ratio, median of {len(pairs)} alternated pairs: {ratio:.3f} (target >= 0.95)")
     if args.json:
         args.json.write_text(json.dumps({"runs": [{"many": m, "resident": r} for m, r in pairs], "ratio": ratio,
-                                         "ratios": ratios, "host_loads": loads, "adapters": args.adapters, "lora_dtype": args.lora_dtype,
+                                         "ratios": ratios, "host_loads": loads, "adapters": args.adapters,
+                                         "lora_dtype": args.lora_dtype,
                                          "requests": args.requests, "ranks": ranks,
                                          "max_device_adapters": args.max_device_adapters,
                                          "max_host_adapters": args.max_host_adapters}, indent=2))

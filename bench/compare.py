@@ -304,7 +304,7 @@ def main() -> int:
         # prompts of its own (same lengths), so no pass is served from an earlier one's prefix cache.
         ones, twos = [], []
         for i in range(args.passes):
-            fresh = LoadSpec(**{**spec.__dict__, "seed": spec.seed + (0 if i == 0 else 100 + i)})
+            fresh = LoadSpec(**{**spec.__dict__, "seed": spec.seed + 100 * i})  # pass 0: spec's own
             ones.append(load_row(server, fresh))
             twos.append(load_row(server, LoadSpec(**{**fresh.__dict__, "adapters": ()})))
         rows["1 loramux gRPC, mixed adapters"] = median_run(ones)

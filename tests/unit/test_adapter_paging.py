@@ -276,10 +276,15 @@ def test_versions_nothing_holds_leave_no_records_behind(tmp_path):
     manager.fault_hook = fault
 
     def load(name):
+        """Read, then copy to the device (evicting): every version passes through both tiers."""
         entry = manager.resolve(name)
         done.clear()
         assert manager.readiness(entry.key) is Readiness.LOADING
         assert done.wait(10)
+        if manager.tier(entry.key) == "host":
+            done.clear()
+            assert manager.stage(entry.key) is True and done.wait(10)
+            assert manager.tier(entry.key) == "device"
         return entry
 
     logger, quiet = logging.getLogger("loramux.adapters.manager"), logging.NullHandler()

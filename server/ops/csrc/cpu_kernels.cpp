@@ -280,11 +280,11 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
                       int64_t sa_page, int64_t sa_kind, int64_t sb) {
   const int64_t nu = static_cast<int64_t>(used.size());
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> v(TILE * nu * rank), acc(bounds.back()), wide;
+    std::vector<float> v(TILE * nu * rank), acc(bounds.back());
     float* ac = acc.data();
-    std::vector<int64_t> local(rank);  // the widened pages' indices: 0 .. rank - 1
-    for (int64_t k = 0; k < rank; ++k) local[k] = k;
-    int64_t wide_u = -1;  // the adapter whose pages `wide` holds
+    std::vector<float> wide;  // narrow pages, segment form: adapter wide_u's pages in float32,
+    std::vector<int64_t> local;  // at page indices 0 .. rank - 1 (both filled on first use)
+    int64_t wide_u = -1;
     int64_t u = 0;  // segment form: the adapter of position lo, then advanced with i
     if (num_ends) u = std::upper_bound(ends, ends + num_ends, static_cast<int32_t>(lo)) - ends;
     for (int64_t i = lo; i < hi; ++i) {
@@ -298,6 +298,7 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
             if (wide_u != u) {
               widen_pages(wide, a, b, p, rank, sa_page, sb, bounds.back());
               wide_u = u;
+              for (int64_t k = static_cast<int64_t>(local.size()); k < rank; ++k) local.push_back(k);
             }
             lora_tile(y, x, wide.data(), wide.data() + rank * sa_page, rows + i, local.data(), rank, in, bounds, used,
                       sy, sx, sa_page, sa_kind, sb, v.data());
