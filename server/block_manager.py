@@ -9,6 +9,9 @@ A block is in exactly one state:
 - referenced: in the block table of at least one running sequence (``refcount > 0``);
 - cached: unreferenced, but its content is a full block registered in the prefix cache. It can
   be hit, and is evicted (least recently released first) only when the pool needs a block.
+  Blocks a preempted sequence let go of (``free(..., resume=True)``) are evicted only after every
+  other cached block: that sequence is certain to come back for them, where another block may
+  never be hit again. They lose that standing when it is admitted again or finishes.
 
 Prefix caching. A full block's key chains the keys of all blocks before it:
     key_i = sha256(key_{i-1} | identity | token ids of block i)
@@ -67,6 +70,9 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, LRU first
+        # unreferenced cached blocks of preempted sequences (block -> that sequence), evicted last, LRU first
+        self._resume_free: OrderedDict[int, Hashable] = OrderedDict()
+        self._resume_of: dict[Hashable, list[int]] = {}
         self._by_key: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
         self._tables: dict[Hashable, list[int]] = {}
@@ -77,7 +83,7 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         """Blocks an allocation can take: free ones and unreferenced cached ones."""
-        return len(self._free) + len(self._cached_free)
+        return len(self._free) + len(self._cached_free) + len(self._resume_free)
 
     @property
     def num_cached(self) -> int:
@@ -113,6 +119,7 @@ class BlockManager:
             raise RuntimeError(f"sequence {seq_id!r} already holds blocks")
         for b in hit.blocks:
             self._take(b)
+        self._demote(seq_id)
         self._tables[seq_id] = list(hit.blocks)
         self._keys[seq_id] = list(keys[: len(hit.blocks)])
 
@@ -127,8 +134,8 @@ class BlockManager:
         for _ in range(need):
             if self._free:
                 b = self._free.popleft()
-            else:  # evict the least recently released cached block
-                b, _ = self._cached_free.popitem(last=False)
+            else:  # evict the least recently released cached block, a preempted sequence's last
+                b, _ = (self._cached_free or self._resume_free).popitem(last=False)
                 del self._by_key[self._key_of.pop(b)]
             self._take(b)
             table.append(b)
@@ -160,24 +167,40 @@ class BlockManager:
                 self._key_of[b] = key
             keys.append(key)
 
-    def free(self, seq_id: Hashable) -> None:
+    def free(self, seq_id: Hashable, resume: bool = False) -> None:
         """Let go of a finished, cancelled or preempted sequence's blocks. Tail blocks are released
-        first, so they are evicted before the prefix blocks that more requests share."""
+        first, so they are evicted before the prefix blocks that more requests share. ``resume``:
+        the sequence was preempted and will be recomputed, so its cached blocks are evicted last."""
+        self._demote(seq_id)
         table = self._tables.pop(seq_id, None)
         self._keys.pop(seq_id, None)
+        kept = []
         for b in reversed(table or ()):
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 self.num_held -= 1
-                if b in self._key_of:
-                    self._cached_free[b] = None
-                else:
+                if b not in self._key_of:
                     self._free.append(b)
+                elif resume:
+                    self._resume_free[b] = seq_id
+                    kept.append(b)
+                else:
+                    self._cached_free[b] = None
+        if kept:
+            self._resume_of[seq_id] = kept
+
+    def _demote(self, seq_id: Hashable) -> None:
+        """The sequence is back (or gone): its kept blocks that nobody took become ordinary cached ones."""
+        for b in self._resume_of.pop(seq_id, ()):
+            if self._resume_free.get(b, None) == seq_id:
+                del self._resume_free[b]
+                self._cached_free[b] = None
 
     def _take(self, b: int) -> None:
         if self._ref[b] == 0:
             self.num_held += 1
             self._cached_free.pop(b, None)
+            self._resume_free.pop(b, None)
         self._ref[b] += 1
 
     def check(self) -> None:
@@ -188,11 +211,12 @@ class BlockManager:
                 refs[b] += 1
         assert refs == self._ref, "refcounts differ from the block tables"
         assert min(self._ref, default=0) >= 0
-        free, cached = set(self._free), set(self._cached_free)
+        free, cached, kept = set(self._free), set(self._cached_free), set(self._resume_free)
         held = {b for b in range(self.num_blocks) if self._ref[b] > 0}
         assert len(free) == len(self._free), "a block is free twice"
-        assert not (free & cached) and not (free & held) and not (cached & held)
-        assert len(free) + len(cached) + len(held) == self.num_blocks, "a block is lost"
+        assert not (free & cached) and not (free & held) and not (cached & held) and not (kept & (free | cached | held))
+        assert len(free) + len(cached) + len(kept) + len(held) == self.num_blocks, "a block is lost"
+        assert all(b in self._resume_of.get(s, ()) for b, s in self._resume_free.items())
         assert self.num_held == len(held)
-        assert cached <= set(self._key_of) and not (free & set(self._key_of))
+        assert (cached | kept) <= set(self._key_of) and not (free & set(self._key_of))
         assert {self._by_key[k] for k in self._key_of.values()} == set(self._key_of)

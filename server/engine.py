@@ -366,8 +366,8 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Give the sequence's blocks back; it is recomputed later from all its tokens so far (its
-        full blocks stay cached, so the recompute usually hits them)."""
-        self.blocks.free(seq)
+        full blocks stay cached, evicted after all others, so the recompute usually hits them)."""
+        self.blocks.free(seq, resume=True)
         self.admission.release(seq)
         self._running.remove(seq)
         seq.num_computed = 0

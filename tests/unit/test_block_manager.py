@@ -65,15 +65,46 @@ def test_unreferenced_cached_blocks_are_free_and_evicted_lru_only_when_needed():
     bm.check()
 
 
-ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "finish"]), st.integers(0, 5), st.integers(0, 2),
+def test_a_preempted_sequences_blocks_are_evicted_after_every_other_cached_block():
+    bm = BlockManager(6, BS)
+    run_prompt(bm, "done", b"base", [1] * 8)
+    run_prompt(bm, "victim", b"base", [2] * 8)
+    bm.free("victim", resume=True)  # preempted: it will come back for its two blocks
+    bm.free("done")  # released later, yet evicted first
+    bm.allocate("new", 16)  # two free blocks, then the two cached blocks of "done"
+    victim = block_keys(b"base", [2] * 8, BS)
+    assert len(bm.lookup(victim).blocks) == 2 and bm.lookup(block_keys(b"base", [1] * 8, BS)).blocks == ()
+    bm.allocate("new", 20)  # nothing else is left: now the victim's tail block goes
+    assert len(bm.lookup(victim).blocks) == 1
+    bm.check()
+
+
+@pytest.mark.parametrize("back", ["readmitted", "finished"])
+def test_a_preempted_sequence_that_is_back_or_gone_keeps_no_blocks_from_eviction(back):
+    bm = BlockManager(6, BS)
+    run_prompt(bm, "victim", b"base", [2] * 12)
+    bm.free("victim", resume=True)
+    if back == "readmitted":  # it takes its first block back; the other two lose their standing
+        keys = block_keys(b"base", [2] * 4, BS)
+        bm.admit("victim", bm.lookup(keys), keys)
+    else:  # cancelled while it waited
+        bm.free("victim")
+    run_prompt(bm, "other", b"base", [1] * 8)
+    bm.free("other")  # released after the victim's blocks: evicted after them now
+    bm.allocate("new", 4 * bm.num_free - 8)  # everything but two blocks
+    assert len(bm.lookup(block_keys(b"base", [1] * 8, BS)).blocks) == 2
+    bm.check()
+
+
+ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "finish", "preempt"]), st.integers(0, 5), st.integers(0, 2),
                          st.integers(1, 12)), max_size=60)
 
 
 @settings(max_examples=200, deadline=None)
 @given(ops=ops, caching=st.booleans())
 def test_no_leak_no_negative_refcount_and_no_cached_block_is_ever_written(ops, caching):
-    """Random admit / grow / finish (finish stands for cancel and preempt too: all free the same
-    way) over a tiny pool. A shadow copy of every block's content proves that a prefix hit always
+    """Random admit / grow / finish / preempt (finish stands for cancel too; a preempted or
+    finished sequence may be admitted again, a waiting one may finish) over a tiny pool. A shadow copy of every block's content proves that a prefix hit always
     returns exactly the tokens asked for, so no cached block was overwritten."""
     bm = BlockManager(10, BS, prefix_caching=caching)
     content = {}  # block -> {offset: (identity, token)}
@@ -117,9 +148,9 @@ def test_no_leak_no_negative_refcount_and_no_cached_block_is_ever_written(ops, c
             write(seq, computed, extra)
             bm.commit(seq, identity, tokens, computed + extra)
             live[seq] = (identity, tokens, computed + extra)
-        elif op == "finish" and seq in live:
-            bm.free(seq)
-            del live[seq]
+        elif op in ("finish", "preempt"):
+            bm.free(seq, resume=op == "preempt" and seq in live)
+            live.pop(seq, None)
         bm.check()
         assert all(r >= 0 for r in bm._ref)
     for seq in list(live):
