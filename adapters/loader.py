@@ -23,7 +23,7 @@ import torch
 
 from .config import AdapterSpec, read_adapter_config
 from .errors import AdapterInvalid, clip
-from .files import AdapterFile, exists
+from .files import AdapterFile, ReadBuffer, exists
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -189,9 +189,10 @@ def _ints(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int) -> tuple[dict[str, dict], bytearray]:
-    """Header first, then the whole file, which must be no larger than the header says: a file
-    of the wrong size is refused before its data is read."""
+def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int,
+                      into: ReadBuffer | None = None) -> tuple[dict[str, dict], bytearray | memoryview]:
+    """Header first, then the whole file (into ``into``'s memory, if given), which must be no
+    larger than the header says: a file of the wrong size is refused before its data is read."""
     head = f.read_prefix(8)
     header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
     prefix = f.read_prefix(8 + min(header_len, MAX_HEADER_BYTES))
@@ -199,7 +200,7 @@ def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int) -> tupl
     prefix = prefix[: 8 + header_len]
     # the shapes must fit the base model before the body is read
     _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
-    data = f.read(f.size)
+    data = f.read(f.size, into=into)
     if len(data) != f.size or data[: len(prefix)] != prefix:  # the bytes read are the bytes checked
         raise AdapterInvalid(f"{f.name} changed while it was read")
     return header, data
@@ -281,16 +282,17 @@ def _largest_adapter_bytes(layout: LoRALayout, max_rank: int) -> int:
     return max_rank * per_rank * 8
 
 
-def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayout,
-                  max_rank: int) -> tuple[dict[str, dict] | None, bytearray, tuple[int, ...]]:
+def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayout, max_rank: int,
+                  into: ReadBuffer | None = None) -> tuple[dict[str, dict] | None, bytearray | memoryview,
+                                                           tuple[int, ...]]:
     """(the safetensors header, None for a pickle file; the file's bytes; the file's identity
-    once read), read confined and bounded (adapters/files.py)."""
+    once read), read confined and bounded (adapters/files.py); safetensors into ``into``, if given."""
     with AdapterFile(adapter_dir, name, confine) as f:
         if name == PICKLE_WEIGHTS_NAME:
             header, data = None, f.read(_largest_adapter_bytes(layout, max_rank) + PICKLE_OVERHEAD,
                                         "the largest adapter this model and --max-lora-rank allow")
         else:
-            header, data = _read_safetensors(f, layout, max_rank)
+            header, data = _read_safetensors(f, layout, max_rank, into)
         return header, data, f.identity()
 
 
@@ -323,7 +325,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _decode(name: str, data: bytearray, header: dict[str, dict] | None) -> dict[str, torch.Tensor]:
+def _decode(name: str, data: bytearray | memoryview, header: dict[str, dict] | None) -> dict[str, torch.Tensor]:
     """Tensors over the file's bytes, without copying them (safetensors: views at the checked
     offsets of a little-endian body), or unpickled (only with --allow-pickle)."""
     if name == PICKLE_WEIGHTS_NAME:
@@ -348,7 +350,7 @@ class AdapterChanged(AdapterInvalid):
 def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
                  allow_pickle: bool = False, confine: Path | None = None,
                  manifest: AdapterManifest | None = None, pin_memory: bool = False, convert=None,
-                 out: torch.Tensor | None = None) -> LoRAWeights:
+                 out: torch.Tensor | None = None, read_buffer: ReadBuffer | None = None) -> LoRAWeights:
     """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``.
 
     One pass from the file's bytes into the serving layout: every module's A and (s * B).T are
@@ -359,7 +361,8 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     the C++ ``convert_adapter`` (server/ops/cpu_kernel.py), which does that pass in one call and
     reports finiteness as it writes; without it, a few torch ops per module do it (the same values).
     ``out``: a buffer of ``dtype`` to write into (its front), reused from load to load, in place of
-    a new one; the result views it until it is written again."""
+    a new one; the result views it until it is written again. ``read_buffer``: where the file's
+    bytes go, reused the same way (nothing returned views it)."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if manifest is None:
@@ -367,7 +370,7 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         name = _weights_name(adapter_dir, allow_pickle)
     else:
         spec, name = manifest.spec, manifest.weights_name
-    header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank)
+    header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank, read_buffer)
     unchanged = manifest is not None and identity == manifest.weights_identity
     if manifest is not None and not unchanged and hashlib.sha256(data).hexdigest() != manifest.weights_sha256:
         raise AdapterChanged(f"{name} changed after the adapter was registered; register it again to serve the "

@@ -30,6 +30,7 @@ import torch
 from .converted_cache import ConvertedCache
 from .device_pool import AdapterKey, DevicePool
 from .errors import AdapterError, AdapterInvalid, AdapterLoadFailed, AdapterLoadTimeout, AdapterNoRoom, clip
+from .files import ReadBuffer
 from .host_cache import HostCache
 from .loader import flat_numel, load_adapter
 from .registry import AdapterRegistry
@@ -90,7 +91,7 @@ class AdapterManager:
         self.closing = threading.Event()  # set by close(): a fault hook that hangs a read returns then
         self._pin_memory = torch.device(pool.device).type == "cuda"
         self._exclusive = torch.device(pool.device).type == "cpu"  # see the module's docstring
-        self._local = threading.local()  # per I/O thread: the conversion buffer it reuses
+        self._local = threading.local()  # per I/O thread: the read and conversion buffers it reuses
         self._spare: list[torch.Tensor] = []  # CPU: buffers of host copies that moved to the device
 
     def _new_io(self) -> ThreadPoolExecutor:
@@ -160,7 +161,8 @@ class AdapterManager:
             if weights is None:
                 weights = converted = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype,
                                                    reg.allow_pickle, entry.confine, entry.manifest,
-                                                   pin_memory=self._pin_memory, convert=self.convert, out=out)
+                                                   pin_memory=self._pin_memory, convert=self.convert, out=out,
+                                                   read_buffer=self._read_buffer())
         except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
             log.warning("adapter %s cannot be loaded: %s", key[0], e)
             with self._lock:
@@ -194,6 +196,13 @@ class AdapterManager:
             fits = [i for i, buf in enumerate(self._spare) if buf.numel() >= weights.flat.numel()]
             buf = self._spare.pop(min(fits, key=lambda i: self._spare[i].numel())) if fits else None
         return weights.clone(into=buf)
+
+    def _read_buffer(self) -> ReadBuffer:
+        """This I/O thread's buffer for the files' bytes."""
+        buf = getattr(self._local, "read_buffer", None)
+        if buf is None:
+            buf = self._local.read_buffer = ReadBuffer()
+        return buf
 
     def _scratch(self) -> torch.Tensor:
         """This I/O thread's conversion buffer: room for any adapter this model and --max-lora-rank

@@ -186,6 +186,52 @@ def test_files_are_confined_regular_and_bounded(tmp_path):
         read_adapter_file(adapter, "absent", root, 5)
 
 
+def test_reads_into_one_buffer_reuse_it_and_still_refuse_growth(tmp_path):
+    from loramux.adapters.files import AdapterFile, ReadBuffer
+
+    for name, data in (("small", b"abc"), ("large", b"0123456789"), ("mid", b"wxyz")):
+        (tmp_path / name).write_bytes(data)
+    buf = ReadBuffer()
+
+    def read(name, limit=None):
+        with AdapterFile(tmp_path, name, tmp_path) as f:
+            return f.read(f.size if limit is None else limit, into=buf)
+
+    assert bytes(read("small")) == b"abc"
+    large = read("large")  # more than the buffer holds: a new one, the view of the old one intact
+    assert bytes(large) == b"0123456789"
+    mid = read("mid")  # fits: the same memory, so the previous result is overwritten
+    assert bytes(mid) == b"wxyz" and bytes(large[:4]) == b"wxyz"
+    grown = tmp_path / "grown"
+    grown.write_bytes(b"12")
+    with AdapterFile(tmp_path, "grown", tmp_path) as f:
+        grown.write_bytes(b"123456")  # it grows after its size was taken
+        with pytest.raises(AdapterInvalid, match="grew past 2 bytes"):
+            f.read(f.size, into=buf)
+    with AdapterFile(tmp_path, "grown", tmp_path) as f:
+        grown.write_bytes(b"1234567")  # within a larger limit (a pickle file's): read whole
+        assert bytes(f.read(100, into=buf)) == b"1234567"
+
+
+@pytest.mark.parametrize("convert", CONVERTERS, ids=lambda c: "cpp" if c else "torch")
+def test_loads_through_one_read_buffer_equal_fresh_ones(tmp_path, convert):
+    from loramux.adapters.files import ReadBuffer
+
+    buf = ReadBuffer()
+
+    def tensors(r):
+        return {f"base_model.model.model.layers.{i}.self_attn.{k}.lora_{ab}.weight":
+                torch.randn((r, fin) if ab == "A" else (fout, r))
+                for i in range(2) for k, (fin, fout) in LAYOUT.shapes.items() for ab in "AB"}
+    # ranks 2, 8, 4: the second read outgrows the buffer, the third fits the one it made
+    paths = [write_adapter(tmp_path / f"r{i}", config={**BASE, "r": r}, tensors=tensors(r))
+             for i, r in enumerate((2, 8, 4))]
+    loads = [load_adapter(p, LAYOUT, 8, torch.float32, convert=convert, read_buffer=buf) for p in paths]
+    for p, got in zip(paths, loads, strict=True):  # no result views the buffer the next read wrote
+        fresh = load_adapter(p, LAYOUT, 8, torch.float32, convert=convert)
+        assert torch.equal(got.flat, fresh.flat)
+
+
 def test_weights_are_hashed_at_registration_and_checked_at_load(tmp_path):
     from safetensors.torch import load_file
 
