@@ -7,7 +7,10 @@ q/v and a rank-16 all-projection adapter of the model, by this loader and by the
 BASELINE_REV (read from git history, side by side in this run). Target: >= 4x faster.
 
     python bench/adapter_paging.py [--adapters 1000] [--requests 192] [--rate 40] [--repeats 4] [--json out.json]
-        [--ranks 8,16,32,64] [--max-device-adapters 32] [--max-host-adapters 128]
+        [--ranks 8,16,32,64] [--max-device-adapters 32] [--max-host-adapters 128] [--decompose]
+
+--decompose adds, to every round, the 1000 adapters with all those the requests use resident from
+the start: how much of the loss is paging and how much the pages' bytes of more distinct adapters.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def measure_host_loads(layout, dtype) -> dict:
     converted file (--adapter-cache-dir), and the loader of BASELINE_REV."""
     from loramux.adapters import loader as current
     from loramux.adapters.converted_cache import ConvertedCache
+    from loramux.adapters.files import ReadBuffer
 
     out = {}
     element_size = torch.empty(0, dtype=dtype).element_size()
@@ -103,12 +107,16 @@ def measure_host_loads(layout, dtype) -> dict:
             manifest = current.inspect_adapter(path, layout, 64, element_size)
             cache.write(manifest.content_hash, dtype,
                         current.load_adapter(path, layout, 64, dtype, manifest=manifest))
-            row = {  # as the server loads: with the C++ converter where it is built
+            # as the server's I/O thread loads: the C++ converter where it is built, and the file's
+            # bytes and the converted values in buffers reused from load to load
+            buffers = {"out": torch.empty(current.flat_numel(list(layout.modules.values()), 64, layout), dtype=dtype),
+                       "read_buffer": ReadBuffer()}
+            row = {
                 "convert_ms": host_load_ms(partial(current.load_adapter, path, layout, 64, dtype, manifest=manifest,
-                                                   convert=convert)),
+                                                   convert=convert, **buffers)),
                 "convert_torch_ms": host_load_ms(partial(current.load_adapter, path, layout, 64, dtype,
-                                                         manifest=manifest)),
-                "converted_ms": host_load_ms(partial(cache.read, manifest.content_hash, dtype)),
+                                                         manifest=manifest, **buffers)),
+                "converted_ms": host_load_ms(partial(cache.read, manifest.content_hash, dtype, out=buffers["out"])),
             }
             if old is not None:
                 old_manifest = old.inspect_adapter(path, layout, 64, element_size)
@@ -146,15 +154,24 @@ async def run_open_loop(engine, requests, arrivals):
     return outs, time.perf_counter() - t0
 
 
-def run(config, loaded, adapters, picks, prompts, arrivals, max_new):
+def run(config, loaded, adapters, picks, prompts, arrivals, max_new, resident_first=False):
+    """``resident_first``: every adapter the requests use is loaded onto the device before the
+    timed run (config's tiers must hold them all), so it has no paging at all."""
     built = build_engine(ServerConfig(**{**config.__dict__, "adapters": tuple(adapters)}), loaded)
     built.engine.start()
     try:
+        if resident_first:
+            used = sorted(set(picks))
+            warm = [GenerationRequest(f"w{i}", (100,), SamplingParams(1, ignore_eos=True), adapters[a][0])
+                    for i, a in enumerate(used)]
+            asyncio.run(run_open_loop(built.engine, warm, [0.0] * len(warm)))
+            assert all(built.manager.tier(built.manager.resolve(adapters[a][0]).key) == "device" for a in used)
+        before, io_before = built.manager.tier_counters(), thread_cpu_seconds("adapter-io")  # not the warm-up's
         reqs = [GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new, ignore_eos=True), adapters[a][0])
                 for i, (a, p) in enumerate(zip(picks, prompts, strict=True))]
         outs, wall = asyncio.run(run_open_loop(built.engine, reqs, arrivals))
         counters = built.manager.tier_counters()
-        io_cpu = thread_cpu_seconds("adapter-io")
+        io_cpu = thread_cpu_seconds("adapter-io") - io_before
     finally:
         built.engine.stop()
     last = [o[-1] for o in outs]
@@ -164,8 +181,8 @@ def run(config, loaded, adapters, picks, prompts, arrivals, max_new):
         "tokens_per_s": sum(len(o) for o in outs) / wall, "wall_s": wall,
         "ttft_cold_p50": percentile(cold, 50), "ttft_warm_p50": percentile(warm, 50),
         "ttft_cold_p90": percentile(cold, 90), "ttft_warm_p90": percentile(warm, 90),
-        "cold_requests": len(cold), "device_evictions": counters["device"].evictions,
-        "host_misses": counters["host"].misses, "io_thread_cpu_s": io_cpu,
+        "cold_requests": len(cold), "device_evictions": counters["device"].evictions - before["device"].evictions,
+        "host_misses": counters["host"].misses - before["host"].misses, "io_thread_cpu_s": io_cpu,
     }
 
 
@@ -197,6 +214,9 @@ def main() -> int:
     ap.add_argument("--max-device-adapters", type=int, default=32, help="the device tier, in adapters of --max-lora-rank 64")
     ap.add_argument("--max-host-adapters", type=int, default=128)
     ap.add_argument("--lora-dtype", default="auto", help="the server's --lora-dtype, for both sides of each pair")
+    ap.add_argument("--decompose", action="store_true",
+                    help="also run the many adapters with every one the requests use resident from the start, "
+                         "in each round: the loss with paging and without it")
     args = ap.parse_args()
     ranks = tuple(int(r) for r in args.ranks.split(","))
 
@@ -221,10 +241,16 @@ def main() -> int:
     picks = zipf_choices(args.adapters, args.requests, 1.0, rng)
     # The same request sequence folded onto 8 adapters (the ranks in turn), all resident.
     few = [a for a in adapters[:8]]
-    pairs = []
+    # Tiers that hold every adapter the requests use at once, for --decompose (pages: the sum of their ranks).
+    pages = sum(ranks[a % len(ranks)] for a in set(picks))
+    roomy = ServerConfig(**{**config.__dict__, "max_device_adapters": -(-pages // config.max_lora_rank),
+                            "max_host_adapters": len(set(picks))})
+    pairs, unpaged = [], []
     for _ in range(args.repeats):  # alternated: the VM's speed drifts between runs of a minute or two
         pairs.append((run(config, loaded, adapters, picks, prompts, arrivals, args.new_tokens),
                       run(config, loaded, few, [p % 8 for p in picks], prompts, arrivals, args.new_tokens)))
+        if args.decompose:
+            unpaged.append(run(roomy, loaded, adapters, picks, prompts, arrivals, args.new_tokens, resident_first=True))
     ratios = [many["tokens_per_s"] / resident["tokens_per_s"] for many, resident in pairs]
     ratio = statistics.median(ratios)
     print(f"model {loaded.name}; {args.requests} requests, Poisson {args.rate}/s, Zipf(1.0), ranks {args.ranks}, "
@@ -238,9 +264,19 @@ def main() -> int:
         print(f"    TTFT p50 cold {many['ttft_cold_p50']:.3f} s vs warm {many['ttft_warm_p50']:.3f} s; "
               f"p90 cold {many['ttft_cold_p90']:.3f} s vs warm {many['ttft_warm_p90']:.3f} s")
     print(f"  ratio, median of {len(pairs)} alternated pairs: {ratio:.3f} (target >= 0.95)")
+    decomposed = {}
+    if unpaged:  # each round's unpaged run against the same round's two
+        no_paging = statistics.median(u["tokens_per_s"] / r["tokens_per_s"] for u, (_, r) in zip(unpaged, pairs, strict=True))
+        paging = statistics.median(m["tokens_per_s"] / u["tokens_per_s"] for u, (m, _) in zip(unpaged, pairs, strict=True))
+        decomposed = {"unpaged": unpaged, "unpaged_over_resident": no_paging, "paged_over_unpaged": paging}
+        print(f"  the same {args.adapters} adapters with all {len(set(picks))} the requests use resident from the "
+              f"start (device tier {roomy.max_device_adapters} x rank {config.max_lora_rank}): "
+              + ", ".join(f"{u['tokens_per_s']:.1f}" for u in unpaged) + " tok/s")
+        print(f"    unpaged / 8 resident {no_paging:.3f}: the cost of more distinct adapters a step (their pages' bytes)")
+        print(f"    paged / unpaged {paging:.3f}: the cost of paging (loads, evictions, cold requests' waits)")
     if args.json:
         args.json.write_text(json.dumps({"runs": [{"many": m, "resident": r} for m, r in pairs], "ratio": ratio,
-                                         "ratios": ratios, "host_loads": loads, "adapters": args.adapters,
+                                         "ratios": ratios, "host_loads": loads, **decomposed, "adapters": args.adapters,
                                          "lora_dtype": args.lora_dtype,
                                          "requests": args.requests, "ranks": ranks,
                                          "max_device_adapters": args.max_device_adapters,
