@@ -74,6 +74,10 @@ class AdapterManager:
         self._entries: weakref.WeakValueDictionary[AdapterKey, object] = weakref.WeakValueDictionary()
         # disk reads queued (None) or running (since when, time.monotonic())
         self._pending: dict[AdapterKey, float | None] = {}
+        # device pages the engine reserved for a read still in flight (``stage``), which then lands
+        # in them with no host copy and no second copy; and the reads past the point of taking them
+        self._ahead: dict[AdapterKey, torch.Tensor] = {}
+        self._landing: set[AdapterKey] = set()
         self._jobs: dict = {}  # future -> (key, job, args) of every job not yet done
         # guards _jobs and _io; taken inside _lock, never around it, and never held while a future is
         # cancelled or completed (its done-callback takes it)
@@ -109,6 +113,7 @@ class AdapterManager:
                     self._pending.pop(key, None)
                     self._fail(key, e if isinstance(e, AdapterError) else AdapterLoadFailed(
                         f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}"))
+                self._drop_ahead(key)
             finally:
                 if self.notify is not None:
                     self.notify()
@@ -150,6 +155,7 @@ class AdapterManager:
         if entry is None:  # unregistered or replaced, and no request holds it any more
             with self._lock:
                 self._pending.pop(key, None)
+            self._drop_ahead(key)
             return
         if self.fault_hook is not None:
             self.fault_hook("read", key[0])
@@ -168,24 +174,37 @@ class AdapterManager:
             with self._lock:
                 self._pending.pop(key, None)
                 self._fail(key, e)
+            self._drop_ahead(key)
             return
         seconds = time.perf_counter() - start
         if self.on_load is not None:
             self.on_load("host", seconds)
-        # Copy into free device pages now, without eviction: only the engine thread knows which
-        # adapters the next step needs. Admission then finds it resident.
-        pages = self.pool.reserve(key, weights.rank, evict=False)
-        if pages is not None and self._exclusive:  # resident from here on: no host copy
-            self._fill(key, pages, weights)
-            with self._lock:
-                self._pending.pop(key, None)
-        else:
-            host_copy = self._host_copy(weights) if self._exclusive else weights
-            with self._lock:
-                self._pending.pop(key, None)
-                self.host.put(key, host_copy)
-            if pages is not None:
+        # Into the pages the engine reserved for this read, if it did; else into free device pages,
+        # without eviction: only the engine thread knows which adapters the next step needs.
+        # Admission then finds it resident.
+        with self._lock:
+            pages = self._ahead.pop(key, None)
+            self._landing.add(key)  # from here on the engine reserves nothing more for this read
+        try:
+            if pages is not None and pages.numel() != weights.rank:  # the converted cache's copy differs
+                self.pool.cancel(key, pages)
+                pages = None
+            if pages is None:
+                pages = self.pool.reserve(key, weights.rank, evict=False)
+            if pages is not None and self._exclusive:  # resident from here on: no host copy
                 self._fill(key, pages, weights)
+                with self._lock:
+                    self._pending.pop(key, None)
+            else:
+                host_copy = self._host_copy(weights) if self._exclusive else weights
+                with self._lock:
+                    self._pending.pop(key, None)
+                    self.host.put(key, host_copy)
+                if pages is not None:
+                    self._fill(key, pages, weights)
+        finally:
+            with self._lock:
+                self._landing.discard(key)
         if converted is not None and self.converted is not None:  # last: nothing waits for it
             self.converted.write(content_hash, self.dtype, converted)
 
@@ -226,6 +245,8 @@ class AdapterManager:
                     f"reading adapter {key[0]!r} took longer than {self.read_timeout:g} s (--adapter-read-timeout)"))
             if not stale:
                 return
+        for key in stale:
+            self._drop_ahead(key)
         log.error("adapter reads of %s timed out after %g s; starting a fresh I/O thread",
                   [k[0] for k in stale], self.read_timeout)
         with self._jobs_lock:
@@ -302,10 +323,28 @@ class AdapterManager:
     def stage(self, key: AdapterKey, needed: dict | None = None, protected: set = frozenset()) -> bool | None:
         """Start the device copy of an adapter that is in host memory and not yet on the device:
         reserve pages (evicting by ``select_victims`` with ``needed`` and ``protected``) and hand
-        the copy to the I/O thread. The running batch never waits for a copy; the adapter turns
-        READY when it lands. True: a copy started; False: no room now; None: nothing to do (not
-        in host memory, resident, or a job of it still runs)."""
+        the copy to the I/O thread. For an adapter whose disk read is still queued or running,
+        reserve its pages the same way and let the read land in them (no host copy, no second
+        copy). The running batch never waits for a copy; the adapter turns READY when it lands.
+        True: a copy started or pages wait for the read; False: no room now; None: nothing to do
+        (in neither tier, resident, pages already reserved, or a job of it still runs)."""
         if self.pool.pages_of(key) is not None:
+            return None
+        with self._lock:
+            reading = key in self._pending and key not in self._landing and key not in self._failed
+            if reading and key in self._ahead:
+                return None
+        if reading:  # reserve the read's pages now: it lands in them, with no host copy
+            entry = self._entries.get(key)
+            reserved = None if entry is None else self.pool.reserve(key, entry.manifest.rank, True, needed, protected)
+            if reserved is None:
+                return None if entry is None else False
+            with self._lock:
+                if key in self._pending and key not in self._landing:
+                    self._ahead[key] = reserved
+                    self._device_misses += 1
+                    return True
+            self.pool.cancel(key, reserved)  # it landed meanwhile: staged from the host tier next step
             return None
         with self._jobs_lock:  # a job of this adapter still runs: its outcome (even a failure) comes first
             if any(k == key for k, _, _ in self._jobs.values()):
@@ -320,6 +359,13 @@ class AdapterManager:
         self._device_misses += 1
         self._submit(key, self._stage_copy, key, reserved, weights)
         return True
+
+    def _drop_ahead(self, key: AdapterKey) -> None:
+        """Give back the pages reserved for a read that will not land in them."""
+        with self._lock:
+            pages = self._ahead.pop(key, None)
+        if pages is not None:
+            self.pool.cancel(key, pages)
 
     def _stage_copy(self, key: AdapterKey, pages: torch.Tensor, weights) -> None:
         """I/O thread: a staged host-to-device copy; on a CPU the host copy then goes (exclusive tiers)."""

@@ -310,3 +310,61 @@ def test_versions_nothing_holds_leave_no_records_behind(tmp_path):
         logger.propagate = True
         logger.removeHandler(quiet)
         manager.close()
+
+
+@pytest.mark.parametrize("outcome", ["lands", "fails"])
+def test_a_read_in_flight_lands_in_the_pages_staging_reserved_for_it(tmp_path, outcome):
+    """The pool is full of an adapter nobody needs while b's read runs: staging b evicts it and
+    reserves b's pages at once, and the read lands in them, with no host copy and no second copy.
+    A read that fails gives its reserved pages back."""
+    import threading
+
+    from loramux.adapters.host_cache import HostCache
+    from loramux.adapters.manager import AdapterManager, Readiness
+    from loramux.adapters.registry import AdapterRegistry
+    from loramux.adapters.synthetic import write_random_adapter
+
+    layout = LoRALayout(modules={"model.layers.0.self_attn.q_proj": (0, "q_proj")}, shapes={"q_proj": (8, 8)},
+                        num_layers=1)
+    registry = AdapterRegistry(layout, 4, 4)
+    for i, name in enumerate("ab"):
+        registry.register(name, write_random_adapter(tmp_path / name, layout, 4, seed=i, targets=("q_proj",)),
+                          trusted=True)
+    pool = DevicePool(layout, 4, torch.float32, "cpu")  # room for one of rank 4
+    manager = AdapterManager(registry, HostCache(4), pool, torch.float32)
+    done, release, reading = threading.Event(), threading.Event(), threading.Event()
+    manager.notify = done.set
+    host_copies = []
+    manager._host_copy = lambda w: host_copies.append(w) or w.clone()
+
+    def hook(stage, adapter_id):
+        if adapter_id == "b" and stage == "read":
+            reading.set()
+            assert release.wait(10)
+            if outcome == "fails":
+                raise OSError("injected read failure")
+    manager.fault_hook = hook
+    try:
+        a, b = manager.resolve("a").key, manager.resolve("b").key
+        assert manager.readiness(a) is Readiness.LOADING and done.wait(10)
+        assert manager.tier(a) == "device" and pool.free_pages == 0
+        done.clear()
+        assert manager.readiness(b) is Readiness.LOADING and reading.wait(10)
+        assert manager.stage(b, needed={b: 0}, protected=set()) is True  # evicts a, for b's read
+        assert manager.tier(a) == "disk" and manager.stage(b, needed={b: 0}) is None  # reserved once
+        release.set()
+        assert done.wait(10)
+        if outcome == "lands":
+            assert manager.readiness(b) is Readiness.READY and b not in manager.host and not host_copies
+            expected = manager.resolve("b")
+            from loramux.adapters.loader import load_adapter
+            w = load_adapter(expected.path, layout, 4, torch.float32)
+            a_store, b_store = pool.stores[(0, "q_proj")]
+            assert torch.equal(a_store[pool.pages_of(b)], w.a[(0, "q_proj")])
+            assert torch.equal(b_store[pool.pages_of(b)], w.b[(0, "q_proj")])
+        else:
+            assert manager.readiness(b) is Readiness.FAILED and pool.free_pages == 4
+            assert pool.reserve(b, 4, evict=False) is not None  # nothing left reserved for b
+    finally:
+        release.set()
+        manager.close()
