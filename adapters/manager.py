@@ -185,6 +185,7 @@ class AdapterManager:
         with self._lock:
             pages = self._ahead.pop(key, None)
             self._landing.add(key)  # from here on the engine reserves nothing more for this read
+        filling = False  # once the fill starts, it gives the pages back itself if it fails
         try:
             if pages is not None and pages.numel() != weights.rank:  # the converted cache's copy differs
                 self.pool.cancel(key, pages)
@@ -192,6 +193,7 @@ class AdapterManager:
             if pages is None:
                 pages = self.pool.reserve(key, weights.rank, evict=False)
             if pages is not None and self._exclusive:  # resident from here on: no host copy
+                filling = True
                 self._fill(key, pages, weights)
                 with self._lock:
                     self._pending.pop(key, None)
@@ -201,7 +203,12 @@ class AdapterManager:
                     self._pending.pop(key, None)
                     self.host.put(key, host_copy)
                 if pages is not None:
+                    filling = True
                     self._fill(key, pages, weights)
+        except BaseException:
+            if pages is not None and not filling:
+                self.pool.cancel(key, pages)
+            raise
         finally:
             with self._lock:
                 self._landing.discard(key)
