@@ -128,6 +128,9 @@ def test_convert_adapter_writes_the_serving_layout_exactly(variant, dst):
     for src in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         a = [torch.randn(r, i, generator=gen, dtype=torch.float64).to(src) for i, o, r in shapes]
         b = [torch.randn(o, r, generator=gen, dtype=torch.float64).to(src) for i, o, r in shapes]
+        a[0][0] *= 1e-6  # float16 subnormals (and zeros) in the cast
+        if src == torch.float32:  # halfway between two bfloat16 or float16 values: ties to even
+            a[1][0, :16] = torch.tensor([1 + k * 2**-8 for k in range(8)] + [1 + k * 2**-11 for k in range(8)])
         scales = [0.3, 1.0, 7.25]
         offsets, at = [], 3  # a gap before each module, which must keep its sentinel
         for i, o, _ in shapes:

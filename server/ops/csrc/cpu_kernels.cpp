@@ -437,6 +437,50 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
   });
 }
 
+// dst[0:n] = src[0:n] rounded once to float16 or bfloat16 (to nearest, ties to even, as c10's
+// conversions), eight lanes at a time (F16C for float16, integer ops GCC vectorises for bfloat16;
+// c10's own conversions are scalar, and made a float16 load slower than torch's ops). Returns the
+// sum of v - v over the values written: 0 if every one is finite, NaN otherwise.
+static inline float narrow(c10::Half* dst, const float* src, int64_t n) {
+  float chk = 0.f;
+  int64_t c = 0;
+#if defined(__F16C__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; c + 8 <= n; c += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), h);
+    const __m256 back = _mm256_cvtph_ps(h);
+    acc = _mm256_add_ps(acc, _mm256_sub_ps(back, back));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  for (float l : lanes) chk += l;
+#endif
+  for (; c < n; ++c) {
+    const c10::Half v = static_cast<c10::Half>(src[c]);
+    dst[c] = v;
+    chk += static_cast<float>(v) - static_cast<float>(v);
+  }
+  return chk;
+}
+static inline float narrow(c10::BFloat16* dst, const float* src, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  float chk = 0.f;
+#pragma omp simd reduction(+ : chk)
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t u;
+    std::memcpy(&u, src + c, sizeof u);
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;  // c10 writes every NaN as 0x7FC0
+    const uint16_t v = nan ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    d[c] = v;
+    const uint32_t w = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &w, sizeof f);
+    chk += f - f;
+  }
+  return chk;
+}
+
 // One module of an adapter into the serving layout (adapters/loader.py, LoRAWeights.over), cast to D:
 //   dst[0 : R*in]         = A [r, in], then zero rows r..R-1                               ([R, in])
 //   dst[R*in : R*(in+out)] = (s * B).T: float(B[o, k]) * s, rounded to D once, then zero rows  ([R, out])
@@ -445,6 +489,28 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
 // Returns false if a written value is not finite (NaN or Inf in the file, or an overflow).
 template <typename D, typename S>
 static bool convert_module(D* dst, const S* a, const S* b, int64_t r, int64_t R, int64_t in, int64_t out, float s) {
+  constexpr int64_t BLOCK = 64;
+  if constexpr (std::is_same_v<D, c10::Half> || std::is_same_v<D, c10::BFloat16>) {  // to float32, then narrow()
+    float chk = 0.f, tmp[BLOCK];
+    for (int64_t k = 0; k < r; ++k) {
+      for (int64_t c0 = 0; c0 < in; c0 += BLOCK) {
+        const int64_t n = std::min(BLOCK, in - c0);
+        for (int64_t c = 0; c < n; ++c) tmp[c] = to_f32(a[k * in + c0 + c]);
+        chk += narrow(dst + k * in + c0, tmp, n);
+      }
+    }
+    std::fill(dst + r * in, dst + R * in, static_cast<D>(0.f));
+    D* bt = dst + R * in;
+    for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, out - o0);
+      for (int64_t k = 0; k < r; ++k) {
+        for (int64_t o = 0; o < n; ++o) tmp[o] = to_f32(b[(o0 + o) * r + k]) * s;
+        chk += narrow(bt + k * out + o0, tmp, n);
+      }
+    }
+    std::fill(bt + r * out, bt + R * out, static_cast<D>(0.f));
+    return chk == 0.f;
+  }
   float chk = 0.f;  // x - x is 0 for every finite x and NaN otherwise: one vectorisable sum checks all
   for (int64_t k = 0; k < r; ++k) {
 #pragma omp simd reduction(+ : chk)
@@ -456,7 +522,6 @@ static bool convert_module(D* dst, const S* a, const S* b, int64_t r, int64_t R,
   }
   std::fill(dst + r * in, dst + R * in, static_cast<D>(0.f));
   D* bt = dst + R * in;
-  constexpr int64_t BLOCK = 64;
   for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
     const int64_t o1 = std::min(out, o0 + BLOCK);
     for (int64_t k = 0; k < r; ++k) {
