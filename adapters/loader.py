@@ -189,17 +189,29 @@ def _ints(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int,
-                      into: ReadBuffer | None = None) -> tuple[dict[str, dict], bytearray | memoryview]:
+def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int, into: ReadBuffer | None = None,
+                      trusted: bool = False) -> tuple[dict[str, dict], bytearray | memoryview]:
     """Header first, then the whole file (into ``into``'s memory, if given), which must be no
-    larger than the header says: a file of the wrong size is refused before its data is read."""
+    larger than the header says: a file of the wrong size is refused before its data is read.
+    ``trusted``: the file is the one registration validated (same identity), so its header is
+    parsed, not checked again (for a 420-tensor adapter the checks took longer than the read); a
+    change during the read still fails the load's identity and hash check before any decoding."""
     head = f.read_prefix(8)
     header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
     prefix = f.read_prefix(8 + min(header_len, MAX_HEADER_BYTES))
-    header = read_safetensors_header(prefix, f.size, f.name)
+    if trusted:
+        try:
+            header = json.loads(prefix[8 : 8 + header_len])
+        except (ValueError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            raise AdapterInvalid(f"{f.name} changed while it was read")
+        header.pop("__metadata__", None)
+    else:
+        header = read_safetensors_header(prefix, f.size, f.name)
+        # the shapes must fit the base model before the body is read
+        _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
     prefix = prefix[: 8 + header_len]
-    # the shapes must fit the base model before the body is read
-    _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
     data = f.read(f.size, into=into)
     if len(data) != f.size or data[: len(prefix)] != prefix:  # the bytes read are the bytes checked
         raise AdapterInvalid(f"{f.name} changed while it was read")
@@ -283,16 +295,19 @@ def _largest_adapter_bytes(layout: LoRALayout, max_rank: int) -> int:
 
 
 def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayout, max_rank: int,
-                  into: ReadBuffer | None = None) -> tuple[dict[str, dict] | None, bytearray | memoryview,
-                                                           tuple[int, ...]]:
+                  into: ReadBuffer | None = None, validated: tuple[int, ...] | None = None
+                  ) -> tuple[dict[str, dict] | None, bytearray | memoryview, tuple[int, ...]]:
     """(the safetensors header, None for a pickle file; the file's bytes; the file's identity
-    once read), read confined and bounded (adapters/files.py); safetensors into ``into``, if given."""
+    once read), read confined and bounded (adapters/files.py); safetensors into ``into``, if given.
+    ``validated``: the identity of the file registration validated; a file that still has it is
+    not checked again."""
     with AdapterFile(adapter_dir, name, confine) as f:
         if name == PICKLE_WEIGHTS_NAME:
             header, data = None, f.read(_largest_adapter_bytes(layout, max_rank) + PICKLE_OVERHEAD,
                                         "the largest adapter this model and --max-lora-rank allow")
         else:
-            header, data = _read_safetensors(f, layout, max_rank, into)
+            trusted = validated is not None and f.identity() == validated
+            header, data = _read_safetensors(f, layout, max_rank, into, trusted)
         return header, data, f.identity()
 
 
@@ -370,7 +385,8 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         name = _weights_name(adapter_dir, allow_pickle)
     else:
         spec, name = manifest.spec, manifest.weights_name
-    header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank, read_buffer)
+    header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank, read_buffer,
+                                           None if manifest is None else manifest.weights_identity)
     unchanged = manifest is not None and identity == manifest.weights_identity
     if manifest is not None and not unchanged and hashlib.sha256(data).hexdigest() != manifest.weights_sha256:
         raise AdapterChanged(f"{name} changed after the adapter was registered; register it again to serve the "

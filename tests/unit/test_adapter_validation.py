@@ -305,6 +305,26 @@ def test_an_untouched_file_is_not_hashed_again(tmp_path, monkeypatch):
         load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
 
 
+def test_an_untouched_file_is_not_validated_again(tmp_path, monkeypatch):
+    """Registration checked the header; a load of the same file (same identity) parses it only,
+    and a file changed since is checked in full again."""
+    from loramux.adapters import loader
+
+    monkeypatch.setattr(loader, "RACY_NS", 0)
+    path = write_adapter(tmp_path / "v")
+    manifest = inspect_adapter(path, LAYOUT, 8, 4)
+    checked, check = [], loader.read_safetensors_header
+    monkeypatch.setattr(loader, "read_safetensors_header", lambda *a: checked.append(1) or check(*a))
+    expected = load_adapter(path, LAYOUT, 8, torch.float32)
+    assert checked == [1]  # no manifest: checked
+    assert torch.equal(load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest).flat, expected.flat)
+    assert checked == [1]  # the file registration validated: parsed only
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten with the same bytes: checked again, and accepted
+    assert torch.equal(load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest).flat, expected.flat)
+    assert checked == [1, 1]
+
+
 def test_converted_adapters_round_trip_and_damaged_files_are_dropped(tmp_path):
     from loramux.adapters.converted_cache import ConvertedCache
 
