@@ -26,7 +26,8 @@ def inside(path: Path, root: Path) -> bool:
 class ReadBuffer:
     """Memory that one thread reads adapter files into, load after load. A new buffer costs its
     zeroing and a page fault every 4 KiB (about 5 ms for 20 MB, more than the read itself); this
-    one only the reads write. What a read returns views it until the next read into it."""
+    one only the reads write. It keeps the size of the largest file read so far (one adapter's
+    file per I/O thread). What a read returns views it until the next read into it."""
 
     def __init__(self):
         self._buf = bytearray()
