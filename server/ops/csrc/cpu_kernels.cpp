@@ -437,11 +437,22 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
   });
 }
 
-// dst[0:n] = src[0:n] rounded once to float16 or bfloat16 (to nearest, ties to even, as c10's
-// conversions), eight lanes at a time (F16C for float16, integer ops GCC vectorises for bfloat16;
-// c10's own conversions are scalar, and made a float16 load slower than torch's ops). Returns the
-// sum of v - v over the values written: 0 if every one is finite, NaN otherwise.
-static inline float narrow(c10::Half* dst, const float* src, int64_t n) {
+// dst[0:n] = src[0:n] in D, rounded once (to nearest, ties to even). Returns the sum of v - v
+// over the values written (as float32): 0 if every one is finite, NaN otherwise. float16 and
+// bfloat16 go eight lanes at a time (F16C; integer ops GCC vectorises), as c10's scalar
+// conversions made a float16 load slower than torch's ops, with the same results.
+template <typename D, typename W>
+static inline float store(D* dst, const W* src, int64_t n) {
+  float chk = 0.f;
+#pragma omp simd reduction(+ : chk)
+  for (int64_t c = 0; c < n; ++c) {
+    const D v = static_cast<D>(src[c]);
+    dst[c] = v;
+    chk += static_cast<float>(v) - static_cast<float>(v);
+  }
+  return chk;
+}
+static inline float store(c10::Half* dst, const float* src, int64_t n) {
   float chk = 0.f;
   int64_t c = 0;
 #if defined(__F16C__)
@@ -463,7 +474,7 @@ static inline float narrow(c10::Half* dst, const float* src, int64_t n) {
   }
   return chk;
 }
-static inline float narrow(c10::BFloat16* dst, const float* src, int64_t n) {
+static inline float store(c10::BFloat16* dst, const float* src, int64_t n) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
   float chk = 0.f;
 #pragma omp simd reduction(+ : chk)
@@ -489,48 +500,28 @@ static inline float narrow(c10::BFloat16* dst, const float* src, int64_t n) {
 // Returns false if a written value is not finite (NaN or Inf in the file, or an overflow).
 template <typename D, typename S>
 static bool convert_module(D* dst, const S* a, const S* b, int64_t r, int64_t R, int64_t in, int64_t out, float s) {
+  // Values go through `tmp` in blocks of BLOCK, in W (float32; float64 for a float64 buffer), and
+  // store() rounds them to D; the sum it returns is 0 only if every value written is finite.
   constexpr int64_t BLOCK = 64;
-  if constexpr (std::is_same_v<D, c10::Half> || std::is_same_v<D, c10::BFloat16>) {  // to float32, then narrow()
-    float chk = 0.f, tmp[BLOCK];
-    for (int64_t k = 0; k < r; ++k) {
-      for (int64_t c0 = 0; c0 < in; c0 += BLOCK) {
-        const int64_t n = std::min(BLOCK, in - c0);
-        for (int64_t c = 0; c < n; ++c) tmp[c] = to_f32(a[k * in + c0 + c]);
-        chk += narrow(dst + k * in + c0, tmp, n);
-      }
-    }
-    std::fill(dst + r * in, dst + R * in, static_cast<D>(0.f));
-    D* bt = dst + R * in;
-    for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
-      const int64_t n = std::min(BLOCK, out - o0);
-      for (int64_t k = 0; k < r; ++k) {
-        for (int64_t o = 0; o < n; ++o) tmp[o] = to_f32(b[(o0 + o) * r + k]) * s;
-        chk += narrow(bt + k * out + o0, tmp, n);
-      }
-    }
-    std::fill(bt + r * out, bt + R * out, static_cast<D>(0.f));
-    return chk == 0.f;
-  }
-  float chk = 0.f;  // x - x is 0 for every finite x and NaN otherwise: one vectorisable sum checks all
+  using W = std::conditional_t<std::is_same_v<D, double>, double, float>;
+  W tmp[BLOCK];
+  float chk = 0.f;
   for (int64_t k = 0; k < r; ++k) {
-#pragma omp simd reduction(+ : chk)
-    for (int64_t c = 0; c < in; ++c) {
-      const D v = static_cast<D>(a[k * in + c]);
-      dst[k * in + c] = v;
-      chk += static_cast<float>(v) - static_cast<float>(v);
+    for (int64_t c0 = 0; c0 < in; c0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, in - c0);
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) tmp[c] = static_cast<W>(a[k * in + c0 + c]);
+      chk += store(dst + k * in + c0, tmp, n);
     }
   }
   std::fill(dst + r * in, dst + R * in, static_cast<D>(0.f));
   D* bt = dst + R * in;
   for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
-    const int64_t o1 = std::min(out, o0 + BLOCK);
+    const int64_t n = std::min(BLOCK, out - o0);
     for (int64_t k = 0; k < r; ++k) {
-#pragma omp simd reduction(+ : chk)
-      for (int64_t o = o0; o < o1; ++o) {
-        const D v = static_cast<D>(static_cast<float>(b[o * r + k]) * s);
-        bt[k * out + o] = v;
-        chk += static_cast<float>(v) - static_cast<float>(v);
-      }
+#pragma omp simd
+      for (int64_t o = 0; o < n; ++o) tmp[o] = static_cast<W>(static_cast<float>(b[(o0 + o) * r + k]) * s);
+      chk += store(bt + k * out + o0, tmp, n);
     }
   }
   std::fill(bt + r * out, bt + R * out, static_cast<D>(0.f));
