@@ -81,9 +81,10 @@ class ConvertedCache:
         return self.folder / f"{content_hash}-{str(dtype).removeprefix('torch.')}-{self._layout_id}{SUFFIX}"
 
     def read(self, content_hash: str, dtype: torch.dtype, pin_memory: bool = False,
-             out: torch.Tensor | None = None) -> LoRAWeights | None:
+             out: torch.Tensor | None = None, rank: int | None = None) -> LoRAWeights | None:
         """The converted adapter, or None when there is no usable file for it. ``out``: a buffer to
-        read into, as ``load_adapter``'s."""
+        read into, as ``load_adapter``'s. ``rank``: the rank registration found (the pages the
+        server reserves for it); a file of another rank is unusable."""
         path = self.path(content_hash, dtype)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
@@ -93,7 +94,7 @@ class ConvertedCache:
             log.warning("converted adapter %s cannot be opened: %s", path.name, e)
             return None
         try:
-            weights = self._read(fd, content_hash, dtype, pin_memory, out)
+            weights = self._read(fd, content_hash, dtype, pin_memory, out, rank)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             log.warning("converted adapter %s is unusable (%s); removing it", path.name, e)
             path.unlink(missing_ok=True)
@@ -106,7 +107,7 @@ class ConvertedCache:
         return weights
 
     def _read(self, fd: int, content_hash: str, dtype: torch.dtype, pin_memory: bool,
-              out: torch.Tensor | None) -> LoRAWeights:
+              out: torch.Tensor | None, expected_rank: int | None) -> LoRAWeights:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 8, 0)
         if len(head) != 8 or head[:4] != MAGIC:
@@ -119,6 +120,8 @@ class ConvertedCache:
         rank, numel = int(header["rank"]), int(header["numel"])
         if header["content_hash"] != content_hash or header["dtype"] != str(dtype):
             raise ValueError("its header names another adapter or dtype")
+        if expected_rank is not None and rank != expected_rank:
+            raise ValueError(f"rank {rank}, where the adapter has rank {expected_rank}")
         if numel != flat_numel(modules, rank, self.layout) or any(m not in self.layout.shapes for _, m in modules):
             raise ValueError("its modules do not fit this model")
         start = _aligned(8 + header_len)

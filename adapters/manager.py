@@ -109,11 +109,8 @@ class AdapterManager:
                 job(*args)
             except BaseException as e:  # noqa: BLE001 - reported to the waiters instead
                 log.exception("adapter %s: I/O job %s failed", key[0], job.__name__)
-                with self._lock:
-                    self._pending.pop(key, None)
-                    self._fail(key, e if isinstance(e, AdapterError) else AdapterLoadFailed(
-                        f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}"))
-                self._drop_ahead(key)
+                self._abandon_read(key, e if isinstance(e, AdapterError) else AdapterLoadFailed(
+                    f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}"))
             finally:
                 if self.notify is not None:
                     self.notify()
@@ -153,9 +150,7 @@ class AdapterManager:
             self._pending[key] = time.monotonic()  # the read timeout counts from here, not from the queue
         reg, entry = self.registry, self._entries.get(key)
         if entry is None:  # unregistered or replaced, and no request holds it any more
-            with self._lock:
-                self._pending.pop(key, None)
-            self._drop_ahead(key)
+            self._abandon_read(key)
             return
         if self.fault_hook is not None:
             self.fault_hook("read", key[0])
@@ -163,7 +158,8 @@ class AdapterManager:
         out = self._scratch() if self._exclusive else None
         try:
             weights = None if self.converted is None else self.converted.read(content_hash, self.dtype,
-                                                                               self._pin_memory, out)
+                                                                               self._pin_memory, out,
+                                                                               entry.manifest.rank)
             if weights is None:
                 weights = converted = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype,
                                                    reg.allow_pickle, entry.confine, entry.manifest,
@@ -171,10 +167,7 @@ class AdapterManager:
                                                    read_buffer=self._read_buffer())
         except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
             log.warning("adapter %s cannot be loaded: %s", key[0], e)
-            with self._lock:
-                self._pending.pop(key, None)
-                self._fail(key, e)
-            self._drop_ahead(key)
+            self._abandon_read(key, e)
             return
         seconds = time.perf_counter() - start
         if self.on_load is not None:
@@ -187,9 +180,6 @@ class AdapterManager:
             self._landing.add(key)  # from here on the engine reserves nothing more for this read
         filling = False  # once the fill starts, it gives the pages back itself if it fails
         try:
-            if pages is not None and pages.numel() != weights.rank:  # the converted cache's copy differs
-                self.pool.cancel(key, pages)
-                pages = None
             if pages is None:
                 pages = self.pool.reserve(key, weights.rank, evict=False)
             if pages is not None and self._exclusive:  # resident from here on: no host copy
@@ -366,6 +356,15 @@ class AdapterManager:
         self._device_misses += 1
         self._submit(key, self._stage_copy, key, reserved, weights)
         return True
+
+    def _abandon_read(self, key: AdapterKey, error: AdapterError | None = None) -> None:
+        """A read that will not land: no longer pending, its waiters fail with ``error`` (if one),
+        and the pages reserved for it go back."""
+        with self._lock:
+            self._pending.pop(key, None)
+            if error is not None:
+                self._fail(key, error)
+        self._drop_ahead(key)
 
     def _drop_ahead(self, key: AdapterKey) -> None:
         """Give back the pages reserved for a read that will not land in them."""

@@ -320,6 +320,7 @@ def test_a_read_in_flight_lands_in_the_pages_staging_reserved_for_it(tmp_path, o
     import threading
 
     from loramux.adapters.host_cache import HostCache
+    from loramux.adapters.loader import load_adapter
     from loramux.adapters.manager import AdapterManager, Readiness
     from loramux.adapters.registry import AdapterRegistry
     from loramux.adapters.synthetic import write_random_adapter
@@ -356,9 +357,7 @@ def test_a_read_in_flight_lands_in_the_pages_staging_reserved_for_it(tmp_path, o
         assert done.wait(10)
         if outcome == "lands":
             assert manager.readiness(b) is Readiness.READY and b not in manager.host and not host_copies
-            expected = manager.resolve("b")
-            from loramux.adapters.loader import load_adapter
-            w = load_adapter(expected.path, layout, 4, torch.float32)
+            w = load_adapter(manager.resolve("b").path, layout, 4, torch.float32)
             a_store, b_store = pool.stores[(0, "q_proj")]
             assert torch.equal(a_store[pool.pages_of(b)], w.a[(0, "q_proj")])
             assert torch.equal(b_store[pool.pages_of(b)], w.b[(0, "q_proj")])

@@ -345,6 +345,10 @@ def test_converted_adapters_round_trip_and_damaged_files_are_dropped(tmp_path):
     assert all(torch.equal(back.a[k], loaded.a[k]) and torch.equal(back.b[k], loaded.b[k]) for k in loaded.a)
     assert cache.read(manifest.content_hash, torch.bfloat16) is None  # another dtype is another file
     file = cache.path(manifest.content_hash, torch.float32)
+    assert cache.read(manifest.content_hash, torch.float32, rank=loaded.rank).rank == loaded.rank
+    # a file of another rank than registration found (the pages the server reserves) is dropped
+    assert cache.read(manifest.content_hash, torch.float32, rank=loaded.rank + 1) is None and not file.exists()
+    cache.write(manifest.content_hash, torch.float32, loaded)
     good = file.read_bytes()
     nan = bytearray(good)
     nan[-4:] = struct.pack("<f", float("nan"))
