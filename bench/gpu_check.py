@@ -159,8 +159,10 @@ def stage_profile(args, out: Path) -> dict:
         deadline, steps = time.monotonic() + args.budget / 2, StepRecorder()
         engine.observers.append(steps)
         while sum(1 for st in steps.steps if st.num_decode_tokens == batch) < 2:
-            engine.run_once()  # adapter loads, prefill, and two full decode steps to warm everything
-            await asyncio.sleep(0)
+            stepped, _ = engine.run_once()  # adapter loads, prefill, and two full decode steps to warm everything
+            # idle, wait as the engine's own loop does: a thread that spins here takes the GIL back
+            # each time the I/O thread would get it, and an adapter read can starve for minutes
+            await asyncio.sleep(0 if stepped else 0.005)
             failed = next((r for r in readers if r.done() and r.exception() is not None), None)
             if failed is not None:  # a failed request never decodes: say why now, not at the deadline
                 raise failed.exception()
