@@ -17,6 +17,7 @@ that leaves for the device leaves its buffer for the next one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -83,7 +84,9 @@ class AdapterManager:
         # cancelled or completed (its done-callback takes it)
         self._jobs_lock = threading.Lock()
         self._failed: dict[AdapterKey, tuple[AdapterError, float]] = {}  # (error, time.monotonic() of it)
-        self._lock = threading.Lock()  # guards host cache and the pending/failed maps across threads
+        # guards host cache and the pending/failed maps across threads; the pool's lock may be taken
+        # inside it (the pool never calls back into the manager)
+        self._lock = threading.Lock()
         self._io_initializer = io_initializer
         self._io = self._new_io()
         self._device_hits = self._device_misses = self._host_misses = 0
@@ -92,6 +95,7 @@ class AdapterManager:
         self.notify = None  # callable(), after each read or copy ends (either way): wakes the step loop
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
+        self.io_span = contextlib.nullcontext  # a context manager around each I/O job (the server's IOCoreShare)
         self.closing = threading.Event()  # set by close(): a fault hook that hangs a read returns then
         self._pin_memory = torch.device(pool.device).type == "cuda"
         self._exclusive = torch.device(pool.device).type == "cpu"  # see the module's docstring
@@ -106,7 +110,8 @@ class AdapterManager:
         and never escapes into a lost future."""
         def guarded():
             try:
-                job(*args)
+                with self.io_span():
+                    job(*args)
             except BaseException as e:  # noqa: BLE001 - reported to the waiters instead
                 log.exception("adapter %s: I/O job %s failed", key[0], job.__name__)
                 self._abandon_read(key, e if isinstance(e, AdapterError) else AdapterLoadFailed(
@@ -327,22 +332,17 @@ class AdapterManager:
         (in neither tier, resident, pages already reserved, or a job of it still runs)."""
         if self.pool.pages_of(key) is not None:
             return None
-        with self._lock:
-            reading = key in self._pending and key not in self._landing and key not in self._failed
-            if reading and key in self._ahead:
-                return None
-        if reading:  # reserve the read's pages now: it lands in them, with no host copy
-            entry = self._entries.get(key)
-            reserved = None if entry is None else self.pool.reserve(key, entry.manifest.rank, True, needed, protected)
-            if reserved is None:
-                return None if entry is None else False
-            with self._lock:
-                if key in self._pending and key not in self._landing:
-                    self._ahead[key] = reserved
-                    self._device_misses += 1
-                    return True
-            self.pool.cancel(key, reserved)  # it landed meanwhile: staged from the host tier next step
-            return None
+        with self._lock:  # held across the reservation: the read takes the pages, or finds none reserved
+            if key in self._pending and key not in self._landing and key not in self._failed:
+                entry = self._entries.get(key)
+                if key in self._ahead or entry is None:
+                    return None
+                reserved = self.pool.reserve(key, entry.manifest.rank, True, needed, protected)
+                if reserved is None:
+                    return False
+                self._ahead[key] = reserved  # the read lands in them, with no host copy
+                self._device_misses += 1
+                return True
         with self._jobs_lock:  # a job of this adapter still runs: its outcome (even a failure) comes first
             if any(k == key for k, _, _ in self._jobs.values()):
                 return None

@@ -5,6 +5,7 @@ the server is idle, exact and SERVING afterwards."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -378,7 +379,8 @@ def test_a_failed_device_copy_fails_its_requests_and_the_next_one_succeeds(tiny_
             again = proc.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r64",
                                          sampling=Sampling(max_new_tokens=4, ignore_eos=True), timeout=30)
             assert again.completion_tokens == 4
-        assert "I/O job _fill failed" in proc.log() or "I/O job _read_into_host failed" in proc.log()
+        # the copy after the read, or a later one from the host tier: logged by the job that ran it
+        assert re.search(r"I/O job (_read_into_host|_stage_copy) failed", proc.log())
         assert_recovered(proc, canary)
     finally:
         proc.stop()
