@@ -23,7 +23,7 @@ from .ops import cpu_isa, select_backend
 from .ops.attention import select_decode_attention
 from .ops.cpu_kernel import load_kernels
 from .runner import ModelRunner
-from .torch_threads import in_passing_thread, serial_openmp
+from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,12 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             manager.on_register(entry)
         except AdapterError as e:
             raise StartupError(f"--keep-resident {adapter_id!r}: {e}") from None
+    share = IOCoreShare.for_this_process() if loaded.device.type == "cpu" else None
+    if share is not None:  # the engine's team makes way for each I/O job, checked before every fused linear
+        manager.io_span = share.io_job
+        for layer in model.layers:
+            for fused in layer.lora_modules():
+                fused.register_forward_pre_hook(share.check)
     runner = ModelRunner(model, kv, apply_lora, loaded.device)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step

@@ -6,11 +6,13 @@ ops run up to twice as slowly: on a 2-core VM, 210 decode LoRA calls took 55 ms 
 team alone and 130 ms after the main thread had run one matmul. So the engine thread is the one
 long-lived thread with a team: one-off torch work (loading and building the model) runs in a
 thread that ends when the work does, and takes its team with it; the adapter I/O thread runs its
-torch ops serially, so it never makes a team at all.
+torch ops serially, so it never makes a team at all, and while it works the engine's team is one
+thread smaller (``IOCoreShare``), so that no thread of the team waits for a core.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
@@ -68,3 +70,46 @@ def serial_openmp() -> None:
     lib = openmp_library()
     if lib is not None:
         lib.omp_set_num_threads(1)  # per thread in libgomp
+
+
+class IOCoreShare:
+    """The engine thread's OpenMP team, one thread smaller for each adapter I/O job running.
+
+    The team has a thread per core. An I/O job (a disk read and conversion, a page copy) takes a
+    core from one of them, and every parallel region then waits for that thread at its end: a
+    second of I/O cost the engine a second (bench-paging, 2 cores). With a thread fewer, the team
+    runs at (n-1)/n speed beside the job instead. The I/O thread marks its jobs (``io_job``); the
+    engine thread calls ``check`` often (before each fused linear), which resizes its own team
+    (libgomp's count is per thread) when the number of running jobs changed."""
+
+    def __init__(self, threads: int, lib):
+        self._full = threads
+        self._lib = lib
+        self._current = threads
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_this_process(cls) -> IOCoreShare | None:
+        """One for this process's torch threads, or None where there is nothing to share (one
+        thread, or an OpenMP other than libgomp)."""
+        lib, threads = openmp_library(), torch.get_num_threads()
+        return cls(threads, lib) if lib is not None and threads > 1 else None
+
+    @contextlib.contextmanager
+    def io_job(self):
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def check(self, *_) -> None:
+        """Engine thread: size its team for the I/O jobs running now (a module pre-hook's arguments
+        are ignored)."""
+        want = max(1, self._full - self._busy)
+        if want != self._current:
+            self._lib.omp_set_num_threads(want)
+            self._current = want

@@ -253,3 +253,45 @@ def test_a_kept_adapter_whose_copy_failed_is_tried_again(tiny_llama, many_adapte
         built.engine.stop()
     assert "kept adapter k failed to load" in caplog.text  # it did fail once, and was retried
     assert isinstance(out[0], list) and len(out[0]) == MAX_NEW
+
+
+@pytest.mark.skipif(openmp_library() is None or torch.get_num_threads() < 2,
+                    reason="no OpenMP team to share (one thread, or not libgomp)")
+def test_the_engine_team_is_a_thread_smaller_while_an_io_job_runs(tiny_llama, many_adapters):
+    """While the I/O thread copies an adapter, the engine's fused linears run with one OpenMP
+    thread fewer (the I/O job has that core), and with the whole team again once no job runs."""
+    import threading
+
+    built = engine_for(tiny_llama, many_adapters, device=2, host=4)
+    pool, full = built.manager.pool, torch.get_num_threads()
+    copying, stepped = threading.Event(), threading.Event()
+    during, after = [], []
+    original = pool.fill
+
+    def held_fill(*args):  # the I/O job stays running until a step has run a fused linear beside it
+        copying.set()
+        stepped.clear()
+        stepped.wait(2.0)
+        copying.clear()
+        return original(*args)
+
+    def record(*_):
+        if copying.is_set():
+            during.append(torch.get_num_threads())
+            stepped.set()
+        else:
+            after.append(torch.get_num_threads())
+
+    pool.fill = held_fill
+    built.engine.runner.model.layers[0].lora_modules()[0].register_forward_hook(record)
+    try:
+        reqs = [GenerationRequest(f"t{i}", (5, 6, 7), SamplingParams(6, ignore_eos=True), f"m{i % 6}")
+                for i in range(12)]
+        out = generate(built.engine, reqs)
+        pool.fill = original
+        generate(built.engine, [GenerationRequest("last", (5, 6), SamplingParams(2, ignore_eos=True))])
+    finally:
+        built.engine.stop()
+    assert all(isinstance(o, list) and len(o) == 6 for o in out)
+    assert during and set(during) == {full - 1}
+    assert after[-1] == full

@@ -1,12 +1,12 @@
 """One-off torch work runs in a thread that ends, and the adapter I/O thread runs torch serially, so
-the engine thread keeps the only OpenMP team."""
+the engine thread keeps the only OpenMP team, one thread smaller while adapter I/O runs."""
 
 import threading
 
 import pytest
 import torch
 
-from loramux.server.torch_threads import in_passing_thread, openmp_library, serial_openmp
+from loramux.server.torch_threads import IOCoreShare, in_passing_thread, openmp_library, serial_openmp
 
 
 def test_runs_in_a_thread_that_has_ended_and_returns_its_result():
@@ -54,4 +54,60 @@ def test_serial_openmp_changes_only_the_calling_thread():
     thread.start()
     thread.join()
     assert seen == [1]
+    assert torch.get_num_threads() == before
+
+
+class RecordingOpenMP:
+    def __init__(self):
+        self.calls = []
+
+    def omp_set_num_threads(self, n):
+        self.calls.append(n)
+
+
+def test_io_core_share_gives_a_thread_per_running_io_job_and_takes_it_back():
+    lib = RecordingOpenMP()
+    share = IOCoreShare(3, lib)
+    share.check()
+    assert lib.calls == []  # nothing running: the team stays whole, and nothing is called
+    with share.io_job():
+        share.check()
+        share.check()  # resized once per change, not per check
+        assert lib.calls == [2]
+        with share.io_job():
+            share.check()
+            assert lib.calls == [2, 1]
+            with share.io_job():
+                share.check()  # never below one thread
+                assert lib.calls == [2, 1]
+    share.check()
+    assert lib.calls == [2, 1, 3]
+    with pytest.raises(RuntimeError), share.io_job():
+        raise RuntimeError("a failed job ends its share too")
+    share.check()
+    assert lib.calls == [2, 1, 3]
+
+
+def test_io_core_share_only_where_there_is_a_team_to_share(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert IOCoreShare.for_this_process() is None
+
+
+@pytest.mark.skipif(openmp_library() is None, reason="torch does not use libgomp here")
+def test_io_core_share_resizes_only_the_checking_thread():
+    before = torch.get_num_threads()
+    share = IOCoreShare(2, openmp_library())
+    seen = []
+
+    def engine():
+        with share.io_job():
+            share.check()
+            seen.append(torch.get_num_threads())
+        share.check()
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    thread.join()
+    assert seen == [1, 2]
     assert torch.get_num_threads() == before
