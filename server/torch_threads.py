@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -91,10 +92,12 @@ class IOCoreShare:
 
     @classmethod
     def for_this_process(cls) -> IOCoreShare | None:
-        """One for this process's torch threads, or None where there is nothing to share (one
-        thread, or an OpenMP other than libgomp)."""
+        """One for this process's torch threads, or None where there is nothing to share: one
+        thread, a core to spare already (fewer threads than usable cores), or an OpenMP other
+        than libgomp."""
         lib, threads = openmp_library(), torch.get_num_threads()
-        return cls(threads, lib) if lib is not None and threads > 1 else None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cls(threads, lib) if lib is not None and 1 < threads and cores <= threads else None
 
     @contextlib.contextmanager
     def io_job(self):

@@ -11,7 +11,7 @@ from loramux.adapters.synthetic import write_random_adapter
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.requests import GenerationRequest, SamplingParams
-from loramux.server.torch_threads import openmp_library
+from loramux.server.torch_threads import IOCoreShare, openmp_library
 
 from helpers import peft_generate, tiny_layout
 
@@ -255,8 +255,8 @@ def test_a_kept_adapter_whose_copy_failed_is_tried_again(tiny_llama, many_adapte
     assert isinstance(out[0], list) and len(out[0]) == MAX_NEW
 
 
-@pytest.mark.skipif(openmp_library() is None or torch.get_num_threads() < 2,
-                    reason="no OpenMP team to share (one thread, or not libgomp)")
+@pytest.mark.skipif(IOCoreShare.for_this_process() is None,
+                    reason="no OpenMP team to share (one thread, a core to spare, or not libgomp)")
 def test_the_engine_team_is_a_thread_smaller_while_an_io_job_runs(tiny_llama, many_adapters):
     """While the I/O thread copies an adapter, the engine's fused linears run with one OpenMP
     thread fewer (the I/O job has that core), and with the whole team again once no job runs."""

@@ -1,6 +1,7 @@
 """One-off torch work runs in a thread that ends, and the adapter I/O thread runs torch serially, so
 the engine thread keeps the only OpenMP team, one thread smaller while adapter I/O runs."""
 
+import os
 import threading
 
 import pytest
@@ -88,9 +89,13 @@ def test_io_core_share_gives_a_thread_per_running_io_job_and_takes_it_back():
     assert lib.calls == [2, 1, 3]
 
 
-def test_io_core_share_only_where_there_is_a_team_to_share(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert IOCoreShare.for_this_process() is None
+@pytest.mark.skipif(openmp_library() is None, reason="torch does not use libgomp here")
+@pytest.mark.parametrize("threads, cores, shared", [(1, 1, False), (1, 4, False), (4, 4, True), (4, 8, False),
+                                                    (8, 4, True)])
+def test_io_core_share_only_where_the_team_has_every_core(monkeypatch, threads, cores, shared):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert (IOCoreShare.for_this_process() is not None) == shared
 
 
 @pytest.mark.skipif(openmp_library() is None, reason="torch does not use libgomp here")
