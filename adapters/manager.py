@@ -80,7 +80,8 @@ class AdapterManager:
         self._ahead: dict[AdapterKey, torch.Tensor] = {}
         self._landing: set[AdapterKey] = set()
         self._jobs: dict = {}  # future -> (key, job, args) of every job not yet done
-        # guards _jobs and _io; taken inside _lock, never around it, and never held while a future is
+        self._spans: dict = {}  # I/O executor -> the io_span of the job running on it
+        # guards _jobs, _spans and _io; taken inside _lock, never around it, and never held while a future is
         # cancelled or completed (its done-callback takes it)
         self._jobs_lock = threading.Lock()
         self._failed: dict[AdapterKey, tuple[AdapterError, float]] = {}  # (error, time.monotonic() of it)
@@ -95,7 +96,9 @@ class AdapterManager:
         self.notify = None  # callable(), after each read or copy ends (either way): wakes the step loop
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
-        self.io_span = contextlib.nullcontext  # a context manager around each I/O job (the server's IOCoreShare)
+        # a context manager around each I/O job (the server's IOCoreShare.io_job); its release(), if
+        # it has one, runs when a read is abandoned to a hung thread
+        self.io_span = contextlib.nullcontext
         self.closing = threading.Event()  # set by close(): a fault hook that hangs a read returns then
         self._pin_memory = torch.device(pool.device).type == "cuda"
         self._exclusive = torch.device(pool.device).type == "cpu"  # see the module's docstring
@@ -108,19 +111,25 @@ class AdapterManager:
     def _submit(self, key: AdapterKey, job, *args) -> None:
         """Run ``job`` on the I/O thread; any failure it raises fails ``key``'s waiters, is logged,
         and never escapes into a lost future."""
-        def guarded():
+        def guarded(io):
+            span = self.io_span()
+            with self._jobs_lock:
+                self._spans[io] = span  # the one job running on ``io``: released if ``io`` is abandoned
             try:
-                with self.io_span():
+                with span:
                     job(*args)
             except BaseException as e:  # noqa: BLE001 - reported to the waiters instead
                 log.exception("adapter %s: I/O job %s failed", key[0], job.__name__)
                 self._abandon_read(key, e if isinstance(e, AdapterError) else AdapterLoadFailed(
                     f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}"))
             finally:
+                with self._jobs_lock:
+                    if self._spans.get(io) is span:
+                        del self._spans[io]
                 if self.notify is not None:
                     self.notify()
         with self._jobs_lock:
-            future = self._io.submit(guarded)
+            future = self._io.submit(guarded, self._io)
             self._jobs[future] = (key, job, args)
         future.add_done_callback(self._job_done)
 
@@ -254,7 +263,10 @@ class AdapterManager:
         with self._jobs_lock:
             old, self._io = self._io, self._new_io()
             queued = dict(self._jobs)
+            hung = self._spans.pop(old, None)
         old.shutdown(wait=False, cancel_futures=True)
+        if hung is not None and hasattr(hung, "release"):  # a hung read takes no core: the engine's team is whole again
+            hung.release()
         for future, (key, job, args) in queued.items():  # jobs queued behind the hung read move over
             if future.cancelled():
                 self._submit(key, job, *args)

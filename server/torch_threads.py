@@ -12,7 +12,6 @@ thread smaller (``IOCoreShare``), so that no thread of the team waits for a core
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -99,15 +98,9 @@ class IOCoreShare:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return cls(threads, lib) if lib is not None and 1 < threads and cores <= threads else None
 
-    @contextlib.contextmanager
-    def io_job(self):
-        with self._lock:
-            self._busy += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._busy -= 1
+    def io_job(self) -> IOJob:
+        """A context manager around one I/O job: its thread counts while it runs."""
+        return IOJob(self)
 
     def check(self, *_) -> None:
         """Engine thread: size its team for the I/O jobs running now (a module pre-hook's arguments
@@ -116,3 +109,27 @@ class IOCoreShare:
         if want != self._current:
             self._lib.omp_set_num_threads(want)
             self._current = want
+
+
+class IOJob:
+    """One I/O job's claim on a core. ``release`` ends it early (idempotent): a read abandoned
+    after --adapter-read-timeout is blocked, not computing, and must not keep the team small."""
+
+    def __init__(self, share: IOCoreShare):
+        self._share = share
+        self._held = False
+
+    def __enter__(self) -> IOJob:
+        with self._share._lock:
+            self._share._busy += 1
+            self._held = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        with self._share._lock:
+            if self._held:
+                self._held = False
+                self._share._busy -= 1

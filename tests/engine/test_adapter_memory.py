@@ -275,15 +275,21 @@ def test_the_engine_team_is_a_thread_smaller_while_an_io_job_runs(tiny_llama, ma
         copying.clear()
         return original(*args)
 
+    def before_check(*_):  # runs ahead of the share's check: was a copy already running then?
+        held[0] = copying.is_set()
+
     def record(*_):
-        if copying.is_set():
+        if held[0] and copying.is_set():
             during.append(torch.get_num_threads())
             stepped.set()
-        else:
+        elif not copying.is_set():
             after.append(torch.get_num_threads())
 
+    held = [False]
     pool.fill = held_fill
-    built.engine.runner.model.layers[0].lora_modules()[0].register_forward_hook(record)
+    fused = built.engine.runner.model.layers[0].lora_modules()[0]
+    fused.register_forward_pre_hook(before_check, prepend=True)
+    fused.register_forward_hook(record)
     try:
         reqs = [GenerationRequest(f"t{i}", (5, 6, 7), SamplingParams(6, ignore_eos=True), f"m{i % 6}")
                 for i in range(12)]

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from loramux.adapters.errors import AdapterLoadFailed, AdapterLoadTimeout
 from loramux.adapters.loader import LoRAWeights
@@ -173,6 +174,9 @@ def test_a_hung_disk_read_times_out_and_later_reads_still_run(tiny_llama, tiny_a
 
     monkeypatch.setattr(manager_module, "load_adapter", load)
     b = make(tiny_llama, tiny_adapters, adapter_read_timeout=1.0)
+    threads = []  # the engine's OpenMP threads at a fused linear: a hung read must not keep a core
+    b.engine.runner.model.layers[0].lora_modules()[0].register_forward_hook(
+        lambda *_: threads.append(torch.get_num_threads()))
     try:
         t0 = time.monotonic()
         hung, other = run_all(b.engine, [req("hung", adapter="attn-r64"), req("other", adapter="all-r16-rslora")])
@@ -181,6 +185,7 @@ def test_a_hung_disk_read_times_out_and_later_reads_still_run(tiny_llama, tiny_a
         assert status_name(hung) == "UNAVAILABLE"
         assert isinstance(other, list) and len(other) == 8  # read by the fresh I/O thread
         assert idle(b.engine)
+        assert threads and set(threads) == {torch.get_num_threads()}
     finally:
         release.set()
         b.engine.stop()

@@ -89,6 +89,19 @@ def test_io_core_share_gives_a_thread_per_running_io_job_and_takes_it_back():
     assert lib.calls == [2, 1, 3]
 
 
+def test_a_released_io_job_gives_its_core_back_once():
+    lib = RecordingOpenMP()
+    share = IOCoreShare(2, lib)
+    with share.io_job() as hung, share.io_job():
+        share.check()
+        hung.release()  # abandoned after the read timeout: blocked, not computing
+        hung.release()
+        share.check()
+        assert lib.calls == [1]  # two jobs, one released: one thread given, not two
+    share.check()
+    assert lib.calls == [1, 2]
+
+
 @pytest.mark.skipif(openmp_library() is None, reason="torch does not use libgomp here")
 @pytest.mark.parametrize("threads, cores, shared", [(1, 1, False), (1, 4, False), (4, 4, True), (4, 8, False),
                                                     (8, 4, True)])
