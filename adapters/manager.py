@@ -53,6 +53,13 @@ class TierCounters:
     reloads: int  # loads within RELOAD_WINDOW_S of the same adapter's eviction from the tier
 
 
+class UntrackedJob(contextlib.nullcontext):
+    """The default ``io_span``: nothing counts an I/O job, so there is nothing to release."""
+
+    def release(self) -> None:
+        pass
+
+
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, host: HostCache, pool: DevicePool, dtype: torch.dtype,
                  io_initializer=None, read_timeout: float = 30.0, converted: ConvertedCache | None = None,
@@ -96,9 +103,9 @@ class AdapterManager:
         self.notify = None  # callable(), after each read or copy ends (either way): wakes the step loop
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
-        # a context manager around each I/O job (the server's IOCoreShare.io_job); its release(), if
-        # it has one, runs when a read is abandoned to a hung thread
-        self.io_span = contextlib.nullcontext
+        # a context manager around each I/O job (the server's IOCoreShare.io_job); its release()
+        # runs when a read is abandoned to a hung thread
+        self.io_span = UntrackedJob
         self.closing = threading.Event()  # set by close(): a fault hook that hangs a read returns then
         self._pin_memory = torch.device(pool.device).type == "cuda"
         self._exclusive = torch.device(pool.device).type == "cpu"  # see the module's docstring
@@ -265,7 +272,7 @@ class AdapterManager:
             queued = dict(self._jobs)
             hung = self._spans.pop(old, None)
         old.shutdown(wait=False, cancel_futures=True)
-        if hung is not None and hasattr(hung, "release"):  # a hung read takes no core: the engine's team is whole again
+        if hung is not None:  # a hung read takes no core: the engine's team is whole again
             hung.release()
         for future, (key, job, args) in queued.items():  # jobs queued behind the hung read move over
             if future.cancelled():

@@ -102,6 +102,10 @@ class IOCoreShare:
         """A context manager around one I/O job: its thread counts while it runs."""
         return IOJob(self)
 
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self._busy += delta
+
     def check(self, *_) -> None:
         """Engine thread: size its team for the I/O jobs running now (a module pre-hook's arguments
         are ignored)."""
@@ -118,10 +122,11 @@ class IOJob:
     def __init__(self, share: IOCoreShare):
         self._share = share
         self._held = False
+        self._lock = threading.Lock()  # the I/O thread's exit and the engine's release may race
 
     def __enter__(self) -> IOJob:
-        with self._share._lock:
-            self._share._busy += 1
+        with self._lock:
+            self._share._count(1)
             self._held = True
         return self
 
@@ -129,7 +134,7 @@ class IOJob:
         self.release()
 
     def release(self) -> None:
-        with self._share._lock:
+        with self._lock:
             if self._held:
                 self._held = False
-                self._share._busy -= 1
+                self._share._count(-1)
