@@ -1,7 +1,9 @@
-"""`make bench --quick` end to end on a tiny model: the report is produced and well formed.
+"""Benchmarks end to end on a tiny model (`make bench --quick`, `bench/scale_steps.py`): each runs and
+reports in the expected form.
 No timing is asserted: speed lives in BENCHMARKS.md, measured by the full run."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +29,14 @@ def test_quick_benchmark_writes_a_well_formed_report(tiny_llama, tmp_path):
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "row1/row2" in proc.stdout
+
+
+def test_row_seven_step_split_runs_on_a_tiny_model(tiny_llama, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/scale_steps.py"), "--pairs", "1", "--many", "40",
+                           "--model", str(tiny_llama), "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [line.split() for line in proc.stdout.splitlines() if "adapters:" in line]
+    assert sorted(int(r[0]) for r in runs) == [8, 40]
+    assert all(float(r[2]) > 0 and r[3] == "tok/s," for r in runs)
+    assert re.search(r"40/8 median \d+\.\d+; decode steps [+-]\d+\.\d ms for -?\d+\.\d more", proc.stdout), proc.stdout
