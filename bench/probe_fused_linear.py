@@ -18,7 +18,8 @@ rows, scattered over a page store as the engine's are) either
 Shapes are the default model's four fused linears a layer (q|k|v, o, gate|up, down) times 30
 layers, batch 32, 32 distinct rank-16 adapters on all seven projections (596 MiB of pages a step,
 as `make bench-decode`'s default model); the floor is a sum over as many bytes. Every variant is
-checked against torch first. Prints medians of --rounds passes over all 120 calls.
+checked against torch first. Two threads (the 2-core VM's), in the kernel and in torch.
+Prints medians of --rounds passes over all 120 calls.
 
     python bench/probe_fused_linear.py [--rate 1] [--rounds 9]
 """
@@ -225,15 +226,15 @@ def main() -> None:
             torch.testing.assert_close(ext.run(x, wp, a, pa, b, pb, mode, args.rate), ref, rtol=1e-4, atol=1e-4)
     page_bytes = sum((pa.numel() * a.shape[1] + pb.numel() * b.shape[1]) * 4 for _, _, a, pa, b, pb in calls)
     stream = torch.randn(page_bytes // 4)
+    def packed(mode: int):
+        return lambda: [ext.run(xs[w.shape[1]], wp, a, pa, b, pb, mode, args.rate) for w, wp, a, pa, b, pb in calls]
+
     variants = {
         "torch linear, base": lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w, *_ in calls],
-        "packed, base": lambda: [ext.run(xs[w.shape[1]], wp, a, pa, b, pb, 0, 0) for w, wp, a, pa, b, pb in calls],
-        "packed + LoRA in series": lambda: [ext.run(xs[w.shape[1]], wp, a, pa, b, pb, 1, 0)
-                                            for w, wp, a, pa, b, pb in calls],
-        "packed + LoRA fused": lambda: [ext.run(xs[w.shape[1]], wp, a, pa, b, pb, 2, args.rate)
-                                        for w, wp, a, pa, b, pb in calls],
-        "packed, pages prefetched, then LoRA": lambda: [ext.run(xs[w.shape[1]], wp, a, pa, b, pb, 3, args.rate)
-                                                        for w, wp, a, pa, b, pb in calls],
+        "packed, base": packed(0),
+        "packed + LoRA in series": packed(1),
+        "packed + LoRA fused": packed(2),
+        "packed, pages prefetched, then LoRA": packed(3),
         "floor (one read of the pages)": lambda: stream.sum(),
     }
     times = {name: [] for name in variants}
