@@ -6,7 +6,8 @@ the page store keeps them, once: ``v = A_P x`` for every kind of a fused linear 
 the pages, eight at a time (q|k|v, gate|up), then ``y[:, C_j] += v_j B_P[:, C_j]`` straight into each kind's
 columns, accumulating in float32. Prefill segments (SGMV) keep a thread's rows contiguous, so
 that each adapter's pages stay in cache across its rows, and in float32 go four rows of one
-adapter at a time: each page value read once for the four, the sums in vector registers. The torch ops'
+adapter at a time (eight in the AVX-512 build, in 16-lane registers): each page value read once
+for them, the sums in vector registers. The torch ops'
 gather, ``bmm`` and ``embedding_bag`` take three passes and their call overhead per kind.
 ``paged_decode`` reads each decode row's keys and values in place through its block table (no
 padded copy), one (row, head) per task. ``convert_adapter`` writes a loaded adapter's modules

@@ -7,7 +7,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -16,7 +16,11 @@
 // one row at a time, a prefill step is bound by the loads and the FMA latency, not the arithmetic.
 //   v[r, t, k] = x[rows[r]] . a[p[k], used[t], :]           for r < TILE
 //   y[rows[r], C_t] += sum_k v[r, t, k] * b[p[k], C_t]
+#if defined(__AVX512F__)
+constexpr int64_t TILE = 8;  // 32 vector registers: 16 sums for eight rows, each page value loaded once for them
+#else
 constexpr int64_t TILE = 4;
+#endif
 
 // Eight floats in one vector register of any target (GCC vector extension: AVX, two SSE or two
 // NEON registers); alignment 4, so loads and stores through it may be unaligned.
@@ -64,6 +68,7 @@ static inline void load8(f32x8& out, const c10::BFloat16* p) {
   std::memcpy(&out, &w, sizeof out);
 }
 
+#if !defined(__AVX512F__)
 // The float32 expand of a tile: y[r, c0:c1] += sum_k v_r[k] * b[p[k], c0:c1] for the TILE rows,
 // sixteen columns at a time with all TILE x 16 sums in registers across the pages, so the only
 // memory traffic is each B value once and each y value once.
@@ -96,14 +101,100 @@ static void expand_tile_f32(float* const y[TILE], const float* b, const int64_t*
     }
   }
 }
+#endif
+
+#if defined(__AVX512F__)
+// AVX-512 build: the tile's sums in 16 of the 32 vector registers, each page value loaded once
+// for the TILE rows. Shrink, two pages at a time: v[r, k], v[r, k + 1] for r < TILE across `in`,
+// a masked load taking the last in % 16 values (an odd rank's last page goes alone).
+static inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+// The sum of a register's 16 lanes. The zero-masked shuffles (all lanes kept) stand in for
+// _mm512_reduce_add_ps and the plain shuffles, whose _mm512_undefined_ps GCC 12 warns about.
+static inline float lane_sum(__m512 v) {
+  constexpr __mmask16 all = 0xFFFF;
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0x4E));  // swap the 256-bit halves
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0xB1));  // swap 128-bit lanes in each half
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0x4E));        // swap 64-bit pairs in each lane
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0xB1));        // swap neighbours
+  return _mm512_cvtss_f32(v);
+}
+
+static void shrink_tile_avx512(float* v, int64_t step, const float* const xs[TILE], const float* a, const int64_t* p,
+                               int64_t rank, int64_t in, int64_t sa_page, int64_t off) {
+  for (int64_t k = 0; k < rank; k += 2) {
+    const int pair = k + 1 < rank ? 2 : 1;
+    const float* r[2] = {a + p[k] * sa_page + off, a + p[k + pair - 1] * sa_page + off};
+    __m512 acc[TILE][2];
+    for (auto& row : acc) for (auto& s : row) s = _mm512_setzero_ps();
+    auto columns = [&](int64_t c, auto load) {  // 16 columns of `in`
+      const __m512 e0 = load(r[0] + c), e1 = load(r[1] + c);
+      for (int64_t i = 0; i < TILE; ++i) {
+        const __m512 z = load(xs[i] + c);
+        acc[i][0] = _mm512_fmadd_ps(e0, z, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(e1, z, acc[i][1]);
+      }
+    };
+    int64_t c = 0;
+    for (; c + 16 <= in; c += 16)  // unmasked: masked loads here ran the tile 1.5x slower
+      columns(c, [](const float* q) { return _mm512_loadu_ps(q); });
+    if (c < in) columns(c, [m = tail_mask(in - c)](const float* q) { return _mm512_maskz_loadu_ps(m, q); });
+    for (int64_t i = 0; i < TILE; ++i)
+      for (int w = 0; w < pair; ++w) v[i * step + k + w] = lane_sum(acc[i][w]);
+  }
+}
+
+// Expand: y[r, c0:c1] += sum_k v_r[k] * b[p[k], c0:c1], 32 columns of the TILE rows at a time
+// (16 sums in registers across the pages), then 16, then a masked tail.
+template <int V, bool MASKED>
+static inline void expand_cols_avx512(float* const y[TILE], const float* b, const int64_t* p, int64_t rank,
+                                      int64_t sb, const float* const v[TILE], int64_t c, __mmask16 last) {
+  auto load = [last](int j, const float* q) {  // only the last vector of a masked run is masked
+    return MASKED && j + 1 == V ? _mm512_maskz_loadu_ps(last, q) : _mm512_loadu_ps(q);
+  };
+  __m512 acc[TILE][V];
+  for (auto& row : acc) for (auto& s : row) s = _mm512_setzero_ps();
+  for (int64_t k = 0; k < rank; ++k) {
+    const float* bk = b + p[k] * sb + c;
+    __m512 e[V];
+    for (int j = 0; j < V; ++j) e[j] = load(j, bk + 16 * j);
+    for (int64_t i = 0; i < TILE; ++i) {
+      const __m512 w = _mm512_set1_ps(v[i][k]);
+      for (int j = 0; j < V; ++j) acc[i][j] = _mm512_fmadd_ps(w, e[j], acc[i][j]);
+    }
+  }
+  for (int64_t i = 0; i < TILE; ++i)
+    for (int j = 0; j < V; ++j) {
+      float* out = y[i] + c + 16 * j;
+      if (MASKED && j + 1 == V) _mm512_mask_storeu_ps(out, last, _mm512_add_ps(_mm512_maskz_loadu_ps(last, out), acc[i][j]));
+      else _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[i][j]));
+    }
+}
+
+static void expand_tile_avx512(float* const y[TILE], const float* b, const int64_t* p, int64_t rank, int64_t sb,
+                               const float* const v[TILE], int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + 32 <= c1; c += 32) expand_cols_avx512<2, false>(y, b, p, rank, sb, v, c, 0);
+  for (; c + 16 <= c1; c += 16) expand_cols_avx512<1, false>(y, b, p, rank, sb, v, c, 0);
+  if (c < c1) expand_cols_avx512<1, true>(y, b, p, rank, sb, v, c, tail_mask(c1 - c));
+}
+#endif
 
 static void lora_tile(float* y, const float* x, const float* a, const float* b, const int64_t* rows, const int64_t* p,
                       int64_t rank, int64_t in, const std::vector<int64_t>& bounds, const std::vector<int64_t>& used,
                       int64_t sy, int64_t sx, int64_t sa_page, int64_t sa_kind, int64_t sb, float* v) {
   const int64_t nu = static_cast<int64_t>(used.size());
-  const float *x0 = x + rows[0] * sx, *x1 = x + rows[1] * sx, *x2 = x + rows[2] * sx, *x3 = x + rows[3] * sx;
+  const int64_t step = nu * rank;  // v[r, t, k] at v[r * step + t * rank + k]
+  const float* xs[TILE];
+  float* ys[TILE];
+  for (int64_t i = 0; i < TILE; ++i) {
+    xs[i] = x + rows[i] * sx;
+    ys[i] = y + rows[i] * sy;
+  }
+#if defined(__AVX512F__)
+  for (int64_t t = 0; t < nu; ++t) shrink_tile_avx512(v + t * rank, step, xs, a, p, rank, in, sa_page, used[t] * sa_kind);
+#else
+  const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
   // shrink, two pages at a time: eight independent sums (four would wait on the FMA latency)
-  const int64_t step = nu * rank;
   for (int64_t t = 0; t < nu; ++t) {
     const int64_t off = used[t] * sa_kind;
     int64_t k = 0;
@@ -139,10 +230,15 @@ static void lora_tile(float* y, const float* x, const float* a, const float* b, 
       vt[0] = s0; vt[step] = s1; vt[2 * step] = s2; vt[3 * step] = s3;
     }
   }
-  float* const ys[TILE] = {y + rows[0] * sy, y + rows[1] * sy, y + rows[2] * sy, y + rows[3] * sy};
+#endif
   for (int64_t t = 0; t < nu; ++t) {
-    const float* const vs[TILE] = {v + t * rank, v + step + t * rank, v + 2 * step + t * rank, v + 3 * step + t * rank};
+    const float* vs[TILE];
+    for (int64_t i = 0; i < TILE; ++i) vs[i] = v + i * step + t * rank;
+#if defined(__AVX512F__)
+    expand_tile_avx512(ys, b, p, rank, sb, vs, bounds[used[t]], bounds[used[t] + 1]);
+#else
     expand_tile_f32(ys, b, p, rank, sb, vs, bounds[used[t]], bounds[used[t] + 1]);
+#endif
   }
 }
 
