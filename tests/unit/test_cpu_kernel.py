@@ -168,5 +168,13 @@ def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
     expected[1][:, 5:22].index_copy_(0, index, src[2])
     copy_rows([store[:, 0], store[:, 1], wide[:, 5:22]], src, index)
     assert torch.equal(store, expected[0]) and torch.equal(wide, expected[1])
+    # rows of many 64-byte lines, starting off a line boundary: a head, whole lines (non-temporal
+    # stores where the build has them) and a tail
+    long = torch.randn(9, 3, 101, generator=gen)  # kind 1 starts 404 bytes into a page
+    rows = torch.randn(3, 101, generator=gen)
+    expected = long.clone()
+    expected[:, 1].index_copy_(0, index, rows)
+    copy_rows([long[:, 1]], [rows], index)
+    assert torch.equal(long, expected)
     with pytest.raises(RuntimeError, match="out of range"):
         copy_rows([store[:, 0]], [src[0]], torch.tensor([1, 9, 2]))
