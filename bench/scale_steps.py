@@ -5,8 +5,9 @@ The same load as row 7 (rank-16 adapters on all seven projections, Zipf 1.0 over
 a fresh engine a run), in alternated pairs, without the gRPC server. Each run prints its wall time,
 its decode-only steps (count, mean time, rows, distinct adapters), its steps with prefill, and the
 adapter I/O thread's CPU time; the summary puts the decode steps' difference next to the floor of
-the extra distinct adapters' bytes (one read of that many bytes, same threads, same run), the part
-of the loss no scheduling can remove while adapter reads run in series with the base model.
+the extra distinct adapters' bytes (`make bench-decode`'s read of that many bytes on huge pages,
+same threads, same run), the part of the loss no scheduling can remove while adapter reads run in
+series with the base model.
 
     python bench/scale_steps.py [--pairs 3] [--many 1000] [--model DIR] [--work DIR]
 """
@@ -21,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 import adapter_paging  # noqa: E402
 from compare import make_adapters, scaled_dir  # noqa: E402
@@ -35,6 +34,7 @@ from loramux.server.models import lora_layout  # noqa: E402
 from loramux.server.requests import GenerationRequest, SamplingParams  # noqa: E402
 
 from common import StepRecorder, cpu_name  # noqa: E402
+from engine_decode import floor_buffer, read_seconds  # noqa: E402
 
 REQUESTS, CONCURRENCY, PROMPT, NEW = 64, 32, 32, 32
 
@@ -77,17 +77,6 @@ def one_run(loaded, base: ServerConfig, folder: Path, n: int) -> dict:
             "prefill_steps": len(prefill), "prefill_s": sum(s.seconds for s in prefill), "io_cpu_s": io}
 
 
-def read_seconds(nbytes: int, repeats: int = 5) -> float:
-    """One read of ``nbytes`` (a sum over a fresh buffer), the median of ``repeats``."""
-    buf = torch.ones(nbytes // 4)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=3)
@@ -116,7 +105,8 @@ def main() -> None:
     ratio = statistics.median(m["tok_s"] / f["tok_s"] for f, m in zip(few, many, strict=True))
     extra_ms = statistics.median(m["decode_ms"] - f["decode_ms"] for f, m in zip(few, many, strict=True))
     extra_adapters = statistics.mean(m["adapters"] - f["adapters"] for f, m in zip(few, many, strict=True))
-    floor_ms = 1e3 * read_seconds(int(extra_adapters * adapter_bytes))
+    buf = floor_buffer(int(extra_adapters * adapter_bytes))  # on huge pages, as the adapter store
+    floor_ms = 1e3 * statistics.median(read_seconds(buf) for _ in range(5))
     prefill_s = statistics.median(m["prefill_s"] - f["prefill_s"] for f, m in zip(few, many, strict=True))
     print(f"{args.many}/8 median {ratio:.3f}; decode steps {extra_ms:+.1f} ms for {extra_adapters:.1f} more distinct "
           f"adapters a step, whose bytes read once take {floor_ms:.1f} ms ({extra_ms / floor_ms:.2f}x); "
