@@ -14,6 +14,11 @@ alone, and the median over pairs of (difference / floor read next to it) is the 
 target is judged on. Targets: overhead <= 1.3x the floor (issue #18), and
 mixed/base decode throughput >= 0.85.
 
+A third paired run puts a plain read (a sum) of the very pages each LoRA call would read in that
+call's place: what reading the step's adapter bytes costs inside the step, where they also push the
+base weights out of the CPU's caches, against the floor's read on its own. The LoRA op's overhead
+over that in-step read is the part a faster kernel could still remove.
+
 Prefill is measured side by side too: 32 prompts of 256 tokens over the same 32 adapters against
 the base model (prefill-only steps), each round's mixed run divided by the base run right before
 it, the median reported (target mixed/base >= 0.9).
@@ -119,16 +124,52 @@ class AlternatingLoRA(EngineObserver):
                 for a, b in zip(s[:-1:2], s[1::2], strict=True) if a[0] != b[0]]
 
 
-def paired_run(engine, prompts, ids, new_tokens: int, floor_buf: torch.Tensor) -> list[Pair]:
+def page_runs(pages: torch.Tensor) -> list[tuple[int, int]]:
+    """The distinct entries of ``pages`` as ascending [lo, hi) runs of consecutive page indices."""
+    p = torch.unique(pages).tolist()  # sorted
+    runs, lo = [], 0
+    for i in range(1, len(p) + 1):
+        if i == len(p) or p[i] != p[i - 1] + 1:
+            runs.append((p[lo], p[i - 1] + 1))
+            lo = i
+    return runs
+
+
+class PageRead:
+    """Stands in for the LoRA op (same signature): reads every page of A and of B that a call's
+    plan names, once, with a sum over each run of consecutive pages, and computes nothing else."""
+
+    def __init__(self):
+        self._runs: dict[int, tuple[object, list[tuple[int, int]]]] = {}  # id(plan) -> (plan, runs)
+
+    def runs(self, plan) -> list[tuple[int, int]]:
+        """The plan's page runs, computed once: a step's layers share its plans."""
+        hit = self._runs.get(id(plan))
+        if hit is None or hit[0] is not plan:  # an id of a plan gone since is reused
+            if len(self._runs) > 64:
+                self._runs.clear()
+            hit = (plan, page_runs(torch.cat([g.pages for g in plan.groups])))
+            self._runs[id(plan)] = hit
+        return hit[1]
+
+    def __call__(self, y, x, a_store, b_store, plan, bounds=None, used=None) -> None:
+        for lo, hi in self.runs(plan):
+            a_store[lo:hi].sum()
+            b_store[lo:hi].sum()
+
+
+def paired_run(engine, prompts, ids, new_tokens: int, floor_buf: torch.Tensor, op=None) -> list[Pair]:
+    """Alternate steps with and without ``op`` (default: the runner's LoRA op)."""
     runner = engine.runner
-    alt = AlternatingLoRA(runner.apply_lora, len(prompts), floor_buf)
+    original = runner.apply_lora
+    alt = AlternatingLoRA(op or original, len(prompts), floor_buf)
     runner.apply_lora = alt
     engine.observers.append(alt)
     try:
         run_batch(engine, prompts, ids, new_tokens)
     finally:
         engine.observers.remove(alt)
-        runner.apply_lora = alt.op
+        runner.apply_lora = original
     return alt.pairs()
 
 
@@ -154,11 +195,12 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         long_prompts = random_prompts(loaded.hf_model.config.vocab_size, n, args.prefill_len, seed=1)
         adapter_bytes = n * args.rank * built.manager.pool.page_bytes  # every page of every adapter in the step
         floor_buf = floor_buffer(adapter_bytes)
-        base, mixed, pairs, prefill_base, prefill_mixed = [], [], [], [], []
+        base, mixed, pairs, read_pairs, prefill_base, prefill_mixed = [], [], [], [], [], []
         for _ in range(args.rounds):  # interleaved, so drift hits both alike
             base.append(run_batch(engine, prompts, [None] * n, args.new_tokens))
             mixed.append(run_batch(engine, prompts, ids, args.new_tokens))
             pairs += paired_run(engine, prompts, ids, args.new_tokens, floor_buf)
+            read_pairs += paired_run(engine, prompts, ids, args.new_tokens, floor_buf, PageRead())
             if args.prefill_len:
                 prefill_base.append(run_batch(engine, long_prompts, [None] * n, 1))
                 prefill_mixed.append(run_batch(engine, long_prompts, ids, 1))
@@ -179,6 +221,9 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         "floor_ms": floor * 1e3, "overhead_over_floor": (step_mixed - step_base) / floor,
         "paired_lora_overhead_ms": median(p.overhead for p in pairs) * 1e3, "paired_pairs": len(pairs),
         "paired_overhead_over_floor": median(p.overhead / p.floor for p in pairs),
+        "in_step_read_ms": median(p.overhead for p in read_pairs) * 1e3,
+        "in_step_read_over_floor": median(p.overhead / p.floor for p in read_pairs),
+        "paired_overhead_over_in_step_read": median(p.overhead for p in pairs) / median(p.overhead for p in read_pairs),
         "prefill_len": args.prefill_len,
         "base_prefill_tokens_per_s": median(r.prefill_tokens_per_s for r in prefill_base) if prefill_base else None,
         "mixed_prefill_tokens_per_s": median(r.prefill_tokens_per_s for r in prefill_mixed) if prefill_mixed else None,
@@ -215,6 +260,9 @@ def main() -> int:
         print(f"  paired steps (LoRA on and off in adjacent steps of one run, the floor read between them; median "
               f"of {r['paired_pairs']} pairs): overhead {r['paired_lora_overhead_ms']:5.1f} ms, "
               f"{r['paired_overhead_over_floor']:.2f}x its floor (target <= 1.3)")
+        print(f"  the same pages read (a sum) in the LoRA op's place, paired the same way: {r['in_step_read_ms']:5.1f} ms, "
+              f"{r['in_step_read_over_floor']:.2f}x the floor; the LoRA op costs "
+              f"{r['paired_overhead_over_in_step_read']:.2f}x that in-step read")
         if r["prefill_ratio"] is not None:
             print(f"  prefill tokens/s ({r['requests']} prompts of {r['prefill_len']}): base "
                   f"{r['base_prefill_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "

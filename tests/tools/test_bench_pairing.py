@@ -42,3 +42,34 @@ def test_a_gap_in_the_recorded_steps_leaves_an_unmatched_pair_out():
     # recorded: on, on, off: the first pair is two "on" steps and is dropped, the last has no partner
     assert [(on, s) for on, s, _ in alt.steps] == [(True, 1.2), (True, 1.1), (False, 1.0)]
     assert alt.pairs() == []
+
+
+def test_page_runs_are_the_distinct_pages_as_ascending_ranges():
+    assert engine_decode.page_runs(torch.tensor([9, 5, 3, 4, 10, 3, 12])) == [(3, 6), (9, 11), (12, 13)]
+    assert engine_decode.page_runs(torch.arange(7, -1, -1)) == [(0, 8)]
+
+
+class SliceSpy:
+    """A store that records the slices read from it."""
+
+    def __init__(self):
+        self.read = []
+
+    def __getitem__(self, s):
+        self.read.append((s.start, s.stop))
+        return torch.ones(1)
+
+
+def test_the_page_read_reads_each_named_page_of_both_stores_once(monkeypatch):
+    from loramux.server.ops.plan import LoRAPlan, RankGroup
+
+    plan = LoRAPlan((RankGroup(2, torch.arange(2), 0, torch.tensor([7, 6, 2, 3]), None),
+                     RankGroup(1, torch.tensor([2]), None, torch.tensor([8]), None)))
+    computed = []
+    real = engine_decode.page_runs
+    monkeypatch.setattr(engine_decode, "page_runs", lambda p: computed.append(p) or real(p))
+    op, a, b = engine_decode.PageRead(), SliceSpy(), SliceSpy()
+    for _ in range(3):  # the step's layers share the plan: its runs are found once
+        op(None, None, a, b, plan)
+    assert a.read == b.read == [(2, 4), (6, 9)] * 3
+    assert len(computed) == 1
