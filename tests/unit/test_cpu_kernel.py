@@ -178,3 +178,37 @@ def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
     assert torch.equal(long, expected)
     with pytest.raises(RuntimeError, match="out of range"):
         copy_rows([store[:, 0]], [src[0]], torch.tensor([1, 9, 2]))
+
+
+@needs_kernel
+@each_variant
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [  # (rows, heads, kv heads, head dim, block size, window, alibi)
+    (5, 9, 3, 64, 16, None, False),  # the default model's shape: AVX-512's float32 path (head dim 64)
+    (3, 8, 2, 128, 16, None, False),  # head dim 128, KV rows 1 KiB apart
+    (2, 16, 8, 128, 4, None, False),  # KV rows 4 KiB apart (one head's rows in few cache sets)
+    (1, 12, 3, 64, 16, None, False),  # one row: fewer heads a task, so both threads get work
+    (4, 4, 4, 64, 8, 21, True),  # sliding window and ALiBi on the vector path
+    (4, 6, 2, 24, 4, None, True),  # a head dim the vector path does not take
+])
+def test_every_variant_decode_attention_matches_the_oracle(variant, dtype, case):
+    """Lengths off every multiple of 16 (the vector path's groups of keys) and of the block size,
+    scattered block tables, every variant this CPU runs."""
+    from loramux.server.ops.attention import paged_attention_reference
+
+    D, H, KV, hd, bs, window, alibi = case
+    gen = torch.Generator().manual_seed(D * 1000 + hd)
+    lengths = torch.tensor([1, 17, 40, 131, 64][:D] if D > 1 else [203])
+    max_blocks = -(-int(lengths.max()) // bs)
+    num_blocks = D * max_blocks
+    k = torch.randn(num_blocks + 1, bs, KV, hd, generator=gen).to(dtype)
+    v = torch.randn(num_blocks + 1, bs, KV, hd, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen).view(D, max_blocks)
+    q = (torch.randn(D, H, hd, generator=gen) * 3 / hd**0.25).to(dtype)  # peaked weights: exp's error shows
+    slopes = torch.rand(H, generator=gen) * 0.5 if alibi else None
+    out = torch.empty_like(q)
+    variant_module(variant).paged_decode(out, q, k, v, tables, lengths, 0.3, window or 0,
+                                         slopes if alibi else torch.empty(0))
+    expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, slopes).float()
+    tol = 5e-6 if dtype == torch.float32 else 2e-2  # float32: the vector exp within a few ulp
+    assert torch.allclose(out.float(), expected, atol=tol, rtol=tol)

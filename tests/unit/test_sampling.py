@@ -1,5 +1,6 @@
 """Sampling filters match Hugging Face's logits processors."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from loramux.server.sampling import (
     SamplerState,
     apply_repetition_penalty,
     filter_top_p,
+    greedy_tokens,
     sample,
     top_k_candidates,
 )
@@ -103,6 +105,27 @@ def test_a_non_finite_row_fails_alone():
     out = sample(logits, states, [None] * 3)
     assert isinstance(out[0], int)
     assert isinstance(out[1], NonFiniteLogits) and isinstance(out[2], NonFiniteLogits)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 300), st.integers(0, 2**31 - 1))
+def test_greedy_tokens_are_argmax_first_of_ties(rows, vocab, seed):
+    """Few distinct values, so most rows tie at their maximum: the first maximal index wins."""
+    logits = torch.randint(-2, 3, (rows, vocab), generator=torch.Generator().manual_seed(seed)).float()
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_any_non_finite_value_fails_its_row_alone(bad, greedy):
+    logits = torch.randn(4, 300)
+    logits[2, 299] = bad  # the last column: a vector tail
+    params = SamplingParams(5) if greedy else SamplingParams(5, temperature=0.7, seed=1)
+    out = sample(logits, [SamplerState.create(params, "cpu") for _ in range(4)], [None] * 4)
+    assert isinstance(out[2], NonFiniteLogits)
+    assert all(isinstance(out[i], int) for i in (0, 1, 3))
+    if greedy:
+        assert [out[i] for i in (0, 1, 3)] == logits[[0, 1, 3]].argmax(-1).tolist()
 
 
 def test_tiny_temperature_is_greedy_and_small_temperature_stays_finite():
