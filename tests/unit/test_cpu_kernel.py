@@ -212,3 +212,23 @@ def test_every_variant_decode_attention_matches_the_oracle(variant, dtype, case)
     expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, slopes).float()
     tol = 5e-6 if dtype == torch.float32 else 2e-2  # float32: the vector exp within a few ulp
     assert torch.allclose(out.float(), expected, atol=tol, rtol=tol)
+
+
+@needs_kernel
+@each_variant
+@pytest.mark.parametrize("hd", [64, 24])
+def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
+    """A NaN key makes its row's output NaN (the engine then fails that request alone); the other
+    rows, whose keys are finite, stay exact."""
+    from loramux.server.ops.attention import paged_attention_reference
+
+    gen = torch.Generator().manual_seed(9)
+    k, v = torch.randn(2, 2, 16, 4, hd, generator=gen)
+    tables, lengths = torch.tensor([[0], [1]]), torch.tensor([16, 16])
+    k[0, 5, 1, 3] = float("nan")  # row 0's key 5, KV head 1
+    q = torch.randn(2, 8, hd, generator=gen)
+    out = torch.empty_like(q)
+    variant_module(variant).paged_decode(out, q, k, v, tables, lengths, 0.3, 0, torch.empty(0))
+    assert out[0, 2:4].isnan().all() and not out[0, :2].isnan().any()  # heads 2, 3 read KV head 1
+    expected = paged_attention_reference(q[1:], k, v, tables[1:], lengths[1:] - 1, 0.3)
+    assert torch.allclose(out[1], expected[0], atol=5e-6, rtol=5e-6)

@@ -489,133 +489,177 @@ static inline void prefetch_row(const T* row, int64_t hd, int locality) {
   }
 }
 
+// The vector path of decode attention (float32, head dim 64 or 128): L keys at a time (L = 16 on
+// AVX-512, 8 on AVX2). A head's scores of L keys are L dot products, each in a register, summed
+// across lanes together (sum_each: about 3 shuffles and adds a key, where one at a time costs 8);
+// their exp runs in one register (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5
+// polynomial in r, times 2^n; within a few ulp of std::exp, and 0 below -88: e^x underflows there,
+// and the keys past a row's end come as -inf); the values' sums stay in registers. About a fifth of
+// the scalar loop's instructions.
 #if defined(__AVX512F__)
-// AVX-512, float32, head dim 16 * HD16: sixteen keys at a time. A head's scores of sixteen keys are
-// sixteen dot products, each in a register, summed across lanes together (sum16: 45 shuffles and
-// adds for all sixteen, where one at a time costs 8 each); their exp runs in one register (exp16);
-// the values' sums stay in HD16 registers across all keys. About a fifth of the scalar loop's
-// instructions. Keys past the end of a row's last group of sixteen are masked to -inf.
-constexpr __mmask16 ALL16 = 0xFFFF;
-
-static inline float lane_max(__m512 v) {  // as lane_sum
-  v = _mm512_maskz_max_ps(ALL16, v, _mm512_maskz_shuffle_f32x4(ALL16, v, v, 0x4E));
-  v = _mm512_maskz_max_ps(ALL16, v, _mm512_maskz_shuffle_f32x4(ALL16, v, v, 0xB1));
-  v = _mm512_maskz_max_ps(ALL16, v, _mm512_maskz_permute_ps(ALL16, v, 0x4E));
-  v = _mm512_maskz_max_ps(ALL16, v, _mm512_maskz_permute_ps(ALL16, v, 0xB1));
-  return _mm512_cvtss_f32(v);
-}
-
-// out lane j = the sum of d[j]'s 16 lanes (zero-masked shuffles: see lane_sum).
-static inline __m512 sum16(__m512 d[16]) {
-  __m512 e[8], f[4];
-  for (int p = 0; p < 8; ++p)  // in each 128-bit lane: (d0+d2, e0+e2, d1+d3, e1+e3) of d = d[2p], e = d[2p+1]
-    e[p] = _mm512_add_ps(_mm512_maskz_unpacklo_ps(ALL16, d[2 * p], d[2 * p + 1]),
-                         _mm512_maskz_unpackhi_ps(ALL16, d[2 * p], d[2 * p + 1]));
-  for (int p = 0; p < 4; ++p) {  // in each 128-bit lane L: lane L's sums of d[4p .. 4p + 3]
-    const __m512d a = _mm512_castps_pd(e[2 * p]), b = _mm512_castps_pd(e[2 * p + 1]);
-    f[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, a, b)),
-                         _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, a, b)));
+struct Vec {  // AVX-512; the zero-masked forms (all lanes kept) as in lane_sum
+  using V = __m512;
+  static constexpr int L = 16;
+  static constexpr __mmask16 ALL = 0xFFFF;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V lanes() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static V first(V v, int64_t m, float other) { return _mm512_mask_blend_ps(tail_mask(m), set1(other), v); }
+  static float sum(V v) { return lane_sum(v); }
+  static float max(V v) {
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_shuffle_f32x4(ALL, v, v, 0x4E));
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_shuffle_f32x4(ALL, v, v, 0xB1));
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_permute_ps(ALL, v, 0x4E));
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_permute_ps(ALL, v, 0xB1));
+    return _mm512_cvtss_f32(v);
   }
-  __m512 h[2];
-  for (int p = 0; p < 2; ++p)  // lanes (0+1, 2+3) of f[2p], then of f[2p + 1]
-    h[p] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(ALL16, f[2 * p], f[2 * p + 1], 0x88),
-                         _mm512_maskz_shuffle_f32x4(ALL16, f[2 * p], f[2 * p + 1], 0xDD));
-  return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(ALL16, h[0], h[1], 0x88),
-                       _mm512_maskz_shuffle_f32x4(ALL16, h[0], h[1], 0xDD));
-}
+  static V sum_each(V d[L]) {  // lane j: the sum of d[j]'s lanes
+    V e[8], f[4], h[2];
+    for (int p = 0; p < 8; ++p)  // each 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) of a = d[2p], b = d[2p+1]
+      e[p] = _mm512_maskz_unpacklo_ps(ALL, d[2 * p], d[2 * p + 1]) + _mm512_maskz_unpackhi_ps(ALL, d[2 * p], d[2 * p + 1]);
+    for (int p = 0; p < 4; ++p) {  // 128-bit lane k: lane k's sums of d[4p .. 4p + 3]
+      const __m512d x = _mm512_castps_pd(e[2 * p]), y = _mm512_castps_pd(e[2 * p + 1]);
+      f[p] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, x, y)) + _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, x, y));
+    }
+    for (int p = 0; p < 2; ++p)  // 128-bit lanes (0+1, 2+3) of f[2p], then of f[2p + 1]
+      h[p] = _mm512_maskz_shuffle_f32x4(ALL, f[2 * p], f[2 * p + 1], 0x88) +
+             _mm512_maskz_shuffle_f32x4(ALL, f[2 * p], f[2 * p + 1], 0xDD);
+    return _mm512_maskz_shuffle_f32x4(ALL, h[0], h[1], 0x88) + _mm512_maskz_shuffle_f32x4(ALL, h[0], h[1], 0xDD);
+  }
+  static V round(V x) { return _mm512_maskz_roundscale_ps(ALL, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V y, V n, V x) {  // y * 2^n, 0 where x < -88 (a NaN stays)
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, set1(-88.f), _CMP_NLT_UQ), y, n);
+  }
+};
+#define LORAMUX_DECODE_VEC 1
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec {  // AVX2
+  using V = __m256;
+  static constexpr int L = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V lanes() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+  static V first(V v, int64_t m, float other) {
+    return _mm256_blendv_ps(set1(other), v, _mm256_cmp_ps(lanes(), set1(static_cast<float>(m)), _CMP_LT_OQ));
+  }
+  static float sum(V v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  static float max(V v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  static V sum_each(V d[L]) {  // lane j: the sum of d[j]'s lanes
+    const V a = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));  // halves of d[0..3]
+    const V b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+    return _mm256_permute2f128_ps(a, b, 0x20) + _mm256_permute2f128_ps(a, b, 0x31);
+  }
+  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V y, V n, V x) {  // y * 2^n (2^-127 flushes to 0), 0 where x < -88 (a NaN stays)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(y * _mm256_castsi256_ps(e), _mm256_cmp_ps(x, set1(-88.f), _CMP_NLT_UQ));
+  }
+};
+#define LORAMUX_DECODE_VEC 1
+#endif
 
-// e^x for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial in r, then
-// times 2^n by scalef); within 2 ulp of std::exp, and 0 below -88 (e^x underflows), -inf included.
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_maskz_max_ps(ALL16, x, _mm512_set1_ps(-88.f));
-  const __m512 n = _mm512_maskz_roundscale_ps(ALL16, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_scalef_ps(ALL16, y, n);
+#if defined(LORAMUX_DECODE_VEC)
+static inline Vec::V exp_vec(Vec::V x) {
+  using V = Vec::V;
+  const V n = Vec::round(x * 1.44269504088896341f);  // x <= 0: n >= -128 above -88
+  V r = Vec::fma(n, Vec::set1(-0.693359375f), x);
+  r = Vec::fma(n, Vec::set1(2.12194440e-4f), r);
+  V y = Vec::set1(1.9875691500e-4f);
+  y = Vec::fma(y, r, Vec::set1(1.3981999507e-3f));
+  y = Vec::fma(y, r, Vec::set1(8.3334519073e-3f));
+  y = Vec::fma(y, r, Vec::set1(4.1665795894e-2f));
+  y = Vec::fma(y, r, Vec::set1(1.6666665459e-1f));
+  y = Vec::fma(y, r, Vec::set1(5.0000001201e-1f));
+  y = Vec::fma(y, r * r, r + 1.f);
+  return Vec::scale2(y, n, x);
 }
 
 // One task of paged_rows (below): row i's heads h0 .. h0 + gh - 1 over keys [lo, len) at off[j].
-// Heads inside, sixteen keys outside: each group of sixteen key (value) rows is read from memory once
-// and again from cache for the other heads, which works whatever the rows' stride (with KV * hd a
-// multiple of 4 KiB, one KV head's rows all fall in a few of L1's and L2's sets).
-// s: scratch of gh * (len - lo + 16) floats; acc: gh * 16 * HD16.
-template <int HD16>
-static void decode_heads_avx512(float* out, const float* q, const float* k, const float* v, const int64_t* off,
-                                const float* slopes, int64_t h0, int64_t gh, int64_t lo, int64_t len, float scale,
-                                float* s, float* acc) {
-  constexpr int64_t hd = 16 * HD16;
-  const int64_t n = len - lo, stride = n + 16;  // s[g * stride + t]: head g's score, then weight, of key lo + t
-  const __m512 sc = _mm512_set1_ps(scale);
-  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  float mx[64];  // H / KV <= 64
+// Heads inside, L keys outside: each group of L key (value) rows is read from memory once and again
+// from cache for the other heads, whatever the rows' stride (with KV * hd a multiple of 4 KiB, one
+// KV head's rows all fall in a few of L1's and L2's sets, and a whole row of keys read once per head
+// missed the cache: 2x slower at 1024 positions). s: gh * (len - lo + L) floats; acc: gh * hd.
+template <int HDL>  // the head dim in vectors
+static void decode_heads(float* out, const float* q, const float* k, const float* v, const int64_t* off,
+                         const float* slopes, int64_t h0, int64_t gh, int64_t lo, int64_t len, float scale, float* s,
+                         float* acc) {
+  using V = Vec::V;
+  constexpr int L = Vec::L;
+  constexpr int64_t hd = L * HDL;
+  constexpr int SLICE = HDL < 8 ? HDL : 8;  // value sums kept in registers, SLICE vectors at a time
+  const int64_t n = len - lo, stride = n + L;  // s[g * stride + t]: head g's score, then weight, of key lo + t
+  float mx[64], total[64];  // gh <= 64
   std::fill(mx, mx + gh, -INFINITY);
-  for (int64_t c = 0; c < n; c += 16) {  // scores, sixteen keys at a time
-    const int64_t m = std::min<int64_t>(16, n - c);
-    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + 16); ++t) {
+  for (int64_t c = 0; c < n; c += L) {  // scores
+    const int64_t m = std::min<int64_t>(L, n - c);
+    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) {
       prefetch_row(k + off[lo + t], hd, 3);
       prefetch_row(v + off[lo + t], hd, 2);
     }
-    const __m512 j = _mm512_add_ps(lanes, _mm512_set1_ps(static_cast<float>(lo + c)));
+    const V j = Vec::lanes() + static_cast<float>(lo + c);
     for (int64_t g = 0; g < gh; ++g) {
       const float* qg = q + (h0 + g) * hd;
-      __m512 qv[HD16];
-      for (int u = 0; u < HD16; ++u) qv[u] = _mm512_loadu_ps(qg + 16 * u);
-      __m512 d[16];
-      for (int64_t t = 0; t < 16; ++t) {
+      V qv[HDL], d[L];
+      for (int u = 0; u < HDL; ++u) qv[u] = Vec::load(qg + L * u);
+      for (int t = 0; t < L; ++t) {
         if (t < m) {
           const float* kr = k + off[lo + c + t];
-          __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-          for (int u = 1; u < HD16; ++u) a = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(kr + 16 * u), a);
+          V a = qv[0] * Vec::load(kr);
+          for (int u = 1; u < HDL; ++u) a = Vec::fma(qv[u], Vec::load(kr + L * u), a);
           d[t] = a;
         } else {
-          d[t] = _mm512_setzero_ps();
+          d[t] = V{};
         }
       }
-      const __m512 slope = _mm512_set1_ps(slopes ? slopes[h0 + g] : 0.f);
-      __m512 sj = _mm512_fmadd_ps(sum16(d), sc, _mm512_mul_ps(slope, j));
-      sj = _mm512_mask_blend_ps(tail_mask(m), _mm512_set1_ps(-INFINITY), sj);
-      _mm512_storeu_ps(s + g * stride + c, sj);
-      mx[g] = std::max(mx[g], lane_max(sj));
+      const V slope = Vec::set1(slopes ? slopes[h0 + g] : 0.f);
+      const V sj = Vec::first(Vec::fma(Vec::sum_each(d), Vec::set1(scale), slope * j), m, -INFINITY);
+      Vec::store(s + g * stride + c, sj);
+      mx[g] = std::max(mx[g], Vec::max(sj));
     }
   }
-  float total[64];
-  for (int64_t g = 0; g < gh; ++g) {  // unnormalised weights; -inf (past the end) gives 0
-    const __m512 top = _mm512_set1_ps(mx[g]);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < n; c += 16) {
-      const __m512 w = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + g * stride + c), top));
-      _mm512_storeu_ps(s + g * stride + c, w);
-      sum = _mm512_add_ps(sum, w);
+  for (int64_t g = 0; g < gh; ++g) {  // unnormalised weights
+    const V top = Vec::set1(mx[g]);
+    V sum{};
+    for (int64_t c = 0; c < n; c += L) {
+      const V w = exp_vec(Vec::load(s + g * stride + c) - top);
+      Vec::store(s + g * stride + c, w);
+      sum += w;
     }
-    total[g] = lane_sum(sum);
+    total[g] = Vec::sum(sum);
   }
   std::fill(acc, acc + gh * hd, 0.f);
-  for (int64_t c = 0; c < n; c += 16) {  // values, sixteen at a time, each head's sums in registers meanwhile
-    const int64_t m = std::min<int64_t>(16, n - c);
-    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + 16); ++t) prefetch_row(v + off[lo + t], hd, 3);
+  for (int64_t c = 0; c < n; c += L) {  // values
+    const int64_t m = std::min<int64_t>(L, n - c);
+    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) prefetch_row(v + off[lo + t], hd, 3);
     for (int64_t g = 0; g < gh; ++g) {
-      __m512 a[HD16];
-      for (int u = 0; u < HD16; ++u) a[u] = _mm512_loadu_ps(acc + g * hd + 16 * u);
-      for (int64_t t = 0; t < m; ++t) {
-        const float* vr = v + off[lo + c + t];
-        const __m512 w = _mm512_set1_ps(s[g * stride + c + t]);
-        for (int u = 0; u < HD16; ++u) a[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * u), a[u]);
+      for (int u0 = 0; u0 < HDL; u0 += SLICE) {
+        V a[SLICE];
+        float* ag = acc + g * hd + L * u0;
+        for (int u = 0; u < SLICE; ++u) a[u] = Vec::load(ag + L * u);
+        for (int64_t t = 0; t < m; ++t) {
+          const float* vr = v + off[lo + c + t] + L * u0;
+          const V w = Vec::set1(s[g * stride + c + t]);
+          for (int u = 0; u < SLICE; ++u) a[u] = Vec::fma(w, Vec::load(vr + L * u), a[u]);
+        }
+        for (int u = 0; u < SLICE; ++u) Vec::store(ag + L * u, a[u]);
       }
-      for (int u = 0; u < HD16; ++u) _mm512_storeu_ps(acc + g * hd + 16 * u, a[u]);
     }
   }
   for (int64_t g = 0; g < gh; ++g) {
-    const __m512 inv = _mm512_set1_ps(1.f / total[g]);
-    for (int u = 0; u < HD16; ++u)
-      _mm512_storeu_ps(out + (h0 + g) * hd + 16 * u, _mm512_mul_ps(_mm512_loadu_ps(acc + g * hd + 16 * u), inv));
+    const V inv = Vec::set1(1.f / total[g]);
+    for (int u = 0; u < HDL; ++u) Vec::store(out + (h0 + g) * hd + L * u, Vec::load(acc + g * hd + L * u) * inv);
   }
 }
 #endif
@@ -647,12 +691,11 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
         prefetch_row(k + off[j], hd, 3);
         prefetch_row(v + off[j], hd, 2);
       }
-#if defined(__AVX512F__)
+#if defined(LORAMUX_DECODE_VEC)
       if constexpr (std::is_same_v<T, float>) {
         if ((hd == 64 || hd == 128) && gh <= 64) {
-          (hd == 64 ? decode_heads_avx512<4> : decode_heads_avx512<8>)(out + i * H * hd, q + i * H * hd, k, v, off,
-                                                                      slopes, h0, gh, lo, len, scale, s.data(),
-                                                                      acc.data());
+          (hd == 64 ? decode_heads<64 / Vec::L> : decode_heads<128 / Vec::L>)(
+              out + i * H * hd, q + i * H * hd, k, v, off, slopes, h0, gh, lo, len, scale, s.data(), acc.data());
           continue;
         }
       }
