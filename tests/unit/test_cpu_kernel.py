@@ -184,7 +184,7 @@ def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
 @each_variant
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [  # (rows, heads, kv heads, head dim, block size, window, alibi)
-    (5, 9, 3, 64, 16, None, False),  # the default model's shape: AVX-512's float32 path (head dim 64)
+    (5, 9, 3, 64, 16, None, False),  # the default model's shape: the vector path (float32, head dim 64)
     (3, 8, 2, 128, 16, None, False),  # head dim 128, KV rows 1 KiB apart
     (2, 16, 8, 128, 4, None, False),  # KV rows 4 KiB apart (one head's rows in few cache sets)
     (1, 12, 3, 64, 16, None, False),  # one row: fewer heads a task, so both threads get work
@@ -192,7 +192,7 @@ def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
     (4, 6, 2, 24, 4, None, True),  # a head dim the vector path does not take
 ])
 def test_every_variant_decode_attention_matches_the_oracle(variant, dtype, case):
-    """Lengths off every multiple of 16 (the vector path's groups of keys) and of the block size,
+    """Lengths off every multiple of 8 and 16 (the vector path's groups of keys) and of the block size,
     scattered block tables, every variant this CPU runs."""
     from loramux.server.ops.attention import paged_attention_reference
 

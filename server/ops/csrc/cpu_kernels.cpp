@@ -586,7 +586,7 @@ static inline Vec::V exp_vec(Vec::V x) {
   return Vec::scale2(y, n, x);
 }
 
-// One task of paged_rows (below): row i's heads h0 .. h0 + gh - 1 over keys [lo, len) at off[j].
+// One task of paged_rows (below): row i's heads h0 .. h0 + gh - 1 over keys [lo, len), key lo + t at off[t].
 // Heads inside, L keys outside: each group of L key (value) rows is read from memory once and again
 // from cache for the other heads, whatever the rows' stride (with KV * hd a multiple of 4 KiB, one
 // KV head's rows all fall in a few of L1's and L2's sets, and a whole row of keys read once per head
@@ -605,8 +605,8 @@ static void decode_heads(float* out, const float* q, const float* k, const float
   for (int64_t c = 0; c < n; c += L) {  // scores
     const int64_t m = std::min<int64_t>(L, n - c);
     for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) {
-      prefetch_row(k + off[lo + t], hd, 3);
-      prefetch_row(v + off[lo + t], hd, 2);
+      prefetch_row(k + off[t], hd, 3);
+      prefetch_row(v + off[t], hd, 2);
     }
     const V j = Vec::lanes() + static_cast<float>(lo + c);
     for (int64_t g = 0; g < gh; ++g) {
@@ -615,7 +615,7 @@ static void decode_heads(float* out, const float* q, const float* k, const float
       for (int u = 0; u < HDL; ++u) qv[u] = Vec::load(qg + L * u);
       for (int t = 0; t < L; ++t) {
         if (t < m) {
-          const float* kr = k + off[lo + c + t];
+          const float* kr = k + off[c + t];
           V a = qv[0] * Vec::load(kr);
           for (int u = 1; u < HDL; ++u) a = Vec::fma(qv[u], Vec::load(kr + L * u), a);
           d[t] = a;
@@ -642,14 +642,14 @@ static void decode_heads(float* out, const float* q, const float* k, const float
   std::fill(acc, acc + gh * hd, 0.f);
   for (int64_t c = 0; c < n; c += L) {  // values
     const int64_t m = std::min<int64_t>(L, n - c);
-    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) prefetch_row(v + off[lo + t], hd, 3);
+    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) prefetch_row(v + off[t], hd, 3);
     for (int64_t g = 0; g < gh; ++g) {
       for (int u0 = 0; u0 < HDL; u0 += SLICE) {
         V a[SLICE];
         float* ag = acc + g * hd + L * u0;
         for (int u = 0; u < SLICE; ++u) a[u] = Vec::load(ag + L * u);
         for (int64_t t = 0; t < m; ++t) {
-          const float* vr = v + off[lo + c + t] + L * u0;
+          const float* vr = v + off[c + t] + L * u0;
           const V w = Vec::set1(s[g * stride + c + t]);
           for (int u = 0; u < SLICE; ++u) a[u] = Vec::fma(w, Vec::load(vr + L * u), a[u]);
         }
@@ -686,10 +686,10 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
         offsets[j - lo] = tables[i * mb + b] * block_stride + t * token_stride + kvh * hd;
         if (++t == bs) t = 0, ++b;
       }
-      const int64_t* off = offsets.data() - lo;  // off[j], j in [lo, len)
-      for (int64_t j = lo; j < std::min(len, lo + PREFETCH); ++j) {
-        prefetch_row(k + off[j], hd, 3);
-        prefetch_row(v + off[j], hd, 2);
+      const int64_t* off = offsets.data();  // off[t]: key lo + t
+      for (int64_t t = 0; t < std::min(n, PREFETCH); ++t) {
+        prefetch_row(k + off[t], hd, 3);
+        prefetch_row(v + off[t], hd, 2);
       }
 #if defined(LORAMUX_DECODE_VEC)
       if constexpr (std::is_same_v<T, float>) {
@@ -705,10 +705,10 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       std::fill(mx.begin(), mx.end(), -INFINITY);
       for (int64_t j = lo; j < len; ++j) {  // scores
         if (j + PREFETCH < len) {
-          prefetch_row(k + off[j + PREFETCH], hd, 3);
-          prefetch_row(v + off[j + PREFETCH], hd, 2);
+          prefetch_row(k + off[j - lo + PREFETCH], hd, 3);
+          prefetch_row(v + off[j - lo + PREFETCH], hd, 2);
         }
-        const T* kj = k + off[j];
+        const T* kj = k + off[j - lo];
         const float* kw;
         if constexpr (std::is_same_v<T, float>) {
           kw = kj;
@@ -737,8 +737,8 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = lo; j < len; ++j) {  // values
-        if (j + PREFETCH < len) prefetch_row(v + off[j + PREFETCH], hd, 3);
-        const T* vj = v + off[j];
+        if (j + PREFETCH < len) prefetch_row(v + off[j - lo + PREFETCH], hd, 3);
+        const T* vj = v + off[j - lo];
         const float* vw;
         if constexpr (std::is_same_v<T, float>) {
           vw = vj;
