@@ -703,12 +703,12 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       for (int64_t g = 0; g < gh; ++g)
         for (int64_t d = 0; d < hd; ++d) qf[g * hd + d] = static_cast<float>(q[(i * H + h0 + g) * hd + d]);
       std::fill(mx.begin(), mx.end(), -INFINITY);
-      for (int64_t j = lo; j < len; ++j) {  // scores
-        if (j + PREFETCH < len) {
-          prefetch_row(k + off[j - lo + PREFETCH], hd, 3);
-          prefetch_row(v + off[j - lo + PREFETCH], hd, 2);
+      for (int64_t t = 0; t < n; ++t) {  // scores of keys lo + t
+        if (t + PREFETCH < n) {
+          prefetch_row(k + off[t + PREFETCH], hd, 3);
+          prefetch_row(v + off[t + PREFETCH], hd, 2);
         }
-        const T* kj = k + off[j - lo];
+        const T* kj = k + off[t];
         const float* kw;
         if constexpr (std::is_same_v<T, float>) {
           kw = kj;
@@ -721,8 +721,8 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < hd; ++d) dot += qg[d] * kw[d];
-          const float sj = scale * dot + (slopes ? slopes[h0 + g] : 0.f) * static_cast<float>(j);
-          s[g * max_len + (j - lo)] = sj;
+          const float sj = scale * dot + (slopes ? slopes[h0 + g] : 0.f) * static_cast<float>(lo + t);
+          s[g * max_len + t] = sj;
           mx[g] = std::max(mx[g], sj);
         }
       }
@@ -736,9 +736,9 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
         sum[g] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = lo; j < len; ++j) {  // values
-        if (j + PREFETCH < len) prefetch_row(v + off[j - lo + PREFETCH], hd, 3);
-        const T* vj = v + off[j - lo];
+      for (int64_t t = 0; t < n; ++t) {  // values
+        if (t + PREFETCH < n) prefetch_row(v + off[t + PREFETCH], hd, 3);
+        const T* vj = v + off[t];
         const float* vw;
         if constexpr (std::is_same_v<T, float>) {
           vw = vj;
@@ -747,7 +747,7 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
           vw = wide.data();
         }
         for (int64_t g = 0; g < gh; ++g) {
-          const float w = s[g * max_len + (j - lo)];
+          const float w = s[g * max_len + t];
           float* ac = acc.data() + g * hd;
 #pragma omp simd
           for (int64_t d = 0; d < hd; ++d) ac[d] += w * vw[d];
