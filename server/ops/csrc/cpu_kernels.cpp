@@ -480,13 +480,11 @@ void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, to
 // prefetched (keys into L1, values into L2 for the second pass): 1.5x faster at 500 positions.
 constexpr int64_t PREFETCH = 16;
 
-template <typename T>
-static inline void prefetch_row(const T* row, int64_t hd, int locality) {
+// LOCALITY: 3 into L1, 2 into L2 (a compile-time constant, as __builtin_prefetch needs)
+template <int LOCALITY, typename T>
+static inline void prefetch_row(const T* row, int64_t hd) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(T)); b += 64) {
-    if (locality == 3) __builtin_prefetch(p + b, 0, 3);
-    else __builtin_prefetch(p + b, 0, 2);
-  }
+  for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, LOCALITY);
 }
 
 // The vector path of decode attention (float32, head dim 64 or 128): L keys at a time (L = 16 on
@@ -605,8 +603,8 @@ static void decode_heads(float* out, const float* q, const float* k, const float
   for (int64_t c = 0; c < n; c += L) {  // scores
     const int64_t m = std::min<int64_t>(L, n - c);
     for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) {
-      prefetch_row(k + off[t], hd, 3);
-      prefetch_row(v + off[t], hd, 2);
+      prefetch_row<3>(k + off[t], hd);
+      prefetch_row<2>(v + off[t], hd);
     }
     const V j = Vec::lanes() + static_cast<float>(lo + c);
     for (int64_t g = 0; g < gh; ++g) {
@@ -642,7 +640,7 @@ static void decode_heads(float* out, const float* q, const float* k, const float
   std::fill(acc, acc + gh * hd, 0.f);
   for (int64_t c = 0; c < n; c += L) {  // values
     const int64_t m = std::min<int64_t>(L, n - c);
-    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) prefetch_row(v + off[t], hd, 3);
+    for (int64_t t = c + PREFETCH; t < std::min(n, c + PREFETCH + L); ++t) prefetch_row<3>(v + off[t], hd);
     for (int64_t g = 0; g < gh; ++g) {
       for (int u0 = 0; u0 < HDL; u0 += SLICE) {
         V a[SLICE];
@@ -688,8 +686,8 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       }
       const int64_t* off = offsets.data();  // off[t]: key lo + t
       for (int64_t t = 0; t < std::min(n, PREFETCH); ++t) {
-        prefetch_row(k + off[t], hd, 3);
-        prefetch_row(v + off[t], hd, 2);
+        prefetch_row<3>(k + off[t], hd);
+        prefetch_row<2>(v + off[t], hd);
       }
 #if defined(LORAMUX_DECODE_VEC)
       if constexpr (std::is_same_v<T, float>) {
@@ -705,8 +703,8 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       std::fill(mx.begin(), mx.end(), -INFINITY);
       for (int64_t t = 0; t < n; ++t) {  // scores of keys lo + t
         if (t + PREFETCH < n) {
-          prefetch_row(k + off[t + PREFETCH], hd, 3);
-          prefetch_row(v + off[t + PREFETCH], hd, 2);
+          prefetch_row<3>(k + off[t + PREFETCH], hd);
+          prefetch_row<2>(v + off[t + PREFETCH], hd);
         }
         const T* kj = k + off[t];
         const float* kw;
@@ -737,7 +735,7 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < n; ++t) {  // values
-        if (t + PREFETCH < n) prefetch_row(v + off[t + PREFETCH], hd, 3);
+        if (t + PREFETCH < n) prefetch_row<3>(v + off[t + PREFETCH], hd);
         const T* vj = v + off[t];
         const float* vw;
         if constexpr (std::is_same_v<T, float>) {
