@@ -149,10 +149,15 @@ class Sampling:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives with each token's raw logprob (0 to 20)
+    presence_penalty: float | None = None  # OpenAI's, in [-2, 2]
+    frequency_penalty: float | None = None  # OpenAI's, in [-2, 2]
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def to_pb(self) -> pb.SamplingParams:
-        fields = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("stop", "stop_token_ids")}
-        return pb.SamplingParams(stop=self.stop, stop_token_ids=self.stop_token_ids, **fields)
+        lists = ("stop", "stop_token_ids", "logit_bias")
+        fields = {k: v for k, v in self.__dict__.items() if v is not None and k not in lists}
+        return pb.SamplingParams(stop=self.stop, stop_token_ids=self.stop_token_ids, logit_bias=self.logit_bias,
+                                 **fields)
 
 
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, messages=None,

@@ -62,6 +62,7 @@ class ServerConfig:
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
     max_queued_requests: int = 1024
+    max_choices_per_request: int = 128  # OpenAI API: n times the prompts of one request
     max_stop_sequences: int = 8
     max_stop_length: int = 64
     max_stop_token_ids: int = 64
@@ -101,7 +102,7 @@ class ServerConfig:
 
         for name in ("metrics_top_adapters", "max_batch_size", "max_tokens_per_step", "max_lora_rank", "max_device_adapters",
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
-                     "max_queued_requests", "max_stop_token_ids", "max_prompt_bytes", "max_chat_messages",
+                     "max_queued_requests", "max_choices_per_request", "max_stop_token_ids", "max_prompt_bytes", "max_chat_messages",
                      "max_registered_adapters", "work_threads", "work_timeout", "adapter_read_timeout",
                      "stream_stall_timeout", "max_http_body_bytes", "kv_block_size", "adapter_cache_max_gib"):
             positive(name)

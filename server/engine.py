@@ -35,7 +35,17 @@ from .errors import (
     status_name,
 )
 from .output_processor import Finished, OutputProcessor
-from .requests import MAX_LOGPROBS, GenerationRequest, Timing, TokenEvent, TokenLogprob, validate_request_id
+from .requests import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_LOGPROBS,
+    MAX_OCCURRENCE_PENALTY,
+    GenerationRequest,
+    Timing,
+    TokenEvent,
+    TokenLogprob,
+    validate_request_id,
+)
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
 from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, adapter_order, schedule
@@ -178,6 +188,8 @@ class Engine:
             raise RequestInvalid(f"temperature must be in [0, 100], got {p.temperature}")
         if not (0.0 < p.top_p <= 1.0):
             raise RequestInvalid(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.seed is not None and not -(1 << 63) <= p.seed < 1 << 64:  # what a generator takes
+            raise RequestInvalid("seed must be in [-2^63, 2^64)")
         if p.top_k < 0:
             raise RequestInvalid(f"top_k must be >= 0, got {p.top_k}")
         if not (p.repetition_penalty > 0.0 and p.repetition_penalty < float("inf")):
@@ -189,6 +201,18 @@ class Engine:
                 raise RequestInvalid(f"stop strings must be 1 to {c.max_stop_length} characters, got {len(s)}")
         if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
             raise RequestInvalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_OCCURRENCE_PENALTY <= getattr(p, name) <= MAX_OCCURRENCE_PENALTY:
+                raise RequestInvalid(f"{name} must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}], "
+                                     f"got {getattr(p, name)}")
+        if len(p.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise RequestInvalid(f"logit_bias has {len(p.logit_bias)} entries; the limit is {MAX_LOGIT_BIAS_TOKENS}")
+        for token, bias in p.logit_bias:
+            if not 0 <= token < self.vocab_size:
+                raise RequestInvalid(f"logit_bias token {token} is outside the vocabulary [0, {self.vocab_size})")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise RequestInvalid(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                     f"got {bias} for token {token}")
         if len(p.stop_token_ids) > c.max_stop_token_ids:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
                                  "(--max-stop-token-ids)")
@@ -412,7 +436,9 @@ class Engine:
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
         sampled = [work[i][0] for i in order]
         seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
-        tokens = sample(logits, [s.sampler for s in sampled], seen)
+        generated = [s.ids[s.num_prompt :] if s.sampler.params.presence_penalty or s.sampler.params.frequency_penalty
+                     else None for s in sampled]
+        tokens = sample(logits, [s.sampler for s in sampled], seen, generated)
         logprobs = token_logprobs(logits, sampled, tokens)
         # Everything after the shared forward pass is one request's own: its failure (sampling,
         # detokenizing, stop checks, delivery) fails that request alone, never the engine.

@@ -7,6 +7,7 @@ the official clients raise their own exception types. Imported only when --http-
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -164,51 +165,87 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     @errors_as_responses
     async def completions(body: CompletionRequest):
-        prompt, sampling = body.to_domain()
-        stream = await service.generate(prompt, sampling, adapter_of(body.model))
-        return await respond(stream, body, "completion", sampling.logprobs is not None)
+        prompts, sampling = body.to_domain()
+        return await respond(prompts, sampling, body, "completion")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     @errors_as_responses
     async def chat_completions(body: ChatCompletionRequest):
-        prompt, sampling = body.to_domain(config.default_max_new_tokens)
-        stream = await service.generate(prompt, sampling, adapter_of(body.model))
-        return await respond(stream, body, "chat", sampling.logprobs is not None)
+        prompts, sampling = body.to_domain(config.default_max_new_tokens)
+        return await respond(prompts, sampling, body, "chat")
 
-    async def respond(stream, body, kind: str, with_logprobs: bool):
+    async def respond(prompts, sampling, body, kind: str):
+        streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model))
         text_of = TokenText(service.ready().tokenizer)
-        clamp = _clamp_logprobs if with_logprobs else (lambda obj: obj)
+        clamp = _clamp_logprobs if sampling.logprobs is not None else (lambda obj: obj)
         if not body.stream:
             try:
-                events = [ev async for ev in stream]
+                choices = await asyncio.gather(*(collect(s) for s in streams))
             finally:
-                stream.cancel()  # a no-op once finished
+                for s in streams:
+                    s.cancel()  # a no-op once finished; else the client went away or another choice failed
             make = chat_response if kind == "chat" else completion_response
-            return JSONResponse(clamp(make(body.model, events, text_of)))
-        chunks = ChunkMaker(kind, body.model, text_of)
+            return JSONResponse(clamp(make(body.model, choices, body.n, text_of)))
+        chunks = ChunkMaker(kind, body.model, text_of, len(streams))
 
         async def sse():
+            lasts = [None] * len(streams)
             try:
-                first = chunks.first()
-                if first is not None:
+                for first in chunks.first():
                     yield f"data: {_json(first)}\n\n"
-                last = None
-                async for ev in stream:
-                    chunk = chunks.event(ev)
+                async for i, ev in merged(streams):
+                    chunk = chunks.event(ev, i)
                     if chunk is not None:
                         yield f"data: {_json(clamp(chunk))}\n\n"
-                    last = ev
-                if body.include_usage and last is not None:
-                    yield f"data: {_json(chunks.usage(last))}\n\n"
+                    lasts[i] = ev
+                if body.include_usage:
+                    yield f"data: {_json(chunks.usage(lasts, body.n))}\n\n"
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
                 yield f"data: {_json(error_body(*_error_of(e)))}\n\n"
             finally:
-                stream.cancel()  # the client went away (Starlette cancels this generator) or we are done
+                for s in streams:
+                    s.cancel()  # the client went away (Starlette cancels this generator) or we are done
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return BodyLimit(app, config.max_http_body_bytes)
+
+
+async def collect(stream) -> list:
+    return [ev async for ev in stream]
+
+
+async def merged(streams):
+    """(index, event) from every stream as its events come; the first error raised ends it. One
+    stream is read directly (the usual case: no task, no queue)."""
+    if len(streams) == 1:
+        async for ev in streams[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for ev in stream:
+                queue.put_nowait((i, ev))
+            queue.put_nowait((i, None))  # this stream is done
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(streams)):
+            while True:
+                i, item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class _HttpError(Exception):

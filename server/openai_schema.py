@@ -1,9 +1,13 @@
 """OpenAI's request and response shapes (pydantic), and their conversion to the domain types.
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
-not implement (n > 1, echo, penalties other than repetition_penalty, logit_bias, tools) is a 400
-that names it, never silently ignored. Unknown extra fields are ignored, as OpenAI's clients send
-many optional ones.
+not implement (echo, best_of other than n, suffix, tools) is a 400 that names it, never
+silently ignored. Unknown extra fields are ignored, as OpenAI's
+clients send many optional ones.
+
+A request asks for ``n`` completions of each of its prompts (a completions request may carry a
+list of them); choice ``p * n + j`` is prompt p's j-th completion, as OpenAI numbers them. Usage
+counts each prompt once and every choice's completion tokens.
 """
 
 from __future__ import annotations
@@ -48,10 +52,7 @@ class _Common(BaseModel):
 
     def check_supported(self) -> None:
         refused = [(name, why) for name, bad, why in (
-            ("n", self.n != 1, f"is {self.n}; only 1 is served: send one request per completion"),
-            ("presence_penalty", self.presence_penalty != 0, "is not supported; use repetition_penalty"),
-            ("frequency_penalty", self.frequency_penalty != 0, "is not supported; use repetition_penalty"),
-            ("logit_bias", bool(self.logit_bias), "is not supported"),
+            ("n", self.n < 1, f"is {self.n}; it must be at least 1"),
         ) if bad]
         if refused:
             name, why = refused[0]
@@ -59,11 +60,18 @@ class _Common(BaseModel):
 
     def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        bias = []
+        for token, value in (self.logit_bias or {}).items():
+            try:
+                bias.append((int(token), value))
+            except ValueError:
+                raise RequestInvalid(f"logit_bias keys are token ids; got {token[:32]!r}", param="logit_bias") from None
         return SamplingParams(
             max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
         )
 
     @property
@@ -79,20 +87,18 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     suffix: str | None = None
 
-    def to_domain(self) -> tuple[Prompt, SamplingParams]:
+    def to_domain(self) -> tuple[list[Prompt], SamplingParams]:
+        """The prompts (one, or the batch the request lists) and their sampling."""
         self.check_supported()
-        for name, bad in (("echo", self.echo), ("best_of", (self.best_of or 1) != 1), ("suffix", bool(self.suffix))):
+        for name, bad in (("echo", self.echo), ("best_of", self.best_of not in (None, self.n)),
+                          ("suffix", bool(self.suffix))):
             if bad:
                 raise RequestInvalid(f"{name} is not supported", param=name)
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # a batch of prompts
-            if len(prompt) != 1:
-                raise RequestInvalid(f"{len(prompt)} prompts in one request; send one prompt per request",
-                                     param="prompt")
-            prompt = prompt[0]
-        domain = Prompt(text=prompt) if isinstance(prompt, str) else Prompt(token_ids=tuple(prompt))
+        batch = self.prompt if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
+            else [self.prompt]
+        prompts = [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=tuple(p)) for p in batch]
         max_tokens = DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
-        return domain, self.sampling(max_tokens, self.logprobs)
+        return prompts, self.sampling(max_tokens, self.logprobs)
 
 
 class ContentPart(BaseModel):
@@ -127,7 +133,7 @@ class ChatCompletionRequest(_Common):
     tools: list | None = None
     response_format: dict | None = None
 
-    def to_domain(self, default_max_new_tokens: int) -> tuple[Prompt, SamplingParams]:
+    def to_domain(self, default_max_new_tokens: int) -> tuple[list[Prompt], SamplingParams]:
         self.check_supported()
         if self.tools:
             raise RequestInvalid("tools are not supported", param="tools")
@@ -139,7 +145,7 @@ class ChatCompletionRequest(_Common):
         # OpenAI's newer "developer" role is what chat templates call "system"
         prompt = Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages))
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return prompt, self.sampling(default_max_new_tokens if max_tokens is None else max_tokens, logprobs)
+        return [prompt], self.sampling(default_max_new_tokens if max_tokens is None else max_tokens, logprobs)
 
 
 # ---- responses ----
@@ -148,10 +154,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(last: TokenEvent) -> dict:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": last.cached_prompt_tokens}}
+def usage(lasts: list[TokenEvent], n: int) -> dict:
+    """Usage over every choice's last event (choice p * n + j: prompt p's j-th completion): each
+    prompt counted once, every completion's tokens."""
+    firsts = lasts[::n]
+    prompt = sum(e.prompt_tokens for e in firsts)
+    completion = sum(e.completion_tokens for e in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(e.cached_prompt_tokens for e in firsts)}}
 
 
 class TokenText:
@@ -191,30 +201,32 @@ def chat_logprobs(events: list[TokenEvent], text_of: TokenText) -> dict | None:
                         for lp in lps]}
 
 
-def completion_response(model: str, events: list[TokenEvent], text_of: TokenText) -> dict:
-    last = events[-1]
+def completion_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText) -> dict:
+    """``choices``: each choice's events, in choice order."""
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": "".join(e.text for e in events), "finish_reason": FINISH[last.finish_reason],
-                         "logprobs": completion_logprobs(events, text_of)}],
-            "usage": usage(last)}
+            "choices": [{"index": i, "text": "".join(e.text for e in events),
+                         "finish_reason": FINISH[events[-1].finish_reason],
+                         "logprobs": completion_logprobs(events, text_of)} for i, events in enumerate(choices)],
+            "usage": usage([events[-1] for events in choices], n)}
 
 
-def chat_response(model: str, events: list[TokenEvent], text_of: TokenText) -> dict:
-    last = events[-1]
+def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText) -> dict:
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
-                         "finish_reason": FINISH[last.finish_reason], "logprobs": chat_logprobs(events, text_of)}],
-            "usage": usage(last)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+                         "finish_reason": FINISH[events[-1].finish_reason],
+                         "logprobs": chat_logprobs(events, text_of)} for i, events in enumerate(choices)],
+            "usage": usage([events[-1] for events in choices], n)}
 
 
 class ChunkMaker:
-    """One stream's chunks, in OpenAI's format for either endpoint."""
+    """One response stream's chunks, in OpenAI's format for either endpoint, for ``choices``
+    choices (their chunks interleave, each naming its choice's index)."""
 
-    def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText):
+    def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1):
         self.kind, self.model, self.text_of = kind, model, text_of
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
-        self.offset = 0  # completions' text_offset continues across chunks
+        self.offsets = [0] * choices  # completions' text_offset continues across a choice's chunks
 
     def _chunk(self, choices: list, usage_: dict | None = None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
@@ -223,29 +235,30 @@ class ChunkMaker:
             out["usage"] = usage_
         return out
 
-    def first(self) -> dict | None:
-        """Chat streams open with the assistant's role."""
+    def first(self) -> list[dict]:
+        """Chat streams open with the assistant's role, once for each choice."""
         if self.kind != "chat":
-            return None
-        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])
+            return []
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(len(self.offsets))]
 
-    def event(self, ev: TokenEvent) -> dict | None:
-        """The chunk for one token event; None when it adds nothing (no text, no logprob, not last)."""
+    def event(self, ev: TokenEvent, index: int = 0) -> dict | None:
+        """The chunk for one token event of choice ``index``; None when it adds nothing (no text,
+        no logprob, not last)."""
         finish = FINISH[ev.finish_reason] if ev.finish_reason is not None else None
         if not ev.text and ev.logprob is None and finish is None:
             return None
         if self.kind == "chat":
-            choice = {"index": 0, "delta": {"content": ev.text} if ev.text else {},
+            choice = {"index": index, "delta": {"content": ev.text} if ev.text else {},
                       "logprobs": chat_logprobs([ev], self.text_of), "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": ev.text, "logprobs": completion_logprobs([ev], self.text_of, self.offset),
-                      "finish_reason": finish}
-            self.offset += len(ev.text)
+            choice = {"index": index, "text": ev.text,
+                      "logprobs": completion_logprobs([ev], self.text_of, self.offsets[index]), "finish_reason": finish}
+            self.offsets[index] += len(ev.text)
         return self._chunk([choice])
 
-    def usage(self, last: TokenEvent) -> dict:
-        return self._chunk([], usage(last))
+    def usage(self, lasts: list[TokenEvent], n: int) -> dict:
+        return self._chunk([], usage(lasts, n))
 
 
 def model_card(model_id: str, parent: str | None, created: int) -> dict:

@@ -34,10 +34,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives to return with each token's logprob; None: no logprobs
+    presence_penalty: float = 0.0  # OpenAI's: taken from the logit of each token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: times the number of times each token was generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or biases change this request's logits before its token is picked."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 class FinishReason(Enum):
@@ -64,6 +73,9 @@ class Timing:
 
 
 MAX_LOGPROBS = 20
+MAX_OCCURRENCE_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's
+MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias
 
 
 @dataclass(frozen=True)

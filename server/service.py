@@ -8,19 +8,20 @@ refused requests live here once. No grpc, no HTTP framework and no torch are imp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..adapters.errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
 from ..adapters.files import inside
 from .config import ServerConfig
-from .errors import EngineUnavailable, status_name
+from .errors import EngineUnavailable, RequestInvalid, status_name
 from .requests import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -82,23 +83,62 @@ class Service:
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
                        request_id: str | None = None, time_remaining: float | None = None):
         """Validate, render the prompt off the loop and submit; returns the engine's RequestStream."""
+        with self._counting_refusals(adapter_id):
+            ids = await self._render(prompt, adapter_id)
+            return self._submit(ids, sampling, adapter_id, request_id, time_remaining)
+
+    async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
+                               adapter_id: str | None = None) -> list:
+        """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
+        is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
+        draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
+        refused, those already submitted are cancelled and its error raised."""
+        count = n * len(prompts)
+        streams = []
+        with self._counting_refusals(adapter_id):
+            if count > self.config.max_choices_per_request:
+                raise RequestInvalid(f"{len(prompts)} prompt(s) with n={n} ask for {count} completions; the limit is "
+                                     f"{self.config.max_choices_per_request} (--max-choices-per-request)")
+            try:
+                for prompt in prompts:
+                    ids = await self._render(prompt, adapter_id)
+                    for j in range(n):
+                        seeded = sampling if j == 0 or sampling.seed is None else \
+                            replace(sampling, seed=(sampling.seed + j) % (1 << 64))
+                        streams.append(self._submit(ids, seeded, adapter_id))
+            except BaseException:
+                for stream in streams:
+                    stream.cancel()
+                raise
+        return streams
+
+    @contextlib.contextmanager
+    def _counting_refusals(self, adapter_id: str | None):
+        """A request refused before the engine saw it: the metrics still count it."""
         try:
-            built = self.ready()
-            parts = (prompt.text, list(prompt.token_ids), list(prompt.messages))
-            self.renderer.check(*parts)  # cheap bounds first, then the tokenizer off the loop
-            if adapter_id:
-                await self._ensure_registered(adapter_id)
-            ids = await self.work.run("tokenizing the prompt", self.renderer.render, *parts)
-            req = GenerationRequest(
-                request_id=request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
-                adapter_id=adapter_id or None,
-                deadline=None if time_remaining is None else time.monotonic() + time_remaining,
-            )
-            return built.engine.submit(req)
-        except Exception as e:  # refused before the engine saw it: the metrics still count it
+            yield
+        except Exception as e:
             if self.on_rejected is not None:
                 self.on_rejected(status_name(e), adapter_id or None)
             raise
+
+    async def _render(self, prompt: Prompt, adapter_id: str | None) -> list[int]:
+        """Cheap bounds first, the adapter's (dynamic) registration, then the tokenizer off the loop."""
+        self.ready()
+        parts = (prompt.text, list(prompt.token_ids), list(prompt.messages))
+        self.renderer.check(*parts)
+        if adapter_id:
+            await self._ensure_registered(adapter_id)
+        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts)
+
+    def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None,
+                request_id: str | None = None, time_remaining: float | None = None):
+        req = GenerationRequest(
+            request_id=request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
+            adapter_id=adapter_id or None,
+            deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+        )
+        return self.ready().engine.submit(req)
 
     # ---- dynamic adapters (--dynamic-adapters) ----
     async def _ensure_registered(self, adapter_id: str) -> None:

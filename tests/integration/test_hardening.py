@@ -77,6 +77,8 @@ EXTREME_SAMPLING = [
     dict(repetition_penalty=1e-45), dict(repetition_penalty=F32_MAX),
     dict(temperature=1.0, top_p=1e-45), dict(temperature=1.0, top_k=2**32 - 1),
     dict(temperature=1e-38, top_p=1e-45, top_k=1, repetition_penalty=3e38, seed=2**64 - 1),
+    dict(presence_penalty=2.0, frequency_penalty=2.0, repetition_penalty=F32_MAX, logit_bias={0: 100.0, 383: -100.0}),
+    dict(temperature=1.0, presence_penalty=-2.0, frequency_penalty=-2.0, logit_bias={i: 100.0 for i in range(300)}),
 ]
 
 
@@ -496,15 +498,17 @@ any_float = st.one_of(st.none(), st.floats(width=32), st.sampled_from([0.0, 1e-4
                                                                        math.nan, math.inf, -math.inf]))
 odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 sampling_pb = st.builds(
-    lambda mnt, t, p, k, rp, seed, stop, ids, ignore: pb.SamplingParams(
+    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias: pb.SamplingParams(
         **{k_: v for k_, v in dict(max_new_tokens=mnt, temperature=t, top_p=p, top_k=k, repetition_penalty=rp,
-                                     seed=seed).items() if v is not None},
-        stop=stop, stop_token_ids=ids, ignore_eos=ignore),
+                                     seed=seed, presence_penalty=pp, frequency_penalty=fp).items() if v is not None},
+        stop=stop, stop_token_ids=ids, ignore_eos=ignore, logit_bias=bias),
     st.one_of(st.none(), st.integers(0, MAX_U32)), any_float, any_float, st.one_of(st.none(), st.integers(0, MAX_U32)),
     any_float, st.one_of(st.none(), st.integers(0, MAX_U64)),
     st.one_of(st.lists(odd_text, max_size=6), st.lists(st.just("a"), min_size=100, max_size=300)),
     st.one_of(st.lists(st.integers(0, MAX_U32), max_size=6), st.lists(st.integers(0, 5), min_size=100, max_size=2000)),
-    st.booleans(),
+    st.booleans(), any_float, any_float,
+    st.one_of(st.dictionaries(st.integers(0, MAX_U32), st.floats(width=32), max_size=4),
+              st.dictionaries(st.integers(0, 383), st.floats(-100, 100, width=32), min_size=290, max_size=320)),
 )
 request_pb = st.builds(
     lambda rid, aid, prompt, ids, msgs, s: pb.GenerateRequest(

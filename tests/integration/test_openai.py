@@ -136,8 +136,11 @@ def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_
 
 def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
-        (dict(n=2), "n"), (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_new_tokens"),
-        (dict(temperature=-1), "temperature"), (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_new_tokens"),
+        (dict(temperature=-1), "temperature"), (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={"5": 101}), "logit_bias"),
+        (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
+        (dict(logit_bias={str(i): 1 for i in range(301)}), "300"), (dict(seed=2**64), "seed"),
         (dict(extra_body={"top_k": -3}), "top_k"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
@@ -153,6 +156,98 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     assert body.status_code == 413 and "--max-http-body-bytes" in body.json()["error"]["message"]
     bad_json = httpx.post(f"{oserver.base_url}/completions", content=b"{", headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "error" in bad_json.json()
+
+
+OTHER_IDS = [7, 19, 3, 55]
+
+
+def test_logit_bias_and_occurrence_penalties_in_both_apis(oserver):
+    forced = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logit_bias={"42": 100}, logprobs=1,
+                                           **GREEDY)
+    grpc = oserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4", sampling=Sampling(
+        max_new_tokens=10, ignore_eos=True, logit_bias={42: 100.0}))
+    assert list(grpc.token_ids) == [42] * 10 and forced.choices[0].text == grpc.text
+    assert max(forced.choices[0].logprobs.token_logprobs) < -0.7  # raw logprobs: the bias is not in them
+    # negative penalties reward what was generated: the greedy run repeats itself
+    plain = grpc_tokens(oserver, "attn-r4")
+    rewarded = grpc_tokens(oserver, "attn-r4", presence_penalty=-2.0, frequency_penalty=-2.0)
+    assert len(set(rewarded.token_ids)) < len(set(plain.token_ids))
+    http = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, presence_penalty=-2.0,
+                                         frequency_penalty=-2.0, **GREEDY)
+    assert http.choices[0].text == rewarded.text
+
+
+def test_n_completions_of_a_batch_of_prompts_in_openais_order(oserver):
+    """Choice p * n + j is prompt p's j-th completion; usage counts each prompt once."""
+    expected = [grpc_tokens(oserver, "attn-r4").text,
+                oserver.client.generate(prompt_token_ids=OTHER_IDS, adapter_id="attn-r4",
+                                        sampling=Sampling(max_new_tokens=10, ignore_eos=True)).text]
+    got = oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS, OTHER_IDS], n=2, **GREEDY)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert [c.text for c in got.choices] == [expected[0], expected[0], expected[1], expected[1]]
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(PROMPT_IDS) + len(OTHER_IDS), 40)
+    # text prompts too, and chat
+    texts = oserver.oa.completions.create(model="attn-r4", prompt=["hello there", "a b c"], **GREEDY)
+    assert [c.index for c in texts.choices] == [0, 1] and texts.choices[0].text != texts.choices[1].text
+    messages = [{"role": "user", "content": "Tell me about LoRA."}]
+    chat = oserver.oa.chat.completions.create(model="all-r8", messages=messages, n=3, **GREEDY)
+    single = oserver.oa.chat.completions.create(model="all-r8", messages=messages, **GREEDY)
+    assert [c.message.content for c in chat.choices] == [single.choices[0].message.content] * 3
+    assert chat.usage.prompt_tokens == single.usage.prompt_tokens and chat.usage.completion_tokens == 30
+
+
+def test_seeded_choices_differ_and_each_reproduces_alone(oserver):
+    sampled = dict(model="attn-r4", prompt=PROMPT_IDS, max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True})
+    got = oserver.oa.completions.create(n=3, seed=41, **sampled)
+    texts = [c.text for c in got.choices]
+    assert len(set(texts)) > 1  # twelve tokens drawn at temperature 1: equal only by a miracle
+    for j, text in enumerate(texts):  # the j-th choice draws with seed + j
+        assert oserver.oa.completions.create(seed=41 + j, **sampled).choices[0].text == text
+    unseeded = oserver.oa.completions.create(n=3, **sampled)
+    assert len(unseeded.choices) == 3
+
+
+def test_streamed_choices_interleave_and_add_up(oserver):
+    messages = [{"role": "user", "content": "Tell me about LoRA."}]
+    kwargs = dict(model="all-r8", messages=messages, n=2, temperature=1.0, seed=5, max_tokens=10,
+                  extra_body={"ignore_eos": True})
+    whole = oserver.oa.chat.completions.create(**kwargs)
+    chunks = list(oserver.oa.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    by_index = {0: [], 1: []}
+    for c in chunks:
+        for choice in c.choices:
+            by_index[choice.index].append(choice)
+    for i in (0, 1):
+        assert by_index[i][0].delta.role == "assistant"
+        assert "".join(ch.delta.content or "" for ch in by_index[i]) == whole.choices[i].message.content
+        assert [ch.finish_reason for ch in by_index[i] if ch.finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    comp = list(oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS, OTHER_IDS], n=2, stream=True,
+                                              **GREEDY))
+    assert sorted({ch.index for c in comp for ch in c.choices}) == [0, 1, 2, 3]
+
+
+def test_choices_are_bounded_and_a_refused_prompt_cancels_the_rest(oserver):
+    with pytest.raises(openai.BadRequestError) as e:
+        oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS] * 2, n=65, **GREEDY)
+    assert "--max-choices-per-request" in e.value.message and "130" in e.value.message
+    # the second prompt is over the length limit: the first's completions, already queued, go
+    before = total(wait_idle(oserver), "loramux_generated_tokens_total", adapter="attn-r4")
+    with pytest.raises(openai.BadRequestError):
+        oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS, [5] * 300], n=3,
+                                      **{**GREEDY, "max_tokens": 200})
+    m = wait_idle(oserver)
+    assert m["loramux_kv_cache_usage_ratio"] == 0 and m["loramux_adapter_pins"] == 0
+    assert total(m, "loramux_generated_tokens_total", adapter="attn-r4") - before < 100  # not 3 x 200
+    # a client that leaves a stream of several choices cancels them all
+    with httpx.stream("POST", f"{oserver.base_url}/completions", json={
+            "model": "attn-r4", "prompt": PROMPT_IDS, "max_tokens": 200, "stream": True, "ignore_eos": True, "n": 3},
+            timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    m = wait_idle(oserver)
+    assert m["loramux_kv_cache_usage_ratio"] == 0 and m["loramux_adapter_pins"] == 0
+    assert total(m, "loramux_generated_tokens_total", adapter="attn-r4") - before < 300  # not 3 x 200 more
 
 
 def test_health_and_metrics_on_the_http_port(oserver):

@@ -14,6 +14,8 @@ from loramux.server.requests import GREEDY_TEMPERATURE, SamplingParams
 from loramux.server.sampling import (
     NonFiniteLogits,
     SamplerState,
+    apply_logit_bias,
+    apply_occurrence_penalties,
     apply_repetition_penalty,
     filter_top_p,
     greedy_tokens,
@@ -71,11 +73,69 @@ def test_greedy_rows_are_argmax_and_seeded_rows_reproduce():
     assert first[1] == second[1]
 
 
+def reference_adjustments(row: torch.Tensor, params: SamplingParams, seen: list[int], generated: list[int]):
+    """One row, one token at a time, in vLLM's order: biases, HF's repetition penalty, then
+    OpenAI's presence and frequency penalties."""
+    row = row.clone()
+    for token, bias in params.logit_bias:
+        row[token] += bias
+    if seen and params.repetition_penalty != 1.0:
+        row = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(torch.tensor([seen]), row[None])[0]
+    for token in set(generated):
+        row[token] -= params.frequency_penalty * generated.count(token) + params.presence_penalty
+    return row
+
+
+occurrence = st.floats(-2.0, 2.0, width=32)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 5), vocab=st.integers(2, 50))
+def test_batched_biases_and_penalties_match_the_row_by_row_reference(data, rows, vocab):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))) * 4
+    tokens = st.integers(0, vocab - 1)
+    params, seen, generated = [], [], []
+    for _ in range(rows):
+        params.append(SamplingParams(
+            8, repetition_penalty=data.draw(st.sampled_from([1.0, 1.3, 0.7])), presence_penalty=data.draw(occurrence),
+            frequency_penalty=data.draw(occurrence),
+            logit_bias=tuple(data.draw(st.lists(st.tuples(tokens, st.floats(-100, 100, width=32)), max_size=4)))))
+        generated.append(data.draw(st.lists(tokens, max_size=8)))
+        seen.append(data.draw(st.lists(tokens, max_size=4)) + generated[-1])
+    ours = logits.clone()
+    apply_logit_bias(ours, [p.logit_bias for p in params])
+    ours = apply_repetition_penalty(ours, torch.tensor([s + [s[0]] * (12 - len(s)) if s else [0] * 12 for s in seen]),
+                                    torch.tensor([p.repetition_penalty if s else 1.0 for p, s in zip(params, seen, strict=True)]))
+    apply_occurrence_penalties(ours, generated, [p.presence_penalty for p in params],
+                               [p.frequency_penalty for p in params])
+    for i in range(rows):
+        ref = reference_adjustments(logits[i], params[i], seen[i], generated[i])
+        assert torch.allclose(ours[i], ref, rtol=1e-6, atol=1e-5), (i, ours[i], ref)
+
+
+def test_greedy_rows_follow_logit_bias_and_penalties_but_not_their_neighbours():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    rows = [SamplingParams(5, logit_bias=((0, 5.0),)),  # a bias lifts token 0 over token 1
+            SamplingParams(5, presence_penalty=1.5, frequency_penalty=0.5),  # generated 1 twice: 3 - 2.5 < 2
+            SamplingParams(5)]
+    states = [SamplerState.create(p, "cpu") for p in rows]
+    assert sample(logits, states, [None] * 3, [None, [1, 1], [1, 1]]) == [0, 3, 1]
+    # the logits themselves stay raw (the logprobs read them)
+    assert torch.equal(logits, torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3))
+    # penalised rows sample too: a -100 bias on every token but one leaves that one
+    bias = tuple((t, -100.0) for t in range(4) if t != 2)
+    state = SamplerState.create(SamplingParams(5, temperature=1.0, seed=3, logit_bias=bias), "cpu")
+    assert {sample(logits[:1], [state], [None])[0] for _ in range(20)} == {2}
+
+
 # Every value the validation accepts (server/engine.py): temperature in [0, 100], top_p in (0, 1],
-# top_k in [0, 2^32 - 1], repetition_penalty in (0, inf), over logits anywhere in float32's range.
+# top_k in [0, 2^32 - 1], repetition_penalty in (0, inf), presence and frequency penalties in
+# [-2, 2], biases in [-100, 100], over logits anywhere in float32's range.
 extreme = st.floats(-F32_MAX, F32_MAX, width=32, allow_nan=False, allow_infinity=False)
 params = st.builds(
-    lambda t, p, k, rp, seed: SamplingParams(8, temperature=t, top_p=p, top_k=k, repetition_penalty=rp, seed=seed),
+    lambda t, p, k, rp, seed, pp, fp, bias: SamplingParams(8, temperature=t, top_p=p, top_k=k, repetition_penalty=rp,
+                                                         seed=seed, presence_penalty=pp, frequency_penalty=fp,
+                                                         logit_bias=tuple(bias)),
     st.one_of(st.sampled_from([0.0, 1e-45, F32_TINY, 1e-6, GREEDY_TEMPERATURE, 100.0]),
               st.floats(0, 100, width=32)),
     st.one_of(st.sampled_from([1e-45, 1e-30, 0.5, 1.0]), st.floats(0, 1.0, width=32, exclude_min=True)),
@@ -83,6 +143,8 @@ params = st.builds(
     st.one_of(st.sampled_from([1e-45, 1e-38, 1.0, 1e38, F32_MAX]),
               st.floats(0, F32_MAX, width=32, exclude_min=True)),
     st.integers(0, 2**64 - 1),
+    occurrence, occurrence,
+    st.lists(st.tuples(st.integers(0, 0), st.sampled_from([-100.0, 100.0, 0.5])), max_size=2),  # token 0: any vocab
 )
 
 
@@ -93,7 +155,7 @@ def test_sampler_returns_a_valid_token_for_every_row_and_extreme_value(data, row
                                              min_size=rows, max_size=rows)), dtype=torch.float32)
     states = [SamplerState.create(data.draw(params), "cpu") for _ in range(rows)]
     seen = [data.draw(st.lists(st.integers(0, vocab - 1), max_size=6)) for _ in range(rows)]
-    for token in sample(logits, states, seen):
+    for token in sample(logits, states, seen, seen):
         assert isinstance(token, int) and 0 <= token < vocab, token
 
 
