@@ -234,14 +234,15 @@ async def merged(streams):
             queue.put_nowait((i, e))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    live = len(streams)
     try:
-        for _ in range(len(streams)):
-            while True:
-                i, item = await queue.get()
-                if item is None:
-                    break
-                if isinstance(item, Exception):
-                    raise item
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
                 yield i, item
     finally:
         for task in tasks:

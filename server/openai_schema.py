@@ -2,8 +2,7 @@
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
 not implement (echo, best_of other than n, suffix, tools) is a 400 that names it, never
-silently ignored. Unknown extra fields are ignored, as OpenAI's
-clients send many optional ones.
+silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
 
 A request asks for ``n`` completions of each of its prompts (a completions request may carry a
 list of them); choice ``p * n + j`` is prompt p's j-th completion, as OpenAI numbers them. Usage

@@ -196,6 +196,18 @@ def test_n_completions_of_a_batch_of_prompts_in_openais_order(oserver):
     assert chat.usage.prompt_tokens == single.usage.prompt_tokens and chat.usage.completion_tokens == 30
 
 
+def test_choices_of_one_prompt_prefill_it_once(oserver):
+    """The siblings of the first completion start once its prompt is in the prefix cache."""
+    prompt = [(7 * i + 3) % 300 + 1 for i in range(40)]  # two full blocks of 16, not seen before
+    before = oserver.metrics()["loramux_prefix_cache_hit_tokens_total"]
+    got = oserver.oa.completions.create(model="attn-r4", prompt=prompt, n=4, **GREEDY)
+    hits = oserver.metrics()["loramux_prefix_cache_hit_tokens_total"] - before
+    assert hits >= 3 * 32
+    single = oserver.client.generate(prompt_token_ids=prompt, adapter_id="attn-r4",
+                                     sampling=Sampling(max_new_tokens=10, ignore_eos=True))
+    assert [c.text for c in got.choices] == [single.text] * 4
+
+
 def test_seeded_choices_differ_and_each_reproduces_alone(oserver):
     sampled = dict(model="attn-r4", prompt=PROMPT_IDS, max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True})
     got = oserver.oa.completions.create(n=3, seed=41, **sampled)
