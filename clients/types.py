@@ -48,12 +48,14 @@ class Generation:
     timing: Timing
     logprobs: list[Logprob] = field(default_factory=list)  # when Sampling.logprobs was set
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt tokens 2, 3, ...: Sampling.prompt_logprobs
 
     @classmethod
     def from_pb(cls, r: pb.GenerateResponse) -> Generation:
         return cls(r.request_id, r.text, list(r.token_ids), FINISH_NAMES.get(r.finish_reason),
                    r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing),
-                   [Logprob.from_pb(lp) for lp in r.logprobs], r.usage.cached_prompt_tokens)
+                   [Logprob.from_pb(lp) for lp in r.logprobs], r.usage.cached_prompt_tokens,
+                   [Logprob.from_pb(lp) for lp in r.prompt_logprobs])
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,15 @@ class StreamChunk:
     timing: Timing | None = None
     logprob: Logprob | None = None  # when Sampling.logprobs was set
     cached_prompt_tokens: int = 0  # last chunk only
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # first chunk only, when asked
 
     @classmethod
     def from_pb(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
         last = r.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         return cls(r.request_id, r.token_id, r.text, FINISH_NAMES.get(r.finish_reason),
                    r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing) if last else None,
-                   Logprob.from_pb(r.logprob) if r.HasField("logprob") else None, r.usage.cached_prompt_tokens)
+                   Logprob.from_pb(r.logprob) if r.HasField("logprob") else None, r.usage.cached_prompt_tokens,
+                   [Logprob.from_pb(lp) for lp in r.prompt_logprobs])
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Sampling:
     presence_penalty: float | None = None  # OpenAI's, in [-2, 2]
     frequency_penalty: float | None = None  # OpenAI's, in [-2, 2]
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    prompt_logprobs: int | None = None  # each prompt token's raw logprob (after the first), with this many top ones
 
     def to_pb(self) -> pb.SamplingParams:
         lists = ("stop", "stop_token_ids", "logit_bias")

@@ -199,8 +199,9 @@ class Engine:
         for s in p.stop:
             if not 0 < len(s) <= c.max_stop_length:
                 raise RequestInvalid(f"stop strings must be 1 to {c.max_stop_length} characters, got {len(s)}")
-        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
-            raise RequestInvalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(p, name) is not None and not 0 <= getattr(p, name) <= MAX_LOGPROBS:
+                raise RequestInvalid(f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(p, name)}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_OCCURRENCE_PENALTY <= getattr(p, name) <= MAX_OCCURRENCE_PENALTY:
                 raise RequestInvalid(f"{name} must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}], "
@@ -362,7 +363,10 @@ class Engine:
         waiting = []
         for i, seq in enumerate(self._waiting):
             seq.hit = NO_HIT
-            if self.blocks.prefix_caching and i < self.budgets.max_batch_size:
+            # a request still owed prompt logprobs computes its whole prompt: a hit would skip rows
+            wants_rows = seq.sampler.params.prompt_logprobs is not None and \
+                len(seq.prompt_logprobs) < seq.num_prompt - 1
+            if self.blocks.prefix_caching and i < self.budgets.max_batch_size and not wants_rows:
                 if seq.prompt_keys is None:
                     seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], self.blocks.block_size)
                 seq.hit = self.blocks.lookup(seq.prompt_keys)
@@ -425,10 +429,13 @@ class Engine:
                 token_ids=seq.ids[start : start + n], start_pos=start,
                 slots=self.blocks.slot_mapping(seq, start, n), blocks=self.blocks.table(seq), pages=seq.pages,
                 adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.prefill_len,
-                kinds=seq.kinds,
+                kinds=seq.kinds, prompt_rows=(0, 0) if decode else prompt_rows(seq, start, n),
             ))
         t0 = time.perf_counter()
-        logits, order = self.runner.step(items)
+        logits, order, extra = self.runner.step(items)
+        if extra:  # before sampling, which may work on the logits in place
+            add_prompt_logprobs(logits[len(order) :], [(work[i][0], count) for i, count in extra])
+            logits = logits[: len(order)]
         for seq, n in work:
             per_token = DECODE_WEIGHT if seq.num_computed >= seq.prefill_len else PREFILL_WEIGHT
             self.service[seq.tenant] = self.service.get(seq.tenant, 0.0) + per_token * n / seq.weight
@@ -500,7 +507,7 @@ class Engine:
             else:
                 self._emit(seq, TokenEvent(
                     seq.request.request_id, last.token, last.delta, last.reason, seq.num_prompt, seq.num_generated,
-                    timing, last.logprob, seq.num_cached,
+                    timing, last.logprob, seq.num_cached, last.prompt_logprobs,
                 ))
 
     @staticmethod
@@ -510,6 +517,35 @@ class Engine:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
+
+
+def prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:
+    """[a, b) of the chunk ``seq.ids[start : start + n]`` whose logits give prompt logprobs not yet
+    taken: position p's logits score prompt token p + 1, so the prompt's last position (which
+    samples the first new token) is not one of them."""
+    if seq.sampler.params.prompt_logprobs is None:
+        return 0, 0
+    lo, hi = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt - 1)
+    return (lo - start, hi - start) if hi > lo else (0, 0)
+
+
+def add_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+    """Append to each sequence's ``prompt_logprobs`` the next ``count`` positions' raw logprobs of
+    the prompt tokens that follow them (and the top alternatives asked for), from ``logits``
+    [sum of counts, V], the rows in ``rows`` order."""
+    logp = torch.log_softmax(logits, dim=-1)
+    at = 0
+    for seq, count in rows:
+        done = len(seq.prompt_logprobs)
+        targets = seq.ids[done + 1 : done + 1 + count]
+        part = logp[at : at + count]
+        chosen = part.gather(1, torch.tensor(targets, device=part.device)[:, None])[:, 0].tolist()
+        k = seq.sampler.params.prompt_logprobs
+        top_lp, top_ids = part.topk(k, dim=-1) if k else (part[:, :0], part[:, :0].long())
+        seq.prompt_logprobs += [TokenLogprob(t, c, tuple(zip(ids, lps, strict=True)))
+                                for t, c, ids, lps in zip(targets, chosen, top_ids.tolist(), top_lp.tolist(),
+                                                          strict=True)]
+        at += count
 
 
 def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list) -> list[TokenLogprob | None]:

@@ -30,6 +30,7 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
         presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
         frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
         logit_bias=tuple(sorted(s.logit_bias.items())),
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
     )
 
 
@@ -58,6 +59,8 @@ def stream_event_to_pb(ev: TokenEvent) -> pb.GenerateStreamResponse:
     msg = pb.GenerateStreamResponse(request_id=ev.request_id, token_id=ev.token_id, text=ev.text)
     if ev.logprob is not None:
         msg.logprob.CopyFrom(logprob_to_pb(ev.logprob))
+    if ev.prompt_logprobs:
+        msg.prompt_logprobs.extend(logprob_to_pb(lp) for lp in ev.prompt_logprobs)
     if ev.finish_reason is not None:
         msg.finish_reason = ev.finish_reason.value
         msg.usage.CopyFrom(usage_to_pb(ev))
@@ -73,6 +76,7 @@ def response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
         usage=usage_to_pb(last),
         timing=timing_to_pb(last.timing),
         logprobs=[logprob_to_pb(e.logprob) for e in events if e.logprob is not None],
+        prompt_logprobs=[logprob_to_pb(lp) for lp in events[0].prompt_logprobs or ()],
     )
 
 

@@ -22,6 +22,7 @@ from .openai_schema import (
     ChatCompletionRequest,
     ChunkMaker,
     CompletionRequest,
+    Echo,
     TokenText,
     chat_response,
     completion_response,
@@ -176,17 +177,23 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     async def respond(prompts, sampling, body, kind: str):
         streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model))
-        text_of = TokenText(service.ready().tokenizer)
+        tokenizer = service.ready().tokenizer
+        text_of = TokenText(tokenizer)
         clamp = _clamp_logprobs if sampling.logprobs is not None else (lambda obj: obj)
+        echoes = None
+        if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its tokens decoded
+            echoes = [Echo(prompts[i // body.n].text or tokenizer.decode(s.prompt_token_ids), s.prompt_token_ids,
+                           body.echo_only) for i, s in enumerate(streams)]
         if not body.stream:
             try:
                 choices = await asyncio.gather(*(collect(s) for s in streams))
             finally:
                 for s in streams:
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
-            make = chat_response if kind == "chat" else completion_response
-            return JSONResponse(clamp(make(body.model, choices, body.n, text_of)))
-        chunks = ChunkMaker(kind, body.model, text_of, len(streams))
+            if kind == "chat":
+                return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of)))
+            return JSONResponse(clamp(completion_response(body.model, choices, body.n, text_of, echoes)))
+        chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes)
 
         async def sse():
             lasts = [None] * len(streams)
@@ -194,8 +201,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 for first in chunks.first():
                     yield f"data: {_json(first)}\n\n"
                 async for i, ev in merged(streams):
-                    chunk = chunks.event(ev, i)
-                    if chunk is not None:
+                    for chunk in chunks.events(ev, i):
                         yield f"data: {_json(clamp(chunk))}\n\n"
                     lasts[i] = ev
                 if body.include_usage:

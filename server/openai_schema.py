@@ -1,8 +1,12 @@
 """OpenAI's request and response shapes (pydantic), and their conversion to the domain types.
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
-not implement (echo, best_of other than n, suffix, tools) is a 400 that names it, never
-silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
+not implement (best_of other than n, suffix, tools) is a 400 that names it, never silently
+ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
+
+``echo`` puts each prompt before its completions; with ``logprobs``, the prompt's tokens come with
+their logprobs (None for the first), as evaluation harnesses read them to score a text. With
+``max_tokens`` 0 the prompt alone is returned (one token is generated and dropped, as vLLM does).
 
 A request asks for ``n`` completions of each of its prompts (a completions request may carry a
 list of them); choice ``p * n + j`` is prompt p's j-th completion, as OpenAI numbers them. Usage
@@ -13,12 +17,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from .errors import RequestInvalid
-from .requests import FinishReason, SamplingParams, TokenEvent
+from .requests import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from .service import Prompt
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
@@ -86,18 +91,25 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     suffix: str | None = None
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompts alone."""
+        return self.echo and self.max_tokens == 0
+
     def to_domain(self) -> tuple[list[Prompt], SamplingParams]:
         """The prompts (one, or the batch the request lists) and their sampling."""
         self.check_supported()
-        for name, bad in (("echo", self.echo), ("best_of", self.best_of not in (None, self.n)),
-                          ("suffix", bool(self.suffix))):
+        for name, bad in (("best_of", self.best_of not in (None, self.n)), ("suffix", bool(self.suffix))):
             if bad:
                 raise RequestInvalid(f"{name} is not supported", param=name)
         batch = self.prompt if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
             else [self.prompt]
         prompts = [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=tuple(p)) for p in batch]
-        max_tokens = DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
-        return prompts, self.sampling(max_tokens, self.logprobs)
+        max_tokens = 1 if self.echo_only else DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
+        sampling = self.sampling(max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            sampling = replace(sampling, prompt_logprobs=self.logprobs)
+        return prompts, sampling
 
 
 class ContentPart(BaseModel):
@@ -173,18 +185,45 @@ class TokenText:
         return self.tokenizer.decode([token_id])
 
 
-def completion_logprobs(events: list[TokenEvent], text_of: TokenText, offset: int = 0) -> dict | None:
-    """OpenAI's legacy completions shape: parallel lists per generated token."""
-    lps = [e.logprob for e in events if e.logprob is not None]
-    if not lps:
+@dataclass(frozen=True)
+class Echo:
+    """What ``echo`` puts before one choice's completion: its prompt's text and token ids; ``only``:
+    max_tokens 0, the prompt alone."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    only: bool = False
+
+    def entries(self, prompt_logprobs: tuple[TokenLogprob, ...] | None) -> list[Entry]:
+        """The prompt's logprob entries (the first token has none), or none when not asked."""
+        if prompt_logprobs is None or not self.token_ids:
+            return []
+        return [(self.token_ids[0], None, None)] + [(lp.token_id, lp.logprob, lp.top) for lp in prompt_logprobs]
+
+    def shown(self, events: list[TokenEvent]) -> list[TokenEvent]:
+        """The completion's events that the response shows."""
+        return [] if self.only else events
+
+
+Entry = tuple[int, float | None, tuple | None]  # (token id, logprob, top alternatives)
+
+
+def generated_entries(events: list[TokenEvent]) -> list[Entry]:
+    return [(e.logprob.token_id, e.logprob.logprob, e.logprob.top) for e in events if e.logprob is not None]
+
+
+def completion_logprobs(entries: list[Entry], text_of: TokenText, offset: int = 0) -> dict | None:
+    """OpenAI's legacy completions shape: parallel lists per token."""
+    if not entries:
         return None
-    tokens = [text_of(lp.token_id) for lp in lps]
+    tokens = [text_of(t) for t, _, _ in entries]
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{text_of(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [v for _, v, _ in entries],
+            "top_logprobs": [None if top is None else {text_of(t): v for t, v in top} for _, _, top in entries],
+            "text_offset": offsets}
 
 
 def chat_logprobs(events: list[TokenEvent], text_of: TokenText) -> dict | None:
@@ -200,13 +239,20 @@ def chat_logprobs(events: list[TokenEvent], text_of: TokenText) -> dict | None:
                         for lp in lps]}
 
 
-def completion_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText) -> dict:
-    """``choices``: each choice's events, in choice order."""
+def completion_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
+                        echoes: list[Echo] | None = None) -> dict:
+    """``choices``: each choice's events, in choice order; ``echoes``: each one's echo, if asked."""
+    out, lasts = [], []
+    for i, events in enumerate(choices):
+        echo = echoes[i] if echoes else None
+        shown = echo.shown(events) if echo else events
+        entries = (echo.entries(events[0].prompt_logprobs) if echo else []) + generated_entries(shown)
+        out.append({"index": i, "text": (echo.text if echo else "") + "".join(e.text for e in shown),
+                    "finish_reason": "length" if echo and echo.only else FINISH[events[-1].finish_reason],
+                    "logprobs": completion_logprobs(entries, text_of)})
+        lasts.append(replace(events[-1], completion_tokens=0) if echo and echo.only else events[-1])
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": "".join(e.text for e in events),
-                         "finish_reason": FINISH[events[-1].finish_reason],
-                         "logprobs": completion_logprobs(events, text_of)} for i, events in enumerate(choices)],
-            "usage": usage([events[-1] for events in choices], n)}
+            "choices": out, "usage": usage(lasts, n)}
 
 
 def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText) -> dict:
@@ -221,11 +267,14 @@ class ChunkMaker:
     """One response stream's chunks, in OpenAI's format for either endpoint, for ``choices``
     choices (their chunks interleave, each naming its choice's index)."""
 
-    def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1):
+    def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
+                 echoes: list[Echo] | None = None):
         self.kind, self.model, self.text_of = kind, model, text_of
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
         self.offsets = [0] * choices  # completions' text_offset continues across a choice's chunks
+        self.echoes = echoes  # completions: each choice's prompt, sent before its first token
+        self.echoed = [False] * choices
 
     def _chunk(self, choices: list, usage_: dict | None = None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
@@ -241,22 +290,36 @@ class ChunkMaker:
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]) for i in range(len(self.offsets))]
 
-    def event(self, ev: TokenEvent, index: int = 0) -> dict | None:
-        """The chunk for one token event of choice ``index``; None when it adds nothing (no text,
-        no logprob, not last)."""
+    def events(self, ev: TokenEvent, index: int = 0) -> list[dict]:
+        """The chunks for one token event of choice ``index``: its echo first, if one is due; none
+        when the event adds nothing (no text, no logprob, not last)."""
+        out = []
+        echo = self.echoes[index] if self.echoes else None
+        if echo is not None and not self.echoed[index]:
+            self.echoed[index] = True
+            logprobs = completion_logprobs(echo.entries(ev.prompt_logprobs), self.text_of, self.offsets[index])
+            out.append(self._chunk([{"index": index, "text": echo.text, "logprobs": logprobs, "finish_reason": None}]))
+            self.offsets[index] += len(echo.text)
+        if echo is not None and echo.only:  # the generated token is dropped; the choice ends at once
+            if ev.finish_reason is not None:
+                out.append(self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length"}]))
+            return out
         finish = FINISH[ev.finish_reason] if ev.finish_reason is not None else None
         if not ev.text and ev.logprob is None and finish is None:
-            return None
+            return out
         if self.kind == "chat":
             choice = {"index": index, "delta": {"content": ev.text} if ev.text else {},
                       "logprobs": chat_logprobs([ev], self.text_of), "finish_reason": finish}
         else:
-            choice = {"index": index, "text": ev.text,
-                      "logprobs": completion_logprobs([ev], self.text_of, self.offsets[index]), "finish_reason": finish}
+            logprobs = completion_logprobs(generated_entries([ev]), self.text_of, self.offsets[index])
+            choice = {"index": index, "text": ev.text, "logprobs": logprobs, "finish_reason": finish}
             self.offsets[index] += len(ev.text)
-        return self._chunk([choice])
+        out.append(self._chunk([choice]))
+        return out
 
     def usage(self, lasts: list[TokenEvent], n: int) -> dict:
+        if self.echoes and self.echoes[0].only:
+            lasts = [replace(e, completion_tokens=0) for e in lasts]
         return self._chunk([], usage(lasts, n))
 
 

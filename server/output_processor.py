@@ -25,6 +25,7 @@ class Finished:
     delta: str
     reason: FinishReason
     logprob: TokenLogprob | None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # when it is also the first token
 
 
 Outcome = TokenEvent | Finished | RequestFailed
@@ -78,9 +79,10 @@ class OutputProcessor:
         end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
         seq.emitted = max(seq.emitted, end)
+        prompt = tuple(seq.prompt_logprobs) if p.prompt_logprobs is not None and seq.num_generated == 1 else None
         if finish is None:
-            return TokenEvent(seq.request.request_id, token, delta, logprob=logprob)
-        return Finished(token, delta, finish, logprob)
+            return TokenEvent(seq.request.request_id, token, delta, logprob=logprob, prompt_logprobs=prompt)
+        return Finished(token, delta, finish, logprob, prompt)
 
 
 def stop_holdback(text: str, stops: tuple[str, ...]) -> int:

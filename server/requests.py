@@ -37,6 +37,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: taken from the logit of each token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: times the number of times each token was generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    prompt_logprobs: int | None = None  # each prompt token's logprob (after the first) and this many top ones
 
     @property
     def greedy(self) -> bool:
@@ -99,3 +100,5 @@ class TokenEvent:
     timing: Timing | None = None  # last event only
     logprob: TokenLogprob | None = None  # when the request asked for logprobs
     cached_prompt_tokens: int = 0  # last event only: prompt tokens served from the prefix cache
+    # first event only, when the request asked: the raw logprob of each prompt token after the first
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None

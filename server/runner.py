@@ -25,6 +25,7 @@ class WorkItem:
     decode: bool
     needs_logits: bool  # the chunk ends the prompt, or it is a decode
     kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
+    prompt_rows: tuple[int, int] = (0, 0)  # [a, b): chunk tokens whose logits are wanted too (prompt logprobs)
 
     def uses(self, kind: str) -> bool:
         return self.pages is not None and kind in self.kinds
@@ -101,17 +102,23 @@ class ModelRunner:
             token_adapter.append(index[it.adapter])
         return merge_plans(plan_segments(seg_starts, seg_pages), plan_tokens(token_adapter, adapter_pages))
 
-    def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int]]:
+    def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int], list[tuple[int, int]]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);
-        then decode tokens (BGMV). Returns the batch and, for each logits row, its item index."""
+        then decode tokens (BGMV). Returns the batch; for each sampling logits row, its item
+        index; and after those rows, the rows of the chunks' ``prompt_rows`` as (item index, count),
+        in that order."""
         prefill = sorted((i for i, it in enumerate(items) if not it.decode),
                          key=lambda i: (items[i].adapter is None, str(items[i].adapter)))
         # decode rows with adapters first, by rank, so that each BGMV group's rows are one slice
         decode = sorted((i for i, it in enumerate(items) if it.decode),
                         key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel()))
-        ids, seg_starts, logits_rows, order = [], [0], [], []
+        ids, seg_starts, logits_rows, order, extra, prompt_rows = [], [0], [], [], [], []
         for i in prefill:
             it = items[i]
+            a, b = it.prompt_rows
+            if b > a:
+                extra.extend(range(len(ids) + a, len(ids) + b))
+                prompt_rows.append((i, b - a))
             ids.extend(it.token_ids)
             seg_starts.append(len(ids))
             if it.needs_logits:
@@ -122,6 +129,7 @@ class ModelRunner:
             logits_rows.append(len(ids))
             order.append(i)
             ids.append(items[i].token_ids[0])
+        logits_rows += extra
         meta = build_attention_metadata([items[i] for i in prefill], [items[i] for i in decode],
                                         self.kv.block_size, self.kv.num_blocks)
         batch = StepBatch(
@@ -139,12 +147,13 @@ class ModelRunner:
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)
-        return batch, order
+        return batch, order, prompt_rows
 
     @torch.inference_mode()
-    def step(self, items: list[WorkItem]) -> tuple[torch.Tensor, list[int]]:
-        """Run one step. Returns logits [N, vocab] (float32, on the model's device: sampling takes only
-        token ids off it) and the item index of each row."""
-        batch, order = self.build_batch(items)
+    def step(self, items: list[WorkItem]) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
+        """Run one step. Returns logits [N + P, vocab] (float32, on the model's device: sampling
+        takes only token ids off it): N rows to sample, the item index of each, then P prompt rows,
+        as (item index, count) in row order."""
+        batch, order, prompt_rows = self.build_batch(items)
         logits = self.model(batch, self.kv, self.apply_lora)
-        return logits, order
+        return logits, order, prompt_rows

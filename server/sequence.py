@@ -45,6 +45,7 @@ class Sequence:
     num_preemptions: int = 0
     prompt_keys: list[bytes] | None = None  # prefix-cache keys of ids[:prefill_len]'s full blocks
     hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far
     # time.monotonic() of each event sent and not yet taken by the consumer, oldest first: the engine
     # thread appends, the consumer's loop pops (deque ends are thread-safe)
     undelivered: deque = field(default_factory=deque)
@@ -71,6 +72,7 @@ class RequestStream:
         self._engine = engine
         self._seq = seq
         self.request_id = seq.request.request_id
+        self.prompt_token_ids = seq.request.prompt_token_ids
         self._ended = False  # set by the final event or the error, never by engine-thread state
         self._settled = False  # the engine no longer counts this stream as undelivered
 

@@ -261,7 +261,7 @@ class Peeked:
 
     def __init__(self, stream, first):
         self._stream, self._first = stream, first
-        self.request_id = stream.request_id
+        self.request_id, self.prompt_token_ids = stream.request_id, stream.prompt_token_ids
 
     @classmethod
     async def first_of(cls, stream) -> Peeked:

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
@@ -159,3 +160,65 @@ def test_a_small_pool_preempts_and_every_request_stays_exact(tiny_llama, tiny_ad
 def test_a_pool_smaller_than_one_request_is_refused_at_start_up():
     with pytest.raises(ValueError, match=r"kv-cache-tokens \(95\) must be >= max-model-len \(96\)"):
         ServerConfig(max_model_len=96, default_max_new_tokens=8, kv_cache_tokens=95)
+
+
+def peft_prompt_logprobs(model_dir, adapter_dir, prompt):
+    """[len(prompt) - 1, vocab]: row p is the log-softmax that scores prompt token p + 1."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+
+
+@pytest.mark.parametrize("pool", [None, 96])
+def test_prompt_logprobs_equal_peft_through_chunks_cache_hits_and_preemption(tiny_llama, tiny_adapters, prompts, pool):
+    """Requests asking for prompt logprobs compute their whole prompt (a cached prefix would skip
+    rows), over several chunks, joining a running batch; with pool=96 they are preempted too.
+    The others still hit the cache, and every token stays PEFT's."""
+    prefix, full = prompts
+    rng = random.Random(5)
+    long_prompt = prefix + [rng.randrange(3, 300) for _ in range(13)]  # 40 tokens: three chunks of 16
+    built = make(tiny_llama, tiny_adapters, max_tokens_per_step=16, kv_cache_tokens=pool)
+    engine = built.engine
+    jobs = [("attn-r4", full[0], None), ("attn-r4", long_prompt, 3), (None, full[1], 0), ("all-r8", full[2], 5),
+            ("attn-r4", full[3], None), ("attn-r4", prefix + [7], 2)]
+    try:
+        run(engine, [("attn-r4", prefix + [5])])  # the prefix's blocks are cached
+
+        async def one(i, adapter, prompt, k):
+            await asyncio.sleep(0 if pool else 0.03 * i)  # all at once on the small pool: it must preempt
+            sampling = SamplingParams(24 if pool else MAX_NEW, ignore_eos=True, prompt_logprobs=k)
+            events = [ev async for ev in engine.submit(GenerationRequest(f"p{i}", tuple(prompt), sampling, adapter))]
+            return events
+
+        async def main():
+            return await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
+
+        outs = asyncio.run(main())
+        for (adapter, prompt, k), events in zip(jobs, outs, strict=True):
+            first = events[0].prompt_logprobs
+            assert all(ev.prompt_logprobs is None for ev in events[1:])
+            expected = peft_generate(tiny_llama, tiny_adapters.get(adapter), [prompt], len(events), eos_token_id=None)
+            assert [ev.token_id for ev in events] == expected[0]
+            if k is None:
+                assert first is None
+                continue
+            ref = peft_prompt_logprobs(tiny_llama, tiny_adapters.get(adapter), prompt)
+            assert [lp.token_id for lp in first] == prompt[1:]
+            for p, lp in enumerate(first):
+                assert abs(lp.logprob - ref[p, prompt[p + 1]].item()) < 1e-4
+                top = ref[p].topk(k)
+                assert [t for t, _ in lp.top] == top.indices.tolist()
+                assert max((abs(v - r) for (_, v), r in zip(lp.top, top.values.tolist(), strict=True)), default=0) < 1e-4
+            assert events[-1].cached_prompt_tokens == 0  # computed whole, though its prefix was cached
+        if pool:
+            assert engine.num_preemptions > 0
+        else:  # the others still hit
+            assert outs[0][-1].cached_prompt_tokens == 24 and outs[4][-1].cached_prompt_tokens == 24
+        assert_idle(engine)
+    finally:
+        built.engine.stop()

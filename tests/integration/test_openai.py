@@ -102,7 +102,8 @@ def peft_logprobs(model_dir, adapter_dir, prompt, generated):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():
         logits = model(torch.tensor([prompt + generated])).logits[0]
     return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)  # [generated, vocab]
@@ -136,7 +137,7 @@ def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_
 
 def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
-        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_new_tokens"),
+        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_new_tokens"), (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_new_tokens"),
         (dict(temperature=-1), "temperature"), (dict(presence_penalty=2.5), "presence_penalty"),
         (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={"5": 101}), "logit_bias"),
         (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
@@ -159,6 +160,70 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
 
 
 OTHER_IDS = [7, 19, 3, 55]
+
+
+def peft_prompt_logprobs(model_dir, adapter_dir, prompt):
+    """[len(prompt) - 1, vocab]: row p scores prompt token p + 1."""
+    return peft_logprobs(model_dir, adapter_dir, prompt[:1], prompt[1:])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def test_echo_gives_prompt_logprobs_equal_to_peft_in_both_apis(oserver, tiny_llama, tiny_adapters, tokenizer):
+    ref = peft_prompt_logprobs(tiny_llama, tiny_adapters["attn-r4"], PROMPT_IDS)
+    plain = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=2, **GREEDY)
+    echoed = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=2, echo=True, **GREEDY)
+    prompt_text = tokenizer.decode(PROMPT_IDS)
+    choice = echoed.choices[0]
+    assert choice.text == prompt_text + plain.choices[0].text
+    lps = choice.logprobs
+    assert len(lps.tokens) == len(PROMPT_IDS) + 10 and lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    for p in range(len(PROMPT_IDS) - 1):
+        assert abs(lps.token_logprobs[p + 1] - ref[p, PROMPT_IDS[p + 1]].item()) < 1e-4
+    assert lps.token_logprobs[len(PROMPT_IDS):] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+    assert lps.text_offset[: len(PROMPT_IDS)] == sorted(lps.text_offset[: len(PROMPT_IDS)])
+    assert echoed.usage.completion_tokens == 10
+    # gRPC: the ids, the values and the top alternatives
+    grpc = oserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4", sampling=Sampling(
+        max_new_tokens=2, ignore_eos=True, prompt_logprobs=3))
+    assert [lp.token_id for lp in grpc.prompt_logprobs] == PROMPT_IDS[1:] and grpc.logprobs == []
+    for p, lp in enumerate(grpc.prompt_logprobs):
+        assert [t for t, _ in lp.top] == ref[p].topk(3).indices.tolist()
+    streamed = list(oserver.client.generate_stream(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4",
+                                                   sampling=Sampling(max_new_tokens=3, ignore_eos=True,
+                                                                     prompt_logprobs=0)))
+    assert [lp.logprob for lp in streamed[0].prompt_logprobs] == [lp.logprob for lp in grpc.prompt_logprobs]
+    assert all(c.prompt_logprobs == [] for c in streamed[1:])
+
+
+def test_echo_with_no_new_tokens_scores_a_batch_of_texts_as_eval_harnesses_ask(oserver, tiny_llama, tokenizer):
+    """lm-eval-harness's loglikelihood request: several prompts, echo, max_tokens 0, logprobs 1."""
+    texts = ["The capital of France is Paris", "LoRA adapters share one base"]
+    got = oserver.oa.completions.create(model=oserver.client.server_info().model, prompt=texts, echo=True,
+                                        max_tokens=0, logprobs=1, temperature=0)
+    for text, choice in zip(texts, got.choices, strict=True):
+        ids = tokenizer(text)["input_ids"]
+        assert choice.text == text and choice.finish_reason == "length"
+        assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+        ref = peft_prompt_logprobs(tiny_llama, None, ids)
+        assert max(abs(v - ref[p, ids[p + 1]].item())
+                   for p, v in enumerate(choice.logprobs.token_logprobs[1:])) < 1e-4
+    assert got.usage.completion_tokens == 0
+    assert got.usage.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    streamed = list(oserver.oa.completions.create(model=oserver.client.server_info().model, prompt=texts,
+                                                  echo=True, max_tokens=0, logprobs=1, temperature=0, stream=True))
+    for i, text in enumerate(texts):
+        mine = [ch for c in streamed for ch in c.choices if ch.index == i]
+        assert "".join(ch.text for ch in mine) == text and mine[-1].finish_reason == "length"
+        assert mine[0].logprobs.token_logprobs == got.choices[i].logprobs.token_logprobs
+    # echo without logprobs: the prompt before the completion, nothing else
+    plain = oserver.oa.completions.create(model="attn-r4", prompt="hello there", echo=True, **GREEDY)
+    assert plain.choices[0].text.startswith("hello there") and plain.choices[0].logprobs is None
 
 
 def test_logit_bias_and_occurrence_penalties_in_both_apis(oserver):
