@@ -360,21 +360,26 @@ class Engine:
     def _views(self) -> tuple[list[SeqView], list[SeqView]]:
         """What the scheduler sees. Waiting requests near the head look up their prefix in the
         cache; the hit is kept on the sequence, and admission takes exactly that hit."""
-        waiting = []
+        waiting, bs = [], self.blocks.block_size
         for i, seq in enumerate(self._waiting):
             seq.hit = NO_HIT
             # a request still owed prompt logprobs computes its whole prompt: a hit would skip rows
             wants_rows = seq.sampler.params.prompt_logprobs is not None and \
                 len(seq.prompt_logprobs) < seq.num_prompt - 1
-            if self.blocks.prefix_caching and i < self.budgets.max_batch_size and not wants_rows:
+            if self.blocks.prefix_caching and i < self.budgets.max_batch_size:
                 if seq.prompt_keys is None:
-                    seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], self.blocks.block_size)
-                seq.hit = self.blocks.lookup(seq.prompt_keys)
-            cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size)
-            waiting.append(SeqView(seq, seq.adapter, seq.prefill_len, 0, num_cached=cached,
-                                   hit_blocks=len(seq.hit.blocks), hit_free=seq.hit.num_free, tenant=seq.tenant))
+                    seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], bs)
+                if not wants_rows:
+                    seq.hit = self.blocks.lookup(seq.prompt_keys)
+            keys, hit = seq.prompt_keys or (), len(seq.hit.blocks)
+            waiting.append(SeqView(
+                seq, seq.adapter, seq.prefill_len, 0, num_cached=seq.hit.cached_tokens(seq.prefill_len, bs),
+                hit_blocks=hit, hit_free=seq.hit.num_free, tenant=seq.tenant, computing=tuple(keys[hit:]),
+                next_key=keys[hit] if hit < len(keys) and not wants_rows else None))
         running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
-                           self.blocks.num_freeable(seq), tenant=seq.tenant)
+                           self.blocks.num_freeable(seq), tenant=seq.tenant,
+                           computing=tuple((seq.prompt_keys or ())[seq.num_computed // bs :])
+                           if seq.num_computed < seq.prefill_len else ())
                    for seq in self._running]
         return waiting, running
 

@@ -15,10 +15,14 @@ Rules, in order:
      share of the batch (max-batch-size over the tenants with requests) first; within a tenant,
      arrival order. When the batch is full, a waiting tenant below its share takes slots from
      tenants above theirs that have had at least as much service, by preemption (``fair_victims``).
-   A request blocked for a reason of its own (its adapter is not ready, or a new adapter would pass
-   the distinct-adapter budget) is skipped with the rest of its tenant for this step; others go
-   ahead. One that does not fit the free blocks stops admission, on purpose, so that long prompts
-   are not starved by short ones. Nothing is admitted in a step that preempts for KV memory; a
+   A request blocked for a reason of its own (its adapter is not ready, a new adapter would pass
+   the distinct-adapter budget, or the next block of its prompt past its prefix-cache hit is being
+   computed by a running or just-admitted request) is skipped with the rest of its tenant for this
+   step; others go ahead. The last rule shares a prefix that requests bring at the same time (a
+   system prompt, a request's n completions): one computes it, the others hit it once committed,
+   instead of each computing a private copy. It cannot starve anyone: the computing request
+   commits that block within its prefill, and then it is a hit. One that does not fit the free
+   blocks stops admission, on purpose, so that long prompts are not starved by short ones. Nothing is admitted in a step that preempts for KV memory; a
    step that preempts for a fair share admits the tenant it made room for at once.
 
 The decision is final: the engine carries it out without refusing any of it.
@@ -57,6 +61,11 @@ class SeqView:
     hit_blocks: int = 0  # blocks of that hit (waiting)
     hit_free: int = 0  # of those, unreferenced ones: taking them uses pool capacity (waiting)
     tenant: Hashable | None = None  # whose fair share this request draws on (its adapter id)
+    # prefix-cache keys of the full prompt blocks it has still to compute (running in prefill, or
+    # waiting: past its hit) ...
+    computing: tuple[Hashable, ...] = ()
+    # ... and, waiting, the first of them when a hit would serve it (None: it waits for no one)
+    next_key: Hashable | None = None
 
     @property
     def in_prefill(self) -> bool:
@@ -131,9 +140,16 @@ def schedule(
                 free -= need
                 i += 1
     kv_pressure = bool(preempted)
+
+    def computed_elsewhere() -> set:
+        return {key for s in active if s.in_prefill for key in s.computing}
+
+    in_flight = computed_elsewhere()
     if fairness and not kv_pressure and len(active) >= budgets.max_batch_size:
-        for victim in fair_victims(waiting, active, budgets, fairness, ready_adapters):
+        takers = [w for w in waiting if w.next_key not in in_flight]  # a waiting prefix takes no slot yet
+        for victim in fair_victims(takers, active, budgets, fairness, ready_adapters):
             preempt(active.index(victim))
+        in_flight = computed_elsewhere()
     work = [(s.seq_id, charged[s.seq_id][0]) for phase in (False, True) for s in active
             if s.in_prefill == phase and s.seq_id in charged]
     order = {s.seq_id: i for i, s in enumerate(running)}
@@ -158,16 +174,21 @@ def schedule(
         seq = queues[tenant][0][1]
         new_adapter = seq.adapter is not None and seq.adapter not in adapters
         if (seq.adapter is not None and seq.adapter not in ready_adapters) or (
-                new_adapter and budgets.adapter_cap_reached(adapters)):
+                new_adapter and budgets.adapter_cap_reached(adapters)) or (
+                seq.next_key is not None and seq.next_key in in_flight):
             del queues[tenant]  # its own reason: the rest of its tenant waits too, others go ahead
             continue
         start = max(seq.num_computed, seq.num_cached)
         n = min(seq.prefill_len - start, tokens_left)
-        need = blocks_for(start + n, block_size) - seq.hit_blocks + seq.hit_free
+        # hit_free was counted before this step's preemptions: a victim's blocks that the hit takes
+        # are unreferenced now, so then every hit block may cost free capacity
+        hit_free = seq.hit_blocks if preempted else seq.hit_free
+        need = blocks_for(start + n, block_size) - seq.hit_blocks + hit_free
         if need > free - (watermark if batch else 0):
             break  # on purpose: a long prompt is not overtaken forever by short ones
         work.append((seq.seq_id, n))
         admitted.append(seq.seq_id)
+        in_flight.update(seq.computing)
         tokens_left -= n
         free -= need
         batch += 1

@@ -92,11 +92,9 @@ class Service:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
-        refused, those already submitted are cancelled and its error raised.
-
-        With the prefix cache on, the siblings of a prompt of at least one full KV block are
-        submitted once the first completion has its first token: by then its prompt's blocks are
-        in the cache, so the others prefill only what is past them, not the whole prompt again."""
+        refused, those already submitted are cancelled and its error raised. The prompt's full KV
+        blocks are computed once: the scheduler holds the other completions back until the first
+        has committed them, and they hit them (server/scheduler.py)."""
         count = n * len(prompts)
         if count > self.config.max_choices_per_request:
             with self._counting_refusals(adapter_id):
@@ -107,15 +105,10 @@ class Service:
             with self._counting_refusals(adapter_id):
                 rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
                 for ids in rendered:
-                    streams.append(self._submit(ids, sampling, adapter_id))
-            for p, ids in enumerate(rendered):
-                if n > 1 and self.config.prefix_caching and len(ids) >= self.config.kv_block_size:
-                    streams[p * n] = await Peeked.first_of(streams[p * n])  # its prompt is cached now
-                with self._counting_refusals(adapter_id):
-                    for j in range(1, n):
-                        seeded = sampling if sampling.seed is None else \
+                    for j in range(n):
+                        seeded = sampling if j == 0 or sampling.seed is None else \
                             replace(sampling, seed=(sampling.seed + j) % (1 << 64))
-                        streams.insert(p * n + j, self._submit(ids, seeded, adapter_id))
+                        streams.append(self._submit(ids, seeded, adapter_id))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -255,26 +248,3 @@ class Service:
         """Readiness: loaded, not draining, engine alive."""
         return self.built is not None and self.built.engine.fatal_error is None and self.built.engine.accepting
 
-
-class Peeked:
-    """A RequestStream whose first event was already read (``first_of``), which it yields first."""
-
-    def __init__(self, stream, first):
-        self._stream, self._first = stream, first
-        self.request_id, self.prompt_token_ids = stream.request_id, stream.prompt_token_ids
-
-    @classmethod
-    async def first_of(cls, stream) -> Peeked:
-        return cls(stream, await stream.__anext__())
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        return await self._stream.__anext__()
-
-    def cancel(self, reason: BaseException | None = None) -> None:
-        self._stream.cancel(reason)

@@ -222,3 +222,31 @@ def test_prompt_logprobs_equal_peft_through_chunks_cache_hits_and_preemption(tin
         assert_idle(engine)
     finally:
         built.engine.stop()
+
+
+def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_llama, tiny_adapters, prompts):
+    """Five prompts with 27 tokens in common, all queued before the first step: one computes the
+    six shared blocks, the others wait for them and hit them; every token stays PEFT's."""
+    prefix, full = prompts
+    config = ServerConfig(dtype="float32", model=str(tiny_llama), max_batch_size=8, max_tokens_per_step=32,
+                          max_model_len=96, default_max_new_tokens=MAX_NEW, kv_block_size=BLOCK,
+                          adapters=(("attn-r4", str(tiny_adapters["attn-r4"])),))
+    built = build_engine(config)
+    engine = built.engine
+    try:
+        async def main():
+            streams = [engine.submit(GenerationRequest(f"r{i}", tuple(p), SamplingParams(MAX_NEW, ignore_eos=True),
+                                                       "attn-r4")) for i, p in enumerate(full)]
+            engine.start()  # everything is queued before the first step
+
+            async def collect(stream):
+                return [ev async for ev in stream]
+            return await asyncio.gather(*map(collect, streams))
+
+        outs = asyncio.run(main())
+        expected = peft_generate(tiny_llama, tiny_adapters["attn-r4"], full, MAX_NEW, eos_token_id=None)
+        assert [[ev.token_id for ev in events] for events in outs] == expected
+        assert sorted(events[-1].cached_prompt_tokens for events in outs) == [0] + [24] * (len(full) - 1)
+        assert_idle(engine)
+    finally:
+        engine.stop()

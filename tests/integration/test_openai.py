@@ -262,7 +262,7 @@ def test_n_completions_of_a_batch_of_prompts_in_openais_order(oserver):
 
 
 def test_choices_of_one_prompt_prefill_it_once(oserver):
-    """The siblings of the first completion start once its prompt is in the prefix cache."""
+    """The other completions wait for the first to compute the prompt's blocks, then hit them."""
     prompt = [(7 * i + 3) % 300 + 1 for i in range(40)]  # two full blocks of 16, not seen before
     before = oserver.metrics()["loramux_prefix_cache_hit_tokens_total"]
     got = oserver.oa.completions.create(model="attn-r4", prompt=prompt, n=4, **GREEDY)

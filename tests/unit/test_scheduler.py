@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramux.server.block_manager import NO_HIT, BlockManager, blocks_for
+from loramux.server.block_manager import BlockManager, block_keys, blocks_for
 from loramux.server.scheduler import Budgets, Fairness, SeqView, schedule
 
 B = Budgets(max_batch_size=4, max_tokens_per_step=16, max_adapters_per_step=2)
@@ -122,6 +122,23 @@ def test_admission_counts_blocks_and_keeps_a_watermark():
     assert d.admitted == ("w1",)  # an empty batch ignores the watermark: the pool is all it has
 
 
+def test_a_prompt_block_being_computed_holds_back_the_requests_that_need_it():
+    """Its tenant waits with it; others go ahead; of two waiting with one prefix, the first goes."""
+    budgets = Budgets(max_batch_size=8, max_tokens_per_step=64)
+    computing = SeqView("r", None, 40, 8, num_blocks=1, num_freeable=1, tenant="a", computing=("k1", "k2"))
+    waiting = [SeqView("w1", None, 40, 0, tenant="b", computing=("k1", "k2"), next_key="k1"),
+               SeqView("w2", None, 8, 0, tenant="b"), SeqView("w3", None, 8, 0, tenant="c")]
+    d = schedule(waiting, [computing], budgets, 100, 16, set())
+    assert d.admitted == ("w3",)
+    done = SeqView("r", None, 40, 40, num_blocks=3, num_freeable=3, tenant="a")  # its prefill is over
+    assert schedule(waiting, [done], budgets, 100, 16, set()).admitted == ("w1", "w2", "w3")
+    twins = [SeqView(f"t{i}", None, 40, 0, tenant=f"t{i}", computing=("k1", "k2"), next_key="k1") for i in range(3)]
+    assert schedule(twins, [], budgets, 100, 16, set()).admitted == ("t0",)
+    # a request that waits for no one (next_key None: it computes its whole prompt) is not held back
+    alone = SeqView("p", None, 40, 0, tenant="p", computing=("k1", "k2"))
+    assert schedule([alone], [computing], budgets, 100, 16, set()).admitted == ("p",)
+
+
 def test_a_prefix_hit_skips_its_blocks_and_its_tokens():
     hit = SeqView("w", None, 40, 0, num_cached=32, hit_blocks=2, hit_free=2)
     d = schedule([hit], [], B, free_blocks=3, block_size=16, ready_adapters=set())
@@ -164,55 +181,78 @@ def test_a_full_batch_gives_a_waiting_tenant_its_share_by_preempting_the_most_se
     assert slots(waiting, at_share, budgets, 8, {"flood", "light"}, served).preempted == ()
 
 
-def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False):
+TEMPLATE = list(range(100, 160))  # with shared=True every prompt starts with it: the prefixes collide
+
+
+def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=False):
     """The engine's loop in miniature (block manager + policy; with ``fair``, three tenants and
-    their service counted as the engine counts it). Returns (requests, completed ids,
-    preemptions); checks the block manager's invariants after every step."""
-    service = {}
-    blocks = BlockManager(num_blocks, bs, prefix_caching=False)
-    pending = [{"id": i, "prompt": p, "new": n, "arrive": t, "prefill": p, "computed": 0, "generated": 0}
-               for i, (p, n, t) in enumerate(reqs) if blocks_for(p + n, bs) <= num_blocks]  # admission refuses the rest
+    their service counted as the engine counts it; with ``shared``, prompts that share their
+    leading blocks, served through the prefix cache as the engine serves them). Returns
+    (requests, completed ids, preemptions, prefix-hit tokens); checks the block manager's
+    invariants after every step."""
+    service, hits = {}, 0
+    blocks = BlockManager(num_blocks, bs, prefix_caching=shared)
+    pending = [{"id": i, "ids": (TEMPLATE[:p] if shared else [0] * p) + [i], "new": n, "arrive": t,
+                "prefill": p + 1, "computed": 0, "generated": 0}
+               for i, (p, n, t) in enumerate(reqs) if blocks_for(p + 1 + n, bs) <= num_blocks]  # refused: the rest
     waiting, running, done, preemptions = [], [], set(), 0
+
+    def keys(r):
+        return block_keys(b"m", r["ids"][: r["prefill"]], bs) if shared else []
+
     for step in range(3000):
         waiting += [r for r in pending if r["arrive"] == step]
         if not waiting and not running and len(done) == len(pending):
             break
         views = [SeqView(r["id"], None, r["prefill"], r["computed"], len(blocks.table(r["id"])),
-                         blocks.num_freeable(r["id"]), tenant=r["id"] % 3) for r in running]
-        d = schedule([SeqView(r["id"], None, r["prefill"], 0, tenant=r["id"] % 3) for r in waiting], views,
-                     Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs, set(), watermark=1,
-                     fairness=Fairness(service) if fair else None)
+                         blocks.num_freeable(r["id"]), tenant=r["id"] % 3,
+                         computing=tuple(keys(r)[r["computed"] // bs :]) if r["computed"] < r["prefill"] else ())
+                 for r in running]
+        waiting_views = []
+        for r in waiting:
+            r["hit"] = blocks.lookup(keys(r))
+            k, h = keys(r), len(r["hit"].blocks)
+            waiting_views.append(SeqView(r["id"], None, r["prefill"], 0, num_cached=r["hit"].cached_tokens(r["prefill"], bs),
+                                         hit_blocks=h, hit_free=r["hit"].num_free, tenant=r["id"] % 3,
+                                         computing=tuple(k[h:]), next_key=k[h] if h < len(k) else None))
+        d = schedule(waiting_views, views, Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs,
+                     set(), watermark=1, fairness=Fairness(service) if fair else None)
         by_id = {r["id"]: r for r in [*waiting, *running]}
         for i in d.preempted:  # recomputed later from all its tokens so far
             r = by_id[i]
-            blocks.free(i)
+            blocks.free(i, resume=True)
             running.remove(r)
-            r["prefill"], r["computed"] = r["prompt"] + r["generated"], 0
+            r["prefill"], r["computed"] = len(r["ids"]), 0
             preemptions += 1
         waiting[:0] = [by_id[i] for i in d.preempted]
         for i in d.admitted:
-            waiting.remove(by_id[i])
-            running.append(by_id[i])
-            blocks.admit(i, NO_HIT, ())
+            r = by_id[i]
+            waiting.remove(r)
+            running.append(r)
+            blocks.admit(i, r["hit"], keys(r))
+            r["computed"] = r["hit"].cached_tokens(r["prefill"], bs)
+            hits += r["computed"]
         for i, n in d.work:
             r = by_id[i]
             blocks.allocate(i, r["computed"] + n)  # never refused: the decision is final
             decode = r["computed"] >= r["prefill"]
             service[i % 3] = service.get(i % 3, 0.0) + n * (2.0 if decode else 1.0)
             r["computed"] += n
-            if r["computed"] == r["prompt"] + r["generated"]:  # every known token is in: one is sampled
+            blocks.commit(i, b"m", r["ids"], r["computed"])
+            if r["computed"] == len(r["ids"]):  # every known token is in: one is sampled
                 r["generated"] += 1
+                r["ids"].append(1000 + i)
                 if r["generated"] == r["new"]:
                     blocks.free(i)
                     running.remove(r)
                     done.add(i)
         blocks.check()
     assert blocks.num_held == 0 and blocks.num_free == num_blocks
-    return pending, done, preemptions
+    return pending, done, preemptions, hits
 
 
 def test_a_small_pool_preempts_and_still_completes_everything():
-    pending, done, preemptions = simulate([(6, 20, 0)] * 6, num_blocks=12, max_batch=6, max_tokens=32)
+    pending, done, preemptions, _ = simulate([(6, 20, 0)] * 6, num_blocks=12, max_batch=6, max_tokens=32)
     assert preemptions > 0 and done == {r["id"] for r in pending}
 
 
@@ -222,9 +262,28 @@ def test_a_small_pool_preempts_and_still_completes_everything():
     num_blocks=st.integers(4, 12),
     budgets=st.tuples(st.integers(1, 5), st.integers(5, 48)),
     fair=st.booleans(),
+    shared=st.booleans(),
 )
-def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets, fair):
+def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets, fair, shared):
     """Requests arrive over time into a pool small enough to force preemptions, under fifo or fair
-    admission; every one finishes in bounded steps, with every block back."""
-    pending, done, _ = simulate(reqs, num_blocks, *budgets, fair=fair)
+    admission, with or without prefixes in common (which wait for one another's blocks); every
+    one finishes in bounded steps, with every block back."""
+    pending, done, _, _ = simulate(reqs, num_blocks, *budgets, fair=fair, shared=shared)
     assert done == {r["id"] for r in pending}, "a request never completed"
+
+
+def test_a_hit_on_the_blocks_of_a_request_preempted_in_the_same_step_is_paid_for():
+    """Request 2 hits three blocks request 0 holds; a fair share preempts 0 and admits 2 in one
+    step. Those blocks were referenced when the hit was looked up and are free now: taking them
+    costs free capacity, which admission must count (it did not: the pool ran out)."""
+    pending, done, preemptions, _ = simulate([(12, 1, 1), (1, 5, 0), (16, 1, 2), (1, 5, 0)], num_blocks=8,
+                                             max_batch=3, max_tokens=8, fair=True, shared=True)
+    assert preemptions and done == {r["id"] for r in pending}
+
+
+def test_requests_arriving_together_compute_their_common_prefix_once():
+    """Eight requests with 40 prompt tokens in common arrive in one step: one computes the ten
+    blocks, the others wait for them and hit all ten (without the rule each would compute its own
+    private copy, and nobody would hit)."""
+    _, done, _, hits = simulate([(40, 4, 0)] * 8, num_blocks=200, max_batch=8, max_tokens=64, shared=True)
+    assert len(done) == 8 and hits == 7 * 40
