@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, status_name
 from .openai_schema import (
@@ -23,7 +23,9 @@ from .openai_schema import (
     ChunkMaker,
     CompletionRequest,
     Echo,
+    LoadAdapterRequest,
     TokenText,
+    UnloadAdapterRequest,
     chat_response,
     completion_response,
     model_card,
@@ -130,13 +132,20 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
 
-    async def authorized(request: Request) -> None:
-        """The same bearer tokens as gRPC: --auth-token, and the admin token on every route."""
-        refusal = bearer_refusal(request.headers.get("authorization"), tokens)
+    def check_bearer(request: Request, accepted: tuple[str, ...]) -> None:
+        refusal = bearer_refusal(request.headers.get("authorization"), accepted)
         if refusal == "UNAUTHENTICATED":
             raise _HttpError(401, "missing 'Authorization: Bearer <token>' header")
         if refusal == "PERMISSION_DENIED":
             raise _HttpError(403, "the bearer token is not valid")
+
+    async def authorized(request: Request) -> None:
+        """The same bearer tokens as gRPC: --auth-token, and the admin token on every route."""
+        check_bearer(request, tokens)
+
+    async def admin(request: Request) -> None:
+        """As gRPC's RegisterAdapter: the admin token when there is one, else the user tokens."""
+        check_bearer(request, (config.admin_token,) if config.admin_token else tokens)
 
     @app.exception_handler(_HttpError)
     async def http_error(request, exc: _HttpError):
@@ -159,6 +168,30 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         base, created = service.model_name, int(service.started_at)
         return {"object": "list", "data": [model_card(base, None, created)] +
                 [model_card(entry.adapter_id, base, created) for entry, _ in service.adapters()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+    @errors_as_responses
+    async def model(model_id: str):
+        base, created = service.model_name, int(service.started_at)
+        if model_id == base:
+            return model_card(base, None, created)
+        if any(entry.adapter_id == model_id for entry, _ in service.adapters()):
+            return model_card(model_id, base, created)
+        return error_response(404, f"the model {model_id[:128]!r} does not exist", "model")
+
+    # vLLM's adapter routes, which the inference gateway's adapter syncer calls; the same rules as
+    # gRPC's RegisterAdapter and UnregisterAdapter (runtime registration on, paths under a root)
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])
+    @errors_as_responses
+    async def load_lora_adapter(body: LoadAdapterRequest):
+        await service.register_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(admin)])
+    @errors_as_responses
+    async def unload_lora_adapter(body: UnloadAdapterRequest):
+        service.unregister_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     def adapter_of(model: str) -> str | None:
         return None if model == service.model_name else model

@@ -53,6 +53,7 @@ class _Common(BaseModel):
     top_k: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
 
     def check_supported(self) -> None:
         refused = [(name, why) for name, bad, why in (
@@ -74,7 +75,8 @@ class _Common(BaseModel):
             max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
         )
 
@@ -321,6 +323,20 @@ class ChunkMaker:
         if self.echoes and self.echoes[0].only:
             lasts = [replace(e, completion_tokens=0) for e in lasts]
         return self._chunk([], usage(lasts, n))
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body, which the inference gateway's adapter syncer sends."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False  # replace the weights of a registered name
+
+
+class UnloadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
 
 
 def model_card(model_id: str, parent: str | None, created: int) -> dict:

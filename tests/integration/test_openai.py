@@ -432,6 +432,54 @@ def test_auth_and_rate_limit_statuses(guarded):
     assert httpx.get(f"http://127.0.0.1:{guarded.http_port}/health").status_code == 200  # open, as gRPC health
 
 
+def test_models_retrieve_and_stop_token_ids(oserver):
+    base = oserver.client.server_info().model
+    assert oserver.oa.models.retrieve(base).parent is None and oserver.oa.models.retrieve("attn-r4").parent == base
+    with pytest.raises(openai.NotFoundError):
+        oserver.oa.models.retrieve("no-such-model")
+    ten = grpc_tokens(oserver, "attn-r4").token_ids
+    cut = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=0,
+                                        **{**GREEDY, "extra_body": {"ignore_eos": True, "stop_token_ids": [ten[3]]}})
+    assert cut.choices[0].finish_reason == "stop" and len(cut.choices[0].logprobs.tokens) == ten.index(ten[3]) + 1
+
+
+def test_adapters_load_and_unload_through_vllms_routes(tiny_llama, tiny_adapters, tmp_path, oserver):
+    """The inference gateway's adapter syncer calls these: the admin token, paths under a root,
+    the same statuses as gRPC's RegisterAdapter and UnregisterAdapter."""
+    root = tmp_path / "root"
+    shutil.copytree(tiny_adapters["attn-r4"], root / "syncer-a")
+    proc = ServerProcess(["--model", str(tiny_llama), "--auth-token", "user", "--admin-token", "admin",
+                          "--adapter-root", str(root)], tmp_path / "log")
+    try:
+        proc.wait_ready()
+        url = f"http://127.0.0.1:{proc.http_port}/v1"
+        body = {"lora_name": "syncer-a", "lora_path": str(root / "syncer-a")}
+
+        def post(route, token, json):
+            return httpx.post(f"{url}/{route}", json=json, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+        assert httpx.post(f"{url}/load_lora_adapter", json=body).status_code == 401
+        assert post("load_lora_adapter", "user", body).status_code == 403  # the admin token is needed
+        loaded = post("load_lora_adapter", "admin", body)
+        assert loaded.status_code == 200 and "syncer-a" in loaded.text
+        assert post("load_lora_adapter", "admin", body).status_code == 409  # already there
+        outside = post("load_lora_adapter", "admin", {"lora_name": "x", "lora_path": str(tiny_adapters["all-r8"])})
+        assert outside.status_code == 403 and "root" in outside.json()["error"]["message"]
+        user = proc.openai(token="user")
+        assert user.models.retrieve("syncer-a").id == "syncer-a"
+        got = user.completions.create(model="syncer-a", prompt=PROMPT_IDS, **GREEDY).choices[0].text
+        assert got == oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, **GREEDY).choices[0].text
+        assert post("unload_lora_adapter", "admin", {"lora_name": "syncer-a"}).status_code == 200
+        assert post("unload_lora_adapter", "admin", {"lora_name": "syncer-a"}).status_code == 404
+        with pytest.raises(openai.NotFoundError):
+            user.completions.create(model="syncer-a", prompt=PROMPT_IDS, **GREEDY)
+    finally:
+        proc.stop()
+    # without runtime registration (no admin token, no --allow-runtime-adapters) the routes refuse
+    refused = httpx.post(f"{oserver.base_url}/load_lora_adapter", json=body, timeout=30)
+    assert refused.status_code == 403 and "--allow-runtime-adapters" in refused.json()["error"]["message"]
+
+
 def test_http_can_be_turned_off_and_is_not_imported_then(tiny_llama, tmp_path):
     import subprocess
     import sys
