@@ -157,6 +157,7 @@ class Sampling:
     frequency_penalty: float | None = None  # OpenAI's, in [-2, 2]
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     prompt_logprobs: int | None = None  # each prompt token's raw logprob (after the first), with this many top ones
+    min_new_tokens: int | None = None  # no EOS or stop token before this many tokens
 
     def to_pb(self) -> pb.SamplingParams:
         lists = ("stop", "stop_token_ids", "logit_bias")

@@ -214,6 +214,9 @@ class Engine:
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise RequestInvalid(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
                                      f"got {bias} for token {token}")
+        if not 0 <= p.min_new_tokens <= p.max_new_tokens:
+            raise RequestInvalid(f"min_new_tokens must be in [0, max_new_tokens ({p.max_new_tokens})], "
+                                 f"got {p.min_new_tokens}")
         if len(p.stop_token_ids) > c.max_stop_token_ids:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
                                  "(--max-stop-token-ids)")
@@ -254,6 +257,13 @@ class Engine:
             self._inbox.append(("add", seq))
         self._wake.set()
         return RequestStream(self, seq)
+
+    def _banned(self, seq: Sequence) -> list[int] | None:
+        """The tokens this row may not sample yet: its stop tokens, until min_new_tokens are out."""
+        p = seq.sampler.params
+        if seq.num_generated >= p.min_new_tokens:
+            return None
+        return [*(() if p.ignore_eos else self.output.eos_token_ids), *p.stop_token_ids] or None
 
     @staticmethod
     def _identity(entry) -> bytes:
@@ -450,7 +460,8 @@ class Engine:
         seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
         generated = [s.ids[s.num_prompt :] if s.sampler.params.presence_penalty or s.sampler.params.frequency_penalty
                      else None for s in sampled]
-        tokens = sample(logits, [s.sampler for s in sampled], seen, generated)
+        banned = [self._banned(s) for s in sampled]
+        tokens = sample(logits, [s.sampler for s in sampled], seen, generated, banned)
         logprobs = token_logprobs(logits, sampled, tokens)
         # Everything after the shared forward pass is one request's own: its failure (sampling,
         # detokenizing, stop checks, delivery) fails that request alone, never the engine.

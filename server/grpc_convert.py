@@ -31,6 +31,7 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
         frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
         logit_bias=tuple(sorted(s.logit_bias.items())),
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+        min_new_tokens=s.min_new_tokens,
     )
 
 

@@ -54,6 +54,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
 
     def check_supported(self) -> None:
         refused = [(name, why) for name, bad, why in (
@@ -76,7 +77,7 @@ class _Common(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
+            logprobs=logprobs, min_new_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
         )
 

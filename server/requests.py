@@ -38,6 +38,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: times the number of times each token was generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     prompt_logprobs: int | None = None  # each prompt token's logprob (after the first) and this many top ones
+    min_new_tokens: int = 0  # until this many are generated, EOS (unless ignored) and stop_token_ids cannot be
 
     @property
     def greedy(self) -> bool:

@@ -59,6 +59,16 @@ def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float],
     logits.index_put_((torch.tensor(rows, device=device), tokens), values, accumulate=True)
 
 
+def ban_tokens(logits: torch.Tensor, banned: list[list[int] | None]) -> None:
+    """In place: each row's ``banned`` token ids (None: none) get -inf, so that no sampling picks
+    them (a row bans only its EOS and stop token ids, far fewer than a vocabulary)."""
+    rows = [i for i, ids in enumerate(banned) for _ in ids or ()]
+    if rows:
+        tokens = [t for ids in banned for t in ids or ()]
+        logits.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)),
+                          torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
 def apply_occurrence_penalties(logits: torch.Tensor, generated: list[list[int] | None], presence: list[float],
                                frequency: list[float]) -> None:
     """OpenAI's presence and frequency penalties, in place: logits [M, V];
@@ -143,14 +153,16 @@ def _sample_full(logits: torch.Tensor, params: list[SamplingParams], states: lis
 
 
 def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int] | None],
-                generated: list[list[int] | None] | None = None) -> torch.Tensor:
+                generated: list[list[int] | None] | None = None,
+                banned: list[list[int] | None] | None = None) -> torch.Tensor:
     """logits: [M, V] float32, finite, on any device (penalties are applied to it in place) ->
     [M] token ids on that device. ``seen``: each row's tokens so far (prompt and generated), for
     the repetition penalty; ``generated``: its generated tokens, for the presence and frequency
-    penalties (None where a row has none of them).
+    penalties; ``banned``: tokens it may not pick yet (min_new_tokens); None where a row has none.
 
-    In order, as vLLM: logit biases, the repetition penalty, the presence and frequency
-    penalties, then temperature, top-k and top-p, all batched tensor ops over per-row parameters;
+    In order, as vLLM: banned tokens, logit biases, the repetition penalty, the presence and
+    frequency penalties, then temperature, top-k and top-p, all batched tensor ops over per-row
+    parameters;
     rows with a top-k work on their top candidates only. Each sampling row draws with one uniform
     from its own generator (``_draw``), so a seeded row gives the same token whatever else is in
     the batch. Safe for every value validation accepts: the logits are shifted so that their
@@ -158,6 +170,8 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
     overflows to +inf and the softmax always has a term of exp(0) = 1."""
     device, vocab = logits.device, logits.shape[1]
     params = [s.params for s in states]
+    if banned is not None and any(banned):
+        ban_tokens(logits, banned)
     if any(p.logit_bias for p in params):
         apply_logit_bias(logits, [p.logit_bias for p in params])
     penalty = [p.repetition_penalty if seen[i] else 1.0 for i, p in enumerate(params)]
@@ -183,9 +197,10 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
 
 @torch.inference_mode()  # the logits are the model's inference tensors; the sampling works on them in place
 def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int] | None],
-           generated: list[list[int] | None] | None = None) -> list[int | Exception]:
-    """logits: [N, V] float32, one row per request, on any device; ``seen`` and ``generated`` as
-    for ``sample_rows``. Everything runs where the logits are; only the token ids and the rows'
+           generated: list[list[int] | None] | None = None,
+           banned: list[list[int] | None] | None = None) -> list[int | Exception]:
+    """logits: [N, V] float32, one row per request, on any device; ``seen``, ``generated`` and
+    ``banned`` as for ``sample_rows``. Everything runs where the logits are; only the token ids and the rows'
     finite flags leave, in one copy.
 
     Each row gets its token, or the exception that sampling it raised (NonFiniteLogits for a row
@@ -194,7 +209,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int
     # where torch.aminmax's one pass takes 1.2 ms.
     finite = logits.amin(-1).isfinite() & logits.amax(-1).isfinite()
     generated = generated if generated is not None else [None] * len(states)
-    work = [i for i, s in enumerate(states) if not s.params.greedy or s.params.adjusts_logits]
+    banned = banned if banned is not None else [None] * len(states)
+    work = [i for i, s in enumerate(states) if not s.params.greedy or s.params.adjusts_logits or banned[i]]
     plain = sorted(set(range(len(states))) - set(work))
     tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
     if len(plain) == len(states):  # plain greedy rows: one shared argmax
@@ -204,18 +220,18 @@ def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int
     failed: dict[int, Exception] = {}
     if work:
         index = torch.tensor(work, device=logits.device)
-        penalised = any(states[i].params.adjusts_logits for i in work)
+        penalised = any(states[i].params.adjusts_logits or banned[i] for i in work)
         # The logits stay the model's for the logprobs, so penalties work on a copy; without them,
         # when every row samples, the sampling reads the logits themselves.
         sub = logits if len(work) == len(states) and not penalised else logits.index_select(0, index)
         sub.masked_fill_(~finite[index, None], 0.0)  # a non-finite row is sampled harmlessly as zeros, then failed
         try:
             tokens[index] = sample_rows(sub, [states[i] for i in work], [seen[i] for i in work],
-                                        [generated[i] for i in work])
+                                        [generated[i] for i in work], [banned[i] for i in work])
         except Exception:  # noqa: BLE001 - find the row that failed; the others still get tokens
             for j, i in enumerate(work):
                 try:
-                    tokens[i] = sample_rows(sub[j : j + 1], [states[i]], [seen[i]], [generated[i]])[0]
+                    tokens[i] = sample_rows(sub[j : j + 1], [states[i]], [seen[i]], [generated[i]], [banned[i]])[0]
                 except Exception as e:  # noqa: BLE001 - handed to the engine, which fails this request
                     failed[i] = e
     ids, ok = torch.stack([tokens, finite.long()]).tolist()

@@ -80,6 +80,33 @@ def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
     assert [e.token_id for e in ignored] == ids
 
 
+def test_min_new_tokens_matches_transformers_and_bans_eos_and_stop_tokens(built, tiny_llama, tiny_adapters,
+                                                                          monkeypatch):
+    """Until min_new_tokens are out, the stop token and EOS cannot be sampled (transformers'
+    MinNewTokensLengthLogitsProcessor); token for token against PEFT, greedy and joined in one
+    batch with unconstrained requests."""
+    from helpers import peft_generate
+
+    ids = [e.token_id for e in collect(built.engine, req("p", SamplingParams(16, ignore_eos=True), "attn-r4"))[0]]
+    stop = ids[2]
+    constrained = SamplingParams(16, ignore_eos=True, stop_token_ids=(stop,), min_new_tokens=6)
+    got, plain = collect(built.engine, req("mn", constrained, "attn-r4"), req("pl", SamplingParams(16, ignore_eos=True),
+                                                                             "attn-r4"))
+    expected = peft_generate(tiny_llama, tiny_adapters["attn-r4"], [list(PROMPT)], 16, eos_token_id=stop,
+                             min_new_tokens=6)[0]
+    tokens = [e.token_id for e in got]
+    assert tokens == expected and stop not in tokens[:6] and len(tokens) > 3
+    assert [e.token_id for e in plain] == ids
+    # EOS is banned the same way, unless ignored (then it is no stop, and nothing is banned)
+    monkeypatch.setattr(built.engine.output, "eos_token_ids", {stop})
+    eos_banned = collect(built.engine, req("me", SamplingParams(16, min_new_tokens=6), "attn-r4"))[0]
+    assert [e.token_id for e in eos_banned] == expected
+    assert [e.token_id for e in collect(built.engine, req("mi", SamplingParams(16, ignore_eos=True, min_new_tokens=6),
+                                                          "attn-r4"))[0]] == ids
+    with pytest.raises(RequestInvalid, match="min_new_tokens"):
+        collect(built.engine, req("bad", SamplingParams(4, min_new_tokens=5)))
+
+
 def test_usage_and_timing_on_the_last_event(built):
     events = collect(built.engine, req("m", SamplingParams(5, ignore_eos=True), "attn-r4"))[0]
     last = events[-1]

@@ -74,8 +74,8 @@ def test_a_failure_after_the_forward_pass_fails_that_request_alone(built, monkey
 
     real_sample = engine_module.sample
 
-    def sample(logits, states, seen, generated):  # ... and the sampler of another hits a NaN row
-        out = real_sample(logits, states, seen, generated)
+    def sample(logits, states, *rows):  # ... and the sampler of another hits a NaN row
+        out = real_sample(logits, states, *rows)
         for i, state in enumerate(states):
             if state.params.seed == 7:
                 out[i] = 99999

@@ -498,10 +498,10 @@ any_float = st.one_of(st.none(), st.floats(width=32), st.sampled_from([0.0, 1e-4
                                                                        math.nan, math.inf, -math.inf]))
 odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 sampling_pb = st.builds(
-    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp: pb.SamplingParams(
+    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp, minimum: pb.SamplingParams(
         **{k_: v for k_, v in dict(max_new_tokens=mnt, temperature=t, top_p=p, top_k=k, repetition_penalty=rp,
                                      seed=seed, presence_penalty=pp, frequency_penalty=fp,
-                                     prompt_logprobs=plp).items() if v is not None},
+                                     prompt_logprobs=plp, min_new_tokens=minimum).items() if v is not None},
         stop=stop, stop_token_ids=ids, ignore_eos=ignore, logit_bias=bias),
     st.one_of(st.none(), st.integers(0, MAX_U32)), any_float, any_float, st.one_of(st.none(), st.integers(0, MAX_U32)),
     any_float, st.one_of(st.none(), st.integers(0, MAX_U64)),
@@ -510,6 +510,7 @@ sampling_pb = st.builds(
     st.booleans(), any_float, any_float,
     st.one_of(st.dictionaries(st.integers(0, MAX_U32), st.floats(width=32), max_size=4),
               st.dictionaries(st.integers(0, 383), st.floats(-100, 100, width=32), min_size=290, max_size=320)),
+    st.one_of(st.none(), st.integers(0, 20), st.integers(0, MAX_U32)),
     st.one_of(st.none(), st.integers(0, 20), st.integers(0, MAX_U32)),
 )
 request_pb = st.builds(

@@ -441,6 +441,10 @@ def test_models_retrieve_and_stop_token_ids(oserver):
     cut = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=0,
                                         **{**GREEDY, "extra_body": {"ignore_eos": True, "stop_token_ids": [ten[3]]}})
     assert cut.choices[0].finish_reason == "stop" and len(cut.choices[0].logprobs.tokens) == ten.index(ten[3]) + 1
+    held = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=0, **{**GREEDY, "extra_body": {
+        "ignore_eos": True, "stop_token_ids": [ten[0]], "min_tokens": 4}})
+    grpc = grpc_tokens(oserver, "attn-r4", stop_token_ids=[ten[0]], min_new_tokens=4)
+    assert len(held.choices[0].logprobs.tokens) == len(grpc.token_ids) >= 4 and ten[0] not in grpc.token_ids[:4]
 
 
 def test_adapters_load_and_unload_through_vllms_routes(tiny_llama, tiny_adapters, tmp_path, oserver):

@@ -113,6 +113,17 @@ def test_batched_biases_and_penalties_match_the_row_by_row_reference(data, rows,
         assert torch.allclose(ours[i], ref, rtol=1e-6, atol=1e-5), (i, ours[i], ref)
 
 
+def test_banned_tokens_are_never_picked_and_the_logits_stay_raw():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 2)
+    greedy = SamplingParams(5)
+    states = [SamplerState.create(greedy, "cpu"), SamplerState.create(greedy, "cpu")]
+    assert sample(logits, states, [None] * 2, None, [[1], None]) == [3, 1]
+    picks = {sample(logits[:1], [SamplerState.create(SamplingParams(5, temperature=5.0, seed=s), "cpu")], [None],
+                    None, [[1, 3]])[0] for s in range(30)}
+    assert picks == {0, 2}  # a hot temperature reaches every other token, never a banned one
+    assert torch.equal(logits, torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 2))
+
+
 def test_greedy_rows_follow_logit_bias_and_penalties_but_not_their_neighbours():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
     rows = [SamplingParams(5, logit_bias=((0, 5.0),)),  # a bias lifts token 0 over token 1

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\xe5\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).loramux.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.loramux.v1.TopLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"y\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14\x61\x64\x61pter_load_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\x9d\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\xa1\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12)\n\x07logprob\x18\x07 \x01(\x0b\x32\x18.loramux.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\x93\x01\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0f\n\x07preload\x18\x04 \x01(\x08\x12\x13\n\x06weight\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rkeep_resident\x18\x06 \x01(\x08\x42\t\n\x07_weight\"\xfa\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12%\n\x04tier\x18\x07 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x02\x12\x15\n\rkeep_resident\x18\x0b \x01(\x08\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\x81\x03\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x06 \x01(\r\x12\x19\n\x11max_host_adapters\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x1b\n\x13registered_adapters\x18\n \x01(\r\x12\x19\n\x11has_chat_template\x18\x0b \x01(\x08\x12\x15\n\rkv_block_size\x18\x0c \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\r \x01(\x04\x12\x12\n\nop_backend\x18\x0e \x01(\t\x12\x0f\n\x07\x63pu_isa\x18\x0f \x01(\t\x12\x15\n\radapter_pages\x18\x10 \x01(\r\x12\x12\n\nlora_dtype\x18\x11 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\xf5\x03\n\x07LoraMux\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12N\n\x0fRegisterAdapter\x12\".loramux.v1.RegisterAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12`\n\x11UnregisterAdapter\x12$.loramux.v1.UnregisterAdapterRequest\x1a%.loramux.v1.UnregisterAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12I\n\rGetServerInfo\x12 .loramux.v1.GetServerInfoRequest\x1a\x16.loramux.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\x95\x05\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).loramux.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\t\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x0f \x01(\rH\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobsB\x11\n\x0f_min_new_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.loramux.v1.TopLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"y\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14\x61\x64\x61pter_load_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\x9d\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\xa1\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.loramux.v1.Timing\x12)\n\x07logprob\x18\x07 \x01(\x0b\x32\x18.loramux.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\x93\x01\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0f\n\x07preload\x18\x04 \x01(\x08\x12\x13\n\x06weight\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rkeep_resident\x18\x06 \x01(\x08\x42\t\n\x07_weight\"\xfa\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12%\n\x04tier\x18\x07 \x01(\x0e\x32\x17.loramux.v1.AdapterTier\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\t \x01(\t\x12\x0e\n\x06weight\x18\n \x01(\x02\x12\x15\n\rkeep_resident\x18\x0b \x01(\x08\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\x81\x03\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x06 \x01(\r\x12\x19\n\x11max_host_adapters\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x1b\n\x13registered_adapters\x18\n \x01(\r\x12\x19\n\x11has_chat_template\x18\x0b \x01(\x08\x12\x15\n\rkv_block_size\x18\x0c \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\r \x01(\x04\x12\x12\n\nop_backend\x18\x0e \x01(\t\x12\x0f\n\x07\x63pu_isa\x18\x0f \x01(\t\x12\x15\n\radapter_pages\x18\x10 \x01(\r\x12\x12\n\nlora_dtype\x18\x11 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\xf5\x03\n\x07LoraMux\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12N\n\x0fRegisterAdapter\x12\".loramux.v1.RegisterAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12`\n\x11UnregisterAdapter\x12$.loramux.v1.UnregisterAdapterRequest\x1a%.loramux.v1.UnregisterAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12I\n\rGetServerInfo\x12 .loramux.v1.GetServerInfoRequest\x1a\x16.loramux.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,46 +33,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2804
-  _globals['_FINISHREASON']._serialized_end=2922
-  _globals['_ADAPTERTIER']._serialized_start=2924
-  _globals['_ADAPTERTIER']._serialized_end=3038
+  _globals['_FINISHREASON']._serialized_start=2852
+  _globals['_FINISHREASON']._serialized_end=2970
+  _globals['_ADAPTERTIER']._serialized_start=2972
+  _globals['_ADAPTERTIER']._serialized_end=3086
   _globals['_SAMPLINGPARAMS']._serialized_start=41
-  _globals['_SAMPLINGPARAMS']._serialized_end=654
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=443
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=491
-  _globals['_TOPLOGPROB']._serialized_start=656
-  _globals['_TOPLOGPROB']._serialized_end=703
-  _globals['_TOKENLOGPROB']._serialized_start=705
-  _globals['_TOKENLOGPROB']._serialized_end=791
-  _globals['_CHATMESSAGE']._serialized_start=793
-  _globals['_CHATMESSAGE']._serialized_end=837
-  _globals['_GENERATEREQUEST']._serialized_start=840
-  _globals['_GENERATEREQUEST']._serialized_end=1028
-  _globals['_USAGE']._serialized_start=1030
-  _globals['_USAGE']._serialized_end=1117
-  _globals['_TIMING']._serialized_start=1119
-  _globals['_TIMING']._serialized_end=1240
-  _globals['_GENERATERESPONSE']._serialized_start=1243
-  _globals['_GENERATERESPONSE']._serialized_end=1528
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1531
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1820
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1823
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1970
-  _globals['_ADAPTERINFO']._serialized_start=1973
-  _globals['_ADAPTERINFO']._serialized_end=2223
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=2225
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=2271
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=2273
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=2300
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2302
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2323
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2325
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2390
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2392
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2414
-  _globals['_SERVERINFO']._serialized_start=2417
-  _globals['_SERVERINFO']._serialized_end=2802
-  _globals['_LORAMUX']._serialized_start=3041
-  _globals['_LORAMUX']._serialized_end=3542
+  _globals['_SAMPLINGPARAMS']._serialized_end=702
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=472
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=520
+  _globals['_TOPLOGPROB']._serialized_start=704
+  _globals['_TOPLOGPROB']._serialized_end=751
+  _globals['_TOKENLOGPROB']._serialized_start=753
+  _globals['_TOKENLOGPROB']._serialized_end=839
+  _globals['_CHATMESSAGE']._serialized_start=841
+  _globals['_CHATMESSAGE']._serialized_end=885
+  _globals['_GENERATEREQUEST']._serialized_start=888
+  _globals['_GENERATEREQUEST']._serialized_end=1076
+  _globals['_USAGE']._serialized_start=1078
+  _globals['_USAGE']._serialized_end=1165
+  _globals['_TIMING']._serialized_start=1167
+  _globals['_TIMING']._serialized_end=1288
+  _globals['_GENERATERESPONSE']._serialized_start=1291
+  _globals['_GENERATERESPONSE']._serialized_end=1576
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1579
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1868
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1871
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=2018
+  _globals['_ADAPTERINFO']._serialized_start=2021
+  _globals['_ADAPTERINFO']._serialized_end=2271
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=2273
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=2319
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=2321
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=2348
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2350
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2371
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2373
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2438
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2440
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2462
+  _globals['_SERVERINFO']._serialized_start=2465
+  _globals['_SERVERINFO']._serialized_end=2850
+  _globals['_LORAMUX']._serialized_start=3089
+  _globals['_LORAMUX']._serialized_end=3590
 # @@protoc_insertion_point(module_scope)
