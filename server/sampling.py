@@ -160,18 +160,16 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
     the repetition penalty; ``generated``: its generated tokens, for the presence and frequency
     penalties; ``banned``: tokens it may not pick yet (min_new_tokens); None where a row has none.
 
-    In order, as vLLM: banned tokens, logit biases, the repetition penalty, the presence and
-    frequency penalties, then temperature, top-k and top-p, all batched tensor ops over per-row
-    parameters;
-    rows with a top-k work on their top candidates only. Each sampling row draws with one uniform
+    In order, as vLLM: logit biases, the repetition penalty, the presence and frequency
+    penalties, then banned tokens (last: the repetition penalty's clamp would lift a -inf), then
+    temperature, top-k and top-p, all batched tensor ops over per-row parameters; rows with a
+    top-k work on their top candidates only. Each sampling row draws with one uniform
     from its own generator (``_draw``), so a seeded row gives the same token whatever else is in
     the batch. Safe for every value validation accepts: the logits are shifted so that their
     maximum is 0 before the division by the temperature (>= GREEDY_TEMPERATURE), so no value
     overflows to +inf and the softmax always has a term of exp(0) = 1."""
     device, vocab = logits.device, logits.shape[1]
     params = [s.params for s in states]
-    if banned is not None and any(banned):
-        ban_tokens(logits, banned)
     if any(p.logit_bias for p in params):
         apply_logit_bias(logits, [p.logit_bias for p in params])
     penalty = [p.repetition_penalty if seen[i] else 1.0 for i, p in enumerate(params)]
@@ -181,6 +179,8 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
     if generated is not None and any(generated):
         apply_occurrence_penalties(logits, generated, [p.presence_penalty for p in params],
                                    [p.frequency_penalty for p in params])
+    if banned is not None and any(banned):
+        ban_tokens(logits, banned)
     out = torch.empty(len(states), dtype=torch.long, device=device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     top_k = [i for i, p in enumerate(params) if not p.greedy and 0 < p.top_k < vocab]
@@ -200,8 +200,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int
            generated: list[list[int] | None] | None = None,
            banned: list[list[int] | None] | None = None) -> list[int | Exception]:
     """logits: [N, V] float32, one row per request, on any device; ``seen``, ``generated`` and
-    ``banned`` as for ``sample_rows``. Everything runs where the logits are; only the token ids and the rows'
-    finite flags leave, in one copy.
+    ``banned`` as for ``sample_rows``. Everything runs where the logits are; only the token ids
+    and the rows' finite flags leave, in one copy.
 
     Each row gets its token, or the exception that sampling it raised (NonFiniteLogits for a row
     with NaN or infinite logits): one request's failure never touches the other rows."""

@@ -157,6 +157,20 @@ def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[
     return outs
 
 
+def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], scored: list[int]) -> torch.Tensor:
+    """[len(scored), vocab]: PEFT's log-softmax at each position of ``prompt + scored`` that
+    predicts a token of ``scored`` (float32, one forward pass): the oracle of every logprob."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + scored])).logits[0]
+    return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

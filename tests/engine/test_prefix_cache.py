@@ -6,13 +6,12 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.requests import GenerationRequest, SamplingParams
 
-from helpers import build_adapter, peft_generate
+from helpers import build_adapter, peft_generate, peft_logprobs
 
 MAX_NEW = 8
 BLOCK = 4
@@ -162,18 +161,6 @@ def test_a_pool_smaller_than_one_request_is_refused_at_start_up():
         ServerConfig(max_model_len=96, default_max_new_tokens=8, kv_cache_tokens=95)
 
 
-def peft_prompt_logprobs(model_dir, adapter_dir, prompt):
-    """[len(prompt) - 1, vocab]: row p is the log-softmax that scores prompt token p + 1."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
-
-
 @pytest.mark.parametrize("pool", [None, 96])
 def test_prompt_logprobs_equal_peft_through_chunks_cache_hits_and_preemption(tiny_llama, tiny_adapters, prompts, pool):
     """Requests asking for prompt logprobs compute their whole prompt (a cached prefix would skip
@@ -207,7 +194,7 @@ def test_prompt_logprobs_equal_peft_through_chunks_cache_hits_and_preemption(tin
             if k is None:
                 assert first is None
                 continue
-            ref = peft_prompt_logprobs(tiny_llama, tiny_adapters.get(adapter), prompt)
+            ref = peft_logprobs(tiny_llama, tiny_adapters.get(adapter), prompt[:1], prompt[1:])
             assert [lp.token_id for lp in first] == prompt[1:]
             for p, lp in enumerate(first):
                 assert abs(lp.logprob - ref[p, prompt[p + 1]].item()) < 1e-4

@@ -7,7 +7,6 @@ import time
 
 import openai
 import pytest
-import torch
 
 from loramux.clients.types import Sampling
 
@@ -16,6 +15,7 @@ try:  # the HTTP client the installed openai package uses
 except ImportError:  # pragma: no cover - older openai releases use httpx
     import httpx
 
+from helpers import peft_logprobs
 from server import ServerProcess
 from test_grpc import PROMPT_IDS, total, wait_idle
 
@@ -97,18 +97,6 @@ def test_sampling_parameters_reach_the_engine(oserver):
         assert stop not in cut.text and cut.finish_reason == "stop"
 
 
-def peft_logprobs(model_dir, adapter_dir, prompt, generated):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + generated])).logits[0]
-    return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)  # [generated, vocab]
-
-
 def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_adapters):
     got = oserver.oa.chat.completions.create(
         model="attn-r4", messages=[{"role": "user", "content": "Tell me about LoRA."}], logprobs=True,
@@ -162,11 +150,6 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
 OTHER_IDS = [7, 19, 3, 55]
 
 
-def peft_prompt_logprobs(model_dir, adapter_dir, prompt):
-    """[len(prompt) - 1, vocab]: row p scores prompt token p + 1."""
-    return peft_logprobs(model_dir, adapter_dir, prompt[:1], prompt[1:])
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):
     from transformers import AutoTokenizer
@@ -175,7 +158,7 @@ def tokenizer(tiny_llama):
 
 
 def test_echo_gives_prompt_logprobs_equal_to_peft_in_both_apis(oserver, tiny_llama, tiny_adapters, tokenizer):
-    ref = peft_prompt_logprobs(tiny_llama, tiny_adapters["attn-r4"], PROMPT_IDS)
+    ref = peft_logprobs(tiny_llama, tiny_adapters["attn-r4"], PROMPT_IDS[:1], PROMPT_IDS[1:])
     plain = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=2, **GREEDY)
     echoed = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=2, echo=True, **GREEDY)
     prompt_text = tokenizer.decode(PROMPT_IDS)
@@ -210,7 +193,7 @@ def test_echo_with_no_new_tokens_scores_a_batch_of_texts_as_eval_harnesses_ask(o
         ids = tokenizer(text)["input_ids"]
         assert choice.text == text and choice.finish_reason == "length"
         assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
-        ref = peft_prompt_logprobs(tiny_llama, None, ids)
+        ref = peft_logprobs(tiny_llama, None, ids[:1], ids[1:])
         assert max(abs(v - ref[p, ids[p + 1]].item())
                    for p, v in enumerate(choice.logprobs.token_logprobs[1:])) < 1e-4
     assert got.usage.completion_tokens == 0

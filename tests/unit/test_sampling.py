@@ -121,6 +121,10 @@ def test_banned_tokens_are_never_picked_and_the_logits_stay_raw():
     picks = {sample(logits[:1], [SamplerState.create(SamplingParams(5, temperature=5.0, seed=s), "cpu")], [None],
                     None, [[1, 3]])[0] for s in range(30)}
     assert picks == {0, 2}  # a hot temperature reaches every other token, never a banned one
+    # a banned token that the repetition penalty also scores stays banned (its clamp lifts a -inf)
+    tied = torch.full((1, 4), -F32_MAX)
+    state = SamplerState.create(SamplingParams(5, repetition_penalty=1.5), "cpu")
+    assert sample(tied, [state], [[0]], None, [[0]]) == [1]
     assert torch.equal(logits, torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 2))
 
 
