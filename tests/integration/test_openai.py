@@ -204,6 +204,16 @@ def test_echo_with_no_new_tokens_scores_a_batch_of_texts_as_eval_harnesses_ask(o
         mine = [ch for c in streamed for ch in c.choices if ch.index == i]
         assert "".join(ch.text for ch in mine) == text and mine[-1].finish_reason == "length"
         assert mine[0].logprobs.token_logprobs == got.choices[i].logprobs.token_logprobs
+    # with n: every choice echoes its own prompt, streamed or not
+    twice = oserver.oa.completions.create(model=oserver.client.server_info().model, prompt=texts, echo=True,
+                                          max_tokens=0, logprobs=1, temperature=0, n=2)
+    assert [c.text for c in twice.choices] == [texts[0], texts[0], texts[1], texts[1]]
+    assert twice.choices[1].logprobs.token_logprobs == pytest.approx(got.choices[0].logprobs.token_logprobs)
+    streamed_n = list(oserver.oa.completions.create(model=oserver.client.server_info().model, prompt=texts[1],
+                                                    echo=True, max_tokens=3, temperature=0, n=2, stream=True))
+    for i in (0, 1):
+        text = "".join(ch.text for c in streamed_n for ch in c.choices if ch.index == i)
+        assert text.startswith(texts[1]) and len(text) > len(texts[1])
     # echo without logprobs: the prompt before the completion, nothing else
     plain = oserver.oa.completions.create(model="attn-r4", prompt="hello there", echo=True, **GREEDY)
     assert plain.choices[0].text.startswith("hello there") and plain.choices[0].logprobs is None
