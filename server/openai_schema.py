@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from .errors import RequestInvalid
 from .requests import FinishReason, SamplingParams, TokenEvent, TokenLogprob
@@ -55,6 +55,13 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
+
+    @field_validator("n", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "min_tokens", "echo",
+                     "logprobs", mode="before", check_fields=False)
+    @classmethod
+    def null_is_default(cls, value, info: ValidationInfo):
+        """OpenAI's schema lets clients send null for these: it means the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def check_supported(self) -> None:
         refused = [(name, why) for name, bad, why in (

@@ -320,6 +320,17 @@ def test_choices_are_bounded_and_a_refused_prompt_cancels_the_rest(oserver):
     assert total(m, "loramux_generated_tokens_total", adapter="attn-r4") - before < 300  # not 3 x 200 more
 
 
+def test_nulls_that_openais_schema_allows_mean_the_defaults(oserver):
+    body = {"model": "attn-r4", "prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0, "n": None, "stream": None,
+            "presence_penalty": None, "frequency_penalty": None, "echo": None, "logit_bias": None, "seed": None,
+            "stop": None, "logprobs": None, "user": None, "top_p": None}
+    got = httpx.post(f"{oserver.base_url}/completions", json=body, timeout=30)
+    assert got.status_code == 200 and len(got.json()["choices"]) == 1
+    chat = {"model": "attn-r4", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": None,
+            "stream": None, "presence_penalty": None, "logprobs": None, "top_logprobs": None}
+    assert httpx.post(f"{oserver.base_url}/chat/completions", json=chat, timeout=30).status_code == 200
+
+
 def test_health_and_metrics_on_the_http_port(oserver):
     assert httpx.get(f"http://127.0.0.1:{oserver.http_port}/health").status_code == 200
     text = httpx.get(f"http://127.0.0.1:{oserver.http_port}/metrics").text
