@@ -154,7 +154,9 @@ def bench_model(model, args, tmp: Path) -> dict:
     variants = {"now": (engine_module.sample, engine_module.IncrementalDetokenizer)}
     old_sampling, old_detok = baseline_module(tmp, "sampling"), baseline_module(tmp, "detokenizer")
     if old_sampling and old_detok:
-        variants = {BASELINE_REV: (old_sampling.sample, old_detok.IncrementalDetokenizer), **variants}
+        def old_sample(logits, states, seen, *rows):  # its rows ask for none of the later sampling options
+            return old_sampling.sample(logits, states, seen)
+        variants = {BASELINE_REV: (old_sample, old_detok.IncrementalDetokenizer), **variants}
     prompts = random_prompts(loaded.hf_model.config.vocab_size, n, args.prompt_len)
     ids = [a for a, _ in adapters]
     engine.start()
