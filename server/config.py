@@ -103,8 +103,8 @@ class ServerConfig:
         for name in ("metrics_top_adapters", "max_batch_size", "max_tokens_per_step", "max_lora_rank", "max_device_adapters",
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_queued_requests", "max_choices_per_request", "max_stop_token_ids", "max_prompt_bytes",
-                     "max_chat_messages", "max_registered_adapters", "work_threads", "work_timeout", "adapter_read_timeout",
-                     "stream_stall_timeout", "max_http_body_bytes", "kv_block_size", "adapter_cache_max_gib"):
+                     "max_chat_messages", "max_registered_adapters", "work_threads", "work_timeout",
+                     "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "kv_block_size", "adapter_cache_max_gib"):
             positive(name)
         if not math.isfinite(self.adapter_cache_max_gib):
             raise ValueError(f"adapter-cache-max-gib must be finite, got {self.adapter_cache_max_gib}")

@@ -22,8 +22,9 @@ Rules, in order:
    system prompt, a request's n completions): one computes it, the others hit it once committed,
    instead of each computing a private copy. It cannot starve anyone: the computing request
    commits that block within its prefill, and then it is a hit. One that does not fit the free
-   blocks stops admission, on purpose, so that long prompts are not starved by short ones. Nothing is admitted in a step that preempts for KV memory; a
-   step that preempts for a fair share admits the tenant it made room for at once.
+   blocks stops admission, on purpose, so that long prompts are not starved by short ones.
+   Nothing is admitted in a step that preempts for KV memory; a step that preempts for a fair
+   share admits the tenant it made room for at once.
 
 The decision is final: the engine carries it out without refusing any of it.
 """

@@ -125,7 +125,8 @@ def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_
 
 def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
-        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_new_tokens"), (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_new_tokens"),
+        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_new_tokens"),
+        (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_new_tokens"),
         (dict(temperature=-1), "temperature"), (dict(presence_penalty=2.5), "presence_penalty"),
         (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={"5": 101}), "logit_bias"),
         (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
