@@ -549,18 +549,14 @@ def add_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) 
     """Append to each sequence's ``prompt_logprobs`` the next ``count`` positions' raw logprobs of
     the prompt tokens that follow them (and the top alternatives asked for), from ``logits``
     [sum of counts, V], the rows in ``rows`` order."""
-    logp = torch.log_softmax(logits, dim=-1)
-    at = 0
+    targets, ks = [], []
     for seq, count in rows:
         done = len(seq.prompt_logprobs)
-        targets = seq.ids[done + 1 : done + 1 + count]
-        part = logp[at : at + count]
-        chosen = part.gather(1, torch.tensor(targets, device=part.device)[:, None])[:, 0].tolist()
-        k = seq.sampler.params.prompt_logprobs
-        top_lp, top_ids = part.topk(k, dim=-1) if k else (part[:, :0], part[:, :0].long())
-        seq.prompt_logprobs += [TokenLogprob(t, c, tuple(zip(ids, lps, strict=True)))
-                                for t, c, ids, lps in zip(targets, chosen, top_ids.tolist(), top_lp.tolist(),
-                                                          strict=True)]
+        targets += seq.ids[done + 1 : done + 1 + count]
+        ks += [seq.sampler.params.prompt_logprobs] * count
+    scored, at = ranked_logprobs(torch.log_softmax(logits, dim=-1), targets, ks), 0
+    for seq, count in rows:
+        seq.prompt_logprobs += scored[at : at + count]
         at += count
 
 
@@ -569,17 +565,22 @@ def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list) -> 
     others): log_softmax of the model's logits [N, V], before any sampling transform."""
     want = [i for i, s in enumerate(seqs) if s.sampler.params.logprobs is not None and isinstance(tokens[i], int)]
     out: list[TokenLogprob | None] = [None] * len(seqs)
-    if not want:
-        return out
-    logp = torch.log_softmax(logits[want], dim=-1)  # [W, V]
-    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in want], device=logp.device))[:, 0].tolist()
-    k = max(seqs[i].sampler.params.logprobs for i in want)
-    top_lp, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
-    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-    for j, i in enumerate(want):
-        n = seqs[i].sampler.params.logprobs
-        out[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_ids[j][:n], top_lp[j][:n], strict=True)))
+    if want:
+        scored = ranked_logprobs(torch.log_softmax(logits[want], dim=-1), [tokens[i] for i in want],
+                                 [seqs[i].sampler.params.logprobs for i in want])
+        for i, lp in zip(want, scored, strict=True):
+            out[i] = lp
     return out
+
+
+def ranked_logprobs(logp: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """logp [R, V] (log-softmax rows) -> for each row, its target's logprob and its ks[r] most
+    likely tokens, most likely first: one gather and one top-k for all rows."""
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(ks)
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    return [TokenLogprob(t, c, tuple(zip(ids[:n], lps[:n], strict=True)))
+            for t, c, ids, lps, n in zip(targets, chosen, top_ids.tolist(), top_lp.tolist(), ks, strict=True)]
 
 
 class InjectedFatalFault(BaseException):
