@@ -175,7 +175,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         base, created = service.model_name, int(service.started_at)
         if model_id == base:
             return model_card(base, None, created)
-        if any(entry.adapter_id == model_id for entry, _ in service.adapters()):
+        if model_id in service.ready().registry:
             return model_card(model_id, base, created)
         return error_response(404, f"the model {model_id[:128]!r} does not exist", "model")
 
