@@ -25,6 +25,11 @@ def add_client_commands(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--raw", action="store_true", help="send a plain prompt even when the model has a chat template")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", default=None, help="the text must match this JSON schema (JSON text)")
+    shape.add_argument("--json-object", action="store_true", help="the text must be a JSON object")
+    shape.add_argument("--regex", default=None, help="the text must match this regex")
+    shape.add_argument("--choice", nargs="+", default=None, help="the text must be one of these")
     g.set_defaults(func=cmd_generate)
 
     a = sub.add_parser("adapters", help="list, register or unregister adapters")
@@ -48,7 +53,9 @@ def add_client_commands(sub) -> None:
 
 def cmd_generate(args) -> int:
     with LoraMuxClient(args.server) as client:
-        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            json_schema=args.json_schema, json_object=args.json_object, regex=args.regex,
+                            choice=args.choice)
         use_chat = not args.raw and client.server_info().has_chat_template
         prompt_kwargs = {"messages": [("user", args.prompt)]} if use_chat else {"prompt": args.prompt}
         for chunk in client.generate_stream(adapter_id=args.adapter, sampling=sampling, **prompt_kwargs):

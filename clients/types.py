@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -158,12 +159,35 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     prompt_logprobs: int | None = None  # each prompt token's raw logprob (after the first), with this many top ones
     min_new_tokens: int | None = None  # no EOS or stop token before this many tokens
+    # structured output, at most one: the text matches a JSON schema (a dict or JSON text), is any
+    # JSON object, matches a regex, is one of the choices, or follows a grammar (Lark or GBNF)
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
     def to_pb(self) -> pb.SamplingParams:
-        lists = ("stop", "stop_token_ids", "logit_bias")
-        fields = {k: v for k, v in self.__dict__.items() if v is not None and k not in lists}
+        special = ("stop", "stop_token_ids", "logit_bias", *STRUCTURED)
+        fields = {k: v for k, v in self.__dict__.items() if v is not None and k not in special}
         return pb.SamplingParams(stop=self.stop, stop_token_ids=self.stop_token_ids, logit_bias=self.logit_bias,
-                                 **fields)
+                                 structured_output=self.structured_output(), **fields)
+
+    def structured_output(self) -> pb.StructuredOutput | None:
+        asked = [k for k in STRUCTURED if getattr(self, k) not in (None, False)]
+        if len(asked) > 1:
+            raise ValueError(f"ask for one structured output, not {' and '.join(asked)}")
+        if not asked:
+            return None
+        value = getattr(self, asked[0])
+        if asked[0] == "json_schema" and not isinstance(value, str):
+            value = json.dumps(value)
+        elif asked[0] == "choice":
+            value = pb.ChoiceList(choices=value)
+        return pb.StructuredOutput(**{asked[0]: value})
+
+
+STRUCTURED = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, messages=None,

@@ -50,6 +50,7 @@ from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
 from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, adapter_order, schedule
 from .sequence import RequestStream, Sequence
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
@@ -116,6 +117,7 @@ class Engine:
         self.fatal_error: BaseException | None = None
         self.observers: list[EngineObserver] = []
         self.output = OutputProcessor(eos_token_ids, self.observers)
+        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids, torch.get_num_threads())
         self.on_fatal = None  # callable(error), on the engine thread, before in-flight requests fail
 
     # ---- public API (any thread / asyncio loop) ----
@@ -226,6 +228,7 @@ class Engine:
         if not self._accepting or self.fatal_error is not None:
             raise EngineUnavailable("the server is draining or stopped and accepts no new requests")
         self.validate(req)
+        grammar = None if req.sampling.structured_output is None else self.grammars.matcher(req.sampling.structured_output)
         with self._admission_lock:  # atomic reservation: never more than the bound accepted
             if self._accepted >= self.config.max_queued_requests:
                 raise QueueFull(f"the queue is full: {self.config.max_queued_requests} requests in flight")
@@ -245,7 +248,7 @@ class Engine:
             sampler=SamplerState.create(req.sampling, self.runner.device),  # its generator where the logits are
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
-            cold_adapter=cold,
+            cold_adapter=cold, grammar=grammar,
         )
         with self._inbox_lock:
             if self._closed:
@@ -461,7 +464,13 @@ class Engine:
         generated = [s.ids[s.num_prompt :] if s.sampler.params.presence_penalty or s.sampler.params.frequency_penalty
                      else None for s in sampled]
         banned = [self._banned(s) for s in sampled]
-        tokens = sample(logits, [s.sampler for s in sampled], seen, generated, banned)
+        grammars = [s.grammar for s in sampled]
+        allowed, failed = None, {}
+        if any(g is not None for g in grammars):
+            allowed, banned, failed = self.grammars.masks(grammars, banned)
+        tokens = sample(logits, [s.sampler for s in sampled], seen, generated, banned, allowed)
+        for i, error in failed.items():
+            tokens[i] = error
         logprobs = token_logprobs(logits, sampled, tokens)
         # Everything after the shared forward pass is one request's own: its failure (sampling,
         # detokenizing, stop checks, delivery) fails that request alone, never the engine.

@@ -49,6 +49,10 @@ class RequestFailed(Exception):
     """An internal fault while processing one request (not the user's mistake)."""
 
 
+class Unsupported(Exception):
+    """A feature this installation lacks (an optional package is missing)."""
+
+
 class WorkTimeout(Exception):
     """Work done for one call off the event loop (tokenizing, registering) ran past its limit."""
 
@@ -69,6 +73,7 @@ STATUS_BY_ERROR: dict[type[BaseException], str] = {
     RequestCancelled: "CANCELLED",
     EngineUnavailable: "UNAVAILABLE",
     RequestFailed: "INTERNAL",
+    Unsupported: "FAILED_PRECONDITION",
 }
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from ..v1 import loramux_pb2 as pb
-from .requests import SamplingParams, Timing, TokenEvent, TokenLogprob
+from .errors import RequestInvalid
+from .requests import OutputKind, SamplingParams, StructuredOutput, Timing, TokenEvent, TokenLogprob
 from .service import Prompt
 
 if TYPE_CHECKING:  # the registry imports torch; this module must not
@@ -32,7 +34,20 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
         logit_bias=tuple(sorted(s.logit_bias.items())),
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         min_new_tokens=s.min_new_tokens,
+        structured_output=structured_from_pb(s.structured_output) if s.HasField("structured_output") else None,
     )
+
+
+def structured_from_pb(s: pb.StructuredOutput) -> StructuredOutput:
+    which = s.WhichOneof("constraint")
+    if which is None or (which == "json_object" and not s.json_object):
+        raise RequestInvalid("structured_output sets no constraint: set one of json_schema, json_object (true), "
+                             "regex, choice, grammar")
+    if which == "json_object":
+        return StructuredOutput(OutputKind.JSON_SCHEMA, '{"type": "object"}')
+    if which == "choice":
+        return StructuredOutput(OutputKind.CHOICE, json.dumps(list(s.choice.choices)))
+    return StructuredOutput(OutputKind(which), getattr(s, which))
 
 
 def prompt_from_pb(req: pb.GenerateRequest) -> Prompt:

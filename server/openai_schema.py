@@ -11,10 +11,15 @@ their logprobs (None for the first), as evaluation harnesses read them to score 
 A request asks for ``n`` completions of each of its prompts (a completions request may carry a
 list of them); choice ``p * n + j`` is prompt p's j-th completion, as OpenAI numbers them. Usage
 counts each prompt once and every choice's completion tokens.
+
+Structured output comes as OpenAI's ``response_format`` (json_object, json_schema), or as vLLM's
+extensions (``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``, or
+``structured_outputs`` with one of json, json_object, regex, choice, grammar), on both endpoints.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -23,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from .errors import RequestInvalid
-from .requests import FinishReason, SamplingParams, TokenEvent, TokenLogprob
+from .requests import FinishReason, OutputKind, SamplingParams, StructuredOutput, TokenEvent, TokenLogprob
 from .service import Prompt
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
@@ -55,6 +60,13 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
+    response_format: dict | None = None
+    # vLLM's structured-output extensions: its older guided_* fields, and structured_outputs
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
 
     @field_validator("n", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "min_tokens", "echo",
                      "logprobs", mode="before", check_fields=False)
@@ -86,11 +98,73 @@ class _Common(BaseModel):
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, min_new_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
+            structured_output=self.structured_output(),
         )
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint the body asks for (OpenAI's response_format, vLLM's guided_* fields or
+        its structured_outputs), or None; two at once are refused."""
+        asked = []
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type", "text") != "text":
+            asked.append(("response_format", _response_format(fmt)))
+        for name, kind in (("guided_json", OutputKind.JSON_SCHEMA), ("guided_regex", OutputKind.REGEX),
+                           ("guided_choice", OutputKind.CHOICE), ("guided_grammar", OutputKind.GRAMMAR)):
+            value = getattr(self, name)
+            if value is not None:
+                asked.append((name, _structured(kind, value)))
+        for key, value in (self.structured_outputs or {}).items():
+            kind = STRUCTURED_OUTPUTS_KEYS.get(key)
+            if kind is None:
+                raise RequestInvalid(f"structured_outputs.{key[:32]} is not supported; use one of "
+                                     f"{', '.join(STRUCTURED_OUTPUTS_KEYS)}", param="structured_outputs")
+            if value is not None and value is not False:
+                asked.append(("structured_outputs", _structured(kind, value)))
+        if len(asked) > 1:
+            raise RequestInvalid(f"{asked[0][0]} and {asked[1][0]} both constrain the output; ask for one",
+                                 param=asked[1][0])
+        return asked[0][1] if asked else None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+ANY_JSON_OBJECT = '{"type": "object"}'
+# vLLM's structured_outputs keys ("json_object": true asks for any JSON object)
+STRUCTURED_OUTPUTS_KEYS = {"json": OutputKind.JSON_SCHEMA, "json_object": OutputKind.JSON_SCHEMA,
+                           "regex": OutputKind.REGEX, "choice": OutputKind.CHOICE, "grammar": OutputKind.GRAMMAR}
+
+
+def _structured(kind: OutputKind, value) -> StructuredOutput:
+    """A structured output from a body's value: a JSON schema as an object or as JSON text (True:
+    any JSON object), a choice as a list of strings, a regex or grammar as a string."""
+    if kind is OutputKind.JSON_SCHEMA:
+        if value is True:
+            return StructuredOutput(kind, ANY_JSON_OBJECT)
+        return StructuredOutput(kind, value if isinstance(value, str) else json.dumps(value))
+    if kind is OutputKind.CHOICE:
+        return StructuredOutput(kind, json.dumps(value))  # the engine checks it is a list of strings
+    if not isinstance(value, str):
+        raise RequestInvalid(f"a {kind.value} must be a string", param="structured_outputs")
+    return StructuredOutput(kind, value)
+
+
+def _response_format(fmt: dict) -> StructuredOutput:
+    """OpenAI's response_format: {"type": "json_object"}, or {"type": "json_schema", "json_schema":
+    {"name", "schema", "strict", "description"}} (the schema is what constrains)."""
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return StructuredOutput(OutputKind.JSON_SCHEMA, ANY_JSON_OBJECT)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict | bool):
+            raise RequestInvalid("response_format.json_schema.schema must be a JSON schema object",
+                                 param="response_format")
+        return StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(schema))
+    raise RequestInvalid(f"response_format type {str(kind)[:32]!r} is not supported; use text, json_object or "
+                         "json_schema", param="response_format")
 
 
 class CompletionRequest(_Common):
@@ -152,14 +226,11 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list | None = None
-    response_format: dict | None = None
 
     def to_domain(self, default_max_new_tokens: int) -> tuple[list[Prompt], SamplingParams]:
         self.check_supported()
         if self.tools:
             raise RequestInvalid("tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise RequestInvalid("response_format other than text is not supported", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestInvalid("top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -69,6 +69,8 @@ class OutputProcessor:
             finish = FinishReason.EOS
         elif seq.num_generated >= p.max_new_tokens:
             finish = FinishReason.LENGTH
+        if finish is None and seq.grammar is not None and seq.grammar.advance(token):
+            finish = FinishReason.STOP  # the structured output is complete: only the end of text could follow
         seq.text += seq.detok.add(token) if finish is None else seq.detok.add(token) + seq.detok.flush()
         if p.stop:
             scan_from = max(0, seq.emitted - max(map(len, p.stop)))

@@ -22,6 +22,24 @@ def validate_request_id(request_id: str) -> None:
 GREEDY_TEMPERATURE = 1e-5
 
 
+class OutputKind(Enum):
+    """What a structured output's ``spec`` is."""
+
+    JSON_SCHEMA = "json_schema"  # a JSON schema (JSON text); '{"type": "object"}' is OpenAI's json_object
+    REGEX = "regex"  # the whole output matches it (Rust regex syntax)
+    CHOICE = "choice"  # a JSON list of strings: the output is one of them
+    GRAMMAR = "grammar"  # a context-free grammar, Lark or GBNF (llama.cpp's)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The generated text must match ``spec``; decoding masks every token that cannot lead to a
+    match, and the request finishes (STOP) once nothing but the end of text can follow."""
+
+    kind: OutputKind
+    spec: str
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
@@ -38,7 +56,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: times the number of times each token was generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     prompt_logprobs: int | None = None  # each prompt token's logprob (after the first) and this many top ones
-    min_new_tokens: int = 0  # until this many are generated, EOS (unless ignored) and stop_token_ids cannot be
+    min_new_tokens: int = 0  # until this many are generated, EOS (unless ignored) and stop_token_ids cannot be sampled
+    structured_output: StructuredOutput | None = None  # None: free text
 
     @property
     def greedy(self) -> bool:
@@ -46,9 +65,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Penalties or biases change this request's logits before its token is picked."""
+        """Penalties, biases or a structured output's mask change this request's logits before its
+        token is picked."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.logit_bias))
+                or bool(self.logit_bias) or self.structured_output is not None)
 
 
 class FinishReason(Enum):
@@ -78,6 +98,7 @@ MAX_LOGPROBS = 20
 MAX_OCCURRENCE_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's
 MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias
+MAX_STRUCTURED_OUTPUT_CHARS = 65536  # of a structured output's spec (a schema, regex, choice list or grammar)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from .block_manager import NO_HIT, PrefixHit
 from .detokenizer import IncrementalDetokenizer
 from .requests import GenerationRequest, TokenEvent
 from .sampling import SamplerState
+from .structured import Grammar
 
 
 @dataclass(eq=False)
@@ -46,6 +47,7 @@ class Sequence:
     prompt_keys: list[bytes] | None = None  # prefix-cache keys of ids[:prefill_len]'s full blocks
     hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far
+    grammar: Grammar | None = None  # a structured output's matcher
     # time.monotonic() of each event sent and not yet taken by the consumer, oldest first: the engine
     # thread appends, the consumer's loop pops (deque ends are thread-safe)
     undelivered: deque = field(default_factory=deque)

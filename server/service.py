@@ -85,6 +85,7 @@ class Service:
         """Validate, render the prompt off the loop and submit; returns the engine's RequestStream."""
         with self._counting_refusals(adapter_id):
             ids = await self._render(prompt, adapter_id)
+            await self._prepare(sampling)
             return self._submit(ids, sampling, adapter_id, request_id, time_remaining)
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
@@ -104,6 +105,7 @@ class Service:
         try:
             with self._counting_refusals(adapter_id):
                 rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
+                await self._prepare(sampling)
                 for ids in rendered:
                     for j in range(n):
                         seeded = sampling if j == 0 or sampling.seed is None else \
@@ -133,6 +135,12 @@ class Service:
         if adapter_id:
             await self._ensure_registered(adapter_id)
         return await self.work.run("tokenizing the prompt", self.renderer.render, *parts)
+
+    async def _prepare(self, sampling: SamplingParams) -> None:
+        """A structured output's constraint compiled off the loop; the engine then copies it."""
+        if sampling.structured_output is not None:
+            await self.work.run("compiling the structured output", self.ready().engine.grammars.prepare,
+                                sampling.structured_output)
 
     def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None,
                 request_id: str | None = None, time_remaining: float | None = None):

@@ -497,11 +497,22 @@ MAX_U32, MAX_U64 = 2**32 - 1, 2**64 - 1
 any_float = st.one_of(st.none(), st.floats(width=32), st.sampled_from([0.0, 1e-45, 1e-39, F32_MAX, -F32_MAX,
                                                                        math.nan, math.inf, -math.inf]))
 odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+structured_pb = st.one_of(
+    st.none(), st.just(pb.StructuredOutput()), st.just(pb.StructuredOutput(json_object=False)),
+    st.builds(lambda v: pb.StructuredOutput(json_object=v), st.booleans()),
+    st.builds(lambda v: pb.StructuredOutput(regex=v), st.one_of(odd_text, st.sampled_from(["[0-9]+", "(a*)*b", "(x"]))),
+    st.builds(lambda v: pb.StructuredOutput(json_schema=v), st.one_of(odd_text, st.sampled_from(
+        ['{"type": "object"}', '{"type": "string", "maxLength": 3}', '{"$ref": "#/nope"}', "[]"]),
+        st.integers(65537, 70000).map(lambda n: "x" * n))),
+    st.builds(lambda v: pb.StructuredOutput(choice=pb.ChoiceList(choices=v)), st.lists(odd_text, max_size=4)),
+    st.builds(lambda v: pb.StructuredOutput(grammar=v), st.one_of(odd_text, st.just('start: "ab"+'))),
+)
 sampling_pb = st.builds(
-    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp, minimum: pb.SamplingParams(
+    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp, minimum, so: pb.SamplingParams(
         **{k_: v for k_, v in dict(max_new_tokens=mnt, temperature=t, top_p=p, top_k=k, repetition_penalty=rp,
                                      seed=seed, presence_penalty=pp, frequency_penalty=fp,
-                                     prompt_logprobs=plp, min_new_tokens=minimum).items() if v is not None},
+                                     prompt_logprobs=plp, min_new_tokens=minimum, structured_output=so).items()
+           if v is not None},
         stop=stop, stop_token_ids=ids, ignore_eos=ignore, logit_bias=bias),
     st.one_of(st.none(), st.integers(0, MAX_U32)), any_float, any_float, st.one_of(st.none(), st.integers(0, MAX_U32)),
     any_float, st.one_of(st.none(), st.integers(0, MAX_U64)),
@@ -512,6 +523,7 @@ sampling_pb = st.builds(
               st.dictionaries(st.integers(0, 383), st.floats(-100, 100, width=32), min_size=290, max_size=320)),
     st.one_of(st.none(), st.integers(0, 20), st.integers(0, MAX_U32)),
     st.one_of(st.none(), st.integers(0, 20), st.integers(0, MAX_U32)),
+    structured_pb,
 )
 request_pb = st.builds(
     lambda rid, aid, prompt, ids, msgs, s: pb.GenerateRequest(
@@ -547,6 +559,14 @@ def test_fuzzed_requests_never_hurt_the_server(hserver):
     assert_recovered(hserver, canary)
 
 
+schemas = st.one_of(
+    st.sampled_from([{"type": "object"}, {"type": "objekt"}, {"type": "string", "pattern": "(a"}, {"$ref": "#/x"},
+                     {"type": "array", "items": {"type": "integer"}, "minItems": 10**9}, {"enum": []}, True]),
+    st.dictionaries(st.sampled_from(["type", "properties", "items", "anyOf", "pattern", "enum", "required"]),
+                    st.one_of(odd_text, st.lists(odd_text, max_size=2), st.dictionaries(odd_text, st.just({}),
+                                                                                          max_size=2)), max_size=3))
+
+
 def http_bodies():
     """OpenAI completions and chat bodies: every field we read, in and out of range, of the wrong
     type, or null; small max_tokens keep the campaign short."""
@@ -564,6 +584,16 @@ def http_bodies():
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
         "ignore_eos": st.one_of(st.booleans(), odd), "min_tokens": st.one_of(st.integers(-1, 8), odd),
         "stop_token_ids": st.one_of(ids, odd), "stream_options": st.one_of(st.just({"include_usage": True}), odd),
+        "response_format": st.one_of(st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "xml"}]),
+                                     st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.one_of(
+                                         st.fixed_dictionaries({"schema": schemas}), odd)}), odd),
+        "guided_regex": st.one_of(st.sampled_from(["[a-z]{1,3}", "(a|b", "(a*)*b", "\\", ".{0,99999}"]), odd),
+        "guided_choice": st.one_of(st.lists(odd_text, max_size=3), odd),
+        "guided_json": st.one_of(schemas, odd),
+        "guided_grammar": st.one_of(st.sampled_from(['start: "x"+', "start: nope", "root ::= [0-9]+"]), odd),
+        "structured_outputs": st.one_of(st.dictionaries(st.sampled_from(["json", "regex", "choice", "grammar",
+                                                                         "json_object", "other"]), odd, max_size=2),
+                                        odd),
     }
     completion = st.fixed_dictionaries({"prompt": st.one_of(odd_text, ids, st.lists(odd_text, max_size=3),
                                                             st.lists(ids, max_size=3), odd)}, optional={
@@ -574,8 +604,7 @@ def http_bodies():
          "content": st.one_of(odd_text, st.none(), st.lists(st.fixed_dictionaries(
              {"type": st.sampled_from(["text", "image_url"]), "text": odd_text}), max_size=2))}), max_size=3), odd)},
         optional={**common, "logprobs": st.one_of(st.booleans(), odd), "top_logprobs": st.one_of(st.integers(-1, 25), odd),
-                  "tools": st.one_of(st.just([{"type": "function"}]), odd),
-                  "response_format": st.one_of(st.just({"type": "json_object"}), odd)})
+                  "tools": st.one_of(st.just([{"type": "function"}]), odd)})
     in_range = st.fixed_dictionaries({  # bodies that are served: the paths past validation get fuzzed too
         "model": st.sampled_from(["attn-r4", "all-r8"]), "prompt": st.lists(st.integers(1, 383), min_size=1, max_size=6),
         "max_tokens": st.integers(1, 5)}, optional={
@@ -584,7 +613,10 @@ def http_bodies():
         "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "min_tokens": st.integers(0, 1),
         "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "17"]), st.floats(-100, 100), max_size=2),
         "stop": st.lists(st.text(min_size=1, max_size=4), max_size=2), "top_k": st.integers(0, 40),
-        "stream_options": st.just({"include_usage": True})})
+        "stream_options": st.just({"include_usage": True}),
+        "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
+            "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
+        "guided_choice": st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3)})
     return st.one_of(st.tuples(st.just("completions"), completion), st.tuples(st.just("chat/completions"), chat),
                      st.tuples(st.just("completions"), in_range))
 

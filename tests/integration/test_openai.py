@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP API against the real server, through the official `openai` package."""
 
 import json
+import re
 import shutil
 import threading
 import time
 
+import grpc
 import openai
 import pytest
 
@@ -17,7 +19,7 @@ except ImportError:  # pragma: no cover - older openai releases use httpx
 
 from helpers import peft_logprobs
 from server import ServerProcess
-from test_grpc import PROMPT_IDS, total, wait_idle
+from test_grpc import PROMPT_IDS, code_of, total, wait_idle
 
 GREEDY = dict(temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
 
@@ -542,3 +544,67 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(oserver):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == 32
     assert again.choices[0].text == first.choices[0].text
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 120}}}
+
+
+def is_person(text: str) -> bool:
+    value = json.loads(text)
+    return set(value) == {"name", "age"} and len(value["name"]) <= 6 and 0 <= value["age"] <= 120
+
+
+def test_structured_outputs_in_both_apis(oserver):
+    """OpenAI's response_format (json_schema, json_object) and vLLM's guided_* / structured_outputs
+    fields, plain and streamed, give the text gRPC's structured_output gives, and it matches."""
+    messages = [{"role": "user", "content": "Who are you?"}]
+    chat = oserver.oa.chat.completions.create(
+        model="all-r8", messages=messages, temperature=0, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    text = chat.choices[0].message.content
+    assert is_person(text) and chat.choices[0].finish_reason == "stop"
+    grpc_text = oserver.client.generate(messages=[("user", "Who are you?")], adapter_id="all-r8",
+                                        sampling=Sampling(max_new_tokens=60, json_schema=PERSON)).text
+    assert grpc_text == text
+    streamed = oserver.oa.chat.completions.create(model="all-r8", messages=messages, temperature=0, max_tokens=60,
+                                                  stream=True, extra_body={"guided_json": PERSON})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    obj = oserver.oa.chat.completions.create(model="attn-r4", messages=messages, temperature=0, max_tokens=60,
+                                             response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+    email = r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)"
+    for body, check in [({"guided_regex": email}, lambda t: re.fullmatch(email, t)),
+                        ({"structured_outputs": {"regex": email}}, lambda t: re.fullmatch(email, t)),
+                        ({"guided_choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
+                        ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda t: t in ("yes", "no")),
+                        ({"guided_grammar": 'start: "(" /[0-9]{1,2}/ ")"'}, lambda t: re.fullmatch(r"\(\d{1,2}\)", t)),
+                        ({"response_format": {"type": "json_object"}}, lambda t: isinstance(json.loads(t), dict))]:
+        got = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, temperature=0, max_tokens=40,
+                                            extra_body=body)
+        assert check(got.choices[0].text) and got.choices[0].finish_reason == "stop", (body, got.choices[0].text)
+    wait_idle(oserver)
+
+
+def test_bad_structured_outputs_are_named_in_both_apis(oserver):
+    for body, needle in [({"response_format": {"type": "xml"}}, "response_format type 'xml'"),
+                         ({"response_format": {"type": "json_schema"}}, "json_schema.schema"),
+                         ({"guided_json": {"type": "objekt"}}, "objekt"),
+                         ({"guided_regex": "(ab"}, "unclosed group"),
+                         ({"guided_choice": []}, "non-empty list"),
+                         ({"guided_grammar": "start: nowhere"}, "nowhere"),
+                         ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs.xml"),
+                         ({"guided_regex": "a", "guided_choice": ["a"]}, "both constrain")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            oserver.oa.completions.create(model="attn-r4", prompt="hi", max_tokens=5, extra_body=body)
+        assert needle in e.value.message, (body, e.value.message)
+    code, details = code_of(oserver.client.generate, prompt="hi", sampling=Sampling(max_new_tokens=5, regex="(ab"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unclosed group" in details
+    code, details = code_of(oserver.client.generate, prompt="hi",
+                            sampling=Sampling(max_new_tokens=5, json_schema={"type": "objekt"}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "objekt" in details
+    with pytest.raises(ValueError, match="not regex and choice"):
+        Sampling(regex="a", choice=["a"]).to_pb()
+    wait_idle(oserver)

@@ -40,3 +40,19 @@ def test_row_seven_step_split_runs_on_a_tiny_model(tiny_llama, tmp_path):
     assert sorted(int(r[0]) for r in runs) == [8, 40]
     assert all(float(r[2]) > 0 and r[3] == "tok/s," for r in runs)
     assert re.search(r"40/8 median \d+\.\d+; decode steps [+-]\d+\.\d ms for -?\d+\.\d more", proc.stdout), proc.stdout
+
+
+def test_structured_output_cost_runs_on_a_tiny_model(tiny_llama):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/structured_output.py"), "--rounds", "1", "--requests", "4",
+                           "--new-tokens", "6", "--model", str(tiny_llama)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("free", "json_schema", "regex"):
+        assert re.search(rf"{name} +decode step +\d+\.\d ms .* over free text: \d+\.\d{{3}}", proc.stdout), proc.stdout
+
+
+def test_step_breakdown_runs_on_the_small_model():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/step_breakdown.py"), "--models", "small", "--requests", "4",
+                           "--new-tokens", "4", "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^  (074fd0b|now) +(\d+\.\d) +(\d+\.\d) +\d+\.\d\d", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["074fd0b", "now"] and all(float(r[2]) > 0 for r in rows), proc.stdout

@@ -128,6 +128,34 @@ def test_banned_tokens_are_never_picked_and_the_logits_stay_raw():
     assert torch.equal(logits, torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 2))
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 6), vocab=st.integers(2, 40))
+def test_a_structured_outputs_mask_is_kept_row_by_row(data, rows, vocab):
+    """Rows with an allowed-token mask (a structured output's) pick only allowed tokens, greedy
+    ones the best of them after biases and penalties; rows without one are untouched, and the
+    logits stay raw."""
+    seed = data.draw(st.integers(0, 1000))
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed))
+    raw = logits.clone()
+    allowed = [data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=vocab, max_size=vocab).filter(any)
+                                   .map(torch.tensor))) for _ in range(rows)]
+    params = [SamplingParams(5, temperature=data.draw(st.sampled_from([0.0, 0.7, 3.0])), seed=i,
+                             logit_bias=((0, 2.0),) if data.draw(st.booleans()) else ()) for i in range(rows)]
+    tokens = sample(logits, [SamplerState.create(p, "cpu") for p in params], [None] * rows, None, None, allowed)
+    assert torch.equal(logits, raw)
+    alone = [sample(raw[i : i + 1].clone(), [SamplerState.create(p, "cpu")], [None], None, None, None)[0]
+             for i, p in enumerate(params)]
+    for i, (token, mask, p) in enumerate(zip(tokens, allowed, params, strict=True)):
+        if mask is None:
+            assert token == alone[i]  # a neighbour's mask changes nothing here
+            continue
+        assert mask[token]
+        if p.greedy:
+            biased = raw[i].clone()
+            biased[[t for t, _ in p.logit_bias]] += 2.0
+            assert token == int(biased.masked_fill(~mask, float("-inf")).argmax())
+
+
 def test_greedy_rows_follow_logit_bias_and_penalties_but_not_their_neighbours():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
     rows = [SamplingParams(5, logit_bias=((0, 5.0),)),  # a bias lifts token 0 over token 1

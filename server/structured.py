@@ -1,0 +1,158 @@
+"""Structured outputs: a request's text must match a JSON schema, a regex, one of a list of
+strings, or a grammar (Lark or GBNF).
+
+Each such request holds an llguidance matcher over the model's tokenizer. Before its token is
+sampled, the tokens that cannot continue the text toward a match are masked (logits set to -inf,
+after penalties and biases, so sampling never picks one); the sampled token then advances the
+matcher, and once nothing but the end of text can follow, the request finishes (STOP). Logprobs
+stay raw, as for every request.
+
+Grammars come from clients, so they are compiled by llguidance, whose parser and lexer run within
+bounded work per token (its default ParserLimits); what it refuses is a clear INVALID_ARGUMENT.
+llguidance is a dependency of the package; where it is missing (a hand-made environment), a
+request for structured output is refused with FAILED_PRECONDITION and every other request is
+served as usual. The service compiles a request's constraint off the event loop (the first one
+also builds the tokenizer's index: about 0.4 s for a 49k vocabulary, not paid at start-up); the
+engine copies the compiled matcher for each request.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+import torch
+
+from .errors import RequestFailed, RequestInvalid, Unsupported, clip
+from .requests import MAX_STRUCTURED_OUTPUT_CHARS, OutputKind, StructuredOutput
+
+_BITS = torch.arange(32, dtype=torch.int32)
+# JSON as OpenAI's json modes write it: fixed separators, no free whitespace (with it, a model can
+# emit whitespace until max_tokens); a schema's "x-guidance" options override these.
+JSON_OPTIONS = {"whitespace_flexible": False}
+_GRAMMAR_CACHE = 64  # compiled matchers kept, by (kind, spec): a request's n choices, and repeated schemas
+
+
+class Grammar:
+    """One request's matcher: where its text stands in the grammar."""
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+
+    def advance(self, token: int) -> bool:
+        """Take the sampled token; True when nothing but the end of text can follow it."""
+        if not self.matcher.consume_token(token):
+            raise RequestFailed(f"token {token} does not continue the structured output: "
+                                f"{clip(self.matcher.get_error(), 200)}")
+        return self.matcher.is_stopped()
+
+
+class Grammars:
+    """Compiles structured outputs into matchers over one tokenizer, and computes the masks of a
+    step's constrained rows. Thread-safe: constraints are compiled off the event loop (``prepare``),
+    copied for each request on it (``matcher``), and masked on the engine thread."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], threads: int = 1):
+        self._hf, self.vocab_size, self._eos, self._threads = tokenizer, vocab_size, sorted(eos_token_ids), threads
+        self._n_vocab = vocab_size  # the matchers' vocabulary: the model's, or the tokenizer's if larger
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._executor = None
+        self._compiled: OrderedDict[tuple[OutputKind, str], object] = OrderedDict()  # LRU of prepared matchers
+
+    def _llguidance(self):
+        """The module and the tokenizer, built once."""
+        try:
+            import llguidance
+            import llguidance.hf
+        except ImportError:
+            raise Unsupported("structured output needs the llguidance package, which is not installed") from None
+        with self._lock:
+            if self._tokenizer is None:
+                self._n_vocab = max(self.vocab_size, len(self._hf))
+                try:
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf, n_vocab=self._n_vocab, eos_token=self._eos or None)
+                except ValueError as e:  # a slow (Python) tokenizer
+                    raise Unsupported(f"structured output needs a fast tokenizer: {clip(str(e), 200)}") from None
+                self._executor = llguidance.LLExecutor(num_threads=max(1, self._threads))
+        return llguidance
+
+    def _compile(self, llguidance, output: StructuredOutput):
+        """A matcher at the start of ``output``'s grammar; RequestInvalid names what is wrong."""
+        what = f"structured output ({output.kind.value})"
+        try:
+            if output.kind is OutputKind.JSON_SCHEMA:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(output.spec, defaults=JSON_OPTIONS)
+            elif output.kind is OutputKind.REGEX:
+                grammar = llguidance.LLMatcher.grammar_from_regex(output.spec)
+            elif output.kind is OutputKind.CHOICE:
+                choices = json.loads(output.spec)
+                if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
+                    raise RequestInvalid(f"{what}: the choices must be a non-empty list of strings")
+                grammar = llguidance.grammar_from("choice", choices)
+            else:
+                grammar = llguidance.grammar_from("grammar", output.spec)
+        except ValueError as e:  # not JSON, or a grammar llguidance cannot convert
+            raise RequestInvalid(f"{what}: {clip(str(e), 300)}") from None
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise RequestInvalid(f"{what}: {clip(matcher.get_error(), 300)}")
+        return matcher
+
+    def prepare(self, output: StructuredOutput):
+        """Compile ``output`` (and, the first time, the tokenizer's index) into a matcher kept for
+        the requests that ask for it next: call it off the event loop, as both can take a while.
+        Returns that matcher, which must not be advanced (``matcher`` copies it)."""
+        if len(output.spec) > MAX_STRUCTURED_OUTPUT_CHARS:
+            raise RequestInvalid(f"the structured output's {output.kind.value} is {len(output.spec)} characters; "
+                                 f"the limit is {MAX_STRUCTURED_OUTPUT_CHARS}")
+        llguidance = self._llguidance()
+        key = (output.kind, output.spec)
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+        matcher = self._compile(llguidance, output)
+        with self._lock:
+            self._compiled[key] = matcher
+            while len(self._compiled) > _GRAMMAR_CACHE:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def matcher(self, output: StructuredOutput) -> Grammar:
+        """A fresh matcher for one request (a copy of the prepared one)."""
+        return Grammar(self.prepare(output).deep_copy())
+
+    def masks(self, grammars: list[Grammar | None], banned: list[list[int] | None]
+              ) -> tuple[list[torch.Tensor | None], list[list[int] | None], dict[int, Exception]]:
+        """For a step's sampling rows: each constrained row's allowed tokens ([vocab] bool, on the
+        CPU), with its banned tokens (min_new_tokens) folded in unless that would leave none (the
+        grammar wins: its text must be able to end); the rows' banned lists, emptied where folded;
+        and the rows whose grammar failed (its matcher in error, or no token allowed), each with its
+        error: those rows are sampled unmasked and then failed, alone."""
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        rows = [i for i, g in enumerate(grammars) if g is not None]
+        bitmask = torch.zeros((len(rows), (self._n_vocab + 31) // 32), dtype=torch.int32)
+        fill_next_token_bitmask_par(self._executor, [(grammars[i].matcher, j) for j, i in enumerate(rows)], bitmask)
+        unpacked = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().view(len(rows), -1)[:, : self.vocab_size]
+        allowed: list[torch.Tensor | None] = [None] * len(grammars)
+        banned = list(banned)
+        failed: dict[int, Exception] = {}
+        for j, i in enumerate(rows):
+            row = unpacked[j]
+            if banned[i]:
+                narrowed = row.clone()
+                narrowed[banned[i]] = False
+                if narrowed.any():
+                    row = narrowed
+                banned[i] = None
+            matcher = grammars[i].matcher
+            if matcher.is_error() or not row.any():
+                failed[i] = RequestFailed("the structured output allows no next token"
+                                          + (f": {clip(matcher.get_error(), 200)}" if matcher.is_error() else ""))
+                continue
+            allowed[i] = row
+        return allowed, banned, failed

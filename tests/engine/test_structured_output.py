@@ -1,0 +1,240 @@
+"""Structured outputs (JSON schema, regex, choice, grammar), token for token against PEFT under the
+same grammar mask (transformers' generate with a logits processor over an llguidance matcher of
+its own), joining a running batch and through preemption; the texts match their constraints, and
+bad constraints are refused naming the problem."""
+
+import asyncio
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from loramux.server.builder import build_engine
+from loramux.server.config import ServerConfig
+from loramux.server.engine import EngineObserver
+from loramux.server.errors import RequestInvalid
+from loramux.server.requests import (
+    MAX_STRUCTURED_OUTPUT_CHARS,
+    FinishReason,
+    GenerationRequest,
+    OutputKind,
+    SamplingParams,
+    StructuredOutput,
+)
+
+llguidance = pytest.importorskip("llguidance")
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 6},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "items": {"enum": ["x", "yz"]}, "maxItems": 2}}}
+EMAIL = r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)"
+CHOICES = ["alpha", "beta", "gamma delta"]
+GRAMMAR = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]{1,3}/'
+MAX_NEW = 24
+
+CONSTRAINTS = {
+    "json": StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(SCHEMA)),
+    "object": StructuredOutput(OutputKind.JSON_SCHEMA, '{"type": "object", "maxProperties": 1}'),
+    "regex": StructuredOutput(OutputKind.REGEX, EMAIL),
+    "choice": StructuredOutput(OutputKind.CHOICE, json.dumps(CHOICES)),
+    "grammar": StructuredOutput(OutputKind.GRAMMAR, GRAMMAR),
+}
+
+
+def matches(kind: str, text: str) -> bool:
+    if kind == "json":
+        value = json.loads(text)
+        return (set(value) == {"name", "age", "tags"} and isinstance(value["name"], str) and len(value["name"]) <= 6
+                and 0 <= value["age"] <= 120 and set(value["tags"]) <= {"x", "yz"})
+    if kind == "object":
+        return isinstance(json.loads(text), dict)
+    if kind == "regex":
+        return re.fullmatch(EMAIL, text) is not None
+    if kind == "choice":
+        return text in CHOICES
+    return re.fullmatch(r"\((\d{1,3})(\+\d{1,3})*\)", text) is not None
+
+
+def make(tiny_llama, tiny_adapters, **overrides):
+    config = ServerConfig(**{
+        "model": str(tiny_llama), "max_batch_size": 8, "max_tokens_per_step": 32, "max_model_len": 96,
+        "default_max_new_tokens": MAX_NEW, "kv_block_size": 4,
+        "adapters": tuple((n, str(p)) for n, p in tiny_adapters.items()), **overrides,
+    })
+    built = build_engine(config)
+    built.engine.start()
+    return built
+
+
+def oracle(tiny_llama, adapter_dir, prompt, output, max_new, eos):
+    """PEFT's greedy tokens with the grammar's mask applied before each argmax."""
+    from llguidance.hf import from_tokenizer
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    from loramux.server.structured import JSON_OPTIONS
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    vocab = model.config.vocab_size
+    if output.kind is OutputKind.JSON_SCHEMA:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(output.spec, defaults=JSON_OPTIONS)
+    else:
+        grammar = llguidance.grammar_from({OutputKind.REGEX: "regex", OutputKind.CHOICE: "choice",
+                                           OutputKind.GRAMMAR: "grammar"}[output.kind],
+                                          json.loads(output.spec) if output.kind is OutputKind.CHOICE else output.spec)
+    matcher = llguidance.LLMatcher(from_tokenizer(tok, n_vocab=vocab, eos_token=[eos]), grammar)
+
+    class Mask(LogitsProcessor):
+        taken = 0
+
+        def __call__(self, input_ids, scores):
+            new = input_ids[0, len(prompt):].tolist()
+            assert matcher.consume_tokens(new[self.taken:])
+            self.taken = len(new)
+            bits = allocate_token_bitmask(1, vocab)
+            fill_next_token_bitmask(matcher, bits)
+            allowed = ((bits.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().view(1, -1)[:, :vocab]
+            return scores.masked_fill(~allowed, float("-inf"))
+
+    with torch.no_grad():
+        x = torch.tensor([prompt])
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                           eos_token_id=eos, logits_processor=LogitsProcessorList([Mask()]))
+    return y[0, len(prompt):].tolist()
+
+
+async def staggered(engine, jobs, at_once=False):
+    """jobs: (adapter, prompt, SamplingParams); each joins once the one before has a token (all at
+    once with ``at_once``). Returns each request's events."""
+    outs, started = [None] * len(jobs), [asyncio.Event() for _ in jobs]
+
+    async def one(i, adapter, prompt, params):
+        if i and not at_once:
+            await started[i - 1].wait()
+        events = []
+        try:
+            async for ev in engine.submit(GenerationRequest(f"s{i}", tuple(prompt), params, adapter)):
+                events.append(ev)
+                started[i].set()
+        finally:
+            started[i].set()
+        outs[i] = events
+
+    await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
+    return outs
+
+
+@pytest.mark.parametrize("pool", [None, 96], ids=["staggered", "preempted"])
+def test_structured_outputs_match_peft_under_the_same_mask(tiny_llama, tiny_adapters, pool):
+    """Constrained requests over adapters and the base model, next to unconstrained ones (whose
+    rows no mask touches), joining a decoding batch one by one; with a 96-token pool, all at once,
+    so that requests are preempted and recomputed mid-grammar. Each equals PEFT's greedy decoding
+    under the same mask, ends (STOP) where only the end of text could follow, and matches."""
+    rng = random.Random(3)
+    names = ["attn-r4", None, "all-r8", "regex-mlp-r8", "attn-r4", None, "all-r8"]
+    kinds = ["json", "regex", "choice", "grammar", "object", None, None]
+    jobs = [(name, [rng.randrange(3, 300) for _ in range(rng.randint(8, 30))],
+             SamplingParams(MAX_NEW, structured_output=CONSTRAINTS.get(kind)))
+            for name, kind in zip(names, kinds, strict=True)]
+    built = make(tiny_llama, tiny_adapters, kv_cache_tokens=pool)
+    engine = built.engine
+    steps = []
+    recorder = EngineObserver()
+    recorder.step = steps.append
+    engine.observers.append(recorder)
+    try:
+        outs = asyncio.run(staggered(engine, jobs, at_once=pool is not None))
+        eos = next(iter(engine.output.eos_token_ids))
+        if pool:
+            assert engine.num_preemptions > 0
+        else:
+            assert any(s.num_prefill_tokens and s.num_decode_tokens for s in steps)
+        finished_by_grammar = 0
+        for (name, prompt, params), kind, events in zip(jobs, kinds, outs, strict=True):
+            tokens, text, reason = [e.token_id for e in events], "".join(e.text for e in events), events[-1].finish_reason
+            if kind is None:
+                from helpers import peft_generate
+                assert tokens == peft_generate(tiny_llama, tiny_adapters.get(name), [prompt], MAX_NEW,
+                                               eos_token_id=eos)[0]
+                continue
+            expected = oracle(tiny_llama, tiny_adapters.get(name), prompt, params.structured_output, MAX_NEW, eos)
+            if reason is FinishReason.STOP:  # PEFT goes on to the only token the grammar leaves: EOS
+                finished_by_grammar += 1
+                assert expected == tokens + [eos], (kind, name)
+                assert matches(kind, text), (kind, text)
+            else:
+                assert tokens == expected, (kind, name)
+        assert finished_by_grammar >= 3
+        assert engine.counts() == (0, 0) and engine.blocks.num_held == 0
+    finally:
+        built.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama, tiny_adapters):
+    b = make(tiny_llama, tiny_adapters)
+    yield b
+    b.engine.stop()
+
+
+def run(engine, *requests):
+    return asyncio.run(staggered(engine, requests, at_once=True))
+
+
+def test_sampled_structured_outputs_match_and_a_seed_reproduces_them(built):
+    """Temperature sampling with top-p, penalties and a bias stays inside the grammar; a seeded
+    request gives the same tokens alone and in a crowd."""
+    prompt = [11, 22, 33, 44]
+    for kind in ("json", "regex", "grammar"):
+        params = SamplingParams(80, temperature=1.3, top_p=0.95, repetition_penalty=1.2, presence_penalty=0.5,
+                                logit_bias=((40, 5.0),), seed=7, structured_output=CONSTRAINTS[kind])
+        alone = run(built.engine, ("attn-r4", prompt, params))[0]
+        crowd = run(built.engine, (None, prompt, SamplingParams(20, temperature=1.0)), ("attn-r4", prompt, params),
+                    ("all-r8", prompt, SamplingParams(20, structured_output=CONSTRAINTS["choice"])))[1]
+        assert [e.token_id for e in alone] == [e.token_id for e in crowd]
+        assert alone[-1].finish_reason is FinishReason.STOP
+        assert matches(kind, "".join(e.text for e in alone)), kind
+
+
+def test_min_new_tokens_holds_until_the_grammar_must_end(built):
+    """min_new_tokens bans EOS while the grammar can go on (digits keep coming), but yields when
+    the grammar allows nothing else: a choice of one short word still ends."""
+    digits = StructuredOutput(OutputKind.REGEX, "[0-9]{1,40}")
+    eos = next(iter(built.engine.output.eos_token_ids))
+    events = run(built.engine, (None, [5, 6, 7], SamplingParams(30, min_new_tokens=12, structured_output=digits)))[0]
+    tokens = [e.token_id for e in events]
+    assert len(tokens) >= 12 and eos not in tokens[:12]
+    assert re.fullmatch("[0-9]+", "".join(e.text for e in events))
+    short = StructuredOutput(OutputKind.CHOICE, json.dumps(["ab"]))
+    ended = run(built.engine, ("attn-r4", [5, 6, 7], SamplingParams(30, min_new_tokens=20, structured_output=short)))[0]
+    assert "".join(e.text for e in ended) == "ab" and ended[-1].finish_reason is FinishReason.STOP
+    # the only token the grammar allows is a stop token that min_new_tokens bans: the grammar wins
+    (a,) = built.engine.tokenizer.encode("a", add_special_tokens=False)
+    one = StructuredOutput(OutputKind.CHOICE, json.dumps(["a"]))
+    params = SamplingParams(30, min_new_tokens=5, stop_token_ids=(a,), structured_output=one)
+    only = run(built.engine, ("attn-r4", [5, 6, 7], params))[0]
+    assert [e.token_id for e in only] == [a] and only[-1].finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize("output, message", [
+    (StructuredOutput(OutputKind.JSON_SCHEMA, "{not json"), "json_schema"),
+    (StructuredOutput(OutputKind.JSON_SCHEMA, '{"type": "objekt"}'), "objekt"),
+    (StructuredOutput(OutputKind.REGEX, "(ab"), "unclosed group"),
+    (StructuredOutput(OutputKind.CHOICE, "[]"), "non-empty list of strings"),
+    (StructuredOutput(OutputKind.CHOICE, '["a", 3]'), "non-empty list of strings"),
+    (StructuredOutput(OutputKind.GRAMMAR, "start: undefined_rule"), "undefined_rule"),
+    (StructuredOutput(OutputKind.REGEX, "a" * (MAX_STRUCTURED_OUTPUT_CHARS + 1)), "the limit is 65536"),
+])
+def test_bad_structured_outputs_are_refused_naming_the_problem(built, output, message):
+    with pytest.raises(RequestInvalid, match=message):
+        run(built.engine, (None, [5, 6, 7], SamplingParams(8, structured_output=output)))
+    assert built.engine.counts() == (0, 0)
+    ok = run(built.engine, (None, [5, 6, 7], SamplingParams(8, structured_output=CONSTRAINTS["choice"])))[0]
+    assert "".join(e.text for e in ok) in CHOICES
