@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import re
+import sys
 
 import pytest
 import torch
@@ -238,3 +239,15 @@ def test_bad_structured_outputs_are_refused_naming_the_problem(built, output, me
     assert built.engine.counts() == (0, 0)
     ok = run(built.engine, (None, [5, 6, 7], SamplingParams(8, structured_output=CONSTRAINTS["choice"])))[0]
     assert "".join(e.text for e in ok) in CHOICES
+
+
+def test_without_llguidance_structured_output_is_a_failed_precondition(built, monkeypatch):
+    """Where the package is missing (a hand-made environment), only structured output is refused."""
+    from loramux.server.errors import Unsupported, status_name
+    from loramux.server.structured import Grammars
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance now raises ImportError
+    bare = Grammars(built.engine.tokenizer, built.engine.vocab_size, {2})
+    with pytest.raises(Unsupported, match="llguidance package") as e:
+        bare.prepare(CONSTRAINTS["choice"])
+    assert status_name(e.value) == "FAILED_PRECONDITION"
