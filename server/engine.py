@@ -118,6 +118,10 @@ class Engine:
         self.observers: list[EngineObserver] = []
         self.output = OutputProcessor(eos_token_ids, self.observers)
         self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids, torch.get_num_threads())
+        # Structured outputs' masks are computed during the forward pass where it runs on an
+        # accelerator; on a CPU the forward pass uses every core, and they run after it (computed
+        # during it, a 2-core VM's steps were slower: BENCHMARKS.md).
+        self.overlap_masks = runner.device.type != "cpu"
         self.on_fatal = None  # callable(error), on the engine thread, before in-flight requests fail
 
     # ---- public API (any thread / asyncio loop) ----
@@ -449,6 +453,9 @@ class Engine:
                 adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.prefill_len,
                 kinds=seq.kinds, prompt_rows=(0, 0) if decode else prompt_rows(seq, start, n),
             ))
+        constrained = [seq.grammar for (seq, _), it in zip(work, items, strict=True)
+                       if it.needs_logits and seq.grammar is not None] if self.overlap_masks else []
+        pending = self.grammars.start(constrained) if constrained else None  # during the forward pass
         t0 = time.perf_counter()
         logits, order, extra = self.runner.step(items)
         if extra:  # before sampling, which may work on the logits in place
@@ -467,7 +474,7 @@ class Engine:
         grammars = [s.grammar for s in sampled]
         allowed, failed = None, {}
         if any(g is not None for g in grammars):
-            allowed, banned, failed = self.grammars.masks(grammars, banned)
+            allowed, banned, failed = self.grammars.masks(grammars, banned, pending and pending.result())
         tokens = sample(logits, [s.sampler for s in sampled], seen, generated, banned, allowed)
         for i, error in failed.items():
             tokens[i] = error

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -59,6 +60,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._tokenizer = None
         self._executor = None
+        self._pool = None
         self._compiled: OrderedDict[tuple[OutputKind, str], object] = OrderedDict()  # LRU of prepared matchers
 
     def _llguidance(self):
@@ -77,6 +79,7 @@ class Grammars:
                 except ValueError as e:  # a slow (Python) tokenizer
                     raise Unsupported(f"structured output needs a fast tokenizer: {clip(str(e), 200)}") from None
                 self._executor = llguidance.LLExecutor(num_threads=max(1, self._threads))
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         return llguidance
 
     def _compile(self, llguidance, output: StructuredOutput):
@@ -125,18 +128,33 @@ class Grammars:
         """A fresh matcher for one request (a copy of the prepared one)."""
         return Grammar(self.prepare(output).deep_copy())
 
-    def masks(self, grammars: list[Grammar | None], banned: list[list[int] | None]
+    def start(self, grammars: list[Grammar]) -> Future:
+        """Compute the next-token bitmasks of ``grammars`` on a thread of their own, while the step's
+        forward pass runs (llguidance drops the GIL): nothing advances a matcher before the step
+        samples. The future gives ``masks`` its ``computed`` rows."""
+        return self._pool.submit(self._bitmasks, grammars)
+
+    def _bitmasks(self, grammars: list[Grammar]) -> dict[int, torch.Tensor]:
+        """id(grammar) -> its bitmask row (int32 words, bit t of word t // 32 set: token t allowed)."""
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        bitmask = torch.zeros((len(grammars), (self._n_vocab + 31) // 32), dtype=torch.int32)
+        fill_next_token_bitmask_par(self._executor, [(g.matcher, j) for j, g in enumerate(grammars)], bitmask)
+        return {id(g): bitmask[j] for j, g in enumerate(grammars)}
+
+    def masks(self, grammars: list[Grammar | None], banned: list[list[int] | None],
+              computed: dict[int, torch.Tensor] | None = None
               ) -> tuple[list[torch.Tensor | None], list[list[int] | None], dict[int, Exception]]:
         """For a step's sampling rows: each constrained row's allowed tokens ([vocab] bool, on the
         CPU), with its banned tokens (min_new_tokens) folded in unless that would leave none (the
         grammar wins: its text must be able to end); the rows' banned lists, emptied where folded;
         and the rows whose grammar failed (its matcher in error, or no token allowed), each with its
-        error: those rows are sampled unmasked and then failed, alone."""
-        from llguidance.torch import fill_next_token_bitmask_par
-
+        error: those rows are sampled unmasked and then failed, alone. ``computed``: the bitmasks
+        ``start`` computed for these grammars, if it did."""
         rows = [i for i, g in enumerate(grammars) if g is not None]
-        bitmask = torch.zeros((len(rows), (self._n_vocab + 31) // 32), dtype=torch.int32)
-        fill_next_token_bitmask_par(self._executor, [(grammars[i].matcher, j) for j, i in enumerate(rows)], bitmask)
+        if computed is None:
+            computed = self._bitmasks([grammars[i] for i in rows])
+        bitmask = torch.stack([computed[id(grammars[i])] for i in rows])
         unpacked = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().view(len(rows), -1)[:, : self.vocab_size]
         allowed: list[torch.Tensor | None] = [None] * len(grammars)
         banned = list(banned)

@@ -132,12 +132,14 @@ async def staggered(engine, jobs, at_once=False):
     return outs
 
 
-@pytest.mark.parametrize("pool", [None, 96], ids=["staggered", "preempted"])
-def test_structured_outputs_match_peft_under_the_same_mask(tiny_llama, tiny_adapters, pool):
+@pytest.mark.parametrize("pool, overlap", [(None, False), (96, False), (None, True)],
+                         ids=["staggered", "preempted", "masks-during-forward"])
+def test_structured_outputs_match_peft_under_the_same_mask(tiny_llama, tiny_adapters, pool, overlap):
     """Constrained requests over adapters and the base model, next to unconstrained ones (whose
     rows no mask touches), joining a decoding batch one by one; with a 96-token pool, all at once,
-    so that requests are preempted and recomputed mid-grammar. Each equals PEFT's greedy decoding
-    under the same mask, ends (STOP) where only the end of text could follow, and matches."""
+    so that requests are preempted and recomputed mid-grammar; and with the masks computed during
+    the forward pass (as on an accelerator). Each equals PEFT's greedy decoding under the same
+    mask, ends (STOP) where only the end of text could follow, and matches."""
     rng = random.Random(3)
     names = ["attn-r4", None, "all-r8", "regex-mlp-r8", "attn-r4", None, "all-r8"]
     kinds = ["json", "regex", "choice", "grammar", "object", None, None]
@@ -146,6 +148,7 @@ def test_structured_outputs_match_peft_under_the_same_mask(tiny_llama, tiny_adap
             for name, kind in zip(names, kinds, strict=True)]
     built = make(tiny_llama, tiny_adapters, kv_cache_tokens=pool)
     engine = built.engine
+    engine.overlap_masks = overlap
     steps = []
     recorder = EngineObserver()
     recorder.step = steps.append
