@@ -472,10 +472,10 @@ class Engine:
                      else None for s in sampled]
         banned = [self._banned(s) for s in sampled]
         grammars = [s.grammar for s in sampled]
-        allowed, failed = None, {}
+        masks, failed = None, {}
         if any(g is not None for g in grammars):
-            allowed, banned, failed = self.grammars.masks(grammars, banned, pending and pending.result())
-        tokens = sample(logits, [s.sampler for s in sampled], seen, generated, banned, allowed)
+            masks, banned, failed = self.grammars.masks(grammars, banned, pending and pending.result())
+        tokens = sample(logits, [s.sampler for s in sampled], seen, generated, banned, masks)
         for i, error in failed.items():
             tokens[i] = error
         logprobs = token_logprobs(logits, sampled, tokens)

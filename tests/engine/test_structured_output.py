@@ -254,3 +254,15 @@ def test_without_llguidance_structured_output_is_a_failed_precondition(built, mo
     with pytest.raises(Unsupported, match="llguidance package") as e:
         bare.prepare(CONSTRAINTS["choice"])
     assert status_name(e.value) == "FAILED_PRECONDITION"
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 95])
+def test_any_bit_below_reads_the_words_as_the_masks_do(n):
+    from loramux.server.structured import any_bit_below
+
+    gen = torch.Generator().manual_seed(n)
+    words = torch.randint(-(2**31), 2**31 - 1, (40, 3), dtype=torch.int32, generator=gen)
+    words[::2] &= torch.randint(0, 2, (20, 3), dtype=torch.int32, generator=gen) << 31  # sparse rows, top bits
+    words[::5] = 0
+    unpacked = ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().view(40, -1)
+    assert torch.equal(any_bit_below(words, n), unpacked[:, :n].any(-1))

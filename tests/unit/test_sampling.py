@@ -141,7 +141,8 @@ def test_a_structured_outputs_mask_is_kept_row_by_row(data, rows, vocab):
                                    .map(torch.tensor))) for _ in range(rows)]
     params = [SamplingParams(5, temperature=data.draw(st.sampled_from([0.0, 0.7, 3.0])), seed=i,
                              logit_bias=((0, 2.0),) if data.draw(st.booleans()) else ()) for i in range(rows)]
-    tokens = sample(logits, [SamplerState.create(p, "cpu") for p in params], [None] * rows, None, None, allowed)
+    masks = [None if a is None else torch.where(a, 0.0, float("-inf")) for a in allowed]
+    tokens = sample(logits, [SamplerState.create(p, "cpu") for p in params], [None] * rows, None, None, masks)
     assert torch.equal(logits, raw)
     alone = [sample(raw[i : i + 1].clone(), [SamplerState.create(p, "cpu")], [None], None, None, None)[0]
              for i, p in enumerate(params)]
