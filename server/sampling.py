@@ -71,8 +71,8 @@ def ban_tokens(logits: torch.Tensor, banned: list[list[int] | None]) -> None:
 
 def apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None:
     """logits[i] += masks[i]: 0 where row i may pick the token, -inf where it may not (a
-    structured output's mask); rows whose entry is None keep theirs. One add, where a masked_fill
-    with a boolean mask took 3x as long (BENCHMARKS.md)."""
+    structured output's mask); rows whose entry is None keep theirs. One add: 0.5 ms for 32 rows of
+    49k tokens, where ``masked_fill_`` with boolean masks took 3.3 (BENCHMARKS.md)."""
     rows = [i for i, m in enumerate(masks) if m is not None]
     bias = torch.stack([masks[i] for i in rows]).to(logits.device, non_blocking=True)
     if len(rows) == len(masks):
