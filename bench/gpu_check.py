@@ -52,7 +52,7 @@ def stage_env(args, out: Path) -> dict:
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     bf16=torch.cuda.is_bf16_supported(), capability=list(torch.cuda.get_device_capability()))
     for module in ("triton", "transformers", "peft", "grpc", "google.protobuf", "prometheus_client", "re2",
-                   "fastapi", "uvicorn", "pytest", "hypothesis"):
+                   "fastapi", "uvicorn", "pytest", "hypothesis", "llguidance"):
         try:
             imported = __import__(module, fromlist=["__version__"])
             info[module] = getattr(imported, "__version__", "present")
