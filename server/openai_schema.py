@@ -1,8 +1,9 @@
 """OpenAI's request and response shapes (pydantic), and their conversion to the domain types.
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
-not implement (best_of other than n, suffix, tools) is a 400 that names it, never silently
-ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
+not implement (best_of other than n, suffix, tools unless tool_choice is "none") is a 400 that
+names it, never silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many
+optional ones.
 
 ``echo`` puts each prompt before its completions; with ``logprobs``, the prompt's tokens come with
 their logprobs (None for the first), as evaluation harnesses read them to score a text. With
@@ -226,11 +227,12 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None
 
     def to_domain(self, default_max_new_tokens: int) -> tuple[list[Prompt], SamplingParams]:
         self.check_supported()
-        if self.tools:
-            raise RequestInvalid("tools are not supported", param="tools")
+        if self.tools and self.tool_choice != "none":  # "none": no tool may be called, so none is offered
+            raise RequestInvalid("tools are not supported (except with tool_choice \"none\")", param="tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestInvalid("top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -608,3 +608,28 @@ def test_bad_structured_outputs_are_named_in_both_apis(oserver):
     with pytest.raises(ValueError, match="not regex and choice"):
         Sampling(regex="a", choice=["a"]).to_pb()
     wait_idle(oserver)
+
+
+def test_structured_choices_stream_and_tools_that_cannot_be_called(oserver):
+    """n sampled choices each match their constraint, streamed with usage; tools are served only
+    with tool_choice "none" (no tool call can come), and otherwise named in a 400."""
+    chunks = list(oserver.oa.completions.create(
+        model="all-r8", prompt=PROMPT_IDS, n=3, temperature=1.2, seed=5, max_tokens=30, stream=True,
+        stream_options={"include_usage": True}, extra_body={"guided_choice": ["red", "green", "blue"]}))
+    texts = ["", "", ""]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert all(t in ("red", "green", "blue") for t in texts), texts
+    assert chunks[-1].usage.completion_tokens > 0
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    plain = oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "hi"}], **GREEDY)
+    none = oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "hi"}],
+                                              tools=tools, tool_choice="none", **GREEDY)
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "f"}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "hi"}],
+                                               tools=tools, tool_choice=choice, max_tokens=4)
+        assert "tools" in e.value.message
+    wait_idle(oserver)
