@@ -209,6 +209,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         return await respond(prompts, sampling, body, "chat")
 
     async def respond(prompts, sampling, body, kind: str):
+        tools = body.tool_calls() if kind == "chat" else None
         streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model))
         tokenizer = service.ready().tokenizer
         text_of = TokenText(tokenizer)
@@ -224,9 +225,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 for s in streams:
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
             if kind == "chat":
-                return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of)))
+                return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of, tools)))
             return JSONResponse(clamp(completion_response(body.model, choices, body.n, text_of, echoes)))
-        chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes)
+        chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools)
 
         async def sse():
             lasts = [None] * len(streams)

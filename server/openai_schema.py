@@ -1,8 +1,8 @@
 """OpenAI's request and response shapes (pydantic), and their conversion to the domain types.
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
-not implement (best_of other than n, suffix, tools unless tool_choice is "none") is a 400 that
-names it, never silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many
+not implement (best_of other than n, suffix, tool_choice "auto") is a 400 that names it, never
+silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many
 optional ones.
 
 ``echo`` puts each prompt before its completions; with ``logprobs``, the prompt's tokens come with
@@ -16,6 +16,8 @@ counts each prompt once and every choice's completion tokens.
 Structured output comes as OpenAI's ``response_format`` (json_object, json_schema), or as vLLM's
 extensions (``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``, or
 ``structured_outputs`` with one of json, json_object, regex, choice, grammar), on both endpoints.
+A chat's forced tool call (tool_choice "required" or a named function) is one too: its text,
+generated under the tools' schemas, comes back as message.tool_calls.
 """
 
 from __future__ import annotations
@@ -104,7 +106,15 @@ class _Common(BaseModel):
 
     def structured_output(self) -> StructuredOutput | None:
         """The one constraint the body asks for (OpenAI's response_format, vLLM's guided_* fields or
-        its structured_outputs), or None; two at once are refused."""
+        its structured_outputs; in chat, a forced tool call), or None; two at once are refused."""
+        asked = self._constraints()
+        if len(asked) > 1:
+            raise RequestInvalid(f"{asked[0][0]} and {asked[1][0]} both constrain the output; ask for one",
+                                 param=asked[1][0])
+        return asked[0][1] if asked else None
+
+    def _constraints(self) -> list[tuple[str, StructuredOutput]]:
+        """(the field that asks, its constraint) for each constraint the body asks for."""
         asked = []
         fmt = self.response_format
         if fmt is not None and fmt.get("type", "text") != "text":
@@ -121,10 +131,7 @@ class _Common(BaseModel):
                                      f"{', '.join(STRUCTURED_OUTPUTS_KEYS)}", param="structured_outputs")
             if value is not None and value is not False:
                 asked.append(("structured_outputs", _structured(kind, value)))
-        if len(asked) > 1:
-            raise RequestInvalid(f"{asked[0][0]} and {asked[1][0]} both constrain the output; ask for one",
-                                 param=asked[1][0])
-        return asked[0][1] if asked else None
+        return asked
 
     @property
     def include_usage(self) -> bool:
@@ -220,24 +227,111 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments; unset: no arguments
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """A forced tool call (tool_choice "required" or a named function): the text generated under
+    its schema, turned into OpenAI's tool_calls. ``name``: the named function, whose arguments the
+    text is; None: "required", where the text is a JSON list of {"name", "parameters"}."""
+
+    name: str | None
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.name else "tool_calls"  # as OpenAI answers a named tool_choice
+
+    def calls(self, text: str) -> list[dict] | None:
+        """The tool calls the text makes; None if it is not complete (cut by max_tokens or a stop)."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if self.name is not None:
+            return [_tool_call(self.name, text)]
+        try:  # the grammar made it a list of {"name", "parameters"}
+            return [_tool_call(item["name"], json.dumps(item["parameters"])) for item in value]
+        except (KeyError, TypeError):
+            return None
+
+
+def _tool_call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+    def tool_calls(self) -> ToolCalls | None:
+        """A forced tool call, or None for text. tool_choice "auto" (the default with tools) would
+        need a parser of this model's own tool-call format, which loramux does not have."""
+        if self.tool_choice is not None and not self.tools:
+            raise RequestInvalid("tool_choice needs tools", param="tool_choice")
+        if not self.tools or self.tool_choice == "none":  # no tool may be called: none is offered
+            return None
+        if self.tool_choice in (None, "auto"):
+            raise RequestInvalid('tools with tool_choice "auto" (the default with tools) are not supported: '
+                                 'use "required", a named function, or "none"', param="tool_choice")
+        if self.tool_choice == "required":
+            return ToolCalls(None)
+        name = self.tool_choice.function.name
+        if name not in {t.function.name for t in self.tools}:
+            raise RequestInvalid(f"tool_choice names function {name[:64]!r}, which tools do not define",
+                                 param="tool_choice")
+        return ToolCalls(name)
+
+    def _constraints(self) -> list[tuple[str, StructuredOutput]]:
+        asked = super()._constraints()
+        calls = self.tool_calls()
+        if calls is not None:
+            schema = {t.function.name: t.function.parameters or {"type": "object", "properties": {}}
+                      for t in self.tools}
+            if calls.name is None:  # a list of calls, each to one of the tools with its arguments
+                schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
+                    {"type": "object", "properties": {"name": {"const": name}, "parameters": params},
+                     "required": ["name", "parameters"], "additionalProperties": False}
+                    for name, params in schema.items()]}}
+            else:
+                schema = schema[calls.name]
+            asked.append(("tool_choice", StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(schema))))
+        return asked
 
     def to_domain(self, default_max_new_tokens: int) -> tuple[list[Prompt], SamplingParams]:
         self.check_supported()
-        if self.tools and self.tool_choice != "none":  # "none": no tool may be called, so none is offered
-            raise RequestInvalid("tools are not supported (except with tool_choice \"none\")", param="tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestInvalid("top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         # OpenAI's newer "developer" role is what chat templates call "system"
-        prompt = Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages))
+        # a forced tool call shows the model its tools, if the chat template can
+        tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if self.tool_calls() else ()
+        prompt = Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages),
+                        tools=tools)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return [prompt], self.sampling(default_max_new_tokens if max_tokens is None else max_tokens, logprobs)
 
@@ -338,12 +432,25 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
             "choices": out, "usage": usage(lasts, n)}
 
 
-def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText) -> dict:
+def chat_message(events: list[TokenEvent], tools: ToolCalls | None) -> tuple[dict, str]:
+    """A chat choice's message (its text, or the tool calls a forced tool call made) and finish
+    reason. A call cut short (max_tokens, a stop string) comes back as text, finish_reason length
+    or stop."""
+    text, finish = "".join(e.text for e in events), FINISH[events[-1].finish_reason]
+    calls = tools.calls(text) if tools is not None and events[-1].finish_reason is not FinishReason.LENGTH else None
+    if calls is None:
+        return {"role": "assistant", "content": text}, finish
+    return {"role": "assistant", "content": None, "tool_calls": calls}, tools.finish_reason
+
+
+def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
+                  tools: ToolCalls | None = None) -> dict:
+    out = []
+    for i, events in enumerate(choices):
+        message, finish = chat_message(events, tools)
+        out.append({"index": i, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(events, text_of)})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
-                         "finish_reason": FINISH[events[-1].finish_reason],
-                         "logprobs": chat_logprobs(events, text_of)} for i, events in enumerate(choices)],
-            "usage": usage([events[-1] for events in choices], n)}
+            "choices": out, "usage": usage([events[-1] for events in choices], n)}
 
 
 class ChunkMaker:
@@ -351,13 +458,15 @@ class ChunkMaker:
     choices (their chunks interleave, each naming its choice's index)."""
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
-                 echoes: list[Echo] | None = None):
+                 echoes: list[Echo] | None = None, tools: ToolCalls | None = None):
         self.kind, self.model, self.text_of = kind, model, text_of
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
         self.offsets = [0] * choices  # completions' text_offset continues across a choice's chunks
         self.echoes = echoes  # completions: each choice's prompt, sent before its first token
         self.echoed = [False] * choices
+        # chat with a forced tool call: each choice's events, held until its calls are complete
+        self.tools, self.held = tools, [[] for _ in range(choices)]
 
     def _chunk(self, choices: list, usage_: dict | None = None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
@@ -388,6 +497,17 @@ class ChunkMaker:
                 out.append(self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length"}]))
             return out
         finish = FINISH[ev.finish_reason] if ev.finish_reason is not None else None
+        if self.tools is not None:  # a tool call is sent whole, in one delta, once it is complete
+            self.held[index].append(ev)
+            if finish is None:
+                return out
+            message, finish = chat_message(self.held[index], self.tools)
+            delta = {"content": message["content"]} if message["content"] is not None else \
+                {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
+            out.append(self._chunk([{"index": index, "delta": delta, "logprobs": chat_logprobs(self.held[index],
+                                                                                             self.text_of),
+                                     "finish_reason": finish}]))
+            return out
         if not ev.text and ev.logprob is None and finish is None:
             return out
         if self.kind == "chat":

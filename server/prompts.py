@@ -53,14 +53,16 @@ class PromptRenderer:
             if not self.has_chat_template:
                 raise RequestInvalid("this model has no chat template: send prompt instead of messages")
 
-    def render(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]]) -> list[int]:
-        """Input that ``check`` passed -> token ids: the slow part (tokenizer, chat template)."""
+    def render(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]],
+               tools: list[dict] | None = None) -> list[int]:
+        """Input that ``check`` passed -> token ids: the slow part (tokenizer, chat template, which
+        is given ``tools`` when there are some: a template that does not show tools ignores them)."""
         if token_ids:
             return list(token_ids)
         if prompt:
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         out = self.tokenizer.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=True,
-            return_dict=True,
+            return_dict=True, **({"tools": tools} if tools else {}),
         )
         return list(out["input_ids"])

@@ -52,6 +52,7 @@ class Prompt:
     text: str = ""
     token_ids: tuple[int, ...] = ()
     messages: tuple[tuple[str, str], ...] = ()  # (role, content)
+    tools: tuple = ()  # with messages: OpenAI's tool definitions, for the chat template to show the model
 
 
 class Service:
@@ -134,7 +135,7 @@ class Service:
         self.renderer.check(*parts)
         if adapter_id:
             await self._ensure_registered(adapter_id)
-        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts)
+        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools))
 
     async def _prepare(self, sampling: SamplingParams) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""

@@ -604,8 +604,12 @@ def http_bodies():
          "content": st.one_of(odd_text, st.none(), st.lists(st.fixed_dictionaries(
              {"type": st.sampled_from(["text", "image_url"]), "text": odd_text}), max_size=2))}), max_size=3), odd)},
         optional={**common, "logprobs": st.one_of(st.booleans(), odd), "top_logprobs": st.one_of(st.integers(-1, 25), odd),
-                  "tools": st.one_of(st.just([{"type": "function"}]), odd),
-                  "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), odd)})
+                  "tools": st.one_of(st.just([{"type": "function"}]), st.just([{"type": "function", "function": {
+                      "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
+                                     st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": odd}),
+                                              max_size=2), odd),
+                  "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required",
+                                                            {"type": "function", "function": {"name": "f"}}]), odd)})
     in_range = st.fixed_dictionaries({  # bodies that are served: the paths past validation get fuzzed too
         "model": st.sampled_from(["attn-r4", "all-r8"]), "prompt": st.lists(st.integers(1, 383), min_size=1, max_size=6),
         "max_tokens": st.integers(1, 5)}, optional={

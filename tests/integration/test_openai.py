@@ -611,8 +611,8 @@ def test_bad_structured_outputs_are_named_in_both_apis(oserver):
 
 
 def test_structured_choices_stream_and_tools_that_cannot_be_called(oserver):
-    """n sampled choices each match their constraint, streamed with usage; tools are served only
-    with tool_choice "none" (no tool call can come), and otherwise named in a 400."""
+    """n sampled choices each match their constraint, streamed with usage; tools with tool_choice
+    "none" give the same text as without tools; "auto" is a 400 naming tool_choice."""
     chunks = list(oserver.oa.completions.create(
         model="all-r8", prompt=PROMPT_IDS, n=3, temperature=1.2, seed=5, max_tokens=30, stream=True,
         stream_options={"include_usage": True}, extra_body={"guided_choice": ["red", "green", "blue"]}))
@@ -627,9 +627,56 @@ def test_structured_choices_stream_and_tools_that_cannot_be_called(oserver):
     none = oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "hi"}],
                                               tools=tools, tool_choice="none", **GREEDY)
     assert none.choices[0].message.content == plain.choices[0].message.content
-    for choice in ("auto", "required", {"type": "function", "function": {"name": "f"}}):
+    for kwargs, needle in [(dict(tools=tools, tool_choice="auto"), '"auto"'), (dict(tools=tools), '"auto"'),
+                           (dict(tool_choice="required"), "tool_choice needs tools"),
+                           (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), "'g'"),
+                           (dict(tools=tools, tool_choice="required", response_format={"type": "json_object"}),
+                            "both constrain")]:
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "hi"}],
-                                               tools=tools, tool_choice=choice, max_tokens=4)
-        assert "tools" in e.value.message
+                                               max_tokens=4, **kwargs)
+        assert needle in e.value.message, (kwargs, e.value.message)
+    wait_idle(oserver)
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city", "days"],
+    "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+TIME = {"type": "function", "function": {"name": "time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
+
+def test_forced_tool_calls_plain_and_streamed(oserver):
+    """A named function: its arguments match its parameters' schema, finish_reason stop (as OpenAI
+    answers a forced call); "required": one or more calls to the tools, finish_reason tool_calls.
+    Streamed, each call comes whole in one delta, the same as the plain answer."""
+    messages = [{"role": "user", "content": "Weather in Rome?"}]
+    named = {"type": "function", "function": {"name": "weather"}}
+    for choice, finish in ((named, "stop"), ("required", "tool_calls")):
+        got = oserver.oa.chat.completions.create(model="all-r8", messages=messages, tools=[WEATHER, TIME],
+                                                 tool_choice=choice, temperature=0, max_tokens=120)
+        message = got.choices[0].message
+        assert message.content is None and got.choices[0].finish_reason == finish, got
+        assert message.tool_calls and (choice != named or len(message.tool_calls) == 1)
+        for call in message.tool_calls:
+            args = json.loads(call.function.arguments)
+            assert call.type == "function" and call.id.startswith("call_")
+            if call.function.name == "weather":
+                assert set(args) == {"city", "days"} and 1 <= args["days"] <= 7 and len(args["city"]) <= 8
+            else:
+                assert call.function.name == "time" and args in ({"zone": "UTC"}, {"zone": "CET"})
+        chunks = list(oserver.oa.chat.completions.create(model="all-r8", messages=messages, tools=[WEATHER, TIME],
+                                                         tool_choice=choice, temperature=0, max_tokens=120,
+                                                         stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == finish
+        streamed = [(c.function.name, c.function.arguments) for c in deltas[0].tool_calls]
+        assert streamed == [(c.function.name, c.function.arguments) for c in message.tool_calls]
+        assert [c.index for c in deltas[0].tool_calls] == list(range(len(streamed)))
+    # cut short by max_tokens: the text so far, finish_reason length
+    cut = oserver.oa.chat.completions.create(model="all-r8", messages=messages, tools=[WEATHER], tool_choice=named,
+                                             temperature=0, max_tokens=3)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None
+    assert cut.choices[0].message.content.startswith("{")
     wait_idle(oserver)
