@@ -42,6 +42,7 @@ CONSTRAINTS = {
     "regex": StructuredOutput(OutputKind.REGEX, EMAIL),
     "choice": StructuredOutput(OutputKind.CHOICE, json.dumps(CHOICES)),
     "grammar": StructuredOutput(OutputKind.GRAMMAR, GRAMMAR),
+    "gbnf": StructuredOutput(OutputKind.GRAMMAR, 'root ::= "(" num ("+" num)* ")"\nnum ::= [0-9]{1,3}'),
 }
 
 
@@ -141,8 +142,8 @@ def test_structured_outputs_match_peft_under_the_same_mask(tiny_llama, tiny_adap
     the forward pass (as on an accelerator). Each equals PEFT's greedy decoding under the same
     mask, ends (STOP) where only the end of text could follow, and matches."""
     rng = random.Random(3)
-    names = ["attn-r4", None, "all-r8", "regex-mlp-r8", "attn-r4", None, "all-r8"]
-    kinds = ["json", "regex", "choice", "grammar", "object", None, None]
+    names = ["attn-r4", None, "all-r8", "regex-mlp-r8", "attn-r4", "all-r8", None, "all-r8"]
+    kinds = ["json", "regex", "choice", "grammar", "object", "gbnf", None, None]
     jobs = [(name, [rng.randrange(3, 300) for _ in range(rng.randint(8, 30))],
              SamplingParams(MAX_NEW, structured_output=CONSTRAINTS.get(kind)))
             for name, kind in zip(names, kinds, strict=True)]
