@@ -164,8 +164,9 @@ class Grammars:
         sampled unmasked and then failed, alone. ``computed``: the bitmasks ``start`` computed for
         these grammars, if it did."""
         rows = [i for i, g in enumerate(grammars) if g is not None]
-        if computed is None:
-            computed = self._bitmasks([grammars[i] for i in rows])
+        missing = [grammars[i] for i in rows if computed is None or id(grammars[i]) not in computed]
+        if missing:
+            computed = {**(computed or {}), **self._bitmasks(missing)}
         bitmask = torch.stack([computed[id(grammars[i])] for i in rows])
         # each byte of the (little-endian) words holds 8 tokens' bits: one gather from the table
         bias = _BYTE_BIAS.index_select(0, bitmask.view(torch.uint8).view(-1).long()).view(len(rows), -1)
