@@ -289,3 +289,42 @@ def test_a_forced_tool_calls_tools_reach_a_chat_template_that_shows_them(tiny_ll
         (prompt,), _ = body.to_domain(8)
         text = tokenizer.decode(renderer.render("", [], list(prompt.messages), list(prompt.tools)))
         assert text.startswith("TOOLS lookup") is shown, (choice, text)
+
+
+@pytest.mark.parametrize("when", ["token", "step"])
+def test_a_grammar_that_fails_mid_generation_fails_its_request_alone(built, when):
+    """A matcher that enters an error state mid-generation (forced here: as its second token comes,
+    so that taking the token fails; or between steps, so that the next mask finds it) fails its own
+    request; the request beside it finishes as usual."""
+    from loramux.server.errors import RequestFailed
+
+    def corrupt_matcher(seq):
+        seq.grammar.matcher.consume_token(built.engine.vocab_size + 5)  # no such token: an error state
+
+    class Corrupt(EngineObserver):
+        def token(self, seq, gap_seconds):
+            if when == "token" and seq.grammar is not None and seq.num_generated == 1:  # before it is appended
+                corrupt_matcher(seq)
+
+        def step(self, stats):
+            for seq in list(built.engine._running):
+                if when == "step" and seq.grammar is not None and seq.num_generated == 2:
+                    corrupt_matcher(seq)
+
+    corrupt = Corrupt()
+    built.engine.observers.append(corrupt)
+    try:
+        async def main():
+            async def one(rid, params):
+                req = GenerationRequest(rid, (5, 6, 7), params, None)
+                return [ev async for ev in built.engine.submit(req)]
+            return await asyncio.gather(one("bad", SamplingParams(12, structured_output=CONSTRAINTS["grammar"])),
+                                        one("ok", SamplingParams(12, ignore_eos=True)), return_exceptions=True)
+
+        bad, ok = asyncio.run(main())
+    finally:
+        built.engine.observers.remove(corrupt)
+    assert isinstance(bad, RequestFailed) and "structured output" in str(bad), bad
+    assert ("allows no next token" in str(bad)) is (when == "step")
+    assert len(ok) == 12 and ok[-1].finish_reason is FinishReason.LENGTH
+    assert built.engine.counts() == (0, 0) and built.engine.blocks.num_held == 0
