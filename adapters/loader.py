@@ -439,3 +439,44 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "
                              f"{spec.scaling(module, ranks[module]):g} and cast to {str(dtype).removeprefix('torch.')}")
     return weights
+
+
+def combine_weights(parts: list[tuple[LoRAWeights, float]], layout: LoRALayout, dtype: torch.dtype,
+                    out: torch.Tensor | None = None, pin_memory: bool = False) -> LoRAWeights:
+    """Several adapters as one, their ranks side by side: for every module any of them targets,
+    A = [A_1; A_2; ...] and B = [w_1 B_1; w_2 B_2; ...] (B already holds each one's scaling), so
+    that B A x = sum_i w_i s_i B_i A_i x exactly, PEFT's add_weighted_adapter with
+    combination_type "cat". A part that does not target a module adds zero rows there. ``out`` and
+    ``pin_memory`` as for ``load_adapter``."""
+    rank = sum(w.rank for w, _ in parts)
+    modules = sorted({key for w, _ in parts for key in w.a})
+    numel = flat_numel(modules, rank, layout)
+    flat = torch.zeros(numel, dtype=dtype, pin_memory=pin_memory) if out is None else out[:numel].zero_()
+    combined = LoRAWeights.over(flat, modules, rank, layout)
+    at = 0
+    for w, weight in parts:
+        for key in w.a:
+            combined.a[key][at : at + w.rank].copy_(w.a[key])
+            combined.b[key][at : at + w.rank].copy_(w.b[key].float() * weight)  # rounded once to dtype
+        at += w.rank
+    bad = combined.nonfinite_module()
+    if bad is not None:
+        raise AdapterInvalid(f"the combination's weights overflow {str(dtype).removeprefix('torch.')} in module "
+                             f"{bad[1]} of layer {bad[0]}")
+    return combined
+
+
+def combination_manifest(parts: list[tuple[AdapterManifest, float]], layout: LoRALayout,
+                         element_size: int) -> AdapterManifest:
+    """What registration knows of a combination (``combine_weights``) of registered adapters: its
+    rank (the sum of theirs), the modules any of them targets, its size, and a content hash of
+    theirs and the weights. Its spec is PEFT's for the combined adapter: r = lora_alpha = the rank
+    (scaling 1: each part's scaling and weight are in its rows)."""
+    rank = sum(m.rank for m, _ in parts)
+    module_ranks = {module: rank for m, _ in parts for module in m.module_ranks}
+    targets = tuple(sorted({name for m, _ in parts for name in m.spec.target_names}))
+    spec = AdapterSpec(r=rank, lora_alpha=float(rank), target_modules=targets)
+    per_page = sum(sum(layout.shapes[layout.modules[module][1]]) for module in module_ranks)
+    identity = "\n".join(f"{m.content_hash} {weight!r}" for m, weight in parts)
+    content = hashlib.sha256(f"combination\n{identity}".encode()).hexdigest()
+    return AdapterManifest(spec, rank, module_ranks, rank * per_page * element_size, "", "", content)

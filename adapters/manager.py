@@ -33,7 +33,7 @@ from .device_pool import AdapterKey, DevicePool
 from .errors import AdapterError, AdapterInvalid, AdapterLoadFailed, AdapterLoadTimeout, AdapterNoRoom, clip
 from .files import ReadBuffer
 from .host_cache import HostCache
-from .loader import flat_numel, load_adapter
+from .loader import combine_weights, flat_numel, load_adapter
 from .registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class AdapterManager:
         start = time.perf_counter()
         with self._lock:
             self._pending[key] = time.monotonic()  # the read timeout counts from here, not from the queue
-        reg, entry = self.registry, self._entries.get(key)
+        entry = self._entries.get(key)
         if entry is None:  # unregistered or replaced, and no request holds it any more
             self._abandon_read(key)
             return
@@ -182,10 +182,7 @@ class AdapterManager:
                                                                                self._pin_memory, out,
                                                                                entry.manifest.rank)
             if weights is None:
-                weights = converted = load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype,
-                                                   reg.allow_pickle, entry.confine, entry.manifest,
-                                                   pin_memory=self._pin_memory, convert=self.convert, out=out,
-                                                   read_buffer=self._read_buffer())
+                weights = converted = self._load(entry, out)
         except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
             log.warning("adapter %s cannot be loaded: %s", key[0], e)
             self._abandon_read(key, e)
@@ -225,6 +222,19 @@ class AdapterManager:
                 self._landing.discard(key)
         if converted is not None and self.converted is not None:  # last: nothing waits for it
             self.converted.write(content_hash, self.dtype, converted)
+
+    def _load(self, entry, out: torch.Tensor | None):
+        """An adapter's weights from its files into ``out`` (if given); a combination's from its
+        adapters' files (each into memory of its own), then combined."""
+        reg = self.registry
+        if not entry.combine:
+            return load_adapter(entry.path, reg.layout, reg.max_rank, self.dtype, reg.allow_pickle, entry.confine,
+                                entry.manifest, pin_memory=self._pin_memory, convert=self.convert, out=out,
+                                read_buffer=self._read_buffer())
+        parts = [(load_adapter(part.path, reg.layout, reg.max_rank, self.dtype, reg.allow_pickle, part.confine,
+                               part.manifest, convert=self.convert, read_buffer=self._read_buffer()), weight)
+                 for part, weight in entry.combine]
+        return combine_weights(parts, reg.layout, self.dtype, out, pin_memory=self._pin_memory)
 
     def _host_copy(self, weights):
         """(CPU) ``weights`` in a buffer of their own: the smallest spare that holds them, else new

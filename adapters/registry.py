@@ -7,6 +7,7 @@ Each (re)registration gets a new version, so ``replace`` is atomic: requests alr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
 from .files import inside
-from .loader import AdapterManifest, LoRALayout, inspect_adapter
+from .loader import AdapterManifest, LoRALayout, combination_manifest, inspect_adapter
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
@@ -42,6 +43,8 @@ class RegisteredAdapter:
     last_used: float = 0.0  # time.monotonic() of the last request accepted for it
     weight: float = 1.0  # fair-scheduling share: its requests' service counts 1/weight per token
     keep_resident: bool = False  # never evicted from the device once there
+    # a combination of registered adapters: (their entries as registered then, weight); path unused
+    combine: tuple[tuple[RegisteredAdapter, float], ...] = ()
 
     @property
     def key(self) -> tuple[str, int]:
@@ -107,6 +110,47 @@ class AdapterRegistry:
             self._next_version += 1
             self._adapters[adapter_id] = entry
         log.info("adapter %s registered: rank %d, content hash %s", adapter_id, manifest.rank, manifest.content_hash)
+        return entry
+
+    def register_combination(self, adapter_id: str, parts: list[tuple[str, float]], replace: bool = False,
+                             weight: float = 1.0, keep_resident: bool = False, on_commit=None) -> RegisteredAdapter:
+        """Register ``adapter_id`` as the weighted sum of registered adapters (loader.combine_weights),
+        as their versions are now: replacing or unregistering one later leaves the combination as it
+        was. Its rank is the sum of theirs, at most --max-lora-rank."""
+        validate_adapter_id(adapter_id)
+        if not (0.0 < weight < float("inf")):
+            raise ValueError(f"weight must be finite and > 0, got {weight}")
+        if not parts:
+            raise ValueError("a combination needs at least one adapter")
+        if len({p for p, _ in parts}) != len(parts):
+            raise ValueError("a combination names each adapter once")
+        for part, w in parts:
+            if not math.isfinite(w):
+                raise ValueError(f"the weight of {clip(part)} in the combination must be finite, got {w}")
+        with self._lock:
+            self._check_room(adapter_id, replace)
+            entries = []
+            for part, w in parts:
+                entry = self._adapters.get(part)
+                if entry is None:
+                    raise AdapterNotFound(f"adapter {clip(part)} is not registered")
+                if entry.combine:
+                    raise ValueError(f"adapter {clip(part)} is a combination itself: combine the adapters it is made of")
+                entries.append((entry, w))
+            rank = sum(e.manifest.rank for e, _ in entries)
+            if rank > self.max_rank:
+                raise ValueError(f"the combination's rank is {rank} (the sum of its adapters' ranks); --max-lora-rank "
+                                 f"is {self.max_rank}")
+            manifest = combination_manifest([(e.manifest, w) for e, w in entries], self.layout, self.element_size)
+            entry = RegisteredAdapter(adapter_id, Path(), manifest, self._next_version, Path(),
+                                      last_used=time.monotonic(), weight=weight, keep_resident=keep_resident,
+                                      combine=tuple(entries))
+            if on_commit is not None:
+                on_commit(entry)
+            self._next_version += 1
+            self._adapters[adapter_id] = entry
+        log.info("adapter %s registered as a combination of %s: rank %d, content hash %s", adapter_id,
+                 ", ".join(f"{e.adapter_id} x {w:g}" for e, w in entries), rank, manifest.content_hash)
         return entry
 
     def unregister(self, adapter_id: str) -> RegisteredAdapter:

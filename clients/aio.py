@@ -15,6 +15,7 @@ from .types import (
     StreamChunk,
     Tls,
     generate_request,
+    register_request,
     warn_if_token_in_plaintext,
 )
 
@@ -65,12 +66,12 @@ class AsyncLoraMuxClient:
         finally:
             call.cancel()
 
-    async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
+    async def register_adapter(self, adapter_id: str, path: str = "", replace: bool = False, preload: bool = False,
                                weight: float | None = None, keep_resident: bool = False,
-                               *, timeout: float | None = None) -> Adapter:
+                               combine: list[tuple[str, float]] | None = None, *,
+                               timeout: float | None = None) -> Adapter:
         return Adapter.from_pb(await self.stub.RegisterAdapter(
-            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload, weight=weight,
-                                      keep_resident=keep_resident),
+            register_request(adapter_id, path, replace, preload, weight, keep_resident, combine),
             timeout=timeout))
 
     async def unregister_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:

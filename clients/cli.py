@@ -37,7 +37,9 @@ def add_client_commands(sub) -> None:
     with_server(asub.add_parser("list", help="list registered adapters")).set_defaults(func=cmd_adapters_list)
     r = with_server(asub.add_parser("register", help="register a PEFT adapter directory"))
     r.add_argument("adapter_id")
-    r.add_argument("path")
+    r.add_argument("path", nargs="?", default="", help="the PEFT directory (not with --combine)")
+    r.add_argument("--combine", nargs="+", metavar="ID=WEIGHT", type=weighted_id, default=None,
+                   help="register the weighted sum of registered adapters instead (their ranks side by side)")
     r.add_argument("--replace", action="store_true", help="swap an existing id to new weights")
     r.add_argument("--preload", action="store_true", help="load into host memory now")
     r.add_argument("--weight", type=float, default=None, help="fair-scheduling share (default 1)")
@@ -49,6 +51,17 @@ def add_client_commands(sub) -> None:
 
     with_server(sub.add_parser("info", help="show the server's model and limits")).set_defaults(func=cmd_info)
     add_bench_command(sub, with_server)
+
+
+def weighted_id(text: str) -> tuple[str, float]:
+    """ID=WEIGHT -> (id, weight)."""
+    adapter_id, sep, weight = text.rpartition("=")
+    try:
+        if not sep or not adapter_id:
+            raise ValueError
+        return adapter_id, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=WEIGHT, got {text!r}") from None
 
 
 def cmd_generate(args) -> int:
@@ -72,14 +85,15 @@ def cmd_adapters_list(args) -> int:
         print("no adapters registered")
     for a in adapters:
         kept = "\tkept" if a.keep_resident else ""
-        print(f"{a.adapter_id}\trank={a.rank}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{a.path}")
+        where = " + ".join(f"{w:g} x {part}" for part, w in a.combine) if a.combine else a.path
+        print(f"{a.adapter_id}\trank={a.rank}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{where}")
     return 0
 
 
 def cmd_adapters_register(args) -> int:
     with LoraMuxClient(args.server) as client:
         a = client.register_adapter(args.adapter_id, args.path, replace=args.replace, preload=args.preload,
-                                    weight=args.weight, keep_resident=args.keep_resident)
+                                    weight=args.weight, keep_resident=args.keep_resident, combine=args.combine)
     print(f"registered {a.adapter_id} (rank {a.rank}, targets {','.join(a.target_modules)})")
     return 0
 

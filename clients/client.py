@@ -15,6 +15,7 @@ from .types import (
     StreamChunk,
     Tls,
     generate_request,
+    register_request,
     warn_if_token_in_plaintext,
 )
 
@@ -69,12 +70,11 @@ class LoraMuxClient:
         finally:
             call.cancel()
 
-    def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
+    def register_adapter(self, adapter_id: str, path: str = "", replace: bool = False, preload: bool = False,
                          weight: float | None = None, keep_resident: bool = False,
-                         *, timeout: float | None = None) -> Adapter:
+                         combine: list[tuple[str, float]] | None = None, *, timeout: float | None = None) -> Adapter:
         return Adapter.from_pb(self.stub.RegisterAdapter(
-            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, preload=preload, weight=weight,
-                                      keep_resident=keep_resident),
+            register_request(adapter_id, path, replace, preload, weight, keep_resident, combine),
             timeout=timeout))
 
     def unregister_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:

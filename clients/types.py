@@ -94,11 +94,13 @@ class Adapter:
     content_hash: str = ""  # the weights' identity: equal files, equal hash
     weight: float = 1.0  # fair-scheduling share
     keep_resident: bool = False  # kept in device memory, never evicted
+    combine: list[tuple[str, float]] = field(default_factory=list)  # a combination: its (adapter id, weight)
 
     @classmethod
     def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
         return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
-                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight, a.keep_resident)
+                   TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight, a.keep_resident,
+                   [(c.adapter_id, c.weight) for c in a.combine])
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,16 @@ class Sampling:
 
 
 STRUCTURED = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def register_request(adapter_id: str, path: str = "", replace: bool = False, preload: bool = False,
+                     weight: float | None = None, keep_resident: bool = False,
+                     combine: list[tuple[str, float]] | None = None) -> pb.RegisterAdapterRequest:
+    """A PEFT directory at ``path``, or (``combine``: [(adapter id, weight)]) a weighted
+    combination of registered adapters."""
+    return pb.RegisterAdapterRequest(
+        adapter_id=adapter_id, path=path, replace=replace, preload=preload, weight=weight, keep_resident=keep_resident,
+        combine=[pb.WeightedAdapter(adapter_id=a, weight=w) for a, w in combine or ()])
 
 
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, messages=None,

@@ -100,9 +100,11 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
     """``show_path``: server filesystem paths are for admin callers only."""
     spec = entry.manifest.spec
     return pb.AdapterInfo(
-        adapter_id=entry.adapter_id, path=str(entry.path) if show_path else "", rank=entry.manifest.rank,
+        adapter_id=entry.adapter_id, path=str(entry.path) if show_path and not entry.combine else "",
+        rank=entry.manifest.rank,
         lora_alpha=spec.lora_alpha,
         target_modules=spec.target_names, size_bytes=entry.manifest.size_bytes, tier=TIER_PB[tier],
         requests_served=entry.requests_served, content_hash=entry.manifest.content_hash, weight=entry.weight,
         keep_resident=entry.keep_resident,
+        combine=[pb.WeightedAdapter(adapter_id=part.adapter_id, weight=w) for part, w in entry.combine],
     )

@@ -93,8 +93,9 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
     @unary
     async def RegisterAdapter(self, request, context):
         weight = request.weight if request.HasField("weight") else 1.0
+        combine = [(part.adapter_id, part.weight) for part in request.combine]
         entry = await self.service.register_adapter(request.adapter_id, request.path, request.replace, request.preload,
-                                                    weight, request.keep_resident)
+                                                    weight, request.keep_resident, combine)
         return adapter_to_pb(entry, self.service.tier(entry), show_path=True)
 
     @unary

@@ -220,12 +220,20 @@ class Service:
             )
 
     async def register_adapter(self, adapter_id: str, path: str, replace: bool = False, preload: bool = False,
-                               weight: float = 1.0, keep_resident: bool = False):
+                               weight: float = 1.0, keep_resident: bool = False,
+                               combine: list[tuple[str, float]] | None = None):
+        """Register the adapter at ``path``, or (``combine``, path empty) a weighted combination of
+        registered adapters."""
         self.check_runtime_adapters()
         built = self.ready()
+        if combine and path:
+            raise RequestInvalid("set path or combine, not both")
+        if combine:
+            register = functools.partial(built.registry.register_combination, adapter_id, combine, replace)
+        else:
+            register = functools.partial(built.registry.register, adapter_id, path, replace)
         entry = await self.work.run("registering the adapter", functools.partial(
-            built.registry.register, adapter_id, path, replace, weight=weight, keep_resident=keep_resident,
-            on_commit=built.manager.on_register))
+            register, weight=weight, keep_resident=keep_resident, on_commit=built.manager.on_register))
         if preload:
             built.manager.preload(entry)
         return entry

@@ -3,6 +3,8 @@
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import grpc
@@ -199,6 +201,36 @@ def test_register_replace_unregister(server, tiny_llama, tiny_adapters, adapter_
     assert {a.adapter_id: a for a in server.client.list_adapters()}["team/mine:v1"].tier == "device"
     server.client.unregister_adapter("team/mine:v1")
     assert code_of(server.client.generate, prompt="hi", adapter_id="team/mine:v1")[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_combinations_register_serve_and_list_through_grpc_and_the_cli(server):
+    """A combination of one adapter at weight 1 computes what the adapter does; one of two is an
+    adapter of its own (rank 12, listed with its parts, no path), and the CLI registers and lists
+    them; refusals name the problem."""
+    alone = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4", sampling=GREEDY).token_ids
+    one = server.client.register_adapter("combo/one", combine=[("attn-r4", 1.0)])
+    assert (one.rank, one.combine, one.path) == (4, [("attn-r4", 1.0)], "")
+    assert server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="combo/one",
+                                  sampling=GREEDY).token_ids == alone
+    cli = [sys.executable, "-m", "loramux.server.cli"]
+    out = subprocess.run([*cli, "adapters", "register", "combo/two", "--combine", "attn-r4=0.5", "all-r8=-0.25",
+                          "--server", server.target], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "registered combo/two (rank 12" in out.stdout, out.stdout + out.stderr
+    listed = subprocess.run([*cli, "adapters", "list", "--server", server.target], capture_output=True, text=True,
+                            timeout=120).stdout
+    assert "combo/two\trank=12" in listed and "0.5 x attn-r4 + -0.25 x all-r8" in listed, listed
+    two = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="combo/two", sampling=GREEDY).token_ids
+    assert len(two) == len(alone) and two != alone
+    for kwargs, status, needle in [
+        (dict(combine=[("nope", 1.0)]), grpc.StatusCode.NOT_FOUND, "nope"),
+        (dict(combine=[("attn-r64", 1.0), ("all-r8", 1.0)]), grpc.StatusCode.INVALID_ARGUMENT, "--max-lora-rank is 64"),
+        (dict(combine=[("combo/one", 1.0)]), grpc.StatusCode.INVALID_ARGUMENT, "combination itself"),
+        (dict(path="/x", combine=[("attn-r4", 1.0)]), grpc.StatusCode.INVALID_ARGUMENT, "path or combine"),
+    ]:
+        code, details = code_of(server.client.register_adapter, "combo/bad", **kwargs)
+        assert code == status and needle in details, (kwargs, code, details)
+    for name in ("combo/one", "combo/two"):
+        server.client.unregister_adapter(name)
 
 
 def test_keep_resident_holds_adapters_on_the_device_and_refuses_past_the_room(server, tiny_adapters, adapter_root):

@@ -197,23 +197,33 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path", "replace", "preload", "weight", "keep_resident")
+    __slots__ = ("adapter_id", "path", "replace", "preload", "weight", "keep_resident", "combine")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     PRELOAD_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     KEEP_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     replace: bool
     preload: bool
     weight: float
     keep_resident: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., preload: _Optional[bool] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ...) -> None: ...
+    combine: _containers.RepeatedCompositeFieldContainer[WeightedAdapter]
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., preload: _Optional[bool] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ..., combine: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ...) -> None: ...
+
+class WeightedAdapter(_message.Message):
+    __slots__ = ("adapter_id", "weight")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    weight: float
+    def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash", "weight", "keep_resident")
+    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash", "weight", "keep_resident", "combine")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +235,7 @@ class AdapterInfo(_message.Message):
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     KEEP_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     rank: int
@@ -236,7 +247,8 @@ class AdapterInfo(_message.Message):
     content_hash: str
     weight: float
     keep_resident: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ...) -> None: ...
+    combine: _containers.RepeatedCompositeFieldContainer[WeightedAdapter]
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ..., combine: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ...) -> None: ...
 
 class UnregisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)

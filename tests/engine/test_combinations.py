@@ -1,0 +1,114 @@
+"""Adapters registered as weighted combinations of others (ranks side by side), token for token
+against PEFT's add_weighted_adapter(combination_type="cat"), in one batch with their parts; and
+the refusals that name what is wrong."""
+
+import asyncio
+
+import pytest
+import torch
+
+from loramux.adapters.errors import AdapterNotFound
+from loramux.server.builder import build_engine
+from loramux.server.config import ServerConfig
+from loramux.server.requests import GenerationRequest, SamplingParams
+
+from helpers import ADAPTER_VARIANTS
+
+MAX_NEW = 12
+PROMPTS = [[5, 17, 33, 8, 90, 4], [44, 2, 71, 19], [120, 7, 7, 56, 3, 99, 14], [61, 25]]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama, tiny_adapters):
+    config = ServerConfig(model=str(tiny_llama), max_batch_size=8, max_tokens_per_step=16, max_model_len=96,
+                          default_max_new_tokens=MAX_NEW, max_lora_rank=64, max_device_adapters=4,
+                          adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
+    b = build_engine(config)
+    b.engine.start()
+    yield b
+    b.engine.stop()
+
+
+def peft_cat(tiny_llama, tiny_adapters, parts, prompts):
+    """PEFT's greedy tokens for the "cat" combination of ``parts`` [(name, weight)]."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    (first, _), *rest = parts
+    model = PeftModel.from_pretrained(base, tiny_adapters[first], adapter_name=first)
+    for name, _ in rest:
+        model.load_adapter(tiny_adapters[name], adapter_name=name)
+    model.add_weighted_adapter([n for n, _ in parts], [w for _, w in parts], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW,
+                               do_sample=False, eos_token_id=None)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def run(engine, jobs):
+    async def main():
+        async def one(i, adapter, prompt):
+            await asyncio.sleep(0.01 * i)  # joins a running batch
+            req = GenerationRequest(f"c{i}", tuple(prompt), SamplingParams(MAX_NEW, ignore_eos=True), adapter)
+            return [ev.token_id async for ev in engine.submit(req)]
+        return await asyncio.gather(*(one(i, a, p) for i, (a, p) in enumerate(jobs)))
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("parts", [
+    [("attn-r4", 0.7), ("all-r8", -0.4)],  # different targets: each adds zero rows where it has none
+    [("all-r8", 1.0), ("all-r16-rslora", 0.5), ("pattern-r16", -1.5)],  # rsLoRA, rank and alpha patterns
+], ids=["two", "three"])
+def test_a_combination_equals_peft_cat_in_a_batch_with_its_parts(built, tiny_llama, tiny_adapters, parts):
+    name = "mix-" + "-".join(p for p, _ in parts)
+    entry = built.registry.register_combination(name, parts, on_commit=built.manager.on_register)
+    assert entry.manifest.rank == sum(ADAPTER_VARIANTS[p]["r"] for p, _ in parts)  # each its largest rank
+    jobs = [(name, PROMPTS[0]), (parts[0][0], PROMPTS[1]), (name, PROMPTS[2]), (None, PROMPTS[3]),
+            (parts[1][0], PROMPTS[0])]
+    outs = run(built.engine, jobs)
+    expected = peft_cat(tiny_llama, tiny_adapters, parts, [PROMPTS[0], PROMPTS[2]])
+    assert [outs[0], outs[2]] == expected
+    from helpers import peft_generate
+    assert outs[1] == peft_generate(tiny_llama, tiny_adapters[parts[0][0]], [PROMPTS[1]], MAX_NEW,
+                                    eos_token_id=None)[0]
+    assert outs[0] != outs[4]  # the combination is not its parts
+    assert built.engine.counts() == (0, 0) and not built.manager.pool.pinned()
+
+
+def test_a_combination_outlives_its_parts_being_replaced(built, tiny_adapters):
+    """Registered as its parts were: replacing a part (new weights) leaves it as it was."""
+    built.registry.register_combination("frozen", [("attn-r4", 1.0)], on_commit=built.manager.on_register)
+    before = run(built.engine, [("frozen", PROMPTS[0])])[0]
+    built.registry.register("attn-r4-copy", tiny_adapters["all-r8"], trusted=True)
+    built.registry.register("attn-r4", tiny_adapters["all-r8"], replace=True, trusted=True)
+    try:
+        assert run(built.engine, [("frozen", PROMPTS[0])])[0] == before
+        assert run(built.engine, [("attn-r4", PROMPTS[0])])[0] != before
+    finally:
+        built.registry.register("attn-r4", tiny_adapters["attn-r4"], replace=True, trusted=True)
+
+
+@pytest.mark.parametrize("parts, error, message", [
+    ([], ValueError, "at least one"),
+    ([("attn-r4", 1.0), ("attn-r4", 2.0)], ValueError, "each adapter once"),
+    ([("attn-r4", float("nan"))], ValueError, "must be finite"),
+    ([("nope", 1.0)], AdapterNotFound, "nope"),
+    ([("attn-r64", 1.0), ("all-r8", 1.0)], ValueError, "rank is 72 .* --max-lora-rank is 64"),
+])
+def test_bad_combinations_are_refused_naming_the_problem(built, parts, error, message):
+    with pytest.raises(error, match=message):
+        built.registry.register_combination("bad", parts)
+    assert "bad" not in built.registry
+
+
+def test_a_combination_of_a_combination_is_refused(built):
+    built.registry.register_combination("inner", [("attn-r4", 1.0)])
+    with pytest.raises(ValueError, match="combination itself"):
+        built.registry.register_combination("outer", [("inner", 1.0)])
