@@ -116,6 +116,11 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             registry.register(adapter_id, path, trusted=True)
         except (AdapterError, ValueError) as e:
             raise StartupError(f"adapter {adapter_id!r} ({path}): {e}") from None
+    for adapter_id, parts in config.combinations:
+        try:
+            registry.register_combination(adapter_id, list(parts))
+        except (AdapterError, ValueError) as e:
+            raise StartupError(f"--combine {adapter_id!r}: {e}") from None
     # On a CPU host the I/O thread's torch ops run serially, so the engine keeps the only OpenMP team;
     # on a CUDA host the engine runs no parallel CPU ops, and the I/O thread needs its threads.
     try:
@@ -132,7 +137,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     for adapter_id in config.keep_resident:
         entry = registry.lookup(adapter_id)
         if entry is None:
-            raise StartupError(f"--keep-resident {adapter_id!r}: no such start-up adapter (--adapter, --adapter-dir)")
+            raise StartupError(f"--keep-resident {adapter_id!r}: no such start-up adapter (--adapter, --adapter-dir, "
+                               "--combine)")
         entry.keep_resident = True
         try:
             manager.on_register(entry)

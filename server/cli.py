@@ -37,6 +37,18 @@ def _adapter_pair(text: str) -> tuple[str, str]:
     return adapter_id, path
 
 
+def _combination(text: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """ID=PART:WEIGHT,PART:WEIGHT,... -> (id, ((part, weight), ...))."""
+    adapter_id, sep, parts = text.partition("=")
+    try:
+        if not sep or not adapter_id or not parts:
+            raise ValueError
+        return adapter_id, tuple((part, float(weight)) for part, _, weight in
+                                 (item.rpartition(":") for item in parts.split(",")) if part or weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=ADAPTER:WEIGHT,ADAPTER:WEIGHT,..., got {text!r}") from None
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig.__dataclass_fields__
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -107,6 +119,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="register an adapter at start-up (repeatable)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                    help="register each subdirectory of DIR under its name (repeatable)")
+    p.add_argument("--combine", action="append", type=_combination, default=[], metavar="ID=A:W,B:W",
+                   help="register ID at start-up as the weighted sum of start-up adapters A, B, ... (repeatable; "
+                        "their ranks side by side, at most --max-lora-rank together)")
     p.add_argument("--keep-resident", action="append", default=[], metavar="ID",
                    help="keep this start-up adapter in device memory, never evicted (repeatable; the kept ones "
                         "must leave pages for one adapter of --max-lora-rank)")
@@ -143,7 +158,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     names = {f.name for f in dataclasses.fields(ServerConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(adapters=tuple(args.adapter), adapter_dirs=tuple(args.adapter_dir),
-                  adapter_roots=tuple(args.adapter_root), keep_resident=tuple(args.keep_resident))
+                  adapter_roots=tuple(args.adapter_root), keep_resident=tuple(args.keep_resident),
+                  combinations=tuple(args.combine))
     return ServerConfig(**values)
 
 

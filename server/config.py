@@ -76,6 +76,7 @@ class ServerConfig:
     stream_stall_timeout: float = 60.0  # seconds a client may leave events unread before it is cancelled
     adapters: tuple[tuple[str, str], ...] = ()  # (id, path) registered at start-up
     adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
+    combinations: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()  # (id, ((adapter, weight), ...))
     keep_resident: tuple[str, ...] = ()  # start-up adapter ids never evicted from the device
     adapter_cache_dir: str | None = None  # converted adapters kept here between loads; None: none kept
     adapter_cache_max_gib: float = 10.0  # that folder's bound; least recently used files go past it

@@ -112,3 +112,27 @@ def test_a_combination_of_a_combination_is_refused(built):
     built.registry.register_combination("inner", [("attn-r4", 1.0)])
     with pytest.raises(ValueError, match="combination itself"):
         built.registry.register_combination("outer", [("inner", 1.0)])
+
+
+def test_start_up_combinations_register_and_can_be_kept_resident(tiny_llama, tiny_adapters):
+    """--combine registers after the start-up adapters; --keep-resident takes it like any other;
+    a combination of an unknown adapter stops the start-up, naming it."""
+    from loramux.server.config import StartupError
+
+    adapters = tuple((n, str(tiny_adapters[n])) for n in ("attn-r4", "all-r8"))
+    config = ServerConfig(model=str(tiny_llama), max_model_len=96, default_max_new_tokens=MAX_NEW, max_lora_rank=16,
+                          adapters=adapters, combinations=(("mix", (("attn-r4", 0.7), ("all-r8", -0.4))),),
+                          keep_resident=("mix",))
+    b = build_engine(config)
+    b.engine.start()
+    try:
+        entry = b.registry.get("mix")
+        assert entry.manifest.rank == 12 and entry.keep_resident
+        assert [(p.adapter_id, w) for p, w in entry.combine] == [("attn-r4", 0.7), ("all-r8", -0.4)]
+        out = run(b.engine, [("mix", PROMPTS[0])])[0]
+        assert len(out) == MAX_NEW and entry.key in b.manager.pool.resident_keys
+    finally:
+        b.engine.stop()
+    with pytest.raises(StartupError, match="--combine 'bad'.*'nope' is not registered"):
+        build_engine(ServerConfig(**{**config.__dict__, "combinations": (("bad", (("nope", 1.0),)),),
+                                     "keep_resident": ()}))

@@ -54,6 +54,14 @@ def test_bad_adapter_flag_is_refused():
         build_parser().parse_args(["serve", "--adapter", "no-equals-sign"])
 
 
+def test_combine_flags_parse_into_the_config():
+    args = build_parser().parse_args(["serve", "--combine", "mix=a:0.5,team/b:v2:-1.25", "--combine", "one=a:1"])
+    assert config_from_args(args).combinations == (("mix", (("a", 0.5), ("team/b:v2", -1.25))), ("one", (("a", 1.0),)))
+    for bad in ("no-equals", "mix=", "mix=a", "mix=a:x", "mix=a:1,b"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--combine", bad])
+
+
 def test_runtime_registration_off_loopback_needs_an_admin_token_or_an_explicit_opt_in():
     for host in ("127.0.0.1", "localhost", "::1", "[::1]"):
         ServerConfig(allow_runtime_adapters=True, host=host)
