@@ -297,7 +297,7 @@ class ChatCompletionRequest(_Common):
             return None
         if self.tool_choice in (None, "auto"):
             raise RequestInvalid('tools with tool_choice "auto" (the default with tools) are not supported: '
-                                 'use "required", a named function, or "none"', param="tool_choice")
+                                 'use "required", a named function, or "none"', param="tools")
         if self.tool_choice == "required":
             return ToolCalls(None)
         name = self.tool_choice.function.name
