@@ -61,8 +61,14 @@ class PromptRenderer:
             return list(token_ids)
         if prompt:
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        out = self.tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=True,
-            return_dict=True, **({"tools": tools} if tools else {}),
-        )
+        from jinja2 import TemplateError
+
+        try:
+            out = self.tokenizer.apply_chat_template(
+                [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=True,
+                return_dict=True, **({"tools": tools} if tools else {}),
+            )
+        except TemplateError as e:  # the template's own refusal (raise_exception): roles out of order, ...
+            raise RequestInvalid(f"the model's chat template refused the messages: {clip(str(e), 200)}",
+                                 param="messages") from None
         return list(out["input_ids"])

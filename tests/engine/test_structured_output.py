@@ -269,27 +269,6 @@ def test_any_bit_below_reads_the_words_as_the_masks_do(n):
     assert torch.equal(any_bit_below(words, n), unpacked[:, :n].any(-1))
 
 
-def test_a_forced_tool_calls_tools_reach_a_chat_template_that_shows_them(tiny_llama):
-    """The OpenAI body's tools go to the chat template when a call is forced (a template that does
-    not show tools ignores them), and not with tool_choice "none", as vLLM does."""
-    from transformers import AutoTokenizer
-
-    from loramux.server.openai_schema import ChatCompletionRequest
-    from loramux.server.prompts import PromptRenderer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    tokenizer.chat_template = ("{% if tools %}TOOLS {% for t in tools %}{{ t.function.name }} {% endfor %}{% endif %}"
-                               + tokenizer.chat_template)
-    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
-    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
-    for choice, shown in (("required", True), ({"type": "function", "function": {"name": "lookup"}}, True),
-                          ("none", False)):
-        body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[tool],
-                                     tool_choice=choice)
-        (prompt,), _ = body.to_domain(8)
-        text = tokenizer.decode(renderer.render("", [], list(prompt.messages), list(prompt.tools)))
-        assert text.startswith("TOOLS lookup") is shown, (choice, text)
-
 
 @pytest.mark.parametrize("when", ["token", "step"])
 def test_a_grammar_that_fails_mid_generation_fails_its_request_alone(built, when):
