@@ -2,8 +2,7 @@
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
 not implement (best_of other than n, suffix, tool_choice "auto") is a 400 that names it, never
-silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many
-optional ones.
+silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
 
 ``echo`` puts each prompt before its completions; with ``logprobs``, the prompt's tokens come with
 their logprobs (None for the first), as evaluation harnesses read them to score a text. With
