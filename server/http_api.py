@@ -227,7 +227,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             if kind == "chat":
                 return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of, tools)))
             return JSONResponse(clamp(completion_response(body.model, choices, body.n, text_of, echoes)))
-        chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools)
+        chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n)
 
         async def sse():
             lasts = [None] * len(streams)

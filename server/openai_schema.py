@@ -422,7 +422,8 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
     for i, events in enumerate(choices):
         echo = echoes[i] if echoes else None
         shown = echo.shown(events) if echo else events
-        entries = (echo.entries(events[0].prompt_logprobs) if echo else []) + generated_entries(shown)
+        # a prompt's logprobs come with its first completion (Service.generate_choices)
+        entries = (echo.entries(choices[i - i % n][0].prompt_logprobs) if echo else []) + generated_entries(shown)
         out.append({"index": i, "text": (echo.text if echo else "") + "".join(e.text for e in shown),
                     "finish_reason": "length" if echo and echo.only else FINISH[events[-1].finish_reason],
                     "logprobs": completion_logprobs(entries, text_of)})
@@ -457,13 +458,16 @@ class ChunkMaker:
     choices (their chunks interleave, each naming its choice's index)."""
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
-                 echoes: list[Echo] | None = None, tools: ToolCalls | None = None):
+                 echoes: list[Echo] | None = None, tools: ToolCalls | None = None, n: int = 1):
         self.kind, self.model, self.text_of = kind, model, text_of
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
         self.offsets = [0] * choices  # completions' text_offset continues across a choice's chunks
         self.echoes = echoes  # completions: each choice's prompt, sent before its first token
         self.echoed = [False] * choices
+        # A prompt's logprobs come with its first choice's first event (Service.generate_choices):
+        # the n - 1 others' events wait here until that one is in.
+        self.n, self.prompt_logprobs, self.waiting = n, {}, {}
         # chat with a forced tool call: each choice's events, held until its calls are complete
         self.tools, self.held = tools, [[] for _ in range(choices)]
 
@@ -483,12 +487,30 @@ class ChunkMaker:
 
     def events(self, ev: TokenEvent, index: int = 0) -> list[dict]:
         """The chunks for one token event of choice ``index``: its echo first, if one is due; none
-        when the event adds nothing (no text, no logprob, not last)."""
+        when the event adds nothing (no text, no logprob, not last). An echo's choice waits for
+        the first choice of its prompt, which brings the prompt's logprobs; then the chunks of
+        those that waited come too."""
+        if not self.echoes:
+            return self._events(ev, index, None)
+        prompt, j = divmod(index, self.n)
+        if j == 0 and prompt not in self.prompt_logprobs:
+            self.prompt_logprobs[prompt] = ev.prompt_logprobs
+        if prompt not in self.prompt_logprobs:
+            self.waiting.setdefault(index, []).append(ev)
+            return []
+        out = self._events(ev, index, self.prompt_logprobs[prompt])
+        if j == 0:
+            for other in range(index + 1, index + self.n):
+                for held in self.waiting.pop(other, ()):
+                    out += self._events(held, other, self.prompt_logprobs[prompt])
+        return out
+
+    def _events(self, ev: TokenEvent, index: int, prompt_logprobs) -> list[dict]:
         out = []
         echo = self.echoes[index] if self.echoes else None
         if echo is not None and not self.echoed[index]:
             self.echoed[index] = True
-            logprobs = completion_logprobs(echo.entries(ev.prompt_logprobs), self.text_of, self.offsets[index])
+            logprobs = completion_logprobs(echo.entries(prompt_logprobs), self.text_of, self.offsets[index])
             out.append(self._chunk([{"index": index, "text": echo.text, "logprobs": logprobs, "finish_reason": None}]))
             self.offsets[index] += len(echo.text)
         if echo is not None and echo.only:  # the generated token is dropped; the choice ends at once

@@ -96,7 +96,8 @@ class Service:
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
         refused, those already submitted are cancelled and its error raised. The prompt's full KV
         blocks are computed once: the scheduler holds the other completions back until the first
-        has committed them, and they hit them (server/scheduler.py)."""
+        has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
+        come with the first completion of each prompt only (the caller shares them)."""
         count = n * len(prompts)
         if count > self.config.max_choices_per_request:
             with self._counting_refusals(adapter_id):
@@ -107,10 +108,13 @@ class Service:
             with self._counting_refusals(adapter_id):
                 rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
                 await self._prepare(sampling)
+                # the other completions of a prompt leave its logprobs to the first (the same
+                # values), so they may hit the blocks it computes
+                later = sampling if sampling.prompt_logprobs is None else replace(sampling, prompt_logprobs=None)
                 for ids in rendered:
                     for j in range(n):
-                        seeded = sampling if j == 0 or sampling.seed is None else \
-                            replace(sampling, seed=(sampling.seed + j) % (1 << 64))
+                        seeded = sampling if j == 0 else later if later.seed is None else \
+                            replace(later, seed=(later.seed + j) % (1 << 64))
                         streams.append(self._submit(ids, seeded, adapter_id))
         except BaseException:
             for stream in streams:

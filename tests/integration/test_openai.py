@@ -680,3 +680,33 @@ def test_forced_tool_calls_plain_and_streamed(oserver):
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None
     assert cut.choices[0].message.content.startswith("{")
     wait_idle(oserver)
+
+
+def test_echoed_choices_share_their_prompts_logprobs_and_its_blocks(oserver):
+    """With echo, logprobs and n: the first completion of each prompt scores it, the others hit its
+    blocks, and every choice shows the same prompt logprobs, plain and streamed (where the others'
+    chunks wait for the first's)."""
+    prompts = [[(11 * i + k) % 300 + 1 for i in range(40)] for k in (5, 9)]  # two full blocks each, unseen
+    single = oserver.oa.completions.create(model="all-r8", prompt=prompts[0], echo=True, logprobs=1, max_tokens=3,
+                                           temperature=0)
+    before = oserver.metrics()["loramux_prefix_cache_hit_tokens_total"]
+    got = oserver.oa.completions.create(model="all-r8", prompt=prompts, n=3, echo=True, logprobs=1, max_tokens=3,
+                                        temperature=0)
+    hits = oserver.metrics()["loramux_prefix_cache_hit_tokens_total"] - before
+    assert hits >= 2 * 2 * 32 - 32  # the second prompt's others, and the first's (its blocks seen before)
+    head = single.choices[0].logprobs.token_logprobs[:40]
+    for c in got.choices:
+        assert c.logprobs.token_logprobs[0] is None and len(c.logprobs.token_logprobs) == 43
+    assert all(c.logprobs.token_logprobs[:40] == pytest.approx(head, abs=1e-5) for c in got.choices[:3])
+    assert all(c.logprobs.token_logprobs[:40] == got.choices[3].logprobs.token_logprobs[:40] for c in got.choices[4:])
+    chunks = list(oserver.oa.completions.create(model="all-r8", prompt=prompts, n=3, echo=True, logprobs=1,
+                                                max_tokens=3, temperature=0, stream=True))
+    firsts = {}
+    for c in chunks:
+        for choice in c.choices:
+            firsts.setdefault(choice.index, choice)
+    assert sorted(firsts) == list(range(6))
+    for i, first in firsts.items():
+        assert first.text.startswith(got.choices[i].text[:10]) and first.logprobs.token_logprobs[:40] == \
+            pytest.approx(got.choices[i].logprobs.token_logprobs[:40], abs=1e-5)
+    wait_idle(oserver)
