@@ -30,6 +30,7 @@ def add_client_commands(sub) -> None:
     shape.add_argument("--json-object", action="store_true", help="the text must be a JSON object")
     shape.add_argument("--regex", default=None, help="the text must match this regex")
     shape.add_argument("--choice", nargs="+", default=None, help="the text must be one of these")
+    shape.add_argument("--grammar", default=None, help="the text must follow this grammar (Lark, or GBNF)")
     g.set_defaults(func=cmd_generate)
 
     a = sub.add_parser("adapters", help="list, register or unregister adapters")
@@ -68,7 +69,7 @@ def cmd_generate(args) -> int:
     with LoraMuxClient(args.server) as client:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             json_schema=args.json_schema, json_object=args.json_object, regex=args.regex,
-                            choice=args.choice)
+                            choice=args.choice, grammar=args.grammar)
         use_chat = not args.raw and client.server_info().has_chat_template
         prompt_kwargs = {"messages": [("user", args.prompt)]} if use_chat else {"prompt": args.prompt}
         for chunk in client.generate_stream(adapter_id=args.adapter, sampling=sampling, **prompt_kwargs):

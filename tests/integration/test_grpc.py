@@ -233,6 +233,16 @@ def test_combinations_register_serve_and_list_through_grpc_and_the_cli(server):
         server.client.unregister_adapter(name)
 
 
+def test_cli_generate_takes_a_structured_output(server):
+    cli = [sys.executable, "-m", "loramux.server.cli", "generate", "--server", server.target, "--raw",
+           "--max-new-tokens", "20"]
+    for flags, check in ((["--choice", "yes", "no"], lambda t: t in ("yes", "no")),
+                         (["--regex", "[0-9]{2,4}"], lambda t: t.isdigit() and 2 <= len(t) <= 4),
+                         (["--grammar", 'start: "<" /[a-c]{3}/ ">"'], lambda t: len(t) == 5 and t[0] == "<")):
+        out = subprocess.run([*cli, "hello", *flags], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and check(out.stdout.strip()), (flags, out.stdout, out.stderr)
+
+
 def test_keep_resident_holds_adapters_on_the_device_and_refuses_past_the_room(server, tiny_adapters, adapter_root):
     """A pool of 4 x 64 pages: kept adapters may hold 256 - 64 (room for one of --max-lora-rank)."""
     path = shutil.copytree(tiny_adapters["attn-r64"], adapter_root / "kept64")
