@@ -16,7 +16,8 @@ Structured output comes as OpenAI's ``response_format`` (json_object, json_schem
 extensions (``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``, or
 ``structured_outputs`` with one of json, json_object, regex, choice, grammar), on both endpoints.
 A chat's forced tool call (tool_choice "required" or a named function) is one too: its text,
-generated under the tools' schemas, comes back as message.tool_calls.
+generated under the tools' schemas, comes back as message.tool_calls. Those fields' shapes and
+mapping are in server/openai_structured.py.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from .errors import RequestInvalid
+from .openai_structured import (
+    STRUCTURED_OUTPUTS_KEYS,
+    NamedToolChoice,
+    Tool,
+    ToolCalls,
+    output_from,
+    response_format_output,
+)
 from .requests import FinishReason, OutputKind, SamplingParams, StructuredOutput, TokenEvent, TokenLogprob
 from .service import Prompt
 
@@ -117,61 +126,24 @@ class _Common(BaseModel):
         asked = []
         fmt = self.response_format
         if fmt is not None and fmt.get("type", "text") != "text":
-            asked.append(("response_format", _response_format(fmt)))
+            asked.append(("response_format", response_format_output(fmt)))
         for name, kind in (("guided_json", OutputKind.JSON_SCHEMA), ("guided_regex", OutputKind.REGEX),
                            ("guided_choice", OutputKind.CHOICE), ("guided_grammar", OutputKind.GRAMMAR)):
             value = getattr(self, name)
             if value is not None:
-                asked.append((name, _structured(kind, value)))
+                asked.append((name, output_from(kind, value)))
         for key, value in (self.structured_outputs or {}).items():
             kind = STRUCTURED_OUTPUTS_KEYS.get(key)
             if kind is None:
                 raise RequestInvalid(f"structured_outputs.{key[:32]} is not supported; use one of "
                                      f"{', '.join(STRUCTURED_OUTPUTS_KEYS)}", param="structured_outputs")
             if value is not None and value is not False:
-                asked.append(("structured_outputs", _structured(kind, value)))
+                asked.append(("structured_outputs", output_from(kind, value)))
         return asked
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
-
-
-ANY_JSON_OBJECT = '{"type": "object"}'
-# vLLM's structured_outputs keys ("json_object": true asks for any JSON object)
-STRUCTURED_OUTPUTS_KEYS = {"json": OutputKind.JSON_SCHEMA, "json_object": OutputKind.JSON_SCHEMA,
-                           "regex": OutputKind.REGEX, "choice": OutputKind.CHOICE, "grammar": OutputKind.GRAMMAR}
-
-
-def _structured(kind: OutputKind, value) -> StructuredOutput:
-    """A structured output from a body's value: a JSON schema as an object or as JSON text (True:
-    any JSON object), a choice as a list of strings, a regex or grammar as a string."""
-    if kind is OutputKind.JSON_SCHEMA:
-        if value is True:
-            return StructuredOutput(kind, ANY_JSON_OBJECT)
-        return StructuredOutput(kind, value if isinstance(value, str) else json.dumps(value))
-    if kind is OutputKind.CHOICE:
-        return StructuredOutput(kind, json.dumps(value))  # the engine checks it is a list of strings
-    if not isinstance(value, str):
-        raise RequestInvalid(f"a {kind.value} must be a string", param="structured_outputs")
-    return StructuredOutput(kind, value)
-
-
-def _response_format(fmt: dict) -> StructuredOutput:
-    """OpenAI's response_format: {"type": "json_object"}, or {"type": "json_schema", "json_schema":
-    {"name", "schema", "strict", "description"}} (the schema is what constrains)."""
-    kind = fmt.get("type")
-    if kind == "json_object":
-        return StructuredOutput(OutputKind.JSON_SCHEMA, ANY_JSON_OBJECT)
-    if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict | bool):
-            raise RequestInvalid("response_format.json_schema.schema must be a JSON schema object",
-                                 param="response_format")
-        return StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(schema))
-    raise RequestInvalid(f"response_format type {str(kind)[:32]!r} is not supported; use text, json_object or "
-                         "json_schema", param="response_format")
 
 
 class CompletionRequest(_Common):
@@ -224,58 +196,6 @@ class ChatMessage(BaseModel):
                                      param="messages")
             parts.append(part.text or "")
         return "".join(parts)
-
-
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    description: str | None = None
-    parameters: dict | None = None  # a JSON schema of the arguments; unset: no arguments
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class FunctionName(BaseModel):
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"]
-    function: FunctionName
-
-
-@dataclass(frozen=True)
-class ToolCalls:
-    """A forced tool call (tool_choice "required" or a named function): the text generated under
-    its schema, turned into OpenAI's tool_calls. ``name``: the named function, whose arguments the
-    text is; None: "required", where the text is a JSON list of {"name", "parameters"}."""
-
-    name: str | None
-
-    @property
-    def finish_reason(self) -> str:
-        return "stop" if self.name else "tool_calls"  # as OpenAI answers a named tool_choice
-
-    def calls(self, text: str) -> list[dict] | None:
-        """The tool calls the text makes; None if it is not complete (cut by max_tokens or a stop)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        if self.name is not None:
-            return [_tool_call(self.name, text)]
-        try:  # the grammar made it a list of {"name", "parameters"}
-            return [_tool_call(item["name"], json.dumps(item["parameters"])) for item in value]
-        except (KeyError, TypeError):
-            return None
-
-
-def _tool_call(name: str, arguments: str) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 class ChatCompletionRequest(_Common):
