@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING
 
 from ..v1 import loramux_pb2 as pb
 from .errors import RequestInvalid
-from .requests import OutputKind, SamplingParams, StructuredOutput, Timing, TokenEvent, TokenLogprob
+from .requests import (
+    ANY_JSON_OBJECT,
+    OutputKind,
+    SamplingParams,
+    StructuredOutput,
+    Timing,
+    TokenEvent,
+    TokenLogprob,
+)
 from .service import Prompt
 
 if TYPE_CHECKING:  # the registry imports torch; this module must not
@@ -44,7 +52,7 @@ def structured_from_pb(s: pb.StructuredOutput) -> StructuredOutput:
         raise RequestInvalid("structured_output sets no constraint: set one of json_schema, json_object (true), "
                              "regex, choice, grammar")
     if which == "json_object":
-        return StructuredOutput(OutputKind.JSON_SCHEMA, '{"type": "object"}')
+        return ANY_JSON_OBJECT
     if which == "choice":
         return StructuredOutput(OutputKind.CHOICE, json.dumps(list(s.choice.choices)))
     return StructuredOutput(OutputKind(which), getattr(s, which))

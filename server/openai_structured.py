@@ -12,9 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from .errors import RequestInvalid
-from .requests import OutputKind, StructuredOutput
+from .requests import ANY_JSON_OBJECT, OutputKind, StructuredOutput
 
-ANY_JSON_OBJECT = '{"type": "object"}'
 # vLLM's structured_outputs keys ("json_object": true asks for any JSON object)
 STRUCTURED_OUTPUTS_KEYS = {"json": OutputKind.JSON_SCHEMA, "json_object": OutputKind.JSON_SCHEMA,
                            "regex": OutputKind.REGEX, "choice": OutputKind.CHOICE, "grammar": OutputKind.GRAMMAR}
@@ -25,7 +24,7 @@ def output_from(kind: OutputKind, value) -> StructuredOutput:
     any JSON object), a choice as a list of strings, a regex or grammar as a string."""
     if kind is OutputKind.JSON_SCHEMA:
         if value is True:
-            return StructuredOutput(kind, ANY_JSON_OBJECT)
+            return ANY_JSON_OBJECT
         return StructuredOutput(kind, value if isinstance(value, str) else json.dumps(value))
     if kind is OutputKind.CHOICE:
         return StructuredOutput(kind, json.dumps(value))  # the engine checks it is a list of strings
@@ -39,7 +38,7 @@ def response_format_output(fmt: dict) -> StructuredOutput:
     {"name", "schema", "strict", "description"}} (the schema is what constrains)."""
     kind = fmt.get("type")
     if kind == "json_object":
-        return StructuredOutput(OutputKind.JSON_SCHEMA, ANY_JSON_OBJECT)
+        return ANY_JSON_OBJECT
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None

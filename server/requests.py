@@ -25,7 +25,7 @@ GREEDY_TEMPERATURE = 1e-5
 class OutputKind(Enum):
     """What a structured output's ``spec`` is."""
 
-    JSON_SCHEMA = "json_schema"  # a JSON schema (JSON text); '{"type": "object"}' is OpenAI's json_object
+    JSON_SCHEMA = "json_schema"  # a JSON schema (JSON text); ANY_JSON_OBJECT is OpenAI's json_object
     REGEX = "regex"  # the whole output matches it (Rust regex syntax)
     CHOICE = "choice"  # a JSON list of strings: the output is one of them
     GRAMMAR = "grammar"  # a context-free grammar, Lark or GBNF (llama.cpp's)
@@ -38,6 +38,9 @@ class StructuredOutput:
 
     kind: OutputKind
     spec: str
+
+
+ANY_JSON_OBJECT = StructuredOutput(OutputKind.JSON_SCHEMA, '{"type": "object"}')  # OpenAI's json_object
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Penalties, biases or a structured output's mask change this request's logits before its
-        token is picked."""
+        """Penalties or biases change this request's logits before its token is picked (a
+        structured output's mask does too: the sampler sees it as the row's mask)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.logit_bias) or self.structured_output is not None)
+                or bool(self.logit_bias))
 
 
 class FinishReason(Enum):

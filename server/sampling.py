@@ -176,10 +176,9 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
     row has none.
 
     In order, as vLLM: logit biases, the repetition penalty, the presence and frequency
-    penalties, then banned and disallowed tokens (last: the repetition penalty's clamp would lift
-    a -inf), then
-    temperature, top-k and top-p, all batched tensor ops over per-row parameters; rows with a
-    top-k work on their top candidates only. Each sampling row draws with one uniform
+    penalties, then banned and masked tokens (last: the repetition penalty's clamp would lift a
+    -inf), then temperature, top-k and top-p, all batched tensor ops over per-row parameters;
+    rows with a top-k work on their top candidates only. Each sampling row draws with one uniform
     from its own generator (``_draw``), so a seeded row gives the same token whatever else is in
     the batch. Safe for every value validation accepts: the logits are shifted so that their
     maximum is 0 before the division by the temperature (>= GREEDY_TEMPERATURE), so no value
@@ -219,8 +218,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int
            banned: list[list[int] | None] | None = None,
            masks: list[torch.Tensor | None] | None = None) -> list[int | Exception]:
     """logits: [N, V] float32, one row per request, on any device; ``seen``, ``generated``,
-    ``banned`` and ``masks`` as for ``sample_rows``. Everything runs where the logits are; only the token ids
-    and the rows' finite flags leave, in one copy.
+    ``banned`` and ``masks`` as for ``sample_rows``. Everything runs where the logits are; only the
+    token ids and the rows' finite flags leave, in one copy.
 
     Each row gets its token, or the exception that sampling it raised (NonFiniteLogits for a row
     with NaN or infinite logits): one request's failure never touches the other rows."""

@@ -83,11 +83,14 @@ def test_a_combination_equals_peft_cat_in_a_batch_with_its_parts(built, tiny_lla
 
 
 def test_a_combination_outlives_its_parts_being_replaced(built, tiny_adapters):
-    """Registered as its parts were: replacing a part (new weights) leaves it as it was."""
-    built.registry.register_combination("frozen", [("attn-r4", 1.0)], on_commit=built.manager.on_register)
+    """Registered as its parts were: replacing a part (new weights) leaves it as it was, also when
+    it is read from disk again after an eviction."""
+    frozen = built.registry.register_combination("frozen", [("attn-r4", 1.0)], on_commit=built.manager.on_register)
     before = run(built.engine, [("frozen", PROMPTS[0])])[0]
     built.registry.register("attn-r4", tiny_adapters["all-r8"], replace=True, trusted=True)
     try:
+        built.manager.pool.evict(frozen.key)  # idle (no pins): its next request reads its parts' files
+        assert built.manager.tier(frozen.key) == "disk"
         assert run(built.engine, [("frozen", PROMPTS[0])])[0] == before
         assert run(built.engine, [("attn-r4", PROMPTS[0])])[0] != before
     finally:
