@@ -63,6 +63,7 @@ class AdapterSpec:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    use_dora: bool = False  # weight-decomposed: each targeted output row rescaled by its learned magnitude
     base_model_name_or_path: str | None = None
     # compiled regexes, made by parse_adapter_config: key -> pattern, and target_modules as a regex
     _rank_re: dict = field(default_factory=dict, compare=False, repr=False)
@@ -83,8 +84,11 @@ class AdapterSpec:
     def scaling_identity(self) -> str:
         """Canonical JSON of every field that changes what the adapter computes: with the
         weights' hash it names the served function (the content hash)."""
-        return json.dumps({"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
-                           "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}, sort_keys=True)
+        fields = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
+                  "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}
+        if self.use_dora:  # only when set: plain adapters keep the content hash they had
+            fields["use_dora"] = True
+        return json.dumps(fields, sort_keys=True)
 
     @property
     def target_names(self) -> list[str]:
@@ -112,8 +116,6 @@ def parse_adapter_config(raw: dict) -> AdapterSpec:
     for name in REQUIRED_FIELDS:
         if raw.get(name) in (None, "", []):
             raise _refuse(name, "is required")
-    if raw.get("use_dora"):
-        raise _refuse("use_dora", "DoRA adapters are not supported")
     if raw.get("modules_to_save"):
         raise _refuse("modules_to_save", "fully trained extra modules are not supported")
     if raw.get("bias", "none") != "none":
@@ -146,6 +148,7 @@ def parse_adapter_config(raw: dict) -> AdapterSpec:
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         fan_in_fan_out=_flag(raw, "fan_in_fan_out"),
+        use_dora=_flag(raw, "use_dora"),
         base_model_name_or_path=base if isinstance(base, str) else None,
         _rank_re={k: _pattern_regex(k, "rank_pattern") for k in rank_pattern},
         _alpha_re={k: _pattern_regex(k, "alpha_pattern") for k in alpha_pattern},

@@ -49,7 +49,18 @@ def select_victims(lru_order: list[tuple[AdapterKey, int]], pinned: set[AdapterK
 class Resident:
     pages: torch.Tensor  # [rank] page ids, on the host: plans upload them with the step's metadata
     kinds: frozenset[str]  # module kinds the adapter targets; other kinds' pages are never read
+    magnitude: bool = False  # DoRA: the last page holds the magnitude scale, not a rank row
     pins: int = 0
+
+    @property
+    def lora_pages(self) -> torch.Tensor:
+        """The rank rows' pages, which the LoRA ops read."""
+        return self.pages[:-1] if self.magnitude else self.pages
+
+    @property
+    def magnitude_page(self) -> int | None:
+        """DoRA's page of per-output scales (ops/dora.py), or None."""
+        return int(self.pages[-1]) if self.magnitude else None
 
 
 class DevicePool:
@@ -118,10 +129,6 @@ class DevicePool:
             res = self._resident.get(key)
             return None if res is None else res.pages
 
-    def kinds_of(self, key: AdapterKey) -> frozenset[str]:
-        with self._lock:
-            return self._resident[key].kinds
-
     def pinned(self) -> set[AdapterKey]:
         with self._lock:
             return {k for k, r in self._resident.items() if r.pins}
@@ -140,12 +147,13 @@ class DevicePool:
         with self._lock:
             return len(self._free_pages)
 
-    def pin(self, key: AdapterKey) -> torch.Tensor:
+    def pin(self, key: AdapterKey) -> Resident:
+        """Pin a resident adapter; its pages stay put until ``unpin``."""
         with self._lock:
             res = self._resident[key]
             res.pins += 1
             self._resident.move_to_end(key)
-            return res.pages
+            return res
 
     def unpin(self, key: AdapterKey) -> None:
         with self._lock:
@@ -203,6 +211,8 @@ class DevicePool:
                     if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
                         a_store.index_fill_(0, index, 0)
                         b_store.index_fill_(0, index, 0)
+                        if weights.magnitude:  # and DoRA leaves its outputs as they are
+                            b_store.index_fill_(0, index[-1:], 1)
                     elif self._copy_rows is not None:
                         dst += (a_store, b_store)
                         src += (a.contiguous(), b.contiguous())
@@ -218,7 +228,7 @@ class DevicePool:
             raise
         with self._lock:
             self._copying.discard(key)
-            self._resident[key] = Resident(pages, kinds)
+            self._resident[key] = Resident(pages, kinds, weights.magnitude)
             self.reloads.loaded(key)
 
     def cancel(self, key: AdapterKey, pages: torch.Tensor) -> None:

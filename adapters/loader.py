@@ -16,7 +16,8 @@ import json
 import re
 import struct
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +32,13 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 PICKLE_OVERHEAD = 1 << 20  # a pickle's framing beyond its tensors' bytes
 RACY_NS = 2_000_000_000  # a file changed less than this before it was hashed is hashed at every load
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
+                  r"(?:lora_(?P<ab>[AB])(?:\.default)?\.weight|lora_magnitude_vector(?:\.default)?(?:\.weight)?)$")
+
+
+def _part(match: re.Match) -> str:
+    """"A", "B", or "M" for DoRA's magnitude vector."""
+    return match["ab"] or "M"
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class LoRALayout:
     shapes: dict[str, tuple[int, int]]
     num_layers: int
     fused: tuple[tuple[str, ...], ...] = ()
+    # (layer, kind) -> the base weight W [out, in] as served, on its device: DoRA's scale depends on
+    # it. None where no model is at hand (a layout from the config alone): DoRA adapters are refused.
+    base_weight: Callable[[int, str], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -77,6 +87,12 @@ class AdapterManifest:
     # the same identity skips the hash (any write changes ctime). None: written too recently to
     # tell, so every load hashes.
     weights_identity: tuple[int, ...] | None = None
+    magnitude: bool = False  # DoRA: one page more than ``rank`` rows of LoRA, holding the magnitude scale
+
+    @property
+    def lora_rank(self) -> int:
+        """The adapter's largest module rank (``rank`` counts DoRA's magnitude page too)."""
+        return self.rank - self.magnitude
 
 
 @dataclass(frozen=True)
@@ -84,20 +100,24 @@ class LoRAWeights:
     """One adapter in host memory, padded to ``rank`` rows per module with the scaling folded in.
 
     ``a[(layer, kind)]``: [rank, in]; ``b[(layer, kind)]``: [rank, out] = (s * B).T.
-    Modules the adapter does not target are absent.
+    Modules the adapter does not target are absent. A DoRA adapter's last row is its magnitude page.
     """
 
     rank: int
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
     flat: torch.Tensor | None = None  # the one buffer a and b view (see ``over``), if they share one
+    # DoRA: the last row is no rank row but the magnitude page, a = 0 and b = g = m / ||W + s B A||
+    # per output row (ops/dora.py); the LoRA rows are the ``rank - 1`` before it
+    magnitude: bool = False
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
     @classmethod
-    def over(cls, flat: torch.Tensor, modules: list[tuple[int, str]], rank: int, layout: LoRALayout) -> LoRAWeights:
+    def over(cls, flat: torch.Tensor, modules: list[tuple[int, str]], rank: int, layout: LoRALayout,
+             magnitude: bool = False) -> LoRAWeights:
         """Views of ``flat``: per module in ``modules`` order, A [rank, in] then B [rank, out]."""
         a, b, at = {}, {}, 0
         for key in modules:
@@ -108,7 +128,7 @@ class LoRAWeights:
             at += rank * out_f
         if at != flat.numel():
             raise ValueError(f"a flat adapter buffer of {flat.numel()} values for a layout of {at}")
-        return cls(rank, a, b, flat)
+        return cls(rank, a, b, flat, magnitude)
 
     def clone(self, into: torch.Tensor | None = None) -> LoRAWeights:
         """A copy in a buffer of its own (one copy of ``flat``, the same views into it): a new one,
@@ -124,7 +144,7 @@ class LoRAWeights:
             at = t.storage_offset() - base
             return flat[at : at + t.numel()].view(t.shape)
         return LoRAWeights(self.rank, {k: view(t) for k, t in self.a.items()}, {k: view(t) for k, t in self.b.items()},
-                           flat)
+                           flat, self.magnitude)
 
     def nonfinite_module(self) -> tuple[int, str] | None:
         """The first module holding a NaN or an Inf, or None. The sum of finite values is finite
@@ -226,8 +246,9 @@ def _modules_from_shapes(
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if m is None:
-            raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights are supported")
-        found.setdefault(m["module"], {})[m["ab"]] = list(shape)
+            raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights and DoRA's "
+                                 "lora_magnitude_vector are supported")
+        found.setdefault(m["module"], {})[_part(m)] = list(shape)
     if not found:
         raise AdapterInvalid("the adapter holds no LoRA weights")
     if spec is not None:
@@ -242,10 +263,20 @@ def _modules_from_shapes(
         if module not in layout.modules:
             raise AdapterInvalid(f"module {clip(module)} is not a supported LoRA target of this model; "
                                  f"supported kinds: {sorted(layout.kinds)}")
-        if set(ab) != {"A", "B"}:
-            raise AdapterInvalid(f"module {clip(module)} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
+        if not {"A", "B"} <= set(ab):
+            have = "lora_A" if "A" in ab else "lora_B" if "B" in ab else "lora_magnitude_vector"
+            raise AdapterInvalid(f"module {clip(module)} has {have} but not lora_A and lora_B")
         _, kind = layout.modules[module]
         in_f, out_f = layout.shapes[kind]
+        if "M" in ab and ab["M"] != [out_f]:
+            raise AdapterInvalid(f"module {clip(module)}: lora_magnitude_vector {ab['M']} does not fit the base "
+                                 f"model's {kind}, which has {out_f} outputs")
+        if spec is not None and spec.use_dora != ("M" in ab):
+            raise AdapterInvalid(
+                f"adapter_config.json field 'use_dora' is true, but module {clip(module)} has no lora_magnitude_vector"
+                if spec.use_dora else
+                f"module {clip(module)} has a DoRA lora_magnitude_vector, but adapter_config.json field 'use_dora' "
+                "is not true")
         if len(ab["A"]) != 2 or len(ab["B"]) != 2:
             raise AdapterInvalid(f"module {clip(module)}: lora_A and lora_B must be matrices")
         (ra, ia), (ob, rb) = ab["A"], ab["B"]
@@ -264,6 +295,12 @@ def _modules_from_shapes(
             )
         ranks[module] = ra
     return ranks
+
+
+def _check_dora(spec: AdapterSpec, layout: LoRALayout) -> None:
+    if spec.use_dora and layout.base_weight is None:
+        raise AdapterInvalid("adapter_config.json field 'use_dora': DoRA needs the base model's weights, which this "
+                             "layout does not hold")
 
 
 def _unpickle(data: bytes, name: str) -> dict[str, torch.Tensor]:
@@ -330,11 +367,13 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     else:
         shapes = {k: v["shape"] for k, v in header.items()}
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
-    rank = max(ranks.values())
+    _check_dora(spec, layout)
+    rank = max(ranks.values()) + spec.use_dora
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
     digest = hashlib.sha256(data).hexdigest()
     content = hashlib.sha256(f"{digest}\n{spec.scaling_identity()}".encode()).hexdigest()
-    return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content, identity)
+    return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content, identity,
+                           spec.use_dora)
 
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -399,8 +438,9 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
-        by_module.setdefault(m["module"], {})[m["ab"]] = t
-    rank = max(ranks.values())
+        by_module.setdefault(m["module"], {})[_part(m)] = t
+    _check_dora(spec, layout)
+    rank = max(ranks.values()) + spec.use_dora
     names = {layout.modules[m]: m for m in by_module}
     modules = sorted(names)
     numel = flat_numel(modules, rank, layout)
@@ -410,7 +450,7 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         raise ValueError(f"out must be a contiguous 1-D {dtype} buffer of at least {numel} values")
     else:
         flat = out[:numel]
-    weights = LoRAWeights.over(flat, modules, rank, layout)
+    weights = LoRAWeights.over(flat, modules, rank, layout, spec.use_dora)
     scales = [spec.scaling(names[key], ranks[names[key]]) for key in modules]
     if convert is not None:
         finite = convert(weights.flat, [by_module[names[k]]["A"].contiguous() for k in modules],
@@ -438,7 +478,27 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         module = names[bad]
         raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "
                              f"{spec.scaling(module, ranks[module]):g} and cast to {str(dtype).removeprefix('torch.')}")
+    if spec.use_dora:
+        for key, s in zip(modules, scales, strict=True):
+            module = names[key]
+            g = dora_scale(by_module[module]["M"], layout.base_weight(*key), by_module[module]["A"],
+                           by_module[module]["B"], s)
+            weights.b[key][-1].copy_(g)
+            if not torch.isfinite(weights.b[key][-1]).all():
+                raise AdapterInvalid(f"module {clip(module)}: DoRA's scale (lora_magnitude_vector over the norm of "
+                                     f"each row of W + s B A) is NaN or Inf in {str(dtype).removeprefix('torch.')}")
     return weights
+
+
+def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               s: float) -> torch.Tensor:
+    """DoRA's factor on each output (PEFT's ``mag_norm_scale``), in float32 on the host:
+        g = m / ||W + s B A||_row,   so that DoRA's y = g * (x W^T + s x A^T B^T) + bias.
+    magnitude m: [out]; weight W: [out, in], on any device (computed there); a: [r, in]; b: [out, r]."""
+    w = weight.float()
+    delta = b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)
+    norm = torch.linalg.norm(w + s * delta, dim=1)
+    return (magnitude.to(w.device, torch.float32) / norm).cpu()
 
 
 def combine_weights(parts: list[tuple[LoRAWeights, float]], layout: LoRALayout, dtype: torch.dtype,

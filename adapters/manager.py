@@ -29,7 +29,7 @@ from enum import Enum
 import torch
 
 from .converted_cache import ConvertedCache
-from .device_pool import AdapterKey, DevicePool
+from .device_pool import AdapterKey, DevicePool, Resident
 from .errors import AdapterError, AdapterInvalid, AdapterLoadFailed, AdapterLoadTimeout, AdapterNoRoom, clip
 from .files import ReadBuffer
 from .host_cache import HostCache
@@ -176,11 +176,12 @@ class AdapterManager:
         if self.fault_hook is not None:
             self.fault_hook("read", key[0])
         content_hash, converted = entry.manifest.content_hash, None
+        # DoRA's scale depends on the base weights, which a converted file's name does not: converted anew
+        cache = None if entry.manifest.magnitude else self.converted
         out = self._scratch() if self._exclusive else None
         try:
-            weights = None if self.converted is None else self.converted.read(content_hash, self.dtype,
-                                                                               self._pin_memory, out,
-                                                                               entry.manifest.rank)
+            weights = None if cache is None else cache.read(content_hash, self.dtype, self._pin_memory, out,
+                                                            entry.manifest.rank)
             if weights is None:
                 weights = converted = self._load(entry, out)
         except AdapterInvalid as e:  # the adapter's own fault: a clear refusal, no traceback
@@ -220,8 +221,8 @@ class AdapterManager:
         finally:
             with self._lock:
                 self._landing.discard(key)
-        if converted is not None and self.converted is not None:  # last: nothing waits for it
-            self.converted.write(content_hash, self.dtype, converted)
+        if converted is not None and cache is not None:  # last: nothing waits for it
+            cache.write(content_hash, self.dtype, converted)
 
     def _load(self, entry, out: torch.Tensor | None):
         """An adapter's weights from its files into ``out`` (if given); a combination's from its
@@ -257,7 +258,8 @@ class AdapterManager:
         buf = getattr(self._local, "scratch", None)
         if buf is None:
             layout = self.registry.layout
-            numel = flat_numel(list(layout.modules.values()), self.registry.max_rank, layout)
+            # one page more than --max-lora-rank: a DoRA adapter's magnitude page
+            numel = flat_numel(list(layout.modules.values()), self.registry.max_rank + 1, layout)
             buf = self._local.scratch = torch.empty(numel, dtype=self.dtype)
         return buf
 
@@ -446,8 +448,8 @@ class AdapterManager:
     def num_kept(self) -> int:
         return len(self._kept)
 
-    def pin(self, key: AdapterKey) -> torch.Tensor:
-        """Pin a READY (device-resident) adapter for one request and return its pages."""
+    def pin(self, key: AdapterKey) -> Resident:
+        """Pin a READY (device-resident) adapter for one request and return its placement."""
         self._device_hits += 1
         return self.pool.pin(key)
 

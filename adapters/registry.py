@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
+from .errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
 from .files import inside
 from .loader import AdapterManifest, LoRALayout, combination_manifest, inspect_adapter
 
@@ -53,8 +53,11 @@ class RegisteredAdapter:
 
 class AdapterRegistry:
     def __init__(self, layout: LoRALayout, max_rank: int, element_size: int, roots: tuple[Path, ...] = (),
-                 allow_pickle: bool = False, max_adapters: int = 4096):
+                 allow_pickle: bool = False, max_adapters: int = 4096, max_pages: int | None = None):
+        """``max_pages``: the device pool's pages (None: unbounded), which a DoRA adapter of rank
+        --max-lora-rank can exceed by its magnitude page."""
         self.layout = layout
+        self.max_pages = max_pages
         self.max_adapters = max_adapters  # bounds ListAdapters' message size
         self.allow_pickle = allow_pickle
         self.max_rank = max_rank
@@ -101,6 +104,9 @@ class AdapterRegistry:
             self._check_room(adapter_id, replace)
         confine = self._confinement(real)
         manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle, confine)
+        if self.max_pages is not None and manifest.rank > self.max_pages:
+            raise AdapterInvalid(f"a DoRA adapter of rank {manifest.lora_rank} needs {manifest.rank} device pages; the "
+                                 f"pool holds {self.max_pages} (--max-device-adapters x --max-lora-rank)")
         with self._lock:
             self._check_room(adapter_id, replace)
             entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine, dynamic=dynamic,
@@ -136,6 +142,8 @@ class AdapterRegistry:
                     raise AdapterNotFound(f"adapter {clip(part)} is not registered")
                 if entry.combine:
                     raise ValueError(f"adapter {clip(part)} is a combination itself: combine the adapters it is made of")
+                if entry.manifest.magnitude:  # its scale multiplies W + s B A as a whole: no sum of deltas
+                    raise ValueError(f"adapter {clip(part)} is a DoRA adapter, which cannot be combined")
                 entries.append((entry, w))
             rank = sum(e.manifest.rank for e, _ in entries)
             if rank > self.max_rank:

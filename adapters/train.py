@@ -36,6 +36,7 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
+    dora: bool = False  # DoRA (PEFT's use_dora): a magnitude per output row trains too
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     steps: int | None = None  # None: epochs over the data
     epochs: int = 1
@@ -147,9 +148,9 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         model = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
     else:
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.dora,
                           target_modules=list(cfg.targets), bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(base, lora)  # freezes every base weight: only A and B train
+        model = get_peft_model(base, lora)  # freezes every base weight: only A and B (and DoRA's m) train
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
     start_step = 0

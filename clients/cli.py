@@ -87,7 +87,8 @@ def cmd_adapters_list(args) -> int:
     for a in adapters:
         kept = "\tkept" if a.keep_resident else ""
         where = " + ".join(f"{w:g} x {part}" for part, w in a.combine) if a.combine else a.path
-        print(f"{a.adapter_id}\trank={a.rank}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{where}")
+        dora = " dora" if a.use_dora else ""
+        print(f"{a.adapter_id}\trank={a.rank}{dora}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{where}")
     return 0
 
 

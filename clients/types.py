@@ -95,12 +95,13 @@ class Adapter:
     weight: float = 1.0  # fair-scheduling share
     keep_resident: bool = False  # kept in device memory, never evicted
     combine: list[tuple[str, float]] = field(default_factory=list)  # a combination: its (adapter id, weight)
+    use_dora: bool = False  # a DoRA adapter
 
     @classmethod
     def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
         return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
                    TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight, a.keep_resident,
-                   [(c.adapter_id, c.weight) for c in a.combine])
+                   [(c.adapter_id, c.weight) for c in a.combine], a.use_dora)
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,10 @@ class AdapterAdmission:
         """Pin the ready adapter of an admitted request (a no-op for the base model)."""
         if seq.adapter is None or seq.pinned:
             return
-        seq.pages = self.adapters.pin(seq.adapter)
+        placed = self.adapters.pin(seq.adapter)
+        seq.pages, seq.magnitude_page, seq.kinds = placed.lora_pages, placed.magnitude_page, placed.kinds
         if seq.cold_adapter:  # how long this request waited for its adapter to load
             seq.adapter_load_seconds = max(0.0, self.adapters.resident_since(seq.adapter) - seq.arrival)
-        seq.kinds = self.adapters.pool.kinds_of(seq.adapter)
         seq.pinned = True
 
     def stage(self, order: list, ready: set) -> None:
@@ -87,4 +87,4 @@ class AdapterAdmission:
         if seq.pinned:
             self.adapters.release(seq.adapter)
             seq.pinned = False
-            seq.pages = None
+            seq.pages = seq.magnitude_page = None

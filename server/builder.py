@@ -108,7 +108,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     element_size = torch.empty(0, dtype=page_dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
                                tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
-                               config.max_registered_adapters)
+                               config.max_registered_adapters, config.device_pages)
     startup = [*config.adapters, *((sub.name, sub) for folder in config.adapter_dirs
                                    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()))]
     for adapter_id, path in startup:

@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, default=8)
     train.add_argument("--alpha", type=float, default=16.0)
     train.add_argument("--dropout", type=float, default=0.05)
+    train.add_argument("--dora", action="store_true", help="train a DoRA adapter (PEFT's use_dora)")
     train.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
     train.add_argument("--epochs", type=int, default=1)
@@ -209,7 +210,7 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(
         model_dir=_model_dir(args), data=args.data, out=args.out, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, targets=tuple(t for t in args.targets.split(",") if t), steps=args.steps,
+        dropout=args.dropout, dora=args.dora, targets=tuple(t for t in args.targets.split(",") if t), steps=args.steps,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         checkpoint_every=args.checkpoint_every, resume=args.resume,
     )

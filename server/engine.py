@@ -451,7 +451,7 @@ class Engine:
                 token_ids=seq.ids[start : start + n], start_pos=start,
                 slots=self.blocks.slot_mapping(seq, start, n), blocks=self.blocks.table(seq), pages=seq.pages,
                 adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.prefill_len,
-                kinds=seq.kinds, prompt_rows=(0, 0) if decode else prompt_rows(seq, start, n),
+                kinds=seq.kinds, magnitude_page=seq.magnitude_page, prompt_rows=(0, 0) if decode else prompt_rows(seq, start, n),
             ))
         constrained = [seq.grammar for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None] if self.overlap_masks else []

@@ -109,10 +109,11 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
     spec = entry.manifest.spec
     return pb.AdapterInfo(
         adapter_id=entry.adapter_id, path=str(entry.path) if show_path and not entry.combine else "",
-        rank=entry.manifest.rank,
+        rank=entry.manifest.lora_rank,
         lora_alpha=spec.lora_alpha,
         target_modules=spec.target_names, size_bytes=entry.manifest.size_bytes, tier=TIER_PB[tier],
         requests_served=entry.requests_served, content_hash=entry.manifest.content_hash, weight=entry.weight,
         keep_resident=entry.keep_resident,
         combine=[pb.WeightedAdapter(adapter_id=part.adapter_id, weight=w) for part, w in entry.combine],
+        use_dora=entry.manifest.magnitude,
     )

@@ -1,7 +1,9 @@
-"""``loramux merge``: write W + s * B A into a full Hugging Face model folder (safetensors)."""
+"""``loramux merge``: write W + s * B A (DoRA: g * (W + s * B A), row by row) into a full Hugging
+Face model folder (safetensors)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,15 +19,23 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     from .models import lora_layout
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    layout = lora_layout(model.config)
-    weights = load_adapter(adapter_dir, layout, max_rank=1 << 16, dtype=torch.float32)
     modules = dict(model.named_modules())
-    by_layer_kind = {v: k for k, v in layout.modules.items()}
+    config_layout = lora_layout(model.config)
+    by_layer_kind = {v: k for k, v in config_layout.modules.items()}
+
+    def weight(layer: int, kind: str) -> torch.Tensor:  # [out, in]: GPT-2's Conv1D keeps [in, out]
+        module = modules[by_layer_kind[(layer, kind)]]
+        return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+    layout = replace(config_layout, base_weight=weight)
+    weights = load_adapter(adapter_dir, layout, max_rank=1 << 16, dtype=torch.float32)
+    rank = weights.rank - weights.magnitude
     for key, a in weights.a.items():  # a: [r, in]; b: [r, out] = (s * B).T
-        module = modules[by_layer_kind[key]]
-        delta = weights.b[key].T @ a  # [out, in]
-        # GPT-2's Conv1D stores its weight as [in, out], nn.Linear as [out, in]
-        module.weight += delta.T if isinstance(module, Conv1D) else delta
+        w = weight(*key)
+        merged = w + weights.b[key][:rank].T @ a[:rank]
+        if weights.magnitude:  # DoRA: each output row times g = m / ||W + s B A|| (the load computed it)
+            merged = weights.b[key][rank][:, None] * merged
+        w.copy_(merged)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)

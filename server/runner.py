@@ -11,7 +11,7 @@ from .attention_metadata import build_attention_metadata
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch
 from .ops import LoRAPlan, LoRAPlans, merge_plans, plan_segments, plan_tokens
-from .ops.plan import upload
+from .ops.plan import MagnitudeRows, upload
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class WorkItem:
     decode: bool
     needs_logits: bool  # the chunk ends the prompt, or it is a decode
     kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
+    magnitude_page: int | None = None  # a DoRA adapter's page of per-output scales
     prompt_rows: tuple[int, int] = (0, 0)  # [a, b): chunk tokens whose logits are wanted too (prompt logprobs)
 
     def uses(self, kind: str) -> bool:
@@ -44,14 +45,19 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     onto ``device`` in one copy (ops/plan.py ``upload``). Plans that linears share stay shared."""
     plans = list({id(p): p for entries in batch.lora.values() for _, p in entries}.values())
     groups = [g for p in plans for g in p.groups]
+    magnitudes = [p.magnitude for p in plans if p.magnitude is not None]
     host = [getattr(batch, f) for f in STEP_FIELDS]
     for g in groups:
         host += [g.rows, g.pages] + ([] if g.group_ends is None else [g.group_ends])
+    for m in magnitudes:
+        host += [m.rows, m.pages]
     moved = iter(upload(host, device, pin))
     fields = {f: next(moved) for f in STEP_FIELDS}
     new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
                                  group_ends=None if g.group_ends is None else next(moved)) for g in groups}
-    new_plans = {id(p): LoRAPlan(tuple(new_groups[id(g)] for g in p.groups)) for p in plans}
+    new_magnitudes = {id(m): MagnitudeRows(next(moved), next(moved)) for m in magnitudes}
+    new_plans = {id(p): LoRAPlan(tuple(new_groups[id(g)] for g in p.groups),
+                                 None if p.magnitude is None else new_magnitudes[id(p.magnitude)]) for p in plans}
     lora = {kinds: tuple((used, new_plans[id(p)]) for used, p in entries) for kinds, entries in batch.lora.items()}
     return replace(batch, **fields, lora=lora)
 
@@ -100,7 +106,17 @@ class ModelRunner:
                 index[it.adapter] = len(adapter_pages)
                 adapter_pages.append(it.pages)
             token_adapter.append(index[it.adapter])
-        return merge_plans(plan_segments(seg_starts, seg_pages), plan_tokens(token_adapter, adapter_pages))
+        plan = merge_plans(plan_segments(seg_starts, seg_pages), plan_tokens(token_adapter, adapter_pages))
+        rows, pages = [], []  # DoRA adapters' rows, each with its adapter's magnitude page
+        spans = [(i, seg_starts[k], seg_starts[k + 1]) for k, i in enumerate(prefill)]
+        spans += [(i, num_prefill + k, num_prefill + k + 1) for k, i in enumerate(decode)]
+        for i, lo, hi in spans:
+            if i in selected and items[i].magnitude_page is not None:
+                rows.extend(range(lo, hi))
+                pages.extend([items[i].magnitude_page] * (hi - lo))
+        if rows:
+            plan = replace(plan, magnitude=MagnitudeRows(_longs(rows), _longs(pages)))
+        return plan
 
     def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int], list[tuple[int, int]]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);

@@ -34,6 +34,7 @@ class Sequence:
     prefill_len: int = 0  # tokens to prefill before decoding: the prompt, or after a preemption all ids
     num_cached: int = 0  # prompt tokens served from the prefix cache
     pages: torch.Tensor | None = None
+    magnitude_page: int | None = None  # DoRA's page of per-output scales
     kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
     pinned: bool = False
     text: str = ""  # all generated text so far (stop strings cut it)

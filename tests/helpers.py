@@ -132,7 +132,9 @@ def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, **l
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:  # DoRA: near the base rows' norms, where training keeps it
+                p.mul_(1 + torch.randn(p.shape, generator=gen) * scale)
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     peft_model.save_pretrained(out)
     return out

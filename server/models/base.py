@@ -6,6 +6,8 @@ A family subclass sets ``layers`` (each with ``lora_modules()``), ``final_norm``
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -43,7 +45,15 @@ class ServingModel(nn.Module):
         return None
 
     def lora_layout(self) -> LoRALayout:
-        return self.layout_from_config(self.config)
+        return replace(self.layout_from_config(self.config), base_weight=self.base_weight)
+
+    def base_weight(self, layer: int, kind: str) -> torch.Tensor:
+        """The served weight W [out, in] of one LoRA target (a view of its fused linear's)."""
+        for fused in self.layers[layer].lora_modules():
+            if kind in fused.kinds:
+                j = fused.kinds.index(kind)
+                return fused.weight[fused.bounds[j] : fused.bounds[j + 1]]
+        raise KeyError(f"layer {layer} has no {kind}")
 
     def bind_lora_stores(self, stores: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """stores: (layer, kinds of a fused linear) -> (a_store [P, m, in], b_store [P, sum of outs])."""

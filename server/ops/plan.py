@@ -50,17 +50,31 @@ class RankGroup:
 
 
 @dataclass(frozen=True)
+class MagnitudeRows:
+    """The rows of DoRA adapters and each one's magnitude page (ops/dora.py)."""
+
+    rows: torch.Tensor  # [n] token rows
+    pages: torch.Tensor  # [n] the magnitude page of each row's adapter
+
+    def to(self, device) -> MagnitudeRows:
+        return MagnitudeRows(self.rows.to(device), self.pages.to(device))
+
+
+@dataclass(frozen=True)
 class LoRAPlan:
-    """All rank groups of one step. ``groups == ()`` means an all-base batch."""
+    """All rank groups of one step. ``groups == ()`` means an all-base batch. ``magnitude``: the
+    rows among them whose adapters are DoRA adapters, rescaled once their deltas are in."""
 
     groups: tuple[RankGroup, ...]
+    magnitude: MagnitudeRows | None = None
 
     @property
     def empty(self) -> bool:
         return not self.groups
 
     def to(self, device) -> LoRAPlan:
-        return LoRAPlan(tuple(g.to(device) for g in self.groups))
+        return LoRAPlan(tuple(g.to(device) for g in self.groups),
+                        None if self.magnitude is None else self.magnitude.to(device))
 
 
 # The LoRA work of one step, per fused linear (keyed by its kinds, e.g. ("q_proj", "k_proj",

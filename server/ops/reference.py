@@ -42,3 +42,14 @@ def bgmv_reference(
         if a >= 0:
             pages = adapter_pages[a]
             y[i] += (x[i] @ a_store[pages].T) @ b_store[pages]
+
+
+def dora_rescale_reference(y: torch.Tensor, b_store: torch.Tensor, bias: torch.Tensor | None, row_pages: dict[int, int],
+                           columns: list[int]) -> None:
+    """Semantics, for each row i with DoRA page p = row_pages[i] and each column c in ``columns``:
+        y[i, c] = b_store[p, c] * (y[i, c] - bias[c]) + bias[c]   (bias: 0 when None)
+    """
+    for i, p in row_pages.items():
+        for c in columns:
+            b = 0.0 if bias is None else bias[c]
+            y[i, c] = b_store[p, c].to(y.dtype) * (y[i, c] - b) + b

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from loramux.clients.aio import AsyncLoraMuxClient
 from loramux.clients.types import Sampling
 
-from helpers import peft_generate
+from helpers import build_adapter, peft_generate
 
 PROMPT_IDS = [12, 40, 77, 5, 91, 33]
 GREEDY = Sampling(max_new_tokens=12, ignore_eos=True)
@@ -233,6 +233,25 @@ def test_combinations_register_serve_and_list_through_grpc_and_the_cli(server):
         server.client.unregister_adapter(name)
 
 
+def test_a_dora_adapter_registers_lists_and_serves_as_peft_does(server, tiny_llama, adapter_root):
+    """Registered at run time, listed as DoRA with its own rank, served token for token as PEFT
+    serves it, and refused as part of a combination."""
+    path = build_adapter(tiny_llama, adapter_root / "dora-qv", seed=9, r=4, lora_alpha=8,
+                         target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    info = server.client.register_adapter("dora/qv", str(path))
+    assert (info.rank, info.use_dora) == (4, True)
+    try:
+        listed = subprocess.run([sys.executable, "-m", "loramux.server.cli", "adapters", "list", "--server",
+                                 server.target], capture_output=True, text=True, timeout=120).stdout
+        assert "dora/qv\trank=4 dora\t" in listed, listed
+        got = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="dora/qv", sampling=GREEDY).token_ids
+        assert got == peft_generate(tiny_llama, path, [PROMPT_IDS], GREEDY.max_new_tokens, eos_token_id=None)[0]
+        code, details = code_of(server.client.register_adapter, "combo/dora", combine=[("dora/qv", 1.0)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "DoRA adapter, which cannot be combined" in details
+    finally:
+        server.client.unregister_adapter("dora/qv")
+
+
 def test_cli_generate_takes_a_structured_output(server):
     cli = [sys.executable, "-m", "loramux.server.cli", "generate", "--server", server.target, "--raw",
            "--max-new-tokens", "20"]
@@ -291,7 +310,7 @@ def test_failed_precondition_for_unloadable_adapters(server, tiny_adapters, adap
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     code, details = code_of(server.client.register_adapter, "dora", str(dora))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "use_dora" in details
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "'use_dora' is true, but module" in details
 
 
 def test_resource_exhausted_when_the_queue_is_full(server):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from loramux.adapters.train import DataError, TrainConfig, load_examples, train
 from loramux.server.builder import build_engine
@@ -26,19 +27,22 @@ def data_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_llama, data_file, tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["lora", "dora"])
+def trained(request, tiny_llama, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "adapter"
     cfg = TrainConfig(model_dir=tiny_llama, data=data_file, out=out, rank=8, alpha=16, dropout=0.0, steps=30,
                       lr=5e-3, batch_size=4, max_length=64, targets=("q_proj", "v_proj", "gate_proj"),
-                      checkpoint_every=10)
+                      checkpoint_every=10, dora=request.param)
     return out, train(cfg)
 
 
-def test_thirty_steps_lower_the_loss(trained):
+def test_thirty_steps_lower_the_loss(trained, request):
     out, summary = trained
     assert summary["steps"] == 30 and summary["final_loss"] < 0.7 * summary["first_loss"]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    dora = request.node.callspec.params["trained"]
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] == dora
+    assert dora == any("lora_magnitude_vector" in k for k in load_file(out / "adapter_model.safetensors"))
 
 
 def test_trained_adapter_serves_like_peft(trained, tiny_llama):
@@ -109,16 +113,18 @@ def test_cli_reports_bad_data_with_the_line(tiny_llama, tmp_path, capsys):
     assert "bad.jsonl:1:" in err and "--max-length is 32" in err
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gpt_neo", "bloom"])
-def test_merge_matches_peft_in_every_family(family, tmp_path):
-    """Each family's projection layout, GPT-2's Conv1D ([in, out]) included."""
+def test_merge_matches_peft_in_every_family(family, dora, tmp_path):
+    """Each family's projection layout, GPT-2's Conv1D ([in, out]) included; DoRA adapters too
+    (each output row of W + s B A times m / ||W + s B A||)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_dir = build_llama(tmp_path / "m") if family == "llama" else build_family_model(family, tmp_path / "m")
     variants = FAMILY_ADAPTERS.get(family, {"all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)})
     for i, (name, kwargs) in enumerate(variants.items()):
-        adapter = build_adapter(model_dir, tmp_path / name, seed=i + 1, **kwargs)
+        adapter = build_adapter(model_dir, tmp_path / name, seed=i + 1, use_dora=dora, **kwargs)
         ours = AutoModelForCausalLM.from_pretrained(merge(model_dir, adapter, tmp_path / f"merged-{name}"),
                                                     dtype=torch.float32).eval()
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

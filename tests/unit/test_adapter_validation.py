@@ -1,5 +1,6 @@
 """Adapters are refused, naming the field, rather than served wrong."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,22 +24,29 @@ LAYOUT = LoRALayout(
 BASE = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
 
 
+def lora_tensors(magnitude_shape=None, dora=False) -> dict[str, torch.Tensor]:
+    """Rank-2 weights for every module of LAYOUT; with ``dora``, a magnitude vector each too (of
+    ``magnitude_shape``, default the module's outputs)."""
+    tensors = {}
+    for i in range(2):
+        for k, (fin, fout) in LAYOUT.shapes.items():
+            pre = f"base_model.model.model.layers.{i}.self_attn.{k}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(2, fin)
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, 2)
+            if dora:
+                tensors[f"{pre}.lora_magnitude_vector"] = torch.rand(magnitude_shape or fout) + 0.5
+    return tensors
+
+
 def write_adapter(path, config=None, tensors=None):
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text(json.dumps(config or BASE))
-    if tensors is None:
-        tensors = {}
-        for i in range(2):
-            for k, (fin, fout) in LAYOUT.shapes.items():
-                pre = f"base_model.model.model.layers.{i}.self_attn.{k}"
-                tensors[f"{pre}.lora_A.weight"] = torch.randn(2, fin)
-                tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, 2)
-    save_file(tensors, path / "adapter_model.safetensors")
+    save_file(lora_tensors() if tensors is None else tensors, path / "adapter_model.safetensors")
     return path
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": "yes"}, "use_dora"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "all"}, "bias"),
     ({"target_modules": ["embed_tokens"]}, "target_modules"),
@@ -101,6 +109,68 @@ def test_nonfinite_weights_are_refused_at_load(tmp_path, convert, bad, dtype):
     inspect_adapter(path, LAYOUT, 8, 4)  # the header is fine
     with pytest.raises(AdapterInvalid, match="layers.0.self_attn.v_proj' has NaN or Inf"):
         load_adapter(path, LAYOUT, 8, dtype, convert=convert)
+
+
+BASE_WEIGHTS = {(i, k): torch.randn(fout, fin, generator=torch.Generator().manual_seed(10 * i + len(k)))
+                for i in range(2) for k, (fin, fout) in LAYOUT.shapes.items()}
+DORA_LAYOUT = dataclasses.replace(LAYOUT, base_weight=lambda layer, kind: BASE_WEIGHTS[(layer, kind)])
+
+
+def dora_tensors(magnitude_shape=None) -> dict[str, torch.Tensor]:
+    return lora_tensors(magnitude_shape, dora=True)
+
+
+@pytest.mark.parametrize("convert", CONVERTERS, ids=lambda c: "cpp" if c else "torch")
+def test_a_dora_adapter_loads_with_its_scale_on_a_page_of_its_own(tmp_path, convert):
+    """DoRA: one page more than the rank, holding g = m / ||W + s B A|| per output row."""
+    tensors = dora_tensors()
+    path = write_adapter(tmp_path / "dora", {**BASE, "use_dora": True}, tensors)
+    manifest = inspect_adapter(path, DORA_LAYOUT, max_rank=8, element_size=4)
+    assert (manifest.rank, manifest.lora_rank, manifest.magnitude) == (3, 2, True)
+    assert manifest.content_hash != inspect_adapter(write_adapter(tmp_path / "lora", BASE, {
+        k: v for k, v in tensors.items() if "magnitude" not in k}), LAYOUT, 8, 4).content_hash
+    w = load_adapter(path, DORA_LAYOUT, 8, torch.float32, manifest=manifest, convert=convert)
+    assert w.rank == 3 and w.magnitude
+    for (layer, kind), a in w.a.items():
+        pre = f"base_model.model.model.layers.{layer}.self_attn.{kind}"
+        A, B, m = tensors[f"{pre}.lora_A.weight"], tensors[f"{pre}.lora_B.weight"], tensors[f"{pre}.lora_magnitude_vector"]
+        expected = m / torch.linalg.norm(BASE_WEIGHTS[(layer, kind)] + 2.0 * B @ A, dim=1)
+        torch.testing.assert_close(w.b[(layer, kind)][2], expected)
+        assert not a[2].any()
+        torch.testing.assert_close(w.b[(layer, kind)][:2], 2.0 * B.T)
+
+
+def _without(tensors, *parts):
+    return {k: v for k, v in tensors.items() if not (any(p in k for p in parts) and "layers.1.self_attn.v_proj" in k)}
+
+
+@pytest.mark.parametrize("config, tensors, match", [
+    ({**BASE, "use_dora": True}, lambda: _without(dora_tensors(), "magnitude"),
+     "'use_dora' is true, but module 'model.layers.1.self_attn.v_proj' has no lora_magnitude_vector"),
+    (BASE, dora_tensors, "has a DoRA lora_magnitude_vector, but adapter_config.json field 'use_dora' is not true"),
+    ({**BASE, "use_dora": True}, lambda: dora_tensors(magnitude_shape=5), r"lora_magnitude_vector \[5\] does not fit"),
+    ({**BASE, "use_dora": True}, lambda: _without(dora_tensors(), "lora_A", "lora_B"),
+     "'model.layers.1.self_attn.v_proj' has lora_magnitude_vector but not lora_A and lora_B"),
+])
+def test_bad_dora_adapters_are_refused_naming_the_problem(tmp_path, config, tensors, match):
+    path = write_adapter(tmp_path / "bad", config, tensors())
+    with pytest.raises(AdapterInvalid, match=match):
+        inspect_adapter(path, DORA_LAYOUT, 8, 4)
+
+
+def test_dora_needs_the_base_weights_and_a_finite_scale(tmp_path):
+    tensors = dora_tensors()
+    pre = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors[f"{pre}.lora_B.weight"][3] = 0  # with W's row 3 zero too: ||W + s B A|| = 0 there
+    path = write_adapter(tmp_path / "dora", {**BASE, "use_dora": True}, tensors)
+    with pytest.raises(AdapterInvalid, match="DoRA needs the base model's weights"):
+        inspect_adapter(path, LAYOUT, 8, 4)
+    zero_row = {k: v.clone() for k, v in BASE_WEIGHTS.items()}
+    zero_row[(0, "q_proj")][3] = 0
+    layout = dataclasses.replace(LAYOUT, base_weight=lambda layer, kind: zero_row[(layer, kind)])
+    inspect_adapter(path, layout, 8, 4)
+    with pytest.raises(AdapterInvalid, match="layers.0.self_attn.q_proj': DoRA's scale .* is NaN or Inf"):
+        load_adapter(path, layout, 8, torch.float32)
 
 
 def test_pickle_weights_are_refused(tmp_path):

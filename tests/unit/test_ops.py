@@ -1,12 +1,16 @@
 """Fast LoRA ops, every backend, against the pure-torch reference loops. Without a GPU the Triton
 kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from loramux.server.ops import plan_segments, plan_tokens, select_backend, triton_available
 from loramux.server.ops.cpu_kernel import load_lora_kernel
-from loramux.server.ops.reference import bgmv_reference, sgmv_reference
+from loramux.server.ops.dora import dora_rescale, used_columns
+from loramux.server.ops.plan import MagnitudeRows
+from loramux.server.ops.reference import bgmv_reference, dora_rescale_reference, sgmv_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 IN, OUT = 48, 80
@@ -284,6 +288,7 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
 
     pages = [torch.arange(4), torch.arange(4, 12)]
     shared = merge_plans(plan_segments([0, 3, 5], [pages[0], pages[1]]), plan_tokens([-1] * 5 + [1, 0], pages))
+    shared = dataclasses.replace(shared, magnitude=MagnitudeRows(torch.tensor([3, 4, 5]), torch.tensor([12, 12, 12])))
     other = plan_tokens([-1] * 5 + [0, -1], pages)
     longs = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     batch = StepBatch(input_ids=longs(5, 6, 7, 8, 9, 10, 11), positions=longs(0, 1, 2, 0, 1, 7, 9),
@@ -298,7 +303,10 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
     plan = {kinds: entries[0][1] for kinds, entries in moved.lora.items()}
     assert plan[("q", "k")] is plan[("o",)] and plan[("q", "k")] is not plan[("v",)]  # sharing kept
     assert [used for used, _ in moved.lora[("q", "k")]] == [(0, 1)]
-    storages = set()
+    assert plan[("v",)].magnitude is None
+    magnitude = plan[("q", "k")].magnitude  # a DoRA adapter's rows and magnitude page
+    assert torch.equal(magnitude.rows, longs(3, 4, 5)) and torch.equal(magnitude.pages, longs(12, 12, 12))
+    storages = {magnitude.rows.untyped_storage().data_ptr(), magnitude.pages.untyped_storage().data_ptr()}
     for kinds in batch.lora:
         for old, new in zip(batch.lora[kinds][0][1].groups, moved.lora[kinds][0][1].groups, strict=True):
             assert torch.equal(new.rows, old.rows) and torch.equal(new.pages, old.pages)
@@ -337,3 +345,29 @@ def test_the_cpp_kernel_refuses_mixed_dtypes_it_does_not_serve():
     with pytest.raises(RuntimeError, match="float16 / bfloat16 pages under float32 activations"):
         kernel(y, x, a, b, torch.zeros(1, dtype=torch.long), torch.arange(4), torch.empty(0, dtype=torch.int32), 4,
                [0, 8], [0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)], ids=["qkv", "q-v", "k"])
+def test_dora_rescale_matches_the_reference(dtype, with_bias, used):
+    """Rows of several DoRA adapters (prefill runs and scattered decode rows), each with its own
+    magnitude page, within a fused q|k|v output; columns of unused kinds and other rows unchanged."""
+    gen = torch.Generator().manual_seed(len(used) + with_bias)
+    bounds = (0, 32, 48, 64)
+    y = torch.randn(12, 64, generator=gen, dtype=torch.float32).to(DEVICE)
+    b_store = (torch.rand(9, 64, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(64, generator=gen).to(DEVICE) if with_bias else None
+    row_pages = {0: 3, 1: 3, 2: 3, 5: 7, 8: 1, 11: 7}
+    expected = y.clone()
+    columns = used_columns(bounds, used)
+    dora_rescale_reference(expected, b_store, bias, row_pages, [c for lo, hi in columns for c in range(lo, hi)])
+    rows = torch.tensor(list(row_pages), device=DEVICE)
+    dora_rescale(y, b_store, bias, rows, torch.tensor(list(row_pages.values()), device=DEVICE), columns)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_used_columns_merges_adjacent_kinds():
+    assert used_columns((0, 32, 48, 64), (0, 1, 2)) == [(0, 64)]
+    assert used_columns((0, 32, 48, 64), (0, 2)) == [(0, 32), (48, 64)]
+    assert used_columns((0, 32, 48, 64), (1, 2)) == [(32, 64)]
