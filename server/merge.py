@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.loader import load_adapter
+from ..adapters.loader import load_adapter, row_sq_norms
 
 
 @torch.no_grad()
@@ -27,7 +27,11 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
         module = modules[by_layer_kind[(layer, kind)]]
         return module.weight.T if isinstance(module, Conv1D) else module.weight
 
-    layout = replace(config_layout, base_weight=weight)
+    def dora_base(layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight(layer, kind)
+        return w, row_sq_norms(w)
+
+    layout = replace(config_layout, dora_base=dora_base)
     weights = load_adapter(adapter_dir, layout, max_rank=1 << 16, dtype=torch.float32)
     rank = weights.rank - weights.magnitude
     for key, a in weights.a.items():  # a: [r, in]; b: [r, out] = (s * B).T

@@ -11,7 +11,7 @@ from .attention_metadata import build_attention_metadata
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch
 from .ops import LoRAPlan, LoRAPlans, merge_plans, plan_segments, plan_tokens
-from .ops.plan import MagnitudeRows, upload
+from .ops.plan import MagnitudeRuns, upload
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,12 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     for g in groups:
         host += [g.rows, g.pages] + ([] if g.group_ends is None else [g.group_ends])
     for m in magnitudes:
-        host += [m.rows, m.pages]
+        host += m.tensors
     moved = iter(upload(host, device, pin))
     fields = {f: next(moved) for f in STEP_FIELDS}
     new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
                                  group_ends=None if g.group_ends is None else next(moved)) for g in groups}
-    new_magnitudes = {id(m): MagnitudeRows(next(moved), next(moved)) for m in magnitudes}
+    new_magnitudes = {id(m): m.with_tensors([next(moved) for _ in m.tensors]) for m in magnitudes}
     new_plans = {id(p): LoRAPlan(tuple(new_groups[id(g)] for g in p.groups),
                                  None if p.magnitude is None else new_magnitudes[id(p.magnitude)]) for p in plans}
     lora = {kinds: tuple((used, new_plans[id(p)]) for used, p in entries) for kinds, entries in batch.lora.items()}
@@ -107,16 +107,21 @@ class ModelRunner:
                 adapter_pages.append(it.pages)
             token_adapter.append(index[it.adapter])
         plan = merge_plans(plan_segments(seg_starts, seg_pages), plan_tokens(token_adapter, adapter_pages))
-        rows, pages = [], []  # DoRA adapters' rows, each with its adapter's magnitude page
-        spans = [(i, seg_starts[k], seg_starts[k + 1]) for k, i in enumerate(prefill)]
-        spans += [(i, num_prefill + k, num_prefill + k + 1) for k, i in enumerate(decode)]
-        for i, lo, hi in spans:
-            if i in selected and items[i].magnitude_page is not None:
-                rows.extend(range(lo, hi))
-                pages.extend([items[i].magnitude_page] * (hi - lo))
-        if rows:
-            plan = replace(plan, magnitude=MagnitudeRows(_longs(rows), _longs(pages)))
-        return plan
+
+        def dora(i: int) -> bool:
+            return i in selected and items[i].magnitude_page is not None
+
+        runs = [(seg_starts[k], seg_starts[k + 1], items[i].magnitude_page) for k, i in enumerate(prefill) if dora(i)]
+        decode_runs: list[tuple[int, list[int]]] = []  # adjacent DoRA decode rows: (first row, pages)
+        for k, i in enumerate(decode):
+            if dora(i):
+                row = num_prefill + k
+                if decode_runs and decode_runs[-1][0] + len(decode_runs[-1][1]) == row:
+                    decode_runs[-1][1].append(items[i].magnitude_page)
+                else:
+                    decode_runs.append((row, [items[i].magnitude_page]))
+        runs += [(lo, lo + len(pages), _longs(pages)) for lo, pages in decode_runs]
+        return replace(plan, magnitude=MagnitudeRuns(tuple(runs))) if runs else plan
 
     def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int], list[tuple[int, int]]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);
@@ -125,9 +130,11 @@ class ModelRunner:
         in that order."""
         prefill = sorted((i for i, it in enumerate(items) if not it.decode),
                          key=lambda i: (items[i].adapter is None, str(items[i].adapter)))
-        # decode rows with adapters first, by rank, so that each BGMV group's rows are one slice
+        # decode rows with adapters first, by rank, so that each BGMV group's rows are one slice, and
+        # within a rank DoRA adapters' rows last, so that they are one run to rescale
         decode = sorted((i for i, it in enumerate(items) if it.decode),
-                        key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel()))
+                        key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel(),
+                                       items[i].magnitude_page is not None))
         ids, seg_starts, logits_rows, order, extra, prompt_rows = [], [0], [], [], [], []
         for i in prefill:
             it = items[i]

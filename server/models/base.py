@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ...adapters.loader import LoRALayout
+from ...adapters.loader import LoRALayout, row_sq_norms
 from ..kv_cache import PagedKVCache
 from .batch import StepBatch
 
@@ -45,7 +45,7 @@ class ServingModel(nn.Module):
         return None
 
     def lora_layout(self) -> LoRALayout:
-        return replace(self.layout_from_config(self.config), base_weight=self.base_weight)
+        return replace(self.layout_from_config(self.config), dora_base=self.dora_base)
 
     def base_weight(self, layer: int, kind: str) -> torch.Tensor:
         """The served weight W [out, in] of one LoRA target (a view of its fused linear's)."""
@@ -54,6 +54,15 @@ class ServingModel(nn.Module):
                 j = fused.kinds.index(kind)
                 return fused.weight[fused.bounds[j] : fused.bounds[j + 1]]
         raise KeyError(f"layer {layer} has no {kind}")
+
+    def dora_base(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """W and its rows' squared norms, which DoRA loads need (adapters/loader.py ``dora_scale``);
+        the norms are computed once per target, on the first DoRA load that needs them."""
+        weight = self.base_weight(layer, kind)
+        norms = self.__dict__.setdefault("_row_sq_norms", {})
+        if (layer, kind) not in norms:
+            norms[(layer, kind)] = row_sq_norms(weight)
+        return weight, norms[(layer, kind)]
 
     def bind_lora_stores(self, stores: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """stores: (layer, kinds of a fused linear) -> (a_store [P, m, in], b_store [P, sum of outs])."""

@@ -11,7 +11,6 @@ from torch import nn
 from ..kv_cache import PagedKVCache
 from ..ops import LoRAPlans
 from ..ops.attention import causal_mask, gather_context
-from ..ops.dora import dora_rescale, used_columns
 from .batch import StepBatch
 
 
@@ -58,13 +57,10 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, plans: LoRAPlans, apply_lora) -> torch.Tensor:
         """One LoRA call per set of these kinds that the step's adapters target (usually one):
-        each shrinks its kinds together, in one pass over x; then DoRA adapters' rows are rescaled."""
+        each shrinks its kinds together, in one pass over x (and rescales DoRA adapters' rows)."""
         y = F.linear(x, self.weight, self.bias)
         for used, plan in plans.get(self.kinds, ()):
-            apply_lora(y, x, self.a_store, self.b_store, plan, self.bounds, used)
-            if plan.magnitude is not None:
-                dora_rescale(y, self.b_store, self.bias, plan.magnitude.rows, plan.magnitude.pages,
-                             used_columns(self.bounds, used))
+            apply_lora(y, x, self.a_store, self.b_store, plan, self.bounds, used, self.bias)
         return y
 
 

@@ -1,9 +1,10 @@
-"""DoRA's magnitude (Liu et al., 2024: weight-decomposed low-rank adaptation), for any backend.
+"""DoRA's magnitude (Liu et al., 2024: weight-decomposed low-rank adaptation).
 
 A DoRA adapter serves y = g * (x W^T + s x A^T B^T) + bias, with g = m / ||W + s B A||_row one
 factor per output (adapters/loader.py ``dora_scale``). The LoRA ops add s x A^T B^T as for any
-adapter; this op then rescales the rows of DoRA adapters. g lives in the adapter's magnitude page
-of the b_store, so it pages in and out with the adapter.
+adapter; then the rows of DoRA adapters are rescaled: by this op in the torch and Triton backends,
+inside the C++ kernel as it writes each row (csrc ``dora_row``, the same arithmetic). g lives in
+the adapter's magnitude page of the b_store, so it pages in and out with the adapter.
 """
 
 from __future__ import annotations
@@ -24,22 +25,21 @@ def used_columns(bounds: tuple[int, ...], used: tuple[int, ...]) -> list[tuple[i
     return runs
 
 
-def dora_rescale(y: torch.Tensor, b_store: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
-                 pages: torch.Tensor, columns: list[tuple[int, int]]) -> None:
-    """In place, for each row i of ``rows`` and each column c in ``columns``' runs:
-        y[i, c] = g * (y[i, c] - bias[c]) + bias[c],   g = b_store[pages[i], c]
-    where y[i] already holds x W^T + bias + s x A^T B^T (bias: 0 when None).
+def dora_rescale(y: torch.Tensor, b_store: torch.Tensor, bias: torch.Tensor | None,
+                 runs: tuple[tuple[int, int, int | torch.Tensor], ...], columns: list[tuple[int, int]]) -> None:
+    """In place, for each run (lo, hi, page) of rows and each column c in ``columns``' runs:
+        y[i, c] = g[i, c] * (y[i, c] - bias[c]) + bias[c]   for lo <= i < hi
+    computed as y * g + bias * (1 - g), where y[i] already holds x W^T + bias + s x A^T B^T
+    (bias: 0 when None) and g = b_store[page] for a prefill chunk (one page, an int: broadcast
+    over its rows, nothing gathered), or b_store[page[i - lo]] for decode rows (a [hi - lo] tensor).
 
-    y: [T, O]; b_store: [P, O] (any float dtype; g is cast to y's); bias: [O] or None;
-    rows, pages: [n] long, on y's device.
+    y: [T, O]; b_store: [P, O] (any float dtype: it widens as it multiplies); bias: [O] or None.
     """
-    g_all = b_store.index_select(0, pages)
-    picked = y.index_select(0, rows)
-    for lo, hi in columns:
-        sub, g = picked[:, lo:hi], g_all[:, lo:hi].to(y.dtype)
-        if bias is None:
-            sub.mul_(g)
-        else:
-            b = bias[lo:hi]
-            sub.sub_(b).mul_(g).add_(b)
-    y.index_copy_(0, rows, picked)
+    for lo, hi, page in runs:
+        g = b_store[page] if isinstance(page, int) else b_store.index_select(0, page)  # [O] or [n, O]
+        for c0, c1 in columns:
+            view, gc = y[lo:hi, c0:c1], g[..., c0:c1]
+            view.mul_(gc)
+            if bias is not None:
+                bc = bias[c0:c1]
+                view.add_(bc - bc * gc)

@@ -50,14 +50,32 @@ class RankGroup:
 
 
 @dataclass(frozen=True)
-class MagnitudeRows:
-    """The rows of DoRA adapters and each one's magnitude page (ops/dora.py)."""
+class MagnitudeRuns:
+    """The rows of DoRA adapters in runs of adjacent rows (lo, hi, page), ``page`` the magnitude
+    page (ops/dora.py) of a prefill chunk's adapter (an int), or of each decode row's ([hi - lo])."""
 
-    rows: torch.Tensor  # [n] token rows
-    pages: torch.Tensor  # [n] the magnitude page of each row's adapter
+    runs: tuple[tuple[int, int, int | torch.Tensor], ...]
 
-    def to(self, device) -> MagnitudeRows:
-        return MagnitudeRows(self.rows.to(device), self.pages.to(device))
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [p for _, _, p in self.runs if isinstance(p, torch.Tensor)]
+
+    def with_tensors(self, tensors) -> MagnitudeRuns:
+        """The same runs, their page tensors replaced in order by ``tensors`` (moved elsewhere)."""
+        it = iter(tensors)
+        return MagnitudeRuns(tuple((lo, hi, next(it) if isinstance(p, torch.Tensor) else p) for lo, hi, p in self.runs))
+
+    def to(self, device) -> MagnitudeRuns:
+        return self.with_tensors(t.to(device) for t in self.tensors)
+
+    @cached_property
+    def row_pages(self) -> torch.Tensor:
+        """[last row + 1] int64 on the host: each row's magnitude page, -1 for rows of no DoRA
+        adapter (the C++ kernel's form); built once per step."""
+        out = torch.full((max(hi for _, hi, _ in self.runs),), -1, dtype=torch.long)
+        for lo, hi, page in self.runs:
+            out[lo:hi] = page
+        return out
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,7 @@ class LoRAPlan:
     rows among them whose adapters are DoRA adapters, rescaled once their deltas are in."""
 
     groups: tuple[RankGroup, ...]
-    magnitude: MagnitudeRows | None = None
+    magnitude: MagnitudeRuns | None = None
 
     @property
     def empty(self) -> bool:

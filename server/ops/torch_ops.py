@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .dora import dora_rescale, used_columns
 from .plan import LoRAPlan, RankGroup
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -49,14 +50,15 @@ def fused_args(y: torch.Tensor, a_store: torch.Tensor, bounds, used):
 
 
 class TorchLoRA:
-    """``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None)``, holding its own scratch
-    buffers. With the C++ ``lora_kernel`` (``cpu_kernel.load_lora_kernel()``), every group on the
-    CPU goes to it instead of the gather/bmm/bag sequence."""
+    """``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None, bias=None)``, holding its
+    own scratch buffers. With the C++ ``lora_kernel`` (``cpu_kernel.load_lora_kernel()``), every
+    group on the CPU goes to it instead of the gather/bmm/bag sequence, DoRA's rescale included."""
 
     def __init__(self, lora_kernel=None):
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._kernel = lora_kernel
         self._empty = torch.empty(0, dtype=torch.int32)
+        self._no_mags = torch.empty(0, dtype=torch.long)
 
     @property
     def name(self) -> str:
@@ -101,10 +103,6 @@ class TorchLoRA:
         return v.view(n, rank, s).transpose(1, 2)  # [n, s, rank]
 
     def _apply_group(self, y, x, a_store, b_store, g: RankGroup, bounds, used) -> None:
-        if self._kernel is not None and x.device.type == "cpu":
-            ends = self._empty if g.group_ends is None else g.group_ends
-            self._kernel(y, x, a_store, b_store, g.rows, g.pages, ends, g.rank, bounds, used)
-            return
         n, lo = g.num_rows, g.row_start
         v = self._shrink(x, a_store, g, used)
         # one kind owns the store: BGMV reads it in place (in the activations' dtype only)
@@ -129,14 +127,25 @@ class TorchLoRA:
                 y[:, c0:c1].index_add_(0, g.rows, delta)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, a_store, b_store, plan: LoRAPlan, bounds=None,
-                 used=None) -> None:
+                 used=None, bias: torch.Tensor | None = None) -> None:
         """For every row i the plan assigns pages P_i and each used kind j, with C_j the columns
-        bounds[j]:bounds[j + 1]:  y[i, C_j] += (x[i] @ a_store[P_i, j].T) @ b_store[P_i, C_j].
+        bounds[j]:bounds[j + 1]:  y[i, C_j] += (x[i] @ a_store[P_i, j].T) @ b_store[P_i, C_j];
+        then the rows of DoRA adapters (``plan.magnitude``) are rescaled (ops/dora.py; ``bias``:
+        the linear's, [out], or None).
 
         y: [T, out] (updated in place), x: [T, in], a_store: [num_pages, m, in] (or [num_pages, in]:
         m = 1), b_store: [num_pages, out]; bounds: m + 1 column offsets (default (0, out)); used:
         indices of the kinds these rows use (default all m).
         """
         a_store, bounds, used = fused_args(y, a_store, bounds, used)
+        if self._kernel is not None and x.device.type == "cpu":  # the rescale as each row is written
+            mags = self._no_mags if plan.magnitude is None else plan.magnitude.row_pages
+            bias_arg = self._empty if bias is None else bias
+            for g in plan.groups:
+                ends = self._empty if g.group_ends is None else g.group_ends
+                self._kernel(y, x, a_store, b_store, g.rows, g.pages, ends, g.rank, bounds, used, mags, bias_arg)
+            return
         for g in plan.groups:
             self._apply_group(y, x, a_store, b_store, g, bounds, used)
+        if plan.magnitude is not None:
+            dora_rescale(y, b_store, bias, plan.magnitude.runs, used_columns(bounds, used))

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dora import dora_rescale, used_columns
 from .plan import LoRAPlan, RankGroup
 from .torch_ops import fused_args
 
@@ -245,9 +246,10 @@ class TritonLoRA:
             torch.cuda.synchronize(device)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, a_store, b_store, plan: LoRAPlan, bounds=None,
-                 used=None) -> None:
+                 used=None, bias: torch.Tensor | None = None) -> None:
         """For every row i the plan assigns pages P_i and each used kind j, with C_j the columns
-        bounds[j]:bounds[j + 1]:  y[i, C_j] += (x[i] @ a_store[P_i, j].T) @ b_store[P_i, C_j].
+        bounds[j]:bounds[j + 1]:  y[i, C_j] += (x[i] @ a_store[P_i, j].T) @ b_store[P_i, C_j];
+        then the rows of DoRA adapters are rescaled (ops/dora.py; ``bias``: the linear's, or None).
 
         y: [T, out] (updated in place), x: [T, in], a_store: [num_pages, m, in] (or [num_pages,
         in]), b_store: [num_pages, out]; features unit-stride.
@@ -259,3 +261,5 @@ class TritonLoRA:
         meta = self._meta_for(a_store, bounds, used, x.device)
         for g in plan.groups:
             self._apply_group(y, x, a_store, b_store, g, meta, bounds, used)
+        if plan.magnitude is not None:
+            dora_rescale(y, b_store, bias, plan.magnitude.runs, used_columns(bounds, used))

@@ -50,6 +50,17 @@ def test_structured_output_cost_runs_on_a_tiny_model(tiny_llama):
         assert re.search(rf"{name} +decode step +\d+\.\d ms .* over free text: \d+\.\d{{3}}", proc.stdout), proc.stdout
 
 
+def test_dora_cost_runs_on_a_tiny_model(tiny_llama):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/dora.py"), "--rounds", "1", "--requests", "4",
+                           "--adapters", "2", "--prompt", "8", "--new-tokens", "6", "--model", str(tiny_llama)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("base", "lora", "dora"):
+        assert re.search(rf"{name} +decode step +\d+\.\d ms .* prefill +\d+ tok/s", proc.stdout), proc.stdout
+    assert re.search(r"DoRA decode step over LoRA's: \d+\.\d{3}; DoRA adds -?\d+\.\d% .* prefill over LoRA's: "
+                     r"\d+\.\d{3}", proc.stdout), proc.stdout
+
+
 def test_step_breakdown_runs_on_the_small_model():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/step_breakdown.py"), "--models", "small", "--requests", "4",
                            "--new-tokens", "4", "--rounds", "1"], capture_output=True, text=True, timeout=600)

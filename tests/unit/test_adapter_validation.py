@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from loramux.adapters.config import parse_adapter_config
 from loramux.adapters.errors import AdapterInvalid
-from loramux.adapters.loader import LoRALayout, inspect_adapter, load_adapter
+from loramux.adapters.loader import LoRALayout, inspect_adapter, load_adapter, row_sq_norms
 from loramux.adapters.registry import validate_adapter_id
 from loramux.server.ops.cpu_kernel import load_kernels
 
@@ -113,7 +113,8 @@ def test_nonfinite_weights_are_refused_at_load(tmp_path, convert, bad, dtype):
 
 BASE_WEIGHTS = {(i, k): torch.randn(fout, fin, generator=torch.Generator().manual_seed(10 * i + len(k)))
                 for i in range(2) for k, (fin, fout) in LAYOUT.shapes.items()}
-DORA_LAYOUT = dataclasses.replace(LAYOUT, base_weight=lambda layer, kind: BASE_WEIGHTS[(layer, kind)])
+DORA_LAYOUT = dataclasses.replace(LAYOUT, dora_base=lambda layer, kind: (BASE_WEIGHTS[(layer, kind)],
+                                                                        row_sq_norms(BASE_WEIGHTS[(layer, kind)])))
 
 
 def dora_tensors(magnitude_shape=None) -> dict[str, torch.Tensor]:
@@ -167,7 +168,8 @@ def test_dora_needs_the_base_weights_and_a_finite_scale(tmp_path):
         inspect_adapter(path, LAYOUT, 8, 4)
     zero_row = {k: v.clone() for k, v in BASE_WEIGHTS.items()}
     zero_row[(0, "q_proj")][3] = 0
-    layout = dataclasses.replace(LAYOUT, base_weight=lambda layer, kind: zero_row[(layer, kind)])
+    layout = dataclasses.replace(LAYOUT, dora_base=lambda layer, kind: (zero_row[(layer, kind)],
+                                                                       row_sq_norms(zero_row[(layer, kind)])))
     inspect_adapter(path, layout, 8, 4)
     with pytest.raises(AdapterInvalid, match="layers.0.self_attn.q_proj': DoRA's scale .* is NaN or Inf"):
         load_adapter(path, layout, 8, torch.float32)

@@ -48,19 +48,22 @@ def test_install_built_every_variant_of_this_machine_into_the_package_and_the_wi
 
 @needs_kernel
 @each_variant
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
+def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype, dora):
     """Not only the widest: a CPU without AVX2 loads the baseline build, whose vector code differs.
-    Segments of 4+ rows take the tiled path (float32), shorter ones and decode rows the per-row one."""
+    Segments of 4+ rows take the tiled path (float32), shorter ones and decode rows the per-row one.
+    With ``dora``, the rows of adapters 0 and 2 are DoRA rows, rescaled with a bias as written."""
     from loramux.server.ops import plan_segments, plan_tokens
-    from loramux.server.ops.reference import bgmv_reference, sgmv_reference
+    from loramux.server.ops.reference import bgmv_reference, dora_rescale_reference, sgmv_reference
 
     lora = variant_module(variant).lora
     gen = torch.Generator().manual_seed(5)
     rank, in_f = 15, 37  # 8 + 4 + 3 pages a decode pass; rank and widths off every vector and tile multiple
     bounds = (0, 40, 56, 79)  # q | k | v of 40, 16 and 23 columns
-    a = (torch.randn(4 * rank, 3, in_f, generator=gen) / in_f**0.5).to(dtype)
-    b = (torch.randn(4 * rank, 79, generator=gen) / 4).to(dtype)
+    a = (torch.randn(4 * rank + 2, 3, in_f, generator=gen) / in_f**0.5).to(dtype)
+    b = (torch.randn(4 * rank + 2, 79, generator=gen) / 4).to(dtype)
+    b[-2:] = (1 + torch.randn(2, 79, generator=gen) / 8).to(dtype)  # DoRA's magnitude pages 60, 61: g near 1
     pages = [torch.randperm(4 * rank, generator=gen)[:rank] for _ in range(3)]
     seg_starts, seg_pages = [0, 9, 10, 10, 17], [pages[0], pages[1], None, pages[2]]
     cases = [(plan_segments(seg_starts, seg_pages), lambda ref, j, cols: sgmv_reference(
@@ -68,9 +71,10 @@ def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
     token_adapter = [0, 2, -1, 1, 0, 2, 2]
     cases.append((plan_tokens(token_adapter, pages), lambda ref, j, cols: bgmv_reference(
         ref, x.float(), a[:, j].float(), b[:, cols].float(), token_adapter, pages)))
-    for plan, reference in cases:
+    row_adapters = [[0] * 9 + [1] + [2] * 7, token_adapter]
+    for (plan, reference), adapter_of in zip(cases, row_adapters, strict=True):
         g = plan.groups[0]
-        n = 17 if g.group_ends is not None else len(token_adapter)
+        n = len(adapter_of)
         x = torch.randn(n, in_f, generator=gen).to(dtype)
         y = torch.randn(n, 79, generator=gen).to(dtype)
         ref = y.float().clone()
@@ -80,7 +84,13 @@ def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype):
             reference(out, j, cols)
             ref[:, cols] = out
         ends = g.group_ends if g.group_ends is not None else torch.empty(0, dtype=torch.int32)
-        lora(y, x, a, b, g.rows, g.pages, ends, rank, list(bounds), [0, 2])
+        mags, bias = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=dtype)
+        if dora:  # adapters 0 and 2
+            row_pages = {i: 60 + u // 2 for i, u in enumerate(adapter_of) if u in (0, 2)}
+            mags = torch.tensor([row_pages.get(i, -1) for i in range(n)])
+            bias = torch.randn(79, generator=gen).to(dtype)
+            dora_rescale_reference(ref, b.float(), bias.float(), row_pages, [*range(0, 40), *range(56, 79)])
+        lora(y, x, a, b, g.rows, g.pages, ends, rank, list(bounds), [0, 2], mags, bias)
         tol = 1e-5 if dtype == torch.float32 else 5e-2
         assert (y.float() - ref).abs().max() <= tol * ref.abs().max().clamp(min=1)
 
@@ -110,8 +120,9 @@ def test_every_variant_widens_narrow_pages_exactly(variant, page_dtype):
         x, y = torch.randn(n, in_f, generator=gen), torch.randn(n, 79, generator=gen)
         ends = g.group_ends if g.group_ends is not None else torch.empty(0, dtype=torch.int32)
         narrow, wide = y.clone(), y.clone()
-        lora(narrow, x, a, b, g.rows, g.pages, ends, rank, bounds, [0, 2])
-        lora(wide, x, a.float(), b.float(), g.rows, g.pages, ends, rank, bounds, [0, 2])
+        none = torch.empty(0, dtype=torch.long), torch.empty(0)
+        lora(narrow, x, a, b, g.rows, g.pages, ends, rank, bounds, [0, 2], *none)
+        lora(wide, x, a.float(), b.float(), g.rows, g.pages, ends, rank, bounds, [0, 2], *none)
         assert (narrow - wide).abs().max() <= 1e-6 * wide.abs().max() and not torch.equal(narrow, y)
 
 

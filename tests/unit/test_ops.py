@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from loramux.server.ops import plan_segments, plan_tokens, select_backend, triton_available
+from loramux.server.ops import merge_plans, plan_segments, plan_tokens, select_backend, triton_available
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.ops.dora import dora_rescale, used_columns
-from loramux.server.ops.plan import MagnitudeRows
+from loramux.server.ops.plan import MagnitudeRuns
 from loramux.server.ops.reference import bgmv_reference, dora_rescale_reference, sgmv_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
@@ -288,9 +288,9 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
 
     pages = [torch.arange(4), torch.arange(4, 12)]
     shared = merge_plans(plan_segments([0, 3, 5], [pages[0], pages[1]]), plan_tokens([-1] * 5 + [1, 0], pages))
-    shared = dataclasses.replace(shared, magnitude=MagnitudeRows(torch.tensor([3, 4, 5]), torch.tensor([12, 12, 12])))
     other = plan_tokens([-1] * 5 + [0, -1], pages)
     longs = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    shared = dataclasses.replace(shared, magnitude=MagnitudeRuns(((0, 3, 13), (3, 5, longs(12, 14)))))
     batch = StepBatch(input_ids=longs(5, 6, 7, 8, 9, 10, 11), positions=longs(0, 1, 2, 0, 1, 7, 9),
                       slot_mapping=longs(0, 1, 2, 16, 17, 39, 57), prefill=(), prefill_blocks=longs(0, 1),
                       num_prefill_rows=5, decode_tables=longs(2, 4, 3, 5).view(2, 2), decode_lengths=longs(8, 10),
@@ -304,9 +304,9 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
     assert plan[("q", "k")] is plan[("o",)] and plan[("q", "k")] is not plan[("v",)]  # sharing kept
     assert [used for used, _ in moved.lora[("q", "k")]] == [(0, 1)]
     assert plan[("v",)].magnitude is None
-    magnitude = plan[("q", "k")].magnitude  # a DoRA adapter's rows and magnitude page
-    assert torch.equal(magnitude.rows, longs(3, 4, 5)) and torch.equal(magnitude.pages, longs(12, 12, 12))
-    storages = {magnitude.rows.untyped_storage().data_ptr(), magnitude.pages.untyped_storage().data_ptr()}
+    (lo, hi, page), (lo2, hi2, pages) = plan[("q", "k")].magnitude.runs  # DoRA adapters' rows and pages
+    assert (lo, hi, page, lo2, hi2) == (0, 3, 13, 3, 5) and torch.equal(pages, longs(12, 14))
+    storages = {pages.untyped_storage().data_ptr()}
     for kinds in batch.lora:
         for old, new in zip(batch.lora[kinds][0][1].groups, moved.lora[kinds][0][1].groups, strict=True):
             assert torch.equal(new.rows, old.rows) and torch.equal(new.pages, old.pages)
@@ -344,27 +344,65 @@ def test_the_cpp_kernel_refuses_mixed_dtypes_it_does_not_serve():
     a, b = torch.zeros(4, 1, 8), torch.zeros(4, 8)  # float32 pages under float16 activations
     with pytest.raises(RuntimeError, match="float16 / bfloat16 pages under float32 activations"):
         kernel(y, x, a, b, torch.zeros(1, dtype=torch.long), torch.arange(4), torch.empty(0, dtype=torch.int32), 4,
-               [0, 8], [0])
+               [0, 8], [0], torch.empty(0, dtype=torch.long), torch.empty(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)], ids=["qkv", "q-v", "k"])
 def test_dora_rescale_matches_the_reference(dtype, with_bias, used):
-    """Rows of several DoRA adapters (prefill runs and scattered decode rows), each with its own
-    magnitude page, within a fused q|k|v output; columns of unused kinds and other rows unchanged."""
+    """Rows of several DoRA adapters (prefill runs of one page, decode runs of a page per row),
+    within a fused q|k|v output; columns of unused kinds and other rows unchanged."""
     gen = torch.Generator().manual_seed(len(used) + with_bias)
     bounds = (0, 32, 48, 64)
     y = torch.randn(12, 64, generator=gen, dtype=torch.float32).to(DEVICE)
     b_store = (torch.rand(9, 64, generator=gen) + 0.5).to(dtype).to(DEVICE)
     bias = torch.randn(64, generator=gen).to(DEVICE) if with_bias else None
-    row_pages = {0: 3, 1: 3, 2: 3, 5: 7, 8: 1, 11: 7}
+    runs = ((0, 3, 3), (4, 6, 7), (8, 9, torch.tensor([1], device=DEVICE)), (10, 12, torch.tensor([7, 2], device=DEVICE)))
+    row_pages = {0: 3, 1: 3, 2: 3, 4: 7, 5: 7, 8: 1, 10: 7, 11: 2}
     expected = y.clone()
     columns = used_columns(bounds, used)
     dora_rescale_reference(expected, b_store, bias, row_pages, [c for lo, hi in columns for c in range(lo, hi)])
-    rows = torch.tensor(list(row_pages), device=DEVICE)
-    dora_rescale(y, b_store, bias, rows, torch.tensor(list(row_pages.values()), device=DEVICE), columns)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    dora_rescale(y, b_store, bias, runs, columns)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    untouched = [i for i in range(12) if i not in row_pages]
+    assert torch.equal(y[untouched], expected[untouched])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("page_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)], ids=["qkv", "q-v"])
+def test_dora_rows_in_every_backend_match_the_torch_ops(backend, page_dtype, with_bias, used):
+    """A fused q|k|v call whose plan mixes DoRA and plain adapters: prefill segments long enough
+    for the C++ kernel's tiles and shorter ones, decode rows of DoRA adapters apart and together.
+    The C++ kernel rescales each row as it writes it; the Triton backend after the groups; the
+    torch ops (checked against the reference above) are the oracle."""
+    if backend == "triton" and page_dtype != torch.float32:
+        pytest.skip("pages narrower than the activations are a CPU option")
+    gen = torch.Generator().manual_seed(len(used) * 2 + with_bias)
+    bounds, rank, num_pages = (0, 32, 48, 80), 4, 64
+    a_store = (torch.randn(num_pages, 3, IN, generator=gen) / IN**0.5).to(page_dtype).to(DEVICE)
+    b_store = (torch.rand(num_pages, OUT, generator=gen) + 0.5).to(page_dtype).to(DEVICE)  # magnitudes near 1
+    bias = torch.randn(OUT, generator=gen).to(DEVICE) if with_bias else None
+    x = torch.randn(24, IN, generator=gen).to(DEVICE)
+    y0 = torch.randn(24, OUT, generator=gen).to(DEVICE)
+    pages = [torch.arange(k * rank, (k + 1) * rank) for k in range(4)]  # adapters 0 and 2 DoRA: pages 60, 61
+    plan = merge_plans(plan_segments([0, 9, 12, 17], [pages[0], pages[1], pages[2]], DEVICE),
+                       plan_tokens([-1] * 17 + [0, 1, 2, 2, 3, -1, 0], pages, DEVICE))
+    runs = ((0, 9, 60), (12, 17, 61), (17, 18, torch.tensor([60])), (19, 21, torch.tensor([61, 61])),
+            (23, 24, torch.tensor([60])))
+    plan = dataclasses.replace(plan, magnitude=MagnitudeRuns(runs).to(DEVICE))
+    results = {}
+    for name in ("torch", backend):
+        y = y0.clone()
+        select_backend(name, DEVICE)(y, x, a_store, b_store, plan, bounds, used, bias)
+        results[name] = y
+    plain = y0.clone()
+    select_backend("torch", DEVICE)(plain, x, a_store, b_store, dataclasses.replace(plan, magnitude=None), bounds,
+                                    used, bias)
+    assert not torch.allclose(plain[:9], results["torch"][:9])  # the rescale is there to see
+    torch.testing.assert_close(results[backend], results["torch"], rtol=1e-5, atol=1e-5)
 
 
 def test_used_columns_merges_adjacent_kinds():

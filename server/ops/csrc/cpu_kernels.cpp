@@ -360,6 +360,26 @@ static void widen_pages(std::vector<float>& wide, const P* a, const P* b, const 
   }
 }
 
+// DoRA's magnitude on a row whose LoRA delta is in (ops/dora.py), for the used kinds' columns:
+//   y[c] = y[c] * g[c] + bias[c] * (1 - g[c]),   g = the adapter's magnitude page of the b store
+// (bias: none when null). Applied as each row's outputs are written, in the same pass.
+template <typename T, typename P>
+static inline void dora_row(T* yi, const P* g, const T* bias, const std::vector<int64_t>& bounds,
+                            const std::vector<int64_t>& used) {
+  for (int64_t j : used) {
+    if (bias) {
+#pragma omp simd
+      for (int64_t c = bounds[j]; c < bounds[j + 1]; ++c) {
+        const float gc = to_f32(g[c]);
+        yi[c] = static_cast<T>(to_f32(yi[c]) * gc + to_f32(bias[c]) * (1.f - gc));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = bounds[j]; c < bounds[j + 1]; ++c) yi[c] = static_cast<T>(to_f32(yi[c]) * to_f32(g[c]));
+    }
+  }
+}
+
 // Batched LoRA over the page store for the kinds of one fused linear (q|k|v, gate|up, or one).
 // For each position i, with token row r = rows[i] and rank-row pages P = pages of i's adapter, for
 // each used kind j (t-th of `used`), with columns C_j = [bounds[j], bounds[j+1]):
@@ -375,7 +395,13 @@ template <typename T, typename P>
 static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* rows, const int64_t* pages,
                       const int32_t* ends, int64_t num_ends, int64_t n, int64_t rank, int64_t in,
                       const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sy, int64_t sx,
-                      int64_t sa_page, int64_t sa_kind, int64_t sb) {
+                      int64_t sa_page, int64_t sa_kind, int64_t sb, const int64_t* mags, int64_t num_mags,
+                      const T* bias) {
+  // a row's DoRA magnitude page (mags[row], -1 or past the end: none), or null
+  auto magnitude = [&](int64_t row) -> const P* {
+    const int64_t page = row < num_mags ? mags[row] : -1;
+    return page < 0 ? nullptr : b + page * sb;
+  };
   const int64_t nu = static_cast<int64_t>(used.size());
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> v(TILE * nu * rank), acc(bounds.back());
@@ -400,6 +426,9 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
             }
             lora_tile(y, x, wide.data(), wide.data() + rank * sa_page, rows + i, local.data(), rank, in, bounds, used,
                       sy, sx, sa_page, sa_kind, sb, v.data());
+          }
+          for (int64_t r = i; r < i + TILE; ++r) {
+            if (const P* g = magnitude(rows[r])) dora_row(y + rows[r] * sy, g, bias, bounds, used);
           }
           i += TILE - 1;
           continue;
@@ -426,14 +455,18 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
         for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c)
           yi[c] = static_cast<T>(to_f32(yi[c]) + ac[c]);
       }
+      if (const P* g = magnitude(rows[i])) dora_row(yi, g, bias, bounds, used);
     }
   });
 }
 
 // y: [T, bounds[-1]], x: [T, in], a: [P, m, in], b: [P, bounds[-1]]; rows [n] int64; pages int64
 // ([n * rank] per row, or [U * rank] per adapter with ends [U] int32); used: kind indices in [0, m).
+// mags: int64, the DoRA magnitude page of each row of y (-1: none; rows past its end: none), empty
+// for no DoRA; bias: [bounds[-1]] of y's dtype, or empty.
 void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor rows, torch::Tensor pages,
-          torch::Tensor ends, int64_t rank, std::vector<int64_t> bounds, std::vector<int64_t> used) {
+          torch::Tensor ends, int64_t rank, std::vector<int64_t> bounds, std::vector<int64_t> used, torch::Tensor mags,
+          torch::Tensor bias) {
   const bool narrow_pages = x.scalar_type() == at::kFloat &&
                             (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16);
   TORCH_CHECK(y.device().is_cpu() && x.scalar_type() == y.scalar_type() && b.scalar_type() == a.scalar_type() &&
@@ -451,11 +484,17 @@ void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, to
                             : (ends.scalar_type() == at::kInt && ends.is_contiguous() && pages.numel() == num_ends * rank &&
                                ends[num_ends - 1].item<int32_t>() == n),
               "lora: pages [n * rank] per row, or [U * rank] with int32 ends [U] ending at n");
+  const int64_t num_mags = mags.numel();
+  TORCH_CHECK(num_mags == 0 || (mags.scalar_type() == at::kLong && mags.is_contiguous()), "lora: int64 mags");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == y.scalar_type() && bias.is_contiguous() &&
+                                    bias.numel() >= bounds.back()), "lora: bias [bounds[-1]] of y's dtype");
   if (n == 0 || used.empty()) return;
   auto run = [&](auto* y_, auto* x_, auto* a_, auto* b_) {
+    using Y = std::remove_pointer_t<decltype(y_)>;
     lora_rows(y_, x_, a_, b_, rows.data_ptr<int64_t>(), pages.data_ptr<int64_t>(),
               num_ends ? ends.data_ptr<int32_t>() : nullptr, num_ends, n, rank, x.size(1), bounds, used, y.stride(0),
-              x.stride(0), a.stride(0), a.stride(1), b.stride(0));
+              x.stride(0), a.stride(0), a.stride(1), b.stride(0), num_mags ? mags.data_ptr<int64_t>() : nullptr,
+              num_mags, bias.numel() ? reinterpret_cast<const Y*>(bias.data_ptr()) : nullptr);
   };
   if (narrow_pages && a.scalar_type() == at::kHalf) {  // as GCC's _Float16, which F16C converts
     run(y.data_ptr<float>(), x.data_ptr<float>(), reinterpret_cast<const _Float16*>(a.data_ptr<at::Half>()),
