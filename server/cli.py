@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DTYPES, OP_BACKENDS, ServerConfig, default_cache_dir
+from .config import DTYPES, OP_BACKENDS, TOOL_CALL_PARSERS, ServerConfig, default_cache_dir
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,6 +72,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapter pages' dtype (auto: the model's). On a CPU, float16 or bfloat16 pages under a "
                         "float32 model halve the adapter bytes each step reads; each value is widened exactly, so "
                         "an adapter stored in that dtype computes as in float32 when its scaling is a power of two")
+    p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="the model's tool-call format (vLLM's name), which serves OpenAI chat requests with "
+                        "tool_choice \"auto\" (the default with tools): hermes = <tool_call>{JSON}</tool_call> "
+                        "(Hermes, Qwen2.5)")
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")

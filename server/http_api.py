@@ -31,6 +31,7 @@ from .openai_schema import (
     model_card,
 )
 from .service import Service, bearer_refusal, user_tokens
+from .tool_parsers import tool_call_parser
 
 log = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0  # JSON has no -Infinity: a token of probability 0 reports this, as vLLM does
@@ -123,6 +124,7 @@ class BodyLimit:
 
 def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     config = service.config
+    tool_parser = tool_call_parser(config.tool_call_parser)
     app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
     tokens = user_tokens(config.auth_token, config.admin_token)
 
@@ -205,7 +207,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     @errors_as_responses
     async def chat_completions(body: ChatCompletionRequest):
-        prompts, sampling = body.to_domain(config.default_max_new_tokens)
+        prompts, sampling = body.serving(tool_parser).to_domain(config.default_max_new_tokens)
         return await respond(prompts, sampling, body, "chat")
 
     async def respond(prompts, sampling, body, kind: str):

@@ -1,8 +1,8 @@
 """OpenAI's request and response shapes (pydantic), and their conversion to the domain types.
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
-not implement (best_of other than n, suffix, tool_choice "auto") is a 400 that names it, never
-silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
+not implement (best_of other than n, suffix; tool_choice "auto" without --tool-call-parser) is a
+400 that names it, never silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
 
 ``echo`` puts each prompt before its completions; with ``logprobs``, the prompt's tokens come with
 their logprobs (None for the first), as evaluation harnesses read them to score a text. With
@@ -17,7 +17,8 @@ extensions (``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_gramm
 ``structured_outputs`` with one of json, json_object, regex, choice, grammar), on both endpoints.
 A chat's forced tool call (tool_choice "required" or a named function) is one too: its text,
 generated under the tools' schemas, comes back as message.tool_calls. Those fields' shapes and
-mapping are in server/openai_structured.py.
+mapping are in server/openai_structured.py. With tool_choice "auto", the model's own calls are
+read out of its free text by the server's parser (server/tool_parsers.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
 
 from .errors import RequestInvalid
 from .openai_structured import (
@@ -41,6 +42,7 @@ from .openai_structured import (
 )
 from .requests import FinishReason, OutputKind, SamplingParams, StructuredOutput, TokenEvent, TokenLogprob
 from .service import Prompt
+from .tool_parsers import HermesToolCalls
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -207,17 +209,26 @@ class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
+    _tool_parser: HermesToolCalls | None = PrivateAttr(None)  # the server's --tool-call-parser
 
-    def tool_calls(self) -> ToolCalls | None:
-        """A forced tool call, or None for text. tool_choice "auto" (the default with tools) would
-        need a parser of this model's own tool-call format, which loramux does not have."""
+    def serving(self, tool_parser: HermesToolCalls | None) -> ChatCompletionRequest:
+        """This request, on a server whose --tool-call-parser is ``tool_parser`` (None: none)."""
+        self._tool_parser = tool_parser
+        return self
+
+    def tool_calls(self) -> ToolCalls | HermesToolCalls | None:
+        """A forced tool call, the server's parser of the model's own calls (tool_choice "auto",
+        the default with tools), or None for text."""
         if self.tool_choice is not None and not self.tools:
             raise RequestInvalid("tool_choice needs tools", param="tool_choice")
         if not self.tools or self.tool_choice == "none":  # no tool may be called: none is offered
             return None
         if self.tool_choice in (None, "auto"):
-            raise RequestInvalid('tools with tool_choice "auto" (the default with tools) are not supported: '
-                                 'use "required", a named function, or "none"', param="tools")
+            if self._tool_parser is None:
+                raise RequestInvalid('tools with tool_choice "auto" (the default with tools) need a server started '
+                                     'with --tool-call-parser; use "required", a named function, or "none"',
+                                     param="tools")
+            return self._tool_parser
         if self.tool_choice == "required":
             return ToolCalls(None)
         name = self.tool_choice.function.name
@@ -229,7 +240,7 @@ class ChatCompletionRequest(_Common):
     def _constraints(self) -> list[tuple[str, StructuredOutput]]:
         asked = super()._constraints()
         calls = self.tool_calls()
-        if calls is not None:
+        if isinstance(calls, ToolCalls):  # forced: the text is constrained to the calls' schema
             schema = {t.function.name: t.function.parameters or {"type": "object", "properties": {}}
                       for t in self.tools}
             if calls.name is None:  # a list of calls, each to one of the tools with its arguments
@@ -248,7 +259,7 @@ class ChatCompletionRequest(_Common):
             raise RequestInvalid("top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         # OpenAI's newer "developer" role is what chat templates call "system"
-        # a forced tool call shows the model its tools, if the chat template can
+        # a forced or parsed tool call shows the model its tools, if the chat template can
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if self.tool_calls() else ()
         prompt = Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages),
                         tools=tools)
@@ -353,19 +364,21 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
             "choices": out, "usage": usage(lasts, n)}
 
 
-def chat_message(events: list[TokenEvent], tools: ToolCalls | None) -> tuple[dict, str]:
-    """A chat choice's message (its text, or the tool calls a forced tool call made) and finish
+def chat_message(events: list[TokenEvent], tools: ToolCalls | HermesToolCalls | None) -> tuple[dict, str]:
+    """A chat choice's message (its text, and the tool calls it made, forced or parsed) and finish
     reason. A call cut short (max_tokens, a stop string) comes back as text, finish_reason length
     or stop."""
     text, finish = "".join(e.text for e in events), FINISH[events[-1].finish_reason]
-    calls = tools.calls(text) if tools is not None and events[-1].finish_reason is not FinishReason.LENGTH else None
+    if tools is None or events[-1].finish_reason is FinishReason.LENGTH:
+        return {"role": "assistant", "content": text}, finish
+    content, calls = tools.split(text)
     if calls is None:
         return {"role": "assistant", "content": text}, finish
-    return {"role": "assistant", "content": None, "tool_calls": calls}, tools.finish_reason
+    return {"role": "assistant", "content": content, "tool_calls": calls}, tools.finish_reason
 
 
 def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
-                  tools: ToolCalls | None = None) -> dict:
+                  tools: ToolCalls | HermesToolCalls | None = None) -> dict:
     out = []
     for i, events in enumerate(choices):
         message, finish = chat_message(events, tools)
@@ -379,7 +392,7 @@ class ChunkMaker:
     choices (their chunks interleave, each naming its choice's index)."""
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
-                 echoes: list[Echo] | None = None, tools: ToolCalls | None = None, n: int = 1):
+                 echoes: list[Echo] | None = None, tools: ToolCalls | HermesToolCalls | None = None, n: int = 1):
         self.kind, self.model, self.text_of = kind, model, text_of
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
@@ -389,8 +402,9 @@ class ChunkMaker:
         # A prompt's logprobs come with its first choice's first event (Service.generate_choices):
         # the n - 1 others' events wait here until that one is in.
         self.n, self.prompt_logprobs, self.waiting = n, {}, {}
-        # chat with a forced tool call: each choice's events, held until its calls are complete
-        self.tools, self.held = tools, [[] for _ in range(choices)]
+        # chat with tool calls: each choice's events, held until its calls are complete (forced), or
+        # its text so far and how much of it went out as content (parsed: content streams up to a call)
+        self.tools, self.held, self.texts, self.sent = tools, [[] for _ in range(choices)], [""] * choices, [0] * choices
 
     def _chunk(self, choices: list, usage_: dict | None = None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
@@ -441,6 +455,8 @@ class ChunkMaker:
         finish = FINISH[ev.finish_reason] if ev.finish_reason is not None else None
         if self.tools is not None:  # a tool call is sent whole, in one delta, once it is complete
             self.held[index].append(ev)
+            if self.tools.streams_content:
+                return out + self._parsed_calls(ev, index, finish)
             if finish is None:
                 return out
             message, finish = chat_message(self.held[index], self.tools)
@@ -461,6 +477,25 @@ class ChunkMaker:
             self.offsets[index] += len(ev.text)
         out.append(self._chunk([choice]))
         return out
+
+    def _parsed_calls(self, ev: TokenEvent, index: int, finish: str | None) -> list[dict]:
+        """tool_choice "auto": the content streams while it cannot be the start of a call; at the
+        end, the rest of the content and the calls the parser reads, or the rest of the text."""
+        text = self.texts[index] = self.texts[index] + ev.text
+        if finish is None:
+            upto = max(self.sent[index], self.tools.streamable(text))
+            delta = {"content": text[self.sent[index] : upto]} if upto > self.sent[index] else {}
+            self.sent[index] = upto
+            if not delta and ev.logprob is None:
+                return []
+        else:
+            message, finish = chat_message(self.held[index], self.tools)
+            rest = (message["content"] or "")[self.sent[index] :]
+            delta = {"content": rest} if rest else {}
+            if "tool_calls" in message:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+        return [self._chunk([{"index": index, "delta": delta, "logprobs": chat_logprobs([ev], self.text_of),
+                              "finish_reason": finish}])]
 
     def usage(self, lasts: list[TokenEvent], n: int) -> dict:
         if self.echoes and self.echoes[0].only:

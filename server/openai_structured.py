@@ -5,7 +5,6 @@ forced call's text makes (server/openai_schema.py uses them)."""
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import RequestInvalid
 from .requests import ANY_JSON_OBJECT, OutputKind, StructuredOutput
+from .tool_parsers import tool_call
 
 # vLLM's structured_outputs keys ("json_object": true asks for any JSON object)
 STRUCTURED_OUTPUTS_KEYS = {"json": OutputKind.JSON_SCHEMA, "json_object": OutputKind.JSON_SCHEMA,
@@ -79,10 +79,16 @@ class ToolCalls:
     text is; None: "required", where the text is a JSON list of {"name", "parameters"}."""
 
     name: str | None
+    streams_content = False  # the calls come whole once complete (server/tool_parsers.py streams)
 
     @property
     def finish_reason(self) -> str:
         return "stop" if self.name else "tool_calls"  # as OpenAI answers a named tool_choice
+
+    def split(self, text: str) -> tuple[str | None, list[dict] | None]:
+        """(content, tool calls): (None, calls), or (text, None) if it is not complete."""
+        calls = self.calls(text)
+        return (text, None) if calls is None else (None, calls)
 
     def calls(self, text: str) -> list[dict] | None:
         """The tool calls the text makes; None if it is not complete (cut by max_tokens or a stop)."""
@@ -91,12 +97,8 @@ class ToolCalls:
         except ValueError:
             return None
         if self.name is not None:
-            return [_tool_call(self.name, text)]
+            return [tool_call(self.name, text)]
         try:  # the grammar made it a list of {"name", "parameters"}
-            return [_tool_call(item["name"], json.dumps(item["parameters"])) for item in value]
+            return [tool_call(item["name"], json.dumps(item["parameters"])) for item in value]
         except (KeyError, TypeError):
             return None
-
-
-def _tool_call(name: str, arguments: str) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}

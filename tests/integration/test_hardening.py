@@ -45,7 +45,7 @@ def hserver(tiny_llama, tiny_adapters, tmp_path_factory):
          "--adapter", f"all-r8={tiny_adapters['all-r8']}", "--adapter-root", str(root), "--allow-runtime-adapters",
          "--max-batch-size", "8", "--max-model-len", "128", "--max-input-tokens", "40", "--max-total-tokens", "60",
          "--max-new-tokens-limit", "30", "--default-max-new-tokens", "8", "--max-stop-token-ids", "4",
-         "--max-prompt-bytes", "1500000", "--max-chat-messages", "3",
+         "--max-prompt-bytes", "1500000", "--max-chat-messages", "3", "--tool-call-parser", "hermes",
          "--max-registered-adapters", str(MAX_REGISTERED)],
         tmp_path_factory.mktemp("hlogs") / "server.log",
     )

@@ -31,7 +31,7 @@ def oserver(tiny_llama, tiny_adapters, tmp_path_factory):
         ["--model", str(tiny_llama), "--adapter-dir", str(next(iter(tiny_adapters.values())).parent),
          "--adapter-root", str(root), "--dynamic-adapters", "--max-registered-adapters", "10",
          "--max-batch-size", "8", "--max-model-len", "256", "--default-max-new-tokens", "16",
-         "--max-http-body-bytes", "200000"],
+         "--max-http-body-bytes", "200000", "--tool-call-parser", "hermes"],
         tmp_path_factory.mktemp("ologs") / "server.log",
     )
     proc.wait_ready()
@@ -619,7 +619,7 @@ def test_bad_structured_outputs_are_named_in_both_apis(oserver):
 
 def test_structured_choices_stream_and_tools_that_cannot_be_called(oserver):
     """n sampled choices each match their constraint, streamed with usage; tools with tool_choice
-    "none" give the same text as without tools; "auto" is a 400 naming tool_choice."""
+    "none" give the same text as without tools; bad tool choices are a 400 naming them."""
     chunks = list(oserver.oa.completions.create(
         model="all-r8", prompt=PROMPT_IDS, n=3, temperature=1.2, seed=5, max_tokens=30, stream=True,
         stream_options={"include_usage": True}, extra_body={"guided_choice": ["red", "green", "blue"]}))
@@ -634,8 +634,7 @@ def test_structured_choices_stream_and_tools_that_cannot_be_called(oserver):
     none = oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "hi"}],
                                               tools=tools, tool_choice="none", **GREEDY)
     assert none.choices[0].message.content == plain.choices[0].message.content
-    for kwargs, needle in [(dict(tools=tools, tool_choice="auto"), '"auto"'), (dict(tools=tools), '"auto"'),
-                           (dict(tool_choice="required"), "tool_choice needs tools"),
+    for kwargs, needle in [(dict(tool_choice="required"), "tool_choice needs tools"),
                            (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), "'g'"),
                            (dict(tools=tools, tool_choice="required", response_format={"type": "json_object"}),
                             "both constrain")]:
@@ -643,6 +642,37 @@ def test_structured_choices_stream_and_tools_that_cannot_be_called(oserver):
             oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=4, **kwargs)
         assert needle in e.value.message, (kwargs, e.value.message)
+    wait_idle(oserver)
+
+
+def test_auto_tool_calls_are_read_out_of_the_text_plain_and_streamed(oserver):
+    """--tool-call-parser hermes: tool_choice "auto" (the default with tools) serves the model's
+    own <tool_call> blocks as tool_calls, with the text before them as content, finish_reason
+    tool_calls; streamed, the content comes first and the calls whole at the end. A regex makes
+    the random model write a call; text that makes no call, or a call that does not parse, is
+    content, as without tools."""
+    messages = [{"role": "user", "content": "Weather in Rome?"}]
+    regex = r'Let me check\.<tool_call>\n\{"name": "weather", "arguments": \{"city": "Rome", "days": 2\}\}\n</tool_call>'
+    ask = dict(model="all-r8", messages=messages, tools=[WEATHER, TIME], temperature=0, max_tokens=200,
+               extra_body={"guided_regex": regex})
+    got = oserver.oa.chat.completions.create(**ask)
+    message = got.choices[0].message
+    assert got.choices[0].finish_reason == "tool_calls" and message.content == "Let me check.", got
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+        [("weather", {"city": "Rome", "days": 2})]
+    chunks = list(oserver.oa.chat.completions.create(**ask, tool_choice="auto", stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert content == "Let me check." and len(calls) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls[0]] == \
+        [(0, c.function.name, c.function.arguments) for c in message.tool_calls]
+    plain = oserver.oa.chat.completions.create(model="all-r8", messages=messages, **GREEDY)
+    text = oserver.oa.chat.completions.create(model="all-r8", messages=messages, tools=[WEATHER], **GREEDY)
+    assert text.choices[0].message.content == plain.choices[0].message.content
+    assert text.choices[0].message.tool_calls is None
+    broken = oserver.oa.chat.completions.create(**{**ask, "extra_body": {"guided_regex": "<tool_call>\\{oops\\}"}})
+    assert broken.choices[0].message.content == "<tool_call>{oops}" and broken.choices[0].message.tool_calls is None
+    assert broken.choices[0].finish_reason == "stop"
     wait_idle(oserver)
 
 

@@ -29,6 +29,7 @@ from loramux.server.config import ServerConfig
     (dict(adapter_cache_max_gib=0.0), "adapter-cache-max-gib"),
     (dict(adapter_cache_max_gib=float("inf")), "adapter-cache-max-gib"),
     (dict(lora_dtype="float64"), "lora-dtype must be one of"),
+    (dict(tool_call_parser="mistral"), "tool-call-parser must be one of"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

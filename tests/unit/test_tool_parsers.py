@@ -1,0 +1,97 @@
+"""tool_choice "auto" with --tool-call-parser hermes: the calls read out of a model's text, the
+content streamed only while it cannot be the start of a call, and "auto" refused without a parser."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loramux.server.errors import RequestInvalid
+from loramux.server.openai_schema import ChatCompletionRequest, ChunkMaker
+from loramux.server.requests import FinishReason, TokenEvent
+from loramux.server.tool_parsers import HermesToolCalls, tool_call_parser
+
+HERMES = HermesToolCalls()
+CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
+
+
+def names_and_args(calls):
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("Sunny, I think.", "Sunny, I think.", None),
+    ("Let me check." + CALL, "Let me check.", [("weather", {"city": "Rome", "days": 2})]),
+    (CALL + "\n" + CALL.replace("Rome", "Oslo"), None, [("weather", {"city": "Rome", "days": 2}),
+                                                        ("weather", {"city": "Oslo", "days": 2})]),
+    ('<tool_call>{"name": "time", "arguments": "{\\"zone\\": \\"UTC\\"}"}', None, [("time", {"zone": "UTC"})]),
+    ('<tool_call>{"name": "now"}</tool_call>', None, [("now", {})]),
+    ("Hm.<tool_call>{not json}</tool_call>", "Hm.<tool_call>{not json}</tool_call>", None),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', None),
+    ("<tool_call>[1, 2]</tool_call>", "<tool_call>[1, 2]</tool_call>", None),
+], ids=["text", "content-and-call", "two-calls", "string-arguments-left-open", "no-arguments", "bad-json",
+        "no-name", "not-an-object"])
+def test_hermes_reads_the_calls_and_keeps_what_does_not_parse_as_content(text, content, calls):
+    got_content, got_calls = HERMES.split(text)
+    assert got_content == content
+    assert (None if got_calls is None else names_and_args(got_calls)) == calls
+    if got_calls:
+        assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got_calls)
+
+
+def test_streamable_holds_back_what_could_begin_a_call():
+    assert HERMES.streamable("Let me <tool") == len("Let me ")
+    assert HERMES.streamable("a <") == 2 and HERMES.streamable("a < b") == 5
+    assert HERMES.streamable("ab" + CALL) == 2
+
+
+def event(text, finish=None):
+    return TokenEvent("r", 0, text, finish, 3, 4)
+
+
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=40), st.sampled_from(["Let me check.", "", "  "]),
+       st.booleans())
+def test_streamed_chunks_add_up_to_the_whole_answer(cuts, prefix, with_call):
+    """However the text is cut into token events, the content deltas never show part of a call,
+    and content plus the final delta's calls are the non-streamed message."""
+    text = prefix + (CALL if with_call else " no call here <tool")
+    pieces, at = [], 0
+    for n in cuts:
+        if at < len(text):
+            pieces.append(text[at : at + n])
+            at += n
+    pieces.append(text[at:])
+    maker = ChunkMaker("chat", "m", str, tools=HERMES)
+    chunks = []
+    for k, piece in enumerate(pieces):
+        chunks += maker.events(event(piece, FinishReason.EOS if k == len(pieces) - 1 else None))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    content = "".join(d.get("content", "") for d in deltas)
+    assert "<tool_call>" not in content or not with_call
+    calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    expected_content, expected_calls = HERMES.split(text)
+    if with_call:
+        assert content == (expected_content or "") and len(calls) == 1
+        assert names_and_args(calls[0]) == names_and_args(expected_calls)
+        assert [c["index"] for c in calls[0]] == [0]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    else:
+        assert content == text and not calls and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def request(**kwargs) -> ChatCompletionRequest:
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools, **kwargs)
+
+
+def test_auto_needs_a_parser_and_shows_the_model_its_tools():
+    for kwargs in ({}, {"tool_choice": "auto"}):
+        with pytest.raises(RequestInvalid, match="--tool-call-parser"):
+            request(**kwargs).to_domain(16)
+        body = request(**kwargs).serving(tool_call_parser("hermes"))
+        prompts, sampling = body.to_domain(16)
+        assert isinstance(body.tool_calls(), HermesToolCalls) and sampling.structured_output is None
+        assert [t["function"]["name"] for t in prompts[0].tools] == ["weather"]
+    assert request(tool_choice="none").serving(HERMES).to_domain(16)[0][0].tools == ()
+    assert tool_call_parser(None) is None
