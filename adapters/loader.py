@@ -53,8 +53,8 @@ class LoRALayout:
     num_layers: int
     fused: tuple[tuple[str, ...], ...] = ()
     # (layer, kind) -> (the base weight W [out, in] as served, on its device; its rows' squared
-    # norms [out], float32): DoRA's scale depends on them. None where no model is at hand (a layout
-    # from the config alone): DoRA adapters are refused.
+    # norms [out], float32): DoRA's scale depends on them. None (a layout from the config alone, or
+    # a server without --enable-dora): DoRA adapters are refused.
     dora_base: Callable[[int, str], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, compare=False,
                                                                                     repr=False)
 
@@ -301,8 +301,8 @@ def _modules_from_shapes(
 
 def _check_dora(spec: AdapterSpec, layout: LoRALayout) -> None:
     if spec.use_dora and layout.dora_base is None:
-        raise AdapterInvalid("adapter_config.json field 'use_dora': DoRA needs the base model's weights, which this "
-                             "layout does not hold")
+        raise AdapterInvalid("adapter_config.json field 'use_dora': DoRA adapters are not enabled on this server "
+                             "(start it with --enable-dora)")
 
 
 def _unpickle(data: bytes, name: str) -> dict[str, torch.Tensor]:

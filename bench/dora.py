@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
     args = ap.parse_args()
-    built = build_engine(ServerConfig(model=args.model, max_batch_size=args.requests, max_model_len=256,
+    built = build_engine(ServerConfig(model=args.model, enable_dora=True, max_batch_size=args.requests, max_model_len=256,
                                       max_lora_rank=RANK, max_device_adapters=2 * args.adapters + 2,
                                       max_host_adapters=2 * args.adapters + 2, default_max_new_tokens=64,
                                       max_tokens_per_step=max(512, args.requests * args.prompt), metrics_port=0))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,6 +92,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                            "can encode; lower it")
     model = cls(hf, config.max_model_len)
     layout = model.lora_layout()
+    if not config.enable_dora:  # a layout without the base weights refuses DoRA adapters, naming the flag
+        layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec
     kernels = load_kernels()  # its converter and row copy load adapters in one call each (None: torch ops)
     apply_lora = select_backend(config.op_backend, loaded.device)

@@ -142,6 +142,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a request naming an unregistered adapter id registers ADAPTER_ROOT/ID on first use")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept adapter_model.bin, read with torch.load(weights_only=True)")
+    p.add_argument("--enable-dora", action="store_true",
+                   help="serve DoRA adapters (PEFT's use_dora), exactly as PEFT computes them; their loads cost "
+                        "about 5x a LoRA load's and skip --adapter-cache-dir. Without it they are refused")
     p.add_argument("--auth-token", default=os.environ.get("LORAMUX_AUTH_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' on LoraMux RPCs (env LORAMUX_AUTH_TOKEN)")
     p.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),

@@ -30,9 +30,9 @@ def cpu_isa() -> str:
 
 
 def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> ApplyLoRA:
-    """Return ``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None)`` for the named
-    backend on ``device``: ``torch`` (torch ops only), ``cpp`` (the C++ CPU kernel, built at
-    install), ``triton`` (Triton kernels). ``auto``: Triton on CUDA when installed; on the CPU the C++
+    """Return ``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None, bias=None)`` for
+    the named backend on ``device``: ``torch`` (torch ops only), ``cpp`` (the C++ CPU kernel, built
+    at install), ``triton`` (Triton kernels). ``auto``: Triton on CUDA when installed; on the CPU the C++
     kernel when it builds, else the torch ops. Each call makes a new instance: instances own
     scratch buffers and are not shared across threads."""
     if name not in BACKENDS:

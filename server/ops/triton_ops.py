@@ -158,9 +158,9 @@ def _rank_block(rank: int) -> int:
 
 
 class TritonLoRA:
-    """``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None)`` with Triton kernels;
-    same contract as TorchLoRA. Each rank group is two launches whatever the number of used
-    kinds: one shrink for all of them, one expand into each kind's columns."""
+    """``apply_lora(y, x, a_store, b_store, plan, bounds=None, used=None, bias=None)`` with Triton
+    kernels; same contract as TorchLoRA. Each rank group is two launches whatever the number of
+    used kinds: one shrink for all of them, one expand into each kind's columns."""
 
     name = "triton"
 

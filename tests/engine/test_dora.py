@@ -54,7 +54,8 @@ def test_dora_matches_peft_in_a_mixed_batch_through_evictions(backend, tiny_llam
     if backend == "cpp" and load_lora_kernel() is None:
         pytest.skip("the C++ kernel needs a compiler")
     built = build_engine(ServerConfig(
-        model=str(tiny_llama), op_backend=backend, dtype="float32", max_batch_size=8, max_tokens_per_step=20,
+        model=str(tiny_llama), op_backend=backend, dtype="float32", enable_dora=True, max_batch_size=8,
+        max_tokens_per_step=20,
         max_model_len=96, default_max_new_tokens=MAX_NEW, max_lora_rank=8, max_device_adapters=3, max_host_adapters=3,
         adapter_cache_dir=str(tmp_path / "converted"), adapters=tuple((n, str(p)) for n, p in llama_dora.items())))
     engine = built.engine
@@ -86,7 +87,8 @@ def test_dora_matches_peft_in_every_family(family, tmp_path):
     model = build_family_model(family, tmp_path / "model")
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, use_dora=True, **kw)
                 for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
-    built = build_engine(ServerConfig(model=str(model), dtype="float32", max_batch_size=8, max_tokens_per_step=20,
+    built = build_engine(ServerConfig(model=str(model), dtype="float32", enable_dora=True, max_batch_size=8,
+                                      max_tokens_per_step=20,
                                       max_model_len=80, default_max_new_tokens=MAX_NEW, kv_block_size=4,
                                       adapters=tuple((n, str(p)) for n, p in adapters.items())))
     names = [None, *adapters]
@@ -101,13 +103,18 @@ def test_dora_matches_peft_in_every_family(family, tmp_path):
 
 
 def test_dora_refusals_name_the_limit(tiny_llama, tmp_path):
-    """A DoRA adapter of rank --max-lora-rank needs one page more than a pool of one such adapter
-    holds; and a DoRA adapter cannot be part of a combination (its scale multiplies W + s B A)."""
+    """DoRA is served only with --enable-dora; a DoRA adapter of rank --max-lora-rank needs one page
+    more than a pool of one such adapter holds; and a DoRA adapter cannot be part of a combination
+    (its scale multiplies W + s B A)."""
     full = build_adapter(tiny_llama, tmp_path / "full", seed=1, r=8, lora_alpha=8, target_modules=["q_proj"],
                          use_dora=True)
     small = build_adapter(tiny_llama, tmp_path / "small", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"],
                           use_dora=True)
-    built = build_engine(ServerConfig(model=str(tiny_llama), max_lora_rank=8, max_device_adapters=1,
+    plain = build_engine(ServerConfig(model=str(tiny_llama), max_lora_rank=8, adapter_roots=(str(tmp_path),)))
+    with pytest.raises(AdapterInvalid, match="'use_dora': DoRA adapters are not enabled on this server "
+                                             r"\(start it with --enable-dora\)"):
+        plain.registry.register("small", small)
+    built = build_engine(ServerConfig(model=str(tiny_llama), max_lora_rank=8, max_device_adapters=1, enable_dora=True,
                                       adapter_roots=(str(tmp_path),), adapters=(("small", str(small)),)))
     with pytest.raises(AdapterInvalid, match=r"DoRA adapter of rank 8 needs 9 device pages; the pool holds 8 "
                                              r"\(--max-device-adapters x --max-lora-rank\)"):

@@ -50,7 +50,7 @@ def test_trained_adapter_serves_like_peft(trained, tiny_llama):
     prompt = [5, 17, 33, 60]
     expected = peft_generate(tiny_llama, out, [prompt], 10, eos_token_id=None)[0]
     built = build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=16,
-                                      adapters=(("trained", str(out)),)))
+                                      enable_dora=True, adapters=(("trained", str(out)),)))
     built.engine.start()
 
     async def run():

@@ -164,7 +164,7 @@ def test_dora_needs_the_base_weights_and_a_finite_scale(tmp_path):
     pre = "base_model.model.model.layers.0.self_attn.q_proj"
     tensors[f"{pre}.lora_B.weight"][3] = 0  # with W's row 3 zero too: ||W + s B A|| = 0 there
     path = write_adapter(tmp_path / "dora", {**BASE, "use_dora": True}, tensors)
-    with pytest.raises(AdapterInvalid, match="DoRA needs the base model's weights"):
+    with pytest.raises(AdapterInvalid, match="start it with --enable-dora"):
         inspect_adapter(path, LAYOUT, 8, 4)
     zero_row = {k: v.clone() for k, v in BASE_WEIGHTS.items()}
     zero_row[(0, "q_proj")][3] = 0
