@@ -499,7 +499,7 @@ def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, weight_sq_norms: t
     magnitude m: [out]; weight W: [out, in], on any device (computed there), and ``weight_sq_norms``
     its rows' ||W_o||^2 [out]; a: [r, in]; b: [out, r]. Row o's squared norm expands to
     ||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T: one GEMM over W and no [out, in]
-    temporary, 5x faster than forming W + s B A (the same value to float32 rounding)."""
+    temporary, about 4x faster than forming W + s B A (the same value to float32 rounding)."""
     w = weight.float()
     a, b = a.to(w.device, torch.float32), b.to(w.device, torch.float32)
     squared = weight_sq_norms + 2 * s * (b * (w @ a.T)).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)

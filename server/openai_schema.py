@@ -2,7 +2,8 @@
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
 not implement (best_of other than n, suffix; tool_choice "auto" without --tool-call-parser) is a
-400 that names it, never silently ignored. Unknown extra fields are ignored, as OpenAI's clients send many optional ones.
+400 that names it, never silently ignored. Unknown extra fields are ignored, as OpenAI's clients
+send many optional ones.
 
 ``echo`` puts each prompt before its completions; with ``logprobs``, the prompt's tokens come with
 their logprobs (None for the first), as evaluation harnesses read them to score a text. With
@@ -453,11 +454,11 @@ class ChunkMaker:
                 out.append(self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length"}]))
             return out
         finish = FINISH[ev.finish_reason] if ev.finish_reason is not None else None
-        if self.tools is not None:  # a tool call is sent whole, in one delta, once it is complete
+        if self.tools is not None:
             self.held[index].append(ev)
-            if self.tools.streams_content:
+            if self.tools.streams_content:  # parsed calls: content streams up to the first call
                 return out + self._parsed_calls(ev, index, finish)
-            if finish is None:
+            if finish is None:  # a forced call is sent whole, in one delta, once it is complete
                 return out
             message, finish = chat_message(self.held[index], self.tools)
             delta = {"content": message["content"]} if message["content"] is not None else \
