@@ -152,7 +152,7 @@ class PageRead:
             self._runs[id(plan)] = hit
         return hit[1]
 
-    def __call__(self, y, x, a_store, b_store, plan, bounds=None, used=None) -> None:
+    def __call__(self, y, x, a_store, b_store, plan, bounds=None, used=None, bias=None) -> None:
         for lo, hi in self.runs(plan):
             a_store[lo:hi].sum()
             b_store[lo:hi].sum()

@@ -61,6 +61,17 @@ def test_dora_cost_runs_on_a_tiny_model(tiny_llama):
                      r"\d+\.\d{3}", proc.stdout), proc.stdout
 
 
+def test_bench_decode_runs_on_the_small_model():
+    """`make bench-decode`'s paired runs swap the engine's LoRA op for stand-ins with its signature:
+    a change to that signature must fail here, not in a benchmark run."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/engine_decode.py"), "--models", "small", "--requests", "4",
+                           "--new-tokens", "6", "--rounds", "1", "--prefill-len", "16", "--prompt-len", "8"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"LoRA overhead +-?\d+\.\d ms against a floor of +\d+\.\d ms", proc.stdout), proc.stdout
+    assert re.search(r"the same pages read \(a sum\) in the LoRA op's place", proc.stdout), proc.stdout
+
+
 def test_step_breakdown_runs_on_the_small_model():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/step_breakdown.py"), "--models", "small", "--requests", "4",
                            "--new-tokens", "4", "--rounds", "1"], capture_output=True, text=True, timeout=600)

@@ -385,6 +385,7 @@ static inline void dora_row(T* yi, const P* g, const T* bias, const std::vector<
 // each used kind j (t-th of `used`), with columns C_j = [bounds[j], bounds[j+1]):
 //   v[t, k] = x[r] . a[P[k], j, :]                 (shrink: every used kind in one pass over the pages)
 //   y[r, C_j] += sum_k v[t, k] * b[P[k], C_j]       (expand: straight into that kind's columns)
+//   then, if row r has a DoRA magnitude page M = mags[r]: y[r, C_j] = dora_row(y[r, C_j], b[M, C_j])
 // Per-row form (BGMV, ends empty): position i's pages are pages[i*rank : (i+1)*rank].
 // Segment form (SGMV): positions are grouped by adapter, ends[u] = cumulative positions of adapters
 // 0..u, and adapter u's pages are pages[u*rank : (u+1)*rank]; a thread's positions are contiguous, so
