@@ -55,9 +55,8 @@ def test_dora_matches_peft_in_a_mixed_batch_through_evictions(backend, tiny_llam
         pytest.skip("the C++ kernel needs a compiler")
     built = build_engine(ServerConfig(
         model=str(tiny_llama), op_backend=backend, dtype="float32", enable_dora=True, max_batch_size=8,
-        max_tokens_per_step=20,
-        max_model_len=96, default_max_new_tokens=MAX_NEW, max_lora_rank=8, max_device_adapters=3, max_host_adapters=3,
-        adapter_cache_dir=str(tmp_path / "converted"), adapters=tuple((n, str(p)) for n, p in llama_dora.items())))
+        max_tokens_per_step=20, max_model_len=96, default_max_new_tokens=MAX_NEW, max_lora_rank=8,
+        max_device_adapters=3, max_host_adapters=3, adapter_cache_dir=str(tmp_path / "converted"), adapters=tuple((n, str(p)) for n, p in llama_dora.items())))
     engine = built.engine
     assert built.manager.pool.num_pages == 24
     names = [None, *llama_dora]
@@ -88,8 +87,8 @@ def test_dora_matches_peft_in_every_family(family, tmp_path):
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, use_dora=True, **kw)
                 for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
     built = build_engine(ServerConfig(model=str(model), dtype="float32", enable_dora=True, max_batch_size=8,
-                                      max_tokens_per_step=20,
-                                      max_model_len=80, default_max_new_tokens=MAX_NEW, kv_block_size=4,
+                                      max_tokens_per_step=20, max_model_len=80, default_max_new_tokens=MAX_NEW,
+                                      kv_block_size=4,
                                       adapters=tuple((n, str(p)) for n, p in adapters.items())))
     names = [None, *adapters]
     prompts = make_prompts(built.engine.vocab_size, 9, seed=3)
