@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
 
 
 def tool_call(name: str, arguments: str) -> dict:
@@ -20,7 +19,6 @@ def tool_call(name: str, arguments: str) -> dict:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-@dataclass(frozen=True)
 class HermesToolCalls:
     OPEN = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)

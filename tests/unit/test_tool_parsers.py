@@ -7,10 +7,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from loramux.server.config import TOOL_CALL_PARSERS
 from loramux.server.errors import RequestInvalid
 from loramux.server.openai_schema import ChatCompletionRequest, ChunkMaker
 from loramux.server.requests import FinishReason, TokenEvent
-from loramux.server.tool_parsers import HermesToolCalls, tool_call_parser
+from loramux.server.tool_parsers import PARSERS, HermesToolCalls, tool_call_parser
 
 HERMES = HermesToolCalls()
 CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
@@ -95,3 +96,4 @@ def test_auto_needs_a_parser_and_shows_the_model_its_tools():
         assert [t["function"]["name"] for t in prompts[0].tools] == ["weather"]
     assert request(tool_choice="none").serving(HERMES).to_domain(16)[0][0].tools == ()
     assert tool_call_parser(None) is None
+    assert set(PARSERS) == set(TOOL_CALL_PARSERS)  # the config's import-free list names every parser
