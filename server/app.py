@@ -116,6 +116,7 @@ class App:
                 tls.update(ssl_ca_certs=c.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(build_app(self.service, self._metrics_text), host=c.http_bind_host, port=c.http_port,
                                 lifespan="off", access_log=False, log_config=None, log_level="warning",
+                                timeout_keep_alive=c.http_keep_alive_timeout,
                                 timeout_graceful_shutdown=max(1, int(c.drain_timeout)), **tls)
         self._http = Server(config)
         self._http_task = asyncio.create_task(self._http.serve())

@@ -60,6 +60,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default=None, help="HTTP address (default: --host)")
     p.add_argument("--max-http-body-bytes", type=int, default=d["max_http_body_bytes"].default,
                    help="HTTP request bodies over this are refused (413) before parsing")
+    p.add_argument("--http-keep-alive-timeout", type=float, default=d["http_keep_alive_timeout"].default,
+                   help="seconds an idle HTTP keep-alive connection is held open; keep it above the clients' and "
+                        "proxies' own idle timeouts")
     p.add_argument("--served-model-name", default=None,
                    help="the base model's name in both APIs (OpenAI's model field; default: the model's own)")
     p.add_argument("--metrics-host", default=d["metrics_host"].default)

@@ -40,6 +40,9 @@ class ServerConfig:
     http_host: str | None = None  # None: the gRPC host
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off (FastAPI and uvicorn are not imported)
     max_http_body_bytes: int = 8 << 20  # HTTP request bodies are refused (413) past this, before parsing
+    # longer than clients' and proxies' own idle limits (httpx 5 s, load balancers 60 s), so that they, not the
+    # server, close an idle connection: a close racing a request on it loses that request
+    http_keep_alive_timeout: float = 75.0
     served_model_name: str | None = None  # the base model's name in both APIs; None: the loaded model's
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # 0: no metrics endpoint
@@ -108,7 +111,7 @@ class ServerConfig:
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_queued_requests", "max_choices_per_request", "max_stop_token_ids", "max_prompt_bytes",
                      "max_chat_messages", "max_registered_adapters", "work_threads", "work_timeout",
-                     "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "kv_block_size", "adapter_cache_max_gib"):
+                     "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "http_keep_alive_timeout", "kv_block_size", "adapter_cache_max_gib"):
             positive(name)
         if not math.isfinite(self.adapter_cache_max_gib):
             raise ValueError(f"adapter-cache-max-gib must be finite, got {self.adapter_cache_max_gib}")

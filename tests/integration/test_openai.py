@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import socket
 import threading
 import time
 
@@ -452,6 +453,36 @@ def test_models_retrieve_and_stop_token_ids(oserver):
         "ignore_eos": True, "stop_token_ids": [ten[0]], "min_tokens": 4}})
     grpc = grpc_tokens(oserver, "attn-r4", stop_token_ids=[ten[0]], min_new_tokens=4)
     assert len(held.choices[0].logprobs.tokens) == len(grpc.token_ids) >= 4 and ten[0] not in grpc.token_ids[:4]
+
+
+def _health_on(sock: socket.socket) -> bytes:
+    """One keep-alive GET /health on an open connection; the response's head and body."""
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+            re.search(rb"content-length: (\d+)", data, re.I)[1]):
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the connection mid-response: {data!r}"
+        data += chunk
+    return data
+
+
+def test_idle_keep_alive_connections_outlive_the_clients_own_timeout(tiny_llama, tmp_path, oserver):
+    """A server that closes an idle connection as a client reuses it loses that request (the client sees
+    "Server disconnected without sending a response"); so the server waits longer than clients do."""
+    short = ServerProcess(["--model", str(tiny_llama), "--http-keep-alive-timeout", "1"], tmp_path / "log")
+    try:
+        short.wait_ready()
+        with socket.create_connection(("127.0.0.1", short.http_port), timeout=10) as a, \
+                socket.create_connection(("127.0.0.1", oserver.http_port), timeout=10) as b:
+            assert _health_on(a).startswith(b"HTTP/1.1 200") and _health_on(b).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            assert a.recv(1) == b""  # the flag's 1 s: closed, without a request in flight
+            assert 0.8 < time.monotonic() - start < 3
+            time.sleep(1.5)
+            assert _health_on(b).startswith(b"HTTP/1.1 200")  # the default keeps it well past that
+    finally:
+        short.stop()
 
 
 def test_adapters_load_and_unload_through_vllms_routes(tiny_llama, tiny_adapters, tmp_path, oserver):
