@@ -78,7 +78,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="the model's tool-call format (vLLM's name), which serves OpenAI chat requests with "
                         "tool_choice \"auto\" (the default with tools): hermes = <tool_call>{JSON}</tool_call> "
-                        "(Hermes, Qwen2.5)")
+                        "(Hermes, Qwen2.5); llama3_json = JSON objects as the whole answer (Llama 3.1/3.2); "
+                        "pythonic = [f(x=1), ...] (Llama 3.2/4)")
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")

@@ -11,7 +11,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 SCHEDULING = ("fair", "fifo")
-TOOL_CALL_PARSERS = ("hermes",)  # server.tool_parsers.PARSERS' names, kept import-free here
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")  # server.tool_parsers.PARSERS' names, kept import-free here
 
 
 def default_cache_dir() -> Path:

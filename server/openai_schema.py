@@ -43,7 +43,7 @@ from .openai_structured import (
 )
 from .requests import FinishReason, OutputKind, SamplingParams, StructuredOutput, TokenEvent, TokenLogprob
 from .service import Prompt
-from .tool_parsers import HermesToolCalls
+from .tool_parsers import ToolCallParser
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -210,14 +210,14 @@ class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
-    _tool_parser: HermesToolCalls | None = PrivateAttr(None)  # the server's --tool-call-parser
+    _tool_parser: ToolCallParser | None = PrivateAttr(None)  # the server's --tool-call-parser
 
-    def serving(self, tool_parser: HermesToolCalls | None) -> ChatCompletionRequest:
+    def serving(self, tool_parser: ToolCallParser | None) -> ChatCompletionRequest:
         """This request, on a server whose --tool-call-parser is ``tool_parser`` (None: none)."""
         self._tool_parser = tool_parser
         return self
 
-    def tool_calls(self) -> ToolCalls | HermesToolCalls | None:
+    def tool_calls(self) -> ToolCalls | ToolCallParser | None:
         """A forced tool call, the server's parser of the model's own calls (tool_choice "auto",
         the default with tools), or None for text."""
         if self.tool_choice is not None and not self.tools:
@@ -365,7 +365,7 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
             "choices": out, "usage": usage(lasts, n)}
 
 
-def chat_message(events: list[TokenEvent], tools: ToolCalls | HermesToolCalls | None) -> tuple[dict, str]:
+def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | None) -> tuple[dict, str]:
     """A chat choice's message (its text, and the tool calls it made, forced or parsed) and finish
     reason. A call cut short (max_tokens, a stop string) comes back as text, finish_reason length
     or stop."""
@@ -379,7 +379,7 @@ def chat_message(events: list[TokenEvent], tools: ToolCalls | HermesToolCalls | 
 
 
 def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
-                  tools: ToolCalls | HermesToolCalls | None = None) -> dict:
+                  tools: ToolCalls | ToolCallParser | None = None) -> dict:
     out = []
     for i, events in enumerate(choices):
         message, finish = chat_message(events, tools)
@@ -393,7 +393,7 @@ class ChunkMaker:
     choices (their chunks interleave, each naming its choice's index)."""
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
-                 echoes: list[Echo] | None = None, tools: ToolCalls | HermesToolCalls | None = None, n: int = 1):
+                 echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1):
         self.kind, self.model, self.text_of = kind, model, text_of
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())

@@ -94,7 +94,7 @@ class ToolCalls:
         """The tool calls the text makes; None if it is not complete (cut by max_tokens or a stop)."""
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # a schema may allow JSON nested past Python's stack
             return None
         if self.name is not None:
             return [tool_call(self.name, text)]

@@ -1,15 +1,25 @@
 """tool_choice "auto": the model decides whether to call a tool, and writes the call in its own
-format, which a parser named by --tool-call-parser (vLLM's flag) reads back out of its text.
+format, which a parser named by --tool-call-parser (vLLM's flag and names) reads back out of its
+text. Text that does not parse as calls stays content, as the model wrote it.
 
-``hermes``: each call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the format of
-Hermes, Qwen2.5 and the other chat templates that follow it. The text before the first call is the
-message's content; a call left open at the end of the text (the model stopped after its JSON)
-counts. Text that does not parse as calls stays content, as the model wrote it.
+- ``hermes``: each call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the format
+  of Hermes, Qwen2.5 and the chat templates that follow them. The text before the first call is
+  the message's content; a call left open at the end of the text (the model stopped after its
+  JSON) counts.
+- ``llama3_json``: Llama 3.1/3.2's JSON calls, the whole answer one or more
+  ``{"name": ..., "parameters": {...}}`` objects (or ``"arguments"``) separated by ``;``.
+- ``pythonic``: Llama 3.2/4's Python-style calls, the whole answer one list
+  ``[get_weather(city="Rome", days=2), now()]`` with literal keyword arguments.
+
+The special tokens some templates put around calls (``<|python_tag|>``) are not in the text:
+the detokenizer skips special tokens.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import re
 import uuid
 
@@ -19,33 +29,42 @@ def tool_call(name: str, arguments: str) -> dict:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-class HermesToolCalls:
-    OPEN = "<tool_call>"
-    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+class ToolCallParser:
+    """Reads the calls out of a model's text; ChunkMaker streams through ``streamable``."""
 
-    streams_content = True  # content streams as it comes, up to the first call
+    streams_content = True  # content streams as it comes, while it cannot be part of a call
     finish_reason = "tool_calls"
 
     def split(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(content, tool calls) of a complete text: (text, None) when it makes no calls."""
+        raise NotImplementedError
+
+    def streamable(self, text: str) -> int:
+        """How much of a text still being written is content for sure."""
+        raise NotImplementedError
+
+
+class HermesToolCalls(ToolCallParser):
+    OPEN = "<tool_call>"
+    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+    def split(self, text: str) -> tuple[str | None, list[dict] | None]:
         start = text.find(self.OPEN)
         if start < 0:
             return text, None
         calls = []
         for block in self._BLOCK.findall(text, start):
             try:
-                value = json.loads(block)
-            except ValueError:
+                call = _json_call(json.loads(block))
+            except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
                 return text, None
-            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            if call is None:
                 return text, None
-            arguments = value.get("arguments", {})
-            calls.append(tool_call(value["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)))
+            calls.append(call)
         return text[:start] or None, calls
 
     def streamable(self, text: str) -> int:
-        """How much of a text still being written is content for sure: up to the first call, less
-        any tail that could be the start of one."""
+        """Up to the first call, less any tail that could be the start of one."""
         start = text.find(self.OPEN)
         if start >= 0:
             return start
@@ -55,9 +74,99 @@ class HermesToolCalls:
         return len(text)
 
 
-PARSERS = {"hermes": HermesToolCalls}  # --tool-call-parser (server/config.py TOOL_CALL_PARSERS)
+class WholeAnswerCalls(ToolCallParser):
+    """Formats where the calls are the whole answer, known by its first character: until that
+    character, nothing streams; after it, the text is held to the end when it may be calls."""
+
+    FIRST = ""
+
+    def split(self, text: str) -> tuple[str | None, list[dict] | None]:
+        if not text.lstrip().startswith(self.FIRST):
+            return text, None
+        calls = self.calls(text.strip())
+        return (text, None) if not calls else (None, calls)
+
+    def calls(self, text: str) -> list[dict] | None:
+        raise NotImplementedError
+
+    def streamable(self, text: str) -> int:
+        rest = text.lstrip()
+        return 0 if not rest or rest.startswith(self.FIRST) else len(text)
 
 
-def tool_call_parser(name: str | None) -> HermesToolCalls | None:
+class Llama3JsonToolCalls(WholeAnswerCalls):
+    FIRST = "{"
+
+    def calls(self, text: str) -> list[dict] | None:
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        while at < len(text):
+            try:
+                value, at = decoder.raw_decode(text, at)
+            except (ValueError, RecursionError):
+                return None
+            call = _json_call(value, arguments=("parameters", "arguments"))
+            if call is None:
+                return None
+            calls.append(call)
+            at = len(text) - len(text[at:].lstrip().removeprefix(";").lstrip())  # the separator
+        return calls
+
+
+class PythonicToolCalls(WholeAnswerCalls):
+    FIRST = "["
+    _CONSTANTS = {"true": True, "false": False, "null": None}  # models mix JSON's names in
+
+    def calls(self, text: str) -> list[dict] | None:
+        try:
+            tree = ast.parse(text, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return None
+            calls = []
+            for node in tree.elts:
+                if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
+                    return None  # positional arguments and **kwargs have no JSON object form
+                name = ast.unparse(node.func)  # a dotted name is one too: "tools.search"
+                if not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+                    return None
+                arguments = {k.arg: self._value(k.value) for k in node.keywords}
+                calls.append(tool_call(name, json.dumps(arguments, allow_nan=False)))
+            return calls
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return None
+
+    def _value(self, node: ast.expr):
+        """A literal (what ``ast.literal_eval`` takes, less sets, bytes and complex numbers; plus
+        JSON's true, false and null)."""
+        if isinstance(node, ast.Name) and node.id in self._CONSTANTS:
+            return self._CONSTANTS[node.id]
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [self._value(e) for e in node.elts]
+        if isinstance(node, ast.Dict):
+            if any(k is None for k in node.keys):
+                raise ValueError("** in a dict")
+            keys = [self._value(k) for k in node.keys]
+            if not all(isinstance(k, str) for k in keys):
+                raise ValueError("JSON keys are strings")
+            return dict(zip(keys, (self._value(v) for v in node.values), strict=True))
+        value = ast.literal_eval(node)
+        if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+            return value
+        raise ValueError(f"not a JSON value: {type(value).__name__}")
+
+
+def _json_call(value, arguments: tuple[str, ...] = ("arguments",)) -> dict | None:
+    """A call from its JSON object ({"name", and its arguments under one of ``arguments``, as an
+    object or a JSON string}), or None when it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    args = next((value[k] for k in arguments if k in value), {})
+    return tool_call(value["name"], args if isinstance(args, str) else json.dumps(args))
+
+
+# --tool-call-parser (server/config.py TOOL_CALL_PARSERS)
+PARSERS = {"hermes": HermesToolCalls, "llama3_json": Llama3JsonToolCalls, "pythonic": PythonicToolCalls}
+
+
+def tool_call_parser(name: str | None) -> ToolCallParser | None:
     """The parser --tool-call-parser names (checked in ServerConfig), or None."""
     return None if name is None else PARSERS[name]()

@@ -707,6 +707,39 @@ def test_auto_tool_calls_are_read_out_of_the_text_plain_and_streamed(oserver):
     wait_idle(oserver)
 
 
+@pytest.mark.parametrize("parser, regex", [
+    ("llama3_json", r'\{"name": "weather", "parameters": \{"city": "Rome", "days": 2\}\}; \{"name": "time", '
+                    r'"parameters": \{"zone": "UTC"\}\}'),
+    ("pythonic", r'\[weather\(city="Rome", days=2\), time\(zone="UTC"\)\]'),
+], ids=["llama3_json", "pythonic"])
+def test_whole_answer_tool_call_formats_through_the_server(parser, regex, tiny_llama, tmp_path):
+    """Llama's JSON and pythonic calls: the whole answer is the calls, served as tool_calls plain
+    and streamed (no content); text that does not start as a call streams as content."""
+    proc = ServerProcess(["--model", str(tiny_llama), "--tool-call-parser", parser], tmp_path / "log")
+    try:
+        proc.wait_ready()
+        oa = proc.openai()
+        ask = dict(model=proc.client.server_info().model, messages=[{"role": "user", "content": "Weather in Rome?"}],
+                   tools=[WEATHER, TIME], temperature=0, max_tokens=200, extra_body={"guided_regex": regex})
+        got = oa.chat.completions.create(**ask)
+        message = got.choices[0].message
+        assert got.choices[0].finish_reason == "tool_calls" and message.content is None, got
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+            [("weather", {"city": "Rome", "days": 2}), ("time", {"zone": "UTC"})]
+        chunks = list(oa.chat.completions.create(**ask, stream=True))
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert [(c.index, c.function.name, c.function.arguments) for c in calls[0]] == \
+            [(k, c.function.name, c.function.arguments) for k, c in enumerate(message.tool_calls)]
+        text = {**ask, "extra_body": {"guided_regex": "Sunny in Rome, I think"}}
+        streamed = list(oa.chat.completions.create(**text, stream=True))
+        deltas = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
+        assert "".join(deltas) == "Sunny in Rome, I think" and len(deltas) > 1  # streamed as it came
+        assert streamed[-1].choices[0].finish_reason == "stop"
+    finally:
+        proc.stop()
+
+
 WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city", "days"],
     "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}

@@ -1,5 +1,6 @@
-"""tool_choice "auto" with --tool-call-parser hermes: the calls read out of a model's text, the
-content streamed only while it cannot be the start of a call, and "auto" refused without a parser."""
+"""tool_choice "auto" with --tool-call-parser: the calls read out of a model's text (hermes,
+llama3_json, pythonic), the content streamed only while it cannot be part of a call, and "auto"
+refused without a parser."""
 
 import json
 
@@ -10,11 +11,19 @@ from hypothesis import strategies as st
 from loramux.server.config import TOOL_CALL_PARSERS
 from loramux.server.errors import RequestInvalid
 from loramux.server.openai_schema import ChatCompletionRequest, ChunkMaker
+from loramux.server.openai_structured import ToolCalls
 from loramux.server.requests import FinishReason, TokenEvent
-from loramux.server.tool_parsers import PARSERS, HermesToolCalls, tool_call_parser
+from loramux.server.tool_parsers import (
+    PARSERS,
+    HermesToolCalls,
+    Llama3JsonToolCalls,
+    PythonicToolCalls,
+    tool_call_parser,
+)
 
-HERMES = HermesToolCalls()
+HERMES, LLAMA3, PYTHONIC = HermesToolCalls(), Llama3JsonToolCalls(), PythonicToolCalls()
 CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
+ROME = ("weather", {"city": "Rome", "days": 2})
 
 
 def names_and_args(calls):
@@ -31,14 +40,65 @@ def names_and_args(calls):
     ("Hm.<tool_call>{not json}</tool_call>", "Hm.<tool_call>{not json}</tool_call>", None),
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', None),
     ("<tool_call>[1, 2]</tool_call>", "<tool_call>[1, 2]</tool_call>", None),
+    ("<tool_call>" + "[" * 100_000, "<tool_call>" + "[" * 100_000, None),
 ], ids=["text", "content-and-call", "two-calls", "string-arguments-left-open", "no-arguments", "bad-json",
-        "no-name", "not-an-object"])
+        "no-name", "not-an-object", "deep"])
 def test_hermes_reads_the_calls_and_keeps_what_does_not_parse_as_content(text, content, calls):
     got_content, got_calls = HERMES.split(text)
     assert got_content == content
     assert (None if got_calls is None else names_and_args(got_calls)) == calls
     if got_calls:
         assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got_calls)
+
+
+@pytest.mark.parametrize("text, calls", [
+    ('{"name": "weather", "parameters": {"city": "Rome", "days": 2}}', [ROME]),
+    ('  {"name": "weather", "arguments": {"city": "Rome", "days": 2}}\n', [ROME]),
+    ('{"name": "now"}; {"name": "weather", "parameters": "{\\"city\\": \\"Rome\\", \\"days\\": 2}"}',
+     [("now", {}), ROME]),
+    ("Sunny, I think.", None),
+    ('Sure: {"name": "now"}', None),  # calls are the whole answer, or none
+    ('{"name": "now"} and then', None),
+    ('{"name": 3}', None),
+    ('{"name": "now"', None),
+    ('{"name": "f", "parameters": ' + "[" * 100_000, None),  # past Python's recursion limit: text, not a crash
+], ids=["parameters", "arguments-and-spaces", "two-calls-string-arguments", "text", "text-first", "text-after",
+        "name-not-a-string", "cut", "deep"])
+def test_llama3_json_reads_calls_that_are_the_whole_answer(text, calls):
+    content, got = LLAMA3.split(text)
+    assert (None if got is None else names_and_args(got)) == calls
+    assert content == (None if calls else text)
+
+
+@pytest.mark.parametrize("text, calls", [
+    ('[weather(city="Rome", days=2)]', [ROME]),
+    (" [now(), weather(city='Rome', days=2)]\n", [("now", {}), ROME]),
+    ('[search(q="x", filters={"lang": ["en", "it"], "safe": true, "max": -1.5, "page": None}, exact=False)]',
+     [("search", {"q": "x", "filters": {"lang": ["en", "it"], "safe": True, "max": -1.5, "page": None},
+                  "exact": False})]),
+    ("[tools.lookup(id=7)]", [("tools.lookup", {"id": 7})]),
+    ("Sunny, I think.", None),
+    ("[1, 2]", None),
+    ("[]", None),
+    ('[weather("Rome")]', None),  # positional arguments have no names to send
+    ("[f(x={1, 2})]", None),
+    ("[f(x=float('nan'))]", None),
+    ("[f(**kw)]", None),
+    ("[f(x=1)] and more", None),
+    ("[f(x=1)", None),
+    ("[f(x=" + "[" * 100_000 + ")]", None),
+], ids=["one", "two", "nested-literals", "dotted-name", "text", "not-calls", "empty", "positional", "set", "call-value",
+        "double-star", "text-after", "cut", "deep"])
+def test_pythonic_reads_literal_keyword_calls(text, calls):
+    content, got = PYTHONIC.split(text)
+    assert (None if got is None else names_and_args(got)) == calls
+    assert content == (None if calls else text)
+
+
+def test_whole_answer_formats_stream_only_text_that_cannot_be_calls():
+    for parser, first in ((LLAMA3, "{"), (PYTHONIC, "[")):
+        assert parser.streamable("") == parser.streamable(" \n") == 0  # not known yet
+        assert parser.streamable(f" {first}x") == 0 and parser.streamable("Hello") == 5
 
 
 def test_streamable_holds_back_what_could_begin_a_call():
@@ -51,27 +111,37 @@ def event(text, finish=None):
     return TokenEvent("r", 0, text, finish, 3, 4)
 
 
-@given(st.lists(st.integers(1, 12), min_size=1, max_size=40), st.sampled_from(["Let me check.", "", "  "]),
-       st.booleans())
-def test_streamed_chunks_add_up_to_the_whole_answer(cuts, prefix, with_call):
+STREAMED = {  # parser: (text before its calls, the calls, text without calls)
+    "hermes": (st.sampled_from(["Let me check.", "", "  "]), CALL, " no call here <tool"),
+    "llama3_json": (st.sampled_from(["", "  ", "\n"]), '{"name": "weather", "parameters": {"city": "Rome", "days": 2}}',
+                    " no call here {"),
+    "pythonic": (st.sampled_from(["", "  ", "\n"]), '[weather(city="Rome", days=2)]', "no call here ["),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMED))
+@given(data=st.data(), cuts=st.lists(st.integers(1, 12), min_size=1, max_size=40), with_call=st.booleans())
+def test_streamed_chunks_add_up_to_the_whole_answer(name, data, cuts, with_call):
     """However the text is cut into token events, the content deltas never show part of a call,
     and content plus the final delta's calls are the non-streamed message."""
-    text = prefix + (CALL if with_call else " no call here <tool")
+    prefixes, call, plain = STREAMED[name]
+    parser = tool_call_parser(name)
+    text = data.draw(prefixes) + (call if with_call else plain)
     pieces, at = [], 0
     for n in cuts:
         if at < len(text):
             pieces.append(text[at : at + n])
             at += n
     pieces.append(text[at:])
-    maker = ChunkMaker("chat", "m", str, tools=HERMES)
+    maker = ChunkMaker("chat", "m", str, tools=parser)
     chunks = []
     for k, piece in enumerate(pieces):
         chunks += maker.events(event(piece, FinishReason.EOS if k == len(pieces) - 1 else None))
     deltas = [c["choices"][0]["delta"] for c in chunks]
     content = "".join(d.get("content", "") for d in deltas)
-    assert "<tool_call>" not in content or not with_call
+    assert "weather" not in content or not with_call
     calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
-    expected_content, expected_calls = HERMES.split(text)
+    expected_content, expected_calls = parser.split(text)
     if with_call:
         assert content == (expected_content or "") and len(calls) == 1
         assert names_and_args(calls[0]) == names_and_args(expected_calls)
@@ -97,3 +167,10 @@ def test_auto_needs_a_parser_and_shows_the_model_its_tools():
     assert request(tool_choice="none").serving(HERMES).to_domain(16)[0][0].tools == ()
     assert tool_call_parser(None) is None
     assert set(PARSERS) == set(TOOL_CALL_PARSERS)  # the config's import-free list names every parser
+
+
+def test_forced_calls_nested_past_the_stack_are_text_not_a_crash():
+    deep = "[" * 100_000 + "]" * 100_000  # valid JSON that a lax schema lets a model write
+    for forced in (ToolCalls("weather"), ToolCalls(None)):
+        assert forced.split(deep) == (deep, None)
+    assert ToolCalls(None).split('[{"name": "weather", "parameters": {"city": "Rome", "days": 2}}]')[1] is not None
