@@ -79,12 +79,11 @@ class DevicePool:
         self.fused_stores: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
         self.stores: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         shapes = {}
-        for layer in range(layout.num_layers):
-            for group in layout.groups:
-                in_f = {layout.shapes[k][0] for k in group}
-                assert len(in_f) == 1, f"fused kinds {group} must share their input size"
-                outs = [layout.shapes[k][1] for k in group]
-                shapes[(layer, group)] = ((num_pages, len(group), in_f.pop()), (num_pages, sum(outs)))
+        for layer, group in layout.stores:
+            in_f = {layout.shapes[k][0] for k in group}
+            assert len(in_f) == 1, f"fused kinds {group} must share their input size"
+            outs = [layout.shapes[k][1] for k in group]
+            shapes[(layer, group)] = ((num_pages, len(group), in_f.pop()), (num_pages, sum(outs)))
         # one arena, on huge pages whole: a decode row reads its pages in runs of a few KB
         flat = huge_pages.zeros_many([s for pair in shapes.values() for s in pair], dtype, device)
         for i, (layer, group) in enumerate(shapes):

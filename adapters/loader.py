@@ -17,7 +17,7 @@ import re
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,9 @@ PICKLE_OVERHEAD = 1 << 20  # a pickle's framing beyond its tensors' bytes
 RACY_NS = 2_000_000_000  # a file changed less than this before it was hashed is hashed at every load
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
                   r"(?:lora_(?P<ab>[AB])(?:\.default)?\.weight|lora_magnitude_vector(?:\.default)?(?:\.weight)?)$")
+# PEFT saves the base weights of a LoRA-wrapped output layer with the adapter (save_embedding_layers)
+_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+HEAD = "lm_head"  # the output projection: its kind, and its module name in every supported family
 
 
 def _part(match: re.Match) -> str:
@@ -57,10 +60,25 @@ class LoRALayout:
     # a server without --enable-dora): DoRA adapters are refused.
     dora_base: Callable[[int, str], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, compare=False,
                                                                                     repr=False)
+    # (layer, kind) -> the served W [out, in]: what an adapter's saved copy of lm_head must equal
+    base_weight: Callable[[int, str], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.shapes)
+
+    @property
+    def stores(self) -> tuple[tuple[int, tuple[str, ...]], ...]:
+        """(layer, group) of each page store: every group at every layer that has a kind of it."""
+        present = set(self.modules.values())
+        return tuple((layer, group) for layer in sorted({layer for layer, _ in present}) for group in self.groups
+                     if any((layer, kind) in present for kind in group))
+
+    def with_head(self, hidden: int, vocab: int) -> LoRALayout:
+        """This layout with LoRA on the output projection too: module and kind "lm_head", in a layer
+        of its own after the decoder's (``num_layers``)."""
+        return replace(self, modules={**self.modules, HEAD: (self.num_layers, HEAD)},
+                       shapes={**self.shapes, HEAD: (hidden, vocab)})
 
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
@@ -245,14 +263,32 @@ def _modules_from_shapes(
 ) -> dict[str, int]:
     """Check tensor names and shapes against the base model; return module -> rank."""
     found: dict[str, dict[str, list[int]]] = {}
+    saved_base: dict[str, list[int]] = {}
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if m is None:
-            raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights and DoRA's "
-                                 "lora_magnitude_vector are supported")
+            base = _BASE_KEY.match(key)
+            if base is None or base["module"].rpartition(".")[2] != HEAD:
+                raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights, DoRA's "
+                                     "lora_magnitude_vector and lm_head's saved base layer are supported")
+            saved_base[base["module"]] = list(shape)
+            continue
         found.setdefault(m["module"], {})[_part(m)] = list(shape)
     if not found:
         raise AdapterInvalid("the adapter holds no LoRA weights")
+    head = [m for m in (*found, *(spec.unmatched_targets(layout.modules) if spec else ())) if m.rpartition(".")[2] == HEAD]
+    if head and HEAD not in layout.kinds:
+        raise AdapterInvalid(f"module {clip(head[0])}: LoRA on the output projection is not enabled on this server "
+                             "(start it with --enable-lm-head-lora)")
+    for module, shape in saved_base.items():
+        if module not in found or module not in layout.modules:
+            raise AdapterInvalid(f"{clip(module + '.base_layer.weight')}: a saved base layer of a module the "
+                                 "adapter has no LoRA weights for")
+        in_f, out_f = layout.shapes[layout.modules[module][1]]
+        if shape != [out_f, in_f]:
+            raise AdapterInvalid(f"{clip(module + '.base_layer.weight')} {shape} is not the base model's {module} "
+                                 f"[{out_f}, {in_f}]: the adapter was trained on a resized vocabulary, which is not "
+                                 "served")
     if spec is not None:
         unmatched = spec.unmatched_targets(layout.modules)
         if unmatched:
@@ -299,6 +335,21 @@ def _modules_from_shapes(
     return ranks
 
 
+def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> None:
+    """A saved copy of lm_head's base weights (PEFT saves one with its LoRA) must be the served
+    weights: PEFT would serve the copy, so a different one (a trained output layer) is refused."""
+    for key, saved in tensors.items():
+        base = _BASE_KEY.match(key)
+        if base is None:
+            continue
+        if layout.base_weight is None:
+            raise AdapterInvalid(f"{clip(key)}: this server cannot check a saved base layer")
+        served = layout.base_weight(*layout.modules[base["module"]])
+        if not torch.equal(saved.to(served.device, served.dtype), served):
+            raise AdapterInvalid(f"{clip(key)} differs from the served model's {base['module']} weights: an adapter "
+                                 "that trains the output layer itself is not served, only LoRA on it")
+
+
 def _check_dora(spec: AdapterSpec, layout: LoRALayout) -> None:
     if spec.use_dora and layout.dora_base is None:
         raise AdapterInvalid("adapter_config.json field 'use_dora': DoRA adapters are not enabled on this server "
@@ -330,7 +381,8 @@ def _weights_name(adapter_dir: Path, allow_pickle: bool) -> str:
 def _largest_adapter_bytes(layout: LoRALayout, max_rank: int) -> int:
     """Every supported module at max_rank in float64: no valid weights file is larger."""
     per_rank = sum(sum(layout.shapes[kind]) for _, kind in layout.modules.values())
-    return max_rank * per_rank * 8
+    head = layout.shapes[HEAD][0] * layout.shapes[HEAD][1] if HEAD in layout.shapes else 0  # its saved base layer
+    return (max_rank * per_rank + head) * 8
 
 
 def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayout, max_rank: int,
@@ -370,6 +422,8 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
         shapes = {k: v["shape"] for k, v in header.items()}
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
     _check_dora(spec, layout)
+    if any(_BASE_KEY.match(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
+        _check_saved_base(_unpickle(data, name) if header is None else _decode(name, data, header), layout)
     rank = max(ranks.values()) + spec.use_dora
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
     digest = hashlib.sha256(data).hexdigest()
@@ -437,10 +491,12 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         ranks = manifest.module_ranks
     else:
         ranks = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
+        _check_saved_base(tensors, layout)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
-        by_module.setdefault(m["module"], {})[_part(m)] = t
+        if m is not None:  # else lm_head's saved base layer, checked
+            by_module.setdefault(m["module"], {})[_part(m)] = t
     _check_dora(spec, layout)
     rank = max(ranks.values()) + spec.use_dora
     names = {layout.modules[m]: m for m in by_module}

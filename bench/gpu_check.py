@@ -99,7 +99,8 @@ def stage_ops(args, out: Path) -> dict:
 
 
 def stage_parity(args, out: Path) -> dict:
-    return _pytest(args, out, "parity", ["tests/engine/test_parity.py", "tests/engine/test_dora.py"],
+    return _pytest(args, out, "parity", ["tests/engine/test_parity.py", "tests/engine/test_dora.py",
+                                         "tests/engine/test_lm_head.py"],
                    "(staggered and torch and not float16) or (evictions and torch)")
 
 

@@ -91,7 +91,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         raise StartupError(f"--max-model-len {config.max_model_len} is more than the {limit} positions this model "
                            "can encode; lower it")
     model = cls(hf, config.max_model_len)
-    layout = model.lora_layout()
+    layout = model.lora_layout(lm_head=config.enable_lm_head_lora)
     if not config.enable_dora:  # a layout without the base weights refuses DoRA adapters, naming the flag
         layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec
@@ -152,7 +152,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         for layer in model.layers:
             for fused in layer.lora_modules():
                 fused.register_forward_pre_hook(share.check)
-    runner = ModelRunner(model, kv, apply_lora, loaded.device)
+    runner = ModelRunner(model, kv, apply_lora, loaded.device, layout)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))

@@ -89,6 +89,8 @@ class ServerConfig:
     dynamic_adapters: bool = False  # a request for an unregistered id registers ADAPTER_ROOT/ID on first use
     allow_pickle: bool = False  # accept adapter_model.bin, read with torch.load(weights_only=True)
     enable_dora: bool = False  # serve DoRA adapters (use_dora); without it they are refused, naming the flag
+    # serve LoRA on lm_head: every adapter page grows by hidden + vocab values; without it such adapters are refused
+    enable_lm_head_lora: bool = False
     auth_token: str | None = None  # required as "authorization: Bearer <token>" on LoraMux RPCs
     admin_token: str | None = None  # required on RegisterAdapter/UnregisterAdapter instead
     insecure_admin: bool = False  # allow runtime registration without an admin token on a non-loopback host

@@ -1,5 +1,6 @@
 """``loramux merge``: write W + s * B A (DoRA: g * (W + s * B A), row by row) into a full Hugging
-Face model folder (safetensors)."""
+Face model folder (safetensors). LoRA on a tied lm_head unties it: the input embedding stays the
+base model's, as it is when the adapter is served."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.loader import load_adapter, row_sq_norms
+from ..adapters.loader import HEAD, load_adapter, row_sq_norms
 
 
 @torch.no_grad()
@@ -20,7 +21,7 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     modules = dict(model.named_modules())
-    config_layout = lora_layout(model.config)
+    config_layout = lora_layout(model.config).with_head(*reversed(model.lm_head.weight.shape))
     by_layer_kind = {v: k for k, v in config_layout.modules.items()}
 
     def weight(layer: int, kind: str) -> torch.Tensor:  # [out, in]: GPT-2's Conv1D keeps [in, out]
@@ -31,8 +32,12 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
         w = weight(layer, kind)
         return w, row_sq_norms(w)
 
-    layout = replace(config_layout, dora_base=dora_base)
+    layout = replace(config_layout, dora_base=dora_base, base_weight=weight)
     weights = load_adapter(adapter_dir, layout, max_rank=1 << 16, dtype=torch.float32)
+    if any(kind == HEAD for _, kind in weights.a) and \
+            model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        model.config.tie_word_embeddings = False
     rank = weights.rank - weights.magnitude
     for key, a in weights.a.items():  # a: [r, in]; b: [r, out] = (s * B).T
         w = weight(*key)

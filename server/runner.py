@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..adapters.loader import HEAD, LoRALayout
 from .attention_metadata import build_attention_metadata
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch
@@ -62,13 +63,45 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     return replace(batch, **fields, lora=lora)
 
 
+def _per_row(items: list[WorkItem], row_items: list[int | None]) -> tuple[LoRAPlan, list[tuple[int, int]]]:
+    """BGMV: row j uses item ``row_items[j]``'s adapter (None: none). Returns the plan, and the
+    (row, magnitude page) of the rows whose adapters are DoRA adapters, ascending."""
+    token_adapter, adapter_pages, dora_rows = [], [], []
+    index: dict[Hashable, int] = {}
+    for row, i in enumerate(row_items):
+        if i is None:
+            token_adapter.append(-1)
+            continue
+        it = items[i]
+        if it.adapter not in index:
+            index[it.adapter] = len(adapter_pages)
+            adapter_pages.append(it.pages)
+        token_adapter.append(index[it.adapter])
+        if it.magnitude_page is not None:
+            dora_rows.append((row, it.magnitude_page))
+    return plan_tokens(token_adapter, adapter_pages), dora_rows
+
+
+def _row_runs(rows: list[tuple[int, int]]) -> list[tuple[int, int, torch.Tensor]]:
+    """DoRA's magnitude runs (ops/plan.py ``MagnitudeRuns``) of single rows, ascending (row, page):
+    adjacent rows make one run."""
+    runs: list[tuple[int, list[int]]] = []  # (first row, pages)
+    for row, page in rows:
+        if runs and runs[-1][0] + len(runs[-1][1]) == row:
+            runs[-1][1].append(page)
+        else:
+            runs.append((row, [page]))
+    return [(lo, lo + len(pages), _longs(pages)) for lo, pages in runs]
+
+
 class ModelRunner:
-    def __init__(self, model, kv: PagedKVCache, apply_lora, device: torch.device):
+    def __init__(self, model, kv: PagedKVCache, apply_lora, device: torch.device, layout: LoRALayout):
         self.model = model
         self.kv = kv
         self.apply_lora = apply_lora
         self.device = device
-        self.groups = model.lora_layout().groups
+        self.groups = tuple(g for g in layout.groups if g != (HEAD,))  # the decoder's; lm_head's runs on logits rows
+        self.head = HEAD in layout.kinds
 
     def _plans(self, items, prefill: list[int], seg_starts: list[int], decode: list[int],
                num_prefill: int) -> LoRAPlans:
@@ -94,34 +127,21 @@ class ModelRunner:
     def _plan(items, prefill, seg_starts, decode, num_prefill: int, selected: frozenset[int]) -> LoRAPlan:
         """The plan of the ``selected`` items: prefill chunks as SGMV segments, decode rows as BGMV."""
         seg_pages = [items[i].pages if i in selected else None for i in prefill]
-        token_adapter = [-1] * num_prefill
-        adapter_pages: list[torch.Tensor] = []
-        index: dict[Hashable, int] = {}
-        for i in decode:
-            it = items[i]
-            if i not in selected:
-                token_adapter.append(-1)
-                continue
-            if it.adapter not in index:
-                index[it.adapter] = len(adapter_pages)
-                adapter_pages.append(it.pages)
-            token_adapter.append(index[it.adapter])
-        plan = merge_plans(plan_segments(seg_starts, seg_pages), plan_tokens(token_adapter, adapter_pages))
-
-        def dora(i: int) -> bool:
-            return i in selected and items[i].magnitude_page is not None
-
-        runs = [(seg_starts[k], seg_starts[k + 1], items[i].magnitude_page) for k, i in enumerate(prefill) if dora(i)]
-        decode_runs: list[tuple[int, list[int]]] = []  # adjacent DoRA decode rows: (first row, pages)
-        for k, i in enumerate(decode):
-            if dora(i):
-                row = num_prefill + k
-                if decode_runs and decode_runs[-1][0] + len(decode_runs[-1][1]) == row:
-                    decode_runs[-1][1].append(items[i].magnitude_page)
-                else:
-                    decode_runs.append((row, [items[i].magnitude_page]))
-        runs += [(lo, lo + len(pages), _longs(pages)) for lo, pages in decode_runs]
+        per_row, dora_rows = _per_row(items, [None] * num_prefill + [i if i in selected else None for i in decode])
+        plan = merge_plans(plan_segments(seg_starts, seg_pages), per_row)
+        runs = [(seg_starts[k], seg_starts[k + 1], items[i].magnitude_page) for k, i in enumerate(prefill)
+                if i in selected and items[i].magnitude_page is not None]
+        runs += _row_runs(dora_rows)
         return replace(plan, magnitude=MagnitudeRuns(tuple(runs))) if runs else plan
+
+    @staticmethod
+    def _head_plan(items: list[WorkItem], row_items: list[int]) -> LoRAPlan | None:
+        """lm_head's plan: BGMV over the logits rows, row j being item ``row_items[j]``'s; None when
+        no row's adapter targets lm_head."""
+        plan, dora_rows = _per_row(items, [i if items[i].uses(HEAD) else None for i in row_items])
+        if plan.empty:
+            return None
+        return replace(plan, magnitude=MagnitudeRuns(tuple(_row_runs(dora_rows)))) if dora_rows else plan
 
     def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int], list[tuple[int, int]]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);
@@ -153,6 +173,11 @@ class ModelRunner:
             order.append(i)
             ids.append(items[i].token_ids[0])
         logits_rows += extra
+        lora = self._plans(items, prefill, seg_starts, decode, num_prefill)
+        head = self._head_plan(items, order + [i for i, count in prompt_rows for _ in range(count)]) \
+            if self.head else None
+        if head is not None:
+            lora[(HEAD,)] = (((0,), head),)
         meta = build_attention_metadata([items[i] for i in prefill], [items[i] for i in decode],
                                         self.kv.block_size, self.kv.num_blocks)
         batch = StepBatch(
@@ -166,7 +191,7 @@ class ModelRunner:
             decode_lengths=meta.decode_lengths,
             decode_ctx=meta.decode_ctx,
             logits_rows=_longs(logits_rows),
-            lora=self._plans(items, prefill, seg_starts, decode, num_prefill),
+            lora=lora,
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ...adapters.loader import LoRALayout, row_sq_norms
+from ...adapters.loader import HEAD, LoRALayout, row_sq_norms
 from ..kv_cache import PagedKVCache
 from .batch import StepBatch
 
@@ -23,6 +23,7 @@ class ServingModel(nn.Module):
     lm_head: nn.Module
     kv_spec: tuple[int, int, int]  # (layers, kv heads, head dim)
     FUSED_KINDS: tuple[tuple[str, ...], ...] = ()  # kinds computed as one linear over one input
+    head_store: tuple[torch.Tensor, torch.Tensor] | None = None  # lm_head's adapter pages, when it is a target
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -44,11 +45,15 @@ class ServingModel(nn.Module):
         positions are computed (RoPE, ALiBi). max-model-len may not exceed it."""
         return None
 
-    def lora_layout(self) -> LoRALayout:
-        return replace(self.layout_from_config(self.config), dora_base=self.dora_base)
+    def lora_layout(self, lm_head: bool = False) -> LoRALayout:
+        """``lm_head``: with LoRA on the output projection (``--enable-lm-head-lora``)."""
+        layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight)
+        return layout.with_head(*reversed(self.lm_head.weight.shape)) if lm_head else layout
 
     def base_weight(self, layer: int, kind: str) -> torch.Tensor:
         """The served weight W [out, in] of one LoRA target (a view of its fused linear's)."""
+        if kind == HEAD:
+            return self.lm_head.weight
         for fused in self.layers[layer].lora_modules():
             if kind in fused.kinds:
                 j = fused.kinds.index(kind)
@@ -69,6 +74,7 @@ class ServingModel(nn.Module):
         for i, layer in enumerate(self.layers):
             for fused in layer.lora_modules():
                 fused.a_store, fused.b_store = stores[(i, fused.kinds)]
+        self.head_store = stores.get((len(self.layers), (HEAD,)))  # None: no LoRA on lm_head
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -78,4 +84,7 @@ class ServingModel(nn.Module):
         for layer in self.layers:
             h = layer(h, batch, kv, apply_lora)
         h = self.final_norm(h[batch.logits_rows])
-        return self.lm_head(h).float()  # [N, vocab]
+        logits = self.lm_head(h)  # [N, vocab]
+        for used, plan in batch.lora.get((HEAD,), ()):  # over the logits rows (ModelRunner.build_batch)
+            apply_lora(logits, h, *self.head_store, plan, (0, logits.shape[1]), used, None)
+        return logits.float()

@@ -15,7 +15,7 @@ from loramux.server.engine import EngineObserver
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 
 from helpers import ALL_PROJ, FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate
-from test_parity import make_prompts, run_staggered
+from test_parity import make_prompts, run_staggered, serve_in_turn
 
 MAX_NEW = 12
 
@@ -90,14 +90,7 @@ def test_dora_matches_peft_in_every_family(family, tmp_path):
                                       max_tokens_per_step=20, max_model_len=80, default_max_new_tokens=MAX_NEW,
                                       kv_block_size=4,
                                       adapters=tuple((n, str(p)) for n, p in adapters.items())))
-    names = [None, *adapters]
-    prompts = make_prompts(built.engine.vocab_size, 9, seed=3)
-    requests = [(names[i % len(names)], prompts[i]) for i in range(9)]
-    built.engine.start()
-    try:
-        outs = asyncio.run(run_staggered(built.engine, requests, MAX_NEW))
-    finally:
-        built.engine.stop()
+    requests, prompts, outs = serve_in_turn(built.engine, [None, *adapters], 9, seed=3, max_new=MAX_NEW)
     check_against_peft(model, adapters, requests, prompts, outs)
 
 

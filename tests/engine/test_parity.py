@@ -64,6 +64,19 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
     return outs
 
 
+def serve_in_turn(engine, names: list, n: int, seed: int, max_new: int = MAX_NEW):
+    """``n`` random prompts, the i-th for adapter ``names[i % len(names)]``, served staggered by
+    ``engine`` (started and stopped here): (requests as (adapter, prompt), prompts, outputs)."""
+    prompts = make_prompts(engine.vocab_size, n, seed=seed)
+    requests = [(names[i % len(names)], prompts[i]) for i in range(n)]
+    engine.start()
+    try:
+        outs = asyncio.run(run_staggered(engine, requests, max_new))
+    finally:
+        engine.stop()
+    return requests, prompts, outs
+
+
 def narrow_copies(adapters: dict[str, Path], root: Path, dtype: torch.dtype) -> dict[str, Path]:
     """The adapters saved in ``dtype``, as PEFT saves an adapter trained in it."""
     out = {}

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from loramux.clients.aio import AsyncLoraMuxClient
 from loramux.clients.types import Sampling
 
-from helpers import build_adapter, peft_generate
+from helpers import build_adapter, peft_generate, peft_logprobs
 
 PROMPT_IDS = [12, 40, 77, 5, 91, 33]
 GREEDY = Sampling(max_new_tokens=12, ignore_eos=True)
@@ -250,6 +250,25 @@ def test_a_dora_adapter_registers_lists_and_serves_as_peft_does(server, tiny_lla
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "DoRA adapter, which cannot be combined" in details
     finally:
         server.client.unregister_adapter("dora/qv")
+
+
+def test_an_lm_head_adapter_serves_its_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):
+    """LoRA on the output projection (--enable-lm-head-lora), registered at run time: the tokens,
+    their logprobs and the prompt's are PEFT's."""
+    path = build_adapter(tiny_llama, adapter_root / "head-q", seed=11, r=4, lora_alpha=8,
+                         target_modules=["lm_head", "q_proj"])
+    info = server.client.register_adapter("head/q", str(path))
+    assert set(info.target_modules) == {"lm_head", "q_proj"} and info.rank == 4
+    try:
+        got = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="head/q", sampling=Sampling(
+            max_new_tokens=8, ignore_eos=True, logprobs=1, prompt_logprobs=1))
+        assert got.token_ids == peft_generate(tiny_llama, path, [PROMPT_IDS], 8, eos_token_id=None)[0]
+        ref = peft_logprobs(tiny_llama, path, PROMPT_IDS[:1], PROMPT_IDS[1:] + got.token_ids)
+        scored = [*got.prompt_logprobs, *got.logprobs]
+        assert [lp.token_id for lp in scored] == PROMPT_IDS[1:] + got.token_ids
+        assert max(abs(lp.logprob - ref[p, lp.token_id].item()) for p, lp in enumerate(scored)) < 1e-4
+    finally:
+        server.client.unregister_adapter("head/q")
 
 
 def test_cli_generate_takes_a_structured_output(server):

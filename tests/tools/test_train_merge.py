@@ -132,3 +132,22 @@ def test_merge_matches_peft_in_every_family(family, dora, tmp_path):
         x = torch.randint(3, 300, (2, 12))
         with torch.no_grad():
             assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-4, rtol=0), (family, name)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_merge_of_lm_head_lora_unties_a_tied_output_layer(tied, tmp_path):
+    """W_lm + s B A goes into lm_head alone: a tied embedding is untied and stays the base model's,
+    so the merged model computes what PEFT serves unmerged (PEFT's own merge would change both)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_llama(tmp_path / "m", tie_word_embeddings=tied)
+    adapter = build_adapter(model_dir, tmp_path / "a", seed=3, r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    ours = AutoModelForCausalLM.from_pretrained(merge(model_dir, adapter, tmp_path / "merged"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert torch.equal(ours.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert not ours.config.tie_word_embeddings
+    ref = PeftModel.from_pretrained(base, adapter).eval()
+    x = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)

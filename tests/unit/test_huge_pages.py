@@ -54,8 +54,9 @@ def test_a_pools_stores_share_one_arena():
     from loramux.adapters.device_pool import DevicePool
     from loramux.adapters.loader import LoRALayout
 
-    layout = LoRALayout(modules={}, shapes={"q_proj": (64, 64), "v_proj": (64, 32), "down_proj": (128, 64)},
-                        num_layers=2, fused=(("q_proj", "v_proj"),))
+    shapes = {"q_proj": (64, 64), "v_proj": (64, 32), "down_proj": (128, 64)}
+    layout = LoRALayout(modules={f"{i}.{k}": (i, k) for i in range(2) for k in shapes}, shapes=shapes, num_layers=2,
+                        fused=(("q_proj", "v_proj"),))
     pool = DevicePool(layout, 40, torch.float32, "cpu")
     stores = [t for pair in pool.fused_stores.values() for t in pair]
     assert len(stores) == 8 and len({t.untyped_storage().data_ptr() for t in stores}) == 1
