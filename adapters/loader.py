@@ -110,6 +110,11 @@ class AdapterManifest:
     magnitude: bool = False  # DoRA: one page more than ``rank`` rows of LoRA, holding the magnitude scale
 
     @property
+    def changes_kv(self) -> bool:
+        """Whether it changes the decoder's keys and values; LoRA on lm_head alone does not."""
+        return any(module.rpartition(".")[2] != HEAD for module in self.module_ranks)
+
+    @property
     def lora_rank(self) -> int:
         """The adapter's largest module rank (``rank`` counts DoRA's magnitude page too)."""
         return self.rank - self.magnitude

@@ -275,8 +275,11 @@ class Engine:
     @staticmethod
     def _identity(entry) -> bytes:
         """The prefix cache's namespace: the content hash of the weights that compute the KV, never
-        the adapter id, so a replaced adapter cannot hit its old KV and equal files share it."""
-        return BASE_IDENTITY if entry is None else b"lora:" + entry.manifest.content_hash.encode()
+        the adapter id, so a replaced adapter cannot hit its old KV and equal files share it. LoRA
+        on lm_head alone computes the base model's KV, and shares it."""
+        if entry is None or not entry.manifest.changes_kv:
+            return BASE_IDENTITY
+        return b"lora:" + entry.manifest.content_hash.encode()
 
     def cancel(self, seq: Sequence, reason: BaseException | None = None) -> None:
         if not seq.done:

@@ -192,3 +192,26 @@ def test_lm_head_refusals_name_the_limit(tied_llama, head_adapters, tmp_path):
         built.registry.register("stray", stray)
     without_copy = variant("without-copy", lambda t: t.pop(HEAD_KEY))
     built.registry.register("without-copy", without_copy)  # PEFT's save_embedding_layers=False
+
+
+def test_lm_head_alone_shares_the_base_models_cached_prefixes(tied_llama, head_adapters):
+    """Its KV is the base model's, so its requests hit the base model's cached blocks; an adapter
+    that also changes a decoder layer does not."""
+    built = engine_for(tied_llama, head_adapters)
+    prompt = [3 + (37 * i) % 300 for i in range(40)]  # two full blocks of 16, and 8 tokens more
+
+    async def one(i, adapter):
+        sampling = SamplingParams(MAX_NEW, ignore_eos=True)
+        return [ev async for ev in built.engine.submit(GenerationRequest(f"c{i}", tuple(prompt), sampling, adapter))]
+
+    built.engine.start()
+    try:
+        runs = [asyncio.run(one(i, a)) for i, a in enumerate([None, "head-only-r8-rslora", "head-q-r4"])]
+    finally:
+        built.engine.stop()
+    base, head_only, head_q = runs
+    assert base[-1].cached_prompt_tokens == 0 and head_only[-1].cached_prompt_tokens == 32
+    assert head_q[-1].cached_prompt_tokens == 0
+    for adapter, events in (("head-only-r8-rslora", head_only), ("head-q-r4", head_q)):
+        expected = peft_generate(tied_llama, head_adapters[adapter], [prompt], MAX_NEW, eos_token_id=None)[0]
+        assert [ev.token_id for ev in events] == expected
