@@ -123,10 +123,12 @@ class ServerInfo:
     op_backend: str = ""  # LoRA ops in use: torch, cpp or triton
     cpu_isa: str = ""  # the host CPU's vector ISA, e.g. AVX2, AVX512
     lora_dtype: str = ""  # adapter pages' dtype (--lora-dtype), e.g. float32, bfloat16
+    lora_targets: tuple[str, ...] = ()  # module kinds an adapter may target; lm_head with --enable-lm-head-lora
+    dora: bool = False  # DoRA adapters are served (--enable-dora)
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:
-        return cls(**{f: getattr(s, f) for f in cls.__dataclass_fields__})
+        return cls(**{**{f: getattr(s, f) for f in cls.__dataclass_fields__}, "lora_targets": tuple(s.lora_targets)})
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ def test_server_info_and_adapters(server, tiny_adapters):
     assert info.adapter_pages == 4 * info.max_lora_rank
     assert info.op_backend in ("cpp", "torch") and info.cpu_isa  # auto on a CPU: the C++ kernel when it builds
     assert info.lora_dtype == info.dtype == "float32"  # --lora-dtype auto: the model's
+    assert set(info.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                      "lm_head"} and info.dora  # --enable-lm-head-lora, --enable-dora
     assert info.registered_adapters == len(tiny_adapters) and info.has_chat_template
     listed = {a.adapter_id: a for a in server.client.list_adapters()}
     assert set(listed) == set(tiny_adapters)

@@ -441,7 +441,9 @@ def test_auth_and_rate_limit_statuses(guarded):
 
 
 def test_models_retrieve_and_stop_token_ids(oserver):
-    base = oserver.client.server_info().model
+    info = oserver.client.server_info()
+    base = info.model
+    assert "lm_head" not in info.lora_targets and "q_proj" in info.lora_targets and not info.dora  # flags off
     assert oserver.oa.models.retrieve(base).parent is None and oserver.oa.models.retrieve("attn-r4").parent == base
     with pytest.raises(openai.NotFoundError):
         oserver.oa.models.retrieve("no-such-model")
