@@ -178,7 +178,7 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
     config = ServerConfig(model=model, max_batch_size=n, max_tokens_per_step=max(512, n),
                           max_model_len=max(args.prompt_len + args.new_tokens, args.prefill_len) + 8,
                           default_max_new_tokens=args.new_tokens, max_lora_rank=args.rank, max_device_adapters=n,
-                          max_host_adapters=n, metrics_port=0, lora_dtype=args.lora_dtype,
+                          max_host_adapters=n, metrics_port=0, dtype=args.dtype, lora_dtype=args.lora_dtype,
                           prefix_caching=False)  # rounds repeat their prompts: each must prefill in full
     loaded = load_model(config)
     layout = lora_layout(loaded.hf_model.config)
@@ -212,7 +212,8 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
     params = sum(p.numel() for p in loaded.hf_model.parameters())
     return {
         "model": loaded.name, "parameters": params, "requests": n, "distinct_adapters": n, "rank": args.rank,
-        "targets": "all 7 projections", "rounds": args.rounds, "lora_dtype": args.lora_dtype,
+        "targets": "all 7 projections", "rounds": args.rounds, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "lora_dtype": args.lora_dtype,
         "base_decode_tokens_per_s": median(r.decode_tokens_per_s for r in base),
         "mixed_decode_tokens_per_s": median(r.decode_tokens_per_s for r in mixed),
         "ratio": median(r.decode_tokens_per_s for r in mixed) / median(r.decode_tokens_per_s for r in base),
@@ -245,13 +246,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--lora-dtype", default="auto", help="the server's --lora-dtype (the floor reads the pages' bytes)")
+    ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: float32 on a CPU; bfloat16 runs the "
+                                                    "base matmuls on AMX where the CPU has it)")
     args = ap.parse_args()
 
     results = []
     for r in each_model(args, bench_model):
         results.append(r)
         print(f"model {r['model']} ({r['parameters'] / 1e6:.0f}M parameters), {r['requests']} requests, "
-              f"median of {r['rounds']}, --lora-dtype {r['lora_dtype']}:")
+              f"median of {r['rounds']}, {r['dtype']}, --lora-dtype {r['lora_dtype']}:")
         print(f"  decode tokens/s: base {r['base_decode_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
               f"{r['mixed_decode_tokens_per_s']:7.1f}, ratio {r['ratio']:.3f} (target >= 0.85)")
         print(f"  step: base {r['base_step_ms']:6.1f} ms, mixed {r['mixed_step_ms']:6.1f} ms; LoRA overhead "

@@ -11,7 +11,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 SCHEDULING = ("fair", "fifo")
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")  # server.tool_parsers.PARSERS' names, kept import-free here
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")  # tool_parsers.PARSERS' names, kept import-free here
 
 
 def default_cache_dir() -> Path:
@@ -113,7 +113,8 @@ class ServerConfig:
                      "max_host_adapters", "max_model_len", "default_max_new_tokens", "max_new_tokens_limit",
                      "max_queued_requests", "max_choices_per_request", "max_stop_token_ids", "max_prompt_bytes",
                      "max_chat_messages", "max_registered_adapters", "work_threads", "work_timeout",
-                     "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "http_keep_alive_timeout", "kv_block_size", "adapter_cache_max_gib"):
+                     "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "http_keep_alive_timeout",
+                     "kv_block_size", "adapter_cache_max_gib"):
             positive(name)
         if not math.isfinite(self.adapter_cache_max_gib):
             raise ValueError(f"adapter-cache-max-gib must be finite, got {self.adapter_cache_max_gib}")
