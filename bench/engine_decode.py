@@ -179,6 +179,7 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
                           max_model_len=max(args.prompt_len + args.new_tokens, args.prefill_len) + 8,
                           default_max_new_tokens=args.new_tokens, max_lora_rank=args.rank, max_device_adapters=n,
                           max_host_adapters=n, metrics_port=0, dtype=args.dtype, lora_dtype=args.lora_dtype,
+                          op_backend=args.op_backend,
                           prefix_caching=False)  # rounds repeat their prompts: each must prefill in full
     loaded = load_model(config)
     layout = lora_layout(loaded.hf_model.config)
@@ -246,6 +247,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--lora-dtype", default="auto", help="the server's --lora-dtype (the floor reads the pages' bytes)")
+    ap.add_argument("--op-backend", default="auto", help="the server's --op-backend")
     ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: float32 on a CPU; bfloat16 runs the "
                                                     "base matmuls on AMX where the CPU has it)")
     args = ap.parse_args()

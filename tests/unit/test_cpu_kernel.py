@@ -52,7 +52,8 @@ def test_install_built_every_variant_of_this_machine_into_the_package_and_the_wi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype, dora):
     """Not only the widest: a CPU without AVX2 loads the baseline build, whose vector code differs.
-    Segments of 4+ rows take the tiled path (float32), shorter ones and decode rows the per-row one.
+    Segments of a tile or more (8 rows on AVX-512, 4 elsewhere) take the tiled path (bfloat16
+    activations staged in float32), shorter ones and decode rows the per-row one.
     With ``dora``, the rows of adapters 0 and 2 are DoRA rows, rescaled with a bias as written."""
     from loramux.server.ops import plan_segments, plan_tokens
     from loramux.server.ops.reference import bgmv_reference, dora_rescale_reference, sgmv_reference

@@ -23,6 +23,7 @@ constexpr int64_t TILE = 8;  // 32 vector registers: 16 sums for eight rows, eac
 #else
 constexpr int64_t TILE = 4;
 #endif
+constexpr int64_t TILE_ROWS[8] = {0, 1, 2, 3, 4, 5, 6, 7};  // a staged tile's own row indices
 
 // Eight floats in one vector register of any target (GCC vector extension: AVX, two SSE or two
 // NEON registers); alignment 4, so loads and stores through it may be unaligned.
@@ -339,10 +340,12 @@ static inline void expand_pages(float* ac, const float* v, const P* b, const int
 template <typename P>
 static inline void widen(float* out, const P* in, int64_t n) {
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    f32x8 w;
-    load8(w, in + c);
-    std::memcpy(out + c, &w, sizeof w);
+  if constexpr (std::is_same_v<P, _Float16> || std::is_same_v<P, c10::BFloat16>) {
+    for (; c + 8 <= n; c += 8) {
+      f32x8 w;
+      load8(w, in + c);
+      std::memcpy(out + c, &w, sizeof w);
+    }
   }
   for (; c < n; ++c) out[c] = to_f32(in[c]);
 }
@@ -407,6 +410,7 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> v(TILE * nu * rank), acc(bounds.back());
     float* ac = acc.data();
+    std::vector<float> xw, yw;  // activations other than float32, segment form: a tile's rows in float32
     std::vector<float> wide;  // narrow pages, segment form: adapter wide_u's pages in float32,
     std::vector<int64_t> local;  // at page indices 0 .. rank - 1 (both filled on first use)
     int64_t wide_u = -1;
@@ -415,25 +419,45 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
     for (int64_t i = lo; i < hi; ++i) {
       if (num_ends) while (ends[u] <= i) ++u;
       const int64_t* p = pages + (num_ends ? u : i) * rank;
-      if constexpr (std::is_same_v<T, float>) {
-        if (num_ends && i + TILE <= std::min<int64_t>(hi, ends[u])) {  // TILE rows of one adapter
-          if constexpr (std::is_same_v<P, float>) {
-            lora_tile(y, x, a, b, rows + i, p, rank, in, bounds, used, sy, sx, sa_page, sa_kind, sb, v.data());
-          } else {  // narrow pages: widened once per adapter (its rows re-read them from cache)
-            if (wide_u != u) {
-              widen_pages(wide, a, b, p, rank, sa_page, sb, bounds.back());
-              wide_u = u;
-              for (int64_t k = static_cast<int64_t>(local.size()); k < rank; ++k) local.push_back(k);
-            }
-            lora_tile(y, x, wide.data(), wide.data() + rank * sa_page, rows + i, local.data(), rank, in, bounds, used,
-                      sy, sx, sa_page, sa_kind, sb, v.data());
+      if (num_ends && i + TILE <= std::min<int64_t>(hi, ends[u])) {  // TILE rows of one adapter
+        const float *ta, *tb;
+        const int64_t* tp;
+        if constexpr (std::is_same_v<P, float>) {
+          ta = a, tb = b, tp = p;
+        } else {  // narrow pages: widened once per adapter (its rows re-read them from cache)
+          if (wide_u != u) {
+            widen_pages(wide, a, b, p, rank, sa_page, sb, bounds.back());
+            wide_u = u;
+            for (int64_t k = static_cast<int64_t>(local.size()); k < rank; ++k) local.push_back(k);
           }
-          for (int64_t r = i; r < i + TILE; ++r) {
-            if (const P* g = magnitude(rows[r])) dora_row(y + rows[r] * sy, g, bias, bounds, used);
-          }
-          i += TILE - 1;
-          continue;
+          ta = wide.data(), tb = wide.data() + rank * sa_page, tp = local.data();
         }
+        if constexpr (std::is_same_v<T, float>) {
+          lora_tile(y, x, ta, tb, rows + i, tp, rank, in, bounds, used, sy, sx, sa_page, sa_kind, sb, v.data());
+        } else {  // other activations (a bfloat16 model): the TILE rows of x and y staged in float32
+          const int64_t width = bounds.back();
+          xw.resize(TILE * in);
+          yw.resize(TILE * width);
+          for (int64_t r = 0; r < TILE; ++r) {
+            widen(xw.data() + r * in, x + rows[i + r] * sx, in);
+            for (int64_t j : used) widen(yw.data() + r * width + bounds[j], y + rows[i + r] * sy + bounds[j],
+                                         bounds[j + 1] - bounds[j]);
+          }
+          lora_tile(yw.data(), xw.data(), ta, tb, TILE_ROWS, tp, rank, in, bounds, used, width, in, sa_page, sa_kind,
+                    sb, v.data());
+          for (int64_t r = 0; r < TILE; ++r) {
+            T* yr = y + rows[i + r] * sy;
+            for (int64_t j : used) {
+#pragma omp simd
+              for (int64_t c = bounds[j]; c < bounds[j + 1]; ++c) yr[c] = static_cast<T>(yw[r * width + c]);
+            }
+          }
+        }
+        for (int64_t r = i; r < i + TILE; ++r) {
+          if (const P* g = magnitude(rows[r])) dora_row(y + rows[r] * sy, g, bias, bounds, used);
+        }
+        i += TILE - 1;
+        continue;
       }
       const T* xi = x + rows[i] * sx;
       // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
