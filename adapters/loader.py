@@ -283,8 +283,8 @@ def _modules_from_shapes(
         raise AdapterInvalid("the adapter holds no LoRA weights")
     head = [m for m in (*found, *(spec.unmatched_targets(layout.modules) if spec else ())) if m.rpartition(".")[2] == HEAD]
     if head and HEAD not in layout.kinds:
-        raise AdapterInvalid(f"module {clip(head[0])}: LoRA on the output projection is not enabled on this server "
-                             "(start it with --enable-lm-head-lora)")
+        raise AdapterInvalid(f"adapter_config.json field 'target_modules': module {clip(head[0])}: LoRA on the "
+                             "output projection is not enabled on this server (start it with --enable-lm-head-lora)")
     for module, shape in saved_base.items():
         if module not in found or module not in layout.modules:
             raise AdapterInvalid(f"{clip(module + '.base_layer.weight')}: a saved base layer of a module the "

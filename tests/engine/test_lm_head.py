@@ -164,8 +164,8 @@ def test_lm_head_refusals_name_the_limit(tied_llama, head_adapters, tmp_path):
     one of a resized vocabulary, is not served."""
     head = head_adapters["head-q-r4"]
     plain = build_engine(ServerConfig(model=str(tied_llama), max_lora_rank=8, adapter_roots=(str(head.parent),)))
-    with pytest.raises(AdapterInvalid, match=r"module 'lm_head': LoRA on the output projection is not enabled on this "
-                                             r"server \(start it with --enable-lm-head-lora\)"):
+    with pytest.raises(AdapterInvalid, match=r"field 'target_modules': module 'lm_head': LoRA on the output projection is "
+                                             r"not enabled on this server \(start it with --enable-lm-head-lora\)"):
         plain.registry.register("head", head)
     built = engine_for(tied_llama, {}, adapter_roots=(str(tmp_path), str(head.parent)))
     built.registry.register("ok", head)  # the saved copy equals the served weights
