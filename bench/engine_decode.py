@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loramux.adapters import huge_pages  # noqa: E402
+from loramux.adapters.synthetic import ALL_PROJ  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.engine import EngineObserver, StepStats  # noqa: E402
@@ -179,12 +180,14 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
                           max_model_len=max(args.prompt_len + args.new_tokens, args.prefill_len) + 8,
                           default_max_new_tokens=args.new_tokens, max_lora_rank=args.rank, max_device_adapters=n,
                           max_host_adapters=n, metrics_port=0, dtype=args.dtype, lora_dtype=args.lora_dtype,
-                          op_backend=args.op_backend,
+                          op_backend=args.op_backend, enable_lm_head_lora=args.lm_head,
                           prefix_caching=False)  # rounds repeat their prompts: each must prefill in full
     loaded = load_model(config)
-    layout = lora_layout(loaded.hf_model.config)
-    adapters = tuple((f"a{i}", str(write_adapter(tmp / f"{loaded.name}-a{i}", layout, args.rank, seed=i)))
-                     for i in range(n))
+    layout, targets = lora_layout(loaded.hf_model.config), ALL_PROJ
+    if args.lm_head:
+        layout, targets = layout.with_head(*reversed(loaded.hf_model.lm_head.weight.shape)), (*ALL_PROJ, "lm_head")
+    adapters = tuple((f"a{i}", str(write_adapter(tmp / f"{loaded.name}-a{i}", layout, args.rank, seed=i,
+                                                 targets=targets))) for i in range(n))
     built = build_engine(ServerConfig(**{**config.__dict__, "adapters": adapters}), loaded)
     engine = built.engine
     engine.start()
@@ -213,7 +216,7 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
     params = sum(p.numel() for p in loaded.hf_model.parameters())
     return {
         "model": loaded.name, "parameters": params, "requests": n, "distinct_adapters": n, "rank": args.rank,
-        "targets": "all 7 projections", "rounds": args.rounds, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "targets": "all 7 projections" + (" and lm_head" if args.lm_head else ""), "rounds": args.rounds, "dtype": str(loaded.dtype).removeprefix("torch."),
         "lora_dtype": args.lora_dtype,
         "base_decode_tokens_per_s": median(r.decode_tokens_per_s for r in base),
         "mixed_decode_tokens_per_s": median(r.decode_tokens_per_s for r in mixed),
@@ -248,6 +251,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--lora-dtype", default="auto", help="the server's --lora-dtype (the floor reads the pages' bytes)")
     ap.add_argument("--op-backend", default="auto", help="the server's --op-backend")
+    ap.add_argument("--lm-head", action="store_true", help="the adapters target lm_head too (--enable-lm-head-lora)")
     ap.add_argument("--dtype", default="auto", help="the server's --dtype (auto: float32 on a CPU; bfloat16 runs the "
                                                     "base matmuls on AMX where the CPU has it)")
     args = ap.parse_args()
@@ -256,7 +260,8 @@ def main() -> int:
     for r in each_model(args, bench_model):
         results.append(r)
         print(f"model {r['model']} ({r['parameters'] / 1e6:.0f}M parameters), {r['requests']} requests, "
-              f"median of {r['rounds']}, {r['dtype']}, --lora-dtype {r['lora_dtype']}:")
+              f"median of {r['rounds']}, {r['dtype']}, --lora-dtype {r['lora_dtype']}, rank {r['rank']} on "
+              f"{r['targets']}:")
         print(f"  decode tokens/s: base {r['base_decode_tokens_per_s']:7.1f}, {r['requests']} distinct adapters "
               f"{r['mixed_decode_tokens_per_s']:7.1f}, ratio {r['ratio']:.3f} (target >= 0.85)")
         print(f"  step: base {r['base_step_ms']:6.1f} ms, mixed {r['mixed_step_ms']:6.1f} ms; LoRA overhead "
