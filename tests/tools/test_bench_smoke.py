@@ -65,9 +65,10 @@ def test_bench_decode_runs_on_the_small_model():
     """`make bench-decode`'s paired runs swap the engine's LoRA op for stand-ins with its signature:
     a change to that signature must fail here, not in a benchmark run."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench/engine_decode.py"), "--models", "small", "--requests", "4",
-                           "--new-tokens", "6", "--rounds", "1", "--prefill-len", "16", "--prompt-len", "8"],
-                          capture_output=True, text=True, timeout=600)
+                           "--new-tokens", "6", "--rounds", "1", "--prefill-len", "16", "--prompt-len", "8",
+                           "--lm-head"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 16 on all 7 projections and lm_head:" in proc.stdout, proc.stdout
     assert re.search(r"LoRA overhead +-?\d+\.\d ms against a floor of +\d+\.\d ms", proc.stdout), proc.stdout
     assert re.search(r"the same pages read \(a sum\) in the LoRA op's place", proc.stdout), proc.stdout
 
