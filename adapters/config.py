@@ -20,7 +20,8 @@ CONFIG_NAME = "adapter_config.json"
 MAX_PATTERN_CHARS = 1024
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
 # Module names PEFT users target that we cannot serve as a LoRA delta on a linear layer.
-UNSUPPORTED_TARGETS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_out")  # lm_head: the loader decides
+# position embeddings, GPT-NeoX's output layer; lm_head and token embeddings: the loader decides
+UNSUPPORTED_TARGETS = ("wpe", "embed_out")
 
 
 def compile_regex(pattern: str, field_name: str):
@@ -136,7 +137,7 @@ def parse_adapter_config(raw: dict) -> AdapterSpec:
         targets = tuple(targets)
         bad = [t for t in targets if t.split(".")[-1] in UNSUPPORTED_TARGETS]
         if bad:
-            raise _refuse("target_modules", f"embedding targets are not supported: {clip(str(bad))}")
+            raise _refuse("target_modules", f"position embeddings are not supported: {clip(str(bad))}")
     else:
         raise _refuse("target_modules", "must be a list of module names or a regex string")
     base = raw.get("base_model_name_or_path")

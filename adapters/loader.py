@@ -33,15 +33,20 @@ SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 PICKLE_OVERHEAD = 1 << 20  # a pickle's framing beyond its tensors' bytes
 RACY_NS = 2_000_000_000  # a file changed less than this before it was hashed is hashed at every load
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
-                  r"(?:lora_(?P<ab>[AB])(?:\.default)?\.weight|lora_magnitude_vector(?:\.default)?(?:\.weight)?)$")
-# PEFT saves the base weights of a LoRA-wrapped output layer with the adapter (save_embedding_layers)
+                  r"(?:lora_(?P<ab>[AB])(?:\.default)?\.weight|lora_embedding_(?P<eab>[AB])(?:\.default)?"
+                  r"|lora_magnitude_vector(?:\.default)?(?:\.weight)?)$")
+# PEFT saves the base weights of a LoRA-wrapped lm_head or token embedding with the adapter
+# (save_embedding_layers)
 _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 HEAD = "lm_head"  # the output projection: its kind, and its module name in every supported family
+EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")  # the token embedding's name in each family
+OPT_IN = {HEAD: "--enable-lm-head-lora", **{e: "--enable-embedding-lora" for e in EMBEDDINGS}}
 
 
 def _part(match: re.Match) -> str:
-    """"A", "B", or "M" for DoRA's magnitude vector."""
-    return match["ab"] or "M"
+    """"A", "B", or "M" for DoRA's magnitude vector. An embedding's lora_embedding_A [r, vocab]
+    and lora_embedding_B [hidden, r] are its A and B: a one-hot token times A is A's column."""
+    return match["ab"] or match["eab"] or "M"
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,12 @@ class LoRALayout:
         of its own after the decoder's (``num_layers``)."""
         return replace(self, modules={**self.modules, HEAD: (self.num_layers, HEAD)},
                        shapes={**self.shapes, HEAD: (hidden, vocab)})
+
+    def with_embedding(self, module: str, vocab: int, hidden: int) -> LoRALayout:
+        """This layout with LoRA on the token embedding ``module`` too (its kind: the name's last
+        part), in a layer of its own before the decoder's (-1). Its input is the token one-hot."""
+        kind = module.rpartition(".")[2]
+        return replace(self, modules={**self.modules, module: (-1, kind)}, shapes={**self.shapes, kind: (vocab, hidden)})
 
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
@@ -273,27 +284,30 @@ def _modules_from_shapes(
         m = _KEY.match(key)
         if m is None:
             base = _BASE_KEY.match(key)
-            if base is None or base["module"].rpartition(".")[2] != HEAD:
+            if base is None or base["module"].rpartition(".")[2] not in OPT_IN:
                 raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights, DoRA's "
-                                     "lora_magnitude_vector and lm_head's saved base layer are supported")
+                                     "lora_magnitude_vector and the saved base layer of lm_head or the token "
+                                     "embedding are supported")
             saved_base[base["module"]] = list(shape)
             continue
         found.setdefault(m["module"], {})[_part(m)] = list(shape)
     if not found:
         raise AdapterInvalid("the adapter holds no LoRA weights")
-    head = [m for m in (*found, *(spec.unmatched_targets(layout.modules) if spec else ())) if m.rpartition(".")[2] == HEAD]
-    if head and HEAD not in layout.kinds:
-        raise AdapterInvalid(f"adapter_config.json field 'target_modules': module {clip(head[0])}: LoRA on the "
-                             "output projection is not enabled on this server (start it with --enable-lm-head-lora)")
+    for module in (*found, *(spec.unmatched_targets(layout.modules) if spec else ())):
+        kind = module.rpartition(".")[2]
+        if kind in OPT_IN and kind not in layout.kinds:
+            what = "the output projection" if kind == HEAD else "the token embedding"
+            raise AdapterInvalid(f"adapter_config.json field 'target_modules': module {clip(module)}: LoRA on {what} "
+                                 f"is not enabled on this server (start it with {OPT_IN[kind]})")
     for module, shape in saved_base.items():
         if module not in found or module not in layout.modules:
             raise AdapterInvalid(f"{clip(module + '.base_layer.weight')}: a saved base layer of a module the "
                                  "adapter has no LoRA weights for")
         in_f, out_f = layout.shapes[layout.modules[module][1]]
-        if shape != [out_f, in_f]:
+        expected = [in_f, out_f] if module.rpartition(".")[2] in EMBEDDINGS else [out_f, in_f]  # [vocab, hidden]
+        if shape != expected:
             raise AdapterInvalid(f"{clip(module + '.base_layer.weight')} {shape} is not the base model's {module} "
-                                 f"[{out_f}, {in_f}]: the adapter was trained on a resized vocabulary, which is not "
-                                 "served")
+                                 f"{expected}: the adapter was trained on a resized vocabulary, which is not served")
     if spec is not None:
         unmatched = spec.unmatched_targets(layout.modules)
         if unmatched:
@@ -349,13 +363,19 @@ def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> N
             continue
         if layout.base_weight is None:
             raise AdapterInvalid(f"{clip(key)}: this server cannot check a saved base layer")
-        served = layout.base_weight(*layout.modules[base["module"]])
+        served = layout.base_weight(*layout.modules[base["module"]])  # [out, in]
+        if base["module"].rpartition(".")[2] in EMBEDDINGS:
+            saved = saved.T  # an embedding's weight is [vocab, hidden]: [in, out]
         if not torch.equal(saved.to(served.device, served.dtype), served):
             raise AdapterInvalid(f"{clip(key)} differs from the served model's {base['module']} weights: an adapter "
-                                 "that trains the output layer itself is not served, only LoRA on it")
+                                 "that trains the layer itself is not served, only LoRA on it")
 
 
-def _check_dora(spec: AdapterSpec, layout: LoRALayout) -> None:
+def _check_dora(spec: AdapterSpec, layout: LoRALayout, modules) -> None:
+    embedding = next((m for m in modules if m.rpartition(".")[2] in EMBEDDINGS), None)
+    if spec.use_dora and embedding is not None:
+        raise AdapterInvalid(f"adapter_config.json field 'use_dora': DoRA on the token embedding ({clip(embedding)}) "
+                             "is not supported")
     if spec.use_dora and layout.dora_base is None:
         raise AdapterInvalid("adapter_config.json field 'use_dora': DoRA adapters are not enabled on this server "
                              "(start it with --enable-dora)")
@@ -386,8 +406,8 @@ def _weights_name(adapter_dir: Path, allow_pickle: bool) -> str:
 def _largest_adapter_bytes(layout: LoRALayout, max_rank: int) -> int:
     """Every supported module at max_rank in float64: no valid weights file is larger."""
     per_rank = sum(sum(layout.shapes[kind]) for _, kind in layout.modules.values())
-    head = layout.shapes[HEAD][0] * layout.shapes[HEAD][1] if HEAD in layout.shapes else 0  # its saved base layer
-    return (max_rank * per_rank + head) * 8
+    saved = sum(layout.shapes[k][0] * layout.shapes[k][1] for k in layout.kinds if k in OPT_IN)  # base layers
+    return (max_rank * per_rank + saved) * 8
 
 
 def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayout, max_rank: int,
@@ -426,7 +446,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     else:
         shapes = {k: v["shape"] for k, v in header.items()}
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
-    _check_dora(spec, layout)
+    _check_dora(spec, layout, ranks)
     if any(_BASE_KEY.match(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
         _check_saved_base(_unpickle(data, name) if header is None else _decode(name, data, header), layout)
     rank = max(ranks.values()) + spec.use_dora
@@ -502,7 +522,7 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         m = _KEY.match(key)
         if m is not None:  # else lm_head's saved base layer, checked
             by_module.setdefault(m["module"], {})[_part(m)] = t
-    _check_dora(spec, layout)
+    _check_dora(spec, layout, ranks)
     rank = max(ranks.values()) + spec.use_dora
     names = {layout.modules[m]: m for m in by_module}
     modules = sorted(names)

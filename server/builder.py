@@ -91,7 +91,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         raise StartupError(f"--max-model-len {config.max_model_len} is more than the {limit} positions this model "
                            "can encode; lower it")
     model = cls(hf, config.max_model_len)
-    layout = model.lora_layout(lm_head=config.enable_lm_head_lora)
+    layout = model.lora_layout(lm_head=config.enable_lm_head_lora, embedding=config.enable_embedding_lora)
     if not config.enable_dora:  # a layout without the base weights refuses DoRA adapters, naming the flag
         layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec

@@ -91,6 +91,8 @@ class ServerConfig:
     enable_dora: bool = False  # serve DoRA adapters (use_dora); without it they are refused, naming the flag
     # serve LoRA on lm_head: every adapter page grows by hidden + vocab values; without it such adapters are refused
     enable_lm_head_lora: bool = False
+    # serve LoRA on the token embedding: every adapter page grows by vocab + hidden values
+    enable_embedding_lora: bool = False
     auth_token: str | None = None  # required as "authorization: Bearer <token>" on LoraMux RPCs
     admin_token: str | None = None  # required on RegisterAdapter/UnregisterAdapter instead
     insecure_admin: bool = False  # allow runtime registration without an admin token on a non-loopback host

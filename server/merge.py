@@ -1,6 +1,6 @@
 """``loramux merge``: write W + s * B A (DoRA: g * (W + s * B A), row by row) into a full Hugging
-Face model folder (safetensors). LoRA on a tied lm_head unties it: the input embedding stays the
-base model's, as it is when the adapter is served."""
+Face model folder (safetensors). LoRA on a tied lm_head or token embedding unties them: the other
+stays the base model's, as it is when the adapter is served."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.loader import HEAD, load_adapter, row_sq_norms
+from ..adapters.loader import EMBEDDINGS, HEAD, load_adapter, row_sq_norms
 
 
 @torch.no_grad()
@@ -21,12 +21,15 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     modules = dict(model.named_modules())
-    config_layout = lora_layout(model.config).with_head(*reversed(model.lm_head.weight.shape))
+    embedding = next(name for name in modules if name.rpartition(".")[2] in EMBEDDINGS and
+                     isinstance(modules[name], torch.nn.Embedding))
+    config_layout = lora_layout(model.config).with_head(*reversed(model.lm_head.weight.shape)).with_embedding(
+        embedding, *modules[embedding].weight.shape)
     by_layer_kind = {v: k for k, v in config_layout.modules.items()}
 
-    def weight(layer: int, kind: str) -> torch.Tensor:  # [out, in]: GPT-2's Conv1D keeps [in, out]
+    def weight(layer: int, kind: str) -> torch.Tensor:  # [out, in]: GPT-2's Conv1D and embeddings keep [in, out]
         module = modules[by_layer_kind[(layer, kind)]]
-        return module.weight.T if isinstance(module, Conv1D) else module.weight
+        return module.weight.T if isinstance(module, (Conv1D, torch.nn.Embedding)) else module.weight
 
     def dora_base(layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight(layer, kind)
@@ -34,7 +37,7 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
 
     layout = replace(config_layout, dora_base=dora_base, base_weight=weight)
     weights = load_adapter(adapter_dir, layout, max_rank=1 << 16, dtype=torch.float32)
-    if any(kind == HEAD for _, kind in weights.a) and \
+    if any(kind == HEAD or layer == -1 for layer, kind in weights.a) and \
             model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
         model.config.tie_word_embeddings = False

@@ -13,6 +13,7 @@ from torch import nn
 
 from ...adapters.loader import HEAD, LoRALayout, row_sq_norms
 from ..kv_cache import PagedKVCache
+from ..ops.embedding import embedding_lora
 from .batch import StepBatch
 
 
@@ -24,6 +25,8 @@ class ServingModel(nn.Module):
     kv_spec: tuple[int, int, int]  # (layers, kv heads, head dim)
     FUSED_KINDS: tuple[tuple[str, ...], ...] = ()  # kinds computed as one linear over one input
     head_store: tuple[torch.Tensor, torch.Tensor] | None = None  # lm_head's adapter pages, when it is a target
+    EMBEDDING: tuple[str, str]  # the token embedding: (its Hugging Face module name, this model's attribute)
+    embedding_store: tuple[torch.Tensor, torch.Tensor] | None = None  # its adapter pages, when it is a target
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -45,15 +48,26 @@ class ServingModel(nn.Module):
         positions are computed (RoPE, ALiBi). max-model-len may not exceed it."""
         return None
 
-    def lora_layout(self, lm_head: bool = False) -> LoRALayout:
-        """``lm_head``: with LoRA on the output projection (``--enable-lm-head-lora``)."""
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return getattr(self, self.EMBEDDING[1])
+
+    def lora_layout(self, lm_head: bool = False, embedding: bool = False) -> LoRALayout:
+        """``lm_head``, ``embedding``: with LoRA on the output projection (``--enable-lm-head-lora``),
+        on the token embedding (``--enable-embedding-lora``)."""
         layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight)
-        return layout.with_head(*reversed(self.lm_head.weight.shape)) if lm_head else layout
+        if lm_head:
+            layout = layout.with_head(*reversed(self.lm_head.weight.shape))
+        if embedding:
+            layout = layout.with_embedding(self.EMBEDDING[0], *self.token_embedding.weight.shape)
+        return layout
 
     def base_weight(self, layer: int, kind: str) -> torch.Tensor:
         """The served weight W [out, in] of one LoRA target (a view of its fused linear's)."""
         if kind == HEAD:
             return self.lm_head.weight
+        if layer == -1:  # the token embedding, [vocab, hidden]
+            return self.token_embedding.weight.T
         for fused in self.layers[layer].lora_modules():
             if kind in fused.kinds:
                 j = fused.kinds.index(kind)
@@ -75,6 +89,16 @@ class ServingModel(nn.Module):
             for fused in layer.lora_modules():
                 fused.a_store, fused.b_store = stores[(i, fused.kinds)]
         self.head_store = stores.get((len(self.layers), (HEAD,)))  # None: no LoRA on lm_head
+        self.embedding_store = stores.get((-1, (self.EMBEDDING[0].rpartition(".")[2],)))
+
+    def embed_with_lora(self, batch: StepBatch) -> torch.Tensor:
+        """The token embedding of the batch's tokens [T, hidden], with each row's adapter's LoRA on it."""
+        e = self.token_embedding(batch.input_ids)
+        if self.embedding_store is not None:
+            kind = self.EMBEDDING[0].rpartition(".")[2]
+            for _, plan in batch.lora.get((kind,), ()):
+                embedding_lora(e, batch.input_ids, *self.embedding_store, plan)
+        return e
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError

@@ -40,6 +40,7 @@ class BloomLayer(nn.Module):
 
 
 class BloomForServing(ServingModel):
+    EMBEDDING = ("transformer.word_embeddings", "word_embeddings")
     def __init__(self, hf_model, max_model_len: int):
         super().__init__()
         config = self.config = hf_model.config
@@ -59,4 +60,4 @@ class BloomForServing(ServingModel):
                 "dense_h_to_4h": (m + "dense_h_to_4h", d, 4 * d), "dense_4h_to_h": (m + "dense_4h_to_h", 4 * d, d)}
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
-        return self.embed_norm(self.word_embeddings(batch.input_ids))
+        return self.embed_norm(self.embed_with_lora(batch))

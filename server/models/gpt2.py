@@ -29,6 +29,7 @@ def gpt2_block(block, config, layer: int) -> PreLNBlock:
 
 
 class GPT2ForServing(ServingModel):
+    EMBEDDING = ("transformer.wte", "wte")
     def __init__(self, hf_model, max_model_len: int):
         super().__init__()
         config = self.config = hf_model.config
@@ -51,4 +52,4 @@ class GPT2ForServing(ServingModel):
                 "c_fc": (p + "mlp.c_fc", d, inner), "mlp.c_proj": (p + "mlp.c_proj", inner, d)}
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
-        return self.wte(batch.input_ids) + self.wpe(batch.positions)
+        return self.embed_with_lora(batch) + self.wpe(batch.positions)

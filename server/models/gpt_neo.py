@@ -30,6 +30,7 @@ def gpt_neo_block(block, config, layer: int) -> PreLNBlock:
 
 
 class GPTNeoForServing(ServingModel):
+    EMBEDDING = ("transformer.wte", "wte")
     FUSED_KINDS = (ATTN_KINDS,)
 
     def __init__(self, hf_model, max_model_len: int):
@@ -54,4 +55,4 @@ class GPTNeoForServing(ServingModel):
                 "out_proj": (a + "out_proj", d, d), "c_fc": (m + "c_fc", d, inner), "c_proj": (m + "c_proj", inner, d)}
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
-        return self.wte(batch.input_ids) + self.wpe(batch.positions)
+        return self.embed_with_lora(batch) + self.wpe(batch.positions)

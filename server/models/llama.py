@@ -77,6 +77,7 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaForServing(ServingModel):
+    EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
 
     def __init__(self, hf_model, max_model_len: int):
@@ -106,4 +107,4 @@ class LlamaForServing(ServingModel):
                 "down_proj": (mlp + "down_proj", inter, hidden)}
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
-        return self.embed_tokens(batch.input_ids)
+        return self.embed_with_lora(batch)

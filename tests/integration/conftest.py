@@ -15,7 +15,7 @@ def server(tiny_llama, tiny_adapters, adapter_root, tmp_path_factory):
         ["--model", str(tiny_llama), "--adapter-dir", str(adapters_dir), "--adapter-root", str(adapter_root),
          "--max-batch-size", "8", "--max-model-len", "256", "--max-queued-requests", "12",
          "--default-max-new-tokens", "16", "--max-tokens-per-step", "64", "--metrics-top-adapters", "5",
-         "--allow-runtime-adapters", "--enable-dora", "--enable-lm-head-lora",
+         "--allow-runtime-adapters", "--enable-dora", "--enable-lm-head-lora", "--enable-embedding-lora",
          "--max-device-adapters", "4", "--max-host-adapters", "8"],
         tmp_path_factory.mktemp("logs") / "server.log",
     )

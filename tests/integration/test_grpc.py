@@ -60,7 +60,7 @@ def test_server_info_and_adapters(server, tiny_adapters):
     assert info.op_backend in ("cpp", "torch") and info.cpu_isa  # auto on a CPU: the C++ kernel when it builds
     assert info.lora_dtype == info.dtype == "float32"  # --lora-dtype auto: the model's
     assert set(info.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                                      "lm_head"} and info.dora  # --enable-lm-head-lora, --enable-dora
+                                      "lm_head", "embed_tokens"} and info.dora  # the --enable-* flags
     assert info.registered_adapters == len(tiny_adapters) and info.has_chat_template
     listed = {a.adapter_id: a for a in server.client.list_adapters()}
     assert set(listed) == set(tiny_adapters)
@@ -254,13 +254,14 @@ def test_a_dora_adapter_registers_lists_and_serves_as_peft_does(server, tiny_lla
         server.client.unregister_adapter("dora/qv")
 
 
-def test_an_lm_head_adapter_serves_its_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):
-    """LoRA on the output projection (--enable-lm-head-lora), registered at run time: the tokens,
-    their logprobs and the prompt's are PEFT's."""
+def test_lm_head_and_embedding_adapters_serve_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):
+    """LoRA on the output projection and the token embedding (--enable-lm-head-lora,
+    --enable-embedding-lora), registered at run time: the tokens, their logprobs and the prompt's
+    are PEFT's."""
     path = build_adapter(tiny_llama, adapter_root / "head-q", seed=11, r=4, lora_alpha=8,
-                         target_modules=["lm_head", "q_proj"])
+                         target_modules=["lm_head", "embed_tokens", "q_proj"])
     info = server.client.register_adapter("head/q", str(path))
-    assert set(info.target_modules) == {"lm_head", "q_proj"} and info.rank == 4
+    assert set(info.target_modules) == {"lm_head", "embed_tokens", "q_proj"} and info.rank == 4
     try:
         got = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="head/q", sampling=Sampling(
             max_new_tokens=8, ignore_eos=True, logprobs=1, prompt_logprobs=1))

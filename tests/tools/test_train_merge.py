@@ -151,3 +151,23 @@ def test_merge_of_lm_head_lora_unties_a_tied_output_layer(tied, tmp_path):
     x = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+def test_merge_of_token_embedding_lora_matches_peft(family, tmp_path):
+    """The embedding's delta (B A)^T goes into its [vocab, hidden] weight; a tied lm_head is untied
+    and stays the base model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_llama(tmp_path / "m", tie_word_embeddings=True) if family == "llama" else \
+        build_family_model(family, tmp_path / "m")
+    target = {"llama": "embed_tokens", "gpt2": "wte", "bloom": "word_embeddings"}[family]
+    adapter = build_adapter(model_dir, tmp_path / "a", seed=4, r=4, lora_alpha=8, target_modules=[target])
+    ours = AutoModelForCausalLM.from_pretrained(merge(model_dir, adapter, tmp_path / "merged"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert torch.equal(ours.lm_head.weight, base.lm_head.weight)
+    ref = PeftModel.from_pretrained(base, adapter).eval()
+    x = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)

@@ -49,7 +49,7 @@ def write_adapter(path, config=None, tensors=None):
     ({"use_dora": "yes"}, "use_dora"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "all"}, "bias"),
-    ({"target_modules": ["embed_tokens"]}, "target_modules"),
+    ({"target_modules": ["wpe"]}, "target_modules"),
     ({"r": None}, "'r'"),
     ({"lora_alpha": None}, "lora_alpha"),
     ({"target_modules": None}, "target_modules"),
@@ -72,6 +72,12 @@ def test_a_valid_adapter_inspects_and_loads_with_scaling_folded(tmp_path):
     (lambda p: (p / "adapter_config.json").write_text("{not json"), "not valid JSON"),
     (lambda p: (p / "adapter_config.json").write_text(json.dumps({**BASE, "target_modules": ["k_proj"]})),
      "matches no supported module"),
+    (lambda p: (p / "adapter_config.json").write_text(json.dumps({**BASE, "target_modules": ["q_proj", "lm_head"]})),
+     r"module 'lm_head': LoRA on the output projection is not enabled on this server \(start it with "
+     r"--enable-lm-head-lora\)"),
+    (lambda p: (p / "adapter_config.json").write_text(json.dumps({**BASE, "target_modules": ["q_proj", "wte"]})),
+     r"module 'wte': LoRA on the token embedding is not enabled on this server \(start it with "
+     r"--enable-embedding-lora\)"),
     (lambda p: write_adapter(p, tensors={"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
                                          torch.randn(2, 9),
                                          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
