@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,21 @@ from .files import CONFIG_LIMIT, read_adapter_file
 CONFIG_NAME = "adapter_config.json"
 MAX_PATTERN_CHARS = 1024
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
-# Module names PEFT users target that we cannot serve as a LoRA delta on a linear layer.
-# position embeddings, GPT-NeoX's output layer; lm_head and token embeddings: the loader decides
+# Module names PEFT users target that we cannot serve as a LoRA delta on a linear layer: position
+# embeddings, GPT-NeoX's output layer.
 UNSUPPORTED_TARGETS = ("wpe", "embed_out")
+HEAD = "lm_head"  # the output projection: its kind, and its module name in every supported family
+EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")  # the token embedding's name in each family
+# targets served only where the server opts in, and its flag
+OPT_IN = {HEAD: "--enable-lm-head-lora", **{e: "--enable-embedding-lora" for e in EMBEDDINGS}}
+
+
+def opt_in_refusal(module: str) -> str:
+    """Why a target of OPT_IN is refused on a server that has not opted in."""
+    kind = module.rpartition(".")[2]
+    what = "the output projection" if kind == HEAD else "the token embedding"
+    return (f"module {clip(module)}: LoRA on {what} is not enabled on this server (start it with "
+            f"{OPT_IN[kind]})")
 
 
 def compile_regex(pattern: str, field_name: str):
@@ -108,7 +121,8 @@ def _refuse(field_name: str, why: str) -> AdapterInvalid:
     return AdapterInvalid(f"adapter_config.json field {field_name!r}: {why}")
 
 
-def parse_adapter_config(raw: dict) -> AdapterSpec:
+def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpec:
+    """``enabled``: the targets of OPT_IN this server serves (the others are refused here)."""
     if not isinstance(raw, dict):
         raise AdapterInvalid("adapter_config.json must hold a JSON object")
     peft_type = str(raw.get("peft_type", "LORA")).upper()
@@ -138,6 +152,9 @@ def parse_adapter_config(raw: dict) -> AdapterSpec:
         bad = [t for t in targets if t.split(".")[-1] in UNSUPPORTED_TARGETS]
         if bad:
             raise _refuse("target_modules", f"position embeddings are not supported: {clip(str(bad))}")
+        off = [t for t in targets if t.split(".")[-1] in OPT_IN and t.split(".")[-1] not in enabled]
+        if off:
+            raise _refuse("target_modules", opt_in_refusal(off[0]))
     else:
         raise _refuse("target_modules", "must be a list of module names or a regex string")
     base = raw.get("base_model_name_or_path")
@@ -197,11 +214,13 @@ def _pattern(value, name: str, check) -> dict:
     return {key: check(v, f"{name}[{clip(key)}]") for key, v in value.items()}
 
 
-def read_adapter_config(adapter_dir: Path, confine: Path | None = None) -> tuple[AdapterSpec, bytes]:
-    """The spec, and the file's bytes. The file is read confined and bounded (adapters/files.py)."""
+def read_adapter_config(adapter_dir: Path, confine: Path | None = None,
+                        enabled: Collection[str] = ()) -> tuple[AdapterSpec, bytes]:
+    """The spec, and the file's bytes. The file is read confined and bounded (adapters/files.py).
+    ``enabled``: as for ``parse_adapter_config``."""
     data = read_adapter_file(adapter_dir, CONFIG_NAME, confine or Path(adapter_dir), CONFIG_LIMIT)
     try:
         raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise AdapterInvalid(f"{CONFIG_NAME} is not valid JSON: {clip(str(e), 120)}") from None
-    return parse_adapter_config(raw), data
+    return parse_adapter_config(raw, enabled), data

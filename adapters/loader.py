@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterSpec, read_adapter_config
+from .config import EMBEDDINGS, HEAD, OPT_IN, AdapterSpec, opt_in_refusal, read_adapter_config
 from .errors import AdapterInvalid, clip
 from .files import AdapterFile, ReadBuffer, exists
 
@@ -38,9 +38,6 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
 # PEFT saves the base weights of a LoRA-wrapped lm_head or token embedding with the adapter
 # (save_embedding_layers)
 _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
-HEAD = "lm_head"  # the output projection: its kind, and its module name in every supported family
-EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")  # the token embedding's name in each family
-OPT_IN = {HEAD: "--enable-lm-head-lora", **{e: "--enable-embedding-lora" for e in EMBEDDINGS}}
 
 
 def _part(match: re.Match) -> str:
@@ -293,12 +290,9 @@ def _modules_from_shapes(
         found.setdefault(m["module"], {})[_part(m)] = list(shape)
     if not found:
         raise AdapterInvalid("the adapter holds no LoRA weights")
-    for module in (*found, *(spec.unmatched_targets(layout.modules) if spec else ())):
-        kind = module.rpartition(".")[2]
-        if kind in OPT_IN and kind not in layout.kinds:
-            what = "the output projection" if kind == HEAD else "the token embedding"
-            raise AdapterInvalid(f"adapter_config.json field 'target_modules': module {clip(module)}: LoRA on {what} "
-                                 f"is not enabled on this server (start it with {OPT_IN[kind]})")
+    for module in found:  # a regex target_modules, or tensors the config does not declare
+        if module.rpartition(".")[2] in OPT_IN and module.rpartition(".")[2] not in layout.kinds:
+            raise AdapterInvalid(f"adapter_config.json field 'target_modules': {opt_in_refusal(module)}")
     for module, shape in saved_base.items():
         if module not in found or module not in layout.modules:
             raise AdapterInvalid(f"{clip(module + '.base_layer.weight')}: a saved base layer of a module the "
@@ -436,7 +430,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     confine = confine or Path(adapter_dir).resolve()
     if not adapter_dir.is_dir():
         raise AdapterInvalid("the adapter path is not a directory")
-    spec, _ = read_adapter_config(adapter_dir, confine)
+    spec, _ = read_adapter_config(adapter_dir, confine, layout.kinds)
     name = _weights_name(adapter_dir, allow_pickle)
     header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank)
     if time.time_ns() - identity[-1] < RACY_NS:  # a write in this clock tick could leave the same ctime
@@ -501,7 +495,7 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if manifest is None:
-        spec, _ = read_adapter_config(adapter_dir, confine)
+        spec, _ = read_adapter_config(adapter_dir, confine, layout.kinds)
         name = _weights_name(adapter_dir, allow_pickle)
     else:
         spec, name = manifest.spec, manifest.weights_name

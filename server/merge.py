@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.loader import EMBEDDINGS, HEAD, load_adapter, row_sq_norms
+from ..adapters.config import EMBEDDINGS, HEAD
+from ..adapters.loader import load_adapter, row_sq_norms
 
 
 @torch.no_grad()

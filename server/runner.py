@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..adapters.loader import HEAD, LoRALayout
+from ..adapters.config import HEAD
+from ..adapters.loader import LoRALayout
 from .attention_metadata import build_attention_metadata
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch

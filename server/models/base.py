@@ -11,7 +11,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ...adapters.loader import HEAD, LoRALayout, row_sq_norms
+from ...adapters.config import HEAD
+from ...adapters.loader import LoRALayout, row_sq_norms
 from ..kv_cache import PagedKVCache
 from ..ops.embedding import embedding_lora
 from .batch import StepBatch

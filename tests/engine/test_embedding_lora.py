@@ -94,7 +94,7 @@ def test_embedding_refusals_name_the_limit(tmp_path):
     key = "base_model.model.model.embed_tokens.base_layer.weight"
     assert key in load_file(path / "adapter_model.safetensors")  # PEFT saves it with the adapter
     plain = build_engine(ServerConfig(model=str(model), adapter_roots=(str(tmp_path),)))
-    with pytest.raises(AdapterInvalid, match=r"module 'model.embed_tokens': LoRA on the token embedding is not "
+    with pytest.raises(AdapterInvalid, match=r"'target_modules': module 'embed_tokens': LoRA on the token embedding is not "
                                              r"enabled on this server \(start it with --enable-embedding-lora\)"):
         plain.registry.register("emb", path)
     built = engine_for(model, {}, adapter_roots=(str(tmp_path),), enable_dora=True)

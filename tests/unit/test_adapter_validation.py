@@ -50,6 +50,8 @@ def write_adapter(path, config=None, tensors=None):
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "all"}, "bias"),
     ({"target_modules": ["wpe"]}, "target_modules"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules.*--enable-embedding-lora"),
+    ({"target_modules": ["lm_head"]}, "target_modules.*--enable-lm-head-lora"),
     ({"r": None}, "'r'"),
     ({"lora_alpha": None}, "lora_alpha"),
     ({"target_modules": None}, "target_modules"),
@@ -58,6 +60,13 @@ def write_adapter(path, config=None, tensors=None):
 def test_unsupported_config_fields_are_named(change, field):
     with pytest.raises(AdapterInvalid, match=field):
         parse_adapter_config({**BASE, **change})
+
+
+def test_opt_in_targets_parse_where_the_server_serves_them():
+    spec = parse_adapter_config({**BASE, "target_modules": ["q_proj", "lm_head", "wte"]}, enabled=("lm_head", "wte"))
+    assert spec.target_modules == ("q_proj", "lm_head", "wte")
+    with pytest.raises(AdapterInvalid, match="--enable-embedding-lora"):
+        parse_adapter_config({**BASE, "target_modules": ["q_proj", "lm_head", "wte"]}, enabled=("lm_head",))
 
 
 def test_a_valid_adapter_inspects_and_loads_with_scaling_folded(tmp_path):
