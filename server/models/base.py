@@ -1,7 +1,9 @@
 """What every serving model shares: the forward skeleton, the LoRA layout and store binding.
 
-A family subclass sets ``layers`` (each with ``lora_modules()``), ``final_norm``, ``lm_head`` and
-``kv_spec``, implements ``embed(batch)``, and lists its LoRA targets in ``lora_targets(config)``.
+A family subclass sets ``layers`` (each with ``lora_modules()``), ``final_norm``, ``lm_head``,
+``kv_spec`` and ``EMBEDDING``, implements ``embed(batch)`` (through ``embed_with_lora``, which adds
+the token embedding's LoRA), and lists its decoder's LoRA targets in ``lora_targets(config)``.
+LoRA on lm_head runs in ``forward``, on the logits rows.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class ServingModel(nn.Module):
     def token_embedding(self) -> nn.Embedding:
         return getattr(self, self.EMBEDDING[1])
 
+    @property
+    def embedding_kind(self) -> str:
+        return self.EMBEDDING[0].rpartition(".")[2]
+
     def lora_layout(self, lm_head: bool = False, embedding: bool = False) -> LoRALayout:
         """``lm_head``, ``embedding``: with LoRA on the output projection (``--enable-lm-head-lora``),
         on the token embedding (``--enable-embedding-lora``)."""
@@ -90,14 +96,13 @@ class ServingModel(nn.Module):
             for fused in layer.lora_modules():
                 fused.a_store, fused.b_store = stores[(i, fused.kinds)]
         self.head_store = stores.get((len(self.layers), (HEAD,)))  # None: no LoRA on lm_head
-        self.embedding_store = stores.get((-1, (self.EMBEDDING[0].rpartition(".")[2],)))
+        self.embedding_store = stores.get((-1, (self.embedding_kind,)))  # None: no LoRA on it
 
     def embed_with_lora(self, batch: StepBatch) -> torch.Tensor:
         """The token embedding of the batch's tokens [T, hidden], with each row's adapter's LoRA on it."""
         e = self.token_embedding(batch.input_ids)
         if self.embedding_store is not None:
-            kind = self.EMBEDDING[0].rpartition(".")[2]
-            for _, plan in batch.lora.get((kind,), ()):
+            for _, plan in batch.lora.get((self.embedding_kind,), ()):
                 embedding_lora(e, batch.input_ids, *self.embedding_store, plan)
         return e
 
