@@ -29,9 +29,14 @@ EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")  # the token embedding's
 OPT_IN = {HEAD: "--enable-lm-head-lora", **{e: "--enable-embedding-lora" for e in EMBEDDINGS}}
 
 
+def leaf(module: str) -> str:
+    """A module name's last part: "model.layers.0.self_attn.q_proj" -> "q_proj"."""
+    return module.rpartition(".")[2]
+
+
 def opt_in_refusal(module: str) -> str:
     """Why a target of OPT_IN is refused on a server that has not opted in."""
-    kind = module.rpartition(".")[2]
+    kind = leaf(module)
     what = "the output projection" if kind == HEAD else "the token embedding"
     return (f"module {clip(module)}: LoRA on {what} is not enabled on this server (start it with "
             f"{OPT_IN[kind]})")
@@ -149,10 +154,10 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
         target_re = compile_regex(targets, "target_modules")
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         targets = tuple(targets)
-        bad = [t for t in targets if t.split(".")[-1] in UNSUPPORTED_TARGETS]
+        bad = [t for t in targets if leaf(t) in UNSUPPORTED_TARGETS]
         if bad:
             raise _refuse("target_modules", f"position embeddings are not supported: {clip(str(bad))}")
-        off = [t for t in targets if t.split(".")[-1] in OPT_IN and t.split(".")[-1] not in enabled]
+        off = [t for t in targets if leaf(t) in OPT_IN and leaf(t) not in enabled]
         if off:
             raise _refuse("target_modules", opt_in_refusal(off[0]))
     else:

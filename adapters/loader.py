@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDINGS, HEAD, OPT_IN, AdapterSpec, opt_in_refusal, read_adapter_config
+from .config import EMBEDDINGS, HEAD, OPT_IN, AdapterSpec, leaf, opt_in_refusal, read_adapter_config
 from .errors import AdapterInvalid, clip
 from .files import AdapterFile, ReadBuffer, exists
 
@@ -62,7 +62,8 @@ class LoRALayout:
     # a server without --enable-dora): DoRA adapters are refused.
     dora_base: Callable[[int, str], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, compare=False,
                                                                                     repr=False)
-    # (layer, kind) -> the served W [out, in]: what an adapter's saved copy of lm_head must equal
+    # (layer, kind) -> the served W [out, in]: what an adapter's saved copy of lm_head or the token
+    # embedding (PEFT's base_layer.weight) must equal
     base_weight: Callable[[int, str], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -85,8 +86,8 @@ class LoRALayout:
     def with_embedding(self, module: str, vocab: int, hidden: int) -> LoRALayout:
         """This layout with LoRA on the token embedding ``module`` too (its kind: the name's last
         part), in a layer of its own before the decoder's (-1). Its input is the token one-hot."""
-        kind = module.rpartition(".")[2]
-        return replace(self, modules={**self.modules, module: (-1, kind)}, shapes={**self.shapes, kind: (vocab, hidden)})
+        return replace(self, modules={**self.modules, module: (-1, leaf(module))},
+                       shapes={**self.shapes, leaf(module): (vocab, hidden)})
 
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
@@ -120,7 +121,7 @@ class AdapterManifest:
     @property
     def changes_kv(self) -> bool:
         """Whether it changes the decoder's keys and values; LoRA on lm_head alone does not."""
-        return any(module.rpartition(".")[2] != HEAD for module in self.module_ranks)
+        return any(leaf(module) != HEAD for module in self.module_ranks)
 
     @property
     def lora_rank(self) -> int:
@@ -281,7 +282,7 @@ def _modules_from_shapes(
         m = _KEY.match(key)
         if m is None:
             base = _BASE_KEY.match(key)
-            if base is None or base["module"].rpartition(".")[2] not in OPT_IN:
+            if base is None or leaf(base["module"]) not in OPT_IN:
                 raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights, DoRA's "
                                      "lora_magnitude_vector and the saved base layer of lm_head or the token "
                                      "embedding are supported")
@@ -291,14 +292,14 @@ def _modules_from_shapes(
     if not found:
         raise AdapterInvalid("the adapter holds no LoRA weights")
     for module in found:  # a regex target_modules, or tensors the config does not declare
-        if module.rpartition(".")[2] in OPT_IN and module.rpartition(".")[2] not in layout.kinds:
+        if leaf(module) in OPT_IN and leaf(module) not in layout.kinds:
             raise AdapterInvalid(f"adapter_config.json field 'target_modules': {opt_in_refusal(module)}")
     for module, shape in saved_base.items():
         if module not in found or module not in layout.modules:
             raise AdapterInvalid(f"{clip(module + '.base_layer.weight')}: a saved base layer of a module the "
                                  "adapter has no LoRA weights for")
         in_f, out_f = layout.shapes[layout.modules[module][1]]
-        expected = [in_f, out_f] if module.rpartition(".")[2] in EMBEDDINGS else [out_f, in_f]  # [vocab, hidden]
+        expected = [in_f, out_f] if leaf(module) in EMBEDDINGS else [out_f, in_f]  # an embedding: [vocab, hidden]
         if shape != expected:
             raise AdapterInvalid(f"{clip(module + '.base_layer.weight')} {shape} is not the base model's {module} "
                                  f"{expected}: the adapter was trained on a resized vocabulary, which is not served")
@@ -349,8 +350,9 @@ def _modules_from_shapes(
 
 
 def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> None:
-    """A saved copy of lm_head's base weights (PEFT saves one with its LoRA) must be the served
-    weights: PEFT would serve the copy, so a different one (a trained output layer) is refused."""
+    """A saved copy of lm_head's or the token embedding's base weights (PEFT saves one with their
+    LoRA) must be the served weights: PEFT would serve the copy, so a different one (a trained
+    layer) is refused."""
     for key, saved in tensors.items():
         base = _BASE_KEY.match(key)
         if base is None:
@@ -358,7 +360,7 @@ def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> N
         if layout.base_weight is None:
             raise AdapterInvalid(f"{clip(key)}: this server cannot check a saved base layer")
         served = layout.base_weight(*layout.modules[base["module"]])  # [out, in]
-        if base["module"].rpartition(".")[2] in EMBEDDINGS:
+        if leaf(base["module"]) in EMBEDDINGS:
             saved = saved.T  # an embedding's weight is [vocab, hidden]: [in, out]
         if not torch.equal(saved.to(served.device, served.dtype), served):
             raise AdapterInvalid(f"{clip(key)} differs from the served model's {base['module']} weights: an adapter "
@@ -366,7 +368,7 @@ def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> N
 
 
 def _check_dora(spec: AdapterSpec, layout: LoRALayout, modules) -> None:
-    embedding = next((m for m in modules if m.rpartition(".")[2] in EMBEDDINGS), None)
+    embedding = next((m for m in modules if leaf(m) in EMBEDDINGS), None)
     if spec.use_dora and embedding is not None:
         raise AdapterInvalid(f"adapter_config.json field 'use_dora': DoRA on the token embedding ({clip(embedding)}) "
                              "is not supported")
@@ -514,7 +516,7 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if m is not None:  # else lm_head's saved base layer, checked
+        if m is not None:  # else a saved base layer, checked
             by_module.setdefault(m["module"], {})[_part(m)] = t
     _check_dora(spec, layout, ranks)
     rank = max(ranks.values()) + spec.use_dora

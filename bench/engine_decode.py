@@ -24,6 +24,7 @@ the base model (prefill-only steps), each round's mixed run divided by the base 
 it, the median reported (target mixed/base >= 0.9).
 
     python bench/engine_decode.py [--models default small] [--rounds 5] [--new-tokens 48] [--prefill-len 256]
+                                  [--dtype bfloat16] [--lora-dtype ...] [--op-backend ...] [--lm-head]
                                   [--json out.json]
 """
 
@@ -216,8 +217,8 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
     params = sum(p.numel() for p in loaded.hf_model.parameters())
     return {
         "model": loaded.name, "parameters": params, "requests": n, "distinct_adapters": n, "rank": args.rank,
-        "targets": "all 7 projections" + (" and lm_head" if args.lm_head else ""), "rounds": args.rounds, "dtype": str(loaded.dtype).removeprefix("torch."),
-        "lora_dtype": args.lora_dtype,
+        "targets": "all 7 projections" + (" and lm_head" if args.lm_head else ""), "rounds": args.rounds,
+        "dtype": str(loaded.dtype).removeprefix("torch."), "lora_dtype": args.lora_dtype,
         "base_decode_tokens_per_s": median(r.decode_tokens_per_s for r in base),
         "mixed_decode_tokens_per_s": median(r.decode_tokens_per_s for r in mixed),
         "ratio": median(r.decode_tokens_per_s for r in mixed) / median(r.decode_tokens_per_s for r in base),

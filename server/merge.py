@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.config import EMBEDDINGS, HEAD
+from ..adapters.config import HEAD
 from ..adapters.loader import load_adapter, row_sq_norms
 
 
@@ -22,8 +22,7 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     modules = dict(model.named_modules())
-    embedding = next(name for name in modules if name.rpartition(".")[2] in EMBEDDINGS and
-                     isinstance(modules[name], torch.nn.Embedding))
+    embedding = next(name for name, m in modules.items() if m is model.get_input_embeddings())
     config_layout = lora_layout(model.config).with_head(*reversed(model.lm_head.weight.shape)).with_embedding(
         embedding, *modules[embedding].weight.shape)
     by_layer_kind = {v: k for k, v in config_layout.modules.items()}

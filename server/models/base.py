@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ...adapters.config import HEAD
+from ...adapters.config import HEAD, leaf
 from ...adapters.loader import LoRALayout, row_sq_norms
 from ..kv_cache import PagedKVCache
 from ..ops.embedding import embedding_lora
@@ -57,7 +57,7 @@ class ServingModel(nn.Module):
 
     @property
     def embedding_kind(self) -> str:
-        return self.EMBEDDING[0].rpartition(".")[2]
+        return leaf(self.EMBEDDING[0])
 
     def lora_layout(self, lm_head: bool = False, embedding: bool = False) -> LoRALayout:
         """``lm_head``, ``embedding``: with LoRA on the output projection (``--enable-lm-head-lora``),

@@ -41,6 +41,7 @@ class BloomLayer(nn.Module):
 
 class BloomForServing(ServingModel):
     EMBEDDING = ("transformer.word_embeddings", "word_embeddings")
+
     def __init__(self, hf_model, max_model_len: int):
         super().__init__()
         config = self.config = hf_model.config

@@ -30,6 +30,7 @@ def gpt2_block(block, config, layer: int) -> PreLNBlock:
 
 class GPT2ForServing(ServingModel):
     EMBEDDING = ("transformer.wte", "wte")
+
     def __init__(self, hf_model, max_model_len: int):
         super().__init__()
         config = self.config = hf_model.config
