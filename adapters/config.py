@@ -84,6 +84,10 @@ class AdapterSpec:
     fan_in_fan_out: bool = False
     use_dora: bool = False  # weight-decomposed: each targeted output row rescaled by its learned magnitude
     base_model_name_or_path: str | None = None
+    # PEFT's trainable_token_indices: token ids whose embedding rows the adapter replaces, and the
+    # module named for them (None: the model's input embedding)
+    trainable_tokens: tuple[int, ...] = ()
+    trainable_tokens_module: str | None = None
     # compiled regexes, made by parse_adapter_config: key -> pattern, and target_modules as a regex
     _rank_re: dict = field(default_factory=dict, compare=False, repr=False)
     _alpha_re: dict = field(default_factory=dict, compare=False, repr=False)
@@ -107,6 +111,8 @@ class AdapterSpec:
                   "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}
         if self.use_dora:  # only when set: plain adapters keep the content hash they had
             fields["use_dora"] = True
+        if self.trainable_tokens:
+            fields["trainable_token_indices"] = list(self.trainable_tokens)
         return json.dumps(fields, sort_keys=True)
 
     @property
@@ -142,8 +148,7 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
         raise _refuse("bias", f"{clip(str(raw['bias']))} is not supported; only 'none'")
     if raw.get("target_parameters"):
         raise _refuse("target_parameters", "LoRA on raw parameters is not supported")
-    if raw.get("trainable_token_indices"):
-        raise _refuse("trainable_token_indices", "trainable tokens are not supported")
+    tokens, tokens_module = _trainable_tokens(raw.get("trainable_token_indices"), enabled)
     r = _positive_int(raw["r"], "r")
     alpha = _finite(raw["lora_alpha"], "lora_alpha")
     rank_pattern = _pattern(raw.get("rank_pattern"), "rank_pattern", _positive_int)
@@ -173,10 +178,36 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
         fan_in_fan_out=_flag(raw, "fan_in_fan_out"),
         use_dora=_flag(raw, "use_dora"),
         base_model_name_or_path=base if isinstance(base, str) else None,
+        trainable_tokens=tokens,
+        trainable_tokens_module=tokens_module,
         _rank_re={k: _pattern_regex(k, "rank_pattern") for k in rank_pattern},
         _alpha_re={k: _pattern_regex(k, "alpha_pattern") for k in alpha_pattern},
         _target_re=target_re,
     )
+
+
+def _trainable_tokens(value, enabled: Collection[str]) -> tuple[tuple[int, ...], str | None]:
+    """PEFT's ``trainable_token_indices``: a list of token ids (the input embedding's), or
+    {embedding module name: ids}. They are served as a LoRA on the token embedding (and on a tied
+    lm_head), so the server must opt in to that. -> (ids, the module named or None)."""
+    name = "trainable_token_indices"
+    if value in (None, [], {}):
+        return (), None
+    module = None
+    if isinstance(value, dict):
+        if len(value) != 1 or leaf(next(iter(value))) not in EMBEDDINGS:
+            raise _refuse(name, f"trainable tokens are served on the token embedding alone ({', '.join(EMBEDDINGS)}), "
+                                f"got {clip(str(list(value)))}")
+        (module, value), = value.items()
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise _refuse(name, f"must list token ids (non-negative integers), got {clip(str(value))}")
+    if len(set(value)) != len(value):
+        raise _refuse(name, f"lists a token id twice: {clip(str(value))}")
+    if not any(kind in enabled for kind in EMBEDDINGS):
+        raise _refuse(name, "trainable tokens are served as LoRA on the token embedding, which is not enabled on this "
+                            "server (start it with --enable-embedding-lora)")
+    return tuple(value), module
 
 
 def _is_number(value) -> bool:

@@ -38,6 +38,9 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
 # PEFT saves the base weights of a LoRA-wrapped lm_head or token embedding with the adapter
 # (save_embedding_layers)
 _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+# PEFT's trainable tokens (trainable_token_indices): the new rows [n, hidden] of the listed tokens
+_TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta"
+                         r"(?:\.default)?$")
 
 
 def _part(match: re.Match) -> str:
@@ -65,6 +68,8 @@ class LoRALayout:
     # (layer, kind) -> the served W [out, in]: what an adapter's saved copy of lm_head or the token
     # embedding (PEFT's base_layer.weight) must equal
     base_weight: Callable[[int, str], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    # lm_head's weight is the token embedding's (tie_word_embeddings): trainable tokens change both
+    tied_head: bool = False
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -117,6 +122,13 @@ class AdapterManifest:
     # tell, so every load hashes.
     weights_identity: tuple[int, ...] | None = None
     magnitude: bool = False  # DoRA: one page more than ``rank`` rows of LoRA, holding the magnitude scale
+
+    @property
+    def depends_on_base(self) -> bool:
+        """Whether its served rows depend on the base weights (DoRA's scale; trainable tokens, served
+        as the difference of their rows from the base rows): a converted copy is not reusable by
+        content hash alone, and it cannot be combined as a sum of deltas."""
+        return self.magnitude or bool(self.spec.trainable_tokens)
 
     @property
     def changes_kv(self) -> bool:
@@ -278,18 +290,22 @@ def _modules_from_shapes(
     """Check tensor names and shapes against the base model; return module -> rank."""
     found: dict[str, dict[str, list[int]]] = {}
     saved_base: dict[str, list[int]] = {}
+    tokens: dict[str, list[int]] = {}
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if m is None:
-            base = _BASE_KEY.match(key)
+            base, rows = _BASE_KEY.match(key), _TOKENS_KEY.match(key)
+            if rows is not None:
+                tokens[rows["module"]] = list(shape)
+                continue
             if base is None or leaf(base["module"]) not in OPT_IN:
                 raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights, DoRA's "
-                                     "lora_magnitude_vector and the saved base layer of lm_head or the token "
-                                     "embedding are supported")
+                                     "lora_magnitude_vector, trainable tokens' rows and the saved base layer of "
+                                     "lm_head or the token embedding are supported")
             saved_base[base["module"]] = list(shape)
             continue
         found.setdefault(m["module"], {})[_part(m)] = list(shape)
-    if not found:
+    if not found and not tokens:
         raise AdapterInvalid("the adapter holds no LoRA weights")
     for module in found:  # a regex target_modules, or tensors the config does not declare
         if leaf(module) in OPT_IN and leaf(module) not in layout.kinds:
@@ -346,7 +362,89 @@ def _modules_from_shapes(
                 f"{clip(module)}, whose tensors have rank {ra}"
             )
         ranks[module] = ra
+    return {**ranks, **_token_ranks(tokens, spec, layout, max_rank, found)}
+
+
+def _token_ranks(tokens: dict[str, list[int]], spec: AdapterSpec | None, layout: LoRALayout, max_rank: int,
+                 lora_modules) -> dict[str, int]:
+    """Trainable tokens' rows (module -> shape [n, hidden]) are served as a LoRA of rank n on the
+    token embedding, and on lm_head too when it is tied to it (``_token_lora``): module -> n.
+    Checked against the config, the model and the adapter's LoRA modules."""
+    field_name = "adapter_config.json field 'trainable_token_indices'"
+    if spec is not None and bool(tokens) != bool(spec.trainable_tokens):
+        if tokens:
+            raise AdapterInvalid(f"module {clip(next(iter(tokens)))} has trainable tokens' rows, but "
+                                 "adapter_config.json lists no trainable_token_indices")
+        raise AdapterInvalid(f"{field_name} lists tokens, but the weights hold no trainable_tokens_delta")
+    if not tokens:
+        return {}
+    if len(tokens) > 1:
+        raise AdapterInvalid(f"trainable tokens on {len(tokens)} modules: they are served on the token embedding "
+                             "alone")
+    (module, shape), = tokens.items()
+    where = layout.modules.get(module)
+    if where is None or where[0] != -1:
+        raise AdapterInvalid(f"module {clip(module)}: trainable tokens are served on the token embedding alone, as a "
+                             "LoRA on it" + ("" if -1 in {layer for layer, _ in layout.modules.values()} else
+                                             ", which is not enabled on this server (start it with "
+                                             "--enable-embedding-lora)"))
+    vocab, hidden = layout.shapes[where[1]]
+    if len(shape) != 2 or shape[1] != hidden:
+        raise AdapterInvalid(f"module {clip(module)}: trainable tokens' rows {shape} do not fit the base model's "
+                             f"embedding rows of {hidden} values")
+    if module in lora_modules:
+        raise AdapterInvalid(f"module {clip(module)}: LoRA and trainable tokens on the same module are not supported")
+    n = shape[0]
+    if n > max_rank:
+        raise AdapterInvalid(f"{field_name}: {n} trainable tokens take {n} rank rows of the token embedding's LoRA "
+                             f"pages; the server's --max-lora-rank is {max_rank}")
+    ranks = {module: n}
+    if layout.tied_head:
+        if HEAD not in layout.modules:
+            raise AdapterInvalid(f"{field_name}: this model's lm_head is tied to the token embedding, so trainable "
+                                 "tokens change it too, and LoRA on the output projection is not enabled on this "
+                                 "server (start it with --enable-lm-head-lora)")
+        if HEAD in lora_modules:
+            raise AdapterInvalid(f"{field_name}: LoRA on lm_head together with trainable tokens on the embedding it "
+                                 "is tied to is not supported")
+        ranks[HEAD] = n
+    if spec is not None:
+        if n != len(spec.trainable_tokens):
+            raise AdapterInvalid(f"{field_name} lists {len(spec.trainable_tokens)} tokens, but module {clip(module)} "
+                                 f"has trainable tokens' rows for {n}")
+        named = spec.trainable_tokens_module
+        if named is not None and module != named and not module.endswith("." + named):
+            raise AdapterInvalid(f"{field_name} names module {clip(named)}, but the trainable tokens' rows are "
+                                 f"{clip(module)}'s")
+        outside = [t for t in spec.trainable_tokens if t >= vocab]
+        if outside:
+            raise AdapterInvalid(f"{field_name}: token id {outside[0]} is outside the model's vocabulary of {vocab}")
     return ranks
+
+
+def _token_lora(spec: AdapterSpec, tensors: dict[str, torch.Tensor], layout: LoRALayout
+                ) -> dict[str, dict[str, torch.Tensor]]:
+    """Trainable tokens as LoRA A and B (scaling 1) that replace the embedding rows E[t_j] of
+    tokens t (n of them) by the adapter's V_j: with the one-hot P [vocab, n] (P[t_j, j] = 1) and
+    D = V - E[t] [n, hidden], the embedding gains P D (A = P^T [n, vocab], B = D^T [hidden, n]),
+    so that row t_j is E[t_j] + D_j = V_j to float32 rounding. A tied lm_head gains the same rows
+    (A = D, B = P): logit t_j becomes h . V_j. module -> {"A", "B"}."""
+    key = next(k for k in tensors if _TOKENS_KEY.match(k))
+    module, rows = _TOKENS_KEY.match(key)["module"], tensors[key]
+    if not torch.isfinite(rows).all():
+        raise AdapterInvalid(f"module {clip(module)}: trainable tokens' rows hold NaN or Inf")
+    if layout.base_weight is None:
+        raise AdapterInvalid(f"module {clip(module)}: this server cannot serve trainable tokens")
+    layer, kind = layout.modules[module]
+    ids = torch.tensor(spec.trainable_tokens)
+    served = layout.base_weight(layer, kind)  # [hidden, vocab]
+    delta = rows.float() - served[:, ids.to(served.device)].T.to("cpu", torch.float32)
+    onehot = torch.zeros(len(ids), layout.shapes[kind][0])
+    onehot[torch.arange(len(ids)), ids] = 1.0
+    lora = {module: {"A": onehot, "B": delta.T.contiguous()}}
+    if layout.tied_head:
+        lora[HEAD] = {"A": delta, "B": onehot.T.contiguous()}
+    return lora
 
 
 def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> None:
@@ -368,6 +466,9 @@ def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> N
 
 
 def _check_dora(spec: AdapterSpec, layout: LoRALayout, modules) -> None:
+    if spec.use_dora and spec.trainable_tokens:
+        raise AdapterInvalid("adapter_config.json field 'trainable_token_indices': trainable tokens in a DoRA adapter "
+                             "are not supported")
     embedding = next((m for m in modules if leaf(m) in EMBEDDINGS), None)
     if spec.use_dora and embedding is not None:
         raise AdapterInvalid(f"adapter_config.json field 'use_dora': DoRA on the token embedding ({clip(embedding)}) "
@@ -519,6 +620,8 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         if m is not None:  # else a saved base layer, checked
             by_module.setdefault(m["module"], {})[_part(m)] = t
     _check_dora(spec, layout, ranks)
+    tokens = _token_lora(spec, tensors, layout) if spec.trainable_tokens else {}
+    by_module.update(tokens)
     rank = max(ranks.values()) + spec.use_dora
     names = {layout.modules[m]: m for m in by_module}
     modules = sorted(names)
@@ -530,7 +633,7 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     else:
         flat = out[:numel]
     weights = LoRAWeights.over(flat, modules, rank, layout, spec.use_dora)
-    scales = [spec.scaling(names[key], ranks[names[key]]) for key in modules]
+    scales = [1.0 if names[key] in tokens else spec.scaling(names[key], ranks[names[key]]) for key in modules]
     if convert is not None:
         finite = convert(weights.flat, [by_module[names[k]]["A"].contiguous() for k in modules],
                          [by_module[names[k]]["B"].contiguous() for k in modules],
@@ -556,7 +659,7 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     if bad is not None:
         module = names[bad]
         raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "
-                             f"{spec.scaling(module, ranks[module]):g} and cast to {str(dtype).removeprefix('torch.')}")
+                             f"{scales[modules.index(bad)]:g} and cast to {str(dtype).removeprefix('torch.')}")
     if spec.use_dora:
         for key, s in zip(modules, scales, strict=True):
             module = names[key]

@@ -176,8 +176,9 @@ class AdapterManager:
         if self.fault_hook is not None:
             self.fault_hook("read", key[0])
         content_hash, converted = entry.manifest.content_hash, None
-        # DoRA's scale depends on the base weights, which a converted file's name does not: converted anew
-        cache = None if entry.manifest.magnitude else self.converted
+        # DoRA's scale and trainable tokens' rows depend on the base weights, which a converted file's name
+        # does not: converted anew
+        cache = None if entry.manifest.depends_on_base else self.converted
         out = self._scratch() if self._exclusive else None
         try:
             weights = None if cache is None else cache.read(content_hash, self.dtype, self._pin_memory, out,

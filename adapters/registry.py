@@ -144,6 +144,8 @@ class AdapterRegistry:
                     raise ValueError(f"adapter {clip(part)} is a combination itself: combine the adapters it is made of")
                 if entry.manifest.magnitude:  # its scale multiplies W + s B A as a whole: no sum of deltas
                     raise ValueError(f"adapter {clip(part)} is a DoRA adapter, which cannot be combined")
+                if entry.manifest.spec.trainable_tokens:  # rows replaced, not a delta that weights can scale
+                    raise ValueError(f"adapter {clip(part)} has trainable tokens, which cannot be combined")
                 entries.append((entry, w))
             rank = sum(e.manifest.rank for e, _ in entries)
             if rank > self.max_rank:

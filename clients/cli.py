@@ -88,7 +88,8 @@ def cmd_adapters_list(args) -> int:
         kept = "\tkept" if a.keep_resident else ""
         where = " + ".join(f"{w:g} x {part}" for part, w in a.combine) if a.combine else a.path
         dora = " dora" if a.use_dora else ""
-        print(f"{a.adapter_id}\trank={a.rank}{dora}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{where}")
+        tokens = f" tokens={len(a.trainable_token_ids)}" if a.trainable_token_ids else ""
+        print(f"{a.adapter_id}\trank={a.rank}{dora}{tokens}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{where}")
     return 0
 
 

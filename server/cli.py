@@ -154,8 +154,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "grows by hidden + vocab values. Without it they are refused")
     p.add_argument("--enable-embedding-lora", action="store_true",
                    help="serve adapters with LoRA on the token embedding (target embed_tokens, wte or "
-                        "word_embeddings); every adapter page grows by vocab + hidden values. Without it they are "
-                        "refused")
+                        "word_embeddings) or with trainable tokens (trainable_token_indices); every adapter page "
+                        "grows by vocab + hidden values. Without it they are refused")
     p.add_argument("--auth-token", default=os.environ.get("LORAMUX_AUTH_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' on LoraMux RPCs (env LORAMUX_AUTH_TOKEN)")
     p.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),

@@ -35,10 +35,10 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
         w = weight(layer, kind)
         return w, row_sq_norms(w)
 
-    layout = replace(config_layout, dora_base=dora_base, base_weight=weight)
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    layout = replace(config_layout, dora_base=dora_base, base_weight=weight, tied_head=tied)
     weights = load_adapter(adapter_dir, layout, max_rank=1 << 16, dtype=torch.float32)
-    if any(kind == HEAD or layer == -1 for layer, kind in weights.a) and \
-            model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+    if tied and any(kind == HEAD or layer == -1 for layer, kind in weights.a):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
         model.config.tie_word_embeddings = False
     rank = weights.rank - weights.magnitude

@@ -122,8 +122,10 @@ ADAPTER_VARIANTS = {
 }
 
 
-def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, **lora_kwargs) -> Path:
-    """A PEFT LoRA adapter with random non-zero A and B, saved as PEFT saves it."""
+def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, rows_scale: float = 1.0,
+                  **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter with random non-zero A and B, saved as PEFT saves it; trainable
+    tokens' rows (trainable_token_indices) random with ``rows_scale``, about the embedding's scale."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -136,6 +138,8 @@ def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, **l
                 p.mul_(1 + torch.randn(p.shape, generator=gen) * scale)
             elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif "trainable_tokens_delta" in name:  # trainable tokens' new rows
+                p.copy_(torch.randn(p.shape, generator=gen) * rows_scale)
     peft_model.save_pretrained(out)
     return out
 

@@ -62,7 +62,8 @@ class ServingModel(nn.Module):
     def lora_layout(self, lm_head: bool = False, embedding: bool = False) -> LoRALayout:
         """``lm_head``, ``embedding``: with LoRA on the output projection (``--enable-lm-head-lora``),
         on the token embedding (``--enable-embedding-lora``)."""
-        layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight)
+        layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight,
+                         tied_head=self.lm_head.weight.data_ptr() == self.token_embedding.weight.data_ptr())
         if lm_head:
             layout = layout.with_head(*reversed(self.lm_head.weight.shape))
         if embedding:

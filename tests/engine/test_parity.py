@@ -64,10 +64,11 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
     return outs
 
 
-def serve_in_turn(engine, names: list, n: int, seed: int, max_new: int = MAX_NEW):
-    """``n`` random prompts, the i-th for adapter ``names[i % len(names)]``, served staggered by
-    ``engine`` (started and stopped here): (requests as (adapter, prompt), prompts, outputs)."""
-    prompts = make_prompts(engine.vocab_size, n, seed=seed)
+def serve_in_turn(engine, names: list, n: int, seed: int, max_new: int = MAX_NEW, prompts=None):
+    """``n`` random prompts (or ``prompts``), the i-th for adapter ``names[i % len(names)]``, served
+    staggered by ``engine`` (started and stopped here): (requests as (adapter, prompt), prompts,
+    outputs)."""
+    prompts = prompts or make_prompts(engine.vocab_size, n, seed=seed)
     requests = [(names[i % len(names)], prompts[i]) for i in range(n)]
     engine.start()
     try:

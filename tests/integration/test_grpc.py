@@ -254,6 +254,19 @@ def test_a_dora_adapter_registers_lists_and_serves_as_peft_does(server, tiny_lla
         server.client.unregister_adapter("dora/qv")
 
 
+def served_as_peft(server, model, adapter_id, path):
+    """Greedy tokens of PROMPT_IDS through ``adapter_id`` as PEFT's with the adapter at ``path``,
+    and the prompt's and the tokens' logprobs within 1e-4 of PEFT's: (the result, the logprobs)."""
+    got = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter_id, sampling=Sampling(
+        max_new_tokens=8, ignore_eos=True, logprobs=1, prompt_logprobs=1))
+    assert got.token_ids == peft_generate(model, path, [PROMPT_IDS], 8, eos_token_id=None)[0]
+    ref = peft_logprobs(model, path, PROMPT_IDS[:1], PROMPT_IDS[1:] + got.token_ids)
+    scored = [*got.prompt_logprobs, *got.logprobs]
+    assert [lp.token_id for lp in scored] == PROMPT_IDS[1:] + got.token_ids
+    assert max(abs(lp.logprob - ref[p, lp.token_id].item()) for p, lp in enumerate(scored)) < 1e-4
+    return got, scored
+
+
 def test_lm_head_and_embedding_adapters_serve_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):
     """LoRA on the output projection and the token embedding (--enable-lm-head-lora,
     --enable-embedding-lora), registered at run time: the tokens, their logprobs and the prompt's
@@ -263,15 +276,25 @@ def test_lm_head_and_embedding_adapters_serve_tokens_and_logprobs_as_peft_does(s
     info = server.client.register_adapter("head/q", str(path))
     assert set(info.target_modules) == {"lm_head", "embed_tokens", "q_proj"} and info.rank == 4
     try:
-        got = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="head/q", sampling=Sampling(
-            max_new_tokens=8, ignore_eos=True, logprobs=1, prompt_logprobs=1))
-        assert got.token_ids == peft_generate(tiny_llama, path, [PROMPT_IDS], 8, eos_token_id=None)[0]
-        ref = peft_logprobs(tiny_llama, path, PROMPT_IDS[:1], PROMPT_IDS[1:] + got.token_ids)
-        scored = [*got.prompt_logprobs, *got.logprobs]
-        assert [lp.token_id for lp in scored] == PROMPT_IDS[1:] + got.token_ids
-        assert max(abs(lp.logprob - ref[p, lp.token_id].item()) for p, lp in enumerate(scored)) < 1e-4
+        served_as_peft(server, tiny_llama, "head/q", path)
     finally:
         server.client.unregister_adapter("head/q")
+
+
+def test_trainable_tokens_serve_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):
+    """PEFT's trainable tokens (served as LoRA on the embedding: the fixture's
+    --enable-embedding-lora), registered at run time, with prompt tokens among them."""
+    tokens = [PROMPT_IDS[1], PROMPT_IDS[3], 200]
+    path = build_adapter(tiny_llama, adapter_root / "tokens-q", seed=12, r=4, lora_alpha=8, target_modules=["q_proj"],
+                         trainable_token_indices=tokens)
+    info = server.client.register_adapter("tokens/q", str(path))
+    assert list(info.trainable_token_ids) == tokens and info.rank == 4
+    try:
+        got, scored = served_as_peft(server, tiny_llama, "tokens/q", path)
+        base = peft_logprobs(tiny_llama, None, PROMPT_IDS[:1], PROMPT_IDS[1:] + got.token_ids)
+        assert max(abs(lp.logprob - base[p, lp.token_id].item()) for p, lp in enumerate(scored)) > 1e-2
+    finally:
+        server.client.unregister_adapter("tokens/q")
 
 
 def test_cli_generate_takes_a_structured_output(server):

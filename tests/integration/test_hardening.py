@@ -680,6 +680,7 @@ config_fields = st.fixed_dictionaries({}, optional={
     "bias": st.one_of(st.just("none"), json_value),
     "use_dora": st.one_of(st.booleans(), json_value),
     "modules_to_save": json_value,
+    "trainable_token_indices": st.one_of(json_value, st.lists(st.integers(-2, 2**70), max_size=3)),
     "layers_to_transform": json_value,
     "base_model_name_or_path": json_value,
 })

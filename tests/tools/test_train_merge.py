@@ -171,3 +171,29 @@ def test_merge_of_token_embedding_lora_matches_peft(family, tmp_path):
     x = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_merge_of_trainable_tokens_matches_peft(tied, tmp_path):
+    """The listed tokens' rows are replaced in the embedding, and in lm_head where it is tied (then
+    untied, as with LoRA on either); the other rows stay the base model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_llama(tmp_path / "m", tie_word_embeddings=tied)
+    tokens = [4, 11, 250]
+    adapter = build_adapter(model_dir, tmp_path / "a", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"],
+                            trainable_token_indices=tokens)
+    ours = AutoModelForCausalLM.from_pretrained(merge(model_dir, adapter, tmp_path / "merged"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = next(v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "trainable_tokens" in k)
+    merged_embedding, base_embedding = ours.get_input_embeddings().weight, base.get_input_embeddings().weight
+    assert torch.allclose(merged_embedding[tokens], rows, atol=1e-6, rtol=0)
+    others = [t for t in range(base_embedding.shape[0]) if t not in tokens]
+    assert torch.equal(merged_embedding[others], base_embedding[others])
+    assert torch.equal(ours.lm_head.weight[others], base.lm_head.weight[others])
+    assert torch.allclose(ours.lm_head.weight[tokens], rows if tied else base.lm_head.weight[tokens], atol=1e-6, rtol=0)
+    ref = PeftModel.from_pretrained(base, adapter).eval()
+    x = torch.tensor([[3, 4, 17, 11, 250, 9, 4, 40], [250, 5, 6, 11, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)

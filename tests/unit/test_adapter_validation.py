@@ -69,6 +69,29 @@ def test_opt_in_targets_parse_where_the_server_serves_them():
         parse_adapter_config({**BASE, "target_modules": ["q_proj", "lm_head", "wte"]}, enabled=("lm_head",))
 
 
+@pytest.mark.parametrize("value, match", [
+    ([3, True], "must list token ids"),
+    ([3, 1.5], "must list token ids"),
+    ("3", "must list token ids"),
+    ({"embed_tokens": [-2]}, "must list token ids"),
+    ([3, 4, 3], "lists a token id twice"),
+    ({"embed_tokens": [1], "lm_head": [1]}, "trainable tokens are served on the token embedding alone"),
+    ({"layers.0.mlp": [1]}, "trainable tokens are served on the token embedding alone"),
+])
+def test_trainable_token_indices_are_checked(value, match):
+    with pytest.raises(AdapterInvalid, match=f"'trainable_token_indices': {match}"):
+        parse_adapter_config({**BASE, "trainable_token_indices": value}, enabled=("embed_tokens",))
+
+
+def test_trainable_tokens_parse_where_the_embedding_is_served():
+    spec = parse_adapter_config({**BASE, "trainable_token_indices": {"model.wte": [7, 2]}}, enabled=("wte",))
+    assert (spec.trainable_tokens, spec.trainable_tokens_module) == ((7, 2), "model.wte")
+    assert parse_adapter_config({**BASE, "trainable_token_indices": [7]}, enabled=("wte",)).trainable_tokens == (7,)
+    assert parse_adapter_config({**BASE, "trainable_token_indices": []}).trainable_tokens == ()
+    with pytest.raises(AdapterInvalid, match="--enable-embedding-lora"):
+        parse_adapter_config({**BASE, "trainable_token_indices": [7]}, enabled=("lm_head",))
+
+
 def test_a_valid_adapter_inspects_and_loads_with_scaling_folded(tmp_path):
     path = write_adapter(tmp_path / "ok")
     manifest = inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
