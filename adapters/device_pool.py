@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import huge_pages
-from .loader import LoRALayout, LoRAWeights
+from .loader import DecodedAdapter, LoRALayout, LoRAWeights
 from .reloads import ReloadTracker
 
 AdapterKey = tuple[str, int]  # (adapter_id, version)
@@ -94,7 +94,7 @@ class DevicePool:
                 out_f = layout.shapes[kind][1]
                 self.stores[(layer, kind)] = (a_store[:, j], b_store[:, lo : lo + out_f])
                 lo += out_f
-        self.device = device
+        self.device, self.dtype = device, dtype
         # On CUDA, copies run on their own stream, overlapping the engine's compute stream.
         self._copy_stream = None
         if torch.device(device).type == "cuda":
@@ -195,31 +195,56 @@ class DevicePool:
         """Write reserved pages (outside the lock: no running request reads them), then publish.
         On CUDA the copies (from pinned host memory) run on the pool's copy stream, and the adapter
         is published only once that stream has finished them."""
-        kinds = frozenset(kind for _, kind in weights.a)
+        def write(index: torch.Tensor, targets) -> None:
+            dst, src = [], []  # for copy_rows
+            for key, (a_store, b_store) in targets:
+                a, b = weights.a[key], weights.b[key]
+                if self._copy_rows is not None:
+                    dst += (a_store, b_store)
+                    src += (a.contiguous(), b.contiguous())
+                else:
+                    a_store.index_copy_(0, index, a.to(self.device, non_blocking=True))
+                    b_store.index_copy_(0, index, b.to(self.device, non_blocking=True))
+            if dst:
+                self._copy_rows(dst, src, index)
+        self._write(key, pages, frozenset(kind for _, kind in weights.a), set(weights.a), weights.magnitude, write)
+
+    def convert_into(self, key: AdapterKey, pages: torch.Tensor, decoded: DecodedAdapter, convert_to_pages) -> None:
+        """``fill`` straight from a decoded adapter (not DoRA), with no flat copy between: the C++
+        ``convert_to_pages`` (server/ops/cpu_kernel.py) writes every module's A and (s * B).T,
+        cast, into the pages of a host pool in one call. A value that is not finite once written
+        fails the fill (AdapterInvalid naming the module), and the pages are given back."""
+        def write(index: torch.Tensor, targets) -> None:
+            stores = dict(targets)
+            if not convert_to_pages([stores[m][0] for m in decoded.modules], [stores[m][1] for m in decoded.modules],
+                                    decoded.a, decoded.b, decoded.scales, index):
+                raise decoded.nonfinite(self.dtype)
+        assert not decoded.spec.use_dora and self._copy_stream is None
+        self._write(key, pages, decoded.kinds, set(decoded.modules), False, write)
+
+    def _write(self, key: AdapterKey, pages: torch.Tensor, kinds: frozenset[str], present: set[tuple[int, str]],
+               magnitude: bool, write) -> None:
+        """Zero the pages of the layers that have a targeted kind but no module of the adapter
+        (its plan for that kind reads them), ``write(index, [((layer, kind), stores) of present])``
+        the rest, then publish."""
         stream = contextlib.nullcontext() if self._copy_stream is None else torch.cuda.stream(self._copy_stream)
         try:
             with stream:
                 if self._copy_stream is not None and self._evicted is not None:
                     self._copy_stream.wait_event(self._evicted)
                 index = pages.to(self.device)
-                dst, src = [], []  # for copy_rows
+                targets = []
                 for (layer, kind), (a_store, b_store) in self.stores.items():
                     if kind not in kinds:
                         continue  # never read: the step's plan for this kind leaves the adapter out
-                    a, b = weights.a.get((layer, kind)), weights.b.get((layer, kind))
-                    if a is None:  # a targeted kind, but not in this layer: zero rows add nothing
-                        a_store.index_fill_(0, index, 0)
-                        b_store.index_fill_(0, index, 0)
-                        if weights.magnitude:  # and DoRA leaves its outputs as they are
-                            b_store.index_fill_(0, index[-1:], 1)
-                    elif self._copy_rows is not None:
-                        dst += (a_store, b_store)
-                        src += (a.contiguous(), b.contiguous())
-                    else:
-                        a_store.index_copy_(0, index, a.to(self.device, non_blocking=True))
-                        b_store.index_copy_(0, index, b.to(self.device, non_blocking=True))
-                if dst:
-                    self._copy_rows(dst, src, index)
+                    if (layer, kind) in present:
+                        targets.append(((layer, kind), (a_store, b_store)))
+                        continue
+                    a_store.index_fill_(0, index, 0)  # zero rows add nothing
+                    b_store.index_fill_(0, index, 0)
+                    if magnitude:  # and DoRA leaves its outputs as they are
+                        b_store.index_fill_(0, index[-1:], 1)
+                write(index, targets)
             if self._copy_stream is not None:
                 self._copy_stream.synchronize()
         except BaseException:
@@ -227,7 +252,7 @@ class DevicePool:
             raise
         with self._lock:
             self._copying.discard(key)
-            self._resident[key] = Resident(pages, kinds, weights.magnitude)
+            self._resident[key] = Resident(pages, kinds, magnitude)
             self.reloads.loaded(key)
 
     def cancel(self, key: AdapterKey, pages: torch.Tensor) -> None:

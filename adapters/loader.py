@@ -579,22 +579,43 @@ class AdapterChanged(AdapterInvalid):
     """The files differ from what registration validated: register the adapter again."""
 
 
-def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
-                 allow_pickle: bool = False, confine: Path | None = None,
-                 manifest: AdapterManifest | None = None, pin_memory: bool = False, convert=None,
-                 out: torch.Tensor | None = None, read_buffer: ReadBuffer | None = None) -> LoRAWeights:
-    """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``.
+@dataclass
+class DecodedAdapter:
+    """An adapter read and checked, not yet converted: per module (layer, kind), in ``modules``
+    order, A [r, in] and B [out, r] as the file holds them (views of its bytes; trainable tokens'
+    LoRA, ``_token_lora``), its scaling, and DoRA's magnitude vector (else None). ``rank``: its
+    pages (DoRA's magnitude page included)."""
 
-    One pass from the file's bytes into the serving layout: every module's A and (s * B).T are
-    written, cast, into one flat buffer (pinned with ``pin_memory``, for copies to an
-    accelerator), and one check over that buffer proves every served value finite. With the
-    ``manifest`` registration made, its spec is used and the weights must have the hash
-    registration recorded (else AdapterChanged); without one, the config is read too. ``convert``:
-    the C++ ``convert_adapter`` (server/ops/cpu_kernel.py), which does that pass in one call and
-    reports finiteness as it writes; without it, a few torch ops per module do it (the same values).
-    ``out``: a buffer of ``dtype`` to write into (its front), reused from load to load, in place of
-    a new one; the result views it until it is written again. ``read_buffer``: where the file's
-    bytes go, reused the same way (nothing returned views it)."""
+    spec: AdapterSpec
+    rank: int
+    modules: list[tuple[int, str]]
+    names: list[str]  # each module's full name
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+    scales: list[float]
+    magnitudes: list[torch.Tensor | None]
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(kind for _, kind in self.modules)
+
+    def nonfinite(self, dtype: torch.dtype) -> AdapterInvalid:
+        """The refusal of a conversion that wrote a NaN or Inf: it names the first module whose
+        A or s * B, cast to ``dtype``, is not finite."""
+        for name, a, b, s in zip(self.names, self.a, self.b, self.scales, strict=True):
+            if not (torch.isfinite(a.to(dtype)).all() and torch.isfinite((b.float() * s).to(dtype)).all()):
+                return AdapterInvalid(f"module {clip(name)} has NaN or Inf weights once scaled by {s:g} and cast to "
+                                      f"{str(dtype).removeprefix('torch.')}")
+        return AdapterInvalid(f"the adapter has NaN or Inf weights once cast to {str(dtype).removeprefix('torch.')}")
+
+
+def decode_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, allow_pickle: bool = False,
+                   confine: Path | None = None, manifest: AdapterManifest | None = None,
+                   read_buffer: ReadBuffer | None = None) -> DecodedAdapter:
+    """Read and check an adapter (``load_adapter``'s first half). With the ``manifest`` registration
+    made, its spec is used and the weights must have the hash registration recorded (else
+    AdapterChanged); without one, the config is read too. ``read_buffer``: where the file's bytes
+    go, reused from load to load; the result views it until it is written again."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if manifest is None:
@@ -622,9 +643,38 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
     _check_dora(spec, layout, ranks)
     tokens = _token_lora(spec, tensors, layout) if spec.trainable_tokens else {}
     by_module.update(tokens)
-    rank = max(ranks.values()) + spec.use_dora
     names = {layout.modules[m]: m for m in by_module}
     modules = sorted(names)
+    parts = [by_module[names[key]] for key in modules]
+    return DecodedAdapter(
+        spec, max(ranks.values()) + spec.use_dora, modules, [names[key] for key in modules],
+        [p["A"].contiguous() for p in parts], [p["B"].contiguous() for p in parts],
+        [1.0 if names[key] in tokens else spec.scaling(names[key], ranks[names[key]]) for key in modules],
+        [p.get("M") for p in parts])
+
+
+def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
+                 allow_pickle: bool = False, confine: Path | None = None,
+                 manifest: AdapterManifest | None = None, pin_memory: bool = False, convert=None,
+                 out: torch.Tensor | None = None, read_buffer: ReadBuffer | None = None) -> LoRAWeights:
+    """Read, validate and convert an adapter into padded, scaled host tensors of ``dtype``.
+
+    One pass from the file's bytes into the serving layout: every module's A and (s * B).T are
+    written, cast, into one flat buffer (pinned with ``pin_memory``, for copies to an
+    accelerator), and one check over that buffer proves every served value finite. ``manifest``
+    and ``read_buffer`` as for ``decode_adapter``. ``convert``: the C++ ``convert_adapter``
+    (server/ops/cpu_kernel.py), which does that pass in one call and reports finiteness as it
+    writes; without it, a few torch ops per module do it (the same values). ``out``: a buffer of
+    ``dtype`` to write into (its front), reused from load to load, in place of a new one; the
+    result views it until it is written again."""
+    return convert_adapter(decode_adapter(adapter_dir, layout, max_rank, allow_pickle, confine, manifest, read_buffer),
+                           layout, dtype, pin_memory, convert, out)
+
+
+def convert_adapter(decoded: DecodedAdapter, layout: LoRALayout, dtype: torch.dtype, pin_memory: bool = False,
+                    convert=None, out: torch.Tensor | None = None) -> LoRAWeights:
+    """``load_adapter``'s second half: ``decoded`` into the serving layout."""
+    rank, modules = decoded.rank, decoded.modules
     numel = flat_numel(modules, rank, layout)
     if out is None:
         flat = torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
@@ -632,42 +682,35 @@ def load_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, dtype: to
         raise ValueError(f"out must be a contiguous 1-D {dtype} buffer of at least {numel} values")
     else:
         flat = out[:numel]
-    weights = LoRAWeights.over(flat, modules, rank, layout, spec.use_dora)
-    scales = [1.0 if names[key] in tokens else spec.scaling(names[key], ranks[names[key]]) for key in modules]
+    weights = LoRAWeights.over(flat, modules, rank, layout, decoded.spec.use_dora)
     if convert is not None:
-        finite = convert(weights.flat, [by_module[names[k]]["A"].contiguous() for k in modules],
-                         [by_module[names[k]]["B"].contiguous() for k in modules],
-                         [weights.a[k].storage_offset() - weights.flat.storage_offset() for k in modules], scales, rank)
+        finite = convert(weights.flat, decoded.a, decoded.b,
+                         [weights.a[k].storage_offset() - weights.flat.storage_offset() for k in modules],
+                         decoded.scales, rank)
     else:
-        for key, s in zip(modules, scales, strict=True):
-            module = names[key]
-            a_dst, b_dst, r = weights.a[key], weights.b[key], ranks[module]
-            a_dst[:r].copy_(by_module[module]["A"])
-            b_src = by_module[module]["B"].T
+        for key, a, b, s in zip(modules, decoded.a, decoded.b, decoded.scales, strict=True):
+            a_dst, b_dst, r = weights.a[key], weights.b[key], a.shape[0]
+            a_dst[:r].copy_(a)
             if dtype == torch.float32:  # cast, then scale: the same float32 arithmetic as scaling first
-                b_dst[:r].copy_(b_src)
+                b_dst[:r].copy_(b.T)
                 if s != 1.0:
                     b_dst[:r].mul_(s)
             else:  # scale in float32, round once
-                b_dst[:r].copy_(b_src.float() * s)
+                b_dst[:r].copy_(b.T.float() * s)
             if r < rank:
                 a_dst[r:].zero_()
                 b_dst[r:].zero_()
         finite = None
     # checked as served: the scaling or the cast can overflow
-    bad = None if finite else weights.nonfinite_module()
-    if bad is not None:
-        module = names[bad]
-        raise AdapterInvalid(f"module {clip(module)} has NaN or Inf weights once scaled by "
-                             f"{scales[modules.index(bad)]:g} and cast to {str(dtype).removeprefix('torch.')}")
-    if spec.use_dora:
-        for key, s in zip(modules, scales, strict=True):
-            module = names[key]
-            g = dora_scale(by_module[module]["M"], *layout.dora_base(*key), by_module[module]["A"],
-                           by_module[module]["B"], s)
+    if not finite and weights.nonfinite_module() is not None:
+        raise decoded.nonfinite(dtype)
+    if decoded.spec.use_dora:
+        for key, name, a, b, s, m in zip(modules, decoded.names, decoded.a, decoded.b, decoded.scales,
+                                         decoded.magnitudes, strict=True):
+            g = dora_scale(m, *layout.dora_base(*key), a, b, s)
             weights.b[key][-1].copy_(g)
             if not torch.isfinite(weights.b[key][-1]).all():
-                raise AdapterInvalid(f"module {clip(module)}: DoRA's scale (lora_magnitude_vector over the norm of "
+                raise AdapterInvalid(f"module {clip(name)}: DoRA's scale (lora_magnitude_vector over the norm of "
                                      f"each row of W + s B A) is NaN or Inf in {str(dtype).removeprefix('torch.')}")
     return weights
 

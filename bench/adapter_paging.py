@@ -114,6 +114,7 @@ def measure_host_loads(layout, dtype) -> dict:
             row = {
                 "convert_ms": host_load_ms(partial(current.load_adapter, path, layout, 64, dtype, manifest=manifest,
                                                    convert=convert, **buffers)),
+                **pages_load_ms(path, layout, dtype, manifest, buffers),
                 "convert_torch_ms": host_load_ms(partial(current.load_adapter, path, layout, 64, dtype,
                                                          manifest=manifest, **buffers)),
                 "converted_ms": host_load_ms(partial(cache.read, manifest.content_hash, dtype, out=buffers["out"])),
@@ -128,7 +129,38 @@ def measure_host_loads(layout, dtype) -> dict:
                   f"converting the PEFT file ({base / row['convert_ms']:4.1f}x; {row['convert_torch_ms']:6.2f} ms by torch "
                   f"ops), {row['converted_ms']:5.2f} ms from "
                   f"--adapter-cache-dir ({base / row['converted_ms']:4.1f}x; target >= 4x)")
+            if "pages_ms" in row:
+                print(f"  into device pages, rank 16 {name:15s}: {row['via_host_ms']:6.2f} ms by a host copy, "
+                      f"{row['pages_ms']:6.2f} ms converted straight into them "
+                      f"({row['via_host_ms'] / row['pages_ms']:4.2f}x)")
     return out
+
+
+def pages_load_ms(path: Path, layout, dtype, manifest, buffers) -> dict:
+    """A CPU server's cold load, file to resident pages: converted into a host copy, then copied
+    into the pages (DevicePool.fill), against converted straight into them (convert_into, what the
+    server does without --adapter-cache-dir). {} without the C++ kernel."""
+    from loramux.adapters import loader
+    from loramux.adapters.device_pool import DevicePool
+
+    kernels = load_kernels()
+    if kernels is None or dtype == torch.float64:
+        return {}
+    pool = DevicePool(layout, 2 * manifest.rank, dtype, "cpu", kernels.copy_rows)
+    keys = iter(range(1 << 30))
+
+    def via_host():
+        weights = loader.load_adapter(path, layout, 64, dtype, manifest=manifest, convert=kernels.convert_adapter,
+                                      **buffers)
+        key = next(keys)
+        pool.fill(key, pool.reserve(key, manifest.rank, evict=True), weights)
+
+    def straight():
+        decoded = loader.decode_adapter(path, layout, 64, manifest=manifest, read_buffer=buffers["read_buffer"])
+        key = next(keys)
+        pool.convert_into(key, pool.reserve(key, manifest.rank, evict=True), decoded, kernels.convert_to_pages)
+
+    return {"via_host_ms": host_load_ms(via_host), "pages_ms": host_load_ms(straight)}
 
 
 def make_adapters(root: Path, layout, n: int, ranks=RANKS) -> list[tuple[str, str]]:

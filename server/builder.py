@@ -133,7 +133,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, page_dtype,
                              io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
                              read_timeout=config.adapter_read_timeout, converted=converted,
-                             convert=getattr(kernels, "convert_adapter", None))
+                             convert=getattr(kernels, "convert_adapter", None),
+                             convert_to_pages=getattr(kernels, "convert_to_pages", None))
     if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
         manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)  # before kept reads start
     for adapter_id in config.keep_resident:

@@ -164,13 +164,15 @@ def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
     built = engine_for(tiny_llama, many_adapters, device=2, host=4)
     pool = built.manager.pool
     fill_threads = []
-    original = pool.fill
 
-    def recording_fill(*args):
-        fill_threads.append((threading.current_thread().name, torch.get_num_threads()))
-        return original(*args)
+    def recording(fill):
+        def recording_fill(*args):
+            fill_threads.append((threading.current_thread().name, torch.get_num_threads()))
+            return fill(*args)
+        return recording_fill
 
-    pool.fill = recording_fill
+    # a host copy's fill, or a file converted straight into its pages
+    pool.fill, pool.convert_into = recording(pool.fill), recording(pool.convert_into)
     try:
         reqs = [GenerationRequest(f"d{i}", (5, 6, 7), SamplingParams(4, ignore_eos=True), f"m{i % 6}")
                 for i in range(12)]

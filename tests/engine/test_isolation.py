@@ -134,7 +134,7 @@ def test_delivery_is_counted_until_the_caller_takes_the_last_event(built):
 
 def test_a_failed_device_copy_fails_its_waiters_and_the_next_request_succeeds(tiny_llama, tiny_adapters, caplog):
     b = make(tiny_llama, tiny_adapters)
-    pool, original, calls = b.manager.pool, b.manager.pool.fill, []
+    pool, calls = b.manager.pool, []
 
     class Exploding:  # a tensor whose copy into the pages fails (by torch ops: .to; by the C++ row copy: .contiguous)
         def to(self, *args, **kwargs):
@@ -142,13 +142,17 @@ def test_a_failed_device_copy_fails_its_waiters_and_the_next_request_succeeds(ti
 
         contiguous = to
 
-    def failing_fill(key, pages, weights):
-        calls.append(key)
-        if len(calls) == 1:  # fails inside the pool's copy, as a real device error would
-            weights = LoRAWeights(weights.rank, {k: Exploding() for k in weights.a}, weights.b)
-        return original(key, pages, weights)
+    def failing(fill):
+        def failing_fill(key, pages, weights, *convert):
+            calls.append(key)
+            if len(calls) == 1 and convert:  # a file converted straight into its pages: the conversion fails
+                convert = (Exploding().to,)
+            elif len(calls) == 1:  # fails inside the pool's copy, as a real device error would
+                weights = LoRAWeights(weights.rank, {k: Exploding() for k in weights.a}, weights.b)
+            return fill(key, pages, weights, *convert)
+        return failing_fill
 
-    pool.fill = failing_fill
+    pool.fill, pool.convert_into = failing(pool.fill), failing(pool.convert_into)
     try:
         t0 = time.monotonic()
         first = run_all(b.engine, [req("cold", adapter="attn-r64")])[0]
@@ -165,14 +169,17 @@ def test_a_failed_device_copy_fails_its_waiters_and_the_next_request_succeeds(ti
 def test_a_hung_disk_read_times_out_and_later_reads_still_run(tiny_llama, tiny_adapters, monkeypatch):
     import loramux.adapters.manager as manager_module
 
-    release, real_load = threading.Event(), manager_module.load_adapter
+    release = threading.Event()
 
-    def load(path, *args, **kw):
-        if path.name == "attn-r64":
-            release.wait(30)  # a disk that does not answer
-        return real_load(path, *args, **kw)
+    def hanging(read):
+        def hung_read(path, *args, **kw):
+            if path.name == "attn-r64":
+                release.wait(30)  # a disk that does not answer
+            return read(path, *args, **kw)
+        return hung_read
 
-    monkeypatch.setattr(manager_module, "load_adapter", load)
+    for name in ("load_adapter", "decode_adapter"):  # a load into a host copy, or one straight into pages
+        monkeypatch.setattr(manager_module, name, hanging(getattr(manager_module, name)))
     b = make(tiny_llama, tiny_adapters, adapter_read_timeout=1.0)
     threads = []  # the engine's OpenMP threads at a fused linear: a hung read must not keep a core
     b.engine.runner.model.layers[0].lora_modules()[0].register_forward_hook(

@@ -6,8 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loramux.adapters.config import AdapterSpec
 from loramux.adapters.device_pool import DevicePool, select_victims
-from loramux.adapters.loader import LoRALayout, LoRAWeights
+from loramux.adapters.errors import AdapterInvalid
+from loramux.adapters.loader import DecodedAdapter, LoRALayout, LoRAWeights, convert_adapter
 from loramux.adapters.reloads import ReloadTracker
 from loramux.server.adapter_admission import AdapterAdmission
 from loramux.server.ops.cpu_kernel import load_kernels
@@ -82,6 +84,38 @@ def test_a_fill_by_the_cpp_row_copy_equals_the_torch_ops():
             pool.fill(key, pool.reserve(key, rank, evict=False), w)
     for (a0, b0), (a1, b1) in zip(pools[0].fused_stores.values(), pools[1].fused_stores.values(), strict=True):
         assert torch.equal(a0, a1) and torch.equal(b0, b1)
+
+
+@pytest.mark.skipif(load_kernels() is None, reason="no C++ kernel is built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_file_converted_straight_into_pages_equals_a_fill_of_its_host_copy(dtype):
+    """DevicePool.convert_into against fill(convert_adapter(...)): fused stores, a kind missing from
+    a layer (zero rows), ranks below the pages'; a NaN fails the fill, naming the module, and the
+    pages go back."""
+    layout = LoRALayout(modules={f"l{i}.{k}": (i, k) for i in range(2) for k in ("q", "k", "v")},
+                        shapes={"q": (8, 8), "k": (8, 4), "v": (8, 4)}, num_layers=2, fused=(("q", "k", "v"),))
+    gen = torch.Generator().manual_seed(1)
+    present = [m for m in sorted(layout.modules.values()) if m != (1, "v")]
+    ranks = {m: 3 if m[1] == "k" else 4 for m in present}
+    decoded = DecodedAdapter(
+        AdapterSpec(r=4, lora_alpha=8, target_modules=("q", "k", "v")), 4, present, [f"l{i}.{k}" for i, k in present],
+        [torch.randn(ranks[m], 8, generator=gen) for m in present],
+        [torch.randn(layout.shapes[m[1]][1], ranks[m], generator=gen) for m in present],
+        [2.0 if m[1] == "q" else 0.5 for m in present], [None] * len(present))
+    kernels = load_kernels()
+    pools = [DevicePool(layout, 10, dtype, "cpu", copy_rows=kernels.copy_rows) for _ in range(2)]
+    for pool in pools:  # pages that held another adapter's values
+        pool.fused_stores[(0, ("q", "k", "v"))][0].fill_(3.0)
+    pools[0].fill("a", pools[0].reserve("a", 4, evict=False), convert_adapter(decoded, layout, dtype,
+                                                                              convert=kernels.convert_adapter))
+    pools[1].convert_into("a", pools[1].reserve("a", 4, evict=False), decoded, kernels.convert_to_pages)
+    for (a0, b0), (a1, b1) in zip(pools[0].fused_stores.values(), pools[1].fused_stores.values(), strict=True):
+        assert torch.equal(a0, a1) and torch.equal(b0, b1)
+    assert pools[1].resident_keys == ["a"]
+    decoded.b[2][1, 0] = float("nan")
+    with pytest.raises(AdapterInvalid, match="module 'l0.v' has NaN or Inf weights once scaled by 0.5"):
+        pools[1].convert_into("b", pools[1].reserve("b", 4, evict=False), decoded, kernels.convert_to_pages)
+    assert pools[1].resident_keys == ["a"] and pools[1].free_pages == 6
 
 
 def test_kept_and_pinned_adapters_are_never_evicted():

@@ -194,6 +194,48 @@ def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
 
 @needs_kernel
 @each_variant
+@pytest.mark.parametrize("dst", [torch.float32, torch.float16, torch.bfloat16])
+def test_convert_to_pages_writes_what_convert_adapter_then_copy_rows_write(variant, dst):
+    """Straight into page rows (a fused store's strided slices, rows off 64-byte lines), from every
+    file dtype, padded with zero rows past each module's rank: the values of convert_adapter's
+    layout copied into the pages, and nothing else touched. NaN, Inf and overflows are reported."""
+    kernel = variant_module(variant)
+    gen = torch.Generator().manual_seed(5)
+    index = torch.tensor([6, 1, 3, 8, 0])  # R = 5 pages
+    shapes = [(37, 70, 5), (37, 19, 3), (101, 129, 1)]  # (in, out, r); the first two share an input
+    for src in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        a = [torch.randn(r, i, generator=gen, dtype=torch.float64).to(src) for i, o, r in shapes]
+        b = [torch.randn(o, r, generator=gen, dtype=torch.float64).to(src) for i, o, r in shapes]
+        scales = [0.3, 1.0, 7.25]
+        fused_a = torch.full((9, 2, 37), -5.0, dtype=dst)  # kinds 0 and 1: row stride 74
+        fused_b = torch.full((9, 70 + 19), -5.0, dtype=dst)
+        lone_a, lone_b = torch.full((9, 101), -5.0, dtype=dst), torch.full((9, 129), -5.0, dtype=dst)
+        stores_a, stores_b = [fused_a[:, 0], fused_a[:, 1], lone_a], [fused_b[:, :70], fused_b[:, 70:], lone_b]
+        expected = [t.clone() for t in (fused_a, fused_b, lone_a, lone_b)]
+        flat = torch.empty(sum(5 * (i + o) for i, o, _ in shapes), dtype=dst)
+        offsets = [0, 5 * (37 + 70), 5 * (37 + 70 + 37 + 19)]
+        assert kernel.convert_adapter(flat, a, b, offsets, scales, 5)
+        ref_a, ref_b = [expected[0][:, 0], expected[0][:, 1], expected[2]], [expected[1][:, :70], expected[1][:, 70:],
+                                                                             expected[3]]
+        for (i, o, _), off, ra, rb in zip(shapes, offsets, ref_a, ref_b, strict=True):
+            ra.index_copy_(0, index, flat[off : off + 5 * i].view(5, i))
+            rb.index_copy_(0, index, flat[off + 5 * i : off + 5 * (i + o)].view(5, o))
+        assert kernel.convert_to_pages(stores_a, stores_b, a, b, scales, index)
+        for got, want in zip((fused_a, fused_b, lone_a, lone_b), expected, strict=True):
+            assert torch.equal(got, want), src
+    for bad_a, bad_b, s in ((float("nan"), 1.0, 1.0), (1.0, float("-inf"), 1.0), (1.0, 3e38, 2.0), (1.0, 7e4, 1.0)):
+        a, b = torch.ones(2, 16), torch.ones(9, 2)
+        a[1, 15], b[8, 0] = bad_a, bad_b
+        finite = kernel.convert_to_pages([torch.empty(4, 16, dtype=dst)], [torch.empty(4, 9, dtype=dst)], [a], [b], [s],
+                                         torch.tensor([2, 0]))
+        assert finite == (bad_b == 7e4 and dst != torch.float16), (bad_a, bad_b, s)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.convert_to_pages([torch.empty(4, 16)], [torch.empty(4, 9)], [torch.ones(2, 16)], [torch.ones(9, 2)],
+                                [1.0], torch.tensor([2, 4]))
+
+
+@needs_kernel
+@each_variant
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [  # (rows, heads, kv heads, head dim, block size, window, alibi)
     (5, 9, 3, 64, 16, None, False),  # the default model's shape: the vector path (float32, head dim 64)

@@ -1024,6 +1024,90 @@ void copy_rows(std::vector<torch::Tensor> dst, std::vector<torch::Tensor> src, t
   stream_fence();
 }
 
+// One module of an adapter straight into its pages: for k < len(index), page row ix[k] of the A
+// store gets A[k] and that of the B store (s * B).T[k], rounded to D once (convert_module's
+// arithmetic), rows k >= r zero. Each row is made in `row` (L1/L2-resident) and written out with
+// stream_copy, as copy_rows writes pages. Returns false if a written value is not finite.
+template <typename D, typename S>
+static bool module_to_pages(char* da, int64_t sa, char* db, int64_t sb, const S* a, const S* b, int64_t r,
+                            const int64_t* ix, int64_t R, int64_t in, int64_t out, float s, std::vector<D>& row) {
+  constexpr int64_t BLOCK = 64;
+  using W = std::conditional_t<std::is_same_v<D, double>, double, float>;
+  W tmp[BLOCK];
+  float chk = 0.f;
+  row.assign(std::max(in, out), static_cast<D>(0.f));
+  for (int64_t k = 0; k < r; ++k) {
+    for (int64_t c0 = 0; c0 < in; c0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, in - c0);
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) tmp[c] = static_cast<W>(a[k * in + c0 + c]);
+      chk += store(row.data() + c0, tmp, n);
+    }
+    stream_copy(da + ix[k] * sa, reinterpret_cast<const char*>(row.data()), in * sizeof(D));
+  }
+  for (int64_t k = 0; k < r; ++k) {  // B [out, r] is read down its column k: it stays in L2 across the r passes
+    for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, out - o0);
+#pragma omp simd
+      for (int64_t o = 0; o < n; ++o) tmp[o] = static_cast<W>(static_cast<float>(b[(o0 + o) * r + k]) * s);
+      chk += store(row.data() + o0, tmp, n);
+    }
+    stream_copy(db + ix[k] * sb, reinterpret_cast<const char*>(row.data()), out * sizeof(D));
+  }
+  std::fill(row.begin(), row.end(), static_cast<D>(0.f));
+  for (int64_t k = r; k < R; ++k) {
+    stream_copy(da + ix[k] * sa, reinterpret_cast<const char*>(row.data()), in * sizeof(D));
+    stream_copy(db + ix[k] * sb, reinterpret_cast<const char*>(row.data()), out * sizeof(D));
+  }
+  return chk == 0.f;
+}
+
+// An adapter's modules straight into its pages of a host pool (adapters/device_pool.py), in place of
+// convert_adapter into a flat buffer and copy_rows from it: module i's A [r_i, in_i] and B [out_i, r_i]
+// (float32, float64, float16 or bfloat16, contiguous) with scaling scales[i] into the A store dst_a[i]
+// [P, in_i] and the B store dst_b[i] [P, out_i] (any row stride, unit column stride; float32, float16
+// or bfloat16), page rows index [R], zero beyond r_i. Returns whether every value written is finite.
+bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tensor> dst_b, std::vector<torch::Tensor> a,
+                      std::vector<torch::Tensor> b, std::vector<double> scales, torch::Tensor index) {
+  TORCH_CHECK(dst_a.size() == a.size() && dst_b.size() == a.size() && b.size() == a.size() &&
+              scales.size() == a.size(), "convert_to_pages: two stores, an A, a B and a scaling per module");
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 1,
+              "convert_to_pages: int64 page indices");
+  const int64_t R = index.numel();
+  const int64_t* ix = index.data_ptr<int64_t>();
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].device().is_cpu() && b[i].device().is_cpu() && a[i].is_contiguous() && b[i].is_contiguous() &&
+                a[i].dim() == 2 && b[i].dim() == 2 && b[i].scalar_type() == a[i].scalar_type(),
+                "convert_to_pages: contiguous 2-D CPU A and B of one dtype");
+    const int64_t r = a[i].size(0), in = a[i].size(1), out = b[i].size(0);
+    for (const auto& d : {dst_a[i], dst_b[i]})
+      TORCH_CHECK(d.device().is_cpu() && d.dim() == 2 && d.stride(1) == 1 && d.scalar_type() == dst_a[0].scalar_type(),
+                  "convert_to_pages: 2-D CPU stores of one dtype with unit column stride");
+    TORCH_CHECK(b[i].size(1) == r && r <= R && dst_a[i].size(1) == in && dst_b[i].size(1) == out,
+                "convert_to_pages: A [r, in] and B [out, r] with r <= len(index), stores [P, in] and [P, out]");
+    for (int64_t k = 0; k < R; ++k)
+      TORCH_CHECK(ix[k] >= 0 && ix[k] < dst_a[i].size(0) && ix[k] < dst_b[i].size(0),
+                  "convert_to_pages: page index out of range");
+  }
+  if (a.empty()) return true;
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst_a[0].scalar_type(), "convert_to_pages", [&] {
+    using D = scalar_t;
+    std::vector<D> row;
+    for (size_t i = 0; i < a.size(); ++i) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[i].scalar_type(), "convert_to_pages_src", [&] {
+        finite &= module_to_pages<D, scalar_t>(
+            static_cast<char*>(dst_a[i].data_ptr()), dst_a[i].stride(0) * sizeof(D),
+            static_cast<char*>(dst_b[i].data_ptr()), dst_b[i].stride(0) * sizeof(D), a[i].data_ptr<scalar_t>(),
+            b[i].data_ptr<scalar_t>(), a[i].size(0), ix, R, a[i].size(1), b[i].size(0), static_cast<float>(scales[i]),
+            row);
+      });
+    }
+  });
+  stream_fence();
+  return finite;
+}
+
 // Each releases the GIL while it runs, as torch's own ops do: the engine thread's kernels let the
 // adapter I/O thread's Python run, and a conversion on the I/O thread does not stall the engine.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1033,4 +1117,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convert_adapter", &convert_adapter, "an adapter's A and scaled B.T into the serving layout, checked finite",
         release());
   m.def("copy_rows", &copy_rows, "an adapter's rows into its pages of every store", release());
+  m.def("convert_to_pages", &convert_to_pages,
+        "an adapter's A and scaled B.T straight into its pages of every store, checked finite", release());
 }
