@@ -137,8 +137,11 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
     if not isinstance(raw, dict):
         raise AdapterInvalid("adapter_config.json must hold a JSON object")
     peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if peft_type == "TRAINABLE_TOKENS":
+        return _trainable_tokens_spec(raw, enabled)
     if peft_type != "LORA":
-        raise _refuse("peft_type", f"{clip(peft_type)} is not supported; only LORA adapters are served")
+        raise _refuse("peft_type", f"{clip(peft_type)} is not supported; only LORA and TRAINABLE_TOKENS adapters "
+                                   "are served")
     for name in REQUIRED_FIELDS:
         if raw.get(name) in (None, "", []):
             raise _refuse(name, "is required")
@@ -186,11 +189,29 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
     )
 
 
-def _trainable_tokens(value, enabled: Collection[str]) -> tuple[tuple[int, ...], str | None]:
+def _trainable_tokens_spec(raw: dict, enabled: Collection[str]) -> AdapterSpec:
+    """PEFT's TrainableTokensConfig, trainable tokens without LoRA: ``token_indices`` on
+    ``target_modules`` (the token embedding), served as a LoRA adapter's trainable tokens are."""
+    targets = raw.get("target_modules") or ["embed_tokens"]
+    names = [targets] if isinstance(targets, str) else targets
+    if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str) or \
+            leaf(names[0]) not in EMBEDDINGS:
+        raise _refuse("target_modules", f"trainable tokens are served on the token embedding alone "
+                                        f"({', '.join(EMBEDDINGS)}), got {clip(str(targets))}")
+    tokens, _ = _trainable_tokens(raw.get("token_indices"), enabled, "token_indices")
+    if not tokens:
+        raise _refuse("token_indices", "is required")
+    return AdapterSpec(r=len(tokens), lora_alpha=float(len(tokens)), target_modules=(names[0],),
+                       base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(
+                           raw.get("base_model_name_or_path"), str) else None,
+                       trainable_tokens=tokens, trainable_tokens_module=names[0])
+
+
+def _trainable_tokens(value, enabled: Collection[str], name: str = "trainable_token_indices"
+                      ) -> tuple[tuple[int, ...], str | None]:
     """PEFT's ``trainable_token_indices``: a list of token ids (the input embedding's), or
     {embedding module name: ids}. They are served as a LoRA on the token embedding (and on a tied
     lm_head), so the server must opt in to that. -> (ids, the module named or None)."""
-    name = "trainable_token_indices"
     if value in (None, [], {}):
         return (), None
     module = None

@@ -38,8 +38,9 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
 # PEFT saves the base weights of a LoRA-wrapped lm_head or token embedding with the adapter
 # (save_embedding_layers)
 _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
-# PEFT's trainable tokens (trainable_token_indices): the new rows [n, hidden] of the listed tokens
-_TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta"
+# PEFT's trainable tokens: the new rows [n, hidden] of the listed tokens (a LoRA adapter's
+# trainable_token_indices under token_adapter; a TRAINABLE_TOKENS adapter's on the module itself)
+_TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:token_adapter\.)?trainable_tokens_delta"
                          r"(?:\.default)?$")
 
 
@@ -378,6 +379,10 @@ def _token_ranks(tokens: dict[str, list[int]], spec: AdapterSpec | None, layout:
         raise AdapterInvalid(f"{field_name} lists tokens, but the weights hold no trainable_tokens_delta")
     if not tokens:
         return {}
+    head_rows = tokens.pop(HEAD, None)  # a TRAINABLE_TOKENS adapter saves a tied lm_head's rows too
+    if head_rows is not None and not (layout.tied_head and tokens):
+        raise AdapterInvalid(f"module {HEAD!r}: trainable tokens are served on the token embedding alone (and on an "
+                             f"{HEAD} tied to it)")
     if len(tokens) > 1:
         raise AdapterInvalid(f"trainable tokens on {len(tokens)} modules: they are served on the token embedding "
                              "alone")
@@ -392,6 +397,9 @@ def _token_ranks(tokens: dict[str, list[int]], spec: AdapterSpec | None, layout:
     if len(shape) != 2 or shape[1] != hidden:
         raise AdapterInvalid(f"module {clip(module)}: trainable tokens' rows {shape} do not fit the base model's "
                              f"embedding rows of {hidden} values")
+    if head_rows is not None and head_rows != shape:
+        raise AdapterInvalid(f"module {HEAD!r}: trainable tokens' rows {head_rows} are not those of the embedding it "
+                             f"is tied to, {shape}")
     if module in lora_modules:
         raise AdapterInvalid(f"module {clip(module)}: LoRA and trainable tokens on the same module are not supported")
     n = shape[0]
@@ -429,8 +437,11 @@ def _token_lora(spec: AdapterSpec, tensors: dict[str, torch.Tensor], layout: LoR
     D = V - E[t] [n, hidden], the embedding gains P D (A = P^T [n, vocab], B = D^T [hidden, n]),
     so that row t_j is E[t_j] + D_j = V_j to float32 rounding. A tied lm_head gains the same rows
     (A = D, B = P): logit t_j becomes h . V_j. module -> {"A", "B"}."""
-    key = next(k for k in tensors if _TOKENS_KEY.match(k))
-    module, rows = _TOKENS_KEY.match(key)["module"], tensors[key]
+    found = {m["module"]: t for k, t in tensors.items() if (m := _TOKENS_KEY.match(k)) is not None}
+    head_rows = found.pop(HEAD, None)  # a TRAINABLE_TOKENS adapter's copy for a tied lm_head (checked shape)
+    (module, rows), = found.items()
+    if head_rows is not None and not torch.equal(head_rows, rows):
+        raise AdapterInvalid(f"module {HEAD!r}: trainable tokens' rows differ from those of the embedding it is tied to")
     if not torch.isfinite(rows).all():
         raise AdapterInvalid(f"module {clip(module)}: trainable tokens' rows hold NaN or Inf")
     if layout.base_weight is None:

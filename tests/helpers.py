@@ -144,6 +144,22 @@ def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, row
     return out
 
 
+def tokens_only_adapter(model: Path, path: Path, seed: int, tokens: list[int]) -> Path:
+    """PEFT's TrainableTokensConfig alone (peft_type TRAINABLE_TOKENS), its rows random."""
+    from peft import TrainableTokensConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+                                TrainableTokensConfig(token_indices=list(tokens)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(path)
+    return path
+
+
 def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
                   **gen_kwargs) -> list[list[int]]:
     """Each prompt generated alone (batch of one), greedy, float32: the oracle."""

@@ -3,6 +3,7 @@ forward pass, stalled consumers, delivery accounting for drain, adapter I/O fail
 and the fatal path."""
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -251,3 +252,43 @@ def test_submit_after_the_inbox_closes_is_refused(built):
     finally:
         with engine._inbox_lock:
             engine._closed = False
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["into-pages", "via-host-copy"])
+def test_nan_weights_found_as_a_load_lands_fail_their_requests_and_free_their_pages(direct, tiny_llama,
+                                                                                    tiny_adapters, tmp_path, caplog):
+    """Without --adapter-cache-dir a CPU load with room in the pool is converted straight into its
+    pages (the C++ convert_to_pages), or else into a flat copy first: either way a NaN found then
+    fails the adapter's requests with FAILED_PRECONDITION naming the module (a warning, no
+    traceback: the adapter's fault), and its pages go back, while a request for another adapter in
+    the same batch finishes."""
+    from safetensors.torch import load_file, save_file
+
+    from loramux.server.ops.cpu_kernel import load_kernels
+
+    if direct and load_kernels() is None:
+        pytest.skip("the C++ kernel needs a compiler")
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tiny_adapters["attn-r4"] / "adapter_config.json").read_text())
+    tensors = load_file(tiny_adapters["attn-r4"] / "adapter_model.safetensors")
+    save_file({k: v * float("nan") if "lora_B" in k else v for k, v in tensors.items()},
+              bad / "adapter_model.safetensors")
+    b = make(tiny_llama, {"nan": bad, "all-r8": tiny_adapters["all-r8"]})
+    pool, converted = b.manager.pool, []
+    if not direct:
+        b.manager.convert_to_pages = None
+    pool.convert_into = (lambda into: lambda *args: converted.append(args[0]) or into(*args))(pool.convert_into)
+    try:
+        bad_out, good = run_all(b.engine, [req("bad", adapter="nan"), req("good", adapter="all-r8")])
+        assert isinstance(good, list) and len(good) == 8
+        assert isinstance(bad_out, Exception) and status_name(bad_out) == "FAILED_PRECONDITION"
+        assert "has NaN or Inf weights once scaled" in str(bad_out) and "self_attn" in str(bad_out)
+        assert idle(b.engine)
+        assert sorted(k[0] for k in converted) == (["all-r8", "nan"] if direct else [])
+        assert "adapter nan cannot be loaded: module" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert all(k[0] != "nan" for k in pool.resident_keys)
+        assert pool.free_pages + sum(pool.pages_of(k).numel() for k in pool.resident_keys) == pool.num_pages
+    finally:
+        b.engine.stop()

@@ -16,7 +16,14 @@ from loramux.adapters.errors import AdapterInvalid
 from loramux.adapters.loader import load_adapter
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 
-from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_llama, peft_generate
+from helpers import (
+    FAMILY_ADAPTERS,
+    build_adapter,
+    build_family_model,
+    build_llama,
+    peft_generate,
+    tokens_only_adapter,
+)
 from test_parity import make_prompts, serve_in_turn
 
 TOKENS = [5, 17, 9, 30]
@@ -92,6 +99,24 @@ def test_tied_model_through_evictions(backend, tmp_path):
     assert not built.engine.adapters.pool.pinned()
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_trainable_tokens_adapters_alone_match_peft(tied, tmp_path):
+    """peft_type TRAINABLE_TOKENS: rows without LoRA; PEFT saves a tied lm_head's copy of them too."""
+    model = build_llama(tmp_path / "model", tie_word_embeddings=tied)
+    adapters = {"alone": tokens_only_adapter(model, tmp_path / "alone", seed=1, tokens=TOKENS),
+                "with-lora": token_adapter(model, tmp_path / "with-lora", seed=2, tokens=TOKENS[:2])}
+    saved = load_file(adapters["alone"] / "adapter_model.safetensors")
+    assert ("base_model.model.lm_head.trainable_tokens_delta" in saved) == tied
+    built = engine_for(model, adapters, enable_lm_head_lora=True)
+    requests, prompts, outs = serve(built.engine, [None, *adapters], 9, seed=5)
+    check_against_peft(model, adapters, requests, prompts, outs)
+    alone = [i for i, (name, _) in enumerate(requests) if name == "alone"]
+    base = peft_generate(model, None, [prompts[i] for i in alone], MAX_NEW, eos_token_id=None)
+    assert any(outs[i] != b for i, b in zip(alone, base, strict=True))  # the rows are read
+    info = {e.adapter_id: e.manifest for e in built.registry.list()}["alone"]
+    assert info.spec.target_names == ["model.embed_tokens"] and info.spec.trainable_tokens == tuple(TOKENS)
+
+
 def test_tokens_change_what_the_adapter_computes(tmp_path):
     """The same LoRA weights with other tokens are another adapter: another content hash."""
     model = build_llama(tmp_path / "model")
@@ -161,6 +186,17 @@ def test_refusals_name_the_limit(tmp_path):
     built.registry.register("nan", nan)  # registration reads the header; a load decodes the values
     with pytest.raises(AdapterInvalid, match="module 'model.embed_tokens': trainable tokens' rows hold NaN or Inf"):
         load_adapter(nan, built.registry.layout, 4, torch.float32)
+    alone = tokens_only_adapter(tied, tmp_path / "alone", seed=5, tokens=TOKENS)
+    tied_built = engine_for(tied, {}, adapter_roots=roots, enable_lm_head_lora=True)
+    head_key = "base_model.model.lm_head.trainable_tokens_delta"
+    changed = _rewrite(alone, tmp_path, "head-differs", tensors=lambda w: {**w, head_key: w[head_key] + 1})
+    tied_built.registry.register("head-differs", changed)  # shapes fit; the values are compared at load
+    with pytest.raises(AdapterInvalid, match="'lm_head': trainable tokens' rows differ from those of the embedding"):
+        load_adapter(changed, tied_built.registry.layout, 8, torch.float32)
+    with pytest.raises(AdapterInvalid, match=r"'lm_head': trainable tokens are served on the token embedding alone"):
+        built.registry.register("untied-head", alone)  # an lm_head copy on a model whose lm_head is its own
+    with pytest.raises(AdapterInvalid, match="'target_modules': trainable tokens are served on the token embedding"):
+        built.registry.register("on-q", _rewrite(alone, tmp_path, "on-q", {"target_modules": ["q_proj"]}))
     wide = token_adapter(model, tmp_path / "wide", seed=2, tokens=range(5, 10))
     with pytest.raises(AdapterInvalid, match="5 trainable tokens take 5 rank rows of the token embedding's LoRA pages; "
                                              "the server's --max-lora-rank is 4"):

@@ -173,20 +173,24 @@ def test_merge_of_token_embedding_lora_matches_peft(family, tmp_path):
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["with-lora", "alone"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_merge_of_trainable_tokens_matches_peft(tied, tmp_path):
+def test_merge_of_trainable_tokens_matches_peft(tied, alone, tmp_path):
     """The listed tokens' rows are replaced in the embedding, and in lm_head where it is tied (then
-    untied, as with LoRA on either); the other rows stay the base model's."""
+    untied, as with LoRA on either); the other rows stay the base model's. With LoRA on q_proj,
+    or alone (peft_type TRAINABLE_TOKENS)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from helpers import tokens_only_adapter
+
     model_dir = build_llama(tmp_path / "m", tie_word_embeddings=tied)
     tokens = [4, 11, 250]
-    adapter = build_adapter(model_dir, tmp_path / "a", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"],
-                            trainable_token_indices=tokens)
+    adapter = tokens_only_adapter(model_dir, tmp_path / "a", seed=5, tokens=tokens) if alone else build_adapter(
+        model_dir, tmp_path / "a", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=tokens)
     ours = AutoModelForCausalLM.from_pretrained(merge(model_dir, adapter, tmp_path / "merged"), dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rows = next(v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "trainable_tokens" in k)
+    rows = next(v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "embed_tokens" in k)
     merged_embedding, base_embedding = ours.get_input_embeddings().weight, base.get_input_embeddings().weight
     assert torch.allclose(merged_embedding[tokens], rows, atol=1e-6, rtol=0)
     others = [t for t in range(base_embedding.shape[0]) if t not in tokens]

@@ -92,6 +92,25 @@ def test_trainable_tokens_parse_where_the_embedding_is_served():
         parse_adapter_config({**BASE, "trainable_token_indices": [7]}, enabled=("lm_head",))
 
 
+def test_trainable_tokens_adapters_alone_parse_as_rank_n_specs():
+    """peft_type TRAINABLE_TOKENS (PEFT's TrainableTokensConfig): token_indices on one embedding."""
+    raw = {"peft_type": "TRAINABLE_TOKENS", "token_indices": [9, 3], "target_modules": "model.embed_tokens"}
+    spec = parse_adapter_config(raw, enabled=("embed_tokens",))
+    assert (spec.r, spec.trainable_tokens, spec.trainable_tokens_module) == (2, (9, 3), "model.embed_tokens")
+    assert spec.target_names == ["model.embed_tokens"] and spec.scaling_identity() != parse_adapter_config(
+        {**raw, "token_indices": [9, 4]}, enabled=("embed_tokens",)).scaling_identity()
+    assert parse_adapter_config({**raw, "target_modules": None}, enabled=("embed_tokens",)).trainable_tokens_module == \
+        "embed_tokens"  # PEFT's default target
+    for change, match in (({"token_indices": None}, "'token_indices': is required"),
+                          ({"token_indices": [1, "2"]}, "'token_indices': must list token ids"),
+                          ({"target_modules": ["embed_tokens", "lm_head"]}, "'target_modules': trainable tokens are"),
+                          ({"target_modules": "q_proj"}, "'target_modules': trainable tokens are")):
+        with pytest.raises(AdapterInvalid, match=match):
+            parse_adapter_config({**raw, **change}, enabled=("embed_tokens",))
+    with pytest.raises(AdapterInvalid, match="--enable-embedding-lora"):
+        parse_adapter_config(raw)
+
+
 def test_a_valid_adapter_inspects_and_loads_with_scaling_folded(tmp_path):
     path = write_adapter(tmp_path / "ok")
     manifest = inspect_adapter(path, LAYOUT, max_rank=8, element_size=4)
