@@ -103,6 +103,24 @@ class AdapterFile:
             return buf
         return buf[:total]
 
+    def read_except(self, skip: list[tuple[int, int]], into: ReadBuffer | None = None) -> bytearray | memoryview:
+        """The file's bytes at the size it was opened with, but for the ``skip`` ranges (sorted,
+        disjoint [start, end) byte offsets), which keep whatever the buffer held. Shorter if the
+        file shrank meanwhile; a file that grew has a new identity, which the caller checks."""
+        buf = bytearray(self.size) if into is None else into.take(self.size)
+        view, at = memoryview(buf), 0
+        for start, end in [*skip, (self.size, self.size)]:
+            while at < start:
+                try:
+                    n = os.preadv(self.fd, [view[at:start]], at)
+                except OSError as e:
+                    raise AdapterInvalid(f"cannot read {self.name}: {e.strerror}") from None
+                if n == 0:
+                    return view[:at]
+                at += n
+            at = max(at, end)
+        return view[: self.size]
+
     def identity(self) -> tuple[int, ...]:
         """(device, inode, size, mtime, ctime) of the open file now. Any write to the file sets its
         ctime to the current time, and no call sets ctime back."""

@@ -257,12 +257,15 @@ def _ints(value) -> bool:
 
 
 def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int, into: ReadBuffer | None = None,
-                      trusted: bool = False) -> tuple[dict[str, dict], bytearray | memoryview]:
+                      validated: tuple[int, ...] | None = None) -> tuple[dict[str, dict], bytearray | memoryview]:
     """Header first, then the whole file (into ``into``'s memory, if given), which must be no
     larger than the header says: a file of the wrong size is refused before its data is read.
-    ``trusted``: the file is the one registration validated (same identity), so its header is
-    parsed, not checked again (for a 420-tensor adapter the checks took longer than the read); a
-    change during the read still fails the load's identity and hash check before any decoding."""
+    A file that still has the identity registration ``validated`` is trusted: its header is
+    parsed, not checked again (for a 420-tensor adapter the checks took longer than the read), and
+    a saved base layer (lm_head's or the embedding's, which registration compared with the served
+    weights and a load does not use: most of such a file) is not read. A change during the read
+    fails the load's identity and hash check before any decoding: the file is then read whole."""
+    trusted = validated is not None and f.identity() == validated
     head = f.read_prefix(8)
     header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
     prefix = f.read_prefix(8 + min(header_len, MAX_HEADER_BYTES))
@@ -279,7 +282,11 @@ def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int, into: R
         # the shapes must fit the base model before the body is read
         _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
     prefix = prefix[: 8 + header_len]
-    data = f.read(f.size, into=into)
+    skip = sorted((8 + header_len + start, 8 + header_len + end) for key, info in header.items()
+                  if _BASE_KEY.match(key) for start, end in [info["data_offsets"]]) if trusted else []
+    data = f.read_except(skip, into) if skip else f.read(f.size, into=into)
+    if skip and f.identity() != validated:  # changed meanwhile: the hash check needs every byte
+        data = f.read(f.size, into=into)
     if len(data) != f.size or data[: len(prefix)] != prefix:  # the bytes read are the bytes checked
         raise AdapterInvalid(f"{f.name} changed while it was read")
     return header, data
@@ -530,8 +537,7 @@ def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayou
             header, data = None, f.read(_largest_adapter_bytes(layout, max_rank) + PICKLE_OVERHEAD,
                                         "the largest adapter this model and --max-lora-rank allow")
         else:
-            trusted = validated is not None and f.identity() == validated
-            header, data = _read_safetensors(f, layout, max_rank, into, trusted)
+            header, data = _read_safetensors(f, layout, max_rank, into, validated)
         return header, data, f.identity()
 
 

@@ -454,6 +454,41 @@ def test_an_untouched_file_is_not_validated_again(tmp_path, monkeypatch):
     assert checked == [1, 1]
 
 
+def test_a_trusted_load_skips_the_saved_base_layer(tmp_path, monkeypatch):
+    """A file registration validated (same identity) is read but for PEFT's saved copy of lm_head
+    (compared with the served weights at registration; most of such a file), with the same result
+    as a full read. A file touched during that read is read whole, and its hash decides."""
+    from loramux.adapters import loader
+    from loramux.adapters.files import AdapterFile
+
+    monkeypatch.setattr(loader, "RACY_NS", 0)
+    head = torch.randn(16, 8)
+    layout = dataclasses.replace(LAYOUT.with_head(8, 16), base_weight=lambda layer, kind: head)
+    path = write_adapter(tmp_path / "h", config={**BASE, "target_modules": ["q_proj", "v_proj", "lm_head"]},
+                         tensors={**lora_tensors(), "base_model.model.lm_head.lora_A.weight": torch.randn(2, 8),
+                                  "base_model.model.lm_head.lora_B.weight": torch.randn(16, 2),
+                                  "base_model.model.lm_head.base_layer.weight": head.clone()})
+    manifest = inspect_adapter(path, layout, 8, 4)
+    expected = load_adapter(path, layout, 8, torch.float32)
+    skipped, read_except = [], AdapterFile.read_except
+
+    def recording(f, skip, into=None):
+        skipped.append(sum(end - start for start, end in skip))
+        return read_except(f, skip, into)
+
+    monkeypatch.setattr(AdapterFile, "read_except", recording)
+    assert torch.equal(load_adapter(path, layout, 8, torch.float32, manifest=manifest).flat, expected.flat)
+    assert skipped == [16 * 8 * 4]  # the base layer's bytes, not read
+    identity = AdapterFile.identity
+
+    def touched_during_the_read(f):  # the same bytes, but a new ctime by the time the read is checked
+        return identity(f) if len(skipped) < 2 else (*identity(f)[:-1], 0)
+
+    monkeypatch.setattr(AdapterFile, "identity", touched_during_the_read)
+    assert torch.equal(load_adapter(path, layout, 8, torch.float32, manifest=manifest).flat, expected.flat)
+    assert len(skipped) == 2  # read but for the base layer, then whole: hashed, and accepted
+
+
 def test_converted_adapters_round_trip_and_damaged_files_are_dropped(tmp_path):
     from loramux.adapters.converted_cache import ConvertedCache
 
