@@ -88,6 +88,7 @@ class AdapterSpec:
     # module named for them (None: the model's input embedding)
     trainable_tokens: tuple[int, ...] = ()
     trainable_tokens_module: str | None = None
+    tokens_field: str = "trainable_token_indices"  # the config field that lists them (TRAINABLE_TOKENS: token_indices)
     # compiled regexes, made by parse_adapter_config: key -> pattern, and target_modules as a regex
     _rank_re: dict = field(default_factory=dict, compare=False, repr=False)
     _alpha_re: dict = field(default_factory=dict, compare=False, repr=False)
@@ -204,7 +205,7 @@ def _trainable_tokens_spec(raw: dict, enabled: Collection[str]) -> AdapterSpec:
     return AdapterSpec(r=len(tokens), lora_alpha=float(len(tokens)), target_modules=(names[0],),
                        base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(
                            raw.get("base_model_name_or_path"), str) else None,
-                       trainable_tokens=tokens, trainable_tokens_module=names[0])
+                       trainable_tokens=tokens, trainable_tokens_module=names[0], tokens_field="token_indices")
 
 
 def _trainable_tokens(value, enabled: Collection[str], name: str = "trainable_token_indices"

@@ -378,7 +378,7 @@ def _token_ranks(tokens: dict[str, list[int]], spec: AdapterSpec | None, layout:
     """Trainable tokens' rows (module -> shape [n, hidden]) are served as a LoRA of rank n on the
     token embedding, and on lm_head too when it is tied to it (``_token_lora``): module -> n.
     Checked against the config, the model and the adapter's LoRA modules."""
-    field_name = "adapter_config.json field 'trainable_token_indices'"
+    field_name = f"adapter_config.json field {spec.tokens_field if spec else 'trainable_token_indices'!r}"
     if spec is not None and bool(tokens) != bool(spec.trainable_tokens):
         if tokens:
             raise AdapterInvalid(f"module {clip(next(iter(tokens)))} has trainable tokens' rows, but "
@@ -717,9 +717,8 @@ def convert_adapter(decoded: DecodedAdapter, layout: LoRALayout, dtype: torch.dt
             if r < rank:
                 a_dst[r:].zero_()
                 b_dst[r:].zero_()
-        finite = None
-    # checked as served: the scaling or the cast can overflow
-    if not finite and weights.nonfinite_module() is not None:
+        finite = weights.nonfinite_module() is None
+    if not finite:  # checked as served: the scaling or the cast can overflow
         raise decoded.nonfinite(dtype)
     if decoded.spec.use_dora:
         for key, name, a, b, s, m in zip(modules, decoded.names, decoded.a, decoded.b, decoded.scales,

@@ -197,6 +197,9 @@ def test_refusals_name_the_limit(tmp_path):
         built.registry.register("untied-head", alone)  # an lm_head copy on a model whose lm_head is its own
     with pytest.raises(AdapterInvalid, match="'target_modules': trainable tokens are served on the token embedding"):
         built.registry.register("on-q", _rewrite(alone, tmp_path, "on-q", {"target_modules": ["q_proj"]}))
+    with pytest.raises(AdapterInvalid, match="field 'token_indices': token id 500 is outside"):  # its own field
+        tied_built.registry.register("alone-outside", _rewrite(alone, tmp_path, "alone-outside",
+                                                               {"token_indices": [5, 500, 9, 30]}))
     wide = token_adapter(model, tmp_path / "wide", seed=2, tokens=range(5, 10))
     with pytest.raises(AdapterInvalid, match="5 trainable tokens take 5 rank rows of the token embedding's LoRA pages; "
                                              "the server's --max-lora-rank is 4"):

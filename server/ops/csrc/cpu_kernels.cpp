@@ -900,74 +900,6 @@ static inline float store(c10::BFloat16* dst, const float* src, int64_t n) {
   return chk;
 }
 
-// One module of an adapter into the serving layout (adapters/loader.py, LoRAWeights.over), cast to D:
-//   dst[0 : R*in]         = A [r, in], then zero rows r..R-1                               ([R, in])
-//   dst[R*in : R*(in+out)] = (s * B).T: float(B[o, k]) * s, rounded to D once, then zero rows  ([R, out])
-// (the torch path's arithmetic: cast B to float32, then scale). B's columns are read in blocks of
-// 64 rows of B, whose cache lines stay in L1 while each of the r output rows is written in order.
-// Returns false if a written value is not finite (NaN or Inf in the file, or an overflow).
-template <typename D, typename S>
-static bool convert_module(D* dst, const S* a, const S* b, int64_t r, int64_t R, int64_t in, int64_t out, float s) {
-  // Values go through `tmp` in blocks of BLOCK, in W (float32; float64 for a float64 buffer), and
-  // store() rounds them to D; the sum it returns is 0 only if every value written is finite.
-  constexpr int64_t BLOCK = 64;
-  using W = std::conditional_t<std::is_same_v<D, double>, double, float>;
-  W tmp[BLOCK];
-  float chk = 0.f;
-  for (int64_t k = 0; k < r; ++k) {
-    for (int64_t c0 = 0; c0 < in; c0 += BLOCK) {
-      const int64_t n = std::min(BLOCK, in - c0);
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) tmp[c] = static_cast<W>(a[k * in + c0 + c]);
-      chk += store(dst + k * in + c0, tmp, n);
-    }
-  }
-  std::fill(dst + r * in, dst + R * in, static_cast<D>(0.f));
-  D* bt = dst + R * in;
-  for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
-    const int64_t n = std::min(BLOCK, out - o0);
-    for (int64_t k = 0; k < r; ++k) {
-#pragma omp simd
-      for (int64_t o = 0; o < n; ++o) tmp[o] = static_cast<W>(static_cast<float>(b[(o0 + o) * r + k]) * s);
-      chk += store(bt + k * out + o0, tmp, n);
-    }
-  }
-  std::fill(bt + r * out, bt + R * out, static_cast<D>(0.f));
-  return chk == 0.f;
-}
-
-// An adapter's modules into one flat buffer (float32, float16 or bfloat16), module i at offsets[i]
-// with a[i] [r_i, in_i] and b[i] [out_i, r_i] (float32, float64, float16 or bfloat16, contiguous),
-// scaling scales[i], padded to `rank` rows: one call instead of a few small torch ops per module.
-// Returns whether every value written is finite.
-bool convert_adapter(torch::Tensor flat, std::vector<torch::Tensor> a, std::vector<torch::Tensor> b,
-                     std::vector<int64_t> offsets, std::vector<double> scales, int64_t rank) {
-  TORCH_CHECK(flat.device().is_cpu() && flat.is_contiguous() && flat.dim() == 1, "convert_adapter: a flat CPU buffer");
-  TORCH_CHECK(a.size() == b.size() && a.size() == offsets.size() && a.size() == scales.size(),
-              "convert_adapter: one A, B, offset and scaling per module");
-  for (size_t i = 0; i < a.size(); ++i) {
-    TORCH_CHECK(a[i].device().is_cpu() && b[i].device().is_cpu() && a[i].is_contiguous() && b[i].is_contiguous() &&
-                a[i].dim() == 2 && b[i].dim() == 2 && b[i].scalar_type() == a[i].scalar_type(),
-                "convert_adapter: contiguous 2-D CPU A and B of one dtype");
-    const int64_t r = a[i].size(0), in = a[i].size(1), out = b[i].size(0);
-    TORCH_CHECK(b[i].size(1) == r && r <= rank && offsets[i] >= 0 && offsets[i] + rank * (in + out) <= flat.numel(),
-                "convert_adapter: A [r, in] and B [out, r] with r <= rank, inside the buffer");
-  }
-  bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "convert_adapter", [&] {
-    using D = scalar_t;
-    D* base = flat.data_ptr<D>();
-    for (size_t i = 0; i < a.size(); ++i) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[i].scalar_type(), "convert_adapter_src", [&] {
-        finite &= convert_module<D, scalar_t>(base + offsets[i], a[i].data_ptr<scalar_t>(), b[i].data_ptr<scalar_t>(),
-                                              a[i].size(0), rank, a[i].size(1), b[i].size(0),
-                                              static_cast<float>(scales[i]));
-      });
-    }
-  });
-  return finite;
-}
-
 // An adapter's rows into its pages, for each pair i: dst[i][index[k], :] = src[i][k, :], with dst [P, w]
 // of any row stride (a kind's slice of a fused page store) and src [r, w] contiguous, of one dtype:
 // the device pool's fill on the host, one call for every store instead of two torch ops each.
@@ -1024,17 +956,25 @@ void copy_rows(std::vector<torch::Tensor> dst, std::vector<torch::Tensor> src, t
   stream_fence();
 }
 
-// One module of an adapter straight into its pages: for k < len(index), page row ix[k] of the A
-// store gets A[k] and that of the B store (s * B).T[k], rounded to D once (convert_module's
-// arithmetic), rows k >= r zero. Each row is made in `row` (L1/L2-resident) and written out with
-// stream_copy, as copy_rows writes pages. Returns false if a written value is not finite.
-template <typename D, typename S>
-static bool module_to_pages(char* da, int64_t sa, char* db, int64_t sb, const S* a, const S* b, int64_t r,
-                            const int64_t* ix, int64_t R, int64_t in, int64_t out, float s, std::vector<D>& row) {
+// One module of an adapter into page rows, cast to D: for k < R, row ix[k] of the A store gets A[k]
+// and that of the B store (s * B).T[k] = float(B[:, k]) * s, rounded to D once (the torch path's
+// arithmetic: cast B to float32, then scale), rows k >= r zero. Values go through `tmp` in blocks
+// of BLOCK, in W (float32; float64 for a float64 buffer); each row is made in `row` (L1-resident;
+// B [out, r] is read down its column k and stays in L2 across the r passes) and written out with
+// stream_copy (Stream: pages not read again before the next step) or memcpy (a flat buffer copied
+// or stored next). Returns false if a written value is not finite (NaN or Inf in the file, or an
+// overflow): store() returns a sum that is 0 only if every value it wrote is finite.
+template <bool Stream, typename D, typename S>
+static bool module_rows(char* da, int64_t sa, char* db, int64_t sb, const S* a, const S* b, int64_t r,
+                        const int64_t* ix, int64_t R, int64_t in, int64_t out, float s, std::vector<D>& row) {
   constexpr int64_t BLOCK = 64;
   using W = std::conditional_t<std::is_same_v<D, double>, double, float>;
   W tmp[BLOCK];
   float chk = 0.f;
+  const auto put = [&](char* dst, int64_t n) {
+    if constexpr (Stream) stream_copy(dst, reinterpret_cast<const char*>(row.data()), n * sizeof(D));
+    else std::memcpy(dst, row.data(), n * sizeof(D));
+  };
   row.assign(std::max(in, out), static_cast<D>(0.f));
   for (int64_t k = 0; k < r; ++k) {
     for (int64_t c0 = 0; c0 < in; c0 += BLOCK) {
@@ -1043,23 +983,60 @@ static bool module_to_pages(char* da, int64_t sa, char* db, int64_t sb, const S*
       for (int64_t c = 0; c < n; ++c) tmp[c] = static_cast<W>(a[k * in + c0 + c]);
       chk += store(row.data() + c0, tmp, n);
     }
-    stream_copy(da + ix[k] * sa, reinterpret_cast<const char*>(row.data()), in * sizeof(D));
+    put(da + ix[k] * sa, in);
   }
-  for (int64_t k = 0; k < r; ++k) {  // B [out, r] is read down its column k: it stays in L2 across the r passes
+  for (int64_t k = 0; k < r; ++k) {
     for (int64_t o0 = 0; o0 < out; o0 += BLOCK) {
       const int64_t n = std::min(BLOCK, out - o0);
 #pragma omp simd
       for (int64_t o = 0; o < n; ++o) tmp[o] = static_cast<W>(static_cast<float>(b[(o0 + o) * r + k]) * s);
       chk += store(row.data() + o0, tmp, n);
     }
-    stream_copy(db + ix[k] * sb, reinterpret_cast<const char*>(row.data()), out * sizeof(D));
+    put(db + ix[k] * sb, out);
   }
   std::fill(row.begin(), row.end(), static_cast<D>(0.f));
   for (int64_t k = r; k < R; ++k) {
-    stream_copy(da + ix[k] * sa, reinterpret_cast<const char*>(row.data()), in * sizeof(D));
-    stream_copy(db + ix[k] * sb, reinterpret_cast<const char*>(row.data()), out * sizeof(D));
+    put(da + ix[k] * sa, in);
+    put(db + ix[k] * sb, out);
   }
   return chk == 0.f;
+}
+
+// An adapter's modules into one flat buffer (float32, float16 or bfloat16) in the serving layout
+// (adapters/loader.py, LoRAWeights.over): module i at offsets[i], A [rank, in_i] then (s * B).T
+// [rank, out_i], from a[i] [r_i, in_i] and b[i] [out_i, r_i] (float32, float64, float16 or
+// bfloat16, contiguous) with scaling scales[i], padded to `rank` rows: one call instead of a few
+// small torch ops per module. Returns whether every value written is finite.
+bool convert_adapter(torch::Tensor flat, std::vector<torch::Tensor> a, std::vector<torch::Tensor> b,
+                     std::vector<int64_t> offsets, std::vector<double> scales, int64_t rank) {
+  TORCH_CHECK(flat.device().is_cpu() && flat.is_contiguous() && flat.dim() == 1, "convert_adapter: a flat CPU buffer");
+  TORCH_CHECK(a.size() == b.size() && a.size() == offsets.size() && a.size() == scales.size(),
+              "convert_adapter: one A, B, offset and scaling per module");
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].device().is_cpu() && b[i].device().is_cpu() && a[i].is_contiguous() && b[i].is_contiguous() &&
+                a[i].dim() == 2 && b[i].dim() == 2 && b[i].scalar_type() == a[i].scalar_type(),
+                "convert_adapter: contiguous 2-D CPU A and B of one dtype");
+    const int64_t r = a[i].size(0), in = a[i].size(1), out = b[i].size(0);
+    TORCH_CHECK(b[i].size(1) == r && r <= rank && offsets[i] >= 0 && offsets[i] + rank * (in + out) <= flat.numel(),
+                "convert_adapter: A [r, in] and B [out, r] with r <= rank, inside the buffer");
+  }
+  std::vector<int64_t> ix(rank);  // the flat layout's rows are in order
+  for (int64_t k = 0; k < rank; ++k) ix[k] = k;
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "convert_adapter", [&] {
+    using D = scalar_t;
+    std::vector<D> row;
+    for (size_t i = 0; i < a.size(); ++i) {
+      const int64_t in = a[i].size(1), out = b[i].size(0);
+      char* da = reinterpret_cast<char*>(flat.data_ptr<D>() + offsets[i]);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[i].scalar_type(), "convert_adapter_src", [&] {
+        finite &= module_rows<false, D, scalar_t>(da, in * sizeof(D), da + rank * in * sizeof(D), out * sizeof(D),
+                                                  a[i].data_ptr<scalar_t>(), b[i].data_ptr<scalar_t>(), a[i].size(0),
+                                                  ix.data(), rank, in, out, static_cast<float>(scales[i]), row);
+      });
+    }
+  });
+  return finite;
 }
 
 // An adapter's modules straight into its pages of a host pool (adapters/device_pool.py), in place of
@@ -1096,7 +1073,7 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
     std::vector<D> row;
     for (size_t i = 0; i < a.size(); ++i) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[i].scalar_type(), "convert_to_pages_src", [&] {
-        finite &= module_to_pages<D, scalar_t>(
+        finite &= module_rows<true, D, scalar_t>(
             static_cast<char*>(dst_a[i].data_ptr()), dst_a[i].stride(0) * sizeof(D),
             static_cast<char*>(dst_b[i].data_ptr()), dst_b[i].stride(0) * sizeof(D), a[i].data_ptr<scalar_t>(),
             b[i].data_ptr<scalar_t>(), a[i].size(0), ix, R, a[i].size(1), b[i].size(0), static_cast<float>(scales[i]),
