@@ -126,6 +126,7 @@ class ServerInfo:
     lora_dtype: str = ""  # adapter pages' dtype (--lora-dtype), e.g. float32, bfloat16
     lora_targets: tuple[str, ...] = ()  # module kinds an adapter may target; lm_head with --enable-lm-head-lora
     dora: bool = False  # DoRA adapters are served (--enable-dora)
+    num_speculative_tokens: int = 0  # prompt-lookup drafts a decoding request may run per step (0: off)
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:

@@ -22,8 +22,8 @@ class AttentionMetadata:
 
 
 def build_attention_metadata(prefill_items, decode_items, block_size: int, sink: int) -> AttentionMetadata:
-    """``*_items``: WorkItems in row order (prefill chunks, then decode rows). Each item carries
-    its write slots and its block table."""
+    """``*_items``: WorkItems in row order (prefill chunks, then decode items: one row per token).
+    Each item carries its write slots and its block table."""
     positions, slots, chunks, blocks = [], [], [], []
     row = 0
     for it in prefill_items:
@@ -34,12 +34,15 @@ def build_attention_metadata(prefill_items, decode_items, block_size: int, sink:
         positions.extend(range(it.start_pos, it.start_pos + n))
         slots.extend(it.slots)
         row += n
+    # a decode item's rows: its tokens at consecutive positions, each attending up to itself (a
+    # drafting row's chunk, whose K/V are all written before any row reads them)
     width = max((len(it.blocks) for it in decode_items), default=0)
-    tables = torch.tensor([[*it.blocks, *[sink] * (width - len(it.blocks))] for it in decode_items],
-                          dtype=torch.long).view(len(decode_items), width)
+    rows = [it.blocks + [sink] * (width - len(it.blocks)) for it in decode_items for _ in it.token_ids]
+    tables = torch.tensor(rows, dtype=torch.long).view(len(rows), width)
+    lengths = []
     for it in decode_items:
-        positions.append(it.start_pos)
+        positions.extend(range(it.start_pos, it.start_pos + len(it.token_ids)))
+        lengths.extend(range(it.start_pos + 1, it.start_pos + len(it.token_ids) + 1))
         slots.extend(it.slots)
-    lengths = [it.start_pos + 1 for it in decode_items]
     return AttentionMetadata(positions, slots, tuple(chunks), torch.tensor(blocks, dtype=torch.long), tables,
                              torch.tensor(lengths, dtype=torch.long), max(lengths, default=0))

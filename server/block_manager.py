@@ -140,6 +140,17 @@ class BlockManager:
             self._take(b)
             table.append(b)
 
+    def trim(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Give back the sequence's tail blocks past ``num_tokens`` positions (the blocks a
+        speculative step's rejected drafts were written to). They hold no computed position."""
+        table, keep = self._tables.get(seq_id, []), blocks_for(num_tokens, self.block_size)
+        while len(table) > keep:
+            b = table.pop()
+            self._ref[b] -= 1
+            if self._ref[b] == 0:  # a tail block is never registered, nor shared: it was private
+                self.num_held -= 1
+                self._free.append(b)
+
     def slot_mapping(self, seq_id: Hashable, start: int, num_tokens: int) -> list[int]:
         """Where positions [start, start + n) are written: block * block_size + offset, or into
         the sink for positions in registered (immutable) blocks."""

@@ -121,6 +121,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling", default=d["scheduling"].default, choices=("fair", "fifo"),
                    help="admission order: fair (the adapter with the least service received first, weighted "
                         "tokens; arrival order within an adapter) or fifo (arrival order)")
+    p.add_argument("--num-speculative-tokens", type=int, default=d["num_speculative_tokens"].default,
+                   help="speculative decoding by prompt lookup: up to this many draft tokens a decoding request "
+                        "takes from its own prompt and output (what followed the last occurrence of its last "
+                        "tokens), checked in one pass; the tokens are those of plain decoding, for every sampler "
+                        "(0: off)")
+    p.add_argument("--prompt-lookup-max", type=int, default=d["prompt_lookup_max"].default,
+                   help="longest n-gram of a request's last tokens looked up for drafts")
+    p.add_argument("--prompt-lookup-min", type=int, default=d["prompt_lookup_min"].default,
+                   help="shortest n-gram looked up for drafts")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="turn off prefix caching (reuse of KV blocks between requests with the same weights)")
     p.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="ID=PATH",

@@ -12,6 +12,7 @@ LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 SCHEDULING = ("fair", "fifo")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")  # tool_parsers.PARSERS' names, kept import-free here
+MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
 
 
 def default_cache_dir() -> Path:
@@ -62,6 +63,10 @@ class ServerConfig:
     kv_block_size: int = 16  # tokens per KV block
     kv_cache_tokens: int | None = None  # KV pool capacity; None: sized from memory (see kv_pool_tokens)
     prefix_caching: bool = True
+    # speculative decoding by prompt lookup: draft tokens a decoding row proposes from its own text per step
+    num_speculative_tokens: int = 0  # 0: off
+    prompt_lookup_max: int = 4  # longest suffix n-gram matched against the row's earlier tokens
+    prompt_lookup_min: int = 2  # shortest
     scheduling: str = "fair"  # admission order: fair (least service per adapter first) or fifo
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
@@ -162,6 +167,12 @@ class ServerConfig:
                 f"default-max-new-tokens ({self.default_max_new_tokens}) must be < max-model-len ({self.max_model_len}), "
                 "or every request that leaves max_new_tokens unset is refused"
             )
+        if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num-speculative-tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], "
+                             f"got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt-lookup-min ({self.prompt_lookup_min}) <= prompt-lookup-max "
+                             f"({self.prompt_lookup_max})")
         if self.max_adapters_per_step is not None and self.max_adapters_per_step < 1:
             raise ValueError("max-adapters-per-step must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):

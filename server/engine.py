@@ -50,6 +50,7 @@ from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, sample
 from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, adapter_order, schedule
 from .sequence import RequestStream, Sequence
+from .speculative import PromptLookupDrafter
 from .structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class StepStats:
     num_decode_tokens: int
     num_adapters: int  # distinct adapters in the step
     seconds: float
+    num_draft_tokens: int = 0  # speculative drafts run after decoding rows' tokens (not in num_decode_tokens)
 
 
 class EngineObserver:
@@ -97,6 +99,10 @@ class Engine:
         self.prefix_queried_tokens = 0  # counters read by the metrics collector
         self.prefix_hit_tokens = 0
         self.num_preemptions = 0
+        # proposes speculative drafts (anything with ``propose(seq, k) -> list[int]``)
+        self.drafter = PromptLookupDrafter(config.prompt_lookup_max, config.prompt_lookup_min)
+        self.draft_tokens = 0  # speculative drafts run, and of those kept (read by the metrics collector)
+        self.accepted_tokens = 0
         self.service: dict[str | None, float] = {}  # fair scheduling: weighted tokens served per tenant
         self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.max_adapters_per_step)
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
@@ -445,62 +451,131 @@ class Engine:
         work = list(decision.work)
         if not work:
             return False
-        items = []
         for seq, n in work:
-            start = seq.num_computed
-            self.blocks.allocate(seq, start + n)
-            decode = start >= seq.prefill_len
+            self.blocks.allocate(seq, seq.num_computed + n)
+        drafts = self._drafts(work) if self.config.num_speculative_tokens else {}
+        items, decoding = [], []
+        for seq, n in work:
+            start, draft = seq.num_computed, drafts.get(seq, ())
+            decoding.append(start >= seq.prefill_len)
+            # a decoding row with drafts feeds its last token and the drafts, with logits at every
+            # position (extra rows for all but the last)
             items.append(WorkItem(
-                token_ids=seq.ids[start : start + n], start_pos=start,
-                slots=self.blocks.slot_mapping(seq, start, n), blocks=self.blocks.table(seq), pages=seq.pages,
-                adapter=seq.adapter, decode=decode, needs_logits=decode or start + n == seq.prefill_len,
-                kinds=seq.kinds, magnitude_page=seq.magnitude_page, prompt_rows=(0, 0) if decode else prompt_rows(seq, start, n),
+                token_ids=seq.ids[start : start + n] + list(draft), start_pos=start,
+                slots=self.blocks.slot_mapping(seq, start, n + len(draft)), blocks=self.blocks.table(seq),
+                pages=seq.pages, adapter=seq.adapter, decode=decoding[-1],
+                needs_logits=decoding[-1] or start + n == seq.prefill_len, kinds=seq.kinds,
+                magnitude_page=seq.magnitude_page,
+                prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
             ))
         constrained = [seq.grammar for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None] if self.overlap_masks else []
         pending = self.grammars.start(constrained) if constrained else None  # during the forward pass
         t0 = time.perf_counter()
         logits, order, extra = self.runner.step(items)
-        if extra:  # before sampling, which may work on the logits in place
-            add_prompt_logprobs(logits[len(order) :], [(work[i][0], count) for i, count in extra])
-            logits = logits[: len(order)]
-        for seq, n in work:
+        rows = list(range(len(order)))  # each sampled row's logits row in its first round
+        chains: dict[Sequence, list[int]] = {}  # a drafting row's logits rows after its first round
+        prompt_extra, at = [], len(order)
+        sampled_at = {i: r for r, i in enumerate(order)} if drafts else {}
+        for i, count in extra:
+            seq = work[i][0]
+            if seq in drafts:  # its rows: the extra ones (the last token, drafts but the last), then its own
+                rows[sampled_at[i]] = at
+                chains[seq] = [*range(at + 1, at + count), sampled_at[i]]
+            else:
+                prompt_extra.append((seq, at, count))
+            at += count
+        if prompt_extra:  # before sampling, which may work on the logits in place
+            add_prompt_logprobs(logits, prompt_extra)
+        for (seq, n), it in zip(work, items, strict=True):
+            drafted = len(it.token_ids) - n
             per_token = DECODE_WEIGHT if seq.num_computed >= seq.prefill_len else PREFILL_WEIGHT
-            self.service[seq.tenant] = self.service.get(seq.tenant, 0.0) + per_token * n / seq.weight
-            seq.num_computed += n
+            self.service[seq.tenant] = self.service.get(seq.tenant, 0.0) + per_token * (n + drafted) / seq.weight
+            seq.num_computed += n  # a drafting row's drafts count once they are kept
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
         sampled = [work[i][0] for i in order]
-        seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in sampled]
+        self._sample(sampled, logits[: len(order)] if not chains else logits[rows], pending and pending.result())
+        if chains:
+            self._verify(drafts, chains, logits)
+        if self.observers:
+            decode_tokens = sum(decoding)
+            stats = StepStats(
+                num_seqs=len(items), num_prefill_tokens=sum(n for _, n in work) - decode_tokens,
+                num_decode_tokens=decode_tokens, num_adapters=len({it.adapter for it in items} - {None}),
+                seconds=time.perf_counter() - t0, num_draft_tokens=sum(map(len, drafts.values())),
+            )
+            for obs in self.observers:
+                obs.step(stats)
+        return True
+
+    def _drafts(self, work: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]:
+        """Prompt-lookup drafts (speculative.py) of this step's decoding rows, within what the
+        step's token budget leaves and the KV blocks free above the watermark, each no longer
+        than its request can still use (the row samples one token whatever happens). Their
+        blocks are allocated here; a rejected draft's are given back after the step."""
+        k, bs = self.config.num_speculative_tokens, self.blocks.block_size
+        budget = self.budgets.max_tokens_per_step - sum(n for _, n in work)
+        out: dict[Sequence, list[int]] = {}
+        for seq, _ in work:
+            want = min(k, budget, seq.sampler.params.max_new_tokens - seq.num_generated - 1)
+            if want <= 0 or seq.num_computed < seq.prefill_len:
+                continue
+            draft = self.drafter.propose(seq, want)
+            end = seq.num_computed + 1 + len(draft)
+            if blocks_for(end, bs) - len(self.blocks.table(seq)) > self.blocks.num_free - self.watermark_blocks:
+                draft = draft[: len(self.blocks.table(seq)) * bs - seq.num_computed - 1]  # what its blocks hold
+                end = seq.num_computed + 1 + len(draft)
+            if draft:
+                self.blocks.allocate(seq, end)
+                budget -= len(draft)
+                out[seq] = draft
+        self.draft_tokens += sum(map(len, out.values()))
+        return out
+
+    def _verify(self, drafts: dict[Sequence, list[int]], chains: dict[Sequence, list[int]],
+                logits: torch.Tensor) -> None:
+        """Sample the drafting rows' next positions, in rounds: a row takes part in round r while
+        its previous token equals draft r - 1 and it has not finished. Then each keeps the KV of
+        the drafts it kept, and gives back the blocks of the rest."""
+        live = list(chains)
+        for r in range(max(map(len, chains.values()))):
+            live = [s for s in live if not s.done and r < len(drafts[s]) and s.ids[-1] == drafts[s][r]]
+            if not live:
+                break
+            self.accepted_tokens += len(live)
+            self._sample(live, logits[[chains[s][r] for s in live]], None)
+            for seq in live:  # draft r's position is computed, and kept
+                seq.num_computed += 1
+        for seq in chains:
+            if not seq.done:
+                self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
+                self.blocks.trim(seq, seq.num_computed)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, computed_masks) -> None:
+        """Sample one token for each row (``logits`` [len(seqs), V], theirs in order), then detokenize,
+        check stops, and send or finish each request."""
+        seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in seqs]
         generated = [s.ids[s.num_prompt :] if s.sampler.params.presence_penalty or s.sampler.params.frequency_penalty
-                     else None for s in sampled]
-        banned = [self._banned(s) for s in sampled]
-        grammars = [s.grammar for s in sampled]
+                     else None for s in seqs]
+        banned = [self._banned(s) for s in seqs]
+        grammars = [s.grammar for s in seqs]
         masks, failed = None, {}
         if any(g is not None for g in grammars):
-            masks, banned, failed = self.grammars.masks(grammars, banned, pending and pending.result())
-        tokens = sample(logits, [s.sampler for s in sampled], seen, generated, banned, masks)
+            masks, banned, failed = self.grammars.masks(grammars, banned, computed_masks)
+        tokens = sample(logits, [s.sampler for s in seqs], seen, generated, banned, masks)
         for i, error in failed.items():
             tokens[i] = error
-        logprobs = token_logprobs(logits, sampled, tokens)
+        logprobs = token_logprobs(logits, seqs, tokens)
         # Everything after the shared forward pass is one request's own: its failure (sampling,
         # detokenizing, stop checks, delivery) fails that request alone, never the engine.
-        for seq, outcome in self.output.process(sampled, tokens, logprobs):
+        for seq, outcome in self.output.process(seqs, tokens, logprobs):
             if isinstance(outcome, TokenEvent):
                 self._emit(seq, outcome)
             elif isinstance(outcome, Finished):
                 self._finish(seq, last=outcome)
             else:
                 self._finish(seq, error=outcome)
-        if self.observers:
-            decode_tokens = sum(1 for it in items if it.decode)
-            stats = StepStats(
-                num_seqs=len(items), num_prefill_tokens=sum(n for _, n in work) - decode_tokens,
-                num_decode_tokens=decode_tokens, num_adapters=len({it.adapter for it in items} - {None}),
-                seconds=time.perf_counter() - t0,
-            )
-            for obs in self.observers:
-                obs.step(stats)
-        return True
+
 
     def _timing(self, seq: Sequence) -> Timing:
         now = time.monotonic()
@@ -564,17 +639,19 @@ def prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:
     return (lo - start, hi - start) if hi > lo else (0, 0)
 
 
-def add_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+def add_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int, int]]) -> None:
     """Append to each sequence's ``prompt_logprobs`` the next ``count`` positions' raw logprobs of
     the prompt tokens that follow them (and the top alternatives asked for), from ``logits``
-    [sum of counts, V], the rows in ``rows`` order."""
-    targets, ks = [], []
-    for seq, count in rows:
+    rows [first, first + count), for each (sequence, first, count) of ``rows``."""
+    targets, ks, index = [], [], []
+    for seq, first, count in rows:
         done = len(seq.prompt_logprobs)
         targets += seq.ids[done + 1 : done + 1 + count]
         ks += [seq.sampler.params.prompt_logprobs] * count
-    scored, at = ranked_logprobs(torch.log_softmax(logits, dim=-1), targets, ks), 0
-    for seq, count in rows:
+        index += range(first, first + count)
+    picked = logits[index[0] : index[-1] + 1] if index == list(range(index[0], index[-1] + 1)) else logits[index]
+    scored, at = ranked_logprobs(torch.log_softmax(picked, dim=-1), targets, ks), 0
+    for seq, _, count in rows:
         seq.prompt_logprobs += scored[at : at + count]
         at += count
 

@@ -139,6 +139,10 @@ class _LiveCollector:
                                   value=engine.prefix_queried_tokens)
         yield CounterMetricFamily("loramux_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                   value=engine.prefix_hit_tokens)
+        yield CounterMetricFamily("loramux_spec_decode_draft_tokens", "Speculative draft tokens run "
+                                  "(--num-speculative-tokens)", value=engine.draft_tokens)
+        yield CounterMetricFamily("loramux_spec_decode_accepted_tokens", "Speculative draft tokens kept: each saves "
+                                  "a decode step", value=engine.accepted_tokens)
         yield CounterMetricFamily("loramux_preemptions", "Running requests preempted because the KV pool was full",
                                   value=engine.num_preemptions)
         # The names the Gateway API Inference Extension's endpoint picker reads (its model-server

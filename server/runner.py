@@ -18,7 +18,8 @@ from .ops.plan import MagnitudeRuns, upload
 
 @dataclass(frozen=True)
 class WorkItem:
-    token_ids: list[int]  # tokens to feed this step: a prefill chunk, or the last sampled token
+    # tokens to feed this step: a prefill chunk, or the last sampled token (and a decoding row's drafts)
+    token_ids: list[int]
     start_pos: int  # position of token_ids[0]
     slots: list[int]  # where each token's K/V is written (block * block_size + offset)
     blocks: list[int]  # the sequence's block table, covering at least start_pos + len(token_ids)
@@ -28,7 +29,8 @@ class WorkItem:
     needs_logits: bool  # the chunk ends the prompt, or it is a decode
     kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
     magnitude_page: int | None = None  # a DoRA adapter's page of per-output scales
-    prompt_rows: tuple[int, int] = (0, 0)  # [a, b): chunk tokens whose logits are wanted too (prompt logprobs)
+    # [a, b): tokens whose logits are wanted too (a chunk's prompt logprobs, a decoding row's drafts)
+    prompt_rows: tuple[int, int] = (0, 0)
 
     def uses(self, kind: str) -> bool:
         return self.pages is not None and kind in self.kinds
@@ -146,8 +148,9 @@ class ModelRunner:
 
     def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int], list[tuple[int, int]]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);
-        then decode tokens (BGMV). Returns the batch; for each sampling logits row, its item
-        index; and after those rows, the rows of the chunks' ``prompt_rows`` as (item index, count),
+        then decode tokens (BGMV; a decode item with drafts has a row per token, each attending up to
+        itself). Returns the batch; for each sampling logits row, its item
+        index; and after those rows, the rows of the items' ``prompt_rows`` as (item index, count),
         in that order."""
         prefill = sorted((i for i, it in enumerate(items) if not it.decode),
                          key=lambda i: (items[i].adapter is None, str(items[i].adapter)))
@@ -157,24 +160,30 @@ class ModelRunner:
                         key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel(),
                                        items[i].magnitude_page is not None))
         ids, seg_starts, logits_rows, order, extra, prompt_rows = [], [0], [], [], [], []
-        for i in prefill:
-            it = items[i]
-            a, b = it.prompt_rows
+
+        def feed(i: int) -> None:
+            a, b = items[i].prompt_rows
             if b > a:
                 extra.extend(range(len(ids) + a, len(ids) + b))
                 prompt_rows.append((i, b - a))
-            ids.extend(it.token_ids)
+            ids.extend(items[i].token_ids)
+
+        for i in prefill:
+            it = items[i]
+            feed(i)
             seg_starts.append(len(ids))
             if it.needs_logits:
                 logits_rows.append(len(ids) - 1)
                 order.append(i)
         num_prefill = len(ids)
+        decode_rows = []  # each decode row's item
         for i in decode:
-            logits_rows.append(len(ids))
+            feed(i)  # a drafting row's positions but its last give extra logits rows
+            decode_rows += [i] * len(items[i].token_ids)
+            logits_rows.append(len(ids) - 1)
             order.append(i)
-            ids.append(items[i].token_ids[0])
         logits_rows += extra
-        lora = self._plans(items, prefill, seg_starts, decode, num_prefill)
+        lora = self._plans(items, prefill, seg_starts, decode_rows, num_prefill)
         head = self._head_plan(items, order + [i for i, count in prompt_rows for _ in range(count)]) \
             if self.head else None
         if head is not None:

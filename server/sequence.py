@@ -13,6 +13,7 @@ from .block_manager import NO_HIT, PrefixHit
 from .detokenizer import IncrementalDetokenizer
 from .requests import GenerationRequest, TokenEvent
 from .sampling import SamplerState
+from .speculative import PromptLookup
 from .structured import Grammar
 
 
@@ -49,6 +50,7 @@ class Sequence:
     hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far
     grammar: Grammar | None = None  # a structured output's matcher
+    lookup: PromptLookup | None = None  # its n-gram index, for speculative drafts (made on first use)
     # time.monotonic() of each event sent and not yet taken by the consumer, oldest first: the engine
     # thread appends, the consumer's loop pops (deque ends are thread-safe)
     undelivered: deque = field(default_factory=deque)

@@ -3,7 +3,6 @@ per output row), token for token against PEFT: in every family, in one batch wit
 adapters and the base model, joining at staggered times, through a pool small enough that their
 magnitude pages are evicted and reused; and the refusals that name what cannot be served."""
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,10 @@ import pytest
 from loramux.adapters.errors import AdapterInvalid
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
-from loramux.server.engine import EngineObserver
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 
 from helpers import ALL_PROJ, FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate
-from test_parity import make_prompts, run_staggered, serve_in_turn
+from test_parity import make_prompts, serve_in_turn, serve_recorded
 
 MAX_NEW = 12
 
@@ -62,15 +60,7 @@ def test_dora_matches_peft_in_a_mixed_batch_through_evictions(backend, tiny_llam
     names = [None, *llama_dora]
     prompts = make_prompts(engine.vocab_size, 18, seed=5)
     requests = [(names[i % len(names)], prompts[i]) for i in range(18)]
-    steps = []
-    recorder = EngineObserver()
-    recorder.step = steps.append
-    engine.observers.append(recorder)
-    engine.start()
-    try:
-        outs = asyncio.run(run_staggered(engine, requests, MAX_NEW))
-    finally:
-        engine.stop()
+    outs, steps = serve_recorded(engine, requests, MAX_NEW)
     assert built.manager.pool.evictions > 0 and max(s.num_adapters for s in steps) >= 2
     check_against_peft(tiny_llama, llama_dora, requests, prompts, outs)
     assert len(list((tmp_path / "converted").iterdir())) == 1  # the plain adapter's

@@ -64,6 +64,19 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
     return outs
 
 
+def serve_recorded(engine, requests, max_new=MAX_NEW):
+    """``run_staggered`` on ``engine`` (started and stopped here): (outputs, each step's StepStats)."""
+    steps = []
+    recorder = EngineObserver()
+    recorder.step = steps.append
+    engine.observers.append(recorder)
+    engine.start()
+    try:
+        return asyncio.run(run_staggered(engine, requests, max_new)), steps
+    finally:
+        engine.stop()
+
+
 def serve_in_turn(engine, names: list, n: int, seed: int, max_new: int = MAX_NEW, prompts=None):
     """``n`` random prompts (or ``prompts``), the i-th for adapter ``names[i % len(names)]``, served
     staggered by ``engine`` (started and stopped here): (requests as (adapter, prompt), prompts,

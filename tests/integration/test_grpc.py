@@ -62,6 +62,7 @@ def test_server_info_and_adapters(server, tiny_adapters):
     assert set(info.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                       "lm_head", "embed_tokens"} and info.dora  # the --enable-* flags
     assert info.registered_adapters == len(tiny_adapters) and info.has_chat_template
+    assert info.num_speculative_tokens == 3
     listed = {a.adapter_id: a for a in server.client.list_adapters()}
     assert set(listed) == set(tiny_adapters)
     assert listed["attn-r64"].rank == 64 and set(listed["attn-r4"].target_modules) == {"q_proj", "v_proj"}
@@ -265,6 +266,26 @@ def served_as_peft(server, model, adapter_id, path):
     assert [lp.token_id for lp in scored] == PROMPT_IDS[1:] + got.token_ids
     assert max(abs(lp.logprob - ref[p, lp.token_id].item()) for p, lp in enumerate(scored)) < 1e-4
     return got, scored
+
+
+def test_speculative_drafts_serve_peft_tokens_through_both_apis(server, tiny_llama, tiny_adapters):
+    """The fixture's --num-speculative-tokens 3: a prompt that repeats a phrase gives prompt lookup
+    n-grams to draft from. The tokens and their logprobs are PEFT's, the HTTP stream carries the
+    same text, and the drafts are counted."""
+    prompt, path = [12, 40, 77, 5, 91] * 5, tiny_adapters["all-r8"]
+    before = wait_idle(server)
+    got = server.client.generate(prompt_token_ids=prompt, adapter_id="all-r8", sampling=Sampling(
+        max_new_tokens=24, ignore_eos=True, logprobs=1))
+    assert got.token_ids == peft_generate(tiny_llama, path, [prompt], 24, eos_token_id=None)[0]
+    ref = peft_logprobs(tiny_llama, path, prompt, got.token_ids)
+    assert max(abs(lp.logprob - ref[p, lp.token_id].item()) for p, lp in enumerate(got.logprobs)) < 1e-4
+    chunks = server.openai().completions.create(model="all-r8", prompt=prompt, stream=True, temperature=0,
+                                                max_tokens=24, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == got.text
+    after = wait_idle(server)
+    drafts, kept = (after[f"loramux_spec_decode_{k}_tokens_total"] - before[f"loramux_spec_decode_{k}_tokens_total"]
+                    for k in ("draft", "accepted"))
+    assert drafts > 0 and 0 <= kept <= drafts
 
 
 def test_lm_head_and_embedding_adapters_serve_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):

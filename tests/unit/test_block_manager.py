@@ -96,16 +96,19 @@ def test_a_preempted_sequence_that_is_back_or_gone_keeps_no_blocks_from_eviction
     bm.check()
 
 
-ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "finish", "preempt"]), st.integers(0, 5), st.integers(0, 2),
+ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "draft", "finish", "preempt"]), st.integers(0, 5), st.integers(0, 2),
                          st.integers(1, 12)), max_size=60)
 
 
 @settings(max_examples=200, deadline=None)
 @given(ops=ops, caching=st.booleans())
 def test_no_leak_no_negative_refcount_and_no_cached_block_is_ever_written(ops, caching):
-    """Random admit / grow / finish / preempt (finish stands for cancel too; a preempted or
-    finished sequence may be admitted again, a waiting one may finish) over a tiny pool. A shadow copy of every block's content proves that a prefix hit always
-    returns exactly the tokens asked for, so no cached block was overwritten."""
+    """Random admit / grow / draft / finish / preempt (finish stands for cancel too; a preempted or
+    finished sequence may be admitted again, a waiting one may finish) over a tiny pool. A draft
+    writes n speculative positions, keeps the first ``ident`` and trims the rest, whose content (a
+    token no sequence has) stays behind in its blocks. A shadow copy of every block's content proves
+    that a prefix hit always returns exactly the tokens asked for, so no cached block was
+    overwritten and none holds a rejected draft."""
     bm = BlockManager(10, BS, prefix_caching=caching)
     content = {}  # block -> {offset: (identity, token)}
     live = {}  # seq -> (identity, tokens, computed)
@@ -148,6 +151,19 @@ def test_no_leak_no_negative_refcount_and_no_cached_block_is_ever_written(ops, c
             write(seq, computed, extra)
             bm.commit(seq, identity, tokens, computed + extra)
             live[seq] = (identity, tokens, computed + extra)
+        elif op == "draft" and seq in live:
+            identity, tokens, computed = live[seq]
+            if -(-(computed + n) // BS) - len(bm.table(seq)) > bm.num_free:
+                continue
+            kept = min(ident, n)
+            live[seq] = (identity, tokens + [vocab[i % 2] for i in range(kept)] + [2] * (n - kept), computed)
+            bm.allocate(seq, computed + n)
+            write(seq, computed, n)
+            tokens = live[seq][1][: computed + kept]
+            bm.commit(seq, identity, tokens, computed + kept)
+            bm.trim(seq, computed + kept)
+            assert len(bm.table(seq)) == -(-(computed + kept) // BS)
+            live[seq] = (identity, tokens, computed + kept)
         elif op in ("finish", "preempt"):
             bm.free(seq, resume=op == "preempt" and seq in live)
             live.pop(seq, None)

@@ -1,0 +1,80 @@
+"""Speculative decoding by prompt lookup: draft tokens from the sequence's own text.
+
+A decoding row whose last tokens occurred earlier in its prompt or output (code being edited,
+a document quoted or summarised, a list repeated) proposes the tokens that followed that earlier
+occurrence. The engine feeds the last token and the drafts through the model as one chunk, gets
+logits at every position, and samples them in order with the row's own sampler: position i's
+token is kept, and position i + 1 looked at, only while it equals draft i. The first token that
+differs is kept too, and ends the row's step.
+
+That acceptance rule is exact for any sampler. With a draft that is a single token d, sampling
+y ~ p and keeping it when y == d accepts d with probability p(d), and otherwise yields a sample
+of p conditioned on y != d: the rejection sampling of Leviathan et al. (2023) for a point-mass
+draft. Each sampled token draws from the row's generator exactly once, as it would without
+drafts, so a seeded request gives the same tokens with speculation on or off (up to the float
+rounding of a chunk's logits against one position's). Penalties, banned tokens, grammars,
+logprobs and stop checks see the row's state after every kept token, as in plain decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+MAX_CANDIDATES = 64  # most recent earlier occurrences of the last token checked, per n-gram length
+
+
+class PromptLookup:
+    """One sequence's n-gram index: for each token, the positions where it occurs, built
+    incrementally as the sequence grows (token ids are only ever appended)."""
+
+    def __init__(self, max_ngram: int, min_ngram: int):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min n-gram ({min_ngram}) <= max n-gram ({max_ngram})")
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self._positions: dict[int, list[int]] = {}
+        self._indexed = 0
+
+    def propose(self, ids: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` draft tokens to follow ``ids``: the tokens after the most recent earlier
+        occurrence of its longest suffix of ``max_ngram`` down to ``min_ngram`` tokens that has
+        one; [] when none does. The drafts may run to the end of ``ids``."""
+        # index every position but the last: an occurrence must have a token after it
+        for pos in range(self._indexed, len(ids) - 1):
+            self._positions.setdefault(ids[pos], []).append(pos)
+        self._indexed = max(self._indexed, len(ids) - 1)
+        if k <= 0 or len(ids) < 2:
+            return []
+        ends = self._positions.get(ids[-1], ())
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            suffix = list(ids[len(ids) - n :])
+            for end in reversed(ends[-MAX_CANDIDATES:]):
+                if end + 1 >= n and list(ids[end + 1 - n : end + 1]) == suffix:
+                    return list(ids[end + 1 : end + 1 + k])
+        return []
+
+
+class PromptLookupDrafter:
+    """The engine's drafter: each sequence's drafts from its own n-gram index (kept on it)."""
+
+    def __init__(self, max_ngram: int, min_ngram: int):
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def propose(self, seq, k: int) -> list[int]:
+        """Up to ``k`` tokens to follow ``seq.ids`` (a ``sequence.Sequence``)."""
+        if seq.lookup is None:
+            seq.lookup = PromptLookup(self.max_ngram, self.min_ngram)
+        return seq.lookup.propose(seq.ids, k)
+
+
+def propose_reference(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """The same proposal by brute force over every earlier position (the tests' oracle; it has
+    no candidate bound, so it agrees with ``PromptLookup`` while a token occurs at most
+    MAX_CANDIDATES times)."""
+    ids = list(ids)
+    for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
+        for end in range(len(ids) - 2, n - 2, -1):
+            if ids[end + 1 - n : end + 1] == ids[len(ids) - n :]:
+                return ids[end + 1 : end + 1 + k] if k > 0 else []
+    return []

@@ -1,0 +1,46 @@
+"""Prompt lookup's drafts (server/speculative.py) against a brute-force search, as a sequence grows."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loramux.server.speculative import MAX_CANDIDATES, PromptLookup, propose_reference
+
+
+def test_drafts_follow_the_latest_occurrence_of_the_longest_suffix():
+    lookup = PromptLookup(max_ngram=3, min_ngram=1)
+    #         0  1  2  3  4  5  6  7  8  9 10
+    ids = [5, 6, 7, 1, 2, 6, 7, 9, 3, 6, 7]
+    # "6 7" occurs at 1-2 and 5-6; "5 6 7" / "2 6 7" / "3 6 7" do not recur: the latest "6 7" wins
+    assert lookup.propose(ids, 3) == [9, 3, 6]
+    assert lookup.propose(ids, 1) == [9]
+    assert lookup.propose([*ids, 9], 4) == [3, 6, 7, 9]  # "7 9" recurs, and the draft runs to the end
+    assert lookup.propose([*ids, 9, 4], 4) == []  # 4 never occurred before
+    assert PromptLookup(3, 2).propose([1, 2, 3, 4, 5, 1], 2) == []  # only a 1-gram matches
+    assert PromptLookup(3, 1).propose([1, 2, 3, 4, 5, 1], 2) == [2, 3]
+    assert PromptLookup(2, 1).propose([8], 3) == [] and PromptLookup(2, 1).propose([8, 8], 0) == []
+
+
+def test_bounds_are_checked():
+    with pytest.raises(ValueError, match="min n-gram"):
+        PromptLookup(2, 3)
+    with pytest.raises(ValueError, match="min n-gram"):
+        PromptLookup(2, 0)
+
+
+@given(ids=st.lists(st.integers(0, 3), min_size=0, max_size=80), k=st.integers(0, 6),
+       n_max=st.integers(1, 5), n_min=st.integers(1, 5), cuts=st.lists(st.integers(0, 80), max_size=5))
+def test_matches_brute_force_as_the_sequence_grows(ids, k, n_max, n_min, cuts):
+    """Asked at several lengths of one growing sequence (its index is incremental), the drafts are
+    the brute-force search's, and each is what followed an occurrence of the sequence's suffix."""
+    n_min = min(n_min, n_max)
+    lookup = PromptLookup(n_max, n_min)
+    for length in sorted({*cuts, len(ids)}):
+        seq = ids[: min(length, len(ids))]
+        got = lookup.propose(seq, k)
+        if max((seq.count(t) for t in set(seq)), default=0) <= MAX_CANDIDATES:
+            assert got == propose_reference(seq, k, n_max, n_min)
+        assert len(got) <= k
+        if got:  # some n in [n_min, n_max] and some earlier end e: seq[e-n+1 : e+1] is the suffix
+            assert any(seq[e + 1 - n : e + 1] == seq[len(seq) - n :] and seq[e + 1 : e + 1 + len(got)] == got
+                       for n in range(n_min, n_max + 1) for e in range(n - 1, len(seq) - 1))
