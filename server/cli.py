@@ -130,6 +130,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest n-gram of a request's last tokens looked up for drafts")
     p.add_argument("--prompt-lookup-min", type=int, default=d["prompt_lookup_min"].default,
                    help="shortest n-gram looked up for drafts")
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=None, metavar="N",
+                   help="no drafts in a step with N or more running requests, where a full batch makes the extra "
+                        "positions cost more than they save (default: drafts at every batch size)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="turn off prefix caching (reuse of KV blocks between requests with the same weights)")
     p.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="ID=PATH",

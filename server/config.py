@@ -67,6 +67,7 @@ class ServerConfig:
     num_speculative_tokens: int = 0  # 0: off
     prompt_lookup_max: int = 4  # longest suffix n-gram matched against the row's earlier tokens
     prompt_lookup_min: int = 2  # shortest
+    speculative_disable_by_batch_size: int | None = None  # no drafts in a step with this many running requests
     scheduling: str = "fair"  # admission order: fair (least service per adapter first) or fifo
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
@@ -170,6 +171,8 @@ class ServerConfig:
         if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num-speculative-tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], "
                              f"got {self.num_speculative_tokens}")
+        if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
+            raise ValueError(f"speculative-disable-by-batch-size must be >= 1, got {self.speculative_disable_by_batch_size}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt-lookup-min ({self.prompt_lookup_min}) <= prompt-lookup-max "
                              f"({self.prompt_lookup_max})")

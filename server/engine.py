@@ -453,7 +453,9 @@ class Engine:
             return False
         for seq, n in work:
             self.blocks.allocate(seq, seq.num_computed + n)
-        drafts = self._drafts(work) if self.config.num_speculative_tokens else {}
+        cutoff = self.config.speculative_disable_by_batch_size
+        drafts = self._drafts(work) if self.config.num_speculative_tokens and \
+            (cutoff is None or len(self._running) < cutoff) else {}
         items, decoding = [], []
         for seq, n in work:
             start, draft = seq.num_computed, drafts.get(seq, ())

@@ -208,6 +208,19 @@ def test_drafts_stay_inside_the_step_budget_and_max_new_tokens(tiny_llama, tiny_
     check_released(engine)
 
 
+@pytest.mark.parametrize("cutoff", [4, 5])
+def test_no_drafts_at_the_disabling_batch_size(cutoff, tiny_llama, tiny_adapters):
+    """Four requests prefilled in one step, decoding together to the end: with
+    --speculative-disable-by-batch-size 4 no step drafts; with 5 they do."""
+    requests = [(None, p) for p in make_prompts(384, 4, seed=13)]
+    engine = engine_for(tiny_llama, {}, max_tokens_per_step=256, max_device_adapters=1, max_host_adapters=1,
+                        speculative_disable_by_batch_size=cutoff)
+    engine.drafter = OracleDrafter({f"s{i}": list(range(3, 3 + MAX_NEW)) for i in range(4)}, engine.vocab_size)
+    run(engine, [(adapter, prompt, SamplingParams(MAX_NEW, ignore_eos=True)) for adapter, prompt in requests])
+    assert (engine.draft_tokens > 0) == (cutoff == 5)
+    check_released(engine)
+
+
 def test_speculation_flags_are_validated():
     with pytest.raises(ValueError, match="num-speculative-tokens must be in"):
         ServerConfig(num_speculative_tokens=17)
@@ -215,3 +228,5 @@ def test_speculation_flags_are_validated():
         ServerConfig(prompt_lookup_min=5, prompt_lookup_max=4)
     with pytest.raises(ValueError, match="prompt-lookup-min"):
         ServerConfig(prompt_lookup_min=0)
+    with pytest.raises(ValueError, match="speculative-disable-by-batch-size must be >= 1"):
+        ServerConfig(speculative_disable_by_batch_size=0)
