@@ -101,7 +101,7 @@ def stage_ops(args, out: Path) -> dict:
 def stage_parity(args, out: Path) -> dict:
     return _pytest(args, out, "parity", ["tests/engine/test_parity.py", "tests/engine/test_dora.py",
                                          "tests/engine/test_lm_head.py", "tests/engine/test_embedding_lora.py",
-                                         "tests/engine/test_trainable_tokens.py"],
+                                         "tests/engine/test_trainable_tokens.py", "tests/engine/test_speculative.py"],
                    "(staggered and torch and not float16) or (evictions and torch)")
 
 

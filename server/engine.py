@@ -578,7 +578,6 @@ class Engine:
             else:
                 self._finish(seq, error=outcome)
 
-
     def _timing(self, seq: Sequence) -> Timing:
         now = time.monotonic()
         admitted = seq.admitted_at or now
