@@ -149,9 +149,8 @@ class ModelRunner:
     def build_batch(self, items: list[WorkItem]) -> tuple[StepBatch, list[int], list[tuple[int, int]]]:
         """Prefill chunks first, grouped by adapter so that each adapter's rows are one run (SGMV);
         then decode tokens (BGMV; a decode item with drafts has a row per token, each attending up to
-        itself). Returns the batch; for each sampling logits row, its item
-        index; and after those rows, the rows of the items' ``prompt_rows`` as (item index, count),
-        in that order."""
+        itself). Returns the batch; for each sampling logits row, its item index; and after those
+        rows, the rows of the items' ``prompt_rows`` as (item index, count), in that order."""
         prefill = sorted((i for i, it in enumerate(items) if not it.decode),
                          key=lambda i: (items[i].adapter is None, str(items[i].adapter)))
         # decode rows with adapters first, by rank, so that each BGMV group's rows are one slice, and

@@ -2,17 +2,17 @@
 
 A decoding row whose last tokens occurred earlier in its prompt or output (code being edited,
 a document quoted or summarised, a list repeated) proposes the tokens that followed that earlier
-occurrence. The engine feeds the last token and the drafts through the model as one chunk, gets
-logits at every position, and samples them in order with the row's own sampler: position i's
-token is kept, and position i + 1 looked at, only while it equals draft i. The first token that
-differs is kept too, and ends the row's step.
+occurrence. The engine feeds the last token and the drafts in the same step (a decode row per
+position, each attending up to itself), gets logits at every position, and samples them in order
+with the row's own sampler: position i's token is kept, and position i + 1 looked at, only while
+it equals draft i. The first token that differs is kept too, and ends the row's step.
 
 That acceptance rule is exact for any sampler. With a draft that is a single token d, sampling
 y ~ p and keeping it when y == d accepts d with probability p(d), and otherwise yields a sample
 of p conditioned on y != d: the rejection sampling of Leviathan et al. (2023) for a point-mass
 draft. Each sampled token draws from the row's generator exactly once, as it would without
 drafts, so a seeded request gives the same tokens with speculation on or off (up to the float
-rounding of a chunk's logits against one position's). Penalties, banned tokens, grammars,
+rounding of several rows' logits against one row's). Penalties, banned tokens, grammars,
 logprobs and stop checks see the row's state after every kept token, as in plain decoding.
 """
 
