@@ -22,6 +22,7 @@ from .models import serving_model_class
 from .ops import cpu_isa, select_backend
 from .ops.attention import select_decode_attention
 from .ops.cpu_kernel import load_kernels
+from .ops.linear import select_base_linear
 from .runner import ModelRunner
 from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp
 
@@ -96,6 +97,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec
     kernels = load_kernels()  # its converter and row copy load adapters in one call each (None: torch ops)
+    model.use_base_linear(select_base_linear(loaded.device, loaded.dtype, kernels))
     apply_lora = select_backend(config.op_backend, loaded.device)
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))

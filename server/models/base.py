@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...adapters.config import HEAD, leaf
 from ...adapters.loader import LoRALayout, row_sq_norms
 from ..kv_cache import PagedKVCache
 from ..ops.embedding import embedding_lora
+from ..ops.linear import Linear
 from .batch import StepBatch
 
 
@@ -110,12 +112,21 @@ class ServingModel(nn.Module):
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    head_linear: Linear = staticmethod(F.linear)  # lm_head's matmul (use_base_linear)
+
+    def use_base_linear(self, linear: Linear) -> None:
+        """The matmul of every base projection: the decoder's fused linears and lm_head."""
+        for layer in self.layers:
+            for fused in layer.lora_modules():
+                fused.linear = linear
+        self.head_linear = linear
+
     def forward(self, batch: StepBatch, kv: PagedKVCache, apply_lora) -> torch.Tensor:
         h = self.embed(batch)  # [T, hidden]
         for layer in self.layers:
             h = layer(h, batch, kv, apply_lora)
         h = self.final_norm(h[batch.logits_rows])
-        logits = self.lm_head(h)  # [N, vocab]
+        logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
         for used, plan in batch.lora.get((HEAD,), ()):  # over the logits rows (ModelRunner.build_batch)
             apply_lora(logits, h, *self.head_store, plan, (0, logits.shape[1]), used, None)
         return logits.float()

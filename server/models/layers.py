@@ -11,6 +11,7 @@ from torch import nn
 from ..kv_cache import PagedKVCache
 from ..ops import LoRAPlans
 from ..ops.attention import causal_mask, gather_context
+from ..ops.linear import Linear
 from .batch import StepBatch
 
 
@@ -37,6 +38,7 @@ class FusedLoRALinear(nn.Module):
         self.bounds = tuple(bounds)  # output columns of kind j: bounds[j]:bounds[j + 1]
         self.kinds = kinds
         self.layer = layer
+        self.linear: Linear = F.linear  # the base matmul (ServingModel.use_base_linear)
         # the adapter pages of these kinds (bound by ``ServingModel.bind_lora_stores``):
         # a_store [P, len(kinds), in], b_store [P, bounds[-1]]
         self.a_store: torch.Tensor | None = None
@@ -58,7 +60,7 @@ class FusedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, plans: LoRAPlans, apply_lora) -> torch.Tensor:
         """One LoRA call per set of these kinds that the step's adapters target (usually one):
         each shrinks its kinds together, in one pass over x (and rescales DoRA adapters' rows)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = self.linear(x, self.weight, self.bias)
         for used, plan in plans.get(self.kinds, ()):
             apply_lora(y, x, self.a_store, self.b_store, plan, self.bounds, used, self.bias)
         return y

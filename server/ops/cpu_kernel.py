@@ -15,7 +15,8 @@ padded copy), a row and the query heads sharing a KV head per task, the rows pre
 float32 at head dim 64 or 128 the AVX-512 and AVX2 builds take 16 (8) keys at a time. ``convert_adapter`` writes a loaded adapter's modules
 into the serving layout in one call (adapters/loader.py), ``copy_rows`` an adapter's rows
 into its pages of every store of a host pool, and ``convert_to_pages`` a loaded adapter's modules
-straight into those pages (adapters/device_pool.py). Each releases the GIL.
+straight into those pages (adapters/device_pool.py). ``few_rows_linear`` runs a base projection of
+up to eight rows (ops/linear.py). Each releases the GIL.
 
 They are compiled when the package is installed (setup.py), once per ISA variant: a portable
 baseline, AVX2 and AVX-512 on x86-64, NEON on aarch64. ``load_kernels`` imports the widest
@@ -54,7 +55,7 @@ def variants_for(machine: str, capability: str) -> list[str]:
 @functools.cache
 def load_kernels():
     """The compiled module (``lora``, ``paged_decode``, ``convert_adapter``, ``copy_rows``,
-    ``convert_to_pages``, and ``variant``: which build), or None if
+    ``convert_to_pages``, ``few_rows_linear``, and ``variant``: which build), or None if
     none was built for this CPU or ``LORAMUX_NO_CPU_KERNEL=1`` says not to use it."""
     if os.environ.get(NO_KERNEL_ENV) == "1":
         log.info("%s=1: the C++ CPU kernels are not used; the torch ops serve", NO_KERNEL_ENV)

@@ -286,3 +286,49 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
     assert out[0, 2:4].isnan().all() and not out[0, :2].isnan().any()  # heads 2, 3 read KV head 1
     expected = paged_attention_reference(q[1:], k, v, tables[1:], lengths[1:] - 1, 0.3)
     assert torch.allclose(out[1], expected[0], atol=5e-6, rtol=5e-6)
+
+
+@needs_kernel
+@each_variant
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_few_rows_linear_matches_torch(variant, rows):
+    """Every row count the kernel takes, inputs off its vector width (I % 8) and an odd number of
+    outputs (its last pair is one row twice), with and without a bias, and a strided x (rows of a
+    wider buffer); the prefetches run past a weight row's end."""
+    gen = torch.Generator().manual_seed(rows)
+    few_rows_linear = variant_module(variant).few_rows_linear
+    for out_features, in_features in ((1728, 576), (577, 1540), (1, 7), (33, 8)):
+        w = torch.randn(out_features, in_features, generator=gen)
+        wide = torch.randn(rows, in_features + 3, generator=gen)
+        x = wide[:, 1 : in_features + 1]
+        bias = torch.randn(out_features, generator=gen)
+        for b in (None, bias):
+            got = few_rows_linear(x, w, torch.empty(0) if b is None else b)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        few_rows_linear(torch.randn(9, 8), torch.randn(4, 8), torch.empty(0))
+    with pytest.raises(RuntimeError, match="float32"):
+        few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0))
+
+
+def test_base_linear_takes_the_kernel_for_few_float32_rows_on_a_cpu():
+    """select_base_linear: the kernel for 3 to 8 float32 rows on a CPU, F.linear otherwise."""
+    from loramux.server.ops.linear import select_base_linear
+
+    calls = []
+
+    class Kernels:
+        @staticmethod
+        def few_rows_linear(x, w, b):
+            calls.append(x.shape[0])
+            return torch.nn.functional.linear(x, w, b if b.numel() else None)
+
+    linear = select_base_linear("cpu", torch.float32, Kernels)
+    w = torch.randn(5, 4)
+    for rows in (1, 2, 3, 8, 9, 32):
+        x = torch.randn(rows, 4)
+        torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
+    assert calls == [3, 8]
+    assert select_base_linear("cpu", torch.bfloat16, Kernels) is torch.nn.functional.linear
+    assert select_base_linear("cpu", torch.float32, None) is torch.nn.functional.linear
+    assert select_base_linear("cuda", torch.float32, Kernels) is torch.nn.functional.linear

@@ -1085,6 +1085,91 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
   return finite;
 }
 
+// A base linear of a few rows (a small batch's decode step, a drafting row's positions):
+//   y[m, o] = bias[o] + x[m, :] . w[o, :]     x: [M, I], w: [O, I], y: [M, O], M <= FEW_ROWS
+// Each thread streams its share of w's rows once, two at a time, against all M rows of x (in
+// cache), with the next 2 KiB of each prefetched: from DRAM, torch's GEMM reads the weights at
+// half its one-row speed at 4 to 8 rows, this at about 1.4x that (BENCHMARKS.md).
+constexpr int64_t FEW_ROWS = 8;
+constexpr int64_t FEW_ROWS_AHEAD = 512;  // floats prefetched ahead in each weight row
+
+static inline float sum8(f32x8 v) {
+  float s = 0.f;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+
+template <int M>
+static void few_rows(float* y, const float* x, const float* w, const float* bias, int64_t O, int64_t I,
+                     int64_t sy, int64_t sx, int64_t sw) {
+  const int64_t I8 = I / 8 * 8;
+  at::parallel_for(0, (O + 1) / 2, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t o0 = 2 * p, o1 = std::min(o0 + 1, O - 1);  // an odd O's last pair computes its row twice
+      const float* w0 = w + o0 * sw;
+      const float* w1 = w + o1 * sw;
+      f32x8 acc0[M], acc1[M];
+      for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = f32x8{};
+      for (int64_t i = 0; i < I8; i += 8) {
+        if ((i & 15) == 0) {  // one prefetch a cache line
+          __builtin_prefetch(w0 + i + FEW_ROWS_AHEAD, 0, 3);
+          __builtin_prefetch(w1 + i + FEW_ROWS_AHEAD, 0, 3);
+        }
+        const f32x8 a = *reinterpret_cast<const f32x8*>(w0 + i);
+        const f32x8 b = *reinterpret_cast<const f32x8*>(w1 + i);
+        for (int m = 0; m < M; ++m) {
+          const f32x8 xv = *reinterpret_cast<const f32x8*>(x + m * sx + i);
+          acc0[m] += a * xv;
+          acc1[m] += b * xv;
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        float s0 = sum8(acc0[m]), s1 = sum8(acc1[m]);
+        for (int64_t i = I8; i < I; ++i) {
+          s0 += w0[i] * x[m * sx + i];
+          s1 += w1[i] * x[m * sx + i];
+        }
+        if (bias != nullptr) {
+          s0 += bias[o0];
+          s1 += bias[o1];
+        }
+        y[m * sy + o0] = s0;
+        y[m * sy + o1] = s1;
+      }
+    }
+  });
+}
+
+// x: [M, I] float32 with 1 <= M <= FEW_ROWS, w: [O, I], bias: [O] or empty -> y [M, O]
+torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "few_rows_linear: float32 CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.stride(1) == 1 && w.stride(1) == 1,
+              "few_rows_linear: x [M, I] and w [O, I] with unit-stride rows");
+  const int64_t M = x.size(0), O = w.size(0), I = w.size(1);
+  TORCH_CHECK(M >= 1 && M <= FEW_ROWS, "few_rows_linear: 1 to ", FEW_ROWS, " rows, got ", M);
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == O),
+              "few_rows_linear: bias [O] float32, or empty");
+  auto y = torch::empty({M, O}, x.options());
+  if (O == 0) return y;
+  const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  auto run = [&](auto rows) {
+    few_rows<decltype(rows)::value>(y.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), b, O, I,
+                                    y.stride(0), x.stride(0), w.stride(0));
+  };
+  switch (M) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    default: run(std::integral_constant<int, 8>{}); break;
+  }
+  return y;
+}
+
 // Each releases the GIL while it runs, as torch's own ops do: the engine thread's kernels let the
 // adapter I/O thread's Python run, and a conversion on the I/O thread does not stall the engine.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1096,4 +1181,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_rows", &copy_rows, "an adapter's rows into its pages of every store", release());
   m.def("convert_to_pages", &convert_to_pages,
         "an adapter's A and scaled B.T straight into its pages of every store, checked finite", release());
+  m.def("few_rows_linear", &few_rows_linear, "a base linear of at most FEW_ROWS rows, weights streamed once",
+        release());
 }
