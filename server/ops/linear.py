@@ -1,8 +1,9 @@
 """The base model's projections: ``F.linear``, or on a CPU with the C++ kernels and a float32
 model, the kernel's few-row path (``few_rows_linear``: each weight row streamed once against every
-row of x, with the rows ahead prefetched) for 3 to 8 rows. From DRAM, torch's GEMM reads the
-weights at half its one-row speed at four to eight rows; the kernel at about 1.4x torch's rate
-there (BENCHMARKS.md). At one or two rows torch's GEMV is as fast, and above eight its GEMM."""
+row of x, with the rows ahead prefetched) for 3 to 14 rows. From DRAM, torch's GEMM reads the
+weights at half its one-row speed at 4 to 14 rows, and decode steps ran 1.2-1.3x faster with the
+kernel (BENCHMARKS.md). At one or two rows torch's GEMV is as fast, and from 16 rows on its GEMM
+takes a faster path."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-FEW_ROWS = range(3, 9)  # the rows the kernel serves
+FEW_ROWS = range(3, 15)  # the rows the kernel is sent (it takes up to 16)
 
 Linear = Callable[..., torch.Tensor]  # linear(x [T, in], weight [out, in], bias [out] | None) -> [T, out]
 

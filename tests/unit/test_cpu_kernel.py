@@ -290,7 +290,7 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
 
 @needs_kernel
 @each_variant
-@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("rows", range(1, 17))
 def test_few_rows_linear_matches_torch(variant, rows):
     """Every row count the kernel takes, inputs off its vector width (I % 8) and an odd number of
     outputs (its last pair is one row twice), with and without a bias, and a strided x (rows of a
@@ -305,14 +305,14 @@ def test_few_rows_linear_matches_torch(variant, rows):
         for b in (None, bias):
             got = few_rows_linear(x, w, torch.empty(0) if b is None else b)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match="1 to 8 rows"):
-        few_rows_linear(torch.randn(9, 8), torch.randn(4, 8), torch.empty(0))
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        few_rows_linear(torch.randn(17, 8), torch.randn(4, 8), torch.empty(0))
     with pytest.raises(RuntimeError, match="float32"):
         few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0))
 
 
 def test_base_linear_takes_the_kernel_for_few_float32_rows_on_a_cpu():
-    """select_base_linear: the kernel for 3 to 8 float32 rows on a CPU, F.linear otherwise."""
+    """select_base_linear: the kernel for 3 to 14 float32 rows on a CPU, F.linear otherwise."""
     from loramux.server.ops.linear import select_base_linear
 
     calls = []
@@ -325,10 +325,10 @@ def test_base_linear_takes_the_kernel_for_few_float32_rows_on_a_cpu():
 
     linear = select_base_linear("cpu", torch.float32, Kernels)
     w = torch.randn(5, 4)
-    for rows in (1, 2, 3, 8, 9, 32):
+    for rows in (1, 2, 3, 14, 15, 32):
         x = torch.randn(rows, 4)
         torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
-    assert calls == [3, 8]
+    assert calls == [3, 14]
     assert select_base_linear("cpu", torch.bfloat16, Kernels) is torch.nn.functional.linear
     assert select_base_linear("cpu", torch.float32, None) is torch.nn.functional.linear
     assert select_base_linear("cuda", torch.float32, Kernels) is torch.nn.functional.linear

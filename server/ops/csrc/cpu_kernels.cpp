@@ -1089,8 +1089,8 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 //   y[m, o] = bias[o] + x[m, :] . w[o, :]     x: [M, I], w: [O, I], y: [M, O], M <= FEW_ROWS
 // Each thread streams its share of w's rows once, two at a time, against all M rows of x (in
 // cache), with the next 2 KiB of each prefetched: from DRAM, torch's GEMM reads the weights at
-// half its one-row speed at 4 to 8 rows, this at about 1.4x that (BENCHMARKS.md).
-constexpr int64_t FEW_ROWS = 8;
+// half its one-row speed at 4 to 14 rows, this at 1.2-1.5x torch's rate there (BENCHMARKS.md).
+constexpr int FEW_ROWS = 16;
 constexpr int64_t FEW_ROWS_AHEAD = 512;  // floats prefetched ahead in each weight row
 
 static inline float sum8(f32x8 v) {
@@ -1140,6 +1140,17 @@ static void few_rows(float* y, const float* x, const float* w, const float* bias
   });
 }
 
+// few_rows<M> for a run-time M in [1, K]
+template <int K>
+static void few_rows_of(int64_t M, float* y, const float* x, const float* w, const float* bias, int64_t O, int64_t I,
+                        int64_t sy, int64_t sx, int64_t sw) {
+  if (M == K) {
+    few_rows<K>(y, x, w, bias, O, I, sy, sx, sw);
+  } else if constexpr (K > 1) {
+    few_rows_of<K - 1>(M, y, x, w, bias, O, I, sy, sx, sw);
+  }
+}
+
 // x: [M, I] float32 with 1 <= M <= FEW_ROWS, w: [O, I], bias: [O] or empty -> y [M, O]
 torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
@@ -1153,20 +1164,8 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
   auto y = torch::empty({M, O}, x.options());
   if (O == 0) return y;
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  auto run = [&](auto rows) {
-    few_rows<decltype(rows)::value>(y.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), b, O, I,
-                                    y.stride(0), x.stride(0), w.stride(0));
-  };
-  switch (M) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    case 5: run(std::integral_constant<int, 5>{}); break;
-    case 6: run(std::integral_constant<int, 6>{}); break;
-    case 7: run(std::integral_constant<int, 7>{}); break;
-    default: run(std::integral_constant<int, 8>{}); break;
-  }
+  few_rows_of<FEW_ROWS>(M, y.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), b, O, I, y.stride(0),
+                        x.stride(0), w.stride(0));
   return y;
 }
 
