@@ -32,6 +32,7 @@ class ServingModel(nn.Module):
     head_store: tuple[torch.Tensor, torch.Tensor] | None = None  # lm_head's adapter pages, when it is a target
     EMBEDDING: tuple[str, str]  # the token embedding: (its Hugging Face module name, this model's attribute)
     embedding_store: tuple[torch.Tensor, torch.Tensor] | None = None  # its adapter pages, when it is a target
+    head_linear: Linear = staticmethod(F.linear)  # lm_head's matmul (use_base_linear)
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -111,8 +112,6 @@ class ServingModel(nn.Module):
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError
-
-    head_linear: Linear = staticmethod(F.linear)  # lm_head's matmul (use_base_linear)
 
     def use_base_linear(self, linear: Linear) -> None:
         """The matmul of every base projection: the decoder's fused linears and lm_head."""
