@@ -311,8 +311,10 @@ def test_few_rows_linear_matches_torch(variant, rows):
         few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0))
 
 
-def test_base_linear_takes_the_kernel_for_few_float32_rows_on_a_cpu():
-    """select_base_linear: the kernel for 3 to 14 float32 rows on a CPU, F.linear otherwise."""
+@pytest.mark.parametrize("variant, taken", [("avx512", [4, 14]), ("avx2", [4, 8]), ("baseline", None)])
+def test_base_linear_takes_the_kernel_for_the_rows_where_its_build_is_faster(variant, taken):
+    """select_base_linear: the kernel for the build's row counts of float32 rows on a CPU (none for
+    the baseline build), F.linear otherwise."""
     from loramux.server.ops.linear import select_base_linear
 
     calls = []
@@ -323,12 +325,16 @@ def test_base_linear_takes_the_kernel_for_few_float32_rows_on_a_cpu():
             calls.append(x.shape[0])
             return torch.nn.functional.linear(x, w, b if b.numel() else None)
 
+    Kernels.variant = variant
     linear = select_base_linear("cpu", torch.float32, Kernels)
+    if taken is None:
+        assert linear is torch.nn.functional.linear
+        return
     w = torch.randn(5, 4)
-    for rows in (1, 2, 3, 14, 15, 32):
+    for rows in (1, 3, taken[0], taken[1], taken[1] + 1, 32):
         x = torch.randn(rows, 4)
         torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
-    assert calls == [3, 14]
+    assert calls == taken
     assert select_base_linear("cpu", torch.bfloat16, Kernels) is torch.nn.functional.linear
     assert select_base_linear("cpu", torch.float32, None) is torch.nn.functional.linear
     assert select_base_linear("cuda", torch.float32, Kernels) is torch.nn.functional.linear

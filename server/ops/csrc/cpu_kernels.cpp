@@ -1089,7 +1089,8 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 //   y[m, o] = bias[o] + x[m, :] . w[o, :]     x: [M, I], w: [O, I], y: [M, O], M <= FEW_ROWS
 // Each thread streams its share of w's rows once, two at a time, against all M rows of x (in
 // cache), with the next 2 KiB of each prefetched: from DRAM, torch's GEMM reads the weights at
-// half its one-row speed at 4 to 14 rows, this at 1.2-1.5x torch's rate there (BENCHMARKS.md).
+// half its one-row speed at 4 to 14 rows, this at 1.2-1.5x torch's rate there in the AVX-512 build
+// (BENCHMARKS.md; ops/linear.py sends each build the rows where it was faster).
 constexpr int FEW_ROWS = 16;
 constexpr int64_t FEW_ROWS_AHEAD = 512;  // floats prefetched ahead in each weight row
 
