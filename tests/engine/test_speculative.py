@@ -91,7 +91,8 @@ def more_adapters(tiny_llama, tiny_adapters, tmp_path_factory):
 
 
 # cpp: the C++ kernel, the KV pool roomy; torch: the torch ops, with a KV pool of 28 blocks of 4 tokens
-# for 12 requests of up to 56 tokens, so drafts are cut to the blocks a row holds and rows are preempted
+# for a batch of up to 12 requests of up to 56 tokens, so drafts are cut to the blocks a row holds and
+# rows are preempted
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_staggered_drafts_kept_and_rejected_match_peft_token_for_token(backend, tiny_llama, more_adapters):
     if backend == "cpp" and load_lora_kernel() is None:
