@@ -475,7 +475,8 @@ class Engine:
         pending = self.grammars.start(constrained) if constrained else None  # during the forward pass
         t0 = time.perf_counter()
         logits, order, extra = self.runner.step(items)
-        rows = list(range(len(order)))  # each sampled row's logits row in its first round
+        # with drafts: each sampled row's logits row in its first round (a drafting row's first position)
+        rows = list(range(len(order))) if drafts else None
         chains: dict[Sequence, list[int]] = {}  # a drafting row's logits rows after its first round
         prompt_extra, at = [], len(order)
         sampled_at = {i: r for r, i in enumerate(order)} if drafts else {}

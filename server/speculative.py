@@ -67,14 +67,3 @@ class PromptLookupDrafter:
             seq.lookup = PromptLookup(self.max_ngram, self.min_ngram)
         return seq.lookup.propose(seq.ids, k)
 
-
-def propose_reference(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
-    """The same proposal by brute force over every earlier position (the tests' oracle; it has
-    no candidate bound, so it agrees with ``PromptLookup`` while a token occurs at most
-    MAX_CANDIDATES times)."""
-    ids = list(ids)
-    for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
-        for end in range(len(ids) - 2, n - 2, -1):
-            if ids[end + 1 - n : end + 1] == ids[len(ids) - n :]:
-                return ids[end + 1 : end + 1 + k] if k > 0 else []
-    return []

@@ -207,7 +207,11 @@ def test_echo_with_no_new_tokens_scores_a_batch_of_texts_as_eval_harnesses_ask(o
     for i, text in enumerate(texts):
         mine = [ch for c in streamed for ch in c.choices if ch.index == i]
         assert "".join(ch.text for ch in mine) == text and mine[-1].finish_reason == "length"
-        assert mine[0].logprobs.token_logprobs == got.choices[i].logprobs.token_logprobs
+        # the same values to float32 rounding: the two calls' prompts may share a step or not, and a
+        # step's row count picks the matmul (torch's GEMV or GEMM, or the few-row kernel)
+        assert mine[0].logprobs.token_logprobs[1:] == pytest.approx(got.choices[i].logprobs.token_logprobs[1:],
+                                                                    abs=1e-5)
+        assert mine[0].logprobs.token_logprobs[0] is None
     # with n: every choice echoes its own prompt, streamed or not
     twice = oserver.oa.completions.create(model=oserver.client.server_info().model, prompt=texts, echo=True,
                                           max_tokens=0, logprobs=1, temperature=0, n=2)

@@ -1,10 +1,24 @@
 """Prompt lookup's drafts (server/speculative.py) against a brute-force search, as a sequence grows."""
 
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramux.server.speculative import MAX_CANDIDATES, PromptLookup, propose_reference
+from loramux.server.speculative import MAX_CANDIDATES, PromptLookup
+
+
+def propose_reference(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """``PromptLookup.propose`` by brute force over every earlier position (the oracle; it has
+    no candidate bound, so it agrees with ``PromptLookup`` while a token occurs at most
+    MAX_CANDIDATES times)."""
+    ids = list(ids)
+    for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
+        for end in range(len(ids) - 2, n - 2, -1):
+            if ids[end + 1 - n : end + 1] == ids[len(ids) - n :]:
+                return ids[end + 1 : end + 1 + k] if k > 0 else []
+    return []
 
 
 def test_drafts_follow_the_latest_occurrence_of_the_longest_suffix():

@@ -31,6 +31,12 @@ typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
 
+static inline float sum8(f32x8 v) {  // its lanes, in order
+  float s = 0.f;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+
 // Page values (--lora-dtype): float32, or float16 / bfloat16 pages under float32 activations, each
 // value widened exactly to float32 and every sum kept in float32 (in another order than the
 // float32 kernel's where the vector code differs: equal to float32 rounding).
@@ -268,8 +274,7 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
         }
       }
       for (int w = 0; w < W; ++w) {
-        float sum = 0.f;
-        for (int l = 0; l < 8; ++l) sum += acc[w][l];
+        float sum = sum8(acc[w]);
         for (int64_t d = c; d < in; ++d) sum += x[d] * to_f32(r[w][d]);
         v[t * rank + k + w] = sum;
       }
@@ -1093,12 +1098,6 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 // (BENCHMARKS.md; ops/linear.py sends each build the rows where it was faster).
 constexpr int FEW_ROWS = 16;
 constexpr int64_t FEW_ROWS_AHEAD = 512;  // floats prefetched ahead in each weight row
-
-static inline float sum8(f32x8 v) {
-  float s = 0.f;
-  for (int l = 0; l < 8; ++l) s += v[l];
-  return s;
-}
 
 template <int M>
 static void few_rows(float* y, const float* x, const float* w, const float* bias, int64_t O, int64_t I,
