@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .models import serving_model_class
 from .ops import cpu_isa, select_backend
 from .ops.attention import select_decode_attention
 from .ops.cpu_kernel import load_kernels
-from .ops.linear import select_base_linear
+from .ops.linear import KERNEL_MAX_ROWS, calibration_weights, faster_rows, select_base_linear, time_row_counts
 from .runner import ModelRunner
 from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp
 
@@ -37,6 +38,7 @@ class Built:
     loaded: LoadedModel
     op_backend: str  # the LoRA ops in use: torch, cpp or triton
     cpu_isa: str  # the CPU's vector ISA as torch dispatches it
+    kernel_rows: frozenset[int]  # row counts whose base projections run on the C++ kernel (--base-linear)
 
     @property
     def tokenizer(self):
@@ -82,6 +84,38 @@ def lora_page_dtype(config: ServerConfig, loaded: LoadedModel, ops: str) -> torc
     return dtype
 
 
+def base_linear_rows(config: ServerConfig, loaded: LoadedModel, kernels, model) -> frozenset[int]:
+    """--base-linear: the row counts whose base projections run on the C++ kernel's few-row path."""
+    usable = loaded.device.type == "cpu" and loaded.dtype == torch.float32 and kernels is not None
+    if config.base_linear == "kernel" and not usable:
+        raise StartupError(
+            "--base-linear kernel needs a float32 model on a CPU and the C++ kernels (this is "
+            f"{str(loaded.dtype).removeprefix('torch.')} on {loaded.device}, kernels "
+            f"{'loaded' if kernels is not None else 'not built or not loadable'}); use --base-linear auto or torch")
+    if config.base_linear == "torch" or not usable:
+        return frozenset()
+    if config.base_linear == "kernel":
+        return frozenset(range(1, KERNEL_MAX_ROWS + 1))
+    start = time.perf_counter()
+    timings = time_row_counts(kernels, calibration_weights(model.base_projections()), range(1, KERNEL_MAX_ROWS + 1))
+    rows = faster_rows(timings)
+    log.info("base projections timed at 1-%d rows in %.1f s: the C++ kernel at %s, torch's matmul otherwise "
+             "(kernel/torch time: %s)", KERNEL_MAX_ROWS, time.perf_counter() - start, format_rows(rows) or "none",
+             " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
+    return rows
+
+
+def format_rows(rows: frozenset[int]) -> str:
+    """{1, 2, 3, 5, 8, 9} -> "1-3,5,8-9"."""
+    runs: list[list[int]] = []
+    for m in sorted(rows):
+        if runs and m == runs[-1][1] + 1:
+            runs[-1][1] = m
+        else:
+            runs.append([m, m])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 @in_passing_thread
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
     loaded = loaded or load_model(config)
@@ -97,7 +131,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec
     kernels = load_kernels()  # its converter and row copy load adapters in one call each (None: torch ops)
-    model.use_base_linear(select_base_linear(loaded.device, loaded.dtype, kernels))
+    kernel_rows = base_linear_rows(config, loaded, kernels, model)
+    model.use_base_linear(select_base_linear(kernels, kernel_rows))
     apply_lora = select_backend(config.op_backend, loaded.device)
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))
@@ -177,4 +212,4 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         f"by prompt lookup, up to {config.num_speculative_tokens} drafts ({config.prompt_lookup_min}- to "
         f"{config.prompt_lookup_max}-grams)" if config.num_speculative_tokens else "off",
     )
-    return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa())
+    return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa(), kernel_rows)

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DTYPES, OP_BACKENDS, TOOL_CALL_PARSERS, ServerConfig, default_cache_dir
+from .config import BASE_LINEARS, DTYPES, OP_BACKENDS, TOOL_CALL_PARSERS, ServerConfig, default_cache_dir
 
 
 class JsonFormatter(logging.Formatter):
@@ -83,6 +83,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")
+    p.add_argument("--base-linear", default=d["base_linear"].default, choices=BASE_LINEARS,
+                   help="the base model's projections at 1 to 16 rows (small batches' decode steps, drafting rows) "
+                        "on a CPU with a float32 model: the C++ kernel or torch's matmul. auto = whichever ran "
+                        "faster at each row count when timed on the model's weights at start-up (a few seconds); "
+                        "kernel = the C++ kernel at every count; torch = torch's matmul always")
     for name, help_text in (
         ("max_batch_size", "sequences in one step (reserves no memory: the KV pool is --kv-cache-tokens)"),
         ("max_tokens_per_step", "token budget of one step; long prompts are prefilled in chunks"),

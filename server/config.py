@@ -11,6 +11,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 SCHEDULING = ("fair", "fifo")
+BASE_LINEARS = ("auto", "kernel", "torch")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")  # tool_parsers.PARSERS' names, kept import-free here
 MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
 
@@ -108,6 +109,7 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds running requests get after SIGTERM
     inject_fault: str | None = None  # testing hook: request:, fatal:, fatal-busy:<request id>; hang-read:, copy-fail:<adapter id>
     op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
+    base_linear: str = "auto"  # base projections of 1-16 rows (CPU, float32): auto (timed at start-up), kernel, torch
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)
     log_level: str = "INFO"
     log_format: str = "text"
@@ -145,6 +147,8 @@ class ServerConfig:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
         if self.op_backend not in OP_BACKENDS:
             raise ValueError(f"op-backend must be one of {OP_BACKENDS}, got {self.op_backend!r}")
+        if self.base_linear not in BASE_LINEARS:
+            raise ValueError(f"base-linear must be one of {BASE_LINEARS}, got {self.base_linear!r}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool-call-parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}")
         if self.log_format not in LOG_FORMATS:

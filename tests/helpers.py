@@ -204,3 +204,13 @@ def tiny_layout(model_dir: Path):
     from loramux.server.models import lora_layout
 
     return lora_layout(AutoConfig.from_pretrained(model_dir))
+
+
+def pinned_base_linear(op_backend: str = "auto") -> str:
+    """--base-linear for a parity test: its default (auto) picks paths by timing them, so a test pins
+    one: the C++ kernel's few-row path beside the C++ LoRA ops (cpp, or auto on a CPU where they
+    load), torch's matmul beside any other."""
+    from loramux.server.ops.cpu_kernel import load_kernels
+
+    cpu = not torch.cuda.is_available()
+    return "kernel" if op_backend in ("auto", "cpp") and cpu and load_kernels() is not None else "torch"

@@ -113,6 +113,11 @@ class ServingModel(nn.Module):
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def base_projections(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of every base projection, in the order a step reads them."""
+        fused = [(m.weight, m.bias) for layer in self.layers for m in layer.lora_modules()]
+        return [*fused, (self.lm_head.weight, self.lm_head.bias)]
+
     def use_base_linear(self, linear: Linear) -> None:
         """The matmul of every base projection: the decoder's fused linears and lm_head."""
         for layer in self.layers:

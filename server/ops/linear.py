@@ -1,31 +1,37 @@
 """The base model's projections: ``F.linear``, or on a CPU with the C++ kernels and a float32
 model, the kernel's few-row path (``few_rows_linear``: each weight row streamed once against every
-row of x, with the rows ahead prefetched) for the row counts where it beat torch. From DRAM,
-torch's GEMM reads the weights at half its one-row speed at 4 to 14 rows; the AVX-512 build ran
-decode steps there 1.2-1.3x faster (BENCHMARKS.md). At one to three rows torch's GEMV is as fast,
-and from 16 rows on its GEMM takes a faster path. The AVX2 build runs out of vector registers
-past eight rows, and the baseline build (SSE2) is slower than torch at every count."""
+row of x, with the rows ahead prefetched) for the row counts where it is faster on this CPU.
+
+Which counts those are depends on the CPU and on torch's BLAS there, so the server times both
+paths on the model's own weights at start-up (``time_row_counts``, ``faster_rows``). Measured
+(BENCHMARKS.md): on an Intel Xeon with AVX-512, the kernel won at 4 to 14 rows (torch's GEMM reads
+the weights from DRAM at half its one-row speed there) and lost at 1 to 3 and 16; on an AMD EPYC
+(Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 16, by up to 3x."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
 
-# the rows each kernel build is sent (it takes up to 16): where it ran faster than torch
-FEW_ROWS = {"avx512": range(4, 15), "avx2": range(4, 9)}
+KERNEL_MAX_ROWS = 16  # few_rows_linear takes 1 to 16 rows (FEW_ROWS in cpu_kernels.cpp)
+CALIBRATION_BYTES = 512 * 2**20  # weights timed at start-up: more than a CPU's cache, so read from DRAM as served
+MARGIN = 0.1  # the kernel is taken at a row count only when 10% faster: timing noise does not flip paths
 
 Linear = Callable[..., torch.Tensor]  # linear(x [T, in], weight [out, in], bias [out] | None) -> [T, out]
+Weights = Sequence[tuple[torch.Tensor, torch.Tensor | None]]  # (weight [out, in], bias [out] | None)
 
 
-def select_base_linear(device, dtype: torch.dtype, kernels) -> Linear:
-    """``F.linear``, unless ``kernels`` (``cpu_kernel.load_kernels()``) of a build in FEW_ROWS
-    serve a float32 model on the CPU: then F.linear with the kernel's path for that build's row
-    counts (the same y, to float32 rounding)."""
-    rows = None if kernels is None else FEW_ROWS.get(kernels.variant)
-    if torch.device(device).type != "cpu" or dtype != torch.float32 or rows is None:
+def select_base_linear(kernels, rows: Collection[int]) -> Linear:
+    """``F.linear``, with the kernel's path (``kernels.few_rows_linear``: the same y, to float32
+    rounding) for float32 inputs of ``rows`` rows (a subset of 1..KERNEL_MAX_ROWS)."""
+    if not rows:
         return F.linear
+    rows = frozenset(rows)
+    if not rows <= frozenset(range(1, KERNEL_MAX_ROWS + 1)):
+        raise ValueError(f"the kernel takes 1 to {KERNEL_MAX_ROWS} rows, not {sorted(rows)}")
     kernel, no_bias = kernels.few_rows_linear, torch.empty(0)
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,3 +40,48 @@ def select_base_linear(device, dtype: torch.dtype, kernels) -> Linear:
         return F.linear(x, weight, bias)
 
     return linear
+
+
+def calibration_weights(weights: Weights, budget: int = CALIBRATION_BYTES) -> list:
+    """The first of ``weights`` (in the order a step reads them) that add up to ``budget`` bytes,
+    or all of them."""
+    out, total = [], 0
+    for w, b in weights:
+        if total >= budget:
+            break
+        out.append((w, b))
+        total += w.numel() * w.element_size()
+    return out
+
+
+def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int = 3,
+                    close: float = 0.3) -> dict[int, tuple[float, float]]:
+    """Seconds of one pass over ``weights`` with x of each row count: (torch's F.linear, the
+    kernel's), the two paths alternated so that a slow stretch of the machine slows both. A count
+    whose paths are within ``close`` of each other is timed again, up to ``rounds`` passes each,
+    and keeps each path's least time."""
+    kernel = select_base_linear(kernels, range(1, KERNEL_MAX_ROWS + 1))
+    gen = torch.Generator().manual_seed(0)
+    inputs = {w.shape[1]: torch.randn(max(rows), w.shape[1], generator=gen) for w, _ in weights}
+
+    def one_pass(linear: Linear, m: int) -> float:
+        start = time.perf_counter()
+        for w, b in weights:
+            linear(inputs[w.shape[1]][:m], w, b)
+        return time.perf_counter() - start
+
+    one_pass(F.linear, rows[0]), one_pass(kernel, rows[0])  # first touch, thread team start-up
+    timings = {}
+    for m in rows:
+        t, k = one_pass(F.linear, m), one_pass(kernel, m)
+        for _ in range(rounds - 1):
+            if abs(k / t - 1) > close:
+                break
+            t, k = min(t, one_pass(F.linear, m)), min(k, one_pass(kernel, m))
+        timings[m] = (t, k)
+    return timings
+
+
+def faster_rows(timings: dict[int, tuple[float, float]], margin: float = MARGIN) -> frozenset[int]:
+    """The row counts whose kernel pass took less than (1 - margin) of torch's."""
+    return frozenset(m for m, (torch_s, kernel_s) in timings.items() if kernel_s < (1 - margin) * torch_s)

@@ -8,7 +8,7 @@ from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.models import UnsupportedModel, serving_model_class
 
-from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate
+from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate, pinned_base_linear
 from test_parity import make_prompts, run_staggered
 
 MAX_NEW = 12
@@ -24,7 +24,7 @@ def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
                 for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_tokens_per_step=20, max_model_len=80,
                                       default_max_new_tokens=16, adapters=tuple((n, str(p)) for n, p in adapters.items()),
-                                      kv_block_size=4, prefix_caching=caching))
+                                      kv_block_size=4, prefix_caching=caching, base_linear=pinned_base_linear()))
     engine = built.engine
     engine.start()
     names = [None, *adapters]

@@ -19,7 +19,7 @@ from loramux.server.ops import triton_available
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.requests import GenerationRequest, SamplingParams
 
-from helpers import peft_generate
+from helpers import peft_generate, pinned_base_linear
 
 NUM_REQUESTS = 24  # three per adapter and for the base model: six waves joining a decoding batch
 INTERPRETED_REQUESTS = 12  # Triton's interpreter (no GPU) is ~20x slower: three waves, every adapter still served
@@ -119,6 +119,7 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters, tmp_path_factory):
         narrow_copies(tiny_adapters, tmp_path_factory.mktemp(lora_dtype), getattr(torch, lora_dtype))
     config = ServerConfig(
         op_backend=backend, dtype="float32",  # exact parity: float32 on every device
+        base_linear=pinned_base_linear(backend),
         lora_dtype=lora_dtype or "auto",
         model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
         max_device_adapters=len(adapters), max_host_adapters=len(adapters),

@@ -20,7 +20,7 @@ from loramux.server.config import ServerConfig
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.requests import GenerationRequest, OutputKind, SamplingParams, StructuredOutput
 
-from helpers import build_adapter, peft_generate
+from helpers import build_adapter, peft_generate, pinned_base_linear
 from test_parity import make_prompts, serve_recorded
 
 MAX_NEW = 16
@@ -57,7 +57,8 @@ def engine_for(tiny_llama, adapters, **overrides):
         "model": str(tiny_llama), "dtype": "float32", "max_batch_size": 12, "max_tokens_per_step": 32,
         "max_model_len": 96, "default_max_new_tokens": MAX_NEW, "kv_block_size": 4,
         "max_device_adapters": len(adapters), "max_host_adapters": len(adapters),
-        "adapters": tuple((n, str(p)) for n, p in adapters.items()), "num_speculative_tokens": 4, **overrides})
+        "adapters": tuple((n, str(p)) for n, p in adapters.items()), "num_speculative_tokens": 4,
+        "base_linear": pinned_base_linear(overrides.get("op_backend", "auto")), **overrides})
     return build_engine(config).engine
 
 

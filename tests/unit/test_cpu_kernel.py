@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loramux.server.ops import cpu_kernel
 from loramux.server.ops.cpu_kernel import NO_KERNEL_ENV, VARIANTS, load_kernels, variants_for
@@ -311,30 +313,78 @@ def test_few_rows_linear_matches_torch(variant, rows):
         few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0))
 
 
-@pytest.mark.parametrize("variant, taken", [("avx512", [4, 14]), ("avx2", [4, 8]), ("baseline", None)])
-def test_base_linear_takes_the_kernel_for_the_rows_where_its_build_is_faster(variant, taken):
-    """select_base_linear: the kernel for the build's row counts of float32 rows on a CPU (none for
-    the baseline build), F.linear otherwise."""
+class RecordingKernels:
+    """A stand-in for the C++ module's few_rows_linear: torch's result, each call's row count kept."""
+
+    def __init__(self):
+        self.calls = []
+
+    def few_rows_linear(self, x, w, b):
+        self.calls.append(x.shape[0])
+        return torch.nn.functional.linear(x, w, b if b.numel() else None)
+
+
+def test_base_linear_takes_the_kernel_at_exactly_its_row_counts():
+    """select_base_linear: the kernel for float32 x of the given row counts, F.linear otherwise
+    (other counts, other dtypes, a weight without unit column stride); no counts: F.linear itself."""
     from loramux.server.ops.linear import select_base_linear
 
-    calls = []
-
-    class Kernels:
-        @staticmethod
-        def few_rows_linear(x, w, b):
-            calls.append(x.shape[0])
-            return torch.nn.functional.linear(x, w, b if b.numel() else None)
-
-    Kernels.variant = variant
-    linear = select_base_linear("cpu", torch.float32, Kernels)
-    if taken is None:
-        assert linear is torch.nn.functional.linear
-        return
-    w = torch.randn(5, 4)
-    for rows in (1, 3, taken[0], taken[1], taken[1] + 1, 32):
+    kernels = RecordingKernels()
+    linear = select_base_linear(kernels, {1, 4, 16})
+    w, bias = torch.randn(5, 4), torch.randn(5)
+    for rows in (1, 2, 4, 15, 16, 17, 32):
         x = torch.randn(rows, 4)
         torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
-    assert calls == taken
-    assert select_base_linear("cpu", torch.bfloat16, Kernels) is torch.nn.functional.linear
-    assert select_base_linear("cpu", torch.float32, None) is torch.nn.functional.linear
-    assert select_base_linear("cuda", torch.float32, Kernels) is torch.nn.functional.linear
+        torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
+    linear(torch.randn(4, 4, dtype=torch.float64), w.double())
+    linear(torch.randn(4, 4), torch.randn(4, 5).T)
+    assert kernels.calls == [1, 1, 4, 4, 16, 16]
+    assert select_base_linear(kernels, ()) is torch.nn.functional.linear
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        select_base_linear(kernels, {0, 3})
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        select_base_linear(kernels, {17})
+
+
+@given(st.dictionaries(st.integers(1, 16), st.tuples(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))),
+       st.floats(0.0, 0.5))
+def test_faster_rows_are_the_counts_the_kernel_wins_by_the_margin(timings, margin):
+    from loramux.server.ops.linear import faster_rows
+
+    rows = faster_rows(timings, margin)
+    assert rows <= timings.keys()
+    for m, (torch_s, kernel_s) in timings.items():
+        assert (m in rows) == (kernel_s < (1 - margin) * torch_s)
+
+
+def test_calibration_times_both_paths_and_keeps_the_faster():
+    """time_row_counts + faster_rows: a stand-in kernel that returns at once at some row counts and
+    sleeps at the others is chosen at exactly the former; every count is timed on both paths."""
+    import time
+
+    from loramux.server.ops.linear import faster_rows, time_row_counts
+
+    fast = {1, 5, 16}
+
+    class Kernels(RecordingKernels):
+        def few_rows_linear(self, x, w, b):
+            self.calls.append(x.shape[0])
+            if x.shape[0] not in fast:
+                time.sleep(0.002)
+            return x.new_zeros(x.shape[0], w.shape[0])
+
+    kernels = Kernels()
+    gen = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(768, 512, generator=gen), None), (torch.randn(512, 768, generator=gen), torch.randn(512))]
+    timings = time_row_counts(kernels, weights, range(1, 17))
+    assert sorted(timings) == list(range(1, 17)) and all(t > 0 and k > 0 for t, k in timings.values())
+    assert set(kernels.calls) == set(range(1, 17))
+    assert faster_rows(timings) == fast
+
+
+def test_calibration_weights_stop_at_the_budget():
+    from loramux.server.ops.linear import calibration_weights
+
+    weights = [(torch.empty(256), None)] * 10  # 1 KiB each
+    assert len(calibration_weights(weights, budget=3000)) == 3  # the third crosses it
+    assert len(calibration_weights(weights, budget=2**20)) == 10

@@ -1093,9 +1093,10 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 // A base linear of a few rows (a small batch's decode step, a drafting row's positions):
 //   y[m, o] = bias[o] + x[m, :] . w[o, :]     x: [M, I], w: [O, I], y: [M, O], M <= FEW_ROWS
 // Each thread streams its share of w's rows once, two at a time, against all M rows of x (in
-// cache), with the next 2 KiB of each prefetched: from DRAM, torch's GEMM reads the weights at
-// half its one-row speed at 4 to 14 rows, this at 1.2-1.5x torch's rate there in the AVX-512 build
-// (BENCHMARKS.md; ops/linear.py sends each build the rows where it was faster).
+// cache), with the next 2 KiB of each prefetched. From DRAM it read the weights at 1.2-1.5x torch's
+// rate at 4 to 14 rows on an Intel Xeon (AVX-512 build), and at 1.6-3.6x at 1 to 16 rows on an AMD
+// EPYC (BENCHMARKS.md); the server times both at start-up and sends it the rows where it is faster
+// (ops/linear.py).
 constexpr int FEW_ROWS = 16;
 constexpr int64_t FEW_ROWS_AHEAD = 512;  // floats prefetched ahead in each weight row
 
