@@ -14,8 +14,10 @@ from .types import (
     ServerInfo,
     StreamChunk,
     Tls,
+    Tokens,
     generate_request,
     register_request,
+    tokenize_request,
     warn_if_token_in_plaintext,
 )
 
@@ -79,6 +81,14 @@ class AsyncLoraMuxClient:
 
     async def list_adapters(self, *, timeout: float | None = None) -> list[Adapter]:
         return [Adapter.from_pb(a) for a in (await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)).adapters]
+
+    async def tokenize(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Tokens:
+        """kwargs: adapter_id, messages [(role, content)], add_special_tokens, add_generation_prompt,
+        return_token_strs."""
+        return Tokens.from_pb(await self.stub.Tokenize(tokenize_request(prompt, **kwargs), timeout=timeout))
+
+    async def detokenize(self, token_ids: list[int], *, timeout: float | None = None) -> str:
+        return (await self.stub.Detokenize(pb.DetokenizeRequest(token_ids=token_ids), timeout=timeout)).text
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_pb(await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))

@@ -14,8 +14,10 @@ from .types import (
     ServerInfo,
     StreamChunk,
     Tls,
+    Tokens,
     generate_request,
     register_request,
+    tokenize_request,
     warn_if_token_in_plaintext,
 )
 
@@ -82,6 +84,14 @@ class LoraMuxClient:
 
     def list_adapters(self, *, timeout: float | None = None) -> list[Adapter]:
         return [Adapter.from_pb(a) for a in self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout).adapters]
+
+    def tokenize(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Tokens:
+        """kwargs: adapter_id, messages [(role, content)], add_special_tokens, add_generation_prompt,
+        return_token_strs."""
+        return Tokens.from_pb(self.stub.Tokenize(tokenize_request(prompt, **kwargs), timeout=timeout))
+
+    def detokenize(self, token_ids: list[int], *, timeout: float | None = None) -> str:
+        return self.stub.Detokenize(pb.DetokenizeRequest(token_ids=token_ids), timeout=timeout).text
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_pb(self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))

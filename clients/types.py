@@ -134,6 +134,19 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """A prompt's token ids as Generate would see them (Tokenize)."""
+
+    token_ids: list[int]
+    token_strs: list[str]  # with return_token_strs
+    max_model_len: int
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenizeResponse) -> Tokens:
+        return cls(list(m.token_ids), list(m.token_strs), m.max_model_len)
+
+
+@dataclass(frozen=True)
 class Tls:
     """TLS for the channel: the server's CA, and a client certificate for mutual TLS."""
 
@@ -215,6 +228,15 @@ def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None
         messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
         sampling=(sampling or Sampling()).to_pb(),
     )
+
+
+def tokenize_request(prompt=None, *, adapter_id: str = "", messages=None, add_special_tokens: bool | None = None,
+                     add_generation_prompt: bool | None = None, return_token_strs: bool = False) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(
+        adapter_id=adapter_id or "", prompt=prompt or "",
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
+        add_special_tokens=add_special_tokens, add_generation_prompt=add_generation_prompt,
+        return_token_strs=return_token_strs)
 
 
 class PlaintextTokenWarning(UserWarning):

@@ -58,8 +58,11 @@ def structured_from_pb(s: pb.StructuredOutput) -> StructuredOutput:
     return StructuredOutput(OutputKind(which), getattr(s, which))
 
 
-def prompt_from_pb(req: pb.GenerateRequest) -> Prompt:
-    return Prompt(req.prompt, tuple(req.prompt_token_ids), tuple((m.role, m.content) for m in req.messages))
+def prompt_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
+    if isinstance(req, pb.TokenizeRequest) and req.prompt and req.messages:
+        raise RequestInvalid("set exactly one of prompt and messages")
+    ids = tuple(req.prompt_token_ids) if isinstance(req, pb.GenerateRequest) else ()
+    return Prompt(req.prompt, ids, tuple((m.role, m.content) for m in req.messages))
 
 
 def timing_to_pb(t: Timing | None) -> pb.Timing:

@@ -110,6 +110,19 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             adapters=[adapter_to_pb(e, tier, show_path=admin) for e, tier in self.service.adapters()])
 
     @unary
+    async def Tokenize(self, request, context):
+        ids = await self.service.tokenize(
+            prompt_from_pb(request), request.adapter_id or None,
+            request.add_special_tokens if request.HasField("add_special_tokens") else None,
+            request.add_generation_prompt if request.HasField("add_generation_prompt") else True)
+        strs = self.service.ready().tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else []
+        return pb.TokenizeResponse(token_ids=ids, token_strs=strs, max_model_len=self.service.config.max_model_len)
+
+    @unary
+    async def Detokenize(self, request, context):
+        return pb.DetokenizeResponse(text=self.service.detokenize(list(request.token_ids)))
+
+    @unary
     async def GetServerInfo(self, request, context):
         service, c = self.service, self.service.config
         built = service.ready()

@@ -22,8 +22,10 @@ from .openai_schema import (
     ChatCompletionRequest,
     ChunkMaker,
     CompletionRequest,
+    DetokenizeRequest,
     Echo,
     LoadAdapterRequest,
+    TokenizeRequest,
     TokenText,
     UnloadAdapterRequest,
     chat_response,
@@ -209,6 +211,27 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     async def chat_completions(body: ChatCompletionRequest):
         prompts, sampling = body.serving(tool_parser).to_domain(config.default_max_new_tokens)
         return await respond(prompts, sampling, body, "chat")
+
+    # vLLM's tokenizer routes (a client counting a prompt's tokens against max_model_len), at its
+    # paths and under /v1 as well
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    @app.post("/v1/tokenize", dependencies=[Depends(authorized)], include_in_schema=False)
+    @errors_as_responses
+    async def tokenize(body: TokenizeRequest):
+        ids = await service.tokenize(body.to_domain(), adapter_of(body.model or service.model_name),
+                                     body.add_special_tokens, body.add_generation_prompt)
+        strs = service.ready().tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    @app.post("/v1/detokenize", dependencies=[Depends(authorized)], include_in_schema=False)
+    @errors_as_responses
+    async def detokenize(body: DetokenizeRequest):
+        if body.model:
+            adapter = adapter_of(body.model)
+            if adapter:
+                service.check_model(adapter)
+        return {"prompt": service.detokenize(body.tokens)}
 
     async def respond(prompts, sampling, body, kind: str):
         tools = body.tool_calls() if kind == "chat" else None

@@ -521,3 +521,35 @@ class UnloadAdapterRequest(BaseModel):
 def model_card(model_id: str, parent: str | None, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "loramux", "root": model_id,
             "parent": parent}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize body: a prompt, or chat messages rendered as /v1/chat/completions
+    renders them (so ``count`` is the usage.prompt_tokens a chat request would report)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None  # the base model or a registered adapter; unset: the base model
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # with messages: shown to the chat template, as in chat requests
+    add_generation_prompt: bool = True  # with messages
+    add_special_tokens: bool | None = None  # unset: True for a prompt, False for messages (as vLLM)
+    return_token_strs: bool = False
+
+    def to_domain(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise RequestInvalid("set exactly one of prompt and messages", param="prompt")
+        if self.prompt is not None:
+            if self.tools:
+                raise RequestInvalid("tools go with messages", param="tools")
+            return Prompt(text=self.prompt)
+        return Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages),
+                      tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()))
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize body."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]

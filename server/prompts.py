@@ -54,21 +54,27 @@ class PromptRenderer:
                 raise RequestInvalid("this model has no chat template: send prompt instead of messages")
 
     def render(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]],
-               tools: list[dict] | None = None) -> list[int]:
+               tools: list[dict] | None = None, add_special_tokens: bool | None = None,
+               add_generation_prompt: bool = True) -> list[int]:
         """Input that ``check`` passed -> token ids: the slow part (tokenizer, chat template, which
-        is given ``tools`` when there are some: a template that does not show tools ignores them)."""
+        is given ``tools`` when there are some: a template that does not show tools ignores them).
+        ``add_special_tokens``: the tokenizer's (BOS, ...) around a prompt (unset: yes) or around the
+        rendered messages (unset: no, the template writes them)."""
         if token_ids:
             return list(token_ids)
-        if prompt:
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not messages:
+            return self.tokenizer(prompt, add_special_tokens=add_special_tokens is not False)["input_ids"]
         from jinja2 import TemplateError
 
         try:
             out = self.tokenizer.apply_chat_template(
-                [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=True,
-                return_dict=True, **({"tools": tools} if tools else {}),
+                [{"role": r, "content": c} for r, c in messages], add_generation_prompt=add_generation_prompt,
+                tokenize=not add_special_tokens, return_dict=not add_special_tokens,
+                **({"tools": tools} if tools else {}),
             )
         except TemplateError as e:  # the template's own refusal (raise_exception): roles out of order, ...
             raise RequestInvalid(f"the model's chat template refused the messages: {clip(str(e), 200)}",
                                  param="messages") from None
+        if add_special_tokens:  # the rendered text, tokenized with the tokenizer's special tokens
+            return self.tokenizer(out, add_special_tokens=True)["input_ids"]
         return list(out["input_ids"])

@@ -122,6 +122,38 @@ class Service:
             raise
         return streams
 
+    # ---- tokenizing (vLLM's /tokenize and /detokenize) ----
+    async def tokenize(self, prompt: Prompt, adapter_id: str | None = None, add_special_tokens: bool | None = None,
+                       add_generation_prompt: bool = True) -> list[int]:
+        """A prompt's token ids as generation would see them (the same limits and rendering), for
+        the base model or an adapter (all share the base model's tokenizer). An empty text is
+        tokenized too: no tokens, or the tokenizer's special ones."""
+        self.ready()
+        if adapter_id:
+            self.check_model(adapter_id)
+        parts = (prompt.text, [], list(prompt.messages))
+        if prompt.text or prompt.messages:
+            self.renderer.check(*parts)
+        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
+                                   add_special_tokens, add_generation_prompt)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Token ids -> text (special tokens kept), each id in the model's vocabulary."""
+        built = self.ready()
+        vocab = built.engine.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestInvalid(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return built.tokenizer.decode(token_ids)
+
+    def check_model(self, adapter_id: str) -> None:
+        """A registered adapter, or with --dynamic-adapters one an adapter root holds (it is not
+        registered here): else AdapterNotFound."""
+        if adapter_id not in self.ready().registry:
+            if not self.config.dynamic_adapters:
+                raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered")
+            self._dynamic_path(adapter_id)
+
     @contextlib.contextmanager
     def _counting_refusals(self, adapter_id: str | None):
         """A request refused before the engine saw it: the metrics still count it."""

@@ -115,6 +115,41 @@ def test_text_prompt_and_chat_messages(server, tiny_llama):
     assert r.prompt_tokens == len(rendered) > 20
 
 
+def test_tokenize_gives_the_prompt_tokens_generate_sees_and_detokenize_their_text(server, tiny_llama):
+    """Tokenize: a prompt's ids (and token strings) as Generate counts them, chat messages with and
+    without the generation prompt, for the base model or an adapter; Detokenize inverts a prompt;
+    bad input is INVALID_ARGUMENT or NOT_FOUND, naming what is wrong. The async client too."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    text = "Once upon a time there was a little server"
+    got = server.client.tokenize(text, return_token_strs=True)
+    assert len(got.token_ids) == server.client.generate(text, sampling=Sampling(max_new_tokens=1)).prompt_tokens
+    assert got.token_strs == tok.convert_ids_to_tokens(got.token_ids) and got.max_model_len == 256
+    assert server.client.detokenize(got.token_ids) == text
+    msgs = [("system", "Be brief."), ("user", "The quick brown fox")]
+    chat = server.client.tokenize(messages=msgs, adapter_id="all-r8")
+    assert len(chat.token_ids) == server.client.generate(messages=msgs, adapter_id="all-r8",
+                                                         sampling=Sampling(max_new_tokens=1)).prompt_tokens
+    assert chat.token_strs == []
+    bare = server.client.tokenize(messages=msgs, add_generation_prompt=False).token_ids
+    assert len(bare) < len(chat.token_ids) and chat.token_ids[: len(bare)] == bare
+    assert server.client.tokenize("").token_ids == []
+    code, details = code_of(server.client.tokenize, "x", messages=msgs)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "exactly one of prompt and messages" in details
+    code, details = code_of(server.client.tokenize, "x", adapter_id="nope")
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+    code, details = code_of(server.client.detokenize, [5, 384])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "token id 384 is outside the vocabulary [0, 384)" in details
+
+    async def via_async():
+        async with AsyncLoraMuxClient(server.target) as client:
+            return await client.tokenize(text), await client.detokenize(got.token_ids)
+
+    tokens, back = asyncio.run(via_async())
+    assert tokens.token_ids == got.token_ids and back == text
+
+
 def test_concurrent_async_clients_mixing_adapters(server, tiny_adapters):
     async def main():
         async with AsyncLoraMuxClient(server.target) as c:
@@ -399,7 +434,8 @@ def test_reflection_lists_the_services(server):
     assert {"loramux.v1.LoraMux", "grpc.health.v1.Health"} <= services
     service = DescriptorPool(db).FindServiceByName("loramux.v1.LoraMux")
     assert {m.name for m in service.methods} == {
-        "Generate", "GenerateStream", "RegisterAdapter", "UnregisterAdapter", "ListAdapters", "GetServerInfo"}
+        "Generate", "GenerateStream", "RegisterAdapter", "UnregisterAdapter", "ListAdapters", "GetServerInfo",
+        "Tokenize", "Detokenize"}
 
 
 def test_metrics_count_requests_tokens_and_affinity(server):

@@ -826,3 +826,41 @@ def test_echoed_choices_share_their_prompts_logprobs_and_its_blocks(oserver):
         assert first.text.startswith(got.choices[i].text[:10]) and first.logprobs.token_logprobs[:40] == \
             pytest.approx(got.choices[i].logprobs.token_logprobs[:40], abs=1e-5)
     wait_idle(oserver)
+
+
+def test_tokenize_counts_the_tokens_generation_sees_and_detokenize_inverts_it(oserver, tiny_llama):
+    """vLLM's /tokenize and /detokenize (and under /v1): a prompt's count is the usage a completion
+    reports, chat messages' the usage a chat request reports (the same template, tools included),
+    for the base model or an adapter; the errors name what is wrong."""
+    root = f"http://127.0.0.1:{oserver.http_port}"
+    text = "LoRA adds a low-rank update B A to a frozen weight W."
+    got = httpx.post(f"{root}/tokenize", json={"prompt": text, "return_token_strs": True}, timeout=30).json()
+    completion = oserver.oa.completions.create(model="attn-r4", prompt=text, max_tokens=1)
+    assert got["count"] == len(got["tokens"]) == completion.usage.prompt_tokens and got["max_model_len"] == 256
+    from transformers import AutoTokenizer
+
+    assert got["token_strs"] == AutoTokenizer.from_pretrained(tiny_llama).convert_ids_to_tokens(got["tokens"])
+    assert httpx.post(f"{root}/detokenize", json={"tokens": got["tokens"]}).json() == {"prompt": text}
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about LoRA."}]
+    chat = httpx.post(f"{oserver.base_url}/tokenize", json={"model": "all-r8", "messages": messages}).json()
+    answer = oserver.oa.chat.completions.create(model="all-r8", messages=messages, max_tokens=1)
+    assert chat["count"] == answer.usage.prompt_tokens and chat["token_strs"] is None
+    bare = httpx.post(f"{root}/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["count"] < chat["count"] and chat["tokens"][: bare["count"]] == bare["tokens"]
+    assert httpx.post(f"{root}/tokenize", json={"prompt": ""}).json()["count"] == 0
+
+    def refusal(route, body):
+        r = httpx.post(f"{root}/{route}", json=body, timeout=30)
+        return r.status_code, r.json()["error"]["message"]
+
+    assert refusal("tokenize", {"model": "no-such-adapter", "prompt": "x"})[0] == 404
+    status, message = refusal("tokenize", {"prompt": "x", "messages": messages})
+    assert status == 400 and "exactly one of prompt and messages" in message
+    status, message = refusal("tokenize", {"prompt": "x" * 300_001})
+    assert status == 413
+    status, message = refusal("detokenize", {"tokens": [1, 100_000]})
+    assert status == 400 and "token id 100000 is outside the vocabulary [0, 384)" in message
+    status, message = refusal("detokenize", {"tokens": "abc"})
+    assert status == 400 and "tokens" in message
+

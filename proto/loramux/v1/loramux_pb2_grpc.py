@@ -64,6 +64,16 @@ class LoraMuxStub:
                 request_serializer=loramux_dot_v1_dot_loramux__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=loramux_dot_v1_dot_loramux__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loramux.v1.LoraMux/Tokenize',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/loramux.v1.LoraMux/Detokenize',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class LoraMuxServicer:
@@ -111,6 +121,20 @@ class LoraMuxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """A prompt's token ids as Generate would see them (the model's tokenizer and chat template).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Token ids -> text, special tokens kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoraMuxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +167,16 @@ def add_LoraMuxServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=loramux_dot_v1_dot_loramux__pb2.GetServerInfoRequest.FromString,
                     response_serializer=loramux_dot_v1_dot_loramux__pb2.ServerInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.TokenizeRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.DetokenizeRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +341,60 @@ class LoraMux:
             '/loramux.v1.LoraMux/GetServerInfo',
             loramux_dot_v1_dot_loramux__pb2.GetServerInfoRequest.SerializeToString,
             loramux_dot_v1_dot_loramux__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.LoraMux/Tokenize',
+            loramux_dot_v1_dot_loramux__pb2.TokenizeRequest.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.LoraMux/Detokenize',
+            loramux_dot_v1_dot_loramux__pb2.DetokenizeRequest.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
