@@ -127,10 +127,12 @@ class ServerInfo:
     lora_targets: tuple[str, ...] = ()  # module kinds an adapter may target; lm_head with --enable-lm-head-lora
     dora: bool = False  # DoRA adapters are served (--enable-dora)
     num_speculative_tokens: int = 0  # prompt-lookup drafts a decoding request may run per step (0: off)
+    base_kernel_rows: tuple[int, ...] = ()  # row counts whose base projections run on the C++ kernel (--base-linear)
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:
-        return cls(**{**{f: getattr(s, f) for f in cls.__dataclass_fields__}, "lora_targets": tuple(s.lora_targets)})
+        return cls(**{**{f: getattr(s, f) for f in cls.__dataclass_fields__}, "lora_targets": tuple(s.lora_targets),
+                      "base_kernel_rows": tuple(s.base_kernel_rows)})
 
 
 @dataclass(frozen=True)

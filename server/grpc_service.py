@@ -137,4 +137,5 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             adapter_pages=built.manager.pool.num_pages, op_backend=built.op_backend, cpu_isa=built.cpu_isa,
             lora_dtype=str(built.manager.dtype).removeprefix("torch."), lora_targets=built.registry.layout.kinds,
             dora=built.registry.layout.dora_base is not None, num_speculative_tokens=c.num_speculative_tokens,
+            base_kernel_rows=sorted(built.kernel_rows),
         )

@@ -227,10 +227,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/detokenize", dependencies=[Depends(authorized)], include_in_schema=False)
     @errors_as_responses
     async def detokenize(body: DetokenizeRequest):
-        if body.model:
-            adapter = adapter_of(body.model)
-            if adapter:
-                service.check_model(adapter)
+        if body.model and (adapter := adapter_of(body.model)):
+            service.check_model(adapter)
         return {"prompt": service.detokenize(body.tokens)}
 
     async def respond(prompts, sampling, body, kind: str):

@@ -63,6 +63,11 @@ def test_server_info_and_adapters(server, tiny_adapters):
                                       "lm_head", "embed_tokens"} and info.dora  # the --enable-* flags
     assert info.registered_adapters == len(tiny_adapters) and info.has_chat_template
     assert info.num_speculative_tokens == 3
+    # --base-linear auto: the row counts the kernel won when timed at start-up (none without it)
+    assert list(info.base_kernel_rows) == sorted(set(info.base_kernel_rows)) and \
+        set(info.base_kernel_rows) <= set(range(1, 17))
+    if info.op_backend == "torch":
+        assert info.base_kernel_rows == ()
     listed = {a.adapter_id: a for a in server.client.list_adapters()}
     assert set(listed) == set(tiny_adapters)
     assert listed["attn-r64"].rank == 64 and set(listed["attn-r4"].target_modules) == {"q_proj", "v_proj"}

@@ -32,7 +32,7 @@ def oserver(tiny_llama, tiny_adapters, tmp_path_factory):
         ["--model", str(tiny_llama), "--adapter-dir", str(next(iter(tiny_adapters.values())).parent),
          "--adapter-root", str(root), "--dynamic-adapters", "--max-registered-adapters", "10",
          "--max-batch-size", "8", "--max-model-len", "256", "--default-max-new-tokens", "16",
-         "--max-http-body-bytes", "200000", "--tool-call-parser", "hermes"],
+         "--max-http-body-bytes", "200000", "--tool-call-parser", "hermes", "--base-linear", "torch"],
         tmp_path_factory.mktemp("ologs") / "server.log",
     )
     proc.wait_ready()
@@ -49,6 +49,7 @@ def grpc_tokens(server, adapter="", **sampling):
 
 def test_models_lists_the_base_model_and_every_adapter(oserver, tiny_adapters):
     info = oserver.client.server_info()
+    assert info.base_kernel_rows == ()  # --base-linear torch
     models = {m.id: m for m in oserver.oa.models.list().data}
     assert info.model in models and models[info.model].parent is None
     for name in tiny_adapters:

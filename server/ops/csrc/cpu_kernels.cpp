@@ -1094,7 +1094,7 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 //   y[m, o] = bias[o] + x[m, :] . w[o, :]     x: [M, I], w: [O, I], y: [M, O], M <= FEW_ROWS
 // Each thread streams its share of w's rows once, two at a time, against all M rows of x (in
 // cache), with the next 2 KiB of each prefetched. From DRAM it read the weights at 1.2-1.5x torch's
-// rate at 4 to 14 rows on an Intel Xeon (AVX-512 build), and at 1.6-3.6x at 1 to 16 rows on an AMD
+// rate at 4 to 14 rows on an Intel Xeon (AVX-512 build), and at 1.3-3x at 1 to 16 rows on an AMD
 // EPYC (BENCHMARKS.md); the server times both at start-up and sends it the rows where it is faster
 // (ops/linear.py).
 constexpr int FEW_ROWS = 16;
