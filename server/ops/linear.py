@@ -1,12 +1,13 @@
 """The base model's projections: ``F.linear``, or on a CPU with the C++ kernels and a float32
-model, the kernel's few-row path (``few_rows_linear``: each weight row streamed once against every
-row of x, with the rows ahead prefetched) for the row counts where it is faster on this CPU.
+model, the kernel's path (``few_rows_linear``: up to 16 rows, each weight row streamed once
+against every row of x with the rows ahead prefetched; 17 to 32, tiles of weight rows by x rows
+with their sums in registers) for the row counts where it is faster on this CPU.
 
 Which counts those are depends on the CPU and on torch's BLAS there, so the server times both
 paths on the model's own weights at start-up (``time_row_counts``, ``faster_rows``). Measured
 (BENCHMARKS.md): on an Intel Xeon with AVX-512, the kernel won at 4 to 14 rows (torch's GEMM reads
 the weights from DRAM at half its one-row speed there) and lost at 1 to 3 and 16; on an AMD EPYC
-(Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 16, by up to 3x."""
+(Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 32, by up to 3x."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 import torch.nn.functional as F
 
-KERNEL_MAX_ROWS = 16  # few_rows_linear takes 1 to 16 rows (FEW_ROWS in cpu_kernels.cpp)
+KERNEL_MAX_ROWS = 32  # few_rows_linear takes 1 to 32 rows (MANY_ROWS in cpu_kernels.cpp)
 CALIBRATION_BYTES = 512 * 2**20  # weights timed at start-up: more than a CPU's cache, so read from DRAM as served
 MARGIN = 0.1  # the kernel is taken at a row count only when 10% faster: timing noise does not flip paths
 
@@ -54,8 +55,8 @@ def calibration_weights(weights: Weights, budget: int = CALIBRATION_BYTES) -> li
     return out
 
 
-def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int = 3,
-                    close: float = 0.3) -> dict[int, tuple[float, float]]:
+def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int = 2,
+                    close: float = 0.2) -> dict[int, tuple[float, float]]:
     """Seconds of one pass over ``weights`` with x of each row count: (torch's F.linear, the
     kernel's), the two paths alternated so that a slow stretch of the machine slows both. A count
     whose paths are within ``close`` of each other is timed again, up to ``rounds`` passes each,

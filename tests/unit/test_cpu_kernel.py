@@ -292,11 +292,12 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
 
 @needs_kernel
 @each_variant
-@pytest.mark.parametrize("rows", range(1, 17))
+@pytest.mark.parametrize("rows", range(1, 33))
 def test_few_rows_linear_matches_torch(variant, rows):
-    """Every row count the kernel takes, inputs off its vector width (I % 8) and an odd number of
-    outputs (its last pair is one row twice), with and without a bias, and a strided x (rows of a
-    wider buffer); the prefetches run past a weight row's end."""
+    """Every row count the kernel takes (two paths: up to 16 rows, and tiles of 17 to 32), inputs
+    off its vector width (I % 8), numbers of outputs off its pairs and tiles (the last is computed
+    with a row repeated), with and without a bias, and a strided x (rows of a wider buffer); the
+    prefetches run past a weight row's end."""
     gen = torch.Generator().manual_seed(rows)
     few_rows_linear = variant_module(variant).few_rows_linear
     for out_features, in_features in ((1728, 576), (577, 1540), (1, 7), (33, 8)):
@@ -307,8 +308,8 @@ def test_few_rows_linear_matches_torch(variant, rows):
         for b in (None, bias):
             got = few_rows_linear(x, w, torch.empty(0) if b is None else b)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match="1 to 16 rows"):
-        few_rows_linear(torch.randn(17, 8), torch.randn(4, 8), torch.empty(0))
+    with pytest.raises(RuntimeError, match="1 to 32 rows"):
+        few_rows_linear(torch.randn(33, 8), torch.randn(4, 8), torch.empty(0))
     with pytest.raises(RuntimeError, match="float32"):
         few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0))
 
@@ -330,23 +331,23 @@ def test_base_linear_takes_the_kernel_at_exactly_its_row_counts():
     from loramux.server.ops.linear import select_base_linear
 
     kernels = RecordingKernels()
-    linear = select_base_linear(kernels, {1, 4, 16})
+    linear = select_base_linear(kernels, {1, 4, 16, 32})
     w, bias = torch.randn(5, 4), torch.randn(5)
-    for rows in (1, 2, 4, 15, 16, 17, 32):
+    for rows in (1, 2, 4, 15, 16, 17, 32, 33):
         x = torch.randn(rows, 4)
         torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
         torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
     linear(torch.randn(4, 4, dtype=torch.float64), w.double())
     linear(torch.randn(4, 4), torch.randn(4, 5).T)
-    assert kernels.calls == [1, 1, 4, 4, 16, 16]
+    assert kernels.calls == [1, 1, 4, 4, 16, 16, 32, 32]
     assert select_base_linear(kernels, ()) is torch.nn.functional.linear
-    with pytest.raises(ValueError, match="1 to 16 rows"):
+    with pytest.raises(ValueError, match="1 to 32 rows"):
         select_base_linear(kernels, {0, 3})
-    with pytest.raises(ValueError, match="1 to 16 rows"):
-        select_base_linear(kernels, {17})
+    with pytest.raises(ValueError, match="1 to 32 rows"):
+        select_base_linear(kernels, {33})
 
 
-@given(st.dictionaries(st.integers(1, 16), st.tuples(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))),
+@given(st.dictionaries(st.integers(1, 32), st.tuples(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))),
        st.floats(0.0, 0.5))
 def test_faster_rows_are_the_counts_the_kernel_wins_by_the_margin(timings, margin):
     from loramux.server.ops.linear import faster_rows
@@ -364,7 +365,7 @@ def test_calibration_times_both_paths_and_keeps_the_faster():
 
     from loramux.server.ops.linear import faster_rows, time_row_counts
 
-    fast = {1, 5, 16}
+    fast = {1, 5, 16, 30}
 
     class Kernels(RecordingKernels):
         def few_rows_linear(self, x, w, b):
@@ -376,9 +377,9 @@ def test_calibration_times_both_paths_and_keeps_the_faster():
     kernels = Kernels()
     gen = torch.Generator().manual_seed(0)
     weights = [(torch.randn(768, 512, generator=gen), None), (torch.randn(512, 768, generator=gen), torch.randn(512))]
-    timings = time_row_counts(kernels, weights, range(1, 17))
-    assert sorted(timings) == list(range(1, 17)) and all(t > 0 and k > 0 for t, k in timings.values())
-    assert set(kernels.calls) == set(range(1, 17))
+    timings = time_row_counts(kernels, weights, range(1, 33))
+    assert sorted(timings) == list(range(1, 33)) and all(t > 0 and k > 0 for t, k in timings.values())
+    assert set(kernels.calls) == set(range(1, 33))
     assert faster_rows(timings) == fast
 
 
