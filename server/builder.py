@@ -23,7 +23,15 @@ from .models import serving_model_class
 from .ops import cpu_isa, select_backend
 from .ops.attention import select_decode_attention
 from .ops.cpu_kernel import load_kernels
-from .ops.linear import KERNEL_MAX_ROWS, calibration_weights, faster_rows, select_base_linear, time_row_counts
+from .ops.linear import (
+    KERNEL_MAX_ROWS,
+    calibration_budget,
+    calibration_weights,
+    faster_rows,
+    last_level_cache_bytes,
+    select_base_linear,
+    time_row_counts,
+)
 from .runner import ModelRunner
 from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp
 
@@ -97,11 +105,13 @@ def base_linear_rows(config: ServerConfig, loaded: LoadedModel, kernels, model) 
     if config.base_linear == "kernel":
         return frozenset(range(1, KERNEL_MAX_ROWS + 1))
     start = time.perf_counter()
-    timings = time_row_counts(kernels, calibration_weights(model.base_projections()), range(1, KERNEL_MAX_ROWS + 1))
+    weights = calibration_weights(model.base_projections(), calibration_budget(last_level_cache_bytes()))
+    timings = time_row_counts(kernels, weights, range(1, KERNEL_MAX_ROWS + 1))
     rows = faster_rows(timings)
-    log.info("base projections timed at 1-%d rows in %.1f s: the C++ kernel at %s, torch's matmul otherwise "
-             "(kernel/torch time: %s)", KERNEL_MAX_ROWS, time.perf_counter() - start, format_rows(rows) or "none",
-             " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
+    log.info("base projections timed at 1-%d rows over %.0f MiB of weights in %.1f s: the C++ kernel at %s, "
+             "torch's matmul otherwise (kernel/torch time: %s)", KERNEL_MAX_ROWS,
+             sum(w.numel() * w.element_size() for w, _ in weights) / 2**20, time.perf_counter() - start,
+             format_rows(rows) or "none", " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
     return rows
 
 

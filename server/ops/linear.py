@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 KERNEL_MAX_ROWS = 32  # few_rows_linear takes 1 to 32 rows (MANY_ROWS in cpu_kernels.cpp)
-CALIBRATION_BYTES = 512 * 2**20  # weights timed at start-up: more than a CPU's cache, so read from DRAM as served
+# weights timed at start-up: four times the CPU's last-level cache, so that they come from DRAM as
+# when served, within these bounds (a pass over them costs 5 to 50 ms)
+CALIBRATION_BYTES = (128 * 2**20, 512 * 2**20)
 MARGIN = 0.1  # the kernel is taken at a row count only when 10% faster: timing noise does not flip paths
 
 Linear = Callable[..., torch.Tensor]  # linear(x [T, in], weight [out, in], bias [out] | None) -> [T, out]
@@ -43,7 +46,30 @@ def select_base_linear(kernels, rows: Collection[int]) -> Linear:
     return linear
 
 
-def calibration_weights(weights: Weights, budget: int = CALIBRATION_BYTES) -> list:
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of this CPU's outermost cache (Linux sysfs), or None where it is not known."""
+    best = None
+    for index in root.glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip().upper()
+            factor = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+            value = int(size.rstrip("KMG")) * factor
+        except (OSError, ValueError):
+            continue
+        if best is None or level > best[0] or (level == best[0] and value > best[1]):
+            best = (level, value)
+    return None if best is None else best[1]
+
+
+def calibration_budget(cache_bytes: int | None) -> int:
+    """Bytes of weights to time: 4x the last-level cache, within CALIBRATION_BYTES (the upper
+    bound where the cache is not known)."""
+    low, high = CALIBRATION_BYTES
+    return high if cache_bytes is None else min(high, max(low, 4 * cache_bytes))
+
+
+def calibration_weights(weights: Weights, budget: int) -> list:
     """The first of ``weights`` (in the order a step reads them) that add up to ``budget`` bytes,
     or all of them."""
     out, total = [], 0

@@ -245,7 +245,7 @@ def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog):
     assert rows(base_linear="kernel") == frozenset(range(1, 33))
     with caplog.at_level("INFO", logger="loramux.server.builder"):
         assert rows() <= frozenset(range(1, 33))
-    assert "base projections timed at 1-32 rows" in caplog.text
+    assert "base projections timed at 1-32 rows over" in caplog.text
     with pytest.raises(StartupError, match="--base-linear kernel needs a float32 model on a CPU .*bfloat16 on cpu"):
         rows(base_linear="kernel", dtype="bfloat16")
     assert rows(dtype="bfloat16") == frozenset()

@@ -383,9 +383,20 @@ def test_calibration_times_both_paths_and_keeps_the_faster():
     assert faster_rows(timings) == fast
 
 
-def test_calibration_weights_stop_at_the_budget():
-    from loramux.server.ops.linear import calibration_weights
+def test_calibration_weights_stop_at_the_budget(tmp_path):
+    """The first weights past the budget; the budget is 4x the outermost cache (the highest level
+    sysfs lists), within 128-512 MiB, and 512 MiB where sysfs says nothing."""
+    from loramux.server.ops.linear import calibration_budget, calibration_weights, last_level_cache_bytes
 
     weights = [(torch.empty(256), None)] * 10  # 1 KiB each
     assert len(calibration_weights(weights, budget=3000)) == 3  # the third crosses it
     assert len(calibration_weights(weights, budget=2**20)) == 10
+    for name, level, size in (("index0", 1, "32K"), ("index2", 2, "1024K"), ("index3", 3, "96M"), ("index4", "x", "1G")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(f"{level}\n")
+        (tmp_path / name / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 96 * 2**20
+    assert last_level_cache_bytes(tmp_path / "none") is None
+    mib = 2**20
+    assert [calibration_budget(c) for c in (None, 8 * mib, 32 * mib, 96 * mib, 480 * mib)] == \
+        [512 * mib, 128 * mib, 128 * mib, 384 * mib, 512 * mib]
