@@ -57,8 +57,7 @@ def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache
             value = int(size.rstrip("KMG")) * factor
         except (OSError, ValueError):
             continue
-        if best is None or level > best[0] or (level == best[0] and value > best[1]):
-            best = (level, value)
+        best = max(best or (level, value), (level, value))  # the highest level, the largest of it
     return None if best is None else best[1]
 
 
