@@ -25,6 +25,7 @@ from .ops.attention import select_decode_attention
 from .ops.cpu_kernel import load_kernels
 from .ops.linear import (
     KERNEL_MAX_ROWS,
+    TIMED_ROWS,
     calibration_budget,
     calibration_weights,
     faster_rows,
@@ -106,10 +107,10 @@ def base_linear_rows(config: ServerConfig, loaded: LoadedModel, kernels, model) 
         return frozenset(range(1, KERNEL_MAX_ROWS + 1))
     start = time.perf_counter()
     weights = calibration_weights(model.base_projections(), calibration_budget(last_level_cache_bytes()))
-    timings = time_row_counts(kernels, weights, range(1, KERNEL_MAX_ROWS + 1))
+    timings = time_row_counts(kernels, weights, TIMED_ROWS)
     rows = faster_rows(timings)
-    log.info("base projections timed at 1-%d rows over %.0f MiB of weights in %.1f s: the C++ kernel at %s, "
-             "torch's matmul otherwise (kernel/torch time: %s)", KERNEL_MAX_ROWS,
+    log.info("base projections timed at %s rows over %.0f MiB of weights in %.1f s: the C++ kernel at %s, "
+             "torch's matmul otherwise (kernel/torch time: %s)", format_rows(frozenset(TIMED_ROWS)),
              sum(w.numel() * w.element_size() for w, _ in weights) / 2**20, time.perf_counter() - start,
              format_rows(rows) or "none", " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
     return rows

@@ -84,7 +84,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")
     p.add_argument("--base-linear", default=d["base_linear"].default, choices=BASE_LINEARS,
-                   help="the base model's projections at 1 to 32 rows (decode steps of up to 32 requests, drafting rows) "
+                   help="the base model's projections at 1 to 64 rows (decode steps of up to 64 requests, drafting rows) "
                         "on a CPU with a float32 model: the C++ kernel or torch's matmul. auto = whichever ran "
                         "faster at each row count when timed on the model's weights at start-up (a few seconds); "
                         "kernel = the C++ kernel at every count; torch = torch's matmul always")

@@ -109,7 +109,7 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds running requests get after SIGTERM
     inject_fault: str | None = None  # testing hook: request:, fatal:, fatal-busy:<request id>; hang-read:, copy-fail:<adapter id>
     op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
-    base_linear: str = "auto"  # base projections of 1-32 rows (CPU, float32): auto (timed at start-up), kernel, torch
+    base_linear: str = "auto"  # base projections of 1-64 rows (CPU, float32): auto (timed at start-up), kernel, torch
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)
     log_level: str = "INFO"
     log_format: str = "text"

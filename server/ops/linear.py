@@ -1,13 +1,13 @@
 """The base model's projections: ``F.linear``, or on a CPU with the C++ kernels and a float32
 model, the kernel's path (``few_rows_linear``: up to 16 rows, each weight row streamed once
-against every row of x with the rows ahead prefetched; 17 to 32, tiles of weight rows by x rows
+against every row of x with the rows ahead prefetched; 17 to 64, tiles of weight rows by x rows
 with their sums in registers) for the row counts where it is faster on this CPU.
 
 Which counts those are depends on the CPU and on torch's BLAS there, so the server times both
 paths on the model's own weights at start-up (``time_row_counts``, ``faster_rows``). Measured
 (BENCHMARKS.md): on an Intel Xeon with AVX-512, the kernel won at 4 to 14 rows (torch's GEMM reads
 the weights from DRAM at half its one-row speed there) and lost at 1 to 3 and 16; on an AMD EPYC
-(Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 32, by up to 3x."""
+(Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 64, by up to 3x."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-KERNEL_MAX_ROWS = 32  # few_rows_linear takes 1 to 32 rows (MANY_ROWS in cpu_kernels.cpp)
+KERNEL_MAX_ROWS = 64  # few_rows_linear takes 1 to 64 rows (MANY_ROWS in cpu_kernels.cpp)
+# the row counts timed at start-up: each up to 32 (a default batch's decode steps; the paths' speeds
+# vary from count to count there), a few past it (drafting steps, larger batches)
+TIMED_ROWS = (*range(1, 33), 40, 48, 56, 64)
 # weights timed at start-up: four times the CPU's last-level cache, so that they come from DRAM as
 # when served, within these bounds (a pass over them costs 5 to 50 ms)
 CALIBRATION_BYTES = (128 * 2**20, 512 * 2**20)
@@ -109,5 +112,10 @@ def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int 
 
 
 def faster_rows(timings: dict[int, tuple[float, float]], margin: float = MARGIN) -> frozenset[int]:
-    """The row counts whose kernel pass took less than (1 - margin) of torch's."""
-    return frozenset(m for m, (torch_s, kernel_s) in timings.items() if kernel_s < (1 - margin) * torch_s)
+    """The row counts whose kernel pass took less than (1 - margin) of torch's, and the counts
+    between two timed ones (none timed between them) that both did."""
+    won = sorted(m for m, (torch_s, kernel_s) in timings.items() if kernel_s < (1 - margin) * torch_s)
+    timed = sorted(timings)
+    between = (m for lo, hi in zip(timed, timed[1:], strict=False) if lo in won and hi in won
+               for m in range(lo + 1, hi))
+    return frozenset((*won, *between))

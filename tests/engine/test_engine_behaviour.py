@@ -228,8 +228,8 @@ def test_refused_requests_are_not_counted_as_served(built):
 
 
 def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog):
-    """--base-linear: auto times both paths at start-up and logs its choice (some subset of 1-32),
-    kernel takes 1-32, torch none; kernel on a model the kernel cannot serve is a start-up error
+    """--base-linear: auto times both paths at start-up and logs its choice (some subset of 1-64),
+    kernel takes 1-64, torch none; kernel on a model the kernel cannot serve is a start-up error
     that names the flag."""
     from loramux.server.config import StartupError
     from loramux.server.ops.cpu_kernel import load_kernels
@@ -242,10 +242,10 @@ def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog):
         with pytest.raises(StartupError, match="--base-linear kernel needs .*kernels not built"):
             rows(base_linear="kernel")
         return
-    assert rows(base_linear="kernel") == frozenset(range(1, 33))
+    assert rows(base_linear="kernel") == frozenset(range(1, 65))
     with caplog.at_level("INFO", logger="loramux.server.builder"):
-        assert rows() <= frozenset(range(1, 33))
-    assert "base projections timed at 1-32 rows over" in caplog.text
+        assert rows() <= frozenset(range(1, 65))
+    assert "base projections timed at 1-32,40,48,56,64 rows over" in caplog.text
     with pytest.raises(StartupError, match="--base-linear kernel needs a float32 model on a CPU .*bfloat16 on cpu"):
         rows(base_linear="kernel", dtype="bfloat16")
     assert rows(dtype="bfloat16") == frozenset()

@@ -292,9 +292,9 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
 
 @needs_kernel
 @each_variant
-@pytest.mark.parametrize("rows", range(1, 33))
+@pytest.mark.parametrize("rows", [*range(1, 34), 47, 64])
 def test_few_rows_linear_matches_torch(variant, rows):
-    """Every row count the kernel takes (two paths: up to 16 rows, and tiles of 17 to 32), inputs
+    """Row counts the kernel takes (two paths: up to 16 rows, and tiles of 17 to 64), inputs
     off its vector width (I % 8), numbers of outputs off its pairs and tiles (the last is computed
     with a row repeated), with and without a bias, and a strided x (rows of a wider buffer); the
     prefetches run past a weight row's end."""
@@ -308,8 +308,8 @@ def test_few_rows_linear_matches_torch(variant, rows):
         for b in (None, bias):
             got = few_rows_linear(x, w, torch.empty(0) if b is None else b)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match="1 to 32 rows"):
-        few_rows_linear(torch.randn(33, 8), torch.randn(4, 8), torch.empty(0))
+    with pytest.raises(RuntimeError, match="1 to 64 rows"):
+        few_rows_linear(torch.randn(65, 8), torch.randn(4, 8), torch.empty(0))
     with pytest.raises(RuntimeError, match="float32"):
         few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0))
 
@@ -331,31 +331,36 @@ def test_base_linear_takes_the_kernel_at_exactly_its_row_counts():
     from loramux.server.ops.linear import select_base_linear
 
     kernels = RecordingKernels()
-    linear = select_base_linear(kernels, {1, 4, 16, 32})
+    linear = select_base_linear(kernels, {1, 4, 16, 64})
     w, bias = torch.randn(5, 4), torch.randn(5)
-    for rows in (1, 2, 4, 15, 16, 17, 32, 33):
+    for rows in (1, 2, 4, 15, 16, 17, 64, 65):
         x = torch.randn(rows, 4)
         torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
         torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
     linear(torch.randn(4, 4, dtype=torch.float64), w.double())
     linear(torch.randn(4, 4), torch.randn(4, 5).T)
-    assert kernels.calls == [1, 1, 4, 4, 16, 16, 32, 32]
+    assert kernels.calls == [1, 1, 4, 4, 16, 16, 64, 64]
     assert select_base_linear(kernels, ()) is torch.nn.functional.linear
-    with pytest.raises(ValueError, match="1 to 32 rows"):
+    with pytest.raises(ValueError, match="1 to 64 rows"):
         select_base_linear(kernels, {0, 3})
-    with pytest.raises(ValueError, match="1 to 32 rows"):
-        select_base_linear(kernels, {33})
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        select_base_linear(kernels, {65})
 
 
-@given(st.dictionaries(st.integers(1, 32), st.tuples(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))),
+@given(st.dictionaries(st.integers(1, 64), st.tuples(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))),
        st.floats(0.0, 0.5))
 def test_faster_rows_are_the_counts_the_kernel_wins_by_the_margin(timings, margin):
+    """Each timed count by its own timing; an untimed one between two timed ones when both won."""
     from loramux.server.ops.linear import faster_rows
 
     rows = faster_rows(timings, margin)
-    assert rows <= timings.keys()
-    for m, (torch_s, kernel_s) in timings.items():
-        assert (m in rows) == (kernel_s < (1 - margin) * torch_s)
+    won = {m for m, (torch_s, kernel_s) in timings.items() if kernel_s < (1 - margin) * torch_s}
+    for m in range(1, 66):
+        if m in timings:
+            assert (m in rows) == (m in won)
+        else:
+            below, above = [t for t in timings if t < m], [t for t in timings if t > m]
+            assert (m in rows) == bool(below and above and max(below) in won and min(above) in won)
 
 
 def test_calibration_times_both_paths_and_keeps_the_faster():
@@ -363,9 +368,9 @@ def test_calibration_times_both_paths_and_keeps_the_faster():
     sleeps at the others is chosen at exactly the former; every count is timed on both paths."""
     import time
 
-    from loramux.server.ops.linear import faster_rows, time_row_counts
+    from loramux.server.ops.linear import TIMED_ROWS, faster_rows, time_row_counts
 
-    fast = {1, 5, 16, 30}
+    fast = {1, 5, 16, 30, 48, 56}
 
     class Kernels(RecordingKernels):
         def few_rows_linear(self, x, w, b):
@@ -377,10 +382,10 @@ def test_calibration_times_both_paths_and_keeps_the_faster():
     kernels = Kernels()
     gen = torch.Generator().manual_seed(0)
     weights = [(torch.randn(768, 512, generator=gen), None), (torch.randn(512, 768, generator=gen), torch.randn(512))]
-    timings = time_row_counts(kernels, weights, range(1, 33))
-    assert sorted(timings) == list(range(1, 33)) and all(t > 0 and k > 0 for t, k in timings.values())
-    assert set(kernels.calls) == set(range(1, 33))
-    assert faster_rows(timings) == fast
+    timings = time_row_counts(kernels, weights, TIMED_ROWS)
+    assert sorted(timings) == list(TIMED_ROWS) and all(t > 0 and k > 0 for t, k in timings.values())
+    assert set(kernels.calls) == set(TIMED_ROWS)
+    assert faster_rows(timings) == fast | set(range(49, 56))  # between two timed counts that won
 
 
 def test_calibration_weights_stop_at_the_budget(tmp_path):

@@ -1145,9 +1145,9 @@ static void few_rows(float* y, const float* x, const float* w, const float* bias
 // rows by RM rows of x, their RO * RM sums in registers across `I`, so each weight row is read
 // from memory once (then from L1 for the block's other x rows) and each x value once a tile.
 // RO x RM = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4 elsewhere (16). On an AMD
-// EPYC (Zen 4) this ran the default model's 32-row decode linears in 0.6-0.75x torch's time
+// EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears in 0.6-0.9x torch's time
 // (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows does.
-constexpr int MANY_ROWS = 32;
+constexpr int MANY_ROWS = 64;
 #if defined(__AVX512F__)
 constexpr int TILE_O = 6;
 #else
