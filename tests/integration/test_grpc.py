@@ -137,6 +137,9 @@ def test_tokenize_gives_the_prompt_tokens_generate_sees_and_detokenize_their_tex
     assert len(chat.token_ids) == server.client.generate(messages=msgs, adapter_id="all-r8",
                                                          sampling=Sampling(max_new_tokens=1)).prompt_tokens
     assert chat.token_strs == []
+    # this tokenizer adds no special tokens of its own: asking for them renders, then tokenizes, the same
+    assert server.client.tokenize(messages=msgs, adapter_id="all-r8", add_special_tokens=True).token_ids == \
+        chat.token_ids
     bare = server.client.tokenize(messages=msgs, add_generation_prompt=False).token_ids
     assert len(bare) < len(chat.token_ids) and chat.token_ids[: len(bare)] == bare
     assert server.client.tokenize("").token_ids == []

@@ -1141,10 +1141,10 @@ static void few_rows(float* y, const float* x, const float* w, const float* bias
   });
 }
 
-// More rows (FEW_ROWS < M <= MANY_ROWS: a batch's decode step, drafting rows): tiles of RO weight
-// rows by RM rows of x, their RO * RM sums in registers across `I`, so each weight row is read
+// More rows (FEW_ROWS < M <= MANY_ROWS: a batch's decode step, drafting rows): tiles of TILE_O
+// weight rows by TILE_M rows of x, their sums in registers across `I`, so each weight row is read
 // from memory once (then from L1 for the block's other x rows) and each x value once a tile.
-// RO x RM = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4 elsewhere (16). On an AMD
+// TILE_O x TILE_M = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4 elsewhere (16). On an AMD
 // EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears in 0.6-0.9x torch's time
 // (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows does.
 constexpr int MANY_ROWS = 64;
