@@ -59,9 +59,7 @@ def structured_from_pb(s: pb.StructuredOutput) -> StructuredOutput:
 
 
 def prompt_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
-    if isinstance(req, pb.TokenizeRequest) and req.prompt and req.messages:
-        raise RequestInvalid("set exactly one of prompt and messages")
-    ids = tuple(req.prompt_token_ids) if isinstance(req, pb.GenerateRequest) else ()
+    ids = tuple(getattr(req, "prompt_token_ids", ()))  # TokenizeRequest has none
     return Prompt(req.prompt, ids, tuple((m.role, m.content) for m in req.messages))
 
 

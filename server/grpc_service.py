@@ -115,7 +115,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             prompt_from_pb(request), request.adapter_id or None,
             request.add_special_tokens if request.HasField("add_special_tokens") else None,
             request.add_generation_prompt if request.HasField("add_generation_prompt") else True)
-        strs = self.service.ready().tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else []
+        strs = self.service.token_strings(ids) if request.return_token_strs else []
         return pb.TokenizeResponse(token_ids=ids, token_strs=strs, max_model_len=self.service.config.max_model_len)
 
     @unary

@@ -220,16 +220,14 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     async def tokenize(body: TokenizeRequest):
         ids = await service.tokenize(body.to_domain(), adapter_of(body.model or service.model_name),
                                      body.add_special_tokens, body.add_generation_prompt)
-        strs = service.ready().tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        strs = service.token_strings(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize", dependencies=[Depends(authorized)])
     @app.post("/v1/detokenize", dependencies=[Depends(authorized)], include_in_schema=False)
     @errors_as_responses
     async def detokenize(body: DetokenizeRequest):
-        if body.model and (adapter := adapter_of(body.model)):
-            service.check_model(adapter)
-        return {"prompt": service.detokenize(body.tokens)}
+        return {"prompt": service.detokenize(body.tokens, adapter_of(body.model or service.model_name))}
 
     async def respond(prompts, sampling, body, kind: str):
         tools = body.tool_calls() if kind == "chat" else None

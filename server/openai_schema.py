@@ -537,13 +537,14 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
     def to_domain(self) -> Prompt:
-        if (self.prompt is None) == (self.messages is None):
+        """Both given is refused by Service.tokenize, for both APIs."""
+        if self.prompt is None and self.messages is None:
             raise RequestInvalid("set exactly one of prompt and messages", param="prompt")
-        if self.prompt is not None:
-            if self.tools:
-                raise RequestInvalid("tools go with messages", param="tools")
-            return Prompt(text=self.prompt)
-        return Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages),
+        if self.tools and self.messages is None:
+            raise RequestInvalid("tools go with messages", param="tools")
+        return Prompt(text=self.prompt or "",
+                      messages=tuple(("system" if m.role == "developer" else m.role, m.text())
+                                     for m in self.messages or ()),
                       tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()))
 
 

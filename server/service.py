@@ -129,6 +129,8 @@ class Service:
         the base model or an adapter (all share the base model's tokenizer). An empty text is
         tokenized too: no tokens, or the tokenizer's special ones."""
         self.ready()
+        if prompt.text and prompt.messages:
+            raise RequestInvalid("set exactly one of prompt and messages", param="prompt")
         if adapter_id:
             self.check_model(adapter_id)
         parts = (prompt.text, [], list(prompt.messages))
@@ -137,9 +139,15 @@ class Service:
         return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
                                    add_special_tokens, add_generation_prompt)
 
-    def detokenize(self, token_ids: list[int]) -> str:
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each id's token as the tokenizer writes it (vLLM's token_strs)."""
+        return self.ready().tokenizer.convert_ids_to_tokens(token_ids)
+
+    def detokenize(self, token_ids: list[int], adapter_id: str | None = None) -> str:
         """Token ids -> text (special tokens kept), each id in the model's vocabulary."""
         built = self.ready()
+        if adapter_id:
+            self.check_model(adapter_id)
         vocab = built.engine.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:

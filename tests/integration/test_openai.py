@@ -856,6 +856,8 @@ def test_tokenize_counts_the_tokens_generation_sees_and_detokenize_inverts_it(os
         return r.status_code, r.json()["error"]["message"]
 
     assert refusal("tokenize", {"model": "no-such-adapter", "prompt": "x"})[0] == 404
+    assert refusal("detokenize", {"model": "no-such-adapter", "tokens": [1]})[0] == 404
+    assert httpx.post(f"{root}/detokenize", json={"model": "all-r8", "tokens": got["tokens"]}).json() == {"prompt": text}
     status, message = refusal("tokenize", {"prompt": "x", "messages": messages})
     assert status == 400 and "exactly one of prompt and messages" in message
     status, message = refusal("tokenize", {"prompt": "x" * 300_001})
