@@ -35,6 +35,17 @@ def test_the_op_runs_on_alternate_steps_and_pairs_are_adjacent(monkeypatch):
     assert [(round(p.overhead, 6), round(p.floor, 6)) for p in alt.pairs()] == [(-0.3, 0.2), (-0.4, 0.2)]
 
 
+def test_prefill_pairs_are_adjacent_full_prefill_steps():
+    alt = AlternatingLoRA(lambda *a: None, full_batch=4, prefill_tokens=512)
+    # a partial prefill step, then full ones; a decode step and a mixed one are not recorded
+    for seconds, prefill, decode in [(0.5, 256, 0), (0.8, 512, 0), (0.7, 512, 0), (0.1, 0, 4), (0.9, 512, 0),
+                                     (0.75, 512, 0), (0.6, 508, 4)]:
+        alt.step(stats(seconds, prefill, decode))
+    assert [(on, s) for on, s, _ in alt.steps] == [(False, 0.8), (True, 0.7), (True, 0.9), (False, 0.75)]
+    # the first pair is the LoRA step 0.1 s faster; the second 0.15 s slower, over a base step of 0.75
+    assert [(round(p.overhead, 6), p.base) for p in alt.pairs()] == [(-0.1, 0.8), (0.15, 0.75)]
+
+
 def test_a_gap_in_the_recorded_steps_leaves_an_unmatched_pair_out():
     alt = AlternatingLoRA(lambda *a: None, full_batch=4)
     for seconds, decode in [(1.2, 4), (1.0, 3), (1.1, 4), (1.0, 4)]:
