@@ -102,8 +102,10 @@ class Pair:
 
 class AlternatingLoRA(EngineObserver):
     """Stands in for the runner's LoRA op and skips it on every other step, so that adjacent
-    steps of one run (a few hundred ms apart) differ by the LoRA work alone; after each such step,
-    on the engine thread (the engine's own threads), it reads the floor buffer once. The VM's speed
+    steps of one run (a few hundred ms apart) differ by the LoRA work alone. It records the
+    full-batch decode steps (or, with ``prefill_tokens``, the prefill-only steps of that many
+    tokens); after each, on the engine thread (the engine's own threads), it reads the floor
+    buffer once, if it has one. The VM's speed
     drifts by more than the whole overhead between runs of a few seconds; adjacent steps and the
     reads between them share it. The skipped steps' tokens are wrong, which a timing run does not
     read."""
@@ -111,7 +113,7 @@ class AlternatingLoRA(EngineObserver):
     def __init__(self, op, full_batch: int, floor_buf: torch.Tensor | None = None, prefill_tokens: int = 0):
         self.op, self.full_batch, self.floor_buf, self.on = op, full_batch, floor_buf, True
         self.prefill_tokens = prefill_tokens  # > 0: record prefill-only steps of that many tokens instead
-        # (LoRA computed, seconds, floor read after it) of each full-batch decode step
+        # (LoRA computed, seconds, floor read after it: NaN without a buffer) of each recorded step
         self.steps: list[tuple[bool, float, float]] = []
 
     def __call__(self, *args, **kwargs):
