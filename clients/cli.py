@@ -9,6 +9,7 @@ import grpc
 
 from .bench import add_bench_command
 from .client import LoraMuxClient
+from .runs import row_runs
 from .types import Sampling
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -112,7 +113,7 @@ def cmd_info(args) -> int:
     with LoraMuxClient(args.server) as client:
         info = client.server_info()
     for k, v in info.__dict__.items():
-        print(f"{k}: {v}")
+        print(f"{k}: {(row_runs(v) or 'none') if k == 'base_kernel_rows' else v}")
     return 0
 
 

@@ -15,6 +15,7 @@ from ..adapters.errors import AdapterError
 from ..adapters.host_cache import HostCache
 from ..adapters.manager import AdapterManager
 from ..adapters.registry import AdapterRegistry
+from ..clients.runs import row_runs
 from .config import ServerConfig, StartupError
 from .engine import Engine, adapter_fault_injector, fault_injector
 from .kv_cache import PagedKVCache
@@ -110,21 +111,10 @@ def base_linear_rows(config: ServerConfig, loaded: LoadedModel, kernels, model) 
     timings = time_row_counts(kernels, weights, TIMED_ROWS)
     rows = faster_rows(timings)
     log.info("base projections timed at %s rows over %.0f MiB of weights in %.1f s: the C++ kernel at %s, "
-             "torch's matmul otherwise (kernel/torch time: %s)", format_rows(frozenset(TIMED_ROWS)),
+             "torch's matmul otherwise (kernel/torch time: %s)", row_runs(TIMED_ROWS),
              sum(w.numel() * w.element_size() for w, _ in weights) / 2**20, time.perf_counter() - start,
-             format_rows(rows) or "none", " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
+             row_runs(rows) or "none", " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
     return rows
-
-
-def format_rows(rows: frozenset[int]) -> str:
-    """{1, 2, 3, 5, 8, 9} -> "1-3,5,8-9"."""
-    runs: list[list[int]] = []
-    for m in sorted(rows):
-        if runs and m == runs[-1][1] + 1:
-            runs[-1][1] = m
-        else:
-            runs.append([m, m])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 @in_passing_thread

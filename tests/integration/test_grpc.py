@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from loramux.clients.aio import AsyncLoraMuxClient
+from loramux.clients.runs import row_runs
 from loramux.clients.types import Sampling
 
 from helpers import build_adapter, peft_generate, peft_logprobs
@@ -68,6 +69,10 @@ def test_server_info_and_adapters(server, tiny_adapters):
         set(info.base_kernel_rows) <= set(range(1, 65))
     if info.op_backend == "torch":
         assert info.base_kernel_rows == ()
+    # `loramux info` prints them as runs ("4-16,19")
+    shown = subprocess.run([sys.executable, "-m", "loramux.server.cli", "info", "--server", server.target],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert f"base_kernel_rows: {row_runs(info.base_kernel_rows) or 'none'}\n" in shown, shown
     listed = {a.adapter_id: a for a in server.client.list_adapters()}
     assert set(listed) == set(tiny_adapters)
     assert listed["attn-r64"].rank == 64 and set(listed["attn-r4"].target_modules) == {"q_proj", "v_proj"}
