@@ -812,9 +812,12 @@ def test_echoed_choices_share_their_prompts_logprobs_and_its_blocks(oserver):
     hits = oserver.metrics()["loramux_prefix_cache_hit_tokens_total"] - before
     assert hits >= 2 * 2 * 32 - 32  # the second prompt's others, and the first's (its blocks seen before)
     head = single.choices[0].logprobs.token_logprobs[:40]
+    # equal to float32 rounding: alone or in a batch, a prompt row may take the C++ kernel's tile
+    # path or its per-row one (rows split across threads), which sum in different orders
+    tol = 1e-4
     for c in got.choices:
         assert c.logprobs.token_logprobs[0] is None and len(c.logprobs.token_logprobs) == 43
-    assert all(c.logprobs.token_logprobs[:40] == pytest.approx(head, abs=1e-5) for c in got.choices[:3])
+    assert all(c.logprobs.token_logprobs[:40] == pytest.approx(head, abs=tol) for c in got.choices[:3])
     assert all(c.logprobs.token_logprobs[:40] == got.choices[3].logprobs.token_logprobs[:40] for c in got.choices[4:])
     chunks = list(oserver.oa.completions.create(model="all-r8", prompt=prompts, n=3, echo=True, logprobs=1,
                                                 max_tokens=3, temperature=0, stream=True))
@@ -825,7 +828,7 @@ def test_echoed_choices_share_their_prompts_logprobs_and_its_blocks(oserver):
     assert sorted(firsts) == list(range(6))
     for i, first in firsts.items():
         assert first.text.startswith(got.choices[i].text[:10]) and first.logprobs.token_logprobs[:40] == \
-            pytest.approx(got.choices[i].logprobs.token_logprobs[:40], abs=1e-5)
+            pytest.approx(got.choices[i].logprobs.token_logprobs[:40], abs=tol)
     wait_idle(oserver)
 
 
