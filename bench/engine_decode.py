@@ -133,8 +133,8 @@ class AlternatingLoRA(EngineObserver):
     def pairs(self) -> list[Pair]:
         """Adjacent recorded steps, one with LoRA and one without."""
         s = self.steps
-        return [Pair(a[1] - b[1] if a[0] else b[1] - a[1], (a[2] + b[2]) / 2, b[1] if a[0] else a[1])
-                for a, b in zip(s[:-1:2], s[1::2], strict=True) if a[0] != b[0]]
+        pairs = [(a, b) if a[0] else (b, a) for a, b in zip(s[:-1:2], s[1::2], strict=True) if a[0] != b[0]]
+        return [Pair(on[1] - off[1], (on[2] + off[2]) / 2, off[1]) for on, off in pairs]
 
 
 def page_runs(pages: torch.Tensor) -> list[tuple[int, int]]:

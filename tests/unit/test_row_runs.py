@@ -7,12 +7,9 @@ from hypothesis import strategies as st
 from loramux.clients.runs import row_runs
 
 
-def expand(text: str) -> set[int]:
-    out = set()
-    for part in filter(None, text.split(",")):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
+def runs_of(text: str) -> list[tuple[int, int]]:
+    """"1-3,5" -> [(1, 3), (5, 5)]."""
+    return [(int(lo), int(hi or lo)) for lo, _, hi in (p.partition("-") for p in filter(None, text.split(",")))]
 
 
 def test_examples():
@@ -23,9 +20,8 @@ def test_examples():
 
 @given(st.sets(st.integers(1, 80)))
 def test_runs_name_exactly_the_rows_and_are_maximal(rows):
-    text = row_runs(rows)
-    assert expand(text) == rows
-    parts = [tuple(map(int, p.split("-"))) for p in filter(None, text.split(","))]
-    ends = [(p[0], p[-1]) for p in parts]
-    # ascending, and no two runs that touch (they would be one run)
-    assert all(a[1] + 1 < b[0] for a, b in zip(ends, ends[1:], strict=False))
+    runs = runs_of(row_runs(rows))
+    assert {m for lo, hi in runs for m in range(lo, hi + 1)} == rows
+    # each run ascending, the runs ascending, and no two that touch (they would be one run)
+    assert all(lo <= hi for lo, hi in runs)
+    assert all(a[1] + 1 < b[0] for a, b in zip(runs, runs[1:], strict=False))
