@@ -8,6 +8,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from loramux.adapters.config import parse_adapter_config
@@ -421,14 +423,14 @@ def test_an_untouched_file_is_not_hashed_again(tmp_path, monkeypatch):
     assert inspect_adapter(path, LAYOUT, 8, 4).weights_identity is None  # written just now: hashed at every load
     monkeypatch.setattr(loader, "RACY_NS", 0)  # as if the file had been written long ago
     manifest = inspect_adapter(path, LAYOUT, 8, 4)
-    hashed, sha256 = [], hashlib.sha256
-    monkeypatch.setattr(hashlib, "sha256", lambda data: hashed.append(1) or sha256(data))
-    load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
-    assert hashed == []
     weights = path / "adapter_model.safetensors"
+    hashed, sha256, size = [], hashlib.sha256, weights.stat().st_size
+    monkeypatch.setattr(hashlib, "sha256", lambda data: hashed.append(len(data) == size) or sha256(data))
+    load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
+    assert True not in hashed  # (the header's few bytes are checked against registration's)
     weights.write_bytes(weights.read_bytes())  # rewritten with the same bytes: hashed, and accepted
     load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
-    assert hashed == [1]
+    assert hashed.count(True) == 1
     save_file({k: v * 2 for k, v in load_file(weights).items()}, weights)
     with pytest.raises(loader.AdapterChanged):
         load_adapter(path, LAYOUT, 8, torch.float32, manifest=manifest)
@@ -557,3 +559,71 @@ def test_the_converted_cache_keeps_to_its_bound_least_recently_used_first(tmp_pa
     assert tiny.size_bytes == 0 and not cache.path("h3", torch.float32).exists()
     tiny.write("h4", torch.float32, weights)
     assert not tiny.path("h4", torch.float32).exists()
+
+
+_FILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ranks=st.lists(st.integers(1, 8), min_size=4, max_size=4), dtype=st.sampled_from(_FILE_DTYPES),
+       rslora=st.booleans(), alpha=st.integers(1, 32), q_alpha=st.none() | st.integers(1, 32),
+       targets=st.sampled_from((("q_proj", "v_proj"), ("q_proj",), ("v_proj",))), head=st.booleans())
+def test_a_planned_load_views_what_the_full_decode_reads(tmp_path_factory, monkeypatch, ranks, dtype, rslora,
+                                                        alpha, q_alpha, targets, head):
+    """A file registration validated is decoded by its plan (offsets recorded then): the same
+    modules, ranks, scalings and values as the full decode, whatever the ranks, dtype, scaling
+    and saved base layer. A file whose header changed under the same identity is decoded in full."""
+    from loramux.adapters import loader
+
+    monkeypatch.setattr(loader, "RACY_NS", 0)
+    base_head = torch.randint(-8, 8, (16, 8)) / 4  # exact in every file dtype
+    layout = dataclasses.replace(LAYOUT.with_head(8, 16), base_weight=lambda layer, kind: base_head)
+    gen = torch.Generator().manual_seed(sum(ranks) + alpha)
+    modules = [(f"model.layers.{i}.self_attn.{k}", LAYOUT.shapes[k]) for i in range(2) for k in targets]
+    tensors, pattern = {}, {}
+    for (name, (fin, fout)), r in zip(modules, ranks, strict=False):
+        pattern[name] = r
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, fin, generator=gen).to(dtype)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, r, generator=gen).to(dtype)
+    if head:  # with PEFT's saved copy of lm_head, which a planned load does not read
+        tensors["base_model.model.lm_head.lora_A.weight"] = torch.randn(3, 8, generator=gen).to(dtype)
+        tensors["base_model.model.lm_head.lora_B.weight"] = torch.randn(16, 3, generator=gen).to(dtype)
+        pattern["lm_head"] = 3
+        tensors["base_model.model.lm_head.base_layer.weight"] = base_head.to(dtype)
+    config = {**BASE, "r": 8, "lora_alpha": alpha, "use_rslora": rslora, "rank_pattern": pattern,
+              "target_modules": [*targets, *(["lm_head"] if head else [])],
+              "alpha_pattern": {} if q_alpha is None else {"q_proj": q_alpha}}
+    path = write_adapter(tmp_path_factory.mktemp("plan"), config=config, tensors=tensors)
+    manifest = inspect_adapter(path, layout, 8, 4)
+    assert manifest.tensors is not None
+    planned = loader.decode_adapter(path, layout, 8, manifest=manifest)
+    full = loader.decode_adapter(path, layout, 8)
+
+    def same(x, y):
+        assert (x.rank, x.modules, x.names, x.scales, x.magnitudes) == (y.rank, y.modules, y.names, y.scales,
+                                                                       y.magnitudes)
+        for t, u in zip([*x.a, *x.b], [*y.a, *y.b], strict=True):
+            assert t.dtype == u.dtype and torch.equal(t, u)
+
+    same(planned, full)
+    with monkeypatch.context() as m:  # the plan is what served it: with it gone, nothing matches names
+        m.setattr(loader, "_KEY", None)
+        same(loader.decode_adapter(path, layout, 8, manifest=manifest), full)
+    # another header, same identity (as if ctime had not moved): the full decode, which reads the new one
+    stale = dataclasses.replace(manifest, tensors=dataclasses.replace(manifest.tensors, header_sha256=bytes(32)))
+    same(loader.decode_adapter(path, layout, 8, manifest=stale), full)
+
+
+def test_adapters_a_plan_does_not_describe_are_decoded_in_full(tmp_path, monkeypatch):
+    """DoRA's magnitudes and A and B of two dtypes take the full decode; so does a file hashed
+    too soon after it was written to trust its identity."""
+    from loramux.adapters import loader
+
+    mixed = {k: v.half() if k.endswith("lora_B.weight") else v for k, v in lora_tensors().items()}
+    path = write_adapter(tmp_path / "mixed", tensors=mixed)
+    assert inspect_adapter(path, LAYOUT, 8, 4).tensors is None  # written just now: identity not trusted
+    monkeypatch.setattr(loader, "RACY_NS", 0)
+    assert inspect_adapter(path, LAYOUT, 8, 4).tensors is None
+    assert inspect_adapter(write_adapter(tmp_path / "plain"), LAYOUT, 8, 4).tensors is not None
+    dora = write_adapter(tmp_path / "dora", config={**BASE, "use_dora": True}, tensors=lora_tensors(dora=True))
+    assert inspect_adapter(dora, DORA_LAYOUT, 8, 4).tensors is None
