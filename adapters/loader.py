@@ -603,10 +603,10 @@ def _tensor_plan(data, header: dict[str, dict], spec: AdapterSpec, layout: LoRAL
         if m is not None:
             parts.setdefault(m["module"], {})[_part(m)] = info["data_offsets"]
             dtypes.add(info["dtype"])
-    if len(dtypes) != 1:
+    if len(dtypes) != 1 or parts.keys() != ranks.keys():
         return None
     size = SAFETENSORS_DTYPES[next(iter(dtypes))]
-    names = tuple(sorted(parts, key=layout.modules.__getitem__))
+    names = tuple(sorted(ranks, key=layout.modules.__getitem__))  # the manifest's own strings
     offsets = [offset for n in names for part in ("A", "B") for offset in parts[n][part]]
     if any(offset % size for offset in offsets):
         return None
