@@ -581,7 +581,7 @@ def test_a_planned_load_views_what_the_full_decode_reads(tmp_path_factory, monke
     gen = torch.Generator().manual_seed(sum(ranks) + alpha)
     modules = [(f"model.layers.{i}.self_attn.{k}", LAYOUT.shapes[k]) for i in range(2) for k in targets]
     tensors, pattern = {}, {}
-    for (name, (fin, fout)), r in zip(modules, ranks, strict=False):
+    for (name, (fin, fout)), r in zip(modules, ranks, strict=False):  # a rank each, the rest unused
         pattern[name] = r
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, fin, generator=gen).to(dtype)
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, r, generator=gen).to(dtype)
@@ -611,6 +611,7 @@ def test_a_planned_load_views_what_the_full_decode_reads(tmp_path_factory, monke
         same(loader.decode_adapter(path, layout, 8, manifest=manifest), full)
     # another header, same identity (as if ctime had not moved): the full decode, which reads the new one
     stale = dataclasses.replace(manifest, tensors=dataclasses.replace(manifest.tensors, header_sha256=bytes(32)))
+    assert loader._decode_planned(path, layout, path.resolve(), stale, None) is None
     same(loader.decode_adapter(path, layout, 8, manifest=stale), full)
 
 
