@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import AdapterInvalid, AdapterPathDenied
@@ -103,7 +104,7 @@ class AdapterFile:
             return buf
         return buf[:total]
 
-    def read_except(self, skip: list[tuple[int, int]], into: ReadBuffer | None = None) -> bytearray | memoryview:
+    def read_except(self, skip: Sequence[tuple[int, int]], into: ReadBuffer | None = None) -> bytearray | memoryview:
         """The file's bytes at the size it was opened with, but for the ``skip`` ranges (sorted,
         disjoint [start, end) byte offsets), which keep whatever the buffer held. Shorter if the
         file shrank meanwhile; a file that grew has a new identity, which the caller checks."""

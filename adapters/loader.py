@@ -605,7 +605,8 @@ def _tensor_plan(data, header: dict[str, dict], spec: AdapterSpec, layout: LoRAL
             dtypes.add(info["dtype"])
     if len(dtypes) != 1 or parts.keys() != ranks.keys():
         return None
-    size = SAFETENSORS_DTYPES[next(iter(dtypes))]
+    (dtype,) = dtypes
+    size = SAFETENSORS_DTYPES[dtype]
     names = tuple(sorted(ranks, key=layout.modules.__getitem__))  # the manifest's own strings
     offsets = [offset for n in names for part in ("A", "B") for offset in parts[n][part]]
     if any(offset % size for offset in offsets):
@@ -613,7 +614,7 @@ def _tensor_plan(data, header: dict[str, dict], spec: AdapterSpec, layout: LoRAL
     body = 8 + struct.unpack("<Q", data[:8])[0]
     skip = tuple(sorted((body + start, body + end) for key, info in header.items() if _BASE_KEY.match(key)
                         for start, end in [info["data_offsets"]]))
-    return TensorPlan(hashlib.sha256(data[:body]).digest(), body, TORCH_DTYPES[next(iter(dtypes))], names,
+    return TensorPlan(hashlib.sha256(data[:body]).digest(), body, TORCH_DTYPES[dtype], names,
                       array("q", [offset // size for offset in offsets]),
                       array("d", [spec.scaling(n, ranks[n]) for n in names]), skip)
 
@@ -626,7 +627,7 @@ def _decode_planned(adapter_dir: Path, layout: LoRALayout, confine: Path, manife
     with AdapterFile(adapter_dir, manifest.weights_name, confine) as f:
         if f.identity() != manifest.weights_identity:
             return None
-        data = f.read_except(list(plan.skip), read_buffer) if plan.skip else f.read(f.size, into=read_buffer)
+        data = f.read_except(plan.skip, read_buffer)  # the size it was opened with: a change shows below
         if len(data) != f.size or f.identity() != manifest.weights_identity:
             return None
     if hashlib.sha256(data[: plan.body]).digest() != plan.header_sha256:

@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from loramux.adapters import huge_pages  # noqa: E402
 from loramux.adapters.synthetic import ALL_PROJ  # noqa: E402
+from loramux.clients.runs import runs  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
 from loramux.server.engine import EngineObserver, StepStats  # noqa: E402
@@ -139,13 +140,7 @@ class AlternatingLoRA(EngineObserver):
 
 def page_runs(pages: torch.Tensor) -> list[tuple[int, int]]:
     """The distinct entries of ``pages`` as ascending [lo, hi) runs of consecutive page indices."""
-    p = torch.unique(pages).tolist()  # sorted
-    runs, lo = [], 0
-    for i in range(1, len(p) + 1):
-        if i == len(p) or p[i] != p[i - 1] + 1:
-            runs.append((p[lo], p[i - 1] + 1))
-            lo = i
-    return runs
+    return [(lo, hi + 1) for lo, hi in runs(pages.flatten().tolist())]
 
 
 class PageRead:

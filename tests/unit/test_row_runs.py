@@ -4,7 +4,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramux.clients.runs import row_runs
+from loramux.clients.runs import row_runs, runs
 
 
 def runs_of(text: str) -> list[tuple[int, int]]:
@@ -16,6 +16,7 @@ def test_examples():
     assert row_runs({1, 2, 3, 5, 8, 9}) == "1-3,5,8-9"
     assert row_runs(()) == ""
     assert row_runs((25, 3, 4)) == "3-4,25"
+    assert runs([9, 5, 3, 4, 3]) == [(3, 5), (9, 9)]  # repeats count once
 
 
 @given(st.sets(st.integers(1, 80)))
