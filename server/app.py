@@ -205,6 +205,9 @@ class App:
             while (engine.num_in_flight or engine.num_undelivered) and loop.time() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
         await self.server.stop(grace=max(1.0, deadline - loop.time()))
+        if self._metrics_server is not None:
+            # its thread sees the request at its next poll (up to 0.5 s later); nothing here waits for that
+            threading.Thread(target=self._metrics_server.shutdown, daemon=True).start()
         if self._http is not None:
             self._http.should_exit = True
             await self._http_task
@@ -212,8 +215,6 @@ class App:
             self.work.close()
         if self.built is not None:
             self.built.engine.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
 
     async def run(self) -> int:
         await self.start()

@@ -278,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level, config.log_format)
         from .app import serve
 
-        return serve(config)
+        code = serve(config)
+        # The server has stopped, flushed and closed all it owns. The interpreter's own teardown
+        # (torch's, grpc's, transformers') would take a second or more more, for nothing a stopped
+        # server needs, and a rolling restart waits on it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if args.command in ("train", "merge"):
         setup_logging("INFO", "text")
         return cmd_train(args) if args.command == "train" else cmd_merge(args)
