@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
         code = serve(config)
         # The server has stopped, flushed and closed all it owns. The interpreter's own teardown
-        # (torch's, grpc's, transformers') would take a second or more more, for nothing a stopped
+        # (torch's, grpc's, transformers') takes a second or more, for nothing a stopped
         # server needs, and a rolling restart waits on it.
         logging.shutdown()
         sys.stdout.flush()
