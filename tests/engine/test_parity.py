@@ -22,7 +22,7 @@ from loramux.server.requests import GenerationRequest, SamplingParams
 from helpers import peft_generate, pinned_base_linear
 
 NUM_REQUESTS = 24  # three per adapter and for the base model: six waves joining a decoding batch
-INTERPRETED_REQUESTS = 12  # Triton's interpreter (no GPU) is ~20x slower: three waves, every adapter still served
+INTERPRETED_REQUESTS = 8  # Triton's interpreter (no GPU) is ~20x slower: two waves, every adapter and the base model once
 MAX_NEW = 16
 
 
