@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from .ops.linear import (
     KERNEL_MAX_ROWS,
     TIMED_ROWS,
     calibration_budget,
+    calibration_key,
     calibration_weights,
     faster_rows,
     last_level_cache_bytes,
@@ -35,6 +37,7 @@ from .ops.linear import (
     time_row_counts,
 )
 from .runner import ModelRunner
+from .timing_cache import TimingCache
 from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp
 
 log = logging.getLogger(__name__)
@@ -108,13 +111,29 @@ def base_linear_rows(config: ServerConfig, loaded: LoadedModel, kernels, model) 
         return frozenset(range(1, KERNEL_MAX_ROWS + 1))
     start = time.perf_counter()
     weights = calibration_weights(model.base_projections(), calibration_budget(last_level_cache_bytes()))
-    timings = time_row_counts(kernels, weights, TIMED_ROWS)
+    cache, key = TimingCache(config.cache_dir / "timings"), calibration_key(kernels, weights)
+    timings = kept_timings(cache.get("base-linear", key))
+    if timings is not None:
+        when = f"on an earlier start ({cache.folder})"
+    else:
+        timings, when = time_row_counts(kernels, weights, TIMED_ROWS), f"in {time.perf_counter() - start:.1f} s"
+        cache.put("base-linear", key, {"timings": timings})
     rows = faster_rows(timings)
-    log.info("base projections timed at %s rows over %.0f MiB of weights in %.1f s: the C++ kernel at %s, "
+    log.info("base projections timed at %s rows over %.0f MiB of weights %s: the C++ kernel at %s, "
              "torch's matmul otherwise (kernel/torch time: %s)", row_runs(TIMED_ROWS),
-             sum(w.numel() * w.element_size() for w, _ in weights) / 2**20, time.perf_counter() - start,
+             sum(w.numel() * w.element_size() for w, _ in weights) / 2**20, when,
              row_runs(rows) or "none", " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
     return rows
+
+
+def kept_timings(value: dict | None) -> dict[int, tuple[float, float]] | None:
+    """A kept timing of every count in TIMED_ROWS, or None (none kept, or not in that form)."""
+    try:
+        timings = {int(m): (float(t), float(k)) for m, (t, k) in value["timings"].items()}
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+    ok = sorted(timings) == sorted(TIMED_ROWS) and all(0 < v < math.inf for tk in timings.values() for v in tk)
+    return timings if ok else None
 
 
 @in_passing_thread

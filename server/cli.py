@@ -52,7 +52,8 @@ def _combination(text: str) -> tuple[str, tuple[tuple[str, float], ...]]:
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig.__dataclass_fields__
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where converted models are cached")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="where converted models, and the start-up timings of --base-linear auto, are kept")
     p.add_argument("--host", default=d["host"].default)
     p.add_argument("--port", type=int, default=d["port"].default)
     p.add_argument("--http-port", type=int, default=d["http_port"].default,

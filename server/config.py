@@ -36,7 +36,7 @@ class StartupError(ValueError):
 @dataclass(frozen=True)
 class ServerConfig:
     model: str | None = None  # HF model folder, or a .gguf file; None: the embedded SmolLM2-135M-Instruct
-    cache_dir: Path = field(default_factory=default_cache_dir)  # converted default model lives here
+    cache_dir: Path = field(default_factory=default_cache_dir)  # the converted default model, start-up timings
     host: str = "127.0.0.1"
     port: int = 50051
     http_host: str | None = None  # None: the gRPC host

@@ -11,6 +11,8 @@ the weights from DRAM at half its one-row speed there) and lost at 1 to 3 and 16
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -62,6 +64,24 @@ def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache
             continue
         best = max(best or (level, value), (level, value))  # the highest level, the largest of it
     return None if best is None else best[1]
+
+
+def calibration_key(kernels, weights: Weights) -> dict:
+    """What a timing of ``weights`` depends on, for keeping it between starts (timing_cache.py):
+    the CPU (its name, cache, cores and torch's ISA), torch and its threads, the kernel's build,
+    the weights' shapes, and the counts timed."""
+    try:
+        names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    built = Path(kernels.__file__).stat()
+    return {"cpu": [names[0] if names else platform.processor(), platform.machine(), last_level_cache_bytes(),
+                    os.cpu_count(), torch.backends.cpu.get_cpu_capability()],
+            "torch": [torch.__version__, torch.get_num_threads()],
+            "kernel": [kernels.variant, built.st_size, built.st_mtime_ns],
+            "weights": [[*w.shape, str(w.dtype), b is not None] for w, b in weights],
+            "rows": list(TIMED_ROWS), "margin": MARGIN}
 
 
 def calibration_budget(cache_bytes: int | None) -> int:

@@ -1,6 +1,8 @@
 """Engine behaviour through its Python API: seeds, stops, EOS, cancellation, validation."""
 
 import asyncio
+import json
+import re
 
 import pytest
 
@@ -227,7 +229,7 @@ def test_refused_requests_are_not_counted_as_served(built):
     asyncio.run(main())
 
 
-def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog):
+def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog, tmp_path):
     """--base-linear: auto times both paths at start-up and logs its choice (some subset of 1-64),
     kernel takes 1-64, torch none; kernel on a model the kernel cannot serve is a start-up error
     that names the flag."""
@@ -235,7 +237,8 @@ def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog):
     from loramux.server.ops.cpu_kernel import load_kernels
 
     def rows(**kw):
-        return build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=8, **kw)).kernel_rows
+        return build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=8,
+                                         cache_dir=tmp_path, **kw)).kernel_rows
 
     assert rows(base_linear="torch") == frozenset()
     if load_kernels() is None:
@@ -245,7 +248,47 @@ def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog):
     assert rows(base_linear="kernel") == frozenset(range(1, 65))
     with caplog.at_level("INFO", logger="loramux.server.builder"):
         assert rows() <= frozenset(range(1, 65))
-    assert "base projections timed at 1-32,40,48,56,64 rows over" in caplog.text
+    assert re.search(r"base projections timed at 1-32,40,48,56,64 rows over \d+ MiB of weights in \d", caplog.text)
     with pytest.raises(StartupError, match="--base-linear kernel needs a float32 model on a CPU .*bfloat16 on cpu"):
         rows(base_linear="kernel", dtype="bfloat16")
     assert rows(dtype="bfloat16") == frozenset()
+
+
+def test_base_linear_timing_is_kept_between_starts(tiny_llama, caplog, tmp_path):
+    """--base-linear auto times once per machine, model and build: a second start takes the kept
+    timing (and the same rows); an entry that is damaged, or not of every timed count, is timed
+    again and replaced."""
+    from loramux.server.ops.cpu_kernel import load_kernels
+    from loramux.server.ops.linear import TIMED_ROWS
+
+    if load_kernels() is None:
+        pytest.skip("the C++ kernels are not built: nothing is timed")
+
+    def start() -> tuple[frozenset, bool]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="loramux.server.builder"):
+            rows = build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=8,
+                                             cache_dir=tmp_path)).kernel_rows
+        kept = re.search(r"base projections timed at \S+ rows over \d+ MiB of weights on an earlier start", caplog.text)
+        timed = re.search(r"base projections timed at \S+ rows over \d+ MiB of weights in \d", caplog.text)
+        assert bool(kept) != bool(timed), caplog.text
+        return rows, bool(kept)
+
+    _, kept = start()
+    assert not kept
+    [entry] = (tmp_path / "timings").glob("base-linear-*.json")
+    stored = json.loads(entry.read_text())
+    assert sorted(map(int, stored["value"]["timings"])) == sorted(TIMED_ROWS)
+    # the kept timings decide the rows: make the kernel win everywhere, and a second start serves it so
+    stored["value"]["timings"] = {m: [1.0, 0.5] for m in stored["value"]["timings"]}
+    entry.write_text(json.dumps(stored))
+    rows, kept = start()
+    assert kept and rows == frozenset(range(1, 65))
+    for damaged in ("{not json", json.dumps({**stored, "value": {"timings": {"1": [1.0, 0.5]}}}),
+                    json.dumps({**stored, "key": {**stored["key"], "torch": ["0.0", 1]}})):
+        entry.write_text(damaged)
+        _, kept = start()
+        assert not kept  # timed again (its rows are this moment's choice) ...
+        again = json.loads(entry.read_text())  # ... and the entry replaced by a whole one
+        assert again["key"] == stored["key"] and sorted(map(int, again["value"]["timings"])) == sorted(TIMED_ROWS)
+        assert again["value"]["timings"] != stored["value"]["timings"]
