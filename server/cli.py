@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from .config import BASE_LINEARS, DTYPES, OP_BACKENDS, TOOL_CALL_PARSERS, ServerConfig, default_cache_dir
@@ -280,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         from .app import serve
 
         code = serve(config)
-        # The server has stopped, flushed and closed all it owns. The interpreter's own teardown
-        # (torch's, grpc's, transformers') takes a second or more, for nothing a stopped
-        # server needs, and a rolling restart waits on it.
+        # The server has stopped. Its threads' last jobs finish as at any exit (a converted adapter
+        # being written, say); the interpreter's teardown after that (torch's, grpc's, transformers')
+        # takes a second or more, for nothing a stopped server needs, and a rolling restart waits on it.
+        for thread in threading.enumerate():
+            if not thread.daemon and thread is not threading.current_thread():
+                thread.join()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
