@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import random
 import statistics
 import time
@@ -17,6 +16,7 @@ import torch
 from loramux.adapters.synthetic import write_random_adapter
 from loramux.clients.stats import percentile, zipf_choices
 from loramux.server.engine import EngineObserver, StepStats
+from loramux.server.ops.linear import cpu_model_name
 from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.torch_threads import in_passing_thread
 
@@ -100,12 +100,10 @@ def cpu_name() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.machine())
+        info = ""
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     isa = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "")
-    return f"{model}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")
+    return f"{cpu_model_name()}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")
 
 
 @in_passing_thread

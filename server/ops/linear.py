@@ -66,18 +66,24 @@ def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache
     return None if best is None else best[1]
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), or what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def calibration_key(kernels, weights: Weights) -> dict:
     """What a timing of ``weights`` depends on, for keeping it between starts (timing_cache.py):
     the CPU (its name, cache, cores and torch's ISA), torch and its threads, the kernel's build,
     the weights' shapes, and the counts timed."""
-    try:
-        names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
     built = Path(kernels.__file__).stat()
-    return {"cpu": [names[0] if names else platform.processor(), platform.machine(), last_level_cache_bytes(),
-                    os.cpu_count(), torch.backends.cpu.get_cpu_capability()],
+    return {"cpu": [cpu_model_name(), platform.machine(), last_level_cache_bytes(), os.cpu_count(),
+                    torch.backends.cpu.get_cpu_capability()],
             "torch": [torch.__version__, torch.get_num_threads()],
             "kernel": [kernels.variant, built.st_size, built.st_mtime_ns],
             "weights": [[*w.shape, str(w.dtype), b is not None] for w, b in weights],
