@@ -49,18 +49,18 @@ def main() -> int:
         except RuntimeError:
             print((tmp / "server.log").read_text()[-2000:])  # the folder goes with the error
             raise
-        ids = tuple(f"a{i:02d}" for i in range(ADAPTERS))
+        def run(adapters: tuple[str, ...], seed: int) -> dict:
+            spec = LoadSpec(num_requests=args.requests, concurrency=args.concurrency, adapters=adapters,
+                            prompt_len=(args.length, args.length), output_len=(args.length, args.length),
+                            vocab=(100, SMALL["vocab_size"]), seed=seed)
+            row = load_row(server, spec)
+            assert not row["errors"], row["errors"]
+            return row
+
+        order = [("mixed", tuple(f"a{i:02d}" for i in range(ADAPTERS))), ("base", ())]
         ratios = []
         try:
             for pair in range(args.pairs):
-                def run(adapters, seed):
-                    spec = LoadSpec(num_requests=args.requests, concurrency=args.concurrency, adapters=adapters,
-                                    prompt_len=(args.length, args.length), output_len=(args.length, args.length),
-                                    vocab=(100, SMALL["vocab_size"]), seed=seed)
-                    row = load_row(server, spec)
-                    assert not row["errors"], row["errors"]
-                    return row
-                order = [("mixed", ids), ("base", ())]
                 rows = {name: run(a, 100 * pair + k) for k, (name, a) in enumerate(order[:: 1 - 2 * (pair % 2)])}
                 ratios.append(rows["mixed"]["tokens_per_s"] / rows["base"]["tokens_per_s"])
                 print(f"pair {pair}: mixed {rows['mixed']['tokens_per_s']:.1f} tok/s, base "
