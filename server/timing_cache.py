@@ -4,7 +4,8 @@ base projections' row counts took 8.6 s of a 14 s start of the default model on 
 
 An entry is a JSON file named by the digest of its key; the key is stored in it too and must match.
 A missing, unreadable or foreign file is a miss; a failed write is logged and costs nothing but
-the next start's timing. Delete the folder to time everything again."""
+the next start's timing. At most KEEP entries of a kind stay, the least recently used removed first
+(a kernel rebuild or another model makes new keys). Delete the folder to time everything again."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+KEEP = 64  # entries of a kind (a few KB each)
 
 
 def _name(kind: str, key: dict) -> str:
@@ -43,6 +46,10 @@ class TimingCache:
         if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)) or \
                 not isinstance(entry.get("value"), dict):
             return None
+        try:
+            os.utime(path)  # used: the last to be pruned
+        except OSError:
+            pass
         return entry["value"]
 
     def put(self, kind: str, key: dict, value: dict) -> None:
@@ -55,7 +62,18 @@ class TimingCache:
                 tmp = Path(f.name)
                 json.dump({"key": key, "value": value}, f)
             os.replace(tmp, self.path(kind, key))
+            self._prune(kind)
         except OSError as e:  # the timing holds for this start; only the next one times again
             log.info("could not keep the start-up timing in %s: %s", self.folder, e)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+
+    def _prune(self, kind: str) -> None:
+        entries = []
+        for path in self.folder.glob(f"{kind}-*.json"):
+            try:
+                entries.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:  # pruned by another server at the same moment
+                continue
+        for _, path in sorted(entries, reverse=True)[KEEP:]:
+            path.unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 one stops a start."""
 
 import json
+import os
 
+from loramux.server import timing_cache
 from loramux.server.timing_cache import TimingCache
 
 KEY = {"cpu": ["Some CPU", "x86_64", 2**20, 2, "AVX512"], "weights": [[64, 32, "torch.float32", False]]}
@@ -34,3 +36,17 @@ def test_a_failed_write_costs_only_the_entry(tmp_path, caplog):
     with caplog.at_level("INFO"):
         cache.put("base-linear", KEY, {"timings": {}})
     assert cache.get("base-linear", KEY) is None and "could not keep the start-up timing" in caplog.text
+
+
+def test_the_least_recently_used_entries_go_past_the_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(timing_cache, "KEEP", 3)
+    cache = TimingCache(tmp_path)
+    keys = [{**KEY, "n": i} for i in range(5)]
+    for i, key in enumerate(keys[:3]):
+        cache.put("base-linear", key, {"i": i})
+        os.utime(cache.path("base-linear", key), ns=(i * 10**9, i * 10**9))  # written in this order
+    assert cache.get("base-linear", keys[0]) == {"i": 0}  # used last: now the newest
+    cache.put("base-linear", keys[3], {"i": 3})
+    cache.put("other", keys[4], {"i": 4})  # another kind counts apart
+    assert [cache.get("base-linear", k) is not None for k in keys[:4]] == [True, False, True, True]
+    assert cache.get("other", keys[4]) == {"i": 4}
