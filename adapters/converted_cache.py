@@ -22,13 +22,13 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+from .files import write_atomically
 from .loader import LoRALayout, LoRAWeights, flat_numel
 
 log = logging.getLogger(__name__)
@@ -156,19 +156,10 @@ class ConvertedCache:
                      content_hash[:12], size)
             return
         path = self.path(content_hash, dtype)
-        tmp = None
         try:
-            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".tmp-", delete=False) as f:
-                tmp = Path(f.name)
-                f.write(head)
-                f.write(memoryview(weights.flat.view(torch.uint8).numpy()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomically(path, head, memoryview(weights.flat.view(torch.uint8).numpy()))
         except Exception as e:  # noqa: BLE001 - the adapter is loaded; only the cache entry is lost
             log.warning("could not store the converted adapter %s: %s", content_hash[:12], e)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
             return
         with self._lock:
             self._drop(path.name)

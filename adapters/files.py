@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,3 +152,20 @@ def read_adapter_file(adapter_dir: Path, name: str, confine: Path, limit: int, w
 
 def exists(adapter_dir: Path, name: str) -> bool:
     return os.path.lexists(Path(adapter_dir) / name)
+
+
+def write_atomically(path: Path, *chunks) -> None:
+    """Write ``chunks`` (bytes-like) as ``path``, whole or not at all: into a temporary file beside
+    it (named ".tmp-...", which the folder's owner may sweep), flushed to disk, then renamed over
+    ``path``. On failure the temporary file is removed and the error raised."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -13,8 +13,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
+
+from ..adapters.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,12 @@ class TimingCache:
     def put(self, kind: str, key: dict, value: dict) -> None:
         """Store ``value`` for ``key``: a temporary file, then a rename, so that a reader sees the
         whole entry or none."""
-        tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".tmp-", suffix=".json", delete=False) as f:
-                tmp = Path(f.name)
-                json.dump({"key": key, "value": value}, f)
-            os.replace(tmp, self.path(kind, key))
+            write_atomically(self.path(kind, key), json.dumps({"key": key, "value": value}).encode())
             self._prune(kind)
         except OSError as e:  # the timing holds for this start; only the next one times again
             log.info("could not keep the start-up timing in %s: %s", self.folder, e)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
 
     def _prune(self, kind: str) -> None:
         entries = []

@@ -4,6 +4,8 @@ one stops a start."""
 import json
 import os
 
+import pytest
+
 from loramux.server import timing_cache
 from loramux.server.timing_cache import TimingCache
 
@@ -50,3 +52,13 @@ def test_the_least_recently_used_entries_go_past_the_bound(tmp_path, monkeypatch
     cache.put("other", keys[4], {"i": 4})  # another kind counts apart
     assert [cache.get("base-linear", k) is not None for k in keys[:4]] == [True, False, True, True]
     assert cache.get("other", keys[4]) == {"i": 4}
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from loramux.adapters.files import write_atomically
+
+    target = tmp_path / "entry.json"
+    write_atomically(target, b"old")
+    with pytest.raises(TypeError):
+        write_atomically(target, b"new ", "not bytes")  # fails after the first chunk is written
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["entry.json"]
