@@ -24,8 +24,11 @@ install: $(PY)
 	# Which C++ CPU kernel variant this CPU loads (built above, at install).
 	$(PY) -m loramux.server.ops.cpu_kernel
 
+# Two workers, each running whole files (a module's server fixture starts once): the servers the
+# tests start leave a core idle while they import and wait, so one worker would use half the machine.
+TEST_WORKERS ?= 2
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 serve:
 	$(VENV)/bin/loramux serve $(if $(wildcard $(DEMO)/*/adapter_model.safetensors),--adapter-dir $(DEMO)) $(ARGS)

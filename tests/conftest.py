@@ -3,8 +3,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from hypothesis import settings
+
+# Under pytest-xdist (`make test`) two workers and the servers they start share the cores. libgomp's
+# default lets an idle process's OpenMP threads spin for work, taking cores from the busy ones (the
+# suite's CPU time rose by half); passive waiting is read when torch loads, so it is set first.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # No per-example deadline: CI machines' speed varies, and a slow example is not a failure here
 # (timing targets live in the benchmarks).

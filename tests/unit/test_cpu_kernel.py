@@ -1,6 +1,7 @@
 """The packaged C++ CPU kernel: built per ISA variant at install, the widest this CPU runs loaded."""
 
 import ast
+import collections
 import importlib
 import os
 import platform
@@ -363,28 +364,41 @@ def test_faster_rows_are_the_counts_the_kernel_wins_by_the_margin(timings, margi
             assert (m in rows) == bool(below and above and max(below) in won and min(above) in won)
 
 
-def test_calibration_times_both_paths_and_keeps_the_faster():
-    """time_row_counts + faster_rows: a stand-in kernel that returns at once at some row counts and
-    sleeps at the others is chosen at exactly the former; every count is timed on both paths."""
-    import time
+def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
+    """time_row_counts + faster_rows: on a simulated clock (so that a loaded machine cannot flip a
+    count), a stand-in kernel that costs nothing at some row counts and 3x torch's time at the
+    others is chosen at exactly the former; every count is timed on both paths, and a count whose
+    paths are close is timed again."""
+    import types
 
+    import loramux.server.ops.linear as linear
     from loramux.server.ops.linear import TIMED_ROWS, faster_rows, time_row_counts
 
-    fast = {1, 5, 16, 30, 48, 56}
+    fast, close = {1, 5, 16, 30, 48, 56}, {7, 40}
+    now = [0.0]
+    torch_linear = torch.nn.functional.linear
+
+    def timed_torch(x, w, b=None):
+        now[0] += 1.0
+        return torch_linear(x, w, b)
 
     class Kernels(RecordingKernels):
         def few_rows_linear(self, x, w, b):
             self.calls.append(x.shape[0])
-            if x.shape[0] not in fast:
-                time.sleep(0.002)
+            now[0] += 0.0 if x.shape[0] in fast else 1.0625 if x.shape[0] in close else 3.0
             return x.new_zeros(x.shape[0], w.shape[0])
 
+    monkeypatch.setattr(linear, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(linear.F, "linear", timed_torch)
     kernels = Kernels()
     gen = torch.Generator().manual_seed(0)
     weights = [(torch.randn(768, 512, generator=gen), None), (torch.randn(512, 768, generator=gen), torch.randn(512))]
     timings = time_row_counts(kernels, weights, TIMED_ROWS)
-    assert sorted(timings) == list(TIMED_ROWS) and all(t > 0 and k > 0 for t, k in timings.values())
-    assert set(kernels.calls) == set(TIMED_ROWS)
+    assert sorted(timings) == list(TIMED_ROWS)
+    assert all(t == 2.0 and k == (0.0 if m in fast else 2.125 if m in close else 6.0) for m, (t, k) in timings.items())
+    calls = collections.Counter(kernels.calls)
+    # two calls a pass: the warm-up pass at the first count, a second pass at the close counts only
+    assert calls == {m: 2 * (1 + (m in close) + (m == TIMED_ROWS[0])) for m in TIMED_ROWS}
     assert faster_rows(timings) == fast | set(range(49, 56))  # between two timed counts that won
 
 
