@@ -7,8 +7,9 @@ median of --passes passes, interleaved, with prompts of their own);
 3 loramux's in-process engine (no gRPC); 4 PEFT, one mixed-adapter batch (adapter_names);
 5 PEFT, one adapter at a time (set_adapter); 6 transformers' continuous batching (generate_batch,
 base model); 7 loramux with 1..1000 registered adapters (device capacity 32, Zipf 1.0; the 1000/8
-quotient is the median of --scale-repeats alternated pairs of fresh servers); 8 row 1's requests
-through the OpenAI-compatible HTTP API (streamed completions) instead of gRPC.
+quotient is the median of --scale-repeats adjacent pairs of fresh servers, the order swapped each
+pair); 8 row 1's requests through the OpenAI-compatible HTTP API (streamed completions) instead
+of gRPC.
 
     python bench/compare.py [--quick] [--model DIR] [--scale-repeats N] [--passes N] [--lora-dtype D]
                             [--out bench/results]
@@ -267,7 +268,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a ~2-minute version")
     ap.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--scale-repeats", type=int, default=None,
-                    help="pairs of row 7's 8- and last-adapter runs whose quotients give the median (default 3; 1 --quick)")
+                    help="adjacent pairs of row 7's 8- and last-adapter runs whose quotients give the median (default 5; 1 --quick)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--lora-dtype", default="auto", help="loramux's --lora-dtype in rows 1, 3, 7 and 8")
     ap.add_argument("--passes", type=int, default=None,
@@ -275,7 +276,7 @@ def main() -> int:
     args = ap.parse_args()
 
     quick = args.quick
-    args.scale_repeats = args.scale_repeats or (1 if quick else 3)
+    args.scale_repeats = args.scale_repeats or (1 if quick else 5)
     args.passes = args.passes or (1 if quick else 3)
     n_req, new_tokens, prompt_len = (8, 8, 16) if quick else (32, 32, 32)
     scale_points = (1, 8, 64) if quick else (1, 8, 64, 512, 1000)
@@ -347,14 +348,19 @@ def main() -> int:
         scaling.append({"adapters": n, **{k: r[k] for k in ("tokens_per_s", "ttft_p50", "ttft_p90", "ttft_p99")},
                         "adapter_cache_hit_rate": r.get("adapter_cache_hit_rate")})
         rows[f"7 loramux, {n} adapters (Zipf 1.0)"] = r
-    # The target's two points, again in alternated pairs: one short run a point moved the quotient
-    # by +-25% between runs of one build (the VM's speed drifts within minutes).
+    # The target's quotient from adjacent pairs of runs, the order swapped every pair (the VM's speed
+    # drifts within minutes: one short run moved it by +-25%). The sweep's last run opens the first
+    # pair, with a run of 8 right after it.
     last = scale_points[-1]
-    at = {s["adapters"]: s["tokens_per_s"] for s in scaling}
-    scale_ratios = [at[last] / at[8]]
-    for _ in range(args.scale_repeats - 1):
-        few = scale_row(8)["tokens_per_s"]
-        scale_ratios.append(scale_row(last)["tokens_per_s"] / few)
+    scale_ratios = []
+    for pair in range(args.scale_repeats):
+        if pair % 2 == 0:  # the last point first (pair 0's is the sweep's run)
+            many = scaling[-1]["tokens_per_s"] if pair == 0 else scale_row(last)["tokens_per_s"]
+            few = scale_row(8)["tokens_per_s"]
+        else:
+            few = scale_row(8)["tokens_per_s"]
+            many = scale_row(last)["tokens_per_s"]
+        scale_ratios.append(many / few)
     tps = {k.split()[0] + ("" if not k.startswith("7") else k.split(",")[1].split()[0]): v["tokens_per_s"]
            for k, v in rows.items()}
     ratios = {
