@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import threading
 from pathlib import Path
 
@@ -137,14 +138,13 @@ class App:
         return (generate_latest(self.metrics.registry) if self.metrics else b""), CONTENT_TYPE_LATEST
 
     async def load(self) -> None:
-        from .builder import build_engine  # torch and transformers load here, after the port is open
+        loop = asyncio.get_running_loop()
+        self.built = await loop.run_in_executor(None, _build_engine, self.config)
         from .metrics import RequestLog
         from .offload import Offload
         from .prompts import PromptRenderer
         from .torch_threads import serial_openmp
 
-        loop = asyncio.get_running_loop()
-        self.built = await loop.run_in_executor(None, build_engine, self.config)
         self.built.engine.observers.append(RequestLog())
         self.built.engine.on_fatal = lambda error: self._on_fatal(loop)
         self._start_metrics()
@@ -225,6 +225,12 @@ class App:
         stop = asyncio.create_task(self._stopping.wait())
         fatal = asyncio.create_task(self._fatal.wait())
         done, _ = await asyncio.wait({loader, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if loader not in done:
+            # Nothing was served and nothing the load does (imports, weights, timing) needs finishing;
+            # waiting for it would keep a stopped server up for as long as the load takes.
+            await self.drain(0.0)
+            log.info("stopped before the model was loaded")
+            exit_process(0)
         if loader in done:
             try:
                 loader.result()  # a failed load raises here and the process exits non-zero
@@ -244,10 +250,26 @@ class App:
         return 0
 
 
+def _build_engine(config: ServerConfig):
+    """On a worker thread: torch and transformers load here, after the port is open and off the
+    event loop, which answers health checks and signals meanwhile."""
+    from .builder import build_engine
+
+    return build_engine(config)
+
+
+def exit_process(code: int) -> None:
+    """Exit now, with the logs and stdio flushed: no interpreter teardown (torch's, grpc's and
+    transformers' take a second or more) and no wait for threads the caller has no need of."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _exit_now(code: int) -> None:
     log.critical("the event loop did not stop the server within %.0f s of a fatal fault; exiting", FATAL_EXIT_GRACE_S)
-    logging.shutdown()
-    os._exit(code)
+    exit_process(code)
 
 
 async def _serve(config: ServerConfig) -> int:

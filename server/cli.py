@@ -278,19 +278,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loramux serve: {e}", file=sys.stderr)
             return 2
         setup_logging(config.log_level, config.log_format)
-        from .app import serve
+        from .app import exit_process, serve
 
         code = serve(config)
         # The server has stopped. Its threads' last jobs finish as at any exit (a converted adapter
-        # being written, say); the interpreter's teardown after that (torch's, grpc's, transformers')
-        # takes a second or more, for nothing a stopped server needs, and a rolling restart waits on it.
+        # being written, say); the interpreter's teardown after that is skipped (a rolling restart
+        # would wait on it for nothing).
         for thread in threading.enumerate():
             if not thread.daemon and thread is not threading.current_thread():
                 thread.join()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_process(code)
     if args.command in ("train", "merge"):
         setup_logging("INFO", "text")
         return cmd_train(args) if args.command == "train" else cmd_merge(args)

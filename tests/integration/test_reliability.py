@@ -367,6 +367,23 @@ def test_second_sigterm_exits_at_once(tiny_llama, tmp_path):
         proc.stop()
 
 
+def test_a_server_stopped_while_its_model_loads_exits_at_once(tiny_llama, tmp_path):
+    """SIGTERM as soon as the port is open, while torch and the model are still loading (seconds):
+    nothing was served, so the server exits at once instead of waiting for the load to finish."""
+    proc = ServerProcess(["--model", str(tiny_llama)], tmp_path / "log")
+    try:
+        proc.wait_until(health_pb2.HealthCheckResponse.SERVING, service="")  # liveness: listening
+        assert proc.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING  # not ready: loading
+        t0 = time.monotonic()
+        proc.terminate()
+        assert proc.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 2, proc.log()
+        log = proc.log()
+        assert "stopped before the model was loaded" in log and "ready:" not in log
+    finally:
+        proc.stop()
+
+
 def _mutate_config(**change):
     def apply(path):
         import json
