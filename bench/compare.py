@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 from loramux.clients.bench import (
     LoadSpec,
     format_report,
+    free_port,
     percentile,
     run_load,
     scrape_adapter_cache,
@@ -50,12 +50,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import cpu_name, write_adapter  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
+import socket
 import statistics
 import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -26,6 +29,30 @@ from ..v1 import loramux_pb2 as pb
 from .aio import AsyncLoraMuxClient
 from .stats import percentile
 
+LOW_PORT = 10000  # free_port draws at or above this
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server about to be started. Drawn at random below the
+    kernel's ephemeral range where it is known (Linux: 32768 up by default), so that no client
+    connection is given it meanwhile. Under pytest-xdist each worker draws only the ports equal to
+    its index modulo the worker count, so two workers starting servers at once never pick the same."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 0
+    top = ephemeral if ephemeral >= 2 * LOW_PORT else 65536
+    for _ in range(1000):
+        port = random.SystemRandom().randrange(LOW_PORT + (worker - LOW_PORT) % workers, top, workers)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                continue
+        return port
+    raise OSError(f"no free port in {LOW_PORT}-{top - 1} after 1000 draws")
 
 @dataclass(frozen=True)
 class LoadSpec:

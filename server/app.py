@@ -217,10 +217,10 @@ class App:
             self.built.engine.stop()
 
     async def run(self) -> int:
-        await self.start()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before the port opens: a prompt SIGTERM still drains
             loop.add_signal_handler(sig, self.on_signal)
+        await self.start()
         loader = asyncio.create_task(self.load())
         stop = asyncio.create_task(self._stopping.wait())
         fatal = asyncio.create_task(self._fatal.wait())
