@@ -231,14 +231,13 @@ class App:
             await self.drain(0.0)
             log.info("stopped before the model was loaded")
             exit_process(0)
-        if loader in done:
-            try:
-                loader.result()  # a failed load raises here and the process exits non-zero
-            except StartupError as e:
-                log.critical("cannot start: %s", e)
-                await self.drain(0.0)
-                return EXIT_CONFIG
-            done, _ = await asyncio.wait({stop, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            loader.result()  # a failed load raises here and the process exits non-zero
+        except StartupError as e:
+            log.critical("cannot start: %s", e)
+            await self.drain(0.0)
+            return EXIT_CONFIG
+        done, _ = await asyncio.wait({stop, fatal}, return_when=asyncio.FIRST_COMPLETED)
         fatal.cancel()
         if fatal in done:
             log.critical("fatal engine error: %r; stopping", self.built.engine.fatal_error)
