@@ -44,8 +44,9 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         ephemeral = 0
     top = ephemeral if ephemeral >= 2 * LOW_PORT else 65536
+    draw = random.SystemRandom()  # not the seeded global generator a test may have reset
     for _ in range(1000):
-        port = random.SystemRandom().randrange(LOW_PORT + (worker - LOW_PORT) % workers, top, workers)
+        port = draw.randrange(LOW_PORT + (worker - LOW_PORT) % workers, top, workers)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -53,6 +54,7 @@ def free_port() -> int:
                 continue
         return port
     raise OSError(f"no free port in {LOW_PORT}-{top - 1} after 1000 draws")
+
 
 @dataclass(frozen=True)
 class LoadSpec:

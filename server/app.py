@@ -11,6 +11,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -257,7 +258,7 @@ def _build_engine(config: ServerConfig):
     return build_engine(config)
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int) -> NoReturn:
     """Exit now, with the logs and stdio flushed: no interpreter teardown (torch's, grpc's and
     transformers' take a second or more) and no wait for threads the caller has no need of."""
     logging.shutdown()
@@ -266,7 +267,7 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     log.critical("the event loop did not stop the server within %.0f s of a fatal fault; exiting", FATAL_EXIT_GRACE_S)
     exit_process(code)
 

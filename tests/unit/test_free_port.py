@@ -1,6 +1,7 @@
 """free_port: the ports tests and benchmarks start servers on; pytest-xdist workers never share one."""
 
 import socket
+from pathlib import Path
 
 from loramux.clients.bench import LOW_PORT, free_port
 
@@ -16,7 +17,12 @@ def test_each_worker_takes_only_its_own_residue_of_ports(monkeypatch):
         s.bind(("127.0.0.1", free_port()))
 
 
-def test_outside_xdist_any_free_port_will_do(monkeypatch):
+def test_outside_xdist_ports_of_every_residue_come_below_the_ephemeral_range(monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    assert 0 < free_port() < 65536
+    ports = [free_port() for _ in range(40)]
+    assert {p % 2 for p in ports} == {0, 1}  # drawn, not bind(0)'s (one parity on Linux)
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral = int(range_file.read_text().split()[0]) if range_file.exists() else 0
+    top = ephemeral if ephemeral >= 2 * LOW_PORT else 65536  # where the range is not known or too low
+    assert all(LOW_PORT <= p < top for p in ports), ports
