@@ -156,7 +156,10 @@ def bench_model(model, args, tmp: Path) -> dict:
     if old_sampling and old_detok:
         def old_sample(logits, states, seen, *rows):  # its rows ask for none of the later sampling options
             return old_sampling.sample(logits, states, seen)
-        variants = {BASELINE_REV: (old_sample, old_detok.IncrementalDetokenizer), **variants}
+
+        def old_detokenizer(tokenizer, prompt_ids, skip_special_tokens=True):  # it always skipped them
+            return old_detok.IncrementalDetokenizer(tokenizer, prompt_ids)
+        variants = {BASELINE_REV: (old_sample, old_detokenizer), **variants}
     prompts = random_prompts(loaded.hf_model.config.vocab_size, n, args.prompt_len)
     ids = [a for a, _ in adapters]
     engine.start()

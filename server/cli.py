@@ -81,7 +81,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model's tool-call format (vLLM's name), which serves OpenAI chat requests with "
                         "tool_choice \"auto\" (the default with tools): hermes = <tool_call>{JSON}</tool_call> "
                         "(Hermes, Qwen2.5); llama3_json = JSON objects as the whole answer (Llama 3.1/3.2); "
-                        "pythonic = [f(x=1), ...] (Llama 3.2/4)")
+                        "pythonic = [f(x=1), ...] (Llama 3.2/4); mistral = [TOOL_CALLS] then a JSON list (v7) or "
+                        "name[ARGS]{JSON} (v11 on)")
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")

@@ -12,7 +12,7 @@ LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 SCHEDULING = ("fair", "fifo")
 BASE_LINEARS = ("auto", "kernel", "torch")
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")  # tool_parsers.PARSERS' names, kept import-free here
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")  # tool_parsers.PARSERS' names, kept import-free here
 MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
 
 

@@ -15,15 +15,17 @@ WINDOW = 32  # tokens a window may hold before it slides (one extra decode each 
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int]):
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(self.ids) - CONTEXT_TOKENS, 0)
         self.read_offset = len(self.ids)
         self.prefix_text = self._decode(self.ids[self.prefix_offset :])  # text of [prefix_offset, read_offset)
 
     def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
         """Append a token; return the text it completes (maybe empty)."""

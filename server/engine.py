@@ -256,7 +256,8 @@ class Engine:
             request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry),
             weight=1.0 if entry is None else entry.weight,
             sampler=SamplerState.create(req.sampling, self.runner.device),  # its generator where the logits are
-            detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids)), queue=asyncio.Queue(),
+            detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids), req.sampling.skip_special_tokens),
+            queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
             cold_adapter=cold, grammar=grammar,
         )

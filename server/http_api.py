@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from . import __version__
 from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, status_name
 from .openai_schema import (
     ChatCompletionRequest,
@@ -160,6 +161,10 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         if service.healthy:
             return JSONResponse({"status": "ok"})
         return error_response(503, "not ready: the model is loading, or the server is draining or stopped")
+
+    @app.get("/version")  # vLLM's route; open, as /health
+    async def version():
+        return {"version": __version__}
 
     @app.get("/metrics")
     async def metrics():

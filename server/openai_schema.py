@@ -74,6 +74,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
+    skip_special_tokens: bool = True
     response_format: dict | None = None
     # vLLM's structured-output extensions: its older guided_* fields, and structured_outputs
     guided_json: dict | str | None = None
@@ -83,7 +84,7 @@ class _Common(BaseModel):
     structured_outputs: dict | None = None
 
     @field_validator("n", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "min_tokens", "echo",
-                     "logprobs", "parallel_tool_calls", mode="before", check_fields=False)
+                     "logprobs", "parallel_tool_calls", "skip_special_tokens", mode="before", check_fields=False)
     @classmethod
     def null_is_default(cls, value, info: ValidationInfo):
         """OpenAI's schema lets clients send null for these: it means the default."""
@@ -112,7 +113,7 @@ class _Common(BaseModel):
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, min_new_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
-            structured_output=self.structured_output(),
+            structured_output=self.structured_output(), skip_special_tokens=self.skip_special_tokens,
         )
 
     def structured_output(self) -> StructuredOutput | None:
@@ -265,7 +266,11 @@ class ChatCompletionRequest(_Common):
         prompt = Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages),
                         tools=tools)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return [prompt], self.sampling(default_max_new_tokens if max_tokens is None else max_tokens, logprobs)
+        sampling = self.sampling(default_max_new_tokens if max_tokens is None else max_tokens, logprobs)
+        calls = self.tool_calls()
+        if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
+            sampling = replace(sampling, skip_special_tokens=False)
+        return [prompt], sampling
 
 
 # ---- responses ----

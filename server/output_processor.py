@@ -71,7 +71,10 @@ class OutputProcessor:
             finish = FinishReason.LENGTH
         if finish is None and seq.grammar is not None and seq.grammar.advance(token):
             finish = FinishReason.STOP  # the structured output is complete: only the end of text could follow
-        seq.text += seq.detok.add(token) if finish is None else seq.detok.add(token) + seq.detok.flush()
+        if finish is None:
+            seq.text += seq.detok.add(token)
+        else:  # the EOS that finishes adds no text, even where special tokens' text is kept
+            seq.text += (seq.detok.add(token) if finish is not FinishReason.EOS else "") + seq.detok.flush()
         if p.stop:
             scan_from = max(0, seq.emitted - max(map(len, p.stop)))
             hits = [i for i in (seq.text.find(s, scan_from) for s in p.stop) if i >= 0]

@@ -61,6 +61,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # each prompt token's logprob (after the first) and this many top ones
     min_new_tokens: int = 0  # until this many are generated, EOS (unless ignored) and stop_token_ids cannot be sampled
     structured_output: StructuredOutput | None = None  # None: free text
+    skip_special_tokens: bool = True  # False: special tokens' text stays in the output (not a finishing EOS's)
 
     @property
     def greedy(self) -> bool:

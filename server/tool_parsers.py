@@ -10,9 +10,15 @@ text. Text that does not parse as calls stays content, as the model wrote it.
   ``{"name": ..., "parameters": {...}}`` objects (or ``"arguments"``) separated by ``;``.
 - ``pythonic``: Llama 3.2/4's Python-style calls, the whole answer one list
   ``[get_weather(city="Rome", days=2), now()]`` with literal keyword arguments.
+- ``mistral``: Mistral's calls after its ``[TOOL_CALLS]`` token, the text before it the content:
+  up to tokenizer v7 (Mistral-7B-Instruct-v0.3) one JSON list ``[{"name": ..., "arguments":
+  {...}}]``; from v11 (Mistral Small 3.1 on) ``name[ARGS]{...}`` after each marker, with
+  ``[CALL_ID]id`` before ``[ARGS]`` where the model writes one. Its ids are 9 letters and digits,
+  which Mistral's chat templates demand of the ``tool_call_id`` sent back.
 
 The special tokens some templates put around calls (``<|python_tag|>``) are not in the text:
-the detokenizer skips special tokens.
+the detokenizer skips special tokens. Mistral's marker is one, so a request this parser serves
+keeps special tokens' text (``skip_special_tokens`` false, as vLLM sets it).
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import ast
 import json
 import math
 import re
+import secrets
+import string
 import uuid
 
 
-def tool_call(name: str, arguments: str) -> dict:
-    """One entry of OpenAI's message.tool_calls."""
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
+def tool_call(name: str, arguments: str, call_id: str | None = None) -> dict:
+    """One entry of OpenAI's message.tool_calls (``call_id`` None: a new "call_..." id)."""
+    return {"id": call_id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
 
 
 class ToolCallParser:
@@ -34,6 +43,7 @@ class ToolCallParser:
 
     streams_content = True  # content streams as it comes, while it cannot be part of a call
     finish_reason = "tool_calls"
+    needs_special_tokens = False  # True: the calls are marked by a special token, so its text must be kept
 
     def split(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(content, tool calls) of a complete text: (text, None) when it makes no calls."""
@@ -44,7 +54,23 @@ class ToolCallParser:
         raise NotImplementedError
 
 
-class HermesToolCalls(ToolCallParser):
+class MarkedCalls(ToolCallParser):
+    """Formats whose calls follow a marker, ``OPEN``: the text before the first one is content."""
+
+    OPEN = ""
+
+    def streamable(self, text: str) -> int:
+        """Up to the first call, less any tail that could be the start of one."""
+        start = text.find(self.OPEN)
+        if start >= 0:
+            return start
+        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
+            if text.endswith(self.OPEN[:k]):
+                return len(text) - k
+        return len(text)
+
+
+class HermesToolCalls(MarkedCalls):
     OPEN = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
@@ -63,15 +89,45 @@ class HermesToolCalls(ToolCallParser):
             calls.append(call)
         return text[:start] or None, calls
 
-    def streamable(self, text: str) -> int:
-        """Up to the first call, less any tail that could be the start of one."""
+
+class MistralToolCalls(MarkedCalls):
+    OPEN = "[TOOL_CALLS]"
+    needs_special_tokens = True
+    _ID_CHARS = string.ascii_letters + string.digits
+    # v11 on: a name, [CALL_ID] and a 9-character id where the model writes one, then [ARGS]
+    _NAMED = re.compile(r"\s*([A-Za-z_][\w.\-]*)(?:\[CALL_ID\]([A-Za-z0-9]{9}))?(?:\[ARGS\])?")
+
+    def split(self, text: str) -> tuple[str | None, list[dict] | None]:
         start = text.find(self.OPEN)
-        if start >= 0:
-            return start
-        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
-            if text.endswith(self.OPEN[:k]):
-                return len(text) - k
-        return len(text)
+        if start < 0:
+            return text, None
+        calls = []
+        for part in text[start + len(self.OPEN):].split(self.OPEN):
+            got = self._calls(part)
+            if not got:
+                return text, None
+            calls += got
+        return text[:start] or None, calls
+
+    def _calls(self, part: str) -> list[dict] | None:
+        """The calls after one marker, or None when they do not parse."""
+        try:
+            if part.lstrip().startswith(("[", "{")):  # up to v7: a JSON list of calls (or one call)
+                value = json.loads(part)
+                calls = [_json_call(v, call_id=self.new_id()) for v in (value if isinstance(value, list) else [value])]
+                return None if None in calls else calls
+            named = self._NAMED.match(part)
+            if named is None:
+                return None
+            arguments = json.loads(part[named.end():])
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
+            return None
+        if not isinstance(arguments, dict):
+            return None
+        return [tool_call(named.group(1), json.dumps(arguments), named.group(2) or self.new_id())]
+
+    def new_id(self) -> str:
+        return "".join(secrets.choice(self._ID_CHARS) for _ in range(9))
 
 
 class WholeAnswerCalls(ToolCallParser):
@@ -154,17 +210,18 @@ class PythonicToolCalls(WholeAnswerCalls):
         raise ValueError(f"not a JSON value: {type(value).__name__}")
 
 
-def _json_call(value, arguments: tuple[str, ...] = ("arguments",)) -> dict | None:
+def _json_call(value, arguments: tuple[str, ...] = ("arguments",), call_id: str | None = None) -> dict | None:
     """A call from its JSON object ({"name", and its arguments under one of ``arguments``, as an
     object or a JSON string}), or None when it is not one."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     args = next((value[k] for k in arguments if k in value), {})
-    return tool_call(value["name"], args if isinstance(args, str) else json.dumps(args))
+    return tool_call(value["name"], args if isinstance(args, str) else json.dumps(args), call_id)
 
 
 # --tool-call-parser (server/config.py TOOL_CALL_PARSERS)
-PARSERS = {"hermes": HermesToolCalls, "llama3_json": Llama3JsonToolCalls, "pythonic": PythonicToolCalls}
+PARSERS = {"hermes": HermesToolCalls, "llama3_json": Llama3JsonToolCalls, "pythonic": PythonicToolCalls,
+           "mistral": MistralToolCalls}
 
 
 def tool_call_parser(name: str | None) -> ToolCallParser | None:

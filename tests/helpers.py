@@ -18,7 +18,7 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(out: Path, vocab_size: int = 384):
+def build_tokenizer(out: Path, vocab_size: int = 384, extra_specials: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,17 +31,19 @@ def build_tokenizer(out: Path, vocab_size: int = 384):
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None,
                                    pad_token="<|endoftext|>")
+    if extra_specials:  # ids from vocab_size on, as a model's added special tokens (Mistral's [TOOL_CALLS])
+        fast.add_special_tokens({"additional_special_tokens": list(extra_specials)})
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
 
 
-def build_llama(out: Path, seed: int = 0, **overrides) -> Path:
+def build_llama(out: Path, seed: int = 0, extra_specials: tuple[str, ...] = (), **overrides) -> Path:
     """A 2-layer random Llama with grouped-query attention, saved with its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
+    tok = build_tokenizer(out, extra_specials=extra_specials)
     cfg = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

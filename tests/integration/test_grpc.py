@@ -112,6 +112,26 @@ def test_stream_equals_unary_and_matches_peft(server, tiny_llama, tiny_adapters)
         assert unary.timing.total_seconds >= unary.timing.time_to_first_token_seconds > 0
 
 
+def test_special_tokens_text_is_left_out_unless_asked_for(server, tiny_llama):
+    """Special tokens add no text by default; skip_special_tokens false keeps it, streamed and
+    unary alike; the EOS that finishes a request adds none either way."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    forced = dict(max_new_tokens=3, logit_bias={start: 100.0}, ignore_eos=True)
+    skipped = server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(**forced))
+    assert skipped.token_ids == [start] * 3 and skipped.text == ""
+    keep = Sampling(**forced, skip_special_tokens=False)
+    kept = server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=keep)
+    assert kept.token_ids == [start] * 3 and kept.text == "<|im_start|>" * 3
+    chunks = list(server.client.generate_stream(prompt_token_ids=PROMPT_IDS, sampling=keep))
+    assert [c.text for c in chunks] == ["<|im_start|>"] * 3
+    ended = server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(
+        max_new_tokens=3, logit_bias={tok.eos_token_id: 100.0}, skip_special_tokens=False))
+    assert ended.token_ids == [tok.eos_token_id] and ended.finish_reason == "eos" and ended.text == ""
+
+
 def test_text_prompt_and_chat_messages(server, tiny_llama):
     from transformers import AutoTokenizer
 

@@ -18,7 +18,7 @@ try:  # the HTTP client the installed openai package uses
 except ImportError:  # pragma: no cover - older openai releases use httpx
     import httpx
 
-from helpers import peft_logprobs
+from helpers import build_llama, peft_logprobs
 from server import ServerProcess
 from test_grpc import PROMPT_IDS, code_of, total, wait_idle
 
@@ -340,8 +340,11 @@ def test_nulls_that_openais_schema_allows_mean_the_defaults(oserver):
     assert httpx.post(f"{oserver.base_url}/chat/completions", json=chat, timeout=30).status_code == 200
 
 
-def test_health_and_metrics_on_the_http_port(oserver):
+def test_health_version_and_metrics_on_the_http_port(oserver):
+    from loramux.server import __version__
+
     assert httpx.get(f"http://127.0.0.1:{oserver.http_port}/health").status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{oserver.http_port}/version").json() == {"version": __version__}
     text = httpx.get(f"http://127.0.0.1:{oserver.http_port}/metrics").text
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                  "vllm:lora_requests_info", "loramux_requests_total"):
@@ -743,6 +746,47 @@ def test_whole_answer_tool_call_formats_through_the_server(parser, regex, tiny_l
         deltas = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
         assert "".join(deltas) == "Sunny in Rome, I think" and len(deltas) > 1  # streamed as it came
         assert streamed[-1].choices[0].finish_reason == "stop"
+    finally:
+        proc.stop()
+
+
+def test_mistral_tool_calls_follow_its_special_token_through_the_server(tmp_path):
+    """--tool-call-parser mistral on a model whose tokenizer has Mistral's [TOOL_CALLS] and [ARGS]
+    special tokens: the requests the parser reads keep their text, and the calls after the marker
+    come back as tool_calls with 9-character ids, plain and streamed, the text before as content.
+    Requests without tools leave special tokens out unless they ask (skip_special_tokens)."""
+    from transformers import AutoTokenizer
+
+    model = build_llama(tmp_path / "model", extra_specials=("[TOOL_CALLS]", "[ARGS]"))
+    marker, args = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids(["[TOOL_CALLS]", "[ARGS]"])
+    grammar = f'start: "Let me check." <[{marker}]> "weather" <[{args}]> "{{\\"city\\": \\"Rome\\", \\"days\\": 2}}"'
+    proc = ServerProcess(["--model", str(model), "--tool-call-parser", "mistral"], tmp_path / "log")
+    try:
+        proc.wait_ready()
+        oa = proc.openai()
+        plain = dict(model=proc.client.server_info().model, messages=[{"role": "user", "content": "Weather in Rome?"}],
+                     temperature=0, max_tokens=100, extra_body={"guided_grammar": grammar})
+        ask = {**plain, "tools": [WEATHER]}
+        got = oa.chat.completions.create(**ask)
+        message = got.choices[0].message
+        assert got.choices[0].finish_reason == "tool_calls" and message.content == "Let me check.", got
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+            [("weather", {"city": "Rome", "days": 2})]
+        assert re.fullmatch("[A-Za-z0-9]{9}", message.tool_calls[0].id)  # what Mistral's templates take back
+        chunks = list(oa.chat.completions.create(**ask, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Let me check."
+        calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert [(c.function.name, c.function.arguments) for c in calls[0]] == \
+            [(c.function.name, c.function.arguments) for c in message.tool_calls]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        text = 'Let me check.weather{"city": "Rome", "days": 2}'
+        assert oa.chat.completions.create(**plain).choices[0].message.content == text
+        kept = {**plain, "extra_body": {"guided_grammar": grammar, "skip_special_tokens": False}}
+        assert oa.chat.completions.create(**kept).choices[0].message.content == \
+            'Let me check.[TOOL_CALLS]weather[ARGS]{"city": "Rome", "days": 2}'
+        completion = oa.completions.create(model=plain["model"], prompt="Weather?", temperature=0, max_tokens=100,
+                                           extra_body=kept["extra_body"])
+        assert completion.choices[0].text == 'Let me check.[TOOL_CALLS]weather[ARGS]{"city": "Rome", "days": 2}'
     finally:
         proc.stop()
 

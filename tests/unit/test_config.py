@@ -29,7 +29,7 @@ from loramux.server.config import ServerConfig
     (dict(adapter_cache_max_gib=0.0), "adapter-cache-max-gib"),
     (dict(adapter_cache_max_gib=float("inf")), "adapter-cache-max-gib"),
     (dict(lora_dtype="float64"), "lora-dtype must be one of"),
-    (dict(tool_call_parser="mistral"), "tool-call-parser must be one of"),
+    (dict(tool_call_parser="granite"), "tool-call-parser must be one of"),
     (dict(base_linear="fast"), "base-linear must be one of"),
     (dict(http_keep_alive_timeout=0), "http-keep-alive-timeout must be > 0"),
 ])

@@ -40,3 +40,17 @@ def test_one_decode_per_token_and_a_window_that_slides(tmp_path):
     slides = len(rest) // (detokenizer.WINDOW - detokenizer.CONTEXT_TOKENS) + 1
     assert len(calls) <= 1 + len(rest) + 1 + slides  # start, one per token, flush, slides
     assert max(calls) <= detokenizer.WINDOW + 8  # a window plus the tokens held back inside one character
+
+
+def test_special_tokens_are_skipped_unless_asked_to_be_kept(tmp_path):
+    """skip_special_tokens (the default) leaves chat and tool-call markers out of the text, as
+    decode(skip_special_tokens=True); kept, their text streams like any other token's."""
+    tok = build_tokenizer(tmp_path)
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    words = tok(" hi there")["input_ids"]
+    rest = [start, *words, start]
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, [5, start, 6], skip_special_tokens=skip)
+        streamed = "".join([detok.add(t) for t in rest] + [detok.flush()])
+        assert streamed == tok.decode(rest, skip_special_tokens=skip)
+    assert streamed == "<|im_start|> hi there<|im_start|>"

@@ -1,6 +1,6 @@
 """tool_choice "auto" with --tool-call-parser: the calls read out of a model's text (hermes,
-llama3_json, pythonic), the content streamed only while it cannot be part of a call, and "auto"
-refused without a parser."""
+llama3_json, pythonic, mistral), the content streamed only while it cannot be part of a call, and
+"auto" refused without a parser."""
 
 import json
 
@@ -17,11 +17,12 @@ from loramux.server.tool_parsers import (
     PARSERS,
     HermesToolCalls,
     Llama3JsonToolCalls,
+    MistralToolCalls,
     PythonicToolCalls,
     tool_call_parser,
 )
 
-HERMES, LLAMA3, PYTHONIC = HermesToolCalls(), Llama3JsonToolCalls(), PythonicToolCalls()
+HERMES, LLAMA3, PYTHONIC, MISTRAL = HermesToolCalls(), Llama3JsonToolCalls(), PythonicToolCalls(), MistralToolCalls()
 CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
 ROME = ("weather", {"city": "Rome", "days": 2})
 
@@ -95,6 +96,37 @@ def test_pythonic_reads_literal_keyword_calls(text, calls):
     assert content == (None if calls else text)
 
 
+@pytest.mark.parametrize("text, content, calls", [
+    ('[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "Rome", "days": 2}}]', None, [ROME]),
+    ('Let me check.[TOOL_CALLS][{"name": "now", "arguments": "{}"}, {"name": "weather", "arguments": '
+     '{"city": "Rome", "days": 2}}]', "Let me check.", [("now", {}), ROME]),
+    ('[TOOL_CALLS]{"name": "now"}', None, [("now", {})]),
+    ('[TOOL_CALLS]weather[ARGS]{"city": "Rome", "days": 2}[TOOL_CALLS]now[ARGS]{}', None, [ROME, ("now", {})]),
+    ('[TOOL_CALLS]weather{"city": "Rome", "days": 2}', None, [ROME]),
+    ("Sunny, I think.", "Sunny, I think.", None),
+    ('[{"name": "now", "arguments": {}}]', '[{"name": "now", "arguments": {}}]', None),  # no marker: text
+    ("[TOOL_CALLS]", "[TOOL_CALLS]", None),
+    ("[TOOL_CALLS][]", "[TOOL_CALLS][]", None),
+    ("[TOOL_CALLS][1, 2]", "[TOOL_CALLS][1, 2]", None),
+    ('[TOOL_CALLS]weather[ARGS]{"city": "Rome"} and more', '[TOOL_CALLS]weather[ARGS]{"city": "Rome"} and more', None),
+    ("[TOOL_CALLS]weather[ARGS][1]", "[TOOL_CALLS]weather[ARGS][1]", None),
+    ("[TOOL_CALLS]" + "[" * 100_000, "[TOOL_CALLS]" + "[" * 100_000, None),
+], ids=["v7", "v7-content-two-calls", "v7-one-object", "v11-two-calls", "v11-no-args-token", "text", "no-marker",
+        "marker-alone", "empty-list", "not-objects", "text-after", "arguments-not-an-object", "deep"])
+def test_mistral_reads_the_calls_after_its_marker(text, content, calls):
+    got_content, got = MISTRAL.split(text)
+    assert got_content == content
+    assert (None if got is None else names_and_args(got)) == calls
+    for call in got or ():  # Mistral's chat templates refuse any other tool_call_id sent back
+        assert len(call["id"]) == 9 and call["id"].isalnum() and call["id"].isascii()
+
+
+def test_mistral_keeps_an_id_the_model_wrote():
+    _, calls = MISTRAL.split('[TOOL_CALLS]now[CALL_ID]a1B2c3D4e[ARGS]{}')
+    assert [(c["id"], c["function"]["name"]) for c in calls] == [("a1B2c3D4e", "now")]
+    assert len({MISTRAL.split('[TOOL_CALLS]now[ARGS]{}')[1][0]["id"] for _ in range(20)}) > 1  # random ids
+
+
 def test_whole_answer_formats_stream_only_text_that_cannot_be_calls():
     for parser, first in ((LLAMA3, "{"), (PYTHONIC, "[")):
         assert parser.streamable("") == parser.streamable(" \n") == 0  # not known yet
@@ -105,6 +137,8 @@ def test_streamable_holds_back_what_could_begin_a_call():
     assert HERMES.streamable("Let me <tool") == len("Let me ")
     assert HERMES.streamable("a <") == 2 and HERMES.streamable("a < b") == 5
     assert HERMES.streamable("ab" + CALL) == 2
+    assert MISTRAL.streamable("Let me [TOOL") == len("Let me ") and MISTRAL.streamable("a [b]") == 5
+    assert MISTRAL.streamable("ab[TOOL_CALLS]now[ARGS]{}") == 2
 
 
 def event(text, finish=None):
@@ -116,6 +150,8 @@ STREAMED = {  # parser: (text before its calls, the calls, text without calls)
     "llama3_json": (st.sampled_from(["", "  ", "\n"]), '{"name": "weather", "parameters": {"city": "Rome", "days": 2}}',
                     " no call here {"),
     "pythonic": (st.sampled_from(["", "  ", "\n"]), '[weather(city="Rome", days=2)]', "no call here ["),
+    "mistral": (st.sampled_from(["Let me check.", "", " "]), '[TOOL_CALLS]weather[ARGS]{"city": "Rome", "days": 2}',
+                " no call here [TOOL"),
 }
 
 
@@ -167,6 +203,17 @@ def test_auto_needs_a_parser_and_shows_the_model_its_tools():
     assert request(tool_choice="none").serving(HERMES).to_domain(16)[0][0].tools == ()
     assert tool_call_parser(None) is None
     assert set(PARSERS) == set(TOOL_CALL_PARSERS)  # the config's import-free list names every parser
+
+
+def test_only_a_parser_whose_marker_is_a_special_token_keeps_special_tokens_text():
+    """Mistral's [TOOL_CALLS] is a special token: the requests its parser reads keep special
+    tokens' text, whatever they ask (as vLLM does); other parsers and tool choices leave the
+    request's own skip_special_tokens (default true)."""
+    def skip(parser, **kwargs):
+        return request(**kwargs).serving(parser).to_domain(16)[1].skip_special_tokens
+    assert not skip(MISTRAL) and not skip(MISTRAL, skip_special_tokens=True)
+    assert skip(MISTRAL, tool_choice="none") and skip(MISTRAL, tool_choice="required") and skip(HERMES)
+    assert not skip(HERMES, skip_special_tokens=False) and skip(HERMES, skip_special_tokens=None)
 
 
 def test_forced_calls_nested_past_the_stack_are_text_not_a_crash():
