@@ -185,10 +185,48 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str | dict = "{}"  # OpenAI sends a JSON string
+
+
+class AssistantToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant turn's calls, in a conversation's history
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    def turn(self, index: int) -> tuple:
+        """(role, content[, the other fields the chat template reads]) for a domain Prompt. OpenAI's
+        "developer" role is what chat templates call "system". A call's arguments go to the template
+        as the JSON value they encode, as vLLM passes them: templates write them with ``tojson``."""
+        role = "system" if self.role == "developer" else self.role
+        fields = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None}
+        if self.tool_calls:
+            fields["tool_calls"] = [self._call(index, j, c) for j, c in enumerate(self.tool_calls)]
+        return (role, self.text(), fields) if fields else (role, self.text())
+
+    @staticmethod
+    def _call(index: int, j: int, call: AssistantToolCall) -> dict:
+        arguments = call.function.arguments
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError):
+                raise RequestInvalid(f"messages[{index}].tool_calls[{j}].function.arguments is not JSON",
+                                     param="messages") from None
+        return {**({"id": call.id} if call.id is not None else {}), "type": "function",
+                "function": {"name": call.function.name, "arguments": arguments}}
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -260,11 +298,9 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestInvalid("top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        # OpenAI's newer "developer" role is what chat templates call "system"
         # a forced or parsed tool call shows the model its tools, if the chat template can
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if self.tool_calls() else ()
-        prompt = Prompt(messages=tuple(("system" if m.role == "developer" else m.role, m.text()) for m in self.messages),
-                        tools=tools)
+        prompt = Prompt(messages=tuple(m.turn(i) for i, m in enumerate(self.messages)), tools=tools)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(default_max_new_tokens if max_tokens is None else max_tokens, logprobs)
         calls = self.tool_calls()
@@ -548,8 +584,7 @@ class TokenizeRequest(BaseModel):
         if self.tools and self.messages is None:
             raise RequestInvalid("tools go with messages", param="tools")
         return Prompt(text=self.prompt or "",
-                      messages=tuple(("system" if m.role == "developer" else m.role, m.text())
-                                     for m in self.messages or ()),
+                      messages=tuple(m.turn(i) for i, m in enumerate(self.messages or ())),
                       tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()))
 
 

@@ -1,10 +1,14 @@
 """Prompt text, token ids or chat messages -> token ids, with the model's own tokenizer.
 
-``check`` bounds the input cheaply, before any tokenizing; ``render`` does the expensive part
-and runs off the event loop (server/offload.py).
+A chat message is ``(role, content)``, or ``(role, content, fields)`` where ``fields`` holds the
+other keys the chat template reads: an assistant turn's ``tool_calls``, a tool turn's
+``tool_call_id``, a ``name``. ``check`` bounds the input cheaply, before any tokenizing;
+``render`` does the expensive part and runs off the event loop (server/offload.py).
 """
 
 from __future__ import annotations
+
+import json
 
 from .config import ServerConfig
 from .errors import RequestInvalid, clip
@@ -23,7 +27,7 @@ class PromptRenderer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def check(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]]) -> None:
+    def check(self, prompt: str, token_ids: list[int], messages: list[tuple]) -> None:
         """Exactly one input, within the size limits (no tokenizing here)."""
         given = [name for name, v in (("prompt", prompt), ("prompt_token_ids", token_ids), ("messages", messages)) if v]
         if len(given) != 1:
@@ -42,18 +46,18 @@ class PromptRenderer:
             if len(messages) > self.max_chat_messages:
                 raise RequestInvalid(f"{len(messages)} chat messages; the limit is {self.max_chat_messages} "
                                      "(--max-chat-messages)")
-            size = sum(len(r.encode("utf-8", "surrogatepass")) + len(c.encode("utf-8", "surrogatepass"))
-                       for r, c in messages)
+            size = sum(len(m[0].encode("utf-8", "surrogatepass")) + len(m[1].encode("utf-8", "surrogatepass"))
+                       + (len(json.dumps(m[2]).encode()) if len(m) > 2 else 0) for m in messages)
             if size > self.max_prompt_bytes:
                 raise RequestInvalid(f"the chat messages are {size} bytes together; the limit is "
                                      f"{self.max_prompt_bytes} (--max-prompt-bytes)")
-            for role, _ in messages:
+            for role, *_ in messages:
                 if role not in CHAT_ROLES:
                     raise RequestInvalid(f"unknown chat role {clip(role)}; expected one of {', '.join(CHAT_ROLES)}")
             if not self.has_chat_template:
                 raise RequestInvalid("this model has no chat template: send prompt instead of messages")
 
-    def render(self, prompt: str, token_ids: list[int], messages: list[tuple[str, str]],
+    def render(self, prompt: str, token_ids: list[int], messages: list[tuple],
                tools: list[dict] | None = None, add_special_tokens: bool | None = None,
                add_generation_prompt: bool = True) -> list[int]:
         """Input that ``check`` passed -> token ids: the slow part (tokenizer, chat template, which
@@ -68,11 +72,14 @@ class PromptRenderer:
 
         try:
             out = self.tokenizer.apply_chat_template(
-                [{"role": r, "content": c} for r, c in messages], add_generation_prompt=add_generation_prompt,
+                [{"role": m[0], "content": m[1], **(m[2] if len(m) > 2 else {})} for m in messages],
+                add_generation_prompt=add_generation_prompt,
                 tokenize=not add_special_tokens, return_dict=not add_special_tokens,
                 **({"tools": tools} if tools else {}),
             )
-        except TemplateError as e:  # the template's own refusal (raise_exception): roles out of order, ...
+        # the template's own refusal (raise_exception: roles out of order, ...), or its code failing
+        # on what the messages hold (a call's arguments of another JSON type than it expects)
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
             raise RequestInvalid(f"the model's chat template refused the messages: {clip(str(e), 200)}",
                                  param="messages") from None
         if add_special_tokens:  # the rendered text, tokenized with the tokenizer's special tokens

@@ -51,7 +51,7 @@ class Prompt:
 
     text: str = ""
     token_ids: tuple[int, ...] = ()
-    messages: tuple[tuple[str, str], ...] = ()  # (role, content)
+    messages: tuple[tuple, ...] = ()  # (role, content[, {other fields the chat template reads}]): prompts.py
     tools: tuple = ()  # with messages: OpenAI's tool definitions, for the chat template to show the model
 
 

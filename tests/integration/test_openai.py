@@ -750,14 +750,24 @@ def test_whole_answer_tool_call_formats_through_the_server(parser, regex, tiny_l
         proc.stop()
 
 
+# Mistral's way of writing a conversation's calls and their results (v3, reduced)
+MISTRAL_TEMPLATE = (
+    "{% for m in messages %}{% if m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls | map(attribute='function') | list "
+    "| tojson }}{% elif m.role == 'tool' %}[TOOL_RESULTS]{{ {'call_id': m.tool_call_id, 'content': m.content} "
+    "| tojson }}[/TOOL_RESULTS]{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def test_mistral_tool_calls_follow_its_special_token_through_the_server(tmp_path):
     """--tool-call-parser mistral on a model whose tokenizer has Mistral's [TOOL_CALLS] and [ARGS]
     special tokens: the requests the parser reads keep their text, and the calls after the marker
     come back as tool_calls with 9-character ids, plain and streamed, the text before as content.
+    Sent back in the next request's history, the call and its result reach the chat template.
     Requests without tools leave special tokens out unless they ask (skip_special_tokens)."""
     from transformers import AutoTokenizer
 
-    model = build_llama(tmp_path / "model", extra_specials=("[TOOL_CALLS]", "[ARGS]"))
+    model = build_llama(tmp_path / "model", extra_specials=("[TOOL_CALLS]", "[ARGS]"), chat_template=MISTRAL_TEMPLATE)
     marker, args = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids(["[TOOL_CALLS]", "[ARGS]"])
     grammar = f'start: "Let me check." <[{marker}]> "weather" <[{args}]> "{{\\"city\\": \\"Rome\\", \\"days\\": 2}}"'
     proc = ServerProcess(["--model", str(model), "--tool-call-parser", "mistral"], tmp_path / "log")
@@ -779,6 +789,16 @@ def test_mistral_tool_calls_follow_its_special_token_through_the_server(tmp_path
         assert [(c.function.name, c.function.arguments) for c in calls[0]] == \
             [(c.function.name, c.function.arguments) for c in message.tool_calls]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        call = message.tool_calls[0]
+        history = [*plain["messages"], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "weather", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        follow_up = oa.chat.completions.create(**{**ask, "messages": history})
+        tokens = httpx.post(f"http://127.0.0.1:{proc.http_port}/tokenize", json={"messages": history}).json()
+        assert follow_up.usage.prompt_tokens == tokens["count"]
+        shown = httpx.post(f"http://127.0.0.1:{proc.http_port}/detokenize", json={"tokens": tokens["tokens"]}).json()
+        assert '[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Rome", "days": 2}}]' in shown["prompt"]
+        assert f'[TOOL_RESULTS]{{"call_id": "{call.id}", "content": "sunny"}}[/TOOL_RESULTS]' in shown["prompt"]
         text = 'Let me check.weather{"city": "Rome", "days": 2}'
         assert oa.chat.completions.create(**plain).choices[0].message.content == text
         kept = {**plain, "extra_body": {"guided_grammar": grammar, "skip_special_tokens": False}}

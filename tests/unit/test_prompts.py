@@ -42,3 +42,52 @@ def test_a_chat_templates_own_refusal_is_the_callers_mistake(tiny_llama):
     assert renderer.render("", [], [("user", "hi")])
     with pytest.raises(RequestInvalid, match="chat template refused the messages: '?Conversations must start"):
         renderer.render("", [], [("assistant", "hi")])
+
+
+# A template that writes a conversation's tool calls and results, as Hermes/Qwen2.5's do.
+TOOL_HISTORY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'id': c.id, 'name': c.function.name, "
+    "'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{% if m.tool_call_id %}(answers {{ m.tool_call_id }}){% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+HISTORY = [
+    {"role": "user", "content": "Weather in Rome?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def test_a_conversations_tool_calls_and_results_reach_the_chat_template(tiny_llama):
+    """An assistant turn's tool_calls (their arguments as the JSON value the string encodes, as
+    vLLM passes them) and a tool turn's tool_call_id go to the chat template, in chat requests and
+    /tokenize alike; arguments that are not JSON are the caller's mistake, naming the message."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.openai_schema import ChatCompletionRequest, TokenizeRequest
+    from loramux.server.prompts import PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = TOOL_HISTORY_TEMPLATE
+    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
+    (prompt,), _ = ChatCompletionRequest(model="m", messages=HISTORY).to_domain(8)
+    renderer.check("", [], list(prompt.messages))
+    ids = renderer.render("", [], list(prompt.messages))
+    text = tokenizer.decode(ids)
+    assert '<tool_call>{"id": "call_1", "name": "weather", "arguments": {"city": "Rome"}}</tool_call>' in text
+    assert "sunny(answers call_1)" in text
+    assert renderer.render("", [], list(TokenizeRequest(messages=HISTORY).to_domain().messages)) == ids
+    bad = [HISTORY[0], {**HISTORY[1], "tool_calls": [{"function": {"name": "weather", "arguments": "{city"}}]}]
+    with pytest.raises(RequestInvalid, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not JSON"):
+        ChatCompletionRequest(model="m", messages=bad).to_domain(8)
+    # the fields count toward --max-prompt-bytes, as the content does
+    small = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), max_prompt_bytes=60))
+    with pytest.raises(RequestInvalid, match="chat messages are .* bytes together"):
+        small.check("", [], list(prompt.messages))
+    small.check("", [], [m[:2] for m in prompt.messages])
+    # a template that fails on what the messages hold is the caller's mistake too
+    tokenizer.chat_template = "{% for m in messages %}{{ m.tool_calls[0].function.arguments.items() | list }}{% endfor %}"
+    with pytest.raises(RequestInvalid, match="chat template refused the messages"):
+        renderer.render("", [], [("assistant", "", {"tool_calls": [{"function": {"name": "f", "arguments": 3}}]})])
