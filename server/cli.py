@@ -103,7 +103,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("max_input_tokens", "longest prompt accepted (default: max-model-len - 1)"),
         ("max_total_tokens", "prompt + max_new_tokens accepted (default: max-model-len)"),
         ("kv_block_size", "tokens per KV cache block"),
-        ("default_max_new_tokens", "max_new_tokens when a request leaves it unset"),
+        ("default_max_new_tokens", "max_new_tokens when a request leaves it unset (shrunk to the room its prompt leaves)"),
         ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
         ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),
         ("max_choices_per_request", "OpenAI API: completions one request may ask for (n times its prompts)"),

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -233,10 +233,23 @@ class Engine:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
                                  "(--max-stop-token-ids)")
 
+    def fitted(self, req: GenerationRequest) -> GenerationRequest:
+        """A request that left max_new_tokens to the server: its default, shrunk to what the context
+        limit and the KV cache leave after the prompt (at least 1: a prompt with no room left is
+        then refused by ``validate``, naming the limit)."""
+        p = req.sampling
+        if not p.fit_max_new_tokens:
+            return req
+        room = min(self.config.total_token_limit, self.blocks.num_blocks * self.blocks.block_size)
+        room -= len(req.prompt_token_ids)
+        return replace(req, sampling=replace(p, max_new_tokens=max(1, min(p.max_new_tokens, room)),
+                                             fit_max_new_tokens=False))
+
     def submit(self, req: GenerationRequest) -> RequestStream:
         """Validate and enqueue; call from a running asyncio loop. Raises the domain errors."""
         if not self._accepting or self.fatal_error is not None:
             raise EngineUnavailable("the server is draining or stopped and accepts no new requests")
+        req = self.fitted(req)
         self.validate(req)
         grammar = None if req.sampling.structured_output is None else self.grammars.matcher(req.sampling.structured_output)
         with self._admission_lock:  # atomic reservation: never more than the bound accepted

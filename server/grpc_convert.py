@@ -28,6 +28,7 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
     """Unset fields take the server's defaults; values are validated by the engine."""
     return SamplingParams(
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else default_max_new_tokens,
+        fit_max_new_tokens=not s.HasField("max_new_tokens"),
         temperature=s.temperature if s.HasField("temperature") else 0.0,
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         top_k=s.top_k if s.HasField("top_k") else 0,

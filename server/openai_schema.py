@@ -98,7 +98,8 @@ class _Common(BaseModel):
             name, why = refused[0]
             raise RequestInvalid(f"{name} {why}", param=name)
 
-    def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_new_tokens: int | None, logprobs: int | None, default: int) -> SamplingParams:
+        """``max_new_tokens`` None: ``default``, shrunk to the room the prompt leaves."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         bias = []
         for token, value in (self.logit_bias or {}).items():
@@ -107,7 +108,8 @@ class _Common(BaseModel):
             except ValueError:
                 raise RequestInvalid(f"logit_bias keys are token ids; got {token[:32]!r}", param="logit_bias") from None
         return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            max_new_tokens=default if max_new_tokens is None else max_new_tokens,
+            fit_max_new_tokens=max_new_tokens is None, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
@@ -152,7 +154,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = DEFAULT_COMPLETION_TOKENS
+    max_tokens: int | None = None  # unset: DEFAULT_COMPLETION_TOKENS, as much of it as the prompt leaves room for
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -172,8 +174,7 @@ class CompletionRequest(_Common):
         batch = self.prompt if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
             else [self.prompt]
         prompts = [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=tuple(p)) for p in batch]
-        max_tokens = 1 if self.echo_only else DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
-        sampling = self.sampling(max_tokens, self.logprobs)
+        sampling = self.sampling(1 if self.echo_only else self.max_tokens, self.logprobs, DEFAULT_COMPLETION_TOKENS)
         if self.echo and self.logprobs is not None:
             sampling = replace(sampling, prompt_logprobs=self.logprobs)
         return prompts, sampling
@@ -302,7 +303,7 @@ class ChatCompletionRequest(_Common):
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if self.tool_calls() else ()
         prompt = Prompt(messages=tuple(m.turn(i) for i, m in enumerate(self.messages)), tools=tools)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        sampling = self.sampling(default_max_new_tokens if max_tokens is None else max_tokens, logprobs)
+        sampling = self.sampling(max_tokens, logprobs, default_max_new_tokens)
         calls = self.tool_calls()
         if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
             sampling = replace(sampling, skip_special_tokens=False)

@@ -46,6 +46,9 @@ ANY_JSON_OBJECT = StructuredOutput(OutputKind.JSON_SCHEMA, '{"type": "object"}')
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
+    # the client left max_new_tokens to the server: the engine shrinks it to the room the prompt
+    # leaves (context and KV cache), so a long prompt is served rather than refused for a limit it never set
+    fit_max_new_tokens: bool = False
     temperature: float = 0.0  # below GREEDY_TEMPERATURE (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off

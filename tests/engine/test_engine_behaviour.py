@@ -1,15 +1,17 @@
 """Engine behaviour through its Python API: seeds, stops, EOS, cancellation, validation."""
 
 import asyncio
+import functools
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from loramux.adapters.errors import AdapterNotFound
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
-from loramux.server.engine import EngineObserver
+from loramux.server.engine import Engine, EngineObserver
 from loramux.server.errors import QueueFull, RequestCancelled, RequestInvalid
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
 
@@ -158,6 +160,25 @@ def test_cancel_frees_slot_and_pin_within_one_step(built):
 def test_invalid_requests_are_refused_before_any_work(built, params, prompt, match):
     with pytest.raises(RequestInvalid, match=match):
         built.engine.validate(GenerationRequest("v", prompt, params))
+
+
+def test_a_default_max_new_tokens_fits_the_context_and_the_kv_cache(built):
+    """A request that left max_new_tokens to the server gets the default, shrunk to what
+    max_model_len and the KV pool leave after its prompt (at least 1, which validate then refuses
+    when even that does not fit); one the client set is never changed."""
+    def fitted(engine, n, max_new=16, fit=True):
+        r = engine.fitted(GenerationRequest("f", (7,) * n, SamplingParams(max_new, fit_max_new_tokens=fit)))
+        assert not r.sampling.fit_max_new_tokens
+        return r.sampling.max_new_tokens
+    assert [fitted(built.engine, n) for n in (5, 112, 120, 127, 200)] == [16, 16, 8, 1, 1]
+    assert fitted(built.engine, 120, fit=False) == 16
+    events = collect(built.engine, req("long", SamplingParams(16, ignore_eos=True, fit_max_new_tokens=True),
+                                       prompt=(7,) * 120))[0]
+    assert len(events) == 8 and events[-1].finish_reason is FinishReason.LENGTH
+    # a pool smaller than max_model_len (a GPU sized from its free memory): the pool is the bound
+    small_pool = SimpleNamespace(config=built.engine.config, blocks=SimpleNamespace(num_blocks=4, block_size=16))
+    small_pool.fitted = functools.partial(Engine.fitted, small_pool)
+    assert [fitted(small_pool, n) for n in (40, 50, 64)] == [16, 14, 1]
 
 
 def test_queue_bound_is_atomic(built):

@@ -132,6 +132,21 @@ def test_special_tokens_text_is_left_out_unless_asked_for(server, tiny_llama):
     assert ended.token_ids == [tok.eos_token_id] and ended.finish_reason == "eos" and ended.text == ""
 
 
+def test_an_unset_max_new_tokens_shrinks_to_the_room_a_long_prompt_leaves(server):
+    """The server's default (16 here) fits in what --max-model-len (256) leaves after the prompt; a
+    max_new_tokens the client sets is never shrunk, and over the limit is refused, naming it."""
+    long = [5 + i % 300 for i in range(250)]
+    r = server.client.generate(prompt_token_ids=long, sampling=Sampling(ignore_eos=True))
+    assert (r.completion_tokens, r.finish_reason) == (6, "length")
+    r = server.client.generate(prompt_token_ids=long[:100], sampling=Sampling(ignore_eos=True))
+    assert r.completion_tokens == 16  # room enough: the default whole
+    code, details = code_of(server.client.generate, prompt_token_ids=long,
+                            sampling=Sampling(max_new_tokens=16, ignore_eos=True))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceeds max_model_len 256" in details
+    code, details = code_of(server.client.generate, prompt_token_ids=long + long[:6])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_input_tokens is 255" in details
+
+
 def test_text_prompt_and_chat_messages(server, tiny_llama):
     from transformers import AutoTokenizer
 

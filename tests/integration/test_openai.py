@@ -152,6 +152,28 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     assert bad_json.status_code == 400 and "error" in bad_json.json()
 
 
+def test_an_unset_max_tokens_fits_the_room_a_long_prompt_leaves(oserver, tokenizer):
+    """Without max_tokens, completions (OpenAI's 16) and chat (--default-max-new-tokens, 16 here)
+    generate what --max-model-len (256) leaves after the prompt, as vLLM does, rather than refusing
+    the request for a limit the client never set; a max_tokens it sets is refused past the limit."""
+    long = [5 + i % 300 for i in range(250)]
+    got = oserver.oa.completions.create(model="attn-r4", prompt=long, temperature=0, extra_body={"ignore_eos": True})
+    assert (got.usage.completion_tokens, got.choices[0].finish_reason) == (6, "length")
+    assert oserver.oa.completions.create(model="attn-r4", prompt=long[:50], temperature=0,
+                                         extra_body={"ignore_eos": True}).usage.completion_tokens == 16
+    with pytest.raises(openai.BadRequestError, match="exceeds max_model_len 256"):
+        oserver.oa.completions.create(model="attn-r4", prompt=long, max_tokens=16)
+    def chat_of(words: int) -> list[dict]:
+        return [{"role": "user", "content": " fox" * words}]
+    words = next(k for k in range(200, 260)  # a chat prompt that leaves fewer than 16 tokens
+                 if httpx.post(f"http://127.0.0.1:{oserver.http_port}/tokenize",
+                               json={"messages": chat_of(k)}).json()["count"] > 245)
+    chat = oserver.oa.chat.completions.create(model="attn-r4", messages=chat_of(words), temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 256 and chat.usage.completion_tokens < 16
+    assert chat.choices[0].finish_reason == "length"
+
+
 OTHER_IDS = [7, 19, 3, 55]
 
 
