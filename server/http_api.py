@@ -174,18 +174,18 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     @errors_as_responses
     async def models():
-        base, created = service.model_name, int(service.started_at)
-        return {"object": "list", "data": [model_card(base, None, created)] +
-                [model_card(entry.adapter_id, base, created) for entry, _ in service.adapters()]}
+        base, created, limit = service.model_name, int(service.started_at), config.total_token_limit
+        return {"object": "list", "data": [model_card(base, None, created, limit)] +
+                [model_card(entry.adapter_id, base, created, limit) for entry, _ in service.adapters()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
     @errors_as_responses
     async def model(model_id: str):
-        base, created = service.model_name, int(service.started_at)
+        base, created, limit = service.model_name, int(service.started_at), config.total_token_limit
         if model_id == base:
-            return model_card(base, None, created)
+            return model_card(base, None, created, limit)
         if model_id in service.ready().registry:
-            return model_card(model_id, base, created)
+            return model_card(model_id, base, created, limit)
         return error_response(404, f"the model {model_id[:128]!r} does not exist", "model")
 
     # vLLM's adapter routes, which the inference gateway's adapter syncer calls; the same rules as

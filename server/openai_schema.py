@@ -560,9 +560,10 @@ class UnloadAdapterRequest(BaseModel):
     lora_name: str
 
 
-def model_card(model_id: str, parent: str | None, created: int) -> dict:
+def model_card(model_id: str, parent: str | None, created: int, max_model_len: int) -> dict:
+    """An entry of /v1/models, with vLLM's max_model_len (prompt and completion together)."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": "loramux", "root": model_id,
-            "parent": parent}
+            "parent": parent, "max_model_len": max_model_len}
 
 
 class TokenizeRequest(BaseModel):

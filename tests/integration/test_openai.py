@@ -54,6 +54,7 @@ def test_models_lists_the_base_model_and_every_adapter(oserver, tiny_adapters):
     assert info.model in models and models[info.model].parent is None
     for name in tiny_adapters:
         assert models[name].parent == info.model
+    assert {m.max_model_len for m in models.values()} == {256}  # vLLM's field, which clients size prompts by
 
 
 @pytest.mark.parametrize("adapter", ["", "attn-r4", "all-r16-rslora"])
