@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -69,11 +70,17 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     return JSONResponse(status_code=status, content=error_body(status, message, param))
 
 
+# the engine's field names (gRPC's) that the OpenAI body spells otherwise, as its errors name them
+OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_ENGINE_NAME = re.compile(rf"\b({'|'.join(OPENAI_NAMES)})\b")
+
+
 def _error_of(e: BaseException) -> tuple[int, str, str | None]:
     name = status_name(e)
     if name == "INTERNAL":
         log.error("internal error: %r", e)
-    return HTTP_STATUS[name], (str(e) or type(e).__name__)[:1000], getattr(e, "param", None)
+    message = _ENGINE_NAME.sub(lambda m: OPENAI_NAMES[m.group(1)], (str(e) or type(e).__name__)[:1000])
+    return HTTP_STATUS[name], message, getattr(e, "param", None)
 
 
 def _json(obj) -> str:

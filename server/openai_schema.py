@@ -41,7 +41,15 @@ from .openai_structured import (
     output_from,
     response_format_output,
 )
-from .requests import FinishReason, OutputKind, SamplingParams, StructuredOutput, TokenEvent, TokenLogprob
+from .requests import (
+    MAX_LOGPROBS,
+    FinishReason,
+    OutputKind,
+    SamplingParams,
+    StructuredOutput,
+    TokenEvent,
+    TokenLogprob,
+)
 from .service import Prompt
 from .tool_parsers import ToolCallParser
 
@@ -298,6 +306,9 @@ class ChatCompletionRequest(_Common):
         self.check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestInvalid("top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise RequestInvalid(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                                 param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         # a forced or parsed tool call shows the model its tools, if the chat template can
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if self.tool_calls() else ()

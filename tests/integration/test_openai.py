@@ -130,8 +130,9 @@ def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_
 
 def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
-        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_new_tokens"),
-        (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_new_tokens"),
+        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_tokens must be in [1, "),
+        (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_tokens must be in [1, 1024], got 1000000"),
+        (dict(max_tokens=5, extra_body={"min_tokens": 6}), "min_tokens must be in [0, max_tokens (5)], got 6"),
         (dict(temperature=-1), "temperature"), (dict(presence_penalty=2.5), "presence_penalty"),
         (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={"5": 101}), "logit_bias"),
         (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
@@ -143,6 +144,10 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         assert needle in e.value.message and e.value.status_code == 400
     with pytest.raises(openai.BadRequestError):
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match=r"top_logprobs must be in \[0, 20\], got 21") as e:
+        oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
+                                           logprobs=True, top_logprobs=21)
+    assert e.value.body["param"] == "top_logprobs"
     with pytest.raises(openai.NotFoundError) as e:
         oserver.oa.completions.create(model="no-such-model", prompt="hi")
     assert "no-such-model" in e.value.message
