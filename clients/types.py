@@ -182,6 +182,7 @@ class Sampling:
     prompt_logprobs: int | None = None  # each prompt token's raw logprob (after the first), with this many top ones
     min_new_tokens: int | None = None  # no EOS or stop token before this many tokens
     skip_special_tokens: bool | None = None  # False: special tokens' text is kept; None: the server's (left out)
+    include_stop_str_in_output: bool = False  # the stop string that ends the text stays in it
     # structured output, at most one: the text matches a JSON schema (a dict or JSON text), is any
     # JSON object, matches a regex, is one of the choices, or follows a grammar (Lark or GBNF)
     json_schema: dict | str | None = None

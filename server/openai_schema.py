@@ -83,6 +83,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     response_format: dict | None = None
     # vLLM's structured-output extensions: its older guided_* fields, and structured_outputs
     guided_json: dict | str | None = None
@@ -92,7 +93,8 @@ class _Common(BaseModel):
     structured_outputs: dict | None = None
 
     @field_validator("n", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "min_tokens", "echo",
-                     "logprobs", "parallel_tool_calls", "skip_special_tokens", mode="before", check_fields=False)
+                     "logprobs", "parallel_tool_calls", "skip_special_tokens", "include_stop_str_in_output",
+                     mode="before", check_fields=False)
     @classmethod
     def null_is_default(cls, value, info: ValidationInfo):
         """OpenAI's schema lets clients send null for these: it means the default."""
@@ -124,6 +126,7 @@ class _Common(BaseModel):
             logprobs=logprobs, min_new_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
             structured_output=self.structured_output(), skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
     def structured_output(self) -> StructuredOutput | None:

@@ -77,9 +77,10 @@ class OutputProcessor:
             seq.text += (seq.detok.add(token) if finish is not FinishReason.EOS else "") + seq.detok.flush()
         if p.stop:
             scan_from = max(0, seq.emitted - max(map(len, p.stop)))
-            hits = [i for i in (seq.text.find(s, scan_from) for s in p.stop) if i >= 0]
-            if hits:
-                seq.text = seq.text[: min(hits)]
+            hits = [(i, -len(s)) for i, s in ((seq.text.find(s, scan_from), s) for s in p.stop) if i >= 0]
+            if hits:  # the earliest stop string (the longest of those starting there)
+                start, minus_len = min(hits)
+                seq.text = seq.text[: start - minus_len if p.include_stop_str_in_output else start]
                 finish = FinishReason.STOP
         end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted : end] if end > seq.emitted else ""

@@ -65,6 +65,7 @@ class SamplingParams:
     min_new_tokens: int = 0  # until this many are generated, EOS (unless ignored) and stop_token_ids cannot be sampled
     structured_output: StructuredOutput | None = None  # None: free text
     skip_special_tokens: bool = True  # False: special tokens' text stays in the output (not a finishing EOS's)
+    include_stop_str_in_output: bool = False  # True: the text ends with the stop string that ended it
 
     @property
     def greedy(self) -> bool:

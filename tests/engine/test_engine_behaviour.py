@@ -71,6 +71,13 @@ def test_stop_string_cuts_text_and_is_never_streamed(built):
     assert got == text[: text.index(stop)]
     assert cut[-1].finish_reason is FinishReason.STOP
     assert cut[-1].completion_tokens == len(cut)
+    # vLLM's include_stop_str_in_output: the earliest stop string found stays, whatever the list's order
+    later = text[10:13]
+    assert text.index(stop) < text.index(later)
+    kept = collect(built.engine, req("k", SamplingParams(24, stop=(later, stop), ignore_eos=True,
+                                                         include_stop_str_in_output=True)))[0]
+    assert "".join(e.text for e in kept) == text[: text.index(stop) + len(stop)]
+    assert kept[-1].finish_reason is FinishReason.STOP
 
 
 def test_eos_ends_the_request_unless_ignored(built, monkeypatch):

@@ -100,6 +100,11 @@ def test_sampling_parameters_reach_the_engine(oserver):
     if stop.strip():
         cut = oserver.oa.completions.create(**{**seeded, "max_tokens": 10, "stop": [stop]}).choices[0]
         assert stop not in cut.text and cut.finish_reason == "stop"
+        including = {**seeded["extra_body"], "include_stop_str_in_output": True}  # vLLM's extension
+        kept = oserver.oa.completions.create(**{**seeded, "max_tokens": 10, "stop": [stop], "extra_body": including})
+        assert kept.choices[0].text == expected.text[: expected.text.index(stop) + len(stop)] == grpc_tokens(
+            oserver, "attn-r4", temperature=0.9, top_p=0.9, seed=11, top_k=20, repetition_penalty=1.2, stop=[stop],
+            include_stop_str_in_output=True).text
 
 
 def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_adapters):
