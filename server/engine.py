@@ -178,60 +178,67 @@ class Engine:
         validate_request_id(req.request_id)
         n = len(req.prompt_token_ids)
         if n == 0:
-            raise RequestInvalid("the prompt is empty")
+            raise RequestInvalid("the prompt is empty", param="prompt")
         if n > c.input_token_limit:  # before any pass over the ids
-            raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit}")
+            raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit}", param="prompt")
         bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+                                 param="prompt_token_ids")
         if not 0 < p.max_new_tokens <= c.max_new_tokens_limit:
-            raise RequestInvalid(f"max_new_tokens must be in [1, {c.max_new_tokens_limit}], got {p.max_new_tokens}")
+            raise RequestInvalid(f"max_new_tokens must be in [1, {c.max_new_tokens_limit}], got {p.max_new_tokens}",
+                                 param="max_new_tokens")
         if n + p.max_new_tokens > c.total_token_limit:
             limit = "max_total_tokens" if c.max_total_tokens else "max_model_len"
             raise RequestInvalid(
-                f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds {limit} {c.total_token_limit}"
-            )
+                f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds {limit} {c.total_token_limit}",
+                param="max_new_tokens")
         need = blocks_for(n + p.max_new_tokens, self.blocks.block_size)
         if need > self.blocks.num_blocks:
             raise RequestInvalid(
                 f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) needs {need} KV blocks; the pool holds "
-                f"{self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens (--kv-cache-tokens)")
+                f"{self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens (--kv-cache-tokens)",
+                param="max_new_tokens")
         if not (0.0 <= p.temperature <= 100.0):  # also false for NaN
-            raise RequestInvalid(f"temperature must be in [0, 100], got {p.temperature}")
+            raise RequestInvalid(f"temperature must be in [0, 100], got {p.temperature}", param="temperature")
         if not (0.0 < p.top_p <= 1.0):
-            raise RequestInvalid(f"top_p must be in (0, 1], got {p.top_p}")
+            raise RequestInvalid(f"top_p must be in (0, 1], got {p.top_p}", param="top_p")
         if p.seed is not None and not -(1 << 63) <= p.seed < 1 << 64:  # what a generator takes
-            raise RequestInvalid("seed must be in [-2^63, 2^64)")
+            raise RequestInvalid("seed must be in [-2^63, 2^64)", param="seed")
         if p.top_k < 0:
-            raise RequestInvalid(f"top_k must be >= 0, got {p.top_k}")
+            raise RequestInvalid(f"top_k must be >= 0, got {p.top_k}", param="top_k")
         if not (p.repetition_penalty > 0.0 and p.repetition_penalty < float("inf")):
-            raise RequestInvalid(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}")
+            raise RequestInvalid(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}",
+                                 param="repetition_penalty")
         if len(p.stop) > c.max_stop_sequences:
-            raise RequestInvalid(f"{len(p.stop)} stop strings; the limit is {c.max_stop_sequences}")
+            raise RequestInvalid(f"{len(p.stop)} stop strings; the limit is {c.max_stop_sequences}", param="stop")
         for s in p.stop:
             if not 0 < len(s) <= c.max_stop_length:
-                raise RequestInvalid(f"stop strings must be 1 to {c.max_stop_length} characters, got {len(s)}")
+                raise RequestInvalid(f"stop strings must be 1 to {c.max_stop_length} characters, got {len(s)}",
+                                     param="stop")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(p, name) is not None and not 0 <= getattr(p, name) <= MAX_LOGPROBS:
-                raise RequestInvalid(f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(p, name)}")
+                raise RequestInvalid(f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(p, name)}", param=name)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_OCCURRENCE_PENALTY <= getattr(p, name) <= MAX_OCCURRENCE_PENALTY:
                 raise RequestInvalid(f"{name} must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}], "
-                                     f"got {getattr(p, name)}")
+                                     f"got {getattr(p, name)}", param=name)
         if len(p.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
-            raise RequestInvalid(f"logit_bias has {len(p.logit_bias)} entries; the limit is {MAX_LOGIT_BIAS_TOKENS}")
+            raise RequestInvalid(f"logit_bias has {len(p.logit_bias)} entries; the limit is {MAX_LOGIT_BIAS_TOKENS}",
+                                 param="logit_bias")
         for token, bias in p.logit_bias:
             if not 0 <= token < self.vocab_size:
-                raise RequestInvalid(f"logit_bias token {token} is outside the vocabulary [0, {self.vocab_size})")
+                raise RequestInvalid(f"logit_bias token {token} is outside the vocabulary [0, {self.vocab_size})",
+                                     param="logit_bias")
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise RequestInvalid(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
-                                     f"got {bias} for token {token}")
+                                     f"got {bias} for token {token}", param="logit_bias")
         if not 0 <= p.min_new_tokens <= p.max_new_tokens:
             raise RequestInvalid(f"min_new_tokens must be in [0, max_new_tokens ({p.max_new_tokens})], "
-                                 f"got {p.min_new_tokens}")
+                                 f"got {p.min_new_tokens}", param="min_new_tokens")
         if len(p.stop_token_ids) > c.max_stop_token_ids:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
-                                 "(--max-stop-token-ids)")
+                                 "(--max-stop-token-ids)", param="stop_token_ids")
 
     def fitted(self, req: GenerationRequest) -> GenerationRequest:
         """A request that left max_new_tokens to the server: its default, shrunk to what the context

@@ -70,8 +70,8 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     return JSONResponse(status_code=status, content=error_body(status, message, param))
 
 
-# the engine's field names (gRPC's) that the OpenAI body spells otherwise, as its errors name them
-OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+# the engine's field names (gRPC's) that the OpenAI body spells otherwise, in its errors' text and param
+OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_token_ids": "prompt"}
 _ENGINE_NAME = re.compile(rf"\b({'|'.join(OPENAI_NAMES)})\b")
 
 
@@ -80,7 +80,8 @@ def _error_of(e: BaseException) -> tuple[int, str, str | None]:
     if name == "INTERNAL":
         log.error("internal error: %r", e)
     message = _ENGINE_NAME.sub(lambda m: OPENAI_NAMES[m.group(1)], (str(e) or type(e).__name__)[:1000])
-    return HTTP_STATUS[name], message, getattr(e, "param", None)
+    param = getattr(e, "param", None)
+    return HTTP_STATUS[name], message, OPENAI_NAMES.get(param, param)
 
 
 def _json(obj) -> str:

@@ -147,6 +147,10 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.completions.create(model="attn-r4", prompt="hi", **kwargs)
         assert needle in e.value.message and e.value.status_code == 400
+        # error.param names the body's field (the engine's checks too), as OpenAI's errors do
+        named = [k for k in kwargs if k != "extra_body"] + list(kwargs.get("extra_body", {}))
+        if len(named) == 1:
+            assert e.value.body["param"] == named[0], (kwargs, e.value.body)
     with pytest.raises(openai.BadRequestError):
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match=r"top_logprobs must be in \[0, 20\], got 21") as e:
