@@ -179,21 +179,24 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         body, content_type = metrics_text()
         return Response(body, media_type=content_type)
 
+    def card(model_id: str, parent: str | None) -> dict:
+        return model_card(model_id, parent, int(service.started_at), config.total_token_limit)
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     @errors_as_responses
     async def models():
-        base, created, limit = service.model_name, int(service.started_at), config.total_token_limit
-        return {"object": "list", "data": [model_card(base, None, created, limit)] +
-                [model_card(entry.adapter_id, base, created, limit) for entry, _ in service.adapters()]}
+        base = service.model_name
+        return {"object": "list", "data": [card(base, None)] +
+                [card(entry.adapter_id, base) for entry, _ in service.adapters()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
     @errors_as_responses
     async def model(model_id: str):
-        base, created, limit = service.model_name, int(service.started_at), config.total_token_limit
+        base = service.model_name
         if model_id == base:
-            return model_card(base, None, created, limit)
+            return card(base, None)
         if model_id in service.ready().registry:
-            return model_card(model_id, base, created, limit)
+            return card(model_id, base)
         return error_response(404, f"the model {model_id[:128]!r} does not exist", "model")
 
     # vLLM's adapter routes, which the inference gateway's adapter syncer calls; the same rules as

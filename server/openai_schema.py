@@ -314,11 +314,11 @@ class ChatCompletionRequest(_Common):
                                  param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         # a forced or parsed tool call shows the model its tools, if the chat template can
-        tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if self.tool_calls() else ()
+        calls = self.tool_calls()
+        tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if calls else ()
         prompt = Prompt(messages=tuple(m.turn(i) for i, m in enumerate(self.messages)), tools=tools)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(max_tokens, logprobs, default_max_new_tokens)
-        calls = self.tool_calls()
         if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
             sampling = replace(sampling, skip_special_tokens=False)
         return [prompt], sampling

@@ -71,16 +71,16 @@ class OutputProcessor:
             finish = FinishReason.LENGTH
         if finish is None and seq.grammar is not None and seq.grammar.advance(token):
             finish = FinishReason.STOP  # the structured output is complete: only the end of text could follow
-        if finish is None:
+        if finish is not FinishReason.EOS:  # the EOS that finishes adds no text, even where special tokens' is kept
             seq.text += seq.detok.add(token)
-        else:  # the EOS that finishes adds no text, even where special tokens' text is kept
-            seq.text += (seq.detok.add(token) if finish is not FinishReason.EOS else "") + seq.detok.flush()
+        if finish is not None:
+            seq.text += seq.detok.flush()
         if p.stop:
             scan_from = max(0, seq.emitted - max(map(len, p.stop)))
-            hits = [(i, -len(s)) for i, s in ((seq.text.find(s, scan_from), s) for s in p.stop) if i >= 0]
-            if hits:  # the earliest stop string (the longest of those starting there)
-                start, minus_len = min(hits)
-                seq.text = seq.text[: start - minus_len if p.include_stop_str_in_output else start]
+            hits = [(i, s) for i, s in ((seq.text.find(s, scan_from), s) for s in p.stop) if i >= 0]
+            if hits:  # the earliest stop string, the longest of those starting there
+                start, stop = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
+                seq.text = seq.text[: start + len(stop) if p.include_stop_str_in_output else start]
                 finish = FinishReason.STOP
         end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted : end] if end > seq.emitted else ""

@@ -46,8 +46,7 @@ class PromptRenderer:
             if len(messages) > self.max_chat_messages:
                 raise RequestInvalid(f"{len(messages)} chat messages; the limit is {self.max_chat_messages} "
                                      "(--max-chat-messages)")
-            size = sum(len(m[0].encode("utf-8", "surrogatepass")) + len(m[1].encode("utf-8", "surrogatepass"))
-                       + (len(json.dumps(m[2]).encode()) if len(m) > 2 else 0) for m in messages)
+            size = sum(map(_size, messages))
             if size > self.max_prompt_bytes:
                 raise RequestInvalid(f"the chat messages are {size} bytes together; the limit is "
                                      f"{self.max_prompt_bytes} (--max-prompt-bytes)")
@@ -72,7 +71,7 @@ class PromptRenderer:
 
         try:
             out = self.tokenizer.apply_chat_template(
-                [{"role": m[0], "content": m[1], **(m[2] if len(m) > 2 else {})} for m in messages],
+                [{"role": m[0], "content": m[1], **_fields(m)} for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 tokenize=not add_special_tokens, return_dict=not add_special_tokens,
                 **({"tools": tools} if tools else {}),
@@ -85,3 +84,15 @@ class PromptRenderer:
         if add_special_tokens:  # the rendered text, tokenized with the tokenizer's special tokens
             return self.tokenizer(out, add_special_tokens=True)["input_ids"]
         return list(out["input_ids"])
+
+
+def _fields(message: tuple) -> dict:
+    """A chat message's keys for the template besides its role and content (module docstring)."""
+    return message[2] if len(message) > 2 else {}
+
+
+def _size(message: tuple) -> int:
+    """A chat message's UTF-8 bytes: role, content, and its other fields as JSON."""
+    fields = _fields(message)
+    return (len(message[0].encode("utf-8", "surrogatepass")) + len(message[1].encode("utf-8", "surrogatepass"))
+            + (len(json.dumps(fields).encode()) if fields else 0))

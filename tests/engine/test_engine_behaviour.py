@@ -1,7 +1,6 @@
 """Engine behaviour through its Python API: seeds, stops, EOS, cancellation, validation."""
 
 import asyncio
-import functools
 import json
 import re
 from types import SimpleNamespace
@@ -174,7 +173,7 @@ def test_a_default_max_new_tokens_fits_the_context_and_the_kv_cache(built):
     max_model_len and the KV pool leave after its prompt (at least 1, which validate then refuses
     when even that does not fit); one the client set is never changed."""
     def fitted(engine, n, max_new=16, fit=True):
-        r = engine.fitted(GenerationRequest("f", (7,) * n, SamplingParams(max_new, fit_max_new_tokens=fit)))
+        r = Engine.fitted(engine, GenerationRequest("f", (7,) * n, SamplingParams(max_new, fit_max_new_tokens=fit)))
         assert not r.sampling.fit_max_new_tokens
         return r.sampling.max_new_tokens
     assert [fitted(built.engine, n) for n in (5, 112, 120, 127, 200)] == [16, 16, 8, 1, 1]
@@ -184,7 +183,6 @@ def test_a_default_max_new_tokens_fits_the_context_and_the_kv_cache(built):
     assert len(events) == 8 and events[-1].finish_reason is FinishReason.LENGTH
     # a pool smaller than max_model_len (a GPU sized from its free memory): the pool is the bound
     small_pool = SimpleNamespace(config=built.engine.config, blocks=SimpleNamespace(num_blocks=4, block_size=16))
-    small_pool.fitted = functools.partial(Engine.fitted, small_pool)
     assert [fitted(small_pool, n) for n in (40, 50, 64)] == [16, 14, 1]
 
 
