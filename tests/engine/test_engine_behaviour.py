@@ -77,6 +77,11 @@ def test_stop_string_cuts_text_and_is_never_streamed(built):
                                                          include_stop_str_in_output=True)))[0]
     assert "".join(e.text for e in kept) == text[: text.index(stop) + len(stop)]
     assert kept[-1].finish_reason is FinishReason.STOP
+    # two stop strings found at the same place: the longer one is the one kept
+    assert text.index(stop[:2]) == text.index(stop)
+    longest = collect(built.engine, req("l", SamplingParams(24, stop=(stop[:2], stop), ignore_eos=True,
+                                                            include_stop_str_in_output=True)))[0]
+    assert "".join(e.text for e in longest) == text[: text.index(stop) + len(stop)]
 
 
 def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
