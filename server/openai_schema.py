@@ -252,6 +252,12 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def turns(messages) -> tuple[tuple, ...]:
+    """A request's chat messages as the domain Prompt's turns (``ChatMessage.turn``), each knowing
+    its index for the errors it raises."""
+    return tuple(m.turn(i) for i, m in enumerate(messages))
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -316,7 +322,7 @@ class ChatCompletionRequest(_Common):
         # a forced or parsed tool call shows the model its tools, if the chat template can
         calls = self.tool_calls()
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if calls else ()
-        prompt = Prompt(messages=tuple(m.turn(i) for i, m in enumerate(self.messages)), tools=tools)
+        prompt = Prompt(messages=turns(self.messages), tools=tools)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(max_tokens, logprobs, default_max_new_tokens)
         if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
@@ -600,7 +606,7 @@ class TokenizeRequest(BaseModel):
         if self.tools and self.messages is None:
             raise RequestInvalid("tools go with messages", param="tools")
         return Prompt(text=self.prompt or "",
-                      messages=tuple(m.turn(i) for i, m in enumerate(self.messages or ())),
+                      messages=turns(self.messages or ()),
                       tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()))
 
 
