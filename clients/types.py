@@ -224,23 +224,28 @@ def register_request(adapter_id: str, path: str = "", replace: bool = False, pre
         combine=[pb.WeightedAdapter(adapter_id=a, weight=w) for a, w in combine or ()])
 
 
-def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, messages=None,
-                     sampling: Sampling | None = None, request_id: str = "") -> pb.GenerateRequest:
+def chat_fields(messages=None, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+                chat_template_kwargs: dict | None = None) -> dict:
+    """The chat fields GenerateRequest and TokenizeRequest share: messages [(role, content)] and
+    how the chat template renders them."""
+    return dict(messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                chat_template_kwargs=json.dumps(chat_template_kwargs) if chat_template_kwargs else "")
+
+
+def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, sampling: Sampling | None = None,
+                     request_id: str = "", **chat) -> pb.GenerateRequest:
+    """``chat``: chat_fields' arguments."""
     return pb.GenerateRequest(
         request_id=request_id, adapter_id=adapter_id or "", prompt=prompt or "",
-        prompt_token_ids=prompt_token_ids or [],
-        messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
-        sampling=(sampling or Sampling()).to_pb(),
-    )
+        prompt_token_ids=prompt_token_ids or [], sampling=(sampling or Sampling()).to_pb(), **chat_fields(**chat))
 
 
-def tokenize_request(prompt=None, *, adapter_id: str = "", messages=None, add_special_tokens: bool | None = None,
-                     add_generation_prompt: bool | None = None, return_token_strs: bool = False) -> pb.TokenizeRequest:
-    return pb.TokenizeRequest(
-        adapter_id=adapter_id or "", prompt=prompt or "",
-        messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
-        add_special_tokens=add_special_tokens, add_generation_prompt=add_generation_prompt,
-        return_token_strs=return_token_strs)
+def tokenize_request(prompt=None, *, adapter_id: str = "", add_special_tokens: bool | None = None,
+                     return_token_strs: bool = False, **chat) -> pb.TokenizeRequest:
+    """``chat``: chat_fields' arguments."""
+    return pb.TokenizeRequest(adapter_id=adapter_id or "", prompt=prompt or "", add_special_tokens=add_special_tokens,
+                              return_token_strs=return_token_strs, **chat_fields(**chat))
 
 
 class PlaintextTokenWarning(UserWarning):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..v1 import loramux_pb2 as pb
 from .errors import RequestInvalid
+from .prompts import ChatOptions
 from .requests import (
     ANY_JSON_OBJECT,
     OutputKind,
@@ -63,7 +64,23 @@ def structured_from_pb(s: pb.StructuredOutput) -> StructuredOutput:
 
 def prompt_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
     ids = tuple(getattr(req, "prompt_token_ids", ()))  # TokenizeRequest has none
-    return Prompt(req.prompt, ids, tuple((m.role, m.content) for m in req.messages))
+    chat = ChatOptions(req.add_generation_prompt if req.HasField("add_generation_prompt") else None,
+                       req.continue_final_message, template_kwargs(req.chat_template_kwargs))
+    return Prompt(req.prompt, ids, tuple((m.role, m.content) for m in req.messages), chat=chat)
+
+
+def template_kwargs(text: str) -> dict:
+    """chat_template_kwargs: a JSON object, or empty for none."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestInvalid("chat_template_kwargs is not JSON", param="chat_template_kwargs") from None
+    if not isinstance(value, dict):
+        raise RequestInvalid(f"chat_template_kwargs must be a JSON object, not {type(value).__name__}",
+                             param="chat_template_kwargs")
+    return value
 
 
 def timing_to_pb(t: Timing | None) -> pb.Timing:

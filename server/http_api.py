@@ -235,7 +235,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @errors_as_responses
     async def tokenize(body: TokenizeRequest):
         ids = await service.tokenize(body.to_domain(), adapter_of(body.model or service.model_name),
-                                     body.add_special_tokens, body.add_generation_prompt)
+                                     body.add_special_tokens)
         strs = service.token_strings(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
 
@@ -262,9 +262,10 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 for s in streams:
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
             if kind == "chat":
-                return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of, tools)))
+                return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of, tools, body.echoed())))
             return JSONResponse(clamp(completion_response(body.model, choices, body.n, text_of, echoes)))
-        chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n)
+        chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
+                            body.echoed() if kind == "chat" else "")
 
         async def sse():
             lasts = [None] * len(streams)

@@ -28,7 +28,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
 
@@ -41,6 +41,7 @@ from .openai_structured import (
     output_from,
     response_format_output,
 )
+from .prompts import ChatOptions
 from .requests import (
     MAX_LOGPROBS,
     FinishReason,
@@ -94,6 +95,7 @@ class _Common(BaseModel):
 
     @field_validator("n", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "min_tokens", "echo",
                      "logprobs", "parallel_tool_calls", "skip_special_tokens", "include_stop_str_in_output",
+                     "continue_final_message",
                      mode="before", check_fields=False)
     @classmethod
     def null_is_default(cls, value, info: ValidationInfo):
@@ -252,6 +254,11 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def chat_options(body) -> ChatOptions:
+    """A chat or /tokenize body's rendering options."""
+    return ChatOptions(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs or {})
+
+
 def turns(messages) -> tuple[tuple, ...]:
     """A request's chat messages as the domain Prompt's turns (``ChatMessage.turn``), each knowing
     its index for the errors it raises."""
@@ -267,6 +274,11 @@ class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
+    # vLLM's chat extras (server/prompts.py, ChatOptions)
+    add_generation_prompt: bool | None = None  # unset: true, or false with continue_final_message
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False  # the reply starts with the last message's text, if that is the assistant's
     _tool_parser: ToolCallParser | None = PrivateAttr(None)  # the server's --tool-call-parser
 
     def serving(self, tool_parser: ToolCallParser | None) -> ChatCompletionRequest:
@@ -311,6 +323,12 @@ class ChatCompletionRequest(_Common):
             asked.append(("tool_choice", StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(schema))))
         return asked
 
+    def echoed(self) -> str:
+        """With echo, the text each choice's message starts with (vLLM's chat echo): the last
+        message's, when it is the assistant's turn (continued with continue_final_message)."""
+        last = self.messages[-1] if self.messages else None
+        return last.text() if self.echo and last is not None and last.role == "assistant" else ""
+
     def to_domain(self, default_max_new_tokens: int) -> tuple[list[Prompt], SamplingParams]:
         self.check_supported()
         if self.top_logprobs is not None and not self.logprobs:
@@ -322,7 +340,7 @@ class ChatCompletionRequest(_Common):
         # a forced or parsed tool call shows the model its tools, if the chat template can
         calls = self.tool_calls()
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if calls else ()
-        prompt = Prompt(messages=turns(self.messages), tools=tools)
+        prompt = Prompt(messages=turns(self.messages), tools=tools, chat=chat_options(self))
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(max_tokens, logprobs, default_max_new_tokens)
         if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
@@ -441,10 +459,13 @@ def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | N
 
 
 def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
-                  tools: ToolCalls | ToolCallParser | None = None) -> dict:
+                  tools: ToolCalls | ToolCallParser | None = None, echo: str = "") -> dict:
+    """``echo``: the text each message's content starts with (ChatCompletionRequest.echoed)."""
     out = []
     for i, events in enumerate(choices):
         message, finish = chat_message(events, tools)
+        if echo:
+            message["content"] = echo + (message["content"] or "")
         out.append({"index": i, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(events, text_of)})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": out, "usage": usage([events[-1] for events in choices], n)}
@@ -455,8 +476,10 @@ class ChunkMaker:
     choices (their chunks interleave, each naming its choice's index)."""
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
-                 echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1):
+                 echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1,
+                 chat_echo: str = ""):
         self.kind, self.model, self.text_of = kind, model, text_of
+        self.chat_echo = chat_echo  # chat: each choice's content starts with it (ChatCompletionRequest.echoed)
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
         self.offsets = [0] * choices  # completions' text_offset continues across a choice's chunks
@@ -477,11 +500,12 @@ class ChunkMaker:
         return out
 
     def first(self) -> list[dict]:
-        """Chat streams open with the assistant's role, once for each choice."""
+        """Chat streams open with the assistant's role, once for each choice, then its echo, if any."""
         if self.kind != "chat":
             return []
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(len(self.offsets))]
+        deltas = [{"role": "assistant", "content": ""}] + ([{"content": self.chat_echo}] if self.chat_echo else [])
+        return [self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                for delta in deltas for i in range(len(self.offsets))]
 
     def events(self, ev: TokenEvent, index: int = 0) -> list[dict]:
         """The chunks for one token event of choice ``index``: its echo first, if one is due; none
@@ -595,7 +619,9 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None  # with messages: shown to the chat template, as in chat requests
-    add_generation_prompt: bool = True  # with messages
+    add_generation_prompt: bool | None = None  # with messages, as in chat requests (unset: true, ...)
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool | None = None  # unset: True for a prompt, False for messages (as vLLM)
     return_token_strs: bool = False
 
@@ -607,7 +633,7 @@ class TokenizeRequest(BaseModel):
             raise RequestInvalid("tools go with messages", param="tools")
         return Prompt(text=self.prompt or "",
                       messages=turns(self.messages or ()),
-                      tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()))
+                      tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), chat=chat_options(self))
 
 
 class DetokenizeRequest(BaseModel):

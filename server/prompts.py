@@ -8,12 +8,38 @@ other keys the chat template reads: an assistant turn's ``tool_calls``, a tool t
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .config import ServerConfig
 from .errors import RequestInvalid, clip
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How chat messages become the prompt (vLLM's chat request extras, the same in both APIs).
+
+    ``add_generation_prompt``: end with the assistant turn's header (None: yes, unless
+    ``continue_final_message``). ``continue_final_message``: leave the last message open, so that the
+    model continues it (a reply the client prefilled). ``template_kwargs``: more variables for the
+    chat template (``{"enable_thinking": False}``); one the template does not read is ignored, as
+    in vLLM, and the names the renderer sets itself are refused."""
+
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
+    template_kwargs: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):  # a read-only copy: the options are a value
+        object.__setattr__(self, "template_kwargs", MappingProxyType(dict(self.template_kwargs)))
+
+    @property
+    def generation_prompt(self) -> bool:
+        return not self.continue_final_message if self.add_generation_prompt is None else self.add_generation_prompt
 
 
 class PromptRenderer:
@@ -22,12 +48,16 @@ class PromptRenderer:
         self.max_prompt_bytes = config.max_prompt_bytes
         self.max_chat_messages = config.max_chat_messages
         self.max_prompt_tokens = config.input_token_limit
+        # names a request's template kwargs may not take: what apply_chat_template and the template
+        # renderer set themselves (a "tokenize" would change what render returns)
+        self.reserved_kwargs = frozenset(inspect.signature(tokenizer.apply_chat_template).parameters) | {
+            "messages", "conversation", "conversations", "kwargs"}
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def check(self, prompt: str, token_ids: list[int], messages: list[tuple]) -> None:
+    def check(self, prompt: str, token_ids: list[int], messages: list[tuple], chat: ChatOptions = ChatOptions()) -> None:
         """Exactly one input, within the size limits (no tokenizing here)."""
         given = [name for name, v in (("prompt", prompt), ("prompt_token_ids", token_ids), ("messages", messages)) if v]
         if len(given) != 1:
@@ -46,19 +76,39 @@ class PromptRenderer:
             if len(messages) > self.max_chat_messages:
                 raise RequestInvalid(f"{len(messages)} chat messages; the limit is {self.max_chat_messages} "
                                      "(--max-chat-messages)")
-            size = sum(map(_size, messages))
+            size = sum(map(_size, messages)) + (len(json.dumps(dict(chat.template_kwargs)).encode())
+                                                if chat.template_kwargs else 0)
             if size > self.max_prompt_bytes:
-                raise RequestInvalid(f"the chat messages are {size} bytes together; the limit is "
+                raise RequestInvalid(f"the chat messages are {size} bytes together"
+                                     f"{' with chat_template_kwargs' if chat.template_kwargs else ''}; the limit is "
                                      f"{self.max_prompt_bytes} (--max-prompt-bytes)")
             for role, *_ in messages:
                 if role not in CHAT_ROLES:
                     raise RequestInvalid(f"unknown chat role {clip(role)}; expected one of {', '.join(CHAT_ROLES)}")
             if not self.has_chat_template:
                 raise RequestInvalid("this model has no chat template: send prompt instead of messages")
+        self._check_chat(chat, bool(messages))
+
+    def _check_chat(self, chat: ChatOptions, with_messages: bool) -> None:
+        """The chat options make sense together (add_generation_prompt without messages is ignored,
+        as a client may always send it)."""
+        if not with_messages:
+            for name, given in (("continue_final_message", chat.continue_final_message),
+                                ("chat_template_kwargs", bool(chat.template_kwargs))):
+                if given:
+                    raise RequestInvalid(f"{name} goes with messages", param=name)
+        if chat.continue_final_message and chat.add_generation_prompt:
+            raise RequestInvalid("continue_final_message and add_generation_prompt cannot both be true: the model "
+                                 "either continues the last message or starts a new one", param="continue_final_message")
+        for name in sorted(self.reserved_kwargs & set(chat.template_kwargs)):
+            own = name in ("tools", "add_generation_prompt", "continue_final_message")
+            raise RequestInvalid(f"chat_template_kwargs may not set {name}: "
+                                 + (f"use the request's {name} field" if own else "the server sets it"),
+                                 param="chat_template_kwargs")
 
     def render(self, prompt: str, token_ids: list[int], messages: list[tuple],
                tools: list[dict] | None = None, add_special_tokens: bool | None = None,
-               add_generation_prompt: bool = True) -> list[int]:
+               chat: ChatOptions = ChatOptions()) -> list[int]:
         """Input that ``check`` passed -> token ids: the slow part (tokenizer, chat template, which
         is given ``tools`` when there are some: a template that does not show tools ignores them).
         ``add_special_tokens``: the tokenizer's (BOS, ...) around a prompt (unset: yes) or around the
@@ -72,9 +122,9 @@ class PromptRenderer:
         try:
             out = self.tokenizer.apply_chat_template(
                 [{"role": m[0], "content": m[1], **_fields(m)} for m in messages],
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=chat.generation_prompt, continue_final_message=chat.continue_final_message,
                 tokenize=not add_special_tokens, return_dict=not add_special_tokens,
-                **({"tools": tools} if tools else {}),
+                **({"tools": tools} if tools else {}), **chat.template_kwargs,
             )
         # the template's own refusal (raise_exception: roles out of order, ...), or its code failing
         # on what the messages hold (a call's arguments of another JSON type than it expects)

@@ -22,6 +22,7 @@ from ..adapters.errors import AdapterExists, AdapterNotFound, AdapterPathDenied,
 from ..adapters.files import inside
 from .config import ServerConfig
 from .errors import EngineUnavailable, RequestInvalid, status_name
+from .prompts import ChatOptions
 from .requests import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Prompt:
     token_ids: tuple[int, ...] = ()
     messages: tuple[tuple, ...] = ()  # (role, content[, {other fields the chat template reads}]): prompts.py
     tools: tuple = ()  # with messages: OpenAI's tool definitions, for the chat template to show the model
+    chat: ChatOptions = ChatOptions()  # with messages: how the chat template renders them
 
 
 class Service:
@@ -123,8 +125,8 @@ class Service:
         return streams
 
     # ---- tokenizing (vLLM's /tokenize and /detokenize) ----
-    async def tokenize(self, prompt: Prompt, adapter_id: str | None = None, add_special_tokens: bool | None = None,
-                       add_generation_prompt: bool = True) -> list[int]:
+    async def tokenize(self, prompt: Prompt, adapter_id: str | None = None,
+                       add_special_tokens: bool | None = None) -> list[int]:
         """A prompt's token ids as generation would see them (the same limits and rendering), for
         the base model or an adapter (all share the base model's tokenizer). An empty text is
         tokenized too: no tokens, or the tokenizer's special ones."""
@@ -135,9 +137,9 @@ class Service:
             self.check_model(adapter_id)
         parts = (prompt.text, [], list(prompt.messages))
         if prompt.text or prompt.messages:
-            self.renderer.check(*parts)
+            self.renderer.check(*parts, prompt.chat)
         return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
-                                   add_special_tokens, add_generation_prompt)
+                                   add_special_tokens, prompt.chat)
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         """Each id's token as the tokenizer writes it (vLLM's token_strs)."""
@@ -176,10 +178,11 @@ class Service:
         """Cheap bounds first, the adapter's (dynamic) registration, then the tokenizer off the loop."""
         self.ready()
         parts = (prompt.text, list(prompt.token_ids), list(prompt.messages))
-        self.renderer.check(*parts)
+        self.renderer.check(*parts, prompt.chat)
         if adapter_id:
             await self._ensure_registered(adapter_id)
-        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools))
+        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
+                                   None, prompt.chat)
 
     async def _prepare(self, sampling: SamplingParams) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""

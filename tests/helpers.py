@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # a chat_template_kwargs variable it reads: preamble
+    "{% if preamble is defined %}{{ preamble }}\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

@@ -198,6 +198,47 @@ def test_tokenize_gives_the_prompt_tokens_generate_sees_and_detokenize_their_tex
     assert tokens.token_ids == got.token_ids and back == text
 
 
+def test_chat_options_continue_a_reply_and_reach_the_template(server, tiny_llama):
+    """GenerateRequest's and TokenizeRequest's chat options (fields 7-9 and 7-8): with
+    continue_final_message Generate continues the last message, token for token as the ids
+    Tokenize gives for it; chat_template_kwargs (a JSON object) reach the template; the mistakes
+    are INVALID_ARGUMENT, naming the field."""
+    from transformers import AutoTokenizer
+
+    from loramux.v1 import loramux_pb2 as pb
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    msgs = [("system", "Be brief."), ("user", "The quick brown fox"), ("assistant", "jumps over")]
+    open_ids = server.client.tokenize(messages=msgs, continue_final_message=True).token_ids
+    assert tok.decode(open_ids).endswith("<|im_start|>assistant\njumps over")
+    for adapter in ("", "all-r8"):
+        got = server.client.generate(messages=msgs, continue_final_message=True, adapter_id=adapter, sampling=GREEDY)
+        expected = server.client.generate(prompt_token_ids=open_ids, adapter_id=adapter, sampling=GREEDY)
+        assert got.token_ids == expected.token_ids and got.prompt_tokens == len(open_ids)
+    closed = server.client.tokenize(messages=msgs, add_generation_prompt=False).token_ids
+    assert closed[: len(open_ids)] == open_ids and len(closed) > len(open_ids)
+
+    question = msgs[:2]
+    said = server.client.tokenize(messages=question, chat_template_kwargs={"preamble": "Hi"}).token_ids
+    assert tok.decode(said) == "Hi\n" + tok.decode(server.client.tokenize(messages=question).token_ids)
+    assert server.client.generate(messages=question, chat_template_kwargs={"preamble": "Hi"},
+                                  sampling=Sampling(max_new_tokens=1)).prompt_tokens == len(said)
+
+    chat = [pb.ChatMessage(role=r, content=c) for r, c in msgs]
+    for request, needle in (
+        (pb.TokenizeRequest(messages=chat, chat_template_kwargs="{"), "chat_template_kwargs is not JSON"),
+        (pb.TokenizeRequest(messages=chat, chat_template_kwargs="[1]"), "must be a JSON object, not list"),
+        (pb.TokenizeRequest(messages=chat, chat_template_kwargs='{"messages": []}'),
+         "chat_template_kwargs may not set messages"),
+        (pb.TokenizeRequest(prompt="x", continue_final_message=True), "continue_final_message goes with messages"),
+        (pb.GenerateRequest(messages=chat, continue_final_message=True, add_generation_prompt=True),
+         "continue_final_message and add_generation_prompt cannot both be true"),
+    ):
+        call = server.client.stub.Tokenize if isinstance(request, pb.TokenizeRequest) else server.client.stub.Generate
+        code, details = code_of(call, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
+
+
 def test_concurrent_async_clients_mixing_adapters(server, tiny_adapters):
     async def main():
         async with AsyncLoraMuxClient(server.target) as c:

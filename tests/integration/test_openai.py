@@ -933,6 +933,66 @@ def test_echoed_choices_share_their_prompts_logprobs_and_its_blocks(oserver):
     wait_idle(oserver)
 
 
+def test_chat_extras_continue_a_prefilled_reply_and_reach_the_template(oserver, tokenizer):
+    """vLLM's chat extras through the official client: with continue_final_message the model
+    continues the assistant's prefilled text, token for token as the same rendering sent as a
+    prompt of ids (/tokenize with the same options), which stops right after that text;
+    with echo the reply starts with that text; chat_template_kwargs reach the template in chat
+    requests and /tokenize alike (one it does not read changes nothing); the mistakes are 400s
+    naming the field."""
+    root = f"http://127.0.0.1:{oserver.http_port}"
+
+    def tokens(messages, **extras):
+        return httpx.post(f"{root}/tokenize", json={"messages": messages, **extras}, timeout=30).json()["tokens"]
+
+    question = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about LoRA."}]
+    messages = [*question, {"role": "assistant", "content": "LoRA is"}]
+    open_ids = tokens(messages, continue_final_message=True)
+    assert tokenizer.decode(open_ids).endswith("<|im_start|>assistant\nLoRA is")
+    closed = tokens(messages, add_generation_prompt=False)
+    assert closed[: len(open_ids)] == open_ids and tokenizer.decode(closed[len(open_ids):]) == "<|im_end|>\n"
+    for adapter in ("all-r8", "attn-r4"):
+        got = oserver.oa.chat.completions.create(model=adapter, messages=messages, temperature=0, max_tokens=8,
+                                                 extra_body={"continue_final_message": True, "ignore_eos": True})
+        expected = oserver.oa.completions.create(model=adapter, prompt=open_ids, **{**GREEDY, "max_tokens": 8})
+        assert got.choices[0].message.content == expected.choices[0].text
+        assert got.usage.prompt_tokens == len(open_ids) and got.usage.completion_tokens == 8
+    # echo (vLLM's chat extra): the reply starts with the assistant text it continues, streamed first
+    extra = {"continue_final_message": True, "ignore_eos": True, "echo": True}
+    echoed = oserver.oa.chat.completions.create(model="attn-r4", messages=messages, temperature=0, max_tokens=8,
+                                                extra_body=extra)
+    assert echoed.choices[0].message.content == "LoRA is" + got.choices[0].message.content
+    chunks = list(oserver.oa.chat.completions.create(model="attn-r4", messages=messages, temperature=0, max_tokens=8,
+                                                     stream=True, extra_body=extra))
+    assert chunks[1].choices[0].delta.content == "LoRA is"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == echoed.choices[0].message.content
+    user_last = oserver.oa.chat.completions.create(model="attn-r4", messages=question, max_tokens=2,
+                                                   extra_body={"echo": True})
+    assert not user_last.choices[0].message.content.startswith("Tell me")  # only the assistant's text is echoed
+
+    kwargs = {"preamble": "Hello there", "enable_thinking": False}
+    with_preamble = tokens(question, chat_template_kwargs=kwargs)
+    assert tokenizer.decode(with_preamble) == "Hello there\n" + tokenizer.decode(tokens(question))
+    chat = oserver.oa.chat.completions.create(model="all-r8", messages=question, max_tokens=1,
+                                              extra_body={"chat_template_kwargs": kwargs})
+    assert chat.usage.prompt_tokens == len(with_preamble)
+
+    for extra, needle, param in (
+        ({"continue_final_message": True, "add_generation_prompt": True}, "cannot both be true",
+         "continue_final_message"),
+        ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs may not set tokenize",
+         "chat_template_kwargs"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=needle) as e:
+            oserver.oa.chat.completions.create(model="all-r8", messages=messages, max_tokens=1, extra_body=extra)
+        assert e.value.body["param"] == param
+        r = httpx.post(f"{root}/tokenize", json={"messages": messages, **extra}, timeout=30)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"]
+    r = httpx.post(f"{root}/tokenize", json={"prompt": "x", "continue_final_message": True}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+    wait_idle(oserver)
+
+
 def test_tokenize_counts_the_tokens_generation_sees_and_detokenize_inverts_it(oserver, tiny_llama):
     """vLLM's /tokenize and /detokenize (and under /v1): a prompt's count is the usage a completion
     reports, chat messages' the usage a chat request reports (the same template, tools included),

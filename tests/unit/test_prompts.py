@@ -91,3 +91,63 @@ def test_a_conversations_tool_calls_and_results_reach_the_chat_template(tiny_lla
     tokenizer.chat_template = "{% for m in messages %}{{ m.tool_calls[0].function.arguments.items() | list }}{% endfor %}"
     with pytest.raises(RequestInvalid, match="chat template refused the messages"):
         renderer.render("", [], [("assistant", "", {"tool_calls": [{"function": {"name": "f", "arguments": 3}}]})])
+
+
+CONVERSATION = [("system", "Be brief."), ("user", "Name a colour."), ("assistant", "The colour is")]
+
+
+def test_continue_final_message_leaves_the_last_message_open(tiny_llama):
+    """vLLM's chat extras: with continue_final_message the rendering stops right after the last
+    message's text (no end of turn, no new assistant header), so the model continues a reply the
+    client began; add_generation_prompt then defaults to false, and both true are refused."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.prompts import ChatOptions, PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
+
+    def text(chat):
+        renderer.check("", [], CONVERSATION, chat)
+        return tokenizer.decode(renderer.render("", [], CONVERSATION, chat=chat))
+
+    closed = text(ChatOptions(add_generation_prompt=False))
+    assert closed.endswith("The colour is<|im_end|>\n")
+    assert text(ChatOptions()) == closed + "<|im_start|>assistant\n"
+    for chat in (ChatOptions(continue_final_message=True),
+                 ChatOptions(add_generation_prompt=False, continue_final_message=True)):
+        assert text(chat) == closed.removesuffix("<|im_end|>\n")
+    with pytest.raises(RequestInvalid, match="continue_final_message and add_generation_prompt cannot both be true"):
+        renderer.check("", [], CONVERSATION, ChatOptions(add_generation_prompt=True, continue_final_message=True))
+    for chat, name in ((ChatOptions(continue_final_message=True), "continue_final_message"),
+                       (ChatOptions(template_kwargs={"preamble": "x"}), "chat_template_kwargs")):
+        with pytest.raises(RequestInvalid, match=f"^{name} goes with messages") as e:
+            renderer.check("hello", [], [], chat)
+        assert e.value.param == name
+    renderer.check("hello", [], [], ChatOptions(add_generation_prompt=False))  # ignored: clients send it always
+
+
+def test_chat_template_kwargs_reach_the_template_within_the_limits(tiny_llama):
+    """chat_template_kwargs become the template's variables; one it does not read changes nothing
+    (as in vLLM); the names the renderer sets itself are refused, naming them; their bytes count
+    against --max-prompt-bytes with the messages'."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.prompts import ChatOptions, PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), max_prompt_bytes=200))
+    plain = tokenizer.decode(renderer.render("", [], CONVERSATION))
+    said = tokenizer.decode(renderer.render("", [], CONVERSATION, chat=ChatOptions(
+        template_kwargs={"preamble": "Hello there", "enable_thinking": False})))
+    assert said == "Hello there\n" + plain
+    for name, hint in (("tokenize", "the server sets it"), ("messages", "the server sets it"),
+                       ("chat_template", "the server sets it"),
+                       ("add_generation_prompt", "use the request's add_generation_prompt field")):
+        with pytest.raises(RequestInvalid, match=f"chat_template_kwargs may not set {name}: {hint}") as e:
+            renderer.check("", [], CONVERSATION, ChatOptions(template_kwargs={name: False}))
+        assert e.value.param == "chat_template_kwargs"
+    renderer.check("", [], CONVERSATION, ChatOptions(template_kwargs={"preamble": "x" * 100}))
+    with pytest.raises(RequestInvalid, match=r"bytes together with chat_template_kwargs; the limit is 200 "
+                                             r"\(--max-prompt-bytes\)"):
+        renderer.check("", [], CONVERSATION, ChatOptions(template_kwargs={"preamble": "x" * 200}))
