@@ -207,6 +207,8 @@ class Engine:
             raise RequestInvalid("seed must be in [-2^63, 2^64)", param="seed")
         if p.top_k < 0:
             raise RequestInvalid(f"top_k must be >= 0, got {p.top_k}", param="top_k")
+        if not (0.0 <= p.min_p <= 1.0):  # also false for NaN
+            raise RequestInvalid(f"min_p must be in [0, 1], got {p.min_p}", param="min_p")
         if not (p.repetition_penalty > 0.0 and p.repetition_penalty < float("inf")):
             raise RequestInvalid(f"repetition_penalty must be > 0 and finite, got {p.repetition_penalty}",
                                  param="repetition_penalty")

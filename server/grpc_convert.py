@@ -33,6 +33,7 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
         temperature=s.temperature if s.HasField("temperature") else 0.0,
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         top_k=s.top_k if s.HasField("top_k") else 0,
+        min_p=s.min_p if s.HasField("min_p") else 0.0,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),

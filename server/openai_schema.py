@@ -79,6 +79,7 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None
     # extensions, as vLLM accepts them in the body
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -123,6 +124,7 @@ class _Common(BaseModel):
             max_new_tokens=default if max_new_tokens is None else max_new_tokens,
             fit_max_new_tokens=max_new_tokens is None, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, min_new_tokens=self.min_tokens,

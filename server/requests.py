@@ -52,6 +52,7 @@ class SamplingParams:
     temperature: float = 0.0  # below GREEDY_TEMPERATURE (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one; 0: off
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()

@@ -122,6 +122,16 @@ def filter_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
+def filter_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """HF's min-p: mask to -inf every token whose probability is below min_p times the most likely
+    token's (which is always kept). logits: [M, L]; min_p: one per row in [0, 1] (0: keep all)."""
+    if max(min_p) <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    floor = probs.amax(-1, keepdim=True) * torch.tensor(min_p, dtype=logits.dtype, device=logits.device)[:, None]
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
 def _padded_seen(seen: list[list[int] | None], device) -> torch.Tensor:
     """[M, S] token ids, each row padded by repeating its first id (0 for a row with none: its
     penalty is 1, so the pad changes nothing)."""
@@ -147,6 +157,7 @@ def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], states: li
     values, ids = top_k_candidates(logits, [p.top_k for p in params])
     temperature = torch.tensor([p.temperature for p in params], dtype=values.dtype, device=values.device)
     z = filter_top_p((values - values[:, :1]) / temperature[:, None], [p.top_p for p in params])
+    z = filter_min_p(z, [p.min_p for p in params])
     return ids.gather(-1, _draw(z.softmax(-1), states)[:, None]).view(-1)
 
 
@@ -158,10 +169,11 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_full(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> torch.Tensor:
-    """Rows without top-k: temperature and top-p over the whole vocabulary."""
+    """Rows without top-k: temperature, top-p and min-p over the whole vocabulary."""
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
     z = (logits - logits.amax(-1, keepdim=True)) / temperature[:, None]
-    return _draw(filter_top_p(z, [p.top_p for p in params]).softmax(-1), states)
+    z = filter_min_p(filter_top_p(z, [p.top_p for p in params]), [p.min_p for p in params])
+    return _draw(z.softmax(-1), states)
 
 
 def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int] | None],
@@ -177,7 +189,7 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
 
     In order, as vLLM: logit biases, the repetition penalty, the presence and frequency
     penalties, then banned and masked tokens (last: the repetition penalty's clamp would lift a
-    -inf), then temperature, top-k and top-p, all batched tensor ops over per-row parameters;
+    -inf), then temperature, top-k, top-p and min-p (HF's order), all batched tensor ops over per-row parameters;
     rows with a top-k work on their top candidates only. Each sampling row draws with one uniform
     from its own generator (``_draw``), so a seeded row gives the same token whatever else is in
     the batch. Safe for every value validation accepts: the logits are shifted so that their

@@ -164,6 +164,8 @@ def test_cancel_frees_slot_and_pin_within_one_step(built):
     (SamplingParams(5, temperature=float("nan")), PROMPT, "temperature"),
     (SamplingParams(5, temperature=101.0), PROMPT, "temperature"),
     (SamplingParams(5, top_p=0.0), PROMPT, "top_p"),
+    (SamplingParams(5, min_p=float("nan")), PROMPT, "min_p"),
+    (SamplingParams(5, min_p=-0.5), PROMPT, r"min_p must be in \[0, 1\], got -0.5"),
     (SamplingParams(5, repetition_penalty=0.0), PROMPT, "repetition_penalty"),
     (SamplingParams(5, stop=("",)), PROMPT, "stop strings"),
     (SamplingParams(5, stop=("a",) * 9), PROMPT, "limit is 8"),

@@ -143,7 +143,8 @@ def sampled_requests(vocab: int, n: int) -> list[tuple[str | None, list[int], Sa
                       top_k=rng.choice([0, 20]), top_p=rng.choice([1.0, 0.9]), ignore_eos=i % 3 != 0,
                       repetition_penalty=rng.choice([1.0, 1.3]), presence_penalty=rng.choice([0.0, 0.5]),
                       frequency_penalty=rng.choice([0.0, 0.4]), logprobs=rng.choice([None, 2]),
-                      min_new_tokens=rng.choice([0, 4]), logit_bias=((5, 3.0),) if i % 4 == 1 else ())
+                      min_new_tokens=rng.choice([0, 4]), logit_bias=((5, 3.0),) if i % 4 == 1 else (),
+                      min_p=rng.choice([0.0, 0.1]))
         if i % 5 == 2:
             params["stop"] = ("a", "e ")
         if i % 6 == 4:

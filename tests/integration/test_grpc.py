@@ -293,6 +293,7 @@ def test_deadline_exceeded_stops_the_work(server):
     (dict(messages=[("wizard", "hi")]), "role"),
     (dict(prompt="hi", sampling=Sampling(temperature=float("nan"))), "temperature"),
     (dict(prompt="hi", sampling=Sampling(top_p=1.5)), "top_p"),
+    (dict(prompt="hi", sampling=Sampling(min_p=1.01)), "min_p must be in [0, 1]"),
     (dict(prompt="hi", sampling=Sampling(max_new_tokens=300)), "max_new_tokens"),
     (dict(prompt="hi", sampling=Sampling(stop=["x"] * 9)), "limit is 8"),
     (dict(prompt_token_ids=[5] * 250, sampling=Sampling(max_new_tokens=10)), "max_model_len 256"),

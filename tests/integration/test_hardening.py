@@ -79,6 +79,8 @@ EXTREME_SAMPLING = [
     dict(temperature=1e-38, top_p=1e-45, top_k=1, repetition_penalty=3e38, seed=2**64 - 1),
     dict(presence_penalty=2.0, frequency_penalty=2.0, repetition_penalty=F32_MAX, logit_bias={0: 100.0, 383: -100.0}),
     dict(temperature=1.0, presence_penalty=-2.0, frequency_penalty=-2.0, logit_bias={i: 100.0 for i in range(300)}),
+    dict(temperature=100.0, min_p=1.0), dict(temperature=1e-5, min_p=1e-45, top_p=1e-45),
+    dict(temperature=1.0, min_p=0.999999, top_k=2, logit_bias={i: 100.0 for i in range(300)}),
 ]
 
 
@@ -508,10 +510,11 @@ structured_pb = st.one_of(
     st.builds(lambda v: pb.StructuredOutput(grammar=v), st.one_of(odd_text, st.just('start: "ab"+'))),
 )
 sampling_pb = st.builds(
-    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp, minimum, so: pb.SamplingParams(
+    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp, minimum, so, mp: pb.SamplingParams(
         **{k_: v for k_, v in dict(max_new_tokens=mnt, temperature=t, top_p=p, top_k=k, repetition_penalty=rp,
                                      seed=seed, presence_penalty=pp, frequency_penalty=fp,
-                                     prompt_logprobs=plp, min_new_tokens=minimum, structured_output=so).items()
+                                     prompt_logprobs=plp, min_new_tokens=minimum, structured_output=so,
+                                     min_p=mp).items()
            if v is not None},
         stop=stop, stop_token_ids=ids, ignore_eos=ignore, logit_bias=bias),
     st.one_of(st.none(), st.integers(0, MAX_U32)), any_float, any_float, st.one_of(st.none(), st.integers(0, MAX_U32)),
@@ -524,16 +527,22 @@ sampling_pb = st.builds(
     st.one_of(st.none(), st.integers(0, 20), st.integers(0, MAX_U32)),
     st.one_of(st.none(), st.integers(0, 20), st.integers(0, MAX_U32)),
     structured_pb,
+    any_float,
 )
+chat_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's chat fields
+    "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(),
+    "chat_template_kwargs": st.one_of(odd_text, st.sampled_from(['{"preamble": "x"}', '{"tokenize": false}', "[]",
+                                                                 "{", '{"a": ' * 3000 + "1" + "}" * 3000]))})
 request_pb = st.builds(
-    lambda rid, aid, prompt, ids, msgs, s: pb.GenerateRequest(
+    lambda rid, aid, prompt, ids, msgs, s, chat: pb.GenerateRequest(
         request_id=rid, adapter_id=aid, prompt=prompt, prompt_token_ids=ids,
-        messages=[pb.ChatMessage(role=r, content=c) for r, c in msgs], sampling=s),
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in msgs], sampling=s, **chat),
     st.one_of(odd_text, st.text(max_size=200)), st.sampled_from(["", "", "attn-r4", "all-r8", "nope", "../x"]),
     st.one_of(odd_text, st.text(max_size=4)), st.one_of(st.lists(st.integers(0, MAX_U32), max_size=50),
                                                       st.lists(st.integers(0, 383), min_size=5000, max_size=20000)),
     st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "robot", ""]), odd_text), max_size=5),
     sampling_pb,
+    chat_options_pb,
 )
 
 
@@ -582,6 +591,7 @@ def http_bodies():
         "logit_bias": st.one_of(st.dictionaries(st.sampled_from(["0", "5", "x", "-1", "99999999", " 7"]),
                                                 st.one_of(st.floats(), st.integers(-200, 200)), max_size=3), odd),
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
+        "min_p": st.one_of(st.floats(-1, 2), odd),
         "ignore_eos": st.one_of(st.booleans(), odd), "min_tokens": st.one_of(st.integers(-1, 8), odd),
         "stop_token_ids": st.one_of(ids, odd), "stream_options": st.one_of(st.just({"include_usage": True}), odd),
         "response_format": st.one_of(st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "xml"}]),
@@ -609,7 +619,10 @@ def http_bodies():
                                      st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": odd}),
                                               max_size=2), odd),
                   "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required",
-                                                            {"type": "function", "function": {"name": "f"}}]), odd)})
+                                                            {"type": "function", "function": {"name": "f"}}]), odd),
+                  "add_generation_prompt": odd, "continue_final_message": odd, "echo": odd,
+                  "chat_template_kwargs": st.one_of(st.dictionaries(st.sampled_from(
+                      ["preamble", "enable_thinking", "tokenize", "messages", "return_dict"]), odd, max_size=2), odd)})
     in_range = st.fixed_dictionaries({  # bodies that are served: the paths past validation get fuzzed too
         "model": st.sampled_from(["attn-r4", "all-r8"]), "prompt": st.lists(st.integers(1, 383), min_size=1, max_size=6),
         "max_tokens": st.integers(1, 5)}, optional={
@@ -618,6 +631,7 @@ def http_bodies():
         "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "min_tokens": st.integers(0, 1),
         "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "17"]), st.floats(-100, 100), max_size=2),
         "stop": st.lists(st.text(min_size=1, max_size=4), max_size=2), "top_k": st.integers(0, 40),
+        "min_p": st.floats(0, 1),
         "stream_options": st.just({"include_usage": True}),
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),

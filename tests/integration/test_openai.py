@@ -105,6 +105,14 @@ def test_sampling_parameters_reach_the_engine(oserver):
         assert kept.choices[0].text == expected.text[: expected.text.index(stop) + len(stop)] == grpc_tokens(
             oserver, "attn-r4", temperature=0.9, top_p=0.9, seed=11, top_k=20, repetition_penalty=1.2, stop=[stop],
             include_stop_str_in_output=True).text
+    # min_p (vLLM's extra, after temperature, top-k and top-p as in HF): 1 keeps the most likely
+    # token alone, so a hot seeded run gives the greedy tokens, in both APIs
+    hot = dict(model="attn-r4", prompt=PROMPT_IDS, max_tokens=10, temperature=1.5, seed=3,
+               extra_body={"min_p": 1.0, "ignore_eos": True})
+    greedy = grpc_tokens(oserver, "attn-r4").text
+    assert oserver.oa.completions.create(**hot).choices[0].text == greedy
+    assert grpc_tokens(oserver, "attn-r4", temperature=1.5, seed=3, min_p=1.0).text == greedy
+    assert grpc_tokens(oserver, "attn-r4", temperature=1.5, seed=3).text != greedy  # it does sample without
 
 
 def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_adapters):
@@ -142,7 +150,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={"5": 101}), "logit_bias"),
         (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
         (dict(logit_bias={str(i): 1 for i in range(301)}), "300"), (dict(seed=2**64), "seed"),
-        (dict(extra_body={"top_k": -3}), "top_k"),
+        (dict(extra_body={"top_k": -3}), "top_k"), (dict(extra_body={"min_p": 1.5}), "min_p must be in [0, 1], got 1.5"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.completions.create(model="attn-r4", prompt="hi", **kwargs)

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -17,6 +18,7 @@ from loramux.server.sampling import (
     apply_logit_bias,
     apply_occurrence_penalties,
     apply_repetition_penalty,
+    filter_min_p,
     filter_top_p,
     greedy_tokens,
     sample,
@@ -266,6 +268,43 @@ def test_batched_filters_with_per_row_parameters_match_hf_row_by_row(seed, ks, p
         if p < 1.0:
             ref = TopPLogitsWarper(p)(None, ref)
         assert torch.equal(torch.isinf(ours[i]), torch.isinf(ref[0])), (k, p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), ks=st.lists(st.integers(1, 64), min_size=1, max_size=5),
+       ps=st.lists(st.floats(0.05, 1.0), min_size=5, max_size=5),
+       mins=st.lists(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), min_size=5, max_size=5))
+def test_batched_min_p_after_top_k_and_top_p_matches_hf_row_by_row(seed, ks, ps, mins):
+    """min-p, batched over rows of different parameters, after top-k and top-p (HF's order: the
+    most likely token's probability is taken over what they kept) equals HF's warpers row by row
+    (min_p 0 filters nothing; 1 keeps the most likely tokens alone)."""
+    logits = torch.randn(len(ks), 64, generator=torch.Generator().manual_seed(seed)) * 3
+    ps, mins = ps[: len(ks)], mins[: len(ks)]
+    values, ids = top_k_candidates(logits, ks)
+    kept = filter_min_p(filter_top_p(values, ps), mins)
+    ours = torch.full_like(logits, float("-inf")).scatter(-1, ids, kept)
+    for i, (k, p, m) in enumerate(zip(ks, ps, mins, strict=True)):
+        ref = logits[i : i + 1].clone()
+        if k < 64:
+            ref = TopKLogitsWarper(k)(None, ref)
+        if p < 1.0:
+            ref = TopPLogitsWarper(p)(None, ref)
+        if m > 0.0:
+            ref = MinPLogitsWarper(m)(None, ref)
+        assert torch.equal(torch.isinf(ours[i]), torch.isinf(ref[0])), (k, p, m)
+
+
+def test_min_p_of_one_samples_the_most_likely_token():
+    """A sampling row with min_p 1 keeps only the most likely token: it draws the argmax, with or
+    without top-k, and a row beside it without min_p still samples."""
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(1))
+    for top_k in (0, 40):
+        rows = [SamplerState.create(SamplingParams(5, temperature=1.5, top_k=top_k, min_p=1.0, seed=s), "cpu")
+                for s in range(12)]
+        assert sample(logits[:1].expand(12, -1).clone(), rows, [None] * 12) == [int(logits[0].argmax())] * 12
+    free = {sample(logits[:1].clone(), [SamplerState.create(SamplingParams(5, temperature=1.5, seed=s), "cpu")],
+                   [None])[0] for s in range(12)}
+    assert len(free) > 3
 
 
 def test_batched_repetition_penalty_matches_hf_row_by_row():
