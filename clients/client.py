@@ -60,8 +60,9 @@ class LoraMuxClient:
         self.close()
 
     def generate(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Generation:
-        """kwargs: adapter_id, prompt_token_ids, messages [(role, content)], sampling, request_id; with
-        messages, add_generation_prompt, continue_final_message, chat_template_kwargs (a dict)."""
+        """kwargs: adapter_id, prompt_token_ids, messages [(role, content)], sampling, request_id,
+        add_special_tokens; with messages, add_generation_prompt, continue_final_message,
+        chat_template_kwargs (a dict)."""
         return Generation.from_pb(self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout))
 
     def generate_stream(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Iterator[StreamChunk]:

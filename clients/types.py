@@ -235,11 +235,12 @@ def chat_fields(messages=None, add_generation_prompt: bool | None = None, contin
 
 
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, sampling: Sampling | None = None,
-                     request_id: str = "", **chat) -> pb.GenerateRequest:
+                     request_id: str = "", add_special_tokens: bool | None = None, **chat) -> pb.GenerateRequest:
     """``chat``: chat_fields' arguments."""
     return pb.GenerateRequest(
         request_id=request_id, adapter_id=adapter_id or "", prompt=prompt or "",
-        prompt_token_ids=prompt_token_ids or [], sampling=(sampling or Sampling()).to_pb(), **chat_fields(**chat))
+        prompt_token_ids=prompt_token_ids or [], sampling=(sampling or Sampling()).to_pb(),
+        add_special_tokens=add_special_tokens, **chat_fields(**chat))
 
 
 def tokenize_request(prompt=None, *, adapter_id: str = "", add_special_tokens: bool | None = None,

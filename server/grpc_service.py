@@ -111,9 +111,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
 
     @unary
     async def Tokenize(self, request, context):
-        ids = await self.service.tokenize(
-            prompt_from_pb(request), request.adapter_id or None,
-            request.add_special_tokens if request.HasField("add_special_tokens") else None)
+        ids = await self.service.tokenize(prompt_from_pb(request), request.adapter_id or None)
         strs = self.service.token_strings(ids) if request.return_token_strs else []
         return pb.TokenizeResponse(token_ids=ids, token_strs=strs, max_model_len=self.service.config.max_model_len)
 

@@ -234,8 +234,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/tokenize", dependencies=[Depends(authorized)], include_in_schema=False)
     @errors_as_responses
     async def tokenize(body: TokenizeRequest):
-        ids = await service.tokenize(body.to_domain(), adapter_of(body.model or service.model_name),
-                                     body.add_special_tokens)
+        ids = await service.tokenize(body.to_domain(), adapter_of(body.model or service.model_name))
         strs = service.token_strings(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
 

@@ -55,6 +55,15 @@ from .service import Prompt
 from .tool_parsers import ToolCallParser
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
+# vLLM's body extensions that loramux does not serve, each with the values that ask for nothing (a
+# client may always send those; null, [] and {} too): any other value is refused, naming the field,
+# never ignored. Other unknown fields are ignored, as OpenAI's optional ones (metadata...) may be.
+UNSERVED_EXTRAS = {
+    "use_beam_search": (False,), "length_penalty": (1.0,), "allowed_token_ids": (), "bad_words": (),
+    "prompt_logprobs": (), "truncate_prompt_tokens": (), "spaces_between_special_tokens": (True,),
+    "priority": (0,), "logits_processors": (), "return_tokens_as_token_ids": (False,), "documents": (),
+    "chat_template": (),
+}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
@@ -63,7 +72,7 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept aside (model_extra), for check_supported to see
 
     model: str
     temperature: float | None = None  # unset: 1.0, as OpenAI
@@ -86,6 +95,7 @@ class _Common(BaseModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    add_special_tokens: bool | None = None  # the tokenizer's (BOS...); unset: yes for prompts, no for chat
     response_format: dict | None = None
     # vLLM's structured-output extensions: its older guided_* fields, and structured_outputs
     guided_json: dict | str | None = None
@@ -110,6 +120,11 @@ class _Common(BaseModel):
         if refused:
             name, why = refused[0]
             raise RequestInvalid(f"{name} {why}", param=name)
+        for name, value in (self.model_extra or {}).items():
+            harmless = UNSERVED_EXTRAS.get(name)
+            if harmless is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                                for v in (None, [], {}, *harmless)):
+                raise RequestInvalid(f"{name} (a vLLM extension) is not supported; leave it unset", param=name)
 
     def sampling(self, max_new_tokens: int | None, logprobs: int | None, default: int) -> SamplingParams:
         """``max_new_tokens`` None: ``default``, shrunk to the room the prompt leaves."""
@@ -188,7 +203,8 @@ class CompletionRequest(_Common):
                 raise RequestInvalid(f"{name} is not supported", param=name)
         batch = self.prompt if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
             else [self.prompt]
-        prompts = [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=tuple(p)) for p in batch]
+        prompts = [Prompt(text=p, add_special_tokens=self.add_special_tokens) if isinstance(p, str)
+                   else Prompt(token_ids=tuple(p)) for p in batch]
         sampling = self.sampling(1 if self.echo_only else self.max_tokens, self.logprobs, DEFAULT_COMPLETION_TOKENS)
         if self.echo and self.logprobs is not None:
             sampling = replace(sampling, prompt_logprobs=self.logprobs)
@@ -342,7 +358,8 @@ class ChatCompletionRequest(_Common):
         # a forced or parsed tool call shows the model its tools, if the chat template can
         calls = self.tool_calls()
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if calls else ()
-        prompt = Prompt(messages=turns(self.messages), tools=tools, chat=chat_options(self))
+        prompt = Prompt(messages=turns(self.messages), tools=tools, chat=chat_options(self),
+                        add_special_tokens=self.add_special_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(max_tokens, logprobs, default_max_new_tokens)
         if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
@@ -635,7 +652,8 @@ class TokenizeRequest(BaseModel):
             raise RequestInvalid("tools go with messages", param="tools")
         return Prompt(text=self.prompt or "",
                       messages=turns(self.messages or ()),
-                      tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), chat=chat_options(self))
+                      tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), chat=chat_options(self),
+                      add_special_tokens=self.add_special_tokens)
 
 
 class DetokenizeRequest(BaseModel):

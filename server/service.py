@@ -55,6 +55,9 @@ class Prompt:
     messages: tuple[tuple, ...] = ()  # (role, content[, {other fields the chat template reads}]): prompts.py
     tools: tuple = ()  # with messages: OpenAI's tool definitions, for the chat template to show the model
     chat: ChatOptions = ChatOptions()  # with messages: how the chat template renders them
+    # the tokenizer's special tokens (BOS, ...) around the text; unset: yes for a prompt, no for
+    # messages (their template writes them)
+    add_special_tokens: bool | None = None
 
 
 class Service:
@@ -125,8 +128,7 @@ class Service:
         return streams
 
     # ---- tokenizing (vLLM's /tokenize and /detokenize) ----
-    async def tokenize(self, prompt: Prompt, adapter_id: str | None = None,
-                       add_special_tokens: bool | None = None) -> list[int]:
+    async def tokenize(self, prompt: Prompt, adapter_id: str | None = None) -> list[int]:
         """A prompt's token ids as generation would see them (the same limits and rendering), for
         the base model or an adapter (all share the base model's tokenizer). An empty text is
         tokenized too: no tokens, or the tokenizer's special ones."""
@@ -139,7 +141,7 @@ class Service:
         if prompt.text or prompt.messages:
             self.renderer.check(*parts, prompt.chat)
         return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
-                                   add_special_tokens, prompt.chat)
+                                   prompt.add_special_tokens, prompt.chat)
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         """Each id's token as the tokenizer writes it (vLLM's token_strs)."""
@@ -182,7 +184,7 @@ class Service:
         if adapter_id:
             await self._ensure_registered(adapter_id)
         return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
-                                   None, prompt.chat)
+                                   prompt.add_special_tokens, prompt.chat)
 
     async def _prepare(self, sampling: SamplingParams) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""

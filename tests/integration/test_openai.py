@@ -151,6 +151,11 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
         (dict(logit_bias={str(i): 1 for i in range(301)}), "300"), (dict(seed=2**64), "seed"),
         (dict(extra_body={"top_k": -3}), "top_k"), (dict(extra_body={"min_p": 1.5}), "min_p must be in [0, 1], got 1.5"),
+        # vLLM's extensions that are not served are refused when they ask for something, never ignored
+        (dict(extra_body={"use_beam_search": True}), "use_beam_search (a vLLM extension) is not supported"),
+        (dict(extra_body={"truncate_prompt_tokens": 5}), "truncate_prompt_tokens"),
+        (dict(extra_body={"bad_words": ["x"]}), "bad_words"), (dict(extra_body={"priority": 1}), "priority"),
+        (dict(extra_body={"spaces_between_special_tokens": False}), "spaces_between_special_tokens"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.completions.create(model="attn-r4", prompt="hi", **kwargs)
@@ -161,6 +166,14 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
             assert e.value.body["param"] == named[0], (kwargs, e.value.body)
     with pytest.raises(openai.BadRequestError):
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="chat_template") as e:  # the model's own template is used
+        oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
+                                           extra_body={"chat_template": "{{ messages }}"})
+    assert e.value.body["param"] == "chat_template"
+    # their values that ask for nothing, as clients send them, are served
+    defaults = {"use_beam_search": False, "length_penalty": 1, "bad_words": [], "priority": 0, "prompt_logprobs": None,
+                "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False, "metadata": {"k": "v"}}
+    assert oserver.oa.completions.create(model="attn-r4", prompt="hi", max_tokens=1, extra_body=defaults).choices
     with pytest.raises(openai.BadRequestError, match=r"top_logprobs must be in \[0, 20\], got 21") as e:
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
                                            logprobs=True, top_logprobs=21)

@@ -151,3 +151,44 @@ def test_chat_template_kwargs_reach_the_template_within_the_limits(tiny_llama):
     with pytest.raises(RequestInvalid, match=r"bytes together with chat_template_kwargs; the limit is 200 "
                                              r"\(--max-prompt-bytes\)"):
         renderer.check("", [], CONVERSATION, ChatOptions(template_kwargs={"preamble": "x" * 200}))
+
+
+def test_add_special_tokens_comes_from_both_apis_bodies(tmp_path):
+    """add_special_tokens (the tokenizer's BOS) as each body sets it reaches the renderer: unset, a
+    text prompt gets it and rendered messages do not (their template writes them); either way when
+    set. OpenAI completions, chat and /tokenize bodies, gRPC's GenerateRequest and TokenizeRequest."""
+    from tokenizers.processors import TemplateProcessing
+
+    from loramux.server.grpc_convert import prompt_from_pb
+    from loramux.server.openai_schema import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+    from loramux.server.prompts import PromptRenderer
+    from loramux.v1 import loramux_pb2 as pb
+
+    from helpers import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path)
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                            special_tokens=[("<|endoftext|>", bos)])
+    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tmp_path)))
+
+    def starts_with_bos(prompt) -> bool:
+        ids = renderer.render(prompt.text, list(prompt.token_ids), list(prompt.messages), None,
+                              prompt.add_special_tokens, prompt.chat)
+        return ids[0] == bos
+
+    chat = [{"role": "user", "content": "hi"}]
+    for flag in (None, True, False):
+        extra = {} if flag is None else {"add_special_tokens": flag}
+        text_bos = flag is not False
+        chat_bos = flag is True
+        (completion,), _ = CompletionRequest(model="m", prompt="hello", **extra).to_domain()
+        (chat_prompt,), _ = ChatCompletionRequest(model="m", messages=chat, **extra).to_domain(8)
+        assert starts_with_bos(completion) is text_bos and starts_with_bos(chat_prompt) is chat_bos, flag
+        assert starts_with_bos(TokenizeRequest(prompt="hello", **extra).to_domain()) is text_bos
+        assert starts_with_bos(TokenizeRequest(messages=chat, **extra).to_domain()) is chat_bos
+        for message in (pb.GenerateRequest, pb.TokenizeRequest):
+            assert starts_with_bos(prompt_from_pb(message(prompt="hello", **extra))) is text_bos
+            assert starts_with_bos(prompt_from_pb(message(messages=[pb.ChatMessage(role="user", content="hi")],
+                                                          **extra))) is chat_bos
