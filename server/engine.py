@@ -76,7 +76,8 @@ class EngineObserver:
         pass
 
     def token(self, seq: Sequence, gap_seconds: float | None) -> None:
-        """A token was sampled; ``gap_seconds`` since the sequence's previous token (None: first)."""
+        """A token was sampled; ``gap_seconds`` since the token of the sequence's previous step (None:
+        its first token, or a kept draft, which comes in the step of the token before it)."""
 
     def finish(self, seq: Sequence, status: str, error: BaseException | None, timing: Timing) -> None:
         """The sequence left, with a gRPC-style status name ("OK", "CANCELLED", ...) and the same
@@ -569,7 +570,7 @@ class Engine:
             if not live:
                 break
             self.accepted_tokens += len(live)
-            self._sample(live, logits[[chains[s][r] for s in live]], None)
+            self._sample(live, logits[[chains[s][r] for s in live]], None, drafted=True)
             for seq in live:  # draft r's position is computed, and kept
                 seq.num_computed += 1
         for seq in chains:
@@ -577,9 +578,9 @@ class Engine:
                 self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
                 self.blocks.trim(seq, seq.num_computed)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, computed_masks) -> None:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, computed_masks, drafted: bool = False) -> None:
         """Sample one token for each row (``logits`` [len(seqs), V], theirs in order), then detokenize,
-        check stops, and send or finish each request."""
+        check stops, and send or finish each request. ``drafted``: the rows' kept drafts (_verify)."""
         seen = [s.ids if s.sampler.params.repetition_penalty != 1.0 else None for s in seqs]
         generated = [s.ids[s.num_prompt :] if s.sampler.params.presence_penalty or s.sampler.params.frequency_penalty
                      else None for s in seqs]
@@ -594,7 +595,7 @@ class Engine:
         logprobs = token_logprobs(logits, seqs, tokens)
         # Everything after the shared forward pass is one request's own: its failure (sampling,
         # detokenizing, stop checks, delivery) fails that request alone, never the engine.
-        for seq, outcome in self.output.process(seqs, tokens, logprobs):
+        for seq, outcome in self.output.process(seqs, tokens, logprobs, drafted):
             if isinstance(outcome, TokenEvent):
                 self._emit(seq, outcome)
             elif isinstance(outcome, Finished):

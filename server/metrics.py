@@ -59,7 +59,8 @@ class Metrics(EngineObserver):
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("loramux_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("loramux_inter_token_latency_seconds", "Time between a request's tokens",
+        self.itl = Histogram("loramux_inter_token_latency_seconds", "Time between the steps that give a request "
+                             "tokens (kept speculative drafts come with the step's token, as vLLM counts)",
                              buckets=STEP_BUCKETS, registry=r)
         self.batch_size = Histogram("loramux_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
         self.step_duration = Histogram("loramux_step_duration_seconds", "Engine step time", buckets=STEP_BUCKETS,

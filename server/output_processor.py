@@ -37,8 +37,10 @@ class OutputProcessor:
         self.observers = observers  # shared with the engine: observers added later are seen
         self.fault_hook = fault_hook  # tests only: callable(seq) run before each token is handled
 
-    def process(self, seqs: list[Sequence], tokens: list, logprobs: list) -> list[tuple[Sequence, Outcome]]:
-        """One outcome per row: ``tokens[i]`` is the row's token or the exception sampling raised."""
+    def process(self, seqs: list[Sequence], tokens: list, logprobs: list,
+                drafted: bool = False) -> list[tuple[Sequence, Outcome]]:
+        """One outcome per row: ``tokens[i]`` is the row's token or the exception sampling raised.
+        ``drafted``: kept drafts, each in the step that gave its row the token before it."""
         out = []
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             try:
@@ -46,18 +48,21 @@ class OutputProcessor:
                     raise token
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
-                out.append((seq, self.on_token(seq, token, logprob)))
+                out.append((seq, self.on_token(seq, token, logprob, drafted)))
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed", seq.request.request_id)
                 out.append((seq, RequestFailed(
                     f"internal error in request {clip(seq.request.request_id)}: {clip(str(e), 200)}")))
         return out
 
-    def on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> TokenEvent | Finished:
+    def on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None,
+                 drafted: bool = False) -> TokenEvent | Finished:
         now = time.monotonic()
-        gap = None if seq.last_token_at is None else now - seq.last_token_at
         seq.first_token_at = seq.first_token_at or now
-        seq.last_token_at = now
+        gap = None  # one inter-token gap a step, as vLLM counts: a kept draft has none of its own
+        if not drafted:
+            gap = None if seq.last_token_at is None else now - seq.last_token_at
+            seq.last_token_at = now
         for obs in self.observers:
             obs.token(seq, gap)
         seq.ids.append(token)

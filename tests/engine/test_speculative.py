@@ -17,6 +17,7 @@ import pytest
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
+from loramux.server.engine import EngineObserver
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.requests import GenerationRequest, OutputKind, SamplingParams, StructuredOutput
 
@@ -60,6 +61,33 @@ def engine_for(tiny_llama, adapters, **overrides):
         "adapters": tuple((n, str(p)) for n, p in adapters.items()), "num_speculative_tokens": 4,
         "base_linear": pinned_base_linear(overrides.get("op_backend", "auto")), **overrides})
     return build_engine(config).engine
+
+
+class TokenGaps(EngineObserver):
+    """Each token the observers see, as (request id, step, gap), steps counted as they end."""
+
+    def __init__(self):
+        self.steps, self.tokens = 0, []
+
+    def step(self, stats) -> None:
+        self.steps += 1
+
+    def token(self, seq, gap_seconds) -> None:
+        self.tokens.append((seq.request.request_id, self.steps, gap_seconds))
+
+    def check_one_gap_a_step(self) -> None:
+        """A request's gaps (loramux_inter_token_latency_seconds) come one a step, as vLLM counts
+        them: on the first token of each step but its first, never on a kept draft's."""
+        firsts: dict[str, int] = {}
+        last_step: dict[str, int] = {}
+        several = False
+        for rid, step, gap in self.tokens:
+            first_of_step = last_step.get(rid) != step
+            several |= not first_of_step
+            assert (gap is not None) == (first_of_step and rid in firsts), (rid, step, gap)
+            firsts.setdefault(rid, step)
+            last_step[rid] = step
+        assert several  # some step gave a request more than one token
 
 
 def check_released(engine) -> None:
@@ -106,7 +134,10 @@ def test_staggered_drafts_kept_and_rejected_match_peft_token_for_token(backend, 
     engine = engine_for(tiny_llama, more_adapters, op_backend=backend, enable_dora=True, enable_lm_head_lora=True,
                         enable_embedding_lora=True, **tight)
     engine.drafter = OracleDrafter({f"r{i}": t for i, t in expected.items()}, engine.vocab_size)
+    gaps = TokenGaps()
+    engine.observers.append(gaps)
     outs, steps = serve_recorded(engine, requests)
+    gaps.check_one_gap_a_step()
     for i in range(len(requests)):
         assert outs[i] == expected[i], f"request {i} adapter {requests[i][0]}: {outs[i]} != {expected[i]}"
     # drafts were kept (a step gave a row several tokens) and rejected, next to prefill chunks
