@@ -235,19 +235,22 @@ def chat_fields(messages=None, add_generation_prompt: bool | None = None, contin
 
 
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, sampling: Sampling | None = None,
-                     request_id: str = "", add_special_tokens: bool | None = None, **chat) -> pb.GenerateRequest:
+                     request_id: str = "", add_special_tokens: bool | None = None,
+                     truncate_prompt_tokens: int | None = None, **chat) -> pb.GenerateRequest:
     """``chat``: chat_fields' arguments."""
     return pb.GenerateRequest(
         request_id=request_id, adapter_id=adapter_id or "", prompt=prompt or "",
         prompt_token_ids=prompt_token_ids or [], sampling=(sampling or Sampling()).to_pb(),
-        add_special_tokens=add_special_tokens, **chat_fields(**chat))
+        add_special_tokens=add_special_tokens, truncate_prompt_tokens=truncate_prompt_tokens, **chat_fields(**chat))
 
 
 def tokenize_request(prompt=None, *, adapter_id: str = "", add_special_tokens: bool | None = None,
-                     return_token_strs: bool = False, **chat) -> pb.TokenizeRequest:
+                     return_token_strs: bool = False, truncate_prompt_tokens: int | None = None,
+                     **chat) -> pb.TokenizeRequest:
     """``chat``: chat_fields' arguments."""
     return pb.TokenizeRequest(adapter_id=adapter_id or "", prompt=prompt or "", add_special_tokens=add_special_tokens,
-                              return_token_strs=return_token_strs, **chat_fields(**chat))
+                              return_token_strs=return_token_strs, truncate_prompt_tokens=truncate_prompt_tokens,
+                              **chat_fields(**chat))
 
 
 class PlaintextTokenWarning(UserWarning):

@@ -181,7 +181,8 @@ class Engine:
         if n == 0:
             raise RequestInvalid("the prompt is empty", param="prompt")
         if n > c.input_token_limit:  # before any pass over the ids
-            raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit}", param="prompt")
+            raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit} "
+                                 "(truncate_prompt_tokens keeps a prompt's last tokens)", param="prompt")
         bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",

@@ -68,7 +68,8 @@ def prompt_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
     chat = ChatOptions(req.add_generation_prompt if req.HasField("add_generation_prompt") else None,
                        req.continue_final_message, template_kwargs(req.chat_template_kwargs))
     return Prompt(req.prompt, ids, tuple((m.role, m.content) for m in req.messages), chat=chat,
-                  add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None)
+                  add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None,
+                  truncate_prompt_tokens=req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None)
 
 
 def template_kwargs(text: str) -> dict:

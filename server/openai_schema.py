@@ -60,7 +60,7 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 # never ignored. Other unknown fields are ignored, as OpenAI's optional ones (metadata...) may be.
 UNSERVED_EXTRAS = {
     "use_beam_search": (False,), "length_penalty": (1.0,), "allowed_token_ids": (), "bad_words": (),
-    "prompt_logprobs": (), "truncate_prompt_tokens": (), "spaces_between_special_tokens": (True,),
+    "prompt_logprobs": (), "spaces_between_special_tokens": (True,),
     "priority": (0,), "logits_processors": (), "return_tokens_as_token_ids": (False,), "documents": (),
     "chat_template": (),
 }
@@ -96,6 +96,7 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     add_special_tokens: bool | None = None  # the tokenizer's (BOS...); unset: yes for prompts, no for chat
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as allowed)
     response_format: dict | None = None
     # vLLM's structured-output extensions: its older guided_* fields, and structured_outputs
     guided_json: dict | str | None = None
@@ -203,8 +204,9 @@ class CompletionRequest(_Common):
                 raise RequestInvalid(f"{name} is not supported", param=name)
         batch = self.prompt if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
             else [self.prompt]
-        prompts = [Prompt(text=p, add_special_tokens=self.add_special_tokens) if isinstance(p, str)
-                   else Prompt(token_ids=tuple(p)) for p in batch]
+        cut = self.truncate_prompt_tokens
+        prompts = [Prompt(text=p, add_special_tokens=self.add_special_tokens, truncate_prompt_tokens=cut)
+                   if isinstance(p, str) else Prompt(token_ids=tuple(p), truncate_prompt_tokens=cut) for p in batch]
         sampling = self.sampling(1 if self.echo_only else self.max_tokens, self.logprobs, DEFAULT_COMPLETION_TOKENS)
         if self.echo and self.logprobs is not None:
             sampling = replace(sampling, prompt_logprobs=self.logprobs)
@@ -359,7 +361,7 @@ class ChatCompletionRequest(_Common):
         calls = self.tool_calls()
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if calls else ()
         prompt = Prompt(messages=turns(self.messages), tools=tools, chat=chat_options(self),
-                        add_special_tokens=self.add_special_tokens)
+                        add_special_tokens=self.add_special_tokens, truncate_prompt_tokens=self.truncate_prompt_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(max_tokens, logprobs, default_max_new_tokens)
         if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
@@ -642,6 +644,7 @@ class TokenizeRequest(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool | None = None  # unset: True for a prompt, False for messages (as vLLM)
+    truncate_prompt_tokens: int | None = None  # as in completions and chat
     return_token_strs: bool = False
 
     def to_domain(self) -> Prompt:
@@ -653,7 +656,7 @@ class TokenizeRequest(BaseModel):
         return Prompt(text=self.prompt or "",
                       messages=turns(self.messages or ()),
                       tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), chat=chat_options(self),
-                      add_special_tokens=self.add_special_tokens)
+                      add_special_tokens=self.add_special_tokens, truncate_prompt_tokens=self.truncate_prompt_tokens)
 
 
 class DetokenizeRequest(BaseModel):

@@ -66,7 +66,8 @@ class PromptRenderer:
                                                                               "; the prompt is empty")
             )
         if len(token_ids) > self.max_prompt_tokens:
-            raise RequestInvalid(f"the prompt has {len(token_ids)} tokens; max_input_tokens is {self.max_prompt_tokens}")
+            raise RequestInvalid(f"the prompt has {len(token_ids)} tokens; max_input_tokens is {self.max_prompt_tokens} "
+                                 "(truncate_prompt_tokens keeps a prompt's last tokens)")
         if prompt:
             size = len(prompt.encode("utf-8", "surrogatepass"))
             if size > self.max_prompt_bytes:

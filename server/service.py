@@ -58,6 +58,9 @@ class Prompt:
     # the tokenizer's special tokens (BOS, ...) around the text; unset: yes for a prompt, no for
     # messages (their template writes them)
     add_special_tokens: bool | None = None
+    # keep the prompt's last this many tokens, once rendered (vLLM's truncate_prompt_tokens; -1: as
+    # many as --max-input-tokens allows); None: all of them
+    truncate_prompt_tokens: int | None = None
 
 
 class Service:
@@ -137,11 +140,13 @@ class Service:
             raise RequestInvalid("set exactly one of prompt and messages", param="prompt")
         if adapter_id:
             self.check_model(adapter_id)
+        keep = self._kept_tokens(prompt)
         parts = (prompt.text, [], list(prompt.messages))
         if prompt.text or prompt.messages:
             self.renderer.check(*parts, prompt.chat)
-        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
-                                   prompt.add_special_tokens, prompt.chat)
+        ids = await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
+                                  prompt.add_special_tokens, prompt.chat)
+        return ids[-keep:] if keep else ids
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         """Each id's token as the tokenizer writes it (vLLM's token_strs)."""
@@ -179,12 +184,25 @@ class Service:
     async def _render(self, prompt: Prompt, adapter_id: str | None) -> list[int]:
         """Cheap bounds first, the adapter's (dynamic) registration, then the tokenizer off the loop."""
         self.ready()
-        parts = (prompt.text, list(prompt.token_ids), list(prompt.messages))
+        keep = self._kept_tokens(prompt)
+        ids = list(prompt.token_ids)
+        parts = (prompt.text, ids[-keep:] if keep else ids, list(prompt.messages))  # a long list is cut, not refused
         self.renderer.check(*parts, prompt.chat)
         if adapter_id:
             await self._ensure_registered(adapter_id)
-        return await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
-                                   prompt.add_special_tokens, prompt.chat)
+        ids = await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
+                                  prompt.add_special_tokens, prompt.chat)
+        return ids[-keep:] if keep else ids
+
+    def _kept_tokens(self, prompt: Prompt) -> int | None:
+        """How many of the prompt's last tokens it keeps (truncate_prompt_tokens), or None for all."""
+        k, limit = prompt.truncate_prompt_tokens, self.config.input_token_limit
+        if k is None:
+            return None
+        if k != -1 and not 1 <= k <= limit:
+            raise RequestInvalid(f"truncate_prompt_tokens must be -1 or in [1, max_input_tokens ({limit})], got {k}",
+                                 param="truncate_prompt_tokens")
+        return limit if k == -1 else k
 
     async def _prepare(self, sampling: SamplingParams) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""

@@ -239,6 +239,34 @@ def test_chat_options_continue_a_reply_and_reach_the_template(server, tiny_llama
         assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server):
+    """truncate_prompt_tokens (GenerateRequest field 11, TokenizeRequest 9): the prompt's last k
+    tokens once rendered, token for token as a request sending those; -1 keeps as many as
+    max_input_tokens allows, so a prompt too long for it is served (it is refused without); a k of
+    0 or past that limit is INVALID_ARGUMENT naming both."""
+    long = [(7 * i) % 380 + 3 for i in range(300)]  # past this server's 255-token input limit
+    code, details = code_of(server.client.generate, prompt_token_ids=long, sampling=GREEDY)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_input_tokens is 255" in details
+    cut = server.client.generate(prompt_token_ids=long, truncate_prompt_tokens=12, adapter_id="all-r8",
+                                 sampling=GREEDY)
+    assert cut.prompt_tokens == 12
+    assert cut.token_ids == server.client.generate(prompt_token_ids=long[-12:], adapter_id="all-r8",
+                                                   sampling=GREEDY).token_ids
+    most = server.client.generate(prompt_token_ids=long, truncate_prompt_tokens=-1, sampling=Sampling())
+    assert most.prompt_tokens == 255 and most.completion_tokens == 1  # the unset max_new_tokens fits the room left
+    text = "Once upon a time there was a little server that batched many adapters together."
+    ids = server.client.tokenize(text).token_ids
+    assert server.client.tokenize(text, truncate_prompt_tokens=5).token_ids == ids[-5:]
+    msgs = [("system", "Be brief."), ("user", "The quick brown fox")]
+    chat_ids = server.client.tokenize(messages=msgs).token_ids
+    assert server.client.generate(messages=msgs, truncate_prompt_tokens=6, sampling=GREEDY).token_ids == \
+        server.client.generate(prompt_token_ids=chat_ids[-6:], sampling=GREEDY).token_ids
+    for k in (0, -2, 256):
+        code, details = code_of(server.client.generate, text, truncate_prompt_tokens=k, sampling=GREEDY)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, k
+        assert f"truncate_prompt_tokens must be -1 or in [1, max_input_tokens (255)], got {k}" in details
+
+
 def test_concurrent_async_clients_mixing_adapters(server, tiny_adapters):
     async def main():
         async with AsyncLoraMuxClient(server.target) as c:

@@ -529,8 +529,9 @@ sampling_pb = st.builds(
     structured_pb,
     any_float,
 )
-chat_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's chat fields
-    "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(),
+prompt_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's rendering fields
+    "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(), "add_special_tokens": st.booleans(),
+    "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), st.integers(-(2**31), 2**31 - 1)),
     "chat_template_kwargs": st.one_of(odd_text, st.sampled_from(['{"preamble": "x"}', '{"tokenize": false}', "[]",
                                                                  "{", '{"a": ' * 3000 + "1" + "}" * 3000]))})
 request_pb = st.builds(
@@ -542,7 +543,7 @@ request_pb = st.builds(
                                                       st.lists(st.integers(0, 383), min_size=5000, max_size=20000)),
     st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "robot", ""]), odd_text), max_size=5),
     sampling_pb,
-    chat_options_pb,
+    prompt_options_pb,
 )
 
 
@@ -591,7 +592,8 @@ def http_bodies():
         "logit_bias": st.one_of(st.dictionaries(st.sampled_from(["0", "5", "x", "-1", "99999999", " 7"]),
                                                 st.one_of(st.floats(), st.integers(-200, 200)), max_size=3), odd),
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
-        "min_p": st.one_of(st.floats(-1, 2), odd),
+        "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
+        "add_special_tokens": odd,
         "ignore_eos": st.one_of(st.booleans(), odd), "min_tokens": st.one_of(st.integers(-1, 8), odd),
         "stop_token_ids": st.one_of(ids, odd), "stream_options": st.one_of(st.just({"include_usage": True}), odd),
         "response_format": st.one_of(st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "xml"}]),

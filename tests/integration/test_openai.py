@@ -153,7 +153,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"top_k": -3}), "top_k"), (dict(extra_body={"min_p": 1.5}), "min_p must be in [0, 1], got 1.5"),
         # vLLM's extensions that are not served are refused when they ask for something, never ignored
         (dict(extra_body={"use_beam_search": True}), "use_beam_search (a vLLM extension) is not supported"),
-        (dict(extra_body={"truncate_prompt_tokens": 5}), "truncate_prompt_tokens"),
+        (dict(extra_body={"allowed_token_ids": [5]}), "allowed_token_ids"),
         (dict(extra_body={"bad_words": ["x"]}), "bad_words"), (dict(extra_body={"priority": 1}), "priority"),
         (dict(extra_body={"spaces_between_special_tokens": False}), "spaces_between_special_tokens"),
     ]:
@@ -1012,6 +1012,36 @@ def test_chat_extras_continue_a_prefilled_reply_and_reach_the_template(oserver, 
     r = httpx.post(f"{root}/tokenize", json={"prompt": "x", "continue_final_message": True}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
     wait_idle(oserver)
+
+
+def test_truncate_prompt_tokens_in_completions_chat_and_tokenize(oserver, tokenizer):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens, for a text prompt (echo shows the
+    kept part), a prompt of ids and chat messages, as the same request sending those tokens; out of
+    range is a 400 naming it."""
+    root = f"http://127.0.0.1:{oserver.http_port}"
+    text = "LoRA adds a low-rank update B A to a frozen weight W, scaled by alpha over r."
+    ids = httpx.post(f"{root}/tokenize", json={"prompt": text}, timeout=30).json()["tokens"]
+    cut = httpx.post(f"{root}/tokenize", json={"prompt": text, "truncate_prompt_tokens": 6}, timeout=30).json()
+    assert cut["tokens"] == ids[-6:]
+    expected = oserver.oa.completions.create(model="attn-r4", prompt=ids[-6:], **GREEDY).choices[0].text
+    for prompt in (text, ids):
+        got = oserver.oa.completions.create(model="attn-r4", prompt=prompt, **{
+            **GREEDY, "extra_body": {**GREEDY["extra_body"], "truncate_prompt_tokens": 6}})
+        assert got.choices[0].text == expected and got.usage.prompt_tokens == 6
+    echoed = oserver.oa.completions.create(model="attn-r4", prompt=text, echo=True, **{
+        **GREEDY, "extra_body": {**GREEDY["extra_body"], "truncate_prompt_tokens": 6}})
+    assert echoed.choices[0].text == tokenizer.decode(ids[-6:]) + expected
+    messages = [{"role": "user", "content": "Tell me about LoRA."}]
+    chat_ids = httpx.post(f"{root}/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+    chat = oserver.oa.chat.completions.create(model="all-r8", messages=messages, **{
+        **GREEDY, "extra_body": {**GREEDY["extra_body"], "truncate_prompt_tokens": 4}})
+    assert chat.usage.prompt_tokens == 4
+    assert chat.choices[0].message.content == oserver.oa.completions.create(
+        model="all-r8", prompt=chat_ids[-4:], **GREEDY).choices[0].text
+    with pytest.raises(openai.BadRequestError, match=r"truncate_prompt_tokens must be -1 or in \[1, ") as e:
+        oserver.oa.completions.create(model="attn-r4", prompt=text, max_tokens=1,
+                                      extra_body={"truncate_prompt_tokens": 0})
+    assert e.value.body["param"] == "truncate_prompt_tokens"
 
 
 def test_tokenize_counts_the_tokens_generation_sees_and_detokenize_inverts_it(oserver, tiny_llama):
