@@ -47,7 +47,7 @@ from .requests import (
     validate_request_id,
 )
 from .runner import ModelRunner, WorkItem
-from .sampling import SamplerState, sample
+from .sampling import SamplerState, allowed_mask, sample
 from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, adapter_order, schedule
 from .sequence import RequestStream, Sequence
 from .speculative import PromptLookupDrafter
@@ -240,6 +240,17 @@ class Engine:
         if not 0 <= p.min_new_tokens <= p.max_new_tokens:
             raise RequestInvalid(f"min_new_tokens must be in [0, max_new_tokens ({p.max_new_tokens})], "
                                  f"got {p.min_new_tokens}", param="min_new_tokens")
+        if p.allowed_token_ids:
+            bad = next((t for t in p.allowed_token_ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise RequestInvalid(f"allowed_token_ids: token {bad} is outside the vocabulary [0, {self.vocab_size})",
+                                     param="allowed_token_ids")
+            if len(p.allowed_token_ids) > self.vocab_size:
+                raise RequestInvalid(f"allowed_token_ids has {len(p.allowed_token_ids)} entries; the vocabulary has "
+                                     f"{self.vocab_size}", param="allowed_token_ids")
+            if p.structured_output is not None:
+                raise RequestInvalid("allowed_token_ids and a structured output cannot be combined: the structured "
+                                     "output already decides which tokens may come", param="allowed_token_ids")
         if len(p.stop_token_ids) > c.max_stop_token_ids:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
                                  "(--max-stop-token-ids)", param="stop_token_ids")
@@ -590,6 +601,12 @@ class Engine:
         masks, failed = None, {}
         if any(g is not None for g in grammars):
             masks, banned, failed = self.grammars.masks(grammars, banned, computed_masks)
+        if any(s.sampler.params.allowed_token_ids for s in seqs):  # never with a grammar (validate)
+            masks = masks or [None] * len(seqs)
+            for i, s in enumerate(seqs):
+                if s.sampler.params.allowed_token_ids:
+                    masks[i] = allowed_mask(s.sampler.params.allowed_token_ids, banned[i], logits.shape[1])
+                    banned[i] = None
         tokens = sample(logits, [s.sampler for s in seqs], seen, generated, banned, masks)
         for i, error in failed.items():
             tokens[i] = error

@@ -67,6 +67,7 @@ class SamplingParams:
     structured_output: StructuredOutput | None = None  # None: free text
     skip_special_tokens: bool = True  # False: special tokens' text stays in the output (not a finishing EOS's)
     include_stop_str_in_output: bool = False  # True: the text ends with the stop string that ended it
+    allowed_token_ids: tuple[int, ...] = ()  # only these may be sampled (vLLM's); (): any
 
     @property
     def greedy(self) -> bool:

@@ -81,6 +81,20 @@ def apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None:
         logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
 
 
+def allowed_mask(allowed: tuple[int, ...], banned: list[int] | None, vocab: int) -> torch.Tensor:
+    """A row's mask for vLLM's allowed_token_ids ([vocab] float32 on the CPU, as ``apply_masks``
+    takes them): 0 for the allowed tokens, -inf for the others; its banned tokens (min_new_tokens)
+    too, unless that would leave none (the allowed list wins, as a grammar does)."""
+    mask = torch.full((vocab,), float("-inf"))
+    mask[list(allowed)] = 0.0
+    if banned:
+        narrowed = mask.clone()
+        narrowed[banned] = float("-inf")
+        if torch.isfinite(narrowed).any():
+            mask = narrowed
+    return mask
+
+
 def apply_occurrence_penalties(logits: torch.Tensor, generated: list[list[int] | None], presence: list[float],
                                frequency: list[float]) -> None:
     """OpenAI's presence and frequency penalties, in place: logits [M, V];

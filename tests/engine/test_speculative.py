@@ -166,7 +166,8 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type
 
 
 def sampled_requests(vocab: int, n: int) -> list[tuple[str | None, list[int], SamplingParams]]:
-    """Seeded sampling with every per-row transform, logprobs, stops and structured outputs."""
+    """Seeded sampling with every per-row transform, logprobs, stops, structured outputs and
+    allowed token lists."""
     rng = random.Random(5)
     out = []
     for i, prompt in enumerate(make_prompts(vocab, n, seed=7)):
@@ -180,6 +181,8 @@ def sampled_requests(vocab: int, n: int) -> list[tuple[str | None, list[int], Sa
             params["stop"] = ("a", "e ")
         if i % 6 == 4:
             params["structured_output"] = StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(SCHEMA))
+        elif i % 7 == 3:
+            params["allowed_token_ids"] = tuple(range(3, 60))
         out.append((None if i % 3 == 0 else "all-r8", prompt, SamplingParams(**params)))
     return out
 

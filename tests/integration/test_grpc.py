@@ -267,6 +267,44 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server):
         assert f"truncate_prompt_tokens must be -1 or in [1, max_input_tokens (255)], got {k}" in details
 
 
+def test_allowed_token_ids_restrict_sampling_to_them(server, tiny_llama):
+    """SamplingParams.allowed_token_ids (field 20): greedy picks the most likely allowed token, the
+    tokens a +100 logit bias on them gives (the tiny model's logits spread far less than 100);
+    sampling draws only those, in a batch beside unrestricted rows; with min_new_tokens an allowed
+    EOS waits; out of the vocabulary, or with a structured output, is INVALID_ARGUMENT."""
+    allowed = [5, 17, 120, 233, 380]
+    for adapter in ("", "all-r8"):
+        got = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter,
+                                     sampling=Sampling(max_new_tokens=12, ignore_eos=True, allowed_token_ids=allowed))
+        biased = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter, sampling=Sampling(
+            max_new_tokens=12, ignore_eos=True, logit_bias={t: 100.0 for t in allowed}))
+        assert got.token_ids == biased.token_ids and set(got.token_ids) <= set(allowed)
+        free = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter, sampling=GREEDY)
+        assert not set(free.token_ids) <= set(allowed)  # the restriction changed something
+
+    async def batch():
+        async with AsyncLoraMuxClient(server.target) as client:
+            return await asyncio.gather(*(client.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(
+                max_new_tokens=12, ignore_eos=True, temperature=2.0, seed=s,
+                allowed_token_ids=allowed if s % 2 else [])) for s in range(8)))
+    results = asyncio.run(batch())
+    assert all(set(r.token_ids) <= set(allowed) for r in results[1::2])
+    assert not all(set(r.token_ids) <= set(allowed) for r in results[::2])
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_llama).eos_token_id
+    waited = server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(
+        max_new_tokens=8, min_new_tokens=4, logit_bias={eos: 100.0}, allowed_token_ids=[eos, 17]))
+    assert waited.token_ids == [17] * 4 + [eos] and waited.finish_reason == "eos"  # EOS as soon as it may come
+    alone = server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(
+        max_new_tokens=3, min_new_tokens=2, allowed_token_ids=[eos]))
+    assert alone.token_ids == [eos] and alone.finish_reason == "eos"  # a ban that would leave none yields
+    for sampling, needle in ((Sampling(allowed_token_ids=[3, 384]), "token 384 is outside the vocabulary [0, 384)"),
+                             (Sampling(allowed_token_ids=[3], json_object=True), "cannot be combined")):
+        code, details = code_of(server.client.generate, prompt_token_ids=PROMPT_IDS, sampling=sampling)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
+
+
 def test_concurrent_async_clients_mixing_adapters(server, tiny_adapters):
     async def main():
         async with AsyncLoraMuxClient(server.target) as c:

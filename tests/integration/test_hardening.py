@@ -593,7 +593,7 @@ def http_bodies():
                                                 st.one_of(st.floats(), st.integers(-200, 200)), max_size=3), odd),
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
         "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
-        "add_special_tokens": odd,
+        "add_special_tokens": odd, "allowed_token_ids": st.one_of(ids, odd),
         "ignore_eos": st.one_of(st.booleans(), odd), "min_tokens": st.one_of(st.integers(-1, 8), odd),
         "stop_token_ids": st.one_of(ids, odd), "stream_options": st.one_of(st.just({"include_usage": True}), odd),
         "response_format": st.one_of(st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "xml"}]),
@@ -633,7 +633,7 @@ def http_bodies():
         "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "min_tokens": st.integers(0, 1),
         "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "17"]), st.floats(-100, 100), max_size=2),
         "stop": st.lists(st.text(min_size=1, max_size=4), max_size=2), "top_k": st.integers(0, 40),
-        "min_p": st.floats(0, 1),
+        "min_p": st.floats(0, 1), "allowed_token_ids": st.lists(st.integers(0, 383), min_size=1, max_size=5),
         "stream_options": st.just({"include_usage": True}),
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),

@@ -113,6 +113,12 @@ def test_sampling_parameters_reach_the_engine(oserver):
     assert oserver.oa.completions.create(**hot).choices[0].text == greedy
     assert grpc_tokens(oserver, "attn-r4", temperature=1.5, seed=3, min_p=1.0).text == greedy
     assert grpc_tokens(oserver, "attn-r4", temperature=1.5, seed=3).text != greedy  # it does sample without
+    # allowed_token_ids (vLLM's extra): the same tokens in both APIs, only those
+    allowed = [11, 42, 97, 200, 311]
+    via_http = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, max_tokens=10, temperature=1.2, seed=5,
+                                             logprobs=0, extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    via_grpc = grpc_tokens(oserver, "attn-r4", temperature=1.2, seed=5, allowed_token_ids=allowed, logprobs=0)
+    assert via_http.choices[0].text == via_grpc.text and set(via_grpc.token_ids) <= set(allowed)
 
 
 def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_adapters):
@@ -153,7 +159,8 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"top_k": -3}), "top_k"), (dict(extra_body={"min_p": 1.5}), "min_p must be in [0, 1], got 1.5"),
         # vLLM's extensions that are not served are refused when they ask for something, never ignored
         (dict(extra_body={"use_beam_search": True}), "use_beam_search (a vLLM extension) is not supported"),
-        (dict(extra_body={"allowed_token_ids": [5]}), "allowed_token_ids"),
+        (dict(extra_body={"prompt_logprobs": 2}), "prompt_logprobs"),
+        (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x"]}), "bad_words"), (dict(extra_body={"priority": 1}), "priority"),
         (dict(extra_body={"spaces_between_special_tokens": False}), "spaces_between_special_tokens"),
     ]:

@@ -15,6 +15,7 @@ from loramux.server.requests import GREEDY_TEMPERATURE, SamplingParams
 from loramux.server.sampling import (
     NonFiniteLogits,
     SamplerState,
+    allowed_mask,
     apply_logit_bias,
     apply_occurrence_penalties,
     apply_repetition_penalty,
@@ -305,6 +306,13 @@ def test_min_p_of_one_samples_the_most_likely_token():
     free = {sample(logits[:1].clone(), [SamplerState.create(SamplingParams(5, temperature=1.5, seed=s), "cpu")],
                    [None])[0] for s in range(12)}
     assert len(free) > 3
+
+
+def test_allowed_mask_keeps_the_listed_tokens_and_a_ban_only_if_something_stays():
+    mask = allowed_mask((3, 7, 7, 9), None, 12)
+    assert torch.isfinite(mask).nonzero().view(-1).tolist() == [3, 7, 9] and mask[3] == 0
+    assert torch.isfinite(allowed_mask((3, 7, 9), [7, 11], 12)).nonzero().view(-1).tolist() == [3, 9]
+    assert torch.isfinite(allowed_mask((7,), [7], 12)).nonzero().view(-1).tolist() == [7]  # the list wins
 
 
 def test_batched_repetition_penalty_matches_hf_row_by_row():
