@@ -81,18 +81,23 @@ def apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None:
         logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
 
 
+def with_banned(mask: torch.Tensor, banned: list[int] | None) -> torch.Tensor:
+    """A row's mask ([vocab], 0 where a token may come, -inf where not) with its banned tokens
+    (min_new_tokens) -inf too, unless that would leave none: the mask wins (a grammar's text must
+    be able to end; an allowed list is what the client asked for)."""
+    if not banned:
+        return mask
+    narrowed = mask.clone()
+    narrowed[banned] = float("-inf")
+    return narrowed if torch.isfinite(narrowed).any() else mask
+
+
 def allowed_mask(allowed: tuple[int, ...], banned: list[int] | None, vocab: int) -> torch.Tensor:
     """A row's mask for vLLM's allowed_token_ids ([vocab] float32 on the CPU, as ``apply_masks``
-    takes them): 0 for the allowed tokens, -inf for the others; its banned tokens (min_new_tokens)
-    too, unless that would leave none (the allowed list wins, as a grammar does)."""
+    takes them): 0 for the allowed tokens, -inf for the others, and ``with_banned``'s."""
     mask = torch.full((vocab,), float("-inf"))
     mask[list(allowed)] = 0.0
-    if banned:
-        narrowed = mask.clone()
-        narrowed[banned] = float("-inf")
-        if torch.isfinite(narrowed).any():
-            mask = narrowed
-    return mask
+    return with_banned(mask, banned)
 
 
 def apply_occurrence_penalties(logits: torch.Tensor, generated: list[list[int] | None], presence: list[float],

@@ -27,6 +27,7 @@ import torch
 
 from .errors import RequestFailed, RequestInvalid, Unsupported, clip
 from .requests import MAX_STRUCTURED_OUTPUT_CHARS, OutputKind, StructuredOutput
+from .sampling import with_banned
 
 # byte value -> the masks of its 8 tokens (bit j set: token j allowed, 0; else -inf)
 _BYTE_BIAS = torch.where(((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool(), 0.0, float("-inf"))
@@ -181,12 +182,5 @@ class Grammars:
                 failed[i] = RequestFailed("the structured output allows no next token"
                                           + (f": {clip(matcher.get_error(), 200)}" if matcher.is_error() else ""))
                 continue
-            row = bias[j]
-            if banned[i]:
-                narrowed = row.clone()
-                narrowed[banned[i]] = float("-inf")
-                if torch.isfinite(narrowed).any():
-                    row = narrowed
-                banned[i] = None
-            out[i] = row
+            out[i], banned[i] = with_banned(bias[j], banned[i]), None
         return out, banned, failed
