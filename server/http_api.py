@@ -265,7 +265,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of, tools, body.echoed())))
             return JSONResponse(clamp(completion_response(body.model, choices, body.n, text_of, echoes)))
         chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
-                            body.echoed() if kind == "chat" else "")
+                            body.echoed() if kind == "chat" else "",
+                            [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None)
 
         async def sse():
             lasts = [None] * len(streams)

@@ -69,6 +69,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class _Common(BaseModel):
@@ -183,6 +184,10 @@ class _Common(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Common):
@@ -500,8 +505,11 @@ class ChunkMaker:
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
                  echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1,
-                 chat_echo: str = ""):
+                 chat_echo: str = "", prompt_tokens: list[int] | None = None):
         self.kind, self.model, self.text_of = kind, model, text_of
+        # continuous usage (``prompt_tokens``: each choice's prompt length): every chunk carries its
+        # choice's usage so far, counting the tokens generated (one an event)
+        self.prompt_tokens, self.generated = prompt_tokens, [0] * choices
         self.chat_echo = chat_echo  # chat: each choice's content starts with it (ChatCompletionRequest.echoed)
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
@@ -527,14 +535,29 @@ class ChunkMaker:
         if self.kind != "chat":
             return []
         deltas = [{"role": "assistant", "content": ""}] + ([{"content": self.chat_echo}] if self.chat_echo else [])
-        return [self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
-                for delta in deltas for i in range(len(self.offsets))]
+        return self._with_usage([self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                                 for delta in deltas for i in range(len(self.offsets))])
 
     def events(self, ev: TokenEvent, index: int = 0) -> list[dict]:
         """The chunks for one token event of choice ``index``: its echo first, if one is due; none
         when the event adds nothing (no text, no logprob, not last). An echo's choice waits for
         the first choice of its prompt, which brings the prompt's logprobs; then the chunks of
         those that waited come too."""
+        self.generated[index] += 1
+        return self._with_usage(self._choice_events(ev, index))
+
+    def _with_usage(self, chunks: list[dict]) -> list[dict]:
+        """With continuous usage, each chunk with its choice's usage so far (an echo alone generates none)."""
+        if self.prompt_tokens is None:
+            return chunks
+        for chunk in chunks:
+            i = chunk["choices"][0]["index"]
+            prompt, completion = self.prompt_tokens[i], 0 if self.echoes and self.echoes[0].only else self.generated[i]
+            chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": prompt + completion}
+        return chunks
+
+    def _choice_events(self, ev: TokenEvent, index: int) -> list[dict]:
         if not self.echoes:
             return self._events(ev, index, None)
         prompt, j = divmod(index, self.n)

@@ -369,6 +369,20 @@ def test_streamed_choices_interleave_and_add_up(oserver):
     comp = list(oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS, OTHER_IDS], n=2, stream=True,
                                               **GREEDY))
     assert sorted({ch.index for c in comp for ch in c.choices}) == [0, 1, 2, 3]
+    # vLLM's continuous_usage_stats: every chunk carries its choice's usage so far, the last one all of it
+    running = list(oserver.oa.chat.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kwargs))
+    for i in (0, 1):
+        usages = [c.usage for c in running if c.choices and c.choices[0].index == i]
+        assert all(u.prompt_tokens == whole.usage.prompt_tokens for u in usages)
+        done = [u.completion_tokens for u in usages]
+        assert done == sorted(done) and done[0] == 0 and done[-1] == 10, done
+        assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)
+    assert running[-1].choices == [] and running[-1].usage.completion_tokens == 20
+    assert all(c.usage is None for c in chunks if c.choices)  # not asked: none
+    echo_only = list(oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, max_tokens=0, echo=True,
+                                                   stream=True, stream_options={"continuous_usage_stats": True}))
+    assert [c.usage.completion_tokens for c in echo_only if c.choices] == [0, 0]
 
 
 def test_choices_are_bounded_and_a_refused_prompt_cancels_the_rest(oserver):
