@@ -17,6 +17,7 @@ from collections.abc import Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from . import __version__
 from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, status_name
@@ -163,6 +164,16 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.exception_handler(_HttpError)
     async def http_error(request, exc: _HttpError):
         return error_response(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def framework_error(request, exc: HTTPException):
+        """The framework's own refusals in OpenAI's shape too: an unknown route, a method not
+        allowed, a body its JSON parser gives up on (nested past its depth limit)."""
+        message = "the body could not be parsed as JSON (nested too deep?)" if exc.status_code == 400 else \
+            str(exc.detail)
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.get("/health")
     async def health():

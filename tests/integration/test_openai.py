@@ -193,6 +193,15 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     assert body.status_code == 413 and "--max-http-body-bytes" in body.json()["error"]["message"]
     bad_json = httpx.post(f"{oserver.base_url}/completions", content=b"{", headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "error" in bad_json.json()
+    # the framework's own refusals come in OpenAI's error shape too
+    deep = b'{"model": "attn-r4", "prompt": "hi", "logit_bias": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3001
+    too_deep = httpx.post(f"{oserver.base_url}/completions", content=deep, headers={"content-type": "application/json"})
+    assert too_deep.status_code == 400 and "nested too deep" in too_deep.json()["error"]["message"]
+    unknown = httpx.get(f"{oserver.base_url}/no-such-route")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == 404
+    wrong_method = httpx.get(f"{oserver.base_url}/completions")
+    assert wrong_method.status_code == 405 and "POST" in wrong_method.headers["allow"]
+    assert wrong_method.json()["error"]["message"] == "Method Not Allowed"
 
 
 def test_an_unset_max_tokens_fits_the_room_a_long_prompt_leaves(oserver, tokenizer):
