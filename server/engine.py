@@ -605,7 +605,7 @@ class Engine:
             masks = masks or [None] * len(seqs)
             for i, s in enumerate(seqs):
                 if s.sampler.params.allowed_token_ids:
-                    masks[i] = allowed_mask(s.sampler.params.allowed_token_ids, banned[i], logits.shape[1])
+                    masks[i] = allowed_mask(s.sampler, banned[i], logits.shape[1])
                     banned[i] = None
         tokens = sample(logits, [s.sampler for s in seqs], seen, generated, banned, masks)
         for i, error in failed.items():

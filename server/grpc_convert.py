@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..v1 import loramux_pb2 as pb
 from .errors import RequestInvalid
-from .prompts import ChatOptions
+from .prompts import ChatOptions, Prompt
 from .requests import (
     ANY_JSON_OBJECT,
     OutputKind,
@@ -17,7 +17,6 @@ from .requests import (
     TokenEvent,
     TokenLogprob,
 )
-from .service import Prompt
 
 if TYPE_CHECKING:  # the registry imports torch; this module must not
     from ..adapters.registry import RegisteredAdapter

@@ -263,9 +263,11 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         clamp = _clamp_logprobs if sampling.logprobs is not None else (lambda obj: obj)
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded
-            echoes = [Echo(prompt.text if prompt.text and prompt.truncate_prompt_tokens is None
-                           else tokenizer.decode(s.prompt_token_ids), s.prompt_token_ids, body.echo_only)
-                      for prompt, s in zip((p for p in prompts for _ in range(body.n)), streams, strict=True)]
+            def shown(prompt, stream) -> str:  # the text as sent, unless truncation cut it
+                return prompt.text if prompt.text and prompt.truncate_prompt_tokens is None else \
+                    tokenizer.decode(stream.prompt_token_ids)
+            echoes = [Echo(shown(prompts[i // body.n], s), s.prompt_token_ids, body.echo_only)
+                      for i, s in enumerate(streams)]
         if not body.stream:
             try:
                 choices = await asyncio.gather(*(collect(s) for s in streams))

@@ -41,7 +41,7 @@ from .openai_structured import (
     output_from,
     response_format_output,
 )
-from .prompts import ChatOptions
+from .prompts import ChatOptions, Prompt
 from .requests import (
     MAX_LOGPROBS,
     FinishReason,
@@ -51,7 +51,6 @@ from .requests import (
     TokenEvent,
     TokenLogprob,
 )
-from .service import Prompt
 from .tool_parsers import ToolCallParser
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
@@ -552,7 +551,7 @@ class ChunkMaker:
             return chunks
         for chunk in chunks:
             i = chunk["choices"][0]["index"]
-            prompt, completion = self.prompt_tokens[i], 0 if self.echoes and self.echoes[0].only else self.generated[i]
+            prompt, completion = self.prompt_tokens[i], 0 if self.echo_only else self.generated[i]
             chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
                               "total_tokens": prompt + completion}
         return chunks
@@ -630,8 +629,13 @@ class ChunkMaker:
         return [self._chunk([{"index": index, "delta": delta, "logprobs": chat_logprobs([ev], self.text_of),
                               "finish_reason": finish}])]
 
+    @property
+    def echo_only(self) -> bool:
+        """Completions' echo with max_tokens 0: the prompts alone, no token generated."""
+        return bool(self.echoes) and self.echoes[0].only
+
     def usage(self, lasts: list[TokenEvent], n: int) -> dict:
-        if self.echoes and self.echoes[0].only:
+        if self.echo_only:
             lasts = [replace(e, completion_tokens=0) for e in lasts]
         return self._chunk([], usage(lasts, n))
 

@@ -42,6 +42,23 @@ class ChatOptions:
         return not self.continue_final_message if self.add_generation_prompt is None else self.add_generation_prompt
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt: exactly one of the three forms is set, with how it becomes token ids."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    messages: tuple[tuple, ...] = ()  # (role, content[, {other fields the chat template reads}]): above
+    tools: tuple = ()  # with messages: OpenAI's tool definitions, for the chat template to show the model
+    chat: ChatOptions = ChatOptions()  # with messages: how the chat template renders them
+    # the tokenizer's special tokens (BOS, ...) around the text; unset: yes for a prompt, no for
+    # messages (their template writes them)
+    add_special_tokens: bool | None = None
+    # keep the prompt's last this many tokens, once rendered (vLLM's truncate_prompt_tokens; -1: as
+    # many as --max-input-tokens allows); None: all of them
+    truncate_prompt_tokens: int | None = None
+
+
 class PromptRenderer:
     def __init__(self, tokenizer, config: ServerConfig):
         self.tokenizer = tokenizer
@@ -57,8 +74,10 @@ class PromptRenderer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def check(self, prompt: str, token_ids: list[int], messages: list[tuple], chat: ChatOptions = ChatOptions()) -> None:
-        """Exactly one input, within the size limits (no tokenizing here)."""
+    def check(self, p: Prompt) -> None:
+        """Exactly one input, within the size limits (no tokenizing here); a list of ids longer than
+        max_input_tokens is cut first if the prompt asks to be truncated."""
+        prompt, token_ids, messages, chat = p.text, self._kept(p, p.token_ids), p.messages, p.chat
         given = [name for name, v in (("prompt", prompt), ("prompt_token_ids", token_ids), ("messages", messages)) if v]
         if len(given) != 1:
             raise RequestInvalid(
@@ -101,31 +120,43 @@ class PromptRenderer:
         if chat.continue_final_message and chat.add_generation_prompt:
             raise RequestInvalid("continue_final_message and add_generation_prompt cannot both be true: the model "
                                  "either continues the last message or starts a new one", param="continue_final_message")
-        for name in sorted(self.reserved_kwargs & set(chat.template_kwargs)):
-            own = name in ("tools", "add_generation_prompt", "continue_final_message")
-            raise RequestInvalid(f"chat_template_kwargs may not set {name}: "
-                                 + (f"use the request's {name} field" if own else "the server sets it"),
-                                 param="chat_template_kwargs")
+        reserved = sorted(self.reserved_kwargs & set(chat.template_kwargs))
+        if reserved:
+            name = reserved[0]
+            raise RequestInvalid(f"chat_template_kwargs may not set {name}: " + (
+                f"use the request's {name} field" if name in ("tools", "add_generation_prompt", "continue_final_message")
+                else "the server sets it"), param="chat_template_kwargs")
 
-    def render(self, prompt: str, token_ids: list[int], messages: list[tuple],
-               tools: list[dict] | None = None, add_special_tokens: bool | None = None,
-               chat: ChatOptions = ChatOptions()) -> list[int]:
-        """Input that ``check`` passed -> token ids: the slow part (tokenizer, chat template, which
-        is given ``tools`` when there are some: a template that does not show tools ignores them).
-        ``add_special_tokens``: the tokenizer's (BOS, ...) around a prompt (unset: yes) or around the
-        rendered messages (unset: no, the template writes them)."""
-        if token_ids:
-            return list(token_ids)
-        if not messages:
-            return self.tokenizer(prompt, add_special_tokens=add_special_tokens is not False)["input_ids"]
+    def _kept(self, p: Prompt, ids) -> list[int]:
+        """``ids`` as the prompt keeps them: all, or its truncate_prompt_tokens last ones."""
+        k, limit = p.truncate_prompt_tokens, self.max_prompt_tokens
+        if k is None:
+            return list(ids)
+        if k != -1 and not 1 <= k <= limit:
+            raise RequestInvalid(f"truncate_prompt_tokens must be -1 or in [1, max_input_tokens ({limit})], got {k}",
+                                 param="truncate_prompt_tokens")
+        return list(ids[-(limit if k == -1 else k):])
+
+    def render(self, p: Prompt) -> list[int]:
+        """A prompt that ``check`` passed -> token ids: the slow part (tokenizer, chat template, which
+        is given the prompt's tools when there are some: a template that does not show tools ignores
+        them), then its truncation. ``add_special_tokens``: the tokenizer's (BOS, ...) around a text
+        (unset: yes) or around the rendered messages (unset: no, the template writes them)."""
+        return self._kept(p, p.token_ids or self._tokens(p))
+
+    def _tokens(self, p: Prompt) -> list[int]:
+        """The text or the messages as token ids."""
+        if not p.messages:
+            return self.tokenizer(p.text, add_special_tokens=p.add_special_tokens is not False)["input_ids"]
         from jinja2 import TemplateError
 
+        add_special_tokens, chat = p.add_special_tokens, p.chat
         try:
             out = self.tokenizer.apply_chat_template(
-                [{"role": m[0], "content": m[1], **_fields(m)} for m in messages],
+                [{"role": m[0], "content": m[1], **_fields(m)} for m in p.messages],
                 add_generation_prompt=chat.generation_prompt, continue_final_message=chat.continue_final_message,
                 tokenize=not add_special_tokens, return_dict=not add_special_tokens,
-                **({"tools": tools} if tools else {}), **chat.template_kwargs,
+                **({"tools": list(p.tools)} if p.tools else {}), **chat.template_kwargs,
             )
         # the template's own refusal (raise_exception: roles out of order, ...), or its code failing
         # on what the messages hold (a call's arguments of another JSON type than it expects)

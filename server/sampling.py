@@ -14,6 +14,7 @@ from .requests import SamplingParams
 class SamplerState:
     params: SamplingParams
     generator: torch.Generator | None = field(default=None)
+    allowed: torch.Tensor | None = None  # params.allowed_token_ids' mask, made on first use (allowed_mask)
 
     @classmethod
     def create(cls, params: SamplingParams, device) -> SamplerState:
@@ -92,12 +93,14 @@ def with_banned(mask: torch.Tensor, banned: list[int] | None) -> torch.Tensor:
     return narrowed if torch.isfinite(narrowed).any() else mask
 
 
-def allowed_mask(allowed: tuple[int, ...], banned: list[int] | None, vocab: int) -> torch.Tensor:
+def allowed_mask(state: SamplerState, banned: list[int] | None, vocab: int) -> torch.Tensor:
     """A row's mask for vLLM's allowed_token_ids ([vocab] float32 on the CPU, as ``apply_masks``
-    takes them): 0 for the allowed tokens, -inf for the others, and ``with_banned``'s."""
-    mask = torch.full((vocab,), float("-inf"))
-    mask[list(allowed)] = 0.0
-    return with_banned(mask, banned)
+    takes them): 0 for the allowed tokens, -inf for the others, made once a request; then
+    ``with_banned``'s, which copies it before it bans."""
+    if state.allowed is None:
+        state.allowed = torch.full((vocab,), float("-inf"))
+        state.allowed[list(state.params.allowed_token_ids)] = 0.0
+    return with_banned(state.allowed, banned)
 
 
 def apply_occurrence_penalties(logits: torch.Tensor, generated: list[list[int] | None], presence: list[float],

@@ -15,14 +15,14 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..adapters.errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
 from ..adapters.files import inside
 from .config import ServerConfig
 from .errors import EngineUnavailable, RequestInvalid, status_name
-from .prompts import ChatOptions
+from .prompts import Prompt
 from .requests import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,6 @@ def user_tokens(auth_token: str | None, admin_token: str | None) -> tuple[str, .
     """Tokens accepted on the inference and read calls: --auth-token, and the admin token too;
     () when --auth-token is unset (those calls are open)."""
     return tuple(t for t in (auth_token, admin_token) if t is not None) if auth_token else ()
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Exactly one of the three forms is set."""
-
-    text: str = ""
-    token_ids: tuple[int, ...] = ()
-    messages: tuple[tuple, ...] = ()  # (role, content[, {other fields the chat template reads}]): prompts.py
-    tools: tuple = ()  # with messages: OpenAI's tool definitions, for the chat template to show the model
-    chat: ChatOptions = ChatOptions()  # with messages: how the chat template renders them
-    # the tokenizer's special tokens (BOS, ...) around the text; unset: yes for a prompt, no for
-    # messages (their template writes them)
-    add_special_tokens: bool | None = None
-    # keep the prompt's last this many tokens, once rendered (vLLM's truncate_prompt_tokens; -1: as
-    # many as --max-input-tokens allows); None: all of them
-    truncate_prompt_tokens: int | None = None
 
 
 class Service:
@@ -140,13 +123,9 @@ class Service:
             raise RequestInvalid("set exactly one of prompt and messages", param="prompt")
         if adapter_id:
             self.check_model(adapter_id)
-        keep = self._kept_tokens(prompt)
-        parts = (prompt.text, [], list(prompt.messages))
         if prompt.text or prompt.messages:
-            self.renderer.check(*parts, prompt.chat)
-        ids = await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
-                                  prompt.add_special_tokens, prompt.chat)
-        return ids[-keep:] if keep else ids
+            self.renderer.check(prompt)
+        return await self.work.run("tokenizing the prompt", self.renderer.render, prompt)
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         """Each id's token as the tokenizer writes it (vLLM's token_strs)."""
@@ -184,25 +163,10 @@ class Service:
     async def _render(self, prompt: Prompt, adapter_id: str | None) -> list[int]:
         """Cheap bounds first, the adapter's (dynamic) registration, then the tokenizer off the loop."""
         self.ready()
-        keep = self._kept_tokens(prompt)
-        ids = list(prompt.token_ids)
-        parts = (prompt.text, ids[-keep:] if keep else ids, list(prompt.messages))  # a long list is cut, not refused
-        self.renderer.check(*parts, prompt.chat)
+        self.renderer.check(prompt)
         if adapter_id:
             await self._ensure_registered(adapter_id)
-        ids = await self.work.run("tokenizing the prompt", self.renderer.render, *parts, list(prompt.tools),
-                                  prompt.add_special_tokens, prompt.chat)
-        return ids[-keep:] if keep else ids
-
-    def _kept_tokens(self, prompt: Prompt) -> int | None:
-        """How many of the prompt's last tokens it keeps (truncate_prompt_tokens), or None for all."""
-        k, limit = prompt.truncate_prompt_tokens, self.config.input_token_limit
-        if k is None:
-            return None
-        if k != -1 and not 1 <= k <= limit:
-            raise RequestInvalid(f"truncate_prompt_tokens must be -1 or in [1, max_input_tokens ({limit})], got {k}",
-                                 param="truncate_prompt_tokens")
-        return limit if k == -1 else k
+        return await self.work.run("tokenizing the prompt", self.renderer.render, prompt)
 
     async def _prepare(self, sampling: SamplingParams) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""

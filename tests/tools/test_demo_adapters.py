@@ -19,7 +19,7 @@ def answers(prompts: dict[str, str]) -> dict[str, str]:
     """One batch: each adapter answers its prompt, through the chat template."""
     from loramux.server.builder import build_engine
     from loramux.server.config import ServerConfig
-    from loramux.server.prompts import PromptRenderer
+    from loramux.server.prompts import Prompt, PromptRenderer
     from loramux.server.requests import GenerationRequest, SamplingParams
 
     config = ServerConfig(adapter_dirs=(str(DEMO_DIR),), max_batch_size=4, metrics_port=0)
@@ -29,7 +29,7 @@ def answers(prompts: dict[str, str]) -> dict[str, str]:
 
     async def run():
         async def one(adapter, text):
-            ids = renderer.render("", [], [("user", text)])
+            ids = renderer.render(Prompt(messages=(("user", text),)))
             req = GenerationRequest(adapter or "base", tuple(ids), SamplingParams(40), adapter or None)
             return "".join([e.text async for e in built.engine.submit(req)])
         names = list(prompts)

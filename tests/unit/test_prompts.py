@@ -5,6 +5,7 @@ import pytest
 
 from loramux.server.config import ServerConfig
 from loramux.server.errors import RequestInvalid
+from loramux.server.prompts import Prompt
 
 
 def test_a_forced_tool_calls_tools_reach_a_chat_template_that_shows_them(tiny_llama):
@@ -25,7 +26,7 @@ def test_a_forced_tool_calls_tools_reach_a_chat_template_that_shows_them(tiny_ll
         body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[tool],
                                      tool_choice=choice)
         (prompt,), _ = body.to_domain(8)
-        text = tokenizer.decode(renderer.render("", [], list(prompt.messages), list(prompt.tools)))
+        text = tokenizer.decode(renderer.render(prompt))
         assert text.startswith("TOOLS lookup") is shown, (choice, text)
 
 
@@ -39,9 +40,9 @@ def test_a_chat_templates_own_refusal_is_the_callers_mistake(tiny_llama):
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversations must "
                                "start with the user') }}{% endif %}" + tokenizer.chat_template)
     renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
-    assert renderer.render("", [], [("user", "hi")])
+    assert renderer.render(Prompt(messages=(("user", "hi"),)))
     with pytest.raises(RequestInvalid, match="chat template refused the messages: '?Conversations must start"):
-        renderer.render("", [], [("assistant", "hi")])
+        renderer.render(Prompt(messages=(("assistant", "hi"),)))
 
 
 # A template that writes a conversation's tool calls and results, as Hermes/Qwen2.5's do.
@@ -73,27 +74,28 @@ def test_a_conversations_tool_calls_and_results_reach_the_chat_template(tiny_lla
     tokenizer.chat_template = TOOL_HISTORY_TEMPLATE
     renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
     (prompt,), _ = ChatCompletionRequest(model="m", messages=HISTORY).to_domain(8)
-    renderer.check("", [], list(prompt.messages))
-    ids = renderer.render("", [], list(prompt.messages))
+    renderer.check(prompt)
+    ids = renderer.render(prompt)
     text = tokenizer.decode(ids)
     assert '<tool_call>{"id": "call_1", "name": "weather", "arguments": {"city": "Rome"}}</tool_call>' in text
     assert "sunny(answers call_1)" in text
-    assert renderer.render("", [], list(TokenizeRequest(messages=HISTORY).to_domain().messages)) == ids
+    assert renderer.render(TokenizeRequest(messages=HISTORY).to_domain()) == ids
     bad = [HISTORY[0], {**HISTORY[1], "tool_calls": [{"function": {"name": "weather", "arguments": "{city"}}]}]
     with pytest.raises(RequestInvalid, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not JSON"):
         ChatCompletionRequest(model="m", messages=bad).to_domain(8)
     # the fields count toward --max-prompt-bytes, as the content does
     small = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), max_prompt_bytes=60))
     with pytest.raises(RequestInvalid, match="chat messages are .* bytes together"):
-        small.check("", [], list(prompt.messages))
-    small.check("", [], [m[:2] for m in prompt.messages])
+        small.check(prompt)
+    small.check(Prompt(messages=tuple(m[:2] for m in prompt.messages)))
     # a template that fails on what the messages hold is the caller's mistake too
     tokenizer.chat_template = "{% for m in messages %}{{ m.tool_calls[0].function.arguments.items() | list }}{% endfor %}"
     with pytest.raises(RequestInvalid, match="chat template refused the messages"):
-        renderer.render("", [], [("assistant", "", {"tool_calls": [{"function": {"name": "f", "arguments": 3}}]})])
+        renderer.render(Prompt(messages=(("assistant", "", {"tool_calls": [{"function": {"name": "f",
+                                                                                   "arguments": 3}}]}),)))
 
 
-CONVERSATION = [("system", "Be brief."), ("user", "Name a colour."), ("assistant", "The colour is")]
+CONVERSATION = (("system", "Be brief."), ("user", "Name a colour."), ("assistant", "The colour is"))
 
 
 def test_continue_final_message_leaves_the_last_message_open(tiny_llama):
@@ -108,8 +110,8 @@ def test_continue_final_message_leaves_the_last_message_open(tiny_llama):
     renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
 
     def text(chat):
-        renderer.check("", [], CONVERSATION, chat)
-        return tokenizer.decode(renderer.render("", [], CONVERSATION, chat=chat))
+        renderer.check(Prompt(messages=CONVERSATION, chat=chat))
+        return tokenizer.decode(renderer.render(Prompt(messages=CONVERSATION, chat=chat)))
 
     closed = text(ChatOptions(add_generation_prompt=False))
     assert closed.endswith("The colour is<|im_end|>\n")
@@ -118,13 +120,14 @@ def test_continue_final_message_leaves_the_last_message_open(tiny_llama):
                  ChatOptions(add_generation_prompt=False, continue_final_message=True)):
         assert text(chat) == closed.removesuffix("<|im_end|>\n")
     with pytest.raises(RequestInvalid, match="continue_final_message and add_generation_prompt cannot both be true"):
-        renderer.check("", [], CONVERSATION, ChatOptions(add_generation_prompt=True, continue_final_message=True))
+        renderer.check(Prompt(messages=CONVERSATION, chat=ChatOptions(add_generation_prompt=True,
+                                                                       continue_final_message=True)))
     for chat, name in ((ChatOptions(continue_final_message=True), "continue_final_message"),
                        (ChatOptions(template_kwargs={"preamble": "x"}), "chat_template_kwargs")):
         with pytest.raises(RequestInvalid, match=f"^{name} goes with messages") as e:
-            renderer.check("hello", [], [], chat)
+            renderer.check(Prompt(text="hello", chat=chat))
         assert e.value.param == name
-    renderer.check("hello", [], [], ChatOptions(add_generation_prompt=False))  # ignored: clients send it always
+    renderer.check(Prompt(text="hello", chat=ChatOptions(add_generation_prompt=False)))  # ignored: clients send it always
 
 
 def test_chat_template_kwargs_reach_the_template_within_the_limits(tiny_llama):
@@ -137,20 +140,20 @@ def test_chat_template_kwargs_reach_the_template_within_the_limits(tiny_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), max_prompt_bytes=200))
-    plain = tokenizer.decode(renderer.render("", [], CONVERSATION))
-    said = tokenizer.decode(renderer.render("", [], CONVERSATION, chat=ChatOptions(
-        template_kwargs={"preamble": "Hello there", "enable_thinking": False})))
+    plain = tokenizer.decode(renderer.render(Prompt(messages=CONVERSATION)))
+    said = tokenizer.decode(renderer.render(Prompt(messages=CONVERSATION, chat=ChatOptions(
+        template_kwargs={"preamble": "Hello there", "enable_thinking": False}))))
     assert said == "Hello there\n" + plain
     for name, hint in (("tokenize", "the server sets it"), ("messages", "the server sets it"),
                        ("chat_template", "the server sets it"),
                        ("add_generation_prompt", "use the request's add_generation_prompt field")):
         with pytest.raises(RequestInvalid, match=f"chat_template_kwargs may not set {name}: {hint}") as e:
-            renderer.check("", [], CONVERSATION, ChatOptions(template_kwargs={name: False}))
+            renderer.check(Prompt(messages=CONVERSATION, chat=ChatOptions(template_kwargs={name: False})))
         assert e.value.param == "chat_template_kwargs"
-    renderer.check("", [], CONVERSATION, ChatOptions(template_kwargs={"preamble": "x" * 100}))
+    renderer.check(Prompt(messages=CONVERSATION, chat=ChatOptions(template_kwargs={"preamble": "x" * 100})))
     with pytest.raises(RequestInvalid, match=r"bytes together with chat_template_kwargs; the limit is 200 "
                                              r"\(--max-prompt-bytes\)"):
-        renderer.check("", [], CONVERSATION, ChatOptions(template_kwargs={"preamble": "x" * 200}))
+        renderer.check(Prompt(messages=CONVERSATION, chat=ChatOptions(template_kwargs={"preamble": "x" * 200})))
 
 
 def test_add_special_tokens_comes_from_both_apis_bodies(tmp_path):
@@ -174,9 +177,7 @@ def test_add_special_tokens_comes_from_both_apis_bodies(tmp_path):
     renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tmp_path)))
 
     def starts_with_bos(prompt) -> bool:
-        ids = renderer.render(prompt.text, list(prompt.token_ids), list(prompt.messages), None,
-                              prompt.add_special_tokens, prompt.chat)
-        return ids[0] == bos
+        return renderer.render(prompt)[0] == bos
 
     chat = [{"role": "user", "content": "hi"}]
     for flag in (None, True, False):

@@ -309,10 +309,15 @@ def test_min_p_of_one_samples_the_most_likely_token():
 
 
 def test_allowed_mask_keeps_the_listed_tokens_and_a_ban_only_if_something_stays():
-    mask = allowed_mask((3, 7, 7, 9), None, 12)
+    def state(*allowed):
+        return SamplerState(SamplingParams(5, allowed_token_ids=allowed))
+
+    mask = allowed_mask(state(3, 7, 7, 9), None, 12)
     assert torch.isfinite(mask).nonzero().view(-1).tolist() == [3, 7, 9] and mask[3] == 0
-    assert torch.isfinite(allowed_mask((3, 7, 9), [7, 11], 12)).nonzero().view(-1).tolist() == [3, 9]
-    assert torch.isfinite(allowed_mask((7,), [7], 12)).nonzero().view(-1).tolist() == [7]  # the list wins
+    kept = state(3, 7, 9)
+    assert torch.isfinite(allowed_mask(kept, [7, 11], 12)).nonzero().view(-1).tolist() == [3, 9]
+    assert torch.isfinite(allowed_mask(kept, None, 12)).nonzero().view(-1).tolist() == [3, 7, 9]  # a ban copies
+    assert torch.isfinite(allowed_mask(state(7), [7], 12)).nonzero().view(-1).tolist() == [7]  # the list wins
 
 
 def test_batched_repetition_penalty_matches_hf_row_by_row():
