@@ -185,6 +185,7 @@ class Sampling:
     skip_special_tokens: bool | None = None  # False: special tokens' text is kept; None: the server's (left out)
     include_stop_str_in_output: bool = False  # the stop string that ends the text stays in it
     allowed_token_ids: list[int] = field(default_factory=list)  # only these may be sampled; empty: any
+    bad_words: list[str] = field(default_factory=list)  # words the output may not contain (by their tokens)
     # structured output, at most one: the text matches a JSON schema (a dict or JSON text), is any
     # JSON object, matches a regex, is one of the choices, or follows a grammar (Lark or GBNF)
     json_schema: dict | str | None = None
@@ -194,11 +195,11 @@ class Sampling:
     grammar: str | None = None
 
     def to_pb(self) -> pb.SamplingParams:
-        special = ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids", *STRUCTURED)
+        special = ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words", *STRUCTURED)
         fields = {k: v for k, v in self.__dict__.items() if v is not None and k not in special}
         return pb.SamplingParams(stop=self.stop, stop_token_ids=self.stop_token_ids, logit_bias=self.logit_bias,
-                                 allowed_token_ids=self.allowed_token_ids, structured_output=self.structured_output(),
-                                 **fields)
+                                 allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+                                 structured_output=self.structured_output(), **fields)
 
     def structured_output(self) -> pb.StructuredOutput | None:
         asked = [k for k in STRUCTURED if getattr(self, k) not in (None, False)]

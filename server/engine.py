@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..adapters.manager import AdapterManager
+from . import bad_words
 from .adapter_admission import AdapterAdmission
 from .block_manager import NO_HIT, BlockManager, block_keys, blocks_for
 from .config import ServerConfig
@@ -32,10 +33,13 @@ from .errors import (
     RequestDeadlineExceeded,
     RequestFailed,
     RequestInvalid,
+    clip,
     status_name,
 )
 from .output_processor import Finished, OutputProcessor
 from .requests import (
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_TOKENS,
     MAX_LOGPROBS,
@@ -251,6 +255,13 @@ class Engine:
             if p.structured_output is not None:
                 raise RequestInvalid("allowed_token_ids and a structured output cannot be combined: the structured "
                                      "output already decides which tokens may come", param="allowed_token_ids")
+        if len(p.bad_words) > MAX_BAD_WORDS:
+            raise RequestInvalid(f"bad_words has {len(p.bad_words)} entries; the limit is {MAX_BAD_WORDS}",
+                                 param="bad_words")
+        for word in p.bad_words:
+            if not word.strip() or len(word) > MAX_BAD_WORD_CHARS:
+                raise RequestInvalid(f"bad_words entries must be 1 to {MAX_BAD_WORD_CHARS} characters, not all "
+                                     f"spaces; got {clip(word)}", param="bad_words")
         if len(p.stop_token_ids) > c.max_stop_token_ids:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
                                  "(--max-stop-token-ids)", param="stop_token_ids")
@@ -287,10 +298,12 @@ class Engine:
         adapter = None if entry is None else entry.key
         cold = adapter is not None and self.adapters.tier(adapter) != "device"
         loop = asyncio.get_running_loop()
+        sampler = SamplerState.create(req.sampling, self.runner.device)  # its generator where the logits are
+        sampler.bad_words = bad_words.tokenize(self.tokenizer, req.sampling.bad_words, self.vocab_size)
         seq = Sequence(
             request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry),
             weight=1.0 if entry is None else entry.weight,
-            sampler=SamplerState.create(req.sampling, self.runner.device),  # its generator where the logits are
+            sampler=sampler,
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids), req.sampling.skip_special_tokens),
             queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
@@ -308,11 +321,14 @@ class Engine:
         return RequestStream(self, seq)
 
     def _banned(self, seq: Sequence) -> list[int] | None:
-        """The tokens this row may not sample yet: its stop tokens, until min_new_tokens are out."""
+        """The tokens this row may not sample now: its stop tokens until min_new_tokens are out, and
+        what its bad words forbid after the tokens it has generated."""
         p = seq.sampler.params
-        if seq.num_generated >= p.min_new_tokens:
-            return None
-        return [*(() if p.ignore_eos else self.output.eos_token_ids), *p.stop_token_ids] or None
+        out = [] if seq.num_generated >= p.min_new_tokens else \
+            [*(() if p.ignore_eos else self.output.eos_token_ids), *p.stop_token_ids]
+        if seq.sampler.bad_words:
+            out += bad_words.banned(seq.sampler.bad_words, seq.ids, seq.num_prompt)
+        return out or None
 
     @staticmethod
     def _identity(entry) -> bytes:

@@ -48,6 +48,7 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
         skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True,
         include_stop_str_in_output=s.include_stop_str_in_output,
         allowed_token_ids=tuple(s.allowed_token_ids),
+        bad_words=tuple(s.bad_words),
     )
 
 

@@ -58,7 +58,7 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 # client may always send those; null, [] and {} too): any other value is refused, naming the field,
 # never ignored. Other unknown fields are ignored, as OpenAI's optional ones (metadata...) may be.
 UNSERVED_EXTRAS = {
-    "use_beam_search": (False,), "length_penalty": (1.0,), "bad_words": (),
+    "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "spaces_between_special_tokens": (True,),
     "priority": (0,), "logits_processors": (), "return_tokens_as_token_ids": (False,), "documents": (),
     "chat_template": (),
@@ -93,6 +93,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -148,7 +149,7 @@ class _Common(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
             structured_output=self.structured_output(), skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            allowed_token_ids=tuple(self.allowed_token_ids or ()),
+            allowed_token_ids=tuple(self.allowed_token_ids or ()), bad_words=tuple(self.bad_words or ()),
         )
 
     def structured_output(self) -> StructuredOutput | None:

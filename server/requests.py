@@ -68,6 +68,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # False: special tokens' text stays in the output (not a finishing EOS's)
     include_stop_str_in_output: bool = False  # True: the text ends with the stop string that ended it
     allowed_token_ids: tuple[int, ...] = ()  # only these may be sampled (vLLM's); (): any
+    bad_words: tuple[str, ...] = ()  # words the output may not contain, banned by their tokens (vLLM's; bad_words.py)
 
     @property
     def greedy(self) -> bool:
@@ -108,6 +109,8 @@ MAX_LOGPROBS = 20
 MAX_OCCURRENCE_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's
 MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias
+MAX_BAD_WORDS = 128  # entries of one request's bad_words
+MAX_BAD_WORD_CHARS = 256  # characters of one of them
 MAX_STRUCTURED_OUTPUT_CHARS = 65536  # of a structured output's spec (a schema, regex, choice list or grammar)
 
 

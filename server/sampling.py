@@ -15,6 +15,7 @@ class SamplerState:
     params: SamplingParams
     generator: torch.Generator | None = field(default=None)
     allowed: torch.Tensor | None = None  # params.allowed_token_ids' mask, made on first use (allowed_mask)
+    bad_words: tuple = ()  # params.bad_words tokenized (bad_words.BadWord), set when the request is submitted
 
     @classmethod
     def create(cls, params: SamplingParams, device) -> SamplerState:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -120,6 +121,53 @@ def test_min_new_tokens_matches_transformers_and_bans_eos_and_stop_tokens(built,
                                                           "attn-r4"))[0]] == ids
     with pytest.raises(RequestInvalid, match="min_new_tokens"):
         collect(built.engine, req("bad", SamplingParams(4, min_new_tokens=5)))
+
+
+def written_word(tokenizer, vocab: int, ids: list[int], width: int, avoid: tuple[int, ...]) -> tuple[str, tuple]:
+    """A word that ``ids`` (greedy output) writes as ``width`` of its tokens, one of the word's
+    tokenizations (bad_words.tokenize), whose prefix is not ``avoid``'s tail: transformers'
+    bad_words_ids also look into the prompt, vLLM's (and ours) do not."""
+    from loramux.server import bad_words
+
+    for i in range(1, len(ids) - width):
+        word = tokenizer.decode(ids[i : i + width])
+        variants = bad_words.tokenize(tokenizer, (word,), vocab)
+        spans = [v.prefix + (v.last,) for v in variants]
+        if word.strip() and tuple(ids[i : i + width]) in spans and all(
+                not v.prefix or avoid[-len(v.prefix):] != v.prefix for v in variants):
+            return word, tuple(spans)
+    raise AssertionError(f"no {width}-token word in {ids}")
+
+
+def test_bad_words_match_transformers_bad_words_ids(built, tiny_llama, tiny_adapters):
+    """vLLM's bad_words: each word's tokenizations (as written and after a space) are never
+    completed. Greedy, token for token against PEFT's generate given the same tokenizations as
+    bad_words_ids, beside free requests in one batch; a one-token word is banned outright, even
+    against a +100 logit bias; bad entries are refused, naming the limit."""
+    from helpers import peft_generate
+
+    engine, tok = built.engine, built.tokenizer
+    free = [e.token_id for e in collect(engine, req("bw0", SamplingParams(16, ignore_eos=True), "attn-r4"))[0]]
+    two, two_spans = written_word(tok, engine.vocab_size, free, 2, PROMPT)
+    one, one_spans = written_word(tok, engine.vocab_size, free, 1, PROMPT)
+    for words, spans in (((two,), two_spans), ((two, one), two_spans + one_spans)):
+        got, plain = collect(engine, req("bw", SamplingParams(16, ignore_eos=True, bad_words=words), "attn-r4"),
+                             req("bwp", SamplingParams(16, ignore_eos=True), "attn-r4"))
+        tokens = [e.token_id for e in got]
+        expected = peft_generate(tiny_llama, tiny_adapters["attn-r4"], [list(PROMPT)], 16, eos_token_id=None,
+                                 bad_words_ids=[list(s) for s in spans])[0]
+        assert tokens == expected and tokens != free and [e.token_id for e in plain] == free
+        assert not any(tuple(tokens[i : i + len(s)]) == s for s in spans for i in range(len(tokens)))
+    (banned,) = {s[0] for s in one_spans if len(s) == 1} or {None}
+    biased = SamplingParams(6, ignore_eos=True, logit_bias=((banned, 100.0),))
+    assert [e.token_id for e in collect(engine, req("bb", biased))[0]] == [banned] * 6
+    for seed in range(3):  # sampled rows too
+        sampled = replace(biased, temperature=1.5, seed=seed, bad_words=(one,))
+        assert banned not in [e.token_id for e in collect(engine, req("bs", sampled))[0]]
+    for words, needle in (((" ",), "not all spaces"), (("x" * 257,), "1 to 256 characters"),
+                          (("a",) * 129, "bad_words has 129 entries; the limit is 128")):
+        with pytest.raises(RequestInvalid, match=needle):
+            collect(engine, req("bad", SamplingParams(4, bad_words=words)))
 
 
 def test_usage_and_timing_on_the_last_event(built):

@@ -166,8 +166,8 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type
 
 
 def sampled_requests(vocab: int, n: int) -> list[tuple[str | None, list[int], SamplingParams]]:
-    """Seeded sampling with every per-row transform, logprobs, stops, structured outputs and
-    allowed token lists."""
+    """Seeded sampling with every per-row transform, logprobs, stops, structured outputs, allowed
+    token lists and bad words."""
     rng = random.Random(5)
     out = []
     for i, prompt in enumerate(make_prompts(vocab, n, seed=7)):
@@ -183,6 +183,8 @@ def sampled_requests(vocab: int, n: int) -> list[tuple[str | None, list[int], Sa
             params["structured_output"] = StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(SCHEMA))
         elif i % 7 == 3:
             params["allowed_token_ids"] = tuple(range(3, 60))
+        if i % 4 == 3:
+            params["bad_words"] = ("e", "th", "a b")
         out.append((None if i % 3 == 0 else "all-r8", prompt, SamplingParams(**params)))
     return out
 

@@ -1,6 +1,7 @@
 """Every RPC against the real server subprocess, through the Python clients."""
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -303,6 +304,27 @@ def test_allowed_token_ids_restrict_sampling_to_them(server, tiny_llama):
                              (Sampling(allowed_token_ids=[3], json_object=True), "cannot be combined")):
         code, details = code_of(server.client.generate, prompt_token_ids=PROMPT_IDS, sampling=sampling)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
+
+
+def test_bad_words_ban_inside_an_allowed_list(server, tiny_llama):
+    """SamplingParams.bad_words (field 21) folds into allowed_token_ids' mask: of two allowed tokens,
+    the one a bad word forbids never comes; too many words is INVALID_ARGUMENT naming the limit."""
+    from transformers import AutoTokenizer
+
+    from loramux.server import bad_words
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    words = {t: w for t in range(3, 384) if (w := tokenizer.decode([t])).strip()
+             and bad_words.BadWord((), t) in bad_words.tokenize(tokenizer, (w,), 384)}
+    first, second = list(words)[:2]
+    biased = Sampling(max_new_tokens=6, ignore_eos=True, allowed_token_ids=[first, second],
+                      logit_bias={first: 100.0})
+    assert server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=biased).token_ids == [first] * 6
+    banned = dataclasses.replace(biased, bad_words=[words[first]])
+    assert server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=banned).token_ids == [second] * 6
+    code, details = code_of(server.client.generate, prompt_token_ids=PROMPT_IDS,
+                            sampling=Sampling(bad_words=["x"] * 129))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "bad_words has 129 entries; the limit is 128" in details
 
 
 def test_concurrent_async_clients_mixing_adapters(server, tiny_adapters):

@@ -510,13 +510,13 @@ structured_pb = st.one_of(
     st.builds(lambda v: pb.StructuredOutput(grammar=v), st.one_of(odd_text, st.just('start: "ab"+'))),
 )
 sampling_pb = st.builds(
-    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp, minimum, so, mp: pb.SamplingParams(
+    lambda mnt, t, p, k, rp, seed, stop, ids, ignore, pp, fp, bias, plp, minimum, so, mp, bw: pb.SamplingParams(
         **{k_: v for k_, v in dict(max_new_tokens=mnt, temperature=t, top_p=p, top_k=k, repetition_penalty=rp,
                                      seed=seed, presence_penalty=pp, frequency_penalty=fp,
                                      prompt_logprobs=plp, min_new_tokens=minimum, structured_output=so,
                                      min_p=mp).items()
            if v is not None},
-        stop=stop, stop_token_ids=ids, ignore_eos=ignore, logit_bias=bias),
+        stop=stop, stop_token_ids=ids, ignore_eos=ignore, logit_bias=bias, bad_words=bw),
     st.one_of(st.none(), st.integers(0, MAX_U32)), any_float, any_float, st.one_of(st.none(), st.integers(0, MAX_U32)),
     any_float, st.one_of(st.none(), st.integers(0, MAX_U64)),
     st.one_of(st.lists(odd_text, max_size=6), st.lists(st.just("a"), min_size=100, max_size=300)),
@@ -528,6 +528,7 @@ sampling_pb = st.builds(
     st.one_of(st.none(), st.integers(0, 20), st.integers(0, MAX_U32)),
     structured_pb,
     any_float,
+    st.one_of(st.lists(odd_text, max_size=4), st.lists(st.just("ab"), min_size=120, max_size=140)),
 )
 prompt_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's rendering fields
     "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(), "add_special_tokens": st.booleans(),
@@ -594,6 +595,7 @@ def http_bodies():
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
         "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
         "add_special_tokens": odd, "allowed_token_ids": st.one_of(ids, odd),
+        "bad_words": st.one_of(st.lists(odd_text, max_size=4), st.just(["a"] * 129), odd),
         "ignore_eos": st.one_of(st.booleans(), odd), "min_tokens": st.one_of(st.integers(-1, 8), odd),
         "stop_token_ids": st.one_of(ids, odd), "stream_options": st.one_of(st.just({"include_usage": True}), odd),
         "response_format": st.one_of(st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "xml"}]),
@@ -634,6 +636,7 @@ def http_bodies():
         "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "17"]), st.floats(-100, 100), max_size=2),
         "stop": st.lists(st.text(min_size=1, max_size=4), max_size=2), "top_k": st.integers(0, 40),
         "min_p": st.floats(0, 1), "allowed_token_ids": st.lists(st.integers(0, 383), min_size=1, max_size=5),
+        "bad_words": st.lists(st.text(min_size=1, max_size=6).filter(str.strip), max_size=3),
         "stream_options": st.just({"include_usage": True}),
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),

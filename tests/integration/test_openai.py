@@ -89,7 +89,7 @@ def test_chat_gives_grpc_text_plain_and_streamed(oserver):
     assert short.usage.completion_tokens == 3 and expected.text.startswith(short.choices[0].message.content)
 
 
-def test_sampling_parameters_reach_the_engine(oserver):
+def test_sampling_parameters_reach_the_engine(oserver, tiny_llama):
     seeded = dict(model="attn-r4", prompt=PROMPT_IDS, max_tokens=8, temperature=0.9, top_p=0.9, seed=11,
                   extra_body={"top_k": 20, "repetition_penalty": 1.2, "ignore_eos": True})
     a = oserver.oa.completions.create(**seeded).choices[0].text
@@ -119,6 +119,20 @@ def test_sampling_parameters_reach_the_engine(oserver):
                                              logprobs=0, extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
     via_grpc = grpc_tokens(oserver, "attn-r4", temperature=1.2, seed=5, allowed_token_ids=allowed, logprobs=0)
     assert via_http.choices[0].text == via_grpc.text and set(via_grpc.token_ids) <= set(allowed)
+    # bad_words (vLLM's extra): a token of the greedy reply that is a word of its own is never
+    # written once it is banned; the same tokens in both APIs
+    from transformers import AutoTokenizer
+
+    from loramux.server import bad_words
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    free = grpc_tokens(oserver, "attn-r4")
+    word, banned = next((w, t) for t in free.token_ids if (w := tokenizer.decode([t])).strip()
+                        and bad_words.BadWord((), t) in bad_words.tokenize(tokenizer, (w,), 384))
+    via_http = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, max_tokens=10, temperature=0,
+                                             extra_body={"bad_words": [word], "ignore_eos": True})
+    via_grpc = grpc_tokens(oserver, "attn-r4", bad_words=[word])
+    assert via_http.choices[0].text == via_grpc.text != free.text and banned not in via_grpc.token_ids
 
 
 def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_adapters):
@@ -161,7 +175,8 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"use_beam_search": True}), "use_beam_search (a vLLM extension) is not supported"),
         (dict(extra_body={"prompt_logprobs": 2}), "prompt_logprobs"),
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
-        (dict(extra_body={"bad_words": ["x"]}), "bad_words"), (dict(extra_body={"priority": 1}), "priority"),
+        (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
+        (dict(extra_body={"priority": 1}), "priority"),
         (dict(extra_body={"spaces_between_special_tokens": False}), "spaces_between_special_tokens"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
