@@ -27,15 +27,17 @@ class Timing:
 
 @dataclass(frozen=True)
 class Logprob:
-    """A generated token's raw logprob and its top alternatives [(token_id, logprob)]."""
+    """A token's raw logprob, its top alternatives [(token_id, logprob)], and its rank among the
+    vocabulary (1: the most likely)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int = 0
 
     @classmethod
     def from_pb(cls, lp: pb.TokenLogprob) -> Logprob:
-        return cls(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+        return cls(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top], lp.rank)
 
 
 @dataclass(frozen=True)

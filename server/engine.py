@@ -730,13 +730,16 @@ def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list) -> 
 
 
 def ranked_logprobs(logp: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
-    """logp [R, V] (log-softmax rows) -> for each row, its target's logprob and its ks[r] most
-    likely tokens, most likely first: one gather and one top-k for all rows."""
-    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+    """logp [R, V] (log-softmax rows) -> for each row, its target's logprob, its rank (1 + the
+    tokens more likely than it, as vLLM's) and its ks[r] most likely tokens, most likely first: one
+    gather, one comparison and one top-k for all rows."""
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])
+    ranks = (logp > chosen).sum(-1).add_(1).tolist()
     k = max(ks)
     top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-    return [TokenLogprob(t, c, tuple(zip(ids[:n], lps[:n], strict=True)))
-            for t, c, ids, lps, n in zip(targets, chosen, top_ids.tolist(), top_lp.tolist(), ks, strict=True)]
+    return [TokenLogprob(t, c, tuple(zip(ids[:n], lps[:n], strict=True)), r)
+            for t, c, r, ids, lps, n in zip(targets, chosen[:, 0].tolist(), ranks, top_ids.tolist(), top_lp.tolist(), ks,
+                                            strict=True)]
 
 
 class InjectedFatalFault(BaseException):

@@ -95,7 +95,7 @@ def timing_to_pb(t: Timing | None) -> pb.Timing:
 
 
 def logprob_to_pb(lp: TokenLogprob) -> pb.TokenLogprob:
-    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
 
 

@@ -31,6 +31,7 @@ from .openai_schema import (
     TokenizeRequest,
     TokenText,
     UnloadAdapterRequest,
+    add_prompt_logprobs,
     chat_response,
     completion_response,
     model_card,
@@ -259,14 +260,15 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         tools = body.tool_calls() if kind == "chat" else None
         streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model))
         tokenizer = service.ready().tokenizer
-        text_of = TokenText(tokenizer)
-        clamp = _clamp_logprobs if sampling.logprobs is not None else (lambda obj: obj)
+        text_of = TokenText(tokenizer, body.return_tokens_as_token_ids)
+        clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
+            else (lambda obj: obj)
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded
             def shown(prompt, stream) -> str:  # the text as sent, unless truncation cut it
                 return prompt.text if prompt.text and prompt.truncate_prompt_tokens is None else \
                     tokenizer.decode(stream.prompt_token_ids)
-            echoes = [Echo(shown(prompts[i // body.n], s), s.prompt_token_ids, body.echo_only)
+            echoes = [Echo(shown(prompts[i // body.n], s), s.prompt_token_ids, body.echo_only, body.logprobs)
                       for i, s in enumerate(streams)]
         if not body.stream:
             try:
@@ -274,9 +276,12 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             finally:
                 for s in streams:
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
-            if kind == "chat":
-                return JSONResponse(clamp(chat_response(body.model, choices, body.n, text_of, tools, body.echoed())))
-            return JSONResponse(clamp(completion_response(body.model, choices, body.n, text_of, echoes)))
+            response = chat_response(body.model, choices, body.n, text_of, tools, body.echoed()) if kind == "chat" \
+                else completion_response(body.model, choices, body.n, text_of, echoes)
+            if body.prompt_logprobs is not None:
+                add_prompt_logprobs(response, choices, [s.prompt_token_ids for s in streams], body.n,
+                                    body.prompt_logprobs, text_of)
+            return JSONResponse(clamp(response))
         chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
                             body.echoed() if kind == "chat" else "",
                             [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None)

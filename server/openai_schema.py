@@ -24,6 +24,7 @@ read out of its free text by the server's parser (server/tool_parsers.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -58,9 +59,8 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 # client may always send those; null, [] and {} too): any other value is refused, naming the field,
 # never ignored. Other unknown fields are ignored, as OpenAI's optional ones (metadata...) may be.
 UNSERVED_EXTRAS = {
-    "use_beam_search": (False,), "length_penalty": (1.0,),
-    "prompt_logprobs": (), "spaces_between_special_tokens": (True,),
-    "priority": (0,), "logits_processors": (), "return_tokens_as_token_ids": (False,), "documents": (),
+    "use_beam_search": (False,), "length_penalty": (1.0,), "spaces_between_special_tokens": (True,),
+    "priority": (0,), "logits_processors": (), "documents": (),
     "chat_template": (),
 }
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -94,6 +94,8 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>", not their text
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and rank, and this many top ones
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -123,6 +125,8 @@ class _Common(BaseModel):
         if refused:
             name, why = refused[0]
             raise RequestInvalid(f"{name} {why}", param=name)
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come in one chunk first
+            raise RequestInvalid("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
         for name, value in (self.model_extra or {}).items():
             harmless = UNSERVED_EXTRAS.get(name)
             if harmless is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
@@ -145,7 +149,7 @@ class _Common(BaseModel):
             min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs, min_new_tokens=self.min_tokens,
+            logprobs=logprobs, prompt_logprobs=self.prompt_logprobs, min_new_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
             structured_output=self.structured_output(), skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -215,8 +219,8 @@ class CompletionRequest(_Common):
         prompts = [Prompt(text=p, add_special_tokens=self.add_special_tokens, truncate_prompt_tokens=cut)
                    if isinstance(p, str) else Prompt(token_ids=tuple(p), truncate_prompt_tokens=cut) for p in batch]
         sampling = self.sampling(1 if self.echo_only else self.max_tokens, self.logprobs, DEFAULT_COMPLETION_TOKENS)
-        if self.echo and self.logprobs is not None:
-            sampling = replace(sampling, prompt_logprobs=self.logprobs)
+        if self.echo and self.logprobs is not None:  # the echo's and prompt_logprobs' share one computation
+            sampling = replace(sampling, prompt_logprobs=max(self.logprobs, self.prompt_logprobs or 0))
         return prompts, sampling
 
 
@@ -393,29 +397,38 @@ def usage(lasts: list[TokenEvent], n: int) -> dict:
 
 
 class TokenText:
-    """Token id -> its text, for logprobs (a token's own decoded piece, as vLLM reports it)."""
+    """Token id -> its text, for logprobs (a token's own decoded piece, as vLLM reports it); with
+    ``as_ids`` (vLLM's return_tokens_as_token_ids), "token_id:<id>" instead: a piece of a
+    multi-byte character decodes to U+FFFD, so clients that score tokens ask for the id."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, as_ids: bool = False):
+        self.tokenizer, self.as_ids = tokenizer, as_ids
 
     def __call__(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.piece(token_id)
+
+    def piece(self, token_id: int) -> str:
+        """The token's decoded text, whichever way it is named."""
         return self.tokenizer.decode([token_id])
 
 
 @dataclass(frozen=True)
 class Echo:
     """What ``echo`` puts before one choice's completion: its prompt's text and token ids; ``only``:
-    max_tokens 0, the prompt alone."""
+    max_tokens 0, the prompt alone; ``logprobs``: the request's (None: not asked), how many
+    alternatives its tokens show."""
 
     text: str
     token_ids: tuple[int, ...]
     only: bool = False
+    logprobs: int | None = None
 
     def entries(self, prompt_logprobs: tuple[TokenLogprob, ...] | None) -> list[Entry]:
         """The prompt's logprob entries (the first token has none), or none when not asked."""
-        if prompt_logprobs is None or not self.token_ids:
+        if prompt_logprobs is None or self.logprobs is None or not self.token_ids:
             return []
-        return [(self.token_ids[0], None, None)] + [(lp.token_id, lp.logprob, lp.top) for lp in prompt_logprobs]
+        return [(self.token_ids[0], None, None)] + [(lp.token_id, lp.logprob, lp.top[: self.logprobs])
+                                                    for lp in prompt_logprobs]
 
     def shown(self, events: list[TokenEvent]) -> list[TokenEvent]:
         """The completion's events that the response shows."""
@@ -433,11 +446,9 @@ def completion_logprobs(entries: list[Entry], text_of: TokenText, offset: int = 
     """OpenAI's legacy completions shape: parallel lists per token."""
     if not entries:
         return None
-    tokens = [text_of(t) for t, _, _ in entries]
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
+    pieces = [text_of.piece(t) for t, _, _ in entries]
+    tokens = [text_of(t) for t, _, _ in entries] if text_of.as_ids else pieces
+    offsets = list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=offset))  # where each piece starts
     return {"tokens": tokens, "token_logprobs": [v for _, v, _ in entries],
             "top_logprobs": [None if top is None else {text_of(t): v for t, v in top} for _, _, top in entries],
             "text_offset": offsets}
@@ -471,6 +482,34 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
         lasts.append(replace(events[-1], completion_tokens=0) if echo and echo.only else events[-1])
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": out, "usage": usage(lasts, n)}
+
+
+def prompt_logprob_dicts(prompt_ids: tuple[int, ...], scored: tuple[TokenLogprob, ...], k: int,
+                         text_of: TokenText) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token, then for each one a dict from
+    token id to its raw logprob, rank and text: the prompt's token first, then the k most likely."""
+    out: list[dict | None] = [None] if prompt_ids else []
+    for lp in scored:
+        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": text_of.piece(lp.token_id)}}
+        for rank, (t, v) in enumerate(lp.top[:k], 1):
+            entry.setdefault(str(t), {"logprob": v, "rank": rank, "decoded_token": text_of.piece(t)})
+        out.append(entry)
+    return out
+
+
+def add_prompt_logprobs(response: dict, choices: list[list[TokenEvent]], prompt_ids: list[tuple[int, ...]], n: int,
+                        k: int, text_of: TokenText) -> dict:
+    """``response`` with vLLM's ``prompt_logprobs`` (``prompt_ids``: each choice's prompt tokens):
+    on each completions choice, at the top of a chat response (its choices share one prompt).
+    A prompt's logprobs come with its first completion (Service.generate_choices)."""
+    def of(i: int) -> list[dict | None]:
+        return prompt_logprob_dicts(prompt_ids[i], choices[i - i % n][0].prompt_logprobs or (), k, text_of)
+    if response["object"] == "chat.completion":
+        response["prompt_logprobs"] = of(0)
+    else:
+        for i, choice in enumerate(response["choices"]):
+            choice["prompt_logprobs"] = of(i)
+    return response
 
 
 def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | None) -> tuple[dict, str]:

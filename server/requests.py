@@ -122,6 +122,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
+    rank: int = 0  # 1 + how many tokens have a higher logprob (1: the most likely); 0: not computed
 
 
 @dataclass(frozen=True)

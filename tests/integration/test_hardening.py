@@ -596,6 +596,7 @@ def http_bodies():
         "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
         "add_special_tokens": odd, "allowed_token_ids": st.one_of(ids, odd),
         "bad_words": st.one_of(st.lists(odd_text, max_size=4), st.just(["a"] * 129), odd),
+        "prompt_logprobs": st.one_of(st.integers(-2, 22), odd), "return_tokens_as_token_ids": odd,
         "ignore_eos": st.one_of(st.booleans(), odd), "min_tokens": st.one_of(st.integers(-1, 8), odd),
         "stop_token_ids": st.one_of(ids, odd), "stream_options": st.one_of(st.just({"include_usage": True}), odd),
         "response_format": st.one_of(st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "xml"}]),
@@ -637,6 +638,7 @@ def http_bodies():
         "stop": st.lists(st.text(min_size=1, max_size=4), max_size=2), "top_k": st.integers(0, 40),
         "min_p": st.floats(0, 1), "allowed_token_ids": st.lists(st.integers(0, 383), min_size=1, max_size=5),
         "bad_words": st.lists(st.text(min_size=1, max_size=6).filter(str.strip), max_size=3),
+        "prompt_logprobs": st.integers(0, 3), "return_tokens_as_token_ids": st.booleans(),
         "stream_options": st.just({"include_usage": True}),
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),

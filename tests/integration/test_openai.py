@@ -156,6 +156,27 @@ def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_
     lps = comp.choices[0].logprobs
     assert max(abs(a - b.logprob) for a, b in zip(lps.token_logprobs, grpc.logprobs, strict=True)) < 1e-5
     assert len(lps.tokens) == 10 and all(1 <= len(t) <= 3 for t in lps.top_logprobs)  # keyed by text: may merge
+    # vLLM's return_tokens_as_token_ids: tokens named "token_id:<id>", the gRPC ids, streamed or
+    # not; text_offset still counts the text
+    as_ids = {**GREEDY["extra_body"], "return_tokens_as_token_ids": True}
+    named = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=3,
+                                          **{**GREEDY, "extra_body": as_ids}).choices[0]
+    assert named.logprobs.tokens == [f"token_id:{t}" for t in grpc.token_ids] and named.text == comp.choices[0].text
+    assert named.logprobs.text_offset == lps.text_offset and named.logprobs.token_logprobs == lps.token_logprobs
+    assert all(set(top) == {f"token_id:{t}" for t, _ in lp.top[:3]} for top, lp in
+               zip(named.logprobs.top_logprobs, grpc.logprobs, strict=True))
+    streamed = [c.choices[0].logprobs.tokens for c in oserver.oa.completions.create(
+        model="attn-r4", prompt=PROMPT_IDS, logprobs=0, stream=True, **{**GREEDY, "extra_body": as_ids})
+        if c.choices and c.choices[0].logprobs]
+    assert sum(streamed, []) == named.logprobs.tokens
+    chat = oserver.oa.chat.completions.create(
+        model="attn-r4", messages=[{"role": "user", "content": "Tell me about LoRA."}], logprobs=True,
+        top_logprobs=2, **{**GREEDY, "extra_body": as_ids}).choices[0].logprobs.content
+    chat_ids = oserver.client.generate(messages=[("user", "Tell me about LoRA.")], adapter_id="attn-r4",
+                                       sampling=Sampling(max_new_tokens=10, ignore_eos=True)).token_ids
+    assert [c.token for c in chat] == [f"token_id:{t}" for t in chat_ids]
+    assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2
+               and all(t.token.startswith("token_id:") for t in c.top_logprobs) for c in chat)
     # and nothing when nobody asks
     assert oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, **GREEDY).choices[0].logprobs is None
     assert grpc_tokens(oserver, "attn-r4").logprobs == []
@@ -173,7 +194,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"top_k": -3}), "top_k"), (dict(extra_body={"min_p": 1.5}), "min_p must be in [0, 1], got 1.5"),
         # vLLM's extensions that are not served are refused when they ask for something, never ignored
         (dict(extra_body={"use_beam_search": True}), "use_beam_search (a vLLM extension) is not supported"),
-        (dict(extra_body={"prompt_logprobs": 2}), "prompt_logprobs"),
+        (dict(extra_body={"logits_processors": ["x"]}), "logits_processors"),
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
         (dict(extra_body={"priority": 1}), "priority"),
@@ -271,11 +292,58 @@ def test_echo_gives_prompt_logprobs_equal_to_peft_in_both_apis(oserver, tiny_lla
     assert [lp.token_id for lp in grpc.prompt_logprobs] == PROMPT_IDS[1:] and grpc.logprobs == []
     for p, lp in enumerate(grpc.prompt_logprobs):
         assert [t for t, _ in lp.top] == ref[p].topk(3).indices.tolist()
+        assert lp.rank == int((ref[p] > ref[p, lp.token_id]).sum()) + 1  # TokenLogprob.rank (field 4)
+    assert any(lp.rank > 1 for lp in grpc.prompt_logprobs)
     streamed = list(oserver.client.generate_stream(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4",
                                                    sampling=Sampling(max_new_tokens=3, ignore_eos=True,
                                                                      prompt_logprobs=0)))
     assert [lp.logprob for lp in streamed[0].prompt_logprobs] == [lp.logprob for lp in grpc.prompt_logprobs]
     assert all(c.prompt_logprobs == [] for c in streamed[1:])
+
+
+def test_prompt_logprobs_extra_gives_each_prompt_tokens_logprob_rank_and_top(oserver, tiny_llama, tiny_adapters,
+                                                                                tokenizer):
+    """vLLM's prompt_logprobs k: None for the first prompt token, then a dict keyed by token id
+    (the prompt's token first, with its rank in the vocabulary; then the k most likely, ranked
+    1..k) of PEFT's log-softmax; per choice in completions (beside an echo with its own k), at the
+    top of a chat response; refused with stream: true or past 20."""
+    ref = peft_logprobs(tiny_llama, tiny_adapters["attn-r4"], PROMPT_IDS[:1], PROMPT_IDS[1:])
+
+    def check(dicts, k):
+        assert len(dicts) == len(PROMPT_IDS) and dicts[0] is None
+        for p, entry in enumerate(dicts[1:]):
+            token, row = PROMPT_IDS[p + 1], ref[p]
+            top = row.topk(k).indices.tolist()
+            assert list(entry)[0] == str(token) and set(entry) == {str(token), *map(str, top)}
+            assert entry[str(token)]["rank"] == int((row > row[token]).sum()) + 1
+            assert entry[str(token)]["decoded_token"] == tokenizer.decode([token])
+            for t, item in entry.items():
+                assert abs(item["logprob"] - row[int(t)].item()) < 1e-4
+            assert [entry[str(t)]["rank"] for t in top] == [r if t != token else entry[str(token)]["rank"]
+                                                             for r, t in enumerate(top, 1)]
+
+    got = oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS, PROMPT_IDS[:4]], n=2, echo=True,
+                                        logprobs=1, **{**GREEDY, "max_tokens": 3,
+                                                       "extra_body": {"prompt_logprobs": 3, "ignore_eos": True}})
+    for choice in got.choices[:2]:
+        check(choice.prompt_logprobs, 3)
+        assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])  # the echo keeps its own k
+    assert [len(c.prompt_logprobs) for c in got.choices[2:]] == [4, 4]
+    alone = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, **{
+        **GREEDY, "extra_body": {"prompt_logprobs": 0, "ignore_eos": True}}).choices[0]
+    assert alone.logprobs is None and all(len(d) == 1 for d in alone.prompt_logprobs[1:])
+    messages = [{"role": "user", "content": "Tell me about LoRA."}]
+    chat = oserver.oa.chat.completions.create(model="attn-r4", messages=messages,
+                                              **{**GREEDY, "extra_body": {"prompt_logprobs": 2, "ignore_eos": True}})
+    rendered = oserver.client.tokenize(messages=[("user", "Tell me about LoRA.")]).token_ids
+    assert [None if d is None else int(list(d)[0]) for d in chat.prompt_logprobs] == [None, *rendered[1:]]
+    assert all(2 <= len(d) <= 3 for d in chat.prompt_logprobs[1:])
+    for body, needle in (({"prompt_logprobs": 21}, "prompt_logprobs must be in [0, 20], got 21"),
+                         ({"prompt_logprobs": -1}, "prompt_logprobs must be in [0, 20], got -1"),
+                         ({"prompt_logprobs": 1, "stream": True}, "not available with stream: true")):
+        with pytest.raises(openai.BadRequestError) as e:
+            oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, max_tokens=2, extra_body=body)
+        assert needle in e.value.message and e.value.body["param"] == "prompt_logprobs"
 
 
 def test_echo_with_no_new_tokens_scores_a_batch_of_texts_as_eval_harnesses_ask(oserver, tiny_llama, tokenizer):
