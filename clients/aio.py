@@ -84,7 +84,7 @@ class AsyncLoraMuxClient:
 
     async def tokenize(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Tokens:
         """kwargs: adapter_id, messages [(role, content)], add_special_tokens, add_generation_prompt,
-        continue_final_message, chat_template_kwargs (a dict), return_token_strs."""
+        continue_final_message, chat_template_kwargs (a dict), chat_template, documents, return_token_strs."""
         return Tokens.from_pb(await self.stub.Tokenize(tokenize_request(prompt, **kwargs), timeout=timeout))
 
     async def detokenize(self, token_ids: list[int], *, timeout: float | None = None) -> str:

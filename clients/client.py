@@ -62,7 +62,7 @@ class LoraMuxClient:
     def generate(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Generation:
         """kwargs: adapter_id, prompt_token_ids, messages [(role, content)], sampling, request_id,
         add_special_tokens; with messages, add_generation_prompt, continue_final_message,
-        chat_template_kwargs (a dict)."""
+        chat_template_kwargs (a dict), chat_template, documents (a list of dicts)."""
         return Generation.from_pb(self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout))
 
     def generate_stream(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Iterator[StreamChunk]:
@@ -89,7 +89,7 @@ class LoraMuxClient:
 
     def tokenize(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Tokens:
         """kwargs: adapter_id, messages [(role, content)], add_special_tokens, add_generation_prompt,
-        continue_final_message, chat_template_kwargs (a dict), return_token_strs."""
+        continue_final_message, chat_template_kwargs (a dict), chat_template, documents, return_token_strs."""
         return Tokens.from_pb(self.stub.Tokenize(tokenize_request(prompt, **kwargs), timeout=timeout))
 
     def detokenize(self, token_ids: list[int], *, timeout: float | None = None) -> str:

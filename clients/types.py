@@ -231,12 +231,15 @@ def register_request(adapter_id: str, path: str = "", replace: bool = False, pre
 
 
 def chat_fields(messages=None, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
-                chat_template_kwargs: dict | None = None) -> dict:
+                chat_template_kwargs: dict | None = None, chat_template: str = "",
+                documents: list[dict] | None = None) -> dict:
     """The chat fields GenerateRequest and TokenizeRequest share: messages [(role, content)] and
-    how the chat template renders them."""
+    how the chat template renders them (``chat_template``: the request's own, on a server that
+    trusts them; ``documents``: [{"title": ..., "text": ...}] for a template that shows them)."""
     return dict(messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                chat_template_kwargs=json.dumps(chat_template_kwargs) if chat_template_kwargs else "")
+                chat_template_kwargs=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
+                chat_template=chat_template, documents=json.dumps(documents) if documents else "")
 
 
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, sampling: Sampling | None = None,

@@ -83,6 +83,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(Hermes, Qwen2.5); llama3_json = JSON objects as the whole answer (Llama 3.1/3.2); "
                         "pythonic = [f(x=1), ...] (Llama 3.2/4); mistral = [TOOL_CALLS] then a JSON list (v7) or "
                         "name[ARGS]{JSON} (v11 on)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat template sent with a request (chat_template), as vLLM's flag: it runs in "
+                        "transformers' sandboxed Jinja, but a hostile one can still spend a worker's CPU. Without "
+                        "it such requests are refused")
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")

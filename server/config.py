@@ -111,6 +111,7 @@ class ServerConfig:
     op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
     base_linear: str = "auto"  # base projections of 1-64 rows (CPU, float32): auto (timed at start-up), kernel, torch
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)
+    trust_request_chat_template: bool = False  # a request may bring its own chat template (vLLM's flag)
     log_level: str = "INFO"
     log_format: str = "text"
 

@@ -67,7 +67,8 @@ def structured_from_pb(s: pb.StructuredOutput) -> StructuredOutput:
 def prompt_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
     ids = tuple(getattr(req, "prompt_token_ids", ()))  # TokenizeRequest has none
     chat = ChatOptions(req.add_generation_prompt if req.HasField("add_generation_prompt") else None,
-                       req.continue_final_message, template_kwargs(req.chat_template_kwargs))
+                       req.continue_final_message, template_kwargs(req.chat_template_kwargs), req.chat_template,
+                       documents(req.documents))
     return Prompt(req.prompt, ids, tuple((m.role, m.content) for m in req.messages), chat=chat,
                   add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None,
                   truncate_prompt_tokens=req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None)
@@ -85,6 +86,20 @@ def template_kwargs(text: str) -> dict:
         raise RequestInvalid(f"chat_template_kwargs must be a JSON object, not {type(value).__name__}",
                              param="chat_template_kwargs")
     return value
+
+
+def documents(text: str) -> tuple[dict[str, str], ...]:
+    """documents: a JSON list of objects of strings, or empty for none."""
+    if not text:
+        return ()
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestInvalid("documents is not JSON", param="documents") from None
+    if not isinstance(value, list) or not all(
+            isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in value):
+        raise RequestInvalid("documents must be a JSON list of objects whose values are strings", param="documents")
+    return tuple(value)
 
 
 def timing_to_pb(t: Timing | None) -> pb.Timing:

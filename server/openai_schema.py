@@ -60,8 +60,7 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 # never ignored. Other unknown fields are ignored, as OpenAI's optional ones (metadata...) may be.
 UNSERVED_EXTRAS = {
     "use_beam_search": (False,), "length_penalty": (1.0,), "spaces_between_special_tokens": (True,),
-    "priority": (0,), "logits_processors": (), "documents": (),
-    "chat_template": (),
+    "priority": (0,), "logits_processors": (),
 }
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -287,7 +286,8 @@ class ChatMessage(BaseModel):
 
 def chat_options(body) -> ChatOptions:
     """A chat or /tokenize body's rendering options."""
-    return ChatOptions(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs or {})
+    return ChatOptions(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs or {},
+                       body.chat_template or "", tuple(body.documents or ()))
 
 
 def turns(messages) -> tuple[tuple, ...]:
@@ -309,6 +309,8 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool | None = None  # unset: true, or false with continue_final_message
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # the request's own (--trust-request-chat-template)
+    documents: list[dict[str, str]] | None = None  # for a template that shows retrieved documents
     echo: bool = False  # the reply starts with the last message's text, if that is the assistant's
     _tool_parser: ToolCallParser | None = PrivateAttr(None)  # the server's --tool-call-parser
 
@@ -712,6 +714,8 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool | None = None  # with messages, as in chat requests (unset: true, ...)
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+    documents: list[dict[str, str]] | None = None
     add_special_tokens: bool | None = None  # unset: True for a prompt, False for messages (as vLLM)
     truncate_prompt_tokens: int | None = None  # as in completions and chat
     return_token_strs: bool = False

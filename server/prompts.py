@@ -28,14 +28,25 @@ class ChatOptions:
     ``continue_final_message``). ``continue_final_message``: leave the last message open, so that the
     model continues it (a reply the client prefilled). ``template_kwargs``: more variables for the
     chat template (``{"enable_thinking": False}``); one the template does not read is ignored, as
-    in vLLM, and the names the renderer sets itself are refused."""
+    in vLLM, and the names the renderer sets itself are refused. ``template``: the request's own
+    chat template (Jinja), used instead of the model's on a server that trusts them
+    (--trust-request-chat-template); "": the model's. ``documents``: retrieved documents (objects
+    of strings) for a template that shows them (transformers' ``documents``)."""
 
     add_generation_prompt: bool | None = None
     continue_final_message: bool = False
     template_kwargs: Mapping[str, object] = field(default_factory=dict)
+    template: str = ""
+    documents: tuple[Mapping[str, str], ...] = ()
 
-    def __post_init__(self):  # a read-only copy: the options are a value
+    def __post_init__(self):  # read-only copies: the options are a value
         object.__setattr__(self, "template_kwargs", MappingProxyType(dict(self.template_kwargs)))
+        object.__setattr__(self, "documents", tuple(MappingProxyType(dict(d)) for d in self.documents))
+
+    def extra_bytes(self) -> int:
+        """The UTF-8 bytes the options add to the messages' (they count against --max-prompt-bytes)."""
+        return sum(len(json.dumps(v).encode()) for v in (dict(self.template_kwargs), [dict(d) for d in self.documents])
+                   if v) + len(self.template.encode("utf-8", "surrogatepass"))
 
     @property
     def generation_prompt(self) -> bool:
@@ -65,6 +76,7 @@ class PromptRenderer:
         self.max_prompt_bytes = config.max_prompt_bytes
         self.max_chat_messages = config.max_chat_messages
         self.max_prompt_tokens = config.input_token_limit
+        self.trust_request_template = config.trust_request_chat_template
         # names a request's template kwargs may not take: what apply_chat_template and the template
         # renderer set themselves (a "tokenize" would change what render returns)
         self.reserved_kwargs = frozenset(inspect.signature(tokenizer.apply_chat_template).parameters) | {
@@ -96,35 +108,40 @@ class PromptRenderer:
             if len(messages) > self.max_chat_messages:
                 raise RequestInvalid(f"{len(messages)} chat messages; the limit is {self.max_chat_messages} "
                                      "(--max-chat-messages)")
-            size = sum(map(_size, messages)) + (len(json.dumps(dict(chat.template_kwargs)).encode())
-                                                if chat.template_kwargs else 0)
+            extra = chat.extra_bytes()
+            size = sum(map(_size, messages)) + extra
             if size > self.max_prompt_bytes:
                 raise RequestInvalid(f"the chat messages are {size} bytes together"
-                                     f"{' with chat_template_kwargs' if chat.template_kwargs else ''}; the limit is "
+                                     f"{' with their chat options' if extra else ''}; the limit is "
                                      f"{self.max_prompt_bytes} (--max-prompt-bytes)")
             for role, *_ in messages:
                 if role not in CHAT_ROLES:
                     raise RequestInvalid(f"unknown chat role {clip(role)}; expected one of {', '.join(CHAT_ROLES)}")
-            if not self.has_chat_template:
-                raise RequestInvalid("this model has no chat template: send prompt instead of messages")
         self._check_chat(chat, bool(messages))
+        if messages and not (self.has_chat_template or chat.template):
+            raise RequestInvalid("this model has no chat template: send prompt instead of messages")
 
     def _check_chat(self, chat: ChatOptions, with_messages: bool) -> None:
         """The chat options make sense together (add_generation_prompt without messages is ignored,
         as a client may always send it)."""
         if not with_messages:
             for name, given in (("continue_final_message", chat.continue_final_message),
-                                ("chat_template_kwargs", bool(chat.template_kwargs))):
+                                ("chat_template_kwargs", bool(chat.template_kwargs)),
+                                ("chat_template", bool(chat.template)), ("documents", bool(chat.documents))):
                 if given:
                     raise RequestInvalid(f"{name} goes with messages", param=name)
         if chat.continue_final_message and chat.add_generation_prompt:
             raise RequestInvalid("continue_final_message and add_generation_prompt cannot both be true: the model "
                                  "either continues the last message or starts a new one", param="continue_final_message")
+        if chat.template and not self.trust_request_template:
+            raise RequestInvalid("a request's own chat_template is refused: the server does not run with "
+                                 "--trust-request-chat-template", param="chat_template")
         reserved = sorted(self.reserved_kwargs & set(chat.template_kwargs))
         if reserved:
             name = reserved[0]
             raise RequestInvalid(f"chat_template_kwargs may not set {name}: " + (
-                f"use the request's {name} field" if name in ("tools", "add_generation_prompt", "continue_final_message")
+                f"use the request's {name} field" if name in ("tools", "add_generation_prompt", "continue_final_message",
+                                                               "chat_template", "documents")
                 else "the server sets it"), param="chat_template_kwargs")
 
     def _kept(self, p: Prompt, ids) -> list[int]:
@@ -157,12 +174,15 @@ class PromptRenderer:
                 add_generation_prompt=chat.generation_prompt, continue_final_message=chat.continue_final_message,
                 tokenize=not add_special_tokens, return_dict=not add_special_tokens,
                 **({"tools": list(p.tools)} if p.tools else {}), **chat.template_kwargs,
+                **({"chat_template": chat.template} if chat.template else {}),
+                **({"documents": [dict(d) for d in chat.documents]} if chat.documents else {}),
             )
         # the template's own refusal (raise_exception: roles out of order, ...), or its code failing
         # on what the messages hold (a call's arguments of another JSON type than it expects)
         except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
-            raise RequestInvalid(f"the model's chat template refused the messages: {clip(str(e), 200)}",
-                                 param="messages") from None
+            whose = "the request's chat template" if chat.template else "the model's chat template"
+            raise RequestInvalid(f"{whose} refused the messages: {clip(str(e), 200)}",
+                                 param="chat_template" if chat.template else "messages") from None
         if add_special_tokens:  # the rendered text, tokenized with the tokenizer's special tokens
             return self.tokenizer(out, add_special_tokens=True)["input_ids"]
         return list(out["input_ids"])

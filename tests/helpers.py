@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-CHAT_TEMPLATE = (  # a chat_template_kwargs variable it reads: preamble
+CHAT_TEMPLATE = (  # a chat_template_kwargs variable it reads: preamble; and documents
     "{% if preamble is defined %}{{ preamble }}\n{% endif %}"
+    "{% for d in documents or [] %}<doc>{{ d['text'] }}</doc>\n{% endfor %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

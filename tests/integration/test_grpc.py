@@ -240,6 +240,36 @@ def test_chat_options_continue_a_reply_and_reach_the_template(server, tiny_llama
         assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
 
 
+def test_a_requests_own_chat_template_and_documents(server, tiny_llama):
+    """GenerateRequest.chat_template and documents (fields 12-13, TokenizeRequest 10-11), on a
+    server started with --trust-request-chat-template: the request's template renders the messages
+    (with the documents it shows), token for token as Generate with the ids Tokenize gives; bad
+    documents or a broken template are INVALID_ARGUMENT naming the field."""
+    from loramux.v1 import loramux_pb2 as pb
+
+    own = "{% for d in documents or [] %}[{{ d.title }}] {{ d.text }}\n{% endfor %}" \
+          "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}answer:"
+    msgs, docs = [("user", "What is the weather?")], [{"title": "Rome", "text": "sunny and warm"}]
+    ids = server.client.tokenize(messages=msgs, chat_template=own, documents=docs).token_ids
+    assert server.client.detokenize(ids) == "[Rome] sunny and warm\nuser: What is the weather?\nanswer:"
+    for adapter in ("", "attn-r4"):
+        got = server.client.generate(messages=msgs, chat_template=own, documents=docs, adapter_id=adapter,
+                                     sampling=GREEDY)
+        assert got.token_ids == server.client.generate(prompt_token_ids=ids, adapter_id=adapter,
+                                                       sampling=GREEDY).token_ids
+    assert server.client.tokenize(messages=msgs).token_ids != ids  # the model's own template otherwise
+    chat = [pb.ChatMessage(role=r, content=c) for r, c in msgs]
+    for request, needle in (
+        (pb.TokenizeRequest(messages=chat, documents="{"), "documents is not JSON"),
+        (pb.TokenizeRequest(messages=chat, documents='[{"title": 3}]'), "objects whose values are strings"),
+        (pb.GenerateRequest(messages=chat, chat_template="{% if %}"), "the request's chat template refused"),
+        (pb.GenerateRequest(prompt="x", chat_template=own), "chat_template goes with messages"),
+    ):
+        call = server.client.stub.Tokenize if isinstance(request, pb.TokenizeRequest) else server.client.stub.Generate
+        code, details = code_of(call, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server):
     """truncate_prompt_tokens (GenerateRequest field 11, TokenizeRequest 9): the prompt's last k
     tokens once rendered, token for token as a request sending those; -1 keeps as many as

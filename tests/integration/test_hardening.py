@@ -534,7 +534,10 @@ prompt_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's re
     "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(), "add_special_tokens": st.booleans(),
     "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), st.integers(-(2**31), 2**31 - 1)),
     "chat_template_kwargs": st.one_of(odd_text, st.sampled_from(['{"preamble": "x"}', '{"tokenize": false}', "[]",
-                                                                 "{", '{"a": ' * 3000 + "1" + "}" * 3000]))})
+                                                                 "{", '{"a": ' * 3000 + "1" + "}" * 3000])),
+    "documents": st.one_of(odd_text, st.sampled_from(['[{"text": "x"}]', '[{"t": 1}]', "{}", "[[]]"])),
+    "chat_template": st.one_of(odd_text, st.sampled_from(["{% for m in messages %}{{ m.content }}{% endfor %}",
+                                                          "{% if %}", "{{ raise_exception('no') }}"]))})
 request_pb = st.builds(
     lambda rid, aid, prompt, ids, msgs, s, chat: pb.GenerateRequest(
         request_id=rid, adapter_id=aid, prompt=prompt, prompt_token_ids=ids,
@@ -626,6 +629,9 @@ def http_bodies():
                   "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required",
                                                             {"type": "function", "function": {"name": "f"}}]), odd),
                   "add_generation_prompt": odd, "continue_final_message": odd, "echo": odd,
+                  "documents": st.one_of(st.lists(st.dictionaries(st.sampled_from(["title", "text"]), odd_text,
+                                                                  max_size=2), max_size=2), odd),
+                  "chat_template": st.one_of(st.sampled_from(["{{ messages[0].content }}", "{% if %}"]), odd),
                   "chat_template_kwargs": st.one_of(st.dictionaries(st.sampled_from(
                       ["preamble", "enable_thinking", "tokenize", "messages", "return_dict"]), odd, max_size=2), odd)})
     in_range = st.fixed_dictionaries({  # bodies that are served: the paths past validation get fuzzed too

@@ -182,6 +182,15 @@ def test_logprobs_equal_peft_log_softmax_in_both_apis(oserver, tiny_llama, tiny_
     assert grpc_tokens(oserver, "attn-r4").logprobs == []
 
 
+def test_documents_reach_the_models_chat_template(oserver):
+    """vLLM's chat extra documents: the model's template shows them, the same prompt as gRPC's."""
+    docs = [{"title": "a", "text": "LoRA is low-rank"}]
+    said = oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=1, extra_body={"documents": docs})
+    rendered = oserver.client.tokenize(messages=[("user", "x")], documents=docs).token_ids
+    assert said.usage.prompt_tokens == len(rendered) > len(oserver.client.tokenize(messages=[("user", "x")]).token_ids)
+
+
 def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
         (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_tokens must be in [1, "),
@@ -209,7 +218,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
             assert e.value.body["param"] == named[0], (kwargs, e.value.body)
     with pytest.raises(openai.BadRequestError):
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "robot", "content": "x"}])
-    with pytest.raises(openai.BadRequestError, match="chat_template") as e:  # the model's own template is used
+    with pytest.raises(openai.BadRequestError, match="--trust-request-chat-template") as e:  # not trusted here
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
                                            extra_body={"chat_template": "{{ messages }}"})
     assert e.value.body["param"] == "chat_template"

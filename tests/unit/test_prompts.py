@@ -145,15 +145,48 @@ def test_chat_template_kwargs_reach_the_template_within_the_limits(tiny_llama):
         template_kwargs={"preamble": "Hello there", "enable_thinking": False}))))
     assert said == "Hello there\n" + plain
     for name, hint in (("tokenize", "the server sets it"), ("messages", "the server sets it"),
-                       ("chat_template", "the server sets it"),
+                       ("chat_template", "use the request's chat_template field"),
                        ("add_generation_prompt", "use the request's add_generation_prompt field")):
         with pytest.raises(RequestInvalid, match=f"chat_template_kwargs may not set {name}: {hint}") as e:
             renderer.check(Prompt(messages=CONVERSATION, chat=ChatOptions(template_kwargs={name: False})))
         assert e.value.param == "chat_template_kwargs"
     renderer.check(Prompt(messages=CONVERSATION, chat=ChatOptions(template_kwargs={"preamble": "x" * 100})))
-    with pytest.raises(RequestInvalid, match=r"bytes together with chat_template_kwargs; the limit is 200 "
+    with pytest.raises(RequestInvalid, match=r"bytes together with their chat options; the limit is 200 "
                                              r"\(--max-prompt-bytes\)"):
         renderer.check(Prompt(messages=CONVERSATION, chat=ChatOptions(template_kwargs={"preamble": "x" * 200})))
+
+
+def test_a_requests_own_chat_template_and_documents(tiny_llama):
+    """chat_template replaces the model's on a server started with --trust-request-chat-template,
+    and is refused naming the flag on one that is not; its syntax errors are the caller's, naming
+    the field; documents reach a template that shows them; both count against --max-prompt-bytes."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.prompts import ChatOptions, PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    own = "{% for d in documents or [] %}[{{ d.title }}: {{ d.text }}]{% endfor %}" \
+          "{% for m in messages %}{{ m.role | upper }}> {{ m.content }}\n{% endfor %}"
+    trusting = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), trust_request_chat_template=True,
+                                                      max_prompt_bytes=400))
+    docs = ({"title": "Rome", "text": "sunny"},)
+    asked = Prompt(messages=CONVERSATION, chat=ChatOptions(template=own, documents=docs))
+    trusting.check(asked)
+    expected = "[Rome: sunny]" + "".join(f"{m[0].upper()}> {m[1]}\n" for m in CONVERSATION)
+    assert tokenizer.decode(trusting.render(asked)) == expected
+    plain = tokenizer.decode(trusting.render(Prompt(messages=CONVERSATION)))
+    assert plain != expected and "sunny" not in plain  # the model's template, which shows no documents
+    with pytest.raises(RequestInvalid, match="--trust-request-chat-template") as e:
+        PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama))).check(asked)
+    assert e.value.param == "chat_template"
+    with pytest.raises(RequestInvalid, match="the request's chat template refused the messages") as e:
+        trusting.render(Prompt(messages=CONVERSATION, chat=ChatOptions(template="{% for m in messages %}")))
+    assert e.value.param == "chat_template"
+    for name, options in (("chat_template", ChatOptions(template=own)), ("documents", ChatOptions(documents=docs))):
+        with pytest.raises(RequestInvalid, match=f"{name} goes with messages"):
+            trusting.check(Prompt(text="hi", chat=options))
+    with pytest.raises(RequestInvalid, match="with their chat options; the limit is 400"):
+        trusting.check(Prompt(messages=CONVERSATION, chat=ChatOptions(template=own + " " * 400)))
 
 
 def test_add_special_tokens_comes_from_both_apis_bodies(tmp_path):
