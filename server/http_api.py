@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, status_name
+from .openai_responses import ResponseBuilder, ResponsesRequest
 from .openai_schema import (
     ChatCompletionRequest,
     ChunkMaker,
@@ -47,8 +48,11 @@ class BodyTooLarge(Exception):
     pass
 
 
-def errors_as_responses(route):
-    """Every domain error leaves a route through the one table (errors.HTTP_STATUS)."""
+def errors_as_responses(route=None, *, names: dict[str, str] | None = None):
+    """Every domain error leaves a route through the one table (errors.HTTP_STATUS); ``names``: the
+    body's names of the engine's fields (OPENAI_NAMES)."""
+    if route is None:
+        return functools.partial(errors_as_responses, names=names)
 
     @functools.wraps(route)
     async def wrapper(*args, **kwargs):
@@ -57,7 +61,7 @@ def errors_as_responses(route):
         except BodyTooLarge:
             raise  # BodyLimit answers 413
         except Exception as e:  # noqa: BLE001
-            return error_response(*_error_of(e))
+            return error_response(*_error_of(e, names or OPENAI_NAMES))
 
     return wrapper
 
@@ -74,20 +78,25 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 
 # the engine's field names (gRPC's) that the OpenAI body spells otherwise, in its errors' text and param
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_token_ids": "prompt"}
-_ENGINE_NAME = re.compile(rf"\b({'|'.join(OPENAI_NAMES)})\b")
+RESPONSES_NAMES = {**OPENAI_NAMES, "max_new_tokens": "max_output_tokens", "prompt_token_ids": "input"}
 
 
-def _error_of(e: BaseException) -> tuple[int, str, str | None]:
+def _error_of(e: BaseException, names: dict[str, str] = OPENAI_NAMES) -> tuple[int, str, str | None]:
     name = status_name(e)
     if name == "INTERNAL":
         log.error("internal error: %r", e)
-    message = _ENGINE_NAME.sub(lambda m: OPENAI_NAMES[m.group(1)], (str(e) or type(e).__name__)[:1000])
+    message = re.sub(rf"\b({'|'.join(names)})\b", lambda m: names[m.group(1)], (str(e) or type(e).__name__)[:1000])
     param = getattr(e, "param", None)
-    return HTTP_STATUS[name], message, OPENAI_NAMES.get(param, param)
+    return HTTP_STATUS[name], message, names.get(param, param)
 
 
 def _json(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str)
+
+
+def _sse_event(event: dict) -> str:
+    """A Responses API stream event: named by its type, as OpenAI sends them."""
+    return f"event: {event['type']}\ndata: {_json(event)}\n\n"
 
 
 def _clamp_logprobs(obj):
@@ -239,6 +248,38 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     async def chat_completions(body: ChatCompletionRequest):
         prompts, sampling = body.serving(tool_parser).to_domain(config.default_max_new_tokens)
         return await respond(prompts, sampling, body, "chat")
+
+    @app.post("/v1/responses", dependencies=[Depends(authorized)])
+    @errors_as_responses(names=RESPONSES_NAMES)
+    async def responses(body: ResponsesRequest):
+        """OpenAI's Responses API, text only (server/openai_responses.py)."""
+        prompt, sampling = body.to_domain(config.default_max_new_tokens)
+        (stream,) = await service.generate_choices([prompt], sampling, 1, adapter_of(body.model))
+        built = ResponseBuilder(body.model, body.echoed())
+        if not body.stream:
+            try:
+                return JSONResponse(built.response(await collect(stream)))
+            finally:
+                stream.cancel()  # a no-op once finished; else the client went away
+
+        async def sse():
+            events = []
+            try:
+                for event in built.opening():
+                    yield _sse_event(event)
+                async for ev in stream:
+                    events.append(ev)
+                    if ev.text:
+                        yield _sse_event(built.delta(ev.text))
+                for event in built.closing(events):
+                    yield _sse_event(event)
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+                status, message, param = _error_of(e, RESPONSES_NAMES)
+                yield _sse_event(built.event("error", code=str(status), message=message, param=param))
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # vLLM's tokenizer routes (a client counting a prompt's tokens against max_model_len), at its
     # paths and under /v1 as well

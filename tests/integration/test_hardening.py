@@ -649,13 +649,29 @@ def http_bodies():
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
         "guided_choice": st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3)})
+    item = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["user", "developer", "assistant", "tool", ""]),
+                                            "content": st.one_of(odd_text, st.lists(st.fixed_dictionaries(
+                                                {"type": st.sampled_from(["input_text", "output_text", "input_image"]),
+                                                 "text": odd_text}), max_size=2), odd)},
+                                           optional={"type": st.sampled_from(["message", "function_call_output"])}),
+                     odd)
+    responses = st.fixed_dictionaries({"input": st.one_of(odd_text, st.lists(item, max_size=3), odd)}, optional={
+        **common, "instructions": st.one_of(odd_text, odd), "max_output_tokens": st.one_of(st.integers(-2, 6), odd),
+        "text": st.one_of(st.fixed_dictionaries({"format": st.one_of(st.sampled_from(
+            [{"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "name": "n"}, {"type": "xml"}]),
+            st.fixed_dictionaries({"type": st.just("json_schema"), "name": st.just("n"), "schema": schemas}), odd)}),
+            odd),
+        "truncation": st.one_of(st.sampled_from(["auto", "disabled"]), odd), "store": odd, "metadata": odd,
+        "previous_response_id": odd, "tools": st.one_of(st.just([]), odd), "reasoning": odd,
+        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), odd)})
     return st.one_of(st.tuples(st.just("completions"), completion), st.tuples(st.just("chat/completions"), chat),
-                     st.tuples(st.just("completions"), in_range))
+                     st.tuples(st.just("completions"), in_range), st.tuples(st.just("responses"), responses))
 
 
 def test_fuzzed_http_bodies_never_hurt_the_server(hserver):
     """Through the OpenAI routes: a 200 or a 4xx naming the problem, never a 5xx; a stream always
-    ends with [DONE] and carries no internal error."""
+    ends with [DONE] (the Responses API: its response.completed event, or an error event) and
+    carries no internal error."""
     try:  # the HTTP client the installed openai package uses
         import httpx2 as httpx
     except ImportError:  # pragma: no cover - older openai releases use httpx
@@ -677,6 +693,10 @@ def test_fuzzed_http_bodies_never_hurt_the_server(hserver):
         assert r.status_code in (200, 400, 404, 413, 429), (r.status_code, r.text[:300])
         if r.status_code != 200:
             assert r.json()["error"]["message"]
+        elif route == "responses" and r.headers["content-type"].startswith("text/event-stream"):
+            last = r.text.rstrip().rsplit("\n\n", 1)[-1]  # its own last event (no [DONE] in this API)
+            assert last.startswith(("event: response.completed", "event: error")) and '"code":"500"' not in r.text, \
+                r.text[-300:]
         elif r.headers["content-type"].startswith("text/event-stream"):
             assert r.text.rstrip().endswith("data: [DONE]") and '"code":500' not in r.text, r.text[-300:]
         assert hserver.health_status() == SERVING

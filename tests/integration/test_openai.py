@@ -1204,3 +1204,64 @@ def test_tokenize_counts_the_tokens_generation_sees_and_detokenize_inverts_it(os
     status, message = refusal("detokenize", {"tokens": "abc"})
     assert status == 400 and "tokens" in message
 
+
+
+def test_responses_api_is_chat_by_another_shape(oserver):
+    """POST /v1/responses through the official client: the reply is chat's for the same messages
+    (instructions as the system message; an adapter as the model), with the same usage; cut by
+    max_output_tokens it is incomplete; streamed, OpenAI's typed events carry the same text and end
+    with response.completed, which the client's stream helper reads; text.format constrains the
+    output as response_format does in chat; what needs a stored response, tools or other input item
+    kinds are refused, naming the field."""
+    extra = {"ignore_eos": True}
+    chat = oserver.oa.chat.completions.create(
+        model="attn-r4", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=8, temperature=0, extra_body=extra)
+    got = oserver.oa.responses.create(model="attn-r4", instructions="Be brief.", input="Hi", max_output_tokens=8,
+                                      temperature=0, extra_body=extra)
+    assert got.output_text == chat.choices[0].message.content and got.object == "response" and got.model == "attn-r4"
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert got.status == "incomplete" and got.incomplete_details.reason == "max_output_tokens"
+    assert got.output[0].role == "assistant" and got.output[0].content[0].type == "output_text"
+    items = oserver.oa.responses.create(
+        model="attn-r4", input=[{"role": "developer", "content": "Be brief."},
+                                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+        max_output_tokens=8, temperature=0, extra_body=extra)
+    assert items.output_text == got.output_text  # developer is the system turn, as in chat
+    ids = oserver.client.generate(messages=[("user", "Hi")], adapter_id="attn-r4",
+                                  sampling=Sampling(max_new_tokens=8, ignore_eos=True)).token_ids
+    ended = oserver.oa.responses.create(model="attn-r4", input="Hi", max_output_tokens=40, temperature=0,
+                                        extra_body={"stop_token_ids": [ids[2]], "ignore_eos": True})
+    assert ended.status == "completed" and ended.incomplete_details is None
+    assert ended.usage.output_tokens == ids.index(ids[2]) + 1
+    events = list(oserver.oa.responses.create(model="attn-r4", instructions="Be brief.", input="Hi",
+                                              max_output_tokens=8, temperature=0, stream=True, extra_body=extra))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == got.output_text
+    assert events[-1].response.output_text == got.output_text and events[-1].response.status == "incomplete"
+    with oserver.oa.responses.stream(model="attn-r4", instructions="Be brief.", input="Hi", max_output_tokens=8,
+                                     temperature=0, extra_body=extra) as stream:
+        assert stream.get_final_response().output_text == got.output_text
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+    shaped = oserver.oa.responses.create(model="attn-r4", input="Hi", max_output_tokens=30, temperature=0,
+                                         text={"format": {"type": "json_schema", "name": "s", "schema": schema}})
+    as_chat = oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=30, temperature=0, response_format={
+                                                     "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert shaped.output_text == as_chat.choices[0].message.content and isinstance(json.loads(shaped.output_text)["a"], int)
+    for kwargs, needle, param in (
+        (dict(previous_response_id="resp_x"), "previous_response_id: no response is stored here", "previous_response_id"),
+        (dict(tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools: it is not supported", "tools"),
+        (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "x"}]),
+         "input[0] is of type 'function_call_output'; only message items", "input"),
+        (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+         "content part of type 'input_image'", "input"),
+        (dict(max_output_tokens=10**7), "max_output_tokens must be in [1, 1024]", "max_output_tokens"),
+        (dict(text={"format": {"type": "json_schema", "name": "s"}}), "text.format.schema must be", "text"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            oserver.oa.responses.create(**{"model": "attn-r4", "input": "Hi", **kwargs})
+        assert needle in e.value.message and e.value.body["param"] == param, e.value.body
