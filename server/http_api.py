@@ -252,15 +252,19 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/responses", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)
     async def responses(body: ResponsesRequest):
-        """OpenAI's Responses API, text only (server/openai_responses.py)."""
-        prompt, sampling = body.to_domain(config.default_max_new_tokens)
-        (stream,) = await service.generate_choices([prompt], sampling, 1, adapter_of(body.model))
-        built = ResponseBuilder(body.model, body.echoed())
+        """OpenAI's Responses API, as the chat request it amounts to (server/openai_responses.py)."""
+        chat = body.as_chat().serving(tool_parser)
+        prompts, sampling = chat.to_domain(config.default_max_new_tokens)
+        (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model))
+        tools = chat.tool_calls()
+        built = ResponseBuilder(body.model, body.echoed(), tools)
         if not body.stream:
             try:
                 return JSONResponse(built.response(await collect(stream)))
             finally:
                 stream.cancel()  # a no-op once finished; else the client went away
+
+        chunks = ChunkMaker("chat", body.model, TokenText(service.ready().tokenizer), tools=tools)
 
         async def sse():
             events = []
@@ -269,8 +273,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                     yield _sse_event(event)
                 async for ev in stream:
                     events.append(ev)
-                    if ev.text:
-                        yield _sse_event(built.delta(ev.text))
+                    for chunk in chunks.events(ev):
+                        for event in built.from_chunk(chunk):
+                            yield _sse_event(event)
                 for event in built.closing(events):
                     yield _sse_event(event)
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream

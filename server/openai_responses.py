@@ -1,14 +1,15 @@
-"""OpenAI's Responses API (POST /v1/responses): text in, text out, over the same engine as chat.
+"""OpenAI's Responses API (POST /v1/responses), served as the chat request it amounts to.
 
-A request's ``input`` (a string, or message items) after its ``instructions`` (a system message)
-is rendered by the model's chat template; the reply is one ``message`` output item holding one
-``output_text`` part. ``model`` names the base model or an adapter, as in chat. Served besides:
-``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` (``json_object``, ``json_schema``:
-structured outputs), ``truncation`` (``auto`` keeps the prompt's last tokens), ``stream`` (OpenAI's
-typed events), ``metadata`` and ``user`` (echoed), and chat's vLLM extras (``top_k``, ``seed``, ...).
-Nothing is stored: ``store`` comes back false, as vLLM answers without a store. What needs a stored
-response (``previous_response_id``, ``conversation``), ``tools``, ``reasoning``, ``include`` and
-``background`` are refused, naming the field.
+A request's ``input`` (a string, or items) after its ``instructions`` (a system message) becomes
+chat messages: message items as turns, ``function_call`` items as an assistant turn's tool calls,
+``function_call_output`` items as tool turns. ``tools`` (flat function definitions), ``tool_choice``,
+``text.format`` (as response_format), ``max_output_tokens`` and the sampling fields become chat's,
+so rendering, forced and parsed tool calls (--tool-call-parser) and structured outputs are chat's
+own. The reply is a ``message`` item of ``output_text`` (when there is text) and a
+``function_call`` item for each call. ``stream: true`` sends OpenAI's typed events, translated from
+chat's chunks. Nothing is stored: ``store`` comes back false, as vLLM answers without a store.
+What needs a stored response (``previous_response_id``, ``conversation``), ``reasoning``,
+``include``, ``background`` and tools other than functions are refused, naming the field.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RequestInvalid
-from .openai_schema import ChatMessage, _Common, new_id, turns
-from .openai_structured import response_format_output
-from .prompts import Prompt
-from .requests import FinishReason, SamplingParams, TokenEvent
+from .openai_schema import ChatCompletionRequest, GenerationBody, chat_message, new_id
+from .openai_structured import ToolCalls
+from .requests import FinishReason, TokenEvent
+from .tool_parsers import ToolCallParser
 
 # fields that ask for what is not served, and the values that ask for nothing
-REFUSED = {"previous_response_id": (None, ""), "conversation": (None, ""), "tools": (None, []),
-           "reasoning": (None, {}), "include": (None, []), "background": (None, False), "prompt": (None,)}
+REFUSED = {"previous_response_id": (None, ""), "conversation": (None, ""), "reasoning": (None, {}),
+           "include": (None, []), "background": (None, False), "prompt": (None,)}
 PART_TYPES = ("input_text", "output_text", "text")
+ROLES = ("user", "system", "developer", "assistant")
 
 
 class InputItem(BaseModel):
@@ -35,37 +37,65 @@ class InputItem(BaseModel):
     type: str = "message"
     role: str | None = None
     content: str | list[dict[str, Any]] | None = None
+    call_id: str | None = None  # function_call, function_call_output
+    name: str | None = None  # function_call
+    arguments: str | None = None  # function_call: JSON text
+    output: str | None = None  # function_call_output
 
-    def message(self, index: int) -> ChatMessage:
-        if self.type != "message":
-            raise RequestInvalid(f"input[{index}] is of type {self.type[:32]!r}; only message items are supported",
-                                 param="input")
-        if self.role not in ("user", "system", "developer", "assistant"):
-            raise RequestInvalid(f"input[{index}].role {str(self.role)[:32]!r} is not user, system, developer or "
-                                 "assistant", param="input")
+    def text(self, index: int) -> str:
         parts = self.content if isinstance(self.content, list) else [{"type": "input_text", "text": self.content or ""}]
-        texts = []
         for part in parts:
             if part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
                 raise RequestInvalid(f"input[{index}] has a content part of type {str(part.get('type'))[:32]!r}; only "
                                      "text parts (input_text, output_text) are supported", param="input")
-            texts.append(part["text"])
-        return ChatMessage(role=self.role, content="".join(texts))
+        return "".join(part["text"] for part in parts)
 
 
-class ResponsesRequest(_Common):
+def chat_messages(items: list[InputItem]) -> list[dict]:
+    """Input items as chat messages; consecutive function calls are one assistant turn's calls."""
+    out: list[dict] = []
+    for i, item in enumerate(items):
+        if item.type == "message":
+            if item.role not in ROLES:
+                raise RequestInvalid(f"input[{i}].role {str(item.role)[:32]!r} is not one of {', '.join(ROLES)}",
+                                     param="input")
+            out.append({"role": item.role, "content": item.text(i)})
+        elif item.type == "function_call":
+            if not item.call_id or not item.name or item.arguments is None:
+                raise RequestInvalid(f"input[{i}], a function_call, needs call_id, name and arguments", param="input")
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif item.type == "function_call_output":
+            if not item.call_id or item.output is None:
+                raise RequestInvalid(f"input[{i}], a function_call_output, needs call_id and output", param="input")
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            raise RequestInvalid(f"input[{i}] is of type {item.type[:32]!r}; supported: message, function_call, "
+                                 "function_call_output", param="input")
+    return out
+
+
+class ResponsesRequest(GenerationBody):
     input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = None
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
-    truncation: Literal["auto", "disabled"] | None = None
-    tool_choice: Literal["none", "auto"] | None = None  # no tools are served: either leaves the text free
+    tools: list[dict[str, Any]] | None = None  # {"type": "function", "name", "description", "parameters"}
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
 
-    def to_domain(self, default_max_new_tokens: int) -> tuple[Prompt, SamplingParams]:
+    def as_chat(self) -> ChatCompletionRequest:
+        """The chat request this one amounts to (its mistakes are refused here, naming its fields)."""
         self.check_supported()
+        if self.prompt_logprobs is not None:
+            raise RequestInvalid("prompt_logprobs: a response has no place for them; leave it unset",
+                                 param="prompt_logprobs")
         for name, harmless in REFUSED.items():
             if (self.model_extra or {}).get(name, None) not in harmless:
                 why = "no response is stored here" if name in ("previous_response_id", "conversation") else \
@@ -74,48 +104,74 @@ class ResponsesRequest(_Common):
         if self.n != 1:
             raise RequestInvalid("n is not a Responses API field; a response has one output", param="n")
         items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
-        messages += [item.message(i) for i, item in enumerate(items)]
+        messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + chat_messages(items)
         if not messages:
-            raise RequestInvalid("input has no messages", param="input")
-        prompt = Prompt(messages=turns(messages), add_special_tokens=self.add_special_tokens,
-                        truncate_prompt_tokens=-1 if self.truncation == "auto" else self.truncate_prompt_tokens)
-        return prompt, self.sampling(self.max_output_tokens, None, default_max_new_tokens)
-
-    def _constraints(self):
-        asked = super()._constraints()
+            raise RequestInvalid("input has no items", param="input")
+        shared = self.model_dump(include=set(GenerationBody.model_fields) - {
+            "n", "stream", "stream_options", "prompt_logprobs", "return_tokens_as_token_ids"}, exclude_unset=True)
+        chat = {**shared, "messages": messages, "max_tokens": self.max_output_tokens,
+                "tools": [self._tool(i, t) for i, t in enumerate(self.tools or ())] or None,
+                "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
+                "truncate_prompt_tokens": -1 if self.truncation == "auto" else self.truncate_prompt_tokens}
         fmt = (self.text or {}).get("format")
         if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-            # OpenAI's chat shape nests the schema; the Responses API's format is flat
-            nested = {"type": fmt["type"], "json_schema": fmt} if fmt.get("type") == "json_schema" else fmt
-            try:
-                asked.append(("text", response_format_output(nested)))
-            except RequestInvalid as e:
-                raise RequestInvalid(str(e).replace("response_format.json_schema", "text.format"),
-                                     param="text") from None
-        return asked
+            if fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict | bool):
+                raise RequestInvalid("text.format.schema must be a JSON schema object", param="text")
+            # chat's response_format nests the schema; the Responses API's format is flat
+            chat["response_format"] = {"type": "json_schema", "json_schema": fmt} if fmt.get("type") == "json_schema" \
+                else fmt
+        try:
+            return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+        except ValidationError as e:  # what the chat body checks that this one did not (a tool's parameters...)
+            error = e.errors()[0]
+            raise RequestInvalid(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300],
+                                 param="tools" if error["loc"][:1] == ("tools",) else "input") from None
+
+    @staticmethod
+    def _tool(index: int, tool: dict) -> dict:
+        if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+            raise RequestInvalid(f"tools[{index}] is of type {str(tool.get('type'))[:32]!r}; only function tools "
+                                 "(with a name) are supported", param="tools")
+        return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters") if k in tool}}
+
+    def _tool_choice(self):
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+                raise RequestInvalid("tool_choice must be none, auto, required or {\"type\": \"function\", \"name\"}",
+                                     param="tool_choice")
+            return {"type": "function", "function": {"name": choice["name"]}}
+        return choice
 
     def echoed(self) -> dict:
         """The request's settings a response object repeats."""
         return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
                 "temperature": 1.0 if self.temperature is None else self.temperature,
-                "top_p": 1.0 if self.top_p is None else self.top_p, "tools": [], "tool_choice": self.tool_choice or "auto",
-                "parallel_tool_calls": self.parallel_tool_calls is not False,
+                "top_p": 1.0 if self.top_p is None else self.top_p, "tools": self.tools or [],
+                "tool_choice": self.tool_choice or "auto", "parallel_tool_calls": self.parallel_tool_calls is not False,
                 "text": self.text or {"format": {"type": "text"}}, "truncation": self.truncation or "disabled",
                 "metadata": self.metadata or {}, "user": self.user, "store": False, "previous_response_id": None,
                 "reasoning": None, "error": None}
 
 
-class ResponseBuilder:
-    """One response's objects and stream events: its ids, creation time and the settings it echoes."""
+def function_call(call: dict, status: str = "completed") -> dict:
+    """A chat tool call ({"id", "function": {"name", "arguments"}}) as a function_call output item."""
+    return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}
 
-    def __init__(self, model: str, echoed: dict):
+
+class ResponseBuilder:
+    """One response's objects, and its stream events translated from chat's chunks: the message
+    item opens at the first text and closes before the first function call."""
+
+    def __init__(self, model: str, echoed: dict, tools: ToolCalls | ToolCallParser | None):
         self.id, self.item_id, self.created = new_id("resp"), new_id("msg"), int(time.time())
-        self.model, self.echoed, self.sequence = model, echoed, 0
+        self.model, self.echoed, self.tools = model, echoed, tools
+        self.sequence, self.items, self.text, self.open = 0, 0, "", False  # stream state
 
     def message(self, text: str, status: str) -> dict:
-        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" \
-            else []
+        content = [] if status == "in_progress" else \
+            [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": content}
 
     def response(self, events: list[TokenEvent] | None) -> dict:
@@ -127,7 +183,10 @@ class ResponseBuilder:
             cut = last.finish_reason is FinishReason.LENGTH
             status = "incomplete" if cut else "completed"
             details = {"reason": "max_output_tokens"} if cut else None
-            output = [self.message("".join(e.text for e in events), status)]
+            message, _ = chat_message(events, self.tools)
+            calls = message.get("tool_calls") or []
+            output = ([self.message(message["content"] or "", status)] if message["content"] or not calls else []) \
+                + [function_call(c) for c in calls]
             usage = {"input_tokens": last.prompt_tokens,
                      "input_tokens_details": {"cached_tokens": last.cached_prompt_tokens},
                      "output_tokens": last.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
@@ -140,24 +199,54 @@ class ResponseBuilder:
         return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
     def opening(self) -> list[dict]:
-        at = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         return [self.event("response.created", response=self.response(None)),
-                self.event("response.in_progress", response=self.response(None)),
-                self.event("response.output_item.added", output_index=0, item=self.message("", "in_progress")),
-                self.event("response.content_part.added", **at,
-                           part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+                self.event("response.in_progress", response=self.response(None))]
 
-    def delta(self, text: str) -> dict:
-        return self.event("response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0,
-                          delta=text, logprobs=[])
+    def from_chunk(self, chunk: dict) -> list[dict]:
+        """The events of one chat chunk's delta (its text, its tool calls)."""
+        delta, out = chunk["choices"][0]["delta"], []
+        if delta.get("content"):
+            out += self._open_message()
+            self.text += delta["content"]
+            out.append(self.event("response.output_text.delta", item_id=self.item_id, output_index=self.items,
+                                  content_index=0, delta=delta["content"], logprobs=[]))
+        for call in delta.get("tool_calls") or ():
+            out += self._close_message()
+            at = {"output_index": self.items}
+            item = function_call(call)
+            out += [self.event("response.output_item.added", **at, item={**item, "arguments": "",
+                                                                         "status": "in_progress"}),
+                    self.event("response.function_call_arguments.delta", item_id=item["id"], **at,
+                               delta=item["arguments"]),
+                    self.event("response.function_call_arguments.done", item_id=item["id"], **at,
+                               arguments=item["arguments"]),
+                    self.event("response.output_item.done", **at, item=item)]
+            self.items += 1
+        return out
 
     def closing(self, events: list[TokenEvent]) -> list[dict]:
         done = self.response(events)
-        item, text = done["output"][0], done["output"][0]["content"][0]["text"]
-        at = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        return [self.event("response.output_text.done", **at, text=text, logprobs=[]),
+        text_only = not any(item["type"] == "function_call" for item in done["output"])
+        out = self._open_message() if text_only else []  # a reply of no text still has its message
+        # response.completed whatever the status, as vLLM sends it: the openai package's stream
+        # helper waits for that event to give the final response
+        return out + self._close_message(done["status"]) + [self.event("response.completed", response=done)]
+
+    def _open_message(self) -> list[dict]:
+        if self.open:
+            return []
+        self.open = True
+        return [self.event("response.output_item.added", output_index=self.items, item=self.message("", "in_progress")),
+                self.event("response.content_part.added", item_id=self.item_id, output_index=self.items,
+                           content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+    def _close_message(self, status: str = "completed") -> list[dict]:
+        if not self.open:
+            return []
+        self.open = False
+        item, at = self.message(self.text, status), {"item_id": self.item_id, "output_index": self.items,
+                                                     "content_index": 0}
+        self.items += 1
+        return [self.event("response.output_text.done", **at, text=self.text, logprobs=[]),
                 self.event("response.content_part.done", **at, part=item["content"][0]),
-                self.event("response.output_item.done", output_index=0, item=item),
-                # response.completed whatever the status, as vLLM sends it: the openai package's
-                # stream helper waits for that event to give the final response
-                self.event("response.completed", response=done)]
+                self.event("response.output_item.done", output_index=at["output_index"], item=item)]

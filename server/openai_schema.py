@@ -70,7 +70,9 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
-class _Common(BaseModel):
+class GenerationBody(BaseModel):
+    """The fields every generating body shares (completions, chat; the Responses API's by way of chat)."""
+
     model_config = ConfigDict(extra="allow")  # kept aside (model_extra), for check_supported to see
 
     model: str
@@ -193,7 +195,7 @@ class _Common(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(GenerationBody):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = None  # unset: DEFAULT_COMPLETION_TOKENS, as much of it as the prompt leaves room for
     logprobs: int | None = None
@@ -296,7 +298,7 @@ def turns(messages) -> tuple[tuple, ...]:
     return tuple(m.turn(i) for i, m in enumerate(messages))
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None

@@ -654,7 +654,10 @@ def http_bodies():
                                                 {"type": st.sampled_from(["input_text", "output_text", "input_image"]),
                                                  "text": odd_text}), max_size=2), odd)},
                                            optional={"type": st.sampled_from(["message", "function_call_output"])}),
-                     odd)
+                     st.fixed_dictionaries({"type": st.just("function_call")}, optional={
+                         "call_id": odd_text, "name": odd_text, "arguments": st.one_of(odd_text, odd)}),
+                     st.fixed_dictionaries({"type": st.just("function_call_output")}, optional={
+                         "call_id": odd_text, "output": st.one_of(odd_text, odd)}), odd)
     responses = st.fixed_dictionaries({"input": st.one_of(odd_text, st.lists(item, max_size=3), odd)}, optional={
         **common, "instructions": st.one_of(odd_text, odd), "max_output_tokens": st.one_of(st.integers(-2, 6), odd),
         "text": st.one_of(st.fixed_dictionaries({"format": st.one_of(st.sampled_from(
@@ -662,8 +665,11 @@ def http_bodies():
             st.fixed_dictionaries({"type": st.just("json_schema"), "name": st.just("n"), "schema": schemas}), odd)}),
             odd),
         "truncation": st.one_of(st.sampled_from(["auto", "disabled"]), odd), "store": odd, "metadata": odd,
-        "previous_response_id": odd, "tools": st.one_of(st.just([]), odd), "reasoning": odd,
-        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), odd)})
+        "previous_response_id": odd, "reasoning": odd,
+        "tools": st.one_of(st.just([]), st.just([{"type": "function", "name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer"}}}}]), st.lists(odd, max_size=2), odd),
+        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required", {"type": "function", "name": "f"},
+                                                  {"type": "function"}]), odd)})
     return st.one_of(st.tuples(st.just("completions"), completion), st.tuples(st.just("chat/completions"), chat),
                      st.tuples(st.just("completions"), in_range), st.tuples(st.just("responses"), responses))
 

@@ -1211,8 +1211,8 @@ def test_responses_api_is_chat_by_another_shape(oserver):
     (instructions as the system message; an adapter as the model), with the same usage; cut by
     max_output_tokens it is incomplete; streamed, OpenAI's typed events carry the same text and end
     with response.completed, which the client's stream helper reads; text.format constrains the
-    output as response_format does in chat; what needs a stored response, tools or other input item
-    kinds are refused, naming the field."""
+    output as response_format does in chat; what needs a stored response, tools other than
+    functions or other input item kinds are refused, naming the field."""
     extra = {"ignore_eos": True}
     chat = oserver.oa.chat.completions.create(
         model="attn-r4", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -1254,9 +1254,12 @@ def test_responses_api_is_chat_by_another_shape(oserver):
     assert shaped.output_text == as_chat.choices[0].message.content and isinstance(json.loads(shaped.output_text)["a"], int)
     for kwargs, needle, param in (
         (dict(previous_response_id="resp_x"), "previous_response_id: no response is stored here", "previous_response_id"),
-        (dict(tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools: it is not supported", "tools"),
-        (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "x"}]),
-         "input[0] is of type 'function_call_output'; only message items", "input"),
+        (dict(tools=[{"type": "web_search"}]), "tools[0] is of type 'web_search'; only function tools", "tools"),
+        (dict(tools=[{"type": "function", "name": "f", "parameters": 3}]), "tools.0.function.parameters", "tools"),
+        (dict(input=[{"type": "reasoning", "summary": []}]), "input[0] is of type 'reasoning'; supported: message",
+         "input"),
+        (dict(input=[{"type": "function_call_output", "output": "x"}]), "needs call_id and output", "input"),
+        (dict(reasoning={"effort": "low"}), "reasoning: it is not supported", "reasoning"),
         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
          "content part of type 'input_image'", "input"),
         (dict(max_output_tokens=10**7), "max_output_tokens must be in [1, 1024]", "max_output_tokens"),
@@ -1265,3 +1268,42 @@ def test_responses_api_is_chat_by_another_shape(oserver):
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.responses.create(**{"model": "attn-r4", "input": "Hi", **kwargs})
         assert needle in e.value.message and e.value.body["param"] == param, e.value.body
+
+
+def test_responses_api_tools_are_chats_tool_calls(oserver):
+    """Function tools in the Responses API: a forced call comes back as a function_call item with
+    chat's arguments for the same request, streamed as OpenAI's function-call events; a
+    conversation's function_call and function_call_output items render as chat's assistant tool
+    calls and tool turns (the same prompt tokens)."""
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+              "additionalProperties": False}
+    tool = {"type": "function", "name": "weather", "description": "Weather now", "parameters": params}
+    chat = oserver.oa.chat.completions.create(
+        model="attn-r4", messages=[{"role": "user", "content": "Weather in Rome?"}], max_tokens=40, temperature=0,
+        tools=[{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}],
+        tool_choice={"type": "function", "function": {"name": "weather"}})
+    (expected,) = chat.choices[0].message.tool_calls
+    forced = dict(model="attn-r4", input="Weather in Rome?", max_output_tokens=40, temperature=0, tools=[tool],
+                  tool_choice={"type": "function", "name": "weather"})
+    got = oserver.oa.responses.create(**forced)
+    (call,) = got.output
+    assert (call.type, call.name, call.arguments) == ("function_call", "weather", expected.function.arguments)
+    assert isinstance(json.loads(call.arguments)["city"], str) and call.call_id and got.status == "completed"
+    events = list(oserver.oa.responses.create(**forced, stream=True))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0].arguments == call.arguments
+    assert [e.type for e in events if e.type.startswith("response.output_text")] == []
+    assert events[-1].type == "response.completed" and events[-1].response.output[0].arguments == call.arguments
+    # a conversation with a call and its result: chat's prompt for the same history
+    history = [{"type": "message", "role": "user", "content": "Weather in Rome?"},
+               {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city": "Rome"}'},
+               {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]
+    replied = oserver.oa.responses.create(model="attn-r4", input=history, max_output_tokens=4, temperature=0,
+                                          tools=[tool], tool_choice="none")
+    as_chat = oserver.oa.chat.completions.create(model="attn-r4", max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    assert replied.usage.input_tokens == as_chat.usage.prompt_tokens
+    assert replied.output_text == as_chat.choices[0].message.content
