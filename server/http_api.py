@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import re
+import uuid
 from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -37,6 +38,7 @@ from .openai_schema import (
     completion_response,
     model_card,
 )
+from .requests import validate_request_id
 from .service import Service, bearer_refusal, user_tokens
 from .tool_parsers import tool_call_parser
 
@@ -92,6 +94,17 @@ def _error_of(e: BaseException, names: dict[str, str] = OPENAI_NAMES) -> tuple[i
 
 def _json(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str)
+
+
+REQUEST_ID = "X-Request-Id"  # vLLM's header: the client's id for its request, echoed on the response
+
+
+def request_id_of(request: Request, body) -> str:
+    """The id a generating request goes by in the engine's logs and in its response: the client's
+    X-Request-Id header, else the body's request_id (vLLM's order), else a new random one."""
+    rid = request.headers.get(REQUEST_ID) or body.request_id or uuid.uuid4().hex
+    validate_request_id(rid)
+    return rid
 
 
 def _sse_event(event: dict) -> str:
@@ -239,28 +252,29 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     @errors_as_responses
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompts, sampling = body.to_domain()
-        return await respond(prompts, sampling, body, "completion")
+        return await respond(prompts, sampling, body, "completion", request_id_of(request, body))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     @errors_as_responses
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompts, sampling = body.serving(tool_parser).to_domain(config.default_max_new_tokens)
-        return await respond(prompts, sampling, body, "chat")
+        return await respond(prompts, sampling, body, "chat", request_id_of(request, body))
 
     @app.post("/v1/responses", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)
-    async def responses(body: ResponsesRequest):
+    async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, as the chat request it amounts to (server/openai_responses.py)."""
+        rid = request_id_of(request, body)
         chat = body.as_chat().serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
-        (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model))
+        (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid)
         tools = chat.tool_calls()
-        built = ResponseBuilder(body.model, body.echoed(), tools)
+        built = ResponseBuilder(body.model, body.echoed(), tools, rid)
         if not body.stream:
             try:
-                return JSONResponse(built.response(await collect(stream)))
+                return JSONResponse(built.response(await collect(stream)), headers={REQUEST_ID: rid})
             finally:
                 stream.cancel()  # a no-op once finished; else the client went away
 
@@ -284,7 +298,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             finally:
                 stream.cancel()
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                                 REQUEST_ID: rid})
 
     # vLLM's tokenizer routes (a client counting a prompt's tokens against max_model_len), at its
     # paths and under /v1 as well
@@ -302,9 +317,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     async def detokenize(body: DetokenizeRequest):
         return {"prompt": service.detokenize(body.tokens, adapter_of(body.model or service.model_name))}
 
-    async def respond(prompts, sampling, body, kind: str):
+    async def respond(prompts, sampling, body, kind: str, rid: str):
         tools = body.tool_calls() if kind == "chat" else None
-        streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model))
+        streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model), rid)
         tokenizer = service.ready().tokenizer
         text_of = TokenText(tokenizer, body.return_tokens_as_token_ids)
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
@@ -322,15 +337,15 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             finally:
                 for s in streams:
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
-            response = chat_response(body.model, choices, body.n, text_of, tools, body.echoed()) if kind == "chat" \
-                else completion_response(body.model, choices, body.n, text_of, echoes)
+            response = chat_response(body.model, choices, body.n, text_of, tools, body.echoed(), rid) \
+                if kind == "chat" else completion_response(body.model, choices, body.n, text_of, echoes, rid)
             if body.prompt_logprobs is not None:
                 add_prompt_logprobs(response, choices, [s.prompt_token_ids for s in streams], body.n,
                                     body.prompt_logprobs, text_of)
-            return JSONResponse(clamp(response))
+            return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
         chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
                             body.echoed() if kind == "chat" else "",
-                            [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None)
+                            [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None, rid)
 
         async def sse():
             lasts = [None] * len(streams)
@@ -350,7 +365,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                     s.cancel()  # the client went away (Starlette cancels this generator) or we are done
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                                 REQUEST_ID: rid})
 
     return BodyLimit(app, config.max_http_body_bytes)
 

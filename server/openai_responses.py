@@ -108,7 +108,8 @@ class ResponsesRequest(GenerationBody):
         if not messages:
             raise RequestInvalid("input has no items", param="input")
         shared = self.model_dump(include=set(GenerationBody.model_fields) - {
-            "n", "stream", "stream_options", "prompt_logprobs", "return_tokens_as_token_ids"}, exclude_unset=True)
+            "n", "stream", "stream_options", "prompt_logprobs", "return_tokens_as_token_ids", "request_id"},
+            exclude_unset=True)
         chat = {**shared, "messages": messages, "max_tokens": self.max_output_tokens,
                 "tools": [self._tool(i, t) for i, t in enumerate(self.tools or ())] or None,
                 "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
@@ -164,8 +165,10 @@ class ResponseBuilder:
     """One response's objects, and its stream events translated from chat's chunks: the message
     item opens at the first text and closes before the first function call."""
 
-    def __init__(self, model: str, echoed: dict, tools: ToolCalls | ToolCallParser | None):
-        self.id, self.item_id, self.created = new_id("resp"), new_id("msg"), int(time.time())
+    def __init__(self, model: str, echoed: dict, tools: ToolCalls | ToolCallParser | None,
+                 request_id: str | None = None):
+        self.id, self.item_id = new_id("resp", request_id, "_"), new_id("msg", sep="_")
+        self.created = int(time.time())
         self.model, self.echoed, self.tools = model, echoed, tools
         self.sequence, self.items, self.text, self.open = 0, 0, "", False  # stream state
 

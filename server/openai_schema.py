@@ -76,6 +76,7 @@ class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept aside (model_extra), for check_supported to see
 
     model: str
+    request_id: str | None = None  # vLLM's: the request's id in logs and the response's; X-Request-Id wins
     temperature: float | None = None  # unset: 1.0, as OpenAI
     top_p: float | None = None
     n: int = 1
@@ -386,8 +387,10 @@ class ChatCompletionRequest(GenerationBody):
 
 # ---- responses ----
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, request_id: str | None = None, sep: str = "-") -> str:
+    """A response's id: the request's id (the client's X-Request-Id or request_id) after
+    ``prefix``, as vLLM names them, or a new random one."""
+    return f"{prefix}{sep}{request_id or uuid.uuid4().hex}"
 
 
 def usage(lasts: list[TokenEvent], n: int) -> dict:
@@ -472,7 +475,7 @@ def chat_logprobs(events: list[TokenEvent], text_of: TokenText) -> dict | None:
 
 
 def completion_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
-                        echoes: list[Echo] | None = None) -> dict:
+                        echoes: list[Echo] | None = None, request_id: str | None = None) -> dict:
     """``choices``: each choice's events, in choice order; ``echoes``: each one's echo, if asked."""
     out, lasts = [], []
     for i, events in enumerate(choices):
@@ -484,7 +487,7 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
                     "finish_reason": "length" if echo and echo.only else FINISH[events[-1].finish_reason],
                     "logprobs": completion_logprobs(entries, text_of)})
         lasts.append(replace(events[-1], completion_tokens=0) if echo and echo.only else events[-1])
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+    return {"id": new_id("cmpl", request_id), "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": out, "usage": usage(lasts, n)}
 
 
@@ -530,7 +533,7 @@ def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | N
 
 
 def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
-                  tools: ToolCalls | ToolCallParser | None = None, echo: str = "") -> dict:
+                  tools: ToolCalls | ToolCallParser | None = None, echo: str = "", request_id: str | None = None) -> dict:
     """``echo``: the text each message's content starts with (ChatCompletionRequest.echoed)."""
     out = []
     for i, events in enumerate(choices):
@@ -538,7 +541,7 @@ def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: 
         if echo:
             message["content"] = echo + (message["content"] or "")
         out.append({"index": i, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(events, text_of)})
-    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+    return {"id": new_id("chatcmpl", request_id), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": out, "usage": usage([events[-1] for events in choices], n)}
 
 
@@ -548,13 +551,13 @@ class ChunkMaker:
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
                  echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1,
-                 chat_echo: str = "", prompt_tokens: list[int] | None = None):
+                 chat_echo: str = "", prompt_tokens: list[int] | None = None, request_id: str | None = None):
         self.kind, self.model, self.text_of = kind, model, text_of
         # continuous usage (``prompt_tokens``: each choice's prompt length): every chunk carries its
         # choice's usage so far, counting the tokens generated (one an event)
         self.prompt_tokens, self.generated = prompt_tokens, [0] * choices
         self.chat_echo = chat_echo  # chat: each choice's content starts with it (ChatCompletionRequest.echoed)
-        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl", request_id)
         self.created = int(time.time())
         self.offsets = [0] * choices  # completions' text_offset continues across a choice's chunks
         self.echoes = echoes  # completions: each choice's prompt, sent before its first token

@@ -81,14 +81,15 @@ class Service:
             return self._submit(ids, sampling, adapter_id, request_id, time_remaining)
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
-                               adapter_id: str | None = None) -> list:
+                               adapter_id: str | None = None, request_id: str | None = None) -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
         refused, those already submitted are cancelled and its error raised. The prompt's full KV
         blocks are computed once: the scheduler holds the other completions back until the first
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
-        come with the first completion of each prompt only (the caller shares them)."""
+        come with the first completion of each prompt only (the caller shares them).
+        ``request_id``: every completion's, in the engine and its log lines (None: a random one each)."""
         count = n * len(prompts)
         if count > self.config.max_choices_per_request:
             with self._counting_refusals(adapter_id):
@@ -106,7 +107,7 @@ class Service:
                     for j in range(n):
                         seeded = sampling if j == 0 else later if later.seed is None else \
                             replace(later, seed=(later.seed + j) % (1 << 64))
-                        streams.append(self._submit(ids, seeded, adapter_id))
+                        streams.append(self._submit(ids, seeded, adapter_id, request_id))
         except BaseException:
             for stream in streams:
                 stream.cancel()

@@ -1307,3 +1307,31 @@ def test_responses_api_tools_are_chats_tool_calls(oserver):
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
     assert replied.usage.input_tokens == as_chat.usage.prompt_tokens
     assert replied.output_text == as_chat.choices[0].message.content
+
+
+def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):
+    """vLLM's request ids: the X-Request-Id header (else the body's request_id, else a new one)
+    names the request in the server's log and its response (chatcmpl-<id>, cmpl-<id>,
+    resp_<id>, every streamed chunk), and comes back as the X-Request-Id header. An id the log
+    could not hold is a 400 naming the limit."""
+    raw = oserver.oa.chat.completions.with_raw_response.create(
+        model="attn-r4", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, n=2,
+        extra_headers={"X-Request-Id": "trace-42"}, extra_body={"request_id": "ignored-body-id"})
+    assert raw.headers["x-request-id"] == "trace-42" and raw.parse().id == "chatcmpl-trace-42"
+    chunks = list(oserver.oa.completions.create(model="attn-r4", prompt="Hi", max_tokens=3, stream=True,
+                                                extra_body={"request_id": "body-7"}))
+    assert chunks and {c.id for c in chunks} == {"cmpl-body-7"}
+    plain = oserver.oa.completions.with_raw_response.create(model="attn-r4", prompt="Hi", max_tokens=1)
+    assert plain.parse().id == f"cmpl-{plain.headers['x-request-id']}" and len(plain.headers["x-request-id"]) == 32
+    response = oserver.oa.responses.create(model="attn-r4", input="Hi", max_output_tokens=2,
+                                           extra_headers={"X-Request-Id": "trace-9"})
+    assert response.id == "resp_trace-9"
+    deadline = time.monotonic() + 10
+    while not all(f"request {rid} adapter=attn-r4 status=OK" in oserver.log()
+                  for rid in ("trace-42", "body-7", "trace-9")):
+        assert time.monotonic() < deadline, oserver.log()[-2000:]
+        time.sleep(0.1)
+    for rid, needle in (("x" * 129, "request_id is 129 characters; the limit is 128"),
+                        ("a\tb", "control or non-printable characters")):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            oserver.oa.completions.create(model="attn-r4", prompt="Hi", max_tokens=1, extra_headers={"X-Request-Id": rid})
