@@ -270,15 +270,16 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         chat = body.as_chat().serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
         (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid)
-        tools = chat.tool_calls()
-        built = ResponseBuilder(body.model, body.echoed(), tools, rid)
+        tools, text_of = chat.tool_calls(), TokenText(service.ready().tokenizer)
+        built = ResponseBuilder(body.model, body.echoed(), tools, rid, text_of if body.logprobs else None)
+        clamp = _clamp_logprobs if body.logprobs else (lambda obj: obj)
         if not body.stream:
             try:
-                return JSONResponse(built.response(await collect(stream)), headers={REQUEST_ID: rid})
+                return JSONResponse(clamp(built.response(await collect(stream))), headers={REQUEST_ID: rid})
             finally:
                 stream.cancel()  # a no-op once finished; else the client went away
 
-        chunks = ChunkMaker("chat", body.model, TokenText(service.ready().tokenizer), tools=tools)
+        chunks = ChunkMaker("chat", body.model, text_of, tools=tools)
 
         async def sse():
             events = []
@@ -289,9 +290,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                     events.append(ev)
                     for chunk in chunks.events(ev):
                         for event in built.from_chunk(chunk):
-                            yield _sse_event(event)
+                            yield _sse_event(clamp(event))
                 for event in built.closing(events):
-                    yield _sse_event(event)
+                    yield _sse_event(clamp(event))
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
                 status, message, param = _error_of(e, RESPONSES_NAMES)
                 yield _sse_event(built.event("error", code=str(status), message=message, param=param))

@@ -6,10 +6,12 @@ chat messages: message items as turns, ``function_call`` items as an assistant t
 ``text.format`` (as response_format), ``max_output_tokens`` and the sampling fields become chat's,
 so rendering, forced and parsed tool calls (--tool-call-parser) and structured outputs are chat's
 own. The reply is a ``message`` item of ``output_text`` (when there is text) and a
-``function_call`` item for each call. ``stream: true`` sends OpenAI's typed events, translated from
-chat's chunks. Nothing is stored: ``store`` comes back false, as vLLM answers without a store.
-What needs a stored response (``previous_response_id``, ``conversation``), ``reasoning``,
-``include``, ``background`` and tools other than functions are refused, naming the field.
+``function_call`` item for each call; with ``include: ["message.output_text.logprobs"]`` or
+``top_logprobs``, the text's tokens with chat's logprob entries. ``stream: true`` sends OpenAI's
+typed events, translated from chat's chunks. Nothing is stored: ``store`` comes back false, as
+vLLM answers without a store. What needs a stored response (``previous_response_id``,
+``conversation``), ``reasoning``, other ``include`` values, ``background`` and tools other than
+functions are refused, naming the field.
 """
 
 from __future__ import annotations
@@ -20,14 +22,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RequestInvalid
-from .openai_schema import ChatCompletionRequest, GenerationBody, chat_message, new_id
+from .openai_schema import (
+    ChatCompletionRequest,
+    GenerationBody,
+    TokenText,
+    chat_logprobs,
+    chat_message,
+    new_id,
+)
 from .openai_structured import ToolCalls
 from .requests import FinishReason, TokenEvent
 from .tool_parsers import ToolCallParser
 
 # fields that ask for what is not served, and the values that ask for nothing
 REFUSED = {"previous_response_id": (None, ""), "conversation": (None, ""), "reasoning": (None, {}),
-           "include": (None, []), "background": (None, False), "prompt": (None,)}
+           "background": (None, False), "prompt": (None,)}
+LOGPROBS = "message.output_text.logprobs"  # the one include value served
 PART_TYPES = ("input_text", "output_text", "text")
 ROLES = ("user", "system", "developer", "assistant")
 
@@ -87,6 +97,8 @@ class ResponsesRequest(GenerationBody):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None  # LOGPROBS: the output text's token logprobs
+    top_logprobs: int | None = None  # alternatives at each token, with logprobs (0 to 20)
     store: bool | None = None
     metadata: dict[str, str] | None = None
 
@@ -103,6 +115,9 @@ class ResponsesRequest(GenerationBody):
                 raise RequestInvalid(f"{name}: {why}; leave it unset", param=name)
         if self.n != 1:
             raise RequestInvalid("n is not a Responses API field; a response has one output", param="n")
+        other = next((v for v in self.include or () if v != LOGPROBS), None)
+        if other is not None:
+            raise RequestInvalid(f"include {other[:64]!r} is not supported; only {LOGPROBS}", param="include")
         items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + chat_messages(items)
         if not messages:
@@ -113,6 +128,7 @@ class ResponsesRequest(GenerationBody):
         chat = {**shared, "messages": messages, "max_tokens": self.max_output_tokens,
                 "tools": [self._tool(i, t) for i, t in enumerate(self.tools or ())] or None,
                 "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
+                "logprobs": self.logprobs or None, "top_logprobs": self.top_logprobs if self.logprobs else None,
                 "truncate_prompt_tokens": -1 if self.truncation == "auto" else self.truncate_prompt_tokens}
         fmt = (self.text or {}).get("format")
         if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
@@ -127,6 +143,11 @@ class ResponsesRequest(GenerationBody):
             error = e.errors()[0]
             raise RequestInvalid(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300],
                                  param="tools" if error["loc"][:1] == ("tools",) else "input") from None
+
+    @property
+    def logprobs(self) -> bool:
+        """The output text comes with its tokens' logprobs (asked by include, or by top_logprobs)."""
+        return LOGPROBS in (self.include or ()) or self.top_logprobs is not None
 
     @staticmethod
     def _tool(index: int, tool: dict) -> dict:
@@ -152,7 +173,7 @@ class ResponsesRequest(GenerationBody):
                 "tool_choice": self.tool_choice or "auto", "parallel_tool_calls": self.parallel_tool_calls is not False,
                 "text": self.text or {"format": {"type": "text"}}, "truncation": self.truncation or "disabled",
                 "metadata": self.metadata or {}, "user": self.user, "store": False, "previous_response_id": None,
-                "reasoning": None, "error": None}
+                "reasoning": None, "error": None, "top_logprobs": self.top_logprobs or 0}
 
 
 def function_call(call: dict, status: str = "completed") -> dict:
@@ -166,15 +187,17 @@ class ResponseBuilder:
     item opens at the first text and closes before the first function call."""
 
     def __init__(self, model: str, echoed: dict, tools: ToolCalls | ToolCallParser | None,
-                 request_id: str | None = None):
+                 request_id: str | None = None, text_of: TokenText | None = None):
         self.id, self.item_id = new_id("resp", request_id, "_"), new_id("msg", sep="_")
         self.created = int(time.time())
         self.model, self.echoed, self.tools = model, echoed, tools
+        self.text_of = text_of  # with logprobs asked: how their tokens are named
         self.sequence, self.items, self.text, self.open = 0, 0, "", False  # stream state
+        self.streamed_logprobs: list = []
 
-    def message(self, text: str, status: str) -> dict:
+    def message(self, text: str, status: str, logprobs: list | None = None) -> dict:
         content = [] if status == "in_progress" else \
-            [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+            [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": content}
 
     def response(self, events: list[TokenEvent] | None) -> dict:
@@ -188,14 +211,19 @@ class ResponseBuilder:
             details = {"reason": "max_output_tokens"} if cut else None
             message, _ = chat_message(events, self.tools)
             calls = message.get("tool_calls") or []
-            output = ([self.message(message["content"] or "", status)] if message["content"] or not calls else []) \
-                + [function_call(c) for c in calls]
+            output = ([self.message(message["content"] or "", status, None if calls else self._logprobs(events))]
+                      if message["content"] or not calls else []) + [function_call(c) for c in calls]
             usage = {"input_tokens": last.prompt_tokens,
                      "input_tokens_details": {"cached_tokens": last.cached_prompt_tokens},
                      "output_tokens": last.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": last.prompt_tokens + last.completion_tokens}
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "incomplete_details": details, "model": self.model, "output": output, "usage": usage, **self.echoed}
+
+    def _logprobs(self, events: list[TokenEvent]) -> list:
+        """The text's tokens with their logprobs and alternatives, as chat's content entries."""
+        asked = self.text_of is not None and chat_logprobs(events, self.text_of)
+        return asked["content"] if asked else []
 
     def event(self, kind: str, **fields) -> dict:
         self.sequence += 1
@@ -207,12 +235,16 @@ class ResponseBuilder:
 
     def from_chunk(self, chunk: dict) -> list[dict]:
         """The events of one chat chunk's delta (its text, its tool calls)."""
-        delta, out = chunk["choices"][0]["delta"], []
-        if delta.get("content"):
+        choice, out = chunk["choices"][0], []
+        delta = choice["delta"]
+        # a token whose text is held back (part of a character) still brings its logprob
+        logprobs = [] if delta.get("tool_calls") else (choice.get("logprobs") or {}).get("content") or []
+        if delta.get("content") or logprobs:
             out += self._open_message()
-            self.text += delta["content"]
+            self.text += delta.get("content") or ""
+            self.streamed_logprobs += logprobs
             out.append(self.event("response.output_text.delta", item_id=self.item_id, output_index=self.items,
-                                  content_index=0, delta=delta["content"], logprobs=[]))
+                                  content_index=0, delta=delta.get("content") or "", logprobs=logprobs))
         for call in delta.get("tool_calls") or ():
             out += self._close_message()
             at = {"output_index": self.items}
@@ -247,9 +279,9 @@ class ResponseBuilder:
         if not self.open:
             return []
         self.open = False
-        item, at = self.message(self.text, status), {"item_id": self.item_id, "output_index": self.items,
-                                                     "content_index": 0}
+        item, at = self.message(self.text, status, self.streamed_logprobs), {
+            "item_id": self.item_id, "output_index": self.items, "content_index": 0}
         self.items += 1
-        return [self.event("response.output_text.done", **at, text=self.text, logprobs=[]),
+        return [self.event("response.output_text.done", **at, text=self.text, logprobs=self.streamed_logprobs),
                 self.event("response.content_part.done", **at, part=item["content"][0]),
                 self.event("response.output_item.done", output_index=at["output_index"], item=item)]

@@ -1252,7 +1252,27 @@ def test_responses_api_is_chat_by_another_shape(oserver):
                                                  max_tokens=30, temperature=0, response_format={
                                                      "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
     assert shaped.output_text == as_chat.choices[0].message.content and isinstance(json.loads(shaped.output_text)["a"], int)
+    # logprobs: include message.output_text.logprobs, top_logprobs alternatives: chat's, streamed too
+    scored = oserver.oa.responses.create(model="attn-r4", instructions="Be brief.", input="Hi", max_output_tokens=8,
+                                         temperature=0, include=["message.output_text.logprobs"], top_logprobs=2,
+                                         extra_body=extra)
+    chat_scored = oserver.oa.chat.completions.create(
+        model="attn-r4", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, extra_body=extra).choices[0].logprobs.content
+    lps = scored.output[0].content[0].logprobs
+    assert [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in lps] == \
+        [(c.token, c.logprob, [t.token for t in c.top_logprobs]) for c in chat_scored]
+    assert got.output[0].content[0].logprobs == []  # not asked: none
+    streamed = list(oserver.oa.responses.create(model="attn-r4", instructions="Be brief.", input="Hi",
+                                                max_output_tokens=8, temperature=0, top_logprobs=2, stream=True,
+                                                extra_body=extra))
+    deltas = [lp.logprob for e in streamed if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert deltas == [lp.logprob for lp in lps]
+    assert [lp.logprob for lp in streamed[-1].response.output[0].content[0].logprobs] == deltas
     for kwargs, needle, param in (
+        (dict(include=["reasoning.encrypted_content"]), "include 'reasoning.encrypted_content' is not supported",
+         "include"),
+        (dict(top_logprobs=21), "top_logprobs must be in [0, 20], got 21", "top_logprobs"),
         (dict(previous_response_id="resp_x"), "previous_response_id: no response is stored here", "previous_response_id"),
         (dict(tools=[{"type": "web_search"}]), "tools[0] is of type 'web_search'; only function tools", "tools"),
         (dict(tools=[{"type": "function", "name": "f", "parameters": 3}]), "tools.0.function.parameters", "tools"),
