@@ -104,6 +104,29 @@ class ResponsesRequest(GenerationBody):
 
     def as_chat(self) -> ChatCompletionRequest:
         """The chat request this one amounts to (its mistakes are refused here, naming its fields)."""
+        self._check_served()
+        items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + chat_messages(items)
+        if not messages:
+            raise RequestInvalid("input has no items", param="input")
+        shared = self.model_dump(include=set(GenerationBody.model_fields) - {
+            "n", "stream", "stream_options", "prompt_logprobs", "return_tokens_as_token_ids", "request_id"},
+            exclude_unset=True)
+        chat = {**shared, "messages": messages, "max_tokens": self.max_output_tokens,
+                "tools": [self._tool(i, t) for i, t in enumerate(self.tools or ())] or None,
+                "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
+                "logprobs": self.logprobs or None, "top_logprobs": self.top_logprobs if self.logprobs else None,
+                "truncate_prompt_tokens": -1 if self.truncation == "auto" else self.truncate_prompt_tokens,
+                "response_format": self._response_format()}
+        try:
+            return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+        except ValidationError as e:  # what the chat body checks that this one did not (a tool's parameters...)
+            error = e.errors()[0]
+            raise RequestInvalid(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300],
+                                 param="tools" if error["loc"][:1] == ("tools",) else "input") from None
+
+    def _check_served(self) -> None:
+        """What this request asks for has a chat equivalent, or it is refused, naming the field."""
         self.check_supported()
         if self.prompt_logprobs is not None:
             raise RequestInvalid("prompt_logprobs: a response has no place for them; leave it unset",
@@ -118,31 +141,20 @@ class ResponsesRequest(GenerationBody):
         other = next((v for v in self.include or () if v != LOGPROBS), None)
         if other is not None:
             raise RequestInvalid(f"include {other[:64]!r} is not supported; only {LOGPROBS}", param="include")
-        items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + chat_messages(items)
-        if not messages:
-            raise RequestInvalid("input has no items", param="input")
-        shared = self.model_dump(include=set(GenerationBody.model_fields) - {
-            "n", "stream", "stream_options", "prompt_logprobs", "return_tokens_as_token_ids", "request_id"},
-            exclude_unset=True)
-        chat = {**shared, "messages": messages, "max_tokens": self.max_output_tokens,
-                "tools": [self._tool(i, t) for i, t in enumerate(self.tools or ())] or None,
-                "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
-                "logprobs": self.logprobs or None, "top_logprobs": self.top_logprobs if self.logprobs else None,
-                "truncate_prompt_tokens": -1 if self.truncation == "auto" else self.truncate_prompt_tokens}
+
+    def _response_format(self) -> dict | None:
+        """text.format as chat's response_format, which nests the schema the Responses API gives flat."""
         fmt = (self.text or {}).get("format")
-        if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-            if fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict | bool):
-                raise RequestInvalid("text.format.schema must be a JSON schema object", param="text")
-            # chat's response_format nests the schema; the Responses API's format is flat
-            chat["response_format"] = {"type": "json_schema", "json_schema": fmt} if fmt.get("type") == "json_schema" \
-                else fmt
-        try:
-            return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
-        except ValidationError as e:  # what the chat body checks that this one did not (a tool's parameters...)
-            error = e.errors()[0]
-            raise RequestInvalid(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300],
-                                 param="tools" if error["loc"][:1] == ("tools",) else "input") from None
+        if not isinstance(fmt, dict) or fmt.get("type", "text") == "text":
+            return None
+        if fmt.get("type") not in ("json_object", "json_schema"):
+            raise RequestInvalid(f"text.format type {str(fmt.get('type'))[:32]!r} is not supported; use text, "
+                                 "json_object or json_schema", param="text")
+        if fmt.get("type") == "json_object":
+            return fmt
+        if not isinstance(fmt.get("schema"), dict | bool):
+            raise RequestInvalid("text.format.schema must be a JSON schema object", param="text")
+        return {"type": "json_schema", "json_schema": fmt}
 
     @property
     def logprobs(self) -> bool:
@@ -176,10 +188,10 @@ class ResponsesRequest(GenerationBody):
                 "reasoning": None, "error": None, "top_logprobs": self.top_logprobs or 0}
 
 
-def function_call(call: dict, status: str = "completed") -> dict:
+def function_call(call: dict) -> dict:
     """A chat tool call ({"id", "function": {"name", "arguments"}}) as a function_call output item."""
     return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"], "status": status}
+            "arguments": call["function"]["arguments"], "status": "completed"}
 
 
 class ResponseBuilder:

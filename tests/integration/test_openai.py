@@ -1284,6 +1284,7 @@ def test_responses_api_is_chat_by_another_shape(oserver):
          "content part of type 'input_image'", "input"),
         (dict(max_output_tokens=10**7), "max_output_tokens must be in [1, 1024]", "max_output_tokens"),
         (dict(text={"format": {"type": "json_schema", "name": "s"}}), "text.format.schema must be", "text"),
+        (dict(text={"format": {"type": "xml"}}), "text.format type 'xml' is not supported", "text"),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.responses.create(**{"model": "attn-r4", "input": "Hi", **kwargs})
