@@ -1356,3 +1356,26 @@ def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):
                         ("a\tb", "control or non-printable characters")):
         with pytest.raises(openai.BadRequestError, match=needle):
             oserver.oa.completions.create(model="attn-r4", prompt="Hi", max_tokens=1, extra_headers={"X-Request-Id": rid})
+
+
+def test_responses_api_parsed_calls_follow_their_text(oserver):
+    """tool_choice "auto" through --tool-call-parser hermes in the Responses API: the text before
+    the model's <tool_call> block is a message item, the call a function_call item after it; the
+    stream opens the message, closes it before the call's events, and ends with the same output."""
+    regex = r'Let me check\.<tool_call>\n\{"name": "weather", "arguments": \{"city": "Rome", "days": 2\}\}\n</tool_call>'
+    tool = {"type": "function", **WEATHER["function"]}
+    ask = dict(model="all-r8", input="Weather in Rome?", tools=[tool], temperature=0, max_output_tokens=200,
+               extra_body={"guided_regex": regex})
+    got = oserver.oa.responses.create(**ask)
+    message, call = got.output
+    assert (message.type, message.content[0].text, got.status) == ("message", "Let me check.", "completed")
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "weather", {"city": "Rome", "days": 2})
+    events = list(oserver.oa.responses.create(**ask, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds.index("response.output_text.done") < kinds.index("response.function_call_arguments.done")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Let me check."
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [(e.output_index, e.item.type) for e in added] == [(0, "message"), (1, "function_call")]
+    final = events[-1].response
+    assert [o.type for o in final.output] == ["message", "function_call"] and final.output[1].arguments == call.arguments
+    wait_idle(oserver)
