@@ -230,13 +230,22 @@ def register_request(adapter_id: str, path: str = "", replace: bool = False, pre
         combine=[pb.WeightedAdapter(adapter_id=a, weight=w) for a, w in combine or ()])
 
 
+def chat_message(role: str, content: str, fields: dict | None = None) -> pb.ChatMessage:
+    fields = fields or {}
+    calls = fields.get("tool_calls")
+    return pb.ChatMessage(role=role, content=content, name=fields.get("name") or "",
+                          tool_call_id=fields.get("tool_call_id") or "", tool_calls=json.dumps(calls) if calls else "")
+
+
 def chat_fields(messages=None, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
                 chat_template_kwargs: dict | None = None, chat_template: str = "",
                 documents: list[dict] | None = None) -> dict:
-    """The chat fields GenerateRequest and TokenizeRequest share: messages [(role, content)] and
-    how the chat template renders them (``chat_template``: the request's own, on a server that
-    trusts them; ``documents``: [{"title": ..., "text": ...}] for a template that shows them)."""
-    return dict(messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or [])],
+    """The chat fields GenerateRequest and TokenizeRequest share: messages [(role, content)] or
+    (role, content, {"name", "tool_call_id", "tool_calls": [OpenAI's calls]}) for a conversation
+    with tool calls, and how the chat template renders them (``chat_template``: the request's own,
+    on a server that trusts them; ``documents``: [{"title": ..., "text": ...}] for a template that
+    shows them)."""
+    return dict(messages=[chat_message(*m) for m in (messages or [])],
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                 chat_template_kwargs=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
                 chat_template=chat_template, documents=json.dumps(documents) if documents else "")

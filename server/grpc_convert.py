@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from ..v1 import loramux_pb2 as pb
 from .errors import RequestInvalid
+from .openai_schema import ChatMessage
 from .prompts import ChatOptions, Prompt
 from .requests import (
     ANY_JSON_OBJECT,
@@ -69,9 +72,28 @@ def prompt_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
     chat = ChatOptions(req.add_generation_prompt if req.HasField("add_generation_prompt") else None,
                        req.continue_final_message, template_kwargs(req.chat_template_kwargs), req.chat_template,
                        documents(req.documents))
-    return Prompt(req.prompt, ids, tuple((m.role, m.content) for m in req.messages), chat=chat,
+    return Prompt(req.prompt, ids, tuple(turn_from_pb(i, m) for i, m in enumerate(req.messages)), chat=chat,
                   add_special_tokens=req.add_special_tokens if req.HasField("add_special_tokens") else None,
                   truncate_prompt_tokens=req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None)
+
+
+def turn_from_pb(index: int, m: pb.ChatMessage) -> tuple:
+    """A chat message as the domain Prompt's turn: (role, content), or with its tool-call fields
+    read as OpenAI's chat messages are (server/openai_schema.py), so both APIs render them alike."""
+    if not (m.name or m.tool_call_id or m.tool_calls):
+        return (m.role, m.content)
+    try:
+        calls = json.loads(m.tool_calls) if m.tool_calls else None
+    except (ValueError, RecursionError):
+        raise RequestInvalid(f"messages[{index}].tool_calls is not JSON", param="messages") from None
+    try:
+        message = ChatMessage(role=m.role, content=m.content, name=m.name or None, tool_call_id=m.tool_call_id or None,
+                              tool_calls=calls)
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise RequestInvalid(f"messages[{index}].{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300],
+                             param="messages") from None
+    return message.turn(index)
 
 
 def template_kwargs(text: str) -> dict:

@@ -270,6 +270,31 @@ def test_a_requests_own_chat_template_and_documents(server, tiny_llama):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
 
 
+def test_a_conversations_tool_calls_reach_the_template_through_grpc(server):
+    """ChatMessage.name, tool_call_id and tool_calls (fields 3-5; the calls as JSON) reach the chat
+    template as OpenAI's chat messages do: an assistant turn's calls (arguments as the JSON value
+    they encode) and the tool turn answering one; broken calls are INVALID_ARGUMENT."""
+    from loramux.v1 import loramux_pb2 as pb
+
+    template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}"
+                "[{{ c.id }} {{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
+                "{% if m.tool_call_id %}(answers {{ m.tool_call_id }}){% endif %}{{ '\\n' }}{% endfor %}")
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}
+    msgs = [("user", "Weather in Rome?"), ("assistant", "", {"tool_calls": [call]}),
+            ("tool", "sunny", {"tool_call_id": "call_1"})]
+    ids = server.client.tokenize(messages=msgs, chat_template=template).token_ids
+    assert server.client.detokenize(ids) == ("user: Weather in Rome?\nassistant: [call_1 weather Rome]\n"
+                                             "tool: sunny(answers call_1)\n")
+    assert server.client.generate(messages=msgs, chat_template=template,
+                                  sampling=Sampling(max_new_tokens=1)).prompt_tokens == len(ids)
+    for calls, needle in (("[{", "messages[1].tool_calls is not JSON"), ('[{"type": "function"}]', "function"),
+                          ('[{"function": {"name": "f", "arguments": "{"}}]', "arguments is not JSON")):
+        request = pb.TokenizeRequest(messages=[pb.ChatMessage(role="user", content="x"),
+                                               pb.ChatMessage(role="assistant", tool_calls=calls)])
+        code, details = code_of(server.client.stub.Tokenize, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server):
     """truncate_prompt_tokens (GenerateRequest field 11, TokenizeRequest 9): the prompt's last k
     tokens once rendered, token for token as a request sending those; -1 keeps as many as
