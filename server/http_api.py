@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 
 from . import __version__
-from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, status_name
+from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, RequestInvalid, status_name
 from .openai_responses import ResponseBuilder, ResponsesRequest
 from .openai_schema import (
     ChatCompletionRequest,
@@ -63,7 +63,11 @@ def errors_as_responses(route=None, *, names: dict[str, str] | None = None):
         except BodyTooLarge:
             raise  # BodyLimit answers 413
         except Exception as e:  # noqa: BLE001
-            return error_response(*_error_of(e, names or OPENAI_NAMES))
+            response = error_response(*_error_of(e, names or OPENAI_NAMES))
+            rid = _valid_request_id(kwargs.get("request"))
+            if rid is not None:  # a client tracing its requests sees its refusals too
+                response.headers[REQUEST_ID] = rid
+            return response
 
     return wrapper
 
@@ -97,6 +101,16 @@ def _json(obj) -> str:
 
 
 REQUEST_ID = "X-Request-Id"  # vLLM's header: the client's id for its request, echoed on the response
+
+
+def _valid_request_id(request: Request | None) -> str | None:
+    """The request's X-Request-Id, if it has one that request_id_of would take."""
+    rid = request.headers.get(REQUEST_ID) if request is not None else None
+    try:
+        validate_request_id(rid or "")
+    except RequestInvalid:
+        return None
+    return rid or None
 
 
 def request_id_of(request: Request, body) -> str:

@@ -1333,8 +1333,8 @@ def test_responses_api_tools_are_chats_tool_calls(oserver):
 def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):
     """vLLM's request ids: the X-Request-Id header (else the body's request_id, else a new one)
     names the request in the server's log and its response (chatcmpl-<id>, cmpl-<id>,
-    resp_<id>, every streamed chunk), and comes back as the X-Request-Id header. An id the log
-    could not hold is a 400 naming the limit."""
+    resp_<id>, every streamed chunk), and comes back as the X-Request-Id header, on a refusal too.
+    An id the log could not hold is a 400 naming the limit."""
     raw = oserver.oa.chat.completions.with_raw_response.create(
         model="attn-r4", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, n=2,
         extra_headers={"X-Request-Id": "trace-42"}, extra_body={"request_id": "ignored-body-id"})
@@ -1352,6 +1352,10 @@ def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):
                   for rid in ("trace-42", "body-7", "trace-9")):
         assert time.monotonic() < deadline, oserver.log()[-2000:]
         time.sleep(0.1)
+    with pytest.raises(openai.BadRequestError) as e:  # a refusal carries the client's id too
+        oserver.oa.completions.create(model="attn-r4", prompt="Hi", max_tokens=10**7,
+                                      extra_headers={"X-Request-Id": "trace-refused"})
+    assert e.value.response.headers["x-request-id"] == "trace-refused"
     for rid, needle in (("x" * 129, "request_id is 129 characters; the limit is 128"),
                         ("a\tb", "control or non-printable characters")):
         with pytest.raises(openai.BadRequestError, match=needle):
