@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from ..v1 import loramux_pb2 as pb
 from .errors import RequestInvalid
-from .openai_schema import ChatMessage
+from .openai_schema import ChatMessage, first_error
 from .prompts import ChatOptions, Prompt
 from .requests import (
     ANY_JSON_OBJECT,
@@ -82,28 +82,29 @@ def turn_from_pb(index: int, m: pb.ChatMessage) -> tuple:
     read as OpenAI's chat messages are (server/openai_schema.py), so both APIs render them alike."""
     if not (m.name or m.tool_call_id or m.tool_calls):
         return (m.role, m.content)
-    try:
-        calls = json.loads(m.tool_calls) if m.tool_calls else None
-    except (ValueError, RecursionError):
-        raise RequestInvalid(f"messages[{index}].tool_calls is not JSON", param="messages") from None
+    calls = json_field(m.tool_calls, f"messages[{index}].tool_calls", "messages") if m.tool_calls else None
     try:
         message = ChatMessage(role=m.role, content=m.content, name=m.name or None, tool_call_id=m.tool_call_id or None,
                               tool_calls=calls)
     except ValidationError as e:
-        error = e.errors()[0]
-        raise RequestInvalid(f"messages[{index}].{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300],
-                             param="messages") from None
+        raise RequestInvalid(f"messages[{index}].{first_error(e.errors())[1]}", param="messages") from None
     return message.turn(index)
+
+
+def json_field(text: str, name: str, param: str | None = None):
+    """The value of a field that carries JSON text; text that is not JSON is INVALID_ARGUMENT
+    naming the field."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestInvalid(f"{name} is not JSON", param=param or name) from None
 
 
 def template_kwargs(text: str) -> dict:
     """chat_template_kwargs: a JSON object, or empty for none."""
     if not text:
         return {}
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        raise RequestInvalid("chat_template_kwargs is not JSON", param="chat_template_kwargs") from None
+    value = json_field(text, "chat_template_kwargs")
     if not isinstance(value, dict):
         raise RequestInvalid(f"chat_template_kwargs must be a JSON object, not {type(value).__name__}",
                              param="chat_template_kwargs")
@@ -114,10 +115,7 @@ def documents(text: str) -> tuple[dict[str, str], ...]:
     """documents: a JSON list of objects of strings, or empty for none."""
     if not text:
         return ()
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        raise RequestInvalid("documents is not JSON", param="documents") from None
+    value = json_field(text, "documents")
     if not isinstance(value, list) or not all(
             isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in value):
         raise RequestInvalid("documents must be a JSON list of objects whose values are strings", param="documents")

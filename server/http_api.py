@@ -36,6 +36,7 @@ from .openai_schema import (
     add_prompt_logprobs,
     chat_response,
     completion_response,
+    first_error,
     model_card,
 )
 from .requests import validate_request_id
@@ -179,9 +180,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
+        where, message = first_error(exc.errors())
+        return error_response(400, message, where or None)
 
     def check_bearer(request: Request, accepted: tuple[str, ...]) -> None:
         refusal = bearer_refusal(request.headers.get("authorization"), accepted)

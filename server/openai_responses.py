@@ -17,26 +17,26 @@ functions are refused, naming the field.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RequestInvalid
 from .openai_schema import (
+    UNSERVED_EXTRAS,
     ChatCompletionRequest,
     GenerationBody,
     TokenText,
     chat_logprobs,
     chat_message,
+    first_error,
     new_id,
 )
 from .openai_structured import ToolCalls
 from .requests import FinishReason, TokenEvent
 from .tool_parsers import ToolCallParser
 
-# fields that ask for what is not served, and the values that ask for nothing
-REFUSED = {"previous_response_id": (None, ""), "conversation": (None, ""), "reasoning": (None, {}),
-           "background": (None, False), "prompt": (None,)}
+NOT_STORED, NOT_SERVED = ": no response is stored here", ": it is not supported"
 LOGPROBS = "message.output_text.logprobs"  # the one include value served
 PART_TYPES = ("input_text", "output_text", "text")
 ROLES = ("user", "system", "developer", "assistant")
@@ -89,6 +89,10 @@ def chat_messages(items: list[InputItem]) -> list[dict]:
 
 
 class ResponsesRequest(GenerationBody):
+    unserved: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **UNSERVED_EXTRAS, "previous_response_id": (("",), NOT_STORED), "conversation": (("",), NOT_STORED),
+        "reasoning": ((), NOT_SERVED), "background": ((False,), NOT_SERVED), "prompt": ((), NOT_SERVED)}
+
     input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = None
@@ -121,9 +125,8 @@ class ResponsesRequest(GenerationBody):
         try:
             return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
         except ValidationError as e:  # what the chat body checks that this one did not (a tool's parameters...)
-            error = e.errors()[0]
-            raise RequestInvalid(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300],
-                                 param="tools" if error["loc"][:1] == ("tools",) else "input") from None
+            where, message = first_error(e.errors())
+            raise RequestInvalid(message, param="tools" if where.startswith("tools") else "input") from None
 
     def _check_served(self) -> None:
         """What this request asks for has a chat equivalent, or it is refused, naming the field."""
@@ -131,11 +134,6 @@ class ResponsesRequest(GenerationBody):
         if self.prompt_logprobs is not None:
             raise RequestInvalid("prompt_logprobs: a response has no place for them; leave it unset",
                                  param="prompt_logprobs")
-        for name, harmless in REFUSED.items():
-            if (self.model_extra or {}).get(name, None) not in harmless:
-                why = "no response is stored here" if name in ("previous_response_id", "conversation") else \
-                    "it is not supported"
-                raise RequestInvalid(f"{name}: {why}; leave it unset", param=name)
         if self.n != 1:
             raise RequestInvalid("n is not a Responses API field; a response has one output", param="n")
         other = next((v for v in self.include or () if v != LOGPROBS), None)

@@ -29,7 +29,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
 
@@ -55,13 +55,15 @@ from .requests import (
 from .tool_parsers import ToolCallParser
 
 FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
-# vLLM's body extensions that loramux does not serve, each with the values that ask for nothing (a
-# client may always send those; null, [] and {} too): any other value is refused, naming the field,
-# never ignored. Other unknown fields are ignored, as OpenAI's optional ones (metadata...) may be.
-UNSERVED_EXTRAS = {
+# Body fields that loramux does not serve, each with the values that ask for nothing (a client may
+# always send those; null, [] and {} too) and why it is refused: any other value is refused, naming
+# the field, never ignored. Other unknown fields are ignored, as OpenAI's optional ones (metadata...)
+# may be. These are vLLM's extensions; a body type may add its own (GenerationBody.unserved).
+VLLM_EXTENSION = " (a vLLM extension) is not supported"
+UNSERVED_EXTRAS = {name: (harmless, VLLM_EXTENSION) for name, harmless in {
     "use_beam_search": (False,), "length_penalty": (1.0,), "spaces_between_special_tokens": (True,),
     "priority": (0,), "logits_processors": (),
-}
+}.items()}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
@@ -74,6 +76,7 @@ class GenerationBody(BaseModel):
     """The fields every generating body shares (completions, chat; the Responses API's by way of chat)."""
 
     model_config = ConfigDict(extra="allow")  # kept aside (model_extra), for check_supported to see
+    unserved: ClassVar[dict[str, tuple[tuple, str]]] = UNSERVED_EXTRAS  # refused unless harmless, naming why
 
     model: str
     request_id: str | None = None  # vLLM's: the request's id in logs and the response's; X-Request-Id wins
@@ -130,10 +133,10 @@ class GenerationBody(BaseModel):
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come in one chunk first
             raise RequestInvalid("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
         for name, value in (self.model_extra or {}).items():
-            harmless = UNSERVED_EXTRAS.get(name)
-            if harmless is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
-                                                for v in (None, [], {}, *harmless)):
-                raise RequestInvalid(f"{name} (a vLLM extension) is not supported; leave it unset", param=name)
+            harmless, why = self.unserved.get(name, (None, None))
+            if why is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                           for v in (None, [], {}, *harmless)):
+                raise RequestInvalid(f"{name}{why}; leave it unset", param=name)
 
     def sampling(self, max_new_tokens: int | None, logprobs: int | None, default: int) -> SamplingParams:
         """``max_new_tokens`` None: ``default``, shrunk to the room the prompt leaves."""
@@ -287,10 +290,19 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-def chat_options(body) -> ChatOptions:
-    """A chat or /tokenize body's rendering options."""
-    return ChatOptions(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs or {},
-                       body.chat_template or "", tuple(body.documents or ()))
+class ChatRendering(BaseModel):
+    """vLLM's chat extras, how messages are rendered (server/prompts.py, ChatOptions): the same in
+    chat and in /tokenize."""
+
+    add_generation_prompt: bool | None = None  # unset: true, or false with continue_final_message
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # the request's own (--trust-request-chat-template)
+    documents: list[dict[str, str]] | None = None  # for a template that shows retrieved documents
+
+    def chat_options(self) -> ChatOptions:
+        return ChatOptions(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {},
+                           self.chat_template or "", tuple(self.documents or ()))
 
 
 def turns(messages) -> tuple[tuple, ...]:
@@ -299,7 +311,7 @@ def turns(messages) -> tuple[tuple, ...]:
     return tuple(m.turn(i) for i, m in enumerate(messages))
 
 
-class ChatCompletionRequest(GenerationBody):
+class ChatCompletionRequest(GenerationBody, ChatRendering):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -308,12 +320,6 @@ class ChatCompletionRequest(GenerationBody):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
-    # vLLM's chat extras (server/prompts.py, ChatOptions)
-    add_generation_prompt: bool | None = None  # unset: true, or false with continue_final_message
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    chat_template: str | None = None  # the request's own (--trust-request-chat-template)
-    documents: list[dict[str, str]] | None = None  # for a template that shows retrieved documents
     echo: bool = False  # the reply starts with the last message's text, if that is the assistant's
     _tool_parser: ToolCallParser | None = PrivateAttr(None)  # the server's --tool-call-parser
 
@@ -376,13 +382,21 @@ class ChatCompletionRequest(GenerationBody):
         # a forced or parsed tool call shows the model its tools, if the chat template can
         calls = self.tool_calls()
         tools = tuple(t.model_dump(exclude_none=True) for t in self.tools) if calls else ()
-        prompt = Prompt(messages=turns(self.messages), tools=tools, chat=chat_options(self),
+        prompt = Prompt(messages=turns(self.messages), tools=tools, chat=self.chat_options(),
                         add_special_tokens=self.add_special_tokens, truncate_prompt_tokens=self.truncate_prompt_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(max_tokens, logprobs, default_max_new_tokens)
         if isinstance(calls, ToolCallParser) and calls.needs_special_tokens:  # its call marker is one, as in vLLM
             sampling = replace(sampling, skip_special_tokens=False)
         return [prompt], sampling
+
+
+def first_error(errors: list[dict]) -> tuple[str, str]:
+    """pydantic's first validation error as (its dotted place past the body, or "";
+    "<place>: <message>"), as every front-end reports a body or message that does not parse."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return where, f"{where or 'body'}: {first.get('msg', 'invalid request')}"[:300]
 
 
 # ---- responses ----
@@ -707,7 +721,7 @@ def model_card(model_id: str, parent: str | None, created: int, max_model_len: i
             "parent": parent, "max_model_len": max_model_len}
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatRendering):
     """vLLM's POST /tokenize body: a prompt, or chat messages rendered as /v1/chat/completions
     renders them (so ``count`` is the usage.prompt_tokens a chat request would report)."""
 
@@ -716,11 +730,6 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None  # with messages: shown to the chat template, as in chat requests
-    add_generation_prompt: bool | None = None  # with messages, as in chat requests (unset: true, ...)
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    chat_template: str | None = None
-    documents: list[dict[str, str]] | None = None
     add_special_tokens: bool | None = None  # unset: True for a prompt, False for messages (as vLLM)
     truncate_prompt_tokens: int | None = None  # as in completions and chat
     return_token_strs: bool = False
@@ -733,7 +742,7 @@ class TokenizeRequest(BaseModel):
             raise RequestInvalid("tools go with messages", param="tools")
         return Prompt(text=self.prompt or "",
                       messages=turns(self.messages or ()),
-                      tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), chat=chat_options(self),
+                      tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), chat=self.chat_options(),
                       add_special_tokens=self.add_special_tokens, truncate_prompt_tokens=self.truncate_prompt_tokens)
 
 
