@@ -26,6 +26,8 @@ def add_client_commands(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--raw", action="store_true", help="send a plain prompt even when the model has a chat template")
+    g.add_argument("--priority", type=int, default=0,
+                   help="lower first, on a server run with --scheduling priority (others accept only 0)")
     shape = g.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", default=None, help="the text must match this JSON schema (JSON text)")
     shape.add_argument("--json-object", action="store_true", help="the text must be a JSON object")
@@ -73,7 +75,8 @@ def cmd_generate(args) -> int:
                             choice=args.choice, grammar=args.grammar)
         use_chat = not args.raw and client.server_info().has_chat_template
         prompt_kwargs = {"messages": [("user", args.prompt)]} if use_chat else {"prompt": args.prompt}
-        for chunk in client.generate_stream(adapter_id=args.adapter, sampling=sampling, **prompt_kwargs):
+        for chunk in client.generate_stream(adapter_id=args.adapter, sampling=sampling, priority=args.priority,
+                                             **prompt_kwargs):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -130,6 +130,7 @@ class ServerInfo:
     dora: bool = False  # DoRA adapters are served (--enable-dora)
     num_speculative_tokens: int = 0  # prompt-lookup drafts a decoding request may run per step (0: off)
     base_kernel_rows: tuple[int, ...] = ()  # row counts whose base projections run on the C++ kernel (--base-linear)
+    scheduling: str = ""  # admission order (--scheduling): fair, fifo or priority
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:
@@ -253,12 +254,14 @@ def chat_fields(messages=None, add_generation_prompt: bool | None = None, contin
 
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, sampling: Sampling | None = None,
                      request_id: str = "", add_special_tokens: bool | None = None,
-                     truncate_prompt_tokens: int | None = None, **chat) -> pb.GenerateRequest:
-    """``chat``: chat_fields' arguments."""
+                     truncate_prompt_tokens: int | None = None, priority: int = 0, **chat) -> pb.GenerateRequest:
+    """``chat``: chat_fields' arguments. ``priority``: lower first, on a server run with
+    --scheduling priority (others accept only 0)."""
     return pb.GenerateRequest(
         request_id=request_id, adapter_id=adapter_id or "", prompt=prompt or "",
         prompt_token_ids=prompt_token_ids or [], sampling=(sampling or Sampling()).to_pb(),
-        add_special_tokens=add_special_tokens, truncate_prompt_tokens=truncate_prompt_tokens, **chat_fields(**chat))
+        add_special_tokens=add_special_tokens, truncate_prompt_tokens=truncate_prompt_tokens, priority=priority,
+        **chat_fields(**chat))
 
 
 def tokenize_request(prompt=None, *, adapter_id: str = "", add_special_tokens: bool | None = None,

@@ -11,7 +11,15 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import BASE_LINEARS, DTYPES, OP_BACKENDS, TOOL_CALL_PARSERS, ServerConfig, default_cache_dir
+from .config import (
+    BASE_LINEARS,
+    DTYPES,
+    OP_BACKENDS,
+    SCHEDULING,
+    TOOL_CALL_PARSERS,
+    ServerConfig,
+    default_cache_dir,
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -130,9 +138,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool capacity in tokens (default: 80%% of free device memory after the model on CUDA, "
                         "on the CPU min(1 GiB of KV, max-batch-size x max-model-len tokens))")
-    p.add_argument("--scheduling", default=d["scheduling"].default, choices=("fair", "fifo"),
+    p.add_argument("--scheduling", default=d["scheduling"].default, choices=SCHEDULING,
                    help="admission order: fair (the adapter with the least service received first, weighted "
-                        "tokens; arrival order within an adapter) or fifo (arrival order)")
+                        "tokens; arrival order within an adapter), fifo (arrival order) or priority (each "
+                        "request's priority, lower first, then arrival; a request may preempt running ones of "
+                        "a lower priority; vLLM's)")
     p.add_argument("--num-speculative-tokens", type=int, default=d["num_speculative_tokens"].default,
                    help="speculative decoding by prompt lookup: up to this many draft tokens a decoding request "
                         "takes from its own prompt and output (what followed the last occurrence of its last "

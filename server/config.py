@@ -10,7 +10,7 @@ from pathlib import Path
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
-SCHEDULING = ("fair", "fifo")
+SCHEDULING = ("fair", "fifo", "priority")
 BASE_LINEARS = ("auto", "kernel", "torch")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")  # tool_parsers.PARSERS' names, kept import-free here
 MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
@@ -69,7 +69,7 @@ class ServerConfig:
     prompt_lookup_max: int = 4  # longest suffix n-gram matched against the row's earlier tokens
     prompt_lookup_min: int = 2  # shortest
     speculative_disable_by_batch_size: int | None = None  # no drafts in a step with this many running requests
-    scheduling: str = "fair"  # admission order: fair (least service per adapter first) or fifo
+    scheduling: str = "fair"  # admission order: fair (least service per adapter first), fifo or priority
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
     max_queued_requests: int = 1024

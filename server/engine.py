@@ -110,6 +110,7 @@ class Engine:
         self.accepted_tokens = 0
         self.service: dict[str | None, float] = {}  # fair scheduling: weighted tokens served per tenant
         self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.max_adapters_per_step)
+        self.by_priority = config.scheduling == "priority"
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
         # Taken by submit around its append and by the fatal path when it closes the inbox, so that a
         # request racing a fatal fault is either failed by that path or refused, never left waiting.
@@ -205,6 +206,9 @@ class Engine:
                 f"prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) needs {need} KV blocks; the pool holds "
                 f"{self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens (--kv-cache-tokens)",
                 param="max_new_tokens")
+        if req.priority and not self.by_priority:
+            raise RequestInvalid(f"priority {req.priority} is served only with --scheduling priority; this server "
+                                 f"schedules by {c.scheduling!r} (send 0 or leave it unset)", param="priority")
         if not (0.0 <= p.temperature <= 100.0):  # also false for NaN
             raise RequestInvalid(f"temperature must be in [0, 100], got {p.temperature}", param="temperature")
         if not (0.0 < p.top_p <= 1.0):
@@ -429,7 +433,7 @@ class Engine:
         return Fairness(self.service, {s.tenant: s.weight for s in self._waiting})
 
     def _poll_adapters(self, fairness: Fairness | None) -> tuple[set, bool]:
-        ready, loading, failed = self.admission.poll(adapter_order(self._waiting, fairness))
+        ready, loading, failed = self.admission.poll(adapter_order(self._waiting, fairness, self.by_priority))
         for key, error in failed:
             for seq in [s for s in self._waiting if s.adapter == key]:
                 self._finish(seq, error=error)
@@ -452,10 +456,11 @@ class Engine:
             keys, hit = seq.prompt_keys or (), len(seq.hit.blocks)
             waiting.append(SeqView(
                 seq, seq.adapter, seq.prefill_len, 0, num_cached=seq.hit.cached_tokens(seq.prefill_len, bs),
-                hit_blocks=hit, hit_free=seq.hit.num_free, tenant=seq.tenant, computing=tuple(keys[hit:]),
+                hit_blocks=hit, hit_free=seq.hit.num_free, tenant=seq.tenant, priority=seq.priority,
+                computing=tuple(keys[hit:]),
                 next_key=keys[hit] if hit < len(keys) and not wants_rows else None))
         running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
-                           self.blocks.num_freeable(seq), tenant=seq.tenant,
+                           self.blocks.num_freeable(seq), tenant=seq.tenant, priority=seq.priority,
                            computing=tuple((seq.prompt_keys or ())[seq.num_computed // bs :])
                            if seq.num_computed < seq.prefill_len else ())
                    for seq in self._running]
@@ -486,20 +491,20 @@ class Engine:
         seq.prompt_keys = None
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        log.info("request %s preempted, for KV memory or another adapter's fair share (it will be recomputed "
-                 "from %d tokens)", seq.request.request_id, seq.prefill_len)
+        log.info("request %s preempted, for KV memory, another adapter's fair share or a request of higher "
+                 "priority (it will be recomputed from %d tokens)", seq.request.request_id, seq.prefill_len)
 
     def _step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
         waiting, running = self._views()
         decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
-                            self.watermark_blocks, fairness)
+                            self.watermark_blocks, fairness, self.by_priority)
         for seq in decision.preempted:
             self._preempt(seq)
         self._waiting[:0] = decision.preempted  # back to the head of the queue, in admission order
         for seq in decision.admitted:  # final: ready adapters pin, and the scheduler counted the blocks
             self._admit(seq)
-        self.admission.stage(adapter_order(self._waiting, fairness), ready)  # _finish removes finished ones
+        self.admission.stage(adapter_order(self._waiting, fairness, self.by_priority), ready)  # _finish removes finished ones
         work = list(decision.work)
         if not work:
             return False

@@ -64,7 +64,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
     async def _submit(self, request: pb.GenerateRequest, context):
         return await self.service.generate(
             prompt_from_pb(request), sampling_from_pb(request.sampling, self.service.config.default_max_new_tokens),
-            request.adapter_id or None, request.request_id or None, context.time_remaining())
+            request.adapter_id or None, request.request_id or None, context.time_remaining(), request.priority)
 
     @staticmethod
     def _release(stream, context) -> None:
@@ -134,5 +134,5 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             adapter_pages=built.manager.pool.num_pages, op_backend=built.op_backend, cpu_isa=built.cpu_isa,
             lora_dtype=str(built.manager.dtype).removeprefix("torch."), lora_targets=built.registry.layout.kinds,
             dora=built.registry.layout.dora_base is not None, num_speculative_tokens=c.num_speculative_tokens,
-            base_kernel_rows=sorted(built.kernel_rows),
+            base_kernel_rows=sorted(built.kernel_rows), scheduling=c.scheduling,
         )

@@ -283,7 +283,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         rid = request_id_of(request, body)
         chat = body.as_chat().serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
-        (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid)
+        (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid, body.priority)
         tools, text_of = chat.tool_calls(), TokenText(service.ready().tokenizer)
         built = ResponseBuilder(body.model, body.echoed(), tools, rid, text_of if body.logprobs else None)
         clamp = _clamp_logprobs if body.logprobs else (lambda obj: obj)
@@ -334,7 +334,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     async def respond(prompts, sampling, body, kind: str, rid: str):
         tools = body.tool_calls() if kind == "chat" else None
-        streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model), rid)
+        streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model), rid,
+                                                 body.priority)
         tokenizer = service.ready().tokenizer
         text_of = TokenText(tokenizer, body.return_tokens_as_token_ids)
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \

@@ -144,7 +144,8 @@ class _LiveCollector:
                                   "(--num-speculative-tokens)", value=engine.draft_tokens)
         yield CounterMetricFamily("loramux_spec_decode_accepted_tokens", "Speculative draft tokens kept: each saves "
                                   "a decode step", value=engine.accepted_tokens)
-        yield CounterMetricFamily("loramux_preemptions", "Running requests preempted because the KV pool was full",
+        yield CounterMetricFamily("loramux_preemptions", "Running requests preempted: for KV memory, an adapter's fair "
+                                  "share or a request of higher priority",
                                   value=engine.num_preemptions)
         # The names the Gateway API Inference Extension's endpoint picker reads (its model-server
         # protocol), with the same KV definition as loramux_kv_cache_usage_ratio.

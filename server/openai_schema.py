@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from .errors import RequestInvalid
 from .openai_structured import (
@@ -62,7 +62,7 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 VLLM_EXTENSION = " (a vLLM extension) is not supported"
 UNSERVED_EXTRAS = {name: (harmless, VLLM_EXTENSION) for name, harmless in {
     "use_beam_search": (False,), "length_penalty": (1.0,), "spaces_between_special_tokens": (True,),
-    "priority": (0,), "logits_processors": (),
+    "logits_processors": (),
 }.items()}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -80,6 +80,8 @@ class GenerationBody(BaseModel):
 
     model: str
     request_id: str | None = None  # vLLM's: the request's id in logs and the response's; X-Request-Id wins
+    # vLLM's: with --scheduling priority, lower is admitted first (a 32-bit integer, as gRPC's); else only 0
+    priority: int = Field(0, ge=-(1 << 31), lt=1 << 31)
     temperature: float | None = None  # unset: 1.0, as OpenAI
     top_p: float | None = None
     n: int = 1

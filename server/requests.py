@@ -95,6 +95,7 @@ class GenerationRequest:
     sampling: SamplingParams
     adapter_id: str | None = None  # None: the base model
     deadline: float | None = None  # time.monotonic() after which the request fails
+    priority: int = 0  # with --scheduling priority: lower is admitted first, and may preempt higher
 
 
 @dataclass(frozen=True)

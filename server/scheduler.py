@@ -4,9 +4,10 @@ Rules, in order:
 1. Every running sequence gets work, in admission order: decodes one token each, then unfinished
    prefills a chunk. Decodes come first, so prefill of new requests never starves them.
 2. When the KV pool cannot hold a running sequence's next tokens, the most recently admitted
-   running sequence is preempted (possibly the one asking): its blocks return to the pool and it
-   is recomputed later. The oldest running sequence can always progress, because every other one
-   can be preempted for it and a request that cannot fit the pool alone is refused at admission.
+   running sequence is preempted (possibly the one asking; under priority, the most recently
+   admitted of the lowest priority): its blocks return to the pool and it is recomputed later. The
+   oldest (best) running sequence can always progress, because every other one can be preempted
+   for it and a request that cannot fit the pool alone is refused at admission.
 3. Waiting requests are admitted while the batch size, the token budget, the free blocks (less a
    watermark, unless the batch is empty) and the distinct-adapter budget allow. Which one next:
    - fifo: the earliest arrival;
@@ -14,7 +15,11 @@ Rules, in order:
      with the least service received, in weighted tokens (see ``Fairness``), tenants below their
      share of the batch (max-batch-size over the tenants with requests) first; within a tenant,
      arrival order. When the batch is full, a waiting tenant below its share takes slots from
-     tenants above theirs that have had at least as much service, by preemption (``fair_victims``).
+     tenants above theirs that have had at least as much service, by preemption (``fair_victims``);
+   - priority (vLLM's): the lowest ``priority`` value, then arrival. A request that finds the batch
+     full or too few free blocks takes them from running requests of a strictly lower priority
+     (higher value), the lowest and most recently admitted first, when that makes it fit; it is
+     admitted in the same step. Strictly lower only, so preemptions cannot cycle.
    A request blocked for a reason of its own (its adapter is not ready, a new adapter would pass
    the distinct-adapter budget, or the next block of its prompt past its prefix-cache hit is being
    computed by a running or just-admitted request) is skipped with the rest of its tenant for this
@@ -24,7 +29,7 @@ Rules, in order:
    commits that block within its prefill, and then it is a hit. One that does not fit the free
    blocks stops admission, on purpose, so that long prompts are not starved by short ones.
    Nothing is admitted in a step that preempts for KV memory; a step that preempts for a fair
-   share admits the tenant it made room for at once.
+   share or a priority admits the request it made room for at once.
 
 The decision is final: the engine carries it out without refusing any of it.
 """
@@ -67,6 +72,7 @@ class SeqView:
     computing: tuple[Hashable, ...] = ()
     # ... and, waiting, the first of them when a hit would serve it (None: it waits for no one)
     next_key: Hashable | None = None
+    priority: int = 0  # under priority scheduling: lower goes first (vLLM's); else unused
 
     @property
     def in_prefill(self) -> bool:
@@ -102,15 +108,24 @@ def schedule(
     ready_adapters: set,
     watermark: int = 0,
     fairness: Fairness | None = None,
+    by_priority: bool = False,
 ) -> Decision:
-    """``fairness``: None admits in arrival order (fifo); otherwise by least service (fair)."""
+    """``fairness``: None admits in arrival order (fifo); otherwise by least service (fair).
+    ``by_priority`` (without ``fairness``): by ``SeqView.priority``, then arrival."""
+    assert not (fairness and by_priority), "one admission order at a time"
     tokens_left = budgets.max_tokens_per_step
     free = free_blocks
     active = list(running)  # admission order; victims come off the end
     charged: dict[Hashable, tuple[int, int]] = {}  # seq_id -> (tokens, new blocks) given this step
     preempted: list[Hashable] = []
 
-    def preempt(index: int = -1) -> SeqView:
+    def worst() -> int:
+        """The index of the running sequence to preempt first."""
+        if not by_priority:
+            return len(active) - 1
+        return max(range(len(active)), key=lambda j: (active[j].priority, j))
+
+    def preempt(index: int) -> SeqView:
         nonlocal tokens_left, free
         victim = active.pop(index)
         tokens, blocks = charged.pop(victim.seq_id, (0, 0))
@@ -133,41 +148,66 @@ def schedule(
                 if fits > 0:
                     want, need = fits, free
             while need > free:
-                if preempt() is seq:
+                j = worst()
+                if preempt(j) is seq:
                     break
+                i -= j < i  # a victim ahead of it (priority order): it moved up one
             if active and i < len(active) and active[i] is seq:
                 charged[seq.seq_id] = (want, need)
                 tokens_left -= want
                 free -= need
                 i += 1
-    kv_pressure = bool(preempted)
+    if preempted:  # nothing joins a step that preempts for KV memory
+        return Decision(_running_work(active, charged), (), _in_order(preempted, running))
 
     def computed_elsewhere() -> set:
         return {key for s in active if s.in_prefill for key in s.computing}
 
     in_flight = computed_elsewhere()
-    if fairness and not kv_pressure and len(active) >= budgets.max_batch_size:
+    if fairness and len(active) >= budgets.max_batch_size:
         takers = [w for w in waiting if w.next_key not in in_flight]  # a waiting prefix takes no slot yet
         for victim in fair_victims(takers, active, budgets, fairness, ready_adapters):
             preempt(active.index(victim))
         in_flight = computed_elsewhere()
-    work = [(s.seq_id, charged[s.seq_id][0]) for phase in (False, True) for s in active
-            if s.in_prefill == phase and s.seq_id in charged]
-    order = {s.seq_id: i for i, s in enumerate(running)}
-    preempted.sort(key=order.__getitem__)
-    if kv_pressure:
-        return Decision(tuple(work), (), tuple(preempted))
 
     adapters = {s.adapter for s in active if s.adapter is not None}
     batch = len(active)
     queues: dict[Hashable, deque[tuple[int, SeqView]]] = {}  # tenant -> its waiting requests, in order
-    for order, seq in enumerate(waiting):
-        queues.setdefault(seq.tenant, deque()).append((order, seq))
+    for order, seq in enumerate(sorted(waiting, key=lambda s: s.priority) if by_priority else waiting):
+        queues.setdefault(seq.tenant, deque()).append((order, seq))  # sorted is stable: arrival within a level
     service = dict(fairness.service) if fairness else {}
     counts = _running_per_tenant(active)
     share = _share(budgets, counts, queues)
-    admitted: list[Hashable] = []
-    while queues and batch < budgets.max_batch_size and tokens_left > 0:
+    admitted: list[SeqView] = []
+    work: list[tuple[Hashable, int]] = []
+
+    def cost(seq: SeqView) -> tuple[int, int]:
+        """(prompt tokens, new blocks) it takes if admitted now."""
+        start = max(seq.num_computed, seq.num_cached)
+        n = min(seq.prefill_len - start, tokens_left)
+        # hit_free was counted before this step's preemptions: a victim's blocks that the hit takes
+        # are unreferenced now, so then every hit block may cost free capacity
+        hit_free = seq.hit_blocks if preempted else seq.hit_free
+        return n, blocks_for(start + n, block_size) - seq.hit_blocks + hit_free
+
+    def fits(seq: SeqView) -> bool:
+        _, need = cost(seq)
+        return batch < budgets.max_batch_size and need <= free - (watermark if batch else 0)
+
+    def room_by_priority(seq: SeqView) -> bool:
+        """Whether preempting every running request of a strictly lower priority than ``seq`` (a
+        higher value) would let it in: only then are any preempted for it."""
+        lower = [s for s in active if s.priority > seq.priority]
+        if not lower:
+            return False
+        left = batch - len(lower)
+        start = max(seq.num_computed, seq.num_cached)
+        n = min(seq.prefill_len - start, tokens_left + sum(charged.get(s.seq_id, (0, 0))[0] for s in lower))
+        need = blocks_for(start + n, block_size)  # once victims go, every hit block may be a free one (``cost``)
+        room = free + sum(charged.get(s.seq_id, (0, 0))[1] + s.num_freeable for s in lower)
+        return left < budgets.max_batch_size and need <= room - (watermark if left else 0)
+
+    while queues and tokens_left > 0:
         if fairness:  # tenants below their share of the batch first (slots freed for them stay theirs)
             tenant = min(queues, key=lambda t: (counts.get(t, 0) >= share, service.get(t, 0.0), queues[t][0][0]))
         else:
@@ -179,16 +219,18 @@ def schedule(
                 seq.next_key is not None and seq.next_key in in_flight):
             del queues[tenant]  # its own reason: the rest of its tenant waits too, others go ahead
             continue
-        start = max(seq.num_computed, seq.num_cached)
-        n = min(seq.prefill_len - start, tokens_left)
-        # hit_free was counted before this step's preemptions: a victim's blocks that the hit takes
-        # are unreferenced now, so then every hit block may cost free capacity
-        hit_free = seq.hit_blocks if preempted else seq.hit_free
-        need = blocks_for(start + n, block_size) - seq.hit_blocks + hit_free
+        if by_priority and not fits(seq) and room_by_priority(seq):
+            while not fits(seq):
+                preempt(worst())
+                batch -= 1
+            adapters = {s.adapter for s in (*active, *admitted) if s.adapter is not None}
+        if batch >= budgets.max_batch_size:
+            break
+        n, need = cost(seq)
         if need > free - (watermark if batch else 0):
             break  # on purpose: a long prompt is not overtaken forever by short ones
         work.append((seq.seq_id, n))
-        admitted.append(seq.seq_id)
+        admitted.append(seq)
         in_flight.update(seq.computing)
         tokens_left -= n
         free -= need
@@ -201,7 +243,19 @@ def schedule(
         queues[tenant].popleft()
         if not queues[tenant]:
             del queues[tenant]
-    return Decision(tuple(work), tuple(admitted), tuple(preempted))
+    return Decision(_running_work(active, charged) + tuple(work), tuple(s.seq_id for s in admitted),
+                    _in_order(preempted, running))
+
+
+def _running_work(active: Sequence[SeqView], charged: Mapping) -> tuple[tuple[Hashable, int], ...]:
+    """The running sequences' share of the step: decodes first, then prefill chunks."""
+    return tuple((s.seq_id, charged[s.seq_id][0]) for phase in (False, True) for s in active
+                 if s.in_prefill == phase and s.seq_id in charged)
+
+
+def _in_order(preempted: list[Hashable], running: Sequence[SeqView]) -> tuple[Hashable, ...]:
+    order = {s.seq_id: i for i, s in enumerate(running)}
+    return tuple(sorted(preempted, key=order.__getitem__))
 
 
 def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Budgets, fairness: Fairness,
@@ -242,10 +296,13 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
     return victims
 
 
-def adapter_order(waiting: Sequence, fairness: Fairness | None) -> list[Hashable]:
-    """The distinct adapters of ``waiting`` (anything with ``adapter`` and ``tenant``, in arrival
-    order) in the order admission will want them, for prefetching: fifo, by first arrival; fair,
-    tenants by least service received, ties by first arrival. The base model is left out."""
+def adapter_order(waiting: Sequence, fairness: Fairness | None, by_priority: bool = False) -> list[Hashable]:
+    """The distinct adapters of ``waiting`` (anything with ``adapter``, ``tenant`` and ``priority``,
+    in arrival order) in the order admission will want them, for prefetching: fifo, by first
+    arrival; fair, tenants by least service received, ties by first arrival; priority, by first
+    request in (priority, arrival) order. The base model is left out."""
+    if by_priority:
+        waiting = sorted(waiting, key=lambda s: s.priority)
     first: dict[Hashable, int] = {}
     by_tenant: dict[Hashable, list[Hashable]] = {}
     for i, seq in enumerate(waiting):

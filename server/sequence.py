@@ -66,6 +66,11 @@ class Sequence:
         return self.request.adapter_id or None
 
     @property
+    def priority(self) -> int:
+        """Under --scheduling priority: lower goes first."""
+        return self.request.priority
+
+    @property
     def num_generated(self) -> int:
         return len(self.ids) - self.num_prompt
 

@@ -73,15 +73,16 @@ class Service:
 
     # ---- generation ----
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
-                       request_id: str | None = None, time_remaining: float | None = None):
+                       request_id: str | None = None, time_remaining: float | None = None, priority: int = 0):
         """Validate, render the prompt off the loop and submit; returns the engine's RequestStream."""
         with self._counting_refusals(adapter_id):
             ids = await self._render(prompt, adapter_id)
             await self._prepare(sampling)
-            return self._submit(ids, sampling, adapter_id, request_id, time_remaining)
+            return self._submit(ids, sampling, adapter_id, request_id, time_remaining, priority)
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
-                               adapter_id: str | None = None, request_id: str | None = None) -> list:
+                               adapter_id: str | None = None, request_id: str | None = None,
+                               priority: int = 0) -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
@@ -107,7 +108,7 @@ class Service:
                     for j in range(n):
                         seeded = sampling if j == 0 else later if later.seed is None else \
                             replace(later, seed=(later.seed + j) % (1 << 64))
-                        streams.append(self._submit(ids, seeded, adapter_id, request_id))
+                        streams.append(self._submit(ids, seeded, adapter_id, request_id, priority=priority))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -176,11 +177,11 @@ class Service:
                                 sampling.structured_output)
 
     def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None,
-                request_id: str | None = None, time_remaining: float | None = None):
+                request_id: str | None = None, time_remaining: float | None = None, priority: int = 0):
         req = GenerationRequest(
             request_id=request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
             adapter_id=adapter_id or None,
-            deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+            deadline=None if time_remaining is None else time.monotonic() + time_remaining, priority=priority,
         )
         return self.ready().engine.submit(req)
 

@@ -223,6 +223,14 @@ def test_invalid_requests_are_refused_before_any_work(built, params, prompt, mat
         built.engine.validate(GenerationRequest("v", prompt, params))
 
 
+def test_a_priority_is_refused_unless_the_server_schedules_by_priority(built):
+    assert built.engine.config.scheduling == "fair"
+    built.engine.validate(GenerationRequest("p", PROMPT, SamplingParams(5), priority=0))
+    with pytest.raises(RequestInvalid, match=r"priority 2 is served only with --scheduling priority; this server "
+                                             r"schedules by 'fair'"):
+        built.engine.validate(GenerationRequest("p", PROMPT, SamplingParams(5), priority=2))
+
+
 def test_a_default_max_new_tokens_fits_the_context_and_the_kv_cache(built):
     """A request that left max_new_tokens to the server gets the default, shrunk to what
     max_model_len and the KV pool leave after its prompt (at least 1, which validate then refuses

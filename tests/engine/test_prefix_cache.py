@@ -156,6 +156,43 @@ def test_a_small_pool_preempts_and_every_request_stays_exact(tiny_llama, tiny_ad
         built.engine.stop()
 
 
+def test_a_request_of_higher_priority_preempts_a_lower_one_and_every_stream_stays_exact(tiny_llama, tiny_adapters):
+    """--scheduling priority, a batch of 2 held by two requests of priority 3: one of priority -1
+    arriving later takes the newer one's slot at once (preempting it) and finishes first; the
+    preempted request is recomputed, and every stream is token for token PEFT's."""
+    rng = random.Random(5)
+    jobs = {"low0": ("attn-r4", 3, 56), "low1": ("all-r8", 3, 56), "high": ("regex-mlp-r8", -1, 8)}
+    prompts = {rid: [rng.randrange(3, 300) for _ in range(20)] for rid in jobs}
+    built = make(tiny_llama, tiny_adapters, scheduling="priority", max_batch_size=2)
+    engine = built.engine
+    try:
+        async def main():
+            finished, tokens = [], {}
+
+            async def one(rid):
+                adapter, priority, max_new = jobs[rid]
+                stream = engine.submit(GenerationRequest(rid, tuple(prompts[rid]), SamplingParams(
+                    max_new, ignore_eos=True), adapter, priority=priority))
+                tokens[rid] = [ev.token_id async for ev in stream]
+                finished.append(rid)
+
+            lows = [asyncio.create_task(one(rid)) for rid in ("low0", "low1")]
+            while engine.counts() != (2, 0):  # both running
+                await asyncio.sleep(0.001)
+            await one("high")
+            await asyncio.gather(*lows)
+            return finished, tokens
+
+        finished, tokens = asyncio.run(main())
+        assert finished[0] == "high" and engine.num_preemptions == 1
+        for rid, (adapter, _, max_new) in jobs.items():
+            assert [tokens[rid]] == peft_generate(tiny_llama, tiny_adapters[adapter], [prompts[rid]], max_new,
+                                                  eos_token_id=None), rid
+        assert_idle(engine)
+    finally:
+        built.engine.stop()
+
+
 def test_a_pool_smaller_than_one_request_is_refused_at_start_up():
     with pytest.raises(ValueError, match=r"kv-cache-tokens \(95\) must be >= max-model-len \(96\)"):
         ServerConfig(max_model_len=96, default_max_new_tokens=8, kv_cache_tokens=95)

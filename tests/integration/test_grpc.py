@@ -58,6 +58,7 @@ def test_server_info_and_adapters(server, tiny_adapters):
     info = server.client.server_info()
     assert info.model == "tiny-llama" and info.device == "cpu" and info.dtype == "float32"
     assert (info.max_batch_size, info.max_model_len, info.max_device_adapters) == (8, 256, 4)
+    assert info.scheduling == "fair"
     assert info.adapter_pages == 4 * info.max_lora_rank
     assert info.op_backend in ("cpp", "torch") and info.cpu_isa  # auto on a CPU: the C++ kernel when it builds
     assert info.lora_dtype == info.dtype == "float32"  # --lora-dtype auto: the model's
@@ -159,6 +160,14 @@ def test_text_prompt_and_chat_messages(server, tiny_llama):
     rendered = tok.apply_chat_template([{"role": a, "content": b} for a, b in msgs], add_generation_prompt=True,
                                        tokenize=True, return_dict=True)["input_ids"]
     assert r.prompt_tokens == len(rendered) > 20
+
+
+def test_a_priority_is_refused_by_a_server_that_does_not_schedule_by_it(server):
+    code, details = code_of(server.client.generate, prompt_token_ids=PROMPT_IDS, priority=-1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "priority -1 is served only with --scheduling priority; this server schedules by 'fair'" in details
+    assert server.client.generate(prompt_token_ids=PROMPT_IDS, sampling=Sampling(max_new_tokens=1),
+                                  priority=0).completion_tokens == 1
 
 
 def test_tokenize_gives_the_prompt_tokens_generate_sees_and_detokenize_their_text(server, tiny_llama):

@@ -46,7 +46,8 @@ def hserver(tiny_llama, tiny_adapters, tmp_path_factory):
          "--max-batch-size", "8", "--max-model-len", "128", "--max-input-tokens", "40", "--max-total-tokens", "60",
          "--max-new-tokens-limit", "30", "--default-max-new-tokens", "8", "--max-stop-token-ids", "4",
          "--max-prompt-bytes", "1500000", "--max-chat-messages", "3", "--tool-call-parser", "hermes",
-         "--max-registered-adapters", str(MAX_REGISTERED)],
+         "--max-registered-adapters", str(MAX_REGISTERED),
+         "--scheduling", "priority"],  # fuzzed priorities preempt the canary and one another
         tmp_path_factory.mktemp("hlogs") / "server.log",
     )
     proc.wait_ready()
@@ -530,9 +531,10 @@ sampling_pb = st.builds(
     any_float,
     st.one_of(st.lists(odd_text, max_size=4), st.lists(st.just("ab"), min_size=120, max_size=140)),
 )
-prompt_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's rendering fields
+prompt_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's rendering fields, and priority
     "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(), "add_special_tokens": st.booleans(),
     "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), st.integers(-(2**31), 2**31 - 1)),
+    "priority": st.one_of(st.integers(-3, 3), st.integers(-(2**31), 2**31 - 1)),
     "chat_template_kwargs": st.one_of(odd_text, st.sampled_from(['{"preamble": "x"}', '{"tokenize": false}', "[]",
                                                                  "{", '{"a": ' * 3000 + "1" + "}" * 3000])),
     "documents": st.one_of(odd_text, st.sampled_from(['[{"text": "x"}]', '[{"t": 1}]', "{}", "[[]]"])),
@@ -597,6 +599,7 @@ def http_bodies():
                                                 st.one_of(st.floats(), st.integers(-200, 200)), max_size=3), odd),
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
         "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
+        "priority": st.one_of(st.integers(-3, 3), st.integers(-(2**40), 2**40), odd),
         "add_special_tokens": odd, "allowed_token_ids": st.one_of(ids, odd),
         "bad_words": st.one_of(st.lists(odd_text, max_size=4), st.just(["a"] * 129), odd),
         "prompt_logprobs": st.one_of(st.integers(-2, 22), odd), "return_tokens_as_token_ids": odd,
@@ -648,7 +651,8 @@ def http_bodies():
         "stream_options": st.just({"include_usage": True}),
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
-        "guided_choice": st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3)})
+        "guided_choice": st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3),
+        "priority": st.integers(-2, 2)})
     item = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["user", "developer", "assistant", "tool", ""]),
                                             "content": st.one_of(odd_text, st.lists(st.fixed_dictionaries(
                                                 {"type": st.sampled_from(["input_text", "output_text", "input_image"]),

@@ -32,7 +32,8 @@ def oserver(tiny_llama, tiny_adapters, tmp_path_factory):
         ["--model", str(tiny_llama), "--adapter-dir", str(next(iter(tiny_adapters.values())).parent),
          "--adapter-root", str(root), "--dynamic-adapters", "--max-registered-adapters", "10",
          "--max-batch-size", "8", "--max-model-len", "256", "--default-max-new-tokens", "16",
-         "--max-http-body-bytes", "200000", "--tool-call-parser", "hermes", "--base-linear", "torch"],
+         "--max-http-body-bytes", "200000", "--tool-call-parser", "hermes", "--base-linear", "torch",
+         "--scheduling", "priority"],  # every request here goes through priority admission
         tmp_path_factory.mktemp("ologs") / "server.log",
     )
     proc.wait_ready()
@@ -55,6 +56,50 @@ def test_models_lists_the_base_model_and_every_adapter(oserver, tiny_adapters):
     for name in tiny_adapters:
         assert models[name].parent == info.model
     assert {m.max_model_len for m in models.values()} == {256}  # vLLM's field, which clients size prompts by
+
+
+def test_a_request_of_higher_priority_preempts_lower_ones_and_a_lower_one_waits(oserver, tiny_adapters):
+    """--scheduling priority, the batch full of HTTP streams of priority 2: a gRPC request of
+    priority 3 waits without preempting anything, and an HTTP request of priority 1 preempts one at
+    once and finishes while they still run. Either field dropped on its way to the engine (0 for
+    all) would swap those outcomes."""
+    info = oserver.client.server_info()
+    assert info.scheduling == "priority"
+    wait_idle(oserver)
+    preempted = oserver.metrics()["loramux_preemptions_total"]
+    threads, lows, worse = [], [], []
+
+    def low(i):
+        lows.append(oserver.oa.completions.create(
+            model="attn-r4", prompt=[11 + i, 12, 13], max_tokens=200, temperature=0,
+            extra_body={"ignore_eos": True, "priority": 2}))
+
+    for i in range(info.max_batch_size):
+        threads.append(threading.Thread(target=low, args=(i,)))
+        threads[-1].start()
+    deadline = time.monotonic() + 30
+    while oserver.metrics()["loramux_running_requests"] < info.max_batch_size:
+        assert time.monotonic() < deadline, "the batch never filled"
+        time.sleep(0.005)
+    threads.append(threading.Thread(target=lambda: worse.append(oserver.client.generate(
+        prompt_token_ids=PROMPT_IDS, sampling=Sampling(max_new_tokens=4, ignore_eos=True), priority=3))))
+    threads[-1].start()
+    while oserver.metrics()["loramux_waiting_requests"] < 1:
+        assert time.monotonic() < deadline, "the priority-3 request never queued"
+        time.sleep(0.005)
+    assert oserver.metrics()["loramux_preemptions_total"] == preempted
+    better = oserver.oa.completions.create(model=info.model, prompt=[7, 8, 9], max_tokens=4, temperature=0,
+                                           extra_body={"ignore_eos": True, "priority": 1})
+    assert better.usage.completion_tokens == 4
+    assert len(lows) < info.max_batch_size and not worse  # it finished while they ran
+    assert oserver.metrics()["loramux_preemptions_total"] == preempted + 1
+    for t in threads:
+        t.join(timeout=60)
+    assert [r.usage.completion_tokens for r in lows] == [200] * info.max_batch_size
+    assert len(worse[0].token_ids) == 4
+    with pytest.raises(openai.BadRequestError, match="priority") as e:  # gRPC's field is an int32: so is this one
+        oserver.oa.completions.create(model=info.model, prompt="x", max_tokens=1, extra_body={"priority": 1 << 31})
+    assert e.value.body["param"] == "priority"
 
 
 @pytest.mark.parametrize("adapter", ["", "attn-r4", "all-r16-rslora"])
@@ -206,7 +251,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"logits_processors": ["x"]}), "logits_processors"),
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
-        (dict(extra_body={"priority": 1}), "priority"),
+        (dict(extra_body={"priority": -(1 << 31) - 1}), "priority"),  # an int32, as gRPC's
         (dict(extra_body={"spaces_between_special_tokens": False}), "spaces_between_special_tokens"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:

@@ -1,5 +1,6 @@
 """The scheduling policy, without a model."""
 
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,14 +11,15 @@ B = Budgets(max_batch_size=4, max_tokens_per_step=16, max_adapters_per_step=2)
 BIG = 1000  # a block size no test sequence outgrows: one block per sequence, like the old slots
 
 
-def seq(i, adapter=None, prompt=8, computed=0, held=None):
+def seq(i, adapter=None, prompt=8, computed=0, held=None, priority=0):
     """``held``: a running sequence holds its one block (default: when it has computed tokens)."""
     held = computed > 0 if held is None else held
-    return SeqView(i, adapter, prompt, computed, num_blocks=int(held), num_freeable=int(held), tenant=adapter)
+    return SeqView(i, adapter, prompt, computed, num_blocks=int(held), num_freeable=int(held), tenant=adapter,
+                   priority=priority)
 
 
-def slots(waiting, running, budgets, free, ready, fairness=None):
-    return schedule(waiting, running, budgets, free, BIG, ready, fairness=fairness)
+def slots(waiting, running, budgets, free, ready, fairness=None, by_priority=False):
+    return schedule(waiting, running, budgets, free, BIG, ready, fairness=fairness, by_priority=by_priority)
 
 
 def test_decodes_first_then_prefill_chunks_then_admissions():
@@ -181,12 +183,91 @@ def test_a_full_batch_gives_a_waiting_tenant_its_share_by_preempting_the_most_se
     assert slots(waiting, at_share, budgets, 8, {"flood", "light"}, served).preempted == ()
 
 
+def test_priority_admits_the_lowest_value_first_then_by_arrival():
+    waiting = [seq("a", priority=1), seq("b", priority=0), seq("c", priority=1), seq("d", priority=-3)]
+    d = slots(waiting, [], Budgets(3, 64, 2), 8, set(), by_priority=True)
+    assert d.admitted == ("d", "b", "a")
+    assert slots(waiting, [], Budgets(3, 64, 2), 8, set()).admitted == ("a", "b", "c")  # fifo ignores it
+    # a loading adapter's request is skipped, not a wall, as under the other orders
+    cold = [seq("x", "cold", priority=-1), *waiting]
+    assert slots(cold, [], Budgets(3, 64, 2), 8, set(), by_priority=True).admitted == ("d", "b", "a")
+
+
+def test_a_request_of_higher_priority_takes_a_full_batch_slot_from_the_lowest():
+    running = [seq("r0", computed=8, priority=0), seq("r1", computed=8, priority=2),
+               seq("r2", computed=8, priority=1), seq("r3", computed=8, priority=2)]
+    budgets = Budgets(max_batch_size=4, max_tokens_per_step=64)
+    d = slots([seq("w", prompt=2, priority=1)], running, budgets, 8, set(), by_priority=True)
+    # the lowest priority, most recently admitted first; admitted in the same step
+    assert d.preempted == ("r3",) and d.admitted == ("w",)
+    assert dict(d.work) == {"r0": 1, "r1": 1, "r2": 1, "w": 2}
+    two = slots([seq("w", prompt=2, priority=1), seq("v", prompt=2, priority=0)], running, budgets, 8, set(),
+                by_priority=True)
+    assert two.preempted == ("r1", "r3") and two.admitted == ("v", "w")
+    # equal priority never preempts (no cycles), nor does a full batch under fifo
+    assert slots([seq("w", priority=2)], running, budgets, 8, set(), by_priority=True).preempted == ()
+    assert slots([seq("w", priority=-5)], running, budgets, 8, set()).preempted == ()
+
+
+def test_a_request_of_higher_priority_takes_blocks_only_when_that_makes_it_fit():
+    running = [SeqView("hi", None, 16, 16, num_blocks=1, num_freeable=1, priority=0),
+               SeqView("lo", None, 16, 17, num_blocks=2, num_freeable=2, priority=5)]
+    budgets = Budgets(max_batch_size=8, max_tokens_per_step=64)
+    fits = schedule([SeqView("w", None, 32, 0, priority=1)], running, budgets, free_blocks=1, block_size=16,
+                    ready_adapters=set(), by_priority=True)
+    assert fits.preempted == ("lo",) and fits.admitted == ("w",)  # 1 free + 2 of lo's covers hi's next and w's 2
+    too_long = schedule([SeqView("w", None, 80, 0, priority=1)], running, budgets, free_blocks=1, block_size=16,
+                        ready_adapters=set(), by_priority=True)
+    assert too_long.preempted == () and too_long.admitted == ()  # 5 blocks: preempting lo would not be enough
+
+
+def test_under_kv_pressure_priority_preempts_the_lowest_even_if_admitted_earlier():
+    running = [SeqView("a", None, 16, 16, num_blocks=1, num_freeable=1, priority=0),
+               SeqView("b", None, 16, 20, num_blocks=2, num_freeable=2, priority=1),
+               SeqView("c", None, 16, 17, num_blocks=2, num_freeable=2, priority=0)]
+    d = schedule([], running, B, free_blocks=0, block_size=16, ready_adapters=set(), by_priority=True)
+    assert d.preempted == ("b",) and dict(d.work) == {"a": 1, "c": 1}
+    fifo = schedule([], running, B, free_blocks=0, block_size=16, ready_adapters=set())
+    assert fifo.preempted == ("c",)  # the most recently admitted
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    running=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40), st.integers(-2, 2)), max_size=4),
+    waiting=st.lists(st.tuples(st.sampled_from([None, "a", "b"]), st.integers(1, 40), st.integers(-2, 2)),
+                     max_size=10),
+    tokens=st.integers(4, 64),
+    free=st.integers(0, 6),
+    block_size=st.sampled_from([4, 16]),
+)
+def test_priority_preempts_only_the_lowest_and_admits_in_priority_order(running, waiting, tokens, free, block_size):
+    run = [SeqView(f"r{i}", None, p, min(c, p), blocks_for(min(c, p), block_size), blocks_for(min(c, p), block_size),
+                   priority=q) for i, (p, c, q) in enumerate(running)]
+    wait = [SeqView(f"w{i}", a, p, 0, tenant=a, priority=q) for i, (a, p, q) in enumerate(waiting)]
+    d = schedule(wait, run, Budgets(4, tokens, 2), free, block_size, {"a"}, watermark=1, by_priority=True)
+    assert sum(n for _, n in d.work) <= tokens and all(n > 0 for _, n in d.work)
+    kept = [s for s in run if s.seq_id not in d.preempted]
+    assert len(kept) + len(d.admitted) <= 4
+    assert sum(blocks_for(s.num_computed + n, block_size) - s.num_blocks for s in [*run, *wait]
+               for i, n in d.work if i == s.seq_id) <= free + sum(s.num_freeable for s in run if s.seq_id in d.preempted)
+    key = {s.seq_id: (s.priority, i) for i, s in enumerate(run)}
+    if d.preempted:  # the victims are the running requests that come last in (priority, admission) order
+        assert max(key[s.seq_id] for s in kept) < min(key[i] for i in d.preempted) if kept else True
+        if d.admitted:  # taken for admissions: each of a strictly lower priority than the best one admitted
+            best = min(s.priority for s in wait if s.seq_id in d.admitted)
+            assert all(key[i][0] > best for i in d.preempted)
+    # admissions follow (priority, arrival) among the requests that could go (adapter "b" is loading)
+    eligible = sorted((s for s in wait if s.adapter != "b"), key=lambda s: s.priority)
+    assert list(d.admitted) == [s.seq_id for s in eligible[: len(d.admitted)]]
+
+
 TEMPLATE = list(range(100, 160))  # with shared=True every prompt starts with it: the prefixes collide
 
 
-def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=False):
+def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=False, priorities=None):
     """The engine's loop in miniature (block manager + policy; with ``fair``, three tenants and
-    their service counted as the engine counts it; with ``shared``, prompts that share their
+    their service counted as the engine counts it; with ``priorities``, priority admission, request
+    i's priority priorities[i % len]; with ``shared``, prompts that share their
     leading blocks, served through the prefix cache as the engine serves them). Returns
     (requests, completed ids, preemptions, prefix-hit tokens); checks the block manager's
     invariants after every step."""
@@ -197,6 +278,9 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=F
                for i, (p, n, t) in enumerate(reqs) if blocks_for(p + 1 + n, bs) <= num_blocks]  # refused: the rest
     waiting, running, done, preemptions = [], [], set(), 0
 
+    def priority(r):
+        return priorities[r["id"] % len(priorities)] if priorities else 0
+
     def keys(r):
         return block_keys(b"m", r["ids"][: r["prefill"]], bs) if shared else []
 
@@ -205,7 +289,7 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=F
         if not waiting and not running and len(done) == len(pending):
             break
         views = [SeqView(r["id"], None, r["prefill"], r["computed"], len(blocks.table(r["id"])),
-                         blocks.num_freeable(r["id"]), tenant=r["id"] % 3,
+                         blocks.num_freeable(r["id"]), tenant=r["id"] % 3, priority=priority(r),
                          computing=tuple(keys(r)[r["computed"] // bs :]) if r["computed"] < r["prefill"] else ())
                  for r in running]
         waiting_views = []
@@ -214,9 +298,10 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=F
             k, h = keys(r), len(r["hit"].blocks)
             waiting_views.append(SeqView(r["id"], None, r["prefill"], 0, num_cached=r["hit"].cached_tokens(r["prefill"], bs),
                                          hit_blocks=h, hit_free=r["hit"].num_free, tenant=r["id"] % 3,
+                                         priority=priority(r),
                                          computing=tuple(k[h:]), next_key=k[h] if h < len(k) else None))
         d = schedule(waiting_views, views, Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs,
-                     set(), watermark=1, fairness=Fairness(service) if fair else None)
+                     set(), watermark=1, fairness=Fairness(service) if fair else None, by_priority=bool(priorities))
         by_id = {r["id"]: r for r in [*waiting, *running]}
         for i in d.preempted:  # recomputed later from all its tokens so far
             r = by_id[i]
@@ -261,14 +346,16 @@ def test_a_small_pool_preempts_and_still_completes_everything():
     reqs=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 24), st.integers(0, 6)), min_size=1, max_size=10),
     num_blocks=st.integers(4, 12),
     budgets=st.tuples(st.integers(1, 5), st.integers(5, 48)),
-    fair=st.booleans(),
+    policy=st.sampled_from(["fifo", "fair", "priority"]),
+    priorities=st.lists(st.integers(-2, 2), min_size=1, max_size=10),
     shared=st.booleans(),
 )
-def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets, fair, shared):
-    """Requests arrive over time into a pool small enough to force preemptions, under fifo or fair
-    admission, with or without prefixes in common (which wait for one another's blocks); every
-    one finishes in bounded steps, with every block back."""
-    pending, done, _, _ = simulate(reqs, num_blocks, *budgets, fair=fair, shared=shared)
+def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets, policy, priorities, shared):
+    """Requests arrive over time into a pool small enough to force preemptions, under fifo, fair
+    or priority admission (the priorities drawn too), with or without prefixes in common (which
+    wait for one another's blocks); every one finishes in bounded steps, with every block back."""
+    pending, done, _, _ = simulate(reqs, num_blocks, *budgets, fair=policy == "fair", shared=shared,
+                                   priorities=priorities if policy == "priority" else None)
     assert done == {r["id"] for r in pending}, "a request never completed"
 
 

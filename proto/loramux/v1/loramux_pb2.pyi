@@ -137,7 +137,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., tool_calls: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "prompt", "prompt_token_ids", "messages", "sampling", "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "add_special_tokens", "truncate_prompt_tokens", "chat_template", "documents")
+    __slots__ = ("request_id", "adapter_id", "prompt", "prompt_token_ids", "messages", "sampling", "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "add_special_tokens", "truncate_prompt_tokens", "chat_template", "documents", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class GenerateRequest(_message.Message):
     TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     prompt: str
@@ -164,7 +165,8 @@ class GenerateRequest(_message.Message):
     truncate_prompt_tokens: int
     chat_template: str
     documents: str
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template_kwargs: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., chat_template: _Optional[str] = ..., documents: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template_kwargs: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., chat_template: _Optional[str] = ..., documents: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -311,7 +313,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "device", "dtype", "max_lora_rank", "max_device_adapters", "max_host_adapters", "max_batch_size", "max_model_len", "registered_adapters", "has_chat_template", "kv_block_size", "kv_cache_tokens", "op_backend", "cpu_isa", "adapter_pages", "lora_dtype", "lora_targets", "dora", "num_speculative_tokens", "base_kernel_rows")
+    __slots__ = ("version", "model", "device", "dtype", "max_lora_rank", "max_device_adapters", "max_host_adapters", "max_batch_size", "max_model_len", "registered_adapters", "has_chat_template", "kv_block_size", "kv_cache_tokens", "op_backend", "cpu_isa", "adapter_pages", "lora_dtype", "lora_targets", "dora", "num_speculative_tokens", "base_kernel_rows", "scheduling")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +335,7 @@ class ServerInfo(_message.Message):
     DORA_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BASE_KERNEL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     device: str
@@ -354,7 +357,8 @@ class ServerInfo(_message.Message):
     dora: bool
     num_speculative_tokens: int
     base_kernel_rows: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., registered_adapters: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., op_backend: _Optional[str] = ..., cpu_isa: _Optional[str] = ..., adapter_pages: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_targets: _Optional[_Iterable[str]] = ..., dora: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ..., base_kernel_rows: _Optional[_Iterable[int]] = ...) -> None: ...
+    scheduling: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., registered_adapters: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., op_backend: _Optional[str] = ..., cpu_isa: _Optional[str] = ..., adapter_pages: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_targets: _Optional[_Iterable[str]] = ..., dora: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ..., base_kernel_rows: _Optional[_Iterable[int]] = ..., scheduling: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("adapter_id", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs", "continue_final_message", "chat_template_kwargs", "truncate_prompt_tokens", "chat_template", "documents")
