@@ -334,12 +334,18 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     async def respond(prompts, sampling, body, kind: str, rid: str):
         tools = body.tool_calls() if kind == "chat" else None
+        text_of = TokenText(service.ready().tokenizer, body.return_tokens_as_token_ids)
+        clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
+            else (lambda obj: obj)
+        if body.use_beam_search:  # not streamed, no echo, no tools (GenerationBody._check_beam_search)
+            choices = await service.beam_search_choices(prompts, sampling, body.n, body.length_penalty,
+                                                        adapter_of(body.model), rid, body.priority)
+            response = chat_response(body.model, choices, body.n, text_of, request_id=rid) \
+                if kind == "chat" else completion_response(body.model, choices, body.n, text_of, None, rid)
+            return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
         streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model), rid,
                                                  body.priority)
         tokenizer = service.ready().tokenizer
-        text_of = TokenText(tokenizer, body.return_tokens_as_token_ids)
-        clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
-            else (lambda obj: obj)
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded
             def shown(prompt, stream) -> str:  # the text as sent, unless truncation cut it

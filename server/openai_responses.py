@@ -130,6 +130,9 @@ class ResponsesRequest(GenerationBody):
 
     def _check_served(self) -> None:
         """What this request asks for has a chat equivalent, or it is refused, naming the field."""
+        if self.use_beam_search:  # its n beams have no place in a response either
+            raise RequestInvalid("use_beam_search is served by chat and completions, not the Responses API",
+                                 param="use_beam_search")
         self.check_supported()
         if self.prompt_logprobs is not None:
             raise RequestInvalid("prompt_logprobs: a response has no place for them; leave it unset",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -61,10 +62,24 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 # may be. These are vLLM's extensions; a body type may add its own (GenerationBody.unserved).
 VLLM_EXTENSION = " (a vLLM extension) is not supported"
 UNSERVED_EXTRAS = {name: (harmless, VLLM_EXTENSION) for name, harmless in {
-    "use_beam_search": (False,), "length_penalty": (1.0,), "spaces_between_special_tokens": (True,),
-    "logits_processors": (),
+    "spaces_between_special_tokens": (True,), "logits_processors": (),
 }.items()}
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # a beam search step reads each beam's 2n most likely next tokens
+# What beam search does not take, with the values that ask for nothing (null, [], {} and "" too):
+# beams are ranked by the model's raw logprobs, so nothing that changes sampling applies.
+BEAM_SEARCH_EXCLUDES = {
+    "stream": (False,), "temperature": (0.0,), "top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,), "seed": (),
+    "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,), "logit_bias": (),
+    "stop": (), "stop_token_ids": (), "bad_words": (), "allowed_token_ids": (), "min_tokens": (0,),
+    "prompt_logprobs": (), "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "echo": (False,), "tools": (),
+}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+def asks_nothing(value, harmless: tuple) -> bool:
+    """Whether a field's value is null, empty or one of ``harmless`` (a bool only matches a bool)."""
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in (None, [], {}, *harmless))
 
 
 class StreamOptions(BaseModel):
@@ -82,6 +97,9 @@ class GenerationBody(BaseModel):
     request_id: str | None = None  # vLLM's: the request's id in logs and the response's; X-Request-Id wins
     # vLLM's: with --scheduling priority, lower is admitted first (a 32-bit integer, as gRPC's); else only 0
     priority: int = Field(0, ge=-(1 << 31), lt=1 << 31)
+    # vLLM's beam search: the n best beams by cum_logprob / len ** length_penalty (server/beam_search.py)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     temperature: float | None = None  # unset: 1.0, as OpenAI
     top_p: float | None = None
     n: int = 1
@@ -134,11 +152,25 @@ class GenerationBody(BaseModel):
             raise RequestInvalid(f"{name} {why}", param=name)
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come in one chunk first
             raise RequestInvalid("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
+        if self.use_beam_search:
+            self._check_beam_search()
+        elif self.length_penalty != 1.0:
+            raise RequestInvalid("length_penalty ranks beams: it needs use_beam_search", param="length_penalty")
         for name, value in (self.model_extra or {}).items():
             harmless, why = self.unserved.get(name, (None, None))
-            if why is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
-                                           for v in (None, [], {}, *harmless)):
+            if why is not None and not asks_nothing(value, harmless):
                 raise RequestInvalid(f"{name}{why}; leave it unset", param=name)
+
+    def _check_beam_search(self) -> None:
+        if not 1 <= self.n <= MAX_BEAM_WIDTH:
+            raise RequestInvalid(f"n is the beam width with use_beam_search: 1 to {MAX_BEAM_WIDTH}, got {self.n}",
+                                 param="n")
+        if not math.isfinite(self.length_penalty):
+            raise RequestInvalid(f"length_penalty must be finite, got {self.length_penalty}", param="length_penalty")
+        for name, harmless in BEAM_SEARCH_EXCLUDES.items():
+            if not asks_nothing(getattr(self, name, None), ("", *harmless)):
+                raise RequestInvalid(f"{name} is not available with use_beam_search: beams are ranked by the "
+                                     "model's raw logprobs and returned whole; leave it unset", param=name)
 
     def sampling(self, max_new_tokens: int | None, logprobs: int | None, default: int) -> SamplingParams:
         """``max_new_tokens`` None: ``default``, shrunk to the room the prompt leaves."""

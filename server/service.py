@@ -20,10 +20,11 @@ from pathlib import Path
 
 from ..adapters.errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
 from ..adapters.files import inside
+from .beam_search import BeamSearchParams, beam_events, beam_search
 from .config import ServerConfig
 from .errors import EngineUnavailable, RequestInvalid, status_name
 from .prompts import Prompt
-from .requests import GenerationRequest, SamplingParams
+from .requests import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ def user_tokens(auth_token: str | None, admin_token: str | None) -> tuple[str, .
     """Tokens accepted on the inference and read calls: --auth-token, and the admin token too;
     () when --auth-token is unset (those calls are open)."""
     return tuple(t for t in (auth_token, admin_token) if t is not None) if auth_token else ()
+
+
+async def _last(stream) -> TokenEvent:
+    async for event in stream:
+        last = event
+    return last
 
 
 class Service:
@@ -91,11 +98,7 @@ class Service:
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
         come with the first completion of each prompt only (the caller shares them).
         ``request_id``: every completion's, in the engine and its log lines (None: a random one each)."""
-        count = n * len(prompts)
-        if count > self.config.max_choices_per_request:
-            with self._counting_refusals(adapter_id):
-                raise RequestInvalid(f"{len(prompts)} prompt(s) with n={n} ask for {count} completions; the limit is "
-                                     f"{self.config.max_choices_per_request} (--max-choices-per-request)")
+        self._check_choices(len(prompts), n, adapter_id)
         streams = []
         try:
             with self._counting_refusals(adapter_id):
@@ -114,6 +117,53 @@ class Service:
                 stream.cancel()
             raise
         return streams
+
+    def _check_choices(self, prompts: int, n: int, adapter_id: str | None) -> None:
+        if n * prompts > self.config.max_choices_per_request:
+            with self._counting_refusals(adapter_id):
+                raise RequestInvalid(f"{prompts} prompt(s) with n={n} ask for {n * prompts} completions; the limit "
+                                     f"is {self.config.max_choices_per_request} (--max-choices-per-request)")
+
+    async def beam_search_choices(self, prompts: list[Prompt], sampling: SamplingParams, width: int,
+                                  length_penalty: float = 1.0, adapter_id: str | None = None,
+                                  request_id: str | None = None, priority: int = 0) -> list[list[TokenEvent]]:
+        """vLLM's beam search (server/beam_search.py): the ``width`` best beams of each prompt, best
+        first, as the events of choices (prompt p's j-th is choice p * width + j). ``sampling`` gives
+        max_new_tokens, ignore_eos, logprobs and skip_special_tokens; the request they make is
+        validated whole first. Each step's beams run as one-token requests of their own, so they
+        batch with other traffic, and the prefix cache serves what they share."""
+        self._check_choices(len(prompts), width, adapter_id)
+        rid = request_id or uuid.uuid4().hex
+        with self._counting_refusals(adapter_id):
+            rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
+            engine = self.ready().engine
+            whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None, priority=priority))
+                     for ids in rendered]
+            for req in whole:
+                engine.validate(req)
+        one = SamplingParams(1, ignore_eos=True, logprobs=max(2 * width, sampling.logprobs or 0))
+
+        async def step(seqs) -> list[TokenLogprob]:
+            streams = []
+            try:
+                for ids in seqs:
+                    streams.append(self._submit(list(ids), one, adapter_id, rid, priority=priority))
+                return [(await _last(stream)).logprob for stream in streams]
+            finally:
+                for stream in streams:
+                    stream.cancel()  # a no-op once finished; else the client went away or a step failed
+
+        eos = frozenset(engine.output.eos_token_ids)
+        searches = [asyncio.ensure_future(beam_search(req.prompt_token_ids, BeamSearchParams(
+            width, req.sampling.max_new_tokens, length_penalty, sampling.ignore_eos, eos), step)) for req in whole]
+        try:
+            found = await asyncio.gather(*searches)
+        finally:
+            for search in searches:
+                search.cancel()
+        tokenizer = self.ready().tokenizer
+        return [beam_events(beam, req.prompt_token_ids, tokenizer, rid, sampling.skip_special_tokens, sampling.logprobs)
+                for req, beams in zip(whole, found, strict=True) for beam in beams]
 
     # ---- tokenizing (vLLM's /tokenize and /detokenize) ----
     async def tokenize(self, prompt: Prompt, adapter_id: str | None = None) -> list[int]:

@@ -600,6 +600,7 @@ def http_bodies():
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
         "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
         "priority": st.one_of(st.integers(-3, 3), st.integers(-(2**40), 2**40), odd),
+        "use_beam_search": st.one_of(st.booleans(), odd), "length_penalty": st.one_of(st.floats(), odd),
         "add_special_tokens": odd, "allowed_token_ids": st.one_of(ids, odd),
         "bad_words": st.one_of(st.lists(odd_text, max_size=4), st.just(["a"] * 129), odd),
         "prompt_logprobs": st.one_of(st.integers(-2, 22), odd), "return_tokens_as_token_ids": odd,
@@ -675,8 +676,14 @@ def http_bodies():
             "type": "object", "properties": {"a": {"type": "integer"}}}}]), st.lists(odd, max_size=2), odd),
         "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required", {"type": "function", "name": "f"},
                                                   {"type": "function"}]), odd)})
+    beams = st.fixed_dictionaries({  # beam searches that are served
+        "model": st.sampled_from(["attn-r4", "all-r8"]), "prompt": st.lists(st.integers(1, 383), min_size=1, max_size=6),
+        "max_tokens": st.integers(1, 5), "use_beam_search": st.just(True)}, optional={
+        "n": st.integers(1, 4), "length_penalty": st.floats(-1, 3), "logprobs": st.integers(0, 5),
+        "ignore_eos": st.booleans(), "return_tokens_as_token_ids": st.booleans(), "priority": st.integers(-2, 2)})
     return st.one_of(st.tuples(st.just("completions"), completion), st.tuples(st.just("chat/completions"), chat),
-                     st.tuples(st.just("completions"), in_range), st.tuples(st.just("responses"), responses))
+                     st.tuples(st.just("completions"), in_range), st.tuples(st.just("responses"), responses),
+                     st.tuples(st.just("completions"), beams))
 
 
 def test_fuzzed_http_bodies_never_hurt_the_server(hserver):

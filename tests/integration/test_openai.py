@@ -236,6 +236,89 @@ def test_documents_reach_the_models_chat_template(oserver):
     assert said.usage.prompt_tokens == len(rendered) > len(oserver.client.tokenize(messages=[("user", "x")]).token_ids)
 
 
+def peft_beams(model_dir, adapter_dir, prompt, width, steps, length_penalty):
+    """The same search (server/beam_search.py) scored by PEFT's log-softmax, float32: the oracle."""
+    import asyncio
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramux.server.beam_search import BeamSearchParams, beam_search
+    from loramux.server.requests import TokenLogprob
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = {model.generation_config.eos_token_id, model.config.eos_token_id} - {None}
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+
+    async def step(seqs):
+        out = []
+        for seq in seqs:
+            with torch.no_grad():
+                values, ids = torch.log_softmax(model(torch.tensor([list(seq)])).logits[0, -1], -1).topk(2 * width)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            out.append(TokenLogprob(*top[0], top, 1))
+        return out
+
+    return asyncio.run(beam_search(tuple(prompt), BeamSearchParams(width, steps, length_penalty, False,
+                                                                   frozenset(eos)), step))
+
+
+@pytest.mark.parametrize("adapter", ["", "all-r8"])
+def test_beam_search_returns_the_beams_a_search_over_peft_finds(oserver, tiny_llama, tiny_adapters, adapter):
+    """vLLM's use_beam_search, completions and chat: the n beams, best first, are the ones the same
+    search finds over PEFT's log-softmax, token for token (their logprobs to 1e-4), with the
+    length penalty; each choice's text is its tokens decoded, and usage counts every beam's tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = adapter or oserver.client.server_info().model
+    width, steps, penalty = 3, 5, 0.6
+    beam = {"use_beam_search": True, "length_penalty": penalty, "return_tokens_as_token_ids": True}
+    prompt = [5, 17, 99, 123, 44, 7]
+    messages = [{"role": "user", "content": "Tell me about beams"}]
+    rendered = oserver.client.tokenize(messages=[("user", "Tell me about beams")]).token_ids
+    for kind, ids in (("completion", prompt), ("chat", rendered)):
+        expected = peft_beams(tiny_llama, tiny_adapters.get(adapter), ids, width, steps, penalty)
+        if kind == "completion":
+            r = oserver.oa.completions.create(model=model, prompt=prompt, n=width, max_tokens=steps, logprobs=2,
+                                              extra_body=beam)
+            got = [([int(t.removeprefix("token_id:")) for t in c.logprobs.tokens], c.logprobs.token_logprobs,
+                    c.text, c.finish_reason) for c in r.choices]
+        else:
+            r = oserver.oa.chat.completions.create(model=model, messages=messages, n=width, max_tokens=steps,
+                                                   logprobs=True, top_logprobs=2, extra_body=beam)
+            got = [([int(t.token.removeprefix("token_id:")) for t in c.logprobs.content],
+                    [t.logprob for t in c.logprobs.content], c.message.content, c.finish_reason) for c in r.choices]
+        assert [g[0] for g in got] == [list(b.tokens) for b in expected], kind
+        for (_, logprobs, text, finish), b in zip(got, expected, strict=True):
+            assert logprobs == pytest.approx([lp.logprob for lp in b.logprobs], abs=1e-4)
+            assert text == tok.decode(b.tokens, skip_special_tokens=True)
+            assert finish == ("stop" if b.eos else "length")
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), sum(len(b.tokens) for b in expected))
+    # with width 1, beam search is greedy decoding
+    (one,) = oserver.oa.completions.create(model=model, prompt=prompt, max_tokens=steps,
+                                           extra_body={"use_beam_search": True}).choices
+    assert one.text == oserver.oa.completions.create(model=model, prompt=prompt, max_tokens=steps, temperature=0,
+                                                     extra_body={"ignore_eos": True}).choices[0].text
+
+
+def test_beam_search_ranks_ended_beams_by_the_length_penalty(oserver, tiny_llama):
+    """Ten beams over 40 tokens meet EOS often on a random model, so the length penalty decides
+    between short ended beams and long ones: each penalty's beams are the PEFT-scored search's."""
+    model, prompt = oserver.client.server_info().model, [9, 8, 7, 6]
+    found = {}
+    for penalty in (0.0, 2.0):
+        expected = peft_beams(tiny_llama, None, prompt, 10, 40, penalty)
+        r = oserver.oa.completions.create(model=model, prompt=prompt, n=10, max_tokens=40, logprobs=0, extra_body={
+            "use_beam_search": True, "length_penalty": penalty, "return_tokens_as_token_ids": True})
+        found[penalty] = [[int(t.removeprefix("token_id:")) for t in c.logprobs.tokens] for c in r.choices]
+        assert found[penalty] == [list(b.tokens) for b in expected]
+        assert [c.finish_reason for c in r.choices] == ["stop" if b.eos else "length" for b in expected]
+    assert found[0.0] != found[2.0] and any(len(t) < 40 for t in found[0.0])
+
+
 def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
         (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_tokens must be in [1, "),
@@ -247,7 +330,10 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(logit_bias={str(i): 1 for i in range(301)}), "300"), (dict(seed=2**64), "seed"),
         (dict(extra_body={"top_k": -3}), "top_k"), (dict(extra_body={"min_p": 1.5}), "min_p must be in [0, 1], got 1.5"),
         # vLLM's extensions that are not served are refused when they ask for something, never ignored
-        (dict(extra_body={"use_beam_search": True}), "use_beam_search (a vLLM extension) is not supported"),
+        (dict(extra_body={"use_beam_search": True, "top_p": 0.5}), "top_p is not available with use_beam_search"),
+        (dict(stream=True, extra_body={"use_beam_search": True}), "stream is not available with use_beam_search"),
+        (dict(n=11, extra_body={"use_beam_search": True}), "n is the beam width with use_beam_search: 1 to 10, got 11"),
+        (dict(extra_body={"length_penalty": 2.0}), "length_penalty ranks beams: it needs use_beam_search"),
         (dict(extra_body={"logits_processors": ["x"]}), "logits_processors"),
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
@@ -1330,6 +1416,8 @@ def test_responses_api_is_chat_by_another_shape(oserver):
         (dict(max_output_tokens=10**7), "max_output_tokens must be in [1, 1024]", "max_output_tokens"),
         (dict(text={"format": {"type": "json_schema", "name": "s"}}), "text.format.schema must be", "text"),
         (dict(text={"format": {"type": "xml"}}), "text.format type 'xml' is not supported", "text"),
+        (dict(extra_body={"use_beam_search": True}), "use_beam_search is served by chat and completions",
+         "use_beam_search"),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.responses.create(**{"model": "attn-r4", "input": "Hi", **kwargs})
