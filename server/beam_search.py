@@ -69,7 +69,6 @@ async def beam_search(prompt: tuple[int, ...], params: BeamSearchParams, step: S
     return ranked[:k]
 
 
-
 def beam_events(beam: Beam, prompt: tuple[int, ...], tokenizer, request_id: str, skip_special_tokens: bool = True,
                 logprobs: int | None = None) -> list[TokenEvent]:
     """A beam as the events a request that generated its tokens would have sent: text deltas

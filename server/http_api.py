@@ -64,11 +64,7 @@ def errors_as_responses(route=None, *, names: dict[str, str] | None = None):
         except BodyTooLarge:
             raise  # BodyLimit answers 413
         except Exception as e:  # noqa: BLE001
-            response = error_response(*_error_of(e, names or OPENAI_NAMES))
-            rid = _valid_request_id(kwargs.get("request"))
-            if rid is not None:  # a client tracing its requests sees its refusals too
-                response.headers[REQUEST_ID] = rid
-            return response
+            return _with_request_id(error_response(*_error_of(e, names or OPENAI_NAMES)), kwargs.get("request"))
 
     return wrapper
 
@@ -112,6 +108,14 @@ def _valid_request_id(request: Request | None) -> str | None:
     except RequestInvalid:
         return None
     return rid or None
+
+
+def _with_request_id(response: Response, request: Request | None) -> Response:
+    """A refusal carries the client's valid X-Request-Id: a client tracing its requests sees those too."""
+    rid = _valid_request_id(request)
+    if rid is not None:
+        response.headers[REQUEST_ID] = rid
+    return response
 
 
 def request_id_of(request: Request, body) -> str:
@@ -181,7 +185,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         where, message = first_error(exc.errors())
-        return error_response(400, message, where or None)
+        return _with_request_id(error_response(400, message, where or None), request)
 
     def check_bearer(request: Request, accepted: tuple[str, ...]) -> None:
         refusal = bearer_refusal(request.headers.get("authorization"), accepted)

@@ -1489,6 +1489,10 @@ def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):
         oserver.oa.completions.create(model="attn-r4", prompt="Hi", max_tokens=10**7,
                                       extra_headers={"X-Request-Id": "trace-refused"})
     assert e.value.response.headers["x-request-id"] == "trace-refused"
+    with pytest.raises(openai.BadRequestError) as e:  # one the body's schema refuses before the route sees it
+        oserver.oa.completions.create(model="attn-r4", prompt="Hi", max_tokens=1, extra_body={"n": "many"},
+                                      extra_headers={"X-Request-Id": "trace-unparsed"})
+    assert e.value.response.headers["x-request-id"] == "trace-unparsed" and e.value.body["param"] == "n"
     for rid, needle in (("x" * 129, "request_id is 129 characters; the limit is 128"),
                         ("a\tb", "control or non-printable characters")):
         with pytest.raises(openai.BadRequestError, match=needle):
