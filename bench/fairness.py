@@ -1,7 +1,8 @@
 """Fairness between adapters: one adapter floods the server, a light one sends a few requests just
 after. Light p99 TTFT against its TTFT alone, and the flood's throughput against the flood alone
 run right before (the median of --repeats such pairs), under --scheduling fifo and fair, in one run (default
-model, in-process engine).
+model, in-process engine). ``--policies priority`` adds --scheduling priority, the light requests at
+priority -1 over the flood's 0.
 
 Targets (issue #17): the light adapter's p99 TTFT <= 2x alone; the flood's throughput drops < 5%.
 
@@ -30,20 +31,22 @@ from loramux.server.requests import GenerationRequest, SamplingParams  # noqa: E
 from common import percentile, random_prompts, write_adapter  # noqa: E402
 
 
-async def one(engine, request_id, adapter, prompt, max_new):
-    req = GenerationRequest(request_id, tuple(prompt), SamplingParams(max_new, ignore_eos=True), adapter)
+async def one(engine, request_id, adapter, prompt, max_new, priority=0):
+    req = GenerationRequest(request_id, tuple(prompt), SamplingParams(max_new, ignore_eos=True), adapter,
+                            priority=priority)
     events = [ev async for ev in engine.submit(req)]
     return events[-1].timing.time_to_first_token_seconds, len(events), time.perf_counter()
 
 
-def scenario(engine, flood, light, delay: float):
+def scenario(engine, flood, light, delay: float, light_priority: int = 0):
     """flood, light: lists of (prompt, max_new). Returns (light TTFTs, flood tokens/s)."""
     async def main():
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(one(engine, f"f{i}", "flood", p, n)) for i, (p, n) in enumerate(flood)]
         if light:
             await asyncio.sleep(delay)
-            tasks += [asyncio.create_task(one(engine, f"l{i}", "light", p, n)) for i, (p, n) in enumerate(light)]
+            tasks += [asyncio.create_task(one(engine, f"l{i}", "light", p, n, light_priority))
+                      for i, (p, n) in enumerate(light)]
         done = await asyncio.gather(*tasks)
         flood_done = done[: len(flood)]
         tokens = sum(n for _, n, _ in flood_done)
@@ -61,7 +64,7 @@ def main() -> int:
     ap.add_argument("--delay", type=float, default=0.5, help="seconds after the flood the light requests come")
     ap.add_argument("--repeats", type=int, default=3,
                     help="flood-alone and mixed runs, alternated; the median drop is reported (this VM is noisy)")
-    ap.add_argument("--policies", nargs="+", default=["fifo", "fair"], choices=["fifo", "fair"])
+    ap.add_argument("--policies", nargs="+", default=["fifo", "fair"], choices=["fifo", "fair", "priority"])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -84,12 +87,13 @@ def main() -> int:
             built = build_engine(ServerConfig(**{**base.__dict__, "adapters": adapters, "scheduling": policy}), loaded)
             engine = built.engine
             engine.start()
+            urgent = -1 if policy == "priority" else 0
             scenario(engine, flood[:4], light[:1], 0.0)  # warm-up: both adapters resident
             alone, floods_alone, floods_mixed, mixed = [], [], [], []
             for _ in range(args.repeats):  # alternated, so drift on the machine hits both sides alike
                 alone += scenario(engine, [], light, 0.0)[0]
                 floods_alone.append(scenario(engine, flood, [], 0.0)[1])
-                ttfts, tok_s = scenario(engine, flood, light, args.delay)
+                ttfts, tok_s = scenario(engine, flood, light, args.delay, urgent)
                 mixed += ttfts
                 floods_mixed.append(tok_s)
             engine.stop()
