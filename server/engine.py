@@ -443,12 +443,15 @@ class Engine:
         """What the scheduler sees. Waiting requests near the head look up their prefix in the
         cache; the hit is kept on the sequence, and admission takes exactly that hit."""
         waiting, bs = [], self.blocks.block_size
-        for i, seq in enumerate(self._waiting):
+        # the requests admission reaches first look up their prefix: arrival order, or by priority
+        ahead = sorted(self._waiting, key=lambda s: s.priority) if self.by_priority else self._waiting
+        near = set(ahead[: self.budgets.max_batch_size])
+        for seq in self._waiting:
             seq.hit = NO_HIT
             # a request still owed prompt logprobs computes its whole prompt: a hit would skip rows
             wants_rows = seq.sampler.params.prompt_logprobs is not None and \
                 len(seq.prompt_logprobs) < seq.num_prompt - 1
-            if self.blocks.prefix_caching and i < self.budgets.max_batch_size:
+            if self.blocks.prefix_caching and seq in near:
                 if seq.prompt_keys is None:
                     seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], bs)
                 if not wants_rows:

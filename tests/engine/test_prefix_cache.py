@@ -193,6 +193,35 @@ def test_a_request_of_higher_priority_preempts_a_lower_one_and_every_stream_stay
         built.engine.stop()
 
 
+def test_a_request_of_higher_priority_far_down_the_queue_still_hits_the_prefix_cache(tiny_llama, tiny_adapters):
+    """--scheduling priority, a batch of 1: prefix lookups go to the requests admission reaches
+    first, so a priority -1 request queued behind three others still hits the blocks an earlier
+    request cached (arrival order would leave it out of the lookups, and it would compute them)."""
+    rng = random.Random(9)
+    prompt = [rng.randrange(3, 300) for _ in range(24)]
+    built = make(tiny_llama, tiny_adapters, scheduling="priority", max_batch_size=1)
+    engine = built.engine
+    try:
+        async def main():
+            await generate(engine, "warm", "attn-r4", prompt)
+            others = [asyncio.create_task(generate(engine, f"q{i}", "all-r8", [rng.randrange(3, 300) for _ in range(9)],
+                                                   max_new=40)) for i in range(4)]
+            while engine.counts() != (1, 3):
+                await asyncio.sleep(0.001)
+            stream = engine.submit(GenerationRequest("hot", tuple(prompt), SamplingParams(MAX_NEW, ignore_eos=True),
+                                                     "attn-r4", priority=-1))
+            events = [ev async for ev in stream]
+            await asyncio.gather(*others)
+            return [ev.token_id for ev in events], events[-1].cached_prompt_tokens
+
+        tokens, cached = asyncio.run(main())
+        assert cached == 23  # its six cached blocks, but the last prompt token (computed for its logits)
+        assert [tokens] == peft_generate(tiny_llama, tiny_adapters["attn-r4"], [prompt], MAX_NEW, eos_token_id=None)
+        assert_idle(engine)
+    finally:
+        built.engine.stop()
+
+
 def test_a_pool_smaller_than_one_request_is_refused_at_start_up():
     with pytest.raises(ValueError, match=r"kv-cache-tokens \(95\) must be >= max-model-len \(96\)"):
         ServerConfig(max_model_len=96, default_max_new_tokens=8, kv_cache_tokens=95)
