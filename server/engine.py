@@ -439,13 +439,31 @@ class Engine:
                 self._finish(seq, error=error)
         return ready, loading
 
-    def _views(self) -> tuple[list[SeqView], list[SeqView]]:
-        """What the scheduler sees. Waiting requests near the head look up their prefix in the
-        cache; the hit is kept on the sequence, and admission takes exactly that hit."""
+    def _near_head(self, fairness: Fairness | None) -> set[Sequence]:
+        """The waiting requests admission may reach this step, which look up their prefix: the first
+        max-batch-size in arrival order, or (priority) in (priority, arrival) order; under fair
+        scheduling also each tenant's first ones, least-served tenants first, up to four batches'
+        worth (admission takes tenants by service, not arrival)."""
+        size = self.budgets.max_batch_size
+        if fairness is None:
+            return set((sorted(self._waiting, key=lambda s: s.priority) if self.by_priority else self._waiting)[:size])
+        heads: dict = {}
+        for seq in self._waiting:
+            mine = heads.setdefault(seq.tenant, [])
+            if len(mine) < size:
+                mine.append(seq)
+        near = set(self._waiting[:size])
+        for tenant in sorted(heads, key=lambda t: fairness.service.get(t, 0.0)):  # stable: first arrival on ties
+            if len(near) >= 4 * size:
+                break
+            near.update(heads[tenant])
+        return near
+
+    def _views(self, fairness: Fairness | None) -> tuple[list[SeqView], list[SeqView]]:
+        """What the scheduler sees. Waiting requests near the head (of admission's order) look up
+        their prefix in the cache; the hit is kept on the sequence, and admission takes exactly that hit."""
         waiting, bs = [], self.blocks.block_size
-        # the requests admission reaches first look up their prefix: arrival order, or by priority
-        ahead = sorted(self._waiting, key=lambda s: s.priority) if self.by_priority else self._waiting
-        near = set(ahead[: self.budgets.max_batch_size])
+        near = self._near_head(fairness)
         for seq in self._waiting:
             seq.hit = NO_HIT
             # a request still owed prompt logprobs computes its whole prompt: a hit would skip rows
@@ -499,7 +517,7 @@ class Engine:
 
     def _step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
-        waiting, running = self._views()
+        waiting, running = self._views(fairness)
         decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
                             self.watermark_blocks, fairness, self.by_priority)
         for seq in decision.preempted:

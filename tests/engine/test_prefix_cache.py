@@ -193,13 +193,16 @@ def test_a_request_of_higher_priority_preempts_a_lower_one_and_every_stream_stay
         built.engine.stop()
 
 
-def test_a_request_of_higher_priority_far_down_the_queue_still_hits_the_prefix_cache(tiny_llama, tiny_adapters):
-    """--scheduling priority, a batch of 1: prefix lookups go to the requests admission reaches
-    first, so a priority -1 request queued behind three others still hits the blocks an earlier
-    request cached (arrival order would leave it out of the lookups, and it would compute them)."""
+@pytest.mark.parametrize("scheduling", ["priority", "fair"])
+def test_a_request_admission_takes_first_far_down_the_queue_still_hits_the_prefix_cache(tiny_llama, tiny_adapters,
+                                                                                      scheduling):
+    """A batch of 1, three requests of one adapter queued, then one of another adapter whose prompt
+    an earlier request cached. Admission takes it next (priority: it is -1; fair: its adapter has had
+    less service), so it must be among the waiting requests that look up their prefix, and hit those
+    blocks; arrival order would leave it out of the lookups, and it would compute them again."""
     rng = random.Random(9)
     prompt = [rng.randrange(3, 300) for _ in range(24)]
-    built = make(tiny_llama, tiny_adapters, scheduling="priority", max_batch_size=1)
+    built = make(tiny_llama, tiny_adapters, scheduling=scheduling, max_batch_size=1)
     engine = built.engine
     try:
         async def main():
@@ -209,12 +212,14 @@ def test_a_request_of_higher_priority_far_down_the_queue_still_hits_the_prefix_c
             while engine.counts() != (1, 3):
                 await asyncio.sleep(0.001)
             stream = engine.submit(GenerationRequest("hot", tuple(prompt), SamplingParams(MAX_NEW, ignore_eos=True),
-                                                     "attn-r4", priority=-1))
+                                                     "attn-r4", priority=-1 if scheduling == "priority" else 0))
             events = [ev async for ev in stream]
+            finished_before = sum(task.done() for task in others)
             await asyncio.gather(*others)
-            return [ev.token_id for ev in events], events[-1].cached_prompt_tokens
+            return [ev.token_id for ev in events], events[-1].cached_prompt_tokens, finished_before
 
-        tokens, cached = asyncio.run(main())
+        tokens, cached, finished_before = asyncio.run(main())
+        assert finished_before < 3  # it went ahead of queued requests that arrived before it
         assert cached == 23  # its six cached blocks, but the last prompt token (computed for its logits)
         assert [tokens] == peft_generate(tiny_llama, tiny_adapters["attn-r4"], [prompt], MAX_NEW, eos_token_id=None)
         assert_idle(engine)
