@@ -69,6 +69,31 @@ def errors_as_responses(route=None, *, names: dict[str, str] | None = None):
     return wrapper
 
 
+def cancelled_on_disconnect(route):
+    """A generating route whose client goes away is cancelled, and its engine requests with it (as
+    vLLM's with_cancellation): a response that is not streamed would otherwise be generated to its
+    end for no one. A streamed one is returned at once, and its stream watches the connection."""
+    @functools.wraps(route)
+    async def wrapper(*args, **kwargs):
+        handler = asyncio.ensure_future(route(*args, **kwargs))
+        gone = asyncio.ensure_future(_disconnected(kwargs["request"]))
+        try:
+            await asyncio.wait((handler, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            handler.cancel()  # a no-op once it has returned
+            await asyncio.gather(handler, return_exceptions=True)  # its requests are cancelled first
+        return Response(status_code=499) if handler.cancelled() else handler.result()  # 499: nobody reads it
+
+    return wrapper
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read before the route ran)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": HTTP_ERROR_TYPE.get(status, "error"), "param": param,
@@ -269,18 +294,21 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         return None if model == service.model_name else model
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @cancelled_on_disconnect
     @errors_as_responses
     async def completions(body: CompletionRequest, request: Request):
         prompts, sampling = body.to_domain()
         return await respond(prompts, sampling, body, "completion", request_id_of(request, body))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @cancelled_on_disconnect
     @errors_as_responses
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompts, sampling = body.serving(tool_parser).to_domain(config.default_max_new_tokens)
         return await respond(prompts, sampling, body, "chat", request_id_of(request, body))
 
     @app.post("/v1/responses", dependencies=[Depends(authorized)])
+    @cancelled_on_disconnect
     @errors_as_responses(names=RESPONSES_NAMES)
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, as the chat request it amounts to (server/openai_responses.py)."""

@@ -674,6 +674,26 @@ def test_a_client_disconnect_mid_stream_frees_the_request(oserver):
     assert total(m, "loramux_generated_tokens_total", adapter="attn-r4") < 10_000
 
 
+@pytest.mark.parametrize("body", [
+    {"prompt": PROMPT_IDS, "max_tokens": 240, "n": 8, "ignore_eos": True},
+    {"prompt": PROMPT_IDS, "max_tokens": 240, "n": 10, "use_beam_search": True},
+], ids=["completions", "beam-search"])
+def test_a_client_that_goes_away_before_a_whole_response_frees_its_requests(oserver, body):
+    """A response that is not streamed: the client gives up (times out) long before it could come;
+    the server cancels the route and its requests at once, instead of generating them for no one
+    (all of them: n x 240 tokens, a beam search's one a beam a step)."""
+    wait_idle(oserver)
+    before = oserver.metrics()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{oserver.base_url}/completions", json={"model": "attn-r4", **body}, timeout=0.3)
+    m = wait_idle(oserver)
+    assert m["loramux_kv_cache_usage_ratio"] == 0 and m["loramux_adapter_pins"] == 0
+    generated = total(m, "loramux_generated_tokens_total") - total(before, "loramux_generated_tokens_total")
+    assert generated < body["n"] * 240 / 2, generated
+    time.sleep(0.5)  # idle for good: a beam search's engine goes idle between its steps too
+    assert total(oserver.metrics(), "loramux_generated_tokens_total") == total(m, "loramux_generated_tokens_total")
+
+
 def test_dynamic_adapters_register_on_first_use(oserver, tiny_adapters):
     shutil.copytree(tiny_adapters["attn-r4"], oserver.root / "dyn-first")
     expected = grpc_tokens(oserver, "attn-r4").text
