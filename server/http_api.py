@@ -369,9 +369,14 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         text_of = TokenText(service.ready().tokenizer, body.return_tokens_as_token_ids)
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
             else (lambda obj: obj)
-        if body.use_beam_search:  # not streamed, no echo, no tools (GenerationBody._check_beam_search)
+        if body.use_beam_search:  # no echo, no tools (GenerationBody._check_beam_search)
             choices = await service.beam_search_choices(prompts, sampling, body.n, body.length_penalty,
                                                         adapter_of(body.model), rid, body.priority)
+            if body.stream:  # beams are ranked at the end: their chunks all come then, as vLLM sends them
+                chunks = ChunkMaker(kind, body.model, text_of, len(choices), n=body.n, request_id=rid,
+                                    prompt_tokens=[c[-1].prompt_tokens for c in choices] if body.continuous_usage
+                                    else None)
+                return event_stream(chunks, replayed(choices), [], body, clamp, rid)
             response = chat_response(body.model, choices, body.n, text_of, request_id=rid) \
                 if kind == "chat" else completion_response(body.model, choices, body.n, text_of, None, rid)
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
@@ -400,29 +405,41 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
                             body.echoed() if kind == "chat" else "",
                             [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None, rid)
-
-        async def sse():
-            lasts = [None] * len(streams)
-            try:
-                for first in chunks.first():
-                    yield f"data: {_json(first)}\n\n"
-                async for i, ev in merged(streams):
-                    for chunk in chunks.events(ev, i):
-                        yield f"data: {_json(clamp(chunk))}\n\n"
-                    lasts[i] = ev
-                if body.include_usage:
-                    yield f"data: {_json(chunks.usage(lasts, body.n))}\n\n"
-            except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-                yield f"data: {_json(error_body(*_error_of(e)))}\n\n"
-            finally:
-                for s in streams:
-                    s.cancel()  # the client went away (Starlette cancels this generator) or we are done
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                                 REQUEST_ID: rid})
+        return event_stream(chunks, merged(streams), streams, body, clamp, rid)
 
     return BodyLimit(app, config.max_http_body_bytes)
+
+
+def event_stream(chunks: ChunkMaker, source, streams: list, body, clamp, rid: str) -> StreamingResponse:
+    """Server-sent events of ``source``'s (choice index, event) pairs in OpenAI's chunks, the usage
+    when asked, then [DONE]; ``streams``: the engine requests to cancel when it ends early."""
+    async def sse():
+        lasts = [None] * chunks.choices
+        try:
+            for first in chunks.first():
+                yield f"data: {_json(first)}\n\n"
+            async for i, ev in source:
+                for chunk in chunks.events(ev, i):
+                    yield f"data: {_json(clamp(chunk))}\n\n"
+                lasts[i] = ev
+            if body.include_usage:
+                yield f"data: {_json(chunks.usage(lasts, body.n))}\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+            yield f"data: {_json(error_body(*_error_of(e)))}\n\n"
+        finally:
+            for s in streams:
+                s.cancel()  # the client went away (Starlette cancels this generator) or we are done
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                             REQUEST_ID: rid})
+
+
+async def replayed(choices: list[list]):
+    """(choice index, event) of events already known, choice by choice."""
+    for i, events in enumerate(choices):
+        for ev in events:
+            yield i, ev
 
 
 async def collect(stream) -> list:

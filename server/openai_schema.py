@@ -68,7 +68,7 @@ MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # a beam search step reads each beam's 2n mo
 # What beam search does not take, with the values that ask for nothing (null, [], {} and "" too):
 # beams are ranked by the model's raw logprobs, so nothing that changes sampling applies.
 BEAM_SEARCH_EXCLUDES = {
-    "stream": (False,), "temperature": (0.0,), "top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,), "seed": (),
+    "temperature": (0.0,), "top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,), "seed": (),
     "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,), "logit_bias": (),
     "stop": (), "stop_token_ids": (), "bad_words": (), "allowed_token_ids": (), "min_tokens": (0,),
     "prompt_logprobs": (), "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
@@ -600,7 +600,7 @@ class ChunkMaker:
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
                  echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1,
                  chat_echo: str = "", prompt_tokens: list[int] | None = None, request_id: str | None = None):
-        self.kind, self.model, self.text_of = kind, model, text_of
+        self.kind, self.model, self.text_of, self.choices = kind, model, text_of, choices
         # continuous usage (``prompt_tokens``: each choice's prompt length): every chunk carries its
         # choice's usage so far, counting the tokens generated (one an event)
         self.prompt_tokens, self.generated = prompt_tokens, [0] * choices

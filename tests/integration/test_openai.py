@@ -297,6 +297,25 @@ def test_beam_search_returns_the_beams_a_search_over_peft_finds(oserver, tiny_ll
             assert text == tok.decode(b.tokens, skip_special_tokens=True)
             assert finish == ("stop" if b.eos else "length")
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), sum(len(b.tokens) for b in expected))
+    # streamed (as vLLM streams beams: every chunk once they are ranked), the same choices and usage
+    chunks = list(oserver.oa.completions.create(model=model, prompt=prompt, n=width, max_tokens=steps, stream=True,
+                                                stream_options={"include_usage": True},
+                                                extra_body={"use_beam_search": True, "length_penalty": penalty}))
+    whole = oserver.oa.completions.create(model=model, prompt=prompt, n=width, max_tokens=steps,
+                                          extra_body={"use_beam_search": True, "length_penalty": penalty})
+    texts, finishes = [""] * width, [None] * width
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert texts == [c.text for c in whole.choices] and finishes == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].usage == whole.usage
+    chat = dict(model=model, messages=messages, n=2, max_tokens=steps, extra_body={"use_beam_search": True})
+    contents = ["", ""]
+    for chunk in oserver.oa.chat.completions.create(stream=True, **chat):
+        for c in chunk.choices:
+            contents[c.index] += c.delta.content or ""
+    assert contents == [c.message.content for c in oserver.oa.chat.completions.create(**chat).choices]
     # with width 1, beam search is greedy decoding
     (one,) = oserver.oa.completions.create(model=model, prompt=prompt, max_tokens=steps,
                                            extra_body={"use_beam_search": True}).choices
@@ -331,7 +350,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"top_k": -3}), "top_k"), (dict(extra_body={"min_p": 1.5}), "min_p must be in [0, 1], got 1.5"),
         # vLLM's extensions that are not served are refused when they ask for something, never ignored
         (dict(extra_body={"use_beam_search": True, "top_p": 0.5}), "top_p is not available with use_beam_search"),
-        (dict(stream=True, extra_body={"use_beam_search": True}), "stream is not available with use_beam_search"),
+        (dict(extra_body={"use_beam_search": True, "min_tokens": 2}), "min_tokens is not available with use_beam_search"),
         (dict(n=11, extra_body={"use_beam_search": True}), "n is the beam width with use_beam_search: 1 to 10, got 11"),
         (dict(extra_body={"length_penalty": 2.0}), "length_penalty ranks beams: it needs use_beam_search"),
         (dict(extra_body={"logits_processors": ["x"]}), "logits_processors"),

@@ -42,10 +42,12 @@ def run(prompt, params, step):
        length_penalty=st.sampled_from([0.0, 0.5, 1.0, 2.0]), ignore_eos=st.booleans(), prompt_len=st.integers(1, 4))
 def test_a_beam_wide_enough_to_keep_everything_finds_the_exhaustive_best(seed, steps, width, length_penalty,
                                                                         ignore_eos, prompt_len):
-    """Vocabulary 3 (token 2 is EOS) and width >= 4 (so 2 x width covers the vocabulary, and every
-    live beam of up to 3 steps is kept): beam search must return the best ``width`` of every
-    sequence a search could end with (the ones cut by EOS, and those of full length), ranked by
-    cum_logprob / (prompt + tokens, less a final EOS) ** length_penalty."""
+    """Vocabulary 3 (token 2 is EOS) and a width that keeps every live beam of up to 3 steps (at
+    least 4 = 2 x 2 when EOS ends beams, 9 = 3 x 3 when ignored; 2 x width covers the vocabulary):
+    beam search must return the best ``width`` of every sequence a search could end with (the ones
+    cut by EOS, and those of full length), ranked by cum_logprob / (prompt + tokens, less a final
+    EOS) ** length_penalty."""
+    width += 5 if ignore_eos else 0
     logprobs, step = toy_model(seed, 3)
     prompt = tuple(range(10, 10 + prompt_len))
     params = BeamSearchParams(width, steps, length_penalty, ignore_eos, frozenset({EOS}))

@@ -1,6 +1,5 @@
 """The scheduling policy, without a model."""
 
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
