@@ -16,7 +16,7 @@ where ``len`` counts the prompt and the beam's tokens, less a final EOS (vLLM's 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .detokenizer import IncrementalDetokenizer
 from .requests import FinishReason, TokenEvent, TokenLogprob
@@ -77,13 +77,11 @@ def beam_events(beam: Beam, prompt: tuple[int, ...], tokenizer, request_id: str,
     detok = IncrementalDetokenizer(tokenizer, list(prompt), skip_special_tokens)
     events = []
     for i, (token, lp) in enumerate(zip(beam.tokens, beam.logprobs, strict=True)):
-        last = i == len(beam.tokens) - 1
-        text = "" if last and beam.eos else detok.add(token)
+        text = "" if beam.eos and i == len(beam.tokens) - 1 else detok.add(token)
         logprob = None if logprobs is None else TokenLogprob(token, lp.logprob, lp.top[:logprobs], lp.rank)
-        if not last:
-            events.append(TokenEvent(request_id, token, text, logprob=logprob))
-            continue
-        events.append(TokenEvent(request_id, token, text + detok.flush(),
-                                 FinishReason.EOS if beam.eos else FinishReason.LENGTH, len(prompt),
-                                 len(beam.tokens), logprob=logprob))
+        events.append(TokenEvent(request_id, token, text, logprob=logprob))
+    last = events[-1]
+    events[-1] = replace(last, text=last.text + detok.flush(), prompt_tokens=len(prompt),
+                         finish_reason=FinishReason.EOS if beam.eos else FinishReason.LENGTH,
+                         completion_tokens=len(beam.tokens))
     return events

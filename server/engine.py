@@ -12,6 +12,7 @@ get each token through a per-request queue. Every exit path of a sequence goes t
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -390,9 +391,23 @@ class Engine:
             item = self._inbox.popleft()
             if item[0] == "add":
                 self._join(item[1])
-                self._waiting.append(item[1])
+                self._enqueue([item[1]])
             elif not item[1].done:
                 self._finish(item[1], error=item[2])
+
+    def _enqueue(self, seqs: list[Sequence], ahead: bool = False) -> None:
+        """Into the waiting queue, which is kept in admission order: arrival, or under priority
+        scheduling (priority, arrival). ``ahead``: preempted requests, in their admission order,
+        go back before the others (of their priority)."""
+        if not self.by_priority:
+            if ahead:
+                self._waiting[:0] = seqs
+            else:
+                self._waiting.extend(seqs)
+            return
+        place = bisect.bisect_left if ahead else bisect.bisect_right
+        for seq in reversed(seqs) if ahead else seqs:
+            self._waiting.insert(place(self._waiting, seq.priority, key=lambda s: s.priority), seq)
 
     def _expire_deadlines(self) -> None:
         """Deadlines, and consumers that stopped taking events: a stalled stream is cancelled
@@ -433,7 +448,7 @@ class Engine:
         return Fairness(self.service, {s.tenant: s.weight for s in self._waiting})
 
     def _poll_adapters(self, fairness: Fairness | None) -> tuple[set, bool]:
-        ready, loading, failed = self.admission.poll(adapter_order(self._waiting, fairness, self.by_priority))
+        ready, loading, failed = self.admission.poll(adapter_order(self._waiting, fairness))
         for key, error in failed:
             for seq in [s for s in self._waiting if s.adapter == key]:
                 self._finish(seq, error=error)
@@ -445,8 +460,8 @@ class Engine:
         scheduling also each tenant's first ones, least-served tenants first, up to four batches'
         worth (admission takes tenants by service, not arrival)."""
         size = self.budgets.max_batch_size
-        if fairness is None:
-            return set((sorted(self._waiting, key=lambda s: s.priority) if self.by_priority else self._waiting)[:size])
+        if fairness is None or len(self._waiting) <= size:  # the queue is in admission order (_enqueue)
+            return set(self._waiting[:size])
         heads: dict = {}
         for seq in self._waiting:
             mine = heads.setdefault(seq.tenant, [])
@@ -522,10 +537,10 @@ class Engine:
                             self.watermark_blocks, fairness, self.by_priority)
         for seq in decision.preempted:
             self._preempt(seq)
-        self._waiting[:0] = decision.preempted  # back to the head of the queue, in admission order
+        self._enqueue(decision.preempted, ahead=True)
         for seq in decision.admitted:  # final: ready adapters pin, and the scheduler counted the blocks
             self._admit(seq)
-        self.admission.stage(adapter_order(self._waiting, fairness, self.by_priority), ready)  # _finish removes finished ones
+        self.admission.stage(adapter_order(self._waiting, fairness), ready)  # _finish removes finished ones
         work = list(decision.work)
         if not work:
             return False

@@ -91,7 +91,11 @@ def chat_messages(items: list[InputItem]) -> list[dict]:
 class ResponsesRequest(GenerationBody):
     unserved: ClassVar[dict[str, tuple[tuple, str]]] = {
         **UNSERVED_EXTRAS, "previous_response_id": (("",), NOT_STORED), "conversation": (("",), NOT_STORED),
-        "reasoning": ((), NOT_SERVED), "background": ((False,), NOT_SERVED), "prompt": ((), NOT_SERVED)}
+        "reasoning": ((), NOT_SERVED), "background": ((False,), NOT_SERVED), "prompt": ((), NOT_SERVED),
+        # GenerationBody's fields that a response has no place for
+        "use_beam_search": ((False,), " is served by chat and completions, not the Responses API"),
+        "prompt_logprobs": ((), ": a response has no place for them"),
+        "n": ((1,), " is not a Responses API field; a response has one output")}
 
     input: str | list[InputItem]
     instructions: str | None = None
@@ -130,15 +134,7 @@ class ResponsesRequest(GenerationBody):
 
     def _check_served(self) -> None:
         """What this request asks for has a chat equivalent, or it is refused, naming the field."""
-        if self.use_beam_search:  # its n beams have no place in a response either
-            raise RequestInvalid("use_beam_search is served by chat and completions, not the Responses API",
-                                 param="use_beam_search")
         self.check_supported()
-        if self.prompt_logprobs is not None:
-            raise RequestInvalid("prompt_logprobs: a response has no place for them; leave it unset",
-                                 param="prompt_logprobs")
-        if self.n != 1:
-            raise RequestInvalid("n is not a Responses API field; a response has one output", param="n")
         other = next((v for v in self.include or () if v != LOGPROBS), None)
         if other is not None:
             raise RequestInvalid(f"include {other[:64]!r} is not supported; only {LOGPROBS}", param="include")

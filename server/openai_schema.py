@@ -144,22 +144,20 @@ class GenerationBody(BaseModel):
         return cls.model_fields[info.field_name].default if value is None else value
 
     def check_supported(self) -> None:
-        refused = [(name, why) for name, bad, why in (
-            ("n", self.n < 1, f"is {self.n}; it must be at least 1"),
-        ) if bad]
-        if refused:
-            name, why = refused[0]
-            raise RequestInvalid(f"{name} {why}", param=name)
+        if self.n < 1:
+            raise RequestInvalid(f"n is {self.n}; it must be at least 1", param="n")
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come in one chunk first
             raise RequestInvalid("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
+        # the unserved fields: the body's own (a body type may not serve one GenerationBody declares) and extras
+        declared = {name: getattr(self, name) for name in self.unserved if name in type(self).model_fields}
+        for name, value in {**declared, **(self.model_extra or {})}.items():
+            harmless, why = self.unserved.get(name, (None, None))
+            if why is not None and not asks_nothing(value, harmless):
+                raise RequestInvalid(f"{name}{why}; leave it unset", param=name)
         if self.use_beam_search:
             self._check_beam_search()
         elif self.length_penalty != 1.0:
             raise RequestInvalid("length_penalty ranks beams: it needs use_beam_search", param="length_penalty")
-        for name, value in (self.model_extra or {}).items():
-            harmless, why = self.unserved.get(name, (None, None))
-            if why is not None and not asks_nothing(value, harmless):
-                raise RequestInvalid(f"{name}{why}; leave it unset", param=name)
 
     def _check_beam_search(self) -> None:
         if not 1 <= self.n <= MAX_BEAM_WIDTH:

@@ -181,31 +181,28 @@ def schedule(
     admitted: list[SeqView] = []
     work: list[tuple[Hashable, int]] = []
 
-    def cost(seq: SeqView) -> tuple[int, int]:
-        """(prompt tokens, new blocks) it takes if admitted now."""
+    def cost(seq: SeqView, refund: int = 0, after_preemption: bool = False) -> tuple[int, int]:
+        """(prompt tokens, new blocks) it takes if admitted now, or with ``refund`` more tokens of
+        the step left once preemptions are done."""
         start = max(seq.num_computed, seq.num_cached)
-        n = min(seq.prefill_len - start, tokens_left)
+        n = min(seq.prefill_len - start, tokens_left + refund)
         # hit_free was counted before this step's preemptions: a victim's blocks that the hit takes
         # are unreferenced now, so then every hit block may cost free capacity
-        hit_free = seq.hit_blocks if preempted else seq.hit_free
+        hit_free = seq.hit_blocks if preempted or after_preemption else seq.hit_free
         return n, blocks_for(start + n, block_size) - seq.hit_blocks + hit_free
 
-    def fits(seq: SeqView) -> bool:
-        _, need = cost(seq)
-        return batch < budgets.max_batch_size and need <= free - (watermark if batch else 0)
+    def room(need: int, in_batch: int, free_now: int) -> bool:
+        """A batch slot and ``need`` blocks, less the watermark unless the batch is empty."""
+        return in_batch < budgets.max_batch_size and need <= free_now - (watermark if in_batch else 0)
 
     def room_by_priority(seq: SeqView) -> bool:
         """Whether preempting every running request of a strictly lower priority than ``seq`` (a
         higher value) would let it in: only then are any preempted for it."""
         lower = [s for s in active if s.priority > seq.priority]
-        if not lower:
-            return False
-        left = batch - len(lower)
-        start = max(seq.num_computed, seq.num_cached)
-        n = min(seq.prefill_len - start, tokens_left + sum(charged.get(s.seq_id, (0, 0))[0] for s in lower))
-        need = blocks_for(start + n, block_size)  # once victims go, every hit block may be a free one (``cost``)
-        room = free + sum(charged.get(s.seq_id, (0, 0))[1] + s.num_freeable for s in lower)
-        return left < budgets.max_batch_size and need <= room - (watermark if left else 0)
+        given = [charged.get(s.seq_id, (0, 0)) for s in lower]
+        _, need = cost(seq, sum(t for t, _ in given), after_preemption=True)
+        freed = sum(b for _, b in given) + sum(s.num_freeable for s in lower)
+        return bool(lower) and room(need, batch - len(lower), free + freed)
 
     while queues and tokens_left > 0:
         if fairness:  # tenants below their share of the batch first (slots freed for them stay theirs)
@@ -219,16 +216,15 @@ def schedule(
                 seq.next_key is not None and seq.next_key in in_flight):
             del queues[tenant]  # its own reason: the rest of its tenant waits too, others go ahead
             continue
-        if by_priority and not fits(seq) and room_by_priority(seq):
-            while not fits(seq):
+        n, need = cost(seq)
+        if by_priority and not room(need, batch, free) and room_by_priority(seq):
+            while not room(need, batch, free):
                 preempt(worst())
                 batch -= 1
+                n, need = cost(seq)
             adapters = {s.adapter for s in (*active, *admitted) if s.adapter is not None}
-        if batch >= budgets.max_batch_size:
-            break
-        n, need = cost(seq)
-        if need > free - (watermark if batch else 0):
-            break  # on purpose: a long prompt is not overtaken forever by short ones
+        if not room(need, batch, free):
+            break  # a full batch; or too few blocks, on purpose: a long prompt is not overtaken forever by short ones
         work.append((seq.seq_id, n))
         admitted.append(seq)
         in_flight.update(seq.computing)
@@ -296,13 +292,11 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
     return victims
 
 
-def adapter_order(waiting: Sequence, fairness: Fairness | None, by_priority: bool = False) -> list[Hashable]:
-    """The distinct adapters of ``waiting`` (anything with ``adapter``, ``tenant`` and ``priority``,
-    in arrival order) in the order admission will want them, for prefetching: fifo, by first
-    arrival; fair, tenants by least service received, ties by first arrival; priority, by first
-    request in (priority, arrival) order. The base model is left out."""
-    if by_priority:
-        waiting = sorted(waiting, key=lambda s: s.priority)
+def adapter_order(waiting: Sequence, fairness: Fairness | None) -> list[Hashable]:
+    """The distinct adapters of ``waiting`` (anything with ``adapter`` and ``tenant``, in the
+    queue's order: arrival, or under priority scheduling (priority, arrival)) in the order admission
+    will want them, for prefetching: fifo and priority, by first place in the queue; fair, tenants
+    by least service received, ties by first place. The base model is left out."""
     first: dict[Hashable, int] = {}
     by_tenant: dict[Hashable, list[Hashable]] = {}
     for i, seq in enumerate(waiting):
