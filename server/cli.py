@@ -118,7 +118,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("default_max_new_tokens", "max_new_tokens when a request leaves it unset (shrunk to the room its prompt leaves)"),
         ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
         ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),
-        ("max_choices_per_request", "OpenAI API: completions one request may ask for (n times its prompts)"),
+        ("max_choices_per_request", "OpenAI API: completions one request may ask for (n, or best_of, times its prompts)"),
         ("max_stop_sequences", "stop strings per request"),
         ("max_stop_length", "characters per stop string"),
         ("max_stop_token_ids", "stop token ids per request"),

@@ -73,7 +73,7 @@ class ServerConfig:
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
     max_queued_requests: int = 1024
-    max_choices_per_request: int = 128  # OpenAI API: n times the prompts of one request
+    max_choices_per_request: int = 128  # OpenAI API: n (or best_of) times the prompts of one request
     max_stop_sequences: int = 8
     max_stop_length: int = 64
     max_stop_token_ids: int = 64

@@ -14,6 +14,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 
 from . import __version__
+from .best_of import best_of
 from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, RequestInvalid, status_name
 from .openai_responses import ResponseBuilder, ResponsesRequest
 from .openai_schema import (
@@ -38,8 +40,9 @@ from .openai_schema import (
     completion_response,
     first_error,
     model_card,
+    usage,
 )
-from .requests import validate_request_id
+from .requests import TokenEvent, validate_request_id
 from .service import Service, bearer_refusal, user_tokens
 from .tool_parsers import tool_call_parser
 
@@ -369,37 +372,45 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         text_of = TokenText(service.ready().tokenizer, body.return_tokens_as_token_ids)
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
             else (lambda obj: obj)
+        n, k = body.n, body.candidates  # k > n: best_of, never streamed (GenerationBody.check_supported)
         if body.use_beam_search:  # no echo, no tools (GenerationBody._check_beam_search)
-            choices = await service.beam_search_choices(prompts, sampling, body.n, body.length_penalty,
-                                                        adapter_of(body.model), rid, body.priority)
+            beams = await service.beam_search_choices(prompts, sampling, k, body.length_penalty,
+                                                      adapter_of(body.model), rid, body.priority)
+            choices = [b for i, b in enumerate(beams) if i % k < n]  # each prompt's n best, best first
             if body.stream:  # beams are ranked at the end: their chunks all come then, as vLLM sends them
-                chunks = ChunkMaker(kind, body.model, text_of, len(choices), n=body.n, request_id=rid,
+                chunks = ChunkMaker(kind, body.model, text_of, len(choices), n=n, request_id=rid,
                                     prompt_tokens=[c[-1].prompt_tokens for c in choices] if body.continuous_usage
                                     else None)
                 return event_stream(chunks, replayed(choices), [], body, clamp, rid)
-            response = chat_response(body.model, choices, body.n, text_of, request_id=rid) \
-                if kind == "chat" else completion_response(body.model, choices, body.n, text_of, None, rid)
+            response = chat_response(body.model, choices, n, text_of, request_id=rid) \
+                if kind == "chat" else completion_response(body.model, choices, n, text_of, None, rid)
+            response["usage"] = usage([b[-1] for b in beams], k)
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
-        streams = await service.generate_choices(prompts, sampling, body.n, adapter_of(body.model), rid,
-                                                 body.priority)
+        # best_of ranks candidates by their tokens' logprobs: computed when the client did not ask
+        run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
+        streams = await service.generate_choices(prompts, run, k, adapter_of(body.model), rid, body.priority)
         tokenizer = service.ready().tokenizer
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded
             def shown(prompt, stream) -> str:  # the text as sent, unless truncation cut it
                 return prompt.text if prompt.text and prompt.truncate_prompt_tokens is None else \
                     tokenizer.decode(stream.prompt_token_ids)
-            echoes = [Echo(shown(prompts[i // body.n], s), s.prompt_token_ids, body.echo_only, body.logprobs)
+            echoes = [Echo(shown(prompts[i // k], s), s.prompt_token_ids, body.echo_only, body.logprobs)
                       for i, s in enumerate(streams)]
         if not body.stream:
             try:
-                choices = await asyncio.gather(*(collect(s) for s in streams))
+                candidates = await asyncio.gather(*(collect(s) for s in streams))
             finally:
                 for s in streams:
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
-            response = chat_response(body.model, choices, body.n, text_of, tools, body.echoed(), rid) \
-                if kind == "chat" else completion_response(body.model, choices, body.n, text_of, echoes, rid)
+            keep, choices = kept_best(candidates, n, k, sampling.logprobs is None)
+            echoes = echoes and [echoes[i] for i in keep]
+            response = chat_response(body.model, choices, n, text_of, tools, body.echoed(), rid) \
+                if kind == "chat" else completion_response(body.model, choices, n, text_of, echoes, rid)
+            if k > n:  # every candidate's tokens were generated
+                response["usage"] = usage([c[-1] for c in candidates], k)
             if body.prompt_logprobs is not None:
-                add_prompt_logprobs(response, choices, [s.prompt_token_ids for s in streams], body.n,
+                add_prompt_logprobs(response, choices, [streams[i].prompt_token_ids for i in keep], n,
                                     body.prompt_logprobs, text_of)
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
         chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
@@ -433,6 +444,22 @@ def event_stream(chunks: ChunkMaker, source, streams: list, body, clamp, rid: st
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
                                                                              REQUEST_ID: rid})
+
+
+def kept_best(candidates: list[list[TokenEvent]], n: int, k: int, drop_logprobs: bool):
+    """(indices, events) of the choices a response returns: all of them, or with best_of (k > n)
+    each prompt's n best of its k candidates (server/best_of.py). The prompt's logprobs, which come
+    with its first candidate, go to its first choice; ``drop_logprobs``: they were computed only
+    to rank the candidates."""
+    if k == n:
+        return range(len(candidates)), candidates
+    keep, choices = best_of(candidates, n, k), []
+    for j, i in enumerate(keep):
+        events = [replace(e, logprob=None) for e in candidates[i]] if drop_logprobs else candidates[i]
+        if j % n == 0:  # the prompt's first choice
+            events = [replace(events[0], prompt_logprobs=candidates[i - i % k][0].prompt_logprobs), *events[1:]]
+        choices.append(events)
+    return keep, choices
 
 
 async def replayed(choices: list[list]):

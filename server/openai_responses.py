@@ -95,7 +95,8 @@ class ResponsesRequest(GenerationBody):
         # GenerationBody's fields that a response has no place for
         "use_beam_search": ((False,), " is served by chat and completions, not the Responses API"),
         "prompt_logprobs": ((), ": a response has no place for them"),
-        "n": ((1,), " is not a Responses API field; a response has one output")}
+        "n": ((1,), " is not a Responses API field; a response has one output"),
+        "best_of": ((1,), " is not a Responses API field; a response has one output")}
 
     input: str | list[InputItem]
     instructions: str | None = None

@@ -1,7 +1,7 @@
 """OpenAI's request and response shapes (pydantic), and their conversion to the domain types.
 
 Only what loramux serves is accepted: a parameter that would change the output and that we do
-not implement (best_of other than n, suffix; tool_choice "auto" without --tool-call-parser) is a
+not implement (suffix; tool_choice "auto" without --tool-call-parser) is a
 400 that names it, never silently ignored. Unknown extra fields are ignored, as OpenAI's clients
 send many optional ones.
 
@@ -11,7 +11,9 @@ their logprobs (None for the first), as evaluation harnesses read them to score 
 
 A request asks for ``n`` completions of each of its prompts (a completions request may carry a
 list of them); choice ``p * n + j`` is prompt p's j-th completion, as OpenAI numbers them. Usage
-counts each prompt once and every choice's completion tokens.
+counts each prompt once and every choice's completion tokens. With ``best_of`` (more than n), that
+many candidates of each prompt are generated and the n best come back (server/best_of.py); usage
+then counts every candidate's tokens, as OpenAI bills them.
 
 Structured output comes as OpenAI's ``response_format`` (json_object, json_schema), or as vLLM's
 extensions (``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``, or
@@ -103,6 +105,7 @@ class GenerationBody(BaseModel):
     temperature: float | None = None  # unset: 1.0, as OpenAI
     top_p: float | None = None
     n: int = 1
+    best_of: int | None = None  # candidates of each prompt, the n best returned (unset: n)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -146,6 +149,11 @@ class GenerationBody(BaseModel):
     def check_supported(self) -> None:
         if self.n < 1:
             raise RequestInvalid(f"n is {self.n}; it must be at least 1", param="n")
+        if self.best_of is not None and self.best_of < self.n:
+            raise RequestInvalid(f"best_of is {self.best_of}; it must be at least n ({self.n})", param="best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:  # as OpenAI
+            raise RequestInvalid("best_of greater than n is not available with stream: true (the best are known "
+                                 "only once all are generated)", param="best_of")
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come in one chunk first
             raise RequestInvalid("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
         # the unserved fields: the body's own (a body type may not serve one GenerationBody declares) and extras
@@ -159,10 +167,17 @@ class GenerationBody(BaseModel):
         elif self.length_penalty != 1.0:
             raise RequestInvalid("length_penalty ranks beams: it needs use_beam_search", param="length_penalty")
 
+    @property
+    def candidates(self) -> int:
+        """The completions of each prompt generated: best_of's candidates (with beam search, its
+        width), of which the n best are returned; unset, n."""
+        return self.n if self.best_of is None else self.best_of
+
     def _check_beam_search(self) -> None:
-        if not 1 <= self.n <= MAX_BEAM_WIDTH:
-            raise RequestInvalid(f"n is the beam width with use_beam_search: 1 to {MAX_BEAM_WIDTH}, got {self.n}",
-                                 param="n")
+        width = "n" if self.best_of is None else "best_of"
+        if not 1 <= self.candidates <= MAX_BEAM_WIDTH:
+            raise RequestInvalid(f"{width} is the beam width with use_beam_search: 1 to {MAX_BEAM_WIDTH}, got "
+                                 f"{self.candidates}", param=width)
         if not math.isfinite(self.length_penalty):
             raise RequestInvalid(f"length_penalty must be finite, got {self.length_penalty}", param="length_penalty")
         for name, harmless in BEAM_SEARCH_EXCLUDES.items():
@@ -236,7 +251,6 @@ class CompletionRequest(GenerationBody):
     max_tokens: int | None = None  # unset: DEFAULT_COMPLETION_TOKENS, as much of it as the prompt leaves room for
     logprobs: int | None = None
     echo: bool = False
-    best_of: int | None = None
     suffix: str | None = None
 
     @property
@@ -244,12 +258,15 @@ class CompletionRequest(GenerationBody):
         """echo with max_tokens 0: the prompts alone."""
         return self.echo and self.max_tokens == 0
 
+    @property
+    def candidates(self) -> int:
+        return self.n if self.echo_only else super().candidates  # the prompt alone: nothing to rank
+
     def to_domain(self) -> tuple[list[Prompt], SamplingParams]:
         """The prompts (one, or the batch the request lists) and their sampling."""
         self.check_supported()
-        for name, bad in (("best_of", self.best_of not in (None, self.n)), ("suffix", bool(self.suffix))):
-            if bad:
-                raise RequestInvalid(f"{name} is not supported", param=name)
+        if self.suffix:
+            raise RequestInvalid("suffix is not supported", param="suffix")
         batch = self.prompt if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
             else [self.prompt]
         cut = self.truncate_prompt_tokens

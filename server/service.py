@@ -121,8 +121,9 @@ class Service:
     def _check_choices(self, prompts: int, n: int, adapter_id: str | None) -> None:
         if n * prompts > self.config.max_choices_per_request:
             with self._counting_refusals(adapter_id):
-                raise RequestInvalid(f"{prompts} prompt(s) with n={n} ask for {n * prompts} completions; the limit "
-                                     f"is {self.config.max_choices_per_request} (--max-choices-per-request)")
+                raise RequestInvalid(f"{prompts} prompt(s) with {n} completion(s) each (n, or best_of) ask for "
+                                     f"{n * prompts}; the limit is {self.config.max_choices_per_request} "
+                                     "(--max-choices-per-request)")
 
     async def beam_search_choices(self, prompts: list[Prompt], sampling: SamplingParams, width: int,
                                   length_penalty: float = 1.0, adapter_id: str | None = None,

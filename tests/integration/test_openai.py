@@ -340,7 +340,11 @@ def test_beam_search_ranks_ended_beams_by_the_length_penalty(oserver, tiny_llama
 
 def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
-        (dict(n=0), "n"), (dict(n=2, best_of=3), "best_of"), (dict(max_tokens=0), "max_tokens must be in [1, "),
+        (dict(n=0), "n"), (dict(n=3, best_of=2), "best_of is 2; it must be at least n (3)"),
+        (dict(best_of=2, stream=True), "best_of greater than n is not available with stream: true"),
+        (dict(best_of=11, extra_body={"use_beam_search": True}),
+         "best_of is the beam width with use_beam_search: 1 to 10, got 11"),
+        (dict(max_tokens=0), "max_tokens must be in [1, "),
         (dict(logprobs=21), "logprobs"), (dict(max_tokens=10**6), "max_tokens must be in [1, 1024], got 1000000"),
         (dict(max_tokens=5, extra_body={"min_tokens": 6}), "min_tokens must be in [0, max_tokens (5)], got 6"),
         (dict(temperature=-1), "temperature"), (dict(presence_penalty=2.5), "presence_penalty"),
@@ -600,6 +604,42 @@ def test_seeded_choices_differ_and_each_reproduces_alone(oserver):
         assert oserver.oa.completions.create(seed=41 + j, **sampled).choices[0].text == text
     unseeded = oserver.oa.completions.create(n=3, **sampled)
     assert len(unseeded.choices) == 3
+
+
+def test_best_of_returns_the_candidates_with_the_highest_logprob_per_token(oserver):
+    """OpenAI's best_of: best_of candidates of each prompt (candidate j draws with seed + j, as
+    choice j of n = best_of does), the n with the highest mean token logprob returned, best first;
+    usage counts every candidate; logprobs come back only when asked; each prompt's choices carry
+    its prompt logprobs. Chat takes it too, and beam search takes it as its width (vLLM's rule)."""
+    stops = list(range(40, 80))  # some candidates end early, so the mean and the sum rank apart
+    sampled = dict(model="attn-r4", prompt=[PROMPT_IDS, OTHER_IDS], temperature=1.0, seed=3, max_tokens=12,
+                   extra_body={"stop_token_ids": stops, "prompt_logprobs": 1})
+    every = oserver.oa.completions.create(n=5, logprobs=0, **sampled)
+    scored = oserver.oa.completions.create(n=2, best_of=5, logprobs=0, **sampled)
+    best = oserver.oa.completions.create(n=2, best_of=5, **sampled)
+    sum_differs = False
+    for p in range(2):
+        candidates = [c.logprobs.token_logprobs for c in every.choices[5 * p: 5 * p + 5]]
+        by_mean = sorted(range(5), key=lambda j: -sum(candidates[j]) / len(candidates[j]))[:2]
+        sum_differs |= by_mean != sorted(range(5), key=lambda j: -sum(candidates[j]))[:2]
+        got = scored.choices[2 * p: 2 * p + 2]
+        assert [c.logprobs.token_logprobs for c in got] == [candidates[j] for j in by_mean]
+        assert [c.text for c in got] == [every.choices[5 * p + j].text for j in by_mean]
+        assert all(c.prompt_logprobs == every.choices[5 * p].prompt_logprobs is not None for c in got)
+    assert sum_differs  # the seed is one where ranking by the sum would return other candidates
+    assert [c.index for c in best.choices] == [0, 1, 2, 3] and all(c.logprobs is None for c in best.choices)
+    assert [c.text for c in best.choices] == [c.text for c in scored.choices]
+    assert best.usage == every.usage  # five candidates of each prompt generated
+    messages = [{"role": "user", "content": "Tell me about LoRA."}]
+    chat = dict(model="all-r8", messages=messages, temperature=1.0, seed=11, max_tokens=8)
+    candidates = oserver.oa.chat.completions.create(n=3, logprobs=True, **chat).choices
+    means = [sum(t.logprob for t in c.logprobs.content) / len(c.logprobs.content) for c in candidates]
+    (one,) = oserver.oa.chat.completions.create(extra_body={"best_of": 3}, **chat).choices
+    assert one.message.content == candidates[means.index(max(means))].message.content
+    beam = dict(model="attn-r4", prompt=PROMPT_IDS, max_tokens=6, extra_body={"use_beam_search": True})
+    four = oserver.oa.completions.create(n=4, **beam)
+    two = oserver.oa.completions.create(n=2, best_of=4, **beam)
+    assert [c.text for c in two.choices] == [c.text for c in four.choices[:2]] and two.usage == four.usage
 
 
 def test_streamed_choices_interleave_and_add_up(oserver):
@@ -1463,6 +1503,7 @@ def test_responses_api_is_chat_by_another_shape(oserver):
         (dict(text={"format": {"type": "xml"}}), "text.format type 'xml' is not supported", "text"),
         (dict(extra_body={"use_beam_search": True}), "use_beam_search is served by chat and completions",
          "use_beam_search"),
+        (dict(extra_body={"best_of": 2}), "best_of is not a Responses API field", "best_of"),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.responses.create(**{"model": "attn-r4", "input": "Hi", **kwargs})
