@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,18 @@ from .loader import AdapterManifest, LoRALayout, combination_manifest, inspect_a
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
+FLOAT32_MAX = struct.unpack("f", b"\xff\xff\x7f\x7f")[0]
+
 log = logging.getLogger(__name__)
+
+
+def float32_text(value: float) -> str:
+    """The shortest decimal that reads back as ``value`` rounded to float32 (a combination's
+    weights scale its float32 rows: 0.7 and 0.699999988 give the same ones)."""
+    def f32(x: float) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    value = f32(value) + 0.0  # -0.0 is 0.0
+    return next(text for text in (f"{value:.{d}g}" for d in range(1, 10)) if f32(float(text)) == value)
 
 
 def validate_adapter_id(adapter_id: str) -> None:
@@ -126,41 +138,75 @@ class AdapterRegistry:
         validate_adapter_id(adapter_id)
         if not (0.0 < weight < float("inf")):
             raise ValueError(f"weight must be finite and > 0, got {weight}")
+        self._check_parts(parts)
+        with self._lock:
+            self._check_room(adapter_id, replace)
+            return self._commit_combination(adapter_id, self._part_entries(parts), weight=weight,
+                                            keep_resident=keep_resident, on_commit=on_commit)
+
+    def combination_for(self, parts: list[tuple[str, float]]) -> tuple[RegisteredAdapter, bool]:
+        """The combination of ``parts`` that a request names instead of an adapter, registered as a
+        dynamic one (evict_lru_dynamic may undo it) unless it is already. Its id is its parts' ids,
+        versions and weights in id order, ``a@3*0.5+b@1*-1.0``: user ids cannot spell '@', '*' or
+        '+', so none collides, and a part registered again makes a combination of its own.
+        Returns (the entry, whether it was registered now); RegistryFull when there is no room."""
+        self._check_parts(parts)
+        weights = {part: float32_text(w) for part, w in parts}  # the precision the weights act in
+        with self._lock:
+            entries = sorted(self._part_entries([(p, float(weights[p])) for p, _ in parts]),
+                             key=lambda e: e[0].adapter_id)
+            adapter_id = "+".join(f"{e.adapter_id}@{e.version}*{weights[e.adapter_id]}" for e, _ in entries)
+            found = self._adapters.get(adapter_id)
+            if found is not None:
+                return found, False
+            self._check_room(adapter_id, replace=False)
+            return self._commit_combination(adapter_id, entries, dynamic=True), True
+
+    @staticmethod
+    def _check_parts(parts: list[tuple[str, float]]) -> None:
         if not parts:
             raise ValueError("a combination needs at least one adapter")
         if len({p for p, _ in parts}) != len(parts):
             raise ValueError("a combination names each adapter once")
         for part, w in parts:
-            if not math.isfinite(w):
-                raise ValueError(f"the weight of {clip(part)} in the combination must be finite, got {w}")
-        with self._lock:
-            self._check_room(adapter_id, replace)
-            entries = []
-            for part, w in parts:
-                entry = self._adapters.get(part)
-                if entry is None:
-                    raise AdapterNotFound(f"adapter {clip(part)} is not registered")
-                if entry.combine:
-                    raise ValueError(f"adapter {clip(part)} is a combination itself: combine the adapters it is made of")
-                if entry.manifest.magnitude:  # its scale multiplies W + s B A as a whole: no sum of deltas
-                    raise ValueError(f"adapter {clip(part)} is a DoRA adapter, which cannot be combined")
-                if entry.manifest.spec.trainable_tokens:  # rows replaced, not a delta that weights can scale
-                    raise ValueError(f"adapter {clip(part)} has trainable tokens, which cannot be combined")
-                entries.append((entry, w))
-            rank = sum(e.manifest.rank for e, _ in entries)
-            if rank > self.max_rank:
-                raise ValueError(f"the combination's rank is {rank} (the sum of its adapters' ranks); --max-lora-rank "
-                                 f"is {self.max_rank}")
-            manifest = combination_manifest([(e.manifest, w) for e, w in entries], self.layout, self.element_size)
-            entry = RegisteredAdapter(adapter_id, Path(), manifest, self._next_version, Path(),
-                                      last_used=time.monotonic(), weight=weight, keep_resident=keep_resident,
-                                      combine=tuple(entries))
-            if on_commit is not None:
-                on_commit(entry)
-            self._next_version += 1
-            self._adapters[adapter_id] = entry
+            if not math.isfinite(w) or abs(w) > FLOAT32_MAX:
+                raise ValueError(f"the weight of {clip(part)} in the combination must be finite, at most "
+                                 f"{FLOAT32_MAX:.4g} in magnitude, got {w}")
+
+    def _part_entries(self, parts: list[tuple[str, float]]) -> list[tuple[RegisteredAdapter, float]]:
+        """(entry, weight) of each part, as registered now (under the lock)."""
+        entries = []
+        for part, w in parts:
+            entry = self._adapters.get(part)
+            if entry is None:
+                raise AdapterNotFound(f"adapter {clip(part)} is not registered")
+            if entry.combine:
+                raise ValueError(f"adapter {clip(part)} is a combination itself: combine the adapters it is made of")
+            if entry.manifest.magnitude:  # its scale multiplies W + s B A as a whole: no sum of deltas
+                raise ValueError(f"adapter {clip(part)} is a DoRA adapter, which cannot be combined")
+            if entry.manifest.spec.trainable_tokens:  # rows replaced, not a delta that weights can scale
+                raise ValueError(f"adapter {clip(part)} has trainable tokens, which cannot be combined")
+            entries.append((entry, w))
+        rank = sum(e.manifest.rank for e, _ in entries)
+        if rank > self.max_rank:
+            raise ValueError(f"the combination's rank is {rank} (the sum of its adapters' ranks); --max-lora-rank "
+                             f"is {self.max_rank}")
+        return entries
+
+    def _commit_combination(self, adapter_id: str, entries: list[tuple[RegisteredAdapter, float]],
+                            weight: float = 1.0, keep_resident: bool = False, on_commit=None,
+                            dynamic: bool = False) -> RegisteredAdapter:
+        """Under the lock, room checked: the combination registered."""
+        manifest = combination_manifest([(e.manifest, w) for e, w in entries], self.layout, self.element_size)
+        entry = RegisteredAdapter(adapter_id, Path(), manifest, self._next_version, Path(), dynamic=dynamic,
+                                  last_used=time.monotonic(), weight=weight, keep_resident=keep_resident,
+                                  combine=tuple(entries))
+        if on_commit is not None:
+            on_commit(entry)
+        self._next_version += 1
+        self._adapters[adapter_id] = entry
         log.info("adapter %s registered as a combination of %s: rank %d, content hash %s", adapter_id,
-                 ", ".join(f"{e.adapter_id} x {w:g}" for e, w in entries), rank, manifest.content_hash)
+                 ", ".join(f"{e.adapter_id} x {w:g}" for e, w in entries), manifest.rank, manifest.content_hash)
         return entry
 
     def unregister(self, adapter_id: str) -> RegisteredAdapter:

@@ -22,7 +22,10 @@ def add_client_commands(sub) -> None:
 
     g = with_server(sub.add_parser("generate", help="stream a completion to the terminal"))
     g.add_argument("prompt")
-    g.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    who = g.add_mutually_exclusive_group()
+    who.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    who.add_argument("--combine", nargs="+", metavar="ID=WEIGHT", type=weighted_id, default=None,
+                     help="run with the weighted sum of registered adapters (their ranks side by side)")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--raw", action="store_true", help="send a plain prompt even when the model has a chat template")
@@ -76,7 +79,7 @@ def cmd_generate(args) -> int:
         use_chat = not args.raw and client.server_info().has_chat_template
         prompt_kwargs = {"messages": [("user", args.prompt)]} if use_chat else {"prompt": args.prompt}
         for chunk in client.generate_stream(adapter_id=args.adapter, sampling=sampling, priority=args.priority,
-                                             **prompt_kwargs):
+                                             combine=args.combine, **prompt_kwargs):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
         sys.stdout.write("\n")

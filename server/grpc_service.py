@@ -62,9 +62,11 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         self.service = service
 
     async def _submit(self, request: pb.GenerateRequest, context):
+        adapter_id = await self.service.adapter_for(request.adapter_id or None,
+                                                    [(part.adapter_id, part.weight) for part in request.combine])
         return await self.service.generate(
             prompt_from_pb(request), sampling_from_pb(request.sampling, self.service.config.default_max_new_tokens),
-            request.adapter_id or None, request.request_id or None, context.time_remaining(), request.priority)
+            adapter_id, request.request_id or None, context.time_remaining(), request.priority)
 
     @staticmethod
     def _release(stream, context) -> None:

@@ -89,6 +89,11 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
+class WeightedPart(BaseModel):
+    adapter_id: str
+    weight: float
+
+
 class GenerationBody(BaseModel):
     """The fields every generating body shares (completions, chat; the Responses API's by way of chat)."""
 
@@ -99,6 +104,9 @@ class GenerationBody(BaseModel):
     request_id: str | None = None  # vLLM's: the request's id in logs and the response's; X-Request-Id wins
     # vLLM's: with --scheduling priority, lower is admitted first (a 32-bit integer, as gRPC's); else only 0
     priority: int = Field(0, ge=-(1 << 31), lt=1 << 31)
+    # instead of an adapter as the model (then the base model's name): the weighted sum of registered
+    # adapters, as gRPC's GenerateRequest.combine
+    combine: list[WeightedPart] | None = None
     # vLLM's beam search: the n best beams by cum_logprob / len ** length_penalty (server/beam_search.py)
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -166,6 +174,9 @@ class GenerationBody(BaseModel):
             self._check_beam_search()
         elif self.length_penalty != 1.0:
             raise RequestInvalid("length_penalty ranks beams: it needs use_beam_search", param="length_penalty")
+
+    def combination(self) -> list[tuple[str, float]] | None:
+        return [(part.adapter_id, part.weight) for part in self.combine] if self.combine else None
 
     @property
     def candidates(self) -> int:

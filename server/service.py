@@ -263,32 +263,66 @@ class Service:
         raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered, and no --adapter-root holds it")
 
     def _register_dynamic(self, adapter_id: str):
-        """Worker thread: register ROOT/ID, making room by unregistering the least recently used
-        dynamic registration that no request is using; none: RESOURCE_EXHAUSTED."""
+        """Worker thread: register ROOT/ID, making room (_with_room)."""
         built = self.built
         try:
             path = self._dynamic_path(adapter_id)
-            while True:
-                try:
-                    entry = built.registry.register(adapter_id, path, dynamic=True)
-                    break
-                except AdapterExists:  # registered meanwhile (RegisterAdapter): serve that one
-                    return built.registry.get(adapter_id)
-                except RegistryFull:
-                    running, waiting = built.engine.adapter_ids()
-                    evicted = built.registry.evict_lru_dynamic(running | waiting)
-                    if evicted is None:
-                        raise RegistryFull(
-                            f"{len(built.registry)} adapters are registered (--max-registered-adapters) and every "
-                            "dynamically registered one is in use") from None
-                    log.info("dynamic adapter %s unregistered to make room for %s", evicted.adapter_id, adapter_id)
-                    self._count("evicted")
+            try:
+                entry = self._with_room(functools.partial(built.registry.register, adapter_id, path, dynamic=True),
+                                        adapter_id)
+            except AdapterExists:  # registered meanwhile (RegisterAdapter): serve that one
+                return built.registry.get(adapter_id)
         except Exception:
             self._count("failed")
             raise
         log.info("dynamic adapter %s registered from %s (content hash %s)", adapter_id, path,
                  entry.manifest.content_hash[:16])
         self._count("registered")
+        return entry
+
+    def _with_room(self, register, what: str, keep: frozenset[str] = frozenset()):
+        """``register()``, making room when the registry is full by unregistering the least recently
+        used dynamic registration that no request is using (nor in ``keep``); none: RESOURCE_EXHAUSTED."""
+        built = self.built
+        while True:
+            try:
+                return register()
+            except RegistryFull:
+                running, waiting = built.engine.adapter_ids()
+                evicted = built.registry.evict_lru_dynamic(running | waiting | keep)
+                if evicted is None:
+                    raise RegistryFull(
+                        f"{len(built.registry)} adapters are registered (--max-registered-adapters) and every "
+                        "dynamically registered one is in use") from None
+                log.info("dynamic adapter %s unregistered to make room for %s", evicted.adapter_id, what)
+                self._count("evicted")
+
+    # ---- combinations a request names (GenerateRequest.combine) ----
+    async def adapter_for(self, adapter_id: str | None, combine: list[tuple[str, float]] | None) -> str | None:
+        """The adapter a request runs with: ``adapter_id``, or the weighted sum of registered
+        adapters ``combine`` [(id, weight)] names, registered on its first use as a dynamic
+        combination (Registry.combination_for: ranks side by side, as RegisterAdapter's combine) and
+        unregistered for room like other dynamic registrations once no request uses it."""
+        if not combine:
+            return adapter_id
+        with self._counting_refusals(adapter_id):
+            if adapter_id:
+                raise RequestInvalid(f"combine names the adapters to sum: the request must name the base model "
+                                     f"(as its model, with no adapter), not adapter {clip(adapter_id)}", param="combine")
+            for part, _ in combine:  # with --dynamic-adapters, a part may be registered on first use
+                await self._ensure_registered(part)
+            entry = await self.work.run("registering the combination", self._register_combination, combine)
+        return entry.adapter_id
+
+    def _register_combination(self, parts: list[tuple[str, float]]):
+        """Worker thread: the registered combination of ``parts``, making room (_with_room)."""
+        try:
+            entry, new = self._with_room(functools.partial(self.built.registry.combination_for, parts),
+                                         "a combination", keep=frozenset(p for p, _ in parts))
+        except ValueError as e:  # a part that cannot be combined, a weight, the rank
+            raise RequestInvalid(str(e), param="combine") from None
+        if new:
+            self._count("registered")
         return entry
 
     def _count(self, event: str) -> None:

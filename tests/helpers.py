@@ -185,6 +185,31 @@ def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[
     return outs
 
 
+def peft_cat_generate(model_dir: Path, adapters: dict[str, Path], parts: list[tuple[str, float]],
+                      prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """PEFT's greedy tokens (no EOS) for add_weighted_adapter(combination_type="cat") of ``parts``
+    [(name in ``adapters``, weight)], each prompt alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    (first, _), *rest = parts
+    model = PeftModel.from_pretrained(base, adapters[first], adapter_name=first)
+    for name, _ in rest:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.add_weighted_adapter([n for n, _ in parts], [w for _, w in parts], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=None)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
 def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], scored: list[int]) -> torch.Tensor:
     """[len(scored), vocab]: PEFT's log-softmax at each position of ``prompt + scored`` that
     predicts a token of ``scored`` (float32, one forward pass): the oracle of every logprob."""

@@ -5,14 +5,13 @@ the refusals that name what is wrong."""
 import asyncio
 
 import pytest
-import torch
 
 from loramux.adapters.errors import AdapterNotFound
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.requests import GenerationRequest, SamplingParams
 
-from helpers import ADAPTER_VARIANTS
+from helpers import ADAPTER_VARIANTS, peft_cat_generate
 
 MAX_NEW = 12
 PROMPTS = [[5, 17, 33, 8, 90, 4], [44, 2, 71, 19], [120, 7, 7, 56, 3, 99, 14], [61, 25]]
@@ -30,26 +29,7 @@ def built(tiny_llama, tiny_adapters):
 
 
 def peft_cat(tiny_llama, tiny_adapters, parts, prompts):
-    """PEFT's greedy tokens for the "cat" combination of ``parts`` [(name, weight)]."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    (first, _), *rest = parts
-    model = PeftModel.from_pretrained(base, tiny_adapters[first], adapter_name=first)
-    for name, _ in rest:
-        model.load_adapter(tiny_adapters[name], adapter_name=name)
-    model.add_weighted_adapter([n for n, _ in parts], [w for _, w in parts], "mix", combination_type="cat")
-    model.set_adapter("mix")
-    model.eval()
-    outs = []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW,
-                               do_sample=False, eos_token_id=None)
-            outs.append(y[0, len(ids):].tolist())
-    return outs
+    return peft_cat_generate(tiny_llama, tiny_adapters, parts, prompts, MAX_NEW)
 
 
 def run(engine, jobs):
@@ -93,6 +73,32 @@ def test_a_combination_outlives_its_parts_being_replaced(built, tiny_adapters):
         assert built.manager.tier(frozen.key) == "disk"
         assert run(built.engine, [("frozen", PROMPTS[0])])[0] == before
         assert run(built.engine, [("attn-r4", PROMPTS[0])])[0] != before
+    finally:
+        built.registry.register("attn-r4", tiny_adapters["attn-r4"], replace=True, trusted=True)
+
+
+def test_a_sum_a_request_names_is_one_dynamic_adapter_until_a_part_changes(built, tiny_adapters):
+    """Registry.combination_for: the same parts in any order, and weights equal in float32, are one
+    dynamic registration named by ids, versions and weights; a part registered again makes another,
+    served with the new part; the sums are what evict_lru_dynamic may take."""
+    import struct
+
+    f32 = struct.unpack("f", struct.pack("f", 0.7))[0]  # 0.699999988..., gRPC's float 0.7
+    first, new = built.registry.combination_for([("attn-r4", 0.7), ("all-r8", -0.25)])
+    again, renew = built.registry.combination_for([("all-r8", -0.25), ("attn-r4", f32)])
+    v4, v8 = built.registry.get("attn-r4").version, built.registry.get("all-r8").version
+    assert (new, renew, again) == (True, False, first) and first.dynamic
+    assert first.adapter_id == f"all-r8@{v8}*-0.25+attn-r4@{v4}*0.7"
+    assert [(e.adapter_id, w) for e, w in first.combine] == [("all-r8", -0.25), ("attn-r4", 0.7)]
+    before = run(built.engine, [(first.adapter_id, PROMPTS[0])])[0]
+    built.registry.register("attn-r4", tiny_adapters["all-r16-rslora"], replace=True, trusted=True)
+    try:
+        other, new = built.registry.combination_for([("attn-r4", 0.7), ("all-r8", -0.25)])
+        assert new and other.adapter_id != first.adapter_id and other.manifest.rank == 16 + 8
+        assert run(built.engine, [(other.adapter_id, PROMPTS[0])])[0] != before
+        assert run(built.engine, [(first.adapter_id, PROMPTS[0])])[0] == before  # as its parts were
+        evicted = {built.registry.evict_lru_dynamic(set()).adapter_id for _ in range(2)}
+        assert evicted == {first.adapter_id, other.adapter_id} and built.registry.evict_lru_dynamic(set()) is None
     finally:
         built.registry.register("attn-r4", tiny_adapters["attn-r4"], replace=True, trusted=True)
 

@@ -540,11 +540,14 @@ prompt_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's re
     "documents": st.one_of(odd_text, st.sampled_from(['[{"text": "x"}]', '[{"t": 1}]', "{}", "[[]]"])),
     "chat_template": st.one_of(odd_text, st.sampled_from(["{% for m in messages %}{{ m.content }}{% endfor %}",
                                                           "{% if %}", "{{ raise_exception('no') }}"]))})
+FUZZ_ADAPTERS = ["", "", "attn-r4", "all-r8", "nope", "../x"]
 request_pb = st.builds(
-    lambda rid, aid, prompt, ids, msgs, s, chat: pb.GenerateRequest(
-        request_id=rid, adapter_id=aid, prompt=prompt, prompt_token_ids=ids,
-        messages=[pb.ChatMessage(role=r, content=c) for r, c in msgs], sampling=s, **chat),
-    st.one_of(odd_text, st.text(max_size=200)), st.sampled_from(["", "", "attn-r4", "all-r8", "nope", "../x"]),
+    lambda rid, aid, combine, prompt, ids, msgs, s, chat: pb.GenerateRequest(
+        request_id=rid, adapter_id=aid, combine=[pb.WeightedAdapter(adapter_id=a, weight=w) for a, w in combine],
+        prompt=prompt, prompt_token_ids=ids, messages=[pb.ChatMessage(role=r, content=c) for r, c in msgs],
+        sampling=s, **chat),
+    st.one_of(odd_text, st.text(max_size=200)), st.sampled_from(FUZZ_ADAPTERS),
+    st.lists(st.tuples(st.sampled_from(FUZZ_ADAPTERS), st.floats(width=32)), max_size=3),
     st.one_of(odd_text, st.text(max_size=4)), st.one_of(st.lists(st.integers(0, MAX_U32), max_size=50),
                                                       st.lists(st.integers(0, 383), min_size=5000, max_size=20000)),
     st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "robot", ""]), odd_text), max_size=5),
@@ -598,6 +601,9 @@ def http_bodies():
         "logit_bias": st.one_of(st.dictionaries(st.sampled_from(["0", "5", "x", "-1", "99999999", " 7"]),
                                                 st.one_of(st.floats(), st.integers(-200, 200)), max_size=3), odd),
         "top_k": st.one_of(st.integers(-2, 50), odd), "repetition_penalty": st.one_of(st.floats(), odd),
+        "combine": st.one_of(st.lists(st.fixed_dictionaries({"adapter_id": st.sampled_from(FUZZ_ADAPTERS),
+                                                             "weight": st.one_of(st.floats(), odd)}), max_size=3),
+                             odd),
         "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
         "priority": st.one_of(st.integers(-3, 3), st.integers(-(2**40), 2**40), odd),
         "use_beam_search": st.one_of(st.booleans(), odd), "length_penalty": st.one_of(st.floats(), odd),

@@ -1,11 +1,13 @@
 """The OpenAI-compatible HTTP API against the real server, through the official `openai` package."""
 
+import functools
 import json
 import re
 import shutil
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import openai
@@ -18,7 +20,7 @@ try:  # the HTTP client the installed openai package uses
 except ImportError:  # pragma: no cover - older openai releases use httpx
     import httpx
 
-from helpers import build_llama, peft_logprobs
+from helpers import build_llama, peft_cat_generate, peft_logprobs
 from server import ServerProcess
 from test_grpc import PROMPT_IDS, code_of, total, wait_idle
 
@@ -640,6 +642,65 @@ def test_best_of_returns_the_candidates_with_the_highest_logprob_per_token(oserv
     four = oserver.oa.completions.create(n=4, **beam)
     two = oserver.oa.completions.create(n=2, best_of=4, **beam)
     assert [c.text for c in two.choices] == [c.text for c in four.choices[:2]] and two.usage == four.usage
+
+
+def test_a_request_may_name_a_weighted_sum_of_adapters(oserver, tiny_llama, tiny_adapters):
+    """combine instead of an adapter (gRPC's GenerateRequest.combine, the HTTP body's combine): the
+    sum is served token for token as PEFT's add_weighted_adapter "cat" of the same parts, joining a
+    batch of other adapters' requests; it is registered once, as a dynamic adapter named by its
+    parts' ids, versions and float32 weights, which the same sum shares whatever the API or the
+    order of its parts; it is unregistered for room like any dynamic registration; refusals name
+    the problem."""
+    parts = [("attn-r4", 0.7), ("all-r8", -0.3)]
+    expected = peft_cat_generate(tiny_llama, tiny_adapters, parts, [PROMPT_IDS], 10)[0]
+    base = oserver.client.server_info().model
+    body = {"ignore_eos": True, "return_tokens_as_token_ids": True,
+            "combine": [{"adapter_id": a, "weight": w} for a, w in reversed(parts)]}
+    with ThreadPoolExecutor(5) as pool:
+        others = {a: pool.submit(grpc_tokens, oserver, a) for a in ("attn-r4", "all-r8", "")}
+        time.sleep(0.05)  # the sums join their batch
+        via_grpc = pool.submit(oserver.client.generate, prompt_token_ids=PROMPT_IDS, combine=parts,
+                               sampling=Sampling(max_new_tokens=10, ignore_eos=True))
+        via_http = pool.submit(oserver.oa.completions.create, model=base, prompt=PROMPT_IDS, max_tokens=10,
+                               temperature=0, logprobs=0, extra_body=body)
+        assert via_grpc.result().token_ids == expected
+        assert [int(t.removeprefix("token_id:")) for t in via_http.result().choices[0].logprobs.tokens] == expected
+    for adapter, result in others.items():
+        assert result.result().token_ids == grpc_tokens(oserver, adapter).token_ids
+    (mix,) = [a for a in oserver.client.list_adapters() if "+" in a.adapter_id]
+    assert re.fullmatch(r"all-r8@\d+\*-0\.3\+attn-r4@\d+\*0\.7", mix.adapter_id), mix.adapter_id
+    assert (mix.rank, mix.path) == (12, "") and [p for p, _ in mix.combine] == ["all-r8", "attn-r4"]
+    # while registered, its id names it as a model too
+    assert oserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=mix.adapter_id, sampling=Sampling(
+        max_new_tokens=10, ignore_eos=True)).token_ids == expected
+    # other sums fill the registry: the least recently used goes, not one in use or registered by name
+    for i in range(10):
+        oserver.client.generate(prompt_token_ids=PROMPT_IDS, combine=[("attn-r4", 0.05 * (i + 1))],
+                                sampling=Sampling(max_new_tokens=1))
+    listed = {a.adapter_id for a in oserver.client.list_adapters()}
+    assert mix.adapter_id not in listed and set(tiny_adapters) <= listed
+    for kwargs, status, needle in [
+        (dict(adapter_id="attn-r4", combine=parts), grpc.StatusCode.INVALID_ARGUMENT, "must name the base model"),
+        (dict(combine=[("nope", 1.0)]), grpc.StatusCode.NOT_FOUND, "nope"),
+        (dict(combine=[("attn-r64", 1.0), ("all-r8", 1.0)]), grpc.StatusCode.INVALID_ARGUMENT,
+         "the combination's rank is 72 (the sum of its adapters' ranks); --max-lora-rank is 64"),
+        (dict(combine=[("attn-r4", 1.0), ("attn-r4", 2.0)]), grpc.StatusCode.INVALID_ARGUMENT, "each adapter once"),
+    ]:
+        code, details = code_of(oserver.client.generate, prompt_token_ids=PROMPT_IDS, **kwargs)
+        assert code == status and needle in details, (kwargs, code, details)
+    for model, combine, needle in [
+        ("attn-r4", [{"adapter_id": "all-r8", "weight": 1}], "must name the base model"),
+        (base, [{"adapter_id": "attn-r4", "weight": 1e39}], "at most 3.403e+38 in magnitude"),
+        (base, [], None),  # an empty list asks for nothing: the base model
+    ]:
+        create = functools.partial(oserver.oa.completions.create, model=model, prompt="hi", max_tokens=1,
+                                   extra_body={"combine": combine})
+        if needle is None:
+            assert create().choices
+            continue
+        with pytest.raises(openai.BadRequestError) as e:
+            create()
+        assert needle in e.value.message and e.value.body["param"] == "combine", e.value.body
 
 
 def test_streamed_choices_interleave_and_add_up(oserver):
