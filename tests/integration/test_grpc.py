@@ -595,7 +595,7 @@ def test_trainable_tokens_serve_tokens_and_logprobs_as_peft_does(server, tiny_ll
         server.client.unregister_adapter("tokens/q")
 
 
-def test_cli_generate_takes_a_structured_output(server):
+def test_cli_generate_takes_a_structured_output_and_a_sum_of_adapters(server):
     cli = [sys.executable, "-m", "loramux.server.cli", "generate", "--server", server.target, "--raw",
            "--max-new-tokens", "20"]
     for flags, check in ((["--choice", "yes", "no"], lambda t: t in ("yes", "no")),
@@ -603,6 +603,13 @@ def test_cli_generate_takes_a_structured_output(server):
                          (["--grammar", 'start: "<" /[a-c]{3}/ ">"'], lambda t: len(t) == 5 and t[0] == "<")):
         out = subprocess.run([*cli, "hello", *flags], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and check(out.stdout.strip()), (flags, out.stdout, out.stderr)
+    # and a sum of adapters instead of one: what the same sum gives through the client
+    out = subprocess.run([*cli, "hello", "--combine", "attn-r4=0.5", "all-r8=-1"], capture_output=True, text=True,
+                         timeout=120)
+    expected = server.client.generate("hello", combine=[("all-r8", -1.0), ("attn-r4", 0.5)],
+                                      sampling=Sampling(max_new_tokens=20)).text
+    assert out.returncode == 0 and out.stdout == expected + "\n", (out.stdout, out.stderr)
+    assert expected != server.client.generate("hello", sampling=Sampling(max_new_tokens=20)).text
 
 
 def test_keep_resident_holds_adapters_on_the_device_and_refuses_past_the_room(server, tiny_adapters, adapter_root):
