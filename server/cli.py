@@ -70,6 +70,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default=None, help="HTTP address (default: --host)")
     p.add_argument("--max-http-body-bytes", type=int, default=d["max_http_body_bytes"].default,
                    help="HTTP request bodies over this are refused (413) before parsing")
+    p.add_argument("--responses-store-bytes", type=int, default=d["responses_store_bytes"].default,
+                   help="memory for the Responses API's kept responses (previous_response_id, GET and DELETE "
+                        "/v1/responses/{id}), least recently used dropped first; 0 keeps none")
     p.add_argument("--http-keep-alive-timeout", type=float, default=d["http_keep_alive_timeout"].default,
                    help="seconds an idle HTTP keep-alive connection is held open; keep it above the clients' and "
                         "proxies' own idle timeouts")

@@ -42,6 +42,8 @@ class ServerConfig:
     http_host: str | None = None  # None: the gRPC host
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off (FastAPI and uvicorn are not imported)
     max_http_body_bytes: int = 8 << 20  # HTTP request bodies are refused (413) past this, before parsing
+    # the Responses API's kept responses (previous_response_id, GET/DELETE /v1/responses/{id}); 0: none
+    responses_store_bytes: int = 64 << 20
     # longer than clients' and proxies' own idle limits (httpx 5 s, load balancers 60 s), so that they, not the
     # server, close an idle connection: a close racing a request on it loses that request
     http_keep_alive_timeout: float = 75.0
@@ -127,6 +129,8 @@ class ServerConfig:
                      "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "http_keep_alive_timeout",
                      "kv_block_size", "adapter_cache_max_gib"):
             positive(name)
+        if self.responses_store_bytes < 0:
+            raise ValueError(f"responses-store-bytes must be >= 0, got {self.responses_store_bytes}")
         if not math.isfinite(self.adapter_cache_max_gib):
             raise ValueError(f"adapter-cache-max-gib must be finite, got {self.adapter_cache_max_gib}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs <= self.max_queued_requests:

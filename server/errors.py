@@ -29,6 +29,14 @@ class RequestInvalid(ValueError):
         self.param = param
 
 
+class NotStored(LookupError):
+    """A stored object a request names (a response id) that is not kept here."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class QueueFull(Exception):
     pass
 
@@ -60,6 +68,7 @@ class WorkTimeout(Exception):
 STATUS_BY_ERROR: dict[type[BaseException], str] = {
     RequestInvalid: "INVALID_ARGUMENT",
     AdapterNotFound: "NOT_FOUND",
+    NotStored: "NOT_FOUND",
     AdapterExists: "ALREADY_EXISTS",
     AdapterPathDenied: "PERMISSION_DENIED",
     AdapterInvalid: "FAILED_PRECONDITION",

@@ -43,6 +43,7 @@ from .openai_schema import (
     usage,
 )
 from .requests import TokenEvent, validate_request_id
+from .response_store import ResponseStore
 from .service import Service, bearer_refusal, user_tokens
 from .tool_parsers import tool_call_parser
 
@@ -209,6 +210,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     tool_parser = tool_call_parser(config.tool_call_parser)
     app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
     tokens = user_tokens(config.auth_token, config.admin_token)
+    kept = ResponseStore(config.responses_store_bytes)  # the Responses API's kept responses
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -320,15 +322,26 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, as the chat request it amounts to (server/openai_responses.py)."""
         rid = request_id_of(request, body)
-        chat = body.as_chat().serving(tool_parser)
+        history = ()
+        if body.previous_response_id is not None:
+            history = kept.get(body.previous_response_id, "previous_response_id").conversation
+        chat = body.as_chat(history).serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
         (stream,) = await service.generate_choices(prompts, sampling, 1, await adapter_for(body), rid, body.priority)
         tools, text_of = chat.tool_calls(), TokenText(service.ready().tokenizer)
-        built = ResponseBuilder(body.model, body.echoed(), tools, rid, text_of if body.logprobs else None)
+        keep = kept.enabled and body.store is not False
+        built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None)
         clamp = _clamp_logprobs if body.logprobs else (lambda obj: obj)
+
+        def done(events) -> dict:  # the whole response, kept unless it asked not to be
+            response = clamp(built.response(events))
+            if keep:
+                response["store"] = kept.put(response, body.conversation(history, response))
+            return response
+
         if not body.stream:
             try:
-                return JSONResponse(clamp(built.response(await collect(stream))), headers={REQUEST_ID: rid})
+                return JSONResponse(done(await collect(stream)), headers={REQUEST_ID: rid})
             finally:
                 stream.cancel()  # a no-op once finished; else the client went away
 
@@ -344,7 +357,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                     for chunk in chunks.events(ev):
                         for event in built.from_chunk(chunk):
                             yield _sse_event(clamp(event))
-                for event in built.closing(events):
+                for event in built.closing(events, done):
                     yield _sse_event(clamp(event))
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
                 status, message, param = _error_of(e, RESPONSES_NAMES)
@@ -354,6 +367,17 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
                                                                                  REQUEST_ID: rid})
+
+    @app.get("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
+    @errors_as_responses(names=RESPONSES_NAMES)
+    async def kept_response(response_id: str):
+        return kept.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
+    @errors_as_responses(names=RESPONSES_NAMES)
+    async def delete_response(response_id: str):
+        kept.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     # vLLM's tokenizer routes (a client counting a prompt's tokens against max_model_len), at its
     # paths and under /v1 as well

@@ -8,10 +8,13 @@ so rendering, forced and parsed tool calls (--tool-call-parser) and structured o
 own. The reply is a ``message`` item of ``output_text`` (when there is text) and a
 ``function_call`` item for each call; with ``include: ["message.output_text.logprobs"]`` or
 ``top_logprobs``, the text's tokens with chat's logprob entries. ``stream: true`` sends OpenAI's
-typed events, translated from chat's chunks. Nothing is stored: ``store`` comes back false, as
-vLLM answers without a store. What needs a stored response (``previous_response_id``,
-``conversation``), ``reasoning``, other ``include`` values, ``background`` and tools other than
-functions are refused, naming the field.
+typed events, translated from chat's chunks. Unless ``store`` is false, a response is kept
+(server/response_store.py) with its conversation as input items, its output's message as an
+assistant turn and its calls as function_call items, so that a request with
+``previous_response_id`` continues it: that conversation, then the new input (the earlier
+``instructions`` are not carried over, as OpenAI's are not). ``conversation`` (the Conversations
+API), ``reasoning``, other ``include`` values, ``background`` and tools other than functions are
+refused, naming the field.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .openai_structured import ToolCalls
 from .requests import FinishReason, TokenEvent
 from .tool_parsers import ToolCallParser
 
-NOT_STORED, NOT_SERVED = ": no response is stored here", ": it is not supported"
+NOT_SERVED = ": it is not supported"
 LOGPROBS = "message.output_text.logprobs"  # the one include value served
 PART_TYPES = ("input_text", "output_text", "text")
 ROLES = ("user", "system", "developer", "assistant")
@@ -90,7 +93,8 @@ def chat_messages(items: list[InputItem]) -> list[dict]:
 
 class ResponsesRequest(GenerationBody):
     unserved: ClassVar[dict[str, tuple[tuple, str]]] = {
-        **UNSERVED_EXTRAS, "previous_response_id": (("",), NOT_STORED), "conversation": (("",), NOT_STORED),
+        **UNSERVED_EXTRAS,
+        "conversation": (("",), ": the Conversations API is not served; continue a response by previous_response_id"),
         "reasoning": ((), NOT_SERVED), "background": ((False,), NOT_SERVED), "prompt": ((), NOT_SERVED),
         # GenerationBody's fields that a response has no place for
         "use_beam_search": ((False,), " is served by chat and completions, not the Responses API"),
@@ -108,14 +112,17 @@ class ResponsesRequest(GenerationBody):
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None  # LOGPROBS: the output text's token logprobs
     top_logprobs: int | None = None  # alternatives at each token, with logprobs (0 to 20)
-    store: bool | None = None
+    store: bool | None = None  # unset: kept, as OpenAI's default, where the server keeps responses
+    previous_response_id: str | None = None  # a kept response this request continues
     metadata: dict[str, str] | None = None
 
-    def as_chat(self) -> ChatCompletionRequest:
-        """The chat request this one amounts to (its mistakes are refused here, naming its fields)."""
+    def as_chat(self, history: tuple[dict, ...] = ()) -> ChatCompletionRequest:
+        """The chat request this one amounts to, continuing ``history`` (a kept response's
+        conversation, as input items); its mistakes are refused here, naming its fields."""
         self._check_served()
-        items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + chat_messages(items)
+        earlier = chat_messages([InputItem.model_validate(item) for item in history])
+        messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + earlier + \
+            chat_messages(self._items())
         if not messages:
             raise RequestInvalid("input has no items", param="input")
         shared = self.model_dump(include=set(GenerationBody.model_fields) - {
@@ -132,6 +139,21 @@ class ResponsesRequest(GenerationBody):
         except ValidationError as e:  # what the chat body checks that this one did not (a tool's parameters...)
             where, message = first_error(e.errors())
             raise RequestInvalid(message, param="tools" if where.startswith("tools") else "input") from None
+
+    def _items(self) -> list[InputItem]:
+        return [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def conversation(self, history: tuple[dict, ...], response: dict) -> list[dict]:
+        """What a later request continuing ``response`` continues: ``history``, this input, the
+        response's output (its message as an assistant turn, its calls as function_call items)."""
+        out = [*history, *(item.model_dump(exclude_none=True) for item in self._items())]
+        for item in response["output"]:
+            if item["type"] == "message":
+                out.append({"type": "message", "role": "assistant",
+                            "content": "".join(part["text"] for part in item["content"])})
+            else:
+                out.append({k: item[k] for k in ("type", "call_id", "name", "arguments")})
+        return out
 
     def _check_served(self) -> None:
         """What this request asks for has a chat equivalent, or it is refused, naming the field."""
@@ -175,14 +197,15 @@ class ResponsesRequest(GenerationBody):
             return {"type": "function", "function": {"name": choice["name"]}}
         return choice
 
-    def echoed(self) -> dict:
-        """The request's settings a response object repeats."""
+    def echoed(self, stored: bool = False) -> dict:
+        """The request's settings a response object repeats (``stored``: whether it is kept)."""
         return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
                 "temperature": 1.0 if self.temperature is None else self.temperature,
                 "top_p": 1.0 if self.top_p is None else self.top_p, "tools": self.tools or [],
                 "tool_choice": self.tool_choice or "auto", "parallel_tool_calls": self.parallel_tool_calls is not False,
                 "text": self.text or {"format": {"type": "text"}}, "truncation": self.truncation or "disabled",
-                "metadata": self.metadata or {}, "user": self.user, "store": False, "previous_response_id": None,
+                "metadata": self.metadata or {}, "user": self.user, "store": stored,
+                "previous_response_id": self.previous_response_id,
                 "reasoning": None, "error": None, "top_logprobs": self.top_logprobs or 0}
 
 
@@ -269,8 +292,10 @@ class ResponseBuilder:
             self.items += 1
         return out
 
-    def closing(self, events: list[TokenEvent]) -> list[dict]:
-        done = self.response(events)
+    def closing(self, events: list[TokenEvent], finish=None) -> list[dict]:
+        """The last events; ``finish`` (callable(events) -> the response) builds the whole response
+        when it is more than ``response`` (kept in a store)."""
+        done = (finish or self.response)(events)
         text_only = not any(item["type"] == "function_call" for item in done["output"])
         out = self._open_message() if text_only else []  # a reply of no text still has its message
         # response.completed whatever the status, as vLLM sends it: the openai package's stream

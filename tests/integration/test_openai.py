@@ -1488,8 +1488,8 @@ def test_responses_api_is_chat_by_another_shape(oserver):
     (instructions as the system message; an adapter as the model), with the same usage; cut by
     max_output_tokens it is incomplete; streamed, OpenAI's typed events carry the same text and end
     with response.completed, which the client's stream helper reads; text.format constrains the
-    output as response_format does in chat; what needs a stored response, tools other than
-    functions or other input item kinds are refused, naming the field."""
+    output as response_format does in chat; the Conversations API, tools other than functions or
+    other input item kinds are refused, naming the field."""
     extra = {"ignore_eos": True}
     chat = oserver.oa.chat.completions.create(
         model="attn-r4", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -1550,7 +1550,7 @@ def test_responses_api_is_chat_by_another_shape(oserver):
         (dict(include=["reasoning.encrypted_content"]), "include 'reasoning.encrypted_content' is not supported",
          "include"),
         (dict(top_logprobs=21), "top_logprobs must be in [0, 20], got 21", "top_logprobs"),
-        (dict(previous_response_id="resp_x"), "previous_response_id: no response is stored here", "previous_response_id"),
+        (dict(conversation="conv_x"), "the Conversations API is not served", "conversation"),
         (dict(tools=[{"type": "web_search"}]), "tools[0] is of type 'web_search'; only function tools", "tools"),
         (dict(tools=[{"type": "function", "name": "f", "parameters": 3}]), "tools.0.function.parameters", "tools"),
         (dict(input=[{"type": "reasoning", "summary": []}]), "input[0] is of type 'reasoning'; supported: message",
@@ -1608,6 +1608,52 @@ def test_responses_api_tools_are_chats_tool_calls(oserver):
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
     assert replied.usage.input_tokens == as_chat.usage.prompt_tokens
     assert replied.output_text == as_chat.choices[0].message.content
+
+
+def test_responses_are_kept_and_continued_by_previous_response_id(oserver):
+    """Kept unless store is false: a request with previous_response_id continues the kept
+    conversation (its input, then its output, then the new input; the earlier instructions not
+    carried over), computing what chat computes for the same messages, a call and its output
+    included, streamed responses too; GET returns a kept response and DELETE drops it, its
+    continuations living on; an id not kept is a 404 naming previous_response_id."""
+    oa, ask = oserver.oa, dict(model="attn-r4", max_output_tokens=6, temperature=0)
+    first = oa.responses.create(instructions="Be brief.", input="Hi", **ask)
+    second = oa.responses.create(previous_response_id=first.id, input="And then?", **ask)
+    third = oa.responses.create(previous_response_id=second.id, instructions="Be kind.", input="Why?", stream=True,
+                                **ask)
+    third = [e for e in third if e.type == "response.completed"][0].response
+    assert (first.store, second.store, second.previous_response_id) == (True, True, first.id)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "And then?"}]
+    for got, messages in ((second, turns), (third, [{"role": "system", "content": "Be kind."}, *turns, {
+            "role": "assistant", "content": second.output_text}, {"role": "user", "content": "Why?"}])):
+        chat = oa.chat.completions.create(model="attn-r4", messages=messages, max_tokens=6, temperature=0)
+        assert (got.output_text, got.usage.input_tokens) == (chat.choices[0].message.content, chat.usage.prompt_tokens)
+    assert oa.responses.retrieve(third.id).model_dump() == third.model_dump()
+    oa.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError, match="is not stored here"):
+        oa.responses.retrieve(first.id)
+    assert oa.responses.create(previous_response_id=second.id, input="Why?", **ask).output_text
+    # an agent's loop: a forced call, then its output continues the response that made it
+    tool = {"type": "function", "name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}
+    called = oa.responses.create(input="Weather in Rome?", tools=[tool], tool_choice={"type": "function",
+                                                                                       "name": "weather"},
+                                 **{**ask, "max_output_tokens": 40})
+    (call,) = called.output
+    answer = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    continued = oa.responses.create(previous_response_id=called.id, input=answer, tools=[tool], tool_choice="none",
+                                    **ask)
+    whole = oa.responses.create(input=[{"role": "user", "content": "Weather in Rome?"}, {
+        "type": "function_call", "call_id": call.call_id, "name": "weather", "arguments": call.arguments}, *answer],
+        tools=[tool], tool_choice="none", **ask)
+    assert (continued.output_text, continued.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
+    unkept = oa.responses.create(input="Hi", store=False, **ask)
+    assert unkept.store is False
+    for missing in (unkept.id, "resp_nope"):
+        with pytest.raises(openai.NotFoundError) as e:
+            oa.responses.create(previous_response_id=missing, input="Hi", **ask)
+        assert "is not stored here" in e.value.message and e.value.body["param"] == "previous_response_id"
 
 
 def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):

@@ -1,0 +1,45 @@
+"""The Responses API's store (server/response_store.py): least recently used first, bounded by bytes."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loramux.server.errors import NotStored
+from loramux.server.response_store import ResponseStore
+
+
+def response(rid: str, text: str = "") -> dict:
+    return {"id": rid, "output": [{"type": "message", "content": [{"text": text}]}]}
+
+
+def test_the_least_recently_used_go_first_and_one_too_big_is_not_kept():
+    store = ResponseStore(400)
+    assert store.put(response("a"), [{"role": "user", "content": "x"}]) and store.put(response("b"), [])
+    store.get("a")  # a is now more recent than b
+    size = store.bytes
+    assert store.put(response("c", "y" * (400 - size)), [])  # room only once b goes
+    with pytest.raises(NotStored, match="'b' is not stored here"):
+        store.get("b")
+    assert store.get("a").conversation == ({"role": "user", "content": "x"},) and store.bytes <= 400
+    assert not store.put(response("big", "z" * 400), [])  # alone over the bound: not kept, nothing evicted
+    assert len(store) == 2
+    store.delete("a")
+    with pytest.raises(NotStored) as e:
+        store.delete("a")
+    assert e.value.param is None
+    with pytest.raises(NotStored, match=r"keeps none: --responses-store-bytes is 0") as e:
+        ResponseStore(0).get("a", "previous_response_id")
+    assert e.value.param == "previous_response_id"
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 300), st.booleans()), max_size=40))
+def test_the_bound_holds_and_the_count_adds_up(ops):
+    """Any puts (a repeated id replaces its response) and gets: the bytes kept are the sum of the
+    kept responses' sizes, at most the bound, and the one just put is kept (each fits alone)."""
+    store = ResponseStore(600)
+    for rid, length, read in ops:
+        if read and rid in store._kept:
+            store.get(rid)
+        else:
+            assert store.put(response(rid, "t" * length), []) and rid in store._kept  # each fits alone
+        assert store.bytes == sum(k.size for k in store._kept.values()) <= 600
