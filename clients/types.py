@@ -52,13 +52,16 @@ class Generation:
     logprobs: list[Logprob] = field(default_factory=list)  # when Sampling.logprobs was set
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt tokens 2, 3, ...: Sampling.prompt_logprobs
+    accepted_prediction_tokens: int = 0  # with a prediction: its tokens drafted and kept, and not
+    rejected_prediction_tokens: int = 0
 
     @classmethod
     def from_pb(cls, r: pb.GenerateResponse) -> Generation:
         return cls(r.request_id, r.text, list(r.token_ids), FINISH_NAMES.get(r.finish_reason),
                    r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing),
                    [Logprob.from_pb(lp) for lp in r.logprobs], r.usage.cached_prompt_tokens,
-                   [Logprob.from_pb(lp) for lp in r.prompt_logprobs])
+                   [Logprob.from_pb(lp) for lp in r.prompt_logprobs], r.usage.accepted_prediction_tokens,
+                   r.usage.rejected_prediction_tokens)
 
 
 @dataclass(frozen=True)
@@ -255,15 +258,18 @@ def chat_fields(messages=None, add_generation_prompt: bool | None = None, contin
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, sampling: Sampling | None = None,
                      request_id: str = "", add_special_tokens: bool | None = None,
                      truncate_prompt_tokens: int | None = None, priority: int = 0,
-                     combine: list[tuple[str, float]] | None = None, **chat) -> pb.GenerateRequest:
+                     combine: list[tuple[str, float]] | None = None, prediction: str = "",
+                     **chat) -> pb.GenerateRequest:
     """``chat``: chat_fields' arguments. ``priority``: lower first, on a server run with
     --scheduling priority (others accept only 0). ``combine`` [(adapter id, weight)]: run with the
-    weighted sum of those registered adapters instead of ``adapter_id``."""
+    weighted sum of those registered adapters instead of ``adapter_id``. ``prediction``: the
+    output expected, with edits, which speculative drafts follow."""
     return pb.GenerateRequest(
         request_id=request_id, adapter_id=adapter_id or "", prompt=prompt or "",
         prompt_token_ids=prompt_token_ids or [], sampling=(sampling or Sampling()).to_pb(),
         add_special_tokens=add_special_tokens, truncate_prompt_tokens=truncate_prompt_tokens, priority=priority,
-        combine=[pb.WeightedAdapter(adapter_id=a, weight=w) for a, w in combine or ()], **chat_fields(**chat))
+        combine=[pb.WeightedAdapter(adapter_id=a, weight=w) for a, w in combine or ()], prediction=prediction,
+        **chat_fields(**chat))
 
 
 def tokenize_request(prompt=None, *, adapter_id: str = "", add_special_tokens: bool | None = None,

@@ -625,6 +625,7 @@ class Engine:
                 self.blocks.allocate(seq, end)
                 budget -= len(draft)
                 out[seq] = draft
+                seq.predicted_tokens_drafted += len(draft) * seq.predicted_draft
         self.draft_tokens += sum(map(len, out.values()))
         return out
 
@@ -639,6 +640,8 @@ class Engine:
             if not live:
                 break
             self.accepted_tokens += len(live)
+            for seq in live:  # counted before the sampling that may finish it
+                seq.accepted_prediction_tokens += seq.predicted_draft
             self._sample(live, logits[[chains[s][r] for s in live]], None, drafted=True)
             for seq in live:  # draft r's position is computed, and kept
                 seq.num_computed += 1
@@ -718,7 +721,8 @@ class Engine:
             else:
                 self._emit(seq, TokenEvent(
                     seq.request.request_id, last.token, last.delta, last.reason, seq.num_prompt, seq.num_generated,
-                    timing, last.logprob, seq.num_cached, last.prompt_logprobs,
+                    timing, last.logprob, seq.num_cached, last.prompt_logprobs, seq.accepted_prediction_tokens,
+                    seq.predicted_tokens_drafted - seq.accepted_prediction_tokens,
                 ))
 
     @staticmethod

@@ -136,7 +136,9 @@ def logprob_to_pb(lp: TokenLogprob) -> pb.TokenLogprob:
 
 def usage_to_pb(last: TokenEvent) -> pb.Usage:
     return pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                    cached_prompt_tokens=last.cached_prompt_tokens)
+                    cached_prompt_tokens=last.cached_prompt_tokens,
+                    accepted_prediction_tokens=last.accepted_prediction_tokens,
+                    rejected_prediction_tokens=last.rejected_prediction_tokens)
 
 
 def stream_event_to_pb(ev: TokenEvent) -> pb.GenerateStreamResponse:

@@ -66,7 +66,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
                                                     [(part.adapter_id, part.weight) for part in request.combine])
         return await self.service.generate(
             prompt_from_pb(request), sampling_from_pb(request.sampling, self.service.config.default_max_new_tokens),
-            adapter_id, request.request_id or None, context.time_remaining(), request.priority)
+            adapter_id, request.request_id or None, context.time_remaining(), request.priority, request.prediction)
 
     @staticmethod
     def _release(stream, context) -> None:

@@ -417,7 +417,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
         # best_of ranks candidates by their tokens' logprobs: computed when the client did not ask
         run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
-        streams = await service.generate_choices(prompts, run, k, adapter, rid, body.priority)
+        streams = await service.generate_choices(prompts, run, k, adapter, rid, body.priority,
+                                                 body.predicted() if kind == "chat" else "")
         tokenizer = service.ready().tokenizer
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded

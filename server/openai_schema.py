@@ -381,6 +381,8 @@ class ChatCompletionRequest(GenerationBody, ChatRendering):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
     echo: bool = False  # the reply starts with the last message's text, if that is the assistant's
+    # OpenAI's Predicted Outputs: {"type": "content", "content": text or text parts}, the reply expected
+    prediction: dict[str, Any] | None = None
     _tool_parser: ToolCallParser | None = PrivateAttr(None)  # the server's --tool-call-parser
 
     def serving(self, tool_parser: ToolCallParser | None) -> ChatCompletionRequest:
@@ -424,6 +426,20 @@ class ChatCompletionRequest(GenerationBody, ChatRendering):
                 schema = schema[calls.name]
             asked.append(("tool_choice", StructuredOutput(OutputKind.JSON_SCHEMA, json.dumps(schema))))
         return asked
+
+    def predicted(self) -> str:
+        """The prediction's text ("" for none); speculative drafts follow it."""
+        if self.prediction is None:
+            return ""
+        content = self.prediction.get("content")
+        if self.prediction.get("type") != "content" or not isinstance(content, str | list):
+            raise RequestInvalid('prediction must be {"type": "content", "content": text or text parts}',
+                                 param="prediction")
+        if isinstance(content, str):
+            return content
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise RequestInvalid("prediction.content parts must be text parts", param="prediction")
+        return "".join(p["text"] for p in content)
 
     def echoed(self) -> str:
         """With echo, the text each choice's message starts with (vLLM's chat echo): the last
@@ -474,7 +490,11 @@ def usage(lasts: list[TokenEvent], n: int) -> dict:
     prompt = sum(e.prompt_tokens for e in firsts)
     completion = sum(e.completion_tokens for e in lasts)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(e.cached_prompt_tokens for e in firsts)}}
+            "prompt_tokens_details": {"cached_tokens": sum(e.cached_prompt_tokens for e in firsts)},
+            # a chat's prediction: its tokens drafted and kept, and drafted and not (generated tokens
+            # are what completion_tokens counts: a rejected draft is not one)
+            "completion_tokens_details": {"accepted_prediction_tokens": sum(e.accepted_prediction_tokens for e in lasts),
+                                          "rejected_prediction_tokens": sum(e.rejected_prediction_tokens for e in lasts)}}
 
 
 class TokenText:

@@ -96,6 +96,8 @@ class GenerationRequest:
     adapter_id: str | None = None  # None: the base model
     deadline: float | None = None  # time.monotonic() after which the request fails
     priority: int = 0  # with --scheduling priority: lower is admitted first, and may preempt higher
+    # the output expected, with edits (OpenAI's Predicted Outputs): speculative drafts follow it
+    prediction: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,3 +141,6 @@ class TokenEvent:
     cached_prompt_tokens: int = 0  # last event only: prompt tokens served from the prefix cache
     # first event only, when the request asked: the raw logprob of each prompt token after the first
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    # last event only, with a prediction: its tokens drafted and kept in the output, and drafted and not
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0

@@ -13,7 +13,7 @@ from .block_manager import NO_HIT, PrefixHit
 from .detokenizer import IncrementalDetokenizer
 from .requests import GenerationRequest, TokenEvent
 from .sampling import SamplerState
-from .speculative import PromptLookup
+from .speculative import PredictionLookup, PromptLookup
 from .structured import Grammar
 
 
@@ -51,6 +51,10 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far
     grammar: Grammar | None = None  # a structured output's matcher
     lookup: PromptLookup | None = None  # its n-gram index, for speculative drafts (made on first use)
+    prediction: PredictionLookup | None = None  # its request's predicted output, followed (made on first use)
+    predicted_draft: bool = False  # its last drafts came from the prediction
+    predicted_tokens_drafted: int = 0  # drafts from the prediction, and those of them kept in the output
+    accepted_prediction_tokens: int = 0
     # time.monotonic() of each event sent and not yet taken by the consumer, oldest first: the engine
     # thread appends, the consumer's loop pops (deque ends are thread-safe)
     undelivered: deque = field(default_factory=deque)

@@ -80,16 +80,19 @@ class Service:
 
     # ---- generation ----
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
-                       request_id: str | None = None, time_remaining: float | None = None, priority: int = 0):
-        """Validate, render the prompt off the loop and submit; returns the engine's RequestStream."""
+                       request_id: str | None = None, time_remaining: float | None = None, priority: int = 0,
+                       prediction: str = ""):
+        """Validate, render the prompt off the loop and submit; returns the engine's RequestStream.
+        ``prediction``: the output expected, with edits, which speculative drafts follow."""
         with self._counting_refusals(adapter_id):
             ids = await self._render(prompt, adapter_id)
             await self._prepare(sampling)
-            return self._submit(ids, sampling, adapter_id, request_id, time_remaining, priority)
+            predicted = await self._predicted(prediction)
+            return self._submit(ids, sampling, adapter_id, request_id, time_remaining, priority, predicted)
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
                                adapter_id: str | None = None, request_id: str | None = None,
-                               priority: int = 0) -> list:
+                               priority: int = 0, prediction: str = "") -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
@@ -97,13 +100,15 @@ class Service:
         blocks are computed once: the scheduler holds the other completions back until the first
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
         come with the first completion of each prompt only (the caller shares them).
-        ``request_id``: every completion's, in the engine and its log lines (None: a random one each)."""
+        ``request_id``: every completion's, in the engine and its log lines (None: a random one each).
+        ``prediction``: as for ``generate``, every completion's."""
         self._check_choices(len(prompts), n, adapter_id)
         streams = []
         try:
             with self._counting_refusals(adapter_id):
                 rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
                 await self._prepare(sampling)
+                predicted = await self._predicted(prediction)
                 # the other completions of a prompt leave its logprobs to the first (the same
                 # values), so they may hit the blocks it computes
                 later = sampling if sampling.prompt_logprobs is None else replace(sampling, prompt_logprobs=None)
@@ -111,7 +116,8 @@ class Service:
                     for j in range(n):
                         seeded = sampling if j == 0 else later if later.seed is None else \
                             replace(later, seed=(later.seed + j) % (1 << 64))
-                        streams.append(self._submit(ids, seeded, adapter_id, request_id, priority=priority))
+                        streams.append(self._submit(ids, seeded, adapter_id, request_id, priority=priority,
+                                                    prediction=predicted))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -227,12 +233,26 @@ class Service:
             await self.work.run("compiling the structured output", self.ready().engine.grammars.prepare,
                                 sampling.structured_output)
 
+    async def _predicted(self, prediction: str) -> tuple[int, ...]:
+        """A predicted output's tokens (no special tokens), tokenized off the loop."""
+        if not prediction:
+            return ()
+        size, limit = len(prediction.encode("utf-8", "surrogatepass")), self.config.max_prompt_bytes
+        if size > limit:
+            raise RequestInvalid(f"prediction is {size} bytes; the limit is {limit} (--max-prompt-bytes)",
+                                 param="prediction")
+        tokenizer = self.ready().tokenizer
+        return tuple(await self.work.run("tokenizing the prediction", functools.partial(
+            tokenizer.encode, prediction, add_special_tokens=False)))
+
     def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None,
-                request_id: str | None = None, time_remaining: float | None = None, priority: int = 0):
+                request_id: str | None = None, time_remaining: float | None = None, priority: int = 0,
+                prediction: tuple[int, ...] = ()):
         req = GenerationRequest(
             request_id=request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
             adapter_id=adapter_id or None,
             deadline=None if time_remaining is None else time.monotonic() + time_remaining, priority=priority,
+            prediction=prediction,
         )
         return self.ready().engine.submit(req)
 

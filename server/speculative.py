@@ -54,8 +54,57 @@ class PromptLookup:
         return []
 
 
+class PredictionLookup:
+    """Drafts from a predicted output (OpenAI's Predicted Outputs: a file the request expects back
+    with a few edits). The output is followed along the prediction: while each new token is the
+    prediction's next one, the drafts are the tokens after it. One token that is not is taken as
+    replacing it (a renamed word), and the drafts go on after it; a second in a row (an insertion,
+    a deletion) loses the place, which is found again by the longest suffix of ``max_ngram`` down
+    to ``min_ngram`` generated tokens that occurs in the prediction: the first occurrence after
+    where the output was last, else the last one before. Before any output, the drafts are the
+    prediction's first tokens."""
+
+    def __init__(self, prediction: Sequence[int], max_ngram: int, min_ngram: int):
+        self.prediction = tuple(prediction)
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.at: int | None = 0  # the prediction's position the output has reached; None: lost
+        self.last = 0  # where it was last reached
+        self.replaced = False  # the last token was taken as replacing the prediction's
+        self.seen = 0  # generated tokens followed so far
+        self._positions: dict[int, list[int]] = {}
+        for pos, token in enumerate(self.prediction):
+            self._positions.setdefault(token, []).append(pos)
+
+    def propose(self, generated: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` tokens to follow ``generated`` (the output so far)."""
+        for token in generated[self.seen:]:
+            following = self.at is not None and self.at < len(self.prediction) and self.prediction[self.at] == token
+            if following or (self.at is not None and not self.replaced):
+                self.at += 1
+                self.last, self.replaced = self.at, not following
+            else:
+                self.at = None
+        self.seen = len(generated)
+        if self.at is None:
+            self.at, self.replaced = self._find(generated, self.last), False
+            self.last = self.last if self.at is None else self.at
+        return [] if self.at is None or k <= 0 else list(self.prediction[self.at : self.at + k])
+
+    def _find(self, generated: Sequence[int], last: int) -> int | None:
+        """The position after the longest suffix of ``generated`` found in the prediction."""
+        ends = self._positions.get(generated[-1], ()) if generated else ()
+        for n in range(min(self.max_ngram, len(generated)), self.min_ngram - 1, -1):
+            suffix = list(generated[len(generated) - n :])
+            found = [e for e in ends if e + 1 >= n and list(self.prediction[e + 1 - n : e + 1]) == suffix]
+            if found:
+                return next((e + 1 for e in found if e + 1 >= last), found[-1] + 1)
+        return None
+
+
 class PromptLookupDrafter:
-    """The engine's drafter: each sequence's drafts from its own n-gram index (kept on it)."""
+    """The engine's drafter: a sequence's drafts from its request's predicted output while that
+    gives some, else from its own n-gram index (both kept on it). ``seq.predicted_draft`` says
+    which the last drafts came from."""
 
     def __init__(self, max_ngram: int, min_ngram: int):
         self.max_ngram = max_ngram
@@ -63,6 +112,14 @@ class PromptLookupDrafter:
 
     def propose(self, seq, k: int) -> list[int]:
         """Up to ``k`` tokens to follow ``seq.ids`` (a ``sequence.Sequence``)."""
+        if seq.request.prediction:
+            if seq.prediction is None:
+                seq.prediction = PredictionLookup(seq.request.prediction, self.max_ngram, self.min_ngram)
+            draft = seq.prediction.propose(seq.ids[seq.num_prompt :], k)
+            if draft:
+                seq.predicted_draft = True
+                return draft
+        seq.predicted_draft = False
         if seq.lookup is None:
             seq.lookup = PromptLookup(self.max_ngram, self.min_ngram)
         return seq.lookup.propose(seq.ids, k)

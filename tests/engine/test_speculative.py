@@ -3,7 +3,7 @@ step and samples them in order, so its tokens are those of plain decoding. Greed
 the adapters (LoRA, DoRA, LoRA on lm_head and the embedding) and the base model, joining a running
 batch at staggered times, token for token against PEFT; seeded sampling with penalties, logprobs,
 stop strings and structured outputs, event for event against the same requests without drafts;
-and the KV blocks of rejected drafts given back.
+a request's predicted output drafted from; and the KV blocks of rejected drafts given back.
 
 Drafts come from two drafters: the engine's prompt lookup, and an oracle that knows each request's
 tokens and gets every fifth one wrong, so that every step keeps some drafts and rejects one (a tiny
@@ -226,6 +226,42 @@ def test_seeded_sampling_gives_the_same_events_with_drafts(tiny_llama, tiny_adap
                 assert x[3][0] == y[3][0] and x[3][2] == y[3][2] and abs(x[3][1] - y[3][1]) < 1e-4
     assert any(e[2] is not None and e[2].name == "STOP" for events in plain for e in events)
     assert any(len(events) < MAX_NEW for events in plain)
+    check_released(engine)
+
+
+def test_a_predicted_output_is_drafted_and_changes_no_token(tiny_llama, tiny_adapters):
+    """OpenAI's Predicted Outputs: drafts follow a request's prediction (its output expected, with
+    edits), so a good one is mostly kept; the events are those of the same requests without one
+    (greedy and seeded), and the last event counts the prediction's drafts kept and not."""
+    adapters = {"all-r8": tiny_adapters["all-r8"]}
+    prompts = make_prompts(384, 3, seed=3)
+    greedy, seeded = SamplingParams(MAX_NEW, ignore_eos=True), SamplingParams(MAX_NEW, ignore_eos=True,
+                                                                               temperature=0.9, seed=7)
+    requests = [("all-r8", prompts[0], greedy), (None, prompts[1], greedy), ("all-r8", prompts[2], seeded)]
+    plain = run(engine_for(tiny_llama, adapters, num_speculative_tokens=0), requests)
+    outs = [[e[0] for e in events] for events in plain]
+    # every fifth token replaced, and two inserted
+    edited = [(t + 1) % 384 if j % 5 == 4 else t for j, t in enumerate(outs[1][:10])] + [7, 9] + outs[1][10:]
+    predictions = [outs[0], edited, outs[2]]
+
+    async def collect_predicted(engine):
+        async def one(i, adapter, prompt, params):
+            req = GenerationRequest(f"p{i}", tuple(prompt), params, adapter, prediction=tuple(predictions[i]))
+            return [ev async for ev in engine.submit(req)]
+        return await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests)))
+
+    engine = engine_for(tiny_llama, adapters)
+    engine.start()
+    try:
+        got = asyncio.run(collect_predicted(engine))
+    finally:
+        engine.stop()
+    assert [[(e.token_id, e.text, e.finish_reason) for e in events] for events in got] == \
+        [[e[:3] for e in events] for events in plain]
+    counts = [(events[-1].accepted_prediction_tokens, events[-1].rejected_prediction_tokens) for events in got]
+    assert counts[0][0] >= MAX_NEW // 2 and counts[0][1] == 0, counts  # all of an exact prediction kept
+    assert counts[1][0] >= 4 and counts[1][1] > 0, counts  # the edit's drafts rejected, the rest kept
+    assert counts[2][0] >= MAX_NEW // 2 and counts[2][1] == 0, counts
     check_released(engine)
 
 

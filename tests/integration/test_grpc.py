@@ -9,6 +9,7 @@ import sys
 import time
 
 import grpc
+import openai
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2
@@ -610,6 +611,29 @@ def test_cli_generate_takes_a_structured_output_and_a_sum_of_adapters(server):
                                       sampling=Sampling(max_new_tokens=20)).text
     assert out.returncode == 0 and out.stdout == expected + "\n", (out.stdout, out.stderr)
     assert expected != server.client.generate("hello", sampling=Sampling(max_new_tokens=20)).text
+
+
+def test_a_predicted_output_is_drafted_from_and_counted(server):
+    """OpenAI's Predicted Outputs on this server with speculation on (GenerateRequest.prediction,
+    chat's prediction): the reply is the one without it, and usage counts the prediction's drafts
+    kept and not; a prediction of another shape is a 400 naming it."""
+    ask = dict(messages=[("user", "Repeat after me.")], adapter_id="all-r8",
+               sampling=Sampling(max_new_tokens=16, ignore_eos=True))
+    plain = server.client.generate(**ask)
+    predicted = server.client.generate(**ask, prediction=plain.text)
+    assert predicted.token_ids == plain.token_ids and predicted.accepted_prediction_tokens > 0
+    assert (plain.accepted_prediction_tokens, plain.rejected_prediction_tokens) == (0, 0)
+    oa, chat = server.openai(), dict(model="all-r8", messages=[{"role": "user", "content": "Repeat after me."}],
+                                     max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    got = oa.chat.completions.create(**chat, prediction={"type": "content", "content": [
+        {"type": "text", "text": plain.text[:5]}, {"type": "text", "text": plain.text[5:]}]})
+    assert got.choices[0].message.content == plain.text
+    details = got.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
+    assert oa.chat.completions.create(**chat).usage.completion_tokens_details.accepted_prediction_tokens == 0
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(**chat, prediction={"type": "diff", "content": "x"})
+    assert "prediction must be" in e.value.message and e.value.body["param"] == "prediction"
 
 
 def test_keep_resident_holds_adapters_on_the_device_and_refuses_past_the_room(server, tiny_adapters, adapter_root):

@@ -1,4 +1,5 @@
-"""Prompt lookup's drafts (server/speculative.py) against a brute-force search, as a sequence grows."""
+"""Prompt lookup's drafts (server/speculative.py) against a brute-force search, as a sequence grows;
+a predicted output's drafts (PredictionLookup) followed along the output, through edits."""
 
 from collections.abc import Sequence
 
@@ -6,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramux.server.speculative import MAX_CANDIDATES, PromptLookup
+from loramux.server.speculative import MAX_CANDIDATES, PredictionLookup, PromptLookup
 
 
 def propose_reference(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
@@ -58,3 +59,38 @@ def test_matches_brute_force_as_the_sequence_grows(ids, k, n_max, n_min, cuts):
         if got:  # some n in [n_min, n_max] and some earlier end e: seq[e-n+1 : e+1] is the suffix
             assert any(seq[e + 1 - n : e + 1] == seq[len(seq) - n :] and seq[e + 1 : e + 1 + len(got)] == got
                        for n in range(n_min, n_max + 1) for e in range(n - 1, len(seq) - 1))
+
+
+def test_a_prediction_is_followed_through_edits():
+    pred = [10, 11, 12, 13, 14, 15, 16, 17, 12, 13, 20, 21]
+    look = PredictionLookup(pred, max_ngram=3, min_ngram=1)
+    out = []
+
+    def then(*tokens, k=3):
+        out.extend(tokens)
+        return look.propose(out, k)
+
+    assert then() == [10, 11, 12]  # before any output: its beginning
+    assert then(10, 11) == [12, 13, 14]  # followed
+    assert then(12, 99) == [14, 15, 16]  # one token unlike it: taken as replacing 13
+    assert then(14) == [15, 16, 17]  # and it was
+    assert then(8, 9) == []  # two in a row (an insertion): lost, and 9 is nowhere in it
+    assert then(16, k=2) == [17, 12]  # found again by its last token, after where it was last
+    assert then(17, 5, 6, k=2) == []  # 5 taken as replacing 12, 6 loses it again
+    assert then(12, 13, k=2) == [20, 21]  # "12 13" occurs twice: the occurrence after the last place
+    assert then(20, 21) == []  # its end
+    back = PredictionLookup(pred, 3, 1)
+    back.propose([10, 11, 12, 13, 14, 15, 16, 17, 12, 13, 20], 1)
+    assert back.propose([10, 11, 12, 13, 14, 15, 16, 17, 12, 13, 20, 7, 8, 11], 2) == [12, 13]  # none ahead: behind
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.lists(st.integers(0, 5), max_size=30),
+       st.integers(1, 4), st.integers(0, 4))
+def test_prediction_drafts_are_runs_of_it_and_follow_an_output_that_follows_it(pred, out, k, step):
+    """Whatever the output, a draft is a run of the prediction's tokens (k of them, or up to its
+    end); while the output is the prediction's beginning, it is the k tokens after it."""
+    look, follower = PredictionLookup(pred, max_ngram=3, min_ngram=1), PredictionLookup(pred, 3, 1)
+    for cut in range(0, max(len(out), len(pred)) + 1, step + 1):
+        draft = look.propose(out[:cut], k)
+        assert draft == [] or any(pred[i : i + k] == draft for i in range(len(pred))), (pred, out[:cut], draft)
+        assert follower.propose(pred[:cut], k) == pred[cut : cut + k]
