@@ -6,7 +6,9 @@ Two tasks: "edit" asks the model to return a paragraph with one change (its answ
 the prompt: prompt lookup's case), "free" asks for new text (few n-grams recur: its cost). Each at
 several batch sizes. Prints tokens/s off and on, their quotient, the drafts' acceptance rate, and
 how many requests' tokens differ between off and on (greedy: none, unless float rounding flips a
-near-tie between a chunk's logits and one position's).
+near-tie between a chunk's logits and one position's). The edit task also runs a third arm, drafts
+on with the paragraph as each request's predicted output (OpenAI's prediction), and prints its
+tokens/s against off and the prediction's drafts kept.
 
     python bench/speculative.py [--rounds 3] [--batches 1,8,32] [--new-tokens 96] [--k 4] [--model DIR]
 """
@@ -64,14 +66,25 @@ def prompts(tokenizer, task: str, n: int) -> list[list[int]]:
     return out
 
 
-def run(engine, batch: list[list[int]], new: int, tag: str) -> tuple[float, list[list[int]], int, int]:
-    """(generated tokens per second, each request's tokens, drafts run, drafts kept)."""
+def predicted_paragraphs(tokenizer, n: int) -> list[list[int]]:
+    """The edit task's answers as predicted: each request's paragraph (its last word to change)."""
+    return [tokenizer.encode(PARAGRAPHS[i % len(PARAGRAPHS)], add_special_tokens=False) for i in range(n)]
+
+
+def run(engine, batch: list[list[int]], new: int, tag: str,
+        predictions: list[list[int]] | None = None) -> tuple[float, list[list[int]], int, int]:
+    """(generated tokens per second, each request's tokens, drafts run, drafts kept); with
+    ``predictions``, each request's predicted output, and the drafts counted are the prediction's."""
     outs: list[list[int]] = [[] for _ in batch]
+    predicted = [0, 0]
 
     async def one(i, ids):
         params = SamplingParams(new, ignore_eos=True)
-        async for ev in engine.submit(GenerationRequest(f"{tag}-{i}", tuple(ids), params)):
+        req = GenerationRequest(f"{tag}-{i}", tuple(ids), params, prediction=tuple(predictions[i] if predictions else ()))
+        async for ev in engine.submit(req):
             outs[i].append(ev.token_id)
+        predicted[0] += ev.accepted_prediction_tokens + ev.rejected_prediction_tokens
+        predicted[1] += ev.accepted_prediction_tokens
 
     async def main():
         await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch)))
@@ -80,6 +93,8 @@ def run(engine, batch: list[list[int]], new: int, tag: str) -> tuple[float, list
     t = time.perf_counter()
     asyncio.run(main())
     seconds = time.perf_counter() - t
+    if predictions:
+        return sum(map(len, outs)) / seconds, outs, predicted[0], predicted[1]
     return sum(map(len, outs)) / seconds, outs, engine.draft_tokens - drafts, engine.accepted_tokens - kept
 
 
@@ -105,13 +120,19 @@ def main() -> int:
             for n in batches:
                 batch = prompts(tokenizer, task, n)
                 rate: dict[int, list[float]] = {0: [], args.k: []}
-                outs, drafts, kept = {}, 0, 0
+                outs, drafts, kept, pdrafts, pkept = {}, 0, 0, 0, 0
                 for r in range(args.rounds):
                     for k in (0, args.k):
                         engine.config = configs[k]
                         tps, outs[k], d, a = run(engine, batch, args.new_tokens, f"{task}{n}-{r}-{k}")
                         rate[k].append(tps)
                         drafts, kept = drafts + d, kept + a
+                    if task == "edit":  # the same, each request predicting its paragraph back
+                        engine.config = configs[args.k]
+                        tps, outs["p"], d, a = run(engine, batch, args.new_tokens, f"{task}{n}-{r}-p",
+                                                   predicted_paragraphs(tokenizer, n))
+                        rate.setdefault("p", []).append(tps)
+                        pdrafts, pkept = pdrafts + d, pkept + a
                 differ = sum(a != b for a, b in zip(outs[0], outs[args.k], strict=True))
                 ratios = [on / off for off, on in zip(rate[0], rate[args.k], strict=True)]
                 print(f"  {task:4s} batch {n:2d}: off {statistics.median(rate[0]):7.1f} tok/s, on "
@@ -119,6 +140,13 @@ def main() -> int:
                       f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); drafts kept "
                       f"{kept / drafts if drafts else 0:.0%} of {drafts // args.rounds} a round; "
                       f"requests whose tokens differ: {differ}/{n}")
+                if "p" in rate:
+                    pratios = [on / off for off, on in zip(rate[0], rate["p"], strict=True)]
+                    pdiffer = sum(a != b for a, b in zip(outs[0], outs["p"], strict=True))
+                    print(f"       with the paragraph predicted: {statistics.median(rate['p']):7.1f} tok/s, "
+                          f"/off {statistics.median(pratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in pratios)}); "
+                          f"the prediction's drafts kept {pkept / pdrafts if pdrafts else 0:.0%} of "
+                          f"{pdrafts // args.rounds} a round; requests whose tokens differ: {pdiffer}/{n}")
     finally:
         engine.stop()
     return 0
