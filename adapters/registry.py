@@ -144,12 +144,13 @@ class AdapterRegistry:
             return self._commit_combination(adapter_id, self._part_entries(parts), weight=weight,
                                             keep_resident=keep_resident, on_commit=on_commit)
 
-    def combination_for(self, parts: list[tuple[str, float]]) -> tuple[RegisteredAdapter, bool]:
+    def combination_for(self, parts: list[tuple[str, float]], claim=None) -> tuple[RegisteredAdapter, bool]:
         """The combination of ``parts`` that a request names instead of an adapter, registered as a
         dynamic one (evict_lru_dynamic may undo it) unless it is already. Its id is its parts' ids,
         versions and weights in id order, ``a@3*0.5+b@1*-1.0``: user ids cannot spell '@', '*' or
         '+', so none collides, and a part registered again makes a combination of its own.
-        Returns (the entry, whether it was registered now); RegistryFull when there is no room."""
+        Returns (the entry, whether it was registered now); RegistryFull when there is no room.
+        ``claim`` (callable(id)) runs under the lock with its id, before any eviction can see it."""
         self._check_parts(parts)
         weights = {part: float32_text(w) for part, w in parts}  # the precision the weights act in
         with self._lock:
@@ -157,9 +158,12 @@ class AdapterRegistry:
                              key=lambda e: e[0].adapter_id)
             adapter_id = "+".join(f"{e.adapter_id}@{e.version}*{weights[e.adapter_id]}" for e, _ in entries)
             found = self._adapters.get(adapter_id)
+            if found is None:
+                self._check_room(adapter_id, replace=False)
+            if claim is not None:
+                claim(adapter_id)
             if found is not None:
                 return found, False
-            self._check_room(adapter_id, replace=False)
             return self._commit_combination(adapter_id, entries, dynamic=True), True
 
     @staticmethod
@@ -227,9 +231,11 @@ class AdapterRegistry:
             except KeyError:
                 raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered") from None
 
-    def evict_lru_dynamic(self, in_use: set[str]) -> RegisteredAdapter | None:
-        """Unregister the least recently used dynamic registration not in ``in_use``; None if none."""
+    def evict_lru_dynamic(self, in_use: set[str], held=None) -> RegisteredAdapter | None:
+        """Unregister the least recently used dynamic registration not in ``in_use`` nor in what
+        ``held()`` (read under the lock) returns; None if none."""
         with self._lock:
+            in_use = in_use | (held() if held is not None else set())
             candidates = [e for e in self._adapters.values() if e.dynamic and e.adapter_id not in in_use]
             if not candidates:
                 return None

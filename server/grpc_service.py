@@ -62,11 +62,10 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         self.service = service
 
     async def _submit(self, request: pb.GenerateRequest, context):
-        adapter_id = await self.service.adapter_for(request.adapter_id or None,
-                                                    [(part.adapter_id, part.weight) for part in request.combine])
         return await self.service.generate(
             prompt_from_pb(request), sampling_from_pb(request.sampling, self.service.config.default_max_new_tokens),
-            adapter_id, request.request_id or None, context.time_remaining(), request.priority, request.prediction)
+            request.adapter_id or None, request.request_id or None, context.time_remaining(), request.priority,
+            request.prediction, [(part.adapter_id, part.weight) for part in request.combine])
 
     @staticmethod
     def _release(stream, context) -> None:

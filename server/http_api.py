@@ -298,10 +298,6 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     def adapter_of(model: str) -> str | None:
         return None if model == service.model_name else model
 
-    async def adapter_for(body) -> str | None:
-        """The body's model, or the sum its ``combine`` names (Service.adapter_for)."""
-        return await service.adapter_for(adapter_of(body.model), body.combination())
-
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     @cancelled_on_disconnect
     @errors_as_responses
@@ -327,7 +323,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             history = kept.get(body.previous_response_id, "previous_response_id").conversation
         chat = body.as_chat(history).serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
-        (stream,) = await service.generate_choices(prompts, sampling, 1, await adapter_for(body), rid, body.priority)
+        (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid, body.priority,
+                                                   combine=body.combination())
         tools, text_of = chat.tool_calls(), TokenText(service.ready().tokenizer)
         keep = kept.enabled and body.store is not False
         built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None)
@@ -401,10 +398,10 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
             else (lambda obj: obj)
         n, k = body.n, body.candidates  # k > n: best_of, never streamed (GenerationBody.check_supported)
-        adapter = await adapter_for(body)
+        adapter, combine = adapter_of(body.model), body.combination()
         if body.use_beam_search:  # no echo, no tools (GenerationBody._check_beam_search)
             beams = await service.beam_search_choices(prompts, sampling, k, body.length_penalty, adapter, rid,
-                                                      body.priority)
+                                                      body.priority, combine)
             choices = [b for i, b in enumerate(beams) if i % k < n]  # each prompt's n best, best first
             if body.stream:  # beams are ranked at the end: their chunks all come then, as vLLM sends them
                 chunks = ChunkMaker(kind, body.model, text_of, len(choices), n=n, request_id=rid,
@@ -418,7 +415,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         # best_of ranks candidates by their tokens' logprobs: computed when the client did not ask
         run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
         streams = await service.generate_choices(prompts, run, k, adapter, rid, body.priority,
-                                                 body.predicted() if kind == "chat" else "")
+                                                 body.predicted() if kind == "chat" else "", combine)
         tokenizer = service.ready().tokenizer
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded

@@ -8,11 +8,13 @@ refused requests live here once. No grpc, no HTTP framework and no torch are imp
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hmac
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -62,6 +64,9 @@ class Service:
         self.on_rejected = None  # callable(status, adapter_id) for requests the engine never saw
         self.on_dynamic = None  # callable(event): "registered", "evicted", "failed"
         self._dynamic: dict[str, asyncio.Future] = {}  # adapter id -> its one registration in progress
+        # adapter ids that calls between registration and submission hold (_adapter_held): how many each
+        self._claims: collections.Counter[str] = collections.Counter()
+        self._claims_lock = threading.Lock()
         self.started_at = 0.0  # time.time() when the model became ready: the models' "created"
 
     def attach(self, built, renderer, work) -> None:
@@ -81,18 +86,21 @@ class Service:
     # ---- generation ----
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
                        request_id: str | None = None, time_remaining: float | None = None, priority: int = 0,
-                       prediction: str = ""):
+                       prediction: str = "", combine: list[tuple[str, float]] | None = None):
         """Validate, render the prompt off the loop and submit; returns the engine's RequestStream.
-        ``prediction``: the output expected, with edits, which speculative drafts follow."""
+        ``prediction``: the output expected, with edits, which speculative drafts follow.
+        ``combine`` [(id, weight)]: instead of ``adapter_id``, that sum of registered adapters."""
         with self._counting_refusals(adapter_id):
-            ids = await self._render(prompt, adapter_id)
-            await self._prepare(sampling)
-            predicted = await self._predicted(prediction)
-            return self._submit(ids, sampling, adapter_id, request_id, time_remaining, priority, predicted)
+            async with self._adapter_held(adapter_id, combine) as adapter_id:
+                ids = await self._render(prompt, adapter_id)
+                await self._prepare(sampling)
+                predicted = await self._predicted(prediction)
+                return self._submit(ids, sampling, adapter_id, request_id, time_remaining, priority, predicted)
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
                                adapter_id: str | None = None, request_id: str | None = None,
-                               priority: int = 0, prediction: str = "") -> list:
+                               priority: int = 0, prediction: str = "",
+                               combine: list[tuple[str, float]] | None = None) -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
@@ -101,23 +109,24 @@ class Service:
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
         come with the first completion of each prompt only (the caller shares them).
         ``request_id``: every completion's, in the engine and its log lines (None: a random one each).
-        ``prediction``: as for ``generate``, every completion's."""
+        ``prediction``, ``combine``: as for ``generate``, every completion's."""
         self._check_choices(len(prompts), n, adapter_id)
         streams = []
         try:
             with self._counting_refusals(adapter_id):
-                rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
-                await self._prepare(sampling)
-                predicted = await self._predicted(prediction)
-                # the other completions of a prompt leave its logprobs to the first (the same
-                # values), so they may hit the blocks it computes
-                later = sampling if sampling.prompt_logprobs is None else replace(sampling, prompt_logprobs=None)
-                for ids in rendered:
-                    for j in range(n):
-                        seeded = sampling if j == 0 else later if later.seed is None else \
-                            replace(later, seed=(later.seed + j) % (1 << 64))
-                        streams.append(self._submit(ids, seeded, adapter_id, request_id, priority=priority,
-                                                    prediction=predicted))
+                async with self._adapter_held(adapter_id, combine) as adapter_id:
+                    rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
+                    await self._prepare(sampling)
+                    predicted = await self._predicted(prediction)
+                    # the other completions of a prompt leave its logprobs to the first (the same
+                    # values), so they may hit the blocks it computes
+                    later = sampling if sampling.prompt_logprobs is None else replace(sampling, prompt_logprobs=None)
+                    for ids in rendered:
+                        for j in range(n):
+                            seeded = sampling if j == 0 else later if later.seed is None else \
+                                replace(later, seed=(later.seed + j) % (1 << 64))
+                            streams.append(self._submit(ids, seeded, adapter_id, request_id, priority=priority,
+                                                        prediction=predicted))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -133,7 +142,8 @@ class Service:
 
     async def beam_search_choices(self, prompts: list[Prompt], sampling: SamplingParams, width: int,
                                   length_penalty: float = 1.0, adapter_id: str | None = None,
-                                  request_id: str | None = None, priority: int = 0) -> list[list[TokenEvent]]:
+                                  request_id: str | None = None, priority: int = 0,
+                                  combine: list[tuple[str, float]] | None = None) -> list[list[TokenEvent]]:
         """vLLM's beam search (server/beam_search.py): the ``width`` best beams of each prompt, best
         first, as the events of choices (prompt p's j-th is choice p * width + j). ``sampling`` gives
         max_new_tokens, ignore_eos, logprobs and skip_special_tokens; the request they make is
@@ -141,36 +151,38 @@ class Service:
         batch with other traffic, and the prefix cache serves what they share."""
         self._check_choices(len(prompts), width, adapter_id)
         rid = request_id or uuid.uuid4().hex
-        with self._counting_refusals(adapter_id):
-            rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
-            engine = self.ready().engine
-            whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None, priority=priority))
-                     for ids in rendered]
-            for req in whole:
-                engine.validate(req)
-        one = SamplingParams(1, ignore_eos=True, logprobs=max(2 * width, sampling.logprobs or 0))
+        async with contextlib.AsyncExitStack() as held:  # its adapter held until every step is submitted
+            with self._counting_refusals(adapter_id):
+                adapter_id = await held.enter_async_context(self._adapter_held(adapter_id, combine))
+                rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
+                engine = self.ready().engine
+                whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None, priority=priority))
+                         for ids in rendered]
+                for req in whole:
+                    engine.validate(req)
+            one = SamplingParams(1, ignore_eos=True, logprobs=max(2 * width, sampling.logprobs or 0))
 
-        async def step(seqs) -> list[TokenLogprob]:
-            streams = []
+            async def step(seqs) -> list[TokenLogprob]:
+                streams = []
+                try:
+                    for ids in seqs:
+                        streams.append(self._submit(list(ids), one, adapter_id, rid, priority=priority))
+                    return [(await _last(stream)).logprob for stream in streams]
+                finally:
+                    for stream in streams:
+                        stream.cancel()  # a no-op once finished; else the client went away or a step failed
+
+            eos = frozenset(engine.output.eos_token_ids)
+            searches = [asyncio.ensure_future(beam_search(req.prompt_token_ids, BeamSearchParams(
+                width, req.sampling.max_new_tokens, length_penalty, sampling.ignore_eos, eos), step)) for req in whole]
             try:
-                for ids in seqs:
-                    streams.append(self._submit(list(ids), one, adapter_id, rid, priority=priority))
-                return [(await _last(stream)).logprob for stream in streams]
+                found = await asyncio.gather(*searches)
             finally:
-                for stream in streams:
-                    stream.cancel()  # a no-op once finished; else the client went away or a step failed
-
-        eos = frozenset(engine.output.eos_token_ids)
-        searches = [asyncio.ensure_future(beam_search(req.prompt_token_ids, BeamSearchParams(
-            width, req.sampling.max_new_tokens, length_penalty, sampling.ignore_eos, eos), step)) for req in whole]
-        try:
-            found = await asyncio.gather(*searches)
-        finally:
-            for search in searches:
-                search.cancel()
-        tokenizer = self.ready().tokenizer
-        return [beam_events(beam, req.prompt_token_ids, tokenizer, rid, sampling.skip_special_tokens, sampling.logprobs)
-                for req, beams in zip(whole, found, strict=True) for beam in beams]
+                for search in searches:
+                    search.cancel()
+            tokenizer = self.ready().tokenizer
+            return [beam_events(beam, req.prompt_token_ids, tokenizer, rid, sampling.skip_special_tokens, sampling.logprobs)
+                    for req, beams in zip(whole, found, strict=True) for beam in beams]
 
     # ---- tokenizing (vLLM's /tokenize and /detokenize) ----
     async def tokenize(self, prompt: Prompt, adapter_id: str | None = None) -> list[int]:
@@ -300,16 +312,17 @@ class Service:
         self._count("registered")
         return entry
 
-    def _with_room(self, register, what: str, keep: frozenset[str] = frozenset()):
+    def _with_room(self, register, what: str):
         """``register()``, making room when the registry is full by unregistering the least recently
-        used dynamic registration that no request is using (nor in ``keep``); none: RESOURCE_EXHAUSTED."""
+        used dynamic registration that no request is using and no call holds (_adapter_held); none:
+        RESOURCE_EXHAUSTED."""
         built = self.built
         while True:
             try:
                 return register()
             except RegistryFull:
                 running, waiting = built.engine.adapter_ids()
-                evicted = built.registry.evict_lru_dynamic(running | waiting | keep)
+                evicted = built.registry.evict_lru_dynamic(running | waiting, self._claimed)
                 if evicted is None:
                     raise RegistryFull(
                         f"{len(built.registry)} adapters are registered (--max-registered-adapters) and every "
@@ -317,28 +330,53 @@ class Service:
                 log.info("dynamic adapter %s unregistered to make room for %s", evicted.adapter_id, what)
                 self._count("evicted")
 
-    # ---- combinations a request names (GenerateRequest.combine) ----
-    async def adapter_for(self, adapter_id: str | None, combine: list[tuple[str, float]] | None) -> str | None:
-        """The adapter a request runs with: ``adapter_id``, or the weighted sum of registered
-        adapters ``combine`` [(id, weight)] names, registered on its first use as a dynamic
-        combination (Registry.combination_for: ranks side by side, as RegisterAdapter's combine) and
-        unregistered for room like other dynamic registrations once no request uses it."""
-        if not combine:
-            return adapter_id
-        with self._counting_refusals(adapter_id):
-            if adapter_id:
-                raise RequestInvalid(f"combine names the adapters to sum: the request must name the base model "
-                                     f"(as its model, with no adapter), not adapter {clip(adapter_id)}", param="combine")
-            for part, _ in combine:  # with --dynamic-adapters, a part may be registered on first use
-                await self._ensure_registered(part)
-            entry = await self.work.run("registering the combination", self._register_combination, combine)
-        return entry.adapter_id
+    # ---- the adapter a call's requests run with, held until they are submitted ----
+    @contextlib.asynccontextmanager
+    async def _adapter_held(self, adapter_id: str | None, combine: list[tuple[str, float]] | None):
+        """Yields the adapter a call's requests run with: ``adapter_id``, or the weighted sum of
+        registered adapters ``combine`` [(id, weight)] names, registered on its first use as a
+        dynamic combination (Registry.combination_for: ranks side by side, as RegisterAdapter's
+        combine). Until the call ends, what it names is claimed: making room for another dynamic
+        registration never unregisters it (nor a part) between its registration and the call's
+        requests' submission; from then on they hold their entry."""
+        claimed: list[str] = []
 
-    def _register_combination(self, parts: list[tuple[str, float]]):
-        """Worker thread: the registered combination of ``parts``, making room (_with_room)."""
+        def claim(name: str) -> None:  # also from a worker thread, under the registry's lock
+            with self._claims_lock:
+                self._claims[name] += 1
+            claimed.append(name)
+
         try:
-            entry, new = self._with_room(functools.partial(self.built.registry.combination_for, parts),
-                                         "a combination", keep=frozenset(p for p, _ in parts))
+            if combine:
+                if adapter_id:
+                    raise RequestInvalid(f"combine names the adapters to sum: the request must name the base "
+                                         f"model (as its model, with no adapter), not adapter {clip(adapter_id)}",
+                                         param="combine")
+                for part, _ in combine:  # with --dynamic-adapters, a part may be registered on first use
+                    claim(part)
+                    await self._ensure_registered(part)
+                adapter_id = (await self.work.run("registering the combination", self._register_combination,
+                                                  combine, claim)).adapter_id
+            elif adapter_id:
+                claim(adapter_id)  # before its dynamic registration (in _render)
+            yield adapter_id
+        finally:
+            with self._claims_lock:
+                self._claims.subtract(claimed)
+                for name in set(claimed):
+                    if self._claims[name] <= 0:
+                        del self._claims[name]
+
+    def _claimed(self) -> set[str]:
+        """The adapter ids calls hold (_adapter_held); read under the registry's lock as it evicts."""
+        with self._claims_lock:
+            return set(self._claims)
+
+    def _register_combination(self, parts: list[tuple[str, float]], claim):
+        """Worker thread: the registered combination of ``parts``, claimed, making room (_with_room)."""
+        try:
+            entry, new = self._with_room(functools.partial(self.built.registry.combination_for, parts, claim),
+                                         "a combination")
         except ValueError as e:  # a part that cannot be combined, a weight, the rank
             raise RequestInvalid(str(e), param="combine") from None
         if new:

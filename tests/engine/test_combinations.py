@@ -80,12 +80,14 @@ def test_a_combination_outlives_its_parts_being_replaced(built, tiny_adapters):
 def test_a_sum_a_request_names_is_one_dynamic_adapter_until_a_part_changes(built, tiny_adapters):
     """Registry.combination_for: the same parts in any order, and weights equal in float32, are one
     dynamic registration named by ids, versions and weights; a part registered again makes another,
-    served with the new part; the sums are what evict_lru_dynamic may take."""
+    served with the new part; the sums are what evict_lru_dynamic may take, unless in use or held."""
     import struct
 
     f32 = struct.unpack("f", struct.pack("f", 0.7))[0]  # 0.699999988..., gRPC's float 0.7
-    first, new = built.registry.combination_for([("attn-r4", 0.7), ("all-r8", -0.25)])
-    again, renew = built.registry.combination_for([("all-r8", -0.25), ("attn-r4", f32)])
+    claimed = []
+    first, new = built.registry.combination_for([("attn-r4", 0.7), ("all-r8", -0.25)], claimed.append)
+    again, renew = built.registry.combination_for([("all-r8", -0.25), ("attn-r4", f32)], claimed.append)
+    assert claimed == [first.adapter_id] * 2  # its id given to the caller under the lock, found or new
     v4, v8 = built.registry.get("attn-r4").version, built.registry.get("all-r8").version
     assert (new, renew, again) == (True, False, first) and first.dynamic
     assert first.adapter_id == f"all-r8@{v8}*-0.25+attn-r4@{v4}*0.7"
@@ -97,6 +99,7 @@ def test_a_sum_a_request_names_is_one_dynamic_adapter_until_a_part_changes(built
         assert new and other.adapter_id != first.adapter_id and other.manifest.rank == 16 + 8
         assert run(built.engine, [(other.adapter_id, PROMPTS[0])])[0] != before
         assert run(built.engine, [(first.adapter_id, PROMPTS[0])])[0] == before  # as its parts were
+        assert built.registry.evict_lru_dynamic({other.adapter_id}, held=lambda: {first.adapter_id}) is None
         evicted = {built.registry.evict_lru_dynamic(set()).adapter_id for _ in range(2)}
         assert evicted == {first.adapter_id, other.adapter_id} and built.registry.evict_lru_dynamic(set()) is None
     finally:

@@ -703,6 +703,30 @@ def test_a_request_may_name_a_weighted_sum_of_adapters(oserver, tiny_llama, tiny
         assert needle in e.value.message and e.value.body["param"] == "combine", e.value.body
 
 
+def test_a_sum_is_held_from_its_registration_to_its_submission(oserver):
+    """A request's sum of adapters is held while its long prompt is tokenized: other sums, filling
+    the registry meanwhile, make room with other dynamic registrations or are refused
+    (RESOURCE_EXHAUSTED), and never unregister it before the request holds it."""
+    text = "lorem ipsum dolor sit amet " * 30000  # 810 kB: its tokenizing takes a while
+    ask = dict(sampling=Sampling(max_new_tokens=1))
+    with ThreadPoolExecutor(10) as pool:
+        slow = pool.submit(oserver.client.generate, text, combine=[("attn-r4", 0.123)], truncate_prompt_tokens=-1,
+                           **ask)
+        time.sleep(0.05)
+        others = [pool.submit(code_or_ok, oserver.client.generate, prompt_token_ids=PROMPT_IDS,
+                              combine=[("all-r8", 0.01 * (i + 1))], **ask) for i in range(8)]
+        assert slow.result().completion_tokens == 1
+        assert {f.result() for f in others} <= {"OK", grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def code_or_ok(call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+        return "OK"
+    except grpc.RpcError as e:
+        return e.code()
+
+
 def test_streamed_choices_interleave_and_add_up(oserver):
     messages = [{"role": "user", "content": "Tell me about LoRA."}]
     kwargs = dict(model="all-r8", messages=messages, n=2, temperature=1.0, seed=5, max_tokens=10,
