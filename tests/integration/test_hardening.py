@@ -639,6 +639,11 @@ def http_bodies():
                   "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required",
                                                             {"type": "function", "function": {"name": "f"}}]), odd),
                   "add_generation_prompt": odd, "continue_final_message": odd, "echo": odd,
+                  "best_of": st.one_of(st.integers(-1, 3), odd),
+                  "prediction": st.one_of(st.fixed_dictionaries({
+                      "type": st.sampled_from(["content", "diff"]), "content": st.one_of(odd_text, st.lists(
+                          st.fixed_dictionaries({"type": st.sampled_from(["text", "image"]), "text": odd_text}),
+                          max_size=2), odd)}), odd),
                   "documents": st.one_of(st.lists(st.dictionaries(st.sampled_from(["title", "text"]), odd_text,
                                                                   max_size=2), max_size=2), odd),
                   "chat_template": st.one_of(st.sampled_from(["{{ messages[0].content }}", "{% if %}"]), odd),
@@ -647,7 +652,8 @@ def http_bodies():
     in_range = st.fixed_dictionaries({  # bodies that are served: the paths past validation get fuzzed too
         "model": st.sampled_from(["attn-r4", "all-r8"]), "prompt": st.lists(st.integers(1, 383), min_size=1, max_size=6),
         "max_tokens": st.integers(1, 5)}, optional={
-        "n": st.integers(1, 3), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "stream": st.booleans(),
+        "n": st.integers(1, 3), "best_of": st.integers(1, 4), "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.05, 1), "stream": st.booleans(),
         "seed": st.integers(0, 2**64 - 1), "echo": st.booleans(), "logprobs": st.integers(0, 5),
         "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "min_tokens": st.integers(0, 1),
         "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "17"]), st.floats(-100, 100), max_size=2),
