@@ -168,6 +168,7 @@ class App:
         metrics = self.metrics = Metrics(self.built, self.config.metrics_top_adapters)
         self.service.on_rejected = metrics.rejected
         self.service.on_dynamic = metrics.dynamic
+        metrics.watch_responses(self.service.responses)
         c = self.config
         if c.metrics_port:
             tls = {}

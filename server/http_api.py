@@ -43,7 +43,6 @@ from .openai_schema import (
     usage,
 )
 from .requests import TokenEvent, validate_request_id
-from .response_store import ResponseStore
 from .service import Service, bearer_refusal, user_tokens
 from .tool_parsers import tool_call_parser
 
@@ -210,7 +209,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     tool_parser = tool_call_parser(config.tool_call_parser)
     app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
     tokens = user_tokens(config.auth_token, config.admin_token)
-    kept = ResponseStore(config.responses_store_bytes)  # the Responses API's kept responses
+    kept = service.responses  # the Responses API's kept responses
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):

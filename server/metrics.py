@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..adapters.reloads import RELOAD_WINDOW_S
@@ -73,6 +73,13 @@ class Metrics(EngineObserver):
         r.register(_LiveCollector(built))
         built.engine.observers.append(self)
         built.manager.on_load = lambda tier, s: self.adapter_load.labels(tier).observe(s)
+
+    def watch_responses(self, store) -> None:
+        """Gauges of the Responses API's kept responses (server/response_store.py), read at scrape time."""
+        Gauge("loramux_responses_kept", "Responses API responses kept (previous_response_id, "
+              "GET /v1/responses/{id})", registry=self.registry).set_function(lambda: len(store))
+        Gauge("loramux_responses_kept_bytes", "Their bytes as JSON, at most --responses-store-bytes",
+              registry=self.registry).set_function(lambda: store.bytes)
 
     def rejected(self, status: str, adapter_id: str | None) -> None:
         """A request refused before admission (bad argument, unknown adapter, full queue...).

@@ -27,6 +27,7 @@ from .config import ServerConfig
 from .errors import EngineUnavailable, RequestInvalid, status_name
 from .prompts import Prompt
 from .requests import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
+from .response_store import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Service:
         self._claims: collections.Counter[str] = collections.Counter()
         self._claims_lock = threading.Lock()
         self.started_at = 0.0  # time.time() when the model became ready: the models' "created"
+        # the Responses API's kept responses (previous_response_id, GET/DELETE /v1/responses/{id})
+        self.responses = ResponseStore(config.responses_store_bytes)
 
     def attach(self, built, renderer, work) -> None:
         self.built, self.renderer, self.work = built, renderer, work

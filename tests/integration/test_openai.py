@@ -1654,7 +1654,11 @@ def test_responses_are_kept_and_continued_by_previous_response_id(oserver):
         chat = oa.chat.completions.create(model="attn-r4", messages=messages, max_tokens=6, temperature=0)
         assert (got.output_text, got.usage.input_tokens) == (chat.choices[0].message.content, chat.usage.prompt_tokens)
     assert oa.responses.retrieve(third.id).model_dump() == third.model_dump()
+    before = oserver.metrics()
     oa.responses.delete(first.id)
+    after = oserver.metrics()
+    assert after["loramux_responses_kept"] == before["loramux_responses_kept"] - 1 >= 2
+    assert 0 < after["loramux_responses_kept_bytes"] < before["loramux_responses_kept_bytes"] <= 64 << 20
     with pytest.raises(openai.NotFoundError, match="is not stored here"):
         oa.responses.retrieve(first.id)
     assert oa.responses.create(previous_response_id=second.id, input="Why?", **ask).output_text
