@@ -343,11 +343,13 @@ class Service:
         registration never unregisters it (nor a part) between its registration and the call's
         requests' submission; from then on they hold their entry."""
         claimed: list[str] = []
+        holding = True
 
         def claim(name: str) -> None:  # also from a worker thread, under the registry's lock
             with self._claims_lock:
-                self._claims[name] += 1
-            claimed.append(name)
+                if holding:  # not once the call ended (cancelled while a worker registered)
+                    self._claims[name] += 1
+                    claimed.append(name)
 
         try:
             if combine:
@@ -365,6 +367,7 @@ class Service:
             yield adapter_id
         finally:
             with self._claims_lock:
+                holding = False
                 self._claims.subtract(claimed)
                 for name in set(claimed):
                     if self._claims[name] <= 0:
