@@ -15,6 +15,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -332,7 +333,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         def done(events) -> dict:  # the whole response, kept unless it asked not to be
             response = clamp(built.response(events))
             if keep:
-                response["store"] = kept.put(response, body.conversation(history, response))
+                response["store"] = kept.put(response, *body.conversation(history, response))
             return response
 
         if not body.stream:
@@ -368,6 +369,24 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @errors_as_responses(names=RESPONSES_NAMES)
     async def kept_response(response_id: str):
         return kept.get(response_id).response
+
+    @app.get("/v1/responses/{response_id}/input_items", dependencies=[Depends(authorized)])
+    @errors_as_responses(names=RESPONSES_NAMES)
+    async def input_items(response_id: str, order: Literal["asc", "desc"] = "desc", limit: int = 20,
+                          after: str | None = None):
+        """A kept response's input items, OpenAI's list (``client.responses.input_items.list``)."""
+        if not 1 <= limit <= 100:
+            raise RequestInvalid(f"limit must be in [1, 100], got {limit}", param="limit")
+        items = kept.get(response_id).input_items()
+        items = items if order == "asc" else items[::-1]
+        if after is not None:
+            at = next((i for i, item in enumerate(items) if item["id"] == after), None)
+            if at is None:
+                raise RequestInvalid(f"after {after[:64]!r} is not one of the response's input items", param="after")
+            items = items[at + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
     @app.delete("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)

@@ -143,17 +143,19 @@ class ResponsesRequest(GenerationBody):
     def _items(self) -> list[InputItem]:
         return [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
 
-    def conversation(self, history: tuple[dict, ...], response: dict) -> list[dict]:
+    def conversation(self, history: tuple[dict, ...], response: dict) -> tuple[list[dict], int]:
         """What a later request continuing ``response`` continues: ``history``, this input, the
-        response's output (its message as an assistant turn, its calls as function_call items)."""
+        response's output (its message as an assistant turn, its calls as function_call items);
+        and how many items come before the output."""
         out = [*history, *(item.model_dump(exclude_none=True) for item in self._items())]
+        inputs = len(out)
         for item in response["output"]:
             if item["type"] == "message":
                 out.append({"type": "message", "role": "assistant",
                             "content": "".join(part["text"] for part in item["content"])})
             else:
                 out.append({k: item[k] for k in ("type", "call_id", "name", "arguments")})
-        return out
+        return out, inputs
 
     def _check_served(self) -> None:
         """What this request asks for has a chat equivalent, or it is refused, naming the field."""

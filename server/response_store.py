@@ -22,6 +22,23 @@ class StoredResponse:
     response: dict  # the response object, as it was returned
     conversation: tuple[dict, ...]  # input items: what it continued, its input, its output
     size: int  # bytes, as JSON
+    inputs: int  # the conversation's items before its output: what it was given
+
+    def input_items(self) -> list[dict]:
+        """Its input items (what it continued, then its own input) in OpenAI's listed form, oldest
+        first, each with an id of its own."""
+        out = []
+        for i, item in enumerate(self.conversation[: self.inputs]):
+            kind, at = item.get("type", "message"), f"{self.response['id']}_{i}"
+            if kind == "message":
+                text = "input_text" if item.get("role") != "assistant" else "output_text"
+                content = item.get("content")
+                parts = [{"type": text, "text": content or ""}] if not isinstance(content, list) else content
+                out.append({"id": f"msg_{at}", "type": "message", "role": item.get("role"), "content": parts,
+                            "status": "completed"})
+            else:
+                out.append({"id": f"{'fc' if kind == 'function_call' else 'fco'}_{at}", **item, "status": "completed"})
+        return out
 
 
 class ResponseStore:
@@ -37,14 +54,16 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def put(self, response: dict, conversation: list[dict]) -> bool:
+    def put(self, response: dict, conversation: list[dict], inputs: int | None = None) -> bool:
         """Keep ``response`` (a later one with its id replaces it), evicting the least recently
-        used; False, keeping nothing, when it alone is over the bound."""
+        used; False, keeping nothing, when it alone is over the bound. ``inputs``: the
+        conversation's items before the response's output (None: all)."""
         size = len(json.dumps([response, conversation], separators=(",", ":"), default=str))
         self._drop(response["id"])
         if size > self.max_bytes:
             return False
-        self._kept[response["id"]] = StoredResponse(response, tuple(conversation), size)
+        self._kept[response["id"]] = StoredResponse(response, tuple(conversation), size,
+                                                    len(conversation) if inputs is None else inputs)
         self.bytes += size
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._kept)))

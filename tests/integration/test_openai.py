@@ -1638,8 +1638,9 @@ def test_responses_are_kept_and_continued_by_previous_response_id(oserver):
     """Kept unless store is false: a request with previous_response_id continues the kept
     conversation (its input, then its output, then the new input; the earlier instructions not
     carried over), computing what chat computes for the same messages, a call and its output
-    included, streamed responses too; GET returns a kept response and DELETE drops it, its
-    continuations living on; an id not kept is a 404 naming previous_response_id."""
+    included, streamed responses too; GET returns a kept response (and its input items, paged) and
+    DELETE drops it, its continuations living on; an id not kept is a 404 naming
+    previous_response_id."""
     oa, ask = oserver.oa, dict(model="attn-r4", max_output_tokens=6, temperature=0)
     first = oa.responses.create(instructions="Be brief.", input="Hi", **ask)
     second = oa.responses.create(previous_response_id=first.id, input="And then?", **ask)
@@ -1654,6 +1655,16 @@ def test_responses_are_kept_and_continued_by_previous_response_id(oserver):
         chat = oa.chat.completions.create(model="attn-r4", messages=messages, max_tokens=6, temperature=0)
         assert (got.output_text, got.usage.input_tokens) == (chat.choices[0].message.content, chat.usage.prompt_tokens)
     assert oa.responses.retrieve(third.id).model_dump() == third.model_dump()
+    # what second was given: the conversation it continued and its input, as OpenAI lists them
+    given = oa.responses.input_items.list(second.id, order="asc").data
+    assert [(i.role, i.content[0].type, i.content[0].text) for i in given] == [
+        ("user", "input_text", "Hi"), ("assistant", "output_text", first.output_text),
+        ("user", "input_text", "And then?")]
+    paged = list(oa.responses.input_items.list(second.id, limit=1))  # newest first, one a page, followed
+    assert [i.id for i in paged] == [i.id for i in reversed(given)] and len(set(i.id for i in paged)) == 3
+    for bad, needle in ((dict(limit=0), "limit must be in [1, 100], got 0"), (dict(after="x"), "after 'x' is not")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+            oa.responses.input_items.list(second.id, **bad)
     before = oserver.metrics()
     oa.responses.delete(first.id)
     after = oserver.metrics()

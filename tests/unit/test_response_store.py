@@ -22,6 +22,14 @@ def test_the_least_recently_used_go_first_and_one_too_big_is_not_kept():
         store.get("b")
     assert store.get("a").conversation == ({"role": "user", "content": "x"},) and store.bytes <= 400
     assert not store.put(response("big", "z" * 400), [])  # alone over the bound: not kept, nothing evicted
+    listed = ResponseStore(10_000)
+    listed.put(response("r"), [{"role": "user", "content": "hi"}, {"type": "function_call", "call_id": "c",
+                                "name": "f", "arguments": "{}"}, {"role": "assistant", "content": "out"}], 2)
+    assert listed.get("r").input_items() == [  # its output, the last item, is not its input
+        {"id": "msg_r_0", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}],
+         "status": "completed"},
+        {"id": "fc_r_1", "type": "function_call", "call_id": "c", "name": "f", "arguments": "{}",
+         "status": "completed"}]
     assert len(store) == 2
     store.delete("a")
     with pytest.raises(NotStored) as e:
