@@ -18,6 +18,7 @@ logprobs and stop checks see the row's state after every kept token, as in plain
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 MAX_CANDIDATES = 64  # most recent earlier occurrences of the last token checked, per n-gram length
@@ -91,13 +92,16 @@ class PredictionLookup:
         return [] if self.at is None or k <= 0 else list(self.prediction[self.at : self.at + k])
 
     def _find(self, generated: Sequence[int], last: int) -> int | None:
-        """The position after the longest suffix of ``generated`` found in the prediction."""
-        ends = self._positions.get(generated[-1], ()) if generated else ()
+        """The position after the longest suffix of ``generated`` found in the prediction, among
+        the MAX_CANDIDATES occurrences of its last token nearest ``last`` on either side."""
+        ends = self._positions.get(generated[-1], []) if generated else []
+        i = bisect.bisect_left(ends, last - 1)  # ends[i:] end at or after ``last``
+        after, before = ends[i : i + MAX_CANDIDATES], ends[max(0, i - MAX_CANDIDATES) : i][::-1]
         for n in range(min(self.max_ngram, len(generated)), self.min_ngram - 1, -1):
-            suffix = list(generated[len(generated) - n :])
-            found = [e for e in ends if e + 1 >= n and list(self.prediction[e + 1 - n : e + 1]) == suffix]
-            if found:
-                return next((e + 1 for e in found if e + 1 >= last), found[-1] + 1)
+            suffix = tuple(generated[len(generated) - n :])
+            for e in (*after, *before):
+                if e + 1 >= n and self.prediction[e + 1 - n : e + 1] == suffix:
+                    return e + 1
         return None
 
 
