@@ -478,13 +478,13 @@ class Engine:
         """What the scheduler sees. Waiting requests near the head (of admission's order) look up
         their prefix in the cache; the hit is kept on the sequence, and admission takes exactly that hit."""
         waiting, bs = [], self.blocks.block_size
-        near = self._near_head(fairness)
+        near = self._near_head(fairness) if self.blocks.prefix_caching else set()
         for seq in self._waiting:
             seq.hit = NO_HIT
             # a request still owed prompt logprobs computes its whole prompt: a hit would skip rows
             wants_rows = seq.sampler.params.prompt_logprobs is not None and \
                 len(seq.prompt_logprobs) < seq.num_prompt - 1
-            if self.blocks.prefix_caching and seq in near:
+            if seq in near:
                 if seq.prompt_keys is None:
                     seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], bs)
                 if not wants_rows:

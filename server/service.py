@@ -92,18 +92,17 @@ class Service:
                        prediction: str = "", combine: list[tuple[str, float]] | None = None):
         """Validate, render the prompt off the loop and submit; returns the engine's RequestStream.
         ``prediction``: the output expected, with edits, which speculative drafts follow.
-        ``combine`` [(id, weight)]: instead of ``adapter_id``, that sum of registered adapters."""
-        with self._counting_refusals(adapter_id):
-            async with self._adapter_held(adapter_id, combine) as adapter_id:
-                ids = await self._render(prompt, adapter_id)
-                await self._prepare(sampling)
-                predicted = await self._predicted(prediction)
-                return self._submit(ids, sampling, adapter_id, request_id, time_remaining, priority, predicted)
+        ``combine`` [(id, weight)]: instead of ``adapter_id``, that sum of registered adapters.
+        ``time_remaining``: seconds to the client's deadline (None: none)."""
+        (stream,) = await self.generate_choices([prompt], sampling, 1, adapter_id, request_id, priority, prediction,
+                                                combine, time_remaining)
+        return stream
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
                                adapter_id: str | None = None, request_id: str | None = None,
                                priority: int = 0, prediction: str = "",
-                               combine: list[tuple[str, float]] | None = None) -> list:
+                               combine: list[tuple[str, float]] | None = None,
+                               time_remaining: float | None = None) -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
@@ -112,7 +111,7 @@ class Service:
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
         come with the first completion of each prompt only (the caller shares them).
         ``request_id``: every completion's, in the engine and its log lines (None: a random one each).
-        ``prediction``, ``combine``: as for ``generate``, every completion's."""
+        ``prediction``, ``combine``, ``time_remaining``: as for ``generate``, every completion's."""
         self._check_choices(len(prompts), n, adapter_id)
         streams = []
         try:
@@ -128,8 +127,8 @@ class Service:
                         for j in range(n):
                             seeded = sampling if j == 0 else later if later.seed is None else \
                                 replace(later, seed=(later.seed + j) % (1 << 64))
-                            streams.append(self._submit(ids, seeded, adapter_id, request_id, priority=priority,
-                                                        prediction=predicted))
+                            streams.append(self._submit(ids, seeded, adapter_id, request_id, time_remaining,
+                                                        priority, predicted))
         except BaseException:
             for stream in streams:
                 stream.cancel()

@@ -76,29 +76,31 @@ class PredictionLookup:
         for pos, token in enumerate(self.prediction):
             self._positions.setdefault(token, []).append(pos)
 
-    def propose(self, generated: Sequence[int], k: int) -> list[int]:
-        """Up to ``k`` tokens to follow ``generated`` (the output so far)."""
-        for token in generated[self.seen:]:
+    def propose(self, ids: Sequence[int], start: int, k: int) -> list[int]:
+        """Up to ``k`` tokens to follow the output so far, ``ids[start:]`` (read from where the
+        last call left off, not copied)."""
+        for token in ids[start + self.seen :]:
             following = self.at is not None and self.at < len(self.prediction) and self.prediction[self.at] == token
             if following or (self.at is not None and not self.replaced):
                 self.at += 1
                 self.last, self.replaced = self.at, not following
             else:
                 self.at = None
-        self.seen = len(generated)
+        self.seen = len(ids) - start
         if self.at is None:
-            self.at, self.replaced = self._find(generated, self.last), False
+            self.at, self.replaced = self._find(ids, start, self.last), False
             self.last = self.last if self.at is None else self.at
         return [] if self.at is None or k <= 0 else list(self.prediction[self.at : self.at + k])
 
-    def _find(self, generated: Sequence[int], last: int) -> int | None:
-        """The position after the longest suffix of ``generated`` found in the prediction, among
-        the MAX_CANDIDATES occurrences of its last token nearest ``last`` on either side."""
-        ends = self._positions.get(generated[-1], []) if generated else []
+    def _find(self, ids: Sequence[int], start: int, last: int) -> int | None:
+        """The position after the longest suffix of the output ``ids[start:]`` found in the
+        prediction, among the MAX_CANDIDATES occurrences of its last token nearest ``last`` on
+        either side."""
+        ends = self._positions.get(ids[-1], []) if len(ids) > start else []
         i = bisect.bisect_left(ends, last - 1)  # ends[i:] end at or after ``last``
         after, before = ends[i : i + MAX_CANDIDATES], ends[max(0, i - MAX_CANDIDATES) : i][::-1]
-        for n in range(min(self.max_ngram, len(generated)), self.min_ngram - 1, -1):
-            suffix = tuple(generated[len(generated) - n :])
+        for n in range(min(self.max_ngram, len(ids) - start), self.min_ngram - 1, -1):
+            suffix = tuple(ids[len(ids) - n :])
             for e in (*after, *before):
                 if e + 1 >= n and self.prediction[e + 1 - n : e + 1] == suffix:
                     return e + 1
@@ -119,7 +121,7 @@ class PromptLookupDrafter:
         if seq.request.prediction:
             if seq.prediction is None:
                 seq.prediction = PredictionLookup(seq.request.prediction, self.max_ngram, self.min_ngram)
-            draft = seq.prediction.propose(seq.ids[seq.num_prompt :], k)
+            draft = seq.prediction.propose(seq.ids, seq.num_prompt, k)
             if draft:
                 seq.predicted_draft = True
                 return draft

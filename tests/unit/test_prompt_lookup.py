@@ -68,7 +68,7 @@ def test_a_prediction_is_followed_through_edits():
 
     def then(*tokens, k=3):
         out.extend(tokens)
-        return look.propose(out, k)
+        return look.propose(out, 0, k)
 
     assert then() == [10, 11, 12]  # before any output: its beginning
     assert then(10, 11) == [12, 13, 14]  # followed
@@ -80,17 +80,21 @@ def test_a_prediction_is_followed_through_edits():
     assert then(12, 13, k=2) == [20, 21]  # "12 13" occurs twice: the occurrence after the last place
     assert then(20, 21) == []  # its end
     back = PredictionLookup(pred, 3, 1)
-    back.propose([10, 11, 12, 13, 14, 15, 16, 17, 12, 13, 20], 1)
-    assert back.propose([10, 11, 12, 13, 14, 15, 16, 17, 12, 13, 20, 7, 8, 11], 2) == [12, 13]  # none ahead: behind
+    back.propose([10, 11, 12, 13, 14, 15, 16, 17, 12, 13, 20], 0, 1)
+    assert back.propose([10, 11, 12, 13, 14, 15, 16, 17, 12, 13, 20, 7, 8, 11], 0, 2) == [12, 13]  # none ahead: behind
+    # the output's suffix never takes in the prompt: "5 6" is found at 1, not "4 5 6" (prompt's 4) at 4
+    after_prompt = PredictionLookup([1, 5, 6, 9, 4, 5, 6, 8], max_ngram=3, min_ngram=1)
+    assert after_prompt.propose([4, 5, 6], 1, 2) == [9, 4]
 
 
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.lists(st.integers(0, 5), max_size=30),
-       st.integers(1, 4), st.integers(0, 4))
-def test_prediction_drafts_are_runs_of_it_and_follow_an_output_that_follows_it(pred, out, k, step):
+       st.integers(1, 4), st.integers(0, 4), st.lists(st.integers(0, 5), max_size=6))
+def test_prediction_drafts_are_runs_of_it_and_follow_an_output_that_follows_it(pred, out, k, step, prompt):
     """Whatever the output, a draft is a run of the prediction's tokens (k of them, or up to its
-    end); while the output is the prediction's beginning, it is the k tokens after it."""
+    end); while the output is the prediction's beginning, it is the k tokens after it. The prompt
+    before the output is never read as output."""
     look, follower = PredictionLookup(pred, max_ngram=3, min_ngram=1), PredictionLookup(pred, 3, 1)
     for cut in range(0, max(len(out), len(pred)) + 1, step + 1):
-        draft = look.propose(out[:cut], k)
+        draft = look.propose(prompt + out[:cut], len(prompt), k)
         assert draft == [] or any(pred[i : i + k] == draft for i in range(len(pred))), (pred, out[:cut], draft)
-        assert follower.propose(pred[:cut], k) == pred[cut : cut + k]
+        assert follower.propose(prompt + pred[:cut], len(prompt), k) == pred[cut : cut + k]
