@@ -134,6 +134,7 @@ class ServerInfo:
     num_speculative_tokens: int = 0  # prompt-lookup drafts a decoding request may run per step (0: off)
     base_kernel_rows: tuple[int, ...] = ()  # row counts whose base projections run on the C++ kernel (--base-linear)
     scheduling: str = ""  # admission order (--scheduling): fair, fifo or priority
+    quantization: str = ""  # the decoder projections' weights (--quantization): none or int8
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:

@@ -36,6 +36,7 @@ from .ops.linear import (
     select_base_linear,
     time_row_counts,
 )
+from .ops.quantize import select_int8_linear
 from .runner import ModelRunner
 from .timing_cache import TimingCache
 from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp
@@ -52,6 +53,7 @@ class Built:
     op_backend: str  # the LoRA ops in use: torch, cpp or triton
     cpu_isa: str  # the CPU's vector ISA as torch dispatches it
     kernel_rows: frozenset[int]  # row counts whose base projections run on the C++ kernel (--base-linear)
+    quantization: str = "none"  # the decoder projections' weights (--quantization)
 
     @property
     def tokenizer(self):
@@ -145,14 +147,22 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     if limit is not None and config.max_model_len > limit:
         raise StartupError(f"--max-model-len {config.max_model_len} is more than the {limit} positions this model "
                            "can encode; lower it")
-    model = cls(hf, config.max_model_len)
+    model = cls(hf, config.max_model_len, int8=config.quantization == "int8")
+    if config.quantization == "int8":
+        fused = [m for layer in model.layers for m in layer.lora_modules()]
+        log.info("decoder projections quantized to int8: %.0f MiB of weights and scales (%.0f MiB in %s)",
+                 sum(m.weight.nbytes + m.scale.nbytes for m in fused) / 2**20,
+                 sum(m.weight.numel() for m in fused) * loaded.dtype.itemsize / 2**20,
+                 str(loaded.dtype).removeprefix("torch."))
     layout = model.lora_layout(lm_head=config.enable_lm_head_lora, embedding=config.enable_embedding_lora)
     if not config.enable_dora:  # a layout without the base weights refuses DoRA adapters, naming the flag
         layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec
     kernels = load_kernels()  # its converter and row copy load adapters in one call each (None: torch ops)
     kernel_rows = base_linear_rows(config, loaded, kernels, model)
-    model.use_base_linear(select_base_linear(kernels, kernel_rows))
+    # int8 weights take the kernel at every count it runs (a matmul by weights dequantized per call is slower)
+    int8_kernels = kernels if config.base_linear != "torch" and loaded.device.type == "cpu" else None
+    model.use_base_linear(select_base_linear(kernels, kernel_rows), select_int8_linear(int8_kernels))
     apply_lora = select_backend(config.op_backend, loaded.device)
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))
@@ -232,4 +242,4 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         f"by prompt lookup, up to {config.num_speculative_tokens} drafts ({config.prompt_lookup_min}- to "
         f"{config.prompt_lookup_max}-grams)" if config.num_speculative_tokens else "off",
     )
-    return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa(), kernel_rows)
+    return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa(), kernel_rows, config.quantization)

@@ -15,6 +15,7 @@ from .config import (
     BASE_LINEARS,
     DTYPES,
     OP_BACKENDS,
+    QUANTIZATIONS,
     SCHEDULING,
     TOOL_CALL_PARSERS,
     ServerConfig,
@@ -106,6 +107,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "on a CPU with a float32 model: the C++ kernel or torch's matmul. auto = whichever ran "
                         "faster at each row count when timed on the model's weights at start-up (a few seconds); "
                         "kernel = the C++ kernel at every count; torch = torch's matmul always")
+    p.add_argument("--quantization", default=d["quantization"].default, choices=QUANTIZATIONS,
+                   help="int8: the decoder's projections (attention and MLP) kept as int8 weights with one scale "
+                        "per output row, a quarter of float32's bytes, so decode steps of few rows read less; "
+                        "lm_head, the embedding and adapters keep the model's dtype, activations too. Outputs "
+                        "differ from the unquantized model's (the weights are rounded). none: as loaded")
     for name, help_text in (
         ("max_batch_size", "sequences in one step (reserves no memory: the KV pool is --kv-cache-tokens)"),
         ("max_tokens_per_step", "token budget of one step; long prompts are prefilled in chunks"),

@@ -12,6 +12,7 @@ LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 SCHEDULING = ("fair", "fifo", "priority")
 BASE_LINEARS = ("auto", "kernel", "torch")
+QUANTIZATIONS = ("none", "int8")  # the decoder projections' weights (ops/quantize.py)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")  # tool_parsers.PARSERS' names, kept import-free here
 MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
 
@@ -112,6 +113,7 @@ class ServerConfig:
     inject_fault: str | None = None  # testing hook: request:, fatal:, fatal-busy:<request id>; hang-read:, copy-fail:<adapter id>
     op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
     base_linear: str = "auto"  # base projections of 1-64 rows (CPU, float32): auto (timed at start-up), kernel, torch
+    quantization: str = "none"  # int8: the decoder projections' weights as int8 rows with a scale each
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)
     trust_request_chat_template: bool = False  # a request may bring its own chat template (vLLM's flag)
     log_level: str = "INFO"
@@ -154,6 +156,8 @@ class ServerConfig:
             raise ValueError(f"op-backend must be one of {OP_BACKENDS}, got {self.op_backend!r}")
         if self.base_linear not in BASE_LINEARS:
             raise ValueError(f"base-linear must be one of {BASE_LINEARS}, got {self.base_linear!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool-call-parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}")
         if self.log_format not in LOG_FORMATS:

@@ -96,6 +96,28 @@ def build_family_model(family: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def int8_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` saved again with every decoder projection that ``--quantization int8`` serves
+    as int8 replaced by its dequantized weight q * s (ops/quantize.py; GPT-2's Conv1D [in, out]
+    by columns): PEFT over this copy is the oracle of the int8 server."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from loramux.server.models import serving_model_class
+    from loramux.server.ops.quantize import dequantize_int8, quantize_int8
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    targets = serving_model_class(model.config.architectures[0]).lora_targets(model.config)
+    with torch.no_grad():
+        for template, _, _ in targets.values():
+            for i in range(model.config.num_hidden_layers):
+                module = model.get_submodule(template.format(i=i))
+                w = module.weight.T if isinstance(module, Conv1D) else module.weight  # [out, in]
+                w.copy_(dequantize_int8(*quantize_int8(w)))
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 # The target-module names users train on, per family (mixed ranks and targets).
 FAMILY_ADAPTERS = {
     "mistral": {"qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -19,6 +19,7 @@ from ...adapters.loader import LoRALayout, row_sq_norms
 from ..kv_cache import PagedKVCache
 from ..ops.embedding import embedding_lora
 from ..ops.linear import Linear
+from ..ops.quantize import Int8Linear, dequantize_int8
 from .batch import StepBatch
 
 
@@ -74,15 +75,18 @@ class ServingModel(nn.Module):
         return layout
 
     def base_weight(self, layer: int, kind: str) -> torch.Tensor:
-        """The served weight W [out, in] of one LoRA target (a view of its fused linear's)."""
+        """The served weight W [out, in] of one LoRA target (a view of its fused linear's; of an
+        int8 one, W = q * scale in the model's dtype)."""
         if kind == HEAD:
             return self.lm_head.weight
         if layer == -1:  # the token embedding, [vocab, hidden]
             return self.token_embedding.weight.T
         for fused in self.layers[layer].lora_modules():
             if kind in fused.kinds:
-                j = fused.kinds.index(kind)
-                return fused.weight[fused.bounds[j] : fused.bounds[j + 1]]
+                rows = slice(fused.bounds[fused.kinds.index(kind)], fused.bounds[fused.kinds.index(kind) + 1])
+                if fused.scale is None:
+                    return fused.weight[rows]
+                return dequantize_int8(fused.weight[rows], fused.scale[rows], self.lm_head.weight.dtype)
         raise KeyError(f"layer {layer} has no {kind}")
 
     def dora_base(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +118,17 @@ class ServingModel(nn.Module):
         raise NotImplementedError
 
     def base_projections(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight, bias) of every base projection, in the order a step reads them."""
-        fused = [(m.weight, m.bias) for layer in self.layers for m in layer.lora_modules()]
+        """(weight, bias) of every base projection in the model's dtype (not int8), in the order a
+        step reads them."""
+        fused = [(m.weight, m.bias) for layer in self.layers for m in layer.lora_modules() if m.scale is None]
         return [*fused, (self.lm_head.weight, self.lm_head.bias)]
 
-    def use_base_linear(self, linear: Linear) -> None:
-        """The matmul of every base projection: the decoder's fused linears and lm_head."""
+    def use_base_linear(self, linear: Linear, int8_linear: Int8Linear | None = None) -> None:
+        """The matmul of every base projection: the decoder's fused linears and lm_head, and of the
+        int8 ones."""
         for layer in self.layers:
             for fused in layer.lora_modules():
-                fused.linear = linear
+                fused.linear, fused.int8_linear = linear, int8_linear
         self.head_linear = linear
 
     def forward(self, batch: StepBatch, kv: PagedKVCache, apply_lora) -> torch.Tensor:

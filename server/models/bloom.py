@@ -12,14 +12,14 @@ from .layers import FlatAttention, FusedLoRALinear, alibi_slopes
 
 
 class BloomLayer(nn.Module):
-    def __init__(self, block, config, layer: int, slopes: torch.Tensor):
+    def __init__(self, block, config, layer: int, slopes: torch.Tensor, int8: bool = False):
         super().__init__()
         attn, mlp = block.self_attention, block.mlp
         self.input_layernorm, self.post_attention_layernorm = block.input_layernorm, block.post_attention_layernorm
-        self.qkv = FusedLoRALinear.from_linears([attn.query_key_value], ("query_key_value",), layer)
-        self.dense = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer)
-        self.up = FusedLoRALinear.from_linears([mlp.dense_h_to_4h], ("dense_h_to_4h",), layer)
-        self.down = FusedLoRALinear.from_linears([mlp.dense_4h_to_h], ("dense_4h_to_h",), layer)
+        self.qkv = FusedLoRALinear.from_linears([attn.query_key_value], ("query_key_value",), layer, int8)
+        self.dense = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
+        self.up = FusedLoRALinear.from_linears([mlp.dense_h_to_4h], ("dense_h_to_4h",), layer, int8)
+        self.down = FusedLoRALinear.from_linears([mlp.dense_4h_to_h], ("dense_4h_to_h",), layer, int8)
         self.gelu = mlp.gelu_impl
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
         heads = config.num_attention_heads
@@ -42,7 +42,7 @@ class BloomLayer(nn.Module):
 class BloomForServing(ServingModel):
     EMBEDDING = ("transformer.word_embeddings", "word_embeddings")
 
-    def __init__(self, hf_model, max_model_len: int):
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
         config = self.config = hf_model.config
         t = hf_model.transformer
@@ -50,7 +50,7 @@ class BloomForServing(ServingModel):
         self.final_norm, self.lm_head = t.ln_f, hf_model.lm_head
         heads = config.num_attention_heads
         slopes = alibi_slopes(heads).to(self.lm_head.weight.device)
-        self.layers = nn.ModuleList(BloomLayer(block, config, i, slopes) for i, block in enumerate(t.h))
+        self.layers = nn.ModuleList(BloomLayer(block, config, i, slopes, int8) for i, block in enumerate(t.h))
         self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
 
     @staticmethod

@@ -12,7 +12,7 @@ from .batch import StepBatch
 from .layers import FlatAttention, FusedLoRALinear, PreLNBlock
 
 
-def gpt2_block(block, config, layer: int) -> PreLNBlock:
+def gpt2_block(block, config, layer: int, int8: bool = False) -> PreLNBlock:
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
     scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
@@ -20,10 +20,10 @@ def gpt2_block(block, config, layer: int) -> PreLNBlock:
         scale /= float(layer + 1)
     return PreLNBlock(
         block.ln_1, block.ln_2,
-        FusedLoRALinear.from_conv1d(block.attn.c_attn, "c_attn", layer),
-        FusedLoRALinear.from_conv1d(block.attn.c_proj, "attn.c_proj", layer),
-        FusedLoRALinear.from_conv1d(block.mlp.c_fc, "c_fc", layer),
-        FusedLoRALinear.from_conv1d(block.mlp.c_proj, "mlp.c_proj", layer),
+        FusedLoRALinear.from_conv1d(block.attn.c_attn, "c_attn", layer, int8),
+        FusedLoRALinear.from_conv1d(block.attn.c_proj, "attn.c_proj", layer, int8),
+        FusedLoRALinear.from_conv1d(block.mlp.c_fc, "c_fc", layer, int8),
+        FusedLoRALinear.from_conv1d(block.mlp.c_proj, "mlp.c_proj", layer, int8),
         ACT2FN[config.activation_function], FlatAttention(layer, heads, heads, head_dim, scale=scale),
     )
 
@@ -31,12 +31,12 @@ def gpt2_block(block, config, layer: int) -> PreLNBlock:
 class GPT2ForServing(ServingModel):
     EMBEDDING = ("transformer.wte", "wte")
 
-    def __init__(self, hf_model, max_model_len: int):
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
         config = self.config = hf_model.config
         t = hf_model.transformer
         self.wte, self.wpe, self.final_norm, self.lm_head = t.wte, t.wpe, t.ln_f, hf_model.lm_head
-        self.layers = nn.ModuleList(gpt2_block(block, config, i) for i, block in enumerate(t.h))
+        self.layers = nn.ModuleList(gpt2_block(block, config, i, int8) for i, block in enumerate(t.h))
         heads = config.num_attention_heads
         self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
 

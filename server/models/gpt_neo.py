@@ -14,16 +14,16 @@ from .layers import FlatAttention, FusedLoRALinear, PreLNBlock
 ATTN_KINDS = ("q_proj", "k_proj", "v_proj")
 
 
-def gpt_neo_block(block, config, layer: int) -> PreLNBlock:
+def gpt_neo_block(block, config, layer: int, int8: bool = False) -> PreLNBlock:
     attn = block.attn.attention
     heads = config.num_attention_heads
     window = config.window_size if config.attention_layers[layer] == "local" else None
     return PreLNBlock(
         block.ln_1, block.ln_2,
-        FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer),
-        FusedLoRALinear.from_linears([attn.out_proj], ("out_proj",), layer),
-        FusedLoRALinear.from_linears([block.mlp.c_fc], ("c_fc",), layer),
-        FusedLoRALinear.from_linears([block.mlp.c_proj], ("c_proj",), layer),
+        FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8),
+        FusedLoRALinear.from_linears([attn.out_proj], ("out_proj",), layer, int8),
+        FusedLoRALinear.from_linears([block.mlp.c_fc], ("c_fc",), layer, int8),
+        FusedLoRALinear.from_linears([block.mlp.c_proj], ("c_proj",), layer, int8),
         ACT2FN[config.activation_function],
         FlatAttention(layer, heads, heads, config.hidden_size // heads, scale=1.0, sliding_window=window),
     )
@@ -33,12 +33,12 @@ class GPTNeoForServing(ServingModel):
     EMBEDDING = ("transformer.wte", "wte")
     FUSED_KINDS = (ATTN_KINDS,)
 
-    def __init__(self, hf_model, max_model_len: int):
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
         config = self.config = hf_model.config
         t = hf_model.transformer
         self.wte, self.wpe, self.final_norm, self.lm_head = t.wte, t.wpe, t.ln_f, hf_model.lm_head
-        self.layers = nn.ModuleList(gpt_neo_block(block, config, i) for i, block in enumerate(t.h))
+        self.layers = nn.ModuleList(gpt_neo_block(block, config, i, int8) for i, block in enumerate(t.h))
         heads = config.num_attention_heads
         self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
 

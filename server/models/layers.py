@@ -12,6 +12,7 @@ from ..kv_cache import PagedKVCache
 from ..ops import LoRAPlans
 from ..ops.attention import causal_mask, gather_context
 from ..ops.linear import Linear
+from ..ops.quantize import Int8Linear, quantize_int8
 from .batch import StepBatch
 
 
@@ -19,12 +20,20 @@ class FusedLoRALinear(nn.Module):
     """Several linear layers sharing one input, computed as one matmul:
         y[:, slice_k] = x @ W_k.T + b_k + LoRA_k(x)   for each fused kind k
     x: [T, in] -> y: [T, sum(out_k)]. ``weights`` are [out_k, in] (transpose Conv1D weights first).
+    With ``int8`` (``--quantization int8``) the weight is kept as int8 with a float32 ``scale`` per
+    output row, W served as weight * scale[:, None] (ops/quantize.py); no float copy is made.
     """
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], kinds: tuple[str, ...],
-                 layer: int):
+                 layer: int, int8: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.cat([w.detach() for w in weights]), requires_grad=False)
+        self.register_buffer("scale", None, persistent=False)  # [out] float32 when the weight is int8
+        if int8:  # row by row, so each source weight's rows quantize as they would fused
+            parts = [quantize_int8(w) for w in weights]
+            self.weight = nn.Parameter(torch.cat([q for q, _ in parts]), requires_grad=False)
+            self.scale = torch.cat([s for _, s in parts])
+        else:
+            self.weight = nn.Parameter(torch.cat([w.detach() for w in weights]), requires_grad=False)
         self.bias = None
         if any(b is not None for b in biases):
             self.bias = nn.Parameter(
@@ -39,19 +48,21 @@ class FusedLoRALinear(nn.Module):
         self.kinds = kinds
         self.layer = layer
         self.linear: Linear = F.linear  # the base matmul (ServingModel.use_base_linear)
+        self.int8_linear: Int8Linear | None = None  # the matmul of an int8 weight (ServingModel.use_base_linear)
         # the adapter pages of these kinds (bound by ``ServingModel.bind_lora_stores``):
         # a_store [P, len(kinds), in], b_store [P, bounds[-1]]
         self.a_store: torch.Tensor | None = None
         self.b_store: torch.Tensor | None = None
 
     @classmethod
-    def from_linears(cls, linears: list[nn.Linear], kinds: tuple[str, ...], layer: int) -> FusedLoRALinear:
-        return cls([m.weight for m in linears], [m.bias for m in linears], kinds, layer)
+    def from_linears(cls, linears: list[nn.Linear], kinds: tuple[str, ...], layer: int,
+                     int8: bool = False) -> FusedLoRALinear:
+        return cls([m.weight for m in linears], [m.bias for m in linears], kinds, layer, int8)
 
     @classmethod
-    def from_conv1d(cls, conv, kind: str, layer: int) -> FusedLoRALinear:
+    def from_conv1d(cls, conv, kind: str, layer: int, int8: bool = False) -> FusedLoRALinear:
         """GPT-2's Conv1D keeps its weight as [in, out] (PEFT's fan_in_fan_out)."""
-        return cls([conv.weight.T.contiguous()], [conv.bias], (kind,), layer)
+        return cls([conv.weight.T if int8 else conv.weight.T.contiguous()], [conv.bias], (kind,), layer, int8)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         b = self.bounds
@@ -60,7 +71,10 @@ class FusedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, plans: LoRAPlans, apply_lora) -> torch.Tensor:
         """One LoRA call per set of these kinds that the step's adapters target (usually one):
         each shrinks its kinds together, in one pass over x (and rescales DoRA adapters' rows)."""
-        y = self.linear(x, self.weight, self.bias)
+        if self.scale is None:
+            y = self.linear(x, self.weight, self.bias)
+        else:
+            y = self.int8_linear(x, self.weight, self.scale, self.bias)
         for used, plan in plans.get(self.kinds, ()):
             apply_lora(y, x, self.a_store, self.b_store, plan, self.bounds, used, self.bias)
         return y

@@ -40,15 +40,15 @@ def sliding_window(config, layer: int) -> int | None:
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.input_layernorm = hf_layer.input_layernorm
         self.post_attention_layernorm = hf_layer.post_attention_layernorm
-        self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer)
-        self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer)
-        self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer)
-        self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer)
+        self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8)
+        self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer, int8)
+        self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer, int8)
+        self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
         self.act = ACT2FN[config.hidden_act]
         hd = _head_dim(config)
         self.shape_q = (config.num_attention_heads, hd)
@@ -80,7 +80,7 @@ class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
 
-    def __init__(self, hf_model, max_model_len: int):
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
         config = self.config = hf_model.config
         inner = hf_model.model
@@ -92,7 +92,7 @@ class LlamaForServing(ServingModel):
         cos, sin = inner.rotary_emb(dummy, positions[None])  # [1, max_len, hd], computed as HF does
         self.register_buffer("cos", cos[0].to(dummy.dtype), persistent=False)
         self.register_buffer("sin", sin[0].to(dummy.dtype), persistent=False)
-        self.layers = nn.ModuleList(LlamaLayer(layer, config, i, self.cos, self.sin)
+        self.layers = nn.ModuleList(LlamaLayer(layer, config, i, self.cos, self.sin, int8)
                                     for i, layer in enumerate(inner.layers))
         self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))
 

@@ -16,7 +16,7 @@ float32 at head dim 64 or 128 the AVX-512 and AVX2 builds take 16 (8) keys at a 
 into the serving layout in one call (adapters/loader.py), ``copy_rows`` an adapter's rows
 into its pages of every store of a host pool, and ``convert_to_pages`` a loaded adapter's modules
 straight into those pages (adapters/device_pool.py). ``few_rows_linear`` runs a base projection of
-up to 64 rows (ops/linear.py). Each releases the GIL.
+up to 64 rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py). Each releases the GIL.
 
 They are compiled when the package is installed (setup.py), once per ISA variant: a portable
 baseline, AVX2 and AVX-512 on x86-64, NEON on aarch64. ``load_kernels`` imports the widest

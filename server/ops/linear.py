@@ -41,11 +41,11 @@ def select_base_linear(kernels, rows: Collection[int]) -> Linear:
     rows = frozenset(rows)
     if not rows <= frozenset(range(1, KERNEL_MAX_ROWS + 1)):
         raise ValueError(f"the kernel takes 1 to {KERNEL_MAX_ROWS} rows, not {sorted(rows)}")
-    kernel, no_bias = kernels.few_rows_linear, torch.empty(0)
+    kernel, empty = kernels.few_rows_linear, torch.empty(0)
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] in rows and x.dtype == torch.float32 and weight.stride(1) == 1:
-            return kernel(x if x.stride(1) == 1 else x.contiguous(), weight, no_bias if bias is None else bias)
+            return kernel(x if x.stride(1) == 1 else x.contiguous(), weight, empty if bias is None else bias, empty)
         return F.linear(x, weight, bias)
 
     return linear

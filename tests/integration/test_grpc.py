@@ -743,3 +743,41 @@ def test_drain_on_sigterm(tiny_llama, tmp_path):
         assert proc.proc.wait(30) == 0
     finally:
         proc.stop()
+
+
+def test_an_int8_server_serves_peft_over_the_dequantized_weights(tiny_llama, tiny_adapters, tmp_path):
+    """--quantization int8 through the real entry points: GetServerInfo and `loramux info` name it,
+    and gRPC and the OpenAI API give PEFT's greedy tokens over the model with its projections
+    dequantized (helpers.int8_copy), for the base model and an adapter; an unknown scheme is a
+    start-up error naming the choices."""
+    from helpers import int8_copy
+    from server import ServerProcess
+
+    proc = ServerProcess(["--model", str(tiny_llama), "--quantization", "int8", "--adapter",
+                          f"all-r8={tiny_adapters['all-r8']}", "--max-model-len", "128",
+                          "--default-max-new-tokens", "16"], tmp_path / "int8.log")
+    try:
+        proc.wait_ready()
+        info = proc.client.server_info()
+        assert info.quantization == "int8" and info.dtype == "float32"
+        shown = subprocess.run([sys.executable, "-m", "loramux.server.cli", "info", "--server", proc.target],
+                               capture_output=True, text=True, timeout=120).stdout
+        assert "quantization: int8\n" in shown, shown
+        assert "decoder projections quantized to int8" in proc.log()
+        copy = int8_copy(tiny_llama, tmp_path / "int8-copy")
+        oa = proc.openai()
+        for adapter in ("", "all-r8"):
+            expected = peft_generate(copy, tiny_adapters.get(adapter), [PROMPT_IDS], 12, eos_token_id=None)[0]
+            assert proc.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter,
+                                        sampling=GREEDY).token_ids == expected
+            got = oa.completions.create(model=adapter or info.model, prompt=PROMPT_IDS, max_tokens=12, temperature=0,
+                                        logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert [int(t.removeprefix("token_id:")) for t in got.choices[0].logprobs.tokens] == expected
+        unquantized = peft_generate(tiny_llama, tiny_adapters["all-r8"], [PROMPT_IDS], 12, eos_token_id=None)[0]
+        assert unquantized != peft_generate(copy, tiny_adapters["all-r8"], [PROMPT_IDS], 12, eos_token_id=None)[0], \
+            "int8 weights change nothing here: this test could not tell them from float32"
+    finally:
+        proc.stop()
+    refused = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(tiny_llama),
+                              "--quantization", "int4"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "'none', 'int8'" in refused.stderr, refused.stderr

@@ -31,6 +31,7 @@ from loramux.server.config import ServerConfig
     (dict(lora_dtype="float64"), "lora-dtype must be one of"),
     (dict(tool_call_parser="granite"), "tool-call-parser must be one of"),
     (dict(base_linear="fast"), "base-linear must be one of"),
+    (dict(quantization="int4"), "quantization must be one of"),
     (dict(http_keep_alive_timeout=0), "http-keep-alive-timeout must be > 0"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
@@ -43,11 +44,13 @@ def test_cli_flags_become_one_config():
         "serve", "--port", "6000", "--max-batch-size", "8", "--adapter", "a=/x/a", "--adapter", "b=/x/b",
         "--adapter-root", "/x", "--auth-token", "t", "--max-total-tokens", "900", "--allow-runtime-adapters",
         "--lora-dtype", "float16", "--http-keep-alive-timeout", "2.5", "--base-linear", "kernel",
+        "--quantization", "int8",
     ])
     c = config_from_args(args)
     assert (c.port, c.max_batch_size, c.auth_token, c.max_total_tokens) == (6000, 8, "t", 900)
     assert c.lora_dtype == "float16" and ServerConfig().lora_dtype == "auto"
     assert c.base_linear == "kernel" and ServerConfig().base_linear == "auto"
+    assert c.quantization == "int8" and ServerConfig().quantization == "none"
     # clients (httpx: 5 s) and load balancers (60 s) must close idle connections before the server does
     assert c.http_keep_alive_timeout == 2.5 and ServerConfig().http_keep_alive_timeout > 60
     assert c.adapters == (("a", "/x/a"), ("b", "/x/b")) and c.adapter_roots == ("/x",)

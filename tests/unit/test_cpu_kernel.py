@@ -307,12 +307,41 @@ def test_few_rows_linear_matches_torch(variant, rows):
         x = wide[:, 1 : in_features + 1]
         bias = torch.randn(out_features, generator=gen)
         for b in (None, bias):
-            got = few_rows_linear(x, w, torch.empty(0) if b is None else b)
+            got = few_rows_linear(x, w, torch.empty(0) if b is None else b, torch.empty(0))
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
     with pytest.raises(RuntimeError, match="1 to 64 rows"):
-        few_rows_linear(torch.randn(65, 8), torch.randn(4, 8), torch.empty(0))
+        few_rows_linear(torch.randn(65, 8), torch.randn(4, 8), torch.empty(0), torch.empty(0))
     with pytest.raises(RuntimeError, match="float32"):
-        few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0))
+        few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0), torch.empty(0))
+
+
+@needs_kernel
+@each_variant
+@pytest.mark.parametrize("rows", [*range(1, 18), 31, 47, 64])
+def test_few_rows_linear_of_int8_weights_matches_the_dequantized_linear(variant, rows):
+    """int8 rows with a scale each: the linear by Ŵ = q * s in float32 (ops/quantize.py), on both
+    paths, shapes off the vector width and the tiles, with and without a bias, a strided x, a row
+    of zeros (scale 1) and the extreme values -127 and 127; a scale that does not fit is refused."""
+    from loramux.server.ops.quantize import dequantize_int8, quantize_int8
+
+    gen = torch.Generator().manual_seed(rows)
+    few_rows_linear = variant_module(variant).few_rows_linear
+    for out_features, in_features in ((1728, 576), (577, 1540), (1, 7), (33, 8)):
+        w = torch.randn(out_features, in_features, generator=gen)
+        w[-1] = 0
+        q, scale = quantize_int8(w)
+        assert (q[:-1].abs().amax(1) == 127).all() and (q[-1] == 0).all() and scale[-1] == 1
+        x = torch.randn(rows, in_features + 3, generator=gen)[:, 1 : in_features + 1]
+        bias = torch.randn(out_features, generator=gen)
+        for b in (None, bias):
+            got = few_rows_linear(x, q, torch.empty(0) if b is None else b, scale)
+            expected = torch.nn.functional.linear(x, dequantize_int8(q, scale), b)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    q, scale = quantize_int8(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="scale"):
+        few_rows_linear(torch.randn(2, 8), q, torch.empty(0), scale[:3])
+    with pytest.raises(RuntimeError, match="scale"):
+        few_rows_linear(torch.randn(2, 8), q.float(), torch.empty(0), scale)
 
 
 class RecordingKernels:
@@ -321,7 +350,7 @@ class RecordingKernels:
     def __init__(self):
         self.calls = []
 
-    def few_rows_linear(self, x, w, b):
+    def few_rows_linear(self, x, w, b, scale):
         self.calls.append(x.shape[0])
         return torch.nn.functional.linear(x, w, b if b.numel() else None)
 
@@ -383,7 +412,7 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
         return torch_linear(x, w, b)
 
     class Kernels(RecordingKernels):
-        def few_rows_linear(self, x, w, b):
+        def few_rows_linear(self, x, w, b, scale):
             self.calls.append(x.shape[0])
             now[0] += 0.0 if x.shape[0] in fast else 1.0625 if x.shape[0] in close else 3.0
             return x.new_zeros(x.shape[0], w.shape[0])

@@ -7,7 +7,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #elif defined(__SSE2__)
 #include <emmintrin.h>
@@ -1122,26 +1122,53 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 // EPYC (BENCHMARKS.md); the server times both at start-up and sends it the rows where it is faster
 // (ops/linear.py).
 constexpr int FEW_ROWS = 16;
-constexpr int64_t FEW_ROWS_AHEAD = 512;  // floats prefetched ahead in each weight row
+constexpr int64_t AHEAD_BYTES = 2048;  // prefetched ahead in each weight row
 
-template <int M>
-static void few_rows(float* y, const float* x, const float* w, const float* bias, int64_t O, int64_t I,
+// Base weights (--quantization): float32, or int8 rows with one float32 scale each, widened value
+// by value to q * s (the same float32 product as the dequantized weight's) before the sums.
+typedef int8_t i8x8 __attribute__((vector_size(8), aligned(1)));
+
+static inline f32x8 wload8(const float* p, float) { return *reinterpret_cast<const f32x8*>(p); }
+static inline f32x8 wload8(const int8_t* p, float s) {
+#if defined(__AVX2__)  // GCC widens the generic conversion one lane at a time
+  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<f32x8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))) * s;
+#elif defined(__SSE2__)  // no pmovsxbd: each byte to the top of a 32-bit lane, shifted down with its sign
+  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i b = _mm_unpacklo_epi8(q, q);
+  const __m128 lo = _mm_cvtepi32_ps(_mm_srai_epi32(_mm_unpacklo_epi16(b, b), 24));
+  const __m128 hi = _mm_cvtepi32_ps(_mm_srai_epi32(_mm_unpackhi_epi16(b, b), 24));
+  f32x8 v;
+  std::memcpy(&v, &lo, 16);
+  std::memcpy(reinterpret_cast<char*>(&v) + 16, &hi, 16);
+  return v * s;
+#else
+  return __builtin_convertvector(*reinterpret_cast<const i8x8*>(p), f32x8) * s;
+#endif
+}
+static inline float wval(const float* p, float) { return *p; }
+static inline float wval(const int8_t* p, float s) { return static_cast<float>(*p) * s; }
+
+template <int M, typename W>
+static void few_rows(float* y, const float* x, const W* w, const float* scale, const float* bias, int64_t O, int64_t I,
                      int64_t sy, int64_t sx, int64_t sw) {
+  constexpr int64_t LINE = 64 / sizeof(W), AHEAD = AHEAD_BYTES / sizeof(W);  // values a cache line, ahead
   const int64_t I8 = I / 8 * 8;
   at::parallel_for(0, (O + 1) / 2, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t o0 = 2 * p, o1 = std::min(o0 + 1, O - 1);  // an odd O's last pair computes its row twice
-      const float* w0 = w + o0 * sw;
-      const float* w1 = w + o1 * sw;
+      const W* w0 = w + o0 * sw;
+      const W* w1 = w + o1 * sw;
+      const float s0w = scale != nullptr ? scale[o0] : 1.f, s1w = scale != nullptr ? scale[o1] : 1.f;
       f32x8 acc0[M], acc1[M];
       for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = f32x8{};
       for (int64_t i = 0; i < I8; i += 8) {
-        if ((i & 15) == 0) {  // one prefetch a cache line
-          __builtin_prefetch(w0 + i + FEW_ROWS_AHEAD, 0, 3);
-          __builtin_prefetch(w1 + i + FEW_ROWS_AHEAD, 0, 3);
+        if (i % LINE == 0) {  // one prefetch a cache line
+          __builtin_prefetch(w0 + i + AHEAD, 0, 3);
+          __builtin_prefetch(w1 + i + AHEAD, 0, 3);
         }
-        const f32x8 a = *reinterpret_cast<const f32x8*>(w0 + i);
-        const f32x8 b = *reinterpret_cast<const f32x8*>(w1 + i);
+        const f32x8 a = wload8(w0 + i, s0w);
+        const f32x8 b = wload8(w1 + i, s1w);
         for (int m = 0; m < M; ++m) {
           const f32x8 xv = *reinterpret_cast<const f32x8*>(x + m * sx + i);
           acc0[m] += a * xv;
@@ -1151,8 +1178,8 @@ static void few_rows(float* y, const float* x, const float* w, const float* bias
       for (int m = 0; m < M; ++m) {
         float s0 = sum8(acc0[m]), s1 = sum8(acc1[m]);
         for (int64_t i = I8; i < I; ++i) {
-          s0 += w0[i] * x[m * sx + i];
-          s1 += w1[i] * x[m * sx + i];
+          s0 += wval(w0 + i, s0w) * x[m * sx + i];
+          s1 += wval(w1 + i, s1w) * x[m * sx + i];
         }
         if (bias != nullptr) {
           s0 += bias[o0];
@@ -1170,7 +1197,8 @@ static void few_rows(float* y, const float* x, const float* w, const float* bias
 // from memory once (then from L1 for the block's other x rows) and each x value once a tile.
 // TILE_O x TILE_M = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4 elsewhere (16). On an AMD
 // EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears in 0.6-0.9x torch's time
-// (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows does.
+// (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows does. int8
+// rows are widened once a block, into a float32 copy in L1/L2 that the x tiles then read.
 constexpr int MANY_ROWS = 64;
 #if defined(__AVX512F__)
 constexpr int TILE_O = 6;
@@ -1179,14 +1207,27 @@ constexpr int TILE_O = 3;
 #endif
 constexpr int TILE_M = 4;
 
-static void many_rows(float* y, const float* x, const float* w, const float* bias, int64_t M, int64_t O, int64_t I,
-                      int64_t sy, int64_t sx, int64_t sw) {
+template <typename W>
+static void many_rows(float* y, const float* x, const W* w, const float* scale, const float* bias, int64_t M, int64_t O,
+                      int64_t I, int64_t sy, int64_t sx, int64_t sw) {
+  constexpr bool wide = std::is_same_v<W, float>;
   const int64_t I8 = I / 8 * 8;
   at::parallel_for(0, (O + TILE_O - 1) / TILE_O, 4, [&](int64_t lo, int64_t hi) {
+    std::vector<float> widened(wide ? 0 : TILE_O * I);
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t o0 = blk * TILE_O;
       const float* wr[TILE_O];  // past O: the last row again (computed, not written)
-      for (int a = 0; a < TILE_O; ++a) wr[a] = w + std::min(o0 + a, O - 1) * sw;
+      for (int a = 0; a < TILE_O; ++a) {
+        const int64_t o = std::min(o0 + a, O - 1);
+        if constexpr (wide) {
+          wr[a] = w + o * sw;
+        } else {
+          float* out = widened.data() + a * I;
+          for (int64_t i = 0; i < I8; i += 8) *reinterpret_cast<f32x8*>(out + i) = wload8(w + o * sw + i, scale[o]);
+          for (int64_t i = I8; i < I; ++i) out[i] = wval(w + o * sw + i, scale[o]);
+          wr[a] = out;
+        }
+      }
       for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
         const int64_t nm = std::min<int64_t>(TILE_M, M - m0);
         const float* xr[TILE_M];  // past M: the last row again
@@ -1195,8 +1236,8 @@ static void many_rows(float* y, const float* x, const float* w, const float* bia
         for (int a = 0; a < TILE_O; ++a)
           for (int b = 0; b < TILE_M; ++b) acc[a][b] = f32x8{};
         for (int64_t i = 0; i < I8; i += 8) {
-          if (m0 == 0 && (i & 15) == 0)
-            for (int a = 0; a < TILE_O; ++a) __builtin_prefetch(wr[a] + i + FEW_ROWS_AHEAD, 0, 3);
+          if (wide && m0 == 0 && (i & 15) == 0)
+            for (int a = 0; a < TILE_O; ++a) __builtin_prefetch(wr[a] + i + AHEAD_BYTES / 4, 0, 3);
           f32x8 wv[TILE_O];
           for (int a = 0; a < TILE_O; ++a) wv[a] = *reinterpret_cast<const f32x8*>(wr[a] + i);
           for (int b = 0; b < TILE_M; ++b) {
@@ -1217,35 +1258,47 @@ static void many_rows(float* y, const float* x, const float* w, const float* bia
 }
 
 // few_rows<M> for a run-time M in [1, K]
-template <int K>
-static void few_rows_of(int64_t M, float* y, const float* x, const float* w, const float* bias, int64_t O, int64_t I,
-                        int64_t sy, int64_t sx, int64_t sw) {
+template <int K, typename W>
+static void few_rows_of(int64_t M, float* y, const float* x, const W* w, const float* scale, const float* bias,
+                        int64_t O, int64_t I, int64_t sy, int64_t sx, int64_t sw) {
   if (M == K) {
-    few_rows<K>(y, x, w, bias, O, I, sy, sx, sw);
+    few_rows<K>(y, x, w, scale, bias, O, I, sy, sx, sw);
   } else if constexpr (K > 1) {
-    few_rows_of<K - 1>(M, y, x, w, bias, O, I, sy, sx, sw);
+    few_rows_of<K - 1>(M, y, x, w, scale, bias, O, I, sy, sx, sw);
   }
 }
 
-// x: [M, I] float32 with 1 <= M <= MANY_ROWS, w: [O, I], bias: [O] or empty -> y [M, O]
-torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "few_rows_linear: float32 CPU tensors");
+// x: [M, I] float32 with 1 <= M <= MANY_ROWS, w: [O, I] float32, or int8 with scale [O] float32
+// (w = q * scale[:, None]); bias: [O] or empty -> y [M, O]
+torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor scale) {
+  const bool q8 = w.scalar_type() == at::kChar;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && (q8 || w.scalar_type() == at::kFloat),
+              "few_rows_linear: x float32 and w float32 or int8, CPU tensors");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.stride(1) == 1 && w.stride(1) == 1,
               "few_rows_linear: x [M, I] and w [O, I] with unit-stride rows");
   const int64_t M = x.size(0), O = w.size(0), I = w.size(1);
   TORCH_CHECK(M >= 1 && M <= MANY_ROWS, "few_rows_linear: 1 to ", MANY_ROWS, " rows, got ", M);
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == O),
               "few_rows_linear: bias [O] float32, or empty");
+  TORCH_CHECK(q8 ? scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == O
+                 : scale.numel() == 0,
+              "few_rows_linear: scale [O] float32 with int8 w, empty with float32 w");
   auto y = torch::empty({M, O}, x.options());
   if (O == 0) return y;
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  if (M > FEW_ROWS) {
-    many_rows(y.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), b, M, O, I, y.stride(0), x.stride(0),
-              w.stride(0));
+  const float* s = q8 ? scale.data_ptr<float>() : nullptr;
+  auto run = [&](const auto* wp) {
+    if (M > FEW_ROWS) {
+      many_rows(y.data_ptr<float>(), x.data_ptr<float>(), wp, s, b, M, O, I, y.stride(0), x.stride(0), w.stride(0));
+    } else {
+      few_rows_of<FEW_ROWS>(M, y.data_ptr<float>(), x.data_ptr<float>(), wp, s, b, O, I, y.stride(0), x.stride(0),
+                            w.stride(0));
+    }
+  };
+  if (q8) {
+    run(w.data_ptr<int8_t>());
   } else {
-    few_rows_of<FEW_ROWS>(M, y.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), b, O, I, y.stride(0),
-                          x.stride(0), w.stride(0));
+    run(w.data_ptr<float>());
   }
   return y;
 }
@@ -1261,6 +1314,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_rows", &copy_rows, "an adapter's rows into its pages of every store", release());
   m.def("convert_to_pages", &convert_to_pages,
         "an adapter's A and scaled B.T straight into its pages of every store, checked finite", release());
-  m.def("few_rows_linear", &few_rows_linear, "a base linear of at most MANY_ROWS rows, weights streamed once",
+  m.def("few_rows_linear", &few_rows_linear, "a base linear of at most MANY_ROWS rows (float32 or int8 weights), weights streamed once",
         release());
 }
