@@ -3,12 +3,15 @@
 Two engines over the same loaded model, one with the decoder's projections in int8: at each batch
 size, base-model requests and requests over as many distinct rank-16 all-projection adapters,
 decode tokens/s per engine, the rounds alternating between them so that the machine's drift hits
-both alike (median of the rounds). The engines' projection bytes are printed too (lm_head and the
+both alike (median of the rounds); and prefill tokens/s of a batch of long prompts (steps of more
+than the kernel's 64 rows, where int8 weights are dequantized for each call). The engines'
+projection bytes are printed too (lm_head and the
 embedding stay float32 in both), and what the rounding costs: the model's perplexity on a fixed
 text (this repository's README) with the float32 and the dequantized int8 weights, and how often
 their next-token argmax agrees there.
 
-    python bench/quantized.py [--model DIR] [--batches 1 8 32] [--rounds 3] [--new-tokens 32] [--json out.json]
+    python bench/quantized.py [--model DIR] [--batches 1 8 32] [--rounds 3] [--new-tokens 32]
+                              [--prefill 8x256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,15 +80,18 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prefill", default="8x256", help="prompts x tokens of the prefill comparison")
     ap.add_argument("--text-tokens", type=int, default=1024, help="README tokens the perplexity is taken over")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     print(f"CPU: {cpu_name()}; torch dispatches {cpu_isa()}; {torch.get_num_threads()} threads")
     n = max(args.batches)
-    config = ServerConfig(model=args.model, max_batch_size=n, max_tokens_per_step=max(512, n),
-                          max_model_len=args.prompt_len + args.new_tokens + 8, default_max_new_tokens=args.new_tokens,
-                          max_lora_rank=args.rank, max_device_adapters=n, max_host_adapters=n, metrics_port=0,
-                          prefix_caching=False, kv_cache_tokens=n * (args.prompt_len + args.new_tokens + 16))
+    prefill_n, prefill_len = map(int, args.prefill.split("x"))
+    max_len = max(args.prompt_len + args.new_tokens, prefill_len + 1) + 8
+    config = ServerConfig(model=args.model, max_batch_size=max(n, prefill_n), max_tokens_per_step=max(512, n),
+                          max_model_len=max_len, default_max_new_tokens=args.new_tokens, max_lora_rank=args.rank,
+                          max_device_adapters=n, max_host_adapters=n, metrics_port=0, prefix_caching=False,
+                          kv_cache_tokens=max(n, prefill_n) * (max_len + 16))
     loaded = load_model(config)
     vocab = loaded.hf_model.config.vocab_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +106,7 @@ def main() -> int:
             built.engine.start()
         ids = [a for a, _ in adapters]
         runs = {(q, b, kind): [] for q in engines for b in args.batches for kind in ("base", "mixed")}
+        prefills = {q: [] for q in engines}
         try:
             for built in engines.values():  # first touch of pages and weights
                 run_batch(built.engine, random_prompts(vocab, n, args.prompt_len), ids, 2)
@@ -109,6 +116,9 @@ def main() -> int:
                     for kind, names in (("base", [None] * b), ("mixed", ids[:b])):
                         for q, built in engines.items():
                             runs[(q, b, kind)].append(run_batch(built.engine, prompts, names, args.new_tokens))
+                long_prompts = random_prompts(vocab, prefill_n, prefill_len, seed=100 + r)
+                for q, built in engines.items():
+                    prefills[q].append(run_batch(built.engine, long_prompts, [None] * prefill_n, 1).prefill_tokens_per_s)
         finally:
             for built in engines.values():
                 built.engine.stop()
@@ -125,11 +135,15 @@ def main() -> int:
     for row in rows:
         print(f"  batch {row['batch']:3d} {row['requests']:5s}: float32 {row['float32_tokens_per_s']:7.1f}, int8 "
               f"{row['int8_tokens_per_s']:7.1f}, int8/float32 {row['int8_over_float32']:.2f}")
+    prefill = {q: median(v) for q, v in prefills.items()}
+    print(f"prefill tokens/s ({prefill_n} prompts of {prefill_len}, base model): float32 {prefill['none']:.1f}, int8 "
+          f"{prefill['int8']:.1f}, int8/float32 {prefill['int8'] / prefill['none']:.2f}")
     print(f"rounding cost over {cost['tokens']} README tokens: perplexity float32 {cost['perplexity_float32']:.3f}, "
           f"int8 {cost['perplexity_int8']:.3f}; next-token argmax agrees at {cost['argmax_agreement']:.1%}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "isa": cpu_isa(), "model": loaded.name,
-                                         "projection_bytes": sizes, "decode": rows, "rounding": cost}, indent=2))
+                                         "projection_bytes": sizes, "decode": rows, "prefill_tokens_per_s": prefill,
+                                         "rounding": cost}, indent=2))
     return 0
 
 
