@@ -40,6 +40,12 @@ class Logprob:
         return cls(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top], lp.rank)
 
 
+def stop_reason_of(r: pb.GenerateResponse | pb.GenerateStreamResponse) -> str | int | None:
+    """The stop string or stop token id that ended a response, or None."""
+    which = r.WhichOneof("stop_reason")
+    return None if which is None else getattr(r, which)
+
+
 @dataclass(frozen=True)
 class Generation:
     request_id: str
@@ -54,6 +60,7 @@ class Generation:
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt tokens 2, 3, ...: Sampling.prompt_logprobs
     accepted_prediction_tokens: int = 0  # with a prediction: its tokens drafted and kept, and not
     rejected_prediction_tokens: int = 0
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (finish_reason "stop")
 
     @classmethod
     def from_pb(cls, r: pb.GenerateResponse) -> Generation:
@@ -61,7 +68,7 @@ class Generation:
                    r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing),
                    [Logprob.from_pb(lp) for lp in r.logprobs], r.usage.cached_prompt_tokens,
                    [Logprob.from_pb(lp) for lp in r.prompt_logprobs], r.usage.accepted_prediction_tokens,
-                   r.usage.rejected_prediction_tokens)
+                   r.usage.rejected_prediction_tokens, stop_reason_of(r))
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class StreamChunk:
     logprob: Logprob | None = None  # when Sampling.logprobs was set
     cached_prompt_tokens: int = 0  # last chunk only
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # first chunk only, when asked
+    stop_reason: str | int | None = None  # last chunk only: as Generation's
 
     @classmethod
     def from_pb(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
@@ -83,7 +91,7 @@ class StreamChunk:
         return cls(r.request_id, r.token_id, r.text, FINISH_NAMES.get(r.finish_reason),
                    r.usage.prompt_tokens, r.usage.completion_tokens, Timing.from_pb(r.timing) if last else None,
                    Logprob.from_pb(r.logprob) if r.HasField("logprob") else None, r.usage.cached_prompt_tokens,
-                   [Logprob.from_pb(lp) for lp in r.prompt_logprobs])
+                   [Logprob.from_pb(lp) for lp in r.prompt_logprobs], stop_reason_of(r))
 
 
 @dataclass(frozen=True)

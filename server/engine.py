@@ -722,7 +722,7 @@ class Engine:
                 self._emit(seq, TokenEvent(
                     seq.request.request_id, last.token, last.delta, last.reason, seq.num_prompt, seq.num_generated,
                     timing, last.logprob, seq.num_cached, last.prompt_logprobs, seq.accepted_prediction_tokens,
-                    seq.predicted_tokens_drafted - seq.accepted_prediction_tokens,
+                    seq.predicted_tokens_drafted - seq.accepted_prediction_tokens, last.stop_reason,
                 ))
 
     @staticmethod

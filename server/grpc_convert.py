@@ -141,6 +141,14 @@ def usage_to_pb(last: TokenEvent) -> pb.Usage:
                     rejected_prediction_tokens=last.rejected_prediction_tokens)
 
 
+def set_stop_reason(msg, reason: str | int | None) -> None:
+    """A response's stop_reason oneof: the stop string, or the stop token id."""
+    if isinstance(reason, str):
+        msg.stop_string = reason
+    elif reason is not None:
+        msg.stop_token_id = reason
+
+
 def stream_event_to_pb(ev: TokenEvent) -> pb.GenerateStreamResponse:
     msg = pb.GenerateStreamResponse(request_id=ev.request_id, token_id=ev.token_id, text=ev.text)
     if ev.logprob is not None:
@@ -151,12 +159,13 @@ def stream_event_to_pb(ev: TokenEvent) -> pb.GenerateStreamResponse:
         msg.finish_reason = ev.finish_reason.value
         msg.usage.CopyFrom(usage_to_pb(ev))
         msg.timing.CopyFrom(timing_to_pb(ev.timing))
+        set_stop_reason(msg, ev.stop_reason)
     return msg
 
 
 def response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
     last = events[-1]
-    return pb.GenerateResponse(
+    msg = pb.GenerateResponse(
         request_id=last.request_id, text="".join(e.text for e in events), token_ids=[e.token_id for e in events],
         finish_reason=last.finish_reason.value,
         usage=usage_to_pb(last),
@@ -164,6 +173,8 @@ def response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
         logprobs=[logprob_to_pb(e.logprob) for e in events if e.logprob is not None],
         prompt_logprobs=[logprob_to_pb(lp) for lp in events[0].prompt_logprobs or ()],
     )
+    set_stop_reason(msg, last.stop_reason)
+    return msg
 
 
 def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.AdapterInfo:

@@ -577,8 +577,10 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
         shown = echo.shown(events) if echo else events
         # a prompt's logprobs come with its first completion (Service.generate_choices)
         entries = (echo.entries(choices[i - i % n][0].prompt_logprobs) if echo else []) + generated_entries(shown)
+        only = echo is not None and echo.only
         out.append({"index": i, "text": (echo.text if echo else "") + "".join(e.text for e in shown),
-                    "finish_reason": "length" if echo and echo.only else FINISH[events[-1].finish_reason],
+                    "finish_reason": "length" if only else FINISH[events[-1].finish_reason],
+                    "stop_reason": None if only else events[-1].stop_reason,
                     "logprobs": completion_logprobs(entries, text_of)})
         lasts.append(replace(events[-1], completion_tokens=0) if echo and echo.only else events[-1])
     return {"id": new_id("cmpl", request_id), "object": "text_completion", "created": int(time.time()), "model": model,
@@ -634,7 +636,8 @@ def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: 
         message, finish = chat_message(events, tools)
         if echo:
             message["content"] = echo + (message["content"] or "")
-        out.append({"index": i, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(events, text_of)})
+        out.append({"index": i, "message": message, "finish_reason": finish, "stop_reason": events[-1].stop_reason,
+                    "logprobs": chat_logprobs(events, text_of)})
     return {"id": new_id("chatcmpl", request_id), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": out, "usage": usage([events[-1] for events in choices], n)}
 
@@ -663,7 +666,10 @@ class ChunkMaker:
         # its text so far and how much of it went out as content (parsed: content streams up to a call)
         self.tools, self.held, self.texts, self.sent = tools, [[] for _ in range(choices)], [""] * choices, [0] * choices
 
-    def _chunk(self, choices: list, usage_: dict | None = None) -> dict:
+    def _chunk(self, choices: list, usage_: dict | None = None, stop_reason: str | int | None = None) -> dict:
+        """``stop_reason``: the finishing choice's (vLLM's field, on every choice: None until the end)."""
+        for choice in choices:
+            choice["stop_reason"] = stop_reason if choice["finish_reason"] is not None else None
         out = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
                "created": self.created, "model": self.model, "choices": choices}
         if usage_ is not None:
@@ -737,7 +743,7 @@ class ChunkMaker:
                 {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
             out.append(self._chunk([{"index": index, "delta": delta, "logprobs": chat_logprobs(self.held[index],
                                                                                              self.text_of),
-                                     "finish_reason": finish}]))
+                                     "finish_reason": finish}], stop_reason=ev.stop_reason))
             return out
         if not ev.text and ev.logprob is None and finish is None:
             return out
@@ -748,7 +754,7 @@ class ChunkMaker:
             logprobs = completion_logprobs(generated_entries([ev]), self.text_of, self.offsets[index])
             choice = {"index": index, "text": ev.text, "logprobs": logprobs, "finish_reason": finish}
             self.offsets[index] += len(ev.text)
-        out.append(self._chunk([choice]))
+        out.append(self._chunk([choice], stop_reason=ev.stop_reason))
         return out
 
     def _parsed_calls(self, ev: TokenEvent, index: int, finish: str | None) -> list[dict]:
@@ -768,7 +774,7 @@ class ChunkMaker:
             if "tool_calls" in message:
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
         return [self._chunk([{"index": index, "delta": delta, "logprobs": chat_logprobs([ev], self.text_of),
-                              "finish_reason": finish}])]
+                              "finish_reason": finish}], stop_reason=ev.stop_reason)]
 
     @property
     def echo_only(self) -> bool:

@@ -26,6 +26,7 @@ class Finished:
     reason: FinishReason
     logprob: TokenLogprob | None
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # when it is also the first token
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (TokenEvent's)
 
 
 Outcome = TokenEvent | Finished | RequestFailed
@@ -67,9 +68,9 @@ class OutputProcessor:
             obs.token(seq, gap)
         seq.ids.append(token)
         p = seq.sampler.params
-        finish = None
+        finish = stop_reason = None
         if token in p.stop_token_ids:
-            finish = FinishReason.STOP
+            finish, stop_reason = FinishReason.STOP, token
         elif token in self.eos_token_ids and not p.ignore_eos:
             finish = FinishReason.EOS
         elif seq.num_generated >= p.max_new_tokens:
@@ -86,14 +87,14 @@ class OutputProcessor:
             if hits:  # the earliest stop string, the longest of those starting there
                 start, stop = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
                 seq.text = seq.text[: start + len(stop) if p.include_stop_str_in_output else start]
-                finish = FinishReason.STOP
+                finish, stop_reason = FinishReason.STOP, stop
         end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
         seq.emitted = max(seq.emitted, end)
         prompt = tuple(seq.prompt_logprobs) if p.prompt_logprobs is not None and seq.num_generated == 1 else None
         if finish is None:
             return TokenEvent(seq.request.request_id, token, delta, logprob=logprob, prompt_logprobs=prompt)
-        return Finished(token, delta, finish, logprob, prompt)
+        return Finished(token, delta, finish, logprob, prompt, stop_reason)
 
 
 def stop_holdback(text: str, stops: tuple[str, ...]) -> int:

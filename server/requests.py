@@ -144,3 +144,6 @@ class TokenEvent:
     # last event only, with a prediction: its tokens drafted and kept in the output, and drafted and not
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    # last event only: the stop string or stop token id that ended the output (vLLM's stop_reason);
+    # None when something else did (EOS, the length, a structured output complete)
+    stop_reason: str | int | None = None

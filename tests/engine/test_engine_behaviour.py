@@ -54,11 +54,11 @@ def test_same_seed_same_tokens_whatever_the_batch(built):
 def test_stop_token_ids_and_max_new_tokens(built):
     greedy = collect(built.engine, req("g", SamplingParams(10, ignore_eos=True)))[0]
     ids = [e.token_id for e in greedy]
-    assert len(ids) == 10 and greedy[-1].finish_reason is FinishReason.LENGTH
+    assert len(ids) == 10 and greedy[-1].finish_reason is FinishReason.LENGTH and greedy[-1].stop_reason is None
     assert all(e.finish_reason is None for e in greedy[:-1])
     stopped = collect(built.engine, req("s", SamplingParams(10, stop_token_ids=(ids[3],), ignore_eos=True)))[0]
     assert [e.token_id for e in stopped] == ids[: ids.index(ids[3]) + 1]
-    assert stopped[-1].finish_reason is FinishReason.STOP
+    assert stopped[-1].finish_reason is FinishReason.STOP and stopped[-1].stop_reason == ids[3]  # vLLM's stop_reason
 
 
 def test_stop_string_cuts_text_and_is_never_streamed(built):
@@ -69,7 +69,7 @@ def test_stop_string_cuts_text_and_is_never_streamed(built):
     cut = collect(built.engine, req("u", SamplingParams(24, stop=(stop,), ignore_eos=True)))[0]
     got = "".join(e.text for e in cut)
     assert got == text[: text.index(stop)]
-    assert cut[-1].finish_reason is FinishReason.STOP
+    assert cut[-1].finish_reason is FinishReason.STOP and cut[-1].stop_reason == stop
     assert cut[-1].completion_tokens == len(cut)
     # vLLM's include_stop_str_in_output: the earliest stop string found stays, whatever the list's order
     later = text[10:13]
@@ -77,12 +77,12 @@ def test_stop_string_cuts_text_and_is_never_streamed(built):
     kept = collect(built.engine, req("k", SamplingParams(24, stop=(later, stop), ignore_eos=True,
                                                          include_stop_str_in_output=True)))[0]
     assert "".join(e.text for e in kept) == text[: text.index(stop) + len(stop)]
-    assert kept[-1].finish_reason is FinishReason.STOP
+    assert kept[-1].finish_reason is FinishReason.STOP and kept[-1].stop_reason == stop  # the one found, not the first
     # two stop strings found at the same place: the longer one is the one kept
     assert text.index(stop[:2]) == text.index(stop)
     longest = collect(built.engine, req("l", SamplingParams(24, stop=(stop[:2], stop), ignore_eos=True,
                                                             include_stop_str_in_output=True)))[0]
-    assert "".join(e.text for e in longest) == text[: text.index(stop) + len(stop)]
+    assert "".join(e.text for e in longest) == text[: text.index(stop) + len(stop)] and longest[-1].stop_reason == stop
 
 
 def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
@@ -91,7 +91,7 @@ def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
     monkeypatch.setattr(built.engine.output, "eos_token_ids", {eos})
     ended = collect(built.engine, req("e2", SamplingParams(12)))[0]
     assert [e.token_id for e in ended] == ids[: ids.index(eos) + 1]
-    assert ended[-1].finish_reason is FinishReason.EOS
+    assert ended[-1].finish_reason is FinishReason.EOS and ended[-1].stop_reason is None
     ignored = collect(built.engine, req("e3", SamplingParams(12, ignore_eos=True)))[0]
     assert [e.token_id for e in ignored] == ids
 

@@ -134,6 +134,14 @@ def test_chat_gives_grpc_text_plain_and_streamed(oserver):
     short = oserver.oa.chat.completions.create(model="all-r8", messages=messages, temperature=0,
                                                max_completion_tokens=3, extra_body={"ignore_eos": True})
     assert short.usage.completion_tokens == 3 and expected.text.startswith(short.choices[0].message.content)
+    # vLLM's stop_reason: the stop token id that ended the reply, plain and on the streamed last choice
+    stop_id = expected.token_ids[4]
+    ask = dict(model="all-r8", messages=messages, **{**GREEDY, "extra_body": {"ignore_eos": True,
+                                                                            "stop_token_ids": [stop_id]}})
+    stopped = oserver.oa.chat.completions.create(**ask).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_id and got.choices[0].stop_reason is None
+    last = [c.choices[0] for c in oserver.oa.chat.completions.create(**ask, stream=True) if c.choices][-1]
+    assert last.finish_reason == "stop" and last.stop_reason == stop_id
 
 
 def test_sampling_parameters_reach_the_engine(oserver, tiny_llama):
@@ -142,11 +150,19 @@ def test_sampling_parameters_reach_the_engine(oserver, tiny_llama):
     a = oserver.oa.completions.create(**seeded).choices[0].text
     assert a == oserver.oa.completions.create(**seeded).choices[0].text
     expected = grpc_tokens(oserver, "attn-r4", temperature=0.9, top_p=0.9, seed=11, top_k=20, repetition_penalty=1.2)
-    assert oserver.oa.completions.create(**{**seeded, "max_tokens": 10}).choices[0].text == expected.text
+    full = oserver.oa.completions.create(**{**seeded, "max_tokens": 10}).choices[0]
+    assert full.text == expected.text and full.finish_reason == "length" and full.stop_reason is None
     stop = expected.text[3:6]
     if stop.strip():
         cut = oserver.oa.completions.create(**{**seeded, "max_tokens": 10, "stop": [stop]}).choices[0]
-        assert stop not in cut.text and cut.finish_reason == "stop"
+        assert stop not in cut.text and cut.finish_reason == "stop" and cut.stop_reason == stop  # vLLM's field
+        chunks = [c.choices[0] for c in oserver.oa.completions.create(
+            **{**seeded, "max_tokens": 10, "stop": ["no such stop", stop]}, stream=True) if c.choices]
+        assert chunks[-1].finish_reason == "stop" and chunks[-1].stop_reason == stop
+        assert all(c.stop_reason is None for c in chunks[:-1])
+        assert oserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="attn-r4", sampling=Sampling(
+            max_new_tokens=10, ignore_eos=True, temperature=0.9, top_p=0.9, seed=11, top_k=20,
+            repetition_penalty=1.2, stop=[stop])).stop_reason == stop
         including = {**seeded["extra_body"], "include_stop_str_in_output": True}  # vLLM's extension
         kept = oserver.oa.completions.create(**{**seeded, "max_tokens": 10, "stop": [stop], "extra_body": including})
         assert kept.choices[0].text == expected.text[: expected.text.index(stop) + len(stop)] == grpc_tokens(
@@ -940,6 +956,8 @@ def test_models_retrieve_and_stop_token_ids(oserver):
     cut = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=0,
                                         **{**GREEDY, "extra_body": {"ignore_eos": True, "stop_token_ids": [ten[3]]}})
     assert cut.choices[0].finish_reason == "stop" and len(cut.choices[0].logprobs.tokens) == ten.index(ten[3]) + 1
+    assert cut.choices[0].stop_reason == ten[3]  # vLLM's: the stop token id; gRPC's oneof says the same
+    assert grpc_tokens(oserver, "attn-r4", stop_token_ids=[ten[3]]).stop_reason == ten[3]
     held = oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, logprobs=0, **{**GREEDY, "extra_body": {
         "ignore_eos": True, "stop_token_ids": [ten[0]], "min_tokens": 4}})
     grpc = grpc_tokens(oserver, "attn-r4", stop_token_ids=[ten[0]], min_new_tokens=4)
