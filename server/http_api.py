@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .best_of import best_of
-from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, RequestInvalid, status_name
+from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, RequestInvalid, clip, status_name
 from .openai_responses import ResponseBuilder, ResponsesRequest
 from .openai_schema import (
     ChatCompletionRequest,
@@ -111,6 +111,7 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 # the engine's field names (gRPC's) that the OpenAI body spells otherwise, in its errors' text and param
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_token_ids": "prompt"}
 RESPONSES_NAMES = {**OPENAI_NAMES, "max_new_tokens": "max_output_tokens", "prompt_token_ids": "input"}
+UNFINISHED = ("queued", "in_progress")  # a background response's states before it is done
 
 
 def _error_of(e: BaseException, names: dict[str, str] = OPENAI_NAMES) -> tuple[int, str, str | None]:
@@ -211,6 +212,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
     tokens = user_tokens(config.auth_token, config.admin_token)
     kept = service.responses  # the Responses API's kept responses
+    background: dict[str, asyncio.Task] = {}  # background responses being generated, by id
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -320,7 +322,12 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         rid = request_id_of(request, body)
         history = ()
         if body.previous_response_id is not None:
-            history = kept.get(body.previous_response_id, "previous_response_id").conversation
+            previous = kept.get(body.previous_response_id, "previous_response_id")
+            if previous.response["status"] in UNFINISHED:
+                raise RequestInvalid(f"response {clip(body.previous_response_id)} is {previous.response['status']}: "
+                                     "continue it once it is complete", param="previous_response_id")
+            history = previous.conversation
+        body.check_background(kept.enabled)
         chat = body.as_chat(history).serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
         (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid, body.priority,
@@ -336,6 +343,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 response["store"] = kept.put(response, *body.conversation(history, response))
             return response
 
+        if body.background:
+            return JSONResponse(in_background(stream, built, done, body.conversation(history, built.response(None))),
+                                headers={REQUEST_ID: rid})
         if not body.stream:
             try:
                 return JSONResponse(done(await collect(stream)), headers={REQUEST_ID: rid})
@@ -365,6 +375,50 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
                                                                                  REQUEST_ID: rid})
 
+    def in_background(stream, built: ResponseBuilder, done, conversation: tuple[list[dict], int]) -> dict:
+        """Keep the response queued and generate it in a task of its own, which keeps it in
+        progress, then done (or failed, or cancelled by POST .../cancel); returns it queued."""
+        queued = built.response(None, "queued")
+        kept.put(queued, *conversation)
+
+        async def generate():
+            events = []
+            try:
+                async for ev in stream:
+                    if not events:
+                        kept.put(built.response(None, "in_progress"), *conversation)
+                    events.append(ev)
+                done(events)
+            except asyncio.CancelledError:
+                kept.put(built.response(None, "cancelled"), *conversation)
+            except Exception as e:  # noqa: BLE001 - the poller reads the failure in the response
+                status, message, _ = _error_of(e, RESPONSES_NAMES)
+                kept.put({**built.response(None, "failed"), "error": {"code": str(status), "message": message}},
+                         *conversation)
+            finally:
+                stream.cancel()  # a no-op once finished
+                background.pop(built.id, None)
+
+        background[built.id] = asyncio.ensure_future(generate())
+        return queued
+
+    async def stop_background(response_id: str) -> None:
+        task = background.get(response_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    @app.post("/v1/responses/{response_id}/cancel", dependencies=[Depends(authorized)])
+    @errors_as_responses(names=RESPONSES_NAMES)
+    async def cancel_response(response_id: str):
+        """OpenAI's cancel of a background response (``client.responses.cancel``); one already
+        finished comes back as it is."""
+        if not kept.get(response_id).response.get("background"):
+            raise RequestInvalid(f"response {clip(response_id)} was not created in the background: only a "
+                                 "background response can be cancelled", param="response_id")
+        await stop_background(response_id)
+        return kept.get(response_id).response
+
     @app.get("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)
     async def kept_response(response_id: str):
@@ -391,6 +445,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.delete("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)
     async def delete_response(response_id: str):
+        kept.get(response_id)
+        await stop_background(response_id)
         kept.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 

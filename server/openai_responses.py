@@ -12,9 +12,12 @@ typed events, translated from chat's chunks. Unless ``store`` is false, a respon
 (server/response_store.py) with its conversation as input items, its output's message as an
 assistant turn and its calls as function_call items, so that a request with
 ``previous_response_id`` continues it: that conversation, then the new input (the earlier
-``instructions`` are not carried over, as OpenAI's are not). ``conversation`` (the Conversations
-API), ``reasoning``, other ``include`` values, ``background`` and tools other than functions are
-refused, naming the field.
+``instructions`` are not carried over, as OpenAI's are not). ``background: true`` returns the
+response at once, queued, and generates it while the client polls ``GET /v1/responses/{id}``
+(queued, in_progress, then completed, incomplete, failed or cancelled by
+``POST /v1/responses/{id}/cancel``); it must be kept, and is not streamed here. ``conversation``
+(the Conversations API), ``reasoning``, other ``include`` values and tools other than functions
+are refused, naming the field.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class ResponsesRequest(GenerationBody):
     unserved: ClassVar[dict[str, tuple[tuple, str]]] = {
         **UNSERVED_EXTRAS,
         "conversation": (("",), ": the Conversations API is not served; continue a response by previous_response_id"),
-        "reasoning": ((), NOT_SERVED), "background": ((False,), NOT_SERVED), "prompt": ((), NOT_SERVED),
+        "reasoning": ((), NOT_SERVED), "prompt": ((), NOT_SERVED),
         # GenerationBody's fields that a response has no place for
         "use_beam_search": ((False,), " is served by chat and completions, not the Responses API"),
         "prompt_logprobs": ((), ": a response has no place for them"),
@@ -115,6 +118,7 @@ class ResponsesRequest(GenerationBody):
     store: bool | None = None  # unset: kept, as OpenAI's default, where the server keeps responses
     previous_response_id: str | None = None  # a kept response this request continues
     metadata: dict[str, str] | None = None
+    background: bool | None = None  # return at once, queued; GET /v1/responses/{id} polls it
 
     def as_chat(self, history: tuple[dict, ...] = ()) -> ChatCompletionRequest:
         """The chat request this one amounts to, continuing ``history`` (a kept response's
@@ -207,8 +211,19 @@ class ResponsesRequest(GenerationBody):
                 "tool_choice": self.tool_choice or "auto", "parallel_tool_calls": self.parallel_tool_calls is not False,
                 "text": self.text or {"format": {"type": "text"}}, "truncation": self.truncation or "disabled",
                 "metadata": self.metadata or {}, "user": self.user, "store": stored,
-                "previous_response_id": self.previous_response_id,
+                "previous_response_id": self.previous_response_id, "background": bool(self.background),
                 "reasoning": None, "error": None, "top_logprobs": self.top_logprobs or 0}
+
+    def check_background(self, keeps: bool) -> None:
+        """A background response must be kept (``keeps``: the server keeps responses) and polled."""
+        if not self.background:
+            return
+        if self.stream:
+            raise RequestInvalid("background responses are not streamed here: poll GET /v1/responses/{id}",
+                                 param="background")
+        if self.store is False or not keeps:
+            why = "store is false" if keeps else "this server keeps no responses (--responses-store-bytes 0)"
+            raise RequestInvalid(f"a background response must be stored, and {why}", param="background")
 
 
 def function_call(call: dict) -> dict:
@@ -235,10 +250,10 @@ class ResponseBuilder:
             [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": content}
 
-    def response(self, events: list[TokenEvent] | None) -> dict:
-        """The response object: in progress (``events`` None), else complete, or incomplete when
-        max_output_tokens ended it."""
-        status, output, usage, details = "in_progress", [], None, None
+    def response(self, events: list[TokenEvent] | None, status: str = "in_progress") -> dict:
+        """The response object: ``status`` and no output (``events`` None: queued, in progress, or a
+        background one cancelled), else complete, or incomplete when max_output_tokens ended it."""
+        output, usage, details = [], None, None
         if events is not None:
             last = events[-1]
             cut = last.finish_reason is FinishReason.LENGTH

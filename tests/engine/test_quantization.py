@@ -27,7 +27,7 @@ MAX_NEW = 12
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_ADAPTERS))
-def test_int8_family_matches_peft_over_the_dequantized_weights(family, tmp_path):
+def test_int8_family_matches_peft_over_the_dequantized_weights(family, tmp_path, caplog):
     model = build_family_model(family, tmp_path / "model")
     copy = int8_copy(model, tmp_path / "int8")
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
@@ -42,6 +42,7 @@ def test_int8_family_matches_peft_over_the_dequantized_weights(family, tmp_path)
                                       adapters=tuple((n, str(p)) for n, p in adapters.items()),
                                       enable_dora=True, base_linear=pinned_base_linear()))
     assert built.quantization == "int8"
+    assert ("saves memory but costs time" in caplog.text) == (pinned_base_linear() == "torch")  # the kernel's path
     engine = built.engine
     engine.start()
     names = [None, *adapters]
@@ -62,15 +63,17 @@ def test_int8_family_matches_peft_over_the_dequantized_weights(family, tmp_path)
     assert changed, "int8 weights change no output here: this test could not tell them from float32"
 
 
-def test_quantized_model_keeps_head_embedding_and_serves_the_dequantized_weights(tmp_path):
+def test_quantized_model_keeps_head_embedding_and_serves_the_dequantized_weights(tmp_path, caplog):
     """The decoder's projections become int8 with one scale a row (a quarter of the bytes, plus the
     scales); lm_head and the embedding stay float32; the served weight that DoRA's norms read is
-    the dequantized one; the start-up timing of the base linears skips the int8 ones."""
+    the dequantized one; the start-up timing of the base linears skips the int8 ones; and without
+    the kernel's int8 path (here --base-linear torch) the start-up log says what that costs."""
     model = build_family_model("mistral", tmp_path / "model")
     plain = build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16, base_linear="torch"))
     built = build_engine(ServerConfig(model=str(model), quantization="int8", max_model_len=64, default_max_new_tokens=16,
                                       base_linear="torch"))
     assert plain.quantization == "none"
+    assert "saves memory but costs time" in caplog.text
     served, original = built.engine.runner.model, plain.engine.runner.model
     for layer, before in zip(served.layers, original.layers, strict=True):
         for fused, float_fused in zip(layer.lora_modules(), before.lora_modules(), strict=True):

@@ -1713,6 +1713,54 @@ def test_responses_are_kept_and_continued_by_previous_response_id(oserver):
         assert "is not stored here" in e.value.message and e.value.body["param"] == "previous_response_id"
 
 
+def poll(oa, response_id: str, timeout: float = 60.0):
+    """A background response, retrieved until it is no longer queued or in progress."""
+    deadline = time.monotonic() + timeout
+    while (got := oa.responses.retrieve(response_id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, f"{response_id} still {got.status}"
+        time.sleep(0.05)
+    return got
+
+
+def test_background_responses_are_polled_cancelled_and_freed(oserver):
+    """background: true comes back queued at once and is generated while the client polls: it ends
+    with what the same request gives in the foreground (text, usage), and can be continued.
+    POST .../cancel stops a long one (cancelled, its engine request freed; cancelling again gives
+    it back as it is), DELETE stops and drops another; one in progress cannot be continued yet.
+    Refused: streamed, not stored, and cancelling a response not made in the background."""
+    oa, ask = oserver.oa, dict(model="attn-r4", max_output_tokens=8, temperature=0)
+    foreground = oa.responses.create(input="Tell me about LoRA.", **ask)
+    queued = oa.responses.create(input="Tell me about LoRA.", background=True, **ask)
+    assert queued.background and queued.status == "queued" and queued.output == [] and queued.store
+    done = poll(oa, queued.id)
+    assert done.status == foreground.status == "incomplete"  # max_output_tokens: as in the foreground
+    assert done.background and done.output_text == foreground.output_text
+    assert done.usage.output_tokens == foreground.usage.output_tokens == 8
+    assert oa.responses.create(previous_response_id=done.id, input="More?", **ask).output_text
+    cancelled_before = total(wait_idle(oserver), "loramux_requests_total", status="CANCELLED")
+    long = dict(model="attn-r4", input="Go on forever.", max_output_tokens=220, temperature=0, background=True,
+                extra_body={"ignore_eos": True})
+    slow = oa.responses.create(**long)
+    with pytest.raises(openai.BadRequestError) as e:  # not complete yet
+        oa.responses.create(previous_response_id=slow.id, input="And?", **ask)
+    assert e.value.body["param"] == "previous_response_id" and "continue it once it is complete" in e.value.message
+    cancelled = oa.responses.cancel(slow.id)
+    assert cancelled.status == "cancelled" and cancelled.output == []
+    assert oa.responses.retrieve(slow.id).status == "cancelled" == oa.responses.cancel(slow.id).status
+    dropped = oa.responses.create(**long)
+    oa.responses.delete(dropped.id)
+    with pytest.raises(openai.NotFoundError):
+        oa.responses.retrieve(dropped.id)
+    # both engine requests were cancelled (not generated to their end), their blocks freed
+    assert total(wait_idle(oserver), "loramux_requests_total", status="CANCELLED") == cancelled_before + 2
+    for bad, needle in ((dict(stream=True), "not streamed here"), (dict(store=False), "must be stored")):
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.responses.create(input="Hi", background=True, **ask, **bad)
+        assert needle in e.value.message and e.value.body["param"] == "background"
+    with pytest.raises(openai.BadRequestError, match="only a background response can be cancelled"):
+        oa.responses.cancel(foreground.id)
+
+
 def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):
     """vLLM's request ids: the X-Request-Id header (else the body's request_id, else a new one)
     names the request in the server's log and its response (chatcmpl-<id>, cmpl-<id>,
