@@ -683,6 +683,7 @@ def http_bodies():
             odd),
         "truncation": st.one_of(st.sampled_from(["auto", "disabled"]), odd), "store": odd, "metadata": odd,
         "previous_response_id": odd, "reasoning": odd, "top_logprobs": st.one_of(st.integers(-1, 22), odd),
+        "background": st.one_of(st.booleans(), odd),
         "include": st.one_of(st.lists(st.sampled_from(["message.output_text.logprobs", "x"]), max_size=2), odd),
         "tools": st.one_of(st.just([]), st.just([{"type": "function", "name": "f", "parameters": {
             "type": "object", "properties": {"a": {"type": "integer"}}}}]), st.lists(odd, max_size=2), odd),
