@@ -79,3 +79,23 @@ def test_step_breakdown_runs_on_the_small_model():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^  (074fd0b|now) +(\d+\.\d) +(\d+\.\d) +\d+\.\d\d", proc.stdout, re.M)
     assert [r[0] for r in rows] == ["074fd0b", "now"] and all(float(r[2]) > 0 for r in rows), proc.stdout
+
+
+def test_int8_comparison_runs_on_a_tiny_model(tiny_llama, tmp_path):
+    """bench/quantized.py on the tiny model: both engines' rows, the prefill, bytes and rounding lines,
+    and its JSON report (the projections a quarter of their float32 bytes, plus the scales)."""
+    report = tmp_path / "quantized.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/quantized.py"), "--rounds", "1", "--batches", "1", "4",
+                           "--new-tokens", "4", "--prompt-len", "8", "--prefill", "2x40", "--rank", "4",
+                           "--text-tokens", "64", "--model", str(tiny_llama), "--json", str(report)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for batch in (1, 4):
+        for kind in ("base", "mixed"):
+            assert re.search(rf"batch +{batch} {kind} *: float32 +\d+\.\d, int8 +\d+\.\d, int8/float32 \d\.\d\d",
+                             proc.stdout), proc.stdout
+    assert re.search(r"prefill tokens/s \(2 prompts of 40, base model\): float32 \d+\.\d", proc.stdout), proc.stdout
+    assert re.search(r"perplexity float32 \d+\.\d{3}, int8 \d+\.\d{3}; next-token argmax agrees", proc.stdout)
+    data = json.loads(report.read_text())
+    sizes = data["projection_bytes"]
+    assert sizes["none"] / 4 < sizes["int8"] < sizes["none"] / 3 and len(data["decode"]) == 4
