@@ -83,7 +83,8 @@ class ServingModel(nn.Module):
             return self.token_embedding.weight.T
         for fused in self.layers[layer].lora_modules():
             if kind in fused.kinds:
-                rows = slice(fused.bounds[fused.kinds.index(kind)], fused.bounds[fused.kinds.index(kind) + 1])
+                j = fused.kinds.index(kind)
+                rows = slice(fused.bounds[j], fused.bounds[j + 1])
                 if fused.scale is None:
                     return fused.weight[rows]
                 return dequantize_int8(fused.weight[rows], fused.scale[rows], self.lm_head.weight.dtype)
