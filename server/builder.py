@@ -147,7 +147,10 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     if limit is not None and config.max_model_len > limit:
         raise StartupError(f"--max-model-len {config.max_model_len} is more than the {limit} positions this model "
                            "can encode; lower it")
-    model = cls(hf, config.max_model_len, int8=config.quantization == "int8")
+    try:
+        model = cls(hf, config.max_model_len, int8=config.quantization == "int8")
+    except ValueError as e:  # quantize_int8's refusal of a non-finite weight
+        raise StartupError(f"--quantization {config.quantization}: {e}") from None
     if config.quantization == "int8":
         fused = [m for layer in model.layers for m in layer.lora_modules()]
         log.info("decoder projections quantized to int8: %.0f MiB of weights and scales (%.0f MiB in %s)",

@@ -31,7 +31,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     in float32 whatever the weight's dtype. A non-finite weight is refused: it has no scale."""
     w = weight.detach().float()
     if not torch.isfinite(w).all():
-        raise ValueError("a weight to quantize holds a non-finite value")
+        raise ValueError("a weight to quantize holds a non-finite value (NaN or Inf): the model is damaged")
     scale = w.abs().amax(dim=1) / QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)

@@ -37,7 +37,8 @@ def test_int8_family_matches_peft_over_the_dequantized_weights(family, tmp_path,
                                                 target_modules=ALL_PROJ, use_dora=True)
     # steps of up to 96 tokens: a wave's prefill (4 prompts of 3 to 40 tokens) often passes the
     # kernel's 64 rows and takes the dequantized matmul; decode steps take the kernel
-    built = build_engine(ServerConfig(model=str(model), quantization="int8", max_batch_size=8, max_tokens_per_step=96,
+    built = build_engine(ServerConfig(model=str(model), quantization="int8", dtype="float32",  # float32 on every device
+                                      max_batch_size=8, max_tokens_per_step=96,
                                       max_model_len=80, default_max_new_tokens=16, kv_block_size=4,
                                       adapters=tuple((n, str(p)) for n, p in adapters.items()),
                                       enable_dora=True, base_linear=pinned_base_linear()))
@@ -69,9 +70,9 @@ def test_quantized_model_keeps_head_embedding_and_serves_the_dequantized_weights
     the dequantized one; the start-up timing of the base linears skips the int8 ones; and without
     the kernel's int8 path (here --base-linear torch) the start-up log says what that costs."""
     model = build_family_model("mistral", tmp_path / "model")
-    plain = build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16, base_linear="torch"))
-    built = build_engine(ServerConfig(model=str(model), quantization="int8", max_model_len=64, default_max_new_tokens=16,
-                                      base_linear="torch"))
+    settings = dict(model=str(model), dtype="float32", max_model_len=64, default_max_new_tokens=16, base_linear="torch")
+    plain = build_engine(ServerConfig(**settings))
+    built = build_engine(ServerConfig(**settings, quantization="int8"))
     assert plain.quantization == "none"
     assert "saves memory but costs time" in caplog.text
     served, original = built.engine.runner.model, plain.engine.runner.model
@@ -85,3 +86,16 @@ def test_quantized_model_keeps_head_embedding_and_serves_the_dequantized_weights
     expected = dequantize_int8(*quantize_int8(original.base_weight(1, "k_proj")))
     assert torch.equal(w, expected) and not torch.equal(w, original.base_weight(1, "k_proj"))
     assert [w for w, _ in served.base_projections()] == [served.lm_head.weight]
+
+
+def test_a_non_finite_weight_is_a_start_up_error_naming_the_flag(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loramux.server.config import StartupError
+
+    model = build_family_model("mistral", tmp_path / "model")
+    hf = AutoModelForCausalLM.from_pretrained(model)
+    hf.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
+    hf.save_pretrained(model)
+    with pytest.raises(StartupError, match=r"--quantization int8: .*non-finite value \(NaN or Inf\)"):
+        build_engine(ServerConfig(model=str(model), quantization="int8", max_model_len=64, default_max_new_tokens=16))
