@@ -44,6 +44,7 @@ from .openai_schema import (
     usage,
 )
 from .requests import TokenEvent, validate_request_id
+from .response_store import UNFINISHED
 from .service import Service, bearer_refusal, user_tokens
 from .tool_parsers import tool_call_parser
 
@@ -111,7 +112,6 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 # the engine's field names (gRPC's) that the OpenAI body spells otherwise, in its errors' text and param
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_token_ids": "prompt"}
 RESPONSES_NAMES = {**OPENAI_NAMES, "max_new_tokens": "max_output_tokens", "prompt_token_ids": "input"}
-UNFINISHED = ("queued", "in_progress")  # a background response's states before it is done
 
 
 def _error_of(e: BaseException, names: dict[str, str] = OPENAI_NAMES) -> tuple[int, str, str | None]:

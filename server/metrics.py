@@ -80,6 +80,8 @@ class Metrics(EngineObserver):
               "GET /v1/responses/{id})", registry=self.registry).set_function(lambda: len(store))
         Gauge("loramux_responses_kept_bytes", "Their bytes as JSON, at most --responses-store-bytes",
               registry=self.registry).set_function(lambda: store.bytes)
+        Gauge("loramux_responses_in_progress", "Background responses kept queued or being generated",
+              registry=self.registry).set_function(lambda: store.unfinished)
 
     def rejected(self, status: str, adapter_id: str | None) -> None:
         """A request refused before admission (bad argument, unknown adapter, full queue...).

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from .errors import NotStored, clip
 
+UNFINISHED = ("queued", "in_progress")  # a background response's states before it is done
+
 
 @dataclass(frozen=True)
 class StoredResponse:
@@ -45,6 +47,7 @@ class ResponseStore:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
+        self.unfinished = 0  # kept background responses queued or in progress
         self._kept: OrderedDict[str, StoredResponse] = OrderedDict()
 
     @property
@@ -65,6 +68,7 @@ class ResponseStore:
         self._kept[response["id"]] = StoredResponse(response, tuple(conversation), size,
                                                     len(conversation) if inputs is None else inputs)
         self.bytes += size
+        self.unfinished += response.get("status") in UNFINISHED
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._kept)))
         return True
@@ -86,3 +90,4 @@ class ResponseStore:
         kept = self._kept.pop(response_id, None)
         if kept is not None:
             self.bytes -= kept.size
+            self.unfinished -= kept.response.get("status") in UNFINISHED

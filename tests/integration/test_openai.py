@@ -1741,12 +1741,14 @@ def test_background_responses_are_polled_cancelled_and_freed(oserver):
     long = dict(model="attn-r4", input="Go on forever.", max_output_tokens=220, temperature=0, background=True,
                 extra_body={"ignore_eos": True})
     slow = oa.responses.create(**long)
+    assert oserver.metrics()["loramux_responses_in_progress"] == 1
     with pytest.raises(openai.BadRequestError) as e:  # not complete yet
         oa.responses.create(previous_response_id=slow.id, input="And?", **ask)
     assert e.value.body["param"] == "previous_response_id" and "continue it once it is complete" in e.value.message
     cancelled = oa.responses.cancel(slow.id)
     assert cancelled.status == "cancelled" and cancelled.output == []
     assert oa.responses.retrieve(slow.id).status == "cancelled" == oa.responses.cancel(slow.id).status
+    assert oserver.metrics()["loramux_responses_in_progress"] == 0
     dropped = oa.responses.create(**long)
     oa.responses.delete(dropped.id)
     with pytest.raises(openai.NotFoundError):

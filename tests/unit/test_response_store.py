@@ -8,8 +8,8 @@ from loramux.server.errors import NotStored
 from loramux.server.response_store import ResponseStore
 
 
-def response(rid: str, text: str = "") -> dict:
-    return {"id": rid, "output": [{"type": "message", "content": [{"text": text}]}]}
+def response(rid: str, text: str = "", status: str = "completed") -> dict:
+    return {"id": rid, "status": status, "output": [{"type": "message", "content": [{"text": text}]}]}
 
 
 def test_the_least_recently_used_go_first_and_one_too_big_is_not_kept():
@@ -40,14 +40,21 @@ def test_the_least_recently_used_go_first_and_one_too_big_is_not_kept():
     assert e.value.param == "previous_response_id"
 
 
-@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 300), st.booleans()), max_size=40))
+STATUSES = ("queued", "in_progress", "completed", "incomplete", "failed", "cancelled")
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 300), st.booleans(), st.sampled_from(STATUSES)),
+                max_size=40))
 def test_the_bound_holds_and_the_count_adds_up(ops):
-    """Any puts (a repeated id replaces its response) and gets: the bytes kept are the sum of the
-    kept responses' sizes, at most the bound, and the one just put is kept (each fits alone)."""
+    """Any puts (a repeated id replaces its response, as a background one's states do), gets and
+    evictions: the bytes kept are the sum of the kept responses' sizes, at most the bound, the one
+    just put is kept (each fits alone), and the unfinished count is that of the kept queued or in
+    progress."""
     store = ResponseStore(600)
-    for rid, length, read in ops:
+    for rid, length, read, status in ops:
         if read and rid in store._kept:
             store.get(rid)
         else:
-            assert store.put(response(rid, "t" * length), []) and rid in store._kept  # each fits alone
+            assert store.put(response(rid, "t" * length, status), []) and rid in store._kept  # each fits alone
         assert store.bytes == sum(k.size for k in store._kept.values()) <= 600
+        assert store.unfinished == sum(k.response["status"] in ("queued", "in_progress") for k in store._kept.values())
