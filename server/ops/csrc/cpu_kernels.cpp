@@ -1314,6 +1314,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_rows", &copy_rows, "an adapter's rows into its pages of every store", release());
   m.def("convert_to_pages", &convert_to_pages,
         "an adapter's A and scaled B.T straight into its pages of every store, checked finite", release());
-  m.def("few_rows_linear", &few_rows_linear, "a base linear of at most MANY_ROWS rows (float32 or int8 weights), weights streamed once",
-        release());
+  m.def("few_rows_linear", &few_rows_linear,
+        "a base linear of at most MANY_ROWS rows (float32 or int8 weights), weights streamed once", release());
 }
