@@ -80,12 +80,6 @@ def run_batch(engine, prompts, adapters, max_new_tokens: int) -> RunResult:
     t0 = time.perf_counter()
     outs = asyncio.run(run_requests(engine, reqs))
     wall = time.perf_counter() - t0
-    # The engine records a step after it sends the step's tokens: wait (briefly) for the steps that
-    # computed every prompt, or a run whose requests end in their prefill step would record none.
-    prompt_tokens = sum(len(p) - o[-1].cached_prompt_tokens for p, o in zip(prompts, outs, strict=True))
-    deadline = time.monotonic() + 5.0
-    while sum(s.num_prefill_tokens for s in list(rec.steps)) < prompt_tokens and time.monotonic() < deadline:
-        time.sleep(0.001)
     engine.observers.remove(rec)
     generated = sum(len(o) for o in outs)
     return RunResult(generated, generated / wall, rec.decode_throughput(),

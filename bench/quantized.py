@@ -39,12 +39,6 @@ from common import cpu_name, random_prompts, run_batch, write_adapter  # noqa: E
 TEXT = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def projection_bytes(built) -> int:
-    model = built.engine.runner.model
-    return sum(m.weight.nbytes + (0 if m.scale is None else m.scale.nbytes)
-               for layer in model.layers for m in layer.lora_modules())
-
-
 @torch.no_grad()
 def rounding_cost(hf_model, tokenizer, tokens: int) -> dict:
     """Perplexity of TEXT's first ``tokens`` tokens with the float32 projections, then with the
@@ -100,7 +94,7 @@ def main() -> int:
                                                      targets=ALL_PROJ))) for i in range(n))
         engines = {q: build_engine(ServerConfig(**{**config.__dict__, "adapters": adapters, "quantization": q}), loaded)
                    for q in ("none", "int8")}
-        sizes = {q: projection_bytes(b) for q, b in engines.items()}
+        sizes = {q: b.engine.runner.model.projection_bytes() for q, b in engines.items()}
         cost = rounding_cost(loaded.hf_model, loaded.tokenizer, args.text_tokens)
         for built in engines.values():
             built.engine.start()

@@ -152,10 +152,9 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     except ValueError as e:  # quantize_int8's refusal of a non-finite weight
         raise StartupError(f"--quantization {config.quantization}: {e}") from None
     if config.quantization == "int8":
-        fused = [m for layer in model.layers for m in layer.lora_modules()]
         log.info("decoder projections quantized to int8: %.0f MiB of weights and scales (%.0f MiB in %s)",
-                 sum(m.weight.nbytes + m.scale.nbytes for m in fused) / 2**20,
-                 sum(m.weight.numel() for m in fused) * loaded.dtype.itemsize / 2**20,
+                 model.projection_bytes() / 2**20, sum(m.weight.numel() for layer in model.layers
+                                                       for m in layer.lora_modules()) * loaded.dtype.itemsize / 2**20,
                  str(loaded.dtype).removeprefix("torch."))
     layout = model.lora_layout(lm_head=config.enable_lm_head_lora, embedding=config.enable_embedding_lora)
     if not config.enable_dora:  # a layout without the base weights refuses DoRA adapters, naming the flag

@@ -129,6 +129,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.observers: list[EngineObserver] = []
+        self._held: list | None = None  # a step's events, sent once the step is recorded (_step)
         self.output = OutputProcessor(eos_token_ids, self.observers)
         self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids, torch.get_num_threads())
         # Structured outputs' masks are computed during the forward pass where it runs on an
@@ -531,6 +532,17 @@ class Engine:
                  "priority (it will be recomputed from %d tokens)", seq.request.request_id, seq.prefill_len)
 
     def _step(self, ready: set, fairness: Fairness | None) -> bool:
+        """One step; its events are held until the observers have recorded it (StepStats), so
+        whoever holds a step's tokens can already see that step."""
+        self._held = []
+        try:
+            return self._run_step(ready, fairness)
+        finally:
+            held, self._held = self._held, None
+            for seq, item in held:
+                self._send(seq, item)
+
+    def _run_step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
         waiting, running = self._views(fairness)
         decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
@@ -725,8 +737,14 @@ class Engine:
                     seq.predicted_tokens_drafted - seq.accepted_prediction_tokens, last.stop_reason,
                 ))
 
+    def _emit(self, seq: Sequence, item) -> None:
+        if self._held is not None:  # in a step: sent after it is recorded
+            self._held.append((seq, item))
+        else:
+            self._send(seq, item)
+
     @staticmethod
-    def _emit(seq: Sequence, item) -> None:
+    def _send(seq: Sequence, item) -> None:
         seq.undelivered.append(time.monotonic())
         try:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)

@@ -445,7 +445,6 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.delete("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)
     async def delete_response(response_id: str):
-        kept.get(response_id)
         await stop_background(response_id)
         kept.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}

@@ -118,6 +118,11 @@ class ServingModel(nn.Module):
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def projection_bytes(self) -> int:
+        """Bytes of the decoder's projection weights (and int8 ones' scales)."""
+        return sum(m.weight.nbytes + (0 if m.scale is None else m.scale.nbytes)
+                   for layer in self.layers for m in layer.lora_modules())
+
     def base_projections(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of every base projection in the model's dtype (not int8), in the order a
         step reads them."""

@@ -44,15 +44,15 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 def select_int8_linear(kernels) -> Int8Linear:
-    """The int8 projection: the kernel's ``few_rows_linear`` where it applies (``kernels`` loaded, a
-    CPU, float32 x of 1 to KERNEL_MAX_ROWS rows), else ``F.linear`` by Ŵ in x's dtype."""
+    """The int8 projection: the kernel's ``few_rows_linear`` where it applies (``kernels``: loaded,
+    on a CPU host, else None; float32 x of 1 to KERNEL_MAX_ROWS rows), else ``F.linear`` by Ŵ in
+    x's dtype."""
     kernel = None if kernels is None else kernels.few_rows_linear
     no_bias = torch.empty(0)
 
     def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-        if kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
-                and 1 <= x.shape[0] <= KERNEL_MAX_ROWS:
+        if kernel is not None and x.dtype == torch.float32 and 1 <= x.shape[0] <= KERNEL_MAX_ROWS:
             return kernel(x if x.stride(1) == 1 else x.contiguous(), q, no_bias if bias is None else bias, scale)
         return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
 

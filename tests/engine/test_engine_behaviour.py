@@ -85,6 +85,30 @@ def test_stop_string_cuts_text_and_is_never_streamed(built):
     assert "".join(e.text for e in longest) == text[: text.index(stop) + len(stop)] and longest[-1].stop_reason == stop
 
 
+def test_a_steps_tokens_arrive_after_the_step_is_recorded(built):
+    """The engine holds a step's events until its observers have recorded the step: a request that
+    ends in its prefill step finds that step recorded when its answer comes, however slow the
+    observer (the benchmarks time steps by observers they remove once the answers are in)."""
+    import time
+
+    steps = []
+
+    class Slow(EngineObserver):
+        def step(self, stats):
+            time.sleep(0.05)
+            steps.append(stats)
+
+    observer = Slow()
+    built.engine.observers.append(observer)
+    try:
+        events = collect(built.engine, req("p", SamplingParams(1, ignore_eos=True)))[0]
+        recorded = list(steps)
+    finally:
+        built.engine.observers.remove(observer)
+    assert len(events) == 1 and events[-1].finish_reason is FinishReason.LENGTH
+    assert recorded and recorded[-1].num_prefill_tokens == events[-1].prompt_tokens
+
+
 def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
     ids = [e.token_id for e in collect(built.engine, req("e", SamplingParams(12, ignore_eos=True)))[0]]
     eos = ids[5]  # a token greedy decoding is known to produce: treat it as EOS
