@@ -20,21 +20,21 @@ from ..adapters.errors import (
 __all__ = ["clip"]  # error messages quote client input only through it
 
 
-class RequestInvalid(ValueError):
-    """A bad field in a request; the message names the field and the limit. ``param``: the
-    field's name where the API reports it (OpenAI's error.param)."""
+class NamesParam(Exception):
+    """An error about one request field: ``param``, the field's name where the API reports it
+    (OpenAI's error.param)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
 
 
-class NotStored(LookupError):
+class RequestInvalid(NamesParam, ValueError):
+    """A bad field in a request; the message names the field and the limit."""
+
+
+class NotStored(NamesParam, LookupError):
     """A stored object a request names (a response id) that is not kept here."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 class QueueFull(Exception):
