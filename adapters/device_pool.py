@@ -160,6 +160,20 @@ class DevicePool:
             assert res.pins > 0, f"unpin of unpinned adapter {key}"
             res.pins -= 1
 
+    def pinned_pages(self) -> dict[AdapterKey, int]:
+        """The pages each pinned adapter would free once unpinned: all of them unless it is kept."""
+        with self._lock:
+            return {k: r.pages.numel() for k, r in self._resident.items() if r.pins and k not in self._kept}
+
+    def shortfall(self, key: AdapterKey, rank: int) -> int:
+        """The pages ``reserve`` of ``rank`` pages for ``key`` lacks even after evicting every adapter
+        neither pinned nor kept: what pins hold back (0 when it is resident or reserved, or fits)."""
+        with self._lock:
+            if key in self._resident or key in self._copying:
+                return 0
+            evictable = sum(r.pages.numel() for k, r in self._resident.items() if not r.pins and k not in self._kept)
+            return max(0, rank - len(self._free_pages) - evictable)
+
     def total_pins(self) -> int:
         with self._lock:
             return sum(r.pins for r in self._resident.values())

@@ -414,6 +414,13 @@ class AdapterManager:
         self._submit(key, self._stage_copy, key, reserved, weights)
         return True
 
+    def pages_short(self, key: AdapterKey) -> int:
+        """The device pages ``stage`` could not find for this adapter now, even by evicting everything
+        it may: those that pinned adapters hold (0 when it is resident, has pages reserved, or fits)."""
+        with self._lock:
+            entry = self._entries.get(key)
+        return 0 if entry is None else self.pool.shortfall(key, entry.manifest.rank)
+
     def _abandon_read(self, key: AdapterKey, error: AdapterError | None = None) -> None:
         """A read that will not land: no longer pending, its waiters fail with ``error`` (if one),
         and the pages reserved for it go back."""

@@ -53,7 +53,16 @@ from .requests import (
 )
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplerState, allowed_mask, sample
-from .scheduler import DECODE_WEIGHT, PREFILL_WEIGHT, Budgets, Fairness, SeqView, adapter_order, schedule
+from .scheduler import (
+    DECODE_WEIGHT,
+    PREFILL_WEIGHT,
+    Budgets,
+    Fairness,
+    SeqView,
+    adapter_order,
+    page_victims,
+    schedule,
+)
 from .sequence import RequestStream, Sequence
 from .speculative import PromptLookupDrafter
 from .structured import Grammars
@@ -359,6 +368,8 @@ class Engine:
         self._expire_deadlines()
         fairness = self._fairness()  # one view of the service per turn, for look-ahead and admission
         ready, loading = self._poll_adapters(fairness)
+        if self.by_priority:
+            ready = self._preempt_for_pages(ready)
         return self._step(ready, fairness), loading
 
     def _loop(self) -> None:
@@ -454,6 +465,29 @@ class Engine:
             for seq in [s for s in self._waiting if s.adapter == key]:
                 self._finish(seq, error=error)
         return ready, loading
+
+    def _preempt_for_pages(self, ready: set) -> set:
+        """Priority scheduling: the first waiting request whose adapter is not ready may wait for
+        device pages that running requests of a lower priority pin. Preempt those (``page_victims``)
+        and keep their adapters out of this step's admission, so that the copy staged at its end
+        can evict them. Returns the adapters admission may take."""
+        ahead = set()
+        for seq in self._waiting:  # in (priority, arrival) order
+            if seq.adapter is None or seq.adapter in ready:
+                ahead.add(seq.adapter)
+                continue
+            short = self.adapters.pages_short(seq.adapter)
+            if not short:
+                return ready
+            running = [SeqView(s, s.adapter, s.prefill_len, s.num_computed, priority=s.priority)
+                       for s in self._running]
+            chosen = set(page_victims(seq.priority, short, running, self.adapters.pool.pinned_pages(), ahead))
+            victims = [s for s in self._running if s in chosen]  # in admission order, as _enqueue wants
+            for victim in victims:
+                self._preempt(victim)
+            self._enqueue(victims, ahead=True)
+            return ready - {v.adapter for v in victims}
+        return ready
 
     def _near_head(self, fairness: Fairness | None) -> set[Sequence]:
         """The waiting requests admission may reach this step, which look up their prefix: the first

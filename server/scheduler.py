@@ -19,7 +19,11 @@ Rules, in order:
    - priority (vLLM's): the lowest ``priority`` value, then arrival. A request that finds the batch
      full or too few free blocks takes them from running requests of a strictly lower priority
      (higher value), the lowest and most recently admitted first, when that makes it fit; it is
-     admitted in the same step. Strictly lower only, so preemptions cannot cycle.
+     admitted in the same step. So does one whose adapter would pass the distinct-adapter budget:
+     it takes the place of an adapter that only requests of a strictly lower priority run (all of
+     them preempted; ``adapter_slot``). Strictly lower only, so preemptions cannot cycle. (An
+     adapter that waits for device pages which such requests pin: ``page_victims``, before the
+     step.)
    A request blocked for a reason of its own (its adapter is not ready, a new adapter would pass
    the distinct-adapter budget, or the next block of its prompt past its prefix-cache hit is being
    computed by a running or just-admitted request) is skipped with the rest of its tenant for this
@@ -204,6 +208,14 @@ def schedule(
         freed = sum(b for _, b in given) + sum(s.num_freeable for s in lower)
         return bool(lower) and room(need, batch - len(lower), free + freed)
 
+    def adapter_slot(seq: SeqView) -> list[SeqView]:
+        """Priority, at the distinct-adapter budget: the running requests of the adapter whose
+        place ``seq``'s adapter takes (``_lowest_adapters``' first, none admitted this step), when
+        preempting every request of a lower priority would also give it room; else none."""
+        taken = {s.adapter for s in admitted}
+        groups = [g for g in _lowest_adapters(seq.priority, active) if g[0].adapter not in taken]
+        return groups[0] if groups and room_by_priority(seq) else []
+
     while queues and tokens_left > 0:
         if fairness:  # tenants below their share of the batch first (slots freed for them stay theirs)
             tenant = min(queues, key=lambda t: (counts.get(t, 0) >= share, service.get(t, 0.0), queues[t][0][0]))
@@ -211,9 +223,14 @@ def schedule(
             tenant = min(queues, key=lambda t: queues[t][0][0])
         seq = queues[tenant][0][1]
         new_adapter = seq.adapter is not None and seq.adapter not in adapters
-        if (seq.adapter is not None and seq.adapter not in ready_adapters) or (
-                new_adapter and budgets.adapter_cap_reached(adapters)) or (
-                seq.next_key is not None and seq.next_key in in_flight):
+        waits = (seq.adapter is not None and seq.adapter not in ready_adapters) or (
+            seq.next_key is not None and seq.next_key in in_flight)
+        if by_priority and not waits and new_adapter and budgets.adapter_cap_reached(adapters):
+            for victim in adapter_slot(seq):
+                preempt(active.index(victim))
+                batch -= 1
+            adapters = {s.adapter for s in (*active, *admitted) if s.adapter is not None}
+        if waits or (new_adapter and budgets.adapter_cap_reached(adapters)):
             del queues[tenant]  # its own reason: the rest of its tenant waits too, others go ahead
             continue
         n, need = cost(seq)
@@ -290,6 +307,39 @@ def fair_victims(waiting: Sequence[SeqView], active: list[SeqView], budgets: Bud
             counts[tenant] = counts.get(tenant, 0) + 1
             want -= 1
     return victims
+
+
+def _lowest_adapters(priority: int, running: Sequence[SeqView]) -> list[list[SeqView]]:
+    """The running requests of each adapter that only requests of a strictly lower priority than
+    ``priority`` (higher values) run, grouped by adapter, in the order priority preemption takes
+    them: the adapter whose best request is the lowest first, then the one with the fewest."""
+    groups: dict[Hashable, list[SeqView]] = {}
+    for s in running:
+        if s.adapter is not None:
+            groups.setdefault(s.adapter, []).append(s)
+    lower = [g for g in groups.values() if all(s.priority > priority for s in g)]
+    return sorted(lower, key=lambda g: (-min(s.priority for s in g), len(g)))
+
+
+def page_victims(priority: int, short: int, running: Sequence[SeqView], pages: Mapping[Hashable, int],
+                 spared: set = frozenset()) -> tuple[Hashable, ...]:
+    """Priority scheduling: the running requests to preempt so that the adapter of a waiting
+    request of ``priority`` gets the ``short`` device pages it lacks, which pinned adapters hold
+    (``pages``: adapter -> the pages that unpinning it frees; a kept adapter frees none). Every
+    request of each adapter taken, in ``_lowest_adapters``' order, none that a request in
+    ``spared`` (those ahead of it) needs. Nothing when that cannot free ``short`` pages: no one
+    is preempted in vain."""
+    victims: list[Hashable] = []
+    freed = 0
+    for group in _lowest_adapters(priority, running):
+        if freed >= short:
+            break
+        adapter = group[0].adapter
+        if adapter in spared or not pages.get(adapter):
+            continue
+        victims.extend(s.seq_id for s in group)
+        freed += pages[adapter]
+    return tuple(victims) if freed >= short else ()
 
 
 def adapter_order(waiting: Sequence, fairness: Fairness | None) -> list[Hashable]:

@@ -156,14 +156,26 @@ def test_a_small_pool_preempts_and_every_request_stays_exact(tiny_llama, tiny_ad
         built.engine.stop()
 
 
-def test_a_request_of_higher_priority_preempts_a_lower_one_and_every_stream_stays_exact(tiny_llama, tiny_adapters):
-    """--scheduling priority, a batch of 2 held by two requests of priority 3: one of priority -1
-    arriving later takes the newer one's slot at once (preempting it) and finishes first; the
-    preempted request is recomputed, and every stream is token for token PEFT's."""
+LIMITS = {  # what two running requests of adapters attn-r4 (4 pages) and all-r8 (8 pages) fill
+    "batch": {"max_batch_size": 2},
+    "adapters per step": {"max_adapters_per_step": 2},
+    "device pages": {"max_lora_rank": 8, "max_device_adapters": 2, "max_host_adapters": 3},  # 16 pages
+}
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_a_request_of_higher_priority_preempts_a_lower_one_and_every_stream_stays_exact(tiny_llama, tiny_adapters,
+                                                                                        limit):
+    """--scheduling priority, two requests of priority 3 running, which fill the batch, the
+    distinct-adapter budget, or the device pages that a third adapter needs (8 where 4 are free):
+    one of priority -1 on that adapter arriving later preempts the one of them whose place (slot,
+    adapter, pages) is enough and finishes first; the preempted request is recomputed, and every
+    stream is token for token PEFT's."""
     rng = random.Random(5)
     jobs = {"low0": ("attn-r4", 3, 56), "low1": ("all-r8", 3, 56), "high": ("regex-mlp-r8", -1, 8)}
     prompts = {rid: [rng.randrange(3, 300) for _ in range(20)] for rid in jobs}
-    built = make(tiny_llama, tiny_adapters, scheduling="priority", max_batch_size=2)
+    served = {name: tiny_adapters[name] for name, _, _ in jobs.values()}
+    built = make(tiny_llama, served, scheduling="priority", **LIMITS[limit])
     engine = built.engine
     try:
         async def main():

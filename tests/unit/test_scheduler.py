@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.block_manager import BlockManager, block_keys, blocks_for
-from loramux.server.scheduler import Budgets, Fairness, SeqView, schedule
+from loramux.server.scheduler import Budgets, Fairness, SeqView, page_victims, schedule
 
 B = Budgets(max_batch_size=4, max_tokens_per_step=16, max_adapters_per_step=2)
 BIG = 1000  # a block size no test sequence outgrows: one block per sequence, like the old slots
@@ -220,6 +220,52 @@ def test_a_request_of_higher_priority_takes_blocks_only_when_that_makes_it_fit()
     assert too_long.preempted == () and too_long.admitted == ()  # 5 blocks: preempting lo would not be enough
 
 
+def test_a_request_of_higher_priority_takes_the_place_of_an_adapter_only_lower_ones_run():
+    """At the distinct-adapter budget (2), a new adapter's request of priority 1 preempts every
+    request of one adapter that only requests of a lower priority run: the lowest such adapter,
+    then the one with the fewest requests. Never an adapter a request of its priority or better
+    runs, and nothing under fifo or for a request of equal priority."""
+    budgets = Budgets(8, 64, 2)
+    running = [seq("a0", "a", computed=8, priority=2), seq("b0", "b", computed=8, priority=3),
+               seq("a1", "a", computed=8, priority=4), seq("b1", "b", computed=8, priority=3)]
+    d = slots([seq("w", "c", prompt=2, priority=1)], running, budgets, 8, {"a", "b", "c"}, by_priority=True)
+    assert d.preempted == ("b0", "b1") and d.admitted == ("w",)  # b's best request (3) is lower than a's (2)
+    one = [seq("a0", "a", computed=8, priority=3), *running[1:4:2], seq("b2", "b", computed=8, priority=3)]
+    d = slots([seq("w", "c", prompt=2, priority=1)], one, budgets, 8, {"a", "b", "c"}, by_priority=True)
+    assert d.preempted == ("a0",) and d.admitted == ("w",)  # a tie at 3: one request of a, three of b
+    guarded = [*running[:3], seq("b1", "b", computed=8, priority=1)]  # b runs one of priority 1: a it is
+    assert slots([seq("w", "c", prompt=2, priority=1)], guarded, budgets, 8, {"a", "b", "c"},
+                 by_priority=True).preempted == ("a0", "a1")
+    for waiting, by_priority in (([seq("w", "c", priority=3)], True), ([seq("w", "c", priority=-9)], False)):
+        d = slots(waiting, [running[0], running[3]], budgets, 8, {"a", "b", "c"}, by_priority=by_priority)
+        assert d.preempted == () and d.admitted == ()
+    # with the batch full too, the place comes with its slots; nothing for an adapter still loading
+    full = [*running, *(seq(f"z{i}", None, computed=8) for i in range(4))]
+    d = slots([seq("w", "c", prompt=2, priority=1)], full, budgets, 8, {"a", "b", "c"}, by_priority=True)
+    assert d.preempted == ("b0", "b1") and d.admitted == ("w",)
+    assert slots([seq("w", "c", prompt=2, priority=1)], running, budgets, 8, {"a", "b"}, by_priority=True).preempted == ()
+    # nor when the blocks of every lower request would not make it fit (5 needed, 4 held)
+    held = [SeqView(f"{a}{i}", a, 8, 10, num_blocks=1, num_freeable=1, tenant=a, priority=3) for a in "ab" for i in (0, 1)]
+    d = schedule([SeqView("w", "c", 80, 0, tenant="c", priority=1)], held, Budgets(8, 128, 2), free_blocks=0,
+                 block_size=16, ready_adapters={"a", "b", "c"}, by_priority=True)
+    assert d.preempted == () and d.admitted == ()
+
+
+def test_page_victims_free_the_pages_from_the_lowest_adapters_only_lower_requests_run():
+    running = [seq("a0", "a", computed=8, priority=2), seq("b0", "b", computed=8, priority=5),
+               seq("c0", "c", computed=8, priority=3), seq("c1", "c", computed=8, priority=3),
+               seq("h0", "h", computed=8, priority=0), seq("n0", None, computed=8, priority=9)]
+    pages = {"a": 4, "b": 8, "c": 16, "h": 16}
+    assert page_victims(1, 8, running, pages) == ("b0",)  # the lowest adapter: b (5)
+    assert page_victims(1, 9, running, pages) == ("b0", "c0", "c1")  # then c (3)
+    assert page_victims(1, 28, running, pages) == ("b0", "c0", "c1", "a0")
+    assert page_victims(1, 29, running, pages) == ()  # h runs a request of priority 0: not enough, so none
+    assert page_victims(1, 9, running, pages, spared={"c"}) == ("b0", "a0")  # c is needed ahead of it
+    assert page_victims(1, 4, running, {**pages, "b": 0}) == ("c0", "c1")  # b is kept: it frees nothing
+    assert page_victims(5, 1, running, pages) == ()  # only strictly lower priorities give way
+    assert page_victims(1, 0, running, pages) == ()
+
+
 def test_under_kv_pressure_priority_preempts_the_lowest_even_if_admitted_earlier():
     running = [SeqView("a", None, 16, 16, num_blocks=1, num_freeable=1, priority=0),
                SeqView("b", None, 16, 20, num_blocks=2, num_freeable=2, priority=1),
@@ -263,11 +309,13 @@ def test_priority_preempts_only_the_lowest_and_admits_in_priority_order(running,
 TEMPLATE = list(range(100, 160))  # with shared=True every prompt starts with it: the prefixes collide
 
 
-def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=False, priorities=None):
+def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=False, priorities=None,
+             adapters=False):
     """The engine's loop in miniature (block manager + policy; with ``fair``, three tenants and
     their service counted as the engine counts it; with ``priorities``, priority admission, request
     i's priority priorities[i % len]; with ``shared``, prompts that share their
-    leading blocks, served through the prefix cache as the engine serves them). Returns
+    leading blocks, served through the prefix cache as the engine serves them; with ``adapters``,
+    request i runs adapter i % 3, one of them a step). Returns
     (requests, completed ids, preemptions, prefix-hit tokens); checks the block manager's
     invariants after every step."""
     service, hits = {}, 0
@@ -280,6 +328,9 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=F
     def priority(r):
         return priorities[r["id"] % len(priorities)] if priorities else 0
 
+    def adapter(r):
+        return r["id"] % 3 if adapters else None
+
     def keys(r):
         return block_keys(b"m", r["ids"][: r["prefill"]], bs) if shared else []
 
@@ -287,7 +338,7 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=F
         waiting += [r for r in pending if r["arrive"] == step]
         if not waiting and not running and len(done) == len(pending):
             break
-        views = [SeqView(r["id"], None, r["prefill"], r["computed"], len(blocks.table(r["id"])),
+        views = [SeqView(r["id"], adapter(r), r["prefill"], r["computed"], len(blocks.table(r["id"])),
                          blocks.num_freeable(r["id"]), tenant=r["id"] % 3, priority=priority(r),
                          computing=tuple(keys(r)[r["computed"] // bs :]) if r["computed"] < r["prefill"] else ())
                  for r in running]
@@ -295,12 +346,12 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=F
         for r in waiting:
             r["hit"] = blocks.lookup(keys(r))
             k, h = keys(r), len(r["hit"].blocks)
-            waiting_views.append(SeqView(r["id"], None, r["prefill"], 0, num_cached=r["hit"].cached_tokens(r["prefill"], bs),
+            waiting_views.append(SeqView(r["id"], adapter(r), r["prefill"], 0, num_cached=r["hit"].cached_tokens(r["prefill"], bs),
                                          hit_blocks=h, hit_free=r["hit"].num_free, tenant=r["id"] % 3,
                                          priority=priority(r),
                                          computing=tuple(k[h:]), next_key=k[h] if h < len(k) else None))
         d = schedule(waiting_views, views, Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs,
-                     set(), watermark=1, fairness=Fairness(service) if fair else None, by_priority=bool(priorities))
+                     {0, 1, 2}, watermark=1, fairness=Fairness(service) if fair else None, by_priority=bool(priorities))
         by_id = {r["id"]: r for r in [*waiting, *running]}
         for i in d.preempted:  # recomputed later from all its tokens so far
             r = by_id[i]
@@ -348,13 +399,16 @@ def test_a_small_pool_preempts_and_still_completes_everything():
     policy=st.sampled_from(["fifo", "fair", "priority"]),
     priorities=st.lists(st.integers(-2, 2), min_size=1, max_size=10),
     shared=st.booleans(),
+    adapters=st.booleans(),
 )
-def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets, policy, priorities, shared):
+def test_every_request_completes_under_a_finite_load(reqs, num_blocks, budgets, policy, priorities, shared, adapters):
     """Requests arrive over time into a pool small enough to force preemptions, under fifo, fair
     or priority admission (the priorities drawn too), with or without prefixes in common (which
-    wait for one another's blocks); every one finishes in bounded steps, with every block back."""
+    wait for one another's blocks), and of the base model or of three adapters one step takes one
+    of (priority preempts for the adapter's place too); every one finishes in bounded steps, with
+    every block back."""
     pending, done, _, _ = simulate(reqs, num_blocks, *budgets, fair=policy == "fair", shared=shared,
-                                   priorities=priorities if policy == "priority" else None)
+                                   priorities=priorities if policy == "priority" else None, adapters=adapters)
     assert done == {r["id"] for r in pending}, "a request never completed"
 
 
