@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .best_of import best_of
 from .errors import HTTP_ERROR_TYPE, HTTP_STATUS, RequestInvalid, clip, status_name
-from .openai_responses import ResponseBuilder, ResponsesRequest
+from .openai_responses import EventLog, ResponseBuilder, ResponsesRequest
 from .openai_schema import (
     ChatCompletionRequest,
     ChunkMaker,
@@ -161,6 +161,27 @@ def _sse_event(event: dict) -> str:
     return f"event: {event['type']}\ndata: {_json(event)}\n\n"
 
 
+def _sse_response(events, request_id: str | None = None) -> StreamingResponse:
+    """Responses API events as server-sent events."""
+    async def sse():
+        async for event in events:
+            yield _sse_event(event)
+
+    headers = {"Cache-Control": "no-cache", **({REQUEST_ID: request_id} if request_id else {})}
+    return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+
+
+async def iter_async(items):
+    for item in items:
+        yield item
+
+
+def error_event(built: ResponseBuilder, error: Exception) -> dict:
+    """A failure once the stream has begun, as its last event."""
+    status, message, param = _error_of(error, RESPONSES_NAMES)
+    return built.event("error", code=str(status), message=message, param=param)
+
+
 def _clamp_logprobs(obj):
     """Replace -inf (and NaN) logprobs with MIN_LOGPROB, anywhere in a response."""
     if isinstance(obj, dict):
@@ -212,7 +233,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
     tokens = user_tokens(config.auth_token, config.admin_token)
     kept = service.responses  # the Responses API's kept responses
-    background: dict[str, asyncio.Task] = {}  # background responses being generated, by id
+    background: dict[str, tuple[asyncio.Task, EventLog]] = {}  # background responses being generated, by id
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -337,73 +358,90 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None)
         clamp = _clamp_logprobs if body.logprobs else (lambda obj: obj)
 
+        def finished(events) -> dict:
+            return clamp(built.response(events))
+
         def done(events) -> dict:  # the whole response, kept unless it asked not to be
-            response = clamp(built.response(events))
+            response = finished(events)
             if keep:
                 response["store"] = kept.put(response, *body.conversation(history, response))
             return response
 
+        async def events_of(finish, tokens: list, status: str = "in_progress"):
+            """The stream's events (``tokens`` collects the engine's); ``finish`` builds the last
+            response; ``status``: the created one's."""
+            chunks = ChunkMaker("chat", body.model, text_of, tools=tools)
+            for event in built.opening(status):
+                yield event
+            async for ev in stream:
+                tokens.append(ev)
+                for chunk in chunks.events(ev):
+                    for event in built.from_chunk(chunk):
+                        yield clamp(event)
+            for event in built.closing(tokens, finish):
+                yield clamp(event)
+
         if body.background:
-            return JSONResponse(in_background(stream, built, done, body.conversation(history, built.response(None))),
-                                headers={REQUEST_ID: rid})
+            tokens = []
+            log = in_background(stream, built, events_of(finished, tokens, "queued"), tokens,
+                                body.conversation(history, built.response(None)))
+            if body.stream:  # the client reads the log: leaving stops its reading, not the response
+                return _sse_response(log.follow(), rid)
+            return JSONResponse(built.response(None, "queued"), headers={REQUEST_ID: rid})
         if not body.stream:
             try:
                 return JSONResponse(done(await collect(stream)), headers={REQUEST_ID: rid})
             finally:
                 stream.cancel()  # a no-op once finished; else the client went away
 
-        chunks = ChunkMaker("chat", body.model, text_of, tools=tools)
-
         async def sse():
-            events = []
             try:
-                for event in built.opening():
-                    yield _sse_event(event)
-                async for ev in stream:
-                    events.append(ev)
-                    for chunk in chunks.events(ev):
-                        for event in built.from_chunk(chunk):
-                            yield _sse_event(clamp(event))
-                for event in built.closing(events, done):
-                    yield _sse_event(clamp(event))
+                async for event in events_of(done, []):
+                    yield event
             except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-                status, message, param = _error_of(e, RESPONSES_NAMES)
-                yield _sse_event(built.event("error", code=str(status), message=message, param=param))
+                yield error_event(built, e)
             finally:
                 stream.cancel()
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                                 REQUEST_ID: rid})
+        return _sse_response(sse(), rid)
 
-    def in_background(stream, built: ResponseBuilder, done, conversation: tuple[list[dict], int]) -> dict:
+    def in_background(stream, built: ResponseBuilder, events, tokens: list,
+                      conversation: tuple[list[dict], int]) -> EventLog:
         """Keep the response queued and generate it in a task of its own, which keeps it in
-        progress, then done (or failed, or cancelled by POST .../cancel); returns it queued."""
-        queued = built.response(None, "queued")
-        kept.put(queued, *conversation)
+        progress (from its first token), then done (or failed, or cancelled by POST .../cancel),
+        with ``events`` (its stream's, ``tokens`` the engine's) in an ``EventLog`` that is kept
+        with it; returns the log."""
+        log = EventLog()
+        kept.put(built.response(None, "queued"), *conversation)
 
         async def generate():
-            events = []
+            response = None
             try:
-                async for ev in stream:
-                    if not events:
-                        kept.put(built.response(None, "in_progress"), *conversation)
-                    events.append(ev)
-                done(events)
+                async for event in events:
+                    log.append(event)
+                    if tokens and response is None:
+                        response = built.response(None, "in_progress")
+                        kept.put(response, *conversation)
+                response = log.events[-1]["response"]  # response.completed's
             except asyncio.CancelledError:
-                kept.put(built.response(None, "cancelled"), *conversation)
+                response = built.response(None, "cancelled")
+                log.append(built.event("response.completed", response=response))  # whatever the status
             except Exception as e:  # noqa: BLE001 - the poller reads the failure in the response
-                status, message, _ = _error_of(e, RESPONSES_NAMES)
-                kept.put({**built.response(None, "failed"), "error": {"code": str(status), "message": message}},
-                         *conversation)
+                error = error_event(built, e)
+                log.append(error)
+                response = {**built.response(None, "failed"), "error": {"code": error["code"], "message": error["message"]}}
             finally:
                 stream.cancel()  # a no-op once finished
+                if response is not None and not kept.put(response, *conversation, events=log.events):
+                    kept.put(response, *conversation)  # too large with its events: the response alone
+                log.close()
                 background.pop(built.id, None)
 
-        background[built.id] = asyncio.ensure_future(generate())
-        return queued
+        background[built.id] = (asyncio.ensure_future(generate()), log)
+        return log
 
     async def stop_background(response_id: str) -> None:
-        task = background.get(response_id)
+        task, _ = background.get(response_id, (None, None))
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -421,8 +459,25 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     @app.get("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)
-    async def kept_response(response_id: str):
-        return kept.get(response_id).response
+    async def kept_response(response_id: str, stream: bool = False, starting_after: int | None = None,
+                            include_obfuscation: bool | None = None):
+        """A kept response (``client.responses.retrieve``); with ``stream``, a background one's stream
+        events after ``starting_after``, following those still to come (obfuscation is not added)."""
+        stored = kept.get(response_id)
+        if not stream:
+            if starting_after is not None:
+                raise RequestInvalid("starting_after is read only with stream=true", param="starting_after")
+            return stored.response
+        _, live = background.get(response_id, (None, None))
+        if live is None and stored.events is None:
+            why = "was not created in the background" if not stored.response.get("background") else \
+                "was kept without its events (too large for --responses-store-bytes with them)"
+            raise RequestInvalid(f"response {clip(response_id)} {why}: only a background response's events can be "
+                                 "streamed", param="stream")
+        after = -1 if starting_after is None else starting_after
+        if live is not None:
+            return _sse_response(live.follow(after))
+        return _sse_response(iter_async(stored.events[max(after + 1, 0):]))
 
     @app.get("/v1/responses/{response_id}/input_items", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)

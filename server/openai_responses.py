@@ -15,14 +15,18 @@ assistant turn and its calls as function_call items, so that a request with
 ``instructions`` are not carried over, as OpenAI's are not). ``background: true`` returns the
 response at once, queued, and generates it while the client polls ``GET /v1/responses/{id}``
 (queued, in_progress, then completed, incomplete, failed or cancelled by
-``POST /v1/responses/{id}/cancel``); it must be kept, and is not streamed here. ``conversation``
+``POST /v1/responses/{id}/cancel``); it must be kept. Its stream events are kept too (``EventLog``),
+so that ``stream: true`` with it, or ``GET /v1/responses/{id}?stream=true&starting_after=N``, reads
+them from any point and follows the rest, and a client that lost its stream resumes it. ``conversation``
 (the Conversations API), ``reasoning``, other ``include`` values and tools other than functions
 are refused, naming the field.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -215,12 +219,9 @@ class ResponsesRequest(GenerationBody):
                 "reasoning": None, "error": None, "top_logprobs": self.top_logprobs or 0}
 
     def check_background(self, keeps: bool) -> None:
-        """A background response must be kept (``keeps``: the server keeps responses) and polled."""
+        """A background response must be kept (``keeps``: the server keeps responses)."""
         if not self.background:
             return
-        if self.stream:
-            raise RequestInvalid("background responses are not streamed here: poll GET /v1/responses/{id}",
-                                 param="background")
         if self.store is False or not keeps:
             why = "store is false" if keeps else "this server keeps no responses (--responses-store-bytes 0)"
             raise RequestInvalid(f"a background response must be stored, and {why}", param="background")
@@ -279,8 +280,9 @@ class ResponseBuilder:
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
-    def opening(self) -> list[dict]:
-        return [self.event("response.created", response=self.response(None)),
+    def opening(self, status: str = "in_progress") -> list[dict]:
+        """``status``: the created response's (a background one is queued until it is generated)."""
+        return [self.event("response.created", response=self.response(None, status)),
                 self.event("response.in_progress", response=self.response(None))]
 
     def from_chunk(self, chunk: dict) -> list[dict]:
@@ -337,3 +339,39 @@ class ResponseBuilder:
         return [self.event("response.output_text.done", **at, text=self.text, logprobs=self.streamed_logprobs),
                 self.event("response.content_part.done", **at, part=item["content"][0]),
                 self.event("response.output_item.done", output_index=at["output_index"], item=item)]
+
+
+class EventLog:
+    """A background response's stream events as they are made, which any number of readers read
+    from a point (``follow``) while it is generated; kept with the response once it is done.
+    Event loop only."""
+
+    def __init__(self):
+        self.events: list[dict] = []  # event i has sequence_number i
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def append(self, event: dict) -> None:
+        self.events.append(event)
+        self._wake()
+
+    def close(self) -> None:
+        """No more events: done, failed or cancelled."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self, after: int = -1) -> AsyncIterator[dict]:
+        """The events after sequence number ``after``, then each new one, until it is closed."""
+        at = max(after + 1, 0)
+        while True:
+            changed = self._changed  # taken before looking, so no event comes between
+            while at < len(self.events):
+                yield self.events[at]
+                at += 1
+            if self.closed:
+                return
+            await changed.wait()

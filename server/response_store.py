@@ -25,6 +25,7 @@ class StoredResponse:
     conversation: tuple[dict, ...]  # input items: what it continued, its input, its output
     size: int  # bytes, as JSON
     inputs: int  # the conversation's items before its output: what it was given
+    events: tuple[dict, ...] | None = None  # a background response's stream events, kept for GET ?stream=true
 
     def input_items(self) -> list[dict]:
         """Its input items (what it continued, then its own input) in OpenAI's listed form, oldest
@@ -57,16 +58,19 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def put(self, response: dict, conversation: list[dict], inputs: int | None = None) -> bool:
+    def put(self, response: dict, conversation: list[dict], inputs: int | None = None,
+            events: list[dict] | None = None) -> bool:
         """Keep ``response`` (a later one with its id replaces it), evicting the least recently
         used; False, keeping nothing, when it alone is over the bound. ``inputs``: the
-        conversation's items before the response's output (None: all)."""
-        size = len(json.dumps([response, conversation], separators=(",", ":"), default=str))
+        conversation's items before the response's output (None: all); ``events``: its stream
+        events, counted in its bytes."""
+        size = len(json.dumps([response, conversation, events], separators=(",", ":"), default=str))
         self._drop(response["id"])
         if size > self.max_bytes:
             return False
         self._kept[response["id"]] = StoredResponse(response, tuple(conversation), size,
-                                                    len(conversation) if inputs is None else inputs)
+                                                    len(conversation) if inputs is None else inputs,
+                                                    None if events is None else tuple(events))
         self.bytes += size
         self.unfinished += response.get("status") in UNFINISHED
         while self.bytes > self.max_bytes:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API against the real server, through the official `openai` package."""
 
 import functools
+import itertools
 import json
 import re
 import shutil
@@ -1727,7 +1728,7 @@ def test_background_responses_are_polled_cancelled_and_freed(oserver):
     with what the same request gives in the foreground (text, usage), and can be continued.
     POST .../cancel stops a long one (cancelled, its engine request freed; cancelling again gives
     it back as it is), DELETE stops and drops another; one in progress cannot be continued yet.
-    Refused: streamed, not stored, and cancelling a response not made in the background."""
+    Refused: not stored, and cancelling a response not made in the background."""
     oa, ask = oserver.oa, dict(model="attn-r4", max_output_tokens=8, temperature=0)
     foreground = oa.responses.create(input="Tell me about LoRA.", **ask)
     queued = oa.responses.create(input="Tell me about LoRA.", background=True, **ask)
@@ -1755,12 +1756,61 @@ def test_background_responses_are_polled_cancelled_and_freed(oserver):
         oa.responses.retrieve(dropped.id)
     # both engine requests were cancelled (not generated to their end), their blocks freed
     assert total(wait_idle(oserver), "loramux_requests_total", status="CANCELLED") == cancelled_before + 2
-    for bad, needle in ((dict(stream=True), "not streamed here"), (dict(store=False), "must be stored")):
-        with pytest.raises(openai.BadRequestError) as e:
-            oa.responses.create(input="Hi", background=True, **ask, **bad)
-        assert needle in e.value.message and e.value.body["param"] == "background"
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.create(input="Hi", background=True, store=False, **ask)
+    assert "must be stored" in e.value.message and e.value.body["param"] == "background"
     with pytest.raises(openai.BadRequestError, match="only a background response can be cancelled"):
         oa.responses.cancel(foreground.id)
+
+
+def test_a_background_response_streams_and_a_client_resumes_it_from_any_event(oserver):
+    """background with stream: true streams the events the foreground stream sends (the created
+    response queued); a client that leaves after five events resumes with
+    GET /v1/responses/{id}?stream=true&starting_after=4 (``client.responses.retrieve``), and the two
+    parts are the whole stream, numbered without a gap; once done, the kept events replay from any
+    point. A long one followed while it is generated ends with its cancel. Refused: streaming a
+    response not made in the background, starting_after without stream."""
+    oa, ask = oserver.oa, dict(model="attn-r4", input="Tell me about LoRA.", max_output_tokens=12, temperature=0)
+
+    def shape(events):
+        return [(e.type, getattr(e, "delta", None)) for e in events]
+
+    foreground = list(oa.responses.create(stream=True, **ask))
+    stream = oa.responses.create(stream=True, background=True, **ask)
+    head = list(itertools.islice(stream, 5))
+    stream.close()
+    assert head[0].type == "response.created" and head[0].response.status == "queued" and head[0].response.background
+    rid = head[0].response.id
+    rest = list(oa.responses.retrieve(rid, stream=True, starting_after=4))
+    whole = head + rest
+    assert [e.sequence_number for e in whole] == list(range(len(whole)))
+    assert shape(whole) == shape(foreground)
+    last = whole[-1].response
+    assert last.output_text == foreground[-1].response.output_text and last.status == "incomplete"
+    assert poll(oa, rid).output_text == last.output_text
+    replay = list(oa.responses.retrieve(rid, stream=True, starting_after=len(whole) - 3))
+    assert [e.sequence_number for e in replay] == [len(whole) - 2, len(whole) - 1] and shape(replay) == shape(whole[-2:])
+    assert shape(oa.responses.retrieve(rid, stream=True)) == shape(whole)
+
+    long = oa.responses.create(model="attn-r4", input="Go on forever.", max_output_tokens=220, temperature=0,
+                               background=True, extra_body={"ignore_eos": True})
+    follower = oa.responses.retrieve(long.id, stream=True)
+    seen = []
+    for event in follower:
+        seen.append(event)
+        if sum(e.type == "response.output_text.delta" for e in seen) == 3:
+            assert oa.responses.cancel(long.id).status == "cancelled"
+    assert seen[-1].type == "response.completed" and seen[-1].response.status == "cancelled"
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    assert len(seen) < 100  # stopped, not generated to its end
+
+    finished = oa.responses.create(model="attn-r4", input="Hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.retrieve(finished.id, stream=True)
+    assert "only a background response's events can be streamed" in e.value.message and e.value.body["param"] == "stream"
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.retrieve(rid, starting_after=3)
+    assert e.value.body["param"] == "starting_after"
 
 
 def test_a_clients_request_id_names_the_response_and_its_log_line(oserver):

@@ -1,10 +1,14 @@
 """The Responses API's store (server/response_store.py): least recently used first, bounded by bytes."""
 
+import asyncio
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from loramux.server.errors import NotStored
+from loramux.server.openai_responses import EventLog
 from loramux.server.response_store import ResponseStore
 
 
@@ -58,3 +62,32 @@ def test_the_bound_holds_and_the_count_adds_up(ops):
             assert store.put(response(rid, "t" * length, status), []) and rid in store._kept  # each fits alone
         assert store.bytes == sum(k.size for k in store._kept.values()) <= 600
         assert store.unfinished == sum(k.response["status"] in ("queued", "in_progress") for k in store._kept.values())
+
+
+def test_kept_events_count_against_the_bound():
+    store = ResponseStore(1000)
+    events = [{"type": "response.output_text.delta", "sequence_number": i, "delta": "word"} for i in range(3)]
+    assert store.put(response("a"), [], events=events)
+    assert store.get("a").events == tuple(events) and store.bytes > len(json.dumps([response("a"), []]))
+    assert not store.put(response("b"), [], events=events * 10) and store.put(response("b"), [])
+    assert store.get("b").events is None
+
+
+def test_readers_of_an_event_log_get_every_event_after_their_point_until_it_closes():
+    async def main():
+        log = EventLog()
+        log.append({"sequence_number": 0})
+        readers = [asyncio.create_task(collect(log.follow(after))) for after in (-1, 0, 2, 5)]
+        await asyncio.sleep(0)
+        for i in range(1, 4):
+            log.append({"sequence_number": i})
+            await asyncio.sleep(0)
+        log.close()
+        late = await collect(log.follow(1))  # after it closed: what was kept, then done
+        return [await r for r in readers], late
+
+    async def collect(events):
+        return [e["sequence_number"] async for e in events]
+
+    readers, late = asyncio.run(main())
+    assert readers == [[0, 1, 2, 3], [1, 2, 3], [3], []] and late == [2, 3]
