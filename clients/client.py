@@ -62,7 +62,7 @@ class LoraMuxClient:
     def generate(self, prompt=None, *, timeout: float | None = None, **kwargs) -> Generation:
         """kwargs: adapter_id, prompt_token_ids, messages [(role, content)], sampling, request_id,
         add_special_tokens, priority, combine [(adapter id, weight)], prediction (the output
-        expected); with messages, add_generation_prompt, continue_final_message, chat_template_kwargs
+        expected), cache_salt; with messages, add_generation_prompt, continue_final_message, chat_template_kwargs
         (a dict), chat_template, documents (a list of dicts)."""
         return Generation.from_pb(self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout))
 

@@ -267,18 +267,19 @@ def chat_fields(messages=None, add_generation_prompt: bool | None = None, contin
 def generate_request(prompt=None, *, adapter_id: str = "", prompt_token_ids=None, sampling: Sampling | None = None,
                      request_id: str = "", add_special_tokens: bool | None = None,
                      truncate_prompt_tokens: int | None = None, priority: int = 0,
-                     combine: list[tuple[str, float]] | None = None, prediction: str = "",
+                     combine: list[tuple[str, float]] | None = None, prediction: str = "", cache_salt: str = "",
                      **chat) -> pb.GenerateRequest:
     """``chat``: chat_fields' arguments. ``priority``: lower first, on a server run with
     --scheduling priority (others accept only 0). ``combine`` [(adapter id, weight)]: run with the
     weighted sum of those registered adapters instead of ``adapter_id``. ``prediction``: the
-    output expected, with edits, which speculative drafts follow."""
+    output expected, with edits, which speculative drafts follow. ``cache_salt``: prefix-cache
+    hits only from requests with the same salt."""
     return pb.GenerateRequest(
         request_id=request_id, adapter_id=adapter_id or "", prompt=prompt or "",
         prompt_token_ids=prompt_token_ids or [], sampling=(sampling or Sampling()).to_pb(),
         add_special_tokens=add_special_tokens, truncate_prompt_tokens=truncate_prompt_tokens, priority=priority,
         combine=[pb.WeightedAdapter(adapter_id=a, weight=w) for a, w in combine or ()], prediction=prediction,
-        **chat_fields(**chat))
+        cache_salt=cache_salt, **chat_fields(**chat))
 
 
 def tokenize_request(prompt=None, *, adapter_id: str = "", add_special_tokens: bool | None = None,

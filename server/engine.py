@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from .output_processor import Finished, OutputProcessor
 from .requests import (
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
+    MAX_CACHE_SALT_CHARS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_TOKENS,
     MAX_LOGPROBS,
@@ -196,6 +198,9 @@ class Engine:
         n = len(req.prompt_token_ids)
         if n == 0:
             raise RequestInvalid("the prompt is empty", param="prompt")
+        if len(req.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise RequestInvalid(f"cache_salt has {len(req.cache_salt)} characters; the limit is {MAX_CACHE_SALT_CHARS}",
+                                 param="cache_salt")
         if n > c.input_token_limit:  # before any pass over the ids
             raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit} "
                                  "(truncate_prompt_tokens keeps a prompt's last tokens)", param="prompt")
@@ -316,7 +321,7 @@ class Engine:
         sampler = SamplerState.create(req.sampling, self.runner.device)  # its generator where the logits are
         sampler.bad_words = bad_words.tokenize(self.tokenizer, req.sampling.bad_words, self.vocab_size)
         seq = Sequence(
-            request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry),
+            request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry, req.cache_salt),
             weight=1.0 if entry is None else entry.weight,
             sampler=sampler,
             detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids), req.sampling.skip_special_tokens),
@@ -346,13 +351,16 @@ class Engine:
         return out or None
 
     @staticmethod
-    def _identity(entry) -> bytes:
+    def _identity(entry, salt: str = "") -> bytes:
         """The prefix cache's namespace: the content hash of the weights that compute the KV, never
         the adapter id, so a replaced adapter cannot hit its old KV and equal files share it. LoRA
-        on lm_head alone computes the base model's KV, and shares it."""
-        if entry is None or not entry.manifest.changes_kv:
-            return BASE_IDENTITY
-        return b"lora:" + entry.manifest.content_hash.encode()
+        on lm_head alone computes the base model's KV, and shares it. A ``salt`` (vLLM's
+        cache_salt) makes a namespace of its own within that one, which only the same salt shares."""
+        identity = BASE_IDENTITY if entry is None or not entry.manifest.changes_kv else \
+            b"lora:" + entry.manifest.content_hash.encode()
+        if salt:  # a fixed-length digest after a separator neither namespace contains
+            identity += b"|salt:" + hashlib.sha256(salt.encode("utf-8", "surrogatepass")).hexdigest().encode()
+        return identity
 
     def cancel(self, seq: Sequence, reason: BaseException | None = None) -> None:
         if not seq.done:

@@ -65,7 +65,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         return await self.service.generate(
             prompt_from_pb(request), sampling_from_pb(request.sampling, self.service.config.default_max_new_tokens),
             request.adapter_id or None, request.request_id or None, context.time_remaining(), request.priority,
-            request.prediction, [(part.adapter_id, part.weight) for part in request.combine])
+            request.prediction, [(part.adapter_id, part.weight) for part in request.combine], request.cache_salt)
 
     @staticmethod
     def _release(stream, context) -> None:

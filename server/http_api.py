@@ -352,7 +352,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         chat = body.as_chat(history).serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
         (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid, body.priority,
-                                                   combine=body.combination())
+                                                   combine=body.combination(), cache_salt=body.cache_salt or "")
         tools, text_of = chat.tool_calls(), TokenText(service.ready().tokenizer)
         keep = kept.enabled and body.store is not False
         built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None)
@@ -529,7 +529,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         adapter, combine = adapter_of(body.model), body.combination()
         if body.use_beam_search:  # no echo, no tools (GenerationBody._check_beam_search)
             beams = await service.beam_search_choices(prompts, sampling, k, body.length_penalty, adapter, rid,
-                                                      body.priority, combine)
+                                                      body.priority, combine, body.cache_salt or "")
             choices = [b for i, b in enumerate(beams) if i % k < n]  # each prompt's n best, best first
             if body.stream:  # beams are ranked at the end: their chunks all come then, as vLLM sends them
                 chunks = ChunkMaker(kind, body.model, text_of, len(choices), n=n, request_id=rid,
@@ -543,7 +543,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         # best_of ranks candidates by their tokens' logprobs: computed when the client did not ask
         run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
         streams = await service.generate_choices(prompts, run, k, adapter, rid, body.priority,
-                                                 body.predicted() if kind == "chat" else "", combine)
+                                                 body.predicted() if kind == "chat" else "", combine,
+                                                 cache_salt=body.cache_salt or "")
         tokenizer = service.ready().tokenizer
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded

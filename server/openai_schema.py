@@ -144,6 +144,9 @@ class GenerationBody(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict | None = None
+    # vLLM's: prefix-cache hits only from requests with the same salt (tenants cannot probe one
+    # another's prompts by their speed)
+    cache_salt: str | None = None
 
     @field_validator("n", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "min_tokens", "echo",
                      "logprobs", "parallel_tool_calls", "skip_special_tokens", "include_stop_str_in_output",
@@ -162,6 +165,8 @@ class GenerationBody(BaseModel):
         if self.best_of is not None and self.best_of > self.n and self.stream:  # as OpenAI
             raise RequestInvalid("best_of greater than n is not available with stream: true (the best are known "
                                  "only once all are generated)", param="best_of")
+        if self.cache_salt == "":  # as vLLM: a salt that salts nothing is a mistake
+            raise RequestInvalid("cache_salt must be a non-empty string; leave it unset for none", param="cache_salt")
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come in one chunk first
             raise RequestInvalid("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
         # the unserved fields: the body's own (a body type may not serve one GenerationBody declares) and extras

@@ -98,6 +98,8 @@ class GenerationRequest:
     priority: int = 0  # with --scheduling priority: lower is admitted first, and may preempt higher
     # the output expected, with edits (OpenAI's Predicted Outputs): speculative drafts follow it
     prediction: tuple[int, ...] = ()
+    # vLLM's cache_salt: its prefix-cache hits come only from requests with the same salt ("": none)
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's
 MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias
 MAX_BAD_WORDS = 128  # entries of one request's bad_words
 MAX_BAD_WORD_CHARS = 256  # characters of one of them
+MAX_CACHE_SALT_CHARS = 256  # of a request's cache_salt
 MAX_STRUCTURED_OUTPUT_CHARS = 65536  # of a structured output's spec (a schema, regex, choice list or grammar)
 
 

@@ -89,20 +89,21 @@ class Service:
     # ---- generation ----
     async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
                        request_id: str | None = None, time_remaining: float | None = None, priority: int = 0,
-                       prediction: str = "", combine: list[tuple[str, float]] | None = None):
+                       prediction: str = "", combine: list[tuple[str, float]] | None = None, cache_salt: str = ""):
         """Validate, render the prompt off the loop and submit; returns the engine's RequestStream.
         ``prediction``: the output expected, with edits, which speculative drafts follow.
         ``combine`` [(id, weight)]: instead of ``adapter_id``, that sum of registered adapters.
-        ``time_remaining``: seconds to the client's deadline (None: none)."""
+        ``time_remaining``: seconds to the client's deadline (None: none). ``cache_salt``: its
+        prefix-cache hits come only from requests with the same salt ("": none)."""
         (stream,) = await self.generate_choices([prompt], sampling, 1, adapter_id, request_id, priority, prediction,
-                                                combine, time_remaining)
+                                                combine, time_remaining, cache_salt)
         return stream
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
                                adapter_id: str | None = None, request_id: str | None = None,
                                priority: int = 0, prediction: str = "",
                                combine: list[tuple[str, float]] | None = None,
-                               time_remaining: float | None = None) -> list:
+                               time_remaining: float | None = None, cache_salt: str = "") -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
@@ -111,7 +112,8 @@ class Service:
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
         come with the first completion of each prompt only (the caller shares them).
         ``request_id``: every completion's, in the engine and its log lines (None: a random one each).
-        ``prediction``, ``combine``, ``time_remaining``: as for ``generate``, every completion's."""
+        ``prediction``, ``combine``, ``time_remaining``, ``cache_salt``: as for ``generate``, every
+        completion's."""
         self._check_choices(len(prompts), n, adapter_id)
         streams = []
         try:
@@ -128,7 +130,7 @@ class Service:
                             seeded = sampling if j == 0 else later if later.seed is None else \
                                 replace(later, seed=(later.seed + j) % (1 << 64))
                             streams.append(self._submit(ids, seeded, adapter_id, request_id, time_remaining,
-                                                        priority, predicted))
+                                                        priority, predicted, cache_salt))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -145,7 +147,8 @@ class Service:
     async def beam_search_choices(self, prompts: list[Prompt], sampling: SamplingParams, width: int,
                                   length_penalty: float = 1.0, adapter_id: str | None = None,
                                   request_id: str | None = None, priority: int = 0,
-                                  combine: list[tuple[str, float]] | None = None) -> list[list[TokenEvent]]:
+                                  combine: list[tuple[str, float]] | None = None,
+                                  cache_salt: str = "") -> list[list[TokenEvent]]:
         """vLLM's beam search (server/beam_search.py): the ``width`` best beams of each prompt, best
         first, as the events of choices (prompt p's j-th is choice p * width + j). ``sampling`` gives
         max_new_tokens, ignore_eos, logprobs and skip_special_tokens; the request they make is
@@ -158,8 +161,8 @@ class Service:
                 adapter_id = await held.enter_async_context(self._adapter_held(adapter_id, combine))
                 rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
                 engine = self.ready().engine
-                whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None, priority=priority))
-                         for ids in rendered]
+                whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None, priority=priority,
+                                                         cache_salt=cache_salt)) for ids in rendered]
                 for req in whole:
                     engine.validate(req)
             one = SamplingParams(1, ignore_eos=True, logprobs=max(2 * width, sampling.logprobs or 0))
@@ -168,7 +171,8 @@ class Service:
                 streams = []
                 try:
                     for ids in seqs:
-                        streams.append(self._submit(list(ids), one, adapter_id, rid, priority=priority))
+                        streams.append(self._submit(list(ids), one, adapter_id, rid, priority=priority,
+                                                    cache_salt=cache_salt))
                     return [(await _last(stream)).logprob for stream in streams]
                 finally:
                     for stream in streams:
@@ -261,12 +265,12 @@ class Service:
 
     def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None,
                 request_id: str | None = None, time_remaining: float | None = None, priority: int = 0,
-                prediction: tuple[int, ...] = ()):
+                prediction: tuple[int, ...] = (), cache_salt: str = ""):
         req = GenerationRequest(
             request_id=request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
             adapter_id=adapter_id or None,
             deadline=None if time_remaining is None else time.monotonic() + time_remaining, priority=priority,
-            prediction=prediction,
+            prediction=prediction, cache_salt=cache_salt,
         )
         return self.ready().engine.submit(req)
 

@@ -86,6 +86,24 @@ def test_server_info_and_adapters(server, tiny_adapters):
     assert (info.kv_block_size, info.kv_cache_tokens) == (16, 8 * 256)
 
 
+def test_a_cache_salt_keeps_prefix_cache_hits_among_requests_with_that_salt(server):
+    """vLLM's cache_salt: a salted request neither hits the unsalted blocks nor leaves blocks that
+    unsalted or other-salted requests hit; the same salt hits its own, for the same output. A salt
+    over 256 characters is INVALID_ARGUMENT naming the limit."""
+    prompt = list(range(140, 190))  # 3 full blocks of 16
+
+    def cached(salt: str) -> tuple[int, list[int]]:
+        out = server.client.generate(prompt_token_ids=prompt, adapter_id="attn-r4", sampling=GREEDY, cache_salt=salt)
+        return out.cached_prompt_tokens, out.token_ids
+
+    plain, tokens = cached("")
+    hits = [cached(salt) for salt in ("tenant-a", "tenant-a", "tenant-b", "", "tenant-b")]
+    assert [plain, *(n for n, _ in hits)] == [0, 0, 48, 0, 48, 48]
+    assert all(out == tokens for _, out in hits)
+    code, details = code_of(server.client.generate, prompt_token_ids=prompt, cache_salt="x" * 257)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt has 257 characters; the limit is 256" in details
+
+
 def test_a_repeated_prompt_is_served_from_the_prefix_cache(server):
     prompt = list(range(40, 90))  # 3 full blocks of 16
     before = server.metrics()

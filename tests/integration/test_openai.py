@@ -1087,6 +1087,31 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(oserver):
     assert again.choices[0].text == first.choices[0].text
 
 
+def test_a_cache_salt_keeps_prefix_cache_hits_among_requests_with_that_salt(oserver):
+    """vLLM's cache_salt in the body of chat, completions and the Responses API: hits only among
+    requests with the same salt; an empty one is a 400 naming it."""
+    oa, model = oserver.oa, oserver.client.server_info().model
+    prompt = list(range(200, 240))  # 2 full blocks of 16 and 8 tokens
+
+    def cached(salt=None) -> int:
+        body = {"ignore_eos": True, **({"cache_salt": salt} if salt is not None else {})}
+        return oa.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=2, extra_body=body).usage \
+            .prompt_tokens_details.cached_tokens
+
+    assert [cached(), cached("a"), cached("a"), cached("b"), cached()] == [0, 0, 32, 0, 32]
+    messages = [{"role": "user", "content": "Tell me everything about low-rank adapters, " * 3}]
+    chat = [oa.chat.completions.create(model="attn-r4", messages=messages, max_tokens=1,
+                                       extra_body={"cache_salt": "c"}).usage.prompt_tokens_details.cached_tokens
+            for _ in range(2)]
+    assert chat[0] == 0 < chat[1]
+    ask = dict(model="attn-r4", input=messages[0]["content"], max_output_tokens=1, extra_body={"cache_salt": "r"})
+    responses = [oa.responses.create(**ask).usage.input_tokens_details.cached_tokens for _ in range(2)]
+    assert responses[0] == 0 < responses[1]
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model=model, prompt=prompt, max_tokens=2, extra_body={"cache_salt": ""})
+    assert e.value.body["param"] == "cache_salt" and "non-empty" in e.value.message
+
+
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0,
                                                                               "maximum": 120}}}

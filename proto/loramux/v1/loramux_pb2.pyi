@@ -137,7 +137,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., tool_calls: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "prompt", "prompt_token_ids", "messages", "sampling", "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "add_special_tokens", "truncate_prompt_tokens", "chat_template", "documents", "priority", "combine", "prediction")
+    __slots__ = ("request_id", "adapter_id", "prompt", "prompt_token_ids", "messages", "sampling", "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "add_special_tokens", "truncate_prompt_tokens", "chat_template", "documents", "priority", "combine", "prediction", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     prompt: str
@@ -170,7 +171,8 @@ class GenerateRequest(_message.Message):
     priority: int
     combine: _containers.RepeatedCompositeFieldContainer[WeightedAdapter]
     prediction: str
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template_kwargs: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., chat_template: _Optional[str] = ..., documents: _Optional[str] = ..., priority: _Optional[int] = ..., combine: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., prediction: _Optional[str] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template_kwargs: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., chat_template: _Optional[str] = ..., documents: _Optional[str] = ..., priority: _Optional[int] = ..., combine: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., prediction: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens")
