@@ -157,7 +157,7 @@ def bench_model(model, args, tmp: Path) -> dict:
         def old_sample(logits, states, seen, *rows):  # its rows ask for none of the later sampling options
             return old_sampling.sample(logits, states, seen)
 
-        def old_detokenizer(tokenizer, prompt_ids, skip_special_tokens=True):  # it always skipped them
+        def old_detokenizer(tokenizer, prompt_ids, *options):  # it always skipped special tokens, without spaces
             return old_detok.IncrementalDetokenizer(tokenizer, prompt_ids)
         variants = {BASELINE_REV: (old_sample, old_detokenizer), **variants}
     prompts = random_prompts(loaded.hf_model.config.vocab_size, n, args.prompt_len)

@@ -198,6 +198,7 @@ class Sampling:
     prompt_logprobs: int | None = None  # each prompt token's raw logprob (after the first), with this many top ones
     min_new_tokens: int | None = None  # no EOS or stop token before this many tokens
     skip_special_tokens: bool | None = None  # False: special tokens' text is kept; None: the server's (left out)
+    spaces_between_special_tokens: bool | None = None  # vLLM's; None: the server's (true)
     include_stop_str_in_output: bool = False  # the stop string that ends the text stays in it
     allowed_token_ids: list[int] = field(default_factory=list)  # only these may be sampled; empty: any
     bad_words: list[str] = field(default_factory=list)  # words the output may not contain (by their tokens)

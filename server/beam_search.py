@@ -70,11 +70,11 @@ async def beam_search(prompt: tuple[int, ...], params: BeamSearchParams, step: S
 
 
 def beam_events(beam: Beam, prompt: tuple[int, ...], tokenizer, request_id: str, skip_special_tokens: bool = True,
-                logprobs: int | None = None) -> list[TokenEvent]:
+                logprobs: int | None = None, spaces_between_special_tokens: bool = True) -> list[TokenEvent]:
     """A beam as the events a request that generated its tokens would have sent: text deltas
     (an EOS adds none), each token's logprob with ``logprobs`` alternatives when asked, and the
     finish reason and token counts on the last."""
-    detok = IncrementalDetokenizer(tokenizer, list(prompt), skip_special_tokens)
+    detok = IncrementalDetokenizer(tokenizer, list(prompt), skip_special_tokens, spaces_between_special_tokens)
     events = []
     for i, (token, lp) in enumerate(zip(beam.tokens, beam.logprobs, strict=True)):
         text = "" if beam.eos and i == len(beam.tokens) - 1 else detok.add(token)

@@ -15,9 +15,12 @@ WINDOW = 32  # tokens a window may hold before it slides (one extra decode each 
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # passed only when false: transformers' decode (slow tokenizers) takes it, fast ones ignore it
+        self.options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(self.ids) - CONTEXT_TOKENS, 0)
         self.read_offset = len(self.ids)
@@ -25,7 +28,7 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+                                     clean_up_tokenization_spaces=False, **self.options)
 
     def add(self, token_id: int) -> str:
         """Append a token; return the text it completes (maybe empty)."""

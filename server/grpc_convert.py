@@ -49,6 +49,8 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_new_tokens: int) -> Sampl
         min_new_tokens=s.min_new_tokens,
         structured_output=structured_from_pb(s.structured_output) if s.HasField("structured_output") else None,
         skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True,
+        spaces_between_special_tokens=s.spaces_between_special_tokens
+        if s.HasField("spaces_between_special_tokens") else True,
         include_stop_str_in_output=s.include_stop_str_in_output,
         allowed_token_ids=tuple(s.allowed_token_ids),
         bad_words=tuple(s.bad_words),

@@ -64,7 +64,7 @@ FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.
 # may be. These are vLLM's extensions; a body type may add its own (GenerationBody.unserved).
 VLLM_EXTENSION = " (a vLLM extension) is not supported"
 UNSERVED_EXTRAS = {name: (harmless, VLLM_EXTENSION) for name, harmless in {
-    "spaces_between_special_tokens": (True,), "logits_processors": (),
+    "logits_processors": (),
 }.items()}
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # a beam search step reads each beam's 2n most likely next tokens
 # What beam search does not take, with the values that ask for nothing (null, [], {} and "" too):
@@ -134,6 +134,7 @@ class GenerationBody(BaseModel):
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and rank, and this many top ones
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # vLLM's (SamplingParams.spaces_between_special_tokens)
     include_stop_str_in_output: bool = False
     add_special_tokens: bool | None = None  # the tokenizer's (BOS...); unset: yes for prompts, no for chat
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as allowed)
@@ -220,6 +221,7 @@ class GenerationBody(BaseModel):
             logprobs=logprobs, prompt_logprobs=self.prompt_logprobs, min_new_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=tuple(bias),
             structured_output=self.structured_output(), skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             allowed_token_ids=tuple(self.allowed_token_ids or ()), bad_words=tuple(self.bad_words or ()),
         )

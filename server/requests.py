@@ -66,6 +66,9 @@ class SamplingParams:
     min_new_tokens: int = 0  # until this many are generated, EOS (unless ignored) and stop_token_ids cannot be sampled
     structured_output: StructuredOutput | None = None  # None: free text
     skip_special_tokens: bool = True  # False: special tokens' text stays in the output (not a finishing EOS's)
+    # vLLM's: a space between special tokens' texts where they stay, which only a slow tokenizer's
+    # decode puts there (a fast one, every model's here, writes them side by side either way)
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # True: the text ends with the stop string that ended it
     allowed_token_ids: tuple[int, ...] = ()  # only these may be sampled (vLLM's); (): any
     bad_words: tuple[str, ...] = ()  # words the output may not contain, banned by their tokens (vLLM's; bad_words.py)

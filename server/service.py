@@ -187,7 +187,8 @@ class Service:
                 for search in searches:
                     search.cancel()
             tokenizer = self.ready().tokenizer
-            return [beam_events(beam, req.prompt_token_ids, tokenizer, rid, sampling.skip_special_tokens, sampling.logprobs)
+            return [beam_events(beam, req.prompt_token_ids, tokenizer, rid, sampling.skip_special_tokens, sampling.logprobs,
+                                sampling.spaces_between_special_tokens)
                     for req, beams in zip(whole, found, strict=True) for beam in beams]
 
     # ---- tokenizing (vLLM's /tokenize and /detokenize) ----

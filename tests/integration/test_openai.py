@@ -380,7 +380,6 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
         (dict(extra_body={"priority": -(1 << 31) - 1}), "priority"),  # an int32, as gRPC's
-        (dict(extra_body={"spaces_between_special_tokens": False}), "spaces_between_special_tokens"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.completions.create(model="attn-r4", prompt="hi", **kwargs)
@@ -397,7 +396,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     assert e.value.body["param"] == "chat_template"
     # their values that ask for nothing, as clients send them, are served
     defaults = {"use_beam_search": False, "length_penalty": 1, "bad_words": [], "priority": 0, "prompt_logprobs": None,
-                "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False, "metadata": {"k": "v"}}
+                "return_tokens_as_token_ids": False, "metadata": {"k": "v"}}
     assert oserver.oa.completions.create(model="attn-r4", prompt="hi", max_tokens=1, extra_body=defaults).choices
     with pytest.raises(openai.BadRequestError, match=r"top_logprobs must be in \[0, 20\], got 21") as e:
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
@@ -1085,6 +1084,23 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(oserver):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == 32
     assert again.choices[0].text == first.choices[0].text
+
+
+def test_spaces_between_special_tokens_leaves_a_fast_tokenizers_text_as_it_is(oserver):
+    """vLLM's spaces_between_special_tokens, false as some clients always send it: served, and with a
+    fast tokenizer (every model's here, as in vLLM) the text with special tokens kept is the same
+    either way: their texts side by side, no space put between them."""
+    ask = dict(model="attn-r4", prompt="hi", max_tokens=12, temperature=0)
+
+    def text(spaces: bool) -> str:
+        return oserver.oa.completions.create(**ask, extra_body={
+            "ignore_eos": True, "skip_special_tokens": False, "allowed_token_ids": [1, 2],
+            "spaces_between_special_tokens": spaces}).choices[0].text
+
+    assert text(False) == text(True) and re.fullmatch(r"(<\|im_start\|>|<\|im_end\|>){12}", text(False))
+    with pytest.raises(openai.BadRequestError) as e:
+        oserver.oa.completions.create(**ask, extra_body={"spaces_between_special_tokens": "maybe"})
+    assert e.value.body["param"] == "spaces_between_special_tokens"
 
 
 def test_a_cache_salt_keeps_prefix_cache_hits_among_requests_with_that_salt(oserver):

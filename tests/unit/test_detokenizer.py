@@ -54,3 +54,24 @@ def test_special_tokens_are_skipped_unless_asked_to_be_kept(tmp_path):
         streamed = "".join([detok.add(t) for t in rest] + [detok.flush()])
         assert streamed == tok.decode(rest, skip_special_tokens=skip)
     assert streamed == "<|im_start|> hi there<|im_start|>"
+
+
+class SlowLike:
+    """A tokenizer whose decode, like a slow tokenizer's, puts a space between special tokens'
+    texts unless told not to (``spaces_between_special_tokens``)."""
+
+    texts = {0: "<a>", 1: "<b>", 2: "x"}
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=None,
+               spaces_between_special_tokens=True):
+        parts = [self.texts[i] for i in ids if not (skip_special_tokens and i < 2)]
+        return (" " if spaces_between_special_tokens else "").join(parts)
+
+
+def test_spaces_between_special_tokens_reaches_the_tokenizers_decode():
+    def streamed(spaces: bool) -> str:
+        detok = IncrementalDetokenizer(SlowLike(), [2], skip_special_tokens=False,
+                                       spaces_between_special_tokens=spaces)
+        return "".join([detok.add(t) for t in (0, 1, 0, 2)] + [detok.flush()])
+
+    assert streamed(False) == "<a><b><a>x" and streamed(True) == " <a> <b> <a> x"
