@@ -171,9 +171,10 @@ def _sse_response(events, request_id: str | None = None) -> StreamingResponse:
     return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
 
-async def iter_async(items):
-    for item in items:
-        yield item
+async def _kept_events(events):
+    """A finished background response's kept events, as a stream."""
+    for event in events:
+        yield event
 
 
 def error_event(built: ResponseBuilder, error: Exception) -> dict:
@@ -459,10 +460,10 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     @app.get("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)
-    async def kept_response(response_id: str, stream: bool = False, starting_after: int | None = None,
-                            include_obfuscation: bool | None = None):
+    async def kept_response(response_id: str, stream: bool = False, starting_after: int | None = None):
         """A kept response (``client.responses.retrieve``); with ``stream``, a background one's stream
-        events after ``starting_after``, following those still to come (obfuscation is not added)."""
+        events after ``starting_after``, following those still to come (``include_obfuscation`` is
+        ignored, as unknown query parameters are: no obfuscation is added)."""
         stored = kept.get(response_id)
         if not stream:
             if starting_after is not None:
@@ -477,7 +478,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         after = -1 if starting_after is None else starting_after
         if live is not None:
             return _sse_response(live.follow(after))
-        return _sse_response(iter_async(stored.events[max(after + 1, 0):]))
+        return _sse_response(_kept_events(stored.events[max(after + 1, 0):]))
 
     @app.get("/v1/responses/{response_id}/input_items", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)

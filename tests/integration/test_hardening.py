@@ -535,6 +535,7 @@ prompt_options_pb = st.fixed_dictionaries({}, optional={  # GenerateRequest's re
     "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(), "add_special_tokens": st.booleans(),
     "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), st.integers(-(2**31), 2**31 - 1)),
     "priority": st.one_of(st.integers(-3, 3), st.integers(-(2**31), 2**31 - 1)),
+    "cache_salt": st.one_of(odd_text, st.just("s" * 257)),
     "chat_template_kwargs": st.one_of(odd_text, st.sampled_from(['{"preamble": "x"}', '{"tokenize": false}', "[]",
                                                                  "{", '{"a": ' * 3000 + "1" + "}" * 3000])),
     "documents": st.one_of(odd_text, st.sampled_from(['[{"text": "x"}]', '[{"t": 1}]', "{}", "[[]]"])),
@@ -606,6 +607,7 @@ def http_bodies():
                              odd),
         "min_p": st.one_of(st.floats(-1, 2), odd), "truncate_prompt_tokens": st.one_of(st.integers(-3, 300), odd),
         "priority": st.one_of(st.integers(-3, 3), st.integers(-(2**40), 2**40), odd),
+        "cache_salt": st.one_of(odd_text, st.just("s" * 257), odd), "spaces_between_special_tokens": odd,
         "use_beam_search": st.one_of(st.booleans(), odd), "length_penalty": st.one_of(st.floats(), odd),
         "add_special_tokens": odd, "allowed_token_ids": st.one_of(ids, odd),
         "bad_words": st.one_of(st.lists(odd_text, max_size=4), st.just(["a"] * 129), odd),
@@ -665,7 +667,8 @@ def http_bodies():
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
         "guided_choice": st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3),
-        "priority": st.integers(-2, 2)})
+        "priority": st.integers(-2, 2), "cache_salt": st.sampled_from(["a", "b"]),
+        "skip_special_tokens": st.booleans(), "spaces_between_special_tokens": st.booleans()})
     item = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["user", "developer", "assistant", "tool", ""]),
                                             "content": st.one_of(odd_text, st.lists(st.fixed_dictionaries(
                                                 {"type": st.sampled_from(["input_text", "output_text", "input_image"]),
