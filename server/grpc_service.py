@@ -12,6 +12,7 @@ from ..v1 import loramux_pb2_grpc as pb_grpc
 from . import __version__
 from .errors import RequestDeadlineExceeded, status_name
 from .grpc_convert import adapter_to_pb, prompt_from_pb, response_to_pb, sampling_from_pb, stream_event_to_pb
+from .requests import RequestOptions
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
     async def _submit(self, request: pb.GenerateRequest, context):
         return await self.service.generate(
             prompt_from_pb(request), sampling_from_pb(request.sampling, self.service.config.default_max_new_tokens),
-            request.adapter_id or None, request.request_id or None, context.time_remaining(), request.priority,
-            request.prediction, [(part.adapter_id, part.weight) for part in request.combine], request.cache_salt)
+            RequestOptions(request.adapter_id or None, request.request_id or None, request.priority, request.prediction,
+                           tuple((part.adapter_id, part.weight) for part in request.combine), request.cache_salt,
+                           context.time_remaining()))
 
     @staticmethod
     def _release(stream, context) -> None:

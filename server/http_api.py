@@ -352,8 +352,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         body.check_background(kept.enabled)
         chat = body.as_chat(history).serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
-        (stream,) = await service.generate_choices(prompts, sampling, 1, adapter_of(body.model), rid, body.priority,
-                                                   combine=body.combination(), cache_salt=body.cache_salt or "")
+        (stream,) = await service.generate_choices(prompts, sampling, 1, body.options(adapter_of(body.model), rid))
         tools, text_of = chat.tool_calls(), TokenText(service.ready().tokenizer)
         keep = kept.enabled and body.store is not False
         built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None)
@@ -527,10 +526,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
             else (lambda obj: obj)
         n, k = body.n, body.candidates  # k > n: best_of, never streamed (GenerationBody.check_supported)
-        adapter, combine = adapter_of(body.model), body.combination()
         if body.use_beam_search:  # no echo, no tools (GenerationBody._check_beam_search)
-            beams = await service.beam_search_choices(prompts, sampling, k, body.length_penalty, adapter, rid,
-                                                      body.priority, combine, body.cache_salt or "")
+            beams = await service.beam_search_choices(prompts, sampling, k, body.length_penalty,
+                                                      body.options(adapter_of(body.model), rid))
             choices = [b for i, b in enumerate(beams) if i % k < n]  # each prompt's n best, best first
             if body.stream:  # beams are ranked at the end: their chunks all come then, as vLLM sends them
                 chunks = ChunkMaker(kind, body.model, text_of, len(choices), n=n, request_id=rid,
@@ -543,9 +541,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
         # best_of ranks candidates by their tokens' logprobs: computed when the client did not ask
         run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
-        streams = await service.generate_choices(prompts, run, k, adapter, rid, body.priority,
-                                                 body.predicted() if kind == "chat" else "", combine,
-                                                 cache_salt=body.cache_salt or "")
+        streams = await service.generate_choices(prompts, run, k, body.options(
+            adapter_of(body.model), rid, body.predicted() if kind == "chat" else ""))
         tokenizer = service.ready().tokenizer
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded

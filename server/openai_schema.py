@@ -50,6 +50,7 @@ from .requests import (
     MAX_LOGPROBS,
     FinishReason,
     OutputKind,
+    RequestOptions,
     SamplingParams,
     StructuredOutput,
     TokenEvent,
@@ -181,8 +182,11 @@ class GenerationBody(BaseModel):
         elif self.length_penalty != 1.0:
             raise RequestInvalid("length_penalty ranks beams: it needs use_beam_search", param="length_penalty")
 
-    def combination(self) -> list[tuple[str, float]] | None:
-        return [(part.adapter_id, part.weight) for part in self.combine] if self.combine else None
+    def options(self, adapter_id: str | None, request_id: str, prediction: str = "") -> RequestOptions:
+        """What this body asks of every completion it makes (``adapter_id``: what its model names)."""
+        return RequestOptions(adapter_id, request_id, self.priority, prediction,
+                              tuple((part.adapter_id, part.weight) for part in self.combine or ()),
+                              self.cache_salt or "")
 
     @property
     def candidates(self) -> int:

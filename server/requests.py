@@ -106,6 +106,19 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class RequestOptions:
+    """What a client's call asks of every completion it makes, beside its prompts and sampling."""
+
+    adapter_id: str | None = None  # None: the base model
+    request_id: str | None = None  # every completion's, in the engine and its log lines (None: a random one each)
+    priority: int = 0  # with --scheduling priority: lower first, and may preempt higher
+    prediction: str = ""  # the output expected, with edits, which speculative drafts follow
+    combine: tuple[tuple[str, float], ...] = ()  # instead of adapter_id: that weighted sum of registered adapters
+    cache_salt: str = ""  # prefix-cache hits only from requests with the same salt ("": none)
+    time_remaining: float | None = None  # seconds to the client's deadline (None: none)
+
+
+@dataclass(frozen=True)
 class Timing:
     queue_seconds: float = 0.0
     adapter_load_seconds: float = 0.0

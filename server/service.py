@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,10 +27,11 @@ from .beam_search import BeamSearchParams, beam_events, beam_search
 from .config import ServerConfig
 from .errors import EngineUnavailable, RequestInvalid, status_name
 from .prompts import Prompt
-from .requests import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
+from .requests import GenerationRequest, RequestOptions, SamplingParams, TokenEvent, TokenLogprob
 from .response_store import ResponseStore
 
 log = logging.getLogger(__name__)
+PLAIN = RequestOptions()  # the base model, with nothing more asked (frozen: a safe default)
 
 
 def bearer_refusal(given: str | None, tokens: tuple[str, ...]) -> str | None:
@@ -87,41 +89,29 @@ class Service:
         return self.config.served_model_name or self.ready().loaded.name
 
     # ---- generation ----
-    async def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
-                       request_id: str | None = None, time_remaining: float | None = None, priority: int = 0,
-                       prediction: str = "", combine: list[tuple[str, float]] | None = None, cache_salt: str = ""):
-        """Validate, render the prompt off the loop and submit; returns the engine's RequestStream.
-        ``prediction``: the output expected, with edits, which speculative drafts follow.
-        ``combine`` [(id, weight)]: instead of ``adapter_id``, that sum of registered adapters.
-        ``time_remaining``: seconds to the client's deadline (None: none). ``cache_salt``: its
-        prefix-cache hits come only from requests with the same salt ("": none)."""
-        (stream,) = await self.generate_choices([prompt], sampling, 1, adapter_id, request_id, priority, prediction,
-                                                combine, time_remaining, cache_salt)
+    async def generate(self, prompt: Prompt, sampling: SamplingParams, options: RequestOptions = PLAIN):
+        """Validate, render the prompt off the loop and submit; returns the engine's RequestStream."""
+        (stream,) = await self.generate_choices([prompt], sampling, 1, options)
         return stream
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
-                               adapter_id: str | None = None, request_id: str | None = None,
-                               priority: int = 0, prediction: str = "",
-                               combine: list[tuple[str, float]] | None = None,
-                               time_remaining: float | None = None, cache_salt: str = "") -> list:
+                               options: RequestOptions = PLAIN) -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
         refused, those already submitted are cancelled and its error raised. The prompt's full KV
         blocks are computed once: the scheduler holds the other completions back until the first
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
-        come with the first completion of each prompt only (the caller shares them).
-        ``request_id``: every completion's, in the engine and its log lines (None: a random one each).
-        ``prediction``, ``combine``, ``time_remaining``, ``cache_salt``: as for ``generate``, every
-        completion's."""
-        self._check_choices(len(prompts), n, adapter_id)
+        come with the first completion of each prompt only (the caller shares them). ``options``:
+        every completion's."""
+        self._check_choices(len(prompts), n, options.adapter_id)
         streams = []
         try:
-            with self._counting_refusals(adapter_id):
-                async with self._adapter_held(adapter_id, combine) as adapter_id:
+            with self._counting_refusals(options.adapter_id):
+                async with self._adapter_held(options.adapter_id, options.combine) as adapter_id:
                     rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
                     await self._prepare(sampling)
-                    predicted = await self._predicted(prediction)
+                    predicted = await self._predicted(options.prediction)
                     # the other completions of a prompt leave its logprobs to the first (the same
                     # values), so they may hit the blocks it computes
                     later = sampling if sampling.prompt_logprobs is None else replace(sampling, prompt_logprobs=None)
@@ -129,8 +119,7 @@ class Service:
                         for j in range(n):
                             seeded = sampling if j == 0 else later if later.seed is None else \
                                 replace(later, seed=(later.seed + j) % (1 << 64))
-                            streams.append(self._submit(ids, seeded, adapter_id, request_id, time_remaining,
-                                                        priority, predicted, cache_salt))
+                            streams.append(self._submit(ids, seeded, adapter_id, options, predicted))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -145,24 +134,25 @@ class Service:
                                      "(--max-choices-per-request)")
 
     async def beam_search_choices(self, prompts: list[Prompt], sampling: SamplingParams, width: int,
-                                  length_penalty: float = 1.0, adapter_id: str | None = None,
-                                  request_id: str | None = None, priority: int = 0,
-                                  combine: list[tuple[str, float]] | None = None,
-                                  cache_salt: str = "") -> list[list[TokenEvent]]:
+                                  length_penalty: float = 1.0,
+                                  options: RequestOptions = PLAIN) -> list[list[TokenEvent]]:
         """vLLM's beam search (server/beam_search.py): the ``width`` best beams of each prompt, best
         first, as the events of choices (prompt p's j-th is choice p * width + j). ``sampling`` gives
         max_new_tokens, ignore_eos, logprobs and skip_special_tokens; the request they make is
         validated whole first. Each step's beams run as one-token requests of their own, so they
-        batch with other traffic, and the prefix cache serves what they share."""
-        self._check_choices(len(prompts), width, adapter_id)
-        rid = request_id or uuid.uuid4().hex
+        batch with other traffic, and the prefix cache serves what they share. ``options``: every
+        step's requests' (a prediction drafts nothing here)."""
+        self._check_choices(len(prompts), width, options.adapter_id)
+        options = replace(options, request_id=options.request_id or uuid.uuid4().hex)  # one id for every step
+        rid = options.request_id
         async with contextlib.AsyncExitStack() as held:  # its adapter held until every step is submitted
-            with self._counting_refusals(adapter_id):
-                adapter_id = await held.enter_async_context(self._adapter_held(adapter_id, combine))
+            with self._counting_refusals(options.adapter_id):
+                adapter_id = await held.enter_async_context(self._adapter_held(options.adapter_id, options.combine))
                 rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
                 engine = self.ready().engine
-                whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None, priority=priority,
-                                                         cache_salt=cache_salt)) for ids in rendered]
+                whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None,
+                                                         priority=options.priority, cache_salt=options.cache_salt))
+                         for ids in rendered]
                 for req in whole:
                     engine.validate(req)
             one = SamplingParams(1, ignore_eos=True, logprobs=max(2 * width, sampling.logprobs or 0))
@@ -171,8 +161,7 @@ class Service:
                 streams = []
                 try:
                     for ids in seqs:
-                        streams.append(self._submit(list(ids), one, adapter_id, rid, priority=priority,
-                                                    cache_salt=cache_salt))
+                        streams.append(self._submit(list(ids), one, adapter_id, options))
                     return [(await _last(stream)).logprob for stream in streams]
                 finally:
                     for stream in streams:
@@ -264,14 +253,15 @@ class Service:
         return tuple(await self.work.run("tokenizing the prediction", functools.partial(
             tokenizer.encode, prediction, add_special_tokens=False)))
 
-    def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None,
-                request_id: str | None = None, time_remaining: float | None = None, priority: int = 0,
-                prediction: tuple[int, ...] = (), cache_salt: str = ""):
+    def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None, options: RequestOptions,
+                prediction: tuple[int, ...] = ()):
+        """``adapter_id``: the one the call resolved (a combination's registration); ``prediction``:
+        its tokens."""
+        remaining = options.time_remaining
         req = GenerationRequest(
-            request_id=request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
-            adapter_id=adapter_id or None,
-            deadline=None if time_remaining is None else time.monotonic() + time_remaining, priority=priority,
-            prediction=prediction, cache_salt=cache_salt,
+            request_id=options.request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
+            adapter_id=adapter_id or None, deadline=None if remaining is None else time.monotonic() + remaining,
+            priority=options.priority, prediction=prediction, cache_salt=options.cache_salt,
         )
         return self.ready().engine.submit(req)
 
@@ -339,7 +329,7 @@ class Service:
 
     # ---- the adapter a call's requests run with, held until they are submitted ----
     @contextlib.asynccontextmanager
-    async def _adapter_held(self, adapter_id: str | None, combine: list[tuple[str, float]] | None):
+    async def _adapter_held(self, adapter_id: str | None, combine: Sequence[tuple[str, float]]):
         """Yields the adapter a call's requests run with: ``adapter_id``, or the weighted sum of
         registered adapters ``combine`` [(id, weight)] names, registered on its first use as a
         dynamic combination (Registry.combination_for: ranks side by side, as RegisterAdapter's
@@ -382,7 +372,7 @@ class Service:
         with self._claims_lock:
             return set(self._claims)
 
-    def _register_combination(self, parts: list[tuple[str, float]], claim):
+    def _register_combination(self, parts: Sequence[tuple[str, float]], claim):
         """Worker thread: the registered combination of ``parts``, claimed, making room (_with_room)."""
         try:
             entry, new = self._with_room(functools.partial(self.built.registry.combination_for, parts, claim),
