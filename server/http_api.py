@@ -367,13 +367,16 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 response["store"] = kept.put(response, *body.conversation(history, response))
             return response
 
-        async def events_of(finish, tokens: list, status: str = "in_progress"):
+        async def events_of(finish, tokens: list, queued: bool = False):
             """The stream's events (``tokens`` collects the engine's); ``finish`` builds the last
-            response; ``status``: the created one's."""
+            response; ``queued``: a background response's, in progress from its first token."""
             chunks = ChunkMaker("chat", body.model, text_of, tools=tools)
-            for event in built.opening(status):
+            for event in built.opening(queued):
                 yield event
             async for ev in stream:
+                if queued and not tokens:
+                    for event in built.started():
+                        yield event
                 tokens.append(ev)
                 for chunk in chunks.events(ev):
                     for event in built.from_chunk(chunk):
@@ -382,8 +385,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 yield clamp(event)
 
         if body.background:
-            tokens = []
-            log = in_background(stream, built, events_of(finished, tokens, "queued"), tokens,
+            log = in_background(stream, built, events_of(finished, [], queued=True),
                                 body.conversation(history, built.response(None)))
             if body.stream:  # the client reads the log: leaving stops its reading, not the response
                 return _sse_response(log.follow(), rid)
@@ -405,12 +407,11 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
         return _sse_response(sse(), rid)
 
-    def in_background(stream, built: ResponseBuilder, events, tokens: list,
-                      conversation: tuple[list[dict], int]) -> EventLog:
+    def in_background(stream, built: ResponseBuilder, events, conversation: tuple[list[dict], int]) -> EventLog:
         """Keep the response queued and generate it in a task of its own, which keeps it in
-        progress (from its first token), then done (or failed, or cancelled by POST .../cancel),
-        with ``events`` (its stream's, ``tokens`` the engine's) in an ``EventLog`` that is kept
-        with it; returns the log."""
+        progress (from its first token: its response.in_progress event), then done (or failed, or
+        cancelled by POST .../cancel), with ``events`` (its stream's) in an ``EventLog`` that is
+        kept with it; returns the log."""
         log = EventLog()
         kept.put(built.response(None, "queued"), *conversation)
 
@@ -419,8 +420,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             try:
                 async for event in events:
                     log.append(event)
-                    if tokens and response is None:
-                        response = built.response(None, "in_progress")
+                    if event["type"] == "response.in_progress":
+                        response = event["response"]
                         kept.put(response, *conversation)
                 response = log.events[-1]["response"]  # response.completed's
             except asyncio.CancelledError:

@@ -280,10 +280,16 @@ class ResponseBuilder:
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
-    def opening(self, status: str = "in_progress") -> list[dict]:
-        """``status``: the created response's (a background one is queued until it is generated)."""
-        return [self.event("response.created", response=self.response(None, status)),
-                self.event("response.in_progress", response=self.response(None))]
+    def opening(self, queued: bool = False) -> list[dict]:
+        """The first events; ``queued`` (a background response): created queued, and in progress only
+        once generated (``started``)."""
+        if queued:
+            return [self.event("response.created", response=self.response(None, "queued")),
+                    self.event("response.queued", response=self.response(None, "queued"))]
+        return [self.event("response.created", response=self.response(None)), *self.started()]
+
+    def started(self) -> list[dict]:
+        return [self.event("response.in_progress", response=self.response(None))]
 
     def from_chunk(self, chunk: dict) -> list[dict]:
         """The events of one chat chunk's delta (its text, its tool calls)."""
