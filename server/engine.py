@@ -377,7 +377,7 @@ class Engine:
         self._expire_deadlines()
         fairness = self._fairness()  # one view of the service per turn, for look-ahead and admission
         ready, loading = self._poll_adapters(fairness)
-        if self.by_priority:
+        if self.by_priority and loading:  # else every waiting adapter is ready: none waits for pages
             ready = self._preempt_for_pages(ready)
         return self._step(ready, fairness), loading
 

@@ -171,12 +171,6 @@ def _sse_response(events, request_id: str | None = None) -> StreamingResponse:
     return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
 
-async def _kept_events(events):
-    """A finished background response's kept events, as a stream."""
-    for event in events:
-        yield event
-
-
 def error_event(built: ResponseBuilder, error: Exception) -> dict:
     """A failure once the stream has begun, as its last event."""
     status, message, param = _error_of(error, RESPONSES_NAMES)
@@ -475,10 +469,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 "was kept without its events (too large for --responses-store-bytes with them)"
             raise RequestInvalid(f"response {clip(response_id)} {why}: only a background response's events can be "
                                  "streamed", param="stream")
-        after = -1 if starting_after is None else starting_after
-        if live is not None:
-            return _sse_response(live.follow(after))
-        return _sse_response(_kept_events(stored.events[max(after + 1, 0):]))
+        log = live if live is not None else EventLog(stored.events, closed=True)
+        return _sse_response(log.follow(-1 if starting_after is None else starting_after))
 
     @app.get("/v1/responses/{response_id}/input_items", dependencies=[Depends(authorized)])
     @errors_as_responses(names=RESPONSES_NAMES)

@@ -352,9 +352,10 @@ class EventLog:
     from a point (``follow``) while it is generated; kept with the response once it is done.
     Event loop only."""
 
-    def __init__(self):
-        self.events: list[dict] = []  # event i has sequence_number i
-        self.closed = False
+    def __init__(self, events: tuple[dict, ...] = (), closed: bool = False):
+        """``events`` and ``closed``: a finished response's kept log, read again."""
+        self.events: list[dict] = list(events)  # event i has sequence_number i
+        self.closed = closed
         self._changed = asyncio.Event()
 
     def append(self, event: dict) -> None:

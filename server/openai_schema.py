@@ -593,7 +593,7 @@ def completion_response(model: str, choices: list[list[TokenEvent]], n: int, tex
                     "finish_reason": "length" if only else FINISH[events[-1].finish_reason],
                     "stop_reason": None if only else events[-1].stop_reason,
                     "logprobs": completion_logprobs(entries, text_of)})
-        lasts.append(replace(events[-1], completion_tokens=0) if echo and echo.only else events[-1])
+        lasts.append(replace(events[-1], completion_tokens=0) if only else events[-1])
     return {"id": new_id("cmpl", request_id), "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": out, "usage": usage(lasts, n)}
 

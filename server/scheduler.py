@@ -229,7 +229,7 @@ def schedule(
             for victim in adapter_slot(seq):
                 preempt(active.index(victim))
                 batch -= 1
-            adapters = {s.adapter for s in (*active, *admitted) if s.adapter is not None}
+                adapters = {s.adapter for s in (*active, *admitted) if s.adapter is not None}
         if waits or (new_adapter and budgets.adapter_cap_reached(adapters)):
             del queues[tenant]  # its own reason: the rest of its tenant waits too, others go ahead
             continue
