@@ -89,6 +89,9 @@ class AdapterSpec:
     trainable_tokens: tuple[int, ...] = ()
     trainable_tokens_module: str | None = None
     tokens_field: str = "trainable_token_indices"  # the config field that lists them (TRAINABLE_TOKENS: token_indices)
+    # PEFT's modules_to_save: modules (the token embedding, lm_head) the adapter holds a fully trained copy of
+    modules_to_save: tuple[str, ...] = ()
+    ensure_weight_tying: bool = False  # PEFT's: a tied embedding and lm_head stay tied (both copies saved)
     # compiled regexes, made by parse_adapter_config: key -> pattern, and target_modules as a regex
     _rank_re: dict = field(default_factory=dict, compare=False, repr=False)
     _alpha_re: dict = field(default_factory=dict, compare=False, repr=False)
@@ -114,11 +117,17 @@ class AdapterSpec:
             fields["use_dora"] = True
         if self.trainable_tokens:
             fields["trainable_token_indices"] = list(self.trainable_tokens)
+        if self.modules_to_save:
+            fields["modules_to_save"] = list(self.modules_to_save)
         return json.dumps(fields, sort_keys=True)
 
     @property
     def target_names(self) -> list[str]:
         return [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+
+    def saves(self, module: str) -> bool:
+        """Whether modules_to_save names ``module`` (PEFT's rule: the full name, or its end at a dot)."""
+        return any(module == m or module.endswith("." + m) for m in self.modules_to_save)
 
     def unmatched_targets(self, module_names) -> list[str]:
         """The targets that match none of ``module_names``, by PEFT's rule: a regex must match a
@@ -146,8 +155,7 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
     for name in REQUIRED_FIELDS:
         if raw.get(name) in (None, "", []):
             raise _refuse(name, "is required")
-    if raw.get("modules_to_save"):
-        raise _refuse("modules_to_save", "fully trained extra modules are not supported")
+    saved = _modules_to_save(raw.get("modules_to_save"))
     if raw.get("bias", "none") != "none":
         raise _refuse("bias", f"{clip(str(raw['bias']))} is not supported; only 'none'")
     if raw.get("target_parameters"):
@@ -184,6 +192,8 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
         base_model_name_or_path=base if isinstance(base, str) else None,
         trainable_tokens=tokens,
         trainable_tokens_module=tokens_module,
+        modules_to_save=saved,
+        ensure_weight_tying=_flag(raw, "ensure_weight_tying"),
         _rank_re={k: _pattern_regex(k, "rank_pattern") for k in rank_pattern},
         _alpha_re={k: _pattern_regex(k, "alpha_pattern") for k in alpha_pattern},
         _target_re=target_re,
@@ -206,6 +216,20 @@ def _trainable_tokens_spec(raw: dict, enabled: Collection[str]) -> AdapterSpec:
                        base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(
                            raw.get("base_model_name_or_path"), str) else None,
                        trainable_tokens=tokens, trainable_tokens_module=names[0], tokens_field="token_indices")
+
+
+def _modules_to_save(value) -> tuple[str, ...]:
+    """PEFT's ``modules_to_save``: module names whose fully trained copies the adapter holds;
+    served for the token embedding and lm_head (adapters/saved_modules.py)."""
+    if value in (None, []):
+        return ()
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise _refuse("modules_to_save", f"must be a list of module names, got {clip(str(value))}")
+    other = [m for m in value if leaf(m) != HEAD and leaf(m) not in EMBEDDINGS]
+    if other:
+        raise _refuse("modules_to_save", f"fully trained copies are served of the token embedding "
+                                         f"({', '.join(EMBEDDINGS)}) and {HEAD} only, got {clip(other[0])}")
+    return tuple(value)
 
 
 def _trainable_tokens(value, enabled: Collection[str], name: str = "trainable_token_indices"

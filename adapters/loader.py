@@ -26,6 +26,7 @@ import torch
 from .config import EMBEDDINGS, HEAD, OPT_IN, AdapterSpec, leaf, opt_in_refusal, read_adapter_config
 from .errors import AdapterInvalid, clip
 from .files import AdapterFile, ReadBuffer, exists
+from .saved_modules import SavedModule, SavedModuleStore
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -43,6 +44,15 @@ _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.we
 # trainable_token_indices under token_adapter; a TRAINABLE_TOKENS adapter's on the module itself)
 _TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:token_adapter\.)?trainable_tokens_delta"
                          r"(?:\.default)?$")
+# PEFT's modules_to_save: a fully trained copy of the module (tried after the keys above)
+_SAVED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.weight$")
+
+
+def _unread(key: str) -> bool:
+    """Whether a load leaves the tensor unread: a saved base layer (checked at registration) or a
+    fully trained module (registration holds it, adapters/saved_modules.py)."""
+    return _KEY.match(key) is None and _TOKENS_KEY.match(key) is None and \
+        (_BASE_KEY.match(key) is not None or _SAVED_KEY.match(key) is not None)
 
 
 def _part(match: re.Match) -> str:
@@ -72,6 +82,10 @@ class LoRALayout:
     base_weight: Callable[[int, str], torch.Tensor] | None = field(default=None, compare=False, repr=False)
     # lm_head's weight is the token embedding's (tie_word_embeddings): trainable tokens change both
     tied_head: bool = False
+    # module name -> the served weight [vocab, hidden] an adapter's fully trained copy (PEFT's
+    # modules_to_save) replaces: the token embedding and lm_head where the server holds such copies
+    # (--max-saved-modules), else empty
+    saveable: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -141,6 +155,8 @@ class AdapterManifest:
     weights_identity: tuple[int, ...] | None = None
     magnitude: bool = False  # DoRA: one page more than ``rank`` rows of LoRA, holding the magnitude scale
     tensors: TensorPlan | None = field(default=None, repr=False, compare=False)  # where the file keeps them
+    # module -> its fully trained copy that replaces the served one (modules_to_save), held with the manifest
+    saved: dict[str, SavedModule] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def depends_on_base(self) -> bool:
@@ -151,8 +167,14 @@ class AdapterManifest:
 
     @property
     def changes_kv(self) -> bool:
-        """Whether it changes the decoder's keys and values; LoRA on lm_head alone does not."""
-        return any(leaf(module) != HEAD for module in self.module_ranks)
+        """Whether it changes the decoder's keys and values; LoRA on lm_head alone does not, nor a
+        trained copy of lm_head."""
+        return any(leaf(module) != HEAD for module in (*self.module_ranks, *self.saved))
+
+    def saved_weight(self, head: bool) -> torch.Tensor | None:
+        """The trained copy [vocab, hidden] that replaces lm_head (``head``) or the token embedding
+        for this adapter's rows, or None."""
+        return next((m.weight for module, m in self.saved.items() if (leaf(module) == HEAD) == head), None)
 
     @property
     def lora_rank(self) -> int:
@@ -301,7 +323,7 @@ def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int, into: R
         _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
     prefix = prefix[: 8 + header_len]
     skip = sorted((8 + header_len + start, 8 + header_len + end) for key, info in header.items()
-                  if _BASE_KEY.match(key) for start, end in [info["data_offsets"]]) if trusted else []
+                  if _unread(key) for start, end in [info["data_offsets"]]) if trusted else []
     data = f.read_except(skip, into) if skip else f.read(f.size, into=into)
     if skip and f.identity() != validated:  # changed meanwhile: the hash check needs every byte
         data = f.read(f.size, into=into)
@@ -317,17 +339,22 @@ def _modules_from_shapes(
     found: dict[str, dict[str, list[int]]] = {}
     saved_base: dict[str, list[int]] = {}
     tokens: dict[str, list[int]] = {}
+    saved: dict[str, list[int]] = {}
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if m is None:
-            base, rows = _BASE_KEY.match(key), _TOKENS_KEY.match(key)
+            base, rows, copy = _BASE_KEY.match(key), _TOKENS_KEY.match(key), _SAVED_KEY.match(key)
             if rows is not None:
                 tokens[rows["module"]] = list(shape)
                 continue
+            if base is None and copy is not None and leaf(copy["module"]) in OPT_IN:
+                saved[copy["module"]] = list(shape)
+                continue
             if base is None or leaf(base["module"]) not in OPT_IN:
                 raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights, DoRA's "
-                                     "lora_magnitude_vector, trainable tokens' rows and the saved base layer of "
-                                     "lm_head or the token embedding are supported")
+                                     "lora_magnitude_vector, trainable tokens' rows, the saved base layer of "
+                                     "lm_head or the token embedding and their fully trained copies "
+                                     "(modules_to_save) are supported")
             saved_base[base["module"]] = list(shape)
             continue
         found.setdefault(m["module"], {})[_part(m)] = list(shape)
@@ -388,7 +415,46 @@ def _modules_from_shapes(
                 f"{clip(module)}, whose tensors have rank {ra}"
             )
         ranks[module] = ra
+    _check_saved(saved, spec, layout, found, tokens)
     return {**ranks, **_token_ranks(tokens, spec, layout, max_rank, found)}
+
+
+def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: LoRALayout, lora_modules,
+                 tokens) -> None:
+    """Fully trained copies (module -> shape) against the config, the model and the adapter's
+    other weights."""
+    field_name = "adapter_config.json field 'modules_to_save'"
+    if (saved or spec is not None and spec.modules_to_save) and not layout.saveable:
+        raise AdapterInvalid(f"{field_name}: fully trained modules are not enabled on this server (start it with "
+                             "--max-saved-modules N: how many copies of the token embedding or lm_head it may hold)")
+    for module, shape in saved.items():
+        served = layout.saveable.get(module)
+        if served is None:
+            raise AdapterInvalid(f"{clip(module + '.weight')}: a fully trained copy of a module that is not this "
+                                 f"model's token embedding or {HEAD} ({', '.join(layout.saveable)})")
+        if shape != list(served.shape):
+            raise AdapterInvalid(f"{clip(module + '.weight')} {shape} is not the shape of the base model's {module} "
+                                 f"{list(served.shape)}: the adapter was trained on a resized vocabulary, which is not "
+                                 "served")
+        if module in lora_modules:
+            raise AdapterInvalid(f"module {clip(module)}: LoRA and a fully trained copy of the same module are not "
+                                 "supported")
+    if saved and tokens:
+        raise AdapterInvalid("trainable tokens together with fully trained modules (modules_to_save) are not "
+                             "supported")
+    if spec is None:
+        return
+    tied = spec.ensure_weight_tying and layout.tied_head
+    listed = {m for m in layout.saveable if spec.saves(m)}
+    if tied and listed:  # PEFT keeps them tied: listing one saves both
+        listed = set(layout.saveable)
+    missing, unlisted = sorted(listed - saved.keys()), sorted(saved.keys() - listed)
+    if missing:
+        raise AdapterInvalid(f"{field_name} lists {clip(missing[0])}, but the weights hold no copy of it "
+                             f"({clip(missing[0] + '.weight')})")
+    if unlisted:
+        raise AdapterInvalid(f"{clip(unlisted[0] + '.weight')}: a fully trained copy of a module that {field_name} "
+                             "does not list")
 
 
 def _token_ranks(tokens: dict[str, list[int]], spec: AdapterSpec | None, layout: LoRALayout, max_rank: int,
@@ -540,6 +606,7 @@ def _largest_adapter_bytes(layout: LoRALayout, max_rank: int) -> int:
     """Every supported module at max_rank in float64: no valid weights file is larger."""
     per_rank = sum(sum(layout.shapes[kind]) for _, kind in layout.modules.values())
     saved = sum(layout.shapes[k][0] * layout.shapes[k][1] for k in layout.kinds if k in OPT_IN)  # base layers
+    saved += sum(w.numel() for w in layout.saveable.values())  # fully trained copies
     return (max_rank * per_rank + saved) * 8
 
 
@@ -560,10 +627,12 @@ def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayou
 
 
 def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
-                    allow_pickle: bool = False, confine: Path | None = None) -> AdapterManifest:
+                    allow_pickle: bool = False, confine: Path | None = None,
+                    saved_store: SavedModuleStore | None = None) -> AdapterManifest:
     """Validate the config, the weights' header and shapes, and hash the weights' bytes. The
     values are decoded (and checked finite) at load. Files must resolve inside ``confine``
-    (default: the adapter directory). A pickle file is accepted only with ``allow_pickle``."""
+    (default: the adapter directory). A pickle file is accepted only with ``allow_pickle``.
+    Fully trained modules (modules_to_save) are converted now and held in ``saved_store``."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if not adapter_dir.is_dir():
@@ -579,15 +648,23 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
         shapes = {k: v["shape"] for k, v in header.items()}
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
     _check_dora(spec, layout, ranks)
-    if any(_BASE_KEY.match(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
-        _check_saved_base(_unpickle(data, name) if header is None else _decode(name, data, header), layout)
+    tensors = None
+    if any(_unread(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
+        tensors = _unpickle(data, name) if header is None else _decode(name, data, header)
+        _check_saved_base(tensors, layout)
     rank = max(ranks.values()) + spec.use_dora
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
     digest = hashlib.sha256(data).hexdigest()
+    copies = {} if tensors is None else {m["module"]: t for key, t in tensors.items() if _unread(key) and
+                                         _BASE_KEY.match(key) is None for m in [_SAVED_KEY.match(key)]}
+    if copies and saved_store is None:
+        raise AdapterInvalid("adapter_config.json field 'modules_to_save': this server cannot hold fully trained "
+                             "modules")
+    saved = saved_store.hold(digest, copies, layout.saveable) if copies else {}
     content = hashlib.sha256(f"{digest}\n{spec.scaling_identity()}".encode()).hexdigest()
     plan = None if header is None or identity is None else _tensor_plan(data, header, spec, layout, ranks)
     return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content, identity,
-                           spec.use_dora, plan)
+                           spec.use_dora, plan, saved)
 
 
 def _tensor_plan(data, header: dict[str, dict], spec: AdapterSpec, layout: LoRALayout,
@@ -612,7 +689,7 @@ def _tensor_plan(data, header: dict[str, dict], spec: AdapterSpec, layout: LoRAL
     if any(offset % size for offset in offsets):
         return None
     body = 8 + struct.unpack("<Q", data[:8])[0]
-    skip = tuple(sorted((body + start, body + end) for key, info in header.items() if _BASE_KEY.match(key)
+    skip = tuple(sorted((body + start, body + end) for key, info in header.items() if _unread(key)
                         for start, end in [info["data_offsets"]]))
     return TensorPlan(hashlib.sha256(data[:body]).digest(), body, TORCH_DTYPES[dtype], names,
                       array("q", [offset // size for offset in offsets]),

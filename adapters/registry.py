@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
 from .files import inside
 from .loader import AdapterManifest, LoRALayout, combination_manifest, inspect_adapter
+from .saved_modules import SavedModuleStore
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
@@ -65,10 +66,13 @@ class RegisteredAdapter:
 
 class AdapterRegistry:
     def __init__(self, layout: LoRALayout, max_rank: int, element_size: int, roots: tuple[Path, ...] = (),
-                 allow_pickle: bool = False, max_adapters: int = 4096, max_pages: int | None = None):
+                 allow_pickle: bool = False, max_adapters: int = 4096, max_pages: int | None = None,
+                 max_saved_modules: int = 0):
         """``max_pages``: the device pool's pages (None: unbounded), which a DoRA adapter of rank
-        --max-lora-rank can exceed by its magnitude page."""
+        --max-lora-rank can exceed by its magnitude page. ``max_saved_modules``: how many fully
+        trained modules (modules_to_save) registrations may hold (``layout.saveable`` lists them)."""
         self.layout = layout
+        self.saved = SavedModuleStore(max_saved_modules)
         self.max_pages = max_pages
         self.max_adapters = max_adapters  # bounds ListAdapters' message size
         self.allow_pickle = allow_pickle
@@ -115,7 +119,8 @@ class AdapterRegistry:
         with self._lock:
             self._check_room(adapter_id, replace)
         confine = self._confinement(real)
-        manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle, confine)
+        manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle, confine,
+                                   self.saved)
         if self.max_pages is not None and manifest.rank > self.max_pages:
             raise AdapterInvalid(f"a DoRA adapter of rank {manifest.lora_rank} needs {manifest.rank} device pages; the "
                                  f"pool holds {self.max_pages} (--max-device-adapters x --max-lora-rank)")
@@ -190,6 +195,9 @@ class AdapterRegistry:
                 raise ValueError(f"adapter {clip(part)} is a DoRA adapter, which cannot be combined")
             if entry.manifest.spec.trainable_tokens:  # rows replaced, not a delta that weights can scale
                 raise ValueError(f"adapter {clip(part)} has trainable tokens, which cannot be combined")
+            if entry.manifest.saved:  # whole layers replaced, not deltas
+                raise ValueError(f"adapter {clip(part)} has fully trained modules (modules_to_save), which cannot "
+                                 "be combined")
             entries.append((entry, w))
         rank = sum(e.manifest.rank for e, _ in entries)
         if rank > self.max_rank:

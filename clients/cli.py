@@ -96,6 +96,7 @@ def cmd_adapters_list(args) -> int:
         where = " + ".join(f"{w:g} x {part}" for part, w in a.combine) if a.combine else a.path
         dora = " dora" if a.use_dora else ""
         tokens = f" tokens={len(a.trainable_token_ids)}" if a.trainable_token_ids else ""
+        tokens += f" saved={','.join(a.modules_to_save)}" if a.modules_to_save else ""
         print(f"{a.adapter_id}\trank={a.rank}{dora}{tokens}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{where}")
     return 0
 

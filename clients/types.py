@@ -110,12 +110,14 @@ class Adapter:
     combine: list[tuple[str, float]] = field(default_factory=list)  # a combination: its (adapter id, weight)
     use_dora: bool = False  # a DoRA adapter
     trainable_token_ids: list[int] = field(default_factory=list)  # tokens whose embedding rows it replaces
+    modules_to_save: list[str] = field(default_factory=list)  # modules it replaces with fully trained copies
 
     @classmethod
     def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
         return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
                    TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight, a.keep_resident,
-                   [(c.adapter_id, c.weight) for c in a.combine], a.use_dora, list(a.trainable_token_ids))
+                   [(c.adapter_id, c.weight) for c in a.combine], a.use_dora, list(a.trainable_token_ids),
+                   list(a.modules_to_save))
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                  model.projection_bytes() / 2**20, sum(m.weight.numel() for layer in model.layers
                                                        for m in layer.lora_modules()) * loaded.dtype.itemsize / 2**20,
                  str(loaded.dtype).removeprefix("torch."))
-    layout = model.lora_layout(lm_head=config.enable_lm_head_lora, embedding=config.enable_embedding_lora)
+    layout = model.lora_layout(lm_head=config.enable_lm_head_lora, embedding=config.enable_embedding_lora,
+                               saved=config.max_saved_modules > 0)
     if not config.enable_dora:  # a layout without the base weights refuses DoRA adapters, naming the flag
         layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec
@@ -184,7 +185,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     element_size = torch.empty(0, dtype=page_dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
                                tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
-                               config.max_registered_adapters, config.device_pages)
+                               config.max_registered_adapters, config.device_pages, config.max_saved_modules)
     startup = [*config.adapters, *((sub.name, sub) for folder in config.adapter_dirs
                                    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()))]
     for adapter_id, path in startup:
@@ -249,4 +250,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         f"by prompt lookup, up to {config.num_speculative_tokens} drafts ({config.prompt_lookup_min}- to "
         f"{config.prompt_lookup_max}-grams)" if config.num_speculative_tokens else "off",
     )
+    if config.max_saved_modules:
+        copy = model.token_embedding.weight
+        log.info("fully trained modules (modules_to_save): up to %d copies of the token embedding or lm_head held, "
+                 "%.0f MiB each", config.max_saved_modules, copy.numel() * copy.element_size() / 2**20)
     return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa(), kernel_rows, config.quantization)

@@ -199,6 +199,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve adapters with LoRA on the token embedding (target embed_tokens, wte or "
                         "word_embeddings) or with trainable tokens (trainable_token_indices); every adapter page "
                         "grows by vocab + hidden values. Without it they are refused")
+    p.add_argument("--max-saved-modules", type=int, default=0,
+                   help="serve adapters with fully trained copies of the token embedding or lm_head (PEFT's "
+                        "modules_to_save), holding at most this many copies at once, each the size of the base "
+                        "layer; registration past it is refused. 0 (the default): such adapters are refused")
     p.add_argument("--auth-token", default=os.environ.get("LORAMUX_AUTH_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' on LoraMux RPCs (env LORAMUX_AUTH_TOKEN)")
     p.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),

@@ -103,6 +103,8 @@ class ServerConfig:
     enable_lm_head_lora: bool = False
     # serve LoRA on the token embedding: every adapter page grows by vocab + hidden values
     enable_embedding_lora: bool = False
+    # fully trained copies of the token embedding or lm_head (modules_to_save) held at once; 0: refused
+    max_saved_modules: int = 0
     auth_token: str | None = None  # required as "authorization: Bearer <token>" on LoraMux RPCs
     admin_token: str | None = None  # required on RegisterAdapter/UnregisterAdapter instead
     insecure_admin: bool = False  # allow runtime registration without an admin token on a non-loopback host
@@ -131,6 +133,8 @@ class ServerConfig:
                      "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "http_keep_alive_timeout",
                      "kv_block_size", "adapter_cache_max_gib"):
             positive(name)
+        if self.max_saved_modules < 0:
+            raise ValueError(f"max-saved-modules must be >= 0, got {self.max_saved_modules}")
         if self.responses_store_bytes < 0:
             raise ValueError(f"responses-store-bytes must be >= 0, got {self.responses_store_bytes}")
         if not math.isfinite(self.adapter_cache_max_gib):

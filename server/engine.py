@@ -615,7 +615,7 @@ class Engine:
                 slots=self.blocks.slot_mapping(seq, start, n + len(draft)), blocks=self.blocks.table(seq),
                 pages=seq.pages, adapter=seq.adapter, decode=decoding[-1],
                 needs_logits=decoding[-1] or start + n == seq.prefill_len, kinds=seq.kinds,
-                magnitude_page=seq.magnitude_page,
+                magnitude_page=seq.magnitude_page, saved_embedding=seq.saved_embedding, saved_head=seq.saved_head,
                 prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
             ))
         constrained = [seq.grammar for (seq, _), it in zip(work, items, strict=True)

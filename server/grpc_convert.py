@@ -192,4 +192,5 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
         combine=[pb.WeightedAdapter(adapter_id=part.adapter_id, weight=w) for part, w in entry.combine],
         use_dora=entry.manifest.magnitude,
         trainable_token_ids=spec.trainable_tokens,
+        modules_to_save=sorted(entry.manifest.saved),
     )

@@ -1,6 +1,8 @@
 """``loramux merge``: write W + s * B A (DoRA: g * (W + s * B A), row by row) into a full Hugging
-Face model folder (safetensors). LoRA on a tied lm_head or token embedding unties them: the other
-stays the base model's, as it is when the adapter is served."""
+Face model folder (safetensors), and an adapter's fully trained token embedding or lm_head
+(modules_to_save) in place of the base model's. LoRA on a tied lm_head or token embedding, or a
+trained copy of either, unties them: the other stays the base model's, as it is when the adapter is
+served."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.config import HEAD
-from ..adapters.loader import load_adapter, row_sq_norms
+from ..adapters.loader import inspect_adapter, load_adapter, row_sq_norms
+from ..adapters.saved_modules import SavedModuleStore
 
 
 @torch.no_grad()
@@ -36,9 +39,12 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
         return w, row_sq_norms(w)
 
     tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    layout = replace(config_layout, dora_base=dora_base, base_weight=weight, tied_head=tied)
-    weights = load_adapter(adapter_dir, layout, max_rank=1 << 16, dtype=torch.float32)
-    if tied and any(kind == HEAD or layer == -1 for layer, kind in weights.a):
+    layout = replace(config_layout, dora_base=dora_base, base_weight=weight, tied_head=tied,
+                     saveable={embedding: modules[embedding].weight, HEAD: model.lm_head.weight})
+    max_rank = 1 << 16
+    saved = inspect_adapter(adapter_dir, layout, max_rank, 4, saved_store=SavedModuleStore(2)).saved
+    weights = load_adapter(adapter_dir, layout, max_rank, dtype=torch.float32)
+    if tied and (saved or any(kind == HEAD or layer == -1 for layer, kind in weights.a)):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
         model.config.tie_word_embeddings = False
     rank = weights.rank - weights.magnitude
@@ -48,6 +54,8 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
         if weights.magnitude:  # DoRA: each output row times g = m / ||W + s B A|| (the load computed it)
             merged = weights.b[key][rank][:, None] * merged
         w.copy_(merged)
+    for module, copy in saved.items():  # [vocab, hidden], as both layers hold their weight
+        modules[module].weight.copy_(copy.weight)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)

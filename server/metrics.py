@@ -178,6 +178,11 @@ class _LiveCollector:
         yield reloads
         yield GaugeMetricFamily("loramux_adapters_kept_resident", "Registered adapters kept resident on request "
                                 "(keep_resident, --keep-resident)", value=manager.num_kept())
+        saved = manager.registry.saved
+        yield GaugeMetricFamily("loramux_saved_modules", "Adapters' fully trained token embeddings and lm_heads held "
+                                "(modules_to_save; --max-saved-modules)", value=len(saved))
+        yield GaugeMetricFamily("loramux_saved_module_bytes", "Bytes of the fully trained modules held",
+                                value=saved.nbytes)
         resident = manager.resident()
         count = GaugeMetricFamily("loramux_adapters_resident", "Adapters resident per tier", labels=["tier"])
         size = GaugeMetricFamily("loramux_adapter_memory_bytes", "Adapter bytes resident per tier", labels=["tier"])

@@ -31,6 +31,9 @@ class WorkItem:
     magnitude_page: int | None = None  # a DoRA adapter's page of per-output scales
     # [a, b): tokens whose logits are wanted too (a chunk's prompt logprobs, a decoding row's drafts)
     prompt_rows: tuple[int, int] = (0, 0)
+    # the adapter's fully trained token embedding and lm_head [vocab, hidden] (modules_to_save), if any
+    saved_embedding: torch.Tensor | None = None
+    saved_head: torch.Tensor | None = None
 
     def uses(self, kind: str) -> bool:
         return self.pages is not None and kind in self.kinds
@@ -38,6 +41,20 @@ class WorkItem:
 
 def _longs(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
+
+
+def _saved(items: list[WorkItem], runs: list[tuple[int, int, int]], attr: str
+           ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """(rows, weight) for each distinct trained copy ``attr`` of the items; ``runs``: (item, first
+    row, rows) of every item's rows."""
+    if all(getattr(it, attr) is None for it in items):
+        return ()
+    rows: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    for i, start, count in runs:
+        weight = getattr(items[i], attr)
+        if weight is not None:
+            rows.setdefault(id(weight), (weight, []))[1].extend(range(start, start + count))
+    return tuple((_longs(r), weight) for weight, r in rows.values())
 
 
 STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "prefill_blocks", "decode_tables", "decode_lengths",
@@ -55,6 +72,8 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
         host += [g.rows, g.pages] + ([] if g.group_ends is None else [g.group_ends])
     for m in magnitudes:
         host += m.tensors
+    saved = [*batch.saved_embeddings, *batch.saved_heads]
+    host += [rows for rows, _ in saved]
     moved = iter(upload(host, device, pin))
     fields = {f: next(moved) for f in STEP_FIELDS}
     new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
@@ -63,7 +82,11 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     new_plans = {id(p): LoRAPlan(tuple(new_groups[id(g)] for g in p.groups),
                                  None if p.magnitude is None else new_magnitudes[id(p.magnitude)]) for p in plans}
     lora = {kinds: tuple((used, new_plans[id(p)]) for used, p in entries) for kinds, entries in batch.lora.items()}
-    return replace(batch, **fields, lora=lora)
+    rows = [next(moved) for _ in saved]
+    embeddings = len(batch.saved_embeddings)
+    return replace(batch, **fields, lora=lora,
+                   saved_embeddings=tuple(zip(rows[:embeddings], (w for _, w in batch.saved_embeddings), strict=True)),
+                   saved_heads=tuple(zip(rows[embeddings:], (w for _, w in batch.saved_heads), strict=True)))
 
 
 def _per_row(items: list[WorkItem], row_items: list[int | None]) -> tuple[LoRAPlan, list[tuple[int, int]]]:
@@ -158,13 +181,14 @@ class ModelRunner:
         decode = sorted((i for i, it in enumerate(items) if it.decode),
                         key=lambda i: (items[i].pages is None, 0 if items[i].pages is None else items[i].pages.numel(),
                                        items[i].magnitude_page is not None))
-        ids, seg_starts, logits_rows, order, extra, prompt_rows = [], [0], [], [], [], []
+        ids, seg_starts, logits_rows, order, extra, prompt_rows, token_runs = [], [0], [], [], [], [], []
 
         def feed(i: int) -> None:
             a, b = items[i].prompt_rows
             if b > a:
                 extra.extend(range(len(ids) + a, len(ids) + b))
                 prompt_rows.append((i, b - a))
+            token_runs.append((i, len(ids), len(items[i].token_ids)))
             ids.extend(items[i].token_ids)
 
         for i in prefill:
@@ -183,8 +207,8 @@ class ModelRunner:
             order.append(i)
         logits_rows += extra
         lora = self._plans(items, prefill, seg_starts, decode_rows, num_prefill)
-        head = self._head_plan(items, order + [i for i, count in prompt_rows for _ in range(count)]) \
-            if self.head else None
+        logits_items = order + [i for i, count in prompt_rows for _ in range(count)]
+        head = self._head_plan(items, logits_items) if self.head else None
         if head is not None:
             lora[(HEAD,)] = (((0,), head),)
         meta = build_attention_metadata([items[i] for i in prefill], [items[i] for i in decode],
@@ -201,6 +225,8 @@ class ModelRunner:
             decode_ctx=meta.decode_ctx,
             logits_rows=_longs(logits_rows),
             lora=lora,
+            saved_embeddings=_saved(items, token_runs, "saved_embedding"),
+            saved_heads=_saved(items, [(i, row, 1) for row, i in enumerate(logits_items)], "saved_head"),
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

@@ -60,9 +60,15 @@ class Sequence:
     undelivered: deque = field(default_factory=deque)
     done: bool = False
     cancel_reason: BaseException | None = field(default=None)
+    saved_embedding: torch.Tensor | None = field(default=None, init=False)
+    saved_head: torch.Tensor | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.prefill_len = self.prefill_len or self.num_prompt
+        # the adapter's fully trained token embedding and lm_head (modules_to_save), if it has them
+        manifest = None if self.adapter_entry is None else self.adapter_entry.manifest
+        self.saved_embedding = None if manifest is None else manifest.saved_weight(head=False)
+        self.saved_head = None if manifest is None else manifest.saved_weight(head=True)
 
     @property
     def tenant(self) -> str | None:

@@ -153,7 +153,8 @@ ADAPTER_VARIANTS = {
 def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, rows_scale: float = 1.0,
                   **lora_kwargs) -> Path:
     """A PEFT LoRA adapter with random non-zero A and B, saved as PEFT saves it; trainable
-    tokens' rows (trainable_token_indices) random with ``rows_scale``, about the embedding's scale."""
+    tokens' rows (trainable_token_indices) random with ``rows_scale``, about the embedding's scale,
+    and fully trained modules (modules_to_save) the base layer plus noise of that scale."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -168,6 +169,8 @@ def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, row
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
             elif "trainable_tokens_delta" in name:  # trainable tokens' new rows
                 p.copy_(torch.randn(p.shape, generator=gen) * rows_scale)
+            elif "modules_to_save" in name:  # a fully trained copy of a layer
+                p.add_(torch.randn(p.shape, generator=gen) * rows_scale)
     peft_model.save_pretrained(out)
     return out
 
@@ -186,6 +189,20 @@ def tokens_only_adapter(model: Path, path: Path, seed: int, tokens: list[int]) -
                 p.copy_(torch.randn(p.shape, generator=gen))
     peft_model.save_pretrained(path)
     return path
+
+
+def rewrite_adapter(path: Path, root: Path, name: str, config: dict | None = None, tensors=None) -> Path:
+    """A copy of the adapter at ``path`` as ``root / name``, with ``config``'s fields set in its
+    config and its tensors passed through ``tensors`` (callable(dict) -> dict), if given."""
+    from safetensors.torch import load_file, save_file
+
+    out = root / name
+    out.mkdir()
+    raw = json.loads((path / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**raw, **(config or {})}))
+    weights = load_file(path / "adapter_model.safetensors")
+    save_file(tensors(weights) if tensors else weights, out / "adapter_model.safetensors")
+    return out
 
 
 def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,

@@ -63,11 +63,14 @@ class ServingModel(nn.Module):
     def embedding_kind(self) -> str:
         return leaf(self.EMBEDDING[0])
 
-    def lora_layout(self, lm_head: bool = False, embedding: bool = False) -> LoRALayout:
+    def lora_layout(self, lm_head: bool = False, embedding: bool = False, saved: bool = False) -> LoRALayout:
         """``lm_head``, ``embedding``: with LoRA on the output projection (``--enable-lm-head-lora``),
-        on the token embedding (``--enable-embedding-lora``)."""
+        on the token embedding (``--enable-embedding-lora``); ``saved``: with adapters' fully trained
+        copies of either (``--max-saved-modules``)."""
         layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight,
-                         tied_head=self.lm_head.weight.data_ptr() == self.token_embedding.weight.data_ptr())
+                         tied_head=self.lm_head.weight.data_ptr() == self.token_embedding.weight.data_ptr(),
+                         saveable={self.EMBEDDING[0]: self.token_embedding.weight, HEAD: self.lm_head.weight}
+                         if saved else {})
         if lm_head:
             layout = layout.with_head(*reversed(self.lm_head.weight.shape))
         if embedding:
@@ -110,6 +113,8 @@ class ServingModel(nn.Module):
     def embed_with_lora(self, batch: StepBatch) -> torch.Tensor:
         """The token embedding of the batch's tokens [T, hidden], with each row's adapter's LoRA on it."""
         e = self.token_embedding(batch.input_ids)
+        for rows, weight in batch.saved_embeddings:  # adapters' own trained embeddings (modules_to_save)
+            e[rows] = F.embedding(batch.input_ids[rows], weight)
         if self.embedding_store is not None:
             for _, plan in batch.lora.get((self.embedding_kind,), ()):
                 embedding_lora(e, batch.input_ids, *self.embedding_store, plan)
@@ -143,6 +148,8 @@ class ServingModel(nn.Module):
             h = layer(h, batch, kv, apply_lora)
         h = self.final_norm(h[batch.logits_rows])
         logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
+        for rows, weight in batch.saved_heads:  # adapters' own trained lm_head (modules_to_save)
+            logits[rows] = self.head_linear(h[rows], weight, self.lm_head.bias)
         for used, plan in batch.lora.get((HEAD,), ()):  # over the logits rows (ModelRunner.build_batch)
             apply_lora(logits, h, *self.head_store, plan, (0, logits.shape[1]), used, None)
         return logits.float()

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_dora import MAX_NEW, check_against_peft
 from test_embedding_lora import EMBEDDING, engine_for
 
@@ -22,6 +22,7 @@ from helpers import (
     build_family_model,
     build_llama,
     peft_generate,
+    rewrite_adapter,
     tokens_only_adapter,
 )
 from test_parity import make_prompts, serve_in_turn
@@ -132,17 +133,6 @@ def test_tokens_change_what_the_adapter_computes(tmp_path):
     assert hashes["first"] != hashes["other"]
 
 
-def _rewrite(path, tmp_path, name, config=None, tensors=None):
-    """A copy of the adapter at ``path`` with its config or tensors changed."""
-    out = tmp_path / name
-    out.mkdir()
-    raw = json.loads((path / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**raw, **(config or {})}))
-    weights = load_file(path / "adapter_model.safetensors")
-    save_file(tensors(weights) if tensors else weights, out / "adapter_model.safetensors")
-    return out
-
-
 def test_refusals_name_the_limit(tmp_path):
     model = build_llama(tmp_path / "model")
     tied = build_llama(tmp_path / "tied", tie_word_embeddings=True)
@@ -180,8 +170,8 @@ def test_refusals_name_the_limit(tmp_path):
     }
     for name, (config, tensors, message) in cases.items():
         with pytest.raises(AdapterInvalid, match=message):
-            built.registry.register(name, _rewrite(path, tmp_path, name, config, tensors))
-    nan = _rewrite(path, tmp_path, "nan", tensors=lambda w: {k: v.fill_(float("nan")) if ROWS_KEY in k else v
+            built.registry.register(name, rewrite_adapter(path, tmp_path, name, config, tensors))
+    nan = rewrite_adapter(path, tmp_path, "nan", tensors=lambda w: {k: v.fill_(float("nan")) if ROWS_KEY in k else v
                                                               for k, v in w.items()})
     built.registry.register("nan", nan)  # registration reads the header; a load decodes the values
     with pytest.raises(AdapterInvalid, match="module 'model.embed_tokens': trainable tokens' rows hold NaN or Inf"):
@@ -189,23 +179,23 @@ def test_refusals_name_the_limit(tmp_path):
     alone = tokens_only_adapter(tied, tmp_path / "alone", seed=5, tokens=TOKENS)
     tied_built = engine_for(tied, {}, adapter_roots=roots, enable_lm_head_lora=True)
     head_key = "base_model.model.lm_head.trainable_tokens_delta"
-    changed = _rewrite(alone, tmp_path, "head-differs", tensors=lambda w: {**w, head_key: w[head_key] + 1})
+    changed = rewrite_adapter(alone, tmp_path, "head-differs", tensors=lambda w: {**w, head_key: w[head_key] + 1})
     tied_built.registry.register("head-differs", changed)  # shapes fit; the values are compared at load
     with pytest.raises(AdapterInvalid, match="'lm_head': trainable tokens' rows differ from those of the embedding"):
         load_adapter(changed, tied_built.registry.layout, 8, torch.float32)
     with pytest.raises(AdapterInvalid, match=r"'lm_head': trainable tokens are served on the token embedding alone"):
         built.registry.register("untied-head", alone)  # an lm_head copy on a model whose lm_head is its own
     with pytest.raises(AdapterInvalid, match="'target_modules': trainable tokens are served on the token embedding"):
-        built.registry.register("on-q", _rewrite(alone, tmp_path, "on-q", {"target_modules": ["q_proj"]}))
+        built.registry.register("on-q", rewrite_adapter(alone, tmp_path, "on-q", {"target_modules": ["q_proj"]}))
     with pytest.raises(AdapterInvalid, match="field 'token_indices': token id 500 is outside"):  # its own field
-        tied_built.registry.register("alone-outside", _rewrite(alone, tmp_path, "alone-outside",
+        tied_built.registry.register("alone-outside", rewrite_adapter(alone, tmp_path, "alone-outside",
                                                                {"token_indices": [5, 500, 9, 30]}))
     wide = token_adapter(model, tmp_path / "wide", seed=2, tokens=range(5, 10))
     with pytest.raises(AdapterInvalid, match="5 trainable tokens take 5 rank rows of the token embedding's LoRA pages; "
                                              "the server's --max-lora-rank is 4"):
         built.registry.register("wide", wide)
     # PEFT builds no such adapter (trainable tokens cannot wrap its LoRA embedding); a hand-made one
-    both = _rewrite(path, tmp_path, "both", {"target_modules": ["q_proj", "embed_tokens"]}, lambda w: {
+    both = rewrite_adapter(path, tmp_path, "both", {"target_modules": ["q_proj", "embed_tokens"]}, lambda w: {
         **w, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 384),
         "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(64, 4)})
     with pytest.raises(AdapterInvalid, match="LoRA and trainable tokens on the same module are not supported"):

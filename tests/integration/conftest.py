@@ -16,7 +16,7 @@ def server(tiny_llama, tiny_adapters, adapter_root, tmp_path_factory):
          "--max-batch-size", "8", "--max-model-len", "256", "--max-queued-requests", "12",
          "--default-max-new-tokens", "16", "--max-tokens-per-step", "64", "--metrics-top-adapters", "5",
          "--allow-runtime-adapters", "--enable-dora", "--enable-lm-head-lora", "--enable-embedding-lora",
-         "--trust-request-chat-template",
+         "--trust-request-chat-template", "--max-saved-modules", "2",
          "--max-device-adapters", "4", "--max-host-adapters", "8",
          # every request through the real entry points runs with speculative decoding on
          "--num-speculative-tokens", "3", "--prompt-lookup-min", "1"],

@@ -598,6 +598,30 @@ def test_lm_head_and_embedding_adapters_serve_tokens_and_logprobs_as_peft_does(s
         server.client.unregister_adapter("head/q")
 
 
+def test_fully_trained_modules_serve_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):
+    """An adapter's own token embedding and lm_head (modules_to_save; the fixture's
+    --max-saved-modules 2), registered at run time: the tokens, their logprobs and the prompt's
+    are PEFT's; a third copy is refused, naming the limit, and unregistering frees them."""
+    path = build_adapter(tiny_llama, adapter_root / "saved-q", seed=13, r=4, lora_alpha=8, target_modules=["q_proj"],
+                         modules_to_save=["embed_tokens", "lm_head"])
+    other = build_adapter(tiny_llama, adapter_root / "saved-head", seed=14, r=4, lora_alpha=8,
+                          target_modules=["q_proj"], modules_to_save=["lm_head"])
+    info = server.client.register_adapter("saved/q", str(path))
+    assert info.modules_to_save == ["lm_head", "model.embed_tokens"]
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            server.client.register_adapter("saved/head", str(other))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 of --max-saved-modules 2 are held" in refused.value.details()
+        served_as_peft(server, tiny_llama, "saved/q", path)
+        m = server.metrics()
+        assert m["loramux_saved_modules"] == 2 and m["loramux_saved_module_bytes"] == 2 * 384 * 64 * 4
+    finally:
+        server.client.unregister_adapter("saved/q")
+    assert server.client.register_adapter("saved/head", str(other)).modules_to_save == ["lm_head"]
+    server.client.unregister_adapter("saved/head")
+
+
 def test_trainable_tokens_serve_tokens_and_logprobs_as_peft_does(server, tiny_llama, adapter_root):
     """PEFT's trainable tokens (served as LoRA on the embedding: the fixture's
     --enable-embedding-lora), registered at run time, with prompt tokens among them."""

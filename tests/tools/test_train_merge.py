@@ -201,3 +201,26 @@ def test_merge_of_trainable_tokens_matches_peft(tied, alone, tmp_path):
     x = torch.tensor([[3, 4, 17, 11, 250, 9, 4, 40], [250, 5, 6, 11, 7, 8, 9, 10]])
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]],
+                         ids=["embedding", "head", "both"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_merge_of_fully_trained_modules_matches_peft(tied, saved, tmp_path):
+    """An adapter's own token embedding or lm_head (modules_to_save) replaces the base model's; a
+    tied pair is untied, the other layer staying the base model's, as PEFT serves it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_llama(tmp_path / "m", tie_word_embeddings=tied)
+    adapter = build_adapter(model_dir, tmp_path / "a", seed=6, r=4, lora_alpha=8, target_modules=["q_proj"],
+                            modules_to_save=saved)
+    ours = AutoModelForCausalLM.from_pretrained(merge(model_dir, adapter, tmp_path / "merged"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert torch.equal(ours.lm_head.weight, base.lm_head.weight) == ("lm_head" not in saved)
+    assert torch.equal(ours.get_input_embeddings().weight, base.get_input_embeddings().weight) == \
+        ("embed_tokens" not in saved)
+    ref = PeftModel.from_pretrained(base, adapter).eval()
+    x = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)

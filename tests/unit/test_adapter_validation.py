@@ -49,7 +49,10 @@ def write_adapter(path, config=None, tensors=None):
 
 @pytest.mark.parametrize("change, field", [
     ({"use_dora": "yes"}, "use_dora"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"modules_to_save": ["lm_head", "score"]}, "modules_to_save.*lm_head only, got 'score'"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save.*must be a list of module names"),
+    ({"modules_to_save": ["model.norm"]}, "modules_to_save.*got 'model.norm'"),
+    ({"ensure_weight_tying": "yes"}, "ensure_weight_tying"),
     ({"bias": "all"}, "bias"),
     ({"target_modules": ["wpe"]}, "target_modules"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules.*--enable-embedding-lora"),
