@@ -73,7 +73,7 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     for m in magnitudes:
         host += m.tensors
     saved = [*batch.saved_embeddings, *batch.saved_heads]
-    host += [rows for rows, _ in saved]
+    host += [rows for rows, _ in saved] + ([] if batch.base_head_rows is None else [batch.base_head_rows])
     moved = iter(upload(host, device, pin))
     fields = {f: next(moved) for f in STEP_FIELDS}
     new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
@@ -86,7 +86,8 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     embeddings = len(batch.saved_embeddings)
     return replace(batch, **fields, lora=lora,
                    saved_embeddings=tuple(zip(rows[:embeddings], (w for _, w in batch.saved_embeddings), strict=True)),
-                   saved_heads=tuple(zip(rows[embeddings:], (w for _, w in batch.saved_heads), strict=True)))
+                   saved_heads=tuple(zip(rows[embeddings:], (w for _, w in batch.saved_heads), strict=True)),
+                   base_head_rows=None if batch.base_head_rows is None else next(moved))
 
 
 def _per_row(items: list[WorkItem], row_items: list[int | None]) -> tuple[LoRAPlan, list[tuple[int, int]]]:
@@ -209,6 +210,7 @@ class ModelRunner:
         lora = self._plans(items, prefill, seg_starts, decode_rows, num_prefill)
         logits_items = order + [i for i, count in prompt_rows for _ in range(count)]
         head = self._head_plan(items, logits_items) if self.head else None
+        saved_heads = _saved(items, [(i, row, 1) for row, i in enumerate(logits_items)], "saved_head")
         if head is not None:
             lora[(HEAD,)] = (((0,), head),)
         meta = build_attention_metadata([items[i] for i in prefill], [items[i] for i in decode],
@@ -226,7 +228,9 @@ class ModelRunner:
             logits_rows=_longs(logits_rows),
             lora=lora,
             saved_embeddings=_saved(items, token_runs, "saved_embedding"),
-            saved_heads=_saved(items, [(i, row, 1) for row, i in enumerate(logits_items)], "saved_head"),
+            saved_heads=saved_heads,
+            base_head_rows=_longs([row for row, i in enumerate(logits_items) if items[i].saved_head is None])
+            if saved_heads else None,
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

@@ -147,9 +147,13 @@ class ServingModel(nn.Module):
         for layer in self.layers:
             h = layer(h, batch, kv, apply_lora)
         h = self.final_norm(h[batch.logits_rows])
-        logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
-        for rows, weight in batch.saved_heads:  # adapters' own trained lm_head (modules_to_save)
-            logits[rows] = self.head_linear(h[rows], weight, self.lm_head.bias)
+        if batch.saved_heads:  # adapters' own trained lm_head (modules_to_save) for their rows, the base's for the rest
+            logits = h.new_empty(h.shape[0], self.lm_head.weight.shape[0])
+            for rows, weight in ((batch.base_head_rows, self.lm_head.weight), *batch.saved_heads):
+                if rows.numel():
+                    logits[rows] = self.head_linear(h[rows], weight, self.lm_head.bias)
+        else:
+            logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
         for used, plan in batch.lora.get((HEAD,), ()):  # over the logits rows (ModelRunner.build_batch)
             apply_lora(logits, h, *self.head_store, plan, (0, logits.shape[1]), used, None)
         return logits.float()

@@ -40,3 +40,4 @@ class StepBatch:
     # token embedding for those rows of the batch, and lm_head for those logits rows
     saved_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
     saved_heads: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    base_head_rows: torch.Tensor | None = None  # with saved_heads: the logits rows the base lm_head computes

@@ -99,3 +99,18 @@ def test_int8_comparison_runs_on_a_tiny_model(tiny_llama, tmp_path):
     data = json.loads(report.read_text())
     sizes = data["projection_bytes"]
     assert sizes["none"] / 4 < sizes["int8"] < sizes["none"] / 3 and len(data["decode"]) == 4
+
+
+def test_saved_modules_cost_runs_on_a_tiny_model(tiny_llama, tmp_path):
+    """bench/saved_modules.py on the tiny model: the floor line, a row per distinct count, and its
+    JSON report."""
+    report = tmp_path / "saved.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/saved_modules.py"), "--rounds", "1", "--batch", "4",
+                           "--distinct", "1", "2", "--new-tokens", "4", "--prompt-len", "8", "--model", str(tiny_llama),
+                           "--json", str(report)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"lm_head 0 MiB, read once in \d+\.\d ms", proc.stdout), proc.stdout
+    for k in (1, 2):
+        assert re.search(rf"{k} distinct: base \d+\.\d, q/v LoRA \d+\.\d, \+ trained lm_head \d+\.\d \([+-]\d+\.\d = "
+                         rf"-?\d+\.\d\dx {k} reads of it\), \+ trained embedding \d+\.\d", proc.stdout), proc.stdout
+    assert [row["distinct"] for row in json.loads(report.read_text())["rows"]] == [1, 2]
