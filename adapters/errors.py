@@ -38,6 +38,10 @@ class AdapterNoRoom(AdapterError):
     """Keeping the adapter resident would leave device pages too few for the others."""
 
 
+class SavedModulesFull(AdapterNoRoom):
+    """The adapter's fully trained modules would pass --max-saved-modules."""
+
+
 class AdapterLoadFailed(AdapterError):
     """An internal fault while reading or copying an adapter (not the adapter's own fault)."""
 

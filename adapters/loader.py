@@ -26,7 +26,7 @@ import torch
 from .config import EMBEDDINGS, HEAD, OPT_IN, AdapterSpec, leaf, opt_in_refusal, read_adapter_config
 from .errors import AdapterInvalid, clip
 from .files import AdapterFile, ReadBuffer, exists
-from .saved_modules import SavedModule, SavedModuleStore
+from .saved_modules import SavedModules, SavedModuleStore
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -155,8 +155,9 @@ class AdapterManifest:
     weights_identity: tuple[int, ...] | None = None
     magnitude: bool = False  # DoRA: one page more than ``rank`` rows of LoRA, holding the magnitude scale
     tensors: TensorPlan | None = field(default=None, repr=False, compare=False)  # where the file keeps them
-    # module -> its fully trained copy that replaces the served one (modules_to_save), held with the manifest
-    saved: dict[str, SavedModule] = field(default_factory=dict, repr=False, compare=False)
+    # module -> its fully trained copy that replaces the served one (modules_to_save), held for the
+    # registration (the registry releases it)
+    saved: SavedModules = field(default_factory=SavedModules, repr=False, compare=False)
 
     @property
     def depends_on_base(self) -> bool:
@@ -628,11 +629,13 @@ def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayou
 
 def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
                     allow_pickle: bool = False, confine: Path | None = None,
-                    saved_store: SavedModuleStore | None = None) -> AdapterManifest:
+                    saved_store: SavedModuleStore | None = None, replacing: SavedModules | None = None
+                    ) -> AdapterManifest:
     """Validate the config, the weights' header and shapes, and hash the weights' bytes. The
     values are decoded (and checked finite) at load. Files must resolve inside ``confine``
     (default: the adapter directory). A pickle file is accepted only with ``allow_pickle``.
-    Fully trained modules (modules_to_save) are converted now and held in ``saved_store``."""
+    Fully trained modules (modules_to_save) are converted now and held in ``saved_store``
+    (``replacing``: those of the version this registration replaces, SavedModuleStore.hold)."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if not adapter_dir.is_dir():
@@ -660,7 +663,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     if copies and saved_store is None:
         raise AdapterInvalid("adapter_config.json field 'modules_to_save': this server cannot hold fully trained "
                              "modules")
-    saved = saved_store.hold(digest, copies, layout.saveable) if copies else {}
+    saved = saved_store.hold(digest, copies, layout.saveable, replacing) if copies else SavedModules()
     content = hashlib.sha256(f"{digest}\n{spec.scaling_identity()}".encode()).hexdigest()
     plan = None if header is None or identity is None else _tensor_plan(data, header, spec, layout, ranks)
     return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content, identity,

@@ -118,20 +118,28 @@ class AdapterRegistry:
         real = Path(os.path.realpath(path)) if trusted else self.resolve_path(path)
         with self._lock:
             self._check_room(adapter_id, replace)
+            current = self._adapters.get(adapter_id)
         confine = self._confinement(real)
         manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle, confine,
-                                   self.saved)
-        if self.max_pages is not None and manifest.rank > self.max_pages:
-            raise AdapterInvalid(f"a DoRA adapter of rank {manifest.lora_rank} needs {manifest.rank} device pages; the "
-                                 f"pool holds {self.max_pages} (--max-device-adapters x --max-lora-rank)")
-        with self._lock:
-            self._check_room(adapter_id, replace)
-            entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine, dynamic=dynamic,
-                                      last_used=time.monotonic(), weight=weight, keep_resident=keep_resident)
-            if on_commit is not None:
-                on_commit(entry)
-            self._next_version += 1
-            self._adapters[adapter_id] = entry
+                                   self.saved, None if current is None else current.manifest.saved)
+        try:
+            if self.max_pages is not None and manifest.rank > self.max_pages:
+                raise AdapterInvalid(f"a DoRA adapter of rank {manifest.lora_rank} needs {manifest.rank} device pages; "
+                                     f"the pool holds {self.max_pages} (--max-device-adapters x --max-lora-rank)")
+            with self._lock:
+                self._check_room(adapter_id, replace)
+                entry = RegisteredAdapter(adapter_id, real, manifest, self._next_version, confine, dynamic=dynamic,
+                                          last_used=time.monotonic(), weight=weight, keep_resident=keep_resident)
+                if on_commit is not None:
+                    on_commit(entry)
+                self._next_version += 1
+                old = self._adapters.get(adapter_id)
+                self._adapters[adapter_id] = entry
+        except BaseException:
+            self.saved.release(manifest.saved)
+            raise
+        if old is not None:
+            self._forget(old)
         log.info("adapter %s registered: rank %d, content hash %s", adapter_id, manifest.rank, manifest.content_hash)
         return entry
 
@@ -216,17 +224,27 @@ class AdapterRegistry:
         if on_commit is not None:
             on_commit(entry)
         self._next_version += 1
+        old = self._adapters.get(adapter_id)
         self._adapters[adapter_id] = entry
+        if old is not None:
+            self._forget(old)
         log.info("adapter %s registered as a combination of %s: rank %d, content hash %s", adapter_id,
                  ", ".join(f"{e.adapter_id} x {w:g}" for e, w in entries), manifest.rank, manifest.content_hash)
         return entry
 
+    def _forget(self, entry: RegisteredAdapter) -> None:
+        """A version no longer registered: its fully trained modules are no longer held for it
+        (its running requests keep them until they end)."""
+        self.saved.release(entry.manifest.saved)
+
     def unregister(self, adapter_id: str) -> RegisteredAdapter:
         with self._lock:
             try:
-                return self._adapters.pop(adapter_id)
+                entry = self._adapters.pop(adapter_id)
             except KeyError:
                 raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered") from None
+        self._forget(entry)
+        return entry
 
     def lookup(self, adapter_id: str) -> RegisteredAdapter | None:
         with self._lock:
@@ -239,17 +257,20 @@ class AdapterRegistry:
             except KeyError:
                 raise AdapterNotFound(f"adapter {clip(adapter_id)} is not registered") from None
 
-    def evict_lru_dynamic(self, in_use: set[str], held=None) -> RegisteredAdapter | None:
+    def evict_lru_dynamic(self, in_use: set[str], held=None, saved: bool = False) -> RegisteredAdapter | None:
         """Unregister the least recently used dynamic registration not in ``in_use`` nor in what
-        ``held()`` (read under the lock) returns; None if none."""
+        ``held()`` (read under the lock) returns (with ``saved``: of those holding fully trained
+        modules); None if none."""
         with self._lock:
             in_use = in_use | (held() if held is not None else set())
-            candidates = [e for e in self._adapters.values() if e.dynamic and e.adapter_id not in in_use]
+            candidates = [e for e in self._adapters.values() if e.dynamic and e.adapter_id not in in_use
+                          and (e.manifest.saved or not saved)]
             if not candidates:
                 return None
             victim = min(candidates, key=lambda e: e.last_used)
             del self._adapters[victim.adapter_id]
-            return victim
+        self._forget(victim)
+        return victim
 
     def __contains__(self, adapter_id: str) -> bool:
         with self._lock:

@@ -2,42 +2,51 @@
 or of lm_head, which replaces the base model's for that adapter's rows.
 
 Such a copy is as large as the base layer (vocab x hidden values), far more than an adapter's
-pages, so it is not paged: registration converts it into the served dtype on the model's device
-and the adapter's manifest holds it for as long as the adapter version is registered or a request
-holds it. ``--max-saved-modules`` bounds how many are held at once; a registration that would pass
-it is refused, naming the flag. Files registered again (a replace with the same weights, a second
-id for the same folder) share the copy they already have, and a copy equal to the base layer is
-not held at all (it changes nothing).
+pages, so it is not paged: registration converts it into the served dtype on the model's device,
+and it is held while a registered adapter version holds it. ``--max-saved-modules`` bounds the
+copies held; a registration that would pass it is refused, naming the flag. Files registered again
+(a replace with the same weights, a second id for the same folder) share the copies they already
+have, and a copy equal to the base layer is not held at all (it changes nothing). Requests still
+running on a version that was unregistered or replaced keep its copies until they end.
 """
 
 from __future__ import annotations
 
-import gc
 import threading
-import weakref
+from collections import Counter
 
 import torch
 
-from .errors import AdapterInvalid, AdapterNoRoom, clip
+from .errors import AdapterInvalid, SavedModulesFull, clip
 
 
 class SavedModule:
     """One held copy: ``weight`` [vocab, hidden] in the served dtype, on the model's device."""
 
-    __slots__ = ("weight", "__weakref__")
+    __slots__ = ("weight",)
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
 
 
+class SavedModules(dict):
+    """module name -> its held copy, for one registration: what it holds until ``release``d."""
+
+    def __init__(self, modules: dict[str, SavedModule] | None = None, keys: tuple = ()):
+        super().__init__(modules or {})
+        self.keys_held = keys  # (weights sha256, module) of each copy counted for it
+        self.released = False
+
+
 class SavedModuleStore:
-    """The copies held now, keyed by (weights sha256, module name); a copy is counted for as long
-    as anything holds it (a registered version, or a request of a replaced one)."""
+    """The copies registrations hold, keyed by (weights sha256, module name), each counted once
+    however many registrations share it."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._held: weakref.WeakValueDictionary[tuple[str, str], SavedModule] = weakref.WeakValueDictionary()
-        self._lock = threading.RLock()  # registrations run on several threads, and /metrics reads
+        self._held: dict[tuple[str, str], SavedModule] = {}
+        self._holders: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()  # registrations run on several threads, and /metrics reads
 
     def _distinct(self) -> list[SavedModule]:
         with self._lock:
@@ -50,13 +59,16 @@ class SavedModuleStore:
     def nbytes(self) -> int:
         return sum(m.weight.numel() * m.weight.element_size() for m in self._distinct())
 
-    def hold(self, digest: str, saved: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, SavedModule]:
+    def hold(self, digest: str, saved: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+             replacing: SavedModules | None = None) -> SavedModules:
         """``saved``: module -> the adapter's copy as the file holds it (any float dtype);
         ``base``: module -> the served weight it replaces. Returns module -> its held copy, for
         the copies that differ from the served weight; copies of one adapter that are equal
-        (a tied embedding and lm_head saved twice) share one. Raises AdapterInvalid (a NaN or Inf
-        once cast) and AdapterNoRoom (past --max-saved-modules)."""
-        with self._lock:
+        (a tied embedding and lm_head saved twice) share one. ``replacing``: the copies of the
+        version this registration replaces, released once it commits, so not counted against it.
+        Raises AdapterInvalid (a NaN or Inf once cast) and SavedModulesFull (past
+        --max-saved-modules)."""
+        with self._lock:  # held across the conversion: registrations are rare, and must not pass the bound together
             out: dict[str, SavedModule] = {}
             new: list[SavedModule] = []
             for module, tensor in saved.items():
@@ -76,13 +88,28 @@ class SavedModuleStore:
                     twin = SavedModule(weight)
                     new.append(twin)
                 out[module] = twin
-            if new and len(self) + len(new) > self.limit:
-                gc.collect()  # copies that only garbage (a finished request's reference cycle) still holds
-            if new and len(self) + len(new) > self.limit:
-                raise AdapterNoRoom(
+            going = {id(self._held[k]) for k in (replacing.keys_held if replacing else ()) if self._holders[k] == 1}
+            count = len({id(m) for m in self._held.values()} - going)
+            if new and count + len(new) > self.limit:
+                raise SavedModulesFull(
                     f"the adapter's fully trained modules (modules_to_save) need {len(new)} more held "
-                    f"cop{'y' if len(new) == 1 else 'ies'} of a base layer; {len(self)} of --max-saved-modules "
+                    f"cop{'y' if len(new) == 1 else 'ies'} of a base layer; {count} of --max-saved-modules "
                     f"{self.limit} are held")
-            for module, held in out.items():
-                self._held[(digest, module)] = held
-            return out
+            keys = tuple((digest, module) for module in out)
+            for key, held in zip(keys, out.values(), strict=True):
+                self._held[key] = held
+            self._holders.update(keys)
+            return SavedModules(out, keys)
+
+    def release(self, held: SavedModules) -> None:
+        """A registration that held ``held`` is gone (unregistered, replaced, or refused after
+        ``hold``): copies no registration holds any more are no longer counted."""
+        with self._lock:
+            if held.released:
+                return
+            held.released = True
+            for key in held.keys_held:
+                self._holders[key] -= 1
+                if self._holders[key] <= 0:
+                    del self._holders[key]
+                    self._held.pop(key, None)

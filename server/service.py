@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ..adapters.errors import AdapterExists, AdapterNotFound, AdapterPathDenied, RegistryFull, clip
+from ..adapters.errors import (
+    AdapterExists,
+    AdapterNotFound,
+    AdapterPathDenied,
+    RegistryFull,
+    SavedModulesFull,
+    clip,
+)
 from ..adapters.files import inside
 from .beam_search import BeamSearchParams, beam_events, beam_search
 from .config import ServerConfig
@@ -310,16 +317,21 @@ class Service:
         return entry
 
     def _with_room(self, register, what: str):
-        """``register()``, making room when the registry is full by unregistering the least recently
-        used dynamic registration that no request is using and no call holds (_adapter_held); none:
-        RESOURCE_EXHAUSTED."""
+        """``register()``, making room when the registry is full, or when the copies of fully
+        trained modules held are (--max-saved-modules), by unregistering the least recently used
+        dynamic registration (of those holding copies) that no request is using and no call holds
+        (_adapter_held); none: RESOURCE_EXHAUSTED."""
         built = self.built
         while True:
             try:
                 return register()
-            except RegistryFull:
+            except (RegistryFull, SavedModulesFull) as e:
                 running, waiting = built.engine.adapter_ids()
-                evicted = built.registry.evict_lru_dynamic(running | waiting, self._claimed)
+                saved = isinstance(e, SavedModulesFull)
+                evicted = built.registry.evict_lru_dynamic(running | waiting, self._claimed, saved)
+                if evicted is None and saved:
+                    raise SavedModulesFull(f"{e}, and every dynamically registered adapter holding any is in use") \
+                        from None
                 if evicted is None:
                     raise RegistryFull(
                         f"{len(built.registry)} adapters are registered (--max-registered-adapters) and every "

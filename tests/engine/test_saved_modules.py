@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_dora import MAX_NEW, check_against_peft
 from test_embedding_lora import EMBEDDING, engine_for
 
-from loramux.adapters.errors import AdapterInvalid, AdapterNoRoom
+from loramux.adapters.errors import AdapterInvalid, SavedModulesFull
 
 from helpers import (
     FAMILY_ADAPTERS,
@@ -103,7 +103,10 @@ def run_staggered_one(engine, adapter, prompt):
     return asyncio.run(run_staggered(engine, [(adapter, prompt)], MAX_NEW))[0]
 
 
-def test_copies_are_bounded_shared_and_freed(tmp_path):
+def test_copies_are_bounded_shared_and_released(tmp_path):
+    """Copies are counted while a registered version holds them: shared by registrations of the same
+    files, released by unregistering, replacing (a replace is not refused for its own old copies)
+    and by a registration refused after they were made."""
     model = build_llama(tmp_path / "model")
     first = saved_adapter(model, tmp_path / "first", 1, ["embed_tokens", "lm_head"])
     second = saved_adapter(model, tmp_path / "second", 2, ["lm_head"])
@@ -118,19 +121,25 @@ def test_copies_are_bounded_shared_and_freed(tmp_path):
     registry.roots = (tmp_path.resolve(),)
     registry.register("first", first)
     registry.register("again", first)  # the same files: the copies they hold are shared
-    assert len(registry.saved) == 2
+    assert len(registry.saved) == 2 and registry.saved.nbytes == 2 * 384 * 64 * 4
     assert registry.lookup("again").manifest.saved["lm_head"] is registry.lookup("first").manifest.saved["lm_head"]
     registry.register("untrained", untrained)
     assert registry.lookup("untrained").manifest.saved == {}
-    with pytest.raises(AdapterNoRoom, match="1 more held copy of a base layer; 2 of --max-saved-modules 2 are held"):
+    with pytest.raises(SavedModulesFull, match="1 more held copy of a base layer; 2 of --max-saved-modules 2 are held"):
         registry.register("second", second)
     assert "second" not in registry and len(registry.saved) == 2
     registry.unregister("first")
     assert len(registry.saved) == 2  # "again" still holds them
-    registry.unregister("again")
-    assert len(registry.saved) == 0  # freed with the last version that held them
-    registry.register("second", second)
+    registry.register("again", second, replace=True)  # its own two copies go with the old version
     assert len(registry.saved) == 1
+
+    def refuse(entry):
+        raise ValueError("no")
+    with pytest.raises(ValueError):
+        registry.register("third", saved_adapter(model, tmp_path / "third", 3, ["lm_head"]), on_commit=refuse)
+    assert len(registry.saved) == 1  # made for the refused registration, then released
+    registry.unregister("again")
+    assert len(registry.saved) == 0 and registry.saved.nbytes == 0
 
 
 HEAD_KEY = "base_model.model.lm_head.weight"

@@ -21,7 +21,7 @@ try:  # the HTTP client the installed openai package uses
 except ImportError:  # pragma: no cover - older openai releases use httpx
     import httpx
 
-from helpers import build_llama, peft_cat_generate, peft_logprobs
+from helpers import build_adapter, build_llama, peft_cat_generate, peft_generate, peft_logprobs
 from server import ServerProcess
 from test_grpc import PROMPT_IDS, code_of, total, wait_idle
 
@@ -943,6 +943,31 @@ def test_auth_and_rate_limit_statuses(guarded):
         user.completions.create(model="extra", prompt="hi")
     assert "--max-registered-adapters" in e.value.message
     assert httpx.get(f"http://127.0.0.1:{guarded.http_port}/health").status_code == 200  # open, as gRPC health
+
+
+def test_first_use_makes_room_for_fully_trained_modules(tiny_llama, tmp_path):
+    """--max-saved-modules 1 with --dynamic-adapters: the first use of an adapter with a trained
+    lm_head unregisters the least recently used dynamic one holding a copy, as a full registry
+    would; both serve PEFT's tokens, in turn and again."""
+    root = tmp_path / "root"
+    paths = {name: build_adapter(tiny_llama, root / name, seed=20 + i, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                 modules_to_save=["lm_head"]) for i, name in enumerate(("one", "two"))}
+    proc = ServerProcess(["--model", str(tiny_llama), "--adapter-root", str(root), "--dynamic-adapters",
+                          "--max-saved-modules", "1"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        expected = {name: peft_generate(tiny_llama, path, [PROMPT_IDS], 10, eos_token_id=None)[0]
+                    for name, path in paths.items()}
+        for name in ("one", "two", "one"):
+            assert proc.openai().completions.create(model=name, prompt=PROMPT_IDS, **GREEDY).choices[0].text
+            served = proc.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=name,
+                                          sampling=Sampling(max_new_tokens=10, ignore_eos=True))
+            assert served.token_ids == expected[name], name
+            assert [a.adapter_id for a in proc.client.list_adapters()] == [name]
+        assert total(proc.metrics(), "loramux_dynamic_adapters_total", event="evicted") == 2
+        assert proc.metrics()["loramux_saved_modules"] == 1
+    finally:
+        proc.stop()
 
 
 def test_models_retrieve_and_stop_token_ids(oserver):
