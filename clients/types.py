@@ -145,6 +145,7 @@ class ServerInfo:
     base_kernel_rows: tuple[int, ...] = ()  # row counts whose base projections run on the C++ kernel (--base-linear)
     scheduling: str = ""  # admission order (--scheduling): fair, fifo or priority
     quantization: str = ""  # the decoder projections' weights (--quantization): none or int8
+    max_saved_modules: int = 0  # fully trained embeddings and lm_heads held at once (--max-saved-modules)
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:

@@ -138,5 +138,5 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             lora_dtype=str(built.manager.dtype).removeprefix("torch."), lora_targets=built.registry.layout.kinds,
             dora=built.registry.layout.dora_base is not None, num_speculative_tokens=c.num_speculative_tokens,
             base_kernel_rows=sorted(built.kernel_rows), scheduling=c.scheduling,
-            quantization=built.quantization,
+            quantization=built.quantization, max_saved_modules=c.max_saved_modules,
         )

@@ -606,6 +606,7 @@ def test_fully_trained_modules_serve_tokens_and_logprobs_as_peft_does(server, ti
                          modules_to_save=["embed_tokens", "lm_head"])
     other = build_adapter(tiny_llama, adapter_root / "saved-head", seed=14, r=4, lora_alpha=8,
                           target_modules=["q_proj"], modules_to_save=["lm_head"])
+    assert server.client.server_info().max_saved_modules == 2
     info = server.client.register_adapter("saved/q", str(path))
     assert info.modules_to_save == ["lm_head", "model.embed_tokens"]
     try:
