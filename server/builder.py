@@ -64,15 +64,16 @@ CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on the CPU: at most 1 GiB ...
 CUDA_KV_FRACTION = 0.8  # ... and on CUDA this share of the device memory still free after the model and adapters
 
 
-def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device) -> int:
+def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device, reserved: int = 0) -> int:
     """--kv-cache-tokens, or a default sized from memory: on CUDA CUDA_KV_FRACTION of the free
-    device memory; on the CPU CPU_KV_BUDGET_BYTES, but no more than max-batch-size sequences of
+    device memory less ``reserved`` bytes (what registrations may take later: adapters' fully
+    trained modules); on the CPU CPU_KV_BUDGET_BYTES, but no more than max-batch-size sequences of
     max-model-len tokens (the most a full batch can hold) and no less than one such sequence."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_KV_FRACTION) // bytes_per_token
+        return int(max(0, free - reserved) * CUDA_KV_FRACTION) // bytes_per_token
     longest = -(-config.max_model_len // config.kv_block_size) * config.kv_block_size  # in whole blocks
     return max(config.max_model_len, min(CPU_KV_BUDGET_BYTES // bytes_per_token, config.max_batch_size * longest))
 
@@ -175,7 +176,9 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))
     per_token = PagedKVCache.bytes_per_token(num_layers, kv_heads, head_dim, loaded.dtype)
-    tokens = kv_pool_tokens(config, per_token, loaded.device)
+    embedding = model.token_embedding.weight
+    saved_bytes = config.max_saved_modules * embedding.numel() * embedding.element_size()  # each as large
+    tokens = kv_pool_tokens(config, per_token, loaded.device, saved_bytes)
     if tokens < config.max_model_len:
         raise StartupError(f"the KV pool would hold {tokens} tokens, fewer than --max-model-len {config.max_model_len}; "
                            "free memory, lower --max-model-len or set --kv-cache-tokens")
@@ -251,7 +254,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         f"{config.prompt_lookup_max}-grams)" if config.num_speculative_tokens else "off",
     )
     if config.max_saved_modules:
-        copy = model.token_embedding.weight
         log.info("fully trained modules (modules_to_save): up to %d copies of the token embedding or lm_head held, "
-                 "%.0f MiB each", config.max_saved_modules, copy.numel() * copy.element_size() / 2**20)
+                 "%.0f MiB in all (on a GPU, kept out of the KV pool's share)", config.max_saved_modules,
+                 saved_bytes / 2**20)
     return Built(engine, registry, manager, loaded, runner.apply_lora.name, cpu_isa(), kernel_rows, config.quantization)

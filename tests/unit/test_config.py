@@ -33,6 +33,7 @@ from loramux.server.config import ServerConfig
     (dict(base_linear="fast"), "base-linear must be one of"),
     (dict(quantization="int4"), "quantization must be one of"),
     (dict(http_keep_alive_timeout=0), "http-keep-alive-timeout must be > 0"),
+    (dict(max_saved_modules=-1), "max-saved-modules must be >= 0"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -96,3 +97,18 @@ def test_clients_warn_before_sending_a_token_in_plaintext(target, warned, recwar
     LoraMuxClient(target).close()  # no token: nothing to leak
     assert [w.category for w in recwarn.list if w.category is PlaintextTokenWarning] == \
         ([PlaintextTokenWarning] if warned else [])
+
+
+def test_the_kv_pool_on_cuda_leaves_room_for_fully_trained_modules(monkeypatch):
+    """The default KV pool on CUDA takes its share of the free memory less what --max-saved-modules
+    copies may take; --kv-cache-tokens is taken as given."""
+    import torch
+
+    from loramux.server.builder import CUDA_KV_FRACTION, kv_pool_tokens
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda")
+    assert kv_pool_tokens(ServerConfig(), 1024, cuda) == int(10 * 2**30 * CUDA_KV_FRACTION) // 1024
+    assert kv_pool_tokens(ServerConfig(), 1024, cuda, 2 * 2**30) == int(8 * 2**30 * CUDA_KV_FRACTION) // 1024
+    assert kv_pool_tokens(ServerConfig(), 1024, cuda, 20 * 2**30) == 0
+    assert kv_pool_tokens(ServerConfig(kv_cache_tokens=4096), 1024, cuda, 2 * 2**30) == 4096
