@@ -2,8 +2,8 @@
 served with --max-saved-modules), token for token against PEFT: in every family, tied (untied by
 the adapter, or kept tied with ensure_weight_tying), in one batch with plain adapters and the base
 model, joining at staggered times, through a pool small enough to evict the adapters' pages; the
-prefix cache's namespace; the bound on copies held; and the refusals that name what cannot be
-served."""
+prefix cache's namespace; the bound on copies held, and requests that outlive their version's
+registration; and the refusals that name what cannot be served."""
 
 import asyncio
 
@@ -14,6 +14,7 @@ from test_dora import MAX_NEW, check_against_peft
 from test_embedding_lora import EMBEDDING, engine_for
 
 from loramux.adapters.errors import AdapterInvalid, SavedModulesFull
+from loramux.server.requests import GenerationRequest, SamplingParams
 
 from helpers import (
     FAMILY_ADAPTERS,
@@ -140,6 +141,43 @@ def test_copies_are_bounded_shared_and_released(tmp_path):
     assert len(registry.saved) == 1  # made for the refused registration, then released
     registry.unregister("again")
     assert len(registry.saved) == 0 and registry.saved.nbytes == 0
+
+
+def test_requests_keep_an_unregistered_versions_copies(tmp_path):
+    """A request running on an adapter that is unregistered mid-generation keeps its trained lm_head
+    to the end, token for token PEFT's, while the copy no longer counts: another adapter's copy is
+    registered at the bound of one and served beside it."""
+    model = build_llama(tmp_path / "model")
+    first = saved_adapter(model, tmp_path / "first", 1, ["lm_head"])
+    second = saved_adapter(model, tmp_path / "second", 2, ["lm_head"], target_modules=["v_proj"])
+    built = engine_for(model, {"first": first}, max_saved_modules=1, enable_embedding_lora=False, max_model_len=96)
+    engine, registry = built.engine, built.registry
+    registry.roots = (tmp_path.resolve(),)
+    prompt, new = make_prompts(engine.vocab_size, 1, seed=3)[0], 40
+
+    async def run():
+        def request(name, rid):
+            return engine.submit(GenerationRequest(rid, tuple(prompt), SamplingParams(new, ignore_eos=True), name))
+        out, stream = [], request("first", "a")
+        async for ev in stream:
+            out.append(ev.token_id)
+            if len(out) == 3:  # mid-generation: the version goes, another copy takes its place
+                registry.unregister("first")
+                registry.register("second", second)
+                later = asyncio.ensure_future(collect(request("second", "b")))
+        return out, await later
+
+    async def collect(stream):
+        return [ev.token_id async for ev in stream]
+
+    engine.start()
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert len(registry.saved) == 1
+    for (path, out) in zip((first, second), outs, strict=True):
+        assert out == peft_generate(model, path, [prompt], new, eos_token_id=None)[0]
 
 
 HEAD_KEY = "base_model.model.lm_head.weight"
