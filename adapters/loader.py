@@ -425,7 +425,13 @@ def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: 
     """Fully trained copies (module -> shape) against the config, the model and the adapter's
     other weights."""
     field_name = "adapter_config.json field 'modules_to_save'"
-    if (saved or spec is not None and spec.modules_to_save) and not layout.saveable:
+    if not layout.saveable:  # none served here
+        if spec is None or not (saved or spec.modules_to_save):  # without the config: checked again with it
+            return
+        if not spec.modules_to_save:  # e.g. PEFT's copy of an embedding it resized
+            module = next(iter(saved))
+            raise AdapterInvalid(f"{clip(module + '.weight')} {saved[module]}: a fully trained copy of a module "
+                                 f"that {field_name} does not list")
         raise AdapterInvalid(f"{field_name}: fully trained modules are not enabled on this server (start it with "
                              "--max-saved-modules N: how many copies of the token embedding or lm_head it may hold)")
     for module, shape in saved.items():

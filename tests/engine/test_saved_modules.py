@@ -227,3 +227,6 @@ def test_refusals_name_what_cannot_be_served(tmp_path):
     with pytest.raises(AdapterInvalid, match="fully trained modules are not enabled on this server \\(start it with "
                                              "--max-saved-modules N"):
         plain.register("good", good)
+    with pytest.raises(AdapterInvalid, match=r"'lm_head.weight' \[384, 64\]: a fully trained copy of a module that "
+                                             "adapter_config.json field 'modules_to_save' does not list"):
+        plain.register("unlisted", tmp_path / "unlisted")  # not a hint at the flag: the config asks for none
