@@ -140,7 +140,8 @@ def filter_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
         return logits
     sorted_z, order = torch.sort(logits, dim=-1, descending=False)
     cum = sorted_z.softmax(-1).cumsum(-1)
-    remove = cum <= (1 - torch.tensor(top_p, dtype=logits.dtype, device=logits.device))[:, None]
+    # 1 - p in double, then cast, as HF compares: p rounded to float32 first moves a p near 1's bound
+    remove = cum <= torch.tensor([1 - p for p in top_p], dtype=logits.dtype, device=logits.device)[:, None]
     remove[:, -1] = False
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
