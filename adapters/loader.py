@@ -44,15 +44,23 @@ _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.we
 # trainable_token_indices under token_adapter; a TRAINABLE_TOKENS adapter's on the module itself)
 _TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:token_adapter\.)?trainable_tokens_delta"
                          r"(?:\.default)?$")
-# PEFT's modules_to_save: a fully trained copy of the module (tried after the keys above)
+# PEFT's modules_to_save: a fully trained copy of the module (``_copy_of``)
 _SAVED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.weight$")
+
+
+def _copy_of(key: str) -> str | None:
+    """The module whose fully trained copy (modules_to_save) tensor ``key`` is: the token
+    embedding's or lm_head's, under none of the keys above; else None."""
+    if _KEY.match(key) or _TOKENS_KEY.match(key) or _BASE_KEY.match(key):
+        return None
+    copy = _SAVED_KEY.match(key)
+    return copy["module"] if copy is not None and leaf(copy["module"]) in OPT_IN else None
 
 
 def _unread(key: str) -> bool:
     """Whether a load leaves the tensor unread: a saved base layer (checked at registration) or a
     fully trained module (registration holds it, adapters/saved_modules.py)."""
-    return _KEY.match(key) is None and _TOKENS_KEY.match(key) is None and \
-        (_BASE_KEY.match(key) is not None or _SAVED_KEY.match(key) is not None)
+    return _BASE_KEY.match(key) is not None or _copy_of(key) is not None
 
 
 def _part(match: re.Match) -> str:
@@ -344,12 +352,12 @@ def _modules_from_shapes(
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if m is None:
-            base, rows, copy = _BASE_KEY.match(key), _TOKENS_KEY.match(key), _SAVED_KEY.match(key)
+            base, rows, copy = _BASE_KEY.match(key), _TOKENS_KEY.match(key), _copy_of(key)
             if rows is not None:
                 tokens[rows["module"]] = list(shape)
                 continue
-            if base is None and copy is not None and leaf(copy["module"]) in OPT_IN:
-                saved[copy["module"]] = list(shape)
+            if copy is not None:
+                saved[copy] = list(shape)
                 continue
             if base is None or leaf(base["module"]) not in OPT_IN:
                 raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights, DoRA's "
@@ -664,8 +672,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     rank = max(ranks.values()) + spec.use_dora
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
     digest = hashlib.sha256(data).hexdigest()
-    copies = {} if tensors is None else {m["module"]: t for key, t in tensors.items() if _unread(key) and
-                                         _BASE_KEY.match(key) is None for m in [_SAVED_KEY.match(key)]}
+    copies = {} if tensors is None else {_copy_of(key): t for key, t in tensors.items() if _copy_of(key)}
     if copies and saved_store is None:
         raise AdapterInvalid("adapter_config.json field 'modules_to_save': this server cannot hold fully trained "
                              "modules")

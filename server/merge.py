@@ -42,8 +42,9 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     layout = replace(config_layout, dora_base=dora_base, base_weight=weight, tied_head=tied,
                      saveable={embedding: modules[embedding].weight, HEAD: model.lm_head.weight})
     max_rank = 1 << 16
-    saved = inspect_adapter(adapter_dir, layout, max_rank, 4, saved_store=SavedModuleStore(2)).saved
-    weights = load_adapter(adapter_dir, layout, max_rank, dtype=torch.float32)
+    manifest = inspect_adapter(adapter_dir, layout, max_rank, 4, saved_store=SavedModuleStore(2))
+    saved = manifest.saved
+    weights = load_adapter(adapter_dir, layout, max_rank, dtype=torch.float32, manifest=manifest)
     if tied and (saved or any(kind == HEAD or layer == -1 for layer, kind in weights.a)):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
         model.config.tie_word_embeddings = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,10 +43,10 @@ def _longs(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
 
 
-def _saved(items: list[WorkItem], runs: list[tuple[int, int, int]], attr: str
+def _saved(items: list[WorkItem], runs: Iterable[tuple[int, int, int]], attr: str
            ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """(rows, weight) for each distinct trained copy ``attr`` of the items; ``runs``: (item, first
-    row, rows) of every item's rows."""
+    row, rows) of every item's rows, read only when some item has such a copy."""
     if all(getattr(it, attr) is None for it in items):
         return ()
     rows: dict[int, tuple[torch.Tensor, list[int]]] = {}
@@ -210,7 +210,7 @@ class ModelRunner:
         lora = self._plans(items, prefill, seg_starts, decode_rows, num_prefill)
         logits_items = order + [i for i, count in prompt_rows for _ in range(count)]
         head = self._head_plan(items, logits_items) if self.head else None
-        saved_heads = _saved(items, [(i, row, 1) for row, i in enumerate(logits_items)], "saved_head")
+        saved_heads = _saved(items, ((i, row, 1) for row, i in enumerate(logits_items)), "saved_head")
         if head is not None:
             lora[(HEAD,)] = (((0,), head),)
         meta = build_attention_metadata([items[i] for i in prefill], [items[i] for i in decode],

@@ -617,6 +617,9 @@ def test_fully_trained_modules_serve_tokens_and_logprobs_as_peft_does(server, ti
         served_as_peft(server, tiny_llama, "saved/q", path)
         m = server.metrics()
         assert m["loramux_saved_modules"] == 2 and m["loramux_saved_module_bytes"] == 2 * 384 * 64 * 4
+        listed = subprocess.run([sys.executable, "-m", "loramux.server.cli", "adapters", "list", "--server",
+                                 server.target], capture_output=True, text=True, timeout=120).stdout
+        assert "saved/q\trank=4 saved=lm_head,model.embed_tokens\t" in listed, listed
     finally:
         server.client.unregister_adapter("saved/q")
     assert server.client.register_adapter("saved/head", str(other)).modules_to_save == ["lm_head"]
