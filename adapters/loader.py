@@ -27,6 +27,7 @@ from .config import EMBEDDINGS, HEAD, OPT_IN, AdapterSpec, leaf, opt_in_refusal,
 from .errors import AdapterInvalid, clip
 from .files import AdapterFile, ReadBuffer, exists
 from .saved_modules import SavedModules, SavedModuleStore
+from .tokenizers import AdapterTokenizers
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -46,6 +47,9 @@ _TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:token_ad
                          r"(?:\.default)?$")
 # PEFT's modules_to_save: a fully trained copy of the module (``_copy_of``)
 _SAVED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.weight$")
+# beside such a copy, PEFT's save_embedding_layers (on by default for a resized vocabulary) also
+# writes the wrapper's two parts: the resized base layer and the copy again; PEFT serves the copy
+_WRAPPED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:original_module|modules_to_save)\.weight$")
 
 
 def _copy_of(key: str) -> str | None:
@@ -57,10 +61,16 @@ def _copy_of(key: str) -> str | None:
     return copy["module"] if copy is not None and leaf(copy["module"]) in OPT_IN else None
 
 
+def _wrapped(key: str) -> str | None:
+    """The module whose fully trained copy's wrapper part (``_WRAPPED_KEY``) ``key`` is, or None."""
+    part = _WRAPPED_KEY.match(key)
+    return part["module"] if part is not None and leaf(part["module"]) in OPT_IN else None
+
+
 def _unread(key: str) -> bool:
     """Whether a load leaves the tensor unread: a saved base layer (checked at registration) or a
-    fully trained module (registration holds it, adapters/saved_modules.py)."""
-    return _BASE_KEY.match(key) is not None or _copy_of(key) is not None
+    fully trained module (registration holds it, adapters/saved_modules.py) and its wrapper's parts."""
+    return _BASE_KEY.match(key) is not None or _copy_of(key) is not None or _wrapped(key) is not None
 
 
 def _part(match: re.Match) -> str:
@@ -94,6 +104,8 @@ class LoRALayout:
     # modules_to_save) replaces: the token embedding and lm_head where the server holds such copies
     # (--max-saved-modules), else empty
     saveable: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    head_bias: bool = False  # lm_head has a bias (of the base vocabulary's size): no resized vocabulary
+    vocab: int | None = None  # the token embedding's rows (None: not known, as in tests' layouts)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -166,6 +178,9 @@ class AdapterManifest:
     # module -> its fully trained copy that replaces the served one (modules_to_save), held for the
     # registration (the registry releases it)
     saved: SavedModules = field(default_factory=SavedModules, repr=False, compare=False)
+    # its own tokenizer (adapters/tokenizers.py), where it is not the base model's; None: the base model's
+    tokenizer: object | None = field(default=None, repr=False, compare=False)
+    vocab_size: int | None = None  # the rows of its resized vocabulary (its copies'); None: the base model's
 
     @property
     def depends_on_base(self) -> bool:
@@ -349,10 +364,14 @@ def _modules_from_shapes(
     saved_base: dict[str, list[int]] = {}
     tokens: dict[str, list[int]] = {}
     saved: dict[str, list[int]] = {}
+    wrapped: dict[str, list[int]] = {}
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if m is None:
             base, rows, copy = _BASE_KEY.match(key), _TOKENS_KEY.match(key), _copy_of(key)
+            if _wrapped(key) is not None:
+                wrapped[key] = list(shape)
+                continue
             if rows is not None:
                 tokens[rows["module"]] = list(shape)
                 continue
@@ -425,6 +444,11 @@ def _modules_from_shapes(
             )
         ranks[module] = ra
     _check_saved(saved, spec, layout, found, tokens)
+    for key, shape in wrapped.items():
+        module = _wrapped(key)
+        if saved.get(module) != shape:
+            raise AdapterInvalid(f"{clip(key)} {shape}: a part of PEFT's wrapper of {clip(module)} without the fully "
+                                 f"trained copy it wraps ({clip(module + '.weight')}) of that shape")
     return {**ranks, **_token_ranks(tokens, spec, layout, max_rank, found)}
 
 
@@ -439,7 +463,8 @@ def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: 
         if not spec.modules_to_save:  # e.g. PEFT's copy of an embedding it resized
             module = next(iter(saved))
             raise AdapterInvalid(f"{clip(module + '.weight')} {saved[module]}: a fully trained copy of a module "
-                                 f"that {field_name} does not list")
+                                 f"that {field_name} does not list (PEFT saves a resized vocabulary's embedding "
+                                 "layers so; serving them needs --max-saved-modules N)")
         raise AdapterInvalid(f"{field_name}: fully trained modules are not enabled on this server (start it with "
                              "--max-saved-modules N: how many copies of the token embedding or lm_head it may hold)")
     for module, shape in saved.items():
@@ -447,13 +472,13 @@ def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: 
         if served is None:
             raise AdapterInvalid(f"{clip(module + '.weight')}: a fully trained copy of a module that is not this "
                                  f"model's token embedding or {HEAD} ({', '.join(layout.saveable)})")
-        if shape != list(served.shape):
-            raise AdapterInvalid(f"{clip(module + '.weight')} {shape} is not the shape of the base model's {module} "
-                                 f"{list(served.shape)}: the adapter was trained on a resized vocabulary, which is not "
-                                 "served")
+        if len(shape) != 2 or shape[1] != served.shape[1] or shape[0] < 1:
+            raise AdapterInvalid(f"{clip(module + '.weight')} {shape} does not fit the base model's {module} "
+                                 f"{list(served.shape)}: [vocabulary, {served.shape[1]}]")
         if module in lora_modules:
             raise AdapterInvalid(f"module {clip(module)}: LoRA and a fully trained copy of the same module are not "
                                  "supported")
+    resized = resized_vocabulary(saved, layout)
     if saved and tokens:
         raise AdapterInvalid("trainable tokens together with fully trained modules (modules_to_save) are not "
                              "supported")
@@ -467,9 +492,28 @@ def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: 
     if missing:
         raise AdapterInvalid(f"{field_name} lists {clip(missing[0])}, but the weights hold no copy of it "
                              f"({clip(missing[0] + '.weight')})")
-    if unlisted:
+    if unlisted and resized is None:  # a resized vocabulary's layers PEFT saves unlisted (save_embedding_layers)
         raise AdapterInvalid(f"{clip(unlisted[0] + '.weight')}: a fully trained copy of a module that {field_name} "
                              "does not list")
+
+
+def resized_vocabulary(saved: dict[str, list[int]], layout: LoRALayout) -> int | None:
+    """The vocabulary an adapter's fully trained copies (module -> shape [vocab, hidden]) were
+    trained on where it is not the base model's, else None. Such an adapter carries its token
+    embedding and lm_head both, of the same vocabulary (PEFT resizes both), and its tokenizer
+    (``inspect_adapter``)."""
+    served = next(iter(layout.saveable.values()), None)
+    rows = {shape[0] for shape in saved.values()}
+    if served is None or rows <= {served.shape[0]}:
+        return None
+    named = ", ".join(f"{m} {shape[0]}" for m, shape in sorted(saved.items()))
+    if len(rows) > 1 or saved.keys() != layout.saveable.keys():
+        raise AdapterInvalid(f"the adapter's fully trained copies ({named} tokens) resize the base model's vocabulary "
+                             f"of {served.shape[0]}: a resized vocabulary is served with trained copies of both "
+                             f"{' and '.join(layout.saveable)} of one size")
+    if layout.head_bias:
+        raise AdapterInvalid(f"a resized vocabulary ({named} tokens) on a model whose {HEAD} has a bias is not served")
+    return rows.pop()
 
 
 def _token_ranks(tokens: dict[str, list[int]], spec: AdapterSpec | None, layout: LoRALayout, max_rank: int,
@@ -643,13 +687,15 @@ def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayou
 
 def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
                     allow_pickle: bool = False, confine: Path | None = None,
-                    saved_store: SavedModuleStore | None = None, replacing: SavedModules | None = None
-                    ) -> AdapterManifest:
+                    saved_store: SavedModuleStore | None = None, replacing: SavedModules | None = None,
+                    tokenizers: AdapterTokenizers | None = None) -> AdapterManifest:
     """Validate the config, the weights' header and shapes, and hash the weights' bytes. The
     values are decoded (and checked finite) at load. Files must resolve inside ``confine``
     (default: the adapter directory). A pickle file is accepted only with ``allow_pickle``.
     Fully trained modules (modules_to_save) are converted now and held in ``saved_store``
-    (``replacing``: those of the version this registration replaces, SavedModuleStore.hold)."""
+    (``replacing``: those of the version this registration replaces, SavedModuleStore.hold). A
+    tokenizer saved beside the weights that is not the base model's is loaded by ``tokenizers``
+    (without them: not read); an adapter trained on a resized vocabulary must have one."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
     if not adapter_dir.is_dir():
@@ -665,6 +711,9 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
         shapes = {k: v["shape"] for k, v in header.items()}
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
     _check_dora(spec, layout, ranks)
+    vocab = resized_vocabulary({_copy_of(k): v for k, v in shapes.items() if _copy_of(k)}, layout)
+    tokenizer = None if tokenizers is None else tokenizers.load(adapter_dir, confine)
+    _check_tokenizer(tokenizer, vocab, layout)
     tensors = None
     if any(_unread(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
         tensors = _unpickle(data, name) if header is None else _decode(name, data, header)
@@ -680,7 +729,18 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     content = hashlib.sha256(f"{digest}\n{spec.scaling_identity()}".encode()).hexdigest()
     plan = None if header is None or identity is None else _tensor_plan(data, header, spec, layout, ranks)
     return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content, identity,
-                           spec.use_dora, plan, saved)
+                           spec.use_dora, plan, saved, tokenizer, vocab)
+
+
+def _check_tokenizer(tokenizer, vocab: int | None, layout: LoRALayout) -> None:
+    """An adapter's own tokenizer must fit its vocabulary; a resized vocabulary needs one."""
+    if vocab is not None and tokenizer is None:
+        raise AdapterInvalid(f"the adapter was trained on a resized vocabulary of {vocab} tokens, and no tokenizer of "
+                             "its own is saved beside its weights (tokenizer.json or tokenizer_config.json)")
+    rows = vocab or layout.vocab
+    if tokenizer is not None and rows is not None and len(tokenizer) > rows:
+        raise AdapterInvalid(f"the adapter's tokenizer has {len(tokenizer)} tokens; its vocabulary (the token "
+                             f"embedding's rows) has {rows}: tokens past it have no embedding")
 
 
 def _tensor_plan(data, header: dict[str, dict], spec: AdapterSpec, layout: LoRALayout,

@@ -20,6 +20,7 @@ from .errors import AdapterExists, AdapterInvalid, AdapterNotFound, AdapterPathD
 from .files import inside
 from .loader import AdapterManifest, LoRALayout, combination_manifest, inspect_adapter
 from .saved_modules import SavedModuleStore
+from .tokenizers import AdapterTokenizers
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
@@ -67,10 +68,12 @@ class RegisteredAdapter:
 class AdapterRegistry:
     def __init__(self, layout: LoRALayout, max_rank: int, element_size: int, roots: tuple[Path, ...] = (),
                  allow_pickle: bool = False, max_adapters: int = 4096, max_pages: int | None = None,
-                 max_saved_modules: int = 0):
+                 max_saved_modules: int = 0, tokenizers: AdapterTokenizers | None = None):
         """``max_pages``: the device pool's pages (None: unbounded), which a DoRA adapter of rank
         --max-lora-rank can exceed by its magnitude page. ``max_saved_modules``: how many fully
-        trained modules (modules_to_save) registrations may hold (``layout.saveable`` lists them)."""
+        trained modules (modules_to_save) registrations may hold (``layout.saveable`` lists them).
+        ``tokenizers``: loads adapters' own tokenizers (None: a tokenizer beside an adapter is not read)."""
+        self.tokenizers = tokenizers
         self.layout = layout
         self.saved = SavedModuleStore(max_saved_modules)
         self.max_pages = max_pages
@@ -121,7 +124,7 @@ class AdapterRegistry:
             current = self._adapters.get(adapter_id)
         confine = self._confinement(real)
         manifest = inspect_adapter(real, self.layout, self.max_rank, self.element_size, self.allow_pickle, confine,
-                                   self.saved, None if current is None else current.manifest.saved)
+                                   self.saved, None if current is None else current.manifest.saved, self.tokenizers)
         try:
             if self.max_pages is not None and manifest.rank > self.max_pages:
                 raise AdapterInvalid(f"a DoRA adapter of rank {manifest.lora_rank} needs {manifest.rank} device pages; "
@@ -206,6 +209,8 @@ class AdapterRegistry:
             if entry.manifest.saved:  # whole layers replaced, not deltas
                 raise ValueError(f"adapter {clip(part)} has fully trained modules (modules_to_save), which cannot "
                                  "be combined")
+            if entry.manifest.tokenizer is not None:  # a combination's requests have one tokenizer
+                raise ValueError(f"adapter {clip(part)} has a tokenizer of its own, which cannot be combined")
             entries.append((entry, w))
         rank = sum(e.manifest.rank for e, _ in entries)
         if rank > self.max_rank:

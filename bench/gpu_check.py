@@ -102,7 +102,8 @@ def stage_parity(args, out: Path) -> dict:
     return _pytest(args, out, "parity", ["tests/engine/test_parity.py", "tests/engine/test_dora.py",
                                          "tests/engine/test_lm_head.py", "tests/engine/test_embedding_lora.py",
                                          "tests/engine/test_trainable_tokens.py", "tests/engine/test_speculative.py",
-                                         "tests/engine/test_quantization.py", "tests/engine/test_saved_modules.py"],
+                                         "tests/engine/test_quantization.py", "tests/engine/test_saved_modules.py",
+                                         "tests/engine/test_added_tokens.py"],
                    # --quick (the CPU smoke test): one parity test shows the stage runs; make test runs the rest
                    "staggered_mixed_adapters and torch and not float16")
 

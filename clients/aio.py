@@ -87,8 +87,10 @@ class AsyncLoraMuxClient:
         continue_final_message, chat_template_kwargs (a dict), chat_template, documents, return_token_strs."""
         return Tokens.from_pb(await self.stub.Tokenize(tokenize_request(prompt, **kwargs), timeout=timeout))
 
-    async def detokenize(self, token_ids: list[int], *, timeout: float | None = None) -> str:
-        return (await self.stub.Detokenize(pb.DetokenizeRequest(token_ids=token_ids), timeout=timeout)).text
+    async def detokenize(self, token_ids: list[int], *, adapter_id: str = "", timeout: float | None = None) -> str:
+        """adapter_id: decode with its tokenizer (its own, if it has one); empty: the base model's."""
+        request = pb.DetokenizeRequest(token_ids=token_ids, adapter_id=adapter_id)
+        return (await self.stub.Detokenize(request, timeout=timeout)).text
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_pb(await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))

@@ -97,6 +97,8 @@ def cmd_adapters_list(args) -> int:
         dora = " dora" if a.use_dora else ""
         tokens = f" tokens={len(a.trainable_token_ids)}" if a.trainable_token_ids else ""
         tokens += f" saved={','.join(a.modules_to_save)}" if a.modules_to_save else ""
+        tokens += f" vocab={a.vocab_size}" if a.vocab_size else ""
+        tokens += " own-tokenizer" if a.own_tokenizer else ""
         print(f"{a.adapter_id}\trank={a.rank}{dora}{tokens}\ttier={a.tier}\tserved={a.requests_served}{kept}\t{where}")
     return 0
 

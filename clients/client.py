@@ -93,8 +93,10 @@ class LoraMuxClient:
         continue_final_message, chat_template_kwargs (a dict), chat_template, documents, return_token_strs."""
         return Tokens.from_pb(self.stub.Tokenize(tokenize_request(prompt, **kwargs), timeout=timeout))
 
-    def detokenize(self, token_ids: list[int], *, timeout: float | None = None) -> str:
-        return self.stub.Detokenize(pb.DetokenizeRequest(token_ids=token_ids), timeout=timeout).text
+    def detokenize(self, token_ids: list[int], *, adapter_id: str = "", timeout: float | None = None) -> str:
+        """adapter_id: decode with its tokenizer (its own, if it has one); empty: the base model's."""
+        request = pb.DetokenizeRequest(token_ids=token_ids, adapter_id=adapter_id)
+        return self.stub.Detokenize(request, timeout=timeout).text
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_pb(self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout))

@@ -111,13 +111,15 @@ class Adapter:
     use_dora: bool = False  # a DoRA adapter
     trainable_token_ids: list[int] = field(default_factory=list)  # tokens whose embedding rows it replaces
     modules_to_save: list[str] = field(default_factory=list)  # modules it replaces with fully trained copies
+    vocab_size: int = 0  # its resized vocabulary's size (added tokens); 0: the base model's
+    own_tokenizer: bool = False  # served with the tokenizer saved beside it
 
     @classmethod
     def from_pb(cls, a: pb.AdapterInfo) -> Adapter:
         return cls(a.adapter_id, a.path, a.rank, a.lora_alpha, list(a.target_modules), a.size_bytes,
                    TIER_NAMES.get(a.tier, "unknown"), a.requests_served, a.content_hash, a.weight, a.keep_resident,
                    [(c.adapter_id, c.weight) for c in a.combine], a.use_dora, list(a.trainable_token_ids),
-                   list(a.modules_to_save))
+                   list(a.modules_to_save), a.vocab_size, a.own_tokenizer)
 
 
 @dataclass(frozen=True)

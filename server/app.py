@@ -143,7 +143,6 @@ class App:
         self.built = await loop.run_in_executor(None, _build_engine, self.config)
         from .metrics import RequestLog
         from .offload import Offload
-        from .prompts import PromptRenderer
         from .torch_threads import serial_openmp
 
         self.built.engine.observers.append(RequestLog())
@@ -152,8 +151,7 @@ class App:
         self.built.engine.start()
         c = self.config
         self.work = Offload(c.work_threads, c.work_timeout, initializer=serial_openmp)
-        renderer = PromptRenderer(self.built.tokenizer, c)
-        self.service.attach(self.built, renderer, self.work)
+        self.service.attach(self.built, self.built.engine.vocabularies.base.renderer, self.work)
         if c.dynamic_adapters:
             log.warning("--dynamic-adapters: any inference caller may register adapters found under %s",
                         ", ".join(c.adapter_roots))

@@ -16,6 +16,7 @@ from ..adapters.errors import AdapterError
 from ..adapters.host_cache import HostCache
 from ..adapters.manager import AdapterManager
 from ..adapters.registry import AdapterRegistry
+from ..adapters.tokenizers import AdapterTokenizers
 from ..clients.runs import row_runs
 from .config import ServerConfig, StartupError
 from .engine import Engine, adapter_fault_injector, fault_injector
@@ -188,7 +189,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     element_size = torch.empty(0, dtype=page_dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,
                                tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
-                               config.max_registered_adapters, config.device_pages, config.max_saved_modules)
+                               config.max_registered_adapters, config.device_pages, config.max_saved_modules,
+                               AdapterTokenizers(loaded.tokenizer))
     startup = [*config.adapters, *((sub.name, sub) for folder in config.adapter_dirs
                                    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()))]
     for adapter_id, path in startup:

@@ -67,7 +67,7 @@ from .scheduler import (
 )
 from .sequence import RequestStream, Sequence
 from .speculative import PromptLookupDrafter
-from .structured import Grammars
+from .vocabulary import Vocabularies, Vocabulary
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
@@ -141,8 +141,9 @@ class Engine:
         self.fatal_error: BaseException | None = None
         self.observers: list[EngineObserver] = []
         self._held: list | None = None  # a step's events, sent once the step is recorded (_step)
-        self.output = OutputProcessor(eos_token_ids, self.observers)
-        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids, torch.get_num_threads())
+        self.output = OutputProcessor(self.observers)
+        self.vocabularies = Vocabularies(config, tokenizer, vocab_size, eos_token_ids, torch.get_num_threads())
+        self.grammars = self.vocabularies.base.grammars
         # Structured outputs' masks are computed during the forward pass where it runs on an
         # accelerator; on a CPU the forward pass uses every core, and they run after it (computed
         # during it, a 2-core VM's steps were slower: BENCHMARKS.md).
@@ -192,8 +193,17 @@ class Engine:
             return {s.request.adapter_id for s in list(seqs) if s.request.adapter_id}
         return ids(self._running), ids(self._waiting)
 
-    def validate(self, req: GenerationRequest) -> None:
+    def vocabulary(self, adapter_id: str | None) -> Vocabulary:
+        """The vocabulary a request for ``adapter_id`` is served with now (the base model's for an
+        id not registered: its request is refused later)."""
+        entry = self.adapters.registry.lookup(adapter_id) if adapter_id else None
+        return self.vocabularies.of(None if entry is None else entry.manifest)
+
+    def validate(self, req: GenerationRequest, vocab: Vocabulary | None = None) -> None:
+        """``vocab``: the request's (default: the one its adapter has now)."""
         c, p = self.config, req.sampling
+        vocab = vocab or self.vocabulary(req.adapter_id)
+        size = vocab.size
         validate_request_id(req.request_id)
         n = len(req.prompt_token_ids)
         if n == 0:
@@ -204,9 +214,9 @@ class Engine:
         if n > c.input_token_limit:  # before any pass over the ids
             raise RequestInvalid(f"the prompt has {n} tokens; max_input_tokens is {c.input_token_limit} "
                                  "(truncate_prompt_tokens keeps a prompt's last tokens)", param="prompt")
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < size]
         if bad:
-            raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+            raise RequestInvalid(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {size})",
                                  param="prompt_token_ids")
         if not 0 < p.max_new_tokens <= c.max_new_tokens_limit:
             raise RequestInvalid(f"max_new_tokens must be in [1, {c.max_new_tokens_limit}], got {p.max_new_tokens}",
@@ -255,8 +265,8 @@ class Engine:
             raise RequestInvalid(f"logit_bias has {len(p.logit_bias)} entries; the limit is {MAX_LOGIT_BIAS_TOKENS}",
                                  param="logit_bias")
         for token, bias in p.logit_bias:
-            if not 0 <= token < self.vocab_size:
-                raise RequestInvalid(f"logit_bias token {token} is outside the vocabulary [0, {self.vocab_size})",
+            if not 0 <= token < size:
+                raise RequestInvalid(f"logit_bias token {token} is outside the vocabulary [0, {size})",
                                      param="logit_bias")
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise RequestInvalid(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
@@ -265,13 +275,13 @@ class Engine:
             raise RequestInvalid(f"min_new_tokens must be in [0, max_new_tokens ({p.max_new_tokens})], "
                                  f"got {p.min_new_tokens}", param="min_new_tokens")
         if p.allowed_token_ids:
-            bad = next((t for t in p.allowed_token_ids if not 0 <= t < self.vocab_size), None)
+            bad = next((t for t in p.allowed_token_ids if not 0 <= t < size), None)
             if bad is not None:
-                raise RequestInvalid(f"allowed_token_ids: token {bad} is outside the vocabulary [0, {self.vocab_size})",
+                raise RequestInvalid(f"allowed_token_ids: token {bad} is outside the vocabulary [0, {size})",
                                      param="allowed_token_ids")
-            if len(p.allowed_token_ids) > self.vocab_size:
+            if len(p.allowed_token_ids) > size:
                 raise RequestInvalid(f"allowed_token_ids has {len(p.allowed_token_ids)} entries; the vocabulary has "
-                                     f"{self.vocab_size}", param="allowed_token_ids")
+                                     f"{size}", param="allowed_token_ids")
             if p.structured_output is not None:
                 raise RequestInvalid("allowed_token_ids and a structured output cannot be combined: the structured "
                                      "output already decides which tokens may come", param="allowed_token_ids")
@@ -303,8 +313,8 @@ class Engine:
         if not self._accepting or self.fatal_error is not None:
             raise EngineUnavailable("the server is draining or stopped and accepts no new requests")
         req = self.fitted(req)
-        self.validate(req)
-        grammar = None if req.sampling.structured_output is None else self.grammars.matcher(req.sampling.structured_output)
+        vocab = self.vocabulary(req.adapter_id)
+        self.validate(req, vocab)
         with self._admission_lock:  # atomic reservation: never more than the bound accepted
             if self._accepted >= self.config.max_queued_requests:
                 raise QueueFull(f"the queue is full: {self.config.max_queued_requests} requests in flight")
@@ -315,17 +325,27 @@ class Engine:
             with self._admission_lock:
                 self._accepted -= 1
             raise
+        try:
+            resolved = self.vocabularies.of(None if entry is None else entry.manifest)
+            if resolved is not vocab:  # replaced meanwhile: the version it runs on decides
+                self.validate(req, vocab := resolved)
+            grammar = None if req.sampling.structured_output is None else \
+                vocab.grammars.matcher(req.sampling.structured_output)
+        except BaseException:
+            with self._admission_lock:
+                self._accepted -= 1
+            raise
         adapter = None if entry is None else entry.key
         cold = adapter is not None and self.adapters.tier(adapter) != "device"
         loop = asyncio.get_running_loop()
         sampler = SamplerState.create(req.sampling, self.runner.device)  # its generator where the logits are
-        sampler.bad_words = bad_words.tokenize(self.tokenizer, req.sampling.bad_words, self.vocab_size)
+        sampler.bad_words = bad_words.tokenize(vocab.tokenizer, req.sampling.bad_words, vocab.size)
         seq = Sequence(
             request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry, req.cache_salt),
             weight=1.0 if entry is None else entry.weight,
             sampler=sampler,
-            detok=IncrementalDetokenizer(self.tokenizer, list(req.prompt_token_ids), req.sampling.skip_special_tokens,
-                                         req.sampling.spaces_between_special_tokens),
+            detok=IncrementalDetokenizer(vocab.tokenizer, list(req.prompt_token_ids), req.sampling.skip_special_tokens,
+                                         req.sampling.spaces_between_special_tokens), vocab=vocab,
             queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
             cold_adapter=cold, grammar=grammar,
@@ -346,7 +366,7 @@ class Engine:
         what its bad words forbid after the tokens it has generated."""
         p = seq.sampler.params
         out = [] if seq.num_generated >= p.min_new_tokens else \
-            [*(() if p.ignore_eos else self.output.eos_token_ids), *p.stop_token_ids]
+            [*(() if p.ignore_eos else seq.vocab.eos_token_ids), *p.stop_token_ids]
         if seq.sampler.bad_words:
             out += bad_words.banned(seq.sampler.bad_words, seq.ids, seq.num_prompt)
         return out or None
@@ -618,9 +638,9 @@ class Engine:
                 magnitude_page=seq.magnitude_page, saved_embedding=seq.saved_embedding, saved_head=seq.saved_head,
                 prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
             ))
-        constrained = [seq.grammar for (seq, _), it in zip(work, items, strict=True)
+        constrained = [seq for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None] if self.overlap_masks else []
-        pending = self.grammars.start(constrained) if constrained else None  # during the forward pass
+        pending = [grammars.start(rows) for grammars, rows in _by_grammars(constrained)]  # during the forward pass
         t0 = time.perf_counter()
         logits, order, extra = self.runner.step(items)
         # with drafts: each sampled row's logits row in its first round (a drafting row's first position)
@@ -645,7 +665,8 @@ class Engine:
             seq.num_computed += n  # a drafting row's drafts count once they are kept
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
         sampled = [work[i][0] for i in order]
-        self._sample(sampled, logits[: len(order)] if not chains else logits[rows], pending and pending.result())
+        computed = {key: mask for future in pending for key, mask in future.result().items()} if pending else None
+        self._sample(sampled, logits[: len(order)] if not chains else logits[rows], computed)
         if chains:
             self._verify(drafts, chains, logits)
         if self.observers:
@@ -712,17 +733,22 @@ class Engine:
         generated = [s.ids[s.num_prompt :] if s.sampler.params.presence_penalty or s.sampler.params.frequency_penalty
                      else None for s in seqs]
         banned = [self._banned(s) for s in seqs]
-        grammars = [s.grammar for s in seqs]
         masks, failed = None, {}
-        if any(g is not None for g in grammars):
-            masks, banned, failed = self.grammars.masks(grammars, banned, computed_masks)
+        for grammars, constrained in _by_grammars([s for s in seqs if s.grammar is not None]):
+            masks = masks or [None] * len(seqs)
+            theirs, banned, gone = grammars.masks([s.grammar if s.grammar in constrained else None for s in seqs],
+                                                  banned, computed_masks)
+            masks = [m if m is not None else mine for m, mine in zip(theirs, masks, strict=True)]
+            failed.update(gone)
         if any(s.sampler.params.allowed_token_ids for s in seqs):  # never with a grammar (validate)
             masks = masks or [None] * len(seqs)
             for i, s in enumerate(seqs):
                 if s.sampler.params.allowed_token_ids:
-                    masks[i] = allowed_mask(s.sampler, banned[i], logits.shape[1])
+                    masks[i] = allowed_mask(s.sampler, banned[i], s.vocab.size)
                     banned[i] = None
-        tokens = sample(logits, [s.sampler for s in seqs], seen, generated, banned, masks)
+        widths = [s.vocab.size for s in seqs]
+        tokens = sample(logits, [s.sampler for s in seqs], seen, generated, banned, masks,
+                        None if all(w == logits.shape[1] for w in widths) else widths)
         for i, error in failed.items():
             tokens[i] = error
         logprobs = token_logprobs(logits, seqs, tokens)
@@ -793,6 +819,14 @@ class Engine:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
+
+
+def _by_grammars(seqs: list[Sequence]) -> list:
+    """(Grammars, the Grammar matchers of ``seqs`` it compiled): one group per vocabulary."""
+    groups: dict = {}
+    for seq in seqs:
+        groups.setdefault(seq.vocab.grammars, []).append(seq.grammar)
+    return list(groups.items())
 
 
 def prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:

@@ -193,4 +193,5 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
         use_dora=entry.manifest.magnitude,
         trainable_token_ids=spec.trainable_tokens,
         modules_to_save=sorted(entry.manifest.saved),
+        vocab_size=entry.manifest.vocab_size or 0, own_tokenizer=entry.manifest.tokenizer is not None,
     )

@@ -115,12 +115,12 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
     @unary
     async def Tokenize(self, request, context):
         ids = await self.service.tokenize(prompt_from_pb(request), request.adapter_id or None)
-        strs = self.service.token_strings(ids) if request.return_token_strs else []
+        strs = self.service.token_strings(ids, request.adapter_id or None) if request.return_token_strs else []
         return pb.TokenizeResponse(token_ids=ids, token_strs=strs, max_model_len=self.service.config.max_model_len)
 
     @unary
     async def Detokenize(self, request, context):
-        return pb.DetokenizeResponse(text=self.service.detokenize(list(request.token_ids)))
+        return pb.DetokenizeResponse(text=self.service.detokenize(list(request.token_ids), request.adapter_id or None))
 
     @unary
     async def GetServerInfo(self, request, context):

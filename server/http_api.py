@@ -347,7 +347,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         chat = body.as_chat(history).serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
         (stream,) = await service.generate_choices(prompts, sampling, 1, body.options(adapter_of(body.model), rid))
-        tools, text_of = chat.tool_calls(), TokenText(service.ready().tokenizer)
+        tools, text_of = chat.tool_calls(), TokenText(service.vocabulary(adapter_of(body.model)).tokenizer)
         keep = kept.enabled and body.store is not False
         built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None)
         clamp = _clamp_logprobs if body.logprobs else (lambda obj: obj)
@@ -503,8 +503,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/tokenize", dependencies=[Depends(authorized)], include_in_schema=False)
     @errors_as_responses
     async def tokenize(body: TokenizeRequest):
-        ids = await service.tokenize(body.to_domain(), adapter_of(body.model or service.model_name))
-        strs = service.token_strings(ids) if body.return_token_strs else None
+        adapter_id = adapter_of(body.model or service.model_name)
+        ids = await service.tokenize(body.to_domain(), adapter_id)
+        strs = service.token_strings(ids, adapter_id) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize", dependencies=[Depends(authorized)])
@@ -513,15 +514,20 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     async def detokenize(body: DetokenizeRequest):
         return {"prompt": service.detokenize(body.tokens, adapter_of(body.model or service.model_name))}
 
+    def token_text(body) -> TokenText:
+        """The tokens' texts of a request's choices, in its adapter's vocabulary (once the call has
+        registered a dynamic adapter)."""
+        return TokenText(service.vocabulary(adapter_of(body.model)).tokenizer, body.return_tokens_as_token_ids)
+
     async def respond(prompts, sampling, body, kind: str, rid: str):
         tools = body.tool_calls() if kind == "chat" else None
-        text_of = TokenText(service.ready().tokenizer, body.return_tokens_as_token_ids)
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
             else (lambda obj: obj)
         n, k = body.n, body.candidates  # k > n: best_of, never streamed (GenerationBody.check_supported)
         if body.use_beam_search:  # no echo, no tools (GenerationBody._check_beam_search)
             beams = await service.beam_search_choices(prompts, sampling, k, body.length_penalty,
                                                       body.options(adapter_of(body.model), rid))
+            text_of = token_text(body)
             choices = [b for i, b in enumerate(beams) if i % k < n]  # each prompt's n best, best first
             if body.stream:  # beams are ranked at the end: their chunks all come then, as vLLM sends them
                 chunks = ChunkMaker(kind, body.model, text_of, len(choices), n=n, request_id=rid,
@@ -536,7 +542,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
         streams = await service.generate_choices(prompts, run, k, body.options(
             adapter_of(body.model), rid, body.predicted() if kind == "chat" else ""))
-        tokenizer = service.ready().tokenizer
+        text_of = token_text(body)
+        tokenizer = text_of.tokenizer
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded
             def shown(prompt, stream) -> str:  # the text as sent, unless truncation cut it

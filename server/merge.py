@@ -14,6 +14,7 @@ import torch
 from ..adapters.config import HEAD
 from ..adapters.loader import inspect_adapter, load_adapter, row_sq_norms
 from ..adapters.saved_modules import SavedModuleStore
+from ..adapters.tokenizers import AdapterTokenizers
 
 
 @torch.no_grad()
@@ -42,12 +43,17 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     layout = replace(config_layout, dora_base=dora_base, base_weight=weight, tied_head=tied,
                      saveable={embedding: modules[embedding].weight, HEAD: model.lm_head.weight})
     max_rank = 1 << 16
-    manifest = inspect_adapter(adapter_dir, layout, max_rank, 4, saved_store=SavedModuleStore(2))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    manifest = inspect_adapter(adapter_dir, layout, max_rank, 4, saved_store=SavedModuleStore(2),
+                               tokenizers=AdapterTokenizers(tokenizer))
     saved = manifest.saved
     weights = load_adapter(adapter_dir, layout, max_rank, dtype=torch.float32, manifest=manifest)
     if tied and (saved or any(kind == HEAD or layer == -1 for layer, kind in weights.a)):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
         model.config.tie_word_embeddings = False
+    if manifest.vocab_size:  # added tokens: the merged model has the adapter's vocabulary (and tokenizer)
+        model.resize_token_embeddings(manifest.vocab_size, mean_resizing=False)
+        modules = dict(model.named_modules())
     rank = weights.rank - weights.magnitude
     for key, a in weights.a.items():  # a: [r, in]; b: [r, out] = (s * B).T
         w = weight(*key)
@@ -59,5 +65,5 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
         modules[module].weight.copy_(copy.weight)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    (manifest.tokenizer or tokenizer).save_pretrained(out)
     return out

@@ -33,8 +33,7 @@ Outcome = TokenEvent | Finished | RequestFailed
 
 
 class OutputProcessor:
-    def __init__(self, eos_token_ids: set[int], observers: list, fault_hook=None):
-        self.eos_token_ids = eos_token_ids
+    def __init__(self, observers: list, fault_hook=None):
         self.observers = observers  # shared with the engine: observers added later are seen
         self.fault_hook = fault_hook  # tests only: callable(seq) run before each token is handled
 
@@ -71,7 +70,7 @@ class OutputProcessor:
         finish = stop_reason = None
         if token in p.stop_token_ids:
             finish, stop_reason = FinishReason.STOP, token
-        elif token in self.eos_token_ids and not p.ignore_eos:
+        elif token in seq.vocab.eos_token_ids and not p.ignore_eos:
             finish = FinishReason.EOS
         elif seq.num_generated >= p.max_new_tokens:
             finish = FinishReason.LENGTH

@@ -15,6 +15,7 @@ from .requests import GenerationRequest, TokenEvent
 from .sampling import SamplerState
 from .speculative import PredictionLookup, PromptLookup
 from .structured import Grammar
+from .vocabulary import Vocabulary
 
 
 @dataclass(eq=False)
@@ -60,6 +61,7 @@ class Sequence:
     undelivered: deque = field(default_factory=deque)
     done: bool = False
     cancel_reason: BaseException | None = field(default=None)
+    vocab: Vocabulary = None  # its Vocabulary (server/vocabulary.py): the tokenizer and size it is served with
     saved_embedding: torch.Tensor | None = field(default=None, init=False)
     saved_head: torch.Tensor | None = field(default=None, init=False)
 

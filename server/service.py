@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..adapters.errors import (
     AdapterExists,
@@ -36,6 +37,9 @@ from .errors import EngineUnavailable, RequestInvalid, status_name
 from .prompts import Prompt
 from .requests import GenerationRequest, RequestOptions, SamplingParams, TokenEvent, TokenLogprob
 from .response_store import ResponseStore
+
+if TYPE_CHECKING:  # torch comes with it; the front-ends stay free of it
+    from .vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 PLAIN = RequestOptions()  # the base model, with nothing more asked (frozen: a safe default)
@@ -117,8 +121,9 @@ class Service:
             with self._counting_refusals(options.adapter_id):
                 async with self._adapter_held(options.adapter_id, options.combine) as adapter_id:
                     rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
-                    await self._prepare(sampling)
-                    predicted = await self._predicted(options.prediction)
+                    vocab = self.vocabulary(adapter_id)
+                    await self._prepare(sampling, vocab)
+                    predicted = await self._predicted(options.prediction, vocab)
                     # the other completions of a prompt leave its logprobs to the first (the same
                     # values), so they may hit the blocks it computes
                     later = sampling if sampling.prompt_logprobs is None else replace(sampling, prompt_logprobs=None)
@@ -174,7 +179,8 @@ class Service:
                     for stream in streams:
                         stream.cancel()  # a no-op once finished; else the client went away or a step failed
 
-            eos = frozenset(engine.output.eos_token_ids)
+            vocab = self.vocabulary(adapter_id)
+            eos = vocab.eos_token_ids
             searches = [asyncio.ensure_future(beam_search(req.prompt_token_ids, BeamSearchParams(
                 width, req.sampling.max_new_tokens, length_penalty, sampling.ignore_eos, eos), step)) for req in whole]
             try:
@@ -182,15 +188,14 @@ class Service:
             finally:
                 for search in searches:
                     search.cancel()
-            tokenizer = self.ready().tokenizer
-            return [beam_events(beam, req.prompt_token_ids, tokenizer, rid, sampling.skip_special_tokens, sampling.logprobs,
+            return [beam_events(beam, req.prompt_token_ids, vocab.tokenizer, rid, sampling.skip_special_tokens, sampling.logprobs,
                                 sampling.spaces_between_special_tokens)
                     for req, beams in zip(whole, found, strict=True) for beam in beams]
 
     # ---- tokenizing (vLLM's /tokenize and /detokenize) ----
     async def tokenize(self, prompt: Prompt, adapter_id: str | None = None) -> list[int]:
         """A prompt's token ids as generation would see them (the same limits and rendering), for
-        the base model or an adapter (all share the base model's tokenizer). An empty text is
+        the base model or an adapter (with its own tokenizer, if it has one). An empty text is
         tokenized too: no tokens, or the tokenizer's special ones."""
         self.ready()
         if prompt.text and prompt.messages:
@@ -199,22 +204,30 @@ class Service:
             self.check_model(adapter_id)
         if prompt.text or prompt.messages:
             self.renderer.check(prompt)
-        return await self.work.run("tokenizing the prompt", self.renderer.render, prompt)
+        if adapter_id:
+            await self._ensure_registered(adapter_id)
+        renderer = self.vocabulary(adapter_id).renderer
+        return await self.work.run("tokenizing the prompt", renderer.render, prompt)
 
-    def token_strings(self, token_ids: list[int]) -> list[str]:
+    def vocabulary(self, adapter_id: str | None = None) -> Vocabulary:
+        """The tokenizer and vocabulary requests for ``adapter_id`` are served with (None: the base
+        model's; an adapter's own, if it has one)."""
+        return self.ready().engine.vocabulary(adapter_id)
+
+    def token_strings(self, token_ids: list[int], adapter_id: str | None = None) -> list[str]:
         """Each id's token as the tokenizer writes it (vLLM's token_strs)."""
-        return self.ready().tokenizer.convert_ids_to_tokens(token_ids)
+        return self.vocabulary(adapter_id).tokenizer.convert_ids_to_tokens(token_ids)
 
     def detokenize(self, token_ids: list[int], adapter_id: str | None = None) -> str:
-        """Token ids -> text (special tokens kept), each id in the model's vocabulary."""
-        built = self.ready()
+        """Token ids -> text (special tokens kept), each id in the vocabulary of the base model or
+        the adapter."""
         if adapter_id:
             self.check_model(adapter_id)
-        vocab = built.engine.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        vocab = self.vocabulary(adapter_id)
+        bad = next((t for t in token_ids if not 0 <= t < vocab.size), None)
         if bad is not None:
-            raise RequestInvalid(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-        return built.tokenizer.decode(token_ids)
+            raise RequestInvalid(f"token id {bad} is outside the vocabulary [0, {vocab.size})", param="tokens")
+        return vocab.tokenizer.decode(token_ids)
 
     def check_model(self, adapter_id: str) -> None:
         """A registered adapter, or with --dynamic-adapters one an adapter root holds (it is not
@@ -240,15 +253,14 @@ class Service:
         self.renderer.check(prompt)
         if adapter_id:
             await self._ensure_registered(adapter_id)
-        return await self.work.run("tokenizing the prompt", self.renderer.render, prompt)
+        return await self.work.run("tokenizing the prompt", self.vocabulary(adapter_id).renderer.render, prompt)
 
-    async def _prepare(self, sampling: SamplingParams) -> None:
+    async def _prepare(self, sampling: SamplingParams, vocab: Vocabulary) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""
         if sampling.structured_output is not None:
-            await self.work.run("compiling the structured output", self.ready().engine.grammars.prepare,
-                                sampling.structured_output)
+            await self.work.run("compiling the structured output", vocab.grammars.prepare, sampling.structured_output)
 
-    async def _predicted(self, prediction: str) -> tuple[int, ...]:
+    async def _predicted(self, prediction: str, vocab: Vocabulary) -> tuple[int, ...]:
         """A predicted output's tokens (no special tokens), tokenized off the loop."""
         if not prediction:
             return ()
@@ -256,9 +268,8 @@ class Service:
         if size > limit:
             raise RequestInvalid(f"prediction is {size} bytes; the limit is {limit} (--max-prompt-bytes)",
                                  param="prediction")
-        tokenizer = self.ready().tokenizer
         return tuple(await self.work.run("tokenizing the prediction", functools.partial(
-            tokenizer.encode, prediction, add_special_tokens=False)))
+            vocab.tokenizer.encode, prediction, add_special_tokens=False)))
 
     def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None, options: RequestOptions,
                 prediction: tuple[int, ...] = ()):

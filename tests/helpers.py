@@ -205,15 +205,60 @@ def rewrite_adapter(path: Path, root: Path, name: str, config: dict | None = Non
     return out
 
 
+def added_tokens_adapter(model_dir: Path, out: Path, seed: int, added: tuple[str, ...] = ("zebra", "quokka"),
+                         specials: tuple[str, ...] = ("<tool>", "</tool>"), save_embedding_layers="auto",
+                         tokenizer_changes=None, **lora_kwargs) -> Path:
+    """A PEFT adapter trained on a resized vocabulary, as users make one: the base tokenizer with
+    ``added`` tokens and ``specials`` (ids from the base vocabulary on), the model resized to it
+    (``resize_token_embeddings``), LoRA (``lora_kwargs``, with modules_to_save if given) random as
+    in ``build_adapter``, saved by PEFT (``save_embedding_layers``: its default writes the
+    resized embedding layers) with the tokenizer beside it. ``tokenizer_changes``:
+    callable(tokenizer) run before it is saved (an EOS or a chat template of its own)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.add_tokens(list(added))
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    if tokenizer_changes is not None:
+        tokenizer_changes(tok)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    base.resize_token_embeddings(len(tok), mean_resizing=False)
+    peft_model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
+    tok.save_pretrained(out)
+    return out
+
+
+def peft_model(model_dir: Path, adapter_dir: Path | None):
+    """The base model in float32 with the adapter loaded by PEFT (None: alone); an adapter saved
+    with a tokenizer of more tokens than the model's vocabulary gets the model resized to it
+    first, as its users load it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter_dir is None:
+        return model
+    if (Path(adapter_dir) / "tokenizer_config.json").exists():
+        size = len(AutoTokenizer.from_pretrained(adapter_dir))
+        if size > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(size, mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
 def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
                   **gen_kwargs) -> list[list[int]]:
     """Each prompt generated alone (batch of one), greedy, float32: the oracle."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    model = peft_model(model_dir, adapter_dir)
     outs = []
     with torch.no_grad():
         for ids in prompts:
@@ -252,12 +297,7 @@ def peft_cat_generate(model_dir: Path, adapters: dict[str, Path], parts: list[tu
 def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], scored: list[int]) -> torch.Tensor:
     """[len(scored), vocab]: PEFT's log-softmax at each position of ``prompt + scored`` that
     predicts a token of ``scored`` (float32, one forward pass): the oracle of every logprob."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    model = peft_model(model_dir, adapter_dir)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + scored])).logits[0]
     return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)

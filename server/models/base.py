@@ -70,7 +70,8 @@ class ServingModel(nn.Module):
         layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight,
                          tied_head=self.lm_head.weight.data_ptr() == self.token_embedding.weight.data_ptr(),
                          saveable={self.EMBEDDING[0]: self.token_embedding.weight, HEAD: self.lm_head.weight}
-                         if saved else {})
+                         if saved else {}, head_bias=self.lm_head.bias is not None,
+                         vocab=self.token_embedding.weight.shape[0])
         if lm_head:
             layout = layout.with_head(*reversed(self.lm_head.weight.shape))
         if embedding:
@@ -112,9 +113,12 @@ class ServingModel(nn.Module):
 
     def embed_with_lora(self, batch: StepBatch) -> torch.Tensor:
         """The token embedding of the batch's tokens [T, hidden], with each row's adapter's LoRA on it."""
-        e = self.token_embedding(batch.input_ids)
-        for rows, weight in batch.saved_embeddings:  # adapters' own trained embeddings (modules_to_save)
-            e[rows] = F.embedding(batch.input_ids[rows], weight)
+        if batch.saved_embeddings:  # adapters' own trained embeddings (modules_to_save), maybe of more tokens
+            e = self.token_embedding(batch.input_ids.clamp(max=self.token_embedding.weight.shape[0] - 1))
+            for rows, weight in batch.saved_embeddings:
+                e[rows] = F.embedding(batch.input_ids[rows], weight)
+        else:
+            e = self.token_embedding(batch.input_ids)
         if self.embedding_store is not None:
             for _, plan in batch.lora.get((self.embedding_kind,), ()):
                 embedding_lora(e, batch.input_ids, *self.embedding_store, plan)
@@ -148,12 +152,15 @@ class ServingModel(nn.Module):
             h = layer(h, batch, kv, apply_lora)
         h = self.final_norm(h[batch.logits_rows])
         if batch.saved_heads:  # adapters' own trained lm_head (modules_to_save) for their rows, the base's for the rest
-            logits = h.new_empty(h.shape[0], self.lm_head.weight.shape[0])
-            for rows, weight in ((batch.base_head_rows, self.lm_head.weight), *batch.saved_heads):
-                if rows.numel():
-                    logits[rows] = self.head_linear(h[rows], weight, self.lm_head.bias)
+            heads = [(rows, weight) for rows, weight in ((batch.base_head_rows, self.lm_head.weight),
+                                                         *batch.saved_heads) if rows.numel()]
+            width = max(self.lm_head.weight.shape[0], *(w.shape[0] for _, w in heads))
+            ragged = any(w.shape[0] != width for _, w in heads)  # resized vocabularies: -inf past each row's own
+            logits = h.new_full((h.shape[0], width), float("-inf")) if ragged else h.new_empty(h.shape[0], width)
+            for rows, weight in heads:
+                logits[rows, : weight.shape[0]] = self.head_linear(h[rows], weight, self.lm_head.bias)
         else:
             logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
         for used, plan in batch.lora.get((HEAD,), ()):  # over the logits rows (ModelRunner.build_batch)
-            apply_lora(logits, h, *self.head_store, plan, (0, logits.shape[1]), used, None)
+            apply_lora(logits, h, *self.head_store, plan, (0, self.lm_head.weight.shape[0]), used, None)
         return logits.float()

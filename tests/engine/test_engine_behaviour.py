@@ -112,7 +112,7 @@ def test_a_steps_tokens_arrive_after_the_step_is_recorded(built):
 def test_eos_ends_the_request_unless_ignored(built, monkeypatch):
     ids = [e.token_id for e in collect(built.engine, req("e", SamplingParams(12, ignore_eos=True)))[0]]
     eos = ids[5]  # a token greedy decoding is known to produce: treat it as EOS
-    monkeypatch.setattr(built.engine.output, "eos_token_ids", {eos})
+    monkeypatch.setattr(built.engine.vocabularies.base, "eos_token_ids", {eos})
     ended = collect(built.engine, req("e2", SamplingParams(12)))[0]
     assert [e.token_id for e in ended] == ids[: ids.index(eos) + 1]
     assert ended[-1].finish_reason is FinishReason.EOS and ended[-1].stop_reason is None
@@ -138,7 +138,7 @@ def test_min_new_tokens_matches_transformers_and_bans_eos_and_stop_tokens(built,
     assert tokens == expected and stop not in tokens[:6] and len(tokens) > 3
     assert [e.token_id for e in plain] == ids
     # EOS is banned the same way, unless ignored (then it is no stop, and nothing is banned)
-    monkeypatch.setattr(built.engine.output, "eos_token_ids", {stop})
+    monkeypatch.setattr(built.engine.vocabularies.base, "eos_token_ids", {stop})
     eos_banned = collect(built.engine, req("me", SamplingParams(16, min_new_tokens=6), "attn-r4"))[0]
     assert [e.token_id for e in eos_banned] == expected
     assert [e.token_id for e in collect(built.engine, req("mi", SamplingParams(16, ignore_eos=True, min_new_tokens=6),

@@ -191,8 +191,8 @@ def test_refusals_name_what_cannot_be_served(tmp_path):
     registry.roots = (tmp_path.resolve(),)
     cases = {
         "resized": (dict(tensors=lambda t: {**t, HEAD_KEY: torch.randn(t[HEAD_KEY].shape[0] + 2, 64)}),
-                    r"\[386, 64\] is not the shape of the base model's lm_head \[384, 64\]: the adapter was trained "
-                    "on a resized vocabulary"),
+                    r"\(lm_head 386 tokens\) resize the base model's vocabulary of 384: a resized vocabulary is served "
+                    "with trained copies of both model.embed_tokens and lm_head of one size"),
         "missing": (dict(config={"modules_to_save": ["lm_head", "embed_tokens"]}),
                     "modules_to_save' lists 'model.embed_tokens', but the weights hold no copy of it"),
         "unlisted": (dict(config={"modules_to_save": None}),

@@ -156,7 +156,7 @@ def test_structured_outputs_match_peft_under_the_same_mask(tiny_llama, tiny_adap
     engine.observers.append(recorder)
     try:
         outs = asyncio.run(staggered(engine, jobs, at_once=pool is not None))
-        eos = next(iter(engine.output.eos_token_ids))
+        eos = next(iter(engine.vocabularies.base.eos_token_ids))
         if pool:
             assert engine.num_preemptions > 0
         else:
@@ -212,7 +212,7 @@ def test_min_new_tokens_holds_until_the_grammar_must_end(built):
     """min_new_tokens bans EOS while the grammar can go on (digits keep coming), but yields when
     the grammar allows nothing else: a choice of one short word still ends."""
     digits = StructuredOutput(OutputKind.REGEX, "[0-9]{1,40}")
-    eos = next(iter(built.engine.output.eos_token_ids))
+    eos = next(iter(built.engine.vocabularies.base.eos_token_ids))
     events = run(built.engine, (None, [5, 6, 7], SamplingParams(30, min_new_tokens=12, structured_output=digits)))[0]
     tokens = [e.token_id for e in events]
     assert len(tokens) >= 12 and eos not in tokens[:12]

@@ -224,3 +224,21 @@ def test_merge_of_fully_trained_modules_matches_peft(tied, saved, tmp_path):
     x = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_merge_of_added_tokens_resizes_the_model_and_keeps_its_tokenizer(tied, tmp_path):
+    """An adapter trained on a resized vocabulary: the merged model has its vocabulary, its
+    embedding and lm_head, and its tokenizer, and computes PEFT's logits over it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import added_tokens_adapter, peft_model
+
+    model_dir = build_llama(tmp_path / "m", tie_word_embeddings=tied)
+    adapter = added_tokens_adapter(model_dir, tmp_path / "a", 7, r=4, lora_alpha=8, target_modules=["q_proj"])
+    merged = merge(model_dir, adapter, tmp_path / "merged")
+    ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    assert ours.config.vocab_size == 388 and len(AutoTokenizer.from_pretrained(merged)) == 388
+    x = torch.tensor([[3, 384, 17, 386, 250, 385, 4, 387]])
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, peft_model(model_dir, adapter)(x).logits, atol=1e-4, rtol=0)

@@ -277,7 +277,7 @@ class WeightedAdapter(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash", "weight", "keep_resident", "combine", "use_dora", "trainable_token_ids", "modules_to_save")
+    __slots__ = ("adapter_id", "path", "rank", "lora_alpha", "target_modules", "size_bytes", "tier", "requests_served", "content_hash", "weight", "keep_resident", "combine", "use_dora", "trainable_token_ids", "modules_to_save", "vocab_size", "own_tokenizer")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +293,8 @@ class AdapterInfo(_message.Message):
     USE_DORA_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODULES_TO_SAVE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OWN_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     rank: int
@@ -308,7 +310,9 @@ class AdapterInfo(_message.Message):
     use_dora: bool
     trainable_token_ids: _containers.RepeatedScalarFieldContainer[int]
     modules_to_save: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ..., combine: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., use_dora: _Optional[bool] = ..., trainable_token_ids: _Optional[_Iterable[int]] = ..., modules_to_save: _Optional[_Iterable[str]] = ...) -> None: ...
+    vocab_size: int
+    own_tokenizer: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_served: _Optional[int] = ..., content_hash: _Optional[str] = ..., weight: _Optional[float] = ..., keep_resident: _Optional[bool] = ..., combine: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., use_dora: _Optional[bool] = ..., trainable_token_ids: _Optional[_Iterable[int]] = ..., modules_to_save: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ..., own_tokenizer: _Optional[bool] = ...) -> None: ...
 
 class UnregisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)
@@ -423,10 +427,12 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., token_strs: _Optional[_Iterable[str]] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class DetokenizeRequest(_message.Message):
-    __slots__ = ("token_ids",)
+    __slots__ = ("token_ids", "adapter_id")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    adapter_id: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., adapter_id: _Optional[str] = ...) -> None: ...
 
 class DetokenizeResponse(_message.Message):
     __slots__ = ("text",)
