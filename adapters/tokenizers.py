@@ -42,7 +42,7 @@ class AdapterTokenizers:
 
     def __init__(self, base):
         self.base = base
-        self._base_print = fingerprint(base)
+        self._base_print = None  # made on first use: serializing a large vocabulary takes a while
         self._loaded: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
         self._same: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
@@ -68,8 +68,11 @@ class AdapterTokenizers:
         if found is not None:
             return found
         tokenizer = _from_files(files)
+        mine = fingerprint(tokenizer)
         with self._lock:
-            if fingerprint(tokenizer) == self._base_print:
+            if self._base_print is None:
+                self._base_print = fingerprint(self.base)
+            if mine == self._base_print:
                 self._same[digest] = None
                 while len(self._same) > _SAME_AS_BASE:
                     self._same.popitem(last=False)

@@ -151,7 +151,7 @@ class App:
         self.built.engine.start()
         c = self.config
         self.work = Offload(c.work_threads, c.work_timeout, initializer=serial_openmp)
-        self.service.attach(self.built, self.built.engine.vocabularies.base.renderer, self.work)
+        self.service.attach(self.built, self.work)
         if c.dynamic_adapters:
             log.warning("--dynamic-adapters: any inference caller may register adapters found under %s",
                         ", ".join(c.adapter_roots))

@@ -67,6 +67,7 @@ from .scheduler import (
 )
 from .sequence import RequestStream, Sequence
 from .speculative import PromptLookupDrafter
+from .structured import Grammar
 from .vocabulary import Vocabularies, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,9 @@ class Engine:
         self.observers: list[EngineObserver] = []
         self._held: list | None = None  # a step's events, sent once the step is recorded (_step)
         self.output = OutputProcessor(self.observers)
-        self.vocabularies = Vocabularies(config, tokenizer, vocab_size, eos_token_ids, torch.get_num_threads())
+        self.vocabularies = Vocabularies(config, tokenizer, vocab_size, eos_token_ids, torch.get_num_threads(),
+                                         held=lambda: [e.manifest.tokenizer for e in adapters.registry.list()
+                                                       if e.manifest.tokenizer is not None])
         self.grammars = self.vocabularies.base.grammars
         # Structured outputs' masks are computed during the forward pass where it runs on an
         # accelerator; on a CPU the forward pass uses every core, and they run after it (computed
@@ -315,6 +318,7 @@ class Engine:
         req = self.fitted(req)
         vocab = self.vocabulary(req.adapter_id)
         self.validate(req, vocab)
+        grammar = self._grammar(req, vocab)
         with self._admission_lock:  # atomic reservation: never more than the bound accepted
             if self._accepted >= self.config.max_queued_requests:
                 raise QueueFull(f"the queue is full: {self.config.max_queued_requests} requests in flight")
@@ -325,16 +329,15 @@ class Engine:
             with self._admission_lock:
                 self._accepted -= 1
             raise
-        try:
-            resolved = self.vocabularies.of(None if entry is None else entry.manifest)
-            if resolved is not vocab:  # replaced meanwhile: the version it runs on decides
-                self.validate(req, vocab := resolved)
-            grammar = None if req.sampling.structured_output is None else \
-                vocab.grammars.matcher(req.sampling.structured_output)
-        except BaseException:
-            with self._admission_lock:
-                self._accepted -= 1
-            raise
+        resolved = self.vocabularies.of(None if entry is None else entry.manifest)
+        if resolved is not vocab:  # replaced meanwhile by a version of another vocabulary, which it runs on
+            try:
+                self.validate(req, resolved)
+                vocab, grammar = resolved, self._grammar(req, resolved)
+            except BaseException:
+                with self._admission_lock:
+                    self._accepted -= 1
+                raise
         adapter = None if entry is None else entry.key
         cold = adapter is not None and self.adapters.tier(adapter) != "device"
         loop = asyncio.get_running_loop()
@@ -360,6 +363,11 @@ class Engine:
             self._inbox.append(("add", seq))
         self._wake.set()
         return RequestStream(self, seq)
+
+    @staticmethod
+    def _grammar(req: GenerationRequest, vocab: Vocabulary) -> Grammar | None:
+        """The request's structured output's matcher over its vocabulary, if it asks for one."""
+        return None if req.sampling.structured_output is None else vocab.grammars.matcher(req.sampling.structured_output)
 
     def _banned(self, seq: Sequence) -> list[int] | None:
         """The tokens this row may not sample now: its stop tokens until min_new_tokens are out, and

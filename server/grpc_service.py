@@ -131,7 +131,7 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             dtype=str(built.loaded.dtype).removeprefix("torch."), max_lora_rank=c.max_lora_rank,
             max_device_adapters=c.max_device_adapters, max_host_adapters=c.max_host_adapters,
             max_batch_size=c.max_batch_size, max_model_len=c.max_model_len,
-            registered_adapters=len(built.registry), has_chat_template=service.renderer.has_chat_template,
+            registered_adapters=len(built.registry), has_chat_template=service.vocabulary().renderer.has_chat_template,
             kv_block_size=built.engine.blocks.block_size,
             kv_cache_tokens=built.engine.blocks.num_blocks * built.engine.blocks.block_size,
             adapter_pages=built.manager.pool.num_pages, op_backend=built.op_backend, cpu_isa=built.cpu_isa,

@@ -73,7 +73,6 @@ class Service:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.built = None  # set once the model has loaded
-        self.renderer = None
         self.work = None  # server/offload.py: blocking work runs there, never on the event loop
         self.on_rejected = None  # callable(status, adapter_id) for requests the engine never saw
         self.on_dynamic = None  # callable(event): "registered", "evicted", "failed"
@@ -85,8 +84,8 @@ class Service:
         # the Responses API's kept responses (previous_response_id, GET/DELETE /v1/responses/{id})
         self.responses = ResponseStore(config.responses_store_bytes)
 
-    def attach(self, built, renderer, work) -> None:
-        self.built, self.renderer, self.work = built, renderer, work
+    def attach(self, built, work) -> None:
+        self.built, self.work = built, work
         self.started_at = time.time()
 
     def ready(self):
@@ -202,11 +201,10 @@ class Service:
             raise RequestInvalid("set exactly one of prompt and messages", param="prompt")
         if adapter_id:
             self.check_model(adapter_id)
-        if prompt.text or prompt.messages:
-            self.renderer.check(prompt)
-        if adapter_id:
             await self._ensure_registered(adapter_id)
         renderer = self.vocabulary(adapter_id).renderer
+        if prompt.text or prompt.messages:
+            renderer.check(prompt)
         return await self.work.run("tokenizing the prompt", renderer.render, prompt)
 
     def vocabulary(self, adapter_id: str | None = None) -> Vocabulary:
@@ -248,12 +246,14 @@ class Service:
             raise
 
     async def _render(self, prompt: Prompt, adapter_id: str | None) -> list[int]:
-        """Cheap bounds first, the adapter's (dynamic) registration, then the tokenizer off the loop."""
+        """The adapter's (dynamic) registration, cheap bounds with its renderer (its tokenizer's
+        chat template, if it has one of its own), then the tokenizer off the loop."""
         self.ready()
-        self.renderer.check(prompt)
         if adapter_id:
             await self._ensure_registered(adapter_id)
-        return await self.work.run("tokenizing the prompt", self.vocabulary(adapter_id).renderer.render, prompt)
+        renderer = self.vocabulary(adapter_id).renderer
+        renderer.check(prompt)
+        return await self.work.run("tokenizing the prompt", renderer.render, prompt)
 
     async def _prepare(self, sampling: SamplingParams, vocab: Vocabulary) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""

@@ -10,7 +10,6 @@ found by that tokenizer's EOS as well as the model's, and its structured output 
 from __future__ import annotations
 
 import threading
-import weakref
 
 from .config import ServerConfig
 from .prompts import PromptRenderer
@@ -25,20 +24,19 @@ class Vocabulary:
         self.renderer = PromptRenderer(tokenizer, config)
         self.grammars = Grammars(tokenizer, size, set(eos_token_ids), threads)  # built on first use
 
-    def check_ids(self, ids, param: str) -> int | None:
-        """The first id outside [0, size), or None."""
-        return next((t for t in ids if not 0 <= t < self.size), None)
-
 
 class Vocabularies:
-    """The base model's vocabulary and adapters' own, one per (tokenizer, size), kept while a
-    registration (or a request) holds its tokenizer. Thread-safe."""
+    """The base model's vocabulary and adapters' own, one per (tokenizer, size), so that a
+    tokenizer's compiled grammars serve every request of its adapters. Those no registered adapter
+    holds are dropped when a new one is made (running requests keep theirs). Thread-safe."""
 
-    def __init__(self, config: ServerConfig, tokenizer, size: int, eos_token_ids: set[int], threads: int):
-        self.config, self.threads = config, threads
+    def __init__(self, config: ServerConfig, tokenizer, size: int, eos_token_ids: set[int], threads: int,
+                 held=lambda: ()):
+        """``held``: callable() -> the tokenizers registered adapters hold now."""
+        self.config, self.threads, self.held = config, threads, held
         self.model_eos = frozenset(eos_token_ids)
         self.base = Vocabulary(tokenizer, size, self.model_eos, config, threads)
-        self._own: weakref.WeakKeyDictionary[object, dict[int, Vocabulary]] = weakref.WeakKeyDictionary()
+        self._own: dict[int, tuple[object, dict[int, Vocabulary]]] = {}  # id(tokenizer) -> (it, size -> vocabulary)
         self._lock = threading.Lock()
 
     def of(self, manifest) -> Vocabulary:
@@ -48,9 +46,17 @@ class Vocabularies:
             return self.base
         size = manifest.vocab_size or self.base.size
         with self._lock:
-            sizes = self._own.setdefault(tokenizer, {})
-            if size not in sizes:
-                eos = tokenizer.eos_token_id
-                sizes[size] = Vocabulary(tokenizer, size, self.model_eos | ({eos} if isinstance(eos, int) else set()),
-                                         self.config, self.threads)
-            return sizes[size]
+            found = self._own.get(id(tokenizer), (None, {}))[1].get(size)
+            if found is not None:
+                return found
+            live = {id(t) for t in self.held()}
+            self._own = {key: entry for key, entry in self._own.items() if key in live}
+            eos = tokenizer.eos_token_id
+            made = Vocabulary(tokenizer, size, self.model_eos | ({eos} if isinstance(eos, int) else set()), self.config,
+                              self.threads)
+            self._own.setdefault(id(tokenizer), (tokenizer, {}))[1][size] = made
+            return made
+
+    def __len__(self) -> int:
+        """Adapters' own vocabularies kept."""
+        return sum(len(sizes) for _, sizes in self._own.values())

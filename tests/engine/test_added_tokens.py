@@ -5,8 +5,10 @@ tokenizer, EOS and structured output; what registration keeps of a tokenizer sav
 adapter; and the refusals that name what cannot be served."""
 
 import asyncio
+import gc
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -170,6 +172,19 @@ def test_registration_keeps_a_tokenizer_only_where_it_is_the_adapters_own(tmp_pa
     assert vocab is built.engine.vocabulary("templated-too") is not built.engine.vocabulary(None)
     with pytest.raises(ValueError, match="has a tokenizer of its own, which cannot be combined"):
         built.registry.register_combination("mix", [("templated", 1.0)])
+    # unregistered, its tokenizer and vocabulary go once another is made
+    gone = weakref.ref(own)
+    built.registry.roots = (tmp_path.resolve(),)
+    for name in ("templated", "templated-too"):
+        built.registry.unregister(name)
+    del own, vocab, manifests
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(same)
+    built.registry.register("other", same)
+    assert built.engine.vocabulary("other").renderer.has_chat_template and len(built.engine.vocabularies) == 1
+    gc.collect()
+    assert gone() is None
 
 
 def test_refusals_name_what_cannot_be_served(tmp_path):
@@ -244,3 +259,31 @@ def test_a_seeded_row_samples_the_same_token_beside_a_larger_vocabulary():
     assert isinstance(out[2], ArithmeticError)
     unmarked = sample(wide.clone(), states(), [None] * 3)  # without widths the padding is a fault
     assert isinstance(unmarked[0], ArithmeticError)
+
+
+def test_a_request_is_checked_against_the_version_it_runs_on(tmp_path, monkeypatch):
+    """An adapter replaced by a version of the base vocabulary between a request's check and its
+    admission: the request runs on the new version, so its added tokens are refused then, and it
+    holds no place in the queue."""
+    from loramux.server.errors import RequestInvalid
+
+    model = build_llama(tmp_path / "model")
+    added = added_tokens_adapter(model, tmp_path / "added", 1, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                 modules_to_save=["embed_tokens", "lm_head"])
+    plain = build_adapter(model, tmp_path / "plain", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"])
+    built = engine_for(model, {"a": added}, max_saved_modules=2)
+    built.registry.roots = (tmp_path.resolve(),)
+    engine, resolve = built.engine, built.manager.resolve
+
+    def replaced_first(adapter_id):
+        built.registry.register(adapter_id, plain, replace=True)
+        return resolve(adapter_id)
+
+    monkeypatch.setattr(built.manager, "resolve", replaced_first)
+
+    async def submit():
+        engine.submit(GenerationRequest("r", (5, engine.vocab_size + 1, 7), SamplingParams(4), "a"))
+
+    with pytest.raises(RequestInvalid, match=r"prompt_token_ids \[385\] are outside the vocabulary \[0, 384\)"):
+        asyncio.run(submit())
+    assert engine.num_in_flight == 0 and built.registry.lookup("a").manifest.tokenizer is None

@@ -65,3 +65,34 @@ def test_its_tokens_are_peft_and_its_eos_ends_them(aserver, tiny_llama):
     assert chat.choices[0].message.content == "</tool></tool></tool>"
     with pytest.raises(openai.BadRequestError, match=r"logit_bias token 386 is outside the vocabulary \[0, 384\)"):
         oa.completions.create(model=next(m.id for m in oa.models.list().data if m.id != "added"), prompt="a", max_tokens=2, logit_bias={"386": 1})
+
+
+def test_an_adapters_chat_template_serves_chats_the_base_model_cannot(tmp_path):
+    """A base model without a chat template, an adapter saved with the same vocabulary and a
+    template of its own: chats for the adapter render with it; the base model's are refused."""
+    from transformers import AutoTokenizer
+
+    from helpers import build_adapter, build_llama
+
+    model = build_llama(tmp_path / "model", chat_template=None)
+    path = build_adapter(model, tmp_path / "root" / "chat", seed=3, r=4, lora_alpha=8, target_modules=["q_proj"])
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = TEMPLATE.replace("<|end|>", "<|im_end|>")
+    tok.save_pretrained(path)
+    proc = ServerProcess(["--model", str(model), "--adapter", f"chat={path}", "--max-model-len", "128",
+                          "--default-max-new-tokens", "8", "--base-linear", "torch"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        (info,) = proc.client.list_adapters()
+        assert info.own_tokenizer and info.vocab_size == 0 and not proc.client.server_info().has_chat_template
+        rendered = proc.client.tokenize(messages=[("user", "hi")], adapter_id="chat", return_token_strs=True)
+        assert "".join(rendered.token_strs).startswith("[user]")
+        oa = proc.openai()
+        reply = oa.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                           temperature=0)
+        assert reply.usage.prompt_tokens == len(rendered.token_ids)
+        with pytest.raises(openai.BadRequestError, match="this model has no chat template"):
+            oa.chat.completions.create(model=proc.client.server_info().model, messages=[{"role": "user",
+                                                                                        "content": "hi"}])
+    finally:
+        proc.stop()
