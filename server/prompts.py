@@ -178,8 +178,10 @@ class PromptRenderer:
                 **({"documents": [dict(d) for d in chat.documents]} if chat.documents else {}),
             )
         # the template's own refusal (raise_exception: roles out of order, ...), or its code failing
-        # on what the messages hold (a call's arguments of another JSON type than it expects)
-        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+        # on what the messages hold (a call's arguments of another JSON type than it expects), or on
+        # its own (the sandbox's bound on a range, a division by zero, a macro recursing without end)
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError,
+                RecursionError) as e:
             whose = "the request's chat template" if chat.template else "the model's chat template"
             raise RequestInvalid(f"{whose} refused the messages: {clip(str(e), 200)}",
                                  param="chat_template" if chat.template else "messages") from None

@@ -769,6 +769,27 @@ config_fields = st.fixed_dictionaries({}, optional={
 })
 
 
+def served(server, name: str, path, seen: set, context) -> bool:
+    """Register ``path`` as ``name``: whether it is served; a refusal must be FAILED_PRECONDITION.
+    ``seen`` gathers "registered" and "refused"; ``context`` goes into a failure's message."""
+    try:
+        server.client.register_adapter(name, str(path))
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.code(), e.details(), context)
+        seen.add("refused")
+        return False
+    seen.add("registered")
+    return True
+
+
+def registration_campaign(server, check, seen: set) -> None:
+    """Run ``check`` beside a canary: it must both serve and refuse some, and the server recover."""
+    with Canary(server) as canary:
+        check()
+    assert seen == {"refused", "registered"}
+    assert_recovered(server, canary)
+
+
 def test_fuzzed_adapter_configs_never_hurt_the_server(hserver, tiny_adapters):
     base = json.loads((tiny_adapters["attn-r4"] / "adapter_config.json").read_text())
     seen = set()
@@ -779,13 +800,7 @@ def test_fuzzed_adapter_configs_never_hurt_the_server(hserver, tiny_adapters):
         path = adapter_copy(hserver, tiny_adapters, "fuzz")
         cfg = {k: v for k, v in {**base, **change}.items() if k not in drop}
         (path / "adapter_config.json").write_text(json.dumps(cfg))
-        try:
-            hserver.client.register_adapter("fuzz", str(path))
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.code(), e.details(), cfg)
-            seen.add("refused")
-        else:
-            seen.add("registered")
+        if served(hserver, "fuzz", path, seen, cfg):
             try:
                 hserver.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id="fuzz",
                                         sampling=Sampling(max_new_tokens=3, ignore_eos=True))
@@ -796,10 +811,59 @@ def test_fuzzed_adapter_configs_never_hurt_the_server(hserver, tiny_adapters):
                 hserver.client.unregister_adapter("fuzz")
         assert hserver.health_status() == SERVING
 
-    with Canary(hserver) as canary:
-        check()
-    assert seen == {"refused", "registered"}
-    assert_recovered(hserver, canary)
+    registration_campaign(hserver, check, seen)
+
+
+tokenizer_fields = st.fixed_dictionaries({}, optional={
+    "tokenizer_class": st.one_of(st.sampled_from(["PreTrainedTokenizerFast", "GPT2Tokenizer", "Nope", "AutoModel"]),
+                                 json_value),
+    "chat_template": st.one_of(st.sampled_from([
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}", "{{ raise_exception('no') }}", "{% for",
+        "{{ messages[99]['content'] }}", "{% for i in range(10**9) %}x{% endfor %}", "{{ ''.__class__.__mro__ }}",
+        "{{ 1 // 0 }}", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"]),
+        json_value),
+    "eos_token": st.one_of(st.sampled_from(["<|im_end|>", "<new>", ""]), json_value),
+    "added_tokens_decoder": json_value,
+    "auto_map": st.one_of(st.just({"AutoTokenizer": ["evil.Tok", None]}), json_value),
+    "extra_special_tokens": json_value,
+    "model_max_length": number,
+})
+
+
+def test_fuzzed_tokenizers_beside_adapters_never_hurt_the_server(hserver, tiny_llama, tiny_adapters):
+    """A tokenizer saved beside an adapter, its config fuzzed (classes, templates that raise,
+    loop or reach for Python's internals, EOS tokens, remote code) and its tokenizer.json sometimes
+    broken: registration refuses it with FAILED_PRECONDITION or serves it, and the adapter's
+    tokenizing and chats then succeed or fail alone, never the server."""
+    base = json.loads((tiny_llama / "tokenizer_config.json").read_text())
+    seen = set()
+
+    @settings(max_examples=max(20, FUZZ_EXAMPLES // 4), deadline=None, suppress_health_check=list(HealthCheck))
+    @given(change=tokenizer_fields, broken=st.sampled_from([None, b"", b"{not json", b'{"model": {"type": "BPE"}}']))
+    def check(change, broken):
+        path = adapter_copy(hserver, tiny_adapters, "tok")
+        for f in tiny_llama.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, path)
+        (path / "tokenizer_config.json").write_text(json.dumps({**base, **change}))
+        (path / "chat_template.jinja").unlink(missing_ok=True)  # the config's template, if it has one, is read
+        if broken is not None:
+            (path / "tokenizer.json").write_bytes(broken)
+        if served(hserver, "tok", path, seen, change):
+            try:
+                for call in (lambda: hserver.client.tokenize(messages=[("user", "hi")], adapter_id="tok"),
+                             lambda: hserver.client.generate(prompt="hi <new>", adapter_id="tok",
+                                                             sampling=Sampling(max_new_tokens=3, ignore_eos=True))):
+                    try:
+                        call()
+                    except grpc.RpcError as e:  # a template or a token that fails: that call alone
+                        assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED), \
+                            (e.code(), e.details(), change)
+            finally:
+                hserver.client.unregister_adapter("tok")
+        assert hserver.health_status() == SERVING
+
+    registration_campaign(hserver, check, seen)
 
 
 def test_sigterm_still_drains_after_the_campaigns(hserver):

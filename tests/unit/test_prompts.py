@@ -179,9 +179,11 @@ def test_a_requests_own_chat_template_and_documents(tiny_llama):
     with pytest.raises(RequestInvalid, match="--trust-request-chat-template") as e:
         PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama))).check(asked)
     assert e.value.param == "chat_template"
-    with pytest.raises(RequestInvalid, match="the request's chat template refused the messages") as e:
-        trusting.render(Prompt(messages=CONVERSATION, chat=ChatOptions(template="{% for m in messages %}")))
-    assert e.value.param == "chat_template"
+    for failing in ("{% for m in messages %}", "{% for i in range(10**9) %}x{% endfor %}", "{{ 1 // 0 }}",
+                    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"):  # the sandbox's bounds, its own code
+        with pytest.raises(RequestInvalid, match="the request's chat template refused the messages") as e:
+            trusting.render(Prompt(messages=CONVERSATION, chat=ChatOptions(template=failing)))
+        assert e.value.param == "chat_template"
     for name, options in (("chat_template", ChatOptions(template=own)), ("documents", ChatOptions(documents=docs))):
         with pytest.raises(RequestInvalid, match=f"{name} goes with messages"):
             trusting.check(Prompt(text="hi", chat=options))
