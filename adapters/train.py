@@ -4,6 +4,11 @@ Data (JSONL, one example per line): {"prompt", "completion"} (loss on the comple
 {"messages": [...]} (the last assistant turn is the completion, the rest is rendered with the
 model's chat template as the prompt), or {"text"} (loss on every token). A ``.txt`` file is plain
 text, one example per non-empty line.
+
+Tokens added to the tokenizer (``add_tokens``, ``add_special_tokens``: a chat format's markers) are
+learned as PEFT's users learn them: the model is resized to the tokenizer where it has fewer rows,
+its token embedding and lm_head train whole (``modules_to_save``; kept tied where the model ties
+them), and the tokenizer is saved beside the adapter, which loramux serves with it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     resume: bool = False
+    add_tokens: tuple[str, ...] = ()  # new tokens of the tokenizer
+    add_special_tokens: tuple[str, ...] = ()  # new special tokens (kept in text only where asked)
 
 
 def _encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -142,14 +149,21 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
+    added = tokenizer.add_tokens(list(cfg.add_tokens)) + (tokenizer.add_special_tokens(
+        {"additional_special_tokens": list(cfg.add_special_tokens)}) if cfg.add_special_tokens else 0)
     examples = load_examples(cfg.data, tokenizer, cfg.max_length)
     base = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))  # new rows start at the old ones' mean, as transformers does
     ckpt = _latest_checkpoint(cfg.out) if cfg.resume else None
     if ckpt is not None:
         model = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
     else:
+        layers = _embedding_layers(base) if added else []
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.dora,
-                          target_modules=list(cfg.targets), bias="none", task_type="CAUSAL_LM")
+                          target_modules=list(cfg.targets), bias="none", task_type="CAUSAL_LM",
+                          modules_to_save=layers or None,
+                          ensure_weight_tying=bool(layers) and bool(base.config.tie_word_embeddings))
         model = get_peft_model(base, lora)  # freezes every base weight: only A and B (and DoRA's m) train
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
@@ -181,11 +195,20 @@ def train(cfg: TrainConfig) -> dict:
                 _save_checkpoint(model, optimizer, rng, step, cfg.out)
     sys.stderr.write("\n")
     model.save_pretrained(cfg.out)  # adapter_config.json + adapter_model.safetensors
+    if added:
+        tokenizer.save_pretrained(cfg.out)  # the vocabulary it was trained on, served with it
     summary = {"steps": step, "examples": len(examples), "first_loss": losses[0] if losses else None,
                "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
                "seconds": time.perf_counter() - started}
     (cfg.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _embedding_layers(model) -> list[str]:
+    """The names (last parts) of the model's token embedding and lm_head, for modules_to_save."""
+    wanted = {id(model.get_input_embeddings()): 0, id(model.get_output_embeddings()): 1}
+    names = sorted((wanted[id(m)], name.rsplit(".", 1)[-1]) for name, m in model.named_modules() if id(m) in wanted)
+    return list(dict.fromkeys(name for _, name in names))
 
 
 def _save_checkpoint(model, optimizer, rng, step: int, out: Path) -> None:

@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--add-token", action="append", default=[], metavar="TOKEN",
+                       help="add TOKEN to the tokenizer (repeatable): the embedding and lm_head then train whole "
+                            "(modules_to_save) and the tokenizer is saved with the adapter")
+    train.add_argument("--add-special-token", action="append", default=[], metavar="TOKEN",
+                       help="as --add-token, as a special token (a chat format's marker)")
     train.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     merge = sub.add_parser("merge", help="merge an adapter into a full model folder")
     merge.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -277,7 +282,8 @@ def cmd_train(args) -> int:
         model_dir=_model_dir(args), data=args.data, out=args.out, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, dora=args.dora, targets=tuple(t for t in args.targets.split(",") if t), steps=args.steps,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, add_tokens=tuple(args.add_token),
+        add_special_tokens=tuple(args.add_special_token),
     )
     try:
         summary = train(cfg)

@@ -242,3 +242,41 @@ def test_merge_of_added_tokens_resizes_the_model_and_keeps_its_tokenizer(tied, t
     x = torch.tensor([[3, 384, 17, 386, 250, 385, 4, 387]])
     with torch.no_grad():
         assert torch.allclose(ours(x).logits, peft_model(model_dir, adapter)(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_training_with_added_tokens_serves_them_like_peft(tied, data_file, tmp_path):
+    """loramux train --add-token/--add-special-token: the model resized, the embedding and lm_head
+    trained whole (kept tied where they are), the tokenizer saved beside the adapter; served with
+    it, token for token as PEFT serves the adapter, the new tokens in the prompt."""
+    from transformers import AutoTokenizer
+
+    model = build_llama(tmp_path / "m", tie_word_embeddings=tied)
+    data = tmp_path / "tools.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"call {w}:", "completion": f" <tool>{w} zebra</tool>"})
+                              for w in ["fox", "dog", "cat", "batch"]) + "\n")
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "6",
+                 "--targets", "q_proj,v_proj", "--lr", "1e-2", "--max-length", "32", "--checkpoint-every", "0",
+                 "--add-token", "zebra", "--add-special-token", "<tool>", "--add-special-token", "</tool>"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(["zebra", "<tool>", "</tool>"]) == [384, 385, 386]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "embed_tokens" in config["modules_to_save"] and config["ensure_weight_tying"] == tied  # PEFT lists one of a tied pair
+    built = build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16,
+                                      max_saved_modules=2, adapters=(("tools", str(out)),)))
+    manifest = built.registry.lookup("tools").manifest
+    assert manifest.vocab_size == 387 and manifest.tokenizer is not None
+    assert len({id(m) for m in manifest.saved.values()}) == (1 if tied else 2)
+    prompt = tok.encode("call fox: <tool>zebra")
+    expected = peft_generate(model, out, [prompt], 10, eos_token_id=None)[0]
+    built.engine.start()
+
+    async def run():
+        req = GenerationRequest("t", tuple(prompt), SamplingParams(10, ignore_eos=True), "tools")
+        return [e.token_id async for e in built.engine.submit(req)]
+
+    try:
+        assert asyncio.run(run()) == expected
+    finally:
+        built.engine.stop()
