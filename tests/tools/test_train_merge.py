@@ -51,16 +51,21 @@ def test_trained_adapter_serves_like_peft(trained, tiny_llama):
     expected = peft_generate(tiny_llama, out, [prompt], 10, eos_token_id=None)[0]
     built = build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=16,
                                       enable_dora=True, adapters=(("trained", str(out)),)))
-    built.engine.start()
+    assert served_tokens(built.engine, "trained", prompt, 10) == expected
+
+
+def served_tokens(engine, adapter: str, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens of ``prompt`` for ``adapter``, from ``engine`` (started and stopped here)."""
+    engine.start()
 
     async def run():
-        req = GenerationRequest("t", tuple(prompt), SamplingParams(10, ignore_eos=True), "trained")
-        return [e.token_id async for e in built.engine.submit(req)]
+        req = GenerationRequest("t", tuple(prompt), SamplingParams(n, ignore_eos=True), adapter)
+        return [e.token_id async for e in engine.submit(req)]
 
     try:
-        assert asyncio.run(run()) == expected
+        return asyncio.run(run())
     finally:
-        built.engine.stop()
+        engine.stop()
 
 
 def test_merge_matches_peft_merge_and_unload(trained, tiny_llama, tmp_path):
@@ -270,13 +275,4 @@ def test_training_with_added_tokens_serves_them_like_peft(tied, data_file, tmp_p
     assert len({id(m) for m in manifest.saved.values()}) == (1 if tied else 2)
     prompt = tok.encode("call fox: <tool>zebra")
     expected = peft_generate(model, out, [prompt], 10, eos_token_id=None)[0]
-    built.engine.start()
-
-    async def run():
-        req = GenerationRequest("t", tuple(prompt), SamplingParams(10, ignore_eos=True), "tools")
-        return [e.token_id async for e in built.engine.submit(req)]
-
-    try:
-        assert asyncio.run(run()) == expected
-    finally:
-        built.engine.stop()
+    assert served_tokens(built.engine, "tools", prompt, 10) == expected
