@@ -712,8 +712,9 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
     _check_dora(spec, layout, ranks)
     vocab = resized_vocabulary({_copy_of(k): v for k, v in shapes.items() if _copy_of(k)}, layout)
-    tokenizer = None if tokenizers is None else tokenizers.load(adapter_dir, confine)
-    _check_tokenizer(tokenizer, vocab, layout)
+    found = None if tokenizers is None else tokenizers.load(adapter_dir, confine)
+    _check_tokenizer(found, vocab, layout)
+    tokenizer = None if tokenizers is None or found is tokenizers.base else found  # None: the base model's
     tensors = None
     if any(_unread(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
         tensors = _unpickle(data, name) if header is None else _decode(name, data, header)
@@ -733,10 +734,11 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
 
 
 def _check_tokenizer(tokenizer, vocab: int | None, layout: LoRALayout) -> None:
-    """An adapter's own tokenizer must fit its vocabulary; a resized vocabulary needs one."""
+    """The tokenizer saved beside an adapter (None: none is) must fit its vocabulary; a resized
+    vocabulary needs one (the base model's, for a vocabulary padded without new tokens)."""
     if vocab is not None and tokenizer is None:
-        raise AdapterInvalid(f"the adapter was trained on a resized vocabulary of {vocab} tokens, and no tokenizer of "
-                             "its own is saved beside its weights (tokenizer.json or tokenizer_config.json)")
+        raise AdapterInvalid(f"the adapter was trained on a resized vocabulary of {vocab} tokens, and no tokenizer is "
+                             "saved beside its weights (tokenizer.json or tokenizer_config.json)")
     rows = vocab or layout.vocab
     if tokenizer is not None and rows is not None and len(tokenizer) > rows:
         raise AdapterInvalid(f"the adapter's tokenizer has {len(tokenizer)} tokens; its vocabulary (the token "

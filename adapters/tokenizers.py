@@ -48,8 +48,8 @@ class AdapterTokenizers:
         self._lock = threading.Lock()
 
     def load(self, adapter_dir: Path, confine: Path):
-        """The adapter's own tokenizer, or None: no tokenizer files, or the base model's tokenizer.
-        Raises AdapterInvalid for files that cannot be read or loaded."""
+        """The tokenizer saved beside the adapter: its own, ``base`` where it is the base model's,
+        or None where there is none. Raises AdapterInvalid for files that cannot be read or loaded."""
         names = [n for n in TOKENIZER_FILES if exists(adapter_dir, n)]
         if not any(n in names for n in ("tokenizer_config.json", "tokenizer.json")):
             return None
@@ -63,7 +63,7 @@ class AdapterTokenizers:
         with self._lock:
             if digest in self._same:
                 self._same.move_to_end(digest)
-                return None
+                return self.base
             found = self._loaded.get(digest)
         if found is not None:
             return found
@@ -76,7 +76,7 @@ class AdapterTokenizers:
                 self._same[digest] = None
                 while len(self._same) > _SAME_AS_BASE:
                     self._same.popitem(last=False)
-                return None
+                return self.base
             return self._loaded.setdefault(digest, tokenizer)
 
 

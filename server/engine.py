@@ -144,8 +144,8 @@ class Engine:
         self._held: list | None = None  # a step's events, sent once the step is recorded (_step)
         self.output = OutputProcessor(self.observers)
         self.vocabularies = Vocabularies(config, tokenizer, vocab_size, eos_token_ids, torch.get_num_threads(),
-                                         held=lambda: [e.manifest.tokenizer for e in adapters.registry.list()
-                                                       if e.manifest.tokenizer is not None])
+                                         held=lambda: [e.manifest.tokenizer or tokenizer for e in adapters.registry.list()
+                                                       if e.manifest.tokenizer is not None or e.manifest.vocab_size])
         self.grammars = self.vocabularies.base.grammars
         # Structured outputs' masks are computed during the forward pass where it runs on an
         # accelerator; on a CPU the forward pass uses every core, and they run after it (computed

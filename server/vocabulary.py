@@ -32,7 +32,7 @@ class Vocabularies:
 
     def __init__(self, config: ServerConfig, tokenizer, size: int, eos_token_ids: set[int], threads: int,
                  held=lambda: ()):
-        """``held``: callable() -> the tokenizers registered adapters hold now."""
+        """``held``: callable() -> the tokenizers of registered adapters' own vocabularies now."""
         self.config, self.threads, self.held = config, threads, held
         self.model_eos = frozenset(eos_token_ids)
         self.base = Vocabulary(tokenizer, size, self.model_eos, config, threads)
@@ -41,9 +41,9 @@ class Vocabularies:
 
     def of(self, manifest) -> Vocabulary:
         """The vocabulary of an adapter's registered version (its AdapterManifest; None: the base model)."""
-        tokenizer = None if manifest is None else manifest.tokenizer
-        if tokenizer is None:
+        if manifest is None or (manifest.tokenizer is None and manifest.vocab_size is None):
             return self.base
+        tokenizer = manifest.tokenizer or self.base.tokenizer  # a padded vocabulary keeps the base tokenizer
         size = manifest.vocab_size or self.base.size
         with self._lock:
             found = self._own.get(id(tokenizer), (None, {}))[1].get(size)

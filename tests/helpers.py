@@ -239,19 +239,23 @@ def added_tokens_adapter(model_dir: Path, out: Path, seed: int, added: tuple[str
 
 
 def peft_model(model_dir: Path, adapter_dir: Path | None):
-    """The base model in float32 with the adapter loaded by PEFT (None: alone); an adapter saved
-    with a tokenizer of more tokens than the model's vocabulary gets the model resized to it
-    first, as its users load it."""
+    """The base model in float32 with the adapter loaded by PEFT (None: alone); an adapter trained
+    on a resized vocabulary (its full embedding or lm_head of another size) gets the model resized
+    to it first, as its users load it."""
+    import re
+
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapter_dir is None:
         return model
-    if (Path(adapter_dir) / "tokenizer_config.json").exists():
-        size = len(AutoTokenizer.from_pretrained(adapter_dir))
-        if size > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(size, mean_resizing=False)
+    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as f:
+        rows = {f.get_slice(k).get_shape()[0] for k in f.keys()
+                if re.search(r"\.(embed_tokens|wte|word_embeddings|lm_head)\.weight$", k)}
+    if rows and rows != {model.get_input_embeddings().weight.shape[0]}:
+        model.resize_token_embeddings(max(rows), mean_resizing=False)
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 

@@ -145,6 +145,38 @@ def test_an_adapters_tokenizer_ends_and_writes_its_text(tmp_path):
     assert len(base) == 2
 
 
+def test_a_vocabulary_padded_without_new_tokens_keeps_the_base_tokenizer(tmp_path):
+    """resize_token_embeddings(pad_to_multiple_of=...) with the base tokenizer saved beside: served
+    over the padded vocabulary with the base model's tokenizer, as PEFT serves it, beside the base
+    model; without the tokenizer beside it, refused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = build_llama(tmp_path / "model")
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base.resize_token_embeddings(384, pad_to_multiple_of=100, mean_resizing=False)  # 400 rows
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    path = tmp_path / "padded"
+    peft_model.save_pretrained(path, save_embedding_layers=True)
+    AutoTokenizer.from_pretrained(model).save_pretrained(path)
+    built = engine_for(model, {"padded": path}, max_saved_modules=2, enable_embedding_lora=False)
+    manifest = built.registry.lookup("padded").manifest
+    assert manifest.vocab_size == 400 and manifest.tokenizer is None
+    vocab = built.engine.vocabulary("padded")
+    assert vocab.size == 400 and vocab.tokenizer is built.engine.tokenizer
+    requests, prompts, outs = serve_in_turn(built.engine, [None, "padded"], 6, seed=9, max_new=MAX_NEW)
+    check_against_peft(model, {"padded": path}, requests, prompts, outs)
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    built.registry.roots = (tmp_path.resolve(),)
+    with pytest.raises(AdapterInvalid, match="resized vocabulary of 400 tokens, and no tokenizer is saved beside"):
+        built.registry.register("bare", bare)
+
+
 def test_registration_keeps_a_tokenizer_only_where_it_is_the_adapters_own(tmp_path):
     """The base model's tokenizer saved beside an adapter (as trainers save it) is not kept: the
     base model's serves it; one with a chat template of its own is kept, with the base
@@ -200,7 +232,7 @@ def test_refusals_name_what_cannot_be_served(tmp_path):
 
     cases = {
         "no-tokenizer": (dict(), drop("tokenizer.json", "tokenizer_config.json"),
-                         "trained on a resized vocabulary of 388 tokens, and no tokenizer of its own"),
+                         "trained on a resized vocabulary of 388 tokens, and no tokenizer is saved beside"),
         "head-only": (dict(config={"modules_to_save": ["lm_head"]},
                            tensors=lambda t: {k: v for k, v in t.items() if "embed_tokens" not in k}), None,
                       r"\(lm_head 388 tokens\) resize the base model's vocabulary of 384: a resized vocabulary is "

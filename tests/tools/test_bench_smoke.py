@@ -112,5 +112,7 @@ def test_saved_modules_cost_runs_on_a_tiny_model(tiny_llama, tmp_path):
     assert re.search(r"lm_head 0 MiB, read once in \d+\.\d ms", proc.stdout), proc.stdout
     for k in (1, 2):
         assert re.search(rf"{k} distinct: base \d+\.\d, q/v LoRA \d+\.\d, \+ trained lm_head \d+\.\d \([+-]\d+\.\d = "
-                         rf"-?\d+\.\d\dx {k} reads of it\), \+ trained embedding \d+\.\d", proc.stdout), proc.stdout
+                         rf"-?\d+\.\d\dx {k} reads of it\), \+ trained embedding \d+\.\d \([+-]\d+\.\d\), added "
+                         r"tokens \(both, resized\) \d+\.\d", proc.stdout), proc.stdout
+    assert re.search(r"ragged step's -inf fill of \[4, 388\] logits: \d+\.\d\d ms", proc.stdout), proc.stdout
     assert [row["distinct"] for row in json.loads(report.read_text())["rows"]] == [1, 2]
