@@ -23,7 +23,7 @@ from .files import exists, read_adapter_file
 
 # what transformers' tokenizers read from a folder (chat templates included); nothing else is copied
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
                    "chat_template.jinja", "chat_template.json")
 TOKENIZER_FILE_LIMIT = 64 * 1024 * 1024  # per file: a 256k-token tokenizer.json is about 17 MB
 _SAME_AS_BASE = 1024  # digests remembered as the base model's tokenizer

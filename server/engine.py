@@ -146,7 +146,6 @@ class Engine:
         self.vocabularies = Vocabularies(config, tokenizer, vocab_size, eos_token_ids, torch.get_num_threads(),
                                          held=lambda: [e.manifest.tokenizer or tokenizer for e in adapters.registry.list()
                                                        if e.manifest.tokenizer is not None or e.manifest.vocab_size])
-        self.grammars = self.vocabularies.base.grammars
         # Structured outputs' masks are computed during the forward pass where it runs on an
         # accelerator; on a CPU the forward pass uses every core, and they run after it (computed
         # during it, a 2-core VM's steps were slower: BENCHMARKS.md).

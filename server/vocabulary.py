@@ -17,6 +17,8 @@ from .structured import Grammars
 
 
 class Vocabulary:
+    """One tokenizer as the model serves it, with what its requests need of it."""
+
     def __init__(self, tokenizer, size: int, eos_token_ids: frozenset[int], config: ServerConfig, threads: int):
         self.tokenizer = tokenizer
         self.size = size  # token ids are in [0, size): the rows of the token embedding and lm_head it is served with
