@@ -89,6 +89,9 @@ class AdapterSpec:
     trainable_tokens: tuple[int, ...] = ()
     trainable_tokens_module: str | None = None
     tokens_field: str = "trainable_token_indices"  # the config field that lists them (TRAINABLE_TOKENS: token_indices)
+    # the tokens written into the adapter's trained copies of a resized vocabulary (registration
+    # moves them there from trainable_tokens, which then serves nothing as LoRA)
+    folded_tokens: tuple[int, ...] = ()
     # PEFT's modules_to_save: modules (the token embedding, lm_head) the adapter holds a fully trained copy of
     modules_to_save: tuple[str, ...] = ()
     ensure_weight_tying: bool = False  # PEFT's: a tied embedding and lm_head stay tied (both copies saved)
@@ -115,8 +118,8 @@ class AdapterSpec:
                   "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern}
         if self.use_dora:  # only when set: plain adapters keep the content hash they had
             fields["use_dora"] = True
-        if self.trainable_tokens:
-            fields["trainable_token_indices"] = list(self.trainable_tokens)
+        if self.trainable_tokens or self.folded_tokens:
+            fields["trainable_token_indices"] = list(self.trainable_tokens or self.folded_tokens)
         if self.modules_to_save:
             fields["modules_to_save"] = list(self.modules_to_save)
         return json.dumps(fields, sort_keys=True)
@@ -136,6 +139,11 @@ class AdapterSpec:
         if isinstance(self.target_modules, str):
             return [] if any(self._target_re.fullmatch(n) for n in names) else [self.target_modules]
         return [t for t in self.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+# in ``enabled``: trainable tokens may also be served written into an adapter's trained copies of a
+# resized vocabulary's layers (adapters/loader.py), which its weights decide, not its config
+FOLDED_TOKENS = "trainable tokens in trained copies"
 
 
 def _refuse(field_name: str, why: str) -> AdapterInvalid:
@@ -250,7 +258,7 @@ def _trainable_tokens(value, enabled: Collection[str], name: str = "trainable_to
         raise _refuse(name, f"must list token ids (non-negative integers), got {clip(str(value))}")
     if len(set(value)) != len(value):
         raise _refuse(name, f"lists a token id twice: {clip(str(value))}")
-    if not any(kind in enabled for kind in EMBEDDINGS):
+    if not any(kind in enabled for kind in (*EMBEDDINGS, FOLDED_TOKENS)):
         raise _refuse(name, "trainable tokens are served as LoRA on the token embedding, which is not enabled on this "
                             "server (start it with --enable-embedding-lora)")
     return tuple(value), module

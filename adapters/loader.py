@@ -23,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDINGS, HEAD, OPT_IN, AdapterSpec, leaf, opt_in_refusal, read_adapter_config
+from .config import (
+    EMBEDDINGS,
+    FOLDED_TOKENS,
+    HEAD,
+    OPT_IN,
+    AdapterSpec,
+    leaf,
+    opt_in_refusal,
+    read_adapter_config,
+)
 from .errors import AdapterInvalid, clip
 from .files import AdapterFile, ReadBuffer, exists
 from .saved_modules import SavedModules, SavedModuleStore
@@ -45,6 +54,9 @@ _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.we
 # trainable_token_indices under token_adapter; a TRAINABLE_TOKENS adapter's on the module itself)
 _TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:token_adapter\.)?trainable_tokens_delta"
                          r"(?:\.default)?$")
+# PEFT's trainable tokens over a resized vocabulary: the resized layer they are rows of, saved
+# beside them (save_embedding_layers), a fully trained copy as far as the server is concerned
+_TOKENS_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.base_layer\.weight$")
 # PEFT's modules_to_save: a fully trained copy of the module (``_copy_of``)
 _SAVED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.weight$")
 # beside such a copy, PEFT's save_embedding_layers (on by default for a resized vocabulary) also
@@ -54,7 +66,11 @@ _WRAPPED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:original
 
 def _copy_of(key: str) -> str | None:
     """The module whose fully trained copy (modules_to_save) tensor ``key`` is: the token
-    embedding's or lm_head's, under none of the keys above; else None."""
+    embedding's or lm_head's, under none of the keys above (but the resized layer under trainable
+    tokens); else None."""
+    resized = _TOKENS_BASE_KEY.match(key)
+    if resized is not None and leaf(resized["module"]) in OPT_IN:
+        return resized["module"]
     if _KEY.match(key) or _TOKENS_KEY.match(key) or _BASE_KEY.match(key):
         return None
     copy = _SAVED_KEY.match(key)
@@ -443,23 +459,26 @@ def _modules_from_shapes(
                 f"{clip(module)}, whose tensors have rank {ra}"
             )
         ranks[module] = ra
-    _check_saved(saved, spec, layout, found, tokens)
+    resized = _check_saved(saved, spec, layout, found, tokens)
     for key, shape in wrapped.items():
         module = _wrapped(key)
         if saved.get(module) != shape:
             raise AdapterInvalid(f"{clip(key)} {shape}: a part of PEFT's wrapper of {clip(module)} without the fully "
                                  f"trained copy it wraps ({clip(module + '.weight')}) of that shape")
+    if resized is not None and tokens:  # written into the copies at registration (inspect_adapter)
+        _check_folded_tokens(tokens, spec, saved, resized)
+        return ranks
     return {**ranks, **_token_ranks(tokens, spec, layout, max_rank, found)}
 
 
 def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: LoRALayout, lora_modules,
-                 tokens) -> None:
+                 tokens) -> int | None:
     """Fully trained copies (module -> shape) against the config, the model and the adapter's
-    other weights."""
+    other weights. Returns their resized vocabulary (``resized_vocabulary``), if any."""
     field_name = "adapter_config.json field 'modules_to_save'"
     if not layout.saveable:  # none served here
         if spec is None or not (saved or spec.modules_to_save):  # without the config: checked again with it
-            return
+            return None
         if not spec.modules_to_save:  # e.g. PEFT's copy of an embedding it resized
             module = next(iter(saved))
             raise AdapterInvalid(f"{clip(module + '.weight')} {saved[module]}: a fully trained copy of a module "
@@ -479,11 +498,11 @@ def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: 
             raise AdapterInvalid(f"module {clip(module)}: LoRA and a fully trained copy of the same module are not "
                                  "supported")
     resized = resized_vocabulary(saved, layout)
-    if saved and tokens:
+    if saved and tokens and resized is None:  # over a resized vocabulary they are rows of its copies
         raise AdapterInvalid("trainable tokens together with fully trained modules (modules_to_save) are not "
                              "supported")
     if spec is None:
-        return
+        return resized
     tied = spec.ensure_weight_tying and layout.tied_head
     listed = {m for m in layout.saveable if spec.saves(m)}
     if tied and listed:  # PEFT keeps them tied: listing one saves both
@@ -495,6 +514,45 @@ def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: 
     if unlisted and resized is None:  # a resized vocabulary's layers PEFT saves unlisted (save_embedding_layers)
         raise AdapterInvalid(f"{clip(unlisted[0] + '.weight')}: a fully trained copy of a module that {field_name} "
                              "does not list")
+    return resized
+
+
+def _check_folded_tokens(tokens: dict[str, list[int]], spec: AdapterSpec | None, saved: dict[str, list[int]],
+                         vocab: int) -> None:
+    """Trainable tokens' rows (module -> shape [n, hidden]) over a resized vocabulary, which
+    registration writes into the copies (``_fold_tokens``): each module's copy is in the weights,
+    the rows fit it, and the config lists as many tokens, inside the vocabulary."""
+    field_name = f"adapter_config.json field {spec.tokens_field if spec else 'trainable_token_indices'!r}"
+    for module, shape in tokens.items():
+        if module not in saved:
+            raise AdapterInvalid(f"module {clip(module)}: trainable tokens' rows over a resized vocabulary without "
+                                 f"its resized layer ({clip(module + '.token_adapter.base_layer.weight')})")
+        if len(shape) != 2 or shape[1] != saved[module][1] or shape[0] != next(iter(tokens.values()))[0]:
+            raise AdapterInvalid(f"module {clip(module)}: trainable tokens' rows {shape} do not fit its rows of "
+                                 f"{saved[module][1]} values, or the other module's count")
+    if spec is None:
+        return
+    n = next(iter(tokens.values()))[0]
+    if not spec.trainable_tokens or n != len(spec.trainable_tokens):
+        raise AdapterInvalid(f"{field_name} lists {len(spec.trainable_tokens)} tokens, but the weights hold "
+                             f"trainable tokens' rows for {n}")
+    outside = [t for t in spec.trainable_tokens if t >= vocab]
+    if outside:
+        raise AdapterInvalid(f"{field_name}: token id {outside[0]} is outside the adapter's vocabulary of {vocab}")
+
+
+def _fold_tokens(copies: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], ids: tuple[int, ...]
+                 ) -> dict[str, torch.Tensor]:
+    """The copies with the trainable tokens' rows written in, as PEFT serves them (the rows replace
+    rows ``ids`` of the resized layer: of the embedding, and of lm_head where the adapter saves rows
+    for it, a tied one)."""
+    out = dict(copies)
+    for key, rows in tensors.items():
+        match = _TOKENS_KEY.match(key)
+        if match is not None:
+            module = match["module"]
+            out[module] = out[module].clone().index_copy_(0, torch.tensor(ids), rows.to(out[module].dtype))
+    return out
 
 
 def resized_vocabulary(saved: dict[str, list[int]], layout: LoRALayout) -> int | None:
@@ -614,7 +672,7 @@ def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> N
     layer) is refused."""
     for key, saved in tensors.items():
         base = _BASE_KEY.match(key)
-        if base is None:
+        if base is None or _copy_of(key):  # trainable tokens' resized layer: a copy, held
             continue
         if layout.base_weight is None:
             raise AdapterInvalid(f"{clip(key)}: this server cannot check a saved base layer")
@@ -700,7 +758,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     confine = confine or Path(adapter_dir).resolve()
     if not adapter_dir.is_dir():
         raise AdapterInvalid("the adapter path is not a directory")
-    spec, _ = read_adapter_config(adapter_dir, confine, layout.kinds)
+    spec, _ = read_adapter_config(adapter_dir, confine, (*layout.kinds, *((FOLDED_TOKENS,) if layout.saveable else ())))
     name = _weights_name(adapter_dir, allow_pickle)
     header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank)
     if time.time_ns() - identity[-1] < RACY_NS:  # a write in this clock tick could leave the same ctime
@@ -723,6 +781,9 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
     digest = hashlib.sha256(data).hexdigest()
     copies = {} if tensors is None else {_copy_of(key): t for key, t in tensors.items() if _copy_of(key)}
+    if vocab is not None and spec.trainable_tokens:  # rows of the copies now; nothing of them is paged
+        copies = _fold_tokens(copies, tensors, spec.trainable_tokens)
+        spec = replace(spec, trainable_tokens=(), trainable_tokens_module=None, folded_tokens=spec.trainable_tokens)
     if copies and saved_store is None:
         raise AdapterInvalid("adapter_config.json field 'modules_to_save': this server cannot hold fully trained "
                              "modules")

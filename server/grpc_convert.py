@@ -191,7 +191,7 @@ def adapter_to_pb(entry: RegisteredAdapter, tier: str, show_path: bool) -> pb.Ad
         keep_resident=entry.keep_resident,
         combine=[pb.WeightedAdapter(adapter_id=part.adapter_id, weight=w) for part, w in entry.combine],
         use_dora=entry.manifest.magnitude,
-        trainable_token_ids=spec.trainable_tokens,
+        trainable_token_ids=spec.trainable_tokens or spec.folded_tokens,
         modules_to_save=sorted(entry.manifest.saved),
         vocab_size=entry.manifest.vocab_size or 0, own_tokenizer=entry.manifest.tokenizer is not None,
     )

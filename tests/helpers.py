@@ -253,7 +253,7 @@ def peft_model(model_dir: Path, adapter_dir: Path | None):
         return model
     with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as f:
         rows = {f.get_slice(k).get_shape()[0] for k in f.keys()
-                if re.search(r"\.(embed_tokens|wte|word_embeddings|lm_head)\.weight$", k)}
+                if re.search(r"\.(embed_tokens|wte|word_embeddings|lm_head)(\.token_adapter\.base_layer)?\.weight$", k)}
     if rows and rows != {model.get_input_embeddings().weight.shape[0]}:
         model.resize_token_embeddings(max(rows), mean_resizing=False)
     return PeftModel.from_pretrained(model, adapter_dir).eval()

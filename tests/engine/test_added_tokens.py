@@ -145,6 +145,46 @@ def test_an_adapters_tokenizer_ends_and_writes_its_text(tmp_path):
     assert len(base) == 2
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_tokens_over_added_tokens_match_peft(tied, tmp_path):
+    """PEFT's own recipe for added tokens: resize, then LoRA with trainable_token_indices on the new
+    ids (PEFT saves the resized layers beside their rows). Their rows are written into the resized
+    copies at registration, so no LoRA on the embedding is needed (the server runs without
+    --enable-embedding-lora); token for token as PEFT serves it, beside the base model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = build_llama(tmp_path / "model", tie_word_embeddings=tied)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base.resize_token_embeddings(len(tok), mean_resizing=False)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 trainable_token_indices=[384, 385, 7], lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "trainable_tokens_delta" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    path = tmp_path / "tokens"
+    peft_model.save_pretrained(path)
+    tok.save_pretrained(path)
+    plain = build_adapter(model, tmp_path / "plain", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"])
+    adapters = {"tokens": path, "plain": plain}
+    built = engine_for(model, adapters, max_saved_modules=2, enable_embedding_lora=False, max_lora_rank=4,
+                       max_device_adapters=1, max_host_adapters=1)  # loaded again and again
+    manifest = built.registry.lookup("tokens").manifest
+    assert manifest.vocab_size == 386 and manifest.spec.folded_tokens == (384, 385, 7)
+    assert not manifest.spec.trainable_tokens and manifest.rank == 4  # nothing of the tokens is paged
+    vocab = built.engine.vocab_size
+    prompts = [with_added([p], vocab, i)[0] if i % 3 == 1 else p for i, p in enumerate(make_prompts(vocab, 6, seed=3))]
+    prompts = [[t if t < vocab + 2 else 7 for t in p] for p in prompts]  # the two added tokens and token 7
+    requests, prompts, outs = serve_in_turn(built.engine, [None, "tokens", "plain"], 6, seed=3, max_new=MAX_NEW,
+                                            prompts=prompts)
+    assert built.manager.pool.evictions > 0
+    check_against_peft(model, adapters, requests, prompts, outs)
+
+
 def test_a_vocabulary_padded_without_new_tokens_keeps_the_base_tokenizer(tmp_path):
     """resize_token_embeddings(pad_to_multiple_of=...) with the base tokenizer saved beside: served
     over the padded vocabulary with the base model's tokenizer, as PEFT serves it, beside the base
