@@ -771,8 +771,8 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     _check_dora(spec, layout, ranks)
     vocab = resized_vocabulary({_copy_of(k): v for k, v in shapes.items() if _copy_of(k)}, layout)
     found = None if tokenizers is None else tokenizers.load(adapter_dir, confine)
-    _check_tokenizer(found, vocab, layout)
     tokenizer = None if tokenizers is None or found is tokenizers.base else found  # None: the base model's
+    _check_tokenizer(found, tokenizer, vocab, layout)
     tensors = None
     if any(_unread(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
         tensors = _unpickle(data, name) if header is None else _decode(name, data, header)
@@ -794,15 +794,16 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
                            spec.use_dora, plan, saved, tokenizer, vocab)
 
 
-def _check_tokenizer(tokenizer, vocab: int | None, layout: LoRALayout) -> None:
-    """The tokenizer saved beside an adapter (None: none is) must fit its vocabulary; a resized
-    vocabulary needs one (the base model's, for a vocabulary padded without new tokens)."""
-    if vocab is not None and tokenizer is None:
+def _check_tokenizer(found, own, vocab: int | None, layout: LoRALayout) -> None:
+    """A resized vocabulary needs a tokenizer beside it (``found``; the base model's, for a
+    vocabulary padded without new tokens); the adapter's ``own`` one must fit its vocabulary (the
+    base model's is served as the base model serves it)."""
+    if vocab is not None and found is None:
         raise AdapterInvalid(f"the adapter was trained on a resized vocabulary of {vocab} tokens, and no tokenizer is "
                              "saved beside its weights (tokenizer.json or tokenizer_config.json)")
     rows = vocab or layout.vocab
-    if tokenizer is not None and rows is not None and len(tokenizer) > rows:
-        raise AdapterInvalid(f"the adapter's tokenizer has {len(tokenizer)} tokens; its vocabulary (the token "
+    if own is not None and rows is not None and len(own) > rows:
+        raise AdapterInvalid(f"the adapter's tokenizer has {len(own)} tokens; its vocabulary (the token "
                              f"embedding's rows) has {rows}: tokens past it have no embedding")
 
 

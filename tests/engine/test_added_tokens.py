@@ -217,6 +217,27 @@ def test_a_vocabulary_padded_without_new_tokens_keeps_the_base_tokenizer(tmp_pat
         built.registry.register("bare", bare)
 
 
+def test_the_base_tokenizer_beside_an_adapter_is_served_as_the_base_model_serves_it(tmp_path):
+    """A base model whose tokenizer has more tokens than its embedding rows (added tokens the model
+    has no rows for): an adapter saved with that tokenizer beside it registers, as the base model
+    serves it; an own tokenizer of that length is refused."""
+    from transformers import AutoTokenizer
+
+    model = build_llama(tmp_path / "model", vocab_size=380)  # the tokenizer has 384
+    path = build_adapter(model, tmp_path / "plain", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    AutoTokenizer.from_pretrained(model).save_pretrained(path)
+    built = engine_for(model, {"plain": path})
+    assert built.registry.lookup("plain").manifest.tokenizer is None
+    own = tmp_path / "own"
+    shutil.copytree(path, own)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(own)
+    built.registry.roots = (tmp_path.resolve(),)
+    with pytest.raises(AdapterInvalid, match="the adapter's tokenizer has 384 tokens; its vocabulary .* has 380"):
+        built.registry.register("own", own)
+
+
 def test_registration_keeps_a_tokenizer_only_where_it_is_the_adapters_own(tmp_path):
     """The base model's tokenizer saved beside an adapter (as trainers save it) is not kept: the
     base model's serves it; one with a chat template of its own is kept, with the base
