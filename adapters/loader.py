@@ -374,8 +374,9 @@ def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int, into: R
 
 def _modules_from_shapes(
     shapes: dict[str, list[int]], spec: AdapterSpec, layout: LoRALayout, max_rank: int
-) -> dict[str, int]:
-    """Check tensor names and shapes against the base model; return module -> rank."""
+) -> tuple[dict[str, int], int | None]:
+    """Check tensor names and shapes against the base model; return module -> rank, and the
+    resized vocabulary its fully trained copies hold (``resized_vocabulary``), if any."""
     found: dict[str, dict[str, list[int]]] = {}
     saved_base: dict[str, list[int]] = {}
     tokens: dict[str, list[int]] = {}
@@ -467,8 +468,8 @@ def _modules_from_shapes(
                                  f"trained copy it wraps ({clip(module + '.weight')}) of that shape")
     if resized is not None and tokens:  # written into the copies at registration (inspect_adapter)
         _check_folded_tokens(tokens, spec, saved, resized)
-        return ranks
-    return {**ranks, **_token_ranks(tokens, spec, layout, max_rank, found)}
+        return ranks, resized
+    return {**ranks, **_token_ranks(tokens, spec, layout, max_rank, found)}, resized
 
 
 def _check_saved(saved: dict[str, list[int]], spec: AdapterSpec | None, layout: LoRALayout, lora_modules,
@@ -767,9 +768,8 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
         shapes = {k: list(v.shape) for k, v in _unpickle(data, name).items()}
     else:
         shapes = {k: v["shape"] for k, v in header.items()}
-    ranks = _modules_from_shapes(shapes, spec, layout, max_rank)
+    ranks, vocab = _modules_from_shapes(shapes, spec, layout, max_rank)
     _check_dora(spec, layout, ranks)
-    vocab = resized_vocabulary({_copy_of(k): v for k, v in shapes.items() if _copy_of(k)}, layout)
     found = None if tokenizers is None else tokenizers.load(adapter_dir, confine)
     tokenizer = None if tokenizers is None or found is tokenizers.base else found  # None: the base model's
     _check_tokenizer(found, tokenizer, vocab, layout)
@@ -943,7 +943,7 @@ def decode_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, allow_p
     if manifest is not None:  # the bytes registration checked (same identity or same hash): its ranks hold
         ranks = manifest.module_ranks
     else:
-        ranks = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
+        ranks, _ = _modules_from_shapes({k: list(v.shape) for k, v in tensors.items()}, spec, layout, max_rank)
         _check_saved_base(tensors, layout)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

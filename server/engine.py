@@ -106,9 +106,7 @@ class Engine:
                  vocab_size: int, eos_token_ids: set[int]):
         self.config = config
         self.runner = runner
-        self.tokenizer = tokenizer
         self.adapters = adapters
-        self.vocab_size = vocab_size
         self.admission = AdapterAdmission(adapters)
         kv = runner.kv
         self.blocks = BlockManager(kv.num_blocks, kv.block_size, config.prefix_caching)
@@ -194,6 +192,16 @@ class Engine:
         def ids(seqs):
             return {s.request.adapter_id for s in list(seqs) if s.request.adapter_id}
         return ids(self._running), ids(self._waiting)
+
+    @property
+    def tokenizer(self):
+        """The base model's tokenizer."""
+        return self.vocabularies.base.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The base model's vocabulary size."""
+        return self.vocabularies.base.size
 
     def vocabulary(self, adapter_id: str | None) -> Vocabulary:
         """The vocabulary a request for ``adapter_id`` is served with now (the base model's for an
@@ -647,7 +655,9 @@ class Engine:
             ))
         constrained = [seq for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None] if self.overlap_masks else []
-        pending = [grammars.start(rows) for grammars, rows in _by_grammars(constrained)]  # during the forward pass
+        # computed during the forward pass, one call per vocabulary
+        pending = [grammars.start([s.grammar for s in constrained if s.vocab.grammars is grammars])
+                   for grammars in dict.fromkeys(s.vocab.grammars for s in constrained)]
         t0 = time.perf_counter()
         logits, order, extra = self.runner.step(items)
         # with drafts: each sampled row's logits row in its first round (a drafting row's first position)
@@ -741,11 +751,10 @@ class Engine:
                      else None for s in seqs]
         banned = [self._banned(s) for s in seqs]
         masks, failed = None, {}
-        for grammars, constrained in _by_grammars([s for s in seqs if s.grammar is not None]):
-            masks = masks or [None] * len(seqs)
-            theirs, banned, gone = grammars.masks([s.grammar if s.grammar in constrained else None for s in seqs],
+        for grammars in dict.fromkeys(s.vocab.grammars for s in seqs if s.grammar is not None):  # per vocabulary
+            theirs, banned, gone = grammars.masks([s.grammar if s.vocab.grammars is grammars else None for s in seqs],
                                                   banned, computed_masks)
-            masks = [m if m is not None else mine for m, mine in zip(theirs, masks, strict=True)]
+            masks = theirs if masks is None else [m if m is not None else t for m, t in zip(masks, theirs, strict=True)]
             failed.update(gone)
         if any(s.sampler.params.allowed_token_ids for s in seqs):  # never with a grammar (validate)
             masks = masks or [None] * len(seqs)
@@ -826,14 +835,6 @@ class Engine:
             seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
-
-
-def _by_grammars(seqs: list[Sequence]) -> list:
-    """(Grammars, the Grammar matchers of ``seqs`` it compiled): one group per vocabulary."""
-    groups: dict = {}
-    for seq in seqs:
-        groups.setdefault(seq.vocab.grammars, []).append(seq.grammar)
-    return list(groups.items())
 
 
 def prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:

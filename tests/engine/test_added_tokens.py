@@ -100,10 +100,12 @@ def test_added_tokens_are_generated_and_their_rows_read(tmp_path):
         assert [t for t, _ in ev.logprob.top] == expected[j].topk(2).indices.tolist()
 
 
-def test_an_adapters_tokenizer_ends_and_writes_its_text(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["masks-after", "masks-during-forward"])
+def test_an_adapters_tokenizer_ends_and_writes_its_text(overlap, tmp_path):
     """The adapter's EOS (an added special token) ends its requests and not the base model's; its
     text is decoded by its own tokenizer; a structured output is masked over its vocabulary, in
-    the same step as one over the base model's."""
+    the same step as one over the base model's, the masks computed after the forward pass (as on a
+    CPU) or during it (as on an accelerator), one call per vocabulary."""
     model = build_llama(tmp_path / "model")
 
     def own_eos(tok):
@@ -113,6 +115,7 @@ def test_an_adapters_tokenizer_ends_and_writes_its_text(tmp_path):
                                 modules_to_save=["embed_tokens", "lm_head"], tokenizer_changes=own_eos)
     built = engine_for(model, {"added": path}, max_saved_modules=2, enable_embedding_lora=False)
     engine, vocab = built.engine, built.engine.vocab_size
+    engine.overlap_masks = overlap
     own = engine.vocabulary("added")
     end = own.tokenizer.convert_tokens_to_ids("<|end|>")
     assert end == vocab + ADDED and own.size == vocab + ADDED + 1 and end in own.eos_token_ids
