@@ -7,11 +7,12 @@ from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
 from .llama import LlamaForServing
 
-# HF architecture name -> serving model class. Llama, Mistral and Qwen2 share one decoder.
+# HF architecture name -> serving model class. Llama, Mistral, Qwen2 and Qwen3 share one decoder.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
     "Qwen2ForCausalLM": LlamaForServing,
+    "Qwen3ForCausalLM": LlamaForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

@@ -1,9 +1,10 @@
-"""Llama-family decoder (LLaMA, Mistral, Qwen2, SmolLM2) over a flat token batch.
+"""Llama-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2) over a flat token batch.
 
 Built from a loaded Hugging Face model, sharing its embedding, norms and lm_head, with the
 attention and MLP projections fused (q|k|v and gate|up) so that a step makes few large matmuls.
 Grouped-query attention, RoPE (any HF scaling: the cos/sin table comes from HF's own rotary
-module), Qwen2's q/k/v biases and Mistral's sliding window are handled here.
+module), Qwen2's q/k/v biases, Qwen3's per-head RMSNorm of q and k (before RoPE) and sliding
+windows (Mistral's, or per layer as Qwen3's ``layer_types``) are handled here.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class LlamaLayer(nn.Module):
         self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer, int8)
         self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer, int8)
         self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
         self.act = ACT2FN[config.hidden_act]
         hd = _head_dim(config)
         self.shape_q = (config.num_attention_heads, hd)
@@ -67,6 +69,8 @@ class LlamaLayer(nn.Module):
         q = qkv[:, :q_size].view(T, *self.shape_q)
         k = qkv[:, q_size : q_size + kv_size].view(T, *self.shape_kv)
         v = qkv[:, q_size + kv_size :].view(T, *self.shape_kv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.cos[batch.positions][:, None], self.sin[batch.positions][:, None]  # [T, 1, hd]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin

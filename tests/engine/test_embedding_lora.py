@@ -19,8 +19,8 @@ from loramux.server.ops.embedding import embedding_lora
 from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_llama
 from test_parity import serve_in_turn
 
-EMBEDDING = {"llama": "embed_tokens", "mistral": "embed_tokens", "qwen2": "embed_tokens", "gpt2": "wte",
-             "gpt_neo": "wte", "bloom": "word_embeddings"}
+EMBEDDING = {"llama": "embed_tokens", "mistral": "embed_tokens", "qwen2": "embed_tokens", "qwen3": "embed_tokens",
+             "gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}
 
 
 def engine_for(model, adapters, **overrides):
