@@ -16,6 +16,7 @@ from .config import (
     DTYPES,
     OP_BACKENDS,
     QUANTIZATIONS,
+    REASONING_PARSERS,
     SCHEDULING,
     TOOL_CALL_PARSERS,
     ServerConfig,
@@ -95,6 +96,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(Hermes, Qwen2.5); llama3_json = JSON objects as the whole answer (Llama 3.1/3.2); "
                         "pythonic = [f(x=1), ...] (Llama 3.2/4); mistral = [TOOL_CALLS] then a JSON list (v7) or "
                         "name[ARGS]{JSON} (v11 on)")
+    p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="a reasoning model's format (vLLM's name): chat and Responses replies carry its "
+                        "<think>...</think> apart from the answer (message.reasoning_content, a reasoning item), "
+                        "tool calls are read from the answer, and structured outputs constrain the answer only. "
+                        "deepseek_r1: the output thinks first unless the prompt closed the block; qwen3: it thinks "
+                        "when it starts with <think> (or the prompt opened the block)")
+    p.add_argument("--structured-output-in-reasoning", action="store_true",
+                   help="with --reasoning-parser: structured outputs constrain the thinking too (vLLM's "
+                        "enable_in_reasoning)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat template sent with a request (chat_template), as vLLM's flag: it runs in "
                         "transformers' sandboxed Jinja, but a hostile one can still spend a worker's CPU. Without "

@@ -14,6 +14,7 @@ SCHEDULING = ("fair", "fifo", "priority")
 BASE_LINEARS = ("auto", "kernel", "torch")
 QUANTIZATIONS = ("none", "int8")  # the decoder projections' weights (ops/quantize.py)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")  # tool_parsers.PARSERS' names, kept import-free here
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS' names
 MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
 
 
@@ -117,6 +118,8 @@ class ServerConfig:
     base_linear: str = "auto"  # base projections of 1-64 rows (CPU, float32): auto (timed at start-up), kernel, torch
     quantization: str = "none"  # int8: the decoder projections' weights as int8 rows with a scale each
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)
+    reasoning_parser: str | None = None  # a reasoning model's <think> block, split from the answer (reasoning.py)
+    structured_output_in_reasoning: bool = False  # with reasoning_parser: structured outputs constrain the thinking too
     trust_request_chat_template: bool = False  # a request may bring its own chat template (vLLM's flag)
     log_level: str = "INFO"
     log_format: str = "text"
@@ -164,6 +167,10 @@ class ServerConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool-call-parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning-parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
+        if self.structured_output_in_reasoning and self.reasoning_parser is None:
+            raise ValueError("structured-output-in-reasoning needs --reasoning-parser")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.max_host_adapters < self.max_device_adapters:

@@ -39,6 +39,7 @@ from .errors import (
     status_name,
 )
 from .output_processor import Finished, OutputProcessor
+from .reasoning import ReasoningGate
 from .requests import (
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
@@ -371,10 +372,15 @@ class Engine:
         self._wake.set()
         return RequestStream(self, seq)
 
-    @staticmethod
-    def _grammar(req: GenerationRequest, vocab: Vocabulary) -> Grammar | None:
-        """The request's structured output's matcher over its vocabulary, if it asks for one."""
-        return None if req.sampling.structured_output is None else vocab.grammars.matcher(req.sampling.structured_output)
+    def _grammar(self, req: GenerationRequest, vocab: Vocabulary) -> Grammar | None:
+        """The request's structured output's matcher over its vocabulary, if it asks for one: with
+        a reasoning parser, of the answer only (unless --structured-output-in-reasoning)."""
+        if req.sampling.structured_output is None:
+            return None
+        gate = None
+        if vocab.reasoning is not None and not self.config.structured_output_in_reasoning:
+            gate = ReasoningGate(vocab.reasoning, vocab.reasoning.opening(req.prompt_token_ids))
+        return vocab.grammars.matcher(req.sampling.structured_output, gate)
 
     def _banned(self, seq: Sequence) -> list[int] | None:
         """The tokens this row may not sample now: its stop tokens until min_new_tokens are out, and
@@ -654,7 +660,8 @@ class Engine:
                 prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
             ))
         constrained = [seq for (seq, _), it in zip(work, items, strict=True)
-                       if it.needs_logits and seq.grammar is not None] if self.overlap_masks else []
+                       if it.needs_logits and seq.grammar is not None and seq.grammar.constrains] \
+            if self.overlap_masks else []
         # computed during the forward pass, one call per vocabulary
         pending = [grammars.start([s.grammar for s in constrained if s.vocab.grammars is grammars])
                    for grammars in dict.fromkeys(s.vocab.grammars for s in constrained)]

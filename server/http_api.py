@@ -41,6 +41,7 @@ from .openai_schema import (
     completion_response,
     first_error,
     model_card,
+    split_reasoning,
     usage,
 )
 from .requests import TokenEvent, validate_request_id
@@ -346,10 +347,12 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         body.check_background(kept.enabled)
         chat = body.as_chat(history).serving(tool_parser)
         prompts, sampling = chat.to_domain(config.default_max_new_tokens)
-        (stream,) = await service.generate_choices(prompts, sampling, 1, body.options(adapter_of(body.model), rid))
+        (stream,) = await service.generate_choices(prompts, kept_markers(sampling), 1,
+                                                   body.options(adapter_of(body.model), rid))
         tools, text_of = chat.tool_calls(), TokenText(service.vocabulary(adapter_of(body.model)).tokenizer)
         keep = kept.enabled and body.store is not False
-        built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None)
+        starts = opening(body, stream)
+        built = ResponseBuilder(body.model, body.echoed(keep), tools, rid, text_of if body.logprobs else None, starts)
         clamp = _clamp_logprobs if body.logprobs else (lambda obj: obj)
 
         def finished(events) -> dict:
@@ -364,7 +367,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         async def events_of(finish, tokens: list, queued: bool = False):
             """The stream's events (``tokens`` collects the engine's); ``finish`` builds the last
             response; ``queued``: a background response's, in progress from its first token."""
-            chunks = ChunkMaker("chat", body.model, text_of, tools=tools)
+            chunks = ChunkMaker("chat", body.model, text_of, tools=tools, opening=starts)
             for event in built.opening(queued):
                 yield event
             async for ev in stream:
@@ -514,6 +517,16 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     async def detokenize(body: DetokenizeRequest):
         return {"prompt": service.detokenize(body.tokens, adapter_of(body.model or service.model_name))}
 
+    def kept_markers(sampling):
+        """Chat's sampling, keeping special tokens' text where the reasoning markers are ones."""
+        reasoning = service.vocabulary().reasoning
+        return replace(sampling, skip_special_tokens=False) if reasoning is not None and reasoning.special else sampling
+
+    def opening(body, stream) -> str | None:
+        """Where a chat output starts (reasoning.py), with a reasoning parser its vocabulary has."""
+        parser = service.vocabulary(adapter_of(body.model)).reasoning
+        return None if parser is None else parser.opening(stream.prompt_token_ids)
+
     def token_text(body) -> TokenText:
         """The tokens' texts of a request's choices, in its adapter's vocabulary (once the call has
         registered a dynamic adapter)."""
@@ -538,11 +551,14 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                 if kind == "chat" else completion_response(body.model, choices, n, text_of, None, rid)
             response["usage"] = usage([b[-1] for b in beams], k)
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
+        if kind == "chat":
+            sampling = kept_markers(sampling)
         # best_of ranks candidates by their tokens' logprobs: computed when the client did not ask
         run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
         streams = await service.generate_choices(prompts, run, k, body.options(
             adapter_of(body.model), rid, body.predicted() if kind == "chat" else ""))
         text_of = token_text(body)
+        starts = opening(body, streams[0]) if kind == "chat" else None  # one prompt: n choices of it
         tokenizer = text_of.tokenizer
         echoes = None
         if kind == "completion" and body.echo:  # each choice's prompt: as sent, or its (kept) tokens decoded
@@ -559,17 +575,18 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
             keep, choices = kept_best(candidates, n, k, sampling.logprobs is None)
             echoes = echoes and [echoes[i] for i in keep]
-            response = chat_response(body.model, choices, n, text_of, tools, body.echoed(), rid) \
+            response = chat_response(body.model, choices, n, text_of, tools, body.echoed(), rid, starts) \
                 if kind == "chat" else completion_response(body.model, choices, n, text_of, echoes, rid)
             if k > n:  # every candidate's tokens were generated
-                response["usage"] = usage([c[-1] for c in candidates], k)
+                response["usage"] = usage([c[-1] for c in candidates], k, None if starts is None else sum(
+                    split_reasoning(c, starts).tokens for c in candidates))
             if body.prompt_logprobs is not None:
                 add_prompt_logprobs(response, choices, [streams[i].prompt_token_ids for i in keep], n,
                                     body.prompt_logprobs, text_of)
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
         chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
                             body.echoed() if kind == "chat" else "",
-                            [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None, rid)
+                            [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None, rid, starts)
         return event_stream(chunks, merged(streams), streams, body, clamp, rid)
 
     return BodyLimit(app, config.max_http_body_bytes)

@@ -2,15 +2,17 @@
 
 A request's ``input`` (a string, or items) after its ``instructions`` (a system message) becomes
 chat messages: message items as turns, ``function_call`` items as an assistant turn's tool calls,
-``function_call_output`` items as tool turns. ``tools`` (flat function definitions), ``tool_choice``,
-``text.format`` (as response_format), ``max_output_tokens`` and the sampling fields become chat's,
-so rendering, forced and parsed tool calls (--tool-call-parser) and structured outputs are chat's
-own. The reply is a ``message`` item of ``output_text`` (when there is text) and a
-``function_call`` item for each call; with ``include: ["message.output_text.logprobs"]`` or
-``top_logprobs``, the text's tokens with chat's logprob entries. ``stream: true`` sends OpenAI's
+``function_call_output`` items as tool turns, ``reasoning`` items as the next assistant turn's
+thinking (``reasoning_content``, which templates such as Qwen3's show). ``tools`` (flat function
+definitions), ``tool_choice``, ``text.format`` (as response_format), ``max_output_tokens`` and the
+sampling fields become chat's, so rendering, forced and parsed tool calls (--tool-call-parser) and
+structured outputs are chat's own. The reply is a ``reasoning`` item of ``reasoning_text`` (with
+--reasoning-parser, when the model thought), a ``message`` item of ``output_text`` (when there is
+text) and a ``function_call`` item for each call; with ``include: ["message.output_text.logprobs"]``
+or ``top_logprobs``, the text's tokens with chat's logprob entries. ``stream: true`` sends OpenAI's
 typed events, translated from chat's chunks. Unless ``store`` is false, a response is kept
 (server/response_store.py) with its conversation as input items, its output's message as an
-assistant turn and its calls as function_call items, so that a request with
+assistant turn, its reasoning and calls as items of their own, so that a request with
 ``previous_response_id`` continues it: that conversation, then the new input (the earlier
 ``instructions`` are not carried over, as OpenAI's are not). ``background: true`` returns the
 response at once, queued, and generates it while the client polls ``GET /v1/responses/{id}``
@@ -41,6 +43,7 @@ from .openai_schema import (
     chat_message,
     first_error,
     new_id,
+    split_reasoning,
 )
 from .openai_structured import ToolCalls
 from .requests import FinishReason, TokenEvent
@@ -61,6 +64,16 @@ class InputItem(BaseModel):
     name: str | None = None  # function_call
     arguments: str | None = None  # function_call: JSON text
     output: str | None = None  # function_call_output
+    summary: list[dict[str, Any]] | None = None  # reasoning
+
+    def thinking(self, index: int) -> str:
+        """A reasoning item's text: its reasoning_text parts, or else its summary's."""
+        parts = self.content if isinstance(self.content, list) else []
+        kind = "reasoning_text" if parts else "summary_text"
+        parts = parts or self.summary or []
+        if not all(p.get("type") == kind and isinstance(p.get("text"), str) for p in parts):
+            raise RequestInvalid(f"input[{index}], a reasoning item, has parts other than {kind}", param="input")
+        return "".join(p["text"] for p in parts)
 
     def text(self, index: int) -> str:
         parts = self.content if isinstance(self.content, list) else [{"type": "input_text", "text": self.content or ""}]
@@ -72,29 +85,40 @@ class InputItem(BaseModel):
 
 
 def chat_messages(items: list[InputItem]) -> list[dict]:
-    """Input items as chat messages; consecutive function calls are one assistant turn's calls."""
+    """Input items as chat messages; consecutive function calls are one assistant turn's calls;
+    reasoning items the next assistant turn's thinking (dropped where none follows)."""
     out: list[dict] = []
+    thought = None
+
+    def turn(message: dict) -> None:
+        nonlocal thought
+        if message["role"] == "assistant" and thought is not None:
+            message["reasoning_content"], thought = thought, None
+        out.append(message)
+
     for i, item in enumerate(items):
         if item.type == "message":
             if item.role not in ROLES:
                 raise RequestInvalid(f"input[{i}].role {str(item.role)[:32]!r} is not one of {', '.join(ROLES)}",
                                      param="input")
-            out.append({"role": item.role, "content": item.text(i)})
+            turn({"role": item.role, "content": item.text(i)})
+        elif item.type == "reasoning":
+            thought = (thought or "") + item.thinking(i)
         elif item.type == "function_call":
             if not item.call_id or not item.name or item.arguments is None:
                 raise RequestInvalid(f"input[{i}], a function_call, needs call_id, name and arguments", param="input")
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
-            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") and thought is None:
                 out[-1]["tool_calls"].append(call)
             else:
-                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                turn({"role": "assistant", "content": None, "tool_calls": [call]})
         elif item.type == "function_call_output":
             if not item.call_id or item.output is None:
                 raise RequestInvalid(f"input[{i}], a function_call_output, needs call_id and output", param="input")
-            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            turn({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         else:
-            raise RequestInvalid(f"input[{i}] is of type {item.type[:32]!r}; supported: message, function_call, "
-                                 "function_call_output", param="input")
+            raise RequestInvalid(f"input[{i}] is of type {item.type[:32]!r}; supported: message, reasoning, "
+                                 "function_call, function_call_output", param="input")
     return out
 
 
@@ -161,6 +185,8 @@ class ResponsesRequest(GenerationBody):
             if item["type"] == "message":
                 out.append({"type": "message", "role": "assistant",
                             "content": "".join(part["text"] for part in item["content"])})
+            elif item["type"] == "reasoning":
+                out.append({"type": "reasoning", "content": item["content"]})
             else:
                 out.append({k: item[k] for k in ("type", "call_id", "name", "arguments")})
         return out, inputs
@@ -234,22 +260,30 @@ def function_call(call: dict) -> dict:
 
 
 class ResponseBuilder:
-    """One response's objects, and its stream events translated from chat's chunks: the message
-    item opens at the first text and closes before the first function call."""
+    """One response's objects, and its stream events translated from chat's chunks: the reasoning
+    item (with a reasoning parser) opens at the first thinking, the message item at the first
+    text, each closing before the next item."""
 
     def __init__(self, model: str, echoed: dict, tools: ToolCalls | ToolCallParser | None,
-                 request_id: str | None = None, text_of: TokenText | None = None):
-        self.id, self.item_id = new_id("resp", request_id, "_"), new_id("msg", sep="_")
+                 request_id: str | None = None, text_of: TokenText | None = None, opening: str | None = None):
+        self.id, self.item_id, self.reasoning_id = new_id("resp", request_id, "_"), new_id("msg", sep="_"), \
+            new_id("rs", sep="_")
         self.created = int(time.time())
         self.model, self.echoed, self.tools = model, echoed, tools
         self.text_of = text_of  # with logprobs asked: how their tokens are named
-        self.sequence, self.items, self.text, self.open = 0, 0, "", False  # stream state
+        self.starts = opening  # where the output starts, with a reasoning parser (reasoning.py)
+        self.sequence, self.items, self.text, self.open, self.opened = 0, 0, "", False, False  # stream state
+        self.thought, self.thinking = "", False
         self.streamed_logprobs: list = []
 
     def message(self, text: str, status: str, logprobs: list | None = None) -> dict:
         content = [] if status == "in_progress" else \
             [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": content}
+
+    def reasoning(self, text: str, status: str) -> dict:
+        content = [] if status == "in_progress" else [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
 
     def response(self, events: list[TokenEvent] | None, status: str = "in_progress") -> dict:
         """The response object: ``status`` and no output (``events`` None: queued, in progress, or a
@@ -260,13 +294,20 @@ class ResponseBuilder:
             cut = last.finish_reason is FinishReason.LENGTH
             status = "incomplete" if cut else "completed"
             details = {"reason": "max_output_tokens"} if cut else None
-            message, _ = chat_message(events, self.tools)
-            calls = message.get("tool_calls") or []
-            output = ([self.message(message["content"] or "", status, None if calls else self._logprobs(events))]
-                      if message["content"] or not calls else []) + [function_call(c) for c in calls]
+            split = split_reasoning(events, self.starts)
+            message, _ = chat_message(events, self.tools, split)
+            thought = 0 if split is None else split.tokens
+            calls, reasoning = message.get("tool_calls") or [], message.get("reasoning")
+            # a message when there is text, or nothing else to reply with; its logprobs are the answer's
+            replied = [self.message(message["content"] or "", status, None if calls else self._logprobs(events[thought:]))]\
+                if message["content"] or not (calls or reasoning is not None) else []
+            replied += [function_call(c) for c in calls]
+            # the thinking is complete where an answer follows it
+            output = ([] if reasoning is None else [self.reasoning(reasoning, "completed" if replied else status)]) \
+                + replied
             usage = {"input_tokens": last.prompt_tokens,
                      "input_tokens_details": {"cached_tokens": last.cached_prompt_tokens},
-                     "output_tokens": last.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens": last.completion_tokens, "output_tokens_details": {"reasoning_tokens": thought},
                      "total_tokens": last.prompt_tokens + last.completion_tokens}
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "incomplete_details": details, "model": self.model, "output": output, "usage": usage, **self.echoed}
@@ -292,11 +333,18 @@ class ResponseBuilder:
         return [self.event("response.in_progress", response=self.response(None))]
 
     def from_chunk(self, chunk: dict) -> list[dict]:
-        """The events of one chat chunk's delta (its text, its tool calls)."""
+        """The events of one chat chunk's delta (its thinking, its text, its tool calls)."""
         choice, out = chunk["choices"][0], []
         delta = choice["delta"]
-        # a token whose text is held back (part of a character) still brings its logprob
-        logprobs = [] if delta.get("tool_calls") else (choice.get("logprobs") or {}).get("content") or []
+        if delta.get("reasoning"):
+            out += self._open_reasoning()
+            self.thought += delta["reasoning"]
+            out.append(self.event("response.reasoning_text.delta", item_id=self.reasoning_id,
+                                  output_index=self.items, content_index=0, delta=delta["reasoning"]))
+        # a token whose text is held back (part of a character) still brings its logprob; a
+        # thinking token's is not the text's
+        logprobs = [] if delta.get("tool_calls") or "reasoning" in delta else \
+            (choice.get("logprobs") or {}).get("content") or []
         if delta.get("content") or logprobs:
             out += self._open_message()
             self.text += delta.get("content") or ""
@@ -304,7 +352,7 @@ class ResponseBuilder:
             out.append(self.event("response.output_text.delta", item_id=self.item_id, output_index=self.items,
                                   content_index=0, delta=delta.get("content") or "", logprobs=logprobs))
         for call in delta.get("tool_calls") or ():
-            out += self._close_message()
+            out += self._close_reasoning() + self._close_message()
             at = {"output_index": self.items}
             item = function_call(call)
             out += [self.event("response.output_item.added", **at, item={**item, "arguments": "",
@@ -321,19 +369,42 @@ class ResponseBuilder:
         """The last events; ``finish`` (callable(events) -> the response) builds the whole response
         when it is more than ``response`` (kept in a store)."""
         done = (finish or self.response)(events)
-        text_only = not any(item["type"] == "function_call" for item in done["output"])
-        out = self._open_message() if text_only else []  # a reply of no text still has its message
+        out = self._close_reasoning(done["status"])
+        if not self.opened and any(item["type"] == "message" for item in done["output"]):  # a reply of no text
+            out += self._open_message()
         # response.completed whatever the status, as vLLM sends it: the openai package's stream
         # helper waits for that event to give the final response
         return out + self._close_message(done["status"]) + [self.event("response.completed", response=done)]
 
+    def _open_reasoning(self) -> list[dict]:
+        if self.thinking:
+            return []
+        self.thinking = True
+        return [self.event("response.output_item.added", output_index=self.items,
+                           item=self.reasoning("", "in_progress")),
+                self.event("response.content_part.added", item_id=self.reasoning_id, output_index=self.items,
+                           content_index=0, part={"type": "reasoning_text", "text": ""})]
+
+    def _close_reasoning(self, status: str = "completed") -> list[dict]:
+        if not self.thinking:
+            return []
+        self.thinking = False
+        item, at = self.reasoning(self.thought, status), {
+            "item_id": self.reasoning_id, "output_index": self.items, "content_index": 0}
+        self.items += 1
+        return [self.event("response.reasoning_text.done", **at, text=self.thought),
+                self.event("response.content_part.done", **at, part=item["content"][0]),
+                self.event("response.output_item.done", output_index=at["output_index"], item=item)]
+
     def _open_message(self) -> list[dict]:
         if self.open:
             return []
-        self.open = True
-        return [self.event("response.output_item.added", output_index=self.items, item=self.message("", "in_progress")),
-                self.event("response.content_part.added", item_id=self.item_id, output_index=self.items,
-                           content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+        out = self._close_reasoning()
+        self.open = self.opened = True
+        return out + [
+            self.event("response.output_item.added", output_index=self.items, item=self.message("", "in_progress")),
+            self.event("response.content_part.added", item_id=self.item_id, output_index=self.items,
+                       content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
 
     def _close_message(self, status: str = "completed") -> list[dict]:
         if not self.open:

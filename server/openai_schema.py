@@ -46,6 +46,7 @@ from .openai_structured import (
     response_format_output,
 )
 from .prompts import ChatOptions, Prompt
+from .reasoning import ReasoningSplit
 from .requests import (
     MAX_LOGPROBS,
     FinishReason,
@@ -326,13 +327,17 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[AssistantToolCall] | None = None  # an assistant turn's calls, in a conversation's history
     tool_call_id: str | None = None  # a tool turn: the call it answers
+    # an assistant turn's thinking, as chat replies give it (--reasoning-parser), shown to the template
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for it
 
     def turn(self, index: int) -> tuple:
         """(role, content[, the other fields the chat template reads]) for a domain Prompt. OpenAI's
         "developer" role is what chat templates call "system". A call's arguments go to the template
         as the JSON value they encode, as vLLM passes them: templates write them with ``tojson``."""
         role = "system" if self.role == "developer" else self.role
-        fields = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None}
+        fields = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id),
+                                    ("reasoning_content", self.reasoning_content or self.reasoning)) if v is not None}
         if self.tool_calls:
             fields["tool_calls"] = [self._call(index, j, c) for j, c in enumerate(self.tool_calls)]
         return (role, self.text(), fields) if fields else (role, self.text())
@@ -494,18 +499,22 @@ def new_id(prefix: str, request_id: str | None = None, sep: str = "-") -> str:
     return f"{prefix}{sep}{request_id or uuid.uuid4().hex}"
 
 
-def usage(lasts: list[TokenEvent], n: int) -> dict:
+def usage(lasts: list[TokenEvent], n: int, reasoning_tokens: int | None = None) -> dict:
     """Usage over every choice's last event (choice p * n + j: prompt p's j-th completion): each
-    prompt counted once, every completion's tokens."""
+    prompt counted once, every completion's tokens; ``reasoning_tokens``: those of the thinking,
+    with a reasoning parser."""
     firsts = lasts[::n]
     prompt = sum(e.prompt_tokens for e in firsts)
     completion = sum(e.completion_tokens for e in lasts)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(e.cached_prompt_tokens for e in firsts)},
             # a chat's prediction: its tokens drafted and kept, and drafted and not (generated tokens
             # are what completion_tokens counts: a rejected draft is not one)
             "completion_tokens_details": {"accepted_prediction_tokens": sum(e.accepted_prediction_tokens for e in lasts),
                                           "rejected_prediction_tokens": sum(e.rejected_prediction_tokens for e in lasts)}}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"]["reasoning_tokens"] = reasoning_tokens
+    return out
 
 
 class TokenText:
@@ -626,31 +635,52 @@ def add_prompt_logprobs(response: dict, choices: list[list[TokenEvent]], prompt_
     return response
 
 
-def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | None) -> tuple[dict, str]:
-    """A chat choice's message (its text, and the tool calls it made, forced or parsed) and finish
-    reason. A call cut short (max_tokens, a stop string) comes back as text, finish_reason length
-    or stop."""
-    text, finish = "".join(e.text for e in events), FINISH[events[-1].finish_reason]
+def split_reasoning(events: list[TokenEvent], opening: str | None) -> ReasoningSplit | None:
+    """The choice's text split into its thinking and answer (``opening``: where its output starts,
+    with a reasoning parser; None: no split), fed token by token as a stream is."""
+    if opening is None:
+        return None
+    split = ReasoningSplit(opening)
+    for i, e in enumerate(events):
+        split.feed(e.text, final=i == len(events) - 1)
+    return split
+
+
+def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | None,
+                 split: ReasoningSplit | None = None) -> tuple[dict, str]:
+    """A chat choice's message (its text, and the tool calls it made, forced or parsed; with
+    ``split``, the events' split_reasoning, its thinking apart, the calls read from its answer) and
+    finish reason. A call cut short (max_tokens, a stop string) comes back as text, finish_reason
+    length or stop."""
+    finish = FINISH[events[-1].finish_reason]
+    text = "".join(e.text for e in events) if split is None else split.answer
+    message = {"role": "assistant", "content": text}
+    if split is not None:  # vLLM's field, under both its names; a reply of thinking alone has no content
+        message.update(content=text or (None if split.reasoning is not None else ""),
+                       reasoning_content=split.reasoning, reasoning=split.reasoning)
     if tools is None or events[-1].finish_reason is FinishReason.LENGTH:
-        return {"role": "assistant", "content": text}, finish
+        return message, finish
     content, calls = tools.split(text)
     if calls is None:
-        return {"role": "assistant", "content": text}, finish
-    return {"role": "assistant", "content": content, "tool_calls": calls}, tools.finish_reason
+        return message, finish
+    return {**message, "content": content, "tool_calls": calls}, tools.finish_reason
 
 
 def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
-                  tools: ToolCalls | ToolCallParser | None = None, echo: str = "", request_id: str | None = None) -> dict:
-    """``echo``: the text each message's content starts with (ChatCompletionRequest.echoed)."""
-    out = []
+                  tools: ToolCalls | ToolCallParser | None = None, echo: str = "", request_id: str | None = None,
+                  opening: str | None = None) -> dict:
+    """``echo``: the text each message's content starts with (ChatCompletionRequest.echoed);
+    ``opening``: where each output starts, with a reasoning parser."""
+    out, splits = [], [split_reasoning(events, opening) for events in choices]
     for i, events in enumerate(choices):
-        message, finish = chat_message(events, tools)
+        message, finish = chat_message(events, tools, splits[i])
         if echo:
             message["content"] = echo + (message["content"] or "")
         out.append({"index": i, "message": message, "finish_reason": finish, "stop_reason": events[-1].stop_reason,
                     "logprobs": chat_logprobs(events, text_of)})
     return {"id": new_id("chatcmpl", request_id), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": out, "usage": usage([events[-1] for events in choices], n)}
+            "choices": out, "usage": usage([events[-1] for events in choices], n,
+                                           None if opening is None else sum(s.tokens for s in splits))}
 
 
 class ChunkMaker:
@@ -659,7 +689,8 @@ class ChunkMaker:
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
                  echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1,
-                 chat_echo: str = "", prompt_tokens: list[int] | None = None, request_id: str | None = None):
+                 chat_echo: str = "", prompt_tokens: list[int] | None = None, request_id: str | None = None,
+                 opening: str | None = None):
         self.kind, self.model, self.text_of, self.choices = kind, model, text_of, choices
         # continuous usage (``prompt_tokens``: each choice's prompt length): every chunk carries its
         # choice's usage so far, counting the tokens generated (one an event)
@@ -676,6 +707,9 @@ class ChunkMaker:
         # chat with tool calls: each choice's events, held until its calls are complete (forced), or
         # its text so far and how much of it went out as content (parsed: content streams up to a call)
         self.tools, self.held, self.texts, self.sent = tools, [[] for _ in range(choices)], [""] * choices, [0] * choices
+        # chat with a reasoning parser (``opening``: where the outputs start): each choice's thinking
+        # streams in the deltas' reasoning fields, its answer as content (and its calls, read from it)
+        self.splits = None if opening is None else [ReasoningSplit(opening) for _ in range(choices)]
 
     def _chunk(self, choices: list, usage_: dict | None = None, stop_reason: str | int | None = None) -> dict:
         """``stop_reason``: the finishing choice's (vLLM's field, on every choice: None until the end)."""
@@ -742,22 +776,35 @@ class ChunkMaker:
             if ev.finish_reason is not None:
                 out.append(self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length"}]))
             return out
+        if self.splits is None:
+            return out + self._answer_events(ev, index)
+        thought, answer = self.splits[index].feed(ev.text, final=ev.finish_reason is not None)
+        chunks = self._answer_events(replace(ev, text=answer), index)
+        if thought:  # in the event's chunk, before its answer; else in one of its own
+            fields = {"reasoning_content": thought, "reasoning": thought}
+            if chunks:
+                chunks[0]["choices"][0]["delta"] = {**fields, **chunks[0]["choices"][0]["delta"]}
+            else:
+                chunks = [self._chunk([{"index": index, "delta": fields, "logprobs": None, "finish_reason": None}])]
+        return out + chunks
+
+    def _answer_events(self, ev: TokenEvent, index: int) -> list[dict]:
+        """The chunks of an event's answer (with a reasoning parser; else its text)."""
         finish = FINISH[ev.finish_reason] if ev.finish_reason is not None else None
         if self.tools is not None:
             self.held[index].append(ev)
             if self.tools.streams_content:  # parsed calls: content streams up to the first call
-                return out + self._parsed_calls(ev, index, finish)
+                return self._parsed_calls(ev, index, finish)
             if finish is None:  # a forced call is sent whole, in one delta, once it is complete
-                return out
+                return []
             message, finish = chat_message(self.held[index], self.tools)
             delta = {"content": message["content"]} if message["content"] is not None else \
                 {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
-            out.append(self._chunk([{"index": index, "delta": delta, "logprobs": chat_logprobs(self.held[index],
-                                                                                             self.text_of),
-                                     "finish_reason": finish}], stop_reason=ev.stop_reason))
-            return out
+            return [self._chunk([{"index": index, "delta": delta, "logprobs": chat_logprobs(self.held[index],
+                                                                                          self.text_of),
+                                  "finish_reason": finish}], stop_reason=ev.stop_reason)]
         if not ev.text and ev.logprob is None and finish is None:
-            return out
+            return []
         if self.kind == "chat":
             choice = {"index": index, "delta": {"content": ev.text} if ev.text else {},
                       "logprobs": chat_logprobs([ev], self.text_of), "finish_reason": finish}
@@ -765,8 +812,7 @@ class ChunkMaker:
             logprobs = completion_logprobs(generated_entries([ev]), self.text_of, self.offsets[index])
             choice = {"index": index, "text": ev.text, "logprobs": logprobs, "finish_reason": finish}
             self.offsets[index] += len(ev.text)
-        out.append(self._chunk([choice], stop_reason=ev.stop_reason))
-        return out
+        return [self._chunk([choice], stop_reason=ev.stop_reason)]
 
     def _parsed_calls(self, ev: TokenEvent, index: int, finish: str | None) -> list[dict]:
         """tool_choice "auto": the content streams while it cannot be the start of a call; at the
@@ -795,7 +841,7 @@ class ChunkMaker:
     def usage(self, lasts: list[TokenEvent], n: int) -> dict:
         if self.echo_only:
             lasts = [replace(e, completion_tokens=0) for e in lasts]
-        return self._chunk([], usage(lasts, n))
+        return self._chunk([], usage(lasts, n, None if self.splits is None else sum(s.tokens for s in self.splits)))
 
 
 class LoadAdapterRequest(BaseModel):

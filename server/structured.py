@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .errors import RequestFailed, RequestInvalid, Unsupported, clip
+from .reasoning import ReasoningGate
 from .requests import MAX_STRUCTURED_OUTPUT_CHARS, OutputKind, StructuredOutput
 from .sampling import with_banned
 
@@ -35,6 +36,11 @@ _BYTE_BIAS = torch.where(((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 
 # emit whitespace until max_tokens); a schema's "x-guidance" options override these.
 JSON_OPTIONS = {"whitespace_flexible": False}
 _GRAMMAR_CACHE = 64  # compiled matchers kept, by (kind, spec): a request's n choices, and repeated schemas
+
+
+def int32_bit(bit: int) -> int:
+    """1 << bit as the int32 word that holds it (bit 31 is the sign)."""
+    return (1 << bit) - (1 << 32 if bit == 31 else 0)
 
 
 def any_bit_below(bitmask: torch.Tensor, n: int) -> torch.Tensor:
@@ -48,13 +54,21 @@ def any_bit_below(bitmask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class Grammar:
-    """One request's matcher: where its text stands in the grammar."""
+    """One request's matcher: where its text stands in the grammar. With a reasoning ``gate``,
+    the grammar constrains the answer only: the thinking before it is free."""
 
-    def __init__(self, matcher):
-        self.matcher = matcher
+    def __init__(self, matcher, gate: ReasoningGate | None = None):
+        self.matcher, self.gate = matcher, gate
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the next token is masked."""
+        return self.gate is None or self.gate.constrains
 
     def advance(self, token: int) -> bool:
         """Take the sampled token; True when nothing but the end of text can follow it."""
+        if self.gate is not None and not self.gate.take(token):
+            return False
         if not self.matcher.consume_token(token):
             raise RequestFailed(f"token {token} does not continue the structured output: "
                                 f"{clip(self.matcher.get_error(), 200)}")
@@ -73,6 +87,7 @@ class Grammars:
         self._tokenizer = None
         self._executor = None
         self._pool = None
+        self._special: list[int] = []  # tokens llguidance matches only by id (added tokens): see _bitmasks
         self._compiled: OrderedDict[tuple[OutputKind, str], object] = OrderedDict()  # LRU of prepared matchers
 
     def _llguidance(self):
@@ -90,6 +105,8 @@ class Grammars:
                         self._hf, n_vocab=self._n_vocab, eos_token=self._eos or None)
                 except ValueError as e:  # a slow (Python) tokenizer
                     raise Unsupported(f"structured output needs a fast tokenizer: {clip(str(e), 200)}") from None
+                self._special = [t for t in range(self._n_vocab) if t not in self._eos and
+                                 self._tokenizer.is_special_token(t)]
                 self._executor = llguidance.LLExecutor(num_threads=max(1, self._threads))
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         return llguidance
@@ -136,9 +153,9 @@ class Grammars:
                 self._compiled.popitem(last=False)
         return matcher
 
-    def matcher(self, output: StructuredOutput) -> Grammar:
+    def matcher(self, output: StructuredOutput, gate: ReasoningGate | None = None) -> Grammar:
         """A fresh matcher for one request (a copy of the prepared one)."""
-        return Grammar(self.prepare(output).deep_copy())
+        return Grammar(self.prepare(output).deep_copy(), gate)
 
     def start(self, grammars: list[Grammar]) -> Future:
         """Compute the next-token bitmasks of ``grammars`` on a thread of their own, while the step's
@@ -152,6 +169,19 @@ class Grammars:
 
         bitmask = torch.zeros((len(grammars), (self._n_vocab + 31) // 32), dtype=torch.int32)
         fill_next_token_bitmask_par(self._executor, [(g.matcher, j) for j, g in enumerate(grammars)], bitmask)
+        if self._special:
+            # llguidance's masks allow an added token where the grammar's text may spell it
+            # (Qwen's <think>, <tool_call>), and its matcher then refuses the token, matched by id
+            # only (as in a Lark grammar's <[id]>): such tokens are masked out unless it takes them
+            special = torch.tensor(self._special)
+            for j, s in ((bitmask[:, special // 32] >> (special % 32)) & 1).nonzero().tolist():
+                if not grammars[j].matcher.validate_tokens([self._special[s]]):
+                    word, bit = divmod(self._special[s], 32)
+                    bitmask[j, word] &= ~int32_bit(bit)
+        for j, g in enumerate(grammars):
+            if g.gate is not None and g.gate.undecided:  # the model may open its thinking instead
+                word, bit = divmod(g.gate.start_id, 32)
+                bitmask[j, word] |= int32_bit(bit)
         return {id(g): bitmask[j] for j, g in enumerate(grammars)}
 
     def masks(self, grammars: list[Grammar | None], banned: list[list[int] | None],
@@ -163,8 +193,10 @@ class Grammars:
         able to end); the rows' banned lists, emptied where folded; and the rows whose grammar
         failed (its matcher in error, or no token allowed), each with its error: those rows are
         sampled unmasked and then failed, alone. ``computed``: the bitmasks ``start`` computed for
-        these grammars, if it did."""
-        rows = [i for i, g in enumerate(grammars) if g is not None]
+        these grammars, if it did. A grammar waiting for the answer masks nothing."""
+        rows = [i for i, g in enumerate(grammars) if g is not None and g.constrains]
+        if not rows:
+            return [None] * len(grammars), list(banned), {}
         missing = [grammars[i] for i in rows if computed is None or id(grammars[i]) not in computed]
         if missing:
             computed = {**(computed or {}), **self._bitmasks(missing)}

@@ -4,15 +4,17 @@ Every request uses its adapter's vocabulary: the base model's, or an adapter's o
 saved beside it that is not the base model's, adapters/tokenizers.py), whose size is that of the
 adapter's resized token embedding and lm_head where it has them. Its prompt is tokenized and
 rendered with that tokenizer, its text decoded with it, its ids bounded by that size, its end
-found by that tokenizer's EOS as well as the model's, and its structured output masked over it.
+found by that tokenizer's EOS as well as the model's, its structured output masked over it, and
+its thinking told apart by that tokenizer's marker tokens (--reasoning-parser).
 """
 
 from __future__ import annotations
 
 import threading
 
-from .config import ServerConfig
+from .config import ServerConfig, StartupError
 from .prompts import PromptRenderer
+from .reasoning import PARSERS, ReasoningParser
 from .structured import Grammars
 
 
@@ -25,6 +27,9 @@ class Vocabulary:
         self.eos_token_ids = eos_token_ids
         self.renderer = PromptRenderer(tokenizer, config)
         self.grammars = Grammars(tokenizer, size, set(eos_token_ids), threads)  # built on first use
+        # None without --reasoning-parser, or where this tokenizer lacks its markers
+        self.reasoning: ReasoningParser | None = PARSERS[config.reasoning_parser].for_tokenizer(tokenizer) \
+            if config.reasoning_parser else None
 
 
 class Vocabularies:
@@ -38,6 +43,9 @@ class Vocabularies:
         self.config, self.threads, self.held = config, threads, held
         self.model_eos = frozenset(eos_token_ids)
         self.base = Vocabulary(tokenizer, size, self.model_eos, config, threads)
+        if config.reasoning_parser and self.base.reasoning is None:
+            raise StartupError(f"--reasoning-parser {config.reasoning_parser} needs {ReasoningParser.START} and "
+                             f"{ReasoningParser.END} to be tokens of the model's tokenizer, and they are not")
         self._own: dict[int, tuple[object, dict[int, Vocabulary]]] = {}  # id(tokenizer) -> (it, size -> vocabulary)
         self._lock = threading.Lock()
 

@@ -21,7 +21,7 @@ CORPUS = [
 
 
 def build_tokenizer(out: Path, vocab_size: int = 384, extra_specials: tuple[str, ...] = (),
-                    chat_template: str = CHAT_TEMPLATE):
+                    chat_template: str = CHAT_TEMPLATE, extra_tokens: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,18 +36,20 @@ def build_tokenizer(out: Path, vocab_size: int = 384, extra_specials: tuple[str,
                                    pad_token="<|endoftext|>")
     if extra_specials:  # ids from vocab_size on, as a model's added special tokens (Mistral's [TOOL_CALLS])
         fast.add_special_tokens({"additional_special_tokens": list(extra_specials)})
+    if extra_tokens:  # added tokens that are not special (Qwen3's <think> and </think>)
+        fast.add_tokens(list(extra_tokens))
     fast.chat_template = chat_template
     fast.save_pretrained(out)
     return fast
 
 
 def build_llama(out: Path, seed: int = 0, extra_specials: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE,
-                **overrides) -> Path:
+                extra_tokens: tuple[str, ...] = (), **overrides) -> Path:
     """A 2-layer random Llama with grouped-query attention, saved with its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, extra_specials=extra_specials, chat_template=chat_template)
+    tok = build_tokenizer(out, extra_specials=extra_specials, chat_template=chat_template, extra_tokens=extra_tokens)
     cfg = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -307,3 +307,62 @@ def test_a_grammar_that_fails_mid_generation_fails_its_request_alone(built, when
     assert ("allows no next token" in str(bad)) is (when == "step")
     assert len(ok) == 12 and ok[-1].finish_reason is FinishReason.LENGTH
     assert built.engine.counts() == (0, 0) and built.engine.blocks.num_held == 0
+
+
+def test_added_tokens_are_allowed_only_where_the_matcher_takes_them(tmp_path):
+    """llguidance matches an added token (Qwen's <think>, <tool_call>) by id only, yet its mask
+    allows it where the grammar's text spells it: such a mask is cleared of it (the text then has
+    no way on, and the request fails alone, saying so), while a Lark grammar that names it by id
+    keeps it; a reasoning gate still undecided also allows the start marker."""
+    from loramux.server.reasoning import UNDECIDED, Qwen3, ReasoningGate
+    from loramux.server.structured import Grammars
+
+    from helpers import build_tokenizer
+
+    tok = build_tokenizer(tmp_path, extra_tokens=("<think>", "</think>"))
+    grammars = Grammars(tok, len(tok), {tok.eos_token_id})
+
+    def allowed(output, gate=None):
+        masks, _, failed = grammars.masks([grammars.matcher(output, gate)], [None])
+        return failed, None if masks[0] is None else torch.isfinite(masks[0]).nonzero().flatten().tolist()
+
+    failed, _ = allowed(StructuredOutput(OutputKind.REGEX, "<think>plan</think>x"))
+    assert "allows no next token" in str(failed[0])
+    assert allowed(StructuredOutput(OutputKind.GRAMMAR, 'start: <[384]> "plan" <[385]> "x"')) == ({}, [384])
+    gate = ReasoningGate(Qwen3(384, 385), UNDECIDED)
+    failed, ids = allowed(StructuredOutput(OutputKind.CHOICE, json.dumps(["yes"])), gate)
+    assert not failed and 384 in ids and len(ids) > 1
+
+
+def test_a_reasoning_gate_frees_the_thinking_and_constrains_the_answer(tmp_path):
+    """--reasoning-parser qwen3, no marker in the prompt (undecided): the first token is the
+    choice's, or the start marker, after which the thinking is free (here the biased marker again,
+    which the choice forbids), in the same step as a request biased away from the marker, whose
+    answer is constrained at once;
+    the same server with --structured-output-in-reasoning constrains the whole text. The markers
+    must be tokens of the model (tests/integration/test_reasoning.py covers the APIs)."""
+    from loramux.server.config import StartupError
+
+    from helpers import build_llama
+
+    model = build_llama(tmp_path / "think", extra_tokens=("<think>", "</think>"))
+    choice = StructuredOutput(OutputKind.CHOICE, json.dumps(["alpha", "beta"]))
+
+    def served(**flags):
+        b = make(model, {}, reasoning_parser="qwen3", **flags)
+        try:
+            opened, answered = run(b.engine, (None, [11, 22, 33], SamplingParams(
+                max_new_tokens=5, structured_output=choice, logit_bias=((384, 100.0),))),
+                (None, [11, 22, 33], SamplingParams(max_new_tokens=5, structured_output=choice,
+                                                    logit_bias=((384, -100.0),))))
+        finally:
+            b.engine.stop()
+        return [e.token_id for e in opened], "".join(e.text for e in answered)
+
+    opened, answered = served()
+    assert opened == [384] * 5 and answered in ("alpha", "beta")
+    opened, _ = served(structured_output_in_reasoning=True)
+    assert 384 not in opened
+    plain = build_llama(tmp_path / "plain")
+    with pytest.raises(StartupError, match="--reasoning-parser qwen3 needs <think> and </think> to be tokens"):
+        build_engine(ServerConfig(model=str(plain), reasoning_parser="qwen3"))

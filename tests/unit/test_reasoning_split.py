@@ -1,0 +1,88 @@
+"""The reasoning split (server/reasoning.py): where an output starts, and its text split alike
+whole or in any pieces."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramux.server.reasoning import ANSWERING, THINKING, UNDECIDED, DeepSeekR1, Qwen3, ReasoningSplit
+
+START, END = 7, 8
+
+
+def split(text: str, opening: str) -> tuple[str | None, str]:
+    s = ReasoningSplit(opening)
+    reasoning, answer = s.feed(text, final=True)
+    return s.reasoning, answer
+
+
+@pytest.mark.parametrize("text, opening, expected", [
+    ("<think>plan</think>answer", UNDECIDED, ("plan", "answer")),
+    ("\n<think>\nplan\n</think>\n\nanswer", UNDECIDED, ("\nplan\n", "\n\nanswer")),
+    ("answer <think>not this</think>", UNDECIDED, (None, "answer <think>not this</think>")),
+    ("  ", UNDECIDED, (None, "  ")),
+    ("<think>cut short", UNDECIDED, ("cut short", "")),
+    ("plan</think>answer", THINKING, ("plan", "answer")),
+    ("<think>plan</think>answer", THINKING, ("plan", "answer")),  # R1-0528 writes the marker itself
+    ("plan, no end", THINKING, ("plan, no end", "")),
+    ("plan</think>a</think>b", THINKING, ("plan", "a</think>b")),
+    ("</think>", THINKING, ("", "")),
+    ("plain <think>x</think>", ANSWERING, (None, "plain <think>x</think>")),
+    ("<thin", UNDECIDED, (None, "<thin")),
+    ("plan</thi", THINKING, ("plan</thi", "")),
+])
+def test_splits(text, opening, expected):
+    assert split(text, opening) == expected
+
+
+PIECES = ["<think>", "</think>", "<", "</", "think", ">", "\n", " ", "a", "b", "<th", "ink>", "</th"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=16), st.sampled_from([THINKING, ANSWERING, UNDECIDED]))
+def test_fed_in_pieces_splits_as_whole(pieces, opening):
+    """Streamed one piece at a time (markers split across pieces, held back meanwhile), the
+    deltas add up to the split of the whole text, and nothing is lost or doubled."""
+    s = ReasoningSplit(opening)
+    reasoning = answer = ""
+    for i, piece in enumerate(pieces):
+        r, a = s.feed(piece, final=i == len(pieces) - 1)
+        reasoning, answer = reasoning + r, answer + a
+    if not pieces:
+        r, a = s.feed("", final=True)
+        reasoning, answer = reasoning + r, answer + a
+    whole = split("".join(pieces), opening)
+    assert (s.reasoning, answer) == whole
+    assert reasoning == (whole[0] or "")
+
+
+def test_counts_the_tokens_fed_while_thinking():
+    s = ReasoningSplit(UNDECIDED)
+    for piece in ["<think>", "a", "b", "</think>", "c", "d"]:
+        s.feed(piece)
+    assert s.tokens == 4 and s.reasoning == "ab"
+    plain = ReasoningSplit(UNDECIDED)
+    for piece in ["x", "<think>", "y"]:
+        plain.feed(piece)
+    assert plain.tokens == 0 and plain.reasoning is None
+
+
+@pytest.mark.parametrize("parser, prompt, opening", [
+    (DeepSeekR1, [1, 2, 3], THINKING),
+    (Qwen3, [1, 2, 3], UNDECIDED),
+    (Qwen3, [1, START, 2], THINKING),
+    (DeepSeekR1, [1, START, 2, END, 3], ANSWERING),  # enable_thinking false: an empty block
+    (Qwen3, [START, 1, END, 4, START], THINKING),  # an earlier turn's thinking, then the template opens one
+])
+def test_the_prompt_tells_where_the_output_starts(parser, prompt, opening):
+    assert parser(START, END).opening(prompt) == opening
+
+
+def test_markers_must_be_single_tokens(tmp_path):
+    from helpers import build_tokenizer
+
+    plain = build_tokenizer(tmp_path / "plain")
+    assert Qwen3.for_tokenizer(plain) is None
+    marked = build_tokenizer(tmp_path / "marked", extra_specials=("<think>", "</think>"))
+    parser = Qwen3.for_tokenizer(marked)
+    assert parser is not None and marked.convert_ids_to_tokens([parser.start_id, parser.end_id]) == ["<think>", "</think>"]
