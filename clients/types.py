@@ -253,15 +253,16 @@ def chat_message(role: str, content: str, fields: dict | None = None) -> pb.Chat
     fields = fields or {}
     calls = fields.get("tool_calls")
     return pb.ChatMessage(role=role, content=content, name=fields.get("name") or "",
-                          tool_call_id=fields.get("tool_call_id") or "", tool_calls=json.dumps(calls) if calls else "")
+                          tool_call_id=fields.get("tool_call_id") or "", tool_calls=json.dumps(calls) if calls else "",
+                          reasoning_content=fields.get("reasoning_content") or "")
 
 
 def chat_fields(messages=None, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
                 chat_template_kwargs: dict | None = None, chat_template: str = "",
                 documents: list[dict] | None = None) -> dict:
     """The chat fields GenerateRequest and TokenizeRequest share: messages [(role, content)] or
-    (role, content, {"name", "tool_call_id", "tool_calls": [OpenAI's calls]}) for a conversation
-    with tool calls, and how the chat template renders them (``chat_template``: the request's own,
+    (role, content, {"name", "tool_call_id", "tool_calls": [OpenAI's calls], "reasoning_content"})
+    for a conversation with tool calls or a reasoning model's thinking, and how the chat template renders them (``chat_template``: the request's own,
     on a server that trusts them; ``documents``: [{"title": ..., "text": ...}] for a template that
     shows them)."""
     return dict(messages=[chat_message(*m) for m in (messages or [])],

@@ -82,12 +82,12 @@ def prompt_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
 def turn_from_pb(index: int, m: pb.ChatMessage) -> tuple:
     """A chat message as the domain Prompt's turn: (role, content), or with its tool-call fields
     read as OpenAI's chat messages are (server/openai_schema.py), so both APIs render them alike."""
-    if not (m.name or m.tool_call_id or m.tool_calls):
+    if not (m.name or m.tool_call_id or m.tool_calls or m.reasoning_content):
         return (m.role, m.content)
     calls = json_field(m.tool_calls, f"messages[{index}].tool_calls", "messages") if m.tool_calls else None
     try:
         message = ChatMessage(role=m.role, content=m.content, name=m.name or None, tool_call_id=m.tool_call_id or None,
-                              tool_calls=calls)
+                              tool_calls=calls, reasoning_content=m.reasoning_content or None)
     except ValidationError as e:
         raise RequestInvalid(f"messages[{index}].{first_error(e.errors())[1]}", param="messages") from None
     return message.turn(index)

@@ -167,6 +167,15 @@ def test_responses_give_a_reasoning_item_plain_streamed_and_continued(whole):
     assert then.usage.input_tokens == items.usage.input_tokens == len(shown)
 
 
+def test_grpc_messages_carry_an_assistant_turns_thinking(whole):
+    shown = whole.client.tokenize(messages=[("user", "Capital of France?"), ("assistant", "<think>plan it</think>Paris"),
+                                            ("user", "And Spain?")]).token_ids
+    turns = [("user", "Capital of France?"), ("assistant", "Paris", {"reasoning_content": "plan it"}),
+             ("user", "And Spain?")]
+    assert whole.client.tokenize(messages=turns).token_ids == shown
+    assert whole.client.generate(messages=turns, sampling=Sampling(max_new_tokens=1)).prompt_tokens == len(shown)
+
+
 @pytest.fixture(scope="module")
 def r1(think_model, tmp_path_factory):
     proc = serve(think_model, tmp_path_factory, "--reasoning-parser", "deepseek_r1")
