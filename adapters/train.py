@@ -42,7 +42,7 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     dora: bool = False  # DoRA (PEFT's use_dora): a magnitude per output row trains too
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    targets: tuple[str, ...] = ()  # PEFT's target_modules; none: the model's attention projections
     steps: int | None = None  # None: epochs over the data
     epochs: int = 1
     lr: float = 2e-4
@@ -53,6 +53,20 @@ class TrainConfig:
     resume: bool = False
     add_tokens: tuple[str, ...] = ()  # new tokens of the tokenizer
     add_special_tokens: tuple[str, ...] = ()  # new special tokens (kept in text only where asked)
+
+
+def attention_targets(model) -> list[str]:
+    """The decoder's attention projections as PEFT target names (q_proj, k_proj, v_proj, o_proj on a
+    Llama; qkv_proj, o_proj on Phi-3; c_attn, attn.c_proj on GPT-2): each linear under an attention
+    module, by its own name, or with its parent's where a linear outside attention shares it."""
+    from transformers.pytorch_utils import Conv1D
+
+    attention = ("attn", "self_attn", "attention", "self_attention")
+    linears = [n.split(".") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
+    inside = [parts for parts in linears if any(p in attention for p in parts[:-1])]
+    elsewhere = {parts[-1] for parts in linears if parts not in inside}
+    names = [parts[-1] if parts[-1] not in elsewhere else ".".join(parts[-2:]) for parts in inside]
+    return list(dict.fromkeys(names))
 
 
 def _encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -161,7 +175,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         layers = _embedding_layers(base) if added else []
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.dora,
-                          target_modules=list(cfg.targets), bias="none", task_type="CAUSAL_LM",
+                          target_modules=list(cfg.targets or attention_targets(base)), bias="none",
+                          task_type="CAUSAL_LM",
                           modules_to_save=layers or None,
                           ensure_weight_tying=bool(layers) and bool(base.config.tie_word_embeddings))
         model = get_peft_model(base, lora)  # freezes every base weight: only A and B (and DoRA's m) train

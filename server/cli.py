@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, default=16.0)
     train.add_argument("--dropout", type=float, default=0.05)
     train.add_argument("--dora", action="store_true", help="train a DoRA adapter (PEFT's use_dora)")
-    train.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names")
+    train.add_argument("--targets", default="", help="comma-separated module names (PEFT's target_modules); "
+                       "default: the model's attention projections (q_proj,k_proj,v_proj,o_proj on a Llama)")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--lr", type=float, default=2e-4)

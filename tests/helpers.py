@@ -77,6 +77,9 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "qwen3":  # per-head q/k norms, a head_dim other than hidden / heads, a sliding second layer
         return tf.Qwen3Config(**common, **llama_like, head_dim=32, use_sliding_window=True, sliding_window=6,
                               max_window_layers=1, architectures=["Qwen3ForCausalLM"])
+    if family == "phi3":  # q|k|v and gate|up as one linear each, RoPE on half of each head, a sliding window
+        return tf.Phi3Config(**common, **llama_like, partial_rotary_factor=0.5, sliding_window=6,
+                             architectures=["Phi3ForCausalLM"])
     if family == "gpt2":
         return tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                              architectures=["GPT2LMHeadModel"])
@@ -134,6 +137,8 @@ FAMILY_ADAPTERS = {
     "qwen3": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                 "gate_proj", "up_proj", "down_proj"])},
+    "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
+             "all-r4": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
     "gpt2": {"c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
              "all-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)},
     "gpt_neo": {"qvo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "out_proj"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .bloom import BloomForServing
 from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
-from .llama import LlamaForServing
+from .llama import LlamaForServing, Phi3ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2 and Qwen3 share one decoder.
 SUPPORTED_ARCHITECTURES = {
@@ -13,6 +13,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": LlamaForServing,
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
+    "Phi3ForCausalLM": Phi3ForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

@@ -1,10 +1,11 @@
-"""Llama-family decoder (LLaMA, Mistral, Qwen2, Qwen3, SmolLM2) over a flat token batch.
+"""Llama-family decoder (LLaMA, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2) over a flat token batch.
 
 Built from a loaded Hugging Face model, sharing its embedding, norms and lm_head, with the
 attention and MLP projections fused (q|k|v and gate|up) so that a step makes few large matmuls.
 Grouped-query attention, RoPE (any HF scaling: the cos/sin table comes from HF's own rotary
 module), Qwen2's q/k/v biases, Qwen3's per-head RMSNorm of q and k (before RoPE) and sliding
-windows (Mistral's, or per layer as Qwen3's ``layer_types``) are handled here.
+windows (Mistral's, or per layer as Qwen3's ``layer_types``), and Phi-3's single q|k|v and gate|up
+linears (LoRA targets of their own) with RoPE on part of each head, are handled here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ MLP_UP_KINDS = ("gate_proj", "up_proj")
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x, cos, sin, rotary: int):
+    """x [T, heads, hd] with RoPE on its first ``rotary`` dims of each head (cos, sin [T, 1, rotary])."""
+    if rotary == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    turned = x[..., :rotary]
+    return torch.cat((turned * cos + _rotate_half(turned) * sin, x[..., rotary:]), dim=-1)
 
 
 def _head_dim(config) -> int:
@@ -46,9 +55,13 @@ class LlamaLayer(nn.Module):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.input_layernorm = hf_layer.input_layernorm
         self.post_attention_layernorm = hf_layer.post_attention_layernorm
-        self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8)
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one linear each, one LoRA target each
+            self.qkv = FusedLoRALinear.from_linears([attn.qkv_proj], ("qkv_proj",), layer, int8)
+            self.gate_up = FusedLoRALinear.from_linears([mlp.gate_up_proj], ("gate_up_proj",), layer, int8)
+        else:
+            self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8)
+            self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer, int8)
         self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer, int8)
-        self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer, int8)
         self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
         self.act = ACT2FN[config.hidden_act]
@@ -57,7 +70,8 @@ class LlamaLayer(nn.Module):
         self.shape_kv = (config.num_key_value_heads, hd)
         self.attention = FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, hd,
                                        sliding_window=sliding_window(config, layer))
-        self.cos, self.sin = cos, sin  # [max_len, hd], shared by all layers
+        self.cos, self.sin = cos, sin  # [max_len, rotary dim], shared by all layers
+        self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
 
     def lora_modules(self) -> list[FusedLoRALinear]:
         return [self.qkv, self.o_proj, self.gate_up, self.down_proj]
@@ -71,9 +85,8 @@ class LlamaLayer(nn.Module):
         v = qkv[:, q_size + kv_size :].view(T, *self.shape_kv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.cos[batch.positions][:, None], self.sin[batch.positions][:, None]  # [T, 1, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        cos, sin = self.cos[batch.positions][:, None], self.sin[batch.positions][:, None]  # [T, 1, rotary]
+        q, k = _rope(q, cos, sin, self.rotary), _rope(k, cos, sin, self.rotary)
         h = h + self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
         gate_up = self.gate_up(self.post_attention_layernorm(h), batch.lora, apply_lora)
         inter = gate_up.shape[1] // 2
@@ -112,3 +125,18 @@ class LlamaForServing(ServingModel):
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         return self.embed_with_lora(batch)
+
+
+class Phi3ForServing(LlamaForServing):
+    """Phi-3 and Phi-4-mini: q|k|v and gate|up stored as one linear each (``qkv_proj``,
+    ``gate_up_proj``), which adapters target whole."""
+
+    FUSED_KINDS = ()
+
+    @staticmethod
+    def lora_targets(config):
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q, kv = config.num_attention_heads * _head_dim(config), config.num_key_value_heads * _head_dim(config)
+        attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+        return {"qkv_proj": (attn + "qkv_proj", hidden, q + 2 * kv), "o_proj": (attn + "o_proj", q, hidden),
+                "gate_up_proj": (mlp + "gate_up_proj", hidden, 2 * inter), "down_proj": (mlp + "down_proj", inter, hidden)}

@@ -45,6 +45,22 @@ def test_thirty_steps_lower_the_loss(trained, request):
     assert dora == any("lora_magnitude_vector" in k for k in load_file(out / "adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("family, targets", [("phi3", ["o_proj", "qkv_proj"]), ("gpt2", ["c_attn", "attn.c_proj"]),
+                                             ("bloom", ["query_key_value", "dense"])])
+def test_default_targets_are_the_models_attention_projections(family, targets, data_file, tmp_path):
+    """Without --targets, each family trains its own attention projections (a name that a linear
+    outside attention shares goes with its parent's), and the adapter serves as PEFT does."""
+    model = build_family_model(family, tmp_path / "m")
+    train(TrainConfig(model_dir=model, data=data_file, out=tmp_path / "a", steps=2, lr=0.05, max_length=32,
+                      checkpoint_every=0))
+    assert sorted(json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]) == sorted(targets)
+    prompt = [5, 17, 33, 60]
+    built = build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16,
+                                      adapters=(("trained", str(tmp_path / "a")),)))
+    assert served_tokens(built.engine, "trained", prompt, 6) == \
+        peft_generate(model, tmp_path / "a", [prompt], 6, eos_token_id=None)[0]
+
+
 def test_trained_adapter_serves_like_peft(trained, tiny_llama):
     out, _ = trained
     prompt = [5, 17, 33, 60]
@@ -119,7 +135,7 @@ def test_cli_reports_bad_data_with_the_line(tiny_llama, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neo", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neo", "bloom"])
 def test_merge_matches_peft_in_every_family(family, dora, tmp_path):
     """Each family's projection layout, GPT-2's Conv1D ([in, out]) included; DoRA adapters too
     (each output row of W + s B A times m / ||W + s B A||)."""
