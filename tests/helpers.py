@@ -80,6 +80,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "phi3":  # q|k|v and gate|up as one linear each, RoPE on half of each head, a sliding window
         return tf.Phi3Config(**common, **llama_like, partial_rotary_factor=0.5, sliding_window=6,
                              architectures=["Phi3ForCausalLM"])
+    if family == "gemma3":  # a local layer (its own RoPE base, a window) then a global one, q/k norms, 4 norms
+        return tf.Gemma3TextConfig(**common, **llama_like, head_dim=32, query_pre_attn_scalar=24, sliding_window=6,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   architectures=["Gemma3ForCausalLM"])
     if family == "gpt2":
         return tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                              architectures=["GPT2LMHeadModel"])
@@ -139,6 +143,9 @@ FAMILY_ADAPTERS = {
                                                                 "gate_proj", "up_proj", "down_proj"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
              "all-r4": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
+    "gemma3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"])},
     "gpt2": {"c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
              "all-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)},
     "gpt_neo": {"qvo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "out_proj"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .bloom import BloomForServing
+from .gemma import Gemma3ForServing
 from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
 from .llama import LlamaForServing, Phi3ForServing
@@ -14,6 +15,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
     "Phi3ForCausalLM": Phi3ForServing,
+    "Gemma3ForCausalLM": Gemma3ForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

@@ -112,13 +112,15 @@ class ServingModel(nn.Module):
         self.embedding_store = stores.get((-1, (self.embedding_kind,)))  # None: no LoRA on it
 
     def embed_with_lora(self, batch: StepBatch) -> torch.Tensor:
-        """The token embedding of the batch's tokens [T, hidden], with each row's adapter's LoRA on it."""
+        """The token embedding of the batch's tokens [T, hidden], with each row's adapter's LoRA on it:
+        the weight's rows (a family that scales them, as Gemma's module does, scales this sum)."""
+        weight = self.token_embedding.weight
         if batch.saved_embeddings:  # adapters' own trained embeddings (modules_to_save), maybe of more tokens
-            e = self.token_embedding(batch.input_ids.clamp(max=self.token_embedding.weight.shape[0] - 1))
-            for rows, weight in batch.saved_embeddings:
-                e[rows] = F.embedding(batch.input_ids[rows], weight)
+            e = F.embedding(batch.input_ids.clamp(max=weight.shape[0] - 1), weight)
+            for rows, saved in batch.saved_embeddings:
+                e[rows] = F.embedding(batch.input_ids[rows], saved)
         else:
-            e = self.token_embedding(batch.input_ids)
+            e = F.embedding(batch.input_ids, weight)
         if self.embedding_store is not None:
             for _, plan in batch.lora.get((self.embedding_kind,), ()):
                 embedding_lora(e, batch.input_ids, *self.embedding_store, plan)

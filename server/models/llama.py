@@ -64,7 +64,7 @@ class LlamaLayer(nn.Module):
         self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer, int8)
         self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
-        self.act = ACT2FN[config.hidden_act]
+        self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma's name for it
         hd = _head_dim(config)
         self.shape_q = (config.num_attention_heads, hd)
         self.shape_kv = (config.num_key_value_heads, hd)
@@ -77,8 +77,13 @@ class LlamaLayer(nn.Module):
         return [self.qkv, self.o_proj, self.gate_up, self.down_proj]
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
-        T = h.shape[0]
-        qkv = self.qkv(self.input_layernorm(h), batch.lora, apply_lora)
+        h = h + self.attend(self.input_layernorm(h), batch, kv, apply_lora)
+        return h + self.mlp(self.post_attention_layernorm(h), batch, apply_lora)
+
+    def attend(self, x, batch: StepBatch, kv, apply_lora):
+        """Attention of the normed input x [T, hidden], through o_proj."""
+        T = x.shape[0]
+        qkv = self.qkv(x, batch.lora, apply_lora)
         q_size, kv_size = self.shape_q[0] * self.shape_q[1], self.shape_kv[0] * self.shape_kv[1]
         q = qkv[:, :q_size].view(T, *self.shape_q)
         k = qkv[:, q_size : q_size + kv_size].view(T, *self.shape_kv)
@@ -87,10 +92,13 @@ class LlamaLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.cos[batch.positions][:, None], self.sin[batch.positions][:, None]  # [T, 1, rotary]
         q, k = _rope(q, cos, sin, self.rotary), _rope(k, cos, sin, self.rotary)
-        h = h + self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
-        gate_up = self.gate_up(self.post_attention_layernorm(h), batch.lora, apply_lora)
+        return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+
+    def mlp(self, x, batch: StepBatch, apply_lora):
+        """down(act(gate x) * up x) of the normed input x."""
+        gate_up = self.gate_up(x, batch.lora, apply_lora)
         inter = gate_up.shape[1] // 2
-        return h + self.down_proj(self.act(gate_up[:, :inter]) * gate_up[:, inter:], batch.lora, apply_lora)
+        return self.down_proj(self.act(gate_up[:, :inter]) * gate_up[:, inter:], batch.lora, apply_lora)
 
 
 class LlamaForServing(ServingModel):

@@ -1,0 +1,67 @@
+"""Gemma 3 (text, ``Gemma3ForCausalLM``) over a flat token batch: the Llama decoder's projections,
+LoRA targets and attention, with Gemma's differences.
+
+- The token embedding is scaled by sqrt(hidden) (``embed_scale``), its LoRA delta and an adapter's
+  trained copy with it, as PEFT scales them.
+- Norms are RMSNorm of (1 + w) (Hugging Face's modules), after attention and after the MLP as well
+  as before each; q and k get a per-head norm before RoPE (as Qwen3's).
+- Attention is scaled by ``query_pre_attn_scalar`` ** -0.5, not head_dim ** -0.5.
+- Local layers (``layer_types`` "sliding_attention") attend within ``sliding_window`` and turn q
+  and k by a RoPE of their own base (``rope_parameters`` per layer type).
+
+Soft-capped logits (Gemma 2's ``attn_logit_softcapping``, ``final_logit_softcapping``) and
+bidirectional attention are refused at start-up, naming the field.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import StartupError
+from .base import ServingModel
+from .batch import StepBatch
+from .layers import FlatAttention
+from .llama import LlamaForServing, LlamaLayer, _head_dim, sliding_window
+
+
+class GemmaLayer(LlamaLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.pre_feedforward_layernorm = hf_layer.pre_feedforward_layernorm
+        self.post_feedforward_layernorm = hf_layer.post_feedforward_layernorm
+        self.attention = FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
+                                       sliding_window=sliding_window(config, layer),
+                                       scale=config.query_pre_attn_scalar**-0.5)
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        h = h + self.post_attention_layernorm(self.attend(self.input_layernorm(h), batch, kv, apply_lora))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), batch, apply_lora))
+
+
+class Gemma3ForServing(LlamaForServing):
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
+        ServingModel.__init__(self)
+        config = self.config = hf_model.config
+        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, field, None) is not None:
+                raise StartupError(f"{field} ({getattr(config, field)}) is not served: soft-capped logits are not "
+                                   "implemented")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise StartupError("use_bidirectional_attention is not served: generation needs causal attention")
+        inner = hf_model.model
+        self.embed_tokens, self.final_norm, self.lm_head = inner.embed_tokens, inner.norm, hf_model.lm_head
+        positions = torch.arange(max_model_len, device=self.lm_head.weight.device)[None]
+        dummy = self.lm_head.weight.new_empty(0)
+        tables = {}
+        for kind in sorted(set(config.layer_types)):  # each layer type's RoPE, computed as HF does
+            cos, sin = inner.rotary_emb(dummy, positions, kind)
+            self.register_buffer(f"cos_{kind}", cos[0].to(dummy.dtype), persistent=False)
+            self.register_buffer(f"sin_{kind}", sin[0].to(dummy.dtype), persistent=False)
+            tables[kind] = getattr(self, f"cos_{kind}"), getattr(self, f"sin_{kind}")
+        self.layers = nn.ModuleList(GemmaLayer(layer, config, i, *tables[config.layer_types[i]], int8)
+                                    for i, layer in enumerate(inner.layers))
+        self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.embed_with_lora(batch) * self.embed_tokens.embed_scale.to(self.embed_tokens.weight.dtype)
