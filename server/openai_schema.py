@@ -507,11 +507,11 @@ def usage(lasts: list[TokenEvent], n: int, reasoning_tokens: int | None = None) 
     prompt = sum(e.prompt_tokens for e in firsts)
     completion = sum(e.completion_tokens for e in lasts)
     out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(e.cached_prompt_tokens for e in firsts)},
-            # a chat's prediction: its tokens drafted and kept, and drafted and not (generated tokens
-            # are what completion_tokens counts: a rejected draft is not one)
-            "completion_tokens_details": {"accepted_prediction_tokens": sum(e.accepted_prediction_tokens for e in lasts),
-                                          "rejected_prediction_tokens": sum(e.rejected_prediction_tokens for e in lasts)}}
+           "prompt_tokens_details": {"cached_tokens": sum(e.cached_prompt_tokens for e in firsts)},
+           # a chat's prediction: its tokens drafted and kept, and drafted and not (generated tokens
+           # are what completion_tokens counts: a rejected draft is not one)
+           "completion_tokens_details": {"accepted_prediction_tokens": sum(e.accepted_prediction_tokens for e in lasts),
+                                         "rejected_prediction_tokens": sum(e.rejected_prediction_tokens for e in lasts)}}
     if reasoning_tokens is not None:
         out["completion_tokens_details"]["reasoning_tokens"] = reasoning_tokens
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .bloom import BloomForServing
-from .gemma import Gemma3ForServing
+from .gemma import GemmaForServing
 from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
 from .llama import LlamaForServing, Phi3ForServing
@@ -15,7 +15,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
     "Phi3ForCausalLM": Phi3ForServing,
-    "Gemma3ForCausalLM": Gemma3ForServing,
+    "Gemma2ForCausalLM": GemmaForServing,
+    "Gemma3ForCausalLM": GemmaForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

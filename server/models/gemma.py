@@ -1,16 +1,18 @@
-"""Gemma 3 (text, ``Gemma3ForCausalLM``) over a flat token batch: the Llama decoder's projections,
-LoRA targets and attention, with Gemma's differences.
+"""Gemma 2 and Gemma 3 (text, ``Gemma3ForCausalLM``) over a flat token batch: the Llama decoder's
+projections, LoRA targets and attention, with Gemma's differences.
 
 - The token embedding is scaled by sqrt(hidden) (``embed_scale``), its LoRA delta and an adapter's
   trained copy with it, as PEFT scales them.
 - Norms are RMSNorm of (1 + w) (Hugging Face's modules), after attention and after the MLP as well
-  as before each; q and k get a per-head norm before RoPE (as Qwen3's).
+  as before each; Gemma 3's q and k get a per-head norm before RoPE (as Qwen3's).
 - Attention is scaled by ``query_pre_attn_scalar`` ** -0.5, not head_dim ** -0.5.
-- Local layers (``layer_types`` "sliding_attention") attend within ``sliding_window`` and turn q
-  and k by a RoPE of their own base (``rope_parameters`` per layer type).
+- Local layers (``layer_types`` "sliding_attention") attend within ``sliding_window``; Gemma 3's
+  turn q and k by a RoPE of their own base (``rope_parameters`` per layer type).
+- Gemma 2 soft-caps attention scores and the logits (``attn_logit_softcapping``,
+  ``final_logit_softcapping``: x -> cap * tanh(x / cap)); its attention then runs in torch ops
+  (ops/attention.py ``softcapped_attention``), not the decode kernels.
 
-Soft-capped logits (Gemma 2's ``attn_logit_softcapping``, ``final_logit_softcapping``) and
-bidirectional attention are refused at start-up, naming the field.
+Bidirectional attention (Gemma 3 embedding models) is refused at start-up.
 """
 
 from __future__ import annotations
@@ -32,21 +34,19 @@ class GemmaLayer(LlamaLayer):
         self.post_feedforward_layernorm = hf_layer.post_feedforward_layernorm
         self.attention = FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
                                        sliding_window=sliding_window(config, layer),
-                                       scale=config.query_pre_attn_scalar**-0.5)
+                                       scale=config.query_pre_attn_scalar**-0.5,
+                                       softcap=getattr(config, "attn_logit_softcapping", None))
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         h = h + self.post_attention_layernorm(self.attend(self.input_layernorm(h), batch, kv, apply_lora))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), batch, apply_lora))
 
 
-class Gemma3ForServing(LlamaForServing):
+class GemmaForServing(LlamaForServing):
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         ServingModel.__init__(self)
         config = self.config = hf_model.config
-        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if getattr(config, field, None) is not None:
-                raise StartupError(f"{field} ({getattr(config, field)}) is not served: soft-capped logits are not "
-                                   "implemented")
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         if getattr(config, "use_bidirectional_attention", False):
             raise StartupError("use_bidirectional_attention is not served: generation needs causal attention")
         inner = hf_model.model
@@ -54,8 +54,9 @@ class Gemma3ForServing(LlamaForServing):
         positions = torch.arange(max_model_len, device=self.lm_head.weight.device)[None]
         dummy = self.lm_head.weight.new_empty(0)
         tables = {}
+        by_type = all(kind in config.rope_parameters for kind in config.layer_types)  # Gemma 3: a RoPE per type
         for kind in sorted(set(config.layer_types)):  # each layer type's RoPE, computed as HF does
-            cos, sin = inner.rotary_emb(dummy, positions, kind)
+            cos, sin = inner.rotary_emb(dummy, positions, *([kind] if by_type else []))
             self.register_buffer(f"cos_{kind}", cos[0].to(dummy.dtype), persistent=False)
             self.register_buffer(f"sin_{kind}", sin[0].to(dummy.dtype), persistent=False)
             tables[kind] = getattr(self, f"cos_{kind}"), getattr(self, f"sin_{kind}")

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kv_cache import PagedKVCache
 from ..ops import LoRAPlans
-from ..ops.attention import causal_mask, gather_context
+from ..ops.attention import causal_mask, gather_context, paged_decode_softcapped, softcapped_attention
 from ..ops.linear import Linear
 from ..ops.quantize import Int8Linear, quantize_int8
 from .batch import StepBatch
@@ -97,17 +97,18 @@ class FlatAttention(nn.Module):
 
     q: [T, H, hd], k, v: [T, KV, hd] (new tokens, already position-encoded) -> [T, H * hd].
     Options: ``scale`` (None: hd^-0.5), a ``sliding_window`` (keys q_pos - window < k_pos <= q_pos),
-    and ALiBi ``slopes`` [H] (score += slope_h * k_pos; constant per query row, as BLOOM adds it).
+    ALiBi ``slopes`` [H] (score += slope_h * k_pos; constant per query row, as BLOOM adds it), and
+    Gemma 2's ``softcap`` (score -> cap * tanh(score / cap), computed by torch ops alone).
     The new K/V are written first; prefill chunks then run SDPA over exactly their own blocks, and
     all decode rows go through the cache's decode kernel in one call (ops/attention.py).
     """
 
     def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
-                 sliding_window: int | None = None, slopes: torch.Tensor | None = None):
+                 sliding_window: int | None = None, slopes: torch.Tensor | None = None, softcap: float | None = None):
         super().__init__()
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
-        self.sliding_window = sliding_window
+        self.sliding_window, self.softcap = sliding_window, softcap
         self.register_buffer("slopes", None if slopes is None else slopes.float(), persistent=False)
 
     def forward(self, q, k, v, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
@@ -124,8 +125,8 @@ class FlatAttention(nn.Module):
             blocks = batch.prefill_blocks[seq.block_start : seq.block_start + seq.num_blocks]
             # A whole prompt with a plain causal mask (no cached prefix, window or ALiBi) takes SDPA's
             # is_causal path: on the CPU half the time of an explicit mask at 2k tokens.
-            plain = seq.start_pos == 0 and slopes is None and (self.sliding_window is None or
-                                                                ctx <= self.sliding_window)
+            plain = seq.start_pos == 0 and slopes is None and self.softcap is None and (
+                self.sliding_window is None or ctx <= self.sliding_window)
             mask = None
             if not plain:
                 key = ("prefill", seq.row_start, self.sliding_window, None if slopes is None else id(self.slopes))
@@ -135,17 +136,23 @@ class FlatAttention(nn.Module):
                     mask = causal_mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype,
                                        self.sliding_window, slopes, head_dim_at=0)
                     batch.masks[key] = mask
-            o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1)[None], gather_context(k_cache, blocks, ctx)[None],
-                gather_context(v_cache, blocks, ctx)[None], attn_mask=mask, is_causal=plain, scale=self.scale,
-                enable_gqa=gqa,
-            )
+            keys, values = gather_context(k_cache, blocks, ctx)[None], gather_context(v_cache, blocks, ctx)[None]
+            if self.softcap is not None:  # no ALiBi with it: mask is a bool [n, ctx]
+                o = softcapped_attention(q[rows].transpose(0, 1)[None], keys, values, mask[None, None], self.scale,
+                                         self.softcap)
+            else:
+                o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                                   is_causal=plain, scale=self.scale, enable_gqa=gqa)
             out[rows] = o[0].transpose(0, 1).reshape(seq.num_tokens, size)
         num_decode = batch.decode_lengths.numel()
         if num_decode:
-            o = kv.decode_attention(q[batch.num_prefill_rows :], k_cache, v_cache, batch.decode_tables,
-                                    batch.decode_lengths, batch.decode_ctx, self.scale, self.sliding_window, slopes,
-                                    batch.masks)
+            rows = q[batch.num_prefill_rows :]
+            if self.softcap is not None:
+                o = paged_decode_softcapped(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
+                                            batch.decode_ctx, self.scale, self.sliding_window, self.softcap)
+            else:
+                o = kv.decode_attention(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
+                                        batch.decode_ctx, self.scale, self.sliding_window, slopes, batch.masks)
             out[batch.num_prefill_rows :] = o.reshape(num_decode, size)
         return out
 

@@ -8,7 +8,8 @@ block ``tables[r, j // bs]``, offset ``j % bs``:
     out[r, h] = sum_j softmax_j(scale * q[r, h] . k_j + slope_h * j) v_j
 
 ``slope_h`` is ALiBi's (BLOOM adds slope * key position: a per-row constant shift of the causal
-bias); without ALiBi it is 0. Softmax and sums run in float32.
+bias); without ALiBi it is 0. Softmax and sums run in float32. Gemma 2 soft-caps the scores first:
+s -> cap * tanh(s / cap) (``softcapped_attention``, in torch ops only).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def paged_attention_reference(q, k_cache, v_cache, tables, positions, scale: float, window: int | None = None,
-                              slopes: torch.Tensor | None = None) -> torch.Tensor:
+                              slopes: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """The oracle: one row at a time, straight from the formula above."""
     R, H, hd = q.shape
     bs, KV = k_cache.shape[1], k_cache.shape[2]
@@ -39,6 +40,8 @@ def paged_attention_reference(q, k_cache, v_cache, tables, positions, scale: flo
         for h in range(H):
             kvh = h // (H // KV)
             s = scale * (k[:, kvh] @ q[r, h].float())
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
             if slopes is not None:
                 s = s + slopes[h].float().cpu().to(s.device) * j.to(s.device).float()
             out[r, h] = (torch.softmax(s, 0) @ v[:, kvh]).to(q.dtype)
@@ -62,6 +65,30 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype, window: int | N
     bias = (slopes.float()[:, None] * k_pos.float()).to(dtype)  # [H, k]: built in float32, rounded once
     bias, allowed = bias.unsqueeze(1 - head_dim_at), allowed.unsqueeze(head_dim_at)
     return torch.where(allowed, bias, float("-inf"))
+
+
+def softcapped_attention(q, k, v, allowed, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, as Gemma 2 computes it (HF's eager path):
+        out = softmax(cap * tanh(scale * q k^T / cap), masked) v
+    q [B, H, n, hd], k and v [B, KV, ctx, hd] (KV divides H), allowed [B or 1, 1, n, ctx] bool ->
+    [B, H, n, hd]. Scores and softmax in float32."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+
+
+def paged_decode_softcapped(q, k_cache, v_cache, tables, lengths, ctx: int, scale: float, window,
+                            softcap: float) -> torch.Tensor:
+    """Decode rows as ``paged_decode_torch`` gathers them, with soft-capped scores."""
+    bs = k_cache.shape[1]
+    nb = -(-ctx // bs)
+    k = k_cache[tables[:, :nb]].flatten(1, 2)[:, :ctx].transpose(1, 2)  # [D, KV, ctx, hd]
+    v = v_cache[tables[:, :nb]].flatten(1, 2)[:, :ctx].transpose(1, 2)
+    allowed = causal_mask((lengths - 1)[:, None], torch.arange(ctx, device=q.device)[None, :], q.dtype, window, None, 0)
+    return softcapped_attention(q[:, :, None], k, v, allowed[:, None, None, :], scale, softcap)[:, :, 0]
 
 
 def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: float, window, slopes,

@@ -1,6 +1,6 @@
 """Attention over block-paged KV, every path against the pure-torch oracle: the decode kernels
 (C++, Triton in its interpreter, the torch gather) and prefill's gather + SDPA, with GQA, sliding
-windows, ALiBi, scattered block tables and several dtypes."""
+windows, ALiBi, scattered block tables and several dtypes; Gemma 2's soft-capped scores."""
 
 import pytest
 import torch
@@ -13,7 +13,9 @@ from loramux.server.ops.attention import (
     cpp_decode,
     gather_context,
     paged_attention_reference,
+    paged_decode_softcapped,
     paged_decode_torch,
+    softcapped_attention,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,3 +88,29 @@ def test_prefill_chunks_over_their_blocks_match_the_oracle(case):
     tables = blocks[None].expand(n, -1)
     expected = paged_attention_reference(q, k, v, tables, q_pos, 0.3, window, slopes)
     assert torch.allclose(got, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c[5]])  # soft-capping comes without ALiBi
+def test_softcapped_decode_and_prefill_match_the_oracle(case):
+    """cap * tanh(s / cap) on every score (a cap small enough to change the softmax), for decode
+    rows over scattered blocks and for a prefill chunk after cached tokens."""
+    H, KV, hd, bs, window, _ = case
+    gen = torch.Generator().manual_seed(11)
+    k, v = _pool(24, bs, KV, hd, torch.float32, gen)
+    lengths = torch.tensor([1, bs + 1, 3 * bs + 2, 7])
+    tables = torch.stack([torch.randperm(24, generator=gen)[: -(-int(lengths.max()) // bs)] for _ in lengths])
+    q = torch.randn(len(lengths), H, hd, generator=gen) * 2
+    tables, lengths, q = tables.to(DEVICE), lengths.to(DEVICE), q.to(DEVICE)
+    expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, softcap=1.5)
+    assert not torch.allclose(expected, paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window))
+    got = paged_decode_softcapped(q, k, v, tables, lengths, int(lengths.max()), 0.3, window, 1.5)
+    assert torch.allclose(got, expected, atol=2e-5, rtol=2e-5)
+    blocks = tables[2]
+    start, n = 2 * bs, bs + 2
+    q_pos = torch.arange(start, start + n, device=DEVICE)
+    chunk = torch.randn(n, H, hd, generator=gen).to(DEVICE) * 2
+    allowed = causal_mask(q_pos[:, None], torch.arange(start + n, device=DEVICE)[None, :], chunk.dtype, window, None, 0)
+    got = softcapped_attention(chunk.transpose(0, 1)[None], gather_context(k, blocks, start + n)[None],
+                               gather_context(v, blocks, start + n)[None], allowed[None, None], 0.3, 1.5)
+    expected = paged_attention_reference(chunk, k, v, blocks[None].expand(n, -1), q_pos, 0.3, window, softcap=1.5)
+    assert torch.allclose(got[0].transpose(0, 1), expected, atol=2e-5, rtol=2e-5)
