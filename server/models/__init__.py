@@ -8,7 +8,8 @@ from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
 from .llama import LlamaForServing, Phi3ForServing
 
-# HF architecture name -> serving model class. Llama, Mistral, Qwen2 and Qwen3 share one decoder.
+# HF architecture name -> serving model class. Llama, Mistral, Qwen2 and Qwen3 share one decoder;
+# Phi-3 and Gemma 2/3 build on it (their own projections, norms, attention scale and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
