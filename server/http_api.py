@@ -575,7 +575,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
                     s.cancel()  # a no-op once finished; else the client went away or another choice failed
             keep, choices = kept_best(candidates, n, k, sampling.logprobs is None)
             echoes = echoes and [echoes[i] for i in keep]
-            response = chat_response(body.model, choices, n, text_of, tools, body.echoed(), rid, starts) \
+            response = chat_response(body.model, choices, n, text_of, tools, body.echoed(), rid, starts,
+                                     body.include_reasoning) \
                 if kind == "chat" else completion_response(body.model, choices, n, text_of, echoes, rid)
             if k > n:  # every candidate's tokens were generated
                 response["usage"] = usage([c[-1] for c in candidates], k, None if starts is None else sum(
@@ -586,7 +587,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             return JSONResponse(clamp(response), headers={REQUEST_ID: rid})
         chunks = ChunkMaker(kind, body.model, text_of, len(streams), echoes, tools, body.n,
                             body.echoed() if kind == "chat" else "",
-                            [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None, rid, starts)
+                            [len(s.prompt_token_ids) for s in streams] if body.continuous_usage else None, rid, starts,
+                            kind != "chat" or body.include_reasoning)
         return event_stream(chunks, merged(streams), streams, body, clamp, rid)
 
     return BodyLimit(app, config.max_http_body_bytes)

@@ -396,6 +396,7 @@ class ChatCompletionRequest(GenerationBody, ChatRendering):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
+    include_reasoning: bool = True  # vLLM's: false drops the thinking (--reasoning-parser) from the reply
     echo: bool = False  # the reply starts with the last message's text, if that is the assistant's
     # OpenAI's Predicted Outputs: {"type": "content", "content": text or text parts}, the reply expected
     prediction: dict[str, Any] | None = None
@@ -668,14 +669,17 @@ def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | N
 
 def chat_response(model: str, choices: list[list[TokenEvent]], n: int, text_of: TokenText,
                   tools: ToolCalls | ToolCallParser | None = None, echo: str = "", request_id: str | None = None,
-                  opening: str | None = None) -> dict:
+                  opening: str | None = None, show_reasoning: bool = True) -> dict:
     """``echo``: the text each message's content starts with (ChatCompletionRequest.echoed);
-    ``opening``: where each output starts, with a reasoning parser."""
+    ``opening``: where each output starts, with a reasoning parser; ``show_reasoning`` false: the
+    thinking is left out (include_reasoning)."""
     out, splits = [], [split_reasoning(events, opening) for events in choices]
     for i, events in enumerate(choices):
         message, finish = chat_message(events, tools, splits[i])
         if echo:
             message["content"] = echo + (message["content"] or "")
+        if not show_reasoning and "reasoning" in message:
+            message["reasoning_content"] = message["reasoning"] = None
         out.append({"index": i, "message": message, "finish_reason": finish, "stop_reason": events[-1].stop_reason,
                     "logprobs": chat_logprobs(events, text_of)})
     return {"id": new_id("chatcmpl", request_id), "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -690,7 +694,7 @@ class ChunkMaker:
     def __init__(self, kind: Literal["completion", "chat"], model: str, text_of: TokenText, choices: int = 1,
                  echoes: list[Echo] | None = None, tools: ToolCalls | ToolCallParser | None = None, n: int = 1,
                  chat_echo: str = "", prompt_tokens: list[int] | None = None, request_id: str | None = None,
-                 opening: str | None = None):
+                 opening: str | None = None, show_reasoning: bool = True):
         self.kind, self.model, self.text_of, self.choices = kind, model, text_of, choices
         # continuous usage (``prompt_tokens``: each choice's prompt length): every chunk carries its
         # choice's usage so far, counting the tokens generated (one an event)
@@ -710,6 +714,7 @@ class ChunkMaker:
         # chat with a reasoning parser (``opening``: where the outputs start): each choice's thinking
         # streams in the deltas' reasoning fields, its answer as content (and its calls, read from it)
         self.splits = None if opening is None else [ReasoningSplit(opening) for _ in range(choices)]
+        self.show_reasoning = show_reasoning  # false: the thinking is split off and not sent
 
     def _chunk(self, choices: list, usage_: dict | None = None, stop_reason: str | int | None = None) -> dict:
         """``stop_reason``: the finishing choice's (vLLM's field, on every choice: None until the end)."""
@@ -780,7 +785,7 @@ class ChunkMaker:
             return out + self._answer_events(ev, index)
         thought, answer = self.splits[index].feed(ev.text, final=ev.finish_reason is not None)
         chunks = self._answer_events(replace(ev, text=answer), index)
-        if thought:  # in the event's chunk, before its answer; else in one of its own
+        if thought and self.show_reasoning:  # in the event's chunk, before its answer; else in one of its own
             fields = {"reasoning_content": thought, "reasoning": thought}
             if chunks:
                 chunks[0]["choices"][0]["delta"] = {**fields, **chunks[0]["choices"][0]["delta"]}

@@ -92,6 +92,13 @@ def test_chat_gives_the_thinking_apart_plain_and_streamed(whole):
     assert "".join(d.content or "" for d in deltas) == "Paris"
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == \
         got.usage.completion_tokens_details.reasoning_tokens
+    # vLLM's include_reasoning: false leaves the thinking out, and out of the content too
+    hidden = dict(model=whole.model, messages=ASK, **written("plan it", "Paris", include_reasoning=False))
+    message = oa.chat.completions.create(**hidden).choices[0].message
+    assert (message.reasoning_content, message.content) == (None, "Paris")
+    deltas = [c.choices[0].delta for c in oa.chat.completions.create(**hidden, stream=True) if c.choices]
+    assert not any(getattr(d, "reasoning_content", None) for d in deltas)
+    assert "".join(d.content or "" for d in deltas) == "Paris"
 
 
 def test_tool_calls_are_read_from_the_answer(whole):
