@@ -61,12 +61,16 @@ def attention_targets(model) -> list[str]:
     module, by its own name, or with its parent's where a linear outside attention shares it."""
     from transformers.pytorch_utils import Conv1D
 
-    attention = ("attn", "self_attn", "attention", "self_attention")
-    linears = [n.split(".") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
-    inside = [parts for parts in linears if any(p in attention for p in parts[:-1])]
-    elsewhere = {parts[-1] for parts in linears if parts not in inside}
-    names = [parts[-1] if parts[-1] not in elsewhere else ".".join(parts[-2:]) for parts in inside]
-    return list(dict.fromkeys(names))
+    attention = {"attn", "self_attn", "attention", "self_attention"}
+    inside, elsewhere = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | Conv1D):
+            parts = name.split(".")
+            if attention.intersection(parts[:-1]):
+                inside.append(parts)
+            else:
+                elsewhere.add(parts[-1])
+    return list(dict.fromkeys(parts[-1] if parts[-1] not in elsewhere else ".".join(parts[-2:]) for parts in inside))
 
 
 def _encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:

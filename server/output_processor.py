@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import RequestFailed, clip
+from .holdback import holdback
 from .requests import FinishReason, TokenEvent, TokenLogprob
 from .sequence import Sequence
 
@@ -87,21 +88,10 @@ class OutputProcessor:
                 start, stop = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
                 seq.text = seq.text[: start + len(stop) if p.include_stop_str_in_output else start]
                 finish, stop_reason = FinishReason.STOP, stop
-        end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, p.stop)
+        end = len(seq.text) if finish is not None else len(seq.text) - holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
         seq.emitted = max(seq.emitted, end)
         prompt = tuple(seq.prompt_logprobs) if p.prompt_logprobs is not None and seq.num_generated == 1 else None
         if finish is None:
             return TokenEvent(seq.request.request_id, token, delta, logprob=logprob, prompt_logprobs=prompt)
         return Finished(token, delta, finish, logprob, prompt, stop_reason)
-
-
-def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .holdback import holdback
+
 THINKING, ANSWERING, UNDECIDED = "thinking", "answering", "undecided"
 
 
@@ -136,7 +138,7 @@ class ReasoningSplit:
             if at >= 0:
                 reasoning, rest, self.state = reasoning + rest[:at], rest[at + len(self.end):], ANSWERING
                 continue
-            keep = 0 if final else _marker_prefix(rest, self.end)
+            keep = 0 if final else holdback(rest, (self.end,))
             reasoning += rest[: len(rest) - keep]
             self.held = rest[len(rest) - keep:]
             break
@@ -145,11 +147,3 @@ class ReasoningSplit:
             self.reasoning = (self.reasoning or "") + reasoning
         self.answer += answer
         return reasoning, answer
-
-
-def _marker_prefix(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that starts ``marker`` (and is shorter than it)."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0

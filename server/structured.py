@@ -87,7 +87,7 @@ class Grammars:
         self._tokenizer = None
         self._executor = None
         self._pool = None
-        self._special: list[int] = []  # tokens llguidance matches only by id (added tokens): see _bitmasks
+        self._special: torch.Tensor | None = None  # [S] ids llguidance matches only by id (added tokens): see _bitmasks
         self._compiled: OrderedDict[tuple[OutputKind, str], object] = OrderedDict()  # LRU of prepared matchers
 
     def _llguidance(self):
@@ -105,8 +105,8 @@ class Grammars:
                         self._hf, n_vocab=self._n_vocab, eos_token=self._eos or None)
                 except ValueError as e:  # a slow (Python) tokenizer
                     raise Unsupported(f"structured output needs a fast tokenizer: {clip(str(e), 200)}") from None
-                self._special = [t for t in range(self._n_vocab) if t not in self._eos and
-                                 self._tokenizer.is_special_token(t)]
+                special = [t for t in range(self._n_vocab) if t not in self._eos and self._tokenizer.is_special_token(t)]
+                self._special = torch.tensor(special) if special else None
                 self._executor = llguidance.LLExecutor(num_threads=max(1, self._threads))
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         return llguidance
@@ -169,14 +169,15 @@ class Grammars:
 
         bitmask = torch.zeros((len(grammars), (self._n_vocab + 31) // 32), dtype=torch.int32)
         fill_next_token_bitmask_par(self._executor, [(g.matcher, j) for j, g in enumerate(grammars)], bitmask)
-        if self._special:
+        if self._special is not None:
             # llguidance's masks allow an added token where the grammar's text may spell it
             # (Qwen's <think>, <tool_call>), and its matcher then refuses the token, matched by id
             # only (as in a Lark grammar's <[id]>): such tokens are masked out unless it takes them
-            special = torch.tensor(self._special)
+            special = self._special
             for j, s in ((bitmask[:, special // 32] >> (special % 32)) & 1).nonzero().tolist():
-                if not grammars[j].matcher.validate_tokens([self._special[s]]):
-                    word, bit = divmod(self._special[s], 32)
+                token = int(special[s])
+                if not grammars[j].matcher.validate_tokens([token]):
+                    word, bit = divmod(token, 32)
                     bitmask[j, word] &= ~int32_bit(bit)
         for j, g in enumerate(grammars):
             if g.gate is not None and g.gate.undecided:  # the model may open its thinking instead

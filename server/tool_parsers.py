@@ -31,6 +31,8 @@ import secrets
 import string
 import uuid
 
+from .holdback import holdback
+
 
 def tool_call(name: str, arguments: str, call_id: str | None = None) -> dict:
     """One entry of OpenAI's message.tool_calls (``call_id`` None: a new "call_..." id)."""
@@ -62,12 +64,7 @@ class MarkedCalls(ToolCallParser):
     def streamable(self, text: str) -> int:
         """Up to the first call, less any tail that could be the start of one."""
         start = text.find(self.OPEN)
-        if start >= 0:
-            return start
-        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
-            if text.endswith(self.OPEN[:k]):
-                return len(text) - k
-        return len(text)
+        return start if start >= 0 else len(text) - holdback(text, (self.OPEN,))
 
 
 class HermesToolCalls(MarkedCalls):

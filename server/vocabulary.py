@@ -45,7 +45,7 @@ class Vocabularies:
         self.base = Vocabulary(tokenizer, size, self.model_eos, config, threads)
         if config.reasoning_parser and self.base.reasoning is None:
             raise StartupError(f"--reasoning-parser {config.reasoning_parser} needs {ReasoningParser.START} and "
-                             f"{ReasoningParser.END} to be tokens of the model's tokenizer, and they are not")
+                               f"{ReasoningParser.END} to be tokens of the model's tokenizer, and they are not")
         self._own: dict[int, tuple[object, dict[int, Vocabulary]]] = {}  # id(tokenizer) -> (it, size -> vocabulary)
         self._lock = threading.Lock()
 

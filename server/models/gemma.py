@@ -32,10 +32,12 @@ class GemmaLayer(LlamaLayer):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
         self.pre_feedforward_layernorm = hf_layer.pre_feedforward_layernorm
         self.post_feedforward_layernorm = hf_layer.post_feedforward_layernorm
-        self.attention = FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
-                                       sliding_window=sliding_window(config, layer),
-                                       scale=config.query_pre_attn_scalar**-0.5,
-                                       softcap=getattr(config, "attn_logit_softcapping", None))
+
+    @staticmethod
+    def make_attention(config, layer: int) -> FlatAttention:
+        return FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
+                             sliding_window=sliding_window(config, layer), scale=config.query_pre_attn_scalar**-0.5,
+                             softcap=getattr(config, "attn_logit_softcapping", None))
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         h = h + self.post_attention_layernorm(self.attend(self.input_layernorm(h), batch, kv, apply_lora))

@@ -68,10 +68,14 @@ class LlamaLayer(nn.Module):
         hd = _head_dim(config)
         self.shape_q = (config.num_attention_heads, hd)
         self.shape_kv = (config.num_key_value_heads, hd)
-        self.attention = FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, hd,
-                                       sliding_window=sliding_window(config, layer))
+        self.attention = self.make_attention(config, layer)
         self.cos, self.sin = cos, sin  # [max_len, rotary dim], shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
+
+    @staticmethod
+    def make_attention(config, layer: int) -> FlatAttention:
+        return FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
+                             sliding_window=sliding_window(config, layer))
 
     def lora_modules(self) -> list[FusedLoRALinear]:
         return [self.qkv, self.o_proj, self.gate_up, self.down_proj]

@@ -83,6 +83,9 @@ def test_markers_must_be_single_tokens(tmp_path):
 
     plain = build_tokenizer(tmp_path / "plain")
     assert Qwen3.for_tokenizer(plain) is None
-    marked = build_tokenizer(tmp_path / "marked", extra_specials=("<think>", "</think>"))
-    parser = Qwen3.for_tokenizer(marked)
-    assert parser is not None and marked.convert_ids_to_tokens([parser.start_id, parser.end_id]) == ["<think>", "</think>"]
+    for name, kind in (("added", "extra_tokens"), ("special", "extra_specials")):
+        marked = build_tokenizer(tmp_path / name, **{kind: ("<think>", "</think>")})
+        parser = Qwen3.for_tokenizer(marked)
+        assert marked.convert_ids_to_tokens([parser.start_id, parser.end_id]) == ["<think>", "</think>"]
+        # special markers' text is skipped with special tokens': chat requests then keep it
+        assert parser.special == (kind == "extra_specials")
