@@ -19,9 +19,9 @@ response at once, queued, and generates it while the client polls ``GET /v1/resp
 (queued, in_progress, then completed, incomplete, failed or cancelled by
 ``POST /v1/responses/{id}/cancel``); it must be kept. Its stream events are kept too (``EventLog``),
 so that ``stream: true`` with it, or ``GET /v1/responses/{id}?stream=true&starting_after=N``, reads
-them from any point and follows the rest, and a client that lost its stream resumes it. ``conversation``
-(the Conversations API), ``reasoning``, other ``include`` values and tools other than functions
-are refused, naming the field.
+them from any point and follows the rest, and a client that lost its stream resumes it.
+``reasoning.effort`` is chat's ``reasoning_effort``. ``conversation`` (the Conversations API), other
+``include`` values and tools other than functions are refused, naming the field.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .openai_schema import (
     UNSERVED_EXTRAS,
     ChatCompletionRequest,
     GenerationBody,
+    ReasoningEffort,
     TokenText,
     chat_logprobs,
     chat_message,
@@ -122,11 +123,22 @@ def chat_messages(items: list[InputItem]) -> list[dict]:
     return out
 
 
+class ReasoningOptions(BaseModel):
+    """The ``reasoning`` field: ``effort`` is chat's ``reasoning_effort`` (the chat template's
+    variable). ``summary`` is taken and repeated, but no summary is written: the reasoning item
+    carries the whole thinking as ``reasoning_text``, its ``summary`` empty."""
+
+    model_config = ConfigDict(extra="forbid")
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # summary's deprecated name
+
+
 class ResponsesRequest(GenerationBody):
     unserved: ClassVar[dict[str, tuple[tuple, str]]] = {
         **UNSERVED_EXTRAS,
         "conversation": (("",), ": the Conversations API is not served; continue a response by previous_response_id"),
-        "reasoning": ((), NOT_SERVED), "prompt": ((), NOT_SERVED),
+        "prompt": ((), NOT_SERVED),
         # GenerationBody's fields that a response has no place for
         "use_beam_search": ((False,), " is served by chat and completions, not the Responses API"),
         "prompt_logprobs": ((), ": a response has no place for them"),
@@ -147,6 +159,7 @@ class ResponsesRequest(GenerationBody):
     previous_response_id: str | None = None  # a kept response this request continues
     metadata: dict[str, str] | None = None
     background: bool | None = None  # return at once, queued; GET /v1/responses/{id} polls it
+    reasoning: ReasoningOptions | None = None
 
     def as_chat(self, history: tuple[dict, ...] = ()) -> ChatCompletionRequest:
         """The chat request this one amounts to, continuing ``history`` (a kept response's
@@ -165,7 +178,8 @@ class ResponsesRequest(GenerationBody):
                 "tool_choice": self._tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
                 "logprobs": self.logprobs or None, "top_logprobs": self.top_logprobs if self.logprobs else None,
                 "truncate_prompt_tokens": -1 if self.truncation == "auto" else self.truncate_prompt_tokens,
-                "response_format": self._response_format()}
+                "response_format": self._response_format(),
+                "reasoning_effort": self.reasoning.effort if self.reasoning else None}
         try:
             return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
         except ValidationError as e:  # what the chat body checks that this one did not (a tool's parameters...)
@@ -242,7 +256,11 @@ class ResponsesRequest(GenerationBody):
                 "text": self.text or {"format": {"type": "text"}}, "truncation": self.truncation or "disabled",
                 "metadata": self.metadata or {}, "user": self.user, "store": stored,
                 "previous_response_id": self.previous_response_id, "background": bool(self.background),
-                "reasoning": None, "error": None, "top_logprobs": self.top_logprobs or 0}
+                "reasoning": self._reasoning(), "error": None, "top_logprobs": self.top_logprobs or 0}
+
+    def _reasoning(self) -> dict | None:
+        r = self.reasoning
+        return None if r is None else {"effort": r.effort, "summary": r.summary or r.generate_summary}
 
     def check_background(self, keeps: bool) -> None:
         """A background response must be kept (``keeps``: the server keeps responses)."""

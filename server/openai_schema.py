@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
-from .errors import RequestInvalid
+from .errors import RequestInvalid, clip
 from .openai_structured import (
     STRUCTURED_OUTPUTS_KEYS,
     NamedToolChoice,
@@ -366,6 +366,10 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+# OpenAI's reasoning effort levels
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
 class ChatRendering(BaseModel):
     """vLLM's chat extras, how messages are rendered (server/prompts.py, ChatOptions): the same in
     chat and in /tokenize."""
@@ -375,9 +379,17 @@ class ChatRendering(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # the request's own (--trust-request-chat-template)
     documents: list[dict[str, str]] | None = None  # for a template that shows retrieved documents
+    # OpenAI's, for reasoning models: the chat template's ``reasoning_effort`` variable (as vLLM
+    # passes it); a template that does not read it ignores it
+    reasoning_effort: ReasoningEffort | None = None
 
     def chat_options(self) -> ChatOptions:
-        return ChatOptions(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {},
+        kwargs = dict(self.chat_template_kwargs or {})
+        effort = self.reasoning_effort
+        if effort is not None and kwargs.setdefault("reasoning_effort", effort) != effort:
+            raise RequestInvalid(f"reasoning_effort {effort!r} and chat_template_kwargs' reasoning_effort "
+                                 f"{clip(kwargs['reasoning_effort'])} differ: set one", param="reasoning_effort")
+        return ChatOptions(self.add_generation_prompt, self.continue_final_message, kwargs,
                            self.chat_template or "", tuple(self.documents or ()))
 
 
@@ -888,6 +900,8 @@ class TokenizeRequest(ChatRendering):
             raise RequestInvalid("set exactly one of prompt and messages", param="prompt")
         if self.tools and self.messages is None:
             raise RequestInvalid("tools go with messages", param="tools")
+        if self.reasoning_effort is not None and self.messages is None:
+            raise RequestInvalid("reasoning_effort goes with messages", param="reasoning_effort")
         return Prompt(text=self.prompt or "",
                       messages=turns(self.messages or ()),
                       tools=tuple(t.model_dump(exclude_none=True) for t in self.tools or ()), chat=self.chat_options(),

@@ -1667,7 +1667,6 @@ def test_responses_api_is_chat_by_another_shape(oserver):
         (dict(input=[{"type": "reasoning", "summary": [], "content": [{"type": "input_image"}]}]),
          "input[0], a reasoning item, has parts other than reasoning_text", "input"),
         (dict(input=[{"type": "function_call_output", "output": "x"}]), "needs call_id and output", "input"),
-        (dict(reasoning={"effort": "low"}), "reasoning: it is not supported", "reasoning"),
         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
          "content part of type 'input_image'", "input"),
         (dict(max_output_tokens=10**7), "max_output_tokens must be in [1, 1024]", "max_output_tokens"),

@@ -10,7 +10,13 @@ thinking."""
 
 import json
 
+import openai
 import pytest
+
+try:  # the HTTP client the installed openai package uses
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover - older openai releases use httpx
+    import httpx
 
 from loramux.clients.types import Sampling
 
@@ -18,8 +24,10 @@ from helpers import build_llama
 from server import ServerProcess
 
 # Qwen3's way of writing a conversation, reduced: an assistant turn's thinking before its answer,
-# and an empty block that closes it when enable_thinking is false
+# and an empty block that closes it when enable_thinking is false; a reasoning effort in a system
+# line first, as gpt-oss's template writes it
 TEMPLATE = (
+    "{% if reasoning_effort is defined %}<|im_start|>system\nReasoning: {{ reasoning_effort }}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
     "{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
@@ -213,3 +221,46 @@ def test_a_structured_output_constrains_the_answer_only(r1):
     prompt = r1.client.tokenize(messages=[("user", "Capital of France?")]).token_ids
     raw = r1.client.generate(prompt_token_ids=prompt, sampling=Sampling(max_new_tokens=6, choice=["yes", "no"]))
     assert raw.text == free.choices[0].message.reasoning_content
+
+
+def test_reasoning_effort_is_the_chat_templates_variable(whole):
+    """OpenAI's reasoning_effort (chat, /tokenize) and reasoning.effort (Responses) reach the chat
+    template as its reasoning_effort variable, as chat_template_kwargs would set it; a response
+    repeats its reasoning settings. Two values at once, a level OpenAI does not name, and an effort
+    without messages are refused, naming the field."""
+    oa, url = whole.openai(), f"http://127.0.0.1:{whole.http_port}/tokenize"
+
+    def rendered(**body) -> str:
+        got = httpx.post(url, json={"messages": ASK, **body})
+        assert got.status_code == 200, got.text
+        return whole.client.detokenize(got.json()["tokens"])
+
+    assert rendered(reasoning_effort="high").startswith("<|im_start|>system\nReasoning: high<|im_end|>\n")
+    assert "Reasoning" not in rendered()
+    high = whole.client.tokenize(messages=[("user", ASK[0]["content"])],
+                                 chat_template_kwargs={"reasoning_effort": "high"}).token_ids
+    assert rendered(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "high"}) == \
+        whole.client.detokenize(high)
+    chat = oa.chat.completions.create(model=whole.model, messages=ASK, reasoning_effort="high", max_tokens=2)
+    assert chat.usage.prompt_tokens == len(high)
+    reply = oa.responses.create(model=whole.model, input=ASK[0]["content"], max_output_tokens=2,
+                                reasoning={"effort": "high", "summary": "auto"})
+    assert reply.usage.input_tokens == len(high)
+    assert (reply.reasoning.effort, reply.reasoning.summary) == ("high", "auto")
+    assert oa.responses.create(model=whole.model, input="Hi", max_output_tokens=2).reasoning is None
+    for call, needle, param in (
+        (lambda: oa.chat.completions.create(model=whole.model, messages=ASK, reasoning_effort="low",
+                                            extra_body={"chat_template_kwargs": {"reasoning_effort": "high"}}),
+         "reasoning_effort 'low' and chat_template_kwargs' reasoning_effort 'high' differ", "reasoning_effort"),
+        (lambda: oa.chat.completions.create(model=whole.model, messages=ASK, reasoning_effort="extreme"),
+         "reasoning_effort", "reasoning_effort"),
+        (lambda: oa.responses.create(model=whole.model, input="Hi", reasoning={"effort": "extreme"}),
+         "reasoning.effort", "reasoning.effort"),
+        (lambda: oa.responses.create(model=whole.model, input="Hi", reasoning={"effort": "low", "budget": 3}),
+         "reasoning.budget", "reasoning.budget"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert needle in e.value.message and e.value.body["param"] == param, e.value.body
+    refused = httpx.post(url, json={"prompt": "Hi", "reasoning_effort": "low"})
+    assert refused.status_code == 400 and "reasoning_effort goes with messages" in refused.text, refused.text
