@@ -650,7 +650,9 @@ def http_bodies():
                                                                   max_size=2), max_size=2), odd),
                   "chat_template": st.one_of(st.sampled_from(["{{ messages[0].content }}", "{% if %}"]), odd),
                   "chat_template_kwargs": st.one_of(st.dictionaries(st.sampled_from(
-                      ["preamble", "enable_thinking", "tokenize", "messages", "return_dict"]), odd, max_size=2), odd)})
+                      ["preamble", "enable_thinking", "tokenize", "messages", "return_dict", "reasoning_effort"]), odd,
+                      max_size=2), odd),
+                  "reasoning_effort": st.one_of(st.sampled_from(["low", "high", "max"]), odd)})
     in_range = st.fixed_dictionaries({  # bodies that are served: the paths past validation get fuzzed too
         "model": st.sampled_from(["attn-r4", "all-r8"]), "prompt": st.lists(st.integers(1, 383), min_size=1, max_size=6),
         "max_tokens": st.integers(1, 5)}, optional={
@@ -685,7 +687,9 @@ def http_bodies():
             st.fixed_dictionaries({"type": st.just("json_schema"), "name": st.just("n"), "schema": schemas}), odd)}),
             odd),
         "truncation": st.one_of(st.sampled_from(["auto", "disabled"]), odd), "store": odd, "metadata": odd,
-        "previous_response_id": odd, "reasoning": odd, "top_logprobs": st.one_of(st.integers(-1, 22), odd),
+        "previous_response_id": odd,
+        "reasoning": st.one_of(st.dictionaries(st.sampled_from(["effort", "summary", "budget"]),
+                                               st.one_of(st.sampled_from(["low", "auto", "max"]), odd), max_size=2), odd), "top_logprobs": st.one_of(st.integers(-1, 22), odd),
         "background": st.one_of(st.booleans(), odd),
         "include": st.one_of(st.lists(st.sampled_from(["message.output_text.logprobs", "x"]), max_size=2), odd),
         "tools": st.one_of(st.just([]), st.just([{"type": "function", "name": "f", "parameters": {
