@@ -9,7 +9,8 @@ block ``tables[r, j // bs]``, offset ``j % bs``:
 
 ``slope_h`` is ALiBi's (BLOOM adds slope * key position: a per-row constant shift of the causal
 bias); without ALiBi it is 0. Softmax and sums run in float32. Gemma 2 soft-caps the scores first:
-s -> cap * tanh(s / cap) (``softcapped_attention``, in torch ops only).
+s -> cap * tanh(s / cap) (decode rows: the C++ kernel, or ``paged_decode_softcapped`` in torch ops
+on other backends; prefill: ``softcapped_attention``).
 """
 
 from __future__ import annotations
@@ -123,12 +124,13 @@ def _cpp_decode():
     return None if module is None else module.paged_decode
 
 
-def cpp_decode(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks):
+def cpp_decode(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None):
     q = q.contiguous()  # [D, H, hd]: a small copy of the decode rows' queries (they are a view of qkv)
     out = torch.empty_like(q)
     _cpp_decode()(out, q, k_cache, v_cache, tables, lengths, scale, window or 0,
-                  slopes if slopes is not None else q.new_empty(0, dtype=torch.float32))
+                  slopes if slopes is not None else q.new_empty(0, dtype=torch.float32), softcap or 0.0)
     return out
+
 
 
 def select_decode_attention(name: str, device) -> DecodeAttention:

@@ -563,8 +563,9 @@ void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, to
 }
 
 // Decode attention over block-paged KV, for each row i (position p = lengths[i] - 1) and head h:
-//   s_j = scale * q[i,h] . k[j] + slope_h * j  for j in [max(0, p - window + 1), p]  (window 0: from 0)
+//   s_j = c(scale * q[i,h] . k[j]) + slope_h * j  for j in [max(0, p - window + 1), p]  (window 0: from 0)
 //   out[i,h] = sum_j softmax(s)_j v[j],   key j at block tables[i, j / bs], offset j % bs
+// c(s) = cap * tanh(s / cap) with a soft cap (Gemma 2's; the scalar path), else s.
 // k, v: [NB, bs, KV, hd]; q, out: [D, H, hd]. Float32 softmax and sums.
 // A task is a row and `gh` query heads that share one KV head (gh divides H / KV; all of them unless
 // that leaves too few tasks for the threads): each key and value row is read once for the task's
@@ -758,7 +759,7 @@ static void decode_heads(float* out, const float* q, const float* k, const float
 template <typename T>
 static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lengths,
                        const float* slopes, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t bs, int64_t mb,
-                       float scale, int64_t window, int64_t max_len) {
+                       float scale, int64_t window, int64_t max_len, float cap) {
   const int64_t token_stride = KV * hd, block_stride = bs * KV * hd;
   int64_t gh = H / KV;  // heads a task: fewer when the tasks would not keep every thread busy
   while (gh > 1 && D * (H / gh) < 4 * at::get_num_threads()) {
@@ -784,7 +785,7 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       }
 #if defined(LORAMUX_DECODE_VEC)
       if constexpr (std::is_same_v<T, float>) {
-        if ((hd == 64 || hd == 128) && gh <= 64) {
+        if ((hd == 64 || hd == 128) && gh <= 64 && cap == 0.f) {  // soft-capped scores: the scalar path
           (hd == 64 ? decode_heads<64 / Vec::L> : decode_heads<128 / Vec::L>)(
               out + i * H * hd, q + i * H * hd, k, v, off, slopes, h0, gh, lo, len, scale, s.data(), acc.data());
           continue;
@@ -812,7 +813,9 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < hd; ++d) dot += qg[d] * kw[d];
-          const float sj = scale * dot + (slopes ? slopes[h0 + g] : 0.f) * static_cast<float>(lo + t);
+          float sj = scale * dot;
+          if (cap > 0.f) sj = cap * std::tanh(sj / cap);  // Gemma 2's soft cap, before any ALiBi bias
+          sj += (slopes ? slopes[h0 + g] : 0.f) * static_cast<float>(lo + t);
           s[g * max_len + t] = sj;
           mx[g] = std::max(mx[g], sj);
         }
@@ -854,7 +857,7 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
 }
 
 void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
-                  torch::Tensor lengths, double scale, int64_t window, torch::Tensor slopes) {
+                  torch::Tensor lengths, double scale, int64_t window, torch::Tensor slopes, double softcap) {
   TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && out.is_contiguous() && k.is_contiguous() &&
               v.is_contiguous() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
               out.scalar_type() == q.scalar_type(), "paged_decode: contiguous CPU tensors of one dtype");
@@ -863,6 +866,7 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
               "paged_decode: int64 tables [D, MB] and lengths [D]");
   TORCH_CHECK(slopes.numel() == 0 || (slopes.scalar_type() == at::kFloat && slopes.numel() == q.size(1)),
               "paged_decode: float32 slopes [H] or empty");
+  TORCH_CHECK(softcap >= 0.0, "paged_decode: softcap >= 0 (0: none)");
   const int64_t D = q.size(0);
   if (D == 0) return;
   const int64_t max_len = lengths.max().item<int64_t>();
@@ -870,7 +874,8 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
     paged_rows<scalar_t>(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                          v.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
                          slopes.numel() ? slopes.data_ptr<float>() : nullptr, D, q.size(1), k.size(2), q.size(2),
-                         k.size(1), tables.size(1), static_cast<float>(scale), window, max_len);
+                         k.size(1), tables.size(1), static_cast<float>(scale), window, max_len,
+                         static_cast<float>(softcap));
   });
 }
 
