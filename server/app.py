@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -28,6 +29,7 @@ SERVICE_NAME = loramux_pb2.DESCRIPTOR.services_by_name["LoraMux"].full_name  # "
 DRAIN_POLL_S = 0.05
 EXIT_FATAL = 3
 EXIT_CONFIG = 2  # as for a bad flag
+CANNOT_BIND = "the port is in use, or the address is not this host's"
 FATAL_EXIT_GRACE_S = 10.0  # after a fatal fault the process exits by then, even if the event loop is stuck
 
 
@@ -88,9 +90,12 @@ class App:
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
         creds = server_credentials(self.config)
-        port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        try:
+            port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind"
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind {address}")
+            raise StartupError(f"cannot listen on {address} (--host, --port): {CANNOT_BIND}")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # liveness
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)  # readiness: model loading
         await self.server.start()
@@ -120,15 +125,19 @@ class App:
                                 lifespan="off", access_log=False, log_config=None, log_level="warning",
                                 timeout_keep_alive=c.http_keep_alive_timeout,
                                 timeout_graceful_shutdown=max(1, int(c.drain_timeout)), **tls)
+        # bound here, not by uvicorn, whose bind failure is a sys.exit that takes the event loop down
+        family = socket.AF_INET6 if ":" in c.http_bind_host else socket.AF_INET
+        try:
+            sock = socket.create_server((c.http_bind_host, c.http_port), family=family)
+        except OSError as e:
+            raise StartupError(f"cannot serve HTTP on {c.http_bind_host}:{c.http_port} (--http-host, --http-port): "
+                               f"{e.strerror or e}") from None
         self._http = Server(config)
-        self._http_task = asyncio.create_task(self._http.serve())
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         while not self._http.started:
             if self._http_task.done():
-                try:
-                    self._http_task.result()
-                except SystemExit:  # uvicorn's way of saying it could not bind
-                    pass
-                raise OSError(f"cannot serve HTTP on {c.http_bind_host}:{c.http_port}")
+                self._http_task.result()  # raises what stopped it
+                raise StartupError("the HTTP server stopped as it started")
             await asyncio.sleep(0.01)
         log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if tls else "http", c.http_bind_host,
                  c.http_port)
@@ -173,7 +182,12 @@ class App:
             if c.tls_cert:
                 tls = dict(certfile=c.tls_cert, keyfile=c.tls_key, client_cafile=c.tls_client_ca,
                            client_auth_required=c.tls_client_ca is not None)
-            self._metrics_server, _ = start_http_server(c.metrics_port, c.metrics_host, registry=metrics.registry, **tls)
+            try:
+                self._metrics_server, _ = start_http_server(c.metrics_port, c.metrics_host, registry=metrics.registry,
+                                                            **tls)
+            except OSError as e:
+                raise StartupError(f"cannot serve metrics on {c.metrics_host}:{c.metrics_port} (--metrics-host, "
+                                   f"--metrics-port): {e.strerror or e}") from None
             log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", c.metrics_host, c.metrics_port)
 
     def on_signal(self) -> None:
@@ -220,7 +234,12 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before the port opens: a prompt SIGTERM still drains
             loop.add_signal_handler(sig, self.on_signal)
-        await self.start()
+        try:
+            await self.start()
+        except StartupError as e:
+            log.critical("cannot start: %s", e)
+            await self.drain(0.0)
+            return EXIT_CONFIG
         loader = asyncio.create_task(self.load())
         stop = asyncio.create_task(self._stopping.wait())
         fatal = asyncio.create_task(self._fatal.wait())

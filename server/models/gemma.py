@@ -9,9 +9,8 @@ projections, LoRA targets and attention, with Gemma's differences.
 - Local layers (``layer_types`` "sliding_attention") attend within ``sliding_window``; Gemma 3's
   turn q and k by a RoPE of their own base (``rope_parameters`` per layer type).
 - Gemma 2 soft-caps attention scores and the logits (``attn_logit_softcapping``,
-  ``final_logit_softcapping``: x -> cap * tanh(x / cap)); its decode attention runs in the C++
-  kernel on a CPU, in torch ops elsewhere (not the Triton kernel), and its prefill in torch ops
-  (ops/attention.py ``softcapped_attention``).
+  ``final_logit_softcapping``: x -> cap * tanh(x / cap)); the decode attention kernels (C++,
+  Triton) cap the scores, prefill runs in torch ops (ops/attention.py ``softcapped_attention``).
 
 Bidirectional attention (Gemma 3 embedding models) is refused at start-up.
 """

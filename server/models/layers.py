@@ -10,13 +10,7 @@ from torch import nn
 
 from ..kv_cache import PagedKVCache
 from ..ops import LoRAPlans
-from ..ops.attention import (
-    causal_mask,
-    cpp_decode,
-    gather_context,
-    paged_decode_softcapped,
-    softcapped_attention,
-)
+from ..ops.attention import causal_mask, gather_context, softcapped_attention
 from ..ops.linear import Linear
 from ..ops.quantize import Int8Linear, quantize_int8
 from .batch import StepBatch
@@ -104,8 +98,8 @@ class FlatAttention(nn.Module):
     q: [T, H, hd], k, v: [T, KV, hd] (new tokens, already position-encoded) -> [T, H * hd].
     Options: ``scale`` (None: hd^-0.5), a ``sliding_window`` (keys q_pos - window < k_pos <= q_pos),
     ALiBi ``slopes`` [H] (score += slope_h * k_pos; constant per query row, as BLOOM adds it), and
-    Gemma 2's ``softcap`` (score -> cap * tanh(score / cap): the C++ decode kernel takes it, the
-    other decode backends and prefill leave it to torch ops).
+    Gemma 2's ``softcap`` (score -> cap * tanh(score / cap): every decode backend takes it; prefill
+    runs it in torch ops).
     The new K/V are written first; prefill chunks then run SDPA over exactly their own blocks, and
     all decode rows go through the cache's decode kernel in one call (ops/attention.py).
     """
@@ -154,15 +148,9 @@ class FlatAttention(nn.Module):
         num_decode = batch.decode_lengths.numel()
         if num_decode:
             rows = q[batch.num_prefill_rows :]
-            if self.softcap is not None and kv.decode_attention is cpp_decode:
-                o = cpp_decode(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths, batch.decode_ctx,
-                               self.scale, self.sliding_window, slopes, batch.masks, self.softcap)
-            elif self.softcap is not None:
-                o = paged_decode_softcapped(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
-                                            batch.decode_ctx, self.scale, self.sliding_window, self.softcap)
-            else:
-                o = kv.decode_attention(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
-                                        batch.decode_ctx, self.scale, self.sliding_window, slopes, batch.masks)
+            o = kv.decode_attention(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
+                                    batch.decode_ctx, self.scale, self.sliding_window, slopes, batch.masks,
+                                    self.softcap)
             out[batch.num_prefill_rows :] = o.reshape(num_decode, size)
         return out
 

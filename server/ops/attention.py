@@ -9,8 +9,7 @@ block ``tables[r, j // bs]``, offset ``j % bs``:
 
 ``slope_h`` is ALiBi's (BLOOM adds slope * key position: a per-row constant shift of the causal
 bias); without ALiBi it is 0. Softmax and sums run in float32. Gemma 2 soft-caps the scores first:
-s -> cap * tanh(s / cap) (decode rows: the C++ kernel, or ``paged_decode_softcapped`` in torch ops
-on other backends; prefill: ``softcapped_attention``).
+s -> cap * tanh(s / cap) (every decode backend's ``softcap``; prefill: ``softcapped_attention``).
 """
 
 from __future__ import annotations
@@ -93,9 +92,12 @@ def paged_decode_softcapped(q, k_cache, v_cache, tables, lengths, ctx: int, scal
 
 
 def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: float, window, slopes,
-                       masks: dict) -> torch.Tensor:
+                       masks: dict, softcap: float | None = None) -> torch.Tensor:
     """Decode rows (position = length - 1) with torch ops: gathers each row's blocks into a padded
-    [D, KV, ctx, hd] copy. The fallback where no kernel is available, and a second oracle."""
+    [D, KV, ctx, hd] copy. The fallback where no kernel is available, and a second oracle.
+    ``softcap``: Gemma 2's (no ALiBi with it)."""
+    if softcap is not None:
+        return paged_decode_softcapped(q, k_cache, v_cache, tables, lengths, ctx, scale, window, softcap)
     D, H, hd = q.shape
     bs = k_cache.shape[1]
     nb = -(-ctx // bs)

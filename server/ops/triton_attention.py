@@ -7,8 +7,9 @@ with an online softmax in float32:
 
     m' = max(m, max_j s_j);  l' = l e^(m - m') + sum_j e^(s_j - m');  acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j
 
-and writes acc / l. Scores are ``scale * q . k_j + slope_h * j`` over the row's causal window (see
-attention.py). Tested under ``TRITON_INTERPRET=1`` against the oracle.
+and writes acc / l. Scores are ``c(scale * q . k_j) + slope_h * j`` over the row's causal window
+(see attention.py), c(s) = cap * tanh(s / cap) with Gemma 2's soft cap (tanh as 2 sigmoid(2x) - 1,
+which the interpreter runs too), else s. Tested under ``TRITON_INTERPRET=1`` against the oracle.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ TILE = 32  # key positions per loop iteration, gathered through the block table 
 
 @triton.jit(do_not_specialize=["window", "max_blocks"])
 def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_ptr, scale, window, max_blocks,
-                  H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, G_BLOCK: tl.constexpr, HD: tl.constexpr,
-                  HD_BLOCK: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                  softcap, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, G_BLOCK: tl.constexpr,
+                  HD: tl.constexpr, HD_BLOCK: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, HAS_CAP: tl.constexpr):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     length = tl.load(lengths_ptr + i)
@@ -49,7 +51,10 @@ def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_
         base = (block[:, None] * BS + (j % BS)[:, None]) * KV * HD + kvh * HD + d[None, :]  # [TILE, HD]
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + base, mask=kv_mask, other=0.0).to(tl.float32)
-        s = scale * tl.sum(q[:, None, :] * k[None, :, :], axis=2) + slope[:, None] * j[None, :].to(tl.float32)
+        s = scale * tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        if HAS_CAP:
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        s = s + slope[:, None] * j[None, :].to(tl.float32)
         s = tl.where(valid[None, :], s, float("-inf"))  # [G, TILE]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
@@ -63,7 +68,7 @@ def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_
              mask=g_mask[:, None] & d_mask[None, :])
 
 
-def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks):
+def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None):
     """Same contract as ``attention.paged_decode_torch``; ``ctx`` and ``masks`` are unused."""
     D, H, hd = q.shape
     out = torch.empty_like(q)
@@ -74,7 +79,8 @@ def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window
     KV = k_cache.shape[2]
     _paged_decode[(D, KV)](
         out, q, k_cache, v_cache, tables, lengths, slopes if slopes is not None else q, float(scale),
-        int(window or 0), tables.shape[1], H=H, KV=KV, GROUP=H // KV, G_BLOCK=triton.next_power_of_2(H // KV),
-        HD=hd, HD_BLOCK=triton.next_power_of_2(hd), BS=k_cache.shape[1], TILE=TILE, HAS_ALIBI=slopes is not None,
+        int(window or 0), tables.shape[1], float(softcap or 0.0), H=H, KV=KV, GROUP=H // KV,
+        G_BLOCK=triton.next_power_of_2(H // KV), HD=hd, HD_BLOCK=triton.next_power_of_2(hd), BS=k_cache.shape[1],
+        TILE=TILE, HAS_ALIBI=slopes is not None, HAS_CAP=softcap is not None,
     )
     return out

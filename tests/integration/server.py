@@ -20,19 +20,38 @@ SERVICE = "loramux.v1.LoraMux"
 
 
 class ServerProcess:
+    # A free port can be taken by another test worker between free_port() and the server's bind:
+    # a server that exits on that (server/app.py's message), before it served, starts again on
+    # other ports, this many times.
+    PORT_RETRIES = 3
+
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.args, self.env, self.log_path = args, env, log_path
+        self.retries = 0
+        self._start()
+
+    def _start(self) -> None:
         self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.base_url = f"http://127.0.0.1:{self.http_port}/v1"
         cmd = [sys.executable, "-m", "loramux.server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *args]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *self.args]
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})})
         self.channel = grpc.insecure_channel(self.target)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.client = LoraMuxClient(channel=self.channel)
+
+    def _restarted_on_a_taken_port(self, seen: list) -> bool:
+        served = health_pb2.HealthCheckResponse.SERVING in seen
+        if served or self.retries >= self.PORT_RETRIES or "in use" not in self.log().lower():
+            return False
+        self.retries += 1
+        self.channel.close()
+        self._log.close()
+        self._start()
+        return True
 
     def health_status(self, service: str = SERVICE):
         try:
@@ -45,6 +64,8 @@ class ServerProcess:
         seen, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self._restarted_on_a_taken_port(seen):
+                    continue
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             s = self.health_status(service)
             if s is not None and (not seen or seen[-1] != s):

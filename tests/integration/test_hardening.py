@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from loramux.clients.bench import free_port
 from loramux.clients.client import LoraMuxClient
 from loramux.clients.types import Sampling
 from loramux.v1 import loramux_pb2 as pb
@@ -332,6 +334,25 @@ def test_health_and_server_info_answer_while_a_huge_prompt_is_tokenized(hserver)
     assert max(health) < 0.5 and max(info) < 0.5, (max(health), max(info))
     assert statistics.median(health) < 0.1 and statistics.median(info) < 0.1
     assert_recovered(hserver, canary)
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http-port", "--metrics-port"])
+def test_a_port_in_use_is_a_startup_error_naming_its_flags(tiny_llama, flag):
+    """An operator's port that something else holds: the server exits with the bad-flag status and
+    one line naming the address and the flags, not a traceback (the metrics port once failed only
+    after the model had loaded, in prometheus-client's traceback)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        ports = {"--port": free_port(), "--http-port": free_port(), "--metrics-port": free_port(), flag: taken}
+        run = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(tiny_llama),
+                              "--host", "127.0.0.1", *(str(a) for kv in ports.items() for a in kv)],
+                             capture_output=True, text=True, timeout=120)
+    critical = [line for line in run.stderr.splitlines() if "CRITICAL" in line]
+    assert run.returncode == 2 and len(critical) == 1, run.stderr
+    assert f"127.0.0.1:{taken}" in critical[0] and flag in critical[0] and "in use" in critical[0], critical
+    assert "Traceback" not in run.stderr, run.stderr
 
 
 def test_the_engine_dying_while_the_loop_is_busy_still_exits(tiny_llama, tmp_path):
