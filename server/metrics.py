@@ -99,12 +99,13 @@ class Metrics(EngineObserver):
     def token(self, seq: Sequence, gap_seconds: float | None) -> None:
         if gap_seconds is not None:
             self.itl.observe(gap_seconds)
+        # as each is sampled (vLLM's generation_tokens too), so a scrape sees long generations move
+        self.generated_tokens.labels(self.labels(seq.request.adapter_id)).inc()
 
     def finish(self, seq: Sequence, status: str, error: BaseException | None, timing: Timing) -> None:
         adapter = self.labels(seq.request.adapter_id)
         self.requests.labels(status, adapter).inc()
         self.prompt_tokens.labels(adapter).inc(seq.num_prompt)
-        self.generated_tokens.labels(adapter).inc(seq.num_generated)
         self.request_duration.observe(timing.total_seconds)
         if seq.admitted_at is not None:
             self.queue_duration.observe(timing.queue_seconds)

@@ -68,6 +68,22 @@ def test_counters_and_histograms_move_exactly(metrics_server):
     assert {'loramux_adapter_reloads_total{tier="host"}', 'loramux_adapter_reloads_total{tier="device"}'} <= set(after)
 
 
+def test_generated_tokens_are_counted_as_they_come(metrics_server):
+    """A scrape during a long generation sees its tokens (not only once the request ends), and the
+    count at its end is exact."""
+    s = metrics_server
+    before = total(wait_idle(s), "loramux_generated_tokens_total", adapter="a002")
+    stream = s.client.generate_stream(prompt_token_ids=PROMPT_IDS, adapter_id="a002",
+                                      sampling=Sampling(max_new_tokens=200, ignore_eos=True))
+    seen = [next(stream) for _ in range(20)]
+    m = s.metrics()
+    during = total(m, "loramux_generated_tokens_total", adapter="a002") - before
+    assert m["loramux_running_requests"] == 1, "the request ended before the scrape: the test shows nothing"
+    chunks = seen + list(stream)
+    assert 20 <= during < 200 and len(chunks) == 200 and chunks[-1].finish_reason == "length"
+    assert total(wait_idle(s), "loramux_generated_tokens_total", adapter="a002") - before == 200
+
+
 def test_rejected_requests_are_counted(metrics_server):
     s = metrics_server
     before = s.metrics()

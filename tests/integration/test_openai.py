@@ -843,7 +843,7 @@ def test_a_client_that_goes_away_before_a_whole_response_frees_its_requests(oser
     the server cancels the route and its requests at once, instead of generating them for no one
     (all of them: n x 240 tokens, a beam search's one a beam a step). Half the completions wait
     for room in the batch (--max-batch-size 8), so under half of the whole is generated however
-    fast the machine runs the others (the counter counts a request's tokens when it ends)."""
+    fast the machine runs the others."""
     wait_idle(oserver)
     before = oserver.metrics()
     with pytest.raises(httpx.ReadTimeout):
