@@ -80,24 +80,11 @@ def softcapped_attention(q, k, v, allowed, scale: float, softcap: float) -> torc
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
-def paged_decode_softcapped(q, k_cache, v_cache, tables, lengths, ctx: int, scale: float, window,
-                            softcap: float) -> torch.Tensor:
-    """Decode rows as ``paged_decode_torch`` gathers them, with soft-capped scores."""
-    bs = k_cache.shape[1]
-    nb = -(-ctx // bs)
-    k = k_cache[tables[:, :nb]].flatten(1, 2)[:, :ctx].transpose(1, 2)  # [D, KV, ctx, hd]
-    v = v_cache[tables[:, :nb]].flatten(1, 2)[:, :ctx].transpose(1, 2)
-    allowed = causal_mask((lengths - 1)[:, None], torch.arange(ctx, device=q.device)[None, :], q.dtype, window, None, 0)
-    return softcapped_attention(q[:, :, None], k, v, allowed[:, None, None, :], scale, softcap)[:, :, 0]
-
-
 def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: float, window, slopes,
                        masks: dict, softcap: float | None = None) -> torch.Tensor:
     """Decode rows (position = length - 1) with torch ops: gathers each row's blocks into a padded
     [D, KV, ctx, hd] copy. The fallback where no kernel is available, and a second oracle.
-    ``softcap``: Gemma 2's (no ALiBi with it)."""
-    if softcap is not None:
-        return paged_decode_softcapped(q, k_cache, v_cache, tables, lengths, ctx, scale, window, softcap)
+    ``softcap``: Gemma 2's (no ALiBi with it: the mask stays boolean)."""
     D, H, hd = q.shape
     bs = k_cache.shape[1]
     nb = -(-ctx // bs)
@@ -110,6 +97,8 @@ def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: fl
         mask = causal_mask((lengths - 1)[:, None], k_pos, q.dtype, window, slopes, head_dim_at=1)
         mask = mask[:, None, None, :] if slopes is None else mask[:, :, None, :]
         masks[key] = mask
+    if softcap is not None:
+        return softcapped_attention(q[:, :, None], k, v, mask, scale, softcap)[:, :, 0]
     o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale,
                                        enable_gqa=H != k_cache.shape[2])
     return o[:, :, 0]
@@ -132,7 +121,6 @@ def cpp_decode(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes,
     _cpp_decode()(out, q, k_cache, v_cache, tables, lengths, scale, window or 0,
                   slopes if slopes is not None else q.new_empty(0, dtype=torch.float32), softcap or 0.0)
     return out
-
 
 
 def select_decode_attention(name: str, device) -> DecodeAttention:
