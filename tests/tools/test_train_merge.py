@@ -19,6 +19,10 @@ from helpers import ALL_PROJ, FAMILY_ADAPTERS, build_adapter, build_family_model
 EXAMPLES = [{"prompt": f"Q: {w}?\nA:", "completion": f" {w.upper()} {w[::-1]}"}
             for w in ["fox", "dog", "cat", "server", "batch", "adapter", "low", "rank", "token", "queue"]]
 
+# A merged weight W + s·BA rounds once where PEFT adds s·(xA)B to xW: logits of magnitude ~30 (a
+# trained lm_head) differ by a few float32 ulps, ~1e-4, so the bound is relative as well.
+MERGE_RTOL = 1e-5
+
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
@@ -152,7 +156,7 @@ def test_merge_matches_peft_in_every_family(family, dora, tmp_path):
         ref = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
         x = torch.randint(3, 300, (2, 12))
         with torch.no_grad():
-            assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-4, rtol=0), (family, name)
+            assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL), (family, name)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -171,7 +175,7 @@ def test_merge_of_lm_head_lora_unties_a_tied_output_layer(tied, tmp_path):
     ref = PeftModel.from_pretrained(base, adapter).eval()
     x = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
-        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
@@ -191,7 +195,7 @@ def test_merge_of_token_embedding_lora_matches_peft(family, tmp_path):
     ref = PeftModel.from_pretrained(base, adapter).eval()
     x = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
-        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
 
 @pytest.mark.parametrize("alone", [False, True], ids=["with-lora", "alone"])
@@ -221,7 +225,7 @@ def test_merge_of_trainable_tokens_matches_peft(tied, alone, tmp_path):
     ref = PeftModel.from_pretrained(base, adapter).eval()
     x = torch.tensor([[3, 4, 17, 11, 250, 9, 4, 40], [250, 5, 6, 11, 7, 8, 9, 10]])
     with torch.no_grad():
-        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
 
 @pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]],
@@ -244,7 +248,7 @@ def test_merge_of_fully_trained_modules_matches_peft(tied, saved, tmp_path):
     ref = PeftModel.from_pretrained(base, adapter).eval()
     x = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
-        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=0)
+        assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -262,7 +266,7 @@ def test_merge_of_added_tokens_resizes_the_model_and_keeps_its_tokenizer(tied, t
     assert ours.config.vocab_size == 388 and len(AutoTokenizer.from_pretrained(merged)) == 388
     x = torch.tensor([[3, 384, 17, 386, 250, 385, 4, 387]])
     with torch.no_grad():
-        assert torch.allclose(ours(x).logits, peft_model(model_dir, adapter)(x).logits, atol=1e-4, rtol=0)
+        assert torch.allclose(ours(x).logits, peft_model(model_dir, adapter)(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
