@@ -165,14 +165,19 @@ class DevicePool:
         with self._lock:
             return {k: r.pages.numel() for k, r in self._resident.items() if r.pins and k not in self._kept}
 
-    def shortfall(self, key: AdapterKey, rank: int) -> int:
-        """The pages ``reserve`` of ``rank`` pages for ``key`` lacks even after evicting every adapter
-        neither pinned nor kept: what pins hold back (0 when it is resident or reserved, or fits)."""
+    def evictable_pages(self) -> dict[AdapterKey, int]:
+        """The pages of each resident adapter that ``reserve`` may evict: neither pinned nor kept."""
+        with self._lock:
+            return {k: r.pages.numel() for k, r in self._resident.items() if not r.pins and k not in self._kept}
+
+    def spare(self, key: AdapterKey, rank: int) -> int | None:
+        """The pages left over once ``reserve`` has set ``rank`` aside for ``key``, evicting every
+        adapter it may (negative: what pins hold back); None when it is resident or reserved."""
         with self._lock:
             if key in self._resident or key in self._copying:
-                return 0
+                return None
             evictable = sum(r.pages.numel() for k, r in self._resident.items() if not r.pins and k not in self._kept)
-            return max(0, rank - len(self._free_pages) - evictable)
+            return len(self._free_pages) + evictable - rank
 
     def total_pins(self) -> int:
         with self._lock:

@@ -414,12 +414,13 @@ class AdapterManager:
         self._submit(key, self._stage_copy, key, reserved, weights)
         return True
 
-    def pages_short(self, key: AdapterKey) -> int:
-        """The device pages ``stage`` could not find for this adapter now, even by evicting everything
-        it may: those that pinned adapters hold (0 when it is resident, has pages reserved, or fits)."""
+    def pages_spare(self, key: AdapterKey) -> int | None:
+        """The device pages ``stage`` would leave free once this adapter is placed, evicting
+        everything it may (negative: what pinned adapters hold back); None when it is resident,
+        has pages reserved, or is not registered."""
         with self._lock:
             entry = self._entries.get(key)
-        return 0 if entry is None else self.pool.shortfall(key, entry.manifest.rank)
+        return None if entry is None else self.pool.spare(key, entry.manifest.rank)
 
     def _abandon_read(self, key: AdapterKey, error: AdapterError | None = None) -> None:
         """A read that will not land: no longer pending, its waiters fail with ``error`` (if one),

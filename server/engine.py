@@ -64,6 +64,7 @@ from .scheduler import (
     SeqView,
     adapter_order,
     page_victims,
+    pages_held,
     schedule,
 )
 from .sequence import RequestStream, Sequence
@@ -520,18 +521,24 @@ class Engine:
         """Priority scheduling: the first waiting request whose adapter is not ready may wait for
         device pages that running requests of a lower priority pin. Preempt those (``page_victims``)
         and keep their adapters out of this step's admission, so that the copy staged at its end
-        can evict them. Returns the adapters admission may take."""
+        can evict them. Until it is placed, requests of a lower priority do not pin the adapters it
+        would evict either (``pages_held``): while its read lands no pages can be reserved for it,
+        and they would take back the pages just freed, to be preempted again. Returns the adapters
+        admission may take."""
         ahead = set()
-        for seq in self._waiting:  # in (priority, arrival) order
+        for i, seq in enumerate(self._waiting):  # in (priority, arrival) order
             if seq.adapter is None or seq.adapter in ready:
                 ahead.add(seq.adapter)
                 continue
-            short = self.adapters.pages_short(seq.adapter)
-            if not short:
+            spare = self.adapters.pages_spare(seq.adapter)
+            if spare is None:  # placed, or its pages reserved
                 return ready
+            if spare >= 0:
+                return ready - pages_held(seq.priority, spare, self._waiting[i + 1:],
+                                          self.adapters.pool.evictable_pages(), ahead)
             running = [SeqView(s, s.adapter, s.prefill_len, s.num_computed, priority=s.priority)
                        for s in self._running]
-            chosen = set(page_victims(seq.priority, short, running, self.adapters.pool.pinned_pages(), ahead))
+            chosen = set(page_victims(seq.priority, -spare, running, self.adapters.pool.pinned_pages(), ahead))
             victims = [s for s in self._running if s in chosen]  # in admission order, as _enqueue wants
             for victim in victims:
                 self._preempt(victim)

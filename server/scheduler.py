@@ -23,7 +23,8 @@ Rules, in order:
      it takes the place of an adapter that only requests of a strictly lower priority run (all of
      them preempted; ``adapter_slot``). Strictly lower only, so preemptions cannot cycle. (An
      adapter that waits for device pages which such requests pin: ``page_victims``, before the
-     step.)
+     step; and until its adapter is placed, lower priorities do not pin the adapters it would
+     evict: ``pages_held``.)
    A request blocked for a reason of its own (its adapter is not ready, a new adapter would pass
    the distinct-adapter budget, or the next block of its prompt past its prefix-cache hit is being
    computed by a running or just-admitted request) is skipped with the rest of its tenant for this
@@ -340,6 +341,29 @@ def page_victims(priority: int, short: int, running: Sequence[SeqView], pages: M
         victims.extend(s.seq_id for s in group)
         freed += pages[adapter]
     return tuple(victims) if freed >= short else ()
+
+
+def pages_held(priority: int, spare: int, behind: Sequence, evictable: Mapping[Hashable, int],
+               ahead: set = frozenset()) -> set:
+    """Priority scheduling: a waiting request of ``priority`` whose adapter fits the device pages by
+    evicting adapters nobody pins (``evictable``: adapter -> its pages; ``spare`` pages left over
+    then), but is not placed yet (say its read is still landing). The adapters that requests of a
+    strictly lower priority queued ``behind`` it (anything with ``adapter`` and ``priority``) may
+    not pin this step: taken in queue order, each whose pinning would leave it short. Pinned, they
+    would hold the pages its placement evicts, and be preempted for them (``page_victims``) once
+    more. Those that a request ``ahead`` of it, or one of its priority or better, needs are free."""
+    free = {s.adapter for s in behind if s.priority <= priority} | set(ahead)
+    held, left = set(), spare
+    for s in behind:
+        key = s.adapter
+        if key in free or key in held or key not in evictable:
+            continue
+        if evictable[key] > left:
+            held.add(key)
+        else:
+            left -= evictable[key]
+            free.add(key)
+    return held
 
 
 def adapter_order(waiting: Sequence, fairness: Fairness | None) -> list[Hashable]:

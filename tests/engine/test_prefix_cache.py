@@ -4,6 +4,8 @@ enough to force preemptions."""
 
 import asyncio
 import random
+import threading
+import time
 
 import pytest
 
@@ -163,6 +165,37 @@ LIMITS = {  # what two running requests of adapters attn-r4 (4 pages) and all-r8
 }
 
 
+JOBS = {"low0": ("attn-r4", 3, 56), "low1": ("all-r8", 3, 56), "high": ("regex-mlp-r8", -1, 8)}  # adapter, priority, tokens
+
+
+def run_lows_then_high(engine, prompts):
+    """JOBS through --scheduling priority: both lows running, then the high one. ([request ids in
+    the order they finished], {request id: tokens})"""
+    async def main():
+        finished, tokens = [], {}
+
+        async def one(rid):
+            adapter, priority, max_new = JOBS[rid]
+            stream = engine.submit(GenerationRequest(rid, tuple(prompts[rid]), SamplingParams(
+                max_new, ignore_eos=True), adapter, priority=priority))
+            tokens[rid] = [ev.token_id async for ev in stream]
+            finished.append(rid)
+
+        lows = [asyncio.create_task(one(rid)) for rid in ("low0", "low1")]
+        while engine.counts() != (2, 0):  # both running
+            await asyncio.sleep(0.001)
+        await one("high")
+        await asyncio.gather(*lows)
+        return finished, tokens
+    return asyncio.run(main())
+
+
+def assert_peft(tiny_llama, tiny_adapters, prompts, tokens):
+    for rid, (adapter, _, max_new) in JOBS.items():
+        assert [tokens[rid]] == peft_generate(tiny_llama, tiny_adapters[adapter], [prompts[rid]], max_new,
+                                              eos_token_id=None), rid
+
+
 @pytest.mark.parametrize("limit", LIMITS)
 def test_a_request_of_higher_priority_preempts_a_lower_one_and_every_stream_stays_exact(tiny_llama, tiny_adapters,
                                                                                         limit):
@@ -172,34 +205,14 @@ def test_a_request_of_higher_priority_preempts_a_lower_one_and_every_stream_stay
     adapter, pages) is enough and finishes first; the preempted request is recomputed, and every
     stream is token for token PEFT's."""
     rng = random.Random(5)
-    jobs = {"low0": ("attn-r4", 3, 56), "low1": ("all-r8", 3, 56), "high": ("regex-mlp-r8", -1, 8)}
-    prompts = {rid: [rng.randrange(3, 300) for _ in range(20)] for rid in jobs}
-    served = {name: tiny_adapters[name] for name, _, _ in jobs.values()}
+    prompts = {rid: [rng.randrange(3, 300) for _ in range(20)] for rid in JOBS}
+    served = {name: tiny_adapters[name] for name, _, _ in JOBS.values()}
     built = make(tiny_llama, served, scheduling="priority", **LIMITS[limit])
     engine = built.engine
     try:
-        async def main():
-            finished, tokens = [], {}
-
-            async def one(rid):
-                adapter, priority, max_new = jobs[rid]
-                stream = engine.submit(GenerationRequest(rid, tuple(prompts[rid]), SamplingParams(
-                    max_new, ignore_eos=True), adapter, priority=priority))
-                tokens[rid] = [ev.token_id async for ev in stream]
-                finished.append(rid)
-
-            lows = [asyncio.create_task(one(rid)) for rid in ("low0", "low1")]
-            while engine.counts() != (2, 0):  # both running
-                await asyncio.sleep(0.001)
-            await one("high")
-            await asyncio.gather(*lows)
-            return finished, tokens
-
-        finished, tokens = asyncio.run(main())
+        finished, tokens = run_lows_then_high(engine, prompts)
         assert finished[0] == "high" and engine.num_preemptions == 1
-        for rid, (adapter, _, max_new) in jobs.items():
-            assert [tokens[rid]] == peft_generate(tiny_llama, tiny_adapters[adapter], [prompts[rid]], max_new,
-                                                  eos_token_id=None), rid
+        assert_peft(tiny_llama, tiny_adapters, prompts, tokens)
         assert_idle(engine)
     finally:
         built.engine.stop()
@@ -320,3 +333,44 @@ def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_llama,
         assert_idle(engine)
     finally:
         engine.stop()
+
+
+def test_a_request_preempted_for_pages_is_not_admitted_again_before_the_adapter_it_made_room_for_lands(
+        tiny_llama, tiny_adapters):
+    """--scheduling priority, the device pages full: the request of priority -1 preempts one of
+    priority 3 for its adapter's pages, but its read has already begun to land in host memory, so
+    no pages can be reserved for it this step. Until they are, the preempted request must not pin
+    its adapter again (it would hold the very pages the preemption freed, and be preempted a second
+    time once the read lands): one preemption, and every stream is PEFT's."""
+    rng = random.Random(5)
+    prompts = {rid: [rng.randrange(3, 300) for _ in range(20)] for rid in JOBS}
+    served = {name: tiny_adapters[name] for name, _, _ in JOBS.values()}
+    built = make(tiny_llama, served, scheduling="priority", **LIMITS["device pages"])
+    engine, manager = built.engine, built.engine.adapters
+    landing, staged = threading.Event(), threading.Event()
+    host_copy, stage = manager._host_copy, manager.stage
+
+    def slow_host_copy(weights):  # the read is landing: hold it there until the engine has staged
+        landing.set()
+        staged.wait(5)
+        time.sleep(0.3)  # the engine runs many steps meanwhile (the whole of low1's, maybe)
+        return host_copy(weights)
+
+    def stage_after_landing(key, *args, **kwargs):
+        if key[0] == "regex-mlp-r8" and not staged.is_set():
+            landing.wait(5)
+            try:
+                return stage(key, *args, **kwargs)
+            finally:
+                staged.set()
+        return stage(key, *args, **kwargs)
+
+    manager._host_copy, manager.stage = slow_host_copy, stage_after_landing
+    try:
+        finished, tokens = run_lows_then_high(engine, prompts)
+        assert landing.is_set() and staged.is_set()
+        assert engine.num_preemptions == 1, finished
+        assert_peft(tiny_llama, tiny_adapters, prompts, tokens)
+        assert_idle(engine)
+    finally:
+        built.engine.stop()

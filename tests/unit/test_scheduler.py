@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.block_manager import BlockManager, block_keys, blocks_for
-from loramux.server.scheduler import Budgets, Fairness, SeqView, page_victims, schedule
+from loramux.server.scheduler import Budgets, Fairness, SeqView, page_victims, pages_held, schedule
 
 B = Budgets(max_batch_size=4, max_tokens_per_step=16, max_adapters_per_step=2)
 BIG = 1000  # a block size no test sequence outgrows: one block per sequence, like the old slots
@@ -264,6 +264,39 @@ def test_page_victims_free_the_pages_from_the_lowest_adapters_only_lower_request
     assert page_victims(1, 4, running, {**pages, "b": 0}) == ("c0", "c1")  # b is kept: it frees nothing
     assert page_victims(5, 1, running, pages) == ()  # only strictly lower priorities give way
     assert page_victims(1, 0, running, pages) == ()
+
+
+def test_pages_held_keeps_lower_priorities_off_the_pages_a_waiting_adapter_will_evict():
+    behind = [seq("l0", "a", priority=3), seq("l1", "b", priority=3), seq("l2", "c", priority=4),
+              seq("e0", "d", priority=1), seq("n0", None, priority=9), seq("l3", "a", priority=5)]
+    evictable = {"a": 4, "b": 8, "c": 2, "d": 8}
+    # 4 pages to spare once placed: a (4) may be pinned, b (8) may not, nor c after a took the 4
+    assert pages_held(1, 4, behind, evictable) == {"b", "c"}
+    assert pages_held(1, 6, behind, evictable) == {"b"}  # a then c: 6
+    assert pages_held(1, 0, behind, evictable) == {"a", "b", "c"}  # d: its priority, not held
+    assert pages_held(1, 0, behind, evictable, ahead={"b"}) == {"a", "c"}  # b is wanted ahead of it
+    assert pages_held(1, 0, behind, {"a": 4}) == {"a"}  # b, c pinned or elsewhere: pinning them frees nothing
+    assert pages_held(3, 0, behind, evictable) == {"c"}  # a and b: priority 3 requests want them too
+    assert pages_held(1, 100, behind, evictable) == set()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    behind=st.lists(st.tuples(st.sampled_from([None, "a", "b", "c", "d"]), st.integers(-2, 2)), max_size=8),
+    pages=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.integers(1, 16)),
+    spare=st.integers(0, 24),
+    ahead=st.sets(st.sampled_from(["a", "b", "c", "d"]), max_size=2),
+)
+def test_pinning_whatever_pages_held_allows_never_leaves_the_waiting_adapter_short(behind, pages, spare, ahead):
+    """Whatever requests of a lower priority pin among the adapters not held, the waiting adapter
+    (priority 0) still fits; and an adapter that its priority or better, or one ahead, needs is free."""
+    views = [seq(f"w{i}", a, priority=q) for i, (a, q) in enumerate(behind)]
+    held = pages_held(0, spare, views, pages, ahead)
+    mine = {s.adapter for s in views if s.priority <= 0} | ahead
+    assert not held & mine
+    taken = {s.adapter for s in views if s.adapter in pages and s.adapter not in held and s.adapter not in mine}
+    assert sum(pages[a] for a in taken) <= spare
+    assert held <= {s.adapter for s in views if s.priority > 0}
 
 
 def test_under_kv_pressure_priority_preempts_the_lowest_even_if_admitted_earlier():
