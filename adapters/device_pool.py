@@ -176,8 +176,7 @@ class DevicePool:
         with self._lock:
             if key in self._resident or key in self._copying:
                 return None
-            evictable = sum(r.pages.numel() for k, r in self._resident.items() if not r.pins and k not in self._kept)
-            return len(self._free_pages) + evictable - rank
+            return len(self._free_pages) + sum(self.evictable_pages().values()) - rank
 
     def total_pins(self) -> int:
         with self._lock:
