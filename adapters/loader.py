@@ -181,7 +181,7 @@ class AdapterManifest:
     spec: AdapterSpec
     rank: int  # pages the adapter needs: the largest rank over its modules
     module_ranks: dict[str, int]  # full module name -> rank
-    size_bytes: int  # of the padded host copy in the serving dtype's element size
+    size_bytes: int  # its pages (the padded copy, in the serving dtype) and its fully trained modules' copies
     weights_name: str  # the file the weights came from
     weights_sha256: str  # of its bytes at registration: later loads must match
     content_hash: str  # sha256 of the weights' hash and the scaling config: what the adapter computes
@@ -790,8 +790,9 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     saved = saved_store.hold(digest, copies, layout.saveable, replacing) if copies else SavedModules()
     content = hashlib.sha256(f"{digest}\n{spec.scaling_identity()}".encode()).hexdigest()
     plan = None if header is None or identity is None else _tensor_plan(data, header, spec, layout, ranks)
-    return AdapterManifest(spec, rank, ranks, rank * per_page * element_size, name, digest, content, identity,
-                           spec.use_dora, plan, saved, tokenizer, vocab)
+    size = rank * per_page * element_size + sum(m.weight.nbytes for m in saved.values())
+    return AdapterManifest(spec, rank, ranks, size, name, digest, content, identity, spec.use_dora, plan, saved,
+                           tokenizer, vocab)
 
 
 def _check_tokenizer(found, own, vocab: int | None, layout: LoRALayout) -> None:

@@ -19,7 +19,7 @@ from loramux.clients.aio import AsyncLoraMuxClient
 from loramux.clients.runs import row_runs
 from loramux.clients.types import Sampling
 
-from helpers import build_adapter, peft_generate, peft_logprobs
+from helpers import build_adapter, peft_generate, peft_logprobs, rewrite_adapter
 
 PROMPT_IDS = [12, 40, 77, 5, 91, 33]
 GREEDY = Sampling(max_new_tokens=12, ignore_eos=True)
@@ -609,6 +609,11 @@ def test_fully_trained_modules_serve_tokens_and_logprobs_as_peft_does(server, ti
     assert server.client.server_info().max_saved_modules == 2
     info = server.client.register_adapter("saved/q", str(path))
     assert info.modules_to_save == ["lm_head", "model.embed_tokens"]
+    plain = rewrite_adapter(path, adapter_root, "saved-q-plain", {"modules_to_save": None},
+                            lambda w: {k: v for k, v in w.items() if "lora_" in k})
+    pages = server.client.register_adapter("saved/plain", str(plain)).size_bytes
+    server.client.unregister_adapter("saved/plain")
+    assert info.size_bytes == pages + 2 * 384 * 64 * 4  # its pages, and its two copies
     try:
         with pytest.raises(grpc.RpcError) as refused:
             server.client.register_adapter("saved/head", str(other))

@@ -24,6 +24,11 @@ EXAMPLES = [{"prompt": f"Q: {w}?\nA:", "completion": f" {w.upper()} {w[::-1]}"}
 MERGE_RTOL = 1e-5
 
 
+def prompt_ids() -> torch.Tensor:
+    """Fixed random token ids, so that a failing comparison reproduces."""
+    return torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
@@ -97,7 +102,7 @@ def test_merge_matches_peft_merge_and_unload(trained, tiny_llama, tmp_path):
     ours = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     ref = PeftModel.from_pretrained(base, out).merge_and_unload().eval()
-    x = torch.randint(3, 300, (2, 12))
+    x = prompt_ids()
     with torch.no_grad():
         assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-5, rtol=0)
     assert (merged_dir / "tokenizer.json").exists()
@@ -154,7 +159,7 @@ def test_merge_matches_peft_in_every_family(family, dora, tmp_path):
                                                     dtype=torch.float32).eval()
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         ref = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
-        x = torch.randint(3, 300, (2, 12))
+        x = prompt_ids()
         with torch.no_grad():
             assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL), (family, name)
 
@@ -173,7 +178,7 @@ def test_merge_of_lm_head_lora_unties_a_tied_output_layer(tied, tmp_path):
     assert torch.equal(ours.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert not ours.config.tie_word_embeddings
     ref = PeftModel.from_pretrained(base, adapter).eval()
-    x = torch.randint(3, 300, (2, 12))
+    x = prompt_ids()
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
@@ -193,7 +198,7 @@ def test_merge_of_token_embedding_lora_matches_peft(family, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert torch.equal(ours.lm_head.weight, base.lm_head.weight)
     ref = PeftModel.from_pretrained(base, adapter).eval()
-    x = torch.randint(3, 300, (2, 12))
+    x = prompt_ids()
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
@@ -246,7 +251,7 @@ def test_merge_of_fully_trained_modules_matches_peft(tied, saved, tmp_path):
     assert torch.equal(ours.get_input_embeddings().weight, base.get_input_embeddings().weight) == \
         ("embed_tokens" not in saved)
     ref = PeftModel.from_pretrained(base, adapter).eval()
-    x = torch.randint(3, 300, (2, 12))
+    x = prompt_ids()
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
 
