@@ -17,6 +17,10 @@ from .service import Service
 
 log = logging.getLogger(__name__)
 MAX_DETAILS = 1000  # messages quote client input only clipped; this bounds the rest
+# gRPC ends a call whose deadline passed by itself (the handler is cancelled, and _release frees the
+# request); the engine's copy of the deadline is a backstop just after it, so the servicer does not
+# race gRPC to answer a call it is ending (grpc logs that race as an ExecuteBatchError)
+DEADLINE_GRACE_S = 0.2
 
 
 async def _abort(context, error: BaseException):
@@ -63,11 +67,12 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
         self.service = service
 
     async def _submit(self, request: pb.GenerateRequest, context):
+        remaining = context.time_remaining()
         return await self.service.generate(
             prompt_from_pb(request), sampling_from_pb(request.sampling, self.service.config.default_max_new_tokens),
             RequestOptions(request.adapter_id or None, request.request_id or None, request.priority, request.prediction,
                            tuple((part.adapter_id, part.weight) for part in request.combine), request.cache_salt,
-                           context.time_remaining()))
+                           None if remaining is None else remaining + DEADLINE_GRACE_S))
 
     @staticmethod
     def _release(stream, context) -> None:
