@@ -328,10 +328,10 @@ class Service:
         return entry
 
     def _with_room(self, register, what: str):
-        """``register()``, making room when the registry is full, or when the copies of fully
-        trained modules held are (--max-saved-modules), by unregistering the least recently used
-        dynamic registration (of those holding copies) that no request is using and no call holds
-        (_adapter_held); none: RESOURCE_EXHAUSTED."""
+        """``register()`` (a first use or RegisterAdapter), making room when the registry is full, or
+        when the copies of fully trained modules held are (--max-saved-modules), by unregistering the
+        least recently used dynamic registration (of those holding copies) that no request is using
+        and no call holds (_adapter_held); none: RESOURCE_EXHAUSTED."""
         built = self.built
         while True:
             try:
@@ -340,13 +340,9 @@ class Service:
                 running, waiting = built.engine.adapter_ids()
                 saved = isinstance(e, SavedModulesFull)
                 evicted = built.registry.evict_lru_dynamic(running | waiting, self._claimed, saved)
-                if evicted is None and saved:
-                    raise SavedModulesFull(f"{e}, and every dynamically registered adapter holding any is in use") \
-                        from None
                 if evicted is None:
-                    raise RegistryFull(
-                        f"{len(built.registry)} adapters are registered (--max-registered-adapters) and every "
-                        "dynamically registered one is in use") from None
+                    held = " holding any" if saved else ""
+                    raise type(e)(f"{e}, and no adapter registered on first use{held} is idle to make room") from None
                 log.info("dynamic adapter %s unregistered to make room for %s", evicted.adapter_id, what)
                 self._count("evicted")
 
@@ -431,8 +427,10 @@ class Service:
             register = functools.partial(built.registry.register_combination, adapter_id, combine, replace)
         else:
             register = functools.partial(built.registry.register, adapter_id, path, replace)
-        entry = await self.work.run("registering the adapter", functools.partial(
-            register, weight=weight, keep_resident=keep_resident, on_commit=built.manager.on_register))
+        # Dynamic registrations are the server's cache: an idle one makes room for this one
+        register = functools.partial(self._with_room, functools.partial(
+            register, weight=weight, keep_resident=keep_resident, on_commit=built.manager.on_register), adapter_id)
+        entry = await self.work.run("registering the adapter", register)
         if preload:
             built.manager.preload(entry)
         return entry

@@ -972,6 +972,38 @@ def test_first_use_makes_room_for_fully_trained_modules(tiny_llama, tmp_path):
         proc.stop()
 
 
+def test_registration_unregisters_an_idle_dynamic_adapter_for_room(tiny_llama, tiny_adapters, tmp_path):
+    """A full registry of dynamic registrations (a cache the server fills on first use) does not
+    refuse an explicit registration: the least recently used idle dynamic one makes room, over gRPC
+    and HTTP alike. Explicit registrations are never undone for room, so once they fill the registry
+    the next registration and first use get RESOURCE_EXHAUSTED / 429 naming the flag."""
+    root = tmp_path / "root"
+    for name in ("d1", "d2", "e1", "e2", "e3"):
+        shutil.copytree(tiny_adapters["attn-r4"], root / name)
+    proc = ServerProcess(["--model", str(tiny_llama), "--adapter-root", str(root), "--dynamic-adapters",
+                          "--allow-runtime-adapters", "--max-registered-adapters", "2"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        for name in ("d1", "d2"):
+            assert proc.openai().completions.create(model=name, prompt=PROMPT_IDS, **GREEDY).choices[0].text
+        proc.client.register_adapter("e1", str(root / "e1"))
+        assert sorted(a.adapter_id for a in proc.client.list_adapters()) == ["d2", "e1"]  # d1: least recent
+        loaded = httpx.post(f"{proc.base_url}/load_lora_adapter", json={"lora_name": "e2", "lora_path": str(root / "e2")},
+                            timeout=30)
+        assert loaded.status_code == 200, loaded.text
+        assert sorted(a.adapter_id for a in proc.client.list_adapters()) == ["e1", "e2"]
+        assert total(proc.metrics(), "loramux_dynamic_adapters_total", event="evicted") == 2
+        with pytest.raises(grpc.RpcError) as e:
+            proc.client.register_adapter("e3", str(root / "e3"))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-registered-adapters" in e.value.details()
+        with pytest.raises(openai.RateLimitError, match="--max-registered-adapters"):
+            proc.openai().completions.create(model="d1", prompt=PROMPT_IDS, **GREEDY)
+        # a replace needs no room
+        assert proc.client.register_adapter("e1", str(root / "e3"), replace=True).adapter_id == "e1"
+    finally:
+        proc.stop()
+
+
 def test_models_retrieve_and_stop_token_ids(oserver):
     info = oserver.client.server_info()
     base = info.model
