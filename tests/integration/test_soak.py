@@ -296,7 +296,8 @@ class Load:
                         r = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "rt1"}, timeout=60)
                     if r.status_code >= 400:
                         self.answered(r.status_code, r.text, r.status_code < 500)
-                    self.ok("http load/unload")
+                    else:
+                        self.ok("http load/unload")
                 else:
                     client.chat.completions.create(
                         model=self.server.model_name, messages=messages, max_tokens=8, response_format={
