@@ -423,14 +423,13 @@ class Service:
         built = self.ready()
         if combine and path:
             raise RequestInvalid("set path or combine, not both")
+        how = dict(weight=weight, keep_resident=keep_resident, on_commit=built.manager.on_register)
         if combine:
-            register = functools.partial(built.registry.register_combination, adapter_id, combine, replace)
+            register = functools.partial(built.registry.register_combination, adapter_id, combine, replace, **how)
         else:
-            register = functools.partial(built.registry.register, adapter_id, path, replace)
+            register = functools.partial(built.registry.register, adapter_id, path, replace, **how)
         # Dynamic registrations are the server's cache: an idle one makes room for this one
-        register = functools.partial(self._with_room, functools.partial(
-            register, weight=weight, keep_resident=keep_resident, on_commit=built.manager.on_register), adapter_id)
-        entry = await self.work.run("registering the adapter", register)
+        entry = await self.work.run("registering the adapter", self._with_room, register, adapter_id)
         if preload:
             built.manager.preload(entry)
         return entry

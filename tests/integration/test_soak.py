@@ -114,6 +114,15 @@ class Load:
         print(f"refused: {Counter((status, details[:70]) for status, details in self.refusals).most_common(12)}")
 
     @staticmethod
+    def cut(stream, rng, most: int) -> None:
+        """Read chunks until a random draw (at most ``most``) says stop, then close the stream, which
+        cancels its request if it is not done."""
+        for k, _ in enumerate(stream):
+            if k >= rng.randint(0, most):
+                break
+        stream.close()
+
+    @staticmethod
     def prompt(rng) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(rng.choice([2, 8, 20, 40])))
 
@@ -135,10 +144,7 @@ class Load:
                 elif op < 0.6:
                     stream = client.generate_stream(self.prompt(rng), adapter_id=self.adapter(rng), sampling=sampling,
                                                     timeout=60)
-                    for k, _ in enumerate(stream):
-                        if k >= rng.randint(0, 4):
-                            break
-                    stream.close()  # cancels the request if it is not done
+                    self.cut(stream, rng, 4)
                     self.ok("stream cut")
                 elif op < 0.7:
                     client.generate(self.prompt(rng), combine=[("attn-r4", 0.5), ("layer1-r4", -1.0)],
@@ -168,10 +174,7 @@ class Load:
                     stream = client.chat.completions.create(
                         model=model, messages=[{"role": "user", "content": self.prompt(rng)}], stream=True,
                         max_tokens=rng.randint(1, 20), temperature=rng.choice([0, 1]))
-                    for k, _ in enumerate(stream):
-                        if k >= rng.randint(0, 6):
-                            break
-                    stream.close()
+                    self.cut(stream, rng, 6)
                     self.ok("chat stream cut")
                 elif op < 0.5:
                     client.completions.create(model=model, prompt=self.prompt(rng), max_tokens=rng.randint(1, 12),
@@ -196,10 +199,7 @@ class Load:
                 else:
                     stream = client.responses.create(model=model, input=self.prompt(rng), max_output_tokens=12,
                                                      stream=True)
-                    for k, _ in enumerate(stream):
-                        if k >= rng.randint(0, 6):
-                            break
-                    stream.close()
+                    self.cut(stream, rng, 6)
                     self.ok("response stream cut")
             except openai.APIStatusError as e:
                 self.answered(e.status_code, str(e), e.status_code < 500)
@@ -236,10 +236,7 @@ class Load:
                 elif op < 0.8:
                     stream = client.generate_stream(PREFIX + self.prompt(rng), adapter_id=adapter, sampling=sampling,
                                                     timeout=60)
-                    for k, _ in enumerate(stream):
-                        if k >= rng.randint(0, 3):
-                            break
-                    stream.close()
+                    self.cut(stream, rng, 3)
                     self.ok("stream cut")
                 elif op < 0.9:
                     ids = client.tokenize(self.prompt(rng), adapter_id=adapter, timeout=60).token_ids
@@ -266,10 +263,7 @@ class Load:
                                tool_choice=rng.choice(["auto", "required", named]), temperature=rng.choice([0, 1]))
                     if rng.random() < 0.5:
                         stream = client.chat.completions.create(**ask, stream=True)
-                        for k, _ in enumerate(stream):
-                            if k >= rng.randint(0, 30):
-                                break
-                        stream.close()
+                        self.cut(stream, rng, 30)
                     else:
                         client.chat.completions.create(**ask)
                     self.ok("tools")
