@@ -262,7 +262,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a ~2-minute version")
     ap.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--scale-repeats", type=int, default=None,
-                    help="adjacent pairs of row 7's 8- and last-adapter runs whose quotients give the median (default 5; 1 --quick)")
+                    help="adjacent pairs of row 7's 8- and last-adapter runs whose quotients give the median (default 5; 1 --quick, whose first pair is the sweep's own runs)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--lora-dtype", default="auto", help="loramux's --lora-dtype in rows 1, 3, 7 and 8")
     ap.add_argument("--passes", type=int, default=None,
@@ -348,7 +348,9 @@ def main() -> int:
     last = scale_points[-1]
     scale_ratios = []
     for pair in range(args.scale_repeats):
-        if pair % 2 == 0:  # the last point first (pair 0's is the sweep's run)
+        if pair == 0 and quick:  # a smoke run: the sweep's own runs of 8 and the last, one server start fewer
+            many, few = scaling[-1]["tokens_per_s"], next(s["tokens_per_s"] for s in scaling if s["adapters"] == 8)
+        elif pair % 2 == 0:  # the last point first (pair 0's is the sweep's run)
             many = scaling[-1]["tokens_per_s"] if pair == 0 else scale_row(last)["tokens_per_s"]
             few = scale_row(8)["tokens_per_s"]
         else:

@@ -35,7 +35,7 @@ class StepBatch:
     decode_ctx: int  # longest decode context
     logits_rows: torch.Tensor  # [N] rows whose next-token logits are needed
     lora: LoRAPlans  # fused kinds -> ((indices of the kinds used, rows and pages of the adapters using them), ...)
-    masks: dict = field(default_factory=dict)  # attention masks built once per step, shared by layers
+    masks: dict = field(default_factory=dict)  # attention masks and RoPE rows built once per step, shared by layers
     # adapters' fully trained copies (modules_to_save): (rows, weight [vocab, hidden]) that replace the
     # token embedding for those rows of the batch, and lm_head for those logits rows
     saved_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()

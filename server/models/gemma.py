@@ -3,7 +3,7 @@ projections, LoRA targets and attention, with Gemma's differences.
 
 - The token embedding is scaled by sqrt(hidden) (``embed_scale``), its LoRA delta and an adapter's
   trained copy with it, as PEFT scales them.
-- Norms are RMSNorm of (1 + w) (Hugging Face's modules), after attention and after the MLP as well
+- Norms are RMSNorm of (1 + w), after attention and after the MLP as well
   as before each; Gemma 3's q and k get a per-head norm before RoPE (as Qwen3's).
 - Attention is scaled by ``query_pre_attn_scalar`` ** -0.5, not head_dim ** -0.5.
 - Local layers (``layer_types`` "sliding_attention") attend within ``sliding_window``; Gemma 3's
@@ -24,14 +24,14 @@ from ..config import StartupError
 from .base import ServingModel
 from .batch import StepBatch
 from .layers import FlatAttention
-from .llama import LlamaForServing, LlamaLayer, _head_dim, sliding_window
+from .llama import LlamaForServing, LlamaLayer, _head_dim, fast_norm, signed_sin, sliding_window
 
 
 class GemmaLayer(LlamaLayer):
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
-        self.pre_feedforward_layernorm = hf_layer.pre_feedforward_layernorm
-        self.post_feedforward_layernorm = hf_layer.post_feedforward_layernorm
+        self.pre_feedforward_layernorm = fast_norm(hf_layer.pre_feedforward_layernorm)
+        self.post_feedforward_layernorm = fast_norm(hf_layer.post_feedforward_layernorm)
 
     @staticmethod
     def make_attention(config, layer: int) -> FlatAttention:
@@ -52,7 +52,7 @@ class GemmaForServing(LlamaForServing):
         if getattr(config, "use_bidirectional_attention", False):
             raise StartupError("use_bidirectional_attention is not served: generation needs causal attention")
         inner = hf_model.model
-        self.embed_tokens, self.final_norm, self.lm_head = inner.embed_tokens, inner.norm, hf_model.lm_head
+        self.embed_tokens, self.final_norm, self.lm_head = inner.embed_tokens, fast_norm(inner.norm), hf_model.lm_head
         positions = torch.arange(max_model_len, device=self.lm_head.weight.device)[None]
         dummy = self.lm_head.weight.new_empty(0)
         tables = {}
@@ -60,7 +60,7 @@ class GemmaForServing(LlamaForServing):
         for kind in sorted(set(config.layer_types)):  # each layer type's RoPE, computed as HF does
             cos, sin = inner.rotary_emb(dummy, positions, *([kind] if by_type else []))
             self.register_buffer(f"cos_{kind}", cos[0].to(dummy.dtype), persistent=False)
-            self.register_buffer(f"sin_{kind}", sin[0].to(dummy.dtype), persistent=False)
+            self.register_buffer(f"sin_{kind}", signed_sin(sin[0].to(dummy.dtype)), persistent=False)
             tables[kind] = getattr(self, f"cos_{kind}"), getattr(self, f"sin_{kind}")
         self.layers = nn.ModuleList(GemmaLayer(layer, config, i, *tables[config.layer_types[i]], int8)
                                     for i, layer in enumerate(inner.layers))

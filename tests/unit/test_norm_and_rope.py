@@ -1,0 +1,73 @@
+"""The decoder's one-op RMSNorm and RoPE against Hugging Face's own modules and functions, bit for
+bit: they replace HF's code on the hot path, so any difference would be a silent wrong output."""
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+from loramux.server.models.llama import (
+    GEMMA_RMS_NORMS,
+    LLAMA_RMS_NORMS,
+    RMSNorm,
+    _rope,
+    fast_norm,
+    signed_sin,
+)
+
+MODULES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "Phi3": "phi3",
+           "Gemma2": "gemma2", "Gemma3": "gemma3"}
+
+
+def _norm_class(name: str):
+    family = name.removesuffix("RMSNorm")
+    return getattr(importlib.import_module(f"transformers.models.{MODULES[family]}.modeling_{MODULES[family]}"), name)
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_RMS_NORMS | GEMMA_RMS_NORMS))
+def test_every_named_norm_is_a_transformers_class(name):
+    """A class renamed upstream would silently fall back to HF's module: fail here instead."""
+    assert _norm_class(name).__name__ == name
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(LLAMA_RMS_NORMS | GEMMA_RMS_NORMS)), rows=st.integers(1, 40),
+       heads=st.sampled_from([(), (3,)]), width=st.sampled_from([8, 64, 576, 960, 2304]),
+       scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**16))
+def test_the_one_op_norm_equals_hugging_faces_bit_for_bit(name, rows, heads, width, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    hf = _norm_class(name)(width, eps=1e-6)
+    hf.weight.data = torch.randn(width, generator=gen)
+    fast = fast_norm(hf)
+    assert isinstance(fast, RMSNorm)
+    x = torch.randn(rows, *heads, width, generator=gen) * scale
+    with torch.no_grad():
+        assert torch.equal(fast(x), hf(x))
+
+
+def test_other_dtypes_and_norms_keep_their_own_module():
+    bf16 = _norm_class("LlamaRMSNorm")(16).to(torch.bfloat16)
+    layer_norm = torch.nn.LayerNorm(16)
+    assert fast_norm(bf16) is bf16 and fast_norm(layer_norm) is layer_norm and fast_norm(None) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.integers(1, 20), heads=st.integers(1, 6), head_dim=st.sampled_from([8, 32, 64, 96]),
+       partial=st.sampled_from([1.0, 0.5, 0.75]), seed=st.integers(0, 2**16))
+def test_rope_by_roll_equals_hugging_faces_rotate_half_bit_for_bit(tokens, heads, head_dim, partial, seed):
+    """Full RoPE as Llama's apply_rotary_pos_emb, and a partial one as Phi-3's (RoPE on the first
+    dims of each head, the rest passed through)."""
+    gen = torch.Generator().manual_seed(seed)
+    rotary = int(head_dim * partial) // 2 * 2
+    x = torch.randn(tokens, heads, head_dim, generator=gen)
+    freqs = torch.randn(tokens, rotary // 2, generator=gen) * 10
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()  # [tokens, rotary]
+    if rotary == head_dim:
+        want = apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=1)[0]
+    else:
+        turned = x[..., :rotary]
+        want = torch.cat((turned * cos[:, None] + rotate_half(turned) * sin[:, None], x[..., rotary:]), dim=-1)
+    assert torch.equal(_rope(x, cos[:, None], signed_sin(sin)[:, None], rotary), want)
