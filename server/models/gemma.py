@@ -3,8 +3,8 @@ projections, LoRA targets and attention, with Gemma's differences.
 
 - The token embedding is scaled by sqrt(hidden) (``embed_scale``), its LoRA delta and an adapter's
   trained copy with it, as PEFT scales them.
-- Norms are RMSNorm of (1 + w), after attention and after the MLP as well
-  as before each; Gemma 3's q and k get a per-head norm before RoPE (as Qwen3's).
+- Norms are RMSNorm of (1 + w), after attention and after the MLP as well as before each;
+  Gemma 3's q and k get a per-head norm before RoPE (as Qwen3's).
 - Attention is scaled by ``query_pre_attn_scalar`` ** -0.5, not head_dim ** -0.5.
 - Local layers (``layer_types`` "sliding_attention") attend within ``sliding_window``; Gemma 3's
   turn q and k by a RoPE of their own base (``rope_parameters`` per layer type).
