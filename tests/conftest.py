@@ -10,6 +10,10 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# A process that a fatal signal ends (a crash in native code, an abort during teardown) prints
+# every thread's Python stack: the servers and benchmark scripts the tests start inherit it.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
