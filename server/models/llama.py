@@ -100,9 +100,7 @@ class LlamaLayer(nn.Module):
         # Qwen3's (and Gemma 3's) per-head norms of q and k, before RoPE
         self.q_norm, self.k_norm = fast_norm(getattr(attn, "q_norm", None)), fast_norm(getattr(attn, "k_norm", None))
         self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma's name for it
-        hd = _head_dim(config)
-        self.shape_q = (config.num_attention_heads, hd)
-        self.shape_kv = (config.num_key_value_heads, hd)
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
         self.attention = self.make_attention(config, layer)
         self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
@@ -121,19 +119,21 @@ class LlamaLayer(nn.Module):
 
     def attend(self, x, batch: StepBatch, kv, apply_lora):
         """Attention of the normed input x [T, hidden], through o_proj."""
-        T = x.shape[0]
+        T, heads, kv_heads, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv(x, batch.lora, apply_lora)
-        (heads, hd), kv_heads = self.shape_q, self.shape_kv[0]
-        v = qkv[:, (heads + kv_heads) * hd :].view(T, kv_heads, hd)
+        q_end, k_end = heads * hd, (heads + kv_heads) * hd  # qkv's columns: q, then k, then v
+        v = qkv[:, k_end:].view(T, kv_heads, hd)
         key = ("rope", id(self.cos))
-        cos, sin = batch.masks.get(key) or batch.masks.setdefault(  # once per step and table, shared by layers
-            key, (self.cos[batch.positions][:, None], self.sin[batch.positions][:, None]))  # [T, 1, rotary]
+        rope = batch.masks.get(key)
+        if rope is None:  # once per step and table, shared by layers
+            rope = batch.masks[key] = (self.cos[batch.positions][:, None], self.sin[batch.positions][:, None])
+        cos, sin = rope  # [T, 1, rotary]
         if self.q_norm is None:  # q and k side by side in qkv: one RoPE over both
-            qk = _rope(qkv[:, : (heads + kv_heads) * hd].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
+            qk = _rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
-            q = self.q_norm(qkv[:, : heads * hd].view(T, heads, hd))
-            k = self.k_norm(qkv[:, heads * hd : (heads + kv_heads) * hd].view(T, kv_heads, hd))
+            q = self.q_norm(qkv[:, :q_end].view(T, heads, hd))
+            k = self.k_norm(qkv[:, q_end:k_end].view(T, kv_heads, hd))
             q, k = _rope(q, cos, sin, self.rotary), _rope(k, cos, sin, self.rotary)
         return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
 

@@ -28,9 +28,25 @@ def _norm_class(name: str):
 
 
 @pytest.mark.parametrize("name", sorted(LLAMA_RMS_NORMS | GEMMA_RMS_NORMS))
-def test_every_named_norm_is_a_transformers_class(name):
+def test_every_named_norm_is_a_transformers_class_the_fast_path_takes(name):
     """A class renamed upstream would silently fall back to HF's module: fail here instead."""
-    assert _norm_class(name).__name__ == name
+    assert isinstance(fast_norm(_norm_class(name)(8)), RMSNorm)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_a_float32_serving_model_takes_the_one_op_norm_everywhere(family):
+    """Every norm of the decoder (each layer's, q/k's where the family has them, the final one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loramux.server.models import serving_model_class
+
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    model = serving_model_class(type(hf).__name__)(hf, 32)
+    norms = [m for m in model.modules() if "Norm" in type(m).__name__]
+    assert len(norms) >= 2 * len(model.layers) + 1 and all(isinstance(m, RMSNorm) for m in norms), \
+        sorted({type(m).__name__ for m in norms})
 
 
 @settings(max_examples=60, deadline=None)
