@@ -21,6 +21,7 @@ def server(tiny_llama, tiny_adapters, adapter_root, tmp_path_factory):
          # every request through the real entry points runs with speculative decoding on
          "--num-speculative-tokens", "3", "--prompt-lookup-min", "1"],
         tmp_path_factory.mktemp("logs") / "server.log",
+        exec_start=True,  # `python -m` as deployed; its health is seen loading for seconds
     )
     proc.health_seen = proc.wait_ready()
     yield proc

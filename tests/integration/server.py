@@ -1,7 +1,20 @@
-"""Start the real server as a subprocess on free loopback ports and talk to it."""
+"""Start the real server as a subprocess on free loopback ports and talk to it.
+
+A server process is forked from a per-worker fork server that has already imported torch and
+transformers (about 5 s of CPU a start, most of a tiny model's start-up, and the suite starts
+dozens): the child then runs the real entry point, ``loramux.server.cli.main``, with the server's
+arguments, environment and log, and exits as the server does (``os._exit``), so nothing of the
+test process's state reaches it. A server started with ``exec_start=True``, or every server under
+``LORAMUX_TEST_SERVER_START=exec``, is ``python -m loramux.server.cli serve`` instead: the shared
+module server (tests/integration/conftest.py), tests that need the seconds of a cold start, the
+refused-start tests and the benchmark smoke tests.
+"""
 
 from __future__ import annotations
 
+import functools
+import io
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,6 +30,64 @@ from loramux.clients.bench import free_port
 from loramux.clients.client import LoraMuxClient
 
 SERVICE = "loramux.v1.LoraMux"
+# The server's heaviest imports; a name that a transformers version lacks is skipped by the fork server.
+PRELOAD = ["torch", "safetensors.torch", "transformers.activations", "transformers.masking_utils",
+           "transformers.models.llama.modeling_llama"]
+
+
+@functools.cache
+def _fork_server():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _serve_in_child(argv: list[str], env: dict, log_path: str) -> None:
+    """The forked child: the server's environment and log, then the CLI's own main."""
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # as PYTHONUNBUFFERED does, which the fork server read before this server's environment existed
+    sys.stdout = io.TextIOWrapper(open(1, "wb", 0, closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(open(2, "wb", 0, closefd=False), write_through=True)
+    multiprocessing.set_start_method("fork", force=True)  # a plain process's default, not the fork server's
+    from loramux.server import cli
+
+    sys.argv = [cli.__file__, *argv]
+    sys.exit(cli.main(argv))
+
+
+class ForkedProcess:
+    """The slice of ``subprocess.Popen`` the tests use, over a fork server's child."""
+
+    def __init__(self, argv: list[str], env: dict, log_path: Path):
+        self.args = argv
+        self._process = _fork_server().Process(target=_serve_in_child, args=(argv, env, str(log_path)), daemon=False)
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class ServerProcess:
@@ -25,8 +96,9 @@ class ServerProcess:
     # other ports, this many times.
     PORT_RETRIES = 3
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, exec_start: bool = False):
         self.args, self.env, self.log_path = args, env, log_path
+        self.exec_start = exec_start or os.environ.get("LORAMUX_TEST_SERVER_START") == "exec"
         self.retries = 0
         self._start()
 
@@ -34,11 +106,15 @@ class ServerProcess:
         self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.base_url = f"http://127.0.0.1:{self.http_port}/v1"
-        cmd = [sys.executable, "-m", "loramux.server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *self.args]
+        argv = ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                "--http-port", str(self.http_port), *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})})
+        if self.exec_start:
+            self.proc = subprocess.Popen([sys.executable, "-m", "loramux.server.cli", *argv], stdout=self._log,
+                                         stderr=subprocess.STDOUT, env=env)
+        else:
+            self.proc = ForkedProcess(argv, env, self.log_path)
         self.channel = grpc.insecure_channel(self.target)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.client = LoraMuxClient(channel=self.channel)

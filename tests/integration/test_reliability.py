@@ -370,7 +370,7 @@ def test_second_sigterm_exits_at_once(tiny_llama, tmp_path):
 def test_a_server_stopped_while_its_model_loads_exits_at_once(tiny_llama, tmp_path):
     """SIGTERM as soon as the port is open, while torch and the model are still loading (seconds):
     nothing was served, so the server exits at once instead of waiting for the load to finish."""
-    proc = ServerProcess(["--model", str(tiny_llama)], tmp_path / "log")
+    proc = ServerProcess(["--model", str(tiny_llama)], tmp_path / "log", exec_start=True)  # torch not yet imported
     try:
         proc.wait_until(health_pb2.HealthCheckResponse.SERVING, service="")  # liveness: listening
         assert proc.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING  # not ready: loading
