@@ -65,7 +65,7 @@ class ForkedProcess:
 
     def __init__(self, argv: list[str], env: dict, log_path: Path):
         self.args = argv
-        self._process = _fork_server().Process(target=_serve_in_child, args=(argv, env, str(log_path)), daemon=False)
+        self._process = _fork_server().Process(target=_serve_in_child, args=(argv, env, str(log_path)))
         self._process.start()
         self.pid = self._process.pid
 
@@ -98,7 +98,8 @@ class ServerProcess:
 
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None, exec_start: bool = False):
         self.args, self.env, self.log_path = args, env, log_path
-        self.exec_start = exec_start or os.environ.get("LORAMUX_TEST_SERVER_START") == "exec"
+        # a variable that a process reads as it starts (OMP_*, PYTHON*) would not reach a forked child
+        self.exec_start = exec_start or bool(env) or os.environ.get("LORAMUX_TEST_SERVER_START") == "exec"
         self.retries = 0
         self._start()
 
