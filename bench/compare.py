@@ -348,11 +348,10 @@ def main() -> int:
     last = scale_points[-1]
     scale_ratios = []
     for pair in range(args.scale_repeats):
-        if pair == 0 and quick:  # a smoke run: the sweep's own runs of 8 and the last, one server start fewer
-            many, few = scaling[-1]["tokens_per_s"], next(s["tokens_per_s"] for s in scaling if s["adapters"] == 8)
-        elif pair % 2 == 0:  # the last point first (pair 0's is the sweep's run)
+        if pair % 2 == 0:  # the last point first (pair 0's is the sweep's run; --quick's run of 8 too, a start fewer)
             many = scaling[-1]["tokens_per_s"] if pair == 0 else scale_row(last)["tokens_per_s"]
-            few = scale_row(8)["tokens_per_s"]
+            few = next(s["tokens_per_s"] for s in scaling if s["adapters"] == 8) if pair == 0 and quick \
+                else scale_row(8)["tokens_per_s"]
         else:
             few = scale_row(8)["tokens_per_s"]
             many = scale_row(last)["tokens_per_s"]
