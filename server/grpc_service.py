@@ -76,9 +76,12 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
 
     @staticmethod
     def _release(stream, context) -> None:
-        """No-op when the request finished; otherwise the RPC was cancelled or timed out."""
+        """No-op when the request finished; otherwise the RPC was cancelled or timed out. The
+        client's deadline runs from when it sent the call, our copy from when the call arrived, so
+        the client's own expiry reaches us as a cancel up to the call's transit early: a cancel
+        within DEADLINE_GRACE_S of our deadline is that expiry."""
         remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        expired = remaining is not None and remaining <= DEADLINE_GRACE_S
         stream.cancel(RequestDeadlineExceeded("the request's deadline expired") if expired else None)
 
     @unary
