@@ -25,6 +25,8 @@ def test_quick_benchmark_writes_a_well_formed_report(tiny_llama, tmp_path):
     assert [s["adapters"] for s in report["scaling"]] == [1, 8, 64]
     assert len(report["ratios"]) == 7 and all(v > 0 for v in report["ratios"].values())
     assert len(report["scale_ratios"]) == 1  # --quick: row 7's one pass, no repeated pairs
+    assert len(report["http_ratios"]) == 1  # --quick: one gRPC/HTTP pair
+    assert any(k.startswith("row8/row1, HTTP/gRPC, median of 1 ") for k in report["ratios"])
     assert report["quick"] is True and report["machine"]["cores"] >= 1
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
