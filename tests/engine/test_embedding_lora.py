@@ -14,6 +14,7 @@ from loramux.adapters.errors import AdapterInvalid
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.ops import plan_segments, plan_tokens
+from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.ops.embedding import embedding_lora
 
 from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_llama
@@ -69,6 +70,8 @@ def test_embedding_lora_matches_peft_in_every_family(family, tmp_path):
 def test_tied_embedding_and_lm_head_lora_through_evictions(backend, tmp_path):
     """Tied weights, LoRA on both ends and a decoder projection, mixed with plain adapters in a pool
     of 16 pages for 24 pages of adapters."""
+    if backend == "cpp" and load_lora_kernel() is None:
+        pytest.skip("the C++ kernel needs a compiler")
     model = build_llama(tmp_path / "model", tie_word_embeddings=True)
     adapters = {
         "both-r8": build_adapter(model, tmp_path / "both", seed=4, r=8, lora_alpha=16,

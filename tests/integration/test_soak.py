@@ -20,12 +20,17 @@ except ImportError:
     import httpx
 
 from loramux.clients.types import Sampling
+from loramux.server.ops.cpu_kernel import load_kernels
 
+from helpers import pinned_base_linear
 from server import ServerProcess
 from test_reliability import Canary, assert_recovered
 
 # A short soak keeps `make test` short; LORAMUX_SOAK_SECONDS runs a longer one.
 SOAK_SECONDS = float(os.environ.get("LORAMUX_SOAK_SECONDS", "6"))
+# The C++ ops where they are built (a host without a compiler, or LORAMUX_NO_CPU_KERNEL=1, serves
+# the torch ops, and `--op-backend cpp` would be a start-up error there).
+OPS = "cpp" if load_kernels() is not None else "torch"
 CLIENT_STATUSES = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 WORDS = ("alpha", "beta", "gamma", "delta", "the", "a")
@@ -66,11 +71,11 @@ def soak_server(tiny_llama, tiny_adapters, tmp_path_factory):
 @pytest.fixture(scope="module")
 def features_server(tiny_llama, tiny_adapters, tmp_path_factory):
     """Fair scheduling with a kept adapter, per-request and dynamic registrations (dyn-*) that churn
-    a small registry, the C++ ops and base kernel, the converted-adapter cache and tool calls."""
+    a small registry, the C++ ops and base kernel (where built), the converted-adapter cache and tool calls."""
     proc = started(tiny_llama, tiny_adapters, tmp_path_factory, "dyn-", [
         "--dynamic-adapters", "--scheduling", "fair", "--keep-resident", "attn-r4",
-        "--adapter-cache-dir", str(tmp_path_factory.mktemp("soak-cache")), "--op-backend", "cpp",
-        "--base-linear", "kernel", "--tool-call-parser", "hermes", "--max-registered-adapters", "14",
+        "--adapter-cache-dir", str(tmp_path_factory.mktemp("soak-cache")), "--op-backend", OPS,
+        "--base-linear", pinned_base_linear(OPS), "--tool-call-parser", "hermes", "--max-registered-adapters", "14",
         "--max-batch-size", "6", "--kv-cache-tokens", "768", "--max-tokens-per-step", "48",
         "--max-device-adapters", "3", "--max-host-adapters", "4", "--max-adapters-per-step", "2"])
     yield proc
