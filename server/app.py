@@ -33,6 +33,25 @@ CANNOT_BIND = "the port is in use, or the address is not this host's"
 FATAL_EXIT_GRACE_S = 10.0  # after a fatal fault the process exits by then, even if the event loop is stuck
 
 
+def http_listener(host: str, port: int) -> socket.socket:
+    """The HTTP API's listening socket. Made with its protocol named (IPPROTO_TCP), because asyncio
+    turns Nagle's algorithm off only on connections whose socket says TCP, and a socket made with
+    protocol 0 (``socket.create_server``'s) passes 0 to every connection it accepts: with Nagle on,
+    a response's body, written after its headers, waits for the client's delayed ACK (40 ms on
+    Linux) on every reused keep-alive connection."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        if os.name == "posix":  # as socket.create_server: a restart rebinds past TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None:
         return None
@@ -126,9 +145,8 @@ class App:
                                 timeout_keep_alive=c.http_keep_alive_timeout,
                                 timeout_graceful_shutdown=max(1, int(c.drain_timeout)), **tls)
         # bound here, not by uvicorn, whose bind failure is a sys.exit that takes the event loop down
-        family = socket.AF_INET6 if ":" in c.http_bind_host else socket.AF_INET
         try:
-            sock = socket.create_server((c.http_bind_host, c.http_port), family=family)
+            sock = http_listener(c.http_bind_host, c.http_port)
         except OSError as e:
             raise StartupError(f"cannot serve HTTP on {c.http_bind_host}:{c.http_port} (--http-host, --http-port): "
                                f"{e.strerror or e}") from None
