@@ -409,7 +409,11 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
                       headers={"content-type": "application/json"})
     assert body.status_code == 413 and "--max-http-body-bytes" in body.json()["error"]["message"]
     bad_json = httpx.post(f"{oserver.base_url}/completions", content=b"{", headers={"content-type": "application/json"})
-    assert bad_json.status_code == 400 and "error" in bad_json.json()
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["param"] is None
+    assert bad_json.json()["error"]["message"].startswith("the body is not valid JSON (")
+    cut = httpx.post(f"{oserver.base_url}/completions", content=b'{"model": "attn-r4", "prompt": }',
+                     headers={"content-type": "application/json"})
+    assert cut.status_code == 400 and cut.json()["error"]["message"].endswith(" at character 31)")
     # the framework's own refusals come in OpenAI's error shape too
     deep = b'{"model": "attn-r4", "prompt": "hi", "logit_bias": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3001
     too_deep = httpx.post(f"{oserver.base_url}/completions", content=deep, headers={"content-type": "application/json"})
