@@ -44,6 +44,8 @@ def http_listener(host: str, port: int) -> socket.socket:
     try:
         if os.name == "posix":  # as socket.create_server: a restart rebinds past TIME_WAIT
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as socket.create_server: IPv6 only, whatever the host's default
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.listen()
     except OSError:
