@@ -501,9 +501,8 @@ def first_error(errors: list[dict]) -> tuple[str, str]:
     "<place>: <message>"), as every front-end reports a body or message that does not parse."""
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":  # FastAPI's: loc is ("body", character offset)
-        at = first.get("loc", ())[-1:]
-        why = (first.get("ctx") or {}).get("error", "")
-        return "", f"the body is not valid JSON ({why}{' ' if why else ''}at character {at[0] if at else 0})"[:300]
+        why = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return "", f"the body is not valid JSON ({why} at character {(first.get('loc') or (0,))[-1]})"[:300]
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     return where, f"{where or 'body'}: {first.get('msg', 'invalid request')}"[:300]
 
