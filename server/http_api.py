@@ -41,6 +41,7 @@ from .openai_schema import (
     completion_response,
     first_error,
     model_card,
+    not_unicode,
     split_reasoning,
     usage,
 )
@@ -251,6 +252,22 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         """As gRPC's RegisterAdapter: the admin token when there is one, else the user tokens."""
         check_bearer(request, (config.admin_token,) if config.admin_token else tokens)
 
+    async def unicode_body(request: Request) -> None:
+        """A body's strings are Unicode text: a lone surrogate escape is a 400 naming its place,
+        not an error wherever the string goes next (the tokenizer, a UTF-8 encoder)."""
+        if not await request.body():
+            return
+        try:
+            found = not_unicode(await request.json())  # FastAPI's own parse, cached on the request
+        except ValueError:
+            return  # not JSON: the body's own validation refuses it
+        if found:
+            place, char = found
+            raise RequestValidationError([{"type": "unicode", "loc": ("body", *place), "input": None,
+                                           "msg": f"U+{ord(char):04X} (a lone surrogate) is not Unicode text"}])
+
+    caller, administrator = [Depends(authorized), Depends(unicode_body)], [Depends(admin), Depends(unicode_body)]
+
     @app.exception_handler(_HttpError)
     async def http_error(request, exc: _HttpError):
         return error_response(exc.status, exc.message)
@@ -302,13 +319,13 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     # vLLM's adapter routes, which the inference gateway's adapter syncer calls; the same rules as
     # gRPC's RegisterAdapter and UnregisterAdapter (runtime registration on, paths under a root)
-    @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])
+    @app.post("/v1/load_lora_adapter", dependencies=administrator)
     @errors_as_responses
     async def load_lora_adapter(body: LoadAdapterRequest):
         await service.register_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(admin)])
+    @app.post("/v1/unload_lora_adapter", dependencies=administrator)
     @errors_as_responses
     async def unload_lora_adapter(body: UnloadAdapterRequest):
         service.unregister_adapter(body.lora_name)
@@ -317,21 +334,21 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     def adapter_of(model: str) -> str | None:
         return None if model == service.model_name else model
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions", dependencies=caller)
     @cancelled_on_disconnect
     @errors_as_responses
     async def completions(body: CompletionRequest, request: Request):
         prompts, sampling = body.to_domain()
         return await respond(prompts, sampling, body, "completion", request_id_of(request, body))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions", dependencies=caller)
     @cancelled_on_disconnect
     @errors_as_responses
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompts, sampling = body.serving(tool_parser).to_domain(config.default_max_new_tokens)
         return await respond(prompts, sampling, body, "chat", request_id_of(request, body))
 
-    @app.post("/v1/responses", dependencies=[Depends(authorized)])
+    @app.post("/v1/responses", dependencies=caller)
     @cancelled_on_disconnect
     @errors_as_responses(names=RESPONSES_NAMES)
     async def responses(body: ResponsesRequest, request: Request):
@@ -444,7 +461,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    @app.post("/v1/responses/{response_id}/cancel", dependencies=[Depends(authorized)])
+    @app.post("/v1/responses/{response_id}/cancel", dependencies=caller)
     @errors_as_responses(names=RESPONSES_NAMES)
     async def cancel_response(response_id: str):
         """OpenAI's cancel of a background response (``client.responses.cancel``); one already
@@ -493,7 +510,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
-    @app.delete("/v1/responses/{response_id}", dependencies=[Depends(authorized)])
+    @app.delete("/v1/responses/{response_id}", dependencies=caller)
     @errors_as_responses(names=RESPONSES_NAMES)
     async def delete_response(response_id: str):
         await stop_background(response_id)
@@ -502,8 +519,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
 
     # vLLM's tokenizer routes (a client counting a prompt's tokens against max_model_len), at its
     # paths and under /v1 as well
-    @app.post("/tokenize", dependencies=[Depends(authorized)])
-    @app.post("/v1/tokenize", dependencies=[Depends(authorized)], include_in_schema=False)
+    @app.post("/tokenize", dependencies=caller)
+    @app.post("/v1/tokenize", dependencies=caller, include_in_schema=False)
     @errors_as_responses
     async def tokenize(body: TokenizeRequest):
         adapter_id = adapter_of(body.model or service.model_name)
@@ -511,8 +528,8 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         strs = service.token_strings(ids, adapter_id) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
 
-    @app.post("/detokenize", dependencies=[Depends(authorized)])
-    @app.post("/v1/detokenize", dependencies=[Depends(authorized)], include_in_schema=False)
+    @app.post("/detokenize", dependencies=caller)
+    @app.post("/v1/detokenize", dependencies=caller, include_in_schema=False)
     @errors_as_responses
     async def detokenize(body: DetokenizeRequest):
         return {"prompt": service.detokenize(body.tokens, adapter_of(body.model or service.model_name))}

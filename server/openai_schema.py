@@ -400,7 +400,7 @@ def turns(messages) -> tuple[tuple, ...]:
 
 
 class ChatCompletionRequest(GenerationBody, ChatRendering):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -505,6 +505,36 @@ def first_error(errors: list[dict]) -> tuple[str, str]:
         return "", f"the body is not valid JSON ({why} at character {(first.get('loc') or (0,))[-1]})"[:300]
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     return where, f"{where or 'body'}: {first.get('msg', 'invalid request')}"[:300]
+
+
+def not_unicode(body) -> tuple[tuple, str] | None:
+    """The place (keys and indices) of the first string of a parsed JSON body, a key or a value,
+    that is not Unicode text, with its bad character; None if every one is. JSON's grammar lets an
+    escape name a lone surrogate ("\\ud800"), which json.loads keeps but no tokenizer or UTF-8
+    encoder takes."""
+    todo = [((), body)]
+    while todo:
+        place, value = todo.pop()
+        if isinstance(value, dict):
+            for key in value:
+                if bad := _bad_char(key):  # named by its escape, which an error message can carry
+                    return (*place, key.encode("utf-8", "backslashreplace").decode()), bad
+            todo.extend(((*place, k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend(((*place, i), v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, str) and (bad := _bad_char(value)):
+            return place, bad
+    return None
+
+
+def _bad_char(text: str) -> str:
+    if text.isascii():
+        return ""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return ""
 
 
 # ---- responses ----

@@ -91,11 +91,10 @@ class PromptRenderer:
         max_input_tokens is cut first if the prompt asks to be truncated."""
         prompt, token_ids, messages, chat = p.text, self._kept(p, p.token_ids), p.messages, p.chat
         given = [name for name, v in (("prompt", prompt), ("prompt_token_ids", token_ids), ("messages", messages)) if v]
-        if len(given) != 1:
-            raise RequestInvalid(
-                "set exactly one of prompt, prompt_token_ids and messages" + (f"; got {', '.join(given)}" if given else
-                                                                              "; the prompt is empty")
-            )
+        if not given:
+            raise RequestInvalid("the prompt is empty", param="prompt")
+        if len(given) > 1:
+            raise RequestInvalid(f"set exactly one of prompt, prompt_token_ids and messages; got {', '.join(given)}")
         if len(token_ids) > self.max_prompt_tokens:
             raise RequestInvalid(f"the prompt has {len(token_ids)} tokens; max_input_tokens is {self.max_prompt_tokens} "
                                  "(truncate_prompt_tokens keeps a prompt's last tokens)")

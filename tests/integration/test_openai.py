@@ -414,6 +414,26 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     cut = httpx.post(f"{oserver.base_url}/completions", content=b'{"model": "attn-r4", "prompt": }',
                      headers={"content-type": "application/json"})
     assert cut.status_code == 400 and cut.json()["error"]["message"].endswith(" at character 31)")
+    # a lone surrogate escape is valid JSON but not text: a 400 naming its place, on every route
+    for route, body, param in [
+        ("completions", '{"model": "attn-r4", "prompt": "a \\ud800 b"}', "prompt"),
+        ("chat/completions", '{"model": "attn-r4", "messages": [{"role": "user", "content": "\\udfff"}]}',
+         "messages.0.content"),
+        ("completions", '{"model": "attn-r4", "prompt": "\\ud83d\\ude00", "logit_bias": {"\\ud800": 1}}',
+         "logit_bias.\\ud800"),
+        ("tokenize", '{"prompt": "\\ud800"}', "prompt"),
+    ]:
+        refused = httpx.post(f"{oserver.base_url}/{route}", content=body.encode(),
+                             headers={"content-type": "application/json"})
+        assert refused.status_code == 400, (route, refused.text)
+        assert refused.json()["error"]["param"] == param
+        assert refused.json()["error"]["message"].startswith(f"{param}: U+D")
+        assert "a lone surrogate" in refused.json()["error"]["message"]
+    # an empty prompt or conversation, each named in the body's words
+    for route, body, message in [("completions", {"model": "attn-r4", "prompt": ""}, "the prompt is empty"),
+                                 ("chat/completions", {"model": "attn-r4", "messages": []}, "messages: List should")]:
+        refused = httpx.post(f"{oserver.base_url}/{route}", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["message"].startswith(message), refused.text
     # the framework's own refusals come in OpenAI's error shape too
     deep = b'{"model": "attn-r4", "prompt": "hi", "logit_bias": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3001
     too_deep = httpx.post(f"{oserver.base_url}/completions", content=deep, headers={"content-type": "application/json"})
