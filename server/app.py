@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from ..v1 import loramux_pb2, loramux_pb2_grpc
 from .auth import AuthInterceptor
 from .config import ServerConfig, StartupError
+from .grpc_parse import ParseInterceptor
 from .grpc_service import LoraMuxServicer
 from .service import Service
 
@@ -84,6 +85,7 @@ class App:
         interceptors = []
         if config.auth_token or config.admin_token:
             interceptors.append(AuthInterceptor(config.auth_token, config.admin_token))
+        interceptors.append(ParseInterceptor())  # innermost: a refused token is refused before parsing
         self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)],
                                       maximum_concurrent_rpcs=config.concurrent_rpc_limit)
         self.health = ReadinessHealth(lambda: self.built is not None and self.built.engine.fatal_error is not None)

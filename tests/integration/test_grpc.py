@@ -474,6 +474,27 @@ def test_invalid_argument(server, kwargs, needle):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details
 
 
+def test_a_request_that_does_not_parse_is_invalid_argument(server):
+    """Bytes that are not the RPC's message (bad UTF-8 in a string field, a corrupt wire format) get
+    INVALID_ARGUMENT naming the message, where gRPC's own parsing answers UNKNOWN; unary and
+    streamed RPCs alike, and the server serves on."""
+    from loramux.v1 import loramux_pb2 as pb
+
+    good = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_new_tokens=2, ignore_eos=True))
+    for method, message, streamed in (("Generate", good, False), ("GenerateStream", good, True),
+                                      ("Tokenize", pb.TokenizeRequest(prompt="hi"), False)):
+        call = (server.channel.unary_stream if streamed else server.channel.unary_unary)(f"/loramux.v1.LoraMux/{method}")
+        want, bad_utf8 = type(message).__name__, message.SerializeToString().replace(b"hi", b"h\xff")
+        for raw, why in ((bad_utf8, "bad UTF-8"), (b"\xff\xff\xff", "Wire format was corrupt")):
+            code, details = code_of(call, raw, timeout=30)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+            assert details.startswith("the request does not parse") and want in details and why in details
+    streamed = list(server.channel.unary_stream("/loramux.v1.LoraMux/GenerateStream")(
+        good.SerializeToString(), timeout=30))
+    assert len(streamed) == 2
+    assert server.client.generate(prompt="hi", sampling=Sampling(max_new_tokens=2, ignore_eos=True)).token_ids
+
+
 def test_not_found(server):
     code, details = code_of(server.client.generate, prompt="hi", adapter_id="nope")
     assert code == grpc.StatusCode.NOT_FOUND and "nope" in details

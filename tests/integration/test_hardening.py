@@ -444,6 +444,15 @@ def test_adapter_paths_are_shown_to_admin_callers_only(tiny_llama, tiny_adapters
             assert {a.path for a in admin.list_adapters()} == {str(tiny_adapters[n].resolve())
                                                                 for n in ("attn-r4", "all-r8")}
         assert canary.count > 0 and canary.failures == []
+        # the token is checked before the request is parsed: bytes that do not parse, sent
+        # without one, are refused for the token
+        garbage = proc.channel.unary_unary("/loramux.v1.LoraMux/ListAdapters")
+        with pytest.raises(grpc.RpcError) as e:
+            garbage(b"\xff\xff\xff", timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            garbage(b"\xff\xff\xff", timeout=30, metadata=(("authorization", "Bearer user"),))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         proc.stop()
 
