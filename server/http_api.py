@@ -334,18 +334,24 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     def adapter_of(model: str) -> str | None:
         return None if model == service.model_name else model
 
+    def named(body):
+        """The body, its model named: unset or empty is the base model, whose name the response
+        then carries (as vLLM's)."""
+        body.model = body.model or service.model_name
+        return body
+
     @app.post("/v1/completions", dependencies=caller)
     @cancelled_on_disconnect
     @errors_as_responses
     async def completions(body: CompletionRequest, request: Request):
-        prompts, sampling = body.to_domain()
+        prompts, sampling = named(body).to_domain()
         return await respond(prompts, sampling, body, "completion", request_id_of(request, body))
 
     @app.post("/v1/chat/completions", dependencies=caller)
     @cancelled_on_disconnect
     @errors_as_responses
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prompts, sampling = body.serving(tool_parser).to_domain(config.default_max_new_tokens)
+        prompts, sampling = named(body).serving(tool_parser).to_domain(config.default_max_new_tokens)
         return await respond(prompts, sampling, body, "chat", request_id_of(request, body))
 
     @app.post("/v1/responses", dependencies=caller)
@@ -353,7 +359,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @errors_as_responses(names=RESPONSES_NAMES)
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, as the chat request it amounts to (server/openai_responses.py)."""
-        rid = request_id_of(request, body)
+        rid, body = request_id_of(request, body), named(body)
         history = ()
         if body.previous_response_id is not None:
             previous = kept.get(body.previous_response_id, "previous_response_id")

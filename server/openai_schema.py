@@ -102,7 +102,7 @@ class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept aside (model_extra), for check_supported to see
     unserved: ClassVar[dict[str, tuple[tuple, str]]] = UNSERVED_EXTRAS  # refused unless harmless, naming why
 
-    model: str
+    model: str | None = None  # unset or empty: the base model, as vLLM serves it
     request_id: str | None = None  # vLLM's: the request's id in logs and the response's; X-Request-Id wins
     # vLLM's: with --scheduling priority, lower is admitted first (a 32-bit integer, as gRPC's); else only 0
     priority: int = Field(0, ge=-(1 << 31), lt=1 << 31)

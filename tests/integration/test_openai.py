@@ -835,6 +835,21 @@ def test_nulls_that_openais_schema_allows_mean_the_defaults(oserver):
     assert httpx.post(f"{oserver.base_url}/chat/completions", json=chat, timeout=30).status_code == 200
 
 
+def test_a_body_without_a_model_is_served_by_the_base_model(oserver):
+    """vLLM's: no model, or an empty one, is the base model, and the response names it."""
+    base = oserver.client.server_info().model
+    body = {"prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    named = httpx.post(f"{oserver.base_url}/completions", json={**body, "model": base}, timeout=30).json()
+    for model in ({}, {"model": None}, {"model": ""}):
+        got = httpx.post(f"{oserver.base_url}/completions", json={**body, **model}, timeout=30)
+        assert got.status_code == 200 and got.json()["model"] == base, (model, got.text)
+        assert got.json()["choices"][0]["text"] == named["choices"][0]["text"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for route, payload in (("chat/completions", chat), ("responses", {"input": "hi", "max_output_tokens": 2})):
+        got = httpx.post(f"{oserver.base_url}/{route}", json=payload, timeout=30)
+        assert got.status_code == 200 and got.json()["model"] == base, (route, got.text)
+
+
 def test_health_version_and_metrics_on_the_http_port(oserver):
     from loramux.server import __version__
 
