@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .errors import RequestFailed, clip
+from .errors import RequestFailed, RequestInvalid, clip
 from .holdback import holdback
 from .requests import FinishReason, TokenEvent, TokenLogprob
 from .sequence import Sequence
@@ -30,7 +30,7 @@ class Finished:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (TokenEvent's)
 
 
-Outcome = TokenEvent | Finished | RequestFailed
+Outcome = TokenEvent | Finished | RequestFailed | RequestInvalid
 
 
 class OutputProcessor:
@@ -50,6 +50,8 @@ class OutputProcessor:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
                 out.append((seq, self.on_token(seq, token, logprob, drafted)))
+            except RequestInvalid as e:  # the request's own input, found wanting as it runs (its grammar)
+                out.append((seq, e))
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed", seq.request.request_id)
                 out.append((seq, RequestFailed(

@@ -19,6 +19,7 @@ engine copies the compiled matcher for each request.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,9 @@ _BYTE_BIAS = torch.where(((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 
 # JSON as OpenAI's json modes write it: fixed separators, no free whitespace (with it, a model can
 # emit whitespace until max_tokens); a schema's "x-guidance" options override these.
 JSON_OPTIONS = {"whitespace_flexible": False}
+# llguidance's errors when a grammar outgrows its lexer or parser limits as it is followed ("lexer
+# error: too many expressions constructed" for a regex of a{1000000}, fuel exhausted, too many items)
+_LIMIT_REACHED = re.compile(r"too many|fuel|limit|too large", re.IGNORECASE)
 _GRAMMAR_CACHE = 64  # compiled matchers kept, by (kind, spec): a request's n choices, and repeated schemas
 
 
@@ -70,9 +74,18 @@ class Grammar:
         if self.gate is not None and not self.gate.take(token):
             return False
         if not self.matcher.consume_token(token):
-            raise RequestFailed(f"token {token} does not continue the structured output: "
-                                f"{clip(self.matcher.get_error(), 200)}")
+            raise failure(self.matcher, f"token {token} does not continue the structured output")
         return self.matcher.is_stopped()
+
+
+def failure(matcher, what: str) -> Exception:
+    """Why ``matcher`` can go no further: the request's own mistake where its grammar outgrew
+    llguidance's limits as it was followed, else an internal fault (``what`` happened)."""
+    error = matcher.get_error() if matcher.is_error() else ""
+    if _LIMIT_REACHED.search(error):
+        return RequestInvalid(f"the structured output is beyond llguidance's limits: {clip(error.splitlines()[0], 200)}; "
+                              "simplify it")
+    return RequestFailed(what + (f": {clip(error, 200)}" if error else ""))
 
 
 class Grammars:
@@ -212,8 +225,7 @@ class Grammars:
         for j, i in enumerate(rows):
             matcher = grammars[i].matcher
             if matcher.is_error() or not alive[j]:
-                failed[i] = RequestFailed("the structured output allows no next token"
-                                          + (f": {clip(matcher.get_error(), 200)}" if matcher.is_error() else ""))
+                failed[i] = failure(matcher, "the structured output allows no next token")
                 continue
             out[i], banned[i] = with_banned(bias[j], banned[i]), None
         return out, banned, failed

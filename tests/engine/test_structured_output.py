@@ -366,3 +366,26 @@ def test_a_reasoning_gate_frees_the_thinking_and_constrains_the_answer(tmp_path)
     plain = build_llama(tmp_path / "plain")
     with pytest.raises(StartupError, match="--reasoning-parser qwen3 needs <think> and </think> to be tokens"):
         build_engine(ServerConfig(model=str(plain), reasoning_parser="qwen3"))
+
+
+def test_a_grammar_beyond_llguidances_limits_is_the_requests_own_mistake(built):
+    """A regex that compiles but outgrows llguidance's lexer as it is followed (a{1000000}: "too many
+    expressions constructed") fails its request as INVALID_ARGUMENT naming the limit, as does the
+    next request for it (its cached lexer has hit the limit), not as an internal error; the request
+    beside it finishes as usual."""
+    from loramux.server.errors import status_name
+
+    huge = StructuredOutput(OutputKind.REGEX, "a{1000000}")
+
+    async def main():
+        async def one(rid, params):
+            return [ev async for ev in built.engine.submit(GenerationRequest(rid, (5, 6, 7), params, None))]
+        return await asyncio.gather(one("huge", SamplingParams(12, structured_output=huge)),
+                                    one("ok", SamplingParams(12, ignore_eos=True)), return_exceptions=True)
+
+    for _ in range(2):
+        huge_run, ok = asyncio.run(main())
+        assert isinstance(huge_run, RequestInvalid) and status_name(huge_run) == "INVALID_ARGUMENT", huge_run
+        assert "beyond llguidance's limits" in str(huge_run) and "too many expressions" in str(huge_run)
+        assert len(ok) == 12 and ok[-1].finish_reason is FinishReason.LENGTH
+        assert built.engine.counts() == (0, 0) and built.engine.blocks.num_held == 0
