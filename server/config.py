@@ -24,7 +24,7 @@ def default_cache_dir() -> Path:
 
 def _may_share(host: str, other: str) -> bool:
     """Whether listeners on these two hosts collide on one port: the same host, or a wildcard."""
-    return host == other or {host.strip("[]"), other.strip("[]")} & {"", "0.0.0.0", "::"} != set()
+    return host == other or not {host.strip("[]"), other.strip("[]")}.isdisjoint({"", "0.0.0.0", "::"})
 
 
 def is_loopback(host: str) -> bool:
@@ -222,13 +222,13 @@ class ServerConfig:
             raise ValueError("--dynamic-adapters needs at least one --adapter-root to find adapters in")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("served-model-name is empty")
-        listeners = (("port", self.host), ("http-port", self.http_bind_host), ("metrics-port", self.metrics_host))
-        for i, (name, host) in enumerate(listeners):
-            port = getattr(self, name.replace("-", "_"))
+        listeners = (("port", self.port, self.host), ("http-port", self.http_port, self.http_bind_host),
+                     ("metrics-port", self.metrics_port, self.metrics_host))
+        for i, (name, port, host) in enumerate(listeners):
             if not 0 <= port < 65536:
                 raise ValueError(f"{name} must be in [0, 65535]")
-            for other, other_host in listeners[:i]:  # refused now, not after the model has loaded
-                if port and port == getattr(self, other.replace("-", "_")) and _may_share(host, other_host):
+            for other, other_port, other_host in listeners[:i]:  # refused now, not after the model has loaded
+                if port and port == other_port and _may_share(host, other_host):
                     raise ValueError(f"--{name} and --{other} are both {port}: each listener needs a port of its own")
 
     @property

@@ -331,8 +331,9 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         service.unregister_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    def adapter_of(model: str) -> str | None:
-        return None if model == service.model_name else model
+    def adapter_of(model: str | None) -> str | None:
+        """The adapter a body's model names; None for the base model (its name, or unset)."""
+        return None if not model or model == service.model_name else model
 
     def named(body):
         """The body, its model named: unset or empty is the base model, whose name the response
@@ -529,7 +530,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/tokenize", dependencies=caller, include_in_schema=False)
     @errors_as_responses
     async def tokenize(body: TokenizeRequest):
-        adapter_id = adapter_of(body.model or service.model_name)
+        adapter_id = adapter_of(body.model)
         ids = await service.tokenize(body.to_domain(), adapter_id)
         strs = service.token_strings(ids, adapter_id) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
@@ -538,7 +539,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     @app.post("/v1/detokenize", dependencies=caller, include_in_schema=False)
     @errors_as_responses
     async def detokenize(body: DetokenizeRequest):
-        return {"prompt": service.detokenize(body.tokens, adapter_of(body.model or service.model_name))}
+        return {"prompt": service.detokenize(body.tokens, adapter_of(body.model))}
 
     def kept_markers(sampling):
         """Chat's sampling, keeping special tokens' text where the reasoning markers are ones."""
