@@ -170,6 +170,8 @@ class GenerationBody(BaseModel):
                                  "only once all are generated)", param="best_of")
         if self.cache_salt == "":  # as vLLM: a salt that salts nothing is a mistake
             raise RequestInvalid("cache_salt must be a non-empty string; leave it unset for none", param="cache_salt")
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM: it would ask for nothing
+            raise RequestInvalid("stream_options is only allowed with stream: true", param="stream_options")
         if self.prompt_logprobs is not None and self.stream:  # as vLLM: they would all come in one chunk first
             raise RequestInvalid("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
         # the unserved fields: the body's own (a body type may not serve one GenerationBody declares) and extras

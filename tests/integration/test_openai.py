@@ -361,6 +361,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     for kwargs, needle in [
         (dict(n=0), "n"), (dict(n=3, best_of=2), "best_of is 2; it must be at least n (3)"),
         (dict(best_of=2, stream=True), "best_of greater than n is not available with stream: true"),
+        (dict(stream_options={"include_usage": True}), "stream_options is only allowed with stream: true"),
         (dict(best_of=11, extra_body={"use_beam_search": True}),
          "best_of is the beam width with use_beam_search: 1 to 10, got 11"),
         (dict(max_tokens=0), "max_tokens must be in [1, "),
