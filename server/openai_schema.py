@@ -364,7 +364,9 @@ class ChatMessage(BaseModel):
             if part.type != "text":
                 raise RequestInvalid(f"message content of type {part.type[:32]!r} is not supported; only text",
                                      param="messages")
-            parts.append(part.text or "")
+            if part.text is None:  # as OpenAI: a text part without its text is a mistake, not an empty part
+                raise RequestInvalid("a message content part of type 'text' needs its text", param="messages")
+            parts.append(part.text)
         return "".join(parts)
 
 

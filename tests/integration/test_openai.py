@@ -391,6 +391,9 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
             assert e.value.body["param"] == named[0], (kwargs, e.value.body)
     with pytest.raises(openai.BadRequestError):
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="a message content part of type 'text' needs its text") as e:
+        oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": [{"type": "text"}]}])
+    assert e.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError, match="--trust-request-chat-template") as e:  # not trusted here
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
                                            extra_body={"chat_template": "{{ messages }}"})
