@@ -77,7 +77,9 @@ class InputItem(BaseModel):
         return "".join(p["text"] for p in parts)
 
     def text(self, index: int) -> str:
-        parts = self.content if isinstance(self.content, list) else [{"type": "input_text", "text": self.content or ""}]
+        if self.content is None:  # as OpenAI's, and as chat messages (openai_schema.ChatMessage.turn)
+            raise RequestInvalid(f"input[{index}].content is required in a message item", param="input")
+        parts = self.content if isinstance(self.content, list) else [{"type": "input_text", "text": self.content}]
         for part in parts:
             if part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
                 raise RequestInvalid(f"input[{index}] has a content part of type {str(part.get('type'))[:32]!r}; only "

@@ -322,6 +322,10 @@ class AssistantToolCall(BaseModel):
     function: CalledFunction
 
 
+# roles whose messages OpenAI refuses without content (an assistant turn may carry only its tool calls)
+NEEDS_CONTENT = ("system", "developer", "user", "tool")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
@@ -337,6 +341,9 @@ class ChatMessage(BaseModel):
         """(role, content[, the other fields the chat template reads]) for a domain Prompt. OpenAI's
         "developer" role is what chat templates call "system". A call's arguments go to the template
         as the JSON value they encode, as vLLM passes them: templates write them with ``tojson``."""
+        if self.content is None and self.role in NEEDS_CONTENT:
+            raise RequestInvalid(f"messages[{index}].content is required in a message of role {self.role!r}",
+                                 param="messages")
         role = "system" if self.role == "developer" else self.role
         fields = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id),
                                     ("reasoning_content", self.reasoning_content or self.reasoning)) if v is not None}

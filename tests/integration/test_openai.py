@@ -394,6 +394,11 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     with pytest.raises(openai.BadRequestError, match="a message content part of type 'text' needs its text") as e:
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": [{"type": "text"}]}])
     assert e.value.body["param"] == "messages"
+    for role in ("user", "system", "tool"):  # as OpenAI: only an assistant turn may come without content
+        with pytest.raises(openai.BadRequestError, match=rf"messages\[1\]\.content is required .*'{role}'") as e:
+            oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"},
+                                                                         {"role": role, "tool_call_id": "c1"}])
+        assert e.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError, match="--trust-request-chat-template") as e:  # not trusted here
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "user", "content": "x"}],
                                            extra_body={"chat_template": "{{ messages }}"})
@@ -1746,6 +1751,7 @@ def test_responses_api_is_chat_by_another_shape(oserver):
         (dict(input=[{"type": "function_call_output", "output": "x"}]), "needs call_id and output", "input"),
         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
          "content part of type 'input_image'", "input"),
+        (dict(input=[{"type": "message", "role": "user"}]), "input[0].content is required", "input"),
         (dict(max_output_tokens=10**7), "max_output_tokens must be in [1, 1024]", "max_output_tokens"),
         (dict(text={"format": {"type": "json_schema", "name": "s"}}), "text.format.schema must be", "text"),
         (dict(text={"format": {"type": "xml"}}), "text.format type 'xml' is not supported", "text"),
