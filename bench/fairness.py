@@ -6,7 +6,8 @@ priority -1 over the flood's 0.
 
 Targets (issue #17): the light adapter's p99 TTFT <= 2x alone; the flood's throughput drops < 5%.
 
-    python bench/fairness.py [--batch 8] [--flood-factor 10] [--light 3] [--json out.json]
+    python bench/fairness.py [--batch 8] [--flood-factor 10] [--light 3] [--max-tokens-per-step 512]
+                             [--json out.json]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--batch", type=int, default=8, help="--max-batch-size")
+    ap.add_argument("--max-tokens-per-step", type=int, default=512,
+                    help="the step budget: the step under way is what a newly arrived request waits behind")
     ap.add_argument("--flood-factor", type=int, default=10, help="flood requests = this x batch")
     ap.add_argument("--light", type=int, default=3)
     ap.add_argument("--delay", type=float, default=0.5, help="seconds after the flood the light requests come")
@@ -68,7 +71,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    base = ServerConfig(model=args.model, max_batch_size=args.batch, max_tokens_per_step=512, max_model_len=256,
+    base = ServerConfig(model=args.model, max_batch_size=args.batch, max_tokens_per_step=args.max_tokens_per_step, max_model_len=256,
                         default_max_new_tokens=48, max_lora_rank=16, max_device_adapters=2, max_host_adapters=2,
                         metrics_port=0)
     loaded = load_model(base)
