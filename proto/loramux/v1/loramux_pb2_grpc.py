@@ -5,7 +5,7 @@ import warnings
 
 from loramux.v1 import loramux_pb2 as loramux_dot_v1_dot_loramux__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
