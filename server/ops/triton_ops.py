@@ -29,7 +29,9 @@ from .plan import LoRAPlan, RankGroup
 from .torch_ops import fused_args
 
 _BGMV_TILE = 8192  # elements of a BGMV weight tile [R_BLOCK, BLOCK]: 32 KiB of float32 registers
-_BLOCK_K = 64  # SGMV reduction tile (input features)
+_BLOCK_K = 64  # SGMV reduction tile (input features), at most ...
+_SGMV_TILE = 16384  # ... this many elements of A's tile [BLOCK_K, RS_BLOCK]: its pipelined stages
+# (float32: 64 KiB each) stay within an H100/H200 block's 227 KiB of shared memory at rank x kinds 512
 _BLOCK_N = 64  # SGMV output tile (output features)
 _BLOCK_M = 16  # rows per SGMV program; tl.dot needs at least 16
 _SPLIT_K_MIN_INPUT = 1024  # split the shrink's reduction when a small batch leaves the GPU idle
@@ -207,7 +209,8 @@ class TritonLoRA:
             num_adapters = g.group_ends.numel()
             _sgmv_shrink[(num_adapters, row_blocks)](
                 x, a_store, v, g.rows, g.pages, g.group_ends, meta, in_features, x.stride(0), a_store.stride(0),
-                rank=rank, num_used=s, RS_BLOCK=rs_block, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, PRECISION=precision)
+                rank=rank, num_used=s, RS_BLOCK=rs_block, BLOCK_M=_BLOCK_M,
+                BLOCK_K=max(16, min(_BLOCK_K, _SGMV_TILE // rs_block)), PRECISION=precision)  # tl.dot: K >= 16
             col_tiles = triton.cdiv(widest, _BLOCK_N)
             _sgmv_expand[(num_adapters, row_blocks, col_tiles * s)](
                 v, b_store, y, g.rows, g.pages, g.group_ends, meta, col_tiles, y.stride(0), b_store.stride(0),
