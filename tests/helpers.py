@@ -264,6 +264,16 @@ def added_tokens_adapter(model_dir: Path, out: Path, seed: int, added: tuple[str
     return out
 
 
+def reference_base(model_dir: Path):
+    """The oracle's base model: HF's, in float32, eval mode. Gemma 2 runs HF's eager attention, its
+    only path that soft-caps the scores: transformers 5.17 still let it take SDPA, which drops the cap."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    capped = getattr(AutoConfig.from_pretrained(model_dir), "attn_logit_softcapping", None) is not None
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                **({"attn_implementation": "eager"} if capped else {})).eval()
+
+
 def peft_model(model_dir: Path, adapter_dir: Path | None):
     """The base model in float32 with the adapter loaded by PEFT (None: alone); an adapter trained
     on a resized vocabulary (its full embedding or lm_head of another size) gets the model resized
@@ -272,9 +282,8 @@ def peft_model(model_dir: Path, adapter_dir: Path | None):
 
     from peft import PeftModel
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = reference_base(model_dir)
     if adapter_dir is None:
         return model
     with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as f:
@@ -304,9 +313,8 @@ def peft_cat_generate(model_dir: Path, adapters: dict[str, Path], parts: list[tu
     """PEFT's greedy tokens (no EOS) for add_weighted_adapter(combination_type="cat") of ``parts``
     [(name in ``adapters``, weight)], each prompt alone."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = reference_base(model_dir)
     (first, _), *rest = parts
     model = PeftModel.from_pretrained(base, adapters[first], adapter_name=first)
     for name, _ in rest:
