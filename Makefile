@@ -66,19 +66,21 @@ bench-gpu:
 	$(PY) bench/gpu.py --json bench/reports/gpu.json $(ARGS)
 
 # On the GPU machine: its system python (no registry there), the project installed without its
-# dependencies, no CPU kernel. STAGE=env|ops|parity|bench|profile runs one stage; results go to $$OUT.
+# dependencies, no CPU kernel. STAGE=env,ops,parity,bench,profile (any of them) runs those stages;
+# results go to $$OUT. Two device calls: STAGE=env,ops,parity,profile, then STAGE=bench.
 # Run `make gpu-assets` on the CPU side first and carry bench/gpu-assets (the tokenizer, and the
-# llguidance wheel the machine's python lacks).
+# wheels of what the machine's python lacks and the engine imports: llguidance, google-re2).
 GPU_PYTHON ?= python3
 gpu-check:
 	LORAMUX_NO_CPU_KERNEL=1 $(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	# what the machine lacks and gpu-assets brought (llguidance, for structured output), if carried
+	# what the machine lacks and gpu-assets brought (llguidance for structured output, google-re2 for
+	# adapter configs' regexes), if carried
 	$(if $(wildcard bench/gpu-assets/wheels/*.whl),$(GPU_PYTHON) -m pip install -q --no-deps --no-index bench/gpu-assets/wheels/*.whl)
 	LORAMUX_NO_CPU_KERNEL=1 $(GPU_PYTHON) bench/gpu_check.py --stage $(or $(STAGE),all) $(ARGS)
 
 gpu-assets:
 	$(PY) bench/gpu_check.py --export-tokenizer bench/gpu-assets/tokenizer
-	$(PIP) download -q --no-deps --only-binary :all: --python-version 3.12 -d bench/gpu-assets/wheels "llguidance>=1.9"
+	$(PIP) download -q --no-deps --only-binary :all: --python-version 3.12 -d bench/gpu-assets/wheels "llguidance>=1.9" "google-re2>=1.1"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

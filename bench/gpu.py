@@ -93,13 +93,30 @@ class PeftMixed:
 
     def __init__(self, model_dir: Path, count: int, device, dtype):
         from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(ALL_PROJ), init_lora_weights=False)
         self.model = get_peft_model(base, config, adapter_name="a0")
-        for i in range(1, count):
-            self.model.add_adapter(f"a{i}", config)
+        # The other adapters go straight into the LoRA layers, made on the device: add_adapter rescans
+        # every module, and each layer's update_layer walks all its adapters twice (set_adapter, the
+        # move to the base layer's device), so 256 adapters took minutes, quadratically. Both walks
+        # are skipped while adding, and set_adapter runs once at the end.
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        skip = lambda *args, **kwargs: None  # noqa: E731
+        for layer in layers:
+            layer.set_adapter = layer._move_adapter_to_device_of_base_layer = skip
+        try:
+            with torch.device(device):
+                for i in range(1, count):
+                    self.model.peft_config[f"a{i}"] = config
+                    for layer in layers:
+                        layer.update_layer(f"a{i}", RANK, 2 * RANK, config)
+        finally:
+            for layer in layers:
+                del layer.set_adapter, layer._move_adapter_to_device_of_base_layer
+        self.model.base_model.set_adapter("a0")  # float32 adapters, as get_peft_model keeps a0's
         self.model.eval()
         self.vocab, self.device = base.config.vocab_size, device
 
@@ -150,8 +167,10 @@ def zipf_run(config, loaded, adapters, picks, prompts, new_tokens: int, batch: i
 def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     sizes = args.batch_sizes
     max_batch = max(sizes)
+    max_len = args.prompt_len + args.new_tokens + 8
     config = ServerConfig(model=model, device=args.device, max_batch_size=max_batch,
-                          max_tokens_per_step=max(2048, max_batch), max_model_len=args.prompt_len + args.new_tokens + 8,
+                          max_tokens_per_step=max(2048, max_batch), max_model_len=max_len,
+                          kv_cache_tokens=2 * max_batch * max_len,  # not 80% of the GPU: the Zipf runs build more engines
                           default_max_new_tokens=args.new_tokens, max_lora_rank=RANK,
                           max_device_adapters=max(max_batch, args.zipf_capacity),
                           max_host_adapters=max(max_batch, args.zipf_capacity) * 2, metrics_port=0)

@@ -12,10 +12,10 @@ H200, and writes everything it learns under --out (the device tool's $OUT):
 
 Each stage runs in a process of its own, within a time budget (STAGE_S; QUICK_STAGE_S with
 --quick; --stage-budget S for all): a failed or hung stage is recorded, with every thread's stack
-for a hang, and the next one still runs. --stage NAME runs one. --quick runs every stage in a
+for a hang, and the next one still runs. --stage NAME[,NAME...] runs those. --quick runs every stage in a
 tiny form anywhere (the CPU test of this script).
 
-    python bench/gpu_check.py [--stage all|env|ops|parity|bench|profile] [--out DIR] [--stage-budget S]
+    python bench/gpu_check.py [--stage all|env,ops,parity,bench,profile] [--out DIR] [--stage-budget S]
                               [--quick --model DIR]
     python bench/gpu_check.py --export-tokenizer bench/gpu-assets/tokenizer   # on the CPU side, once
 """
@@ -28,6 +28,7 @@ import faulthandler
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -37,8 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "ops", "parity", "bench", "profile")
 ASSETS = ROOT / "bench" / "gpu-assets"
-# Caps, not estimates: one hung stage plus the others' usual time stays in the device's 600 s a call
-STAGE_S = {"env": 60, "ops": 120, "parity": 120, "bench": 420, "profile": 120}
+# Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity runs its tests
+# one at a time (each engine sizes its KV pool from the GPU's free memory), and bench's two models
+# may take most of a device call: run STAGE=env,ops,parity,profile and STAGE=bench as two calls.
+STAGE_S = {"env": 60, "ops": 120, "parity": 300, "bench": 540, "profile": 120}
 QUICK_STAGE_S = 90  # each stage with --quick; all five take 20-40 s on a 2-core CPU
 
 
@@ -70,32 +73,39 @@ def stage_env(args, out: Path) -> dict:
 
 def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, str]:
     """Run ``cmd`` with a time limit; (its return code or None on a timeout, its stdout). Its
-    output goes to ``log`` either way."""
+    output goes to ``log`` either way; a Python child out of time is sent SIGABRT first, so that
+    its log ends with every thread's stack (PYTHONFAULTHANDLER)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        code, stdout, stderr = None, _text(e.stdout), _text(e.stderr) + f"\n[killed after {timeout:.0f} s]\n"
+        stdout, stderr = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        code, stderr = None, stderr + f"\n[stopped after {timeout:.0f} s]\n"
     log.write_text(stdout + stderr)
     return code, stdout
 
 
-def _text(out: bytes | str | None) -> str:
-    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
-
-
-def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str) -> dict:
+def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, workers: int = 1) -> dict:
     # pytest-timeout prints every thread's stack for a test that hangs, before the stage runs out
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets,
            "--timeout", str(max(1, int(args.budget - 20))), "--junitxml", str(out / f"{name}.xml")]
     if args.quick:
         cmd += ["-k", quick_filter]
+    elif workers > 1:  # sharing the one GPU: only tests that size no KV pool from free memory
+        cmd += ["-n", str(workers)]
     code, stdout = _run(cmd, out / f"{name}.log", max(1.0, args.budget - 10))
     return {"returncode": code, "summary": (stdout.strip().splitlines() or [""])[-1]}
 
 
 def stage_ops(args, out: Path) -> dict:
-    return _pytest(args, out, "ops", ["tests/unit/test_ops.py"], "bgmv_matches_reference and dtype0 and torch")
+    return _pytest(args, out, "ops", ["tests/unit/test_ops.py"], "bgmv_matches_reference and dtype0 and torch", workers=4)
 
 
 def stage_parity(args, out: Path) -> dict:
@@ -238,7 +248,7 @@ def run_in_process(name: str, args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default="all", choices=("all", *STAGES))
+    ap.add_argument("--stage", default="all", help=f"all, or some of {','.join(STAGES)} (comma-separated)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results" / "gpu-check"))
     ap.add_argument("--quick", action="store_true", help="every stage in a tiny form, anywhere (needs --model)")
     ap.add_argument("--model", type=Path, default=None, help="with --quick: a small model folder")
@@ -257,7 +267,9 @@ def main() -> int:
     if args.in_process:
         run_in_process(args.stage, args)
         return 0
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
+    if unknown := set(stages) - set(STAGES):
+        ap.error(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
     report, started = {"quick": args.quick, "stages": {}}, time.perf_counter()
     for name in stages:
         t0 = time.perf_counter()
