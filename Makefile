@@ -67,7 +67,8 @@ bench-gpu:
 
 # On the GPU machine: its system python (no registry there), the project installed without its
 # dependencies, no CPU kernel. STAGE=env,ops,parity,bench,profile (any of them) runs those stages;
-# results go to $$OUT. Two device calls: STAGE=env,ops,parity,profile, then STAGE=bench.
+# $$OUT gets report.json and gpu-check.tgz (every log). Two device calls: STAGE=env,ops,parity,profile,
+# then STAGE=bench.
 # Run `make gpu-assets` on the CPU side first and carry bench/gpu-assets (the tokenizer, and the
 # wheels of what the machine's python lacks and the engine imports: llguidance, google-re2).
 GPU_PYTHON ?= python3

@@ -1,8 +1,10 @@
 """`make gpu-check`: everything a first GPU session needs to learn, as one script in stages.
 
 A GPU is lent rarely and briefly, so this runs on the GPU machine's own Python (no registry, no
-network: `make gpu-check` installs the project with --no-deps), sized for at most 5 minutes on one
-H200, and writes everything it learns under --out (the device tool's $OUT):
+network: `make gpu-check` installs the project with --no-deps), in stages of a few minutes each on
+one H200. After every stage it writes under --out (the device tool's $OUT, which returns at most 8
+files) two files: report.json, and gpu-check.tgz with every log and report below (not the models
+and adapters it builds), so a call stopped part-way still brings back what the stages before learnt:
 
   env      versions, the GPU, what imports (env.json)
   ops      the native op tests: Triton kernels against the reference (ops.log)
@@ -28,9 +30,12 @@ import faulthandler
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -218,15 +223,16 @@ def export_tokenizer(dest: Path) -> None:
     print(f"tokenizer in {dest}")
 
 
-def run_stage(name: str, args) -> dict:
-    """One stage in a child process, within its budget; its result, or why there is none."""
+def run_stage(name: str, args, files: Path) -> dict:
+    """One stage in a child process that writes into ``files``, within its budget; its result, or
+    why there is none."""
     budget = args.stage_budget or (QUICK_STAGE_S if args.quick else STAGE_S[name])
-    cmd = [sys.executable, __file__, "--stage", name, "--out", str(args.out), "--in-process", "--budget", str(budget)]
+    cmd = [sys.executable, __file__, "--stage", name, "--out", str(files), "--in-process", "--budget", str(budget)]
     if args.quick:
         cmd += ["--quick", "--model", str(args.model)]
-    result_file = args.out / f"{name}.result.json"
+    result_file = files / f"{name}.result.json"
     result_file.unlink(missing_ok=True)
-    code, _ = _run(cmd, args.out / f"{name}.stage.log", budget + 10)
+    code, _ = _run(cmd, files / f"{name}.stage.log", budget + 10)
     if result_file.exists():
         return json.loads(result_file.read_text())
     how = "was killed" if code is None else f"exited with {code}"
@@ -270,20 +276,35 @@ def main() -> int:
     stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
     if unknown := set(stages) - set(STAGES):
         ap.error(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    files = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # the stages' logs, reports and built models
     report, started = {"quick": args.quick, "stages": {}}, time.perf_counter()
     for name in stages:
         t0 = time.perf_counter()
-        result = run_stage(name, args)
+        result = run_stage(name, args, files)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report["stages"][name] = result
         print(f"[{name}] {result['seconds']} s: {json.dumps(result)[:400]}", flush=True)
-        (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        publish(report, files, args.out)
     failed = [n for n, r in report["stages"].items() if not r["ok"] or r.get("returncode", 0) != 0]
     print(f"gpu-check: {len(stages) - len(failed)}/{len(stages)} stages passed in {report['seconds']} s; "
-          f"report in {args.out / 'report.json'}")
+          f"{args.out / 'report.json'}, and every log in {args.out / 'gpu-check.tgz'}")
+    shutil.rmtree(files, ignore_errors=True)
     return 1 if failed else 0
+
+
+def publish(report: dict, files: Path, out: Path) -> None:
+    """report.json, and gpu-check.tgz of ``files`` but the built models (work/), into ``out``;
+    each replaced whole, so a call stopped mid-write still returns the last complete ones."""
+    (files / "report.json").write_text(json.dumps(report, indent=2))
+    tmp = out / "gpu-check.tgz.part"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(files.iterdir()):
+            if path.name != "work":
+                tar.add(path, arcname=path.name)
+    tmp.replace(out / "gpu-check.tgz")
+    shutil.copyfile(files / "report.json", out / "report.json.part")
+    (out / "report.json.part").replace(out / "report.json")
 
 
 if __name__ == "__main__":

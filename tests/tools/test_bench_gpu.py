@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,24 +16,36 @@ def _tail(path: Path, chars: int = 6000) -> str:
     return path.read_text()[-chars:] if path.exists() else "(none)"
 
 
+def _unpack(out: Path) -> Path:
+    """The check's two files under ``out`` (the device tool returns few), the archive unpacked."""
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tgz", "report.json"]
+    with tarfile.open(out / "gpu-check.tgz") as tar:
+        tar.extractall(out / "files", filter="data")
+    files = out / "files"
+    assert (files / "report.json").read_text() == (out / "report.json").read_text()
+    return files
+
+
 def test_quick_gpu_check_runs_every_stage_and_writes_its_reports(tiny_llama, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--quick", "--model", str(tiny_llama),
                            "--out", str(out)], capture_output=True, text=True, timeout=280,
                           env={**os.environ, "LORAMUX_NO_CPU_KERNEL": "1"})
+    files = _unpack(out)
     report = json.loads((out / "report.json").read_text())
     failed = [n for n, s in report["stages"].items() if not s["ok"] or s.get("returncode", 0) != 0]
     assert proc.returncode == 0 and not failed, proc.stdout[-3000:] + proc.stderr[-3000:] + "".join(
-        f"\n--- {n}.stage.log\n" + _tail(out / f"{n}.stage.log") + f"\n--- {n}.log\n" + _tail(out / f"{n}.log")
+        f"\n--- {n}.stage.log\n" + _tail(files / f"{n}.stage.log") + f"\n--- {n}.log\n" + _tail(files / f"{n}.log")
         for n in failed)
     assert list(report["stages"]) == ["env", "ops", "parity", "bench", "profile"]
     assert all(stage["ok"] for stage in report["stages"].values())
-    env = json.loads((out / "env.json").read_text())
+    assert not (files / "work").exists()  # the models and adapters it built stay behind
+    env = json.loads((files / "env.json").read_text())
     assert env["torch"] and env["stubs"] == "import"
-    assert "passed" in (out / "ops.log").read_text() and "passed" in (out / "parity.log").read_text()
-    profile = (out / "profile.txt").read_text()
+    assert "passed" in (files / "ops.log").read_text() and "passed" in (files / "parity.log").read_text()
+    profile = (files / "profile.txt").read_text()
     assert "one decode step at batch 4" in profile and "aten::" in profile
-    bench = json.loads((out / "bench-model.json").read_text())
+    bench = json.loads((files / "bench-model.json").read_text())
     model = bench["models"]["model"]
     assert list(model["batches"]) == ["1", "4"]
     for row in model["batches"].values():
@@ -61,5 +74,5 @@ def test_a_stage_past_its_budget_is_recorded_with_every_threads_stack(tiny_llama
     assert proc.returncode == 1, proc.stdout + proc.stderr
     stage = json.loads((out / "report.json").read_text())["stages"]["profile"]
     assert stage["ok"] is False and "budget 1 s" in stage["error"] and "profile.stage.log" in stage["error"]
-    log = (out / "profile.stage.log").read_text()
+    log = (_unpack(out) / "profile.stage.log").read_text()
     assert "Timeout (0:00:01)!" in log and "most recent call first" in log
