@@ -7,7 +7,7 @@ priority -1 over the flood's 0.
 Targets (issue #17): the light adapter's p99 TTFT <= 2x alone; the flood's throughput drops < 5%.
 
     python bench/fairness.py [--batch 8] [--flood-factor 10] [--light 3] [--max-tokens-per-step 512]
-                             [--json out.json]
+                             [--target-step-ms MS] [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="--max-batch-size")
     ap.add_argument("--max-tokens-per-step", type=int, default=512,
                     help="the step budget: the step under way is what a newly arrived request waits behind")
+    ap.add_argument("--target-step-ms", type=float, default=None,
+                    help="the server's --target-step-ms (default: off): the step budget sized in time")
     ap.add_argument("--flood-factor", type=int, default=10, help="flood requests = this x batch")
     ap.add_argument("--light", type=int, default=3)
     ap.add_argument("--delay", type=float, default=0.5, help="seconds after the flood the light requests come")
@@ -71,7 +73,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    base = ServerConfig(model=args.model, max_batch_size=args.batch, max_tokens_per_step=args.max_tokens_per_step, max_model_len=256,
+    base = ServerConfig(model=args.model, max_batch_size=args.batch, max_tokens_per_step=args.max_tokens_per_step,
+                        target_step_ms=args.target_step_ms, max_model_len=256,
                         default_max_new_tokens=48, max_lora_rank=16, max_device_adapters=2, max_host_adapters=2,
                         metrics_port=0)
     loaded = load_model(base)
@@ -113,7 +116,8 @@ def main() -> int:
                   + ", ".join(f"{m:.1f}/{a:.1f} tok/s ({d:+.1%})" for a, m, d in zip(floods_alone, floods_mixed, drops, strict=True))
                   + " (with light / alone; target < 5%)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        settings = dict(max_tokens_per_step=args.max_tokens_per_step, target_step_ms=args.target_step_ms)
+        args.json.write_text(json.dumps({"settings": settings, **results}, indent=2))
     return 0
 
 

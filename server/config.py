@@ -64,6 +64,8 @@ class ServerConfig:
     max_batch_size: int = 32
     max_tokens_per_step: int = 512  # prefill chunking: a step never runs more tokens than this
     max_adapters_per_step: int | None = None  # None: bounded only by free device adapter pages
+    # a step's prompt tokens also sized so that the step is predicted to take this long (step_budget.py)
+    target_step_ms: float | None = None
     max_lora_rank: int = 64
     max_device_adapters: int = 16
     max_host_adapters: int = 64
@@ -205,6 +207,8 @@ class ServerConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt-lookup-min ({self.prompt_lookup_min}) <= prompt-lookup-max "
                              f"({self.prompt_lookup_max})")
+        if self.target_step_ms is not None and not (0 < self.target_step_ms < math.inf):
+            raise ValueError(f"target-step-ms must be a finite number > 0, got {self.target_step_ms}")
         if self.max_adapters_per_step is not None and self.max_adapters_per_step < 1:
             raise ValueError("max-adapters-per-step must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -69,6 +69,7 @@ from .scheduler import (
 )
 from .sequence import RequestStream, Sequence
 from .speculative import PromptLookupDrafter
+from .step_budget import StepBudget
 from .structured import Grammar
 from .vocabulary import Vocabularies, Vocabulary
 
@@ -123,6 +124,10 @@ class Engine:
         self.accepted_tokens = 0
         self.service: dict[str | None, float] = {}  # fair scheduling: weighted tokens served per tenant
         self.budgets = Budgets(config.max_batch_size, config.max_tokens_per_step, config.max_adapters_per_step)
+        # --target-step-ms: each step's token budget from the measured times of recent steps
+        self.step_budget = None if config.target_step_ms is None else \
+            StepBudget(config.target_step_ms / 1000, config.max_tokens_per_step)
+        self.step_token_budget = config.max_tokens_per_step  # the last step's (read by the metrics collector)
         self.by_priority = config.scheduling == "priority"
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
         # Taken by submit around its append and by the fatal path when it closes the inbox, so that a
@@ -636,7 +641,11 @@ class Engine:
     def _run_step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
         waiting, running = self._views(fairness)
-        decision = schedule(waiting, running, self.budgets, self.blocks.num_free, self.blocks.block_size, ready,
+        budgets = self.budgets
+        if self.step_budget is not None:
+            decodes = sum(1 for s in self._running if s.num_computed >= s.prefill_len)
+            budgets = replace(budgets, max_tokens_per_step=self.step_budget.tokens(decodes))
+        decision = schedule(waiting, running, budgets, self.blocks.num_free, self.blocks.block_size, ready,
                             self.watermark_blocks, fairness, self.by_priority)
         for seq in decision.preempted:
             self._preempt(seq)
@@ -647,6 +656,7 @@ class Engine:
         work = list(decision.work)
         if not work:
             return False
+        self.step_token_budget = budgets.max_tokens_per_step
         for seq, n in work:
             self.blocks.allocate(seq, seq.num_computed + n)
         cutoff = self.config.speculative_disable_by_batch_size
@@ -700,12 +710,15 @@ class Engine:
         self._sample(sampled, logits[: len(order)] if not chains else logits[rows], computed)
         if chains:
             self._verify(drafts, chains, logits)
+        seconds, decode_tokens = time.perf_counter() - t0, sum(decoding)
+        prefill_tokens, draft_tokens = sum(n for _, n in work) - decode_tokens, sum(map(len, drafts.values()))
+        if self.step_budget is not None:
+            self.step_budget.observe(decode_tokens + draft_tokens, prefill_tokens, seconds)
         if self.observers:
-            decode_tokens = sum(decoding)
             stats = StepStats(
-                num_seqs=len(items), num_prefill_tokens=sum(n for _, n in work) - decode_tokens,
-                num_decode_tokens=decode_tokens, num_adapters=len({it.adapter for it in items} - {None}),
-                seconds=time.perf_counter() - t0, num_draft_tokens=sum(map(len, drafts.values())),
+                num_seqs=len(items), num_prefill_tokens=prefill_tokens, num_decode_tokens=decode_tokens,
+                num_adapters=len({it.adapter for it in items} - {None}), seconds=seconds,
+                num_draft_tokens=draft_tokens,
             )
             for obs in self.observers:
                 obs.step(stats)

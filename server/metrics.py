@@ -154,6 +154,8 @@ class _LiveCollector:
                                   "(--num-speculative-tokens)", value=engine.draft_tokens)
         yield CounterMetricFamily("loramux_spec_decode_accepted_tokens", "Speculative draft tokens kept: each saves "
                                   "a decode step", value=engine.accepted_tokens)
+        yield GaugeMetricFamily("loramux_step_token_budget", "Token budget of the last step: --max-tokens-per-step, "
+                                "or what --target-step-ms left of it", value=engine.step_token_budget)
         yield CounterMetricFamily("loramux_preemptions", "Running requests preempted: for KV memory, an adapter's fair "
                                   "share or a request of higher priority",
                                   value=engine.num_preemptions)

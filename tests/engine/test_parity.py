@@ -18,6 +18,7 @@ from loramux.server.engine import EngineObserver
 from loramux.server.ops import triton_available
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.requests import GenerationRequest, SamplingParams
+from loramux.server.step_budget import MIN_PREFILL_STEPS, MIN_PREFILL_TOKENS, StepBudget
 
 from helpers import peft_generate, pinned_base_linear
 
@@ -168,3 +169,44 @@ def test_staggered_mixed_adapters_match_peft_token_for_token(engine_with_adapter
     engine.blocks.check()
     assert engine.blocks.num_held == 0
     assert not engine.adapters.pool.pinned()
+
+
+class MeasuredAsSlow(StepBudget):
+    """The step budget, fed a slow machine's step times instead of this one's: 1 ms a step, 0.5 ms a
+    decode token, 1 ms a prompt token (the tiny model's own times are too small and noisy for a
+    fit to say anything definite)."""
+
+    def observe(self, decode_tokens, prefill_tokens, seconds):
+        super().observe(decode_tokens, prefill_tokens, 1e-3 + 5e-4 * decode_tokens + 1e-3 * prefill_tokens)
+
+
+def test_a_target_step_time_sizes_prefill_chunks_and_keeps_outputs_exact(tiny_llama, tiny_adapters):
+    """--target-step-ms: once a few prefill steps are measured, each step's prompt tokens are the
+    most that keep it within the target beside its decodes (at least MIN_PREFILL_TOKENS), under
+    --max-tokens-per-step; prompts are prefilled in those chunks, and outputs stay token-exact."""
+    names = [None, *tiny_adapters]
+    config = ServerConfig(
+        dtype="float32", base_linear=pinned_base_linear("torch"), op_backend="torch", model=str(tiny_llama),
+        max_batch_size=8, max_tokens_per_step=64, max_model_len=96, default_max_new_tokens=MAX_NEW,
+        max_device_adapters=len(tiny_adapters), max_host_adapters=len(tiny_adapters), target_step_ms=30,
+        adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
+    engine = build_engine(config).engine
+    engine.step_budget = MeasuredAsSlow(0.030, 64)
+    prompts = make_prompts(engine.vocab_size, 16, seed=5)
+    requests = [(names[i % len(names)], prompts[i]) for i in range(16)]
+    outs, steps = serve_recorded(engine, requests)
+    with_prefill = [s for s in steps if s.num_prefill_tokens]
+    assert max(s.num_prefill_tokens for s in with_prefill[:MIN_PREFILL_STEPS]) > 29  # not sized yet
+    later = with_prefill[MIN_PREFILL_STEPS:]
+    assert len(later) >= 4
+    for s in later:  # 1 + 0.5 d + p ms <= 30, or the least chunk
+        assert s.num_prefill_tokens <= max(MIN_PREFILL_TOKENS, int(29 - 0.5 * s.num_decode_tokens)), s
+    assert any(s.num_prefill_tokens > MIN_PREFILL_TOKENS for s in later)  # sized, not floored
+    assert any(s.num_decode_tokens >= 4 for s in later)  # beside a decoding batch
+    for name in names:
+        idx = [i for i, (n, _) in enumerate(requests) if n == name]
+        expected = peft_generate(tiny_llama, tiny_adapters.get(name), [prompts[i] for i in idx], MAX_NEW,
+                                 eos_token_id=None)
+        for i, exp in zip(idx, expected, strict=True):
+            assert outs[i] == exp, f"request {i} adapter {name}: {outs[i]} != {exp}"
+    assert engine.counts() == (0, 0)

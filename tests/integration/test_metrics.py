@@ -12,7 +12,7 @@ import pytest
 from loramux.adapters.synthetic import write_random_adapter
 from loramux.clients.types import Sampling
 
-from helpers import tiny_layout
+from helpers import build_llama, tiny_layout
 from server import ServerProcess
 from test_grpc import PROMPT_IDS, total, wait_idle
 
@@ -65,6 +65,7 @@ def test_counters_and_histograms_move_exactly(metrics_server):
     assert after['loramux_adapter_memory_bytes{tier="device"}'] > 0
     assert after['loramux_adapter_load_seconds_count{tier="host"}'] >= 2
     assert moved("loramux_adapter_reloads_total") == 0  # nothing was evicted
+    assert after["loramux_step_token_budget"] == 512  # --max-tokens-per-step, with no --target-step-ms
     assert {'loramux_adapter_reloads_total{tier="host"}', 'loramux_adapter_reloads_total{tier="device"}'} <= set(after)
 
 
@@ -164,3 +165,29 @@ def test_one_json_log_line_per_finished_request(metrics_server):
     assert rec["adapter"] == "a001" and rec["status"] == "OK" and rec["completion_tokens"] == r.completion_tokens
     assert rec["prompt_tokens"] == len(PROMPT_IDS) and rec["total_seconds"] > 0
     assert any("adapters registered" in x["message"] and x["level"] == "INFO" for x in lines)  # start-up summary
+
+
+def test_a_target_step_time_no_step_can_meet_shrinks_the_budget_and_serves_on(tmp_path):
+    """--target-step-ms through the CLI: once a few prompts are measured, a target no step meets
+    leaves each step its decodes and the least prompt chunk (16 tokens), the gauge says so, and a
+    longer prompt still completes, prefilled in those chunks. (A model wide enough that prompt
+    tokens cost measurable time, so the fit sees them.)"""
+    model = build_llama(tmp_path / "model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    proc = ServerProcess(["--model", str(model), "--max-model-len", "256", "--max-tokens-per-step", "240",
+                          "--target-step-ms", "0.001", "--default-max-new-tokens", "4"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        assert wait_idle(proc)["loramux_step_token_budget"] == 240
+        for n in (24, 200, 60, 160, 100):  # five steps with prompt tokens, of lengths that vary: the fit's input
+            proc.client.generate(prompt_token_ids=[(7 * i) % 300 + 3 for i in range(n)],
+                                 sampling=Sampling(max_new_tokens=1, ignore_eos=True))
+        before = wait_idle(proc)
+        out = proc.client.generate(prompt_token_ids=[(5 * i) % 300 + 3 for i in range(100)],
+                                   sampling=Sampling(max_new_tokens=4, ignore_eos=True))
+        after = wait_idle(proc)
+        assert len(out.token_ids) == 4
+        assert after["loramux_step_token_budget"] == 1 + 16  # its last decode step's: one decode, 16 prompt tokens
+        # 100 prompt tokens in chunks of 16 (7 steps), then 3 more decode steps
+        assert after["loramux_batch_size_count"] - before["loramux_batch_size_count"] == 7 + 3
+    finally:
+        proc.stop()
