@@ -35,12 +35,17 @@ from common import percentile, random_prompts, write_adapter  # noqa: E402
 async def one(engine, request_id, adapter, prompt, max_new, priority=0):
     req = GenerationRequest(request_id, tuple(prompt), SamplingParams(max_new, ignore_eos=True), adapter,
                             priority=priority)
-    events = [ev async for ev in engine.submit(req)]
-    return events[-1].timing.time_to_first_token_seconds, len(events), time.perf_counter()
+    events, arrivals = [], []
+    async for ev in engine.submit(req):
+        events.append(ev)
+        arrivals.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return events[-1].timing.time_to_first_token_seconds, len(events), arrivals[-1], gaps
 
 
 def scenario(engine, flood, light, delay: float, light_priority: int = 0):
-    """flood, light: lists of (prompt, max_new). Returns (light TTFTs, flood tokens/s)."""
+    """flood, light: lists of (prompt, max_new). Returns (light TTFTs, flood tokens/s, the flood's
+    gaps between tokens)."""
     async def main():
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(one(engine, f"f{i}", "flood", p, n)) for i, (p, n) in enumerate(flood)]
@@ -50,9 +55,10 @@ def scenario(engine, flood, light, delay: float, light_priority: int = 0):
                       for i, (p, n) in enumerate(light)]
         done = await asyncio.gather(*tasks)
         flood_done = done[: len(flood)]
-        tokens = sum(n for _, n, _ in flood_done)
-        end = max((t for _, _, t in flood_done), default=t0)
-        return [ttft for ttft, _, _ in done[len(flood):]], tokens / (end - t0) if flood else 0.0
+        tokens = sum(n for _, n, _, _ in flood_done)
+        end = max((t for _, _, t, _ in flood_done), default=t0)
+        return ([ttft for ttft, _, _, _ in done[len(flood):]], tokens / (end - t0) if flood else 0.0,
+                [g for *_, gaps in flood_done for g in gaps])
     return asyncio.run(main())
 
 
@@ -95,13 +101,14 @@ def main() -> int:
             engine.start()
             urgent = -1 if policy == "priority" else 0
             scenario(engine, flood[:4], light[:1], 0.0)  # warm-up: both adapters resident
-            alone, floods_alone, floods_mixed, mixed = [], [], [], []
+            alone, floods_alone, floods_mixed, mixed, gaps = [], [], [], [], []
             for _ in range(args.repeats):  # alternated, so drift on the machine hits both sides alike
                 alone += scenario(engine, [], light, 0.0)[0]
                 floods_alone.append(scenario(engine, flood, [], 0.0)[1])
-                ttfts, tok_s = scenario(engine, flood, light, args.delay, urgent)
+                ttfts, tok_s, flood_gaps = scenario(engine, flood, light, args.delay, urgent)
                 mixed += ttfts
                 floods_mixed.append(tok_s)
+                gaps += flood_gaps
             engine.stop()
             # each repeat's drop against the flood alone right before it: the VM drifts by more
             # than 5% between repeats a minute apart
@@ -109,12 +116,14 @@ def main() -> int:
             p99_alone, p99 = percentile(alone, 99), percentile(mixed, 99)
             results[policy] = dict(light_p99_alone_s=p99_alone, light_p99_s=p99, ttft_ratio=p99 / p99_alone,
                                    flood_tok_s_alone=floods_alone, flood_tok_s=floods_mixed, flood_drops=drops,
-                                   flood_drop=statistics.median(drops))
+                                   flood_drop=statistics.median(drops), flood_itl_p50_s=percentile(gaps, 50),
+                                   flood_itl_p99_s=percentile(gaps, 99))
             r = results[policy]
             print(f"{policy}: light p99 TTFT {p99 * 1e3:7.0f} ms (alone {p99_alone * 1e3:5.0f} ms) = "
                   f"{r['ttft_ratio']:5.2f}x (target <= 2); flood drop {r['flood_drop']:+.1%}, median of "
                   + ", ".join(f"{m:.1f}/{a:.1f} tok/s ({d:+.1%})" for a, m, d in zip(floods_alone, floods_mixed, drops, strict=True))
-                  + " (with light / alone; target < 5%)")
+                  + f" (with light / alone; target < 5%); the flood's gaps between tokens p50 "
+                  f"{r['flood_itl_p50_s'] * 1e3:.0f} ms, p99 {r['flood_itl_p99_s'] * 1e3:.0f} ms")
     if args.json:
         settings = dict(max_tokens_per_step=args.max_tokens_per_step, target_step_ms=args.target_step_ms)
         args.json.write_text(json.dumps({"settings": settings, **results}, indent=2))

@@ -157,8 +157,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-step-ms", type=float, default=None,
                    help="also size each step's prompt tokens so that the step is predicted, from the measured "
                         "times of recent steps, to take about this long (default: off, --max-tokens-per-step "
-                        "alone). Bounds how long a newly arrived request waits for the step in flight, and the gap "
-                        "between tokens, on any machine; a prompt still gets at least 16 tokens a step")
+                        "alone). Bounds the gap between tokens, and the wait behind the step in flight, on any "
+                        "machine, at the price of prefilling new prompts over more steps; a prompt still gets at "
+                        "least 16 tokens a step")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool capacity in tokens (default: 80%% of free device memory after the model on CUDA, "
                         "on the CPU min(1 GiB of KV, max-batch-size x max-model-len tokens))")

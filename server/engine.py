@@ -660,7 +660,7 @@ class Engine:
         for seq, n in work:
             self.blocks.allocate(seq, seq.num_computed + n)
         cutoff = self.config.speculative_disable_by_batch_size
-        drafts = self._drafts(work) if self.config.num_speculative_tokens and \
+        drafts = self._drafts(work, budgets.max_tokens_per_step) if self.config.num_speculative_tokens and \
             (cutoff is None or len(self._running) < cutoff) else {}
         items, decoding = [], []
         for seq, n in work:
@@ -724,13 +724,13 @@ class Engine:
                 obs.step(stats)
         return True
 
-    def _drafts(self, work: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]:
+    def _drafts(self, work: list[tuple[Sequence, int]], step_tokens: int) -> dict[Sequence, list[int]]:
         """Prompt-lookup drafts (speculative.py) of this step's decoding rows, within what the
         step's token budget leaves and the KV blocks free above the watermark, each no longer
         than its request can still use (the row samples one token whatever happens). Their
         blocks are allocated here; a rejected draft's are given back after the step."""
         k, bs = self.config.num_speculative_tokens, self.blocks.block_size
-        budget = self.budgets.max_tokens_per_step - sum(n for _, n in work)
+        budget = step_tokens - sum(n for _, n in work)
         out: dict[Sequence, list[int]] = {}
         for seq, _ in work:
             want = min(k, budget, seq.sampler.params.max_new_tokens - seq.num_generated - 1)
