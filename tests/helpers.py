@@ -332,10 +332,12 @@ def peft_cat_generate(model_dir: Path, adapters: dict[str, Path], parts: list[tu
     return outs
 
 
-def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], scored: list[int]) -> torch.Tensor:
+def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], scored: list[int],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[len(scored), vocab]: PEFT's log-softmax at each position of ``prompt + scored`` that
-    predicts a token of ``scored`` (float32, one forward pass): the oracle of every logprob."""
-    model = peft_model(model_dir, adapter_dir)
+    predicts a token of ``scored`` (one forward pass; float32: the oracle of every logprob; another
+    ``dtype``: the model and adapter cast to it, as PEFT serves a half-precision model)."""
+    model = peft_model(model_dir, adapter_dir).to(dtype)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + scored])).logits[0]
     return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)

@@ -6,6 +6,7 @@ float16 and bfloat16 adapter pages (--lora-dtype) for adapters stored in those d
 import asyncio
 import random
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.step_budget import MIN_PREFILL_STEPS, MIN_PREFILL_TOKENS, StepBudget
 
-from helpers import peft_generate, pinned_base_linear
+from helpers import peft_generate, peft_logprobs, pinned_base_linear
 
 NUM_REQUESTS = 24  # three per adapter and for the base model: six waves joining a decoding batch
 INTERPRETED_REQUESTS = 8  # Triton's interpreter (no GPU) is ~20x slower: two waves, every adapter and the base model once
@@ -210,3 +211,58 @@ def test_a_target_step_time_sizes_prefill_chunks_and_keeps_outputs_exact(tiny_ll
         for i, exp in zip(idx, expected, strict=True):
             assert outs[i] == exp, f"request {i} adapter {name}: {outs[i]} != {exp}"
     assert engine.counts() == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_serves_near_the_float32_oracle(dtype, tiny_llama, tiny_adapters):
+    """The model in float16 or bfloat16 (a GPU's default), mixed adapters joining a decoding batch:
+    not token-exact (rounding), so each generated token's reported logprob is compared with PEFT's
+    in float32 on the same ids (teacher-forced), and must be as close as PEFT's own in the same
+    half precision is: within 1.5x its mean and its largest deviation (bfloat16 strays by 0.05
+    nats on average on these tiny random models, float16 by 0.006). An adapter left out, or its
+    scaling lost, moves them by far more."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "triton" if device == "cuda" and triton_available(device) else "torch"
+    names = [None, *tiny_adapters]
+    config = ServerConfig(
+        dtype=dtype, op_backend=backend, base_linear=pinned_base_linear(backend), model=str(tiny_llama),
+        max_batch_size=8, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=MAX_NEW,
+        max_device_adapters=len(tiny_adapters), max_host_adapters=len(tiny_adapters),
+        adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
+    engine = build_engine(config).engine
+    assert next(engine.runner.model.parameters()).dtype == getattr(torch, dtype)
+    prompts = make_prompts(engine.vocab_size, 12, seed=7)
+    requests = [(names[i % len(names)], prompts[i]) for i in range(12)]
+
+    async def serve():
+        async def one(i, adapter, prompt):
+            req = GenerationRequest(f"h{i}", tuple(prompt), SamplingParams(MAX_NEW, ignore_eos=True, logprobs=0), adapter)
+            return [(ev.token_id, ev.logprob.logprob) async for ev in engine.submit(req)]
+
+        tasks = []
+        for i, request in enumerate(requests):  # a new request every few steps joins a decoding batch
+            tasks.append(asyncio.create_task(one(i, *request)))
+            await asyncio.sleep(0.02)
+        return await asyncio.gather(*tasks)
+
+    steps = []
+    recorder = EngineObserver()
+    recorder.step = steps.append
+    engine.observers.append(recorder)
+    engine.start()
+    try:
+        outs = asyncio.run(serve())
+    finally:
+        engine.stop()
+    assert any(s.num_prefill_tokens and s.num_decode_tokens for s in steps)
+    ours, peft_half = [], []
+    for (name, prompt), out in zip(requests, outs, strict=True):
+        tokens = [t for t, _ in out]
+        assert len(tokens) == MAX_NEW
+        oracle = peft_logprobs(tiny_llama, tiny_adapters.get(name), prompt, tokens)
+        half = peft_logprobs(tiny_llama, tiny_adapters.get(name), prompt, tokens, dtype=getattr(torch, dtype))
+        for step, (token, logprob) in enumerate(out):
+            ours.append(abs(logprob - oracle[step, token].item()))
+            peft_half.append(abs(half[step, token].item() - oracle[step, token].item()))
+    assert 0 < statistics.mean(ours) <= 1.5 * statistics.mean(peft_half) + 1e-3, (statistics.mean(ours), statistics.mean(peft_half))
+    assert max(ours) <= 1.5 * max(peft_half) + 1e-2, (max(ours), max(peft_half))
