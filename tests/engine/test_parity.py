@@ -66,12 +66,17 @@ async def run_staggered(engine, requests, max_new=MAX_NEW):
     return outs
 
 
-def serve_recorded(engine, requests, max_new=MAX_NEW):
-    """``run_staggered`` on ``engine`` (started and stopped here): (outputs, each step's StepStats)."""
-    steps = []
-    recorder = EngineObserver()
+def record_steps(engine) -> tuple[list, EngineObserver]:
+    """(each step's StepStats from now on, as the engine runs them; the observer that records them)."""
+    steps, recorder = [], EngineObserver()
     recorder.step = steps.append
     engine.observers.append(recorder)
+    return steps, recorder
+
+
+def serve_recorded(engine, requests, max_new=MAX_NEW):
+    """``run_staggered`` on ``engine`` (started and stopped here): (outputs, each step's StepStats)."""
+    steps, _ = record_steps(engine)
     engine.start()
     try:
         return asyncio.run(run_staggered(engine, requests, max_new)), steps
@@ -147,10 +152,7 @@ def test_staggered_mixed_adapters_match_peft_token_for_token(engine_with_adapter
     n = INTERPRETED_REQUESTS if interpreted else NUM_REQUESTS
     prompts = make_prompts(engine.vocab_size, n)
     requests = [(names[i % len(names)], prompts[i]) for i in range(n)]
-    steps = []
-    recorder = EngineObserver()
-    recorder.step = steps.append
-    engine.observers.append(recorder)
+    steps, recorder = record_steps(engine)
     try:
         outs = asyncio.run(run_staggered(engine, requests))
     finally:
@@ -245,10 +247,7 @@ def test_half_precision_serves_near_the_float32_oracle(dtype, tiny_llama, tiny_a
             await asyncio.sleep(0.02)
         return await asyncio.gather(*tasks)
 
-    steps = []
-    recorder = EngineObserver()
-    recorder.step = steps.append
-    engine.observers.append(recorder)
+    steps, _ = record_steps(engine)
     engine.start()
     try:
         outs = asyncio.run(serve())
