@@ -561,9 +561,10 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         clamp = _clamp_logprobs if sampling.logprobs is not None or sampling.prompt_logprobs is not None \
             else (lambda obj: obj)
         n, k = body.n, body.candidates  # k > n: best_of, never streamed (GenerationBody.check_supported)
+        k_param = "best_of" if k > n else "n"
         if body.use_beam_search:  # no echo, no tools (GenerationBody._check_beam_search)
             beams = await service.beam_search_choices(prompts, sampling, k, body.length_penalty,
-                                                      body.options(adapter_of(body.model), rid))
+                                                      body.options(adapter_of(body.model), rid), k_param)
             text_of = token_text(body)
             choices = [b for i, b in enumerate(beams) if i % k < n]  # each prompt's n best, best first
             if body.stream:  # beams are ranked at the end: their chunks all come then, as vLLM sends them
@@ -580,7 +581,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
         # best_of ranks candidates by their tokens' logprobs: computed when the client did not ask
         run = replace(sampling, logprobs=0) if k > n and sampling.logprobs is None else sampling
         streams = await service.generate_choices(prompts, run, k, body.options(
-            adapter_of(body.model), rid, body.predicted() if kind == "chat" else ""))
+            adapter_of(body.model), rid, body.predicted() if kind == "chat" else ""), k_param)
         text_of = token_text(body)
         starts = opening(body, streams[0]) if kind == "chat" else None  # one prompt: n choices of it
         tokenizer = text_of.tokenizer

@@ -105,7 +105,7 @@ class Service:
         return stream
 
     async def generate_choices(self, prompts: list[Prompt], sampling: SamplingParams, n: int,
-                               options: RequestOptions = PLAIN) -> list:
+                               options: RequestOptions = PLAIN, n_param: str = "n") -> list:
         """``n`` completions of each prompt: their RequestStreams in choice order (prompt p's j-th
         is choice p * n + j). Each prompt is rendered once. A seeded request's j-th completion
         draws with seed + j (modulo 2^64): the choices differ, and each reproduces. If one is
@@ -113,8 +113,9 @@ class Service:
         blocks are computed once: the scheduler holds the other completions back until the first
         has committed them, and they hit them (server/scheduler.py). Prompt logprobs, when asked,
         come with the first completion of each prompt only (the caller shares them). ``options``:
-        every completion's."""
-        self._check_choices(len(prompts), n, options.adapter_id)
+        every completion's. ``n_param``: the request field that asked for ``n`` (OpenAI's ``n`` or
+        ``best_of``), named by a refusal."""
+        self._check_choices(len(prompts), n, options.adapter_id, n_param)
         streams = []
         try:
             with self._counting_refusals(options.adapter_id):
@@ -137,23 +138,23 @@ class Service:
             raise
         return streams
 
-    def _check_choices(self, prompts: int, n: int, adapter_id: str | None) -> None:
+    def _check_choices(self, prompts: int, n: int, adapter_id: str | None, n_param: str) -> None:
         if n * prompts > self.config.max_choices_per_request:
             with self._counting_refusals(adapter_id):
-                raise RequestInvalid(f"{prompts} prompt(s) with {n} completion(s) each (n, or best_of) ask for "
+                raise RequestInvalid(f"{prompts} prompt(s) with {n} completion(s) each ({n_param}) ask for "
                                      f"{n * prompts}; the limit is {self.config.max_choices_per_request} "
-                                     "(--max-choices-per-request)")
+                                     "(--max-choices-per-request)", param=n_param)
 
     async def beam_search_choices(self, prompts: list[Prompt], sampling: SamplingParams, width: int,
                                   length_penalty: float = 1.0,
-                                  options: RequestOptions = PLAIN) -> list[list[TokenEvent]]:
+                                  options: RequestOptions = PLAIN, n_param: str = "n") -> list[list[TokenEvent]]:
         """vLLM's beam search (server/beam_search.py): the ``width`` best beams of each prompt, best
         first, as the events of choices (prompt p's j-th is choice p * width + j). ``sampling`` gives
         max_new_tokens, ignore_eos, logprobs and skip_special_tokens; the request they make is
         validated whole first. Each step's beams run as one-token requests of their own, so they
         batch with other traffic, and the prefix cache serves what they share. ``options``: every
         step's requests' (a prediction drafts nothing here)."""
-        self._check_choices(len(prompts), width, options.adapter_id)
+        self._check_choices(len(prompts), width, options.adapter_id, n_param)
         options = replace(options, request_id=options.request_id or uuid.uuid4().hex)  # one id for every step
         rid = options.request_id
         async with contextlib.AsyncExitStack() as held:  # its adapter held until every step is submitted

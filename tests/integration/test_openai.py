@@ -813,7 +813,10 @@ def test_streamed_choices_interleave_and_add_up(oserver):
 def test_choices_are_bounded_and_a_refused_prompt_cancels_the_rest(oserver):
     with pytest.raises(openai.BadRequestError) as e:
         oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS] * 2, n=65, **GREEDY)
-    assert "--max-choices-per-request" in e.value.message and "130" in e.value.message
+    assert "--max-choices-per-request" in e.value.message and "130" in e.value.message and e.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        oserver.oa.completions.create(model="attn-r4", prompt=[PROMPT_IDS] * 2, n=1, best_of=65, **GREEDY)
+    assert "(best_of)" in e.value.message and "130" in e.value.message and e.value.param == "best_of"
     # the second prompt is over the length limit: the first's completions, already queued, go
     before = total(wait_idle(oserver), "loramux_generated_tokens_total", adapter="attn-r4")
     with pytest.raises(openai.BadRequestError):
