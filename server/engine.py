@@ -643,7 +643,7 @@ class Engine:
         waiting, running = self._views(fairness)
         budgets = self.budgets
         if self.step_budget is not None:
-            decodes = sum(1 for s in self._running if s.num_computed >= s.prefill_len)
+            decodes = sum(not s.in_prefill for s in running)
             budgets = replace(budgets, max_tokens_per_step=self.step_budget.tokens(decodes))
         decision = schedule(waiting, running, budgets, self.blocks.num_free, self.blocks.block_size, ready,
                             self.watermark_blocks, fairness, self.by_priority)

@@ -16,9 +16,10 @@ clamped to [MIN_PREFILL_TOKENS, max_tokens - d]. Decodes always run (the budget 
 running decode), and a prompt always gets at least MIN_PREFILL_TOKENS a step, so every request
 still progresses: a slow machine gets more, shorter steps, never a stall. The fit keeps the last
 WINDOW steps with prompt tokens and the last WINDOW without, so a long stretch of decode-only steps
-does not erase what prefill costs. Until MIN_PREFILL_STEPS steps with prompt tokens are seen, or
-while the fit says prompt tokens cost next to nothing (all the cap allows adding under FREE_SHARE
-of the target), the budget is ``max_tokens`` unchanged.
+does not erase what prefill costs; the fit's sums are updated as steps come and go, so each step
+costs a few operations whatever the window (about 10 us). Until MIN_PREFILL_STEPS steps with
+prompt tokens are seen, or while the fit says prompt tokens cost next to nothing (all the cap
+allows adding under FREE_SHARE of the target), the budget is ``max_tokens`` unchanged.
 """
 
 from __future__ import annotations
@@ -38,26 +39,38 @@ class StepBudget:
     def __init__(self, target_seconds: float, max_tokens: int):
         assert target_seconds > 0 and max_tokens > 0
         self.target, self.max_tokens = target_seconds, max_tokens
-        self._with_prefill: deque[tuple[int, int, float]] = deque(maxlen=WINDOW)
-        self._decode_only: deque[tuple[int, int, float]] = deque(maxlen=WINDOW)
+        self._with_prefill: deque[tuple[float, float, float]] = deque()  # (d, p) / max_tokens, seconds ...
+        self._decode_only: deque[tuple[float, float, float]] = deque()
+        # ... and the normal equations' sums over both: X^T X [i][j] and X^T y [i]
+        self._xtx = [[0.0] * 3 for _ in range(3)]
+        self._xty = [0.0] * 3
         self._weights: tuple[float, float, float] | None = None  # refitted after each observation
 
     def observe(self, decode_tokens: int, prefill_tokens: int, seconds: float) -> None:
         """One finished step: its decode tokens (rows and drafts), prompt tokens and wall time."""
-        (self._with_prefill if prefill_tokens else self._decode_only).append((decode_tokens, prefill_tokens, seconds))
+        # both features scaled by max_tokens, which bounds them, so that the ridge weighs them alike
+        row = (decode_tokens / self.max_tokens, prefill_tokens / self.max_tokens, seconds)
+        window = self._with_prefill if prefill_tokens else self._decode_only
+        window.append(row)
+        self._add(row, 1.0)
+        if len(window) > WINDOW:
+            self._add(window.popleft(), -1.0)
         self._weights = self._fit() if len(self._with_prefill) >= MIN_PREFILL_STEPS else None
 
+    def _add(self, row: tuple[float, float, float], sign: float) -> None:
+        x = (1.0, row[0], row[1])
+        for i in range(3):
+            self._xty[i] += sign * x[i] * row[2]
+            for j in range(3):
+                self._xtx[i][j] += sign * x[i] * x[j]
+
     def _fit(self) -> tuple[float, float, float]:
-        """Least squares with a small ridge, each feature scaled to its largest value so that the
-        ridge weighs them alike; the 3x3 normal equations solved by Cramer's rule."""
-        steps = [*self._with_prefill, *self._decode_only]
-        scale = (1.0, max(1.0, *(d for d, _, _ in steps)), max(1.0, *(p for _, p, _ in steps)))
-        xs = [(1.0, d / scale[1], p / scale[2]) for d, p, _ in steps]
-        m = [[sum(x[i] * x[j] for x in xs) + (RIDGE * len(xs) if i == j else 0.0) for j in range(3)] for i in range(3)]
-        v = [sum(x[i] * s for x, (_, _, s) in zip(xs, steps, strict=True)) for i in range(3)]
-        det = _det(m)
+        """Least squares with a small ridge: the 3x3 normal equations solved by Cramer's rule."""
+        ridge = RIDGE * (len(self._with_prefill) + len(self._decode_only))
+        m = [[self._xtx[i][j] + (ridge if i == j else 0.0) for j in range(3)] for i in range(3)]
+        v, det = self._xty, _det(m)
         w = [_det([[v[r] if c == k else m[r][c] for c in range(3)] for r in range(3)]) / det for k in range(3)]
-        return w[0] / scale[0], w[1] / scale[1], w[2] / scale[2]
+        return w[0], w[1] / self.max_tokens, w[2] / self.max_tokens
 
     def predict(self, decode_tokens: int, prefill_tokens: int) -> float | None:
         """Seconds the fit expects such a step to take (None: no fit yet)."""
