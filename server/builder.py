@@ -66,15 +66,32 @@ CUDA_KV_FRACTION = 0.8  # ... and on CUDA this share of the device memory still 
 
 
 def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device, reserved: int = 0) -> int:
-    """--kv-cache-tokens, or a default sized from memory: on CUDA CUDA_KV_FRACTION of the free
-    device memory less ``reserved`` bytes (what registrations may take later: adapters' fully
-    trained modules); on the CPU CPU_KV_BUDGET_BYTES, but no more than max-batch-size sequences of
-    max-model-len tokens (the most a full batch can hold) and no less than one such sequence."""
+    """--kv-cache-tokens, or sized from memory, ``reserved`` bytes (what registrations may take
+    later: adapters' fully trained modules) kept out of it. On CUDA, with --gpu-memory-utilization
+    F: F of the device's memory less what this process's tensors hold now (the model and the
+    adapter pool), refused at start-up when that much is not free (other processes hold it);
+    without it CUDA_KV_FRACTION of the memory still free. On the CPU CPU_KV_BUDGET_BYTES, but no
+    more than max-batch-size sequences of max-model-len tokens (the most a full batch can hold) and
+    no less than one such sequence."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
+    if config.gpu_memory_utilization is not None and device.type != "cuda":
+        raise StartupError(f"--gpu-memory-utilization sizes the KV pool on a CUDA device; this server runs on "
+                           f"{device.type}: use --kv-cache-tokens")
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(max(0, free - reserved) * CUDA_KV_FRACTION) // bytes_per_token
+        free, total = torch.cuda.mem_get_info(device)
+        if config.gpu_memory_utilization is None:
+            return int(max(0, free - reserved) * CUDA_KV_FRACTION) // bytes_per_token
+        held = torch.cuda.memory_allocated(device)
+        # memory torch's allocator keeps cached is this process's to reuse, though not free to the device
+        available = free + torch.cuda.memory_reserved(device) - held
+        share = config.gpu_memory_utilization * total - held
+        if share > available:
+            raise StartupError(
+                f"--gpu-memory-utilization {config.gpu_memory_utilization} asks for {share / 2**30:.1f} GiB more of "
+                f"the device's {total / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free (other processes "
+                "hold the rest): lower it, or free device memory")
+        return int(max(0, share - reserved)) // bytes_per_token
     longest = -(-config.max_model_len // config.kv_block_size) * config.kv_block_size  # in whole blocks
     return max(config.max_model_len, min(CPU_KV_BUDGET_BYTES // bytes_per_token, config.max_batch_size * longest))
 

@@ -162,7 +162,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "least 16 tokens a step")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool capacity in tokens (default: 80%% of free device memory after the model on CUDA, "
-                        "on the CPU min(1 GiB of KV, max-batch-size x max-model-len tokens))")
+                        "or what --gpu-memory-utilization leaves; on the CPU min(1 GiB of KV, max-batch-size x "
+                        "max-model-len tokens))")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="CUDA: the share (0 to 1] of the device's memory this server may hold; the KV pool takes "
+                        "what the model and the adapter pool leave of it, and start-up fails if that much is not "
+                        "free. For servers sharing a GPU (default: 80%% of the memory free after the model, "
+                        "whatever the device's size)")
     p.add_argument("--scheduling", default=d["scheduling"].default, choices=SCHEDULING,
                    help="admission order: fair (the adapter with the least service received first, weighted "
                         "tokens; arrival order within an adapter), fifo (arrival order) or priority (each "

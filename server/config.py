@@ -74,6 +74,9 @@ class ServerConfig:
     max_total_tokens: int | None = None  # prompt + max_new_tokens; None: max_model_len
     kv_block_size: int = 16  # tokens per KV block
     kv_cache_tokens: int | None = None  # KV pool capacity; None: sized from memory (see kv_pool_tokens)
+    # CUDA: the share of the device's memory this server's tensors may reach, the KV pool taking what the
+    # model and adapters leave (vLLM's flag); None: CUDA_KV_FRACTION of the memory still free after them
+    gpu_memory_utilization: float | None = None
     prefix_caching: bool = True
     # speculative decoding by prompt lookup: draft tokens a decoding row proposes from its own text per step
     num_speculative_tokens: int = 0  # 0: off
@@ -192,6 +195,11 @@ class ServerConfig:
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_model_len:
             raise ValueError(f"kv-cache-tokens ({self.kv_cache_tokens}) must be >= max-model-len ({self.max_model_len}): "
                              "one request of the longest length must fit the KV pool")
+        if self.gpu_memory_utilization is not None:
+            if not 0 < self.gpu_memory_utilization <= 1:
+                raise ValueError(f"gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            if self.kv_cache_tokens is not None:
+                raise ValueError("set kv-cache-tokens or gpu-memory-utilization, not both: each sizes the KV pool")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default-max-new-tokens must be <= max-new-tokens-limit")
         if self.default_max_new_tokens >= self.max_model_len:

@@ -355,6 +355,22 @@ def test_a_port_in_use_is_a_startup_error_naming_its_flags(tiny_llama, flag):
     assert "Traceback" not in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--gpu-memory-utilization", "0.5"], "--gpu-memory-utilization sizes the KV pool on a CUDA device; this "
+                                          "server runs on cpu: use --kv-cache-tokens"),
+    (["--gpu-memory-utilization", "1.5"], "gpu-memory-utilization must be in (0, 1], got 1.5"),
+    (["--gpu-memory-utilization", "0.5", "--kv-cache-tokens", "4096"], "set kv-cache-tokens or gpu-memory-utilization"),
+])
+def test_gpu_memory_utilization_misused_is_a_startup_error(tiny_llama, flags, message):
+    """--gpu-memory-utilization on a CPU, out of range, or beside --kv-cache-tokens: the server exits
+    with the bad-flag status and a message naming the flag, not a traceback."""
+    run = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(tiny_llama),
+                          "--port", "0", "--http-port", "0", "--metrics-port", "0", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+
+
 def test_the_engine_dying_while_the_loop_is_busy_still_exits(tiny_llama, tmp_path):
     proc = ServerProcess(["--model", str(tiny_llama), "--inject-fault", "fatal-busy:boom"], tmp_path / "log")
     try:

@@ -123,3 +123,45 @@ def test_the_kv_pool_on_cuda_leaves_room_for_fully_trained_modules(monkeypatch):
     assert kv_pool_tokens(ServerConfig(), 1024, cuda, 2 * 2**30) == int(8 * 2**30 * CUDA_KV_FRACTION) // 1024
     assert kv_pool_tokens(ServerConfig(), 1024, cuda, 20 * 2**30) == 0
     assert kv_pool_tokens(ServerConfig(kv_cache_tokens=4096), 1024, cuda, 2 * 2**30) == 4096
+
+
+def test_gpu_memory_utilization_sizes_the_kv_pool_from_the_devices_memory(monkeypatch):
+    """--gpu-memory-utilization F: the KV pool is F of the device's memory less what this process's
+    tensors hold (the model, the adapter pool) and the saved modules' room, whatever else is free;
+    torch's cached blocks count as this process's; more than is free, or any value on a CPU, is a
+    start-up error that names the flag."""
+    import torch
+
+    from loramux.server.builder import kv_pool_tokens
+    from loramux.server.config import StartupError
+
+    gib = 2**30
+    memory = {"free": 60 * gib, "allocated": 10 * gib, "reserved": 12 * gib}  # of an 80 GiB device
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (memory["free"], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: memory["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: memory["reserved"])
+    cuda = torch.device("cuda")
+    half = ServerConfig(gpu_memory_utilization=0.5)
+    assert kv_pool_tokens(half, 1024, cuda) == 30 * gib // 1024  # 40 GiB less the 10 held
+    assert kv_pool_tokens(half, 1024, cuda, 2 * gib) == 28 * gib // 1024
+    assert kv_pool_tokens(ServerConfig(gpu_memory_utilization=0.1), 1024, cuda) == 0  # the model alone is more
+    # 0.85 of 80 GiB less 10 held = 58 GiB: 60 free and 2 cached are enough; with 50 free, 52 are not
+    assert kv_pool_tokens(ServerConfig(gpu_memory_utilization=0.85), 1024, cuda) == 58 * gib // 1024
+    memory["free"] = 50 * gib
+    with pytest.raises(StartupError, match=r"--gpu-memory-utilization 0.85 asks for 58.0 GiB more of the "
+                                           r"device's 80.0 GiB, but 52.0 GiB is free"):
+        kv_pool_tokens(ServerConfig(gpu_memory_utilization=0.85), 1024, cuda)
+    with pytest.raises(StartupError, match="--gpu-memory-utilization sizes the KV pool on a CUDA device; this "
+                                           "server runs on cpu: use --kv-cache-tokens"):
+        kv_pool_tokens(half, 1024, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"gpu_memory_utilization": 0.0}, r"gpu-memory-utilization must be in \(0, 1\], got 0.0"),
+    ({"gpu_memory_utilization": 1.5}, r"gpu-memory-utilization must be in \(0, 1\], got 1.5"),
+    ({"gpu_memory_utilization": float("nan")}, r"gpu-memory-utilization must be in \(0, 1\], got nan"),
+    ({"gpu_memory_utilization": 0.5, "kv_cache_tokens": 4096}, "set kv-cache-tokens or gpu-memory-utilization"),
+])
+def test_gpu_memory_utilization_is_validated(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(**settings)
