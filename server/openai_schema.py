@@ -26,15 +26,18 @@ read out of its free text by the server's parser (server/tool_parsers.py).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import time
+import typing
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import RequestInvalid, clip
 from .openai_structured import (
@@ -86,17 +89,47 @@ def asks_nothing(value, harmless: tuple) -> bool:
     return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in (None, [], {}, *harmless))
 
 
+@functools.cache
+def _number_kind(annotation) -> str | None:
+    """"an integer" or "a number" where a field of this type takes numbers (in lists and dict values
+    too) but no booleans; else None."""
+    leaves, todo = set(), [annotation]
+    while todo:
+        t = todo.pop()
+        args = typing.get_args(t)
+        leaves.add(typing.get_origin(t) or t)
+        todo.extend(a for a in args if not isinstance(a, str))
+    if bool in leaves:
+        return None
+    return "an integer" if int in leaves else "a number" if float in leaves else None
+
+
+class NumbersNotBooleans(BaseModel):
+    """Refuses a boolean where a number is expected, as OpenAI does: pydantic's lax mode would
+    take ``"max_tokens": true`` as 1, a client's mistake served silently."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_booleans_for_numbers(cls, value, info: ValidationInfo):
+        kind = _number_kind(cls.model_fields[info.field_name].annotation)
+        inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        if kind and (isinstance(value, bool) or any(
+                isinstance(v, bool) or (isinstance(v, list) and any(isinstance(w, bool) for w in v)) for v in inner)):
+            raise PydanticCustomError("bool_for_number", "Input should be {kind}, not a boolean", {"kind": kind})
+        return value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
-class WeightedPart(BaseModel):
+class WeightedPart(NumbersNotBooleans):
     adapter_id: str
     weight: float
 
 
-class GenerationBody(BaseModel):
+class GenerationBody(NumbersNotBooleans):
     """The fields every generating body shares (completions, chat; the Responses API's by way of chat)."""
 
     model_config = ConfigDict(extra="allow")  # kept aside (model_extra), for check_supported to see
@@ -925,7 +958,7 @@ def model_card(model_id: str, parent: str | None, created: int, max_model_len: i
             "parent": parent, "max_model_len": max_model_len}
 
 
-class TokenizeRequest(ChatRendering):
+class TokenizeRequest(ChatRendering, NumbersNotBooleans):
     """vLLM's POST /tokenize body: a prompt, or chat messages rendered as /v1/chat/completions
     renders them (so ``count`` is the usage.prompt_tokens a chat request would report)."""
 
@@ -952,7 +985,7 @@ class TokenizeRequest(ChatRendering):
                       add_special_tokens=self.add_special_tokens, truncate_prompt_tokens=self.truncate_prompt_tokens)
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(NumbersNotBooleans):
     """vLLM's POST /detokenize body."""
 
     model_config = ConfigDict(extra="ignore")

@@ -381,6 +381,11 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
         (dict(extra_body={"priority": -(1 << 31) - 1}), "priority"),  # an int32, as gRPC's
+        # a boolean is not a number (pydantic's lax mode would take true as 1), as OpenAI refuses it
+        (dict(max_tokens=True), "max_tokens: Input should be an integer, not a boolean"),
+        (dict(temperature=False), "temperature: Input should be a number, not a boolean"),
+        (dict(logit_bias={"5": True}), "logit_bias: Input should be a number, not a boolean"),
+        (dict(extra_body={"stop_token_ids": [7, True]}), "stop_token_ids: Input should be an integer, not a boolean"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.completions.create(model="attn-r4", prompt="hi", **kwargs)
@@ -389,6 +394,10 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         named = [k for k in kwargs if k != "extra_body"] + list(kwargs.get("extra_body", {}))
         if len(named) == 1:
             assert e.value.body["param"] == named[0], (kwargs, e.value.body)
+    for route, body in [("completions", {"model": "attn-r4", "prompt": [5, True]}),  # token ids, in lists too
+                        ("detokenize", {"tokens": [5, False]})]:
+        refused = httpx.post(f"{oserver.base_url}/{route}", json=body)
+        assert refused.status_code == 400 and "Input should be an integer, not a boolean" in refused.text, refused.text
     with pytest.raises(openai.BadRequestError):
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="a message content part of type 'text' needs its text") as e:
