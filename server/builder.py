@@ -199,7 +199,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     tokens = kv_pool_tokens(config, per_token, loaded.device, saved_bytes)
     if tokens < config.max_model_len:
         raise StartupError(f"the KV pool would hold {tokens} tokens, fewer than --max-model-len {config.max_model_len}; "
-                           "free memory, lower --max-model-len or set --kv-cache-tokens")
+                           "free memory, lower --max-model-len or set --kv-cache-tokens"
+                           + (" or a higher --gpu-memory-utilization" if config.gpu_memory_utilization else ""))
     kv = PagedKVCache(num_layers, -(-tokens // config.kv_block_size), config.kv_block_size, kv_heads, head_dim,
                       loaded.dtype, loaded.device, select_decode_attention(config.op_backend, loaded.device))
     model.bind_lora_stores(pool.fused_stores)
