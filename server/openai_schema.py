@@ -112,9 +112,11 @@ class NumbersNotBooleans(BaseModel):
     @classmethod
     def no_booleans_for_numbers(cls, value, info: ValidationInfo):
         kind = _number_kind(cls.model_fields[info.field_name].annotation)
+        if kind is None:
+            return value
         inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        if kind and (isinstance(value, bool) or any(
-                isinstance(v, bool) or (isinstance(v, list) and any(isinstance(w, bool) for w in v)) for v in inner)):
+        if isinstance(value, bool) or any(
+                isinstance(v, bool) or (isinstance(v, list) and any(isinstance(w, bool) for w in v)) for v in inner):
             raise PydanticCustomError("bool_for_number", "Input should be {kind}, not a boolean", {"kind": kind})
         return value
 
