@@ -5,7 +5,8 @@ N adapters whose popularity is distinct, uniform, Zipf(alpha) or identical (Puni
 settings), with prompt and output lengths drawn from ranges. Reports throughput, time to first
 token, inter-token latency, per-adapter fairness, the adapter cache hit rate (from /metrics) and
 errors by status. ``--api openai`` sends the same request set through the OpenAI-compatible HTTP API
-(streamed completions, with the official ``openai`` package), so both front-ends are measured alike.
+(streamed completions, read as raw server-sent events, as the gRPC side reads the raw stub), so both
+front-ends are measured alike.
 """
 
 from __future__ import annotations
@@ -125,49 +126,73 @@ async def _one(client: AsyncLoraMuxClient, req: pb.GenerateRequest, t0: float) -
     return rec
 
 
+def _httpx():
+    """The HTTP client module the openai package brings (httpx2 in its newer releases)."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        try:
+            import httpx
+        except ImportError:  # pragma: no cover - a test dependency, optional for users
+            raise SystemExit("loramux bench --api openai needs httpx: pip install openai (which brings it)") from None
+    return httpx
+
+
 class OpenAIDriver:
-    """The same requests as streamed /v1/completions calls; a chunk is a token event, and the
-    token count comes from the final usage."""
+    """The same requests as streamed /v1/completions calls, read as raw server-sent events (as
+    vLLM's benchmark_serving reads them): a chunk with a choice is a token event, and the token
+    count comes from the final usage chunk. The openai package, building its typed objects from
+    every chunk, cost the client four times the gRPC stub's CPU, taken from the cores a local
+    server shares (BENCHMARKS.md, fiftieth session): the benchmark measured the client."""
 
     def __init__(self, base_url: str, token: str | None):
-        try:
-            from openai import AsyncOpenAI
-        except ImportError:  # pragma: no cover - a test dependency, optional for users
-            raise SystemExit("loramux bench --api openai needs the openai package: pip install openai") from None
-        self.client = AsyncOpenAI(base_url=base_url, api_key=token or "none", max_retries=0, timeout=600)
+        self.httpx = _httpx()
+        self.base = base_url.rstrip("/")
+        self.client = self.httpx.AsyncClient(
+            headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=600,
+            limits=self.httpx.Limits(max_connections=None, max_keepalive_connections=None))
         self.base_model = None
 
     async def start(self) -> None:
-        models = (await self.client.models.list()).data
-        self.base_model = next(m.id for m in models if m.parent is None)
+        models = await self.client.get(f"{self.base}/models")
+        models.raise_for_status()
+        self.base_model = next(m["id"] for m in models.json()["data"] if m.get("parent") is None)
 
     async def one(self, req: pb.GenerateRequest, t0: float) -> Record:
-        import openai
-
         rec = Record(req.adapter_id, arrival=time.perf_counter() - t0)
+        body = {"model": req.adapter_id or self.base_model, "prompt": list(req.prompt_token_ids),
+                "max_tokens": req.sampling.max_new_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, "ignore_eos": True}
         start = last = time.perf_counter()
         try:
-            stream = await self.client.completions.create(
-                model=req.adapter_id or self.base_model, prompt=list(req.prompt_token_ids),
-                max_tokens=req.sampling.max_new_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-            async for chunk in stream:
-                now = time.perf_counter()
-                if chunk.usage is not None:
-                    rec.tokens = chunk.usage.completion_tokens
-                    continue
-                if rec.ttft is None:
-                    rec.ttft = now - start
-                else:
-                    rec.itl.append(now - last)
-                last = now
+            async with self.client.stream("POST", f"{self.base}/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    rec.status = f"HTTP_{response.status_code}"
+                    return rec
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    now = time.perf_counter()
+                    if "error" in chunk:  # an error event mid-stream, with the status it would have had
+                        rec.status = f"HTTP_{chunk['error'].get('code') or 500}"
+                        return rec
+                    if not chunk["choices"]:  # the usage chunk, last
+                        rec.tokens = chunk["usage"]["completion_tokens"]
+                        continue
+                    if rec.ttft is None:
+                        rec.ttft = now - start
+                    else:
+                        rec.itl.append(now - last)
+                    last = now
             rec.total = time.perf_counter() - start
-        except openai.APIStatusError as e:
-            rec.status = f"HTTP_{e.status_code}"
+        except self.httpx.TransportError:
+            rec.status = "UNAVAILABLE"
         return rec
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.client.aclose()
 
 
 class Progress:
