@@ -178,8 +178,8 @@ class OpenAIDriver:
                     if "error" in chunk:  # an error event mid-stream, with the status it would have had
                         rec.status = f"HTTP_{chunk['error'].get('code') or 500}"
                         return rec
-                    if not chunk["choices"]:  # the usage chunk, last
-                        rec.tokens = chunk["usage"]["completion_tokens"]
+                    if not chunk.get("choices"):  # the usage chunk, last
+                        rec.tokens = (chunk.get("usage") or {}).get("completion_tokens", rec.tokens)
                         continue
                     if rec.ttft is None:
                         rec.ttft = now - start
