@@ -312,6 +312,11 @@ class Engine:
         if len(p.stop_token_ids) > c.max_stop_token_ids:
             raise RequestInvalid(f"{len(p.stop_token_ids)} stop_token_ids; the limit is {c.max_stop_token_ids} "
                                  "(--max-stop-token-ids)", param="stop_token_ids")
+        # They index the logits while min_new_tokens bans them (vllm#54195: one such id killed the engine).
+        bad = next((t for t in p.stop_token_ids if not 0 <= t < size), None)
+        if bad is not None:
+            raise RequestInvalid(f"stop_token_ids: token {bad} is outside the vocabulary [0, {size})",
+                                 param="stop_token_ids")
 
     def fitted(self, req: GenerationRequest) -> GenerationRequest:
         """A request that left max_new_tokens to the server: its default, shrunk to what the context

@@ -227,5 +227,8 @@ class Grammars:
             if matcher.is_error() or not alive[j]:
                 failed[i] = failure(matcher, "the structured output allows no next token")
                 continue
-            out[i], banned[i] = with_banned(bias[j], banned[i]), None
+            try:  # one row's fault fails that row alone, never the step
+                out[i], banned[i] = with_banned(bias[j], banned[i]), None
+            except Exception as error:  # noqa: BLE001
+                failed[i] = error
         return out, banned, failed

@@ -355,7 +355,8 @@ def test_allowed_token_ids_restrict_sampling_to_them(server, tiny_llama):
     """SamplingParams.allowed_token_ids (field 20): greedy picks the most likely allowed token, the
     tokens a +100 logit bias on them gives (the tiny model's logits spread far less than 100);
     sampling draws only those, in a batch beside unrestricted rows; with min_new_tokens an allowed
-    EOS waits; out of the vocabulary, or with a structured output, is INVALID_ARGUMENT."""
+    EOS waits; out of the vocabulary, or with a structured output, is INVALID_ARGUMENT, as a stop
+    token id out of it is."""
     allowed = [5, 17, 120, 233, 380]
     for adapter in ("", "all-r8"):
         got = server.client.generate(prompt_token_ids=PROMPT_IDS, adapter_id=adapter,
@@ -384,7 +385,10 @@ def test_allowed_token_ids_restrict_sampling_to_them(server, tiny_llama):
         max_new_tokens=3, min_new_tokens=2, allowed_token_ids=[eos]))
     assert alone.token_ids == [eos] and alone.finish_reason == "eos"  # a ban that would leave none yields
     for sampling, needle in ((Sampling(allowed_token_ids=[3, 384]), "token 384 is outside the vocabulary [0, 384)"),
-                             (Sampling(allowed_token_ids=[3], json_object=True), "cannot be combined")):
+                             (Sampling(allowed_token_ids=[3], json_object=True), "cannot be combined"),
+                             # ids that would index past the logits while min_new_tokens bans them
+                             (Sampling(stop_token_ids=[7, 2**32 - 1], min_new_tokens=1, json_object=True),
+                              "stop_token_ids: token 4294967295 is outside the vocabulary [0, 384)")):
         code, details = code_of(server.client.generate, prompt_token_ids=PROMPT_IDS, sampling=sampling)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
 

@@ -379,6 +379,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"length_penalty": 2.0}), "length_penalty ranks beams: it needs use_beam_search"),
         (dict(extra_body={"logits_processors": ["x"]}), "logits_processors"),
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
+        (dict(extra_body={"stop_token_ids": [384], "min_tokens": 1}), "stop_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
         (dict(extra_body={"priority": -(1 << 31) - 1}), "priority"),  # an int32, as gRPC's
         # a boolean is not a number (pydantic's lax mode would take true as 1), as OpenAI refuses it
