@@ -285,10 +285,26 @@ class DevicePool:
             assert res.pins == 0 and key not in self._kept, f"evicting pinned or kept adapter {key}"
             if self.on_evict is not None:  # before the pages are freed: it can still see the pin count
                 self.on_evict(key)
-            del self._resident[key]
-            self._free_pages.extend(res.pages.tolist())
+            self._release(key)
             self.evictions += 1
             self.reloads.evicted(key)
-            if self._copy_stream is not None:
-                self._evicted = torch.cuda.Event()
-                self._evicted.record()  # on the caller's current stream: the one that ran the reads
+
+    def discard(self, key: AdapterKey) -> bool:
+        """Free the pages of an adapter version no longer registered, unless a request pins it or
+        it is kept (not an eviction: nothing can ask for it again). True once it holds no pages
+        and none are reserved for it."""
+        with self._lock:
+            res = self._resident.get(key)
+            if res is None:
+                return key not in self._copying
+            if res.pins or key in self._kept:
+                return False
+            self._release(key)
+            return True
+
+    def _release(self, key: AdapterKey) -> None:
+        """Lock held: the resident adapter's pages go back to the free list."""
+        self._free_pages.extend(self._resident.pop(key).pages.tolist())
+        if self._copy_stream is not None:
+            self._evicted = torch.cuda.Event()
+            self._evicted.record()  # on the caller's current stream: the one that ran the reads

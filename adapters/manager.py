@@ -101,6 +101,9 @@ class AdapterManager:
         self._device_hits = self._device_misses = self._host_misses = 0
         self._resident_since: dict[AdapterKey, float] = {}
         self._kept: dict[str, tuple[AdapterKey, int]] = {}  # adapter id -> (key, pages): kept resident
+        # versions unregistered or replaced whose copies are still to go (drop_retired)
+        self._retired: set[AdapterKey] = set()
+        registry.on_forget = self.retire
         self.notify = None  # callable(), after each read or copy ends (either way): wakes the step loop
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"
@@ -474,6 +477,30 @@ class AdapterManager:
             old = self._kept.pop(adapter_id, None)
         if old is not None:
             self.pool.unkeep(old[0])
+
+    def retire(self, key: AdapterKey) -> None:
+        """The registry's hook: this version is no longer registered (unregistered, replaced, or a
+        dynamic registration undone for room). Its copies go at the step loop's next turn."""
+        with self._lock:
+            self._retired.add(key)
+        if self.notify is not None:
+            self.notify()
+
+    def drop_retired(self, needed: set) -> None:
+        """Engine thread: free the device pages and the host copy of each retired version that no
+        request still needs (``needed``: the waiting requests' adapters; running ones pin theirs), so
+        unregistering frees memory now, not when LRU reaches it (vllm#54839, #42207). A version
+        with a read or copy in flight stays retired until it lands, and then goes."""
+        if not self._retired:
+            return
+        with self._jobs_lock:
+            busy = {k for k, _, _ in self._jobs.values()}
+        with self._lock:
+            for key in [k for k in self._retired if k not in needed]:
+                if self.pool.discard(key):
+                    self.host.discard(key)
+                    if key not in busy and key not in self._pending:
+                        self._retired.discard(key)
 
     def kept(self) -> list[AdapterKey]:
         with self._lock:

@@ -85,6 +85,7 @@ class AdapterRegistry:
         self._adapters: dict[str, RegisteredAdapter] = {}
         self._next_version = 1
         self._lock = threading.Lock()  # gRPC threads register while the engine thread resolves
+        self.on_forget = None  # callable(key) when a version stops being registered: its copies can go
 
     def resolve_path(self, path: str | Path) -> Path:
         """Realpath (symlinks followed) inside one of the adapter roots, else PathDenied.
@@ -239,8 +240,10 @@ class AdapterRegistry:
 
     def _forget(self, entry: RegisteredAdapter) -> None:
         """A version no longer registered: its fully trained modules are no longer held for it
-        (its running requests keep them until they end)."""
+        (its running requests keep them until they end), and ``on_forget`` lets its paged copies go."""
         self.saved.release(entry.manifest.saved)
+        if self.on_forget is not None:
+            self.on_forget(entry.key)
 
     def unregister(self, adapter_id: str) -> RegisteredAdapter:
         with self._lock:

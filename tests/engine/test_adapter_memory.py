@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -126,9 +127,22 @@ def test_corrupted_adapter_fails_only_its_requests(tiny_llama, many_adapters, tm
             assert isinstance(o, list) and len(o) == MAX_NEW
 
 
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """The step loop frees memory at its next turn, which may come just after the client's answer."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_unregister_and_replace_under_load(tiny_llama, many_adapters):
+    """Running requests finish on the weights they started with; new ones get the new weights; and
+    once no request needs them, unregistered and replaced versions leave device and host memory at
+    once (not when LRU reaches them: vllm#54839), without counting as evictions."""
     built = engine_for(tiny_llama, {"x": many_adapters["m3"]}, device=4, host=4)
-    engine, registry = built.engine, built.registry
+    engine, registry, manager = built.engine, built.registry, built.manager
     registry.roots = (many_adapters["m4"].parent,)
     prompt, long = (9, 8, 7), SamplingParams(40, ignore_eos=True)
     try:
@@ -148,6 +162,11 @@ def test_unregister_and_replace_under_load(tiny_llama, many_adapters):
             return [(await t)[0] for t in running], swapped[0]
 
         old_runs, swapped = asyncio.run(scenario())
+        assert wait_until(lambda: manager.pool.resident_keys == [registry.get("y").key]), manager.pool.resident_keys
+        assert manager.resident()["host"] == (0, 0) and manager.pool.used_bytes == 8 * manager.pool.page_bytes
+        assert manager.pool.evictions == 0 and manager.pool.total_pins() == 0
+        registry.unregister("y")
+        assert wait_until(lambda: manager.resident() == {"host": (0, 0), "device": (0, 0)}), manager.resident()
     finally:
         engine.stop()
     assert all(o == old_ref for o in old_runs)  # running requests finished on the old weights

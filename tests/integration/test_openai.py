@@ -1116,7 +1116,7 @@ def test_idle_keep_alive_connections_outlive_the_clients_own_timeout(tiny_llama,
 
 def test_adapters_load_and_unload_through_vllms_routes(tiny_llama, tiny_adapters, tmp_path, oserver):
     """The inference gateway's adapter syncer calls these: the admin token, paths under a root,
-    the same statuses as gRPC's RegisterAdapter and UnregisterAdapter."""
+    the same statuses as gRPC's RegisterAdapter and UnregisterAdapter; unloading frees memory."""
     root = tmp_path / "root"
     shutil.copytree(tiny_adapters["attn-r4"], root / "syncer-a")
     proc = ServerProcess(["--model", str(tiny_llama), "--auth-token", "user", "--admin-token", "admin",
@@ -1140,7 +1140,15 @@ def test_adapters_load_and_unload_through_vllms_routes(tiny_llama, tiny_adapters
         assert user.models.retrieve("syncer-a").id == "syncer-a"
         got = user.completions.create(model="syncer-a", prompt=PROMPT_IDS, **GREEDY).choices[0].text
         assert got == oserver.oa.completions.create(model="attn-r4", prompt=PROMPT_IDS, **GREEDY).choices[0].text
+        device = 'loramux_adapter_memory_bytes{tier="device"}'
+        assert proc.metrics()[device] > 0
         assert post("unload_lora_adapter", "admin", {"lora_name": "syncer-a"}).status_code == 200
+        # unloading frees the adapter's memory now (vllm#54839 keeps it until LRU reaches it)
+        deadline = time.monotonic() + 10
+        while proc.metrics()[device] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        memory = proc.metrics()
+        assert memory[device] == 0 and memory['loramux_adapter_memory_bytes{tier="host"}'] == 0
         assert post("unload_lora_adapter", "admin", {"lora_name": "syncer-a"}).status_code == 404
         with pytest.raises(openai.NotFoundError):
             user.completions.create(model="syncer-a", prompt=PROMPT_IDS, **GREEDY)

@@ -401,3 +401,60 @@ def test_a_read_in_flight_lands_in_the_pages_staging_reserved_for_it(tmp_path, o
     finally:
         release.set()
         manager.close()
+
+
+def test_versions_no_longer_registered_leave_memory_once_no_request_needs_them(tmp_path):
+    """Unregistering or replacing frees a version's device pages and host copy at the step loop's
+    next turn (``drop_retired``), not when LRU reaches them; never while a running request pins it
+    or a waiting one needs it; a read in flight lands first and then goes. Not an eviction."""
+    import threading
+
+    from loramux.adapters.host_cache import HostCache
+    from loramux.adapters.manager import AdapterManager, Readiness
+    from loramux.adapters.registry import AdapterRegistry
+    from loramux.adapters.synthetic import write_random_adapter
+
+    layout = LoRALayout(modules={"model.layers.0.self_attn.q_proj": (0, "q_proj")}, shapes={"q_proj": (8, 8)},
+                        num_layers=1)
+    registry = AdapterRegistry(layout, 4, 4)
+    path = write_random_adapter(tmp_path / "x", layout, 4, seed=0, targets=("q_proj",))
+    pool = DevicePool(layout, 8, torch.float32, "cpu")
+    manager = AdapterManager(registry, HostCache(4), pool, torch.float32)
+    done, release = threading.Event(), threading.Event()
+    manager.notify = done.set
+    manager.fault_hook = lambda stage, adapter_id: adapter_id != "slow" or release.wait(10)
+
+    def read(name):
+        entry = manager.resolve(name)
+        done.clear()
+        assert manager.readiness(entry.key) is Readiness.LOADING and done.wait(10)
+        return entry
+
+    try:
+        for name in ("a", "b", "slow"):
+            registry.register(name, path, trusted=True)
+        a = read("a").key  # into device pages
+        b = read("b").key
+        assert manager.tier(a) == manager.tier(b) == "device"
+        manager.pin(a)
+        registry.register("a", path, replace=True, trusted=True)
+        registry.unregister("b")
+        manager.drop_retired({b})  # a request waits for b; a running one pins a
+        assert manager.tier(a) == manager.tier(b) == "device"
+        manager.release(a)
+        manager.drop_retired(set())
+        assert manager.tier(a) == manager.tier(b) == "disk" and pool.free_pages == 8 and pool.evictions == 0
+        held = manager.resolve("slow")  # a request holds it while its read runs
+        done.clear()
+        assert manager.readiness(held.key) is Readiness.LOADING
+        registry.unregister("slow")
+        manager.drop_retired(set())
+        assert held.key in manager._retired  # still reading
+        done.clear()  # retiring it woke the step loop too
+        release.set()
+        assert done.wait(10) and manager.tier(held.key) == "device"
+        manager.drop_retired(set())
+        assert manager.tier(held.key) == "disk" and not manager._retired and pool.free_pages == 8
+    finally:
+        release.set()
+        manager.close()
