@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .errors import RequestFailed, RequestInvalid, clip
 from .holdback import holdback
 from .requests import FinishReason, TokenEvent, TokenLogprob
+from .sampling import NonFiniteLogits
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class OutputProcessor:
         out = []
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             try:
+                if isinstance(token, NonFiniteLogits) and seq.adapter is not None:  # the likelier culprit, named
+                    raise NonFiniteLogits(f"{token}, with adapter {clip(seq.adapter[0])} (weights too large for "
+                                          "the serving dtype do this)")
                 if isinstance(token, Exception):
                     raise token
                 if self.fault_hook is not None:

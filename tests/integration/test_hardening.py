@@ -126,6 +126,21 @@ def test_a_huge_finite_alpha_fails_its_requests_alone(hserver, tiny_adapters):
     assert_recovered(hserver, canary)
 
 
+def test_an_adapter_whose_outputs_overflow_fails_its_requests_alone_naming_it(hserver, tiny_adapters):
+    """Finite weights once folded (alpha 3e38 over rank 4), infinite activations in the forward pass:
+    the request's logits are not finite, and it fails alone, its error naming the adapter."""
+    path = adapter_copy(hserver, tiny_adapters, "overflow")
+    edit_config(path, lora_alpha=3e38)
+    hserver.client.register_adapter("overflow", str(path))
+    try:
+        with Canary(hserver) as canary:
+            code, details = code_of(hserver.client.generate, prompt_token_ids=PROMPT_IDS, adapter_id="overflow")
+        assert code == grpc.StatusCode.INTERNAL and "non-finite logits" in details and "'overflow'" in details, details
+    finally:
+        hserver.client.unregister_adapter("overflow")
+    assert_recovered(hserver, canary)
+
+
 # ---- bounded inputs ----
 
 def test_input_limits_are_named(hserver):
