@@ -240,9 +240,9 @@ class AdapterManager:
             cache.write(content_hash, self.dtype, converted)
 
     def _refuse_read(self, key: AdapterKey, error: AdapterInvalid) -> None:
-        """The adapter's own fault: a clear refusal, no traceback."""
+        """The adapter's own fault: a clear refusal naming it, no traceback."""
         log.warning("adapter %s cannot be loaded: %s", key[0], error)
-        self._abandon_read(key, error)
+        self._abandon_read(key, AdapterInvalid(f"adapter {clip(key[0])} cannot be loaded: {error}"))
 
     def _decode(self, entry) -> DecodedAdapter:
         """An adapter's files, read and checked, to be converted as they land (``_fill``)."""
