@@ -88,6 +88,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.Gemma3TextConfig(**common, **llama_like, head_dim=32, query_pre_attn_scalar=24, sliding_window=6,
                                    layer_types=["sliding_attention", "full_attention"],
                                    architectures=["Gemma3ForCausalLM"])
+    if family == "granite":  # its four scalars away from 1 (attention's from head_dim ** -0.5), biases
+        return tf.GraniteConfig(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3,
+                                attention_multiplier=0.09, logits_scaling=4.0, attention_bias=True, mlp_bias=True,
+                                architectures=["GraniteForCausalLM"])
     if family == "gpt2":
         return tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                              architectures=["GPT2LMHeadModel"])
@@ -152,6 +156,9 @@ FAMILY_ADAPTERS = {
     "gemma3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"])},
+    "granite": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"])},
     "gpt2": {"c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
              "all-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)},
     "gpt_neo": {"qvo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "out_proj"]),

@@ -6,10 +6,11 @@ from .bloom import BloomForServing
 from .gemma import GemmaForServing
 from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
+from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2 and Qwen3 share one decoder;
-# Phi-3 and Gemma 2/3 build on it (their own projections, norms, attention scale and caps).
+# Phi-3, Gemma 2/3 and Granite build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -18,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": Phi3ForServing,
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,
+    "GraniteForCausalLM": GraniteForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

@@ -35,6 +35,7 @@ class ServingModel(nn.Module):
     embedding_store: tuple[torch.Tensor, torch.Tensor] | None = None  # its adapter pages, when it is a target
     head_linear: Linear = staticmethod(F.linear)  # lm_head's matmul (use_base_linear)
     logit_softcap: float | None = None  # Gemma 2's final_logit_softcapping: logits -> cap * tanh(logits / cap)
+    logit_divisor: float | None = None  # Granite's logits_scaling: logits -> logits / it
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -166,6 +167,8 @@ class ServingModel(nn.Module):
             logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
         for used, plan in batch.lora.get((HEAD,), ()):  # over the logits rows (ModelRunner.build_batch)
             apply_lora(logits, h, *self.head_store, plan, (0, self.lm_head.weight.shape[0]), used, None)
+        if self.logit_divisor is not None:  # after LoRA on lm_head, as PEFT's sits inside lm_head
+            logits = logits / self.logit_divisor
         if self.logit_softcap is not None:  # past a row's own vocabulary its logits stay -inf
             logits = torch.where(logits.isneginf(), logits, torch.tanh(logits / self.logit_softcap) * self.logit_softcap)
         return logits.float()

@@ -40,7 +40,8 @@ def _rope(x, cos, sin, rotary: int):
 
 
 # Hugging Face's RMSNorms, computed in float32: w * (x * rsqrt(mean(x^2) + eps)), Gemma's with 1 + w
-LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
+LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
+                             "GraniteRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
@@ -147,6 +148,7 @@ class LlamaLayer(nn.Module):
 class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
+    LAYER = LlamaLayer  # a family's own decoder layer (Granite's)
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
@@ -160,7 +162,7 @@ class LlamaForServing(ServingModel):
         cos, sin = inner.rotary_emb(dummy, positions[None])  # [1, max_len, hd], computed as HF does
         self.register_buffer("cos", cos[0].to(dummy.dtype), persistent=False)
         self.register_buffer("sin", signed_sin(sin[0].to(dummy.dtype)), persistent=False)
-        self.layers = nn.ModuleList(LlamaLayer(layer, config, i, self.cos, self.sin, int8)
+        self.layers = nn.ModuleList(self.LAYER(layer, config, i, self.cos, self.sin, int8)
                                     for i, layer in enumerate(inner.layers))
         self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))
 

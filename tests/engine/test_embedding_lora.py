@@ -21,7 +21,7 @@ from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_ll
 from test_parity import serve_in_turn
 
 EMBEDDING = {"llama": "embed_tokens", "mistral": "embed_tokens", "qwen2": "embed_tokens", "qwen3": "embed_tokens",
-             "phi3": "embed_tokens", "gemma2": "embed_tokens", "gemma3": "embed_tokens",
+             "phi3": "embed_tokens", "gemma2": "embed_tokens", "gemma3": "embed_tokens", "granite": "embed_tokens",
              "gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}
 
 

@@ -7,9 +7,17 @@ import pytest
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
 from loramux.server.models import UnsupportedModel, serving_model_class
+from loramux.server.requests import SamplingParams
 
-from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate, pinned_base_linear
-from test_parity import make_prompts, run_staggered
+from helpers import (
+    FAMILY_ADAPTERS,
+    build_adapter,
+    build_family_model,
+    peft_generate,
+    peft_logprobs,
+    pinned_base_linear,
+)
+from test_parity import make_prompts, run_staggered, serve_together
 
 MAX_NEW = 12
 
@@ -42,6 +50,28 @@ def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
         expected = peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW, eos_token_id=None)
         for i, exp in zip(idx, expected, strict=True):
             assert outs[i] == exp, f"{family} request {i} adapter {name}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_ADAPTERS))
+def test_family_logprobs_match_peft(family, tmp_path):
+    """The logits themselves, not only their argmax, which a scale of them (Granite's logits_scaling)
+    or a cap (Gemma 2's) can leave alone: the prompt's and the sampled tokens' logprobs within 1e-4
+    of PEFT's, for the base model and each adapter in one batch."""
+    model = build_family_model(family, tmp_path / "model")
+    adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
+                for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
+    built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_model_len=80, default_max_new_tokens=16,
+                                      adapters=tuple((n, str(p)) for n, p in adapters.items()),
+                                      base_linear=pinned_base_linear()))
+    jobs = list(zip([None, *adapters], make_prompts(built.engine.vocab_size, len(adapters) + 1, seed=5), strict=True))
+    outs = serve_together(built.engine, jobs, [SamplingParams(6, ignore_eos=True, logprobs=0, prompt_logprobs=0)] * len(jobs))
+    for (adapter, prompt), events in zip(jobs, outs, strict=True):
+        generated = [ev.token_id for ev in events]
+        ref = peft_logprobs(model, adapters.get(adapter), prompt[:1], prompt[1:] + generated)
+        for j, ev in enumerate(events):
+            assert abs(ev.logprob.logprob - ref[len(prompt) - 1 + j, ev.token_id].item()) < 1e-4, (family, adapter, j)
+        for p, lp in enumerate(events[0].prompt_logprobs):
+            assert lp.token_id == prompt[p + 1] and abs(lp.logprob - ref[p, prompt[p + 1]].item()) < 1e-4, (family, p)
 
 
 def test_unsupported_architecture_lists_the_supported_ones():

@@ -27,7 +27,7 @@ from helpers import (
     peft_generate,
     peft_logprobs,
 )
-from test_parity import make_prompts, run_staggered, serve_in_turn
+from test_parity import make_prompts, run_staggered, serve_in_turn, serve_together
 
 HEAD_KEY = "base_model.model.lm_head.base_layer.weight"  # PEFT saves lm_head's base layer with its LoRA
 
@@ -93,18 +93,8 @@ def test_prompt_logprobs_carry_the_adapters_lm_head(tied_llama, head_adapters):
     jobs = [("head-q-r4", 3), ("plain-qv-r4", 2), (None, 0), ("head-only-r8-rslora", 4), ("head-pattern-r8", None),
             ("head-q-r4", 1)]
 
-    async def one(i, adapter, k):
-        sampling = SamplingParams(6, ignore_eos=True, prompt_logprobs=k, logprobs=2)
-        return [ev async for ev in built.engine.submit(GenerationRequest(f"p{i}", tuple(prompts[i]), sampling, adapter))]
-
-    async def main():
-        return await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
-
-    built.engine.start()
-    try:
-        outs = asyncio.run(main())
-    finally:
-        built.engine.stop()
+    outs = serve_together(built.engine, [(adapter, prompt) for (adapter, _), prompt in zip(jobs, prompts, strict=True)],
+                          [SamplingParams(6, ignore_eos=True, prompt_logprobs=k, logprobs=2) for _, k in jobs])
     for (adapter, k), prompt, events in zip(jobs, prompts, outs, strict=True):
         generated = [ev.token_id for ev in events]
         ref = peft_logprobs(tied_llama, head_adapters.get(adapter), prompt[:1], prompt[1:] + generated)

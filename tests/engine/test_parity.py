@@ -98,6 +98,23 @@ def serve_in_turn(engine, names: list, n: int, seed: int, max_new: int = MAX_NEW
     return requests, prompts, outs
 
 
+def serve_together(engine, jobs: list, samplings: list) -> list[list]:
+    """Each (adapter, prompt) of ``jobs``, with the SamplingParams of the same place in
+    ``samplings``, submitted at once to ``engine`` (started and stopped here): each one's events."""
+    async def one(i, adapter, prompt, sampling):
+        return [ev async for ev in engine.submit(GenerationRequest(f"t{i}", tuple(prompt), sampling, adapter))]
+
+    async def main():
+        return await asyncio.gather(*(one(i, *job, sampling)
+                                      for i, (job, sampling) in enumerate(zip(jobs, samplings, strict=True))))
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
 def narrow_copies(adapters: dict[str, Path], root: Path, dtype: torch.dtype) -> dict[str, Path]:
     """The adapters saved in ``dtype``, as PEFT saves an adapter trained in it."""
     out = {}

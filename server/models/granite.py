@@ -1,0 +1,43 @@
+"""IBM Granite (``GraniteForCausalLM``: Granite 3.x dense) over a flat token batch: the Llama
+decoder with four scalars of its config.
+
+- ``embedding_multiplier`` scales the token embedding, its LoRA delta and an adapter's trained copy
+  with it (PEFT's sit inside the embedding module, before the scaling).
+- ``residual_multiplier`` scales each attention and MLP output before it joins the residual stream.
+- ``attention_multiplier`` is the attention's scale, in place of head_dim ** -0.5.
+- ``logits_scaling`` divides the logits, after LoRA on lm_head (``ServingModel.logit_divisor``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import StepBatch
+from .layers import FlatAttention
+from .llama import LlamaForServing, LlamaLayer, _head_dim, sliding_window
+
+
+class GraniteLayer(LlamaLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.residual_multiplier = config.residual_multiplier
+
+    @staticmethod
+    def make_attention(config, layer: int) -> FlatAttention:
+        return FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
+                             sliding_window=sliding_window(config, layer), scale=config.attention_multiplier)
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        h = h + self.attend(self.input_layernorm(h), batch, kv, apply_lora) * self.residual_multiplier
+        return h + self.mlp(self.post_attention_layernorm(h), batch, apply_lora) * self.residual_multiplier
+
+
+class GraniteForServing(LlamaForServing):
+    LAYER = GraniteLayer
+
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
+        super().__init__(hf_model, max_model_len, int8)
+        self.logit_divisor = hf_model.config.logits_scaling
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.embed_with_lora(batch) * self.config.embedding_multiplier
