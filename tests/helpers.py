@@ -88,6 +88,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.Gemma3TextConfig(**common, **llama_like, head_dim=32, query_pre_attn_scalar=24, sliding_window=6,
                                    layer_types=["sliding_attention", "full_attention"],
                                    architectures=["Gemma3ForCausalLM"])
+    if family == "smollm3":  # a layer without RoPE (NoPE) after one with it and a window, as SmolLM3's
+        return tf.SmolLM3Config(**common, **llama_like, no_rope_layers=[1, 0], use_sliding_window=True,
+                                sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                                architectures=["SmolLM3ForCausalLM"])
     if family == "granite":  # its four scalars away from 1 (attention's from head_dim ** -0.5), biases
         return tf.GraniteConfig(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3,
                                 attention_multiplier=0.09, logits_scaling=4.0, attention_bias=True, mlp_bias=True,
@@ -156,6 +160,9 @@ FAMILY_ADAPTERS = {
     "gemma3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"])},
+    "smollm3": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+                "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"])},
     "granite": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                 "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"])},

@@ -9,13 +9,14 @@ from .gpt_neo import GPTNeoForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
 
-# HF architecture name -> serving model class. Llama, Mistral, Qwen2 and Qwen3 share one decoder;
+# HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
 # Phi-3, Gemma 2/3 and Granite build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
+    "SmolLM3ForCausalLM": LlamaForServing,
     "Phi3ForCausalLM": Phi3ForServing,
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,

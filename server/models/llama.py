@@ -1,11 +1,12 @@
-"""Llama-family decoder (LLaMA, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2) over a flat token batch.
+"""Llama-family decoder (LLaMA, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2, SmolLM3) over a flat token batch.
 
 Built from a loaded Hugging Face model, sharing its embedding, norms and lm_head, with the
 attention and MLP projections fused (q|k|v and gate|up) so that a step makes few large matmuls.
 Grouped-query attention, RoPE (any HF scaling: the cos/sin table comes from HF's own rotary
 module), Qwen2's q/k/v biases, Qwen3's per-head RMSNorm of q and k (before RoPE) and sliding
-windows (Mistral's, or per layer as Qwen3's ``layer_types``), and Phi-3's single q|k|v and gate|up
-linears (LoRA targets of their own) with RoPE on part of each head, are handled here.
+windows (Mistral's, or per layer as Qwen3's ``layer_types``), SmolLM3's layers without RoPE
+(``no_rope_layers``), and Phi-3's single q|k|v and gate|up linears (LoRA targets of their own) with
+RoPE on part of each head, are handled here.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _rope(x, cos, sin, rotary: int):
 
 # Hugging Face's RMSNorms, computed in float32: w * (x * rsqrt(mean(x^2) + eps)), Gemma's with 1 + w
 LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-                             "GraniteRMSNorm"})
+                             "GraniteRMSNorm", "SmolLM3RMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
@@ -105,6 +106,8 @@ class LlamaLayer(nn.Module):
         self.attention = self.make_attention(config, layer)
         self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
+        no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3's: 0 for a layer without RoPE (NoPE)
+        self.use_rope = no_rope is None or bool(no_rope[layer])
 
     @staticmethod
     def make_attention(config, layer: int) -> FlatAttention:
@@ -129,13 +132,15 @@ class LlamaLayer(nn.Module):
         if rope is None:  # once per step and table, shared by layers
             rope = batch.masks[key] = (self.cos[batch.positions][:, None], self.sin[batch.positions][:, None])
         cos, sin = rope  # [T, 1, rotary]
-        if self.q_norm is None:  # q and k side by side in qkv: one RoPE over both
+        if self.q_norm is None and self.use_rope:  # q and k side by side in qkv: one RoPE over both
             qk = _rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
-            q = self.q_norm(qkv[:, :q_end].view(T, heads, hd))
-            k = self.k_norm(qkv[:, q_end:k_end].view(T, kv_heads, hd))
-            q, k = _rope(q, cos, sin, self.rotary), _rope(k, cos, sin, self.rotary)
+            q, k = qkv[:, :q_end].view(T, heads, hd), qkv[:, q_end:k_end].view(T, kv_heads, hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.use_rope:
+                q, k = _rope(q, cos, sin, self.rotary), _rope(k, cos, sin, self.rotary)
         return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
 
     def mlp(self, x, batch: StepBatch, apply_lora):
