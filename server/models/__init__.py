@@ -8,9 +8,10 @@ from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
+from .olmo import Olmo2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi-3, Gemma 2/3 and Granite build on it (their own projections, norms, scales and caps).
+# Phi-3, Gemma 2/3, Granite and OLMo 2 build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -21,6 +22,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
+    "Olmo2ForCausalLM": Olmo2ForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

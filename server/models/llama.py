@@ -42,7 +42,7 @@ def _rope(x, cos, sin, rotary: int):
 
 # Hugging Face's RMSNorms, computed in float32: w * (x * rsqrt(mean(x^2) + eps)), Gemma's with 1 + w
 LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-                             "GraniteRMSNorm", "SmolLM3RMSNorm"})
+                             "GraniteRMSNorm", "SmolLM3RMSNorm", "Olmo2RMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
@@ -89,7 +89,7 @@ class LlamaLayer(nn.Module):
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.input_layernorm = fast_norm(hf_layer.input_layernorm)
+        self.input_layernorm = fast_norm(getattr(hf_layer, "input_layernorm", None))  # OLMo 2 has none
         self.post_attention_layernorm = fast_norm(hf_layer.post_attention_layernorm)
         if hasattr(attn, "qkv_proj"):  # Phi-3: one linear each, one LoRA target each
             self.qkv = FusedLoRALinear.from_linears([attn.qkv_proj], ("qkv_proj",), layer, int8)
@@ -99,10 +99,11 @@ class LlamaLayer(nn.Module):
             self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer, int8)
         self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer, int8)
         self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
-        # Qwen3's (and Gemma 3's) per-head norms of q and k, before RoPE
+        # norms of q and k before RoPE: Qwen3's (and Gemma 3's) per head, OLMo 2's over all heads' dims at once
         self.q_norm, self.k_norm = fast_norm(getattr(attn, "q_norm", None)), fast_norm(getattr(attn, "k_norm", None))
         self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma's name for it
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+        self.qk_norm_whole = self.q_norm is not None and self.q_norm.weight.numel() != self.head_dim
         self.attention = self.make_attention(config, layer)
         self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
@@ -136,8 +137,11 @@ class LlamaLayer(nn.Module):
             qk = _rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
-            q, k = qkv[:, :q_end].view(T, heads, hd), qkv[:, q_end:k_end].view(T, kv_heads, hd)
-            if self.q_norm is not None:
+            q, k = qkv[:, :q_end], qkv[:, q_end:k_end]
+            if self.qk_norm_whole:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.view(T, heads, hd), k.view(T, kv_heads, hd)
+            if self.q_norm is not None and not self.qk_norm_whole:
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.use_rope:
                 q, k = _rope(q, cos, sin, self.rotary), _rope(k, cos, sin, self.rotary)

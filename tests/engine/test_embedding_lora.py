@@ -22,7 +22,7 @@ from test_parity import serve_in_turn
 
 EMBEDDING = {"llama": "embed_tokens", "mistral": "embed_tokens", "qwen2": "embed_tokens", "qwen3": "embed_tokens",
              "phi3": "embed_tokens", "gemma2": "embed_tokens", "gemma3": "embed_tokens", "granite": "embed_tokens",
-             "smollm3": "embed_tokens",
+             "smollm3": "embed_tokens", "olmo2": "embed_tokens",
              "gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}
 
 

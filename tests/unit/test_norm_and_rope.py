@@ -19,7 +19,7 @@ from loramux.server.models.llama import (
 )
 
 MODULES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "Phi3": "phi3",
-           "Gemma2": "gemma2", "Gemma3": "gemma3", "Granite": "granite", "SmolLM3": "smollm3"}
+           "Gemma2": "gemma2", "Gemma3": "gemma3", "Granite": "granite", "SmolLM3": "smollm3", "Olmo2": "olmo2"}
 
 
 def _norm_class(name: str):

@@ -1,0 +1,28 @@
+"""OLMo 2 (``Olmo2ForCausalLM``) over a flat token batch: the Llama decoder with its norms moved.
+
+- No norm before attention or the MLP: each block's output is normed (``post_attention_layernorm``,
+  ``post_feedforward_layernorm``) before it joins the residual stream.
+- q and k are each normed over all heads' dims at once (RMSNorm of width heads x head_dim) after
+  their projections, LoRA included, and before RoPE (``LlamaLayer.qk_norm_whole``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import StepBatch
+from .llama import LlamaForServing, LlamaLayer, fast_norm
+
+
+class Olmo2Layer(LlamaLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.post_feedforward_layernorm = fast_norm(hf_layer.post_feedforward_layernorm)
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        h = h + self.post_attention_layernorm(self.attend(h, batch, kv, apply_lora))
+        return h + self.post_feedforward_layernorm(self.mlp(h, batch, apply_lora))
+
+
+class Olmo2ForServing(LlamaForServing):
+    LAYER = Olmo2Layer
