@@ -80,6 +80,8 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "phi3":  # q|k|v and gate|up as one linear each, RoPE on half of each head, a sliding window
         return tf.Phi3Config(**common, **llama_like, partial_rotary_factor=0.5, sliding_window=6,
                              architectures=["Phi3ForCausalLM"])
+    if family == "gemma":  # the first: a scaled embedding, (1 + w) norms, a head_dim apart from hidden / heads
+        return tf.GemmaConfig(**common, **llama_like, head_dim=32, architectures=["GemmaForCausalLM"])
     if family == "gemma2":  # soft-capped scores (a cap small enough to bite) and logits, a local then a global layer
         return tf.Gemma2Config(**common, **llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
                                layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
@@ -157,6 +159,8 @@ FAMILY_ADAPTERS = {
                                                                 "gate_proj", "up_proj", "down_proj"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
              "all-r4": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
+    "gemma": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+              "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
     "gemma2": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
                "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
     "gemma3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .bloom import BloomForServing
-from .gemma import GemmaForServing
+from .gemma import Gemma1ForServing, GemmaForServing
 from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
 from .granite import GraniteForServing
@@ -11,7 +11,7 @@ from .llama import LlamaForServing, Phi3ForServing
 from .olmo import Olmo2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi-3, Gemma 2/3, Granite and OLMo 2 build on it (their own projections, norms, scales and caps).
+# Phi-3, Gemma 1/2/3, Granite and OLMo 2 build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": LlamaForServing,
     "SmolLM3ForCausalLM": LlamaForServing,
     "Phi3ForCausalLM": Phi3ForServing,
+    "GemmaForCausalLM": Gemma1ForServing,
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,

@@ -1,5 +1,6 @@
-"""Gemma 2 and Gemma 3 (text, ``Gemma3ForCausalLM``) over a flat token batch: the Llama decoder's
-projections, LoRA targets and attention, with Gemma's differences.
+"""Gemma, Gemma 2 and Gemma 3 (text, ``Gemma3ForCausalLM``) over a flat token batch: the Llama
+decoder's projections, LoRA targets and attention, with Gemma's differences (the first Gemma has
+only the embedding scale and the (1 + w) norms).
 
 - The token embedding is scaled by sqrt(hidden) (``embed_scale``), its LoRA delta and an adapter's
   trained copy with it, as PEFT scales them.
@@ -44,7 +45,14 @@ class GemmaLayer(LlamaLayer):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), batch, apply_lora))
 
 
-class GemmaForServing(LlamaForServing):
+class Gemma1ForServing(LlamaForServing):
+    """Gemma (the first): the Llama decoder with Gemma's embedding scale and (1 + w) norms."""
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.embed_with_lora(batch) * self.embed_tokens.embed_scale.to(self.embed_tokens.weight.dtype)
+
+
+class GemmaForServing(Gemma1ForServing):
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         ServingModel.__init__(self)
         config = self.config = hf_model.config
@@ -65,6 +73,3 @@ class GemmaForServing(LlamaForServing):
         self.layers = nn.ModuleList(GemmaLayer(layer, config, i, *tables[config.layer_types[i]], int8)
                                     for i, layer in enumerate(inner.layers))
         self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))
-
-    def embed(self, batch: StepBatch) -> torch.Tensor:
-        return self.embed_with_lora(batch) * self.embed_tokens.embed_scale.to(self.embed_tokens.weight.dtype)

@@ -20,9 +20,8 @@ from loramux.server.ops.embedding import embedding_lora
 from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_llama
 from test_parity import serve_in_turn
 
-EMBEDDING = {"llama": "embed_tokens", "mistral": "embed_tokens", "qwen2": "embed_tokens", "qwen3": "embed_tokens",
-             "phi3": "embed_tokens", "gemma2": "embed_tokens", "gemma3": "embed_tokens", "granite": "embed_tokens",
-             "smollm3": "embed_tokens", "olmo2": "embed_tokens",
+EMBEDDING = {**{family: "embed_tokens" for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+                                                        "gemma3", "granite", "smollm3", "olmo2")},
              "gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}
 
 
