@@ -49,7 +49,9 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
                   r"|lora_magnitude_vector(?:\.default)?(?:\.weight)?)$")
 # PEFT saves the base weights of a LoRA-wrapped lm_head or token embedding with the adapter
 # (save_embedding_layers)
-_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+# a biased lm_head's trained or resized copy (modules_to_save, added tokens) saves its bias: not served
+_COPY_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.bias$")
 # PEFT's trainable tokens: the new rows [n, hidden] of the listed tokens (a LoRA adapter's
 # trainable_token_indices under token_adapter; a TRAINABLE_TOKENS adapter's on the module itself)
 _TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:token_adapter\.)?trainable_tokens_delta"
@@ -120,7 +122,9 @@ class LoRALayout:
     # modules_to_save) replaces: the token embedding and lm_head where the server holds such copies
     # (--max-saved-modules), else empty
     saveable: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-    head_bias: bool = False  # lm_head has a bias (of the base vocabulary's size): no resized vocabulary
+    # lm_head's bias where it has one (Phi's; of the base vocabulary's size: no resized vocabulary), which
+    # PEFT's saved base_layer.bias of it must equal
+    head_bias: torch.Tensor | None = field(default=None, compare=False, repr=False)
     vocab: int | None = None  # the token embedding's rows (None: not known, as in tests' layouts)
 
     @property
@@ -395,6 +399,14 @@ def _modules_from_shapes(
             if copy is not None:
                 saved[copy] = list(shape)
                 continue
+            bias = _COPY_BIAS_KEY.match(key)
+            if base is None and bias is not None and leaf(bias["module"]) == HEAD and layout.head_bias is not None:
+                raise AdapterInvalid(f"{clip(key)}: this model's {HEAD} has a bias, and a trained or resized copy of "
+                                     f"it (modules_to_save, added tokens) is not served; LoRA on {HEAD} is")
+            if base is not None and base["param"] == "bias":  # a biased lm_head's, saved with its LoRA
+                if leaf(base["module"]) != HEAD or layout.head_bias is None:
+                    raise AdapterInvalid(f"unexpected tensor {key!r}: a saved base layer's bias is {HEAD}'s alone")
+                continue  # checked against the served bias by _check_saved_base
             if base is None or leaf(base["module"]) not in OPT_IN:
                 raise AdapterInvalid(f"unexpected tensor {key!r}: only lora_A/lora_B weights, DoRA's "
                                      "lora_magnitude_vector, trainable tokens' rows, the saved base layer of "
@@ -570,7 +582,7 @@ def resized_vocabulary(saved: dict[str, list[int]], layout: LoRALayout) -> int |
         raise AdapterInvalid(f"the adapter's fully trained copies ({named} tokens) resize the base model's vocabulary "
                              f"of {served.shape[0]}: a resized vocabulary is served with trained copies of both "
                              f"{' and '.join(layout.saveable)} of one size")
-    if layout.head_bias:
+    if layout.head_bias is not None:
         raise AdapterInvalid(f"a resized vocabulary ({named} tokens) on a model whose {HEAD} has a bias is not served")
     return rows.pop()
 
@@ -677,6 +689,12 @@ def _check_saved_base(tensors: dict[str, torch.Tensor], layout: LoRALayout) -> N
             continue
         if layout.base_weight is None:
             raise AdapterInvalid(f"{clip(key)}: this server cannot check a saved base layer")
+        if base["param"] == "bias":
+            served = layout.head_bias
+            if served is None or not torch.equal(saved.to(served.device, served.dtype), served):
+                raise AdapterInvalid(f"{clip(key)} differs from the served model's {HEAD} bias: an adapter that "
+                                     "trains the layer itself is not served, only LoRA on it")
+            continue
         served = layout.base_weight(*layout.modules[base["module"]])  # [out, in]
         if leaf(base["module"]) in EMBEDDINGS:
             saved = saved.T  # an embedding's weight is [vocab, hidden]: [in, out]

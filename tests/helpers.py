@@ -77,6 +77,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "qwen3":  # per-head q/k norms, a head_dim other than hidden / heads, a sliding second layer
         return tf.Qwen3Config(**common, **llama_like, head_dim=32, use_sliding_window=True, sliding_window=6,
                               max_window_layers=1, architectures=["Qwen3ForCausalLM"])
+    if family == "phi":  # a parallel block under one LayerNorm, RoPE on half of each head, q/k LayerNorms
+        return tf.PhiConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=512, partial_rotary_factor=0.5, qk_layernorm=True,
+                            architectures=["PhiForCausalLM"])
     if family == "phi3":  # q|k|v and gate|up as one linear each, RoPE on half of each head, a sliding window
         return tf.Phi3Config(**common, **llama_like, partial_rotary_factor=0.5, sliding_window=6,
                              architectures=["Phi3ForCausalLM"])
@@ -157,6 +161,8 @@ FAMILY_ADAPTERS = {
     "qwen3": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                 "gate_proj", "up_proj", "down_proj"])},
+    "phi": {"qv-dense-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "dense"]),
+            "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
              "all-r4": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
     "gemma": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -183,6 +189,8 @@ FAMILY_ADAPTERS = {
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }
 
+
+BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -9,15 +9,17 @@ from .gpt_neo import GPTNeoForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .olmo import Olmo2ForServing
+from .phi import PhiForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi-3, Gemma 1/2/3, Granite and OLMo 2 build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite and OLMo 2 build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
     "SmolLM3ForCausalLM": LlamaForServing,
+    "PhiForCausalLM": PhiForServing,
     "Phi3ForCausalLM": Phi3ForServing,
     "GemmaForCausalLM": Gemma1ForServing,
     "Gemma2ForCausalLM": GemmaForServing,

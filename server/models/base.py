@@ -72,7 +72,7 @@ class ServingModel(nn.Module):
         layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight,
                          tied_head=self.lm_head.weight.data_ptr() == self.token_embedding.weight.data_ptr(),
                          saveable={self.EMBEDDING[0]: self.token_embedding.weight, HEAD: self.lm_head.weight}
-                         if saved else {}, head_bias=self.lm_head.bias is not None,
+                         if saved else {}, head_bias=self.lm_head.bias,
                          vocab=self.token_embedding.weight.shape[0])
         if lm_head:
             layout = layout.with_head(*reversed(self.lm_head.weight.shape))

@@ -158,13 +158,14 @@ class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
     LAYER = LlamaLayer  # a family's own decoder layer (Granite's)
+    FINAL_NORM = "norm"  # the inner model's norm before lm_head (Phi's: final_layernorm)
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
         config = self.config = hf_model.config
         inner = hf_model.model
         self.embed_tokens = inner.embed_tokens
-        self.final_norm = fast_norm(inner.norm)
+        self.final_norm = fast_norm(getattr(inner, self.FINAL_NORM))
         self.lm_head = hf_model.lm_head
         positions = torch.arange(max_model_len, device=self.lm_head.weight.device)
         dummy = self.lm_head.weight.new_empty(0)

@@ -17,9 +17,11 @@ from test_dora import MAX_NEW, check_against_peft
 from test_embedding_lora import EMBEDDING, engine_for
 
 from loramux.adapters.errors import AdapterInvalid
+from loramux.server.config import StartupError
 from loramux.server.requests import GenerationRequest, OutputKind, SamplingParams, StructuredOutput
 
 from helpers import (
+    BIASED_HEAD,
     FAMILY_ADAPTERS,
     added_tokens_adapter,
     build_adapter,
@@ -52,6 +54,12 @@ def test_added_tokens_match_peft_in_every_family(family, tmp_path):
     }
     with safe_open(adapters["copies"] / "adapter_model.safetensors", "pt") as f:  # PEFT's default layout
         assert any(k.endswith("lm_head.original_module.weight") for k in f.keys())
+    if family in BIASED_HEAD:  # both resize lm_head, and its bias with it: refused, naming the bias
+        for name in ("copies", "resized-lora"):
+            with pytest.raises(StartupError, match="this model's lm_head has a bias"):
+                engine_for(model, {name: adapters[name]}, max_lora_rank=16, max_saved_modules=4,
+                           enable_embedding_lora=False)
+        return
     built = engine_for(model, adapters, max_lora_rank=16, max_saved_modules=4, enable_embedding_lora=False)
     vocab = built.engine.vocab_size
     assert {e.adapter_id: e.manifest.vocab_size for e in built.registry.list()} == {

@@ -148,6 +148,16 @@ def test_dora_on_lm_head_and_combinations_match_peft(tied_llama, head_adapters, 
                        prompts, outs)
 
 
+def changed_copy(adapter: Path, out: Path, change) -> Path:
+    """A copy of ``adapter`` in ``out`` whose tensors ``change`` (callable(dict)) edited in place."""
+    out.mkdir()
+    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
 def test_lm_head_refusals_name_the_limit(tied_llama, head_adapters, tmp_path):
     """Without --enable-lm-head-lora such adapters are refused naming the flag. With it, the copy of
     lm_head's base layer that PEFT saves must be the served weights: a trained output layer, or
@@ -161,13 +171,7 @@ def test_lm_head_refusals_name_the_limit(tied_llama, head_adapters, tmp_path):
     built.registry.register("ok", head)  # the saved copy equals the served weights
 
     def variant(name, change):
-        out = tmp_path / name
-        out.mkdir()
-        (out / "adapter_config.json").write_text((head / "adapter_config.json").read_text())
-        tensors = load_file(head / "adapter_model.safetensors")
-        change(tensors)
-        save_file(tensors, out / "adapter_model.safetensors")
-        return out
+        return changed_copy(head, tmp_path / name, change)
 
     trained = variant("trained", lambda t: t[HEAD_KEY].add_(1e-3))
     with pytest.raises(AdapterInvalid, match="differs from the served model's lm_head weights"):
@@ -182,6 +186,23 @@ def test_lm_head_refusals_name_the_limit(tied_llama, head_adapters, tmp_path):
         built.registry.register("stray", stray)
     without_copy = variant("without-copy", lambda t: t.pop(HEAD_KEY))
     built.registry.register("without-copy", without_copy)  # PEFT's save_embedding_layers=False
+
+
+def test_a_biased_lm_heads_saved_bias_must_be_the_served_one(tmp_path):
+    """Phi's lm_head has a bias, which PEFT saves beside lm_head's LoRA (base_layer.bias): served
+    when it is the model's, refused when trained; a saved bias of another layer is refused."""
+    model = build_family_model("phi", tmp_path / "model")
+    head = build_adapter(model, tmp_path / "head", seed=1, r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    built = engine_for(model, {}, adapter_roots=(str(tmp_path),))
+    built.registry.register("ok", head)
+    key = "base_model.model.lm_head.base_layer.bias"
+    for name, change, refusal in [
+        ("trained", lambda t: t[key].add_(1e-3), "differs from the served model's lm_head bias"),
+        ("stray", lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias":
+                                      torch.zeros(64)}), "a saved base layer's bias is lm_head's alone"),
+    ]:
+        with pytest.raises(AdapterInvalid, match=refusal):
+            built.registry.register(name, changed_copy(head, tmp_path / name, change))
 
 
 def test_lm_head_alone_shares_the_base_models_cached_prefixes(tied_llama, head_adapters):

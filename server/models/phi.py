@@ -1,0 +1,68 @@
+"""Phi (``PhiForCausalLM``: Phi-1, Phi-1.5, Phi-2) over a flat token batch.
+
+- One LayerNorm before a parallel block: h + (dense(attention(x)) + fc2(act(fc1(x)))) of x = ln(h),
+  summed in Hugging Face's order (attention, then MLP, then the residual).
+- q, k and v are separate linears with biases (LoRA targets of their own, fused into one matmul
+  here, as Llama's); the output projection is ``dense``; the MLP is not gated.
+- RoPE on the first ``partial_rotary_factor`` of each head's dims; with ``qk_layernorm``, q and k
+  each get a LayerNorm per head (one shared by all heads) before it.
+- A LayerNorm before ``lm_head``, which has a bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .batch import StepBatch
+from .layers import FlatAttention, FusedLoRALinear
+from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, _head_dim
+
+
+class PhiLayer(LlamaLayer):
+    """Sets what ``LlamaLayer.attend`` reads (its own projections, norms and RoPE), with Phi's MLP
+    and parallel block."""
+
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        nn.Module.__init__(self)
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.input_layernorm = hf_layer.input_layernorm
+        self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8)
+        self.o_proj = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
+        self.fc1 = FusedLoRALinear.from_linears([mlp.fc1], ("fc1",), layer, int8)
+        self.fc2 = FusedLoRALinear.from_linears([mlp.fc2], ("fc2",), layer, int8)
+        self.q_norm, self.k_norm = (attn.q_layernorm, attn.k_layernorm) if config.qk_layernorm else (None, None)
+        self.qk_norm_whole, self.use_rope = False, True
+        self.act = ACT2FN[config.hidden_act]
+        self.heads, self.head_dim = config.num_attention_heads, _head_dim(config)
+        self.kv_heads = config.num_key_value_heads
+        self.attention = FlatAttention(layer, self.heads, self.kv_heads, self.head_dim)
+        self.cos, self.sin, self.rotary = cos, sin, cos.shape[-1]
+
+    def lora_modules(self) -> list[FusedLoRALinear]:
+        return [self.qkv, self.o_proj, self.fc1, self.fc2]
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        x = self.input_layernorm(h)
+        return self.attend(x, batch, kv, apply_lora) + self.mlp(x, batch, apply_lora) + h
+
+    def mlp(self, x, batch: StepBatch, apply_lora):
+        return self.fc2(self.act(self.fc1(x, batch.lora, apply_lora)), batch.lora, apply_lora)
+
+
+class PhiForServing(LlamaForServing):
+    FUSED_KINDS = (ATTN_KINDS,)
+    LAYER = PhiLayer
+    FINAL_NORM = "final_layernorm"
+
+    @staticmethod
+    def lora_targets(config):
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q = config.num_attention_heads * _head_dim(config)
+        kv = config.num_key_value_heads * _head_dim(config)
+        attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+        return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
+                "v_proj": (attn + "v_proj", hidden, kv), "dense": (attn + "dense", q, hidden),
+                "fc1": (mlp + "fc1", hidden, inter), "fc2": (mlp + "fc2", inter, hidden)}
+
