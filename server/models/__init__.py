@@ -10,9 +10,10 @@ from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .olmo import Olmo2ForServing
 from .phi import PhiForServing
+from .stablelm import StableLmForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite and OLMo 2 build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2 and StableLM build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -26,6 +27,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
     "Olmo2ForCausalLM": Olmo2ForServing,
+    "StableLmForCausalLM": StableLmForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

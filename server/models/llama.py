@@ -103,7 +103,7 @@ class LlamaLayer(nn.Module):
         self.q_norm, self.k_norm = fast_norm(getattr(attn, "q_norm", None)), fast_norm(getattr(attn, "k_norm", None))
         self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma's name for it
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
-        self.qk_norm_whole = self.q_norm is not None and self.q_norm.weight.numel() != self.head_dim
+        self.qk_norm_whole = False  # OLMo 2's: over all heads' dims at once (Olmo2Layer)
         self.attention = self.make_attention(config, layer)
         self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
