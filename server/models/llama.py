@@ -157,7 +157,7 @@ class LlamaLayer(nn.Module):
 class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
-    LAYER = LlamaLayer  # a family's own decoder layer (Granite's)
+    LAYER = LlamaLayer  # a family's own decoder layer (Granite, OLMo 2, Phi, StableLM)
     FINAL_NORM = "norm"  # the inner model's norm before lm_head (Phi's: final_layernorm)
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
