@@ -792,8 +792,10 @@ class Engine:
             masks = masks or [None] * len(seqs)
             for i, s in enumerate(seqs):
                 if s.sampler.params.allowed_token_ids:
-                    masks[i] = allowed_mask(s.sampler, banned[i], s.vocab.size)
-                    banned[i] = None
+                    try:  # one row's fault fails that row alone, never the step
+                        masks[i], banned[i] = allowed_mask(s.sampler, banned[i], s.vocab.size), None
+                    except Exception as error:  # noqa: BLE001
+                        failed[i] = error
         widths = [s.vocab.size for s in seqs]
         tokens = sample(logits, [s.sampler for s in seqs], seen, generated, banned, masks,
                         None if all(w == logits.shape[1] for w in widths) else widths)
