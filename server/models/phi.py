@@ -65,4 +65,3 @@ class PhiForServing(LlamaForServing):
         return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
                 "v_proj": (attn + "v_proj", hidden, kv), "dense": (attn + "dense", q, hidden),
                 "fc1": (mlp + "fc1", hidden, inter), "fc2": (mlp + "fc2", inter, hidden)}
-
