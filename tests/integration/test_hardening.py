@@ -807,38 +807,86 @@ def http_bodies():
                      st.tuples(st.just("completions"), beams))
 
 
-def test_fuzzed_http_bodies_never_hurt_the_server(hserver):
-    """Through the OpenAI routes: a 200 or a 4xx naming the problem, never a 5xx; a stream always
-    ends with [DONE] (the Responses API: its response.completed event, or an error event) and
-    carries no internal error."""
+def post_and_check(hserver, route: str, body: dict) -> int | None:
+    """POST ``body`` to an OpenAI route: a 200 or a 4xx naming the problem, never a 5xx; a stream
+    always ends with [DONE] (the Responses API: its response.completed event, or an error event)
+    and carries no internal error; the server stays healthy. The status, or None for a body JSON
+    cannot carry."""
     try:  # the HTTP client the installed openai package uses
         import httpx2 as httpx
     except ImportError:  # pragma: no cover - older openai releases use httpx
         import httpx
 
+    try:
+        payload = json.dumps(body, allow_nan=True)
+    except (ValueError, OverflowError):
+        return None
+    r = httpx.post(f"{hserver.base_url}/{route}", content=payload, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code in (200, 400, 404, 413, 429), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert r.json()["error"]["message"]
+    elif route == "responses" and r.headers["content-type"].startswith("text/event-stream"):
+        last = r.text.rstrip().rsplit("\n\n", 1)[-1]  # its own last event (no [DONE] in this API)
+        assert last.startswith(("event: response.completed", "event: error")) and '"code":"500"' not in r.text, \
+            r.text[-300:]
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert r.text.rstrip().endswith("data: [DONE]") and '"code":500' not in r.text, r.text[-300:]
+    assert hserver.health_status() == SERVING
+    return r.status_code
+
+
+@st.composite
+def valid_http_bodies(draw):
+    """Completions and chat bodies valid in every field but, at most, one's token ids (which span
+    any int), with several features on at once: choices, logprobs, echo, streams with usage, stops,
+    min_tokens, structured outputs and tools."""
+    wide = draw(st.sampled_from([None, "stop_token_ids", "allowed_token_ids", "logit_bias", "prompt"]))
+
+    def ids(field, min_size=0, max_size=3):  # the wide field's hold one id at least
+        return draw(st.lists(st.integers(-3, 2**40) if field == wide else in_vocab,
+                             min_size=max(min_size, field == wide), max_size=max_size))
+
+    body = {"model": draw(st.sampled_from(["attn-r4", "all-r8", "tiny-llama"])), "max_tokens": draw(st.integers(1, 5)),
+            "temperature": draw(st.sampled_from([0.0, 0.8])), "seed": draw(st.integers(0, 2**31)),
+            "stream": draw(st.booleans())}
+    optional = {"n": st.integers(1, 3), "stop": st.lists(st.sampled_from(["a", "the", " ", "é"]), max_size=2),
+                "stop_token_ids": st.just(ids("stop_token_ids")), "min_tokens": st.integers(0, 5),
+                "allowed_token_ids": st.just(ids("allowed_token_ids", min_size=1, max_size=4)),
+                "logit_bias": st.just({str(t): 5.0 for t in ids("logit_bias")}),
+                "top_k": st.integers(0, 50), "presence_penalty": st.floats(-2, 2), "ignore_eos": st.booleans(),
+                "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}])}
+    for field, strategy in optional.items():
+        if field == wide or draw(st.integers(0, 2)):  # two in three, and the wide one always
+            body[field] = draw(strategy)
+    if "allowed_token_ids" in body and body.get("response_format", {}).get("type") == "json_object":
+        del body["allowed_token_ids"]  # refused together by design: not this campaign's subject
+    if body["stream"] and draw(st.booleans()):
+        body["stream_options"] = {"include_usage": True}
+    if draw(st.booleans()):
+        body["prompt"] = ids("prompt", min_size=1, max_size=10) if draw(st.booleans()) else "the cat sat"
+        if not body["stream"] and draw(st.booleans()):
+            body.update(echo=True, logprobs=draw(st.integers(0, 3)))
+        return "completions", body
+    body["messages"] = [{"role": "user", "content": "weather in Rome?"}]
+    if draw(st.booleans()):
+        body.update(logprobs=True, top_logprobs=draw(st.integers(0, 3)))
+    if draw(st.booleans()) and "response_format" not in body and "allowed_token_ids" not in body:
+        body["tools"] = [{"type": "function", "function": {"name": "weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        body["tool_choice"] = draw(st.sampled_from(["none", "required", {"type": "function",
+                                                                          "function": {"name": "weather"}}]))
+    return "chat/completions", body
+
+
+@pytest.mark.parametrize("bodies", [http_bodies, valid_http_bodies], ids=["any-fields", "one-odd-field"])
+def test_fuzzed_http_bodies_never_hurt_the_server(hserver, bodies):
     seen = set()
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(case=http_bodies())
+    @given(case=bodies())
     def check(case):
-        route, body = case
-        try:
-            payload = json.dumps(body, allow_nan=True)
-        except (ValueError, OverflowError):
-            return
-        r = httpx.post(f"{hserver.base_url}/{route}", content=payload, headers={"content-type": "application/json"},
-                       timeout=60)
-        seen.add(r.status_code)
-        assert r.status_code in (200, 400, 404, 413, 429), (r.status_code, r.text[:300])
-        if r.status_code != 200:
-            assert r.json()["error"]["message"]
-        elif route == "responses" and r.headers["content-type"].startswith("text/event-stream"):
-            last = r.text.rstrip().rsplit("\n\n", 1)[-1]  # its own last event (no [DONE] in this API)
-            assert last.startswith(("event: response.completed", "event: error")) and '"code":"500"' not in r.text, \
-                r.text[-300:]
-        elif r.headers["content-type"].startswith("text/event-stream"):
-            assert r.text.rstrip().endswith("data: [DONE]") and '"code":500' not in r.text, r.text[-300:]
-        assert hserver.health_status() == SERVING
+        seen.add(post_and_check(hserver, *case))
 
     with Canary(hserver) as canary:
         check()
