@@ -98,6 +98,9 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.SmolLM3Config(**common, **llama_like, no_rope_layers=[1, 0], use_sliding_window=True,
                                 sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                                 architectures=["SmolLM3ForCausalLM"])
+    if family == "cohere":  # mean-centred LayerNorms, a parallel block, interleaved RoPE, per-head q/k norms
+        return tf.CohereConfig(**common, **llama_like, use_qk_norm=True, logit_scale=0.5,
+                               architectures=["CohereForCausalLM"])
     if family == "stablelm":  # LayerNorms, a parallel block, q/k/v biases, per-head q/k norms, a quarter of RoPE
         return tf.StableLmConfig(**common, **llama_like, partial_rotary_factor=0.25, use_qkv_bias=True,
                                  qk_layernorm=True, use_parallel_residual=True, architectures=["StableLmForCausalLM"])
@@ -178,6 +181,9 @@ FAMILY_ADAPTERS = {
     "smollm3": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
                 "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"])},
+    "cohere": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"])},
     "stablelm": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                  "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                    "gate_proj", "up_proj", "down_proj"])},

@@ -36,6 +36,7 @@ class ServingModel(nn.Module):
     head_linear: Linear = staticmethod(F.linear)  # lm_head's matmul (use_base_linear)
     logit_softcap: float | None = None  # Gemma 2's final_logit_softcapping: logits -> cap * tanh(logits / cap)
     logit_divisor: float | None = None  # Granite's logits_scaling: logits -> logits / it
+    logit_multiplier: float | None = None  # Cohere's logit_scale: logits -> logits * it
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -169,6 +170,8 @@ class ServingModel(nn.Module):
             apply_lora(logits, h, *self.head_store, plan, (0, self.lm_head.weight.shape[0]), used, None)
         if self.logit_divisor is not None:  # after LoRA on lm_head, as PEFT's sits inside lm_head
             logits = logits / self.logit_divisor
+        if self.logit_multiplier is not None:
+            logits = logits * self.logit_multiplier
         if self.logit_softcap is not None:  # past a row's own vocabulary its logits stay -inf
             logits = torch.where(logits.isneginf(), logits, torch.tanh(logits / self.logit_softcap) * self.logit_softcap)
         return logits.float()

@@ -86,11 +86,13 @@ def sliding_window(config, layer: int) -> int | None:
 
 
 class LlamaLayer(nn.Module):
+    rope = staticmethod(_rope)  # Cohere's turns interleaved pairs (CohereLayer)
+
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.input_layernorm = fast_norm(getattr(hf_layer, "input_layernorm", None))  # OLMo 2 has none
-        self.post_attention_layernorm = fast_norm(hf_layer.post_attention_layernorm)
+        self.post_attention_layernorm = fast_norm(getattr(hf_layer, "post_attention_layernorm", None))  # Cohere: none
         if hasattr(attn, "qkv_proj"):  # Phi-3: one linear each, one LoRA target each
             self.qkv = FusedLoRALinear.from_linears([attn.qkv_proj], ("qkv_proj",), layer, int8)
             self.gate_up = FusedLoRALinear.from_linears([mlp.gate_up_proj], ("gate_up_proj",), layer, int8)
@@ -134,7 +136,7 @@ class LlamaLayer(nn.Module):
             rope = batch.masks[key] = (self.cos[batch.positions][:, None], self.sin[batch.positions][:, None])
         cos, sin = rope  # [T, 1, rotary]
         if self.q_norm is None and self.use_rope:  # q and k side by side in qkv: one RoPE over both
-            qk = _rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
+            qk = self.rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
             q, k = qkv[:, :q_end], qkv[:, q_end:k_end]
@@ -144,7 +146,7 @@ class LlamaLayer(nn.Module):
             if self.q_norm is not None and not self.qk_norm_whole:
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.use_rope:
-                q, k = _rope(q, cos, sin, self.rotary), _rope(k, cos, sin, self.rotary)
+                q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
         return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
 
     def mlp(self, x, batch: StepBatch, apply_lora):
@@ -159,6 +161,7 @@ class LlamaForServing(ServingModel):
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
     LAYER = LlamaLayer  # a family's own decoder layer (Granite, OLMo 2, Phi, StableLM)
     FINAL_NORM = "norm"  # the inner model's norm before lm_head (Phi's: final_layernorm)
+    SIGNED_SIN = True  # the sin table as _rope's roll takes it (signed_sin); Cohere's interleaved RoPE: as HF's
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
@@ -171,7 +174,8 @@ class LlamaForServing(ServingModel):
         dummy = self.lm_head.weight.new_empty(0)
         cos, sin = inner.rotary_emb(dummy, positions[None])  # [1, max_len, hd], computed as HF does
         self.register_buffer("cos", cos[0].to(dummy.dtype), persistent=False)
-        self.register_buffer("sin", signed_sin(sin[0].to(dummy.dtype)), persistent=False)
+        sin = sin[0].to(dummy.dtype)
+        self.register_buffer("sin", signed_sin(sin) if self.SIGNED_SIN else sin, persistent=False)
         self.layers = nn.ModuleList(self.LAYER(layer, config, i, self.cos, self.sin, int8)
                                     for i, layer in enumerate(inner.layers))
         self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))

@@ -21,7 +21,7 @@ from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_ll
 from test_parity import serve_in_turn
 
 EMBEDDING = {**{family: "embed_tokens" for family in ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2",
-                                                        "gemma3", "granite", "smollm3", "olmo2", "stablelm")},
+                                                        "gemma3", "granite", "smollm3", "olmo2", "stablelm", "cohere")},
              "gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}
 
 

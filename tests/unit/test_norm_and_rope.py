@@ -87,3 +87,19 @@ def test_rope_by_roll_equals_hugging_faces_rotate_half_bit_for_bit(tokens, heads
         turned = x[..., :rotary]
         want = torch.cat((turned * cos[:, None] + rotate_half(turned) * sin[:, None], x[..., rotary:]), dim=-1)
     assert torch.equal(_rope(x, cos[:, None], signed_sin(sin)[:, None], rotary), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 20), heads=st.integers(1, 6), head_dim=st.sampled_from([8, 32, 64, 128]),
+       seed=st.integers(0, 2**16))
+def test_coheres_rope_on_interleaved_pairs_equals_hugging_faces_bit_for_bit(tokens, heads, head_dim, seed):
+    from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rope
+
+    from loramux.server.models.cohere import _rope_pairs
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, heads, head_dim, generator=gen)
+    freqs = torch.randn(tokens, head_dim // 2, generator=gen) * 10
+    emb = torch.repeat_interleave(freqs, 2, dim=-1)  # each frequency twice, side by side, as Cohere's table
+    want = cohere_rope(x, x, emb.cos(), emb.sin(), unsqueeze_dim=1)[0]
+    assert torch.equal(_rope_pairs(x, emb.cos()[:, None], emb.sin()[:, None], head_dim), want)

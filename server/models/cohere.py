@@ -1,0 +1,40 @@
+"""Cohere (``CohereForCausalLM``: Command R, Aya) over a flat token batch: the Llama decoder with
+
+- LayerNorms without a bias (the model's own modules: mean-centred, in float32);
+- a parallel block under one of them: h + attention(x) + mlp(x) of x = ln(h), in HF's order;
+- RoPE on interleaved pairs of dims (x[2i], x[2i+1]), not on the two halves of each head;
+- q and k normed per head, each head by weights of its own, where ``use_qk_norm``;
+- the logits times ``logit_scale``, after LoRA on lm_head (``ServingModel.logit_multiplier``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import StepBatch
+from .llama import LlamaForServing, LlamaLayer
+
+
+def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: int) -> torch.Tensor:
+    """HF Cohere's RoPE of x [T, heads, hd]: x * cos + turn(x) * sin, turn(x)[2i] = -x[2i+1] and
+    turn(x)[2i+1] = x[2i], over cos and sin [T, 1, hd] that repeat each frequency twice."""
+    assert rotary == x.shape[-1], "Cohere turns every dim of a head"
+    turned = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    return x * cos + turned * sin
+
+
+class CohereLayer(LlamaLayer):
+    rope = staticmethod(_rope_pairs)
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        x = self.input_layernorm(h)
+        return h + self.attend(x, batch, kv, apply_lora) + self.mlp(x, batch, apply_lora)
+
+
+class CohereForServing(LlamaForServing):
+    LAYER = CohereLayer
+    SIGNED_SIN = False
+
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
+        super().__init__(hf_model, max_model_len, int8)
+        self.logit_multiplier = hf_model.config.logit_scale
