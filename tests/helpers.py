@@ -101,6 +101,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "cohere":  # mean-centred LayerNorms, a parallel block, interleaved RoPE, per-head q/k norms
         return tf.CohereConfig(**common, **llama_like, use_qk_norm=True, logit_scale=0.5,
                                architectures=["CohereForCausalLM"])
+    if family == "cohere2":  # a local layer (a window, RoPE) then a global one (no RoPE)
+        return tf.Cohere2Config(**common, **llama_like, sliding_window=6, logit_scale=0.5,
+                                layer_types=["sliding_attention", "full_attention"],
+                                architectures=["Cohere2ForCausalLM"])
     if family == "stablelm":  # LayerNorms, a parallel block, q/k/v biases, per-head q/k norms, a quarter of RoPE
         return tf.StableLmConfig(**common, **llama_like, partial_rotary_factor=0.25, use_qkv_bias=True,
                                  qk_layernorm=True, use_parallel_residual=True, architectures=["StableLmForCausalLM"])
@@ -184,6 +188,8 @@ FAMILY_ADAPTERS = {
     "cohere": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
                "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"])},
+    "cohere2": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
     "stablelm": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                  "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                    "gate_proj", "up_proj", "down_proj"])},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .bloom import BloomForServing
-from .cohere import CohereForServing
+from .cohere import Cohere2ForServing, CohereForServing
 from .gemma import Gemma1ForServing, GemmaForServing
 from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
@@ -14,7 +14,7 @@ from .phi import PhiForServing
 from .stablelm import StableLmForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2, StableLM and Cohere build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2, StableLM and Cohere 1/2 build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -30,6 +30,7 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo2ForCausalLM": Olmo2ForServing,
     "StableLmForCausalLM": StableLmForServing,
     "CohereForCausalLM": CohereForServing,
+    "Cohere2ForCausalLM": Cohere2ForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
     "BloomForCausalLM": BloomForServing,

@@ -1,10 +1,13 @@
-"""Cohere (``CohereForCausalLM``: Command R, Aya) over a flat token batch: the Llama decoder with
+"""Cohere (``CohereForCausalLM``: Command R, Aya; ``Cohere2ForCausalLM``: Command R7B, Command A)
+over a flat token batch: the Llama decoder with
 
 - LayerNorms without a bias (the model's own modules: mean-centred, in float32);
 - a parallel block under one of them: h + attention(x) + mlp(x) of x = ln(h), in HF's order;
 - RoPE on interleaved pairs of dims (x[2i], x[2i+1]), not on the two halves of each head;
 - q and k normed per head, each head by weights of its own, where ``use_qk_norm``;
-- the logits times ``logit_scale``, after LoRA on lm_head (``ServingModel.logit_multiplier``).
+- the logits times ``logit_scale``, after LoRA on lm_head (``ServingModel.logit_multiplier``);
+- Cohere 2: local layers (``layer_types`` "sliding_attention") attend within a window and turn q
+  and k by RoPE; the global ones attend to everything without RoPE.
 """
 
 from __future__ import annotations
@@ -38,3 +41,13 @@ class CohereForServing(LlamaForServing):
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
         self.logit_multiplier = hf_model.config.logit_scale
+
+
+class Cohere2Layer(CohereLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.use_rope = config.layer_types[layer] == "sliding_attention"
+
+
+class Cohere2ForServing(CohereForServing):
+    LAYER = Cohere2Layer

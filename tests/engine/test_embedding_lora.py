@@ -20,9 +20,9 @@ from loramux.server.ops.embedding import embedding_lora
 from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_llama
 from test_parity import serve_in_turn
 
-EMBEDDING = {**{family: "embed_tokens" for family in ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2",
-                                                        "gemma3", "granite", "smollm3", "olmo2", "stablelm", "cohere")},
-             "gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}
+# the token embedding's module name in each family: embed_tokens but where a family names it otherwise
+EMBEDDING = {family: {"gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}.get(family, "embed_tokens")
+             for family in ("llama", *FAMILY_ADAPTERS)}
 
 
 def engine_for(model, adapters, **overrides):
