@@ -110,6 +110,12 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                  qk_layernorm=True, use_parallel_residual=True, architectures=["StableLmForCausalLM"])
     if family == "olmo2":  # norms after each block, not before; q and k normed over all heads' dims
         return tf.Olmo2Config(**common, **llama_like, architectures=["Olmo2ForCausalLM"])
+    if family == "olmo3":  # OLMo 2's norms, a local layer (a window, its RoPE base) then a global one
+        return tf.Olmo3Config(**common, **llama_like, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                               "full_attention": {"rope_type": "default", "rope_theta": 500000.0}},
+                              architectures=["Olmo3ForCausalLM"])
     if family == "granite":  # its four scalars away from 1 (attention's from head_dim ** -0.5), biases
         return tf.GraniteConfig(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3,
                                 attention_multiplier=0.09, logits_scaling=4.0, attention_bias=True, mlp_bias=True,
@@ -196,6 +202,8 @@ FAMILY_ADAPTERS = {
     "olmo2": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                 "gate_proj", "up_proj", "down_proj"])},
+    "olmo3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+              "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
     "granite": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                 "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"])},

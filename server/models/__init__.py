@@ -14,7 +14,7 @@ from .phi import PhiForServing
 from .stablelm import StableLmForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2, StableLM and Cohere 1/2 build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM and Cohere 1/2 build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -28,6 +28,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
     "Olmo2ForCausalLM": Olmo2ForServing,
+    "Olmo3ForCausalLM": Olmo2ForServing,
     "StableLmForCausalLM": StableLmForServing,
     "CohereForCausalLM": CohereForServing,
     "Cohere2ForCausalLM": Cohere2ForServing,

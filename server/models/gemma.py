@@ -19,13 +19,11 @@ Bidirectional attention (Gemma 3 embedding models) is refused at start-up.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..config import StartupError
-from .base import ServingModel
 from .batch import StepBatch
 from .layers import FlatAttention
-from .llama import LlamaForServing, LlamaLayer, _head_dim, fast_norm, signed_sin, sliding_window
+from .llama import LlamaForServing, LlamaLayer, _head_dim, fast_norm, sliding_window
 
 
 class GemmaLayer(LlamaLayer):
@@ -53,23 +51,10 @@ class Gemma1ForServing(LlamaForServing):
 
 
 class GemmaForServing(Gemma1ForServing):
+    LAYER = GemmaLayer
+
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
-        ServingModel.__init__(self)
-        config = self.config = hf_model.config
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
-        if getattr(config, "use_bidirectional_attention", False):
+        if getattr(hf_model.config, "use_bidirectional_attention", False):
             raise StartupError("use_bidirectional_attention is not served: generation needs causal attention")
-        inner = hf_model.model
-        self.embed_tokens, self.final_norm, self.lm_head = inner.embed_tokens, fast_norm(inner.norm), hf_model.lm_head
-        positions = torch.arange(max_model_len, device=self.lm_head.weight.device)[None]
-        dummy = self.lm_head.weight.new_empty(0)
-        tables = {}
-        by_type = all(kind in config.rope_parameters for kind in config.layer_types)  # Gemma 3: a RoPE per type
-        for kind in sorted(set(config.layer_types)):  # each layer type's RoPE, computed as HF does
-            cos, sin = inner.rotary_emb(dummy, positions, *([kind] if by_type else []))
-            self.register_buffer(f"cos_{kind}", cos[0].to(dummy.dtype), persistent=False)
-            self.register_buffer(f"sin_{kind}", signed_sin(sin[0].to(dummy.dtype)), persistent=False)
-            tables[kind] = getattr(self, f"cos_{kind}"), getattr(self, f"sin_{kind}")
-        self.layers = nn.ModuleList(GemmaLayer(layer, config, i, *tables[config.layer_types[i]], int8)
-                                    for i, layer in enumerate(inner.layers))
-        self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))
+        super().__init__(hf_model, max_model_len, int8)
+        self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)

@@ -42,7 +42,7 @@ def _rope(x, cos, sin, rotary: int):
 
 # Hugging Face's RMSNorms, computed in float32: w * (x * rsqrt(mean(x^2) + eps)), Gemma's with 1 + w
 LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-                             "GraniteRMSNorm", "SmolLM3RMSNorm", "Olmo2RMSNorm"})
+                             "GraniteRMSNorm", "SmolLM3RMSNorm", "Olmo2RMSNorm", "Olmo3RMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
@@ -170,13 +170,19 @@ class LlamaForServing(ServingModel):
         self.embed_tokens = inner.embed_tokens
         self.final_norm = fast_norm(getattr(inner, self.FINAL_NORM))
         self.lm_head = hf_model.lm_head
-        positions = torch.arange(max_model_len, device=self.lm_head.weight.device)
+        positions = torch.arange(max_model_len, device=self.lm_head.weight.device)[None]
         dummy = self.lm_head.weight.new_empty(0)
-        cos, sin = inner.rotary_emb(dummy, positions[None])  # [1, max_len, hd], computed as HF does
-        self.register_buffer("cos", cos[0].to(dummy.dtype), persistent=False)
-        sin = sin[0].to(dummy.dtype)
-        self.register_buffer("sin", signed_sin(sin) if self.SIGNED_SIN else sin, persistent=False)
-        self.layers = nn.ModuleList(self.LAYER(layer, config, i, self.cos, self.sin, int8)
+        # one RoPE table, or one per layer type where the config keys RoPE by type (Gemma 3's, OLMo 3's)
+        types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
+        by_type = all(kind in (getattr(config, "rope_parameters", None) or {}) for kind in types)
+        tables = {}
+        for kind in dict.fromkeys(types if by_type else [None]):
+            cos, sin = inner.rotary_emb(dummy, positions, *([] if kind is None else [kind]))  # [1, max_len, hd], as HF's
+            sin, name = sin[0].to(dummy.dtype), "" if kind is None else f"_{kind}"
+            self.register_buffer(f"cos{name}", cos[0].to(dummy.dtype), persistent=False)
+            self.register_buffer(f"sin{name}", signed_sin(sin) if self.SIGNED_SIN else sin, persistent=False)
+            tables[kind] = getattr(self, f"cos{name}"), getattr(self, f"sin{name}")
+        self.layers = nn.ModuleList(self.LAYER(layer, config, i, *tables[types[i] if by_type else None], int8)
                                     for i, layer in enumerate(inner.layers))
         self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))
 

@@ -1,9 +1,12 @@
-"""OLMo 2 (``Olmo2ForCausalLM``) over a flat token batch: the Llama decoder with its norms moved.
+"""OLMo 2 and 3 (``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``) over a flat token batch: the Llama
+decoder with its norms moved.
 
 - No norm before attention or the MLP: each block's output is normed (``post_attention_layernorm``,
   ``post_feedforward_layernorm``) before it joins the residual stream.
 - q and k are each normed over all heads' dims at once (RMSNorm of width heads x head_dim) after
   their projections, LoRA included, and before RoPE (``LlamaLayer.qk_norm_whole``).
+- OLMo 3: local layers (``layer_types``) attend within a window, and each layer type has a RoPE of
+  its own (``LlamaForServing``'s tables by type).
 """
 
 from __future__ import annotations
