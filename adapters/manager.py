@@ -486,13 +486,14 @@ class AdapterManager:
         if self.notify is not None:
             self.notify()
 
-    def drop_retired(self, needed: set) -> None:
+    def drop_retired(self, needed) -> None:
         """Engine thread: free the device pages and the host copy of each retired version that no
         request still needs (``needed``: the waiting requests' adapters; running ones pin theirs), so
         unregistering frees memory now, not when LRU reaches it (vllm#54839, #42207). A version
         with a read or copy in flight stays retired until it lands, and then goes."""
-        if not self._retired:
+        if not self._retired:  # every step asks: nothing to build then
             return
+        needed = set(needed)
         with self._jobs_lock:
             busy = {k for k, _, _ in self._jobs.values()}
         with self._lock:

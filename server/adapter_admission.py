@@ -35,7 +35,7 @@ class AdapterAdmission:
         thrash the host cache."""
         ready, loading, failed = set(), False, []
         self.adapters.expire_reads()
-        self.adapters.drop_retired(set(order))
+        self.adapters.drop_retired(order)
         depth = self.window()
         for i, key in enumerate(order):
             state = self.adapters.readiness(key, prefetch=i < depth)

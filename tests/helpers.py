@@ -166,17 +166,17 @@ def int8_copy(model_dir: Path, out: Path) -> Path:
     return out
 
 
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 # The target-module names users train on, per family (mixed ranks and targets).
 FAMILY_ADAPTERS = {
     "mistral": {"qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                "all-r16": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "up_proj", "down_proj"])},
+                "all-r16": dict(r=16, lora_alpha=16, target_modules=ALL_PROJ)},
     "qwen2": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
               "mlp-r4-rslora": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
                                     use_rslora=True)},
     "qwen3": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
-              "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj"])},
+              "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "phi": {"qv-dense-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "dense"]),
             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
@@ -186,27 +186,21 @@ FAMILY_ADAPTERS = {
     "gemma2": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
                "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
     "gemma3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"])},
+               "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "smollm3": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
-                "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj"])},
+                "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "cohere": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
-               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"])},
+               "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "cohere2": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                 "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
     "stablelm": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                 "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"])},
+                 "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "olmo2": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
-              "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj"])},
+              "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "olmo3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
               "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
     "granite": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj"])},
+                "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "gpt2": {"c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
              "all-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)},
     "gpt_neo": {"qvo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "out_proj"]),
@@ -217,8 +211,6 @@ FAMILY_ADAPTERS = {
 
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused
-
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Mixed ranks, targets (list and regex), rsLoRA, rank/alpha patterns, layers_to_transform.
 ADAPTER_VARIANTS = {

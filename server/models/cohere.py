@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from .batch import StepBatch
 from .llama import LlamaForServing, LlamaLayer
 
 
@@ -28,10 +27,7 @@ def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: i
 
 class CohereLayer(LlamaLayer):
     rope = staticmethod(_rope_pairs)
-
-    def forward(self, h, batch: StepBatch, kv, apply_lora):
-        x = self.input_layernorm(h)
-        return h + self.attend(x, batch, kv, apply_lora) + self.mlp(x, batch, apply_lora)
+    parallel = True
 
 
 class CohereForServing(LlamaForServing):

@@ -87,6 +87,8 @@ def sliding_window(config, layer: int) -> int | None:
 
 class LlamaLayer(nn.Module):
     rope = staticmethod(_rope)  # Cohere's turns interleaved pairs (CohereLayer)
+    qk_norm_whole = False  # OLMo 2's norms of q and k: over all heads' dims at once (Olmo2Layer)
+    parallel = False  # one norm before attention and the MLP side by side (Cohere's; StableLM's option)
 
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__()
@@ -104,8 +106,11 @@ class LlamaLayer(nn.Module):
         # norms of q and k before RoPE: Qwen3's (and Gemma 3's) per head, OLMo 2's over all heads' dims at once
         self.q_norm, self.k_norm = fast_norm(getattr(attn, "q_norm", None)), fast_norm(getattr(attn, "k_norm", None))
         self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma's name for it
+        self.init_attention(config, layer, cos, sin)
+
+    def init_attention(self, config, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """What ``attend`` reads besides the projections and q/k norms."""
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
-        self.qk_norm_whole = False  # OLMo 2's: over all heads' dims at once (Olmo2Layer)
         self.attention = self.make_attention(config, layer)
         self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
@@ -121,6 +126,9 @@ class LlamaLayer(nn.Module):
         return [self.qkv, self.o_proj, self.gate_up, self.down_proj]
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
+        if self.parallel:  # summed in HF's order: the residual, attention, then the MLP
+            x = self.input_layernorm(h)
+            return h + self.attend(x, batch, kv, apply_lora) + self.mlp(x, batch, apply_lora)
         h = h + self.attend(self.input_layernorm(h), batch, kv, apply_lora)
         return h + self.mlp(self.post_attention_layernorm(h), batch, apply_lora)
 

@@ -18,10 +18,11 @@ from .llama import LlamaForServing, LlamaLayer, fast_norm
 
 
 class Olmo2Layer(LlamaLayer):
+    qk_norm_whole = True
+
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
         self.post_feedforward_layernorm = fast_norm(hf_layer.post_feedforward_layernorm)
-        self.qk_norm_whole = True
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         h = h + self.post_attention_layernorm(self.attend(h, batch, kv, apply_lora))

@@ -16,13 +16,13 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .batch import StepBatch
-from .layers import FlatAttention, FusedLoRALinear
+from .layers import FusedLoRALinear
 from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, _head_dim
 
 
 class PhiLayer(LlamaLayer):
-    """Sets what ``LlamaLayer.attend`` reads (its own projections, norms and RoPE), with Phi's MLP
-    and parallel block."""
+    """Its own projections and norms for ``LlamaLayer.attend`` (and ``init_attention``), with Phi's
+    MLP and parallel block, summed in its own order."""
 
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         nn.Module.__init__(self)
@@ -33,12 +33,8 @@ class PhiLayer(LlamaLayer):
         self.fc1 = FusedLoRALinear.from_linears([mlp.fc1], ("fc1",), layer, int8)
         self.fc2 = FusedLoRALinear.from_linears([mlp.fc2], ("fc2",), layer, int8)
         self.q_norm, self.k_norm = (attn.q_layernorm, attn.k_layernorm) if config.qk_layernorm else (None, None)
-        self.qk_norm_whole, self.use_rope = False, True
         self.act = ACT2FN[config.hidden_act]
-        self.heads, self.head_dim = config.num_attention_heads, _head_dim(config)
-        self.kv_heads = config.num_key_value_heads
-        self.attention = FlatAttention(layer, self.heads, self.kv_heads, self.head_dim)
-        self.cos, self.sin, self.rotary = cos, sin, cos.shape[-1]
+        self.init_attention(config, layer, cos, sin)
 
     def lora_modules(self) -> list[FusedLoRALinear]:
         return [self.qkv, self.o_proj, self.fc1, self.fc2]

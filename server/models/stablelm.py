@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from .batch import StepBatch
 from .llama import LlamaForServing, LlamaLayer
 
 
@@ -22,12 +21,6 @@ class StableLmLayer(LlamaLayer):
         if config.qk_layernorm:  # [T, heads, head_dim] split by head, as the module splits its dim 1
             self.q_norm, self.k_norm = attn.q_layernorm, attn.k_layernorm
         self.parallel = config.use_parallel_residual
-
-    def forward(self, h, batch: StepBatch, kv, apply_lora):
-        if not self.parallel:
-            return super().forward(h, batch, kv, apply_lora)
-        x = self.input_layernorm(h)
-        return h + self.attend(x, batch, kv, apply_lora) + self.mlp(x, batch, apply_lora)
 
 
 class StableLmForServing(LlamaForServing):
