@@ -20,11 +20,14 @@ from .files import CONFIG_LIMIT, read_adapter_file
 CONFIG_NAME = "adapter_config.json"
 MAX_PATTERN_CHARS = 1024
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
-# Module names PEFT users target that we cannot serve as a LoRA delta on a linear layer: position
-# embeddings, GPT-NeoX's output layer.
-UNSUPPORTED_TARGETS = ("wpe", "embed_out")
+# Module names PEFT users target that no served model has, and why
+UNSUPPORTED_TARGETS = {
+    "wpe": "position embeddings are not supported",
+    # transformers 5 renames GPT-NeoX's embed_out (checkpoints too), and PEFT finds no such module
+    "embed_out": "GPT-NeoX's output projection is lm_head since transformers 5 (embed_out before): target lm_head",
+}
 HEAD = "lm_head"  # the output projection: its kind, and its module name in every supported family
-EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")  # the token embedding's name in each family
+EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")  # the token embedding's name in each family
 # targets served only where the server opts in, and its flag
 OPT_IN = {HEAD: "--enable-lm-head-lora", **{e: "--enable-embedding-lora" for e in EMBEDDINGS}}
 
@@ -181,7 +184,7 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
         targets = tuple(targets)
         bad = [t for t in targets if leaf(t) in UNSUPPORTED_TARGETS]
         if bad:
-            raise _refuse("target_modules", f"position embeddings are not supported: {clip(str(bad))}")
+            raise _refuse("target_modules", f"{UNSUPPORTED_TARGETS[leaf(bad[0])]}: {clip(str(bad))}")
         off = [t for t in targets if leaf(t) in OPT_IN and leaf(t) not in enabled]
         if off:
             raise _refuse("target_modules", opt_in_refusal(off[0]))

@@ -127,6 +127,18 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.GPTNeoConfig(**common, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                                attention_types=[[["global", "local"], 1]], window_size=5,
                                max_position_embeddings=512, architectures=["GPTNeoForCausalLM"])
+    if family == "gpt_neox":  # a quarter of each head under RoPE; parallel attention and MLP
+        return tf.GPTNeoXConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=512,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.25},
+                                architectures=["GPTNeoXForCausalLM"])
+    if family == "gpt_neox_seq":  # the sequential block (use_parallel_residual off), all of each head under RoPE
+        return tf.GPTNeoXConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=512, use_parallel_residual=False,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 1.0},
+                                architectures=["GPTNeoXForCausalLM"])
     if family == "bloom":
         return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     raise ValueError(family)
@@ -140,6 +152,10 @@ def build_family_model(family: str, out: Path, seed: int = 0) -> Path:
     tok = build_tokenizer(out)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id))
+    with torch.no_grad():  # norms' weights and every bias off their init (1 or 0), so that a norm or bias in the wrong place shows
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
     model.eval().save_pretrained(out, safe_serialization=True)
     return out
 
@@ -205,10 +221,15 @@ FAMILY_ADAPTERS = {
              "all-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)},
     "gpt_neo": {"qvo-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "out_proj"]),
                 "mlp-r4": dict(r=4, lora_alpha=4, target_modules=["c_fc", "c_proj"])},
+    "gpt_neox": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
+                 "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
     "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }
 
+
+# Other configs of a family that test_families.py also serves (with that family's adapters).
+CONFIG_VARIANTS = {"gpt_neox_seq": "gpt_neox"}
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

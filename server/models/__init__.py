@@ -7,6 +7,7 @@ from .cohere import Cohere2ForServing, CohereForServing
 from .gemma import Gemma1ForServing, GemmaForServing
 from .gpt2 import GPT2ForServing
 from .gpt_neo import GPTNeoForServing
+from .gpt_neox import GPTNeoXForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .olmo import Olmo2ForServing
@@ -14,7 +15,7 @@ from .phi import PhiForServing
 from .stablelm import StableLmForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM and Cohere 1/2 build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, Cohere 1/2 and GPT-NeoX build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -34,6 +35,7 @@ SUPPORTED_ARCHITECTURES = {
     "Cohere2ForCausalLM": Cohere2ForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
+    "GPTNeoXForCausalLM": GPTNeoXForServing,
     "BloomForCausalLM": BloomForServing,
 }
 

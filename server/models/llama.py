@@ -75,6 +75,10 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # GPT-NeoX's: no GQA
+
+
 def sliding_window(config, layer: int) -> int | None:
     window = getattr(config, "sliding_window", None)
     if window is None or getattr(config, "use_sliding_window", True) is False:
@@ -110,7 +114,7 @@ class LlamaLayer(nn.Module):
 
     def init_attention(self, config, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """What ``attend`` reads besides the projections and q/k norms."""
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, _kv_heads(config), _head_dim(config)
         self.attention = self.make_attention(config, layer)
         self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
@@ -119,7 +123,7 @@ class LlamaLayer(nn.Module):
 
     @staticmethod
     def make_attention(config, layer: int) -> FlatAttention:
-        return FlatAttention(layer, config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
+        return FlatAttention(layer, config.num_attention_heads, _kv_heads(config), _head_dim(config),
                              sliding_window=sliding_window(config, layer))
 
     def lora_modules(self) -> list[FusedLoRALinear]:
@@ -138,11 +142,7 @@ class LlamaLayer(nn.Module):
         qkv = self.qkv(x, batch.lora, apply_lora)
         q_end, k_end = heads * hd, (heads + kv_heads) * hd  # qkv's columns: q, then k, then v
         v = qkv[:, k_end:].view(T, kv_heads, hd)
-        key = ("rope", id(self.cos))
-        rope = batch.masks.get(key)
-        if rope is None:  # once per step and table, shared by layers
-            rope = batch.masks[key] = (self.cos[batch.positions][:, None], self.sin[batch.positions][:, None])
-        cos, sin = rope  # [T, 1, rotary]
+        cos, sin = self.rope_rows(batch)
         if self.q_norm is None and self.use_rope:  # q and k side by side in qkv: one RoPE over both
             qk = self.rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
             q, k = qk[:, :heads], qk[:, heads:]
@@ -157,6 +157,14 @@ class LlamaLayer(nn.Module):
                 q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
         return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
 
+    def rope_rows(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, rotary] at the batch's positions: once per step and table, shared by layers."""
+        key = ("rope", id(self.cos))
+        rope = batch.masks.get(key)
+        if rope is None:
+            rope = batch.masks[key] = (self.cos[batch.positions][:, None], self.sin[batch.positions][:, None])
+        return rope
+
     def mlp(self, x, batch: StepBatch, apply_lora):
         """down(act(gate x) * up x) of the normed input x."""
         gate_up = self.gate_up(x, batch.lora, apply_lora)
@@ -167,15 +175,16 @@ class LlamaLayer(nn.Module):
 class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
-    LAYER = LlamaLayer  # a family's own decoder layer (Granite, OLMo 2, Phi, StableLM)
+    LAYER = LlamaLayer  # a family's own decoder layer (Granite, OLMo 2, Phi, StableLM, GPT-NeoX)
+    INNER = "model"  # the Hugging Face model's decoder (GPT-NeoX's: gpt_neox)
     FINAL_NORM = "norm"  # the inner model's norm before lm_head (Phi's: final_layernorm)
     SIGNED_SIN = True  # the sin table as _rope's roll takes it (signed_sin); Cohere's interleaved RoPE: as HF's
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
         config = self.config = hf_model.config
-        inner = hf_model.model
-        self.embed_tokens = inner.embed_tokens
+        inner = getattr(hf_model, self.INNER)
+        setattr(self, self.EMBEDDING[1], getattr(inner, self.EMBEDDING[1]))
         self.final_norm = fast_norm(getattr(inner, self.FINAL_NORM))
         self.lm_head = hf_model.lm_head
         positions = torch.arange(max_model_len, device=self.lm_head.weight.device)[None]
@@ -192,7 +201,7 @@ class LlamaForServing(ServingModel):
             tables[kind] = getattr(self, f"cos{name}"), getattr(self, f"sin{name}")
         self.layers = nn.ModuleList(self.LAYER(layer, config, i, *tables[types[i] if by_type else None], int8)
                                     for i, layer in enumerate(inner.layers))
-        self.kv_spec = (config.num_hidden_layers, config.num_key_value_heads, _head_dim(config))
+        self.kv_spec = (config.num_hidden_layers, _kv_heads(config), _head_dim(config))
 
     @staticmethod
     def lora_targets(config):

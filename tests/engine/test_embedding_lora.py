@@ -13,16 +13,17 @@ from test_dora import MAX_NEW, check_against_peft
 from loramux.adapters.errors import AdapterInvalid
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
+from loramux.server.models import serving_model_class
 from loramux.server.ops import plan_segments, plan_tokens
 from loramux.server.ops.cpu_kernel import load_lora_kernel
 from loramux.server.ops.embedding import embedding_lora
 
-from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, build_llama
+from helpers import FAMILY_ADAPTERS, _family_config, build_adapter, build_family_model, build_llama
 from test_parity import serve_in_turn
 
-# the token embedding's module name in each family: embed_tokens but where a family names it otherwise
-EMBEDDING = {family: {"gpt2": "wte", "gpt_neo": "wte", "bloom": "word_embeddings"}.get(family, "embed_tokens")
-             for family in ("llama", *FAMILY_ADAPTERS)}
+# the token embedding's module name in each family (embed_tokens, wte, word_embeddings, embed_in)
+EMBEDDING = {family: serving_model_class(_family_config(family, 64, 0, 1).architectures[0]).EMBEDDING[1]
+             for family in FAMILY_ADAPTERS} | {"llama": "embed_tokens"}
 
 
 def engine_for(model, adapters, **overrides):

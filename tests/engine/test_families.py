@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+import torch
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
@@ -10,6 +11,7 @@ from loramux.server.models import UnsupportedModel, serving_model_class
 from loramux.server.requests import SamplingParams
 
 from helpers import (
+    CONFIG_VARIANTS,
     FAMILY_ADAPTERS,
     build_adapter,
     build_family_model,
@@ -20,16 +22,21 @@ from helpers import (
 from test_parity import make_prompts, run_staggered, serve_together
 
 MAX_NEW = 12
+FAMILIES = sorted(FAMILY_ADAPTERS) + sorted(CONFIG_VARIANTS)
+
+
+def family_adapters(family: str) -> dict:
+    return FAMILY_ADAPTERS[CONFIG_VARIANTS.get(family, family)]
 
 
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
-@pytest.mark.parametrize("family", sorted(FAMILY_ADAPTERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
     """Half of the prompts repeat an earlier prompt's first 9 tokens with the same adapter, so that
     with caching on, later requests hit blocks of 4 (sliding windows and ALiBi included)."""
     model = build_family_model(family, tmp_path / "model")
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
-                for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
+                for i, (name, kw) in enumerate(family_adapters(family).items())}
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_tokens_per_step=20, max_model_len=80,
                                       default_max_new_tokens=16, adapters=tuple((n, str(p)) for n, p in adapters.items()),
                                       kv_block_size=4, prefix_caching=caching, base_linear=pinned_base_linear()))
@@ -52,14 +59,15 @@ def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
             assert outs[i] == exp, f"{family} request {i} adapter {name}"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_ADAPTERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_logprobs_match_peft(family, tmp_path):
     """The logits themselves, not only their argmax, which a scale of them (Granite's logits_scaling)
     or a cap (Gemma 2's) can leave alone: the prompt's and the sampled tokens' logprobs within 1e-4
-    of PEFT's, for the base model and each adapter in one batch."""
+    of PEFT's, for the base model and each adapter in one batch. PEFT's in float64: in float32 its
+    own are up to 5e-5 away from them at some positions of these random models (GPT-NeoX's)."""
     model = build_family_model(family, tmp_path / "model")
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
-                for i, (name, kw) in enumerate(FAMILY_ADAPTERS[family].items())}
+                for i, (name, kw) in enumerate(family_adapters(family).items())}
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_model_len=80, default_max_new_tokens=16,
                                       adapters=tuple((n, str(p)) for n, p in adapters.items()),
                                       base_linear=pinned_base_linear()))
@@ -67,7 +75,7 @@ def test_family_logprobs_match_peft(family, tmp_path):
     outs = serve_together(built.engine, jobs, [SamplingParams(6, ignore_eos=True, logprobs=0, prompt_logprobs=0)] * len(jobs))
     for (adapter, prompt), events in zip(jobs, outs, strict=True):
         generated = [ev.token_id for ev in events]
-        ref = peft_logprobs(model, adapters.get(adapter), prompt[:1], prompt[1:] + generated)
+        ref = peft_logprobs(model, adapters.get(adapter), prompt[:1], prompt[1:] + generated, torch.float64)
         for j, ev in enumerate(events):
             assert abs(ev.logprob.logprob - ref[len(prompt) - 1 + j, ev.token_id].item()) < 1e-4, (family, adapter, j)
         for p, lp in enumerate(events[0].prompt_logprobs):

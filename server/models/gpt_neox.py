@@ -1,0 +1,69 @@
+"""GPT-NeoX (``GPTNeoXForCausalLM``: Pythia, Dolly v2, RedPajama-INCITE) over a flat token batch.
+
+- ``query_key_value`` fused with each head's q, k, v interleaved ([heads, 3, head_dim]), as BLOOM's;
+  ``dense`` after attention; a plain MLP (``dense_h_to_4h``, ``dense_4h_to_h``); biases throughout.
+- RoPE on the first ``partial_rotary_factor`` of each head's dims (Hugging Face's rotate_half).
+- Two LayerNorms a layer. With ``use_parallel_residual`` (the default): attention and the MLP side
+  by side on differently normed copies of h, summed as Hugging Face sums them,
+  (mlp(ln2(h)) + attention(ln1(h))) + h; without it, sequential.
+- The token embedding is ``embed_in``; the output projection is ``lm_head`` (``embed_out`` before
+  transformers 5, which renames it).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .batch import StepBatch
+from .layers import FusedLoRALinear
+from .llama import LlamaForServing, LlamaLayer
+
+
+class GPTNeoXLayer(LlamaLayer):
+    def __init__(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):
+        nn.Module.__init__(self)
+        attn, mlp = hf_layer.attention, hf_layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
+        self.qkv = FusedLoRALinear.from_linears([attn.query_key_value], ("query_key_value",), layer, int8)
+        self.o_proj = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
+        self.up = FusedLoRALinear.from_linears([mlp.dense_h_to_4h], ("dense_h_to_4h",), layer, int8)
+        self.down = FusedLoRALinear.from_linears([mlp.dense_4h_to_h], ("dense_4h_to_h",), layer, int8)
+        self.q_norm = self.k_norm = None
+        self.act = ACT2FN[config.hidden_act]
+        self.parallel = config.use_parallel_residual
+        self.init_attention(config, layer, cos, sin)
+
+    def lora_modules(self) -> list[FusedLoRALinear]:
+        return [self.qkv, self.o_proj, self.up, self.down]
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        attn = self.attend(self.input_layernorm(h), batch, kv, apply_lora)
+        if self.parallel:
+            return self.mlp(self.post_attention_layernorm(h), batch, apply_lora) + attn + h
+        h = attn + h
+        return self.mlp(self.post_attention_layernorm(h), batch, apply_lora) + h
+
+    def attend(self, x, batch: StepBatch, kv, apply_lora):
+        q, k, v = self.qkv(x, batch.lora, apply_lora).view(x.shape[0], self.heads, 3, self.head_dim).unbind(2)
+        cos, sin = self.rope_rows(batch)
+        q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
+        return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+
+    def mlp(self, x, batch: StepBatch, apply_lora):
+        return self.down(self.act(self.up(x, batch.lora, apply_lora)), batch.lora, apply_lora)
+
+
+class GPTNeoXForServing(LlamaForServing):
+    EMBEDDING = ("gpt_neox.embed_in", "embed_in")
+    INNER = "gpt_neox"
+    FINAL_NORM = "final_layer_norm"
+    FUSED_KINDS = ()
+    LAYER = GPTNeoXLayer
+
+    @staticmethod
+    def lora_targets(config):
+        d, inter = config.hidden_size, config.intermediate_size
+        a, m = "gpt_neox.layers.{i}.attention.", "gpt_neox.layers.{i}.mlp."
+        return {"query_key_value": (a + "query_key_value", d, 3 * d), "dense": (a + "dense", d, d),
+                "dense_h_to_4h": (m + "dense_h_to_4h", d, inter), "dense_4h_to_h": (m + "dense_4h_to_h", inter, d)}
