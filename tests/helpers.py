@@ -139,6 +139,15 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                  "partial_rotary_factor": 1.0},
                                 architectures=["GPTNeoXForCausalLM"])
+    if family == "starcoder2":  # LayerNorms, biases, a plain MLP, grouped-query attention, a sliding window
+        return tf.Starcoder2Config(**common, **llama_like, sliding_window=6, use_bias=True,
+                                   architectures=["Starcoder2ForCausalLM"])
+    if family == "gpt_bigcode":  # multi-query attention: one key and value head in c_attn
+        return tf.GPTBigCodeConfig(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=True,
+                                   architectures=["GPTBigCodeForCausalLM"])
+    if family == "gpt_bigcode_mha":  # each head's q, k, v side by side in c_attn
+        return tf.GPTBigCodeConfig(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=False,
+                                   architectures=["GPTBigCodeForCausalLM"])
     if family == "bloom":
         return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     raise ValueError(family)
@@ -223,13 +232,18 @@ FAMILY_ADAPTERS = {
                 "mlp-r4": dict(r=4, lora_alpha=4, target_modules=["c_fc", "c_proj"])},
     "gpt_neox": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
                  "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
+    "starcoder2": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                   "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "c_fc",
+                                                                     "c_proj"])},
+    "gpt_bigcode": {"c_attn-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn"]),
+                    "all-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])},
     "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"gpt_neox_seq": "gpt_neox"}
+CONFIG_VARIANTS = {"gpt_neox_seq": "gpt_neox", "gpt_bigcode_mha": "gpt_bigcode"}
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

@@ -6,6 +6,7 @@ from .bloom import BloomForServing
 from .cohere import Cohere2ForServing, CohereForServing
 from .gemma import Gemma1ForServing, GemmaForServing
 from .gpt2 import GPT2ForServing
+from .gpt_bigcode import GPTBigCodeForServing
 from .gpt_neo import GPTNeoForServing
 from .gpt_neox import GPTNeoXForServing
 from .granite import GraniteForServing
@@ -13,9 +14,10 @@ from .llama import LlamaForServing, Phi3ForServing
 from .olmo import Olmo2ForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
+from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, Cohere 1/2 and GPT-NeoX build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2 and GPT-NeoX build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -31,10 +33,12 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo2ForCausalLM": Olmo2ForServing,
     "Olmo3ForCausalLM": Olmo2ForServing,
     "StableLmForCausalLM": StableLmForServing,
+    "Starcoder2ForCausalLM": Starcoder2ForServing,
     "CohereForCausalLM": CohereForServing,
     "Cohere2ForCausalLM": Cohere2ForServing,
     "GPT2LMHeadModel": GPT2ForServing,
     "GPTNeoForCausalLM": GPTNeoForServing,
+    "GPTBigCodeForCausalLM": GPTBigCodeForServing,
     "GPTNeoXForCausalLM": GPTNeoXForServing,
     "BloomForCausalLM": BloomForServing,
 }

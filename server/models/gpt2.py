@@ -29,20 +29,24 @@ def gpt2_block(block, config, layer: int, int8: bool = False) -> PreLNBlock:
 
 
 class GPT2ForServing(ServingModel):
+    """Also the skeleton of GPT-Neo and GPTBigCode: wte plus learned positions, a ``BLOCK`` each
+    layer (its PreLNBlock), ln_f and lm_head."""
+
     EMBEDDING = ("transformer.wte", "wte")
+    BLOCK = staticmethod(gpt2_block)
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
         config = self.config = hf_model.config
         t = hf_model.transformer
         self.wte, self.wpe, self.final_norm, self.lm_head = t.wte, t.wpe, t.ln_f, hf_model.lm_head
-        self.layers = nn.ModuleList(gpt2_block(block, config, i, int8) for i, block in enumerate(t.h))
-        heads = config.num_attention_heads
-        self.kv_spec = (config.num_hidden_layers, heads, config.hidden_size // heads)
+        self.layers = nn.ModuleList(self.BLOCK(block, config, i, int8) for i, block in enumerate(t.h))
+        attention = self.layers[0].attention
+        self.kv_spec = (config.num_hidden_layers, attention.num_kv_heads, attention.head_dim)
 
     @staticmethod
     def position_limit(config) -> int:
-        return config.n_positions  # learned position embeddings: one row per position
+        return config.max_position_embeddings  # learned position embeddings: one row per position
 
     @staticmethod
     def lora_targets(config):

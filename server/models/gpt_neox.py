@@ -17,10 +17,10 @@ from transformers.activations import ACT2FN
 
 from .batch import StepBatch
 from .layers import FusedLoRALinear
-from .llama import LlamaForServing, LlamaLayer
+from .llama import LlamaForServing, PlainMLPLayer
 
 
-class GPTNeoXLayer(LlamaLayer):
+class GPTNeoXLayer(PlainMLPLayer):
     def __init__(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):
         nn.Module.__init__(self)
         attn, mlp = hf_layer.attention, hf_layer.mlp
@@ -34,9 +34,6 @@ class GPTNeoXLayer(LlamaLayer):
         self.parallel = config.use_parallel_residual
         self.init_attention(config, layer, cos, sin)
 
-    def lora_modules(self) -> list[FusedLoRALinear]:
-        return [self.qkv, self.o_proj, self.up, self.down]
-
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         attn = self.attend(self.input_layernorm(h), batch, kv, apply_lora)
         if self.parallel:
@@ -49,9 +46,6 @@ class GPTNeoXLayer(LlamaLayer):
         cos, sin = self.rope_rows(batch)
         q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
         return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
-
-    def mlp(self, x, batch: StepBatch, apply_lora):
-        return self.down(self.act(self.up(x, batch.lora, apply_lora)), batch.lora, apply_lora)
 
 
 class GPTNeoXForServing(LlamaForServing):

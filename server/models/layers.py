@@ -158,20 +158,22 @@ class FlatAttention(nn.Module):
 class PreLNBlock(nn.Module):
     """A GPT-style pre-LayerNorm block with a fused q|k|v projection and a two-layer MLP:
         h += out(attn(qkv(ln_1(h))));  h += proj(act(fc(ln_2(h))))
-    Shared by GPT-2 and GPT-Neo, which differ only in module names, Conv1D weights and attention."""
+    Shared by GPT-2, GPT-Neo and GPTBigCode, which differ in module names, Conv1D weights, attention
+    and how q, k, v lie in qkv's columns: ``split`` (qkv [T, q + 2 kv]) -> q [T, H, hd], k and v
+    [T, KV, hd]; by default q, then k, then v, of H heads each."""
 
     def __init__(self, ln_1, ln_2, qkv: FusedLoRALinear, out: FusedLoRALinear, fc: FusedLoRALinear,
-                 proj: FusedLoRALinear, act, attention: FlatAttention):
+                 proj: FusedLoRALinear, act, attention: FlatAttention, split=None):
         super().__init__()
         self.ln_1, self.ln_2, self.qkv, self.out, self.fc, self.proj = ln_1, ln_2, qkv, out, fc, proj
         self.act, self.attention = act, attention
-        self.head_shape = (attention.num_heads, attention.head_dim)
+        head_shape = (attention.num_heads, attention.head_dim)
+        self.split = split or (lambda qkv: qkv.view(qkv.shape[0], 3, *head_shape).unbind(1))
 
     def lora_modules(self) -> list[FusedLoRALinear]:
         return [self.qkv, self.out, self.fc, self.proj]
 
     def forward(self, h, batch: StepBatch, kv: PagedKVCache, apply_lora):
-        T = h.shape[0]
-        q, k, v = self.qkv(self.ln_1(h), batch.lora, apply_lora).view(T, 3, *self.head_shape).unbind(1)
+        q, k, v = self.split(self.qkv(self.ln_1(h), batch.lora, apply_lora))
         h = h + self.out(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
         return h + self.proj(self.act(self.fc(self.ln_2(h), batch.lora, apply_lora)), batch.lora, apply_lora)

@@ -172,6 +172,17 @@ class LlamaLayer(nn.Module):
         return self.down_proj(self.act(gate_up[:, :inter]) * gate_up[:, inter:], batch.lora, apply_lora)
 
 
+class PlainMLPLayer(LlamaLayer):
+    """A layer whose MLP has no gate, down(act(up x)) (Phi's fc1/fc2, GPT-NeoX's, StarCoder2's
+    c_fc/c_proj): a family's ``__init__`` sets ``up`` and ``down``."""
+
+    def lora_modules(self) -> list[FusedLoRALinear]:
+        return [self.qkv, self.o_proj, self.up, self.down]
+
+    def mlp(self, x, batch: StepBatch, apply_lora):
+        return self.down(self.act(self.up(x, batch.lora, apply_lora)), batch.lora, apply_lora)
+
+
 class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)

@@ -17,10 +17,10 @@ from transformers.activations import ACT2FN
 
 from .batch import StepBatch
 from .layers import FusedLoRALinear
-from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, _head_dim
+from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, _head_dim
 
 
-class PhiLayer(LlamaLayer):
+class PhiLayer(PlainMLPLayer):
     """Its own projections and norms for ``LlamaLayer.attend`` (and ``init_attention``), with Phi's
     MLP and parallel block, summed in its own order."""
 
@@ -30,21 +30,15 @@ class PhiLayer(LlamaLayer):
         self.input_layernorm = hf_layer.input_layernorm
         self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8)
         self.o_proj = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
-        self.fc1 = FusedLoRALinear.from_linears([mlp.fc1], ("fc1",), layer, int8)
-        self.fc2 = FusedLoRALinear.from_linears([mlp.fc2], ("fc2",), layer, int8)
+        self.up = FusedLoRALinear.from_linears([mlp.fc1], ("fc1",), layer, int8)
+        self.down = FusedLoRALinear.from_linears([mlp.fc2], ("fc2",), layer, int8)
         self.q_norm, self.k_norm = (attn.q_layernorm, attn.k_layernorm) if config.qk_layernorm else (None, None)
         self.act = ACT2FN[config.hidden_act]
         self.init_attention(config, layer, cos, sin)
 
-    def lora_modules(self) -> list[FusedLoRALinear]:
-        return [self.qkv, self.o_proj, self.fc1, self.fc2]
-
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         x = self.input_layernorm(h)
         return self.attend(x, batch, kv, apply_lora) + self.mlp(x, batch, apply_lora) + h
-
-    def mlp(self, x, batch: StepBatch, apply_lora):
-        return self.fc2(self.act(self.fc1(x, batch.lora, apply_lora)), batch.lora, apply_lora)
 
 
 class PhiForServing(LlamaForServing):
