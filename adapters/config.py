@@ -170,7 +170,7 @@ def parse_adapter_config(raw: dict, enabled: Collection[str] = ()) -> AdapterSpe
     if raw.get("bias", "none") != "none":
         raise _refuse("bias", f"{clip(str(raw['bias']))} is not supported; only 'none'")
     if raw.get("target_parameters"):
-        raise _refuse("target_parameters", "LoRA on raw parameters is not supported")
+        raise _refuse("target_parameters", "LoRA on raw parameters (such as MoE experts) is not supported")
     tokens, tokens_module = _trainable_tokens(raw.get("trainable_token_indices"), enabled)
     r = _positive_int(raw["r"], "r")
     alpha = _finite(raw["lora_alpha"], "lora_alpha")

@@ -77,6 +77,12 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "qwen3":  # per-head q/k norms, a head_dim other than hidden / heads, a sliding second layer
         return tf.Qwen3Config(**common, **llama_like, head_dim=32, use_sliding_window=True, sliding_window=6,
                               max_window_layers=1, architectures=["Qwen3ForCausalLM"])
+    if family == "mixtral":  # 4 experts, 2 a token
+        return tf.MixtralConfig(**common, **llama_like, num_local_experts=4, num_experts_per_tok=2,
+                                architectures=["MixtralForCausalLM"])
+    if family == "qwen3_moe":  # 4 experts, 2 a token, unnormalised top-k weights, q/k norms, a dense second layer
+        return tf.Qwen3MoeConfig(**common, **llama_like, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 norm_topk_prob=False, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
     if family == "phi":  # a parallel block under one LayerNorm, RoPE on half of each head, q/k LayerNorms
         return tf.PhiConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=512, partial_rotary_factor=0.5, qk_layernorm=True,
@@ -202,6 +208,10 @@ FAMILY_ADAPTERS = {
                                     use_rslora=True)},
     "qwen3": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
               "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
+    "mixtral": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+    "qwen3_moe": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
+                  "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
     "phi": {"qv-dense-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "dense"]),
             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
@@ -372,7 +382,7 @@ def peft_model(model_dir: Path, adapter_dir: Path | None):
         return model
     with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as f:
         rows = {f.get_slice(k).get_shape()[0] for k in f.keys()
-                if re.search(r"\.(embed_tokens|wte|word_embeddings|lm_head)(\.token_adapter\.base_layer)?\.weight$", k)}
+                if re.search(r"\.(embed_tokens|wte|word_embeddings|embed_in|lm_head)(\.token_adapter\.base_layer)?\.weight$", k)}
     if rows and rows != {model.get_input_embeddings().weight.shape[0]}:
         model.resize_token_embeddings(max(rows), mean_resizing=False)
     return PeftModel.from_pretrained(model, adapter_dir).eval()
@@ -422,6 +432,8 @@ def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], 
     predicts a token of ``scored`` (one forward pass; float32: the oracle of every logprob; another
     ``dtype``: the model and adapter cast to it, as PEFT serves a half-precision model)."""
     model = peft_model(model_dir, adapter_dir).to(dtype)
+    if dtype == torch.float64:  # MoE experts: transformers' grouped matmul takes no float64
+        model.config._experts_implementation = "eager"
     with torch.no_grad():
         logits = model(torch.tensor([prompt + scored])).logits[0]
     return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)

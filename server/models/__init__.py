@@ -11,19 +11,22 @@ from .gpt_neo import GPTNeoForServing
 from .gpt_neox import GPTNeoXForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
+from .moe import MoEForServing
 from .olmo import Olmo2ForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2 and GPT-NeoX build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX and the MoE decoders (Mixtral, Qwen3-MoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
     "SmolLM3ForCausalLM": LlamaForServing,
+    "MixtralForCausalLM": MoEForServing,
+    "Qwen3MoeForCausalLM": MoEForServing,
     "PhiForCausalLM": PhiForServing,
     "Phi3ForCausalLM": Phi3ForServing,
     "GemmaForCausalLM": Gemma1ForServing,

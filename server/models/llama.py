@@ -101,16 +101,22 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = fast_norm(getattr(hf_layer, "post_attention_layernorm", None))  # Cohere: none
         if hasattr(attn, "qkv_proj"):  # Phi-3: one linear each, one LoRA target each
             self.qkv = FusedLoRALinear.from_linears([attn.qkv_proj], ("qkv_proj",), layer, int8)
-            self.gate_up = FusedLoRALinear.from_linears([mlp.gate_up_proj], ("gate_up_proj",), layer, int8)
         else:
             self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8)
-            self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer, int8)
         self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer, int8)
-        self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
+        self.init_mlp(mlp, layer, int8)
         # norms of q and k before RoPE: Qwen3's (and Gemma 3's) per head, OLMo 2's over all heads' dims at once
         self.q_norm, self.k_norm = fast_norm(getattr(attn, "q_norm", None)), fast_norm(getattr(attn, "k_norm", None))
         self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma's name for it
         self.init_attention(config, layer, cos, sin)
+
+    def init_mlp(self, mlp, layer: int, int8: bool) -> None:
+        """The MLP's projections: gate|up (Phi-3's one linear) and down."""
+        if hasattr(mlp, "gate_up_proj"):
+            self.gate_up = FusedLoRALinear.from_linears([mlp.gate_up_proj], ("gate_up_proj",), layer, int8)
+        else:
+            self.gate_up = FusedLoRALinear.from_linears([mlp.gate_proj, mlp.up_proj], MLP_UP_KINDS, layer, int8)
+        self.down_proj = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
 
     def init_attention(self, config, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """What ``attend`` reads besides the projections and q/k norms."""

@@ -100,3 +100,17 @@ def test_bidirectional_attention_is_refused(tmp_path):
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(StartupError, match="use_bidirectional_attention is not served"):
         build_engine(ServerConfig(model=str(tmp_path), max_model_len=64, default_max_new_tokens=16))
+
+
+def test_lora_on_moe_experts_is_refused_naming_the_field(tmp_path):
+    """PEFT turns an MLP target of a transformers-5 MoE model into ``target_parameters`` on its
+    experts (3-D parameters; the dense layer of a mixed model loses it): not served, so refused."""
+    from loramux.adapters.errors import AdapterInvalid
+
+    model = build_family_model("qwen3_moe", tmp_path / "model")
+    experts = build_adapter(model, tmp_path / "experts", seed=1, r=4, lora_alpha=8,
+                            target_modules=["q_proj", "down_proj"])
+    built = build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16))
+    with pytest.raises(AdapterInvalid, match=r"field 'target_parameters': LoRA on raw parameters \(such as MoE "
+                                             r"experts\) is not supported"):
+        built.registry.register("experts", experts, trusted=True)

@@ -1,0 +1,39 @@
+"""Mixture-of-experts decoders (``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``) over a flat token
+batch: Llama's attention (q_proj, k_proj, v_proj, o_proj: the LoRA targets; Qwen3-MoE's q/k norms),
+and each layer's MLP Hugging Face's own module, run on the step's rows: the router and its top-k
+experts (or a dense MLP where the config keeps one, Qwen3-MoE's ``mlp_only_layers``).
+
+Transformers 5 stores the experts as 3-D parameters, not linear layers, so PEFT's ``target_modules``
+cannot reach them (``target_parameters`` is refused, by adapters/config.py), nor the router; the
+dense MLP layers of a mixed model are not LoRA targets here either. Every row is routed alone, so
+a request's experts do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+from .batch import StepBatch
+from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, _head_dim, _kv_heads
+
+
+class MoELayer(LlamaLayer):
+    def init_mlp(self, mlp, layer: int, int8: bool) -> None:
+        self.moe = mlp  # its weights stay in the model's dtype (not int8)
+
+    def lora_modules(self):
+        return [self.qkv, self.o_proj]
+
+    def mlp(self, x, batch: StepBatch, apply_lora):
+        return self.moe(x[None])[0]  # the module takes [batch, seq, hidden]
+
+
+class MoEForServing(LlamaForServing):
+    FUSED_KINDS = (ATTN_KINDS,)
+    LAYER = MoELayer
+
+    @staticmethod
+    def lora_targets(config):
+        hidden = config.hidden_size
+        q, kv = config.num_attention_heads * _head_dim(config), _kv_heads(config) * _head_dim(config)
+        attn = "model.layers.{i}.self_attn."
+        return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
+                "v_proj": (attn + "v_proj", hidden, kv), "o_proj": (attn + "o_proj", q, hidden)}
