@@ -80,6 +80,13 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "mixtral":  # 4 experts, 2 a token
         return tf.MixtralConfig(**common, **llama_like, num_local_experts=4, num_experts_per_tok=2,
                                 architectures=["MixtralForCausalLM"])
+    if family == "qwen2_moe":  # q/k/v biases, a gated shared expert beside 4 routed ones
+        return tf.Qwen2MoeConfig(**common, **llama_like, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                 num_experts=4, num_experts_per_tok=2, use_sliding_window=False,
+                                 architectures=["Qwen2MoeForCausalLM"])
+    if family == "olmoe":  # q and k normed over all heads' dims, 4 experts
+        return tf.OlmoeConfig(**common, **llama_like, num_experts=4, num_experts_per_tok=2,
+                              architectures=["OlmoeForCausalLM"])
     if family == "qwen3_moe":  # 4 experts, 2 a token, unnormalised top-k weights, q/k norms, a dense second layer
         return tf.Qwen3MoeConfig(**common, **llama_like, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                  norm_topk_prob=False, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
@@ -210,6 +217,10 @@ FAMILY_ADAPTERS = {
               "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "mixtral": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                 "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+    "qwen2_moe": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                  "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+    "olmoe": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+              "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
     "qwen3_moe": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
                   "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
     "phi": {"qv-dense-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "dense"]),

@@ -11,14 +11,14 @@ from .gpt_neo import GPTNeoForServing
 from .gpt_neox import GPTNeoXForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
-from .moe import MoEForServing
+from .moe import MoEForServing, OlmoeForServing
 from .olmo import Olmo2ForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX and the MoE decoders (Mixtral, Qwen3-MoE) build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -26,7 +26,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": LlamaForServing,
     "SmolLM3ForCausalLM": LlamaForServing,
     "MixtralForCausalLM": MoEForServing,
+    "Qwen2MoeForCausalLM": MoEForServing,
     "Qwen3MoeForCausalLM": MoEForServing,
+    "OlmoeForCausalLM": OlmoeForServing,
     "PhiForCausalLM": PhiForServing,
     "Phi3ForCausalLM": Phi3ForServing,
     "GemmaForCausalLM": Gemma1ForServing,

@@ -42,7 +42,8 @@ def _rope(x, cos, sin, rotary: int):
 
 # Hugging Face's RMSNorms, computed in float32: w * (x * rsqrt(mean(x^2) + eps)), Gemma's with 1 + w
 LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-                             "GraniteRMSNorm", "SmolLM3RMSNorm", "Olmo2RMSNorm", "Olmo3RMSNorm"})
+                             "GraniteRMSNorm", "SmolLM3RMSNorm", "Olmo2RMSNorm", "Olmo3RMSNorm", "MixtralRMSNorm",
+                             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 

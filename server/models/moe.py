@@ -1,16 +1,18 @@
-"""Mixture-of-experts decoders (``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``) over a flat token
-batch: Llama's attention (q_proj, k_proj, v_proj, o_proj: the LoRA targets; Qwen3-MoE's q/k norms),
-and each layer's MLP Hugging Face's own module, run on the step's rows: the router and its top-k
-experts (or a dense MLP where the config keeps one, Qwen3-MoE's ``mlp_only_layers``).
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a flat token batch:
+Llama's attention (q_proj, k_proj, v_proj, o_proj: the LoRA targets; Qwen2-MoE's biases, Qwen3-MoE's
+per-head q/k norms, OLMoE's over all heads' dims), and each layer's MLP Hugging Face's own module,
+run on the step's rows: the router, its top-k experts and Qwen2-MoE's gated shared expert (or a
+dense MLP where the config keeps one: ``mlp_only_layers``).
 
 Transformers 5 stores the experts as 3-D parameters, not linear layers, so PEFT's ``target_modules``
 cannot reach them (``target_parameters`` is refused, by adapters/config.py), nor the router; the
-dense MLP layers of a mixed model are not LoRA targets here either. Every row is routed alone, so
+shared expert's linears and the dense MLP layers of a mixed model are not LoRA targets here either. Every row is routed alone, so
 a request's experts do not depend on its batch.
 """
 
 from __future__ import annotations
 
+from ..config import StartupError
 from .batch import StepBatch
 from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, _head_dim, _kv_heads
 
@@ -37,3 +39,16 @@ class MoEForServing(LlamaForServing):
         attn = "model.layers.{i}.self_attn."
         return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
                 "v_proj": (attn + "v_proj", hidden, kv), "o_proj": (attn + "o_proj", q, hidden)}
+
+
+class OlmoeLayer(MoELayer):
+    qk_norm_whole = True
+
+
+class OlmoeForServing(MoEForServing):
+    LAYER = OlmoeLayer
+
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
+        if hf_model.config.clip_qkv is not None:
+            raise StartupError("OLMoE's clip_qkv is not served")
+        super().__init__(hf_model, max_model_len, int8)

@@ -87,7 +87,11 @@ def test_unsupported_architecture_lists_the_supported_ones():
         serving_model_class("FalconForCausalLM")
 
 
-def test_bidirectional_attention_is_refused(tmp_path):
+@pytest.mark.parametrize("family, option, value, refusal", [
+    ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention is not served"),
+    ("olmoe", "clip_qkv", 8.0, "OLMoE's clip_qkv is not served"),
+])
+def test_config_options_not_served_are_refused_at_start_up(family, option, value, refusal, tmp_path):
     import transformers as tf
 
     from loramux.server.config import StartupError
@@ -95,10 +99,10 @@ def test_bidirectional_attention_is_refused(tmp_path):
     from helpers import _family_config, build_tokenizer
 
     tok = build_tokenizer(tmp_path)
-    config = _family_config("gemma3", len(tok), tok.eos_token_id, tok.pad_token_id)
-    config.use_bidirectional_attention = True
+    config = _family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id)
+    setattr(config, option, value)
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    with pytest.raises(StartupError, match="use_bidirectional_attention is not served"):
+    with pytest.raises(StartupError, match=refusal):
         build_engine(ServerConfig(model=str(tmp_path), max_model_len=64, default_max_new_tokens=16))
 
 
