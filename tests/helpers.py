@@ -161,6 +161,14 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "gpt_bigcode_mha":  # each head's q, k, v side by side in c_attn
         return tf.GPTBigCodeConfig(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=False,
                                    architectures=["GPTBigCodeForCausalLM"])
+    falcon = dict(**common, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128,
+                  max_position_embeddings=512, architectures=["FalconForCausalLM"])
+    if family == "falcon":  # 40B's: grouped key/value heads, a LayerNorm each for attention and the MLP
+        return tf.FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2)
+    if family == "falcon_7b":  # multi-query, attention and the MLP on one LayerNorm
+        return tf.FalconConfig(**falcon)
+    if family == "falcon_seq":  # each head's q, k, v side by side, a sequential block, biases
+        return tf.FalconConfig(**falcon, multi_query=False, parallel_attn=False, bias=True)
     if family == "bloom":
         return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     raise ValueError(family)
@@ -258,13 +266,16 @@ FAMILY_ADAPTERS = {
                                                                      "c_proj"])},
     "gpt_bigcode": {"c_attn-r8": dict(r=8, lora_alpha=16, target_modules=["c_attn"]),
                     "all-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])},
+    "falcon": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
+               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
     "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"gpt_neox_seq": "gpt_neox", "gpt_bigcode_mha": "gpt_bigcode"}
+CONFIG_VARIANTS = {"gpt_neox_seq": "gpt_neox", "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon",
+                   "falcon_seq": "falcon"}
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .bloom import BloomForServing
 from .cohere import Cohere2ForServing, CohereForServing
+from .falcon import FalconForServing
 from .gemma import Gemma1ForServing, GemmaForServing
 from .gpt2 import GPT2ForServing
 from .gpt_bigcode import GPTBigCodeForServing
@@ -18,7 +19,7 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
+# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -45,6 +46,7 @@ SUPPORTED_ARCHITECTURES = {
     "GPTNeoForCausalLM": GPTNeoForServing,
     "GPTBigCodeForCausalLM": GPTBigCodeForServing,
     "GPTNeoXForCausalLM": GPTNeoXForServing,
+    "FalconForCausalLM": FalconForServing,
     "BloomForCausalLM": BloomForServing,
 }
 

@@ -195,6 +195,7 @@ class LlamaForServing(ServingModel):
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
     LAYER = LlamaLayer  # a family's own decoder layer (Granite, OLMo 2, Phi, StableLM, GPT-NeoX)
     INNER = "model"  # the Hugging Face model's decoder (GPT-NeoX's: gpt_neox)
+    LAYERS = "layers"  # the decoder's layers (Falcon's: h)
     FINAL_NORM = "norm"  # the inner model's norm before lm_head (Phi's: final_layernorm)
     SIGNED_SIN = True  # the sin table as _rope's roll takes it (signed_sin); Cohere's interleaved RoPE: as HF's
 
@@ -218,7 +219,7 @@ class LlamaForServing(ServingModel):
             self.register_buffer(f"sin{name}", signed_sin(sin) if self.SIGNED_SIN else sin, persistent=False)
             tables[kind] = getattr(self, f"cos{name}"), getattr(self, f"sin{name}")
         self.layers = nn.ModuleList(self.LAYER(layer, config, i, *tables[types[i] if by_type else None], int8)
-                                    for i, layer in enumerate(inner.layers))
+                                    for i, layer in enumerate(getattr(inner, self.LAYERS)))
         self.kv_spec = (config.num_hidden_layers, _kv_heads(config), _head_dim(config))
 
     @staticmethod

@@ -84,12 +84,13 @@ def test_family_logprobs_match_peft(family, tmp_path):
 
 def test_unsupported_architecture_lists_the_supported_ones():
     with pytest.raises(UnsupportedModel, match="BloomForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM"):
-        serving_model_class("FalconForCausalLM")
+        serving_model_class("MambaForCausalLM")
 
 
 @pytest.mark.parametrize("family, option, value, refusal", [
     ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention is not served"),
     ("olmoe", "clip_qkv", 8.0, "OLMoE's clip_qkv is not served"),
+    ("falcon", "alibi", True, "Falcon's ALiBi .* is not served"),
 ])
 def test_config_options_not_served_are_refused_at_start_up(family, option, value, refusal, tmp_path):
     import transformers as tf
