@@ -72,6 +72,18 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                       num_key_value_heads=2, max_position_embeddings=512)
     if family == "mistral":  # a tiny sliding window so that prompts longer than it exercise it
         return tf.MistralConfig(**common, **llama_like, sliding_window=6, architectures=["MistralForCausalLM"])
+    if family == "ministral":  # Ministral 8B's: a sliding layer, then a full one
+        return tf.MinistralConfig(**common, **llama_like, head_dim=16, sliding_window=6,
+                                  layer_types=["sliding_attention", "full_attention"],
+                                  architectures=["MinistralForCausalLM"])
+    if family == "ministral3":  # queries scaled by position past an original context of 8 positions
+        return tf.Ministral3Config(**common, **llama_like, head_dim=16,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "llama_4_scaling_beta": 0.5, "original_max_position_embeddings": 8},
+                                   architectures=["Ministral3ForCausalLM"])
+    if family == "seed_oss":  # biases on q/k/v, on o_proj and on the MLP, each its own option
+        return tf.SeedOssConfig(**common, **llama_like, attention_bias=True, attention_out_bias=True, mlp_bias=True,
+                                architectures=["SeedOssForCausalLM"])
     if family == "qwen2":  # q/k/v biases
         return tf.Qwen2Config(**common, **llama_like, use_sliding_window=False, architectures=["Qwen2ForCausalLM"])
     if family == "qwen3":  # per-head q/k norms, a head_dim other than hidden / heads, a sliding second layer
@@ -274,7 +286,7 @@ FAMILY_ADAPTERS = {
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"gpt_neox_seq": "gpt_neox", "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon",
+CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "gpt_neox_seq": "gpt_neox", "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon",
                    "falcon_seq": "falcon"}
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused

@@ -12,17 +12,21 @@ from .gpt_neo import GPTNeoForServing
 from .gpt_neox import GPTNeoXForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
+from .ministral3 import Ministral3ForServing
 from .moe import MoEForServing, OlmoeForServing
 from .olmo import Olmo2ForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
-# HF architecture name -> serving model class. Llama, Mistral, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
+# HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3 and SmolLM3 share one decoder;
+# Ministral 3, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
+    "MinistralForCausalLM": LlamaForServing,
+    "Ministral3ForCausalLM": Ministral3ForServing,
+    "SeedOssForCausalLM": LlamaForServing,
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
     "SmolLM3ForCausalLM": LlamaForServing,

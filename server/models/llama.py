@@ -162,7 +162,11 @@ class LlamaLayer(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.use_rope:
                 q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
-        return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+        return self.o_proj(self.attention(self.scale_queries(q, batch), k, v, batch, kv), batch.lora, apply_lora)
+
+    def scale_queries(self, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """q [T, heads, hd] after RoPE, scaled where a family scales it by position (Ministral 3's)."""
+        return q
 
     def rope_rows(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, rotary] at the batch's positions: once per step and table, shared by layers."""
