@@ -194,7 +194,7 @@ def build_family_model(family: str, out: Path, seed: int = 0) -> Path:
     tok = build_tokenizer(out)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id))
-    with torch.no_grad():  # norms' weights and every bias off their init (1 or 0), so that a norm or bias in the wrong place shows
+    with torch.no_grad():  # norms' weights and biases off their init (1, 0): a norm or bias in the wrong place shows
         for param in model.parameters():
             if param.dim() == 1:
                 param.add_(0.1 * torch.randn_like(param))
@@ -286,8 +286,8 @@ FAMILY_ADAPTERS = {
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "gpt_neox_seq": "gpt_neox", "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon",
-                   "falcon_seq": "falcon"}
+CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "gpt_neox_seq": "gpt_neox",
+                   "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon"}
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 
@@ -464,7 +464,8 @@ def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], 
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[len(scored), vocab]: PEFT's log-softmax at each position of ``prompt + scored`` that
     predicts a token of ``scored`` (one forward pass; float32: the oracle of every logprob; another
-    ``dtype``: the model and adapter cast to it, as PEFT serves a half-precision model)."""
+    ``dtype``: the model and adapter cast to it, as PEFT serves a half-precision model, or float64
+    to score a float32 server against the exact values)."""
     model = peft_model(model_dir, adapter_dir).to(dtype)
     if dtype == torch.float64:  # MoE experts: transformers' grouped matmul takes no float64
         model.config._experts_implementation = "eager"
