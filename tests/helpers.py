@@ -84,6 +84,8 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "seed_oss":  # biases on q/k/v, on o_proj and on the MLP, each its own option
         return tf.SeedOssConfig(**common, **llama_like, attention_bias=True, attention_out_bias=True, mlp_bias=True,
                                 architectures=["SeedOssForCausalLM"])
+    if family == "ernie4_5":  # RoPE on interleaved pairs, biases
+        return tf.Ernie4_5Config(**common, **llama_like, use_bias=True, architectures=["Ernie4_5ForCausalLM"])
     if family == "qwen2":  # q/k/v biases
         return tf.Qwen2Config(**common, **llama_like, use_sliding_window=False, architectures=["Qwen2ForCausalLM"])
     if family == "qwen3":  # per-head q/k norms, a head_dim other than hidden / heads, a sliding second layer
@@ -286,7 +288,7 @@ FAMILY_ADAPTERS = {
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "gpt_neox_seq": "gpt_neox",
+CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon"}
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .bloom import BloomForServing
 from .cohere import Cohere2ForServing, CohereForServing
+from .ernie import Ernie4_5ForServing
 from .falcon import FalconForServing
 from .gemma import Gemma1ForServing, GemmaForServing
 from .gpt2 import GPT2ForServing
@@ -20,13 +21,14 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Ministral 3, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
     "MinistralForCausalLM": LlamaForServing,
     "Ministral3ForCausalLM": Ministral3ForServing,
     "SeedOssForCausalLM": LlamaForServing,
+    "Ernie4_5ForCausalLM": Ernie4_5ForServing,
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
     "SmolLM3ForCausalLM": LlamaForServing,
