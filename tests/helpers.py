@@ -101,6 +101,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "olmoe":  # q and k normed over all heads' dims, 4 experts
         return tf.OlmoeConfig(**common, **llama_like, num_experts=4, num_experts_per_tok=2,
                               architectures=["OlmoeForCausalLM"])
+    if family == "granitemoe":  # Granite's four scalars, 4 experts
+        return tf.GraniteMoeConfig(**common, **llama_like, num_local_experts=4, num_experts_per_tok=2,
+                                   embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
+                                   logits_scaling=4.0, architectures=["GraniteMoeForCausalLM"])
     if family == "qwen3_moe":  # 4 experts, 2 a token, unnormalised top-k weights, q/k norms, a dense second layer
         return tf.Qwen3MoeConfig(**common, **llama_like, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                  norm_topk_prob=False, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
@@ -288,7 +292,7 @@ FAMILY_ADAPTERS = {
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "gpt_neox_seq": "gpt_neox",
+CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon"}
 
 BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused

@@ -14,14 +14,14 @@ from .gpt_neox import GPTNeoXForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .ministral3 import Ministral3ForServing
-from .moe import MoEForServing, OlmoeForServing
+from .moe import GraniteMoeForServing, MoEForServing, OlmoeForServing
 from .olmo import Olmo2ForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Ministral 3, ERNIE 4.5, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -36,6 +36,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": MoEForServing,
     "Qwen3MoeForCausalLM": MoEForServing,
     "OlmoeForCausalLM": OlmoeForServing,
+    "GraniteMoeForCausalLM": GraniteMoeForServing,
     "PhiForCausalLM": PhiForServing,
     "Phi3ForCausalLM": Phi3ForServing,
     "GemmaForCausalLM": Gemma1ForServing,

@@ -43,7 +43,7 @@ def _rope(x, cos, sin, rotary: int):
 # Hugging Face's RMSNorms, computed in float32: w * (x * rsqrt(mean(x^2) + eps)), Gemma's with 1 + w
 LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
                              "GraniteRMSNorm", "SmolLM3RMSNorm", "Olmo2RMSNorm", "Olmo3RMSNorm", "MixtralRMSNorm",
-                             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm"})
+                             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm", "GraniteMoeRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
@@ -94,10 +94,11 @@ class LlamaLayer(nn.Module):
     rope = staticmethod(_rope)  # Cohere's turns interleaved pairs (CohereLayer)
     qk_norm_whole = False  # OLMo 2's norms of q and k: over all heads' dims at once (Olmo2Layer)
     parallel = False  # one norm before attention and the MLP side by side (Cohere's; StableLM's option)
+    MLP = "mlp"  # the Hugging Face layer's MLP (Granite MoE's: block_sparse_moe)
 
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__()
-        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        attn, mlp = hf_layer.self_attn, getattr(hf_layer, self.MLP)
         self.input_layernorm = fast_norm(getattr(hf_layer, "input_layernorm", None))  # OLMo 2 has none
         self.post_attention_layernorm = fast_norm(getattr(hf_layer, "post_attention_layernorm", None))  # Cohere: none
         if hasattr(attn, "qkv_proj"):  # Phi-3: one linear each, one LoRA target each

@@ -1,19 +1,21 @@
-"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a flat token batch:
-Llama's attention (q_proj, k_proj, v_proj, o_proj: the LoRA targets; Qwen2-MoE's biases, Qwen3-MoE's
-per-head q/k norms, OLMoE's over all heads' dims), and each layer's MLP Hugging Face's own module,
-run on the step's rows: the router, its top-k experts and Qwen2-MoE's gated shared expert (or a
-dense MLP where the config keeps one: ``mlp_only_layers``).
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE) over a flat
+token batch: Llama's attention (q_proj, k_proj, v_proj, o_proj: the LoRA targets; Qwen2-MoE's
+biases, Qwen3-MoE's per-head q/k norms, OLMoE's over all heads' dims, Granite MoE's scalars as
+Granite's), and each layer's MLP Hugging Face's own module, run on the step's rows: the router, its
+top-k experts and Qwen2-MoE's gated shared expert (or a dense MLP where the config keeps one:
+``mlp_only_layers``).
 
 Transformers 5 stores the experts as 3-D parameters, not linear layers, so PEFT's ``target_modules``
 cannot reach them (``target_parameters`` is refused, by adapters/config.py), nor the router; the
-shared expert's linears and the dense MLP layers of a mixed model are not LoRA targets here either. Every row is routed alone, so
-a request's experts do not depend on its batch.
+shared expert's linears and the dense MLP layers of a mixed model are not LoRA targets here
+either. Every row is routed alone, so a request's experts do not depend on its batch.
 """
 
 from __future__ import annotations
 
 from ..config import StartupError
 from .batch import StepBatch
+from .granite import GraniteForServing, GraniteLayer
 from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, _head_dim, _kv_heads
 
 
@@ -52,3 +54,13 @@ class OlmoeForServing(MoEForServing):
         if hf_model.config.clip_qkv is not None:
             raise StartupError("OLMoE's clip_qkv is not served")
         super().__init__(hf_model, max_model_len, int8)
+
+
+class GraniteMoeLayer(MoELayer, GraniteLayer):
+    MLP = "block_sparse_moe"
+
+
+class GraniteMoeForServing(GraniteForServing):
+    FUSED_KINDS = MoEForServing.FUSED_KINDS
+    LAYER = GraniteMoeLayer
+    lora_targets = MoEForServing.lora_targets
