@@ -63,4 +63,4 @@ class GraniteMoeLayer(MoELayer, GraniteLayer):
 class GraniteMoeForServing(GraniteForServing):
     FUSED_KINDS = MoEForServing.FUSED_KINDS
     LAYER = GraniteMoeLayer
-    lora_targets = MoEForServing.lora_targets
+    lora_targets = staticmethod(MoEForServing.lora_targets)
