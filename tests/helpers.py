@@ -231,6 +231,7 @@ def int8_copy(model_dir: Path, out: Path) -> Path:
 
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTN_PROJ = ALL_PROJ[:4]
 
 # The target-module names users train on, per family (mixed ranks and targets).
 FAMILY_ADAPTERS = {
@@ -242,13 +243,13 @@ FAMILY_ADAPTERS = {
     "qwen3": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
               "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "mixtral": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+                "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
     "qwen2_moe": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                  "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+                  "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
     "olmoe": {"qk-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
-              "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+              "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
     "qwen3_moe": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
-                  "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])},
+                  "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
     "phi": {"qv-dense-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "dense"]),
             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
@@ -302,7 +303,7 @@ ADAPTER_VARIANTS = {
     "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "all-r8": dict(r=8, lora_alpha=16, target_modules=ALL_PROJ),
     "all-r16-rslora": dict(r=16, lora_alpha=8, target_modules=ALL_PROJ, use_rslora=True),
-    "attn-r64": dict(r=64, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "attn-r64": dict(r=64, lora_alpha=32, target_modules=ATTN_PROJ),
     "pattern-r16": dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, rank_pattern={"v_proj": 4, "down_proj": 8},
                         alpha_pattern={"q_proj": 64}),
     "regex-mlp-r8": dict(r=8, lora_alpha=4, target_modules=r".*\.mlp\.(gate|up|down)_proj"),
@@ -417,12 +418,14 @@ def peft_model(model_dir: Path, adapter_dir: Path | None):
     from peft import PeftModel
     from safetensors import safe_open
 
+    from loramux.adapters.config import EMBEDDINGS, HEAD
+
     model = reference_base(model_dir)
     if adapter_dir is None:
         return model
     with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as f:
         rows = {f.get_slice(k).get_shape()[0] for k in f.keys()
-                if re.search(r"\.(embed_tokens|wte|word_embeddings|embed_in|lm_head)(\.token_adapter\.base_layer)?\.weight$", k)}
+                if re.search(rf"\.({'|'.join((*EMBEDDINGS, HEAD))})(\.token_adapter\.base_layer)?\.weight$", k)}
     if rows and rows != {model.get_input_embeddings().weight.shape[0]}:
         model.resize_token_embeddings(max(rows), mean_resizing=False)
     return PeftModel.from_pretrained(model, adapter_dir).eval()

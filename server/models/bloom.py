@@ -8,7 +8,7 @@ from torch import nn
 
 from .base import ServingModel
 from .batch import StepBatch
-from .layers import FlatAttention, FusedLoRALinear, alibi_slopes
+from .layers import FlatAttention, alibi_slopes, qkv_dense_projections, qkv_dense_targets
 
 
 class BloomLayer(nn.Module):
@@ -16,10 +16,7 @@ class BloomLayer(nn.Module):
         super().__init__()
         attn, mlp = block.self_attention, block.mlp
         self.input_layernorm, self.post_attention_layernorm = block.input_layernorm, block.post_attention_layernorm
-        self.qkv = FusedLoRALinear.from_linears([attn.query_key_value], ("query_key_value",), layer, int8)
-        self.dense = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
-        self.up = FusedLoRALinear.from_linears([mlp.dense_h_to_4h], ("dense_h_to_4h",), layer, int8)
-        self.down = FusedLoRALinear.from_linears([mlp.dense_4h_to_h], ("dense_4h_to_h",), layer, int8)
+        self.qkv, self.dense, self.up, self.down = qkv_dense_projections(attn, mlp, layer, int8)
         self.gelu = mlp.gelu_impl
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
         heads = config.num_attention_heads
@@ -56,9 +53,7 @@ class BloomForServing(ServingModel):
     @staticmethod
     def lora_targets(config):
         d = config.hidden_size
-        a, m = "transformer.h.{i}.self_attention.", "transformer.h.{i}.mlp."
-        return {"query_key_value": (a + "query_key_value", d, 3 * d), "dense": (a + "dense", d, d),
-                "dense_h_to_4h": (m + "dense_h_to_4h", d, 4 * d), "dense_4h_to_h": (m + "dense_4h_to_h", 4 * d, d)}
+        return qkv_dense_targets("transformer.h.{i}.self_attention.", "transformer.h.{i}.mlp.", d, 3 * d, 4 * d)
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         return self.embed_norm(self.embed_with_lora(batch))

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import StartupError
 from .batch import StepBatch
-from .layers import FusedLoRALinear
+from .layers import qkv_dense_projections, qkv_dense_targets
 from .llama import LlamaForServing, PlainMLPLayer
 
 
@@ -31,10 +31,7 @@ class FalconLayer(PlainMLPLayer):
         self.post_attention_layernorm = hf_layer.ln_mlp if two_norms else getattr(hf_layer, "post_attention_layernorm",
                                                                                    None)
         self.parallel = self.new_architecture or config.parallel_attn
-        self.qkv = FusedLoRALinear.from_linears([attn.query_key_value], ("query_key_value",), layer, int8)
-        self.o_proj = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
-        self.up = FusedLoRALinear.from_linears([mlp.dense_h_to_4h], ("dense_h_to_4h",), layer, int8)
-        self.down = FusedLoRALinear.from_linears([mlp.dense_4h_to_h], ("dense_4h_to_h",), layer, int8)
+        self.qkv, self.o_proj, self.up, self.down = qkv_dense_projections(attn, mlp, layer, int8)
         self.act, self.multi_query = mlp.act, config.multi_query
         self.q_norm = self.k_norm = None
         self.init_attention(config, layer, cos, sin)
@@ -49,13 +46,13 @@ class FalconLayer(PlainMLPLayer):
         return h + self.mlp(self.post_attention_layernorm(h), batch, apply_lora)
 
     def attend(self, x, batch: StepBatch, kv, apply_lora):
+        if self.multi_query and not self.new_architecture:  # q's heads, then k's, then v's: Llama's columns
+            return super().attend(x, batch, kv, apply_lora)
         T, heads, kv_heads, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv(x, batch.lora, apply_lora)
         if self.new_architecture:
             grouped = qkv.view(T, kv_heads, heads // kv_heads + 2, hd)
             q, k, v = grouped[:, :, :-2].flatten(1, 2), grouped[:, :, -2], grouped[:, :, -1]
-        elif self.multi_query:
-            q, k, v = qkv.view(T, heads + 2, hd).split([heads, 1, 1], dim=1)
         else:
             q, k, v = qkv.view(T, heads, 3, hd).unbind(2)
         cos, sin = self.rope_rows(batch)
@@ -78,7 +75,5 @@ class FalconForServing(LlamaForServing):
     def lora_targets(config):
         d, hd = config.hidden_size, config.hidden_size // config.num_attention_heads
         qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
-        a, m = "transformer.h.{i}.self_attention.", "transformer.h.{i}.mlp."
-        return {"query_key_value": (a + "query_key_value", d, qkv), "dense": (a + "dense", d, d),
-                "dense_h_to_4h": (m + "dense_h_to_4h", d, config.ffn_hidden_size),
-                "dense_4h_to_h": (m + "dense_4h_to_h", config.ffn_hidden_size, d)}
+        return qkv_dense_targets("transformer.h.{i}.self_attention.", "transformer.h.{i}.mlp.", d, qkv,
+                                 config.ffn_hidden_size)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .batch import StepBatch
-from .layers import FusedLoRALinear
+from .layers import qkv_dense_projections, qkv_dense_targets
 from .llama import LlamaForServing, PlainMLPLayer
 
 
@@ -25,10 +25,7 @@ class GPTNeoXLayer(PlainMLPLayer):
         nn.Module.__init__(self)
         attn, mlp = hf_layer.attention, hf_layer.mlp
         self.input_layernorm, self.post_attention_layernorm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
-        self.qkv = FusedLoRALinear.from_linears([attn.query_key_value], ("query_key_value",), layer, int8)
-        self.o_proj = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
-        self.up = FusedLoRALinear.from_linears([mlp.dense_h_to_4h], ("dense_h_to_4h",), layer, int8)
-        self.down = FusedLoRALinear.from_linears([mlp.dense_4h_to_h], ("dense_4h_to_h",), layer, int8)
+        self.qkv, self.o_proj, self.up, self.down = qkv_dense_projections(attn, mlp, layer, int8)
         self.q_norm = self.k_norm = None
         self.act = ACT2FN[config.hidden_act]
         self.parallel = config.use_parallel_residual
@@ -57,7 +54,6 @@ class GPTNeoXForServing(LlamaForServing):
 
     @staticmethod
     def lora_targets(config):
-        d, inter = config.hidden_size, config.intermediate_size
-        a, m = "gpt_neox.layers.{i}.attention.", "gpt_neox.layers.{i}.mlp."
-        return {"query_key_value": (a + "query_key_value", d, 3 * d), "dense": (a + "dense", d, d),
-                "dense_h_to_4h": (m + "dense_h_to_4h", d, inter), "dense_4h_to_h": (m + "dense_4h_to_h", inter, d)}
+        d = config.hidden_size
+        return qkv_dense_targets("gpt_neox.layers.{i}.attention.", "gpt_neox.layers.{i}.mlp.", d, 3 * d,
+                                 config.intermediate_size)

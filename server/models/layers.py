@@ -155,6 +155,22 @@ class FlatAttention(nn.Module):
         return out
 
 
+def qkv_dense_projections(attn, mlp, layer: int, int8: bool = False) -> tuple[FusedLoRALinear, ...]:
+    """BLOOM's, GPT-NeoX's and Falcon's projections, one LoRA target each: q|k|v
+    (``query_key_value``), attention's output (``dense``) and the MLP's two (``dense_h_to_4h``,
+    ``dense_4h_to_h``)."""
+    return tuple(FusedLoRALinear.from_linears([module], (module_name,), layer, int8) for module, module_name in
+                 ((attn.query_key_value, "query_key_value"), (attn.dense, "dense"),
+                  (mlp.dense_h_to_4h, "dense_h_to_4h"), (mlp.dense_4h_to_h, "dense_4h_to_h")))
+
+
+def qkv_dense_targets(attn: str, mlp: str, hidden: int, qkv: int, inter: int) -> dict[str, tuple[str, int, int]]:
+    """Their ``lora_targets``: module name templates under ``attn`` and ``mlp``, q|k|v's width ``qkv``."""
+    return {"query_key_value": (attn + "query_key_value", hidden, qkv), "dense": (attn + "dense", hidden, hidden),
+            "dense_h_to_4h": (mlp + "dense_h_to_4h", hidden, inter),
+            "dense_4h_to_h": (mlp + "dense_4h_to_h", inter, hidden)}
+
+
 class PreLNBlock(nn.Module):
     """A GPT-style pre-LayerNorm block with a fused q|k|v projection and a two-layer MLP:
         h += out(attn(qkv(ln_1(h))));  h += proj(act(fc(ln_2(h))))
