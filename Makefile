@@ -67,8 +67,10 @@ bench-gpu:
 
 # On the GPU machine: its system python (no registry there), the project installed without its
 # dependencies, no CPU kernel. STAGE=env,ops,parity,bench,profile (any of them) runs those stages;
-# $$OUT gets report.json and gpu-check.tgz (every log). Two device calls: STAGE=env,ops,parity,profile,
-# then STAGE=bench.
+# $$OUT gets report.json and gpu-check.tgz (every log), and stdout every log line. Two device calls
+# in 15 minutes: STAGE=env,ops,parity,profile ARGS="--total-s 330", then STAGE=bench ARGS="--total-s 480"
+# (the 1B model first: 258 s in session 53). --total-s ends the run before the call's own limit;
+# never pipe the call through tail (a killed call then returns no output).
 # Run `make gpu-assets` on the CPU side first and carry bench/gpu-assets (the tokenizer, and the
 # wheels of what the machine's python lacks and the engine imports: llguidance, google-re2).
 GPU_PYTHON ?= python3

@@ -4,7 +4,9 @@ A GPU is lent rarely and briefly, so this runs on the GPU machine's own Python (
 network: `make gpu-check` installs the project with --no-deps), in stages of a few minutes each on
 one H200. After every stage it writes under --out (the device tool's $OUT, which returns at most 8
 files) two files: report.json, and gpu-check.tgz with every log and report below (not the models
-and adapters it builds), so a call stopped part-way still brings back what the stages before learnt:
+and adapters it builds), so a call stopped part-way still brings back what the stages before learnt
+(a SIGTERM publishes the running stage's log so far too). Every log line is also echoed to stdout,
+tagged with its log's name: do not pipe the call through ``tail``, whose output a killed call loses:
 
   env      versions, the GPU, what imports (env.json)
   ops      the native op tests: Triton kernels against the reference (ops.log)
@@ -18,7 +20,7 @@ for a hang, and the next one still runs. --stage NAME[,NAME...] runs those. --qu
 tiny form anywhere (the CPU test of this script).
 
     python bench/gpu_check.py [--stage all|env,ops,parity,bench,profile] [--out DIR] [--stage-budget S]
-                              [--quick --model DIR]
+                              [--total-s S] [--quick --model DIR]
     python bench/gpu_check.py --export-tokenizer bench/gpu-assets/tokenizer   # on the CPU side, once
 """
 
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -78,23 +81,51 @@ def stage_env(args, out: Path) -> dict:
 
 def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, str]:
     """Run ``cmd`` with a time limit; (its return code or None on a timeout, its stdout). Its
-    output goes to ``log`` either way; a Python child out of time is sent SIGABRT first, so that
-    its log ends with every thread's stack (PYTHONFAULTHANDLER)."""
+    output goes to ``log`` line by line as it comes, and to this process's stdout tagged with the
+    log's name, so that a device call stopped part-way still shows how far it got (the device tool
+    returns the output's tail). A Python child out of time is sent SIGABRT first, so that its log
+    ends with every thread's stack (PYTHONFAULTHANDLER)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGABRT)
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"})
+    stdout: list[str] = []
+    lock = threading.Lock()
+    with log.open("w") as sink:
+        def pump(stream, keep: list[str] | None) -> None:
+            for line in stream:
+                with lock:
+                    sink.write(line)
+                    sink.flush()
+                    print(f"[{log.stem}] {line}", end="", flush=True)
+                if keep is not None:
+                    keep.append(line)
+
+        pumps = [threading.Thread(target=pump, args=(proc.stdout, stdout), daemon=True),
+                 threading.Thread(target=pump, args=(proc.stderr, None), daemon=True)]
+        for t in pumps:
+            t.start()
+        code = None
         try:
-            stdout, stderr = proc.communicate(timeout=5)
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        code, stderr = None, stderr + f"\n[stopped after {timeout:.0f} s]\n"
-    log.write_text(stdout + stderr)
-    return code, stdout
+            _stop(proc, signal.SIGABRT)
+        except BaseException:  # SIGTERM (sys.exit) or ^C here: the child goes too, passing it on to its own
+            _stop(proc, signal.SIGTERM)
+            raise
+        finally:
+            for t in pumps:  # a grandchild still holding the pipes must not hold this up
+                t.join(timeout=5)
+        if code is None:
+            sink.write(f"\n[stopped after {timeout:.0f} s]\n")
+    return code, "".join(stdout)
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, workers: int = 1) -> dict:
@@ -125,7 +156,7 @@ def stage_parity(args, out: Path) -> dict:
 
 def stage_bench(args, out: Path) -> dict:
     runs = [("model", ["--quick", "--model", str(args.model)])] if args.quick else \
-        [(m, ["--models", m]) for m in ("default", "llama-1b")]  # one base model per process: memory is freed
+        [(m, ["--models", m]) for m in ("llama-1b", "default")]  # one base model per process; the targets' first
     results, deadline = {}, time.monotonic() + args.budget - 10
     for name, extra in runs:
         tokenizer = ["--tokenizer", str(ASSETS / "tokenizer")] if (ASSETS / "tokenizer").exists() else []
@@ -223,10 +254,12 @@ def export_tokenizer(dest: Path) -> None:
     print(f"tokenizer in {dest}")
 
 
-def run_stage(name: str, args, files: Path) -> dict:
-    """One stage in a child process that writes into ``files``, within its budget; its result, or
-    why there is none."""
+def run_stage(name: str, args, files: Path, left: float | None = None) -> dict:
+    """One stage in a child process that writes into ``files``, within its budget (no more than
+    ``left`` seconds, if given); its result, or why there is none."""
     budget = args.stage_budget or (QUICK_STAGE_S if args.quick else STAGE_S[name])
+    if left is not None:
+        budget = min(budget, left)
     cmd = [sys.executable, __file__, "--stage", name, "--out", str(files), "--in-process", "--budget", str(budget)]
     if args.quick:
         cmd += ["--quick", "--model", str(args.model)]
@@ -261,6 +294,9 @@ def main() -> int:
     ap.add_argument("--export-tokenizer", type=Path, default=None, help="write the default tokenizer here and exit")
     ap.add_argument("--stage-budget", type=float, default=None,
                     help="seconds each stage may take (default: STAGE_S, or QUICK_STAGE_S with --quick)")
+    ap.add_argument("--total-s", type=float, default=None,
+                    help="seconds for the whole run: each stage's budget shrinks to what is left, so the run "
+                         "ends and publishes before the device call's own limit")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # a stage's own process
     ap.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -270,6 +306,9 @@ def main() -> int:
     if args.quick and args.model is None:
         ap.error("--quick needs --model")
     args.out.mkdir(parents=True, exist_ok=True)
+    # A device call that runs out of time ends with SIGTERM: each process passes it on to its child
+    # (_run), and the stage under way still publishes its log so far.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.in_process:
         run_in_process(args.stage, args)
         return 0
@@ -280,7 +319,19 @@ def main() -> int:
     report, started = {"quick": args.quick, "stages": {}}, time.perf_counter()
     for name in stages:
         t0 = time.perf_counter()
-        result = run_stage(name, args, files)
+        left = None if args.total_s is None else args.total_s - (time.perf_counter() - started) - 15
+        if left is not None and left < 20:
+            report["stages"][name] = {"ok": False, "error": f"not run: --total-s {args.total_s:g} spent"}
+            report["seconds"] = round(time.perf_counter() - started, 1)
+            publish(report, files, args.out)
+            continue
+        try:
+            result = run_stage(name, args, files, left)
+        except SystemExit:
+            report["stages"][name] = {"ok": False, "error": f"stopped by SIGTERM after {time.perf_counter() - t0:.0f} s; "
+                                                            f"its log so far in {name}.stage.log"}
+            publish(report, files, args.out)
+            raise
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report["stages"][name] = result
         print(f"[{name}] {result['seconds']} s: {json.dumps(result)[:400]}", flush=True)

@@ -76,3 +76,39 @@ def test_a_stage_past_its_budget_is_recorded_with_every_threads_stack(tiny_llama
     assert stage["ok"] is False and "budget 1 s" in stage["error"] and "profile.stage.log" in stage["error"]
     log = (_unpack(out) / "profile.stage.log").read_text()
     assert "Timeout (0:00:01)!" in log and "most recent call first" in log
+
+
+def test_a_check_ended_by_sigterm_streams_its_progress_and_publishes_the_stage_so_far(tiny_llama, tmp_path):
+    """A device call that runs past its limit is ended by SIGTERM: what the running stage printed
+    must already be on stdout (the tool returns its tail) and in the published archive, and no
+    process of the check may outlive it."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench/gpu_check.py"), "--quick", "--model", str(tiny_llama),
+                             "--stage", "bench", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "LORAMUX_NO_CPU_KERNEL": "1"})
+    seen = []
+    try:
+        for line in proc.stdout:  # bench/gpu.py names its model before it builds an engine
+            seen.append(line)
+            if line.startswith("[bench.stage] [bench-model] model:"):
+                break
+        else:
+            raise AssertionError("the benchmark's progress never reached stdout:\n" + "".join(seen)[-3000:])
+        proc.terminate()
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+    stage = json.loads((out / "report.json").read_text())["stages"]["bench"]
+    assert stage["ok"] is False and "stopped by SIGTERM" in stage["error"]
+    assert "[bench-model] model:" in (_unpack(out) / "bench.stage.log").read_text()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in ps and str(tiny_llama) not in ps  # the stage and the benchmark went with it
+
+
+def test_stages_past_the_total_budget_are_not_started(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--stage", "env,ops", "--total-s", "20",
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    assert stages == {name: {"ok": False, "error": "not run: --total-s 20 spent"} for name in ("env", "ops")}
