@@ -87,12 +87,32 @@ def run_batch(engine, prompts, adapters, max_new_tokens: int) -> RunResult:
                      rec.decode_step_seconds(), rec.prefill_throughput())
 
 
+def run_closed_loop(engine, prompts, adapters, max_new_tokens: int, concurrency: int) -> tuple[int, float]:
+    """``concurrency`` clients that each send their next request when the last one is answered,
+    over the requests in order (a request per prompt and adapter): (tokens generated, seconds)."""
+    todo = iter(enumerate(zip(prompts, adapters, strict=True)))
+
+    async def client() -> int:
+        tokens = 0
+        for i, (prompt, adapter) in todo:  # shared: each client takes the next request
+            req = GenerationRequest(f"c{i}", tuple(prompt), SamplingParams(max_new_tokens, ignore_eos=True), adapter)
+            tokens += len([ev async for ev in engine.submit(req)])
+        return tokens
+
+    async def clients() -> int:
+        return sum(await asyncio.gather(*(client() for _ in range(concurrency))))
+
+    t0 = time.perf_counter()
+    tokens = asyncio.run(clients())
+    return tokens, time.perf_counter() - t0
+
+
 def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
-__all__ = ["RunResult", "StepRecorder", "percentile", "random_prompts", "run_batch", "zipf_choices"]
+__all__ = ["RunResult", "StepRecorder", "percentile", "random_prompts", "run_batch", "run_closed_loop", "zipf_choices"]
 
 
 def cpu_name() -> str:
