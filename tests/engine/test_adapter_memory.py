@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import threading
 import time
 
 import pytest
@@ -322,3 +323,50 @@ def test_the_engine_team_is_a_thread_smaller_while_an_io_job_runs(tiny_llama, ma
     assert all(isinstance(o, list) and len(o) == 6 for o in out)
     assert during and set(during) == {full - 1}
     assert after[-1] == full
+
+
+def test_start_up_adapters_register_on_several_threads_and_the_first_failure_in_order_is_named(
+        tiny_llama, many_adapters, tmp_path, monkeypatch):
+    """Start-up registrations read and hash their weights on a thread pool (a thousand adapters of
+    a 1B model are 22 GB to hash); the server still refuses to start on the first bad adapter in
+    the order given, a repeated id, or more adapters than --max-registered-adapters."""
+    from loramux.adapters.registry import AdapterRegistry
+    from loramux.server.builder import register_startup_adapters
+    from loramux.server.config import StartupError
+
+    built = build_engine(ServerConfig(model=str(tiny_llama), max_lora_rank=16, max_device_adapters=2, max_host_adapters=4))
+    registry = built.registry
+    threads, register = set(), AdapterRegistry.register
+
+    def slow_register(self, *args, **kwargs):  # long enough that a sequential loop would use one thread
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)
+        return register(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdapterRegistry, "register", slow_register)
+    names = [f"m{i}" for i in range(8)]
+    register_startup_adapters(registry, [(n, many_adapters[n]) for n in names], threads=4)
+    assert len(threads) > 1
+    assert all(registry.lookup(n).manifest.weights_sha256 for n in names)
+
+    bad = []
+    for name in ("bad-first", "bad-second"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{not json")
+        bad.append((name, tmp_path / name))
+    startup = [(f"n{i}", many_adapters[f"m{i}"]) for i in range(8, 14)]
+    startup[2:2], startup[5:5] = [bad[0]], [bad[1]]
+    for _ in range(3):  # whichever thread fails first, the error names the first bad adapter in order
+        with pytest.raises(StartupError, match=r"^adapter 'bad-first' \("):
+            register_startup_adapters(registry, startup, threads=4)
+        for adapter_id, _ in startup:
+            if registry.lookup(adapter_id) is not None:
+                registry.unregister(adapter_id)
+    with pytest.raises(StartupError, match=r"adapter 'x' is given twice at start-up"):
+        register_startup_adapters(registry, [("x", many_adapters["m0"]), ("y", many_adapters["m1"]),
+                                             ("x", many_adapters["m2"])])
+    assert registry.lookup("y") is None  # refused before any registration
+    monkeypatch.setattr(registry, "max_adapters", 2)
+    with pytest.raises(StartupError, match="3 start-up adapters; --max-registered-adapters is 2"):
+        register_startup_adapters(registry, [(f"z{i}", many_adapters[f"m{i}"]) for i in range(3)])
+    built.engine.stop()
