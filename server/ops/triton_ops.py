@@ -52,10 +52,10 @@ def _fused_rows(pages_ptr, page_base, meta_ptr, rank, num_used, RS_BLOCK: tl.con
 
 @triton.jit(do_not_specialize=["rank", "num_used"])
 def _bgmv_shrink(x_ptr, a_ptr, v_ptr, rows_ptr, pages_ptr, meta_ptr, in_features, k_per_split, stride_x, stride_a,
-                 rank, num_used, RS_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-    """v[i, t*rank + k] (+)= x[rows[i], K_s] . a[page_ik, kind_t, K_s] for reduction slice K_s =
-    program_id(1): every used kind in one pass over x. With SPLIT the slices add up atomically
-    into a zeroed v, else each program stores its row."""
+                 rank, num_used, RS_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """v[s, i, t*rank + k] = x[rows[i], K_s] . a[page_ik, kind_t, K_s] for reduction slice K_s,
+    s = program_id(1): every used kind in one pass over x. Each slice stores its own partial sum
+    (the expand adds them in a fixed order: no atomics, no zeroed buffer, the same bits every run)."""
     i = tl.program_id(0)
     k_lo = tl.program_id(1) * k_per_split
     row = tl.load(rows_ptr + i)
@@ -68,25 +68,24 @@ def _bgmv_shrink(x_ptr, a_ptr, v_ptr, rows_ptr, pages_ptr, meta_ptr, in_features
         a = tl.load(a_ptr + pages[:, None] * stride_a + a_off[:, None] + k[None, :],
                     mask=rr_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(a * x[None, :], axis=1)
-    v_ptrs = v_ptr + i * rank * num_used + rr
-    if SPLIT:
-        tl.atomic_add(v_ptrs, acc, mask=rr_mask)
-    else:
-        tl.store(v_ptrs, acc, mask=rr_mask)
+    tl.store(v_ptr + (tl.program_id(1) * tl.num_programs(0) + i) * rank * num_used + rr, acc, mask=rr_mask)
 
 
-@triton.jit(do_not_specialize=["rank", "num_used"])
+@triton.jit(do_not_specialize=["rank", "num_used", "splits"])
 def _bgmv_expand(v_ptr, b_ptr, y_ptr, rows_ptr, pages_ptr, meta_ptr, stride_y, stride_b,
-                 rank, num_used, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[rows[i], N_j] += v[i, t*rank : (t+1)*rank] @ b[pages_i, N_j] for used kind t =
-    program_id(2) and tile N_j = program_id(1) of its columns."""
+                 rank, num_used, splits, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[rows[i], N_j] += (sum_s v[s, i, t*rank : (t+1)*rank]) @ b[pages_i, N_j] for used kind t =
+    program_id(2) and tile N_j = program_id(1) of its columns; s over the shrink's ``splits``
+    reduction slices, in order."""
     i = tl.program_id(0)
     t = tl.program_id(2)
     row = tl.load(rows_ptr + i)
     r = tl.arange(0, R_BLOCK)
     r_mask = r < rank
     pages = tl.load(pages_ptr + i * rank + r, mask=r_mask, other=0)
-    v = tl.load(v_ptr + (i * num_used + t) * rank + r, mask=r_mask, other=0.0)
+    v = tl.zeros([R_BLOCK], dtype=tl.float32)
+    for s in range(splits):
+        v += tl.load(v_ptr + ((s * tl.num_programs(0) + i) * num_used + t) * rank + r, mask=r_mask, other=0.0)
     c0 = tl.load(meta_ptr + t * 3 + 1)
     c1 = tl.load(meta_ptr + t * 3 + 2)
     n = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,14 +194,13 @@ class TritonLoRA:
                 split = min(triton.cdiv(in_features, block), triton.cdiv(_SPLIT_K_ROWS, n))
             k_per_split = triton.cdiv(triton.cdiv(in_features, split), block) * block
             split = triton.cdiv(in_features, k_per_split)
-            v = (torch.zeros if split > 1 else torch.empty)(n, s * rank, dtype=torch.float32, device=x.device)
+            v = torch.empty(split, n, s * rank, dtype=torch.float32, device=x.device)
             _bgmv_shrink[(n, split)](x, a_store, v, g.rows, g.pages, meta, in_features, k_per_split, x.stride(0),
-                                     a_store.stride(0), rank=rank, num_used=s, RS_BLOCK=rs_block, BLOCK_K=block,
-                                     SPLIT=split > 1)
+                                     a_store.stride(0), rank=rank, num_used=s, RS_BLOCK=rs_block, BLOCK_K=block)
             block_n = _BGMV_TILE // r_block
             _bgmv_expand[(n, triton.cdiv(widest, block_n), s)](
                 v, b_store, y, g.rows, g.pages, meta, y.stride(0), b_store.stride(0),
-                rank=rank, num_used=s, R_BLOCK=r_block, BLOCK_N=block_n)
+                rank=rank, num_used=s, splits=split, R_BLOCK=r_block, BLOCK_N=block_n)
         else:
             v = torch.empty(n, s * rank, dtype=torch.float32, device=x.device)
             row_blocks = triton.cdiv(g.max_rows_per_adapter, _BLOCK_M)
