@@ -46,8 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "ops", "parity", "bench", "profile")
 ASSETS = ROOT / "bench" / "gpu-assets"
-# Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity runs its tests
-# one at a time (each engine sizes its KV pool from the GPU's free memory), and bench's two models
+# Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity's 239 tests
+# run on 4 workers (tests/conftest.py sizes each engine's KV pool at 5% of the free GPU memory; in
+# session 49, at 80%, four workers starved each other), and bench's two models
 # may take most of a device call: run STAGE=env,ops,parity,profile and STAGE=bench as two calls.
 STAGE_S = {"env": 60, "ops": 120, "parity": 300, "bench": 540, "profile": 120}
 QUICK_STAGE_S = 90  # each stage with --quick; all five take 20-40 s on a 2-core CPU
@@ -134,7 +135,7 @@ def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, w
            "--timeout", str(max(1, int(args.budget - 20))), "--junitxml", str(out / f"{name}.xml")]
     if args.quick:
         cmd += ["-k", quick_filter]
-    elif workers > 1:  # sharing the one GPU: only tests that size no KV pool from free memory
+    elif workers > 1:  # sharing the one GPU (tests/conftest.py keeps each engine's KV pool small)
         cmd += ["-n", str(workers)]
     code, stdout = _run(cmd, out / f"{name}.log", max(1.0, args.budget - 10))
     return {"returncode": code, "summary": (stdout.strip().splitlines() or [""])[-1]}
@@ -151,7 +152,8 @@ def stage_parity(args, out: Path) -> dict:
                                          "tests/engine/test_quantization.py", "tests/engine/test_saved_modules.py",
                                          "tests/engine/test_added_tokens.py"],
                    # --quick (the CPU smoke test): one parity test shows the stage runs; make test runs the rest
-                   "staggered_mixed_adapters and torch and not float16")
+                   "staggered_mixed_adapters and torch and not float16",
+                   workers=4)  # each engine's KV pool takes 5% of the free GPU memory in tests (conftest.py)
 
 
 def stage_bench(args, out: Path) -> dict:

@@ -30,6 +30,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import ADAPTER_VARIANTS, build_adapter, build_llama  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _small_kv_pools_on_cuda():
+    """On a GPU host an engine's default KV pool takes CUDA_KV_FRACTION (80%) of the device memory
+    still free, so test processes sharing the GPU (xdist workers) would starve each other: each
+    takes 5% here, gigabytes, where the tests' tiny models need megabytes."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from loramux.server import builder
+
+    kept, builder.CUDA_KV_FRACTION = builder.CUDA_KV_FRACTION, 0.05
+    yield
+    builder.CUDA_KV_FRACTION = kept
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
