@@ -640,8 +640,7 @@ class Engine:
             return self._run_step(ready, fairness)
         finally:
             held, self._held = self._held, None
-            for seq, item in held:
-                self._send(seq, item)
+            self._send_all(held)
 
     def _run_step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
@@ -864,11 +863,27 @@ class Engine:
 
     @staticmethod
     def _send(seq: Sequence, item) -> None:
-        seq.undelivered.append(time.monotonic())
-        try:
-            seq.loop.call_soon_threadsafe(seq.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+        Engine._send_all([(seq, item)])
+
+    @staticmethod
+    def _send_all(events: list[tuple[Sequence, object]]) -> None:
+        """Hand events to their callers' loops, in order: one wake-up of each loop for all of its
+        events (a wake-up writes to the loop's self-pipe, a system call: once per event it was a
+        few percent of a decode step at batch 32, more as batches grow)."""
+        now, by_loop = time.monotonic(), {}
+        for seq, item in events:
+            seq.undelivered.append(now)
+            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def prompt_rows(seq: Sequence, start: int, n: int) -> tuple[int, int]:
