@@ -14,6 +14,22 @@ CONTEXT_TOKENS = 5  # tokens decoded as context so a leading space is not lost
 WINDOW = 32  # tokens a window may hold before it slides (one extra decode each time)
 
 
+def backend_decode(tokenizer):
+    """The Rust tokenizer's ``decode(ids, skip_special_tokens=)`` where transformers' decode adds
+    nothing to it (a fast tokenizer whose ``decode`` and ``_decode`` are transformers' own, asked for
+    no clean-up), else None. The wrapper's Python was half the time of detokenizing a token, and
+    the engine thread detokenizes every row of every step."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: its decode it is
+        return None
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    ours = (getattr(tokenizer.decode, "__func__", None) is TokenizersBackend.decode
+            and getattr(tokenizer._decode, "__func__", None) is TokenizersBackend._decode)
+    return tokenizer._tokenizer.decode if ours else None
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
                  spaces_between_special_tokens: bool = True):
@@ -21,12 +37,15 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         # passed only when false: transformers' decode (slow tokenizers) takes it, fast ones ignore it
         self.options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
+        self.backend_decode = None if self.options else backend_decode(tokenizer)
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(self.ids) - CONTEXT_TOKENS, 0)
         self.read_offset = len(self.ids)
         self.prefix_text = self._decode(self.ids[self.prefix_offset :])  # text of [prefix_offset, read_offset)
 
     def _decode(self, ids) -> str:
+        if self.backend_decode is not None:
+            return self.backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False, **self.options)
 

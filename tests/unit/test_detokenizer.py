@@ -75,3 +75,58 @@ def test_spaces_between_special_tokens_reaches_the_tokenizers_decode():
         return "".join([detok.add(t) for t in (0, 1, 0, 2)] + [detok.flush()])
 
     assert streamed(False) == "<a><b><a>x" and streamed(True) == " <a> <b> <a> x"
+
+
+def _metaspace_tokenizer():
+    """A Llama-style tokenizer: unigram pieces over "▁"-joined words with byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"], unk_token="<unk>",
+                                      byte_fallback=True)
+    tok.train_from_iterator(["Ünïcödé wörds, 東京 and emoji 🚀 too.", "The quick brown fox jumps."] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_tokens(["<think>"])
+    return fast
+
+
+def _decodes_alike(tok, fast):
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.lists(st.integers(0, len(tok) - 1), max_size=24), st.booleans())
+    def check(ids, skip):
+        assert fast(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip,
+                                                                  clean_up_tokenization_spaces=False)
+    return check
+
+
+def test_the_rust_decode_is_taken_only_where_it_is_transformers_decode_exactly(tmp_path):
+    """Where the detokenizer skips transformers' decode for the Rust tokenizer's own, every id
+    sequence (special and added tokens, broken UTF-8, either skip setting) decodes the same; a
+    tokenizer whose decode is replaced or overridden keeps transformers' path."""
+    from loramux.server.detokenizer import backend_decode
+
+    tokenizers = [build_tokenizer(tmp_path / "bpe", extra_specials=("[TOOL_CALLS]",), extra_tokens=("<think>",)),
+                  _metaspace_tokenizer()]
+    for tok in tokenizers:
+        fast = backend_decode(tok)
+        assert fast is not None
+
+        _decodes_alike(tok, fast)()
+    tok = tokenizers[0]
+    tok.decode = lambda ids, **kw: "patched"
+    assert backend_decode(tok) is None
+
+    class Custom(type(tokenizers[1])):
+        def _decode(self, token_ids, **kw):
+            return "custom"
+
+    tokenizers[1].__class__ = Custom
+    assert backend_decode(tokenizers[1]) is None
+    assert IncrementalDetokenizer(tokenizers[1], [1, 2]).prefix_text == "custom"
