@@ -36,7 +36,7 @@ import torch
 from loramux.clients.bench import (
     LoadSpec,
     format_report,
-    free_port,
+    free_ports,
     percentile,
     run_load,
     scrape_adapter_cache,
@@ -58,7 +58,7 @@ class Server:
     """The real server as a subprocess, ready when its readiness health check says SERVING."""
 
     def __init__(self, model_dir: Path, extra: list[str], log: Path):
-        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_ports(3)
         self.target = f"127.0.0.1:{self.port}"
         self.http_base = f"http://127.0.0.1:{self.http_port}/v1"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"

@@ -57,6 +57,16 @@ def free_port() -> int:
     raise OSError(f"no free port in {LOW_PORT}-{top - 1} after 1000 draws")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (for one server's listeners): each draw of free_port is free now,
+    but two draws can be the same port."""
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     num_requests: int = 64

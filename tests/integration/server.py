@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loramux.clients.bench import free_port
+from loramux.clients.bench import free_ports
 from loramux.clients.client import LoraMuxClient
 
 SERVICE = "loramux.v1.LoraMux"
@@ -104,7 +104,7 @@ class ServerProcess:
         self._start()
 
     def _start(self) -> None:
-        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_ports(3)
         self.target = f"127.0.0.1:{self.port}"
         self.base_url = f"http://127.0.0.1:{self.http_port}/v1"
         argv = ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),

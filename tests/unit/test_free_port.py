@@ -26,3 +26,12 @@ def test_outside_xdist_ports_of_every_residue_come_below_the_ephemeral_range(mon
     ephemeral = int(range_file.read_text().split()[0]) if range_file.exists() else 0
     top = ephemeral if ephemeral >= 2 * LOW_PORT else 65536  # where the range is not known or too low
     assert all(LOW_PORT <= p < top for p in ports), ports
+
+
+def test_one_servers_ports_are_distinct(monkeypatch):
+    """A server's listeners need ports of their own: free_ports draws again when a draw repeats."""
+    from loramux.clients import bench
+
+    draws = iter([20001, 20001, 20002, 20001, 20003])
+    monkeypatch.setattr(bench, "free_port", lambda: next(draws))
+    assert bench.free_ports(3) == [20001, 20002, 20003]
