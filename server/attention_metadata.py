@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .models.batch import PrefillSeq
+from .ops.plan import longs
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,13 @@ def build_attention_metadata(prefill_items, decode_items, block_size: int, sink:
     # a decode item's rows: its tokens at consecutive positions, each attending up to itself (a
     # drafting row's chunk, whose K/V are all written before any row reads them)
     width = max((len(it.blocks) for it in decode_items), default=0)
-    rows = [it.blocks + [sink] * (width - len(it.blocks)) for it in decode_items for _ in it.token_ids]
-    tables = torch.tensor(rows, dtype=torch.long).view(len(rows), width)
+    tables: list[int] = []
+    for it in decode_items:
+        tables += (it.blocks + [sink] * (width - len(it.blocks))) * len(it.token_ids)
     lengths = []
     for it in decode_items:
         positions.extend(range(it.start_pos, it.start_pos + len(it.token_ids)))
         lengths.extend(range(it.start_pos + 1, it.start_pos + len(it.token_ids) + 1))
         slots.extend(it.slots)
-    return AttentionMetadata(positions, slots, tuple(chunks), torch.tensor(blocks, dtype=torch.long), tables,
-                             torch.tensor(lengths, dtype=torch.long), max(lengths, default=0))
+    return AttentionMetadata(positions, slots, tuple(chunks), longs(blocks), longs(tables).view(len(lengths), width),
+                             longs(lengths), max(lengths, default=0))

@@ -13,7 +13,7 @@ from .attention_metadata import build_attention_metadata
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch
 from .ops import LoRAPlan, LoRAPlans, merge_plans, plan_segments, plan_tokens
-from .ops.plan import MagnitudeRuns, upload
+from .ops.plan import MagnitudeRuns, longs, upload
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,6 @@ class WorkItem:
         return self.pages is not None and kind in self.kinds
 
 
-def _longs(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
 
 
 def _saved(items: list[WorkItem], runs: Iterable[tuple[int, int, int]], attr: str
@@ -54,7 +52,7 @@ def _saved(items: list[WorkItem], runs: Iterable[tuple[int, int, int]], attr: st
         weight = getattr(items[i], attr)
         if weight is not None:
             rows.setdefault(id(weight), (weight, []))[1].extend(range(start, start + count))
-    return tuple((_longs(r), weight) for weight, r in rows.values())
+    return tuple((longs(r), weight) for weight, r in rows.values())
 
 
 STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "prefill_blocks", "decode_tables", "decode_lengths",
@@ -118,7 +116,7 @@ def _row_runs(rows: list[tuple[int, int]]) -> list[tuple[int, int, torch.Tensor]
             runs[-1][1].append(page)
         else:
             runs.append((row, [page]))
-    return [(lo, lo + len(pages), _longs(pages)) for lo, pages in runs]
+    return [(lo, lo + len(pages), longs(pages)) for lo, pages in runs]
 
 
 class ModelRunner:
@@ -138,8 +136,12 @@ class ModelRunner:
         order = (*prefill, *decode)
         by_rows: dict[frozenset[int], LoRAPlan] = {}
         plans: LoRAPlans = {}
+        # an item's kinds, None without an adapter: items of one adapter (or of none) share them
+        kinds_of = [None if it.pages is None else it.kinds for it in items]
         for group in self.groups:
-            used_by = {i: tuple(j for j, kind in enumerate(group) if items[i].uses(kind)) for i in order}
+            used_of = {k: () if k is None else tuple(j for j, kind in enumerate(group) if kind in k)
+                       for k in set(kinds_of)}
+            used_by = {i: used_of[kinds_of[i]] for i in order}
             entries = []
             for used in sorted(set(used_by.values()) - {()}):
                 rows = frozenset(i for i in order if used_by[i] == used)
@@ -216,20 +218,20 @@ class ModelRunner:
         meta = build_attention_metadata([items[i] for i in prefill], [items[i] for i in decode],
                                         self.kv.block_size, self.kv.num_blocks)
         batch = StepBatch(
-            input_ids=_longs(ids),
-            positions=_longs(meta.positions),
-            slot_mapping=_longs(meta.slot_mapping),
+            input_ids=longs(ids),
+            positions=longs(meta.positions),
+            slot_mapping=longs(meta.slot_mapping),
             prefill=meta.prefill,
             prefill_blocks=meta.prefill_blocks,
             num_prefill_rows=num_prefill,
             decode_tables=meta.decode_tables,
             decode_lengths=meta.decode_lengths,
             decode_ctx=meta.decode_ctx,
-            logits_rows=_longs(logits_rows),
+            logits_rows=longs(logits_rows),
             lora=lora,
             saved_embeddings=_saved(items, token_runs, "saved_embedding"),
             saved_heads=saved_heads,
-            base_head_rows=_longs([row for row, i in enumerate(logits_items) if items[i].saved_head is None])
+            base_head_rows=longs([row for row, i in enumerate(logits_items) if items[i].saved_head is None])
             if saved_heads else None,
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over

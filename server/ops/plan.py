@@ -12,6 +12,7 @@ cost nothing.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -102,6 +103,13 @@ class LoRAPlan:
 LoRAPlans = dict[tuple[str, ...], tuple[tuple[tuple[int, ...], LoRAPlan], ...]]
 
 
+def longs(values) -> torch.Tensor:
+    """A host int64 tensor of ``values`` (ints): through ``array``'s C conversion, 3-4x faster than
+    ``torch.tensor`` on a list, which the step metadata of every engine step goes through."""
+    flat = array.array("q", values)
+    return torch.frombuffer(flat, dtype=torch.long) if flat else torch.empty(0, dtype=torch.long)
+
+
 def upload(tensors: list[torch.Tensor], device, pin: bool = True) -> list[torch.Tensor]:
     """Host integer tensors -> the same values on ``device`` in one host-to-device copy: packed as
     int64 into one buffer (pinned, so the copy is asynchronous and the host never waits), then
@@ -133,7 +141,7 @@ def _group(rank: int, rows: list[int], pages: list[torch.Tensor], counts: list[i
     first = rows[0]
     return RankGroup(
         rank=rank,
-        rows=to_device(torch.tensor(rows, dtype=torch.long), device),
+        rows=to_device(longs(rows), device),
         row_start=first if rows == list(range(first, first + len(rows))) else None,
         pages=to_device(torch.cat(pages), device),
         group_ends=None if counts is None else to_device(torch.tensor(counts).cumsum(0, dtype=torch.int32), device),
