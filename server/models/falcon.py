@@ -45,19 +45,16 @@ class FalconLayer(PlainMLPLayer):
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h), batch, apply_lora)
 
-    def attend(self, x, batch: StepBatch, kv, apply_lora):
+    def qkv_heads(self, qkv, batch: StepBatch):
         if self.multi_query and not self.new_architecture:  # q's heads, then k's, then v's: Llama's columns
-            return super().attend(x, batch, kv, apply_lora)
-        T, heads, kv_heads, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv(x, batch.lora, apply_lora)
+            return super().qkv_heads(qkv, batch)
+        T, heads, kv_heads, hd = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         if self.new_architecture:
             grouped = qkv.view(T, kv_heads, heads // kv_heads + 2, hd)
             q, k, v = grouped[:, :, :-2].flatten(1, 2), grouped[:, :, -2], grouped[:, :, -1]
         else:
             q, k, v = qkv.view(T, heads, 3, hd).unbind(2)
-        cos, sin = self.rope_rows(batch)
-        q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
-        return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+        return (*self.rope_qk(q, k, batch), v)
 
 
 class FalconForServing(LlamaForServing):

@@ -38,11 +38,9 @@ class GPTNeoXLayer(PlainMLPLayer):
         h = attn + h
         return self.mlp(self.post_attention_layernorm(h), batch, apply_lora) + h
 
-    def attend(self, x, batch: StepBatch, kv, apply_lora):
-        q, k, v = self.qkv(x, batch.lora, apply_lora).view(x.shape[0], self.heads, 3, self.head_dim).unbind(2)
-        cos, sin = self.rope_rows(batch)
-        q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
-        return self.o_proj(self.attention(q, k, v, batch, kv), batch.lora, apply_lora)
+    def qkv_heads(self, qkv, batch: StepBatch):
+        q, k, v = qkv.view(qkv.shape[0], self.heads, 3, self.head_dim).unbind(2)  # each head's q, k, v side by side
+        return (*self.rope_qk(q, k, batch), v)
 
 
 class GPTNeoXForServing(LlamaForServing):

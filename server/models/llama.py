@@ -146,24 +146,31 @@ class LlamaLayer(nn.Module):
 
     def attend(self, x, batch: StepBatch, kv, apply_lora):
         """Attention of the normed input x [T, hidden], through o_proj."""
-        T, heads, kv_heads, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv(x, batch.lora, apply_lora)
-        q_end, k_end = heads * hd, (heads + kv_heads) * hd  # qkv's columns: q, then k, then v
-        v = qkv[:, k_end:].view(T, kv_heads, hd)
-        cos, sin = self.rope_rows(batch)
-        if self.q_norm is None and self.use_rope:  # q and k side by side in qkv: one RoPE over both
-            qk = self.rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
-            q, k = qk[:, :heads], qk[:, heads:]
-        else:
-            q, k = qkv[:, :q_end], qkv[:, q_end:k_end]
-            if self.qk_norm_whole:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = q.view(T, heads, hd), k.view(T, kv_heads, hd)
-            if self.q_norm is not None and not self.qk_norm_whole:
-                q, k = self.q_norm(q), self.k_norm(k)
-            if self.use_rope:
-                q, k = self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
+        q, k, v = self.qkv_heads(self.qkv(x, batch.lora, apply_lora), batch)
         return self.o_proj(self.attention(self.scale_queries(q, batch), k, v, batch, kv), batch.lora, apply_lora)
+
+    def qkv_heads(self, qkv: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv's columns [T, (heads + 2 kv_heads) hd] (q, then k, then v) -> q [T, heads, hd], k and v
+        [T, kv_heads, hd], q and k normed and turned by RoPE. A family with another layout overrides it."""
+        T, heads, kv_heads, hd = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        q_end, k_end = heads * hd, (heads + kv_heads) * hd
+        v = qkv[:, k_end:].view(T, kv_heads, hd)
+        if self.q_norm is None and self.use_rope:  # q and k side by side in qkv: one RoPE over both
+            cos, sin = self.rope_rows(batch)
+            qk = self.rope(qkv[:, :k_end].view(T, heads + kv_heads, hd), cos, sin, self.rotary)
+            return qk[:, :heads], qk[:, heads:], v
+        q, k = qkv[:, :q_end], qkv[:, q_end:k_end]
+        if self.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(T, heads, hd), k.view(T, kv_heads, hd)
+        if self.q_norm is not None and not self.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return (*self.rope_qk(q, k, batch), v) if self.use_rope else (q, k, v)
+
+    def rope_qk(self, q: torch.Tensor, k: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, hd] and k [T, kv_heads, hd] turned by RoPE at the batch's positions."""
+        cos, sin = self.rope_rows(batch)
+        return self.rope(q, cos, sin, self.rotary), self.rope(k, cos, sin, self.rotary)
 
     def scale_queries(self, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """q [T, heads, hd] after RoPE, scaled where a family scales it by position (Ministral 3's)."""

@@ -144,7 +144,7 @@ def _group(rank: int, rows: list[int], pages: list[torch.Tensor], counts: list[i
         rows=to_device(longs(rows), device),
         row_start=first if rows == list(range(first, first + len(rows))) else None,
         pages=to_device(torch.cat(pages), device),
-        group_ends=None if counts is None else to_device(torch.tensor(counts).cumsum(0, dtype=torch.int32), device),
+        group_ends=None if counts is None else to_device(longs(counts).cumsum(0, dtype=torch.int32), device),
         max_rows_per_adapter=1 if counts is None else max(counts),
     )
 
