@@ -72,6 +72,12 @@ class DevicePool:
         """``copy_rows``: the C++ ``copy_rows`` (server/ops/cpu_kernel.py), which fills a host
         pool's pages of every store in one call; None: two torch ops per store."""
         self.num_pages = num_pages
+        # one page past the others stays zero: a static plan (decode_graphs.py) pads a row's pages to a
+        # fixed rank with it, and gives it to rows without an adapter
+        self.zero_page = num_pages
+        # write zeros into the pages of the kinds an adapter does not target too, so that a plan over
+        # every kind (decode_graphs.py) reads zeros there, not another adapter's old rows
+        self.zero_untargeted = False
         self._copy_rows = copy_rows if torch.device(device).type == "cpu" else None
         # Kinds that share an input share a store: a page holds their A rows side by side
         # ([P, m, in]) and their B rows end to end ([P, sum of outs]), so one call shrinks them
@@ -83,7 +89,7 @@ class DevicePool:
             in_f = {layout.shapes[k][0] for k in group}
             assert len(in_f) == 1, f"fused kinds {group} must share their input size"
             outs = [layout.shapes[k][1] for k in group]
-            shapes[(layer, group)] = ((num_pages, len(group), in_f.pop()), (num_pages, sum(outs)))
+            shapes[(layer, group)] = ((num_pages + 1, len(group), in_f.pop()), (num_pages + 1, sum(outs)))
         # one arena, on huge pages whole: a decode row reads its pages in runs of a few KB
         flat = huge_pages.zeros_many([s for pair in shapes.values() for s in pair], dtype, device)
         for i, (layer, group) in enumerate(shapes):
@@ -243,7 +249,8 @@ class DevicePool:
     def _write(self, key: AdapterKey, pages: torch.Tensor, kinds: frozenset[str], present: set[tuple[int, str]],
                magnitude: bool, write) -> None:
         """Zero the pages of the layers that have a targeted kind but no module of the adapter
-        (its plan for that kind reads them), ``write(index, [((layer, kind), stores) of present])``
+        (its plan for that kind reads them), and with ``zero_untargeted`` those of every kind it does
+        not target, ``write(index, [((layer, kind), stores) of present])``
         the rest, then publish."""
         stream = contextlib.nullcontext() if self._copy_stream is None else torch.cuda.stream(self._copy_stream)
         try:
@@ -253,7 +260,7 @@ class DevicePool:
                 index = pages.to(self.device)
                 targets = []
                 for (layer, kind), (a_store, b_store) in self.stores.items():
-                    if kind not in kinds:
+                    if kind not in kinds and not self.zero_untargeted:
                         continue  # never read: the step's plan for this kind leaves the adapter out
                     if (layer, kind) in present:
                         targets.append(((layer, kind), (a_store, b_store)))

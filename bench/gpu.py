@@ -12,6 +12,7 @@ the SmolLM2 tokenizer (``--tokenizer DIR``; default: the one of the locally prep
   327 the requests use page through both. (A device tier below a batch's working set holds requests back until
   others finish: with 64 the first H200 run measured 0.44.)
 - host synchronisations per decode step, counted by ``torch.cuda.set_sync_debug_mode``.
+Decode steps replay CUDA graphs unless ``--cuda-graphs off`` (the report counts those captured).
 Targets: mixed/base >= 0.9 at batch 32; loramux/PEFT >= 10 at batch 256; 1000/8 >= 0.9.
 PEFT gets one model with all its adapters per base model, reused across batch sizes, and 4 new
 tokens per row. Sized for a few minutes per model on one H200; ``--models`` runs one base model per
@@ -19,7 +20,7 @@ command. ``--quick`` runs a tiny version anywhere (the CPU smoke test). Imports 
 generated stubs, so it runs on a host without them.
 
     python bench/gpu.py [--json bench/reports/gpu.json] [--models default,llama-1b] [--tokenizer DIR]
-                        [--quick --model DIR]
+                        [--cuda-graphs auto|on|off] [--quick --model DIR]
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     sizes = args.batch_sizes
     max_batch = max(sizes)
     max_len = args.prompt_len + args.new_tokens + 8
-    config = ServerConfig(model=model, device=args.device, max_batch_size=max_batch,
+    config = ServerConfig(model=model, device=args.device, max_batch_size=max_batch, cuda_graphs=args.cuda_graphs,
                           max_tokens_per_step=max(2048, max_batch), max_model_len=max_len,
                           kv_cache_tokens=2 * max_batch * max_len,  # not 80% of the GPU: the Zipf runs build more engines
                           default_max_new_tokens=args.new_tokens, max_lora_rank=RANK,
@@ -186,6 +187,8 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     built = build_engine(ServerConfig(**{**config.__dict__, "adapters": tuple(adapters[:max_batch])}), loaded)
     engine = built.engine
     report["op_backend"] = type(engine.runner.apply_lora).__name__
+    graphs = engine.runner.graphs
+    report["cuda_graphs"] = 0 if graphs is None else len(graphs.graphs)  # captured (0: decode eager)
     peft = PeftMixed(resolve_model_dir(config)[0], max_batch, loaded.device, loaded.dtype)
     engine.start()
     try:
@@ -246,6 +249,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="a tokenizer folder for the built models (default: the prepared default model's)")
+    ap.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                    help="the server's flag: decode steps replayed from CUDA graphs (auto: on CUDA)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script end to end, anywhere")
     ap.add_argument("--work", type=Path, default=None, help="where models and adapter files are written")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "gpu.json")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.config import HEAD
 from ..adapters.converted_cache import ConvertedCache
 from ..adapters.device_pool import DevicePool
 from ..adapters.errors import AdapterError
@@ -21,6 +22,7 @@ from ..adapters.registry import AdapterRegistry
 from ..adapters.tokenizers import AdapterTokenizers
 from ..clients.runs import row_runs
 from .config import ServerConfig, StartupError
+from .decode_graphs import DecodeGraphs
 from .engine import Engine, adapter_fault_injector, fault_injector
 from .kv_cache import PagedKVCache
 from .model_loader import LoadedModel, load_model
@@ -183,6 +185,38 @@ def kept_timings(value: dict | None) -> dict[int, tuple[float, float]] | None:
     return timings if ok else None
 
 
+def use_decode_graphs(config: ServerConfig, device: torch.device, model_class) -> bool:
+    """Whether decode steps go through decode_graphs.py: --cuda-graphs auto on a CUDA device, or on."""
+    wanted = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and device.type == "cuda")
+    if wanted and not model_class.CUDA_GRAPHS:
+        if config.cuda_graphs == "on":
+            raise StartupError(f"--cuda-graphs on: {model_class.__name__}'s decode steps cannot be captured (a host "
+                               "sync in its forward pass); use auto or off")
+        log.info("decode CUDA graphs off: %s's forward pass synchronizes with the host", model_class.__name__)
+        return False
+    return wanted
+
+
+def decode_graphs(config: ServerConfig, runner: ModelRunner, zero_page: int) -> DecodeGraphs | None:
+    """The runner's static decode path, its graphs captured on CUDA. A capture that fails stops
+    start-up under --cuda-graphs on, and leaves decode eager under auto."""
+    model = runner.model
+    graphs = DecodeGraphs(model, runner.kv, runner.apply_lora, runner.device,
+                          [g for g in runner.groups if g != (model.embedding_kind,)], zero_page,
+                          config.max_batch_size, config.max_lora_rank, config.max_model_len,
+                          frozenset({HEAD, model.embedding_kind}))
+    if not graphs.capturing:
+        return graphs
+    try:
+        graphs.capture()
+    except Exception as e:  # noqa: BLE001 - any capture failure has the same remedy
+        if config.cuda_graphs == "on":
+            raise StartupError(f"--cuda-graphs on: capturing decode steps failed: {e}") from e
+        log.warning("decode CUDA graphs off: capturing decode steps failed (%s); decode runs eagerly", e)
+        return None
+    return graphs
+
+
 @in_passing_thread
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
     loaded = loaded or load_model(config)
@@ -219,6 +253,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     apply_lora = select_backend(config.op_backend, loaded.device)
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))
+    graphs = use_decode_graphs(config, loaded.device, cls)
+    pool.zero_untargeted = graphs  # before any adapter loads: static plans read every kind's pages
     per_token = PagedKVCache.bytes_per_token(num_layers, kv_heads, head_dim, loaded.dtype)
     embedding = model.token_embedding.weight
     saved_bytes = config.max_saved_modules * embedding.numel() * embedding.element_size()  # each as large
@@ -276,6 +312,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     runner = ModelRunner(model, kv, apply_lora, loaded.device, layout)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
+    if graphs:
+        runner.graphs = decode_graphs(config, runner, pool.zero_page)
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
     if config.inject_fault and manager.fault_hook is None:
         engine.output.fault_hook = fault_injector(config.inject_fault)

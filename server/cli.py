@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import (
     BASE_LINEARS,
+    CUDA_GRAPHS,
     DTYPES,
     OP_BACKENDS,
     QUANTIZATIONS,
@@ -112,6 +113,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")
+    p.add_argument("--cuda-graphs", default=d["cuda_graphs"].default, choices=CUDA_GRAPHS,
+                   help="decode steps replayed from CUDA graphs captured at start-up, one per padded batch size "
+                        "(up to --max-batch-size) with and without adapters, so a step costs a few launches "
+                        "instead of hundreds. auto = on CUDA devices (a capture that fails is logged and decode "
+                        "runs eagerly); on = required (a failed capture stops start-up; on a CPU it runs the "
+                        "same padded static path without capture, which is how tests check it); off = eager")
     p.add_argument("--base-linear", default=d["base_linear"].default, choices=BASE_LINEARS,
                    help="the base model's projections at 1 to 64 rows (decode steps of up to 64 requests, drafting rows) "
                         "on a CPU with a float32 model: the C++ kernel or torch's matmul. auto = whichever ran "

@@ -12,6 +12,7 @@ LOG_FORMATS = ("text", "json")
 OP_BACKENDS = ("auto", "torch", "cpp", "triton")  # server.ops.BACKENDS, kept import-free here
 SCHEDULING = ("fair", "fifo", "priority")
 BASE_LINEARS = ("auto", "kernel", "torch")
+CUDA_GRAPHS = ("auto", "on", "off")  # decode steps replayed from CUDA graphs (decode_graphs.py)
 QUANTIZATIONS = ("none", "int8")  # the decoder projections' weights (ops/quantize.py)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")  # tool_parsers.PARSERS' names, kept import-free here
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS' names
@@ -125,6 +126,8 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds running requests get after SIGTERM
     inject_fault: str | None = None  # testing hook: request:, fatal:, fatal-busy:<request id>; hang-read:, copy-fail:<adapter id>
     op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
+    # auto: on CUDA devices; on: also on a CPU, the same static-buffer path run without capture (tests)
+    cuda_graphs: str = "auto"
     base_linear: str = "auto"  # base projections of 1-64 rows (CPU, float32): auto (timed at start-up), kernel, torch
     quantization: str = "none"  # int8: the decoder projections' weights as int8 rows with a scale each
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)
@@ -171,6 +174,8 @@ class ServerConfig:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
         if self.op_backend not in OP_BACKENDS:
             raise ValueError(f"op-backend must be one of {OP_BACKENDS}, got {self.op_backend!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda-graphs must be one of {CUDA_GRAPHS}, got {self.cuda_graphs!r}")
         if self.base_linear not in BASE_LINEARS:
             raise ValueError(f"base-linear must be one of {BASE_LINEARS}, got {self.base_linear!r}")
         if self.quantization not in QUANTIZATIONS:

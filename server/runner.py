@@ -10,6 +10,7 @@ import torch
 from ..adapters.config import HEAD
 from ..adapters.loader import LoRALayout
 from .attention_metadata import build_attention_metadata
+from .decode_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch
 from .ops import LoRAPlan, LoRAPlans, merge_plans, plan_segments, plan_tokens
@@ -127,6 +128,7 @@ class ModelRunner:
         self.device = device
         self.groups = tuple(g for g in layout.groups if g != (HEAD,))  # the decoder's; lm_head's runs on logits rows
         self.head = HEAD in layout.kinds
+        self.graphs: DecodeGraphs | None = None  # the static decode path (decode_graphs.py), when on
 
     def _plans(self, items, prefill: list[int], seg_starts: list[int], decode: list[int],
                num_prefill: int) -> LoRAPlans:
@@ -243,6 +245,10 @@ class ModelRunner:
         """Run one step. Returns logits [N + P, vocab] (float32, on the model's device: sampling
         takes only token ids off it): N rows to sample, the item index of each, then P prompt rows,
         as (item index, count) in row order."""
+        if self.graphs is not None:
+            hidden = self.graphs.run(items)
+            if hidden is not None:  # a decode step replayed: one row per item, in order
+                return self.model.logits(hidden, self.apply_lora), list(range(len(items))), []
         batch, order, prompt_rows = self.build_batch(items)
         logits = self.model(batch, self.kv, self.apply_lora)
         return logits, order, prompt_rows

@@ -37,6 +37,7 @@ class ServingModel(nn.Module):
     logit_softcap: float | None = None  # Gemma 2's final_logit_softcapping: logits -> cap * tanh(logits / cap)
     logit_divisor: float | None = None  # Granite's logits_scaling: logits -> logits / it
     logit_multiplier: float | None = None  # Cohere's logit_scale: logits -> logits * it
+    CUDA_GRAPHS = True  # decode steps can be captured (decode_graphs.py): no host sync inside the forward
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -152,13 +153,24 @@ class ServingModel(nn.Module):
         self.head_linear = linear
 
     def forward(self, batch: StepBatch, kv: PagedKVCache, apply_lora) -> torch.Tensor:
+        return self.logits(self.hidden(batch, kv, apply_lora), apply_lora, batch.lora.get((HEAD,), ()),
+                           batch.saved_heads, batch.base_head_rows)
+
+    def hidden(self, batch: StepBatch, kv: PagedKVCache, apply_lora) -> torch.Tensor:
+        """The decoder's output at the logits rows, final norm applied: [N, hidden] (what a decode
+        graph captures, decode_graphs.py)."""
         h = self.embed(batch)  # [T, hidden]
         for layer in self.layers:
             h = layer(h, batch, kv, apply_lora)
-        h = self.final_norm(h[batch.logits_rows])
-        if batch.saved_heads:  # adapters' own trained lm_head (modules_to_save) for their rows, the base's for the rest
-            heads = [(rows, weight) for rows, weight in ((batch.base_head_rows, self.lm_head.weight),
-                                                         *batch.saved_heads) if rows.numel()]
+        return self.final_norm(h[batch.logits_rows])
+
+    def logits(self, h: torch.Tensor, apply_lora, head_plans=(), saved_heads=(), base_head_rows=None) -> torch.Tensor:
+        """h [N, hidden] from ``hidden`` -> float32 logits [N, vocab]: lm_head, or for some rows an
+        adapter's trained copy (``saved_heads``, the rest being ``base_head_rows``: StepBatch's), its
+        LoRA (``head_plans``: the batch's entries for HEAD), then the family's scaling and soft cap."""
+        if saved_heads:  # adapters' own trained lm_head (modules_to_save) for their rows, the base's for the rest
+            heads = [(rows, weight) for rows, weight in ((base_head_rows, self.lm_head.weight), *saved_heads)
+                     if rows.numel()]
             width = max(self.lm_head.weight.shape[0], *(w.shape[0] for _, w in heads))
             ragged = any(w.shape[0] != width for _, w in heads)  # resized vocabularies: -inf past each row's own
             logits = h.new_full((h.shape[0], width), float("-inf")) if ragged else h.new_empty(h.shape[0], width)
@@ -166,7 +178,7 @@ class ServingModel(nn.Module):
                 logits[rows, : weight.shape[0]] = self.head_linear(h[rows], weight, self.lm_head.bias)
         else:
             logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
-        for used, plan in batch.lora.get((HEAD,), ()):  # over the logits rows (ModelRunner.build_batch)
+        for used, plan in head_plans:  # over the logits rows (ModelRunner.build_batch)
             apply_lora(logits, h, *self.head_store, plan, (0, self.lm_head.weight.shape[0]), used, None)
         if self.logit_divisor is not None:  # after LoRA on lm_head, as PEFT's sits inside lm_head
             logits = logits / self.logit_divisor

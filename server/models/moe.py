@@ -33,6 +33,7 @@ class MoELayer(LlamaLayer):
 class MoEForServing(LlamaForServing):
     FUSED_KINDS = (ATTN_KINDS,)
     LAYER = MoELayer
+    CUDA_GRAPHS = False  # Hugging Face's experts find the experts a batch routes to with nonzero(): a host sync
 
     @staticmethod
     def lora_targets(config):
@@ -63,4 +64,5 @@ class GraniteMoeLayer(MoELayer, GraniteLayer):
 class GraniteMoeForServing(GraniteForServing):
     FUSED_KINDS = MoEForServing.FUSED_KINDS
     LAYER = GraniteMoeLayer
+    CUDA_GRAPHS = MoEForServing.CUDA_GRAPHS
     lora_targets = staticmethod(MoEForServing.lora_targets)

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
@@ -19,6 +20,7 @@ from helpers import (
     peft_logprobs,
     pinned_base_linear,
 )
+from test_decode_graphs import HostOps
 from test_parity import make_prompts, run_staggered, serve_together
 
 MAX_NEW = 12
@@ -29,17 +31,23 @@ def family_adapters(family: str) -> dict:
     return FAMILY_ADAPTERS[CONFIG_VARIANTS.get(family, family)]
 
 
-@pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching-graphs"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
     """Half of the prompts repeat an earlier prompt's first 9 tokens with the same adapter, so that
-    with caching on, later requests hit blocks of 4 (sliding windows and ALiBi included)."""
+    with caching on, later requests hit blocks of 4 (sliding windows and ALiBi included). Without
+    caching, decode steps go through the static path of decode_graphs.py (on a CPU run eagerly), for
+    every family whose steps can be captured."""
     model = build_family_model(family, tmp_path / "model")
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
                 for i, (name, kw) in enumerate(family_adapters(family).items())}
+    graphs = not caching and serving_model_class(AutoConfig.from_pretrained(model).architectures[0]).CUDA_GRAPHS
+    # the static path through the ops a GPU without Triton runs (the C++ kernel's are the CPU's alone)
+    ops = "torch" if graphs and not torch.cuda.is_available() else "auto"
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_tokens_per_step=20, max_model_len=80,
                                       default_max_new_tokens=16, adapters=tuple((n, str(p)) for n, p in adapters.items()),
-                                      kv_block_size=4, prefix_caching=caching, base_linear=pinned_base_linear()))
+                                      kv_block_size=4, prefix_caching=caching, base_linear=pinned_base_linear(ops),
+                                      op_backend=ops, cuda_graphs="on" if graphs else "auto"))
     engine = built.engine
     engine.start()
     names = [None, *adapters]
@@ -50,8 +58,15 @@ def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
     try:
         outs = asyncio.run(run_staggered(engine, requests, MAX_NEW))
         assert (engine.prefix_hit_tokens > 0) == caching
+        assert not graphs or engine.runner.graphs.steps >= MAX_NEW // 2
     finally:
         engine.stop()
+    if graphs:  # and its static forward could be captured: nothing read back, no host data baked in
+        static = engine.runner.graphs
+        for key in ((static.buckets[0], 0), (static.buckets[-1], static.ranks[-1])):
+            with torch.inference_mode(), HostOps() as spy:
+                static._hidden(*key)
+            assert spy.seen == [], (family, key, spy.seen)
     for name in names:
         idx = [i for i, (n, _) in enumerate(requests) if n == name]
         expected = peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW, eos_token_id=None)

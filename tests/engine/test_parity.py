@@ -128,11 +128,16 @@ def narrow_copies(adapters: dict[str, Path], root: Path, dtype: torch.dtype) -> 
 
 
 # backend, or backend-DTYPE: adapter pages in DTYPE (--lora-dtype) for adapters stored in it, whose
-# scalings are all powers of two: exact against PEFT, as float32 pages are
-@pytest.fixture(scope="module", params=["torch", "cpp", "triton", "cpp-float16", "torch-bfloat16"])
+# scalings are all powers of two: exact against PEFT, as float32 pages are; backend+graphs: decode
+# steps through the static path of decode_graphs.py (captured on CUDA, where auto already has it)
+@pytest.fixture(scope="module", params=["torch", "cpp", "triton", "cpp-float16", "torch-bfloat16", "torch+graphs",
+                                        "cpp+graphs", "triton+graphs"])
 def engine_with_adapters(request, tiny_llama, tiny_adapters, tmp_path_factory):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend, _, lora_dtype = request.param.partition("-")
+    backend, graphs, lora_dtype = request.param.partition("+")[0].partition("-")[0], "+graphs" in request.param, \
+        request.param.partition("-")[2]
+    if graphs and device != "cpu":
+        pytest.skip("on CUDA every engine here captures decode graphs (--cuda-graphs auto)")
     if backend == "triton" and not triton_available(device):
         pytest.skip("triton is not installed")
     if backend == "cpp" and (device != "cpu" or load_lora_kernel() is None):
@@ -143,6 +148,7 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters, tmp_path_factory):
         narrow_copies(tiny_adapters, tmp_path_factory.mktemp(lora_dtype), getattr(torch, lora_dtype))
     config = ServerConfig(
         op_backend=backend, dtype="float32",  # exact parity: float32 on every device
+        cuda_graphs="on" if graphs else "auto",
         base_linear=pinned_base_linear(backend),
         lora_dtype=lora_dtype or "auto",
         model=str(tiny_llama), max_batch_size=12, max_tokens_per_step=24, max_model_len=96, default_max_new_tokens=16,
@@ -189,6 +195,9 @@ def test_staggered_mixed_adapters_match_peft_token_for_token(engine_with_adapter
     engine.blocks.check()
     assert engine.blocks.num_held == 0
     assert not engine.adapters.pool.pinned()
+    graphs = engine.runner.graphs
+    if graphs is not None:  # decode steps of mixed adapters went through it (and the rest eagerly)
+        assert graphs.steps >= MAX_NEW // 2 and graphs.steps < len(steps), (graphs.steps, len(steps))
 
 
 class MeasuredAsSlow(StepBudget):

@@ -68,6 +68,25 @@ def test_residency_is_bounded_by_pages_not_by_a_count():
     assert ("small", 0) not in pool.resident_keys and pool.evictions == 1
 
 
+@pytest.mark.parametrize("zero_untargeted", [True, False])
+def test_pages_of_kinds_an_adapter_does_not_target_are_zeroed_for_static_plans(zero_untargeted):
+    """With ``zero_untargeted`` (decode graphs' static plans read every kind of every row's pages),
+    an adapter's pages of a kind it does not target read zero, not the last adapter's rows there;
+    the zero page past the others stays zero whatever is loaded."""
+    pool = DevicePool(LAYOUT, num_pages=4, dtype=torch.float32, device="cpu")
+    pool.zero_untargeted = zero_untargeted
+    both = LoRAWeights(4, {(0, "q"): torch.ones(4, 8), (0, "v"): torch.ones(4, 8)},
+                       {(0, "q"): torch.ones(4, 8), (0, "v"): torch.ones(4, 4)})
+    pool.fill(("both", 0), pool.reserve(("both", 0), 4, evict=False), both)
+    assert load(pool, ("q only", 0), 4)  # the same four pages, after evicting the first
+    pages = pool.pages_of(("q only", 0))
+    a_v, b_v = pool.stores[(0, "v")]
+    assert bool((a_v[pages] == 0).all() and (b_v[pages] == 0).all()) == zero_untargeted
+    assert bool((pool.stores[(0, "q")][0][pages] == 1).all())
+    for a, b in pool.stores.values():
+        assert a.shape[0] == b.shape[0] == 5 and not a[pool.zero_page].any() and not b[pool.zero_page].any()
+
+
 @pytest.mark.skipif(load_kernels() is None, reason="no C++ kernel is built")
 def test_a_fill_by_the_cpp_row_copy_equals_the_torch_ops():
     """Fused stores (q|k|v share one), a kind missing from a layer (zero rows), a second adapter."""
