@@ -12,7 +12,8 @@ the SmolLM2 tokenizer (``--tokenizer DIR``; default: the one of the locally prep
   327 the requests use page through both. (A device tier below a batch's working set holds requests back until
   others finish: with 64 the first H200 run measured 0.44.)
 - host synchronisations per decode step, counted by ``torch.cuda.set_sync_debug_mode``.
-Decode steps replay CUDA graphs unless ``--cuda-graphs off`` (the report counts those captured).
+Decode steps replay CUDA graphs unless ``--cuda-graphs off`` (the report counts those captured);
+with graphs, the middle batch size is measured again with decode run eagerly, side by side.
 Targets: mixed/base >= 0.9 at batch 32; loramux/PEFT >= 10 at batch 256; 1000/8 >= 0.9.
 PEFT gets one model with all its adapters per base model, reused across batch sizes, and 4 new
 tokens per row. Sized for a few minutes per model on one H200; ``--models`` runs one base model per
@@ -167,6 +168,24 @@ def zipf_run(config, loaded, adapters, picks, prompts, new_tokens: int, batch: i
         built.engine.stop()
 
 
+def eager_rows(config, loaded, adapters, prompts, args, batch: int) -> dict:
+    """Base and mixed decode at ``batch`` with --cuda-graphs off (one round each, after a warm-up)."""
+    built = build_engine(ServerConfig(**{**config.__dict__, "cuda_graphs": "off",
+                                         "adapters": tuple(adapters[:batch])}), loaded)
+    ids = [a for a, _ in adapters[:batch]]
+    built.engine.start()
+    try:
+        run_batch(built.engine, prompts[:batch], ids, 2)
+        row = {"batch": batch,
+               "base_tok_s": run_batch(built.engine, prompts[:batch], [None] * batch, args.new_tokens).decode_tokens_per_s,
+               "mixed_tok_s": run_batch(built.engine, prompts[:batch], ids, args.new_tokens).decode_tokens_per_s}
+    finally:
+        built.engine.stop()
+    row["mixed/base"] = row["mixed_tok_s"] / row["base_tok_s"]
+    print(f"  eager (no CUDA graphs) batch {batch}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
+    return row
+
+
 def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     sizes = args.batch_sizes
     max_batch = max(sizes)
@@ -210,6 +229,8 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     finally:
         engine.stop()
         del peft
+    if graphs is not None:  # the same batch with decode run eagerly, side by side: what the graphs buy
+        report["eager"] = eager_rows(config, loaded, adapters, prompts, args, sizes[len(sizes) // 2])
 
     rng = random.Random(0)
     zipf = zipf_choices(args.zipf_adapters, args.zipf_requests, 1.0, rng)

@@ -157,7 +157,8 @@ def stage_parity(args, out: Path) -> dict:
 
 
 def stage_bench(args, out: Path) -> dict:
-    runs = [("model", ["--quick", "--model", str(args.model)])] if args.quick else \
+    # --quick: on a CPU, --cuda-graphs on runs the static decode path (and the eager rows beside it)
+    runs = [("model", ["--quick", "--model", str(args.model), "--cuda-graphs", "on"])] if args.quick else \
         [(m, ["--models", m]) for m in ("llama-1b", "default")]  # one base model per process; the targets' first
     results, deadline = {}, time.monotonic() + args.budget - 10
     for name, extra in runs:

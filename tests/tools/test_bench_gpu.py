@@ -52,6 +52,8 @@ def test_quick_gpu_check_runs_every_stage_and_writes_its_reports(tiny_llama, tmp
         for key in ("base_tok_s", "mixed_tok_s", "peft_mixed_tok_s", "mixed/base", "loramux/PEFT"):
             assert row[key] > 0, key
     assert model["zipf"]["many_tok_s"] > 0 and model["zipf"]["eight_tok_s"] > 0
+    # --quick asks for --cuda-graphs on: on a CPU the static path (no graph captured), and eager beside it
+    assert model["cuda_graphs"] == 0 and model["eager"]["batch"] == 4 and model["eager"]["mixed/base"] > 0
     assert bench["quick"] is True and set(bench["targets"]) == {
         "mixed/base at batch 32", "loramux/PEFT at batch 256", "1000/8 adapters"}
 
