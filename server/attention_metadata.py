@@ -17,6 +17,7 @@ class AttentionMetadata:
     slot_mapping: list[int]
     prefill: tuple[PrefillSeq, ...]
     prefill_blocks: torch.Tensor
+    prefill_chunks: torch.Tensor
     decode_tables: torch.Tensor
     decode_lengths: torch.Tensor
     decode_ctx: int
@@ -46,5 +47,6 @@ def build_attention_metadata(prefill_items, decode_items, block_size: int, sink:
         positions.extend(range(it.start_pos, it.start_pos + len(it.token_ids)))
         lengths.extend(range(it.start_pos + 1, it.start_pos + len(it.token_ids) + 1))
         slots.extend(it.slots)
-    return AttentionMetadata(positions, slots, tuple(chunks), longs(blocks), longs(tables).view(len(lengths), width),
-                             longs(lengths), max(lengths, default=0))
+    spans = longs([v for c in chunks for v in (c.row_start, c.num_tokens, c.start_pos, c.block_start)])
+    return AttentionMetadata(positions, slots, tuple(chunks), longs(blocks), spans.view(len(chunks), 4),
+                             longs(tables).view(len(lengths), width), longs(lengths), max(lengths, default=0))

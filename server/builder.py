@@ -28,7 +28,7 @@ from .kv_cache import PagedKVCache
 from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
 from .ops import cpu_isa, select_backend
-from .ops.attention import select_decode_attention
+from .ops.attention import select_decode_attention, select_prefill_attention
 from .ops.cpu_kernel import load_kernels
 from .ops.linear import (
     KERNEL_MAX_ROWS,
@@ -264,7 +264,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                            "free memory, lower --max-model-len or set --kv-cache-tokens"
                            + (" or a higher --gpu-memory-utilization" if config.gpu_memory_utilization else ""))
     kv = PagedKVCache(num_layers, -(-tokens // config.kv_block_size), config.kv_block_size, kv_heads, head_dim,
-                      loaded.dtype, loaded.device, select_decode_attention(config.op_backend, loaded.device))
+                      loaded.dtype, loaded.device, select_decode_attention(config.op_backend, loaded.device),
+                      select_prefill_attention(config.op_backend, loaded.device))
     model.bind_lora_stores(pool.fused_stores)
     element_size = torch.empty(0, dtype=page_dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,

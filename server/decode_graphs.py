@@ -144,7 +144,7 @@ class DecodeGraphs:
             lora = {kinds: ((tuple(range(len(kinds))), plan),) for kinds in self.groups}
         return StepBatch(
             input_ids=rows[:, 0].contiguous(), positions=rows[:, 1].contiguous(), slot_mapping=rows[:, 2].contiguous(),
-            prefill=(), prefill_blocks=self.no_blocks, num_prefill_rows=0,
+            prefill=(), prefill_blocks=self.no_blocks, prefill_chunks=self.no_blocks.view(0, 4), num_prefill_rows=0,
             decode_tables=rows[:, ROW_HEAD:pages_at].contiguous(), decode_lengths=rows[:, 3].contiguous(),
             decode_ctx=self.width * self.kv.block_size, logits_rows=self.row_ids[:bucket], lora=lora)
 

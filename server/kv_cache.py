@@ -15,7 +15,7 @@ from .ops.attention import paged_decode_torch
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, decode_attention=paged_decode_torch):
+                 dtype: torch.dtype, device, decode_attention=paged_decode_torch, prefill_attention=None):
         # zeros, not empty: the padded fallback reads whole blocks, and 0 * NaN would leak into its output
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         kv = huge_pages.zeros_many([shape] * (2 * num_layers), dtype, device)
@@ -23,6 +23,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.decode_attention = decode_attention  # ops/attention.py: the C++, Triton or torch kernel
+        self.prefill_attention = prefill_attention  # every prefill chunk in one call (Triton), or None: SDPA per chunk
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -56,8 +56,8 @@ def _saved(items: list[WorkItem], runs: Iterable[tuple[int, int, int]], attr: st
     return tuple((longs(r), weight) for weight, r in rows.values())
 
 
-STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "prefill_blocks", "decode_tables", "decode_lengths",
-               "logits_rows")
+STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "prefill_blocks", "prefill_chunks", "decode_tables",
+               "decode_lengths", "logits_rows")
 
 
 def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
@@ -225,6 +225,7 @@ class ModelRunner:
             slot_mapping=longs(meta.slot_mapping),
             prefill=meta.prefill,
             prefill_blocks=meta.prefill_blocks,
+            prefill_chunks=meta.prefill_chunks,
             num_prefill_rows=num_prefill,
             decode_tables=meta.decode_tables,
             decode_lengths=meta.decode_lengths,

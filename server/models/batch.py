@@ -29,6 +29,7 @@ class StepBatch:
     slot_mapping: torch.Tensor  # [T] where each row's K/V is written: block * block_size + offset
     prefill: tuple[PrefillSeq, ...]
     prefill_blocks: torch.Tensor  # [sum of num_blocks] the prefill chunks' block tables, concatenated
+    prefill_chunks: torch.Tensor  # [len(prefill), 4] each chunk's row_start, num_tokens, start_pos, block_start
     num_prefill_rows: int
     decode_tables: torch.Tensor  # [D, max blocks] block table of each decode row (padded with the sink)
     decode_lengths: torch.Tensor  # [D] context length after this step, this token included

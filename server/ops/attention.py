@@ -105,6 +105,7 @@ def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: fl
 
 
 DecodeAttention = Callable[..., torch.Tensor]
+PrefillAttention = Callable[..., None]
 
 
 @functools.cache
@@ -137,3 +138,18 @@ def select_decode_attention(name: str, device) -> DecodeAttention:
 
             return paged_decode_triton
     return paged_decode_torch
+
+
+def select_prefill_attention(name: str, device) -> PrefillAttention | None:
+    """Prefill attention of every chunk of a step in one call, read from the paged cache: Triton's
+    kernel where decode takes Triton's (CUDA, or ``triton`` under its interpreter); None elsewhere,
+    where each chunk runs SDPA over a gathered copy of its context (layers.py)."""
+    device = torch.device(device)
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from . import triton_available
+
+        if triton_available(device):
+            from .triton_attention import paged_prefill_triton
+
+            return paged_prefill_triton
+    return None

@@ -157,6 +157,8 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters, tmp_path_factory):
     )
     built = build_engine(config)
     op = built.engine.runner.apply_lora
+    # Triton's backend brings its attention: decode, and every prefill chunk of a step in one call
+    assert (built.engine.runner.kv.prefill_attention is not None) == (backend == "triton")
     if backend == "triton":
         assert type(op).__name__ == "TritonLoRA"
     else:  # the C++ kernel serves decode rows only when asked for

@@ -115,3 +115,42 @@ def test_softcapped_decode_and_prefill_match_the_oracle(case):
                                gather_context(v, blocks, start + n)[None], allowed[None, None], 0.3, 1.5)
     expected = paged_attention_reference(chunk, k, v, blocks[None].expand(n, -1), q_pos, 0.3, window, softcap=1.5)
     assert torch.allclose(got[0].transpose(0, 1), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES + [(4, 2, 16, 4, None, "cap"), (8, 2, 16, 8, 6, "cap")])
+def test_the_triton_prefill_kernel_runs_every_chunk_of_a_step_against_the_oracle(case, dtype):
+    """One launch over chunks of several sequences: whole prompts, chunks after cached tokens (a
+    prefix hit or chunked prefill), lengths across query blocks and key tiles, scattered block
+    tables; every chunk's rows against the oracle, and rows of no chunk left as they were."""
+    from loramux.server.ops.triton_attention import paged_prefill_triton
+
+    H, KV, hd, bs, window, extra = case
+    alibi, cap = extra is True, 1.5 if extra == "cap" else None
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    k, v = _pool(48, bs, KV, hd, dtype, gen)
+    spans = [(0, 5), (3 * bs + 1, 20), (0, 40), (bs, 1), (2, 33)]  # (start position, tokens)
+    T = sum(n for _, n in spans) + 3  # three decode rows after the chunks, which the kernel must not touch
+    q = (torch.randn(T, H, hd, generator=gen) / hd**0.25).to(dtype).to(DEVICE)
+    slopes = (torch.rand(H, generator=gen) * 0.5).to(DEVICE) if alibi else None
+    order = torch.randperm(48, generator=gen).tolist()
+    chunks, blocks, tables, row = [], [], [], 0
+    for start, n in spans:
+        nb = -(-(start + n) // bs)
+        chunks.append((row, n, start, len(blocks)))
+        own, order = order[:nb], order[nb:]
+        blocks += own
+        tables.append(own)
+        row += n
+    out = torch.full((T, H, hd), 7.0, dtype=dtype, device=DEVICE)
+    qv = torch.cat([q, q], dim=2)[:, :, :hd]  # a strided view, as q is of qkv's columns
+    paged_prefill_triton(out, qv, k, v, torch.tensor(blocks, device=DEVICE), torch.tensor(chunks, device=DEVICE),
+                         max(n for _, n in spans), 0.3, window, slopes, cap)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    for (row, n, start, _), own in zip(chunks, tables, strict=True):
+        pos = torch.arange(start, start + n, device=DEVICE)
+        expected = paged_attention_reference(q[row : row + n], k, v, torch.tensor(own, device=DEVICE)[None].expand(n, -1),
+                                             pos, 0.3, window, slopes, cap).float()
+        assert torch.allclose(out[row : row + n].float(), expected, atol=tol, rtol=tol), (start, n)
+    assert (out[row + n :] == 7).all()

@@ -293,12 +293,13 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
     shared = dataclasses.replace(shared, magnitude=MagnitudeRuns(((0, 3, 13), (3, 5, longs(12, 14)))))
     batch = StepBatch(input_ids=longs(5, 6, 7, 8, 9, 10, 11), positions=longs(0, 1, 2, 0, 1, 7, 9),
                       slot_mapping=longs(0, 1, 2, 16, 17, 39, 57), prefill=(), prefill_blocks=longs(0, 1),
+                      prefill_chunks=longs(0, 3, 0, 0, 3, 2, 0, 1).view(2, 4),
                       num_prefill_rows=5, decode_tables=longs(2, 4, 3, 5).view(2, 2), decode_lengths=longs(8, 10),
                       decode_ctx=10, logits_rows=longs(2, 4, 5, 6),
                       lora={("q", "k"): (((0, 1), shared),), ("v",): (((0,), other),), ("o",): (((0,), shared),)})
     moved = upload_step(batch, "cpu", pin=False)
-    for name in ("input_ids", "positions", "slot_mapping", "prefill_blocks", "decode_tables", "decode_lengths",
-                 "logits_rows"):
+    for name in ("input_ids", "positions", "slot_mapping", "prefill_blocks", "prefill_chunks", "decode_tables",
+                 "decode_lengths", "logits_rows"):
         assert torch.equal(getattr(moved, name), getattr(batch, name))
     plan = {kinds: entries[0][1] for kinds, entries in moved.lora.items()}
     assert plan[("q", "k")] is plan[("o",)] and plan[("q", "k")] is not plan[("v",)]  # sharing kept
