@@ -315,6 +315,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
     if graphs:
         runner.graphs = decode_graphs(config, runner, pool.zero_page)
+    runner.warm_up()
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
     if config.inject_fault and manager.fault_hook is None:
         engine.output.fault_hook = fault_injector(config.inject_fault)

@@ -241,6 +241,16 @@ class ModelRunner:
             batch = upload_step(batch, self.device)
         return batch, order, prompt_rows
 
+    def warm_up(self) -> None:
+        """A one-token prefill step, then a decode step, of the base model, their K/V written to the
+        cache's sink block: kernels compile (Triton's attention on a GPU) and libraries set up now,
+        not in the first request's step."""
+        sink = self.kv.num_blocks
+        item = WorkItem([0], 0, [sink * self.kv.block_size], [sink], None, None, decode=False, needs_logits=True)
+        for it in (item, replace(item, decode=True)):
+            logits, _, _ = self.step([it])
+            assert logits.shape[0] == 1
+
     @torch.inference_mode()
     def step(self, items: list[WorkItem]) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
         """Run one step. Returns logits [N + P, vocab] (float32, on the model's device: sampling
