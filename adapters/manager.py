@@ -63,14 +63,15 @@ class UntrackedJob(contextlib.nullcontext):
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, host: HostCache, pool: DevicePool, dtype: torch.dtype,
                  io_initializer=None, read_timeout: float = 30.0, converted: ConvertedCache | None = None,
-                 convert=None, convert_to_pages=None):
+                 convert=None, convert_to_pages=None, io_threads: int = 1):
         """``io_initializer`` runs first on the I/O thread (the server makes its torch ops serial
         there: an OpenMP team on it would slow every engine step; server/torch_threads.py).
         ``read_timeout`` bounds a disk read: past it the read's waiters fail, and later reads go to
         a fresh I/O thread while the hung one is abandoned. ``converted``: where converted adapters
         are kept between loads (--adapter-cache-dir), if anywhere. ``convert``: the C++ converter
         for ``load_adapter``, or None (torch ops); ``convert_to_pages``: the C++ converter into a host
-        pool's pages (``DevicePool.convert_into``), or None."""
+        pool's pages (``DevicePool.convert_into``), or None. ``io_threads``: reads and copies run at
+        once (each thread keeps its own buffers)."""
         self.registry = registry
         self.host = host
         self.pool = pool
@@ -88,7 +89,7 @@ class AdapterManager:
         self._ahead: dict[AdapterKey, torch.Tensor] = {}
         self._landing: set[AdapterKey] = set()
         self._jobs: dict = {}  # future -> (key, job, args) of every job not yet done
-        self._spans: dict = {}  # I/O executor -> the io_span of the job running on it
+        self._spans: dict = {}  # (I/O executor, adapter key) -> the io_span of that key's job running there
         # guards _jobs, _spans and _io; taken inside _lock, never around it, and never held while a future is
         # cancelled or completed (its done-callback takes it)
         self._jobs_lock = threading.Lock()
@@ -96,7 +97,7 @@ class AdapterManager:
         # guards host cache and the pending/failed maps across threads; the pool's lock may be taken
         # inside it (the pool never calls back into the manager)
         self._lock = threading.Lock()
-        self._io_initializer = io_initializer
+        self._io_initializer, self.io_threads = io_initializer, io_threads
         self._io = self._new_io()
         self._device_hits = self._device_misses = self._host_misses = 0
         self._resident_since: dict[AdapterKey, float] = {}
@@ -117,15 +118,16 @@ class AdapterManager:
         self._spare: list[torch.Tensor] = []  # CPU: buffers of host copies that moved to the device
 
     def _new_io(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-io", initializer=self._io_initializer)
+        return ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="adapter-io",
+                                  initializer=self._io_initializer)
 
     def _submit(self, key: AdapterKey, job, *args) -> None:
         """Run ``job`` on the I/O thread; any failure it raises fails ``key``'s waiters, is logged,
         and never escapes into a lost future."""
         def guarded(io):
-            span = self.io_span()
+            span, at = self.io_span(), (io, key)
             with self._jobs_lock:
-                self._spans[io] = span  # the one job running on ``io``: released if ``io`` is abandoned
+                self._spans[at] = span  # released if this job hangs and ``io`` is abandoned
             try:
                 with span:
                     job(*args)
@@ -135,8 +137,8 @@ class AdapterManager:
                     f"adapter {key[0]!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}"))
             finally:
                 with self._jobs_lock:
-                    if self._spans.get(io) is span:
-                        del self._spans[io]
+                    if self._spans.get(at) is span:
+                        del self._spans[at]
                 if self.notify is not None:
                     self.notify()
         with self._jobs_lock:
@@ -308,10 +310,10 @@ class AdapterManager:
         with self._jobs_lock:
             old, self._io = self._io, self._new_io()
             queued = dict(self._jobs)
-            hung = self._spans.pop(old, None)
+            hung = [self._spans.pop((old, key)) for key in stale if (old, key) in self._spans]
         old.shutdown(wait=False, cancel_futures=True)
-        if hung is not None:  # a hung read takes no core: the engine's team is whole again
-            hung.release()
+        for span in hung:  # a hung read takes no core: the engine's team is whole again
+            span.release()
         for future, (key, job, args) in queued.items():  # jobs queued behind the hung read move over
             if future.cancelled():
                 self._submit(key, job, *args)

@@ -185,6 +185,13 @@ def kept_timings(value: dict | None) -> dict[int, tuple[float, float]] | None:
     return timings if ok else None
 
 
+def adapter_io_threads(config: ServerConfig, device: torch.device) -> int:
+    """--adapter-io-threads, or its default for ``device``."""
+    if config.adapter_io_threads is not None:
+        return config.adapter_io_threads
+    return 1 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // 4))
+
+
 def use_decode_graphs(config: ServerConfig, device: torch.device, model_class) -> bool:
     """Whether decode steps go through decode_graphs.py: --cuda-graphs auto on a CUDA device, or on."""
     wanted = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and device.type == "cuda")
@@ -291,7 +298,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                              io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
                              read_timeout=config.adapter_read_timeout, converted=converted,
                              convert=getattr(kernels, "convert_adapter", None),
-                             convert_to_pages=getattr(kernels, "convert_to_pages", None))
+                             convert_to_pages=getattr(kernels, "convert_to_pages", None),
+                             io_threads=adapter_io_threads(config, loaded.device))
     if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
         manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)  # before kept reads start
     for adapter_id in config.keep_resident:

@@ -161,6 +161,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("stream_stall_timeout", "seconds a client may leave streamed events unread before it is cancelled"),
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default, help=help_text)
+    p.add_argument("--adapter-io-threads", type=int, default=None,
+                   help="threads that read, convert and copy adapters at once (default: 1 on a CPU, whose "
+                        "cores the engine needs; on CUDA a quarter of the cores, 1 to 4)")
     p.add_argument("--target-step-ms", type=float, default=None,
                    help="also size each step's prompt tokens so that the step is predicted, from the measured "
                         "times of recent steps, to take about this long (default: off, --max-tokens-per-step "

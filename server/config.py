@@ -99,6 +99,9 @@ class ServerConfig:
     work_threads: int = 4  # tokenizing, chat templates and registrations run here, off the event loop
     work_timeout: float = 30.0  # seconds one such job may take before its call fails
     adapter_read_timeout: float = 30.0  # seconds a disk read of an adapter may take
+    # threads reading and converting adapters at once; None: 1 on a CPU (the engine needs the cores),
+    # on CUDA a quarter of the cores, 1 to 4 (first loads of many adapters outpace one thread there)
+    adapter_io_threads: int | None = None
     stream_stall_timeout: float = 60.0  # seconds a client may leave events unread before it is cancelled
     adapters: tuple[tuple[str, str], ...] = ()  # (id, path) registered at start-up
     adapter_dirs: tuple[str, ...] = ()  # each subdirectory registers under its own name
@@ -149,6 +152,8 @@ class ServerConfig:
                      "adapter_read_timeout", "stream_stall_timeout", "max_http_body_bytes", "http_keep_alive_timeout",
                      "kv_block_size", "adapter_cache_max_gib"):
             positive(name)
+        if self.adapter_io_threads is not None and self.adapter_io_threads < 1:
+            raise ValueError(f"adapter-io-threads must be >= 1, got {self.adapter_io_threads}")
         if self.max_saved_modules < 0:
             raise ValueError(f"max-saved-modules must be >= 0, got {self.max_saved_modules}")
         if self.responses_store_bytes < 0:

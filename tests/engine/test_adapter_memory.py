@@ -58,15 +58,20 @@ def workload(n, names, seed=0):
                               SamplingParams(MAX_NEW, ignore_eos=True), rng.choice(names)) for i in range(n)]
 
 
-def test_small_caches_page_adapters_with_identical_outputs(tiny_llama, many_adapters, tmp_path):
-    """The small server keeps converted adapters (--adapter-cache-dir): its reloads read those."""
+@pytest.mark.parametrize("io_threads", [1, 3])
+def test_small_caches_page_adapters_with_identical_outputs(io_threads, tiny_llama, many_adapters, tmp_path):
+    """The small server keeps converted adapters (--adapter-cache-dir): its reloads read those.
+    With three I/O threads (--adapter-io-threads, CUDA's default), reads and copies overlap."""
     reqs = workload(200, [None, *many_adapters])
     big = engine_for(tiny_llama, many_adapters, device=NUM_ADAPTERS, host=NUM_ADAPTERS)
     try:
         expected = generate(big.engine, reqs)
     finally:
         big.engine.stop()
-    small = engine_for(tiny_llama, many_adapters, device=4, host=8, adapter_cache_dir=str(tmp_path / "converted"))
+    small = engine_for(tiny_llama, many_adapters, device=4, host=8, adapter_cache_dir=str(tmp_path / "converted"),
+                       adapter_io_threads=io_threads)
+    threads, counted = set(), small.manager.on_load
+    small.manager.on_load = lambda tier, s: (threads.add(threading.current_thread().name), counted and counted(tier, s))
     pool = small.manager.pool
     violations = []
     pool.on_evict = lambda key: violations.append(key) if pool.pin_count(key) else None
@@ -76,6 +81,7 @@ def test_small_caches_page_adapters_with_identical_outputs(tiny_llama, many_adap
     finally:
         small.engine.stop()
     assert got == expected
+    assert len(threads) == io_threads  # the reads ran on that many threads
     assert counters["device"].evictions > 0
     assert not any(key in small.manager.host for key in pool.resident_keys)  # CPU tiers are exclusive
     assert counters["device"].reloads <= counters["device"].evictions

@@ -39,6 +39,8 @@ from loramux.server.config import ServerConfig
     (dict(quantization="int4"), "quantization must be one of"),
     (dict(http_keep_alive_timeout=0), "http-keep-alive-timeout must be > 0"),
     (dict(max_saved_modules=-1), "max-saved-modules must be >= 0"),
+    (dict(cuda_graphs="yes"), "cuda-graphs must be one of"),
+    (dict(adapter_io_threads=0), "adapter-io-threads must be >= 1"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
@@ -56,13 +58,15 @@ def test_cli_flags_become_one_config():
         "serve", "--port", "6000", "--max-batch-size", "8", "--adapter", "a=/x/a", "--adapter", "b=/x/b",
         "--adapter-root", "/x", "--auth-token", "t", "--max-total-tokens", "900", "--allow-runtime-adapters",
         "--lora-dtype", "float16", "--http-keep-alive-timeout", "2.5", "--base-linear", "kernel",
-        "--quantization", "int8",
+        "--quantization", "int8", "--cuda-graphs", "off", "--adapter-io-threads", "3",
     ])
     c = config_from_args(args)
     assert (c.port, c.max_batch_size, c.auth_token, c.max_total_tokens) == (6000, 8, "t", 900)
     assert c.lora_dtype == "float16" and ServerConfig().lora_dtype == "auto"
     assert c.base_linear == "kernel" and ServerConfig().base_linear == "auto"
     assert c.quantization == "int8" and ServerConfig().quantization == "none"
+    assert c.cuda_graphs == "off" and ServerConfig().cuda_graphs == "auto"
+    assert c.adapter_io_threads == 3 and ServerConfig().adapter_io_threads is None
     # clients (httpx: 5 s) and load balancers (60 s) must close idle connections before the server does
     assert c.http_keep_alive_timeout == 2.5 and ServerConfig().http_keep_alive_timeout > 60
     assert c.adapters == (("a", "/x/a"), ("b", "/x/b")) and c.adapter_roots == ("/x",)
@@ -165,3 +169,16 @@ def test_gpu_memory_utilization_sizes_the_kv_pool_from_the_devices_memory(monkey
 def test_gpu_memory_utilization_is_validated(settings, message):
     with pytest.raises(ValueError, match=message):
         ServerConfig(**settings)
+
+
+def test_adapter_io_threads_default_to_one_on_a_cpu_and_a_quarter_of_the_cores_on_cuda(monkeypatch):
+    import torch
+
+    from loramux.server.builder import adapter_io_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert adapter_io_threads(ServerConfig(), torch.device("cpu")) == 1
+    assert adapter_io_threads(ServerConfig(), torch.device("cuda")) == 4
+    assert adapter_io_threads(ServerConfig(adapter_io_threads=2), torch.device("cpu")) == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert adapter_io_threads(ServerConfig(), torch.device("cuda")) == 1
