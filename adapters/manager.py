@@ -1,7 +1,8 @@
 """Adapter memory across three tiers: disk -> host LRU -> device pages.
 
-Disk reads and host-to-device copies run on one background I/O thread, so a cold adapter never
-stalls the step loop. The engine asks ``readiness`` (which also prefetches), ``stage``s the device copy of an adapter
+Disk reads and host-to-device copies run on background I/O threads (one on a CPU; on CUDA, where
+first loads of many adapters must keep up with fast steps, a few: --adapter-io-threads), so a
+cold adapter never stalls the step loop. The engine asks ``readiness`` (which also prefetches), ``stage``s the device copy of an adapter
 that is in host memory, and ``pin``s an adapter only once it is device-resident, so that pinning
 never fails.
 
@@ -122,7 +123,7 @@ class AdapterManager:
                                   initializer=self._io_initializer)
 
     def _submit(self, key: AdapterKey, job, *args) -> None:
-        """Run ``job`` on the I/O thread; any failure it raises fails ``key``'s waiters, is logged,
+        """Run ``job`` on an I/O thread; any failure it raises fails ``key``'s waiters, is logged,
         and never escapes into a lost future."""
         def guarded(io):
             span, at = self.io_span(), (io, key)

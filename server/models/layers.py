@@ -98,8 +98,8 @@ class FlatAttention(nn.Module):
     q: [T, H, hd], k, v: [T, KV, hd] (new tokens, already position-encoded) -> [T, H * hd].
     Options: ``scale`` (None: hd^-0.5), a ``sliding_window`` (keys q_pos - window < k_pos <= q_pos),
     ALiBi ``slopes`` [H] (score += slope_h * k_pos; constant per query row, as BLOOM adds it), and
-    Gemma 2's ``softcap`` (score -> cap * tanh(score / cap): every decode backend takes it; prefill
-    runs it in torch ops).
+    Gemma 2's ``softcap`` (score -> cap * tanh(score / cap): every decode backend and Triton's
+    prefill take it; SDPA's prefill runs it in torch ops).
     The new K/V are written first; prefill chunks then run SDPA over exactly their own blocks (on
     CUDA, Triton's kernel runs them all in one call, straight from the cache), and all decode rows
     go through the cache's decode kernel in one call (ops/attention.py).
@@ -120,11 +120,13 @@ class FlatAttention(nn.Module):
         gqa = self.num_heads != self.num_kv_heads
         slopes = None if self.slopes is None else self.slopes.float()
         out = q.new_empty(q.shape[0], size)
-        if batch.prefill and kv.prefill_attention is not None:  # every chunk in one call, from the cache
+        chunks = batch.prefill
+        if chunks and kv.prefill_attention is not None:  # every chunk in one call, from the cache
             kv.prefill_attention(out.view(-1, self.num_heads, self.head_dim), q, k_cache, v_cache, batch.prefill_blocks,
-                                 batch.prefill_chunks, max(seq.num_tokens for seq in batch.prefill), self.scale,
+                                 batch.prefill_chunks, max(seq.num_tokens for seq in chunks), self.scale,
                                  self.sliding_window, slopes, self.softcap)
-        for seq in batch.prefill if kv.prefill_attention is None else ():
+            chunks = ()
+        for seq in chunks:
             # queries [1, H, n, hd] over the sequence's keys [1, KV, ctx, hd]
             ctx = seq.start_pos + seq.num_tokens
             rows = slice(seq.row_start, seq.row_start + seq.num_tokens)
