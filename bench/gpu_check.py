@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "ops", "parity", "bench", "profile")
 ASSETS = ROOT / "bench" / "gpu-assets"
 # Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity's tests (about
-# 310 since session 54 added every family's staggered test, through CUDA graphs) run on 4 workers (tests/conftest.py sizes each engine's KV pool at 5% of the free GPU memory; in
+# 275 since session 54 added each family's staggered test once, through CUDA graphs) run on 4 workers (tests/conftest.py sizes each engine's KV pool at 5% of the free GPU memory; in
 # session 49, at 80%, four workers starved each other), and bench's two models
 # may take most of a device call: run STAGE=env,ops,parity,profile and STAGE=bench as two calls.
 STAGE_S = {"env": 60, "ops": 120, "parity": 300, "bench": 540, "profile": 120}
@@ -129,13 +129,17 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
         proc.wait()
 
 
-def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, workers: int = 1) -> dict:
+def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, workers: int = 1,
+            select: str | None = None) -> dict:
+    """``select``: a -k expression for the full run (--quick runs ``quick_filter`` instead)."""
     # pytest-timeout prints every thread's stack for a test that hangs, before the stage runs out
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets,
            "--timeout", str(max(1, int(args.budget - 20))), "--junitxml", str(out / f"{name}.xml")]
     if args.quick:
         cmd += ["-k", quick_filter]
-    elif workers > 1:  # sharing the one GPU (tests/conftest.py keeps each engine's KV pool small)
+    elif select:
+        cmd += ["-k", select]
+    if not args.quick and workers > 1:  # sharing the one GPU (tests/conftest.py keeps each engine's KV pool small)
         cmd += ["-n", str(workers)]
     code, stdout = _run(cmd, out / f"{name}.log", max(1.0, args.budget - 10))
     return {"returncode": code, "summary": (stdout.strip().splitlines() or [""])[-1]}
@@ -155,7 +159,9 @@ def stage_parity(args, out: Path) -> dict:
                                          "tests/engine/test_families.py::test_family_matches_peft_with_staggered_joins"],
                    # --quick (the CPU smoke test): one parity test shows the stage runs; make test runs the rest
                    "staggered_mixed_adapters and torch and not float16",
-                   workers=4)  # each engine's KV pool takes 5% of the free GPU memory in tests (conftest.py)
+                   workers=4,  # each engine's KV pool takes 5% of the free GPU memory in tests (conftest.py)
+                   # one run a family: on CUDA both of its variants capture graphs (auto); the one without caching
+                   select="not staggered_joins or graphs")
 
 
 def stage_bench(args, out: Path) -> dict:
