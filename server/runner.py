@@ -17,7 +17,7 @@ from .ops import LoRAPlan, LoRAPlans, merge_plans, plan_segments, plan_tokens
 from .ops.plan import MagnitudeRuns, longs, upload
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one is built per row per step, and a frozen one's init costs 4x (1.7 us)
 class WorkItem:
     # tokens to feed this step: a prefill chunk, or the last sampled token (and a decoding row's drafts)
     token_ids: list[int]
