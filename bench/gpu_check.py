@@ -9,7 +9,7 @@ and adapters it builds), so a call stopped part-way still brings back what the s
 tagged with its log's name: do not pipe the call through ``tail``, whose output a killed call loses:
 
   env      versions, the GPU, what imports (env.json)
-  ops      the native op tests: Triton kernels against the reference (ops.log)
+  ops      the native op tests: Triton's LoRA and attention kernels against the references (ops.log)
   parity   the engine's token-exact PEFT parity tests on CUDA (parity.log)
   bench    bench/gpu.py on the SmolLM2-shaped and 1B-shaped models (bench-*.json, bench-*.log)
   profile  a torch profiler summary of one decode step at batch 32 (profile.txt)
@@ -146,7 +146,9 @@ def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, w
 
 
 def stage_ops(args, out: Path) -> dict:
-    return _pytest(args, out, "ops", ["tests/unit/test_ops.py"], "bgmv_matches_reference and dtype0 and torch", workers=4)
+    # the LoRA kernels, and the attention kernels (Triton's decode and prefill) against the oracle
+    return _pytest(args, out, "ops", ["tests/unit/test_ops.py", "tests/unit/test_attention.py"],
+                   "bgmv_matches_reference and dtype0 and torch", workers=4)
 
 
 def stage_parity(args, out: Path) -> dict:

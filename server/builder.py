@@ -323,7 +323,15 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
     if graphs:
         runner.graphs = decode_graphs(config, runner, pool.zero_page)
-    runner.warm_up()
+    try:
+        runner.warm_up()
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot run here leaves its fallback, loudly
+        if kv.prefill_attention is None:
+            raise
+        log.warning("Triton's prefill attention failed its first step (%s: %s); prefill runs SDPA per chunk",
+                    type(e).__name__, e)
+        kv.prefill_attention = None
+        runner.warm_up()
     engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
     if config.inject_fault and manager.fault_hook is None:
         engine.output.fault_hook = fault_injector(config.inject_fault)

@@ -293,3 +293,26 @@ def test_half_precision_serves_near_the_float32_oracle(dtype, tiny_llama, tiny_a
             peft_half.append(abs(half[step, token].item() - oracle[step, token].item()))
     assert 0 < statistics.mean(ours) <= 1.5 * statistics.mean(peft_half) + 1e-3, (statistics.mean(ours), statistics.mean(peft_half))
     assert max(ours) <= 1.5 * max(peft_half) + 1e-2, (max(ours), max(peft_half))
+
+
+def test_a_prefill_kernel_that_fails_its_first_step_leaves_sdpa_and_says_so(tiny_llama, monkeypatch, caplog):
+    """Start-up's warm-up step runs every kernel once: Triton's prefill attention failing there (a
+    GPU it cannot compile for) is logged, prefill falls back to SDPA per chunk, and outputs stay exact."""
+    if not triton_available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("triton is not installed")
+    from loramux.server.ops import triton_attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(triton_attention, "paged_prefill_triton", broken)
+    config = ServerConfig(op_backend="triton", dtype="float32", base_linear=pinned_base_linear("triton"),
+                          model=str(tiny_llama), max_batch_size=4, max_model_len=96, default_max_new_tokens=8)
+    with caplog.at_level("WARNING"):
+        engine = build_engine(config).engine
+    assert engine.runner.kv.prefill_attention is None
+    assert "prefill attention failed its first step (RuntimeError: out of resources" in caplog.text
+    prompts = make_prompts(engine.vocab_size, 2, seed=9)
+    outs = serve_together(engine, [(None, p) for p in prompts], [SamplingParams(6, ignore_eos=True)] * 2)
+    assert [[ev.token_id for ev in events] for events in outs] == peft_generate(tiny_llama, None, prompts, 6,
+                                                                                 eos_token_id=None)
