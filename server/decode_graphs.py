@@ -50,8 +50,8 @@ ROW_HEAD = 4  # token, position, write slot, context length
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes captured: small powers of two, then multiples of 8 to 64 rows apart, and
-    ``max_batch`` itself last."""
+    """The batch sizes captured: SMALL_BUCKETS below ``max_batch``, every BUCKET_STEP rows past
+    256, and ``max_batch`` itself last (a step pads at most a quarter of its rows past 8)."""
     sizes = [b for b in SMALL_BUCKETS if b < max_batch]
     sizes += range(SMALL_BUCKETS[-1] + BUCKET_STEP, max_batch, BUCKET_STEP)
     return (*sizes, max_batch)

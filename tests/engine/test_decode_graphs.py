@@ -1,7 +1,7 @@
 """The static decode path (decode_graphs.py) as an engine runs it: its forward pass never reads a
 device value back to the host or bakes host data into the step (either breaks a CUDA graph's
-capture, or replays a stale value), and greedy outputs do not depend on it. Token-for-token parity
-with PEFT through it is in test_parity.py (``+graphs``) and test_families.py."""
+capture, or replays a stale value), and a replay returns what the same step run eagerly returns.
+Token-for-token parity with PEFT through it is in test_parity.py (``+graphs``) and test_families.py."""
 
 import asyncio
 import time
