@@ -115,5 +115,9 @@ def test_a_replay_reads_the_rows_uploaded_before_it(tiny_llama, tiny_adapters):
     graphs.graphs[key] = (Replay(graphs, key, out), out)
     with torch.inference_mode():
         got = graphs.run(items)
-    assert torch.equal(got, expected) and got.shape[0] == 3
+    assert got.shape[0] == 3
+    if graphs.device.type == "cpu":
+        assert torch.equal(got, expected)
+    else:  # a real graph's replay against the same step run eagerly: cuBLAS may pick another algorithm
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert graphs.steps == steps + 2
