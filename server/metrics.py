@@ -156,6 +156,10 @@ class _LiveCollector:
                                   "a decode step", value=engine.accepted_tokens)
         yield GaugeMetricFamily("loramux_step_token_budget", "Token budget of the last step: --max-tokens-per-step, "
                                 "or what --target-step-ms left of it", value=engine.step_token_budget)
+        graphs = engine.runner.graphs
+        yield CounterMetricFamily("loramux_decode_graph_steps", "Decode steps replayed from a CUDA graph "
+                                  "(--cuda-graphs; on a CPU with on, steps of the same static path)",
+                                  value=0 if graphs is None else graphs.steps)
         yield CounterMetricFamily("loramux_preemptions", "Running requests preempted: for KV memory, an adapter's fair "
                                   "share or a request of higher priority",
                                   value=engine.num_preemptions)

@@ -29,7 +29,8 @@ def metrics_server(tiny_llama, tmp_path_factory):
     proc = ServerProcess(
         ["--model", str(tiny_llama), "--adapter-dir", str(adapters), "--adapter-root", str(root), "--allow-runtime-adapters",
          "--metrics-top-adapters", "5", "--max-device-adapters", "8", "--max-host-adapters", "16",
-         "--max-model-len", "256", "--default-max-new-tokens", "16", "--log-format", "json"],
+         "--max-model-len", "256", "--default-max-new-tokens", "16", "--log-format", "json",
+         "--cuda-graphs", "on"],  # on a CPU: decode steps through the static path that CUDA graphs replay
         tmp_path_factory.mktemp("mlogs") / "server.log",
     )
     proc.wait_ready()
@@ -59,6 +60,9 @@ def test_counters_and_histograms_move_exactly(metrics_server):
         assert after[key] - before[key] == 4, hist
     itl = "loramux_inter_token_latency_seconds_count"
     assert after[itl] - before[itl] == sum(n - 1 for _, n in plan)
+    # one request at a time: after each prefill step, every decode step took the static path
+    graph_steps = "loramux_decode_graph_steps_total"
+    assert after[graph_steps] - before[graph_steps] == sum(n - 1 for _, n in plan)
     assert after["loramux_batch_size_count"] > before["loramux_batch_size_count"]
     assert after["loramux_step_duration_seconds_count"] == after["loramux_batch_size_count"]
     assert after['loramux_adapters_resident{tier="device"}'] >= 2
