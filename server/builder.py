@@ -8,6 +8,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -192,6 +193,15 @@ def adapter_io_threads(config: ServerConfig, device: torch.device) -> int:
     return 1 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
+def io_openmp(device: torch.device, io_threads: int):
+    """Each adapter I/O thread's OpenMP team: on a CPU host its torch ops run serially (the engine
+    keeps the only team); on a CUDA host, where the engine runs no parallel CPU ops, the I/O threads
+    share the cores (teams of a core each per thread would oversubscribe them io_threads times)."""
+    if device.type == "cpu":
+        return serial_openmp
+    return partial(serial_openmp, max(1, (os.cpu_count() or 1) // io_threads))
+
+
 def use_decode_graphs(config: ServerConfig, device: torch.device, model_class) -> bool:
     """Whether decode steps go through decode_graphs.py: --cuda-graphs auto on a CUDA device, or on."""
     wanted = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and device.type == "cuda")
@@ -287,19 +297,18 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
             registry.register_combination(adapter_id, list(parts))
         except (AdapterError, ValueError) as e:
             raise StartupError(f"--combine {adapter_id!r}: {e}") from None
-    # On a CPU host the I/O thread's torch ops run serially, so the engine keeps the only OpenMP team;
-    # on a CUDA host the engine runs no parallel CPU ops, and the I/O thread needs its threads.
     try:
         converted = ConvertedCache(Path(config.adapter_cache_dir), layout, int(config.adapter_cache_max_gib * 2**30)) \
             if config.adapter_cache_dir else None
     except OSError as e:
         raise StartupError(f"--adapter-cache-dir {config.adapter_cache_dir}: {e}") from None
+    io_threads = adapter_io_threads(config, loaded.device)
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, page_dtype,
-                             io_initializer=serial_openmp if loaded.device.type == "cpu" else None,
+                             io_initializer=io_openmp(loaded.device, io_threads),
                              read_timeout=config.adapter_read_timeout, converted=converted,
                              convert=getattr(kernels, "convert_adapter", None),
                              convert_to_pages=getattr(kernels, "convert_to_pages", None),
-                             io_threads=adapter_io_threads(config, loaded.device))
+                             io_threads=io_threads)
     if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
         manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)  # before kept reads start
     for adapter_id in config.keep_resident:

@@ -63,13 +63,14 @@ def openmp_library() -> ctypes.CDLL | None:
     return None
 
 
-def serial_openmp() -> None:
-    """Run this thread's parallel torch ops on this thread alone; other threads are unaffected.
-    (``torch.set_num_threads`` would change every thread's count, and MKL's, process-wide.)"""
+def serial_openmp(threads: int = 1) -> None:
+    """Run this thread's parallel torch ops on ``threads`` threads (by default this one alone);
+    other threads are unaffected. (``torch.set_num_threads`` would change every thread's count, and
+    MKL's, process-wide.)"""
     torch.get_num_threads()  # torch sets the calling thread's OpenMP count on first use: let it go first
     lib = openmp_library()
     if lib is not None:
-        lib.omp_set_num_threads(1)  # per thread in libgomp
+        lib.omp_set_num_threads(threads)  # per thread in libgomp
 
 
 class IOCoreShare:
