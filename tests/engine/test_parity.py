@@ -134,8 +134,9 @@ def narrow_copies(adapters: dict[str, Path], root: Path, dtype: torch.dtype) -> 
                                         "cpp+graphs", "triton+graphs"])
 def engine_with_adapters(request, tiny_llama, tiny_adapters, tmp_path_factory):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend, graphs, lora_dtype = request.param.partition("+")[0].partition("-")[0], "+graphs" in request.param, \
-        request.param.partition("-")[2]
+    name, _, variant = request.param.partition("+")
+    backend, _, lora_dtype = name.partition("-")
+    graphs = variant == "graphs"
     if graphs and device != "cpu":
         pytest.skip("on CUDA every engine here captures decode graphs (--cuda-graphs auto)")
     if backend == "triton" and not triton_available(device):
