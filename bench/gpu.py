@@ -13,7 +13,7 @@ the SmolLM2 tokenizer (``--tokenizer DIR``; default: the one of the locally prep
   others finish: with 64 the first H200 run measured 0.44.)
 - host synchronisations per decode step, counted by ``torch.cuda.set_sync_debug_mode``.
 Decode steps replay CUDA graphs unless ``--cuda-graphs off`` (the report counts those captured);
-with graphs, the middle batch size is measured again with decode run eagerly, side by side.
+with graphs, the middle batch size is measured again with decode run eagerly, in the same run.
 Targets: mixed/base >= 0.9 at batch 32; loramux/PEFT >= 10 at batch 256; 1000/8 >= 0.9.
 PEFT gets one model with all its adapters per base model, reused across batch sizes, and 4 new
 tokens per row. Sized for a few minutes per model on one H200; ``--models`` runs one base model per
@@ -168,20 +168,28 @@ def zipf_run(config, loaded, adapters, picks, prompts, new_tokens: int, batch: i
         built.engine.stop()
 
 
+def base_and_mixed(engine, prompts, ids, new_tokens: int, rounds: int) -> dict:
+    """Decode tokens/s of ``prompts`` for the base model and with adapters ``ids``, best of
+    ``rounds`` interleaved (so drift hits both alike), after a warm-up that compiles kernels and
+    makes the adapters resident."""
+    run_batch(engine, prompts, ids, 2)
+    base, mixed = [], []
+    for _ in range(rounds):
+        base.append(run_batch(engine, prompts, [None] * len(prompts), new_tokens).decode_tokens_per_s)
+        mixed.append(run_batch(engine, prompts, ids, new_tokens).decode_tokens_per_s)
+    return {"base_tok_s": max(base), "mixed_tok_s": max(mixed), "mixed/base": max(mixed) / max(base)}
+
+
 def eager_rows(config, loaded, adapters, prompts, args, batch: int) -> dict:
-    """Base and mixed decode at ``batch`` with --cuda-graphs off (one round each, after a warm-up)."""
+    """Base and mixed decode at ``batch`` with --cuda-graphs off (one round each), in the same run."""
     built = build_engine(ServerConfig(**{**config.__dict__, "cuda_graphs": "off",
                                          "adapters": tuple(adapters[:batch])}), loaded)
-    ids = [a for a, _ in adapters[:batch]]
     built.engine.start()
     try:
-        run_batch(built.engine, prompts[:batch], ids, 2)
-        row = {"batch": batch,
-               "base_tok_s": run_batch(built.engine, prompts[:batch], [None] * batch, args.new_tokens).decode_tokens_per_s,
-               "mixed_tok_s": run_batch(built.engine, prompts[:batch], ids, args.new_tokens).decode_tokens_per_s}
+        row = {"batch": batch, **base_and_mixed(built.engine, prompts[:batch], [a for a, _ in adapters[:batch]],
+                                                args.new_tokens, 1)}
     finally:
         built.engine.stop()
-    row["mixed/base"] = row["mixed_tok_s"] / row["base_tok_s"]
     print(f"  eager (no CUDA graphs) batch {batch}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
     return row
 
@@ -212,14 +220,8 @@ def bench_model(name: str, model: str | None, args, work: Path) -> dict:
     engine.start()
     try:
         for batch in sizes:
-            ids = [a for a, _ in adapters[:batch]]
-            run_batch(engine, prompts[:batch], ids, 2)  # warm-up: compile kernels, make adapters resident
-            base, mixed = [], []
-            for _ in range(args.rounds):  # interleaved, so drift hits both alike
-                base.append(run_batch(engine, prompts[:batch], [None] * batch, args.new_tokens).decode_tokens_per_s)
-                mixed.append(run_batch(engine, prompts[:batch], ids, args.new_tokens).decode_tokens_per_s)
-            row = {"base_tok_s": max(base), "mixed_tok_s": max(mixed)}
-            row["mixed/base"] = row["mixed_tok_s"] / row["base_tok_s"]
+            row = base_and_mixed(engine, prompts[:batch], [a for a, _ in adapters[:batch]], args.new_tokens,
+                                 args.rounds)
             row["peft_mixed_tok_s"] = peft.decode(batch, args.prompt_len, args.peft_new_tokens)
             row["loramux/PEFT"] = row["mixed_tok_s"] / row["peft_mixed_tok_s"]
             report["batches"][str(batch)] = row

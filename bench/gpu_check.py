@@ -46,10 +46,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "ops", "parity", "bench", "profile")
 ASSETS = ROOT / "bench" / "gpu-assets"
-# Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity's tests (about
-# 275 since session 54 added each family's staggered test once, through CUDA graphs) run on 4 workers (tests/conftest.py sizes each engine's KV pool at 5% of the free GPU memory; in
-# session 49, at 80%, four workers starved each other), and bench's two models
-# may take most of a device call: run STAGE=env,ops,parity,profile and STAGE=bench as two calls.
+# Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity's 280 tests
+# (session 54 added each family's staggered test once, through CUDA graphs) run on 4 workers
+# (tests/conftest.py sizes each engine's KV pool at 5% of the free GPU memory; in session 49, at 80%,
+# four workers starved each other), and bench's two models may take most of a device call: run
+# STAGE=env,ops,parity,profile and STAGE=bench as two calls.
 STAGE_S = {"env": 60, "ops": 120, "parity": 300, "bench": 540, "profile": 120}
 QUICK_STAGE_S = 90  # each stage with --quick; all five take 20-40 s on a 2-core CPU
 

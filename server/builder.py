@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -45,7 +44,7 @@ from .ops.linear import (
 from .ops.quantize import select_int8_linear
 from .runner import ModelRunner
 from .timing_cache import TimingCache
-from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp
+from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp, thread_openmp, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def register_startup_adapters(registry: AdapterRegistry, startup: list[tuple[str
         if adapter_id in seen:
             raise StartupError(f"adapter {adapter_id!r} is given twice at start-up ({seen[adapter_id]} and {path})")
         seen[adapter_id] = path
-    threads = max(1, min(threads or min(os.cpu_count() or 1, 16), len(startup)))
+    threads = max(1, min(threads or min(usable_cores(), 16), len(startup)))
     with ThreadPoolExecutor(threads, thread_name_prefix="register") as pool:
         futures = [pool.submit(registry.register, adapter_id, path, trusted=True) for adapter_id, path in startup]
         for (adapter_id, path), future in zip(startup, futures, strict=True):
@@ -190,7 +189,7 @@ def adapter_io_threads(config: ServerConfig, device: torch.device) -> int:
     """--adapter-io-threads, or its default for ``device``."""
     if config.adapter_io_threads is not None:
         return config.adapter_io_threads
-    return 1 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // 4))
+    return 1 if device.type == "cpu" else min(4, max(1, usable_cores() // 4))
 
 
 def io_openmp(device: torch.device, io_threads: int):
@@ -199,7 +198,7 @@ def io_openmp(device: torch.device, io_threads: int):
     share the cores (teams of a core each per thread would oversubscribe them io_threads times)."""
     if device.type == "cpu":
         return serial_openmp
-    return partial(serial_openmp, max(1, (os.cpu_count() or 1) // io_threads))
+    return partial(thread_openmp, max(1, usable_cores() // io_threads))
 
 
 def use_decode_graphs(config: ServerConfig, device: torch.device, model_class) -> bool:
@@ -218,8 +217,7 @@ def decode_graphs(config: ServerConfig, runner: ModelRunner, zero_page: int) -> 
     """The runner's static decode path, its graphs captured on CUDA. A capture that fails stops
     start-up under --cuda-graphs on, and leaves decode eager under auto."""
     model = runner.model
-    graphs = DecodeGraphs(model, runner.kv, runner.apply_lora, runner.device,
-                          [g for g in runner.groups if g != (model.embedding_kind,)], zero_page,
+    graphs = DecodeGraphs(model, runner.kv, runner.apply_lora, runner.device, runner.groups, zero_page,
                           config.max_batch_size, config.max_lora_rank, config.max_model_len,
                           frozenset({HEAD, model.embedding_kind}))
     if not graphs.capturing:

@@ -94,7 +94,8 @@ class DecodeGraphs:
     def __init__(self, model, kv, apply_lora, device: torch.device, groups: Sequence[tuple[str, ...]],
                  zero_page: int, max_batch: int, max_rank: int, max_model_len: int, eager_kinds: frozenset[str]):
         self.model, self.kv, self.apply_lora, self.device = model, kv, apply_lora, device
-        self.groups = tuple(groups)  # the fused linears' kinds whose LoRA a static plan runs
+        # the fused linears whose LoRA a static plan runs: all but those of ``eager_kinds``
+        self.groups = tuple(g for g in groups if not eager_kinds.intersection(g))
         self.zero_page, self.eager_kinds = zero_page, eager_kinds
         self.buckets, self.ranks = batch_buckets(max_batch), graph_ranks(max_rank)
         self.width = -(-max_model_len // kv.block_size)  # block-table entries of the longest sequence

@@ -40,8 +40,6 @@ class WorkItem:
         return self.pages is not None and kind in self.kinds
 
 
-
-
 def _saved(items: list[WorkItem], runs: Iterable[tuple[int, int, int]], attr: str
            ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """(rows, weight) for each distinct trained copy ``attr`` of the items; ``runs``: (item, first
@@ -236,6 +234,7 @@ class ModelRunner:
             saved_heads=saved_heads,
             base_head_rows=longs([row for row, i in enumerate(logits_items) if items[i].saved_head is None])
             if saved_heads else None,
+            longest_prefill=max((c.num_tokens for c in meta.prefill), default=0),
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

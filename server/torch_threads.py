@@ -63,14 +63,23 @@ def openmp_library() -> ctypes.CDLL | None:
     return None
 
 
-def serial_openmp(threads: int = 1) -> None:
-    """Run this thread's parallel torch ops on ``threads`` threads (by default this one alone);
-    other threads are unaffected. (``torch.set_num_threads`` would change every thread's count, and
-    MKL's, process-wide.)"""
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_openmp(threads: int) -> None:
+    """Run this thread's parallel torch ops on a team of ``threads``; other threads are unaffected.
+    (``torch.set_num_threads`` would change every thread's count, and MKL's, process-wide.)"""
     torch.get_num_threads()  # torch sets the calling thread's OpenMP count on first use: let it go first
     lib = openmp_library()
     if lib is not None:
         lib.omp_set_num_threads(threads)  # per thread in libgomp
+
+
+def serial_openmp() -> None:
+    """Run this thread's parallel torch ops on this thread alone."""
+    thread_openmp(1)
 
 
 class IOCoreShare:
@@ -96,7 +105,7 @@ class IOCoreShare:
         thread, a core to spare already (fewer threads than usable cores), or an OpenMP other
         than libgomp."""
         lib, threads = openmp_library(), torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         return cls(threads, lib) if lib is not None and 1 < threads and cores <= threads else None
 
     def io_job(self) -> IOJob:

@@ -42,3 +42,4 @@ class StepBatch:
     saved_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
     saved_heads: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
     base_head_rows: torch.Tensor | None = None  # with saved_heads: the logits rows the base lm_head computes
+    longest_prefill: int = 0  # the longest prefill chunk's tokens (the prefill kernel's grid)

@@ -123,7 +123,7 @@ class FlatAttention(nn.Module):
         chunks = batch.prefill
         if chunks and kv.prefill_attention is not None:  # every chunk in one call, from the cache
             kv.prefill_attention(out.view(-1, self.num_heads, self.head_dim), q, k_cache, v_cache, batch.prefill_blocks,
-                                 batch.prefill_chunks, max(seq.num_tokens for seq in chunks), self.scale,
+                                 batch.prefill_chunks, batch.longest_prefill, self.scale,
                                  self.sliding_window, slopes, self.softcap)
             chunks = ()
         for seq in chunks:

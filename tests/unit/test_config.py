@@ -176,11 +176,11 @@ def test_adapter_io_threads_default_to_one_on_a_cpu_and_a_quarter_of_the_cores_o
 
     from loramux.server.builder import adapter_io_threads
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("loramux.server.builder.usable_cores", lambda: 16)
     assert adapter_io_threads(ServerConfig(), torch.device("cpu")) == 1
     assert adapter_io_threads(ServerConfig(), torch.device("cuda")) == 4
     assert adapter_io_threads(ServerConfig(adapter_io_threads=2), torch.device("cpu")) == 2
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("loramux.server.builder.usable_cores", lambda: 2)
     assert adapter_io_threads(ServerConfig(), torch.device("cuda")) == 1
 
 
@@ -188,10 +188,10 @@ def test_io_threads_share_the_cores_on_cuda_and_run_serially_on_a_cpu(monkeypatc
     import torch
 
     from loramux.server.builder import io_openmp
-    from loramux.server.torch_threads import serial_openmp
+    from loramux.server.torch_threads import serial_openmp, thread_openmp
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("loramux.server.builder.usable_cores", lambda: 16)
     assert io_openmp(torch.device("cpu"), 1) is serial_openmp
     on_cuda = io_openmp(torch.device("cuda"), 4)
-    assert on_cuda.func is serial_openmp and on_cuda.args == (4,)
+    assert on_cuda.func is thread_openmp and on_cuda.args == (4,)
     assert io_openmp(torch.device("cuda"), 32).args == (1,)
