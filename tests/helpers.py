@@ -147,6 +147,8 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                "full_attention": {"rope_type": "default", "rope_theta": 500000.0}},
                               architectures=["Olmo3ForCausalLM"])
+    if family == "olmo":  # LayerNorms without weights, q/k/v clamped (a clip small enough to bite)
+        return tf.OlmoConfig(**common, **llama_like, clip_qkv=2.0, architectures=["OlmoForCausalLM"])
     if family == "granite":  # its four scalars away from 1 (attention's from head_dim ** -0.5), biases
         return tf.GraniteConfig(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3,
                                 attention_multiplier=0.09, logits_scaling=4.0, attention_bias=True, mlp_bias=True,
@@ -170,6 +172,15 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                  "partial_rotary_factor": 1.0},
                                 architectures=["GPTNeoXForCausalLM"])
+    if family == "gptj":  # a parallel block under one LayerNorm, RoPE on interleaved pairs of a quarter of each head
+        return tf.GPTJConfig(**common, n_embd=64, n_layer=2, n_head=4, rotary_dim=4, n_positions=512,
+                             architectures=["GPTJForCausalLM"])
+    opt = dict(**common, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+               max_position_embeddings=512, architectures=["OPTForCausalLM"])
+    if family == "opt":  # LayerNorms before attention and the MLP, q scaled after its projection
+        return tf.OPTConfig(**opt, word_embed_proj_dim=64)
+    if family == "opt_350m":  # LayerNorms after each residual sum, embeddings projected in and out
+        return tf.OPTConfig(**opt, word_embed_proj_dim=32, do_layer_norm_before=False)
     if family == "starcoder2":  # LayerNorms, biases, a plain MLP, grouped-query attention, a sliding window
         return tf.Starcoder2Config(**common, **llama_like, sliding_window=6, use_bias=True,
                                    architectures=["Starcoder2ForCausalLM"])
@@ -272,6 +283,8 @@ FAMILY_ADAPTERS = {
               "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "olmo3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
               "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
+    "olmo": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+             "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "granite": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                 "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "gpt2": {"c_attn-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
@@ -280,6 +293,11 @@ FAMILY_ADAPTERS = {
                 "mlp-r4": dict(r=4, lora_alpha=4, target_modules=["c_fc", "c_proj"])},
     "gpt_neox": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
                  "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
+    "gptj": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc_in",
+                                                               "fc_out"])},
+    "opt": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+            "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])},
     "starcoder2": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                    "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "c_fc",
                                                                      "c_proj"])},
@@ -294,9 +312,9 @@ FAMILY_ADAPTERS = {
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
 CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "gpt_neox_seq": "gpt_neox",
-                   "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon"}
+                   "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt"}
 
-BIASED_HEAD = {"phi"}  # families whose lm_head has a bias: trained or resized copies of it are refused
+BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 
 # Mixed ranks, targets (list and regex), rsLoRA, rank/alpha patterns, layers_to_transform.
 ADAPTER_VARIANTS = {

@@ -11,17 +11,19 @@ from .gpt2 import GPT2ForServing
 from .gpt_bigcode import GPTBigCodeForServing
 from .gpt_neo import GPTNeoForServing
 from .gpt_neox import GPTNeoXForServing
+from .gptj import GPTJForServing
 from .granite import GraniteForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import GraniteMoeForServing, MoEForServing, OlmoeForServing
-from .olmo import Olmo2ForServing
+from .olmo import Olmo2ForServing, OlmoForServing
+from .opt import OPTForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Ministral 3, ERNIE 4.5, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 1/2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -43,6 +45,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
+    "OlmoForCausalLM": OlmoForServing,
     "Olmo2ForCausalLM": Olmo2ForServing,
     "Olmo3ForCausalLM": Olmo2ForServing,
     "StableLmForCausalLM": StableLmForServing,
@@ -53,6 +56,8 @@ SUPPORTED_ARCHITECTURES = {
     "GPTNeoForCausalLM": GPTNeoForServing,
     "GPTBigCodeForCausalLM": GPTBigCodeForServing,
     "GPTNeoXForCausalLM": GPTNeoXForServing,
+    "GPTJForCausalLM": GPTJForServing,
+    "OPTForCausalLM": OPTForServing,
     "FalconForCausalLM": FalconForServing,
     "BloomForCausalLM": BloomForServing,
 }

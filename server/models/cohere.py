@@ -18,11 +18,12 @@ from .llama import LlamaForServing, LlamaLayer
 
 
 def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: int) -> torch.Tensor:
-    """HF Cohere's RoPE of x [T, heads, hd]: x * cos + turn(x) * sin, turn(x)[2i] = -x[2i+1] and
-    turn(x)[2i+1] = x[2i], over cos and sin [T, 1, hd] that repeat each frequency twice."""
-    assert rotary == x.shape[-1], "Cohere turns every dim of a head"
-    turned = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-    return x * cos + turned * sin
+    """HF Cohere's (and GPT-J's) RoPE of x [T, heads, hd] on its first ``rotary`` dims:
+    x * cos + turn(x) * sin, turn(x)[2i] = -x[2i+1] and turn(x)[2i+1] = x[2i], over cos and sin
+    [T, 1, rotary] that repeat each frequency twice."""
+    turned = x if rotary == x.shape[-1] else x[..., :rotary]
+    out = turned * cos + torch.stack((-turned[..., 1::2], turned[..., ::2]), dim=-1).flatten(-2) * sin
+    return out if rotary == x.shape[-1] else torch.cat((out, x[..., rotary:]), dim=-1)
 
 
 class CohereLayer(LlamaLayer):

@@ -17,7 +17,6 @@ class Ernie4_5ForServing(LlamaForServing):
     LAYER = Ernie4_5Layer
     SIGNED_SIN = False
 
-    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
-        super().__init__(hf_model, max_model_len, int8)
-        for table in (self.cos, self.sin):  # in place: the layers hold these tensors
-            table.copy_(table[:, : table.shape[1] // 2].repeat_interleave(2, dim=1))
+    def rope_table(self, inner, max_model_len: int, kind: str | None):
+        return tuple(t[:, : t.shape[1] // 2].repeat_interleave(2, dim=1)
+                     for t in super().rope_table(inner, max_model_len, kind))

@@ -63,7 +63,8 @@ class RMSNorm(nn.Module):
 def fast_norm(norm: nn.Module | None) -> nn.Module | None:
     """``norm`` as an RMSNorm where that is exact (HF's norm of a float32 model on a CPU; in other
     dtypes HF casts where the fused op does not), else itself."""
-    if norm is None or norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu":
+    weight = getattr(norm, "weight", None)  # OLMo 1's LayerNorms have none
+    if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
         return norm
     if type(norm).__name__ in LLAMA_RMS_NORMS:
         return RMSNorm(norm.weight.detach(), norm.variance_epsilon)
@@ -218,21 +219,27 @@ class LlamaForServing(ServingModel):
         setattr(self, self.EMBEDDING[1], getattr(inner, self.EMBEDDING[1]))
         self.final_norm = fast_norm(getattr(inner, self.FINAL_NORM))
         self.lm_head = hf_model.lm_head
-        positions = torch.arange(max_model_len, device=self.lm_head.weight.device)[None]
-        dummy = self.lm_head.weight.new_empty(0)
         # one RoPE table, or one per layer type where the config keys RoPE by type (Gemma 3's, OLMo 3's)
         types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
         by_type = all(kind in (getattr(config, "rope_parameters", None) or {}) for kind in types)
         tables = {}
         for kind in dict.fromkeys(types if by_type else [None]):
-            cos, sin = inner.rotary_emb(dummy, positions, *([] if kind is None else [kind]))  # [1, max_len, hd], as HF's
-            sin, name = sin[0].to(dummy.dtype), "" if kind is None else f"_{kind}"
-            self.register_buffer(f"cos{name}", cos[0].to(dummy.dtype), persistent=False)
+            cos, sin = self.rope_table(inner, max_model_len, kind)
+            name = "" if kind is None else f"_{kind}"
+            self.register_buffer(f"cos{name}", cos, persistent=False)
             self.register_buffer(f"sin{name}", signed_sin(sin) if self.SIGNED_SIN else sin, persistent=False)
             tables[kind] = getattr(self, f"cos{name}"), getattr(self, f"sin{name}")
         self.layers = nn.ModuleList(self.LAYER(layer, config, i, *tables[types[i] if by_type else None], int8)
                                     for i, layer in enumerate(getattr(inner, self.LAYERS)))
         self.kv_spec = (config.num_hidden_layers, _kv_heads(config), _head_dim(config))
+
+    def rope_table(self, inner, max_model_len: int, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [max_model_len, rotary dim] in the model's dtype, as the Hugging Face model's
+        rotary module computes them (of layer type ``kind``, where the config keys RoPE by type)."""
+        dummy = self.lm_head.weight.new_empty(0)
+        positions = torch.arange(max_model_len, device=dummy.device)[None]
+        cos, sin = inner.rotary_emb(dummy, positions, *([] if kind is None else [kind]))  # [1, max_len, hd]
+        return cos[0].to(dummy.dtype), sin[0].to(dummy.dtype)
 
     @staticmethod
     def lora_targets(config):

@@ -1,7 +1,9 @@
-"""OLMo 2 and 3 (``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``) over a flat token batch: the Llama
-decoder with its norms moved.
+"""OLMo 1, 2 and 3 (``OlmoForCausalLM``, ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``) over a flat
+token batch: the Llama decoder with its norms changed.
 
-- No norm before attention or the MLP: each block's output is normed (``post_attention_layernorm``,
+- OLMo 1: LayerNorms without weights (the model's own modules, in float32), and ``clip_qkv``: q, k
+  and v (LoRA included, as PEFT's sits inside each projection) clamped to [-clip, clip].
+- OLMo 2 and 3: no norm before attention or the MLP: each block's output is normed (``post_attention_layernorm``,
   ``post_feedforward_layernorm``) before it joins the residual stream.
 - q and k are each normed over all heads' dims at once (RMSNorm of width heads x head_dim) after
   their projections, LoRA included, and before RoPE (``LlamaLayer.qk_norm_whole``).
@@ -15,6 +17,19 @@ import torch
 
 from .batch import StepBatch
 from .llama import LlamaForServing, LlamaLayer, fast_norm
+
+
+class OlmoLayer(LlamaLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.clip = config.clip_qkv
+
+    def qkv_heads(self, qkv: torch.Tensor, batch: StepBatch):
+        return super().qkv_heads(qkv if self.clip is None else qkv.clamp(-self.clip, self.clip), batch)
+
+
+class OlmoForServing(LlamaForServing):
+    LAYER = OlmoLayer
 
 
 class Olmo2Layer(LlamaLayer):

@@ -22,18 +22,21 @@ from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, _head_dim
 
 class PhiLayer(PlainMLPLayer):
     """Its own projections and norms for ``LlamaLayer.attend`` (and ``init_attention``), with Phi's
-    MLP and parallel block, summed in its own order."""
+    MLP and parallel block, summed in its own order. GPT-J's layer is the same under other names."""
+
+    ATTN, NORM, OUT, UP, DOWN = "self_attn", "input_layernorm", "dense", "fc1", "fc2"  # the HF layer's modules
+    ACT = "hidden_act"  # the config's activation
 
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         nn.Module.__init__(self)
-        attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.input_layernorm = hf_layer.input_layernorm
+        attn, mlp = getattr(hf_layer, self.ATTN), hf_layer.mlp
+        self.input_layernorm = getattr(hf_layer, self.NORM)
         self.qkv = FusedLoRALinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], ATTN_KINDS, layer, int8)
-        self.o_proj = FusedLoRALinear.from_linears([attn.dense], ("dense",), layer, int8)
-        self.up = FusedLoRALinear.from_linears([mlp.fc1], ("fc1",), layer, int8)
-        self.down = FusedLoRALinear.from_linears([mlp.fc2], ("fc2",), layer, int8)
-        self.q_norm, self.k_norm = (attn.q_layernorm, attn.k_layernorm) if config.qk_layernorm else (None, None)
-        self.act = ACT2FN[config.hidden_act]
+        self.o_proj, self.up, self.down = (FusedLoRALinear.from_linears([getattr(module, name)], (name,), layer, int8)
+                                           for module, name in ((attn, self.OUT), (mlp, self.UP), (mlp, self.DOWN)))
+        self.q_norm, self.k_norm = ((attn.q_layernorm, attn.k_layernorm) if getattr(config, "qk_layernorm", False)
+                                    else (None, None))
+        self.act = ACT2FN[getattr(config, self.ACT)]
         self.init_attention(config, layer, cos, sin)
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
