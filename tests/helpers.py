@@ -86,6 +86,18 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                 architectures=["SeedOssForCausalLM"])
     if family == "ernie4_5":  # RoPE on interleaved pairs, biases
         return tf.Ernie4_5Config(**common, **llama_like, use_bias=True, architectures=["Ernie4_5ForCausalLM"])
+    if family == "helium":  # RoPE on interleaved pairs, attention scaled by 1 / sqrt(head_dim)
+        return tf.HeliumConfig(**common, **{**llama_like, "num_attention_heads": 2, "num_key_value_heads": 1},
+                               head_dim=32, architectures=["HeliumForCausalLM"])
+    if family in ("glm", "glm4"):  # gate|up as one linear, RoPE on interleaved pairs of half of each head, q/k/v biases
+        config = tf.GlmConfig if family == "glm" else tf.Glm4Config  # GLM-4: norms after each block too
+        return config(**common, **llama_like, head_dim=16, architectures=["GlmForCausalLM" if family == "glm"
+                                                                          else "Glm4ForCausalLM"])
+    if family == "nemotron":  # (1 + w) LayerNorms, a relu2 MLP without a gate, RoPE on half of each head, biases
+        return tf.NemotronConfig(**common, **llama_like, attention_bias=True, mlp_bias=True,
+                                 architectures=["NemotronForCausalLM"])
+    if family == "arcee":  # a relu2 MLP without a gate
+        return tf.ArceeConfig(**common, **llama_like, architectures=["ArceeForCausalLM"])
     if family == "qwen2":  # q/k/v biases
         return tf.Qwen2Config(**common, **llama_like, use_sliding_window=False, architectures=["Qwen2ForCausalLM"])
     if family == "qwen3":  # per-head q/k norms, a head_dim other than hidden / heads, a sliding second layer
@@ -121,6 +133,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.Gemma2Config(**common, **llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
                                layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
                                final_logit_softcapping=3.0, architectures=["Gemma2ForCausalLM"])
+    if family == "vaultgemma":  # Gemma 2's layer without the norms after each block
+        return tf.VaultGemmaConfig(**common, **llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                                   layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
+                                   final_logit_softcapping=3.0, architectures=["VaultGemmaForCausalLM"])
     if family == "gemma3":  # a local layer (its own RoPE base, a window) then a global one, q/k norms, 4 norms
         return tf.Gemma3TextConfig(**common, **llama_like, head_dim=32, query_pre_attn_scalar=24, sliding_window=6,
                                    layer_types=["sliding_attention", "full_attention"],
@@ -149,6 +165,23 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                               architectures=["Olmo3ForCausalLM"])
     if family == "olmo":  # LayerNorms without weights, q/k/v clamped (a clip small enough to bite)
         return tf.OlmoConfig(**common, **llama_like, clip_qkv=2.0, architectures=["OlmoForCausalLM"])
+    if family == "exaone4":  # OLMo 2's norms, per-head q/k norms, a local layer (a window, RoPE) then a global one (no RoPE)
+        return tf.Exaone4Config(**common, **llama_like, sliding_window=6, sliding_window_pattern=2,
+                                architectures=["Exaone4ForCausalLM"])
+    if family == "hunyuan":  # per-head q/k norms after RoPE, a fixed NTK alpha
+        return tf.HunYuanDenseV1Config(**common, **llama_like, head_dim=16,
+                                       rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 2.0,
+                                                        "factor": 1.0},
+                                       architectures=["HunYuanDenseV1ForCausalLM"])
+    if family == "hyperclovax":  # Granite's scalars, norms after each block, the logits times logits_scaling
+        return tf.HyperCLOVAXConfig(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3,
+                                    attention_multiplier=0.09, logits_scaling=0.25,
+                                    architectures=["HyperCLOVAXForCausalLM"])
+    if family == "cwm":  # a global layer, then a sliding one
+        return tf.CwmConfig(**{**common, "bos_token_id": eos}, **llama_like, sliding_window=6, layer_types=["full_attention", "sliding_attention"],
+                            architectures=["CwmForCausalLM"])
+    if family == "jais2":  # LayerNorms, a relu2 MLP without a gate, biases
+        return tf.Jais2Config(**common, **llama_like, architectures=["Jais2ForCausalLM"])
     if family == "granite":  # its four scalars away from 1 (attention's from head_dim ** -0.5), biases
         return tf.GraniteConfig(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3,
                                 attention_multiplier=0.09, logits_scaling=4.0, attention_bias=True, mlp_bias=True,
@@ -283,6 +316,12 @@ FAMILY_ADAPTERS = {
               "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "olmo3": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
               "mlp-r4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])},
+    "glm4": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj",
+                                                               "down_proj"])},
+    "nemotron": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                 "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                                   "down_proj"])},
     "olmo": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
              "all-r4": dict(r=4, lora_alpha=8, target_modules=ALL_PROJ)},
     "granite": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -312,7 +351,10 @@ FAMILY_ADAPTERS = {
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
 CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "gpt_neox_seq": "gpt_neox",
-                   "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt"}
+                   "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
+                   "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
+                   "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
+                   "cwm": "mistral", "jais2": "nemotron"}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 from .bloom import BloomForServing
 from .cohere import Cohere2ForServing, CohereForServing
-from .ernie import Ernie4_5ForServing
+from .ernie import Ernie4_5ForServing, HeliumForServing
 from .falcon import FalconForServing
 from .gemma import Gemma1ForServing, GemmaForServing
+from .glm import Glm4ForServing, GlmForServing
 from .gpt2 import GPT2ForServing
 from .gpt_bigcode import GPTBigCodeForServing
 from .gpt_neo import GPTNeoForServing
 from .gpt_neox import GPTNeoXForServing
 from .gptj import GPTJForServing
-from .granite import GraniteForServing
+from .granite import GraniteForServing, HyperCLOVAXForServing
+from .hunyuan import HunYuanDenseForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import GraniteMoeForServing, MoEForServing, OlmoeForServing
-from .olmo import Olmo2ForServing, OlmoForServing
+from .nemotron import UngatedForServing
+from .olmo import Exaone4ForServing, Olmo2ForServing, OlmoForServing
 from .opt import OPTForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
-# HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3 and SmolLM3 share one decoder;
-# Ministral 3, ERNIE 4.5, Phi, Phi-3, Gemma 1/2/3, Granite, OLMo 1/2/3, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
+# HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -31,23 +34,34 @@ SUPPORTED_ARCHITECTURES = {
     "Ministral3ForCausalLM": Ministral3ForServing,
     "SeedOssForCausalLM": LlamaForServing,
     "Ernie4_5ForCausalLM": Ernie4_5ForServing,
+    "HeliumForCausalLM": HeliumForServing,
+    "GlmForCausalLM": GlmForServing,
+    "Glm4ForCausalLM": Glm4ForServing,
     "Qwen2ForCausalLM": LlamaForServing,
     "Qwen3ForCausalLM": LlamaForServing,
     "SmolLM3ForCausalLM": LlamaForServing,
+    "CwmForCausalLM": LlamaForServing,
+    "HunYuanDenseV1ForCausalLM": HunYuanDenseForServing,
     "MixtralForCausalLM": MoEForServing,
     "Qwen2MoeForCausalLM": MoEForServing,
     "Qwen3MoeForCausalLM": MoEForServing,
     "OlmoeForCausalLM": OlmoeForServing,
     "GraniteMoeForCausalLM": GraniteMoeForServing,
+    "NemotronForCausalLM": UngatedForServing,
+    "ArceeForCausalLM": UngatedForServing,
+    "Jais2ForCausalLM": UngatedForServing,
     "PhiForCausalLM": PhiForServing,
     "Phi3ForCausalLM": Phi3ForServing,
     "GemmaForCausalLM": Gemma1ForServing,
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,
+    "VaultGemmaForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
+    "HyperCLOVAXForCausalLM": HyperCLOVAXForServing,
     "OlmoForCausalLM": OlmoForServing,
     "Olmo2ForCausalLM": Olmo2ForServing,
     "Olmo3ForCausalLM": Olmo2ForServing,
+    "Exaone4ForCausalLM": Exaone4ForServing,
     "StableLmForCausalLM": StableLmForServing,
     "Starcoder2ForCausalLM": Starcoder2ForServing,
     "CohereForCausalLM": CohereForServing,

@@ -1,10 +1,11 @@
-"""Gemma, Gemma 2 and Gemma 3 (text, ``Gemma3ForCausalLM``) over a flat token batch: the Llama
+"""Gemma, Gemma 2, VaultGemma and Gemma 3 (text, ``Gemma3ForCausalLM``) over a flat token batch: the Llama
 decoder's projections, LoRA targets and attention, with Gemma's differences (the first Gemma has
 only the embedding scale and the (1 + w) norms).
 
 - The token embedding is scaled by sqrt(hidden) (``embed_scale``), its LoRA delta and an adapter's
   trained copy with it, as PEFT scales them.
-- Norms are RMSNorm of (1 + w), after attention and after the MLP as well as before each;
+- Norms are RMSNorm of (1 + w), after attention and after the MLP as well as before each (VaultGemma,
+  Gemma 2's layer otherwise, has none after);
   Gemma 3's q and k get a per-head norm before RoPE (as Qwen3's).
 - Attention is scaled by ``query_pre_attn_scalar`` ** -0.5, not head_dim ** -0.5.
 - Local layers (``layer_types`` "sliding_attention") attend within ``sliding_window``; Gemma 3's
@@ -19,6 +20,7 @@ Bidirectional attention (Gemma 3 embedding models) is refused at start-up.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..config import StartupError
 from .batch import StepBatch
@@ -30,7 +32,9 @@ class GemmaLayer(LlamaLayer):
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
         self.pre_feedforward_layernorm = fast_norm(hf_layer.pre_feedforward_layernorm)
-        self.post_feedforward_layernorm = fast_norm(hf_layer.post_feedforward_layernorm)
+        # VaultGemma's layer has neither norm after a block
+        self.post_attention_layernorm = self.post_attention_layernorm or nn.Identity()
+        self.post_feedforward_layernorm = fast_norm(getattr(hf_layer, "post_feedforward_layernorm", None)) or nn.Identity()
 
     @staticmethod
     def make_attention(config, layer: int) -> FlatAttention:

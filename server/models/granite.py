@@ -1,11 +1,15 @@
-"""IBM Granite (``GraniteForCausalLM``: Granite 3.x dense) over a flat token batch: the Llama
-decoder with four scalars of its config.
+"""IBM Granite (``GraniteForCausalLM``: Granite 3.x dense) and HyperCLOVA X (``HyperCLOVAXForCausalLM``)
+over a flat token batch: the Llama decoder with four scalars of its config.
 
 - ``embedding_multiplier`` scales the token embedding, its LoRA delta and an adapter's trained copy
   with it (PEFT's sit inside the embedding module, before the scaling).
 - ``residual_multiplier`` scales each attention and MLP output before it joins the residual stream.
 - ``attention_multiplier`` is the attention's scale, in place of head_dim ** -0.5.
 - ``logits_scaling`` divides the logits, after LoRA on lm_head (``ServingModel.logit_divisor``).
+
+HyperCLOVA X (Granite's layer and scalars) multiplies the logits by ``logits_scaling`` instead, and
+where ``use_post_norm`` norms each block's output (``post_norm1``, ``post_norm2``) before its
+residual scaling.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 
 from .batch import StepBatch
 from .layers import FlatAttention
-from .llama import LlamaForServing, LlamaLayer, _head_dim, sliding_window
+from .llama import LlamaForServing, LlamaLayer, _head_dim, fast_norm, sliding_window
 
 
 class GraniteLayer(LlamaLayer):
@@ -41,3 +45,21 @@ class GraniteForServing(LlamaForServing):
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         return self.embed_with_lora(batch) * self.config.embedding_multiplier
+
+
+class HyperCLOVAXLayer(GraniteLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.post_norm1, self.post_norm2 = fast_norm(hf_layer.post_norm1), fast_norm(hf_layer.post_norm2)  # or Identity
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        h = h + self.post_norm1(self.attend(self.input_layernorm(h), batch, kv, apply_lora)) * self.residual_multiplier
+        return h + self.post_norm2(self.mlp(self.post_attention_layernorm(h), batch, apply_lora)) * self.residual_multiplier
+
+
+class HyperCLOVAXForServing(GraniteForServing):
+    LAYER = HyperCLOVAXLayer
+
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
+        super().__init__(hf_model, max_model_len, int8)
+        self.logit_divisor, self.logit_multiplier = None, hf_model.config.logits_scaling

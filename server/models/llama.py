@@ -43,8 +43,11 @@ def _rope(x, cos, sin, rotary: int):
 # Hugging Face's RMSNorms, computed in float32: w * (x * rsqrt(mean(x^2) + eps)), Gemma's with 1 + w
 LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
                              "GraniteRMSNorm", "SmolLM3RMSNorm", "Olmo2RMSNorm", "Olmo3RMSNorm", "MixtralRMSNorm",
-                             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm", "GraniteMoeRMSNorm"})
-GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
+                             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm", "GraniteMoeRMSNorm",
+                             "GlmRMSNorm", "Glm4RMSNorm", "HeliumRMSNorm", "ArceeRMSNorm",
+                             "Exaone4RMSNorm", "HunYuanDenseV1RMSNorm",
+                             "HyperCLOVAXRMSNorm", "CwmRMSNorm"})
+GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 
 class RMSNorm(nn.Module):
@@ -89,6 +92,24 @@ def sliding_window(config, layer: int) -> int | None:
     if types is not None and types[layer] != "sliding_attention":
         return None
     return window
+
+
+def attention_targets(config, out: str = "o_proj") -> dict[str, tuple[str, int, int]]:
+    """The LoRA targets (``ServingModel.lora_targets``) of a Llama-style attention: q_proj, k_proj,
+    v_proj and its output projection ``out``."""
+    hidden, head_dim = config.hidden_size, _head_dim(config)
+    q, kv = config.num_attention_heads * head_dim, _kv_heads(config) * head_dim
+    attn = "model.layers.{i}.self_attn."
+    return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
+            "v_proj": (attn + "v_proj", hidden, kv), out: (attn + out, q, hidden)}
+
+
+def mlp_targets(config, up: tuple[str, ...], down: str, fused: int = 1) -> dict[str, tuple[str, int, int]]:
+    """The LoRA targets of an MLP: each of ``up`` from the hidden size to ``fused`` x the
+    intermediate size (2 where gate and up are one linear), then ``down`` back."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    mlp = "model.layers.{i}.mlp."
+    return {**{kind: (mlp + kind, hidden, fused * inter) for kind in up}, down: (mlp + down, inter, hidden)}
 
 
 class LlamaLayer(nn.Module):
@@ -243,13 +264,7 @@ class LlamaForServing(ServingModel):
 
     @staticmethod
     def lora_targets(config):
-        hidden, inter = config.hidden_size, config.intermediate_size
-        q, kv = config.num_attention_heads * _head_dim(config), config.num_key_value_heads * _head_dim(config)
-        attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-        return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
-                "v_proj": (attn + "v_proj", hidden, kv), "o_proj": (attn + "o_proj", q, hidden),
-                "gate_proj": (mlp + "gate_proj", hidden, inter), "up_proj": (mlp + "up_proj", hidden, inter),
-                "down_proj": (mlp + "down_proj", inter, hidden)}
+        return {**attention_targets(config), **mlp_targets(config, MLP_UP_KINDS, "down_proj")}
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         return self.embed_with_lora(batch)
@@ -263,8 +278,7 @@ class Phi3ForServing(LlamaForServing):
 
     @staticmethod
     def lora_targets(config):
-        hidden, inter = config.hidden_size, config.intermediate_size
-        q, kv = config.num_attention_heads * _head_dim(config), config.num_key_value_heads * _head_dim(config)
-        attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-        return {"qkv_proj": (attn + "qkv_proj", hidden, q + 2 * kv), "o_proj": (attn + "o_proj", q, hidden),
-                "gate_up_proj": (mlp + "gate_up_proj", hidden, 2 * inter), "down_proj": (mlp + "down_proj", inter, hidden)}
+        targets = attention_targets(config)
+        (_, hidden, q), (_, _, kv) = targets["q_proj"], targets["k_proj"]
+        return {"qkv_proj": ("model.layers.{i}.self_attn.qkv_proj", hidden, q + 2 * kv), "o_proj": targets["o_proj"],
+                **mlp_targets(config, ("gate_up_proj",), "down_proj", fused=2)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..config import StartupError
 from .batch import StepBatch
 from .granite import GraniteForServing, GraniteLayer
-from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, _head_dim, _kv_heads
+from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, attention_targets
 
 
 class MoELayer(LlamaLayer):
@@ -37,11 +37,7 @@ class MoEForServing(LlamaForServing):
 
     @staticmethod
     def lora_targets(config):
-        hidden = config.hidden_size
-        q, kv = config.num_attention_heads * _head_dim(config), _kv_heads(config) * _head_dim(config)
-        attn = "model.layers.{i}.self_attn."
-        return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
-                "v_proj": (attn + "v_proj", hidden, kv), "o_proj": (attn + "o_proj", q, hidden)}
+        return attention_targets(config)
 
 
 class OlmoeLayer(MoELayer):

@@ -1,14 +1,16 @@
-"""OLMo 1, 2 and 3 (``OlmoForCausalLM``, ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``) over a flat
-token batch: the Llama decoder with its norms changed.
+"""OLMo 1, 2 and 3 (``OlmoForCausalLM``, ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``) and EXAONE 4.0
+(``Exaone4ForCausalLM``) over a flat token batch: the Llama decoder with its norms changed.
 
 - OLMo 1: LayerNorms without weights (the model's own modules, in float32), and ``clip_qkv``: q, k
   and v (LoRA included, as PEFT's sits inside each projection) clamped to [-clip, clip].
-- OLMo 2 and 3: no norm before attention or the MLP: each block's output is normed (``post_attention_layernorm``,
-  ``post_feedforward_layernorm``) before it joins the residual stream.
-- q and k are each normed over all heads' dims at once (RMSNorm of width heads x head_dim) after
-  their projections, LoRA included, and before RoPE (``LlamaLayer.qk_norm_whole``).
+- OLMo 2 and 3: no norm before attention or the MLP: each block's output is normed
+  (``post_attention_layernorm``, ``post_feedforward_layernorm``) before it joins the residual
+  stream; q and k are each normed over all heads' dims at once (RMSNorm of width heads x head_dim)
+  after their projections, LoRA included, and before RoPE (``LlamaLayer.qk_norm_whole``).
 - OLMo 3: local layers (``layer_types``) attend within a window, and each layer type has a RoPE of
   its own (``LlamaForServing``'s tables by type).
+- EXAONE 4.0: OLMo 2's norms after each block, but q and k normed per head (Qwen3's); with a
+  window set, local layers attend within it and turn q and k by RoPE, global ones do neither.
 """
 
 from __future__ import annotations
@@ -46,3 +48,15 @@ class Olmo2Layer(LlamaLayer):
 
 class Olmo2ForServing(LlamaForServing):
     LAYER = Olmo2Layer
+
+
+class Exaone4Layer(Olmo2Layer):
+    qk_norm_whole = False
+
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.use_rope = config.sliding_window is None or config.layer_types[layer] == "sliding_attention"
+
+
+class Exaone4ForServing(LlamaForServing):
+    LAYER = Exaone4Layer

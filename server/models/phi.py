@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 
 from .batch import StepBatch
 from .layers import FusedLoRALinear
-from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, _head_dim
+from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, attention_targets, mlp_targets
 
 
 class PhiLayer(PlainMLPLayer):
@@ -51,10 +51,4 @@ class PhiForServing(LlamaForServing):
 
     @staticmethod
     def lora_targets(config):
-        hidden, inter = config.hidden_size, config.intermediate_size
-        q = config.num_attention_heads * _head_dim(config)
-        kv = config.num_key_value_heads * _head_dim(config)
-        attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-        return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
-                "v_proj": (attn + "v_proj", hidden, kv), "dense": (attn + "dense", q, hidden),
-                "fc1": (mlp + "fc1", hidden, inter), "fc2": (mlp + "fc2", inter, hidden)}
+        return {**attention_targets(config, "dense"), **mlp_targets(config, ("fc1",), "fc2")}

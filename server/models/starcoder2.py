@@ -8,7 +8,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .layers import FusedLoRALinear
-from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, _head_dim, _kv_heads
+from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, attention_targets, mlp_targets
 
 
 class Starcoder2Layer(PlainMLPLayer):
@@ -31,9 +31,4 @@ class Starcoder2ForServing(LlamaForServing):
 
     @staticmethod
     def lora_targets(config):
-        hidden, inter = config.hidden_size, config.intermediate_size
-        q, kv = config.num_attention_heads * _head_dim(config), _kv_heads(config) * _head_dim(config)
-        attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-        return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
-                "v_proj": (attn + "v_proj", hidden, kv), "o_proj": (attn + "o_proj", q, hidden),
-                "c_fc": (mlp + "c_fc", hidden, inter), "c_proj": (mlp + "c_proj", inter, hidden)}
+        return {**attention_targets(config), **mlp_targets(config, ("c_fc",), "c_proj")}

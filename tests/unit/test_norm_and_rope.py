@@ -21,7 +21,9 @@ from loramux.server.models.llama import (
 MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "Phi3": "phi3",
            "Gemma2": "gemma2", "Gemma3": "gemma3", "Granite": "granite", "SmolLM3": "smollm3", "Olmo2": "olmo2", "Olmo3": "olmo3",
            "Mixtral": "mixtral", "Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "Olmoe": "olmoe",
-           "GraniteMoe": "granitemoe"}
+           "GraniteMoe": "granitemoe", "Glm": "glm", "Glm4": "glm4", "Helium": "helium", "Arcee": "arcee",
+           "Exaone4": "exaone4", "HunYuanDenseV1": "hunyuan_v1_dense", "HyperCLOVAX": "hyperclovax", "Cwm": "cwm",
+           "VaultGemma": "vaultgemma"}
 
 
 def _norm_class(name: str):
