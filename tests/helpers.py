@@ -96,6 +96,8 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "nemotron":  # (1 + w) LayerNorms, a relu2 MLP without a gate, RoPE on half of each head, biases
         return tf.NemotronConfig(**common, **llama_like, attention_bias=True, mlp_bias=True,
                                  architectures=["NemotronForCausalLM"])
+    if family == "apertus":  # xIELU (trained parameters), per-head q/k norms, norms of other names
+        return tf.ApertusConfig(**common, **llama_like, architectures=["ApertusForCausalLM"])
     if family == "arcee":  # a relu2 MLP without a gate
         return tf.ArceeConfig(**common, **llama_like, architectures=["ArceeForCausalLM"])
     if family == "qwen2":  # q/k/v biases
@@ -354,7 +356,7 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
-                   "cwm": "mistral", "jais2": "nemotron"}
+                   "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron"}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

@@ -18,7 +18,7 @@ from .hunyuan import HunYuanDenseForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import GraniteMoeForServing, MoEForServing, OlmoeForServing
-from .nemotron import UngatedForServing
+from .nemotron import ApertusForServing, UngatedForServing
 from .olmo import Exaone4ForServing, Olmo2ForServing, OlmoForServing
 from .opt import OPTForServing
 from .phi import PhiForServing
@@ -26,7 +26,7 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -50,6 +50,7 @@ SUPPORTED_ARCHITECTURES = {
     "NemotronForCausalLM": UngatedForServing,
     "ArceeForCausalLM": UngatedForServing,
     "Jais2ForCausalLM": UngatedForServing,
+    "ApertusForCausalLM": ApertusForServing,
     "PhiForCausalLM": PhiForServing,
     "Phi3ForCausalLM": Phi3ForServing,
     "GemmaForCausalLM": Gemma1ForServing,

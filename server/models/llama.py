@@ -46,7 +46,7 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm", "GraniteMoeRMSNorm",
                              "GlmRMSNorm", "Glm4RMSNorm", "HeliumRMSNorm", "ArceeRMSNorm",
                              "Exaone4RMSNorm", "HunYuanDenseV1RMSNorm",
-                             "HyperCLOVAXRMSNorm", "CwmRMSNorm"})
+                             "HyperCLOVAXRMSNorm", "CwmRMSNorm", "ApertusRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 
@@ -131,7 +131,8 @@ class LlamaLayer(nn.Module):
         self.init_mlp(mlp, layer, int8)
         # norms of q and k before RoPE: Qwen3's (and Gemma 3's) per head, OLMo 2's over all heads' dims at once
         self.q_norm, self.k_norm = fast_norm(getattr(attn, "q_norm", None)), fast_norm(getattr(attn, "k_norm", None))
-        self.act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma's name for it
+        # the model's own activation where its MLP has one (Apertus' xIELU has trained parameters)
+        self.act = getattr(mlp, "act_fn", None) or ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]
         self.init_attention(config, layer, cos, sin)
 
     def init_mlp(self, mlp, layer: int, int8: bool) -> None:

@@ -1,16 +1,23 @@
-"""Llama decoders whose MLP has no gate, down(act(up x)) (their act: relu2, relu(x)^2): Nemotron
-(``NemotronForCausalLM``: Nemotron-3, Minitron) and Arcee (``ArceeForCausalLM``: AFM-4.5B).
+"""Llama decoders whose MLP has no gate, down(act(up x)): Nemotron (``NemotronForCausalLM``:
+Nemotron-3, Minitron), Arcee (``ArceeForCausalLM``: AFM-4.5B) and Jais 2 (``Jais2ForCausalLM``),
+whose act is relu2, relu(x)^2, and Apertus (``ApertusForCausalLM``), whose xIELU has trained
+parameters (the model's own module runs it).
 
 - The MLP's projections are ``up_proj`` and ``down_proj`` (LoRA targets of their own).
 - Nemotron: LayerNorms of (1 + w), with biases (the model's own modules, ``NemotronLayerNorm1P``),
   RoPE on the first ``partial_rotary_factor`` of each head's dims, optional biases on attention
   and the MLP.
+- Jais 2: LayerNorms, biases.
+- Apertus: its norms named ``attention_layernorm`` and ``feedforward_layernorm``, q and k normed
+  per head before RoPE (Qwen3's).
 """
 
 from __future__ import annotations
 
+import torch
+
 from .layers import FusedLoRALinear
-from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, attention_targets, mlp_targets
+from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, attention_targets, fast_norm, mlp_targets
 
 
 class UngatedLayer(PlainMLPLayer):
@@ -26,3 +33,14 @@ class UngatedForServing(LlamaForServing):
     @staticmethod
     def lora_targets(config):
         return {**attention_targets(config), **mlp_targets(config, ("up_proj",), "down_proj")}
+
+
+class ApertusLayer(UngatedLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.input_layernorm = fast_norm(hf_layer.attention_layernorm)
+        self.post_attention_layernorm = fast_norm(hf_layer.feedforward_layernorm)
+
+
+class ApertusForServing(UngatedForServing):
+    LAYER = ApertusLayer
