@@ -148,7 +148,9 @@ def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, w
 
 def stage_ops(args, out: Path) -> dict:
     # the LoRA kernels, and the attention kernels (Triton's decode and prefill) against the oracle
-    return _pytest(args, out, "ops", ["tests/unit/test_ops.py", "tests/unit/test_attention.py"],
+    return _pytest(args, out, "ops", ["tests/unit/test_ops.py", "tests/unit/test_attention.py",
+                                      # the sampler's one wait for the device, by CUDA's sync debug mode
+                                      "tests/unit/test_sampling.py::test_sampling_on_a_gpu_synchronises_once"],
                    "bgmv_matches_reference and dtype0 and torch", workers=4)
 
 
@@ -158,6 +160,7 @@ def stage_parity(args, out: Path) -> dict:
                                          "tests/engine/test_trainable_tokens.py", "tests/engine/test_speculative.py",
                                          "tests/engine/test_quantization.py", "tests/engine/test_saved_modules.py",
                                          "tests/engine/test_added_tokens.py", "tests/engine/test_decode_graphs.py",
+                                         "tests/engine/test_host_syncs.py",  # one wait for the device a step
                                          # every family through CUDA graphs and the Triton attention kernels
                                          "tests/engine/test_families.py::test_family_matches_peft_with_staggered_joins"],
                    # --quick (the CPU smoke test): one parity test shows the stage runs; make test runs the rest

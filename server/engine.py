@@ -55,7 +55,7 @@ from .requests import (
     validate_request_id,
 )
 from .runner import ModelRunner, WorkItem
-from .sampling import SamplerState, allowed_mask, sample
+from .sampling import SamplerState, allowed_mask, host_data, sample
 from .scheduler import (
     DECODE_WEIGHT,
     PREFILL_WEIGHT,
@@ -711,7 +711,8 @@ class Engine:
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
         sampled = [work[i][0] for i in order]
         computed = {key: mask for future in pending for key, mask in future.result().items()} if pending else None
-        self._sample(sampled, logits[: len(order)] if not chains else logits[rows], computed)
+        self._sample(sampled, logits[: len(order)] if not chains else logits.index_select(0, host_data(rows, logits.device)),
+                     computed)
         if chains:
             self._verify(drafts, chains, logits)
         seconds, decode_tokens = time.perf_counter() - t0, sum(decoding)
@@ -906,7 +907,8 @@ def add_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int, in
         targets += seq.ids[done + 1 : done + 1 + count]
         ks += [seq.sampler.params.prompt_logprobs] * count
         index += range(first, first + count)
-    picked = logits[index[0] : index[-1] + 1] if index == list(range(index[0], index[-1] + 1)) else logits[index]
+    picked = logits[index[0] : index[-1] + 1] if index == list(range(index[0], index[-1] + 1)) \
+        else logits.index_select(0, host_data(index, logits.device))
     scored, at = ranked_logprobs(torch.log_softmax(picked, dim=-1), targets, ks), 0
     for seq, _, count in rows:
         seq.prompt_logprobs += scored[at : at + count]
@@ -930,7 +932,7 @@ def ranked_logprobs(logp: torch.Tensor, targets: list[int], ks: list[int]) -> li
     """logp [R, V] (log-softmax rows) -> for each row, its target's logprob, its rank (1 + the
     tokens more likely than it, as vLLM's) and its ks[r] most likely tokens, most likely first: one
     gather, one comparison and one top-k for all rows."""
-    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])
+    chosen = logp.gather(1, host_data(targets, logp.device)[:, None])
     ranks = (logp > chosen).sum(-1).add_(1).tolist()
     k = max(ks)
     top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())

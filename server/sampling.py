@@ -30,6 +30,14 @@ class SamplerState:
         return cls(params, gen)
 
 
+def host_data(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``values`` (Python data) as a tensor on ``device``, without waiting for the device: built on
+    the host, then copied asynchronously (``torch.tensor(values, device=cuda)``, or indexing a device
+    tensor with a list, copies synchronously, so the host would wait there for the forward pass to
+    finish before it could queue the rest of the sampling)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 class NonFiniteLogits(ArithmeticError):
     """The model produced NaN or infinite logits for one request: that request fails alone."""
 
@@ -57,9 +65,9 @@ def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float],
     if not rows:
         return
     device = logits.device
-    tokens = torch.tensor([t for entries in biases for t, _ in entries], device=device)
-    values = torch.tensor([v for entries in biases for _, v in entries], dtype=logits.dtype, device=device)
-    logits.index_put_((torch.tensor(rows, device=device), tokens), values, accumulate=True)
+    tokens = host_data([t for entries in biases for t, _ in entries], device)
+    values = host_data([v for entries in biases for _, v in entries], device, logits.dtype)
+    logits.index_put_((host_data(rows, device), tokens), values, accumulate=True)
 
 
 def ban_tokens(logits: torch.Tensor, banned: list[list[int] | None]) -> None:
@@ -68,8 +76,8 @@ def ban_tokens(logits: torch.Tensor, banned: list[list[int] | None]) -> None:
     rows = [i for i, ids in enumerate(banned) for _ in ids or ()]
     if rows:
         tokens = [t for ids in banned for t in ids or ()]
-        logits.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)),
-                          torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        logits.index_put_((host_data(rows, logits.device), host_data(tokens, logits.device)),
+                          torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None:
@@ -84,7 +92,7 @@ def apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None:
     if len(rows) == len(masks):
         logits.add_(bias)
     else:
-        logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
+        logits.index_add_(0, host_data(rows, logits.device), bias)
 
 
 def with_banned(mask: torch.Tensor, banned: list[int] | None) -> torch.Tensor:
@@ -117,13 +125,11 @@ def apply_occurrence_penalties(logits: torch.Tensor, generated: list[list[int] |
     if not width:
         return
     device = logits.device
-    ids = torch.tensor([(g or []) + [0] * (width - len(g or [])) for g in generated], device=device)
-    real = torch.tensor([[1.0] * len(g or []) + [0.0] * (width - len(g or [])) for g in generated],
-                        dtype=logits.dtype, device=device)
+    ids = host_data([(g or []) + [0] * (width - len(g or [])) for g in generated], device)
+    real = host_data([[1.0] * len(g or []) + [0.0] * (width - len(g or [])) for g in generated], device, logits.dtype)
     counts = torch.zeros_like(logits).scatter_add_(-1, ids, real)
-    per_row = dict(dtype=logits.dtype, device=device)
-    logits.sub_(counts * torch.tensor(frequency, **per_row)[:, None]
-                + (counts > 0) * torch.tensor(presence, **per_row)[:, None])
+    logits.sub_(counts * host_data(frequency, device, logits.dtype)[:, None]
+                + (counts > 0) * host_data(presence, device, logits.dtype)[:, None])
 
 
 def top_k_candidates(logits: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +137,7 @@ def top_k_candidates(logits: torch.Tensor, top_k: list[int]) -> tuple[torch.Tens
     (values [M, K] sorted descending, -inf past each row's k; their token ids [M, K]), K the
     largest k. Of tokens tied at the k-th value, torch.topk's first k are kept."""
     values, ids = logits.topk(max(top_k), dim=-1)
-    k = torch.tensor(top_k, device=logits.device)
+    k = host_data(top_k, logits.device)
     past = torch.arange(values.shape[1], device=logits.device)[None, :] >= k[:, None]
     return values.masked_fill(past, float("-inf")), ids
 
@@ -145,7 +151,7 @@ def filter_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     sorted_z, order = torch.sort(logits, dim=-1, descending=False)
     cum = sorted_z.softmax(-1).cumsum(-1)
     # 1 - p in double, then cast, as HF compares: p rounded to float32 first moves a p near 1's bound
-    remove = cum <= torch.tensor([1 - p for p in top_p], dtype=logits.dtype, device=logits.device)[:, None]
+    remove = cum <= host_data([1 - p for p in top_p], logits.device, logits.dtype)[:, None]
     remove[:, -1] = False
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
@@ -156,7 +162,7 @@ def filter_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     if max(min_p) <= 0.0:
         return logits
     probs = logits.softmax(-1)
-    floor = probs.amax(-1, keepdim=True) * torch.tensor(min_p, dtype=logits.dtype, device=logits.device)[:, None]
+    floor = probs.amax(-1, keepdim=True) * host_data(min_p, logits.device, logits.dtype)[:, None]
     return logits.masked_fill(probs < floor, float("-inf"))
 
 
@@ -164,8 +170,7 @@ def _padded_seen(seen: list[list[int] | None], device) -> torch.Tensor:
     """[M, S] token ids, each row padded by repeating its first id (0 for a row with none: its
     penalty is 1, so the pad changes nothing)."""
     width = max((len(s) for s in seen if s), default=1)
-    return torch.tensor([(s + [s[0]] * (width - len(s))) if s else [0] * width for s in seen], dtype=torch.long,
-                        device=device)
+    return host_data([(s + [s[0]] * (width - len(s))) if s else [0] * width for s in seen], device, torch.long)
 
 
 def _draw(probs: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
@@ -183,7 +188,7 @@ def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], states: li
     """Rows with 0 < top_k < V: temperature, top-p and the draw run on their [m, max k]
     candidates, not the vocabulary (the shift by the maximum and the division keep their order)."""
     values, ids = top_k_candidates(logits, [p.top_k for p in params])
-    temperature = torch.tensor([p.temperature for p in params], dtype=values.dtype, device=values.device)
+    temperature = host_data([p.temperature for p in params], values.device, values.dtype)
     z = filter_top_p((values - values[:, :1]) / temperature[:, None], [p.top_p for p in params])
     z = filter_min_p(z, [p.min_p for p in params])
     return ids.gather(-1, _draw(z.softmax(-1), states)[:, None]).view(-1)
@@ -198,7 +203,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 def _sample_full(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> torch.Tensor:
     """Rows without top-k: temperature, top-p and min-p over the whole vocabulary."""
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    temperature = host_data([p.temperature for p in params], logits.device, logits.dtype)
     z = (logits - logits.amax(-1, keepdim=True)) / temperature[:, None]
     z = filter_min_p(filter_top_p(z, [p.top_p for p in params]), [p.min_p for p in params])
     return _draw(z.softmax(-1), states)
@@ -230,7 +235,7 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
     penalty = [p.repetition_penalty if seen[i] else 1.0 for i, p in enumerate(params)]
     if any(x != 1.0 for x in penalty):
         logits = apply_repetition_penalty(logits, _padded_seen(seen, device),
-                                          torch.tensor(penalty, dtype=logits.dtype, device=device), inplace=True)
+                                          host_data(penalty, device, logits.dtype), inplace=True)
     if generated is not None and any(generated):
         apply_occurrence_penalties(logits, generated, [p.presence_penalty for p in params],
                                    [p.frequency_penalty for p in params])
@@ -243,12 +248,14 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState], seen: list[lis
     top_k = [i for i, p in enumerate(params) if not p.greedy and 0 < p.top_k < vocab]
     full = [i for i, p in enumerate(params) if not p.greedy and not 0 < p.top_k < vocab]
     if greedy:
-        out[greedy] = greedy_tokens(logits[greedy])
+        index = host_data(greedy, device)
+        out[index] = greedy_tokens(logits.index_select(0, index))
     for rows, fn in ((top_k, _sample_top_k), (full, _sample_full)):
         if len(rows) == len(states):  # one kind of row (the usual case): no copy of the logits
             return fn(logits, params, states)
         if rows:
-            out[rows] = fn(logits[rows], [params[i] for i in rows], [states[i] for i in rows])
+            index = host_data(rows, device)
+            out[index] = fn(logits.index_select(0, index), [params[i] for i in rows], [states[i] for i in rows])
     return out
 
 
@@ -270,7 +277,7 @@ def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int
     if widths is None:
         finite = logits.amin(-1).isfinite() & logits.amax(-1).isfinite()
     else:  # the -inf past a row's vocabulary is no fault of its own
-        past = torch.arange(logits.shape[1], device=logits.device) >= torch.tensor(widths, device=logits.device)[:, None]
+        past = torch.arange(logits.shape[1], device=logits.device) >= host_data(widths, logits.device)[:, None]
         finite = logits.masked_fill(past, 0.0).isfinite().all(-1)
     generated = generated if generated is not None else [None] * len(states)
     banned = banned if banned is not None else [None] * len(states)
@@ -282,10 +289,11 @@ def sample(logits: torch.Tensor, states: list[SamplerState], seen: list[list[int
     if len(plain) == len(states):  # plain greedy rows: one shared argmax
         tokens = greedy_tokens(logits)
     elif plain:
-        tokens[plain] = greedy_tokens(logits[plain])
+        index = host_data(plain, logits.device)
+        tokens[index] = greedy_tokens(logits.index_select(0, index))
     failed: dict[int, Exception] = {}
     if work:
-        index = torch.tensor(work, device=logits.device)
+        index = host_data(work, logits.device)
         penalised = any(states[i].params.adjusts_logits or banned[i] or masks[i] is not None for i in work)
         # The logits stay the model's for the logprobs, so penalties work on a copy; without them,
         # when every row samples, the sampling reads the logits themselves.

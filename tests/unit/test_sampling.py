@@ -349,27 +349,69 @@ def test_a_seeded_row_draws_the_same_token_whatever_its_batch():
     assert sample(logits[1:3], [others[0], SamplerState.create(params, "cpu")], [[5], seen])[1] == alone
 
 
-def test_only_token_ids_leave_the_logits_device():
-    """Nothing of size [rows, vocab] is copied out: the only host copy is the ids and finite flags."""
+def _every_path(device):
+    """sample()'s arguments exercising every path: greedy rows plain and penalised, top-k and full
+    rows, the repetition, presence and frequency penalties, logit bias, banned tokens, structured
+    output masks, rows of a smaller vocabulary, and a NaN row."""
+    logits = torch.randn(10, 500, device=device)
+    logits[5, 3] = float("nan")
+    kinds = [dict(temperature=0), dict(temperature=0.7, top_k=5, top_p=0.8), dict(temperature=0, repetition_penalty=1.3),
+             dict(temperature=1.0, top_p=0.9, min_p=0.05, repetition_penalty=0.9),
+             dict(temperature=0.8, presence_penalty=0.5, frequency_penalty=0.3, logit_bias=((7, 2.0), (9, -1.0)))]
+    states = [SamplerState.create(SamplingParams(5, seed=i, **kinds[i % len(kinds)]), device) for i in range(10)]
+    mask = torch.zeros(490)
+    mask[100:] = float("-inf")
+    return dict(logits=logits, states=states, seen=[[1, 2, 3]] * 10, generated=[[2, 2, 4]] * 10,
+                banned=[[0, 1]] + [None] * 9, masks=[None, mask] + [None] * 8, widths=[500] * 9 + [490])
+
+
+def test_sampling_copies_host_data_to_the_device_only_asynchronously():
+    """Nothing of size [rows, vocab] leaves the logits' device, and on a GPU the sampler waits for
+    the device once, at its final copy of the ids and finite flags: every per-row parameter is built
+    on the host and copied without blocking. A copy that blocks (``torch.tensor(..., device=d)``,
+    ``.to(d)`` without ``non_blocking``, a device tensor indexed by a Python list) would wait there
+    for the forward pass to finish before the host could queue the rest of the step."""
     from torch.overrides import TorchFunctionMode
 
-    copies = []
+    copies, blocking = [], []
 
     class Watch(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.to):
+            kwargs = kwargs or {}
+            if func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.item):
                 copies.append((func.__name__, args[0].numel()))
-            return func(*args, **(kwargs or {}))
+            elif func is torch.tensor and "device" in kwargs:
+                blocking.append("torch.tensor(..., device=)")
+            elif func is torch.Tensor.to and not kwargs.get("non_blocking"):
+                blocking.append("to() without non_blocking")
+            elif func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and any(
+                    isinstance(i, list) for i in (args[1] if isinstance(args[1], tuple) else (args[1],))):
+                blocking.append(f"{func.__name__} with a list")
+            return func(*args, **kwargs)
 
-    logits = torch.randn(8, 500)
-    logits[5, 3] = float("nan")
-    states = [SamplerState.create(SamplingParams(5, temperature=t, top_p=0.8, top_k=k, repetition_penalty=rp, seed=i),
-                                  "cpu")
-              for i, (t, k, rp) in enumerate([(0, 0, 1.0), (0.7, 5, 1.0), (0, 0, 1.3), (1.0, 0, 0.9)] * 2)]
+    call = _every_path("cpu")
     with Watch():
-        out = sample(logits, states, [[1, 2, 3]] * 8)
+        out = sample(call["logits"], call["states"], call["seen"], call["generated"], call["banned"], call["masks"],
+                     call["widths"])
     assert isinstance(out[5], NonFiniteLogits) and all(isinstance(t, int) for i, t in enumerate(out) if i != 5)
-    assert copies == [("tolist", 2 * 8)]
+    assert blocking == [] and copies == [("tolist", 2 * 10)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_on_a_gpu_synchronises_once():
+    """The same on a GPU, by CUDA's own account: with synchronisation as an error, everything up to
+    the final copy of the ids runs (``sample_rows``, then the finite flags)."""
+    from loramux.server.sampling import sample_rows
+
+    call = _every_path("cuda")
+    logits = call["logits"].nan_to_num()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample_rows(logits, call["states"], call["seen"], call["generated"], call["banned"], call["masks"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.shape == (10,) and tokens.device.type == "cuda"
 
 
 def test_sampled_frequencies_follow_the_filtered_distribution():
