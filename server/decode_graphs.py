@@ -143,11 +143,14 @@ class DecodeGraphs:
             plan = LoRAPlan((RankGroup(rank=rank, rows=self.row_ids[:bucket], row_start=0,
                                        pages=rows[:, pages_at : pages_at + rank].reshape(-1), group_ends=None),))
             lora = {kinds: ((tuple(range(len(kinds))), plan),) for kinds in self.groups}
+        positions, split = rows[:, 1].contiguous(), self.model.rope_split
         return StepBatch(
-            input_ids=rows[:, 0].contiguous(), positions=rows[:, 1].contiguous(), slot_mapping=rows[:, 2].contiguous(),
+            input_ids=rows[:, 0].contiguous(), positions=positions, slot_mapping=rows[:, 2].contiguous(),
             prefill=(), prefill_blocks=self.no_blocks, prefill_chunks=self.no_blocks.view(0, 4), num_prefill_rows=0,
             decode_tables=rows[:, ROW_HEAD:pages_at].contiguous(), decode_lengths=rows[:, 3].contiguous(),
-            decode_ctx=self.width * self.kv.block_size, logits_rows=self.row_ids[:bucket], lora=lora)
+            decode_ctx=self.width * self.kv.block_size, logits_rows=self.row_ids[:bucket], lora=lora,
+            # a decoding row takes the long frequencies from position split on (models/llama.py rope_row)
+            rope_positions=None if split is None else torch.where(positions >= split, positions + split, positions))
 
     def _hidden(self, bucket: int, rank: int) -> torch.Tensor:
         return self.model.hidden(self._batch(bucket, rank), self.kv, self.apply_lora)

@@ -362,15 +362,19 @@ class Engine:
         loop = asyncio.get_running_loop()
         sampler = SamplerState.create(req.sampling, self.runner.device)  # its generator where the logits are
         sampler.bad_words = bad_words.tokenize(vocab.tokenizer, req.sampling.bad_words, vocab.size)
+        split = self.runner.model.rope_split
+        long_rope = split is not None and len(req.prompt_token_ids) > split
         seq = Sequence(
-            request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry, req.cache_salt),
+            # a long prompt's K/V differ from a short one's over the same tokens (ServingModel.rope_split)
+            request=req, adapter=adapter, adapter_entry=entry,
+            identity=self._identity(entry, req.cache_salt) + (b"|rope:long" if long_rope else b""),
             weight=1.0 if entry is None else entry.weight,
             sampler=sampler,
             detok=IncrementalDetokenizer(vocab.tokenizer, list(req.prompt_token_ids), req.sampling.skip_special_tokens,
                                          req.sampling.spaces_between_special_tokens), vocab=vocab,
             queue=asyncio.Queue(),
             loop=loop, ids=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids), arrival=time.monotonic(),
-            cold_adapter=cold, grammar=grammar,
+            cold_adapter=cold, grammar=grammar, long_rope=long_rope,
         )
         with self._inbox_lock:
             if self._closed:
@@ -618,7 +622,7 @@ class Engine:
         self._waiting.remove(seq)
         self._running.append(seq)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
         """Give the sequence's blocks back; it is recomputed later from all its tokens so far (its
         full blocks stay cached, evicted after all others, so the recompute usually hits them)."""
         self.blocks.free(seq, resume=True)
@@ -627,6 +631,22 @@ class Engine:
         seq.num_computed = 0
         seq.prefill_len = len(seq.ids)
         seq.prompt_keys = None
+
+    def _outgrow_rope(self) -> None:
+        """Decoding sequences of a model with RECOMPUTE_AT_ROPE_SPLIT that have outgrown its
+        rope_split go back to be recomputed whole by RoPE's long frequencies, first in the queue."""
+        split = self.runner.model.rope_split
+        grown = [s for s in self._running if not s.long_rope and s.num_computed >= s.prefill_len and len(s.ids) > split]
+        for seq in grown:
+            self._release(seq)
+            seq.long_rope = True
+            seq.identity += b"|rope:long"  # its K/V now differ from a short sequence's (ServingModel.rope_split)
+            log.info("request %s outgrew RoPE's short context (%d positions): recomputed from %d tokens by the long "
+                     "frequencies", seq.request.request_id, split, seq.prefill_len)
+        self._enqueue(grown, ahead=True)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         log.info("request %s preempted, for KV memory, another adapter's fair share or a request of higher "
@@ -644,6 +664,8 @@ class Engine:
 
     def _run_step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
+        if self.runner.model.rope_split is not None and self.runner.model.RECOMPUTE_AT_ROPE_SPLIT:
+            self._outgrow_rope()
         waiting, running = self._views(fairness)
         budgets = self.budgets
         if self.step_budget is not None:
@@ -679,6 +701,7 @@ class Engine:
                 needs_logits=decoding[-1] or start + n == seq.prefill_len, kinds=seq.kinds,
                 magnitude_page=seq.magnitude_page, saved_embedding=seq.saved_embedding, saved_head=seq.saved_head,
                 prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
+                long_rope=seq.long_rope,
             ))
         constrained = [seq for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None and seq.grammar.constrains] \

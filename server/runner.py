@@ -13,6 +13,7 @@ from .attention_metadata import build_attention_metadata
 from .decode_graphs import DecodeGraphs
 from .kv_cache import PagedKVCache
 from .models.batch import StepBatch
+from .models.llama import rope_row
 from .ops import LoRAPlan, LoRAPlans, merge_plans, plan_segments, plan_tokens
 from .ops.plan import MagnitudeRuns, longs, upload
 
@@ -35,6 +36,7 @@ class WorkItem:
     # the adapter's fully trained token embedding and lm_head [vocab, hidden] (modules_to_save), if any
     saved_embedding: torch.Tensor | None = None
     saved_head: torch.Tensor | None = None
+    long_rope: bool = False  # all its positions take RoPE's long frequencies (ServingModel.rope_split)
 
     def uses(self, kind: str) -> bool:
         return self.pages is not None and kind in self.kinds
@@ -71,6 +73,7 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
         host += m.tensors
     saved = [*batch.saved_embeddings, *batch.saved_heads]
     host += [rows for rows, _ in saved] + ([] if batch.base_head_rows is None else [batch.base_head_rows])
+    host += [] if batch.rope_positions is None else [batch.rope_positions]
     moved = iter(upload(host, device, pin))
     fields = {f: next(moved) for f in STEP_FIELDS}
     new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
@@ -84,7 +87,8 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     return replace(batch, **fields, lora=lora,
                    saved_embeddings=tuple(zip(rows[:embeddings], (w for _, w in batch.saved_embeddings), strict=True)),
                    saved_heads=tuple(zip(rows[embeddings:], (w for _, w in batch.saved_heads), strict=True)),
-                   base_head_rows=None if batch.base_head_rows is None else next(moved))
+                   base_head_rows=None if batch.base_head_rows is None else next(moved),
+                   rope_positions=None if batch.rope_positions is None else next(moved))
 
 
 def _per_row(items: list[WorkItem], row_items: list[int | None]) -> tuple[LoRAPlan, list[tuple[int, int]]]:
@@ -235,6 +239,9 @@ class ModelRunner:
             base_head_rows=longs([row for row, i in enumerate(logits_items) if items[i].saved_head is None])
             if saved_heads else None,
             longest_prefill=max((c.num_tokens for c in meta.prefill), default=0),
+            rope_positions=None if self.model.rope_split is None else longs(
+                rope_row(p, self.model.rope_split, items[i].long_rope)
+                for p, i in zip(meta.positions, (i for i in (*prefill, *decode) for _ in items[i].token_ids), strict=True)),
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

@@ -47,6 +47,7 @@ class Sequence:
     adapter_load_seconds: float = 0.0
     cold_adapter: bool = False  # the adapter was not device-resident when the request arrived
     num_preemptions: int = 0
+    long_rope: bool = False  # all its positions take RoPE's long frequencies (ServingModel.rope_split)
     prompt_keys: list[bytes] | None = None  # prefix-cache keys of ids[:prefill_len]'s full blocks
     hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far

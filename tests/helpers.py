@@ -129,6 +129,14 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "phi3":  # q|k|v and gate|up as one linear each, RoPE on half of each head, a sliding window
         return tf.Phi3Config(**common, **llama_like, partial_rotary_factor=0.5, sliding_window=6,
                              architectures=["Phi3ForCausalLM"])
+    if family == "phi3_longrope":  # RoPE's short factors within 16 positions, its long ones past them (Phi-3.5's)
+        return tf.Phi3Config(**common, **llama_like, architectures=["Phi3ForCausalLM"], original_max_position_embeddings=16,
+                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                              "short_factor": [1.0, 1.3, 2.0, 3.5], "long_factor": [1.5, 4.0, 9.0, 30.0],
+                                              "original_max_position_embeddings": 16})
+    if family == "llama_dynamic":  # dynamic NTK RoPE past 16 positions
+        return tf.LlamaConfig(**common, **{**llama_like, "max_position_embeddings": 16}, architectures=["LlamaForCausalLM"],
+                              rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})
     if family == "gemma":  # the first: a scaled embedding, (1 + w) norms, a head_dim apart from hidden / heads
         return tf.GemmaConfig(**common, **llama_like, head_dim=32, architectures=["GemmaForCausalLM"])
     if family == "gemma2":  # soft-capped scores (a cap small enough to bite) and logits, a local then a global layer
@@ -356,7 +364,8 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
-                   "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron"}
+                   "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron",
+                   "phi3_longrope": "phi3"}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

@@ -38,6 +38,15 @@ class ServingModel(nn.Module):
     logit_divisor: float | None = None  # Granite's logits_scaling: logits -> logits / it
     logit_multiplier: float | None = None  # Cohere's logit_scale: logits -> logits * it
     CUDA_GRAPHS = True  # decode steps can be captured (decode_graphs.py): no host sync inside the forward
+    # A RoPE whose frequencies depend on the sequence's length (longrope, dynamic NTK), past a context of
+    # this many positions: its table holds the short frequencies' rows [0, split), then the long ones'
+    # [split, split + max_model_len). A row takes the long ones where its sequence's prompt is longer
+    # than ``split`` or its position is at least ``split`` (``rope_row``), as Hugging Face's
+    # generate picks them per forward pass. None: one table.
+    rope_split: int | None = None
+    # Hugging Face's Phi-3 recomputes a sequence's whole cache by the long frequencies once it outgrows
+    # rope_split (its prepare_inputs_for_generation): the engine does the same (engine.py _outgrow_rope)
+    RECOMPUTE_AT_ROPE_SPLIT = False
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:

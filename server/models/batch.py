@@ -43,3 +43,6 @@ class StepBatch:
     saved_heads: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
     base_head_rows: torch.Tensor | None = None  # with saved_heads: the logits rows the base lm_head computes
     longest_prefill: int = 0  # the longest prefill chunk's tokens (the prefill kernel's grid)
+    # [T] each row's row of the model's RoPE table where it differs from its position (a table split
+    # in two, ServingModel.rope_split); None: the positions
+    rope_positions: torch.Tensor | None = None

@@ -112,6 +112,32 @@ def mlp_targets(config, up: tuple[str, ...], down: str, fused: int = 1) -> dict[
     return {**{kind: (mlp + kind, hidden, fused * inter) for kind in up}, down: (mlp + down, inter, hidden)}
 
 
+def rope_split(inner, config, max_model_len: int) -> int | None:
+    """``ServingModel.rope_split`` of a Hugging Face model whose rotary module changes its
+    frequencies with the sequence's length: longrope (Phi-3's 128k models, Phi-3.5, Phi-4-mini)
+    past ``original_max_position_embeddings``, dynamic NTK past ``max_position_embeddings``; None
+    for a static RoPE, or where max_model_len stays within that context."""
+    rotary = getattr(inner, "rotary_emb", None)
+    kind = getattr(rotary, "rope_type", None)
+    if not isinstance(kind, str):  # none, or one per layer type
+        return None
+    if kind == "longrope":
+        split = config.rope_parameters["original_max_position_embeddings"]
+    elif "dynamic" in kind:  # its frequencies for the longest sequence stand in for every longer one
+        split = rotary.original_max_seq_len
+    else:
+        return None
+    return split if max_model_len > split else None
+
+
+def rope_row(position: int, split: int, long_rope: bool) -> int:
+    """A row's row of a split RoPE table (``ServingModel.rope_split``): Hugging Face's generate
+    turns a prompt longer than ``split`` (``long_rope``; in Phi-3 also a sequence that outgrew it,
+    recomputed) by the long frequencies throughout, and each later token by the long ones once its
+    position reaches ``split``."""
+    return position + split if long_rope or position >= split else position
+
+
 class LlamaLayer(nn.Module):
     rope = staticmethod(_rope)  # Cohere's turns interleaved pairs (CohereLayer)
     qk_norm_whole = False  # OLMo 2's norms of q and k: over all heads' dims at once (Olmo2Layer)
@@ -204,7 +230,8 @@ class LlamaLayer(nn.Module):
         key = ("rope", id(self.cos))
         rope = batch.masks.get(key)
         if rope is None:
-            rope = batch.masks[key] = (self.cos[batch.positions][:, None], self.sin[batch.positions][:, None])
+            rows = batch.positions if batch.rope_positions is None else batch.rope_positions
+            rope = batch.masks[key] = (self.cos[rows][:, None], self.sin[rows][:, None])
         return rope
 
     def mlp(self, x, batch: StepBatch, apply_lora):
@@ -245,8 +272,14 @@ class LlamaForServing(ServingModel):
         types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
         by_type = all(kind in (getattr(config, "rope_parameters", None) or {}) for kind in types)
         tables = {}
+        self.rope_split = rope_split(inner, config, max_model_len)
         for kind in dict.fromkeys(types if by_type else [None]):
+            # split: the short frequencies' rows, then the long ones' (ServingModel.rope_split), in that
+            # order, as the rotary module switches on the length it is called with
+            short = None if self.rope_split is None else self.rope_table(inner, self.rope_split, kind)
             cos, sin = self.rope_table(inner, max_model_len, kind)
+            if short is not None:
+                cos, sin = torch.cat((short[0], cos)), torch.cat((short[1], sin))
             name = "" if kind is None else f"_{kind}"
             self.register_buffer(f"cos{name}", cos, persistent=False)
             self.register_buffer(f"sin{name}", signed_sin(sin) if self.SIGNED_SIN else sin, persistent=False)
@@ -273,9 +306,11 @@ class LlamaForServing(ServingModel):
 
 class Phi3ForServing(LlamaForServing):
     """Phi-3 and Phi-4-mini: q|k|v and gate|up stored as one linear each (``qkv_proj``,
-    ``gate_up_proj``), which adapters target whole."""
+    ``gate_up_proj``), which adapters target whole; a longrope sequence is recomputed by the long
+    frequencies when it outgrows the short context, as Hugging Face's Phi-3 generates."""
 
     FUSED_KINDS = ()
+    RECOMPUTE_AT_ROPE_SPLIT = True
 
     @staticmethod
     def lora_targets(config):

@@ -135,3 +135,28 @@ def test_lora_on_moe_experts_is_refused_naming_the_field(tmp_path):
     with pytest.raises(AdapterInvalid, match=r"field 'target_parameters': LoRA on raw parameters \(such as MoE "
                                              r"experts\) is not supported"):
         built.registry.register("experts", experts, trusted=True)
+
+
+def test_dynamic_ntk_rope_matches_peft_within_the_original_context(tmp_path):
+    """Dynamic NTK RoPE rescales its frequencies by the sequence's length once it outgrows the
+    model's context (max_position_embeddings, 16 here); within it Hugging Face turns q and k by the
+    original frequencies, and so does the server, whatever its max-model-len (80: past 16 it takes the
+    frequencies for 80 throughout, a static stand-in for a per-length table, as vLLM's)."""
+    model = build_family_model("llama_dynamic", tmp_path / "model")
+    adapter = build_adapter(model, tmp_path / "qv", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_model_len=80, default_max_new_tokens=8,
+                                      adapters=(("qv", str(adapter)),), dtype="float32",
+                                      base_linear=pinned_base_linear()))
+    assert built.engine.runner.model.rope_split == 16
+    rng = __import__("random").Random(7)
+    requests = [(name, [rng.randrange(3, built.engine.vocab_size) for _ in range(n)])
+                for name, n in ((None, 3), ("qv", 5), (None, 8), ("qv", 8), (None, 30))]
+    built.engine.start()
+    try:
+        outs = asyncio.run(run_staggered(built.engine, requests, 8))
+    finally:
+        built.engine.stop()
+    for i, (name, prompt) in enumerate(requests[:4]):  # 16 positions at most
+        expected = peft_generate(model, adapter if name else None, [prompt], 8, eos_token_id=None)[0]
+        assert outs[i] == expected, (i, name)
+    assert len(outs[4]) == 8  # past the context: served, by the long frequencies

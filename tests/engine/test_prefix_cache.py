@@ -264,10 +264,10 @@ def test_prompt_logprobs_equal_peft_through_chunks_cache_hits_and_preemption(tin
     The others still hit the cache, and every token stays PEFT's."""
     prefix, full = prompts
     rng = random.Random(5)
-    long_prompt = prefix + [rng.randrange(3, 300) for _ in range(13)]  # 40 tokens: three chunks of 16
+    long_rope = prefix + [rng.randrange(3, 300) for _ in range(13)]  # 40 tokens: three chunks of 16
     built = make(tiny_llama, tiny_adapters, max_tokens_per_step=16, kv_cache_tokens=pool)
     engine = built.engine
-    jobs = [("attn-r4", full[0], None), ("attn-r4", long_prompt, 3), (None, full[1], 0), ("all-r8", full[2], 5),
+    jobs = [("attn-r4", full[0], None), ("attn-r4", long_rope, 3), (None, full[1], 0), ("all-r8", full[2], 5),
             ("attn-r4", full[3], None), ("attn-r4", prefix + [7], 2)]
     try:
         run(engine, [("attn-r4", prefix + [5])])  # the prefix's blocks are cached

@@ -153,7 +153,7 @@ def test_special_tokens_text_is_left_out_unless_asked_for(server, tiny_llama):
     assert ended.token_ids == [tok.eos_token_id] and ended.finish_reason == "eos" and ended.text == ""
 
 
-def test_an_unset_max_new_tokens_shrinks_to_the_room_a_long_prompt_leaves(server):
+def test_an_unset_max_new_tokens_shrinks_to_the_room_a_long_rope_leaves(server):
     """The server's default (16 here) fits in what --max-model-len (256) leaves after the prompt; a
     max_new_tokens the client sets is never shrunk, and over the limit is refused, naming it."""
     long = [5 + i % 300 for i in range(250)]

@@ -464,7 +464,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
     assert wrong_method.json()["error"]["message"] == "Method Not Allowed"
 
 
-def test_an_unset_max_tokens_fits_the_room_a_long_prompt_leaves(oserver, tokenizer):
+def test_an_unset_max_tokens_fits_the_room_a_long_rope_leaves(oserver, tokenizer):
     """Without max_tokens, completions (OpenAI's 16) and chat (--default-max-new-tokens, 16 here)
     generate what --max-model-len (256) leaves after the prompt, as vLLM does, rather than refusing
     the request for a limit the client never set; a max_tokens it sets is refused past the limit."""
