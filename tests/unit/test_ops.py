@@ -296,10 +296,11 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
                       prefill_chunks=longs(0, 3, 0, 0, 3, 2, 0, 1).view(2, 4),
                       num_prefill_rows=5, decode_tables=longs(2, 4, 3, 5).view(2, 2), decode_lengths=longs(8, 10),
                       decode_ctx=10, logits_rows=longs(2, 4, 5, 6),
-                      lora={("q", "k"): (((0, 1), shared),), ("v",): (((0,), other),), ("o",): (((0,), shared),)})
+                      lora={("q", "k"): (((0, 1), shared),), ("v",): (((0,), other),), ("o",): (((0,), shared),)},
+                      rope_positions=longs(0, 1, 2, 0, 1, 15, 17))  # a split RoPE table's rows (rope_split 8)
     moved = upload_step(batch, "cpu", pin=False)
     for name in ("input_ids", "positions", "slot_mapping", "prefill_blocks", "prefill_chunks", "decode_tables",
-                 "decode_lengths", "logits_rows"):
+                 "decode_lengths", "logits_rows", "rope_positions"):
         assert torch.equal(getattr(moved, name), getattr(batch, name))
     plan = {kinds: entries[0][1] for kinds, entries in moved.lora.items()}
     assert plan[("q", "k")] is plan[("o",)] and plan[("q", "k")] is not plan[("v",)]  # sharing kept
@@ -307,7 +308,7 @@ def test_a_steps_metadata_goes_over_in_one_packed_copy():
     assert plan[("v",)].magnitude is None
     (lo, hi, page), (lo2, hi2, pages) = plan[("q", "k")].magnitude.runs  # DoRA adapters' rows and pages
     assert (lo, hi, page, lo2, hi2) == (0, 3, 13, 3, 5) and torch.equal(pages, longs(12, 14))
-    storages = {pages.untyped_storage().data_ptr()}
+    storages = {pages.untyped_storage().data_ptr(), moved.rope_positions.untyped_storage().data_ptr()}
     for kinds in batch.lora:
         for old, new in zip(batch.lora[kinds][0][1].groups, moved.lora[kinds][0][1].groups, strict=True):
             assert torch.equal(new.rows, old.rows) and torch.equal(new.pages, old.pages)
