@@ -46,8 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "ops", "parity", "bench", "profile")
 ASSETS = ROOT / "bench" / "gpu-assets"
-# Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity's 280 tests
-# (session 54 added each family's staggered test once, through CUDA graphs) run on 4 workers
+# Caps, not estimates. The first H200 run (session 49) took env 21 s, ops 36 s; parity's 335 tests
+# (session 54 added each family's staggered test once, through CUDA graphs; session 55 sixteen
+# architectures and the host-sync test; never yet run on a GPU, so the cap may cut it) run on 4 workers
 # (tests/conftest.py sizes each engine's KV pool at 5% of the free GPU memory; in session 49, at 80%,
 # four workers starved each other), and bench's two models may take most of a device call: run
 # STAGE=env,ops,parity,profile and STAGE=bench as two calls.
@@ -134,7 +135,8 @@ def _pytest(args, out: Path, name: str, targets: list[str], quick_filter: str, w
             select: str | None = None) -> dict:
     """``select``: a -k expression for the full run (--quick runs ``quick_filter`` instead)."""
     # pytest-timeout prints every thread's stack for a test that hangs, before the stage runs out
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets,
+    # -v: each test's outcome on a line as it ends, so a stage cut short still names its failures
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *targets,
            "--timeout", str(max(1, int(args.budget - 20))), "--junitxml", str(out / f"{name}.xml")]
     if args.quick:
         cmd += ["-k", quick_filter]
@@ -155,14 +157,17 @@ def stage_ops(args, out: Path) -> dict:
 
 
 def stage_parity(args, out: Path) -> dict:
-    return _pytest(args, out, "parity", ["tests/engine/test_parity.py", "tests/engine/test_dora.py",
-                                         "tests/engine/test_lm_head.py", "tests/engine/test_embedding_lora.py",
-                                         "tests/engine/test_trainable_tokens.py", "tests/engine/test_speculative.py",
-                                         "tests/engine/test_quantization.py", "tests/engine/test_saved_modules.py",
-                                         "tests/engine/test_added_tokens.py", "tests/engine/test_decode_graphs.py",
+    # most telling first (xdist hands tests out in this order, so a stage cut short by its budget has
+    # run these): the static decode path and its host waits, mixed-adapter parity, every family
+    # through CUDA graphs and the Triton attention kernels, then each feature in every family
+    return _pytest(args, out, "parity", ["tests/engine/test_decode_graphs.py",
                                          "tests/engine/test_host_syncs.py",  # one wait for the device a step
-                                         # every family through CUDA graphs and the Triton attention kernels
-                                         "tests/engine/test_families.py::test_family_matches_peft_with_staggered_joins"],
+                                         "tests/engine/test_parity.py",
+                                         "tests/engine/test_families.py::test_family_matches_peft_with_staggered_joins",
+                                         "tests/engine/test_speculative.py", "tests/engine/test_dora.py",
+                                         "tests/engine/test_lm_head.py", "tests/engine/test_embedding_lora.py",
+                                         "tests/engine/test_trainable_tokens.py", "tests/engine/test_quantization.py",
+                                         "tests/engine/test_saved_modules.py", "tests/engine/test_added_tokens.py"],
                    # --quick (the CPU smoke test): one parity test shows the stage runs; make test runs the rest
                    "staggered_mixed_adapters and torch and not float16",
                    workers=4,  # each engine's KV pool takes 5% of the free GPU memory in tests (conftest.py)
