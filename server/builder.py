@@ -327,7 +327,9 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                 fused.register_forward_pre_hook(share.check)
     runner = ModelRunner(model, kv, apply_lora, loaded.device, layout)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
-        runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device)  # compiles now, not mid-step
+        bounds = {fused.kinds: fused.bounds for layer in model.layers for fused in layer.lora_modules()}
+        # compiles now, not mid-step
+        runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device, bounds)
     if graphs:
         runner.graphs = decode_graphs(config, runner, pool.zero_page)
     try:

@@ -20,6 +20,8 @@ imported), which is how the tests check them against ``reference.py``.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -171,7 +173,7 @@ class TritonLoRA:
     def _meta_for(self, a_store, bounds, used, device) -> torch.Tensor:
         """[s, 3] int64 on the device: per used kind, its A row's offset in a page and its columns.
         Built once per (store shape, kinds): never a copy inside a step."""
-        key = (a_store.stride(1), bounds, used, device)
+        key = (a_store.stride(1), bounds, used, torch.device(device))
         meta = self._meta.get(key)
         if meta is None:
             meta = torch.tensor([(j * a_store.stride(1), bounds[j], bounds[j + 1]) for j in used], dtype=torch.long,
@@ -214,12 +216,20 @@ class TritonLoRA:
                 v, b_store, y, g.rows, g.pages, g.group_ends, meta, col_tiles, y.stride(0), b_store.stride(0),
                 rank=rank, num_used=s, R_BLOCK=r_block, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, PRECISION=precision)
 
-    def warm_up(self, max_rank: int, stores, device) -> None:
+    def warm_up(self, max_rank: int, stores, device, bounds: dict | None = None) -> None:
         """Compile every kernel variant a step can need (each padded rank block up to ``max_rank``
         for each number of fused kinds, BGMV with and without a split reduction, SGMV) for each
-        store shape, so that no step waits for a compile.
+        store shape, so that no step waits for a compile; and, given each fused linear's ``bounds``
+        ({kinds: column bounds}), the device metadata of every set of its kinds an adapter can
+        target, so that no step makes it with a copy that waits for the device (``_meta_for``).
         stores: {(layer, kinds): (a_store [P, m, in], b_store [P, out])}."""
         from .plan import plan_segments, plan_tokens
+
+        for (_, kinds), (a_store, _) in stores.items():
+            if bounds and kinds in bounds:
+                for s in range(1, len(kinds) + 1):
+                    for used in itertools.combinations(range(len(kinds)), s):
+                        self._meta_for(a_store, bounds[kinds], used, device)
 
         shapes = {}
         for a_store, b_store in stores.values():

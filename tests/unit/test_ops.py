@@ -273,7 +273,14 @@ def test_triton_warm_up_runs_every_rank_block_and_leaves_the_stores_alone():
     op._apply_group = lambda y, x, a, b, g, meta, bounds, used: (
         calls.append((g.rank, x.shape[0], g.group_ends is None, a.shape[1], len(used))),
         original(y, x, a, b, g, meta, bounds, used))
-    op.warm_up(20, stores, DEVICE)
+    op.warm_up(20, stores, DEVICE, bounds={("q", "k"): (0, 8, OUT), ("o",): (0, 8)})
+    # the metadata of every set of kinds an adapter can target, made now rather than by a step's copy
+    metas = {(bounds, used) for _, bounds, used, _ in op._meta}
+    assert {((0, 8, OUT), u) for u in ((0,), (1,), (0, 1))} | {((0, 8), (0,))} <= metas
+    made = len(op._meta)
+    op(torch.zeros(1, OUT, device=DEVICE), torch.zeros(1, IN, device=DEVICE), *stores[(0, ("q", "k"))],
+       plan_tokens([0], [torch.arange(16)], DEVICE), (0, 8, OUT), (1,))
+    assert len(op._meta) == made
     assert {c[0] for c in calls} == {16, 20}  # rank blocks 16 and 32
     assert {c[1:3] for c in calls} == {(1, True), (64, True), (2, False)}
     assert {c[3:] for c in calls} == {(2, 1), (2, 2), (1, 1)}  # every number of used kinds per store
