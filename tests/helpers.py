@@ -241,6 +241,9 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.FalconConfig(**falcon)
     if family == "falcon_seq":  # each head's q, k, v side by side, a sequential block, biases
         return tf.FalconConfig(**falcon, multi_query=False, parallel_attn=False, bias=True)
+    if family == "mpt":  # ALiBi over 6 heads (not a power of two), q/k/v clamped (a clip that bites)
+        return tf.MptConfig(**common, d_model=48, n_layers=2, n_heads=6, max_seq_len=512,
+                            attn_config={"clip_qkv": 2.0}, architectures=["MptForCausalLM"])
     if family == "bloom":
         return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     raise ValueError(family)
@@ -354,6 +357,8 @@ FAMILY_ADAPTERS = {
                     "all-r4": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])},
     "falcon": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
                "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
+    "mpt": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["Wqkv"]),
+            "rest-r4": dict(r=4, lora_alpha=8, target_modules=["out_proj", "up_proj", "down_proj"])},
     "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }

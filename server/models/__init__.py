@@ -19,6 +19,7 @@ from .llama import LlamaForServing, Phi3ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import GraniteMoeForServing, MoEForServing, OlmoeForServing
 from .nemotron import ApertusForServing, UngatedForServing
+from .mpt import MptForServing
 from .olmo import Exaone4ForServing, Olmo2ForServing, OlmoForServing
 from .opt import OPTForServing
 from .phi import PhiForServing
@@ -75,6 +76,7 @@ SUPPORTED_ARCHITECTURES = {
     "OPTForCausalLM": OPTForServing,
     "FalconForCausalLM": FalconForServing,
     "BloomForCausalLM": BloomForServing,
+    "MptForCausalLM": MptForServing,
 }
 
 
