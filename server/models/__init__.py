@@ -18,8 +18,8 @@ from .hunyuan import HunYuanDenseForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import GraniteMoeForServing, MoEForServing, OlmoeForServing
-from .nemotron import ApertusForServing, UngatedForServing
 from .mpt import MptForServing
+from .nemotron import ApertusForServing, UngatedForServing
 from .olmo import Exaone4ForServing, Olmo2ForServing, OlmoForServing
 from .opt import OPTForServing
 from .phi import PhiForServing
