@@ -97,6 +97,11 @@ class OutputProcessor:
         end = len(seq.text) if finish is not None else len(seq.text) - holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
         seq.emitted = max(seq.emitted, end)
+        # text sent and further back than a stop string can reach: dropped, so that a long output's
+        # text is not copied again at every token
+        cut = seq.emitted - max(map(len, p.stop), default=0)
+        if cut > 0:
+            seq.text, seq.emitted = seq.text[cut:], seq.emitted - cut
         prompt = tuple(seq.prompt_logprobs) if p.prompt_logprobs is not None and seq.num_generated == 1 else None
         if finish is None:
             return TokenEvent(seq.request.request_id, token, delta, logprob=logprob, prompt_logprobs=prompt)

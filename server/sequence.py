@@ -39,7 +39,9 @@ class Sequence:
     magnitude_page: int | None = None  # DoRA's page of per-output scales
     kinds: frozenset[str] = frozenset()  # module kinds the adapter targets
     pinned: bool = False
-    text: str = ""  # all generated text so far (stop strings cut it)
+    # generated text not yet sent, after as much sent text as a stop string can reach back into (stop
+    # strings cut it)
+    text: str = ""
     emitted: int = 0  # chars of ``text`` already sent
     admitted_at: float | None = None
     first_token_at: float | None = None
