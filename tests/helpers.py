@@ -224,6 +224,12 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.OPTConfig(**opt, word_embed_proj_dim=64)
     if family == "opt_350m":  # LayerNorms after each residual sum, embeddings projected in and out
         return tf.OPTConfig(**opt, word_embed_proj_dim=32, do_layer_norm_before=False)
+    if family == "persimmon":  # GPT-NeoX's fused per-head q/k/v, sequential, per-head q/k LayerNorms, half of RoPE
+        return tf.PersimmonConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=512, qk_layernorm=True,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5},
+                                  architectures=["PersimmonForCausalLM"])
     if family == "starcoder2":  # LayerNorms, biases, a plain MLP, grouped-query attention, a sliding window
         return tf.Starcoder2Config(**common, **llama_like, sliding_window=6, use_bias=True,
                                    architectures=["Starcoder2ForCausalLM"])
@@ -370,7 +376,7 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
                    "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron",
-                   "phi3_longrope": "phi3"}
+                   "phi3_longrope": "phi3", "persimmon": "gpt_neox"}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

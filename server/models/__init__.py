@@ -11,7 +11,7 @@ from .glm import Glm4ForServing, GlmForServing
 from .gpt2 import GPT2ForServing
 from .gpt_bigcode import GPTBigCodeForServing
 from .gpt_neo import GPTNeoForServing
-from .gpt_neox import GPTNeoXForServing
+from .gpt_neox import GPTNeoXForServing, PersimmonForServing
 from .gptj import GPTJForServing
 from .granite import GraniteForServing, HyperCLOVAXForServing
 from .hunyuan import HunYuanDenseForServing
@@ -27,7 +27,7 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -72,6 +72,7 @@ SUPPORTED_ARCHITECTURES = {
     "GPTNeoForCausalLM": GPTNeoForServing,
     "GPTBigCodeForCausalLM": GPTBigCodeForServing,
     "GPTNeoXForCausalLM": GPTNeoXForServing,
+    "PersimmonForCausalLM": PersimmonForServing,
     "GPTJForCausalLM": GPTJForServing,
     "OPTForCausalLM": OPTForServing,
     "FalconForCausalLM": FalconForServing,

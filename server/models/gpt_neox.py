@@ -8,6 +8,10 @@
   (mlp(ln2(h)) + attention(ln1(h))) + h; without it, sequential.
 - The token embedding is ``embed_in``; the output projection is ``lm_head`` (``embed_out`` before
   transformers 5, which renames it).
+
+Persimmon (``PersimmonForCausalLM``: Persimmon-8B, Fuyu's decoder) has the same layer, sequential,
+under Llama's module names, with q and k each normed per head by a LayerNorm before RoPE
+(``qk_layernorm``) and a relu2 MLP.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ from .llama import LlamaForServing, PlainMLPLayer
 
 
 class GPTNeoXLayer(PlainMLPLayer):
+    ATTN = "attention"  # the Hugging Face layer's attention module (Persimmon's: self_attn)
+
     def __init__(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):
         nn.Module.__init__(self)
-        attn, mlp = hf_layer.attention, hf_layer.mlp
+        attn, mlp = getattr(hf_layer, self.ATTN), hf_layer.mlp
         self.input_layernorm, self.post_attention_layernorm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
         self.qkv, self.o_proj, self.up, self.down = qkv_dense_projections(attn, mlp, layer, int8)
-        self.q_norm = self.k_norm = None
+        self.q_norm, self.k_norm = (attn.q_layernorm, attn.k_layernorm) if getattr(config, "qk_layernorm", False) \
+            else (None, None)
         self.act = ACT2FN[config.hidden_act]
-        self.parallel = config.use_parallel_residual
+        self.parallel = getattr(config, "use_parallel_residual", False)
         self.init_attention(config, layer, cos, sin)
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
@@ -40,6 +47,8 @@ class GPTNeoXLayer(PlainMLPLayer):
 
     def qkv_heads(self, qkv, batch: StepBatch):
         q, k, v = qkv.view(qkv.shape[0], self.heads, 3, self.head_dim).unbind(2)  # each head's q, k, v side by side
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return (*self.rope_qk(q, k, batch), v)
 
 
@@ -54,4 +63,21 @@ class GPTNeoXForServing(LlamaForServing):
     def lora_targets(config):
         d = config.hidden_size
         return qkv_dense_targets("gpt_neox.layers.{i}.attention.", "gpt_neox.layers.{i}.mlp.", d, 3 * d,
+                                 config.intermediate_size)
+
+
+class PersimmonLayer(GPTNeoXLayer):
+    ATTN = "self_attn"
+
+
+class PersimmonForServing(GPTNeoXForServing):
+    EMBEDDING = ("model.embed_tokens", "embed_tokens")
+    INNER = "model"
+    FINAL_NORM = "final_layernorm"
+    LAYER = PersimmonLayer
+
+    @staticmethod
+    def lora_targets(config):
+        d = config.hidden_size
+        return qkv_dense_targets("model.layers.{i}.self_attn.", "model.layers.{i}.mlp.", d, 3 * d,
                                  config.intermediate_size)
