@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .ops.plan import to_device
 from .requests import SamplingParams
 
 
@@ -31,11 +32,11 @@ class SamplerState:
 
 
 def host_data(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``values`` (Python data) as a tensor on ``device``, without waiting for the device: built on
-    the host, then copied asynchronously (``torch.tensor(values, device=cuda)``, or indexing a device
-    tensor with a list, copies synchronously, so the host would wait there for the forward pass to
-    finish before it could queue the rest of the sampling)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """``values`` (Python data) as a tensor on ``device``, without waiting for the device (ops/plan.py
+    ``to_device``): ``torch.tensor(values, device=cuda)``, or indexing a device tensor with a list,
+    copies synchronously, so the host would wait there for the forward pass to finish before it
+    could queue the rest of the sampling."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 class NonFiniteLogits(ArithmeticError):

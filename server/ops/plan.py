@@ -134,7 +134,7 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     pinned memory and an asynchronous copy (a copy from pageable memory waits for the stream)."""
     if device is not None and torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.to(device, non_blocking=True)
 
 
 def _group(rank: int, rows: list[int], pages: list[torch.Tensor], counts: list[int] | None, device) -> RankGroup:
