@@ -87,9 +87,8 @@ class OutputProcessor:
             seq.text += seq.detok.add(token)
         if finish is not None:
             seq.text += seq.detok.flush()
-        if p.stop:
-            scan_from = max(0, seq.emitted - max(map(len, p.stop)))
-            hits = [(i, s) for i, s in ((seq.text.find(s, scan_from), s) for s in p.stop) if i >= 0]
+        if p.stop:  # the kept text (below) is only as long as a stop string can reach back
+            hits = [(i, s) for i, s in ((seq.text.find(s), s) for s in p.stop) if i >= 0]
             if hits:  # the earliest stop string, the longest of those starting there
                 start, stop = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
                 seq.text = seq.text[: start + len(stop) if p.include_stop_str_in_output else start]
@@ -99,7 +98,7 @@ class OutputProcessor:
         seq.emitted = max(seq.emitted, end)
         # text sent and further back than a stop string can reach: dropped, so that a long output's
         # text is not copied again at every token
-        cut = seq.emitted - max(map(len, p.stop), default=0)
+        cut = seq.emitted - max(map(len, p.stop), default=0)  # so at most that much sent text stays
         if cut > 0:
             seq.text, seq.emitted = seq.text[cut:], seq.emitted - cut
         prompt = tuple(seq.prompt_logprobs) if p.prompt_logprobs is not None and seq.num_generated == 1 else None
