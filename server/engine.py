@@ -128,6 +128,9 @@ class Engine:
         self.step_budget = None if config.target_step_ms is None else \
             StepBudget(config.target_step_ms / 1000, config.max_tokens_per_step)
         self.step_token_budget = config.max_tokens_per_step  # the last step's (read by the metrics collector)
+        model = runner.model
+        # where a sequence that outgrows RoPE's short context is recomputed by the long frequencies (Phi-3's)
+        self.outgrow_rope_at = model.rope_split if model.RECOMPUTE_AT_ROPE_SPLIT else None
         self.by_priority = config.scheduling == "priority"
         self._inbox: deque = deque()  # ("add", seq) | ("cancel", seq, reason); thread-safe appends
         # Taken by submit around its append and by the fatal path when it closes the inbox, so that a
@@ -365,9 +368,7 @@ class Engine:
         split = self.runner.model.rope_split
         long_rope = split is not None and len(req.prompt_token_ids) > split
         seq = Sequence(
-            # a long prompt's K/V differ from a short one's over the same tokens (ServingModel.rope_split)
-            request=req, adapter=adapter, adapter_entry=entry,
-            identity=self._identity(entry, req.cache_salt) + (b"|rope:long" if long_rope else b""),
+            request=req, adapter=adapter, adapter_entry=entry, identity=self._identity(entry, req.cache_salt, long_rope),
             weight=1.0 if entry is None else entry.weight,
             sampler=sampler,
             detok=IncrementalDetokenizer(vocab.tokenizer, list(req.prompt_token_ids), req.sampling.skip_special_tokens,
@@ -408,7 +409,7 @@ class Engine:
         return out or None
 
     @staticmethod
-    def _identity(entry, salt: str = "") -> bytes:
+    def _identity(entry, salt: str = "", long_rope: bool = False) -> bytes:
         """The prefix cache's namespace: the content hash of the weights that compute the KV, never
         the adapter id, so a replaced adapter cannot hit its old KV and equal files share it. LoRA
         on lm_head alone computes the base model's KV, and shares it. A ``salt`` (vLLM's
@@ -417,6 +418,8 @@ class Engine:
             b"lora:" + entry.manifest.content_hash.encode()
         if salt:  # a fixed-length digest after a separator neither namespace contains
             identity += b"|salt:" + hashlib.sha256(salt.encode("utf-8", "surrogatepass")).hexdigest().encode()
+        if long_rope:  # turned by RoPE's long frequencies, its K/V differ from a short sequence's (rope_split)
+            identity += b"|rope:long"
         return identity
 
     def cancel(self, seq: Sequence, reason: BaseException | None = None) -> None:
@@ -635,12 +638,12 @@ class Engine:
     def _outgrow_rope(self) -> None:
         """Decoding sequences of a model with RECOMPUTE_AT_ROPE_SPLIT that have outgrown its
         rope_split go back to be recomputed whole by RoPE's long frequencies, first in the queue."""
-        split = self.runner.model.rope_split
+        split = self.outgrow_rope_at
         grown = [s for s in self._running if not s.long_rope and s.num_computed >= s.prefill_len and len(s.ids) > split]
         for seq in grown:
             self._release(seq)
             seq.long_rope = True
-            seq.identity += b"|rope:long"  # its K/V now differ from a short sequence's (ServingModel.rope_split)
+            seq.identity = self._identity(seq.adapter_entry, seq.request.cache_salt, long_rope=True)
             log.info("request %s outgrew RoPE's short context (%d positions): recomputed from %d tokens by the long "
                      "frequencies", seq.request.request_id, split, seq.prefill_len)
         self._enqueue(grown, ahead=True)
@@ -664,7 +667,7 @@ class Engine:
 
     def _run_step(self, ready: set, fairness: Fairness | None) -> bool:
         """schedule -> admit -> runner.step -> sample -> process outputs."""
-        if self.runner.model.rope_split is not None and self.runner.model.RECOMPUTE_AT_ROPE_SPLIT:
+        if self.outgrow_rope_at is not None:
             self._outgrow_rope()
         waiting, running = self._views(fairness)
         budgets = self.budgets
