@@ -173,7 +173,7 @@ class TritonLoRA:
     def _meta_for(self, a_store, bounds, used, device) -> torch.Tensor:
         """[s, 3] int64 on the device: per used kind, its A row's offset in a page and its columns.
         Built once per (store shape, kinds): never a copy inside a step."""
-        key = (a_store.stride(1), bounds, used, torch.device(device))
+        key = (a_store.stride(1), bounds, used, device)
         meta = self._meta.get(key)
         if meta is None:
             meta = torch.tensor([(j * a_store.stride(1), bounds[j], bounds[j + 1]) for j in used], dtype=torch.long,
@@ -225,6 +225,7 @@ class TritonLoRA:
         stores: {(layer, kinds): (a_store [P, m, in], b_store [P, out])}."""
         from .plan import plan_segments, plan_tokens
 
+        device = torch.device(device)  # as a step's tensors give it: the metadata's key
         for (_, kinds), (a_store, _) in stores.items():
             if bounds and kinds in bounds:
                 for s in range(1, len(kinds) + 1):
