@@ -7,6 +7,7 @@ from transformers.activations import ACT2FN
 
 from .gpt2 import GPT2ForServing
 from .layers import FlatAttention, FusedLoRALinear, PreLNBlock
+from .llama import attention_targets, mlp_targets
 
 ATTN_KINDS = ("q_proj", "k_proj", "v_proj")
 
@@ -32,8 +33,6 @@ class GPTNeoForServing(GPT2ForServing):
 
     @staticmethod
     def lora_targets(config):
-        d = config.hidden_size
-        inner = config.intermediate_size or 4 * d
-        a, m = "transformer.h.{i}.attn.attention.", "transformer.h.{i}.mlp."
-        return {"q_proj": (a + "q_proj", d, d), "k_proj": (a + "k_proj", d, d), "v_proj": (a + "v_proj", d, d),
-                "out_proj": (a + "out_proj", d, d), "c_fc": (m + "c_fc", d, inner), "c_proj": (m + "c_proj", inner, d)}
+        return {**attention_targets(config, "out_proj", "transformer.h.{i}.attn.attention."),
+                **mlp_targets(config, ("c_fc",), "c_proj", mlp="transformer.h.{i}.mlp.",
+                              inter=config.intermediate_size or 4 * config.hidden_size)}

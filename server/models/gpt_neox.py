@@ -59,11 +59,10 @@ class GPTNeoXForServing(LlamaForServing):
     FUSED_KINDS = ()
     LAYER = GPTNeoXLayer
 
-    @staticmethod
-    def lora_targets(config):
-        d = config.hidden_size
-        return qkv_dense_targets("gpt_neox.layers.{i}.attention.", "gpt_neox.layers.{i}.mlp.", d, 3 * d,
-                                 config.intermediate_size)
+    @classmethod
+    def lora_targets(cls, config):
+        d, layers = config.hidden_size, f"{cls.INNER}.layers.{{i}}."
+        return qkv_dense_targets(f"{layers}{cls.LAYER.ATTN}.", layers + "mlp.", d, 3 * d, config.intermediate_size)
 
 
 class PersimmonLayer(GPTNeoXLayer):
@@ -75,9 +74,3 @@ class PersimmonForServing(GPTNeoXForServing):
     INNER = "model"
     FINAL_NORM = "final_layernorm"
     LAYER = PersimmonLayer
-
-    @staticmethod
-    def lora_targets(config):
-        d = config.hidden_size
-        return qkv_dense_targets("model.layers.{i}.self_attn.", "model.layers.{i}.mlp.", d, 3 * d,
-                                 config.intermediate_size)

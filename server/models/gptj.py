@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from .cohere import _rope_pairs
-from .llama import ATTN_KINDS, LlamaForServing
+from .llama import ATTN_KINDS, LlamaForServing, attention_targets, mlp_targets
 from .phi import PhiLayer
 
 
@@ -43,8 +43,6 @@ class GPTJForServing(LlamaForServing):
 
     @staticmethod
     def lora_targets(config):
-        d = config.hidden_size
-        inner = config.n_inner or 4 * d
-        a, m = "transformer.h.{i}.attn.", "transformer.h.{i}.mlp."
-        return {"q_proj": (a + "q_proj", d, d), "k_proj": (a + "k_proj", d, d), "v_proj": (a + "v_proj", d, d),
-                "out_proj": (a + "out_proj", d, d), "fc_in": (m + "fc_in", d, inner), "fc_out": (m + "fc_out", inner, d)}
+        return {**attention_targets(config, "out_proj", "transformer.h.{i}.attn."),
+                **mlp_targets(config, ("fc_in",), "fc_out", mlp="transformer.h.{i}.mlp.",
+                              inter=config.n_inner or 4 * config.hidden_size)}

@@ -94,21 +94,22 @@ def sliding_window(config, layer: int) -> int | None:
     return window
 
 
-def attention_targets(config, out: str = "o_proj") -> dict[str, tuple[str, int, int]]:
-    """The LoRA targets (``ServingModel.lora_targets``) of a Llama-style attention: q_proj, k_proj,
-    v_proj and its output projection ``out``."""
+def attention_targets(config, out: str = "o_proj", attn: str = "model.layers.{i}.self_attn."
+                      ) -> dict[str, tuple[str, int, int]]:
+    """The LoRA targets (``ServingModel.lora_targets``) of an attention with separate q_proj,
+    k_proj and v_proj and an output projection ``out``, under the module name template ``attn``."""
     hidden, head_dim = config.hidden_size, _head_dim(config)
     q, kv = config.num_attention_heads * head_dim, _kv_heads(config) * head_dim
-    attn = "model.layers.{i}.self_attn."
     return {"q_proj": (attn + "q_proj", hidden, q), "k_proj": (attn + "k_proj", hidden, kv),
             "v_proj": (attn + "v_proj", hidden, kv), out: (attn + out, q, hidden)}
 
 
-def mlp_targets(config, up: tuple[str, ...], down: str, fused: int = 1) -> dict[str, tuple[str, int, int]]:
-    """The LoRA targets of an MLP: each of ``up`` from the hidden size to ``fused`` x the
-    intermediate size (2 where gate and up are one linear), then ``down`` back."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    mlp = "model.layers.{i}.mlp."
+def mlp_targets(config, up: tuple[str, ...], down: str, fused: int = 1, mlp: str = "model.layers.{i}.mlp.",
+                inter: int | None = None) -> dict[str, tuple[str, int, int]]:
+    """The LoRA targets of an MLP under the template ``mlp``: each of ``up`` from the hidden size to
+    ``fused`` x the intermediate size (``inter``, default the config's; fused 2 where gate and up
+    are one linear), then ``down`` back."""
+    hidden, inter = config.hidden_size, inter or config.intermediate_size
     return {**{kind: (mlp + kind, hidden, fused * inter) for kind in up}, down: (mlp + down, inter, hidden)}
 
 

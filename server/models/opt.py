@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from .base import ServingModel
 from .batch import StepBatch
 from .layers import FlatAttention, FusedLoRALinear, PreLNBlock
-from .llama import ATTN_KINDS
+from .llama import ATTN_KINDS, attention_targets, mlp_targets
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding's
 
@@ -75,11 +75,8 @@ class OPTForServing(ServingModel):
 
     @staticmethod
     def lora_targets(config):
-        d, inner = config.hidden_size, config.ffn_dim
-        p = "model.decoder.layers.{i}."
-        a = p + "self_attn."
-        return {"q_proj": (a + "q_proj", d, d), "k_proj": (a + "k_proj", d, d), "v_proj": (a + "v_proj", d, d),
-                "out_proj": (a + "out_proj", d, d), "fc1": (p + "fc1", d, inner), "fc2": (p + "fc2", inner, d)}
+        return {**attention_targets(config, "out_proj", "model.decoder.layers.{i}.self_attn."),
+                **mlp_targets(config, ("fc1",), "fc2", mlp="model.decoder.layers.{i}.", inter=config.ffn_dim)}
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         e = self.embed_with_lora(batch)
