@@ -328,7 +328,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     runner = ModelRunner(model, kv, apply_lora, loaded.device, layout)
     if loaded.device.type == "cuda" and hasattr(runner.apply_lora, "warm_up"):
         bounds = {fused.kinds: fused.bounds for layer in model.layers for fused in layer.lora_modules()}
-        bounds[(HEAD,)] = (0, model.lm_head.weight.shape[0])  # LoRA on lm_head, where served (ServingModel.logits)
+        bounds[(HEAD,)] = model.head_bounds  # LoRA on lm_head, where served
         # compiles now, not mid-step
         runner.apply_lora.warm_up(config.max_lora_rank, pool.fused_stores, loaded.device, bounds)
     if graphs:

@@ -69,6 +69,11 @@ class ServingModel(nn.Module):
         return None
 
     @property
+    def head_bounds(self) -> tuple[int, int]:
+        """lm_head's LoRA output columns, as FusedLoRALinear.bounds: one kind over the vocabulary."""
+        return (0, self.lm_head.weight.shape[0])
+
+    @property
     def token_embedding(self) -> nn.Embedding:
         return getattr(self, self.EMBEDDING[1])
 
@@ -188,7 +193,7 @@ class ServingModel(nn.Module):
         else:
             logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
         for used, plan in head_plans:  # over the logits rows (ModelRunner.build_batch)
-            apply_lora(logits, h, *self.head_store, plan, (0, self.lm_head.weight.shape[0]), used, None)
+            apply_lora(logits, h, *self.head_store, plan, self.head_bounds, used, None)
         if self.logit_divisor is not None:  # after LoRA on lm_head, as PEFT's sits inside lm_head
             logits = logits / self.logit_divisor
         if self.logit_multiplier is not None:
