@@ -119,9 +119,23 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.GraniteMoeConfig(**common, **llama_like, num_local_experts=4, num_experts_per_tok=2,
                                    embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                                    logits_scaling=4.0, architectures=["GraniteMoeForCausalLM"])
+    if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
+        swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
+                   logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+        if family == "granite_swa":  # the global layer without RoPE
+            return tf.GraniteSWAConfig(**swa, layer_rope_theta=[10000.0, 0], architectures=["GraniteSWAForCausalLM"])
+        return tf.GraniteMoeSWAConfig(**swa, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+                                      layer_rope_theta=[500.0, 10000.0], architectures=["GraniteMoeSWAForCausalLM"])
     if family == "qwen3_moe":  # 4 experts, 2 a token, unnormalised top-k weights, q/k norms, a dense second layer
         return tf.Qwen3MoeConfig(**common, **llama_like, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                  norm_topk_prob=False, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
+    if family == "gpt_oss":  # attention sinks, biases, a local then a global layer, YaRN, 4 experts' clamped SwiGLU
+        return tf.GptOssConfig(**common, **{**llama_like, "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, sliding_window=6, swiglu_limit=1.0,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 128},
+                               architectures=["GptOssForCausalLM"])
     if family == "phi":  # a parallel block under one LayerNorm, RoPE on half of each head, q/k LayerNorms
         return tf.PhiConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=512, partial_rotary_factor=0.5, qk_layernorm=True,
@@ -313,6 +327,8 @@ FAMILY_ADAPTERS = {
               "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
     "qwen3_moe": {"qko-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"]),
                   "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
+    "gpt_oss": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
     "phi": {"qv-dense-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "dense"]),
             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
@@ -371,7 +387,7 @@ FAMILY_ADAPTERS = {
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "gpt_neox_seq": "gpt_neox",
+CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",

@@ -12,12 +12,13 @@ from .gpt2 import GPT2ForServing
 from .gpt_bigcode import GPTBigCodeForServing
 from .gpt_neo import GPTNeoForServing
 from .gpt_neox import GPTNeoXForServing, PersimmonForServing
+from .gpt_oss import GptOssForServing
 from .gptj import GPTJForServing
-from .granite import GraniteForServing, HyperCLOVAXForServing
+from .granite import GraniteForServing, GraniteSWAForServing, HyperCLOVAXForServing
 from .hunyuan import HunYuanDenseForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .ministral3 import Ministral3ForServing
-from .moe import GraniteMoeForServing, MoEForServing, OlmoeForServing
+from .moe import GraniteMoeForServing, GraniteMoeSWAForServing, MoEForServing, OlmoeForServing
 from .mpt import MptForServing
 from .nemotron import ApertusForServing, UngatedForServing
 from .olmo import Exaone4ForServing, Olmo2ForServing, OlmoForServing
@@ -27,7 +28,7 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, OLMoE, Granite MoE, Granite MoE SWA, GPT-OSS) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -48,6 +49,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": MoEForServing,
     "OlmoeForCausalLM": OlmoeForServing,
     "GraniteMoeForCausalLM": GraniteMoeForServing,
+    "GraniteMoeSWAForCausalLM": GraniteMoeSWAForServing,
+    "GptOssForCausalLM": GptOssForServing,
     "NemotronForCausalLM": UngatedForServing,
     "ArceeForCausalLM": UngatedForServing,
     "Jais2ForCausalLM": UngatedForServing,
@@ -59,6 +62,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": GemmaForServing,
     "VaultGemmaForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
+    "GraniteSWAForCausalLM": GraniteSWAForServing,
     "HyperCLOVAXForCausalLM": HyperCLOVAXForServing,
     "OlmoForCausalLM": OlmoForServing,
     "Olmo2ForCausalLM": Olmo2ForServing,

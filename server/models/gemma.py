@@ -12,7 +12,7 @@ only the embedding scale and the (1 + w) norms).
   turn q and k by a RoPE of their own base (``rope_parameters`` per layer type).
 - Gemma 2 soft-caps attention scores and the logits (``attn_logit_softcapping``,
   ``final_logit_softcapping``: x -> cap * tanh(x / cap)); the decode attention kernels (C++,
-  Triton) cap the scores, prefill runs in torch ops (ops/attention.py ``softcapped_attention``).
+  Triton) cap the scores, prefill runs in torch ops (ops/attention.py ``eager_attention``).
 
 Bidirectional attention (Gemma 3 embedding models) is refused at start-up.
 """

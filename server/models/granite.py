@@ -10,6 +10,10 @@ over a flat token batch: the Llama decoder with four scalars of its config.
 HyperCLOVA X (Granite's layer and scalars) multiplies the logits by ``logits_scaling`` instead, and
 where ``use_post_norm`` norms each block's output (``post_norm1``, ``post_norm2``) before its
 residual scaling.
+
+GraniteSWA (``GraniteSWAForCausalLM``) is Granite with attention sinks (LlamaLayer takes them),
+local (``sliding_attention``) and global layers, and RoPE of each layer's own base
+(``layer_rope_theta``; 0: no RoPE in that layer): ``LayerThetaRoPE``.
 """
 
 from __future__ import annotations
@@ -63,3 +67,23 @@ class HyperCLOVAXForServing(GraniteForServing):
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
         self.logit_divisor, self.logit_multiplier = None, hf_model.config.logits_scaling
+
+
+class LayerThetaRoPE:
+    """RoPE tables by each layer's own base (``layer_rope_theta``), each as the Hugging Face model's
+    rotary module for that base computes it; a layer whose base is 0 turns nothing (LlamaLayer's
+    ``use_rope``) and is given the global table, unused."""
+
+    @staticmethod
+    def rope_kinds(config) -> list:
+        return [theta or None for theta in config.layer_rope_theta]
+
+    def rope_table(self, inner, max_model_len: int, kind):
+        if kind is None:
+            return super().rope_table(inner, max_model_len, None)
+        rotary = next(r for r in inner.rotary_embs if r.config.rope_parameters["rope_theta"] == kind)
+        return self.rotary_table(rotary, max_model_len)
+
+
+class GraniteSWAForServing(LayerThetaRoPE, GraniteForServing):
+    pass

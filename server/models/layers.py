@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kv_cache import PagedKVCache
 from ..ops import LoRAPlans
-from ..ops.attention import causal_mask, gather_context, softcapped_attention
+from ..ops.attention import causal_mask, eager_attention, gather_context
 from ..ops.linear import Linear
 from ..ops.quantize import Int8Linear, quantize_int8
 from .batch import StepBatch
@@ -98,20 +98,24 @@ class FlatAttention(nn.Module):
     q: [T, H, hd], k, v: [T, KV, hd] (new tokens, already position-encoded) -> [T, H * hd].
     Options: ``scale`` (None: hd^-0.5), a ``sliding_window`` (keys q_pos - window < k_pos <= q_pos),
     ALiBi ``slopes`` [H] (score += slope_h * k_pos; constant per query row, as BLOOM adds it), and
-    Gemma 2's ``softcap`` (score -> cap * tanh(score / cap): every decode backend and Triton's
-    prefill take it; SDPA's prefill runs it in torch ops).
+    Gemma 2's ``softcap`` (score -> cap * tanh(score / cap)) and GPT-OSS's attention ``sinks`` [H]
+    (a logit per head in the softmax's denominator, with no value): every decode backend and
+    Triton's prefill take them; prefill on the CPU runs them in torch ops (``eager_attention``).
     The new K/V are written first; prefill chunks then run SDPA over exactly their own blocks (on
     CUDA, Triton's kernel runs them all in one call, straight from the cache), and all decode rows
     go through the cache's decode kernel in one call (ops/attention.py).
     """
 
     def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
-                 sliding_window: int | None = None, slopes: torch.Tensor | None = None, softcap: float | None = None):
+                 sliding_window: int | None = None, slopes: torch.Tensor | None = None, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None):
         super().__init__()
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window, self.softcap = sliding_window, softcap
         self.register_buffer("slopes", None if slopes is None else slopes.float(), persistent=False)
+        # float32, contiguous: as every backend reads them
+        self.register_buffer("sinks", None if sinks is None else sinks.detach().float().contiguous(), persistent=False)
 
     def forward(self, q, k, v, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
         kv.write(self.layer, batch.slot_mapping, k, v)
@@ -124,7 +128,7 @@ class FlatAttention(nn.Module):
         if chunks and kv.prefill_attention is not None:  # every chunk in one call, from the cache
             kv.prefill_attention(out.view(-1, self.num_heads, self.head_dim), q, k_cache, v_cache, batch.prefill_blocks,
                                  batch.prefill_chunks, batch.longest_prefill, self.scale,
-                                 self.sliding_window, slopes, self.softcap)
+                                 self.sliding_window, slopes, self.softcap, self.sinks)
             chunks = ()
         for seq in chunks:
             # queries [1, H, n, hd] over the sequence's keys [1, KV, ctx, hd]
@@ -133,7 +137,8 @@ class FlatAttention(nn.Module):
             blocks = batch.prefill_blocks[seq.block_start : seq.block_start + seq.num_blocks]
             # A whole prompt with a plain causal mask (no cached prefix, window or ALiBi) takes SDPA's
             # is_causal path: on the CPU half the time of an explicit mask at 2k tokens.
-            plain = seq.start_pos == 0 and slopes is None and self.softcap is None and (
+            eager = self.softcap is not None or self.sinks is not None  # what SDPA cannot run
+            plain = seq.start_pos == 0 and slopes is None and not eager and (
                 self.sliding_window is None or ctx <= self.sliding_window)
             mask = None
             if not plain:
@@ -145,9 +150,9 @@ class FlatAttention(nn.Module):
                                        self.sliding_window, slopes, head_dim_at=0)
                     batch.masks[key] = mask
             keys, values = gather_context(k_cache, blocks, ctx)[None], gather_context(v_cache, blocks, ctx)[None]
-            if self.softcap is not None:  # no ALiBi with it: mask is a bool [n, ctx]
-                o = softcapped_attention(q[rows].transpose(0, 1)[None], keys, values, mask[None, None], self.scale,
-                                         self.softcap)
+            if eager:
+                o = eager_attention(q[rows].transpose(0, 1)[None], keys, values, mask[None] if slopes is not None
+                                    else mask[None, None], self.scale, self.softcap, self.sinks)
             else:
                 o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys, values, attn_mask=mask,
                                                    is_causal=plain, scale=self.scale, enable_gqa=gqa)
@@ -157,7 +162,7 @@ class FlatAttention(nn.Module):
             rows = q[batch.num_prefill_rows :]
             o = kv.decode_attention(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
                                     batch.decode_ctx, self.scale, self.sliding_window, slopes, batch.masks,
-                                    self.softcap)
+                                    self.softcap, self.sinks)
             out[batch.num_prefill_rows :] = o.reshape(num_decode, size)
         return out
 

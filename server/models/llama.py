@@ -46,7 +46,8 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm", "GraniteMoeRMSNorm",
                              "GlmRMSNorm", "Glm4RMSNorm", "HeliumRMSNorm", "ArceeRMSNorm",
                              "Exaone4RMSNorm", "HunYuanDenseV1RMSNorm",
-                             "HyperCLOVAXRMSNorm", "CwmRMSNorm", "ApertusRMSNorm"})
+                             "HyperCLOVAXRMSNorm", "CwmRMSNorm", "ApertusRMSNorm", "GptOssRMSNorm",
+                             "GraniteSWARMSNorm", "GraniteMoeSWARMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 
@@ -161,6 +162,8 @@ class LlamaLayer(nn.Module):
         # the model's own activation where its MLP has one (Apertus' xIELU has trained parameters)
         self.act = getattr(mlp, "act_fn", None) or ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]
         self.init_attention(config, layer, cos, sin)
+        if getattr(attn, "sinks", None) is not None:  # GPT-OSS's and GraniteSWA's attention sinks
+            self.attention.sinks = attn.sinks.detach().float().contiguous()
 
     def init_mlp(self, mlp, layer: int, int8: bool) -> None:
         """The MLP's projections: gate|up (Phi-3's one linear) and down."""
@@ -177,7 +180,8 @@ class LlamaLayer(nn.Module):
         self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
         self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
         no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3's: 0 for a layer without RoPE (NoPE)
-        self.use_rope = no_rope is None or bool(no_rope[layer])
+        thetas = getattr(config, "layer_rope_theta", None)  # GraniteSWA's: each layer's RoPE base, 0 for NoPE
+        self.use_rope = (no_rope is None or bool(no_rope[layer])) and (thetas is None or bool(thetas[layer]))
 
     @staticmethod
     def make_attention(config, layer: int) -> FlatAttention:
@@ -269,32 +273,42 @@ class LlamaForServing(ServingModel):
         setattr(self, self.EMBEDDING[1], getattr(inner, self.EMBEDDING[1]))
         self.final_norm = fast_norm(getattr(inner, self.FINAL_NORM))
         self.lm_head = hf_model.lm_head
-        # one RoPE table, or one per layer type where the config keys RoPE by type (Gemma 3's, OLMo 3's)
-        types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
-        by_type = all(kind in (getattr(config, "rope_parameters", None) or {}) for kind in types)
+        kinds = self.rope_kinds(config)
         tables = {}
         self.rope_split = rope_split(inner, config, max_model_len)
-        for kind in dict.fromkeys(types if by_type else [None]):
+        for j, kind in enumerate(dict.fromkeys(kinds)):
             # split: the short frequencies' rows, then the long ones' (ServingModel.rope_split), in that
             # order, as the rotary module switches on the length it is called with
             short = None if self.rope_split is None else self.rope_table(inner, self.rope_split, kind)
             cos, sin = self.rope_table(inner, max_model_len, kind)
             if short is not None:
                 cos, sin = torch.cat((short[0], cos)), torch.cat((short[1], sin))
-            name = "" if kind is None else f"_{kind}"
+            name = "" if kind is None else f"_{j}"
             self.register_buffer(f"cos{name}", cos, persistent=False)
             self.register_buffer(f"sin{name}", signed_sin(sin) if self.SIGNED_SIN else sin, persistent=False)
             tables[kind] = getattr(self, f"cos{name}"), getattr(self, f"sin{name}")
-        self.layers = nn.ModuleList(self.LAYER(layer, config, i, *tables[types[i] if by_type else None], int8)
+        self.layers = nn.ModuleList(self.LAYER(layer, config, i, *tables[kinds[i]], int8)
                                     for i, layer in enumerate(getattr(inner, self.LAYERS)))
         self.kv_spec = (config.num_hidden_layers, _kv_heads(config), _head_dim(config))
 
-    def rope_table(self, inner, max_model_len: int, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def rope_kinds(config) -> list:
+        """Each layer's RoPE table, by a key ``rope_table`` takes: one table (None), or one per layer
+        type where the config keys RoPE by type (Gemma 3's, OLMo 3's)."""
+        types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
+        by_type = all(kind in (getattr(config, "rope_parameters", None) or {}) for kind in types)
+        return types if by_type else [None] * config.num_hidden_layers
+
+    def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [max_model_len, rotary dim] in the model's dtype, as the Hugging Face model's
         rotary module computes them (of layer type ``kind``, where the config keys RoPE by type)."""
+        return self.rotary_table(inner.rotary_emb, max_model_len, *([] if kind is None else [kind]))
+
+    def rotary_table(self, rotary, max_model_len: int, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Hugging Face rotary module's cos and sin at positions [0, max_model_len)."""
         dummy = self.lm_head.weight.new_empty(0)
         positions = torch.arange(max_model_len, device=dummy.device)[None]
-        cos, sin = inner.rotary_emb(dummy, positions, *([] if kind is None else [kind]))  # [1, max_len, hd]
+        cos, sin = rotary(dummy, positions, *args)  # [1, max_len, hd]
         return cos[0].to(dummy.dtype), sin[0].to(dummy.dtype)
 
     @staticmethod

@@ -9,7 +9,12 @@ block ``tables[r, j // bs]``, offset ``j % bs``:
 
 ``slope_h`` is ALiBi's (BLOOM adds slope * key position: a per-row constant shift of the causal
 bias); without ALiBi it is 0. Softmax and sums run in float32. Gemma 2 soft-caps the scores first:
-s -> cap * tanh(s / cap) (every decode backend's ``softcap``; prefill: ``softcapped_attention``).
+s -> cap * tanh(s / cap) (every decode backend's ``softcap``). GPT-OSS and GraniteSWA add an
+attention sink per head, ``sinks[h]``: one more logit in the softmax's denominator with no value,
+
+    out[r, h] = sum_j e^(s_j) v_j / (e^(sinks[h]) + sum_j e^(s_j))
+
+so a head can attend to nothing (every backend's ``sinks``; prefill in torch ops: ``eager_attention``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def paged_attention_reference(q, k_cache, v_cache, tables, positions, scale: float, window: int | None = None,
-                              slopes: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+                              slopes: torch.Tensor | None = None, softcap: float | None = None,
+                              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The oracle: one row at a time, straight from the formula above."""
     R, H, hd = q.shape
     bs, KV = k_cache.shape[1], k_cache.shape[2]
@@ -44,7 +50,11 @@ def paged_attention_reference(q, k_cache, v_cache, tables, positions, scale: flo
                 s = softcap * torch.tanh(s / softcap)
             if slopes is not None:
                 s = s + slopes[h].float().cpu().to(s.device) * j.to(s.device).float()
-            out[r, h] = (torch.softmax(s, 0) @ v[:, kvh]).to(q.dtype)
+            if sinks is not None:  # the sink's weight is dropped: it has no value
+                p = torch.softmax(torch.cat([s, sinks[h].float().reshape(1).to(s.device)]), 0)[:-1]
+            else:
+                p = torch.softmax(s, 0)
+            out[r, h] = (p @ v[:, kvh]).to(q.dtype)
     return out
 
 
@@ -67,24 +77,31 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype, window: int | N
     return torch.where(allowed, bias, float("-inf"))
 
 
-def softcapped_attention(q, k, v, allowed, scale: float, softcap: float) -> torch.Tensor:
-    """Attention with soft-capped scores, as Gemma 2 computes it (HF's eager path):
-        out = softmax(cap * tanh(scale * q k^T / cap), masked) v
-    q [B, H, n, hd], k and v [B, KV, ctx, hd] (KV divides H), allowed [B or 1, 1, n, ctx] bool ->
-    [B, H, n, hd]. Scores and softmax in float32."""
+def eager_attention(q, k, v, mask, scale: float, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with its scores materialised, for what SDPA cannot do (HF's eager paths): Gemma 2's
+    soft cap and GPT-OSS's sinks,
+        s = cap * tanh(scale * q k^T / cap) (or scale * q k^T), masked;  out = softmax([s, sink_h])[:-1] v
+    q [B, H, n, hd], k and v [B, KV, ctx, hd] (KV divides H), ``mask`` [B or 1, 1 or H, n, ctx]:
+    bool (True: attend) or additive float (ALiBi's) -> [B, H, n, hd]. Scores and softmax in float32."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    if sinks is None:
+        return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return (probs @ v.float()).to(q.dtype)
 
 
 def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: float, window, slopes,
-                       masks: dict, softcap: float | None = None) -> torch.Tensor:
+                       masks: dict, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Decode rows (position = length - 1) with torch ops: gathers each row's blocks into a padded
     [D, KV, ctx, hd] copy. The fallback where no kernel is available, and a second oracle.
-    ``softcap``: Gemma 2's (no ALiBi with it: the mask stays boolean)."""
+    ``softcap`` (Gemma 2's) and ``sinks`` [H] (GPT-OSS's) through ``eager_attention``."""
     D, H, hd = q.shape
     bs = k_cache.shape[1]
     nb = -(-ctx // bs)
@@ -97,8 +114,8 @@ def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: fl
         mask = causal_mask((lengths - 1)[:, None], k_pos, q.dtype, window, slopes, head_dim_at=1)
         mask = mask[:, None, None, :] if slopes is None else mask[:, :, None, :]
         masks[key] = mask
-    if softcap is not None:
-        return softcapped_attention(q[:, :, None], k, v, mask, scale, softcap)[:, :, 0]
+    if softcap is not None or sinks is not None:
+        return eager_attention(q[:, :, None], k, v, mask, scale, softcap, sinks)[:, :, 0]
     o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale,
                                        enable_gqa=H != k_cache.shape[2])
     return o[:, :, 0]
@@ -116,11 +133,12 @@ def _cpp_decode():
     return None if module is None else module.paged_decode
 
 
-def cpp_decode(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None):
+def cpp_decode(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None, sinks=None):
     q = q.contiguous()  # [D, H, hd]: a small copy of the decode rows' queries (they are a view of qkv)
     out = torch.empty_like(q)
+    none = q.new_empty(0, dtype=torch.float32)
     _cpp_decode()(out, q, k_cache, v_cache, tables, lengths, scale, window or 0,
-                  slopes if slopes is not None else q.new_empty(0, dtype=torch.float32), softcap or 0.0)
+                  slopes if slopes is not None else none, softcap or 0.0, sinks if sinks is not None else none)
     return out
 
 

@@ -8,7 +8,8 @@ with an online softmax in float32:
 
     m' = max(m, max_j s_j);  l' = l e^(m - m') + sum_j e^(s_j - m');  acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j
 
-and writes acc / l. Scores are ``c(scale * q . k_j) + slope_h * j`` over the row's causal window
+and writes acc / l; with attention sinks (GPT-OSS's), the sink's logit joins the denominator at the
+end, m' = max(m, sink_h), l' = l e^(m - m') + e^(sink_h - m'), acc' = acc e^(m - m'). Scores are ``c(scale * q . k_j) + slope_h * j`` over the row's causal window
 (see attention.py), c(s) = cap * tanh(s / cap) with Gemma 2's soft cap (tanh as 2 sigmoid(2x) - 1,
 which the interpreter runs too), else s. Prefill (``paged_prefill_triton``) runs the same online softmax
 for a block of a chunk's queries at once, with tl.dot, over keys up to each query's own position.
@@ -25,10 +26,10 @@ TILE = 32  # key positions per loop iteration, gathered through the block table 
 
 
 @triton.jit(do_not_specialize=["window", "max_blocks"])
-def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_ptr, scale, window, max_blocks,
-                  softcap, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, G_BLOCK: tl.constexpr,
+def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_ptr, sinks_ptr, scale, window,
+                  max_blocks, softcap, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, G_BLOCK: tl.constexpr,
                   HD: tl.constexpr, HD_BLOCK: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, HAS_CAP: tl.constexpr):
+                  HAS_ALIBI: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     length = tl.load(lengths_ptr + i)
@@ -66,12 +67,15 @@ def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         m = m_new
+    if HAS_SINKS:
+        acc, l_sum = _sink(acc, l_sum, m, tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32))
     out = acc / l_sum[:, None]
     tl.store(out_ptr + (i * H + heads[:, None]) * HD + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=g_mask[:, None] & d_mask[None, :])
 
 
-def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None):
+def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None,
+                        sinks=None):
     """Same contract as ``attention.paged_decode_torch``; ``ctx`` and ``masks`` are unused."""
     D, H, hd = q.shape
     out = torch.empty_like(q)
@@ -81,20 +85,30 @@ def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window
     tables = tables.contiguous()
     KV = k_cache.shape[2]
     _paged_decode[(D, KV)](
-        out, q, k_cache, v_cache, tables, lengths, slopes if slopes is not None else q, float(scale),
-        int(window or 0), tables.shape[1], float(softcap or 0.0), H=H, KV=KV, GROUP=H // KV,
-        G_BLOCK=triton.next_power_of_2(H // KV), HD=hd, HD_BLOCK=triton.next_power_of_2(hd), BS=k_cache.shape[1],
-        TILE=TILE, HAS_ALIBI=slopes is not None, HAS_CAP=softcap is not None,
+        out, q, k_cache, v_cache, tables, lengths, slopes if slopes is not None else q,
+        sinks if sinks is not None else q, float(scale), int(window or 0), tables.shape[1], float(softcap or 0.0),
+        H=H, KV=KV, GROUP=H // KV, G_BLOCK=triton.next_power_of_2(H // KV), HD=hd, HD_BLOCK=triton.next_power_of_2(hd),
+        BS=k_cache.shape[1], TILE=TILE, HAS_ALIBI=slopes is not None, HAS_CAP=softcap is not None,
+        HAS_SINKS=sinks is not None,
     )
     return out
 
 
+@triton.jit
+def _sink(acc, l_sum, m, sink):
+    """The online softmax's state [R, HD], [R], [R] with each row's sink logit [R] joined to its
+    denominator (one more score, no value)."""
+    m_new = tl.maximum(m, sink)
+    alpha = tl.exp(m - m_new)  # m = -inf (no key yet): 0, and l, acc are 0 too
+    return acc * alpha[:, None], l_sum * alpha + tl.exp(sink - m_new)
+
+
 @triton.jit(do_not_specialize=["window"])
-def _paged_prefill(out_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr, chunks_ptr, slopes_ptr, scale, window, softcap,
-                   stride_qt, stride_qh, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr,
+def _paged_prefill(out_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr, chunks_ptr, slopes_ptr, sinks_ptr, scale, window,
+                   softcap, stride_qt, stride_qh, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr,
                    G_BLOCK: tl.constexpr, HD: tl.constexpr, HD_BLOCK: tl.constexpr, BS: tl.constexpr,
                    BLOCK_M: tl.constexpr, TILE: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_CAP: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   HAS_SINKS: tl.constexpr, PRECISION: tl.constexpr):
     """Program (chunk c, block mb of its queries, KV head): BLOCK_M query positions times the GROUP
     query heads sharing the KV head, as R = BLOCK_M * G_BLOCK rows of tl.dot, over the chunk's keys."""
     c = tl.program_id(0)
@@ -146,6 +160,8 @@ def _paged_prefill(out_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr, chunks_ptr, slopes_
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
+        if HAS_SINKS:
+            acc, l_sum = _sink(acc, l_sum, m, tl.load(sinks_ptr + heads, mask=r_mask, other=0.0).to(tl.float32))
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # 0 only in masked rows past the chunk's end
         out_off = ((row_start + mi)[:, None] * H + heads[:, None]) * HD + d[None, :]
         tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
@@ -155,7 +171,7 @@ PREFILL_BLOCK_M = 16  # query positions per program
 
 
 def paged_prefill_triton(out, q, k_cache, v_cache, blocks, chunks, max_tokens: int, scale, window, slopes,
-                         softcap=None) -> None:
+                         softcap=None, sinks=None) -> None:
     """Every prefill chunk's attention in one launch, straight from the paged cache (no gathered
     copy of the context), written into ``out`` [T, H, hd] at the chunks' rows.
 
@@ -174,9 +190,10 @@ def paged_prefill_triton(out, q, k_cache, v_cache, blocks, chunks, max_tokens: i
         q = q.contiguous()
     assert out.is_contiguous()
     _paged_prefill[(S, triton.cdiv(max_tokens, PREFILL_BLOCK_M), KV)](
-        out, q, k_cache, v_cache, blocks, chunks, slopes if slopes is not None else q, float(scale),
-        int(window or 0), float(softcap or 0.0), q.stride(0), q.stride(1), H=H, KV=KV, GROUP=H // KV,
-        G_BLOCK=triton.next_power_of_2(H // KV), HD=hd, HD_BLOCK=max(16, triton.next_power_of_2(hd)),
-        BS=k_cache.shape[1], BLOCK_M=PREFILL_BLOCK_M, TILE=TILE, HAS_ALIBI=slopes is not None,
-        HAS_CAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        out, q, k_cache, v_cache, blocks, chunks, slopes if slopes is not None else q,
+        sinks if sinks is not None else q, float(scale), int(window or 0), float(softcap or 0.0), q.stride(0),
+        q.stride(1), H=H, KV=KV, GROUP=H // KV, G_BLOCK=triton.next_power_of_2(H // KV), HD=hd,
+        HD_BLOCK=max(16, triton.next_power_of_2(hd)), BS=k_cache.shape[1], BLOCK_M=PREFILL_BLOCK_M, TILE=TILE,
+        HAS_ALIBI=slopes is not None, HAS_CAP=softcap is not None, HAS_SINKS=sinks is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )

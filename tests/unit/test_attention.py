@@ -1,6 +1,7 @@
 """Attention over block-paged KV, every path against the pure-torch oracle: the decode kernels
 (C++, Triton in its interpreter, the torch gather) and prefill's gather + SDPA, with GQA, sliding
-windows, ALiBi, scattered block tables and several dtypes; Gemma 2's soft-capped scores."""
+windows, ALiBi, scattered block tables and several dtypes; Gemma 2's soft-capped scores and
+GPT-OSS's attention sinks."""
 
 import pytest
 import torch
@@ -11,10 +12,10 @@ from loramux.server.ops.attention import (
     _cpp_decode,
     causal_mask,
     cpp_decode,
+    eager_attention,
     gather_context,
     paged_attention_reference,
     paged_decode_torch,
-    softcapped_attention,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,15 +112,50 @@ def test_softcapped_decode_and_prefill_match_the_oracle(case):
     q_pos = torch.arange(start, start + n, device=DEVICE)
     chunk = torch.randn(n, H, hd, generator=gen).to(DEVICE) * 2
     allowed = causal_mask(q_pos[:, None], torch.arange(start + n, device=DEVICE)[None, :], chunk.dtype, window, None, 0)
-    got = softcapped_attention(chunk.transpose(0, 1)[None], gather_context(k, blocks, start + n)[None],
+    got = eager_attention(chunk.transpose(0, 1)[None], gather_context(k, blocks, start + n)[None],
                                gather_context(v, blocks, start + n)[None], allowed[None, None], 0.3, 1.5)
     expected = paged_attention_reference(chunk, k, v, blocks[None].expand(n, -1), q_pos, 0.3, window, softcap=1.5)
     assert torch.allclose(got[0].transpose(0, 1), expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_attention_sinks_in_decode_and_prefill_match_the_oracle(case):
+    """A sink logit per head joins the softmax's denominator (GPT-OSS's; HF's eager path is the
+    oracle's formula): decode rows through every backend, and a prefill chunk after cached tokens
+    through eager_attention, with windows, GQA and ALiBi's additive mask; sinks large enough that
+    some heads give most of their weight to the sink, and the oracle is checked to move with them."""
+    H, KV, hd, bs, window, alibi = case
+    gen = torch.Generator().manual_seed(13)
+    k, v = _pool(24, bs, KV, hd, torch.float32, gen)
+    lengths = torch.tensor([1, bs + 1, 3 * bs + 2, 7])
+    tables = torch.stack([torch.randperm(24, generator=gen)[: -(-int(lengths.max()) // bs)] for _ in lengths])
+    q = torch.randn(len(lengths), H, hd, generator=gen)
+    sinks = (torch.randn(H, generator=gen) * 2 + 1).to(DEVICE)
+    slopes = (torch.rand(H, generator=gen) * 0.5).to(DEVICE) if alibi else None
+    tables, lengths, q = tables.to(DEVICE), lengths.to(DEVICE), q.to(DEVICE)
+    expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, slopes, sinks=sinks)
+    assert not torch.allclose(expected, paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, slopes),
+                              atol=1e-2)
+    for name, decode in _decoders():
+        got = decode(q, k, v, tables, lengths, int(lengths.max()), 0.3, window, slopes, {}, None, sinks)
+        assert torch.allclose(got, expected, atol=2e-5, rtol=2e-5), name
+    blocks = tables[2]
+    start, n = 2 * bs, bs + 2
+    q_pos = torch.arange(start, start + n, device=DEVICE)
+    chunk = torch.randn(n, H, hd, generator=gen).to(DEVICE)
+    mask = causal_mask(q_pos[:, None], torch.arange(start + n, device=DEVICE)[None, :], chunk.dtype, window, slopes, 0)
+    got = eager_attention(chunk.transpose(0, 1)[None], gather_context(k, blocks, start + n)[None],
+                          gather_context(v, blocks, start + n)[None], mask[None] if alibi else mask[None, None],
+                          0.3, sinks=sinks)
+    expected = paged_attention_reference(chunk, k, v, blocks[None].expand(n, -1), q_pos, 0.3, window, slopes,
+                                         sinks=sinks)
+    assert torch.allclose(got[0].transpose(0, 1), expected, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES + [(4, 2, 16, 4, None, "cap"), (8, 2, 16, 8, 6, "cap")])
+@pytest.mark.parametrize("case", CASES + [(4, 2, 16, 4, None, "cap"), (8, 2, 16, 8, 6, "cap"),
+                                  (8, 2, 16, 4, 6, "sinks"), (4, 4, 8, 8, None, "sinks")])
 def test_the_triton_prefill_kernel_runs_every_chunk_of_a_step_against_the_oracle(case, dtype):
     """One launch over chunks of several sequences: whole prompts, chunks after cached tokens (a
     prefix hit or chunked prefill), lengths across query blocks and key tiles, scattered block
@@ -128,6 +164,7 @@ def test_the_triton_prefill_kernel_runs_every_chunk_of_a_step_against_the_oracle
 
     H, KV, hd, bs, window, extra = case
     alibi, cap = extra is True, 1.5 if extra == "cap" else None
+    sinks = (torch.randn(H, generator=torch.Generator().manual_seed(3)) * 2 + 1).to(DEVICE) if extra == "sinks" else None
     gen = torch.Generator().manual_seed(hash(case) % 1000)
     k, v = _pool(48, bs, KV, hd, dtype, gen)
     spans = [(0, 5), (3 * bs + 1, 20), (0, 40), (bs, 1), (2, 33)]  # (start position, tokens)
@@ -146,11 +183,11 @@ def test_the_triton_prefill_kernel_runs_every_chunk_of_a_step_against_the_oracle
     out = torch.full((T, H, hd), 7.0, dtype=dtype, device=DEVICE)
     qv = torch.cat([q, q], dim=2)[:, :, :hd]  # a strided view, as q is of qkv's columns
     paged_prefill_triton(out, qv, k, v, torch.tensor(blocks, device=DEVICE), torch.tensor(chunks, device=DEVICE),
-                         max(n for _, n in spans), 0.3, window, slopes, cap)
+                         max(n for _, n in spans), 0.3, window, slopes, cap, sinks)
     tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
     for (row, n, start, _), own in zip(chunks, tables, strict=True):
         pos = torch.arange(start, start + n, device=DEVICE)
         expected = paged_attention_reference(q[row : row + n], k, v, torch.tensor(own, device=DEVICE)[None].expand(n, -1),
-                                             pos, 0.3, window, slopes, cap).float()
+                                             pos, 0.3, window, slopes, cap, sinks).float()
         assert torch.allclose(out[row : row + n].float(), expected, atol=tol, rtol=tol), (start, n)
     assert (out[row + n :] == 7).all()

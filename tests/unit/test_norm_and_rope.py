@@ -23,7 +23,8 @@ MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "q
            "Mixtral": "mixtral", "Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "Olmoe": "olmoe",
            "GraniteMoe": "granitemoe", "Glm": "glm", "Glm4": "glm4", "Helium": "helium", "Arcee": "arcee",
            "Exaone4": "exaone4", "HunYuanDenseV1": "hunyuan_v1_dense", "HyperCLOVAX": "hyperclovax", "Cwm": "cwm",
-           "VaultGemma": "vaultgemma", "Apertus": "apertus"}
+           "VaultGemma": "vaultgemma", "Apertus": "apertus", "GptOss": "gpt_oss", "GraniteSWA": "granite_swa",
+           "GraniteMoeSWA": "granitemoe_swa"}
 
 
 def _norm_class(name: str):

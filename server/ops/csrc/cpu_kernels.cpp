@@ -685,8 +685,8 @@ static inline Vec::V exp_vec(Vec::V x) {
 // missed the cache: 2x slower at 1024 positions). s: gh * (len - lo + L) floats; acc: gh * hd.
 template <int HDL>  // the head dim in vectors
 static void decode_heads(float* out, const float* q, const float* k, const float* v, const int64_t* off,
-                         const float* slopes, int64_t h0, int64_t gh, int64_t lo, int64_t len, float scale, float* s,
-                         float* acc) {
+                         const float* slopes, const float* sinks, int64_t h0, int64_t gh, int64_t lo, int64_t len,
+                         float scale, float* s, float* acc) {
   using V = Vec::V;
   constexpr int L = Vec::L;
   constexpr int64_t hd = L * HDL;
@@ -722,6 +722,7 @@ static void decode_heads(float* out, const float* q, const float* k, const float
     }
   }
   for (int64_t g = 0; g < gh; ++g) {  // unnormalised weights
+    if (sinks) mx[g] = std::max(mx[g], sinks[h0 + g]);
     const V top = Vec::set1(mx[g]);
     V sum{};
     for (int64_t c = 0; c < n; c += L) {
@@ -729,7 +730,7 @@ static void decode_heads(float* out, const float* q, const float* k, const float
       Vec::store(s + g * stride + c, w);
       sum += w;
     }
-    total[g] = Vec::sum(sum);
+    total[g] = Vec::sum(sum) + (sinks ? std::exp(sinks[h0 + g] - mx[g]) : 0.f);
   }
   std::fill(acc, acc + gh * hd, 0.f);
   for (int64_t c = 0; c < n; c += L) {  // values
@@ -758,8 +759,8 @@ static void decode_heads(float* out, const float* q, const float* k, const float
 
 template <typename T>
 static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lengths,
-                       const float* slopes, int64_t D, int64_t H, int64_t KV, int64_t hd, int64_t bs, int64_t mb,
-                       float scale, int64_t window, int64_t max_len, float cap) {
+                       const float* slopes, const float* sinks, int64_t D, int64_t H, int64_t KV, int64_t hd,
+                       int64_t bs, int64_t mb, float scale, int64_t window, int64_t max_len, float cap) {
   const int64_t token_stride = KV * hd, block_stride = bs * KV * hd;
   int64_t gh = H / KV;  // heads a task: fewer when the tasks would not keep every thread busy
   while (gh > 1 && D * (H / gh) < 4 * at::get_num_threads()) {
@@ -787,7 +788,8 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
       if constexpr (std::is_same_v<T, float>) {
         if ((hd == 64 || hd == 128) && gh <= 64 && cap == 0.f) {  // soft-capped scores: the scalar path
           (hd == 64 ? decode_heads<64 / Vec::L> : decode_heads<128 / Vec::L>)(
-              out + i * H * hd, q + i * H * hd, k, v, off, slopes, h0, gh, lo, len, scale, s.data(), acc.data());
+              out + i * H * hd, q + i * H * hd, k, v, off, slopes, sinks, h0, gh, lo, len, scale, s.data(),
+              acc.data());
           continue;
         }
       }
@@ -820,9 +822,10 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
           mx[g] = std::max(mx[g], sj);
         }
       }
-      for (int64_t g = 0; g < gh; ++g) {  // softmax weights, unnormalised
+      for (int64_t g = 0; g < gh; ++g) {  // softmax weights, unnormalised (a sink: one more logit, no value)
         float* sg = s.data() + g * max_len;
-        float total = 0.f;
+        if (sinks) mx[g] = std::max(mx[g], sinks[h0 + g]);
+        float total = sinks ? std::exp(sinks[h0 + g] - mx[g]) : 0.f;
         for (int64_t t = 0; t < n; ++t) {
           sg[t] = std::exp(sg[t] - mx[g]);
           total += sg[t];
@@ -857,7 +860,8 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
 }
 
 void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
-                  torch::Tensor lengths, double scale, int64_t window, torch::Tensor slopes, double softcap) {
+                  torch::Tensor lengths, double scale, int64_t window, torch::Tensor slopes, double softcap,
+                  torch::Tensor sinks) {
   TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && out.is_contiguous() && k.is_contiguous() &&
               v.is_contiguous() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
               out.scalar_type() == q.scalar_type(), "paged_decode: contiguous CPU tensors of one dtype");
@@ -867,13 +871,16 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
   TORCH_CHECK(slopes.numel() == 0 || (slopes.scalar_type() == at::kFloat && slopes.numel() == q.size(1)),
               "paged_decode: float32 slopes [H] or empty");
   TORCH_CHECK(softcap >= 0.0, "paged_decode: softcap >= 0 (0: none)");
+  TORCH_CHECK(sinks.numel() == 0 || (sinks.scalar_type() == at::kFloat && sinks.numel() == q.size(1) &&
+              sinks.is_contiguous()), "paged_decode: float32 sinks [H] or empty");
   const int64_t D = q.size(0);
   if (D == 0) return;
   const int64_t max_len = lengths.max().item<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
     paged_rows<scalar_t>(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                          v.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
-                         slopes.numel() ? slopes.data_ptr<float>() : nullptr, D, q.size(1), k.size(2), q.size(2),
+                         slopes.numel() ? slopes.data_ptr<float>() : nullptr,
+                         sinks.numel() ? sinks.data_ptr<float>() : nullptr, D, q.size(1), k.size(2), q.size(2),
                          k.size(1), tables.size(1), static_cast<float>(scale), window, max_len,
                          static_cast<float>(softcap));
   });
