@@ -119,6 +119,31 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.GraniteMoeConfig(**common, **llama_like, num_local_experts=4, num_experts_per_tok=2,
                                    embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                                    logits_scaling=4.0, architectures=["GraniteMoeForCausalLM"])
+    if family == "glm4_moe":  # RoPE on half of each head, per-head q/k norms, q/k/v biases, a dense first layer, a shared expert
+        return tf.Glm4MoeConfig(**common, **llama_like, head_dim=16, use_qk_norm=True, attention_bias=True,
+                                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                                first_k_dense_replace=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                          "partial_rotary_factor": 0.5},
+                                architectures=["Glm4MoeForCausalLM"])
+    if family == "dots1":  # per-head q/k norms, a dense first layer, a shared expert, a sliding first layer
+        return tf.Dots1Config(**common, **llama_like, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              n_shared_experts=1, first_k_dense_replace=1, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"], architectures=["Dots1ForCausalLM"])
+    if family == "minimax_m2":  # q and k normed over all heads' dims, RoPE on half of each head
+        return tf.MiniMaxM2Config(**common, **llama_like, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5},
+                                  architectures=["MiniMaxM2ForCausalLM"])
+    if family == "flex_olmo":  # OLMo 2's norms after each block and over all heads' q/k dims, 4 experts
+        return tf.FlexOlmoConfig(**common, **llama_like, num_experts=4, num_experts_per_tok=2,
+                                 architectures=["FlexOlmoForCausalLM"])
+    if family == "ernie4_5_moe":  # interleaved RoPE, biases, a dense first layer, a shared expert
+        return tf.Ernie4_5_MoeConfig(**common, **llama_like, use_bias=True, moe_num_experts=4, moe_k=2,
+                                     moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1,
+                                     architectures=["Ernie4_5_MoeForCausalLM"])
+    if family == "hunyuan_moe":  # q/k norms after RoPE, a shared MLP beside 4 experts
+        return tf.HunYuanMoEV1Config(**common, **llama_like, head_dim=16, num_experts=4, moe_topk=2,
+                                     architectures=["HunYuanMoEV1ForCausalLM"])
     if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
         swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                    logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
@@ -387,7 +412,8 @@ FAMILY_ADAPTERS = {
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
+CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "glm4_moe": "mixtral", "dots1": "mixtral", "minimax_m2": "mixtral",
+                   "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral", "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",

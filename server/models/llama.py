@@ -47,7 +47,8 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "GlmRMSNorm", "Glm4RMSNorm", "HeliumRMSNorm", "ArceeRMSNorm",
                              "Exaone4RMSNorm", "HunYuanDenseV1RMSNorm",
                              "HyperCLOVAXRMSNorm", "CwmRMSNorm", "ApertusRMSNorm", "GptOssRMSNorm",
-                             "GraniteSWARMSNorm", "GraniteMoeSWARMSNorm"})
+                             "GraniteSWARMSNorm", "GraniteMoeSWARMSNorm", "Glm4MoeRMSNorm", "Dots1RMSNorm",
+                             "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 

@@ -1,10 +1,15 @@
-"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE, Granite MoE SWA)
-over a flat token batch: Llama's attention (q_proj, k_proj, v_proj, o_proj: the LoRA targets;
-Qwen2-MoE's biases, Qwen3-MoE's per-head q/k norms, OLMoE's over all heads' dims, Granite MoE's
-scalars as Granite's, Granite MoE SWA's as GraniteSWA's: sinks, windows, RoPE by layer), and each
-layer's MLP Hugging Face's own module, run on the step's rows: the router, its top-k experts and
-Qwen2-MoE's gated shared expert or Granite MoE SWA's shared MLP beside them (or a dense MLP where
-the config keeps one: ``mlp_only_layers``).
+"""Mixture-of-experts decoders over a flat token batch: a dense family's attention (q_proj, k_proj,
+v_proj, o_proj: the LoRA targets) and each layer's MLP Hugging Face's own module, run on the step's
+rows: the router, its top-k experts and any shared experts beside them (or a dense MLP where the
+config keeps one: ``mlp_only_layers``, ``first_k_dense_replace``, ``moe_layer_start_index``).
+
+- Mixtral; Qwen2-MoE (biases), Qwen3-MoE and dots.llm1 (per-head q/k norms), GLM-4.5 (``Glm4Moe``:
+  RoPE on part of each head, optional per-head q/k norms): Llama's attention with its options;
+- OLMoE and MiniMax-M2: q and k normed over all heads' dims at once;
+- FlexOlmo: OLMo 2's layer (norms after each block, q/k norms over all heads);
+- ERNIE 4.5 MoE: ERNIE 4.5's interleaved RoPE; Hunyuan MoE: q/k norms after RoPE, as its dense one;
+- Granite MoE: Granite's scalars; Granite MoE SWA: GraniteSWA's sinks, windows and RoPE by layer,
+  with a shared MLP beside the experts.
 
 Transformers 5 stores the experts as 3-D parameters, not linear layers, so PEFT's ``target_modules``
 cannot reach them (``target_parameters`` is refused, by adapters/config.py), nor the router; the
@@ -16,8 +21,11 @@ from __future__ import annotations
 
 from ..config import StartupError
 from .batch import StepBatch
+from .ernie import Ernie4_5ForServing, Ernie4_5Layer
 from .granite import GraniteForServing, GraniteLayer, LayerThetaRoPE
+from .hunyuan import HunYuanDenseForServing, HunYuanDenseLayer
 from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, attention_targets
+from .olmo import Olmo2ForServing, Olmo2Layer
 
 
 class MoELayer(LlamaLayer):
@@ -49,20 +57,49 @@ class OlmoeForServing(MoEForServing):
     LAYER = OlmoeLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
-        if hf_model.config.clip_qkv is not None:
+        if getattr(hf_model.config, "clip_qkv", None) is not None:
             raise StartupError("OLMoE's clip_qkv is not served")
         super().__init__(hf_model, max_model_len, int8)
+
+
+class MoEOver:
+    """The MoE decoder over a dense family's serving model (listed first among the bases)."""
+
+    FUSED_KINDS = MoEForServing.FUSED_KINDS
+    CUDA_GRAPHS = MoEForServing.CUDA_GRAPHS
+    lora_targets = staticmethod(MoEForServing.lora_targets)
+
+
+class FlexOlmoLayer(MoELayer, Olmo2Layer):
+    pass
+
+
+class FlexOlmoForServing(MoEOver, Olmo2ForServing):
+    LAYER = FlexOlmoLayer
+
+
+class Ernie4_5MoeLayer(MoELayer, Ernie4_5Layer):
+    pass
+
+
+class Ernie4_5MoeForServing(MoEOver, Ernie4_5ForServing):
+    LAYER = Ernie4_5MoeLayer
+
+
+class HunYuanMoeLayer(MoELayer, HunYuanDenseLayer):
+    pass
+
+
+class HunYuanMoeForServing(MoEOver, HunYuanDenseForServing):
+    LAYER = HunYuanMoeLayer
 
 
 class GraniteMoeLayer(MoELayer, GraniteLayer):
     MLP = "block_sparse_moe"
 
 
-class GraniteMoeForServing(GraniteForServing):
-    FUSED_KINDS = MoEForServing.FUSED_KINDS
+class GraniteMoeForServing(MoEOver, GraniteForServing):
     LAYER = GraniteMoeLayer
-    CUDA_GRAPHS = MoEForServing.CUDA_GRAPHS
-    lora_targets = staticmethod(MoEForServing.lora_targets)
 
 
 class GraniteMoeSWALayer(GraniteMoeLayer):
