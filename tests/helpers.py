@@ -144,6 +144,13 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "hunyuan_moe":  # q/k norms after RoPE, a shared MLP beside 4 experts
         return tf.HunYuanMoEV1Config(**common, **llama_like, head_dim=16, num_experts=4, moe_topk=2,
                                      architectures=["HunYuanMoEV1ForCausalLM"])
+    if family == "llama4":  # chunks of 5 positions in RoPE layers, a NoPE layer with temperature, MoE then dense
+        return tf.Llama4TextConfig(**common, **{**llama_like, "num_hidden_layers": 4}, head_dim=16,
+                                   intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1,
+                                   interleave_moe_layer_step=2, attention_chunk_size=5, no_rope_layer_interval=2,
+                                   floor_scale=4, attn_scale=0.5, rope_parameters={"rope_type": "default",
+                                                                                    "rope_theta": 10000.0},
+                                   architectures=["Llama4ForCausalLM"])
     if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
         swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                    logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
@@ -412,8 +419,10 @@ FAMILY_ADAPTERS = {
 
 
 # Other configs of a family that test_families.py also serves (with that family's adapters).
-CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral", "granitemoe": "mixtral", "glm4_moe": "mixtral", "dots1": "mixtral", "minimax_m2": "mixtral",
-                   "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral", "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
+CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral",
+                   "granitemoe": "mixtral", "llama4": "mixtral", "glm4_moe": "mixtral", "dots1": "mixtral",
+                   "minimax_m2": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
+                   "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",

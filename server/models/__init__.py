@@ -17,6 +17,7 @@ from .gptj import GPTJForServing
 from .granite import GraniteForServing, GraniteSWAForServing, HyperCLOVAXForServing
 from .hunyuan import HunYuanDenseForServing
 from .llama import LlamaForServing, Phi3ForServing
+from .llama4 import Llama4ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import (
     Ernie4_5MoeForServing,
@@ -36,7 +37,7 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -65,6 +66,7 @@ SUPPORTED_ARCHITECTURES = {
     "GraniteMoeForCausalLM": GraniteMoeForServing,
     "GraniteMoeSWAForCausalLM": GraniteMoeSWAForServing,
     "GptOssForCausalLM": GptOssForServing,
+    "Llama4ForCausalLM": Llama4ForServing,
     "NemotronForCausalLM": UngatedForServing,
     "ArceeForCausalLM": UngatedForServing,
     "Jais2ForCausalLM": UngatedForServing,

@@ -96,7 +96,8 @@ class FlatAttention(nn.Module):
     """Causal attention of a flat batch against one layer of the block-paged KV cache.
 
     q: [T, H, hd], k, v: [T, KV, hd] (new tokens, already position-encoded) -> [T, H * hd].
-    Options: ``scale`` (None: hd^-0.5), a ``sliding_window`` (keys q_pos - window < k_pos <= q_pos),
+    Options: ``scale`` (None: hd^-0.5), a ``sliding_window`` (keys q_pos - window < k_pos <= q_pos), an
+    attention ``chunk_size`` (Llama 4's: keys of the query's own chunk of that many positions),
     ALiBi ``slopes`` [H] (score += slope_h * k_pos; constant per query row, as BLOOM adds it), and
     Gemma 2's ``softcap`` (score -> cap * tanh(score / cap)) and GPT-OSS's attention ``sinks`` [H]
     (a logit per head in the softmax's denominator, with no value): every decode backend and
@@ -108,11 +109,11 @@ class FlatAttention(nn.Module):
 
     def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
                  sliding_window: int | None = None, slopes: torch.Tensor | None = None, softcap: float | None = None,
-                 sinks: torch.Tensor | None = None):
+                 sinks: torch.Tensor | None = None, chunk_size: int | None = None):
         super().__init__()
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
-        self.sliding_window, self.softcap = sliding_window, softcap
+        self.sliding_window, self.softcap, self.chunk_size = sliding_window, softcap, chunk_size
         self.register_buffer("slopes", None if slopes is None else slopes.float(), persistent=False)
         # float32, contiguous: as every backend reads them
         self.register_buffer("sinks", None if sinks is None else sinks.detach().float().contiguous(), persistent=False)
@@ -128,7 +129,7 @@ class FlatAttention(nn.Module):
         if chunks and kv.prefill_attention is not None:  # every chunk in one call, from the cache
             kv.prefill_attention(out.view(-1, self.num_heads, self.head_dim), q, k_cache, v_cache, batch.prefill_blocks,
                                  batch.prefill_chunks, batch.longest_prefill, self.scale,
-                                 self.sliding_window, slopes, self.softcap, self.sinks)
+                                 self.sliding_window, slopes, self.softcap, self.sinks, self.chunk_size)
             chunks = ()
         for seq in chunks:
             # queries [1, H, n, hd] over the sequence's keys [1, KV, ctx, hd]
@@ -139,15 +140,17 @@ class FlatAttention(nn.Module):
             # is_causal path: on the CPU half the time of an explicit mask at 2k tokens.
             eager = self.softcap is not None or self.sinks is not None  # what SDPA cannot run
             plain = seq.start_pos == 0 and slopes is None and not eager and (
-                self.sliding_window is None or ctx <= self.sliding_window)
+                self.sliding_window is None or ctx <= self.sliding_window) and (
+                self.chunk_size is None or ctx <= self.chunk_size)
             mask = None
             if not plain:
-                key = ("prefill", seq.row_start, self.sliding_window, None if slopes is None else id(self.slopes))
+                key = ("prefill", seq.row_start, self.sliding_window, self.chunk_size,
+                       None if slopes is None else id(self.slopes))
                 mask = batch.masks.get(key)
                 if mask is None:  # once per step and chunk, shared by layers
                     q_pos = torch.arange(seq.start_pos, ctx, device=q.device)[:, None]
                     mask = causal_mask(q_pos, torch.arange(ctx, device=q.device)[None, :], q.dtype,
-                                       self.sliding_window, slopes, head_dim_at=0)
+                                       self.sliding_window, slopes, head_dim_at=0, chunk_size=self.chunk_size)
                     batch.masks[key] = mask
             keys, values = gather_context(k_cache, blocks, ctx)[None], gather_context(v_cache, blocks, ctx)[None]
             if eager:
@@ -162,7 +165,7 @@ class FlatAttention(nn.Module):
             rows = q[batch.num_prefill_rows :]
             o = kv.decode_attention(rows, k_cache, v_cache, batch.decode_tables, batch.decode_lengths,
                                     batch.decode_ctx, self.scale, self.sliding_window, slopes, batch.masks,
-                                    self.softcap, self.sinks)
+                                    self.softcap, self.sinks, self.chunk_size)
             out[batch.num_prefill_rows :] = o.reshape(num_decode, size)
         return out
 

@@ -48,7 +48,8 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "Exaone4RMSNorm", "HunYuanDenseV1RMSNorm",
                              "HyperCLOVAXRMSNorm", "CwmRMSNorm", "ApertusRMSNorm", "GptOssRMSNorm",
                              "GraniteSWARMSNorm", "GraniteMoeSWARMSNorm", "Glm4MoeRMSNorm", "Dots1RMSNorm",
-                             "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm"})
+                             "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm",
+                             "Llama4TextRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 

@@ -2,7 +2,8 @@
 
 Shapes: q [R, H, hd]; k_cache, v_cache [NB, bs, KV, hd] (the KV heads are shared by H / KV query
 heads); ``tables`` [R, MB] the block ids of each row's sequence; a row at position p attends to
-key positions j with  max(0, p - window + 1) <= j <= p  (no window: from 0), key j stored at
+key positions j with  max(0, p - window + 1) <= j <= p  (no window: from 0; with Llama 4's attention
+``chunk_size`` C, also j >= floor(p / C) * C: only keys of the query's own chunk), key j stored at
 block ``tables[r, j // bs]``, offset ``j % bs``:
 
     out[r, h] = sum_j softmax_j(scale * q[r, h] . k_j + slope_h * j) v_j
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def paged_attention_reference(q, k_cache, v_cache, tables, positions, scale: float, window: int | None = None,
                               slopes: torch.Tensor | None = None, softcap: float | None = None,
-                              sinks: torch.Tensor | None = None) -> torch.Tensor:
+                              sinks: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """The oracle: one row at a time, straight from the formula above."""
     R, H, hd = q.shape
     bs, KV = k_cache.shape[1], k_cache.shape[2]
@@ -39,6 +40,8 @@ def paged_attention_reference(q, k_cache, v_cache, tables, positions, scale: flo
     for r in range(R):
         p = int(positions[r])
         lo = 0 if window is None else max(0, p - window + 1)
+        if chunk_size is not None:
+            lo = max(lo, p // chunk_size * chunk_size)
         j = torch.arange(lo, p + 1)
         blocks = tables[r].cpu()[j // bs]
         k = k_cache[blocks.to(k_cache.device), (j % bs).to(k_cache.device)].float()  # [n, KV, hd]
@@ -64,12 +67,15 @@ def gather_context(cache: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch
     return cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
 
 
-def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype, window: int | None, slopes, head_dim_at: int):
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype, window: int | None, slopes, head_dim_at: int,
+                chunk_size: int | None = None):
     """q_pos [q, 1], k_pos [1, k] -> bool mask [q, k], or with ALiBi an additive float mask with a
     head dimension inserted at ``head_dim_at`` (0: [H, q, k]; 1: [q, H, k])."""
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= k_pos > q_pos - window
+    if chunk_size is not None:
+        allowed &= k_pos // chunk_size == q_pos // chunk_size
     if slopes is None:
         return allowed
     bias = (slopes.float()[:, None] * k_pos.float()).to(dtype)  # [H, k]: built in float32, rounded once
@@ -98,7 +104,8 @@ def eager_attention(q, k, v, mask, scale: float, softcap: float | None = None,
 
 
 def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: float, window, slopes,
-                       masks: dict, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                       masks: dict, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                       chunk_size: int | None = None) -> torch.Tensor:
     """Decode rows (position = length - 1) with torch ops: gathers each row's blocks into a padded
     [D, KV, ctx, hd] copy. The fallback where no kernel is available, and a second oracle.
     ``softcap`` (Gemma 2's) and ``sinks`` [H] (GPT-OSS's) through ``eager_attention``."""
@@ -107,11 +114,11 @@ def paged_decode_torch(q, k_cache, v_cache, tables, lengths, ctx: int, scale: fl
     nb = -(-ctx // bs)
     k = k_cache[tables[:, :nb]].flatten(1, 2)[:, :ctx].transpose(1, 2)  # [D, KV, ctx, hd]
     v = v_cache[tables[:, :nb]].flatten(1, 2)[:, :ctx].transpose(1, 2)
-    key = ("decode", window, None if slopes is None else id(slopes))
+    key = ("decode", window, chunk_size, None if slopes is None else id(slopes))
     mask = masks.get(key)
     if mask is None:  # once per step, shared by the layers
         k_pos = torch.arange(ctx, device=q.device)[None, :]
-        mask = causal_mask((lengths - 1)[:, None], k_pos, q.dtype, window, slopes, head_dim_at=1)
+        mask = causal_mask((lengths - 1)[:, None], k_pos, q.dtype, window, slopes, head_dim_at=1, chunk_size=chunk_size)
         mask = mask[:, None, None, :] if slopes is None else mask[:, :, None, :]
         masks[key] = mask
     if softcap is not None or sinks is not None:
@@ -133,12 +140,14 @@ def _cpp_decode():
     return None if module is None else module.paged_decode
 
 
-def cpp_decode(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None, sinks=None):
+def cpp_decode(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None, sinks=None,
+               chunk_size=None):
     q = q.contiguous()  # [D, H, hd]: a small copy of the decode rows' queries (they are a view of qkv)
     out = torch.empty_like(q)
     none = q.new_empty(0, dtype=torch.float32)
     _cpp_decode()(out, q, k_cache, v_cache, tables, lengths, scale, window or 0,
-                  slopes if slopes is not None else none, softcap or 0.0, sinks if sinks is not None else none)
+                  slopes if slopes is not None else none, softcap or 0.0, sinks if sinks is not None else none,
+                  chunk_size or 0)
     return out
 
 

@@ -9,10 +9,12 @@ with an online softmax in float32:
     m' = max(m, max_j s_j);  l' = l e^(m - m') + sum_j e^(s_j - m');  acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j
 
 and writes acc / l; with attention sinks (GPT-OSS's), the sink's logit joins the denominator at the
-end, m' = max(m, sink_h), l' = l e^(m - m') + e^(sink_h - m'), acc' = acc e^(m - m'). Scores are ``c(scale * q . k_j) + slope_h * j`` over the row's causal window
-(see attention.py), c(s) = cap * tanh(s / cap) with Gemma 2's soft cap (tanh as 2 sigmoid(2x) - 1,
-which the interpreter runs too), else s. Prefill (``paged_prefill_triton``) runs the same online softmax
-for a block of a chunk's queries at once, with tl.dot, over keys up to each query's own position.
+end, m' = max(m, sink_h), l' = l e^(m - m') + e^(sink_h - m'), acc' = acc e^(m - m'). Scores are
+``c(scale * q . k_j) + slope_h * j`` over the row's causal window (see attention.py; with Llama 4's
+attention ``chunk_size``, from the start of the row's own chunk), c(s) = cap * tanh(s / cap) with
+Gemma 2's soft cap (tanh as 2 sigmoid(2x) - 1, which the interpreter runs too), else s. Prefill
+(``paged_prefill_triton``) runs the same online softmax for a block of a chunk's queries at once,
+with tl.dot, over keys up to each query's own position.
 Tested under ``TRITON_INTERPRET=1`` against the oracle.
 """
 
@@ -25,15 +27,17 @@ import triton.language as tl
 TILE = 32  # key positions per loop iteration, gathered through the block table token by token
 
 
-@triton.jit(do_not_specialize=["window", "max_blocks"])
+@triton.jit(do_not_specialize=["window", "chunk_size", "max_blocks"])
 def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_ptr, sinks_ptr, scale, window,
-                  max_blocks, softcap, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, G_BLOCK: tl.constexpr,
+                  chunk_size, max_blocks, softcap, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr,
+                  G_BLOCK: tl.constexpr,
                   HD: tl.constexpr, HD_BLOCK: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     length = tl.load(lengths_ptr + i)
     lo = tl.where(window > 0, tl.maximum(length - window, 0), 0)  # one type on both paths, for the compiler
+    lo = tl.where(chunk_size > 0, tl.maximum(lo, (length - 1) // tl.maximum(chunk_size, 1) * chunk_size), lo)
     g = tl.arange(0, G_BLOCK)
     g_mask = g < GROUP
     heads = kvh * GROUP + g  # the query heads that share this KV head
@@ -75,7 +79,7 @@ def _paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, slopes_
 
 
 def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window, slopes, masks, softcap=None,
-                        sinks=None):
+                        sinks=None, chunk_size=None):
     """Same contract as ``attention.paged_decode_torch``; ``ctx`` and ``masks`` are unused."""
     D, H, hd = q.shape
     out = torch.empty_like(q)
@@ -86,10 +90,10 @@ def paged_decode_triton(q, k_cache, v_cache, tables, lengths, ctx, scale, window
     KV = k_cache.shape[2]
     _paged_decode[(D, KV)](
         out, q, k_cache, v_cache, tables, lengths, slopes if slopes is not None else q,
-        sinks if sinks is not None else q, float(scale), int(window or 0), tables.shape[1], float(softcap or 0.0),
-        H=H, KV=KV, GROUP=H // KV, G_BLOCK=triton.next_power_of_2(H // KV), HD=hd, HD_BLOCK=triton.next_power_of_2(hd),
-        BS=k_cache.shape[1], TILE=TILE, HAS_ALIBI=slopes is not None, HAS_CAP=softcap is not None,
-        HAS_SINKS=sinks is not None,
+        sinks if sinks is not None else q, float(scale), int(window or 0), int(chunk_size or 0), tables.shape[1],
+        float(softcap or 0.0), H=H, KV=KV, GROUP=H // KV, G_BLOCK=triton.next_power_of_2(H // KV), HD=hd,
+        HD_BLOCK=triton.next_power_of_2(hd), BS=k_cache.shape[1], TILE=TILE, HAS_ALIBI=slopes is not None,
+        HAS_CAP=softcap is not None, HAS_SINKS=sinks is not None,
     )
     return out
 
@@ -103,9 +107,9 @@ def _sink(acc, l_sum, m, sink):
     return acc * alpha[:, None], l_sum * alpha + tl.exp(sink - m_new)
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "chunk_size"])
 def _paged_prefill(out_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr, chunks_ptr, slopes_ptr, sinks_ptr, scale, window,
-                   softcap, stride_qt, stride_qh, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr,
+                   chunk_size, softcap, stride_qt, stride_qh, H: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr,
                    G_BLOCK: tl.constexpr, HD: tl.constexpr, HD_BLOCK: tl.constexpr, BS: tl.constexpr,
                    BLOCK_M: tl.constexpr, TILE: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_CAP: tl.constexpr,
                    HAS_SINKS: tl.constexpr, PRECISION: tl.constexpr):
@@ -137,6 +141,8 @@ def _paged_prefill(out_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr, chunks_ptr, slopes_
         acc = tl.zeros([BLOCK_M * G_BLOCK, HD_BLOCK], tl.float32)
         last = start + tl.minimum(n, (mb + 1) * BLOCK_M)  # keys [lo, last): up to the block's last query
         lo = tl.where(window > 0, tl.maximum(start + mb * BLOCK_M - window + 1, 0), 0)
+        first = start + mb * BLOCK_M  # the block's first query: its attention chunk starts lowest
+        lo = tl.where(chunk_size > 0, tl.maximum(lo, first // tl.maximum(chunk_size, 1) * chunk_size), lo)
         offs = tl.arange(0, TILE)
         for tile in range(lo // TILE, tl.cdiv(last, TILE)):
             j = tile * TILE + offs
@@ -151,6 +157,8 @@ def _paged_prefill(out_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr, chunks_ptr, slopes_
             s = s + slope[:, None] * j[None, :].to(tl.float32)
             allowed = j_valid[None, :] & (j[None, :] <= pos[:, None])
             allowed = allowed & ((window <= 0) | (j[None, :] > pos[:, None] - window))
+            own_chunk = j[None, :] >= pos[:, None] // tl.maximum(chunk_size, 1) * chunk_size
+            allowed = allowed & ((chunk_size <= 0) | own_chunk)
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row none of whose keys came yet
@@ -171,14 +179,15 @@ PREFILL_BLOCK_M = 16  # query positions per program
 
 
 def paged_prefill_triton(out, q, k_cache, v_cache, blocks, chunks, max_tokens: int, scale, window, slopes,
-                         softcap=None, sinks=None) -> None:
+                         softcap=None, sinks=None, chunk_size=None) -> None:
     """Every prefill chunk's attention in one launch, straight from the paged cache (no gathered
     copy of the context), written into ``out`` [T, H, hd] at the chunks' rows.
 
     q [T, H, hd] (rows unit-stride in hd), k_cache/v_cache [NB, bs, KV, hd]; ``chunks`` [S, 4] int64
     (row_start, num_tokens, start_pos, block_start) per chunk; ``blocks`` the chunks' block tables
     end to end (chunk s's at block_start); ``max_tokens`` the longest chunk. A chunk's query at
-    position p attends to keys j of its sequence with max(0, p - window + 1) <= j <= p, scores as
+    position p attends to keys j of its sequence with max(0, p - window + 1) <= j <= p (and, with an
+    attention ``chunk_size`` C, j >= floor(p / C) * C), scores as
     in ``paged_decode_triton``. float32 storage multiplies in IEEE float32; half types in TF32, whose
     10-bit mantissa holds their values (the probabilities are rounded to it)."""
     S = chunks.shape[0]
@@ -191,8 +200,8 @@ def paged_prefill_triton(out, q, k_cache, v_cache, blocks, chunks, max_tokens: i
     assert out.is_contiguous()
     _paged_prefill[(S, triton.cdiv(max_tokens, PREFILL_BLOCK_M), KV)](
         out, q, k_cache, v_cache, blocks, chunks, slopes if slopes is not None else q,
-        sinks if sinks is not None else q, float(scale), int(window or 0), float(softcap or 0.0), q.stride(0),
-        q.stride(1), H=H, KV=KV, GROUP=H // KV, G_BLOCK=triton.next_power_of_2(H // KV), HD=hd,
+        sinks if sinks is not None else q, float(scale), int(window or 0), int(chunk_size or 0),
+        float(softcap or 0.0), q.stride(0), q.stride(1), H=H, KV=KV, GROUP=H // KV, G_BLOCK=triton.next_power_of_2(H // KV), HD=hd,
         HD_BLOCK=max(16, triton.next_power_of_2(hd)), BS=k_cache.shape[1], BLOCK_M=PREFILL_BLOCK_M, TILE=TILE,
         HAS_ALIBI=slopes is not None, HAS_CAP=softcap is not None, HAS_SINKS=sinks is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

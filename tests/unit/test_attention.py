@@ -1,7 +1,7 @@
 """Attention over block-paged KV, every path against the pure-torch oracle: the decode kernels
 (C++, Triton in its interpreter, the torch gather) and prefill's gather + SDPA, with GQA, sliding
 windows, ALiBi, scattered block tables and several dtypes; Gemma 2's soft-capped scores and
-GPT-OSS's attention sinks."""
+GPT-OSS's attention sinks; Llama 4's chunked attention."""
 
 import pytest
 import torch
@@ -152,10 +152,42 @@ def test_attention_sinks_in_decode_and_prefill_match_the_oracle(case):
     assert torch.allclose(got[0].transpose(0, 1), expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [4, 5, 16])
+def test_chunked_attention_in_decode_and_prefill_matches_the_oracle(chunk_size):
+    """Llama 4's chunked layers: a query at p attends to keys floor(p / C) * C .. p only. Decode rows
+    at positions on both sides of chunk boundaries (the first of a chunk attends to itself alone),
+    through every backend; a prefill chunk that crosses boundaries after cached tokens through the
+    mask SDPA runs with; the oracle is checked to differ from plain causal attention."""
+    H, KV, hd, bs = 8, 2, 16, 4
+    gen = torch.Generator().manual_seed(17)
+    k, v = _pool(24, bs, KV, hd, torch.float32, gen)
+    lengths = torch.tensor([1, 4, 5, 6, 16, 17, 21, 23])
+    tables = torch.stack([torch.randperm(24, generator=gen)[: -(-int(lengths.max()) // bs)] for _ in lengths])
+    q = torch.randn(len(lengths), H, hd, generator=gen)
+    tables, lengths, q = tables.to(DEVICE), lengths.to(DEVICE), q.to(DEVICE)
+    expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, chunk_size=chunk_size)
+    assert not torch.allclose(expected, paged_attention_reference(q, k, v, tables, lengths - 1, 0.3), atol=1e-3)
+    for name, decode in _decoders():
+        got = decode(q, k, v, tables, lengths, int(lengths.max()), 0.3, None, None, {}, None, None, chunk_size)
+        assert torch.allclose(got, expected, atol=2e-5, rtol=2e-5), name
+    blocks = tables[-1]
+    start, n = 3, 19  # positions 3 .. 21
+    q_pos = torch.arange(start, start + n, device=DEVICE)
+    chunk = torch.randn(n, H, hd, generator=gen).to(DEVICE)
+    mask = causal_mask(q_pos[:, None], torch.arange(start + n, device=DEVICE)[None, :], chunk.dtype, None, None, 0,
+                       chunk_size=chunk_size)
+    got = F.scaled_dot_product_attention(chunk.transpose(0, 1)[None], gather_context(k, blocks, start + n)[None],
+                                         gather_context(v, blocks, start + n)[None], attn_mask=mask, scale=0.3,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    expected = paged_attention_reference(chunk, k, v, blocks[None].expand(n, -1), q_pos, 0.3, chunk_size=chunk_size)
+    assert torch.allclose(got, expected, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES + [(4, 2, 16, 4, None, "cap"), (8, 2, 16, 8, 6, "cap"),
-                                  (8, 2, 16, 4, 6, "sinks"), (4, 4, 8, 8, None, "sinks")])
+                                  (8, 2, 16, 4, 6, "sinks"), (4, 4, 8, 8, None, "sinks"), (8, 2, 16, 4, None, 7),
+                                  (4, 2, 16, 8, None, 16)])
 def test_the_triton_prefill_kernel_runs_every_chunk_of_a_step_against_the_oracle(case, dtype):
     """One launch over chunks of several sequences: whole prompts, chunks after cached tokens (a
     prefix hit or chunked prefill), lengths across query blocks and key tiles, scattered block
@@ -165,6 +197,7 @@ def test_the_triton_prefill_kernel_runs_every_chunk_of_a_step_against_the_oracle
     H, KV, hd, bs, window, extra = case
     alibi, cap = extra is True, 1.5 if extra == "cap" else None
     sinks = (torch.randn(H, generator=torch.Generator().manual_seed(3)) * 2 + 1).to(DEVICE) if extra == "sinks" else None
+    chunk_size = extra if type(extra) is int else None  # Llama 4's chunked attention
     gen = torch.Generator().manual_seed(hash(case) % 1000)
     k, v = _pool(48, bs, KV, hd, dtype, gen)
     spans = [(0, 5), (3 * bs + 1, 20), (0, 40), (bs, 1), (2, 33)]  # (start position, tokens)
@@ -183,11 +216,11 @@ def test_the_triton_prefill_kernel_runs_every_chunk_of_a_step_against_the_oracle
     out = torch.full((T, H, hd), 7.0, dtype=dtype, device=DEVICE)
     qv = torch.cat([q, q], dim=2)[:, :, :hd]  # a strided view, as q is of qkv's columns
     paged_prefill_triton(out, qv, k, v, torch.tensor(blocks, device=DEVICE), torch.tensor(chunks, device=DEVICE),
-                         max(n for _, n in spans), 0.3, window, slopes, cap, sinks)
+                         max(n for _, n in spans), 0.3, window, slopes, cap, sinks, chunk_size)
     tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
     for (row, n, start, _), own in zip(chunks, tables, strict=True):
         pos = torch.arange(start, start + n, device=DEVICE)
         expected = paged_attention_reference(q[row : row + n], k, v, torch.tensor(own, device=DEVICE)[None].expand(n, -1),
-                                             pos, 0.3, window, slopes, cap, sinks).float()
+                                             pos, 0.3, window, slopes, cap, sinks, chunk_size).float()
         assert torch.allclose(out[row : row + n].float(), expected, atol=tol, rtol=tol), (start, n)
     assert (out[row + n :] == 7).all()

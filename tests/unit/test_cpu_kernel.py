@@ -251,17 +251,20 @@ def test_convert_to_pages_writes_what_convert_adapter_then_copy_rows_write(varia
     (3, 8, 2, 256, 16, None, 0.75),  # Gemma's head dim 256, a cap that changes the softmax more
     (4, 8, 2, 64, 16, 21, "sinks"),  # GPT-OSS's attention sinks on the vector path, with a window
     (3, 6, 2, 24, 4, None, "sinks"),  # and on the scalar path
+    (5, 8, 2, 64, 16, None, "chunk"),  # Llama 4's chunked attention (chunks of 16 positions) on the vector path
+    (5, 6, 2, 24, 4, None, "chunk"),  # and on the scalar path
 ])
 def test_every_variant_decode_attention_matches_the_oracle(variant, dtype, case):
     """Lengths off every multiple of 8 and 16 (the vector path's groups of keys) and of the block size,
     scattered block tables, every variant this CPU runs; ALiBi (True), a soft cap (a float) or
-    attention sinks ("sinks")."""
+    attention sinks ("sinks") or chunks ("chunk")."""
     from loramux.server.ops.attention import paged_attention_reference
 
     D, H, KV, hd, bs, window, alibi = case
     softcap, alibi = (alibi, False) if isinstance(alibi, float) else (None, alibi)
     sinks, alibi = (torch.randn(H, generator=torch.Generator().manual_seed(H)) * 2 + 1, False) if alibi == "sinks" \
         else (None, alibi)
+    chunk_size, alibi = (16, False) if alibi == "chunk" else (None, alibi)
     gen = torch.Generator().manual_seed(D * 1000 + hd)
     lengths = torch.tensor([1, 17, 40, 131, 64][:D] if D > 1 else [203])
     max_blocks = -(-int(lengths.max()) // bs)
@@ -274,9 +277,10 @@ def test_every_variant_decode_attention_matches_the_oracle(variant, dtype, case)
     out = torch.empty_like(q)
     variant_module(variant).paged_decode(out, q, k, v, tables, lengths, 0.3, window or 0,
                                          slopes if alibi else torch.empty(0), softcap or 0.0,
-                                         torch.empty(0) if sinks is None else sinks)
-    expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, slopes, softcap, sinks).float()
-    if softcap is not None or sinks is not None:  # the cap (sinks) change these rows' outputs
+                                         torch.empty(0) if sinks is None else sinks, chunk_size or 0)
+    expected = paged_attention_reference(q, k, v, tables, lengths - 1, 0.3, window, slopes, softcap, sinks,
+                                         chunk_size).float()
+    if softcap is not None or sinks is not None or chunk_size:  # the cap (sinks, chunks) change these rows' outputs
         assert not torch.allclose(expected, paged_attention_reference(q, k, v, tables, lengths - 1, 0.3,
                                                                       window).float(), atol=1e-2)
     tol = 5e-6 if dtype == torch.float32 else 2e-2  # float32: the vector exp within a few ulp
@@ -297,7 +301,7 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
     k[0, 5, 1, 3] = float("nan")  # row 0's key 5, KV head 1
     q = torch.randn(2, 8, hd, generator=gen)
     out = torch.empty_like(q)
-    variant_module(variant).paged_decode(out, q, k, v, tables, lengths, 0.3, 0, torch.empty(0), 0.0, torch.empty(0))
+    variant_module(variant).paged_decode(out, q, k, v, tables, lengths, 0.3, 0, torch.empty(0), 0.0, torch.empty(0), 0)
     assert out[0, 2:4].isnan().all() and not out[0, :2].isnan().any()  # heads 2, 3 read KV head 1
     expected = paged_attention_reference(q[1:], k, v, tables[1:], lengths[1:] - 1, 0.3)
     assert torch.allclose(out[1], expected[0], atol=5e-6, rtol=5e-6)

@@ -563,9 +563,10 @@ void lora(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, to
 }
 
 // Decode attention over block-paged KV, for each row i (position p = lengths[i] - 1) and head h:
-//   s_j = c(scale * q[i,h] . k[j]) + slope_h * j  for j in [max(0, p - window + 1), p]  (window 0: from 0)
-//   out[i,h] = sum_j softmax(s)_j v[j],   key j at block tables[i, j / bs], offset j % bs
-// c(s) = cap * tanh(s / cap) with a soft cap (Gemma 2's; the scalar path), else s.
+//   s_j = c(scale * q[i,h] . k[j]) + slope_h * j  for j in [max(0, p - window + 1), p]  (window 0: from 0;
+//                                                   a chunk C, Llama 4's: from floor(p / C) * C)
+//   out[i,h] = sum_j e^(s_j) v[j] / (sum_j e^(s_j) + e^(sink_h)),   key j at block tables[i, j / bs], offset j % bs
+// c(s) = cap * tanh(s / cap) with a soft cap (Gemma 2's; the scalar path), else s; sink_h only with sinks.
 // k, v: [NB, bs, KV, hd]; q, out: [D, H, hd]. Float32 softmax and sums.
 // A task is a row and `gh` query heads that share one KV head (gh divides H / KV; all of them unless
 // that leaves too few tasks for the threads): each key and value row is read once for the task's
@@ -760,7 +761,8 @@ static void decode_heads(float* out, const float* q, const float* k, const float
 template <typename T>
 static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lengths,
                        const float* slopes, const float* sinks, int64_t D, int64_t H, int64_t KV, int64_t hd,
-                       int64_t bs, int64_t mb, float scale, int64_t window, int64_t max_len, float cap) {
+                       int64_t bs, int64_t mb, float scale, int64_t window, int64_t chunk, int64_t max_len,
+                       float cap) {
   const int64_t token_stride = KV * hd, block_stride = bs * KV * hd;
   int64_t gh = H / KV;  // heads a task: fewer when the tasks would not keep every thread busy
   while (gh > 1 && D * (H / gh) < 4 * at::get_num_threads()) {
@@ -774,7 +776,9 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
     for (int64_t task = lo_task; task < hi_task; ++task) {
       const int64_t i = task / (H / gh), h0 = (task % (H / gh)) * gh, kvh = h0 / (H / KV);
       const int64_t len = lengths[i];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0, n = len - lo;
+      int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      if (chunk > 0) lo = std::max(lo, (len - 1) / chunk * chunk);
+      const int64_t n = len - lo;
       for (int64_t j = lo, b = lo / bs, t = lo % bs; j < len; ++j) {
         offsets[j - lo] = tables[i * mb + b] * block_stride + t * token_stride + kvh * hd;
         if (++t == bs) t = 0, ++b;
@@ -861,7 +865,7 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
 
 void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
                   torch::Tensor lengths, double scale, int64_t window, torch::Tensor slopes, double softcap,
-                  torch::Tensor sinks) {
+                  torch::Tensor sinks, int64_t chunk) {
   TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && out.is_contiguous() && k.is_contiguous() &&
               v.is_contiguous() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
               out.scalar_type() == q.scalar_type(), "paged_decode: contiguous CPU tensors of one dtype");
@@ -881,7 +885,7 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Te
                          v.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
                          slopes.numel() ? slopes.data_ptr<float>() : nullptr,
                          sinks.numel() ? sinks.data_ptr<float>() : nullptr, D, q.size(1), k.size(2), q.size(2),
-                         k.size(1), tables.size(1), static_cast<float>(scale), window, max_len,
+                         k.size(1), tables.size(1), static_cast<float>(scale), window, chunk, max_len,
                          static_cast<float>(softcap));
   });
 }
