@@ -151,6 +151,21 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                    floor_scale=4, attn_scale=0.5, rope_parameters={"rope_type": "default",
                                                                                     "rope_theta": 10000.0},
                                    architectures=["Llama4ForCausalLM"])
+    if family == "solar_open":  # a shared expert beside 4
+        return tf.SolarOpenConfig(**common, **llama_like, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, n_shared_experts=1, architectures=["SolarOpenForCausalLM"])
+    if family in ("phimoe", "phimoe_longrope"):  # LayerNorms, q/k/v/o biases, 4 experts; longrope past 16 positions
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                "short_mscale": 1.1, "long_mscale": 1.3}
+        return tf.PhimoeConfig(**common, **llama_like, num_local_experts=4, num_experts_per_tok=2, attention_bias=True,
+                               router_jitter_noise=0.0, **({"rope_parameters": rope} if family == "phimoe_longrope"
+                                                           else {}), architectures=["PhimoeForCausalLM"])
+    if family == "exaone_moe":  # per-head q/k norms, RoPE in the local layer only, a dense first layer, a shared expert
+        return tf.ExaoneMoeConfig(**common, **llama_like, sliding_window=6, layer_types=["sliding_attention",
+                                                                                         "full_attention"],
+                                  first_k_dense_replace=1, num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, num_shared_experts=1, architectures=["ExaoneMoeForCausalLM"])
     if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
         swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                    logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
@@ -421,7 +436,8 @@ FAMILY_ADAPTERS = {
 # Other configs of a family that test_families.py also serves (with that family's adapters).
 CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral",
                    "granitemoe": "mixtral", "llama4": "mixtral", "glm4_moe": "mixtral", "dots1": "mixtral",
-                   "minimax_m2": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
+                   "minimax_m2": "mixtral", "solar_open": "mixtral", "phimoe": "mixtral",
+                   "phimoe_longrope": "mixtral", "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
                    "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",

@@ -21,12 +21,14 @@ from .llama4 import Llama4ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import (
     Ernie4_5MoeForServing,
+    ExaoneMoeForServing,
     FlexOlmoForServing,
     GraniteMoeForServing,
     GraniteMoeSWAForServing,
     HunYuanMoeForServing,
     MoEForServing,
     OlmoeForServing,
+    PhimoeForServing,
 )
 from .mpt import MptForServing
 from .nemotron import ApertusForServing, UngatedForServing
@@ -37,7 +39,7 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -58,6 +60,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": MoEForServing,
     "Glm4MoeForCausalLM": MoEForServing,
     "Dots1ForCausalLM": MoEForServing,
+    "SolarOpenForCausalLM": MoEForServing,
+    "PhimoeForCausalLM": PhimoeForServing,
+    "ExaoneMoeForCausalLM": ExaoneMoeForServing,
     "MiniMaxM2ForCausalLM": OlmoeForServing,
     "FlexOlmoForCausalLM": FlexOlmoForServing,
     "Ernie4_5_MoeForCausalLM": Ernie4_5MoeForServing,

@@ -49,7 +49,7 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "HyperCLOVAXRMSNorm", "CwmRMSNorm", "ApertusRMSNorm", "GptOssRMSNorm",
                              "GraniteSWARMSNorm", "GraniteMoeSWARMSNorm", "Glm4MoeRMSNorm", "Dots1RMSNorm",
                              "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm",
-                             "Llama4TextRMSNorm"})
+                             "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 

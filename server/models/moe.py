@@ -3,8 +3,11 @@ v_proj, o_proj: the LoRA targets) and each layer's MLP Hugging Face's own module
 rows: the router, its top-k experts and any shared experts beside them (or a dense MLP where the
 config keeps one: ``mlp_only_layers``, ``first_k_dense_replace``, ``moe_layer_start_index``).
 
-- Mixtral; Qwen2-MoE (biases), Qwen3-MoE and dots.llm1 (per-head q/k norms), GLM-4.5 (``Glm4Moe``:
-  RoPE on part of each head, optional per-head q/k norms): Llama's attention with its options;
+- Mixtral, Solar Open; Qwen2-MoE (biases), Qwen3-MoE and dots.llm1 (per-head q/k norms), GLM-4.5
+  (``Glm4Moe``: RoPE on part of each head, optional per-head q/k norms), Phi-3.5-MoE (``Phimoe``:
+  LayerNorms, biases, longrope recomputed past its original context as Phi-3's), K-EXAONE
+  (``ExaoneMoe``: per-head q/k norms, RoPE only in local layers where a window is set): Llama's
+  attention with its options;
 - OLMoE and MiniMax-M2: q and k normed over all heads' dims at once;
 - FlexOlmo: OLMo 2's layer (norms after each block, q/k norms over all heads);
 - ERNIE 4.5 MoE: ERNIE 4.5's interleaved RoPE; Hunyuan MoE: q/k norms after RoPE, as its dense one;
@@ -25,7 +28,7 @@ from .ernie import Ernie4_5ForServing, Ernie4_5Layer
 from .granite import GraniteForServing, GraniteLayer, LayerThetaRoPE
 from .hunyuan import HunYuanDenseForServing, HunYuanDenseLayer
 from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, attention_targets
-from .olmo import Olmo2ForServing, Olmo2Layer
+from .olmo import Olmo2ForServing, Olmo2Layer, exaone_rope
 
 
 class MoELayer(LlamaLayer):
@@ -60,6 +63,20 @@ class OlmoeForServing(MoEForServing):
         if getattr(hf_model.config, "clip_qkv", None) is not None:
             raise StartupError("OLMoE's clip_qkv is not served")
         super().__init__(hf_model, max_model_len, int8)
+
+
+class PhimoeForServing(MoEForServing):
+    RECOMPUTE_AT_ROPE_SPLIT = True  # longrope, as Phi-3's
+
+
+class ExaoneMoeLayer(MoELayer):
+    def __init__(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.use_rope = exaone_rope(config, layer)
+
+
+class ExaoneMoeForServing(MoEForServing):
+    LAYER = ExaoneMoeLayer
 
 
 class MoEOver:

@@ -50,12 +50,17 @@ class Olmo2ForServing(LlamaForServing):
     LAYER = Olmo2Layer
 
 
+def exaone_rope(config, layer: int) -> bool:
+    """EXAONE's: with a window set, only the local layers turn q and k by RoPE."""
+    return config.sliding_window is None or config.layer_types[layer] == "sliding_attention"
+
+
 class Exaone4Layer(Olmo2Layer):
     qk_norm_whole = False
 
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
-        self.use_rope = config.sliding_window is None or config.layer_types[layer] == "sliding_attention"
+        self.use_rope = exaone_rope(config, layer)
 
 
 class Exaone4ForServing(LlamaForServing):
