@@ -166,6 +166,26 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                                                                          "full_attention"],
                                   first_k_dense_replace=1, num_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, num_shared_experts=1, architectures=["ExaoneMoeForCausalLM"])
+    if family in ("deepseek_v3", "deepseek_v3_q"):  # MLA (q through q_a/q_b, or q_proj), interleaved RoPE, yarn; a dense first layer
+        q = dict(q_lora_rank=24) if family == "deepseek_v3" else dict(q_lora_rank=None, rope_interleave=False)
+        return tf.DeepseekV3Config(**common, **{**llama_like, "num_key_value_heads": 4}, **q, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                   v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                   moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                    "original_max_position_embeddings": 128, "mscale": 1.0,
+                                                    "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0},
+                                   architectures=["DeepseekV3ForCausalLM"])
+    if family in ("glm4_moe_lite", "axk1", "youtu"):  # MLA as DeepSeek-V3's; MoE (a dense first layer), or dense
+        mla = dict(**common, **{**llama_like, "num_key_value_heads": 4}, q_lora_rank=24, kv_lora_rank=16,
+                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20)
+        moe = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                   mlp_layer_types=["dense", "sparse"], n_group=1, topk_group=1)
+        if family == "youtu":
+            return tf.YoutuConfig(**mla, embedding_initializer_range=0.2,
+                                  architectures=["YoutuForCausalLM"])
+        config = tf.Glm4MoeLiteConfig if family == "glm4_moe_lite" else tf.AXK1Config
+        return config(**mla, **moe, architectures=["Glm4MoeLiteForCausalLM" if family == "glm4_moe_lite"
+                                                   else "AXK1ForCausalLM"])
     if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
         swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                    logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
@@ -378,6 +398,14 @@ FAMILY_ADAPTERS = {
                 "attn-r4": dict(r=4, lora_alpha=8, target_modules=ATTN_PROJ)},
     "phi": {"qv-dense-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "dense"]),
             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])},
+    "deepseek_v3": {"q-kvb-r8": dict(r=8, lora_alpha=16, target_modules=["q_b_proj", "kv_b_proj"]),
+                    "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                                                                       "kv_b_proj", "o_proj"])},
+    "deepseek_v3_q": {"q-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "kv_a_proj_with_mqa"]),
+                      "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "kv_b_proj", "o_proj"])},
+    "youtu": {"q-kvb-r8": dict(r=8, lora_alpha=16, target_modules=["q_b_proj", "kv_b_proj"]),
+              "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                                                                "o_proj", "gate_proj", "up_proj", "down_proj"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
              "all-r4": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
     "gemma": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -437,7 +465,7 @@ FAMILY_ADAPTERS = {
 CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral",
                    "granitemoe": "mixtral", "llama4": "mixtral", "glm4_moe": "mixtral", "dots1": "mixtral",
                    "minimax_m2": "mixtral", "solar_open": "mixtral", "phimoe": "mixtral",
-                   "phimoe_longrope": "mixtral", "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
+                   "phimoe_longrope": "mixtral", "glm4_moe_lite": "deepseek_v3", "axk1": "deepseek_v3", "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
                    "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",

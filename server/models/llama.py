@@ -49,7 +49,8 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "HyperCLOVAXRMSNorm", "CwmRMSNorm", "ApertusRMSNorm", "GptOssRMSNorm",
                              "GraniteSWARMSNorm", "GraniteMoeSWARMSNorm", "Glm4MoeRMSNorm", "Dots1RMSNorm",
                              "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm",
-                             "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm"})
+                             "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm", "DeepseekV3RMSNorm",
+                             "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 
