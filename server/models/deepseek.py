@@ -1,5 +1,6 @@
-"""Multi-head latent attention (MLA) decoders over a flat token batch: DeepSeek-V3
-(``DeepseekV3ForCausalLM``: DeepSeek-V3, R1, Kimi K2, Moonlight), GLM-4.7-Flash
+"""Multi-head latent attention (MLA) decoders over a flat token batch: DeepSeek-V2
+(``DeepseekV2ForCausalLM``: V2, V2-Lite, Coder-V2), DeepSeek-V3 (``DeepseekV3ForCausalLM``:
+DeepSeek-V3, R1, Kimi K2, Moonlight), GLM-4.7-Flash
 (``Glm4MoeLiteForCausalLM``) and A.X K1 (``AXK1ForCausalLM``) over the MoE decoder (moe.py; the
 dense layers and the routed and shared experts as Hugging Face's own modules), and Youtu-LLM
 (``YoutuForCausalLM``), dense, whose MLP projections are LoRA targets too (``DenseMLALayer``).
@@ -14,7 +15,8 @@ MLA's projections, each a LoRA target of its own:
 
 RoPE turns the last ``qk_rope_head_dim`` dims of q and the one shared k_rope, on interleaved pairs
 where ``rope_interleave`` (as Hugging Face computes it, writing the pairs' first and second members
-as halves, the same permutation for q and k). The paged cache keeps each head's expanded k and v
+as halves, the same permutation for q and k); DeepSeek-V2's always on interleaved pairs, as complex
+numbers (``DeepseekV2Layer``). The paged cache keeps each head's expanded k and v
 (v padded with zeros to k's width, so that one head dim serves both): more memory than the latent
 alone, in exchange for the attention kernels every family shares.
 """
@@ -90,6 +92,14 @@ class MLALayer(MoELayer):
         return p["o_proj"](out.reshape(T, H * self.v_dim), batch.lora, apply_lora)
 
 
+class DeepseekV2Layer(MLALayer):
+    def turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, rope]'s pairs (x[2i], x[2i+1]) times the complex numbers cos + i sin
+        [T, 1, rope / 2], as Hugging Face's DeepSeek-V2 multiplies them."""
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
 class DenseMLALayer(MLALayer):
     """MLA over Llama's gated MLP (gate|up, down: LoRA targets)."""
 
@@ -136,3 +146,13 @@ class DenseMLAForServing(DeepseekV3ForServing):
     @staticmethod
     def lora_targets(config):
         return {**DeepseekV3ForServing.lora_targets(config), **mlp_targets(config, MLP_UP_KINDS, "down_proj")}
+
+
+class DeepseekV2ForServing(DeepseekV3ForServing):
+    LAYER = DeepseekV2Layer
+
+    def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary module's complex frequencies [max_len, rope / 2] as their two parts."""
+        dummy = self.lm_head.weight.new_empty(0)
+        freqs = inner.rotary_emb(dummy, torch.arange(max_model_len, device=dummy.device)[None])[0]
+        return freqs.real.contiguous(), freqs.imag.contiguous()

@@ -50,7 +50,8 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "GraniteSWARMSNorm", "GraniteMoeSWARMSNorm", "Glm4MoeRMSNorm", "Dots1RMSNorm",
                              "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm",
                              "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm", "DeepseekV3RMSNorm",
-                             "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm"})
+                             "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm",
+                             "DeepseekV2RMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 

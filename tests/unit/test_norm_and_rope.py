@@ -27,7 +27,8 @@ MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "q
            "GraniteMoeSWA": "granitemoe_swa", "Glm4Moe": "glm4_moe", "Dots1": "dots1", "MiniMaxM2": "minimax_m2",
            "FlexOlmo": "flex_olmo", "Ernie4_5_Moe": "ernie4_5_moe", "HunYuanMoEV1": "hunyuan_v1_moe",
            "Llama4Text": "llama4", "SolarOpen": "solar_open", "ExaoneMoe": "exaone_moe",
-           "DeepseekV3": "deepseek_v3", "Glm4MoeLite": "glm4_moe_lite", "AXK1": "axk1", "Youtu": "youtu"}
+           "DeepseekV3": "deepseek_v3", "Glm4MoeLite": "glm4_moe_lite", "AXK1": "axk1", "Youtu": "youtu",
+           "DeepseekV2": "deepseek_v2"}
 
 
 def _norm_class(name: str):
