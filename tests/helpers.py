@@ -191,6 +191,8 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         config = tf.Glm4MoeLiteConfig if family == "glm4_moe_lite" else tf.AXK1Config
         return config(**mla, **moe, architectures=["Glm4MoeLiteForCausalLM" if family == "glm4_moe_lite"
                                                    else "AXK1ForCausalLM"])
+    if family == "nanochat":  # weightless norms (one after the embedding), RoPE the other way, q/k norms after it, relu2, capped logits
+        return tf.NanoChatConfig(**common, **llama_like, final_logit_softcapping=3.0, architectures=["NanoChatForCausalLM"])
     if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
         swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                    logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
@@ -411,6 +413,8 @@ FAMILY_ADAPTERS = {
     "youtu": {"q-kvb-r8": dict(r=8, lora_alpha=16, target_modules=["q_b_proj", "kv_b_proj"]),
               "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                                                                 "o_proj", "gate_proj", "up_proj", "down_proj"])},
+    "nanochat": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                 "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])},
     "phi3": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["qkv_proj"]),
              "all-r4": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])},
     "gemma": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),

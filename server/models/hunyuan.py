@@ -10,15 +10,19 @@ from .batch import StepBatch
 from .llama import LlamaForServing, LlamaLayer, fast_norm
 
 
-class HunYuanDenseLayer(LlamaLayer):
-    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
-        super().__init__(hf_layer, config, layer, cos, sin, int8)
-        attn = hf_layer.self_attn
-        self.q_norm_after, self.k_norm_after = fast_norm(attn.query_layernorm), fast_norm(attn.key_layernorm)
+class QKNormsAfterRoPE:
+    """A layer mixin: q and k normed per head after RoPE, by ``q_norm_after`` and ``k_norm_after``."""
 
     def qkv_heads(self, qkv: torch.Tensor, batch: StepBatch):
         q, k, v = super().qkv_heads(qkv, batch)
         return self.q_norm_after(q), self.k_norm_after(k), v
+
+
+class HunYuanDenseLayer(QKNormsAfterRoPE, LlamaLayer):
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        attn = hf_layer.self_attn
+        self.q_norm_after, self.k_norm_after = fast_norm(attn.query_layernorm), fast_norm(attn.key_layernorm)
 
 
 class HunYuanDenseForServing(LlamaForServing):
