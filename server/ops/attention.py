@@ -54,10 +54,10 @@ def paged_attention_reference(q, k_cache, v_cache, tables, positions, scale: flo
             if slopes is not None:
                 s = s + slopes[h].float().cpu().to(s.device) * j.to(s.device).float()
             if sinks is not None:  # the sink's weight is dropped: it has no value
-                p = torch.softmax(torch.cat([s, sinks[h].float().reshape(1).to(s.device)]), 0)[:-1]
+                probs = torch.softmax(torch.cat([s, sinks[h].float().reshape(1).to(s.device)]), 0)[:-1]
             else:
-                p = torch.softmax(s, 0)
-            out[r, h] = (p @ v[:, kvh]).to(q.dtype)
+                probs = torch.softmax(s, 0)
+            out[r, h] = (probs @ v[:, kvh]).to(q.dtype)
     return out
 
 
