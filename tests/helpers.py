@@ -180,6 +180,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                    kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
                                    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    n_shared_experts=1, first_k_dense_replace=1, architectures=["DeepseekV2ForCausalLM"])
+    if family == "minicpm3":  # MLA (RoPE on halves), dense; its embedding, residual and logit scales
+        return tf.MiniCPM3Config(**common, **{**llama_like, "num_key_value_heads": 4}, q_lora_rank=24, kv_lora_rank=16,
+                                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, scale_emb=3.0, scale_depth=0.7,
+                                 dim_model_base=16, architectures=["MiniCPM3ForCausalLM"])
     if family in ("glm4_moe_lite", "axk1", "youtu"):  # MLA as DeepSeek-V3's; MoE (a dense first layer), or dense
         mla = dict(**common, **{**llama_like, "num_key_value_heads": 4}, q_lora_rank=24, kv_lora_rank=16,
                    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=20)
@@ -475,7 +479,8 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "granitemoe": "mixtral", "llama4": "mixtral", "glm4_moe": "mixtral", "dots1": "mixtral",
                    "minimax_m2": "mixtral", "solar_open": "mixtral", "phimoe": "mixtral",
                    "phimoe_longrope": "mixtral", "glm4_moe_lite": "deepseek_v3", "axk1": "deepseek_v3",
-                   "deepseek_v2": "deepseek_v3_q", "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
+                   "deepseek_v2": "deepseek_v3_q",
+                   "minicpm3": "youtu", "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
                    "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .bloom import BloomForServing
 from .cohere import Cohere2ForServing, CohereForServing
-from .deepseek import DeepseekV2ForServing, DeepseekV3ForServing, DenseMLAForServing
+from .deepseek import DeepseekV2ForServing, DeepseekV3ForServing, DenseMLAForServing, MiniCPM3ForServing
 from .ernie import Ernie4_5ForServing, HeliumForServing
 from .falcon import FalconForServing
 from .gemma import Gemma1ForServing, GemmaForServing
@@ -41,7 +41,7 @@ from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, nanochat, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4, and MLA's: DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash, A.X K1, Youtu-LLM) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, nanochat, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4, and MLA's: DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash, A.X K1, Youtu-LLM, MiniCPM3) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -79,6 +79,7 @@ SUPPORTED_ARCHITECTURES = {
     "Glm4MoeLiteForCausalLM": DeepseekV3ForServing,
     "AXK1ForCausalLM": DeepseekV3ForServing,
     "YoutuForCausalLM": DenseMLAForServing,
+    "MiniCPM3ForCausalLM": MiniCPM3ForServing,
     "NemotronForCausalLM": UngatedForServing,
     "ArceeForCausalLM": UngatedForServing,
     "Jais2ForCausalLM": UngatedForServing,

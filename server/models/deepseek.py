@@ -2,8 +2,10 @@
 (``DeepseekV2ForCausalLM``: V2, V2-Lite, Coder-V2), DeepSeek-V3 (``DeepseekV3ForCausalLM``:
 DeepSeek-V3, R1, Kimi K2, Moonlight), GLM-4.7-Flash
 (``Glm4MoeLiteForCausalLM``) and A.X K1 (``AXK1ForCausalLM``) over the MoE decoder (moe.py; the
-dense layers and the routed and shared experts as Hugging Face's own modules), and Youtu-LLM
-(``YoutuForCausalLM``), dense, whose MLP projections are LoRA targets too (``DenseMLALayer``).
+dense layers and the routed and shared experts as Hugging Face's own modules), and two dense ones
+whose MLP projections are LoRA targets too (``DenseMLALayer``): Youtu-LLM (``YoutuForCausalLM``) and
+MiniCPM3 (``MiniCPM3ForCausalLM``: the embedding scaled by ``scale_emb``, each block's output by
+``scale_depth / sqrt(layers)``, the logits divided by ``hidden_size / dim_model_base``).
 
 MLA's projections, each a LoRA target of its own:
 
@@ -23,11 +25,14 @@ alone, in exchange for the attention kernels every family shares.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .batch import StepBatch
+from .granite import GraniteLayer
 from .layers import FlatAttention, FusedLoRALinear
 from .llama import MLP_UP_KINDS, LlamaLayer, fast_norm, mlp_targets
 from .moe import MoEForServing, MoELayer
@@ -156,3 +161,22 @@ class DeepseekV2ForServing(DeepseekV3ForServing):
         dummy = self.lm_head.weight.new_empty(0)
         freqs = inner.rotary_emb(dummy, torch.arange(max_model_len, device=dummy.device)[None])[0]
         return freqs.real.contiguous(), freqs.imag.contiguous()
+
+
+class MiniCPM3Layer(DenseMLALayer):
+    forward = GraniteLayer.forward  # each block's output scaled before the residual sum
+
+    def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.residual_multiplier = config.scale_depth / math.sqrt(config.num_hidden_layers)
+
+
+class MiniCPM3ForServing(DenseMLAForServing):
+    LAYER = MiniCPM3Layer
+
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
+        super().__init__(hf_model, max_model_len, int8)
+        self.logit_divisor = hf_model.config.logits_scaling  # Hugging Face divides the hidden states before lm_head
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.embed_with_lora(batch) * self.embed_tokens.embed_scale.to(self.embed_tokens.weight.dtype)

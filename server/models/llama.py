@@ -51,7 +51,7 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm",
                              "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm", "DeepseekV3RMSNorm",
                              "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm",
-                             "DeepseekV2RMSNorm"})
+                             "DeepseekV2RMSNorm", "MiniCPM3RMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 
