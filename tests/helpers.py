@@ -166,10 +166,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                                                                          "full_attention"],
                                   first_k_dense_replace=1, num_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, num_shared_experts=1, architectures=["ExaoneMoeForCausalLM"])
-    if family in ("deepseek_v3", "deepseek_v3_q"):  # MLA (q through q_a/q_b, or q_proj), interleaved RoPE, yarn; a dense first layer
+    if family in ("deepseek_v3", "deepseek_v3_q"):  # MLA (q through q_a/q_b and interleaved RoPE, or q_proj), yarn
         q = dict(q_lora_rank=24) if family == "deepseek_v3" else dict(q_lora_rank=None, rope_interleave=False)
-        return tf.DeepseekV3Config(**common, **{**llama_like, "num_key_value_heads": 4}, **q, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                                   v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+        return tf.DeepseekV3Config(**common, **{**llama_like, "num_key_value_heads": 4}, **q, kv_lora_rank=16,
+                                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
                                    moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                     "original_max_position_embeddings": 128, "mscale": 1.0,
@@ -477,11 +477,10 @@ FAMILY_ADAPTERS = {
 # Other configs of a family that test_families.py also serves (with that family's adapters).
 CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": "mistral", "ernie4_5": "mistral",
                    "granitemoe": "mixtral", "llama4": "mixtral", "glm4_moe": "mixtral", "dots1": "mixtral",
-                   "minimax_m2": "mixtral", "solar_open": "mixtral", "phimoe": "mixtral",
-                   "phimoe_longrope": "mixtral", "glm4_moe_lite": "deepseek_v3", "axk1": "deepseek_v3",
-                   "deepseek_v2": "deepseek_v3_q",
-                   "minicpm3": "youtu", "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
-                   "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
+                   "minimax_m2": "mixtral", "solar_open": "mixtral", "phimoe": "mixtral", "phimoe_longrope": "mixtral",
+                   "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
+                   "glm4_moe_lite": "deepseek_v3", "axk1": "deepseek_v3", "deepseek_v2": "deepseek_v3_q",
+                   "minicpm3": "youtu", "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
