@@ -126,6 +126,14 @@ class LoRALayout:
     # PEFT's saved base_layer.bias of it must equal
     head_bias: torch.Tensor | None = field(default=None, compare=False, repr=False)
     vocab: int | None = None  # the token embedding's rows (None: not known, as in tests' layouts)
+    # module name prefixes of a vision-language checkpoint's parts a text request never reaches (its
+    # vision tower): an adapter's LoRA on them is skipped, which leaves every text output as PEFT's
+    ignored: tuple[str, ...] = ()
+    ignored_modules: tuple[str, ...] = field(default=(), compare=False, repr=False)  # their module names
+
+    def serves(self, key: str) -> bool:
+        """Whether a tensor of an adapter's file (PEFT's name) is of a part the server runs."""
+        return not self.ignored or not key.removeprefix("base_model.model.").startswith(self.ignored)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -376,11 +384,17 @@ def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int, into: R
     return header, data
 
 
+def _served(tensors: dict, layout: LoRALayout) -> dict:
+    """``tensors`` (name -> anything) less those of the parts the server does not run (``ignored``)."""
+    return tensors if not layout.ignored else {k: v for k, v in tensors.items() if layout.serves(k)}
+
+
 def _modules_from_shapes(
     shapes: dict[str, list[int]], spec: AdapterSpec, layout: LoRALayout, max_rank: int
 ) -> tuple[dict[str, int], int | None]:
     """Check tensor names and shapes against the base model; return module -> rank, and the
     resized vocabulary its fully trained copies hold (``resized_vocabulary``), if any."""
+    shapes = _served(shapes, layout)
     found: dict[str, dict[str, list[int]]] = {}
     saved_base: dict[str, list[int]] = {}
     tokens: dict[str, list[int]] = {}
@@ -430,7 +444,7 @@ def _modules_from_shapes(
             raise AdapterInvalid(f"{clip(module + '.base_layer.weight')} {shape} is not the base model's {module} "
                                  f"{expected}: the adapter was trained on a resized vocabulary, which is not served")
     if spec is not None:
-        unmatched = spec.unmatched_targets(layout.modules)
+        unmatched = spec.unmatched_targets([*layout.modules, *layout.ignored_modules])
         if unmatched:
             raise AdapterInvalid(
                 f"adapter_config.json field 'target_modules': {clip(unmatched[0])} matches no supported module of "
@@ -759,7 +773,7 @@ def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayou
                                         "the largest adapter this model and --max-lora-rank allow")
         else:
             header, data = _read_safetensors(f, layout, max_rank, into, validated)
-        return header, data, f.identity()
+        return None if header is None else _served(header, layout), data, f.identity()
 
 
 def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
@@ -783,7 +797,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     if time.time_ns() - identity[-1] < RACY_NS:  # a write in this clock tick could leave the same ctime
         identity = None
     if header is None:
-        shapes = {k: list(v.shape) for k, v in _unpickle(data, name).items()}
+        shapes = {k: list(v.shape) for k, v in _served(_unpickle(data, name), layout).items()}
     else:
         shapes = {k: v["shape"] for k, v in header.items()}
     ranks, vocab = _modules_from_shapes(shapes, spec, layout, max_rank)
@@ -793,7 +807,7 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     _check_tokenizer(found, tokenizer, vocab, layout)
     tensors = None
     if any(_unread(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
-        tensors = _unpickle(data, name) if header is None else _decode(name, data, header)
+        tensors = _served(_unpickle(data, name), layout) if header is None else _decode(name, data, header)
         _check_saved_base(tensors, layout)
     rank = max(ranks.values()) + spec.use_dora
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
@@ -958,7 +972,7 @@ def decode_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, allow_p
     if manifest is not None and not unchanged and hashlib.sha256(data).hexdigest() != manifest.weights_sha256:
         raise AdapterChanged(f"{name} changed after the adapter was registered; register it again to serve the "
                              "new weights")
-    tensors = _decode(name, data, header)
+    tensors = _served(_decode(name, data, header), layout)
     if manifest is not None:  # the bytes registration checked (same identity or same hash): its ranks hold
         ranks = manifest.module_ranks
     else:

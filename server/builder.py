@@ -126,7 +126,7 @@ def register_startup_adapters(registry: AdapterRegistry, startup: list[tuple[str
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
     ids = set()
-    for source in (loaded.hf_model.generation_config, loaded.hf_model.config, loaded.tokenizer):
+    for source in (loaded.hf_model.generation_config, loaded.hf_model.config.get_text_config(), loaded.tokenizer):
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     return ids
@@ -342,7 +342,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                     type(e).__name__, e)
         kv.prefill_attention = None
         runner.warm_up()
-    engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.vocab_size, eos_ids(loaded))
+    engine = Engine(config, runner, loaded.tokenizer, manager, hf.config.get_text_config().vocab_size, eos_ids(loaded))
     if config.inject_fault and manager.fault_hook is None:
         engine.output.fault_hook = fault_injector(config.inject_fault)
     ops_name = runner.apply_lora.name

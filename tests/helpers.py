@@ -197,6 +197,13 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                                    else "AXK1ForCausalLM"])
     if family == "nanochat":  # weightless norms (one after the embedding), RoPE the other way, q/k norms after it, relu2, capped logits
         return tf.NanoChatConfig(**common, **llama_like, final_logit_softcapping=3.0, architectures=["NanoChatForCausalLM"])
+    if family == "gemma3_vlm":  # Gemma 3's vision-language checkpoint: a tiny SigLIP tower beside the text model
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=_family_config("gemma3", vocab, eos, pad).to_dict(),
+                               vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=vocab - 3,
+                               boi_token_index=vocab - 2, eoi_token_index=vocab - 1, tie_word_embeddings=False,
+                               architectures=["Gemma3ForConditionalGeneration"])
     if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
         swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                    logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
@@ -374,10 +381,11 @@ def int8_copy(model_dir: Path, out: Path) -> Path:
     from loramux.server.ops.quantize import dequantize_int8, quantize_int8
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    targets = serving_model_class(model.config.architectures[0]).lora_targets(model.config)
+    text = model.config.get_text_config()  # a vision-language model's decoder's
+    targets = serving_model_class(model.config.architectures[0]).lora_targets(text)
     with torch.no_grad():
         for template, _, _ in targets.values():
-            for i in range(model.config.num_hidden_layers):
+            for i in range(text.num_hidden_layers):
                 module = model.get_submodule(template.format(i=i))
                 w = module.weight.T if isinstance(module, Conv1D) else module.weight  # [out, in]
                 w.copy_(dequantize_int8(*quantize_int8(w)))
@@ -480,7 +488,7 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "minimax_m2": "mixtral", "solar_open": "mixtral", "phimoe": "mixtral", "phimoe_longrope": "mixtral",
                    "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
                    "glm4_moe_lite": "deepseek_v3", "axk1": "deepseek_v3", "deepseek_v2": "deepseek_v3_q",
-                   "minicpm3": "youtu", "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
+                   "minicpm3": "youtu", "granitemoe_swa": "mixtral", "gemma3_vlm": "gemma3", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",

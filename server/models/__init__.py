@@ -7,7 +7,7 @@ from .cohere import Cohere2ForServing, CohereForServing
 from .deepseek import DeepseekV2ForServing, DeepseekV3ForServing, DenseMLAForServing, MiniCPM3ForServing
 from .ernie import Ernie4_5ForServing, HeliumForServing
 from .falcon import FalconForServing
-from .gemma import Gemma1ForServing, GemmaForServing
+from .gemma import Gemma1ForServing, Gemma3VisionLanguageForServing, GemmaForServing
 from .glm import Glm4ForServing, GlmForServing
 from .gpt2 import GPT2ForServing
 from .gpt_bigcode import GPTBigCodeForServing
@@ -89,6 +89,7 @@ SUPPORTED_ARCHITECTURES = {
     "GemmaForCausalLM": Gemma1ForServing,
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,
+    "Gemma3ForConditionalGeneration": Gemma3VisionLanguageForServing,
     "VaultGemmaForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
     "GraniteSWAForCausalLM": GraniteSWAForServing,

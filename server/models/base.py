@@ -47,6 +47,9 @@ class ServingModel(nn.Module):
     # Hugging Face's Phi-3 recomputes a sequence's whole cache by the long frequencies once it outgrows
     # rope_split (its prepare_inputs_for_generation): the engine does the same (engine.py _outgrow_rope)
     RECOMPUTE_AT_ROPE_SPLIT = False
+    # a vision-language checkpoint's parts a text request never reaches (LoRALayout.ignored)
+    IGNORED: tuple[str, ...] = ()
+    ignored_modules: tuple[str, ...] = ()  # their module names (set where IGNORED is)
 
     @staticmethod
     def lora_targets(config) -> dict[str, tuple[str, int, int]]:
@@ -56,11 +59,12 @@ class ServingModel(nn.Module):
     @classmethod
     def layout_from_config(cls, config) -> LoRALayout:
         """LoRA targets and their (in, out) from the HF config alone: no weights needed."""
+        config = config.get_text_config()  # a vision-language model's decoder's
         targets = cls.lora_targets(config)
         modules = {template.format(i=i): (i, kind)
                    for i in range(config.num_hidden_layers) for kind, (template, _, _) in targets.items()}
         return LoRALayout(modules, {k: (fin, fout) for k, (_, fin, fout) in targets.items()}, config.num_hidden_layers,
-                          cls.FUSED_KINDS)
+                          cls.FUSED_KINDS, ignored=cls.IGNORED)
 
     @staticmethod
     def position_limit(config) -> int | None:
@@ -86,6 +90,7 @@ class ServingModel(nn.Module):
         on the token embedding (``--enable-embedding-lora``); ``saved``: with adapters' fully trained
         copies of either (``--max-saved-modules``)."""
         layout = replace(self.layout_from_config(self.config), dora_base=self.dora_base, base_weight=self.base_weight,
+                         ignored_modules=self.ignored_modules,
                          tied_head=self.lm_head.weight.data_ptr() == self.token_embedding.weight.data_ptr(),
                          saveable={self.EMBEDDING[0]: self.token_embedding.weight, HEAD: self.lm_head.weight}
                          if saved else {}, head_bias=self.lm_head.bias,

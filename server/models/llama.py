@@ -265,15 +265,15 @@ class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
     LAYER = LlamaLayer  # a family's own decoder layer (Granite, OLMo 2, Phi, StableLM, GPT-NeoX)
-    INNER = "model"  # the Hugging Face model's decoder (GPT-NeoX's: gpt_neox)
+    INNER = "model"  # the Hugging Face model's decoder (GPT-NeoX's: gpt_neox; Gemma 3's VLM: model.language_model)
     LAYERS = "layers"  # the decoder's layers (Falcon's: h)
     FINAL_NORM = "norm"  # the inner model's norm before lm_head (Phi's: final_layernorm)
     SIGNED_SIN = True  # the sin table as _rope's roll takes it (signed_sin); Cohere's interleaved RoPE: as HF's
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__()
-        config = self.config = hf_model.config
-        inner = getattr(hf_model, self.INNER)
+        config = self.config = hf_model.config.get_text_config()  # a vision-language model's decoder's
+        inner = hf_model.get_submodule(self.INNER)
         setattr(self, self.EMBEDDING[1], getattr(inner, self.EMBEDDING[1]))
         self.final_norm = fast_norm(getattr(inner, self.FINAL_NORM))
         self.lm_head = hf_model.lm_head

@@ -160,3 +160,30 @@ def test_dynamic_ntk_rope_matches_peft_within_the_original_context(tmp_path):
         expected = peft_generate(model, adapter if name else None, [prompt], 8, eos_token_id=None)[0]
         assert outs[i] == expected, (i, name)
     assert len(outs[4]) == 8  # past the context: served, by the long frequencies
+
+
+def test_a_vision_language_checkpoint_serves_its_text_model_with_adapters_trained_on_the_whole(tmp_path):
+    """Gemma 3's vision-language checkpoint (4B and up): text requests run its decoder alone. An
+    adapter trained on the whole model with ``all-linear`` holds LoRA on the vision tower too, and
+    names targets (SigLIP's fc1, out_proj) that only the tower has: those are skipped, which leaves
+    every text output PEFT's."""
+    from safetensors import safe_open
+
+    model = build_family_model("gemma3_vlm", tmp_path / "model")
+    adapter = build_adapter(model, tmp_path / "all", seed=1, r=4, lora_alpha=8, target_modules="all-linear")
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(".vision_tower." in k for k in keys) and any(".language_model." in k for k in keys)
+    built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_model_len=80, default_max_new_tokens=8,
+                                      adapters=(("all", str(adapter)),), dtype="float32",
+                                      base_linear=pinned_base_linear()))
+    rng = __import__("random").Random(3)
+    requests = [(name, [rng.randrange(3, built.engine.vocab_size - 3) for _ in range(n)])
+                for name, n in ((None, 5), ("all", 7), ("all", 12), (None, 9))]
+    built.engine.start()
+    try:
+        outs = asyncio.run(run_staggered(built.engine, requests, 8))
+    finally:
+        built.engine.stop()
+    for i, (name, prompt) in enumerate(requests):
+        assert outs[i] == peft_generate(model, adapter if name else None, [prompt], 8, eos_token_id=None)[0], (i, name)
