@@ -26,6 +26,19 @@ def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: i
     return out if rotary == x.shape[-1] else torch.cat((out, x[..., rotary:]), dim=-1)
 
 
+class ComplexRoPE:
+    """A serving model whose Hugging Face rotary module gives complex frequencies cos + i sin
+    [.., rotary / 2], which it multiplies with x's interleaved pairs (Llama 4's, DeepSeek-V2's):
+    the table ``_rope_pairs`` takes, each frequency twice in a row (the same arithmetic)."""
+
+    SIGNED_SIN = False
+
+    def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
+        dummy = self.lm_head.weight.new_empty(0)
+        freqs = inner.rotary_emb(dummy, torch.arange(max_model_len, device=dummy.device)[None])[0]  # complex [L, r/2]
+        return tuple(t.float().repeat_interleave(2, dim=-1).to(dummy.dtype) for t in (freqs.real, freqs.imag))
+
+
 class CohereLayer(LlamaLayer):
     rope = staticmethod(_rope_pairs)
     parallel = True

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import StepBatch
+from .cohere import ComplexRoPE, _rope_pairs
 from .granite import GraniteLayer
 from .layers import FlatAttention, FusedLoRALinear
 from .llama import MLP_UP_KINDS, LlamaLayer, fast_norm, mlp_targets
@@ -68,14 +69,14 @@ class MLALayer(MoELayer):
         return list(self.projections.values())
 
     def turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE of x [T, heads, rope] as Hugging Face's DeepSeek-V3 computes it (cos, sin [T, 1, rope])."""
-        if self.interleave:
-            half = x.shape[-1] // 2
-            c, s = cos[..., :half], sin[..., :half]
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        """RoPE of x [T, heads, rope] as Hugging Face's DeepSeek-V3 computes it (cos [T, 1, rope], and
+        sin through the family's table: ``signed_sin`` for ``_rope``, as it is for ``_rope_pairs``)."""
+        if not self.interleave:
+            return self.rope(x, cos, sin, x.shape[-1])
+        half = x.shape[-1] // 2
+        c, s = cos[..., half:], sin[..., half:]  # each frequency once (signed_sin keeps this half's sign)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
     def attend(self, x, batch: StepBatch, kv, apply_lora):
         p, T, H = self.projections, x.shape[0], self.heads
@@ -98,11 +99,7 @@ class MLALayer(MoELayer):
 
 
 class DeepseekV2Layer(MLALayer):
-    def turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, rope]'s pairs (x[2i], x[2i+1]) times the complex numbers cos + i sin
-        [T, 1, rope / 2], as Hugging Face's DeepSeek-V2 multiplies them."""
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    rope = staticmethod(_rope_pairs)  # HF's complex multiply of interleaved pairs (ComplexRoPE's table)
 
 
 class DenseMLALayer(MLALayer):
@@ -121,7 +118,6 @@ class DenseMLALayer(MLALayer):
 class DeepseekV3ForServing(MoEForServing):
     FUSED_KINDS = ()  # each projection has an input of its own
     LAYER = MLALayer
-    SIGNED_SIN = False  # MLALayer.turn takes Hugging Face's sin
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
@@ -153,14 +149,8 @@ class DenseMLAForServing(DeepseekV3ForServing):
         return {**DeepseekV3ForServing.lora_targets(config), **mlp_targets(config, MLP_UP_KINDS, "down_proj")}
 
 
-class DeepseekV2ForServing(DeepseekV3ForServing):
+class DeepseekV2ForServing(ComplexRoPE, DeepseekV3ForServing):
     LAYER = DeepseekV2Layer
-
-    def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary module's complex frequencies [max_len, rope / 2] as their two parts."""
-        dummy = self.lm_head.weight.new_empty(0)
-        freqs = inner.rotary_emb(dummy, torch.arange(max_model_len, device=dummy.device)[None])[0]
-        return freqs.real.contiguous(), freqs.imag.contiguous()
 
 
 class MiniCPM3Layer(DenseMLALayer):

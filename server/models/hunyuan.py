@@ -6,16 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import StepBatch
-from .llama import LlamaForServing, LlamaLayer, fast_norm
-
-
-class QKNormsAfterRoPE:
-    """A layer mixin: q and k normed per head after RoPE, by ``q_norm_after`` and ``k_norm_after``."""
-
-    def qkv_heads(self, qkv: torch.Tensor, batch: StepBatch):
-        q, k, v = super().qkv_heads(qkv, batch)
-        return self.q_norm_after(q), self.k_norm_after(k), v
+from .llama import LlamaForServing, LlamaLayer, QKNormsAfterRoPE, fast_norm
 
 
 class HunYuanDenseLayer(QKNormsAfterRoPE, LlamaLayer):

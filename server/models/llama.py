@@ -250,6 +250,14 @@ class LlamaLayer(nn.Module):
         return self.down_proj(self.act(gate_up[:, :inter]) * gate_up[:, inter:], batch.lora, apply_lora)
 
 
+class QKNormsAfterRoPE:
+    """A layer mixin: q and k normed per head after RoPE, by ``q_norm_after`` and ``k_norm_after``."""
+
+    def qkv_heads(self, qkv: torch.Tensor, batch: StepBatch):
+        q, k, v = super().qkv_heads(qkv, batch)
+        return self.q_norm_after(q), self.k_norm_after(k), v
+
+
 class PlainMLPLayer(LlamaLayer):
     """A layer whose MLP has no gate, down(act(up x)) (Phi's fc1/fc2, GPT-NeoX's, StarCoder2's
     c_fc/c_proj): a family's ``__init__`` sets ``up`` and ``down``."""

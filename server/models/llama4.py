@@ -14,21 +14,23 @@ or a dense MLP, as Hugging Face's own module) with Llama 4's attention.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .batch import StepBatch
-from .cohere import _rope_pairs
+from .cohere import ComplexRoPE, _rope_pairs
 from .layers import FlatAttention
-from .llama import _head_dim, _kv_heads
+from .llama import QKNormsAfterRoPE, _head_dim, _kv_heads
 from .moe import MoEForServing, MoELayer
 
 
-class Llama4Layer(MoELayer):
+class Llama4Layer(QKNormsAfterRoPE, MoELayer):
     rope = staticmethod(_rope_pairs)
     MLP = "feed_forward"
 
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
-        self.qk_norm = getattr(hf_layer.self_attn, "qk_norm", None)  # the model's own (weightless)
+        # the model's own weightless norm, in RoPE layers alone
+        self.q_norm_after = self.k_norm_after = getattr(hf_layer.self_attn, "qk_norm", None) or nn.Identity()
         self.temperature = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
 
@@ -37,10 +39,6 @@ class Llama4Layer(MoELayer):
         chunked = config.layer_types[layer] == "chunked_attention"
         return FlatAttention(layer, config.num_attention_heads, _kv_heads(config), _head_dim(config),
                              chunk_size=config.attention_chunk_size if chunked else None)
-
-    def qkv_heads(self, qkv: torch.Tensor, batch: StepBatch):
-        q, k, v = super().qkv_heads(qkv, batch)
-        return (q, k, v) if self.qk_norm is None else (self.qk_norm(q), self.qk_norm(k), v)
 
     def scale_queries(self, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         if not self.temperature:
@@ -53,11 +51,5 @@ class Llama4Layer(MoELayer):
         return (q * scale).to(q.dtype)
 
 
-class Llama4ForServing(MoEForServing):
+class Llama4ForServing(ComplexRoPE, MoEForServing):
     LAYER = Llama4Layer
-    SIGNED_SIN = False
-
-    def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
-        dummy = self.lm_head.weight.new_empty(0)
-        freqs = inner.rotary_emb(dummy, torch.arange(max_model_len, device=dummy.device)[None])[0]  # complex [L, hd/2]
-        return tuple(t.float().repeat_interleave(2, dim=-1).to(dummy.dtype) for t in (freqs.real, freqs.imag))

@@ -9,24 +9,20 @@ from __future__ import annotations
 import torch
 
 from .batch import StepBatch
-from .hunyuan import QKNormsAfterRoPE
-from .layers import FusedLoRALinear
-from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, attention_targets, mlp_targets
+from .llama import QKNormsAfterRoPE
+from .nemotron import UngatedForServing, UngatedLayer
 
 
-class NanoChatLayer(QKNormsAfterRoPE, PlainMLPLayer):
+class NanoChatLayer(QKNormsAfterRoPE, UngatedLayer):
+    UP, DOWN = "fc1", "fc2"
+
     def __init__(self, hf_layer, config, layer: int, cos: torch.Tensor, sin: torch.Tensor, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
         self.q_norm_after, self.k_norm_after = self.q_norm, self.k_norm  # LlamaLayer's would norm before RoPE
         self.q_norm = self.k_norm = None
 
-    def init_mlp(self, mlp, layer: int, int8: bool) -> None:
-        self.up = FusedLoRALinear.from_linears([mlp.fc1], ("fc1",), layer, int8)
-        self.down = FusedLoRALinear.from_linears([mlp.fc2], ("fc2",), layer, int8)
 
-
-class NanoChatForServing(LlamaForServing):
-    FUSED_KINDS = (ATTN_KINDS,)
+class NanoChatForServing(UngatedForServing):
     LAYER = NanoChatLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
@@ -36,10 +32,6 @@ class NanoChatForServing(LlamaForServing):
     def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = super().rope_table(inner, max_model_len, kind)
         return cos, -sin
-
-    @staticmethod
-    def lora_targets(config):
-        return {**attention_targets(config), **mlp_targets(config, ("fc1",), "fc2")}
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         return self.final_norm(self.embed_with_lora(batch))

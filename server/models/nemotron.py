@@ -21,18 +21,20 @@ from .llama import ATTN_KINDS, LlamaForServing, PlainMLPLayer, attention_targets
 
 
 class UngatedLayer(PlainMLPLayer):
+    UP, DOWN = "up_proj", "down_proj"  # the MLP's two linears (nanochat's: fc1, fc2)
+
     def init_mlp(self, mlp, layer: int, int8: bool) -> None:
-        self.up = FusedLoRALinear.from_linears([mlp.up_proj], ("up_proj",), layer, int8)
-        self.down = FusedLoRALinear.from_linears([mlp.down_proj], ("down_proj",), layer, int8)
+        self.up = FusedLoRALinear.from_linears([getattr(mlp, self.UP)], (self.UP,), layer, int8)
+        self.down = FusedLoRALinear.from_linears([getattr(mlp, self.DOWN)], (self.DOWN,), layer, int8)
 
 
 class UngatedForServing(LlamaForServing):
     FUSED_KINDS = (ATTN_KINDS,)
     LAYER = UngatedLayer
 
-    @staticmethod
-    def lora_targets(config):
-        return {**attention_targets(config), **mlp_targets(config, ("up_proj",), "down_proj")}
+    @classmethod
+    def lora_targets(cls, config):
+        return {**attention_targets(config), **mlp_targets(config, (cls.LAYER.UP,), cls.LAYER.DOWN)}
 
 
 class ApertusLayer(UngatedLayer):
