@@ -115,8 +115,12 @@ class FlatAttention(nn.Module):
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window, self.softcap, self.chunk_size = sliding_window, softcap, chunk_size
         self.register_buffer("slopes", None if slopes is None else slopes.float(), persistent=False)
-        # float32, contiguous: as every backend reads them
-        self.register_buffer("sinks", None if sinks is None else sinks.detach().float().contiguous(), persistent=False)
+        self.register_buffer("sinks", None, persistent=False)
+        self.set_sinks(sinks)
+
+    def set_sinks(self, sinks: torch.Tensor | None) -> None:
+        """The attention sinks [H] (None: none), float32 and contiguous, as every backend reads them."""
+        self.sinks = None if sinks is None else sinks.detach().float().contiguous()
 
     def forward(self, q, k, v, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
         kv.write(self.layer, batch.slot_mapping, k, v)

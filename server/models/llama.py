@@ -166,8 +166,7 @@ class LlamaLayer(nn.Module):
         # the model's own activation where its MLP has one (Apertus' xIELU has trained parameters)
         self.act = getattr(mlp, "act_fn", None) or ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]
         self.init_attention(config, layer, cos, sin)
-        if getattr(attn, "sinks", None) is not None:  # GPT-OSS's and GraniteSWA's attention sinks
-            self.attention.sinks = attn.sinks.detach().float().contiguous()
+        self.attention.set_sinks(getattr(attn, "sinks", None))  # GPT-OSS's and GraniteSWA's
 
     def init_mlp(self, mlp, layer: int, int8: bool) -> None:
         """The MLP's projections: gate|up (Phi-3's one linear) and down."""
