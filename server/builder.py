@@ -236,7 +236,7 @@ def decode_graphs(config: ServerConfig, runner: ModelRunner, zero_page: int) -> 
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
     loaded = loaded or load_model(config)
     hf = loaded.hf_model
-    cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__)
+    cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__, hf.config)
     limit = cls.position_limit(hf.config)
     if limit is not None and config.max_model_len > limit:
         raise StartupError(f"--max-model-len {config.max_model_len} is more than the {limit} positions this model "

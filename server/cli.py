@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import (
     BASE_LINEARS,
+    CONTENT_FORMATS,
     CUDA_GRAPHS,
     DTYPES,
     OP_BACKENDS,
@@ -110,6 +111,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="accept a chat template sent with a request (chat_template), as vLLM's flag: it runs in "
                         "transformers' sandboxed Jinja, but a hostile one can still spend a worker's CPU. Without "
                         "it such requests are refused")
+    p.add_argument("--chat-template-content-format", default=d["chat_template_content_format"].default,
+                   choices=CONTENT_FORMATS,
+                   help="a chat message's content as the chat template reads it (vLLM's flag): string, or openai "
+                        "(a list of typed parts, [{\"type\": \"text\", \"text\": ...}], as vision-language "
+                        "models' templates read it); auto: openai where the template loops over a message's content")
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")
@@ -329,9 +335,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from ..adapters.errors import AdapterError
     from .merge import merge
 
-    out = merge(_model_dir(args), args.adapter, args.out)
+    try:
+        out = merge(_model_dir(args), args.adapter, args.out)
+    except AdapterError as e:
+        print(f"loramux merge: {e}", file=sys.stderr)
+        return 2
     print(f"merged {args.adapter} into {out}")
     return 0
 

@@ -16,6 +16,7 @@ CUDA_GRAPHS = ("auto", "on", "off")  # decode steps replayed from CUDA graphs (d
 QUANTIZATIONS = ("none", "int8")  # the decoder projections' weights (ops/quantize.py)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")  # tool_parsers.PARSERS' names, kept import-free here
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS' names
+CONTENT_FORMATS = ("auto", "string", "openai")  # a chat message's content as the template reads it (prompts.py)
 MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
 
 
@@ -137,6 +138,9 @@ class ServerConfig:
     reasoning_parser: str | None = None  # a reasoning model's <think> block, split from the answer (reasoning.py)
     structured_output_in_reasoning: bool = False  # with reasoning_parser: structured outputs constrain the thinking too
     trust_request_chat_template: bool = False  # a request may bring its own chat template (vLLM's flag)
+    # a message's content as the chat template reads it: a string, or OpenAI's list of typed parts
+    # (vision-language models' templates); auto: by what the template does with it (prompts.py)
+    chat_template_content_format: str = "auto"
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -191,6 +195,9 @@ class ServerConfig:
             raise ValueError(f"reasoning-parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.structured_output_in_reasoning and self.reasoning_parser is None:
             raise ValueError("structured-output-in-reasoning needs --reasoning-parser")
+        if self.chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError(f"chat-template-content-format must be one of {CONTENT_FORMATS}, "
+                             f"got {self.chat_template_content_format!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.max_host_adapters < self.max_device_adapters:

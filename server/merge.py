@@ -12,19 +12,22 @@ from pathlib import Path
 import torch
 
 from ..adapters.config import HEAD
-from ..adapters.loader import inspect_adapter, load_adapter, row_sq_norms
+from ..adapters.errors import AdapterInvalid
+from ..adapters.loader import WEIGHTS_NAME, LoRALayout, inspect_adapter, load_adapter, row_sq_norms
 from ..adapters.saved_modules import SavedModuleStore
 from ..adapters.tokenizers import AdapterTokenizers
 
 
 @torch.no_grad()
 def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
 
+    from .model_loader import auto_model_class
     from .models import lora_layout
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    model = auto_model_class(hf_config).from_pretrained(model_dir, config=hf_config, dtype=torch.float32)
     modules = dict(model.named_modules())
     embedding = next(name for name, m in modules.items() if m is model.get_input_embeddings())
     config_layout = lora_layout(model.config).with_head(*reversed(model.lm_head.weight.shape)).with_embedding(
@@ -42,6 +45,7 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     layout = replace(config_layout, dora_base=dora_base, base_weight=weight, tied_head=tied,
                      saveable={embedding: modules[embedding].weight, HEAD: model.lm_head.weight})
+    _refuse_lora_not_merged(Path(adapter_dir), layout)
     max_rank = 1 << 16
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     manifest = inspect_adapter(adapter_dir, layout, max_rank, 4, saved_store=SavedModuleStore(2),
@@ -67,3 +71,22 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     (manifest.tokenizer or tokenizer).save_pretrained(out)
     return out
+
+
+def _refuse_lora_not_merged(adapter_dir: Path, layout: LoRALayout) -> None:
+    """A vision-language checkpoint's adapter with LoRA on its vision tower or projector, which the
+    server skips (LoRALayout.ignored): merging the decoder's alone would leave them unadapted in
+    the full model written, so it is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    if not layout.ignored:
+        return
+    try:
+        with safe_open(adapter_dir / WEIGHTS_NAME, "pt") as f:
+            skipped = sorted(k for k in f.keys() if not layout.serves(k))
+    except (OSError, SafetensorError):
+        return  # inspect_adapter reports what is wrong with the file
+    if skipped:
+        raise AdapterInvalid(f"the adapter has LoRA on {len(skipped)} tensors of parts only images reach "
+                             f"({skipped[0]}, ...): loramux serves the decoder alone, and merging its LoRA "
+                             "alone would leave those parts unadapted; merge it with PEFT's merge_and_unload")

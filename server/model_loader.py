@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ServerConfig
+from .models import VISION_LANGUAGE, architecture_of
 from .torch_threads import in_passing_thread
 
 log = logging.getLogger(__name__)
@@ -102,15 +103,24 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+def auto_model_class(hf_config):
+    """The transformers Auto class that builds a checkpoint: a vision-language one's (its decoder
+    served for text) is an image-text-to-text model, every other a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if architecture_of(hf_config) in VISION_LANGUAGE else AutoModelForCausalLM
+
+
 @in_passing_thread
 def load_model(config: ServerConfig) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     path, name = resolve_model_dir(config)
     log.info("loading %s (%s, %s)", name, device, str(dtype).removeprefix("torch."))
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf_config = AutoConfig.from_pretrained(path)
+    hf_model = auto_model_class(hf_config).from_pretrained(path, config=hf_config, dtype=dtype).to(device).eval()
     hf_model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(hf_model, tokenizer, name, device, dtype)

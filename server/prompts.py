@@ -77,6 +77,7 @@ class PromptRenderer:
         self.max_chat_messages = config.max_chat_messages
         self.max_prompt_tokens = config.input_token_limit
         self.trust_request_template = config.trust_request_chat_template
+        self.content_format = config.chat_template_content_format
         # names a request's template kwargs may not take: what apply_chat_template and the template
         # renderer set themselves (a "tokenize" would change what render returns)
         self.reserved_kwargs = frozenset(inspect.signature(tokenizer.apply_chat_template).parameters) | {
@@ -167,9 +168,10 @@ class PromptRenderer:
         from jinja2 import TemplateError
 
         add_special_tokens, chat = p.add_special_tokens, p.chat
+        parts = self._reads_parts(chat.template, bool(p.tools))
         try:
             out = self.tokenizer.apply_chat_template(
-                [{"role": m[0], "content": m[1], **_fields(m)} for m in p.messages],
+                [{"role": m[0], "content": _text_parts(m[1]) if parts else m[1], **_fields(m)} for m in p.messages],
                 add_generation_prompt=chat.generation_prompt, continue_final_message=chat.continue_final_message,
                 tokenize=not add_special_tokens, return_dict=not add_special_tokens,
                 **({"tools": list(p.tools)} if p.tools else {}), **chat.template_kwargs,
@@ -187,6 +189,51 @@ class PromptRenderer:
         if add_special_tokens:  # the rendered text, tokenized with the tokenizer's special tokens
             return self.tokenizer(out, add_special_tokens=True)["input_ids"]
         return list(out["input_ids"])
+
+
+    def _reads_parts(self, request_template: str, tools: bool) -> bool:
+        """Whether the chat template in use reads a message's content as OpenAI's list of typed parts
+        (--chat-template-content-format; auto: ``loops_over_content``)."""
+        if self.content_format != "auto":
+            return self.content_format == "openai"
+        template = request_template or self.tokenizer.chat_template
+        if isinstance(template, dict):  # named templates: the one transformers picks
+            template = template.get("tool_use" if tools and "tool_use" in template else "default", "")
+        return loops_over_content(template)
+
+
+def loops_over_content(template: str) -> bool:
+    """Whether a chat template iterates over a message's content (``{% for part in
+    message['content'] %}``, directly, through a filter or through a variable set from it), as the
+    templates of vision-language models do, which take OpenAI's list of typed parts. Given a
+    string, such a loop runs over its characters and the text is lost, with no error (vLLM's
+    "auto" content format detects it the same way). A template that does not parse: no."""
+    from jinja2 import TemplateSyntaxError, nodes
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ast = ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(template)
+    except TemplateSyntaxError:
+        return False
+
+    def content(node) -> bool:
+        while isinstance(node, (nodes.Filter, nodes.Test)) and node.node is not None:
+            node = node.node
+        return (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+                or isinstance(node, nodes.Getattr) and node.attr == "content"
+                or isinstance(node, nodes.Name) and node.name in aliases)
+
+    aliases: set[str] = set()
+    for assign in ast.find_all(nodes.Assign):
+        if isinstance(assign.target, nodes.Name) and content(assign.node):
+            aliases.add(assign.target.name)
+    return any(content(loop.iter) for loop in ast.find_all(nodes.For))
+
+
+def _text_parts(content: str) -> list[dict]:
+    """A message's text as OpenAI's content parts: one text part (none for no text)."""
+    return [{"type": "text", "text": content}] if content else []
 
 
 def _fields(message: tuple) -> dict:

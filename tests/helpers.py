@@ -197,13 +197,8 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                                    else "AXK1ForCausalLM"])
     if family == "nanochat":  # weightless norms (one after the embedding), RoPE the other way, q/k norms after it, relu2, capped logits
         return tf.NanoChatConfig(**common, **llama_like, final_logit_softcapping=3.0, architectures=["NanoChatForCausalLM"])
-    if family == "gemma3_vlm":  # Gemma 3's vision-language checkpoint: a tiny SigLIP tower beside the text model
-        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=28, patch_size=14)
-        return tf.Gemma3Config(text_config=_family_config("gemma3", vocab, eos, pad).to_dict(),
-                               vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=vocab - 3,
-                               boi_token_index=vocab - 2, eoi_token_index=vocab - 1, tie_word_embeddings=False,
-                               architectures=["Gemma3ForConditionalGeneration"])
+    if family in VISION_LANGUAGE_FAMILIES:
+        return _vision_language_config(family, vocab, eos, pad)
     if family in ("granite_swa", "granitemoe_swa"):  # Granite's scalars, sinks, a local then a global layer, RoPE by layer
         swa = dict(**common, **llama_like, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.09,
                    logits_scaling=4.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
@@ -354,14 +349,88 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     raise ValueError(family)
 
 
+# Vision-language checkpoints served for text: family -> the text family of their decoder.
+VISION_LANGUAGE_FAMILIES = {"gemma3_vlm": "gemma3", "mistral3_vlm": "mistral", "llava": "mistral",
+                            "llava_onevision": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
+                            "internvl": "qwen3", "aya_vision": "cohere2", "smolvlm": "mistral",
+                            "llava_next": "qwen2", "idefics3": "mistral"}
+
+
+def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
+    """A vision-language checkpoint with a tiny vision tower beside its text family's test config;
+    its image tokens the vocabulary's last ids."""
+    import transformers as tf
+
+    text = _family_config(VISION_LANGUAGE_FAMILIES[family], vocab, eos, pad).to_dict()
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                 patch_size=14)
+    top = dict(tie_word_embeddings=False, architectures=[VISION_LANGUAGE_ARCHITECTURES[family]])
+    if family == "gemma3_vlm":
+        return tf.Gemma3Config(text_config=text, vision_config=tf.SiglipVisionConfig(**tower).to_dict(),
+                               mm_tokens_per_image=4, image_token_index=vocab - 3, boi_token_index=vocab - 2,
+                               eoi_token_index=vocab - 1, **top)
+    if family == "mistral3_vlm":  # Mistral Small 3.1/3.2: a Pixtral tower (q/k/v/o and gate/up/down of its own)
+        return tf.Mistral3Config(text_config=text, vision_config=dict(model_type="pixtral", head_dim=16, **tower),
+                                 image_token_index=vocab - 1, **top)
+    if family in ("llava", "llava_next", "llava_onevision", "aya_vision", "internvl"):
+        vision = dict(model_type="clip_vision_model", **tower) if family in ("llava", "llava_next") else \
+            {**tower, "image_size": [28, 28], "patch_size": [14, 14]} if family == "internvl" else \
+            dict(model_type="siglip_vision_model", **tower)
+        config = {"llava": tf.LlavaConfig, "llava_next": tf.LlavaNextConfig, "llava_onevision": tf.LlavaOnevisionConfig,
+                  "aya_vision": tf.AyaVisionConfig, "internvl": tf.InternVLConfig}[family]
+        return config(text_config=text, vision_config=vision, image_token_id=vocab - 1, **top)
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # multimodal RoPE: for text, each section at one position
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
+        text = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
+                                            **({"mrope_interleaved": True} if family == "qwen3_vl" else {})}}
+        text.pop("model_type")
+        vision = dict(depth=1, num_heads=2, **({"embed_dim": 32, "hidden_size": text["hidden_size"]}
+                                               if family == "qwen2_vl" else
+                                               {"hidden_size": 32, "out_hidden_size": text["hidden_size"],
+                                                "intermediate_size": 64}))
+        if family == "qwen3_vl":  # its decoder has no sliding window (nor Qwen3's options for one)
+            vision["deepstack_visual_indexes"] = [0]
+            for key in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
+                text.pop(key)
+        config = {"qwen2_vl": tf.Qwen2VLConfig, "qwen2_5_vl": tf.Qwen2_5_VLConfig, "qwen3_vl": tf.Qwen3VLConfig}[family]
+        return config(text_config=text, vision_config=vision, image_token_id=vocab - 1, video_token_id=vocab - 2,
+                      vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4, **top)
+    if family in ("smolvlm", "idefics3"):  # the decoder at model.text_model, a connector for a projector
+        config = tf.SmolVLMConfig if family == "smolvlm" else tf.Idefics3Config
+        return config(text_config=text, vision_config=tower, image_token_id=vocab - 1, scale_factor=2, **top)
+    raise ValueError(family)
+
+
+VISION_LANGUAGE_ARCHITECTURES = {
+    "gemma3_vlm": "Gemma3ForConditionalGeneration", "mistral3_vlm": "Mistral3ForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
+    "aya_vision": "AyaVisionForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}
+
+
+def auto_model(source, **kwargs):
+    """A Hugging Face model from a saved folder (a path) or a config, by the Auto class the server
+    loads it with (a vision-language checkpoint's is image-text-to-text)."""
+    from transformers import AutoConfig
+
+    from loramux.server.model_loader import auto_model_class
+
+    if isinstance(source, (str, Path)):
+        config = AutoConfig.from_pretrained(source)
+        return auto_model_class(config).from_pretrained(source, config=config, **kwargs)
+    return auto_model_class(source).from_config(source, **kwargs)
+
+
 def build_family_model(family: str, out: Path, seed: int = 0) -> Path:
     """A 2-layer random model of ``family``, saved with its tokenizer."""
-    from transformers import AutoModelForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id))
+    model = auto_model(_family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id))
     with torch.no_grad():  # norms' weights and biases off their init (1, 0): a norm or bias in the wrong place shows
         for param in model.parameters():
             if param.dim() == 1:
@@ -374,15 +443,14 @@ def int8_copy(model_dir: Path, out: Path) -> Path:
     """``model_dir`` saved again with every decoder projection that ``--quantization int8`` serves
     as int8 replaced by its dequantized weight q * s (ops/quantize.py; GPT-2's Conv1D [in, out]
     by columns): PEFT over this copy is the oracle of the int8 server."""
-    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     from loramux.server.models import serving_model_class
     from loramux.server.ops.quantize import dequantize_int8, quantize_int8
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = auto_model(model_dir, dtype=torch.float32).eval()
     text = model.config.get_text_config()  # a vision-language model's decoder's
-    targets = serving_model_class(model.config.architectures[0]).lora_targets(text)
+    targets = serving_model_class(model.config.architectures[0], model.config).lora_targets(text)
     with torch.no_grad():
         for template, _, _ in targets.values():
             for i in range(text.num_hidden_layers):
@@ -488,12 +556,12 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "minimax_m2": "mixtral", "solar_open": "mixtral", "phimoe": "mixtral", "phimoe_longrope": "mixtral",
                    "exaone_moe": "mixtral", "flex_olmo": "mixtral", "ernie4_5_moe": "mixtral", "hunyuan_moe": "mixtral",
                    "glm4_moe_lite": "deepseek_v3", "axk1": "deepseek_v3", "deepseek_v2": "deepseek_v3_q",
-                   "minicpm3": "youtu", "granitemoe_swa": "mixtral", "gemma3_vlm": "gemma3", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
+                   "minicpm3": "youtu", "granitemoe_swa": "mixtral", "granite_swa": "granite", "gpt_neox_seq": "gpt_neox",
                    "gpt_bigcode_mha": "gpt_bigcode", "falcon_7b": "falcon", "falcon_seq": "falcon", "opt_350m": "opt",
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
                    "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron",
-                   "phi3_longrope": "phi3", "persimmon": "gpt_neox"}
+                   "phi3_longrope": "phi3", "persimmon": "gpt_neox", **VISION_LANGUAGE_FAMILIES}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 
@@ -516,9 +584,8 @@ def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, row
     tokens' rows (trainable_token_indices) random with ``rows_scale``, about the embedding's scale,
     and fully trained modules (modules_to_save) the base layer plus noise of that scale."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = auto_model(model_dir, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **lora_kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -538,9 +605,8 @@ def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, row
 def tokens_only_adapter(model: Path, path: Path, seed: int, tokens: list[int]) -> Path:
     """PEFT's TrainableTokensConfig alone (peft_type TRAINABLE_TOKENS), its rows random."""
     from peft import TrainableTokensConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+    peft_model = get_peft_model(auto_model(model, dtype=torch.float32),
                                 TrainableTokensConfig(token_indices=list(tokens)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -575,14 +641,14 @@ def added_tokens_adapter(model_dir: Path, out: Path, seed: int, added: tuple[str
     resized embedding layers) with the tokenizer beside it. ``tokenizer_changes``:
     callable(tokenizer) run before it is saved (an EOS or a chat template of its own)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.add_tokens(list(added))
     tok.add_special_tokens({"additional_special_tokens": list(specials)})
     if tokenizer_changes is not None:
         tokenizer_changes(tok)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = auto_model(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
     base.resize_token_embeddings(len(tok), mean_resizing=False)
     peft_model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **lora_kwargs))
@@ -601,10 +667,10 @@ def added_tokens_adapter(model_dir: Path, out: Path, seed: int, added: tuple[str
 def reference_base(model_dir: Path):
     """The oracle's base model: HF's, in float32, eval mode. Gemma 2 runs HF's eager attention, its
     only path that soft-caps the scores: transformers 5.17 still let it take SDPA, which drops the cap."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     capped = getattr(AutoConfig.from_pretrained(model_dir), "attn_logit_softcapping", None) is not None
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+    return auto_model(model_dir, dtype=torch.float32,
                                                 **({"attn_implementation": "eager"} if capped else {})).eval()
 
 

@@ -7,7 +7,7 @@ from .cohere import Cohere2ForServing, CohereForServing
 from .deepseek import DeepseekV2ForServing, DeepseekV3ForServing, DenseMLAForServing, MiniCPM3ForServing
 from .ernie import Ernie4_5ForServing, HeliumForServing
 from .falcon import FalconForServing
-from .gemma import Gemma1ForServing, Gemma3VisionLanguageForServing, GemmaForServing
+from .gemma import Gemma1ForServing, GemmaForServing
 from .glm import Glm4ForServing, GlmForServing
 from .gpt2 import GPT2ForServing
 from .gpt_bigcode import GPTBigCodeForServing
@@ -39,6 +39,7 @@ from .opt import OPTForServing
 from .phi import PhiForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
+from .vision_language import VISION_LANGUAGE, text_architecture, vision_language_class
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
 # Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, nanochat, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4, and MLA's: DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash, A.X K1, Youtu-LLM, MiniCPM3) build on it (their own projections, norms, scales and caps).
@@ -89,7 +90,6 @@ SUPPORTED_ARCHITECTURES = {
     "GemmaForCausalLM": Gemma1ForServing,
     "Gemma2ForCausalLM": GemmaForServing,
     "Gemma3ForCausalLM": GemmaForServing,
-    "Gemma3ForConditionalGeneration": Gemma3VisionLanguageForServing,
     "VaultGemmaForCausalLM": GemmaForServing,
     "GraniteForCausalLM": GraniteForServing,
     "GraniteSWAForCausalLM": GraniteSWAForServing,
@@ -120,16 +120,30 @@ class UnsupportedModel(ValueError):
     pass
 
 
-def serving_model_class(architecture: str):
+def serving_model_class(architecture: str, config=None):
+    """The serving model of a Hugging Face architecture; a vision-language one's (VISION_LANGUAGE)
+    from its ``config``, by its decoder's family."""
+    if architecture in VISION_LANGUAGE:
+        text = None if config is None else text_architecture(architecture, config)
+        text_class = SUPPORTED_ARCHITECTURES.get(text)
+        if text_class is None or not issubclass(text_class, LlamaForServing):
+            model_type = None if config is None else config.get_text_config().model_type
+            raise UnsupportedModel(f"{architecture}'s decoder ({model_type!r}, {text!r}) is not a family served "
+                                   f"here; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+        return vision_language_class(architecture, text_class)
     try:
         return SUPPORTED_ARCHITECTURES[architecture]
     except KeyError:
         raise UnsupportedModel(
-            f"architecture {architecture!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            f"architecture {architecture!r} is not supported; supported: "
+            f"{sorted(SUPPORTED_ARCHITECTURES)}, and for text the vision-language {sorted(VISION_LANGUAGE)}"
         ) from None
+
+
+def architecture_of(hf_config) -> str:
+    return hf_config.architectures[0] if hf_config.architectures else ""
 
 
 def lora_layout(hf_config):
     """The LoRA layout of a model from its Hugging Face config (no weights loaded)."""
-    architecture = hf_config.architectures[0] if hf_config.architectures else ""
-    return serving_model_class(architecture).layout_from_config(hf_config)
+    return serving_model_class(architecture_of(hf_config), hf_config).layout_from_config(hf_config)

@@ -50,7 +50,7 @@ class CohereForServing(LlamaForServing):
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
-        self.logit_multiplier = hf_model.config.logit_scale
+        self.logit_multiplier = self.config.logit_scale
 
 
 class Cohere2Layer(CohereLayer):

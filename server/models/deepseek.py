@@ -121,7 +121,7 @@ class DeepseekV3ForServing(MoEForServing):
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
-        config = hf_model.config
+        config = self.config
         self.kv_spec = (config.num_hidden_layers, config.num_attention_heads, mla_dims(config)[3])
 
     @staticmethod
@@ -166,7 +166,7 @@ class MiniCPM3ForServing(DenseMLAForServing):
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
-        self.logit_divisor = hf_model.config.logits_scaling  # Hugging Face divides the hidden states before lm_head
+        self.logit_divisor = self.config.logits_scaling  # Hugging Face divides the hidden states before lm_head
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         return self.embed_with_lora(batch) * self.embed_tokens.embed_scale.to(self.embed_tokens.weight.dtype)

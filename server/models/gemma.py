@@ -62,23 +62,3 @@ class GemmaForServing(Gemma1ForServing):
             raise StartupError("use_bidirectional_attention is not served: generation needs causal attention")
         super().__init__(hf_model, max_model_len, int8)
         self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
-
-
-class Gemma3VisionLanguageForServing(GemmaForServing):
-    """The text decoder of a Gemma 3 vision-language checkpoint (``Gemma3ForConditionalGeneration``:
-    Gemma 3 4B, 12B, 27B): text requests run it alone. Its modules are named as PEFT names them on the
-    whole model (``model.language_model.``), and an adapter's LoRA on the vision tower or the
-    projector, which a text request never reaches, is skipped (LoRALayout.ignored)."""
-
-    INNER = "model.language_model"
-    EMBEDDING = ("model.language_model.embed_tokens", "embed_tokens")
-    IGNORED = ("model.vision_tower.", "model.multi_modal_projector.")
-
-    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
-        super().__init__(hf_model, max_model_len, int8)
-        self.ignored_modules = tuple(name for name, _ in hf_model.named_modules() if name.startswith(self.IGNORED))
-
-    @staticmethod
-    def lora_targets(config):
-        return {kind: (template.replace("model.", "model.language_model.", 1), fin, fout)
-                for kind, (template, fin, fout) in GemmaForServing.lora_targets(config).items()}

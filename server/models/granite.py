@@ -45,7 +45,7 @@ class GraniteForServing(LlamaForServing):
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
-        self.logit_divisor = hf_model.config.logits_scaling
+        self.logit_divisor = self.config.logits_scaling
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         return self.embed_with_lora(batch) * self.config.embedding_multiplier
@@ -66,7 +66,7 @@ class HyperCLOVAXForServing(GraniteForServing):
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
-        self.logit_divisor, self.logit_multiplier = None, hf_model.config.logits_scaling
+        self.logit_divisor, self.logit_multiplier = None, self.config.logits_scaling
 
 
 class LayerThetaRoPE:

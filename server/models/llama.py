@@ -51,7 +51,8 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "MiniMaxM2RMSNorm", "FlexOlmoRMSNorm", "Ernie4_5_MoeRMSNorm", "HunYuanMoEV1RMSNorm",
                              "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm", "DeepseekV3RMSNorm",
                              "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm",
-                             "DeepseekV2RMSNorm", "MiniCPM3RMSNorm"})
+                             "DeepseekV2RMSNorm", "MiniCPM3RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm",
+                             "Qwen3VLTextRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 
@@ -272,7 +273,7 @@ class LlamaForServing(ServingModel):
     EMBEDDING = ("model.embed_tokens", "embed_tokens")
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS)
     LAYER = LlamaLayer  # a family's own decoder layer (Granite, OLMo 2, Phi, StableLM, GPT-NeoX)
-    INNER = "model"  # the Hugging Face model's decoder (GPT-NeoX's: gpt_neox; Gemma 3's VLM: model.language_model)
+    INNER = "model"  # the Hugging Face model's decoder (GPT-NeoX's: gpt_neox; a vision-language checkpoint's: vision_language.py)
     LAYERS = "layers"  # the decoder's layers (Falcon's: h)
     FINAL_NORM = "norm"  # the inner model's norm before lm_head (Phi's: final_layernorm)
     SIGNED_SIN = True  # the sin table as _rope's roll takes it (signed_sin); Cohere's interleaved RoPE: as HF's

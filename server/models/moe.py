@@ -60,7 +60,7 @@ class OlmoeForServing(MoEForServing):
     LAYER = OlmoeLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
-        if getattr(hf_model.config, "clip_qkv", None) is not None:
+        if getattr(hf_model.config.get_text_config(), "clip_qkv", None) is not None:
             raise StartupError("OLMoE's clip_qkv is not served")
         super().__init__(hf_model, max_model_len, int8)
 

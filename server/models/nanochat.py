@@ -27,7 +27,7 @@ class NanoChatForServing(UngatedForServing):
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
-        self.logit_softcap = hf_model.config.final_logit_softcapping
+        self.logit_softcap = self.config.final_logit_softcapping
 
     def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = super().rope_table(inner, max_model_len, kind)

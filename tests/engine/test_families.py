@@ -14,6 +14,7 @@ from loramux.server.requests import SamplingParams
 from helpers import (
     CONFIG_VARIANTS,
     FAMILY_ADAPTERS,
+    VISION_LANGUAGE_FAMILIES,
     build_adapter,
     build_family_model,
     peft_generate,
@@ -41,7 +42,8 @@ def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
     model = build_family_model(family, tmp_path / "model")
     adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
                 for i, (name, kw) in enumerate(family_adapters(family).items())}
-    graphs = not caching and serving_model_class(AutoConfig.from_pretrained(model).architectures[0]).CUDA_GRAPHS
+    hf_config = AutoConfig.from_pretrained(model)
+    graphs = not caching and serving_model_class(hf_config.architectures[0], hf_config).CUDA_GRAPHS
     # the static path through the ops a GPU without Triton runs (the C++ kernel's are the CPU's alone)
     ops = "torch" if graphs and not torch.cuda.is_available() else "auto"
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_tokens_per_step=20, max_model_len=80,
@@ -103,6 +105,16 @@ def test_unsupported_architecture_lists_the_supported_ones():
         serving_model_class("MambaForCausalLM")
 
 
+def test_a_vision_language_checkpoint_with_a_decoder_not_served_is_refused_naming_it():
+    import transformers as tf
+
+    config = tf.LlavaConfig(text_config={"model_type": "mamba", "vocab_size": 64, "hidden_size": 32,
+                                         "num_hidden_layers": 1})
+    with pytest.raises(UnsupportedModel, match=r"LlavaForConditionalGeneration's decoder \('mamba', "
+                                               r"'MambaForCausalLM'\) is not a family served here"):
+        serving_model_class("LlavaForConditionalGeneration", config)
+
+
 @pytest.mark.parametrize("family, option, value, refusal", [
     ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention is not served"),
     ("olmoe", "clip_qkv", 8.0, "OLMoE's clip_qkv is not served"),
@@ -162,23 +174,27 @@ def test_dynamic_ntk_rope_matches_peft_within_the_original_context(tmp_path):
     assert len(outs[4]) == 8  # past the context: served, by the long frequencies
 
 
-def test_a_vision_language_checkpoint_serves_its_text_model_with_adapters_trained_on_the_whole(tmp_path):
-    """Gemma 3's vision-language checkpoint (4B and up): text requests run its decoder alone. An
-    adapter trained on the whole model with ``all-linear`` holds LoRA on the vision tower too, and
-    names targets (SigLIP's fc1, out_proj) that only the tower has: those are skipped, which leaves
-    every text output PEFT's."""
+@pytest.mark.parametrize("family", sorted(VISION_LANGUAGE_FAMILIES))
+def test_a_vision_language_checkpoint_serves_its_text_model_with_adapters_trained_on_the_whole(family, tmp_path):
+    """A vision-language checkpoint (Gemma 3 4B and up, Mistral Small 3.1, Qwen2.5-VL, SmolVLM...):
+    text requests run its decoder alone. An adapter trained on the whole model with ``all-linear``
+    holds LoRA on the vision tower and projector too, and names targets that only they have
+    (SigLIP's fc1, out_proj; Qwen-VL's qkv, proj): those are skipped, which leaves every text output
+    PEFT's."""
     from safetensors import safe_open
 
-    model = build_family_model("gemma3_vlm", tmp_path / "model")
+    model = build_family_model(family, tmp_path / "model")
     adapter = build_adapter(model, tmp_path / "all", seed=1, r=4, lora_alpha=8, target_modules="all-linear")
+    hf_config = AutoConfig.from_pretrained(model)
+    served = serving_model_class(hf_config.architectures[0], hf_config)
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
-        keys = list(f.keys())
-    assert any(".vision_tower." in k for k in keys) and any(".language_model." in k for k in keys)
+        keys = [k.removeprefix("base_model.model.") for k in f.keys()]
+    assert any(k.startswith(served.IGNORED) for k in keys) and any(k.startswith(served.INNER + ".") for k in keys)
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_model_len=80, default_max_new_tokens=8,
                                       adapters=(("all", str(adapter)),), dtype="float32",
                                       base_linear=pinned_base_linear()))
     rng = __import__("random").Random(3)
-    requests = [(name, [rng.randrange(3, built.engine.vocab_size - 3) for _ in range(n)])
+    requests = [(name, [rng.randrange(3, built.engine.vocab_size - 4) for _ in range(n)])
                 for name, n in ((None, 5), ("all", 7), ("all", 12), (None, 9))]
     built.engine.start()
     try:

@@ -301,3 +301,26 @@ def test_training_with_added_tokens_serves_them_like_peft(tied, data_file, tmp_p
     prompt = tok.encode("call fox: <tool>zebra")
     expected = peft_generate(model, out, [prompt], 10, eos_token_id=None)[0]
     assert served_tokens(built.engine, "tools", prompt, 10) == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "mistral3_vlm"])
+def test_merge_into_a_vision_language_checkpoint(family, tmp_path, capsys):
+    """An adapter on the decoder merges into the whole checkpoint as PEFT merges it; one with LoRA
+    on the vision tower too (``all-linear``), which the server skips, is refused rather than
+    merged without it, and the CLI says so."""
+    from peft import PeftModel
+
+    from helpers import auto_model
+
+    model_dir = build_family_model(family, tmp_path / "m")
+    decoder = build_adapter(model_dir, tmp_path / "decoder", seed=1, r=4, lora_alpha=8,
+                            target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    ours = auto_model(merge(model_dir, decoder, tmp_path / "merged"), dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(auto_model(model_dir, dtype=torch.float32), decoder).merge_and_unload().eval()
+    x = prompt_ids()
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
+    whole = build_adapter(model_dir, tmp_path / "whole", seed=2, r=4, lora_alpha=8, target_modules="all-linear")
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(whole), "--out", str(tmp_path / "no")]) == 2
+    assert "merge it with PEFT's merge_and_unload" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

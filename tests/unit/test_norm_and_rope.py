@@ -28,7 +28,8 @@ MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "q
            "FlexOlmo": "flex_olmo", "Ernie4_5_Moe": "ernie4_5_moe", "HunYuanMoEV1": "hunyuan_v1_moe",
            "Llama4Text": "llama4", "SolarOpen": "solar_open", "ExaoneMoe": "exaone_moe",
            "DeepseekV3": "deepseek_v3", "Glm4MoeLite": "glm4_moe_lite", "AXK1": "axk1", "Youtu": "youtu",
-           "DeepseekV2": "deepseek_v2", "MiniCPM3": "minicpm3"}
+           "DeepseekV2": "deepseek_v2", "MiniCPM3": "minicpm3", "Qwen2VL": "qwen2_vl", "Qwen2_5_VL": "qwen2_5_vl",
+           "Qwen3VLText": "qwen3_vl"}
 
 
 def _norm_class(name: str):

@@ -228,3 +228,71 @@ def test_add_special_tokens_comes_from_both_apis_bodies(tmp_path):
             assert starts_with_bos(prompt_from_pb(message(prompt="hello", **extra))) is text_bos
             assert starts_with_bos(prompt_from_pb(message(messages=[pb.ChatMessage(role="user", content="hi")],
                                                           **extra))) is chat_bos
+
+
+# Vision-language models' templates, as their checkpoints ship them (text parts only shown here).
+LLAVA_TEMPLATE = (  # llava-1.5-hf's: a filter over the parts
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+SMOLVLM_TEMPLATE = (  # SmolVLM's: a loop over the parts
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+QWEN2_VL_TEMPLATE = (  # Qwen2-VL's: a string, or a loop over the parts (through a variable here)
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% set parts = message['content'] %}{% for content in parts %}"
+    "{% if 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+STRING_TEMPLATES = (  # text models': the content as a string, at most split
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+    "{% set system = messages[0]['content'] | trim %}{% for m in messages %}{% for piece in m.content.split('x') %}"
+    "{{ piece }}{% endfor %}{% endfor %}{{ system }}",
+    "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",  # not parsed here
+)
+
+
+def test_templates_that_loop_over_a_messages_content_are_told_from_those_that_read_a_string():
+    from loramux.server.prompts import loops_over_content
+
+    for template in (LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, QWEN2_VL_TEMPLATE):
+        assert loops_over_content(template), template
+    for template in STRING_TEMPLATES:
+        assert not loops_over_content(template), template
+
+
+@pytest.mark.parametrize("template", [LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, QWEN2_VL_TEMPLATE, STRING_TEMPLATES[0]])
+def test_a_vision_language_template_gets_the_messages_text_as_content_parts(tiny_llama, template):
+    """A template that loops over a message's content takes OpenAI's list of typed parts; given the
+    string, its loop would run over the characters and drop the text without an error. The flag
+    forces either form."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.prompts import PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = template
+    prompt = Prompt(messages=(("system", "be brief"), ("user", "the quick brown fox")))
+
+    def rendered(fmt):
+        renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), chat_template_content_format=fmt))
+        return tokenizer.decode(renderer.render(prompt))
+
+    for fmt in ("auto", "openai" if template != STRING_TEMPLATES[0] else "string"):
+        assert "be brief" in rendered(fmt) and "the quick brown fox" in rendered(fmt), (fmt, rendered(fmt))
+    if template in (LLAVA_TEMPLATE, SMOLVLM_TEMPLATE):  # as a string: the text is lost
+        assert "the quick brown fox" not in rendered("string")
+    if template == STRING_TEMPLATES[0]:  # a string template given parts shows their repr
+        assert "'type': 'text'" in rendered("openai")
+
+
+def test_a_request_template_is_read_for_its_own_content_format(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from loramux.server.prompts import ChatOptions, PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), trust_request_chat_template=True))
+    prompt = Prompt(messages=(("user", "the quick brown fox"),), chat=ChatOptions(template=SMOLVLM_TEMPLATE))
+    assert "the quick brown fox" in tokenizer.decode(renderer.render(prompt))
