@@ -353,7 +353,7 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
 VISION_LANGUAGE_FAMILIES = {"gemma3_vlm": "gemma3", "mistral3_vlm": "mistral", "llava": "mistral",
                             "llava_onevision": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
                             "internvl": "qwen3", "aya_vision": "cohere2", "smolvlm": "mistral",
-                            "llava_next": "qwen2", "idefics3": "mistral"}
+                            "llava_next": "qwen2", "idefics3": "mistral", "qwen3_vl_moe": "qwen3_moe"}
 
 
 def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
@@ -379,21 +379,24 @@ def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
         config = {"llava": tf.LlavaConfig, "llava_next": tf.LlavaNextConfig, "llava_onevision": tf.LlavaOnevisionConfig,
                   "aya_vision": tf.AyaVisionConfig, "internvl": tf.InternVLConfig}[family]
         return config(text_config=text, vision_config=vision, image_token_id=vocab - 1, **top)
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # multimodal RoPE: for text, each section at one position
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # multimodal RoPE: for text, each section at one position
         head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
         section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
         text = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
-                                            **({"mrope_interleaved": True} if family == "qwen3_vl" else {})}}
+                                            **({"mrope_interleaved": True} if family != "qwen2_vl" else {})}}
         text.pop("model_type")
         vision = dict(depth=1, num_heads=2, **({"embed_dim": 32, "hidden_size": text["hidden_size"]}
                                                if family == "qwen2_vl" else
                                                {"hidden_size": 32, "out_hidden_size": text["hidden_size"],
                                                 "intermediate_size": 64}))
-        if family == "qwen3_vl":  # its decoder has no sliding window (nor Qwen3's options for one)
+        if family.startswith("qwen3_vl"):  # its decoder has no sliding window (nor Qwen3's options for one)
             vision["deepstack_visual_indexes"] = [0]
             for key in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
-                text.pop(key)
-        config = {"qwen2_vl": tf.Qwen2VLConfig, "qwen2_5_vl": tf.Qwen2_5_VLConfig, "qwen3_vl": tf.Qwen3VLConfig}[family]
+                text.pop(key, None)
+            if family == "qwen3_vl_moe":  # every layer's MLP sparse, as Qwen3-VL-30B-A3B's
+                text["mlp_only_layers"] = []
+        config = {"qwen2_vl": tf.Qwen2VLConfig, "qwen2_5_vl": tf.Qwen2_5_VLConfig, "qwen3_vl": tf.Qwen3VLConfig,
+                  "qwen3_vl_moe": tf.Qwen3VLMoeConfig}[family]
         return config(text_config=text, vision_config=vision, image_token_id=vocab - 1, video_token_id=vocab - 2,
                       vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4, **top)
     if family in ("smolvlm", "idefics3"):  # the decoder at model.text_model, a connector for a projector
@@ -408,7 +411,8 @@ VISION_LANGUAGE_ARCHITECTURES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
     "aya_vision": "AyaVisionForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}
+    "llava_next": "LlavaNextForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
 
 def auto_model(source, **kwargs):

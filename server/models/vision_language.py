@@ -40,6 +40,7 @@ VISION_LANGUAGE = {
     "Qwen2VLForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen2ForCausalLM"),
     "Qwen2_5_VLForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen2ForCausalLM"),
     "Qwen3VLForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3ForCausalLM"),
+    "Qwen3VLMoeForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3MoeForCausalLM"),
     "Idefics3ForConditionalGeneration": ("model.text_model", _IDEFICS, None),
     "SmolVLMForConditionalGeneration": ("model.text_model", _IDEFICS, None),
 }
