@@ -232,8 +232,9 @@ def loops_over_content(template: str) -> bool:
 
 
 def _text_parts(content: str) -> list[dict]:
-    """A message's text as OpenAI's content parts: one text part (none for no text)."""
-    return [{"type": "text", "text": content}] if content else []
+    """A message's text as OpenAI's content parts: one text part, empty or not (transformers'
+    continue_final_message reads the last part's text)."""
+    return [{"type": "text", "text": content}]
 
 
 def _fields(message: tuple) -> dict:

@@ -296,3 +296,19 @@ def test_a_request_template_is_read_for_its_own_content_format(tiny_llama):
     renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), trust_request_chat_template=True))
     prompt = Prompt(messages=(("user", "the quick brown fox"),), chat=ChatOptions(template=SMOLVLM_TEMPLATE))
     assert "the quick brown fox" in tokenizer.decode(renderer.render(prompt))
+
+
+def test_a_reply_to_continue_is_left_open_in_a_template_that_reads_parts(tiny_llama):
+    """continue_final_message with content parts: the last message's text stays open, empty or not."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.prompts import ChatOptions, PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = SMOLVLM_TEMPLATE
+    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
+    for reply in ("The answer is", ""):
+        prompt = Prompt(messages=(("user", "the quick brown fox"), ("assistant", reply)),
+                        chat=ChatOptions(continue_final_message=True))
+        text = tokenizer.decode(renderer.render(prompt))
+        assert text.endswith("Assistant: " + reply), text
