@@ -353,7 +353,8 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
 VISION_LANGUAGE_FAMILIES = {"gemma3_vlm": "gemma3", "mistral3_vlm": "mistral", "llava": "mistral",
                             "llava_onevision": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
                             "internvl": "qwen3", "aya_vision": "cohere2", "smolvlm": "mistral",
-                            "llava_next": "qwen2", "idefics3": "mistral", "qwen3_vl_moe": "qwen3_moe"}
+                            "llava_next": "qwen2", "idefics3": "mistral", "qwen3_vl_moe": "qwen3_moe",
+                            "ministral3_vlm": "ministral3"}
 
 
 def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
@@ -369,7 +370,7 @@ def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
         return tf.Gemma3Config(text_config=text, vision_config=tf.SiglipVisionConfig(**tower).to_dict(),
                                mm_tokens_per_image=4, image_token_index=vocab - 3, boi_token_index=vocab - 2,
                                eoi_token_index=vocab - 1, **top)
-    if family == "mistral3_vlm":  # Mistral Small 3.1/3.2: a Pixtral tower (q/k/v/o and gate/up/down of its own)
+    if family in ("mistral3_vlm", "ministral3_vlm"):  # Mistral Small 3.1/3.2, Ministral 3: a Pixtral tower (q/k/v/o and gate/up/down of its own)
         return tf.Mistral3Config(text_config=text, vision_config=dict(model_type="pixtral", head_dim=16, **tower),
                                  image_token_index=vocab - 1, **top)
     if family in ("llava", "llava_next", "llava_onevision", "aya_vision", "internvl"):
@@ -412,7 +413,7 @@ VISION_LANGUAGE_ARCHITECTURES = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
     "aya_vision": "AyaVisionForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "ministral3_vlm": "Mistral3ForConditionalGeneration"}
 
 
 def auto_model(source, **kwargs):

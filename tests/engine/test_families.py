@@ -29,7 +29,9 @@ FAMILIES = sorted(FAMILY_ADAPTERS) + sorted(CONFIG_VARIANTS)
 
 
 def family_adapters(family: str) -> dict:
-    return FAMILY_ADAPTERS[CONFIG_VARIANTS.get(family, family)]
+    while family in CONFIG_VARIANTS:  # a vision-language checkpoint's decoder may be a variant itself
+        family = CONFIG_VARIANTS[family]
+    return FAMILY_ADAPTERS[family]
 
 
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching-graphs"])
