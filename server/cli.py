@@ -97,13 +97,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "tool_choice \"auto\" (the default with tools): hermes = <tool_call>{JSON}</tool_call> "
                         "(Hermes, Qwen2.5); llama3_json = JSON objects as the whole answer (Llama 3.1/3.2); "
                         "pythonic = [f(x=1), ...] (Llama 3.2/4); mistral = [TOOL_CALLS] then a JSON list (v7) or "
-                        "name[ARGS]{JSON} (v11 on)")
+                        "name[ARGS]{JSON} (v11 on); openai = gpt-oss's harmony calls (with --reasoning-parser "
+                        "openai_gptoss)")
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="a reasoning model's format (vLLM's name): chat and Responses replies carry its "
                         "<think>...</think> apart from the answer (message.reasoning_content, a reasoning item), "
                         "tool calls are read from the answer, and structured outputs constrain the answer only. "
                         "deepseek_r1: the output thinks first unless the prompt closed the block; qwen3: it thinks "
-                        "when it starts with <think> (or the prompt opened the block)")
+                        "when it starts with <think> (or the prompt opened the block); openai_gptoss: gpt-oss's "
+                        "harmony messages, the analysis channel the thinking and the final channel the answer")
     p.add_argument("--structured-output-in-reasoning", action="store_true",
                    help="with --reasoning-parser: structured outputs constrain the thinking too (vLLM's "
                         "enable_in_reasoning)")

@@ -14,8 +14,8 @@ SCHEDULING = ("fair", "fifo", "priority")
 BASE_LINEARS = ("auto", "kernel", "torch")
 CUDA_GRAPHS = ("auto", "on", "off")  # decode steps replayed from CUDA graphs (decode_graphs.py)
 QUANTIZATIONS = ("none", "int8")  # the decoder projections' weights (ops/quantize.py)
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral")  # tool_parsers.PARSERS' names, kept import-free here
-REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS' names
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral", "openai")  # tool_parsers.PARSERS' names, kept import-free here
+REASONING_PARSERS = ("deepseek_r1", "qwen3", "openai_gptoss")  # reasoning.PARSERS' names
 CONTENT_FORMATS = ("auto", "string", "openai")  # a chat message's content as the template reads it (prompts.py)
 MAX_SPECULATIVE_TOKENS = 16  # drafts a row verifies in one step; more is rarely kept, and costs the batch
 
@@ -193,6 +193,9 @@ class ServerConfig:
             raise ValueError(f"tool-call-parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning-parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
+        if self.tool_call_parser == "openai" and self.reasoning_parser != "openai_gptoss":
+            raise ValueError("tool-call-parser openai reads gpt-oss's harmony calls, which needs "
+                             "--reasoning-parser openai_gptoss")
         if self.structured_output_in_reasoning and self.reasoning_parser is None:
             raise ValueError("structured-output-in-reasoning needs --reasoning-parser")
         if self.chat_template_content_format not in CONTENT_FORMATS:

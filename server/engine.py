@@ -39,7 +39,6 @@ from .errors import (
     status_name,
 )
 from .output_processor import Finished, OutputProcessor
-from .reasoning import ReasoningGate
 from .requests import (
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
@@ -395,7 +394,7 @@ class Engine:
             return None
         gate = None
         if vocab.reasoning is not None and not self.config.structured_output_in_reasoning:
-            gate = ReasoningGate(vocab.reasoning, vocab.reasoning.opening(req.prompt_token_ids))
+            gate = vocab.reasoning.gate(vocab.reasoning.opening(req.prompt_token_ids))
         return vocab.grammars.matcher(req.sampling.structured_output, gate)
 
     def _banned(self, seq: Sequence) -> list[int] | None:

@@ -49,7 +49,7 @@ from .openai_structured import (
     response_format_output,
 )
 from .prompts import ChatOptions, Prompt
-from .reasoning import ReasoningSplit
+from .reasoning import HarmonySplit, ReasoningSplit, reasoning_split
 from .requests import (
     MAX_LOGPROBS,
     FinishReason,
@@ -727,19 +727,19 @@ def add_prompt_logprobs(response: dict, choices: list[list[TokenEvent]], prompt_
     return response
 
 
-def split_reasoning(events: list[TokenEvent], opening: str | None) -> ReasoningSplit | None:
+def split_reasoning(events: list[TokenEvent], opening: str | None) -> ReasoningSplit | HarmonySplit | None:
     """The choice's text split into its thinking and answer (``opening``: where its output starts,
     with a reasoning parser; None: no split), fed token by token as a stream is."""
     if opening is None:
         return None
-    split = ReasoningSplit(opening)
+    split = reasoning_split(opening)
     for i, e in enumerate(events):
         split.feed(e.text, final=i == len(events) - 1)
     return split
 
 
 def chat_message(events: list[TokenEvent], tools: ToolCalls | ToolCallParser | None,
-                 split: ReasoningSplit | None = None) -> tuple[dict, str]:
+                 split: ReasoningSplit | HarmonySplit | None = None) -> tuple[dict, str]:
     """A chat choice's message (its text, and the tool calls it made, forced or parsed; with
     ``split``, the events' split_reasoning, its thinking apart, the calls read from its answer) and
     finish reason. A call cut short (max_tokens, a stop string) comes back as text, finish_reason
@@ -804,7 +804,7 @@ class ChunkMaker:
         self.tools, self.held, self.texts, self.sent = tools, [[] for _ in range(choices)], [""] * choices, [0] * choices
         # chat with a reasoning parser (``opening``: where the outputs start): each choice's thinking
         # streams in the deltas' reasoning fields, its answer as content (and its calls, read from it)
-        self.splits = None if opening is None else [ReasoningSplit(opening) for _ in range(choices)]
+        self.splits = None if opening is None else [reasoning_split(opening) for _ in range(choices)]
         self.show_reasoning = show_reasoning  # false: the thinking is split off and not sent
 
     def _chunk(self, choices: list, usage_: dict | None = None, stop_reason: str | int | None = None) -> dict:

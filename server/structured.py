@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .errors import RequestFailed, RequestInvalid, Unsupported, clip
-from .reasoning import ReasoningGate
+from .reasoning import HarmonyGate, ReasoningGate
 from .requests import MAX_STRUCTURED_OUTPUT_CHARS, OutputKind, StructuredOutput
 from .sampling import with_banned
 
@@ -61,8 +61,9 @@ class Grammar:
     """One request's matcher: where its text stands in the grammar. With a reasoning ``gate``,
     the grammar constrains the answer only: the thinking before it is free."""
 
-    def __init__(self, matcher, gate: ReasoningGate | None = None):
+    def __init__(self, matcher, gate: ReasoningGate | HarmonyGate | None = None):
         self.matcher, self.gate = matcher, gate
+        self.spelled: int | None = None  # a special token its text spells next, which it refuses (Grammars._bitmasks)
 
     @property
     def constrains(self) -> bool:
@@ -166,7 +167,7 @@ class Grammars:
                 self._compiled.popitem(last=False)
         return matcher
 
-    def matcher(self, output: StructuredOutput, gate: ReasoningGate | None = None) -> Grammar:
+    def matcher(self, output: StructuredOutput, gate: ReasoningGate | HarmonyGate | None = None) -> Grammar:
         """A fresh matcher for one request (a copy of the prepared one)."""
         return Grammar(self.prepare(output).deep_copy(), gate)
 
@@ -182,6 +183,8 @@ class Grammars:
 
         bitmask = torch.zeros((len(grammars), (self._n_vocab + 31) // 32), dtype=torch.int32)
         fill_next_token_bitmask_par(self._executor, [(g.matcher, j) for j, g in enumerate(grammars)], bitmask)
+        for g in grammars:
+            g.spelled = None
         if self._special is not None:
             # llguidance's masks allow an added token where the grammar's text may spell it
             # (Qwen's <think>, <tool_call>), and its matcher then refuses the token, matched by id
@@ -192,6 +195,7 @@ class Grammars:
                 if not grammars[j].matcher.validate_tokens([token]):
                     word, bit = divmod(token, 32)
                     bitmask[j, word] &= ~int32_bit(bit)
+                    grammars[j].spelled = token
         for j, g in enumerate(grammars):
             if g.gate is not None and g.gate.undecided:  # the model may open its thinking instead
                 word, bit = divmod(g.gate.start_id, 32)
@@ -225,7 +229,11 @@ class Grammars:
         for j, i in enumerate(rows):
             matcher = grammars[i].matcher
             if matcher.is_error() or not alive[j]:
-                failed[i] = failure(matcher, "the structured output allows no next token")
+                spelled = grammars[i].spelled
+                failed[i] = failure(matcher, "the structured output allows no next token") \
+                    if matcher.is_error() or spelled is None else RequestInvalid(
+                    f"the structured output's text spells the added token {self._hf.convert_ids_to_tokens(spelled)!r} "
+                    f"(id {spelled}), which it matches by id only: write it <[{spelled}]> in a grammar")
                 continue
             try:  # one row's fault fails that row alone, never the step
                 out[i], banned[i] = with_banned(bias[j], banned[i]), None

@@ -16,6 +16,11 @@ text. Text that does not parse as calls stays content, as the model wrote it.
   ``[CALL_ID]id`` before ``[ARGS]`` where the model writes one. Its ids are 9 letters and digits,
   which Mistral's chat templates demand of the ``tool_call_id`` sent back.
 
+- ``openai``: gpt-oss's calls, each a harmony message on the commentary channel to
+  ``functions.NAME`` whose text is the arguments' JSON, as the harmony split of
+  ``--reasoning-parser openai_gptoss`` leaves them in the answer (reasoning.py HarmonySplit); the
+  answer's text before the first call is the content. It needs that parser.
+
 The special tokens some templates put around calls (``<|python_tag|>``) are not in the text:
 the detokenizer skips special tokens. Mistral's marker is one, so a request this parser serves
 keeps special tokens' text (``skip_special_tokens`` false, as vLLM sets it).
@@ -61,6 +66,21 @@ class MarkedCalls(ToolCallParser):
 
     OPEN = ""
 
+    def split(self, text: str) -> tuple[str | None, list[dict] | None]:
+        start = text.find(self.OPEN)
+        if start < 0:
+            return text, None
+        try:
+            calls = self.calls(text, start)
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
+            calls = None
+        return (text, None) if calls is None else (text[:start] or None, calls)
+
+    def calls(self, text: str, start: int) -> list[dict] | None:
+        """The calls from the first marker (at ``start``) on, or None (or ValueError) when they do
+        not parse."""
+        raise NotImplementedError
+
     def streamable(self, text: str) -> int:
         """Up to the first call, less any tail that could be the start of one."""
         start = text.find(self.OPEN)
@@ -71,20 +91,9 @@ class HermesToolCalls(MarkedCalls):
     OPEN = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
-    def split(self, text: str) -> tuple[str | None, list[dict] | None]:
-        start = text.find(self.OPEN)
-        if start < 0:
-            return text, None
-        calls = []
-        for block in self._BLOCK.findall(text, start):
-            try:
-                call = _json_call(json.loads(block))
-            except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
-                return text, None
-            if call is None:
-                return text, None
-            calls.append(call)
-        return text[:start] or None, calls
+    def calls(self, text: str, start: int) -> list[dict] | None:
+        calls = [_json_call(json.loads(block)) for block in self._BLOCK.findall(text, start)]
+        return None if None in calls else calls
 
 
 class MistralToolCalls(MarkedCalls):
@@ -94,37 +103,46 @@ class MistralToolCalls(MarkedCalls):
     # v11 on: a name, [CALL_ID] and a 9-character id where the model writes one, then [ARGS]
     _NAMED = re.compile(r"\s*([A-Za-z_][\w.\-]*)(?:\[CALL_ID\]([A-Za-z0-9]{9}))?(?:\[ARGS\])?")
 
-    def split(self, text: str) -> tuple[str | None, list[dict] | None]:
-        start = text.find(self.OPEN)
-        if start < 0:
-            return text, None
+    def calls(self, text: str, start: int) -> list[dict] | None:
         calls = []
         for part in text[start + len(self.OPEN):].split(self.OPEN):
             got = self._calls(part)
             if not got:
-                return text, None
+                return None
             calls += got
-        return text[:start] or None, calls
+        return calls
 
     def _calls(self, part: str) -> list[dict] | None:
         """The calls after one marker, or None when they do not parse."""
-        try:
-            if part.lstrip().startswith(("[", "{")):  # up to v7: a JSON list of calls (or one call)
-                value = json.loads(part)
-                calls = [_json_call(v, call_id=self.new_id()) for v in (value if isinstance(value, list) else [value])]
-                return None if None in calls else calls
-            named = self._NAMED.match(part)
-            if named is None:
-                return None
-            arguments = json.loads(part[named.end():])
-        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
+        if part.lstrip().startswith(("[", "{")):  # up to v7: a JSON list of calls (or one call)
+            value = json.loads(part)
+            calls = [_json_call(v, call_id=self.new_id()) for v in (value if isinstance(value, list) else [value])]
+            return None if None in calls else calls
+        named = self._NAMED.match(part)
+        if named is None:
             return None
+        arguments = json.loads(part[named.end():])
         if not isinstance(arguments, dict):
             return None
         return [tool_call(named.group(1), json.dumps(arguments), named.group(2) or self.new_id())]
 
     def new_id(self) -> str:
         return "".join(secrets.choice(self._ID_CHARS) for _ in range(9))
+
+
+class HarmonyToolCalls(MarkedCalls):
+    OPEN = "<|channel|>commentary to=functions."
+    needs_special_tokens = True
+    _CALL = re.compile(r"<\|channel\|>commentary to=functions\.([^\s<]+)<\|message\|>(.*?)(?:<\|call\|>|$)", re.S)
+
+    def calls(self, text: str, start: int) -> list[dict] | None:
+        calls = []
+        for name, arguments in self._CALL.findall(text, start):
+            value = json.loads(arguments)
+            if not isinstance(value, dict):
+                return None
+            calls.append(tool_call(name, json.dumps(value)))
+        return calls
 
 
 class WholeAnswerCalls(ToolCallParser):
@@ -218,7 +236,7 @@ def _json_call(value, arguments: tuple[str, ...] = ("arguments",), call_id: str 
 
 # --tool-call-parser (server/config.py TOOL_CALL_PARSERS)
 PARSERS = {"hermes": HermesToolCalls, "llama3_json": Llama3JsonToolCalls, "pythonic": PythonicToolCalls,
-           "mistral": MistralToolCalls}
+           "mistral": MistralToolCalls, "openai": HarmonyToolCalls}
 
 
 def tool_call_parser(name: str | None) -> ToolCallParser | None:

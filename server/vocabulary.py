@@ -14,7 +14,7 @@ import threading
 
 from .config import ServerConfig, StartupError
 from .prompts import PromptRenderer
-from .reasoning import PARSERS, ReasoningParser
+from .reasoning import PARSERS, Harmony, ReasoningParser
 from .structured import Grammars
 
 
@@ -28,7 +28,7 @@ class Vocabulary:
         self.renderer = PromptRenderer(tokenizer, config)
         self.grammars = Grammars(tokenizer, size, set(eos_token_ids), threads)  # built on first use
         # None without --reasoning-parser, or where this tokenizer lacks its markers
-        self.reasoning: ReasoningParser | None = PARSERS[config.reasoning_parser].for_tokenizer(tokenizer) \
+        self.reasoning: ReasoningParser | Harmony | None = PARSERS[config.reasoning_parser].for_tokenizer(tokenizer) \
             if config.reasoning_parser else None
 
 
@@ -44,8 +44,9 @@ class Vocabularies:
         self.model_eos = frozenset(eos_token_ids)
         self.base = Vocabulary(tokenizer, size, self.model_eos, config, threads)
         if config.reasoning_parser and self.base.reasoning is None:
-            raise StartupError(f"--reasoning-parser {config.reasoning_parser} needs {ReasoningParser.START} and "
-                               f"{ReasoningParser.END} to be tokens of the model's tokenizer, and they are not")
+            markers = PARSERS[config.reasoning_parser].MARKERS
+            raise StartupError(f"--reasoning-parser {config.reasoning_parser} needs {', '.join(markers)} to be "
+                               "tokens of the model's tokenizer, and they are not")
         self._own: dict[int, tuple[object, dict[int, Vocabulary]]] = {}  # id(tokenizer) -> (it, size -> vocabulary)
         self._lock = threading.Lock()
 

@@ -312,7 +312,7 @@ def test_a_grammar_that_fails_mid_generation_fails_its_request_alone(built, when
 def test_added_tokens_are_allowed_only_where_the_matcher_takes_them(tmp_path):
     """llguidance matches an added token (Qwen's <think>, <tool_call>) by id only, yet its mask
     allows it where the grammar's text spells it: such a mask is cleared of it (the text then has
-    no way on, and the request fails alone, saying so), while a Lark grammar that names it by id
+    no way on, and the request fails alone, its mistake named), while a Lark grammar that names it by id
     keeps it; a reasoning gate still undecided also allows the start marker."""
     from loramux.server.reasoning import UNDECIDED, Qwen3, ReasoningGate
     from loramux.server.structured import Grammars
@@ -327,7 +327,7 @@ def test_added_tokens_are_allowed_only_where_the_matcher_takes_them(tmp_path):
         return failed, None if masks[0] is None else torch.isfinite(masks[0]).nonzero().flatten().tolist()
 
     failed, _ = allowed(StructuredOutput(OutputKind.REGEX, "<think>plan</think>x"))
-    assert "allows no next token" in str(failed[0])
+    assert isinstance(failed[0], RequestInvalid) and "spells the added token '<think>' (id 384)" in str(failed[0])
     assert allowed(StructuredOutput(OutputKind.GRAMMAR, 'start: <[384]> "plan" <[385]> "x"')) == ({}, [384])
     gate = ReasoningGate(Qwen3(384, 385), UNDECIDED)
     failed, ids = allowed(StructuredOutput(OutputKind.CHOICE, json.dumps(["yes"])), gate)
@@ -364,7 +364,7 @@ def test_a_reasoning_gate_frees_the_thinking_and_constrains_the_answer(tmp_path)
     opened, _ = served(structured_output_in_reasoning=True)
     assert 384 not in opened
     plain = build_llama(tmp_path / "plain")
-    with pytest.raises(StartupError, match="--reasoning-parser qwen3 needs <think> and </think> to be tokens"):
+    with pytest.raises(StartupError, match="--reasoning-parser qwen3 needs <think>, </think> to be tokens"):
         build_engine(ServerConfig(model=str(plain), reasoning_parser="qwen3"))
 
 

@@ -35,6 +35,8 @@ from loramux.server.config import ServerConfig
     (dict(adapter_cache_max_gib=float("inf")), "adapter-cache-max-gib"),
     (dict(lora_dtype="float64"), "lora-dtype must be one of"),
     (dict(tool_call_parser="granite"), "tool-call-parser must be one of"),
+    (dict(tool_call_parser="openai", reasoning_parser="qwen3"), "needs --reasoning-parser openai_gptoss"),
+    (dict(chat_template_content_format="list"), "chat-template-content-format must be one of"),
     (dict(base_linear="fast"), "base-linear must be one of"),
     (dict(quantization="int4"), "quantization must be one of"),
     (dict(http_keep_alive_timeout=0), "http-keep-alive-timeout must be > 0"),

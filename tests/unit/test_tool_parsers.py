@@ -127,6 +127,25 @@ def test_mistral_keeps_an_id_the_model_wrote():
     assert len({MISTRAL.split('[TOOL_CALLS]now[ARGS]{}')[1][0]["id"] for _ in range(20)}) > 1  # random ids
 
 
+@pytest.mark.parametrize("text, content, calls", [
+    ("Sunny.", "Sunny.", None),
+    ('<|channel|>commentary to=functions.weather<|message|>{"city": "Rome", "days": 2}<|call|>', None, [ROME]),
+    ('Checking.<|channel|>commentary to=functions.weather<|message|>{"city": "Rome", "days": 2}', "Checking.", [ROME]),
+    ('<|channel|>commentary to=functions.weather<|message|>{"city": "Rome", "days": 2}<|call|>'
+     '<|channel|>commentary to=functions.now<|message|>{}<|call|>', None, [ROME, ("now", {})]),
+    ('<|channel|>commentary to=functions.weather<|message|>not json<|call|>', None, "text"),
+    ('<|channel|>commentary to=functions.weather<|message|>[1]<|call|>', None, "text"),
+])
+def test_openai_reads_gpt_oss_calls_as_the_harmony_split_leaves_them(text, content, calls):
+    from loramux.server.tool_parsers import HarmonyToolCalls
+
+    got_content, got_calls = HarmonyToolCalls().split(text)
+    if calls == "text":
+        assert (got_content, got_calls) == (text, None)
+    else:
+        assert got_content == content and (got_calls is None if calls is None else names_and_args(got_calls) == calls)
+
+
 def test_whole_answer_formats_stream_only_text_that_cannot_be_calls():
     for parser, first in ((LLAMA3, "{"), (PYTHONIC, "[")):
         assert parser.streamable("") == parser.streamable(" \n") == 0  # not known yet
@@ -152,6 +171,9 @@ STREAMED = {  # parser: (text before its calls, the calls, text without calls)
     "pythonic": (st.sampled_from(["", "  ", "\n"]), '[weather(city="Rome", days=2)]', "no call here ["),
     "mistral": (st.sampled_from(["Let me check.", "", " "]), '[TOOL_CALLS]weather[ARGS]{"city": "Rome", "days": 2}',
                 " no call here [TOOL"),
+    "openai": (st.sampled_from(["Checking.", ""]),
+               '<|channel|>commentary to=functions.weather<|message|>{"city": "Rome", "days": 2}<|call|>',
+               " no call here <|channel|>commentary"),
 }
 
 
