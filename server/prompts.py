@@ -171,7 +171,7 @@ class PromptRenderer:
         parts = self._reads_parts(chat.template, bool(p.tools))
         try:
             out = self.tokenizer.apply_chat_template(
-                [{"role": m[0], "content": _text_parts(m[1]) if parts else m[1], **_fields(m)} for m in p.messages],
+                [{"role": m[0], "content": _text_parts(m[1]) if parts else m[1], **_template_fields(m)} for m in p.messages],
                 add_generation_prompt=chat.generation_prompt, continue_final_message=chat.continue_final_message,
                 tokenize=not add_special_tokens, return_dict=not add_special_tokens,
                 **({"tools": list(p.tools)} if p.tools else {}), **chat.template_kwargs,
@@ -240,6 +240,15 @@ def _text_parts(content: str) -> list[dict]:
 def _fields(message: tuple) -> dict:
     """A chat message's keys for the template besides its role and content (module docstring)."""
     return message[2] if len(message) > 2 else {}
+
+
+def _template_fields(message: tuple) -> dict:
+    """``_fields`` as the template gets them: an assistant turn's thinking (``reasoning_content``)
+    also as ``thinking``, the name gpt-oss's template reads (llama.cpp maps it the same way)."""
+    fields = _fields(message)
+    if "reasoning_content" in fields and "thinking" not in fields:
+        return {**fields, "thinking": fields["reasoning_content"]}
+    return fields
 
 
 def _size(message: tuple) -> int:

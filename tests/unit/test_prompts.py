@@ -312,3 +312,18 @@ def test_a_reply_to_continue_is_left_open_in_a_template_that_reads_parts(tiny_ll
                         chat=ChatOptions(continue_final_message=True))
         text = tokenizer.decode(renderer.render(prompt))
         assert text.endswith("Assistant: " + reply), text
+
+
+def test_an_assistant_turns_thinking_reaches_a_template_that_reads_it_as_thinking(tiny_llama):
+    """gpt-oss's template shows an earlier turn's analysis from ``message.thinking``: the thinking
+    sent back as reasoning_content (chat's field) reaches it under that name too."""
+    from transformers import AutoTokenizer
+
+    from loramux.server.prompts import PromptRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m.role }}]{% if m.thinking %}(thought: {{ m.thinking }})"
+                               "{% endif %}{{ m.content }}{% endfor %}")
+    renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
+    turns = (("user", "hi"), ("assistant", "hello", {"reasoning_content": "greet back"}))
+    assert "(thought: greet back)hello" in tokenizer.decode(renderer.render(Prompt(messages=turns)))
