@@ -391,3 +391,32 @@ def test_a_request_is_checked_against_the_version_it_runs_on(tmp_path, monkeypat
     with pytest.raises(RequestInvalid, match=r"prompt_token_ids \[385\] are outside the vocabulary \[0, 384\)"):
         asyncio.run(submit())
     assert engine.num_in_flight == 0 and built.registry.lookup("a").manifest.tokenizer is None
+
+
+@pytest.mark.parametrize("family", ["gemma3_vlm", "mistral3_vlm", "qwen2_5_vl"])
+def test_added_tokens_on_a_vision_language_checkpoint_match_peft(family, tmp_path):
+    """On a vision-language checkpoint PEFT writes resized layers as plain weights under their
+    names on the whole model (``model.language_model.embed_tokens.weight``), when asked: served as
+    PEFT serves them, beside trained copies and the base model. Its default ("auto") does not
+    detect the resize there (the top config has no vocab_size) and writes none: such an adapter
+    lacks its new rows, and is refused, saying so."""
+    from safetensors import safe_open
+
+    model = build_family_model(family, tmp_path / "model")
+    qv = dict(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    adapters = {
+        "copies": added_tokens_adapter(model, tmp_path / "copies", 1, modules_to_save=["embed_tokens", "lm_head"], **qv),
+        "resized-lora": added_tokens_adapter(model, tmp_path / "resized", 2, save_embedding_layers=True, **qv),
+    }
+    with safe_open(adapters["resized-lora"] / "adapter_model.safetensors", "pt") as f:
+        assert "base_model.model.model.language_model.embed_tokens.weight" in f.keys()
+    built = engine_for(model, adapters, max_lora_rank=16, max_saved_modules=4, enable_embedding_lora=False)
+    vocab = built.engine.vocab_size
+    names = [None, *adapters]
+    prompts = [with_added([p], vocab, i)[0] if names[i % len(names)] else p
+               for i, p in enumerate(make_prompts(vocab - 4, 9, seed=5))]  # not the image tokens
+    requests, prompts, outs = serve_in_turn(built.engine, names, 9, seed=5, max_new=MAX_NEW, prompts=prompts)
+    check_against_peft(model, adapters, requests, prompts, outs)
+    unsaved = added_tokens_adapter(model, tmp_path / "unsaved", 3, **qv)
+    with pytest.raises(StartupError, match="the adapter's tokenizer has 388 tokens; its vocabulary .* has 384"):
+        engine_for(model, {"unsaved": unsaved}, max_lora_rank=16, max_saved_modules=4, enable_embedding_lora=False)
