@@ -78,6 +78,7 @@ class PromptRenderer:
         self.max_prompt_tokens = config.input_token_limit
         self.trust_request_template = config.trust_request_chat_template
         self.content_format = config.chat_template_content_format
+        self._model_reads_parts: dict[str, bool] = {}  # the model's chat template(s) by name: _reads_parts
         # names a request's template kwargs may not take: what apply_chat_template and the template
         # renderer set themselves (a "tokenize" would change what render returns)
         self.reserved_kwargs = frozenset(inspect.signature(tokenizer.apply_chat_template).parameters) | {
@@ -190,16 +191,20 @@ class PromptRenderer:
             return self.tokenizer(out, add_special_tokens=True)["input_ids"]
         return list(out["input_ids"])
 
-
     def _reads_parts(self, request_template: str, tools: bool) -> bool:
         """Whether the chat template in use reads a message's content as OpenAI's list of typed parts
-        (--chat-template-content-format; auto: ``loops_over_content``)."""
+        (--chat-template-content-format; auto: ``loops_over_content``, the model's templates parsed
+        once)."""
         if self.content_format != "auto":
             return self.content_format == "openai"
-        template = request_template or self.tokenizer.chat_template
-        if isinstance(template, dict):  # named templates: the one transformers picks
-            template = template.get("tool_use" if tools and "tool_use" in template else "default", "")
-        return loops_over_content(template)
+        if request_template:
+            return loops_over_content(request_template)
+        template = self.tokenizer.chat_template
+        name = "tool_use" if isinstance(template, dict) and tools and "tool_use" in template else "default"
+        if name not in self._model_reads_parts:  # named templates: the one transformers picks
+            self._model_reads_parts[name] = loops_over_content(
+                template.get(name, "") if isinstance(template, dict) else template or "")
+        return self._model_reads_parts[name]
 
 
 def loops_over_content(template: str) -> bool:

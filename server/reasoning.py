@@ -236,7 +236,8 @@ class HarmonySplit:
     commentary preambles (no recipient) the answer; a call (commentary to ``functions.NAME``) goes
     into the answer as ``<|channel|>commentary to=functions.NAME<|message|>ARGS<|call|>``, which
     --tool-call-parser openai reads; a message to a built-in tool (``browser``, ``python``) stays
-    reasoning. An output that starts with no header (a model that writes none) is all answer."""
+    reasoning. Text where a header should start that is none (a model that writes no headers) is
+    answer."""
 
     HEADER_END = "<|message|>"
     ENDS = ("<|end|>", "<|call|>", "<|return|>")
@@ -250,7 +251,6 @@ class HarmonySplit:
         self.tokens = 0  # fed while in a header or the reasoning
         self.reasoning: str | None = None  # all of it so far; None while no analysis was seen
         self.answer = ""
-        self.started = False
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         """(reasoning, answer) that ``text`` adds; ``final``: nothing follows, so nothing is held."""
@@ -260,16 +260,14 @@ class HarmonySplit:
         out = {THINKING: "", ANSWERING: ""}
         while rest:
             if self.header is not None:
-                if not self.started:  # a first text that is no header: the model writes plain text
-                    lead = rest.lstrip()
-                    if not final and lead in ("", "<"):  # whitespace, or what may start a marker
-                        self.held = rest
-                        break
-                    self.started = True
-                    if not lead.startswith("<|"):
-                        self.header = None
-                        continue
                 header = self.header + rest
+                lead = header.lstrip()
+                if not lead.startswith("<|"):
+                    if not final and lead in ("", "<"):  # whitespace, or what may begin a marker
+                        self.header, rest = header, ""
+                        break
+                    self.header, self.route, rest = None, ANSWERING, header  # no header: plain text
+                    continue
                 at = header.find(self.HEADER_END)
                 if at < 0:
                     self.header, rest = header, ""

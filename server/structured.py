@@ -63,7 +63,7 @@ class Grammar:
 
     def __init__(self, matcher, gate: ReasoningGate | HarmonyGate | None = None):
         self.matcher, self.gate = matcher, gate
-        self.spelled: int | None = None  # a special token its text spells next, which it refuses (Grammars._bitmasks)
+        self.spelled: int | None = None  # an added token its text spells next, which it refuses (Grammars._bitmasks)
 
     @property
     def constrains(self) -> bool:

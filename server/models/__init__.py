@@ -124,10 +124,12 @@ def serving_model_class(architecture: str, config=None):
     """The serving model of a Hugging Face architecture; a vision-language one's (VISION_LANGUAGE)
     from its ``config``, by its decoder's family."""
     if architecture in VISION_LANGUAGE:
-        text = None if config is None else text_architecture(architecture, config)
+        if config is None:
+            raise ValueError(f"{architecture}: its decoder's family is in its config, which was not given")
+        text = text_architecture(architecture, config)
         text_class = SUPPORTED_ARCHITECTURES.get(text)
         if text_class is None or not issubclass(text_class, LlamaForServing):
-            model_type = None if config is None else config.get_text_config().model_type
+            model_type = config.get_text_config().model_type
             raise UnsupportedModel(f"{architecture}'s decoder ({model_type!r}, {text!r}) is not a family served "
                                    f"here; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         return vision_language_class(architecture, text_class)

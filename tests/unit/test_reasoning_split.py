@@ -122,6 +122,8 @@ def harmony(text: str) -> tuple[str | None, str]:
     ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>analysis to=browser.search"
      "<|message|>{\"q\": 1}<|call|>", ("{\"q\": 1}", "Checking.")),
     (ANALYSIS + "a<|end|>" + ANALYSIS + "b<|end|>" + FINAL + "c", ("ab", "c")),
+    (ANALYSIS + "a<|end|>then plain", ("a", "then plain")),  # no header after a message: plain text
+    ("  ", (None, "  ")),
 ])
 def test_harmony_splits(text, expected):
     assert harmony(text) == expected
