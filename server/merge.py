@@ -23,11 +23,12 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
 
-    from .model_loader import auto_model_class
+    from .model_loader import auto_model_class, dequantizing
     from .models import lora_layout
 
     hf_config = AutoConfig.from_pretrained(model_dir)
-    model = auto_model_class(hf_config).from_pretrained(model_dir, config=hf_config, dtype=torch.float32)
+    model = auto_model_class(hf_config).from_pretrained(model_dir, config=hf_config, dtype=torch.float32,
+                                                        **dequantizing(hf_config))
     modules = dict(model.named_modules())
     embedding = next(name for name, m in modules.items() if m is model.get_input_embeddings())
     config_layout = lora_layout(model.config).with_head(*reversed(model.lm_head.weight.shape)).with_embedding(

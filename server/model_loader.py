@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ServerConfig
+from .config import ServerConfig, StartupError
 from .models import VISION_LANGUAGE, architecture_of
 from .torch_threads import in_passing_thread
 
@@ -111,6 +111,32 @@ def auto_model_class(hf_config):
     return AutoModelForImageTextToText if architecture_of(hf_config) in VISION_LANGUAGE else AutoModelForCausalLM
 
 
+# Quantized checkpoints' formats (their config's quant_method) that load dequantized, and the
+# transformers class of their quantization config
+DEQUANTIZED = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config"}
+
+
+def dequantizing(hf_config) -> dict:
+    """from_pretrained's arguments for a checkpoint shipped quantized (gpt-oss's experts in MXFP4;
+    DeepSeek-V3's, Qwen3's FP8 releases): its weights dequantized into the serving dtype as they
+    load, since the server runs unquantized projections (``--quantization int8`` apart), and
+    transformers would fetch its kernels for those formats from the Hugging Face Hub, which the
+    server never reaches. Unquantized checkpoints: none. Another quantization (GPTQ, AWQ,
+    bitsandbytes...) would leave projections whose weights the server's ops cannot read: refused."""
+    import transformers
+
+    quant = getattr(hf_config, "quantization_config", None)
+    quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
+    method = (quant or {}).get("quant_method")
+    if method is None:
+        return {}
+    if method not in DEQUANTIZED:
+        raise StartupError(f"the checkpoint is quantized by {method!r}, which is not served: served are unquantized "
+                           f"checkpoints and those shipped in {' or '.join(DEQUANTIZED)} (dequantized as they load); "
+                           "--quantization int8 quantizes an unquantized one")
+    return {"quantization_config": getattr(transformers, DEQUANTIZED[method]).from_dict({**quant, "dequantize": True})}
+
+
 @in_passing_thread
 def load_model(config: ServerConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
@@ -120,7 +146,8 @@ def load_model(config: ServerConfig) -> LoadedModel:
     path, name = resolve_model_dir(config)
     log.info("loading %s (%s, %s)", name, device, str(dtype).removeprefix("torch."))
     hf_config = AutoConfig.from_pretrained(path)
-    hf_model = auto_model_class(hf_config).from_pretrained(path, config=hf_config, dtype=dtype).to(device).eval()
+    hf_model = auto_model_class(hf_config).from_pretrained(path, config=hf_config, dtype=dtype,
+                                                           **dequantizing(hf_config)).to(device).eval()
     hf_model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(hf_model, tokenizer, name, device, dtype)

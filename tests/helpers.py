@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -418,14 +419,15 @@ VISION_LANGUAGE_ARCHITECTURES = {
 
 def auto_model(source, **kwargs):
     """A Hugging Face model from a saved folder (a path) or a config, by the Auto class the server
-    loads it with (a vision-language checkpoint's is image-text-to-text)."""
+    loads it with (a vision-language checkpoint's is image-text-to-text), a quantized checkpoint
+    dequantized as the server loads it (offline, transformers' kernels for it cannot be fetched)."""
     from transformers import AutoConfig
 
-    from loramux.server.model_loader import auto_model_class
+    from loramux.server.model_loader import auto_model_class, dequantizing
 
     if isinstance(source, (str, Path)):
         config = AutoConfig.from_pretrained(source)
-        return auto_model_class(config).from_pretrained(source, config=config, **kwargs)
+        return auto_model_class(config).from_pretrained(source, config=config, **dequantizing(config), **kwargs)
     return auto_model_class(source).from_config(source, **kwargs)
 
 
@@ -463,6 +465,57 @@ def int8_copy(model_dir: Path, out: Path) -> Path:
                 w = module.weight.T if isinstance(module, Conv1D) else module.weight  # [out, in]
                 w.copy_(dequantize_int8(*quantize_int8(w)))
     model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def mxfp4_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` (GPT-OSS) saved again as gpt-oss's checkpoints ship: each expert projection
+    [E, in, out] in MXFP4, blocks of 32 inputs of an output sharing a power-of-two scale (uint8, bias
+    127), each value one of FP4's 16 (two a byte, the even index in the low nibble), as
+    ``<name>_blocks`` [E, out, in / 32, 16] and ``<name>_scales`` [E, out, in / 32]; a
+    quantization_config that says so."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    grid = torch.tensor(FP4_VALUES)
+    for name in [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = weights.pop(name).transpose(1, 2).float()  # [E, out, in]
+        groups = w.reshape(*w.shape[:2], -1, 32)
+        exp = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0))
+        codes = (groups / torch.exp2(exp)[..., None] - grid.view(-1, 1, 1, 1, 1)).abs().argmin(0).to(torch.uint8)
+        weights[name + "_blocks"] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        weights[name + "_scales"] = (exp + 127).to(torch.uint8)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def fp8_copy(model_dir: Path, out: Path, block: int = 32) -> Path:
+    """``model_dir`` saved again as FP8 releases ship (DeepSeek-V3, Qwen3-FP8): each decoder
+    projection's weight in float8 (e4m3) by blocks of ``block`` x ``block`` with a float32 scale
+    each (``weight_scale_inv``, the block's max over FP8's), and a quantization_config saying so."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    top = torch.finfo(torch.float8_e4m3fn).max
+    for name in [k for k in weights if ".layers." in k and k.endswith("proj.weight")]:
+        w = weights[name].float()
+        rows, cols = w.shape
+        blocks = w.reshape(rows // block, block, cols // block, block)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / top  # [rows / block, cols / block]
+        weights[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+        weights[name.removesuffix("weight") + "weight_scale_inv"] = scale
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (out / "config.json").write_text(json.dumps(config))
     return out
 
 

@@ -137,6 +137,21 @@ def test_config_options_not_served_are_refused_at_start_up(family, option, value
         build_engine(ServerConfig(model=str(tmp_path), max_model_len=64, default_max_new_tokens=16))
 
 
+def test_a_checkpoint_quantized_another_way_is_refused_at_start_up(tmp_path):
+    """GPTQ's, AWQ's or bitsandbytes' projections hold weights the server's ops cannot read."""
+    import json
+
+    from loramux.server.config import StartupError
+
+    model = build_family_model("mistral", tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StartupError, match="quantized by 'gptq', which is not served: served are unquantized "
+                                           "checkpoints and those shipped in mxfp4 or fp8"):
+        build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16))
+
+
 def test_lora_on_moe_experts_is_refused_naming_the_field(tmp_path):
     """PEFT turns an MLP target of a transformers-5 MoE model into ``target_parameters`` on its
     experts (3-D parameters; the dense layer of a mixed model loses it): not served, so refused."""
@@ -192,16 +207,40 @@ def test_a_vision_language_checkpoint_serves_its_text_model_with_adapters_traine
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         keys = [k.removeprefix("base_model.model.") for k in f.keys()]
     assert any(k.startswith(served.IGNORED) for k in keys) and any(k.startswith(served.INNER + ".") for k in keys)
+    serve_as_peft(model, {"all": adapter}, ((None, 5), ("all", 7), ("all", 12), (None, 9)), seed=3, top=4)
+
+
+def serve_as_peft(model, adapters: dict, lengths, seed: int, top: int = 0):
+    """Requests [(adapter or None, prompt length)] of random ids (not the vocabulary's last ``top``:
+    a vision-language model's image tokens) served staggered, 8 tokens each: PEFT's, token for
+    token. Returns the built engine."""
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_model_len=80, default_max_new_tokens=8,
-                                      adapters=(("all", str(adapter)),), dtype="float32",
+                                      adapters=tuple((n, str(p)) for n, p in adapters.items()), dtype="float32",
                                       base_linear=pinned_base_linear()))
-    rng = __import__("random").Random(3)
-    requests = [(name, [rng.randrange(3, built.engine.vocab_size - 4) for _ in range(n)])
-                for name, n in ((None, 5), ("all", 7), ("all", 12), (None, 9))]
+    rng = __import__("random").Random(seed)
+    requests = [(name, [rng.randrange(3, built.engine.vocab_size - top) for _ in range(n)]) for name, n in lengths]
     built.engine.start()
     try:
         outs = asyncio.run(run_staggered(built.engine, requests, 8))
     finally:
         built.engine.stop()
     for i, (name, prompt) in enumerate(requests):
-        assert outs[i] == peft_generate(model, adapter if name else None, [prompt], 8, eos_token_id=None)[0], (i, name)
+        assert outs[i] == peft_generate(model, adapters.get(name), [prompt], 8, eos_token_id=None)[0], (i, name)
+    return built
+
+
+@pytest.mark.parametrize("family, quantized", [
+    ("gpt_oss", "mxfp4_copy"),  # gpt-oss-20b, -120b: experts in MXFP4
+    ("qwen3", "fp8_copy"),  # Qwen3-8B-FP8, DeepSeek-V3: projections in FP8 blocks
+])
+def test_a_checkpoint_shipped_quantized_is_served_dequantized(family, quantized, tmp_path):
+    """A checkpoint shipped in MXFP4 or FP8 loads with its weights dequantized into the serving
+    dtype (transformers would fetch its kernels for those formats from the Hub, which the server
+    never reaches, and the server's own ops read plain weights), and is served as PEFT serves the
+    same checkpoint, token for token."""
+    import helpers
+
+    model = getattr(helpers, quantized)(build_family_model(family, tmp_path / "source"), tmp_path / "model")
+    adapter = build_adapter(model, tmp_path / "qv", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    built = serve_as_peft(model, {"qv": adapter}, ((None, 5), ("qv", 9), ("qv", 14), (None, 11)), seed=5)
+    assert {p.dtype for p in built.engine.runner.model.parameters()} == {torch.float32}

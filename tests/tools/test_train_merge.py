@@ -324,3 +324,22 @@ def test_merge_into_a_vision_language_checkpoint(family, tmp_path, capsys):
     assert main(["merge", "--model", str(model_dir), "--adapter", str(whole), "--out", str(tmp_path / "no")]) == 2
     assert "merge it with PEFT's merge_and_unload" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("family, quantized", [("gpt_oss", "mxfp4_copy"), ("qwen3", "fp8_copy")])
+def test_merge_into_a_checkpoint_shipped_quantized_writes_it_dequantized(family, quantized, tmp_path):
+    """Merged as the server serves it: the weights dequantized (MXFP4, FP8), the model written
+    plain, equal to PEFT's merge over the same dequantized checkpoint."""
+    from peft import PeftModel
+
+    import helpers
+
+    model_dir = getattr(helpers, quantized)(build_family_model(family, tmp_path / "source"), tmp_path / "m")
+    adapter = build_adapter(model_dir, tmp_path / "qv", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    out = merge(model_dir, adapter, tmp_path / "merged")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ours = helpers.auto_model(out, dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(helpers.auto_model(model_dir, dtype=torch.float32), adapter).merge_and_unload().eval()
+    x = prompt_ids()
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, ref(x).logits, atol=1e-4, rtol=MERGE_RTOL)
