@@ -432,12 +432,21 @@ def auto_model(source, **kwargs):
 
 
 def build_family_model(family: str, out: Path, seed: int = 0) -> Path:
-    """A 2-layer random model of ``family``, saved with its tokenizer."""
+    """A 2-layer random model of ``family``, saved with its tokenizer. A family newer than the
+    installed transformers (the GPU machine's may be older than the CPU's) skips the test."""
+    import pytest
+    import transformers
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
     torch.manual_seed(seed)
-    model = auto_model(_family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id))
+    try:
+        config = _family_config(family, len(tok), tok.eos_token_id, tok.pad_token_id)
+    except AttributeError as e:
+        if not str(e).startswith(("module transformers has no attribute", "module 'transformers' has no attribute")):
+            raise
+        pytest.skip(f"transformers {transformers.__version__} lacks {family}'s config: {e}")
+    model = auto_model(config)
     with torch.no_grad():  # norms' weights and biases off their init (1, 0): a norm or bias in the wrong place shows
         for param in model.parameters():
             if param.dim() == 1:
