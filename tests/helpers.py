@@ -355,7 +355,7 @@ VISION_LANGUAGE_FAMILIES = {"gemma3_vlm": "gemma3", "mistral3_vlm": "mistral", "
                             "llava_onevision": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
                             "internvl": "qwen3", "aya_vision": "cohere2", "smolvlm": "mistral",
                             "llava_next": "qwen2", "idefics3": "mistral", "qwen3_vl_moe": "qwen3_moe",
-                            "ministral3_vlm": "ministral3"}
+                            "ministral3_vlm": "ministral3", "glm4v": "glm4", "glm4v_moe": "glm4_moe"}
 
 
 def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
@@ -401,6 +401,16 @@ def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
                   "qwen3_vl_moe": tf.Qwen3VLMoeConfig}[family]
         return config(text_config=text, vision_config=vision, image_token_id=vocab - 1, video_token_id=vocab - 2,
                       vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4, **top)
+    if family in ("glm4v", "glm4v_moe"):  # GLM-4.1V (GLM-4's decoder), GLM-4.5V (GLM-4.5's, no q/k norms): RoPE multimodal
+        text = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                            "mrope_section": [2, 1, 1]}}
+        for key in ("model_type", "use_qk_norm"):
+            text.pop(key, None)
+        ids = dict(zip(("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                        "video_start_token_id", "video_end_token_id"), range(vocab - 1, vocab - 7, -1), strict=True))
+        config = tf.Glm4vConfig if family == "glm4v" else tf.Glm4vMoeConfig
+        return config(text_config=text, vision_config=dict(depth=1, hidden_size=32, out_hidden_size=text["hidden_size"],
+                                                           intermediate_size=64, num_heads=2), **ids, **top)
     if family in ("smolvlm", "idefics3"):  # the decoder at model.text_model, a connector for a projector
         config = tf.SmolVLMConfig if family == "smolvlm" else tf.Idefics3Config
         return config(text_config=text, vision_config=tower, image_token_id=vocab - 1, scale_factor=2, **top)
@@ -414,7 +424,8 @@ VISION_LANGUAGE_ARCHITECTURES = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
     "aya_vision": "AyaVisionForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "ministral3_vlm": "Mistral3ForConditionalGeneration"}
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "ministral3_vlm": "Mistral3ForConditionalGeneration",
+    "glm4v": "Glm4vForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration"}
 
 
 def auto_model(source, **kwargs):

@@ -1,6 +1,6 @@
 """Llama decoders with RoPE on interleaved pairs of each head's dims, as Cohere's, their table
 taking each frequency twice in a row (Hugging Face's rotary module gives cat(freqs, freqs), which
-their RoPE re-lays that way):
+their RoPE re-lays that way, unless it gives them in pairs already, as GLM-4.1V's does):
 
 - ERNIE 4.5 dense (``Ernie4_5ForCausalLM``), with optional biases (``use_bias``);
 - Helium (``HeliumForCausalLM``), its attention scaled by 1 / sqrt(head_dim) as Hugging Face
@@ -10,6 +10,8 @@ their RoPE re-lays that way):
 from __future__ import annotations
 
 import math
+
+import torch
 
 from .cohere import _rope_pairs
 from .layers import FlatAttention
@@ -25,8 +27,10 @@ class Ernie4_5ForServing(LlamaForServing):
     SIGNED_SIN = False
 
     def rope_table(self, inner, max_model_len: int, kind: str | None):
-        return tuple(t[:, : t.shape[1] // 2].repeat_interleave(2, dim=1)
-                     for t in super().rope_table(inner, max_model_len, kind))
+        table = super().rope_table(inner, max_model_len, kind)
+        if all(torch.equal(t[:, 0::2], t[:, 1::2]) for t in table):  # in pairs already (GLM-4.1V's multimodal rotary)
+            return table
+        return tuple(t[:, : t.shape[1] // 2].repeat_interleave(2, dim=1) for t in table)
 
 
 class HeliumLayer(Ernie4_5Layer):

@@ -52,7 +52,7 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm", "DeepseekV3RMSNorm",
                              "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm",
                              "DeepseekV2RMSNorm", "MiniCPM3RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm",
-                             "Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm"})
+                             "Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm", "Glm4vRMSNorm", "Glm4vMoeTextRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
 
 

@@ -41,6 +41,8 @@ VISION_LANGUAGE = {
     "Qwen2_5_VLForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen2ForCausalLM"),
     "Qwen3VLForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3ForCausalLM"),
     "Qwen3VLMoeForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3MoeForCausalLM"),
+    "Glm4vForConditionalGeneration": ("model.language_model", _QWEN_VL, "Glm4ForCausalLM"),
+    "Glm4vMoeForConditionalGeneration": ("model.language_model", _QWEN_VL, "Glm4MoeForCausalLM"),
     "Idefics3ForConditionalGeneration": ("model.text_model", _IDEFICS, None),
     "SmolVLMForConditionalGeneration": ("model.text_model", _IDEFICS, None),
 }

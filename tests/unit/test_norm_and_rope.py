@@ -29,7 +29,7 @@ MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "q
            "Llama4Text": "llama4", "SolarOpen": "solar_open", "ExaoneMoe": "exaone_moe",
            "DeepseekV3": "deepseek_v3", "Glm4MoeLite": "glm4_moe_lite", "AXK1": "axk1", "Youtu": "youtu",
            "DeepseekV2": "deepseek_v2", "MiniCPM3": "minicpm3", "Qwen2VL": "qwen2_vl", "Qwen2_5_VL": "qwen2_5_vl",
-           "Qwen3VLText": "qwen3_vl", "Qwen3VLMoeText": "qwen3_vl_moe"}
+           "Qwen3VLText": "qwen3_vl", "Qwen3VLMoeText": "qwen3_vl_moe", "Glm4v": "glm4v", "Glm4vMoeText": "glm4v_moe"}
 
 
 def _norm_class(name: str):
