@@ -113,13 +113,15 @@ def auto_model_class(hf_config):
 
 # Quantized checkpoints' formats (their config's quant_method) that load dequantized, and the
 # transformers class of their quantization config
-DEQUANTIZED = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config"}
+DEQUANTIZED = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config", "compressed-tensors": "CompressedTensorsConfig"}
+# the package a format's checkpoints decompress with, where transformers needs one
+DEQUANTIZED_BY = {"compressed-tensors": "compressed_tensors"}
 
 
 def dequantizing(hf_config) -> dict:
     """from_pretrained's arguments for a checkpoint shipped quantized (gpt-oss's experts in MXFP4;
-    DeepSeek-V3's, Qwen3's FP8 releases): its weights dequantized into the serving dtype as they
-    load, since the server runs unquantized projections (``--quantization int8`` apart), and
+    DeepSeek-V3's, Qwen3's FP8 releases; vLLM's compressed-tensors checkpoints, FP8 or int8 or int4
+    as llm-compressor writes them): its weights dequantized into the serving dtype as they load, since the server runs unquantized projections (``--quantization int8`` apart), and
     transformers would fetch its kernels for those formats from the Hugging Face Hub, which the
     server never reaches. Unquantized checkpoints: none. Another quantization (GPTQ, AWQ,
     bitsandbytes...) would leave projections whose weights the server's ops cannot read: refused."""
@@ -132,8 +134,12 @@ def dequantizing(hf_config) -> dict:
         return {}
     if method not in DEQUANTIZED:
         raise StartupError(f"the checkpoint is quantized by {method!r}, which is not served: served are unquantized "
-                           f"checkpoints and those shipped in {' or '.join(DEQUANTIZED)} (dequantized as they load); "
+                           f"checkpoints and those shipped in {', '.join(DEQUANTIZED)} (dequantized as they load); "
                            "--quantization int8 quantizes an unquantized one")
+    package = DEQUANTIZED_BY.get(method)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise StartupError(f"the checkpoint is quantized by {method!r}, which loads with the {package} package: "
+                           f"pip install {package.replace('_', '-')} (or loramux[quantized])")
     return {"quantization_config": getattr(transformers, DEQUANTIZED[method]).from_dict({**quant, "dequantize": True})}
 
 

@@ -539,6 +539,32 @@ def fp8_copy(model_dir: Path, out: Path, block: int = 32) -> Path:
     return out
 
 
+def compressed_fp8_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` saved again as llm-compressor writes an FP8-dynamic checkpoint (compressed-tensors'
+    float-quantized format): each decoder projection's weight in float8 (e4m3) with a scale an
+    output row (``weight_scale`` [out, 1]), activations quantized per token at run time."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    top = torch.finfo(torch.float8_e4m3fn).max
+    for name in [k for k in weights if ".layers." in k and k.endswith("proj.weight")]:
+        w = weights[name].float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+        weights[name] = (w / scale).to(torch.float8_e4m3fn)
+        weights[name.removesuffix("weight") + "weight_scale"] = scale
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    float8 = {"num_bits": 8, "type": "float", "symmetric": True}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {
+            "targets": ["Linear"], "weights": {**float8, "strategy": "channel", "dynamic": False},
+            "input_activations": {**float8, "strategy": "token", "dynamic": True}}}}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTN_PROJ = ALL_PROJ[:4]
 

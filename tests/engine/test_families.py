@@ -148,8 +148,23 @@ def test_a_checkpoint_quantized_another_way_is_refused_at_start_up(tmp_path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(StartupError, match="quantized by 'gptq', which is not served: served are unquantized "
-                                           "checkpoints and those shipped in mxfp4 or fp8"):
+                                           "checkpoints and those shipped in mxfp4, fp8, compressed-tensors"):
         build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16))
+
+
+def test_a_compressed_tensors_checkpoint_without_its_package_names_it(monkeypatch):
+    import importlib.util
+
+    from transformers import PretrainedConfig
+
+    from loramux.server.config import StartupError
+    from loramux.server.model_loader import dequantizing
+
+    config = PretrainedConfig(quantization_config={"quant_method": "compressed-tensors", "format": "float-quantized"})
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors" else find(name, *a))
+    with pytest.raises(StartupError, match=r"loads with the compressed_tensors package: pip install compressed-tensors"):
+        dequantizing(config)
 
 
 def test_lora_on_moe_experts_is_refused_naming_the_field(tmp_path):
@@ -233,6 +248,7 @@ def serve_as_peft(model, adapters: dict, lengths, seed: int, top: int = 0):
 @pytest.mark.parametrize("family, quantized", [
     ("gpt_oss", "mxfp4_copy"),  # gpt-oss-20b, -120b: experts in MXFP4
     ("qwen3", "fp8_copy"),  # Qwen3-8B-FP8, DeepSeek-V3: projections in FP8 blocks
+    ("mistral", "compressed_fp8_copy"),  # llm-compressor's FP8-dynamic checkpoints (compressed-tensors)
 ])
 def test_a_checkpoint_shipped_quantized_is_served_dequantized(family, quantized, tmp_path):
     """A checkpoint shipped in MXFP4 or FP8 loads with its weights dequantized into the serving
