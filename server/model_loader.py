@@ -121,10 +121,11 @@ DEQUANTIZED_BY = {"compressed-tensors": "compressed_tensors"}
 def dequantizing(hf_config) -> dict:
     """from_pretrained's arguments for a checkpoint shipped quantized (gpt-oss's experts in MXFP4;
     DeepSeek-V3's, Qwen3's FP8 releases; vLLM's compressed-tensors checkpoints, FP8 or int8 or int4
-    as llm-compressor writes them): its weights dequantized into the serving dtype as they load, since the server runs unquantized projections (``--quantization int8`` apart), and
-    transformers would fetch its kernels for those formats from the Hugging Face Hub, which the
-    server never reaches. Unquantized checkpoints: none. Another quantization (GPTQ, AWQ,
-    bitsandbytes...) would leave projections whose weights the server's ops cannot read: refused."""
+    as llm-compressor writes them): its weights dequantized into the serving dtype as they load,
+    since the server runs unquantized projections (``--quantization int8`` apart), and transformers
+    would fetch its kernels for those formats from the Hugging Face Hub, which the server never
+    reaches. Unquantized checkpoints: none. Another quantization (GPTQ, AWQ, bitsandbytes...) would
+    leave projections whose weights the server's ops cannot read: refused."""
     import transformers
 
     quant = getattr(hf_config, "quantization_config", None)
