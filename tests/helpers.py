@@ -539,28 +539,31 @@ def fp8_copy(model_dir: Path, out: Path, block: int = 32) -> Path:
     return out
 
 
-def compressed_fp8_copy(model_dir: Path, out: Path) -> Path:
-    """``model_dir`` saved again as llm-compressor writes an FP8-dynamic checkpoint (compressed-tensors'
-    float-quantized format): each decoder projection's weight in float8 (e4m3) with a scale an
-    output row (``weight_scale`` [out, 1]), activations quantized per token at run time."""
+def compressed_copy(model_dir: Path, out: Path, kind: str = "fp8") -> Path:
+    """``model_dir`` saved again as llm-compressor writes an FP8-dynamic (``kind`` "fp8": compressed-
+    tensors' float-quantized format) or W8A8 checkpoint ("int8": int-quantized): each decoder
+    projection's weight in float8 (e4m3) or int8 with a scale an output row (``weight_scale``
+    [out, 1]), activations quantized per token at run time."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(model_dir, out)
     weights = load_file(out / "model.safetensors")
-    top = torch.finfo(torch.float8_e4m3fn).max
+    dtype, fmt, kind_of = {"fp8": (torch.float8_e4m3fn, "float-quantized", "float"),
+                           "int8": (torch.int8, "int-quantized", "int")}[kind]
+    top = torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
     for name in [k for k in weights if ".layers." in k and k.endswith("proj.weight")]:
         w = weights[name].float()
         scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
-        weights[name] = (w / scale).to(torch.float8_e4m3fn)
+        weights[name] = (w / scale if dtype.is_floating_point else torch.round(w / scale)).to(dtype)
         weights[name.removesuffix("weight") + "weight_scale"] = scale
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
-    float8 = {"num_bits": 8, "type": "float", "symmetric": True}
+    args = {"num_bits": 8, "type": kind_of, "symmetric": True}
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
         "ignore": ["lm_head"], "config_groups": {"group_0": {
-            "targets": ["Linear"], "weights": {**float8, "strategy": "channel", "dynamic": False},
-            "input_activations": {**float8, "strategy": "token", "dynamic": True}}}}
+            "targets": ["Linear"], "weights": {**args, "strategy": "channel", "dynamic": False},
+            "input_activations": {**args, "strategy": "token", "dynamic": True}}}}
     (out / "config.json").write_text(json.dumps(config))
     return out
 

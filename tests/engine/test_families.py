@@ -245,19 +245,20 @@ def serve_as_peft(model, adapters: dict, lengths, seed: int, top: int = 0):
     return built
 
 
-@pytest.mark.parametrize("family, quantized", [
-    ("gpt_oss", "mxfp4_copy"),  # gpt-oss-20b, -120b: experts in MXFP4
-    ("qwen3", "fp8_copy"),  # Qwen3-8B-FP8, DeepSeek-V3: projections in FP8 blocks
-    ("mistral", "compressed_fp8_copy"),  # llm-compressor's FP8-dynamic checkpoints (compressed-tensors)
+@pytest.mark.parametrize("family, quantized, kwargs", [
+    ("gpt_oss", "mxfp4_copy", {}),  # gpt-oss-20b, -120b: experts in MXFP4
+    ("qwen3", "fp8_copy", {}),  # Qwen3-8B-FP8, DeepSeek-V3: projections in FP8 blocks
+    ("mistral", "compressed_copy", {"kind": "fp8"}),  # llm-compressor's FP8-dynamic (compressed-tensors)
+    ("qwen2", "compressed_copy", {"kind": "int8"}),  # and its W8A8
 ])
-def test_a_checkpoint_shipped_quantized_is_served_dequantized(family, quantized, tmp_path):
+def test_a_checkpoint_shipped_quantized_is_served_dequantized(family, quantized, kwargs, tmp_path):
     """A checkpoint shipped in MXFP4 or FP8 loads with its weights dequantized into the serving
     dtype (transformers would fetch its kernels for those formats from the Hub, which the server
     never reaches, and the server's own ops read plain weights), and is served as PEFT serves the
     same checkpoint, token for token."""
     import helpers
 
-    model = getattr(helpers, quantized)(build_family_model(family, tmp_path / "source"), tmp_path / "model")
+    model = getattr(helpers, quantized)(build_family_model(family, tmp_path / "source"), tmp_path / "model", **kwargs)
     adapter = build_adapter(model, tmp_path / "qv", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     built = serve_as_peft(model, {"qv": adapter}, ((None, 5), ("qv", 9), ("qv", 14), (None, 11)), seed=5)
     assert {p.dtype for p in built.engine.runner.model.parameters()} == {torch.float32}

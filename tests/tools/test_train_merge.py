@@ -327,7 +327,7 @@ def test_merge_into_a_vision_language_checkpoint(family, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family, quantized", [("gpt_oss", "mxfp4_copy"), ("qwen3", "fp8_copy"),
-                                               ("mistral", "compressed_fp8_copy")])
+                                               ("mistral", "compressed_copy")])
 def test_merge_into_a_checkpoint_shipped_quantized_writes_it_dequantized(family, quantized, tmp_path):
     """Merged as the server serves it: the weights dequantized (MXFP4, FP8), the model written
     plain, equal to PEFT's merge over the same dequantized checkpoint."""
