@@ -540,30 +540,44 @@ def fp8_copy(model_dir: Path, out: Path, block: int = 32) -> Path:
 
 
 def compressed_copy(model_dir: Path, out: Path, kind: str = "fp8") -> Path:
-    """``model_dir`` saved again as llm-compressor writes an FP8-dynamic (``kind`` "fp8": compressed-
-    tensors' float-quantized format) or W8A8 checkpoint ("int8": int-quantized): each decoder
-    projection's weight in float8 (e4m3) or int8 with a scale an output row (``weight_scale``
-    [out, 1]), activations quantized per token at run time."""
+    """``model_dir`` saved again as llm-compressor writes a compressed-tensors checkpoint, each
+    decoder projection's weight quantized symmetrically: FP8-dynamic (``kind`` "fp8": float8 e4m3
+    with a scale an output row, ``weight_scale`` [out, 1]; activations per token at run time), W8A8
+    ("int8": the same in int8) or W4A16 ("int4": int4 by groups of 32 inputs, ``weight_scale``
+    [out, in / 32], packed eight to an int32 in ``weight_packed``, with ``weight_shape``)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(model_dir, out)
     weights = load_file(out / "model.safetensors")
-    dtype, fmt, kind_of = {"fp8": (torch.float8_e4m3fn, "float-quantized", "float"),
-                           "int8": (torch.int8, "int-quantized", "int")}[kind]
-    top = torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
+    group = 32 if kind == "int4" else None
     for name in [k for k in weights if ".layers." in k and k.endswith("proj.weight")]:
-        w = weights[name].float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
-        weights[name] = (w / scale if dtype.is_floating_point else torch.round(w / scale)).to(dtype)
-        weights[name.removesuffix("weight") + "weight_scale"] = scale
+        w = weights.pop(name).float()
+        blocks = w.reshape(w.shape[0], -1, group or w.shape[1])  # [out, groups, inputs of a group]
+        if kind == "fp8":
+            scale = blocks.abs().amax(-1).clamp_min(1e-12) / torch.finfo(torch.float8_e4m3fn).max
+            q = (blocks / scale[..., None]).reshape(w.shape).to(torch.float8_e4m3fn)
+        else:
+            top = 127 if kind == "int8" else 7
+            scale = blocks.abs().amax(-1).clamp_min(1e-12) / top
+            q = torch.round(blocks / scale[..., None]).clamp(-top - 1, top).reshape(w.shape).to(torch.int8)
+        stem = name.removesuffix("weight")
+        if kind == "int4":
+            weights.update({stem + "weight_packed": pack_to_int32(q, 4), stem + "weight_shape": torch.tensor(w.shape)})
+        else:
+            weights[name] = q
+        weights[stem + "weight_scale"] = scale
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
-    args = {"num_bits": 8, "type": kind_of, "symmetric": True}
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-        "ignore": ["lm_head"], "config_groups": {"group_0": {
-            "targets": ["Linear"], "weights": {**args, "strategy": "channel", "dynamic": False},
-            "input_activations": {**args, "strategy": "token", "dynamic": True}}}}
+    bits, fmt = {"fp8": (8, "float-quantized"), "int8": (8, "int-quantized"), "int4": (4, "pack-quantized")}[kind]
+    args = {"num_bits": bits, "type": "float" if kind == "fp8" else "int", "symmetric": True, "dynamic": False}
+    scheme = {"targets": ["Linear"], "weights": {**args, "strategy": "group", "group_size": group} if group
+              else {**args, "strategy": "channel"}}
+    if kind != "int4":  # W4A16 leaves activations alone
+        scheme["input_activations"] = {**args, "strategy": "token", "dynamic": True}
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt,
+                                     "quantization_status": "compressed", "ignore": ["lm_head"],
+                                     "config_groups": {"group_0": scheme}}
     (out / "config.json").write_text(json.dumps(config))
     return out
 

@@ -249,7 +249,8 @@ def serve_as_peft(model, adapters: dict, lengths, seed: int, top: int = 0):
     ("gpt_oss", "mxfp4_copy", {}),  # gpt-oss-20b, -120b: experts in MXFP4
     ("qwen3", "fp8_copy", {}),  # Qwen3-8B-FP8, DeepSeek-V3: projections in FP8 blocks
     ("mistral", "compressed_copy", {"kind": "fp8"}),  # llm-compressor's FP8-dynamic (compressed-tensors)
-    ("qwen2", "compressed_copy", {"kind": "int8"}),  # and its W8A8
+    ("qwen2", "compressed_copy", {"kind": "int8"}),  # its W8A8
+    ("qwen3", "compressed_copy", {"kind": "int4"}),  # its W4A16 (int4 groups packed into int32s)
 ])
 def test_a_checkpoint_shipped_quantized_is_served_dequantized(family, quantized, kwargs, tmp_path):
     """A checkpoint shipped in MXFP4 or FP8 loads with its weights dequantized into the serving
