@@ -117,7 +117,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    choices=CONTENT_FORMATS,
                    help="a chat message's content as the chat template reads it (vLLM's flag): string, or openai "
                         "(a list of typed parts, [{\"type\": \"text\", \"text\": ...}], as vision-language "
-                        "models' templates read it); auto: openai where the template loops over a message's content")
+                        "models' templates read it); auto: openai where the template loops over a message's content "
+                        "and never tests it for a string")
     p.add_argument("--op-backend", default=d["op_backend"].default, choices=OP_BACKENDS,
                    help="LoRA kernels: auto = Triton on CUDA when installed, the C++ kernel on CPU when it builds, "
                         "else torch")

@@ -209,10 +209,13 @@ class PromptRenderer:
 
 def loops_over_content(template: str) -> bool:
     """Whether a chat template iterates over a message's content (``{% for part in
-    message['content'] %}``, directly, through a filter or through a variable set from it), as the
-    templates of vision-language models do, which take OpenAI's list of typed parts. Given a
-    string, such a loop runs over its characters and the text is lost, with no error (vLLM's
-    "auto" content format detects it the same way). A template that does not parse: no."""
+    message['content'] %}``, directly, through a filter or through a variable set from it) and
+    never tests it for a string, as the templates of SmolVLM and LLaVA do, which take OpenAI's list
+    of typed parts only: given a string, such a loop runs over its characters and the text is lost,
+    with no error (vLLM's "auto" content format looks for the loop the same way). One that also
+    tests ``content is string`` takes a string (Gemma 3's, Qwen2-VL's), and may take only a string
+    in some roles (Mistral Small 3.1's system and assistant turns). A template that does not
+    parse: no."""
     from jinja2 import TemplateSyntaxError, nodes
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -233,6 +236,8 @@ def loops_over_content(template: str) -> bool:
     for assign in ast.find_all(nodes.Assign):
         if isinstance(assign.target, nodes.Name) and content(assign.node):
             aliases.add(assign.target.name)
+    if any(test.name == "string" and content(test.node) for test in ast.find_all(nodes.Test)):
+        return False
     return any(content(loop.iter) for loop in ast.find_all(nodes.For))
 
 

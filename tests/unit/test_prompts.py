@@ -240,11 +240,22 @@ SMOLVLM_TEMPLATE = (  # SmolVLM's: a loop over the parts
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-QWEN2_VL_TEMPLATE = (  # Qwen2-VL's: a string, or a loop over the parts (through a variable here)
+PARTS_BY_NAME = (  # a loop over the parts through a variable set from them
+    "{% for message in messages %}{% set parts = message['content'] %}{{ message['role'] }}: "
+    "{% for part in parts %}{{ part['text'] }}{% endfor %}\n{% endfor %}")
+QWEN2_VL_TEMPLATE = (  # Qwen2-VL's: a string, or a loop over the parts
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% set parts = message['content'] %}{% for content in parts %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
     "{% if 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MISTRAL3_TEMPLATE = (  # Mistral Small 3.1's: parts or a string for users, a string only for the system and assistant
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system_message = '' %}{% set loop_messages = messages %}"
+    "{% endif %}{{ '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{% if message['content'] is string %}{{ '[INST]' + message['content'] + "
+    "'[/INST]' }}{% else %}{{ '[INST]' }}{% for block in message['content'] %}{% if block['type'] == 'text' %}"
+    "{{ block['text'] }}{% endif %}{% endfor %}{{ '[/INST]' }}{% endif %}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
 STRING_TEMPLATES = (  # text models': the content as a string, at most split
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
     "{% set system = messages[0]['content'] | trim %}{% for m in messages %}{% for piece in m.content.split('x') %}"
@@ -256,17 +267,19 @@ STRING_TEMPLATES = (  # text models': the content as a string, at most split
 def test_templates_that_loop_over_a_messages_content_are_told_from_those_that_read_a_string():
     from loramux.server.prompts import loops_over_content
 
-    for template in (LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, QWEN2_VL_TEMPLATE):
+    for template in (LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, PARTS_BY_NAME):
         assert loops_over_content(template), template
-    for template in STRING_TEMPLATES:
+    for template in (*STRING_TEMPLATES, QWEN2_VL_TEMPLATE, MISTRAL3_TEMPLATE):  # these take a string
         assert not loops_over_content(template), template
 
 
-@pytest.mark.parametrize("template", [LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, QWEN2_VL_TEMPLATE, STRING_TEMPLATES[0]])
+@pytest.mark.parametrize("template", [LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, PARTS_BY_NAME, QWEN2_VL_TEMPLATE,
+                                      MISTRAL3_TEMPLATE, STRING_TEMPLATES[0]])
 def test_a_vision_language_template_gets_the_messages_text_as_content_parts(tiny_llama, template):
-    """A template that loops over a message's content takes OpenAI's list of typed parts; given the
-    string, its loop would run over the characters and drop the text without an error. The flag
-    forces either form."""
+    """A template that loops over a message's content, and takes nothing else, gets OpenAI's list of
+    typed parts; given the string, its loop would run over the characters and drop the text without
+    an error. One that takes either gets the string, which its other turns may need (Mistral Small
+    3.1's system prompt). The flag forces either form."""
     from transformers import AutoTokenizer
 
     from loramux.server.prompts import PromptRenderer
@@ -279,10 +292,14 @@ def test_a_vision_language_template_gets_the_messages_text_as_content_parts(tiny
         renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama), chat_template_content_format=fmt))
         return tokenizer.decode(renderer.render(prompt))
 
-    for fmt in ("auto", "openai" if template != STRING_TEMPLATES[0] else "string"):
+    takes_parts = template in (LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, PARTS_BY_NAME, QWEN2_VL_TEMPLATE)
+    for fmt in ("auto", "openai" if takes_parts else "string"):
         assert "be brief" in rendered(fmt) and "the quick brown fox" in rendered(fmt), (fmt, rendered(fmt))
-    if template in (LLAVA_TEMPLATE, SMOLVLM_TEMPLATE):  # as a string: the text is lost
+    if template in (LLAVA_TEMPLATE, SMOLVLM_TEMPLATE, PARTS_BY_NAME):  # as a string: the text is lost
         assert "the quick brown fox" not in rendered("string")
+    if template == MISTRAL3_TEMPLATE:  # parts everywhere: its system turn cannot take them
+        with pytest.raises(RequestInvalid, match="chat template refused the messages"):
+            rendered("openai")
     if template == STRING_TEMPLATES[0]:  # a string template given parts shows their repr
         assert "'type': 'text'" in rendered("openai")
 
