@@ -118,6 +118,13 @@ DEQUANTIZED = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config", "compresse
 DEQUANTIZED_BY = {"compressed-tensors": "compressed_tensors"}
 
 
+def quantization(hf_config) -> tuple[str | None, dict]:
+    """A checkpoint's quantization method (None: not quantized) and its quantization config."""
+    quant = getattr(hf_config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    return quant.get("quant_method"), quant
+
+
 def dequantizing(hf_config) -> dict:
     """from_pretrained's arguments for a checkpoint shipped quantized (gpt-oss's experts in MXFP4;
     DeepSeek-V3's, Qwen3's FP8 releases; vLLM's compressed-tensors checkpoints, FP8 or int8 or int4
@@ -128,9 +135,7 @@ def dequantizing(hf_config) -> dict:
     leave projections whose weights the server's ops cannot read: refused."""
     import transformers
 
-    quant = getattr(hf_config, "quantization_config", None)
-    quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
-    method = (quant or {}).get("quant_method")
+    method, quant = quantization(hf_config)
     if method is None:
         return {}
     if method not in DEQUANTIZED:
@@ -153,8 +158,12 @@ def load_model(config: ServerConfig) -> LoadedModel:
     path, name = resolve_model_dir(config)
     log.info("loading %s (%s, %s)", name, device, str(dtype).removeprefix("torch."))
     hf_config = AutoConfig.from_pretrained(path)
+    dequantized = dequantizing(hf_config)
+    if dequantized:  # the memory is the dequantized model's: say why
+        log.info("%s is quantized (%s): its weights are dequantized to %s as they load", name,
+                 quantization(hf_config)[0], str(dtype).removeprefix("torch."))
     hf_model = auto_model_class(hf_config).from_pretrained(path, config=hf_config, dtype=dtype,
-                                                           **dequantizing(hf_config)).to(device).eval()
+                                                           **dequantized).to(device).eval()
     hf_model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(hf_model, tokenizer, name, device, dtype)
