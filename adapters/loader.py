@@ -369,8 +369,9 @@ def _read_safetensors(f: AdapterFile, layout: LoRALayout, max_rank: int, into: R
         if not isinstance(header, dict):
             raise AdapterInvalid(f"{f.name} changed while it was read")
         header.pop("__metadata__", None)
+        header = _served(header, layout)
     else:
-        header = read_safetensors_header(prefix, f.size, f.name)
+        header = _served(read_safetensors_header(prefix, f.size, f.name), layout)
         # the shapes must fit the base model before the body is read
         _modules_from_shapes({k: v["shape"] for k, v in header.items()}, None, layout, max_rank)
     prefix = prefix[: 8 + header_len]
@@ -392,9 +393,9 @@ def _served(tensors: dict, layout: LoRALayout) -> dict:
 def _modules_from_shapes(
     shapes: dict[str, list[int]], spec: AdapterSpec, layout: LoRALayout, max_rank: int
 ) -> tuple[dict[str, int], int | None]:
-    """Check tensor names and shapes against the base model; return module -> rank, and the
-    resized vocabulary its fully trained copies hold (``resized_vocabulary``), if any."""
-    shapes = _served(shapes, layout)
+    """Check tensor names and shapes (of the parts the server runs: ``_served``) against the base
+    model; return module -> rank, and the resized vocabulary its fully trained copies hold
+    (``resized_vocabulary``), if any."""
     found: dict[str, dict[str, list[int]]] = {}
     saved_base: dict[str, list[int]] = {}
     tokens: dict[str, list[int]] = {}
@@ -773,7 +774,7 @@ def _read_weights(adapter_dir: Path, name: str, confine: Path, layout: LoRALayou
                                         "the largest adapter this model and --max-lora-rank allow")
         else:
             header, data = _read_safetensors(f, layout, max_rank, into, validated)
-        return None if header is None else _served(header, layout), data, f.identity()
+        return header, data, f.identity()
 
 
 def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, element_size: int,
@@ -796,18 +797,18 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank)
     if time.time_ns() - identity[-1] < RACY_NS:  # a write in this clock tick could leave the same ctime
         identity = None
-    if header is None:
-        shapes = {k: list(v.shape) for k, v in _served(_unpickle(data, name), layout).items()}
+    if header is None:  # pickled: its tensors now, read once
+        tensors = _served(_unpickle(data, name), layout)
+        shapes = {k: list(v.shape) for k, v in tensors.items()}
     else:
-        shapes = {k: v["shape"] for k, v in header.items()}
+        tensors, shapes = None, {k: v["shape"] for k, v in header.items()}
     ranks, vocab = _modules_from_shapes(shapes, spec, layout, max_rank)
     _check_dora(spec, layout, ranks)
     found = None if tokenizers is None else tokenizers.load(adapter_dir, confine)
     tokenizer = None if tokenizers is None or found is tokenizers.base else found  # None: the base model's
     _check_tokenizer(found, tokenizer, vocab, layout)
-    tensors = None
     if any(_unread(k) for k in shapes):  # later loads check the bytes checked here (hash or identity)
-        tensors = _served(_unpickle(data, name), layout) if header is None else _decode(name, data, header)
+        tensors = _decode(data, header) if tensors is None else tensors
         _check_saved_base(tensors, layout)
     rank = max(ranks.values()) + spec.use_dora
     per_page = sum(sum(layout.shapes[layout.modules[m][1]]) for m in ranks)
@@ -896,11 +897,9 @@ def _decode_planned(adapter_dir: Path, layout: LoRALayout, confine: Path, manife
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _decode(name: str, data: bytearray | memoryview, header: dict[str, dict] | None) -> dict[str, torch.Tensor]:
-    """Tensors over the file's bytes, without copying them (safetensors: views at the checked
-    offsets of a little-endian body), or unpickled (only with --allow-pickle)."""
-    if name == PICKLE_WEIGHTS_NAME:
-        return _unpickle(data, name)
+def _decode(data: bytearray | memoryview, header: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (those ``header`` lists) over its bytes, without copying them:
+    views at the checked offsets of a little-endian body."""
     body = 8 + struct.unpack("<Q", data[:8])[0]
     buffer = memoryview(data)
     out = {}
@@ -972,7 +971,7 @@ def decode_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, allow_p
     if manifest is not None and not unchanged and hashlib.sha256(data).hexdigest() != manifest.weights_sha256:
         raise AdapterChanged(f"{name} changed after the adapter was registered; register it again to serve the "
                              "new weights")
-    tensors = _served(_decode(name, data, header), layout)
+    tensors = _decode(data, header) if header is not None else _served(_unpickle(data, name), layout)
     if manifest is not None:  # the bytes registration checked (same identity or same hash): its ranks hold
         ranks = manifest.module_ranks
     else:
