@@ -78,7 +78,12 @@ class PromptRenderer:
         self.max_prompt_tokens = config.input_token_limit
         self.trust_request_template = config.trust_request_chat_template
         self.content_format = config.chat_template_content_format
-        self._model_reads_parts: dict[str, bool] = {}  # the model's chat template(s) by name: _reads_parts
+        # whether each of the model's chat templates (by name: transformers' "default", "tool_use")
+        # reads content parts, with the auto content format: parsed once
+        template = getattr(tokenizer, "chat_template", None) or ""
+        self.template_reads_parts = {} if self.content_format != "auto" else {
+            name: loops_over_content(t or "")
+            for name, t in (template.items() if isinstance(template, dict) else [("default", template)])}
         # names a request's template kwargs may not take: what apply_chat_template and the template
         # renderer set themselves (a "tokenize" would change what render returns)
         self.reserved_kwargs = frozenset(inspect.signature(tokenizer.apply_chat_template).parameters) | {
@@ -199,12 +204,8 @@ class PromptRenderer:
             return self.content_format == "openai"
         if request_template:
             return loops_over_content(request_template)
-        template = self.tokenizer.chat_template
-        name = "tool_use" if isinstance(template, dict) and tools and "tool_use" in template else "default"
-        if name not in self._model_reads_parts:  # named templates: the one transformers picks
-            self._model_reads_parts[name] = loops_over_content(
-                template.get(name, "") if isinstance(template, dict) else template or "")
-        return self._model_reads_parts[name]
+        parts = self.template_reads_parts  # of the named template transformers picks
+        return parts.get("tool_use" if tools and "tool_use" in parts else "default", False)
 
 
 def loops_over_content(template: str) -> bool:

@@ -33,6 +33,7 @@ from torch import nn
 
 from .batch import StepBatch
 from .cohere import ComplexRoPE, _rope_pairs
+from .gemma import Gemma1ForServing
 from .granite import GraniteLayer
 from .layers import FlatAttention, FusedLoRALinear
 from .llama import MLP_UP_KINDS, LlamaLayer, fast_norm, mlp_targets
@@ -163,10 +164,8 @@ class MiniCPM3Layer(DenseMLALayer):
 
 class MiniCPM3ForServing(DenseMLAForServing):
     LAYER = MiniCPM3Layer
+    embed = Gemma1ForServing.embed  # the embedding module's own scale (scale_emb), as Gemma's
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
         self.logit_divisor = self.config.logits_scaling  # Hugging Face divides the hidden states before lm_head
-
-    def embed(self, batch: StepBatch) -> torch.Tensor:
-        return self.embed_with_lora(batch) * self.embed_tokens.embed_scale.to(self.embed_tokens.weight.dtype)

@@ -9,6 +9,7 @@ output) makes the random model write harmony, the markers by their ids."""
 import json
 
 import pytest
+from test_reasoning import ASK, WEATHER, weather_in_rome_called
 
 from helpers import build_llama
 from server import ServerProcess
@@ -17,9 +18,6 @@ MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|
 START, CHANNEL, MESSAGE, END, CALL, CONSTRAIN = range(384, 384 + len(MARKERS))  # special tokens after the 384
 TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] or '' }}<|end|>{% endfor %}"
             "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
-ASK = [{"role": "user", "content": "Capital of France?"}]
-WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +72,10 @@ def test_chat_gives_the_analysis_apart_from_the_final_answer_plain_and_streamed(
 
 
 def test_a_call_is_a_commentary_message_to_a_function(oss):
-    oa = oss.openai()
     ask = dict(model=oss.model, messages=ASK, tools=[WEATHER],
                **harmony(("analysis", "need the weather"),
                          ("commentary to=functions.weather <|constrain|>json", '{"city": "Rome"}')))
-    got = oa.chat.completions.create(**ask)
-    message = got.choices[0].message
-    assert got.choices[0].finish_reason == "tool_calls" and message.reasoning_content == "need the weather"
-    assert message.content is None and [(c.function.name, json.loads(c.function.arguments))
-                                        for c in message.tool_calls] == [("weather", {"city": "Rome"})]
-    deltas = [c.choices[0].delta for c in oa.chat.completions.create(**ask, stream=True) if c.choices]
-    assert not "".join(d.content or "" for d in deltas)
-    (calls,) = [d.tool_calls for d in deltas if d.tool_calls]
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("weather", {"city": "Rome"})]
+    weather_in_rome_called(oss.openai(), ask, "need the weather")
 
 
 def test_a_preamble_is_content_and_a_built_in_tools_call_is_not(oss):

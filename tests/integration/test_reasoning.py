@@ -109,20 +109,27 @@ def test_chat_gives_the_thinking_apart_plain_and_streamed(whole):
     assert "".join(d.content or "" for d in deltas) == "Paris"
 
 
+def weather_in_rome_called(oa, ask: dict, thinking: str):
+    """The reply to ``ask`` is one call, weather(city="Rome"), after ``thinking``, with no content:
+    plain and streamed. Returns the plain reply's message."""
+    got = oa.chat.completions.create(**ask)
+    message = got.choices[0].message
+    assert got.choices[0].finish_reason == "tool_calls" and message.reasoning_content == thinking
+    assert message.content is None and [(c.function.name, json.loads(c.function.arguments))
+                                        for c in message.tool_calls] == [("weather", {"city": "Rome"})]
+    deltas = [c.choices[0].delta for c in oa.chat.completions.create(**ask, stream=True) if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == thinking
+    assert not "".join(d.content or "" for d in deltas)
+    (calls,) = [d.tool_calls for d in deltas if d.tool_calls]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("weather", {"city": "Rome"})]
+    return message
+
+
 def test_tool_calls_are_read_from_the_answer(whole):
     oa = whole.openai()
     call = '<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>'
     ask = dict(model=whole.model, messages=ASK, tools=[WEATHER], **written("call it", call))
-    got = oa.chat.completions.create(**ask)
-    message = got.choices[0].message
-    assert got.choices[0].finish_reason == "tool_calls" and message.reasoning_content == "call it"
-    assert message.content is None and [(c.function.name, json.loads(c.function.arguments))
-                                        for c in message.tool_calls] == [("weather", {"city": "Rome"})]
-    deltas = [c.choices[0].delta for c in oa.chat.completions.create(**ask, stream=True) if c.choices]
-    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "call it"
-    assert not "".join(d.content or "" for d in deltas)
-    (calls,) = [d.tool_calls for d in deltas if d.tool_calls]
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("weather", {"city": "Rome"})]
+    message = weather_in_rome_called(oa, ask, "call it")
     # the thinking before a call, sent back with it, is shown to the template
     follow = ASK + [{"role": "assistant", "content": None, "reasoning_content": "call it",
                      "tool_calls": [c.model_dump() for c in message.tool_calls]}]
