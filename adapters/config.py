@@ -27,7 +27,7 @@ UNSUPPORTED_TARGETS = {
     "embed_out": "GPT-NeoX's output projection is lm_head since transformers 5 (embed_out before): target lm_head",
 }
 HEAD = "lm_head"  # the output projection: its kind, and its module name in every supported family
-EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")  # the token embedding's name in each family
+EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "embeddings")  # the token embedding's name in each family
 # targets served only where the server opts in, and its flag
 OPT_IN = {HEAD: "--enable-lm-head-lora", **{e: "--enable-embedding-lora" for e in EMBEDDINGS}}
 

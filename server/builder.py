@@ -42,6 +42,7 @@ from .ops.linear import (
     time_row_counts,
 )
 from .ops.quantize import select_int8_linear
+from .recurrent_state import RecurrentStates
 from .runner import ModelRunner
 from .timing_cache import TimingCache
 from .torch_threads import IOCoreShare, in_passing_thread, serial_openmp, thread_openmp, usable_cores
@@ -206,9 +207,10 @@ def use_decode_graphs(config: ServerConfig, device: torch.device, model_class) -
     wanted = config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and device.type == "cuda")
     if wanted and not model_class.CUDA_GRAPHS:
         if config.cuda_graphs == "on":
-            raise StartupError(f"--cuda-graphs on: {model_class.__name__}'s decode steps cannot be captured (a host "
-                               "sync in its forward pass); use auto or off")
-        log.info("decode CUDA graphs off: %s's forward pass synchronizes with the host", model_class.__name__)
+            raise StartupError(f"--cuda-graphs on: {model_class.__name__}'s decode steps cannot be captured "
+                               f"({model_class.NO_GRAPHS}); use auto or off")
+        log.info("decode CUDA graphs off: %s's decode steps cannot be captured (%s)", model_class.__name__,
+                 model_class.NO_GRAPHS)
         return False
     return wanted
 
@@ -230,6 +232,30 @@ def decode_graphs(config: ServerConfig, runner: ModelRunner, zero_page: int) -> 
         log.warning("decode CUDA graphs off: capturing decode steps failed (%s); decode runs eagerly", e)
         return None
     return graphs
+
+
+def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[ServerConfig, RecurrentStates | None]:
+    """A hybrid model's recurrent layers get a state for each sequence that can run at once
+    (recurrent_state.py), allocated before the KV pool is sized from the memory left; such a model
+    is served without prefix caching (a cached prefix has no state to resume from) and without
+    speculative decoding (rejected drafts cannot be taken back out of a state). The config as
+    served, and the states (None for a model without recurrent layers)."""
+    specs = model.state_specs()
+    if not specs:
+        return config, None
+    if config.num_speculative_tokens:
+        raise StartupError(f"--num-speculative-tokens: {type(model).__name__}'s recurrent layers cannot take back "
+                           "rejected drafts; serve it without speculative decoding")
+    size = RecurrentStates.bytes_for(specs, config.max_batch_size, loaded.dtype)
+    try:
+        states = RecurrentStates(specs, config.max_batch_size, loaded.dtype, loaded.device)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise StartupError(f"the recurrent states of --max-batch-size {config.max_batch_size} sequences take "
+                           f"{size / 2**30:.2f} GiB, which {loaded.device} cannot hold ({e}); lower --max-batch-size") from None
+    log.info("recurrent layers: %d states for each of --max-batch-size %d sequences, %.1f MiB in all%s", len(specs),
+             config.max_batch_size, size / 2**20,
+             "; prefix caching off (a cached prefix has no recurrent state)" if config.prefix_caching else "")
+    return replace(config, prefix_caching=False), states
 
 
 @in_passing_thread
@@ -270,6 +296,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))
     graphs = use_decode_graphs(config, loaded.device, cls)
     pool.zero_untargeted = graphs  # before any adapter loads: static plans read every kind's pages
+    config, states = recurrent_states(config, model, loaded)
     per_token = PagedKVCache.bytes_per_token(num_layers, kv_heads, head_dim, loaded.dtype)
     embedding = model.token_embedding.weight
     saved_bytes = config.max_saved_modules * embedding.numel() * embedding.element_size()  # each as large
@@ -281,6 +308,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     kv = PagedKVCache(num_layers, -(-tokens // config.kv_block_size), config.kv_block_size, kv_heads, head_dim,
                       loaded.dtype, loaded.device, select_decode_attention(config.op_backend, loaded.device),
                       select_prefill_attention(config.op_backend, loaded.device))
+    kv.states = states
     model.bind_lora_stores(pool.fused_stores)
     element_size = torch.empty(0, dtype=page_dtype).element_size()
     registry = AdapterRegistry(layout, config.max_lora_rank, element_size,

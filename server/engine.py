@@ -112,6 +112,7 @@ class Engine:
         self.admission = AdapterAdmission(adapters)
         kv = runner.kv
         self.blocks = BlockManager(kv.num_blocks, kv.block_size, config.prefix_caching)
+        self.states = kv.states  # a recurrent model's per-sequence states; None for others
         # admission leaves this many blocks free for running sequences to grow into (none when idle)
         self.watermark_blocks = max(1, int(WATERMARK * kv.num_blocks)) if kv.num_blocks > 1 else 0
         self.prefix_queried_tokens = 0  # counters read by the metrics collector
@@ -613,6 +614,8 @@ class Engine:
     def _admit(self, seq: Sequence) -> None:
         self.admission.pin(seq)
         self.blocks.admit(seq, seq.hit, seq.prompt_keys or ())
+        if self.states is not None:  # zeroed: its state starts from its first token, computed again
+            seq.state_slot = self.states.take()
         cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size)
         seq.num_computed = cached
         if self.blocks.prefix_caching:
@@ -628,11 +631,17 @@ class Engine:
         """Give the sequence's blocks back; it is recomputed later from all its tokens so far (its
         full blocks stay cached, evicted after all others, so the recompute usually hits them)."""
         self.blocks.free(seq, resume=True)
+        self._free_state(seq)
         self.admission.release(seq)
         self._running.remove(seq)
         seq.num_computed = 0
         seq.prefill_len = len(seq.ids)
         seq.prompt_keys = None
+
+    def _free_state(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self.states.free(seq.state_slot)
+            seq.state_slot = None
 
     def _outgrow_rope(self) -> None:
         """Decoding sequences of a model with RECOMPUTE_AT_ROPE_SPLIT that have outgrown its
@@ -703,7 +712,7 @@ class Engine:
                 needs_logits=decoding[-1] or start + n == seq.prefill_len, kinds=seq.kinds,
                 magnitude_page=seq.magnitude_page, saved_embedding=seq.saved_embedding, saved_head=seq.saved_head,
                 prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
-                long_rope=seq.long_rope,
+                long_rope=seq.long_rope, state_slot=seq.state_slot,
             ))
         constrained = [seq for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None and seq.grammar.constrains] \
@@ -864,6 +873,7 @@ class Engine:
                 except Exception:  # noqa: BLE001
                     log.exception("observer %s failed on request %s", type(obs).__name__, seq.request.request_id)
             self.blocks.free(seq)
+            self._free_state(seq)
             self.admission.release(seq)
         finally:  # whatever happened above, the caller gets its answer and the place is returned
             if seq in self._running:

@@ -11,6 +11,7 @@ import torch
 
 from ..adapters import huge_pages
 from .ops.attention import paged_decode_torch
+from .recurrent_state import RecurrentStates
 
 
 class PagedKVCache:
@@ -24,6 +25,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.decode_attention = decode_attention  # ops/attention.py: the C++, Triton or torch kernel
         self.prefill_attention = prefill_attention  # every prefill chunk in one call (Triton), or None: SDPA per chunk
+        self.states: RecurrentStates | None = None  # a hybrid model's recurrent layers' per-sequence states
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -37,6 +37,7 @@ class WorkItem:
     saved_embedding: torch.Tensor | None = None
     saved_head: torch.Tensor | None = None
     long_rope: bool = False  # all its positions take RoPE's long frequencies (ServingModel.rope_split)
+    state_slot: int | None = None  # its recurrent state's slot (recurrent_state.py); None: the sink
 
     def uses(self, kind: str) -> bool:
         return self.pages is not None and kind in self.kinds
@@ -74,6 +75,7 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     saved = [*batch.saved_embeddings, *batch.saved_heads]
     host += [rows for rows, _ in saved] + ([] if batch.base_head_rows is None else [batch.base_head_rows])
     host += [] if batch.rope_positions is None else [batch.rope_positions]
+    host += [] if batch.state_slots is None else [batch.state_slots]
     moved = iter(upload(host, device, pin))
     fields = {f: next(moved) for f in STEP_FIELDS}
     new_groups = {id(g): replace(g, rows=next(moved), pages=next(moved),
@@ -88,7 +90,8 @@ def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
                    saved_embeddings=tuple(zip(rows[:embeddings], (w for _, w in batch.saved_embeddings), strict=True)),
                    saved_heads=tuple(zip(rows[embeddings:], (w for _, w in batch.saved_heads), strict=True)),
                    base_head_rows=None if batch.base_head_rows is None else next(moved),
-                   rope_positions=None if batch.rope_positions is None else next(moved))
+                   rope_positions=None if batch.rope_positions is None else next(moved),
+                   state_slots=None if batch.state_slots is None else next(moved))
 
 
 def _per_row(items: list[WorkItem], row_items: list[int | None]) -> tuple[LoRAPlan, list[tuple[int, int]]]:
@@ -242,6 +245,8 @@ class ModelRunner:
             rope_positions=None if self.model.rope_split is None else longs(
                 rope_row(p, self.model.rope_split, items[i].long_rope)
                 for p, i in zip(meta.positions, (i for i in (*prefill, *decode) for _ in items[i].token_ids), strict=True)),
+            state_slots=None if self.kv.states is None else longs(
+                self.kv.states.sink if items[i].state_slot is None else items[i].state_slot for i in (*prefill, *decode)),
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

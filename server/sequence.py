@@ -50,6 +50,7 @@ class Sequence:
     cold_adapter: bool = False  # the adapter was not device-resident when the request arrived
     num_preemptions: int = 0
     long_rope: bool = False  # all its positions take RoPE's long frequencies (ServingModel.rope_split)
+    state_slot: int | None = None  # a recurrent model's: its state's slot while running (recurrent_state.py)
     prompt_keys: list[bytes] | None = None  # prefix-cache keys of ids[:prefill_len]'s full blocks
     hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far

@@ -345,6 +345,53 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
     if family == "mpt":  # ALiBi over 6 heads (not a power of two), q/k/v clamped (a clip that bites)
         return tf.MptConfig(**common, d_model=48, n_layers=2, n_heads=6, max_seq_len=512,
                             attn_config={"clip_qkv": 2.0}, architectures=["MptForCausalLM"])
+    if family == "lfm2":  # short-convolution layers (biased) around an attention layer; the MLP's width derived
+        return tf.Lfm2Config(**common, **{**llama_like, "num_hidden_layers": 3},
+                             layer_types=["conv", "full_attention", "conv"], conv_bias=True, conv_L_cache=3,
+                             block_ffn_dim_multiplier=1.5, block_multiple_of=16, architectures=["Lfm2ForCausalLM"])
+    if family == "lfm2_moe":  # a dense first layer, then experts (sigmoid routing, an expert bias)
+        return tf.Lfm2MoeConfig(**common, **{**llama_like, "num_hidden_layers": 3},
+                                layer_types=["conv", "full_attention", "conv"], num_dense_layers=1, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=32, architectures=["Lfm2MoeForCausalLM"])
+    if family in ("qwen3_5", "qwen3_5_moe"):  # gated DeltaNet layers (4 value heads over 2 key heads) around gated attention
+        qwen = dict(**common, **{**llama_like, "num_hidden_layers": 3}, head_dim=32,
+                    layer_types=["linear_attention", "full_attention", "linear_attention"], linear_conv_kernel_dim=4,
+                    linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                     "mrope_section": [2, 1, 1]})
+        if family == "qwen3_5":
+            return tf.Qwen3_5TextConfig(**qwen, architectures=["Qwen3_5ForCausalLM"])
+        qwen.pop("intermediate_size")  # every layer's MLP: 4 experts, 2 a token, and a gated shared expert
+        return tf.Qwen3_5MoeTextConfig(**qwen, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=32, architectures=["Qwen3_5MoeForCausalLM"])
+    if family == "qwen3_next":  # Qwen3.5-MoE's layers, DeltaNet's projections by key head, a dense first MLP
+        return tf.Qwen3NextConfig(**common, **{**llama_like, "num_hidden_layers": 3}, head_dim=32,
+                                  layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                  linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                                  linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, shared_expert_intermediate_size=32, mlp_only_layers=[0],
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.25},
+                                  architectures=["Qwen3NextForCausalLM"])
+    if family in ("granitemoehybrid", "granitemoehybrid_moe"):  # Mamba-2 layers around attention, Granite's scalars
+        granite = dict(**common, **{**llama_like, "num_hidden_layers": 3},
+                       layer_types=["linear_attention", "full_attention", "linear_attention"], mamba_n_heads=8,
+                       mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16,
+                       shared_intermediate_size=64, embedding_multiplier=2.0, residual_multiplier=0.5,
+                       attention_multiplier=0.2, logits_scaling=3.0, architectures=["GraniteMoeHybridForCausalLM"])
+        if family == "granitemoehybrid":  # Granite 4.0-H's: no positions encoded, no experts
+            return tf.GraniteMoeHybridConfig(**granite, position_embedding_type=None, num_local_experts=0)
+        return tf.GraniteMoeHybridConfig(**{**granite, "intermediate_size": 32}, position_embedding_type="rope",
+                                         num_local_experts=4, num_experts_per_tok=2)
+    if family in ("nemotron_h", "nemotron_h_moe"):  # single-operator blocks: Mamba-2, a relu2 MLP, attention without RoPE
+        blocks = ["linear_attention", "mlp", "full_attention", "linear_attention", "mlp" if family == "nemotron_h" else "moe"]
+        return tf.NemotronHConfig(**{k: v for k, v in common.items() if k != "bos_token_id"}, hidden_size=64,
+                                  layers_block_type=blocks, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, n_groups=2,
+                                  ssm_state_size=8, conv_kernel=4, chunk_size=16, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=32,
+                                  moe_shared_expert_intermediate_size=32, max_position_embeddings=512,
+                                  architectures=["NemotronHForCausalLM"])
     if family == "bloom":
         return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     raise ValueError(family)
@@ -355,7 +402,8 @@ VISION_LANGUAGE_FAMILIES = {"gemma3_vlm": "gemma3", "mistral3_vlm": "mistral", "
                             "llava_onevision": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
                             "internvl": "qwen3", "aya_vision": "cohere2", "smolvlm": "mistral",
                             "llava_next": "qwen2", "idefics3": "mistral", "qwen3_vl_moe": "qwen3_moe",
-                            "ministral3_vlm": "ministral3", "glm4v": "glm4", "glm4v_moe": "glm4_moe"}
+                            "ministral3_vlm": "ministral3", "glm4v": "glm4", "glm4v_moe": "glm4_moe", "lfm2_vl": "lfm2",
+                            "qwen3_5_vl": "qwen3_5", "qwen3_5_moe_vl": "qwen3_5_moe"}
 
 
 def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
@@ -411,6 +459,17 @@ def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
         config = tf.Glm4vConfig if family == "glm4v" else tf.Glm4vMoeConfig
         return config(text_config=text, vision_config=dict(depth=1, hidden_size=32, out_hidden_size=text["hidden_size"],
                                                            intermediate_size=64, num_heads=2), **ids, **top)
+    if family in ("qwen3_5_vl", "qwen3_5_moe_vl"):  # Qwen3.5's checkpoints: all of them image-text-to-text
+        text.pop("model_type")
+        config = tf.Qwen3_5Config if family == "qwen3_5_vl" else tf.Qwen3_5MoeConfig
+        return config(text_config=text, vision_config=dict(depth=1, hidden_size=32, out_hidden_size=text["hidden_size"],
+                                                           intermediate_size=64, num_heads=2),
+                      image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+                      vision_end_token_id=vocab - 4, **top)
+    if family == "lfm2_vl":  # LFM2-VL: a SigLIP2 tower, a projector of its own
+        vision = dict(model_type="siglip2_vision_model", **{k: v for k, v in tower.items() if k != "image_size"})
+        return tf.Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=vocab - 1,
+                               projector_hidden_size=32, **top)
     if family in ("smolvlm", "idefics3"):  # the decoder at model.text_model, a connector for a projector
         config = tf.SmolVLMConfig if family == "smolvlm" else tf.Idefics3Config
         return config(text_config=text, vision_config=tower, image_token_id=vocab - 1, scale_factor=2, **top)
@@ -425,7 +484,9 @@ VISION_LANGUAGE_ARCHITECTURES = {
     "aya_vision": "AyaVisionForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "ministral3_vlm": "Mistral3ForConditionalGeneration",
-    "glm4v": "Glm4vForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration"}
+    "glm4v": "Glm4vForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
+    "lfm2_vl": "Lfm2VlForConditionalGeneration", "qwen3_5_vl": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe_vl": "Qwen3_5MoeForConditionalGeneration"}
 
 
 def auto_model(source, **kwargs):
@@ -476,14 +537,12 @@ def int8_copy(model_dir: Path, out: Path) -> Path:
     from loramux.server.ops.quantize import dequantize_int8, quantize_int8
 
     model = auto_model(model_dir, dtype=torch.float32).eval()
-    text = model.config.get_text_config()  # a vision-language model's decoder's
-    targets = serving_model_class(model.config.architectures[0], model.config).lora_targets(text)
+    layout = serving_model_class(model.config.architectures[0], model.config).layout_from_config(model.config)
     with torch.no_grad():
-        for template, _, _ in targets.values():
-            for i in range(text.num_hidden_layers):
-                module = model.get_submodule(template.format(i=i))
-                w = module.weight.T if isinstance(module, Conv1D) else module.weight  # [out, in]
-                w.copy_(dequantize_int8(*quantize_int8(w)))
+        for name in layout.modules:
+            module = model.get_submodule(name)
+            w = module.weight.T if isinstance(module, Conv1D) else module.weight  # [out, in]
+            w.copy_(dequantize_int8(*quantize_int8(w)))
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -666,6 +725,30 @@ FAMILY_ADAPTERS = {
                "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
     "mpt": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["Wqkv"]),
             "rest-r4": dict(r=4, lora_alpha=8, target_modules=["out_proj", "up_proj", "down_proj"])},
+    "lfm2": {"qv-conv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj", "out_proj"]),
+             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1",
+                                                               "w3", "w2"])},
+    "qwen3_5": {"qv-net-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj_qkv", "in_proj_z",
+                                                                      "out_proj"]),
+                "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ALL_PROJ, "in_proj_qkv", "in_proj_z", "in_proj_b",
+                                                                  "in_proj_a", "out_proj"])},
+    "qwen3_5_moe": {"qk-net-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "in_proj_qkv"]),
+                    "attn-net-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj_qkv", "in_proj_z",
+                                                                           "in_proj_b", "in_proj_a", "out_proj"])},
+    "qwen3_next": {"qv-qkvz-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj_qkvz"]),
+                   # not the MLP: PEFT turns its names into target_parameters on the experts (refused)
+                   "attn-net-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj_qkvz", "in_proj_ba",
+                                                                          "out_proj"])},
+    "granitemoehybrid": {"qv-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj",
+                                                                                "out_proj"]),
+                         "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj", "out_proj",
+                                                                           "input_linear", "output_linear"])},
+    # PEFT refuses out_proj on Nemotron-H's Mamba layers (Mamba's fused kernels skip it)
+    "nemotron_h": {"qv-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj"]),
+                   "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj", "up_proj", "down_proj"])},
+    # not the MLP's names: the experts' shared expert has linears of those names (not served)
+    "nemotron_h_moe": {"qk-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "in_proj"]),
+                       "attn-mamba-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj"])},
     "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }
@@ -682,7 +765,7 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
                    "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron",
-                   "phi3_longrope": "phi3", "persimmon": "gpt_neox", **VISION_LANGUAGE_FAMILIES}
+                   "phi3_longrope": "phi3", "lfm2_moe": "lfm2", "granitemoehybrid_moe": "granitemoehybrid", "persimmon": "gpt_neox", **VISION_LANGUAGE_FAMILIES}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

@@ -23,6 +23,19 @@ from ..ops.quantize import Int8Linear, dequantize_int8
 from .batch import StepBatch
 
 
+class RecurrentLayers:
+    """A serving model mixin: a hybrid whose recurrent layers keep a state per sequence
+    (recurrent_state.py), their specs ``recurrent_states`` set when it is built. The static decode
+    path (decode_graphs.py) holds no such state."""
+
+    CUDA_GRAPHS = False
+    NO_GRAPHS = "recurrent state, which the static decode path does not hold"
+    recurrent_states: list = []
+
+    def state_specs(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
+        return self.recurrent_states
+
+
 class ServingModel(nn.Module):
     config: object
     layers: nn.ModuleList
@@ -38,6 +51,7 @@ class ServingModel(nn.Module):
     logit_divisor: float | None = None  # Granite's logits_scaling: logits -> logits / it
     logit_multiplier: float | None = None  # Cohere's logit_scale: logits -> logits * it
     CUDA_GRAPHS = True  # decode steps can be captured (decode_graphs.py): no host sync inside the forward
+    NO_GRAPHS = "a host sync in its forward pass"  # why not, where CUDA_GRAPHS is off
     # A RoPE whose frequencies depend on the sequence's length (longrope, dynamic NTK), past a context of
     # this many positions: its table holds the short frequencies' rows [0, split), then the long ones'
     # [split, split + max_model_len). A row takes the long ones where its sequence's prompt is longer
@@ -57,14 +71,22 @@ class ServingModel(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def layer_targets(cls, config) -> list[dict[str, tuple[str, int, int]]]:
+        """Each layer's LoRA targets, as ``lora_targets``: the same in every layer, but a hybrid
+        model's, whose layers differ by type (LFM2's attention and convolution layers)."""
+        return [cls.lora_targets(config)] * config.num_hidden_layers
+
+    @classmethod
     def layout_from_config(cls, config) -> LoRALayout:
         """LoRA targets and their (in, out) from the HF config alone: no weights needed."""
         config = config.get_text_config()  # a vision-language model's decoder's
-        targets = cls.lora_targets(config)
-        modules = {template.format(i=i): (i, kind)
-                   for i in range(config.num_hidden_layers) for kind, (template, _, _) in targets.items()}
-        return LoRALayout(modules, {k: (fin, fout) for k, (_, fin, fout) in targets.items()}, config.num_hidden_layers,
-                          cls.FUSED_KINDS, ignored=cls.IGNORED)
+        modules, shapes = {}, {}
+        for i, targets in enumerate(cls.layer_targets(config)):
+            for kind, (template, fin, fout) in targets.items():
+                modules[template.format(i=i)] = (i, kind)
+                if shapes.setdefault(kind, (fin, fout)) != (fin, fout):  # one kind's pages have one shape
+                    raise ValueError(f"{kind} is ({fin}, {fout}) in layer {i} and {shapes[kind]} in another")
+        return LoRALayout(modules, shapes, config.num_hidden_layers, cls.FUSED_KINDS, ignored=cls.IGNORED)
 
     @staticmethod
     def position_limit(config) -> int | None:
@@ -151,6 +173,12 @@ class ServingModel(nn.Module):
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         raise NotImplementedError
+
+    def state_specs(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
+        """Each per-sequence state of the recurrent layers (recurrent_state.py): its shape and dtype
+        (None: the model's), in the order the layers index them; empty for a model whose layers all
+        attend."""
+        return []
 
     def projection_bytes(self) -> int:
         """Bytes of the decoder's projection weights (and int8 ones' scales)."""

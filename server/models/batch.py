@@ -46,3 +46,6 @@ class StepBatch:
     # [T] each row's row of the model's RoPE table where it differs from its position (a table split
     # in two, ServingModel.rope_split); None: the positions
     rope_positions: torch.Tensor | None = None
+    # a recurrent model's (recurrent_state.py): each prefill chunk's state slot, then each decode row's,
+    # [len(prefill) + D]; None for a model without recurrent layers
+    state_slots: torch.Tensor | None = None

@@ -52,8 +52,11 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "Llama4TextRMSNorm", "SolarOpenRMSNorm", "ExaoneMoeRMSNorm", "DeepseekV3RMSNorm",
                              "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm",
                              "DeepseekV2RMSNorm", "MiniCPM3RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm",
-                             "Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm", "Glm4vRMSNorm", "Glm4vMoeTextRMSNorm"})
-GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm"})
+                             "Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm", "Glm4vRMSNorm", "Glm4vMoeTextRMSNorm",
+                             "Lfm2RMSNorm", "Lfm2MoeRMSNorm", "GraniteMoeHybridRMSNorm",
+                             "NemotronHRMSNorm"})
+GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm", "Qwen3_5RMSNorm",
+                             "Qwen3_5MoeRMSNorm", "Qwen3NextRMSNorm"})
 
 
 class RMSNorm(nn.Module):
@@ -313,7 +316,12 @@ class LlamaForServing(ServingModel):
 
     def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [max_model_len, rotary dim] in the model's dtype, as the Hugging Face model's
-        rotary module computes them (of layer type ``kind``, where the config keys RoPE by type)."""
+        rotary module computes them (of layer type ``kind``, where the config keys RoPE by type).
+        A decoder without one encodes no positions (Granite 4.0-H's, Nemotron-H's): a table no
+        layer reads (their layers' ``use_rope`` is off)."""
+        if getattr(inner, "rotary_emb", None) is None:
+            zeros = self.lm_head.weight.new_zeros(max_model_len, 2)
+            return zeros, zeros
         return self.rotary_table(inner.rotary_emb, max_model_len, *([] if kind is None else [kind]))
 
     def rotary_table(self, rotary, max_model_len: int, *args) -> tuple[torch.Tensor, torch.Tensor]:

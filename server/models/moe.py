@@ -42,6 +42,30 @@ class MoELayer(LlamaLayer):
         return self.moe(x[None])[0]  # the module takes [batch, seq, hidden]
 
 
+class DenseOrExperts:
+    """A layer mixin for models whose layers mix both: a dense MLP (LoRA targets, built by
+    ``init_dense``: Llama's gate|up and down by default), or a mixture of experts, run as
+    ``MoELayer`` runs it (no LoRA on it). ``DENSE``: an attribute only the dense MLP has."""
+
+    DENSE = "gate_proj"
+
+    def init_mlp(self, mlp, layer: int, int8: bool) -> None:
+        self.moe = None if hasattr(mlp, self.DENSE) else mlp
+        if self.moe is None:
+            self.init_dense(mlp, layer, int8)
+
+    def init_dense(self, mlp, layer: int, int8: bool) -> None:
+        LlamaLayer.init_mlp(self, mlp, layer, int8)
+
+    def mlp_modules(self) -> list:
+        return [] if self.moe is not None else [self.gate_up, self.down_proj]
+
+    def mlp(self, x, batch: StepBatch, apply_lora):
+        if self.moe is not None:
+            return MoELayer.mlp(self, x, batch, apply_lora)
+        return LlamaLayer.mlp(self, x, batch, apply_lora)
+
+
 class MoEForServing(LlamaForServing):
     FUSED_KINDS = (ATTN_KINDS,)
     LAYER = MoELayer

@@ -41,8 +41,11 @@ VISION_LANGUAGE = {
     "Qwen2_5_VLForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen2ForCausalLM"),
     "Qwen3VLForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3ForCausalLM"),
     "Qwen3VLMoeForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3MoeForCausalLM"),
+    "Qwen3_5ForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3_5ForCausalLM"),
+    "Qwen3_5MoeForConditionalGeneration": ("model.language_model", _QWEN_VL, "Qwen3_5MoeForCausalLM"),
     "Glm4vForConditionalGeneration": ("model.language_model", _QWEN_VL, "Glm4ForCausalLM"),
     "Glm4vMoeForConditionalGeneration": ("model.language_model", _QWEN_VL, "Glm4MoeForCausalLM"),
+    "Lfm2VlForConditionalGeneration": ("model.language_model", _TOWER, None),
     "Idefics3ForConditionalGeneration": ("model.text_model", _IDEFICS, None),
     "SmolVLMForConditionalGeneration": ("model.text_model", _IDEFICS, None),
 }
@@ -80,6 +83,11 @@ def vision_language_class(architecture: str, text_class: type[LlamaForServing]) 
         def lora_targets(config):
             return {kind: (renamed(template), fin, fout)
                     for kind, (template, fin, fout) in text_class.lora_targets(config).items()}
+
+        @classmethod
+        def layer_targets(cls, config):
+            return [{kind: (renamed(template), fin, fout) for kind, (template, fin, fout) in targets.items()}
+                    for targets in text_class.layer_targets(config)]
 
     VisionLanguageForServing.__name__ = VisionLanguageForServing.__qualname__ = f"{architecture}Serving"
     return VisionLanguageForServing

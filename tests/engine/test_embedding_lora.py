@@ -21,7 +21,7 @@ from loramux.server.ops.embedding import embedding_lora
 from helpers import FAMILY_ADAPTERS, _family_config, build_adapter, build_family_model, build_llama
 from test_parity import serve_in_turn
 
-# the token embedding's module name in each family (embed_tokens, wte, word_embeddings, embed_in)
+# the token embedding's module name in each family (embed_tokens, wte, word_embeddings, embed_in, embeddings)
 EMBEDDING = {family: serving_model_class(_family_config(family, 64, 0, 1).architectures[0]).EMBEDDING[1]
              for family in FAMILY_ADAPTERS} | {"llama": "embed_tokens"}
 

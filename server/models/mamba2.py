@@ -1,0 +1,68 @@
+"""Mamba-2's mixer (Dao and Gu, 2024) over a flat batch, as the hybrids' Hugging Face modules hold it
+(Granite 4.0-H's ``GraniteMoeHybridMambaLayer``, Nemotron-H's ``NemotronHMamba2Mixer``).
+
+``in_proj`` projects the normed input into a gate z, x|B|C and the step dt; x|B|C go through a
+depthwise causal convolution (ops/short_conv.py) and SiLU; the selective state space (ops/ssd.py)
+maps x to y by a [heads, head dim, state] state per sequence (float32); y, gated by SiLU(z) and
+RMS-normed by groups (Hugging Face's module), goes through ``out_proj``. A sequence's states: the
+convolution's last inputs and the scan's (recurrent_state.py). LoRA targets: in_proj, out_proj.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.recurrent import over_sequences
+from ..ops.short_conv import short_conv
+from ..ops.ssd import chunked, discretize, step
+from .batch import StepBatch
+from .layers import FusedLoRALinear
+
+
+class Mamba2Mixer(nn.Module):
+    """Hugging Face's Mamba-2 mixer (``mixer``) over a flat batch; ``states``: its convolution's
+    state's index among the recurrent states, then its scan's."""
+
+    def __init__(self, mixer, layer: int, states: int, int8: bool = False):
+        super().__init__()
+        self.in_proj = FusedLoRALinear.from_linears([mixer.in_proj], ("in_proj",), layer, int8)
+        self.out_proj = FusedLoRALinear.from_linears([mixer.out_proj], ("out_proj",), layer, int8)
+        self.conv_weight, self.conv_bias = mixer.conv1d.weight, mixer.conv1d.bias  # [conv dim, 1, K], [conv dim]
+        self.act = {"silu": F.silu, "swish": F.silu}[mixer.activation]
+        self.A_log, self.D, self.dt_bias, self.norm = mixer.A_log, mixer.D, mixer.dt_bias, mixer.norm
+        self.heads, self.head_dim, self.groups, self.state_size = (mixer.num_heads, mixer.head_dim, mixer.n_groups,
+                                                                   mixer.ssm_state_size)
+        self.inner, self.chunk = mixer.intermediate_size, mixer.chunk_size
+        self.limit = tuple(mixer.time_step_limit or (0.0, float("inf")))
+        self.states = states
+
+    @staticmethod
+    def state_specs(mixer) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
+        conv_dim = mixer.intermediate_size + 2 * mixer.n_groups * mixer.ssm_state_size
+        return [((conv_dim, mixer.conv_kernel_size - 1), None),
+                ((mixer.num_heads, mixer.head_dim, mixer.ssm_state_size), torch.float32)]
+
+    def forward(self, x, batch: StepBatch, kv, apply_lora):
+        T, bc = x.shape[0], self.groups * self.state_size
+        gate, xbc, dt = self.in_proj(x, batch.lora, apply_lora).split([self.inner, self.inner + 2 * bc, self.heads], 1)
+        conv_state, state = (kv.states.states[self.states + j] for j in (0, 1))
+        xbc = self.act(short_conv(xbc, batch.prefill, batch.num_prefill_rows, batch.state_slots, conv_state,
+                                  self.conv_weight, self.conv_bias))
+        xs, B, C = xbc.split([self.inner, bc, bc], dim=1)
+        A = -self.A_log.float().exp()
+        y = over_sequences(batch.prefill, batch.num_prefill_rows, batch.state_slots, state,
+                           partial(self._chunked, A=A), partial(self._step, A=A), xs.reshape(T, self.heads, self.head_dim),
+                           discretize(dt, self.dt_bias, self.limit), B.reshape(T, self.groups, self.state_size),
+                           C.reshape(T, self.groups, self.state_size))
+        y = self.norm(y.reshape(T, self.inner), gate)  # HF's: in float32, gated by SiLU(z), normed by groups
+        return self.out_proj(y.to(x.dtype), batch.lora, apply_lora)
+
+    def _chunked(self, x, dt, B, C, state, A):
+        return chunked(x, dt, A, B, C, self.D, state, self.chunk)
+
+    def _step(self, x, dt, B, C, state, A):
+        return step(x, dt, A, B, C, self.D, state)

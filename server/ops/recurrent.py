@@ -1,0 +1,31 @@
+"""A recurrent op over a step's flat batch: each sequence's rows from its own state.
+
+A step's rows are prefill chunks (one contiguous run per sequence, each with ``row_start`` and
+``num_tokens``: StepBatch.prefill), then decode rows, one a sequence. ``slots`` [chunks + decode
+rows] gives each its state's row of ``state`` [slots + 1, ...] (recurrent_state.py). A chunk runs
+``chunked(*its rows, its state)`` from its sequence's state, all decode rows at once run
+``step(*their rows, their states)``; both update the state they are given in place (a copy,
+written back here) and return their rows' outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def over_sequences(chunks, num_prefill_rows: int, slots: torch.Tensor, state: torch.Tensor, chunked: Callable,
+                   step: Callable, *rows: torch.Tensor) -> torch.Tensor:
+    """rows: tensors [T, ...] of the step's rows. Returns the outputs [T, ...]."""
+    parts = []
+    for i, seq in enumerate(chunks):
+        span, slot = slice(seq.row_start, seq.row_start + seq.num_tokens), slots[i : i + 1]
+        s = state[slot]  # [1, ...]
+        parts.append(chunked(*(r[span] for r in rows), s[0]))
+        state[slot] = s
+    if num_prefill_rows < rows[0].shape[0]:
+        s = state[slots[len(chunks) :]]
+        parts.append(step(*(r[num_prefill_rows:] for r in rows), s))
+        state[slots[len(chunks) :]] = s
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

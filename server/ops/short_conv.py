@@ -1,0 +1,44 @@
+"""A depthwise causal convolution over time, per sequence of a flat batch, from each sequence's state.
+
+For each sequence, channel c and its token t (K the kernel's width):
+    y[t, c] = bias[c] + sum_{j < K} w[c, 0, j] * u[t - (K - 1) + j, c]
+where the inputs before the sequence's current tokens are its state's last K - 1 (zeros before its
+first token: the state is zeroed when its slot is taken, recurrent_state.py). This is Hugging
+Face's ``causal_conv1d_fn`` over a whole prompt (zero padding on the left) and its
+``causal_conv1d_update`` a token at a time, so a prompt split into chunks, then decoded, gives the
+same outputs. LFM2's short convolutions run it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from .recurrent import over_sequences
+
+
+def conv_chunk(u: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One sequence's next inputs u [n, C] from its state [C, K - 1], updated in place to its last
+    K - 1 inputs; weight [C, 1, K], bias [C] or None. Returns y [n, C]."""
+    window = torch.cat((state, u.T), dim=1)[None]  # [1, C, K - 1 + n]
+    state.copy_(window[0, :, window.shape[2] - state.shape[1] :])
+    return F.conv1d(window, weight, bias, groups=u.shape[1])[0].T
+
+
+def conv_step(u: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One input each of R sequences, u [R, C], from their states [R, C, K - 1], updated in place.
+    Returns y [R, C]."""
+    window = torch.cat((state, u[:, :, None]), dim=2)  # [R, C, K]
+    state.copy_(window[:, :, 1:])
+    return F.conv1d(window, weight, bias, groups=u.shape[1])[:, :, 0]
+
+
+def short_conv(u: torch.Tensor, chunks, num_prefill_rows: int, slots: torch.Tensor, state: torch.Tensor,
+               weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """u: [T, C] a step's inputs, its prefill ``chunks`` and decode rows, each sequence's state's
+    row in ``state`` [slots + 1, C, K - 1] (ops/recurrent.py); weight [C, 1, K]; bias [C] or None.
+    Returns y [T, C]."""
+    return over_sequences(chunks, num_prefill_rows, slots, state, partial(conv_chunk, weight=weight, bias=bias),
+                          partial(conv_step, weight=weight, bias=bias), u)

@@ -1,0 +1,135 @@
+"""A hybrid model's recurrent states (LFM2's short convolutions, Qwen3.5's gated DeltaNet) through the
+engine: preemption, cancellation and the options such a model cannot serve."""
+
+import asyncio
+import random
+
+import pytest
+from test_prefix_cache import assert_idle, generate
+
+from loramux.server.builder import build_engine
+from loramux.server.config import ServerConfig, StartupError
+from loramux.server.requests import GenerationRequest, SamplingParams
+
+from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate, pinned_base_linear
+
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module", params=["lfm2", "qwen3_5", "granitemoehybrid"])
+def hybrid(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model = build_family_model(request.param, root / "model")
+    adapters = {name: build_adapter(model, root / name, seed=i + 1, **kw)
+                for i, (name, kw) in enumerate(FAMILY_ADAPTERS[request.param].items())}
+    return model, adapters
+
+
+def make(hybrid, **overrides):
+    model, adapters = hybrid
+    return build_engine(ServerConfig(**{
+        "model": str(model), "dtype": "float32", "max_batch_size": 6, "max_tokens_per_step": 24, "max_model_len": 80,
+        "default_max_new_tokens": MAX_NEW, "kv_block_size": 4, "base_linear": pinned_base_linear(),
+        "adapters": tuple((n, str(p)) for n, p in adapters.items()), **overrides}))
+
+
+def assert_states_free(engine):
+    assert_idle(engine)
+    assert engine.states.num_free == engine.config.max_batch_size
+
+
+def test_a_small_pool_preempts_and_every_recomputed_request_is_exact(hybrid):
+    """The KV pool (of the one attention layer) holds 80 tokens; 10 requests of 20 to 40 + 16
+    tokens need far more. A preempted request gives its state slot back and is recomputed from its
+    first token into a zeroed one."""
+    model, adapters = hybrid
+    rng = random.Random(5)
+    names = [None, *adapters]
+    jobs = [(names[i % len(names)], [rng.randrange(3, 300) for _ in range(rng.randint(20, 40))]) for i in range(10)]
+    built = make(hybrid, kv_cache_tokens=80, max_model_len=64)
+    engine = built.engine
+    assert not engine.blocks.prefix_caching  # turned off for a recurrent model
+    engine.start()
+    try:
+        async def main():
+            return await asyncio.gather(*(generate(engine, f"r{i}", a, p, MAX_NEW) for i, (a, p) in enumerate(jobs)))
+
+        outs = asyncio.run(main())
+        assert engine.num_preemptions > 0
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+    for name in names:
+        idx = [i for i, (n, _) in enumerate(jobs) if n == name]
+        expected = peft_generate(model, adapters.get(name), [jobs[i][1] for i in idx], MAX_NEW, eos_token_id=None)
+        assert [outs[i][0] for i in idx] == expected, name
+
+
+def test_cancelled_requests_give_their_state_slots_back_and_the_others_stay_exact(hybrid):
+    """Half of the requests are cancelled after a few tokens, some mid-prompt; the slots they held
+    serve later requests, whose states start from zero."""
+    model, adapters = hybrid
+    adapter = list(adapters)[-1]
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.randint(8, 40))] for _ in range(12)]
+    engine = make(hybrid, max_batch_size=3).engine
+    engine.start()
+    try:
+        async def one(i):
+            stream = engine.submit(GenerationRequest(f"c{i}", tuple(prompts[i]), SamplingParams(MAX_NEW, ignore_eos=True),
+                                                     adapter if i % 3 else None))
+            tokens = []
+            async for ev in stream:
+                tokens.append(ev.token_id)
+                if i % 2 and len(tokens) == 2:
+                    stream.cancel()
+                    return None
+            return tokens
+
+        async def main():
+            return await asyncio.gather(*(one(i) for i in range(12)))
+
+        outs = asyncio.run(main())
+        for _ in range(100):  # a cancellation is taken up by the engine's next step
+            if engine.counts() == (0, 0):
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+    for i, out in enumerate(outs):
+        if out is not None:
+            assert [out] == peft_generate(model, adapters[adapter] if i % 3 else None, [prompts[i]], MAX_NEW,
+                                          eos_token_id=None), i
+
+
+@pytest.mark.parametrize("option, refusal", [
+    ({"num_speculative_tokens": 3}, "--num-speculative-tokens: .*ForServing's recurrent layers cannot take back "
+                                    "rejected drafts"),
+    ({"cuda_graphs": "on"}, "--cuda-graphs on: .*ForServing's decode steps cannot be captured \\(recurrent state"),
+])
+def test_options_a_recurrent_model_cannot_serve_are_refused_at_start_up(hybrid, option, refusal):
+    with pytest.raises(StartupError, match=refusal):
+        make(hybrid, **option)
+
+
+@pytest.mark.parametrize("step_tokens", [256, 50])
+def test_long_prompts_in_one_step_or_across_steps_match_peft(hybrid, step_tokens):
+    """Prompts of 100 to 180 tokens: Qwen3.5's rule runs them in several chunks of 64 within a
+    step, and with a step budget of 50 from a state carried across steps at other boundaries."""
+    model, adapters = hybrid
+    rng = random.Random(13)
+    names = [None, *adapters]
+    jobs = [(names[i % len(names)], [rng.randrange(3, 300) for _ in range(rng.randint(100, 180))]) for i in range(3)]
+    engine = make(hybrid, max_model_len=200, max_tokens_per_step=step_tokens).engine
+    engine.start()
+    try:
+        async def main():
+            return await asyncio.gather(*(generate(engine, f"l{i}", a, p, 8) for i, (a, p) in enumerate(jobs)))
+
+        outs = asyncio.run(main())
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+    for i, (name, prompt) in enumerate(jobs):
+        assert [outs[i][0]] == peft_generate(model, adapters.get(name), [prompt], 8, eos_token_id=None), (name, i)

@@ -1,0 +1,76 @@
+"""A hybrid model with recurrent layers (Qwen3.5: gated DeltaNet beside attention) through the real
+server and the official `openai` client: concurrent streams of mixed adapters, token for token as
+PEFT; beam search (each step's beams recomputed whole, without the prefix cache); prefix caching
+reported off; speculative decoding refused at start-up, naming the flag."""
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate
+from server import ServerProcess
+from test_openai import peft_beams
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hybrid")
+    model = build_family_model("qwen3_5", root / "model")
+    adapters = {name: build_adapter(model, root / name, seed=i + 1, **kw)
+                for i, (name, kw) in enumerate(FAMILY_ADAPTERS["qwen3_5"].items())}
+    proc = ServerProcess(["--model", str(model), "--max-model-len", "128", "--default-max-new-tokens", "8",
+                          "--max-batch-size", "4", "--max-tokens-per-step", "24",
+                          *(a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}"))],
+                         tmp_path_factory.mktemp("logs") / "server.log")
+    proc.wait_ready()
+    proc.model_dir, proc.adapters = model, adapters
+    yield proc
+    proc.stop()
+
+
+def test_concurrent_streams_of_mixed_adapters_match_peft(hybrid):
+    """Eight streamed completions over four state slots: requests wait, join running batches and
+    take slots others gave back."""
+    oa = hybrid.openai()
+    base = hybrid.client.server_info().model
+    names = [None, *hybrid.adapters]
+    prompts = [[(7 * i + 3 * j) % 300 + 3 for j in range(10 + 5 * i)] for i in range(8)]
+
+    def one(i):
+        name = names[i % len(names)]
+        chunks = oa.completions.create(model=name or base, prompt=prompts[i], max_tokens=10, temperature=0, stream=True,
+                                       logprobs=0, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        return [int(t.removeprefix("token_id:")) for c in chunks for t in c.choices[0].logprobs.tokens]
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(8)))
+    for i, out in enumerate(outs):
+        name = names[i % len(names)]
+        assert [out] == peft_generate(hybrid.model_dir, hybrid.adapters.get(name), [prompts[i]], 10,
+                                      eos_token_id=None), (i, name)
+    metrics = hybrid.metrics()
+    assert metrics["loramux_prefix_cache_queried_tokens_total"] == metrics["loramux_prefix_cache_hit_tokens_total"] == 0
+    assert "prefix caching off (a cached prefix has no recurrent state)" in hybrid.log()
+
+
+def test_beam_search_returns_the_beams_a_search_over_peft_finds(hybrid):
+    oa = hybrid.openai()
+    prompt, width, steps, penalty = [5, 17, 99, 123, 44, 7], 3, 5, 0.6
+    adapter = "all-r4"
+    expected = peft_beams(hybrid.model_dir, hybrid.adapters[adapter], prompt, width, steps, penalty)
+    got = oa.completions.create(model=adapter, prompt=prompt, n=width, max_tokens=steps, logprobs=1,
+                                extra_body={"use_beam_search": True, "length_penalty": penalty,
+                                            "return_tokens_as_token_ids": True})
+    assert [[int(t.removeprefix("token_id:")) for t in c.logprobs.tokens] for c in got.choices] == \
+        [list(b.tokens) for b in expected]
+
+
+def test_speculative_decoding_is_refused_at_start_up(hybrid):
+    run = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(hybrid.model_dir),
+                          "--port", "0", "--http-port", "0", "--metrics-port", "0", "--num-speculative-tokens", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--num-speculative-tokens: Qwen3_5ForServing's recurrent layers cannot take " \
+                                   "back rejected drafts" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr

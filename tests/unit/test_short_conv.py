@@ -1,0 +1,81 @@
+"""The short convolution over a flat batch (ops/short_conv.py) against the whole-sequence reference,
+and the recurrent state slots (recurrent_state.py)."""
+
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramux.server.ops.short_conv import short_conv
+from loramux.server.recurrent_state import RecurrentStates
+
+Chunk = namedtuple("Chunk", "row_start num_tokens")
+
+
+def reference(u: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """Hugging Face's causal_conv1d_fn over one whole sequence u [L, C]: zero padding on the left."""
+    return F.conv1d(u.T[None], weight, bias, padding=weight.shape[-1] - 1, groups=u.shape[1])[0, :, : u.shape[0]].T
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), width=st.integers(1, 4), channels=st.integers(1, 5), biased=st.booleans(),
+       lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4))
+def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(data, width, channels, biased, lengths):
+    """Sequences fed in steps, as the engine feeds them: a prompt in chunks of any size (a step's
+    chunks first, then its decode rows of one token each), in slots taken in any order."""
+    torch.manual_seed(len(lengths) * 31 + width)
+    weight = torch.randn(channels, 1, width, dtype=torch.float64)
+    bias = torch.randn(channels, dtype=torch.float64) if biased else None
+    inputs = [torch.randn(n, channels, dtype=torch.float64) for n in lengths]
+    prompts = [data.draw(st.integers(1, n)) for n in lengths]
+    states = RecurrentStates([((channels, width - 1), None)], slots=6, dtype=torch.float64, device="cpu")
+    states.states[0].normal_()  # stale values from earlier sequences: take() must clear them
+    slots = [states.take() for _ in data.draw(st.permutations(range(len(lengths))))]
+    done, outputs = [0] * len(lengths), [torch.empty(n, channels, dtype=torch.float64) for n in lengths]
+    while any(d < n for d, n in zip(done, lengths, strict=True)):
+        live = [s for s in range(len(lengths)) if done[s] < lengths[s]]
+        fed = data.draw(st.lists(st.sampled_from(live), min_size=1, unique=True))
+        prefill = [s for s in fed if done[s] < prompts[s]]
+        decode = [s for s in fed if done[s] >= prompts[s]]
+        chunks, feeds = [], []
+        for s in prefill:
+            n = data.draw(st.integers(1, prompts[s] - done[s]))
+            chunks.append(Chunk(len(feeds), n))
+            feeds += [(s, done[s] + j) for j in range(n)]
+        for s in decode:
+            feeds.append((s, done[s]))
+        u = torch.stack([inputs[s][t] for s, t in feeds])
+        y = short_conv(u, chunks, sum(c.num_tokens for c in chunks), torch.tensor([slots[s] for s in prefill + decode]),
+                       states.states[0], weight, bias)
+        for row, (s, t) in enumerate(feeds):
+            outputs[s][t] = y[row]
+        for s, t in feeds:
+            done[s] = max(done[s], t + 1)
+    for s, u in enumerate(inputs):
+        torch.testing.assert_close(outputs[s], reference(u, weight, bias), rtol=1e-12, atol=1e-12)
+
+
+def test_state_slots_are_taken_zeroed_given_back_once_and_bounded():
+    specs = [((3, 2), None), ((4, 5, 6), torch.float64)]
+    states = RecurrentStates(specs, slots=2, dtype=torch.float32, device="cpu")
+    assert RecurrentStates.bytes_for(specs, 2, torch.float32) == sum(s.numel() * s.element_size() for s in states.states)
+    assert states.sink == 2 and states.num_free == 2
+    assert [(s.shape, s.dtype) for s in states.states] == [((3, 3, 2), torch.float32), ((3, 4, 5, 6), torch.float64)]
+    a = states.take()
+    for s in states.states:
+        s[a].fill_(1.0)
+    b = states.take()
+    with pytest.raises(RuntimeError, match="no recurrent state slot is free"):
+        states.take()
+    states.free(a)
+    with pytest.raises(ValueError, match=f"slot {a} is not held"):
+        states.free(a)
+    with pytest.raises(ValueError, match="slot 2 is not held"):
+        states.free(states.sink)
+    assert states.take() == a and all(not s[a].any() for s in states.states)
+    states.free(a)
+    states.free(b)
+    assert states.num_free == 2

@@ -1,0 +1,61 @@
+"""Mamba-2's selective state space ops (ops/ssd.py) against its definition, token by token in float64."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramux.server.ops.ssd import chunked, discretize, step
+
+
+def definition(x, dt, A, B, C, D, state):
+    """x [L, H, P], dt [L, H], A, D [H], B, C [L, G, N], state [H, P, N]: (y [L, H, P], final state),
+    per token: S <- exp(dt A) S + dt x B^T; y = S C + D x, head h reading group h // (H / G)."""
+    heads, groups = x.shape[1], B.shape[1]
+    g = torch.arange(heads) // (heads // groups)
+    s, out = state.double().clone(), []
+    for t in range(x.shape[0]):
+        xt, dtt = x[t].double(), dt[t].double()
+        s = s * (dtt * A.double()).exp()[:, None, None] + (dtt[:, None] * xt)[:, :, None] * B[t, g].double()[:, None, :]
+        out.append(torch.einsum("hpn,hn->hp", s, C[t, g].double()) + D.double()[:, None] * xt)
+    return torch.stack(out), s
+
+
+def inputs(length, heads, groups, P, N, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(length, heads, P, generator=gen)
+    dt = discretize(torch.randn(length, heads, generator=gen), torch.randn(heads, generator=gen) * 0.5, (0.0, float("inf")))
+    A = -torch.rand(heads, generator=gen) * 2 - 0.1
+    B, C = torch.randn(length, groups, N, generator=gen), torch.randn(length, groups, N, generator=gen)
+    D = torch.randn(heads, generator=gen)
+    return x, dt, A, B, C, D, torch.randn(heads, P, N, generator=gen) * 0.3
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 100), heads_groups=st.sampled_from([(1, 1), (2, 1), (4, 2)]), P=st.sampled_from([2, 4]),
+       N=st.sampled_from([3, 8]), chunk=st.sampled_from([4, 16, 64]), split=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_chunked_from_a_state_equals_the_definition_and_carries_its_state(length, heads_groups, P, N, chunk, split, seed):
+    x, dt, A, B, C, D, state = inputs(length, *heads_groups, P, N, seed)
+    expected, final = definition(x, dt, A, B, C, D, state)
+    cut, s = int(split * length), state.clone()
+    outs = [chunked(x[a:b], dt[a:b], A, B[a:b], C[a:b], D, s, chunk) for a, b in ((0, cut), (cut, length)) if b > a]
+    torch.testing.assert_close(torch.cat(outs).double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double(), final, rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_of_many_sequences_equals_the_definition_of_each():
+    rows = [inputs(1, 4, 2, 4, 8, seed) for seed in range(5)]
+    A, D = rows[0][2], rows[0][5]
+    x, dt, B, C = (torch.cat([r[j] for r in rows]) for j in (0, 1, 3, 4))
+    state = torch.stack([r[6] for r in rows])
+    out = step(x, dt, A, B, C, D, state)
+    for d, r in enumerate(rows):
+        expected, final = definition(r[0], r[1], A, r[3], r[4], D, r[6])
+        torch.testing.assert_close(out[d].double(), expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state[d].double(), final, rtol=1e-5, atol=1e-5)
+
+
+def test_discretize_is_softplus_of_the_biased_step_clamped():
+    dt, bias = torch.tensor([[-3.0, 0.0, 4.0]]), torch.tensor([0.5, -1.0, 0.0])
+    torch.testing.assert_close(discretize(dt, bias, (0.0, float("inf"))), F.softplus(dt + bias))
+    torch.testing.assert_close(discretize(dt, bias, (0.1, 1.0)), F.softplus(dt + bias).clamp(0.1, 1.0))
