@@ -392,6 +392,19 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
                                   num_experts_per_tok=2, moe_intermediate_size=32,
                                   moe_shared_expert_intermediate_size=32, max_position_embeddings=512,
                                   architectures=["NemotronHForCausalLM"])
+    if family == "bamba":  # Llama's layers, Mamba-2 in all but the attention one (RoPE on half of each head)
+        return tf.BambaConfig(**common, **{**llama_like, "num_hidden_layers": 3}, attn_layer_indices=[1],
+                              mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_head=16, mamba_d_conv=4,
+                              mamba_expand=2, mamba_chunk_size=16, architectures=["BambaForCausalLM"])
+    if family in ("falcon_h1", "falcon_h1_norm"):  # attention beside Mamba-2 in each layer, every multiplier off 1
+        falcon = dict(**common, **llama_like, mamba_d_ssm=64, mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=8,
+                      mamba_d_conv=4, mamba_chunk_size=16, lm_head_multiplier=0.5, embedding_multiplier=2.0,
+                      mlp_multipliers=[0.8, 1.2], key_multiplier=0.7, attention_out_multiplier=0.9,
+                      attention_in_multiplier=1.1, ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 0.7], ssm_in_multiplier=1.3,
+                      ssm_out_multiplier=0.6, architectures=["FalconH1ForCausalLM"])
+        if family == "falcon_h1":
+            return tf.FalconH1Config(**falcon, mamba_rms_norm=False)
+        return tf.FalconH1Config(**falcon, mamba_rms_norm=True, mamba_norm_before_gate=False)  # the gated norm
     if family == "bloom":
         return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     raise ValueError(family)
@@ -749,6 +762,11 @@ FAMILY_ADAPTERS = {
     # not the MLP's names: the experts' shared expert has linears of those names (not served)
     "nemotron_h_moe": {"qk-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "in_proj"]),
                        "attn-mamba-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj"])},
+    "bamba": {"qv-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj", "out_proj"]),
+              "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ALL_PROJ, "in_proj", "out_proj"])},
+    # PEFT refuses out_proj on Falcon-H1's Mamba layers, as on Nemotron-H's
+    "falcon_h1": {"qv-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj"]),
+                  "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ALL_PROJ, "in_proj"])},
     "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }
@@ -765,7 +783,7 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
                    "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron",
-                   "phi3_longrope": "phi3", "lfm2_moe": "lfm2", "granitemoehybrid_moe": "granitemoehybrid", "persimmon": "gpt_neox", **VISION_LANGUAGE_FAMILIES}
+                   "phi3_longrope": "phi3", "lfm2_moe": "lfm2", "granitemoehybrid_moe": "granitemoehybrid", "falcon_h1_norm": "falcon_h1", "persimmon": "gpt_neox", **VISION_LANGUAGE_FAMILIES}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

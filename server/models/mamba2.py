@@ -1,5 +1,6 @@
 """Mamba-2's mixer (Dao and Gu, 2024) over a flat batch, as the hybrids' Hugging Face modules hold it
-(Granite 4.0-H's ``GraniteMoeHybridMambaLayer``, Nemotron-H's ``NemotronHMamba2Mixer``).
+(Granite 4.0-H's ``GraniteMoeHybridMambaLayer``, Nemotron-H's ``NemotronHMamba2Mixer``, Bamba's
+``BambaMixer``, Falcon-H1's ``FalconH1Mixer``).
 
 ``in_proj`` projects the normed input into a gate z, x|B|C and the step dt; x|B|C go through a
 depthwise causal convolution (ops/short_conv.py) and SiLU; the selective state space (ops/ssd.py)
@@ -39,6 +40,12 @@ class Mamba2Mixer(nn.Module):
         self.inner, self.chunk = mixer.intermediate_size, mixer.chunk_size
         self.limit = tuple(mixer.time_step_limit or (0.0, float("inf")))
         self.states = states
+        # Falcon-H1's: the input scaled, the projection's columns scaled (its MuP vector), the gated
+        # norm optional (else y is gated by SiLU(z) alone)
+        self.in_scale = getattr(mixer, "ssm_in_multiplier", None)
+        mup = getattr(mixer, "mup_vector", None)
+        self.register_buffer("mup", None if mup is None else mup.reshape(-1), persistent=False)
+        self.gated_norm = getattr(mixer, "mamba_rms_norm", True)
 
     @staticmethod
     def state_specs(mixer) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
@@ -47,8 +54,13 @@ class Mamba2Mixer(nn.Module):
                 ((mixer.num_heads, mixer.head_dim, mixer.ssm_state_size), torch.float32)]
 
     def forward(self, x, batch: StepBatch, kv, apply_lora):
-        T, bc = x.shape[0], self.groups * self.state_size
-        gate, xbc, dt = self.in_proj(x, batch.lora, apply_lora).split([self.inner, self.inner + 2 * bc, self.heads], 1)
+        T, bc, dtype = x.shape[0], self.groups * self.state_size, x.dtype
+        if self.in_scale is not None:
+            x = x * self.in_scale
+        projected = self.in_proj(x, batch.lora, apply_lora)
+        if self.mup is not None:
+            projected = projected * self.mup
+        gate, xbc, dt = projected.split([self.inner, self.inner + 2 * bc, self.heads], 1)
         conv_state, state = (kv.states.states[self.states + j] for j in (0, 1))
         xbc = self.act(short_conv(xbc, batch.prefill, batch.num_prefill_rows, batch.state_slots, conv_state,
                                   self.conv_weight, self.conv_bias))
@@ -58,8 +70,9 @@ class Mamba2Mixer(nn.Module):
                            partial(self._chunked, A=A), partial(self._step, A=A), xs.reshape(T, self.heads, self.head_dim),
                            discretize(dt, self.dt_bias, self.limit), B.reshape(T, self.groups, self.state_size),
                            C.reshape(T, self.groups, self.state_size))
-        y = self.norm(y.reshape(T, self.inner), gate)  # HF's: in float32, gated by SiLU(z), normed by groups
-        return self.out_proj(y.to(x.dtype), batch.lora, apply_lora)
+        y = y.reshape(T, self.inner)
+        y = self.norm(y, gate) if self.gated_norm else y * F.silu(gate)  # HF's norm: float32, gated by SiLU(z), by groups
+        return self.out_proj(y.to(dtype), batch.lora, apply_lora)
 
     def _chunked(self, x, dt, B, C, state, A):
         return chunked(x, dt, A, B, C, self.D, state, self.chunk)
