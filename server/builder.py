@@ -77,12 +77,16 @@ def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.dev
     adapter pool), refused at start-up when that much is not free (other processes hold it);
     without it CUDA_KV_FRACTION of the memory still free. On the CPU CPU_KV_BUDGET_BYTES, but no
     more than max-batch-size sequences of max-model-len tokens (the most a full batch can hold) and
-    no less than one such sequence."""
+    no less than one such sequence. A model without attention takes no K/V memory: a full batch's
+    tokens."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     if config.gpu_memory_utilization is not None and device.type != "cuda":
         raise StartupError(f"--gpu-memory-utilization sizes the KV pool on a CUDA device; this server runs on "
                            f"{device.type}: use --kv-cache-tokens")
+    longest = -(-config.max_model_len // config.kv_block_size) * config.kv_block_size  # in whole blocks
+    if bytes_per_token == 0:  # no attention layer (Mamba-2): the pool's blocks are bookkeeping alone
+        return config.max_batch_size * longest
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         if config.gpu_memory_utilization is None:
@@ -97,7 +101,6 @@ def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.dev
                 f"the device's {total / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free (other processes "
                 "hold the rest): lower it, or free device memory")
         return int(max(0, share - reserved)) // bytes_per_token
-    longest = -(-config.max_model_len // config.kv_block_size) * config.kv_block_size  # in whole blocks
     return max(config.max_model_len, min(CPU_KV_BUDGET_BYTES // bytes_per_token, config.max_batch_size * longest))
 
 

@@ -405,6 +405,19 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         if family == "falcon_h1":
             return tf.FalconH1Config(**falcon, mamba_rms_norm=False)
         return tf.FalconH1Config(**falcon, mamba_rms_norm=True, mamba_norm_before_gate=False)  # the gated norm
+    if family == "mamba2":  # Mamba-2 alone: no attention, no K/V
+        return tf.Mamba2Config(**common, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, n_groups=2,
+                               state_size=8, expand=2, conv_kernel=4, chunk_size=16, architectures=["Mamba2ForCausalLM"])
+    if family in ("mamba", "falcon_mamba"):  # Mamba-1 alone (Falcon Mamba's: weightless norms of the step, B and C)
+        config = tf.MambaConfig if family == "mamba" else tf.FalconMambaConfig
+        return config(**common, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+                      time_step_rank=8, architectures=["MambaForCausalLM" if family == "mamba" else
+                                                       "FalconMambaForCausalLM"])
+    if family == "jamba":  # Mamba-1 layers (normed step, B and C), attention in the third, experts in every second
+        return tf.JambaConfig(**common, **{**llama_like, "num_hidden_layers": 4}, attn_layer_period=4,
+                              attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1, num_experts=4,
+                              num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                              mamba_dt_rank=8, use_mamba_kernels=False, architectures=["JambaForCausalLM"])
     if family == "bloom":
         return tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     raise ValueError(family)
@@ -767,6 +780,15 @@ FAMILY_ADAPTERS = {
     # PEFT refuses out_proj on Falcon-H1's Mamba layers, as on Nemotron-H's
     "falcon_h1": {"qv-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj"]),
                   "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ALL_PROJ, "in_proj"])},
+    # PEFT refuses out_proj on Mamba-2 (as on Nemotron-H)
+    "mamba2": {"in-r8": dict(r=8, lora_alpha=16, target_modules=["in_proj"]),
+               "in-r4-rslora": dict(r=4, lora_alpha=8, target_modules=["in_proj"], use_rslora=True)},
+    # PEFT refuses out_proj on Mamba; Hugging Face's mixer ignores LoRA on dt_proj (refused here)
+    "mamba": {"in-x-r8": dict(r=8, lora_alpha=16, target_modules=["in_proj", "x_proj"]),
+              "in-r4": dict(r=4, lora_alpha=8, target_modules=["in_proj"])},
+    # the dense MLPs' names only where the experts' are not: PEFT turns them into target_parameters on experts
+    "jamba": {"qv-mamba-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj", "x_proj"]),
+              "attn-mamba-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj", "x_proj", "out_proj"])},
     "bloom": {"qkv-r8": dict(r=8, lora_alpha=16, target_modules=["query_key_value"]),
               "rest-r4": dict(r=4, lora_alpha=8, target_modules=["dense", "dense_h_to_4h", "dense_4h_to_h"])},
 }
@@ -783,7 +805,8 @@ CONFIG_VARIANTS = {"ministral": "mistral", "ministral3": "mistral", "seed_oss": 
                    "glm": "glm4", "helium": "mistral", "arcee": "nemotron",
                    "exaone4": "mistral", "hunyuan": "mistral", "vaultgemma": "gemma2", "hyperclovax": "granite",
                    "cwm": "mistral", "jais2": "nemotron", "apertus": "nemotron",
-                   "phi3_longrope": "phi3", "lfm2_moe": "lfm2", "granitemoehybrid_moe": "granitemoehybrid", "falcon_h1_norm": "falcon_h1", "persimmon": "gpt_neox", **VISION_LANGUAGE_FAMILIES}
+                   "phi3_longrope": "phi3", "lfm2_moe": "lfm2", "granitemoehybrid_moe": "granitemoehybrid", "falcon_h1_norm": "falcon_h1",
+                   "falcon_mamba": "mamba", "persimmon": "gpt_neox", **VISION_LANGUAGE_FAMILIES}
 
 BIASED_HEAD = {"phi", "gptj"}  # families whose lm_head has a bias: trained or resized copies of it are refused
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .bamba import BambaForServing
 from .bloom import BloomForServing
 from .cohere import Cohere2ForServing, CohereForServing
 from .deepseek import DeepseekV2ForServing, DeepseekV3ForServing, DenseMLAForServing, MiniCPM3ForServing
@@ -20,9 +19,12 @@ from .gptj import GPTJForServing
 from .granite import GraniteForServing, GraniteSWAForServing, HyperCLOVAXForServing
 from .granite_hybrid import GraniteMoeHybridForServing
 from .hunyuan import HunYuanDenseForServing
+from .jamba import BambaForServing, JambaForServing
 from .lfm2 import Lfm2ForServing
 from .llama import LlamaForServing, Phi3ForServing
 from .llama4 import Llama4ForServing
+from .mamba import MambaForServing
+from .mamba2 import Mamba2ForServing
 from .ministral3 import Ministral3ForServing
 from .moe import (
     Ernie4_5MoeForServing,
@@ -48,7 +50,7 @@ from .starcoder2 import Starcoder2ForServing
 from .vision_language import VISION_LANGUAGE, text_architecture, vision_language_class
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, LFM2, Qwen3.5, Qwen3-Next, Granite 4.0-H, Nemotron-H, Bamba and Falcon-H1 (hybrids with recurrent layers), GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, nanochat, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4, and MLA's: DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash, A.X K1, Youtu-LLM, MiniCPM3) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, LFM2, Qwen3.5, Qwen3-Next, Granite 4.0-H, Nemotron-H, Bamba, Falcon-H1 and Jamba (hybrids with recurrent layers), Mamba, Falcon Mamba and Mamba-2 (recurrent alone), GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, nanochat, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4, and MLA's: DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash, A.X K1, Youtu-LLM, MiniCPM3) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -113,6 +115,10 @@ SUPPORTED_ARCHITECTURES = {
     "NemotronHForCausalLM": NemotronHForServing,
     "BambaForCausalLM": BambaForServing,
     "FalconH1ForCausalLM": FalconH1ForServing,
+    "Mamba2ForCausalLM": Mamba2ForServing,
+    "MambaForCausalLM": MambaForServing,
+    "FalconMambaForCausalLM": MambaForServing,
+    "JambaForCausalLM": JambaForServing,
     "StableLmForCausalLM": StableLmForServing,
     "Starcoder2ForCausalLM": Starcoder2ForServing,
     "CohereForCausalLM": CohereForServing,

@@ -26,14 +26,29 @@ from .batch import StepBatch
 class RecurrentLayers:
     """A serving model mixin: a hybrid whose recurrent layers keep a state per sequence
     (recurrent_state.py), their specs ``recurrent_states`` set when it is built. The static decode
-    path (decode_graphs.py) holds no such state."""
+    path (decode_graphs.py) holds no such state.
+
+    A hybrid of two kinds of layer builds each (LlamaForServing's ``LAYER`` hook) by its type in the
+    config's ``TYPES`` list: ``RECURRENT_LAYER(hf_layer, config, layer, its first state's index,
+    int8)`` for ``RECURRENT``, each holding ``STATES`` states, else ``ATTENTION_LAYER(hf_layer,
+    config, layer, its K/V layer, cos, sin, int8)``."""
 
     CUDA_GRAPHS = False
     NO_GRAPHS = "recurrent state, which the static decode path does not hold"
     recurrent_states: list = []
+    TYPES, RECURRENT, STATES = "layer_types", "linear_attention", 2
+    RECURRENT_LAYER: type
+    ATTENTION_LAYER: type
 
     def state_specs(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
         return self.recurrent_states
+
+    def LAYER(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):  # noqa: N802 - LlamaForServing's hook
+        types = getattr(config, self.TYPES)
+        recurrent = types[:layer].count(self.RECURRENT)
+        if types[layer] == self.RECURRENT:
+            return self.RECURRENT_LAYER(hf_layer, config, layer, self.STATES * recurrent, int8)
+        return self.ATTENTION_LAYER(hf_layer, config, layer, layer - recurrent, cos, sin, int8)
 
 
 class ServingModel(nn.Module):

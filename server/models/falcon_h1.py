@@ -34,7 +34,7 @@ class FalconH1Layer(LlamaLayer):
         self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
 
     def lora_modules(self):
-        return [self.qkv, self.o_proj, self.mixer.in_proj, self.mixer.out_proj, self.gate_up, self.down_proj]
+        return [self.qkv, self.o_proj, *self.mixer.lora_modules(), self.gate_up, self.down_proj]
 
     def qkv_heads(self, qkv: torch.Tensor, batch: StepBatch):
         q_end = self.heads * self.head_dim

@@ -65,7 +65,7 @@ class GraniteHybridMambaLayer(SharedMLP, nn.Module):
         self.residual_multiplier = config.residual_multiplier
 
     def lora_modules(self) -> list[FusedLoRALinear]:
-        return [self.mixer.in_proj, self.mixer.out_proj, self.gate_up, self.down_proj]
+        return [*self.mixer.lora_modules(), self.gate_up, self.down_proj]
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         h = h + self.mixer(self.input_layernorm(h), batch, kv, apply_lora) * self.residual_multiplier
@@ -74,18 +74,13 @@ class GraniteHybridMambaLayer(SharedMLP, nn.Module):
 
 class GraniteMoeHybridForServing(RecurrentLayers, GraniteForServing):
     FUSED_KINDS = (ATTN_KINDS,)
+    RECURRENT_LAYER, ATTENTION_LAYER = GraniteHybridMambaLayer, GraniteHybridAttentionLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
         self.kv_spec = (sum(layer.mamba is None for layer in hf_model.model.layers), *self.kv_spec[1:])
         self.recurrent_states = [spec for layer in hf_model.model.layers if layer.mamba is not None
                                  for spec in Mamba2Mixer.state_specs(layer.mamba)]
-
-    def LAYER(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):  # noqa: N802 - LlamaForServing's hook
-        mamba = config.layer_types[:layer].count(MAMBA)
-        if hf_layer.mamba is not None:
-            return GraniteHybridMambaLayer(hf_layer, config, layer, 2 * mamba, int8)
-        return GraniteHybridAttentionLayer(hf_layer, config, layer, layer - mamba, cos, sin, int8)
 
     @staticmethod
     def lora_targets(config):

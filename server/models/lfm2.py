@@ -78,7 +78,7 @@ class Lfm2AttentionLayer(FeedForward, LlamaLayer):
 
 
 class Lfm2ConvLayer(FeedForward, nn.Module):
-    def __init__(self, hf_layer, state: int, layer: int, int8: bool = False):
+    def __init__(self, hf_layer, config, layer: int, state: int, int8: bool = False):
         nn.Module.__init__(self)
         conv = hf_layer.conv
         self.operator_norm, self.ffn_norm = fast_norm(hf_layer.operator_norm), fast_norm(hf_layer.ffn_norm)
@@ -103,6 +103,8 @@ class Lfm2ConvLayer(FeedForward, nn.Module):
 class Lfm2ForServing(RecurrentLayers, LlamaForServing):
     FUSED_KINDS = (ATTN_KINDS, MLP_UP)
     FINAL_NORM = "embedding_norm"
+    RECURRENT, STATES = CONV, 1
+    RECURRENT_LAYER, ATTENTION_LAYER = Lfm2ConvLayer, Lfm2AttentionLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
@@ -111,12 +113,6 @@ class Lfm2ForServing(RecurrentLayers, LlamaForServing):
         self.kv_spec = (len(attention), *self.kv_spec[1:])
         convs = config.num_hidden_layers - len(attention)
         self.recurrent_states = [((config.hidden_size, config.conv_L_cache - 1), None)] * convs
-
-    def LAYER(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):  # noqa: N802 - LlamaForServing's hook
-        before = config.layer_types[:layer]
-        if config.layer_types[layer] == CONV:
-            return Lfm2ConvLayer(hf_layer, before.count(CONV), layer, int8)
-        return Lfm2AttentionLayer(hf_layer, config, layer, len(before) - before.count(CONV), cos, sin, int8)
 
     def rope_table(self, inner, max_model_len: int, kind):
         return self.rotary_table(getattr(inner, "rotary_emb", None) or inner.pos_emb, max_model_len)  # LFM2-MoE's name

@@ -54,7 +54,8 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "DeepseekV2RMSNorm", "MiniCPM3RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm",
                              "Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm", "Glm4vRMSNorm", "Glm4vMoeTextRMSNorm",
                              "Lfm2RMSNorm", "Lfm2MoeRMSNorm", "GraniteMoeHybridRMSNorm",
-                             "NemotronHRMSNorm", "BambaRMSNorm", "FalconH1RMSNorm"})
+                             "NemotronHRMSNorm", "BambaRMSNorm", "FalconH1RMSNorm",
+                             "Mamba2RMSNorm", "MambaRMSNorm", "FalconMambaRMSNorm", "JambaRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm", "Qwen3_5RMSNorm",
                              "Qwen3_5MoeRMSNorm", "Qwen3NextRMSNorm"})
 

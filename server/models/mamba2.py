@@ -1,6 +1,6 @@
 """Mamba-2's mixer (Dao and Gu, 2024) over a flat batch, as the hybrids' Hugging Face modules hold it
 (Granite 4.0-H's ``GraniteMoeHybridMambaLayer``, Nemotron-H's ``NemotronHMamba2Mixer``, Bamba's
-``BambaMixer``, Falcon-H1's ``FalconH1Mixer``).
+``BambaMixer``, Falcon-H1's ``FalconH1Mixer``), and the Mamba-2 language models made of it alone.
 
 ``in_proj`` projects the normed input into a gate z, x|B|C and the step dt; x|B|C go through a
 depthwise causal convolution (ops/short_conv.py) and SiLU; the selective state space (ops/ssd.py)
@@ -20,8 +20,10 @@ from torch import nn
 from ..ops.recurrent import over_sequences
 from ..ops.short_conv import short_conv
 from ..ops.ssd import chunked, discretize, step
+from .base import RecurrentLayers, ServingModel
 from .batch import StepBatch
 from .layers import FusedLoRALinear
+from .llama import fast_norm
 
 
 class Mamba2Mixer(nn.Module):
@@ -46,6 +48,9 @@ class Mamba2Mixer(nn.Module):
         mup = getattr(mixer, "mup_vector", None)
         self.register_buffer("mup", None if mup is None else mup.reshape(-1), persistent=False)
         self.gated_norm = getattr(mixer, "mamba_rms_norm", True)
+
+    def lora_modules(self) -> list[FusedLoRALinear]:
+        return [self.in_proj, self.out_proj]
 
     @staticmethod
     def state_specs(mixer) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
@@ -79,3 +84,51 @@ class Mamba2Mixer(nn.Module):
 
     def _step(self, x, dt, B, C, state, A):
         return step(x, dt, A, B, C, self.D, state)
+
+
+class MambaBlock(nn.Module):
+    """A block that adds its mixer of its normed input (``norm``) to the residual stream
+    (Nemotron-H's, Mamba-2's, Mamba's: ``mixer`` a Mamba2Mixer or a mamba.py MambaMixer)."""
+
+    def __init__(self, hf_block, mixer: nn.Module):
+        super().__init__()
+        self.norm, self.mixer = fast_norm(hf_block.norm), mixer
+
+    def lora_modules(self) -> list[FusedLoRALinear]:
+        return self.mixer.lora_modules()
+
+    def forward(self, h, batch: StepBatch, kv, apply_lora):
+        return h + self.mixer(self.norm(h), batch, kv, apply_lora)
+
+
+class MixerLM(RecurrentLayers, ServingModel):
+    """A language model of mixer blocks alone (``MambaBlock`` of a ``MIXER``), no attention and so
+    no K/V; the token embedding ``embeddings``, the last norm ``norm_f``, all under ``backbone``."""
+
+    EMBEDDING = ("backbone.embeddings", "embeddings")
+    MIXER: type
+
+    def __init__(self, hf_model, max_model_len: int, int8: bool = False):
+        super().__init__()
+        self.config, inner = hf_model.config, hf_model.backbone
+        self.embeddings, self.final_norm, self.lm_head = inner.embeddings, fast_norm(inner.norm_f), hf_model.lm_head
+        self.layers = nn.ModuleList(MambaBlock(block, self.MIXER(block.mixer, i, 2 * i, int8))
+                                    for i, block in enumerate(inner.layers))
+        self.kv_spec = (0, 1, 1)  # no attention: the KV pool's blocks are bookkeeping alone
+        self.recurrent_states = [spec for block in inner.layers for spec in self.MIXER.state_specs(block.mixer)]
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.embed_with_lora(batch)
+
+
+class Mamba2ForServing(MixerLM):
+    """Mamba-2 language models (``Mamba2ForCausalLM``: Mamba-Codestral, the state-spaces checkpoints)."""
+
+    MIXER = Mamba2Mixer
+
+    @staticmethod
+    def lora_targets(config):
+        hidden, inner = config.hidden_size, config.expand * config.hidden_size
+        projection = 2 * inner + 2 * config.n_groups * config.state_size + config.num_heads
+        mixer = "backbone.layers.{i}.mixer."
+        return {"in_proj": (mixer + "in_proj", hidden, projection), "out_proj": (mixer + "out_proj", inner, hidden)}

@@ -17,7 +17,7 @@ from .base import RecurrentLayers
 from .batch import StepBatch
 from .layers import FusedLoRALinear
 from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, attention_targets, fast_norm
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, MambaBlock
 from .moe import MoELayer
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"
@@ -40,18 +40,6 @@ class AttentionBlock(LlamaLayer):
 
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         return h + self.attend(self.norm(h), batch, kv, apply_lora)
-
-
-class MambaBlock(nn.Module):
-    def __init__(self, hf_block, layer: int, states: int, int8: bool = False):
-        super().__init__()
-        self.norm, self.mixer = fast_norm(hf_block.norm), Mamba2Mixer(hf_block.mixer, layer, states, int8)
-
-    def lora_modules(self) -> list[FusedLoRALinear]:
-        return [self.mixer.in_proj, self.mixer.out_proj]
-
-    def forward(self, h, batch: StepBatch, kv, apply_lora):
-        return h + self.mixer(self.norm(h), batch, kv, apply_lora)
 
 
 class MLPBlock(nn.Module):
@@ -98,7 +86,7 @@ class NemotronHForServing(RecurrentLayers, LlamaForServing):
         before = config.layers_block_type[:layer]
         kind = config.layers_block_type[layer]
         if kind == MAMBA:
-            return MambaBlock(hf_block, layer, 2 * before.count(MAMBA), int8)
+            return MambaBlock(hf_block, Mamba2Mixer(hf_block.mixer, layer, 2 * before.count(MAMBA), int8))
         if kind == ATTENTION:
             return AttentionBlock(hf_block, config, layer, before.count(ATTENTION), cos, sin, int8)
         return MLPBlock(hf_block, layer, int8) if kind == MLP else ExpertsBlock(hf_block)

@@ -135,6 +135,7 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
 
 class Qwen3_5ForServing(RecurrentLayers, LlamaForServing):
     FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS, IN_KINDS, NEXT_IN_KINDS)
+    RECURRENT_LAYER, ATTENTION_LAYER = GatedDeltaNetLayer, GatedAttentionLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
@@ -146,12 +147,6 @@ class Qwen3_5ForServing(RecurrentLayers, LlamaForServing):
                      ((config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim),
                       torch.float32)]
         self.recurrent_states = per_layer * config.layer_types.count(LINEAR)
-
-    def LAYER(self, hf_layer, config, layer: int, cos, sin, int8: bool = False):  # noqa: N802 - LlamaForServing's hook
-        linear = config.layer_types[:layer].count(LINEAR)
-        if config.layer_types[layer] == LINEAR:
-            return GatedDeltaNetLayer(hf_layer, config, layer, 2 * linear, int8)
-        return GatedAttentionLayer(hf_layer, config, layer, layer - linear, cos, sin, int8)
 
     @staticmethod
     def lora_targets(config):

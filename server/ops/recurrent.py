@@ -17,7 +17,7 @@ import torch
 
 def over_sequences(chunks, num_prefill_rows: int, slots: torch.Tensor, state: torch.Tensor, chunked: Callable,
                    step: Callable, *rows: torch.Tensor) -> torch.Tensor:
-    """rows: tensors [T, ...] of the step's rows. Returns the outputs [T, ...]."""
+    """rows: tensors [T, ...] of the step's rows. Returns the outputs [T, ...], contiguous."""
     parts = []
     for i, seq in enumerate(chunks):
         span, slot = slice(seq.row_start, seq.row_start + seq.num_tokens), slots[i : i + 1]
@@ -28,4 +28,4 @@ def over_sequences(chunks, num_prefill_rows: int, slots: torch.Tensor, state: to
         s = state[slots[len(chunks) :]]
         parts.append(step(*(r[num_prefill_rows:] for r in rows), s))
         state[slots[len(chunks) :]] = s
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)  # rows of unit stride, as linears read them

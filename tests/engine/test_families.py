@@ -106,16 +106,16 @@ def test_family_logprobs_match_peft(family, tmp_path):
 
 def test_unsupported_architecture_lists_the_supported_ones():
     with pytest.raises(UnsupportedModel, match="BloomForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM"):
-        serving_model_class("MambaForCausalLM")
+        serving_model_class("RwkvForCausalLM")
 
 
 def test_a_vision_language_checkpoint_with_a_decoder_not_served_is_refused_naming_it():
     import transformers as tf
 
-    config = tf.LlavaConfig(text_config={"model_type": "mamba", "vocab_size": 64, "hidden_size": 32,
+    config = tf.LlavaConfig(text_config={"model_type": "rwkv", "vocab_size": 64, "hidden_size": 32,
                                          "num_hidden_layers": 1})
-    with pytest.raises(UnsupportedModel, match=r"LlavaForConditionalGeneration's decoder \('mamba', "
-                                               r"'MambaForCausalLM'\) is not a family served here"):
+    with pytest.raises(UnsupportedModel, match=r"LlavaForConditionalGeneration's decoder \('rwkv', "
+                                               r"'RwkvForCausalLM'\) is not a family served here"):
         serving_model_class("LlavaForConditionalGeneration", config)
 
 

@@ -16,7 +16,7 @@ from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_gen
 MAX_NEW = 16
 
 
-@pytest.fixture(scope="module", params=["lfm2", "qwen3_5", "granitemoehybrid"])
+@pytest.fixture(scope="module", params=["lfm2", "qwen3_5", "granitemoehybrid", "mamba2", "jamba"])
 def hybrid(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = build_family_model(request.param, root / "model")
@@ -133,3 +133,16 @@ def test_long_prompts_in_one_step_or_across_steps_match_peft(hybrid, step_tokens
         engine.stop()
     for i, (name, prompt) in enumerate(jobs):
         assert [outs[i][0]] == peft_generate(model, adapters.get(name), [prompt], 8, eos_token_id=None), (name, i)
+
+
+def test_lora_on_mambas_dt_proj_is_refused_naming_it(tmp_path):
+    """Hugging Face's Mamba mixer multiplies by dt_proj's weight directly, so PEFT's LoRA on it
+    changes nothing there: serving it would not be PEFT's output, and it is refused."""
+    from loramux.adapters.errors import AdapterInvalid
+
+    model = build_family_model("mamba", tmp_path / "model")
+    adapter = build_adapter(model, tmp_path / "dt", seed=1, r=4, lora_alpha=8, target_modules=["in_proj", "dt_proj"])
+    built = build_engine(ServerConfig(model=str(model), max_model_len=64, default_max_new_tokens=16))
+    with pytest.raises(AdapterInvalid, match=r"module 'backbone\.layers\.0\.mixer\.dt_proj' is not a supported LoRA "
+                                             r"target of this model; supported kinds: \['in_proj', 'out_proj', 'x_proj'\]"):
+        built.registry.register("dt", adapter, trusted=True)

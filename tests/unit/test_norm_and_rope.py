@@ -32,7 +32,8 @@ MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "q
            "Qwen3VLText": "qwen3_vl", "Qwen3VLMoeText": "qwen3_vl_moe", "Glm4v": "glm4v", "Glm4vMoeText": "glm4v_moe",
            "Lfm2": "lfm2", "Lfm2Moe": "lfm2_moe", "Qwen3_5": "qwen3_5", "Qwen3_5Moe": "qwen3_5_moe",
            "Qwen3Next": "qwen3_next", "GraniteMoeHybrid": "granitemoehybrid",
-           "NemotronH": "nemotron_h", "Bamba": "bamba", "FalconH1": "falcon_h1"}
+           "NemotronH": "nemotron_h", "Bamba": "bamba", "FalconH1": "falcon_h1", "Mamba2": "mamba2", "Mamba": "mamba",
+           "FalconMamba": "falcon_mamba", "Jamba": "jamba"}
 
 
 def _norm_class(name: str):

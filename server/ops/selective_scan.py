@@ -1,0 +1,49 @@
+"""Mamba's selective scan (Gu and Dao, 2023), as Mamba, Falcon Mamba and Jamba's Mamba layers run it.
+
+Per channel c of D (a state row of N dims each), each token t with input x_t [D], step dt_t [D]
+(softplus of the projection plus its bias), A [D, N] (= -exp(A_log)) and the token's B_t, C_t [N]:
+    h <- exp(dt_t A) * h + (dt_t x_t) B_t^T        (h [D, N])
+    y_t = h C_t + D_skip x_t
+``step`` runs one token of many sequences at once (decode rows); ``scan`` one sequence's tokens in
+order, as Hugging Face's ``mamba_selective_scan`` computes a prompt without mamba_ssm's kernel
+(decays of [tokens, D, N] made a chunk of tokens at a time, to bound their memory). All in float32;
+the state too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 64  # tokens whose decays are made at once
+
+
+def discretize(dt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """dt [.., D] from the step projection -> the step, float32: softplus(dt + bias)."""
+    return F.softplus(dt.float() + bias.float())
+
+
+def step(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
+    """One token of each of R sequences: x and dt [R, D], A [D, N] (float32), B and C [R, N], D
+    [D]; state [R, D, N] float32, updated in place. Returns y [R, D] float32."""
+    x = x.float()
+    state.mul_(torch.exp(dt[..., None] * A))
+    state.add_((dt * x)[..., None] * B.float()[:, None, :])
+    return (state @ C.float()[..., None])[..., 0] + D.float() * x
+
+
+def scan(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
+    """One sequence's tokens: x and dt [L, D], A [D, N] (float32), B and C [L, N], D [D]; state
+    [D, N] float32, updated in place to the state after the last token. Returns y [L, D] float32."""
+    x, B, C = x.float(), B.float(), C.float()
+    out = torch.empty_like(x)
+    h = state
+    for start in range(0, x.shape[0], CHUNK):
+        rows = slice(start, start + CHUNK)
+        decay = torch.exp(dt[rows, :, None] * A)  # [n, D, N]
+        write = (dt[rows] * x[rows])[..., None] * B[rows, None, :]
+        for t in range(decay.shape[0]):
+            h = decay[t] * h + write[t]
+            out[start + t] = h @ C[start + t]
+    state.copy_(h)
+    return out + D.float() * x

@@ -1,0 +1,60 @@
+"""Mamba's selective scan (ops/selective_scan.py) against its definition, token by token in float64."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramux.server.ops.selective_scan import discretize, scan, step
+
+
+def definition(x, dt, A, B, C, D, state):
+    """x, dt [L, D], A [D, N], B, C [L, N], D [D], state [D, N]: (y [L, D], final state), per token:
+    h <- exp(dt A) * h + (dt x) B^T; y = h C + D x."""
+    h, out = state.double().clone(), []
+    for t in range(x.shape[0]):
+        xt, dtt = x[t].double(), dt[t].double()
+        h = (dtt[:, None] * A.double()).exp() * h + (dtt * xt)[:, None] * B[t].double()[None, :]
+        out.append(h @ C[t].double() + D.double() * xt)
+    return torch.stack(out), h
+
+
+def inputs(length, channels, N, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(length, channels, generator=gen)
+    dt = discretize(torch.randn(length, channels, generator=gen), torch.randn(channels, generator=gen) * 0.5)
+    A = -torch.rand(channels, N, generator=gen) * 3 - 0.1
+    B, C = torch.randn(length, N, generator=gen), torch.randn(length, N, generator=gen)
+    return x, dt, A, B, C, torch.randn(channels, generator=gen), torch.randn(channels, N, generator=gen) * 0.3
+
+
+@settings(max_examples=30, deadline=None)
+@given(length=st.integers(1, 150), channels=st.sampled_from([1, 4, 12]), N=st.sampled_from([2, 8]),
+       split=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_a_scan_from_a_state_equals_the_definition_and_carries_its_state(length, channels, N, split, seed):
+    """Past a chunk of decays (64 tokens), and a sequence cut in two calls anywhere."""
+    x, dt, A, B, C, D, state = inputs(length, channels, N, seed)
+    expected, final = definition(x, dt, A, B, C, D, state)
+    cut, s = int(split * length), state.clone()
+    outs = [scan(x[a:b], dt[a:b], A, B[a:b], C[a:b], D, s) for a, b in ((0, cut), (cut, length)) if b > a]
+    torch.testing.assert_close(torch.cat(outs).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.double(), final, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_of_many_sequences_is_each_ones_next_token_of_the_scan():
+    """Decode rows in one step: each as the scan of its sequence's one more token from its state."""
+    rows = [inputs(1, 6, 4, seed) for seed in range(5)]
+    A, D = rows[0][2], rows[0][5]
+    states = torch.stack([r[6] for r in rows])
+    out = step(*(torch.cat([r[j] for r in rows]) for j in (0, 1)), A, *(torch.cat([r[j] for r in rows]) for j in (3, 4)),
+               D, states)
+    for d, (x, dt, _, B, C, _, state) in enumerate(rows):
+        torch.testing.assert_close(out[d], scan(x, dt, A, B, C, D, state)[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(states[d], state, rtol=1e-6, atol=1e-6)
+
+
+def test_discretize_is_softplus_of_the_biased_step_in_float32():
+    dt, bias = torch.tensor([[-3.0, 0.0, 4.0]], dtype=torch.bfloat16), torch.tensor([0.5, -1.0, 0.0])
+    got = discretize(dt, bias)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.softplus(dt.float() + bias))
