@@ -349,6 +349,10 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         return tf.Lfm2Config(**common, **{**llama_like, "num_hidden_layers": 3},
                              layer_types=["conv", "full_attention", "conv"], conv_bias=True, conv_L_cache=3,
                              block_ffn_dim_multiplier=1.5, block_multiple_of=16, architectures=["Lfm2ForCausalLM"])
+    if family == "lfm3":  # LFM2's layers with gated, windowed attention, RoPE by layer type, sandwich norms
+        return tf.Lfm3Config(**common, **{**llama_like, "num_hidden_layers": 4}, head_dim=16, conv_L_cache=4,
+                             layer_types=["conv", "sliding_attention", "conv", "full_attention"], sliding_window=6,
+                             architectures=["Lfm3ForCausalLM"])  # its default RoPE: proportional on full layers
     if family == "lfm2_moe":  # a dense first layer, then experts (sigmoid routing, an expert bias)
         return tf.Lfm2MoeConfig(**common, **{**llama_like, "num_hidden_layers": 3},
                                 layer_types=["conv", "full_attention", "conv"], num_dense_layers=1, num_experts=4,
@@ -429,7 +433,7 @@ VISION_LANGUAGE_FAMILIES = {"gemma3_vlm": "gemma3", "mistral3_vlm": "mistral", "
                             "internvl": "qwen3", "aya_vision": "cohere2", "smolvlm": "mistral",
                             "llava_next": "qwen2", "idefics3": "mistral", "qwen3_vl_moe": "qwen3_moe",
                             "ministral3_vlm": "ministral3", "glm4v": "glm4", "glm4v_moe": "glm4_moe", "lfm2_vl": "lfm2",
-                            "qwen3_5_vl": "qwen3_5", "qwen3_5_moe_vl": "qwen3_5_moe"}
+                            "qwen3_5_vl": "qwen3_5", "qwen3_5_moe_vl": "qwen3_5_moe", "lfm3_vl": "lfm3"}
 
 
 def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
@@ -492,6 +496,12 @@ def _vision_language_config(family: str, vocab: int, eos: int, pad: int):
                                                            intermediate_size=64, num_heads=2),
                       image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
                       vision_end_token_id=vocab - 4, **top)
+    if family == "lfm3_vl":  # LFM3-VL: a vision encoder of its own (attention and short convolutions)
+        return tf.Lfm3VlConfig(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                                     num_hidden_layers=2, num_attention_heads=2,
+                                                                     num_key_value_heads=1),
+                               image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+                               **top)
     if family == "lfm2_vl":  # LFM2-VL: a SigLIP2 tower, a projector of its own
         vision = dict(model_type="siglip2_vision_model", **{k: v for k, v in tower.items() if k != "image_size"})
         return tf.Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=vocab - 1,
@@ -512,7 +522,7 @@ VISION_LANGUAGE_ARCHITECTURES = {
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "ministral3_vlm": "Mistral3ForConditionalGeneration",
     "glm4v": "Glm4vForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
     "lfm2_vl": "Lfm2VlForConditionalGeneration", "qwen3_5_vl": "Qwen3_5ForConditionalGeneration",
-    "qwen3_5_moe_vl": "Qwen3_5MoeForConditionalGeneration"}
+    "qwen3_5_moe_vl": "Qwen3_5MoeForConditionalGeneration", "lfm3_vl": "Lfm3VlForConditionalGeneration"}
 
 
 def auto_model(source, **kwargs):
@@ -754,6 +764,9 @@ FAMILY_ADAPTERS = {
     "lfm2": {"qv-conv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj", "out_proj"]),
              "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1",
                                                                "w3", "w2"])},
+    "lfm3": {"qv-conv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "g_proj", "in_proj"]),
+             "all-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "in_proj",
+                                                               "out_proj", "w1", "w3", "w2"])},
     "qwen3_5": {"qv-net-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj_qkv", "in_proj_z",
                                                                       "out_proj"]),
                 "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ALL_PROJ, "in_proj_qkv", "in_proj_z", "in_proj_b",

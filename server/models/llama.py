@@ -53,7 +53,7 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "Glm4MoeLiteRMSNorm", "AXK1RMSNorm", "YoutuRMSNorm",
                              "DeepseekV2RMSNorm", "MiniCPM3RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm",
                              "Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm", "Glm4vRMSNorm", "Glm4vMoeTextRMSNorm",
-                             "Lfm2RMSNorm", "Lfm2MoeRMSNorm", "GraniteMoeHybridRMSNorm",
+                             "Lfm2RMSNorm", "Lfm2MoeRMSNorm", "Lfm3RMSNorm", "GraniteMoeHybridRMSNorm",
                              "NemotronHRMSNorm", "BambaRMSNorm", "FalconH1RMSNorm",
                              "Mamba2RMSNorm", "MambaRMSNorm", "FalconMambaRMSNorm", "JambaRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm", "Qwen3_5RMSNorm",

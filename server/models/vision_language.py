@@ -46,6 +46,7 @@ VISION_LANGUAGE = {
     "Glm4vForConditionalGeneration": ("model.language_model", _QWEN_VL, "Glm4ForCausalLM"),
     "Glm4vMoeForConditionalGeneration": ("model.language_model", _QWEN_VL, "Glm4MoeForCausalLM"),
     "Lfm2VlForConditionalGeneration": ("model.language_model", _TOWER, None),
+    "Lfm3VlForConditionalGeneration": ("model.language_model", _TOWER, None),
     "Idefics3ForConditionalGeneration": ("model.text_model", _IDEFICS, None),
     "SmolVLMForConditionalGeneration": ("model.text_model", _IDEFICS, None),
 }

@@ -30,7 +30,7 @@ MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "q
            "DeepseekV3": "deepseek_v3", "Glm4MoeLite": "glm4_moe_lite", "AXK1": "axk1", "Youtu": "youtu",
            "DeepseekV2": "deepseek_v2", "MiniCPM3": "minicpm3", "Qwen2VL": "qwen2_vl", "Qwen2_5_VL": "qwen2_5_vl",
            "Qwen3VLText": "qwen3_vl", "Qwen3VLMoeText": "qwen3_vl_moe", "Glm4v": "glm4v", "Glm4vMoeText": "glm4v_moe",
-           "Lfm2": "lfm2", "Lfm2Moe": "lfm2_moe", "Qwen3_5": "qwen3_5", "Qwen3_5Moe": "qwen3_5_moe",
+           "Lfm2": "lfm2", "Lfm2Moe": "lfm2_moe", "Lfm3": "lfm3", "Qwen3_5": "qwen3_5", "Qwen3_5Moe": "qwen3_5_moe",
            "Qwen3Next": "qwen3_next", "GraniteMoeHybrid": "granitemoehybrid",
            "NemotronH": "nemotron_h", "Bamba": "bamba", "FalconH1": "falcon_h1", "Mamba2": "mamba2", "Mamba": "mamba",
            "FalconMamba": "falcon_mamba", "Jamba": "jamba"}
