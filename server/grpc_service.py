@@ -147,4 +147,5 @@ class LoraMuxServicer(pb_grpc.LoraMuxServicer):
             dora=built.registry.layout.dora_base is not None, num_speculative_tokens=c.num_speculative_tokens,
             base_kernel_rows=sorted(built.kernel_rows), scheduling=c.scheduling,
             quantization=built.quantization, max_saved_modules=c.max_saved_modules,
+            prefix_caching=built.engine.blocks.prefix_caching,
         )

@@ -66,7 +66,7 @@ def test_server_info_and_adapters(server, tiny_adapters):
     assert set(info.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                       "lm_head", "embed_tokens"} and info.dora  # the --enable-* flags
     assert info.registered_adapters == len(tiny_adapters) and info.has_chat_template
-    assert info.num_speculative_tokens == 3
+    assert info.num_speculative_tokens == 3 and info.prefix_caching
     # --base-linear auto: the row counts the kernel won when timed at start-up (none without it)
     assert list(info.base_kernel_rows) == sorted(set(info.base_kernel_rows)) and \
         set(info.base_kernel_rows) <= set(range(1, 65))

@@ -53,6 +53,7 @@ def test_concurrent_streams_of_mixed_adapters_match_peft(hybrid):
     metrics = hybrid.metrics()
     assert metrics["loramux_prefix_cache_queried_tokens_total"] == metrics["loramux_prefix_cache_hit_tokens_total"] == 0
     assert "prefix caching off (a cached prefix has no recurrent state)" in hybrid.log()
+    assert not hybrid.client.server_info().prefix_caching
 
 
 def test_beam_search_returns_the_beams_a_search_over_peft_finds(hybrid):

@@ -341,7 +341,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "device", "dtype", "max_lora_rank", "max_device_adapters", "max_host_adapters", "max_batch_size", "max_model_len", "registered_adapters", "has_chat_template", "kv_block_size", "kv_cache_tokens", "op_backend", "cpu_isa", "adapter_pages", "lora_dtype", "lora_targets", "dora", "num_speculative_tokens", "base_kernel_rows", "scheduling", "quantization", "max_saved_modules")
+    __slots__ = ("version", "model", "device", "dtype", "max_lora_rank", "max_device_adapters", "max_host_adapters", "max_batch_size", "max_model_len", "registered_adapters", "has_chat_template", "kv_block_size", "kv_cache_tokens", "op_backend", "cpu_isa", "adapter_pages", "lora_dtype", "lora_targets", "dora", "num_speculative_tokens", "base_kernel_rows", "scheduling", "quantization", "max_saved_modules", "prefix_caching")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +366,7 @@ class ServerInfo(_message.Message):
     SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     MAX_SAVED_MODULES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     device: str
@@ -390,7 +391,8 @@ class ServerInfo(_message.Message):
     scheduling: str
     quantization: str
     max_saved_modules: int
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., registered_adapters: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., op_backend: _Optional[str] = ..., cpu_isa: _Optional[str] = ..., adapter_pages: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_targets: _Optional[_Iterable[str]] = ..., dora: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ..., base_kernel_rows: _Optional[_Iterable[int]] = ..., scheduling: _Optional[str] = ..., quantization: _Optional[str] = ..., max_saved_modules: _Optional[int] = ...) -> None: ...
+    prefix_caching: bool
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., registered_adapters: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., op_backend: _Optional[str] = ..., cpu_isa: _Optional[str] = ..., adapter_pages: _Optional[int] = ..., lora_dtype: _Optional[str] = ..., lora_targets: _Optional[_Iterable[str]] = ..., dora: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ..., base_kernel_rows: _Optional[_Iterable[int]] = ..., scheduling: _Optional[str] = ..., quantization: _Optional[str] = ..., max_saved_modules: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("adapter_id", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs", "continue_final_message", "chat_template_kwargs", "truncate_prompt_tokens", "chat_template", "documents")
