@@ -368,6 +368,13 @@ def _family_config(family: str, vocab: int, eos: int, pad: int):
         qwen.pop("intermediate_size")  # every layer's MLP: 4 experts, 2 a token, and a gated shared expert
         return tf.Qwen3_5MoeTextConfig(**qwen, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                        shared_expert_intermediate_size=32, architectures=["Qwen3_5MoeForCausalLM"])
+    if family == "olmo_hybrid":  # gated DeltaNet (its own q/k/v/o shapes) beside OLMo 2's attention, with RoPE
+        return tf.OlmoHybridConfig(**common, **{**llama_like, "num_hidden_layers": 4, "num_key_value_heads": 4},
+                                   layer_types=["linear_attention", "full_attention", "linear_attention",
+                                                "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+                                   linear_key_head_dim=16, linear_value_head_dim=8,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                   architectures=["OlmoHybridForCausalLM"])
     if family == "qwen3_next":  # Qwen3.5-MoE's layers, DeltaNet's projections by key head, a dense first MLP
         return tf.Qwen3NextConfig(**common, **{**llama_like, "num_hidden_layers": 3}, head_dim=32,
                                   layer_types=["linear_attention", "full_attention", "linear_attention"],
@@ -774,6 +781,8 @@ FAMILY_ADAPTERS = {
     "qwen3_5_moe": {"qk-net-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "in_proj_qkv"]),
                     "attn-net-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj_qkv", "in_proj_z",
                                                                            "in_proj_b", "in_proj_a", "out_proj"])},
+    "olmo_hybrid": {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "g_proj"]),
+                    "all-r4": dict(r=4, lora_alpha=8, target_modules=[*ALL_PROJ, "g_proj", "a_proj", "b_proj"])},
     "qwen3_next": {"qv-qkvz-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "in_proj_qkvz"]),
                    # not the MLP: PEFT turns its names into target_parameters on the experts (refused)
                    "attn-net-r4": dict(r=4, lora_alpha=8, target_modules=[*ATTN_PROJ, "in_proj_qkvz", "in_proj_ba",

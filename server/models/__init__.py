@@ -44,13 +44,13 @@ from .nemotron_h import NemotronHForServing
 from .olmo import Exaone4ForServing, Olmo2ForServing, OlmoForServing
 from .opt import OPTForServing
 from .phi import PhiForServing
-from .qwen3_5 import Qwen3_5ForServing
+from .qwen3_5 import OlmoHybridForServing, Qwen3_5ForServing
 from .stablelm import StableLmForServing
 from .starcoder2 import Starcoder2ForServing
 from .vision_language import VISION_LANGUAGE, text_architecture, vision_language_class
 
 # HF architecture name -> serving model class. Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, SmolLM3 and CWM share one decoder;
-# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, LFM2/LFM3, Qwen3.5, Qwen3-Next, Granite 4.0-H, Nemotron-H, Bamba, Falcon-H1 and Jamba (hybrids with recurrent layers), Mamba, Falcon Mamba and Mamba-2 (recurrent alone), GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, nanochat, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4, and MLA's: DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash, A.X K1, Youtu-LLM, MiniCPM3) build on it (their own projections, norms, scales and caps).
+# Ministral 3, ERNIE 4.5, Hunyuan dense, Helium, LFM2/LFM3, Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Bamba, Falcon-H1 and Jamba (hybrids with recurrent layers), Mamba, Falcon Mamba and Mamba-2 (recurrent alone), GLM, GLM-4, Nemotron, Arcee, Jais 2, Apertus, Phi, Phi-3, Gemma 1/2/3, VaultGemma, Granite, GraniteSWA, HyperCLOVA X, OLMo 1/2/3, EXAONE 4.0, StableLM, StarCoder2, Cohere 1/2, GPT-NeoX, Persimmon, GPT-J, nanochat, Falcon and the MoE decoders (Mixtral, Qwen2/3-MoE, GLM-4.5, dots.llm1, Solar Open, Phi-3.5-MoE, K-EXAONE, OLMoE, MiniMax-M2, FlexOlmo, ERNIE 4.5 MoE, Hunyuan MoE, Granite MoE, Granite MoE SWA, GPT-OSS, Llama 4, and MLA's: DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash, A.X K1, Youtu-LLM, MiniCPM3) build on it (their own projections, norms, scales and caps).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForServing,
     "MistralForCausalLM": LlamaForServing,
@@ -112,6 +112,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3_5ForCausalLM": Qwen3_5ForServing,
     "Qwen3_5MoeForCausalLM": Qwen3_5ForServing,
     "Qwen3NextForCausalLM": Qwen3_5ForServing,
+    "OlmoHybridForCausalLM": OlmoHybridForServing,
     "GraniteMoeHybridForCausalLM": GraniteMoeHybridForServing,
     "NemotronHForCausalLM": NemotronHForServing,
     "BambaForCausalLM": BambaForServing,

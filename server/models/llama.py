@@ -55,7 +55,7 @@ LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
                              "Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm", "Glm4vRMSNorm", "Glm4vMoeTextRMSNorm",
                              "Lfm2RMSNorm", "Lfm2MoeRMSNorm", "Lfm3RMSNorm", "GraniteMoeHybridRMSNorm",
                              "NemotronHRMSNorm", "BambaRMSNorm", "FalconH1RMSNorm",
-                             "Mamba2RMSNorm", "MambaRMSNorm", "FalconMambaRMSNorm", "JambaRMSNorm"})
+                             "Mamba2RMSNorm", "MambaRMSNorm", "OlmoHybridRMSNorm", "FalconMambaRMSNorm", "JambaRMSNorm"})
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm", "Qwen3_5RMSNorm",
                              "Qwen3_5MoeRMSNorm", "Qwen3NextRMSNorm"})
 

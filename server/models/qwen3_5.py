@@ -43,9 +43,14 @@ from .llama import (
     mlp_targets,
 )
 from .moe import DenseOrExperts
+from .olmo import Olmo2Layer
 
 IN_KINDS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
 NEXT_IN_KINDS = ("in_proj_qkvz", "in_proj_ba")  # Qwen3-Next's
+# OLMo Hybrid's: q, k, v (shapes unlike its attention's q_proj, k_proj, v_proj: kinds of their own), the gate
+OLMO_IN = ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj")
+OLMO_IN_KINDS = ("linear_attn.q_proj", "linear_attn.k_proj", "linear_attn.v_proj", "g_proj", "b_proj", "a_proj")
+OLMO_OUT = "linear_attn.o_proj"
 LINEAR = "linear_attention"  # the layer type of a gated DeltaNet layer in the config's layer_types
 
 
@@ -85,15 +90,21 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
         self.post_attention_layernorm = fast_norm(hf_layer.post_attention_layernorm)
         if hasattr(net, "in_proj_qkvz"):  # Qwen3-Next's: two linears, laid out by key head
             self.in_proj = FusedLoRALinear.from_linears([net.in_proj_qkvz, net.in_proj_ba], NEXT_IN_KINDS, layer, int8)
+        elif hasattr(net, "g_proj"):  # OLMo Hybrid's: one linear each
+            self.in_proj = FusedLoRALinear.from_linears([getattr(net, name) for name in OLMO_IN], OLMO_IN_KINDS, layer,
+                                                        int8)
         else:
             self.in_proj = FusedLoRALinear.from_linears([net.in_proj_qkv, net.in_proj_z, net.in_proj_b, net.in_proj_a],
                                                         IN_KINDS, layer, int8)
-        self.out_proj = FusedLoRALinear.from_linears([net.out_proj], ("out_proj",), layer, int8)
+        out = ("out_proj", net.out_proj) if hasattr(net, "out_proj") else (OLMO_OUT, net.o_proj)
+        self.out_proj = FusedLoRALinear.from_linears([out[1]], (out[0],), layer, int8)
         self.init_mlp(hf_layer.mlp, layer, int8)
         self.act = getattr(hf_layer.mlp, "act_fn", F.silu)
         self.conv_weight, self.conv_bias = net.conv1d.weight, net.conv1d.bias  # [conv dim, 1, K], None
         self.conv_act = {"silu": F.silu, "swish": F.silu}[net.activation]
-        self.A_log, self.dt_bias, self.norm = net.A_log, net.dt_bias, net.norm  # norm: HF's gated RMSNorm
+        self.A_log, self.dt_bias = net.A_log, net.dt_bias
+        self.norm = getattr(net, "norm", None) or net.o_norm  # HF's gated RMSNorm
+        self.beta_scale = 2.0 if getattr(net, "allow_neg_eigval", False) else None  # OLMo Hybrid's: beta in (0, 2)
         self.key_heads, self.value_heads, self.dk, self.dv = net.num_k_heads, net.num_v_heads, net.head_k_dim, net.head_v_dim
         self.states = states  # the convolution's state, then the rule's: indices among the recurrent states
 
@@ -105,7 +116,7 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
         convolution's channels), z [T, value dim], b and a [T, value heads]."""
         T, key_dim, value_dim, heads = x.shape[0], self.key_heads * self.dk, self.value_heads * self.dv, self.value_heads
         y = self.in_proj(x, batch.lora, apply_lora)
-        if self.in_proj.kinds == IN_KINDS:
+        if self.in_proj.kinds != NEXT_IN_KINDS:  # Qwen3.5's four linears, OLMo Hybrid's six: q|k|v, z, b, a
             return y.split([2 * key_dim + value_dim, value_dim, heads, heads], dim=1)
         # Qwen3-Next's: per key head, its q, k, then its value heads' v and z; then per key head their b, then a
         share = heads // self.key_heads
@@ -124,7 +135,8 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
                                          self.conv_weight, self.conv_bias))
         q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=1)
         q, k = prepare(q.reshape(T, self.key_heads, self.dk), k.reshape(T, self.key_heads, self.dk), self.value_heads)
-        beta = b.sigmoid().float()
+        beta = b.sigmoid() if self.beta_scale is None else b.sigmoid() * self.beta_scale
+        beta = beta.float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # as HF's: in float32
         o = gated_delta(q, k, v.reshape(T, self.value_heads, self.dv), g, beta, batch.prefill, batch.num_prefill_rows,
                         batch.state_slots, state).to(h.dtype)
@@ -134,7 +146,7 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
 
 
 class Qwen3_5ForServing(RecurrentLayers, LlamaForServing):
-    FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS, IN_KINDS, NEXT_IN_KINDS)
+    FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS, IN_KINDS, NEXT_IN_KINDS, OLMO_IN_KINDS)
     RECURRENT_LAYER, ATTENTION_LAYER = GatedDeltaNetLayer, GatedAttentionLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
@@ -173,8 +185,39 @@ class Qwen3_5ForServing(RecurrentLayers, LlamaForServing):
         """A gated DeltaNet layer's in_proj_* and out_proj, an attention layer's q/k/v/o, and the
         MLP's three where it is dense."""
         targets = cls.lora_targets(config)
-        linear = tuple(kind for kind in targets if kind.startswith("in_proj_"))
-        kinds = {LINEAR: (*linear, "out_proj"), "full_attention": (*ATTN_KINDS, "o_proj")}
-        mlp = (*MLP_UP_KINDS, "down_proj")
-        return [{kind: targets[kind] for kind in (*kinds[layer_type], *(mlp if _dense(config, i) else ()))}
-                for i, layer_type in enumerate(config.layer_types)]
+        by_path = {path: {kind: t for kind, t in targets.items() if path in t[0]}
+                   for path in (".linear_attn.", ".self_attn.", ".mlp.")}
+        return [{**by_path[".linear_attn." if layer_type == LINEAR else ".self_attn."],
+                 **(by_path[".mlp."] if _dense(config, i) else {})} for i, layer_type in enumerate(config.layer_types)]
+
+
+class OlmoHybridAttentionLayer(Olmo2Layer):
+    """OLMo Hybrid's attention layers: OLMo 2's (q and k normed over all heads, norms after each
+    block), RoPE only where the config gives it a base."""
+
+    def __init__(self, hf_layer, config, layer: int, kv_layer: int, cos, sin, int8: bool = False):
+        super().__init__(hf_layer, config, layer, cos, sin, int8)
+        self.use_rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") is not None
+        self.attention.layer = kv_layer  # the cache holds the attention layers' K/V alone
+
+
+class OlmoHybridForServing(Qwen3_5ForServing):
+    """OLMo Hybrid (AI2): gated DeltaNet layers (q, k, v, the output gate ``g_proj``, ``b_proj`` and
+    ``a_proj`` one linear each, beta in (0, 2) where ``linear_allow_neg_eigval``; ``o_proj``) and
+    OLMo 2's attention layers. Its DeltaNet's q/k/v/o have shapes unlike its attention's, so they
+    are kinds of their own: ``linear_attn.q_proj`` and so on (what ``ServerInfo.lora_targets`` lists)."""
+
+    FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS, OLMO_IN_KINDS)
+    ATTENTION_LAYER = OlmoHybridAttentionLayer
+
+    @staticmethod
+    def lora_targets(config):
+        hidden, heads = config.hidden_size, config.linear_num_value_heads
+        key_dim = config.linear_num_key_heads * config.linear_key_head_dim
+        value_dim = heads * config.linear_value_head_dim
+        net = "model.layers.{i}.linear_attn."
+        shapes = {"q_proj": (hidden, key_dim), "k_proj": (hidden, key_dim), "v_proj": (hidden, value_dim),
+                  "g_proj": (hidden, value_dim), "b_proj": (hidden, heads), "a_proj": (hidden, heads)}
+        linear = {kind: (net + name, *shapes[name]) for name, kind in zip(OLMO_IN, OLMO_IN_KINDS, strict=True)}
+        return {**attention_targets(config), **linear, OLMO_OUT: (net + "o_proj", value_dim, hidden),
+                **mlp_targets(config, MLP_UP_KINDS, "down_proj")}

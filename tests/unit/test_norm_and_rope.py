@@ -33,7 +33,8 @@ MODULES = {"Gemma": "gemma", "Llama": "llama", "Mistral": "mistral", "Qwen2": "q
            "Lfm2": "lfm2", "Lfm2Moe": "lfm2_moe", "Lfm3": "lfm3", "Qwen3_5": "qwen3_5", "Qwen3_5Moe": "qwen3_5_moe",
            "Qwen3Next": "qwen3_next", "GraniteMoeHybrid": "granitemoehybrid",
            "NemotronH": "nemotron_h", "Bamba": "bamba", "FalconH1": "falcon_h1", "Mamba2": "mamba2", "Mamba": "mamba",
-           "FalconMamba": "falcon_mamba", "Jamba": "jamba"}
+           "FalconMamba": "falcon_mamba", "Jamba": "jamba",
+           "OlmoHybrid": "olmo_hybrid"}
 
 
 def _norm_class(name: str):
