@@ -55,14 +55,19 @@ class TrainConfig:
     add_special_tokens: tuple[str, ...] = ()  # new special tokens (kept in text only where asked)
 
 
+MIXER_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj")  # token mixers' projections, by name
+
+
 def attention_targets(model) -> list[str]:
     """The decoder's attention projections as PEFT target names (q_proj, k_proj, v_proj, o_proj on a
     Llama; qkv_proj, o_proj on Phi-3; c_attn, attn.c_proj on GPT-2): each linear under an attention
-    module, by its own name, or with its parent's where a linear outside attention shares it."""
+    module, by its own name, or with its parent's where a linear outside attention shares it. A
+    model with no module named as attention (Nemotron-H's are all ``mixer``; a Mamba model has none)
+    takes its token mixers' projections instead: q/k/v/o and Mamba's ``in_proj``."""
     from transformers.pytorch_utils import Conv1D
 
     attention = {"attn", "self_attn", "attention", "self_attention"}
-    inside, elsewhere = [], set()
+    inside, elsewhere, mixers = [], set(), []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear | Conv1D):
             parts = name.split(".")
@@ -70,6 +75,9 @@ def attention_targets(model) -> list[str]:
                 inside.append(parts)
             else:
                 elsewhere.add(parts[-1])
+                mixers += [parts[-1]] if parts[-1] in MIXER_INPUTS else []
+    if not inside:
+        return list(dict.fromkeys(mixers))
     return list(dict.fromkeys(parts[-1] if parts[-1] not in elsewhere else ".".join(parts[-2:]) for parts in inside))
 
 

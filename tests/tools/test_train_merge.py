@@ -55,10 +55,13 @@ def test_thirty_steps_lower_the_loss(trained, request):
 
 
 @pytest.mark.parametrize("family, targets", [("phi3", ["o_proj", "qkv_proj"]), ("gpt2", ["c_attn", "attn.c_proj"]),
-                                             ("bloom", ["query_key_value", "dense"])])
+                                             ("bloom", ["query_key_value", "dense"]),
+                                             ("nemotron_h", ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj"]),
+                                             ("mamba2", ["in_proj"])])
 def test_default_targets_are_the_models_attention_projections(family, targets, data_file, tmp_path):
     """Without --targets, each family trains its own attention projections (a name that a linear
-    outside attention shares goes with its parent's), and the adapter serves as PEFT does."""
+    outside attention shares goes with its parent's; a model with no module named as attention: its
+    token mixers' projections), and the adapter serves as PEFT does."""
     model = build_family_model(family, tmp_path / "m")
     train(TrainConfig(model_dir=model, data=data_file, out=tmp_path / "a", steps=2, lr=0.05, max_length=32,
                       checkpoint_every=0))
