@@ -279,8 +279,11 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                  model.projection_bytes() / 2**20, sum(m.weight.numel() for layer in model.layers
                                                        for m in layer.lora_modules()) * loaded.dtype.itemsize / 2**20,
                  str(loaded.dtype).removeprefix("torch."))
-    layout = model.lora_layout(lm_head=config.enable_lm_head_lora, embedding=config.enable_embedding_lora,
-                               saved=config.max_saved_modules > 0)
+    try:
+        layout = model.lora_layout(lm_head=config.enable_lm_head_lora, embedding=config.enable_embedding_lora,
+                                   saved=config.max_saved_modules > 0)
+    except ValueError as e:  # a hybrid whose layer types shape one LoRA kind two ways: not served
+        raise StartupError(f"{cls.__name__}: LoRA targets of one name with two shapes are not served: {e}") from None
     if not config.enable_dora:  # a layout without the base weights refuses DoRA adapters, naming the flag
         layout = replace(layout, dora_base=None)
     num_layers, kv_heads, head_dim = model.kv_spec

@@ -11,8 +11,6 @@ convolution's last inputs and the scan's (recurrent_state.py). LoRA targets: in_
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,18 +70,13 @@ class Mamba2Mixer(nn.Module):
         xs, B, C = xbc.split([self.inner, bc, bc], dim=1)
         A = -self.A_log.float().exp()
         y = over_sequences(batch.prefill, batch.num_prefill_rows, batch.state_slots, state,
-                           partial(self._chunked, A=A), partial(self._step, A=A), xs.reshape(T, self.heads, self.head_dim),
-                           discretize(dt, self.dt_bias, self.limit), B.reshape(T, self.groups, self.state_size),
-                           C.reshape(T, self.groups, self.state_size))
+                           lambda x, dt, B, C, s: chunked(x, dt, A, B, C, self.D, s, self.chunk),
+                           lambda x, dt, B, C, s: step(x, dt, A, B, C, self.D, s),
+                           xs.reshape(T, self.heads, self.head_dim), discretize(dt, self.dt_bias, self.limit),
+                           B.reshape(T, self.groups, self.state_size), C.reshape(T, self.groups, self.state_size))
         y = y.reshape(T, self.inner)
         y = self.norm(y, gate) if self.gated_norm else y * F.silu(gate)  # HF's norm: float32, gated by SiLU(z), by groups
         return self.out_proj(y.to(dtype), batch.lora, apply_lora)
-
-    def _chunked(self, x, dt, B, C, state, A):
-        return chunked(x, dt, A, B, C, self.D, state, self.chunk)
-
-    def _step(self, x, dt, B, C, state, A):
-        return step(x, dt, A, B, C, self.D, state)
 
 
 class MambaBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""Qwen3.5 (dense and MoE) and Qwen3-Next: hybrids of gated DeltaNet linear attention and gated attention.
+"""Qwen3.5 (dense and MoE), Qwen3-Next and OLMo Hybrid: hybrids of gated DeltaNet and attention.
 
 Each layer mixes tokens by one of two operators under ``input_layernorm`` (Gemma-style RMSNorms,
 1 + w), then runs its MLP under ``post_attention_layernorm``:
@@ -146,7 +146,7 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
 
 
 class Qwen3_5ForServing(RecurrentLayers, LlamaForServing):
-    FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS, IN_KINDS, NEXT_IN_KINDS, OLMO_IN_KINDS)
+    FUSED_KINDS = (ATTN_KINDS, MLP_UP_KINDS, IN_KINDS, NEXT_IN_KINDS)
     RECURRENT_LAYER, ATTENTION_LAYER = GatedDeltaNetLayer, GatedAttentionLayer
 
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):

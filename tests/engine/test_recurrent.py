@@ -146,3 +146,19 @@ def test_lora_on_mambas_dt_proj_is_refused_naming_it(tmp_path):
     with pytest.raises(AdapterInvalid, match=r"module 'backbone\.layers\.0\.mixer\.dt_proj' is not a supported LoRA "
                                              r"target of this model; supported kinds: \['in_proj', 'out_proj', 'x_proj'\]"):
         built.registry.register("dt", adapter, trusted=True)
+
+
+def test_a_hybrid_whose_layer_types_shape_one_target_two_ways_is_refused_at_start_up(tmp_path):
+    """LFM2's attention and convolution both name their output projection out_proj: one LoRA kind,
+    whose pages have one shape. A config with attention narrower than the hidden size gives it two."""
+    import transformers as tf
+
+    from helpers import _family_config, build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    config = _family_config("lfm2", len(tok), tok.eos_token_id, tok.pad_token_id)
+    config.head_dim = 8  # 4 heads of 8: attention's out_proj is 32 -> 64, the convolution's 64 -> 64
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(StartupError, match=r"Lfm2ForServing: LoRA targets of one name with two shapes are not served: "
+                                           r"out_proj is \(32, 64\) in layer 1 and \(64, 64\) in another"):
+        build_engine(ServerConfig(model=str(tmp_path), max_model_len=64, default_max_new_tokens=16))
