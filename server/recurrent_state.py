@@ -1,5 +1,5 @@
-"""Per-sequence recurrent state of a hybrid model's non-attention layers (LFM2's short convolutions,
-Qwen3.5's gated DeltaNet).
+"""Per-sequence recurrent state of a model's non-attention layers (short convolutions, gated
+DeltaNet, Mamba's and Mamba-2's scans: models/base.py ``RecurrentLayers``).
 
 A recurrent layer keeps no per-token K/V: each running sequence carries a fixed-size state that
 every token it feeds updates in place. Each layer's states live in one tensor

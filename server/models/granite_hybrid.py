@@ -47,7 +47,6 @@ class GraniteHybridAttentionLayer(SharedMLP, GraniteLayer):
     def __init__(self, hf_layer, config, layer: int, kv_layer: int, cos, sin, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
         self.moe = hf_layer.block_sparse_moe  # None without experts
-        self.use_rope = config.position_embedding_type == "rope"
         self.attention.layer = kv_layer  # the cache holds the attention layers' K/V alone
 
     def lora_modules(self) -> list[FusedLoRALinear]:

@@ -40,12 +40,10 @@ MLP = (*MLP_UP_KINDS, "down_proj")
 
 class JambaAttentionLayer(DenseOrExperts, LlamaLayer):
     MLP = "feed_forward"
-    ROPE = False
 
     def __init__(self, hf_layer, config, layer: int, kv_layer: int, cos, sin, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
         self.post_attention_layernorm = fast_norm(hf_layer.pre_ff_layernorm)
-        self.use_rope = self.ROPE
         self.attention.layer = kv_layer  # the cache holds the attention layers' K/V alone
 
     def lora_modules(self) -> list[FusedLoRALinear]:
@@ -101,16 +99,12 @@ class JambaForServing(RecurrentLayers, LlamaForServing):
                 for kind, count in zip(config.layer_types, experts, strict=True)]
 
 
-class BambaAttentionLayer(JambaAttentionLayer):
-    ROPE = True
-
-
 class BambaMambaLayer(JambaMambaLayer):
     MIXER = Mamba2Mixer
 
 
 class BambaForServing(JambaForServing):
-    RECURRENT_LAYER, ATTENTION_LAYER = BambaMambaLayer, BambaAttentionLayer
+    RECURRENT_LAYER = BambaMambaLayer
 
     @staticmethod
     def lora_targets(config):

@@ -147,9 +147,8 @@ class Lfm2ForServing(RecurrentLayers, LlamaForServing):
     def __init__(self, hf_model, max_model_len: int, int8: bool = False):
         super().__init__(hf_model, max_model_len, int8)
         config = self.config
-        attention = [i for i, kind in enumerate(config.layer_types) if kind != CONV]
-        self.kv_spec = (len(attention), *self.kv_spec[1:])
-        convs = config.num_hidden_layers - len(attention)
+        convs = config.layer_types.count(CONV)
+        self.kv_spec = (config.num_hidden_layers - convs, *self.kv_spec[1:])
         self.recurrent_states = [((config.hidden_size, config.conv_L_cache - 1), None)] * convs
 
     @staticmethod

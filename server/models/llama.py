@@ -185,11 +185,12 @@ class LlamaLayer(nn.Module):
         """What ``attend`` reads besides the projections and q/k norms."""
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, _kv_heads(config), _head_dim(config)
         self.attention = self.make_attention(config, layer)
-        self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers
-        self.rotary = cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
+        self.cos, self.sin = cos, sin  # [max_len, rotary dim] (sin through signed_sin), shared by all layers; None: no RoPE
+        self.rotary = 0 if cos is None else cos.shape[-1]  # the first dims of each head RoPE turns: all, or Phi-3's partial_rotary_factor
         no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3's: 0 for a layer without RoPE (NoPE)
         thetas = getattr(config, "layer_rope_theta", None)  # GraniteSWA's: each layer's RoPE base, 0 for NoPE
-        self.use_rope = (no_rope is None or bool(no_rope[layer])) and (thetas is None or bool(thetas[layer]))
+        self.use_rope = cos is not None and (no_rope is None or bool(no_rope[layer])) and (
+            thetas is None or bool(thetas[layer]))
 
     @staticmethod
     def make_attention(config, layer: int) -> FlatAttention:
@@ -297,6 +298,9 @@ class LlamaForServing(ServingModel):
             # order, as the rotary module switches on the length it is called with
             short = None if self.rope_split is None else self.rope_table(inner, self.rope_split, kind)
             cos, sin = self.rope_table(inner, max_model_len, kind)
+            if cos is None:  # no positions encoded: every layer's use_rope is off (init_attention)
+                tables[kind] = None, None
+                continue
             if short is not None:
                 cos, sin = torch.cat((short[0], cos)), torch.cat((short[1], sin))
             name = "" if kind is None else f"_{j}"
@@ -318,11 +322,10 @@ class LlamaForServing(ServingModel):
     def rope_table(self, inner, max_model_len: int, kind) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [max_model_len, rotary dim] in the model's dtype, as the Hugging Face model's
         rotary module computes them (of layer type ``kind``, where the config keys RoPE by type).
-        A decoder without one encodes no positions (Granite 4.0-H's, Nemotron-H's): a table no
-        layer reads (their layers' ``use_rope`` is off)."""
+        None for a decoder without one, which encodes no positions (Granite 4.0-H's without
+        position_embedding_type, Nemotron-H's, Jamba's, OLMo Hybrid's without a RoPE base)."""
         if getattr(inner, "rotary_emb", None) is None:
-            zeros = self.lm_head.weight.new_zeros(max_model_len, 2)
-            return zeros, zeros
+            return None, None
         return self.rotary_table(inner.rotary_emb, max_model_len, *([] if kind is None else [kind]))
 
     def rotary_table(self, rotary, max_model_len: int, *args) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,8 @@ class MambaMixer(nn.Module):
         self.dt_weight, self.dt_bias = mixer.dt_proj.weight, mixer.dt_proj.bias  # [D, rank], [D]
         self.conv_weight, self.conv_bias = mixer.conv1d.weight, mixer.conv1d.bias  # [D, 1, K], [D] or None
         self.act = {"silu": F.silu, "swish": F.silu}[mixer.activation]
-        self.A_log, self.D = mixer.A_log, mixer.D
+        self.register_buffer("A", -mixer.A_log.detach().float().exp(), persistent=False)  # once, not a step
+        self.D = mixer.D
         self.rank, self.state_size = mixer.time_step_rank, mixer.ssm_state_size
         # Falcon Mamba's (weightless) and Jamba's norms of the step, B and C; None: none
         self.norms = tuple(getattr(mixer, name, None) for name in ("dt_layernorm", "b_layernorm", "c_layernorm"))
@@ -62,10 +63,9 @@ class MambaMixer(nn.Module):
         if self.norms[0] is not None:
             dt, B, C = (norm(t) for norm, t in zip(self.norms, (dt, B, C), strict=True))
         dt = discretize(F.linear(dt, self.dt_weight), self.dt_bias)  # HF's dt_proj.weight @ dt: no LoRA, bias later
-        A = -self.A_log.float().exp()
         y = over_sequences(batch.prefill, batch.num_prefill_rows, batch.state_slots, state,
-                           lambda x, dt, B, C, s: scan(x, dt, A, B, C, self.D, s),
-                           lambda x, dt, B, C, s: step(x, dt, A, B, C, self.D, s), xs, dt, B, C)
+                           lambda x, dt, B, C, s: scan(x, dt, self.A, B, C, self.D, s),
+                           lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s), xs, dt, B, C)
         return self.out_proj((y * F.silu(z.float())).to(dtype), batch.lora, apply_lora)
 
 

@@ -34,7 +34,8 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = FusedLoRALinear.from_linears([mixer.out_proj], ("out_proj",), layer, int8)
         self.conv_weight, self.conv_bias = mixer.conv1d.weight, mixer.conv1d.bias  # [conv dim, 1, K], [conv dim]
         self.act = {"silu": F.silu, "swish": F.silu}[mixer.activation]
-        self.A_log, self.D, self.dt_bias, self.norm = mixer.A_log, mixer.D, mixer.dt_bias, mixer.norm
+        self.register_buffer("A", -mixer.A_log.detach().float().exp(), persistent=False)  # once, not a step
+        self.D, self.dt_bias, self.norm = mixer.D, mixer.dt_bias, mixer.norm
         self.heads, self.head_dim, self.groups, self.state_size = (mixer.num_heads, mixer.head_dim, mixer.n_groups,
                                                                    mixer.ssm_state_size)
         self.inner, self.chunk = mixer.intermediate_size, mixer.chunk_size
@@ -68,10 +69,9 @@ class Mamba2Mixer(nn.Module):
         xbc = self.act(short_conv(xbc, batch.prefill, batch.num_prefill_rows, batch.state_slots, conv_state,
                                   self.conv_weight, self.conv_bias))
         xs, B, C = xbc.split([self.inner, bc, bc], dim=1)
-        A = -self.A_log.float().exp()
         y = over_sequences(batch.prefill, batch.num_prefill_rows, batch.state_slots, state,
-                           lambda x, dt, B, C, s: chunked(x, dt, A, B, C, self.D, s, self.chunk),
-                           lambda x, dt, B, C, s: step(x, dt, A, B, C, self.D, s),
+                           lambda x, dt, B, C, s: chunked(x, dt, self.A, B, C, self.D, s, self.chunk),
+                           lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s),
                            xs.reshape(T, self.heads, self.head_dim), discretize(dt, self.dt_bias, self.limit),
                            B.reshape(T, self.groups, self.state_size), C.reshape(T, self.groups, self.state_size))
         y = y.reshape(T, self.inner)

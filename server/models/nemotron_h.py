@@ -32,7 +32,6 @@ class AttentionBlock(LlamaLayer):
         self.o_proj = FusedLoRALinear.from_linears([attn.o_proj], ("o_proj",), layer, int8)
         self.q_norm = self.k_norm = None
         self.init_attention(config, layer, cos, sin)
-        self.use_rope = False
         self.attention.layer = kv_layer  # the cache holds the attention blocks' K/V alone
 
     def lora_modules(self) -> list[FusedLoRALinear]:

@@ -102,7 +102,8 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
         self.act = getattr(hf_layer.mlp, "act_fn", F.silu)
         self.conv_weight, self.conv_bias = net.conv1d.weight, net.conv1d.bias  # [conv dim, 1, K], None
         self.conv_act = {"silu": F.silu, "swish": F.silu}[net.activation]
-        self.A_log, self.dt_bias = net.A_log, net.dt_bias
+        self.register_buffer("A", -net.A_log.detach().float().exp(), persistent=False)  # -exp(A_log): once, not a step
+        self.dt_bias = net.dt_bias
         self.norm = getattr(net, "norm", None) or net.o_norm  # HF's gated RMSNorm
         self.beta_scale = 2.0 if getattr(net, "allow_neg_eigval", False) else None  # OLMo Hybrid's: beta in (0, 2)
         self.key_heads, self.value_heads, self.dk, self.dv = net.num_k_heads, net.num_v_heads, net.head_k_dim, net.head_v_dim
@@ -137,7 +138,7 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
         q, k = prepare(q.reshape(T, self.key_heads, self.dk), k.reshape(T, self.key_heads, self.dk), self.value_heads)
         beta = b.sigmoid() if self.beta_scale is None else b.sigmoid() * self.beta_scale
         beta = beta.float()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # as HF's: in float32
+        g = self.A * F.softplus(a.float() + self.dt_bias)  # as HF's: in float32
         o = gated_delta(q, k, v.reshape(T, self.value_heads, self.dv), g, beta, batch.prefill, batch.num_prefill_rows,
                         batch.state_slots, state).to(h.dtype)
         o = self.norm(o.reshape(-1, self.dv), z.reshape(-1, self.dv)).reshape(T, value_dim)
@@ -193,11 +194,10 @@ class Qwen3_5ForServing(RecurrentLayers, LlamaForServing):
 
 class OlmoHybridAttentionLayer(Olmo2Layer):
     """OLMo Hybrid's attention layers: OLMo 2's (q and k normed over all heads, norms after each
-    block), RoPE only where the config gives it a base."""
+    block), RoPE only where the config gives it a base (else the model has no rotary module)."""
 
     def __init__(self, hf_layer, config, layer: int, kv_layer: int, cos, sin, int8: bool = False):
         super().__init__(hf_layer, config, layer, cos, sin, int8)
-        self.use_rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") is not None
         self.attention.layer = kv_layer  # the cache holds the attention layers' K/V alone
 
 

@@ -25,7 +25,8 @@ def over_sequences(chunks, num_prefill_rows: int, slots: torch.Tensor, state: to
         parts.append(chunked(*(r[span] for r in rows), s[0]))
         state[slot] = s
     if num_prefill_rows < rows[0].shape[0]:
-        s = state[slots[len(chunks) :]]
+        decoding = slots[len(chunks) :]
+        s = state[decoding]
         parts.append(step(*(r[num_prefill_rows:] for r in rows), s))
-        state[slots[len(chunks) :]] = s
+        state[decoding] = s
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)  # rows of unit stride, as linears read them
