@@ -13,6 +13,9 @@
    Target: at least 8x.
 
     python bench/prefix_cache.py [--slots 16] [--json out.json]
+
+With ``--model`` a model with recurrent layers (a hybrid), parts 1 and 2 measure prefix caching by
+cached states (README), and ``--concurrency-requests 0`` skips part 3, which is about K/V alone.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=32, help="requests of the burst, queued at once")
     ap.add_argument("--burst-system-len", type=int, default=128)
     ap.add_argument("--slots", type=int, default=16, help="old-design slots whose memory the pool gets")
-    ap.add_argument("--concurrency-requests", type=int, default=256)
+    ap.add_argument("--concurrency-requests", type=int, default=256, help="part 3's requests (0: skip it)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -126,32 +129,38 @@ def main() -> int:
         results.update(burst_ttft_p50_off_s=median(burst[False]), burst_ttft_p50_on_s=median(burst[True]),
                        burst_cache_share=burst_hits, burst_cache_share_most=most)
 
-        max_len = 2048
-        tokens = args.slots * max_len
-        config = ServerConfig(**{**base.__dict__, "adapters": (), "max_model_len": max_len, "max_batch_size": 256,
-                                 "max_tokens_per_step": 2048, "default_max_new_tokens": 100,
-                                 "kv_cache_tokens": tokens})
-        built = build_engine(config, loaded)
-        engine = built.engine
-        peak = PeakRunning(engine)
-        engine.observers.append(peak)
-        engine.start()
-        t0 = time.perf_counter()
-        run_batch(engine, random_prompts(vocab, args.concurrency_requests, 100, seed=5),
-                  [None] * args.concurrency_requests, 100)
-        wall = time.perf_counter() - t0
-        preemptions = engine.num_preemptions
-        engine.stop()
-        print(f"KV memory of {args.slots} slots x {max_len} tokens = {tokens} tokens "
-              f"({built.engine.runner.kv.nbytes / 2**20:.0f} MiB):")
-        print(f"  peak running sequences     {peak.peak} (old design: {args.slots}); "
-              f"{args.concurrency_requests} requests in {wall:.1f} s, {preemptions} preemptions")
-        print(f"  concurrency paged / slots  {peak.peak / args.slots:.2f}x   (target >= 8)")
-        results.update(slots=args.slots, peak_running=peak.peak, concurrency_ratio=peak.peak / args.slots,
-                       preemptions=preemptions)
+    if args.concurrency_requests:
+        concurrency(args, base, loaded, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def concurrency(args, base: ServerConfig, loaded, results: dict) -> None:
+    """Part 3: the most sequences running at once in the KV memory of ``--slots`` old-design slots."""
+    max_len = 2048
+    tokens = args.slots * max_len
+    config = ServerConfig(**{**base.__dict__, "adapters": (), "max_model_len": max_len, "max_batch_size": 256,
+                             "max_tokens_per_step": 2048, "default_max_new_tokens": 100,
+                             "kv_cache_tokens": tokens})
+    built = build_engine(config, loaded)
+    engine = built.engine
+    peak = PeakRunning(engine)
+    engine.observers.append(peak)
+    engine.start()
+    t0 = time.perf_counter()
+    run_batch(engine, random_prompts(loaded.hf_model.config.vocab_size, args.concurrency_requests, 100, seed=5),
+              [None] * args.concurrency_requests, 100)
+    wall = time.perf_counter() - t0
+    preemptions = engine.num_preemptions
+    engine.stop()
+    print(f"KV memory of {args.slots} slots x {max_len} tokens = {tokens} tokens "
+          f"({built.engine.runner.kv.nbytes / 2**20:.0f} MiB):")
+    print(f"  peak running sequences     {peak.peak} (old design: {args.slots}); "
+          f"{args.concurrency_requests} requests in {wall:.1f} s, {preemptions} preemptions")
+    print(f"  concurrency paged / slots  {peak.peak / args.slots:.2f}x   (target >= 8)")
+    results.update(slots=args.slots, peak_running=peak.peak, concurrency_ratio=peak.peak / args.slots,
+                   preemptions=preemptions)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ class ServerInfo:
     scheduling: str = ""  # admission order (--scheduling): fair, fifo or priority
     quantization: str = ""  # the decoder projections' weights (--quantization): none or int8
     max_saved_modules: int = 0  # fully trained embeddings and lm_heads held at once (--max-saved-modules)
-    prefix_caching: bool = False  # prompts' cached blocks are reused (not with --no-prefix-caching, nor recurrent layers)
+    prefix_caching: bool = False  # prompts' cached blocks are reused (not with --no-prefix-caching)
 
     @classmethod
     def from_pb(cls, s: pb.ServerInfo) -> ServerInfo:

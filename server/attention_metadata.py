@@ -31,7 +31,7 @@ def build_attention_metadata(prefill_items, decode_items, block_size: int, sink:
     for it in prefill_items:
         n = len(it.token_ids)
         nb = -(-(it.start_pos + n) // block_size)
-        chunks.append(PrefillSeq(row, n, it.start_pos, len(blocks), nb))
+        chunks.append(PrefillSeq(row, n, it.start_pos, len(blocks), nb, it.state_saves))
         blocks.extend(it.blocks[:nb])
         positions.extend(range(it.start_pos, it.start_pos + n))
         slots.extend(it.slots)

@@ -238,27 +238,31 @@ def decode_graphs(config: ServerConfig, runner: ModelRunner, zero_page: int) -> 
 
 
 def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[ServerConfig, RecurrentStates | None]:
-    """A hybrid model's recurrent layers get a state for each sequence that can run at once
-    (recurrent_state.py), allocated before the KV pool is sized from the memory left; such a model
-    is served without prefix caching (a cached prefix has no state to resume from) and without
-    speculative decoding (rejected drafts cannot be taken back out of a state). The config as
-    served, and the states (None for a model without recurrent layers)."""
+    """A hybrid model's recurrent layers get a state for each sequence that can run at once, and
+    --max-cached-states more that prefix-cache hits resume from (recurrent_state.py), allocated
+    before the KV pool is sized from the memory left; with none cached, such a model is served
+    without prefix caching (a cached prefix has no state to resume from); never with speculative
+    decoding (rejected drafts cannot be taken back out of a state). The config as served, and the
+    states (None for a model without recurrent layers)."""
     specs = model.state_specs()
     if not specs:
         return config, None
     if config.num_speculative_tokens:
         raise StartupError(f"--num-speculative-tokens: {type(model).__name__}'s recurrent layers cannot take back "
                            "rejected drafts; serve it without speculative decoding")
-    size = RecurrentStates.bytes_for(specs, config.max_batch_size, loaded.dtype)
+    cached = 0 if not config.prefix_caching else \
+        config.max_batch_size if config.max_cached_states is None else config.max_cached_states
+    size = RecurrentStates.bytes_for(specs, config.max_batch_size + cached, loaded.dtype)
     try:
-        states = RecurrentStates(specs, config.max_batch_size, loaded.dtype, loaded.device)
+        states = RecurrentStates(specs, config.max_batch_size, loaded.dtype, loaded.device, cached)
     except (torch.OutOfMemoryError, MemoryError) as e:
-        raise StartupError(f"the recurrent states of --max-batch-size {config.max_batch_size} sequences take "
-                           f"{size / 2**30:.2f} GiB, which {loaded.device} cannot hold ({e}); lower --max-batch-size") from None
-    log.info("recurrent layers: %d states for each of --max-batch-size %d sequences, %.1f MiB in all%s", len(specs),
-             config.max_batch_size, size / 2**20,
-             "; prefix caching off (a cached prefix has no recurrent state)" if config.prefix_caching else "")
-    return replace(config, prefix_caching=False), states
+        raise StartupError(f"the recurrent states of --max-batch-size {config.max_batch_size} sequences and "
+                           f"--max-cached-states {cached} take {size / 2**30:.2f} GiB, which {loaded.device} cannot hold "
+                           f"({e}); lower either") from None
+    log.info("recurrent layers: %d states for each of --max-batch-size %d sequences and --max-cached-states %d, "
+             "%.1f MiB in all%s", len(specs), config.max_batch_size, cached, size / 2**20,
+             "; prefix caching off (no cached states to resume from)" if config.prefix_caching and not cached else "")
+    return replace(config, prefix_caching=cached > 0), states
 
 
 @in_passing_thread

@@ -80,6 +80,9 @@ class ServerConfig:
     # model and adapters leave (vLLM's flag); None: CUDA_KV_FRACTION of the memory still free after them
     gpu_memory_utilization: float | None = None
     prefix_caching: bool = True
+    # a recurrent model's states copied at prompts' block boundaries, from which prefix-cache hits resume
+    # (recurrent_state.py); None: max_batch_size of them; 0: no prefix caching for such a model
+    max_cached_states: int | None = None
     # speculative decoding by prompt lookup: draft tokens a decoding row proposes from its own text per step
     num_speculative_tokens: int = 0  # 0: off
     prompt_lookup_max: int = 4  # longest suffix n-gram matched against the row's earlier tokens
@@ -158,6 +161,8 @@ class ServerConfig:
             positive(name)
         if self.adapter_io_threads is not None and self.adapter_io_threads < 1:
             raise ValueError(f"adapter-io-threads must be >= 1, got {self.adapter_io_threads}")
+        if self.max_cached_states is not None and self.max_cached_states < 0:
+            raise ValueError(f"max-cached-states must be >= 0, got {self.max_cached_states}")
         if self.max_saved_modules < 0:
             raise ValueError(f"max-saved-modules must be >= 0, got {self.max_saved_modules}")
         if self.responses_store_bytes < 0:

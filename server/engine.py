@@ -39,6 +39,7 @@ from .errors import (
     status_name,
 )
 from .output_processor import Finished, OutputProcessor
+from .recurrent_state import StateCache
 from .requests import (
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
@@ -113,6 +114,9 @@ class Engine:
         kv = runner.kv
         self.blocks = BlockManager(kv.num_blocks, kv.block_size, config.prefix_caching)
         self.states = kv.states  # a recurrent model's per-sequence states; None for others
+        # which prompt prefixes the states' cached slots hold, where prefix caching serves a recurrent model
+        self.state_cache = StateCache(self.states.cached_slots) \
+            if self.states is not None and self.states.cached_slots else None
         # admission leaves this many blocks free for running sequences to grow into (none when idle)
         self.watermark_blocks = max(1, int(WATERMARK * kv.num_blocks)) if kv.num_blocks > 1 else 0
         self.prefix_queried_tokens = 0  # counters read by the metrics collector
@@ -598,25 +602,50 @@ class Engine:
                     seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], bs)
                 if not wants_rows:
                     seq.hit = self.blocks.lookup(seq.prompt_keys)
-            keys, hit = seq.prompt_keys or (), len(seq.hit.blocks)
+                if self.state_cache is not None:
+                    self._state_hit(seq)
+            hit = len(seq.hit.blocks)
+            computing = self._computing(seq, hit * bs)
             waiting.append(SeqView(
                 seq, seq.adapter, seq.prefill_len, 0, num_cached=seq.hit.cached_tokens(seq.prefill_len, bs),
                 hit_blocks=hit, hit_free=seq.hit.num_free, tenant=seq.tenant, priority=seq.priority,
-                computing=tuple(keys[hit:]),
-                next_key=keys[hit] if hit < len(keys) and not wants_rows else None))
+                computing=computing, next_key=computing[0] if computing and not wants_rows else None))
         running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
                            self.blocks.num_freeable(seq), tenant=seq.tenant, priority=seq.priority,
-                           computing=tuple((seq.prompt_keys or ())[seq.num_computed // bs :])
-                           if seq.num_computed < seq.prefill_len else ())
+                           computing=self._computing(seq, seq.num_computed) if seq.num_computed < seq.prefill_len
+                           else ())
                    for seq in self._running]
         return waiting, running
+
+    def _computing(self, seq: Sequence, start: int) -> tuple[bytes, ...]:
+        """The prefix-cache keys a prefill from ``start`` will make hits of (for a request waiting on
+        one to come): its prompt's full blocks' keys, or a recurrent model's keys of the states it caches."""
+        keys, bs = seq.prompt_keys or (), self.blocks.block_size
+        if self.states is None:
+            return tuple(keys[start // bs :])
+        return tuple(keys[at // bs - 1] for at in seq.cache_states_at if at > start)
+
+    def _state_hit(self, seq: Sequence) -> None:
+        """A recurrent model resumes a prefix only from a cached state: the hit shrinks to the longest
+        matched prefix whose state is cached, ending before the prompt's last token. Its prefill
+        then caches its state where the matched blocks end (another request shares the prompt that
+        far: the next one resumes there) and at its prompt's last full block (a later turn of a
+        conversation, or the same prompt again)."""
+        keys, bs = seq.prompt_keys, self.blocks.block_size
+        last = (seq.prefill_len - 1) // bs  # blocks before the prompt's last token
+        matched = min(len(seq.hit.blocks), last)
+        usable = next((b for b in range(matched, 0, -1) if keys[b - 1] in self.state_cache), 0)
+        if usable < len(seq.hit.blocks):
+            seq.hit = self.blocks.lookup(keys[:usable])
+        seq.cache_states_at = tuple(b * bs for b in sorted({matched, last}) if b > usable)
 
     def _admit(self, seq: Sequence) -> None:
         self.admission.pin(seq)
         self.blocks.admit(seq, seq.hit, seq.prompt_keys or ())
-        if self.states is not None:  # zeroed: its state starts from its first token, computed again
-            seq.state_slot = self.states.take()
         cached = seq.hit.cached_tokens(seq.prefill_len, self.blocks.block_size)
+        if self.states is not None:  # the cached state its hit ends at, else zeroed: it starts from its first token
+            key = seq.prompt_keys[len(seq.hit.blocks) - 1] if seq.hit.blocks else None
+            seq.state_slot = self.states.take(None if key is None else self.state_cache.get(key))
         seq.num_computed = cached
         if self.blocks.prefix_caching:
             self.prefix_queried_tokens += seq.prefill_len
@@ -637,6 +666,21 @@ class Engine:
         seq.num_computed = 0
         seq.prefill_len = len(seq.ids)
         seq.prompt_keys = None
+        seq.cache_states_at = ()
+
+    def _state_saves(self, seq: Sequence, n: int) -> tuple[tuple[int, int], ...]:
+        """Where a prefill chunk of ``n`` tokens copies its sequence's state into the state cache:
+        (tokens into the chunk, cached slot) at each of its ``cache_states_at`` inside the chunk, the
+        slot taken now under the key of the block that ends there (the prefix-cache key: tokens and
+        weights so far). The op writes it during the step (ops/recurrent.py), and a faulty step ends
+        the engine, so no key outlives a state that was never written."""
+        start, bs, saves = seq.num_computed, self.blocks.block_size, []
+        for at in seq.cache_states_at:
+            if start < at <= start + n:  # cache_states_at is set with prompt_keys (_state_hit)
+                slot = self.state_cache.put(seq.prompt_keys[at // bs - 1])
+                if slot is not None:
+                    saves.append((at - start, slot))
+        return tuple(saves)
 
     def _free_state(self, seq: Sequence) -> None:
         if seq.state_slot is not None:
@@ -713,6 +757,7 @@ class Engine:
                 magnitude_page=seq.magnitude_page, saved_embedding=seq.saved_embedding, saved_head=seq.saved_head,
                 prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
                 long_rope=seq.long_rope, state_slot=seq.state_slot,
+                state_saves=self._state_saves(seq, n) if seq.cache_states_at and not decoding[-1] else (),
             ))
         constrained = [seq for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None and seq.grammar.constrains] \

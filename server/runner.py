@@ -38,6 +38,8 @@ class WorkItem:
     saved_head: torch.Tensor | None = None
     long_rope: bool = False  # all its positions take RoPE's long frequencies (ServingModel.rope_split)
     state_slot: int | None = None  # its recurrent state's slot (recurrent_state.py); None: the sink
+    # a prefill chunk's (tokens into it, cached state slot): where its state is copied for the prefix cache
+    state_saves: tuple[tuple[int, int], ...] = ()
 
     def uses(self, kind: str) -> bool:
         return self.pages is not None and kind in self.kinds

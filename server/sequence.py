@@ -53,6 +53,8 @@ class Sequence:
     state_slot: int | None = None  # a recurrent model's: its state's slot while running (recurrent_state.py)
     prompt_keys: list[bytes] | None = None  # prefix-cache keys of ids[:prefill_len]'s full blocks
     hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
+    # a recurrent model's: prompt positions (block boundaries) where its state is cached (recurrent_state.py)
+    cache_states_at: tuple[int, ...] = ()
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far
     grammar: Grammar | None = None  # a structured output's matcher
     lookup: PromptLookup | None = None  # its n-gram index, for speculative drafts (made on first use)

@@ -16,6 +16,9 @@ class PrefillSeq:
     start_pos: int  # position of the chunk's first token (tokens before it are cached)
     block_start: int  # its blocks are prefill_blocks[block_start : block_start + num_blocks]
     num_blocks: int  # blocks covering positions [0, start_pos + num_tokens)
+    # a recurrent model's (tokens into the chunk, state slot): where its state is copied on the way
+    # (into a cached slot, recurrent_state.py)
+    state_saves: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ A step's rows are prefill chunks (one contiguous run per sequence, each with ``r
 rows] gives each its state's row of ``state`` [slots + 1, ...] (recurrent_state.py). A chunk runs
 ``chunked(*its rows, its state)`` from its sequence's state, all decode rows at once run
 ``step(*their rows, their states)``; both update the state they are given in place (a copy,
-written back here) and return their rows' outputs.
+written back here) and return their rows' outputs. A chunk's ``state_saves`` (tokens into it, a
+slot) cut it there: the state after those tokens is also copied into that slot (the prefix
+cache's, recurrent_state.py), and the rest of the chunk goes on from it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ def over_sequences(chunks, num_prefill_rows: int, slots: torch.Tensor, state: to
     """rows: tensors [T, ...] of the step's rows. Returns the outputs [T, ...], contiguous."""
     parts = []
     for i, seq in enumerate(chunks):
-        span, slot = slice(seq.row_start, seq.row_start + seq.num_tokens), slots[i : i + 1]
+        slot, start, end = slots[i : i + 1], seq.row_start, seq.row_start + seq.num_tokens
         s = state[slot]  # [1, ...]
-        parts.append(chunked(*(r[span] for r in rows), s[0]))
+        for offset, target in seq.state_saves:
+            parts.append(chunked(*(r[start : seq.row_start + offset] for r in rows), s[0]))
+            state[target] = s[0]
+            start = seq.row_start + offset
+        if start < end:
+            parts.append(chunked(*(r[start:end] for r in rows), s[0]))
         state[slot] = s
     if num_prefill_rows < rows[0].shape[0]:
         decoding = slots[len(chunks) :]

@@ -1,5 +1,6 @@
 """A hybrid model's recurrent states (LFM2's short convolutions, Qwen3.5's gated DeltaNet) through the
-engine: preemption, cancellation and the options such a model cannot serve."""
+engine: preemption, cancellation, prefix-cache hits resumed from cached states, and the options
+such a model cannot serve."""
 
 import asyncio
 import random
@@ -41,14 +42,15 @@ def assert_states_free(engine):
 def test_a_small_pool_preempts_and_every_recomputed_request_is_exact(hybrid):
     """The KV pool (of the one attention layer) holds 80 tokens; 10 requests of 20 to 40 + 16
     tokens need far more. A preempted request gives its state slot back and is recomputed from its
-    first token into a zeroed one."""
+    first token, from the state cached at its prompt's last full block when its blocks are still
+    there, else into a zeroed one."""
     model, adapters = hybrid
     rng = random.Random(5)
     names = [None, *adapters]
     jobs = [(names[i % len(names)], [rng.randrange(3, 300) for _ in range(rng.randint(20, 40))]) for i in range(10)]
     built = make(hybrid, kv_cache_tokens=80, max_model_len=64)
     engine = built.engine
-    assert not engine.blocks.prefix_caching  # turned off for a recurrent model
+    assert engine.blocks.prefix_caching and engine.state_cache is not None
     engine.start()
     try:
         async def main():
@@ -101,6 +103,90 @@ def test_cancelled_requests_give_their_state_slots_back_and_the_others_stay_exac
         if out is not None:
             assert [out] == peft_generate(model, adapters[adapter] if i % 3 else None, [prompts[i]], MAX_NEW,
                                           eos_token_id=None), i
+
+
+def test_prefix_hits_resume_from_cached_states_and_stay_exact(hybrid):
+    """One after another: A (a 22-token system prompt, then its own tokens) caches the state at its
+    prompt's last full block; B shares A's first 5 blocks, finds no state there, and caches one
+    where their blocks part; C resumes from B's; a later turn of A's conversation and A's prompt
+    again resume from A's. Every output equals PEFT's."""
+    model, adapters = hybrid
+    rng = random.Random(21)
+    system = [rng.randrange(3, 300) for _ in range(22)]
+    a, b, c = ([*system, *(rng.randrange(3, 300) for _ in range(n))] for n in (8, 5, 11))
+    built = make(hybrid, max_model_len=96)
+    engine = built.engine
+    engine.start()
+    try:
+        def one(i, prompt):
+            return asyncio.run(generate(engine, f"h{i}", None, prompt, 8))
+
+        outs, cached = [], []
+        for i, prompt in enumerate((a, b, c)):
+            out = one(i, prompt)
+            outs.append(out[0])
+            cached.append(out[1])
+        turn = [*a, *outs[0], *(rng.randrange(3, 300) for _ in range(6))]
+        for i, prompt in enumerate((turn, a), start=3):
+            out = one(i, prompt)
+            outs.append(out[0])
+            cached.append(out[1])
+        assert_states_free(engine)
+        # A's at 28, B's at 20 and 24, C's at 32, the turn's where its blocks part from A's (36: A's
+        # output is cached too) and at its own last full block (40)
+        assert len(engine.state_cache) == 6
+    finally:
+        engine.stop()
+    # block size 4: A's last full block before its last token ends at 28 (of 30), B and C part
+    # from A inside block 6 (tokens 20-23)
+    assert cached == [0, 0, 20, 28, 28]
+    assert outs == peft_generate(model, None, [a, b, c, turn, a], 8, eos_token_id=None)
+
+
+def test_hits_are_per_adapter_and_a_small_state_cache_evicts_the_least_recently_used(hybrid):
+    """Phases of four requests joining a running batch at staggered times, with room for two cached
+    states: a prompt family under adapter X; the same prompts under Y, whose first request finds no
+    state of X's (the weights are in the key); another family under the base model; then X's first
+    prompt twice in turn: its states were evicted, so the first computes it whole and the second
+    resumes from the first's. Every output is PEFT's."""
+    model, adapters = hybrid
+    rng = random.Random(17)
+    x, y = list(adapters)[:2]
+    roots = [[rng.randrange(3, 300) for _ in range(18)] for _ in range(2)]
+    family = [[[*root, *(rng.randrange(3, 300) for _ in range(rng.randint(1, 12)))] for _ in range(4)] for root in roots]
+    phases = [[(x, p) for p in family[0]], [(y, p) for p in family[0]], [(None, p) for p in family[1]],
+              [(x, family[0][0])], [(x, family[0][0])]]
+    built = make(hybrid, max_model_len=64, max_cached_states=2)
+    engine = built.engine
+    assert engine.states.cached_slots == range(6, 8)
+    engine.start()
+    try:
+        async def phase(k, jobs):
+            tasks = []
+            for i, (name, prompt) in enumerate(jobs):
+                tasks.append(asyncio.create_task(generate(engine, f"e{k}.{i}", name, prompt, 6)))
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*tasks)
+
+        outs = [asyncio.run(phase(k, jobs)) for k, jobs in enumerate(phases)]
+        assert_states_free(engine)
+        assert len(engine.state_cache) == 2
+    finally:
+        engine.stop()
+    cached = [[c for _, c in out] for out in outs]
+    assert cached[1][0] == 0 and cached[3] == [0] and cached[4] == [(len(family[0][0]) - 1) // 4 * 4]
+    jobs = [job for jobs in phases for job in jobs]
+    tokens = [t for out in outs for t, _ in out]
+    for name in dict.fromkeys(n for n, _ in jobs):
+        idx = [i for i, (n, _) in enumerate(jobs) if n == name]
+        expected = peft_generate(model, adapters.get(name), [jobs[i][1] for i in idx], 6, eos_token_id=None)
+        assert [tokens[i] for i in idx] == expected, name
+
+
+def test_no_cached_states_is_no_prefix_caching(hybrid):
+    engine = make(hybrid, max_cached_states=0).engine
+    assert not engine.blocks.prefix_caching and engine.state_cache is None
+    assert len(engine.states.cached_slots) == 0
 
 
 @pytest.mark.parametrize("option, refusal", [

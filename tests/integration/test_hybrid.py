@@ -1,7 +1,8 @@
 """A hybrid model with recurrent layers (Qwen3.5: gated DeltaNet beside attention) through the real
 server and the official `openai` client: concurrent streams of mixed adapters, token for token as
-PEFT; beam search (each step's beams recomputed whole, without the prefix cache); prefix caching
-reported off; speculative decoding refused at start-up, naming the flag."""
+PEFT; a repeated prompt and a later turn resumed from cached recurrent states (prefix caching on,
+reported in usage and the metrics); beam search (each step's beams as requests of their own, which
+resume from cached states); speculative decoding refused at start-up, naming the flag."""
 
 import subprocess
 import sys
@@ -50,10 +51,33 @@ def test_concurrent_streams_of_mixed_adapters_match_peft(hybrid):
         name = names[i % len(names)]
         assert [out] == peft_generate(hybrid.model_dir, hybrid.adapters.get(name), [prompts[i]], 10,
                                       eos_token_id=None), (i, name)
-    metrics = hybrid.metrics()
-    assert metrics["loramux_prefix_cache_queried_tokens_total"] == metrics["loramux_prefix_cache_hit_tokens_total"] == 0
-    assert "prefix caching off (a cached prefix has no recurrent state)" in hybrid.log()
-    assert not hybrid.client.server_info().prefix_caching
+
+
+def test_a_repeated_prompt_and_a_later_turn_resume_from_cached_states(hybrid):
+    """A 45-token prompt caches its state at 32 (where its last full block of 16 before its last
+    token ends); the same prompt again, and the prompt with its answer and 9 more tokens, resume
+    there: usage's cached_tokens say so, and the tokens are PEFT's."""
+    oa = hybrid.openai()
+    adapter = "all-r4"
+    first = [(11 * j) % 290 + 5 for j in range(45)]
+
+    def complete(prompt):
+        got = oa.completions.create(model=adapter, prompt=prompt, max_tokens=8, temperature=0, logprobs=0,
+                                    extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        tokens = [int(t.removeprefix("token_id:")) for t in got.choices[0].logprobs.tokens]
+        return tokens, got.usage.prompt_tokens_details.cached_tokens
+
+    before = hybrid.metrics()["loramux_prefix_cache_hit_tokens_total"]
+    out, cached = complete(first)
+    again, cached_again = complete(first)
+    turn = [*first, *out, *range(40, 49)]
+    later, cached_later = complete(turn)
+    assert (cached, cached_again, cached_later) == (0, 32, 32)
+    assert hybrid.metrics()["loramux_prefix_cache_hit_tokens_total"] - before == 64
+    assert [out, again, later] == peft_generate(hybrid.model_dir, hybrid.adapters[adapter], [first, first, turn], 8,
+                                                eos_token_id=None)
+    assert hybrid.client.server_info().prefix_caching
+    assert "--max-cached-states 4" in hybrid.log()
 
 
 def test_beam_search_returns_the_beams_a_search_over_peft_finds(hybrid):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from loramux.server.ops.short_conv import short_conv
 from loramux.server.recurrent_state import RecurrentStates
 
-Chunk = namedtuple("Chunk", "row_start num_tokens")
+Chunk = namedtuple("Chunk", "row_start num_tokens state_saves")
 
 
 def reference(u: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -25,13 +25,16 @@ def reference(u: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
        lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4))
 def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(data, width, channels, biased, lengths):
     """Sequences fed in steps, as the engine feeds them: a prompt in chunks of any size (a step's
-    chunks first, then its decode rows of one token each), in slots taken in any order."""
+    chunks first, then its decode rows of one token each), in slots taken in any order; a chunk may
+    copy its state on the way into a cached slot (ops/recurrent.py), which then holds the
+    sequence's last inputs before that point."""
     torch.manual_seed(len(lengths) * 31 + width)
     weight = torch.randn(channels, 1, width, dtype=torch.float64)
     bias = torch.randn(channels, dtype=torch.float64) if biased else None
     inputs = [torch.randn(n, channels, dtype=torch.float64) for n in lengths]
     prompts = [data.draw(st.integers(1, n)) for n in lengths]
-    states = RecurrentStates([((channels, width - 1), None)], slots=6, dtype=torch.float64, device="cpu")
+    states = RecurrentStates([((channels, width - 1), None)], slots=6, dtype=torch.float64, device="cpu", cached=3)
+    saved = {}  # cached slot -> (sequence, tokens before the copy)
     states.states[0].normal_()  # stale values from earlier sequences: take() must clear them
     slots = [states.take() for _ in data.draw(st.permutations(range(len(lengths))))]
     done, outputs = [0] * len(lengths), [torch.empty(n, channels, dtype=torch.float64) for n in lengths]
@@ -43,7 +46,10 @@ def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(data, width,
         chunks, feeds = [], []
         for s in prefill:
             n = data.draw(st.integers(1, prompts[s] - done[s]))
-            chunks.append(Chunk(len(feeds), n))
+            offsets = sorted(set(data.draw(st.lists(st.integers(1, n), max_size=2))))
+            saves = tuple((o, data.draw(st.sampled_from(states.cached_slots))) for o in offsets)
+            saved.update((slot, (s, done[s] + o)) for o, slot in saves)
+            chunks.append(Chunk(len(feeds), n, saves))
             feeds += [(s, done[s] + j) for j in range(n)]
         for s in decode:
             feeds.append((s, done[s]))
@@ -56,6 +62,9 @@ def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(data, width,
             done[s] = max(done[s], t + 1)
     for s, u in enumerate(inputs):
         torch.testing.assert_close(outputs[s], reference(u, weight, bias), rtol=1e-12, atol=1e-12)
+    for slot, (s, t) in saved.items():  # the K - 1 inputs before t, zeros before the first
+        window = torch.cat((torch.zeros(width - 1, channels, dtype=torch.float64), inputs[s][:t]))[t:].T
+        assert torch.equal(states.states[0][slot], window), (slot, s, t)
 
 
 def test_state_slots_are_taken_zeroed_given_back_once_and_bounded():
