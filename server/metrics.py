@@ -154,6 +154,9 @@ class _LiveCollector:
                                   "(--num-speculative-tokens)", value=engine.draft_tokens)
         yield CounterMetricFamily("loramux_spec_decode_accepted_tokens", "Speculative draft tokens kept: each saves "
                                   "a decode step", value=engine.accepted_tokens)
+        yield GaugeMetricFamily("loramux_cached_states", "Recurrent states cached for prefix-cache hits (a model with "
+                                "recurrent layers; at most --max-cached-states)",
+                                value=len(engine.state_cache) if engine.state_cache is not None else 0)
         yield GaugeMetricFamily("loramux_step_token_budget", "Token budget of the last step: --max-tokens-per-step, "
                                 "or what --target-step-ms left of it", value=engine.step_token_budget)
         graphs = engine.runner.graphs
