@@ -33,7 +33,24 @@ def over_sequences(chunks, num_prefill_rows: int, slots: torch.Tensor, state: to
         state[slot] = s
     if num_prefill_rows < rows[0].shape[0]:
         decoding = slots[len(chunks) :]
-        s = state[decoding]
-        parts.append(step(*(r[num_prefill_rows:] for r in rows), s))
-        state[decoding] = s
+        run = _run(decoding)
+        if run is not None:  # the states in place: no gather and scatter
+            parts.append(step(*(r[num_prefill_rows:] for r in rows), state[run]))
+        else:
+            s = state[decoding]
+            parts.append(step(*(r[num_prefill_rows:] for r in rows), s))
+            state[decoding] = s
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)  # rows of unit stride, as linears read them
+
+
+def _run(slots: torch.Tensor) -> slice | None:
+    """The slots as one slice when they are consecutive and ascending (a batch admitted together
+    holds such slots, lowest first: recurrent_state.py), read on the host; None otherwise, and on
+    an accelerator, where reading them would wait for the device."""
+    if slots.device.type != "cpu" or not slots.numel():
+        return None
+    first = int(slots[0])
+    if int(slots[-1]) - first != slots.numel() - 1 or not torch.equal(
+            slots, torch.arange(first, first + slots.numel(), dtype=slots.dtype)):
+        return None
+    return slice(first, first + slots.numel())

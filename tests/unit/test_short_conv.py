@@ -88,3 +88,20 @@ def test_state_slots_are_taken_zeroed_given_back_once_and_bounded():
     states.free(a)
     states.free(b)
     assert states.num_free == 2
+
+
+def test_decode_rows_over_consecutive_slots_update_the_states_in_place_as_gathered_ones_do():
+    """Decode rows whose slots run consecutively upward use the states in place (no gather and
+    scatter, ops/recurrent.py); in another order they are gathered: the same outputs and states."""
+    torch.manual_seed(4)
+    weight, u = torch.randn(3, 1, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    start = torch.randn(6, 3, 3, dtype=torch.float64)
+    outs, states = [], []
+    for order in ([2, 3, 4], [4, 2, 3]):
+        state = start.clone()
+        rows = u[[o - 2 for o in order]]
+        y = short_conv(rows, [], 0, torch.tensor(order), state, weight, None)
+        outs.append(y[[order.index(o) for o in (2, 3, 4)]])
+        states.append(state)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(states[0], states[1])
+    assert not torch.equal(states[0][2:5], start[2:5]) and torch.equal(states[0][[0, 1, 5]], start[[0, 1, 5]])
