@@ -36,11 +36,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class CallEndedFirst(logging.Filter):
+    """gRPC logs an answer it could not send because the call had ended first (the client cancelled,
+    or its deadline passed, just as the answer was ready) as an error with a traceback. That race is
+    the client's doing and nothing was lost on the server: one INFO line says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and type(record.exc_info[1]).__name__ == "ExecuteBatchError":
+            record.msg, record.args = "%s: the call ended before its answer was sent (the client cancelled, or its " \
+                                      "deadline passed)", (record.getMessage(),)
+            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.INFO, "INFO", None, None
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    grpc_core = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, CallEndedFirst) for f in grpc_core.filters):
+        grpc_core.addFilter(CallEndedFirst())
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:
