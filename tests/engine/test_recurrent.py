@@ -118,19 +118,18 @@ def test_prefix_hits_resume_from_cached_states_and_stay_exact(hybrid):
     engine = built.engine
     engine.start()
     try:
-        def one(i, prompt):
-            return asyncio.run(generate(engine, f"h{i}", None, prompt, 8))
-
         outs, cached = [], []
-        for i, prompt in enumerate((a, b, c)):
-            out = one(i, prompt)
-            outs.append(out[0])
-            cached.append(out[1])
+
+        def one(prompt):
+            tokens, hit = asyncio.run(generate(engine, f"h{len(outs)}", None, prompt, 8))
+            outs.append(tokens)
+            cached.append(hit)
+
+        for prompt in (a, b, c):
+            one(prompt)
         turn = [*a, *outs[0], *(rng.randrange(3, 300) for _ in range(6))]
-        for i, prompt in enumerate((turn, a), start=3):
-            out = one(i, prompt)
-            outs.append(out[0])
-            cached.append(out[1])
+        one(turn)
+        one(a)
         assert_states_free(engine)
         # A's at 28, B's at 20 and 24, C's at 32, the turn's where its blocks part from A's (36: A's
         # output is cached too) and at its own last full block (40)
