@@ -19,7 +19,7 @@ import torch
 from .base import RecurrentLayers
 from .batch import StepBatch
 from .llama import MLP_UP_KINDS, LlamaForServing, LlamaLayer, attention_targets, fast_norm, mlp_targets
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, mamba2_targets
 
 
 class FalconH1Layer(LlamaLayer):
@@ -66,10 +66,7 @@ class FalconH1ForServing(RecurrentLayers, LlamaForServing):
 
     @staticmethod
     def lora_targets(config):
-        hidden, heads = config.hidden_size, config.mamba_n_heads
-        inner = config.mamba_d_ssm or config.mamba_expand * hidden
-        projection = 2 * inner + 2 * config.mamba_n_groups * config.mamba_d_state + heads
-        mamba = "model.layers.{i}.mamba."
-        return {**attention_targets(config), "in_proj": (mamba + "in_proj", hidden, projection),
-                "out_proj": (mamba + "out_proj", inner, hidden),
+        mamba = mamba2_targets(config.hidden_size, config.mamba_d_ssm or config.mamba_expand * config.hidden_size,
+                               config.mamba_n_groups, config.mamba_d_state, config.mamba_n_heads, "model.layers.{i}.mamba.")
+        return {**attention_targets(config), **mamba,
                 **mlp_targets(config, MLP_UP_KINDS, "down_proj", mlp="model.layers.{i}.feed_forward.")}

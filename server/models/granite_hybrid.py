@@ -21,7 +21,7 @@ from .batch import StepBatch
 from .granite import GraniteForServing, GraniteLayer
 from .layers import FusedLoRALinear
 from .llama import ATTN_KINDS, LlamaLayer, attention_targets, fast_norm
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, mamba2_targets
 from .moe import MoELayer
 
 MAMBA = "linear_attention"  # the layer type of a Mamba-2 layer in the config's layer_types
@@ -84,11 +84,10 @@ class GraniteMoeHybridForServing(RecurrentLayers, GraniteForServing):
     @staticmethod
     def lora_targets(config):
         """Every target kind (``layer_targets`` gives each layer its own)."""
-        hidden, inner = config.hidden_size, config.mamba_expand * config.hidden_size
-        projection = 2 * inner + 2 * config.mamba_n_groups * config.mamba_d_state + config.mamba_n_heads
-        mamba, mlp = "model.layers.{i}.mamba.", "model.layers.{i}.shared_mlp."
-        return {**attention_targets(config), "in_proj": (mamba + "in_proj", hidden, projection),
-                "out_proj": (mamba + "out_proj", inner, hidden),
+        hidden, mlp = config.hidden_size, "model.layers.{i}.shared_mlp."
+        mamba = mamba2_targets(hidden, config.mamba_expand * hidden, config.mamba_n_groups, config.mamba_d_state,
+                               config.mamba_n_heads, "model.layers.{i}.mamba.")
+        return {**attention_targets(config), **mamba,
                 "input_linear": (mlp + "input_linear", hidden, 2 * config.shared_intermediate_size),
                 "output_linear": (mlp + "output_linear", config.shared_intermediate_size, hidden)}
 

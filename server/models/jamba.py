@@ -32,7 +32,7 @@ from .llama import (
     mlp_targets,
 )
 from .mamba import MambaMixer, mixer_targets
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, mamba2_targets
 from .moe import DenseOrExperts
 
 MLP = (*MLP_UP_KINDS, "down_proj")
@@ -108,9 +108,7 @@ class BambaForServing(JambaForServing):
 
     @staticmethod
     def lora_targets(config):
-        hidden, inner = config.hidden_size, config.mamba_expand * config.hidden_size
-        projection = 2 * inner + 2 * config.mamba_n_groups * config.mamba_d_state + config.mamba_n_heads
-        mamba = "model.layers.{i}.mamba."
-        return {**attention_targets(config), "in_proj": (mamba + "in_proj", hidden, projection),
-                "out_proj": (mamba + "out_proj", inner, hidden),
+        mamba = mamba2_targets(config.hidden_size, config.mamba_expand * config.hidden_size, config.mamba_n_groups,
+                               config.mamba_d_state, config.mamba_n_heads, "model.layers.{i}.mamba.")
+        return {**attention_targets(config), **mamba,
                 **mlp_targets(config, MLP_UP_KINDS, "down_proj", mlp="model.layers.{i}.feed_forward.")}

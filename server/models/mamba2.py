@@ -79,6 +79,14 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(dtype), batch.lora, apply_lora)
 
 
+def mamba2_targets(hidden: int, inner: int, groups: int, state: int, heads: int, mixer: str
+                   ) -> dict[str, tuple[str, int, int]]:
+    """The mixer's LoRA targets under the module name template ``mixer``: ``in_proj`` gives the
+    gate z and x (``inner`` each), B and C (``groups`` x ``state`` each) and dt (``heads``)."""
+    return {"in_proj": (mixer + "in_proj", hidden, 2 * inner + 2 * groups * state + heads),
+            "out_proj": (mixer + "out_proj", inner, hidden)}
+
+
 class MambaBlock(nn.Module):
     """A block that adds its mixer of its normed input (``norm``) to the residual stream
     (Nemotron-H's, Mamba-2's, Mamba's: ``mixer`` a Mamba2Mixer or a mamba.py MambaMixer)."""
@@ -121,7 +129,5 @@ class Mamba2ForServing(MixerLM):
 
     @staticmethod
     def lora_targets(config):
-        hidden, inner = config.hidden_size, config.expand * config.hidden_size
-        projection = 2 * inner + 2 * config.n_groups * config.state_size + config.num_heads
-        mixer = "backbone.layers.{i}.mixer."
-        return {"in_proj": (mixer + "in_proj", hidden, projection), "out_proj": (mixer + "out_proj", inner, hidden)}
+        return mamba2_targets(config.hidden_size, config.expand * config.hidden_size, config.n_groups,
+                              config.state_size, config.num_heads, "backbone.layers.{i}.mixer.")

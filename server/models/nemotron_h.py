@@ -17,7 +17,7 @@ from .base import RecurrentLayers
 from .batch import StepBatch
 from .layers import FusedLoRALinear
 from .llama import ATTN_KINDS, LlamaForServing, LlamaLayer, attention_targets, fast_norm
-from .mamba2 import Mamba2Mixer, MambaBlock
+from .mamba2 import Mamba2Mixer, MambaBlock, mamba2_targets
 from .moe import MoELayer
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"
@@ -93,11 +93,10 @@ class NemotronHForServing(RecurrentLayers, LlamaForServing):
     @staticmethod
     def lora_targets(config):
         """Every target kind (``layer_targets`` gives each block its own)."""
-        hidden, inner = config.hidden_size, config.mamba_num_heads * config.mamba_head_dim
-        projection = 2 * inner + 2 * config.n_groups * config.ssm_state_size + config.mamba_num_heads
-        mixer = "model.layers.{i}.mixer."
-        return {**attention_targets(config, attn=mixer), "in_proj": (mixer + "in_proj", hidden, projection),
-                "out_proj": (mixer + "out_proj", inner, hidden),
+        hidden, mixer = config.hidden_size, "model.layers.{i}.mixer."
+        mamba = mamba2_targets(hidden, config.mamba_num_heads * config.mamba_head_dim, config.n_groups,
+                               config.ssm_state_size, config.mamba_num_heads, mixer)
+        return {**attention_targets(config, attn=mixer), **mamba,
                 "up_proj": (mixer + "up_proj", hidden, config.intermediate_size),
                 "down_proj": (mixer + "down_proj", config.intermediate_size, hidden)}
 
