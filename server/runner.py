@@ -63,6 +63,13 @@ STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "prefill_blocks", "pref
                "decode_lengths", "logits_rows")
 
 
+def _consecutive(slots: list[int | None]) -> slice | None:
+    """``slots`` as one slice when they run consecutively upward; else None."""
+    if not slots or slots[0] is None or slots != list(range(slots[0], slots[0] + len(slots))):
+        return None
+    return slice(slots[0], slots[0] + len(slots))
+
+
 def upload_step(batch: StepBatch, device, pin: bool = True) -> StepBatch:
     """A host-built step's metadata (batch fields and every plan's rows, pages and segment ends)
     onto ``device`` in one copy (ops/plan.py ``upload``). Plans that linears share stay shared."""
@@ -249,6 +256,7 @@ class ModelRunner:
                 for p, i in zip(meta.positions, (i for i in (*prefill, *decode) for _ in items[i].token_ids), strict=True)),
             state_slots=None if self.kv.states is None else longs(
                 self.kv.states.sink if items[i].state_slot is None else items[i].state_slot for i in (*prefill, *decode)),
+            decode_state_run=_consecutive([items[i].state_slot for i in decode]),
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

@@ -52,3 +52,6 @@ class StepBatch:
     # a recurrent model's (recurrent_state.py): each prefill chunk's state slot, then each decode row's,
     # [len(prefill) + D]; None for a model without recurrent layers
     state_slots: torch.Tensor | None = None
+    # the decode rows' slots as one slice when they run consecutively upward (a batch admitted together
+    # holds such slots), so that their states are updated in place (ops/recurrent.py); else None
+    decode_state_run: slice | None = None

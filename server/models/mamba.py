@@ -57,13 +57,12 @@ class MambaMixer(nn.Module):
         dtype = x.dtype
         xs, z = self.in_proj(x, batch.lora, apply_lora).chunk(2, dim=1)
         conv_state, state = (kv.states.states[self.states + j] for j in (0, 1))
-        xs = self.act(short_conv(xs, batch.prefill, batch.num_prefill_rows, batch.state_slots, conv_state,
-                                 self.conv_weight, self.conv_bias))
+        xs = self.act(short_conv(xs, batch, conv_state, self.conv_weight, self.conv_bias))
         dt, B, C = self.x_proj(xs, batch.lora, apply_lora).split([self.rank, self.state_size, self.state_size], dim=1)
         if self.norms[0] is not None:
             dt, B, C = (norm(t) for norm, t in zip(self.norms, (dt, B, C), strict=True))
         dt = discretize(F.linear(dt, self.dt_weight), self.dt_bias)  # HF's dt_proj.weight @ dt: no LoRA, bias later
-        y = over_sequences(batch.prefill, batch.num_prefill_rows, batch.state_slots, state,
+        y = over_sequences(batch, state,
                            lambda x, dt, B, C, s: scan(x, dt, self.A, B, C, self.D, s),
                            lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s), xs, dt, B, C)
         return self.out_proj((y * F.silu(z.float())).to(dtype), batch.lora, apply_lora)

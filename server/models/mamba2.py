@@ -66,10 +66,9 @@ class Mamba2Mixer(nn.Module):
             projected = projected * self.mup
         gate, xbc, dt = projected.split([self.inner, self.inner + 2 * bc, self.heads], 1)
         conv_state, state = (kv.states.states[self.states + j] for j in (0, 1))
-        xbc = self.act(short_conv(xbc, batch.prefill, batch.num_prefill_rows, batch.state_slots, conv_state,
-                                  self.conv_weight, self.conv_bias))
+        xbc = self.act(short_conv(xbc, batch, conv_state, self.conv_weight, self.conv_bias))
         xs, B, C = xbc.split([self.inner, bc, bc], dim=1)
-        y = over_sequences(batch.prefill, batch.num_prefill_rows, batch.state_slots, state,
+        y = over_sequences(batch, state,
                            lambda x, dt, B, C, s: chunked(x, dt, self.A, B, C, self.D, s, self.chunk),
                            lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s),
                            xs.reshape(T, self.heads, self.head_dim), discretize(dt, self.dt_bias, self.limit),

@@ -74,10 +74,9 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch.Ten
     return out.flatten(1, 2)[:, :length].transpose(0, 1)
 
 
-def gated_delta(q, k, v, g, beta, chunks, num_prefill_rows: int, slots: torch.Tensor, state: torch.Tensor
-                ) -> torch.Tensor:
-    """The rule over a step's rows (ops/recurrent.py): q, k [T, H, dk] (``prepare``d), v [T, H, dv],
+def gated_delta(q, k, v, g, beta, batch, state: torch.Tensor) -> torch.Tensor:
+    """The rule over a step's rows (``batch``, ops/recurrent.py): q, k [T, H, dk] (``prepare``d), v [T, H, dv],
     g and beta [T, H] float32; each sequence's state's row in ``state`` [slots + 1, H, dk, dv].
     Each prefill chunk runs ``chunked`` from its sequence's state, the decode rows one ``recurrent_step``.
     Returns o [T, H, dv] float32."""
-    return over_sequences(chunks, num_prefill_rows, slots, state, chunked, recurrent_step, q, k, v, g, beta)
+    return over_sequences(batch, state, chunked, recurrent_step, q, k, v, g, beta)

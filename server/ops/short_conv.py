@@ -35,10 +35,10 @@ def conv_step(u: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: 
     return F.conv1d(window, weight, bias, groups=u.shape[1])[:, :, 0]
 
 
-def short_conv(u: torch.Tensor, chunks, num_prefill_rows: int, slots: torch.Tensor, state: torch.Tensor,
-               weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """u: [T, C] a step's inputs, its prefill ``chunks`` and decode rows, each sequence's state's
-    row in ``state`` [slots + 1, C, K - 1] (ops/recurrent.py); weight [C, 1, K]; bias [C] or None.
-    Returns y [T, C]."""
-    return over_sequences(chunks, num_prefill_rows, slots, state, partial(conv_chunk, weight=weight, bias=bias),
+def short_conv(u: torch.Tensor, batch, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+               ) -> torch.Tensor:
+    """u: [T, C] a step's inputs (``batch``'s prefill chunks and decode rows), each sequence's
+    state's row in ``state`` [slots + 1, C, K - 1] (ops/recurrent.py); weight [C, 1, K]; bias [C]
+    or None. Returns y [T, C]."""
+    return over_sequences(batch, state, partial(conv_chunk, weight=weight, bias=bias),
                           partial(conv_step, weight=weight, bias=bias), u)

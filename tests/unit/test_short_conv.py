@@ -11,8 +11,16 @@ from hypothesis import strategies as st
 
 from loramux.server.ops.short_conv import short_conv
 from loramux.server.recurrent_state import RecurrentStates
+from loramux.server.runner import _consecutive
 
 Chunk = namedtuple("Chunk", "row_start num_tokens state_saves")
+Rows = namedtuple("Rows", "prefill num_prefill_rows state_slots decode_state_run")  # a StepBatch's, as the ops read it
+
+
+def rows_of(chunks, decode_slots: list[int], chunk_slots: list[int]) -> Rows:
+    """A step's rows as the runner builds them: decode rows over consecutive slots are run in place."""
+    return Rows(chunks, sum(c.num_tokens for c in chunks), torch.tensor(chunk_slots + decode_slots),
+                _consecutive(decode_slots))
 
 
 def reference(u: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -54,8 +62,8 @@ def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(data, width,
         for s in decode:
             feeds.append((s, done[s]))
         u = torch.stack([inputs[s][t] for s, t in feeds])
-        y = short_conv(u, chunks, sum(c.num_tokens for c in chunks), torch.tensor([slots[s] for s in prefill + decode]),
-                       states.states[0], weight, bias)
+        y = short_conv(u, rows_of(chunks, [slots[s] for s in decode], [slots[s] for s in prefill]), states.states[0],
+                       weight, bias)
         for row, (s, t) in enumerate(feeds):
             outputs[s][t] = y[row]
         for s, t in feeds:
@@ -100,8 +108,9 @@ def test_decode_rows_over_consecutive_slots_update_the_states_in_place_as_gather
     for order in ([2, 3, 4], [4, 2, 3]):
         state = start.clone()
         rows = u[[o - 2 for o in order]]
-        y = short_conv(rows, [], 0, torch.tensor(order), state, weight, None)
+        y = short_conv(rows, rows_of([], order, []), state, weight, None)
         outs.append(y[[order.index(o) for o in (2, 3, 4)]])
         states.append(state)
+    assert _consecutive([2, 3, 4]) == slice(2, 5) and _consecutive([4, 2, 3]) is None
     assert torch.equal(outs[0], outs[1]) and torch.equal(states[0], states[1])
     assert not torch.equal(states[0][2:5], start[2:5]) and torch.equal(states[0][[0, 1, 5]], start[[0, 1, 5]])
