@@ -42,6 +42,7 @@ from .ops.linear import (
     time_row_counts,
 )
 from .ops.quantize import select_int8_linear
+from .ops.recurrent import kernel_serves
 from .recurrent_state import RecurrentStates
 from .runner import ModelRunner
 from .timing_cache import TimingCache
@@ -259,6 +260,7 @@ def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[
         raise StartupError(f"the recurrent states of --max-batch-size {config.max_batch_size} sequences and "
                            f"--max-cached-states {cached} take {size / 2**30:.2f} GiB, which {loaded.device} cannot hold "
                            f"({e}); lower either") from None
+    states.kernel = kernel_serves(config.op_backend, loaded.device)
     log.info("recurrent layers: %d states for each of --max-batch-size %d sequences and --max-cached-states %d, "
              "%.1f MiB in all%s", len(specs), config.max_batch_size, cached, size / 2**20,
              "; prefix caching off (no cached states to resume from)" if config.prefix_caching and not cached else "")

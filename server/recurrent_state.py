@@ -13,6 +13,7 @@ with a cached state when its prompt's prefix hits one.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -29,7 +30,12 @@ class RecurrentStates:
         self.num_slots = slots
         self.cached_slots = range(slots, slots + cached)
         self.sink = slots + cached
-        self._free = list(range(slots - 1, -1, -1))  # popped from the end: the lowest slot first
+        # a heap: the lowest free slot first, so that a batch admitted together holds consecutive slots
+        # whatever order the last ones were freed in (ops/recurrent.py uses such a run in place)
+        self._free = list(range(slots))
+        # whether decode steps run in the C++ kernel on the states in their slots (ops/short_conv.py,
+        # gated_delta.py, ssd.py), set by the builder for its op backend and device; else the torch ops
+        self.kernel = False
 
     @staticmethod
     def bytes_for(specs: list[tuple[tuple[int, ...], torch.dtype | None]], slots: int, dtype: torch.dtype) -> int:
@@ -44,7 +50,7 @@ class RecurrentStates:
         """A free slot, its state zeroed in every layer, or a copy of slot ``source``'s."""
         if not self._free:  # the engine runs at most as many sequences as there are slots
             raise RuntimeError("no recurrent state slot is free")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         if source is None:
             for state in self.states:
                 state[slot].zero_()
@@ -60,7 +66,7 @@ class RecurrentStates:
     def free(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.num_slots:
             raise ValueError(f"recurrent state slot {slot} is not held")
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
 
 class StateCache:

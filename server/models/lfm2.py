@@ -132,7 +132,8 @@ class Lfm2ConvLayer(SandwichNorms, FeedForward, nn.Module):
     def forward(self, h, batch: StepBatch, kv, apply_lora):
         bcx = self.in_proj(self.operator_norm(h), batch.lora, apply_lora)  # [T, 3 hidden]: B, C, x
         b, c, x = bcx.chunk(3, dim=1)
-        y = short_conv(b * x, batch, kv.states.states[self.state], self.conv_weight, self.conv_bias)
+        y = short_conv(b * x, batch, kv.states.states[self.state], self.conv_weight, self.conv_bias,
+                       kv.states.kernel)
         h = h + self.post_operator_norm(self.out_proj(c * y, batch.lora, apply_lora))
         return self.add_mlp(h, batch, apply_lora)
 

@@ -57,7 +57,8 @@ class MambaMixer(nn.Module):
         dtype = x.dtype
         xs, z = self.in_proj(x, batch.lora, apply_lora).chunk(2, dim=1)
         conv_state, state = (kv.states.states[self.states + j] for j in (0, 1))
-        xs = self.act(short_conv(xs, batch, conv_state, self.conv_weight, self.conv_bias))
+        xs = self.act(short_conv(xs, batch, conv_state, self.conv_weight, self.conv_bias,
+                                 kv.states.kernel))
         dt, B, C = self.x_proj(xs, batch.lora, apply_lora).split([self.rank, self.state_size, self.state_size], dim=1)
         if self.norms[0] is not None:
             dt, B, C = (norm(t) for norm, t in zip(self.norms, (dt, B, C), strict=True))

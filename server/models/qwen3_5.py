@@ -132,13 +132,15 @@ class GatedDeltaNetLayer(DenseOrExperts, nn.Module):
         T, key_dim, value_dim = h.shape[0], self.key_heads * self.dk, self.value_heads * self.dv
         qkv, z, b, a = self.project(x, batch, apply_lora)
         conv_state, state = (kv.states.states[self.states + j] for j in (0, 1))
-        mixed = self.conv_act(short_conv(qkv, batch, conv_state, self.conv_weight, self.conv_bias))
+        mixed = self.conv_act(short_conv(qkv, batch, conv_state, self.conv_weight, self.conv_bias,
+                                         kv.states.kernel))
         q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=1)
         q, k = prepare(q.reshape(T, self.key_heads, self.dk), k.reshape(T, self.key_heads, self.dk), self.value_heads)
         beta = b.sigmoid() if self.beta_scale is None else b.sigmoid() * self.beta_scale
         beta = beta.float()
         g = self.A * F.softplus(a.float() + self.dt_bias)  # as HF's: in float32
-        o = gated_delta(q, k, v.reshape(T, self.value_heads, self.dv), g, beta, batch, state).to(h.dtype)
+        o = gated_delta(q, k, v.reshape(T, self.value_heads, self.dv), g, beta, batch, state,
+                        kv.states.kernel).to(h.dtype)
         o = self.norm(o.reshape(-1, self.dv), z.reshape(-1, self.dv)).reshape(T, value_dim)
         h = h + self.out_proj(o, batch.lora, apply_lora)
         return h + self.mlp(self.post_attention_layernorm(h), batch, apply_lora)

@@ -6,7 +6,8 @@ also scaled by dk^-1/2; value v_t [dv]; decay g_t <= 0 in log space; write stren
     S <- exp(g_t) S
     S <- S + k_t^T (beta_t (v_t - k_t S))        (the delta rule: write the part S does not predict)
     o_t = q_t S
-``recurrent_step`` runs one token of many sequences at once (decode rows); ``chunked`` runs a
+``recurrent_step`` runs one token of many sequences at once (decode rows), and ``cpp_recurrent_step``
+the same in the C++ kernel on the states where they lie; ``chunked`` runs a
 sequence's tokens in chunks of C, each chunk's updates solved at once by the UT transform and the
 state carried between chunks, as Hugging Face's ``torch_chunk_gated_delta_rule`` (and FLA's
 kernel) compute a prompt. All in float32; the state too.
@@ -44,6 +45,18 @@ def recurrent_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     return (state * q[..., None]).sum(-2)
 
 
+def cpp_recurrent_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``recurrent_step`` in the C++ kernel, each row's state updated in its slot: row d's is
+    ``state[slots[d]]`` (state [slots, H, dk, dv] float32, slots int64 [D], distinct), read and
+    written once, with no gathered copy. Returns o [D, H, dv] float32."""
+    from .cpu_kernel import load_kernels
+
+    out = q.new_empty(v.shape)
+    load_kernels().gated_delta_step(out, q.contiguous(), k.contiguous(), v.float().contiguous(), g.contiguous(),
+                                    beta.contiguous(), state, slots)
+    return out
+
+
 def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """The tokens of one sequence: q, k [L, H, dk] (``prepare``d), v [L, H, dv], g and beta [L, H]
     (float32); state [H, dk, dv] float32, updated in place to the state after the last token.
@@ -74,9 +87,10 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch.Ten
     return out.flatten(1, 2)[:, :length].transpose(0, 1)
 
 
-def gated_delta(q, k, v, g, beta, batch, state: torch.Tensor) -> torch.Tensor:
+def gated_delta(q, k, v, g, beta, batch, state: torch.Tensor, kernel: bool = False) -> torch.Tensor:
     """The rule over a step's rows (``batch``, ops/recurrent.py): q, k [T, H, dk] (``prepare``d), v [T, H, dv],
     g and beta [T, H] float32; each sequence's state's row in ``state`` [slots + 1, H, dk, dv].
-    Each prefill chunk runs ``chunked`` from its sequence's state, the decode rows one ``recurrent_step``.
-    Returns o [T, H, dv] float32."""
-    return over_sequences(batch, state, chunked, recurrent_step, q, k, v, g, beta)
+    Each prefill chunk runs ``chunked`` from its sequence's state, the decode rows one ``recurrent_step``,
+    or ``cpp_recurrent_step`` where ``kernel``. Returns o [T, H, dv] float32."""
+    return over_sequences(batch, state, chunked, recurrent_step, q, k, v, g, beta,
+                          in_slots=cpp_recurrent_step if kernel else None)

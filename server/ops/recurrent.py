@@ -8,7 +8,9 @@ each with ``row_start`` and ``num_tokens``), then decode rows, one a sequence. `
 ``chunked(*its rows, its state)`` from its sequence's state, all decode rows at once run
 ``step(*their rows, their states)``; both update the state they are given in place (a copy,
 written back here) and return their rows' outputs; decode rows whose slots run consecutively
-(``decode_state_run``) are given those states in place instead, a view. A chunk's ``state_saves`` (tokens into it, a
+(``decode_state_run``) are given those states in place instead, a view; an ``in_slots`` step (a
+kernel, as ops/gated_delta.py's C++ one) takes the decode rows' slots and updates their states
+where they lie, whatever the slots. A chunk's ``state_saves`` (tokens into it, a
 slot) cut it there: the state after those tokens is also copied into that slot (the prefix
 cache's, recurrent_state.py), and the rest of the chunk goes on from it.
 """
@@ -20,7 +22,19 @@ from collections.abc import Callable
 import torch
 
 
-def over_sequences(batch, state: torch.Tensor, chunked: Callable, step: Callable, *rows: torch.Tensor) -> torch.Tensor:
+def kernel_serves(op_backend: str, device) -> bool:
+    """Whether decode rows take the C++ kernel's steps on the states in their slots for an op
+    backend on ``device``: "cpp" or "auto" on the CPU, the kernel built (else the torch ops on
+    gathered states)."""
+    if op_backend not in ("cpp", "auto") or torch.device(device).type != "cpu":
+        return False
+    from .cpu_kernel import load_kernels
+
+    return load_kernels() is not None
+
+
+def over_sequences(batch, state: torch.Tensor, chunked: Callable, step: Callable, *rows: torch.Tensor,
+                   in_slots: Callable | None = None) -> torch.Tensor:
     """rows: tensors [T, ...] of the step's rows. Returns the outputs [T, ...], contiguous."""
     parts, slots, num_prefill_rows = [], batch.state_slots, batch.num_prefill_rows
     for i, seq in enumerate(batch.prefill):
@@ -34,7 +48,9 @@ def over_sequences(batch, state: torch.Tensor, chunked: Callable, step: Callable
             parts.append(chunked(*(r[start:end] for r in rows), s[0]))
         state[slot] = s
     if num_prefill_rows < rows[0].shape[0]:
-        if batch.decode_state_run is not None:  # the states in place: no gather and scatter
+        if in_slots is not None:
+            parts.append(in_slots(*(r[num_prefill_rows:] for r in rows), state, slots[len(batch.prefill) :]))
+        elif batch.decode_state_run is not None:  # the states in place: no gather and scatter
             parts.append(step(*(r[num_prefill_rows:] for r in rows), state[batch.decode_state_run]))
         else:
             decoding = slots[len(batch.prefill) :]

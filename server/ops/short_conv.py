@@ -6,7 +6,9 @@ where the inputs before the sequence's current tokens are its state's last K - 1
 first token: the state is zeroed when its slot is taken, recurrent_state.py). This is Hugging
 Face's ``causal_conv1d_fn`` over a whole prompt (zero padding on the left) and its
 ``causal_conv1d_update`` a token at a time, so a prompt split into chunks, then decoded, gives the
-same outputs. LFM2's short convolutions run it.
+same outputs. LFM2's short convolutions run it, and Mamba's, Mamba-2's and gated DeltaNet's
+before their scans. ``cpp_conv_step`` runs the decode rows in the C++ kernel on their states where
+they lie.
 """
 
 from __future__ import annotations
@@ -35,10 +37,24 @@ def conv_step(u: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: 
     return F.conv1d(window, weight, bias, groups=u.shape[1])[:, :, 0]
 
 
-def short_conv(u: torch.Tensor, batch, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-               ) -> torch.Tensor:
+def cpp_conv_step(u: torch.Tensor, state: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv_step`` in the C++ kernel, each row's state shifted in its slot: row r's is
+    ``state[slots[r]]`` (state [slots, C, K - 1], slots int64 [R], distinct). Returns y [R, C]."""
+    from .cpu_kernel import load_kernels
+
+    u = u.contiguous()
+    y = torch.empty_like(u)
+    load_kernels().short_conv_step(y, u, state, slots, weight.contiguous(),
+                                   u.new_empty(0) if bias is None else bias.contiguous())
+    return y
+
+
+def short_conv(u: torch.Tensor, batch, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               kernel: bool = False) -> torch.Tensor:
     """u: [T, C] a step's inputs (``batch``'s prefill chunks and decode rows), each sequence's
     state's row in ``state`` [slots + 1, C, K - 1] (ops/recurrent.py); weight [C, 1, K]; bias [C]
-    or None. Returns y [T, C]."""
+    or None; ``kernel``: the decode rows through ``cpp_conv_step``. Returns y [T, C]."""
     return over_sequences(batch, state, partial(conv_chunk, weight=weight, bias=bias),
-                          partial(conv_step, weight=weight, bias=bias), u)
+                          partial(conv_step, weight=weight, bias=bias), u,
+                          in_slots=partial(cpp_conv_step, weight=weight, bias=bias) if kernel else None)

@@ -5,7 +5,8 @@ state dims), each token t with input x_t [P], step dt_t = clamp(softplus(dt_raw 
 A = -exp(A_log) updates a state S [P, N] and reads it:
     S <- exp(dt_t A) S + dt_t x_t B_t^T
     y_t = S C_t + D x_t
-``step`` runs one token of many sequences at once (decode rows); ``chunked`` a sequence's tokens,
+``step`` runs one token of many sequences at once (decode rows), and ``cpp_step`` the same in the
+C++ kernel on the states where they lie; ``chunked`` a sequence's tokens,
 within chunks of C as one masked matrix product (the state space dual of attention) and between
 chunks through the state, as Hugging Face's ``mamba2_chunk_scan`` (and mamba_ssm's kernel)
 compute a prompt. All in float32; the state too.
@@ -34,6 +35,19 @@ def step(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
     state.mul_((dt * A.float()).exp()[..., None, None])
     state.add_((dt[..., None] * x)[..., None] * _heads(B, heads)[:, :, None, :])
     return (state * _heads(C, heads)[:, :, None, :]).sum(-1) + D.float()[:, None] * x
+
+
+def cpp_step(x, dt, A, B, C, D, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``step`` in the C++ kernel, each row's state updated in its slot: row r's is
+    ``state[slots[r]]`` (state [slots, H, P, N] float32, slots int64 [R], distinct), read and
+    written once. Returns y [R, H, P] float32."""
+    from .cpu_kernel import load_kernels
+
+    x = x.float().contiguous()
+    y = torch.empty_like(x)
+    load_kernels().ssd_step(y, x, dt.contiguous(), A.float().contiguous(), B.float().contiguous(),
+                            C.float().contiguous(), D.float().contiguous(), state, slots)
+    return y
 
 
 def _segment_sums(a: torch.Tensor) -> torch.Tensor:

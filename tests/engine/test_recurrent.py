@@ -6,10 +6,12 @@ import asyncio
 import random
 
 import pytest
+import torch
 from test_prefix_cache import assert_idle, generate
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig, StartupError
+from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.requests import GenerationRequest, SamplingParams
 
 from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate, pinned_base_linear
@@ -39,18 +41,22 @@ def assert_states_free(engine):
     assert engine.states.num_free == engine.config.max_batch_size
 
 
-def test_a_small_pool_preempts_and_every_recomputed_request_is_exact(hybrid):
+@pytest.mark.parametrize("ops", ["auto", "torch"])
+def test_a_small_pool_preempts_and_every_recomputed_request_is_exact(hybrid, ops):
     """The KV pool (of the one attention layer) holds 80 tokens; 10 requests of 20 to 40 + 16
     tokens need far more. A preempted request gives its state slot back and is recomputed from its
     first token, from the state cached at its prompt's last full block when its blocks are still
-    there, else into a zeroed one."""
+    there, else into a zeroed one. Decode rows (in slots that preemption leaves out of order) run
+    the C++ kernel's steps on the states in their slots where it is built, or the torch ops."""
     model, adapters = hybrid
     rng = random.Random(5)
     names = [None, *adapters]
     jobs = [(names[i % len(names)], [rng.randrange(3, 300) for _ in range(rng.randint(20, 40))]) for i in range(10)]
-    built = make(hybrid, kv_cache_tokens=80, max_model_len=64)
+    built = make(hybrid, kv_cache_tokens=80, max_model_len=64, op_backend=ops, base_linear=pinned_base_linear(ops))
     engine = built.engine
     assert engine.blocks.prefix_caching and engine.state_cache is not None
+    kernel = ops == "auto" and not torch.cuda.is_available() and load_kernels() is not None
+    assert engine.states.kernel == kernel
     engine.start()
     try:
         async def main():

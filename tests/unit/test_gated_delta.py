@@ -5,7 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramux.server.ops.gated_delta import chunked, prepare, recurrent_step
+from loramux.server.ops.cpu_kernel import load_kernels
+from loramux.server.ops.gated_delta import chunked, cpp_recurrent_step, gated_delta, prepare, recurrent_step
+from loramux.server.runner import _consecutive
 
 
 def definition(q, k, v, g, beta, state):
@@ -66,3 +68,58 @@ def test_prepare_normalises_scales_and_shares_key_heads(key_heads, value_heads):
     torch.testing.assert_close(pq.norm(dim=-1), torch.full((3, value_heads), 8**-0.5), rtol=1e-5, atol=1e-5)
     share = value_heads // key_heads  # value head h reads key head h // share
     torch.testing.assert_close(pk[:, share - 1], k[:, 0] / k[:, 0].norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(load_kernels(), "gated_delta_step"), reason="the C++ kernel is not built")
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), heads=st.integers(1, 3), dk=st.sampled_from([4, 16, 64]), dv=st.sampled_from([4, 8, 64]),
+       data=st.data())
+def test_the_kernels_step_updates_each_rows_state_in_its_slot_as_the_definition(rows, heads, dk, dv, data):
+    """The C++ step on a bank of states, rows in any distinct slots: each row's output and its
+    slot's new state as the definition's, every other slot untouched."""
+    slots = data.draw(st.permutations(range(8)))[:rows]
+    seqs = [inputs(heads, 1, dk, dv, seed) for seed in range(rows)]
+    q, k, v, g, beta = (torch.stack([r[j][:, 0] for r in seqs]) for j in range(5))  # [D, H, ..]
+    bank = torch.randn(9, heads, dk, dv) * 0.3
+    before = bank.clone()
+    out = cpp_recurrent_step(q, k, v, g, beta, bank, torch.tensor(slots))
+    for d, r in enumerate(seqs):
+        expected, final = definition(*r[:5], before[slots[d]])
+        torch.testing.assert_close(out[d].double(), expected[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bank[slots[d]].double(), final, rtol=1e-5, atol=1e-5)
+    others = [i for i in range(9) if i not in slots]
+    assert torch.equal(bank[others], before[others])
+
+
+@pytest.mark.skipif(not hasattr(load_kernels(), "gated_delta_step"), reason="the C++ kernel is not built")
+def test_a_steps_decode_rows_through_the_kernel_equal_the_torch_ops():
+    """gated_delta over a step (a prefill chunk, then decode rows in slots out of order): the C++
+    step's outputs and states equal the gathered torch step's."""
+    from collections import namedtuple
+
+    Chunk = namedtuple("Chunk", "row_start num_tokens state_saves")
+    Rows = namedtuple("Rows", "prefill num_prefill_rows state_slots decode_state_run")
+    torch.manual_seed(0)
+    q, k = prepare(torch.randn(7, 2, 16), torch.randn(7, 2, 16), 4)
+    v, g, beta = torch.randn(7, 4, 8), -torch.rand(7, 4), torch.rand(7, 4)
+    decode = [5, 1, 3]
+    batch = Rows([Chunk(0, 4, ())], 4, torch.tensor([0, *decode]), _consecutive(decode))
+    start = torch.randn(7, 4, 16, 8) * 0.3
+    runs = []
+    for kernel in (False, True):
+        state = start.clone()
+        runs.append((gated_delta(q, k, v, g, beta, batch, state, kernel), state))
+    (o_torch, s_torch), (o_cpp, s_cpp) = runs
+    torch.testing.assert_close(o_cpp, o_torch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s_cpp, s_torch, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(s_cpp[decode], start[decode]) and torch.equal(s_cpp[[2, 4, 6]], start[[2, 4, 6]])
+
+
+@pytest.mark.skipif(not hasattr(load_kernels(), "gated_delta_step"), reason="the C++ kernel is not built")
+@pytest.mark.parametrize("slots", [[1, 1], [0, 9]], ids=["shared", "out-of-range"])
+def test_the_kernels_step_refuses_slots_shared_or_out_of_range(slots):
+    """Two rows writing one state in place would race; a slot past the bank would write past it."""
+    q = k = torch.zeros(2, 1, 4)
+    v, g, beta = torch.zeros(2, 1, 4), torch.zeros(2, 1), torch.zeros(2, 1)
+    with pytest.raises(RuntimeError, match="slots distinct and in range"):
+        cpp_recurrent_step(q, k, v, g, beta, torch.zeros(3, 1, 4, 4), torch.tensor(slots))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.ops.short_conv import short_conv
 from loramux.server.recurrent_state import RecurrentStates
 from loramux.server.runner import _consecutive
@@ -28,14 +29,19 @@ def reference(u: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     return F.conv1d(u.T[None], weight, bias, padding=weight.shape[-1] - 1, groups=u.shape[1])[0, :, : u.shape[0]].T
 
 
+KERNEL = pytest.param(True, id="cpp", marks=pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built"))
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), width=st.integers(1, 4), channels=st.integers(1, 5), biased=st.booleans(),
        lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4))
-def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(data, width, channels, biased, lengths):
+def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(kernel, data, width, channels, biased, lengths):
     """Sequences fed in steps, as the engine feeds them: a prompt in chunks of any size (a step's
     chunks first, then its decode rows of one token each), in slots taken in any order; a chunk may
     copy its state on the way into a cached slot (ops/recurrent.py), which then holds the
-    sequence's last inputs before that point."""
+    sequence's last inputs before that point. Decode rows through the torch ops (on gathered
+    states, or in place over consecutive slots) or the C++ kernel's step on the states in their slots."""
     torch.manual_seed(len(lengths) * 31 + width)
     weight = torch.randn(channels, 1, width, dtype=torch.float64)
     bias = torch.randn(channels, dtype=torch.float64) if biased else None
@@ -63,7 +69,7 @@ def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(data, width,
             feeds.append((s, done[s]))
         u = torch.stack([inputs[s][t] for s, t in feeds])
         y = short_conv(u, rows_of(chunks, [slots[s] for s in decode], [slots[s] for s in prefill]), states.states[0],
-                       weight, bias)
+                       weight, bias, kernel)
         for row, (s, t) in enumerate(feeds):
             outputs[s][t] = y[row]
         for s, t in feeds:

@@ -1,11 +1,13 @@
 """Mamba-2's selective state space ops (ops/ssd.py) against its definition, token by token in float64."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramux.server.ops.ssd import chunked, discretize, step
+from loramux.server.ops.cpu_kernel import load_kernels
+from loramux.server.ops.ssd import chunked, cpp_step, discretize, step
 
 
 def definition(x, dt, A, B, C, D, state):
@@ -53,6 +55,28 @@ def test_a_step_of_many_sequences_equals_the_definition_of_each():
         expected, final = definition(r[0], r[1], A, r[3], r[4], D, r[6])
         torch.testing.assert_close(out[d].double(), expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state[d].double(), final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built")
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), heads_groups=st.sampled_from([(1, 1), (2, 1), (4, 2), (8, 1)]),
+       P=st.sampled_from([2, 4, 64]), N=st.sampled_from([3, 8, 128]), data=st.data())
+def test_the_kernels_step_updates_each_rows_state_in_its_slot_as_the_definition(rows, heads_groups, P, N, data):
+    """The C++ step on a bank of states, rows in any distinct slots: each row's output and its
+    slot's new state as the definition's, every other slot untouched."""
+    slots = data.draw(st.permutations(range(8)))[:rows]
+    seqs = [inputs(1, *heads_groups, P, N, seed) for seed in range(rows)]
+    A, D = seqs[0][2], seqs[0][5]
+    x, dt, B, C = (torch.cat([r[j] for r in seqs]) for j in (0, 1, 3, 4))
+    bank = torch.randn(9, heads_groups[0], P, N) * 0.3
+    before = bank.clone()
+    out = cpp_step(x, dt, A, B, C, D, bank, torch.tensor(slots))
+    for d, r in enumerate(seqs):
+        expected, final = definition(r[0], r[1], A, r[3], r[4], D, before[slots[d]])
+        torch.testing.assert_close(out[d].double(), expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bank[slots[d]].double(), final, rtol=1e-5, atol=1e-5)
+    others = [i for i in range(9) if i not in slots]
+    assert torch.equal(bank[others], before[others])
 
 
 def test_discretize_is_softplus_of_the_biased_step_clamped():

@@ -26,6 +26,17 @@ def test_cached_slots_lie_between_the_running_ones_and_the_sink_and_hits_are_cop
     assert states.take() == a and all(not s[a].any() for s in states.states)
 
 
+def test_the_lowest_free_slot_is_taken_first_whatever_order_slots_were_freed_in():
+    """So a batch admitted together holds a consecutive run of slots, which the torch ops use in
+    place (ops/recurrent.py), however the batch before it finished."""
+    states = RecurrentStates([((2,), None)], slots=6, dtype=torch.float32, device="cpu")
+    held = [states.take() for _ in range(6)]
+    assert held == list(range(6))
+    for slot in (4, 1, 5, 2):
+        states.free(slot)
+    assert [states.take() for _ in range(3)] == [1, 2, 4]
+
+
 def test_the_least_recently_used_state_is_evicted_and_a_known_key_is_not_copied_again():
     cache = StateCache(range(10, 12))
     assert cache.put("a") == 11 and cache.put("b") == 10

@@ -1,6 +1,7 @@
 // loramux's CPU kernels, built into the package by `make install` (setup.py): one module per ISA
 // variant (portable baseline, AVX2, AVX-512; NEON on aarch64), chosen at run time.
 #include <torch/extension.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -1319,6 +1320,161 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
   return y;
 }
 
+// The decode rows' state slots: int64 [rows], distinct (each row's state is written in place, by
+// one task), within the bank's num_slots.
+static const int64_t* state_slots(const torch::Tensor& slots, int64_t rows, int64_t num_slots, const char* op) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == rows, op,
+              ": int64 slots, one a row");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  std::vector<char> seen(num_slots, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < num_slots && !seen[slot[r]], op, ": slots distinct and in range");
+    seen[slot[r]] = 1;
+  }
+  return slot;
+}
+
+// One decode token of D sequences through the gated delta rule (ops/gated_delta.py), each
+// sequence's state read and written where it lies: row d's heads at state[slots[d]] [H, dk, dv]
+// (float32), any slots, no gather or scatter. Per (row, head), in the reference's order:
+//   S <- exp(g) S;  u = k S;  delta = beta (v - u);  S <- S + k^T delta;  o = q S
+// in two passes over S (the first decays it and reads k S, the second writes and reads q S),
+// where the torch ops take five over [D, H, dk, dv] and three temporaries of its size.
+void gated_delta_step(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
+                      torch::Tensor beta, torch::Tensor state, torch::Tensor slots) {
+  for (const auto* t : {&out, &q, &k, &v, &g, &beta, &state})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "gated_delta_step: contiguous float32 CPU tensors");
+  const int64_t D = q.size(0), H = q.size(1), dk = q.size(2), dv = v.size(2);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == D && v.size(1) == H && out.sizes() == v.sizes() &&
+              g.numel() == D * H && beta.numel() == D * H && state.dim() == 4 && state.size(1) == H &&
+              state.size(2) == dk && state.size(3) == dv, "gated_delta_step: q, k [D, H, dk], v, out [D, H, dv], "
+              "g, beta [D, H], state [slots, H, dk, dv]");
+  const int64_t* slot = state_slots(slots, D, state.size(0), "gated_delta_step");
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
+              *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, D * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dk * dv)), [&](int64_t lo, int64_t hi) {
+    std::vector<float> u(dv);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t d = task / H, h = task % H;
+      float* s = sp + (slot[d] * H + h) * dk * dv;
+      const float *qi = qp + task * dk, *ki = kp + task * dk, *vi = vp + task * dv;
+      float* o = op + task * dv;
+      const float decay = std::exp(gp[task]), b = bp[task];
+      std::fill(u.begin(), u.end(), 0.f);
+      for (int64_t i = 0; i < dk; ++i) {
+        float* si = s + i * dv;
+        const float ki_ = ki[i];
+#pragma omp simd
+        for (int64_t j = 0; j < dv; ++j) {
+          si[j] *= decay;
+          u[j] += ki_ * si[j];
+        }
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) {
+        u[j] = (vi[j] - u[j]) * b;  // delta
+        o[j] = 0.f;
+      }
+      for (int64_t i = 0; i < dk; ++i) {
+        float* si = s + i * dv;
+        const float ki_ = ki[i], qi_ = qi[i];
+#pragma omp simd
+        for (int64_t j = 0; j < dv; ++j) {
+          si[j] += ki_ * u[j];
+          o[j] += qi_ * si[j];
+        }
+      }
+    }
+  });
+}
+
+// One decode input of R sequences through a depthwise causal convolution (ops/short_conv.py), each
+// sequence's state (its last K - 1 inputs) read and shifted where it lies, at state[slots[r]]
+// [C, K - 1]: y[r, c] = bias[c] + sum_{j < K - 1} w[c, j] state[c, j] + w[c, K - 1] u[r, c],
+// summed in float32 (float64 for float64) and rounded once; the torch ops gather the states, concatenate, convolve and
+// scatter back.
+template <typename T>
+static void conv_rows(T* y, const T* u, T* state, const int64_t* slot, const T* w, const T* bias, int64_t R,
+                      int64_t C, int64_t K) {
+  const int64_t W = K - 1;
+  at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      T* s = state + slot[r] * C * W;
+      for (int64_t c = 0; c < C; ++c) {
+        T* sc = s + c * W;
+        const T* wc = w + c * K;
+        using A = at::opmath_type<T>;
+        A acc = bias ? static_cast<A>(bias[c]) : A(0);
+        for (int64_t j = 0; j < W; ++j) acc += static_cast<A>(wc[j]) * static_cast<A>(sc[j]);
+        acc += static_cast<A>(wc[W]) * static_cast<A>(u[r * C + c]);
+        for (int64_t j = 0; j + 1 < W; ++j) sc[j] = sc[j + 1];
+        if (W > 0) sc[W - 1] = u[r * C + c];
+        y[r * C + c] = static_cast<T>(acc);
+      }
+    }
+  });
+}
+
+void short_conv_step(torch::Tensor y, torch::Tensor u, torch::Tensor state, torch::Tensor slots, torch::Tensor weight,
+                     torch::Tensor bias) {
+  for (const auto* t : {&y, &u, &state, &weight})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == u.scalar_type(),
+                "short_conv_step: contiguous CPU tensors of one dtype");
+  const int64_t R = u.size(0), C = u.size(1), K = weight.size(-1);
+  TORCH_CHECK(y.sizes() == u.sizes() && weight.numel() == C * K && K >= 1 && state.dim() == 3 &&
+              state.size(1) == C && state.size(2) == K - 1, "short_conv_step: u, y [R, C], weight [C, 1, K], "
+              "state [slots, C, K - 1]");
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == C && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
+              "short_conv_step: bias [C] or empty");
+  const int64_t* slot = state_slots(slots, R, state.size(0), "short_conv_step");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "short_conv_step", [&] {
+    conv_rows<scalar_t>(y.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), state.data_ptr<scalar_t>(), slot,
+                        weight.data_ptr<scalar_t>(), bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, R, C, K);
+  });
+}
+
+// One decode token of R sequences through Mamba-2's selective state space (ops/ssd.py), each
+// sequence's state read and written where it lies, at state[slots[r]] [H, P, N] (float32). Per
+// (row, head h of group g = h / (H / G)), with a = exp(dt A_h):
+//   S[p, :] <- a S[p, :] + (dt x_p) B_g;   y_p = S[p, :] . C_g + D_h x_p
+// in one pass over S, where the torch ops take three over [R, H, P, N] and two temporaries.
+void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+              torch::Tensor D, torch::Tensor state, torch::Tensor slots) {
+  for (const auto* t : {&y, &x, &dt, &A, &B, &C, &D, &state})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "ssd_step: contiguous float32 CPU tensors");
+  const int64_t R = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
+  TORCH_CHECK(y.sizes() == x.sizes() && dt.numel() == R * H && A.numel() == H && D.numel() == H &&
+              B.size(0) == R && C.sizes() == B.sizes() && G > 0 && H % G == 0 && state.dim() == 4 &&
+              state.size(1) == H && state.size(2) == P && state.size(3) == N,
+              "ssd_step: x, y [R, H, P], dt [R, H], A, D [H], B, C [R, G, N], state [slots, H, P, N]");
+  const int64_t* slot = state_slots(slots, R, state.size(0), "ssd_step");
+  const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>(),
+              *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
+  at::parallel_for(0, R * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * N)), [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t r = task / H, h = task % H, g = h / (H / G);
+      float* s = sp + (slot[r] * H + h) * P * N;
+      const float *xi = xp + task * P, *b = bp + (r * G + g) * N, *c = cp + (r * G + g) * N;
+      const float step = dtp[task], decay = std::exp(step * ap[h]);
+      for (int64_t p = 0; p < P; ++p) {
+        float* sr = s + p * N;
+        const float w = step * xi[p];
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t n = 0; n < N; ++n) {
+          sr[n] = decay * sr[n] + w * b[n];
+          acc += sr[n] * c[n];
+        }
+        yp[task * P + p] = acc + dp[h] * xi[p];
+      }
+    }
+  });
+}
+
 // Each releases the GIL while it runs, as torch's own ops do: the engine thread's kernels let the
 // adapter I/O thread's Python run, and a conversion on the I/O thread does not stall the engine.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1330,6 +1486,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_rows", &copy_rows, "an adapter's rows into its pages of every store", release());
   m.def("convert_to_pages", &convert_to_pages,
         "an adapter's A and scaled B.T straight into its pages of every store, checked finite", release());
+  m.def("gated_delta_step", &gated_delta_step,
+        "one decode token of many sequences through the gated delta rule, states updated in their slots", release());
+  m.def("short_conv_step", &short_conv_step,
+        "one decode input of many sequences through a depthwise causal convolution, states shifted in their slots",
+        release());
+  m.def("ssd_step", &ssd_step,
+        "one decode token of many sequences through Mamba-2's state space, states updated in their slots", release());
   m.def("few_rows_linear", &few_rows_linear,
         "a base linear of at most MANY_ROWS rows (float32 or int8 weights), weights streamed once", release());
 }
