@@ -1036,3 +1036,18 @@ def pinned_base_linear(op_backend: str = "auto") -> str:
 
     cpu = not torch.cuda.is_available()
     return "kernel" if op_backend in ("auto", "cpp") and cpu and load_kernels() is not None else "torch"
+
+
+def check_step_in_slots(run, bank: torch.Tensor, slots: list[int], definition_of) -> None:
+    """A kernel step on the states in their slots (ops/recurrent.py ``in_slots``): ``run(bank,
+    slots tensor)`` gives each row's output; ``definition_of(row, its state before)`` gives that
+    row's (output, final state). Each row's output and its slot's new state are the definition's,
+    every other slot of ``bank`` untouched."""
+    before = bank.clone()
+    out = run(bank, torch.tensor(slots))
+    for d, slot in enumerate(slots):
+        expected, final = definition_of(d, before[slot])
+        torch.testing.assert_close(out[d].double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bank[slot].double(), final, rtol=1e-5, atol=1e-5)
+    others = [i for i in range(bank.shape[0]) if i not in slots]
+    assert torch.equal(bank[others], before[others])

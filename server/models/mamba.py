@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.recurrent import over_sequences
-from ..ops.selective_scan import discretize, scan, step
+from ..ops.selective_scan import cpp_step, discretize, scan, step
 from ..ops.short_conv import short_conv
 from .batch import StepBatch
 from .layers import FusedLoRALinear
@@ -65,7 +65,9 @@ class MambaMixer(nn.Module):
         dt = discretize(F.linear(dt, self.dt_weight), self.dt_bias)  # HF's dt_proj.weight @ dt: no LoRA, bias later
         y = over_sequences(batch, state,
                            lambda x, dt, B, C, s: scan(x, dt, self.A, B, C, self.D, s),
-                           lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s), xs, dt, B, C)
+                           lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s), xs, dt, B, C,
+                           in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, self.A, B, C, self.D, s, slots))
+                           if kv.states.kernel else None)
         return self.out_proj((y * F.silu(z.float())).to(dtype), batch.lora, apply_lora)
 
 

@@ -4,7 +4,8 @@ Per channel c of D (a state row of N dims each), each token t with input x_t [D]
 (softplus of the projection plus its bias), A [D, N] (= -exp(A_log)) and the token's B_t, C_t [N]:
     h <- exp(dt_t A) * h + (dt_t x_t) B_t^T        (h [D, N])
     y_t = h C_t + D_skip x_t
-``step`` runs one token of many sequences at once (decode rows); ``scan`` one sequence's tokens in
+``step`` runs one token of many sequences at once (decode rows), and ``cpp_step`` the same in the
+C++ kernel on the states where they lie; ``scan`` one sequence's tokens in
 order, as Hugging Face's ``mamba_selective_scan`` computes a prompt without mamba_ssm's kernel
 (decays of [tokens, D, N] made a chunk of tokens at a time, to bound their memory). All in float32;
 the state too.
@@ -30,6 +31,19 @@ def step(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
     state.mul_(torch.exp(dt[..., None] * A))
     state.add_((dt * x)[..., None] * B.float()[:, None, :])
     return (state @ C.float()[..., None])[..., 0] + D.float() * x
+
+
+def cpp_step(x, dt, A, B, C, D, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``step`` in the C++ kernel, each row's state updated in its slot: row r's is
+    ``state[slots[r]]`` (state [slots, D, N] float32, slots int64 [R], distinct), read and written
+    once. Returns y [R, D] float32."""
+    from .cpu_kernel import load_kernels
+
+    x = x.float().contiguous()
+    y = torch.empty_like(x)
+    load_kernels().selective_scan_step(y, x, dt.contiguous(), A.contiguous(), B.float().contiguous(),
+                                       C.float().contiguous(), D.float().contiguous(), state, slots)
+    return y
 
 
 def scan(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.ops.gated_delta import chunked, cpp_recurrent_step, gated_delta, prepare, recurrent_step
 from loramux.server.runner import _consecutive
 
+from helpers import check_step_in_slots
+
 
 def definition(q, k, v, g, beta, state):
     """q, k [H, L, dk], v [H, L, dv], g, beta [H, L], state [H, dk, dv]: (o [H, L, dv], final state),
@@ -80,15 +82,13 @@ def test_the_kernels_step_updates_each_rows_state_in_its_slot_as_the_definition(
     slots = data.draw(st.permutations(range(8)))[:rows]
     seqs = [inputs(heads, 1, dk, dv, seed) for seed in range(rows)]
     q, k, v, g, beta = (torch.stack([r[j][:, 0] for r in seqs]) for j in range(5))  # [D, H, ..]
-    bank = torch.randn(9, heads, dk, dv) * 0.3
-    before = bank.clone()
-    out = cpp_recurrent_step(q, k, v, g, beta, bank, torch.tensor(slots))
-    for d, r in enumerate(seqs):
-        expected, final = definition(*r[:5], before[slots[d]])
-        torch.testing.assert_close(out[d].double(), expected[:, 0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bank[slots[d]].double(), final, rtol=1e-5, atol=1e-5)
-    others = [i for i in range(9) if i not in slots]
-    assert torch.equal(bank[others], before[others])
+
+    def row(d, state):
+        expected, final = definition(*seqs[d][:5], state)
+        return expected[:, 0], final
+
+    check_step_in_slots(lambda bank, s: cpp_recurrent_step(q, k, v, g, beta, bank, s),
+                        torch.randn(9, heads, dk, dv) * 0.3, slots, row)
 
 
 @pytest.mark.skipif(not hasattr(load_kernels(), "gated_delta_step"), reason="the C++ kernel is not built")

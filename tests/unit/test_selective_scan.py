@@ -1,11 +1,15 @@
 """Mamba's selective scan (ops/selective_scan.py) against its definition, token by token in float64."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramux.server.ops.selective_scan import discretize, scan, step
+from loramux.server.ops.cpu_kernel import load_kernels
+from loramux.server.ops.selective_scan import cpp_step, discretize, scan, step
+
+from helpers import check_step_in_slots
 
 
 def definition(x, dt, A, B, C, D, state):
@@ -51,6 +55,25 @@ def test_a_step_of_many_sequences_is_each_ones_next_token_of_the_scan():
     for d, (x, dt, _, B, C, _, state) in enumerate(rows):
         torch.testing.assert_close(out[d], scan(x, dt, A, B, C, D, state)[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(states[d], state, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built")
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), channels=st.sampled_from([1, 4, 12]), N=st.sampled_from([2, 8, 16]), data=st.data())
+def test_the_kernels_step_updates_each_rows_state_in_its_slot_as_the_definition(rows, channels, N, data):
+    """The C++ step on a bank of states, rows in any distinct slots: each row's output and its
+    slot's new state as the definition's, every other slot untouched."""
+    slots = data.draw(st.permutations(range(8)))[:rows]
+    seqs = [inputs(1, channels, N, seed) for seed in range(rows)]
+    A, D = seqs[0][2], seqs[0][5]
+    x, dt, B, C = (torch.cat([r[j] for r in seqs]) for j in (0, 1, 3, 4))
+
+    def row(d, state):
+        expected, final = definition(*(seqs[d][j] for j in (0, 1)), A, *(seqs[d][j] for j in (3, 4)), D, state)
+        return expected[0], final
+
+    check_step_in_slots(lambda bank, s: cpp_step(x, dt, A, B, C, D, bank, s), torch.randn(9, channels, N) * 0.3,
+                        slots, row)
 
 
 def test_discretize_is_softplus_of_the_biased_step_in_float32():

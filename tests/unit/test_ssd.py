@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.ops.ssd import chunked, cpp_step, discretize, step
 
+from helpers import check_step_in_slots
+
 
 def definition(x, dt, A, B, C, D, state):
     """x [L, H, P], dt [L, H], A, D [H], B, C [L, G, N], state [H, P, N]: (y [L, H, P], final state),
@@ -68,15 +70,13 @@ def test_the_kernels_step_updates_each_rows_state_in_its_slot_as_the_definition(
     seqs = [inputs(1, *heads_groups, P, N, seed) for seed in range(rows)]
     A, D = seqs[0][2], seqs[0][5]
     x, dt, B, C = (torch.cat([r[j] for r in seqs]) for j in (0, 1, 3, 4))
-    bank = torch.randn(9, heads_groups[0], P, N) * 0.3
-    before = bank.clone()
-    out = cpp_step(x, dt, A, B, C, D, bank, torch.tensor(slots))
-    for d, r in enumerate(seqs):
-        expected, final = definition(r[0], r[1], A, r[3], r[4], D, before[slots[d]])
-        torch.testing.assert_close(out[d].double(), expected[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bank[slots[d]].double(), final, rtol=1e-5, atol=1e-5)
-    others = [i for i in range(9) if i not in slots]
-    assert torch.equal(bank[others], before[others])
+
+    def row(d, state):
+        expected, final = definition(*(seqs[d][j] for j in (0, 1)), A, *(seqs[d][j] for j in (3, 4)), D, state)
+        return expected[0], final
+
+    check_step_in_slots(lambda bank, s: cpp_step(x, dt, A, B, C, D, bank, s),
+                        torch.randn(9, heads_groups[0], P, N) * 0.3, slots, row)
 
 
 def test_discretize_is_softplus_of_the_biased_step_clamped():

@@ -1475,6 +1475,51 @@ void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor 
   });
 }
 
+// One decode token of R sequences through Mamba's selective scan (ops/selective_scan.py), each
+// sequence's state read and written where it lies, at state[slots[r]] [Dc, N] (float32). Per
+// (row, channel c): h[c, :] <- exp(dt_c A[c, :]) * h[c, :] + (dt_c x_c) B;  y_c = h[c, :] . C + D_c x_c
+// in one pass over the state, where the torch ops take three and two temporaries of its size.
+void selective_scan_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
+                         torch::Tensor C, torch::Tensor D, torch::Tensor state, torch::Tensor slots) {
+  for (const auto* t : {&y, &x, &dt, &A, &B, &C, &D, &state})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "selective_scan_step: contiguous float32 CPU tensors");
+  const int64_t R = x.size(0), Dc = x.size(1), N = A.size(1);
+  TORCH_CHECK(y.sizes() == x.sizes() && dt.sizes() == x.sizes() && A.size(0) == Dc && D.numel() == Dc &&
+              B.size(0) == R && B.size(1) == N && C.sizes() == B.sizes() && state.dim() == 3 &&
+              state.size(1) == Dc && state.size(2) == N,
+              "selective_scan_step: x, dt, y [R, D], A [D, N], B, C [R, N], D [D], state [slots, D, N]");
+  const int64_t* slot = state_slots(slots, R, state.size(0), "selective_scan_step");
+  const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>(),
+              *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
+  at::parallel_for(0, R * Dc, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N)), [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t r = task / Dc, c = task % Dc;
+      float* h = sp + (slot[r] * Dc + c) * N;
+      const float *a = ap + c * N, *b = bp + r * N, *cc = cp + r * N;
+      const float step = dtp[task], w = step * xp[task];
+      float acc = 0.f;
+      int64_t n = 0;
+#if defined(LORAMUX_DECODE_VEC)  // the decays through the attention kernel's exp (step * A <= 0), L at a time
+      Vec::V sums = Vec::set1(0.f);
+      for (; n + Vec::L <= N; n += Vec::L) {
+        const Vec::V hn = Vec::fma(exp_vec(Vec::set1(step) * Vec::load(a + n)), Vec::load(h + n),
+                                   Vec::set1(w) * Vec::load(b + n));
+        Vec::store(h + n, hn);
+        sums = Vec::fma(hn, Vec::load(cc + n), sums);
+      }
+      acc = Vec::sum(sums);
+#endif
+      for (; n < N; ++n) {
+        h[n] = std::exp(step * a[n]) * h[n] + w * b[n];
+        acc += h[n] * cc[n];
+      }
+      yp[task] = acc + dp[c] * xp[task];
+    }
+  });
+}
+
 // Each releases the GIL while it runs, as torch's own ops do: the engine thread's kernels let the
 // adapter I/O thread's Python run, and a conversion on the I/O thread does not stall the engine.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1493,6 +1538,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("ssd_step", &ssd_step,
         "one decode token of many sequences through Mamba-2's state space, states updated in their slots", release());
+  m.def("selective_scan_step", &selective_scan_step,
+        "one decode token of many sequences through Mamba's selective scan, states updated in their slots", release());
   m.def("few_rows_linear", &few_rows_linear,
         "a base linear of at most MANY_ROWS rows (float32 or int8 weights), weights streamed once", release());
 }
