@@ -16,10 +16,11 @@ float32 at head dim 64 or 128 the AVX-512 and AVX2 builds take 16 (8) keys at a 
 into the serving layout in one call (adapters/loader.py), ``copy_rows`` an adapter's rows
 into its pages of every store of a host pool, and ``convert_to_pages`` a loaded adapter's modules
 straight into those pages (adapters/device_pool.py). ``few_rows_linear`` runs a base projection of
-up to 64 rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py). ``short_conv_step``
-and ``gated_delta_step`` run a hybrid model's decode rows through a short convolution and the
-gated delta rule on each row's recurrent state where it lies, in its slot (ops/short_conv.py,
-ops/gated_delta.py). Each releases the GIL.
+up to 64 rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py). ``short_conv_step``,
+``gated_delta_step``, ``ssd_step`` and ``selective_scan_step`` run a recurrent model's decode rows
+through a short convolution, the gated delta rule, Mamba-2's state space and Mamba's selective scan
+on each row's state where it lies, in its slot (ops/short_conv.py, gated_delta.py, ssd.py,
+selective_scan.py). Each releases the GIL.
 
 They are compiled when the package is installed (setup.py), once per ISA variant: a portable
 baseline, AVX2 and AVX-512 on x86-64, NEON on aarch64. ``load_kernels`` imports the widest
@@ -58,8 +59,9 @@ def variants_for(machine: str, capability: str) -> list[str]:
 @functools.cache
 def load_kernels():
     """The compiled module (``lora``, ``paged_decode``, ``convert_adapter``, ``copy_rows``,
-    ``convert_to_pages``, ``few_rows_linear``, ``short_conv_step``, ``gated_delta_step``, and
-    ``variant``: which build), or None if
+    ``convert_to_pages``, ``few_rows_linear``, the recurrent steps ``short_conv_step``,
+    ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step``, and ``variant``: which build),
+    or None if
     none was built for this CPU or ``LORAMUX_NO_CPU_KERNEL=1`` says not to use it."""
     if os.environ.get(NO_KERNEL_ENV) == "1":
         log.info("%s=1: the C++ CPU kernels are not used; the torch ops serve", NO_KERNEL_ENV)

@@ -8,8 +8,8 @@ each with ``row_start`` and ``num_tokens``), then decode rows, one a sequence. `
 ``chunked(*its rows, its state)`` from its sequence's state, all decode rows at once run
 ``step(*their rows, their states)``; both update the state they are given in place (a copy,
 written back here) and return their rows' outputs; decode rows whose slots run consecutively
-(``decode_state_run``) are given those states in place instead, a view; an ``in_slots`` step (a
-kernel, as ops/gated_delta.py's C++ one) takes the decode rows' slots and updates their states
+(``decode_state_run``) are given those states in place instead, a view; an ``in_slots`` step (the C++
+kernel's, as ops/gated_delta.py ``cpp_recurrent_step``) takes the decode rows' slots and updates their states
 where they lie, whatever the slots. A chunk's ``state_saves`` (tokens into it, a
 slot) cut it there: the state after those tokens is also copied into that slot (the prefix
 cache's, recurrent_state.py), and the rest of the chunk goes on from it.
