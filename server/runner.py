@@ -256,7 +256,8 @@ class ModelRunner:
                 for p, i in zip(meta.positions, (i for i in (*prefill, *decode) for _ in items[i].token_ids), strict=True)),
             state_slots=None if self.kv.states is None else longs(
                 self.kv.states.sink if items[i].state_slot is None else items[i].state_slot for i in (*prefill, *decode)),
-            decode_state_run=_consecutive([items[i].state_slot for i in decode]),
+            decode_state_run=None if self.kv.states is None or self.kv.states.kernel else
+            _consecutive([items[i].state_slot for i in decode]),  # read by the torch ops alone
         )
         if self.device.type != "cpu":  # built on the host; one asynchronous copy takes it all over
             batch = upload_step(batch, self.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -1051,3 +1052,16 @@ def check_step_in_slots(run, bank: torch.Tensor, slots: list[int], definition_of
         torch.testing.assert_close(bank[slot].double(), final, rtol=1e-5, atol=1e-5)
     others = [i for i in range(bank.shape[0]) if i not in slots]
     assert torch.equal(bank[others], before[others])
+
+
+StepChunk = namedtuple("StepChunk", "row_start num_tokens state_saves")  # a prefill chunk, as the recurrent ops read it
+StepRows = namedtuple("StepRows", "prefill num_prefill_rows state_slots decode_state_run")  # a StepBatch's
+
+
+def step_rows(chunks, decode_slots: list[int], chunk_slots: list[int]) -> StepRows:
+    """A step's rows as the runner builds them for the torch ops: decode rows over consecutive
+    slots are run in place (ops/recurrent.py)."""
+    from loramux.server.runner import _consecutive
+
+    return StepRows(chunks, sum(c.num_tokens for c in chunks), torch.tensor(chunk_slots + decode_slots),
+                    _consecutive(decode_slots))

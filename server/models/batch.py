@@ -53,5 +53,6 @@ class StepBatch:
     # [len(prefill) + D]; None for a model without recurrent layers
     state_slots: torch.Tensor | None = None
     # the decode rows' slots as one slice when they run consecutively upward (a batch admitted together
-    # holds such slots), so that their states are updated in place (ops/recurrent.py); else None
+    # holds such slots), so that the torch ops update their states in place (ops/recurrent.py); else
+    # None, and None where the C++ kernel's steps update the states in their slots
     decode_state_run: slice | None = None

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.recurrent import over_sequences
-from ..ops.selective_scan import cpp_step, discretize, scan, step
+from ..ops.selective_scan import discretize, selective_scan
 from ..ops.short_conv import short_conv
 from .batch import StepBatch
 from .layers import FusedLoRALinear
@@ -63,11 +62,7 @@ class MambaMixer(nn.Module):
         if self.norms[0] is not None:
             dt, B, C = (norm(t) for norm, t in zip(self.norms, (dt, B, C), strict=True))
         dt = discretize(F.linear(dt, self.dt_weight), self.dt_bias)  # HF's dt_proj.weight @ dt: no LoRA, bias later
-        y = over_sequences(batch, state,
-                           lambda x, dt, B, C, s: scan(x, dt, self.A, B, C, self.D, s),
-                           lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s), xs, dt, B, C,
-                           in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, self.A, B, C, self.D, s, slots))
-                           if kv.states.kernel else None)
+        y = selective_scan(xs, dt, self.A, B, C, self.D, batch, state, kv.states.kernel)
         return self.out_proj((y * F.silu(z.float())).to(dtype), batch.lora, apply_lora)
 
 

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.recurrent import over_sequences
 from ..ops.short_conv import short_conv
-from ..ops.ssd import chunked, cpp_step, discretize, step
+from ..ops.ssd import discretize, ssd
 from .base import RecurrentLayers, ServingModel
 from .batch import StepBatch
 from .layers import FusedLoRALinear
@@ -69,13 +68,9 @@ class Mamba2Mixer(nn.Module):
         xbc = self.act(short_conv(xbc, batch, conv_state, self.conv_weight, self.conv_bias,
                                   kv.states.kernel))
         xs, B, C = xbc.split([self.inner, bc, bc], dim=1)
-        y = over_sequences(batch, state,
-                           lambda x, dt, B, C, s: chunked(x, dt, self.A, B, C, self.D, s, self.chunk),
-                           lambda x, dt, B, C, s: step(x, dt, self.A, B, C, self.D, s),
-                           xs.reshape(T, self.heads, self.head_dim), discretize(dt, self.dt_bias, self.limit),
-                           B.reshape(T, self.groups, self.state_size), C.reshape(T, self.groups, self.state_size),
-                           in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, self.A, B, C, self.D, s, slots))
-                           if kv.states.kernel else None)
+        y = ssd(xs.reshape(T, self.heads, self.head_dim), discretize(dt, self.dt_bias, self.limit), self.A,
+                B.reshape(T, self.groups, self.state_size), C.reshape(T, self.groups, self.state_size), self.D, batch,
+                state, self.chunk, kv.states.kernel)
         y = y.reshape(T, self.inner)
         y = self.norm(y, gate) if self.gated_norm else y * F.silu(gate)  # HF's norm: float32, gated by SiLU(z), by groups
         return self.out_proj(y.to(dtype), batch.lora, apply_lora)

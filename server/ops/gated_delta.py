@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import load_kernels
 from .recurrent import over_sequences
 
 
@@ -49,8 +50,6 @@ def cpp_recurrent_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tenso
     """``recurrent_step`` in the C++ kernel, each row's state updated in its slot: row d's is
     ``state[slots[d]]`` (state [slots, H, dk, dv] float32, slots int64 [D], distinct), read and
     written once, with no gathered copy. Returns o [D, H, dv] float32."""
-    from .cpu_kernel import load_kernels
-
     out = q.new_empty(v.shape)
     load_kernels().gated_delta_step(out, q.contiguous(), k.contiguous(), v.float().contiguous(), g.contiguous(),
                                     beta.contiguous(), state, slots)

@@ -4,15 +4,15 @@ A step's rows (``batch``, models/batch.py StepBatch: its ``prefill``, ``num_pref
 ``state_slots`` and ``decode_state_run``) are prefill chunks (one contiguous run per sequence,
 each with ``row_start`` and ``num_tokens``), then decode rows, one a sequence. ``state_slots``
 [chunks + decode rows] gives each its state's row of ``state`` [slots + 1, ...]
-(recurrent_state.py). A chunk runs
-``chunked(*its rows, its state)`` from its sequence's state, all decode rows at once run
-``step(*their rows, their states)``; both update the state they are given in place (a copy,
-written back here) and return their rows' outputs; decode rows whose slots run consecutively
-(``decode_state_run``) are given those states in place instead, a view; an ``in_slots`` step (the C++
-kernel's, as ops/gated_delta.py ``cpp_recurrent_step``) takes the decode rows' slots and updates their states
-where they lie, whatever the slots. A chunk's ``state_saves`` (tokens into it, a
-slot) cut it there: the state after those tokens is also copied into that slot (the prefix
-cache's, recurrent_state.py), and the rest of the chunk goes on from it.
+(recurrent_state.py). A chunk runs ``chunked(*its rows, its state)`` from its sequence's state,
+all decode rows at once run ``step(*their rows, their states)``; both update the state they are
+given in place (a copy, written back here) and return their rows' outputs. Decode rows whose
+slots run consecutively (``decode_state_run``) are given those states in place instead, a view;
+an ``in_slots`` step (the C++ kernel's, as ops/gated_delta.py ``cpp_recurrent_step``) takes the
+decode rows' slots and updates their states where they lie, whatever the slots. A chunk's
+``state_saves`` (tokens into it, a slot) cut it there: the state after those tokens is also
+copied into that slot (the prefix cache's, recurrent_state.py), and the rest of the chunk goes
+on from it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu_kernel import load_kernels
+
 
 def kernel_serves(op_backend: str, device) -> bool:
     """Whether decode rows take the C++ kernel's steps on the states in their slots for an op
@@ -28,8 +30,6 @@ def kernel_serves(op_backend: str, device) -> bool:
     gathered states)."""
     if op_backend not in ("cpp", "auto") or torch.device(device).type != "cpu":
         return False
-    from .cpu_kernel import load_kernels
-
     return load_kernels() is not None
 
 
@@ -58,4 +58,3 @@ def over_sequences(batch, state: torch.Tensor, chunked: Callable, step: Callable
             parts.append(step(*(r[num_prefill_rows:] for r in rows), s))
             state[decoding] = s
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)  # rows of unit stride, as linears read them
-

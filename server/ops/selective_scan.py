@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import load_kernels
+from .recurrent import over_sequences
+
 CHUNK = 64  # tokens whose decays are made at once
 
 
@@ -37,8 +40,6 @@ def cpp_step(x, dt, A, B, C, D, state: torch.Tensor, slots: torch.Tensor) -> tor
     """``step`` in the C++ kernel, each row's state updated in its slot: row r's is
     ``state[slots[r]]`` (state [slots, D, N] float32, slots int64 [R], distinct), read and written
     once. Returns y [R, D] float32."""
-    from .cpu_kernel import load_kernels
-
     x = x.float().contiguous()
     y = torch.empty_like(x)
     load_kernels().selective_scan_step(y, x, dt.contiguous(), A.contiguous(), B.float().contiguous(),
@@ -61,3 +62,14 @@ def scan(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
             out[start + t] = h @ C[start + t]
     state.copy_(h)
     return out + D.float() * x
+
+
+def selective_scan(x, dt, A, B, C, D, batch, state: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+    """The scan over a step's rows (``batch``, ops/recurrent.py): x and dt [T, D] (``discretize``d),
+    A [D, N] (float32), B and C [T, N], D [D]; each sequence's state's row in ``state``
+    [slots + 1, D, N]. Each prefill chunk runs ``scan`` from its sequence's state, the decode rows
+    one ``step``, or ``cpp_step`` where ``kernel``. Returns y [T, D] float32."""
+    return over_sequences(batch, state, lambda x, dt, B, C, s: scan(x, dt, A, B, C, D, s),
+                          lambda x, dt, B, C, s: step(x, dt, A, B, C, D, s), x, dt, B, C,
+                          in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, A, B, C, D, s, slots))
+                          if kernel else None)

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import load_kernels
 from .recurrent import over_sequences
 
 
@@ -41,8 +42,6 @@ def cpp_conv_step(u: torch.Tensor, state: torch.Tensor, slots: torch.Tensor, wei
                   bias: torch.Tensor | None) -> torch.Tensor:
     """``conv_step`` in the C++ kernel, each row's state shifted in its slot: row r's is
     ``state[slots[r]]`` (state [slots, C, K - 1], slots int64 [R], distinct). Returns y [R, C]."""
-    from .cpu_kernel import load_kernels
-
     u = u.contiguous()
     y = torch.empty_like(u)
     load_kernels().short_conv_step(y, u, state, slots, weight.contiguous(),

@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import load_kernels
+from .recurrent import over_sequences
+
 
 def discretize(dt: torch.Tensor, dt_bias: torch.Tensor, limit: tuple[float, float]) -> torch.Tensor:
     """dt [.., H] from the projection -> the step, float32: clamp(softplus(dt + dt_bias))."""
@@ -41,8 +44,6 @@ def cpp_step(x, dt, A, B, C, D, state: torch.Tensor, slots: torch.Tensor) -> tor
     """``step`` in the C++ kernel, each row's state updated in its slot: row r's is
     ``state[slots[r]]`` (state [slots, H, P, N] float32, slots int64 [R], distinct), read and
     written once. Returns y [R, H, P] float32."""
-    from .cpu_kernel import load_kernels
-
     x = x.float().contiguous()
     y = torch.empty_like(x)
     load_kernels().ssd_step(y, x, dt.contiguous(), A.float().contiguous(), B.float().contiguous(),
@@ -81,3 +82,15 @@ def chunked(x, dt, A, B, C, D, state: torch.Tensor, chunk: int) -> torch.Tensor:
         s = s * decay[i, :, -1].exp()[:, None, None] + adds[i]
     state.copy_(s)
     return y.flatten(0, 1)[:length] + D.float()[:, None] * x
+
+
+def ssd(x, dt, A, B, C, D, batch, state: torch.Tensor, chunk: int, kernel: bool = False) -> torch.Tensor:
+    """The state space over a step's rows (``batch``, ops/recurrent.py): x [T, H, P], dt [T, H]
+    (``discretize``d), A and D [H], B and C [T, G, N]; each sequence's state's row in ``state``
+    [slots + 1, H, P, N]. Each prefill chunk runs ``chunked`` (chunks of ``chunk``) from its
+    sequence's state, the decode rows one ``step``, or ``cpp_step`` where ``kernel``. Returns
+    y [T, H, P] float32."""
+    return over_sequences(batch, state, lambda x, dt, B, C, s: chunked(x, dt, A, B, C, D, s, chunk),
+                          lambda x, dt, B, C, s: step(x, dt, A, B, C, D, s), x, dt, B, C,
+                          in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, A, B, C, D, s, slots))
+                          if kernel else None)

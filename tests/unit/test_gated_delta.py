@@ -7,9 +7,8 @@ from hypothesis import strategies as st
 
 from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.ops.gated_delta import chunked, cpp_recurrent_step, gated_delta, prepare, recurrent_step
-from loramux.server.runner import _consecutive
 
-from helpers import check_step_in_slots
+from helpers import StepChunk, check_step_in_slots, step_rows
 
 
 def definition(q, k, v, g, beta, state):
@@ -72,7 +71,7 @@ def test_prepare_normalises_scales_and_shares_key_heads(key_heads, value_heads):
     torch.testing.assert_close(pk[:, share - 1], k[:, 0] / k[:, 0].norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not hasattr(load_kernels(), "gated_delta_step"), reason="the C++ kernel is not built")
+@pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built")
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 6), heads=st.integers(1, 3), dk=st.sampled_from([4, 16, 64]), dv=st.sampled_from([4, 8, 64]),
        data=st.data())
@@ -91,19 +90,15 @@ def test_the_kernels_step_updates_each_rows_state_in_its_slot_as_the_definition(
                         torch.randn(9, heads, dk, dv) * 0.3, slots, row)
 
 
-@pytest.mark.skipif(not hasattr(load_kernels(), "gated_delta_step"), reason="the C++ kernel is not built")
+@pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built")
 def test_a_steps_decode_rows_through_the_kernel_equal_the_torch_ops():
     """gated_delta over a step (a prefill chunk, then decode rows in slots out of order): the C++
     step's outputs and states equal the gathered torch step's."""
-    from collections import namedtuple
-
-    Chunk = namedtuple("Chunk", "row_start num_tokens state_saves")
-    Rows = namedtuple("Rows", "prefill num_prefill_rows state_slots decode_state_run")
     torch.manual_seed(0)
     q, k = prepare(torch.randn(7, 2, 16), torch.randn(7, 2, 16), 4)
     v, g, beta = torch.randn(7, 4, 8), -torch.rand(7, 4), torch.rand(7, 4)
     decode = [5, 1, 3]
-    batch = Rows([Chunk(0, 4, ())], 4, torch.tensor([0, *decode]), _consecutive(decode))
+    batch = step_rows([StepChunk(0, 4, ())], decode, [0])
     start = torch.randn(7, 4, 16, 8) * 0.3
     runs = []
     for kernel in (False, True):
@@ -115,7 +110,7 @@ def test_a_steps_decode_rows_through_the_kernel_equal_the_torch_ops():
     assert not torch.equal(s_cpp[decode], start[decode]) and torch.equal(s_cpp[[2, 4, 6]], start[[2, 4, 6]])
 
 
-@pytest.mark.skipif(not hasattr(load_kernels(), "gated_delta_step"), reason="the C++ kernel is not built")
+@pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built")
 @pytest.mark.parametrize("slots", [[1, 1], [0, 9]], ids=["shared", "out-of-range"])
 def test_the_kernels_step_refuses_slots_shared_or_out_of_range(slots):
     """Two rows writing one state in place would race; a slot past the bank would write past it."""

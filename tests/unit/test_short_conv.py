@@ -1,8 +1,6 @@
 """The short convolution over a flat batch (ops/short_conv.py) against the whole-sequence reference,
 and the recurrent state slots (recurrent_state.py)."""
 
-from collections import namedtuple
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,14 +12,7 @@ from loramux.server.ops.short_conv import short_conv
 from loramux.server.recurrent_state import RecurrentStates
 from loramux.server.runner import _consecutive
 
-Chunk = namedtuple("Chunk", "row_start num_tokens state_saves")
-Rows = namedtuple("Rows", "prefill num_prefill_rows state_slots decode_state_run")  # a StepBatch's, as the ops read it
-
-
-def rows_of(chunks, decode_slots: list[int], chunk_slots: list[int]) -> Rows:
-    """A step's rows as the runner builds them: decode rows over consecutive slots are run in place."""
-    return Rows(chunks, sum(c.num_tokens for c in chunks), torch.tensor(chunk_slots + decode_slots),
-                _consecutive(decode_slots))
+from helpers import StepChunk, step_rows
 
 
 def reference(u: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -63,12 +54,12 @@ def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(kernel, data
             offsets = sorted(set(data.draw(st.lists(st.integers(1, n), max_size=2))))
             saves = tuple((o, data.draw(st.sampled_from(states.cached_slots))) for o in offsets)
             saved.update((slot, (s, done[s] + o)) for o, slot in saves)
-            chunks.append(Chunk(len(feeds), n, saves))
+            chunks.append(StepChunk(len(feeds), n, saves))
             feeds += [(s, done[s] + j) for j in range(n)]
         for s in decode:
             feeds.append((s, done[s]))
         u = torch.stack([inputs[s][t] for s, t in feeds])
-        y = short_conv(u, rows_of(chunks, [slots[s] for s in decode], [slots[s] for s in prefill]), states.states[0],
+        y = short_conv(u, step_rows(chunks, [slots[s] for s in decode], [slots[s] for s in prefill]), states.states[0],
                        weight, bias, kernel)
         for row, (s, t) in enumerate(feeds):
             outputs[s][t] = y[row]
@@ -114,7 +105,7 @@ def test_decode_rows_over_consecutive_slots_update_the_states_in_place_as_gather
     for order in ([2, 3, 4], [4, 2, 3]):
         state = start.clone()
         rows = u[[o - 2 for o in order]]
-        y = short_conv(rows, rows_of([], order, []), state, weight, None)
+        y = short_conv(rows, step_rows([], order, []), state, weight, None)
         outs.append(y[[order.index(o) for o in (2, 3, 4)]])
         states.append(state)
     assert _consecutive([2, 3, 4]) == slice(2, 5) and _consecutive([4, 2, 3]) is None
