@@ -969,7 +969,7 @@ def peft_generate(model_dir: Path, adapter_dir: Path | None, prompts: list[list[
     """Each prompt generated alone (batch of one), greedy, float32: the oracle."""
     model = peft_model(model_dir, adapter_dir)
     outs = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for ids in prompts:
             x = torch.tensor([ids])
             y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
@@ -993,7 +993,7 @@ def peft_cat_generate(model_dir: Path, adapters: dict[str, Path], parts: list[tu
     model.set_adapter("mix")
     model.eval()
     outs = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for ids in prompts:
             x = torch.tensor([ids])
             y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,

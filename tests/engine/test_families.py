@@ -1,6 +1,7 @@
 """Every supported family passes the staggered-join parity test against PEFT (float32, CPU)."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,17 +35,48 @@ def family_adapters(family: str) -> dict:
     return FAMILY_ADAPTERS[family]
 
 
+class FamilyCase:
+    """One family's random model and its adapters, built once for this module's three tests of it,
+    and PEFT's greedy outputs kept by their inputs: that oracle is half of a parity test's time, and
+    the caching and no-caching variants ask it the same prompts."""
+
+    def __init__(self, family: str, root: Path):
+        self.model = build_family_model(family, root / "model")
+        self.adapters = {name: build_adapter(self.model, root / name, seed=i + 1, **kw)
+                         for i, (name, kw) in enumerate(family_adapters(family).items())}
+        self._generated = {}
+
+    def peft_generate(self, name: str | None, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        key = (name, tuple(map(tuple, prompts)), max_new_tokens)
+        if key not in self._generated:
+            self._generated[key] = peft_generate(self.model, self.adapters.get(name), prompts, max_new_tokens,
+                                                 eos_token_id=None)
+        return self._generated[key]
+
+
+@pytest.fixture(scope="module")
+def family_case(tmp_path_factory):
+    """family -> its FamilyCase, built on first use."""
+    cases = {}
+
+    def case(family: str) -> FamilyCase:
+        if family not in cases:
+            cases[family] = FamilyCase(family, tmp_path_factory.mktemp(family))
+        return cases[family]
+
+    return case
+
+
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-prefix-caching-graphs"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
+def test_family_matches_peft_with_staggered_joins(family, caching, family_case):
     """Half of the prompts repeat an earlier prompt of the same adapter, its first 9 tokens or (a
     later turn) all of it, so that with caching on, later requests hit blocks of 4 (sliding windows
     and ALiBi included), and a model with recurrent layers resumes the whole earlier prompts from
     their cached states. Without caching, decode steps go through the static path of
     decode_graphs.py (on a CPU run eagerly), for every family whose steps can be captured."""
-    model = build_family_model(family, tmp_path / "model")
-    adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
-                for i, (name, kw) in enumerate(family_adapters(family).items())}
+    case = family_case(family)
+    model, adapters = case.model, case.adapters
     hf_config = AutoConfig.from_pretrained(model)
     graphs = not caching and serving_model_class(hf_config.architectures[0], hf_config).CUDA_GRAPHS
     # the static path through the ops a GPU without Triton runs (the C++ kernel's are the CPU's alone)
@@ -76,20 +108,19 @@ def test_family_matches_peft_with_staggered_joins(family, caching, tmp_path):
             assert spy.seen == [], (family, key, spy.seen)
     for name in names:
         idx = [i for i, (n, _) in enumerate(requests) if n == name]
-        expected = peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW, eos_token_id=None)
+        expected = case.peft_generate(name, [prompts[i] for i in idx], MAX_NEW)
         for i, exp in zip(idx, expected, strict=True):
             assert outs[i] == exp, f"{family} request {i} adapter {name}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_logprobs_match_peft(family, tmp_path):
+def test_family_logprobs_match_peft(family, family_case):
     """The logits themselves, not only their argmax, which a scale of them (Granite's logits_scaling)
     or a cap (Gemma 2's) can leave alone: the prompt's and the sampled tokens' logprobs within 1e-4
     of PEFT's, for the base model and each adapter in one batch. PEFT's in float64: in float32 its
     own are up to 5e-5 away from them at some positions of these random models (GPT-NeoX's)."""
-    model = build_family_model(family, tmp_path / "model")
-    adapters = {name: build_adapter(model, tmp_path / name, seed=i + 1, **kw)
-                for i, (name, kw) in enumerate(family_adapters(family).items())}
+    case = family_case(family)
+    model, adapters = case.model, case.adapters
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_model_len=80, default_max_new_tokens=16,
                                       adapters=tuple((n, str(p)) for n, p in adapters.items()),
                                       base_linear=pinned_base_linear()))
