@@ -391,13 +391,13 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     log.info(
         "model %s on %s (%s): KV cache %d blocks x %d tokens = %d tokens, %.0f MiB (prefix caching %s); "
         "adapter pool %.0f MiB of %s (%d pages, one per rank row: %d adapters of rank %d, more of smaller ranks); "
-        "%d adapters registered, %d kept resident; LoRA ops %s, CPU ISA %s; speculative decoding %s",
+        "%d adapters registered, %d kept resident; LoRA ops %s, CPU ISA %s, subnormal floats %s; speculative decoding %s",
         loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), kv.num_blocks, kv.block_size,
         kv.num_blocks * kv.block_size, kv.nbytes / 2**20, "on" if config.prefix_caching else "off",
         sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pool.stores.values()) / 2**20,
         str(page_dtype).removeprefix("torch."),
         config.device_pages, config.max_device_adapters, config.max_lora_rank, len(registry), manager.num_kept(),
-        ops_name, cpu_isa(),
+        ops_name, cpu_isa(), "flushed to zero" if config.flush_denormals else "kept",
         f"by prompt lookup, up to {config.num_speculative_tokens} drafts ({config.prompt_lookup_min}- to "
         f"{config.prompt_lookup_max}-grams)" if config.num_speculative_tokens else "off",
     )

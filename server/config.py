@@ -135,6 +135,8 @@ class ServerConfig:
     op_backend: str = "auto"  # LoRA ops: auto (Triton on CUDA, the C++ kernel on CPU), torch, cpp, triton
     # auto: on CUDA devices; on: also on a CPU, the same static-buffer path run without capture (tests)
     cuda_graphs: str = "auto"
+    # the engine thread's float ops (and its OpenMP team's) flush subnormal numbers to zero (torch_threads.py)
+    flush_denormals: bool = True
     base_linear: str = "auto"  # base projections of 1-64 rows (CPU, float32): auto (timed at start-up), kernel, torch
     quantization: str = "none"  # int8: the decoder projections' weights as int8 rows with a scale each
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)

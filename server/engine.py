@@ -71,6 +71,7 @@ from .sequence import RequestStream, Sequence
 from .speculative import PromptLookupDrafter
 from .step_budget import StepBudget
 from .structured import Grammar
+from .torch_threads import flush_denormals
 from .vocabulary import Vocabularies, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -446,6 +447,7 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        flush_denormals(self.config.flush_denormals)  # first: this thread's OpenMP team inherits it
         try:
             while not self._stop:
                 stepped, loading = self.run_once()

@@ -77,6 +77,16 @@ def thread_openmp(threads: int) -> None:
         lib.omp_set_num_threads(threads)  # per thread in libgomp
 
 
+def flush_denormals(on: bool) -> bool:
+    """Whether this thread's float ops flush subnormal numbers (below 1.2e-38 in float32) to zero
+    (x86's FTZ and DAZ, Arm's FZ); returns whether they now do (False where the CPU cannot). x86
+    takes a microcode assist for each subnormal it reads or makes: the decays of a recurrent layer's
+    chunked prefill (exp of log decays summed over a chunk) make them by the thousand, and those ops
+    took twice as long with them. A thread's OpenMP team inherits the mode when it is made, so call
+    this before the thread's first parallel op."""
+    return torch.set_flush_denormal(on) and on
+
+
 def serial_openmp() -> None:
     """Run this thread's parallel torch ops on this thread alone."""
     thread_openmp(1)

@@ -1016,6 +1016,14 @@ def peft_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: list[int], 
     return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)
 
 
+SUBNORMAL_ELEMENTS = 1 << 22  # far past torch's grain for one thread: every thread of a team takes a part
+
+
+def subnormals_made() -> int:
+    """How many of a parallel op's products are subnormal (1e-30 x 1e-10 = 1e-40), not flushed."""
+    return (torch.full((SUBNORMAL_ELEMENTS,), 1e-30) * 1e-10).count_nonzero().item()
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -405,3 +405,30 @@ def test_base_linear_timing_is_kept_between_starts(tiny_llama, caplog, tmp_path)
         again = json.loads(entry.read_text())  # ... and the entry replaced by a whole one
         assert again["key"] == stored["key"] and sorted(map(int, again["value"]["timings"])) == sorted(TIMED_ROWS)
         assert again["value"]["timings"] != stored["value"]["timings"]
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_the_engine_thread_flushes_subnormals_unless_told_not_to(tiny_llama, flush):
+    """--no-flush-denormals keeps them; by default the engine thread and its OpenMP team flush them
+    (a probe run inside its steps: every thread of the team takes a part of it)."""
+    import torch
+
+    from helpers import SUBNORMAL_ELEMENTS, subnormals_made
+
+    b = build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=2,
+                                  flush_denormals=flush))
+    step, seen = b.engine.runner.step, []
+
+    def probed(items):
+        seen.append(subnormals_made())
+        return step(items)
+
+    b.engine.runner.step = probed
+    b.engine.start()
+    try:
+        collect(b.engine, req("r", SamplingParams(2, ignore_eos=True)))
+    finally:
+        b.engine.stop()
+    if flush and not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    assert seen and set(seen) == {0 if flush else SUBNORMAL_ELEMENTS}

@@ -60,7 +60,7 @@ def test_cli_flags_become_one_config():
         "serve", "--port", "6000", "--max-batch-size", "8", "--adapter", "a=/x/a", "--adapter", "b=/x/b",
         "--adapter-root", "/x", "--auth-token", "t", "--max-total-tokens", "900", "--allow-runtime-adapters",
         "--lora-dtype", "float16", "--http-keep-alive-timeout", "2.5", "--base-linear", "kernel",
-        "--quantization", "int8", "--cuda-graphs", "off", "--adapter-io-threads", "3",
+        "--quantization", "int8", "--cuda-graphs", "off", "--adapter-io-threads", "3", "--no-flush-denormals",
     ])
     c = config_from_args(args)
     assert (c.port, c.max_batch_size, c.auth_token, c.max_total_tokens) == (6000, 8, "t", 900)
@@ -69,6 +69,7 @@ def test_cli_flags_become_one_config():
     assert c.quantization == "int8" and ServerConfig().quantization == "none"
     assert c.cuda_graphs == "off" and ServerConfig().cuda_graphs == "auto"
     assert c.adapter_io_threads == 3 and ServerConfig().adapter_io_threads is None
+    assert not c.flush_denormals and ServerConfig().flush_denormals
     # clients (httpx: 5 s) and load balancers (60 s) must close idle connections before the server does
     assert c.http_keep_alive_timeout == 2.5 and ServerConfig().http_keep_alive_timeout > 60
     assert c.adapters == (("a", "/x/a"), ("b", "/x/b")) and c.adapter_roots == ("/x",)

@@ -7,7 +7,15 @@ import threading
 import pytest
 import torch
 
-from loramux.server.torch_threads import IOCoreShare, in_passing_thread, openmp_library, serial_openmp
+from loramux.server.torch_threads import (
+    IOCoreShare,
+    flush_denormals,
+    in_passing_thread,
+    openmp_library,
+    serial_openmp,
+)
+
+from helpers import SUBNORMAL_ELEMENTS, subnormals_made
 
 
 def test_runs_in_a_thread_that_has_ended_and_returns_its_result():
@@ -56,6 +64,22 @@ def test_serial_openmp_changes_only_the_calling_thread():
     thread.join()
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_flushing_subnormals_holds_in_the_thread_and_the_team_it_makes_after(on):
+    seen = []
+
+    def worker():
+        seen.append((flush_denormals(on), subnormals_made()))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    (took, left), = seen
+    if on and not took:
+        pytest.skip("this CPU cannot flush subnormals")
+    assert took == on and left == (0 if on else SUBNORMAL_ELEMENTS)
 
 
 class RecordingOpenMP:
