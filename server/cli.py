@@ -151,8 +151,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "kernel = the C++ kernel at every count; torch = torch's matmul always")
     p.add_argument("--no-flush-denormals", dest="flush_denormals", action="store_false",
                    help="keep subnormal floats (below 1.2e-38 in float32) in the engine's CPU ops instead of "
-                        "flushing them to zero: IEEE arithmetic to the last bit, at up to 1.5x slower prefill on "
-                        "models with recurrent layers, whose decays make them (x86 takes a slow assist per value)")
+                        "flushing them to zero: IEEE arithmetic to the last bit, at up to twice the time in the "
+                        "prefill of recurrent layers, whose decays make them (x86 takes a slow assist per value)")
     p.add_argument("--quantization", default=d["quantization"].default, choices=QUANTIZATIONS,
                    help="int8: the decoder's projections (attention and MLP) kept as int8 weights with one scale "
                         "per output row, a quarter of float32's bytes, so decode steps of few rows read less; "

@@ -61,8 +61,7 @@ def load_kernels():
     """The compiled module (``lora``, ``paged_decode``, ``convert_adapter``, ``copy_rows``,
     ``convert_to_pages``, ``few_rows_linear``, the recurrent steps ``short_conv_step``,
     ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step``, and ``variant``: which build),
-    or None if
-    none was built for this CPU or ``LORAMUX_NO_CPU_KERNEL=1`` says not to use it."""
+    or None if none was built for this CPU or ``LORAMUX_NO_CPU_KERNEL=1`` says not to use it."""
     if os.environ.get(NO_KERNEL_ENV) == "1":
         log.info("%s=1: the C++ CPU kernels are not used; the torch ops serve", NO_KERNEL_ENV)
         return None

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
@@ -1320,6 +1321,12 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
   return y;
 }
 
+// Each tensor contiguous float32 on the CPU, else ``what`` as the error.
+static void check_float32(std::initializer_list<const torch::Tensor*> tensors, const char* what) {
+  for (const auto* t : tensors)
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat, what);
+}
+
 // The decode rows' state slots: int64 [rows], distinct (each row's state is written in place, by
 // one task), within the bank's num_slots.
 static const int64_t* state_slots(const torch::Tensor& slots, int64_t rows, int64_t num_slots, const char* op) {
@@ -1342,9 +1349,7 @@ static const int64_t* state_slots(const torch::Tensor& slots, int64_t rows, int6
 // where the torch ops take five over [D, H, dk, dv] and three temporaries of its size.
 void gated_delta_step(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
                       torch::Tensor beta, torch::Tensor state, torch::Tensor slots) {
-  for (const auto* t : {&out, &q, &k, &v, &g, &beta, &state})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "gated_delta_step: contiguous float32 CPU tensors");
+  check_float32({&out, &q, &k, &v, &g, &beta, &state}, "gated_delta_step: contiguous float32 CPU tensors");
   const int64_t D = q.size(0), H = q.size(1), dk = q.size(2), dv = v.size(2);
   TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == D && v.size(1) == H && out.sizes() == v.sizes() &&
               g.numel() == D * H && beta.numel() == D * H && state.dim() == 4 && state.size(1) == H &&
@@ -1398,6 +1403,7 @@ void gated_delta_step(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch
 template <typename T>
 static void conv_rows(T* y, const T* u, T* state, const int64_t* slot, const T* w, const T* bias, int64_t R,
                       int64_t C, int64_t K) {
+  using A = at::opmath_type<T>;
   const int64_t W = K - 1;
   at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
@@ -1405,7 +1411,6 @@ static void conv_rows(T* y, const T* u, T* state, const int64_t* slot, const T* 
       for (int64_t c = 0; c < C; ++c) {
         T* sc = s + c * W;
         const T* wc = w + c * K;
-        using A = at::opmath_type<T>;
         A acc = bias ? static_cast<A>(bias[c]) : A(0);
         for (int64_t j = 0; j < W; ++j) acc += static_cast<A>(wc[j]) * static_cast<A>(sc[j]);
         acc += static_cast<A>(wc[W]) * static_cast<A>(u[r * C + c]);
@@ -1442,9 +1447,7 @@ void short_conv_step(torch::Tensor y, torch::Tensor u, torch::Tensor state, torc
 // in one pass over S, where the torch ops take three over [R, H, P, N] and two temporaries.
 void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
               torch::Tensor D, torch::Tensor state, torch::Tensor slots) {
-  for (const auto* t : {&y, &x, &dt, &A, &B, &C, &D, &state})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "ssd_step: contiguous float32 CPU tensors");
+  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "ssd_step: contiguous float32 CPU tensors");
   const int64_t R = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
   TORCH_CHECK(y.sizes() == x.sizes() && dt.numel() == R * H && A.numel() == H && D.numel() == H &&
               B.size(0) == R && C.sizes() == B.sizes() && G > 0 && H % G == 0 && state.dim() == 4 &&
@@ -1481,9 +1484,7 @@ void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor 
 // in one pass over the state, where the torch ops take three and two temporaries of its size.
 void selective_scan_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
                          torch::Tensor C, torch::Tensor D, torch::Tensor state, torch::Tensor slots) {
-  for (const auto* t : {&y, &x, &dt, &A, &B, &C, &D, &state})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "selective_scan_step: contiguous float32 CPU tensors");
+  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "selective_scan_step: contiguous float32 CPU tensors");
   const int64_t R = x.size(0), Dc = x.size(1), N = A.size(1);
   TORCH_CHECK(y.sizes() == x.sizes() && dt.sizes() == x.sizes() && A.size(0) == Dc && D.numel() == Dc &&
               B.size(0) == R && B.size(1) == N && C.sizes() == B.sizes() && state.dim() == 3 &&
