@@ -533,23 +533,91 @@ VISION_LANGUAGE_ARCHITECTURES = {
     "qwen3_5_moe_vl": "Qwen3_5MoeForConditionalGeneration", "lfm3_vl": "Lfm3VlForConditionalGeneration"}
 
 
+class SavedFolderCache:
+    """What was read from a saved folder, kept by its path and contents (a hash of its files: a
+    test may rewrite one in place within a clock tick), least recently used first out; a caller
+    gets its own deep copy. The PEFT oracle and the adapter builders load the same few models again
+    and again, and transformers' ``from_pretrained`` takes 3-5x a copy of a tiny model's time."""
+
+    def __init__(self, size: int = 6):
+        self.size, self.kept = size, {}
+
+    def get(self, folder, what: str, load):
+        import copy
+        import hashlib
+
+        folder = Path(folder).resolve()
+        digest = hashlib.blake2b()
+        for f in sorted(f for f in folder.iterdir() if f.is_file()):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        key = (what, str(folder), digest.hexdigest())
+        value = self.kept.pop(key) if key in self.kept else load()
+        self.kept[key] = value
+        while len(self.kept) > self.size:
+            del self.kept[next(iter(self.kept))]
+        return copy.deepcopy(value)
+
+
+_saved_folders = SavedFolderCache()
+
+
+def saved_config(folder):
+    """``AutoConfig.from_pretrained(folder)``, through the cache."""
+    from transformers import AutoConfig
+
+    return _saved_folders.get(folder, "config", lambda: AutoConfig.from_pretrained(folder))
+
+
 def auto_model(source, **kwargs):
     """A Hugging Face model from a saved folder (a path) or a config, by the Auto class the server
     loads it with (a vision-language checkpoint's is image-text-to-text), a quantized checkpoint
-    dequantized as the server loads it (offline, transformers' kernels for it cannot be fetched)."""
-    from transformers import AutoConfig
-
+    dequantized as the server loads it (offline, transformers' kernels for it cannot be fetched).
+    A folder's is read once per contents and arguments (SavedFolderCache)."""
     from loramux.server.model_loader import auto_model_class, dequantizing
 
     if isinstance(source, (str, Path)):
-        config = AutoConfig.from_pretrained(source)
-        return auto_model_class(config).from_pretrained(source, config=config, **dequantizing(config), **kwargs)
+        def load():
+            config = saved_config(source)
+            return auto_model_class(config).from_pretrained(source, config=config, **dequantizing(config), **kwargs)
+
+        return _saved_folders.get(source, f"model {sorted(kwargs.items())}", load)
     return auto_model_class(source).from_config(source, **kwargs)
 
 
+class BuiltTemplates:
+    """Folders a deterministic builder made, kept in a folder of this process's own, copied out
+    again for the same arguments, with the random number generator left as the build left it: the
+    same family's model is built by a dozen test files, in the same worker."""
+
+    def __init__(self):
+        self._root, self._built = None, {}
+
+    def copy(self, key, out: Path, build) -> Path:
+        import tempfile
+
+        if key not in self._built:
+            if self._root is None:
+                self._root = tempfile.TemporaryDirectory(prefix="loramux-templates-")  # removed at exit
+            template = Path(self._root.name) / str(len(self._built))
+            build(template)
+            self._built[key] = (template, torch.get_rng_state())
+        template, rng = self._built[key]
+        shutil.copytree(template, out, dirs_exist_ok=True)
+        torch.set_rng_state(rng)
+        return out
+
+
+_family_models = BuiltTemplates()
+
+
 def build_family_model(family: str, out: Path, seed: int = 0) -> Path:
-    """A 2-layer random model of ``family``, saved with its tokenizer. A family newer than the
-    installed transformers (the GPU machine's may be older than the CPU's) skips the test."""
+    """A 2-layer random model of ``family``, saved with its tokenizer (built once a process, then
+    copied). A family newer than the installed transformers (the GPU machine's may be older than
+    the CPU's) skips the test."""
+    return _family_models.copy((family, seed), out, lambda folder: _build_family_model(family, folder, seed))
+
+
+def _build_family_model(family: str, out: Path, seed: int) -> Path:
     import pytest
     import transformers
 
@@ -846,6 +914,14 @@ ADAPTER_VARIANTS = {
 }
 
 
+def save_adapter(peft_model, out: Path, **kwargs) -> Path:
+    """``peft_model.save_pretrained(out, **kwargs)`` less the README model card, which nothing
+    here reads and which costs half of a tiny adapter's build (a Jinja template compiled a save)."""
+    peft_model.create_or_update_model_card = lambda output_dir: None
+    peft_model.save_pretrained(out, **kwargs)
+    return out
+
+
 def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, rows_scale: float = 1.0,
                   **lora_kwargs) -> Path:
     """A PEFT LoRA adapter with random non-zero A and B, saved as PEFT saves it; trainable
@@ -866,7 +942,7 @@ def build_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, row
                 p.copy_(torch.randn(p.shape, generator=gen) * rows_scale)
             elif "modules_to_save" in name:  # a fully trained copy of a layer
                 p.add_(torch.randn(p.shape, generator=gen) * rows_scale)
-    peft_model.save_pretrained(out)
+    save_adapter(peft_model, out)
     return out
 
 
@@ -881,7 +957,7 @@ def tokens_only_adapter(model: Path, path: Path, seed: int, tokens: list[int]) -
         for name, p in peft_model.named_parameters():
             if "trainable_tokens_delta" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
-    peft_model.save_pretrained(path)
+    save_adapter(peft_model, path)
     return path
 
 
@@ -927,7 +1003,7 @@ def added_tokens_adapter(model_dir: Path, out: Path, seed: int, added: tuple[str
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
             elif "modules_to_save" in name:
                 p.add_(torch.randn(p.shape, generator=gen))
-    peft_model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
+    save_adapter(peft_model, out, save_embedding_layers=save_embedding_layers)
     tok.save_pretrained(out)
     return out
 
@@ -935,9 +1011,7 @@ def added_tokens_adapter(model_dir: Path, out: Path, seed: int, added: tuple[str
 def reference_base(model_dir: Path):
     """The oracle's base model: HF's, in float32, eval mode. Gemma 2 runs HF's eager attention, its
     only path that soft-caps the scores: transformers 5.17 still let it take SDPA, which drops the cap."""
-    from transformers import AutoConfig
-
-    capped = getattr(AutoConfig.from_pretrained(model_dir), "attn_logit_softcapping", None) is not None
+    capped = getattr(saved_config(model_dir), "attn_logit_softcapping", None) is not None
     return auto_model(model_dir, dtype=torch.float32,
                                                 **({"attn_implementation": "eager"} if capped else {})).eval()
 

@@ -59,8 +59,10 @@ def test_int8_family_matches_peft_over_the_dequantized_weights(family, tmp_path,
         expected = peft_generate(copy, adapters.get(name), [prompts[i] for i in idx], MAX_NEW, eos_token_id=None)
         for i, exp in zip(idx, expected, strict=True):
             assert outs[i] == exp, f"{family} request {i} adapter {name}"
-        unquantized = peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW, eos_token_id=None)
-        changed += sum(a != b for a, b in zip(expected, unquantized, strict=True))
+        if not changed:  # one difference suffices: the float32 oracle is asked until it shows one
+            unquantized = peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW,
+                                        eos_token_id=None)
+            changed += sum(a != b for a, b in zip(expected, unquantized, strict=True))
     assert changed, "int8 weights change no output here: this test could not tell them from float32"
 
 
