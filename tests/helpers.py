@@ -1012,8 +1012,7 @@ def reference_base(model_dir: Path):
     """The oracle's base model: HF's, in float32, eval mode. Gemma 2 runs HF's eager attention, its
     only path that soft-caps the scores: transformers 5.17 still let it take SDPA, which drops the cap."""
     capped = getattr(saved_config(model_dir), "attn_logit_softcapping", None) is not None
-    return auto_model(model_dir, dtype=torch.float32,
-                                                **({"attn_implementation": "eager"} if capped else {})).eval()
+    return auto_model(model_dir, dtype=torch.float32, **({"attn_implementation": "eager"} if capped else {})).eval()
 
 
 def peft_model(model_dir: Path, adapter_dir: Path | None):

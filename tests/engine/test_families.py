@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig
@@ -21,6 +20,7 @@ from helpers import (
     peft_generate,
     peft_logprobs,
     pinned_base_linear,
+    saved_config,
 )
 from test_decode_graphs import HostOps
 from test_parity import make_prompts, run_staggered, serve_together
@@ -77,7 +77,7 @@ def test_family_matches_peft_with_staggered_joins(family, caching, family_case):
     decode_graphs.py (on a CPU run eagerly), for every family whose steps can be captured."""
     case = family_case(family)
     model, adapters = case.model, case.adapters
-    hf_config = AutoConfig.from_pretrained(model)
+    hf_config = saved_config(model)
     graphs = not caching and serving_model_class(hf_config.architectures[0], hf_config).CUDA_GRAPHS
     # the static path through the ops a GPU without Triton runs (the C++ kernel's are the CPU's alone)
     ops = "torch" if graphs and not torch.cuda.is_available() else "auto"
@@ -252,7 +252,7 @@ def test_a_vision_language_checkpoint_serves_its_text_model_with_adapters_traine
 
     model = build_family_model(family, tmp_path / "model")
     adapter = build_adapter(model, tmp_path / "all", seed=1, r=4, lora_alpha=8, target_modules="all-linear")
-    hf_config = AutoConfig.from_pretrained(model)
+    hf_config = saved_config(model)
     served = serving_model_class(hf_config.architectures[0], hf_config)
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         keys = [k.removeprefix("base_model.model.") for k in f.keys()]
