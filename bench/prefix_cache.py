@@ -12,10 +12,16 @@
    (SLOTS x 2048 tokens); the peak number of running sequences holding KV is compared with SLOTS.
    Target: at least 8x.
 
+4. Conversations: 8 clients, each holding one conversation of 4 turns (its own 256-token system
+   prompt, a user message of 16-32 tokens a turn, answers of 64 tokens); every later turn sends
+   the whole conversation so far. Caching on vs off: later turns' TTFT p50 and their prompt
+   tokens served from the cache, against the most there is to serve (the previous turns, prompts
+   and answers, in full blocks).
+
     python bench/prefix_cache.py [--slots 16] [--json out.json]
 
-With ``--model`` a model with recurrent layers (a hybrid), parts 1 and 2 measure prefix caching by
-cached states (README), and ``--concurrency-requests 0`` skips part 3, which is about K/V alone.
+With ``--model`` a model with recurrent layers (a hybrid), parts 1, 2 and 4 measure prefix caching
+by cached states (README), and ``--concurrency-requests 0`` skips part 3, which is about K/V alone.
 """
 
 from __future__ import annotations
@@ -68,6 +74,32 @@ class PeakRunning(EngineObserver):
         self.peak = max(self.peak, self.engine.counts()[0])
 
 
+def conversations_run(engine, adapters, systems, users, answer_len: int) -> list[tuple[float, int, int, int]]:
+    """Client c holds a conversation under ``adapters[c % len(adapters)]``: turn t sends
+    ``systems[c]``, then each earlier turn's user message and answer, then ``users[c][t]``. Returns,
+    for every turn after the first: its TTFT, prompt tokens, tokens served from the cache, and
+    the most the cache can serve (the earlier turns in full blocks)."""
+    bs = engine.blocks.block_size
+
+    async def client(c):
+        history, out = list(systems[c]), []
+        for t, user in enumerate(users[c]):
+            prompt = history + user
+            req = GenerationRequest(f"v{c}-{t}", tuple(prompt), SamplingParams(answer_len, ignore_eos=True),
+                                    adapters[c % len(adapters)])
+            events = [ev async for ev in engine.submit(req)]
+            if t:
+                out.append((events[-1].timing.time_to_first_token_seconds, len(prompt),
+                            events[-1].cached_prompt_tokens, len(history) // bs * bs))
+            history = prompt + [ev.token_id for ev in events]
+        return out
+
+    async def main():
+        return await asyncio.gather(*(client(c) for c in range(len(systems))))
+
+    return [row for rows in asyncio.run(main()) for row in rows]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -79,6 +111,9 @@ def main() -> int:
     ap.add_argument("--burst-system-len", type=int, default=128)
     ap.add_argument("--slots", type=int, default=16, help="old-design slots whose memory the pool gets")
     ap.add_argument("--concurrency-requests", type=int, default=256, help="part 3's requests (0: skip it)")
+    ap.add_argument("--conversations", type=int, default=8, help="part 4's clients, one conversation each (0: skip it)")
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--answer-len", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -98,7 +133,10 @@ def main() -> int:
         questions = [[rng.randrange(100, vocab) for _ in range(rng.randint(8, 24))] for _ in range(args.requests)]
         burst_system = random_prompts(vocab, 1, args.burst_system_len, seed=2)
         burst_questions = [[rng.randrange(100, vocab) for _ in range(rng.randint(8, 24))] for _ in range(args.burst)]
-        ttft, burst = {}, {}
+        talk_systems = random_prompts(vocab, args.conversations, 256, seed=3)
+        talk_users = [[[rng.randrange(100, vocab) for _ in range(rng.randint(16, 32))] for _ in range(args.turns)]
+                      for _ in range(args.conversations)]
+        ttft, burst, talks = {}, {}, {}
         for caching in (False, True):
             built = build_engine(ServerConfig(**{**base.__dict__, "adapters": adapters, "prefix_caching": caching}),
                                  loaded)
@@ -114,9 +152,15 @@ def main() -> int:
             queried, hit = engine.prefix_queried_tokens, engine.prefix_hit_tokens
             burst[caching] = ttft_run(engine, ids[:1], burst_system, burst_questions, args.burst, 8)
             burst_hits = (engine.prefix_hit_tokens - hit) / max(1, engine.prefix_queried_tokens - queried)
-            engine.stop()
             print(f"  burst of {args.burst}: TTFT p50 {median(burst[caching]) * 1e3:7.1f} ms, "
                   f"prompt tokens from the cache {burst_hits:.0%}")
+            if args.conversations:
+                talks[caching] = rows = conversations_run(engine, ids, talk_systems, talk_users, args.answer_len)
+                prompt_tokens = sum(r[1] for r in rows)
+                print(f"  {args.conversations} conversations of {args.turns} turns, later turns: TTFT p50 "
+                      f"{median(r[0] for r in rows) * 1e3:7.1f} ms, prompt tokens from the cache "
+                      f"{sum(r[2] for r in rows) / prompt_tokens:.0%}, of at most {sum(r[3] for r in rows) / prompt_tokens:.0%}")
+            engine.stop()
         ratio = median(ttft[False]) / median(ttft[True])
         print(f"  TTFT p50 off / on          {ratio:.2f}x   (target >= 3)")
         bs = base.kv_block_size
@@ -128,6 +172,13 @@ def main() -> int:
             median(ttft[False]), median(ttft[True]), ratio)
         results.update(burst_ttft_p50_off_s=median(burst[False]), burst_ttft_p50_on_s=median(burst[True]),
                        burst_cache_share=burst_hits, burst_cache_share_most=most)
+        if args.conversations:
+            off, on = (median(r[0] for r in talks[c]) for c in (False, True))
+            tokens = sum(r[1] for r in talks[True])
+            print(f"  later turns' TTFT p50 off / on {off / on:.2f}x")
+            results.update(turn_ttft_p50_off_s=off, turn_ttft_p50_on_s=on, turn_ttft_ratio=off / on,
+                           turn_cache_share=sum(r[2] for r in talks[True]) / tokens,
+                           turn_cache_share_most=sum(r[3] for r in talks[True]) / tokens)
 
     if args.concurrency_requests:
         concurrency(args, base, loaded, results)

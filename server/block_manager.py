@@ -96,6 +96,11 @@ class BlockManager:
     def table(self, seq_id: Hashable) -> list[int]:
         return self._tables.get(seq_id, [])
 
+    def last_key(self, seq_id: Hashable) -> bytes | None:
+        """The prefix-cache key of the sequence's last registered full block (None: none yet)."""
+        keys = self._keys.get(seq_id)
+        return keys[-1] if keys else None
+
     def num_freeable(self, seq_id: Hashable) -> int:
         """Blocks that return to the pool if this sequence lets go of them (no one else holds them)."""
         return sum(1 for b in self._tables.get(seq_id, ()) if self._ref[b] == 1)

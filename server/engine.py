@@ -684,6 +684,23 @@ class Engine:
                     saves.append((at - start, slot))
         return tuple(saves)
 
+    def _save_decode_states(self, decoded: list[Sequence]) -> None:
+        """A decoding sequence whose tokens just filled a block copies its state into the state
+        cache under that block's key, in place of the one it cached at its last block, where the
+        prompts' states leave room (StateCache.put_answer): the next turn of a conversation, which
+        repeats the answer, resumes at the answer's last full block (its K/V blocks are cached as
+        they fill) rather than at the prompt's."""
+        bs, source_of = self.blocks.block_size, {}
+        for seq in decoded:
+            if seq.num_computed % bs or (key := self.blocks.last_key(seq)) is None:
+                continue
+            slot = self.state_cache.put_answer(key, replacing=seq.decode_state_key)
+            seq.decode_state_key = key
+            if slot is not None:  # a cache smaller than this step's saves gives a slot twice: the last one holds it
+                source_of[slot] = seq.state_slot
+        if source_of:
+            self.states.copy(list(source_of.values()), list(source_of))
+
     def _free_state(self, seq: Sequence) -> None:
         if seq.state_slot is not None:
             self.states.free(seq.state_slot)
@@ -790,6 +807,8 @@ class Engine:
             self.service[seq.tenant] = self.service.get(seq.tenant, 0.0) + per_token * (n + drafted) / seq.weight
             seq.num_computed += n  # a drafting row's drafts count once they are kept
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
+        if self.state_cache is not None:
+            self._save_decode_states([seq for (seq, _), d in zip(work, decoding, strict=True) if d])
         sampled = [work[i][0] for i in order]
         computed = {key: mask for future in pending for key, mask in future.result().items()} if pending else None
         self._sample(sampled, logits[: len(order)] if not chains else logits.index_select(0, host_data(rows, logits.device)),

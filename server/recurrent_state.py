@@ -55,13 +55,20 @@ class RecurrentStates:
             for state in self.states:
                 state[slot].zero_()
         else:
-            self.copy(source, slot)
+            self.copy([source], [slot])
         return slot
 
-    def copy(self, source: int, target: int) -> None:
-        """Slot ``target``'s state in every layer becomes slot ``source``'s."""
+    def copy(self, sources: list[int], targets: list[int]) -> None:
+        """Slot ``targets[i]``'s state in every layer becomes slot ``sources[i]``'s (targets
+        distinct, none of them a source): one gather and one scatter a layer however many."""
+        if len(sources) == 1:
+            for state in self.states:
+                state[targets[0]].copy_(state[sources[0]])
+            return
+        device = self.states[0].device
+        src, dst = torch.tensor(sources, device=device), torch.tensor(targets, device=device)
         for state in self.states:
-            state[target].copy_(state[source])
+            state.index_copy_(0, dst, state.index_select(0, src))
 
     def free(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.num_slots:
@@ -70,15 +77,20 @@ class RecurrentStates:
 
 
 class StateCache:
-    """Which prompt prefix each cached state slot holds: pure bookkeeping, least recently used
-    evicted first. A key is the prefix-cache key of the prefix's last full block
-    (block_manager.py), so it names the tokens and the weights that computed the state."""
+    """Which prefix each cached state slot holds: pure bookkeeping, least recently used evicted
+    first. A key is the prefix-cache key of the prefix's last full block (block_manager.py), so it
+    names the tokens and the weights that computed the state. States of answers (``put_answer``:
+    decode steps', which only a later turn repeating the answer can hit) hold at most half of the
+    slots beyond the free ones, so that the answers of a busy server's running sequences cannot
+    push out every prompt's state (a shared system prompt's) that most hits come from."""
 
     def __init__(self, slots: range):
         if not slots:
             raise ValueError("a state cache needs at least one slot")
         self._slots = list(slots)
-        self._by_key: OrderedDict[Hashable, int] = OrderedDict()
+        self._size = len(self._slots)
+        self._by_key: OrderedDict[Hashable, int] = OrderedDict()  # every state, least recently used first
+        self._answers: OrderedDict[Hashable, None] = OrderedDict()  # the answers' among them, in the same order
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -87,19 +99,48 @@ class StateCache:
         return key in self._by_key
 
     def get(self, key: Hashable) -> int:
-        """The slot holding ``key``'s state, now the most recently used."""
+        """The slot holding ``key``'s state, now the most recently used (an answer's that served a
+        hit counts as a prompt's from then on: a regenerated turn hits it again)."""
+        self._answers.pop(key, None)
         self._by_key.move_to_end(key)
         return self._by_key[key]
 
     def put(self, key: Hashable) -> int | None:
-        """The slot to copy ``key``'s state into: a free one, else the least recently used one's
-        (its prefix evicted); None when ``key`` is cached already (made the most recently used)."""
+        """The slot to copy a prompt's ``key`` state into: a free one, else the least recently
+        used one's (its prefix evicted); None when ``key`` is cached already (made the most
+        recently used)."""
         if key in self._by_key:
-            self._by_key.move_to_end(key)
+            self.get(key)
+            return None
+        self._by_key[key] = slot = self._slots.pop() if self._slots else self._evict(None)
+        return slot
+
+    def put_answer(self, key: Hashable, replacing: Hashable | None = None) -> int | None:
+        """The slot to copy a decoding sequence's ``key`` state into, superseding ``replacing`` (its
+        state at its previous block, dropped if still an answer's): a free one, else the least
+        recently used one's while answers hold less than half of the slots, else the least
+        recently used answer's; None when ``key`` is cached already, or a one-slot cache holds a
+        prompt's."""
+        if replacing is not None and replacing != key and replacing in self._answers:
+            del self._answers[replacing]
+            self._slots.append(self._by_key.pop(replacing))
+        if key in self._by_key:
             return None
         if self._slots:
             slot = self._slots.pop()
+        elif len(self._answers) < self._size // 2:
+            slot = self._evict(None)
+        elif self._answers:
+            slot = self._evict(next(iter(self._answers)))
         else:
-            _, slot = self._by_key.popitem(last=False)
+            return None
         self._by_key[key] = slot
+        self._answers[key] = None
         return slot
+
+    def _evict(self, key: Hashable | None) -> int:
+        """Drop ``key``'s state (None: the least recently used one): its slot."""
+        if key is None:
+            key = next(iter(self._by_key))
+        self._answers.pop(key, None)
+        return self._by_key.pop(key)

@@ -55,6 +55,7 @@ class Sequence:
     hit: PrefixHit = NO_HIT  # this step's prefix-cache hit, while waiting
     # a recurrent model's: prompt positions (block boundaries) where its state is cached (recurrent_state.py)
     cache_states_at: tuple[int, ...] = ()
+    decode_state_key: bytes | None = None  # the key of the state its decode steps cached last (_save_decode_states)
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1, 2, ... so far
     grammar: Grammar | None = None  # a structured output's matcher
     lookup: PromptLookup | None = None  # its n-gram index, for speculative drafts (made on first use)

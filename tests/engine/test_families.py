@@ -84,6 +84,7 @@ def test_family_matches_peft_with_staggered_joins(family, caching, family_case):
     built = build_engine(ServerConfig(model=str(model), max_batch_size=8, max_tokens_per_step=20, max_model_len=100,
                                       default_max_new_tokens=16, adapters=tuple((n, str(p)) for n, p in adapters.items()),
                                       kv_block_size=4, prefix_caching=caching, base_linear=pinned_base_linear(ops),
+                                      max_cached_states=16,  # a recurrent model's: every prompt's and answer's state
                                       dtype="float32",  # exact parity on every device (a GPU's default is bfloat16)
                                       op_backend=ops, cuda_graphs="on" if graphs else "auto"))
     engine = built.engine

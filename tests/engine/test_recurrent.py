@@ -113,23 +113,25 @@ def test_cancelled_requests_give_their_state_slots_back_and_the_others_stay_exac
 
 def test_prefix_hits_resume_from_cached_states_and_stay_exact(hybrid):
     """One after another: A (a 22-token system prompt, then its own tokens) caches the state at its
-    prompt's last full block; B shares A's first 5 blocks, finds no state there, and caches one
-    where their blocks part; C resumes from B's; a later turn of A's conversation and A's prompt
-    again resume from A's. Every output equals PEFT's."""
+    prompt's last full block, and its decode steps at its answer's; B shares A's first 5 blocks,
+    finds no state there, and caches one where their blocks part; C resumes from B's; a later turn
+    of A's conversation resumes from A's answer's, and A's prompt again from A's prompt's. Every
+    output equals PEFT's."""
     model, adapters = hybrid
     rng = random.Random(21)
     system = [rng.randrange(3, 300) for _ in range(22)]
     a, b, c = ([*system, *(rng.randrange(3, 300) for _ in range(n))] for n in (8, 5, 11))
-    built = make(hybrid, max_model_len=96)
+    built = make(hybrid, max_model_len=96, max_cached_states=12)
     engine = built.engine
     engine.start()
     try:
-        outs, cached = [], []
+        outs, cached, held = [], [], []
 
         def one(prompt):
             tokens, hit = asyncio.run(generate(engine, f"h{len(outs)}", None, prompt, 8))
             outs.append(tokens)
             cached.append(hit)
+            held.append(len(engine.state_cache))
 
         for prompt in (a, b, c):
             one(prompt)
@@ -137,15 +139,46 @@ def test_prefix_hits_resume_from_cached_states_and_stay_exact(hybrid):
         one(turn)
         one(a)
         assert_states_free(engine)
-        # A's at 28, B's at 20 and 24, C's at 32, the turn's where its blocks part from A's (36: A's
-        # output is cached too) and at its own last full block (40)
-        assert len(engine.state_cache) == 6
     finally:
         engine.stop()
-    # block size 4: A's last full block before its last token ends at 28 (of 30), B and C part
-    # from A inside block 6 (tokens 20-23)
-    assert cached == [0, 0, 20, 28, 28]
+    # block size 4. Each request caches its prompt's state at its last full block before its last
+    # token, and one state of its answer (its 7 tokens fed), at the answer's latest full block: A's
+    # at 28 and 36 (of 37 fed), B's where it parts from A (20), at 24 and 32 (of 34), C's at 32 and 40
+    # (of 40), the turn's at 40 and 48 (of 51); A again adds none
+    assert held == [2, 5, 7, 9, 9]
+    # B and C part from A inside block 6 (tokens 20-23); the turn repeats A's answer through 36
+    assert cached == [0, 0, 20, 36, 28]
     assert outs == peft_generate(model, None, [a, b, c, turn, a], 8, eos_token_id=None)
+
+
+def test_answers_decoded_together_into_a_one_state_cache_leave_every_later_turn_exact(hybrid):
+    """Three conversations of 3-token prompts (no full block: no prompt's state) decode together,
+    their answers filling blocks at the same steps, into a cache of one state: each such step's
+    three saves go to one slot, which the last row's holds. Their later turns, sent last
+    conversation first, resume from it (its key names its state) or compute their prompts whole;
+    the first one's prompt's state then takes the slot, which answers' never take from a prompt's.
+    All match PEFT."""
+    model, adapters = hybrid
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 300) for _ in range(3)] for _ in range(3)]
+    engine = make(hybrid, max_model_len=64, max_cached_states=1).engine
+    engine.start()
+    try:
+        async def together():
+            return await asyncio.gather(*(generate(engine, f"a{i}", None, p, 8) for i, p in enumerate(prompts)))
+
+        answers = [out for out, _ in asyncio.run(together())]
+        turns = [[*p, *out, *(rng.randrange(3, 300) for _ in range(5))] for p, out in zip(prompts, answers, strict=True)]
+        later = {i: asyncio.run(generate(engine, f"b{i}", None, turns[i], 6)) for i in (2, 1, 0)}
+        assert_states_free(engine)
+        assert len(engine.state_cache) == 1
+    finally:
+        engine.stop()
+    # 7 answer tokens fed: the answer's state at 8 of a turn's 16 tokens; the others' were replaced
+    # in the slot, and the turn's prompt's state at 12 holds it from then on
+    assert [later[i][1] for i in (2, 1, 0)] == [8, 0, 0]
+    assert answers == peft_generate(model, None, prompts, 8, eos_token_id=None)
+    assert [later[i][0] for i in range(3)] == peft_generate(model, None, turns, 6, eos_token_id=None)
 
 
 def test_hits_are_per_adapter_and_a_small_state_cache_evicts_the_least_recently_used(hybrid):

@@ -55,8 +55,9 @@ def test_concurrent_streams_of_mixed_adapters_match_peft(hybrid):
 
 def test_a_repeated_prompt_and_a_later_turn_resume_from_cached_states(hybrid):
     """A 45-token prompt caches its state at 32 (where its last full block of 16 before its last
-    token ends); the same prompt again, and the prompt with its answer and 9 more tokens, resume
-    there: usage's cached_tokens say so, and the tokens are PEFT's."""
+    token ends), and its answer's decode steps at 48; the same prompt again resumes at 32, and the
+    prompt with its answer and 9 more tokens at 48: usage's cached_tokens say so, and the tokens
+    are PEFT's."""
     oa = hybrid.openai()
     adapter = "all-r4"
     first = [(11 * j) % 290 + 5 for j in range(45)]
@@ -72,10 +73,10 @@ def test_a_repeated_prompt_and_a_later_turn_resume_from_cached_states(hybrid):
     again, cached_again = complete(first)
     turn = [*first, *out, *range(40, 49)]
     later, cached_later = complete(turn)
-    assert (cached, cached_again, cached_later) == (0, 32, 32)
+    assert (cached, cached_again, cached_later) == (0, 32, 48)
     metrics = hybrid.metrics()
-    assert metrics["loramux_prefix_cache_hit_tokens_total"] - before == 64
-    assert 2 <= metrics["loramux_cached_states"] <= 4  # these prompts' (at 32, and the turn's at 48), of at most 4
+    assert metrics["loramux_prefix_cache_hit_tokens_total"] - before == 80
+    assert 3 <= metrics["loramux_cached_states"] <= 4  # at 32, the answer's at 48 and the turn's at 64, of at most 4
     assert [out, again, later] == peft_generate(hybrid.model_dir, hybrid.adapters[adapter], [first, first, turn], 8,
                                                 eos_token_id=None)
     assert hybrid.client.server_info().prefix_caching

@@ -16,7 +16,7 @@ def test_cached_slots_lie_between_the_running_ones_and_the_sink_and_hits_are_cop
     a = states.take()
     for s in states.states:
         s[a].normal_()
-    states.copy(a, 3)
+    states.copy([a], [3])
     b = states.take(source=3)  # a hit: the cached state, not zeros
     for s in states.states:
         assert torch.equal(s[b], s[a]) and torch.equal(s[3], s[a])
@@ -48,27 +48,93 @@ def test_the_least_recently_used_state_is_evicted_and_a_known_key_is_not_copied_
         StateCache(range(0))
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 6)), max_size=60), st.integers(1, 4))
-def test_the_cache_holds_the_most_recently_used_keys_each_in_its_own_slot(ops, size):
-    """Against a model of LRU: after any puts and gets, the keys held are the ``size`` most
-    recently put or got, no two sharing a slot, every slot one of the cache's."""
-    cache, recent, slot_of = StateCache(range(100, 100 + size)), [], {}
-    for is_get, key in ops:
-        if is_get:
-            if key in cache:
+def test_many_states_are_copied_in_one_call_and_the_other_slots_are_left_alone():
+    states = RecurrentStates([((3, 2), None), ((4,), torch.float64)], slots=3, dtype=torch.float32, device="cpu",
+                             cached=3)
+    for s in states.states:
+        s.normal_()
+    before = [s.clone() for s in states.states]
+    states.copy([0, 2], [5, 3])
+    for s, b in zip(states.states, before, strict=True):
+        assert torch.equal(s[5], b[0]) and torch.equal(s[3], b[2])
+        assert torch.equal(s[[0, 1, 2, 4, 6]], b[[0, 1, 2, 4, 6]])
+
+
+def test_answers_hold_at_most_half_of_a_full_cache_and_a_later_one_replaces_its_own():
+    """A decoding sequence's state at its latest full block replaces its own at the previous
+    block. Answers' states take free slots, then the least recently used state's while they hold
+    less than half of the slots, then the oldest answer's."""
+    cache = StateCache(range(10, 14))
+    assert cache.put("p") == 13 and cache.put_answer("x@8") == 12
+    assert cache.put_answer("x@12", replacing="x@8") == 12 and "x@8" not in cache
+    assert cache.put_answer("y@8") == 11 and cache.put("q") == 10  # full: p, x@12, y@8, q
+    assert cache.put_answer("z@8") == 12 and "x@12" not in cache  # answers hold half: the oldest answer's
+    assert cache.put("r") == 13 and "p" not in cache  # a prompt's: the least recently used, whatever it held
+    assert cache.put("s") == 11 and "y@8" not in cache
+    assert cache.put_answer("w@8") == 10 and "q" not in cache  # one answer of four: the least recently used
+    assert cache.put_answer("z@8") is None and cache.put_answer("r") is None  # cached already
+    one = StateCache(range(1))
+    assert one.put("p") == 0 and one.put_answer("a@8") is None  # a prompt's: no room for answers
+    assert one.put("q") == 0 and "p" not in one
+
+
+def test_an_answers_state_that_serves_a_hit_counts_as_a_prompts():
+    cache = StateCache(range(2))
+    assert cache.put_answer("a@8") == 1 and cache.put_answer("b@8") == 0
+    assert cache.get("a@8") == 1
+    assert cache.put_answer("c@8") == 0 and "b@8" not in cache and "a@8" in cache  # b was the only answer
+
+
+@given(st.lists(st.tuples(st.sampled_from(["get", "put", "answer"]), st.integers(0, 6), st.integers(0, 6)),
+                max_size=60), st.integers(1, 5))
+def test_the_cache_matches_a_model_of_its_two_kinds_of_state(ops, size):
+    """Against a model: one least-recently-used order; answers' states take free slots, then the
+    least recently used state's while they hold less than half of the slots, then the oldest
+    answer's, each superseding its sequence's older one; a hit on an answer's makes it a
+    prompt's. No two keys share a slot, every slot the cache's."""
+    cache, order, answers, slot_of = StateCache(range(100, 100 + size)), [], [], {}
+
+    def evict(key):
+        order.remove(key)
+        if key in answers:
+            answers.remove(key)
+        del slot_of[key]
+
+    def take(key, slot):
+        assert slot is not None and 100 <= slot < 100 + size and slot not in slot_of.values()
+        slot_of[key] = slot
+        order.append(key)
+
+    for op, key, old in ops:
+        held = key in slot_of
+        if op == "get":
+            if held:
                 assert cache.get(key) == slot_of[key]
-                recent.remove(key)
-                recent.append(key)
-            continue
-        slot = cache.put(key)
-        if key in recent:
-            assert slot is None
-            recent.remove(key)
+                order.remove(key)
+                order.append(key)
+                if key in answers:
+                    answers.remove(key)
+        elif op == "put":
+            slot = cache.put(key)
+            if held:
+                assert slot is None
+                order.remove(key)
+                order.append(key)
+                if key in answers:
+                    answers.remove(key)
+            else:
+                if len(slot_of) == size:
+                    evict(order[0])
+                take(key, slot)
         else:
-            assert slot is not None and 100 <= slot < 100 + size
-            if len(recent) == size:
-                del slot_of[recent.pop(0)]
-            assert slot not in slot_of.values()
-            slot_of[key] = slot
-        recent.append(key)
-    assert len(cache) == len(recent) and all(k in cache for k in recent)
+            slot = cache.put_answer(key, replacing=old)
+            if old != key and old in answers:
+                evict(old)
+            if held or (len(slot_of) == size and not answers and size // 2 == 0):
+                assert slot is None
+                continue
+            if len(slot_of) == size:
+                evict(order[0] if len(answers) < size // 2 else answers[0])
+            take(key, slot)
+            answers.append(key)
+    assert len(cache) == len(slot_of) and all(k in cache for k in slot_of)
