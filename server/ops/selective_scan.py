@@ -7,8 +7,8 @@ Per channel c of D (a state row of N dims each), each token t with input x_t [D]
 ``step`` runs one token of many sequences at once (decode rows), and ``cpp_step`` the same in the
 C++ kernel on the states where they lie; ``scan`` one sequence's tokens in
 order, as Hugging Face's ``mamba_selective_scan`` computes a prompt without mamba_ssm's kernel
-(decays of [tokens, D, N] made a chunk of tokens at a time, to bound their memory). All in float32;
-the state too.
+(decays of [tokens, D, N] made a chunk of tokens at a time, to bound their memory), and
+``cpp_scan`` the same in the C++ kernel. All in float32; the state too.
 """
 
 from __future__ import annotations
@@ -47,6 +47,17 @@ def cpp_step(x, dt, A, B, C, D, state: torch.Tensor, slots: torch.Tensor) -> tor
     return y
 
 
+def cpp_scan(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
+    """``scan`` in the C++ kernel, token after token with each channel's state row kept in cache
+    (the torch loop pays a few ops of Python a token): state [D, N] float32, contiguous, updated
+    in place. Returns y [L, D] float32."""
+    x = x.float().contiguous()
+    y = torch.empty_like(x)
+    load_kernels().selective_scan_chunk(y, x, dt.contiguous(), A.contiguous(), B.float().contiguous(),
+                                        C.float().contiguous(), D.float().contiguous(), state)
+    return y
+
+
 def scan(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
     """One sequence's tokens: x and dt [L, D], A [D, N] (float32), B and C [L, N], D [D]; state
     [D, N] float32, updated in place to the state after the last token. Returns y [L, D] float32."""
@@ -68,8 +79,9 @@ def selective_scan(x, dt, A, B, C, D, batch, state: torch.Tensor, kernel: bool =
     """The scan over a step's rows (``batch``, ops/recurrent.py): x and dt [T, D] (``discretize``d),
     A [D, N] (float32), B and C [T, N], D [D]; each sequence's state's row in ``state``
     [slots + 1, D, N]. Each prefill chunk runs ``scan`` from its sequence's state, the decode rows
-    one ``step``, or ``cpp_step`` where ``kernel``. Returns y [T, D] float32."""
-    return over_sequences(batch, state, lambda x, dt, B, C, s: scan(x, dt, A, B, C, D, s),
+    one ``step``, or where ``kernel`` ``cpp_scan`` and ``cpp_step``. Returns y [T, D] float32."""
+    chunked = cpp_scan if kernel else scan
+    return over_sequences(batch, state, lambda x, dt, B, C, s: chunked(x, dt, A, B, C, D, s),
                           lambda x, dt, B, C, s: step(x, dt, A, B, C, D, s), x, dt, B, C,
                           in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, A, B, C, D, s, slots))
                           if kernel else None)

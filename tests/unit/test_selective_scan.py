@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.ops.cpu_kernel import load_kernels
-from loramux.server.ops.selective_scan import cpp_step, discretize, scan, step
+from loramux.server.ops.selective_scan import cpp_scan, cpp_step, discretize, scan, step
 
 from helpers import check_step_in_slots
 
@@ -32,15 +32,21 @@ def inputs(length, channels, N, seed):
     return x, dt, A, B, C, torch.randn(channels, generator=gen), torch.randn(channels, N, generator=gen) * 0.3
 
 
+KERNEL_SCAN = pytest.param(cpp_scan, id="cpp", marks=pytest.mark.skipif(load_kernels() is None,
+                                                                      reason="the C++ kernel is not built"))
+
+
+@pytest.mark.parametrize("run", [pytest.param(scan, id="torch"), KERNEL_SCAN])
 @settings(max_examples=30, deadline=None)
-@given(length=st.integers(1, 150), channels=st.sampled_from([1, 4, 12]), N=st.sampled_from([2, 8]),
+@given(length=st.integers(1, 150), channels=st.sampled_from([1, 5, 12, 48]), N=st.sampled_from([2, 8, 16, 19]),
        split=st.floats(0, 1), seed=st.integers(0, 1000))
-def test_a_scan_from_a_state_equals_the_definition_and_carries_its_state(length, channels, N, split, seed):
-    """Past a chunk of decays (64 tokens), and a sequence cut in two calls anywhere."""
+def test_a_scan_from_a_state_equals_the_definition_and_carries_its_state(run, length, channels, N, split, seed):
+    """Past a chunk of decays (64 tokens), and a sequence cut in two calls anywhere; the C++ scan's
+    state rows of any N (its vector loop's remainder too), channels split among threads."""
     x, dt, A, B, C, D, state = inputs(length, channels, N, seed)
     expected, final = definition(x, dt, A, B, C, D, state)
     cut, s = int(split * length), state.clone()
-    outs = [scan(x[a:b], dt[a:b], A, B[a:b], C[a:b], D, s) for a, b in ((0, cut), (cut, length)) if b > a]
+    outs = [run(x[a:b], dt[a:b], A, B[a:b], C[a:b], D, s) for a, b in ((0, cut), (cut, length)) if b > a]
     torch.testing.assert_close(torch.cat(outs).double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s.double(), final, rtol=1e-5, atol=1e-5)
 

@@ -1478,6 +1478,29 @@ void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor 
   });
 }
 
+// One token of one channel c through Mamba's selective scan: its state row h [N] updated in place,
+// h <- exp(step a) * h + w b (step = dt_c, w = dt_c x_c, a = A[c, :], b = B_t), returning h . cc.
+static inline float selective_scan_token(float* h, const float* a, const float* b, const float* cc, float step,
+                                         float w, int64_t N) {
+  float acc = 0.f;
+  int64_t n = 0;
+#if defined(LORAMUX_DECODE_VEC)  // the decays through the attention kernel's exp (step * A <= 0), L at a time
+  Vec::V sums = Vec::set1(0.f);
+  for (; n + Vec::L <= N; n += Vec::L) {
+    const Vec::V hn = Vec::fma(exp_vec(Vec::set1(step) * Vec::load(a + n)), Vec::load(h + n),
+                               Vec::set1(w) * Vec::load(b + n));
+    Vec::store(h + n, hn);
+    sums = Vec::fma(hn, Vec::load(cc + n), sums);
+  }
+  acc = Vec::sum(sums);
+#endif
+  for (; n < N; ++n) {
+    h[n] = std::exp(step * a[n]) * h[n] + w * b[n];
+    acc += h[n] * cc[n];
+  }
+  return acc;
+}
+
 // One decode token of R sequences through Mamba's selective scan (ops/selective_scan.py), each
 // sequence's state read and written where it lies, at state[slots[r]] [Dc, N] (float32). Per
 // (row, channel c): h[c, :] <- exp(dt_c A[c, :]) * h[c, :] + (dt_c x_c) B;  y_c = h[c, :] . C + D_c x_c
@@ -1497,26 +1520,36 @@ void selective_scan_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, tor
   at::parallel_for(0, R * Dc, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N)), [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = task / Dc, c = task % Dc;
-      float* h = sp + (slot[r] * Dc + c) * N;
-      const float *a = ap + c * N, *b = bp + r * N, *cc = cp + r * N;
-      const float step = dtp[task], w = step * xp[task];
-      float acc = 0.f;
-      int64_t n = 0;
-#if defined(LORAMUX_DECODE_VEC)  // the decays through the attention kernel's exp (step * A <= 0), L at a time
-      Vec::V sums = Vec::set1(0.f);
-      for (; n + Vec::L <= N; n += Vec::L) {
-        const Vec::V hn = Vec::fma(exp_vec(Vec::set1(step) * Vec::load(a + n)), Vec::load(h + n),
-                                   Vec::set1(w) * Vec::load(b + n));
-        Vec::store(h + n, hn);
-        sums = Vec::fma(hn, Vec::load(cc + n), sums);
+      const float step = dtp[task];
+      yp[task] = selective_scan_token(sp + (slot[r] * Dc + c) * N, ap + c * N, bp + r * N, cp + r * N, step,
+                                      step * xp[task], N) + dp[c] * xp[task];
+    }
+  });
+}
+
+// One sequence's L tokens (a prefill chunk) through Mamba's selective scan from its state [Dc, N]
+// (float32), updated in place to the state after the last token: the recurrence of
+// selective_scan_step token after token. Channels are independent, so each thread takes a range of
+// them through every token, their state rows staying in its cache; B_t and C_t are shared.
+void selective_scan_chunk(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
+                          torch::Tensor C, torch::Tensor D, torch::Tensor state) {
+  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "selective_scan_chunk: contiguous float32 CPU tensors");
+  const int64_t L = x.size(0), Dc = x.size(1), N = A.size(1);
+  TORCH_CHECK(y.sizes() == x.sizes() && dt.sizes() == x.sizes() && A.size(0) == Dc && D.numel() == Dc &&
+              B.size(0) == L && B.size(1) == N && C.sizes() == B.sizes() && state.dim() == 2 &&
+              state.size(0) == Dc && state.size(1) == N,
+              "selective_scan_chunk: x, dt, y [L, D], A [D, N], B, C [L, N], D [D], state [D, N]");
+  const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>(),
+              *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
+  at::parallel_for(0, Dc, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N * L)), [&](int64_t lo, int64_t hi) {
+    for (int64_t t = 0; t < L; ++t) {
+      const float *b = bp + t * N, *cc = cp + t * N;
+      for (int64_t c = lo; c < hi; ++c) {
+        const int64_t i = t * Dc + c;
+        const float step = dtp[i];
+        yp[i] = selective_scan_token(sp + c * N, ap + c * N, b, cc, step, step * xp[i], N) + dp[c] * xp[i];
       }
-      acc = Vec::sum(sums);
-#endif
-      for (; n < N; ++n) {
-        h[n] = std::exp(step * a[n]) * h[n] + w * b[n];
-        acc += h[n] * cc[n];
-      }
-      yp[task] = acc + dp[c] * xp[task];
     }
   });
 }
@@ -1541,6 +1574,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one decode token of many sequences through Mamba-2's state space, states updated in their slots", release());
   m.def("selective_scan_step", &selective_scan_step,
         "one decode token of many sequences through Mamba's selective scan, states updated in their slots", release());
+  m.def("selective_scan_chunk", &selective_scan_chunk,
+        "one sequence's tokens through Mamba's selective scan from its state, updated in place", release());
   m.def("few_rows_linear", &few_rows_linear,
         "a base linear of at most MANY_ROWS rows (float32 or int8 weights), weights streamed once", release());
 }
