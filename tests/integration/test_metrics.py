@@ -175,15 +175,18 @@ def test_a_target_step_time_no_step_can_meet_shrinks_the_budget_and_serves_on(tm
     """--target-step-ms through the CLI: once a few prompts are measured, a target no step meets
     leaves each step its decodes and the least prompt chunk (16 tokens), the gauge says so, and a
     longer prompt still completes, prefilled in those chunks. (A model wide enough that prompt
-    tokens cost measurable time, so the fit sees them.)"""
-    model = build_llama(tmp_path / "model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    tokens cost measurable time, so the fit sees them through another process's load.)"""
+    model = build_llama(tmp_path / "model", hidden_size=512, intermediate_size=2048, num_hidden_layers=4)
     proc = ServerProcess(["--model", str(model), "--max-model-len", "256", "--max-tokens-per-step", "240",
                           "--target-step-ms", "0.001", "--default-max-new-tokens", "4"], tmp_path / "server.log")
     try:
         proc.wait_ready()
         assert wait_idle(proc)["loramux_step_token_budget"] == 240
-        for n in (24, 200, 60, 160, 100):  # five steps with prompt tokens, of lengths that vary: the fit's input
-            proc.client.generate(prompt_token_ids=[(7 * i) % 300 + 3 for i in range(n)],
+        # ten steps with prompt tokens, of lengths that vary: the fit's input. Prompts that share no
+        # block: prefixes of one another hit the prefix cache, leaving the fit a step or two of real
+        # prompt tokens, which one slowed step beside a busy test worker made look free
+        for k, n in enumerate((24, 200, 60, 160, 100) * 2):
+            proc.client.generate(prompt_token_ids=[(7 * i + 11 * k) % 300 + 3 for i in range(n)],
                                  sampling=Sampling(max_new_tokens=1, ignore_eos=True))
         before = wait_idle(proc)
         out = proc.client.generate(prompt_token_ids=[(5 * i) % 300 + 3 for i in range(100)],
