@@ -156,8 +156,8 @@ def test_answers_decoded_together_into_a_one_state_cache_leave_every_later_turn_
     their answers filling blocks at the same steps, into a cache of one state: each such step's
     three saves go to one slot, which the last row's holds. Their later turns, sent last
     conversation first, resume from it (its key names its state) or compute their prompts whole;
-    the first one's prompt's state then takes the slot, which answers' never take from a prompt's.
-    All match PEFT."""
+    the first later turn's prompt state then takes the slot, and in a one-slot cache (half of it is
+    none) answers never take a prompt's. All match PEFT."""
     model, adapters = hybrid
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 300) for _ in range(3)] for _ in range(3)]
