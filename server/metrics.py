@@ -157,6 +157,9 @@ class _LiveCollector:
         yield GaugeMetricFamily("loramux_cached_states", "Recurrent states cached for prefix-cache hits (a model with "
                                 "recurrent layers; at most --max-cached-states)",
                                 value=len(engine.state_cache) if engine.state_cache is not None else 0)
+        yield GaugeMetricFamily("loramux_cached_answer_states", "Of loramux_cached_states, those decode steps cached "
+                                "at answers' blocks and no hit has used yet (at most half of a full cache)",
+                                value=engine.state_cache.num_answers if engine.state_cache is not None else 0)
         yield GaugeMetricFamily("loramux_step_token_budget", "Token budget of the last step: --max-tokens-per-step, "
                                 "or what --target-step-ms left of it", value=engine.step_token_budget)
         graphs = engine.runner.graphs

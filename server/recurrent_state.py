@@ -98,6 +98,11 @@ class StateCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._by_key
 
+    @property
+    def num_answers(self) -> int:
+        """States of answers among them (``put_answer``), not yet hit."""
+        return len(self._answers)
+
     def get(self, key: Hashable) -> int:
         """The slot holding ``key``'s state, now the most recently used (an answer's that served a
         hit counts as a prompt's from then on: a regenerated turn hits it again)."""

@@ -77,6 +77,8 @@ def test_a_repeated_prompt_and_a_later_turn_resume_from_cached_states(hybrid):
     metrics = hybrid.metrics()
     assert metrics["loramux_prefix_cache_hit_tokens_total"] - before == 80
     assert 3 <= metrics["loramux_cached_states"] <= 4  # at 32, the answer's at 48 and the turn's at 64, of at most 4
+    # the turn's answer's at 64 (the first answer's at 48 served the turn's hit: a prompt's since)
+    assert 1 <= metrics["loramux_cached_answer_states"] <= 2
     assert [out, again, later] == peft_generate(hybrid.model_dir, hybrid.adapters[adapter], [first, first, turn], 8,
                                                 eos_token_id=None)
     assert hybrid.client.server_info().prefix_caching

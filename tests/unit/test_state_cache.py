@@ -137,4 +137,4 @@ def test_the_cache_matches_a_model_of_its_two_kinds_of_state(ops, size):
                 evict(order[0] if len(answers) < size // 2 else answers[0])
             take(key, slot)
             answers.append(key)
-    assert len(cache) == len(slot_of) and all(k in cache for k in slot_of)
+    assert len(cache) == len(slot_of) and all(k in cache for k in slot_of) and cache.num_answers == len(answers)
