@@ -100,6 +100,13 @@ def conversations_run(engine, adapters, systems, users, answer_len: int) -> list
     return [row for rows in asyncio.run(main()) for row in rows]
 
 
+def turns_summary(rows: list[tuple[float, int, int, int]]) -> tuple[float, float, float]:
+    """``conversations_run``'s rows: TTFT p50, the share of prompt tokens served from the cache and
+    the most it could serve."""
+    tokens = sum(r[1] for r in rows)
+    return median(r[0] for r in rows), sum(r[2] for r in rows) / tokens, sum(r[3] for r in rows) / tokens
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -155,11 +162,10 @@ def main() -> int:
             print(f"  burst of {args.burst}: TTFT p50 {median(burst[caching]) * 1e3:7.1f} ms, "
                   f"prompt tokens from the cache {burst_hits:.0%}")
             if args.conversations:
-                talks[caching] = rows = conversations_run(engine, ids, talk_systems, talk_users, args.answer_len)
-                prompt_tokens = sum(r[1] for r in rows)
+                talks[caching] = p50, share, most = turns_summary(
+                    conversations_run(engine, ids, talk_systems, talk_users, args.answer_len))
                 print(f"  {args.conversations} conversations of {args.turns} turns, later turns: TTFT p50 "
-                      f"{median(r[0] for r in rows) * 1e3:7.1f} ms, prompt tokens from the cache "
-                      f"{sum(r[2] for r in rows) / prompt_tokens:.0%}, of at most {sum(r[3] for r in rows) / prompt_tokens:.0%}")
+                      f"{p50 * 1e3:7.1f} ms, prompt tokens from the cache {share:.0%}, of at most {most:.0%}")
             engine.stop()
         ratio = median(ttft[False]) / median(ttft[True])
         print(f"  TTFT p50 off / on          {ratio:.2f}x   (target >= 3)")
@@ -173,12 +179,10 @@ def main() -> int:
         results.update(burst_ttft_p50_off_s=median(burst[False]), burst_ttft_p50_on_s=median(burst[True]),
                        burst_cache_share=burst_hits, burst_cache_share_most=most)
         if args.conversations:
-            off, on = (median(r[0] for r in talks[c]) for c in (False, True))
-            tokens = sum(r[1] for r in talks[True])
+            (off, _, _), (on, share, most) = talks[False], talks[True]
             print(f"  later turns' TTFT p50 off / on {off / on:.2f}x")
             results.update(turn_ttft_p50_off_s=off, turn_ttft_p50_on_s=on, turn_ttft_ratio=off / on,
-                           turn_cache_share=sum(r[2] for r in talks[True]) / tokens,
-                           turn_cache_share_most=sum(r[3] for r in talks[True]) / tokens)
+                           turn_cache_share=share, turn_cache_share_most=most)
 
     if args.concurrency_requests:
         concurrency(args, base, loaded, results)

@@ -170,9 +170,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("max_input_tokens", "longest prompt accepted (default: max-model-len - 1)"),
         ("max_total_tokens", "prompt + max_new_tokens accepted (default: max-model-len)"),
         ("kv_block_size", "tokens per KV cache block"),
-        ("max_cached_states", "models with recurrent layers (hybrids, Mamba): their states kept at prompts' and answers' block "
-                              "boundaries, from which prefix-cache hits resume, each as large as a running "
-                              "sequence's (default: max-batch-size; 0: no prefix caching for such a model)"),
+        ("max_cached_states", "models with recurrent layers (hybrids, Mamba): their states kept at prompts' and "
+                              "answers' block boundaries, from which prefix-cache hits resume, each as large as a "
+                              "running sequence's (default: max-batch-size; 0: no prefix caching for such a model)"),
         ("default_max_new_tokens", "max_new_tokens when a request leaves it unset (shrunk to the room its prompt leaves)"),
         ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
         ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),

@@ -117,7 +117,7 @@ class StateCache:
         if key in self._by_key:
             self.get(key)
             return None
-        self._by_key[key] = slot = self._slots.pop() if self._slots else self._evict(None)
+        self._by_key[key] = slot = self._slots.pop() if self._slots else self._evict(next(iter(self._by_key)))
         return slot
 
     def put_answer(self, key: Hashable, replacing: Hashable | None = None) -> int | None:
@@ -126,15 +126,14 @@ class StateCache:
         recently used one's while answers hold less than half of the slots, else the least
         recently used answer's; None when ``key`` is cached already, or a one-slot cache holds a
         prompt's."""
-        if replacing is not None and replacing != key and replacing in self._answers:
-            del self._answers[replacing]
-            self._slots.append(self._by_key.pop(replacing))
+        if replacing != key and replacing in self._answers:
+            self._slots.append(self._evict(replacing))
         if key in self._by_key:
             return None
         if self._slots:
             slot = self._slots.pop()
         elif len(self._answers) < self._size // 2:
-            slot = self._evict(None)
+            slot = self._evict(next(iter(self._by_key)))
         elif self._answers:
             slot = self._evict(next(iter(self._answers)))
         else:
@@ -143,9 +142,7 @@ class StateCache:
         self._answers[key] = None
         return slot
 
-    def _evict(self, key: Hashable | None) -> int:
-        """Drop ``key``'s state (None: the least recently used one): its slot."""
-        if key is None:
-            key = next(iter(self._by_key))
+    def _evict(self, key: Hashable) -> int:
+        """Drop ``key``'s state: its slot."""
         self._answers.pop(key, None)
         return self._by_key.pop(key)
