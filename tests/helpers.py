@@ -534,38 +534,42 @@ VISION_LANGUAGE_ARCHITECTURES = {
 
 
 class SavedFolderCache:
-    """What was read from a saved folder, kept by its path and contents (a hash of its files: a
-    test may rewrite one in place within a clock tick), least recently used first out; a caller
-    gets its own deep copy. The PEFT oracle and the adapter builders load the same few models again
-    and again, and transformers' ``from_pretrained`` takes 3-5x a copy of a tiny model's time."""
+    """What was read from a saved folder, kept by its contents (a hash of its files: a test may
+    rewrite one in place within a clock tick; a template's copies in other folders share one
+    read), least recently used first out past ``max_bytes`` of files read; a caller gets its own
+    deep copy. The PEFT oracle and the adapter builders load the same few models again and again,
+    in one test file after another, and transformers' ``from_pretrained`` takes 3-5x a copy of a
+    tiny model's time."""
 
-    def __init__(self, size: int = 6):
-        self.size, self.kept = size, {}
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self.kept = max_bytes, {}  # key -> (value, bytes read)
 
     def get(self, folder, what: str, load):
         import copy
         import hashlib
 
-        folder = Path(folder).resolve()
-        digest = hashlib.blake2b()
-        for f in sorted(f for f in folder.iterdir() if f.is_file()):
-            digest.update(f.name.encode() + b"\0" + f.read_bytes())
-        key = (what, str(folder), digest.hexdigest())
-        value = self.kept.pop(key) if key in self.kept else load()
-        self.kept[key] = value
-        while len(self.kept) > self.size:
+        digest, size = hashlib.blake2b(), 0
+        for f in sorted(f for f in Path(folder).iterdir() if f.is_file()):
+            data = f.read_bytes()
+            digest.update(f.name.encode() + b"\0" + data)
+            size += len(data)
+        key = (what, digest.hexdigest())
+        self.kept[key] = self.kept.pop(key) if key in self.kept else (load(), size)
+        while sum(n for _, n in self.kept.values()) > self.max_bytes and len(self.kept) > 1:
             del self.kept[next(iter(self.kept))]
-        return copy.deepcopy(value)
+        return copy.deepcopy(self.kept[key][0])
 
 
 _saved_folders = SavedFolderCache()
 
 
 def saved_config(folder):
-    """``AutoConfig.from_pretrained(folder)``, through the cache."""
+    """``AutoConfig.from_pretrained(folder)``, through the cache (named by ``folder``, as read)."""
     from transformers import AutoConfig
 
-    return _saved_folders.get(folder, "config", lambda: AutoConfig.from_pretrained(folder))
+    config = _saved_folders.get(folder, "config", lambda: AutoConfig.from_pretrained(folder))
+    config.name_or_path = str(folder)
+    return config
 
 
 def auto_model(source, **kwargs):
@@ -580,7 +584,9 @@ def auto_model(source, **kwargs):
             config = saved_config(source)
             return auto_model_class(config).from_pretrained(source, config=config, **dequantizing(config), **kwargs)
 
-        return _saved_folders.get(source, f"model {sorted(kwargs.items())}", load)
+        model = _saved_folders.get(source, f"model {sorted(kwargs.items())}", load)
+        model.config.name_or_path = model.name_or_path = str(source)  # as read from there
+        return model
     return auto_model_class(source).from_config(source, **kwargs)
 
 

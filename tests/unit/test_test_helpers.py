@@ -7,7 +7,7 @@ from helpers import BuiltTemplates, SavedFolderCache
 
 def test_a_saved_folder_is_read_again_when_a_file_changes_even_at_the_same_size(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"aaaa")
-    cache, loads = SavedFolderCache(size=2), []
+    cache, loads = SavedFolderCache(max_bytes=8), []
 
     def load():
         loads.append(1)
@@ -20,7 +20,31 @@ def test_a_saved_folder_is_read_again_when_a_file_changes_even_at_the_same_size(
     assert cache.get(tmp_path, "x", load) == {"data": b"bbbb"} and len(loads) == 2
     assert cache.get(tmp_path, "y", load) and len(loads) == 3  # another reading of the same folder
     cache.get(tmp_path, "z", load)
-    assert [key[0] for key in cache.kept] == ["y", "z"]  # the least recently used went out
+    assert [key[0] for key in cache.kept] == ["y", "z"]  # past 8 bytes read, the least recently used went out
+
+
+def test_a_copy_of_a_saved_folder_elsewhere_shares_its_read(tmp_path):
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.bin").write_bytes(b"aaaa")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cache, loads = SavedFolderCache(), []
+    cache.get(tmp_path / "a", "x", lambda: loads.append(1))
+    cache.get(tmp_path / "b", "x", lambda: loads.append(1))
+    assert len(loads) == 1
+
+
+def test_a_model_read_through_the_cache_is_named_by_the_folder_asked_for(tmp_path):
+    import shutil
+
+    from helpers import auto_model, build_family_model, saved_config
+
+    first = build_family_model("qwen3", tmp_path / "a")
+    second = shutil.copytree(first, tmp_path / "b")
+    auto_model(first)
+    model = auto_model(second)
+    assert model.name_or_path == model.config.name_or_path == saved_config(second).name_or_path == str(second)
 
 
 def test_a_built_template_is_copied_with_the_random_state_its_build_left(tmp_path):
