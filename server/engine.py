@@ -39,7 +39,7 @@ from .errors import (
     status_name,
 )
 from .output_processor import Finished, OutputProcessor
-from .recurrent_state import StateCache
+from .recurrent_state import StateCache, parting_blocks
 from .requests import (
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
@@ -594,18 +594,20 @@ class Engine:
         their prefix in the cache; the hit is kept on the sequence, and admission takes exactly that hit."""
         waiting, bs = [], self.blocks.block_size
         near = self._near_head(fairness) if self.blocks.prefix_caching else set()
+        for seq in near:
+            if seq.prompt_keys is None:
+                seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], bs)
+        parting = self._parting(near) if self.state_cache is not None and near else {}
         for seq in self._waiting:
             seq.hit = NO_HIT
             # a request still owed prompt logprobs computes its whole prompt: a hit would skip rows
             wants_rows = seq.sampler.params.prompt_logprobs is not None and \
                 len(seq.prompt_logprobs) < seq.num_prompt - 1
             if seq in near:
-                if seq.prompt_keys is None:
-                    seq.prompt_keys = block_keys(seq.identity, seq.ids[: seq.prefill_len], bs)
                 if not wants_rows:
                     seq.hit = self.blocks.lookup(seq.prompt_keys)
                 if self.state_cache is not None:
-                    self._state_hit(seq)
+                    self._state_hit(seq, parting[seq])
             hit = len(seq.hit.blocks)
             computing = self._computing(seq, hit * bs)
             waiting.append(SeqView(
@@ -627,11 +629,29 @@ class Engine:
             return tuple(keys[start // bs :])
         return tuple(keys[at // bs - 1] for at in seq.cache_states_at if at > start)
 
-    def _state_hit(self, seq: Sequence) -> None:
+    def _parting(self, near: set[Sequence]) -> dict[Sequence, tuple[int, ...]]:
+        """A recurrent model: for each request of ``near`` and each running one still in its
+        prefill, the blocks after which another of them parts from its prompt (``parting_blocks``,
+        over the blocks before each prompt's last token). A running prefill not yet there caches
+        its state there too, so that a request that came after it resumes at their common prefix."""
+        bs = self.blocks.block_size
+        group = [*near, *(s for s in self._running if s.num_computed < s.prefill_len and s.prompt_keys is not None)]
+        parting = dict(zip(group, parting_blocks([s.prompt_keys[: (s.prefill_len - 1) // bs] for s in group]),
+                           strict=True))
+        for seq in group[len(near):]:
+            ahead = {b * bs for b in parting[seq] if b * bs > seq.num_computed} - set(seq.cache_states_at)
+            if ahead:
+                seq.cache_states_at = tuple(sorted({*seq.cache_states_at, *ahead}))
+        return parting
+
+    def _state_hit(self, seq: Sequence, parting: tuple[int, ...]) -> None:
         """A recurrent model resumes a prefix only from a cached state: the hit shrinks to the longest
         matched prefix whose state is cached, ending before the prompt's last token. Its prefill
         then caches its state where the matched blocks end (another request shares the prompt that
-        far: the next one resumes there) and at its prompt's last full block (a later turn of a
+        far: the next one resumes there), where another request near it in the queue or in its
+        prefill parts from its prompt (``parting``: prompts that come together, with a common
+        prefix no state holds yet; that request waits for this one's state, as a K/V model's
+        waits for its blocks), and at its prompt's last full block (a later turn of a
         conversation, or the same prompt again)."""
         keys, bs = seq.prompt_keys, self.blocks.block_size
         last = (seq.prefill_len - 1) // bs  # blocks before the prompt's last token
@@ -639,7 +659,7 @@ class Engine:
         usable = next((b for b in range(matched, 0, -1) if keys[b - 1] in self.state_cache), 0)
         if usable < len(seq.hit.blocks):
             seq.hit = self.blocks.lookup(keys[:usable])
-        seq.cache_states_at = tuple(b * bs for b in sorted({matched, last}) if b > usable)
+        seq.cache_states_at = tuple(b * bs for b in sorted({matched, last, *parting}) if b > usable)
 
     def _admit(self, seq: Sequence) -> None:
         self.admission.pin(seq)

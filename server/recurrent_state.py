@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -74,6 +74,30 @@ class RecurrentStates:
         if slot in self._free or not 0 <= slot < self.num_slots:
             raise ValueError(f"recurrent state slot {slot} is not held")
         heapq.heappush(self._free, slot)
+
+
+def parting_blocks(prefixes: Sequence[Sequence[Hashable]]) -> list[tuple[int, ...]]:
+    """For each list of a prompt's block keys (prefix-cache keys: one names its block and every
+    token and weight before it, so an equal key is an equal prefix), the block counts, ascending,
+    after which another list stops following it (it parts, or ends there): where a state cached
+    lets that other prompt resume instead of computing the common prefix again. Prompts that
+    arrive together (a system prompt's, few-shot prompts') share a prefix no cached state holds.
+    Walks the common prefixes only, a block at a time, splitting the prompts that share one by
+    their next key: a step costs what the prompts share, not their length."""
+    parts: list[list[int]] = [[] for _ in prefixes]
+    groups = [(0, range(len(prefixes)))]  # (blocks in common, the prompts that have them)
+    while groups:
+        depth, members = groups.pop()
+        by_next: dict[Hashable, list[int]] = {}
+        for i in members:
+            if depth < len(prefixes[i]):
+                by_next.setdefault(prefixes[i][depth], []).append(i)
+        if depth:
+            for i in members:
+                if depth == len(prefixes[i]) or len(by_next[prefixes[i][depth]]) < len(members):
+                    parts[i].append(depth)
+        groups.extend((depth + 1, group) for group in by_next.values() if len(group) > 1)
+    return [tuple(p) for p in parts]
 
 
 class StateCache:

@@ -4,6 +4,7 @@ such a model cannot serve."""
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from test_prefix_cache import assert_idle, generate
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig, StartupError
+from loramux.server.engine import EngineObserver
 from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.requests import GenerationRequest, SamplingParams
 
@@ -219,6 +221,87 @@ def test_hits_are_per_adapter_and_a_small_state_cache_evicts_the_least_recently_
         idx = [i for i, (n, _) in enumerate(jobs) if n == name]
         expected = peft_generate(model, adapters.get(name), [jobs[i][1] for i in idx], 6, eos_token_id=None)
         assert [tokens[i] for i in idx] == expected, name
+
+
+class HeldStep(EngineObserver):
+    """Holds the engine thread after its first step until ``go`` is set, so that a test can queue
+    requests that the next step then sees together (``stepped`` says the first is done)."""
+
+    def __init__(self):
+        self.stepped, self.go = threading.Event(), threading.Event()
+
+    def step(self, stats) -> None:
+        if not self.stepped.is_set():
+            self.stepped.set()
+            assert self.go.wait(60)
+
+
+def run_held(engine, first, then) -> list[tuple[list[int], int]]:
+    """Runs ``first`` [(adapter, prompt)], holds the engine after its first step while ``then``
+    is queued, and returns every request's (tokens, cached prompt tokens), 6 tokens each."""
+    held = HeldStep()
+    engine.observers.append(held)
+
+    async def main():
+        tasks = [asyncio.create_task(generate(engine, f"f{i}", a, p, 6)) for i, (a, p) in enumerate(first)]
+        assert await asyncio.to_thread(held.stepped.wait, 60)
+        tasks += [asyncio.create_task(generate(engine, f"t{i}", a, p, 6)) for i, (a, p) in enumerate(then)]
+        await asyncio.sleep(0)  # each submits before its first await
+        held.go.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        held.go.set()
+        engine.observers.remove(held)
+
+
+def test_prompts_that_arrive_together_resume_where_they_part(hybrid):
+    """Requests queued in one step, no state cached: A and B share 24 tokens, C the first 12 of
+    them, D nothing, E A's prompt under an adapter (other weights: nothing). A caches its state
+    where each of the others parts from it, B and C wait for those states (as a K/V model's wait
+    for blocks being computed) and resume there. All match PEFT."""
+    model, adapters = hybrid
+    x = list(adapters)[0]
+    rng = random.Random(9)
+
+    def tokens(n):
+        return [rng.randrange(3, 300) for _ in range(n)]
+
+    shared = tokens(24)
+    jobs = [(None, [*shared, *tokens(9)]), (None, [*shared, *tokens(10)]), (None, [*shared[:12], *tokens(13)]),
+            (None, tokens(20)), (x, [*shared, *tokens(9)])]
+    engine = make(hybrid, max_model_len=96, max_cached_states=8).engine
+    engine.start()
+    try:
+        outs = run_held(engine, [(None, tokens(5))], jobs)[1:]
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+    assert [hit for _, hit in outs] == [0, 24, 12, 0, 0]
+    for name in (None, x):
+        idx = [i for i, (n, _) in enumerate(jobs) if n == name]
+        expected = peft_generate(model, adapters.get(name), [jobs[i][1] for i in idx], 6, eos_token_id=None)
+        assert [outs[i][0] for i in idx] == expected, name
+
+
+def test_a_prompt_that_comes_during_a_prefill_resumes_where_it_parts_from_it(hybrid):
+    """A's 60-token prompt is prefilled 24 tokens a step; B, sharing its first 40, comes after
+    A's first step: A, still short of token 40, caches its state there too, and B resumes there."""
+    model, _ = hybrid
+    rng = random.Random(11)
+    a = [rng.randrange(3, 300) for _ in range(60)]
+    b = [*a[:40], *(rng.randrange(3, 300) for _ in range(7))]
+    engine = make(hybrid, max_model_len=96, max_cached_states=8).engine
+    engine.start()
+    try:
+        outs = run_held(engine, [(None, a)], [(None, b)])
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+    assert [hit for _, hit in outs] == [0, 40]
+    assert [out for out, _ in outs] == peft_generate(model, None, [a, b], 6, eos_token_id=None)
 
 
 def test_no_cached_states_is_no_prefix_caching(hybrid):

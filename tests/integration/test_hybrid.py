@@ -1,7 +1,7 @@
 """A hybrid model with recurrent layers (Qwen3.5: gated DeltaNet beside attention) through the real
 server and the official `openai` client: concurrent streams of mixed adapters, token for token as
-PEFT; a repeated prompt and a later turn resumed from cached recurrent states (prefix caching on,
-reported in usage and the metrics); beam search (each step's beams as requests of their own, which
+PEFT; a repeated prompt, a later turn and prompts sent together resumed from cached recurrent
+states (prefix caching on, reported in usage and the metrics); beam search (each step's beams as requests of their own, which
 resume from cached states); speculative decoding refused at start-up, naming the flag."""
 
 import subprocess
@@ -83,6 +83,22 @@ def test_a_repeated_prompt_and_a_later_turn_resume_from_cached_states(hybrid):
                                                 eos_token_id=None)
     assert hybrid.client.server_info().prefix_caching
     assert "--max-cached-states 4" in hybrid.log()
+
+
+def test_prompts_of_one_request_resume_their_common_prefix_from_one_state(hybrid):
+    """Few-shot prompts in one request (as evaluation harnesses send them) share 36 tokens that no
+    state holds yet: the first caches its state where the others part from it (32, two blocks of
+    16; its own last full block is at 48), and they resume there, not from their first token."""
+    oa = hybrid.openai()
+    shots = [(13 * j) % 280 + 7 for j in range(36)]
+    prompts = [[*shots, *((17 * i + 5 * j) % 290 + 4 for j in range(16))] for i in range(3)]
+    before = hybrid.metrics()["loramux_prefix_cache_hit_tokens_total"]
+    got = oa.completions.create(model=hybrid.client.server_info().model, prompt=prompts, max_tokens=6, temperature=0,
+                                logprobs=0, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    assert got.usage.prompt_tokens_details.cached_tokens == 64
+    assert hybrid.metrics()["loramux_prefix_cache_hit_tokens_total"] - before == 64
+    outs = [[int(t.removeprefix("token_id:")) for t in c.logprobs.tokens] for c in sorted(got.choices, key=lambda c: c.index)]
+    assert outs == peft_generate(hybrid.model_dir, None, prompts, 6, eos_token_id=None)
 
 
 def test_beam_search_returns_the_beams_a_search_over_peft_finds(hybrid):

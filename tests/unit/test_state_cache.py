@@ -5,7 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramux.server.recurrent_state import RecurrentStates, StateCache
+from loramux.server.block_manager import block_keys
+from loramux.server.recurrent_state import RecurrentStates, StateCache, parting_blocks
 
 
 def test_cached_slots_lie_between_the_running_ones_and_the_sink_and_hits_are_copied():
@@ -138,3 +139,20 @@ def test_the_cache_matches_a_model_of_its_two_kinds_of_state(ops, size):
             take(key, slot)
             answers.append(key)
     assert len(cache) == len(slot_of) and all(k in cache for k in slot_of) and cache.num_answers == len(answers)
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"base", b"x"]), st.lists(st.integers(0, 2), max_size=14)), max_size=6))
+def test_prompts_part_where_another_one_stops_following_them(prompts):
+    """parting_blocks, against its definition: the blocks (of 2 tokens, over a 3-token alphabet, so
+    prompts share prefixes often) at which a prompt and another one, of the same weights, stop
+    having the same tokens, another prompt ending there included."""
+    keys = [block_keys(identity, tokens, 2) for identity, tokens in prompts]
+
+    def common(i, j):
+        if prompts[i][0] != prompts[j][0]:
+            return 0
+        n = min(len(keys[i]), len(keys[j]))
+        return next((b for b in range(n) if prompts[i][1][2 * b : 2 * b + 2] != prompts[j][1][2 * b : 2 * b + 2]), n)
+
+    expected = [tuple(sorted({common(i, j) for j in range(len(prompts)) if j != i} - {0})) for i in range(len(prompts))]
+    assert parting_blocks(keys) == expected
