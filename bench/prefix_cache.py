@@ -18,6 +18,11 @@
    tokens served from the cache, against the most there is to serve (the previous turns, prompts
    and answers, in full blocks).
 
+5. Few-shot prompts in one request (as evaluation harnesses send a batch): 8 prompts of 32 tokens
+   each after the same 512 (new ones each of 5 rounds), submitted together as the server submits a
+   request's prompts. Caching on vs off: TTFT p50, and the share of prompt tokens from the cache
+   against the most (every prompt's shared full blocks but the first's).
+
     python bench/prefix_cache.py [--slots 16] [--json out.json]
 
 With ``--model`` a model with recurrent layers (a hybrid), parts 1, 2 and 4 measure prefix caching
@@ -100,6 +105,24 @@ def conversations_run(engine, adapters, systems, users, answer_len: int) -> list
     return [row for rows in asyncio.run(main()) for row in rows]
 
 
+def fewshot_run(engine, batches: list[list[list[int]]]) -> tuple[list[float], int, int]:
+    """Each batch's prompts submitted in one go (as ``Service.generate_choices`` submits a
+    request's), one batch after another: every request's TTFT, the prompt tokens, and those
+    served from the cache."""
+    async def batch(k, prompts):
+        streams = [engine.submit(GenerationRequest(f"s{k}.{i}", tuple(p), SamplingParams(8, ignore_eos=True), None))
+                   for i, p in enumerate(prompts)]
+
+        async def read(stream):
+            return [ev async for ev in stream][-1]
+
+        return await asyncio.gather(*map(read, streams))
+
+    last = [ev for k, prompts in enumerate(batches) for ev in asyncio.run(batch(k, prompts))]
+    return ([ev.timing.time_to_first_token_seconds for ev in last], sum(len(p) for b in batches for p in b),
+            sum(ev.cached_prompt_tokens for ev in last))
+
+
 def turns_summary(rows: list[tuple[float, int, int, int]]) -> tuple[float, float, float]:
     """``conversations_run``'s rows: TTFT p50, the share of prompt tokens served from the cache and
     the most it could serve."""
@@ -121,6 +144,7 @@ def main() -> int:
     ap.add_argument("--conversations", type=int, default=8, help="part 4's clients, one conversation each (0: skip it)")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--answer-len", type=int, default=64)
+    ap.add_argument("--few-shot", type=int, default=8, help="part 5's prompts a request (0: skip it)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -143,7 +167,10 @@ def main() -> int:
         talk_systems = random_prompts(vocab, args.conversations, 256, seed=3)
         talk_users = [[[rng.randrange(100, vocab) for _ in range(rng.randint(16, 32))] for _ in range(args.turns)]
                       for _ in range(args.conversations)]
-        ttft, burst, talks = {}, {}, {}
+        shots = [[*shot, *(rng.randrange(100, vocab) for _ in range(32))]
+                 for shot in random_prompts(vocab, 5, 512, seed=4) for _ in range(args.few_shot)]
+        shot_batches = [shots[k * args.few_shot : (k + 1) * args.few_shot] for k in range(5)] if args.few_shot else []
+        ttft, burst, talks, fewshot = {}, {}, {}, {}
         for caching in (False, True):
             built = build_engine(ServerConfig(**{**base.__dict__, "adapters": adapters, "prefix_caching": caching}),
                                  loaded)
@@ -166,6 +193,10 @@ def main() -> int:
                     conversations_run(engine, ids, talk_systems, talk_users, args.answer_len))
                 print(f"  {args.conversations} conversations of {args.turns} turns, later turns: TTFT p50 "
                       f"{p50 * 1e3:7.1f} ms, prompt tokens from the cache {share:.0%}, of at most {most:.0%}")
+            if shot_batches:
+                fewshot[caching] = times, tokens, hit = fewshot_run(engine, shot_batches)
+                print(f"  {args.few_shot} few-shot prompts a request: TTFT p50 {median(times) * 1e3:7.1f} ms, "
+                      f"prompt tokens from the cache {hit / tokens:.0%}")
             engine.stop()
         ratio = median(ttft[False]) / median(ttft[True])
         print(f"  TTFT p50 off / on          {ratio:.2f}x   (target >= 3)")
@@ -183,6 +214,14 @@ def main() -> int:
             print(f"  later turns' TTFT p50 off / on {off / on:.2f}x")
             results.update(turn_ttft_p50_off_s=off, turn_ttft_p50_on_s=on, turn_ttft_ratio=off / on,
                            turn_cache_share=share, turn_cache_share_most=most)
+
+        if shot_batches:
+            (off, _, _), (on, tokens, hit) = fewshot[False], fewshot[True]
+            most = sum((len(b) - 1) * (512 // bs * bs) for b in shot_batches) / tokens
+            print(f"  few-shot TTFT p50 off / on {median(off) / median(on):.2f}x; from the cache {hit / tokens:.0%} "
+                  f"of prompt tokens, of at most {most:.0%}")
+            results.update(fewshot_ttft_p50_off_s=median(off), fewshot_ttft_p50_on_s=median(on),
+                           fewshot_cache_share=hit / tokens, fewshot_cache_share_most=most)
 
     if args.concurrency_requests:
         concurrency(args, base, loaded, results)

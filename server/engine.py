@@ -613,7 +613,8 @@ class Engine:
             waiting.append(SeqView(
                 seq, seq.adapter, seq.prefill_len, 0, num_cached=seq.hit.cached_tokens(seq.prefill_len, bs),
                 hit_blocks=hit, hit_free=seq.hit.num_free, tenant=seq.tenant, priority=seq.priority,
-                computing=computing, next_key=computing[0] if computing and not wants_rows else None))
+                computing=computing, waits_for=() if wants_rows else computing if self.states is not None
+                else computing[:1]))
         running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
                            self.blocks.num_freeable(seq), tenant=seq.tenant, priority=seq.priority,
                            computing=self._computing(seq, seq.num_computed) if seq.num_computed < seq.prefill_len

@@ -26,8 +26,9 @@ Rules, in order:
      step; and until its adapter is placed, lower priorities do not pin the adapters it would
      evict: ``pages_held``.)
    A request blocked for a reason of its own (its adapter is not ready, a new adapter would pass
-   the distinct-adapter budget, or the next block of its prompt past its prefix-cache hit is being
-   computed by a running or just-admitted request) is skipped with the rest of its tenant for this
+   the distinct-adapter budget, or the next block of its prompt past its prefix-cache hit, for a
+   recurrent model a state it could resume from, is being computed by a running or just-admitted
+   request: ``waits_for``) is skipped with the rest of its tenant for this
    step; others go ahead. The last rule shares a prefix that requests bring at the same time (a
    system prompt, a request's n completions): one computes it, the others hit it once committed,
    instead of each computing a private copy. It cannot starve anyone: the computing request
@@ -75,8 +76,10 @@ class SeqView:
     # prefix-cache keys of the full prompt blocks it has still to compute (running in prefill, or
     # waiting: past its hit) ...
     computing: tuple[Hashable, ...] = ()
-    # ... and, waiting, the first of them when a hit would serve it (None: it waits for no one)
-    next_key: Hashable | None = None
+    # ... and, waiting, those whose being computed elsewhere holds it back, to hit them once
+    # committed: the first (a K/V model's blocks come in order), or each a recurrent model caches a
+    # state at (another's prefill may cache a state at any of them); none: it waits for no one
+    waits_for: tuple[Hashable, ...] = ()
     priority: int = 0  # under priority scheduling: lower goes first (vLLM's); else unused
 
     @property
@@ -170,7 +173,7 @@ def schedule(
 
     in_flight = computed_elsewhere()
     if fairness and len(active) >= budgets.max_batch_size:
-        takers = [w for w in waiting if w.next_key not in in_flight]  # a waiting prefix takes no slot yet
+        takers = [w for w in waiting if in_flight.isdisjoint(w.waits_for)]  # a waiting prefix takes no slot yet
         for victim in fair_victims(takers, active, budgets, fairness, ready_adapters):
             preempt(active.index(victim))
         in_flight = computed_elsewhere()
@@ -225,7 +228,7 @@ def schedule(
         seq = queues[tenant][0][1]
         new_adapter = seq.adapter is not None and seq.adapter not in adapters
         waits = (seq.adapter is not None and seq.adapter not in ready_adapters) or (
-            seq.next_key is not None and seq.next_key in in_flight)
+            not in_flight.isdisjoint(seq.waits_for))
         if by_priority and not waits and new_adapter and budgets.adapter_cap_reached(adapters):
             for victim in adapter_slot(seq):
                 preempt(active.index(victim))

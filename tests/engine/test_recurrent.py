@@ -287,13 +287,14 @@ def test_prompts_that_arrive_together_resume_where_they_part(hybrid):
 
 
 def test_a_prompt_that_comes_during_a_prefill_resumes_where_it_parts_from_it(hybrid):
-    """A's 60-token prompt is prefilled 24 tokens a step; B, sharing its first 40, comes after
-    A's first step: A, still short of token 40, caches its state there too, and B resumes there."""
+    """A's 60-token prompt is prefilled 32 tokens a step; B, sharing its first 40, comes after
+    A's first step: A, still short of token 40, caches its state there too, and B waits for it
+    (though the blocks A committed end at 32, and the step has room for B) and resumes there."""
     model, _ = hybrid
     rng = random.Random(11)
     a = [rng.randrange(3, 300) for _ in range(60)]
     b = [*a[:40], *(rng.randrange(3, 300) for _ in range(7))]
-    engine = make(hybrid, max_model_len=96, max_cached_states=8).engine
+    engine = make(hybrid, max_model_len=96, max_cached_states=8, max_tokens_per_step=32).engine
     engine.start()
     try:
         outs = run_held(engine, [(None, a)], [(None, b)])

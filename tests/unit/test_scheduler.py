@@ -127,17 +127,28 @@ def test_a_prompt_block_being_computed_holds_back_the_requests_that_need_it():
     """Its tenant waits with it; others go ahead; of two waiting with one prefix, the first goes."""
     budgets = Budgets(max_batch_size=8, max_tokens_per_step=64)
     computing = SeqView("r", None, 40, 8, num_blocks=1, num_freeable=1, tenant="a", computing=("k1", "k2"))
-    waiting = [SeqView("w1", None, 40, 0, tenant="b", computing=("k1", "k2"), next_key="k1"),
+    waiting = [SeqView("w1", None, 40, 0, tenant="b", computing=("k1", "k2"), waits_for=("k1",)),
                SeqView("w2", None, 8, 0, tenant="b"), SeqView("w3", None, 8, 0, tenant="c")]
     d = schedule(waiting, [computing], budgets, 100, 16, set())
     assert d.admitted == ("w3",)
     done = SeqView("r", None, 40, 40, num_blocks=3, num_freeable=3, tenant="a")  # its prefill is over
     assert schedule(waiting, [done], budgets, 100, 16, set()).admitted == ("w1", "w2", "w3")
-    twins = [SeqView(f"t{i}", None, 40, 0, tenant=f"t{i}", computing=("k1", "k2"), next_key="k1") for i in range(3)]
+    twins = [SeqView(f"t{i}", None, 40, 0, tenant=f"t{i}", computing=("k1", "k2"), waits_for=("k1",)) for i in range(3)]
     assert schedule(twins, [], budgets, 100, 16, set()).admitted == ("t0",)
-    # a request that waits for no one (next_key None: it computes its whole prompt) is not held back
+    # a request that waits for no one (it computes its whole prompt) is not held back
     alone = SeqView("p", None, 40, 0, tenant="p", computing=("k1", "k2"))
     assert schedule([alone], [computing], budgets, 100, 16, set()).admitted == ("p",)
+
+
+def test_a_request_waits_for_any_key_it_waits_for_that_another_computes():
+    """A recurrent model's request waits for each state it could resume from: here the one
+    another's prefill caches past the blocks it already has (k2), not its next block (k1)."""
+    budgets = Budgets(max_batch_size=8, max_tokens_per_step=64)
+    running = SeqView("r", None, 60, 24, num_blocks=2, num_freeable=2, tenant="a", computing=("k2", "k3"))
+    waiting = SeqView("w", None, 50, 0, tenant="a", computing=("k1", "k2", "k4"), waits_for=("k1", "k2", "k4"))
+    assert schedule([waiting], [running], budgets, 100, 16, set()).admitted == ()
+    elsewhere = SeqView("r", None, 60, 24, num_blocks=2, num_freeable=2, tenant="a", computing=("k5",))
+    assert schedule([waiting], [elsewhere], budgets, 100, 16, set()).admitted == ("w",)
 
 
 def test_a_prefix_hit_skips_its_blocks_and_its_tokens():
@@ -382,7 +393,7 @@ def simulate(reqs, num_blocks, max_batch, max_tokens, bs=4, fair=False, shared=F
             waiting_views.append(SeqView(r["id"], adapter(r), r["prefill"], 0, num_cached=r["hit"].cached_tokens(r["prefill"], bs),
                                          hit_blocks=h, hit_free=r["hit"].num_free, tenant=r["id"] % 3,
                                          priority=priority(r),
-                                         computing=tuple(k[h:]), next_key=k[h] if h < len(k) else None))
+                                         computing=tuple(k[h:]), waits_for=tuple(k[h : h + 1])))
         d = schedule(waiting_views, views, Budgets(max_batch, max(max_tokens, max_batch), 1), blocks.num_free, bs,
                      {0, 1, 2}, watermark=1, fairness=Fairness(service) if fair else None, by_priority=bool(priorities))
         by_id = {r["id"]: r for r in [*waiting, *running]}
