@@ -113,7 +113,8 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 
 # the engine's field names (gRPC's) that the OpenAI body spells otherwise, in its errors' text and param
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_token_ids": "prompt"}
-RESPONSES_NAMES = {**OPENAI_NAMES, "max_new_tokens": "max_output_tokens", "prompt_token_ids": "input"}
+RESPONSES_NAMES = {**OPENAI_NAMES, "max_new_tokens": "max_output_tokens", "prompt_token_ids": "input",
+                   "response_format": "text"}  # text.format, served as chat's response_format
 
 
 def _error_of(e: BaseException, names: dict[str, str] = OPENAI_NAMES) -> tuple[int, str, str | None]:

@@ -253,6 +253,9 @@ class GenerationBody(NumbersNotBooleans):
                 bias.append((int(token), value))
             except ValueError:
                 raise RequestInvalid(f"logit_bias keys are token ids; got {token[:32]!r}", param="logit_bias") from None
+        if self.allowed_token_ids == []:  # as vLLM refuses it; gRPC's empty repeated field is unset
+            raise RequestInvalid("allowed_token_ids is empty, which leaves no token to sample; leave it out to allow "
+                                 "every token", param="allowed_token_ids")
         return SamplingParams(
             max_new_tokens=default if max_new_tokens is None else max_new_tokens,
             fit_max_new_tokens=max_new_tokens is None, temperature=1.0 if self.temperature is None else self.temperature,
@@ -275,7 +278,7 @@ class GenerationBody(NumbersNotBooleans):
         if len(asked) > 1:
             raise RequestInvalid(f"{asked[0][0]} and {asked[1][0]} both constrain the output; ask for one",
                                  param=asked[1][0])
-        return asked[0][1] if asked else None
+        return replace(asked[0][1], asked_by=asked[0][0]) if asked else None
 
     def _constraints(self) -> list[tuple[str, StructuredOutput]]:
         """(the field that asks, its constraint) for each constraint the body asks for."""

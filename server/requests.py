@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import RequestInvalid, clip
@@ -38,6 +38,7 @@ class StructuredOutput:
 
     kind: OutputKind
     spec: str
+    asked_by: str | None = field(default=None, compare=False)  # the request field that asked for it: errors name it
 
 
 ANY_JSON_OBJECT = StructuredOutput(OutputKind.JSON_SCHEMA, '{"type": "object"}')  # OpenAI's json_object

@@ -136,15 +136,15 @@ class Grammars:
             elif output.kind is OutputKind.CHOICE:
                 choices = json.loads(output.spec)
                 if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
-                    raise RequestInvalid(f"{what}: the choices must be a non-empty list of strings")
+                    raise RequestInvalid(f"{what}: the choices must be a non-empty list of strings", param=output.asked_by)
                 grammar = llguidance.grammar_from("choice", choices)
             else:
                 grammar = llguidance.grammar_from("grammar", output.spec)
         except ValueError as e:  # not JSON, or a grammar llguidance cannot convert
-            raise RequestInvalid(f"{what}: {clip(str(e), 300)}") from None
+            raise RequestInvalid(f"{what}: {clip(str(e), 300)}", param=output.asked_by) from None
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise RequestInvalid(f"{what}: {clip(matcher.get_error(), 300)}")
+            raise RequestInvalid(f"{what}: {clip(matcher.get_error(), 300)}", param=output.asked_by)
         return matcher
 
     def prepare(self, output: StructuredOutput):

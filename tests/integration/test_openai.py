@@ -379,6 +379,7 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
         (dict(extra_body={"length_penalty": 2.0}), "length_penalty ranks beams: it needs use_beam_search"),
         (dict(extra_body={"logits_processors": ["x"]}), "logits_processors"),
         (dict(extra_body={"allowed_token_ids": [5, 384]}), "allowed_token_ids: token 384 is outside the vocabulary"),
+        (dict(extra_body={"allowed_token_ids": []}), "allowed_token_ids is empty, which leaves no token to sample"),
         (dict(extra_body={"stop_token_ids": [384], "min_tokens": 1}), "stop_token_ids: token 384 is outside the vocabulary"),
         (dict(extra_body={"bad_words": ["x", " "]}), "bad_words entries must be 1 to 256 characters, not all spaces"),
         (dict(extra_body={"priority": -(1 << 31) - 1}), "priority"),  # an int32, as gRPC's
@@ -1306,17 +1307,21 @@ def is_json_object_or_cut(text: str, finish: str) -> bool:
 
 
 def test_bad_structured_outputs_are_named_in_both_apis(oserver):
-    for body, needle in [({"response_format": {"type": "xml"}}, "response_format type 'xml'"),
-                         ({"response_format": {"type": "json_schema"}}, "json_schema.schema"),
-                         ({"guided_json": {"type": "objekt"}}, "objekt"),
-                         ({"guided_regex": "(ab"}, "unclosed group"),
-                         ({"guided_choice": []}, "non-empty list"),
-                         ({"guided_grammar": "start: nowhere"}, "nowhere"),
-                         ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs.xml"),
-                         ({"guided_regex": "a", "guided_choice": ["a"]}, "both constrain")]:
+    for body, needle, param in [
+            ({"response_format": {"type": "xml"}}, "response_format type 'xml'", "response_format"),
+            ({"response_format": {"type": "json_schema"}}, "json_schema.schema", "response_format"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+             "objekt", "response_format"),
+            ({"guided_json": {"type": "objekt"}}, "objekt", "guided_json"),
+            ({"guided_regex": "(ab"}, "unclosed group", "guided_regex"),
+            ({"guided_choice": []}, "non-empty list", "guided_choice"),
+            ({"guided_grammar": "start: nowhere"}, "nowhere", "guided_grammar"),
+            ({"structured_outputs": {"regex": "(ab"}}, "unclosed group", "structured_outputs"),
+            ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs.xml", "structured_outputs"),
+            ({"guided_regex": "a", "guided_choice": ["a"]}, "both constrain", "guided_choice")]:
         with pytest.raises(openai.BadRequestError) as e:
             oserver.oa.completions.create(model="attn-r4", prompt="hi", max_tokens=5, extra_body=body)
-        assert needle in e.value.message, (body, e.value.message)
+        assert needle in e.value.message and e.value.param == param, (body, e.value.message, e.value.param)
     code, details = code_of(oserver.client.generate, prompt="hi", sampling=Sampling(max_new_tokens=5, regex="(ab"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "unclosed group" in details
     code, details = code_of(oserver.client.generate, prompt="hi",
@@ -1776,6 +1781,7 @@ def test_responses_api_is_chat_by_another_shape(oserver):
         (dict(max_output_tokens=10**7), "max_output_tokens must be in [1, 1024]", "max_output_tokens"),
         (dict(text={"format": {"type": "json_schema", "name": "s"}}), "text.format.schema must be", "text"),
         (dict(text={"format": {"type": "xml"}}), "text.format type 'xml' is not supported", "text"),
+        (dict(text={"format": {"type": "json_schema", "name": "s", "schema": {"type": "objekt"}}}), "objekt", "text"),
         (dict(extra_body={"use_beam_search": True}), "use_beam_search is served by chat and completions",
          "use_beam_search"),
         (dict(extra_body={"best_of": 2}), "best_of is not a Responses API field", "best_of"),
