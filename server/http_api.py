@@ -321,7 +321,7 @@ def build_app(service: Service, metrics_text: Callable[[], tuple[bytes, str]]):
     # vLLM's adapter routes, which the inference gateway's adapter syncer calls; the same rules as
     # gRPC's RegisterAdapter and UnregisterAdapter (runtime registration on, paths under a root)
     @app.post("/v1/load_lora_adapter", dependencies=administrator)
-    @errors_as_responses
+    @errors_as_responses(names={**OPENAI_NAMES, "replace": "load_inplace"})
     async def load_lora_adapter(body: LoadAdapterRequest):
         await service.register_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")

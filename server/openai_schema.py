@@ -552,8 +552,23 @@ def first_error(errors: list[dict]) -> tuple[str, str]:
     if first.get("type") == "json_invalid":  # FastAPI's: loc is ("body", character offset)
         why = (first.get("ctx") or {}).get("error") or first.get("msg")
         return "", f"the body is not valid JSON ({why} at character {(first.get('loc') or (0,))[-1]})"[:300]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return where, f"{where or 'body'}: {first.get('msg', 'invalid request')}"[:300]
+    places = [tuple(p for p in e.get("loc", ()) if p != "body") for e in errors]
+    loc, why = places[0] if places else (), first.get("msg", "invalid request")
+    # a field of several types (prompt: a string or lists): pydantic reports each type's error with
+    # the type in its place, which is no field of the body: named apart, with the types it takes
+    for k in range(1, len(loc)):
+        types = dict.fromkeys(p[k] for p in places if len(p) > k and p[:k] == loc[:k])
+        if len(types) > 1 and all(map(_is_type_tag, types)):
+            loc, why = loc[:k] + loc[k + 1 :], f"{why} ({'.'.join(map(str, loc[:k]))} takes {' or '.join(types)})"
+            break
+    where = ".".join(map(str, loc))
+    return where, f"{where or 'body'}: {why}"[:300]
+
+
+def _is_type_tag(part) -> bool:
+    """Whether a place in a pydantic error's location names a type (str, list[int], a model's
+    class), as it does for each type of a union, not a field (snake_case here)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
 
 
 def not_unicode(body) -> tuple[tuple, str] | None:

@@ -400,6 +400,10 @@ def test_bad_requests_get_the_clients_own_exceptions(oserver):
                         ("detokenize", {"tokens": [5, False]})]:
         refused = httpx.post(f"{oserver.base_url}/{route}", json=body)
         assert refused.status_code == 400 and "Input should be an integer, not a boolean" in refused.text, refused.text
+    # a field of several types is named as the body names it, with the types it takes
+    refused = httpx.post(f"{oserver.base_url}/completions", json={"model": "attn-r4", "prompt": ["a", [1, 2]]}).json()
+    assert refused["error"]["param"] == "prompt" and \
+        "prompt takes str or list[int] or list[str] or list[list[int]]" in refused["error"]["message"], refused
     with pytest.raises(openai.BadRequestError):
         oserver.oa.chat.completions.create(model="attn-r4", messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="a message content part of type 'text' needs its text") as e:
@@ -1134,7 +1138,8 @@ def test_adapters_load_and_unload_through_vllms_routes(tiny_llama, tiny_adapters
         assert post("load_lora_adapter", "user", body).status_code == 403  # the admin token is needed
         loaded = post("load_lora_adapter", "admin", body)
         assert loaded.status_code == 200 and "syncer-a" in loaded.text
-        assert post("load_lora_adapter", "admin", body).status_code == 409  # already there
+        again = post("load_lora_adapter", "admin", body)  # already there: the route's own field swaps it
+        assert again.status_code == 409 and "set load_inplace to swap its weights" in again.json()["error"]["message"]
         outside = post("load_lora_adapter", "admin", {"lora_name": "x", "lora_path": str(tiny_adapters["all-r8"])})
         assert outside.status_code == 403 and "root" in outside.json()["error"]["message"]
         user = proc.openai(token="user")
