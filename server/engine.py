@@ -615,6 +615,8 @@ class Engine:
                 hit_blocks=hit, hit_free=seq.hit.num_free, tenant=seq.tenant, priority=seq.priority,
                 computing=computing, waits_for=() if wants_rows else computing if self.states is not None
                 else computing[:1]))
+        if self.state_cache is not None:  # the states near requests resume from stay until admitted
+            self.state_cache.kept = frozenset(seq.prompt_keys[len(seq.hit.blocks) - 1] for seq in near if seq.hit.blocks)
         running = [SeqView(seq, seq.adapter, seq.prefill_len, seq.num_computed, len(self.blocks.table(seq)),
                            self.blocks.num_freeable(seq), tenant=seq.tenant, priority=seq.priority,
                            computing=self._computing(seq, seq.num_computed) if seq.num_computed < seq.prefill_len

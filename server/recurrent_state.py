@@ -106,7 +106,10 @@ class StateCache:
     names the tokens and the weights that computed the state. States of answers (``put_answer``:
     decode steps', which only a later turn repeating the answer can hit) hold at most half of the
     slots beyond the free ones, so that the answers of a busy server's running sequences cannot
-    push out every prompt's state (a shared system prompt's) that most hits come from."""
+    push out every prompt's state (a shared system prompt's) that most hits come from. States in
+    ``kept`` (those the requests near the head of the queue will resume from: the engine sets it
+    each step) are never evicted: a burst of saves would otherwise push out the very state a
+    request waiting for a batch slot was about to resume from."""
 
     def __init__(self, slots: range):
         if not slots:
@@ -115,6 +118,7 @@ class StateCache:
         self._size = len(self._slots)
         self._by_key: OrderedDict[Hashable, int] = OrderedDict()  # every state, least recently used first
         self._answers: OrderedDict[Hashable, None] = OrderedDict()  # the answers' among them, in the same order
+        self.kept: frozenset = frozenset()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -136,35 +140,39 @@ class StateCache:
 
     def put(self, key: Hashable) -> int | None:
         """The slot to copy a prompt's ``key`` state into: a free one, else the least recently
-        used one's (its prefix evicted); None when ``key`` is cached already (made the most
-        recently used)."""
+        used one's not kept (its prefix evicted); None when ``key`` is cached already (made the
+        most recently used), or every state is kept."""
         if key in self._by_key:
             self.get(key)
             return None
-        self._by_key[key] = slot = self._slots.pop() if self._slots else self._evict(next(iter(self._by_key)))
+        slot = self._slots.pop() if self._slots else self._evict_oldest(self._by_key)
+        if slot is not None:
+            self._by_key[key] = slot
         return slot
 
     def put_answer(self, key: Hashable, replacing: Hashable | None = None) -> int | None:
         """The slot to copy a decoding sequence's ``key`` state into, superseding ``replacing`` (its
         state at its previous block, dropped if still an answer's): a free one, else the least
         recently used one's while answers hold less than half of the slots, else the least
-        recently used answer's; None when ``key`` is cached already, or a one-slot cache holds a
-        prompt's."""
-        if replacing != key and replacing in self._answers:
+        recently used answer's, passing over those kept; None when ``key`` is cached already, or
+        no state may go (a one-slot cache holds a prompt's)."""
+        if replacing != key and replacing in self._answers and replacing not in self.kept:
             self._slots.append(self._evict(replacing))
         if key in self._by_key:
             return None
         if self._slots:
             slot = self._slots.pop()
-        elif len(self._answers) < self._size // 2:
-            slot = self._evict(next(iter(self._by_key)))
-        elif self._answers:
-            slot = self._evict(next(iter(self._answers)))
         else:
-            return None
-        self._by_key[key] = slot
-        self._answers[key] = None
+            slot = self._evict_oldest(self._by_key if len(self._answers) < self._size // 2 else self._answers)
+        if slot is not None:
+            self._by_key[key] = slot
+            self._answers[key] = None
         return slot
+
+    def _evict_oldest(self, among) -> int | None:
+        """Drop the least recently used state of ``among`` that is not kept: its slot (None: none)."""
+        key = next((k for k in among if k not in self.kept), None)
+        return None if key is None else self._evict(key)
 
     def _evict(self, key: Hashable) -> int:
         """Drop ``key``'s state: its slot."""

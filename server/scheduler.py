@@ -28,12 +28,13 @@ Rules, in order:
    A request blocked for a reason of its own (its adapter is not ready, a new adapter would pass
    the distinct-adapter budget, or the next block of its prompt past its prefix-cache hit, for a
    recurrent model a state it could resume from, is being computed by a running or just-admitted
-   request: ``waits_for``) is skipped with the rest of its tenant for this
-   step; others go ahead. The last rule shares a prefix that requests bring at the same time (a
-   system prompt, a request's n completions): one computes it, the others hit it once committed,
-   instead of each computing a private copy. It cannot starve anyone: the computing request
-   commits that block within its prefill, and then it is a hit. One that does not fit the free
-   blocks stops admission, on purpose, so that long prompts are not starved by short ones.
+   request: ``waits_for``) is skipped with the rest of its tenant for this step; others go
+   ahead. The last rule shares a prefix that requests bring at the same time (a system prompt, a
+   request's n completions or few-shot prompts): one computes it, the others hit it once
+   committed, instead of each computing a private copy. It cannot starve anyone: the computing
+   request commits that block (or state) within its prefill, and then it is a hit. One that does
+   not fit the free blocks stops admission, on purpose, so that long prompts are not starved by
+   short ones.
    Nothing is admitted in a step that preempts for KV memory; a step that preempts for a fair
    share or a priority admits the request it made room for at once.
 

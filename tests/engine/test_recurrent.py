@@ -305,6 +305,51 @@ def test_a_prompt_that_comes_during_a_prefill_resumes_where_it_parts_from_it(hyb
     assert [out for out, _ in outs] == peft_generate(model, None, [a, b], 6, eos_token_id=None)
 
 
+def test_a_state_a_waiting_request_will_resume_from_is_not_evicted_meanwhile(hybrid):
+    """Two cached states: P's prompt's (at 20) and an answer's. Queued together under priority
+    scheduling with room for three, A, B and C (priority 0) are admitted first and each caches its
+    prompt's state; Q (P again, priority 1) waits for a batch slot. The state Q will resume from is
+    the least recently used, yet their saves take the others' slots, and Q resumes at 20."""
+    model, _ = hybrid
+    rng = random.Random(13)
+    p = [rng.randrange(3, 300) for _ in range(21)]
+    others = [[rng.randrange(3, 300) for _ in range(13)] for _ in range(3)]
+    engine = make(hybrid, max_model_len=64, max_cached_states=2, max_batch_size=4, scheduling="priority").engine
+    engine.start()
+    try:
+        first = asyncio.run(generate(engine, "p", None, p, 6))
+        held = HeldStep()
+        engine.observers.append(held)
+
+        async def main():
+            def one(rid, prompt, priority):
+                stream = engine.submit(GenerationRequest(rid, tuple(prompt), SamplingParams(6, ignore_eos=True),
+                                                         None, priority=priority))
+                return asyncio.create_task(read(stream))
+
+            async def read(stream):
+                events = [ev async for ev in stream]
+                return [ev.token_id for ev in events], events[-1].cached_prompt_tokens
+
+            tasks = [one("w", [5, 6, 7], 0)]  # no full block: no prompt state of its own
+            assert await asyncio.to_thread(held.stepped.wait, 60)
+            tasks += [one(f"o{i}", o, 0) for i, o in enumerate(others)] + [one("q", p, 1)]
+            held.go.set()
+            return await asyncio.gather(*tasks)
+
+        try:
+            outs = asyncio.run(main())
+        finally:
+            held.go.set()
+            engine.observers.remove(held)
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+    assert first[1] == 0 and [hit for _, hit in outs] == [0, 0, 0, 0, 20]
+    expected = peft_generate(model, None, [[5, 6, 7], *others, p], 6, eos_token_id=None)
+    assert [out for out, _ in outs] == expected and first[0] == expected[-1]
+
+
 def test_no_cached_states_is_no_prefix_caching(hybrid):
     engine = make(hybrid, max_cached_states=0).engine
     assert not engine.blocks.prefix_caching and engine.state_cache is None

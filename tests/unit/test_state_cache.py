@@ -86,14 +86,26 @@ def test_an_answers_state_that_serves_a_hit_counts_as_a_prompts():
     assert cache.put_answer("c@8") == 0 and "b@8" not in cache and "a@8" in cache  # b was the only answer
 
 
-@given(st.lists(st.tuples(st.sampled_from(["get", "put", "answer"]), st.integers(0, 6), st.integers(0, 6)),
+def test_states_that_waiting_requests_resume_from_are_kept():
+    cache = StateCache(range(3))
+    assert [cache.put(k) for k in "abc"] == [2, 1, 0]
+    cache.kept = frozenset("ab")
+    assert cache.put("d") == 0 and "c" not in cache  # a and b, older, are passed over
+    cache.kept = frozenset("abd")
+    assert cache.put("e") is None and cache.put_answer("x@8") is None and len(cache) == 3  # all kept: no save
+    cache.kept = frozenset()
+    assert cache.put("e") == 2 and "a" not in cache
+
+
+@given(st.lists(st.tuples(st.sampled_from(["get", "put", "answer", "keep"]), st.integers(0, 6), st.integers(0, 6)),
                 max_size=60), st.integers(1, 5))
 def test_the_cache_matches_a_model_of_its_two_kinds_of_state(ops, size):
     """Against a model: one least-recently-used order; answers' states take free slots, then the
     least recently used state's while they hold less than half of the slots, then the oldest
     answer's, each superseding its sequence's older one; a hit on an answer's makes it a
-    prompt's. No two keys share a slot, every slot the cache's."""
+    prompt's; kept states are passed over. No two keys share a slot, every slot the cache's."""
     cache, order, answers, slot_of = StateCache(range(100, 100 + size)), [], [], {}
+    kept = set()
 
     def evict(key):
         order.remove(key)
@@ -106,9 +118,15 @@ def test_the_cache_matches_a_model_of_its_two_kinds_of_state(ops, size):
         slot_of[key] = slot
         order.append(key)
 
+    def oldest(among):
+        return next((k for k in among if k not in kept), None)
+
     for op, key, old in ops:
         held = key in slot_of
-        if op == "get":
+        if op == "keep":  # the keys from key to old
+            kept = set(range(key, old))
+            cache.kept = frozenset(kept)
+        elif op == "get":
             if held:
                 assert cache.get(key) == slot_of[key]
                 order.remove(key)
@@ -125,17 +143,21 @@ def test_the_cache_matches_a_model_of_its_two_kinds_of_state(ops, size):
                     answers.remove(key)
             else:
                 if len(slot_of) == size:
-                    evict(order[0])
+                    if oldest(order) is None:
+                        assert slot is None
+                        continue
+                    evict(oldest(order))
                 take(key, slot)
         else:
             slot = cache.put_answer(key, replacing=old)
-            if old != key and old in answers:
+            if old != key and old in answers and old not in kept:
                 evict(old)
-            if held or (len(slot_of) == size and not answers and size // 2 == 0):
+            victim = None if len(slot_of) < size else oldest(order if len(answers) < size // 2 else answers)
+            if held or (len(slot_of) == size and victim is None):
                 assert slot is None
                 continue
-            if len(slot_of) == size:
-                evict(order[0] if len(answers) < size // 2 else answers[0])
+            if victim is not None:
+                evict(victim)
             take(key, slot)
             answers.append(key)
     assert len(cache) == len(slot_of) and all(k in cache for k in slot_of) and cache.num_answers == len(answers)
