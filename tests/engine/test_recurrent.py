@@ -237,15 +237,22 @@ class HeldStep(EngineObserver):
 
 
 def run_held(engine, first, then) -> list[tuple[list[int], int]]:
-    """Runs ``first`` [(adapter, prompt)], holds the engine after its first step while ``then``
-    is queued, and returns every request's (tokens, cached prompt tokens), 6 tokens each."""
+    """Runs ``first`` [(adapter, prompt) or (adapter, prompt, priority)], holds the engine after
+    its first step while ``then`` is queued, and returns every request's (tokens, cached prompt
+    tokens), 6 tokens each."""
     held = HeldStep()
     engine.observers.append(held)
 
+    async def one(request_id, adapter, prompt, priority=0):
+        stream = engine.submit(GenerationRequest(request_id, tuple(prompt), SamplingParams(6, ignore_eos=True),
+                                                 adapter, priority=priority))
+        events = [ev async for ev in stream]
+        return [ev.token_id for ev in events], events[-1].cached_prompt_tokens
+
     async def main():
-        tasks = [asyncio.create_task(generate(engine, f"f{i}", a, p, 6)) for i, (a, p) in enumerate(first)]
+        tasks = [asyncio.create_task(one(f"f{i}", *job)) for i, job in enumerate(first)]
         assert await asyncio.to_thread(held.stepped.wait, 60)
-        tasks += [asyncio.create_task(generate(engine, f"t{i}", a, p, 6)) for i, (a, p) in enumerate(then)]
+        tasks += [asyncio.create_task(one(f"t{i}", *job)) for i, job in enumerate(then)]
         await asyncio.sleep(0)  # each submits before its first await
         held.go.set()
         return await asyncio.gather(*tasks)
@@ -318,30 +325,8 @@ def test_a_state_a_waiting_request_will_resume_from_is_not_evicted_meanwhile(hyb
     engine.start()
     try:
         first = asyncio.run(generate(engine, "p", None, p, 6))
-        held = HeldStep()
-        engine.observers.append(held)
-
-        async def main():
-            def one(rid, prompt, priority):
-                stream = engine.submit(GenerationRequest(rid, tuple(prompt), SamplingParams(6, ignore_eos=True),
-                                                         None, priority=priority))
-                return asyncio.create_task(read(stream))
-
-            async def read(stream):
-                events = [ev async for ev in stream]
-                return [ev.token_id for ev in events], events[-1].cached_prompt_tokens
-
-            tasks = [one("w", [5, 6, 7], 0)]  # no full block: no prompt state of its own
-            assert await asyncio.to_thread(held.stepped.wait, 60)
-            tasks += [one(f"o{i}", o, 0) for i, o in enumerate(others)] + [one("q", p, 1)]
-            held.go.set()
-            return await asyncio.gather(*tasks)
-
-        try:
-            outs = asyncio.run(main())
-        finally:
-            held.go.set()
-            engine.observers.remove(held)
+        # the first step's request has no full block, so no prompt state of its own
+        outs = run_held(engine, [(None, [5, 6, 7])], [*((None, o, 0) for o in others), (None, p, 1)])
         assert_states_free(engine)
     finally:
         engine.stop()
