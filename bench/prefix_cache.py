@@ -27,6 +27,8 @@
 
 With ``--model`` a model with recurrent layers (a hybrid), parts 1, 2 and 4 measure prefix caching
 by cached states (README), and ``--concurrency-requests 0`` skips part 3, which is about K/V alone.
+Requests of parts 1, 2 and 4 say where their system prompt ends (``shared_prefix_ends``), as the
+server's renderer marks a chat's system messages: a hybrid caches a state there.
 """
 
 from __future__ import annotations
@@ -54,13 +56,14 @@ from common import random_prompts, run_batch, write_adapter  # noqa: E402
 
 def ttft_run(engine, adapters, systems, questions, clients: int, max_new: int) -> list[float]:
     """Each client sends its requests one after another; returns every request's TTFT."""
-    jobs = [(adapters[i % len(adapters)], systems[i % len(adapters)] + questions[i]) for i in range(len(questions))]
+    jobs = [(adapters[i % len(adapters)], systems[i % len(adapters)], questions[i]) for i in range(len(questions))]
     per_client = [jobs[c::clients] for c in range(clients)]
 
     async def client(c, mine):
         out = []
-        for j, (adapter, prompt) in enumerate(mine):
-            req = GenerationRequest(f"c{c}-{j}", tuple(prompt), SamplingParams(max_new, ignore_eos=True), adapter)
+        for j, (adapter, system, question) in enumerate(mine):
+            req = GenerationRequest(f"c{c}-{j}", (*system, *question), SamplingParams(max_new, ignore_eos=True), adapter,
+                                    shared_prefix_ends=(len(system),))
             events = [ev async for ev in engine.submit(req)]
             out.append(events[-1].timing.time_to_first_token_seconds)
         return out
@@ -91,7 +94,7 @@ def conversations_run(engine, adapters, systems, users, answer_len: int) -> list
         for t, user in enumerate(users[c]):
             prompt = history + user
             req = GenerationRequest(f"v{c}-{t}", tuple(prompt), SamplingParams(answer_len, ignore_eos=True),
-                                    adapters[c % len(adapters)])
+                                    adapters[c % len(adapters)], shared_prefix_ends=(len(systems[c]),))
             events = [ev async for ev in engine.submit(req)]
             if t:
                 out.append((events[-1].timing.time_to_first_token_seconds, len(prompt),

@@ -209,6 +209,12 @@ class Engine:
         return ids(self._running), ids(self._waiting)
 
     @property
+    def caches_states(self) -> bool:
+        """Whether prompts' recurrent states are cached (a hybrid with prefix caching): only then do
+        requests' ``shared_prefix_ends`` matter."""
+        return self.state_cache is not None
+
+    @property
     def tokenizer(self):
         """The base model's tokenizer."""
         return self.vocabularies.base.tokenizer
@@ -655,14 +661,17 @@ class Engine:
         prefill parts from its prompt (``parting``: prompts that come together, with a common
         prefix no state holds yet; that request waits for this one's state, as a K/V model's
         waits for its blocks), and at its prompt's last full block (a later turn of a
-        conversation, or the same prompt again)."""
+        conversation, or the same prompt again), and where the request says other prompts part from
+        it (``shared_prefix_ends``: a chat's instructions, which later requests share without
+        coming together with it)."""
         keys, bs = seq.prompt_keys, self.blocks.block_size
         last = (seq.prefill_len - 1) // bs  # blocks before the prompt's last token
         matched = min(len(seq.hit.blocks), last)
         usable = next((b for b in range(matched, 0, -1) if keys[b - 1] in self.state_cache), 0)
         if usable < len(seq.hit.blocks):
             seq.hit = self.blocks.lookup(keys[:usable])
-        seq.cache_states_at = tuple(b * bs for b in sorted({matched, last, *parting}) if b > usable)
+        ends = (at // bs for at in seq.request.shared_prefix_ends if at // bs <= last)
+        seq.cache_states_at = tuple(b * bs for b in sorted({matched, last, *parting, *ends}) if b > usable)
 
     def _admit(self, seq: Sequence) -> None:
         self.admission.pin(seq)

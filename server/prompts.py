@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from .config import ServerConfig
@@ -166,6 +166,25 @@ class PromptRenderer:
         them), then its truncation. ``add_special_tokens``: the tokenizer's (BOS, ...) around a text
         (unset: yes) or around the rendered messages (unset: no, the template writes them)."""
         return self._kept(p, p.token_ids or self._tokens(p))
+
+    def instructions_end(self, p: Prompt, ids: list[int]) -> int | None:
+        """Where the leading system messages (with the tools a template shows among them) end in
+        ``ids``, ``p``'s rendering: the length of what they render to alone, as far as it is a
+        prefix of ``ids``. Requests that share their instructions part there, so a model with
+        recurrent layers caches its state there (a state is cached only where a prefix ends). None:
+        no system message before another, a truncated prompt, or a template that will not render
+        them alone."""
+        lead = next((i for i, m in enumerate(p.messages) if m[0] != "system"), 0)
+        if not lead or p.truncate_prompt_tokens is not None:
+            return None
+        alone = replace(p, messages=p.messages[:lead],
+                        chat=replace(p.chat, add_generation_prompt=False, continue_final_message=False))
+        try:
+            head = self._tokens(alone)
+        except RequestInvalid:  # a template that wants a user turn after its system message
+            return None
+        common = next((i for i, (a, b) in enumerate(zip(head, ids, strict=False)) if a != b), min(len(head), len(ids)))
+        return common if 0 < common < len(ids) else None
 
     def _tokens(self, p: Prompt) -> list[int]:
         """The text or the messages as token ids."""

@@ -104,6 +104,10 @@ class GenerationRequest:
     prediction: tuple[int, ...] = ()
     # vLLM's cache_salt: its prefix-cache hits come only from requests with the same salt ("": none)
     cache_salt: str = ""
+    # where other prompts are expected to part from this one (the end of a chat's instructions): a
+    # model with recurrent layers caches its state at the last full block before each, so a request
+    # sharing only that much resumes there (the server's renderer sets it; not a client's field)
+    shared_prefix_ends: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -127,11 +127,11 @@ class Service:
                     # the other completions of a prompt leave its logprobs to the first (the same
                     # values), so they may hit the blocks it computes
                     later = sampling if sampling.prompt_logprobs is None else replace(sampling, prompt_logprobs=None)
-                    for ids in rendered:
+                    for ids, ends in rendered:
                         for j in range(n):
                             seeded = sampling if j == 0 else later if later.seed is None else \
                                 replace(later, seed=(later.seed + j) % (1 << 64))
-                            streams.append(self._submit(ids, seeded, adapter_id, options, predicted))
+                            streams.append(self._submit(ids, seeded, adapter_id, options, predicted, ends))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -160,7 +160,7 @@ class Service:
         async with contextlib.AsyncExitStack() as held:  # its adapter held until every step is submitted
             with self._counting_refusals(options.adapter_id):
                 adapter_id = await held.enter_async_context(self._adapter_held(options.adapter_id, options.combine))
-                rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
+                rendered = [(await self._render(prompt, adapter_id))[0] for prompt in prompts]
                 engine = self.ready().engine
                 whole = [engine.fitted(GenerationRequest(rid, tuple(ids), sampling, adapter_id or None,
                                                          priority=options.priority, cache_salt=options.cache_salt))
@@ -246,15 +246,23 @@ class Service:
                 self.on_rejected(status_name(e), adapter_id or None)
             raise
 
-    async def _render(self, prompt: Prompt, adapter_id: str | None) -> list[int]:
+    async def _render(self, prompt: Prompt, adapter_id: str | None) -> tuple[list[int], tuple[int, ...]]:
         """The adapter's (dynamic) registration, cheap bounds with its renderer (its tokenizer's
-        chat template, if it has one of its own), then the tokenizer off the loop."""
-        self.ready()
+        chat template, if it has one of its own), then the tokenizer off the loop: the token ids,
+        and where a chat's instructions end in them (the request's shared_prefix_ends) when the
+        engine caches recurrent states there."""
+        engine = self.ready().engine
         if adapter_id:
             await self._ensure_registered(adapter_id)
         renderer = self.vocabulary(adapter_id).renderer
         renderer.check(prompt)
-        return await self.work.run("tokenizing the prompt", renderer.render, prompt)
+
+        def render():
+            ids = renderer.render(prompt)
+            end = renderer.instructions_end(prompt, ids) if prompt.messages and engine.caches_states else None
+            return ids, () if end is None else (end,)
+
+        return await self.work.run("tokenizing the prompt", render)
 
     async def _prepare(self, sampling: SamplingParams, vocab: Vocabulary) -> None:
         """A structured output's constraint compiled off the loop; the engine then copies it."""
@@ -273,7 +281,7 @@ class Service:
             vocab.tokenizer.encode, prediction, add_special_tokens=False)))
 
     def _submit(self, ids: list[int], sampling: SamplingParams, adapter_id: str | None, options: RequestOptions,
-                prediction: tuple[int, ...] = ()):
+                prediction: tuple[int, ...] = (), shared_prefix_ends: tuple[int, ...] = ()):
         """``adapter_id``: the one the call resolved (a combination's registration); ``prediction``:
         its tokens."""
         remaining = options.time_remaining
@@ -281,6 +289,7 @@ class Service:
             request_id=options.request_id or uuid.uuid4().hex, prompt_token_ids=tuple(ids), sampling=sampling,
             adapter_id=adapter_id or None, deadline=None if remaining is None else time.monotonic() + remaining,
             priority=options.priority, prediction=prediction, cache_salt=options.cache_salt,
+            shared_prefix_ends=shared_prefix_ends,
         )
         return self.ready().engine.submit(req)
 

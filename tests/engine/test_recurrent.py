@@ -153,6 +153,39 @@ def test_prefix_hits_resume_from_cached_states_and_stay_exact(hybrid):
     assert outs == peft_generate(model, None, [a, b, c, turn, a], 8, eos_token_id=None)
 
 
+def test_a_state_cached_where_a_request_says_its_instructions_end_serves_later_requests(hybrid):
+    """A says its first 22 tokens (a chat's instructions, as the server's renderer marks them) are
+    shared: it caches its state at 20, the last full block before them, beside its own last block.
+    B, C and D, sent after it, share only those 22 tokens and resume at 20 (without the mark: B
+    from its first token, as in the test above). Each also marks its own length, which is no
+    state where a block ends there (B's 28: a state needs a token after it). Every output equals
+    PEFT's."""
+    model, adapters = hybrid
+    rng = random.Random(5)
+    system = [rng.randrange(3, 300) for _ in range(22)]
+    prompts = [[*system, *(rng.randrange(3, 300) for _ in range(n))] for n in (9, 6, 13, 3)]
+
+    async def one(engine, req):
+        return [ev async for ev in engine.submit(req)]
+
+    for marked, expected in ((True, [0, 20, 20, 20]), (False, [0, 0, 20, 20])):
+        engine = make(hybrid, max_model_len=96, max_cached_states=12).engine
+        engine.start()
+        try:
+            outs, cached = [], []
+            for i, prompt in enumerate(prompts):
+                ends = (22, len(prompt)) if marked else ()
+                events = asyncio.run(one(engine, GenerationRequest(f"m{i}", tuple(prompt), SamplingParams(
+                    8, ignore_eos=True), shared_prefix_ends=ends)))
+                outs.append([ev.token_id for ev in events])
+                cached.append(events[-1].cached_prompt_tokens)
+            assert_states_free(engine)
+        finally:
+            engine.stop()
+        assert cached == expected, marked
+        assert outs == peft_generate(model, None, prompts, 8, eos_token_id=None)
+
+
 def test_answers_decoded_together_into_a_one_state_cache_leave_every_later_turn_exact(hybrid):
     """Three conversations of 3-token prompts (no full block: no prompt's state) decode together,
     their answers filling blocks at the same steps, into a cache of one state: each such step's

@@ -1,7 +1,7 @@
 """A hybrid model with recurrent layers (Qwen3.5: gated DeltaNet beside attention) through the real
 server and the official `openai` client: concurrent streams of mixed adapters, token for token as
-PEFT; a repeated prompt, a later turn and prompts sent together resumed from cached recurrent
-states (prefix caching on, reported in usage and the metrics); beam search (each step's beams as requests of their own, which
+PEFT; a repeated prompt, a later turn, prompts sent together and chats sharing their system
+message resumed from cached recurrent states (prefix caching on, reported in usage and the metrics); beam search (each step's beams as requests of their own, which
 resume from cached states); speculative decoding refused at start-up, naming the flag."""
 
 import subprocess
@@ -99,6 +99,32 @@ def test_prompts_of_one_request_resume_their_common_prefix_from_one_state(hybrid
     assert hybrid.metrics()["loramux_prefix_cache_hit_tokens_total"] - before == 64
     outs = [[int(t.removeprefix("token_id:")) for t in c.logprobs.tokens] for c in sorted(got.choices, key=lambda c: c.index)]
     assert outs == peft_generate(hybrid.model_dir, None, prompts, 6, eos_token_id=None)
+
+
+def test_chats_that_share_only_their_instructions_resume_where_they_end(hybrid):
+    """Two chats with the same system message and different questions, one after the other: the
+    first caches its state where its system message ends (the renderer marks it; its last full
+    block before it), and the second resumes there. Without that mark it would start from its
+    first token: no state of the first ends inside what they share."""
+    from transformers import AutoTokenizer
+
+    oa = hybrid.openai()
+    tokenizer = AutoTokenizer.from_pretrained(hybrid.model_dir)
+    system = {"role": "system", "content": "LoRA adds a low-rank update B A to a frozen weight W, scaled by alpha "
+                                           "over r. Once upon a time there was a little server."}
+    head = len(tokenizer.apply_chat_template([system], return_dict=True)["input_ids"])
+    assert head >= 32, head  # two blocks of 16 at least
+
+    def chat(question):
+        messages = [system, {"role": "user", "content": question}]
+        got = oa.chat.completions.create(model="all-r4", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        tokens = [int(t.token.removeprefix("token_id:")) for t in got.choices[0].logprobs.content]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert [tokens] == peft_generate(hybrid.model_dir, hybrid.adapters["all-r4"], [prompt], 6, eos_token_id=None)
+        return got.usage.prompt_tokens_details.cached_tokens
+
+    assert [chat("The quick brown fox?"), chat("Ünïcödé wörds?")] == [0, head // 16 * 16]
 
 
 def test_beam_search_returns_the_beams_a_search_over_peft_finds(hybrid):
