@@ -168,20 +168,21 @@ class PromptRenderer:
         return self._kept(p, p.token_ids or self._tokens(p))
 
     def instructions_end(self, p: Prompt, ids: list[int]) -> int | None:
-        """Where the leading system messages (with the tools a template shows among them) end in
-        ``ids``, ``p``'s rendering: the length of what they render to alone, as far as it is a
-        prefix of ``ids``. Requests that share their instructions part there, so a model with
-        recurrent layers caches its state there (a state is cached only where a prefix ends). None:
-        no system message before another, a truncated prompt, or a template that will not render
-        them alone."""
-        lead = next((i for i, m in enumerate(p.messages) if m[0] != "system"), 0)
-        if not lead or p.truncate_prompt_tokens is not None:
+        """Where the part of ``ids`` (``p`` rendered) that other chats with the same instructions
+        share ends: the leading system messages, with the tools a template shows among them, and
+        what the template writes before the next message's content (its own default system prompt
+        when there is none, that message's header). Found as the common prefix of ``ids`` and the
+        rendering with that next message's content left empty. A model with recurrent layers
+        caches its state there (a state is cached only where a prefix ends). None: nothing after
+        the system messages, a truncated prompt, or a template that will not render the probe."""
+        lead = next((i for i, m in enumerate(p.messages) if m[0] != "system"), None)
+        if lead is None or p.truncate_prompt_tokens is not None:
             return None
-        alone = replace(p, messages=p.messages[:lead],
+        probe = replace(p, messages=(*p.messages[:lead], (p.messages[lead][0], "")),
                         chat=replace(p.chat, add_generation_prompt=False, continue_final_message=False))
         try:
-            head = self._tokens(alone)
-        except RequestInvalid:  # a template that wants a user turn after its system message
+            head = self._tokens(probe)
+        except RequestInvalid:  # a template that refuses an empty message
             return None
         common = next((i for i, (a, b) in enumerate(zip(head, ids, strict=False)) if a != b), min(len(head), len(ids)))
         return common if 0 < common < len(ids) else None

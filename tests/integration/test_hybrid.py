@@ -103,28 +103,29 @@ def test_prompts_of_one_request_resume_their_common_prefix_from_one_state(hybrid
 
 def test_chats_that_share_only_their_instructions_resume_where_they_end(hybrid):
     """Two chats with the same system message and different questions, one after the other: the
-    first caches its state where its system message ends (the renderer marks it; its last full
-    block before it), and the second resumes there. Without that mark it would start from its
-    first token: no state of the first ends inside what they share."""
+    first caches its state where what they share ends (the renderer marks it: the system message
+    and the user turn's header; the last full block before it), and the second resumes there.
+    Without that mark it would start from its first token: no state of the first ends inside
+    what they share."""
     from transformers import AutoTokenizer
 
     oa = hybrid.openai()
     tokenizer = AutoTokenizer.from_pretrained(hybrid.model_dir)
     system = {"role": "system", "content": "LoRA adds a low-rank update B A to a frozen weight W, scaled by alpha "
                                            "over r. Once upon a time there was a little server."}
-    head = len(tokenizer.apply_chat_template([system], return_dict=True)["input_ids"])
-    assert head >= 32, head  # two blocks of 16 at least
+    chats = [[system, {"role": "user", "content": question}] for question in ("The quick brown fox?", "Ünïcödé wörds?")]
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"] for m in chats]
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
+    assert shared >= 32, shared  # two blocks of 16 at least
 
-    def chat(question):
-        messages = [system, {"role": "user", "content": question}]
+    def chat(messages, prompt):
         got = oa.chat.completions.create(model="all-r4", messages=messages, max_tokens=6, temperature=0, logprobs=True,
                                          extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
         tokens = [int(t.token.removeprefix("token_id:")) for t in got.choices[0].logprobs.content]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
         assert [tokens] == peft_generate(hybrid.model_dir, hybrid.adapters["all-r4"], [prompt], 6, eos_token_id=None)
         return got.usage.prompt_tokens_details.cached_tokens
 
-    assert [chat("The quick brown fox?"), chat("Ünïcödé wörds?")] == [0, head // 16 * 16]
+    assert [chat(*c) for c in zip(chats, prompts, strict=True)] == [0, shared // 16 * 16]
 
 
 def test_beam_search_returns_the_beams_a_search_over_peft_finds(hybrid):

@@ -5,7 +5,7 @@ import pytest
 
 from loramux.server.config import ServerConfig
 from loramux.server.errors import RequestInvalid
-from loramux.server.prompts import ChatOptions, Prompt
+from loramux.server.prompts import Prompt
 
 
 def test_a_forced_tool_calls_tools_reach_a_chat_template_that_shows_them(tiny_llama):
@@ -346,38 +346,46 @@ def test_an_assistant_turns_thinking_reaches_a_template_that_reads_it_as_thinkin
     assert "(thought: greet back)hello" in tokenizer.decode(renderer.render(Prompt(messages=turns)))
 
 
-def test_where_a_chats_instructions_end_is_what_they_render_to_alone(tiny_llama):
-    """instructions_end: the leading system messages' rendering (tools shown among them included)
-    is a prefix of the whole prompt's, and ends there; later messages, the generation prompt and
-    another user turn do not move it. None without a system message first, with nothing after the
-    system messages, for a truncated prompt, and for a template that refuses to render them alone."""
+def test_where_a_chats_instructions_end_is_what_chats_sharing_them_share(tiny_llama):
+    """instructions_end: the leading system messages (the tools a template shows among them
+    included) and the next turn's header, as far as chats with other turns after the same
+    instructions render alike; with no system message, what the template writes before the first
+    message's content (its own default system prompt). None with nothing after the system
+    messages, for a truncated prompt, and for a template that will not render the probe."""
     from transformers import AutoTokenizer
 
     from loramux.server.prompts import PromptRenderer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    template = tokenizer.chat_template
     tokenizer.chat_template = ("{% if tools %}TOOLS {% for t in tools %}{{ t.function.name }} {% endfor %}{% endif %}"
-                               + tokenizer.chat_template)
+                               + template)
     renderer = PromptRenderer(tokenizer, ServerConfig(model=str(tiny_llama)))
     system = (("system", "You are a terse assistant."), ("system", "Answer in French."))
     tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+    def end_of(messages, **kw):
+        prompt = Prompt(messages=messages, **kw)
+        ids = renderer.render(prompt)
+        end = renderer.instructions_end(prompt, ids)
+        return end, ids
+
     for tools in ((), (tool,)):
-        ends = set()
-        for later in ((("user", "hi"),), (("user", "Quelle heure est-il?"), ("assistant", "Midi."), ("user", "Merci"))):
-            prompt = Prompt(messages=system + later, tools=tools)
-            ids = renderer.render(prompt)
-            end = renderer.instructions_end(prompt, ids)
-            head = renderer.render(Prompt(messages=system, tools=tools, chat=ChatOptions(add_generation_prompt=False)))
-            assert end == len(head) and ids[:end] == head, (tools, later)
-            assert tokenizer.decode(ids[:end]).endswith("Answer in French.<|im_end|>\n")
-            ends.add(end)
-        assert len(ends) == 1
-    for messages in ((("user", "hi"),), system, (("user", "hi"), *system, ("user", "hi"))):
-        prompt = Prompt(messages=messages)
-        assert renderer.instructions_end(prompt, renderer.render(prompt)) is None, messages
-    truncated = Prompt(messages=(*system, ("user", "hi")), truncate_prompt_tokens=8)
-    assert renderer.instructions_end(truncated, renderer.render(truncated)) is None
-    tokenizer.chat_template = ("{% if messages[-1]['role'] == 'system' %}{{ raise_exception('a user turn must "
-                               "follow') }}{% endif %}" + tokenizer.chat_template)
-    prompt = Prompt(messages=(*system, ("user", "hi")))
-    assert renderer.instructions_end(prompt, renderer.render(prompt)) is None
+        rendered = [end_of(system + later, tools=tools) for later in (
+            (("user", "hi"),), (("user", "Quelle heure est-il?"), ("assistant", "Midi."), ("user", "Merci")))]
+        (end, ids), (other_end, other) = rendered
+        shared = next(i for i, (a, b) in enumerate(zip(ids, other, strict=False)) if a != b)
+        assert end == other_end == shared, tools
+        assert tokenizer.decode(ids[:end]).endswith("Answer in French.<|im_end|>\n<|im_start|>user\n")
+        assert tokenizer.decode(ids[:end]).startswith("TOOLS lookup" if tools else "<|im_start|>system")
+    end, ids = end_of((("user", "hi"),))
+    assert tokenizer.decode(ids[:end]) == "<|im_start|>user\n"
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+                               "assistant.<|im_end|>\n{% endif %}" + template)  # SmolLM2's and Qwen2.5's way
+    end, ids = end_of((("user", "hi"), ("assistant", "hello"), ("user", "how are you?")))
+    assert tokenizer.decode(ids[:end]) == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    for messages, kw in ((system, {}), ((*system, ("user", "hi")), {"truncate_prompt_tokens": 8})):
+        assert end_of(messages, **kw)[0] is None, (messages, kw)
+    tokenizer.chat_template = ("{% if not messages[-1]['content'] %}{{ raise_exception('empty message') }}{% endif %}"
+                               + template)
+    assert end_of((*system, ("user", "hi")))[0] is None
