@@ -23,7 +23,13 @@
    request's prompts. Caching on vs off: TTFT p50, and the share of prompt tokens from the cache
    against the most (every prompt's shared full blocks but the first's).
 
-    python bench/prefix_cache.py [--slots 16] [--json out.json]
+6. Branches: 16 requests one after another, each the first 128-983 tokens of one 1024-token root
+   (a random length each: an agent's rewritten history, a document quoted to varying depth) and 32
+   tokens of its own. Caching on vs off: TTFT p50, and the share of prompt tokens from the cache
+   against the most (what each shares with an earlier one, in full blocks). A hybrid serves that
+   only where a state is cached below where it parts: ``--cached-state-interval`` (README).
+
+    python bench/prefix_cache.py [--slots 16] [--cached-state-interval 0] [--json out.json]
 
 With ``--model`` a model with recurrent layers (a hybrid), parts 1, 2 and 4 measure prefix caching
 by cached states (README), and ``--concurrency-requests 0`` skips part 3, which is about K/V alone.
@@ -41,7 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from statistics import median
+from statistics import mean, median
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loramux.server.builder import build_engine  # noqa: E402
@@ -109,6 +115,7 @@ def conversations_run(engine, adapters, systems, users, answer_len: int) -> list
 
 
 SHOTS_LEN = 512  # part 5: the tokens its prompts share
+BRANCH_ROOT_LEN = 1024  # part 6: the prompt its requests share a prefix of
 
 
 def fewshot_run(engine, batches: list[list[list[int]]]) -> tuple[list[float], int, int]:
@@ -126,6 +133,18 @@ def fewshot_run(engine, batches: list[list[list[int]]]) -> tuple[list[float], in
 
     last = [ev for k, prompts in enumerate(batches) for ev in asyncio.run(batch(k, prompts))]
     return ([ev.timing.time_to_first_token_seconds for ev in last], sum(len(p) for b in batches for p in b),
+            sum(ev.cached_prompt_tokens for ev in last))
+
+
+def branches_run(engine, prompts: list[list[int]]) -> tuple[list[float], int, int]:
+    """The prompts one after another: every request's TTFT, the prompt tokens, and those served
+    from the cache."""
+    async def one(k, prompt):
+        req = GenerationRequest(f"b{k}", tuple(prompt), SamplingParams(8, ignore_eos=True), None)
+        return [ev async for ev in engine.submit(req)][-1]
+
+    last = [asyncio.run(one(k, p)) for k, p in enumerate(prompts)]
+    return ([ev.timing.time_to_first_token_seconds for ev in last], sum(map(len, prompts)),
             sum(ev.cached_prompt_tokens for ev in last))
 
 
@@ -151,12 +170,16 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--answer-len", type=int, default=64)
     ap.add_argument("--few-shot", type=int, default=8, help="part 5's prompts a request (0: skip it)")
+    ap.add_argument("--branches", type=int, default=16, help="part 6's requests (0: skip it)")
+    ap.add_argument("--cached-state-interval", type=int, default=0,
+                    help="a model with recurrent layers: the server's flag (a multiple of 16)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     base = ServerConfig(model=args.model, max_batch_size=32, max_tokens_per_step=512, max_model_len=1024,
                         default_max_new_tokens=8, max_lora_rank=16, max_device_adapters=args.adapters,
-                        max_host_adapters=args.adapters, metrics_port=0)
+                        max_host_adapters=args.adapters, metrics_port=0,
+                        cached_state_interval=args.cached_state_interval)
     loaded = load_model(base)
     vocab = loaded.hf_model.config.vocab_size
     rng = random.Random(0)
@@ -175,7 +198,12 @@ def main() -> int:
                       for _ in range(args.conversations)]
         shot_batches = [[[*shot, *(rng.randrange(100, vocab) for _ in range(32))] for _ in range(args.few_shot)]
                         for shot in random_prompts(vocab, 5, SHOTS_LEN, seed=4)] if args.few_shot else []
-        ttft, burst, talks, fewshot = {}, {}, {}, {}
+        (root,) = random_prompts(vocab, 1, BRANCH_ROOT_LEN, seed=6)
+        depths = [rng.randrange(128, BRANCH_ROOT_LEN - 40) for _ in range(args.branches)]  # + 32 + 8 fit 1024
+        branches = [[*root[:d], *(rng.randrange(100, vocab) for _ in range(32))] for d in depths]
+        for d, b in zip(depths, branches, strict=True):  # its own tokens part from the root at once
+            b[d] = root[d] + 1 if root[d] + 1 < vocab else 100
+        ttft, burst, talks, fewshot, branched = {}, {}, {}, {}, {}
         for caching in (False, True):
             built = build_engine(ServerConfig(**{**base.__dict__, "adapters": adapters, "prefix_caching": caching}),
                                  loaded)
@@ -202,6 +230,10 @@ def main() -> int:
                 fewshot[caching] = times, tokens, served = fewshot_run(engine, shot_batches)
                 print(f"  {args.few_shot} few-shot prompts a request: TTFT p50 {median(times) * 1e3:7.1f} ms, "
                       f"prompt tokens from the cache {served / tokens:.0%}")
+            if branches:
+                branched[caching] = times, tokens, served = branches_run(engine, branches)
+                print(f"  {args.branches} branches of one root: TTFT p50 {median(times) * 1e3:7.1f} ms, mean "
+                      f"{mean(times) * 1e3:7.1f} ms, prompt tokens from the cache {served / tokens:.0%}")
             engine.stop()
         ratio = median(ttft[False]) / median(ttft[True])
         print(f"  TTFT p50 off / on          {ratio:.2f}x   (target >= 3)")
@@ -226,6 +258,16 @@ def main() -> int:
                   f"{served / tokens:.0%} of prompt tokens, of at most {most:.0%}")
             results.update(fewshot_ttft_p50_off_s=median(off), fewshot_ttft_p50_on_s=median(on),
                            fewshot_cache_share=served / tokens, fewshot_cache_share_most=most)
+
+        if branches:
+            (off, _, _), (on, tokens, served) = branched[False], branched[True]
+            most = sum(min(d, max(depths[:i])) // bs * bs for i, d in enumerate(depths) if i) / tokens
+            print(f"  branches TTFT p50 off / on {median(off) / median(on):.2f}x, mean {mean(off) / mean(on):.2f}x; "
+                  f"from the cache {served / tokens:.0%} of prompt tokens, of at most {most:.0%}")
+            results.update(branch_ttft_p50_off_s=median(off), branch_ttft_p50_on_s=median(on),
+                           branch_ttft_mean_off_s=mean(off), branch_ttft_mean_on_s=mean(on),
+                           branch_cache_share=served / tokens, branch_cache_share_most=most,
+                           cached_state_interval=args.cached_state_interval)
 
     if args.concurrency_requests:
         concurrency(args, base, loaded, results)

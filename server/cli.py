@@ -173,6 +173,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ("max_cached_states", "models with recurrent layers (hybrids, Mamba): their states kept at prompts' and "
                               "answers' block boundaries, from which prefix-cache hits resume, each as large as a "
                               "running sequence's (default: max-batch-size; 0: no prefix caching for such a model)"),
+        ("cached_state_interval", "models with recurrent layers: a prompt's prefill also caches its state every this "
+                                  "many tokens (a multiple of kv-block-size), so that a later prompt parting from it "
+                                  "anywhere resumes at most this far back (default 0: only where prompts part or end)"),
         ("default_max_new_tokens", "max_new_tokens when a request leaves it unset (shrunk to the room its prompt leaves)"),
         ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
         ("max_queued_requests", "requests accepted (queued + running) before RESOURCE_EXHAUSTED"),

@@ -83,6 +83,9 @@ class ServerConfig:
     # a recurrent model's states copied at prompts' block boundaries, from which prefix-cache hits resume
     # (recurrent_state.py); None: max_batch_size of them; 0: no prefix caching for such a model
     max_cached_states: int | None = None
+    # such a model's prefill also caches its state every this many tokens (a multiple of kv_block_size):
+    # a later prompt that parts from it anywhere resumes at most this far back; 0: only where prefixes end
+    cached_state_interval: int = 0
     # speculative decoding by prompt lookup: draft tokens a decoding row proposes from its own text per step
     num_speculative_tokens: int = 0  # 0: off
     prompt_lookup_max: int = 4  # longest suffix n-gram matched against the row's earlier tokens
@@ -165,6 +168,9 @@ class ServerConfig:
             raise ValueError(f"adapter-io-threads must be >= 1, got {self.adapter_io_threads}")
         if self.max_cached_states is not None and self.max_cached_states < 0:
             raise ValueError(f"max-cached-states must be >= 0, got {self.max_cached_states}")
+        if self.cached_state_interval < 0 or self.cached_state_interval % self.kv_block_size:
+            raise ValueError(f"cached-state-interval must be 0 or a positive multiple of kv-block-size "
+                             f"({self.kv_block_size}): a state is cached where a block ends; got {self.cached_state_interval}")
         if self.max_saved_modules < 0:
             raise ValueError(f"max-saved-modules must be >= 0, got {self.max_saved_modules}")
         if self.responses_store_bytes < 0:

@@ -661,9 +661,10 @@ class Engine:
         prefill parts from its prompt (``parting``: prompts that come together, with a common
         prefix no state holds yet; that request waits for this one's state, as a K/V model's
         waits for its blocks), and at its prompt's last full block (a later turn of a
-        conversation, or the same prompt again), and where the request says other prompts part from
+        conversation, or the same prompt again), where the request says other prompts part from
         it (``shared_prefix_ends``: a chat's instructions, which later requests share without
-        coming together with it)."""
+        coming together with it), and every --cached-state-interval tokens (a later prompt that
+        parts from it where nothing marks resumes at most that far back)."""
         keys, bs = seq.prompt_keys, self.blocks.block_size
         last = (seq.prefill_len - 1) // bs  # blocks before the prompt's last token
         matched = min(len(seq.hit.blocks), last)
@@ -671,7 +672,9 @@ class Engine:
         if usable < len(seq.hit.blocks):
             seq.hit = self.blocks.lookup(keys[:usable])
         ends = (at // bs for at in seq.request.shared_prefix_ends if at // bs <= last)
-        seq.cache_states_at = tuple(b * bs for b in sorted({matched, last, *parting, *ends}) if b > usable)
+        every = self.config.cached_state_interval // bs
+        periodic = range(every, last + 1, every) if every else ()
+        seq.cache_states_at = tuple(b * bs for b in sorted({matched, last, *parting, *ends, *periodic}) if b > usable)
 
     def _admit(self, seq: Sequence) -> None:
         self.admission.pin(seq)

@@ -43,6 +43,8 @@ from loramux.server.config import ServerConfig
     (dict(max_saved_modules=-1), "max-saved-modules must be >= 0"),
     (dict(cuda_graphs="yes"), "cuda-graphs must be one of"),
     (dict(adapter_io_threads=0), "adapter-io-threads must be >= 1"),
+    (dict(cached_state_interval=24), "cached-state-interval must be 0 or a positive multiple of kv-block-size (16)"),
+    (dict(cached_state_interval=-16), "cached-state-interval must be 0 or a positive multiple"),
 ])
 def test_inconsistent_settings_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
