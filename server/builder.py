@@ -263,7 +263,9 @@ def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[
     states.kernel = kernel_serves(config.op_backend, loaded.device)
     log.info("recurrent layers: %d states for each of --max-batch-size %d sequences and --max-cached-states %d, "
              "%.1f MiB in all%s", len(specs), config.max_batch_size, cached, size / 2**20,
-             "; prefix caching off (no cached states to resume from)" if config.prefix_caching and not cached else "")
+             "; prefix caching off (no cached states to resume from)" if config.prefix_caching and not cached else
+             f"; a prompt's state also cached every {config.cached_state_interval} tokens (--cached-state-interval)"
+             if cached and config.cached_state_interval else "")
     return replace(config, prefix_caching=cached > 0), states
 
 

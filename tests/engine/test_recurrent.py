@@ -186,12 +186,13 @@ def test_a_state_cached_where_a_request_says_its_instructions_end_serves_later_r
         assert outs == peft_generate(model, None, prompts, 8, eos_token_id=None)
 
 
-def test_states_cached_every_interval_serve_prompts_that_part_anywhere(hybrid):
+def test_states_cached_every_interval_serve_prompts_that_part_anywhere(hybrid, caplog):
     """With --cached-state-interval 8 (blocks of 4), A (31 tokens) caches its state at 8, 16 and 24
     beside its last full block (28). B, C and D then part from A at 22, 13 and 27 tokens, where
     nothing marks: they resume at 16, 8 and 24, the last checkpoint before each parts. Without the
     interval B computes from its first token and caches where it parts from A (20), C, parting at
-    13, finds no state below it either, and D resumes at B's 20. Every output equals PEFT's."""
+    13, finds no state below it either, and D resumes at B's 20. Every output equals PEFT's; the
+    start-up log names the interval."""
     model, adapters = hybrid
     rng = random.Random(8)
     a = [rng.randrange(3, 300) for _ in range(31)]
@@ -199,7 +200,11 @@ def test_states_cached_every_interval_serve_prompts_that_part_anywhere(hybrid):
     for i in (1, 2, 3):  # their own tokens part from A's at once
         prompts[i][len(prompts[i]) - 7] = (a[len(prompts[i]) - 7] + 1) % 300 + 3
     for interval, expected in ((8, [0, 16, 8, 24]), (0, [0, 0, 0, 20])):
-        engine = make(hybrid, max_model_len=96, max_cached_states=12, cached_state_interval=interval).engine
+        caplog.clear()
+        with caplog.at_level("INFO", logger="loramux"):
+            engine = make(hybrid, max_model_len=96, max_cached_states=12, cached_state_interval=interval).engine
+        named = "also cached every 8 tokens (--cached-state-interval)" in caplog.text
+        assert named == bool(interval), caplog.text
         engine.start()
         try:
             outs, cached = [], []
