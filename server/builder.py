@@ -242,15 +242,11 @@ def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[
     """A hybrid model's recurrent layers get a state for each sequence that can run at once, and
     --max-cached-states more that prefix-cache hits resume from (recurrent_state.py), allocated
     before the KV pool is sized from the memory left; with none cached, such a model is served
-    without prefix caching (a cached prefix has no state to resume from); never with speculative
-    decoding (rejected drafts cannot be taken back out of a state). The config as served, and the
-    states (None for a model without recurrent layers)."""
+    without prefix caching (a cached prefix has no state to resume from). The config as served, and
+    the states (None for a model without recurrent layers)."""
     specs = model.state_specs()
     if not specs:
         return config, None
-    if config.num_speculative_tokens:
-        raise StartupError(f"--num-speculative-tokens: {type(model).__name__}'s recurrent layers cannot take back "
-                           "rejected drafts; serve it without speculative decoding")
     cached = 0 if not config.prefix_caching else \
         config.max_batch_size if config.max_cached_states is None else config.max_cached_states
     size = RecurrentStates.bytes_for(specs, config.max_batch_size + cached, loaded.dtype)

@@ -719,22 +719,50 @@ class Engine:
                     saves.append((at - start, slot))
         return tuple(saves)
 
-    def _save_decode_states(self, decoded: list[Sequence]) -> None:
-        """A decoding sequence whose tokens just filled a block copies its state into the state
-        cache under that block's key, in place of the one it cached at its last block, where the
-        prompts' states leave room (StateCache.put_answer): the next turn of a conversation, which
-        repeats the answer, resumes at the answer's last full block (its K/V blocks are cached as
-        they fill) rather than at the prompt's."""
-        bs, source_of = self.blocks.block_size, {}
-        for seq in decoded:
-            if seq.num_computed % bs or (key := self.blocks.last_key(seq)) is None:
+    def _save_decode_states(self, filled: list[tuple[Sequence, int]]) -> None:
+        """Decoding sequences whose tokens just filled a block, each with the slot that holds its
+        state where that block ends (its own, or a drafting row's state saved on the way), copy it
+        into the state cache under that block's key, in place of the one it cached at its last
+        block, where the prompts' states leave room (StateCache.put_answer): the next turn of a
+        conversation, which repeats the answer, resumes at the answer's last full block (its K/V
+        blocks are cached as they fill) rather than at the prompt's."""
+        source_of = {}
+        for seq, source in filled:
+            if (key := self.blocks.last_key(seq)) is None:
                 continue
             slot = self.state_cache.put_answer(key, replacing=seq.decode_state_key)
             seq.decode_state_key = key
             if slot is not None:  # a cache smaller than this step's saves gives a slot twice: the last one holds it
-                source_of[slot] = seq.state_slot
+                source_of[slot] = source
         if source_of:
             self.states.copy(list(source_of.values()), list(source_of))
+
+    def _drafted_states(self, drafts: dict[Sequence, list[int]]) -> dict[Sequence, list[int]]:
+        """A recurrent model's drafting rows: for each, a free state slot per draft (``_drafts``
+        counts them), where its step saves its state after each position but the last (the row
+        runs as a chunk, from its state; ``_settle_states`` keeps the one after its last kept
+        token)."""
+        return {seq: [self.states.take(zeroed=False) for _ in draft] for seq, draft in drafts.items()}
+
+    def _settle_states(self, scratch: dict[Sequence, list[int]], starts: dict[Sequence, int]) -> None:
+        """After verifying, each unfinished drafting row's state is the one after the tokens it
+        kept (its last token and the drafts before the first rejected one): the slot saved there,
+        unless it kept every draft. Then the answer's state where its kept tokens filled a block,
+        and the saved slots go back."""
+        bs, filled = self.blocks.block_size, []
+        for seq, slots in scratch.items():
+            if not seq.done:
+                fed = seq.num_computed - starts[seq]
+                if fed <= len(slots):
+                    self.states.copy([slots[fed - 1]], [seq.state_slot])
+                end = seq.num_computed // bs * bs  # the last block its kept tokens filled, if in this step
+                if self.state_cache is not None and end > starts[seq]:
+                    filled.append((seq, seq.state_slot if end == seq.num_computed else slots[end - starts[seq] - 1]))
+        if filled:
+            self._save_decode_states(filled)
+        for slots in scratch.values():
+            for slot in slots:
+                self.states.free(slot)
 
     def _free_state(self, seq: Sequence) -> None:
         if seq.state_slot is not None:
@@ -797,21 +825,25 @@ class Engine:
         cutoff = self.config.speculative_disable_by_batch_size
         drafts = self._drafts(work, budgets.max_tokens_per_step) if self.config.num_speculative_tokens and \
             (cutoff is None or len(self._running) < cutoff) else {}
+        scratch = self._drafted_states(drafts) if self.states is not None and drafts else {}
+        starts = {seq: seq.num_computed for seq in scratch}
         items, decoding = [], []
         for seq, n in work:
             start, draft = seq.num_computed, drafts.get(seq, ())
             decoding.append(start >= seq.prefill_len)
             # a decoding row with drafts feeds its last token and the drafts, with logits at every
-            # position (extra rows for all but the last)
+            # position (extra rows for all but the last); a recurrent model's as a chunk, which
+            # runs its tokens through its state in order and saves it after each but the last
             items.append(WorkItem(
                 token_ids=seq.ids[start : start + n] + list(draft), start_pos=start,
                 slots=self.blocks.slot_mapping(seq, start, n + len(draft)), blocks=self.blocks.table(seq),
-                pages=seq.pages, adapter=seq.adapter, decode=decoding[-1],
+                pages=seq.pages, adapter=seq.adapter, decode=decoding[-1] and seq not in scratch,
                 needs_logits=decoding[-1] or start + n == seq.prefill_len, kinds=seq.kinds,
                 magnitude_page=seq.magnitude_page, saved_embedding=seq.saved_embedding, saved_head=seq.saved_head,
                 prompt_rows=(0, len(draft)) if draft else (0, 0) if decoding[-1] else prompt_rows(seq, start, n),
                 long_rope=seq.long_rope, state_slot=seq.state_slot,
-                state_saves=self._state_saves(seq, n) if seq.cache_states_at and not decoding[-1] else (),
+                state_saves=tuple(enumerate(scratch[seq], 1)) if seq in scratch else
+                self._state_saves(seq, n) if seq.cache_states_at and not decoding[-1] else (),
             ))
         constrained = [seq for (seq, _), it in zip(work, items, strict=True)
                        if it.needs_logits and seq.grammar is not None and seq.grammar.constrains] \
@@ -842,14 +874,18 @@ class Engine:
             self.service[seq.tenant] = self.service.get(seq.tenant, 0.0) + per_token * (n + drafted) / seq.weight
             seq.num_computed += n  # a drafting row's drafts count once they are kept
             self.blocks.commit(seq, seq.identity, seq.ids, seq.num_computed)
-        if self.state_cache is not None:
-            self._save_decode_states([seq for (seq, _), d in zip(work, decoding, strict=True) if d])
+        if self.state_cache is not None:  # a drafting row's once its drafts are settled
+            bs = self.blocks.block_size
+            self._save_decode_states([(seq, seq.state_slot) for (seq, _), d in zip(work, decoding, strict=True)
+                                      if d and seq not in scratch and seq.num_computed % bs == 0])
         sampled = [work[i][0] for i in order]
         computed = {key: mask for future in pending for key, mask in future.result().items()} if pending else None
         self._sample(sampled, logits[: len(order)] if not chains else logits.index_select(0, host_data(rows, logits.device)),
                      computed)
         if chains:
             self._verify(drafts, chains, logits)
+        if scratch:
+            self._settle_states(scratch, starts)
         seconds, decode_tokens = time.perf_counter() - t0, sum(decoding)
         prefill_tokens, draft_tokens = sum(n for _, n in work) - decode_tokens, sum(map(len, drafts.values()))
         if self.step_budget is not None:
@@ -868,12 +904,14 @@ class Engine:
         """Prompt-lookup drafts (speculative.py) of this step's decoding rows, within what the
         step's token budget leaves and the KV blocks free above the watermark, each no longer
         than its request can still use (the row samples one token whatever happens). Their
-        blocks are allocated here; a rejected draft's are given back after the step."""
+        blocks are allocated here; a rejected draft's are given back after the step. A recurrent
+        model's drafts also need a free state slot each (``_drafted_states``)."""
         k, bs = self.config.num_speculative_tokens, self.blocks.block_size
         budget = step_tokens - sum(n for _, n in work)
+        slots = self.states.num_free if self.states is not None else budget
         out: dict[Sequence, list[int]] = {}
         for seq, _ in work:
-            want = min(k, budget, seq.sampler.params.max_new_tokens - seq.num_generated - 1)
+            want = min(k, budget, slots, seq.sampler.params.max_new_tokens - seq.num_generated - 1)
             if want <= 0 or seq.num_computed < seq.prefill_len:
                 continue
             draft = self.drafter.propose(seq, want)
@@ -884,6 +922,7 @@ class Engine:
             if draft:
                 self.blocks.allocate(seq, end)
                 budget -= len(draft)
+                slots -= len(draft)
                 out[seq] = draft
                 seq.predicted_tokens_drafted += len(draft) * seq.predicted_draft
         self.draft_tokens += sum(map(len, out.values()))

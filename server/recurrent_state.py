@@ -46,16 +46,17 @@ class RecurrentStates:
     def num_free(self) -> int:
         return len(self._free)
 
-    def take(self, source: int | None = None) -> int:
-        """A free slot, its state zeroed in every layer, or a copy of slot ``source``'s."""
+    def take(self, source: int | None = None, zeroed: bool = True) -> int:
+        """A free slot, its state zeroed in every layer, or a copy of slot ``source``'s (``zeroed``
+        False: as it was, for a state a step will write whole: a drafting row's, speculative)."""
         if not self._free:  # the engine runs at most as many sequences as there are slots
             raise RuntimeError("no recurrent state slot is free")
         slot = heapq.heappop(self._free)
-        if source is None:
+        if source is not None:
+            self.copy([source], [slot])
+        elif zeroed:
             for state in self.states:
                 state[slot].zero_()
-        else:
-            self.copy([source], [slot])
         return slot
 
     def copy(self, sources: list[int], targets: list[int]) -> None:

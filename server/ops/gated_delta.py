@@ -56,6 +56,11 @@ def cpp_recurrent_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tenso
     return out
 
 
+# pieces of a chunk this short run recurrent_step token by token: a chunk of 64 costs about as much
+# as 12 steps whatever its length (8 heads of 64 x 64, one core: 1.4 ms against 0.12 ms a step)
+STEPWISE = 8
+
+
 def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """The tokens of one sequence: q, k [L, H, dk] (``prepare``d), v [L, H, dv], g and beta [L, H]
     (float32); state [H, dk, dv] float32, updated in place to the state after the last token.
@@ -92,4 +97,4 @@ def gated_delta(q, k, v, g, beta, batch, state: torch.Tensor, kernel: bool = Fal
     Each prefill chunk runs ``chunked`` from its sequence's state, the decode rows one ``recurrent_step``,
     or ``cpp_recurrent_step`` where ``kernel``. Returns o [T, H, dv] float32."""
     return over_sequences(batch, state, chunked, recurrent_step, q, k, v, g, beta,
-                          in_slots=cpp_recurrent_step if kernel else None)
+                          in_slots=cpp_recurrent_step if kernel else None, stepwise=STEPWISE)

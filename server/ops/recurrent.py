@@ -11,8 +11,8 @@ slots run consecutively (``decode_state_run``) are given those states in place i
 an ``in_slots`` step (the C++ kernel's, as ops/gated_delta.py ``cpp_recurrent_step``) takes the
 decode rows' slots and updates their states where they lie, whatever the slots. A chunk's
 ``state_saves`` (tokens into it, a slot) cut it there: the state after those tokens is also
-copied into that slot (the prefix cache's, recurrent_state.py), and the rest of the chunk goes
-on from it.
+copied into that slot (the prefix cache's, recurrent_state.py; a speculative row's, after each
+position), and the rest of the chunk goes on from it.
 """
 
 from __future__ import annotations
@@ -34,18 +34,28 @@ def kernel_serves(op_backend: str, device) -> bool:
 
 
 def over_sequences(batch, state: torch.Tensor, chunked: Callable, step: Callable, *rows: torch.Tensor,
-                   in_slots: Callable | None = None) -> torch.Tensor:
-    """rows: tensors [T, ...] of the step's rows. Returns the outputs [T, ...], contiguous."""
+                   in_slots: Callable | None = None, stepwise: int = 0) -> torch.Tensor:
+    """rows: tensors [T, ...] of the step's rows. A piece of a chunk (between its state saves) of
+    at most ``stepwise`` tokens runs ``step`` token by token instead of ``chunked``, whose fixed
+    cost (a whole padded chunk's matrices) is that of many steps: a speculative row's drafts, each
+    position saved, or a prompt's last few tokens. Returns the outputs [T, ...], contiguous."""
     parts, slots, num_prefill_rows = [], batch.state_slots, batch.num_prefill_rows
+
+    def piece(start: int, end: int, s: torch.Tensor) -> None:
+        if end - start <= stepwise:
+            parts.extend(step(*(r[t : t + 1] for r in rows), s) for t in range(start, end))
+        else:
+            parts.append(chunked(*(r[start:end] for r in rows), s[0]))
+
     for i, seq in enumerate(batch.prefill):
         slot, start, end = slots[i : i + 1], seq.row_start, seq.row_start + seq.num_tokens
         s = state[slot]  # [1, ...]
         for offset, target in seq.state_saves:
-            parts.append(chunked(*(r[start : seq.row_start + offset] for r in rows), s[0]))
+            piece(start, seq.row_start + offset, s)
             state[target] = s[0]
             start = seq.row_start + offset
         if start < end:
-            parts.append(chunked(*(r[start:end] for r in rows), s[0]))
+            piece(start, end, s)
         state[slot] = s
     if num_prefill_rows < rows[0].shape[0]:
         if in_slots is not None:

@@ -1,6 +1,6 @@
 """A hybrid model's recurrent states (LFM2's short convolutions, Qwen3.5's gated DeltaNet) through the
-engine: preemption, cancellation, prefix-cache hits resumed from cached states, and the options
-such a model cannot serve."""
+engine: preemption, cancellation, prefix-cache hits resumed from cached states, speculative drafts
+taken back out of a state, and the options such a model cannot serve."""
 
 import asyncio
 import random
@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from test_prefix_cache import assert_idle, generate
+from test_speculative import OracleDrafter
 
 from loramux.server.builder import build_engine
 from loramux.server.config import ServerConfig, StartupError
@@ -17,6 +18,7 @@ from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.requests import GenerationRequest, SamplingParams
 
 from helpers import FAMILY_ADAPTERS, build_adapter, build_family_model, peft_generate, pinned_base_linear
+from test_parity import make_prompts, run_staggered
 
 MAX_NEW = 16
 
@@ -401,20 +403,61 @@ def test_a_state_a_waiting_request_will_resume_from_is_not_evicted_meanwhile(hyb
     assert [out for out, _ in outs] == expected and first[0] == expected[-1]
 
 
+@pytest.mark.parametrize("ops", ["auto", "torch"])
+def test_drafts_kept_and_rejected_leave_each_state_as_plain_decoding_would(hybrid, ops):
+    """Speculative decoding: a drafting row runs its last token and its drafts through its state
+    as a chunk, saving the state after each position but the last in a free slot; where a draft
+    is rejected, the state after the tokens kept replaces it. 12 staggered requests of mixed
+    adapters, drafts from an oracle that gets every fifth token wrong, 6 state slots (drafts take
+    free ones too, so they are fewer when the batch is full): every output equals PEFT's. Then two
+    later turns of each of four conversations, one after another, each resuming from the previous
+    answer's state, which drafting steps saved where the kept tokens filled a block (often before
+    the last of them), and equal to PEFT's too."""
+    model, adapters = hybrid
+    names = [None, *adapters]
+    prompts = make_prompts(300, 12, seed=9)
+    requests = [(names[i % len(names)], prompts[i]) for i in range(12)]
+    expected = {}
+    for name in names:
+        idx = [i for i in range(12) if requests[i][0] == name]
+        for i, out in zip(idx, peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW,
+                                             eos_token_id=None), strict=True):
+            expected[f"r{i}"] = out
+    turns = {}  # the base model's conversations: t{i} follows r{i}, u{i} follows t{i}
+    for before, after, extra in (("r", "t", [7, 8, 9]), ("t", "u", [4, 5])):
+        now = {f"{after}{i}": [*(turns.get(f"{before}{i}") or prompts[i]), *expected[f"{before}{i}"], *extra]
+               for i in range(0, 12, len(names))}
+        for rid, out in zip(now, peft_generate(model, None, list(now.values()), MAX_NEW, eos_token_id=None),
+                            strict=True):
+            expected[rid] = out
+        turns.update(now)
+    engine = make(hybrid, num_speculative_tokens=3, max_cached_states=32, max_model_len=128, op_backend=ops,
+                  base_linear=pinned_base_linear(ops)).engine
+    engine.drafter = OracleDrafter(expected, engine.vocab_size)
+    engine.start()
+    try:
+        outs = asyncio.run(run_staggered(engine, requests, MAX_NEW))
+        assert [outs[i] for i in range(12)] == [expected[f"r{i}"] for i in range(12)]
+        assert 0 < engine.accepted_tokens < engine.draft_tokens
+        for rid, prompt in turns.items():
+            tokens, cached = asyncio.run(generate(engine, rid, None, prompt, MAX_NEW))
+            assert tokens == expected[rid], rid
+            assert cached > len(prompt) - 3 - MAX_NEW, (rid, cached)  # into the previous answer
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+
+
 def test_no_cached_states_is_no_prefix_caching(hybrid):
     engine = make(hybrid, max_cached_states=0).engine
     assert not engine.blocks.prefix_caching and engine.state_cache is None
     assert len(engine.states.cached_slots) == 0
 
 
-@pytest.mark.parametrize("option, refusal", [
-    ({"num_speculative_tokens": 3}, "--num-speculative-tokens: .*ForServing's recurrent layers cannot take back "
-                                    "rejected drafts"),
-    ({"cuda_graphs": "on"}, "--cuda-graphs on: .*ForServing's decode steps cannot be captured \\(recurrent state"),
-])
-def test_options_a_recurrent_model_cannot_serve_are_refused_at_start_up(hybrid, option, refusal):
-    with pytest.raises(StartupError, match=refusal):
-        make(hybrid, **option)
+def test_cuda_graphs_are_refused_at_start_up(hybrid):
+    with pytest.raises(StartupError, match="--cuda-graphs on: .*ForServing's decode steps cannot be captured "
+                                           "\\(recurrent state"):
+        make(hybrid, cuda_graphs="on")
 
 
 @pytest.mark.parametrize("step_tokens", [256, 50])

@@ -2,10 +2,8 @@
 server and the official `openai` client: concurrent streams of mixed adapters, token for token as
 PEFT; a repeated prompt, a later turn, prompts sent together and chats sharing their system
 message resumed from cached recurrent states (prefix caching on, reported in usage and the metrics); beam search (each step's beams as requests of their own, which
-resume from cached states); speculative decoding refused at start-up, naming the flag."""
+resume from cached states); speculative decoding by prompt lookup."""
 
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -140,10 +138,23 @@ def test_beam_search_returns_the_beams_a_search_over_peft_finds(hybrid):
         [list(b.tokens) for b in expected]
 
 
-def test_speculative_decoding_is_refused_at_start_up(hybrid):
-    run = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(hybrid.model_dir),
-                          "--port", "0", "--http-port", "0", "--metrics-port", "0", "--num-speculative-tokens", "2"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "--num-speculative-tokens: Qwen3_5ForServing's recurrent layers cannot take " \
-                                   "back rejected drafts" in run.stderr, run.stderr
-    assert "Traceback" not in run.stderr, run.stderr
+def test_speculative_decoding_by_prompt_lookup_matches_peft(hybrid, tmp_path):
+    """A server with --num-speculative-tokens: prompts that repeat a phrase give prompt lookup
+    drafts to check, kept and rejected, through the recurrent states; the tokens are PEFT's."""
+    proc = ServerProcess(["--model", str(hybrid.model_dir), "--max-model-len", "128", "--default-max-new-tokens", "8",
+                          "--max-batch-size", "4",
+                          "--num-speculative-tokens", "3", "--prompt-lookup-min", "1"], tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        oa = proc.openai()
+        phrases = [[(7 * i + 11 * j) % 280 + 5 for j in range(4 + i)] for i in range(3)]
+        prompts = [(p * 6)[: 20 + 3 * i] for i, p in enumerate(phrases)]
+        got = oa.completions.create(model=proc.client.server_info().model, prompt=prompts, max_tokens=12,
+                                    temperature=0, logprobs=0,
+                                    extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        outs = [[int(t.removeprefix("token_id:")) for t in c.logprobs.tokens] for c in sorted(got.choices, key=lambda c: c.index)]
+        assert outs == peft_generate(hybrid.model_dir, None, prompts, 12, eos_token_id=None)
+        metrics = proc.metrics()
+        assert metrics["loramux_spec_decode_draft_tokens_total"] > 0, metrics
+    finally:
+        proc.stop()

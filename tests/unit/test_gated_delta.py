@@ -118,3 +118,33 @@ def test_the_kernels_step_refuses_slots_shared_or_out_of_range(slots):
     v, g, beta = torch.zeros(2, 1, 4), torch.zeros(2, 1), torch.zeros(2, 1)
     with pytest.raises(RuntimeError, match="slots distinct and in range"):
         cpp_recurrent_step(q, k, v, g, beta, torch.zeros(3, 1, 4, 4), torch.tensor(slots))
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3), data=st.data())
+def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(lengths, data):
+    """gated_delta over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
+    STEPWISE (8) tokens run token by token, longer ones chunked. Each chunk's outputs, its final state
+    and every saved state (the state after that many of its tokens) equal the definition's."""
+    heads, dk, dv = 2, 8, 4
+    chunks, rows, saved, row = [], [], {}, 0
+    for i, n in enumerate(lengths):
+        cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n - 1) if n > 1 else st.just(set())))
+        saves = tuple((c, len(lengths) + len(saved) + j) for j, c in enumerate(cuts))
+        saved.update({slot: (i, c) for c, slot in saves})
+        chunks.append(StepChunk(row, n, saves))
+        rows.append(inputs(heads, n, dk, dv, seed=i))
+        row += n
+    q, k, v, g, beta = (torch.cat([r[j] for r in rows], 1).transpose(0, 1) for j in range(5))
+    state = torch.zeros(len(lengths) + len(saved) + 1, heads, dk, dv)
+    state[: len(lengths)] = torch.stack([r[5] for r in rows])
+    out = gated_delta(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+                      step_rows(chunks, [], list(range(len(lengths)))), state)
+    for i, (chunk, r) in enumerate(zip(chunks, rows, strict=True)):
+        expected, final = definition(*r)
+        got = out[chunk.row_start : chunk.row_start + chunk.num_tokens].transpose(0, 1)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(state[i].double(), final, rtol=1e-4, atol=1e-4)
+    for slot, (i, c) in saved.items():
+        _, after = definition(*(x[:, :c] for x in rows[i][:5]), rows[i][5])
+        torch.testing.assert_close(state[slot].double(), after, rtol=1e-4, atol=1e-4)

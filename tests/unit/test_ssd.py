@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.ops.cpu_kernel import load_kernels
-from loramux.server.ops.ssd import chunked, cpp_step, discretize, step
+from loramux.server.ops.ssd import chunked, cpp_step, discretize, ssd, step
 
-from helpers import check_step_in_slots
+from helpers import StepChunk, check_step_in_slots, step_rows
 
 
 def definition(x, dt, A, B, C, D, state):
@@ -83,3 +83,34 @@ def test_discretize_is_softplus_of_the_biased_step_clamped():
     dt, bias = torch.tensor([[-3.0, 0.0, 4.0]]), torch.tensor([0.5, -1.0, 0.0])
     torch.testing.assert_close(discretize(dt, bias, (0.0, float("inf"))), F.softplus(dt + bias))
     torch.testing.assert_close(discretize(dt, bias, (0.1, 1.0)), F.softplus(dt + bias).clamp(0.1, 1.0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 16), min_size=1, max_size=3), data=st.data())
+def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(lengths, data):
+    """ssd over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
+    STEPWISE (5) tokens run ``step`` token by token, longer ones chunked. Each chunk's outputs, its
+    final state and every saved state equal the definition's."""
+    heads, groups, P, N = 4, 2, 2, 3
+    chunks, rows, saved, row = [], [], {}, 0
+    for i, n in enumerate(lengths):
+        cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n - 1) if n > 1 else st.just(set())))
+        saves = tuple((c, len(lengths) + len(saved) + j) for j, c in enumerate(cuts))
+        saved.update({slot: (i, c) for c, slot in saves})
+        chunks.append(StepChunk(row, n, saves))
+        rows.append(inputs(n, heads, groups, P, N, seed=i))
+        row += n
+    A, D = rows[0][2], rows[0][5]  # the layer's: one for every sequence
+    x, dt, B, C = (torch.cat([r[j] for r in rows]) for j in (0, 1, 3, 4))
+    state = torch.zeros(len(lengths) + len(saved) + 1, heads, P, N)
+    state[: len(lengths)] = torch.stack([r[6] for r in rows])
+    out = ssd(x, dt, A, B, C, D, step_rows(chunks, [], list(range(len(lengths)))), state, chunk=4)
+    for i, (chunk, r) in enumerate(zip(chunks, rows, strict=True)):
+        expected, final = definition(r[0], r[1], A, r[3], r[4], D, r[6])
+        torch.testing.assert_close(out[chunk.row_start : chunk.row_start + chunk.num_tokens].double(), expected,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(state[i].double(), final, rtol=1e-4, atol=1e-4)
+    for slot, (i, c) in saved.items():
+        r = rows[i]
+        _, after = definition(r[0][:c], r[1][:c], A, r[3][:c], r[4][:c], D, r[6])
+        torch.testing.assert_close(state[slot].double(), after, rtol=1e-4, atol=1e-4)
