@@ -56,9 +56,10 @@ def cpp_recurrent_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tenso
     return out
 
 
-# pieces of a chunk this short run recurrent_step token by token: a chunk of 64 costs about as much
-# as 12 steps whatever its length (8 heads of 64 x 64, one core: 1.4 ms against 0.12 ms a step)
-STEPWISE = 8
+# pieces of a chunk this short run the step op token by token: a chunk of 64 costs about as much
+# whatever its length, 12 torch steps or 40 of the kernel's (8 heads of 64 x 64, one core: 0.9-1.4
+# ms against 0.12 and 0.02 ms a step)
+STEPWISE, KERNEL_STEPWISE = 8, 32
 
 
 def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -97,4 +98,5 @@ def gated_delta(q, k, v, g, beta, batch, state: torch.Tensor, kernel: bool = Fal
     Each prefill chunk runs ``chunked`` from its sequence's state, the decode rows one ``recurrent_step``,
     or ``cpp_recurrent_step`` where ``kernel``. Returns o [T, H, dv] float32."""
     return over_sequences(batch, state, chunked, recurrent_step, q, k, v, g, beta,
-                          in_slots=cpp_recurrent_step if kernel else None, stepwise=STEPWISE)
+                          in_slots=cpp_recurrent_step if kernel else None,
+                          stepwise=KERNEL_STEPWISE if kernel else STEPWISE)

@@ -36,27 +36,32 @@ def kernel_serves(op_backend: str, device) -> bool:
 def over_sequences(batch, state: torch.Tensor, chunked: Callable, step: Callable, *rows: torch.Tensor,
                    in_slots: Callable | None = None, stepwise: int = 0) -> torch.Tensor:
     """rows: tensors [T, ...] of the step's rows. A piece of a chunk (between its state saves) of
-    at most ``stepwise`` tokens runs ``step`` token by token instead of ``chunked``, whose fixed
-    cost (a whole padded chunk's matrices) is that of many steps: a speculative row's drafts, each
-    position saved, or a prompt's last few tokens. Returns the outputs [T, ...], contiguous."""
+    at most ``stepwise`` tokens runs the step token by token (``in_slots``, on the state where it
+    lies, where given) instead of ``chunked``, whose fixed cost (a whole padded chunk's matrices)
+    is that of many steps: a speculative row's drafts, each position saved, a short prompt or a
+    prompt's last few tokens. Returns the outputs [T, ...], contiguous."""
     parts, slots, num_prefill_rows = [], batch.state_slots, batch.num_prefill_rows
 
-    def piece(start: int, end: int, s: torch.Tensor) -> None:
+    def piece(start: int, end: int, slot: torch.Tensor) -> None:
+        """Rows [start, end) of one sequence, from its state in ``slot`` to the state after them."""
+        if end - start <= stepwise and in_slots is not None:  # where the state lies
+            parts.extend(in_slots(*(r[t : t + 1] for r in rows), state, slot) for t in range(start, end))
+            return
+        s = state[slot]  # [1, ...], a copy
         if end - start <= stepwise:
             parts.extend(step(*(r[t : t + 1] for r in rows), s) for t in range(start, end))
         else:
             parts.append(chunked(*(r[start:end] for r in rows), s[0]))
+        state[slot] = s
 
     for i, seq in enumerate(batch.prefill):
-        slot, start, end = slots[i : i + 1], seq.row_start, seq.row_start + seq.num_tokens
-        s = state[slot]  # [1, ...]
-        for offset, target in seq.state_saves:
-            piece(start, seq.row_start + offset, s)
-            state[target] = s[0]
+        slot, start = slots[i : i + 1], seq.row_start
+        for offset, target in (*seq.state_saves, (seq.num_tokens, None)):
+            if seq.row_start + offset > start:
+                piece(start, seq.row_start + offset, slot)
+            if target is not None:
+                state[target] = state[slot][0]
             start = seq.row_start + offset
-        if start < end:
-            piece(start, end, s)
-        state[slot] = s
     if num_prefill_rows < rows[0].shape[0]:
         if in_slots is not None:
             parts.append(in_slots(*(r[num_prefill_rows:] for r in rows), state, slots[len(batch.prefill) :]))

@@ -84,9 +84,9 @@ def chunked(x, dt, A, B, C, D, state: torch.Tensor, chunk: int) -> torch.Tensor:
     return y.flatten(0, 1)[:length] + D.float()[:, None] * x
 
 
-# pieces of a chunk this short run ``step`` token by token: a chunk costs about 0.7-0.8 ms up to 8
-# tokens (8 heads of 64 x 64, one core) against 0.1-0.12 ms a step
-STEPWISE = 5
+# pieces of a chunk this short run the step op token by token: a chunk costs 0.65-0.8 ms up to 64
+# tokens (8 heads of 64 x 64, one core) against 0.1-0.12 ms a torch step, 0.016 ms the kernel's
+STEPWISE, KERNEL_STEPWISE = 5, 32
 
 
 def ssd(x, dt, A, B, C, D, batch, state: torch.Tensor, chunk: int, kernel: bool = False) -> torch.Tensor:
@@ -98,4 +98,4 @@ def ssd(x, dt, A, B, C, D, batch, state: torch.Tensor, chunk: int, kernel: bool 
     return over_sequences(batch, state, lambda x, dt, B, C, s: chunked(x, dt, A, B, C, D, s, chunk),
                           lambda x, dt, B, C, s: step(x, dt, A, B, C, D, s), x, dt, B, C,
                           in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, A, B, C, D, s, slots))
-                          if kernel else None, stepwise=STEPWISE)
+                          if kernel else None, stepwise=KERNEL_STEPWISE if kernel else STEPWISE)

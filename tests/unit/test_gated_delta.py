@@ -120,11 +120,13 @@ def test_the_kernels_step_refuses_slots_shared_or_out_of_range(slots):
         cpp_recurrent_step(q, k, v, g, beta, torch.zeros(3, 1, 4, 4), torch.tensor(slots))
 
 
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    load_kernels() is None, reason="the C++ kernel is not built"))], ids=["torch", "kernel"])
 @settings(max_examples=30, deadline=None)
-@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3), data=st.data())
-def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(lengths, data):
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), data=st.data())
+def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(kernel, lengths, data):
     """gated_delta over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
-    STEPWISE (8) tokens run token by token, longer ones chunked. Each chunk's outputs, its final state
+    STEPWISE (8; the kernel's 32) tokens run token by token, longer ones chunked. Each chunk's outputs, its final state
     and every saved state (the state after that many of its tokens) equal the definition's."""
     heads, dk, dv = 2, 8, 4
     chunks, rows, saved, row = [], [], {}, 0
@@ -139,7 +141,7 @@ def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(le
     state = torch.zeros(len(lengths) + len(saved) + 1, heads, dk, dv)
     state[: len(lengths)] = torch.stack([r[5] for r in rows])
     out = gated_delta(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-                      step_rows(chunks, [], list(range(len(lengths)))), state)
+                      step_rows(chunks, [], list(range(len(lengths)))), state, kernel)
     for i, (chunk, r) in enumerate(zip(chunks, rows, strict=True)):
         expected, final = definition(*r)
         got = out[chunk.row_start : chunk.row_start + chunk.num_tokens].transpose(0, 1)

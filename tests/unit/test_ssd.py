@@ -85,11 +85,13 @@ def test_discretize_is_softplus_of_the_biased_step_clamped():
     torch.testing.assert_close(discretize(dt, bias, (0.1, 1.0)), F.softplus(dt + bias).clamp(0.1, 1.0))
 
 
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    load_kernels() is None, reason="the C++ kernel is not built"))], ids=["torch", "kernel"])
 @settings(max_examples=30, deadline=None)
-@given(lengths=st.lists(st.integers(1, 16), min_size=1, max_size=3), data=st.data())
-def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(lengths, data):
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), data=st.data())
+def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(kernel, lengths, data):
     """ssd over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
-    STEPWISE (5) tokens run ``step`` token by token, longer ones chunked. Each chunk's outputs, its
+    STEPWISE (5; the kernel's 32) tokens run the step token by token, longer ones chunked. Each chunk's outputs, its
     final state and every saved state equal the definition's."""
     heads, groups, P, N = 4, 2, 2, 3
     chunks, rows, saved, row = [], [], {}, 0
@@ -104,7 +106,8 @@ def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(le
     x, dt, B, C = (torch.cat([r[j] for r in rows]) for j in (0, 1, 3, 4))
     state = torch.zeros(len(lengths) + len(saved) + 1, heads, P, N)
     state[: len(lengths)] = torch.stack([r[6] for r in rows])
-    out = ssd(x, dt, A, B, C, D, step_rows(chunks, [], list(range(len(lengths)))), state, chunk=4)
+    out = ssd(x, dt, A, B, C, D, step_rows(chunks, [], list(range(len(lengths)))), state, chunk=4,
+              kernel=kernel)
     for i, (chunk, r) in enumerate(zip(chunks, rows, strict=True)):
         expected, final = definition(r[0], r[1], A, r[3], r[4], D, r[6])
         torch.testing.assert_close(out[chunk.row_start : chunk.row_start + chunk.num_tokens].double(), expected,
