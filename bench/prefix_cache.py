@@ -25,8 +25,8 @@
 
 6. Branches: 16 requests one after another, each the first 128-983 tokens of one 1024-token root
    (a random length each: an agent's rewritten history, a document quoted to varying depth) and 32
-   tokens of its own. Caching on vs off: TTFT p50, and the share of prompt tokens from the cache
-   against the most (what each shares with an earlier one, in full blocks). A hybrid serves that
+   tokens of its own. Caching on vs off: TTFT p50 and mean, and the share of prompt tokens from
+   the cache against the most (what each shares with an earlier one, in full blocks). A hybrid serves that
    only where a state is cached below where it parts: ``--cached-state-interval`` (README).
 
     python bench/prefix_cache.py [--slots 16] [--cached-state-interval 0] [--json out.json]
