@@ -1141,8 +1141,36 @@ def check_step_in_slots(run, bank: torch.Tensor, slots: list[int], definition_of
     assert torch.equal(bank[others], before[others])
 
 
+def _kernel_param():
+    """pytest's parameter ``True`` (id "cpp") of a test run on the C++ kernel and the torch ops:
+    skipped where the kernel is not built."""
+    import pytest
+
+    from loramux.server.ops.cpu_kernel import load_kernels
+
+    return pytest.param(True, id="cpp", marks=pytest.mark.skipif(load_kernels() is None,
+                                                                reason="the C++ kernel is not built"))
+
+
+KERNEL = _kernel_param()
 StepChunk = namedtuple("StepChunk", "row_start num_tokens state_saves")  # a prefill chunk, as the recurrent ops read it
 StepRows = namedtuple("StepRows", "prefill num_prefill_rows state_slots decode_state_run")  # a StepBatch's
+
+
+def chunks_cut_by_saves(data, lengths: list[int]) -> tuple[list, dict[int, tuple[int, int]]]:
+    """Prefill chunks of ``lengths`` tokens, one after another in a step's rows (chunk i's state in
+    slot i), each cut by state saves at positions hypothesis's ``data`` draws, into slots after the
+    chunks' own: the chunks, and each save's slot -> (its chunk, the tokens before it)."""
+    from hypothesis import strategies as st
+
+    chunks, saved, row = [], {}, 0
+    for i, n in enumerate(lengths):
+        cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n - 1) if n > 1 else st.just(set())))
+        saves = tuple((c, len(lengths) + len(saved) + j) for j, c in enumerate(cuts))
+        saved.update({slot: (i, c) for c, slot in saves})
+        chunks.append(StepChunk(row, n, saves))
+        row += n
+    return chunks, saved
 
 
 def step_rows(chunks, decode_slots: list[int], chunk_slots: list[int]) -> StepRows:

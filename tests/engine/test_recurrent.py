@@ -45,6 +45,24 @@ def assert_states_free(engine):
     assert engine.states.num_free == engine.config.max_batch_size
 
 
+def one_after_another(engine, prompts, max_new: int, ends=None) -> tuple[list[list[int]], list[int]]:
+    """``engine`` (started and stopped here) serves each prompt once the one before has finished,
+    with the base model and ``ends[i]`` as prompt i's shared_prefix_ends: the outputs and each
+    request's prompt tokens from the cache; every state slot is back at the end."""
+    async def one(i):
+        req = GenerationRequest(f"q{i}", tuple(prompts[i]), SamplingParams(max_new, ignore_eos=True),
+                                shared_prefix_ends=ends[i] if ends else ())
+        return [ev async for ev in engine.submit(req)]
+
+    engine.start()
+    try:
+        served = [asyncio.run(one(i)) for i in range(len(prompts))]
+        assert_states_free(engine)
+    finally:
+        engine.stop()
+    return [[ev.token_id for ev in events] for events in served], [events[-1].cached_prompt_tokens for events in served]
+
+
 @pytest.mark.parametrize("ops", ["auto", "torch"])
 def test_a_small_pool_preempts_and_every_recomputed_request_is_exact(hybrid, ops):
     """The KV pool (of the one attention layer) holds 80 tokens; 10 requests of 20 to 40 + 16
@@ -167,23 +185,9 @@ def test_a_state_cached_where_a_request_says_its_instructions_end_serves_later_r
     system = [rng.randrange(3, 300) for _ in range(22)]
     prompts = [[*system, *(rng.randrange(3, 300) for _ in range(n))] for n in (9, 6, 13, 3)]
 
-    async def one(engine, req):
-        return [ev async for ev in engine.submit(req)]
-
     for marked, expected in ((True, [0, 20, 20, 20]), (False, [0, 0, 20, 20])):
         engine = make(hybrid, max_model_len=96, max_cached_states=12).engine
-        engine.start()
-        try:
-            outs, cached = [], []
-            for i, prompt in enumerate(prompts):
-                ends = (22, len(prompt)) if marked else ()
-                events = asyncio.run(one(engine, GenerationRequest(f"m{i}", tuple(prompt), SamplingParams(
-                    8, ignore_eos=True), shared_prefix_ends=ends)))
-                outs.append([ev.token_id for ev in events])
-                cached.append(events[-1].cached_prompt_tokens)
-            assert_states_free(engine)
-        finally:
-            engine.stop()
+        outs, cached = one_after_another(engine, prompts, 8, [(22, len(p)) if marked else () for p in prompts])
         assert cached == expected, marked
         assert outs == peft_generate(model, None, prompts, 8, eos_token_id=None)
 
@@ -207,16 +211,7 @@ def test_states_cached_every_interval_serve_prompts_that_part_anywhere(hybrid, c
             engine = make(hybrid, max_model_len=96, max_cached_states=12, cached_state_interval=interval).engine
         named = "also cached every 8 tokens (--cached-state-interval)" in caplog.text
         assert named == bool(interval), caplog.text
-        engine.start()
-        try:
-            outs, cached = [], []
-            for i, prompt in enumerate(prompts):
-                tokens, hit = asyncio.run(generate(engine, f"p{i}", None, prompt, 8))
-                outs.append(tokens)
-                cached.append(hit)
-            assert_states_free(engine)
-        finally:
-            engine.stop()
+        outs, cached = one_after_another(engine, prompts, 8)
         assert cached == expected, interval
         assert outs == peft_generate(model, None, prompts, 8, eos_token_id=None)
 

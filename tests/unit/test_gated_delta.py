@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.ops.gated_delta import chunked, cpp_recurrent_step, gated_delta, prepare, recurrent_step
 
-from helpers import StepChunk, check_step_in_slots, step_rows
+from helpers import KERNEL, StepChunk, check_step_in_slots, chunks_cut_by_saves, step_rows
 
 
 def definition(q, k, v, g, beta, state):
@@ -120,23 +120,17 @@ def test_the_kernels_step_refuses_slots_shared_or_out_of_range(slots):
         cpp_recurrent_step(q, k, v, g, beta, torch.zeros(3, 1, 4, 4), torch.tensor(slots))
 
 
-@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
-    load_kernels() is None, reason="the C++ kernel is not built"))], ids=["torch", "kernel"])
+@pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
 @settings(max_examples=30, deadline=None)
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), data=st.data())
 def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(kernel, lengths, data):
     """gated_delta over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
-    STEPWISE (8; the kernel's 32) tokens run token by token, longer ones chunked. Each chunk's outputs, its final state
-    and every saved state (the state after that many of its tokens) equal the definition's."""
+    STEPWISE (8; the kernel's 32) tokens run token by token, longer ones chunked. Each chunk's
+    outputs, its final state and every saved state (the state after that many of its tokens)
+    equal the definition's."""
     heads, dk, dv = 2, 8, 4
-    chunks, rows, saved, row = [], [], {}, 0
-    for i, n in enumerate(lengths):
-        cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n - 1) if n > 1 else st.just(set())))
-        saves = tuple((c, len(lengths) + len(saved) + j) for j, c in enumerate(cuts))
-        saved.update({slot: (i, c) for c, slot in saves})
-        chunks.append(StepChunk(row, n, saves))
-        rows.append(inputs(heads, n, dk, dv, seed=i))
-        row += n
+    chunks, saved = chunks_cut_by_saves(data, lengths)
+    rows = [inputs(heads, n, dk, dv, seed=i) for i, n in enumerate(lengths)]
     q, k, v, g, beta = (torch.cat([r[j] for r in rows], 1).transpose(0, 1) for j in range(5))
     state = torch.zeros(len(lengths) + len(saved) + 1, heads, dk, dv)
     state[: len(lengths)] = torch.stack([r[5] for r in rows])

@@ -7,20 +7,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.ops.short_conv import short_conv
 from loramux.server.recurrent_state import RecurrentStates
 from loramux.server.runner import _consecutive
 
-from helpers import StepChunk, step_rows
+from helpers import KERNEL, StepChunk, step_rows
 
 
 def reference(u: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """Hugging Face's causal_conv1d_fn over one whole sequence u [L, C]: zero padding on the left."""
     return F.conv1d(u.T[None], weight, bias, padding=weight.shape[-1] - 1, groups=u.shape[1])[0, :, : u.shape[0]].T
-
-
-KERNEL = pytest.param(True, id="cpp", marks=pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built"))
 
 
 @pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from loramux.server.ops.cpu_kernel import load_kernels
 from loramux.server.ops.ssd import chunked, cpp_step, discretize, ssd, step
 
-from helpers import StepChunk, check_step_in_slots, step_rows
+from helpers import KERNEL, check_step_in_slots, chunks_cut_by_saves, step_rows
 
 
 def definition(x, dt, A, B, C, D, state):
@@ -85,23 +85,16 @@ def test_discretize_is_softplus_of_the_biased_step_clamped():
     torch.testing.assert_close(discretize(dt, bias, (0.1, 1.0)), F.softplus(dt + bias).clamp(0.1, 1.0))
 
 
-@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
-    load_kernels() is None, reason="the C++ kernel is not built"))], ids=["torch", "kernel"])
+@pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
 @settings(max_examples=30, deadline=None)
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), data=st.data())
 def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(kernel, lengths, data):
     """ssd over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
-    STEPWISE (5; the kernel's 32) tokens run the step token by token, longer ones chunked. Each chunk's outputs, its
-    final state and every saved state equal the definition's."""
+    STEPWISE (5; the kernel's 32) tokens run the step token by token, longer ones chunked. Each
+    chunk's outputs, its final state and every saved state equal the definition's."""
     heads, groups, P, N = 4, 2, 2, 3
-    chunks, rows, saved, row = [], [], {}, 0
-    for i, n in enumerate(lengths):
-        cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n - 1) if n > 1 else st.just(set())))
-        saves = tuple((c, len(lengths) + len(saved) + j) for j, c in enumerate(cuts))
-        saved.update({slot: (i, c) for c, slot in saves})
-        chunks.append(StepChunk(row, n, saves))
-        rows.append(inputs(n, heads, groups, P, N, seed=i))
-        row += n
+    chunks, saved = chunks_cut_by_saves(data, lengths)
+    rows = [inputs(n, heads, groups, P, N, seed=i) for i, n in enumerate(lengths)]
     A, D = rows[0][2], rows[0][5]  # the layer's: one for every sequence
     x, dt, B, C = (torch.cat([r[j] for r in rows]) for j in (0, 1, 3, 4))
     state = torch.zeros(len(lengths) + len(saved) + 1, heads, P, N)
