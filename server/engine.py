@@ -15,6 +15,7 @@ import asyncio
 import bisect
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -656,15 +657,17 @@ class Engine:
     def _state_hit(self, seq: Sequence, parting: tuple[int, ...]) -> None:
         """A recurrent model resumes a prefix only from a cached state: the hit shrinks to the longest
         matched prefix whose state is cached, ending before the prompt's last token. Its prefill
-        then caches its state where the matched blocks end (another request shares the prompt that
-        far: the next one resumes there), where another request near it in the queue or in its
-        prefill parts from its prompt (``parting``: prompts that come together, with a common
-        prefix no state holds yet; that request waits for this one's state, as a K/V model's
-        waits for its blocks), and at its prompt's last full block (a later turn of a
-        conversation, or the same prompt again), where the request says other prompts part from
-        it (``shared_prefix_ends``: a chat's instructions, which later requests share without
-        coming together with it), and every --cached-state-interval tokens (a later prompt that
-        parts from it where nothing marks resumes at most that far back)."""
+        then caches its state at the end of a full block (before the prompt's last token):
+        - where the matched blocks end: another request shares the prompt that far, the next one
+          resumes there;
+        - where another request near it in the queue or in its prefill parts from its prompt
+          (``parting``: prompts that come together, with a common prefix no state holds yet; that
+          request waits for this one's state, as a K/V model's waits for its blocks);
+        - at its prompt's last full block: a later turn of a conversation, or the same prompt again;
+        - where the request says other prompts part from it (``shared_prefix_ends``: a chat's
+          instructions, which later requests share without coming together with it);
+        - every --cached-state-interval tokens: a later prompt that parts from it where nothing
+          marks resumes at most that far back."""
         keys, bs = seq.prompt_keys, self.blocks.block_size
         last = (seq.prefill_len - 1) // bs  # blocks before the prompt's last token
         matched = min(len(seq.hit.blocks), last)
@@ -908,7 +911,7 @@ class Engine:
         model's drafts also need a free state slot each (``_drafted_states``)."""
         k, bs = self.config.num_speculative_tokens, self.blocks.block_size
         budget = step_tokens - sum(n for _, n in work)
-        slots = self.states.num_free if self.states is not None else budget
+        slots = self.states.num_free if self.states is not None else math.inf
         out: dict[Sequence, list[int]] = {}
         for seq, _ in work:
             want = min(k, budget, slots, seq.sampler.params.max_new_tokens - seq.num_generated - 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -184,7 +185,7 @@ class PromptRenderer:
             head = self._tokens(probe)
         except RequestInvalid:  # a template that refuses an empty message
             return None
-        common = next((i for i, (a, b) in enumerate(zip(head, ids, strict=False)) if a != b), min(len(head), len(ids)))
+        common = len(os.path.commonprefix([head, ids]))
         return common if 0 < common < len(ids) else None
 
     def _tokens(self, p: Prompt) -> list[int]:
