@@ -1173,6 +1173,19 @@ def chunks_cut_by_saves(data, lengths: list[int]) -> tuple[list, dict[int, tuple
     return chunks, saved
 
 
+def check_chunks_and_saves(out, state, chunks, saved, defined, tol: float) -> None:
+    """A recurrent op's run over ``chunks`` cut by ``saved`` (``chunks_cut_by_saves``): each chunk's
+    rows of ``out``, its final state (slot i) and every saved state as ``defined(i, n)`` gives them:
+    chunk i's outputs [n, ...] (float64) and its state after its first n tokens (all for None)."""
+    for i, chunk in enumerate(chunks):
+        expected, final = defined(i, None)
+        torch.testing.assert_close(out[chunk.row_start : chunk.row_start + chunk.num_tokens].double(), expected,
+                                   rtol=tol, atol=tol)
+        torch.testing.assert_close(state[i].double(), final, rtol=tol, atol=tol)
+    for slot, (i, n) in saved.items():
+        torch.testing.assert_close(state[slot].double(), defined(i, n)[1], rtol=tol, atol=tol)
+
+
 def step_rows(chunks, decode_slots: list[int], chunk_slots: list[int]) -> StepRows:
     """A step's rows as the runner builds them for the torch ops: decode rows over consecutive
     slots are run in place (ops/recurrent.py)."""

@@ -9,7 +9,8 @@ all decode rows at once run ``step(*their rows, their states)``; both update the
 given in place (a copy, written back here) and return their rows' outputs. Decode rows whose
 slots run consecutively (``decode_state_run``) are given those states in place instead, a view;
 an ``in_slots`` step (the C++ kernel's, as ops/gated_delta.py ``cpp_recurrent_step``) takes the
-decode rows' slots and updates their states where they lie, whatever the slots. A chunk's
+decode rows' slots and updates their states where they lie, whatever the slots (and the kernel's
+``chunked`` a chunk's state in its row, ``in_place``). A chunk's
 ``state_saves`` (tokens into it, a slot) cut it there: the state after those tokens is also
 copied into that slot (the prefix cache's, recurrent_state.py; a speculative row's, after each
 position), and the rest of the chunk goes on from it.
@@ -34,18 +35,23 @@ def kernel_serves(op_backend: str, device) -> bool:
 
 
 def over_sequences(batch, state: torch.Tensor, chunked: Callable, step: Callable, *rows: torch.Tensor,
-                   in_slots: Callable | None = None, stepwise: int = 0) -> torch.Tensor:
+                   in_slots: Callable | None = None, stepwise: int = 0, in_place: bool = False) -> torch.Tensor:
     """rows: tensors [T, ...] of the step's rows. A piece of a chunk (between its state saves) of
     at most ``stepwise`` tokens runs the step token by token (``in_slots``, on the state where it
     lies, where given) instead of ``chunked``, whose fixed cost (a whole padded chunk's matrices)
     is that of many steps: a speculative row's drafts, each position saved, a short prompt or a
-    prompt's last few tokens. Returns the outputs [T, ...], contiguous."""
+    prompt's last few tokens. ``in_place``: ``chunked`` is given its sequence's state where it
+    lies (a view of its row; the C++ kernel's, on a CPU), not a copy. Returns the outputs
+    [T, ...], contiguous."""
     parts, slots, num_prefill_rows = [], batch.state_slots, batch.num_prefill_rows
 
     def piece(start: int, end: int, slot: torch.Tensor) -> None:
         """Rows [start, end) of one sequence, from its state in ``slot`` to the state after them."""
         if end - start <= stepwise and in_slots is not None:  # where the state lies
             parts.extend(in_slots(*(r[t : t + 1] for r in rows), state, slot) for t in range(start, end))
+            return
+        if in_place:
+            parts.append(chunked(*(r[start:end] for r in rows), state[int(slot)]))
             return
         s = state[slot]  # [1, ...], a copy
         if end - start <= stepwise:

@@ -84,4 +84,4 @@ def selective_scan(x, dt, A, B, C, D, batch, state: torch.Tensor, kernel: bool =
     return over_sequences(batch, state, lambda x, dt, B, C, s: chunked(x, dt, A, B, C, D, s),
                           lambda x, dt, B, C, s: step(x, dt, A, B, C, D, s), x, dt, B, C,
                           in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, A, B, C, D, s, slots))
-                          if kernel else None)
+                          if kernel else None, in_place=kernel)

@@ -84,18 +84,30 @@ def chunked(x, dt, A, B, C, D, state: torch.Tensor, chunk: int) -> torch.Tensor:
     return y.flatten(0, 1)[:length] + D.float()[:, None] * x
 
 
-# pieces of a chunk this short run the step op token by token: a chunk costs 0.65-0.8 ms up to 64
-# tokens (8 heads of 64 x 64, one core) against 0.1-0.12 ms a torch step, 0.016 ms the kernel's
-STEPWISE, KERNEL_STEPWISE = 5, 32
+def cpp_chunked(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
+    """``chunked`` in the C++ kernel: the step's recurrence token after token, each head's state
+    kept in cache; state [H, P, N] float32, contiguous, updated in place. Returns y [L, H, P] float32."""
+    x = x.float().contiguous()
+    y = torch.empty_like(x)
+    load_kernels().ssd_chunk(y, x, dt.contiguous(), A.float().contiguous(), B.float().contiguous(),
+                             C.float().contiguous(), D.float().contiguous(), state)
+    return y
+
+
+# pieces of a chunk this short run the torch step token by token: a chunk costs 0.65-0.8 ms up to
+# 64 tokens (8 heads of 64 x 64, one core) against 0.1-0.12 ms a step. With the kernel, a single
+# token (a speculative row's position) takes its step on the state in its slot.
+STEPWISE, KERNEL_STEPWISE = 5, 1
 
 
 def ssd(x, dt, A, B, C, D, batch, state: torch.Tensor, chunk: int, kernel: bool = False) -> torch.Tensor:
     """The state space over a step's rows (``batch``, ops/recurrent.py): x [T, H, P], dt [T, H]
     (``discretize``d), A and D [H], B and C [T, G, N]; each sequence's state's row in ``state``
     [slots + 1, H, P, N]. Each prefill chunk runs ``chunked`` (chunks of ``chunk``) from its
-    sequence's state, the decode rows one ``step``, or ``cpp_step`` where ``kernel``. Returns
-    y [T, H, P] float32."""
-    return over_sequences(batch, state, lambda x, dt, B, C, s: chunked(x, dt, A, B, C, D, s, chunk),
-                          lambda x, dt, B, C, s: step(x, dt, A, B, C, D, s), x, dt, B, C,
+    sequence's state, the decode rows one ``step``, or where ``kernel`` ``cpp_chunked`` and
+    ``cpp_step``. Returns y [T, H, P] float32."""
+    whole = (lambda x, dt, B, C, s: cpp_chunked(x, dt, A, B, C, D, s)) if kernel else \
+        (lambda x, dt, B, C, s: chunked(x, dt, A, B, C, D, s, chunk))
+    return over_sequences(batch, state, whole, lambda x, dt, B, C, s: step(x, dt, A, B, C, D, s), x, dt, B, C,
                           in_slots=(lambda x, dt, B, C, s, slots: cpp_step(x, dt, A, B, C, D, s, slots))
-                          if kernel else None, stepwise=KERNEL_STEPWISE if kernel else STEPWISE)
+                          if kernel else None, stepwise=KERNEL_STEPWISE if kernel else STEPWISE, in_place=kernel)

@@ -6,9 +6,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.ops.cpu_kernel import load_kernels
-from loramux.server.ops.gated_delta import chunked, cpp_recurrent_step, gated_delta, prepare, recurrent_step
+from loramux.server.ops.gated_delta import (
+    chunked,
+    cpp_chunked,
+    cpp_recurrent_step,
+    gated_delta,
+    prepare,
+    recurrent_step,
+)
 
-from helpers import KERNEL, StepChunk, check_step_in_slots, chunks_cut_by_saves, step_rows
+from helpers import (
+    KERNEL,
+    StepChunk,
+    check_chunks_and_saves,
+    check_step_in_slots,
+    chunks_cut_by_saves,
+    step_rows,
+)
 
 
 def definition(q, k, v, g, beta, state):
@@ -34,17 +48,22 @@ def inputs(heads, length, dk, dv, seed):
     return q.transpose(0, 1), k.transpose(0, 1), v, g, beta, state
 
 
+@pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
 @settings(max_examples=40, deadline=None)
-@given(heads=st.integers(1, 3), length=st.integers(1, 150), dk=st.sampled_from([4, 8, 16]), dv=st.sampled_from([4, 8]),
-       chunk=st.sampled_from([4, 16, 64]), split=st.floats(0, 1), seed=st.integers(0, 1000))
-def test_chunked_from_a_state_equals_the_definition_and_carries_its_state(heads, length, dk, dv, chunk, split, seed):
-    """Chunks of any size, a sequence cut in two calls anywhere (a prompt over two steps)."""
+@given(heads=st.integers(1, 3), length=st.integers(1, 150), dk=st.sampled_from([4, 8, 16]),
+       dv=st.sampled_from([4, 8, 20, 64]), chunk=st.sampled_from([4, 16, 64]), split=st.floats(0, 1),
+       seed=st.integers(0, 1000))
+def test_chunked_from_a_state_equals_the_definition_and_carries_its_state(kernel, heads, length, dk, dv, chunk, split,
+                                                                          seed):
+    """Chunks of any size, a sequence cut in two calls anywhere (a prompt over two steps); the C++
+    kernel's token after token, heads split among threads, its vector loops' remainders too."""
     q, k, v, g, beta, state = inputs(heads, length, dk, dv, seed)
     expected, final = definition(q, k, v, g, beta, state)
     cut = int(split * length)
     s = state.clone()
     rows = [x.transpose(0, 1) for x in (q, k, v, g, beta)]  # [L, H, ..]
-    outs = [chunked(*(x[a:b] for x in rows), s, chunk) for a, b in ((0, cut), (cut, length)) if b > a]
+    run = cpp_chunked if kernel else lambda *a: chunked(*a, chunk)
+    outs = [run(*(x[a:b] for x in rows), s) for a, b in ((0, cut), (cut, length)) if b > a]
     torch.testing.assert_close(torch.cat(outs).transpose(0, 1).double(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), final, rtol=1e-4, atol=1e-4)
 
@@ -123,11 +142,11 @@ def test_the_kernels_step_refuses_slots_shared_or_out_of_range(slots):
 @pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
 @settings(max_examples=30, deadline=None)
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), data=st.data())
-def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(kernel, lengths, data):
+def test_chunks_cut_by_state_saves_equal_the_definition(kernel, lengths, data):
     """gated_delta over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
-    STEPWISE (8; the kernel's 32) tokens run token by token, longer ones chunked. Each chunk's
-    outputs, its final state and every saved state (the state after that many of its tokens)
-    equal the definition's."""
+    STEPWISE (8) tokens run the torch step token by token, longer ones chunked; the kernel runs
+    each piece on the state in its slot. Each chunk's outputs, its final state and every saved
+    state (the state after that many of its tokens) equal the definition's."""
     heads, dk, dv = 2, 8, 4
     chunks, saved = chunks_cut_by_saves(data, lengths)
     rows = [inputs(heads, n, dk, dv, seed=i) for i, n in enumerate(lengths)]
@@ -136,11 +155,9 @@ def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(ke
     state[: len(lengths)] = torch.stack([r[5] for r in rows])
     out = gated_delta(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
                       step_rows(chunks, [], list(range(len(lengths)))), state, kernel)
-    for i, (chunk, r) in enumerate(zip(chunks, rows, strict=True)):
-        expected, final = definition(*r)
-        got = out[chunk.row_start : chunk.row_start + chunk.num_tokens].transpose(0, 1)
-        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(state[i].double(), final, rtol=1e-4, atol=1e-4)
-    for slot, (i, c) in saved.items():
-        _, after = definition(*(x[:, :c] for x in rows[i][:5]), rows[i][5])
-        torch.testing.assert_close(state[slot].double(), after, rtol=1e-4, atol=1e-4)
+
+    def defined(i, n):
+        expected, after = definition(*(x[:, :n] for x in rows[i][:5]), rows[i][5])
+        return expected.transpose(0, 1), after
+
+    check_chunks_and_saves(out, state, chunks, saved, defined, 1e-4)

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.ops.cpu_kernel import load_kernels
-from loramux.server.ops.selective_scan import cpp_scan, cpp_step, discretize, scan, step
+from loramux.server.ops.selective_scan import cpp_scan, cpp_step, discretize, scan, selective_scan, step
 
-from helpers import check_step_in_slots
+from helpers import KERNEL, check_chunks_and_saves, check_step_in_slots, chunks_cut_by_saves, step_rows
 
 
 def definition(x, dt, A, B, C, D, state):
@@ -80,6 +80,29 @@ def test_the_kernels_step_updates_each_rows_state_in_its_slot_as_the_definition(
 
     check_step_in_slots(lambda bank, s: cpp_step(x, dt, A, B, C, D, bank, s), torch.randn(9, channels, N) * 0.3,
                         slots, row)
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), data=st.data())
+def test_chunks_cut_by_state_saves_equal_the_definition(kernel, lengths, data):
+    """selective_scan over a step's prefill chunks, each cut by state saves anywhere (the kernel's
+    scan on the state in its slot, the torch scan on a copy). Each chunk's outputs, its final
+    state and every saved state equal the definition's."""
+    channels, N = 5, 4
+    chunks, saved = chunks_cut_by_saves(data, lengths)
+    rows = [inputs(n, channels, N, seed=i) for i, n in enumerate(lengths)]
+    A, D = rows[0][2], rows[0][5]  # the layer's: one for every sequence
+    x, dt, B, C = (torch.cat([r[j] for r in rows]) for j in (0, 1, 3, 4))
+    state = torch.zeros(len(lengths) + len(saved) + 1, channels, N)
+    state[: len(lengths)] = torch.stack([r[6] for r in rows])
+    out = selective_scan(x, dt, A, B, C, D, step_rows(chunks, [], list(range(len(lengths)))), state, kernel)
+
+    def defined(i, n):
+        r = rows[i]
+        return definition(r[0][:n], r[1][:n], A, r[3][:n], r[4][:n], D, r[6])
+
+    check_chunks_and_saves(out, state, chunks, saved, defined, 1e-5)
 
 
 def test_discretize_is_softplus_of_the_biased_step_in_float32():

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramux.server.ops.cpu_kernel import load_kernels
-from loramux.server.ops.ssd import chunked, cpp_step, discretize, ssd, step
+from loramux.server.ops.ssd import chunked, cpp_chunked, cpp_step, discretize, ssd, step
 
-from helpers import KERNEL, check_step_in_slots, chunks_cut_by_saves, step_rows
+from helpers import KERNEL, check_chunks_and_saves, check_step_in_slots, chunks_cut_by_saves, step_rows
 
 
 def definition(x, dt, A, B, C, D, state):
@@ -35,14 +35,20 @@ def inputs(length, heads, groups, P, N, seed):
     return x, dt, A, B, C, D, torch.randn(heads, P, N, generator=gen) * 0.3
 
 
+@pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
 @settings(max_examples=40, deadline=None)
-@given(length=st.integers(1, 100), heads_groups=st.sampled_from([(1, 1), (2, 1), (4, 2)]), P=st.sampled_from([2, 4]),
-       N=st.sampled_from([3, 8]), chunk=st.sampled_from([4, 16, 64]), split=st.floats(0, 1), seed=st.integers(0, 1000))
-def test_chunked_from_a_state_equals_the_definition_and_carries_its_state(length, heads_groups, P, N, chunk, split, seed):
+@given(length=st.integers(1, 100), heads_groups=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       P=st.sampled_from([2, 4]), N=st.sampled_from([3, 8, 20]), chunk=st.sampled_from([4, 16, 64]),
+       split=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_chunked_from_a_state_equals_the_definition_and_carries_its_state(kernel, length, heads_groups, P, N, chunk,
+                                                                          split, seed):
+    """Chunks of any size, a sequence cut in two calls anywhere; the C++ kernel's token after
+    token, heads split among threads, its vector loop's remainder too."""
     x, dt, A, B, C, D, state = inputs(length, *heads_groups, P, N, seed)
     expected, final = definition(x, dt, A, B, C, D, state)
     cut, s = int(split * length), state.clone()
-    outs = [chunked(x[a:b], dt[a:b], A, B[a:b], C[a:b], D, s, chunk) for a, b in ((0, cut), (cut, length)) if b > a]
+    run = cpp_chunked if kernel else lambda *a: chunked(*a, chunk)
+    outs = [run(x[a:b], dt[a:b], A, B[a:b], C[a:b], D, s) for a, b in ((0, cut), (cut, length)) if b > a]
     torch.testing.assert_close(torch.cat(outs).double(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), final, rtol=1e-4, atol=1e-4)
 
@@ -88,10 +94,11 @@ def test_discretize_is_softplus_of_the_biased_step_clamped():
 @pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"), KERNEL])
 @settings(max_examples=30, deadline=None)
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), data=st.data())
-def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(kernel, lengths, data):
+def test_chunks_cut_by_state_saves_equal_the_definition(kernel, lengths, data):
     """ssd over a step's prefill chunks, each cut by state saves anywhere: pieces of up to
-    STEPWISE (5; the kernel's 32) tokens run the step token by token, longer ones chunked. Each
-    chunk's outputs, its final state and every saved state equal the definition's."""
+    STEPWISE (5) tokens run the torch step token by token, longer ones chunked; the kernel runs
+    each piece on the state in its slot. Each chunk's outputs, its final state and every saved
+    state equal the definition's."""
     heads, groups, P, N = 4, 2, 2, 3
     chunks, saved = chunks_cut_by_saves(data, lengths)
     rows = [inputs(n, heads, groups, P, N, seed=i) for i, n in enumerate(lengths)]
@@ -101,12 +108,9 @@ def test_chunks_cut_by_state_saves_equal_the_definition_short_pieces_stepwise(ke
     state[: len(lengths)] = torch.stack([r[6] for r in rows])
     out = ssd(x, dt, A, B, C, D, step_rows(chunks, [], list(range(len(lengths)))), state, chunk=4,
               kernel=kernel)
-    for i, (chunk, r) in enumerate(zip(chunks, rows, strict=True)):
-        expected, final = definition(r[0], r[1], A, r[3], r[4], D, r[6])
-        torch.testing.assert_close(out[chunk.row_start : chunk.row_start + chunk.num_tokens].double(), expected,
-                                   rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(state[i].double(), final, rtol=1e-4, atol=1e-4)
-    for slot, (i, c) in saved.items():
+
+    def defined(i, n):
         r = rows[i]
-        _, after = definition(r[0][:c], r[1][:c], A, r[3][:c], r[4][:c], D, r[6])
-        torch.testing.assert_close(state[slot].double(), after, rtol=1e-4, atol=1e-4)
+        return definition(r[0][:n], r[1][:n], A, r[3][:n], r[4][:n], D, r[6])
+
+    check_chunks_and_saves(out, state, chunks, saved, defined, 1e-4)

@@ -1341,6 +1341,36 @@ static const int64_t* state_slots(const torch::Tensor& slots, int64_t rows, int6
   return slot;
 }
 
+// One token of one head through the gated delta rule: its state S [dk, dv] (float32) updated in
+// place and o = q S written to o [dv]; u [dv] is scratch.
+static inline void delta_token(float* s, const float* qi, const float* ki, const float* vi, float decay, float b,
+                               float* o, float* u, int64_t dk, int64_t dv) {
+  std::fill(u, u + dv, 0.f);
+  for (int64_t i = 0; i < dk; ++i) {
+    float* si = s + i * dv;
+    const float ki_ = ki[i];
+#pragma omp simd
+    for (int64_t j = 0; j < dv; ++j) {
+      si[j] *= decay;
+      u[j] += ki_ * si[j];
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < dv; ++j) {
+    u[j] = (vi[j] - u[j]) * b;  // delta
+    o[j] = 0.f;
+  }
+  for (int64_t i = 0; i < dk; ++i) {
+    float* si = s + i * dv;
+    const float ki_ = ki[i], qi_ = qi[i];
+#pragma omp simd
+    for (int64_t j = 0; j < dv; ++j) {
+      si[j] += ki_ * u[j];
+      o[j] += qi_ * si[j];
+    }
+  }
+}
+
 // One decode token of D sequences through the gated delta rule (ops/gated_delta.py), each
 // sequence's state read and written where it lies: row d's heads at state[slots[d]] [H, dk, dv]
 // (float32), any slots, no gather or scatter. Per (row, head), in the reference's order:
@@ -1363,35 +1393,37 @@ void gated_delta_step(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch
     std::vector<float> u(dv);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t d = task / H, h = task % H;
-      float* s = sp + (slot[d] * H + h) * dk * dv;
-      const float *qi = qp + task * dk, *ki = kp + task * dk, *vi = vp + task * dv;
-      float* o = op + task * dv;
-      const float decay = std::exp(gp[task]), b = bp[task];
-      std::fill(u.begin(), u.end(), 0.f);
-      for (int64_t i = 0; i < dk; ++i) {
-        float* si = s + i * dv;
-        const float ki_ = ki[i];
-#pragma omp simd
-        for (int64_t j = 0; j < dv; ++j) {
-          si[j] *= decay;
-          u[j] += ki_ * si[j];
-        }
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < dv; ++j) {
-        u[j] = (vi[j] - u[j]) * b;  // delta
-        o[j] = 0.f;
-      }
-      for (int64_t i = 0; i < dk; ++i) {
-        float* si = s + i * dv;
-        const float ki_ = ki[i], qi_ = qi[i];
-#pragma omp simd
-        for (int64_t j = 0; j < dv; ++j) {
-          si[j] += ki_ * u[j];
-          o[j] += qi_ * si[j];
-        }
-      }
+      delta_token(sp + (slot[d] * H + h) * dk * dv, qp + task * dk, kp + task * dk, vp + task * dv,
+                  std::exp(gp[task]), bp[task], op + task * dv, u.data(), dk, dv);
     }
+  });
+}
+
+// One sequence's L tokens (a prefill chunk) through the gated delta rule from its state [H, dk, dv]
+// (float32), updated in place to the state after the last token: the step's recurrence token after
+// token. Heads are independent, so each thread takes a range of them through every token, a head's
+// state staying in its cache (blocks of a head's columns, each evolving on its own, were slower:
+// fewer independent sums a row); the torch ops' chunked form pays a padded chunk of matrices (UT
+// transform, two triangular solves) whatever its length.
+void gated_delta_chunk(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
+                       torch::Tensor beta, torch::Tensor state) {
+  check_float32({&out, &q, &k, &v, &g, &beta, &state}, "gated_delta_chunk: contiguous float32 CPU tensors");
+  const int64_t L = q.size(0), H = q.size(1), dk = q.size(2), dv = v.size(2);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == L && v.size(1) == H && out.sizes() == v.sizes() &&
+              g.numel() == L * H && beta.numel() == L * H && state.dim() == 3 && state.size(0) == H &&
+              state.size(1) == dk && state.size(2) == dv, "gated_delta_chunk: q, k [L, H, dk], v, out [L, H, dv], "
+              "g, beta [L, H], state [H, dk, dv]");
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
+              *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> u(dv);
+    for (int64_t h = lo; h < hi; ++h)
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t row = t * H + h;
+        delta_token(sp + h * dk * dv, qp + row * dk, kp + row * dk, vp + row * dv, std::exp(gp[row]), bp[row],
+                    op + row * dv, u.data(), dk, dv);
+      }
   });
 }
 
@@ -1440,6 +1472,23 @@ void short_conv_step(torch::Tensor y, torch::Tensor u, torch::Tensor state, torc
   });
 }
 
+// One token of one head through Mamba-2's state space: its state S [P, N] (float32) updated in
+// place, S[p, :] <- decay S[p, :] + (dt x_p) b, and y_p = S[p, :] . c + d x_p written to y [P].
+static inline void ssd_token(float* s, const float* xi, const float* b, const float* c, float step, float decay,
+                             float d, float* y, int64_t P, int64_t N) {
+  for (int64_t p = 0; p < P; ++p) {
+    float* sr = s + p * N;
+    const float w = step * xi[p];
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; ++n) {
+      sr[n] = decay * sr[n] + w * b[n];
+      acc += sr[n] * c[n];
+    }
+    y[p] = acc + d * xi[p];
+  }
+}
+
 // One decode token of R sequences through Mamba-2's selective state space (ops/ssd.py), each
 // sequence's state read and written where it lies, at state[slots[r]] [H, P, N] (float32). Per
 // (row, head h of group g = h / (H / G)), with a = exp(dt A_h):
@@ -1460,19 +1509,35 @@ void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor 
   at::parallel_for(0, R * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * N)), [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = task / H, h = task % H, g = h / (H / G);
-      float* s = sp + (slot[r] * H + h) * P * N;
-      const float *xi = xp + task * P, *b = bp + (r * G + g) * N, *c = cp + (r * G + g) * N;
-      const float step = dtp[task], decay = std::exp(step * ap[h]);
-      for (int64_t p = 0; p < P; ++p) {
-        float* sr = s + p * N;
-        const float w = step * xi[p];
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t n = 0; n < N; ++n) {
-          sr[n] = decay * sr[n] + w * b[n];
-          acc += sr[n] * c[n];
-        }
-        yp[task * P + p] = acc + dp[h] * xi[p];
+      const float step = dtp[task];
+      ssd_token(sp + (slot[r] * H + h) * P * N, xp + task * P, bp + (r * G + g) * N, cp + (r * G + g) * N, step,
+                std::exp(step * ap[h]), dp[h], yp + task * P, P, N);
+    }
+  });
+}
+
+// One sequence's L tokens (a prefill chunk) through Mamba-2's state space from its state [H, P, N]
+// (float32), updated in place to the state after the last token: the step's recurrence token after
+// token, each thread taking a range of heads through every token with their states in its cache.
+void ssd_chunk(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+               torch::Tensor D, torch::Tensor state) {
+  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "ssd_chunk: contiguous float32 CPU tensors");
+  const int64_t L = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
+  TORCH_CHECK(y.sizes() == x.sizes() && dt.numel() == L * H && A.numel() == H && D.numel() == H &&
+              B.size(0) == L && C.sizes() == B.sizes() && G > 0 && H % G == 0 && state.dim() == 3 &&
+              state.size(0) == H && state.size(1) == P && state.size(2) == N,
+              "ssd_chunk: x, y [L, H, P], dt [L, H], A, D [H], B, C [L, G, N], state [H, P, N]");
+  const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>(),
+              *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t h = lo; h < hi; ++h) {
+      const int64_t g = h / (H / G);
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t row = t * H + h;
+        const float step = dtp[row];
+        ssd_token(sp + h * P * N, xp + row * P, bp + (t * G + g) * N, cp + (t * G + g) * N, step,
+                  std::exp(step * ap[h]), dp[h], yp + row * P, P, N);
       }
     }
   });
@@ -1570,8 +1635,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("short_conv_step", &short_conv_step,
         "one decode input of many sequences through a depthwise causal convolution, states shifted in their slots",
         release());
+  m.def("gated_delta_chunk", &gated_delta_chunk,
+        "one sequence's tokens through the gated delta rule from its state, updated in place", release());
   m.def("ssd_step", &ssd_step,
         "one decode token of many sequences through Mamba-2's state space, states updated in their slots", release());
+  m.def("ssd_chunk", &ssd_chunk,
+        "one sequence's tokens through Mamba-2's state space from its state, updated in place", release());
   m.def("selective_scan_step", &selective_scan_step,
         "one decode token of many sequences through Mamba's selective scan, states updated in their slots", release());
   m.def("selective_scan_chunk", &selective_scan_chunk,
