@@ -20,8 +20,8 @@ up to 64 rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py). ``sh
 ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step`` run a recurrent model's decode rows
 through a short convolution, the gated delta rule, Mamba-2's state space and Mamba's selective scan
 on each row's state where it lies, in its slot (ops/short_conv.py, gated_delta.py, ssd.py,
-selective_scan.py); ``gated_delta_chunk``, ``ssd_chunk`` and ``selective_scan_chunk`` a prefill
-chunk's tokens one after another from its state. Each releases the GIL.
+selective_scan.py); ``short_conv_chunk``, ``gated_delta_chunk``, ``ssd_chunk`` and
+``selective_scan_chunk`` a prefill chunk's tokens from its state where it lies. Each releases the GIL.
 
 They are compiled when the package is installed (setup.py), once per ISA variant: a portable
 baseline, AVX2 and AVX-512 on x86-64, NEON on aarch64. ``load_kernels`` imports the widest
@@ -61,8 +61,8 @@ def variants_for(machine: str, capability: str) -> list[str]:
 def load_kernels():
     """The compiled module (``lora``, ``paged_decode``, ``convert_adapter``, ``copy_rows``,
     ``convert_to_pages``, ``few_rows_linear``, the recurrent steps ``short_conv_step``,
-    ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step``, their chunks ``gated_delta_chunk``,
-    ``ssd_chunk`` and ``selective_scan_chunk``, and ``variant``: which build),
+    ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step``, their chunks ``short_conv_chunk``,
+    ``gated_delta_chunk``, ``ssd_chunk`` and ``selective_scan_chunk``, and ``variant``: which build),
     or None if none was built for this CPU or ``LORAMUX_NO_CPU_KERNEL=1`` says not to use it."""
     if os.environ.get(NO_KERNEL_ENV) == "1":
         log.info("%s=1: the C++ CPU kernels are not used; the torch ops serve", NO_KERNEL_ENV)

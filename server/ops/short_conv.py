@@ -7,8 +7,8 @@ first token: the state is zeroed when its slot is taken, recurrent_state.py). Th
 Face's ``causal_conv1d_fn`` over a whole prompt (zero padding on the left) and its
 ``causal_conv1d_update`` a token at a time, so a prompt split into chunks, then decoded, gives the
 same outputs. LFM2's short convolutions run it, and Mamba's, Mamba-2's and gated DeltaNet's
-before their scans. ``cpp_conv_step`` runs the decode rows in the C++ kernel on their states where
-they lie.
+before their scans. ``cpp_conv_step`` and ``cpp_conv_chunk`` run the decode rows and a prompt's
+chunks in the C++ kernel on their states where they lie.
 """
 
 from __future__ import annotations
@@ -49,18 +49,27 @@ def cpp_conv_step(u: torch.Tensor, state: torch.Tensor, slots: torch.Tensor, wei
     return y
 
 
-# with the kernel, pieces of a chunk this short run its step token by token: a chunk costs about
-# 0.12 ms up to 16 tokens (1536 channels, width 4) against 0.016 ms a kernel step (a torch step
-# costs as much as the chunk)
-KERNEL_STEPWISE = 6
+def cpp_conv_chunk(u: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv_chunk`` in the C++ kernel: one sequence's inputs u [n, C] from its state [C, K - 1]
+    where it lies (contiguous), updated in place, with no concatenated copy. Returns y [n, C]."""
+    u = u.contiguous()
+    y = torch.empty_like(u)
+    load_kernels().short_conv_chunk(y, u, state, weight.contiguous(), u.new_empty(0) if bias is None else bias.contiguous())
+    return y
+
+
+# with the kernel, a single input (a speculative row's position) takes its step on the state in its
+# slot rather than a chunk on a view of it
+KERNEL_STEPWISE = 1
 
 
 def short_conv(u: torch.Tensor, batch, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                kernel: bool = False) -> torch.Tensor:
     """u: [T, C] a step's inputs (``batch``'s prefill chunks and decode rows), each sequence's
     state's row in ``state`` [slots + 1, C, K - 1] (ops/recurrent.py); weight [C, 1, K]; bias [C]
-    or None; ``kernel``: the decode rows through ``cpp_conv_step``. Returns y [T, C]."""
-    return over_sequences(batch, state, partial(conv_chunk, weight=weight, bias=bias),
+    or None; ``kernel``: the prefill chunks through ``cpp_conv_chunk`` and the decode rows through
+    ``cpp_conv_step``, on the states where they lie. Returns y [T, C]."""
+    return over_sequences(batch, state, partial(cpp_conv_chunk if kernel else conv_chunk, weight=weight, bias=bias),
                           partial(conv_step, weight=weight, bias=bias), u,
                           in_slots=partial(cpp_conv_step, weight=weight, bias=bias) if kernel else None,
-                          stepwise=KERNEL_STEPWISE if kernel else 0)
+                          stepwise=KERNEL_STEPWISE if kernel else 0, in_place=kernel)

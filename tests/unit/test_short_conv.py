@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramux.server.ops.short_conv import short_conv
+from loramux.server.ops.cpu_kernel import load_kernels
+from loramux.server.ops.short_conv import cpp_conv_chunk, short_conv
 from loramux.server.recurrent_state import RecurrentStates
 from loramux.server.runner import _consecutive
 
@@ -28,7 +29,8 @@ def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(kernel, data
     chunks first, then its decode rows of one token each), in slots taken in any order; a chunk may
     copy its state on the way into a cached slot (ops/recurrent.py), which then holds the
     sequence's last inputs before that point. Decode rows through the torch ops (on gathered
-    states, or in place over consecutive slots) or the C++ kernel's step on the states in their slots."""
+    states, or in place over consecutive slots) or the C++ kernel's step on the states in their
+    slots, and the kernel's chunks on them too."""
     torch.manual_seed(len(lengths) * 31 + width)
     weight = torch.randn(channels, 1, width, dtype=torch.float64)
     bias = torch.randn(channels, dtype=torch.float64) if biased else None
@@ -66,6 +68,28 @@ def test_chunked_prefill_then_decode_steps_equal_the_whole_sequence(kernel, data
     for slot, (s, t) in saved.items():  # the K - 1 inputs before t, zeros before the first
         window = torch.cat((torch.zeros(width - 1, channels, dtype=torch.float64), inputs[s][:t]))[t:].T
         assert torch.equal(states.states[0][slot], window), (slot, s, t)
+
+
+@pytest.mark.skipif(load_kernels() is None, reason="the C++ kernel is not built")
+@settings(max_examples=30, deadline=None)
+@given(length=st.integers(1, 20), width=st.integers(1, 4), split=st.floats(0, 1), biased=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_the_kernels_chunk_from_a_state_equals_the_whole_sequence(length, width, split, biased, dtype):
+    """The C++ chunk on a state of earlier inputs, a sequence cut in two calls anywhere (shorter
+    than the state, too), 600 channels split among threads; float32, and bfloat16 summed in
+    float32 and rounded once."""
+    torch.manual_seed(length * 7 + width)
+    channels, W = 600, width - 1
+    full = torch.randn(W + length, channels).to(dtype)  # the state's W inputs, then the chunk's
+    weight = torch.randn(channels, 1, width).to(dtype)
+    bias = torch.randn(channels).to(dtype) if biased else None
+    expected = reference(full.float(), weight.float(), None if bias is None else bias.float())[W:].to(dtype)
+    state, cut = full[:W].T.contiguous(), int(split * length)
+    u = full[W:]
+    got = torch.cat([cpp_conv_chunk(u[a:b], state, weight, bias) for a, b in ((0, cut), (cut, length)) if b > a])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    assert torch.equal(state, full[full.shape[0] - W :].T)
 
 
 def test_state_slots_are_taken_zeroed_given_back_once_and_bounded():

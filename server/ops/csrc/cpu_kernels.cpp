@@ -1472,6 +1472,61 @@ void short_conv_step(torch::Tensor y, torch::Tensor u, torch::Tensor state, torc
   });
 }
 
+// One sequence's L inputs u [L, C] (a prefill chunk) through the depthwise causal convolution from
+// its state [C, K - 1] (its last K - 1 inputs, where it lies), updated in place to the chunk's last
+// K - 1 inputs: y[t, c] = bias[c] + sum_{j < K} w[c, j] in[t - (K - 1) + j, c], where in[i < 0] is
+// the state's, summed in float32 (float64 for float64) and rounded once. Each thread takes a range
+// of channels through every token, the weights transposed to [K, C] so that a token's channels run
+// in unit stride; the torch ops concatenate the state and the chunk and convolve a copy.
+template <typename T>
+static void conv_chunk(T* y, const T* u, T* state, const T* w, const T* bias, int64_t L, int64_t C, int64_t K) {
+  using A = at::opmath_type<T>;
+  const int64_t W = K - 1;
+  std::vector<A> wt(K * C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < K; ++j) wt[j * C + c] = static_cast<A>(w[c * K + j]);
+  at::parallel_for(0, C, 256, [&](int64_t lo, int64_t hi) {
+    std::vector<A> acc(hi - lo);
+    for (int64_t t = 0; t < L; ++t) {
+      for (int64_t c = lo; c < hi; ++c) acc[c - lo] = bias ? static_cast<A>(bias[c]) : A(0);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t i = t - W + j;  // the input's position in the chunk (< 0: the state's)
+        const A* wj = wt.data() + j * C;
+        if (i >= 0) {
+          const T* ui = u + i * C;
+#pragma omp simd
+          for (int64_t c = lo; c < hi; ++c) acc[c - lo] += wj[c] * static_cast<A>(ui[c]);
+        } else {
+          for (int64_t c = lo; c < hi; ++c) acc[c - lo] += wj[c] * static_cast<A>(state[c * W + W + i]);
+        }
+      }
+      for (int64_t c = lo; c < hi; ++c) y[t * C + c] = static_cast<T>(acc[c - lo]);
+    }
+    for (int64_t c = lo; c < hi; ++c) {  // the last W inputs: the state's last W - L, then the chunk's
+      T* sc = state + c * W;
+      const int64_t kept = std::max<int64_t>(0, W - L);
+      for (int64_t j = 0; j < kept; ++j) sc[j] = sc[j + L];
+      for (int64_t j = kept; j < W; ++j) sc[j] = u[(L - W + j) * C + c];
+    }
+  });
+}
+
+void short_conv_chunk(torch::Tensor y, torch::Tensor u, torch::Tensor state, torch::Tensor weight, torch::Tensor bias) {
+  for (const auto* t : {&y, &u, &state, &weight})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == u.scalar_type(),
+                "short_conv_chunk: contiguous CPU tensors of one dtype");
+  const int64_t L = u.size(0), C = u.size(1), K = weight.size(-1);
+  TORCH_CHECK(y.sizes() == u.sizes() && weight.numel() == C * K && K >= 1 && state.dim() == 2 &&
+              state.size(0) == C && state.size(1) == K - 1, "short_conv_chunk: u, y [L, C], weight [C, 1, K], "
+              "state [C, K - 1]");
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == C && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
+              "short_conv_chunk: bias [C] or empty");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "short_conv_chunk", [&] {
+    conv_chunk<scalar_t>(y.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), state.data_ptr<scalar_t>(),
+                         weight.data_ptr<scalar_t>(), bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, L, C, K);
+  });
+}
+
 // One token of one head through Mamba-2's state space: its state S [P, N] (float32) updated in
 // place, S[p, :] <- decay S[p, :] + (dt x_p) b, and y_p = S[p, :] . c + d x_p written to y [P].
 static inline void ssd_token(float* s, const float* xi, const float* b, const float* c, float step, float decay,
@@ -1637,6 +1692,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("gated_delta_chunk", &gated_delta_chunk,
         "one sequence's tokens through the gated delta rule from its state, updated in place", release());
+  m.def("short_conv_chunk", &short_conv_chunk,
+        "one sequence's inputs through a depthwise causal convolution from its state, updated in place", release());
   m.def("ssd_step", &ssd_step,
         "one decode token of many sequences through Mamba-2's state space, states updated in their slots", release());
   m.def("ssd_chunk", &ssd_chunk,
