@@ -752,15 +752,18 @@ class Engine:
         kept (its last token and the drafts before the first rejected one): the slot saved there,
         unless it kept every draft. Then the answer's state where its kept tokens filled a block,
         and the saved slots go back."""
-        bs, filled = self.blocks.block_size, []
+        bs, kept, rows, filled = self.blocks.block_size, [], [], []
         for seq, slots in scratch.items():
             if not seq.done:
                 fed = seq.num_computed - starts[seq]
                 if fed <= len(slots):
-                    self.states.copy([slots[fed - 1]], [seq.state_slot])
+                    kept.append(slots[fed - 1])
+                    rows.append(seq.state_slot)
                 end = seq.num_computed // bs * bs  # the last block its kept tokens filled, if in this step
                 if self.state_cache is not None and end > starts[seq]:
                     filled.append((seq, seq.state_slot if end == seq.num_computed else slots[end - starts[seq] - 1]))
+        if kept:  # every row's at once, before an answer's state is read from its row
+            self.states.copy(kept, rows)
         if filled:
             self._save_decode_states(filled)
         for slots in scratch.values():

@@ -120,7 +120,7 @@ class Service:
         try:
             with self._counting_refusals(options.adapter_id):
                 async with self._adapter_held(options.adapter_id, options.combine) as adapter_id:
-                    rendered = [await self._render(prompt, adapter_id) for prompt in prompts]
+                    rendered = [await self._render(prompt, adapter_id, instructions=True) for prompt in prompts]
                     vocab = self.vocabulary(adapter_id)
                     await self._prepare(sampling, vocab)
                     predicted = await self._predicted(options.prediction, vocab)
@@ -246,11 +246,12 @@ class Service:
                 self.on_rejected(status_name(e), adapter_id or None)
             raise
 
-    async def _render(self, prompt: Prompt, adapter_id: str | None) -> tuple[list[int], tuple[int, ...]]:
+    async def _render(self, prompt: Prompt, adapter_id: str | None,
+                      instructions: bool = False) -> tuple[list[int], tuple[int, ...]]:
         """The adapter's (dynamic) registration, cheap bounds with its renderer (its tokenizer's
         chat template, if it has one of its own), then the tokenizer off the loop: the token ids,
-        and where a chat's instructions end in them (the request's shared_prefix_ends) when the
-        engine caches recurrent states there."""
+        and with ``instructions`` where a chat's instructions end in them (the request's
+        shared_prefix_ends) when the engine caches recurrent states there (else ())."""
         engine = self.ready().engine
         if adapter_id:
             await self._ensure_registered(adapter_id)
@@ -259,7 +260,8 @@ class Service:
 
         def render():
             ids = renderer.render(prompt)
-            end = renderer.instructions_end(prompt, ids) if prompt.messages and engine.caches_states else None
+            end = renderer.instructions_end(prompt, ids) if instructions and prompt.messages and engine.caches_states \
+                else None
             return ids, () if end is None else (end,)
 
         return await self.work.run("tokenizing the prompt", render)

@@ -1454,17 +1454,26 @@ static void conv_rows(T* y, const T* u, T* state, const int64_t* slot, const T* 
   });
 }
 
+// The short convolution's checks common to its step and its chunk: y, u [rows, C] and the weight
+// [C, 1, K] (K >= 1) contiguous CPU tensors of one dtype with the state; the bias [C] or empty.
+// The state's shape is each caller's. Returns K.
+static int64_t check_conv(const torch::Tensor& y, const torch::Tensor& u, const torch::Tensor& state,
+                          const torch::Tensor& weight, const torch::Tensor& bias, const char* op) {
+  for (const auto* t : {&y, &u, &state, &weight})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == u.scalar_type(), op,
+                ": contiguous CPU tensors of one dtype");
+  const int64_t C = u.size(1), K = weight.size(-1);
+  TORCH_CHECK(y.sizes() == u.sizes() && weight.numel() == C * K && K >= 1, op, ": u, y [rows, C], weight [C, 1, K]");
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == C && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
+              op, ": bias [C] or empty");
+  return K;
+}
+
 void short_conv_step(torch::Tensor y, torch::Tensor u, torch::Tensor state, torch::Tensor slots, torch::Tensor weight,
                      torch::Tensor bias) {
-  for (const auto* t : {&y, &u, &state, &weight})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == u.scalar_type(),
-                "short_conv_step: contiguous CPU tensors of one dtype");
-  const int64_t R = u.size(0), C = u.size(1), K = weight.size(-1);
-  TORCH_CHECK(y.sizes() == u.sizes() && weight.numel() == C * K && K >= 1 && state.dim() == 3 &&
-              state.size(1) == C && state.size(2) == K - 1, "short_conv_step: u, y [R, C], weight [C, 1, K], "
-              "state [slots, C, K - 1]");
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == C && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
-              "short_conv_step: bias [C] or empty");
+  const int64_t R = u.size(0), C = u.size(1), K = check_conv(y, u, state, weight, bias, "short_conv_step");
+  TORCH_CHECK(state.dim() == 3 && state.size(1) == C && state.size(2) == K - 1,
+              "short_conv_step: state [slots, C, K - 1]");
   const int64_t* slot = state_slots(slots, R, state.size(0), "short_conv_step");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "short_conv_step", [&] {
     conv_rows<scalar_t>(y.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), state.data_ptr<scalar_t>(), slot,
@@ -1512,15 +1521,8 @@ static void conv_chunk(T* y, const T* u, T* state, const T* w, const T* bias, in
 }
 
 void short_conv_chunk(torch::Tensor y, torch::Tensor u, torch::Tensor state, torch::Tensor weight, torch::Tensor bias) {
-  for (const auto* t : {&y, &u, &state, &weight})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == u.scalar_type(),
-                "short_conv_chunk: contiguous CPU tensors of one dtype");
-  const int64_t L = u.size(0), C = u.size(1), K = weight.size(-1);
-  TORCH_CHECK(y.sizes() == u.sizes() && weight.numel() == C * K && K >= 1 && state.dim() == 2 &&
-              state.size(0) == C && state.size(1) == K - 1, "short_conv_chunk: u, y [L, C], weight [C, 1, K], "
-              "state [C, K - 1]");
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == C && bias.is_contiguous() && bias.scalar_type() == u.scalar_type()),
-              "short_conv_chunk: bias [C] or empty");
+  const int64_t L = u.size(0), C = u.size(1), K = check_conv(y, u, state, weight, bias, "short_conv_chunk");
+  TORCH_CHECK(state.dim() == 2 && state.size(0) == C && state.size(1) == K - 1, "short_conv_chunk: state [C, K - 1]");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "short_conv_chunk", [&] {
     conv_chunk<scalar_t>(y.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), state.data_ptr<scalar_t>(),
                          weight.data_ptr<scalar_t>(), bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, L, C, K);
