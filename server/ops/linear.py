@@ -1,13 +1,14 @@
 """The base model's projections: ``F.linear``, or on a CPU with the C++ kernels and a float32
-model, the kernel's path (``few_rows_linear``: up to 16 rows, each weight row streamed once
-against every row of x with the rows ahead prefetched; 17 to 64, tiles of weight rows by x rows
+model, the kernel's path (``few_rows_linear``: up to 6 rows, each weight row streamed once
+against every row of x with the rows ahead prefetched; 7 to 64, tiles of weight rows by x rows
 with their sums in registers) for the row counts where it is faster on this CPU.
 
 Which counts those are depends on the CPU and on torch's BLAS there, so the server times both
 paths on the model's own weights at start-up (``time_row_counts``, ``faster_rows``). Measured
-(BENCHMARKS.md): on an Intel Xeon with AVX-512, the kernel won at 4 to 14 rows (torch's GEMM reads
-the weights from DRAM at half its one-row speed there) and lost at 1 to 3 and 16; on an AMD EPYC
-(Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 64, by up to 3x."""
+(BENCHMARKS.md): on an Intel Xeon with AVX-512, the kernel won at 4 to 16 rows (0.72-0.86x
+torch's time over the default model's decode linears), tied at 24 to 32 and lost at 1, 2, 48 and
+64; on an AMD EPYC (Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 64,
+by up to 3x."""
 
 from __future__ import annotations
 

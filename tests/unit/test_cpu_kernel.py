@@ -311,10 +311,10 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
 @each_variant
 @pytest.mark.parametrize("rows", [*range(1, 34), 47, 64])
 def test_few_rows_linear_matches_torch(variant, rows):
-    """Row counts the kernel takes (two paths: up to 16 rows, and tiles of 17 to 64), inputs
-    off its vector width (I % 8), numbers of outputs off its pairs and tiles (the last is computed
-    with a row repeated), with and without a bias, and a strided x (rows of a wider buffer); the
-    prefetches run past a weight row's end."""
+    """Row counts the kernel takes (two paths: up to 6 rows, and tiles of 7 to 64), inputs off
+    its vector width (16 lanes in the AVX-512 build, 8 in the others), numbers of outputs off its
+    pairs and tiles (the last is computed with a row repeated), with and without a bias, and a
+    strided x (rows of a wider buffer); the prefetches run past a weight row's end."""
     gen = torch.Generator().manual_seed(rows)
     few_rows_linear = variant_module(variant).few_rows_linear
     for out_features, in_features in ((1728, 576), (577, 1540), (1, 7), (33, 8)):

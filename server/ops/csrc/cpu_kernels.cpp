@@ -1138,9 +1138,21 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 // cache), with the next 2 KiB of each prefetched. From DRAM it read the weights at 1.2-1.5x torch's
 // rate at 4 to 14 rows on an Intel Xeon (AVX-512 build), and at 1.3-3x at 1 to 16 rows on an AMD
 // EPYC (BENCHMARKS.md); the server times both at start-up and sends it the rows where it is faster
-// (ops/linear.py).
-constexpr int FEW_ROWS = 16;
+// (ops/linear.py). Its 2 x M sums live in registers: past 6 rows they no longer fit beside the
+// loads (16 rows spilled in every build), and the tiles below are faster.
+constexpr int FEW_ROWS = 6;
 constexpr int64_t AHEAD_BYTES = 2048;  // prefetched ahead in each weight row
+
+// The base linears' vectors: the build's widest. The AVX-512 build's 16 lanes issue half the FMAs
+// of 8-lane (AVX) ones for the same sums: on an Intel Xeon with two 512-bit FMA ports the default
+// model's decode linears took 0.75-0.9x the time at 8 to 64 rows (BENCHMARKS.md); an AMD Zen 4,
+// which splits a 512-bit FMA in two, ran both widths alike.
+#if defined(__AVX512F__)
+typedef float f32xw __attribute__((vector_size(64), aligned(4)));
+#else
+typedef f32x8 f32xw;
+#endif
+constexpr int64_t WL = sizeof(f32xw) / sizeof(float);  // its lanes
 
 // Base weights (--quantization): float32, or int8 rows with one float32 scale each, widened value
 // by value to q * s (the same float32 product as the dequantized weight's) before the sums.
@@ -1164,6 +1176,22 @@ static inline f32x8 wload8(const int8_t* p, float s) {
   return __builtin_convertvector(*reinterpret_cast<const i8x8*>(p), f32x8) * s;
 #endif
 }
+// WL weights as float32
+static inline f32xw wload(const float* p, float) { return *reinterpret_cast<const f32xw*>(p); }
+static inline f32xw wload(const int8_t* p, float s) {
+#if defined(__AVX512F__)
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<f32xw>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))) * s;
+#else
+  return wload8(p, s);
+#endif
+}
+// The sum of a vector's lanes, in order.
+static inline float lanes_sum(f32xw v) {
+  float s = 0.f;
+  for (int64_t j = 0; j < WL; ++j) s += v[j];
+  return s;
+}
 static inline float wval(const float* p, float) { return *p; }
 static inline float wval(const int8_t* p, float s) { return static_cast<float>(*p) * s; }
 
@@ -1171,31 +1199,31 @@ template <int M, typename W>
 static void few_rows(float* y, const float* x, const W* w, const float* scale, const float* bias, int64_t O, int64_t I,
                      int64_t sy, int64_t sx, int64_t sw) {
   constexpr int64_t LINE = 64 / sizeof(W), AHEAD = AHEAD_BYTES / sizeof(W);  // values a cache line, ahead
-  const int64_t I8 = I / 8 * 8;
+  const int64_t IW = I / WL * WL;
   at::parallel_for(0, (O + 1) / 2, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t o0 = 2 * p, o1 = std::min(o0 + 1, O - 1);  // an odd O's last pair computes its row twice
       const W* w0 = w + o0 * sw;
       const W* w1 = w + o1 * sw;
       const float s0w = scale != nullptr ? scale[o0] : 1.f, s1w = scale != nullptr ? scale[o1] : 1.f;
-      f32x8 acc0[M], acc1[M];
-      for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = f32x8{};
-      for (int64_t i = 0; i < I8; i += 8) {
+      f32xw acc0[M], acc1[M];
+      for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = f32xw{};
+      for (int64_t i = 0; i < IW; i += WL) {
         if (i % LINE == 0) {  // one prefetch a cache line
           __builtin_prefetch(w0 + i + AHEAD, 0, 3);
           __builtin_prefetch(w1 + i + AHEAD, 0, 3);
         }
-        const f32x8 a = wload8(w0 + i, s0w);
-        const f32x8 b = wload8(w1 + i, s1w);
+        const f32xw a = wload(w0 + i, s0w);
+        const f32xw b = wload(w1 + i, s1w);
         for (int m = 0; m < M; ++m) {
-          const f32x8 xv = *reinterpret_cast<const f32x8*>(x + m * sx + i);
+          const f32xw xv = *reinterpret_cast<const f32xw*>(x + m * sx + i);
           acc0[m] += a * xv;
           acc1[m] += b * xv;
         }
       }
       for (int m = 0; m < M; ++m) {
-        float s0 = sum8(acc0[m]), s1 = sum8(acc1[m]);
-        for (int64_t i = I8; i < I; ++i) {
+        float s0 = lanes_sum(acc0[m]), s1 = lanes_sum(acc1[m]);
+        for (int64_t i = IW; i < I; ++i) {
           s0 += wval(w0 + i, s0w) * x[m * sx + i];
           s1 += wval(w1 + i, s1w) * x[m * sx + i];
         }
@@ -1210,12 +1238,12 @@ static void few_rows(float* y, const float* x, const W* w, const float* scale, c
   });
 }
 
-// More rows (FEW_ROWS < M <= MANY_ROWS: a batch's decode step, drafting rows): tiles of TILE_O
+// More rows (FEW_ROWS < M <= MANY_ROWS: a batch's decode step, drafting rows, short prefill chunks): tiles of TILE_O
 // weight rows by TILE_M rows of x, their sums in registers across `I`, so each weight row is read
 // from memory once (then from L1 for the block's other x rows) and each x value once a tile.
 // TILE_O x TILE_M = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4 elsewhere (16). On an AMD
-// EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears in 0.6-0.9x torch's time
-// (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows does. int8
+// EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears in 0.6-0.9x torch's time;
+// from 7 rows it is faster than few_rows on an Intel Xeon, in the AVX2 and AVX-512 builds (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows does. int8
 // rows are widened once a block, into a float32 copy in L1/L2 that the x tiles then read.
 constexpr int MANY_ROWS = 64;
 #if defined(__AVX512F__)
@@ -1229,7 +1257,7 @@ template <typename W>
 static void many_rows(float* y, const float* x, const W* w, const float* scale, const float* bias, int64_t M, int64_t O,
                       int64_t I, int64_t sy, int64_t sx, int64_t sw) {
   constexpr bool wide = std::is_same_v<W, float>;
-  const int64_t I8 = I / 8 * 8;
+  const int64_t I8 = I / 8 * 8, IW = I / WL * WL;
   at::parallel_for(0, (O + TILE_O - 1) / TILE_O, 4, [&](int64_t lo, int64_t hi) {
     std::vector<float> widened(wide ? 0 : TILE_O * I);
     for (int64_t blk = lo; blk < hi; ++blk) {
@@ -1250,23 +1278,23 @@ static void many_rows(float* y, const float* x, const W* w, const float* scale, 
         const int64_t nm = std::min<int64_t>(TILE_M, M - m0);
         const float* xr[TILE_M];  // past M: the last row again
         for (int b = 0; b < TILE_M; ++b) xr[b] = x + (m0 + std::min<int64_t>(b, nm - 1)) * sx;
-        f32x8 acc[TILE_O][TILE_M];
+        f32xw acc[TILE_O][TILE_M];
         for (int a = 0; a < TILE_O; ++a)
-          for (int b = 0; b < TILE_M; ++b) acc[a][b] = f32x8{};
-        for (int64_t i = 0; i < I8; i += 8) {
-          if (wide && m0 == 0 && (i & 15) == 0)
+          for (int b = 0; b < TILE_M; ++b) acc[a][b] = f32xw{};
+        for (int64_t i = 0; i < IW; i += WL) {
+          if (wide && m0 == 0 && (i & 15) == 0)  // one prefetch a cache line
             for (int a = 0; a < TILE_O; ++a) __builtin_prefetch(wr[a] + i + AHEAD_BYTES / 4, 0, 3);
-          f32x8 wv[TILE_O];
-          for (int a = 0; a < TILE_O; ++a) wv[a] = *reinterpret_cast<const f32x8*>(wr[a] + i);
+          f32xw wv[TILE_O];
+          for (int a = 0; a < TILE_O; ++a) wv[a] = *reinterpret_cast<const f32xw*>(wr[a] + i);
           for (int b = 0; b < TILE_M; ++b) {
-            const f32x8 xv = *reinterpret_cast<const f32x8*>(xr[b] + i);
+            const f32xw xv = *reinterpret_cast<const f32xw*>(xr[b] + i);
             for (int a = 0; a < TILE_O; ++a) acc[a][b] += wv[a] * xv;
           }
         }
         for (int a = 0; a < TILE_O && o0 + a < O; ++a) {
           for (int b = 0; b < nm; ++b) {
-            float s = sum8(acc[a][b]);
-            for (int64_t i = I8; i < I; ++i) s += wr[a][i] * xr[b][i];
+            float s = lanes_sum(acc[a][b]);
+            for (int64_t i = IW; i < I; ++i) s += wr[a][i] * xr[b][i];
             y[(m0 + b) * sy + o0 + a] = bias != nullptr ? s + bias[o0 + a] : s;
           }
         }
