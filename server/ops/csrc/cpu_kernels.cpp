@@ -1135,11 +1135,10 @@ bool convert_to_pages(std::vector<torch::Tensor> dst_a, std::vector<torch::Tenso
 // A base linear of a few rows (a small batch's decode step, a drafting row's positions):
 //   y[m, o] = bias[o] + x[m, :] . w[o, :]     x: [M, I], w: [O, I], y: [M, O], M <= FEW_ROWS
 // Each thread streams its share of w's rows once, two at a time, against all M rows of x (in
-// cache), with the next 2 KiB of each prefetched. From DRAM it read the weights at 1.2-1.5x torch's
-// rate at 4 to 14 rows on an Intel Xeon (AVX-512 build), and at 1.3-3x at 1 to 16 rows on an AMD
-// EPYC (BENCHMARKS.md); the server times both at start-up and sends it the rows where it is faster
-// (ops/linear.py). Its 2 x M sums live in registers: past 6 rows they no longer fit beside the
-// loads (16 rows spilled in every build), and the tiles below are faster.
+// cache), with the next 2 KiB of each prefetched; the server times it against torch at start-up
+// and sends it the rows where it is faster (ops/linear.py; BENCHMARKS.md). Its 2 x M sums live in
+// registers: past 6 rows they no longer fit beside the loads (16 rows spilled in every build), and
+// the tiles below are faster.
 constexpr int FEW_ROWS = 6;
 constexpr int64_t AHEAD_BYTES = 2048;  // prefetched ahead in each weight row
 
@@ -1238,13 +1237,14 @@ static void few_rows(float* y, const float* x, const W* w, const float* scale, c
   });
 }
 
-// More rows (FEW_ROWS < M <= MANY_ROWS: a batch's decode step, drafting rows, short prefill chunks): tiles of TILE_O
-// weight rows by TILE_M rows of x, their sums in registers across `I`, so each weight row is read
-// from memory once (then from L1 for the block's other x rows) and each x value once a tile.
-// TILE_O x TILE_M = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4 elsewhere (16). On an AMD
-// EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears in 0.6-0.9x torch's time;
-// from 7 rows it is faster than few_rows on an Intel Xeon, in the AVX2 and AVX-512 builds (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows does. int8
-// rows are widened once a block, into a float32 copy in L1/L2 that the x tiles then read.
+// More rows (FEW_ROWS < M <= MANY_ROWS: a batch's decode step, drafting rows, short prefill
+// chunks): tiles of TILE_O weight rows by TILE_M rows of x, their sums in registers across `I`, so
+// each weight row is read from memory once (then from L1 for the block's other x rows) and each x
+// value once a tile. TILE_O x TILE_M = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4
+// elsewhere (16). On an AMD EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears
+// in 0.6-0.9x torch's time; on an Intel Xeon it beats few_rows from 7 rows in the AVX2 and AVX-512
+// builds (BENCHMARKS.md). The first x tile's pass prefetches each weight row ahead, as few_rows
+// does. int8 rows are widened once a block, into a float32 copy in L1/L2 that the x tiles then read.
 constexpr int MANY_ROWS = 64;
 #if defined(__AVX512F__)
 constexpr int TILE_O = 6;
