@@ -20,6 +20,12 @@ does not erase what prefill costs; the fit's sums are updated as steps come and 
 costs a few operations whatever the window (about 10 us). Until MIN_PREFILL_STEPS steps with
 prompt tokens are seen, or while the fit says prompt tokens cost next to nothing (all the cap
 allows adding under FREE_SHARE of the target), the budget is ``max_tokens`` unchanged.
+
+A least-squares fit is not robust: one step stalled by something else (a garbage collection, a
+page fault storm, a noisy neighbour: 219 ms among 7-40 ms steps was seen) could tilt the prompt
+tokens' cost negative and hold the budget at the cap for a whole window. So a step slower than
+OUTLIER times its prediction is held back; if the next step is such an outlier too, the machine
+has changed, and both enter the fit (one step late); else the held one is dropped.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ MIN_PREFILL_STEPS = 4  # steps with prompt tokens seen before the fit sizes anyt
 WINDOW = 64  # steps kept of each kind (with and without prompt tokens)
 RIDGE = 1e-9  # keeps the normal equations solvable when a feature has not varied
 FREE_SHARE = 0.01  # prompt tokens up to the cap predicted to add less than this share of the target: free
+OUTLIER = 4.0  # a step this many times slower than predicted is held back as a possible stall
 
 
 class StepBudget:
@@ -45,9 +52,20 @@ class StepBudget:
         self._xtx = [[0.0] * 3 for _ in range(3)]
         self._xty = [0.0] * 3
         self._weights: tuple[float, float, float] | None = None  # refitted after each observation
+        self._held: tuple[int, int, float] | None = None  # an outlier step not yet in the fit
 
     def observe(self, decode_tokens: int, prefill_tokens: int, seconds: float) -> None:
         """One finished step: its decode tokens (rows and drafts), prompt tokens and wall time."""
+        expected = self.predict(decode_tokens, prefill_tokens)
+        if expected is not None and expected > 0 and seconds > OUTLIER * expected:
+            if self._held is None:  # a stall, until the next step says otherwise
+                self._held = (decode_tokens, prefill_tokens, seconds)
+                return
+            self._add_step(*self._held)  # two in a row: the machine changed
+        self._held = None
+        self._add_step(decode_tokens, prefill_tokens, seconds)
+
+    def _add_step(self, decode_tokens: int, prefill_tokens: int, seconds: float) -> None:
         # both features scaled by max_tokens, which bounds them, so that the ridge weighs them alike
         row = (decode_tokens / self.max_tokens, prefill_tokens / self.max_tokens, seconds)
         window = self._with_prefill if prefill_tokens else self._decode_only

@@ -6,7 +6,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loramux.server.step_budget import MIN_PREFILL_STEPS, MIN_PREFILL_TOKENS, WINDOW, StepBudget
+from loramux.server.step_budget import MIN_PREFILL_STEPS, MIN_PREFILL_TOKENS, OUTLIER, WINDOW, StepBudget
 
 
 def feed(budget: StepBudget, cost, steps: int, rng: random.Random, noise: float = 0.0) -> None:
@@ -66,6 +66,30 @@ def test_decode_only_stretches_do_not_erase_what_prompt_tokens_cost():
     for _ in range(10 * WINDOW):
         budget.observe(6, 0, cost(6, 0))
     assert budget.tokens(6) == before == 6 + 132  # (0.1 - 0.01 - 0.024) / 0.0005
+
+
+def test_a_lone_stalled_step_leaves_the_fit_alone_and_a_lasting_change_is_learnt():
+    """The server's case: five prompt steps measured, then one 16-token step stalled 30x by
+    something else. Left in, it tilted the prompt tokens' cost negative and held the budget at the
+    cap; held back, the budget is what the steps around it say. Two such steps in a row are a
+    slower machine, and the fit follows it."""
+    cost = lambda d, p: 0.006 + 0.00015 * p  # noqa: E731
+    budget, clean = StepBudget(1e-6, 240), StepBudget(1e-6, 240)
+    for p in (24, 200, 60, 160, 16):
+        budget.observe(0, p, cost(0, p))
+        clean.observe(0, p, cost(0, p))
+    budget.observe(0, 16, 30 * cost(0, 16))  # a stall
+    for p in (68, 24, 200):
+        budget.observe(0, p, cost(0, p))
+        clean.observe(0, p, cost(0, p))
+    assert budget.tokens(1) == clean.tokens(1) == 1 + MIN_PREFILL_TOKENS
+    assert budget.predict(0, 100) == clean.predict(0, 100)
+    slower = lambda d, p: 2 * OUTLIER * cost(d, p)  # noqa: E731
+    budget.observe(0, 16, slower(0, 16))  # held back ...
+    assert budget.predict(0, 16) == clean.predict(0, 16)
+    budget.observe(0, 100, slower(0, 100))  # ... and taken with the next
+    budget.observe(0, 60, slower(0, 60))
+    assert budget.predict(0, 100) > 1.5 * clean.predict(0, 100)
 
 
 @given(st.lists(st.tuples(st.integers(0, 64), st.integers(0, 2048), st.floats(0, 100)), max_size=300),
