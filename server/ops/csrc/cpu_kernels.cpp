@@ -1405,14 +1405,27 @@ static inline void delta_token(float* s, const float* qi, const float* ki, const
 //   S <- exp(g) S;  u = k S;  delta = beta (v - u);  S <- S + k^T delta;  o = q S
 // in two passes over S (the first decays it and reads k S, the second writes and reads q S),
 // where the torch ops take five over [D, H, dk, dv] and three temporaries of its size.
+// The gated delta rule's checks common to its step and its chunk: contiguous float32 CPU tensors,
+// q, k [rows, H, dk], v, out [rows, H, dv], g, beta [rows, H], and a state of `state_dims` dims
+// ending in [H, dk, dv] (the step's [slots, ...], the chunk's one sequence's).
+static void check_delta(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k,
+                        const torch::Tensor& v, const torch::Tensor& g, const torch::Tensor& beta,
+                        const torch::Tensor& state, int64_t state_dims, const char* op) {
+  for (const auto* t : {&out, &q, &k, &v, &g, &beta, &state})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat, op,
+                ": contiguous float32 CPU tensors");
+  const int64_t rows = q.size(0), H = q.size(1);
+  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 && v.size(0) == rows && v.size(1) == H &&
+              out.sizes() == v.sizes() && g.numel() == rows * H && beta.numel() == rows * H &&
+              state.dim() == state_dims && state.size(-3) == H && state.size(-2) == q.size(2) &&
+              state.size(-1) == v.size(2), op, ": q, k [rows, H, dk], v, out [rows, H, dv], g, beta [rows, H], state ",
+              state_dims == 4 ? "[slots, H, dk, dv]" : "[H, dk, dv]");
+}
+
 void gated_delta_step(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
                       torch::Tensor beta, torch::Tensor state, torch::Tensor slots) {
-  check_float32({&out, &q, &k, &v, &g, &beta, &state}, "gated_delta_step: contiguous float32 CPU tensors");
+  check_delta(out, q, k, v, g, beta, state, 4, "gated_delta_step");
   const int64_t D = q.size(0), H = q.size(1), dk = q.size(2), dv = v.size(2);
-  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == D && v.size(1) == H && out.sizes() == v.sizes() &&
-              g.numel() == D * H && beta.numel() == D * H && state.dim() == 4 && state.size(1) == H &&
-              state.size(2) == dk && state.size(3) == dv, "gated_delta_step: q, k [D, H, dk], v, out [D, H, dv], "
-              "g, beta [D, H], state [slots, H, dk, dv]");
   const int64_t* slot = state_slots(slots, D, state.size(0), "gated_delta_step");
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
               *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
@@ -1435,12 +1448,8 @@ void gated_delta_step(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch
 // transform, two triangular solves) whatever its length.
 void gated_delta_chunk(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
                        torch::Tensor beta, torch::Tensor state) {
-  check_float32({&out, &q, &k, &v, &g, &beta, &state}, "gated_delta_chunk: contiguous float32 CPU tensors");
+  check_delta(out, q, k, v, g, beta, state, 3, "gated_delta_chunk");
   const int64_t L = q.size(0), H = q.size(1), dk = q.size(2), dv = v.size(2);
-  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == L && v.size(1) == H && out.sizes() == v.sizes() &&
-              g.numel() == L * H && beta.numel() == L * H && state.dim() == 3 && state.size(0) == H &&
-              state.size(1) == dk && state.size(2) == dv, "gated_delta_chunk: q, k [L, H, dk], v, out [L, H, dv], "
-              "g, beta [L, H], state [H, dk, dv]");
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
               *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
   float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>();
@@ -1579,14 +1588,27 @@ static inline void ssd_token(float* s, const float* xi, const float* b, const fl
 // (row, head h of group g = h / (H / G)), with a = exp(dt A_h):
 //   S[p, :] <- a S[p, :] + (dt x_p) B_g;   y_p = S[p, :] . C_g + D_h x_p
 // in one pass over S, where the torch ops take three over [R, H, P, N] and two temporaries.
+// Mamba-2's checks common to its step and its chunk: contiguous float32 CPU tensors, x, y
+// [rows, H, P], dt [rows, H], A, D [H], B, C [rows, G, N] (G dividing H), and a state of
+// `state_dims` dims ending in [H, P, N] (the step's [slots, ...], the chunk's one sequence's).
+static void check_ssd(const torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& dt, const torch::Tensor& A,
+                      const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& D,
+                      const torch::Tensor& state, int64_t state_dims, const char* op) {
+  for (const auto* t : {&y, &x, &dt, &A, &B, &C, &D, &state})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat, op,
+                ": contiguous float32 CPU tensors");
+  const int64_t rows = x.size(0), H = x.size(1), G = B.size(1);
+  TORCH_CHECK(x.dim() == 3 && y.sizes() == x.sizes() && dt.numel() == rows * H && A.numel() == H && D.numel() == H &&
+              B.dim() == 3 && B.size(0) == rows && C.sizes() == B.sizes() && G > 0 && H % G == 0 &&
+              state.dim() == state_dims && state.size(-3) == H && state.size(-2) == x.size(2) &&
+              state.size(-1) == B.size(2), op, ": x, y [rows, H, P], dt [rows, H], A, D [H], B, C [rows, G, N], state ",
+              state_dims == 4 ? "[slots, H, P, N]" : "[H, P, N]");
+}
+
 void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
               torch::Tensor D, torch::Tensor state, torch::Tensor slots) {
-  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "ssd_step: contiguous float32 CPU tensors");
+  check_ssd(y, x, dt, A, B, C, D, state, 4, "ssd_step");
   const int64_t R = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
-  TORCH_CHECK(y.sizes() == x.sizes() && dt.numel() == R * H && A.numel() == H && D.numel() == H &&
-              B.size(0) == R && C.sizes() == B.sizes() && G > 0 && H % G == 0 && state.dim() == 4 &&
-              state.size(1) == H && state.size(2) == P && state.size(3) == N,
-              "ssd_step: x, y [R, H, P], dt [R, H], A, D [H], B, C [R, G, N], state [slots, H, P, N]");
   const int64_t* slot = state_slots(slots, R, state.size(0), "ssd_step");
   const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>(),
               *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
@@ -1606,12 +1628,8 @@ void ssd_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor 
 // token, each thread taking a range of heads through every token with their states in its cache.
 void ssd_chunk(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
                torch::Tensor D, torch::Tensor state) {
-  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "ssd_chunk: contiguous float32 CPU tensors");
+  check_ssd(y, x, dt, A, B, C, D, state, 3, "ssd_chunk");
   const int64_t L = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
-  TORCH_CHECK(y.sizes() == x.sizes() && dt.numel() == L * H && A.numel() == H && D.numel() == H &&
-              B.size(0) == L && C.sizes() == B.sizes() && G > 0 && H % G == 0 && state.dim() == 3 &&
-              state.size(0) == H && state.size(1) == P && state.size(2) == N,
-              "ssd_chunk: x, y [L, H, P], dt [L, H], A, D [H], B, C [L, G, N], state [H, P, N]");
   const float *xp = x.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *ap = A.data_ptr<float>(),
               *bp = B.data_ptr<float>(), *cp = C.data_ptr<float>(), *dp = D.data_ptr<float>();
   float *sp = state.data_ptr<float>(), *yp = y.data_ptr<float>();
