@@ -333,6 +333,26 @@ def test_few_rows_linear_matches_torch(variant, rows):
 
 @needs_kernel
 @each_variant
+def test_few_rows_linear_gives_a_row_the_same_bits_whatever_the_rows_beside_it(variant):
+    """Both paths (up to 6 rows, and tiles of 7 to 64) sum each output in the same order, so a
+    decode row's projections do not change with the batch it runs in: row 0 of every row count is
+    row 0 alone, bit for bit, for float32 and int8 weights, inputs on and off the vector width."""
+    from loramux.server.ops.quantize import quantize_int8
+
+    gen = torch.Generator().manual_seed(0)
+    few_rows_linear = variant_module(variant).few_rows_linear
+    for out_features, in_features in ((577, 1540), (33, 8), (20, 576)):
+        w = torch.randn(out_features, in_features, generator=gen)
+        x = torch.randn(64, in_features, generator=gen)
+        bias = torch.randn(out_features, generator=gen)
+        for weight, scale in ((w, torch.empty(0)), quantize_int8(w)):
+            alone = few_rows_linear(x[:1], weight, bias, scale)[0]
+            for rows in range(2, 65):
+                assert torch.equal(few_rows_linear(x[:rows], weight, bias, scale)[0], alone), rows
+
+
+@needs_kernel
+@each_variant
 @pytest.mark.parametrize("rows", [*range(1, 18), 31, 47, 64])
 def test_few_rows_linear_of_int8_weights_matches_the_dequantized_linear(variant, rows):
     """int8 rows with a scale each: the linear by Ŵ = q * s in float32 (ops/quantize.py), on both
