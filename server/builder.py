@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -32,7 +33,6 @@ from .ops.attention import select_decode_attention, select_prefill_attention
 from .ops.cpu_kernel import load_kernels
 from .ops.linear import (
     KERNEL_MAX_ROWS,
-    TIMED_ROWS,
     calibration_budget,
     calibration_key,
     calibration_weights,
@@ -40,6 +40,7 @@ from .ops.linear import (
     last_level_cache_bytes,
     select_base_linear,
     time_row_counts,
+    timed_rows,
 )
 from .ops.quantize import select_int8_linear
 from .ops.recurrent import kernel_serves
@@ -152,7 +153,8 @@ def lora_page_dtype(config: ServerConfig, loaded: LoadedModel, ops: str) -> torc
 
 
 def base_linear_rows(config: ServerConfig, loaded: LoadedModel, kernels, model) -> frozenset[int]:
-    """--base-linear: the row counts whose base projections run on the C++ kernel's few-row path."""
+    """--base-linear: the row counts whose base projections run on the C++ kernel's path: up to the
+    most tokens a step takes (--max-tokens-per-step), at most KERNEL_MAX_ROWS."""
     usable = loaded.device.type == "cpu" and loaded.dtype == torch.float32 and kernels is not None
     if config.base_linear == "kernel" and not usable:
         raise StartupError(
@@ -161,32 +163,34 @@ def base_linear_rows(config: ServerConfig, loaded: LoadedModel, kernels, model) 
             f"{'loaded' if kernels is not None else 'not built or not loadable'}); use --base-linear auto or torch")
     if config.base_linear == "torch" or not usable:
         return frozenset()
+    max_rows = min(config.max_tokens_per_step, KERNEL_MAX_ROWS)
     if config.base_linear == "kernel":
-        return frozenset(range(1, KERNEL_MAX_ROWS + 1))
+        return frozenset(range(1, max_rows + 1))
     start = time.perf_counter()
     weights = calibration_weights(model.base_projections(), calibration_budget(last_level_cache_bytes()))
-    cache, key = TimingCache(config.cache_dir / "timings"), calibration_key(kernels, weights)
-    timings = kept_timings(cache.get("base-linear", key))
+    counts = timed_rows(max_rows)
+    cache, key = TimingCache(config.cache_dir / "timings"), calibration_key(kernels, weights, counts)
+    timings = kept_timings(cache.get("base-linear", key), counts)
     if timings is not None:
         when = f"on an earlier start ({cache.folder})"
     else:
-        timings, when = time_row_counts(kernels, weights, TIMED_ROWS), f"in {time.perf_counter() - start:.1f} s"
+        timings, when = time_row_counts(kernels, weights, counts), f"in {time.perf_counter() - start:.1f} s"
         cache.put("base-linear", key, {"timings": timings})
     rows = faster_rows(timings)
     log.info("base projections timed at %s rows over %.0f MiB of weights %s: the C++ kernel at %s, "
-             "torch's matmul otherwise (kernel/torch time: %s)", row_runs(TIMED_ROWS),
+             "torch's matmul otherwise (kernel/torch time: %s)", row_runs(counts),
              sum(w.numel() * w.element_size() for w, _ in weights) / 2**20, when,
              row_runs(rows) or "none", " ".join(f"{m}:{k / t:.2f}" for m, (t, k) in timings.items()))
     return rows
 
 
-def kept_timings(value: dict | None) -> dict[int, tuple[float, float]] | None:
-    """A kept timing of every count in TIMED_ROWS, or None (none kept, or not in that form)."""
+def kept_timings(value: dict | None, counts: Sequence[int]) -> dict[int, tuple[float, float]] | None:
+    """A kept timing of every count in ``counts``, or None (none kept, or not in that form)."""
     try:
         timings = {int(m): (float(t), float(k)) for m, (t, k) in value["timings"].items()}
     except (TypeError, KeyError, ValueError, AttributeError):
         return None
-    ok = sorted(timings) == sorted(TIMED_ROWS) and all(0 < v < math.inf for tk in timings.values() for v in tk)
+    ok = sorted(timings) == sorted(counts) and all(0 < v < math.inf for tk in timings.values() for v in tk)
     return timings if ok else None
 
 

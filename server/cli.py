@@ -145,10 +145,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "runs eagerly); on = required (a failed capture stops start-up; on a CPU it runs the "
                         "same padded static path without capture, which is how tests check it); off = eager")
     p.add_argument("--base-linear", default=d["base_linear"].default, choices=BASE_LINEARS,
-                   help="the base model's projections at 1 to 64 rows (decode steps of up to 64 requests, drafting rows) "
-                        "on a CPU with a float32 model: the C++ kernel or torch's matmul. auto = whichever ran "
-                        "faster at each row count when timed on the model's weights at start-up (a few seconds); "
-                        "kernel = the C++ kernel at every count; torch = torch's matmul always")
+                   help="the base model's projections (decode steps, drafting rows, prefill steps of up to "
+                        "--max-tokens-per-step tokens, at most 8192) on a CPU with a float32 model: the C++ kernel "
+                        "or torch's matmul. auto = whichever ran faster at each row count when timed on the "
+                        "model's weights at start-up (a few seconds); kernel = the C++ kernel at every count; "
+                        "torch = torch's matmul always")
     p.add_argument("--no-flush-denormals", dest="flush_denormals", action="store_false",
                    help="keep subnormal floats (below 1.2e-38 in float32) in the engine's CPU ops instead of "
                         "flushing them to zero: IEEE arithmetic to the last bit, at up to twice the time in the "

@@ -140,7 +140,7 @@ class ServerConfig:
     cuda_graphs: str = "auto"
     # the engine thread's float ops (and its OpenMP team's) flush subnormal numbers to zero (torch_threads.py)
     flush_denormals: bool = True
-    base_linear: str = "auto"  # base projections of 1-64 rows (CPU, float32): auto (timed at start-up), kernel, torch
+    base_linear: str = "auto"  # base projections of 1-8192 rows (CPU, float32): auto (timed at start-up), kernel, torch
     quantization: str = "none"  # int8: the decoder projections' weights as int8 rows with a scale each
     tool_call_parser: str | None = None  # the model's tool-call format, for tool_choice "auto" (HTTP chat)
     reasoning_parser: str | None = None  # a reasoning model's <think> block, split from the answer (reasoning.py)

@@ -16,7 +16,7 @@ float32 at head dim 64 or 128 the AVX-512 and AVX2 builds take 16 (8) keys at a 
 into the serving layout in one call (adapters/loader.py), ``copy_rows`` an adapter's rows
 into its pages of every store of a host pool, and ``convert_to_pages`` a loaded adapter's modules
 straight into those pages (adapters/device_pool.py). ``few_rows_linear`` runs a base projection of
-up to 64 rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py). ``short_conv_step``,
+any number of rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py). ``short_conv_step``,
 ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step`` run a recurrent model's decode rows
 through a short convolution, the gated delta rule, Mamba-2's state space and Mamba's selective scan
 on each row's state where it lies, in its slot (ops/short_conv.py, gated_delta.py, ssd.py,

@@ -1,14 +1,15 @@
 """The base model's projections: ``F.linear``, or on a CPU with the C++ kernels and a float32
 model, the kernel's path (``few_rows_linear``: up to 6 rows, each weight row streamed once
-against every row of x with the rows ahead prefetched; 7 to 64, tiles of weight rows by x rows
-with their sums in registers) for the row counts where it is faster on this CPU.
+against every row of x with the rows ahead prefetched; more, tiles of weight rows by x rows
+with their sums in registers) for the row counts where it is faster on this CPU: decode steps'
+counts, and prefill steps' up to KERNEL_MAX_ROWS.
 
 Which counts those are depends on the CPU and on torch's BLAS there, so the server times both
 paths on the model's own weights at start-up (``time_row_counts``, ``faster_rows``). Measured
 (BENCHMARKS.md): on an Intel Xeon with AVX-512, the kernel won at 4 to 16 rows (0.72-0.86x
 torch's time over the default model's decode linears), tied at 24 to 32 and lost at 1, 2, 48 and
 64; on an AMD EPYC (Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 64,
-by up to 3x."""
+by up to 3x; on an AMD Zen 5 at every count from 1 to 512 (0.3-0.6x torch's time)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-KERNEL_MAX_ROWS = 64  # few_rows_linear takes 1 to 64 rows (MANY_ROWS in cpu_kernels.cpp)
+# the most rows given to the kernel: its tiles read all of x again for each block of weight rows,
+# which past a few thousand rows no longer fits the caches (measured to 512)
+KERNEL_MAX_ROWS = 8192
+DECODE_ROWS = 64  # decode steps' row counts, each timed (or nearly) at start-up
 # the row counts timed at start-up: each up to 32 (a default batch's decode steps; the paths' speeds
-# vary from count to count there), a few past it (drafting steps, larger batches)
-TIMED_ROWS = (*range(1, 33), 40, 48, 56, 64)
+# vary from count to count there), a few past it (drafting steps, larger batches), then prefill
+# steps' by factors of 1.5 and 4/3
+DECODE_TIMED = (*range(1, 33), 40, 48, 56, DECODE_ROWS)
+PREFILL_TIMED = (96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, KERNEL_MAX_ROWS)
 # weights timed at start-up: four times the CPU's last-level cache, so that they come from DRAM as
 # when served, within these bounds (a pass over them costs 5 to 50 ms)
 CALIBRATION_BYTES = (128 * 2**20, 512 * 2**20)
@@ -34,14 +40,21 @@ Linear = Callable[..., torch.Tensor]  # linear(x [T, in], weight [out, in], bias
 Weights = Sequence[tuple[torch.Tensor, torch.Tensor | None]]  # (weight [out, in], bias [out] | None)
 
 
+def timed_rows(max_rows: int) -> tuple[int, ...]:
+    """The row counts to time for steps of up to ``max_rows`` rows (--max-tokens-per-step, at most
+    KERNEL_MAX_ROWS): DECODE_TIMED's and PREFILL_TIMED's below it, and ``max_rows`` itself."""
+    counts = [m for m in (*DECODE_TIMED, *PREFILL_TIMED) if m < max_rows]
+    return (*counts, max_rows)
+
+
 def select_base_linear(kernels, rows: Collection[int]) -> Linear:
     """``F.linear``, with the kernel's path (``kernels.few_rows_linear``: the same y, to float32
     rounding) for float32 inputs of ``rows`` rows (a subset of 1..KERNEL_MAX_ROWS)."""
     if not rows:
         return F.linear
     rows = frozenset(rows)
-    if not rows <= frozenset(range(1, KERNEL_MAX_ROWS + 1)):
-        raise ValueError(f"the kernel takes 1 to {KERNEL_MAX_ROWS} rows, not {sorted(rows)}")
+    if min(rows) < 1 or max(rows) > KERNEL_MAX_ROWS:
+        raise ValueError(f"the kernel is given 1 to {KERNEL_MAX_ROWS} rows, not {sorted(rows)}")
     kernel, empty = kernels.few_rows_linear, torch.empty(0)
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,7 +91,7 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def calibration_key(kernels, weights: Weights) -> dict:
+def calibration_key(kernels, weights: Weights, rows: Sequence[int]) -> dict:
     """What a timing of ``weights`` depends on, for keeping it between starts (timing_cache.py):
     the CPU (its name, cache, cores and torch's ISA), torch and its threads, the kernel's build,
     the weights' shapes, and the counts timed."""
@@ -88,7 +101,7 @@ def calibration_key(kernels, weights: Weights) -> dict:
             "torch": [torch.__version__, torch.get_num_threads()],
             "kernel": [kernels.variant, built.st_size, built.st_mtime_ns],
             "weights": [[*w.shape, str(w.dtype), b is not None] for w, b in weights],
-            "rows": list(TIMED_ROWS), "margin": MARGIN}
+            "rows": list(rows), "margin": MARGIN}
 
 
 def calibration_budget(cache_bytes: int | None) -> int:
@@ -116,7 +129,7 @@ def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int 
     kernel's), the two paths alternated so that a slow stretch of the machine slows both. A count
     whose paths are within ``close`` of each other is timed again, up to ``rounds`` passes each,
     and keeps each path's least time."""
-    kernel = select_base_linear(kernels, range(1, KERNEL_MAX_ROWS + 1))
+    kernel = select_base_linear(kernels, range(1, max(rows) + 1))
     gen = torch.Generator().manual_seed(0)
     inputs = {w.shape[1]: torch.randn(max(rows), w.shape[1], generator=gen) for w, _ in weights}
 

@@ -6,7 +6,7 @@ Each output row o of a weight W [out, in] keeps int8 values and one float32 scal
 so that the served weight is Ŵ = q * s[:, None], with |W - Ŵ| <= s / 2 value by value, and
     y = x @ Ŵ.T + b                          x: [T, in] -> y: [T, out]
 Activations stay in the model's dtype: only the weights' bytes shrink (4x from float32), which is
-what a decode step of few rows reads. On a CPU with the C++ kernels, 1 to KERNEL_MAX_ROWS float32
+what a decode step of few rows reads. On a CPU with the C++ kernels, 1 to DECODE_ROWS float32
 rows run ``few_rows_linear`` on the int8 rows, widening each value to q * s (the same float32
 product as Ŵ's) before the sums; other shapes and devices multiply by Ŵ built for the call.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .linear import KERNEL_MAX_ROWS
+from .linear import DECODE_ROWS
 
 QMAX = 127  # symmetric: -128 is never used, so that -q is always a value
 
@@ -45,14 +45,14 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 def select_int8_linear(kernels) -> Int8Linear:
     """The int8 projection: the kernel's ``few_rows_linear`` where it applies (``kernels``: loaded,
-    on a CPU host, else None; float32 x of 1 to KERNEL_MAX_ROWS rows), else ``F.linear`` by Ŵ in
+    on a CPU host, else None; float32 x of 1 to DECODE_ROWS rows), else ``F.linear`` by Ŵ in
     x's dtype."""
     kernel = None if kernels is None else kernels.few_rows_linear
     no_bias = torch.empty(0)
 
     def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-        if kernel is not None and x.dtype == torch.float32 and 1 <= x.shape[0] <= KERNEL_MAX_ROWS:
+        if kernel is not None and x.dtype == torch.float32 and 1 <= x.shape[0] <= DECODE_ROWS:
             return kernel(x if x.stride(1) == 1 else x.contiguous(), q, no_bias if bias is None else bias, scale)
         return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
 

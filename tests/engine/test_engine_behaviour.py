@@ -343,9 +343,9 @@ def test_refused_requests_are_not_counted_as_served(built):
 
 
 def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog, tmp_path):
-    """--base-linear: auto times both paths at start-up and logs its choice (some subset of 1-64),
-    kernel takes 1-64, torch none; kernel on a model the kernel cannot serve is a start-up error
-    that names the flag."""
+    """--base-linear: auto times both paths at start-up and logs its choice (some subset of the
+    counts up to --max-tokens-per-step), kernel takes all of those, torch none; kernel on a model
+    the kernel cannot serve is a start-up error that names the flag."""
     from loramux.server.config import StartupError
     from loramux.server.ops.cpu_kernel import load_kernels
 
@@ -358,10 +358,11 @@ def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog, t
         with pytest.raises(StartupError, match="--base-linear kernel needs .*kernels not built"):
             rows(base_linear="kernel")
         return
-    assert rows(base_linear="kernel") == frozenset(range(1, 65))
+    assert rows(base_linear="kernel", max_tokens_per_step=300) == frozenset(range(1, 301))
     with caplog.at_level("INFO", logger="loramux.server.builder"):
-        assert rows() <= frozenset(range(1, 65))
-    assert re.search(r"base projections timed at 1-32,40,48,56,64 rows over \d+ MiB of weights in \d", caplog.text)
+        assert rows(max_tokens_per_step=300) <= frozenset(range(1, 301))
+    assert re.search(r"base projections timed at 1-32,40,48,56,64,96,128,192,256,300 rows over \d+ MiB of weights "
+                     r"in \d", caplog.text)
     with pytest.raises(StartupError, match="--base-linear kernel needs a float32 model on a CPU .*bfloat16 on cpu"):
         rows(base_linear="kernel", dtype="bfloat16")
     assert rows(dtype="bfloat16") == frozenset()
@@ -372,10 +373,13 @@ def test_base_linear_timing_is_kept_between_starts(tiny_llama, caplog, tmp_path)
     timing (and the same rows); an entry that is damaged, or not of every timed count, is timed
     again and replaced."""
     from loramux.server.ops.cpu_kernel import load_kernels
-    from loramux.server.ops.linear import TIMED_ROWS
+    from loramux.server.ops.linear import timed_rows
 
     if load_kernels() is None:
         pytest.skip("the C++ kernels are not built: nothing is timed")
+
+    budget = ServerConfig().max_tokens_per_step  # the most rows a step's projection takes
+    TIMED_ROWS = timed_rows(budget)
 
     def start() -> tuple[frozenset, bool]:
         caplog.clear()
@@ -396,7 +400,7 @@ def test_base_linear_timing_is_kept_between_starts(tiny_llama, caplog, tmp_path)
     stored["value"]["timings"] = {m: [1.0, 0.5] for m in stored["value"]["timings"]}
     entry.write_text(json.dumps(stored))
     rows, kept = start()
-    assert kept and rows == frozenset(range(1, 65))
+    assert kept and rows == frozenset(range(1, budget + 1))
     for damaged in ("{not json", json.dumps({**stored, "value": {"timings": {"1": [1.0, 0.5]}}}),
                     json.dumps({**stored, "key": {**stored["key"], "torch": ["0.0", 1]}})):
         entry.write_text(damaged)

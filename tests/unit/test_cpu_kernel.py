@@ -309,10 +309,10 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
 
 @needs_kernel
 @each_variant
-@pytest.mark.parametrize("rows", [*range(1, 34), 47, 64])
+@pytest.mark.parametrize("rows", [*range(1, 34), 47, 64, 130, 515])
 def test_few_rows_linear_matches_torch(variant, rows):
-    """Row counts the kernel takes (two paths: up to 6 rows, and tiles of 7 to 64), inputs off
-    its vector width (16 lanes in the AVX-512 build, 8 in the others), numbers of outputs off its
+    """Row counts the kernel takes (two paths: up to 6 rows, and tiles from 7: decode steps, and
+    prefill steps' hundreds of rows), inputs off its vector width (16 lanes in the AVX-512 build, 8 in the others), numbers of outputs off its
     pairs and tiles (the last is computed with a row repeated), with and without a bias, and a
     strided x (rows of a wider buffer); the prefetches run past a weight row's end."""
     gen = torch.Generator().manual_seed(rows)
@@ -325,8 +325,8 @@ def test_few_rows_linear_matches_torch(variant, rows):
         for b in (None, bias):
             got = few_rows_linear(x, w, torch.empty(0) if b is None else b, torch.empty(0))
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match="1 to 64 rows"):
-        few_rows_linear(torch.randn(65, 8), torch.randn(4, 8), torch.empty(0), torch.empty(0))
+    with pytest.raises(RuntimeError, match="at least 1 row"):
+        few_rows_linear(torch.randn(0, 8), torch.randn(4, 8), torch.empty(0), torch.empty(0))
     with pytest.raises(RuntimeError, match="float32"):
         few_rows_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), torch.empty(0), torch.empty(0))
 
@@ -407,10 +407,23 @@ def test_base_linear_takes_the_kernel_at_exactly_its_row_counts():
     linear(torch.randn(4, 4), torch.randn(4, 5).T)
     assert kernels.calls == [1, 1, 4, 4, 16, 16, 64, 64]
     assert select_base_linear(kernels, ()) is torch.nn.functional.linear
-    with pytest.raises(ValueError, match="1 to 64 rows"):
+    with pytest.raises(ValueError, match="1 to 8192 rows"):
         select_base_linear(kernels, {0, 3})
-    with pytest.raises(ValueError, match="1 to 64 rows"):
-        select_base_linear(kernels, {65})
+    with pytest.raises(ValueError, match="1 to 8192 rows"):
+        select_base_linear(kernels, {8193})
+
+
+def test_timed_rows_cover_decode_counts_one_by_one_and_prefill_counts_up_to_the_step_budget():
+    """Every count to 32, a few to 64, then prefill counts by factors of at most 1.5, ending at the
+    budget itself (so that faster_rows can fill every count below it)."""
+    from loramux.server.ops.linear import timed_rows
+
+    assert timed_rows(16) == tuple(range(1, 17))
+    assert timed_rows(64) == (*range(1, 33), 40, 48, 56, 64)
+    assert timed_rows(512) == (*range(1, 33), 40, 48, 56, 64, 96, 128, 192, 256, 384, 512)
+    assert timed_rows(600) == (*timed_rows(512), 600)
+    counts = timed_rows(8192)
+    assert counts[-1] == 8192 and all(b - a == 1 or b / a <= 1.5 for a, b in zip(counts, counts[1:], strict=False))
 
 
 @given(st.dictionaries(st.integers(1, 64), st.tuples(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))),
@@ -437,9 +450,10 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
     import types
 
     import loramux.server.ops.linear as linear
-    from loramux.server.ops.linear import TIMED_ROWS, faster_rows, time_row_counts
+    from loramux.server.ops.linear import faster_rows, time_row_counts, timed_rows
 
-    fast, close = {1, 5, 16, 30, 48, 56}, {7, 40}
+    TIMED_ROWS = timed_rows(512)
+    fast, close = {1, 5, 16, 30, 48, 56, 384, 512}, {7, 40, 128}
     now = [0.0]
     torch_linear = torch.nn.functional.linear
 
@@ -464,7 +478,8 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
     calls = collections.Counter(kernels.calls)
     # two calls a pass: the warm-up pass at the first count, a second pass at the close counts only
     assert calls == {m: 2 * (1 + (m in close) + (m == TIMED_ROWS[0])) for m in TIMED_ROWS}
-    assert faster_rows(timings) == fast | set(range(49, 56))  # between two timed counts that won
+    # and between two timed counts that won
+    assert faster_rows(timings) == fast | set(range(49, 56)) | set(range(385, 512))
 
 
 def test_calibration_weights_stop_at_the_budget(tmp_path):
