@@ -1187,7 +1187,7 @@ static inline f32xw wload(const int8_t* p, float s) {
 }
 // The sum of a vector's lanes, as a tree: halves added, then their halves. Each sum of a tile or
 // a row pair ends here, and in lane order the 16-lane build's 15 dependent adds and extracts took
-// about an eighth of a 32-row decode linear on an AMD Zen 5 (BENCHMARKS.md). few_rows and
+// about a tenth of a 32-row decode linear on an AMD Zen 5 (BENCHMARKS.md). few_rows and
 // many_rows both reduce through it, so a row's output does not depend on how many rows share the
 // call (their tails, through madd, too).
 static inline float lanes_sum(f32xw v) {
@@ -1257,14 +1257,15 @@ static void few_rows(float* y, const float* x, const W* w, const float* scale, c
   });
 }
 
-// More rows (M > FEW_ROWS: a batch's decode step, drafting rows, prefill steps): tiles of TILE_O weight rows by TILE_M rows of x, their sums in registers across `I`, so
-// each weight row is read from memory once (then from L1 for the block's other x rows) and each x
-// value once a tile. TILE_O x TILE_M = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4
-// elsewhere (16). On an AMD EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears
-// in 0.6-0.9x torch's time; on an Intel Xeon it beats few_rows from 7 rows in the AVX2 and AVX-512
-// builds (BENCHMARKS.md); on an AMD Zen 5 it ran a 512-token prefill step's linears in 0.57x the
-// time of torch's GEMM. The first x tile's pass prefetches each weight row ahead, as few_rows
-// does. int8 rows are widened once a block, into a float32 copy in L1/L2 that the x tiles then read.
+// More rows (M > FEW_ROWS: a batch's decode step, drafting rows, prefill steps): tiles of TILE_O
+// weight rows by TILE_M rows of x, their sums in registers across `I`, so each weight row is read
+// from memory once (then from L1 for the block's other x rows) and each x value once a tile.
+// TILE_O x TILE_M = 6 x 4 in the AVX-512 build (32 vector registers), 3 x 4 elsewhere (16). On an
+// AMD EPYC (Zen 4) this ran the default model's 16- to 64-row decode linears in 0.6-0.9x torch's
+// time; on an Intel Xeon it beats few_rows from 7 rows in the AVX2 and AVX-512 builds; on an AMD
+// Zen 5 it ran a 512-token prefill step's linears in 0.57x the time of torch's GEMM (BENCHMARKS.md).
+// The first x tile's pass prefetches each weight row ahead, as few_rows does. int8 rows are
+// widened once a block, into a float32 copy in L1/L2 that the x tiles then read.
 #if defined(__AVX512F__)
 constexpr int TILE_O = 6;
 #else
