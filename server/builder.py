@@ -297,14 +297,15 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     num_layers, kv_heads, head_dim = model.kv_spec
     kernels = load_kernels()  # its converter and row copy load adapters in one call each (None: torch ops)
     kernel_rows = base_linear_rows(config, loaded, kernels, model)
-    # int8 weights take the kernel at every count it runs (a matmul by weights dequantized per call is slower)
+    # int8 weights take the kernel at every decode count, and at the prefill counts where float32 weights
+    # do (a matmul by weights dequantized per call is slower: 0.19-0.51x its time at 64-512 rows on a Zen 5)
     int8_kernels = kernels if config.base_linear != "torch" and loaded.device.type == "cpu" else None
     if config.quantization == "int8" and (int8_kernels is None or loaded.dtype != torch.float32):
         log.warning("--quantization int8 on %s (%s) without the C++ kernel's int8 path (a float32 model on a CPU, "
                     "the kernel built, --base-linear not torch): each projection multiplies by its weights "
                     "dequantized for the call, which saves memory but costs time", loaded.device,
                     str(loaded.dtype).removeprefix("torch."))
-    model.use_base_linear(select_base_linear(kernels, kernel_rows), select_int8_linear(int8_kernels))
+    model.use_base_linear(select_base_linear(kernels, kernel_rows), select_int8_linear(int8_kernels, kernel_rows))
     apply_lora = select_backend(config.op_backend, loaded.device)
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))

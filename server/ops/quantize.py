@@ -7,13 +7,14 @@ so that the served weight is Ŵ = q * s[:, None], with |W - Ŵ| <= s / 2 value b
     y = x @ Ŵ.T + b                          x: [T, in] -> y: [T, out]
 Activations stay in the model's dtype: only the weights' bytes shrink (4x from float32), which is
 what a decode step of few rows reads. On a CPU with the C++ kernels, 1 to DECODE_ROWS float32
-rows run ``few_rows_linear`` on the int8 rows, widening each value to q * s (the same float32
-product as Ŵ's) before the sums; other shapes and devices multiply by Ŵ built for the call.
+rows, and prefill steps of the counts where the float32 projections take the kernel, run
+``few_rows_linear`` on the int8 rows, widening each value to q * s (the same float32 product as
+Ŵ's) before the sums; other shapes and devices multiply by Ŵ built for the call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -43,16 +44,18 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale[:, None]).to(dtype)
 
 
-def select_int8_linear(kernels) -> Int8Linear:
+def select_int8_linear(kernels, rows: Collection[int] = ()) -> Int8Linear:
     """The int8 projection: the kernel's ``few_rows_linear`` where it applies (``kernels``: loaded,
-    on a CPU host, else None; float32 x of 1 to DECODE_ROWS rows), else ``F.linear`` by Ŵ in
-    x's dtype."""
+    on a CPU host, else None; float32 x of 1 to DECODE_ROWS rows, or of ``rows``: the counts where
+    the float32 projections' tiles beat torch's matmul, which for int8 weights would also
+    dequantize them first), else ``F.linear`` by Ŵ in x's dtype."""
     kernel = None if kernels is None else kernels.few_rows_linear
     no_bias = torch.empty(0)
+    rows = frozenset(rows)
 
     def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-        if kernel is not None and x.dtype == torch.float32 and 1 <= x.shape[0] <= DECODE_ROWS:
+        if kernel is not None and x.dtype == torch.float32 and (1 <= x.shape[0] <= DECODE_ROWS or x.shape[0] in rows):
             return kernel(x if x.stride(1) == 1 else x.contiguous(), q, no_bias if bias is None else bias, scale)
         return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
 

@@ -59,11 +59,12 @@ class Kernels:
 
 
 def test_int8_linear_takes_the_kernel_for_float32_rows_up_to_64_and_the_dequantized_matmul_otherwise():
+    """Decode counts always; past them only the counts given (where float32 weights take the kernel)."""
     q, scale = quantize_int8(torch.randn(5, 8))
     bias = torch.randn(5)
     kernels = Kernels()
-    linear, plain = select_int8_linear(kernels), select_int8_linear(None)
-    for rows in (1, 16, 17, 64, 65, 200):
+    linear, plain = select_int8_linear(kernels, {16, 200}), select_int8_linear(None, {200})
+    for rows in (1, 16, 17, 64, 65, 200, 201):
         x = torch.randn(rows, 8)
         expected = torch.nn.functional.linear(x, dequantize_int8(q, scale), bias)
         torch.testing.assert_close(linear(x, q, scale, bias), expected)
@@ -71,4 +72,4 @@ def test_int8_linear_takes_the_kernel_for_float32_rows_up_to_64_and_the_dequanti
         torch.testing.assert_close(linear(x, q, scale), torch.nn.functional.linear(x, dequantize_int8(q, scale)))
     out = linear(torch.randn(3, 8, dtype=torch.float64), q, scale)
     assert out.dtype == torch.float64
-    assert kernels.calls == [1, 1, 16, 16, 17, 17, 64, 64]
+    assert kernels.calls == [1, 1, 16, 16, 17, 17, 64, 64, 200, 200]
