@@ -3,8 +3,9 @@
 Two engines over the same loaded model, one with the decoder's projections in int8: at each batch
 size, base-model requests and requests over as many distinct rank-16 all-projection adapters,
 decode tokens/s per engine, the rounds alternating between them so that the machine's drift hits
-both alike (median of the rounds); and prefill tokens/s of a batch of long prompts (steps of more
-than the kernel's 64 rows, where int8 weights are dequantized for each call). The engines'
+both alike (median of the rounds); and prefill tokens/s of a batch of long prompts (steps of
+hundreds of rows: the kernel's int8 tiles where `--base-linear auto` gives the float32 weights the
+kernel at that count, else int8 weights dequantized for each call). The engines'
 projection bytes are printed too (lm_head and the
 embedding stay float32 in both), and what the rounding costs: the model's perplexity on a fixed
 text (this repository's README) with the float32 and the dequantized int8 weights, and how often
