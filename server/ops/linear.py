@@ -34,6 +34,10 @@ PREFILL_TIMED = (96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
 # weights timed at start-up: four times the CPU's last-level cache, so that they come from DRAM as
 # when served, within these bounds (a pass over them costs 5 to 50 ms)
 CALIBRATION_BYTES = (128 * 2**20, 512 * 2**20)
+# prefill counts are bound by the arithmetic (96 rows: 48 FLOPs a weight byte), not by where the
+# weights come from: the first this many bytes of them time those counts (0.1-0.5 s a pass at 512
+# rows, where all 512 MiB would take up to 2 s)
+PREFILL_CALIBRATION_BYTES = 128 * 2**20
 MARGIN = 0.1  # the kernel is taken at a row count only when 10% faster: timing noise does not flip paths
 
 Linear = Callable[..., torch.Tensor]  # linear(x [T, in], weight [out, in], bias [out] | None) -> [T, out]
@@ -126,16 +130,19 @@ def calibration_weights(weights: Weights, budget: int) -> list:
 def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int = 2,
                     close: float = 0.2) -> dict[int, tuple[float, float]]:
     """Seconds of one pass over ``weights`` with x of each row count: (torch's F.linear, the
-    kernel's), the two paths alternated so that a slow stretch of the machine slows both. A count
-    whose paths are within ``close`` of each other is timed again, up to ``rounds`` passes each,
-    and keeps each path's least time."""
+    kernel's), the two paths alternated so that a slow stretch of the machine slows both; counts past
+    DECODE_ROWS over the first PREFILL_CALIBRATION_BYTES of them. A count whose paths are within
+    ``close`` of each other is timed again, up to ``rounds`` passes each, and keeps each path's
+    least time."""
     kernel = select_base_linear(kernels, range(1, max(rows) + 1))
     gen = torch.Generator().manual_seed(0)
     inputs = {w.shape[1]: torch.randn(max(rows), w.shape[1], generator=gen) for w, _ in weights}
 
+    prefill = calibration_weights(weights, PREFILL_CALIBRATION_BYTES)
+
     def one_pass(linear: Linear, m: int) -> float:
         start = time.perf_counter()
-        for w, b in weights:
+        for w, b in weights if m <= DECODE_ROWS else prefill:
             linear(inputs[w.shape[1]][:m], w, b)
         return time.perf_counter() - start
 

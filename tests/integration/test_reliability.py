@@ -351,14 +351,17 @@ def test_fatal_engine_fault_fails_everyone_and_exits_nonzero(tiny_llama, tmp_pat
 
 
 def test_second_sigterm_exits_at_once(tiny_llama, tmp_path):
+    """A second SIGTERM during the drain exits without waiting for it. The first is sent while a
+    long request runs (480 tokens, the tiny model's room: well under a second on a fast CPU), and the
+    second as soon as health says the drain began, so that the drain is still waiting for it."""
     proc = ServerProcess(["--model", str(tiny_llama), "--drain-timeout", "60"], tmp_path / "log")
     try:
         proc.wait_ready()
         stream = proc.client.generate_stream(prompt_token_ids=PROMPT_IDS,
-                                             sampling=Sampling(max_new_tokens=200, ignore_eos=True))
+                                             sampling=Sampling(max_new_tokens=480, ignore_eos=True))
         next(stream)
         proc.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        proc.wait_until(health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
         t0 = time.monotonic()
         os.kill(proc.proc.pid, signal.SIGTERM)
         proc.proc.wait(10)

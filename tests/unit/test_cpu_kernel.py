@@ -446,7 +446,8 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
     """time_row_counts + faster_rows: on a simulated clock (so that a loaded machine cannot flip a
     count), a stand-in kernel that costs nothing at some row counts and 3x torch's time at the
     others is chosen at exactly the former; every count is timed on both paths, and a count whose
-    paths are close is timed again."""
+    paths are close is timed again. Decode counts pass over every weight given, prefill counts
+    (past 64 rows) over the first PREFILL_CALIBRATION_BYTES of them (here the first weight)."""
     import types
 
     import loramux.server.ops.linear as linear
@@ -468,16 +469,19 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
             return x.new_zeros(x.shape[0], w.shape[0])
 
     monkeypatch.setattr(linear, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(linear, "PREFILL_CALIBRATION_BYTES", 1)
     monkeypatch.setattr(linear.F, "linear", timed_torch)
     kernels = Kernels()
     gen = torch.Generator().manual_seed(0)
     weights = [(torch.randn(768, 512, generator=gen), None), (torch.randn(512, 768, generator=gen), torch.randn(512))]
     timings = time_row_counts(kernels, weights, TIMED_ROWS)
     assert sorted(timings) == list(TIMED_ROWS)
-    assert all(t == 2.0 and k == (0.0 if m in fast else 2.125 if m in close else 6.0) for m, (t, k) in timings.items())
+    weights_timed = {m: 2 if m <= 64 else 1 for m in TIMED_ROWS}  # a pass's calls: one a weight
+    assert all(t == weights_timed[m] and k == weights_timed[m] * (0.0 if m in fast else 1.0625 if m in close else 3.0)
+               for m, (t, k) in timings.items())
     calls = collections.Counter(kernels.calls)
-    # two calls a pass: the warm-up pass at the first count, a second pass at the close counts only
-    assert calls == {m: 2 * (1 + (m in close) + (m == TIMED_ROWS[0])) for m in TIMED_ROWS}
+    # the warm-up pass at the first count, a second pass at the close counts only
+    assert calls == {m: weights_timed[m] * (1 + (m in close) + (m == TIMED_ROWS[0])) for m in TIMED_ROWS}
     # and between two timed counts that won
     assert faster_rows(timings) == fast | set(range(49, 56)) | set(range(385, 512))
 
