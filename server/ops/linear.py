@@ -35,8 +35,8 @@ PREFILL_TIMED = (96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
 # when served, within these bounds (a pass over them costs 5 to 50 ms)
 CALIBRATION_BYTES = (128 * 2**20, 512 * 2**20)
 # prefill counts are bound by the arithmetic (96 rows: 48 FLOPs a weight byte), not by where the
-# weights come from: the first this many bytes of them time those counts (0.1-0.5 s a pass at 512
-# rows, where all 512 MiB would take up to 2 s)
+# weights come from: the first this many bytes of them time those counts (at 512 rows a pass over
+# 128 MiB costs 0.1-0.4 s, over 512 MiB up to 1.5 s on a slow CPU)
 PREFILL_CALIBRATION_BYTES = 128 * 2**20
 MARGIN = 0.1  # the kernel is taken at a row count only when 10% faster: timing noise does not flip paths
 
