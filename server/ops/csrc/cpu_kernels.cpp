@@ -1369,10 +1369,11 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
   return y;
 }
 
-// Each tensor contiguous float32 on the CPU, else ``what`` as the error.
-static void check_float32(std::initializer_list<const torch::Tensor*> tensors, const char* what) {
+// Each tensor contiguous float32 on the CPU, else an error naming `op`.
+static void check_float32(std::initializer_list<const torch::Tensor*> tensors, const char* op) {
   for (const auto* t : tensors)
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat, what);
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat, op,
+                ": contiguous float32 CPU tensors");
 }
 
 // The decode rows' state slots: int64 [rows], distinct (each row's state is written in place, by
@@ -1431,9 +1432,7 @@ static inline void delta_token(float* s, const float* qi, const float* ki, const
 static void check_delta(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k,
                         const torch::Tensor& v, const torch::Tensor& g, const torch::Tensor& beta,
                         const torch::Tensor& state, int64_t state_dims, const char* op) {
-  for (const auto* t : {&out, &q, &k, &v, &g, &beta, &state})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat, op,
-                ": contiguous float32 CPU tensors");
+  check_float32({&out, &q, &k, &v, &g, &beta, &state}, op);
   const int64_t rows = q.size(0), H = q.size(1);
   TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 && v.size(0) == rows && v.size(1) == H &&
               out.sizes() == v.sizes() && g.numel() == rows * H && beta.numel() == rows * H &&
@@ -1614,9 +1613,7 @@ static inline void ssd_token(float* s, const float* xi, const float* b, const fl
 static void check_ssd(const torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& dt, const torch::Tensor& A,
                       const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& D,
                       const torch::Tensor& state, int64_t state_dims, const char* op) {
-  for (const auto* t : {&y, &x, &dt, &A, &B, &C, &D, &state})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat, op,
-                ": contiguous float32 CPU tensors");
+  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, op);
   const int64_t rows = x.size(0), H = x.size(1), G = B.size(1);
   TORCH_CHECK(x.dim() == 3 && y.sizes() == x.sizes() && dt.numel() == rows * H && A.numel() == H && D.numel() == H &&
               B.dim() == 3 && B.size(0) == rows && C.sizes() == B.sizes() && G > 0 && H % G == 0 &&
@@ -1695,7 +1692,7 @@ static inline float selective_scan_token(float* h, const float* a, const float* 
 // in one pass over the state, where the torch ops take three and two temporaries of its size.
 void selective_scan_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
                          torch::Tensor C, torch::Tensor D, torch::Tensor state, torch::Tensor slots) {
-  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "selective_scan_step: contiguous float32 CPU tensors");
+  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "selective_scan_step");
   const int64_t R = x.size(0), Dc = x.size(1), N = A.size(1);
   TORCH_CHECK(y.sizes() == x.sizes() && dt.sizes() == x.sizes() && A.size(0) == Dc && D.numel() == Dc &&
               B.size(0) == R && B.size(1) == N && C.sizes() == B.sizes() && state.dim() == 3 &&
@@ -1721,7 +1718,7 @@ void selective_scan_step(torch::Tensor y, torch::Tensor x, torch::Tensor dt, tor
 // them through every token, their state rows staying in its cache; B_t and C_t are shared.
 void selective_scan_chunk(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
                           torch::Tensor C, torch::Tensor D, torch::Tensor state) {
-  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "selective_scan_chunk: contiguous float32 CPU tensors");
+  check_float32({&y, &x, &dt, &A, &B, &C, &D, &state}, "selective_scan_chunk");
   const int64_t L = x.size(0), Dc = x.size(1), N = A.size(1);
   TORCH_CHECK(y.sizes() == x.sizes() && dt.sizes() == x.sizes() && A.size(0) == Dc && D.numel() == Dc &&
               B.size(0) == L && B.size(1) == N && C.sizes() == B.sizes() && state.dim() == 2 &&
