@@ -176,7 +176,7 @@ def test_a_target_step_time_no_step_can_meet_shrinks_the_budget_and_serves_on(tm
     leaves each step its decodes and the least prompt chunk (16 tokens), the gauge says so, and a
     longer prompt still completes, prefilled in those chunks. (A model wide enough that prompt
     tokens cost measurable time, so the fit sees them through another process's load.)"""
-    model = build_llama(tmp_path / "model", hidden_size=512, intermediate_size=2048, num_hidden_layers=4)
+    model = build_llama(tmp_path / "model", hidden_size=768, intermediate_size=3072, num_hidden_layers=4)
     proc = ServerProcess(["--model", str(model), "--max-model-len", "256", "--max-tokens-per-step", "240",
                           "--target-step-ms", "0.001", "--default-max-new-tokens", "4"], tmp_path / "server.log")
     try:

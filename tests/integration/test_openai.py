@@ -927,6 +927,8 @@ def test_a_client_that_goes_away_before_a_whole_response_frees_its_requests(oser
     assert m["loramux_kv_cache_usage_ratio"] == 0 and m["loramux_adapter_pins"] == 0
     generated = total(m, tokens) - total(before, tokens)
     assert generated < body["n"] * 240 / 2, generated
+    # and it did reach the engine (a beam search's finished steps count, or the cancelled ones)
+    assert total(m, "loramux_requests_total") > total(before, "loramux_requests_total")
 
 
 def test_dynamic_adapters_register_on_first_use(oserver, tiny_adapters):

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from loramux.clients.aio import AsyncLoraMuxClient
 from loramux.clients.client import LoraMuxClient
-from loramux.clients.types import Sampling, Tls
+from loramux.clients.types import Sampling, Tls, generate_request
 from loramux.v1 import loramux_pb2 as pb
 
 from server import ServerProcess
@@ -350,18 +350,31 @@ def test_fatal_engine_fault_fails_everyone_and_exits_nonzero(tiny_llama, tmp_pat
         proc.stop()
 
 
+QUEUED = 32  # behind the running request in test_second_sigterm_exits_at_once
+
+
 def test_second_sigterm_exits_at_once(tiny_llama, tmp_path):
-    """A second SIGTERM during the drain exits without waiting for it. The first is sent while a
-    long request runs (480 tokens, the tiny model's room: well under a second on a fast CPU), and the
-    second as soon as health says the drain began, so that the drain is still waiting for it."""
-    proc = ServerProcess(["--model", str(tiny_llama), "--drain-timeout", "60"], tmp_path / "log")
+    """A second SIGTERM during the drain exits without waiting for it. The drain has work for many
+    seconds on any CPU: one request at a time (--max-batch-size 1), one running and QUEUED more
+    waiting, each 480 tokens (the tiny model's room). The first SIGTERM starts the drain; the
+    second, as soon as health reports it, must end the process within 5 s, while most of that work
+    is still undone (checked: a drain that ignored the second signal would run it all)."""
+    proc = ServerProcess(["--model", str(tiny_llama), "--drain-timeout", "60", "--max-batch-size", "1"],
+                         tmp_path / "log")
+    sampling = Sampling(max_new_tokens=480, ignore_eos=True)
     try:
         proc.wait_ready()
-        stream = proc.client.generate_stream(prompt_token_ids=PROMPT_IDS,
-                                             sampling=Sampling(max_new_tokens=480, ignore_eos=True))
+        stream = proc.client.generate_stream(prompt_token_ids=PROMPT_IDS, sampling=sampling)
         next(stream)
+        queued = [proc.client.stub.Generate.future(generate_request(prompt_token_ids=PROMPT_IDS, sampling=sampling))
+                  for _ in range(QUEUED)]
+        deadline = time.monotonic() + 10
+        while proc.metrics()["loramux_waiting_requests"] < QUEUED - 1:  # all accepted (one may have started)
+            assert time.monotonic() < deadline, proc.metrics()["loramux_waiting_requests"]
+            time.sleep(0.01)
         proc.proc.send_signal(signal.SIGTERM)
         proc.wait_until(health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        assert sum(f.done() for f in queued) < QUEUED // 2  # the drain has most of its work ahead
         t0 = time.monotonic()
         os.kill(proc.proc.pid, signal.SIGTERM)
         proc.proc.wait(10)
