@@ -46,20 +46,21 @@ lint:
 bench:
 	$(PY) bench/compare.py $(ARGS)
 
+# The engine benchmarks write their reports into bench/reports/ (BENCHMARKS.md's table); ARGS="--json FILE" elsewhere.
 bench-decode:
-	$(PY) bench/engine_decode.py $(ARGS)
+	$(PY) bench/engine_decode.py --json bench/reports/decode.json $(ARGS)
 
 bench-breakdown:
-	$(PY) bench/step_breakdown.py $(ARGS)
+	$(PY) bench/step_breakdown.py --json bench/reports/breakdown.json $(ARGS)
 
 bench-paging:
-	$(PY) bench/adapter_paging.py $(ARGS)
+	$(PY) bench/adapter_paging.py --json bench/reports/paging.json $(ARGS)
 
 bench-prefix:
-	$(PY) bench/prefix_cache.py $(ARGS)
+	$(PY) bench/prefix_cache.py --json bench/reports/prefix.json $(ARGS)
 
 bench-fairness:
-	$(PY) bench/fairness.py $(ARGS)
+	$(PY) bench/fairness.py --json bench/reports/fairness.json $(ARGS)
 
 # On one GPU, a few minutes a model: Triton kernels vs the base model and PEFT at batch 1/32/256, 1000 adapters.
 bench-gpu:
