@@ -9,7 +9,7 @@ paths on the model's own weights at start-up (``time_row_counts``, ``faster_rows
 (BENCHMARKS.md): on an Intel Xeon with AVX-512, the kernel won at 4 to 16 rows (0.72-0.86x
 torch's time over the default model's decode linears), tied at 24 to 32 and lost at 1, 2, 48 and
 64; on an AMD EPYC (Zen 4), whose MKL GEMV and GEMM are slower, it won at every count from 1 to 64,
-by up to 3x; on an AMD Zen 5 at every count from 1 to 512 (0.3-0.6x torch's time)."""
+by up to 3x; on an AMD Zen 5 at every count from 1 to 8192 (0.3-0.7x torch's time)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# the most rows given to the kernel: its tiles read all of x again for each block of weight rows,
-# which past a few thousand rows no longer fits the caches (measured to 512)
+# the most rows given to the kernel, and the most timed at start-up (its tiles take x in chunks that
+# fit L2, so their speed holds with the count: measured to 8192)
 KERNEL_MAX_ROWS = 8192
 DECODE_ROWS = 64  # decode steps' row counts, each timed (or nearly) at start-up
 # the row counts timed at start-up: each up to 32 (a default batch's decode steps; the paths' speeds

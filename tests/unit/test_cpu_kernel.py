@@ -309,10 +309,11 @@ def test_decode_attention_keeps_a_nan_in_its_own_row(variant, hd):
 
 @needs_kernel
 @each_variant
-@pytest.mark.parametrize("rows", [*range(1, 34), 47, 64, 130, 515])
+@pytest.mark.parametrize("rows", [*range(1, 34), 47, 64, 130, 171, 515])
 def test_few_rows_linear_matches_torch(variant, rows):
     """Row counts the kernel takes (two paths: up to 6 rows, and tiles from 7: decode steps, and
-    prefill steps' hundreds of rows), inputs off its vector width (16 lanes in the AVX-512 build, 8
+    prefill steps' hundreds of rows, given to the tiles in chunks of x: 84 rows of 1540 inputs, so
+    171 ends in a chunk of 3 rows), inputs off its vector width (16 lanes in the AVX-512 build, 8
     in the others), numbers of outputs off its pairs and tiles (the last is computed with a row
     repeated), with and without a bias, and a strided x (rows of a wider buffer); the prefetches run
     past a weight row's end."""
@@ -338,19 +339,22 @@ def test_few_rows_linear_gives_a_row_the_same_bits_whatever_the_rows_beside_it(v
     """Both paths (up to 6 rows, and tiles from 7) sum each output in the same order, so a row's
     projections do not change with the batch or prefill step it runs in: row 0 of every row count
     to 64, and of a prefill step's 130, is row 0 alone, bit for bit, for float32 and int8 weights,
-    inputs on and off the vector width."""
+    inputs on and off the vector width; and every row of 171 (chunks of x of 84, 84 and 3 rows for
+    1540 inputs) is that row alone."""
     from loramux.server.ops.quantize import quantize_int8
 
     gen = torch.Generator().manual_seed(0)
     few_rows_linear = variant_module(variant).few_rows_linear
     for out_features, in_features in ((577, 1540), (33, 8), (20, 576)):
         w = torch.randn(out_features, in_features, generator=gen)
-        x = torch.randn(130, in_features, generator=gen)
+        x = torch.randn(171, in_features, generator=gen)
         bias = torch.randn(out_features, generator=gen)
         for weight, scale in ((w, torch.empty(0)), quantize_int8(w)):
             alone = few_rows_linear(x[:1], weight, bias, scale)[0]
             for rows in (*range(2, 65), 130):
                 assert torch.equal(few_rows_linear(x[:rows], weight, bias, scale)[0], alone), rows
+            each = torch.cat([few_rows_linear(x[r : r + 1], weight, bias, scale) for r in range(171)])
+            assert torch.equal(few_rows_linear(x, weight, bias, scale), each)
 
 
 @needs_kernel
