@@ -35,9 +35,12 @@ PREFILL_TIMED = (96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
 # when served, within these bounds (a pass over them costs 5 to 50 ms)
 CALIBRATION_BYTES = (128 * 2**20, 512 * 2**20)
 # prefill counts are bound by the arithmetic (96 rows: 48 FLOPs a weight byte), not by where the
-# weights come from: the first this many bytes of them time those counts (at 512 rows a pass over
-# 128 MiB costs 0.1-0.4 s, over 512 MiB up to 1.5 s on a slow CPU)
+# weights come from: the first this many bytes of them time those counts up to PREFILL_FULL_ROWS (at
+# 512 rows a pass over 128 MiB costs 0.1-0.4 s, over 512 MiB up to 1.5 s on a slow CPU), larger
+# counts fewer bytes, for the same arithmetic a pass, down to PREFILL_MIN_BYTES (still past L2)
 PREFILL_CALIBRATION_BYTES = 128 * 2**20
+PREFILL_FULL_ROWS = 512
+PREFILL_MIN_BYTES = 16 * 2**20
 MARGIN = 0.1  # the kernel is taken at a row count only when 10% faster: timing noise does not flip paths
 
 Linear = Callable[..., torch.Tensor]  # linear(x [T, in], weight [out, in], bias [out] | None) -> [T, out]
@@ -127,22 +130,30 @@ def calibration_weights(weights: Weights, budget: int) -> list:
     return out
 
 
+def prefill_calibration_bytes(rows: int) -> int:
+    """Bytes of weights that time a prefill count of ``rows`` (past DECODE_ROWS): about
+    PREFILL_CALIBRATION_BYTES x PREFILL_FULL_ROWS multiply-adds a weight byte's worth, whatever the
+    count (at 8192 rows a pass over 128 MiB would cost seconds), within PREFILL_MIN_BYTES and
+    PREFILL_CALIBRATION_BYTES."""
+    same_arithmetic = PREFILL_CALIBRATION_BYTES * PREFILL_FULL_ROWS // rows
+    return min(PREFILL_CALIBRATION_BYTES, max(PREFILL_MIN_BYTES, same_arithmetic))
+
+
 def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int = 2,
                     close: float = 0.2) -> dict[int, tuple[float, float]]:
     """Seconds of one pass over ``weights`` with x of each row count: (torch's F.linear, the
     kernel's), the two paths alternated so that a slow stretch of the machine slows both; counts past
-    DECODE_ROWS over the first PREFILL_CALIBRATION_BYTES of them. A count whose paths are within
-    ``close`` of each other is timed again, up to ``rounds`` passes each, and keeps each path's
-    least time."""
+    DECODE_ROWS over the first prefill_calibration_bytes(count) of them. A count whose paths are
+    within ``close`` of each other is timed again, up to ``rounds`` passes each, and keeps each
+    path's least time."""
     kernel = select_base_linear(kernels, range(1, max(rows) + 1))
     gen = torch.Generator().manual_seed(0)
     inputs = {w.shape[1]: torch.randn(max(rows), w.shape[1], generator=gen) for w, _ in weights}
 
-    prefill = calibration_weights(weights, PREFILL_CALIBRATION_BYTES)
-
     def one_pass(linear: Linear, m: int) -> float:
+        timed = weights if m <= DECODE_ROWS else calibration_weights(weights, prefill_calibration_bytes(m))
         start = time.perf_counter()
-        for w, b in weights if m <= DECODE_ROWS else prefill:
+        for w, b in timed:
             linear(inputs[w.shape[1]][:m], w, b)
         return time.perf_counter() - start
 

@@ -453,7 +453,7 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
     count), a stand-in kernel that costs nothing at some row counts and 3x torch's time at the
     others is chosen at exactly the former; every count is timed on both paths, and a count whose
     paths are close is timed again. Decode counts pass over every weight given, prefill counts
-    (past 64 rows) over the first PREFILL_CALIBRATION_BYTES of them (here the first weight)."""
+    (past 64 rows) over the first prefill_calibration_bytes of them (here the first weight)."""
     import types
 
     import loramux.server.ops.linear as linear
@@ -476,6 +476,7 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
 
     monkeypatch.setattr(linear, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     monkeypatch.setattr(linear, "PREFILL_CALIBRATION_BYTES", 1)
+    monkeypatch.setattr(linear, "PREFILL_MIN_BYTES", 1)
     monkeypatch.setattr(linear.F, "linear", timed_torch)
     kernels = Kernels()
     gen = torch.Generator().manual_seed(0)
@@ -490,6 +491,27 @@ def test_calibration_times_both_paths_and_keeps_the_faster(monkeypatch):
     assert calls == {m: weights_timed[m] * (1 + (m in close) + (m == TIMED_ROWS[0])) for m in TIMED_ROWS}
     # and between two timed counts that won
     assert faster_rows(timings) == fast | set(range(49, 56)) | set(range(385, 512))
+
+
+def test_prefill_counts_are_timed_over_weights_of_about_the_same_arithmetic():
+    """Up to PREFILL_FULL_ROWS rows, PREFILL_CALIBRATION_BYTES of weights; past it, bytes x rows stay
+    the same (twice the rows, half the bytes) down to PREFILL_MIN_BYTES."""
+    from loramux.server.ops.linear import (
+        PREFILL_CALIBRATION_BYTES,
+        PREFILL_FULL_ROWS,
+        PREFILL_MIN_BYTES,
+        PREFILL_TIMED,
+        prefill_calibration_bytes,
+    )
+
+    for m in PREFILL_TIMED:
+        got = prefill_calibration_bytes(m)
+        if m <= PREFILL_FULL_ROWS:
+            assert got == PREFILL_CALIBRATION_BYTES
+        else:
+            assert got == max(PREFILL_MIN_BYTES, PREFILL_CALIBRATION_BYTES * PREFILL_FULL_ROWS // m)
+    assert prefill_calibration_bytes(2 * PREFILL_FULL_ROWS) == PREFILL_CALIBRATION_BYTES // 2
+    assert prefill_calibration_bytes(10**9) == PREFILL_MIN_BYTES
 
 
 def test_calibration_weights_stop_at_the_budget(tmp_path):
