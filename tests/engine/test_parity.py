@@ -33,16 +33,18 @@ def make_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(3, 40))] for _ in range(n)]
 
 
-async def run_staggered(engine, requests, max_new=MAX_NEW):
+async def run_staggered(engine, requests, max_new=MAX_NEW, logprobs=None, value=lambda ev: ev.token_id):
     """Submit in waves of 4; each wave waits until the previous wave has produced 2 tokens each,
-    so every later wave joins a batch that is decoding."""
+    so every later wave joins a batch that is decoding. Each output: ``value`` of each event (the
+    token id), with ``logprobs`` as SamplingParams takes it."""
     outs, started = {}, {}
 
     async def one(i, adapter, prompt):
-        stream = engine.submit(GenerationRequest(f"r{i}", tuple(prompt), SamplingParams(max_new, ignore_eos=True), adapter))
+        params = SamplingParams(max_new, ignore_eos=True, logprobs=logprobs)
+        stream = engine.submit(GenerationRequest(f"r{i}", tuple(prompt), params, adapter))
         toks = []
         async for ev in stream:
-            toks.append(ev.token_id)
+            toks.append(value(ev))
             if len(toks) == 2:
                 started[i].set()
         outs[i] = toks
@@ -264,24 +266,14 @@ def test_half_precision_serves_near_the_float32_oracle(dtype, tiny_llama, tiny_a
     assert next(engine.runner.model.parameters()).dtype == getattr(torch, dtype)
     prompts = make_prompts(engine.vocab_size, 12, seed=7)
     requests = [(names[i % len(names)], prompts[i]) for i in range(12)]
-
-    async def serve():
-        async def one(i, adapter, prompt):
-            req = GenerationRequest(f"h{i}", tuple(prompt), SamplingParams(MAX_NEW, ignore_eos=True, logprobs=0), adapter)
-            return [(ev.token_id, ev.logprob.logprob) async for ev in engine.submit(req)]
-
-        tasks = []
-        for i, request in enumerate(requests):  # a new request every few steps joins a decoding batch
-            tasks.append(asyncio.create_task(one(i, *request)))
-            await asyncio.sleep(0.02)
-        return await asyncio.gather(*tasks)
-
     steps, _ = record_steps(engine)
     engine.start()
     try:
-        outs = asyncio.run(serve())
+        done = asyncio.run(run_staggered(engine, requests, logprobs=0,
+                                         value=lambda ev: (ev.token_id, ev.logprob.logprob)))
     finally:
         engine.stop()
+    outs = [done[i] for i in range(len(requests))]
     assert any(s.num_prefill_tokens and s.num_decode_tokens for s in steps)
     ours, peft_half = [], []
     for (name, prompt), out in zip(requests, outs, strict=True):
