@@ -53,21 +53,24 @@ def test_install_built_every_variant_of_this_machine_into_the_package_and_the_wi
 @each_variant
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype, dora):
+@pytest.mark.parametrize("rank", [15, 31])
+def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype, dora, rank):
     """Not only the widest: a CPU without AVX2 loads the baseline build, whose vector code differs.
     Segments of a tile or more (8 rows on AVX-512, 4 elsewhere) take the tiled path (bfloat16
-    activations staged in float32), shorter ones and decode rows the per-row one.
-    With ``dora``, the rows of adapters 0 and 2 are DoRA rows, rescaled with a bias as written."""
+    activations staged in float32), shorter ones and decode rows the per-row one, its pages 8 + 4 +
+    3 at a time at rank 15, and 16 + 8 + 4 + 3 at rank 31 (float32 pages in the AVX-512 build; 8 at
+    a time elsewhere). With ``dora``, the rows of adapters 0 and 2 are DoRA rows, rescaled with a
+    bias as written."""
     from loramux.server.ops import plan_segments, plan_tokens
     from loramux.server.ops.reference import bgmv_reference, dora_rescale_reference, sgmv_reference
 
     lora = variant_module(variant).lora
     gen = torch.Generator().manual_seed(5)
-    rank, in_f = 15, 37  # 8 + 4 + 3 pages a decode pass; rank and widths off every vector and tile multiple
+    in_f = 37  # rank and widths off every vector and tile multiple
     bounds = (0, 40, 56, 79)  # q | k | v of 40, 16 and 23 columns
     a = (torch.randn(4 * rank + 2, 3, in_f, generator=gen) / in_f**0.5).to(dtype)
     b = (torch.randn(4 * rank + 2, 79, generator=gen) / 4).to(dtype)
-    b[-2:] = (1 + torch.randn(2, 79, generator=gen) / 8).to(dtype)  # DoRA's magnitude pages 60, 61: g near 1
+    b[-2:] = (1 + torch.randn(2, 79, generator=gen) / 8).to(dtype)  # DoRA's magnitude pages: g near 1
     pages = [torch.randperm(4 * rank, generator=gen)[:rank] for _ in range(3)]
     seg_starts, seg_pages = [0, 9, 10, 10, 17], [pages[0], pages[1], None, pages[2]]
     cases = [(plan_segments(seg_starts, seg_pages), lambda ref, j, cols: sgmv_reference(
@@ -90,7 +93,7 @@ def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype, dora)
         ends = g.group_ends if g.group_ends is not None else torch.empty(0, dtype=torch.int32)
         mags, bias = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=dtype)
         if dora:  # adapters 0 and 2
-            row_pages = {i: 60 + u // 2 for i, u in enumerate(adapter_of) if u in (0, 2)}
+            row_pages = {i: 4 * rank + u // 2 for i, u in enumerate(adapter_of) if u in (0, 2)}
             mags = torch.tensor([row_pages.get(i, -1) for i in range(n)])
             bias = torch.randn(79, generator=gen).to(dtype)
             dora_rescale_reference(ref, b.float(), bias.float(), row_pages, [*range(0, 40), *range(56, 79)])

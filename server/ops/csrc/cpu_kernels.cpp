@@ -277,15 +277,15 @@ static void lora_tile(float* y, const float* x, const float* a, const float* b, 
   }
 }
 
-// One row's shrink over pages k..k+W-1 (W = 1, 4 or 8), every used kind:
+// One row's shrink over pages k..k+W-1 (W = 1, 4, 8 or 16), every used kind:
 //   v[t * rank + k + w] = x . a[p[k + w], used[t], :]
 // W independent sums and W reads in flight, x read once for all of them.
 template <int W, typename T, typename P>
 static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t* p, int64_t k, int64_t rank,
                                 int64_t in, const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind) {
-  static_assert(W == 1 || W == 4 || W == 8);
+  static_assert(W == 1 || W == 4 || W == 8 || W == 16);
   for (size_t t = 0; t < used.size(); ++t) {
-    const P* r[8];
+    const P* r[16];
     for (int w = 0; w < W; ++w) r[w] = a + p[k + w] * sa_page + used[t] * sa_kind;
     if constexpr (std::is_same_v<P, _Float16>) {  // eight lanes at a time: F16C converts, the sums stay float32
       static_assert(std::is_same_v<T, float>);
@@ -307,7 +307,8 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
       continue;
     }
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+    float s8 = 0.f, s9 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f, s14 = 0.f, s15 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
     for (int64_t c = 0; c < in; ++c) {
       const float xc = to_f32(x[c]);
       s0 += xc * to_f32(r[0][c]);
@@ -322,8 +323,18 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
         s6 += xc * to_f32(r[6][c]);
         s7 += xc * to_f32(r[7][c]);
       }
+      if constexpr (W > 8) {
+        s8 += xc * to_f32(r[8][c]);
+        s9 += xc * to_f32(r[9][c]);
+        s10 += xc * to_f32(r[10][c]);
+        s11 += xc * to_f32(r[11][c]);
+        s12 += xc * to_f32(r[12][c]);
+        s13 += xc * to_f32(r[13][c]);
+        s14 += xc * to_f32(r[14][c]);
+        s15 += xc * to_f32(r[15][c]);
+      }
     }
-    const float s[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
+    const float s[16] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15};
     std::copy(s, s + W, v + t * rank + k);
   }
 }
@@ -333,11 +344,11 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
 template <int W, typename P>
 static inline void expand_pages(float* ac, const float* v, const P* b, const int64_t* p, int64_t k, int64_t rank,
                                 const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sb) {
-  static_assert(W == 1 || W == 4 || W == 8);
-  const P* r[8];
+  static_assert(W == 1 || W == 4 || W == 8 || W == 16);
+  const P* r[16];
   for (int w = 0; w < W; ++w) r[w] = b + p[k + w] * sb;
   for (size_t t = 0; t < used.size(); ++t) {
-    float u[8] = {};
+    float u[16] = {};
     std::copy(v + t * rank + k, v + t * rank + k + W, u);
     if constexpr (std::is_same_v<P, _Float16>) {  // eight lanes at a time, as in shrink_pages
       int64_t c = bounds[used[t]];
@@ -362,10 +373,23 @@ static inline void expand_pages(float* ac, const float* v, const P* b, const int
         d += u[1] * to_f32(r[1][c]) + u[2] * to_f32(r[2][c]) + u[3] * to_f32(r[3][c]);
       if constexpr (W > 4)
         d += (u[4] * to_f32(r[4][c]) + u[5] * to_f32(r[5][c])) + (u[6] * to_f32(r[6][c]) + u[7] * to_f32(r[7][c]));
+      if constexpr (W > 8) {
+        d += (u[8] * to_f32(r[8][c]) + u[9] * to_f32(r[9][c])) + (u[10] * to_f32(r[10][c]) + u[11] * to_f32(r[11][c]));
+        d += (u[12] * to_f32(r[12][c]) + u[13] * to_f32(r[13][c])) + (u[14] * to_f32(r[14][c]) + u[15] * to_f32(r[15][c]));
+      }
       ac[c] += d;
     }
   }
 }
+
+// Whether a decode row's pages go sixteen at a time (else eight): float32 pages in the AVX-512 build,
+// whose 32 vector registers hold the sixteen sums (the 16-register builds would spill them).
+template <typename P>
+#if defined(__AVX512F__)
+constexpr bool WIDE_PAGES = std::is_same_v<P, float>;
+#else
+constexpr bool WIDE_PAGES = false;
+#endif
 
 // out[0:n] = in[0:n] as float32, eight values at a time.
 template <typename P>
@@ -493,8 +517,12 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
       const T* xi = x + rows[i] * sx;
       // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
       // so the reads run through each page once, in order; eight pages at a time keep eight reads
-      // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md).
+      // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md), and
+      // in the AVX-512 build (32 vector registers for the sums) float32 pages go sixteen at a
+      // time, shrink and expand (a Zen 5's decode op: 0.93x the time of eight).
       int64_t k = 0;
+      if constexpr (WIDE_PAGES<P>)
+        for (; k + 16 <= rank; k += 16) shrink_pages<16>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
       for (; k + 8 <= rank; k += 8) shrink_pages<8>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
       for (; k + 4 <= rank; k += 4) shrink_pages<4>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
       for (; k < rank; ++k) shrink_pages<1>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
@@ -502,6 +530,8 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
       // float32 accumulators of the used kinds' columns.
       for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
       k = 0;
+      if constexpr (WIDE_PAGES<P>)
+        for (; k + 16 <= rank; k += 16) expand_pages<16>(ac, v.data(), b, p, k, rank, bounds, used, sb);
       for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v.data(), b, p, k, rank, bounds, used, sb);
       for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v.data(), b, p, k, rank, bounds, used, sb);
       for (; k < rank; ++k) expand_pages<1>(ac, v.data(), b, p, k, rank, bounds, used, sb);
