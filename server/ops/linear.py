@@ -131,8 +131,8 @@ def calibration_weights(weights: Weights, budget: int) -> list:
 
 
 def prefill_calibration_bytes(rows: int) -> int:
-    """Bytes of weights that time a prefill count of ``rows`` (past DECODE_ROWS): about
-    PREFILL_CALIBRATION_BYTES x PREFILL_FULL_ROWS multiply-adds a weight byte's worth, whatever the
+    """Bytes of weights that time a prefill count of ``rows`` (past DECODE_ROWS): bytes x rows as
+    at PREFILL_CALIBRATION_BYTES and PREFILL_FULL_ROWS, the same arithmetic a pass whatever the
     count (at 8192 rows a pass over 128 MiB would cost seconds), within PREFILL_MIN_BYTES and
     PREFILL_CALIBRATION_BYTES."""
     same_arithmetic = PREFILL_CALIBRATION_BYTES * PREFILL_FULL_ROWS // rows
