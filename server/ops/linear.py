@@ -150,10 +150,12 @@ def time_row_counts(kernels, weights: Weights, rows: Sequence[int], rounds: int 
     gen = torch.Generator().manual_seed(0)
     inputs = {w.shape[1]: torch.randn(max(rows), w.shape[1], generator=gen) for w, _ in weights}
 
+    timed = {m: weights if m <= DECODE_ROWS else calibration_weights(weights, prefill_calibration_bytes(m))
+             for m in rows}
+
     def one_pass(linear: Linear, m: int) -> float:
-        timed = weights if m <= DECODE_ROWS else calibration_weights(weights, prefill_calibration_bytes(m))
         start = time.perf_counter()
-        for w, b in timed:
+        for w, b in timed[m]:
             linear(inputs[w.shape[1]][:m], w, b)
         return time.perf_counter() - start
 

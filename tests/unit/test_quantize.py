@@ -58,7 +58,7 @@ class Kernels:
         return torch.nn.functional.linear(x, dequantize_int8(q, scale), bias if bias.numel() else None)
 
 
-def test_int8_linear_takes_the_kernel_for_float32_rows_up_to_64_and_the_dequantized_matmul_otherwise():
+def test_int8_linear_takes_the_kernel_at_decode_counts_and_the_counts_given_else_the_dequantized_matmul():
     """Decode counts always; past them only the counts given (where float32 weights take the kernel)."""
     q, scale = quantize_int8(torch.randn(5, 8))
     bias = torch.randn(5)

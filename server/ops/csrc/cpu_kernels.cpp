@@ -1397,20 +1397,15 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const float* s = q8 ? scale.data_ptr<float>() : nullptr;
   auto run = [&](const auto* wp) {
-    if (M > FEW_ROWS) {
-      for (int64_t r0 = 0, chunk = x_chunk_rows(I); r0 < M; r0 += chunk) {
-        const int64_t m = std::min(chunk, M - r0);
-        float* yc = y.data_ptr<float>() + r0 * y.stride(0);
-        const float* xc = x.data_ptr<float>() + r0 * x.stride(0);
-        if (m > FEW_ROWS) {
-          many_rows(yc, xc, wp, s, b, m, O, I, y.stride(0), x.stride(0), w.stride(0));
-        } else {  // a last chunk of a few rows: the same bits either way
-          few_rows_of<FEW_ROWS>(m, yc, xc, wp, s, b, O, I, y.stride(0), x.stride(0), w.stride(0));
-        }
+    for (int64_t r0 = 0, chunk = x_chunk_rows(I); r0 < M; r0 += chunk) {  // one chunk unless M is long
+      const int64_t m = std::min(chunk, M - r0);
+      float* yc = y.data_ptr<float>() + r0 * y.stride(0);
+      const float* xc = x.data_ptr<float>() + r0 * x.stride(0);
+      if (m > FEW_ROWS) {
+        many_rows(yc, xc, wp, s, b, m, O, I, y.stride(0), x.stride(0), w.stride(0));
+      } else {  // few rows, or a long x's last chunk of a few: the same bits either way
+        few_rows_of<FEW_ROWS>(m, yc, xc, wp, s, b, O, I, y.stride(0), x.stride(0), w.stride(0));
       }
-    } else {
-      few_rows_of<FEW_ROWS>(M, y.data_ptr<float>(), x.data_ptr<float>(), wp, s, b, O, I, y.stride(0), x.stride(0),
-                            w.stride(0));
     }
   };
   if (q8) {
