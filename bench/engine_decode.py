@@ -121,6 +121,12 @@ class AlternatingLoRA(EngineObserver):
         if self.on:
             self.op(*args, **kwargs)
 
+    def with_linear(self, *args, **kwargs):
+        """The op's base linear with LoRA in one call (TorchLoRA.with_linear) on the LoRA steps;
+        None on the others, and for stand-ins without it, so the caller runs the linear alone."""
+        with_linear = getattr(self.op, "with_linear", None)
+        return with_linear(*args, **kwargs) if self.on and with_linear is not None else None
+
     def step(self, stats: StepStats) -> None:  # called after the step's time was taken
         if self.prefill_tokens:
             recorded = stats.num_prefill_tokens == self.prefill_tokens and stats.num_decode_tokens == 0

@@ -71,11 +71,15 @@ class FusedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, plans: LoRAPlans, apply_lora) -> torch.Tensor:
         """One LoRA call per set of these kinds that the step's adapters target (usually one):
         each shrinks its kinds together, in one pass over x (and rescales DoRA adapters' rows)."""
-        if self.scale is None:
-            y = self.linear(x, self.weight, self.bias)
-        else:
-            y = self.int8_linear(x, self.weight, self.scale, self.bias)
-        for used, plan in plans.get(self.kinds, ()):
+        todo, y = plans.get(self.kinds, ()), None
+        if todo and self.scale is None and (with_linear := getattr(apply_lora, "with_linear", None)) is not None:
+            used, plan = todo[0]  # the base matmul and this plan's LoRA in one call, where the op can
+            y = with_linear(x, self.weight, self.bias, self.a_store, self.b_store, plan, self.bounds, used)
+            todo = todo[1:] if y is not None else todo
+        if y is None:
+            y = (self.linear(x, self.weight, self.bias) if self.scale is None
+                 else self.int8_linear(x, self.weight, self.scale, self.bias))
+        for used, plan in todo:
             apply_lora(y, x, self.a_store, self.b_store, plan, self.bounds, used, self.bias)
         return y
 

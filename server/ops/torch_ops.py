@@ -39,12 +39,12 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torc
     return out
 
 
-def fused_args(y: torch.Tensor, a_store: torch.Tensor, bounds, used):
+def fused_args(out: int, a_store: torch.Tensor, bounds, used):
     """The fused form of a call: a_store [P, m, in] (a [P, in] store is one kind), the output
-    column bounds of the m kinds (default: all of y), and the kinds used (default: all)."""
+    column bounds of the m kinds (default: all ``out`` columns of y), and the kinds used (default: all)."""
     if a_store.dim() == 2:
         a_store = a_store[:, None, :]
-    bounds = (0, y.shape[1]) if bounds is None else tuple(bounds)
+    bounds = (0, out) if bounds is None else tuple(bounds)
     used = tuple(range(a_store.shape[1])) if used is None else tuple(used)
     return a_store, bounds, used
 
@@ -57,13 +57,46 @@ class TorchLoRA:
     def __init__(self, lora_kernel=None):
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._kernel = lora_kernel
+        self._linear_lora = None  # the C++ ``linear_lora`` (use_base_linear)
+        self._linear_rows: frozenset[int] = frozenset()
         self._empty = torch.empty(0, dtype=torch.int32)
         self._no_mags = torch.empty(0, dtype=torch.long)
+        self._empty_f32 = torch.empty(0)
 
     @property
     def name(self) -> str:
         """The backend in use, as --op-backend names it."""
         return "torch" if self._kernel is None else "cpp"
+
+    def use_base_linear(self, linear_lora, rows) -> None:
+        """Serve the decode rows of a linear whose base matmul is the C++ kernel's at these row
+        counts (ops/linear.py) through ``linear_lora`` (cpu_kernels.cpp), base and LoRA in one call."""
+        self._linear_lora, self._linear_rows = linear_lora, frozenset(rows)
+
+    def with_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_store, b_store,
+                    plan: LoRAPlan, bounds=None, used=None) -> torch.Tensor | None:
+        """``y = linear(x, weight, bias)`` with the plan's LoRA added (as ``__call__`` adds it, the
+        same bits), the base tiles and the decode rows' LoRA side by side in one C++ call: where
+        the base matmul is the kernel's at x's row count, float32 weights and pages, and the plan
+        has a per-row (BGMV) group and no DoRA rows; its other groups follow as usual. None
+        elsewhere: the caller computes the linear, then calls this op."""
+        if (self._linear_lora is None or x.shape[0] not in self._linear_rows or plan.magnitude is not None
+                or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.stride(1) != 1
+                or a_store.dtype != torch.float32 or x.stride(1) != 1):
+            return None
+        per_row = [g for g in plan.groups if g.group_ends is None]
+        if not per_row:
+            return None
+        first = max(per_row, key=lambda g: g.pages.numel())  # the most pages: the most to read beside the tiles
+        a_store, bounds, used = fused_args(weight.shape[0], a_store, bounds, used)
+        y = self._linear_lora(x, weight, self._empty_f32 if bias is None else bias, a_store, b_store, first.rows,
+                              first.pages, first.rank, bounds, used)
+        for g in plan.groups:
+            if g is not first:
+                ends = self._empty if g.group_ends is None else g.group_ends
+                self._kernel(y, x, a_store, b_store, g.rows, g.pages, ends, g.rank, bounds, used, self._no_mags,
+                             self._empty_f32)
+        return y
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = 1
@@ -137,7 +170,7 @@ class TorchLoRA:
         m = 1), b_store: [num_pages, out]; bounds: m + 1 column offsets (default (0, out)); used:
         indices of the kinds these rows use (default all m).
         """
-        a_store, bounds, used = fused_args(y, a_store, bounds, used)
+        a_store, bounds, used = fused_args(y.shape[1], a_store, bounds, used)
         if self._kernel is not None and x.device.type == "cpu":  # the rescale as each row is written
             mags = self._no_mags if plan.magnitude is None else plan.magnitude.row_pages
             bias_arg = self._empty if bias is None else bias

@@ -266,7 +266,7 @@ class TritonLoRA:
         y: [T, out] (updated in place), x: [T, in], a_store: [num_pages, m, in] (or [num_pages,
         in]), b_store: [num_pages, out]; features unit-stride.
         """
-        a_store, bounds, used = fused_args(y, a_store, bounds, used)
+        a_store, bounds, used = fused_args(y.shape[1], a_store, bounds, used)
         assert x.stride(1) == 1 and y.stride(1) == 1 and a_store.stride(2) == 1 and b_store.stride(1) == 1
         if plan.empty or not used:
             return

@@ -362,6 +362,84 @@ def test_few_rows_linear_gives_a_row_the_same_bits_whatever_the_rows_beside_it(v
 
 @needs_kernel
 @each_variant
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 6, 7, 8, 13, 32, 33, 64, 171])
+def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads):
+    """linear_lora (the base tiles and the decode rows' LoRA side by side) gives what
+    few_rows_linear then lora give, bit for bit: rows taken by the few-row path (up to 6, where it
+    makes the two calls), by the tiles (claimed from both ends by 1, 2 or 3 threads), and a long x
+    (171 rows of 1540 inputs: chunks, the two calls); ranks 15 and 31 (16 + 8 + 4 + 3 pages), a
+    subset of the rows with LoRA, q and v of a fused q|k|v store (k's columns untouched), a
+    strided x, with and without a bias."""
+    kernels = variant_module(variant)
+    gen = torch.Generator().manual_seed(rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for in_f, bounds, rank in ((37, (0, 40, 56, 79), 15), (1540, (0, 96, 128, 160), 31)):
+            out_f = bounds[-1] + 5  # columns past the LoRA's: the base linear's alone
+            w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
+            x = torch.randn(rows, in_f + 2, generator=gen)[:, 1 : in_f + 1]
+            a = torch.randn(4 * rank, 3, in_f, generator=gen) / in_f**0.5
+            b = torch.randn(4 * rank, bounds[-1], generator=gen)
+            with_lora = torch.tensor([r for r in range(rows) if r % 3 != 1] or [0])
+            pages = torch.cat([torch.randperm(4 * rank, generator=gen)[:rank] for _ in with_lora])
+            for bias in (torch.empty(0), torch.randn(out_f, generator=gen)):
+                want = kernels.few_rows_linear(x, w, bias, torch.empty(0))
+                kernels.lora(want, x, a, b, with_lora, pages, torch.empty(0, dtype=torch.int32), rank, list(bounds),
+                             [0, 2], torch.empty(0, dtype=torch.long), torch.empty(0))
+                got = kernels.linear_lora(x, w, bias, a, b, with_lora, pages, rank, list(bounds), [0, 2])
+                assert torch.equal(got, want), (in_f, bias.numel())
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.linear_lora(torch.randn(8, 4), torch.randn(3, 4), torch.empty(0), torch.randn(2, 1, 4, dtype=torch.float64),
+                            torch.randn(2, 3, dtype=torch.float64), torch.tensor([0]), torch.tensor([1]), 1, [0, 3], [0])
+
+
+@needs_kernel
+def test_a_fused_linear_takes_the_one_call_only_where_it_gives_the_same_bits():
+    """A q|k|v FusedLoRALinear over the C++ ops: with the base linear's kernel rows given to the op
+    (TorchLoRA.use_base_linear), a decode plan of two ranks (two per-row groups, one row without an
+    adapter) takes linear_lora for one group and lora for the other, the same y as the linear then
+    the op; where the kernel is not the base linear at that count, or the plan is in segments or
+    has DoRA rows, with_linear declines (None) and the module runs the linear then the op."""
+    from loramux.server.models.layers import FusedLoRALinear
+    from loramux.server.ops import plan_segments, plan_tokens
+    from loramux.server.ops.linear import select_base_linear
+    from loramux.server.ops.plan import LoRAPlan, MagnitudeRuns
+    from loramux.server.ops.torch_ops import TorchLoRA
+
+    kernels = load_kernels()
+    gen = torch.Generator().manual_seed(1)
+    in_f, outs, n = 40, (24, 8, 8), 9
+    fused = FusedLoRALinear([torch.randn(o, in_f, generator=gen) for o in outs], [None] * 3, ("q", "k", "v"), 0)
+    fused.linear = select_base_linear(kernels, range(1, 33))
+    fused.a_store = torch.randn(49, 3, in_f, generator=gen) / in_f**0.5
+    fused.b_store = torch.randn(49, sum(outs), generator=gen)
+    adapters = [torch.arange(0, 8), torch.arange(8, 24), torch.arange(24, 40)]  # ranks 8, 16, 16
+    decode = plan_tokens([0, 1, -1, 2, 1, 0, 2, 2, 1], adapters)
+    assert len(decode.groups) == 2
+    x = torch.randn(n, in_f, generator=gen)
+    plain, one_call = TorchLoRA(kernels.lora), TorchLoRA(kernels.lora)
+    one_call.use_base_linear(kernels.linear_lora, range(1, 33))
+    calls = []
+    spy = lambda *args: calls.append(args) or kernels.linear_lora(*args)  # noqa: E731
+    one_call._linear_lora = spy
+    for used in ((0, 1, 2), (0, 2)):
+        plans = {("q", "k", "v"): [(used, decode)]}
+        assert torch.equal(fused(x, plans, one_call), fused(x, plans, plain))
+    assert len(calls) == 2
+    segments = plan_segments([0, 4, 9], [adapters[1], adapters[2]])
+    dora = LoRAPlan(decode.groups, MagnitudeRuns(((0, 1, 48),)))
+    for rows, plan in ((n, segments), (n, dora), (40, decode)):
+        xr = torch.randn(rows, in_f, generator=gen)
+        assert one_call.with_linear(xr, fused.weight, None, fused.a_store, fused.b_store, plan, fused.bounds) is None
+    assert len(calls) == 2
+
+
+@needs_kernel
+@each_variant
 @pytest.mark.parametrize("rows", [*range(1, 18), 31, 47, 64])
 def test_few_rows_linear_of_int8_weights_matches_the_dequantized_linear(variant, rows):
     """int8 rows with a scale each: the linear by Ŵ = q * s in float32 (ops/quantize.py), on both

@@ -4,9 +4,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
@@ -438,6 +440,37 @@ static inline void dora_row(T* yi, const P* g, const T* bias, const std::vector<
   }
 }
 
+// One decode row's LoRA (BGMV) into float32 accumulators: v[t * rank + k] = xi . a[p[k], used[t], :],
+// then ac[C_t] = sum_k v[t * rank + k] * b[p[k], C_t] for each used kind's columns C_t.
+template <typename T, typename P>
+__attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, const T* xi, const P* a, const P* b,
+                                                           const int64_t* p, int64_t rank, int64_t in,
+                                                           const std::vector<int64_t>& bounds,
+                                                           const std::vector<int64_t>& used, int64_t sa_page,
+                                                           int64_t sa_kind, int64_t sb) {
+  const int64_t nu = static_cast<int64_t>(used.size());
+  // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
+  // so the reads run through each page once, in order; eight pages at a time keep eight reads
+  // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md), and
+  // in the AVX-512 build (32 vector registers for the sums) float32 pages go sixteen at a
+  // time, shrink and expand (a Zen 5's decode op: 0.93x the time of eight).
+  int64_t k = 0;
+  if constexpr (WIDE_PAGES<P>)
+    for (; k + 16 <= rank; k += 16) shrink_pages<16>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  for (; k + 8 <= rank; k += 8) shrink_pages<8>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  for (; k + 4 <= rank; k += 4) shrink_pages<4>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  for (; k < rank; ++k) shrink_pages<1>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  // Expand, pages outermost too: each page's B row is read once, front to back, into the
+  // float32 accumulators of the used kinds' columns.
+  for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
+  k = 0;
+  if constexpr (WIDE_PAGES<P>)
+    for (; k + 16 <= rank; k += 16) expand_pages<16>(ac, v, b, p, k, rank, bounds, used, sb);
+  for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v, b, p, k, rank, bounds, used, sb);
+  for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v, b, p, k, rank, bounds, used, sb);
+  for (; k < rank; ++k) expand_pages<1>(ac, v, b, p, k, rank, bounds, used, sb);
+}
+
 // Batched LoRA over the page store for the kinds of one fused linear (q|k|v, gate|up, or one).
 // For each position i, with token row r = rows[i] and rank-row pages P = pages of i's adapter, for
 // each used kind j (t-th of `used`), with columns C_j = [bounds[j], bounds[j+1]):
@@ -514,27 +547,7 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
         i += TILE - 1;
         continue;
       }
-      const T* xi = x + rows[i] * sx;
-      // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
-      // so the reads run through each page once, in order; eight pages at a time keep eight reads
-      // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md), and
-      // in the AVX-512 build (32 vector registers for the sums) float32 pages go sixteen at a
-      // time, shrink and expand (a Zen 5's decode op: 0.93x the time of eight).
-      int64_t k = 0;
-      if constexpr (WIDE_PAGES<P>)
-        for (; k + 16 <= rank; k += 16) shrink_pages<16>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
-      for (; k + 8 <= rank; k += 8) shrink_pages<8>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
-      for (; k + 4 <= rank; k += 4) shrink_pages<4>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
-      for (; k < rank; ++k) shrink_pages<1>(v.data(), xi, a, p, k, rank, in, used, sa_page, sa_kind);
-      // Expand, pages outermost too: each page's B row is read once, front to back, into the
-      // float32 accumulators of the used kinds' columns.
-      for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
-      k = 0;
-      if constexpr (WIDE_PAGES<P>)
-        for (; k + 16 <= rank; k += 16) expand_pages<16>(ac, v.data(), b, p, k, rank, bounds, used, sb);
-      for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v.data(), b, p, k, rank, bounds, used, sb);
-      for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v.data(), b, p, k, rank, bounds, used, sb);
-      for (; k < rank; ++k) expand_pages<1>(ac, v.data(), b, p, k, rank, bounds, used, sb);
+      bgmv_row(ac, v.data(), x + rows[i] * sx, a, b, p, rank, in, bounds, used, sa_page, sa_kind, sb);
       T* yi = y + rows[i] * sy;
       for (int64_t t = 0; t < nu; ++t) {
 #pragma omp simd
@@ -1303,55 +1316,62 @@ constexpr int TILE_O = 3;
 #endif
 constexpr int TILE_M = 4;
 
+// Weight rows blk * TILE_O .. + TILE_O - 1 against all M rows of x, TILE_M x rows at a time.
+// widened: TILE_O * I floats of scratch for int8 weights (unused for float32).
+template <typename W>
+__attribute__((always_inline)) static inline void tile_block(float* y, const float* x, const W* w, const float* scale,
+                                                             const float* bias, float* widened, int64_t blk, int64_t M,
+                                                             int64_t O, int64_t I, int64_t sy, int64_t sx, int64_t sw) {
+  constexpr bool wide = std::is_same_v<W, float>;
+  const int64_t I8 = I / 8 * 8, IW = I / WL * WL;
+  const int64_t o0 = blk * TILE_O;
+  const float* wr[TILE_O];  // past O: the last row again (computed, not written)
+  for (int a = 0; a < TILE_O; ++a) {
+    const int64_t o = std::min(o0 + a, O - 1);
+    if constexpr (wide) {
+      wr[a] = w + o * sw;
+    } else {
+      float* out = widened + a * I;
+      for (int64_t i = 0; i < I8; i += 8) *reinterpret_cast<f32x8*>(out + i) = wload8(w + o * sw + i, scale[o]);
+      for (int64_t i = I8; i < I; ++i) out[i] = wval(w + o * sw + i, scale[o]);
+      wr[a] = out;
+    }
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
+    const int64_t nm = std::min<int64_t>(TILE_M, M - m0);
+    const float* xr[TILE_M];  // past M: the last row again
+    for (int b = 0; b < TILE_M; ++b) xr[b] = x + (m0 + std::min<int64_t>(b, nm - 1)) * sx;
+    // GCC keeps these sums in registers only while the code around them stays lean: a probe that
+    // added a prefetch cursor's state beside them got the sums kept in memory, 2x slower.
+    f32xw acc[TILE_O][TILE_M];
+    for (int a = 0; a < TILE_O; ++a)
+      for (int b = 0; b < TILE_M; ++b) acc[a][b] = f32xw{};
+    for (int64_t i = 0; i < IW; i += WL) {
+      if (wide && m0 == 0 && (i & 15) == 0)  // one prefetch a cache line
+        for (int a = 0; a < TILE_O; ++a) __builtin_prefetch(wr[a] + i + AHEAD_BYTES / 4, 0, 3);
+      f32xw wv[TILE_O];
+      for (int a = 0; a < TILE_O; ++a) wv[a] = *reinterpret_cast<const f32xw*>(wr[a] + i);
+      for (int b = 0; b < TILE_M; ++b) {
+        const f32xw xv = *reinterpret_cast<const f32xw*>(xr[b] + i);
+        for (int a = 0; a < TILE_O; ++a) acc[a][b] += wv[a] * xv;
+      }
+    }
+    for (int a = 0; a < TILE_O && o0 + a < O; ++a) {
+      for (int b = 0; b < nm; ++b) {
+        float s = lanes_sum(acc[a][b]);
+        for (int64_t i = IW; i < I; ++i) s = madd(wr[a][i], xr[b][i], s);
+        y[(m0 + b) * sy + o0 + a] = bias != nullptr ? s + bias[o0 + a] : s;
+      }
+    }
+  }
+}
+
 template <typename W>
 static void many_rows(float* y, const float* x, const W* w, const float* scale, const float* bias, int64_t M, int64_t O,
                       int64_t I, int64_t sy, int64_t sx, int64_t sw) {
-  constexpr bool wide = std::is_same_v<W, float>;
-  const int64_t I8 = I / 8 * 8, IW = I / WL * WL;
   at::parallel_for(0, (O + TILE_O - 1) / TILE_O, 4, [&](int64_t lo, int64_t hi) {
-    std::vector<float> widened(wide ? 0 : TILE_O * I);
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t o0 = blk * TILE_O;
-      const float* wr[TILE_O];  // past O: the last row again (computed, not written)
-      for (int a = 0; a < TILE_O; ++a) {
-        const int64_t o = std::min(o0 + a, O - 1);
-        if constexpr (wide) {
-          wr[a] = w + o * sw;
-        } else {
-          float* out = widened.data() + a * I;
-          for (int64_t i = 0; i < I8; i += 8) *reinterpret_cast<f32x8*>(out + i) = wload8(w + o * sw + i, scale[o]);
-          for (int64_t i = I8; i < I; ++i) out[i] = wval(w + o * sw + i, scale[o]);
-          wr[a] = out;
-        }
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
-        const int64_t nm = std::min<int64_t>(TILE_M, M - m0);
-        const float* xr[TILE_M];  // past M: the last row again
-        for (int b = 0; b < TILE_M; ++b) xr[b] = x + (m0 + std::min<int64_t>(b, nm - 1)) * sx;
-        // GCC keeps these sums in registers only while this lambda stays lean: a probe that added
-        // a prefetch cursor's state beside them got the sums kept in memory, 2x slower.
-        f32xw acc[TILE_O][TILE_M];
-        for (int a = 0; a < TILE_O; ++a)
-          for (int b = 0; b < TILE_M; ++b) acc[a][b] = f32xw{};
-        for (int64_t i = 0; i < IW; i += WL) {
-          if (wide && m0 == 0 && (i & 15) == 0)  // one prefetch a cache line
-            for (int a = 0; a < TILE_O; ++a) __builtin_prefetch(wr[a] + i + AHEAD_BYTES / 4, 0, 3);
-          f32xw wv[TILE_O];
-          for (int a = 0; a < TILE_O; ++a) wv[a] = *reinterpret_cast<const f32xw*>(wr[a] + i);
-          for (int b = 0; b < TILE_M; ++b) {
-            const f32xw xv = *reinterpret_cast<const f32xw*>(xr[b] + i);
-            for (int a = 0; a < TILE_O; ++a) acc[a][b] += wv[a] * xv;
-          }
-        }
-        for (int a = 0; a < TILE_O && o0 + a < O; ++a) {
-          for (int b = 0; b < nm; ++b) {
-            float s = lanes_sum(acc[a][b]);
-            for (int64_t i = IW; i < I; ++i) s = madd(wr[a][i], xr[b][i], s);
-            y[(m0 + b) * sy + o0 + a] = bias != nullptr ? s + bias[o0 + a] : s;
-          }
-        }
-      }
-    }
+    std::vector<float> widened(std::is_same_v<W, float> ? 0 : TILE_O * I);
+    for (int64_t blk = lo; blk < hi; ++blk) tile_block(y, x, w, scale, bias, widened.data(), blk, M, O, I, sy, sx, sw);
   });
 }
 
@@ -1412,6 +1432,86 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
     run(w.data_ptr<int8_t>());
   } else {
     run(w.data_ptr<float>());
+  }
+  return y;
+}
+
+// A base linear and its decode rows' LoRA (lora's BGMV form, float32) in one parallel region:
+//   y = few_rows_linear(x, w, bias);  then for each position i, y[rows[i], C_t] += the LoRA of i
+// (pages[i * rank : (i + 1) * rank]), as lora adds it: the same bits as the two calls.
+// The base tiles are bound by the arithmetic, the LoRA rows by memory (each reads its adapter's
+// pages once), so they go side by side: thread 0 starts on the LoRA rows while the others take
+// blocks of weight rows from the front, then takes blocks from the back (each thread's weights stay
+// one stream); a thread out of blocks takes the LoRA rows left. Blocks are claimed a share of what
+// is left at a time (guided), so that few claims cross between the cores. One core's reads reach
+// most of the memory's bandwidth when it is loaded, less when it is idle: on a 2-core Zen 5 the
+// default model's decode linears and LoRA took 0.92-0.95x the time of the two calls in slow-memory
+// hours, the same in fast ones (BENCHMARKS.md). Few rows (few_rows' path) or a long x (chunks) run
+// the two calls. a: [P, m, in], b: [P, bounds[-1]], rows [n] int64, pages [n * rank] int64.
+torch::Tensor linear_lora(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor a, torch::Tensor b,
+                          torch::Tensor rows, torch::Tensor pages, int64_t rank, std::vector<int64_t> bounds,
+                          std::vector<int64_t> used) {
+  const int64_t M = x.size(0), O = w.size(0), I = w.size(1), n = rows.numel();
+  TORCH_CHECK(w.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+              "linear_lora: float32 weights and pages");
+  auto none = torch::empty({0}, x.options());
+  if (M <= FEW_ROWS || M > x_chunk_rows(I) || n == 0 || used.empty()) {
+    auto y = few_rows_linear(x, w, bias, none);
+    lora(y, x, a, b, rows, pages, none.to(at::kInt), rank, bounds, used, none.to(at::kLong), none);
+    return y;
+  }
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 &&
+              x.size(1) == I && x.stride(1) == 1 && w.stride(1) == 1,
+              "linear_lora: x [M, I] float32 and w [O, I] with unit-stride rows");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == O),
+              "linear_lora: bias [O] float32, or empty");
+  auto y = torch::empty({M, O}, x.options());
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 2 && a.size(2) == I && a.stride(2) == 1 && b.stride(1) == 1 &&
+              static_cast<int64_t>(bounds.size()) == a.size(1) + 1 && bounds.back() <= O && bounds.back() <= b.size(1),
+              "linear_lora: a [P, m, in] and b [P, out] with unit-stride rows, bounds within y and b");
+  for (int64_t j : used) TORCH_CHECK(j >= 0 && j < a.size(1), "linear_lora: used kind out of range");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && pages.scalar_type() == at::kLong && rows.is_contiguous() &&
+              pages.is_contiguous() && pages.numel() == n * rank, "linear_lora: int64 rows and pages [n * rank]");
+  const int64_t width = bounds.back(), nblk = (O + TILE_O - 1) / TILE_O, T = at::get_num_threads();
+  std::unique_ptr<float[]> delta(new float[n * width]);  // row i's LoRA in its used columns
+  std::atomic<int64_t> next_row{0};
+  std::atomic<uint64_t> span{static_cast<uint64_t>(nblk)};  // blocks [front, back) unclaimed: front << 32 | back
+  float* yp = y.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const float* bias_p = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const int64_t *rp = rows.data_ptr<int64_t>(), *pp = pages.data_ptr<int64_t>();
+  const int64_t sx = x.stride(0), sw = w.stride(0), sa_page = a.stride(0), sa_kind = a.stride(1), sb = b.stride(0);
+  at::parallel_for(0, T, 1, [&](int64_t lo, int64_t) {
+    std::vector<float> v(used.size() * rank);
+    auto lora_rows_left = [&] {
+      for (int64_t i; (i = next_row.fetch_add(1)) < n;)
+        bgmv_row(delta.get() + i * width, v.data(), xp + rp[i] * sx, ap, bp, pp + i * rank, rank, I, bounds, used,
+                 sa_page, sa_kind, sb);
+    };
+    auto blocks = [&](bool back) {
+      uint64_t cur = span.load();
+      for (;;) {
+        const int64_t f = static_cast<int64_t>(cur >> 32), e = static_cast<int64_t>(cur & 0xffffffffu);
+        if (f >= e) return;
+        const int64_t k = std::max<int64_t>(1, (e - f) / (2 * T));
+        const uint64_t claimed = back ? (uint64_t(f) << 32) | uint64_t(e - k) : (uint64_t(f + k) << 32) | uint64_t(e);
+        if (!span.compare_exchange_weak(cur, claimed)) continue;  // cur reloaded
+        for (int64_t blk = back ? e - k : f; blk < (back ? e : f + k); ++blk)
+          tile_block(yp, xp, wp, nullptr, bias_p, nullptr, blk, M, O, I, O, sx, sw);
+        cur = span.load();
+      }
+    };
+    if (lo == 0) lora_rows_left();
+    blocks(lo == 0);
+    lora_rows_left();
+  });
+  for (int64_t i = 0; i < n; ++i) {  // every block and row done: add each row's LoRA, as lora does
+    float* yi = yp + rp[i] * O;
+    const float* di = delta.get() + i * width;
+    for (int64_t j : used) {
+#pragma omp simd
+      for (int64_t c = bounds[j]; c < bounds[j + 1]; ++c) yi[c] = yi[c] + di[c];
+    }
   }
   return y;
 }
@@ -1814,6 +1914,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one decode token of many sequences through Mamba's selective scan, states updated in their slots", release());
   m.def("selective_scan_chunk", &selective_scan_chunk,
         "one sequence's tokens through Mamba's selective scan from its state, updated in place", release());
+  m.def("linear_lora", &linear_lora,
+        "a base linear with its decode rows' LoRA added, the tiles and the rows side by side (float32)", release());
   m.def("few_rows_linear", &few_rows_linear,
         "a base linear of any number of rows (float32 or int8 weights), weights streamed once", release());
 }
