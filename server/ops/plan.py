@@ -95,6 +95,21 @@ class LoRAPlan:
         return LoRAPlan(tuple(g.to(device) for g in self.groups),
                         None if self.magnitude is None else self.magnitude.to(device))
 
+    @cached_property
+    def per_row(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The rows of every per-row (BGMV) group as one list, whatever their ranks: (rows [n], starts
+        [n + 1], pages [starts[n]]), row i's pages pages[starts[i]:starts[i + 1]] (the C++
+        ``linear_lora``'s form); None without such a group. Built once per step: the step's layers
+        share its plans."""
+        groups = [g for g in self.groups if g.group_ends is None]
+        if not groups:
+            return None
+        rows = torch.cat([g.rows for g in groups])
+        sizes = torch.cat([torch.full((g.num_rows,), g.rank, dtype=torch.long) for g in groups])
+        starts = torch.zeros(rows.numel() + 1, dtype=torch.long)
+        torch.cumsum(sizes, 0, out=starts[1:])
+        return rows, starts, torch.cat([g.pages for g in groups])
+
 
 # The LoRA work of one step, per fused linear (keyed by its kinds, e.g. ("q_proj", "k_proj",
 # "v_proj")): one (used, plan) entry per set of those kinds that the step's adapters target, where

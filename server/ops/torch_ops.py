@@ -76,26 +76,21 @@ class TorchLoRA:
     def with_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_store, b_store,
                     plan: LoRAPlan, bounds=None, used=None) -> torch.Tensor | None:
         """``y = linear(x, weight, bias)`` with the plan's LoRA added (as ``__call__`` adds it, the
-        same bits), the base tiles and the decode rows' LoRA side by side in one C++ call: where
-        the base matmul is the kernel's at x's row count, float32 weights and pages, and the plan
-        has a per-row (BGMV) group and no DoRA rows; its other groups follow as usual. None
-        elsewhere: the caller computes the linear, then calls this op."""
+        same bits), the base tiles and the decode rows' LoRA (its per-row groups, every rank) side
+        by side in one C++ call; its segment groups (prefill rows) follow as usual. Where the base
+        matmul is the kernel's at x's row count, with float32 weights and pages, a per-row group and
+        no DoRA rows; None elsewhere: the caller computes the linear, then calls this op."""
         if (self._linear_lora is None or x.shape[0] not in self._linear_rows or plan.magnitude is not None
                 or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.stride(1) != 1
-                or a_store.dtype != torch.float32 or x.stride(1) != 1):
+                or a_store.dtype != torch.float32 or x.stride(1) != 1 or plan.per_row is None):
             return None
-        per_row = [g for g in plan.groups if g.group_ends is None]
-        if not per_row:
-            return None
-        first = max(per_row, key=lambda g: g.pages.numel())  # the most pages: the most to read beside the tiles
         a_store, bounds, used = fused_args(weight.shape[0], a_store, bounds, used)
-        y = self._linear_lora(x, weight, self._empty_f32 if bias is None else bias, a_store, b_store, first.rows,
-                              first.pages, first.rank, bounds, used)
+        y = self._linear_lora(x, weight, self._empty_f32 if bias is None else bias, a_store, b_store, *plan.per_row,
+                              bounds, used)
         for g in plan.groups:
-            if g is not first:
-                ends = self._empty if g.group_ends is None else g.group_ends
-                self._kernel(y, x, a_store, b_store, g.rows, g.pages, ends, g.rank, bounds, used, self._no_mags,
-                             self._empty_f32)
+            if g.group_ends is not None:
+                self._kernel(y, x, a_store, b_store, g.rows, g.pages, g.group_ends, g.rank, bounds, used,
+                             self._no_mags, self._empty_f32)
         return y
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

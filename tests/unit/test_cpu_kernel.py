@@ -366,44 +366,55 @@ def test_few_rows_linear_gives_a_row_the_same_bits_whatever_the_rows_beside_it(v
 @pytest.mark.parametrize("rows", [1, 6, 7, 8, 13, 32, 33, 64, 171])
 def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads):
     """linear_lora (the base tiles and the decode rows' LoRA side by side) gives what
-    few_rows_linear then lora give, bit for bit: rows taken by the few-row path (up to 6, where it
-    makes the two calls), by the tiles (claimed from both ends by 1, 2 or 3 threads), and a long x
-    (171 rows of 1540 inputs: chunks, the two calls); ranks 15 and 31 (16 + 8 + 4 + 3 pages), a
-    subset of the rows with LoRA, q and v of a fused q|k|v store (k's columns untouched), a
-    strided x, with and without a bias."""
+    few_rows_linear then lora give, bit for bit: rows taken by the few-row path (up to 6: the
+    linear, then the LoRA rows), by the tiles (claimed from both ends by 1, 2 or 3 threads), and a
+    long x (171 rows of 1540 inputs: chunks); two ranks in one call (15 and 7, or 31 (16 + 8 + 4 +
+    3 pages) and 16), a subset of the rows with LoRA, q and v of a fused q|k|v store (k's columns
+    untouched), a strided x, with and without a bias."""
     kernels = variant_module(variant)
     gen = torch.Generator().manual_seed(rows)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for in_f, bounds, rank in ((37, (0, 40, 56, 79), 15), (1540, (0, 96, 128, 160), 31)):
+        for in_f, bounds, ranks in ((37, (0, 40, 56, 79), (15, 7)), (1540, (0, 96, 128, 160), (31, 16))):
             out_f = bounds[-1] + 5  # columns past the LoRA's: the base linear's alone
             w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
             x = torch.randn(rows, in_f + 2, generator=gen)[:, 1 : in_f + 1]
-            a = torch.randn(4 * rank, 3, in_f, generator=gen) / in_f**0.5
-            b = torch.randn(4 * rank, bounds[-1], generator=gen)
-            with_lora = torch.tensor([r for r in range(rows) if r % 3 != 1] or [0])
-            pages = torch.cat([torch.randperm(4 * rank, generator=gen)[:rank] for _ in with_lora])
+            a = torch.randn(4 * ranks[0], 3, in_f, generator=gen) / in_f**0.5
+            b = torch.randn(4 * ranks[0], bounds[-1], generator=gen)
+            with_lora = [r for r in range(rows) if r % 3 != 1] or [0]
+            groups = [torch.tensor(with_lora[k::2], dtype=torch.long) for k in (0, 1)]  # rank ranks[k]
+            pages = [torch.cat([torch.randperm(4 * ranks[0], generator=gen)[:r] for _ in g]) if g.numel()
+                     else torch.empty(0, dtype=torch.long) for g, r in zip(groups, ranks, strict=True)]
+            starts = torch.tensor([0, *[r for g, r in zip(groups, ranks, strict=True) for _ in g]]).cumsum(0)
             for bias in (torch.empty(0), torch.randn(out_f, generator=gen)):
                 want = kernels.few_rows_linear(x, w, bias, torch.empty(0))
-                kernels.lora(want, x, a, b, with_lora, pages, torch.empty(0, dtype=torch.int32), rank, list(bounds),
-                             [0, 2], torch.empty(0, dtype=torch.long), torch.empty(0))
-                got = kernels.linear_lora(x, w, bias, a, b, with_lora, pages, rank, list(bounds), [0, 2])
+                for g, p, r in zip(groups, pages, ranks, strict=True):
+                    if g.numel():
+                        kernels.lora(want, x, a, b, g, p, torch.empty(0, dtype=torch.int32), r, list(bounds), [0, 2],
+                                     torch.empty(0, dtype=torch.long), torch.empty(0))
+                got = kernels.linear_lora(x, w, bias, a, b, torch.cat(groups), starts, torch.cat(pages), list(bounds),
+                                          [0, 2])
                 assert torch.equal(got, want), (in_f, bias.numel())
     finally:
         torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="float32"):
         kernels.linear_lora(torch.randn(8, 4), torch.randn(3, 4), torch.empty(0), torch.randn(2, 1, 4, dtype=torch.float64),
-                            torch.randn(2, 3, dtype=torch.float64), torch.tensor([0]), torch.tensor([1]), 1, [0, 3], [0])
+                            torch.randn(2, 3, dtype=torch.float64), torch.tensor([0]), torch.tensor([0, 1]),
+                            torch.tensor([1]), [0, 3], [0])
+    with pytest.raises(RuntimeError, match="starts"):
+        kernels.linear_lora(torch.randn(8, 4), torch.randn(3, 4), torch.empty(0), torch.randn(2, 1, 4),
+                            torch.randn(2, 3), torch.tensor([0]), torch.tensor([0, 2]), torch.tensor([1]), [0, 3], [0])
 
 
 @needs_kernel
 def test_a_fused_linear_takes_the_one_call_only_where_it_gives_the_same_bits():
     """A q|k|v FusedLoRALinear over the C++ ops: with the base linear's kernel rows given to the op
     (TorchLoRA.use_base_linear), a decode plan of two ranks (two per-row groups, one row without an
-    adapter) takes linear_lora for one group and lora for the other, the same y as the linear then
-    the op; where the kernel is not the base linear at that count, or the plan is in segments or
-    has DoRA rows, with_linear declines (None) and the module runs the linear then the op."""
+    adapter) takes linear_lora once for both, the same y as the linear then the op, and so does a
+    step of decode rows and a prefill chunk's segments (which follow the call); where the kernel
+    is not the base linear at that count, or the plan is in segments or has DoRA rows, with_linear
+    declines (None) and the module runs the linear then the op."""
     from loramux.server.models.layers import FusedLoRALinear
     from loramux.server.ops import plan_segments, plan_tokens
     from loramux.server.ops.linear import select_base_linear
@@ -430,12 +441,19 @@ def test_a_fused_linear_takes_the_one_call_only_where_it_gives_the_same_bits():
         plans = {("q", "k", "v"): [(used, decode)]}
         assert torch.equal(fused(x, plans, one_call), fused(x, plans, plain))
     assert len(calls) == 2
+    # a step of decode rows (0-8) and a prefill chunk's segments (rows 9-12): the segments after the call
+    mixed = LoRAPlan(plan_tokens([0, 1, -1, 2, 1, 0, 2, 2, 1, -1, -1, -1, -1], adapters).groups
+                     + plan_segments([9, 11, 13], [adapters[0], adapters[2]]).groups)
+    x13 = torch.randn(13, in_f, generator=gen)
+    plans = {("q", "k", "v"): [((0, 1, 2), mixed)]}
+    assert torch.equal(fused(x13, plans, one_call), fused(x13, plans, plain))
+    assert len(calls) == 3
     segments = plan_segments([0, 4, 9], [adapters[1], adapters[2]])
     dora = LoRAPlan(decode.groups, MagnitudeRuns(((0, 1, 48),)))
     for rows, plan in ((n, segments), (n, dora), (40, decode)):
         xr = torch.randn(rows, in_f, generator=gen)
         assert one_call.with_linear(xr, fused.weight, None, fused.a_store, fused.b_store, plan, fused.bounds) is None
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @needs_kernel

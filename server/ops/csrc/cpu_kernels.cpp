@@ -1436,9 +1436,9 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
   return y;
 }
 
-// A base linear and its decode rows' LoRA (lora's BGMV form, float32) in one parallel region:
+// A base linear and its decode rows' LoRA (lora's BGMV form, float32, any mix of ranks) in one call:
 //   y = few_rows_linear(x, w, bias);  then for each position i, y[rows[i], C_t] += the LoRA of i
-// (pages[i * rank : (i + 1) * rank]), as lora adds it: the same bits as the two calls.
+// (its pages pages[starts[i] : starts[i + 1]]), as lora adds it: the same bits as those calls.
 // The base tiles are bound by the arithmetic, the LoRA rows by memory (each reads its adapter's
 // pages once), so they go side by side: thread 0 starts on the LoRA rows while the others take
 // blocks of weight rows from the front, then takes blocks from the back (each thread's weights stay
@@ -1446,47 +1446,51 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
 // is left at a time (guided), so that few claims cross between the cores. One core's reads reach
 // most of the memory's bandwidth when it is loaded, less when it is idle: on a 2-core Zen 5 the
 // default model's decode linears and LoRA took 0.92-0.95x the time of the two calls in slow-memory
-// hours, the same in fast ones (BENCHMARKS.md). Few rows (few_rows' path) or a long x (chunks) run
-// the two calls. a: [P, m, in], b: [P, bounds[-1]], rows [n] int64, pages [n * rank] int64.
+// hours, the same in fast ones (BENCHMARKS.md). Few rows (few_rows' path) or a long x (chunks): the
+// linear first, then every thread on the LoRA rows. a: [P, m, in], b: [P, bounds[-1]], rows [n]
+// int64, starts [n + 1] int64 (ascending from 0), pages [starts[n]] int64.
 torch::Tensor linear_lora(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor a, torch::Tensor b,
-                          torch::Tensor rows, torch::Tensor pages, int64_t rank, std::vector<int64_t> bounds,
+                          torch::Tensor rows, torch::Tensor starts, torch::Tensor pages, std::vector<int64_t> bounds,
                           std::vector<int64_t> used) {
   const int64_t M = x.size(0), O = w.size(0), I = w.size(1), n = rows.numel();
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 &&
+              x.size(1) == I && x.stride(1) == 1 && w.stride(1) == 1 &&
+              (bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == O)),
+              "linear_lora: x [M, I] and w [O, I] float32 with unit-stride rows, bias [O] float32 or empty");
   TORCH_CHECK(w.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
               "linear_lora: float32 weights and pages");
-  auto none = torch::empty({0}, x.options());
-  if (M <= FEW_ROWS || M > x_chunk_rows(I) || n == 0 || used.empty()) {
-    auto y = few_rows_linear(x, w, bias, none);
-    lora(y, x, a, b, rows, pages, none.to(at::kInt), rank, bounds, used, none.to(at::kLong), none);
-    return y;
-  }
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 &&
-              x.size(1) == I && x.stride(1) == 1 && w.stride(1) == 1,
-              "linear_lora: x [M, I] float32 and w [O, I] with unit-stride rows");
-  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == O),
-              "linear_lora: bias [O] float32, or empty");
-  auto y = torch::empty({M, O}, x.options());
   TORCH_CHECK(a.dim() == 3 && b.dim() == 2 && a.size(2) == I && a.stride(2) == 1 && b.stride(1) == 1 &&
               static_cast<int64_t>(bounds.size()) == a.size(1) + 1 && bounds.back() <= O && bounds.back() <= b.size(1),
               "linear_lora: a [P, m, in] and b [P, out] with unit-stride rows, bounds within y and b");
   for (int64_t j : used) TORCH_CHECK(j >= 0 && j < a.size(1), "linear_lora: used kind out of range");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && pages.scalar_type() == at::kLong && rows.is_contiguous() &&
-              pages.is_contiguous() && pages.numel() == n * rank, "linear_lora: int64 rows and pages [n * rank]");
-  const int64_t width = bounds.back(), nblk = (O + TILE_O - 1) / TILE_O, T = at::get_num_threads();
+  TORCH_CHECK(rows.scalar_type() == at::kLong && starts.scalar_type() == at::kLong && pages.scalar_type() == at::kLong &&
+              rows.is_contiguous() && starts.is_contiguous() && pages.is_contiguous() && starts.numel() == n + 1,
+              "linear_lora: int64 rows [n], starts [n + 1] and pages");
+  const int64_t *rp = rows.data_ptr<int64_t>(), *sp = starts.data_ptr<int64_t>(), *pp = pages.data_ptr<int64_t>();
+  int64_t max_rank = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(sp[i] <= sp[i + 1] && rp[i] >= 0 && rp[i] < M, "linear_lora: starts ascending, rows within x");
+    max_rank = std::max(max_rank, sp[i + 1] - sp[i]);
+  }
+  TORCH_CHECK(sp[0] == 0 && sp[n] == pages.numel(), "linear_lora: starts from 0 to the number of pages");
+  const bool side_by_side = M > FEW_ROWS && M <= x_chunk_rows(I) && n > 0 && !used.empty();
+  auto y = side_by_side ? torch::empty({M, O}, x.options()) : few_rows_linear(x, w, bias, torch::empty({0}, x.options()));
+  if (n == 0 || used.empty()) return y;
+  const int64_t width = bounds.back(), nblk = side_by_side ? (O + TILE_O - 1) / TILE_O : 0;
+  const int64_t T = at::get_num_threads();
   std::unique_ptr<float[]> delta(new float[n * width]);  // row i's LoRA in its used columns
   std::atomic<int64_t> next_row{0};
   std::atomic<uint64_t> span{static_cast<uint64_t>(nblk)};  // blocks [front, back) unclaimed: front << 32 | back
   float* yp = y.data_ptr<float>();
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   const float* bias_p = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  const int64_t *rp = rows.data_ptr<int64_t>(), *pp = pages.data_ptr<int64_t>();
   const int64_t sx = x.stride(0), sw = w.stride(0), sa_page = a.stride(0), sa_kind = a.stride(1), sb = b.stride(0);
   at::parallel_for(0, T, 1, [&](int64_t lo, int64_t) {
-    std::vector<float> v(used.size() * rank);
+    std::vector<float> v(used.size() * max_rank);
     auto lora_rows_left = [&] {
       for (int64_t i; (i = next_row.fetch_add(1)) < n;)
-        bgmv_row(delta.get() + i * width, v.data(), xp + rp[i] * sx, ap, bp, pp + i * rank, rank, I, bounds, used,
-                 sa_page, sa_kind, sb);
+        bgmv_row(delta.get() + i * width, v.data(), xp + rp[i] * sx, ap, bp, pp + sp[i], sp[i + 1] - sp[i], I, bounds,
+                 used, sa_page, sa_kind, sb);
     };
     auto blocks = [&](bool back) {
       uint64_t cur = span.load();
