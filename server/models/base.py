@@ -21,6 +21,7 @@ from ..ops.embedding import embedding_lora
 from ..ops.linear import Linear
 from ..ops.quantize import Int8Linear, dequantize_int8
 from .batch import StepBatch
+from .layers import with_lora
 
 
 class RecurrentLayers:
@@ -238,10 +239,14 @@ class ServingModel(nn.Module):
             logits = h.new_full((h.shape[0], width), float("-inf")) if ragged else h.new_empty(h.shape[0], width)
             for rows, weight in heads:
                 logits[rows, : weight.shape[0]] = self.head_linear(h[rows], weight, self.lm_head.bias)
+            for used, plan in head_plans:  # over the logits rows (ModelRunner.build_batch)
+                apply_lora(logits, h, *self.head_store, plan, self.head_bounds, used, None)
+        elif head_plans:  # [N, vocab], its LoRA on the logits rows (ModelRunner.build_batch)
+            logits = with_lora(h, lambda: self.head_linear(h, self.lm_head.weight, self.lm_head.bias),
+                               self.lm_head.weight, self.lm_head.bias, head_plans, apply_lora, *self.head_store,
+                               self.head_bounds, None)
         else:
             logits = self.head_linear(h, self.lm_head.weight, self.lm_head.bias)  # [N, vocab]
-        for used, plan in head_plans:  # over the logits rows (ModelRunner.build_batch)
-            apply_lora(logits, h, *self.head_store, plan, self.head_bounds, used, None)
         if self.logit_divisor is not None:  # after LoRA on lm_head, as PEFT's sits inside lm_head
             logits = logits / self.logit_divisor
         if self.logit_multiplier is not None:

@@ -71,17 +71,29 @@ class FusedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, plans: LoRAPlans, apply_lora) -> torch.Tensor:
         """One LoRA call per set of these kinds that the step's adapters target (usually one):
         each shrinks its kinds together, in one pass over x (and rescales DoRA adapters' rows)."""
-        todo, y = plans.get(self.kinds, ()), None
-        if todo and self.scale is None and (with_linear := getattr(apply_lora, "with_linear", None)) is not None:
-            used, plan = todo[0]  # the base matmul and this plan's LoRA in one call, where the op can
-            y = with_linear(x, self.weight, self.bias, self.a_store, self.b_store, plan, self.bounds, used)
-            todo = todo[1:] if y is not None else todo
-        if y is None:
-            y = (self.linear(x, self.weight, self.bias) if self.scale is None
-                 else self.int8_linear(x, self.weight, self.scale, self.bias))
-        for used, plan in todo:
-            apply_lora(y, x, self.a_store, self.b_store, plan, self.bounds, used, self.bias)
-        return y
+        if self.scale is None:
+            base = lambda: self.linear(x, self.weight, self.bias)  # noqa: E731
+        else:  # int8 weights: never the one call (float32 weights only)
+            base = lambda: self.int8_linear(x, self.weight, self.scale, self.bias)  # noqa: E731
+        return with_lora(x, base, self.weight, self.bias, plans.get(self.kinds, ()), apply_lora, self.a_store,
+                         self.b_store, self.bounds, self.bias)
+
+
+def with_lora(x, base, weight, bias, entries, apply_lora, a_store, b_store, bounds, lora_bias) -> torch.Tensor:
+    """``base()`` (x's linear by ``weight`` and ``bias``), then the LoRA of each (used, plan) of
+    ``entries``: the first in one call with the linear where the op serves it (``with_linear``: the
+    C++ op's decode rows beside the base tiles), the others after. ``lora_bias``: the linear's bias
+    as DoRA's rescale sees it (None: none)."""
+    y = None
+    if entries and (with_linear := getattr(apply_lora, "with_linear", None)) is not None:
+        used, plan = entries[0]
+        y = with_linear(x, weight, bias, a_store, b_store, plan, bounds, used)
+        entries = entries[1:] if y is not None else entries
+    if y is None:
+        y = base()
+    for used, plan in entries:
+        apply_lora(y, x, a_store, b_store, plan, bounds, used, lora_bias)
+    return y
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
