@@ -16,7 +16,9 @@ float32 at head dim 64 or 128 the AVX-512 and AVX2 builds take 16 (8) keys at a 
 into the serving layout in one call (adapters/loader.py), ``copy_rows`` an adapter's rows
 into its pages of every store of a host pool, and ``convert_to_pages`` a loaded adapter's modules
 straight into those pages (adapters/device_pool.py). ``few_rows_linear`` runs a base projection of
-any number of rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py). ``short_conv_step``,
+any number of rows, of float32 or int8 weights (ops/linear.py, ops/quantize.py); ``linear_lora`` a
+float32 one with its decode rows' LoRA added, one thread reading the rows' pages while the others
+run the base tiles (ops/torch_ops.py ``with_linear``). ``short_conv_step``,
 ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step`` run a recurrent model's decode rows
 through a short convolution, the gated delta rule, Mamba-2's state space and Mamba's selective scan
 on each row's state where it lies, in its slot (ops/short_conv.py, gated_delta.py, ssd.py,
@@ -60,7 +62,7 @@ def variants_for(machine: str, capability: str) -> list[str]:
 @functools.cache
 def load_kernels():
     """The compiled module (``lora``, ``paged_decode``, ``convert_adapter``, ``copy_rows``,
-    ``convert_to_pages``, ``few_rows_linear``, the recurrent steps ``short_conv_step``,
+    ``convert_to_pages``, ``few_rows_linear``, ``linear_lora``, the recurrent steps ``short_conv_step``,
     ``gated_delta_step``, ``ssd_step`` and ``selective_scan_step``, their chunks ``short_conv_chunk``,
     ``gated_delta_chunk``, ``ssd_chunk`` and ``selective_scan_chunk``, and ``variant``: which build),
     or None if none was built for this CPU or ``LORAMUX_NO_CPU_KERNEL=1`` says not to use it."""
