@@ -4,7 +4,7 @@ seven projections, 32 distinct adapters unless a row says otherwise).
 
 Rows: 1 loramux over gRPC, mixed adapters; 2 the same requests on the base model only (each the
 median of --passes passes, interleaved, with prompts of their own);
-3 loramux's in-process engine (no gRPC); 4 PEFT, one mixed-adapter batch (adapter_names);
+3 loramux's in-process engine (no gRPC; the median of as many passes of the same prompts); 4 PEFT, one mixed-adapter batch (adapter_names);
 5 PEFT, one adapter at a time (set_adapter); 6 transformers' continuous batching (generate_batch,
 base model); 7 loramux with 1..1000 registered adapters (device capacity 32, Zipf 1.0; the 1000/8
 quotient is the median of --scale-repeats adjacent pairs of fresh servers, the order swapped each
@@ -95,9 +95,10 @@ def load_row(server: Server, spec: LoadSpec, api: str = "grpc") -> dict:
     return summarize(records, wall, before, scrape_adapter_cache(server.metrics_url))
 
 
-def engine_row(model_dir, adapters, requests, warm_up, lora_dtype: str = "auto") -> dict:
-    """``warm_up`` first (adapters resident, allocator warm), as row 1's server gets, then ``requests``
-    timed. Other prompts warm up, so that the timed prompts are not in the prefix cache."""
+def engine_row(model_dir, adapters, passes, warm_up, lora_dtype: str = "auto") -> dict:
+    """``warm_up`` first (adapters resident, allocator warm), as row 1's server gets, then each pass
+    of ``passes`` (lists of requests, prompts of their own, as row 1's) timed; the median pass. Other
+    prompts warm up, so that the timed prompts are not in the prefix cache."""
     built = build_engine(ServerConfig(model=str(model_dir), adapter_dirs=(str(adapters),), max_batch_size=32,
                                       max_model_len=256, default_max_new_tokens=16, max_lora_rank=16,
                                       max_device_adapters=32, max_host_adapters=32, metrics_port=0,
@@ -119,10 +120,10 @@ def engine_row(model_dir, adapters, requests, warm_up, lora_dtype: str = "auto")
 
     try:
         asyncio.run(run("warm-up", warm_up))
-        out, wall = asyncio.run(run("timed", requests))
+        timed = [asyncio.run(run(f"timed-{i}", requests)) for i, requests in enumerate(passes)]
     finally:
         built.engine.stop()
-    return row_from(wall, sum(n for _, n in out), [t for t, _ in out], len(out))
+    return median_run([row_from(wall, sum(n for _, n in out), [t for t, _ in out], len(out)) for out, wall in timed])
 
 
 def row_from(wall: float, tokens: int, ttft: list[float], num_requests: int) -> dict:
@@ -270,7 +271,8 @@ def main() -> int:
                     help="adjacent pairs of row 1's requests over gRPC and over HTTP whose quotients give row 8's median (default 5; 1 --quick)")
     ap.add_argument("--lora-dtype", default="auto", help="loramux's --lora-dtype in rows 1, 3, 7 and 8")
     ap.add_argument("--passes", type=int, default=None,
-                    help="interleaved passes of rows 1 and 2, the median of each reported (default 3; 1 --quick)")
+                    help="interleaved passes of rows 1 and 2, and passes of row 3, the median of each reported "
+                         "(default 3; 1 --quick)")
     args = ap.parse_args()
 
     quick = args.quick
@@ -326,7 +328,8 @@ def main() -> int:
             sweep.append({"concurrency": c, **{k: r[k] for k in ("ttft_p50", "ttft_p90", "tokens_per_s")}})
     finally:
         server.stop()
-    rows["3 loramux in-process engine, mixed"] = engine_row(model_dir, distinct, requests, make_requests(warm),
+    passes = [make_requests(LoadSpec(**{**spec.__dict__, "seed": spec.seed + 100 * i})) for i in range(args.passes)]
+    rows["3 loramux in-process engine, mixed"] = engine_row(model_dir, distinct, passes, make_requests(warm),
                                                             args.lora_dtype)
     adapter_dirs = {p.name: p for p in sorted(distinct.iterdir())}
     rows["4 PEFT, one mixed batch"], rows["5 PEFT, one adapter at a time"] = peft_rows(
