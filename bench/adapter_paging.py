@@ -281,11 +281,9 @@ def main() -> int:
     for i in range(args.repeats):  # adjacent pairs: the VM's speed drifts between runs of a minute or two
         many = partial(run, config, loaded, adapters, picks, prompts, arrivals, args.new_tokens)
         resident = partial(run, config, loaded, few, [p % 8 for p in picks], prompts, arrivals, args.new_tokens)
-        if i % 2 == 0:  # the order swapped each pair, so that a drift within a pair favours neither side
-            pairs.append((many(), resident()))
-        else:
-            resident_run = resident()
-            pairs.append((many(), resident_run))
+        # the order swapped each pair, so that a drift within a pair favours neither side
+        done = {side: side() for side in ((many, resident) if i % 2 == 0 else (resident, many))}
+        pairs.append((done[many], done[resident]))
         if args.decompose:
             unpaged.append(run(roomy, loaded, adapters, picks, prompts, arrivals, args.new_tokens, resident_first=True))
     ratios = [many["tokens_per_s"] / resident["tokens_per_s"] for many, resident in pairs]

@@ -307,7 +307,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                     str(loaded.dtype).removeprefix("torch."))
     model.use_base_linear(select_base_linear(kernels, kernel_rows), select_int8_linear(int8_kernels, kernel_rows))
     apply_lora = select_backend(config.op_backend, loaded.device)
-    if kernel_rows and hasattr(kernels, "linear_lora") and apply_lora.name == "cpp":
+    if kernel_rows and apply_lora.name == "cpp":
         apply_lora.use_base_linear(kernels.linear_lora, kernel_rows)  # decode rows' base and LoRA in one call
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
     pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))

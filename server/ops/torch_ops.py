@@ -61,7 +61,6 @@ class TorchLoRA:
         self._linear_rows: frozenset[int] = frozenset()
         self._empty = torch.empty(0, dtype=torch.int32)
         self._no_mags = torch.empty(0, dtype=torch.long)
-        self._empty_f32 = torch.empty(0)
 
     @property
     def name(self) -> str:
@@ -85,13 +84,17 @@ class TorchLoRA:
                 or a_store.dtype != torch.float32 or x.stride(1) != 1 or plan.per_row is None):
             return None
         a_store, bounds, used = fused_args(weight.shape[0], a_store, bounds, used)
-        y = self._linear_lora(x, weight, self._empty_f32 if bias is None else bias, a_store, b_store, *plan.per_row,
+        y = self._linear_lora(x, weight, self._empty if bias is None else bias, a_store, b_store, *plan.per_row,
                               bounds, used)
-        for g in plan.groups:
-            if g.group_ends is not None:
-                self._kernel(y, x, a_store, b_store, g.rows, g.pages, g.group_ends, g.rank, bounds, used,
-                             self._no_mags, self._empty_f32)
+        segments = [g for g in plan.groups if g.group_ends is not None]
+        self._kernel_groups(y, x, a_store, b_store, segments, bounds, used, self._no_mags, self._empty)
         return y
+
+    def _kernel_groups(self, y, x, a_store, b_store, groups, bounds, used, mags, bias) -> None:
+        """Each group through the C++ ``lora`` (mags, bias: DoRA's, or empty)."""
+        for g in groups:
+            ends = self._empty if g.group_ends is None else g.group_ends
+            self._kernel(y, x, a_store, b_store, g.rows, g.pages, ends, g.rank, bounds, used, mags, bias)
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = 1
@@ -168,10 +171,8 @@ class TorchLoRA:
         a_store, bounds, used = fused_args(y.shape[1], a_store, bounds, used)
         if self._kernel is not None and x.device.type == "cpu":  # the rescale as each row is written
             mags = self._no_mags if plan.magnitude is None else plan.magnitude.row_pages
-            bias_arg = self._empty if bias is None else bias
-            for g in plan.groups:
-                ends = self._empty if g.group_ends is None else g.group_ends
-                self._kernel(y, x, a_store, b_store, g.rows, g.pages, ends, g.rank, bounds, used, mags, bias_arg)
+            self._kernel_groups(y, x, a_store, b_store, plan.groups, bounds, used, mags,
+                                self._empty if bias is None else bias)
             return
         for g in plan.groups:
             self._apply_group(y, x, a_store, b_store, g, bounds, used)
