@@ -131,6 +131,7 @@ class IOCoreShare:
         are ignored)."""
         want = max(1, self._full - self._busy)
         if want != self._current:
+            torch.get_num_threads()  # else torch's first use in this thread would reset the count
             self._lib.omp_set_num_threads(want)
             self._current = want
 

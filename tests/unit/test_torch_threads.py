@@ -138,6 +138,8 @@ def test_io_core_share_only_where_the_team_has_every_core(monkeypatch, threads, 
 @pytest.mark.skipif(openmp_library() is None, reason="torch does not use libgomp here")
 def test_io_core_share_resizes_only_the_checking_thread():
     before = torch.get_num_threads()
+    # Once set process-wide, torch sets it again in each thread on first use: the share must go after.
+    torch.set_num_threads(before)
     share = IOCoreShare(2, openmp_library())
     seen = []
 
