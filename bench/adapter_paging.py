@@ -6,7 +6,7 @@ First, host-tier load time (disk to a host copy ready for pages, warm page cache
 q/v and a rank-16 all-projection adapter of the model, by this loader and by the loader of
 BASELINE_REV (read from git history, side by side in this run). Target: >= 4x faster.
 
-    python bench/adapter_paging.py [--adapters 1000] [--requests 192] [--rate 40] [--repeats 4] [--json out.json]
+    python bench/adapter_paging.py [--adapters 1000] [--requests 192] [--rate 40] [--repeats 6] [--json out.json]
         [--ranks 8,16,32,64] [--max-device-adapters 32] [--max-host-adapters 128] [--decompose]
 
 --decompose adds, to every round, the 1000 adapters with all those the requests use resident from
@@ -240,7 +240,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=40.0, help="Poisson arrival rate, requests/s (saturating)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=Path(__file__).parent / "results" / "adapters")
-    ap.add_argument("--repeats", type=int, default=4, help="alternated pairs of runs; the median ratio is reported")
+    ap.add_argument("--repeats", type=int, default=6, help="alternated pairs of runs; the median ratio is reported")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)), help="adapter ranks, in turn (q/v adapters)")
     ap.add_argument("--max-device-adapters", type=int, default=32, help="the device tier, in adapters of --max-lora-rank 64")
