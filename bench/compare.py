@@ -4,7 +4,8 @@ seven projections, 32 distinct adapters unless a row says otherwise).
 
 Rows: 1 loramux over gRPC, mixed adapters; 2 the same requests on the base model only (each the
 median of --passes passes, interleaved, with prompts of their own);
-3 loramux's in-process engine (no gRPC; the median of as many passes of the same prompts); 4 PEFT, one mixed-adapter batch (adapter_names);
+3 loramux's in-process engine (no gRPC; the median of as many passes, prompts of their own);
+4 PEFT, one mixed-adapter batch (adapter_names);
 5 PEFT, one adapter at a time (set_adapter); 6 transformers' continuous batching (generate_batch,
 base model); 7 loramux with 1..1000 registered adapters (device capacity 32, Zipf 1.0; the 1000/8
 quotient is the median of --scale-repeats adjacent pairs of fresh servers, the order swapped each

@@ -110,6 +110,11 @@ class LoRAPlan:
         torch.cumsum(sizes, 0, out=starts[1:])
         return rows, starts, torch.cat([g.pages for g in groups])
 
+    @cached_property
+    def segments(self) -> tuple[RankGroup, ...]:
+        """The segment (SGMV) groups: prefill rows, which ``linear_lora`` leaves to ``lora``."""
+        return tuple(g for g in self.groups if g.group_ends is not None)
+
 
 # The LoRA work of one step, per fused linear (keyed by its kinds, e.g. ("q_proj", "k_proj",
 # "v_proj")): one (used, plan) entry per set of those kinds that the step's adapters target, where

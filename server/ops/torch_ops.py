@@ -86,8 +86,7 @@ class TorchLoRA:
         a_store, bounds, used = fused_args(weight.shape[0], a_store, bounds, used)
         y = self._linear_lora(x, weight, self._empty if bias is None else bias, a_store, b_store, *plan.per_row,
                               bounds, used)
-        segments = [g for g in plan.groups if g.group_ends is not None]
-        self._kernel_groups(y, x, a_store, b_store, segments, bounds, used, self._no_mags, self._empty)
+        self._kernel_groups(y, x, a_store, b_store, plan.segments, bounds, used, self._no_mags, self._empty)
         return y
 
     def _kernel_groups(self, y, x, a_store, b_store, groups, bounds, used, mags, bias) -> None:
