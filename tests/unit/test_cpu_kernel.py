@@ -53,14 +53,15 @@ def test_install_built_every_variant_of_this_machine_into_the_package_and_the_wi
 @each_variant
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rank", [15, 31])
+@pytest.mark.parametrize("rank", [1, 2, 4, 8, 15, 31])
 def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype, dora, rank):
     """Not only the widest: a CPU without AVX2 loads the baseline build, whose vector code differs.
     Segments of a tile or more (8 rows on AVX-512, 4 elsewhere) take the tiled path (bfloat16
     activations staged in float32), shorter ones and decode rows the per-row one, its pages 8 + 4 +
     3 at a time at rank 15, and 16 + 8 + 4 + 3 at rank 31 (float32 pages in the AVX-512 build; 8 at
-    a time elsewhere). With ``dora``, the rows of adapters 0 and 2 are DoRA rows, rescaled with a
-    bias as written."""
+    a time elsewhere); float32 decode rows of rank 1, 2, 4 and 8 in the AVX-512 build go 16 pages
+    to a group (the six rows of each thread's share: partial groups). With ``dora``, the rows of
+    adapters 0 and 2 are DoRA rows, rescaled with a bias as written."""
     from loramux.server.ops import plan_segments, plan_tokens
     from loramux.server.ops.reference import bgmv_reference, dora_rescale_reference, sgmv_reference
 
@@ -370,13 +371,15 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
     linear, then the LoRA rows), by the tiles (claimed from both ends by 1, 2 or 3 threads), and a
     long x (171 rows of 1540 inputs: chunks); two ranks in one call (15 and 7, or 31 (16 + 8 + 4 +
     3 pages) and 16), a subset of the rows with LoRA, q and v of a fused q|k|v store (k's columns
-    untouched), a strided x, with and without a bias."""
+    untouched), a strided x, with and without a bias; and ranks whose rows go in groups of 16
+    pages in the AVX-512 build (8 and 4, 1 and 2)."""
     kernels = variant_module(variant)
     gen = torch.Generator().manual_seed(rows)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for in_f, bounds, ranks in ((37, (0, 40, 56, 79), (15, 7)), (1540, (0, 96, 128, 160), (31, 16))):
+        for in_f, bounds, ranks in ((37, (0, 40, 56, 79), (15, 7)), (1540, (0, 96, 128, 160), (31, 16)),
+                                    (37, (0, 40, 56, 79), (8, 4)), (70, (0, 40, 56, 79), (1, 2))):
             out_f = bounds[-1] + 5  # columns past the LoRA's: the base linear's alone
             w = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
             x = torch.randn(rows, in_f + 2, generator=gen)[:, 1 : in_f + 1]
@@ -405,6 +408,53 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
     with pytest.raises(RuntimeError, match="starts"):
         kernels.linear_lora(torch.randn(8, 4), torch.randn(3, 4), torch.empty(0), torch.randn(2, 1, 4),
                             torch.randn(2, 3), torch.tensor([0]), torch.tensor([0, 2]), torch.tensor([1]), [0, 3], [0])
+
+
+@needs_kernel
+@each_variant
+@pytest.mark.parametrize("rank", [1, 2, 4, 8, 15, 16])
+def test_a_decode_rows_lora_is_the_same_bits_whatever_the_rows_beside_it(variant, rank):
+    """Decode rows of a small rank go in groups of 16 pages (float32, AVX-512 build), each row's
+    sums kept apart from the others': a row's LoRA is the same bits alone, first, inside or last of
+    a full group, in a partial one, with rows in any order and between rows of another rank, and
+    whether the other threads take a share of the rows or not."""
+    kernels = variant_module(variant)
+    gen = torch.Generator().manual_seed(rank)
+    in_f, bounds, n = 37, [0, 40, 56, 79], 40
+    a = torch.randn(40 * rank, 3, in_f, generator=gen) / in_f**0.5
+    b = torch.randn(40 * rank, 79, generator=gen)
+    x = torch.randn(n, in_f, generator=gen)
+    pages = [torch.randperm(40 * rank, generator=gen)[:rank] for _ in range(n)]
+    e32, e64, e = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.long), torch.empty(0)
+
+    def lora(rows, threads=2):
+        y = torch.zeros(n, 79)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            kernels.lora(y, x, a, b, torch.tensor(rows), torch.cat([pages[r] for r in rows]), e32, rank, bounds,
+                         [0, 1, 2], e64, e)
+        finally:
+            torch.set_num_threads(before)
+        return y
+
+    every = lora(list(range(n)))
+    for rows in ([0], [15], [16], [39], [39, 3, 17, 2, 30], list(range(5, 22))):
+        got = lora(rows)
+        assert torch.equal(got[rows], every[rows]), rows
+    assert torch.equal(lora(list(range(n)), threads=1), every)
+    # through linear_lora, the rows of this rank between rows of rank 3 (never grouped)
+    w = torch.randn(79, in_f, generator=gen)
+    other = torch.randperm(40 * rank, generator=gen)[:3]
+    rows = torch.tensor([0, 1, *range(2, 20), 20])
+    row_pages = [other, pages[1], *pages[2:20], other]
+    starts = torch.tensor([0, *[p.numel() for p in row_pages]]).cumsum(0)
+    base = kernels.few_rows_linear(x, w, e, e)
+    want = base.clone()
+    kernels.lora(want, x, a, b, rows[1:-1], torch.cat(row_pages[1:-1]), e32, rank, bounds, [0, 1, 2], e64, e)
+    kernels.lora(want, x, a, b, rows[[0, -1]], torch.cat([other, other]), e32, 3, bounds, [0, 1, 2], e64, e)
+    got = kernels.linear_lora(x, w, e, a, b, rows, starts, torch.cat(row_pages), bounds, [0, 1, 2])
+    assert torch.equal(got, want)
 
 
 @needs_kernel

@@ -471,13 +471,161 @@ __attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, 
   for (; k < rank; ++k) expand_pages<1>(ac, v, b, p, k, rank, bounds, used, sb);
 }
 
+// Decode rows of a small rank r go GROUP_PAGES / r at a time, in lockstep (float32 pages and
+// activations, the CPU's serving dtypes; the AVX-512, AVX2 and NEON builds). A row alone keeps only
+// its r page streams in flight (one, at rank 1), each somewhere else in the store, and leaves the
+// reads of its pages little compute to hide under: on a Zen 5 the default model's 120 decode LoRA
+// calls inside their base linears cost 2.4-4.4x a flat read of their pages at rank 1 and 1.2-1.7x
+// at rank 4, against 0.9-1.4x at rank 16. In a group every page of every row is a stream of its
+// own, all shrunk and expanded side by side, as one row of rank GROUP_PAGES would be: 0.73-0.97x
+// the time at ranks 1 to 8, in both builds that group (BENCHMARKS.md). Each row's sums stay its
+// own: a row's LoRA is the same bits alone or in any group.
+#if defined(__AVX512F__)
+constexpr int64_t GROUP_PAGES = 16;  // 32 vector registers: sixteen sums, or sixteen of v's values
+
+// out[j * K + k] = xs[j] . rs[j * K + k][0:in]   for R rows of K page streams each (R * K = 16)
+template <int R, int K>
+static inline void shrink_group(float* out, const float* const xs[R], const float* const rs[16], int64_t in) {
+  static_assert(R * K == 16);
+  __m512 acc[16];
+  for (int w = 0; w < 16; ++w) acc[w] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= in; c += 16) {
+    for (int j = 0; j < R; ++j) {
+      const __m512 xv = _mm512_loadu_ps(xs[j] + c);
+      for (int k = 0; k < K; ++k)
+        acc[j * K + k] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(rs[j * K + k] + c), acc[j * K + k]);
+    }
+  }
+  if (c < in) {
+    const __mmask16 m = tail_mask(in - c);
+    for (int j = 0; j < R; ++j) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xs[j] + c);
+      for (int k = 0; k < K; ++k)
+        acc[j * K + k] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, rs[j * K + k] + c), acc[j * K + k]);
+    }
+  }
+  _mm512_storeu_ps(out, sums16(acc));
+}
+
+// o[j][c0:c1] = sum_k u[j * K + k] * rs[j * K + k][c0:c1]   for R rows of K page streams each
+template <int R, int K>
+static inline void expand_group(float* const o[R], const float* u, const float* const rs[16], int64_t c0, int64_t c1) {
+  __m512 uv[16];
+  for (int w = 0; w < 16; ++w) uv[w] = _mm512_set1_ps(u[w]);
+  for (int64_t c = c0; c < c1; c += 16) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(16, c1 - c));
+    for (int j = 0; j < R; ++j) {
+      __m512 d = _mm512_mul_ps(uv[j * K], _mm512_maskz_loadu_ps(m, rs[j * K] + c));
+      for (int k = 1; k < K; ++k) d = _mm512_fmadd_ps(uv[j * K + k], _mm512_maskz_loadu_ps(m, rs[j * K + k] + c), d);
+      _mm512_mask_storeu_ps(o[j] + c, m, d);
+    }
+  }
+}
+#elif defined(__AVX2__) || defined(__aarch64__)
+constexpr int64_t GROUP_PAGES = 8;  // 16 (AVX2) or 32 (NEON, two a vector) registers: eight sums
+
+// shrink_group and expand_group as above, eight streams, in GCC's eight-lane vectors
+template <int R, int K>
+static inline void shrink_group(float* out, const float* const xs[R], const float* const rs[8], int64_t in) {
+  static_assert(R * K == 8);
+  f32x8 acc[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= in; c += 8) {
+    for (int j = 0; j < R; ++j) {
+      const f32x8 xv = *reinterpret_cast<const f32x8*>(xs[j] + c);
+      for (int k = 0; k < K; ++k) acc[j * K + k] += xv * *reinterpret_cast<const f32x8*>(rs[j * K + k] + c);
+    }
+  }
+  for (int w = 0; w < 8; ++w) {
+    float sum = sum8(acc[w]);
+    for (int64_t d = c; d < in; ++d) sum += xs[w / K][d] * rs[w][d];
+    out[w] = sum;
+  }
+}
+
+template <int R, int K>
+static inline void expand_group(float* const o[R], const float* u, const float* const rs[8], int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    for (int j = 0; j < R; ++j) {
+      f32x8 d = u[j * K] * *reinterpret_cast<const f32x8*>(rs[j * K] + c);
+      for (int k = 1; k < K; ++k) d += u[j * K + k] * *reinterpret_cast<const f32x8*>(rs[j * K + k] + c);
+      *reinterpret_cast<f32x8*>(o[j] + c) = d;
+    }
+  }
+  for (; c < c1; ++c) {
+    for (int j = 0; j < R; ++j) {
+      float d = u[j * K] * rs[j * K][c];
+      for (int k = 1; k < K; ++k) d += u[j * K + k] * rs[j * K + k][c];
+      o[j][c] = d;
+    }
+  }
+}
+#else
+constexpr int64_t GROUP_PAGES = 1;  // the portable build: 16 SSE registers hold no eight vector sums
+#endif
+
+// Whether decode rows of this rank go in groups: below GROUP_PAGES, and dividing it.
+static inline bool grouped_rank(int64_t rank) { return rank > 0 && rank < GROUP_PAGES && GROUP_PAGES % rank == 0; }
+
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__aarch64__)
+// GROUP_PAGES / K decode rows of rank K: row j (x row xs[j], pages ps[j][0..K)) into its float32
+// accumulator ac[j], each used kind's columns C_t written (not added to):
+//   v[t, j, k] = xs[j] . a[ps[j][k], used[t], :]      ac[j][C_t] = sum_k v[t, j, k] * b[ps[j][k], C_t]
+// v: used.size() * GROUP_PAGES floats of scratch.
+template <int K>
+static void bgmv_group(float* const ac[], float* v, const float* const xs[], const float* a, const float* b,
+                       const int64_t* const ps[], int64_t in, const std::vector<int64_t>& bounds,
+                       const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind, int64_t sb) {
+  constexpr int S = GROUP_PAGES, R = S / K;
+  const float* r[S];
+  for (size_t t = 0; t < used.size(); ++t) {
+    for (int w = 0; w < S; ++w) r[w] = a + ps[w / K][w % K] * sa_page + used[t] * sa_kind;
+    shrink_group<R, K>(v + t * S, xs, r, in);
+  }
+  for (int w = 0; w < S; ++w) r[w] = b + ps[w / K][w % K] * sb;
+  for (size_t t = 0; t < used.size(); ++t) expand_group<R, K>(ac, v + t * S, r, bounds[used[t]], bounds[used[t] + 1]);
+}
+#endif
+
+// bgmv_group for `count` rows (1 <= count <= GROUP_PAGES / rank) of rank `rank` (grouped_rank): row
+// j's x row xs[j], pages ps[j], accumulator ac[j]. A group's missing rows repeat its last (their
+// reads come from cache) into `spare`, an accumulator of bounds.back() floats.
+static void bgmv_rows(float* const ac[], float* v, const float* const xs[], const int64_t* const ps[], int64_t count,
+                      int64_t rank, float* spare, const float* a, const float* b, int64_t in,
+                      const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sa_page,
+                      int64_t sa_kind, int64_t sb) {
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__aarch64__)
+  float* gac[GROUP_PAGES];
+  const float* gx[GROUP_PAGES];
+  const int64_t* gp[GROUP_PAGES];
+  for (int64_t j = 0; j < GROUP_PAGES / rank; ++j) {
+    const int64_t src = std::min(j, count - 1);
+    gac[j] = j < count ? ac[j] : spare;
+    gx[j] = xs[src];
+    gp[j] = ps[src];
+  }
+  switch (rank) {
+    case 1: return bgmv_group<1>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
+    case 2: return bgmv_group<2>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
+    case 4: return bgmv_group<4>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
+#if defined(__AVX512F__)
+    case 8: return bgmv_group<8>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
+#endif
+  }
+#endif
+  TORCH_CHECK(false, "bgmv_rows: decode rows of rank ", rank, " do not go in groups in this build");
+}
+
 // Batched LoRA over the page store for the kinds of one fused linear (q|k|v, gate|up, or one).
 // For each position i, with token row r = rows[i] and rank-row pages P = pages of i's adapter, for
 // each used kind j (t-th of `used`), with columns C_j = [bounds[j], bounds[j+1]):
 //   v[t, k] = x[r] . a[P[k], j, :]                 (shrink: every used kind in one pass over the pages)
 //   y[r, C_j] += sum_k v[t, k] * b[P[k], C_j]       (expand: straight into that kind's columns)
 //   then, if row r has a DoRA magnitude page M = mags[r]: y[r, C_j] = dora_row(y[r, C_j], b[M, C_j])
-// Per-row form (BGMV, ends empty): position i's pages are pages[i*rank : (i+1)*rank].
+// Per-row form (BGMV, ends empty): position i's pages are pages[i*rank : (i+1)*rank]; float32 rows of
+// a grouped_rank go GROUP_PAGES / rank at a time (bgmv_rows), others one by one (bgmv_row).
 // Segment form (SGMV): positions are grouped by adapter, ends[u] = cumulative positions of adapters
 // 0..u, and adapter u's pages are pages[u*rank : (u+1)*rank]; a thread's positions are contiguous, so
 // an adapter's pages stay in cache across its rows, which go TILE at a time (lora_tile).
@@ -494,10 +642,23 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
     const int64_t page = row < num_mags ? mags[row] : -1;
     return page < 0 ? nullptr : b + page * sb;
   };
-  const int64_t nu = static_cast<int64_t>(used.size());
+  const int64_t nu = static_cast<int64_t>(used.size()), width = bounds.back();
+  // per-row form, float32: rows of a small rank in groups (bgmv_rows)
+  constexpr bool floats = std::is_same_v<T, float> && std::is_same_v<P, float>;
+  const bool groups = floats && num_ends == 0 && grouped_rank(rank);
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> v(TILE * nu * rank), acc(bounds.back());
-    float* ac = acc.data();
+    std::vector<float> v(nu * std::max<int64_t>(TILE * rank, groups ? GROUP_PAGES : 0));
+    // a row's accumulator, or a group's rows' and its spare (uninitialised: each row's are written first)
+    std::unique_ptr<float[]> acc(new float[groups ? (GROUP_PAGES + 1) * width : width]);
+    float* ac = acc.get();
+    auto add_row = [&](int64_t row, const float* d) {  // y[row] += d in the used kinds' columns, then DoRA
+      T* yi = y + row * sy;
+      for (int64_t t = 0; t < nu; ++t) {
+#pragma omp simd
+        for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c) yi[c] = static_cast<T>(to_f32(yi[c]) + d[c]);
+      }
+      if (const P* g = magnitude(row)) dora_row(yi, g, bias, bounds, used);
+    };
     std::vector<float> xw, yw;  // activations other than float32, segment form: a tile's rows in float32
     std::vector<float> wide;  // narrow pages, segment form: adapter wide_u's pages in float32,
     std::vector<int64_t> local;  // at page indices 0 .. rank - 1 (both filled on first use)
@@ -547,14 +708,26 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
         i += TILE - 1;
         continue;
       }
-      bgmv_row(ac, v.data(), x + rows[i] * sx, a, b, p, rank, in, bounds, used, sa_page, sa_kind, sb);
-      T* yi = y + rows[i] * sy;
-      for (int64_t t = 0; t < nu; ++t) {
-#pragma omp simd
-        for (int64_t c = bounds[used[t]]; c < bounds[used[t] + 1]; ++c)
-          yi[c] = static_cast<T>(to_f32(yi[c]) + ac[c]);
+      if constexpr (floats) {
+        if (groups) {
+          const int64_t count = std::min<int64_t>(GROUP_PAGES / rank, hi - i);
+          float* gac[GROUP_PAGES];
+          const float* gx[GROUP_PAGES];
+          const int64_t* gp[GROUP_PAGES];
+          for (int64_t j = 0; j < count; ++j) {
+            gac[j] = ac + j * width;
+            gx[j] = x + rows[i + j] * sx;
+            gp[j] = pages + (i + j) * rank;
+          }
+          bgmv_rows(gac, v.data(), gx, gp, count, rank, ac + GROUP_PAGES * width, a, b, in, bounds, used, sa_page,
+                    sa_kind, sb);
+          for (int64_t j = 0; j < count; ++j) add_row(rows[i + j], gac[j]);
+          i += count - 1;
+          continue;
+        }
       }
-      if (const P* g = magnitude(rows[i])) dora_row(yi, g, bias, bounds, used);
+      bgmv_row(ac, v.data(), x + rows[i] * sx, a, b, p, rank, in, bounds, used, sa_page, sa_kind, sb);
+      add_row(rows[i], ac);
     }
   });
 }
@@ -1436,6 +1609,63 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor bi
   return y;
 }
 
+// linear_lora's decode rows: row i (x row rows[i], pages pages[starts[i]:starts[i + 1]]) into its
+// accumulator delta[i * width:], in the used kinds' columns. Alike rows of a small rank go in groups
+// (bgmv_rows), others alone; the threads take groups from a shared counter, each as it comes free of
+// the base's tiles. Out of line: state and code beside the tiles in the threads' lambda made GCC keep
+// the tiles' sums on the stack (2x slower; the comment at tile_block's sums).
+class DecodeRows {
+ public:
+  DecodeRows(float* delta, int64_t width, const float* x, const float* a, const float* b, const int64_t* rows,
+             const int64_t* starts, const int64_t* pages, int64_t n, int64_t in, int64_t sx, int64_t sa_page,
+             int64_t sa_kind, int64_t sb, const std::vector<int64_t>& bounds, const std::vector<int64_t>& used)
+      : delta_(delta), x_(x), a_(a), b_(b), rows_(rows), starts_(starts), pages_(pages), width_(width), in_(in), sx_(sx),
+        sa_page_(sa_page), sa_kind_(sa_kind), sb_(sb), bounds_(bounds), used_(used) {
+    for (int64_t i = 0; i < n;) {
+      const int64_t rank = starts[i + 1] - starts[i];
+      int64_t j = i + 1;
+      if (grouped_rank(rank))
+        while (j < n && j - i < GROUP_PAGES / rank && starts[j + 1] - starts[j] == rank) ++j;
+      firsts_.push_back(i);
+      max_rank_ = std::max(max_rank_, rank);
+      i = j;
+    }
+    firsts_.push_back(n);
+  }
+
+  // Rows until none are left (on each thread).
+  __attribute__((noinline)) void run() {
+    const int64_t num_groups = static_cast<int64_t>(firsts_.size()) - 1;
+    std::vector<float> v(used_.size() * std::max(max_rank_, GROUP_PAGES)), spare(width_);
+    for (int64_t g; (g = next_.fetch_add(1)) < num_groups;) {
+      const int64_t i = firsts_[g], count = firsts_[g + 1] - i, rank = starts_[i + 1] - starts_[i];
+      if (!grouped_rank(rank)) {
+        bgmv_row(delta_ + i * width_, v.data(), x_ + rows_[i] * sx_, a_, b_, pages_ + starts_[i], rank, in_, bounds_,
+                 used_, sa_page_, sa_kind_, sb_);
+        continue;
+      }
+      float* ac[GROUP_PAGES];
+      const float* xs[GROUP_PAGES];
+      const int64_t* ps[GROUP_PAGES];
+      for (int64_t j = 0; j < count; ++j) {
+        ac[j] = delta_ + (i + j) * width_;
+        xs[j] = x_ + rows_[i + j] * sx_;
+        ps[j] = pages_ + starts_[i + j];
+      }
+      bgmv_rows(ac, v.data(), xs, ps, count, rank, spare.data(), a_, b_, in_, bounds_, used_, sa_page_, sa_kind_, sb_);
+    }
+  }
+
+ private:
+  float* delta_;
+  const float *x_, *a_, *b_;
+  const int64_t *rows_, *starts_, *pages_;
+  int64_t width_, in_, sx_, sa_page_, sa_kind_, sb_, max_rank_ = 0;
+  const std::vector<int64_t>&bounds_, &used_;
+  std::vector<int64_t> firsts_;  // group g: rows [firsts_[g], firsts_[g + 1])
+  std::atomic<int64_t> next_{0};
+};
+
 // A base linear and its decode rows' LoRA (lora's BGMV form, float32, any mix of ranks) in one call:
 //   y = few_rows_linear(x, w, bias);  then for each position i, y[rows[i], C_t] += the LoRA of i
 // (its pages pages[starts[i] : starts[i + 1]]), as lora adds it: the same bits as those calls.
@@ -1479,19 +1709,14 @@ torch::Tensor linear_lora(torch::Tensor x, torch::Tensor w, torch::Tensor bias, 
   const int64_t width = bounds.back(), nblk = side_by_side ? (O + TILE_O - 1) / TILE_O : 0;
   const int64_t T = at::get_num_threads();
   std::unique_ptr<float[]> delta(new float[n * width]);  // row i's LoRA in its used columns
-  std::atomic<int64_t> next_row{0};
+  DecodeRows lora_rows{delta.get(), width, x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), rp, sp, pp, n,
+                       I, x.stride(0), a.stride(0), a.stride(1), b.stride(0), bounds, used};
   std::atomic<uint64_t> span{static_cast<uint64_t>(nblk)};  // blocks [front, back) unclaimed: front << 32 | back
   float* yp = y.data_ptr<float>();
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   const float* bias_p = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  const int64_t sx = x.stride(0), sw = w.stride(0), sa_page = a.stride(0), sa_kind = a.stride(1), sb = b.stride(0);
+  const int64_t sx = x.stride(0), sw = w.stride(0);
   at::parallel_for(0, T, 1, [&](int64_t lo, int64_t) {
-    std::vector<float> v(used.size() * max_rank);
-    auto lora_rows_left = [&] {
-      for (int64_t i; (i = next_row.fetch_add(1)) < n;)
-        bgmv_row(delta.get() + i * width, v.data(), xp + rp[i] * sx, ap, bp, pp + sp[i], sp[i + 1] - sp[i], I, bounds,
-                 used, sa_page, sa_kind, sb);
-    };
     auto blocks = [&](bool back) {
       uint64_t cur = span.load();
       for (;;) {
@@ -1505,9 +1730,9 @@ torch::Tensor linear_lora(torch::Tensor x, torch::Tensor w, torch::Tensor bias, 
         cur = span.load();
       }
     };
-    if (lo == 0) lora_rows_left();
+    if (lo == 0) lora_rows.run();
     blocks(lo == 0);
-    lora_rows_left();
+    lora_rows.run();
   });
   for (int64_t i = 0; i < n; ++i) {  // every block and row done: add each row's LoRA, as lora does
     float* yi = yp + rp[i] * O;
