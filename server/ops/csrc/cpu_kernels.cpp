@@ -477,8 +477,9 @@ __attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, 
 // reads of its pages little compute to hide under: on a Zen 5 the default model's 120 decode LoRA
 // calls inside their base linears cost 2.4-4.4x a flat read of their pages at rank 1 and 1.2-1.7x
 // at rank 4, against 0.9-1.4x at rank 16. In a group every page of every row is a stream of its
-// own, all shrunk and expanded side by side, as one row of rank GROUP_PAGES would be: 0.73-0.97x
-// the time at ranks 1 to 8, in both builds that group (BENCHMARKS.md). Each row's sums stay its
+// own, all shrunk and expanded side by side, as one row of rank GROUP_PAGES would be: the op alone
+// took 0.67-0.94x the time at ranks 1 to 8 (AVX-512 and AVX2 builds), and a decode step's LoRA
+// 0.70x at rank 2, 0.92x at rank 4, 0.98x at rank 8 (BENCHMARKS.md). Each row's sums stay its
 // own: a row's LoRA is the same bits alone or in any group.
 #if defined(__AVX512F__)
 constexpr int64_t GROUP_PAGES = 16;  // 32 vector registers: sixteen sums, or sixteen of v's values
