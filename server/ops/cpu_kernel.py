@@ -5,8 +5,8 @@ attention over block-paged KV, and the two host-side steps of an adapter load.
 the page store keeps them, once: ``v = A_P x`` for every kind of a fused linear (q|k|v, gate|up)
 in one pass over the pages, eight at a time (sixteen for float32 pages in the AVX-512 build),
 then ``y[:, C_j] += v_j B_P[:, C_j]`` straight into each kind's columns, accumulating in float32;
-float32 rows of a small rank (1, 2, 4, and 8 in the AVX-512 build) go several at a time, sixteen
-pages in all (eight in the AVX2 and NEON builds), each row's sums its own; it
+float32 rows of a rank below 16 go 16 / rank at a time in the AVX-512 build (below 8, 8 / rank,
+in the AVX2 and NEON builds), their pages side by side, each row's sums its own; it
 rescales a DoRA adapter's rows (``y * g + bias * (1 - g)``, ops/dora.py) as it writes them. Prefill segments (SGMV) keep a thread's rows contiguous, so
 that each adapter's pages stay in cache across its rows, and in float32 go four rows of one
 adapter at a time (eight in the AVX-512 build, in 16-lane registers): each page value read once

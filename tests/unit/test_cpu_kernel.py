@@ -53,15 +53,16 @@ def test_install_built_every_variant_of_this_machine_into_the_package_and_the_wi
 @each_variant
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rank", [1, 2, 4, 8, 15, 31])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 8, 12, 15, 31])
 def test_every_variant_this_cpu_runs_matches_the_reference(variant, dtype, dora, rank):
     """Not only the widest: a CPU without AVX2 loads the baseline build, whose vector code differs.
     Segments of a tile or more (8 rows on AVX-512, 4 elsewhere) take the tiled path (bfloat16
     activations staged in float32), shorter ones and decode rows the per-row one, its pages 8 + 4 +
     3 at a time at rank 15, and 16 + 8 + 4 + 3 at rank 31 (float32 pages in the AVX-512 build; 8 at
-    a time elsewhere); float32 decode rows of rank 1, 2, 4 and 8 in the AVX-512 build go 16 pages
-    to a group (the six rows of each thread's share: partial groups). With ``dora``, the rows of
-    adapters 0 and 2 are DoRA rows, rescaled with a bias as written."""
+    a time elsewhere), except float32 decode rows of a rank below 16 in the AVX-512 build (below 8
+    in the AVX2 build), which go 16 / rank rows to a group (8 / rank), a group's pages side by side
+    (the rows of each thread's share: partial groups). With ``dora``, the rows of adapters 0 and 2
+    are DoRA rows, rescaled with a bias as written."""
     from loramux.server.ops import plan_segments, plan_tokens
     from loramux.server.ops.reference import bgmv_reference, dora_rescale_reference, sgmv_reference
 
@@ -371,8 +372,8 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
     linear, then the LoRA rows), by the tiles (claimed from both ends by 1, 2 or 3 threads), and a
     long x (171 rows of 1540 inputs: chunks); two ranks in one call (15 and 7, or 31 (16 + 8 + 4 +
     3 pages) and 16), a subset of the rows with LoRA, q and v of a fused q|k|v store (k's columns
-    untouched), a strided x, with and without a bias; and ranks whose rows go in groups of 16
-    pages in the AVX-512 build (8 and 4, 1 and 2)."""
+    untouched), a strided x, with and without a bias; rows of a rank below 16 go in groups in the
+    AVX-512 build (below 8 in the AVX2 build): 15 and 7, 8 and 4, 1 and 2."""
     kernels = variant_module(variant)
     gen = torch.Generator().manual_seed(rows)
     before = torch.get_num_threads()
@@ -412,9 +413,9 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
 
 @needs_kernel
 @each_variant
-@pytest.mark.parametrize("rank", [1, 2, 4, 8, 15, 16])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 6, 8, 15, 16])
 def test_a_decode_rows_lora_is_the_same_bits_whatever_the_rows_beside_it(variant, rank):
-    """Decode rows of a small rank go in groups of 16 pages (float32, AVX-512 build), each row's
+    """Decode rows of a small rank go in groups of up to 16 pages (float32, AVX-512 build), each row's
     sums kept apart from the others': a row's LoRA is the same bits alone, first, inside or last of
     a full group, in a partial one, with rows in any order and between rows of another rank, and
     whether the other threads take a share of the rows or not."""
@@ -443,7 +444,7 @@ def test_a_decode_rows_lora_is_the_same_bits_whatever_the_rows_beside_it(variant
         got = lora(rows)
         assert torch.equal(got[rows], every[rows]), rows
     assert torch.equal(lora(list(range(n)), threads=1), every)
-    # through linear_lora, the rows of this rank between rows of rank 3 (never grouped)
+    # through linear_lora, the rows of this rank between rows of rank 3
     w = torch.randn(79, in_f, generator=gen)
     other = torch.randperm(40 * rank, generator=gen)[:3]
     rows = torch.tensor([0, 1, *range(2, 20), 20])

@@ -471,23 +471,23 @@ __attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, 
   for (; k < rank; ++k) expand_pages<1>(ac, v, b, p, k, rank, bounds, used, sb);
 }
 
-// Decode rows of a small rank r go GROUP_PAGES / r at a time, in lockstep (float32 pages and
-// activations, the CPU's serving dtypes; the AVX-512, AVX2 and NEON builds). A row alone keeps only
-// its r page streams in flight (one, at rank 1), each somewhere else in the store, and leaves the
-// reads of its pages little compute to hide under: on a Zen 5 the default model's 120 decode LoRA
-// calls inside their base linears cost 2.4-4.4x a flat read of their pages at rank 1 and 1.2-1.7x
-// at rank 4, against 0.9-1.4x at rank 16. In a group every page of every row is a stream of its
-// own, all shrunk and expanded side by side, as one row of rank GROUP_PAGES would be: the op alone
-// took 0.67-0.94x the time at ranks 1 to 8 (AVX-512 and AVX2 builds), and a decode step's LoRA
-// 0.70x at rank 2, 0.92x at rank 4, 0.98x at rank 8 (BENCHMARKS.md). Each row's sums stay its
-// own: a row's LoRA is the same bits alone or in any group.
+// Decode rows of a rank r below GROUP_PAGES go GROUP_PAGES / r at a time, in lockstep (float32 pages
+// and activations, the CPU's serving dtypes; the AVX-512, AVX2 and NEON builds). A row alone keeps
+// only a few page streams in flight (one at rank 1; at rank 3, 1 + 1 + 1 one after another), each
+// somewhere else in the store, and leaves the reads of its pages little compute to hide under: on a
+// Zen 5 the default model's 120 decode LoRA calls inside their base linears cost 2.4-4.4x a flat
+// read of their pages at rank 1 and 1.2-1.7x at rank 4, against 0.9-1.4x at rank 16. In a group
+// every page of every row is a stream of its own, all shrunk and expanded side by side, as one row
+// of rank GROUP_PAGES would be: the op alone took 0.67-0.97x the time at ranks 1 to 15 (AVX-512
+// and AVX2 builds), and a decode step's LoRA 0.70x at rank 2, 0.92x at rank 4, 0.98x at rank 8
+// (BENCHMARKS.md). Each row's sums stay its own: a row's LoRA is the same bits alone or in any group.
 #if defined(__AVX512F__)
 constexpr int64_t GROUP_PAGES = 16;  // 32 vector registers: sixteen sums, or sixteen of v's values
 
-// out[j * K + k] = xs[j] . rs[j * K + k][0:in]   for R rows of K page streams each (R * K = 16)
+// out[j * K + k] = xs[j] . rs[j * K + k][0:in]   for R rows of K page streams each (R * K <= 16)
 template <int R, int K>
 static inline void shrink_group(float* out, const float* const xs[R], const float* const rs[16], int64_t in) {
-  static_assert(R * K == 16);
+  static_assert(R >= 1 && R * K <= 16);
   __m512 acc[16];
   for (int w = 0; w < 16; ++w) acc[w] = _mm512_setzero_ps();
   int64_t c = 0;
@@ -529,7 +529,7 @@ constexpr int64_t GROUP_PAGES = 8;  // 16 (AVX2) or 32 (NEON, two a vector) regi
 // shrink_group and expand_group as above, eight streams, in GCC's eight-lane vectors
 template <int R, int K>
 static inline void shrink_group(float* out, const float* const xs[R], const float* const rs[8], int64_t in) {
-  static_assert(R * K == 8);
+  static_assert(R >= 1 && R * K <= 8);
   f32x8 acc[8] = {};
   int64_t c = 0;
   for (; c + 8 <= in; c += 8) {
@@ -538,7 +538,7 @@ static inline void shrink_group(float* out, const float* const xs[R], const floa
       for (int k = 0; k < K; ++k) acc[j * K + k] += xv * *reinterpret_cast<const f32x8*>(rs[j * K + k] + c);
     }
   }
-  for (int w = 0; w < 8; ++w) {
+  for (int w = 0; w < R * K; ++w) {
     float sum = sum8(acc[w]);
     for (int64_t d = c; d < in; ++d) sum += xs[w / K][d] * rs[w][d];
     out[w] = sum;
@@ -567,11 +567,11 @@ static inline void expand_group(float* const o[R], const float* u, const float* 
 constexpr int64_t GROUP_PAGES = 1;  // the portable build: 16 SSE registers hold no eight vector sums
 #endif
 
-// Whether decode rows of this rank go in groups: below GROUP_PAGES, and dividing it.
-static inline bool grouped_rank(int64_t rank) { return rank > 0 && rank < GROUP_PAGES && GROUP_PAGES % rank == 0; }
+// Whether decode rows of this rank go in groups (of GROUP_PAGES / rank rows): below GROUP_PAGES.
+static inline bool grouped_rank(int64_t rank) { return rank > 0 && rank < GROUP_PAGES; }
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__aarch64__)
-// GROUP_PAGES / K decode rows of rank K: row j (x row xs[j], pages ps[j][0..K)) into its float32
+// R = GROUP_PAGES / K decode rows of rank K: row j (x row xs[j], pages ps[j][0..K)) into its float32
 // accumulator ac[j], each used kind's columns C_t written (not added to):
 //   v[t, j, k] = xs[j] . a[ps[j][k], used[t], :]      ac[j][C_t] = sum_k v[t, j, k] * b[ps[j][k], C_t]
 // v: used.size() * GROUP_PAGES floats of scratch.
@@ -579,14 +579,23 @@ template <int K>
 static void bgmv_group(float* const ac[], float* v, const float* const xs[], const float* a, const float* b,
                        const int64_t* const ps[], int64_t in, const std::vector<int64_t>& bounds,
                        const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind, int64_t sb) {
-  constexpr int S = GROUP_PAGES, R = S / K;
-  const float* r[S];
+  constexpr int S = GROUP_PAGES, R = S / K;  // R * K streams of the S a group may have
+  const float* r[S] = {};
   for (size_t t = 0; t < used.size(); ++t) {
-    for (int w = 0; w < S; ++w) r[w] = a + ps[w / K][w % K] * sa_page + used[t] * sa_kind;
+    for (int w = 0; w < R * K; ++w) r[w] = a + ps[w / K][w % K] * sa_page + used[t] * sa_kind;
     shrink_group<R, K>(v + t * S, xs, r, in);
   }
-  for (int w = 0; w < S; ++w) r[w] = b + ps[w / K][w % K] * sb;
+  for (int w = 0; w < R * K; ++w) r[w] = b + ps[w / K][w % K] * sb;
   for (size_t t = 0; t < used.size(); ++t) expand_group<R, K>(ac, v + t * S, r, bounds[used[t]], bounds[used[t] + 1]);
+}
+
+// bgmv_group<rank> for a run-time rank in [1, K]
+template <int K>
+static void group_of(int64_t rank, float* const ac[], float* v, const float* const xs[], const float* a, const float* b,
+                     const int64_t* const ps[], int64_t in, const std::vector<int64_t>& bounds,
+                     const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind, int64_t sb) {
+  if (rank == K) return bgmv_group<K>(ac, v, xs, a, b, ps, in, bounds, used, sa_page, sa_kind, sb);
+  if constexpr (K > 1) return group_of<K - 1>(rank, ac, v, xs, a, b, ps, in, bounds, used, sa_page, sa_kind, sb);
 }
 #endif
 
@@ -607,14 +616,7 @@ static void bgmv_rows(float* const ac[], float* v, const float* const xs[], cons
     gx[j] = xs[src];
     gp[j] = ps[src];
   }
-  switch (rank) {
-    case 1: return bgmv_group<1>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
-    case 2: return bgmv_group<2>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
-    case 4: return bgmv_group<4>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
-#if defined(__AVX512F__)
-    case 8: return bgmv_group<8>(gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
-#endif
-  }
+  return group_of<GROUP_PAGES - 1>(rank, gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
 #endif
   TORCH_CHECK(false, "bgmv_rows: decode rows of rank ", rank, " do not go in groups in this build");
 }
