@@ -1700,11 +1700,8 @@ torch::Tensor linear_lora(torch::Tensor x, torch::Tensor w, torch::Tensor bias, 
               rows.is_contiguous() && starts.is_contiguous() && pages.is_contiguous() && starts.numel() == n + 1,
               "linear_lora: int64 rows [n], starts [n + 1] and pages");
   const int64_t *rp = rows.data_ptr<int64_t>(), *sp = starts.data_ptr<int64_t>(), *pp = pages.data_ptr<int64_t>();
-  int64_t max_rank = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(sp[i] <= sp[i + 1] && rp[i] >= 0 && rp[i] < M, "linear_lora: starts ascending, rows within x");
-    max_rank = std::max(max_rank, sp[i + 1] - sp[i]);
-  }
   TORCH_CHECK(sp[0] == 0 && sp[n] == pages.numel(), "linear_lora: starts from 0 to the number of pages");
   const bool side_by_side = M > FEW_ROWS && M <= x_chunk_rows(I) && n > 0 && !used.empty();
   auto y = side_by_side ? torch::empty({M, O}, x.options()) : few_rows_linear(x, w, bias, torch::empty({0}, x.options()));
