@@ -599,11 +599,12 @@ static void group_of(int64_t rank, float* const ac[], float* v, const float* con
 }
 #endif
 
-// bgmv_group for `count` rows (1 <= count <= GROUP_PAGES / rank) of rank `rank` (grouped_rank): row
-// j's x row xs[j], pages ps[j], accumulator ac[j]. A group's missing rows repeat its last (their
-// reads come from cache) into `spare`, an accumulator of bounds.back() floats.
-static void bgmv_rows(float* const ac[], float* v, const float* const xs[], const int64_t* const ps[], int64_t count,
-                      int64_t rank, float* spare, const float* a, const float* b, int64_t in,
+// `count` decode rows (1 <= count <= GROUP_PAGES / rank) of rank `rank` (grouped_rank) by bgmv_group:
+// row j's x row x[rows[j] * sx], pages pages[j * rank:], accumulator ac[j * width:]. A group's
+// missing rows repeat its last (their reads come from cache) into `spare`, an accumulator of
+// bounds.back() floats.
+static void bgmv_rows(float* ac, int64_t width, float* spare, float* v, const float* x, int64_t sx, const int64_t* rows,
+                      const int64_t* pages, int64_t count, int64_t rank, const float* a, const float* b, int64_t in,
                       const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sa_page,
                       int64_t sa_kind, int64_t sb) {
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__aarch64__)
@@ -612,9 +613,9 @@ static void bgmv_rows(float* const ac[], float* v, const float* const xs[], cons
   const int64_t* gp[GROUP_PAGES];
   for (int64_t j = 0; j < GROUP_PAGES / rank; ++j) {
     const int64_t src = std::min(j, count - 1);
-    gac[j] = j < count ? ac[j] : spare;
-    gx[j] = xs[src];
-    gp[j] = ps[src];
+    gac[j] = j < count ? ac + j * width : spare;
+    gx[j] = x + rows[src] * sx;
+    gp[j] = pages + src * rank;
   }
   return group_of<GROUP_PAGES - 1>(rank, gac, v, gx, a, b, gp, in, bounds, used, sa_page, sa_kind, sb);
 #endif
@@ -678,7 +679,7 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
           ta = a, tb = b, tp = p;
         } else {  // narrow pages: widened once per adapter (its rows re-read them from cache)
           if (wide_u != u) {
-            widen_pages(wide, a, b, p, rank, sa_page, sb, bounds.back());
+            widen_pages(wide, a, b, p, rank, sa_page, sb, width);
             wide_u = u;
             for (int64_t k = static_cast<int64_t>(local.size()); k < rank; ++k) local.push_back(k);
           }
@@ -687,7 +688,6 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
         if constexpr (std::is_same_v<T, float>) {
           lora_tile(y, x, ta, tb, rows + i, tp, rank, in, bounds, used, sy, sx, sa_page, sa_kind, sb, v.data());
         } else {  // other activations (a bfloat16 model): the TILE rows of x and y staged in float32
-          const int64_t width = bounds.back();
           xw.resize(TILE * in);
           yw.resize(TILE * width);
           for (int64_t r = 0; r < TILE; ++r) {
@@ -714,17 +714,9 @@ static void lora_rows(T* y, const T* x, const P* a, const P* b, const int64_t* r
       if constexpr (floats) {
         if (groups) {
           const int64_t count = std::min<int64_t>(GROUP_PAGES / rank, hi - i);
-          float* gac[GROUP_PAGES];
-          const float* gx[GROUP_PAGES];
-          const int64_t* gp[GROUP_PAGES];
-          for (int64_t j = 0; j < count; ++j) {
-            gac[j] = ac + j * width;
-            gx[j] = x + rows[i + j] * sx;
-            gp[j] = pages + (i + j) * rank;
-          }
-          bgmv_rows(gac, v.data(), gx, gp, count, rank, ac + GROUP_PAGES * width, a, b, in, bounds, used, sa_page,
-                    sa_kind, sb);
-          for (int64_t j = 0; j < count; ++j) add_row(rows[i + j], gac[j]);
+          bgmv_rows(ac, width, ac + GROUP_PAGES * width, v.data(), x, sx, rows + i, p, count, rank, a, b, in, bounds,
+                    used, sa_page, sa_kind, sb);
+          for (int64_t j = 0; j < count; ++j) add_row(rows[i + j], ac + j * width);
           i += count - 1;
           continue;
         }
@@ -1647,15 +1639,9 @@ class DecodeRows {
                  used_, sa_page_, sa_kind_, sb_);
         continue;
       }
-      float* ac[GROUP_PAGES];
-      const float* xs[GROUP_PAGES];
-      const int64_t* ps[GROUP_PAGES];
-      for (int64_t j = 0; j < count; ++j) {
-        ac[j] = delta_ + (i + j) * width_;
-        xs[j] = x_ + rows_[i + j] * sx_;
-        ps[j] = pages_ + starts_[i + j];
-      }
-      bgmv_rows(ac, v.data(), xs, ps, count, rank, spare.data(), a_, b_, in_, bounds_, used_, sa_page_, sa_kind_, sb_);
+      // the group's rows share their rank: row i + j's pages start j * rank after row i's
+      bgmv_rows(delta_ + i * width_, width_, spare.data(), v.data(), x_, sx_, rows_ + i, pages_ + starts_[i], count,
+                rank, a_, b_, in_, bounds_, used_, sa_page_, sa_kind_, sb_);
     }
   }
 
