@@ -413,6 +413,46 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
 
 @needs_kernel
 @each_variant
+def test_float32_decode_rows_of_every_rank_to_17_match_the_reference(variant):
+    """Each rank below 16 has a group shape of its own in the AVX-512 build (16 // rank rows of
+    rank pages; below 8 in the AVX2 build), 16 and 17 go row by row: every rank from 1 to 17
+    against the reference, 21 decode rows of seven adapters in no order (full and partial groups,
+    with one thread and two), q and v of a fused q|k|v store, inputs and columns off the vector
+    width."""
+    from loramux.server.ops import plan_tokens
+    from loramux.server.ops.reference import bgmv_reference
+
+    lora = variant_module(variant).lora
+    gen = torch.Generator().manual_seed(17)
+    in_f, bounds = 37, [0, 40, 56, 79]
+    token_adapter = [i * 5 % 7 for i in range(21)]
+    e32, e64, e = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.long), torch.empty(0)
+    for rank in range(1, 18):
+        a = torch.randn(7 * rank, 3, in_f, generator=gen) / in_f**0.5
+        b = torch.randn(7 * rank, 79, generator=gen)
+        pages = [torch.randperm(7 * rank, generator=gen)[:rank] for _ in range(7)]
+        g = plan_tokens(token_adapter, pages).groups[0]
+        x = torch.randn(21, in_f, generator=gen)
+        y0 = torch.randn(21, 79, generator=gen)
+        want = y0.clone()
+        for j in (0, 2):
+            cols = slice(bounds[j], bounds[j + 1])
+            out = want[:, cols].clone()
+            bgmv_reference(out, x, a[:, j], b[:, cols], token_adapter, pages)
+            want[:, cols] = out
+        for threads in (1, 2):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                y = y0.clone()
+                lora(y, x, a, b, g.rows, g.pages, e32, rank, bounds, [0, 2], e64, e)
+            finally:
+                torch.set_num_threads(before)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4, msg=f"rank {rank}, {threads} threads")
+
+
+@needs_kernel
+@each_variant
 @pytest.mark.parametrize("rank", [1, 2, 3, 4, 6, 8, 15, 16])
 def test_a_decode_rows_lora_is_the_same_bits_whatever_the_rows_beside_it(variant, rank):
     """Decode rows of a small rank go in groups of up to 16 pages (float32, AVX-512 build), each row's
