@@ -2,6 +2,7 @@
 
 import ast
 import collections
+import contextlib
 import importlib
 import os
 import platform
@@ -19,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[2]
 needs_kernel = pytest.mark.skipif(os.environ.get(NO_KERNEL_ENV) == "1", reason=f"{NO_KERNEL_ENV}=1: no kernel is built")
 each_variant = pytest.mark.parametrize("variant", variants_for(platform.machine(),
                                                                torch.backends.cpu.get_cpu_capability()))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op threads set to ``threads`` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def variant_module(variant: str):
@@ -376,9 +388,7 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
     AVX-512 build (below 8 in the AVX2 build): 15 and 7, 8 and 4, 1 and 2."""
     kernels = variant_module(variant)
     gen = torch.Generator().manual_seed(rows)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for in_f, bounds, ranks in ((37, (0, 40, 56, 79), (15, 7)), (1540, (0, 96, 128, 160), (31, 16)),
                                     (37, (0, 40, 56, 79), (8, 4)), (70, (0, 40, 56, 79), (1, 2))):
             out_f = bounds[-1] + 5  # columns past the LoRA's: the base linear's alone
@@ -400,8 +410,6 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
                 got = kernels.linear_lora(x, w, bias, a, b, torch.cat(groups), starts, torch.cat(pages), list(bounds),
                                           [0, 2])
                 assert torch.equal(got, want), (in_f, bias.numel())
-    finally:
-        torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="float32"):
         kernels.linear_lora(torch.randn(8, 4), torch.randn(3, 4), torch.empty(0), torch.randn(2, 1, 4, dtype=torch.float64),
                             torch.randn(2, 3, dtype=torch.float64), torch.tensor([0]), torch.tensor([0, 1]),
@@ -441,13 +449,9 @@ def test_float32_decode_rows_of_every_rank_to_17_match_the_reference(variant):
             bgmv_reference(out, x, a[:, j], b[:, cols], token_adapter, pages)
             want[:, cols] = out
         for threads in (1, 2):
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                y = y0.clone()
+            y = y0.clone()
+            with torch_threads(threads):
                 lora(y, x, a, b, g.rows, g.pages, e32, rank, bounds, [0, 2], e64, e)
-            finally:
-                torch.set_num_threads(before)
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4, msg=f"rank {rank}, {threads} threads")
 
 
@@ -470,13 +474,9 @@ def test_a_decode_rows_lora_is_the_same_bits_whatever_the_rows_beside_it(variant
 
     def lora(rows, threads=2):
         y = torch.zeros(n, 79)
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             kernels.lora(y, x, a, b, torch.tensor(rows), torch.cat([pages[r] for r in rows]), e32, rank, bounds,
                          [0, 1, 2], e64, e)
-        finally:
-            torch.set_num_threads(before)
         return y
 
     every = lora(list(range(n)))
