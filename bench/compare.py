@@ -301,31 +301,35 @@ def main() -> int:
               "--lora-dtype", args.lora_dtype]
     server = Server(model_dir, [*common, "--adapter-dir", str(distinct)], work / "server.log")
     try:
-        warm = LoadSpec(**{**spec.__dict__, "seed": spec.seed + 1})  # same adapters, other prompts:
+        # Every timed run on this server has prompts of its own (same lengths, seeds of its own), so
+        # that none is served from an earlier run's prefix cache and all rows pay the same prefill.
+        def fresh(offset: int, **changes) -> LoadSpec:
+            return LoadSpec(**{**spec.__dict__, "seed": spec.seed + offset, **changes})
+
+        warm = fresh(1)  # same adapters, other prompts:
         load_row(server, warm)  # warm-up (adapters resident, allocator warm), not the prefix cache
-        # Rows 1 and 2 drive four ratios: interleaved passes, each row's median pass. Each pass has
-        # prompts of its own (same lengths), so no pass is served from an earlier one's prefix cache.
+        # Rows 1 and 2 drive four ratios: interleaved passes, each row's median pass.
         ones, twos = [], []
         for i in range(args.passes):
-            fresh = LoadSpec(**{**spec.__dict__, "seed": spec.seed + 100 * i})  # pass 0: spec's own
-            ones.append(load_row(server, fresh))
-            twos.append(load_row(server, LoadSpec(**{**fresh.__dict__, "adapters": ()})))
+            one = fresh(100 * i)  # pass 0: spec's own
+            ones.append(load_row(server, one))
+            twos.append(load_row(server, LoadSpec(**{**one.__dict__, "adapters": ()})))
         rows["1 loramux gRPC, mixed adapters"] = median_run(ones)
         rows["2 loramux gRPC, base model only"] = median_run(twos)
-        load_row(server, spec, api="openai")  # warm-up of the HTTP path
-        # HTTP against gRPC: adjacent pairs of the same requests, the order swapped each pair, so
-        # that drift hits both alike; the quotient is the pairs' median. (A best-of over unequal
-        # numbers of rounds favoured the side with more draws.)
+        load_row(server, fresh(2), api="openai")  # warm-up of the HTTP path
+        # HTTP against gRPC: adjacent pairs of row 1's load (prompts of their own, as row 1's), the
+        # order swapped each pair, so that drift hits both alike; the quotient is the pairs' median.
+        # (A best-of over unequal numbers of rounds favoured the side with more draws.)
         http, http_ratios = [], []
         for pair in range(args.http_pairs):
             apis = ("grpc", "openai") if pair % 2 == 0 else ("openai", "grpc")
-            runs = {api: load_row(server, spec, api=api) for api in apis}
+            runs = {api: load_row(server, fresh(1000 + 10 * pair + side), api=api) for side, api in enumerate(apis)}
             http.append(runs["openai"])
             http_ratios.append(runs["openai"]["tokens_per_s"] / runs["grpc"]["tokens_per_s"])
         rows["8 loramux HTTP (OpenAI API), mixed"] = median_run(http)
         sweep = []
         for c in ((1, n_req) if quick else (1, 8, 32)):
-            r = load_row(server, LoadSpec(**{**spec.__dict__, "concurrency": c}))
+            r = load_row(server, fresh(2000 + c, concurrency=c))
             sweep.append({"concurrency": c, **{k: r[k] for k in ("ttft_p50", "ttft_p90", "tokens_per_s")}})
     finally:
         server.stop()
