@@ -279,15 +279,15 @@ static void lora_tile(float* y, const float* x, const float* a, const float* b, 
   }
 }
 
-// One row's shrink over pages k..k+W-1 (W = 1, 4, 8 or 16), every used kind:
+// One row's shrink over pages k..k+W-1 (W = 1, 4 or 8), every used kind:
 //   v[t * rank + k + w] = x . a[p[k + w], used[t], :]
 // W independent sums and W reads in flight, x read once for all of them.
 template <int W, typename T, typename P>
 static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t* p, int64_t k, int64_t rank,
                                 int64_t in, const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind) {
-  static_assert(W == 1 || W == 4 || W == 8 || W == 16);
+  static_assert(W == 1 || W == 4 || W == 8);
   for (size_t t = 0; t < used.size(); ++t) {
-    const P* r[16];
+    const P* r[8];
     for (int w = 0; w < W; ++w) r[w] = a + p[k + w] * sa_page + used[t] * sa_kind;
     if constexpr (std::is_same_v<P, _Float16>) {  // eight lanes at a time: F16C converts, the sums stay float32
       static_assert(std::is_same_v<T, float>);
@@ -309,8 +309,7 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
       continue;
     }
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
-    float s8 = 0.f, s9 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f, s14 = 0.f, s15 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
     for (int64_t c = 0; c < in; ++c) {
       const float xc = to_f32(x[c]);
       s0 += xc * to_f32(r[0][c]);
@@ -325,18 +324,8 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
         s6 += xc * to_f32(r[6][c]);
         s7 += xc * to_f32(r[7][c]);
       }
-      if constexpr (W > 8) {
-        s8 += xc * to_f32(r[8][c]);
-        s9 += xc * to_f32(r[9][c]);
-        s10 += xc * to_f32(r[10][c]);
-        s11 += xc * to_f32(r[11][c]);
-        s12 += xc * to_f32(r[12][c]);
-        s13 += xc * to_f32(r[13][c]);
-        s14 += xc * to_f32(r[14][c]);
-        s15 += xc * to_f32(r[15][c]);
-      }
     }
-    const float s[16] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15};
+    const float s[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
     std::copy(s, s + W, v + t * rank + k);
   }
 }
@@ -346,11 +335,11 @@ static inline void shrink_pages(float* v, const T* x, const P* a, const int64_t*
 template <int W, typename P>
 static inline void expand_pages(float* ac, const float* v, const P* b, const int64_t* p, int64_t k, int64_t rank,
                                 const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sb) {
-  static_assert(W == 1 || W == 4 || W == 8 || W == 16);
-  const P* r[16];
+  static_assert(W == 1 || W == 4 || W == 8);
+  const P* r[8];
   for (int w = 0; w < W; ++w) r[w] = b + p[k + w] * sb;
   for (size_t t = 0; t < used.size(); ++t) {
-    float u[16] = {};
+    float u[8] = {};
     std::copy(v + t * rank + k, v + t * rank + k + W, u);
     if constexpr (std::is_same_v<P, _Float16>) {  // eight lanes at a time, as in shrink_pages
       int64_t c = bounds[used[t]];
@@ -375,23 +364,10 @@ static inline void expand_pages(float* ac, const float* v, const P* b, const int
         d += u[1] * to_f32(r[1][c]) + u[2] * to_f32(r[2][c]) + u[3] * to_f32(r[3][c]);
       if constexpr (W > 4)
         d += (u[4] * to_f32(r[4][c]) + u[5] * to_f32(r[5][c])) + (u[6] * to_f32(r[6][c]) + u[7] * to_f32(r[7][c]));
-      if constexpr (W > 8) {
-        d += (u[8] * to_f32(r[8][c]) + u[9] * to_f32(r[9][c])) + (u[10] * to_f32(r[10][c]) + u[11] * to_f32(r[11][c]));
-        d += (u[12] * to_f32(r[12][c]) + u[13] * to_f32(r[13][c])) + (u[14] * to_f32(r[14][c]) + u[15] * to_f32(r[15][c]));
-      }
       ac[c] += d;
     }
   }
 }
-
-// Whether a decode row's pages go sixteen at a time (else eight): float32 pages in the AVX-512 build,
-// whose 32 vector registers hold the sixteen sums (the 16-register builds would spill them).
-template <typename P>
-#if defined(__AVX512F__)
-constexpr bool WIDE_PAGES = std::is_same_v<P, float>;
-#else
-constexpr bool WIDE_PAGES = false;
-#endif
 
 // out[0:n] = in[0:n] as float32, eight values at a time.
 template <typename P>
@@ -440,37 +416,6 @@ static inline void dora_row(T* yi, const P* g, const T* bias, const std::vector<
   }
 }
 
-// One decode row's LoRA (BGMV) into float32 accumulators: v[t * rank + k] = xi . a[p[k], used[t], :],
-// then ac[C_t] = sum_k v[t * rank + k] * b[p[k], C_t] for each used kind's columns C_t.
-template <typename T, typename P>
-__attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, const T* xi, const P* a, const P* b,
-                                                           const int64_t* p, int64_t rank, int64_t in,
-                                                           const std::vector<int64_t>& bounds,
-                                                           const std::vector<int64_t>& used, int64_t sa_page,
-                                                           int64_t sa_kind, int64_t sb) {
-  const int64_t nu = static_cast<int64_t>(used.size());
-  // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
-  // so the reads run through each page once, in order; eight pages at a time keep eight reads
-  // in flight (a few % faster than four on the default model's shapes, BENCHMARKS.md), and
-  // in the AVX-512 build (32 vector registers for the sums) float32 pages go sixteen at a
-  // time, shrink and expand (a Zen 5's decode op: 0.93x the time of eight).
-  int64_t k = 0;
-  if constexpr (WIDE_PAGES<P>)
-    for (; k + 16 <= rank; k += 16) shrink_pages<16>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
-  for (; k + 8 <= rank; k += 8) shrink_pages<8>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
-  for (; k + 4 <= rank; k += 4) shrink_pages<4>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
-  for (; k < rank; ++k) shrink_pages<1>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
-  // Expand, pages outermost too: each page's B row is read once, front to back, into the
-  // float32 accumulators of the used kinds' columns.
-  for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
-  k = 0;
-  if constexpr (WIDE_PAGES<P>)
-    for (; k + 16 <= rank; k += 16) expand_pages<16>(ac, v, b, p, k, rank, bounds, used, sb);
-  for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v, b, p, k, rank, bounds, used, sb);
-  for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v, b, p, k, rank, bounds, used, sb);
-  for (; k < rank; ++k) expand_pages<1>(ac, v, b, p, k, rank, bounds, used, sb);
-}
-
 // Decode rows of a rank r below GROUP_PAGES go GROUP_PAGES / r at a time, in lockstep (float32 pages
 // and activations, the CPU's serving dtypes; the AVX-512, AVX2 and NEON builds). A row alone keeps
 // only a few page streams in flight (one at rank 1; at rank 3, 1 + 1 + 1 one after another), each
@@ -510,18 +455,30 @@ static inline void shrink_group(float* out, const float* const xs[R], const floa
 }
 
 // o[j][c0:c1] = sum_k u[j * K + k] * rs[j * K + k][c0:c1]   for R rows of K page streams each
-template <int R, int K>
+// (ADD: o[j][c0:c1] += that sum). Masked loads only for the last (c1 - c0) % 16 columns: on a Zen 5
+// the decode op read its pages 10% slower with every load masked (BENCHMARKS.md).
+template <int R, int K, bool ADD, bool MASKED>
+static inline void expand_columns(float* const o[R], const __m512* uv, const float* const rs[16], int64_t c,
+                                  __mmask16 m) {
+  auto load = [m](const float* q) { return MASKED ? _mm512_maskz_loadu_ps(m, q) : _mm512_loadu_ps(q); };
+  for (int j = 0; j < R; ++j) {
+    __m512 d = _mm512_mul_ps(uv[j * K], load(rs[j * K] + c));
+    for (int k = 1; k < K; ++k) d = _mm512_fmadd_ps(uv[j * K + k], load(rs[j * K + k] + c), d);
+    if constexpr (ADD) d = _mm512_add_ps(load(o[j] + c), d);
+    if constexpr (MASKED)
+      _mm512_mask_storeu_ps(o[j] + c, m, d);
+    else
+      _mm512_storeu_ps(o[j] + c, d);
+  }
+}
+
+template <int R, int K, bool ADD = false>
 static inline void expand_group(float* const o[R], const float* u, const float* const rs[16], int64_t c0, int64_t c1) {
   __m512 uv[16];
   for (int w = 0; w < 16; ++w) uv[w] = _mm512_set1_ps(u[w]);
-  for (int64_t c = c0; c < c1; c += 16) {
-    const __mmask16 m = tail_mask(std::min<int64_t>(16, c1 - c));
-    for (int j = 0; j < R; ++j) {
-      __m512 d = _mm512_mul_ps(uv[j * K], _mm512_maskz_loadu_ps(m, rs[j * K] + c));
-      for (int k = 1; k < K; ++k) d = _mm512_fmadd_ps(uv[j * K + k], _mm512_maskz_loadu_ps(m, rs[j * K + k] + c), d);
-      _mm512_mask_storeu_ps(o[j] + c, m, d);
-    }
-  }
+  int64_t c = c0;
+  for (; c + 16 <= c1; c += 16) expand_columns<R, K, ADD, false>(o, uv, rs, c, 0xFFFF);
+  if (c < c1) expand_columns<R, K, ADD, true>(o, uv, rs, c, tail_mask(c1 - c));
 }
 #elif defined(__AVX2__) || defined(__aarch64__)
 constexpr int64_t GROUP_PAGES = 8;  // 16 (AVX2) or 32 (NEON, two a vector) registers: eight sums
@@ -569,6 +526,55 @@ constexpr int64_t GROUP_PAGES = 1;  // the portable build: 16 SSE registers hold
 
 // Whether decode rows of this rank go in groups (of GROUP_PAGES / rank rows): below GROUP_PAGES.
 static inline bool grouped_rank(int64_t rank) { return rank > 0 && rank < GROUP_PAGES; }
+
+// One decode row's LoRA (BGMV) into float32 accumulators: v[t * rank + k] = xi . a[p[k], used[t], :],
+// then ac[C_t] = sum_k v[t * rank + k] * b[p[k], C_t] for each used kind's columns C_t.
+template <typename T, typename P>
+__attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, const T* xi, const P* a, const P* b,
+                                                           const int64_t* p, int64_t rank, int64_t in,
+                                                           const std::vector<int64_t>& bounds,
+                                                           const std::vector<int64_t>& used, int64_t sa_page,
+                                                           int64_t sa_kind, int64_t sb) {
+  const int64_t nu = static_cast<int64_t>(used.size());
+  // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
+  // so the reads run through each page once, in order; pages in lockstep keep that many reads in
+  // flight. In the AVX-512 build float32 pages go sixteen at a time (32 vector registers hold the
+  // sums) through the groups' explicit vector code: the default model's decode op took 0.92x the
+  // time of the same loops written for `omp simd` on a Zen 5, whose expand then masked every
+  // load (BENCHMARKS.md). Other pages, and other builds (the AVX2 build's GCC vectors were no
+  // faster there), eight, four or one at a time.
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float>) {
+    const float* r[GROUP_PAGES];
+    for (; k + GROUP_PAGES <= rank; k += GROUP_PAGES)
+      for (int64_t t = 0; t < nu; ++t) {
+        for (int64_t w = 0; w < GROUP_PAGES; ++w) r[w] = a + p[k + w] * sa_page + used[t] * sa_kind;
+        shrink_group<1, GROUP_PAGES>(v + t * rank + k, &xi, r, in);
+      }
+  }
+#endif
+  for (; k + 8 <= rank; k += 8) shrink_pages<8>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  for (; k + 4 <= rank; k += 4) shrink_pages<4>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  for (; k < rank; ++k) shrink_pages<1>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  // Expand, pages outermost too: each page's B row is read once, front to back, into the
+  // float32 accumulators of the used kinds' columns.
+  for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
+  k = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float>) {
+    const float* r[GROUP_PAGES];
+    for (; k + GROUP_PAGES <= rank; k += GROUP_PAGES) {
+      for (int64_t w = 0; w < GROUP_PAGES; ++w) r[w] = b + p[k + w] * sb;
+      for (int64_t t = 0; t < nu; ++t)
+        expand_group<1, GROUP_PAGES, true>(&ac, v + t * rank + k, r, bounds[used[t]], bounds[used[t] + 1]);
+    }
+  }
+#endif
+  for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v, b, p, k, rank, bounds, used, sb);
+  for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v, b, p, k, rank, bounds, used, sb);
+  for (; k < rank; ++k) expand_pages<1>(ac, v, b, p, k, rank, bounds, used, sb);
+}
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__aarch64__)
 // R = GROUP_PAGES / K decode rows of rank K: row j (x row xs[j], pages ps[j][0..K)) into its float32
