@@ -539,10 +539,9 @@ __attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, 
   // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
   // so the reads run through each page once, in order; pages in lockstep keep that many reads in
   // flight. In the AVX-512 build float32 pages go sixteen at a time (32 vector registers hold the
-  // sums) through the groups' explicit vector code: the default model's decode op took 0.92x the
-  // time of the same loops written for `omp simd` on a Zen 5, whose expand then masked every
-  // load (BENCHMARKS.md). Other pages, and other builds (the AVX2 build's GCC vectors were no
-  // faster there), eight, four or one at a time.
+  // sums) through the groups' explicit vector code: on a Zen 5 the default model's decode op took
+  // 0.86-0.96x the time of the same loops written for `omp simd` (BENCHMARKS.md). Other pages, and
+  // other builds (the AVX2 build's GCC vectors were no faster there), eight, four or one at a time.
   int64_t k = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float>) {
