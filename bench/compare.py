@@ -9,9 +9,9 @@ median of --passes passes, interleaved, with prompts of their own);
 5 PEFT, one adapter at a time (set_adapter); 6 transformers' continuous batching (generate_batch,
 base model); 7 loramux with 1..1000 registered adapters (device capacity 32, Zipf 1.0; the 1000/8
 quotient is the median of --scale-repeats adjacent pairs of fresh servers, the order swapped each
-pair); 8 row 1's requests through the OpenAI-compatible HTTP API (streamed completions) instead
-of gRPC (the median of --http-pairs runs; HTTP/gRPC is the median of those adjacent pairs' quotients,
-the order swapped each pair).
+pair); 8 row 1's load through the OpenAI-compatible HTTP API (streamed completions) instead of
+gRPC (the median of --http-pairs runs; HTTP/gRPC is the median of those adjacent pairs' quotients,
+the order swapped each pair). Every timed run has prompts of its own, none from the prefix cache.
 
     python bench/compare.py [--quick] [--model DIR] [--scale-repeats N] [--passes N] [--http-pairs N]
                             [--lora-dtype D]
