@@ -67,6 +67,11 @@ class TorchLoRA:
         """The backend in use, as --op-backend names it."""
         return "torch" if self._kernel is None else "cpp"
 
+    @property
+    def base_linear_rows(self) -> frozenset[int]:
+        """The row counts served through ``linear_lora`` (use_base_linear); empty without it."""
+        return self._linear_rows if self._linear_lora is not None else frozenset()
+
     def use_base_linear(self, linear_lora, rows) -> None:
         """Serve the decode rows of a linear whose base matmul is the C++ kernel's at these row
         counts (ops/linear.py) through ``linear_lora`` (cpu_kernels.cpp), base and LoRA in one call."""

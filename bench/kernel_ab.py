@@ -1,0 +1,193 @@
+"""The C++ decode LoRA op of an older revision against the installed one, side by side in one process.
+
+On a shared VM the memory's speed moves by more than a kernel change between runs of a minute, so
+builds compared in separate processes one after another tell little. This builds the kernel source
+of REV (from git) with the installed variant's flags, loads it beside the installed build, and
+alternates them: the op alone (``lora``: calls of 32 decode rows over 32 distinct adapters' pages,
+q|k|v-shaped like the default model's, about 596 MiB a pass, and a flat read of as many bytes),
+then with ``--engine`` the default model's decode steps, the old and the new op swapped step by step
+(``linear_lora`` and ``lora`` both), the median over adjacent pairs of full decode steps.
+
+    python bench/kernel_ab.py --rev REV [--ranks 16,4] [--rounds 9] [--trials 4] [--engine] [--engine-rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loramux.adapters import huge_pages  # noqa: E402
+from loramux.adapters.synthetic import ALL_PROJ  # noqa: E402
+from loramux.server.builder import build_engine  # noqa: E402
+from loramux.server.config import ServerConfig  # noqa: E402
+from loramux.server.engine import EngineObserver  # noqa: E402
+from loramux.server.model_loader import load_model  # noqa: E402
+from loramux.server.models import lora_layout  # noqa: E402
+from loramux.server.ops import cpu_kernel  # noqa: E402
+from loramux.server.ops.torch_ops import TorchLoRA  # noqa: E402
+from loramux.server.torch_threads import in_passing_thread  # noqa: E402
+
+from common import cpu_name, random_prompts, run_batch, write_adapter  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE = "server/ops/csrc/cpu_kernels.cpp"
+IN, BOUNDS = 576, [0, 576, 768, 960]  # the default model's q|k|v: in 576, q 576, k 192, v 192 columns
+
+
+def variant_flags(variant: str) -> list[str]:
+    """setup.py's compiler flags for ``variant`` (read from its VARIANTS literal, not imported:
+    importing setup.py would run setup())."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "VARIANTS" for t in node.targets):
+            for flags in ast.literal_eval(node.value).values():
+                if variant in flags:
+                    return flags[variant]
+    raise SystemExit(f"setup.py has no variant {variant!r}")
+
+
+def build_old(rev: str, variant: str, tmp: Path):
+    """REV's kernel source, built as a module of its own with the installed variant's flags."""
+    from torch.utils.cpp_extension import load
+
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{SOURCE}"], check=True, capture_output=True,
+                            text=True).stdout
+    path = tmp / "old_cpu_kernels.cpp"
+    path.write_text(source)
+    flags = ["-O3", "-g0", "-fopenmp", *variant_flags(variant)]
+    return load(f"old_cpu_{variant}", [str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                build_directory=str(tmp), verbose=False)
+
+
+def op_rounds(old, new, rank: int, rounds: int, trials: int) -> None:
+    """The op alone: each trial, ``rounds`` rounds of (flat read, old, new), medians printed."""
+    width = BOUNDS[-1]
+    adapters = 596 * 2**20 // 4 // (rank * (3 * IN + width))
+    pages = adapters * rank
+    a = huge_pages.zeros((pages * 3 * IN,), torch.float32, "cpu").normal_().view(pages, 3, IN)
+    b = huge_pages.zeros((pages * width,), torch.float32, "cpu").normal_().view(pages, width)
+    flat = huge_pages.zeros((pages * (3 * IN + width),), torch.float32, "cpu").fill_(1.0)
+    order = torch.randperm(adapters)[: adapters // 32 * 32]
+    calls = (order[:, None] * rank + torch.arange(rank)).view(-1, 32 * rank)  # each adapter's pages consecutive
+    x, rows = torch.randn(32, IN), torch.arange(32)
+    none_i, none_l, none_f = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.long), torch.empty(0)
+    ys = {}
+
+    def run(kernels, tag) -> float:
+        y = torch.zeros(32, width)
+        t = time.perf_counter()
+        for call in calls:
+            kernels.lora(y, x, a, b, rows, call.contiguous(), none_i, rank, BOUNDS, [0, 1, 2], none_l, none_f)
+        ys[tag] = y
+        return time.perf_counter() - t
+
+    def read() -> float:
+        t = time.perf_counter()
+        flat.sum()
+        return time.perf_counter() - t
+
+    for _ in range(trials):
+        times = {"flat": [], "old": [], "new": []}
+        for _ in range(rounds):
+            times["flat"].append(read())
+            times["old"].append(run(old, "old"))
+            times["new"].append(run(new, "new"))
+        m = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        diff = (ys["old"] - ys["new"]).abs().max().item()
+        print(f"  rank {rank}: flat read {m['flat']:6.2f} ms; old {m['old']:6.2f} ms ({m['old'] / m['flat']:.2f}x), "
+              f"new {m['new']:6.2f} ms ({m['new'] / m['flat']:.2f}x); new/old {m['new'] / m['old']:.3f}; "
+              f"largest difference {diff:.2e}", flush=True)
+
+
+class Alternate(EngineObserver):
+    """Swaps the runner's op between ``ops`` after every step; records full decode steps in order."""
+
+    def __init__(self, runner, ops: dict, full_batch: int):
+        self.runner, self.ops, self.names, self.full_batch = runner, ops, list(ops), full_batch
+        self.steps: list[tuple[str | None, float]] = []
+        runner.apply_lora = ops[self.names[0]]
+
+    def step(self, stats) -> None:
+        name = self.names[len(self.steps) % 2]
+        full = stats.num_prefill_tokens == 0 and stats.num_decode_tokens == self.full_batch
+        self.steps.append((name if full else None, stats.seconds))
+        self.runner.apply_lora = self.ops[self.names[len(self.steps) % 2]]
+
+    def paired(self) -> list[float]:
+        """new - old over adjacent full decode steps."""
+        s = self.steps
+        return [(a[1] - b[1]) if a[0] == "new" else (b[1] - a[1])
+                for a, b in zip(s[:-1:2], s[1::2], strict=True) if a[0] and b[0] and a[0] != b[0]]
+
+
+@in_passing_thread
+def engine_pairs(old, rank: int, rounds: int, tmp: Path) -> None:
+    n = 32
+    config = ServerConfig(max_batch_size=n, max_tokens_per_step=512, max_model_len=120, default_max_new_tokens=64,
+                          max_lora_rank=rank, max_device_adapters=n, max_host_adapters=n, metrics_port=0,
+                          prefix_caching=False)
+    loaded = load_model(config)
+    layout = lora_layout(loaded.hf_model.config)
+    adapters = tuple((f"a{i}", str(write_adapter(tmp / f"r{rank}-a{i}", layout, rank, seed=i, targets=ALL_PROJ)))
+                     for i in range(n))
+    built = build_engine(ServerConfig(**{**config.__dict__, "adapters": adapters}), loaded)
+    engine, runner = built.engine, built.engine.runner
+    new_op = runner.apply_lora
+    if new_op.name != "cpp":
+        raise SystemExit("the engine's LoRA ops are not the C++ kernel's")
+    old_op = TorchLoRA(old.lora)
+    if new_op.base_linear_rows:
+        old_op.use_base_linear(old.linear_lora, new_op.base_linear_rows)
+    engine.start()
+    try:
+        prompts, ids = random_prompts(loaded.hf_model.config.vocab_size, n, 16), [a for a, _ in adapters]
+        run_batch(engine, prompts, ids, 2)  # every adapter resident
+        alternate = Alternate(runner, {"new": new_op, "old": old_op}, n)
+        engine.observers.append(alternate)
+        try:
+            for _ in range(rounds):
+                run_batch(engine, prompts, ids, 64)
+        finally:
+            engine.observers.remove(alternate)
+            runner.apply_lora = new_op
+    finally:
+        engine.stop()
+    d = alternate.paired()
+    print(f"  rank {rank}, {loaded.name}'s decode steps, 32 rows of 32 adapters: new - old {statistics.median(d) * 1e3:+.3f} "
+          f"ms by the median of {len(d)} adjacent pairs ({sum(x < 0 for x in d)} faster)", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rev", required=True, help="the older revision (git) whose kernel source is compared")
+    ap.add_argument("--ranks", default="16,4")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of the op alone per trial")
+    ap.add_argument("--trials", type=int, default=4, help="trials per rank (the memory's speed moves between them)")
+    ap.add_argument("--engine", action="store_true", help="also alternate the two ops step by step in the engine")
+    ap.add_argument("--engine-rounds", type=int, default=6)
+    args = ap.parse_args()
+    new = cpu_kernel.load_kernels()
+    if new is None:
+        raise SystemExit("no C++ kernel is installed")
+    variant = new.__name__.rsplit("_cpu_", 1)[-1]
+    print(f"CPU: {cpu_name()}; variant {variant}; {args.rev} against the installed build", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        old = build_old(args.rev, variant, Path(tmp))
+        for rank in (int(r) for r in args.ranks.split(",")):
+            op_rounds(old, new, rank, args.rounds, args.trials)
+            if args.engine:
+                engine_pairs(old, rank, args.engine_rounds, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
