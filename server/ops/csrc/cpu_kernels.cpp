@@ -502,13 +502,14 @@ static inline void shrink_group(float* out, const float* const xs[R], const floa
   }
 }
 
-template <int R, int K>
+template <int R, int K, bool ADD = false>
 static inline void expand_group(float* const o[R], const float* u, const float* const rs[8], int64_t c0, int64_t c1) {
   int64_t c = c0;
   for (; c + 8 <= c1; c += 8) {
     for (int j = 0; j < R; ++j) {
       f32x8 d = u[j * K] * *reinterpret_cast<const f32x8*>(rs[j * K] + c);
       for (int k = 1; k < K; ++k) d += u[j * K + k] * *reinterpret_cast<const f32x8*>(rs[j * K + k] + c);
+      if constexpr (ADD) d = *reinterpret_cast<const f32x8*>(o[j] + c) + d;
       *reinterpret_cast<f32x8*>(o[j] + c) = d;
     }
   }
@@ -516,7 +517,7 @@ static inline void expand_group(float* const o[R], const float* u, const float* 
     for (int j = 0; j < R; ++j) {
       float d = u[j * K] * rs[j * K][c];
       for (int k = 1; k < K; ++k) d += u[j * K + k] * rs[j * K + k][c];
-      o[j][c] = d;
+      o[j][c] = ADD ? o[j][c] + d : d;
     }
   }
 }
@@ -527,71 +528,41 @@ constexpr int64_t GROUP_PAGES = 1;  // the portable build: 16 SSE registers hold
 // Whether decode rows of this rank go in groups (of GROUP_PAGES / rank rows): below GROUP_PAGES.
 static inline bool grouped_rank(int64_t rank) { return rank > 0 && rank < GROUP_PAGES; }
 
-// One decode row's LoRA (BGMV) into float32 accumulators: v[t * rank + k] = xi . a[p[k], used[t], :],
-// then ac[C_t] = sum_k v[t * rank + k] * b[p[k], C_t] for each used kind's columns C_t.
-template <typename T, typename P>
-__attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, const T* xi, const P* a, const P* b,
-                                                           const int64_t* p, int64_t rank, int64_t in,
-                                                           const std::vector<int64_t>& bounds,
-                                                           const std::vector<int64_t>& used, int64_t sa_page,
-                                                           int64_t sa_kind, int64_t sb) {
-  const int64_t nu = static_cast<int64_t>(used.size());
-  // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store,
-  // so the reads run through each page once, in order; pages in lockstep keep that many reads in
-  // flight. In the AVX-512 build float32 pages go sixteen at a time (32 vector registers hold the
-  // sums) through the groups' explicit vector code: on a Zen 5 the default model's decode op took
-  // 0.86-0.96x the time of the same loops written for `omp simd` (BENCHMARKS.md). Other pages, and
-  // other builds (the AVX2 build's GCC vectors were no faster there), eight, four or one at a time.
-  int64_t k = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float>) {
-    const float* r[GROUP_PAGES];
-    for (; k + GROUP_PAGES <= rank; k += GROUP_PAGES)
-      for (int64_t t = 0; t < nu; ++t) {
-        for (int64_t w = 0; w < GROUP_PAGES; ++w) r[w] = a + p[k + w] * sa_page + used[t] * sa_kind;
-        shrink_group<1, GROUP_PAGES>(v + t * rank + k, &xi, r, in);
-      }
-  }
-#endif
-  for (; k + 8 <= rank; k += 8) shrink_pages<8>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
-  for (; k + 4 <= rank; k += 4) shrink_pages<4>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
-  for (; k < rank; ++k) shrink_pages<1>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
-  // Expand, pages outermost too: each page's B row is read once, front to back, into the
-  // float32 accumulators of the used kinds' columns.
-  for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
-  k = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float>) {
-    const float* r[GROUP_PAGES];
-    for (; k + GROUP_PAGES <= rank; k += GROUP_PAGES) {
-      for (int64_t w = 0; w < GROUP_PAGES; ++w) r[w] = b + p[k + w] * sb;
-      for (int64_t t = 0; t < nu; ++t)
-        expand_group<1, GROUP_PAGES, true>(&ac, v + t * rank + k, r, bounds[used[t]], bounds[used[t] + 1]);
-    }
-  }
-#endif
-  for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v, b, p, k, rank, bounds, used, sb);
-  for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v, b, p, k, rank, bounds, used, sb);
-  for (; k < rank; ++k) expand_pages<1>(ac, v, b, p, k, rank, bounds, used, sb);
-}
-
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__aarch64__)
-// R = GROUP_PAGES / K decode rows of rank K: row j (x row xs[j], pages ps[j][0..K)) into its float32
-// accumulator ac[j], each used kind's columns C_t written (not added to):
-//   v[t, j, k] = xs[j] . a[ps[j][k], used[t], :]      ac[j][C_t] = sum_k v[t, j, k] * b[ps[j][k], C_t]
-// v: used.size() * GROUP_PAGES floats of scratch.
+// The shrink and the expand of R = GROUP_PAGES / K decode rows of rank K side by side, every used kind
+// t: row j's x row xs[j], its pages ps[j][0..K), its float32 accumulator ac[j]; kind t's sums at
+// v[t * vt:] (row j's k-th at j * K + k):
+//   shrink: v[t * vt + j * K + k] = xs[j] . a[ps[j][k], used[t], :]
+//   expand: ac[j][C_t] = sum_k v[t * vt + j * K + k] * b[ps[j][k], C_t]   (ADD: added to ac[j][C_t])
 template <int K>
-static void bgmv_group(float* const ac[], float* v, const float* const xs[], const float* a, const float* b,
-                       const int64_t* const ps[], int64_t in, const std::vector<int64_t>& bounds,
-                       const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind, int64_t sb) {
+static inline void shrink_kinds(float* v, int64_t vt, const float* const xs[], const float* a, const int64_t* const ps[],
+                                int64_t in, const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind) {
   constexpr int S = GROUP_PAGES, R = S / K;  // R * K streams of the S a group may have
   const float* r[S] = {};
   for (size_t t = 0; t < used.size(); ++t) {
     for (int w = 0; w < R * K; ++w) r[w] = a + ps[w / K][w % K] * sa_page + used[t] * sa_kind;
-    shrink_group<R, K>(v + t * S, xs, r, in);
+    shrink_group<R, K>(v + t * vt, xs, r, in);
   }
+}
+
+template <int K, bool ADD>
+static inline void expand_kinds(float* const ac[], const float* v, int64_t vt, const float* b, const int64_t* const ps[],
+                                const std::vector<int64_t>& bounds, const std::vector<int64_t>& used, int64_t sb) {
+  constexpr int S = GROUP_PAGES, R = S / K;
+  const float* r[S] = {};
   for (int w = 0; w < R * K; ++w) r[w] = b + ps[w / K][w % K] * sb;
-  for (size_t t = 0; t < used.size(); ++t) expand_group<R, K>(ac, v + t * S, r, bounds[used[t]], bounds[used[t] + 1]);
+  for (size_t t = 0; t < used.size(); ++t)
+    expand_group<R, K, ADD>(ac, v + t * vt, r, bounds[used[t]], bounds[used[t] + 1]);
+}
+
+// R = GROUP_PAGES / K decode rows of rank K, shrunk then expanded (each row's columns written, not
+// added to); v: used.size() * GROUP_PAGES floats of scratch.
+template <int K>
+static void bgmv_group(float* const ac[], float* v, const float* const xs[], const float* a, const float* b,
+                       const int64_t* const ps[], int64_t in, const std::vector<int64_t>& bounds,
+                       const std::vector<int64_t>& used, int64_t sa_page, int64_t sa_kind, int64_t sb) {
+  shrink_kinds<K>(v, GROUP_PAGES, xs, a, ps, in, used, sa_page, sa_kind);
+  expand_kinds<K, false>(ac, v, GROUP_PAGES, b, ps, bounds, used, sb);
 }
 
 // bgmv_group<rank> for a run-time rank in [1, K]
@@ -603,6 +574,46 @@ static void group_of(int64_t rank, float* const ac[], float* v, const float* con
   if constexpr (K > 1) return group_of<K - 1>(rank, ac, v, xs, a, b, ps, in, bounds, used, sa_page, sa_kind, sb);
 }
 #endif
+
+// One decode row's LoRA (BGMV) into float32 accumulators: v[t * rank + k] = xi . a[p[k], used[t], :],
+// then ac[C_t] = sum_k v[t * rank + k] * b[p[k], C_t] for each used kind's columns C_t.
+template <typename T, typename P>
+__attribute__((always_inline)) static inline void bgmv_row(float* ac, float* v, const T* xi, const P* a, const P* b,
+                                                           const int64_t* p, int64_t rank, int64_t in,
+                                                           const std::vector<int64_t>& bounds,
+                                                           const std::vector<int64_t>& used, int64_t sa_page,
+                                                           int64_t sa_kind, int64_t sb) {
+  const int64_t nu = static_cast<int64_t>(used.size());
+  // Shrink, pages outermost: a page's rows of every used kind sit side by side in the store, so the
+  // reads run through each page once, in order; pages in lockstep keep that many reads in flight. In
+  // the AVX-512 build float32 pages go sixteen at a time, as a group row of rank 16 does
+  // (shrink_kinds / expand_kinds; 32 vector registers hold the sums): on a Zen 5 the default model's
+  // decode op took 0.86-0.96x the time of the same loops written for `omp simd` (BENCHMARKS.md).
+  // Other pages, and other builds (the AVX2 build's GCC vectors were no faster there), eight, four
+  // or one at a time.
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  constexpr bool wide = std::is_same_v<T, float> && std::is_same_v<P, float>;
+  if constexpr (wide)
+    for (const int64_t* block = p; k + GROUP_PAGES <= rank; k += GROUP_PAGES, block += GROUP_PAGES)
+      shrink_kinds<GROUP_PAGES>(v + k, rank, &xi, a, &block, in, used, sa_page, sa_kind);
+#endif
+  for (; k + 8 <= rank; k += 8) shrink_pages<8>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  for (; k + 4 <= rank; k += 4) shrink_pages<4>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  for (; k < rank; ++k) shrink_pages<1>(v, xi, a, p, k, rank, in, used, sa_page, sa_kind);
+  // Expand, pages outermost too: each page's B row is read once, front to back, into the
+  // float32 accumulators of the used kinds' columns.
+  for (int64_t t = 0; t < nu; ++t) std::fill(ac + bounds[used[t]], ac + bounds[used[t] + 1], 0.f);
+  k = 0;
+#if defined(__AVX512F__)
+  if constexpr (wide)
+    for (const int64_t* block = p; k + GROUP_PAGES <= rank; k += GROUP_PAGES, block += GROUP_PAGES)
+      expand_kinds<GROUP_PAGES, true>(&ac, v + k, rank, b, &block, bounds, used, sb);
+#endif
+  for (; k + 8 <= rank; k += 8) expand_pages<8>(ac, v, b, p, k, rank, bounds, used, sb);
+  for (; k + 4 <= rank; k += 4) expand_pages<4>(ac, v, b, p, k, rank, bounds, used, sb);
+  for (; k < rank; ++k) expand_pages<1>(ac, v, b, p, k, rank, bounds, used, sb);
+}
 
 // `count` decode rows (1 <= count <= GROUP_PAGES / rank) of rank `rank` (grouped_rank) by bgmv_group:
 // row j's x row x[rows[j] * sx], pages pages[j * rank:], accumulator ac[j * width:]. A group's
