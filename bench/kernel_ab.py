@@ -1,9 +1,10 @@
-"""The C++ decode LoRA op of an older revision against the installed one, side by side in one process.
+"""The C++ decode LoRA op of an older revision against the working tree's, side by side in one process.
 
 On a shared VM the memory's speed moves by more than a kernel change between runs of a minute, so
 builds compared in separate processes one after another tell little. This builds the kernel source
-of REV (from git) with the installed variant's flags, loads it beside the installed build, and
-alternates them: the op alone (``lora``: calls of 32 decode rows over 32 distinct adapters' pages,
+of REV (from git) and the working tree's with the same flags (the installed variant's, from setup.py;
+the installed build itself is not compared: its setuptools flags differ, and an A/A run against it
+read 0.3 ms a decode step apart), loads both, and alternates them: the op alone (``lora``: calls of 32 decode rows over 32 distinct adapters' pages,
 q|k|v-shaped like the default model's, about 596 MiB a pass, and a flat read of as many bytes),
 then with ``--engine`` the default model's decode steps, the old and the new op swapped step by step
 (``linear_lora`` and ``lora`` both), the median over adjacent pairs of full decode steps.
@@ -55,17 +56,21 @@ def variant_flags(variant: str) -> list[str]:
     raise SystemExit(f"setup.py has no variant {variant!r}")
 
 
-def build_old(rev: str, variant: str, tmp: Path):
-    """REV's kernel source, built as a module of its own with the installed variant's flags."""
+def build(tag: str, rev: str | None, variant: str, tmp: Path):
+    """The kernel source of ``rev`` (None: the working tree's), built as a module of its own."""
     from torch.utils.cpp_extension import load
 
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{SOURCE}"], check=True, capture_output=True,
-                            text=True).stdout
-    path = tmp / "old_cpu_kernels.cpp"
+    if rev is None:
+        source = (REPO / SOURCE).read_text()
+    else:
+        source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{SOURCE}"], check=True,
+                                capture_output=True, text=True).stdout
+    (tmp / tag).mkdir()
+    path = tmp / tag / "cpu_kernels.cpp"
     path.write_text(source)
     flags = ["-O3", "-g0", "-fopenmp", *variant_flags(variant)]
-    return load(f"old_cpu_{variant}", [str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                build_directory=str(tmp), verbose=False)
+    return load(f"{tag}_cpu_{variant}", [str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                build_directory=str(tmp / tag), verbose=False)
 
 
 def op_rounds(old, new, rank: int, rounds: int, trials: int) -> None:
@@ -109,18 +114,24 @@ def op_rounds(old, new, rank: int, rounds: int, trials: int) -> None:
 
 
 class Alternate(EngineObserver):
-    """Swaps the runner's op between ``ops`` after every step; records full decode steps in order."""
+    """Swaps the runner's op between the two ``ops`` after every step, which of them goes first
+    swapped each pair of steps (an A/A run with one order favoured the second by 0.1 ms a step);
+    records full decode steps in order."""
 
     def __init__(self, runner, ops: dict, full_batch: int):
         self.runner, self.ops, self.names, self.full_batch = runner, ops, list(ops), full_batch
         self.steps: list[tuple[str | None, float]] = []
-        runner.apply_lora = ops[self.names[0]]
+        runner.apply_lora = ops[self.op_of(0)]
+
+    def op_of(self, i: int) -> str:
+        """Step i's op: pairs (0, 1), (2, 3), ... in the orders (a, b), (b, a), (a, b), ..."""
+        return self.names[(i // 2 + i) % 2]
 
     def step(self, stats) -> None:
-        name = self.names[len(self.steps) % 2]
+        name = self.op_of(len(self.steps))
         full = stats.num_prefill_tokens == 0 and stats.num_decode_tokens == self.full_batch
         self.steps.append((name if full else None, stats.seconds))
-        self.runner.apply_lora = self.ops[self.names[len(self.steps) % 2]]
+        self.runner.apply_lora = self.ops[self.op_of(len(self.steps))]
 
     def paired(self) -> list[float]:
         """new - old over adjacent full decode steps."""
@@ -130,7 +141,7 @@ class Alternate(EngineObserver):
 
 
 @in_passing_thread
-def engine_pairs(old, rank: int, rounds: int, tmp: Path) -> None:
+def engine_pairs(old, new, rank: int, rounds: int, tmp: Path) -> None:
     n = 32
     config = ServerConfig(max_batch_size=n, max_tokens_per_step=512, max_model_len=120, default_max_new_tokens=64,
                           max_lora_rank=rank, max_device_adapters=n, max_host_adapters=n, metrics_port=0,
@@ -141,24 +152,26 @@ def engine_pairs(old, rank: int, rounds: int, tmp: Path) -> None:
                      for i in range(n))
     built = build_engine(ServerConfig(**{**config.__dict__, "adapters": adapters}), loaded)
     engine, runner = built.engine, built.engine.runner
-    new_op = runner.apply_lora
-    if new_op.name != "cpp":
+    served = runner.apply_lora
+    if served.name != "cpp":
         raise SystemExit("the engine's LoRA ops are not the C++ kernel's")
-    old_op = TorchLoRA(old.lora)
-    if new_op.base_linear_rows:
-        old_op.use_base_linear(old.linear_lora, new_op.base_linear_rows)
+    ops = {}
+    for name, kernels in (("new", new), ("old", old)):  # both as the server builds its own
+        ops[name] = TorchLoRA(kernels.lora)
+        if served.base_linear_rows:
+            ops[name].use_base_linear(kernels.linear_lora, served.base_linear_rows)
     engine.start()
     try:
         prompts, ids = random_prompts(loaded.hf_model.config.vocab_size, n, 16), [a for a, _ in adapters]
         run_batch(engine, prompts, ids, 2)  # every adapter resident
-        alternate = Alternate(runner, {"new": new_op, "old": old_op}, n)
+        alternate = Alternate(runner, ops, n)
         engine.observers.append(alternate)
         try:
             for _ in range(rounds):
                 run_batch(engine, prompts, ids, 64)
         finally:
             engine.observers.remove(alternate)
-            runner.apply_lora = new_op
+            runner.apply_lora = served
     finally:
         engine.stop()
     d = alternate.paired()
@@ -175,17 +188,17 @@ def main() -> int:
     ap.add_argument("--engine", action="store_true", help="also alternate the two ops step by step in the engine")
     ap.add_argument("--engine-rounds", type=int, default=6)
     args = ap.parse_args()
-    new = cpu_kernel.load_kernels()
-    if new is None:
-        raise SystemExit("no C++ kernel is installed")
-    variant = new.__name__.rsplit("_cpu_", 1)[-1]
-    print(f"CPU: {cpu_name()}; variant {variant}; {args.rev} against the installed build", flush=True)
+    installed = cpu_kernel.load_kernels()
+    if installed is None:
+        raise SystemExit("no C++ kernel is installed (the engine's ops need it)")
+    variant = installed.variant
+    print(f"CPU: {cpu_name()}; variant {variant}; {args.rev} against the working tree", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        old = build_old(args.rev, variant, Path(tmp))
+        old, new = build("old", args.rev, variant, Path(tmp)), build("new", None, variant, Path(tmp))
         for rank in (int(r) for r in args.ranks.split(",")):
             op_rounds(old, new, rank, args.rounds, args.trials)
             if args.engine:
-                engine_pairs(old, rank, args.engine_rounds, Path(tmp))
+                engine_pairs(old, new, rank, args.engine_rounds, Path(tmp))
     return 0
 
 
