@@ -151,7 +151,9 @@ def page_runs(pages: torch.Tensor) -> list[tuple[int, int]]:
 
 class PageRead:
     """Stands in for the LoRA op (same signature): reads every page of A and of B that a call's
-    plan names, once, with a sum over each run of consecutive pages, and computes nothing else."""
+    plan names, once, with a sum over each run of consecutive pages, and computes nothing else.
+    Where a page's A and B rows are one row of memory (the pool the C++ op reads), the run's rows
+    are summed whole, as one stretch of memory."""
 
     def __init__(self):
         self._runs: dict[int, tuple[object, list[tuple[int, int]]]] = {}  # id(plan) -> (plan, runs)
@@ -166,10 +168,19 @@ class PageRead:
             self._runs[id(plan)] = hit
         return hit[1]
 
+    @staticmethod
+    def stretches(a_store, b_store, lo: int, hi: int) -> list[torch.Tensor]:
+        """The memory of pages [lo, hi): their rows whole where a page's A and B are one row of
+        memory, else the A rows and the B rows."""
+        row = a_store.stride(0)
+        if b_store.stride(0) == row and 0 < b_store.data_ptr() - a_store.data_ptr() < row * a_store.element_size():
+            return [a_store.as_strided((hi - lo, row), (row, 1), a_store.storage_offset() + lo * row)]
+        return [a_store[lo:hi], b_store[lo:hi]]
+
     def __call__(self, y, x, a_store, b_store, plan, bounds=None, used=None, bias=None) -> None:
         for lo, hi in self.runs(plan):
-            a_store[lo:hi].sum()
-            b_store[lo:hi].sum()
+            for t in self.stretches(a_store, b_store, lo, hi):
+                t.sum()
 
 
 def paired_run(engine, prompts, ids, new_tokens: int, floor_buf: torch.Tensor | None, op=None,

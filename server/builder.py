@@ -310,7 +310,8 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     if kernel_rows and apply_lora.name == "cpp":
         apply_lora.use_base_linear(kernels.linear_lora, kernel_rows)  # decode rows' base and LoRA in one call
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)
-    pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None))
+    pool = DevicePool(layout, config.device_pages, page_dtype, loaded.device, getattr(kernels, "copy_rows", None),
+                      interleave=apply_lora.name == "cpp")
     graphs = use_decode_graphs(config, loaded.device, cls)
     pool.zero_untargeted = graphs  # before any adapter loads: static plans read every kind's pages
     config, states = recurrent_states(config, model, loaded)

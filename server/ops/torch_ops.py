@@ -140,8 +140,9 @@ class TorchLoRA:
     def _apply_group(self, y, x, a_store, b_store, g: RankGroup, bounds, used) -> None:
         n, lo = g.num_rows, g.row_start
         v = self._shrink(x, a_store, g, used)
-        # one kind owns the store: BGMV reads it in place (in the activations' dtype only)
-        whole = bounds == (0, b_store.shape[1]) and b_store.dtype == x.dtype
+        # one kind owns the store: BGMV reads it in place (in the activations' dtype only; embedding_bag
+        # would copy a strided store whole)
+        whole = bounds == (0, b_store.shape[1]) and b_store.dtype == x.dtype and b_store.is_contiguous()
         if g.group_ends is not None or not whole:
             lead = n if g.group_ends is None else g.group_ends.numel()
             b_pages = self._gather("b", b_store, g.pages, x).view(lead, g.rank, -1)  # [n or U, rank, out]

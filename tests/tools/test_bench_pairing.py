@@ -63,12 +63,21 @@ def test_page_runs_are_the_distinct_pages_as_ascending_ranges():
 class SliceSpy:
     """A store that records the slices read from it."""
 
-    def __init__(self):
-        self.read = []
+    def __init__(self, address: int):
+        self.read, self.address = [], address
 
     def __getitem__(self, s):
         self.read.append((s.start, s.stop))
         return torch.ones(1)
+
+    def stride(self, dim: int) -> int:
+        return 8
+
+    def data_ptr(self) -> int:
+        return self.address
+
+    def element_size(self) -> int:
+        return 4
 
 
 def test_the_page_read_reads_each_named_page_of_both_stores_once(monkeypatch):
@@ -79,8 +88,20 @@ def test_the_page_read_reads_each_named_page_of_both_stores_once(monkeypatch):
     computed = []
     real = engine_decode.page_runs
     monkeypatch.setattr(engine_decode, "page_runs", lambda p: computed.append(p) or real(p))
-    op, a, b = engine_decode.PageRead(), SliceSpy(), SliceSpy()
+    op, a, b = engine_decode.PageRead(), SliceSpy(0), SliceSpy(1 << 20)
     for _ in range(3):  # the step's layers share the plan: its runs are found once
         op(None, None, a, b, plan)
     assert a.read == b.read == [(2, 4), (6, 9)] * 3
     assert len(computed) == 1
+
+
+def test_the_page_read_reads_pages_whose_a_and_b_rows_are_one_row_of_memory_as_one_stretch():
+    from loramux.adapters.device_pool import _stores
+
+    shapes = [((10, 3, 16), (10, 40))]
+    (a, b), = _stores(shapes, torch.float32, "cpu", interleave=True)
+    whole, = engine_decode.PageRead.stretches(a, b, 2, 5)
+    assert whole.is_contiguous() and whole.shape == (3, 48 + 48) and whole.data_ptr() == a[2].data_ptr()
+    (a, b), = _stores(shapes, torch.float32, "cpu", interleave=False)
+    assert [(t.data_ptr(), t.shape[0]) for t in engine_decode.PageRead.stretches(a, b, 2, 5)] == [
+        (a[2].data_ptr(), 3), (b[2].data_ptr(), 3)]

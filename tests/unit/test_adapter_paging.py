@@ -89,25 +89,30 @@ def test_pages_of_kinds_an_adapter_does_not_target_are_zeroed_for_static_plans(z
 
 @pytest.mark.skipif(load_kernels() is None, reason="no C++ kernel is built")
 def test_a_fill_by_the_cpp_row_copy_equals_the_torch_ops():
-    """Fused stores (q|k|v share one), a kind missing from a layer (zero rows), a second adapter."""
+    """Fused stores (q|k|v share one), a kind missing from a layer (zero rows), a second adapter;
+    pages whose A and B rows are one row of memory (interleave) hold the same values."""
     layout = LoRALayout(modules={f"l{i}.{k}": (i, k) for i in range(2) for k in ("q", "k", "v")},
                         shapes={"q": (8, 8), "k": (8, 4), "v": (8, 4)}, num_layers=2, fused=(("q", "k", "v"),))
     gen = torch.Generator().manual_seed(0)
     pools = [DevicePool(layout, 10, torch.float32, "cpu"),
-             DevicePool(layout, 10, torch.float32, "cpu", copy_rows=load_kernels().copy_rows)]
+             DevicePool(layout, 10, torch.float32, "cpu", copy_rows=load_kernels().copy_rows),
+             DevicePool(layout, 10, torch.float32, "cpu", copy_rows=load_kernels().copy_rows, interleave=True),
+             DevicePool(layout, 10, torch.float32, "cpu", interleave=True)]
     for key, rank in ((("a", 0), 3), (("b", 0), 4)):
         present = [m for m in layout.modules.values() if m != (1, "v")]
         w = LoRAWeights(rank, {m: torch.randn(rank, 8, generator=gen) for m in present},
                         {m: torch.randn(rank, layout.shapes[m[1]][1], generator=gen) for m in present})
         for pool in pools:
             pool.fill(key, pool.reserve(key, rank, evict=False), w)
-    for (a0, b0), (a1, b1) in zip(pools[0].fused_stores.values(), pools[1].fused_stores.values(), strict=True):
-        assert torch.equal(a0, a1) and torch.equal(b0, b1)
+    for other in pools[1:]:
+        for (a0, b0), (a1, b1) in zip(pools[0].fused_stores.values(), other.fused_stores.values(), strict=True):
+            assert torch.equal(a0, a1) and torch.equal(b0, b1)
 
 
 @pytest.mark.skipif(load_kernels() is None, reason="no C++ kernel is built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_file_converted_straight_into_pages_equals_a_fill_of_its_host_copy(dtype):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_a_file_converted_straight_into_pages_equals_a_fill_of_its_host_copy(dtype, interleave):
     """DevicePool.convert_into against fill(convert_adapter(...)): fused stores, a kind missing from
     a layer (zero rows), ranks below the pages'; a NaN fails the fill, naming the module, and the
     pages go back."""
@@ -122,7 +127,7 @@ def test_a_file_converted_straight_into_pages_equals_a_fill_of_its_host_copy(dty
         [torch.randn(layout.shapes[m[1]][1], ranks[m], generator=gen) for m in present],
         [2.0 if m[1] == "q" else 0.5 for m in present], [None] * len(present))
     kernels = load_kernels()
-    pools = [DevicePool(layout, 10, dtype, "cpu", copy_rows=kernels.copy_rows) for _ in range(2)]
+    pools = [DevicePool(layout, 10, dtype, "cpu", copy_rows=kernels.copy_rows, interleave=i) for i in (False, interleave)]
     for pool in pools:  # pages that held another adapter's values
         pool.fused_stores[(0, ("q", "k", "v"))][0].fill_(3.0)
     pools[0].fill("a", pools[0].reserve("a", 4, evict=False), convert_adapter(decoded, layout, dtype,

@@ -421,6 +421,47 @@ def test_linear_lora_is_the_linear_then_lora_bit_for_bit(variant, rows, threads)
 
 @needs_kernel
 @each_variant
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_ops_give_the_same_bits_over_pages_whose_a_and_b_rows_are_one_row_of_memory(variant, dtype):
+    """A pool built for the C++ op (DevicePool's ``interleave``) keeps page p's A rows and B row side
+    by side, so the stores are strided views: ``lora`` (decode rows of ranks grouped and not, a
+    prefill segment) and ``linear_lora`` give over them exactly what they give over separate
+    contiguous stores, with one thread and two."""
+    from loramux.adapters.device_pool import _stores
+    from loramux.server.ops import plan_segments, plan_tokens
+
+    kernels = variant_module(variant)
+    gen = torch.Generator().manual_seed(23)
+    in_f, bounds = 37, [0, 40, 56, 79]
+    e32, e64, e = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=dtype)
+    for rank in (1, 4, 16, 31):
+        pages = [torch.randperm(4 * rank, generator=gen)[:rank] for _ in range(3)]
+        a = (torch.randn(4 * rank, 3, in_f, generator=gen) / in_f**0.5).to(dtype)
+        b = torch.randn(4 * rank, 79, generator=gen).to(dtype)
+        (ai, bi), = _stores([(a.shape, b.shape)], dtype, "cpu", interleave=True)
+        ai.copy_(a), bi.copy_(b)
+        align = 64 // a.element_size()  # A's 111 and B's 79 from 64-byte boundaries
+        assert ai.stride(0) == bi.stride(0) == -(-111 // align) * align + -(-79 // align) * align
+        x = torch.randn(17, in_f, generator=gen).to(dtype)
+        y0 = torch.randn(17, 79, generator=gen).to(dtype)
+        for plan in (plan_tokens([i % 4 - 1 for i in range(17)], pages), plan_segments([0, 9, 10, 17], pages)):
+            g = plan.groups[0]
+            ends = e32 if g.group_ends is None else g.group_ends
+            for threads in (1, 2):
+                with torch_threads(threads):
+                    want, got = y0.clone(), y0.clone()
+                    kernels.lora(want, x, a, b, g.rows, g.pages, ends, rank, bounds, [0, 2], e64, e)
+                    kernels.lora(got, x, ai, bi, g.rows, g.pages, ends, rank, bounds, [0, 2], e64, e)
+                    assert torch.equal(got, want), (rank, threads, g.group_ends is None)
+                    if dtype == torch.float32 and g.group_ends is None:
+                        w = torch.randn(84, in_f, generator=gen)
+                        starts = torch.arange(g.num_rows + 1) * rank
+                        assert torch.equal(kernels.linear_lora(x, w, e, ai, bi, g.rows, starts, g.pages, bounds, [0, 2]),
+                                           kernels.linear_lora(x, w, e, a, b, g.rows, starts, g.pages, bounds, [0, 2]))
+
+
+@needs_kernel
+@each_variant
 def test_float32_decode_rows_of_every_rank_to_17_match_the_reference(variant):
     """Each rank below 16 has a group shape of its own in the AVX-512 build (16 // rank rows of
     rank pages; below 8 in the AVX2 build), 16 and 17 go row by row: every rank from 1 to 17

@@ -61,3 +61,25 @@ def test_a_pools_stores_share_one_arena():
     stores = [t for pair in pool.fused_stores.values() for t in pair]
     assert len(stores) == 8 and len({t.untyped_storage().data_ptr() for t in stores}) == 1
     assert not any(t.any() for t in stores)
+
+
+def test_interleaved_stores_hold_a_pages_a_and_b_rows_in_one_row_of_memory():
+    """interleave: store p's A rows then its B row, each from a 64-byte boundary (q|v's A rows are
+    24 floats, padded to 32), every store disjoint and zero, all in one arena."""
+    from loramux.adapters.device_pool import DevicePool
+    from loramux.adapters.loader import LoRALayout
+
+    shapes = {"q_proj": (12, 8), "v_proj": (12, 4), "down_proj": (8, 12)}
+    layout = LoRALayout(modules={f"{i}.{k}": (i, k) for i in range(2) for k in shapes}, shapes=shapes, num_layers=2,
+                        fused=(("q_proj", "v_proj"),))
+    pool = DevicePool(layout, 40, torch.float32, "cpu", interleave=True)
+    a, b = pool.fused_stores[(0, ("q_proj", "v_proj"))]
+    assert a.shape == (41, 2, 12) and b.shape == (41, 12)
+    assert a.stride() == (32 + 16, 12, 1) and b.stride() == (48, 1) and b.data_ptr() - a.data_ptr() == 32 * 4
+    assert all(t.data_ptr() % 64 == 0 for pair in pool.fused_stores.values() for t in (pair[0][1], pair[1][1]))
+    stores = [t for pair in pool.fused_stores.values() for t in pair]
+    assert len({t.untyped_storage().data_ptr() for t in stores}) == 1 and not any(t.any() for t in stores)
+    for i, t in enumerate(stores):
+        t.fill_(i + 1)
+    assert [t.unique().tolist() for t in stores] == [[float(i + 1)] for i in range(len(stores))]
+    assert pool.page_bytes == 2 * 4 * (2 * 12 + 12 + 12 + 8)
