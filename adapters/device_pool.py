@@ -63,7 +63,7 @@ class Resident:
         return int(self.pages[-1]) if self.magnitude else None
 
 
-def _stores(shapes: list[tuple[tuple[int, int, int], tuple[int, int]]], dtype, device, interleave: bool,
+def page_stores(shapes: list[tuple[tuple[int, int, int], tuple[int, int]]], dtype, device, interleave: bool,
             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zeroed page stores (a [P, m, in], b [P, out]) of ``shapes``, all in one arena on huge pages:
     a decode row reads its pages in runs of a few KB. With ``interleave``, each store's page p is
@@ -76,7 +76,10 @@ def _stores(shapes: list[tuple[tuple[int, int, int], tuple[int, int]]], dtype, d
         flat = huge_pages.zeros_many([s for pair in shapes for s in pair], dtype, device)
         return list(zip(flat[::2], flat[1::2], strict=True))
     align = max(1, 64 // dtype.itemsize)
-    pad = lambda n: -(-n // align) * align  # noqa: E731
+
+    def pad(n: int) -> int:
+        return -(-n // align) * align
+
     rows = huge_pages.zeros_many([(p, pad(m * i) + pad(o)) for (p, m, i), (_, o) in shapes], dtype, device)
     return [(row[:, : m * i].unflatten(1, (m, i)), row[:, pad(m * i) : pad(m * i) + o])
             for row, ((_, m, i), (_, o)) in zip(rows, shapes, strict=True)]
@@ -110,7 +113,7 @@ class DevicePool:
             assert len(in_f) == 1, f"fused kinds {group} must share their input size"
             outs = [layout.shapes[k][1] for k in group]
             shapes[(layer, group)] = ((num_pages + 1, len(group), in_f.pop()), (num_pages + 1, sum(outs)))
-        self.fused_stores.update(zip(shapes, _stores(list(shapes.values()), dtype, device, interleave), strict=True))
+        self.fused_stores.update(zip(shapes, page_stores(list(shapes.values()), dtype, device, interleave), strict=True))
         for (layer, group), (a_store, b_store) in self.fused_stores.items():
             lo = 0
             for j, kind in enumerate(group):

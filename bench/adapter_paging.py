@@ -146,7 +146,8 @@ def pages_load_ms(path: Path, layout, dtype, manifest, buffers) -> dict:
     kernels = load_kernels()
     if kernels is None or dtype == torch.float64:
         return {}
-    pool = DevicePool(layout, 2 * manifest.rank, dtype, "cpu", kernels.copy_rows, interleave=True)  # as the server lays them out for the C++ op
+    # laid out as the server lays them out for the C++ op
+    pool = DevicePool(layout, 2 * manifest.rank, dtype, "cpu", kernels.copy_rows, interleave=True)
     keys = iter(range(1 << 30))
 
     def via_host():

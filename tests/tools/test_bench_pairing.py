@@ -96,12 +96,12 @@ def test_the_page_read_reads_each_named_page_of_both_stores_once(monkeypatch):
 
 
 def test_the_page_read_reads_pages_whose_a_and_b_rows_are_one_row_of_memory_as_one_stretch():
-    from loramux.adapters.device_pool import _stores
+    from loramux.adapters.device_pool import page_stores
 
     shapes = [((10, 3, 16), (10, 40))]
-    (a, b), = _stores(shapes, torch.float32, "cpu", interleave=True)
+    (a, b), = page_stores(shapes, torch.float32, "cpu", interleave=True)
     whole, = engine_decode.PageRead.stretches(a, b, 2, 5)
     assert whole.is_contiguous() and whole.shape == (3, 48 + 48) and whole.data_ptr() == a[2].data_ptr()
-    (a, b), = _stores(shapes, torch.float32, "cpu", interleave=False)
+    (a, b), = page_stores(shapes, torch.float32, "cpu", interleave=False)
     assert [(t.data_ptr(), t.shape[0]) for t in engine_decode.PageRead.stretches(a, b, 2, 5)] == [
         (a[2].data_ptr(), 3), (b[2].data_ptr(), 3)]

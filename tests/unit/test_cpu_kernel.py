@@ -427,7 +427,7 @@ def test_the_ops_give_the_same_bits_over_pages_whose_a_and_b_rows_are_one_row_of
     by side, so the stores are strided views: ``lora`` (decode rows of ranks grouped and not, a
     prefill segment) and ``linear_lora`` give over them exactly what they give over separate
     contiguous stores, with one thread and two."""
-    from loramux.adapters.device_pool import _stores
+    from loramux.adapters.device_pool import page_stores
     from loramux.server.ops import plan_segments, plan_tokens
 
     kernels = variant_module(variant)
@@ -438,7 +438,7 @@ def test_the_ops_give_the_same_bits_over_pages_whose_a_and_b_rows_are_one_row_of
         pages = [torch.randperm(4 * rank, generator=gen)[:rank] for _ in range(3)]
         a = (torch.randn(4 * rank, 3, in_f, generator=gen) / in_f**0.5).to(dtype)
         b = torch.randn(4 * rank, 79, generator=gen).to(dtype)
-        (ai, bi), = _stores([(a.shape, b.shape)], dtype, "cpu", interleave=True)
+        (ai, bi), = page_stores([(a.shape, b.shape)], dtype, "cpu", interleave=True)
         ai.copy_(a), bi.copy_(b)
         align = 64 // a.element_size()  # A's 111 and B's 79 from 64-byte boundaries
         assert ai.stride(0) == bi.stride(0) == -(-111 // align) * align + -(-79 // align) * align

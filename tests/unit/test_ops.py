@@ -418,3 +418,34 @@ def test_used_columns_merges_adjacent_kinds():
     assert used_columns((0, 32, 48, 64), (0, 1, 2)) == [(0, 64)]
     assert used_columns((0, 32, 48, 64), (0, 2)) == [(0, 32), (48, 64)]
     assert used_columns((0, 32, 48, 64), (1, 2)) == [(32, 64)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kinds", [1, 3])
+def test_stores_whose_pages_are_one_row_of_memory_give_what_contiguous_stores_give(backend, kinds):
+    """A pool with ``interleave`` keeps page p's A rows and B row in one row of memory: its stores are
+    strided views, which every backend reads as it reads contiguous ones (the torch op's BGMV
+    expand of a single-kind store too, by its gather path)."""
+    from loramux.adapters.device_pool import page_stores
+
+    gen = torch.Generator().manual_seed(6)
+    ranks = [4, 16, 7]
+    pages = _adapter_pages(ranks, gen)
+    outs = FUSED_OUTS if kinds == 3 else (OUT,)
+    bounds = [0]
+    for o in outs:
+        bounds.append(bounds[-1] + o)
+    a = torch.randn(sum(ranks), kinds, IN, generator=gen) / IN**0.5
+    b = torch.randn(sum(ranks), bounds[-1], generator=gen) / 4
+    (ai, bi), = page_stores([(a.shape, b.shape)], torch.float32, DEVICE, interleave=True)
+    ai.copy_(a), bi.copy_(b)
+    assert not bi.is_contiguous() and bi.stride(0) == ai.stride(0)
+    token_adapter = [-1 if i % 5 == 0 else i % len(ranks) for i in range(23)]
+    for plan in (plan_tokens(token_adapter, pages), plan_segments([0, 6, 6, 17, 23], [pages[0], pages[1], None, pages[2]])):
+        x = torch.randn(23, IN, generator=gen).to(DEVICE)
+        y0 = torch.randn(23, bounds[-1], generator=gen).to(DEVICE)
+        want, got = y0.clone(), y0.clone()
+        op = select_backend(backend, DEVICE)
+        op(want, x, a.to(DEVICE), b.to(DEVICE), plan.to(DEVICE), tuple(bounds))
+        op(got, x, ai, bi, plan.to(DEVICE), tuple(bounds))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
