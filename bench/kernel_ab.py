@@ -5,11 +5,14 @@ builds compared in separate processes one after another tell little. This builds
 of REV (from git) and the working tree's with the same flags (the installed variant's, from setup.py;
 the installed build itself is not compared: its setuptools flags differ, and an A/A run against it
 read 0.3 ms a decode step apart), loads both, and alternates them: the op alone (``lora``: calls of 32 decode rows over 32 distinct adapters' pages,
-q|k|v-shaped like the default model's, about 596 MiB a pass, and a flat read of as many bytes),
-then with ``--engine`` the default model's decode steps, the old and the new op swapped step by step
+q|k|v-shaped like the default model's, each page's A and B one row of memory as the server keeps
+them, about 596 MiB a pass, and a flat read of as many bytes),
+then with ``--engine`` the default model's decode steps (``--engine-model small``: bench-decode's small
+Llama's), the old and the new op swapped step by step
 (``linear_lora`` and ``lora`` both), the median over adjacent pairs of full decode steps.
 
     python bench/kernel_ab.py --rev REV [--ranks 16,4] [--rounds 9] [--trials 4] [--engine] [--engine-rounds 6]
+                              [--engine-model default|small]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loramux.adapters import huge_pages  # noqa: E402
+from loramux.adapters.device_pool import page_stores  # noqa: E402
 from loramux.adapters.synthetic import ALL_PROJ  # noqa: E402
 from loramux.server.builder import build_engine  # noqa: E402
 from loramux.server.config import ServerConfig  # noqa: E402
@@ -38,6 +42,7 @@ from loramux.server.ops.torch_ops import TorchLoRA  # noqa: E402
 from loramux.server.torch_threads import in_passing_thread  # noqa: E402
 
 from common import cpu_name, random_prompts, run_batch, write_adapter  # noqa: E402
+from engine_decode import build_small_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "server/ops/csrc/cpu_kernels.cpp"
@@ -78,8 +83,8 @@ def op_rounds(old, new, rank: int, rounds: int, trials: int) -> None:
     width = BOUNDS[-1]
     adapters = 596 * 2**20 // 4 // (rank * (3 * IN + width))
     pages = adapters * rank
-    a = huge_pages.zeros((pages * 3 * IN,), torch.float32, "cpu").normal_().view(pages, 3, IN)
-    b = huge_pages.zeros((pages * width,), torch.float32, "cpu").normal_().view(pages, width)
+    (a, b), = page_stores([((pages, 3, IN), (pages, width))], torch.float32, "cpu", interleave=True)  # as served
+    a.normal_(), b.normal_()
     flat = huge_pages.zeros((pages * (3 * IN + width),), torch.float32, "cpu").fill_(1.0)
     order = torch.randperm(adapters)[: adapters // 32 * 32]
     calls = (order[:, None] * rank + torch.arange(rank)).view(-1, 32 * rank)  # each adapter's pages consecutive
@@ -141,9 +146,9 @@ class Alternate(EngineObserver):
 
 
 @in_passing_thread
-def engine_pairs(old, new, rank: int, rounds: int, tmp: Path) -> None:
+def engine_pairs(old, new, rank: int, rounds: int, tmp: Path, model: str | None = None) -> None:
     n = 32
-    config = ServerConfig(max_batch_size=n, max_tokens_per_step=512, max_model_len=120, default_max_new_tokens=64,
+    config = ServerConfig(model=model, max_batch_size=n, max_tokens_per_step=512, max_model_len=120, default_max_new_tokens=64,
                           max_lora_rank=rank, max_device_adapters=n, max_host_adapters=n, metrics_port=0,
                           prefix_caching=False)
     loaded = load_model(config)
@@ -187,6 +192,8 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=4, help="trials per rank (the memory's speed moves between them)")
     ap.add_argument("--engine", action="store_true", help="also alternate the two ops step by step in the engine")
     ap.add_argument("--engine-rounds", type=int, default=6)
+    ap.add_argument("--engine-model", choices=["default", "small"], default="default",
+                    help="the engine's model: the default one, or bench-decode's small Llama (built on the fly)")
     args = ap.parse_args()
     installed = cpu_kernel.load_kernels()
     if installed is None:
@@ -195,10 +202,11 @@ def main() -> int:
     print(f"CPU: {cpu_name()}; variant {variant}; {args.rev} against the working tree", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         old, new = build("old", args.rev, variant, Path(tmp)), build("new", None, variant, Path(tmp))
+        model = build_small_llama(Path(tmp)) if args.engine and args.engine_model == "small" else None
         for rank in (int(r) for r in args.ranks.split(",")):
             op_rounds(old, new, rank, args.rounds, args.trials)
             if args.engine:
-                engine_pairs(old, new, rank, args.engine_rounds, Path(tmp))
+                engine_pairs(old, new, rank, args.engine_rounds, Path(tmp), model)
     return 0
 
 
