@@ -144,6 +144,16 @@ class AlternatingLoRA(EngineObserver):
         return [Pair(on[1] - off[1], (on[2] + off[2]) / 2, off[1]) for on, off in pairs]
 
 
+def by_floor_thirds(pairs: list[Pair]) -> tuple[float, float]:
+    """The median overhead / floor of the pairs whose floor read was in the fastest third, and of
+    those in the slowest third: the memory's speed swings within a run on these VMs, and the
+    quotient is not the same in a fast stretch as in a slow one."""
+    ranked = sorted(pairs, key=lambda p: p.floor)
+    third = max(1, len(ranked) // 3)
+    return (median(p.overhead / p.floor for p in ranked[:third]),
+            median(p.overhead / p.floor for p in ranked[-third:]))
+
+
 def page_runs(pages: torch.Tensor) -> list[tuple[int, int]]:
     """The distinct entries of ``pages`` as ascending [lo, hi) runs of consecutive page indices."""
     return [(lo, hi + 1) for lo, hi in runs(pages.flatten().tolist())]
@@ -254,6 +264,9 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         "floor_ms": floor * 1e3, "overhead_over_floor": (step_mixed - step_base) / floor,
         "paired_lora_overhead_ms": median(p.overhead for p in pairs) * 1e3, "paired_pairs": len(pairs),
         "paired_overhead_over_floor": median(p.overhead / p.floor for p in pairs),
+        "paired_overhead_over_floor_fast_third": by_floor_thirds(pairs)[0],
+        "paired_overhead_over_floor_slow_third": by_floor_thirds(pairs)[1],
+        "paired_floor_ms_range": [min(p.floor for p in pairs) * 1e3, max(p.floor for p in pairs) * 1e3],
         "in_step_read_ms": median(p.overhead for p in read_pairs) * 1e3,
         "in_step_read_over_floor": median(p.overhead / p.floor for p in read_pairs),
         "paired_overhead_over_in_step_read": median(p.overhead for p in pairs) / median(p.overhead for p in read_pairs),
@@ -301,6 +314,9 @@ def main() -> int:
         print(f"  paired steps (LoRA on and off in adjacent steps of one run, the floor read between them; median "
               f"of {r['paired_pairs']} pairs): overhead {r['paired_lora_overhead_ms']:5.1f} ms, "
               f"{r['paired_overhead_over_floor']:.2f}x its floor (target <= 1.3)")
+        lo, hi = r["paired_floor_ms_range"]
+        print(f"    the pairs whose floor read was fastest (a third of them): {r['paired_overhead_over_floor_fast_third']:.2f}x; "
+              f"slowest: {r['paired_overhead_over_floor_slow_third']:.2f}x (floor reads {lo:.1f}-{hi:.1f} ms)")
         print(f"  the same pages read (a sum) in the LoRA op's place, paired the same way: {r['in_step_read_ms']:5.1f} ms, "
               f"{r['in_step_read_over_floor']:.2f}x the floor; the LoRA op costs "
               f"{r['paired_overhead_over_in_step_read']:.2f}x that in-step read")

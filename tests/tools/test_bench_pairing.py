@@ -5,6 +5,7 @@ is read after each full-batch decode step, and each pair of adjacent such steps 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -105,3 +106,11 @@ def test_the_page_read_reads_pages_whose_a_and_b_rows_are_one_row_of_memory_as_o
     (a, b), = page_stores(shapes, torch.float32, "cpu", interleave=False)
     assert [(t.data_ptr(), t.shape[0]) for t in engine_decode.PageRead.stretches(a, b, 2, 5)] == [
         (a[2].data_ptr(), 3), (b[2].data_ptr(), 3)]
+
+
+def test_pairs_are_split_by_how_fast_their_floor_read_was():
+    pairs = [engine_decode.Pair(overhead=o, floor=f, base=1.0)
+             for o, f in ((1.0, 1.0), (1.3, 1.0), (1.2, 1.0), (2.0, 2.0), (2.2, 2.0), (1.8, 2.0), (3.0, 4.0))]
+    fast, slow = engine_decode.by_floor_thirds(pairs)
+    # a third is two pairs: floors of 1.0 (overheads 1.0 and 1.3: the sort is stable) and of 2.0 and 4.0
+    assert fast == pytest.approx(1.15) and slow == pytest.approx((0.9 + 0.75) / 2)
