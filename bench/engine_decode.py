@@ -252,6 +252,7 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
     step_mixed = median(r.decode_step_s for r in mixed)
     floor = median(p.floor for p in pairs)
     params = sum(p.numel() for p in loaded.hf_model.parameters())
+    fast_third, slow_third = by_floor_thirds(pairs)
     return {
         "model": loaded.name, "parameters": params, "requests": n, "distinct_adapters": n, "rank": args.rank,
         "targets": "all 7 projections" + (" and lm_head" if args.lm_head else ""), "rounds": args.rounds,
@@ -264,8 +265,7 @@ def bench_model(model: str | None, args, tmp: Path) -> dict:
         "floor_ms": floor * 1e3, "overhead_over_floor": (step_mixed - step_base) / floor,
         "paired_lora_overhead_ms": median(p.overhead for p in pairs) * 1e3, "paired_pairs": len(pairs),
         "paired_overhead_over_floor": median(p.overhead / p.floor for p in pairs),
-        "paired_overhead_over_floor_fast_third": by_floor_thirds(pairs)[0],
-        "paired_overhead_over_floor_slow_third": by_floor_thirds(pairs)[1],
+        "paired_overhead_over_floor_fast_third": fast_third, "paired_overhead_over_floor_slow_third": slow_third,
         "paired_floor_ms_range": [min(p.floor for p in pairs) * 1e3, max(p.floor for p in pairs) * 1e3],
         "in_step_read_ms": median(p.overhead for p in read_pairs) * 1e3,
         "in_step_read_over_floor": median(p.overhead / p.floor for p in read_pairs),
