@@ -68,6 +68,22 @@ def test_residency_is_bounded_by_pages_not_by_a_count():
     assert ("small", 0) not in pool.resident_keys and pool.evictions == 1
 
 
+def test_an_adapter_takes_the_lowest_free_pages_in_ascending_order():
+    """So its pages run forward through memory, next to the adapter before it where they can: after
+    evictions and a cancelled copy, the freed pages go out again lowest first."""
+    pool = DevicePool(LAYOUT, num_pages=12, dtype=torch.float32, device="cpu")
+    for key, rank in (("a", 4), ("b", 2), ("c", 4)):
+        assert load(pool, key, rank, evict=False)
+    assert [pool.pages_of(k).tolist() for k in "abc"] == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    pool.evict("a")
+    pool.evict("c")
+    reserved = pool.reserve("d", 3, evict=False)
+    assert reserved.tolist() == [0, 1, 2]
+    pool.cancel("d", reserved)
+    assert load(pool, "e", 6, evict=False) and pool.pages_of("e").tolist() == [0, 1, 2, 3, 6, 7]
+    assert pool.free_pages == 4
+
+
 @pytest.mark.parametrize("zero_untargeted", [True, False])
 def test_pages_of_kinds_an_adapter_does_not_target_are_zeroed_for_static_plans(zero_untargeted):
     """With ``zero_untargeted`` (decode graphs' static plans read every kind of every row's pages),
