@@ -64,8 +64,8 @@ class Resident:
         return int(self.pages[-1]) if self.magnitude else None
 
 
-def page_stores(shapes: list[tuple[tuple[int, int, int], tuple[int, int]]], dtype, device, interleave: bool,
-            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def page_stores(shapes: list[tuple[tuple[int, int, int], tuple[int, int]]], dtype, device,
+                interleave: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zeroed page stores (a [P, m, in], b [P, out]) of ``shapes``, all in one arena on huge pages:
     a decode row reads its pages in runs of a few KB. With ``interleave``, each store's page p is
     one row of memory, its A rows then its B row (each from a 64-byte boundary), so that a row of a
@@ -94,7 +94,7 @@ class DevicePool:
     def __init__(self, layout: LoRALayout, num_pages: int, dtype, device, copy_rows=None, interleave: bool = False):
         """``copy_rows``: the C++ ``copy_rows`` (server/ops/cpu_kernel.py), which fills a host
         pool's pages of every store in one call; None: two torch ops per store. ``interleave``: a
-        page's A rows and B row side by side in one row of memory (for the C++ op; see below)."""
+        page's A rows and B row side by side in one row of memory (for the C++ op; ``page_stores``)."""
         self.num_pages = num_pages
         # one page past the others stays zero: a static plan (decode_graphs.py) pads a row's pages to a
         # fixed rank with it, and gives it to rows without an adapter
@@ -130,7 +130,7 @@ class DevicePool:
         self.page_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
                               for a, b in self.stores.values())
         self._lock = threading.RLock()
-        # a min-heap: an adapter takes the lowest free pages, in ascending order, so its pages run
+        # a min-heap (sorted: already one): an adapter takes the lowest free pages, in ascending order, so its pages run
         # forward through memory, next to the adapter loaded before it where they are free (the C++
         # decode op read a step's pages in 0.97x the time that way against a fresh pool's old,
         # descending order, on a Zen 5: BENCHMARKS.md)
