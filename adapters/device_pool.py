@@ -130,10 +130,10 @@ class DevicePool:
         self.page_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
                               for a, b in self.stores.values())
         self._lock = threading.RLock()
-        # a min-heap (sorted: already one): an adapter takes the lowest free pages, in ascending order, so its pages run
-        # forward through memory, next to the adapter loaded before it where they are free (the C++
-        # decode op read a step's pages in 0.97x the time that way against a fresh pool's old,
-        # descending order, on a Zen 5: BENCHMARKS.md)
+        # a min-heap (sorted, so already one): an adapter takes the lowest free pages, ascending, so
+        # its pages run forward through memory, next to the adapter loaded before it where they are
+        # free (the C++ decode op read a step's pages in 0.97x the time that way against a fresh
+        # pool's old, descending order, on a Zen 5: BENCHMARKS.md)
         self._free_pages = list(range(num_pages))
         self._resident: OrderedDict[AdapterKey, Resident] = OrderedDict()  # LRU order, oldest first
         self._copying: set[AdapterKey] = set()  # pages reserved, copy in flight

@@ -4,12 +4,12 @@ On a shared VM the memory's speed moves by more than a kernel change between run
 builds compared in separate processes one after another tell little. This builds the kernel source
 of REV (from git) and the working tree's with the same flags (the installed variant's, from setup.py;
 the installed build itself is not compared: its setuptools flags differ, and an A/A run against it
-read 0.3 ms a decode step apart), loads both, and alternates them: the op alone (``lora``: calls of 32 decode rows over 32 distinct adapters' pages,
-q|k|v-shaped like the default model's, each page's A and B one row of memory as the server keeps
-them, about 596 MiB a pass, and a flat read of as many bytes),
-then with ``--engine`` the default model's decode steps (``--engine-model small``: bench-decode's small
-Llama's), the old and the new op swapped step by step
-(``linear_lora`` and ``lora`` both), the median over adjacent pairs of full decode steps.
+read 0.3 ms a decode step apart), loads both, and alternates them: the op alone (``lora``: calls of
+32 decode rows over 32 distinct adapters' pages, q|k|v-shaped like the default model's, each page's
+A and B one row of memory as the server keeps them, about 596 MiB a pass, and a flat read of as many
+bytes), then with ``--engine`` the default model's decode steps (``--engine-model small``:
+bench-decode's small Llama's), the old and the new op swapped step by step (``linear_lora`` and
+``lora`` both), the median over adjacent pairs of full decode steps.
 
     python bench/kernel_ab.py --rev REV [--ranks 16,4] [--rounds 9] [--trials 4] [--engine] [--engine-rounds 6]
                               [--engine-model default|small]

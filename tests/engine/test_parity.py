@@ -167,6 +167,8 @@ def engine_with_adapters(request, tiny_llama, tiny_adapters, tmp_path_factory):
     else:  # the C++ kernel serves decode rows only when asked for
         assert type(op).__name__ == "TorchLoRA" and (op._kernel is not None) == (backend == "cpp")
     assert all(a.dtype == getattr(torch, lora_dtype or "float32") for a, _ in built.manager.pool.stores.values())
+    # where the C++ op serves, a page's A and B are one row of memory: the stores are strided views
+    assert {b.is_contiguous() for _, b in built.manager.pool.fused_stores.values()} == {backend != "cpp"}
     built.engine.start()
     yield built, adapters
     built.engine.stop()
