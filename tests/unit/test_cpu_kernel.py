@@ -4,6 +4,7 @@ import ast
 import collections
 import contextlib
 import importlib
+import itertools
 import os
 import platform
 from pathlib import Path
@@ -147,6 +148,11 @@ def test_every_variant_widens_narrow_pages_exactly(variant, page_dtype):
         assert (narrow - wide).abs().max() <= 1e-6 * wide.abs().max() and not torch.equal(narrow, y)
 
 
+# (a value in A, a value in B, the scaling): a NaN, an Inf, an overflow of the scaling, and 7e4
+# (past float16's 65504 only)
+BAD_VALUES = ((float("nan"), 1.0, 1.0), (1.0, float("-inf"), 1.0), (1.0, 3e38, 2.0), (1.0, 7e4, 1.0))
+
+
 @needs_kernel
 @each_variant
 @pytest.mark.parametrize("dst", [torch.float32, torch.float16, torch.bfloat16])
@@ -177,12 +183,12 @@ def test_convert_adapter_writes_the_serving_layout_exactly(variant, dst):
             b_ref[:r] = (bi.float() * s).T.to(dst)
             expected[off : off + rank * (i + o)] = torch.cat([a_ref.flatten(), b_ref.flatten()])
         assert torch.equal(flat, expected), src
-    for bad_a, bad_b, s in ((float("nan"), 1.0, 1.0), (1.0, float("-inf"), 1.0), (1.0, 3e38, 2.0), (1.0, 7e4, 1.0)):
+    # from float32 files (a cast on the way) and from files already in the pages' dtype (copied as they are)
+    for src, (bad_a, bad_b, s) in itertools.product({torch.float32, dst}, BAD_VALUES):
         a, b = torch.ones(2, 16), torch.ones(9, 2)
         a[1, 15], b[8, 0] = bad_a, bad_b
-        finite = convert(torch.empty(2 * 25, dtype=dst), [a], [b], [0], [s], 2)
-        overflows = bad_b == 7e4 and dst == torch.float16  # past float16's 65504 only
-        assert finite == (bad_b == 7e4 and not overflows), (bad_a, bad_b, s)
+        finite = convert(torch.empty(2 * 25, dtype=dst), [a.to(src)], [b.to(src)], [0], [s], 2)
+        assert finite == (bad_b == 7e4 and torch.float16 not in (src, dst)), (src, bad_a, bad_b, s)
 
 
 @needs_kernel
@@ -243,12 +249,12 @@ def test_convert_to_pages_writes_what_convert_adapter_then_copy_rows_write(varia
         assert kernel.convert_to_pages(stores_a, stores_b, a, b, scales, index)
         for got, want in zip((fused_a, fused_b, lone_a, lone_b), expected, strict=True):
             assert torch.equal(got, want), src
-    for bad_a, bad_b, s in ((float("nan"), 1.0, 1.0), (1.0, float("-inf"), 1.0), (1.0, 3e38, 2.0), (1.0, 7e4, 1.0)):
+    for src, (bad_a, bad_b, s) in itertools.product({torch.float32, dst}, BAD_VALUES):
         a, b = torch.ones(2, 16), torch.ones(9, 2)
         a[1, 15], b[8, 0] = bad_a, bad_b
-        finite = kernel.convert_to_pages([torch.empty(4, 16, dtype=dst)], [torch.empty(4, 9, dtype=dst)], [a], [b], [s],
-                                         torch.tensor([2, 0]))
-        assert finite == (bad_b == 7e4 and dst != torch.float16), (bad_a, bad_b, s)
+        finite = kernel.convert_to_pages([torch.empty(4, 16, dtype=dst)], [torch.empty(4, 9, dtype=dst)], [a.to(src)],
+                                         [b.to(src)], [s], torch.tensor([2, 0]))
+        assert finite == (bad_b == 7e4 and torch.float16 not in (src, dst)), (src, bad_a, bad_b, s)
     with pytest.raises(RuntimeError, match="out of range"):
         kernel.convert_to_pages([torch.empty(4, 16)], [torch.empty(4, 9)], [torch.ones(2, 16)], [torch.ones(9, 2)],
                                 [1.0], torch.tensor([2, 4]))
