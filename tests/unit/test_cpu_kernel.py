@@ -193,6 +193,20 @@ def test_convert_adapter_writes_the_serving_layout_exactly(variant, dst):
 
 @needs_kernel
 @each_variant
+@pytest.mark.parametrize("dst", [torch.float32, torch.bfloat16])
+def test_convert_adapter_transposes_high_ranks_exactly(variant, dst):
+    """Ranks past 64 take B in blocks of fewer output columns (8192 values a block): the same
+    layout as the torch path's, the last block a partial one."""
+    gen = torch.Generator().manual_seed(6)
+    for r, out in ((100, 300), (600, 40)):
+        a, b = torch.randn(r, 17, generator=gen), torch.randn(out, r, generator=gen)
+        flat = torch.empty(r * (17 + out), dtype=dst)
+        assert variant_module(variant).convert_adapter(flat, [a], [b], [0], [0.5], r)
+        assert torch.equal(flat, torch.cat([a.to(dst).flatten(), (b * 0.5).T.to(dst).flatten()])), (r, out)
+
+
+@needs_kernel
+@each_variant
 def test_copy_rows_writes_each_row_to_its_page_and_nothing_else(variant):
     copy_rows = variant_module(variant).copy_rows
     gen = torch.Generator().manual_seed(4)

@@ -1249,18 +1249,20 @@ static inline float finite_check(const D* p, int64_t n) {
 // arithmetic: cast B to float32, then scale), rows k >= r zero. A row already in D (S == D) is
 // written straight from the file's bytes after its check; another goes through `tmp` in blocks of
 // BLOCK, in W = Wide<D>, into `row`. B is first transposed and scaled into `wide` ([r, out] in W),
-// TB output columns at a time, so that a TB x r block of B (2 KiB at rank 16) stays in L1 while
-// its columns are read; read down one column for each page row, B came from L2. Together the two
-// convert a rank-32 q/v adapter of the default model in 0.45-0.5x the time, in every build
-// (BENCHMARKS.md). Rows are written out with stream_copy (Stream: pages not read again before the next step) or
-// memcpy (a flat buffer copied or stored next). Returns false if a written value is not finite
-// (NaN or Inf in the file, or an overflow): store() and finite_check() return a sum that is 0
-// only if every value they saw is finite.
+// tb output columns at a time, so that a tb x r block of B (8192 values, up to rank 512) stays in
+// L1 while its columns are read; read down one column for each page row, B came from L2. (128
+// columns were the fastest of 16 to 256 at ranks 8 to 64 in a standalone copy; in the op,
+// 0.97-1.02x the time of 32.) Together the two convert a q/v adapter in under half the time, in
+// every build (BENCHMARKS.md). Rows are written out with stream_copy (Stream: pages not read again
+// before the next step) or memcpy (a flat buffer copied or stored next). Returns false if a written
+// value is not finite (NaN or Inf in the file, or an overflow): store() and finite_check() return a
+// sum that is 0 only if every value they saw is finite.
 template <bool Stream, typename D, typename S>
 static bool module_rows(char* da, int64_t sa, char* db, int64_t sb, const S* a, const S* b, int64_t r,
                         const int64_t* ix, int64_t R, int64_t in, int64_t out, float s, std::vector<D>& row,
                         std::vector<Wide<D>>& wide) {
-  constexpr int64_t BLOCK = 64, TB = 32;
+  constexpr int64_t BLOCK = 64;
+  const int64_t tb = std::clamp<int64_t>(8192 / std::max<int64_t>(r, 1), 16, 128);
   using W = Wide<D>;
   W tmp[BLOCK];
   float chk = 0.f;
@@ -1285,8 +1287,8 @@ static bool module_rows(char* da, int64_t sa, char* db, int64_t sb, const S* a, 
   }
   wide.resize(r * out);
   W* t = wide.data();
-  for (int64_t o0 = 0; o0 < out; o0 += TB) {
-    const int64_t n = std::min(TB, out - o0);
+  for (int64_t o0 = 0; o0 < out; o0 += tb) {
+    const int64_t n = std::min(tb, out - o0);
     for (int64_t k = 0; k < r; ++k) {
 #pragma omp simd
       for (int64_t o = 0; o < n; ++o) t[k * out + o0 + o] = static_cast<W>(static_cast<float>(b[(o0 + o) * r + k]) * s);
