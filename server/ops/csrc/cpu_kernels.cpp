@@ -1270,11 +1270,20 @@ static bool module_rows(char* da, int64_t sa, char* db, int64_t sb, const S* a, 
     if constexpr (Stream) stream_copy(dst, static_cast<const char*>(src), n * sizeof(D));
     else std::memcpy(dst, src, n * sizeof(D));
   };
+  // n values to dst: already in D, checked and written from where they are; else cast into `row` first
+  const auto emit = [&](char* dst, const auto* src, int64_t n) {
+    if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(src)>>, D>) {
+      chk += finite_check(src, n);
+      put(dst, src, n);
+    } else {
+      chk += store(row.data(), src, n);
+      put(dst, row.data(), n);
+    }
+  };
   row.assign(std::max(in, out), static_cast<D>(0.f));
   for (int64_t k = 0; k < r; ++k) {
     if constexpr (std::is_same_v<S, D>) {  // D(W(v)) == v: the file's row as it is
-      chk += finite_check(a + k * in, in);
-      put(da + ix[k] * sa, a + k * in, in);
+      emit(da + ix[k] * sa, a + k * in, in);
       continue;
     }
     for (int64_t c0 = 0; c0 < in; c0 += BLOCK) {
@@ -1294,15 +1303,7 @@ static bool module_rows(char* da, int64_t sa, char* db, int64_t sb, const S* a, 
       for (int64_t o = 0; o < n; ++o) t[k * out + o0 + o] = static_cast<W>(static_cast<float>(b[(o0 + o) * r + k]) * s);
     }
   }
-  for (int64_t k = 0; k < r; ++k) {
-    if constexpr (std::is_same_v<W, D>) {
-      chk += finite_check(t + k * out, out);
-      put(db + ix[k] * sb, t + k * out, out);
-    } else {
-      chk += store(row.data(), t + k * out, out);
-      put(db + ix[k] * sb, row.data(), out);
-    }
-  }
+  for (int64_t k = 0; k < r; ++k) emit(db + ix[k] * sb, t + k * out, out);
   std::fill(row.begin(), row.end(), static_cast<D>(0.f));
   for (int64_t k = r; k < R; ++k) {
     put(da + ix[k] * sa, row.data(), in);
