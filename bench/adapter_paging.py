@@ -47,7 +47,7 @@ from loramux.server.requests import (
 )
 from loramux.server.torch_threads import in_passing_thread, serial_openmp  # noqa: E402
 
-from common import cpu_name, write_adapter  # noqa: E402
+from common import cpu_name, steal_seconds, write_adapter  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "v_proj")
@@ -202,7 +202,9 @@ def run(config, loaded, adapters, picks, prompts, arrivals, max_new, resident_fi
         before, io_before = built.manager.tier_counters(), thread_cpu_seconds("adapter-io")  # not the warm-up's
         reqs = [GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new, ignore_eos=True), adapters[a][0])
                 for i, (a, p) in enumerate(zip(picks, prompts, strict=True))]
+        steal_before = steal_seconds()
         outs, wall = asyncio.run(run_open_loop(built.engine, reqs, arrivals))
+        steal = steal_seconds() - steal_before
         counters = built.manager.tier_counters()
         io_cpu = thread_cpu_seconds("adapter-io") - io_before
     finally:
@@ -216,6 +218,7 @@ def run(config, loaded, adapters, picks, prompts, arrivals, max_new, resident_fi
         "ttft_cold_p90": percentile(cold, 90), "ttft_warm_p90": percentile(warm, 90),
         "cold_requests": len(cold), "device_evictions": counters["device"].evictions - before["device"].evictions,
         "host_misses": counters["host"].misses - before["host"].misses, "io_thread_cpu_s": io_cpu,
+        "steal_s": steal,
     }
 
 
@@ -296,7 +299,8 @@ def main() -> int:
         print(f"  {args.adapters} adapters: {many['tokens_per_s']:7.1f} tok/s ({many['cold_requests']} cold requests, "
               f"{many['device_evictions']} device evictions, {many['host_misses']} disk reads, adapter I/O thread "
               f"{many['io_thread_cpu_s']:.1f} s CPU); 8 resident: "
-              f"{resident['tokens_per_s']:7.1f} tok/s; ratio {many['tokens_per_s'] / resident['tokens_per_s']:.3f}")
+              f"{resident['tokens_per_s']:7.1f} tok/s; ratio {many['tokens_per_s'] / resident['tokens_per_s']:.3f}; "
+              f"CPU time stolen by the VM's host {many['steal_s']:.2f} / {resident['steal_s']:.2f} s")
         print(f"    TTFT p50 cold {many['ttft_cold_p50']:.3f} s vs warm {many['ttft_warm_p50']:.3f} s; "
               f"p90 cold {many['ttft_cold_p90']:.3f} s vs warm {many['ttft_warm_p90']:.3f} s")
     print(f"  ratio, median of {len(pairs)} alternated pairs: {ratio:.3f} (target >= 0.95)")

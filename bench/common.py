@@ -126,6 +126,18 @@ def cpu_name() -> str:
     return f"{cpu_model_name()}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")
 
 
+def steal_seconds(stat: Path = Path("/proc/stat")) -> float:
+    """CPU time stolen from this VM so far, all its CPUs together (the hypervisor ran something else
+    while a CPU of ours had work): the aggregate line's eighth value; 0 where that is not reported.
+    A run that lost a share of its wall time this way is slower for a reason outside the code under
+    test."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 and fields[0] == "cpu" else 0.0
+
+
 @in_passing_thread
 def build_random_llama(out: Path, shape: dict, tokenizer, device: torch.device, dtype) -> Path:
     """A Llama-architecture model of ``shape`` with random weights and ``tokenizer`` (``shape`` may
