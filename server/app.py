@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -186,6 +187,8 @@ class App:
         if c.dynamic_adapters:
             log.warning("--dynamic-adapters: any inference caller may register adapters found under %s",
                         ", ".join(c.adapter_roots))
+        frozen = freeze_heap()
+        log.info("%d objects alive at start-up left out of garbage collection from here on", frozen)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: serving %s on %s:%d", self.built.loaded.name, self.config.host, self.config.port)
 
@@ -288,6 +291,18 @@ class App:
         await self.drain(self.config.drain_timeout)
         log.info("stopped")
         return 0
+
+
+def freeze_heap() -> int:
+    """Collect the garbage there is, then move every object still alive (the model's modules,
+    torch's and transformers' own, the registry's records: about 390 thousand with the default
+    model) into the collector's permanent generation, which its passes skip; returns how many.
+    A full pass over them took about 210 ms on a 2-core EPYC, holding the GIL, and so stalled the
+    engine's step loop for all requests; later passes see only what serving creates. Objects frozen
+    are still freed by reference counting; only cycles among them stay (as vLLM and SGLang do too)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _build_engine(config: ServerConfig):

@@ -169,6 +169,7 @@ def test_one_json_log_line_per_finished_request(metrics_server):
     assert rec["adapter"] == "a001" and rec["status"] == "OK" and rec["completion_tokens"] == r.completion_tokens
     assert rec["prompt_tokens"] == len(PROMPT_IDS) and rec["total_seconds"] > 0
     assert any("adapters registered" in x["message"] and x["level"] == "INFO" for x in lines)  # start-up summary
+    assert any("left out of garbage collection" in x["message"] for x in lines)  # the heap frozen when ready
 
 
 def test_a_target_step_time_no_step_can_meet_shrinks_the_budget_and_serves_on(tmp_path):
