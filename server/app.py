@@ -295,11 +295,12 @@ class App:
 
 def freeze_heap() -> int:
     """Collect the garbage there is, then move every object still alive (the model's modules,
-    torch's and transformers' own, the registry's records: about 390 thousand with the default
-    model) into the collector's permanent generation, which its passes skip; returns how many.
-    A full pass over them took about 210 ms on a 2-core EPYC, holding the GIL, and so stalled the
-    engine's step loop for all requests; later passes see only what serving creates. Objects frozen
-    are still freed by reference counting; only cycles among them stay (as vLLM and SGLang do too)."""
+    torch's and transformers' own, the registry's records: about 430 thousand when `loramux serve`
+    runs the default model) into the collector's permanent generation, which its passes skip;
+    returns how many. A full pass over them took about 210 ms on a 2-core EPYC, holding the GIL,
+    and so stalled the engine's step loop for all requests; later passes see only what serving
+    creates. Frozen objects are still freed by reference counting; only cycles among them stay
+    (vLLM and SGLang freeze theirs too)."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
