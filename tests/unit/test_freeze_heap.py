@@ -31,7 +31,7 @@ def test_garbage_goes_first_and_the_living_are_frozen(thawed_after):
     kept = Node()
     frozen = freeze_heap()
     assert dead() is None  # collected, not frozen with the rest
-    assert frozen == gc.get_freeze_count() > 1000  # this interpreter's own objects, at the least
+    assert frozen > 1000  # this interpreter's own objects, at the least (other threads may free some since)
     assert not any(o is kept for o in gc.get_objects())  # no generation holds it now
 
 
