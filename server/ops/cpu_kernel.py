@@ -9,8 +9,9 @@ float32 rows of a rank below 16 go 16 / rank at a time in the AVX-512 build (bel
 in the AVX2 and NEON builds), their pages side by side, each row's sums its own; it
 rescales a DoRA adapter's rows (``y * g + bias * (1 - g)``, ops/dora.py) as it writes them. Prefill segments (SGMV) keep a thread's rows contiguous, so
 that each adapter's pages stay in cache across its rows, and in float32 go four rows of one
-adapter at a time (eight in the AVX-512 build, in 16-lane registers): each page value read once
-for them, the sums in vector registers. The torch ops'
+adapter at a time (the shrink in explicit 8-lane registers in the AVX2 build; eight rows in the
+AVX-512 build, in 16-lane registers): each page value read once for them, the sums in vector
+registers. The torch ops'
 gather, ``bmm`` and ``embedding_bag`` take three passes and their call overhead per kind.
 ``paged_decode`` reads each decode row's keys and values in place through its block table (no
 padded copy), a row and the query heads sharing a KV head per task, the rows prefetched ahead; in

@@ -81,6 +81,50 @@ static inline void load8(f32x8& out, const c10::BFloat16* p) {
   std::memcpy(&out, &w, sizeof out);
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// AVX2 build: the tile's shrink in explicit 8-lane registers, two pages at a time: v[r, k],
+// v[r, k + 1] for the four rows across `in`, each x value loaded once for both pages' FMAs, the
+// last in % 8 values by masked loads, and the eight sums reduced together in one transposing tree
+// (about 5% off the op over a layer's calls against the generic loop below, whose sums GCC
+// reduces one by one; BENCHMARKS.md).
+static inline __m256 sums8(const __m256* d) {  // lane j: the sum of d[j]'s lanes
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));  // halves of d[0..3]
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+static inline __m256i lane_mask(int64_t n) {  // the first n < 8 lanes
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static void shrink_tile_avx2(float* v, int64_t step, const float* const xs[TILE], const float* a, const int64_t* p,
+                             int64_t rank, int64_t in, int64_t sa_page, int64_t off) {
+  for (int64_t k = 0; k < rank; k += 2) {
+    const int pair = k + 1 < rank ? 2 : 1;
+    const float* r[2] = {a + p[k] * sa_page + off, a + p[k + pair - 1] * sa_page + off};
+    __m256 acc[TILE][2];
+    for (auto& row : acc) for (auto& s : row) s = _mm256_setzero_ps();
+    auto columns = [&](int64_t c, auto load) {  // 8 columns of `in`
+      const __m256 e0 = load(r[0] + c), e1 = load(r[1] + c);
+      for (int64_t i = 0; i < TILE; ++i) {
+        __m256 z = load(xs[i] + c);
+        __asm__("" : "+x"(z));  // one load for both FMAs
+        acc[i][0] = _mm256_fmadd_ps(e0, z, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(e1, z, acc[i][1]);
+      }
+    };
+    int64_t c = 0;
+    for (; c + 8 <= in; c += 8) columns(c, [](const float* q) { return _mm256_loadu_ps(q); });
+    if (c < in) columns(c, [m = lane_mask(in - c)](const float* q) { return _mm256_maskload_ps(q, m); });
+    static_assert(TILE * 2 == 8);
+    alignas(32) float sums[8];  // v[i, k + w] at sums[2i + w]
+    _mm256_store_ps(sums, sums8(&acc[0][0]));
+    for (int64_t i = 0; i < TILE; ++i)
+      for (int w = 0; w < pair; ++w) v[i * step + k + w] = sums[2 * i + w];
+  }
+}
+#endif
+
 #if !defined(__AVX512F__)
 // The float32 expand of a tile: y[r, c0:c1] += sum_k v_r[k] * b[p[k], c0:c1] for the TILE rows,
 // sixteen columns at a time with all TILE x 16 sums in registers across the pages, so the only
@@ -229,6 +273,8 @@ static void lora_tile(float* y, const float* x, const float* a, const float* b, 
   }
 #if defined(__AVX512F__)
   for (int64_t t = 0; t < nu; ++t) shrink_tile_avx512(v + t * rank, step, xs, a, p, rank, in, sa_page, used[t] * sa_kind);
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (int64_t t = 0; t < nu; ++t) shrink_tile_avx2(v + t * rank, step, xs, a, p, rank, in, sa_page, used[t] * sa_kind);
 #else
   const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
   // shrink, two pages at a time: eight independent sums (four would wait on the FMA latency)
@@ -878,11 +924,7 @@ struct Vec {  // AVX2
     x = _mm_max_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
   }
-  static V sum_each(V d[L]) {  // lane j: the sum of d[j]'s lanes
-    const V a = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));  // halves of d[0..3]
-    const V b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
-    return _mm256_permute2f128_ps(a, b, 0x20) + _mm256_permute2f128_ps(a, b, 0x31);
-  }
+  static V sum_each(V d[L]) { return sums8(d); }  // lane j: the sum of d[j]'s lanes
   static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V scale2(V y, V n, V x) {  // y * 2^n (2^-127 flushes to 0), 0 where x < -88 (a NaN stays)
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
