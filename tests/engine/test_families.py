@@ -36,22 +36,13 @@ def family_adapters(family: str) -> dict:
 
 
 class FamilyCase:
-    """One family's random model and its adapters, built once for this module's three tests of it,
-    and PEFT's greedy outputs kept by their inputs: that oracle is half of a parity test's time, and
-    the caching and no-caching variants ask it the same prompts."""
+    """One family's random model and its adapters, built once for this module's three tests of it
+    (the caching and no-caching variants ask PEFT the same prompts: peft_generate keeps its answers)."""
 
     def __init__(self, family: str, root: Path):
         self.model = build_family_model(family, root / "model")
         self.adapters = {name: build_adapter(self.model, root / name, seed=i + 1, **kw)
                          for i, (name, kw) in enumerate(family_adapters(family).items())}
-        self._generated = {}
-
-    def peft_generate(self, name: str | None, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        key = (name, tuple(map(tuple, prompts)), max_new_tokens)
-        if key not in self._generated:
-            self._generated[key] = peft_generate(self.model, self.adapters.get(name), prompts, max_new_tokens,
-                                                 eos_token_id=None)
-        return self._generated[key]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +100,7 @@ def test_family_matches_peft_with_staggered_joins(family, caching, family_case):
             assert spy.seen == [], (family, key, spy.seen)
     for name in names:
         idx = [i for i, (n, _) in enumerate(requests) if n == name]
-        expected = case.peft_generate(name, [prompts[i] for i in idx], MAX_NEW)
+        expected = peft_generate(model, adapters.get(name), [prompts[i] for i in idx], MAX_NEW, eos_token_id=None)
         for i, exp in zip(idx, expected, strict=True):
             assert outs[i] == exp, f"{family} request {i} adapter {name}"
 
