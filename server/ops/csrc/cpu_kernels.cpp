@@ -81,44 +81,144 @@ static inline void load8(f32x8& out, const c10::BFloat16* p) {
   std::memcpy(&out, &w, sizeof out);
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-// AVX2 build: the tile's shrink in explicit 8-lane registers, two pages at a time: v[r, k],
-// v[r, k + 1] for the four rows across `in`, each x value loaded once for both pages' FMAs, the
-// last in % 8 values by masked loads, and the eight sums reduced together in one transposing tree
-// (about 5% off the op over a layer's calls against the generic loop below, whose sums GCC
-// reduces one by one; BENCHMARKS.md).
+// One vector register's float operations behind one interface, Vec (AVX-512: 16 lanes; AVX2 with
+// FMA: 8), for the kernels written once for both: the prefill tile's shrink and decode attention.
+#if defined(__AVX512F__)
+static inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+// The sum of a register's 16 lanes. The zero-masked shuffles (all lanes kept) stand in for
+// _mm512_reduce_add_ps and the plain shuffles, whose _mm512_undefined_ps GCC 12 warns about.
+static inline float lane_sum(__m512 v) {
+  constexpr __mmask16 all = 0xFFFF;
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0x4E));  // swap the 256-bit halves
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0xB1));  // swap 128-bit lanes in each half
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0x4E));        // swap 64-bit pairs in each lane
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0xB1));        // swap neighbours
+  return _mm512_cvtss_f32(v);
+}
+
+// Sixteen registers' sums at once: lane j of the result is the sum of in[j]'s 16 lanes. A transposing
+// tree (30 shuffles, 15 adds) in place of sixteen lane_sums (64 and 64).
+static inline __m512 sums16(const __m512* in) {
+  constexpr __mmask16 all = 0xFFFF;  // zero-masked forms (all lanes kept), as in lane_sum
+  auto even_odd = [](__m512 a, __m512 b) {  // 128-bit groups 0, 2 of a and of b, plus groups 1, 3
+    return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, a, b, 0x88), _mm512_maskz_shuffle_f32x4(all, a, b, 0xDD));
+  };
+  __m512 t[8], u[4];
+  for (int j = 0; j < 8; ++j) {  // each 128-bit group of t[j]: in[2j], in[2j+1], in[2j], in[2j+1], partly summed
+    const __m512 a = in[2 * j], b = in[2 * j + 1];
+    t[j] = _mm512_add_ps(_mm512_maskz_unpacklo_ps(all, a, b), _mm512_maskz_unpackhi_ps(all, a, b));
+  }
+  for (int j = 0; j < 4; ++j) {  // each 128-bit group q of u[j]: in[4j] .. in[4j+3], over group q
+    const __m512d c = _mm512_castps_pd(t[2 * j]), d = _mm512_castps_pd(t[2 * j + 1]);
+    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, c, d)),
+                         _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, c, d)));
+  }
+  return even_odd(even_odd(u[0], u[1]), even_odd(u[2], u[3]));
+}
+
+struct Vec {  // AVX-512; the zero-masked forms (all lanes kept) as in lane_sum
+  using V = __m512;
+  static constexpr int L = 16;
+  using M = __mmask16;  // the lanes a masked load reads
+  static constexpr __mmask16 ALL = 0xFFFF;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static M mask(int64_t n) { return tail_mask(n); }  // the first n < L lanes
+  static V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }  // 0 in the others
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V lanes() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static V first(V v, int64_t m, float other) { return _mm512_mask_blend_ps(tail_mask(m), set1(other), v); }
+  static float sum(V v) { return lane_sum(v); }
+  static float max(V v) {
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_shuffle_f32x4(ALL, v, v, 0x4E));
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_shuffle_f32x4(ALL, v, v, 0xB1));
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_permute_ps(ALL, v, 0x4E));
+    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_permute_ps(ALL, v, 0xB1));
+    return _mm512_cvtss_f32(v);
+  }
+  static V sum_each(const V* d) { return sums16(d); }  // lane j: the sum of d[j]'s lanes
+  static V round(V x) { return _mm512_maskz_roundscale_ps(ALL, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V y, V n, V x) {  // y * 2^n, 0 where x < -88 (a NaN stays)
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, set1(-88.f), _CMP_NLT_UQ), y, n);
+  }
+};
+#define LORAMUX_VEC 1
+#elif defined(__AVX2__) && defined(__FMA__)
 static inline __m256 sums8(const __m256* d) {  // lane j: the sum of d[j]'s lanes
   const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));  // halves of d[0..3]
   const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-static inline __m256i lane_mask(int64_t n) {  // the first n < 8 lanes
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+struct Vec {  // AVX2
+  using V = __m256;
+  using M = __m256i;
+  static constexpr int L = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static M mask(int64_t n) {  // the first n < L lanes
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load(const float* p, M m) { return _mm256_maskload_ps(p, m); }  // 0 in the others
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V lanes() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+  static V first(V v, int64_t m, float other) {
+    return _mm256_blendv_ps(set1(other), v, _mm256_cmp_ps(lanes(), set1(static_cast<float>(m)), _CMP_LT_OQ));
+  }
+  static float sum(V v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  static float max(V v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  static V sum_each(const V* d) { return sums8(d); }  // lane j: the sum of d[j]'s lanes
+  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V y, V n, V x) {  // y * 2^n (2^-127 flushes to 0), 0 where x < -88 (a NaN stays)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(y * _mm256_castsi256_ps(e), _mm256_cmp_ps(x, set1(-88.f), _CMP_NLT_UQ));
+  }
+};
+#define LORAMUX_VEC 1
+#endif
 
-static void shrink_tile_avx2(float* v, int64_t step, const float* const xs[TILE], const float* a, const int64_t* p,
-                             int64_t rank, int64_t in, int64_t sa_page, int64_t off) {
+#if defined(LORAMUX_VEC)
+// The tile's shrink, two pages at a time: v[r, k], v[r, k + 1] for the TILE rows across `in`, the
+// 2 x TILE sums in registers (L of them), each x value loaded once for both pages' FMAs, the last
+// in % L values by masked loads (an odd rank's last page goes alone), and the sums reduced together
+// in one transposing tree (sum_each). On AVX2 about 5% off the op over a layer's calls against the
+// generic loop in lora_tile, whose sums GCC reduces one by one (BENCHMARKS.md).
+static void shrink_tile(float* v, int64_t step, const float* const xs[TILE], const float* a, const int64_t* p,
+                        int64_t rank, int64_t in, int64_t sa_page, int64_t off) {
+  using V = Vec::V;
+  static_assert(TILE * 2 == Vec::L);
   for (int64_t k = 0; k < rank; k += 2) {
     const int pair = k + 1 < rank ? 2 : 1;
     const float* r[2] = {a + p[k] * sa_page + off, a + p[k + pair - 1] * sa_page + off};
-    __m256 acc[TILE][2];
-    for (auto& row : acc) for (auto& s : row) s = _mm256_setzero_ps();
-    auto columns = [&](int64_t c, auto load) {  // 8 columns of `in`
-      const __m256 e0 = load(r[0] + c), e1 = load(r[1] + c);
+    V acc[TILE][2];
+    for (auto& row : acc) for (auto& s : row) s = Vec::zero();
+    auto columns = [&](int64_t c, auto load) {  // L columns of `in`
+      const V e0 = load(r[0] + c), e1 = load(r[1] + c);
       for (int64_t i = 0; i < TILE; ++i) {
-        __m256 z = load(xs[i] + c);
-        __asm__("" : "+x"(z));  // one load for both FMAs
-        acc[i][0] = _mm256_fmadd_ps(e0, z, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(e1, z, acc[i][1]);
+        V z = load(xs[i] + c);
+        __asm__("" : "+v"(z));  // one load: GCC would fold it into both FMAs, 18 loads for 16 FMAs
+        acc[i][0] = Vec::fma(e0, z, acc[i][0]);
+        acc[i][1] = Vec::fma(e1, z, acc[i][1]);
       }
     };
     int64_t c = 0;
-    for (; c + 8 <= in; c += 8) columns(c, [](const float* q) { return _mm256_loadu_ps(q); });
-    if (c < in) columns(c, [m = lane_mask(in - c)](const float* q) { return _mm256_maskload_ps(q, m); });
-    static_assert(TILE * 2 == 8);
-    alignas(32) float sums[8];  // v[i, k + w] at sums[2i + w]
-    _mm256_store_ps(sums, sums8(&acc[0][0]));
+    for (; c + Vec::L <= in; c += Vec::L)  // unmasked: masked loads here ran the AVX-512 tile 1.5x slower
+      columns(c, [](const float* q) { return Vec::load(q); });
+    if (c < in) columns(c, [m = Vec::mask(in - c)](const float* q) { return Vec::load(q, m); });
+    alignas(sizeof(V)) float sums[Vec::L];  // v[i, k + w] at sums[2i + w]
+    Vec::store(sums, Vec::sum_each(&acc[0][0]));
     for (int64_t i = 0; i < TILE; ++i)
       for (int w = 0; w < pair; ++w) v[i * step + k + w] = sums[2 * i + w];
   }
@@ -161,71 +261,9 @@ static void expand_tile_f32(float* const y[TILE], const float* b, const int64_t*
 #endif
 
 #if defined(__AVX512F__)
-// AVX-512 build: the tile's sums in 16 of the 32 vector registers, each page value loaded once
-// for the TILE rows. Shrink, two pages at a time: v[r, k], v[r, k + 1] for r < TILE across `in`,
-// a masked load taking the last in % 16 values (an odd rank's last page goes alone).
-static inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-// The sum of a register's 16 lanes. The zero-masked shuffles (all lanes kept) stand in for
-// _mm512_reduce_add_ps and the plain shuffles, whose _mm512_undefined_ps GCC 12 warns about.
-static inline float lane_sum(__m512 v) {
-  constexpr __mmask16 all = 0xFFFF;
-  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0x4E));  // swap the 256-bit halves
-  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0xB1));  // swap 128-bit lanes in each half
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0x4E));        // swap 64-bit pairs in each lane
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0xB1));        // swap neighbours
-  return _mm512_cvtss_f32(v);
-}
-
-// Sixteen registers' sums at once: lane j of the result is the sum of in[j]'s 16 lanes. A transposing
-// tree (30 shuffles, 15 adds) in place of sixteen lane_sums (64 and 64).
-static inline __m512 sums16(const __m512* in) {
-  constexpr __mmask16 all = 0xFFFF;  // zero-masked forms (all lanes kept), as in lane_sum
-  auto even_odd = [](__m512 a, __m512 b) {  // 128-bit groups 0, 2 of a and of b, plus groups 1, 3
-    return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, a, b, 0x88), _mm512_maskz_shuffle_f32x4(all, a, b, 0xDD));
-  };
-  __m512 t[8], u[4];
-  for (int j = 0; j < 8; ++j) {  // each 128-bit group of t[j]: in[2j], in[2j+1], in[2j], in[2j+1], partly summed
-    const __m512 a = in[2 * j], b = in[2 * j + 1];
-    t[j] = _mm512_add_ps(_mm512_maskz_unpacklo_ps(all, a, b), _mm512_maskz_unpackhi_ps(all, a, b));
-  }
-  for (int j = 0; j < 4; ++j) {  // each 128-bit group q of u[j]: in[4j] .. in[4j+3], over group q
-    const __m512d c = _mm512_castps_pd(t[2 * j]), d = _mm512_castps_pd(t[2 * j + 1]);
-    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, c, d)),
-                         _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, c, d)));
-  }
-  return even_odd(even_odd(u[0], u[1]), even_odd(u[2], u[3]));
-}
-
-static void shrink_tile_avx512(float* v, int64_t step, const float* const xs[TILE], const float* a, const int64_t* p,
-                               int64_t rank, int64_t in, int64_t sa_page, int64_t off) {
-  for (int64_t k = 0; k < rank; k += 2) {
-    const int pair = k + 1 < rank ? 2 : 1;
-    const float* r[2] = {a + p[k] * sa_page + off, a + p[k + pair - 1] * sa_page + off};
-    __m512 acc[TILE][2];
-    for (auto& row : acc) for (auto& s : row) s = _mm512_setzero_ps();
-    auto columns = [&](int64_t c, auto load) {  // 16 columns of `in`
-      const __m512 e0 = load(r[0] + c), e1 = load(r[1] + c);
-      for (int64_t i = 0; i < TILE; ++i) {
-        __m512 z = load(xs[i] + c);
-        __asm__("" : "+v"(z));  // one load: GCC would fold it into both FMAs, 18 loads for 16 FMAs
-        acc[i][0] = _mm512_fmadd_ps(e0, z, acc[i][0]);
-        acc[i][1] = _mm512_fmadd_ps(e1, z, acc[i][1]);
-      }
-    };
-    int64_t c = 0;
-    for (; c + 16 <= in; c += 16)  // unmasked: masked loads here ran the tile 1.5x slower
-      columns(c, [](const float* q) { return _mm512_loadu_ps(q); });
-    if (c < in) columns(c, [m = tail_mask(in - c)](const float* q) { return _mm512_maskz_loadu_ps(m, q); });
-    static_assert(TILE * 2 == 16);
-    alignas(64) float sums[16];  // v[i, k + w] at sums[2i + w]
-    _mm512_store_ps(sums, sums16(&acc[0][0]));
-    for (int64_t i = 0; i < TILE; ++i)
-      for (int w = 0; w < pair; ++w) v[i * step + k + w] = sums[2 * i + w];
-  }
-}
-
-// Expand: y[r, c0:c1] += sum_k v_r[k] * b[p[k], c0:c1], 32 columns of the TILE rows at a time
-// (16 sums in registers across the pages), then 16, then a masked tail.
+// AVX-512 build, the tile's expand: y[r, c0:c1] += sum_k v_r[k] * b[p[k], c0:c1], 32 columns of the
+// TILE rows at a time (16 sums in 16 of the 32 vector registers across the pages, each page value
+// loaded once for the TILE rows), then 16, then a masked tail.
 template <int V, bool MASKED>
 static inline void expand_cols_avx512(float* const y[TILE], const float* b, const int64_t* p, int64_t rank,
                                       int64_t sb, const float* const v[TILE], int64_t c, __mmask16 last) {
@@ -271,10 +309,8 @@ static void lora_tile(float* y, const float* x, const float* a, const float* b, 
     xs[i] = x + rows[i] * sx;
     ys[i] = y + rows[i] * sy;
   }
-#if defined(__AVX512F__)
-  for (int64_t t = 0; t < nu; ++t) shrink_tile_avx512(v + t * rank, step, xs, a, p, rank, in, sa_page, used[t] * sa_kind);
-#elif defined(__AVX2__) && defined(__FMA__)
-  for (int64_t t = 0; t < nu; ++t) shrink_tile_avx2(v + t * rank, step, xs, a, p, rank, in, sa_page, used[t] * sa_kind);
+#if defined(LORAMUX_VEC)
+  for (int64_t t = 0; t < nu; ++t) shrink_tile(v + t * rank, step, xs, a, p, rank, in, sa_page, used[t] * sa_kind);
 #else
   const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
   // shrink, two pages at a time: eight independent sums (four would wait on the FMA latency)
@@ -864,77 +900,7 @@ static inline void prefetch_row(const T* row, int64_t hd) {
 // polynomial in r, times 2^n; within a few ulp of std::exp, and 0 below -88: e^x underflows there,
 // and the keys past a row's end come as -inf); the values' sums stay in registers. About a fifth of
 // the scalar loop's instructions.
-#if defined(__AVX512F__)
-struct Vec {  // AVX-512; the zero-masked forms (all lanes kept) as in lane_sum
-  using V = __m512;
-  static constexpr int L = 16;
-  static constexpr __mmask16 ALL = 0xFFFF;
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V lanes() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-  static V first(V v, int64_t m, float other) { return _mm512_mask_blend_ps(tail_mask(m), set1(other), v); }
-  static float sum(V v) { return lane_sum(v); }
-  static float max(V v) {
-    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_shuffle_f32x4(ALL, v, v, 0x4E));
-    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_shuffle_f32x4(ALL, v, v, 0xB1));
-    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_permute_ps(ALL, v, 0x4E));
-    v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_permute_ps(ALL, v, 0xB1));
-    return _mm512_cvtss_f32(v);
-  }
-  static V sum_each(V d[L]) {  // lane j: the sum of d[j]'s lanes
-    V e[8], f[4], h[2];
-    for (int p = 0; p < 8; ++p)  // each 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) of a = d[2p], b = d[2p+1]
-      e[p] = _mm512_maskz_unpacklo_ps(ALL, d[2 * p], d[2 * p + 1]) + _mm512_maskz_unpackhi_ps(ALL, d[2 * p], d[2 * p + 1]);
-    for (int p = 0; p < 4; ++p) {  // 128-bit lane k: lane k's sums of d[4p .. 4p + 3]
-      const __m512d x = _mm512_castps_pd(e[2 * p]), y = _mm512_castps_pd(e[2 * p + 1]);
-      f[p] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, x, y)) + _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, x, y));
-    }
-    for (int p = 0; p < 2; ++p)  // 128-bit lanes (0+1, 2+3) of f[2p], then of f[2p + 1]
-      h[p] = _mm512_maskz_shuffle_f32x4(ALL, f[2 * p], f[2 * p + 1], 0x88) +
-             _mm512_maskz_shuffle_f32x4(ALL, f[2 * p], f[2 * p + 1], 0xDD);
-    return _mm512_maskz_shuffle_f32x4(ALL, h[0], h[1], 0x88) + _mm512_maskz_shuffle_f32x4(ALL, h[0], h[1], 0xDD);
-  }
-  static V round(V x) { return _mm512_maskz_roundscale_ps(ALL, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static V scale2(V y, V n, V x) {  // y * 2^n, 0 where x < -88 (a NaN stays)
-    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, set1(-88.f), _CMP_NLT_UQ), y, n);
-  }
-};
-#define LORAMUX_DECODE_VEC 1
-#elif defined(__AVX2__) && defined(__FMA__)
-struct Vec {  // AVX2
-  using V = __m256;
-  static constexpr int L = 8;
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V lanes() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
-  static V first(V v, int64_t m, float other) {
-    return _mm256_blendv_ps(set1(other), v, _mm256_cmp_ps(lanes(), set1(static_cast<float>(m)), _CMP_LT_OQ));
-  }
-  static float sum(V v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-  }
-  static float max(V v) {
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-  }
-  static V sum_each(V d[L]) { return sums8(d); }  // lane j: the sum of d[j]'s lanes
-  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static V scale2(V y, V n, V x) {  // y * 2^n (2^-127 flushes to 0), 0 where x < -88 (a NaN stays)
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(y * _mm256_castsi256_ps(e), _mm256_cmp_ps(x, set1(-88.f), _CMP_NLT_UQ));
-  }
-};
-#define LORAMUX_DECODE_VEC 1
-#endif
-
-#if defined(LORAMUX_DECODE_VEC)
+#if defined(LORAMUX_VEC)
 static inline Vec::V exp_vec(Vec::V x) {
   using V = Vec::V;
   const V n = Vec::round(x * 1.44269504088896341f);  // x <= 0: n >= -128 above -88
@@ -1059,7 +1025,7 @@ static void paged_rows(T* out, const T* q, const T* k, const T* v, const int64_t
         prefetch_row<3>(k + off[t], hd);
         prefetch_row<2>(v + off[t], hd);
       }
-#if defined(LORAMUX_DECODE_VEC)
+#if defined(LORAMUX_VEC)
       if constexpr (std::is_same_v<T, float>) {
         if ((hd == 64 || hd == 128) && gh <= 64 && cap == 0.f) {  // soft-capped scores: the scalar path
           (hd == 64 ? decode_heads<64 / Vec::L> : decode_heads<128 / Vec::L>)(
@@ -2128,7 +2094,7 @@ static inline float selective_scan_token(float* h, const float* a, const float* 
                                          float w, int64_t N) {
   float acc = 0.f;
   int64_t n = 0;
-#if defined(LORAMUX_DECODE_VEC)  // the decays through the attention kernel's exp (step * A <= 0), L at a time
+#if defined(LORAMUX_VEC)  // the decays through the attention kernel's exp (step * A <= 0), L at a time
   Vec::V sums = Vec::set1(0.f);
   for (; n + Vec::L <= N; n += Vec::L) {
     const Vec::V hn = Vec::fma(exp_vec(Vec::set1(step) * Vec::load(a + n)), Vec::load(h + n),
