@@ -26,7 +26,7 @@ from .config import ServerConfig, StartupError
 from .decode_graphs import DecodeGraphs
 from .engine import Engine, adapter_fault_injector, fault_injector
 from .kv_cache import PagedKVCache
-from .model_loader import LoadedModel, load_model
+from .model_loader import LoadedModel, load_model, resolve_device
 from .models import serving_model_class
 from .ops import cpu_isa, select_backend
 from .ops.attention import select_decode_attention, select_prefill_attention
@@ -72,6 +72,14 @@ CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on the CPU: at most 1 GiB ...
 CUDA_KV_FRACTION = 0.8  # ... and on CUDA this share of the device memory still free after the model and adapters
 
 
+def refuse_gpu_fraction_off_cuda(config: ServerConfig, device: torch.device) -> None:
+    """--gpu-memory-utilization sizes a CUDA device's KV pool: on another device, refused before
+    the model loads (a large model's load takes minutes)."""
+    if config.gpu_memory_utilization is not None and device.type != "cuda":
+        raise StartupError(f"--gpu-memory-utilization sizes the KV pool on a CUDA device; this server runs on "
+                           f"{device.type}: use --kv-cache-tokens")
+
+
 def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device, reserved: int = 0) -> int:
     """--kv-cache-tokens, or sized from memory, ``reserved`` bytes (what registrations may take
     later: adapters' fully trained modules) kept out of it. On CUDA, with --gpu-memory-utilization
@@ -79,13 +87,10 @@ def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.dev
     adapter pool), refused at start-up when that much is not free (other processes hold it);
     without it CUDA_KV_FRACTION of the memory still free. On the CPU CPU_KV_BUDGET_BYTES, but no
     more than max-batch-size sequences of max-model-len tokens (the most a full batch can hold) and
-    no less than one such sequence. A model without attention takes no K/V memory: a full batch's
-    tokens."""
+    no less than one such sequence (--gpu-memory-utilization off CUDA: refused before, by
+    refuse_gpu_fraction_off_cuda). A model without attention takes no K/V memory: a full batch's tokens."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
-    if config.gpu_memory_utilization is not None and device.type != "cuda":
-        raise StartupError(f"--gpu-memory-utilization sizes the KV pool on a CUDA device; this server runs on "
-                           f"{device.type}: use --kv-cache-tokens")
     longest = -(-config.max_model_len // config.kv_block_size) * config.kv_block_size  # in whole blocks
     if bytes_per_token == 0:  # no attention layer (Mamba-2): the pool's blocks are bookkeeping alone
         return config.max_batch_size * longest
@@ -271,6 +276,7 @@ def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[
 
 @in_passing_thread
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
+    refuse_gpu_fraction_off_cuda(config, loaded.device if loaded else resolve_device(config.device))
     loaded = loaded or load_model(config)
     hf = loaded.hf_model
     cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__, hf.config)

@@ -141,7 +141,7 @@ def test_gpu_memory_utilization_sizes_the_kv_pool_from_the_devices_memory(monkey
     start-up error that names the flag."""
     import torch
 
-    from loramux.server.builder import kv_pool_tokens
+    from loramux.server.builder import kv_pool_tokens, refuse_gpu_fraction_off_cuda
     from loramux.server.config import StartupError
 
     gib = 2**30
@@ -162,7 +162,9 @@ def test_gpu_memory_utilization_sizes_the_kv_pool_from_the_devices_memory(monkey
         kv_pool_tokens(ServerConfig(gpu_memory_utilization=0.85), 1024, cuda)
     with pytest.raises(StartupError, match="--gpu-memory-utilization sizes the KV pool on a CUDA device; this "
                                            "server runs on cpu: use --kv-cache-tokens"):
-        kv_pool_tokens(half, 1024, torch.device("cpu"))
+        refuse_gpu_fraction_off_cuda(half, torch.device("cpu"))
+    refuse_gpu_fraction_off_cuda(half, cuda)
+    refuse_gpu_fraction_off_cuda(ServerConfig(), torch.device("cpu"))
 
 
 @pytest.mark.parametrize(("settings", "message"), [
