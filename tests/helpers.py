@@ -1050,7 +1050,7 @@ def peft_model(model_dir: Path, adapter_dir: Path | None):
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
-_PLAIN = (type(None), bool, int, float, str)
+_PLAIN = (type(None), int, float, str)  # bool is an int
 
 
 def _plain(value) -> bool:

@@ -123,13 +123,13 @@ struct Vec {  // AVX-512; the zero-masked forms (all lanes kept) as in lane_sum
   static constexpr __mmask16 ALL = 0xFFFF;
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static M mask(int64_t n) { return tail_mask(n); }  // the first n < L lanes
+  static M mask(int64_t n) { return tail_mask(n); }  // the first n <= L lanes
   static V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }  // 0 in the others
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V lanes() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-  static V first(V v, int64_t m, float other) { return _mm512_mask_blend_ps(tail_mask(m), set1(other), v); }
+  static V first(V v, int64_t m, float other) { return _mm512_mask_blend_ps(mask(m), set1(other), v); }
   static float sum(V v) { return lane_sum(v); }
   static float max(V v) {
     v = _mm512_maskz_max_ps(ALL, v, _mm512_maskz_shuffle_f32x4(ALL, v, v, 0x4E));
@@ -158,7 +158,7 @@ struct Vec {  // AVX2
   static constexpr int L = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static M mask(int64_t n) {  // the first n < L lanes
+  static M mask(int64_t n) {  // the first n <= L lanes
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   static V load(const float* p, M m) { return _mm256_maskload_ps(p, m); }  // 0 in the others
@@ -166,8 +166,8 @@ struct Vec {  // AVX2
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V lanes() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
-  static V first(V v, int64_t m, float other) {
-    return _mm256_blendv_ps(set1(other), v, _mm256_cmp_ps(lanes(), set1(static_cast<float>(m)), _CMP_LT_OQ));
+  static V first(V v, int64_t m, float other) {  // v in the first m lanes, other in the rest
+    return _mm256_blendv_ps(set1(other), v, _mm256_castsi256_ps(mask(m)));
   }
   static float sum(V v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -2095,7 +2095,7 @@ static inline float selective_scan_token(float* h, const float* a, const float* 
   float acc = 0.f;
   int64_t n = 0;
 #if defined(LORAMUX_VEC)  // the decays through the attention kernel's exp (step * A <= 0), L at a time
-  Vec::V sums = Vec::set1(0.f);
+  Vec::V sums = Vec::zero();
   for (; n + Vec::L <= N; n += Vec::L) {
     const Vec::V hn = Vec::fma(exp_vec(Vec::set1(step) * Vec::load(a + n)), Vec::load(h + n),
                                Vec::set1(w) * Vec::load(b + n));
