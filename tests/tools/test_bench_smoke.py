@@ -23,7 +23,9 @@ def test_quick_benchmark_writes_a_well_formed_report(tiny_llama, tmp_path):
         assert row["tokens_per_s"] > 0, name
         assert row["errors"] in ({}, 0), name
     assert [s["adapters"] for s in report["scaling"]] == [1, 8, 64]
-    assert len(report["ratios"]) == 7 and all(v > 0 for v in report["ratios"].values())
+    assert len(report["ratios"]) == 8 and all(v > 0 for v in report["ratios"].values())
+    assert len(report["pass_ratios"]) == 1  # --quick: one pass of rows 1 and 2
+    assert any(k.startswith("row1/row2, median of 1 ") for k in report["ratios"])
     assert len(report["scale_ratios"]) == 1  # --quick: row 7's one pass, no repeated pairs
     assert len(report["http_ratios"]) == 1  # --quick: one gRPC/HTTP pair
     assert any(k.startswith("row8/row1, HTTP/gRPC, median of 1 ") for k in report["ratios"])
