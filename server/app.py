@@ -31,6 +31,7 @@ SERVICE_NAME = loramux_pb2.DESCRIPTOR.services_by_name["LoraMux"].full_name  # "
 DRAIN_POLL_S = 0.05
 EXIT_FATAL = 3
 EXIT_CONFIG = 2  # as for a bad flag
+EXIT_LOAD_FAILED = 1
 CANNOT_BIND = "the port is in use, or the address is not this host's"
 FATAL_EXIT_GRACE_S = 10.0  # after a fatal fault the process exits by then, even if the event loop is stuck
 
@@ -56,14 +57,38 @@ def http_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _read_flag_file(flag: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise StartupError(f"{flag} {path}: {e.strerror or e}") from None
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None:
         return None
-    pair = [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+    pair = [(_read_flag_file("--tls-key", config.tls_key), _read_flag_file("--tls-cert", config.tls_cert))]
     if config.tls_client_ca is None:
         return grpc.ssl_server_credentials(pair)
-    return grpc.ssl_server_credentials(pair, root_certificates=Path(config.tls_client_ca).read_bytes(),
+    return grpc.ssl_server_credentials(pair, root_certificates=_read_flag_file("--tls-client-ca", config.tls_client_ca),
                                        require_client_auth=True)
+
+
+def refuse_metrics_port_in_use(host: str, port: int) -> None:
+    """Binds the metrics address as prometheus-client will (its first address, SO_REUSEADDR) and
+    lets go. Its server starts once the model has loaded (the collectors read the engine), but a port
+    in use is refused before a load of minutes."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as e:
+        raise metrics_bind_error(host, port, e) from None
+
+
+def metrics_bind_error(host: str, port: int, e: OSError) -> StartupError:
+    return StartupError(f"cannot serve metrics on {host}:{port} (--metrics-host, --metrics-port): {e.strerror or e}")
 
 
 class ReadinessHealth(health.aio.HealthServicer):
@@ -120,6 +145,8 @@ class App:
             port = 0
         if port == 0:
             raise StartupError(f"cannot listen on {address} (--host, --port): {CANNOT_BIND}")
+        if self.config.metrics_port:
+            refuse_metrics_port_in_use(self.config.metrics_host, self.config.metrics_port)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # liveness
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)  # readiness: model loading
         await self.server.start()
@@ -211,8 +238,7 @@ class App:
                 self._metrics_server, _ = start_http_server(c.metrics_port, c.metrics_host, registry=metrics.registry,
                                                             **tls)
             except OSError as e:
-                raise StartupError(f"cannot serve metrics on {c.metrics_host}:{c.metrics_port} (--metrics-host, "
-                                   f"--metrics-port): {e.strerror or e}") from None
+                raise metrics_bind_error(c.metrics_host, c.metrics_port, e) from None
             log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", c.metrics_host, c.metrics_port)
 
     def on_signal(self) -> None:
@@ -281,6 +307,10 @@ class App:
             log.critical("cannot start: %s", e)
             await self.drain(0.0)
             return EXIT_CONFIG
+        except Exception as e:  # a model folder transformers cannot read, say: its traceback, then a clean exit
+            log.critical("cannot start: loading the model failed: %s", e, exc_info=True)
+            await self.drain(0.0)
+            return EXIT_LOAD_FAILED
         done, _ = await asyncio.wait({stop, fatal}, return_when=asyncio.FIRST_COMPLETED)
         fatal.cancel()
         if fatal in done:

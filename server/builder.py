@@ -80,6 +80,18 @@ def refuse_gpu_fraction_off_cuda(config: ServerConfig, device: torch.device) -> 
                            f"{device.type}: use --kv-cache-tokens")
 
 
+def adapter_dir_entries(folders: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """--adapter-dir's subfolders, (name, path) each, listed before the model loads: a folder that is
+    missing, not a folder or unreadable is refused then, naming the flag, not after a load of minutes."""
+    entries = []
+    for folder in folders:
+        try:
+            entries += [(sub.name, sub) for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir())]
+        except OSError as e:
+            raise StartupError(f"--adapter-dir {folder}: {e.strerror or e}") from None
+    return entries
+
+
 def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device, reserved: int = 0) -> int:
     """--kv-cache-tokens, or sized from memory, ``reserved`` bytes (what registrations may take
     later: adapters' fully trained modules) kept out of it. On CUDA, with --gpu-memory-utilization
@@ -277,6 +289,7 @@ def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[
 @in_passing_thread
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
     refuse_gpu_fraction_off_cuda(config, loaded.device if loaded else resolve_device(config.device))
+    folder_adapters = adapter_dir_entries(config.adapter_dirs)
     loaded = loaded or load_model(config)
     hf = loaded.hf_model
     cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__, hf.config)
@@ -339,9 +352,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                                tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
                                config.max_registered_adapters, config.device_pages, config.max_saved_modules,
                                AdapterTokenizers(loaded.tokenizer))
-    startup = [*config.adapters, *((sub.name, sub) for folder in config.adapter_dirs
-                                   for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()))]
-    register_startup_adapters(registry, startup)
+    register_startup_adapters(registry, [*config.adapters, *folder_adapters])
     for adapter_id, parts in config.combinations:
         try:
             registry.register_combination(adapter_id, list(parts))

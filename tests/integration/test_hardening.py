@@ -357,6 +357,38 @@ def test_a_port_in_use_is_a_startup_error_naming_its_flags(tiny_llama, flag):
     assert run.returncode == 2 and len(critical) == 1, run.stderr
     assert f"127.0.0.1:{taken}" in critical[0] and flag in critical[0] and "in use" in critical[0], critical
     assert "Traceback" not in run.stderr, run.stderr
+    assert "model_loader" not in run.stderr, run.stderr  # refused before the model loads (minutes, for a large one)
+
+
+def _refused_start(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--port", "0", "--http-port", "0",
+                           "--metrics-port", "0", *flags], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["adapter-dir", "model"])
+def test_a_path_that_is_not_there_is_a_startup_error_before_the_model_loads(tiny_llama, tmp_path, kind):
+    """A --model or --adapter-dir that is not there: the bad-flag status and one line naming the
+    flag and the path, before the model loads; once, a missing --adapter-dir surfaced as a
+    traceback only after the load."""
+    missing = tmp_path / "not-there"
+    flags = ["--model", str(missing)] if kind == "model" else ["--model", str(tiny_llama), "--adapter-dir", str(missing)]
+    run = _refused_start(*flags)
+    critical = [line for line in run.stderr.splitlines() if "CRITICAL" in line]
+    assert run.returncode == 2 and len(critical) == 1, run.stderr
+    assert f"--{kind} {missing}" in critical[0], critical
+    assert "Traceback" not in run.stderr and "model_loader" not in run.stderr, run.stderr
+
+
+def test_a_model_folder_transformers_cannot_read_fails_the_start_cleanly(tmp_path):
+    """A load that fails for a reason of its own (a config.json that is not JSON): one CRITICAL line
+    with transformers' message and its traceback, a non-zero status, and the front-ends stopped
+    (not left to their finalizers after the event loop has closed)."""
+    (tmp_path / "config.json").write_text("{not json")
+    run = _refused_start("--model", str(tmp_path))
+    critical = [line for line in run.stderr.splitlines() if "CRITICAL" in line]
+    assert run.returncode == 1 and len(critical) == 1, run.stderr
+    assert "loading the model failed" in critical[0] and "not a valid JSON file" in critical[0], critical
+    assert "Exception ignored" not in run.stderr and "Event loop is closed" not in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize(("flags", "message"), [

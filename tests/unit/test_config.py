@@ -167,6 +167,36 @@ def test_gpu_memory_utilization_sizes_the_kv_pool_from_the_devices_memory(monkey
     refuse_gpu_fraction_off_cuda(ServerConfig(), torch.device("cpu"))
 
 
+def test_paths_named_by_flags_that_cannot_be_read_are_startup_errors_naming_the_flag(tmp_path):
+    """--adapter-dir, --model and the TLS files: each unusable path a StartupError with its flag,
+    its path and why (the server's bad-flag status), not an OSError's traceback."""
+    from loramux.server.app import server_credentials
+    from loramux.server.builder import adapter_dir_entries
+    from loramux.server.config import StartupError
+    from loramux.server.model_loader import resolve_model_dir
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "note.txt").write_text("not an adapter")
+    assert adapter_dir_entries((str(tmp_path),)) == [("a", tmp_path / "a"), ("b", tmp_path / "b")]
+    for folder, why in ((tmp_path / "gone", "No such file or directory"), (tmp_path / "note.txt", "Not a directory")):
+        with pytest.raises(StartupError, match=f"^--adapter-dir {re.escape(str(folder))}: {why}$"):
+            adapter_dir_entries((str(tmp_path), str(folder)))
+    with pytest.raises(StartupError, match=f"^--model {re.escape(str(tmp_path / 'm.gguf'))}: no such GGUF file$"):
+        resolve_model_dir(ServerConfig(model=str(tmp_path / "m.gguf"), cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(StartupError, match=f"^--model {re.escape(str(tmp_path))}: no config.json there"):
+        resolve_model_dir(ServerConfig(model=str(tmp_path)))
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    with pytest.raises(StartupError, match=f"^--tls-key {re.escape(str(key))}: No such file or directory$"):
+        server_credentials(ServerConfig(tls_cert=str(cert), tls_key=str(key)))
+    key.write_text("key")
+    with pytest.raises(StartupError, match=f"^--tls-cert {re.escape(str(cert))}: No such file or directory$"):
+        server_credentials(ServerConfig(tls_cert=str(cert), tls_key=str(key)))
+    cert.write_text("cert")
+    with pytest.raises(StartupError, match=f"^--tls-client-ca {re.escape(str(tmp_path / 'ca.pem'))}: No such file or directory$"):
+        server_credentials(ServerConfig(tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(tmp_path / "ca.pem")))
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"gpu_memory_utilization": 0.0}, r"gpu-memory-utilization must be in \(0, 1\], got 0.0"),
     ({"gpu_memory_utilization": 1.5}, r"gpu-memory-utilization must be in \(0, 1\], got 1.5"),
