@@ -288,7 +288,12 @@ def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[
 
 @in_passing_thread
 def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
-    refuse_gpu_fraction_off_cuda(config, loaded.device if loaded else resolve_device(config.device))
+    device = loaded.device if loaded else resolve_device(config.device)
+    refuse_gpu_fraction_off_cuda(config, device)
+    try:  # before the model loads, as the checks above
+        apply_lora = select_backend(config.op_backend, device)
+    except ValueError as e:
+        raise StartupError(f"--op-backend {config.op_backend}: {e}") from None
     folder_adapters = adapter_dir_entries(config.adapter_dirs)
     loaded = loaded or load_model(config)
     hf = loaded.hf_model
@@ -325,7 +330,6 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                     "dequantized for the call, which saves memory but costs time", loaded.device,
                     str(loaded.dtype).removeprefix("torch."))
     model.use_base_linear(select_base_linear(kernels, kernel_rows), select_int8_linear(int8_kernels, kernel_rows))
-    apply_lora = select_backend(config.op_backend, loaded.device)
     if kernel_rows and apply_lora.name == "cpp":
         apply_lora.use_base_linear(kernels.linear_lora, kernel_rows)  # decode rows' base and LoRA in one call
     page_dtype = lora_page_dtype(config, loaded, apply_lora.name)

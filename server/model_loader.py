@@ -24,9 +24,18 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch device this process can reach (auto: CUDA where there is one, else the
+    CPU); a name torch does not know or a device it lacks (CUDA in a CPU build, a missing ordinal)
+    is refused naming the flag, before the model loads."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)  # torch's own checks, each device type's: an AssertionError or a RuntimeError
+    except Exception as e:
+        why = str(e).strip().splitlines()  # torch's dispatch errors run to many lines; the first says it
+        raise StartupError(f"--device {name}: this torch cannot use it ({why[0] if why else type(e).__name__})") from None
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -197,6 +197,30 @@ def test_paths_named_by_flags_that_cannot_be_read_are_startup_errors_naming_the_
         server_credentials(ServerConfig(tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(tmp_path / "ca.pem")))
 
 
+def test_a_device_this_torch_cannot_use_is_a_startup_error_naming_the_flag():
+    import torch
+
+    from loramux.server.config import StartupError
+    from loramux.server.model_loader import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(StartupError, match="^--device tpu: this torch cannot use it \\(Expected one of cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(StartupError, match="^--device cuda:99: this torch cannot use it \\("):
+        resolve_device("cuda:99")  # no such ordinal on a GPU host; no CUDA in a CPU build
+
+
+def test_an_op_backend_the_device_cannot_run_is_refused_before_the_model_loads(monkeypatch, tmp_path):
+    from loramux.server import builder
+    from loramux.server.config import StartupError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it where there is no GPU
+    monkeypatch.setattr(builder, "load_model", lambda config: pytest.fail("the model loaded"))
+    with pytest.raises(StartupError, match="^--op-backend triton: op backend 'triton' needs the triton package and "
+                                           "a CUDA device"):
+        builder.build_engine(ServerConfig(model=str(tmp_path), op_backend="triton", device="cpu"))
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"gpu_memory_utilization": 0.0}, r"gpu-memory-utilization must be in \(0, 1\], got 0.0"),
     ({"gpu_memory_utilization": 1.5}, r"gpu-memory-utilization must be in \(0, 1\], got 1.5"),
