@@ -92,6 +92,19 @@ def adapter_dir_entries(folders: tuple[str, ...]) -> list[tuple[str, Path]]:
     return entries
 
 
+def adapter_cache_folder(config: ServerConfig) -> Path | None:
+    """--adapter-cache-dir, made with its parents before the model loads: a path that cannot be a
+    folder is refused then, naming the flag."""
+    if not config.adapter_cache_dir:
+        return None
+    folder = Path(config.adapter_cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"--adapter-cache-dir {folder}: {e.strerror or e}") from None
+    return folder
+
+
 def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device, reserved: int = 0) -> int:
     """--kv-cache-tokens, or sized from memory, ``reserved`` bytes (what registrations may take
     later: adapters' fully trained modules) kept out of it. On CUDA, with --gpu-memory-utilization
@@ -295,6 +308,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     except ValueError as e:
         raise StartupError(f"--op-backend {config.op_backend}: {e}") from None
     folder_adapters = adapter_dir_entries(config.adapter_dirs)
+    cache_folder = adapter_cache_folder(config)
     loaded = loaded or load_model(config)
     hf = loaded.hf_model
     cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__, hf.config)
@@ -363,10 +377,10 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         except (AdapterError, ValueError) as e:
             raise StartupError(f"--combine {adapter_id!r}: {e}") from None
     try:
-        converted = ConvertedCache(Path(config.adapter_cache_dir), layout, int(config.adapter_cache_max_gib * 2**30)) \
-            if config.adapter_cache_dir else None
-    except OSError as e:
-        raise StartupError(f"--adapter-cache-dir {config.adapter_cache_dir}: {e}") from None
+        converted = ConvertedCache(cache_folder, layout, int(config.adapter_cache_max_gib * 2**30)) \
+            if cache_folder else None
+    except OSError as e:  # its scan of the folder
+        raise StartupError(f"--adapter-cache-dir {cache_folder}: {e.strerror or e}") from None
     io_threads = adapter_io_threads(config, loaded.device)
     manager = AdapterManager(registry, HostCache(config.max_host_adapters), pool, page_dtype,
                              io_initializer=io_openmp(loaded.device, io_threads),

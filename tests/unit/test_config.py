@@ -210,7 +210,7 @@ def test_a_device_this_torch_cannot_use_is_a_startup_error_naming_the_flag():
         resolve_device("cuda:99")  # no such ordinal on a GPU host; no CUDA in a CPU build
 
 
-def test_an_op_backend_the_device_cannot_run_is_refused_before_the_model_loads(monkeypatch, tmp_path):
+def test_an_op_backend_or_cache_folder_that_cannot_serve_is_refused_before_the_model_loads(monkeypatch, tmp_path):
     from loramux.server import builder
     from loramux.server.config import StartupError
 
@@ -219,6 +219,14 @@ def test_an_op_backend_the_device_cannot_run_is_refused_before_the_model_loads(m
     with pytest.raises(StartupError, match="^--op-backend triton: op backend 'triton' needs the triton package and "
                                            "a CUDA device"):
         builder.build_engine(ServerConfig(model=str(tmp_path), op_backend="triton", device="cpu"))
+    (tmp_path / "file").write_text("not a folder")
+    under_a_file = tmp_path / "file" / "cache"
+    with pytest.raises(StartupError, match=f"^--adapter-cache-dir {re.escape(str(under_a_file))}: Not a directory$"):
+        builder.build_engine(ServerConfig(model=str(tmp_path), op_backend="torch", adapter_cache_dir=str(under_a_file)))
+    made = tmp_path / "a" / "b"
+    with pytest.raises(pytest.fail.Exception, match="the model loaded"):  # made, parents too, before the load
+        builder.build_engine(ServerConfig(model=str(tmp_path), op_backend="torch", adapter_cache_dir=str(made)))
+    assert made.is_dir()
 
 
 @pytest.mark.parametrize(("settings", "message"), [
