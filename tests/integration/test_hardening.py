@@ -340,6 +340,19 @@ def test_health_and_server_info_answer_while_a_huge_prompt_is_tokenized(hserver)
     assert_recovered(hserver, canary)
 
 
+def _serve_refused(args, env=None) -> tuple[int, str]:
+    """`loramux serve` expected to refuse ``args`` (on free ports unless ``args`` name theirs):
+    its status and stderr."""
+    out = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--port", "0", "--http-port", "0",
+                          "--metrics-port", "0", *args], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **(env or {})})
+    return out.returncode, out.stderr
+
+
+def _critical(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "CRITICAL" in line]
+
+
 @pytest.mark.parametrize("flag", ["--port", "--http-port", "--metrics-port"])
 def test_a_port_in_use_is_a_startup_error_naming_its_flags(tiny_llama, flag):
     """An operator's port that something else holds: the server exits with the bad-flag status and
@@ -350,19 +363,13 @@ def test_a_port_in_use_is_a_startup_error_naming_its_flags(tiny_llama, flag):
         held.listen()
         taken = held.getsockname()[1]
         ports = {"--port": free_port(), "--http-port": free_port(), "--metrics-port": free_port(), flag: taken}
-        run = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(tiny_llama),
-                              "--host", "127.0.0.1", *(str(a) for kv in ports.items() for a in kv)],
-                             capture_output=True, text=True, timeout=120)
-    critical = [line for line in run.stderr.splitlines() if "CRITICAL" in line]
-    assert run.returncode == 2 and len(critical) == 1, run.stderr
+        code, err = _serve_refused(["--model", str(tiny_llama), "--host", "127.0.0.1",
+                                    *(str(a) for kv in ports.items() for a in kv)])
+    critical = _critical(err)
+    assert code == 2 and len(critical) == 1, err
     assert f"127.0.0.1:{taken}" in critical[0] and flag in critical[0] and "in use" in critical[0], critical
-    assert "Traceback" not in run.stderr, run.stderr
-    assert "model_loader" not in run.stderr, run.stderr  # refused before the model loads (minutes, for a large one)
-
-
-def _refused_start(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--port", "0", "--http-port", "0",
-                           "--metrics-port", "0", *flags], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in err, err
+    assert "model_loader" not in err, err  # refused before the model loads (minutes, for a large one)
 
 
 @pytest.mark.parametrize("flags", [["--adapter-dir", "not-there"], ["--device", "cuda"]], ids=lambda f: f[0])
@@ -373,11 +380,11 @@ def test_a_path_or_device_this_host_lacks_is_a_startup_error_before_the_model_lo
     if flags[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this host has a CUDA device")
     value = str(tmp_path / flags[1]) if flags[0] == "--adapter-dir" else flags[1]
-    run = _refused_start("--model", str(tiny_llama), flags[0], value)
-    critical = [line for line in run.stderr.splitlines() if "CRITICAL" in line]
-    assert run.returncode == 2 and len(critical) == 1, run.stderr
+    code, err = _serve_refused(["--model", str(tiny_llama), flags[0], value])
+    critical = _critical(err)
+    assert code == 2 and len(critical) == 1, err
     assert f"cannot start: {flags[0]} {value}: " in critical[0], critical
-    assert "Traceback" not in run.stderr and "model_loader" not in run.stderr, run.stderr
+    assert "Traceback" not in err and "model_loader" not in err, err
 
 
 def test_a_model_folder_transformers_cannot_read_fails_the_start_cleanly(tmp_path):
@@ -385,11 +392,11 @@ def test_a_model_folder_transformers_cannot_read_fails_the_start_cleanly(tmp_pat
     with transformers' message and its traceback, a non-zero status, and the front-ends stopped
     (not left to their finalizers after the event loop has closed)."""
     (tmp_path / "config.json").write_text("{not json")
-    run = _refused_start("--model", str(tmp_path))
-    critical = [line for line in run.stderr.splitlines() if "CRITICAL" in line]
-    assert run.returncode == 1 and len(critical) == 1, run.stderr
+    code, err = _serve_refused(["--model", str(tmp_path)])
+    critical = _critical(err)
+    assert code == 1 and len(critical) == 1, err
     assert "loading the model failed" in critical[0] and "not a valid JSON file" in critical[0], critical
-    assert "Exception ignored" not in run.stderr and "Event loop is closed" not in run.stderr, run.stderr
+    assert "Exception ignored" not in err and "Event loop is closed" not in err, err
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -402,11 +409,9 @@ def test_gpu_memory_utilization_misused_is_a_startup_error(tiny_llama, flags, me
     """--gpu-memory-utilization on a CPU, out of range, or beside --kv-cache-tokens: the server exits
     with the bad-flag status and a message naming the flag, not a traceback, before it loads the
     model (a large model's load takes minutes)."""
-    run = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(tiny_llama),
-                          "--port", "0", "--http-port", "0", "--metrics-port", "0", *flags],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and message in run.stderr, run.stderr
-    assert "Traceback" not in run.stderr and "model_loader" not in run.stderr, run.stderr
+    code, err = _serve_refused(["--model", str(tiny_llama), *flags])
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and "model_loader" not in err, err
 
 
 def test_the_engine_dying_while_the_loop_is_busy_still_exits(tiny_llama, tmp_path):
@@ -468,12 +473,6 @@ def test_a_failed_device_copy_fails_its_requests_and_the_next_one_succeeds(tiny_
 
 # ---- auth and configuration ----
 
-def _serve_refused(args, env=None):
-    out = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--http-port", "0", *args], capture_output=True,
-                         text=True, timeout=60, env={**os.environ, **(env or {})})
-    return out.returncode, out.stderr
-
-
 @pytest.mark.parametrize("args, env, needle", [
     (["--auth-token", ""], {}, "auth-token is empty"),
     ([], {"LORAMUX_ADMIN_TOKEN": ""}, "admin-token is empty"),
@@ -481,7 +480,7 @@ def _serve_refused(args, env=None):
     (["--allow-runtime-adapters", "--host", "0.0.0.0"], {}, "--insecure-admin"),
 ])
 def test_unsafe_auth_settings_refuse_to_start(args, env, needle):
-    code, err = _serve_refused(["--metrics-port", "0", "--port", "0", *args], env)
+    code, err = _serve_refused(args, env)
     assert code == 2 and needle in err, err
 
 
@@ -573,8 +572,7 @@ def test_max_model_len_past_learned_positions_refuses_to_start(tmp_path):
     from helpers import build_family_model
 
     model = build_family_model("gpt2", tmp_path / "gpt2")  # n_positions = 512
-    code, err = _serve_refused(["--model", str(model), "--max-model-len", "1024", "--metrics-port", "0",
-                                "--port", "0"])
+    code, err = _serve_refused(["--model", str(model), "--max-model-len", "1024"])
     assert code == 2 and "--max-model-len 1024" in err and "512 positions" in err, err
 
 
