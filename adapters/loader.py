@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import (
+    CONFIG_NAME,
     EMBEDDINGS,
     FOLDED_TOKENS,
     HEAD,
@@ -742,6 +743,16 @@ def _unpickle(data: bytes, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_files(adapter_dir: Path, allow_pickle: bool) -> str:
+    """What can be checked of an adapter before the model it is for is known: ``adapter_dir`` is a
+    folder with a config and a weights file this server reads. Returns the weights file's name."""
+    if not Path(adapter_dir).is_dir():
+        raise AdapterInvalid("the adapter path is not a directory")
+    if not exists(adapter_dir, CONFIG_NAME):
+        raise AdapterInvalid(f"{CONFIG_NAME} is missing from the adapter directory")
+    return _weights_name(adapter_dir, allow_pickle)
+
+
 def _weights_name(adapter_dir: Path, allow_pickle: bool) -> str:
     if exists(adapter_dir, WEIGHTS_NAME):
         return WEIGHTS_NAME
@@ -790,10 +801,8 @@ def inspect_adapter(adapter_dir: Path, layout: LoRALayout, max_rank: int, elemen
     (without them: not read); an adapter trained on a resized vocabulary must have one."""
     adapter_dir = Path(adapter_dir)
     confine = confine or Path(adapter_dir).resolve()
-    if not adapter_dir.is_dir():
-        raise AdapterInvalid("the adapter path is not a directory")
+    name = adapter_files(adapter_dir, allow_pickle)
     spec, _ = read_adapter_config(adapter_dir, confine, (*layout.kinds, *((FOLDED_TOKENS,) if layout.saveable else ())))
-    name = _weights_name(adapter_dir, allow_pickle)
     header, data, identity = _read_weights(adapter_dir, name, confine, layout, max_rank)
     if time.time_ns() - identity[-1] < RACY_NS:  # a write in this clock tick could leave the same ctime
         identity = None

@@ -155,7 +155,7 @@ class AdapterRegistry:
         validate_adapter_id(adapter_id)
         if not (0.0 < weight < float("inf")):
             raise ValueError(f"weight must be finite and > 0, got {weight}")
-        self._check_parts(parts)
+        self.check_parts(parts)
         with self._lock:
             self._check_room(adapter_id, replace)
             return self._commit_combination(adapter_id, self._part_entries(parts), weight=weight,
@@ -168,7 +168,7 @@ class AdapterRegistry:
         '+', so none collides, and a part registered again makes a combination of its own.
         Returns (the entry, whether it was registered now); RegistryFull when there is no room.
         ``claim`` (callable(id)) runs under the lock with its id, before any eviction can see it."""
-        self._check_parts(parts)
+        self.check_parts(parts)
         weights = {part: float32_text(w) for part, w in parts}  # the precision the weights act in
         with self._lock:
             entries = sorted(self._part_entries([(p, float(weights[p])) for p, _ in parts]),
@@ -184,7 +184,7 @@ class AdapterRegistry:
             return self._commit_combination(adapter_id, entries, dynamic=True), True
 
     @staticmethod
-    def _check_parts(parts: list[tuple[str, float]]) -> None:
+    def check_parts(parts: list[tuple[str, float]]) -> None:
         if not parts:
             raise ValueError("a combination needs at least one adapter")
         if len({p for p, _ in parts}) != len(parts):

@@ -18,8 +18,9 @@ from ..adapters.converted_cache import ConvertedCache
 from ..adapters.device_pool import DevicePool
 from ..adapters.errors import AdapterError
 from ..adapters.host_cache import HostCache
+from ..adapters.loader import adapter_files
 from ..adapters.manager import AdapterManager
-from ..adapters.registry import AdapterRegistry
+from ..adapters.registry import AdapterRegistry, validate_adapter_id
 from ..adapters.tokenizers import AdapterTokenizers
 from ..clients.runs import row_runs
 from .config import ServerConfig, StartupError
@@ -136,19 +137,54 @@ def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.dev
     return max(config.max_model_len, min(CPU_KV_BUDGET_BYTES // bytes_per_token, config.max_batch_size * longest))
 
 
-def register_startup_adapters(registry: AdapterRegistry, startup: list[tuple[str, str | Path]],
-                              threads: int | None = None) -> None:
-    """Register the start-up adapters, ``threads`` at a time (default: a thread per core, at most 16):
-    each registration reads and hashes its weights (22 MB for a rank-16 adapter of a 1B model, all
-    projections: about 20 ms), which releases the GIL, so two threads took 1.85x less time than one
-    on a 2-core VM. The first failure in ``startup``'s order stops start-up, naming its adapter."""
-    if len(startup) > registry.max_adapters:
-        raise StartupError(f"{len(startup)} start-up adapters; --max-registered-adapters is {registry.max_adapters}")
+def startup_adapters(config: ServerConfig, folder_adapters: list[tuple[str, Path]]) -> list[tuple[str, str | Path]]:
+    """--adapter's and then --adapter-dir's (id, path) pairs, checked before the model loads as far as
+    they can be without it (their ids and count, each folder's files, the ids --combine and
+    --keep-resident name): a mistake is refused then, naming the flag, not after a load of minutes."""
+    startup = [*config.adapters, *folder_adapters]
+    count = len(startup) + len(config.combinations)
+    if count > config.max_registered_adapters:
+        raise StartupError(f"{count} start-up adapters (--adapter, --adapter-dir, --combine); "
+                           f"--max-registered-adapters is {config.max_registered_adapters}")
+    flags = [f"--adapter {i}={p}" for i, p in config.adapters]
+    flags += [f"--adapter-dir {p.parent}: its folder {i!r}" for i, p in folder_adapters]
     seen: dict[str, str | Path] = {}
-    for adapter_id, path in startup:  # refused before any work, whichever thread would reach it first
+    for (adapter_id, path), flag in zip(startup, flags, strict=True):
         if adapter_id in seen:
             raise StartupError(f"adapter {adapter_id!r} is given twice at start-up ({seen[adapter_id]} and {path})")
+        try:
+            validate_adapter_id(adapter_id)
+            adapter_files(Path(path), config.allow_pickle)
+        except (AdapterError, ValueError) as e:
+            raise StartupError(f"{flag}: {e}") from None
         seen[adapter_id] = path
+    for adapter_id, parts in config.combinations:
+        try:
+            validate_adapter_id(adapter_id)
+            if adapter_id in seen:
+                raise ValueError(f"{adapter_id!r} is already a start-up adapter ({seen[adapter_id]})")
+            AdapterRegistry.check_parts(list(parts))
+            unknown = [part for part, _ in parts if part not in seen]
+            if unknown:
+                raise ValueError(f"{unknown[0]!r} is not a start-up adapter (--adapter, --adapter-dir) or an "
+                                 "earlier --combine")
+        except ValueError as e:
+            raise StartupError(f"--combine {adapter_id!r}: {e}") from None
+        seen[adapter_id] = "--combine"
+    for adapter_id in config.keep_resident:
+        if adapter_id not in seen:
+            raise StartupError(f"--keep-resident {adapter_id!r}: no such start-up adapter (--adapter, --adapter-dir, "
+                               "--combine)")
+    return startup
+
+
+def register_startup_adapters(registry: AdapterRegistry, startup: list[tuple[str, str | Path]],
+                              threads: int | None = None) -> None:
+    """Register the start-up adapters (checked by ``startup_adapters``), ``threads`` at a time
+    (default: a thread per core, at most 16): each registration reads and hashes its weights (22 MB
+    for a rank-16 adapter of a 1B model, all projections: about 20 ms), which releases the GIL, so two
+    threads took 1.85x less time than one on a 2-core VM. The first failure in ``startup``'s order
+    stops start-up, naming its adapter."""
     threads = max(1, min(threads or min(usable_cores(), 16), len(startup)))
     with ThreadPoolExecutor(threads, thread_name_prefix="register") as pool:
         futures = [pool.submit(registry.register, adapter_id, path, trusted=True) for adapter_id, path in startup]
@@ -307,7 +343,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         apply_lora = select_backend(config.op_backend, device)
     except ValueError as e:
         raise StartupError(f"--op-backend {config.op_backend}: {e}") from None
-    folder_adapters = adapter_dir_entries(config.adapter_dirs)
+    startup = startup_adapters(config, adapter_dir_entries(config.adapter_dirs))
     cache_folder = adapter_cache_folder(config)
     loaded = loaded or load_model(config)
     hf = loaded.hf_model
@@ -370,7 +406,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
                                tuple(Path(r) for r in config.adapter_roots), config.allow_pickle,
                                config.max_registered_adapters, config.device_pages, config.max_saved_modules,
                                AdapterTokenizers(loaded.tokenizer))
-    register_startup_adapters(registry, [*config.adapters, *folder_adapters])
+    register_startup_adapters(registry, startup)
     for adapter_id, parts in config.combinations:
         try:
             registry.register_combination(adapter_id, list(parts))
@@ -391,10 +427,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     if config.inject_fault and config.inject_fault.partition(":")[0] in ("hang-read", "copy-fail"):
         manager.fault_hook = adapter_fault_injector(config.inject_fault, manager.closing)  # before kept reads start
     for adapter_id in config.keep_resident:
-        entry = registry.lookup(adapter_id)
-        if entry is None:
-            raise StartupError(f"--keep-resident {adapter_id!r}: no such start-up adapter (--adapter, --adapter-dir, "
-                               "--combine)")
+        entry = registry.lookup(adapter_id)  # there: startup_adapters checked the id
         entry.keep_resident = True
         try:
             manager.on_register(entry)

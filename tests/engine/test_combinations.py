@@ -144,6 +144,6 @@ def test_start_up_combinations_register_and_can_be_kept_resident(tiny_llama, tin
         assert len(out) == MAX_NEW and entry.key in b.manager.pool.resident_keys
     finally:
         b.engine.stop()
-    with pytest.raises(StartupError, match="--combine 'bad'.*'nope' is not registered"):
+    with pytest.raises(StartupError, match="--combine 'bad': 'nope' is not a start-up adapter"):
         build_engine(ServerConfig(**{**config.__dict__, "combinations": (("bad", (("nope", 1.0),)),),
                                      "keep_resident": ()}))

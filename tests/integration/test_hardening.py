@@ -372,14 +372,15 @@ def test_a_port_in_use_is_a_startup_error_naming_its_flags(tiny_llama, flag):
     assert "model_loader" not in err, err  # refused before the model loads (minutes, for a large one)
 
 
-@pytest.mark.parametrize("flags", [["--adapter-dir", "not-there"], ["--device", "cuda"]], ids=lambda f: f[0])
+@pytest.mark.parametrize("flags", [["--adapter-dir", "not-there"], ["--adapter", "not-there"], ["--device", "cuda"]],
+                         ids=lambda f: f[0])
 def test_a_path_or_device_this_host_lacks_is_a_startup_error_before_the_model_loads(tiny_llama, tmp_path, flags):
-    """An --adapter-dir that is not there, --device cuda in a CPU build of torch: the bad-flag status
-    and one line naming the flag, before the model loads (both were a traceback once the model had
-    loaded). tests/unit/test_config.py covers each such flag's message."""
+    """An --adapter-dir or an --adapter that is not there, --device cuda in a CPU build of torch: the
+    bad-flag status and one line naming the flag, before the model loads (each was found only once
+    the model had loaded). tests/unit/test_config.py covers each such flag's message."""
     if flags[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this host has a CUDA device")
-    value = str(tmp_path / flags[1]) if flags[0] == "--adapter-dir" else flags[1]
+    value = {"--adapter-dir": str(tmp_path / flags[1]), "--adapter": f"x={tmp_path / flags[1]}"}.get(*flags)
     code, err = _serve_refused(["--model", str(tiny_llama), flags[0], value])
     critical = _critical(err)
     assert code == 2 and len(critical) == 1, err

@@ -1,6 +1,7 @@
 """The one config object refuses inconsistent settings, naming the flag."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -195,6 +196,55 @@ def test_paths_named_by_flags_that_cannot_be_read_are_startup_errors_naming_the_
     cert.write_text("cert")
     with pytest.raises(StartupError, match=f"^--tls-client-ca {re.escape(str(tmp_path / 'ca.pem'))}: No such file or directory$"):
         server_credentials(ServerConfig(tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(tmp_path / "ca.pem")))
+
+
+def test_start_up_adapters_are_checked_before_the_model_loads_as_far_as_they_can_be(tmp_path):
+    """--adapter, --adapter-dir's folders, --combine and --keep-resident: what can be known without
+    the model (ids, their count, each folder's files, the ids the others name) refused naming the
+    flag, before the load (each was found only after it)."""
+    from loramux.server.builder import startup_adapters
+    from loramux.server.config import StartupError
+
+    def adapter(name, weights="adapter_model.safetensors"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")  # its contents need the model: read at load
+        (tmp_path / name / weights).write_bytes(b"")
+        return str(tmp_path / name)
+
+    a, b, pickled = adapter("a"), adapter("b"), adapter("p", "adapter_model.bin")
+    (tmp_path / "bare").mkdir()
+    folder = [("b", Path(b))]
+
+    def check(**kwargs):
+        return startup_adapters(ServerConfig(**{"adapters": (("a", a),), **kwargs}), folder)
+
+    assert check(combinations=(("mix", (("a", 0.5), ("b", 1.0))), ("outer", (("mix", 1.0),))),
+                 keep_resident=("mix", "b")) == [("a", a), ("b", Path(b))]
+    assert check(adapters=(("p", pickled),), allow_pickle=True)[0] == ("p", pickled)
+    refused = [
+        (dict(adapters=(("x", str(tmp_path / "gone")),)),
+         f"--adapter x={tmp_path / 'gone'}: the adapter path is not a directory"),
+        (dict(adapters=(("x", str(tmp_path / "bare")),)),
+         f"--adapter x={tmp_path / 'bare'}: adapter_config.json is missing from the adapter directory"),
+        (dict(adapters=(("p", pickled),)), f"--adapter p={pickled}: adapter_model.bin is pickle-based and refused"),
+        (dict(adapters=(("../up", a),)), "--adapter ../up=.*: adapter id '../up' is invalid"),
+        (dict(adapters=(("b", a),)), f"adapter 'b' is given twice at start-up \\({a} and {b}\\)"),
+        (dict(max_registered_adapters=2, combinations=(("mix", (("a", 1.0),)),)),
+         "3 start-up adapters \\(--adapter, --adapter-dir, --combine\\); --max-registered-adapters is 2"),
+        (dict(combinations=(("mix", (("a", 1.0), ("nope", 1.0))),)),
+         "--combine 'mix': 'nope' is not a start-up adapter \\(--adapter, --adapter-dir\\) or an earlier --combine"),
+        (dict(combinations=(("outer", (("mix", 1.0),)), ("mix", (("a", 1.0),)))), "--combine 'outer': 'mix' is not"),
+        (dict(combinations=(("b", (("a", 1.0),)),)), f"--combine 'b': 'b' is already a start-up adapter \\({b}\\)"),
+        (dict(combinations=(("mix", (("a", float("nan")),)),)), "--combine 'mix': the weight of 'a' in the combination must be finite"),
+        (dict(combinations=(("mix", ()),)), "--combine 'mix': a combination needs at least one adapter"),
+        (dict(keep_resident=("nope",)), "--keep-resident 'nope': no such start-up adapter"),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(StartupError, match=f"^{message}"):
+            check(**kwargs)
+    with pytest.raises(StartupError, match=f"^--adapter-dir {tmp_path}: its folder 'bare': adapter_config.json is "
+                                           "missing"):
+        startup_adapters(ServerConfig(), [("bare", tmp_path / "bare")])
 
 
 def test_a_device_this_torch_cannot_use_is_a_startup_error_naming_the_flag():
