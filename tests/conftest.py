@@ -25,6 +25,15 @@ settings.load_profile("loramux")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter; read when they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Each xdist worker's torch gets its share of the cores, not all of them: two workers' teams of two
+# threads on a 2-core VM wait on each other for cores (four engine test files: 267-277 s against
+# 289-294 s wall, half the system time). The servers the tests start are processes of their own,
+# with the default. Tests about the engine's team take the whole of it again (``openmp_team``).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    from loramux.server.torch_threads import usable_cores  # noqa: E402
+
+    torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import ADAPTER_VARIANTS, build_adapter, build_llama  # noqa: E402
@@ -57,3 +66,15 @@ def tiny_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
         name: build_adapter(tiny_llama, root / name, seed=i + 1, **kwargs)
         for i, (name, kwargs) in enumerate(ADAPTER_VARIANTS.items())
     }
+
+
+@pytest.fixture
+def openmp_team():
+    """torch's intra-op threads at a thread per usable core, as a server runs, for the test: those
+    that check the engine's OpenMP team (its size, what its threads do) would pass trivially with one."""
+    from loramux.server.torch_threads import usable_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    yield
+    torch.set_num_threads(before)

@@ -180,6 +180,7 @@ def test_unregister_and_replace_under_load(tiny_llama, many_adapters):
     assert swapped == new_ref  # new requests got the new weights
 
 
+@pytest.mark.usefixtures("openmp_team")
 def test_device_copies_run_off_the_engine_thread(tiny_llama, many_adapters):
     """Host-to-device copies happen on the adapter I/O thread, never on the step loop, and that
     thread runs its torch ops serially (no OpenMP team to slow the engine's)."""
@@ -283,12 +284,14 @@ def test_a_kept_adapter_whose_copy_failed_is_tried_again(tiny_llama, many_adapte
     assert isinstance(out[0], list) and len(out[0]) == MAX_NEW
 
 
-@pytest.mark.skipif(IOCoreShare.for_this_process() is None,
-                    reason="no OpenMP team to share (one thread, a core to spare, or not libgomp)")
+@pytest.mark.usefixtures("openmp_team")
 def test_the_engine_team_is_a_thread_smaller_while_an_io_job_runs(tiny_llama, many_adapters):
     """While the I/O thread copies an adapter, the engine's fused linears run with one OpenMP
     thread fewer (the I/O job has that core), and with the whole team again once no job runs."""
     import threading
+
+    if IOCoreShare.for_this_process() is None:
+        pytest.skip("no OpenMP team to share (one core, or not libgomp)")
 
     built = engine_for(tiny_llama, many_adapters, device=2, host=4)
     pool, full = built.manager.pool, torch.get_num_threads()

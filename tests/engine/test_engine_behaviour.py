@@ -411,6 +411,7 @@ def test_base_linear_timing_is_kept_between_starts(tiny_llama, caplog, tmp_path)
         assert again["value"]["timings"] != stored["value"]["timings"]
 
 
+@pytest.mark.usefixtures("openmp_team")
 @pytest.mark.parametrize("flush", [True, False])
 def test_the_engine_thread_flushes_subnormals_unless_told_not_to(tiny_llama, flush):
     """--no-flush-denormals keeps them; by default the engine thread and its OpenMP team flush them

@@ -168,6 +168,7 @@ def test_a_failed_device_copy_fails_its_waiters_and_the_next_request_succeeds(ti
         b.engine.stop()
 
 
+@pytest.mark.usefixtures("openmp_team")
 def test_a_hung_disk_read_times_out_and_later_reads_still_run(tiny_llama, tiny_adapters, monkeypatch):
     import loramux.adapters.manager as manager_module
 

@@ -429,20 +429,26 @@ def test_concurrent_async_clients_mixing_adapters(server, tiny_adapters):
 
 
 def test_cancel_mid_stream_frees_everything(server):
-    before = server.metrics()
-    stream = server.client.generate_stream(prompt_token_ids=PROMPT_IDS, adapter_id="all-r8",
-                                           sampling=Sampling(max_new_tokens=240, ignore_eos=True))
-    for i, _ in enumerate(stream):
-        if i == 2:
-            break
-    stream.close()  # cancels the RPC
-    after = wait_idle(server)
-    # Idle means the finish is counted and the blocks are free (the engine's exit order).
-    assert total(after, "loramux_requests_total", status="CANCELLED") == \
-        total(before, "loramux_requests_total", status="CANCELLED") + 1
-    assert total(after, "loramux_requests_total", adapter="all-r8", status="OK") == \
-        total(before, "loramux_requests_total", adapter="all-r8", status="OK")
-    assert after["loramux_kv_cache_usage_ratio"] == 0
+    """A stream closed after three tokens is counted CANCELLED and leaves nothing held. The tiny
+    model can finish all 240 tokens before the close arrives, if this process stalls that long on a
+    busy machine: such a try (counted OK) is not a cancellation, and is made again."""
+    for _ in range(3):
+        before = server.metrics()
+        stream = server.client.generate_stream(prompt_token_ids=PROMPT_IDS, adapter_id="all-r8",
+                                               sampling=Sampling(max_new_tokens=240, ignore_eos=True))
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        stream.close()  # cancels the RPC
+        after = wait_idle(server)
+        # Idle means the finish is counted and the blocks are free (the engine's exit order).
+        cancelled, ok = (total(after, "loramux_requests_total", **labels) - total(before, "loramux_requests_total", **labels)
+                         for labels in ({"status": "CANCELLED"}, {"adapter": "all-r8", "status": "OK"}))
+        assert (cancelled, ok) in ((1, 0), (0, 1)), (cancelled, ok)
+        assert after["loramux_kv_cache_usage_ratio"] == 0
+        if cancelled:
+            return
+    pytest.fail("every try finished before its stream was closed")
 
 
 def test_deadline_exceeded_stops_the_work(server):
