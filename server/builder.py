@@ -141,15 +141,14 @@ def startup_adapters(config: ServerConfig, folder_adapters: list[tuple[str, Path
     """--adapter's and then --adapter-dir's (id, path) pairs, checked before the model loads as far as
     they can be without it (their ids and count, each folder's files, the ids --combine and
     --keep-resident name): a mistake is refused then, naming the flag, not after a load of minutes."""
-    startup = [*config.adapters, *folder_adapters]
-    count = len(startup) + len(config.combinations)
+    named = [(i, p, f"--adapter {i}={p}") for i, p in config.adapters]
+    named += [(i, p, f"--adapter-dir {p.parent}: its folder {i!r}") for i, p in folder_adapters]
+    count = len(named) + len(config.combinations)
     if count > config.max_registered_adapters:
         raise StartupError(f"{count} start-up adapters (--adapter, --adapter-dir, --combine); "
                            f"--max-registered-adapters is {config.max_registered_adapters}")
-    flags = [f"--adapter {i}={p}" for i, p in config.adapters]
-    flags += [f"--adapter-dir {p.parent}: its folder {i!r}" for i, p in folder_adapters]
     seen: dict[str, str | Path] = {}
-    for (adapter_id, path), flag in zip(startup, flags, strict=True):
+    for adapter_id, path, flag in named:
         if adapter_id in seen:
             raise StartupError(f"adapter {adapter_id!r} is given twice at start-up ({seen[adapter_id]} and {path})")
         try:
@@ -175,7 +174,7 @@ def startup_adapters(config: ServerConfig, folder_adapters: list[tuple[str, Path
         if adapter_id not in seen:
             raise StartupError(f"--keep-resident {adapter_id!r}: no such start-up adapter (--adapter, --adapter-dir, "
                                "--combine)")
-    return startup
+    return [(adapter_id, path) for adapter_id, path, _ in named]
 
 
 def register_startup_adapters(registry: AdapterRegistry, startup: list[tuple[str, str | Path]],
@@ -345,7 +344,7 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
         raise StartupError(f"--op-backend {config.op_backend}: {e}") from None
     startup = startup_adapters(config, adapter_dir_entries(config.adapter_dirs))
     cache_folder = adapter_cache_folder(config)
-    loaded = loaded or load_model(config)
+    loaded = loaded or load_model(config, device)
     hf = loaded.hf_model
     cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__, hf.config)
     limit = cls.position_limit(hf.config)

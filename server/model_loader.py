@@ -161,8 +161,9 @@ def dequantizing(hf_config) -> dict:
 
 
 @in_passing_thread
-def load_model(config: ServerConfig) -> LoadedModel:
-    device = resolve_device(config.device)
+def load_model(config: ServerConfig, device: torch.device | None = None) -> LoadedModel:
+    """``device``: --device as ``resolve_device`` gave it, if the caller has it already."""
+    device = device or resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     path, name = resolve_model_dir(config)  # a wrong --model is refused before transformers imports
     from transformers import AutoConfig, AutoTokenizer

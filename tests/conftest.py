@@ -17,6 +17,8 @@ os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from loramux.server.torch_threads import usable_cores  # noqa: E402
+
 # No per-example deadline: CI machines' speed varies, and a slow example is not a failure here
 # (timing targets live in the benchmarks).
 settings.register_profile("loramux", deadline=None)
@@ -30,8 +32,6 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter; read
 # 289-294 s wall, half the system time). The servers the tests start are processes of their own,
 # with the default. Tests about the engine's team take the whole of it again (``openmp_team``).
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    from loramux.server.torch_threads import usable_cores  # noqa: E402
-
     torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,8 +72,6 @@ def tiny_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
 def openmp_team():
     """torch's intra-op threads at a thread per usable core, as a server runs, for the test: those
     that check the engine's OpenMP team (its size, what its threads do) would pass trivially with one."""
-    from loramux.server.torch_threads import usable_cores
-
     before = torch.get_num_threads()
     torch.set_num_threads(usable_cores())
     yield

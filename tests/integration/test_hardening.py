@@ -380,7 +380,7 @@ def test_a_path_or_device_this_host_lacks_is_a_startup_error_before_the_model_lo
     the model had loaded). tests/unit/test_config.py covers each such flag's message."""
     if flags[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this host has a CUDA device")
-    value = {"--adapter-dir": str(tmp_path / flags[1]), "--adapter": f"x={tmp_path / flags[1]}"}.get(*flags)
+    value = {"--adapter-dir": str(tmp_path / flags[1]), "--adapter": f"x={tmp_path / flags[1]}"}.get(flags[0], flags[1])
     code, err = _serve_refused(["--model", str(tiny_llama), flags[0], value])
     critical = _critical(err)
     assert code == 2 and len(critical) == 1, err

@@ -265,7 +265,7 @@ def test_an_op_backend_or_cache_folder_that_cannot_serve_is_refused_before_the_m
     from loramux.server.config import StartupError
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it where there is no GPU
-    monkeypatch.setattr(builder, "load_model", lambda config: pytest.fail("the model loaded"))
+    monkeypatch.setattr(builder, "load_model", lambda *_: pytest.fail("the model loaded"))
     with pytest.raises(StartupError, match="^--op-backend triton: op backend 'triton' needs the triton package and "
                                            "a CUDA device"):
         builder.build_engine(ServerConfig(model=str(tmp_path), op_backend="triton", device="cpu"))
