@@ -143,6 +143,7 @@ class Engine:
         # request racing a fatal fault is either failed by that path or refused, never left waiting.
         self._inbox_lock = threading.Lock()
         self._closed = False
+        self._arriving = 0  # adds in the inbox, not yet in the waiting queue: counted as waiting
         self._wake = threading.Event()
         adapters.notify = self._wake.set  # a finished disk read or device copy wakes the step loop
         self._waiting: list[Sequence] = []
@@ -200,8 +201,9 @@ class Engine:
             self._undelivered -= 1
 
     def counts(self) -> tuple[int, int]:
-        """(running, waiting); a snapshot for gauges and tests."""
-        return len(self._running), len(self._waiting)
+        """(running, waiting); a snapshot for gauges and tests. Waiting counts the requests
+        submitted but not yet taken from the inbox, so that (0, 0) means none is on its way."""
+        return len(self._running), len(self._waiting) + self._arriving
 
     def adapter_ids(self) -> tuple[set[str], set[str]]:
         """(adapters of running requests, adapters of waiting requests); a snapshot."""
@@ -397,6 +399,7 @@ class Engine:
             with self._admission_lock:
                 self._undelivered += 1
             self._inbox.append(("add", seq))
+            self._arriving += 1
         self._wake.set()
         return RequestStream(self, seq)
 
@@ -473,6 +476,7 @@ class Engine:
                 self._closed = True
                 queued = [item[1] for item in self._inbox if item[0] == "add"]
                 self._inbox.clear()
+                self._arriving = 0
             for seq in [*self._running, *self._waiting, *queued]:
                 try:  # one failure here must not leave the others without an answer
                     self._finish(seq, error=RequestFailed(f"engine failure: {e}"))
@@ -485,6 +489,8 @@ class Engine:
             if item[0] == "add":
                 self._join(item[1])
                 self._enqueue([item[1]])
+                with self._inbox_lock:  # after the enqueue: meanwhile counted twice, never missed
+                    self._arriving -= 1
             elif not item[1].done:
                 self._finish(item[1], error=item[2])
 

@@ -256,6 +256,29 @@ def test_submit_after_the_inbox_closes_is_refused(built):
             engine._closed = False
 
 
+def test_a_request_still_in_the_inbox_counts_as_waiting(tiny_llama, tiny_adapters):
+    """Submitted but not yet taken in by the step loop, a request is waiting (the gauge, and what
+    a test's wait for idle reads): (0, 0) never shows while a request is on its way."""
+    config = ServerConfig(model=str(tiny_llama), max_model_len=128, default_max_new_tokens=16,
+                          adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
+    engine = build_engine(config).engine  # never started: this thread turns the step loop
+    try:
+        async def main():
+            stream = engine.submit(req("early", n=4))
+            assert engine.counts() == (0, 1)
+            engine.run_once()
+            assert engine.counts() == (1, 0)
+            stream.cancel()
+            assert engine.counts() == (1, 0)  # its cancel is in the inbox too
+            engine.run_once()
+            assert engine.counts() == (0, 0) and engine.num_in_flight == 0
+            with pytest.raises(RequestCancelled):
+                [ev async for ev in stream]
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["into-pages", "via-host-copy"])
 def test_nan_weights_found_as_a_load_lands_fail_their_requests_and_free_their_pages(direct, tiny_llama,
                                                                                     tiny_adapters, tmp_path, caplog):
