@@ -105,7 +105,7 @@ class AdapterManager:
         self._kept: dict[str, tuple[AdapterKey, int]] = {}  # adapter id -> (key, pages): kept resident
         # versions unregistered or replaced whose copies are still to go (drop_retired)
         self._retired: set[AdapterKey] = set()
-        registry.on_forget = self.retire
+        registry.on_forget = weakref.WeakMethod(self.retire)
         self.notify = None  # callable(), after each read or copy ends (either way): wakes the step loop
         self.on_load = None  # callable(tier, seconds): "host" for disk reads, "device" for copies in
         self.fault_hook = None  # tests only: callable(stage, adapter_id) before each "read" and "copy"

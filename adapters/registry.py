@@ -85,7 +85,9 @@ class AdapterRegistry:
         self._adapters: dict[str, RegisteredAdapter] = {}
         self._next_version = 1
         self._lock = threading.Lock()  # gRPC threads register while the engine thread resolves
-        self.on_forget = None  # callable(key) when a version stops being registered: its copies can go
+        # weakref.WeakMethod of a callable(key) when a version stops being registered: its copies can go
+        # (the manager's, which holds this registry: a strong one would keep both alive until a GC)
+        self.on_forget = None
 
     def resolve_path(self, path: str | Path) -> Path:
         """Realpath (symlinks followed) inside one of the adapter roots, else PathDenied.
@@ -242,8 +244,9 @@ class AdapterRegistry:
         """A version no longer registered: its fully trained modules are no longer held for it
         (its running requests keep them until they end), and ``on_forget`` lets its paged copies go."""
         self.saved.release(entry.manifest.saved)
-        if self.on_forget is not None:
-            self.on_forget(entry.key)
+        forget = self.on_forget() if self.on_forget is not None else None
+        if forget is not None:
+            forget(entry.key)
 
     def unregister(self, adapter_id: str) -> RegisteredAdapter:
         with self._lock:
