@@ -139,6 +139,11 @@ class App:
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
         creds = server_credentials(self.config)
+        try:  # a name that does not resolve: said here, before grpc logs a line of its own for it
+            socket.getaddrinfo(self.config.host.strip("[]"), self.config.port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {address} (--host, --port): {e.strerror or e}") from None
         try:
             port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         except RuntimeError:  # grpc's "Failed to bind"

@@ -81,13 +81,20 @@ def refuse_gpu_fraction_off_cuda(config: ServerConfig, device: torch.device) -> 
                            f"{device.type}: use --kv-cache-tokens")
 
 
+# Subfolders --adapter-dir passes over: a file system's own (ext4's lost+found at a volume's root)
+# and hidden ones (a download's .cache, a .git, a Kubernetes volume's ..data), which hold no adapter.
+NOT_ADAPTER_FOLDERS = ("lost+found",)
+
+
 def adapter_dir_entries(folders: tuple[str, ...]) -> list[tuple[str, Path]]:
     """--adapter-dir's subfolders, (name, path) each, listed before the model loads: a folder that is
-    missing, not a folder or unreadable is refused then, naming the flag, not after a load of minutes."""
+    missing, not a folder or unreadable is refused then, naming the flag, not after a load of minutes.
+    Hidden subfolders and ``lost+found`` are passed over."""
     entries = []
     for folder in folders:
         try:
-            entries += [(sub.name, sub) for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir())]
+            entries += [(sub.name, sub) for sub in sorted(Path(folder).iterdir()) if sub.is_dir()
+                        and not sub.name.startswith(".") and sub.name not in NOT_ADAPTER_FOLDERS]
         except OSError as e:
             raise StartupError(f"--adapter-dir {folder}: {e.strerror or e}") from None
     return entries
@@ -343,6 +350,10 @@ def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Bui
     except ValueError as e:
         raise StartupError(f"--op-backend {config.op_backend}: {e}") from None
     startup = startup_adapters(config, adapter_dir_entries(config.adapter_dirs))
+    for root in config.adapter_roots:  # may be mounted later: not refused, but said
+        if not Path(root).is_dir():
+            log.warning("--adapter-root %s is not a folder (yet): no adapter can be registered from it until it "
+                        "is", root)
     cache_folder = adapter_cache_folder(config)
     loaded = loaded or load_model(config, device)
     hf = loaded.hf_model

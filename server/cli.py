@@ -238,7 +238,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="ID=PATH",
                    help="register an adapter at start-up (repeatable)")
     p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
-                   help="register each subdirectory of DIR under its name (repeatable)")
+                   help="register each subdirectory of DIR under its name, hidden ones and lost+found "
+                   "passed over (repeatable)")
     p.add_argument("--combine", action="append", type=_combination, default=[], metavar="ID=A:W,B:W",
                    help="register ID at start-up as the weighted sum of start-up adapters A, B, ... (repeatable; "
                         "their ranks side by side, at most --max-lora-rank together)")

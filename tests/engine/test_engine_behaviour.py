@@ -342,6 +342,22 @@ def test_refused_requests_are_not_counted_as_served(built):
     asyncio.run(main())
 
 
+def test_an_adapter_root_not_there_yet_is_said_at_start_up_and_serves_once_it_is(tiny_llama, tiny_adapters, caplog,
+                                                                                   tmp_path):
+    """An --adapter-root that is not a folder at start-up (a volume mounted later) does not stop the
+    server: a WARNING names it, and adapters are registered from it once it is there."""
+    import shutil
+
+    later = tmp_path / "later"
+    with caplog.at_level("WARNING", logger="loramux.server.builder"):
+        built = build_engine(ServerConfig(model=str(tiny_llama), max_model_len=64, default_max_new_tokens=8,
+                                          base_linear="torch", adapter_roots=(str(tmp_path), str(later))))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--adapter-root {later} is not a folder (yet): no adapter can be registered from it until it is"]
+    shutil.copytree(tiny_adapters["attn-r4"], later / "a")
+    assert built.registry.register("a", later / "a").adapter_id == "a"
+
+
 def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog, tmp_path):
     """--base-linear: auto times both paths at start-up and logs its choice (some subset of the
     counts up to --max-tokens-per-step), kernel takes all of those, torch none; kernel on a model

@@ -372,6 +372,16 @@ def test_a_port_in_use_is_a_startup_error_naming_its_flags(tiny_llama, flag):
     assert "model_loader" not in err, err  # refused before the model loads (minutes, for a large one)
 
 
+def test_a_host_name_that_does_not_resolve_is_a_startup_error_naming_its_flags(tiny_llama):
+    """--host naming no address: the bad-flag status and one line naming the address, its flags and
+    the resolver's answer (not grpc's own log line, nor "the port is in use")."""
+    code, err = _serve_refused(["--model", str(tiny_llama), "--host", "nosuch.invalid"])
+    critical = _critical(err)
+    assert code == 2 and len(critical) == 1, err
+    assert "cannot listen on nosuch.invalid:0 (--host, --port): " in critical[0] and "in use" not in critical[0], critical
+    assert "add_port" not in err and "Traceback" not in err and "model_loader" not in err, err
+
+
 @pytest.mark.parametrize("flags", [["--adapter-dir", "not-there"], ["--adapter", "not-there"], ["--device", "cuda"]],
                          ids=lambda f: f[0])
 def test_a_path_or_device_this_host_lacks_is_a_startup_error_before_the_model_loads(tiny_llama, tmp_path, flags):

@@ -179,6 +179,8 @@ def test_paths_named_by_flags_that_cannot_be_read_are_startup_errors_naming_the_
     (tmp_path / "b").mkdir()
     (tmp_path / "a").mkdir()
     (tmp_path / "note.txt").write_text("not an adapter")
+    for passed_over in (".cache", ".git", "..data", "lost+found"):  # a download's, a volume's: no adapters
+        (tmp_path / passed_over).mkdir()
     assert adapter_dir_entries((str(tmp_path),)) == [("a", tmp_path / "a"), ("b", tmp_path / "b")]
     for folder, why in ((tmp_path / "gone", "No such file or directory"), (tmp_path / "note.txt", "Not a directory")):
         with pytest.raises(StartupError, match=f"^--adapter-dir {re.escape(str(folder))}: {why}$"):
