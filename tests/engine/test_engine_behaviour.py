@@ -355,7 +355,10 @@ def test_an_adapter_root_not_there_yet_is_said_at_start_up_and_serves_once_it_is
     assert [r.getMessage() for r in caplog.records] == [
         f"--adapter-root {later} is not a folder (yet): no adapter can be registered from it until it is"]
     shutil.copytree(tiny_adapters["attn-r4"], later / "a")
-    assert built.registry.register("a", later / "a").adapter_id == "a"
+    try:
+        assert built.registry.register("a", later / "a").adapter_id == "a"
+    finally:
+        built.engine.stop()
 
 
 def test_base_linear_flag_picks_the_rows_the_kernel_serves(tiny_llama, caplog, tmp_path):

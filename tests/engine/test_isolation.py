@@ -302,10 +302,10 @@ def test_a_stopped_engine_and_its_pools_are_freed_without_a_garbage_collection(t
     parts = {"engine": built.engine, "kv": built.engine.runner.kv, "registry": built.registry, "manager": m,
              "pool": m.pool, "host": m.host}
     refs = {name: weakref.ref(part) for name, part in parts.items()}
-    del built, m, parts
     enabled = gc.isenabled()
-    gc.disable()
+    gc.disable()  # before the last references go: only reference counting may free them
     try:
+        del built, m, parts
         assert [name for name, ref in refs.items() if ref() is not None] == []
     finally:
         if enabled:
