@@ -143,7 +143,7 @@ class Engine:
         # request racing a fatal fault is either failed by that path or refused, never left waiting.
         self._inbox_lock = threading.Lock()
         self._closed = False
-        self._arriving = 0  # adds in the inbox, not yet in the waiting queue: counted as waiting
+        self._arriving: list[Sequence] = []  # adds in the inbox, not yet in the waiting queue: waiting
         self._wake = threading.Event()
         adapters.notify = self._wake.set  # a finished disk read or device copy wakes the step loop
         self._waiting: list[Sequence] = []
@@ -203,13 +203,16 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         """(running, waiting); a snapshot for gauges and tests. Waiting counts the requests
         submitted but not yet taken from the inbox, so that (0, 0) means none is on its way."""
-        return len(self._running), len(self._waiting) + self._arriving
+        return len(self._running), len(self._waiting) + len(self._arriving)
 
     def adapter_ids(self) -> tuple[set[str], set[str]]:
-        """(adapters of running requests, adapters of waiting requests); a snapshot."""
+        """(adapters of running requests, adapters of waiting requests, those still in the inbox
+        included); a snapshot."""
         def ids(seqs):
             return {s.request.adapter_id for s in list(seqs) if s.request.adapter_id}
-        return ids(self._running), ids(self._waiting)
+        with self._inbox_lock:
+            arriving = list(self._arriving)
+        return ids(self._running), ids(self._waiting) | ids(arriving)
 
     @property
     def caches_states(self) -> bool:
@@ -399,7 +402,7 @@ class Engine:
             with self._admission_lock:
                 self._undelivered += 1
             self._inbox.append(("add", seq))
-            self._arriving += 1
+            self._arriving.append(seq)
         self._wake.set()
         return RequestStream(self, seq)
 
@@ -476,7 +479,7 @@ class Engine:
                 self._closed = True
                 queued = [item[1] for item in self._inbox if item[0] == "add"]
                 self._inbox.clear()
-                self._arriving = 0
+                self._arriving.clear()
             for seq in [*self._running, *self._waiting, *queued]:
                 try:  # one failure here must not leave the others without an answer
                     self._finish(seq, error=RequestFailed(f"engine failure: {e}"))
@@ -490,7 +493,7 @@ class Engine:
                 self._join(item[1])
                 self._enqueue([item[1]])
                 with self._inbox_lock:  # after the enqueue: meanwhile counted twice, never missed
-                    self._arriving -= 1
+                    self._arriving.remove(item[1])
             elif not item[1].done:
                 self._finish(item[1], error=item[2])
 

@@ -257,23 +257,27 @@ def test_submit_after_the_inbox_closes_is_refused(built):
 
 
 def test_a_request_still_in_the_inbox_counts_as_waiting(tiny_llama, tiny_adapters):
-    """Submitted but not yet taken in by the step loop, a request is waiting (the gauge, and what
-    a test's wait for idle reads): (0, 0) never shows while a request is on its way."""
+    """Submitted but not yet taken in by the step loop, a request is waiting (the gauges, its
+    adapter among the waiting ones, and what a test's wait for idle reads): (0, 0) never shows
+    while a request is on its way."""
     config = ServerConfig(model=str(tiny_llama), max_model_len=128, default_max_new_tokens=16,
                           adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
     engine = build_engine(config).engine  # never started: this thread turns the step loop
     try:
         async def main():
             stream = engine.submit(req("early", n=4))
-            assert engine.counts() == (0, 1)
+            cold = engine.submit(req("cold", n=4, adapter="attn-r4"))
+            assert engine.counts() == (0, 2) and engine.adapter_ids() == (set(), {"attn-r4"})
+            cold.cancel()
             engine.run_once()
-            assert engine.counts() == (1, 0)
+            assert engine.counts() == (1, 0) and engine.adapter_ids() == (set(), set())
             stream.cancel()
             assert engine.counts() == (1, 0)  # its cancel is in the inbox too
             engine.run_once()
             assert engine.counts() == (0, 0) and engine.num_in_flight == 0
-            with pytest.raises(RequestCancelled):
-                [ev async for ev in stream]
+            for cancelled in (stream, cold):
+                with pytest.raises(RequestCancelled):
+                    [ev async for ev in cancelled]
         asyncio.run(main())
     finally:
         engine.stop()
