@@ -477,10 +477,10 @@ class Engine:
                     log.exception("on_fatal hook failed")
             with self._inbox_lock:  # from here on submit refuses: nothing lands in a dead inbox
                 self._closed = True
-                queued = [item[1] for item in self._inbox if item[0] == "add"]
+                # the inbox's adds, and one the fault caught between the inbox and the queue
+                arriving, self._arriving = self._arriving, []
                 self._inbox.clear()
-                self._arriving.clear()
-            for seq in [*self._running, *self._waiting, *queued]:
+            for seq in dict.fromkeys([*self._running, *self._waiting, *arriving]):  # each once
                 try:  # one failure here must not leave the others without an answer
                     self._finish(seq, error=RequestFailed(f"engine failure: {e}"))
                 except Exception:  # noqa: BLE001

@@ -283,6 +283,36 @@ def test_a_request_still_in_the_inbox_counts_as_waiting(tiny_llama, tiny_adapter
         engine.stop()
 
 
+def test_a_fault_between_the_inbox_and_the_queue_still_answers_that_request(tiny_llama, tiny_adapters, monkeypatch):
+    """The fatal path fails the requests it knows of, those still arriving included: one the step
+    loop had taken from the inbox but not yet queued when the fault struck is answered too, as is
+    the one behind it in the inbox (each once)."""
+    config = ServerConfig(model=str(tiny_llama), max_model_len=128, default_max_new_tokens=16,
+                          adapters=tuple((n, str(p)) for n, p in tiny_adapters.items()))
+    engine = build_engine(config).engine
+
+    def join(seq):
+        raise InjectedFatalFault("joining broke")
+
+    monkeypatch.setattr(engine, "_join", join)
+    try:
+        async def main():
+            streams = [engine.submit(req(f"r{i}", n=4)) for i in range(2)]  # in the inbox: not started yet
+            engine.start()
+            return await asyncio.wait_for(asyncio.gather(*(outcome_of(s) for s in streams)), 20)
+
+        async def outcome_of(stream):
+            try:
+                return [ev.token_id async for ev in stream]
+            except Exception as e:  # noqa: BLE001
+                return e
+
+        assert [type(r) for r in asyncio.run(main())] == [RequestFailed, RequestFailed]
+        assert engine.num_in_flight == 0 and engine.counts() == (0, 0)
+    finally:
+        engine.stop()
+
+
 def test_a_stopped_engine_and_its_pools_are_freed_without_a_garbage_collection(tiny_llama, tiny_adapters):
     """Dropped once stopped, an engine's KV pool, adapter pages and host tier go at once: none sits
     in a reference cycle until a collection runs (a benchmark building one engine after another
