@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,16 @@ settings.load_profile("loramux")
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter; read when they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        from triton.runtime import interpreter as _triton_interpreter
+    except ImportError:
+        _triton_interpreter = None
+    # The interpreter checks every int32 add, sub and mul for overflow, as a GPU build does only in
+    # debug mode: a third of its time in the kernel tests, for offsets these tests' tensors, far
+    # below 2**31 elements, cannot reach.
+    if getattr(_triton_interpreter, "interpreter_builder", None) is not None:
+        _builder = _triton_interpreter.interpreter_builder
+        _builder.options = dataclasses.replace(_builder.options, sanitize_overflow=False)
 
 # Each xdist worker's torch gets its share of the cores, not all of them: two workers' teams of two
 # threads on a 2-core VM wait on each other for cores (four engine test files: 267-277 s against
