@@ -259,7 +259,8 @@ def load_tokenizer(folder: Path | None):
 
 
 def device_dtype(name: str) -> tuple[torch.device, torch.dtype]:
-    from loramux.server.model_loader import resolve_device, resolve_dtype
+    from loramux.server.model_loader import resolve_dtype
+    from loramux.server.preflight import resolve_device
 
     device = resolve_device(name)
     return device, resolve_dtype("auto", device)

@@ -343,10 +343,14 @@ def freeze_heap() -> int:
 
 def _build_engine(config: ServerConfig):
     """On a worker thread: torch and transformers load here, after the port is open and off the
-    event loop, which answers health checks and signals meanwhile."""
+    event loop, which answers health checks and signals meanwhile. The flags are checked first, with
+    torch alone: a wrong one is refused about 5 s sooner than transformers' imports would allow."""
+    from .preflight import preflight
+
+    checked = preflight(config)
     from .builder import build_engine
 
-    return build_engine(config)
+    return build_engine(config, checked=checked)
 
 
 def exit_process(code: int) -> NoReturn:

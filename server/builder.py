@@ -18,18 +18,17 @@ from ..adapters.converted_cache import ConvertedCache
 from ..adapters.device_pool import DevicePool
 from ..adapters.errors import AdapterError
 from ..adapters.host_cache import HostCache
-from ..adapters.loader import adapter_files
 from ..adapters.manager import AdapterManager
-from ..adapters.registry import AdapterRegistry, validate_adapter_id
+from ..adapters.registry import AdapterRegistry
 from ..adapters.tokenizers import AdapterTokenizers
 from ..clients.runs import row_runs
 from .config import ServerConfig, StartupError
 from .decode_graphs import DecodeGraphs
 from .engine import Engine, adapter_fault_injector, fault_injector
 from .kv_cache import PagedKVCache
-from .model_loader import LoadedModel, load_model, resolve_device
+from .model_loader import LoadedModel, load_model
 from .models import serving_model_class
-from .ops import cpu_isa, select_backend
+from .ops import cpu_isa
 from .ops.attention import select_decode_attention, select_prefill_attention
 from .ops.cpu_kernel import load_kernels
 from .ops.linear import (
@@ -45,6 +44,7 @@ from .ops.linear import (
 )
 from .ops.quantize import select_int8_linear
 from .ops.recurrent import kernel_serves
+from .preflight import Checked, preflight
 from .recurrent_state import RecurrentStates
 from .runner import ModelRunner
 from .timing_cache import TimingCache
@@ -71,46 +71,6 @@ class Built:
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on the CPU: at most 1 GiB ...
 CUDA_KV_FRACTION = 0.8  # ... and on CUDA this share of the device memory still free after the model and adapters
-
-
-def refuse_gpu_fraction_off_cuda(config: ServerConfig, device: torch.device) -> None:
-    """--gpu-memory-utilization sizes a CUDA device's KV pool: on another device, refused before
-    the model loads (a large model's load takes minutes)."""
-    if config.gpu_memory_utilization is not None and device.type != "cuda":
-        raise StartupError(f"--gpu-memory-utilization sizes the KV pool on a CUDA device; this server runs on "
-                           f"{device.type}: use --kv-cache-tokens")
-
-
-# Subfolders --adapter-dir passes over: a file system's own (ext4's lost+found at a volume's root)
-# and hidden ones (a download's .cache, a .git, a Kubernetes volume's ..data), which hold no adapter.
-NOT_ADAPTER_FOLDERS = ("lost+found",)
-
-
-def adapter_dir_entries(folders: tuple[str, ...]) -> list[tuple[str, Path]]:
-    """--adapter-dir's subfolders, (name, path) each, listed before the model loads: a folder that is
-    missing, not a folder or unreadable is refused then, naming the flag, not after a load of minutes.
-    Hidden subfolders and ``lost+found`` are passed over."""
-    entries = []
-    for folder in folders:
-        try:
-            entries += [(sub.name, sub) for sub in sorted(Path(folder).iterdir()) if sub.is_dir()
-                        and not sub.name.startswith(".") and sub.name not in NOT_ADAPTER_FOLDERS]
-        except OSError as e:
-            raise StartupError(f"--adapter-dir {folder}: {e.strerror or e}") from None
-    return entries
-
-
-def adapter_cache_folder(config: ServerConfig) -> Path | None:
-    """--adapter-cache-dir, made with its parents before the model loads: a path that cannot be a
-    folder is refused then, naming the flag."""
-    if not config.adapter_cache_dir:
-        return None
-    folder = Path(config.adapter_cache_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StartupError(f"--adapter-cache-dir {folder}: {e.strerror or e}") from None
-    return folder
 
 
 def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.device, reserved: int = 0) -> int:
@@ -142,46 +102,6 @@ def kv_pool_tokens(config: ServerConfig, bytes_per_token: int, device: torch.dev
                 "hold the rest): lower it, or free device memory")
         return int(max(0, share - reserved)) // bytes_per_token
     return max(config.max_model_len, min(CPU_KV_BUDGET_BYTES // bytes_per_token, config.max_batch_size * longest))
-
-
-def startup_adapters(config: ServerConfig, folder_adapters: list[tuple[str, Path]]) -> list[tuple[str, str | Path]]:
-    """--adapter's and then --adapter-dir's (id, path) pairs, checked before the model loads as far as
-    they can be without it (their ids and count, each folder's files, the ids --combine and
-    --keep-resident name): a mistake is refused then, naming the flag, not after a load of minutes."""
-    named = [(i, p, f"--adapter {i}={p}") for i, p in config.adapters]
-    named += [(i, p, f"--adapter-dir {p.parent}: its folder {i!r}") for i, p in folder_adapters]
-    count = len(named) + len(config.combinations)
-    if count > config.max_registered_adapters:
-        raise StartupError(f"{count} start-up adapters (--adapter, --adapter-dir, --combine); "
-                           f"--max-registered-adapters is {config.max_registered_adapters}")
-    seen: dict[str, str | Path] = {}
-    for adapter_id, path, flag in named:
-        if adapter_id in seen:
-            raise StartupError(f"adapter {adapter_id!r} is given twice at start-up ({seen[adapter_id]} and {path})")
-        try:
-            validate_adapter_id(adapter_id)
-            adapter_files(Path(path), config.allow_pickle)
-        except (AdapterError, ValueError) as e:
-            raise StartupError(f"{flag}: {e}") from None
-        seen[adapter_id] = path
-    for adapter_id, parts in config.combinations:
-        try:
-            validate_adapter_id(adapter_id)
-            if adapter_id in seen:
-                raise ValueError(f"{adapter_id!r} is already a start-up adapter ({seen[adapter_id]})")
-            AdapterRegistry.check_parts(list(parts))
-            unknown = [part for part, _ in parts if part not in seen]
-            if unknown:
-                raise ValueError(f"{unknown[0]!r} is not a start-up adapter (--adapter, --adapter-dir) or an "
-                                 "earlier --combine")
-        except ValueError as e:
-            raise StartupError(f"--combine {adapter_id!r}: {e}") from None
-        seen[adapter_id] = "--combine"
-    for adapter_id in config.keep_resident:
-        if adapter_id not in seen:
-            raise StartupError(f"--keep-resident {adapter_id!r}: no such start-up adapter (--adapter, --adapter-dir, "
-                               "--combine)")
-    return [(adapter_id, path) for adapter_id, path, _ in named]
 
 
 def register_startup_adapters(registry: AdapterRegistry, startup: list[tuple[str, str | Path]],
@@ -342,20 +262,12 @@ def recurrent_states(config: ServerConfig, model, loaded: LoadedModel) -> tuple[
 
 
 @in_passing_thread
-def build_engine(config: ServerConfig, loaded: LoadedModel | None = None) -> Built:
-    device = loaded.device if loaded else resolve_device(config.device)
-    refuse_gpu_fraction_off_cuda(config, device)
-    try:  # before the model loads, as the checks above
-        apply_lora = select_backend(config.op_backend, device)
-    except ValueError as e:
-        raise StartupError(f"--op-backend {config.op_backend}: {e}") from None
-    startup = startup_adapters(config, adapter_dir_entries(config.adapter_dirs))
-    for root in config.adapter_roots:  # may be mounted later: not refused, but said
-        if not Path(root).is_dir():
-            log.warning("--adapter-root %s is not a folder (yet): no adapter can be registered from it until it "
-                        "is", root)
-    cache_folder = adapter_cache_folder(config)
-    loaded = loaded or load_model(config, device)
+def build_engine(config: ServerConfig, loaded: LoadedModel | None = None, checked: Checked | None = None) -> Built:
+    """``checked``: ``preflight``'s findings for this config, where the caller has them (the server
+    checks before transformers loads)."""
+    checked = checked or preflight(config, loaded.device if loaded else None)
+    apply_lora, startup, cache_folder = checked.apply_lora, checked.startup, checked.cache_folder
+    loaded = loaded or load_model(config, checked.device)
     hf = loaded.hf_model
     cls = serving_model_class(hf.config.architectures[0] if hf.config.architectures else type(hf).__name__, hf.config)
     limit = cls.position_limit(hf.config)

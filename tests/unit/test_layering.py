@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -16,6 +18,25 @@ def test_the_grpc_layer_and_request_types_are_torch_free():
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("flags", [{"model": "not-there"}, {"device": "tpu"}, {"adapter_dirs": ("not-there",)},
+                                   {"gpu_memory_utilization": 0.5, "device": "cpu"}], ids=lambda f: next(iter(f)))
+def test_a_wrong_flag_is_refused_before_transformers_loads(tiny_llama, flags):
+    """The server checks its flags with torch alone before it builds (transformers' imports take
+    about 5 s before a model even starts loading): each wrong one is refused, and nothing of
+    transformers or the serving models has loaded."""
+    kwargs = {"model": str(tiny_llama), **flags}
+    code = ("import sys; from loramux.server.config import ServerConfig, StartupError; "
+            "from loramux.server.preflight import preflight\n"
+            f"try:\n    preflight(ServerConfig(**{kwargs!r}))\nexcept StartupError as e:\n    print(e)\n"
+            "else:\n    sys.exit('not refused')\n"
+            "heavy = sorted(m for m in sys.modules if m.startswith(('transformers', 'loramux.server.models')))\n"
+            "sys.exit(f'loaded {heavy}' if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    flag = next(iter(flags)).removesuffix("s").replace("_", "-")
+    assert out.stdout.startswith(f"--{flag} "), out.stdout
 
 
 def imports_of(path: Path) -> set[str]:
