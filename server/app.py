@@ -119,6 +119,7 @@ class App:
         self.service = Service(config)
         self.servicer = LoraMuxServicer(self.service)
         self.built = None
+        self.port = None  # the gRPC port bound (--port 0: one the system chose)
         self.metrics = None
         self._metrics_server = None
         self._http = None  # uvicorn server, when --http-port is set
@@ -155,6 +156,7 @@ class App:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # liveness
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)  # readiness: model loading
         await self.server.start()
+        self.port = port
         log.info("listening on %s:%d%s (model loading)", self.config.host, port, " with TLS" if creds else "")
         if self.config.http_port:
             await self._start_http()
@@ -222,7 +224,7 @@ class App:
         frozen = freeze_heap()
         log.info("%d objects alive at start-up left out of garbage collection from here on", frozen)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready: serving %s on %s:%d", self.built.loaded.name, self.config.host, self.config.port)
+        log.info("ready: serving %s on %s:%d", self.built.loaded.name, self.config.host, self.port)
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server

@@ -85,7 +85,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                    help="where converted models, and the start-up timings of --base-linear auto, are kept")
     p.add_argument("--host", default=d["host"].default)
-    p.add_argument("--port", type=int, default=d["port"].default)
+    p.add_argument("--port", type=int, default=d["port"].default,
+                   help="the gRPC port; 0: one the system picks, named in the log")
     p.add_argument("--http-port", type=int, default=d["http_port"].default,
                    help="the OpenAI-compatible HTTP API (also /health and /metrics); 0 turns it off")
     p.add_argument("--http-host", default=None, help="HTTP address (default: --host)")

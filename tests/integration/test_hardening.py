@@ -382,6 +382,31 @@ def test_a_host_name_that_does_not_resolve_is_a_startup_error_naming_its_flags(t
     assert "add_port" not in err and "Traceback" not in err and "model_loader" not in err, err
 
 
+def test_port_zero_serves_on_the_port_the_system_chose_and_says_which(tiny_llama, tmp_path):
+    """--port 0: the system picks a free port (no race with another process for a port chosen
+    beforehand); the log's "listening" and "ready" lines both name that port, and it serves."""
+    from server import ForkedProcess
+
+    log = tmp_path / "server.log"
+    log.touch()
+    proc = ForkedProcess(["serve", "--model", str(tiny_llama), "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+                          "--metrics-port", "0"], {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
+    try:
+        deadline = time.monotonic() + 120
+        while "ready: serving" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log.read_text()
+        ports = {int(p) for p in re.findall(r"(?:listening on|ready: serving \S+ on) 127\.0\.0\.1:(\d+)", text)}
+        assert len(ports) == 1 and 0 not in ports and len(re.findall("127.0.0.1:", text)) == 2, text
+        with grpc.insecure_channel(f"127.0.0.1:{ports.pop()}") as channel:
+            out = LoraMuxClient(channel=channel).generate(prompt_token_ids=PROMPT_IDS,
+                                                     sampling=Sampling(max_new_tokens=3, ignore_eos=True))
+        assert len(out.token_ids) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
 @pytest.mark.parametrize("flags", [["--adapter-dir", "not-there"], ["--adapter", "not-there"], ["--device", "cuda"]],
                          ids=lambda f: f[0])
 def test_a_path_or_device_this_host_lacks_is_a_startup_error_before_the_model_loads(tiny_llama, tmp_path, flags):
