@@ -143,7 +143,7 @@ class Engine:
         # request racing a fatal fault is either failed by that path or refused, never left waiting.
         self._inbox_lock = threading.Lock()
         self._closed = False
-        self._arriving: list[Sequence] = []  # adds in the inbox, not yet in the waiting queue: waiting
+        self._arriving: dict[Sequence, None] = {}  # adds in the inbox, not yet queued (in order): waiting
         self._wake = threading.Event()
         adapters.notify = self._wake.set  # a finished disk read or device copy wakes the step loop
         self._waiting: list[Sequence] = []
@@ -402,7 +402,7 @@ class Engine:
             with self._admission_lock:
                 self._undelivered += 1
             self._inbox.append(("add", seq))
-            self._arriving.append(seq)
+            self._arriving[seq] = None
         self._wake.set()
         return RequestStream(self, seq)
 
@@ -478,7 +478,7 @@ class Engine:
             with self._inbox_lock:  # from here on submit refuses: nothing lands in a dead inbox
                 self._closed = True
                 # the inbox's adds, and one the fault caught between the inbox and the queue
-                arriving, self._arriving = self._arriving, []
+                arriving, self._arriving = list(self._arriving), {}
                 self._inbox.clear()
             for seq in dict.fromkeys([*self._running, *self._waiting, *arriving]):  # each once
                 try:  # one failure here must not leave the others without an answer
@@ -493,7 +493,7 @@ class Engine:
                 self._join(item[1])
                 self._enqueue([item[1]])
                 with self._inbox_lock:  # after the enqueue: meanwhile counted twice, never missed
-                    self._arriving.remove(item[1])
+                    del self._arriving[item[1]]
             elif not item[1].done:
                 self._finish(item[1], error=item[2])
 
